@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both run `make setup` first.
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test unit integration lint format clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+# Lint and type checks, unit tests (no privileges), then integration tests (root, netns, real
+# CNI plugins). pytest exits non-zero when a stage fails or collects nothing.
+test: setup lint
+	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -m integration tests/integration
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+integration: setup
+	$(BIN)/pytest -q -m integration tests/integration
+
+lint: setup
+	$(BIN)/ruff check nodeagent tests
+	$(BIN)/ruff format --check nodeagent tests
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format nodeagent tests
+	$(BIN)/ruff check --fix nodeagent tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

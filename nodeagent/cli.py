@@ -1,0 +1,220 @@
+"""The ``nodeagent`` command line.
+
+Subcommands import their modules lazily so that short-lived commands (``workload``, ``testbed
+exec``) start fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    from nodeagent.testbed.cluster import Testbed
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nodeagent")
+def cli() -> None:
+    """nodeagent: a sidecar-free service mesh data plane, one agent and one Envoy per node."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def workload(args: tuple[str, ...]) -> None:
+    """Run the HTTP fake service of testbed pods (configured by NAME, UPSTREAM_URIS, ... env)."""
+    from nodeagent.testbed import workload as fake_service
+
+    sys.exit(fake_service.main(list(args)))
+
+
+# -- testbed ---------------------------------------------------------------------------------
+
+name_option = click.option(
+    "--name", "name", default=None, help="Testbed name (default: the only testbed that is up)."
+)
+
+
+@cli.group()
+def testbed() -> None:
+    """Simulated nodes and pods in network namespaces (needs root)."""
+
+
+@testbed.command()
+@click.argument("topology", default="workshop")
+@click.option("--name", "name", default=None, help="Override the topology's testbed name.")
+def up(topology: str, name: str | None) -> None:
+    """Create the testbed described by TOPOLOGY (a YAML file, or a built-in: workshop)."""
+    from nodeagent.testbed.cluster import Testbed, TestbedError
+    from nodeagent.testbed.cni_runtime import CNIError
+    from nodeagent.testbed.netns import CommandError
+    from nodeagent.testbed.topology import (
+        TESTBED_NAME,
+        TopologyError,
+        builtin_topologies,
+        builtin_topology_path,
+        loads_topology,
+    )
+
+    path = Path(topology)
+    if not path.exists() and topology in builtin_topologies():
+        path = builtin_topology_path(topology)
+    try:
+        text = path.read_text()
+        topo = loads_topology(text, str(path))
+        if name:
+            if not TESTBED_NAME.match(name):
+                raise TopologyError(f"--name: {name!r} is not a valid testbed name")
+            topo = dataclasses.replace(topo, name=name)
+        _require_root()
+        tb = Testbed.up(topo, text, str(path))
+    except OSError as e:
+        raise click.ClickException(f"{path}: cannot read topology: {e.strerror}") from None
+    except (TopologyError, TestbedError, CommandError, CNIError) as e:
+        raise click.ClickException(f"testbed up failed and was rolled back: {e}") from None
+    _print_status(tb)
+
+
+@testbed.command()
+@click.option(
+    "--name", "name", default=None, help="Testbed name (default: every testbed that is up)."
+)
+def down(name: str | None) -> None:
+    """Remove every namespace, link, process and file the testbed made."""
+    from nodeagent.testbed.cluster import down as testbed_down
+    from nodeagent.testbed.state import known_testbeds
+
+    _require_root()
+    names = [name] if name else known_testbeds()
+    if not names:
+        click.echo("no testbed is up")
+        return
+    failed = False
+    for n in names:
+        problems = testbed_down(n)
+        for p in problems:
+            click.echo(f"testbed {n}: {p}", err=True)
+        failed |= bool(problems)
+        click.echo(f"testbed {n}: {'cleanup incomplete' if problems else 'down'}")
+    if failed:
+        sys.exit(1)
+
+
+@testbed.command()
+@name_option
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def status(name: str | None, output: str) -> None:
+    """Show the testbed's nodes, pods and services."""
+    tb = _open(name)
+    if output == "json":
+        click.echo(json.dumps(_status_dict(tb), indent=2))
+    else:
+        _print_status(tb)
+
+
+@testbed.command("exec", context_settings={"ignore_unknown_options": True})
+@name_option
+@click.argument("pod")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(name: str | None, pod: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside POD (namespace/name, or name): nodeagent testbed exec sleep -- curl ..."""
+    tb = _open(name)
+    try:
+        argv = tb.exec_argv(pod, list(command))
+    except KeyError as e:
+        raise click.ClickException(str(e.args[0])) from None
+    os.execvp(argv[0], argv)
+
+
+def _open(name: str | None) -> Testbed:
+    from nodeagent.testbed.cluster import Testbed, TestbedError
+
+    try:
+        return Testbed.open(name)
+    except TestbedError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise click.ClickException("the testbed creates network namespaces: run it as root")
+
+
+def _status_dict(tb: Testbed) -> dict[str, object]:
+    topo = tb.topology
+    return {
+        "name": tb.name,
+        "phase": tb.state.phase,
+        "nodes": [
+            {"name": n.name, "podCIDR": str(n.pod_cidr), "underlayIP": str(n.underlay_ip)}
+            for n in topo.nodes
+        ],
+        "pods": [
+            {
+                "namespace": s.pod.namespace,
+                "name": s.pod.name,
+                "node": s.pod.node,
+                "ip": s.ip,
+                "netns": s.netns,
+                "running": s.running,
+            }
+            for s in tb.status()
+        ],
+        "services": [
+            {
+                "namespace": svc.namespace,
+                "name": svc.name,
+                "clusterIP": str(svc.cluster_ip),
+                "ports": [p.port for p in svc.ports],
+            }
+            for svc in topo.services
+        ],
+    }
+
+
+def _print_status(tb: Testbed) -> None:
+    topo = tb.topology
+    click.echo(f"testbed {tb.name}: {tb.state.phase}")
+    _table(
+        [("NODE", "POD CIDR", "UNDERLAY IP")]
+        + [(n.name, str(n.pod_cidr), str(n.underlay_ip)) for n in topo.nodes]
+    )
+    _table(
+        [("NAMESPACE", "POD", "NODE", "IP", "STATUS")]
+        + [
+            (
+                s.pod.namespace,
+                s.pod.name,
+                s.pod.node,
+                s.ip,
+                "Running" if s.running else "NotRunning",
+            )
+            for s in tb.status()
+        ]
+    )
+    _table(
+        [("NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS")]
+        + [
+            (svc.namespace, svc.name, str(svc.cluster_ip), ",".join(str(p.port) for p in svc.ports))
+            for svc in topo.services
+        ]
+    )
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    click.echo("")
+    for r in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def main() -> int:
+    cli()
+    return 0

@@ -1,0 +1,432 @@
+"""Bring a simulated cluster up and down: nodes and pods as network namespaces.
+
+Layout (every address lives inside namespaces made here; the root namespace is never touched):
+
+    tb-<name>.underlay            bridge br0 wiring the nodes together
+      ul-<i> <-veth-> ul0         node i's underlay address; routes to the other nodes' pods
+    tb-<name>.node-<node>         cni0 bridge (made by the bridge CNI plugin), service proxy table
+      veth <-> eth0               in each pod netns tb-<name>.pod-<ns>.<pod>, made by the CNI chain
+
+Pods are created by the runtime shim running the node's CNI configuration (bridge + host-local, and
+whatever is chained after them), then their workload process is started inside the pod's netns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from nodeagent.testbed import hosts, netns, services
+from nodeagent.testbed.cni_runtime import (
+    DEFAULT_PLUGIN_DIRS,
+    LOOPBACK_CONFLIST,
+    CNIError,
+    Runtime,
+    Sandbox,
+    load_conflist,
+    pod_ipv4,
+)
+from nodeagent.testbed.state import RUN_DIR, PodRecord, TestbedState, known_testbeds
+from nodeagent.testbed.topology import Node, Pod, Topology, loads_topology
+
+READY_TIMEOUT = 20.0
+
+
+class TestbedError(RuntimeError):
+    """The testbed cannot do what was asked; the message says why and what to do."""
+
+
+def netns_prefix(name: str) -> str:
+    # Testbed names cannot hold a dot, so this prefix never matches another testbed's namespaces.
+    return f"tb-{name}."
+
+
+def underlay_netns(name: str) -> str:
+    return f"{netns_prefix(name)}underlay"
+
+
+def node_netns(name: str, node: str) -> str:
+    return f"{netns_prefix(name)}node-{node}"
+
+
+def pod_netns(name: str, pod: Pod) -> str:
+    return f"{netns_prefix(name)}pod-{pod.namespace}.{pod.name}"
+
+
+def node_dir(name: str, node: str) -> Path:
+    return TestbedState.directory(name) / "nodes" / node
+
+
+def cni_conf_dir(name: str, node: str) -> Path:
+    """The node's CNI configuration directory (what /etc/cni/net.d is on a real node)."""
+    return node_dir(name, node) / "net.d"
+
+
+def node_runtime(
+    name: str, node: str, plugin_dirs: tuple[Path, ...] = DEFAULT_PLUGIN_DIRS
+) -> Runtime:
+    ns = node_netns(name, node)
+    return Runtime(
+        plugin_dirs,
+        cache_dir=node_dir(name, node) / "cni-cache",
+        wrap=lambda argv: netns.in_netns(ns, argv),
+    )
+
+
+def bridge_conflist(name: str, node: Node) -> dict[str, Any]:
+    """The node's primary CNI network: Kubernetes' classic bridge + host-local IPAM."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "testbed",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": str(node.pod_cidr), "gateway": str(node.gateway)}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": str(node_dir(name, node.name) / "ipam"),
+                },
+            }
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class PodStatus:
+    pod: Pod
+    netns: str
+    ip: str
+    netns_present: bool
+    running: bool
+
+
+class Testbed:
+    """A testbed that is up (or was being brought up): its topology and its state file."""
+
+    def __init__(self, topology: Topology, state: TestbedState) -> None:
+        self.topology = topology
+        self.state = state
+
+    @property
+    def name(self) -> str:
+        return self.topology.name
+
+    # -- lookup -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, name: str | None = None) -> Testbed:
+        """The testbed called NAME, or the only one that is up."""
+        if name is None:
+            names = known_testbeds()
+            if not names:
+                raise TestbedError("no testbed is up (start one with `nodeagent testbed up`)")
+            if len(names) > 1:
+                raise TestbedError(f"several testbeds are up ({', '.join(names)}); pass --name")
+            name = names[0]
+        state = TestbedState.load(name)
+        if state is None:
+            raise TestbedError(
+                f"testbed {name!r} is not up (no state in {TestbedState.directory(name)})"
+            )
+        return cls(_topology_of(state), state)
+
+    def pod_ip(self, ref: str) -> str:
+        pod = self.topology.find_pod(ref)
+        return self.state.pods[pod.key].ip
+
+    def pod_netns(self, ref: str) -> str:
+        return pod_netns(self.name, self.topology.find_pod(ref))
+
+    def exec_argv(self, ref: str, argv: list[str]) -> list[str]:
+        """argv running a command inside a pod: its netns and its /etc/hosts."""
+        return netns.in_netns(self.pod_netns(ref), argv)
+
+    def exec(
+        self, ref: str, argv: list[str], timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.exec_argv(ref, argv), capture_output=True, text=True, timeout=timeout
+        )
+
+    def status(self) -> list[PodStatus]:
+        out = []
+        for pod in self.topology.pods:
+            rec = self.state.pods.get(pod.key)
+            ns = pod_netns(self.name, pod)
+            running = bool(rec and rec.pid and netns.alive(rec.pid, rec.start_time))
+            out.append(PodStatus(pod, ns, rec.ip if rec else "", netns.exists(ns), running))
+        return out
+
+    # -- up ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def up(cls, topology: Topology, topology_text: str, source: str) -> Testbed:
+        """Create every node and pod; on any failure remove what was made and re-raise."""
+        name = topology.name
+        if TestbedState.load(name) is not None:
+            raise TestbedError(
+                f"testbed {name!r} is already up (state {TestbedState.directory(name)}); "
+                f"run `nodeagent testbed down --name {name}` first"
+            )
+        leftovers = [n for n in netns.list_netns() if n.startswith(netns_prefix(name))]
+        if leftovers:
+            raise TestbedError(
+                f"network namespaces of testbed {name!r} exist without a state file "
+                f"({', '.join(leftovers)}); remove them with `nodeagent testbed down --name {name}`"
+            )
+        state = TestbedState(name=name, topology_source=source, topology_text=topology_text)
+        state.save()
+        testbed = cls(topology, state)
+        try:
+            testbed._build()
+        except BaseException:
+            problems = down(name)
+            if problems:
+                print(
+                    "testbed: cleanup after failed up left: " + "; ".join(problems), file=sys.stderr
+                )
+            raise
+        return testbed
+
+    def _build(self) -> None:
+        self._build_underlay()
+        for node in self.topology.nodes:
+            self._build_node(node)
+        for pod in self.topology.pods:
+            self._create_pod(pod)
+        self._program_services()
+        for pod in self.topology.pods:
+            self._start_workload(pod)
+        self._wait_ready()
+        self.state.phase = "up"
+        self.state.save()
+
+    @contextmanager
+    def _creating_netns(self, ns: str) -> Iterator[None]:
+        self.state.netns.append(ns)
+        self.state.save()
+        netns.add(ns)
+        yield
+
+    def _build_underlay(self) -> None:
+        ul = underlay_netns(self.name)
+        with self._creating_netns(ul):
+            netns.ip(ul, "link", "add", "br0", "type", "bridge")
+            netns.ip(ul, "link", "set", "br0", "up")
+
+    def _build_node(self, node: Node) -> None:
+        ns, ul = node_netns(self.name, node.name), underlay_netns(self.name)
+        prefix = self.topology.network.underlay_cidr.prefixlen
+        with self._creating_netns(ns):
+            port = f"ul-{node.index}"
+            netns.ip(ul, "link", "add", port, "type", "veth", "peer", "name", "ul0", "netns", ns)
+            netns.ip(ul, "link", "set", port, "master", "br0", "up")
+            netns.ip(ns, "addr", "add", f"{node.underlay_ip}/{prefix}", "dev", "ul0")
+            netns.ip(ns, "link", "set", "ul0", "up")
+            netns.sysctl(
+                ns,
+                {
+                    "net.ipv4.ip_forward": "1",
+                    "net.ipv4.conf.all.rp_filter": "0",
+                    "net.ipv4.conf.default.rp_filter": "0",
+                },
+            )
+            for other in self.topology.nodes:
+                if other.name != node.name:
+                    netns.ip(ns, "route", "add", str(other.pod_cidr), "via", str(other.underlay_ip))
+        conf_dir = cni_conf_dir(self.name, node.name)
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        (conf_dir / "10-testbed.conflist").write_text(
+            json.dumps(bridge_conflist(self.name, node), indent=2)
+        )
+
+    def _create_pod(self, pod: Pod) -> None:
+        ns = pod_netns(self.name, pod)
+        record = PodRecord(
+            netns=ns, node=pod.node, container_id=secrets.token_hex(32), uid=str(uuid.uuid4())
+        )
+        self.state.pods[pod.key] = record
+        with self._creating_netns(ns):
+            sandbox = self._sandbox(pod, record)
+            runtime = node_runtime(self.name, pod.node)
+            runtime.add(LOOPBACK_CONFLIST, sandbox)
+            result = runtime.add(load_conflist(cni_conf_dir(self.name, pod.node)), sandbox)
+            record.ip = pod_ipv4(result)
+            self.state.etc_dirs.append(str(hosts.ETC_NETNS / ns))
+            self.state.save()
+            content = hosts.render_hosts(
+                pod, record.ip, self.topology.services, self.topology.network.cluster_domain
+            )
+            hosts.write_hosts(ns, content)
+
+    def _sandbox(self, pod: Pod, record: PodRecord) -> Sandbox:
+        return Sandbox(
+            container_id=record.container_id,
+            netns=netns.netns_path(record.netns),
+            namespace=pod.namespace,
+            name=pod.name,
+            uid=record.uid,
+        )
+
+    def _program_services(self) -> None:
+        pod_ips = {key: rec.ip for key, rec in self.state.pods.items() if rec.ip}
+        for node in self.topology.nodes:
+            ruleset = services.render_ruleset(self.topology, node, pod_ips)
+            services.apply(node_netns(self.name, node.name), ruleset)
+
+    def _start_workload(self, pod: Pod) -> None:
+        record = self.state.pods[pod.key]
+        wl = pod.workload
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            # What the downward API would give a container.
+            "POD_NAME": pod.name,
+            "POD_NAMESPACE": pod.namespace,
+            "POD_IP": record.ip,
+            "NODE_NAME": pod.node,
+            "SERVICE_ACCOUNT": pod.service_account,
+        }
+        if wl.type == "fake-service":
+            argv = [sys.executable, "-m", "nodeagent", "workload"]
+            env |= {
+                "NAME": pod.labels.get("app", pod.name),
+                "VERSION": pod.labels.get("version", "v1"),
+                "LISTEN_ADDR": f"0.0.0.0:{wl.port}",
+            }
+        elif wl.type == "sleep":
+            argv = ["sleep", "infinity"]
+        else:
+            argv = list(wl.command)
+        env |= wl.env
+        logs = TestbedState.directory(self.name) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{pod.namespace}.{pod.name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                netns.in_netns(record.netns, argv),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives `up`, and a Ctrl-C in the caller's terminal
+            )
+        record.pid = proc.pid
+        record.start_time = netns.process_start_time(proc.pid)
+        self.state.save()
+
+    def _wait_ready(self) -> None:
+        """Every workload with a port listens on it, every other one still runs."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        pending = list(self.topology.pods)
+        while pending:
+            for pod in list(pending):
+                rec = self.state.pods[pod.key]
+                assert rec.pid is not None
+                if not netns.alive(rec.pid, rec.start_time):
+                    raise TestbedError(f"pod {pod.key}: workload exited; {self._log_tail(pod)}")
+                if pod.workload.port is None or netns.listening(rec.pid, pod.workload.port):
+                    pending.remove(pod)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(p.key for p in pending)
+                raise TestbedError(f"pods not ready after {READY_TIMEOUT:.0f}s: {names}")
+            if pending:
+                time.sleep(0.05)
+
+    def _log_tail(self, pod: Pod) -> str:
+        log = TestbedState.directory(self.name) / "logs" / f"{pod.namespace}.{pod.name}.log"
+        try:
+            return "log: " + " | ".join(log.read_text().strip().splitlines()[-5:])
+        except OSError:
+            return "no log"
+
+
+def down(name: str) -> list[str]:
+    """Remove everything testbed NAME made; returns what could not be removed (empty: all gone).
+
+    Works from the state file, and also from the namespaces' names alone when the state file is
+    missing, so it cleans up after a crash at any point of ``up``.
+    """
+    state = TestbedState.load(name)
+    prefix = netns_prefix(name)
+    names = list(reversed(state.netns)) if state else []
+    names += [n for n in netns.list_netns() if n.startswith(prefix) and n not in names]
+    problems: list[str] = []
+
+    # 1. Processes: the recorded workloads, then anything else living in one of our namespaces.
+    recorded = [(r.pid, r.start_time) for r in (state.pods.values() if state else []) if r.pid]
+    in_ns: list[tuple[int, int | None]] = [(pid, None) for ns in names for pid in netns.pids_in(ns)]
+    for pid in netns.terminate(recorded + in_ns):
+        problems.append(f"process {pid} survived SIGKILL")
+
+    # 2. CNI DEL for every sandbox, in reverse order, as the runtime does when it removes a pod.
+    if state:
+        for pod in reversed(_topology_of(state).pods):
+            rec = state.pods.get(pod.key)
+            if rec is None:
+                continue
+            runtime = node_runtime(name, pod.node)
+            sandbox = Sandbox(
+                rec.container_id, netns.netns_path(rec.netns), pod.namespace, pod.name, rec.uid
+            )
+            for conflist in _cached_networks(runtime, rec.container_id):
+                try:
+                    failures = runtime.delete(conflist, sandbox, best_effort=True)
+                except CNIError as e:
+                    failures = [e]
+                problems.extend(f"pod {pod.key}: {f}" for f in failures)
+
+    # 3. Namespaces (their links, bridges, addresses and routes go with them), then files.
+    for ns in names:
+        try:
+            netns.delete(ns)
+        except netns.CommandError as e:
+            problems.append(str(e))
+    etc_dirs = set(state.etc_dirs if state else [])
+    if hosts.ETC_NETNS.is_dir():
+        etc_dirs |= {str(p) for p in hosts.ETC_NETNS.iterdir() if p.name.startswith(prefix)}
+    for folder in sorted(etc_dirs):
+        shutil.rmtree(folder, ignore_errors=True)
+
+    left = [n for n in netns.list_netns() if n.startswith(prefix)]
+    problems += [f"network namespace {n} still exists" for n in left]
+    if not problems:
+        shutil.rmtree(TestbedState.directory(name), ignore_errors=True)
+        # Parent folders go too once empty; another testbed's files keep them.
+        for folder in (hosts.ETC_NETNS, RUN_DIR, RUN_DIR.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return problems
+
+
+def _topology_of(state: TestbedState) -> Topology:
+    # The name may have been overridden at `up` (--name): the state's name wins.
+    return replace(loads_topology(state.topology_text, state.topology_source), name=state.name)
+
+
+def _cached_networks(runtime: Runtime, container_id: str) -> list[dict[str, Any]]:
+    """The network configs a sandbox was ADDed with, from the runtime's result cache."""
+    out = []
+    for path in sorted(runtime.cache_dir.glob(f"*-{container_id}-*")):
+        try:
+            conf = json.loads(path.read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+        out.append(conf)
+    # Pod network first, loopback last: the reverse of the order they were added in.
+    return sorted(out, key=lambda c: c.get("name") == LOOPBACK_CONFLIST["name"])

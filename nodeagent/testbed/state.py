@@ -1,0 +1,66 @@
+"""The testbed's state file: an intent log of everything ``up`` creates.
+
+Each namespace, file and process is recorded *before* it is created and the file is replaced
+atomically, so after a crash at any point ``down`` still knows everything there is to remove.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUN_DIR = Path(os.environ.get("NODEAGENT_TESTBED_RUN_DIR", "/run/nodeagent/testbed"))
+
+
+@dataclass
+class PodRecord:
+    netns: str
+    node: str
+    container_id: str
+    uid: str
+    ip: str = ""
+    pid: int | None = None
+    start_time: int | None = None
+
+
+@dataclass
+class TestbedState:
+    name: str
+    topology_source: str
+    topology_text: str
+    phase: str = "creating"  # creating -> up
+    netns: list[str] = field(default_factory=list)
+    etc_dirs: list[str] = field(default_factory=list)
+    pods: dict[str, PodRecord] = field(default_factory=dict)
+
+    @staticmethod
+    def directory(name: str) -> Path:
+        return RUN_DIR / name
+
+    @property
+    def path(self) -> Path:
+        return self.directory(self.name) / "state.json"
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, name: str) -> TestbedState | None:
+        try:
+            raw: dict[str, Any] = json.loads((cls.directory(name) / "state.json").read_text())
+        except FileNotFoundError:
+            return None
+        pods = {k: PodRecord(**v) for k, v in raw.pop("pods", {}).items()}
+        return cls(pods=pods, **raw)
+
+
+def known_testbeds() -> list[str]:
+    if not RUN_DIR.is_dir():
+        return []
+    return sorted(d.name for d in RUN_DIR.iterdir() if (d / "state.json").exists())

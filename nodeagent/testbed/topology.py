@@ -1,0 +1,428 @@
+"""The testbed topology: nodes, namespaces, pods and services, read from a YAML file.
+
+Parsing is strict: an unknown field, a wrong type or a dangling reference is an error naming the
+file and the field path (``pods[2].workload.type``), so a typo never silently changes the cluster.
+Addresses are planned here too (pure functions): each node gets a /24 of the cluster CIDR and an
+underlay address, each service a virtual IP from the service CIDR.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+WORKLOAD_TYPES = ("fake-service", "sleep", "command")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+TESTBED_NAME = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
+# Addresses only ever exist inside the testbed's own network namespaces.
+DEFAULT_CLUSTER_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
+DEFAULT_SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")
+DEFAULT_UNDERLAY_CIDR = ipaddress.IPv4Network("172.31.0.0/24")
+LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Network:
+    cluster_cidr: ipaddress.IPv4Network = DEFAULT_CLUSTER_CIDR
+    service_cidr: ipaddress.IPv4Network = DEFAULT_SERVICE_CIDR
+    underlay_cidr: ipaddress.IPv4Network = DEFAULT_UNDERLAY_CIDR
+    cluster_domain: str = "cluster.local"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    index: int
+    pod_cidr: ipaddress.IPv4Network
+    underlay_ip: ipaddress.IPv4Address
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        """The node's address on its pod bridge (the bridge CNI plugin's gateway)."""
+        return self.pod_cidr.network_address + 1
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Workload:
+    type: str
+    port: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    node: str
+    service_account: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    workload: Workload
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    port: int
+    target_port: int
+    protocol: str = "TCP"
+    app_protocol: str | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    selector: Mapping[str, str]
+    ports: tuple[ServicePort, ...]
+    cluster_ip: ipaddress.IPv4Address
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, pod: Pod) -> bool:
+        """Kubernetes semantics: same namespace and every selector label; no selector, no pods."""
+        return (
+            pod.namespace == self.namespace
+            and bool(self.selector)
+            and all(pod.labels.get(k) == v for k, v in self.selector.items())
+        )
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    network: Network
+    nodes: tuple[Node, ...]
+    namespaces: tuple[Namespace, ...]
+    pods: tuple[Pod, ...]
+    services: tuple[Service, ...]
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def find_pod(self, ref: str) -> Pod:
+        """A pod by ``namespace/name``, or by bare name when exactly one pod has it."""
+        if "/" in ref:
+            matches = [p for p in self.pods if p.key == ref]
+        else:
+            matches = [p for p in self.pods if p.name == ref]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            known = ", ".join(p.key for p in self.pods)
+            raise KeyError(f"no pod {ref!r} in testbed {self.name!r} (pods: {known})")
+        both = ", ".join(p.key for p in matches)
+        raise KeyError(f"pod name {ref!r} is ambiguous ({both}); use namespace/name")
+
+
+class _Reader:
+    """Walks the YAML tree, checking types and fields, with errors that name the path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, msg: str) -> TopologyError:
+        return TopologyError(f"{self.source}: {path}: {msg}" if path else f"{self.source}: {msg}")
+
+    def mapping(
+        self, value: Any, path: str, allowed: set[str], required: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                raise self.fail(
+                    f"{path}.{key}" if path else str(key),
+                    f"unknown field (allowed: {', '.join(sorted(allowed))})",
+                )
+        for key in sorted(set(required) - value.keys()):
+            raise self.fail(f"{path}.{key}" if path else key, "required field is missing")
+        return value
+
+    def sequence(self, value: Any, path: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(path, f"expected a list, got {type(value).__name__}")
+        return value
+
+    def string(self, value: Any, path: str, pattern: re.Pattern[str] | None = None) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, f"expected a non-empty string, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(path, f"{value!r} is not a valid name (pattern {pattern.pattern})")
+        return value
+
+    def port(self, value: Any, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise self.fail(path, f"expected a port number 1-65535, got {value!r}")
+        return int(value)
+
+    def labels(self, value: Any, path: str) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping of strings, got {type(value).__name__}")
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not LABEL_KEY.match(k):
+                raise self.fail(f"{path}.{k}", "invalid key")
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                raise self.fail(f"{path}.{k}", f"expected a string value, got {v!r}")
+            out[k] = str(v)
+        return out
+
+    def network(self, value: Any, path: str) -> ipaddress.IPv4Network:
+        try:
+            return ipaddress.IPv4Network(self.string(value, path))
+        except ValueError as e:
+            raise self.fail(path, f"invalid IPv4 CIDR: {e}") from None
+
+
+def parse_topology(data: Any, source: str = "<topology>") -> Topology:
+    r = _Reader(source)
+    top = r.mapping(
+        data, "", {"name", "network", "nodes", "namespaces", "pods", "services"}, {"name", "nodes"}
+    )
+    name = r.string(top["name"], "name", TESTBED_NAME)
+
+    net_raw = r.mapping(
+        top.get("network") or {},
+        "network",
+        {"clusterCIDR", "serviceCIDR", "underlayCIDR", "clusterDomain"},
+    )
+    default = Network()
+    network = Network(
+        cluster_cidr=r.network(net_raw["clusterCIDR"], "network.clusterCIDR")
+        if "clusterCIDR" in net_raw
+        else default.cluster_cidr,
+        service_cidr=r.network(net_raw["serviceCIDR"], "network.serviceCIDR")
+        if "serviceCIDR" in net_raw
+        else default.service_cidr,
+        underlay_cidr=r.network(net_raw["underlayCIDR"], "network.underlayCIDR")
+        if "underlayCIDR" in net_raw
+        else default.underlay_cidr,
+        cluster_domain=r.string(
+            net_raw.get("clusterDomain", default.cluster_domain), "network.clusterDomain"
+        ),
+    )
+    if network.cluster_cidr.prefixlen > 23:
+        raise r.fail("network.clusterCIDR", "must be /23 or larger: each node takes a /24")
+    if network.cluster_cidr.overlaps(network.service_cidr):
+        raise r.fail("network.serviceCIDR", f"overlaps clusterCIDR {network.cluster_cidr}")
+
+    node_cidrs = list(network.cluster_cidr.subnets(new_prefix=24))
+    underlay_hosts = list(network.underlay_cidr.hosts())
+    nodes: list[Node] = []
+    for i, raw in enumerate(r.sequence(top["nodes"], "nodes")):
+        path = f"nodes[{i}]"
+        node_raw = r.mapping(raw, path, {"name"}, {"name"})
+        node_name = r.string(node_raw["name"], f"{path}.name", DNS_LABEL)
+        if any(n.name == node_name for n in nodes):
+            raise r.fail(f"{path}.name", f"duplicate node {node_name!r}")
+        if i + 1 >= len(node_cidrs) or i >= len(underlay_hosts):
+            raise r.fail(path, "more nodes than the cluster or underlay CIDR can address")
+        nodes.append(Node(node_name, i, node_cidrs[i + 1], underlay_hosts[i]))
+    if not nodes:
+        raise r.fail("nodes", "at least one node is required")
+
+    namespaces: dict[str, Namespace] = {}
+    for i, raw in enumerate(r.sequence(top.get("namespaces"), "namespaces")):
+        path = f"namespaces[{i}]"
+        ns_raw = r.mapping(raw, path, {"name", "labels"}, {"name"})
+        ns_name = r.string(ns_raw["name"], f"{path}.name", DNS_LABEL)
+        if ns_name in namespaces:
+            raise r.fail(f"{path}.name", f"duplicate namespace {ns_name!r}")
+        namespaces[ns_name] = Namespace(ns_name, r.labels(ns_raw.get("labels"), f"{path}.labels"))
+
+    pods: list[Pod] = []
+    for i, raw in enumerate(r.sequence(top.get("pods"), "pods")):
+        pods.append(_parse_pod(r, raw, f"pods[{i}]", nodes, pods))
+    for pod in pods:
+        namespaces.setdefault(pod.namespace, Namespace(pod.namespace))
+
+    services: list[Service] = []
+    vips = _vip_pool(network.service_cidr)
+    for i, raw in enumerate(r.sequence(top.get("services"), "services")):
+        services.append(_parse_service(r, raw, f"services[{i}]", network, services, vips))
+        namespaces.setdefault(services[-1].namespace, Namespace(services[-1].namespace))
+
+    return Topology(
+        name, network, tuple(nodes), tuple(namespaces.values()), tuple(pods), tuple(services)
+    )
+
+
+def _parse_pod(r: _Reader, raw: Any, path: str, nodes: list[Node], seen: list[Pod]) -> Pod:
+    pod_raw = r.mapping(
+        raw,
+        path,
+        {"name", "namespace", "node", "serviceAccount", "labels", "annotations", "workload"},
+        {"name", "node"},
+    )
+    name = r.string(pod_raw["name"], f"{path}.name", DNS_LABEL)
+    namespace = r.string(pod_raw.get("namespace", "default"), f"{path}.namespace", DNS_LABEL)
+    node = r.string(pod_raw["node"], f"{path}.node")
+    if not any(n.name == node for n in nodes):
+        raise r.fail(f"{path}.node", f"no node named {node!r}")
+    if any(p.namespace == namespace and p.name == name for p in seen):
+        raise r.fail(f"{path}.name", f"duplicate pod {namespace}/{name}")
+    sa = r.string(pod_raw.get("serviceAccount", "default"), f"{path}.serviceAccount", DNS_LABEL)
+
+    wl_raw = r.mapping(
+        pod_raw.get("workload") or {"type": "sleep"},
+        f"{path}.workload",
+        {"type", "port", "env", "command"},
+        {"type"},
+    )
+    wl_type = r.string(wl_raw["type"], f"{path}.workload.type")
+    if wl_type not in WORKLOAD_TYPES:
+        raise r.fail(
+            f"{path}.workload.type",
+            f"unknown workload type {wl_type!r} (expected one of {', '.join(WORKLOAD_TYPES)})",
+        )
+    port = r.port(wl_raw["port"], f"{path}.workload.port") if "port" in wl_raw else None
+    if wl_type == "fake-service" and port is None:
+        port = 8080
+    command: tuple[str, ...] = ()
+    if wl_type == "command":
+        cmd_raw = r.sequence(wl_raw.get("command"), f"{path}.workload.command")
+        if not cmd_raw or not all(isinstance(c, str) for c in cmd_raw):
+            raise r.fail(f"{path}.workload.command", "expected a non-empty list of strings")
+        command = tuple(cmd_raw)
+    elif "command" in wl_raw:
+        raise r.fail(f"{path}.workload.command", f"only valid for type 'command', not {wl_type!r}")
+    env = r.labels(wl_raw.get("env"), f"{path}.workload.env") if wl_raw.get("env") else {}
+
+    return Pod(
+        namespace=namespace,
+        name=name,
+        node=node,
+        service_account=sa,
+        labels=r.labels(pod_raw.get("labels"), f"{path}.labels"),
+        annotations=r.labels(pod_raw.get("annotations"), f"{path}.annotations"),
+        workload=Workload(wl_type, port, env, command),
+    )
+
+
+def _vip_pool(cidr: ipaddress.IPv4Network) -> list[ipaddress.IPv4Address]:
+    # Kubernetes hands out .1 to the API server service; start well clear of it.
+    return [ip for ip in cidr.hosts() if int(ip) - int(cidr.network_address) >= 10][:4096]
+
+
+def _parse_service(
+    r: _Reader,
+    raw: Any,
+    path: str,
+    network: Network,
+    seen: list[Service],
+    pool: list[ipaddress.IPv4Address],
+) -> Service:
+    svc_raw = r.mapping(
+        raw, path, {"name", "namespace", "selector", "ports", "clusterIP"}, {"name", "ports"}
+    )
+    name = r.string(svc_raw["name"], f"{path}.name", DNS_LABEL)
+    namespace = r.string(svc_raw.get("namespace", "default"), f"{path}.namespace", DNS_LABEL)
+    if any(s.namespace == namespace and s.name == name for s in seen):
+        raise r.fail(f"{path}.name", f"duplicate service {namespace}/{name}")
+
+    ports: list[ServicePort] = []
+    for j, praw in enumerate(r.sequence(svc_raw["ports"], f"{path}.ports")):
+        ppath = f"{path}.ports[{j}]"
+        p = r.mapping(
+            praw, ppath, {"name", "port", "targetPort", "protocol", "appProtocol"}, {"port"}
+        )
+        port = r.port(p["port"], f"{ppath}.port")
+        protocol = p.get("protocol", "TCP")
+        if protocol != "TCP":
+            raise r.fail(f"{ppath}.protocol", f"only TCP is supported, got {protocol!r}")
+        ports.append(
+            ServicePort(
+                name=r.string(p.get("name", f"tcp-{port}"), f"{ppath}.name"),
+                port=port,
+                target_port=r.port(p.get("targetPort", port), f"{ppath}.targetPort"),
+                app_protocol=r.string(p["appProtocol"], f"{ppath}.appProtocol")
+                if "appProtocol" in p
+                else None,
+            )
+        )
+    if not ports:
+        raise r.fail(f"{path}.ports", "at least one port is required")
+
+    taken = {s.cluster_ip for s in seen}
+    if "clusterIP" in svc_raw:
+        try:
+            vip = ipaddress.IPv4Address(r.string(svc_raw["clusterIP"], f"{path}.clusterIP"))
+        except ValueError as e:
+            raise r.fail(f"{path}.clusterIP", str(e)) from None
+        if vip not in network.service_cidr:
+            raise r.fail(
+                f"{path}.clusterIP", f"{vip} is outside serviceCIDR {network.service_cidr}"
+            )
+        if vip in taken:
+            raise r.fail(f"{path}.clusterIP", f"{vip} is already used by another service")
+    else:
+        free = [ip for ip in pool if ip not in taken]
+        if not free:
+            raise r.fail(path, "serviceCIDR has no free address left")
+        vip = free[0]
+
+    return Service(
+        namespace=namespace,
+        name=name,
+        selector=r.labels(svc_raw.get("selector"), f"{path}.selector"),
+        ports=tuple(ports),
+        cluster_ip=vip,
+    )
+
+
+def load_topology(path: Path) -> Topology:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise TopologyError(f"{path}: cannot read topology: {e.strerror}") from None
+    return loads_topology(text, str(path))
+
+
+def loads_topology(text: str, source: str) -> Topology:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TopologyError(f"{source}: invalid YAML: {e}") from None
+    return parse_topology(data, source)
+
+
+def builtin_topology_path(name: str) -> Path:
+    """Path of a topology shipped with the package (``workshop`` is the demo's)."""
+    ref = resources.files("nodeagent.testbed").joinpath("topologies", f"{name}.yaml")
+    return Path(str(ref))
+
+
+def builtin_topologies() -> list[str]:
+    folder = resources.files("nodeagent.testbed").joinpath("topologies")
+    return sorted(Path(str(f)).stem for f in folder.iterdir() if str(f).endswith(".yaml"))

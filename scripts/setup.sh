@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One-command set-up, idempotent and quick when already done (`make setup`).
+#   1. Debian packages the project needs (only the missing ones are installed).
+#   2. Kernel headers where bcc looks for them (/lib/modules/$(uname -r)/build) when the running
+#      kernel ships none of its own.
+#   3. A cgroup v2 hierarchy (the eBPF cgroup hooks attach to it) when none is mounted.
+#   4. .venv with the project installed editable, plus Debian's bcc and nftables bindings exposed
+#      one module at a time (never the whole system site-packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+    nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool
+    containernetworking-plugins iproute2 wrk nginx-light curl procps
+)
+PYTHON=${PYTHON:-python3.11}
+VENV=.venv
+log() { printf 'setup: %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+    log "not root: skipping Debian packages, kernel headers and cgroup v2 (tests that need them need root)"
+else
+    missing=()
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing Debian packages: ${missing[*]}"
+        # Keep package scripts from starting daemons (nginx) on this machine.
+        policy=/usr/sbin/policy-rc.d
+        had_policy=0; [ -e "$policy" ] && had_policy=1
+        [ $had_policy = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        [ $had_policy = 1 ] || rm -f "$policy"
+    fi
+
+    # bcc compiles against /lib/modules/$(uname -r)/build. A VM kernel without its own headers gets
+    # Debian's newest linux-headers-*-amd64 tree.
+    build=/lib/modules/$(uname -r)/build
+    if [ ! -e "$build/Makefile" ]; then
+        headers=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
+        if [ -n "$headers" ]; then
+            log "linking kernel headers $headers -> $build"
+            mkdir -p "$(dirname "$build")"
+            ln -sfn "$headers" "$build"
+        else
+            log "WARNING: no kernel headers found under /usr/src; the eBPF backend will not compile"
+        fi
+    fi
+
+    if ! findmnt -rn -t cgroup2 >/dev/null; then
+        target=/sys/fs/cgroup
+        findmnt -rn "$target" >/dev/null && target=/sys/fs/cgroup/unified
+        log "mounting cgroup v2 at $target"
+        mkdir -p "$target"
+        mount -t cgroup2 none "$target"
+    fi
+fi
+
+# The venv: rebuilt only when pyproject.toml changed since the last successful set-up.
+stamp=$VENV/.nodeagent-setup
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x $VENV/bin/nodeagent ]; then
+    log "creating $VENV with $PYTHON"
+    [ -x $VENV/bin/python ] || "$PYTHON" -m venv $VENV
+    $VENV/bin/pip install -q --upgrade pip >/dev/null
+    $VENV/bin/pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
+
+# Debian's bindings live in /usr/lib/python3/dist-packages next to everything else Debian ships.
+# Link just the two modules into a directory of our own and append that directory with a .pth.
+site=$($VENV/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+bindings=$VENV/debian-bindings
+mkdir -p "$bindings"
+for module in bcc nftables; do
+    [ -d "/usr/lib/python3/dist-packages/$module" ] && ln -sfn "/usr/lib/python3/dist-packages/$module" "$bindings/$module"
+done
+echo "$(cd "$bindings" && pwd)" > "$site/zz-debian-bindings.pth"
