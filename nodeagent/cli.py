@@ -78,7 +78,7 @@ def up(topology: str, name: str | None) -> None:
     except OSError as e:
         raise click.ClickException(f"{path}: cannot read topology: {e.strerror}") from None
     except (TopologyError, TestbedError, CommandError, CNIError) as e:
-        raise click.ClickException(f"testbed up failed and was rolled back: {e}") from None
+        raise click.ClickException(str(e)) from None
     _print_status(tb)
 
 

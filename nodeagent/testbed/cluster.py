@@ -41,6 +41,8 @@ from nodeagent.testbed.state import RUN_DIR, PodRecord, TestbedState, known_test
 from nodeagent.testbed.topology import Node, Pod, Topology, loads_topology
 
 READY_TIMEOUT = 20.0
+# A workload without a port is ready once it has stayed up this long (it did not crash on start).
+SETTLE_TIME = 0.5
 
 
 class TestbedError(RuntimeError):
@@ -122,6 +124,7 @@ class Testbed:
     def __init__(self, topology: Topology, state: TestbedState) -> None:
         self.topology = topology
         self.state = state
+        self._started: dict[str, float] = {}  # pod key -> monotonic time its workload started
 
     @property
     def name(self) -> str:
@@ -195,13 +198,12 @@ class Testbed:
         testbed = cls(topology, state)
         try:
             testbed._build()
-        except BaseException:
+        except BaseException as e:
             problems = down(name)
-            if problems:
-                print(
-                    "testbed: cleanup after failed up left: " + "; ".join(problems), file=sys.stderr
-                )
-            raise
+            if not isinstance(e, Exception):
+                raise
+            left = f"; cleanup left: {'; '.join(problems)}" if problems else ""
+            raise TestbedError(f"{e} (everything made so far was removed{left})") from e
         return testbed
 
     def _build(self) -> None:
@@ -315,6 +317,8 @@ class Testbed:
         else:
             argv = list(wl.command)
         env |= wl.env
+        if shutil.which(argv[0], path=env["PATH"]) is None:
+            raise TestbedError(f"pod {pod.key}: workload command {argv[0]!r} not found")
         logs = TestbedState.directory(self.name) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{pod.namespace}.{pod.name}.log", "ab") as log:
@@ -329,6 +333,7 @@ class Testbed:
         record.pid = proc.pid
         record.start_time = netns.process_start_time(proc.pid)
         self.state.save()
+        self._started[pod.key] = time.monotonic()
 
     def _wait_ready(self) -> None:
         """Every workload with a port listens on it, every other one still runs."""
@@ -340,7 +345,10 @@ class Testbed:
                 assert rec.pid is not None
                 if not netns.alive(rec.pid, rec.start_time):
                     raise TestbedError(f"pod {pod.key}: workload exited; {self._log_tail(pod)}")
-                if pod.workload.port is None or netns.listening(rec.pid, pod.workload.port):
+                port = pod.workload.port
+                if (port is None and time.monotonic() - self._started[pod.key] >= SETTLE_TIME) or (
+                    port is not None and netns.listening(rec.pid, port)
+                ):
                     pending.remove(pod)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(p.key for p in pending)
@@ -408,9 +416,9 @@ def down(name: str) -> list[str]:
     if not problems:
         shutil.rmtree(TestbedState.directory(name), ignore_errors=True)
         # Parent folders go too once empty; another testbed's files keep them.
-        for folder in (hosts.ETC_NETNS, RUN_DIR, RUN_DIR.parent):
+        for parent in (hosts.ETC_NETNS, RUN_DIR, RUN_DIR.parent):
             with contextlib.suppress(OSError):
-                folder.rmdir()
+                parent.rmdir()
     return problems
 
 

@@ -22,15 +22,15 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
-import urllib.error
-import urllib.parse
-import urllib.request
 
 DEFAULT_PROPAGATE_HEADERS: tuple[str, ...] = (
     "x-request-id",

@@ -1,0 +1,136 @@
+"""Topology files: what a user writes, and the errors they get when it is wrong."""
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from nodeagent.testbed.topology import (
+    TopologyError,
+    builtin_topology_path,
+    load_topology,
+    loads_topology,
+)
+
+MINIMAL = """
+name: t1
+nodes: [{name: a}, {name: b}]
+pods:
+  - {name: web, namespace: shop, node: a, labels: {app: web}, workload: {type: fake-service}}
+  - {name: web, namespace: other, node: b, labels: {app: web}}
+  - {name: client, node: b}
+services:
+  - {name: web, namespace: shop, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+  - {name: db, namespace: shop, ports: [{port: 5432}], clusterIP: 10.96.1.1}
+"""
+
+
+def test_workshop_topology_is_the_s1_shop() -> None:
+    topo = load_topology(builtin_topology_path("workshop"))
+    assert [n.name for n in topo.nodes] == ["node1", "node2"]
+    assert {p.key for p in topo.pods} == {
+        "istioinaction/web-api",
+        "istioinaction/recommendation",
+        "istioinaction/purchase-history-v1",
+        "istioinaction/purchase-history-v2",
+        "istioinaction/sleep",
+        "default/sleep",
+    }
+    history = next(s for s in topo.services if s.name == "purchase-history")
+    assert sorted(p.labels["version"] for p in topo.pods if history.selects(p)) == ["v1", "v2"]
+
+
+def test_addresses_are_planned_per_node_and_service() -> None:
+    topo = loads_topology(MINIMAL, "t.yaml")
+    a, b = topo.nodes
+    assert (a.pod_cidr, b.pod_cidr) == (
+        ipaddress.IPv4Network("10.244.1.0/24"),
+        ipaddress.IPv4Network("10.244.2.0/24"),
+    )
+    assert a.gateway == ipaddress.IPv4Address("10.244.1.1")
+    assert a.underlay_ip != b.underlay_ip
+    web, db = topo.services
+    assert web.cluster_ip == ipaddress.IPv4Address("10.96.0.10")
+    assert db.cluster_ip == ipaddress.IPv4Address("10.96.1.1")
+    assert web.ports[0].target_port == 8080
+
+
+def test_defaults_follow_kubernetes() -> None:
+    topo = loads_topology(MINIMAL, "t.yaml")
+    client = topo.find_pod("client")
+    assert (client.namespace, client.service_account, client.workload.type) == (
+        "default",
+        "default",
+        "sleep",
+    )
+    assert topo.find_pod("shop/web").workload.port == 8080
+    assert {n.name for n in topo.namespaces} == {"shop", "other", "default"}
+
+
+def test_selector_matches_only_its_namespace() -> None:
+    topo = loads_topology(MINIMAL, "t.yaml")
+    web = topo.services[0]
+    assert [p.key for p in topo.pods if web.selects(p)] == ["shop/web"]
+    assert not any(topo.services[1].selects(p) for p in topo.pods)  # no selector, no endpoints
+
+
+def test_ambiguous_and_unknown_pod_names() -> None:
+    topo = loads_topology(MINIMAL, "t.yaml")
+    with pytest.raises(KeyError, match="ambiguous"):
+        topo.find_pod("web")
+    with pytest.raises(KeyError, match="no pod 'nope'"):
+        topo.find_pod("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "what"),
+    [
+        ("name: t\nnodes: [{name: a, zone: x}]", "nodes[0].zone", "unknown field"),
+        ("name: t\nnodes: [{name: a}]\npods: [{name: p, node: b}]", "pods[0].node", "no node"),
+        (
+            "name: t\nnodes: [{name: a}]\npods: [{name: p, node: a, workload: {type: vm}}]",
+            "pods[0].workload.type",
+            "unknown workload type 'vm'",
+        ),
+        (
+            "name: t\nnodes: [{name: a}]\npods: [{name: p, node: a}, {name: p, node: a}]",
+            "pods[1].name",
+            "duplicate pod default/p",
+        ),
+        (
+            "name: t\nnodes: [{name: a}]\nservices: [{name: s, ports: [{port: 99999}]}]",
+            "services[0].ports[0].port",
+            "port number",
+        ),
+        (
+            "name: t\nnodes: [{name: a}]\nservices: [{name: s, ports: [{port: 1}], "
+            "clusterIP: 10.0.0.1}]",
+            "services[0].clusterIP",
+            "outside serviceCIDR",
+        ),
+        ("name: Bad_Name\nnodes: [{name: a}]", "name", "not a valid name"),
+        ("name: t\nnodes: []", "nodes", "at least one node"),
+        ("name: t", "nodes", "required field is missing"),
+        (
+            "name: t\nnodes: [{name: a}]\nnetwork: {serviceCIDR: 10.244.0.0/20}",
+            "serviceCIDR",
+            "overlaps",
+        ),
+    ],
+)
+def test_errors_name_the_file_and_field(text: str, where: str, what: str) -> None:
+    with pytest.raises(TopologyError) as err:
+        loads_topology(text, "cluster.yaml")
+    assert str(err.value).startswith("cluster.yaml: ")
+    assert where in str(err.value)
+    assert what in str(err.value)
+
+
+def test_malformed_yaml_is_reported_with_the_file() -> None:
+    with pytest.raises(TopologyError, match=r"^bad\.yaml: invalid YAML"):
+        loads_topology("name: [unclosed", "bad.yaml")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match="cannot read topology"):
+        load_topology(tmp_path / "absent.yaml")
