@@ -51,7 +51,7 @@ HEALTH_PATH = "/health"
 FIB_TRIE_PATH = "/proc/net/fib_trie"
 
 # RFC 9110 token characters: anything else could smuggle a second header into upstream calls.
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Keep-alive connections from Envoy would otherwise hold a handler thread forever.
 _IDLE_CONNECTION_TIMEOUT = 120.0
 _BODY_CHUNK = 64 * 1024
@@ -190,7 +190,7 @@ def _is_http_url(uri: str) -> bool:
 def _header_names(raw: str) -> tuple[str, ...]:
     names = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
     for header in names:
-        if not _HEADER_NAME.match(header):
+        if not _HEADER_NAME.fullmatch(header):
             raise _invalid(
                 "PROPAGATE_HEADERS", raw, f"comma-separated header names, not {header!r}"
             )
@@ -260,7 +260,7 @@ def call_upstream(
     except urllib.error.URLError as exc:
         return False, _failure(uri, -1, f"calling upstream: {exc.reason}")
     except (OSError, http.client.HTTPException) as exc:
-        return False, _failure(uri, -1, f"calling upstream: {exc or type(exc).__name__}")
+        return False, _failure(uri, -1, f"calling upstream: {str(exc) or type(exc).__name__}")
     try:
         answer = json.loads(body)
     except ValueError:
@@ -356,20 +356,24 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         started = time.monotonic()
         start_time = _now()
-        code = 400
         try:
-            if self._discard_body():
-                path = urllib.parse.urlsplit(self.path).path
-                if path == HEALTH_PATH and self.command in ("GET", "HEAD"):
-                    code, answer = 200, {"status": "ok"}
-                else:
-                    code, answer = self._serve(start_time, started)
-                self._send_json(code, answer)
+            if not self._discard_body():
+                self._log_request(400, started)
+                return
+            path = urllib.parse.urlsplit(self.path).path
+            if path == HEALTH_PATH and self.command in ("GET", "HEAD"):
+                code, answer = 200, {"status": "ok"}
+            else:
+                code, answer = self._serve(start_time, started)
+            # Logged before the first byte leaves, so the line precedes the client seeing it.
+            self._log_request(code, started)
+            self._send_json(code, answer)
         except ConnectionError as exc:
-            # The client went away mid-answer; nobody is left to tell.
+            # The client went away mid-request; nobody is left to tell.
             self.close_connection = True
-            code = -1
             _log(f"{self.server.config.name}: client {self.address_string()} went away: {exc!r}")
+
+    def _log_request(self, code: int, started: float) -> None:
         _log(
             f"{self.server.config.name}: {self.command} {self.path} {code} "
             f"{_duration(time.monotonic() - started)}"
@@ -458,6 +462,8 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
             try:
                 size = int(size_line.split(b";", 1)[0].strip(), 16)
             except ValueError:
+                size = -1
+            if size < 0:
                 self.send_error(400, "Bad chunk size")
                 return False
             if size == 0:
@@ -497,8 +503,9 @@ def build_server(config: FakeServiceConfig) -> FakeServiceServer:
 def serve(config: FakeServiceConfig, ready: threading.Event | None = None) -> None:
     """Serve until interrupted (KeyboardInterrupt; ``main`` turns SIGTERM into one)."""
     with build_server(config) as server:
-        host, port = server.server_address[:2]
-        _log(f"{config.name}: listening on {host}:{port}")
+        # Port 0 asks the kernel for one; name the one it gave.
+        port = server.server_address[1]
+        _log(f"{config.name}: listening on {config.listen_host}:{port}")
         if ready is not None:
             ready.set()
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-NODEAGENT = [sys.executable, "-m", "nodeagent"]
+from tests.integration.helpers import nodeagent
 
 
 @pytest.fixture(autouse=True)
@@ -41,27 +40,6 @@ def _testbeds() -> list[str]:
     if netns_dir.is_dir():
         names |= {n.name[3:].split(".")[0] for n in netns_dir.iterdir() if n.name.startswith("tb-")}
     return sorted(names)
-
-
-def nodeagent(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*NODEAGENT, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def root_netns_snapshot() -> dict[str, str]:
-    """What a testbed must never change in the root network namespace."""
-
-    def out(*argv: str) -> str:
-        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-
-    return {
-        "links": out("ip", "-o", "link", "show"),
-        "addresses": out("ip", "-o", "addr", "show"),
-        "routes": out("ip", "route", "show", "table", "all"),
-        "rules": out("ip", "rule", "show"),
-        "nftables": out("nft", "list", "ruleset"),
-    }
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import NODEAGENT, nodeagent, root_netns_snapshot
+from tests.integration.helpers import NODEAGENT, nodeagent, root_netns_snapshot
 
 pytestmark = pytest.mark.integration
 

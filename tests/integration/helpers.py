@@ -1,0 +1,29 @@
+"""Helpers for integration tests: the CLI as a user runs it, and the root namespace's state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+NODEAGENT = [sys.executable, "-m", "nodeagent"]
+
+
+def nodeagent(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*NODEAGENT, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def root_netns_snapshot() -> dict[str, str]:
+    """What a testbed must never change in the root network namespace."""
+
+    def out(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    return {
+        "links": out("ip", "-o", "link", "show"),
+        "addresses": out("ip", "-o", "addr", "show"),
+        "routes": out("ip", "route", "show", "table", "all"),
+        "rules": out("ip", "rule", "show"),
+        "nftables": out("nft", "list", "ruleset"),
+    }
