@@ -35,17 +35,21 @@ else
         [ $had_policy = 1 ] || rm -f "$policy"
     fi
 
-    # bcc compiles against /lib/modules/$(uname -r)/build. A VM kernel without its own headers gets
-    # Debian's newest linux-headers-*-amd64 tree.
-    build=/lib/modules/$(uname -r)/build
-    if [ ! -e "$build/Makefile" ]; then
-        headers=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
-        if [ -n "$headers" ]; then
-            log "linking kernel headers $headers -> $build"
-            mkdir -p "$(dirname "$build")"
-            ln -sfn "$headers" "$build"
+    # bcc compiles against /lib/modules/$(uname -r)/build (and ./source when the headers are split,
+    # as Debian splits them into -amd64 and -common). A VM kernel without headers of its own gets
+    # the links Debian made for its newest packaged kernel.
+    modules=/lib/modules/$(uname -r)
+    if [ ! -e "$modules/build/Makefile" ]; then
+        debian=$(ls -d /lib/modules/*/build 2>/dev/null | sort -V | tail -n 1 || true)
+        if [ -n "$debian" ]; then
+            debian=$(dirname "$debian")
+            log "linking kernel headers of $(basename "$debian") into $modules"
+            mkdir -p "$modules"
+            for link in build source; do
+                [ -e "$debian/$link" ] && ln -sfn "$(readlink -f "$debian/$link")" "$modules/$link"
+            done
         else
-            log "WARNING: no kernel headers found under /usr/src; the eBPF backend will not compile"
+            log "WARNING: no kernel headers installed; the eBPF backend will not compile"
         fi
     fi
 
@@ -61,8 +65,8 @@ fi
 # The venv: rebuilt only when pyproject.toml changed since the last successful set-up.
 stamp=$VENV/.nodeagent-setup
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x $VENV/bin/nodeagent ]; then
-    log "creating $VENV with $PYTHON"
-    [ -x $VENV/bin/python ] || "$PYTHON" -m venv $VENV
+    [ -x $VENV/bin/python ] || { log "creating $VENV with $PYTHON"; "$PYTHON" -m venv $VENV; }
+    log "installing nodeagent (editable) and its dependencies into $VENV"
     $VENV/bin/pip install -q --upgrade pip >/dev/null
     $VENV/bin/pip install -q -e '.[dev]'
     touch "$stamp"
