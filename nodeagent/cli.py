@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from nodeagent.cni.wire import DEFAULT_SOCKET
+
 if TYPE_CHECKING:
     from nodeagent.testbed.cluster import Testbed
 
@@ -33,6 +35,153 @@ def workload(args: tuple[str, ...]) -> None:
     from nodeagent.testbed import workload as fake_service
 
     sys.exit(fake_service.main(list(args)))
+
+
+# -- node agent ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--node", "node_name", required=True, help="This node's name (spec.nodeName).")
+@click.option(
+    "--source-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory of Kubernetes YAML to read pods and namespaces from.",
+)
+@click.option("--cni-socket", type=click.Path(path_type=Path), default=DEFAULT_SOCKET)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/nodeagent"))
+@click.option(
+    "--exclude-namespace",
+    "excluded",
+    multiple=True,
+    default=("kube-system",),
+    show_default=True,
+    help="Namespaces never put into the mesh (repeatable).",
+)
+@click.option("--metrics-port", type=int, default=15020, show_default=True)
+@click.option("--readiness-port", type=int, default=15021, show_default=True)
+@click.option("--reconcile-interval", type=float, default=60.0, show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def run(
+    node_name: str,
+    source_dir: Path,
+    cni_socket: Path,
+    state_dir: Path,
+    excluded: tuple[str, ...],
+    metrics_port: int,
+    readiness_port: int,
+    reconcile_interval: float,
+    log_level: str,
+) -> None:
+    """Run the node agent (needs root: it enters pod network namespaces)."""
+    import asyncio
+
+    from nodeagent import agent, logs
+
+    logs.setup(log_level)
+    config = agent.AgentConfig(
+        node_name=node_name,
+        source_dir=source_dir,
+        cni_socket=cni_socket,
+        state_dir=state_dir,
+        excluded_namespaces=excluded,
+        metrics_port=metrics_port,
+        readiness_port=readiness_port,
+        reconcile_interval=reconcile_interval,
+    )
+    asyncio.run(agent.run(config))
+
+
+@cli.command("install-cni")
+@click.option("--cni-bin-dir", type=click.Path(path_type=Path), default=Path("/opt/cni/bin"))
+@click.option("--cni-conf-dir", type=click.Path(path_type=Path), default=Path("/etc/cni/net.d"))
+@click.option(
+    "--bundle",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The nodeagent-cni bundle to install (default: the one built by make setup).",
+)
+@click.option("--agent-socket", default=DEFAULT_SOCKET, show_default=True)
+@click.option("--log-file", default="/var/log/nodeagent-cni.log", show_default=True)
+@click.option("--timeout", "timeout_seconds", type=float, default=30.0, show_default=True)
+@click.option("--watch", is_flag=True, help="Keep our entry in the config when it is rewritten.")
+@click.option("--readiness-port", type=int, default=0, help="Serve /readyz here (with --watch).")
+@click.option("--uninstall", is_flag=True, help="Remove our entry and the plugin binary.")
+def install_cni(
+    cni_bin_dir: Path,
+    cni_conf_dir: Path,
+    bundle: Path | None,
+    agent_socket: str,
+    log_file: str,
+    timeout_seconds: float,
+    watch: bool,
+    readiness_port: int,
+    uninstall: bool,
+) -> None:
+    """Install nodeagent-cni as the last plugin of the node's primary CNI configuration."""
+    import logging
+    import signal
+    import threading
+
+    from nodeagent import logs
+    from nodeagent.cni.bundle import locate_bundle
+    from nodeagent.cni.install import CniInstaller, InstallError, serve_readiness
+
+    logs.setup("info")
+    entry = {
+        "type": "nodeagent-cni",
+        "agentSocket": agent_socket,
+        "logFile": log_file,
+        "timeoutSeconds": timeout_seconds,
+    }
+    try:
+        installer = CniInstaller(
+            bundle=None if uninstall else (bundle or locate_bundle()),
+            bin_dir=cni_bin_dir,
+            conf_dir=cni_conf_dir,
+            entry=entry,
+        )
+        if uninstall:
+            installer.uninstall()
+            return
+        installer.install()
+    except (InstallError, FileNotFoundError) as e:
+        if not watch:
+            raise click.ClickException(str(e)) from None
+        logging.getLogger("nodeagent.install_cni").warning("%s; waiting for it", e)
+    if watch:
+        if readiness_port:
+            serve_readiness(installer, readiness_port)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        installer.watch(stop)
+
+
+@cli.command()
+@click.option("--cni-socket", default=DEFAULT_SOCKET, show_default=True)
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def pods(cni_socket: str, output: str) -> None:
+    """Capture state of every pod handed to this node's agent."""
+    from nodeagent.cni import wire
+
+    try:
+        answer = wire.request(cni_socket, {"command": "STATUS"}, 10.0)
+    except (OSError, wire.ProtocolError) as e:
+        raise click.ClickException(str(e)) from None
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("reason")))
+    records = answer.get("pods", [])
+    if output == "json":
+        click.echo(json.dumps(records, indent=2))
+        return
+    _table(
+        [("NAMESPACE", "POD", "STATE", "IPS", "NETNS", "REASON")]
+        + [
+            (r["namespace"], r["name"], r["state"], ",".join(r["ips"]), r["netns"], r["reason"])
+            for r in records
+        ]
+    )
 
 
 # -- testbed ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #   3. A cgroup v2 hierarchy (the eBPF cgroup hooks attach to it) when none is mounted.
 #   4. .venv with the project installed editable, plus Debian's bcc and nftables bindings exposed
 #      one module at a time (never the whole system site-packages).
+#   5. The self-contained nodeagent-cni bundle (build/cni/), rebuilt when its sources change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,6 +72,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x $VENV/bin/node
     $VENV/bin/pip install -q -e '.[dev]'
     touch "$stamp"
 fi
+
+# The CNI plugin ships as a self-contained bundle (no host Python needed on a node).
+bash scripts/build-cni.sh
 
 # Debian's bindings live in /usr/lib/python3/dist-packages next to everything else Debian ships.
 # Link just the two modules into a directory of our own and append that directory with a .pth.

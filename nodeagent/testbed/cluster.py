@@ -4,11 +4,13 @@ Layout (every address lives inside namespaces made here; the root namespace is n
 
     tb-<name>.underlay            bridge br0 wiring the nodes together
       ul-<i> <-veth-> ul0         node i's underlay address; routes to the other nodes' pods
-    tb-<name>.node-<node>         cni0 bridge (made by the bridge CNI plugin), service proxy table
+    tb-<name>.node-<node>         cni0 bridge (made by the bridge CNI plugin), service proxy table,
+                                  the node agent and install-cni (when the topology runs nodeagent)
       veth <-> eth0               in each pod netns tb-<name>.pod-<ns>.<pod>, made by the CNI chain
 
-Pods are created by the runtime shim running the node's CNI configuration (bridge + host-local, and
-whatever is chained after them), then their workload process is started inside the pod's netns.
+Pods are created the way kubelet and the container runtime create them: the pod object is published
+(in the directory the node agents read), then the runtime shim runs the node's CNI configuration
+list, which install-cni extended with nodeagent-cni, then the workload starts inside the pod.
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from nodeagent.testbed import hosts, netns, services
+from nodeagent.testbed import daemons, hosts, layout, netns, resources, services
 from nodeagent.testbed.cni_runtime import (
     DEFAULT_PLUGIN_DIRS,
     LOOPBACK_CONFLIST,
@@ -37,7 +38,14 @@ from nodeagent.testbed.cni_runtime import (
     load_conflist,
     pod_ipv4,
 )
-from nodeagent.testbed.state import RUN_DIR, PodRecord, TestbedState, known_testbeds
+from nodeagent.testbed.layout import netns_prefix, node_netns, pod_netns, underlay_netns
+from nodeagent.testbed.state import (
+    RUN_DIR,
+    DaemonRecord,
+    PodRecord,
+    TestbedState,
+    known_testbeds,
+)
 from nodeagent.testbed.topology import Node, Pod, Topology, loads_topology
 
 READY_TIMEOUT = 20.0
@@ -48,40 +56,15 @@ SETTLE_TIME = 0.5
 class TestbedError(RuntimeError):
     """The testbed cannot do what was asked; the message says why and what to do."""
 
-
-def netns_prefix(name: str) -> str:
-    # Testbed names cannot hold a dot, so this prefix never matches another testbed's namespaces.
-    return f"tb-{name}."
+    __test__ = False  # not a pytest test class, despite the name
 
 
-def underlay_netns(name: str) -> str:
-    return f"{netns_prefix(name)}underlay"
-
-
-def node_netns(name: str, node: str) -> str:
-    return f"{netns_prefix(name)}node-{node}"
-
-
-def pod_netns(name: str, pod: Pod) -> str:
-    return f"{netns_prefix(name)}pod-{pod.namespace}.{pod.name}"
-
-
-def node_dir(name: str, node: str) -> Path:
-    return TestbedState.directory(name) / "nodes" / node
-
-
-def cni_conf_dir(name: str, node: str) -> Path:
-    """The node's CNI configuration directory (what /etc/cni/net.d is on a real node)."""
-    return node_dir(name, node) / "net.d"
-
-
-def node_runtime(
-    name: str, node: str, plugin_dirs: tuple[Path, ...] = DEFAULT_PLUGIN_DIRS
-) -> Runtime:
+def node_runtime(name: str, node: str) -> Runtime:
+    """The container runtime of NODE: plugins from the node's CNI bin dir, then Debian's."""
     ns = node_netns(name, node)
     return Runtime(
-        plugin_dirs,
-        cache_dir=node_dir(name, node) / "cni-cache",
+        (layout.cni_bin_dir(name, node), *DEFAULT_PLUGIN_DIRS),
+        cache_dir=layout.node_dir(name, node) / "cni-cache",
         wrap=lambda argv: netns.in_netns(ns, argv),
     )
 
@@ -102,7 +85,7 @@ def bridge_conflist(name: str, node: Node) -> dict[str, Any]:
                     "type": "host-local",
                     "ranges": [[{"subnet": str(node.pod_cidr), "gateway": str(node.gateway)}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
-                    "dataDir": str(node_dir(name, node.name) / "ipam"),
+                    "dataDir": str(layout.node_dir(name, node.name) / "ipam"),
                 },
             }
         ],
@@ -119,11 +102,17 @@ class PodStatus:
 
 
 class Testbed:
-    """A testbed that is up (or was being brought up): its topology and its state file."""
+    """A testbed that is up (or was being brought up): its topology and its state file.
+
+    Pods may be added and removed from several threads at once (``add_pod``/``remove_pod``).
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, topology: Topology, state: TestbedState) -> None:
         self.topology = topology
         self.state = state
+        self._lock = threading.RLock()  # guards state and its file
         self._started: dict[str, float] = {}  # pod key -> monotonic time its workload started
 
     @property
@@ -150,8 +139,7 @@ class Testbed:
         return cls(_topology_of(state), state)
 
     def pod_ip(self, ref: str) -> str:
-        pod = self.topology.find_pod(ref)
-        return self.state.pods[pod.key].ip
+        return self.state.pods[self.topology.find_pod(ref).key].ip
 
     def pod_netns(self, ref: str) -> str:
         return pod_netns(self.name, self.topology.find_pod(ref))
@@ -210,19 +198,27 @@ class Testbed:
         self._build_underlay()
         for node in self.topology.nodes:
             self._build_node(node)
+        resources.write(
+            layout.cluster_dir(self.name) / "namespaces.yaml",
+            [resources.namespace_object(ns) for ns in self.topology.namespaces],
+        )
+        if self.topology.nodeagent:
+            self._start_daemons()
         for pod in self.topology.pods:
-            self._create_pod(pod)
+            self._create_sandbox(pod)
         self._program_services()
         for pod in self.topology.pods:
             self._start_workload(pod)
-        self._wait_ready()
-        self.state.phase = "up"
-        self.state.save()
+        self._wait_ready(self.topology.pods)
+        with self._lock:
+            self.state.phase = "up"
+            self.state.save()
 
-    @contextmanager
+    @contextlib.contextmanager
     def _creating_netns(self, ns: str) -> Iterator[None]:
-        self.state.netns.append(ns)
-        self.state.save()
+        with self._lock:
+            self.state.netns.append(ns)
+            self.state.save()
         netns.add(ns)
         yield
 
@@ -252,39 +248,129 @@ class Testbed:
             for other in self.topology.nodes:
                 if other.name != node.name:
                     netns.ip(ns, "route", "add", str(other.pod_cidr), "via", str(other.underlay_ip))
-        conf_dir = cni_conf_dir(self.name, node.name)
+        conf_dir = layout.cni_conf_dir(self.name, node.name)
         conf_dir.mkdir(parents=True, exist_ok=True)
+        layout.cni_bin_dir(self.name, node.name).mkdir(parents=True, exist_ok=True)
         (conf_dir / "10-testbed.conflist").write_text(
             json.dumps(bridge_conflist(self.name, node), indent=2)
         )
 
-    def _create_pod(self, pod: Pod) -> None:
+    # -- node daemons -----------------------------------------------------------------------------
+
+    def _start_daemons(self) -> None:
+        records = []
+        for node in self.topology.nodes:
+            for daemon in (daemons.INSTALL_CNI, daemons.AGENT):
+                records.append(self._start_daemon(node.name, daemon))
+        try:
+            for record in records:
+                daemons.wait_ready(self.name, record)
+        except daemons.DaemonError as e:
+            raise TestbedError(str(e)) from None
+
+    def _start_daemon(self, node: str, daemon: str) -> DaemonRecord:
+        record = daemons.start(self.name, node, daemon)
+        with self._lock:
+            self.state.daemons.append(record)
+            self.state.save()
+        return record
+
+    def daemon(self, node: str, name: str) -> DaemonRecord:
+        for record in self.state.daemons:
+            if (record.node, record.name) == (node, name):
+                return record
+        raise TestbedError(f"node {node!r} runs no {name} (is nodeagent on in the topology?)")
+
+    def stop_agent(self, node: str) -> None:
+        """Stop NODE's agent, as a crash or a rolling update would (pods keep their capture)."""
+        record = self.daemon(node, daemons.AGENT)
+        daemons.stop(record)
+        with self._lock:
+            self.state.daemons.remove(record)
+            self.state.save()
+
+    def start_agent(self, node: str) -> None:
+        record = self._start_daemon(node, daemons.AGENT)
+        try:
+            daemons.wait_ready(self.name, record)
+        except daemons.DaemonError as e:
+            raise TestbedError(str(e)) from None
+
+    def restart_agent(self, node: str) -> None:
+        self.stop_agent(node)
+        self.start_agent(node)
+
+    # -- pods -------------------------------------------------------------------------------------
+
+    def add_pod(self, pod: Pod) -> PodRecord:
+        """Create one more pod on a running testbed, as kubelet would: sandbox, then workload.
+
+        Services keep the endpoints they had at ``up``; the pod reaches them by name.
+        """
+        with self._lock:
+            if pod.key in self.state.pods:
+                raise TestbedError(f"pod {pod.key} already exists")
+        try:
+            self._create_sandbox(pod)
+            self._start_workload(pod)
+            self._wait_ready([pod])
+        except BaseException:
+            with contextlib.suppress(TestbedError):
+                self.remove_pod(pod)  # a pod that failed to start leaves nothing behind
+            raise
+        return self.state.pods[pod.key]
+
+    def remove_pod(self, pod: Pod) -> list[str]:
+        """Delete a pod as kubelet would: stop it, CNI DEL, remove its netns. Returns problems."""
+        with self._lock:
+            record = self.state.pods.get(pod.key)
+        if record is None:
+            raise TestbedError(f"no pod {pod.key}")
+        if record.pid:
+            netns.terminate([(record.pid, record.start_time)])
+        problems = _cni_del(self.name, pod.key, record)
+        netns.delete(record.netns)
+        shutil.rmtree(hosts.ETC_NETNS / record.netns, ignore_errors=True)
+        etc_dir = str(hosts.ETC_NETNS / record.netns)
+        (layout.cluster_dir(self.name) / "pods" / f"{pod.namespace}.{pod.name}.yaml").unlink(
+            missing_ok=True
+        )
+        with self._lock:
+            del self.state.pods[pod.key]
+            if record.netns in self.state.netns:
+                self.state.netns.remove(record.netns)
+            if etc_dir in self.state.etc_dirs:
+                self.state.etc_dirs.remove(etc_dir)
+            self.state.save()
+        return problems
+
+    def _create_sandbox(self, pod: Pod) -> None:
         ns = pod_netns(self.name, pod)
         record = PodRecord(
             netns=ns, node=pod.node, container_id=secrets.token_hex(32), uid=str(uuid.uuid4())
         )
-        self.state.pods[pod.key] = record
+        pod_file = layout.cluster_dir(self.name) / "pods" / f"{pod.namespace}.{pod.name}.yaml"
+        with self._lock:
+            self.state.pods[pod.key] = record
+        resources.write(pod_file, [resources.pod_object(pod, record.uid)])
         with self._creating_netns(ns):
-            sandbox = self._sandbox(pod, record)
+            sandbox = _sandbox(pod.key, record)
             runtime = node_runtime(self.name, pod.node)
             runtime.add(LOOPBACK_CONFLIST, sandbox)
-            result = runtime.add(load_conflist(cni_conf_dir(self.name, pod.node)), sandbox)
+            conflist = load_conflist(layout.cni_conf_dir(self.name, pod.node))
+            try:
+                result = runtime.add(conflist, sandbox)
+            except CNIError as e:
+                raise TestbedError(f"pod {pod.key}: {e}") from None
             record.ip = pod_ipv4(result)
-            self.state.etc_dirs.append(str(hosts.ETC_NETNS / ns))
-            self.state.save()
+            with self._lock:
+                self.state.etc_dirs.append(str(hosts.ETC_NETNS / ns))
+                self.state.save()
+            resources.write(pod_file, [resources.pod_object(pod, record.uid, record.ip)])
             content = hosts.render_hosts(
                 pod, record.ip, self.topology.services, self.topology.network.cluster_domain
             )
             hosts.write_hosts(ns, content)
-
-    def _sandbox(self, pod: Pod, record: PodRecord) -> Sandbox:
-        return Sandbox(
-            container_id=record.container_id,
-            netns=netns.netns_path(record.netns),
-            namespace=pod.namespace,
-            name=pod.name,
-            uid=record.uid,
-        )
 
     def _program_services(self) -> None:
         pod_ips = {key: rec.ip for key, rec in self.state.pods.items() if rec.ip}
@@ -319,7 +405,7 @@ class Testbed:
         env |= wl.env
         if shutil.which(argv[0], path=env["PATH"]) is None:
             raise TestbedError(f"pod {pod.key}: workload command {argv[0]!r} not found")
-        logs = TestbedState.directory(self.name) / "logs"
+        logs = layout.logs_dir(self.name)
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{pod.namespace}.{pod.name}.log", "ab") as log:
             proc = subprocess.Popen(
@@ -330,15 +416,16 @@ class Testbed:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # outlives `up`, and a Ctrl-C in the caller's terminal
             )
-        record.pid = proc.pid
-        record.start_time = netns.process_start_time(proc.pid)
-        self.state.save()
-        self._started[pod.key] = time.monotonic()
+        with self._lock:
+            record.pid = proc.pid
+            record.start_time = netns.process_start_time(proc.pid)
+            self.state.save()
+            self._started[pod.key] = time.monotonic()
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, pods: tuple[Pod, ...] | list[Pod]) -> None:
         """Every workload with a port listens on it, every other one still runs."""
         deadline = time.monotonic() + READY_TIMEOUT
-        pending = list(self.topology.pods)
+        pending = list(pods)
         while pending:
             for pod in list(pending):
                 rec = self.state.pods[pod.key]
@@ -357,7 +444,7 @@ class Testbed:
                 time.sleep(0.05)
 
     def _log_tail(self, pod: Pod) -> str:
-        log = TestbedState.directory(self.name) / "logs" / f"{pod.namespace}.{pod.name}.log"
+        log = layout.logs_dir(self.name) / f"{pod.namespace}.{pod.name}.log"
         try:
             return "log: " + " | ".join(log.read_text().strip().splitlines()[-5:])
         except OSError:
@@ -376,28 +463,19 @@ def down(name: str) -> list[str]:
     names += [n for n in netns.list_netns() if n.startswith(prefix) and n not in names]
     problems: list[str] = []
 
-    # 1. Processes: the recorded workloads, then anything else living in one of our namespaces.
-    recorded = [(r.pid, r.start_time) for r in (state.pods.values() if state else []) if r.pid]
-    in_ns: list[tuple[int, int | None]] = [(pid, None) for ns in names for pid in netns.pids_in(ns)]
-    for pid in netns.terminate(recorded + in_ns):
-        problems.append(f"process {pid} survived SIGKILL")
-
-    # 2. CNI DEL for every sandbox, in reverse order, as the runtime does when it removes a pod.
+    # 1. The pods, as kubelet removes them: stop the workload, then CNI DEL (in reverse order,
+    #    while the node agent still runs to remove their capture).
     if state:
-        for pod in reversed(_topology_of(state).pods):
-            rec = state.pods.get(pod.key)
-            if rec is None:
-                continue
-            runtime = node_runtime(name, pod.node)
-            sandbox = Sandbox(
-                rec.container_id, netns.netns_path(rec.netns), pod.namespace, pod.name, rec.uid
-            )
-            for conflist in _cached_networks(runtime, rec.container_id):
-                try:
-                    failures = runtime.delete(conflist, sandbox, best_effort=True)
-                except CNIError as e:
-                    failures = [e]
-                problems.extend(f"pod {pod.key}: {f}" for f in failures)
+        workloads = [(r.pid, r.start_time) for r in state.pods.values() if r.pid]
+        netns.terminate(workloads)
+        for key, record in reversed(state.pods.items()):
+            problems += _cni_del(name, key, record)
+
+    # 2. Every other process living in one of our namespaces (node agents, install-cni, strays).
+    daemons_ = [(d.pid, d.start_time) for d in state.daemons] if state else []
+    in_ns: list[tuple[int, int | None]] = [(pid, None) for ns in names for pid in netns.pids_in(ns)]
+    for pid in netns.terminate(daemons_ + in_ns):
+        problems.append(f"process {pid} survived SIGKILL")
 
     # 3. Namespaces (their links, bridges, addresses and routes go with them), then files.
     for ns in names:
@@ -419,6 +497,24 @@ def down(name: str) -> list[str]:
         for parent in (hosts.ETC_NETNS, RUN_DIR, RUN_DIR.parent):
             with contextlib.suppress(OSError):
                 parent.rmdir()
+    return problems
+
+
+def _sandbox(key: str, record: PodRecord) -> Sandbox:
+    namespace, _, name = key.partition("/")
+    return Sandbox(record.container_id, netns.netns_path(record.netns), namespace, name, record.uid)
+
+
+def _cni_del(testbed: str, key: str, record: PodRecord) -> list[str]:
+    """CNI DEL for every network the sandbox was ADDed to (from the runtime's result cache)."""
+    runtime = node_runtime(testbed, record.node)
+    problems = []
+    for conflist in _cached_networks(runtime, record.container_id):
+        try:
+            failures = runtime.delete(conflist, _sandbox(key, record), best_effort=True)
+        except CNIError as e:
+            failures = [e]
+        problems += [f"pod {key}: {f}" for f in failures]
     return problems
 
 

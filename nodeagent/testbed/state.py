@@ -27,6 +27,16 @@ class PodRecord:
 
 
 @dataclass
+class DaemonRecord:
+    """A node-level process: the node agent, install-cni."""
+
+    node: str
+    name: str
+    pid: int
+    start_time: int | None
+
+
+@dataclass
 class TestbedState:
     name: str
     topology_source: str
@@ -35,6 +45,7 @@ class TestbedState:
     netns: list[str] = field(default_factory=list)
     etc_dirs: list[str] = field(default_factory=list)
     pods: dict[str, PodRecord] = field(default_factory=dict)
+    daemons: list[DaemonRecord] = field(default_factory=list)
 
     @staticmethod
     def directory(name: str) -> Path:
@@ -57,7 +68,8 @@ class TestbedState:
         except FileNotFoundError:
             return None
         pods = {k: PodRecord(**v) for k, v in raw.pop("pods", {}).items()}
-        return cls(pods=pods, **raw)
+        daemons = [DaemonRecord(**d) for d in raw.pop("daemons", [])]
+        return cls(pods=pods, daemons=daemons, **raw)
 
 
 def known_testbeds() -> list[str]:

@@ -122,6 +122,9 @@ class Topology:
     namespaces: tuple[Namespace, ...]
     pods: tuple[Pod, ...]
     services: tuple[Service, ...]
+    # Whether each node runs the node agent with nodeagent-cni chained after bridge (the
+    # DaemonSet is installed); off, pods get the primary CNI only (the no-mesh baseline).
+    nodeagent: bool = True
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -208,7 +211,10 @@ class _Reader:
 def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     r = _Reader(source)
     top = r.mapping(
-        data, "", {"name", "network", "nodes", "namespaces", "pods", "services"}, {"name", "nodes"}
+        data,
+        "",
+        {"name", "network", "nodes", "namespaces", "pods", "services", "nodeagent"},
+        {"name", "nodes"},
     )
     name = r.string(top["name"], "name", TESTBED_NAME)
 
@@ -273,8 +279,17 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         services.append(_parse_service(r, raw, f"services[{i}]", network, services, vips))
         namespaces.setdefault(services[-1].namespace, Namespace(services[-1].namespace))
 
+    nodeagent = top.get("nodeagent", True)
+    if not isinstance(nodeagent, bool):
+        raise r.fail("nodeagent", f"expected true or false, got {nodeagent!r}")
     return Topology(
-        name, network, tuple(nodes), tuple(namespaces.values()), tuple(pods), tuple(services)
+        name,
+        network,
+        tuple(nodes),
+        tuple(namespaces.values()),
+        tuple(pods),
+        tuple(services),
+        nodeagent,
     )
 
 

@@ -1,9 +1,6 @@
 """The command line, as a user without root meets it."""
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,32 +46,3 @@ def test_testbed_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(cli, ["testbed", "up", "workshop"])
     assert result.exit_code == 1
     assert "run it as root" in result.output
-
-
-def run_cni_plugin(command: str, stdin: str = "{}") -> subprocess.CompletedProcess[str]:
-    # -I -S: no site-packages at all, as on a host without our venv: the plugin is stdlib-only.
-    return subprocess.run(
-        [sys.executable, "-I", "-S", str(REPO / "nodeagent" / "cni" / "plugin.py")],
-        input=stdin,
-        env={"CNI_COMMAND": command, "PATH": os.environ.get("PATH", "")},
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-
-
-def test_cni_plugin_answers_version_with_the_standard_library_only() -> None:
-    proc = run_cni_plugin("VERSION")
-    assert proc.returncode == 0, proc.stderr
-    answer = json.loads(proc.stdout)
-    assert {"1.0.0", "1.1.0", "0.4.0"} <= set(answer["supportedVersions"])
-
-
-def test_cni_plugin_fails_add_until_it_is_implemented() -> None:
-    proc = run_cni_plugin("ADD")
-    assert proc.returncode != 0
-    err = json.loads(proc.stdout)
-    assert err["code"] == 100 and "not implemented" in err["msg"]
-    assert run_cni_plugin("DEL").returncode == 0
-    bad = run_cni_plugin("FROB")
-    assert json.loads(bad.stdout)["code"] == 4

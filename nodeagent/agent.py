@@ -1,0 +1,102 @@
+"""The node agent process: source -> MeshStore, CNI socket, capture reconcile, metrics, readiness.
+
+Start-up order closes the node-start race: the source delivers its first full view and the
+registry is reconciled before the CNI socket opens, so the first ADD already sees every pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodeagent.cni import wire
+from nodeagent.cni.server import CniServer
+from nodeagent.health import serve_readiness
+from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
+from nodeagent.mesh.store import MeshStore
+from nodeagent.metrics import AgentMetrics
+from nodeagent.redirect.host import ProbeSnat
+from nodeagent.redirect.manager import CaptureManager
+from nodeagent.redirect.nftables import NftablesBackend
+from nodeagent.redirect.registry import PodRegistry
+from nodeagent.sources.directory import DirectorySource
+
+log = logging.getLogger("nodeagent.agent")
+
+
+@dataclass
+class AgentConfig:
+    node_name: str
+    source_dir: Path
+    cni_socket: Path = Path(wire.DEFAULT_SOCKET)
+    state_dir: Path = Path("/var/lib/nodeagent")
+    excluded_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 15020
+    readiness_port: int = 15021
+    reconcile_interval: float = 60.0
+    probe_snat: bool = True
+
+
+async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    store = MeshStore()
+    metrics = AgentMetrics()
+    registry = PodRegistry(config.state_dir / "pods.json")
+    registry.load()
+    manager = CaptureManager(
+        store,
+        NftablesBackend(),
+        registry,
+        metrics,
+        config.excluded_namespaces,
+        probe_snat=ProbeSnat() if config.probe_snat else None,
+    )
+    server = CniServer(config.cni_socket, manager, metrics)
+
+    def readiness() -> str:
+        if not server.ready:
+            return "starting: source not synced or first reconcile not done"
+        return ""
+
+    if config.metrics_port:
+        metrics.serve(config.metrics_host, config.metrics_port)
+    health = (
+        serve_readiness(config.metrics_host, config.readiness_port, readiness)
+        if (config.readiness_port)
+        else None
+    )
+
+    source = DirectorySource(config.source_dir, store)
+    tasks = [asyncio.create_task(source.run(stop), name="source")]
+    await store.synced.wait()
+    summary = await manager.reconcile()
+    log.info("node %s: %d known pods reconciled: %s", config.node_name, len(registry.pods), summary)
+    await server.start()
+    server.ready = True
+    tasks.append(asyncio.create_task(_reconcile_loop(manager, config.reconcile_interval, stop)))
+    try:
+        await stop.wait()
+    finally:
+        log.info("node agent stopping; captured pods keep their capture")
+        await server.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if health is not None:
+            health.shutdown()
+
+
+async def _reconcile_loop(manager: CaptureManager, interval: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            await manager.reconcile()

@@ -1,0 +1,57 @@
+"""Prometheus metrics of the node agent, served on the node (Istio's agent port, :15020)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from nodeagent.redirect.registry import STATES
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.pod_capture = Gauge(
+            "nodeagent_pod_capture_state",
+            "Capture state of each pod handed to this node's agent (1 for its current state).",
+            ["namespace", "pod", "state"],
+            registry=self.registry,
+        )
+        self.pods = Gauge(
+            "nodeagent_pods",
+            "Pods known to this node's agent, by capture state.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.cni_requests = Counter(
+            "nodeagent_cni_requests",
+            "CNI plugin requests served, by command and result.",
+            ["command", "result"],
+            registry=self.registry,
+        )
+        self.capture_repairs = Counter(
+            "nodeagent_capture_repairs",
+            "Pods whose capture was found missing or altered and re-applied by reconcile.",
+            registry=self.registry,
+        )
+        self._pod_states: dict[tuple[str, str], str] = {}
+
+    def set_pod_state(self, namespace: str, pod: str, state: str) -> None:
+        old = self._pod_states.get((namespace, pod))
+        if old is not None and old != state:
+            self.pod_capture.remove(namespace, pod, old)
+        self._pod_states[(namespace, pod)] = state
+        self.pod_capture.labels(namespace, pod, state).set(1)
+        self._count()
+
+    def forget_pod(self, namespace: str, pod: str) -> None:
+        old = self._pod_states.pop((namespace, pod), None)
+        if old is not None:
+            self.pod_capture.remove(namespace, pod, old)
+        self._count()
+
+    def _count(self) -> None:
+        for state in STATES:
+            self.pods.labels(state).set(sum(1 for s in self._pod_states.values() if s == state))
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,248 @@
+"""CaptureManager: the one owner of every local pod's traffic capture.
+
+It answers the CNI plugin (ADD/DEL/CHECK/GC), decides mesh membership from the MeshStore, drives
+the redirect backend, keeps the registry and the node's probe SNAT set in step, and reconciles:
+on start and periodically it re-verifies each captured pod and re-applies what was lost. A pod's
+state is always visible (registry, status, metrics): never silently out of the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from nodeagent.mesh.membership import decide
+from nodeagent.mesh.store import MeshStore
+from nodeagent.metrics import AgentMetrics
+from nodeagent.redirect import RedirectBackend
+from nodeagent.redirect.capture import CaptureSpec, CaptureSpecError
+from nodeagent.redirect.registry import (
+    CAPTURED,
+    FAILED,
+    NETNS_MISSING,
+    NOT_IN_MESH,
+    PodCapture,
+    PodRegistry,
+)
+
+log = logging.getLogger("nodeagent.capture")
+
+# A CNI ADD may arrive before the source has delivered its pod; wait this long at most.
+DEFAULT_POD_WAIT = 20.0
+# Threads entering pod network namespaces. Their own pool: nothing else can starve capture.
+CAPTURE_WORKERS = 4
+
+T = TypeVar("T")
+
+
+class ProbeSource(Protocol):
+    def sync(self, pod_ips: Sequence[str]) -> None: ...
+
+
+class CaptureManager:
+    def __init__(
+        self,
+        store: MeshStore,
+        backend: RedirectBackend,
+        registry: PodRegistry,
+        metrics: AgentMetrics,
+        excluded_namespaces: Sequence[str],
+        probe_snat: ProbeSource | None = None,
+        pod_wait: float = DEFAULT_POD_WAIT,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.registry = registry
+        self.metrics = metrics
+        self.excluded_namespaces = tuple(excluded_namespaces)
+        self.probe_snat = probe_snat
+        self.pod_wait = pod_wait
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._probe_lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(CAPTURE_WORKERS, thread_name_prefix="capture")
+
+    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(func, *args))
+
+    # -- CNI commands -----------------------------------------------------------------------------
+
+    async def add(self, pod: dict[str, Any], timeout: float) -> dict[str, Any]:
+        namespace, name = str(pod.get("namespace", "")), str(pod.get("name", ""))
+        container_id, netns = str(pod.get("containerId", "")), str(pod.get("netns", ""))
+        if not (namespace and name and container_id and netns):
+            return _fail("ADD needs namespace, name, containerId and netns")
+        async with self._locks[container_id]:
+            capture = PodCapture(
+                namespace=namespace,
+                name=name,
+                container_id=container_id,
+                netns=netns,
+                uid=str(pod.get("uid", "")),
+                ips=[str(ip) for ip in pod.get("ips") or []],
+                backend=self.backend.name,
+            )
+            # Leave the plugin a second to turn our answer into its own.
+            wait = max(0.5, min(self.pod_wait, timeout - 1.0))
+            record = await self.store.wait_for_pod(namespace, name, wait)
+            if record is None:
+                return self._settle(
+                    capture,
+                    FAILED,
+                    f"pod {namespace}/{name} is unknown to the node agent "
+                    f"(no source delivered it within {wait:.0f}s)",
+                )
+            membership = decide(
+                record, self.store.namespaces.get(namespace), self.excluded_namespaces
+            )
+            if not membership.in_mesh:
+                return self._settle(capture, NOT_IN_MESH, membership.reason)
+            try:
+                spec = CaptureSpec.from_annotations(record.annotations)
+            except CaptureSpecError as e:
+                return self._settle(capture, FAILED, str(e))
+            capture.spec = spec.to_json()
+            problem = await self._apply(capture, spec)
+            if problem:
+                return self._settle(capture, FAILED, problem)
+            answer = self._settle(capture, CAPTURED, membership.reason)
+        await self._sync_probes()
+        return answer
+
+    async def delete(self, pod: dict[str, Any]) -> dict[str, Any]:
+        container_id = str(pod.get("containerId", ""))
+        capture = self.registry.find(
+            container_id, str(pod.get("namespace", "")), str(pod.get("name", ""))
+        )
+        if capture is None:
+            return {"ok": True, "state": "unknown"}
+        async with self._locks[capture.container_id]:
+            self.registry.pop(capture.container_id)
+            self.metrics.forget_pod(capture.namespace, capture.name)
+            if capture.state == CAPTURED and os.path.exists(capture.netns):
+                try:
+                    await self._in_thread(self.backend.remove, Path(capture.netns))
+                except Exception as e:  # the netns is on its way out anyway
+                    log.warning("removing capture of %s failed: %s", capture.key, e)
+        self._locks.pop(capture.container_id, None)
+        log.info("pod %s removed (sandbox %s)", capture.key, capture.container_id[:12])
+        await self._sync_probes()
+        return {"ok": True, "state": "removed"}
+
+    async def check(self, pod: dict[str, Any]) -> dict[str, Any]:
+        capture = self.registry.find(
+            str(pod.get("containerId", "")), str(pod.get("namespace", "")), str(pod.get("name", ""))
+        )
+        if capture is None:
+            return _fail("the node agent has no record of this pod")
+        if capture.state == NOT_IN_MESH:
+            return {"ok": True, "state": NOT_IN_MESH}
+        if capture.state != CAPTURED or capture.spec is None:
+            return _fail(f"pod {capture.key} is {capture.state}: {capture.reason}")
+        result = await self._in_thread(
+            self.backend.verify, Path(capture.netns), CaptureSpec.from_json(capture.spec)
+        )
+        return {"ok": True, "state": CAPTURED} if result.ok else _fail(result.reason)
+
+    async def gc(self, valid_container_ids: Sequence[str]) -> dict[str, Any]:
+        """CNI GC: forget sandboxes the runtime no longer has."""
+        valid = set(valid_container_ids)
+        stale = [cid for cid in self.registry.pods if cid not in valid]
+        for cid in stale:
+            capture = self.registry.pods[cid]
+            await self.delete({"containerId": cid, "namespace": capture.namespace})
+        return {"ok": True, "removed": len(stale)}
+
+    def status(self) -> list[dict[str, Any]]:
+        return [asdict(c) for c in sorted(self.registry.pods.values(), key=lambda c: c.key)]
+
+    # -- reconcile --------------------------------------------------------------------------------
+
+    async def reconcile(self) -> dict[str, int]:
+        """Re-verify every pod that should be captured; re-apply what is missing or altered."""
+        summary = {"verified": 0, "repaired": 0, "failed": 0, "netns_missing": 0}
+        for capture in list(self.registry.pods.values()):
+            if capture.state == NOT_IN_MESH or capture.spec is None:
+                self.metrics.set_pod_state(capture.namespace, capture.name, capture.state)
+                continue
+            async with self._locks[capture.container_id]:
+                if capture.container_id not in self.registry.pods:
+                    continue  # deleted meanwhile
+                outcome = await self._reconcile_one(capture)
+            summary[outcome] += 1
+        await self._sync_probes()
+        if summary["repaired"] or summary["failed"] or summary["netns_missing"]:
+            log.warning("reconcile: %s", summary)
+        return summary
+
+    async def _reconcile_one(self, capture: PodCapture) -> str:
+        assert capture.spec is not None
+        if not os.path.exists(capture.netns):
+            self._settle(capture, NETNS_MISSING, f"network namespace {capture.netns} is gone")
+            return "netns_missing"
+        spec = CaptureSpec.from_json(capture.spec)
+        try:
+            check = await self._in_thread(self.backend.verify, Path(capture.netns), spec)
+        except Exception as e:
+            check_ok, why = False, f"verify failed: {e}"
+        else:
+            check_ok, why = check.ok, check.reason
+        if check_ok:
+            self._settle(capture, CAPTURED, capture.reason if capture.state == CAPTURED else "")
+            return "verified"
+        log.warning("pod %s: capture %s; re-applying", capture.key, why)
+        problem = await self._apply(capture, spec)
+        if problem:
+            self._settle(capture, FAILED, problem)
+            return "failed"
+        self.metrics.capture_repairs.inc()
+        self._settle(capture, CAPTURED, f"repaired by reconcile ({why})")
+        return "repaired"
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _apply(self, capture: PodCapture, spec: CaptureSpec) -> str:
+        """Apply and verify; returns a problem description, empty when captured."""
+        netns = Path(capture.netns)
+        try:
+            await self._in_thread(self.backend.apply, netns, spec)
+            check = await self._in_thread(self.backend.verify, netns, spec)
+        except Exception as e:
+            return f"{self.backend.name} capture failed in {capture.netns}: {e}"
+        if not check.ok:
+            return f"{self.backend.name} capture did not hold in {capture.netns}: {check.reason}"
+        return ""
+
+    def _settle(self, capture: PodCapture, state: str, reason: str) -> dict[str, Any]:
+        capture.state, capture.reason = state, reason
+        self.registry.put(capture)
+        self.metrics.set_pod_state(capture.namespace, capture.name, state)
+        level = logging.ERROR if state in (FAILED, NETNS_MISSING) else logging.INFO
+        log.log(level, "pod %s: %s (%s)", capture.key, state, reason)
+        if state == FAILED:
+            return _fail(reason)
+        return {"ok": True, "state": state, "reason": reason}
+
+    async def _sync_probes(self) -> None:
+        if self.probe_snat is None:
+            return
+        async with self._probe_lock:
+            ips = sorted(
+                {ip for c in self.registry.pods.values() if c.state == CAPTURED for ip in c.ips}
+            )
+            try:
+                await self._in_thread(self.probe_snat.sync, ips)
+            except Exception as e:
+                log.error("updating the node's probe SNAT set failed: %s", e)
+
+
+def _fail(reason: str) -> dict[str, Any]:
+    return {"ok": False, "reason": reason}

@@ -1,0 +1,112 @@
+"""The node-level processes of a testbed node, as the DaemonSet runs them on a real node.
+
+``install-cni --watch`` chains nodeagent-cni into the node's CNI configuration and keeps it there;
+``nodeagent run`` is the node agent. Both run inside the node's network namespace, which is that
+node's "host" network.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nodeagent.cni import wire
+from nodeagent.cni.bundle import locate_bundle
+from nodeagent.cni.install import holds_entry
+from nodeagent.testbed import layout, netns
+from nodeagent.testbed.state import DaemonRecord
+
+AGENT, INSTALL_CNI = "agent", "install-cni"
+READY_TIMEOUT = 30.0
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+def start(testbed: str, node: str, daemon: str) -> DaemonRecord:
+    if daemon == AGENT:
+        argv = [
+            "run",
+            "--node",
+            node,
+            "--source-dir",
+            str(layout.cluster_dir(testbed)),
+            "--cni-socket",
+            str(layout.agent_socket(testbed, node)),
+            "--state-dir",
+            str(layout.agent_state_dir(testbed, node)),
+        ]
+    else:
+        argv = [
+            "install-cni",
+            "--watch",
+            "--cni-bin-dir",
+            str(layout.cni_bin_dir(testbed, node)),
+            "--cni-conf-dir",
+            str(layout.cni_conf_dir(testbed, node)),
+            "--bundle",
+            str(locate_bundle()),
+            "--agent-socket",
+            str(layout.agent_socket(testbed, node)),
+            "--log-file",
+            str(layout.logs_dir(testbed) / f"{node}.nodeagent-cni.log"),
+        ]
+    logs = layout.logs_dir(testbed)
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{node}.{daemon}.log", "ab") as log:
+        proc = subprocess.Popen(
+            netns.in_netns(
+                layout.node_netns(testbed, node), [sys.executable, "-m", "nodeagent", *argv]
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return DaemonRecord(node, daemon, proc.pid, netns.process_start_time(proc.pid))
+
+
+def stop(record: DaemonRecord) -> None:
+    left = netns.terminate([(record.pid, record.start_time)])
+    if left:
+        raise DaemonError(f"{record.name} on {record.node} (pid {record.pid}) did not stop")
+
+
+def wait_ready(testbed: str, record: DaemonRecord, timeout: float = READY_TIMEOUT) -> None:
+    """install-cni: our entry is in the node's config; agent: its socket answers STATUS ok."""
+    deadline = time.monotonic() + timeout
+    why = "not started"
+    while time.monotonic() < deadline:
+        if not netns.alive(record.pid, record.start_time):
+            raise DaemonError(f"{record.name} on {record.node} exited; {log_tail(testbed, record)}")
+        why = _not_ready(testbed, record)
+        if not why:
+            return
+        time.sleep(0.05)
+    raise DaemonError(f"{record.name} on {record.node} not ready after {timeout:.0f}s: {why}")
+
+
+def _not_ready(testbed: str, record: DaemonRecord) -> str:
+    if record.name == INSTALL_CNI:
+        conf_dir = layout.cni_conf_dir(testbed, record.node)
+        if not (layout.cni_bin_dir(testbed, record.node) / "nodeagent-cni").is_file():
+            return "nodeagent-cni binary not installed yet"
+        return "" if holds_entry(conf_dir) else f"no nodeagent-cni entry in {conf_dir} yet"
+    try:
+        answer = wire.request(
+            str(layout.agent_socket(testbed, record.node)), {"command": "STATUS"}, 2
+        )
+    except (OSError, wire.ProtocolError) as e:
+        return str(e)
+    return "" if answer.get("ok") else str(answer.get("reason"))
+
+
+def log_tail(testbed: str, record: DaemonRecord) -> str:
+    path: Path = layout.logs_dir(testbed) / f"{record.node}.{record.name}.log"
+    try:
+        return "log: " + " | ".join(path.read_text().strip().splitlines()[-5:])
+    except OSError:
+        return "no log"

@@ -1,0 +1,56 @@
+"""Names and paths of everything a testbed makes (pure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nodeagent.testbed.state import TestbedState
+from nodeagent.testbed.topology import Pod
+
+
+def netns_prefix(name: str) -> str:
+    # Testbed names cannot hold a dot, so this prefix never matches another testbed's namespaces.
+    return f"tb-{name}."
+
+
+def underlay_netns(name: str) -> str:
+    return f"{netns_prefix(name)}underlay"
+
+
+def node_netns(name: str, node: str) -> str:
+    return f"{netns_prefix(name)}node-{node}"
+
+
+def pod_netns(name: str, pod: Pod) -> str:
+    return f"{netns_prefix(name)}pod-{pod.namespace}.{pod.name}"
+
+
+def logs_dir(name: str) -> Path:
+    return TestbedState.directory(name) / "logs"
+
+
+def cluster_dir(name: str) -> Path:
+    """Kubernetes YAML of the testbed's namespaces and pods, read by every node agent."""
+    return TestbedState.directory(name) / "cluster"
+
+
+def node_dir(name: str, node: str) -> Path:
+    return TestbedState.directory(name) / "nodes" / node
+
+
+def cni_conf_dir(name: str, node: str) -> Path:
+    """The node's CNI configuration directory (what /etc/cni/net.d is on a real node)."""
+    return node_dir(name, node) / "net.d"
+
+
+def cni_bin_dir(name: str, node: str) -> Path:
+    """The node's CNI binary directory (/opt/cni/bin), where install-cni puts our plugin."""
+    return node_dir(name, node) / "bin"
+
+
+def agent_socket(name: str, node: str) -> Path:
+    return node_dir(name, node) / "run" / "cni.sock"
+
+
+def agent_state_dir(name: str, node: str) -> Path:
+    return node_dir(name, node) / "agent"

@@ -1,0 +1,78 @@
+"""A pod workload and client that show where a TCP connection really landed.
+
+``serve PORT[@ADDR] ...``: listens on each port and answers every connection with one JSON line:
+the listener's port, the peer, and the connection's original destination (SO_ORIGINAL_DST), so a
+client sees whether in-pod capture redirected it and what it had dialled.
+``connect HOST PORT [--mark N]``: connects (optionally with SO_MARK) and prints that line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+
+SO_ORIGINAL_DST = 80
+
+
+def original_dst(conn: socket.socket) -> str:
+    try:
+        raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return ""
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return f"{socket.inet_ntoa(packed)}:{port}"
+
+
+def serve_one(addr: str, port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr, port))
+    sock.listen(64)
+    while True:
+        conn, peer = sock.accept()
+        with conn:
+            line = {
+                "pod": os.environ.get("POD_NAME", ""),
+                "listener": port,
+                "peer": f"{peer[0]}:{peer[1]}",
+                "original_dst": original_dst(conn),
+            }
+            conn.sendall(json.dumps(line).encode() + b"\n")
+
+
+def serve(specs: list[str]) -> None:
+    threads = []
+    for spec in specs:
+        port, _, addr = spec.partition("@")
+        t = threading.Thread(target=serve_one, args=(addr or "0.0.0.0", int(port)), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+
+
+def connect(host: str, port: int, mark: int | None) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    if mark is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    sock.connect((host, port))
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    sys.stdout.write(data.decode())
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2:])
+    else:
+        mark = int(sys.argv[5], 0) if len(sys.argv) > 5 and sys.argv[4] == "--mark" else None
+        connect(sys.argv[2], int(sys.argv[3]), mark)

@@ -1,0 +1,283 @@
+"""In-pod capture end to end: the real CNI chain (bridge + host-local + nodeagent-cni as installed
+by install-cni), the node agent and nftables, on a two-node testbed.
+
+Pods run capture_probe.py: whatever listener a connection lands on answers with its port and the
+connection's original destination, so a client sees exactly what capture did to it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.cni.install import holds_entry
+from nodeagent.redirect import capture
+from nodeagent.redirect.capture import CaptureSpec
+from nodeagent.redirect.nftables import NftablesBackend
+from nodeagent.testbed import layout
+from nodeagent.testbed.cluster import Testbed, TestbedError, bridge_conflist, down
+from nodeagent.testbed.topology import Pod, Workload, loads_topology
+
+pytestmark = pytest.mark.integration
+
+PROBE = str(Path(__file__).with_name("capture_probe.py"))
+PY = sys.executable
+SERVE = [PY, PROBE, "serve", "15001@127.0.0.1", "15006", "8080", "9090", "7777"]
+NAME = "tbcap"
+TOPOLOGY = f"""
+name: {NAME}
+nodes: [{{name: n1}}, {{name: n2}}]
+namespaces:
+  - {{name: mesh, labels: {{nodeagent.io/mesh: enabled}}}}
+  - {{name: plain}}
+pods:
+  - name: app
+    namespace: mesh
+    node: n1
+    workload: {{type: command, command: {json.dumps(SERVE)}, port: 8080}}
+  - name: excluded
+    namespace: mesh
+    node: n1
+    annotations:
+      traffic.sidecar.istio.io/excludeOutboundPorts: "7777"
+      traffic.sidecar.istio.io/excludeOutboundIPRanges: "10.244.2.0/24"
+      traffic.sidecar.istio.io/excludeInboundPorts: "9090"
+    workload: {{type: command, command: {json.dumps(SERVE)}, port: 8080}}
+  - name: optout
+    namespace: mesh
+    node: n1
+    annotations: {{nodeagent.io/mesh: disabled}}
+    workload: {{type: command, command: {json.dumps(SERVE)}, port: 8080}}
+  - name: server
+    namespace: plain
+    node: n2
+    workload: {{type: command, command: {json.dumps(SERVE)}, port: 8080}}
+"""
+
+
+@pytest.fixture(scope="module")
+def testbed() -> Iterator[Testbed]:
+    down(NAME)
+    topology = loads_topology(TOPOLOGY, "test_capture")
+    try:
+        yield Testbed.up(topology, TOPOLOGY, "test_capture")
+    finally:
+        down(NAME)
+
+
+def landed(tb: Testbed, pod: str, host: str, port: int, *extra: str) -> dict[str, Any]:
+    """Connect from POD to host:port; the answer says which listener got it, dialled what."""
+    proc = tb.exec(pod, [PY, PROBE, "connect", host, str(port), *extra])
+    assert proc.returncode == 0, proc.stderr
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
+
+
+def ruleset(netns: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [e["table"] for e in json.loads(out)["nftables"] if "table" in e]
+
+
+def agent_pods(tb: Testbed, node: str) -> dict[str, dict[str, Any]]:
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "nodeagent",
+            "pods",
+            "-o",
+            "json",
+            "--cni-socket",
+            str(layout.agent_socket(tb.name, node)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {f"{p['namespace']}/{p['name']}": p for p in json.loads(proc.stdout)}
+
+
+def node_metrics(tb: Testbed, node: str) -> str:
+    return subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            layout.node_netns(tb.name, node),
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15020/metrics",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_a_mesh_pod_holds_exactly_our_table(testbed: Testbed) -> None:
+    tables = ruleset(testbed.pod_netns("mesh/app"))
+    assert [(t["family"], t["name"]) for t in tables] == [("inet", "nodeagent")]
+    check = NftablesBackend().verify(
+        Path("/run/netns") / testbed.pod_netns("mesh/app"), CaptureSpec()
+    )
+    assert check.ok, check.reason
+    assert agent_pods(testbed, "n1")["mesh/app"]["state"] == "captured"
+
+
+def test_outbound_lands_on_15001_with_the_dialled_destination(testbed: Testbed) -> None:
+    server_ip = testbed.pod_ip("plain/server")
+    for host, port in [("10.96.0.99", 80), (server_ip, 8080), ("192.0.2.10", 443)]:
+        answer = landed(testbed, "mesh/app", host, port)
+        assert (answer["pod"], answer["listener"]) == ("app", capture.OUTBOUND_PORT), answer
+        assert answer["original_dst"] == f"{host}:{port}"
+
+
+def test_inbound_lands_on_15006_with_the_original_port(testbed: Testbed) -> None:
+    app_ip = testbed.pod_ip("mesh/app")
+    answer = landed(testbed, "plain/server", app_ip, 8080)
+    assert (answer["pod"], answer["listener"]) == ("app", capture.INBOUND_PORT)
+    assert answer["original_dst"] == f"{app_ip}:8080"
+
+
+def test_envoy_marked_and_loopback_traffic_is_not_captured(testbed: Testbed) -> None:
+    server_ip = testbed.pod_ip("plain/server")
+    marked = landed(testbed, "mesh/app", server_ip, 8080, "--mark", hex(capture.MESH_MARK))
+    assert (marked["pod"], marked["listener"]) == ("server", 8080)
+    local = landed(testbed, "mesh/app", "127.0.0.1", 8080)
+    assert (local["pod"], local["listener"]) == ("app", 8080)
+
+
+def test_node_probes_reach_the_app_from_the_probe_source(testbed: Testbed) -> None:
+    app_ip = testbed.pod_ip("mesh/app")
+    proc = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            layout.node_netns(testbed.name, "n1"),
+            PY,
+            PROBE,
+            "connect",
+            app_ip,
+            "8080",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    answer = json.loads(proc.stdout)
+    assert (answer["pod"], answer["listener"]) == ("app", 8080)  # the app itself, not 15006
+    assert answer["peer"].split(":")[0] == capture.PROBE_SOURCE
+
+
+def test_istio_annotations_exclude_ports_and_ranges(testbed: Testbed) -> None:
+    server_ip = testbed.pod_ip("plain/server")
+    # An excluded port reaches the real server (the server answers as itself, on 7777).
+    real = landed(testbed, "mesh/excluded", server_ip, 7777)
+    assert (real["pod"], real["listener"]) == ("server", 7777)
+    in_range = landed(testbed, "mesh/excluded", server_ip, 8080)  # 10.244.2.0/24 is excluded
+    assert (in_range["pod"], in_range["listener"]) == ("server", 8080)
+    excluded_ip = testbed.pod_ip("mesh/excluded")
+    inbound_excluded = landed(testbed, "plain/server", excluded_ip, 9090)
+    assert (inbound_excluded["pod"], inbound_excluded["listener"]) == ("excluded", 9090)
+    inbound_captured = landed(testbed, "plain/server", excluded_ip, 8080)
+    assert inbound_captured["listener"] == capture.INBOUND_PORT
+
+
+def test_an_opted_out_pod_gets_no_table(testbed: Testbed) -> None:
+    assert ruleset(testbed.pod_netns("mesh/optout")) == []
+    record = agent_pods(testbed, "n1")["mesh/optout"]
+    assert record["state"] == "not-in-mesh" and "opts out" in record["reason"]
+    assert ruleset(testbed.pod_netns("plain/server")) == []
+
+
+def test_capture_state_is_exported_as_metrics(testbed: Testbed) -> None:
+    text = node_metrics(testbed, "n1")
+    assert 'nodeagent_pod_capture_state{namespace="mesh",pod="app",state="captured"} 1.0' in text
+    assert (
+        'nodeagent_pod_capture_state{namespace="mesh",pod="optout",state="not-in-mesh"} 1.0' in text
+    )
+
+
+def test_conflist_rewritten_by_the_primary_cni_gets_our_entry_back(testbed: Testbed) -> None:
+    conf_dir = layout.cni_conf_dir(testbed.name, "n2")
+    assert holds_entry(conf_dir)
+    node = testbed.topology.node("n2")
+    (conf_dir / "10-testbed.conflist").write_text(json.dumps(bridge_conflist(testbed.name, node)))
+    rewritten = time.monotonic()
+    assert not holds_entry(conf_dir)
+    while not holds_entry(conf_dir) and time.monotonic() - rewritten < 5:
+        time.sleep(0.02)
+    took = time.monotonic() - rewritten
+    assert holds_entry(conf_dir)
+    assert took < 1.0, f"our entry came back after {took:.2f}s"
+
+
+def test_agent_down_fails_add_closed_and_agent_back_lets_it_succeed(testbed: Testbed) -> None:
+    late = Pod("mesh", "late", "n1", "default", {}, {}, Workload("sleep"))
+    testbed.stop_agent("n1")
+    try:
+        with pytest.raises(TestbedError) as err:
+            testbed.add_pod(late)
+        assert "code 11" in str(err.value)
+        assert str(layout.agent_socket(testbed.name, "n1")) in str(err.value)
+        assert not Path("/run/netns", layout.pod_netns(testbed.name, late)).exists()
+    finally:
+        testbed.start_agent("n1")
+    testbed.add_pod(late)
+    assert [t["name"] for t in ruleset(layout.pod_netns(testbed.name, late))] == ["nodeagent"]
+    testbed.remove_pod(late)
+
+
+def test_twenty_pods_created_at_once_are_all_captured(testbed: Testbed) -> None:
+    pods = [
+        Pod("mesh", f"burst-{i}", "n1" if i % 2 else "n2", "default", {}, {}, Workload("sleep"))
+        for i in range(20)
+    ]
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(testbed.add_pod, pods))
+    try:
+        for pod in pods:
+            tables = ruleset(layout.pod_netns(testbed.name, pod))
+            assert [t["name"] for t in tables] == ["nodeagent"], pod.key
+        records = {**agent_pods(testbed, "n1"), **agent_pods(testbed, "n2")}
+        assert all(records[p.key]["state"] == "captured" for p in pods)
+    finally:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(testbed.remove_pod, pods))
+    records = {**agent_pods(testbed, "n1"), **agent_pods(testbed, "n2")}
+    assert not [p.key for p in pods if p.key in records]
+
+
+def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed) -> None:
+    app_netns = testbed.pod_netns("mesh/app")
+    subprocess.run(
+        ["ip", "netns", "exec", app_netns, "nft", "delete", "table", "inet", "nodeagent"],
+        check=True,
+    )
+    assert ruleset(app_netns) == []
+    testbed.restart_agent("n1")
+    assert [t["name"] for t in ruleset(app_netns)] == ["nodeagent"]
+    record = agent_pods(testbed, "n1")["mesh/app"]
+    assert record["state"] == "captured" and "repaired" in record["reason"]
+    assert "nodeagent_capture_repairs_total 1.0" in node_metrics(testbed, "n1")
+    # The other pods were re-verified and kept their capture.
+    assert agent_pods(testbed, "n1")["mesh/excluded"]["state"] == "captured"
+    answer = landed(testbed, "mesh/app", "10.96.0.99", 80)
+    assert answer["listener"] == capture.OUTBOUND_PORT

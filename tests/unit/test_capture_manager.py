@@ -1,0 +1,268 @@
+"""The agent side of CNI: membership, capture, registry, reconcile, over the real socket protocol.
+
+A recording backend stands in for the kernel here; tests/integration runs the nftables backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.cni import wire
+from nodeagent.cni.server import CniServer
+from nodeagent.mesh.model import Namespace, Pod
+from nodeagent.mesh.store import MeshStore
+from nodeagent.metrics import AgentMetrics
+from nodeagent.redirect import CaptureCheck
+from nodeagent.redirect.capture import CaptureSpec
+from nodeagent.redirect.manager import CaptureManager
+from nodeagent.redirect.registry import PodRegistry
+
+
+class RecordingBackend:
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.installed: dict[Path, CaptureSpec] = {}
+        self.calls: list[tuple[str, Path]] = []
+        self.fail_apply = ""
+
+    def apply(self, netns: Path, spec: CaptureSpec) -> None:
+        self.calls.append(("apply", netns))
+        if self.fail_apply:
+            raise RuntimeError(self.fail_apply)
+        self.installed[netns] = spec
+
+    def verify(self, netns: Path, spec: CaptureSpec) -> CaptureCheck:
+        self.calls.append(("verify", netns))
+        if netns not in self.installed:
+            return CaptureCheck(False, "table inet nodeagent is missing")
+        return CaptureCheck(self.installed[netns] == spec, "rules differ")
+
+    def remove(self, netns: Path) -> None:
+        self.calls.append(("remove", netns))
+        self.installed.pop(netns, None)
+
+
+class ProbeRecorder:
+    def __init__(self) -> None:
+        self.ips: list[str] = []
+
+    def sync(self, pod_ips: Any) -> None:
+        self.ips = list(pod_ips)
+
+
+class Node:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.store = MeshStore()
+        self.store.put_namespace(Namespace("shop", {"nodeagent.io/mesh": "enabled"}))
+        self.store.put_namespace(Namespace("plain"))
+        self.backend = RecordingBackend()
+        self.probes = ProbeRecorder()
+        self.metrics = AgentMetrics()
+        self.manager = self.new_manager()
+
+    def new_manager(self) -> CaptureManager:
+        registry = PodRegistry(self.tmp / "state" / "pods.json")
+        registry.load()
+        return CaptureManager(
+            self.store,
+            self.backend,
+            registry,
+            self.metrics,
+            ("kube-system",),
+            probe_snat=self.probes,
+            pod_wait=0.3,
+        )
+
+    def netns(self, name: str) -> str:
+        path = self.tmp / f"netns-{name}"
+        path.touch()
+        return str(path)
+
+    def cni_pod(self, name: str, namespace: str = "shop", ip: str = "10.244.1.7") -> dict[str, Any]:
+        return {
+            "namespace": namespace,
+            "name": name,
+            "containerId": f"id-{name}",
+            "netns": self.netns(name),
+            "ips": [ip],
+        }
+
+    def state_metric(self, namespace: str, pod: str, state: str) -> float | None:
+        return self.metrics.registry.get_sample_value(
+            "nodeagent_pod_capture_state", {"namespace": namespace, "pod": pod, "state": state}
+        )
+
+
+def run(scenario: Callable[[Node], Awaitable[None]], tmp_path: Path) -> None:
+    asyncio.run(scenario(Node(tmp_path)))
+
+
+def test_a_mesh_pod_is_captured_with_its_annotations(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        annotations = {"traffic.sidecar.istio.io/excludeInboundPorts": "9090"}
+        node.store.put_pod(Pod("shop", "web", annotations=annotations))
+        answer = await node.manager.add(node.cni_pod("web"), timeout=5)
+        assert answer["ok"] and answer["state"] == "captured"
+        (spec,) = node.backend.installed.values()
+        assert spec.exclude_inbound_ports == (9090,)
+        assert node.probes.ips == ["10.244.1.7"]
+        assert node.state_metric("shop", "web", "captured") == 1
+        persisted = PodRegistry(tmp_path / "state" / "pods.json")
+        persisted.load()
+        assert persisted.pods["id-web"].state == "captured"
+
+    run(scenario, tmp_path)
+
+
+def test_pods_outside_the_mesh_are_recorded_not_captured(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        node.store.put_pod(Pod("plain", "db"))
+        answer = await node.manager.add(node.cni_pod("db", namespace="plain"), timeout=5)
+        assert answer == {
+            "ok": True,
+            "state": "not-in-mesh",
+            "reason": "neither pod nor namespace is labelled nodeagent.io/mesh=enabled",
+        }
+        assert node.backend.calls == []
+        assert node.state_metric("plain", "db", "not-in-mesh") == 1
+
+    run(scenario, tmp_path)
+
+
+def test_a_pod_the_source_delivers_late_is_still_captured(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        adding = asyncio.create_task(node.manager.add(node.cni_pod("late"), timeout=5))
+        await asyncio.sleep(0.1)
+        node.store.put_pod(Pod("shop", "late"))
+        assert (await adding)["state"] == "captured"
+
+    run(scenario, tmp_path)
+
+
+def test_an_unknown_pod_fails_the_add(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        answer = await node.manager.add(node.cni_pod("ghost"), timeout=5)
+        assert answer["ok"] is False
+        assert "shop/ghost is unknown to the node agent" in answer["reason"]
+        assert node.state_metric("shop", "ghost", "failed") == 1
+
+    run(scenario, tmp_path)
+
+
+def test_a_bad_annotation_fails_the_add_and_names_it(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        bad = {"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/33"}
+        node.store.put_pod(Pod("shop", "web", annotations=bad))
+        answer = await node.manager.add(node.cni_pod("web"), timeout=5)
+        assert answer["ok"] is False
+        assert "excludeOutboundIPRanges" in answer["reason"] and "10.0.0.0/33" in answer["reason"]
+        assert node.backend.installed == {}
+
+    run(scenario, tmp_path)
+
+
+def test_a_backend_failure_fails_the_add(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        node.store.put_pod(Pod("shop", "web"))
+        node.backend.fail_apply = "Operation not permitted"
+        answer = await node.manager.add(node.cni_pod("web"), timeout=5)
+        assert answer["ok"] is False and "Operation not permitted" in answer["reason"]
+
+    run(scenario, tmp_path)
+
+
+def test_del_removes_capture_and_forgets_the_pod(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        node.store.put_pod(Pod("shop", "web"))
+        pod = node.cni_pod("web")
+        await node.manager.add(pod, timeout=5)
+        assert (await node.manager.delete(pod))["ok"]
+        assert node.backend.installed == {}
+        assert node.manager.status() == []
+        assert node.probes.ips == []
+        assert node.state_metric("shop", "web", "captured") is None
+        assert (await node.manager.delete(pod))["ok"]  # DEL twice is fine
+
+    run(scenario, tmp_path)
+
+
+def test_reconcile_repairs_lost_capture_and_reports_gone_netns(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        for name in ("a", "b", "c"):
+            node.store.put_pod(Pod("shop", name))
+            await node.manager.add(node.cni_pod(name), timeout=5)
+        # A new agent process: same registry file, nothing in memory.
+        node.manager = node.new_manager()
+        node.backend.installed.pop(Path(tmp_path / "netns-b"))  # someone deleted the table
+        Path(tmp_path / "netns-c").unlink()  # the pod's netns is gone
+        summary = await node.manager.reconcile()
+        assert summary == {"verified": 1, "repaired": 1, "failed": 0, "netns_missing": 1}
+        states = {p["name"]: (p["state"], p["reason"]) for p in node.manager.status()}
+        assert states["b"][0] == "captured" and "repaired" in states["b"][1]
+        assert states["c"][0] == "netns-missing"
+        assert node.metrics.registry.get_sample_value("nodeagent_capture_repairs_total") == 1
+
+    run(scenario, tmp_path)
+
+
+def test_the_socket_serves_concurrent_adds_and_rejects_garbage(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        server = CniServer(tmp_path / "run" / "cni.sock", node.manager, node.metrics)
+        await server.start()
+        assert (tmp_path / "run" / "cni.sock").stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
+        path = str(tmp_path / "run" / "cni.sock")
+        starting = await asyncio.to_thread(wire.request, path, {"command": "STATUS"}, 5)
+        assert starting == {"ok": False, "reason": "the node agent is starting"}
+        server.ready = True
+
+        names = [f"p{i}" for i in range(20)]
+        for name in names:
+            node.store.put_pod(Pod("shop", name))
+        requests = [
+            asyncio.to_thread(
+                wire.request,
+                path,
+                {
+                    "command": "ADD",
+                    "pod": node.cni_pod(name, ip=f"10.244.1.{i + 10}"),
+                    "timeout": 5,
+                },
+                10,
+            )
+            for i, name in enumerate(names)
+        ]
+        answers = await asyncio.gather(*requests)
+        assert [a["state"] for a in answers] == ["captured"] * 20
+        assert len(node.probes.ips) == 20
+
+        bad = await asyncio.to_thread(wire.request, path, {"command": "FROB"}, 5)
+        assert bad["ok"] is False and "unknown command 'FROB'" in bad["reason"]
+        status = await asyncio.to_thread(wire.request, path, {"command": "STATUS"}, 5)
+        assert len(status["pods"]) == 20
+        await server.stop()
+        assert not (tmp_path / "run" / "cni.sock").exists()
+
+    run(scenario, tmp_path)
+
+
+@pytest.mark.parametrize("garbage", [b"not json\n", b"[1]\n"])
+def test_malformed_requests_get_an_answer(tmp_path: Path, garbage: bytes) -> None:
+    async def scenario(node: Node) -> None:
+        server = CniServer(tmp_path / "cni.sock", node.manager, node.metrics)
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "cni.sock"))
+        writer.write(garbage)
+        answer = wire.decode(await reader.readline())
+        writer.close()
+        assert answer["ok"] is False and "malformed request" in answer["reason"]
+        await server.stop()
+
+    run(scenario, tmp_path)
