@@ -281,3 +281,57 @@ def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed)
     assert agent_pods(testbed, "n1")["mesh/excluded"]["state"] == "captured"
     answer = landed(testbed, "mesh/app", "10.96.0.99", 80)
     assert answer["listener"] == capture.OUTBOUND_PORT
+
+
+@pytest.mark.parametrize(
+    ("stdin", "env", "code", "words"),
+    [
+        ("{not json", {}, 6, "failed to decode"),
+        ('{"cniVersion": "2.5.0", "name": "testbed", "type": "nodeagent-cni"}', {}, 1, "2.5.0"),
+        ("NO-PREV", {}, 7, "prevResult is missing"),
+        ("VALID", {"CNI_NETNS": "/run/netns/tb-tbcap.gone"}, 3, "does not exist"),
+        ("VALID", {"CNI_NETNS": ""}, 4, "CNI_NETNS"),
+    ],
+)
+def test_bad_cni_input_gets_a_spec_error_and_changes_nothing(
+    testbed: Testbed, stdin: str, env: dict[str, str], code: int, words: str
+) -> None:
+    """The installed plugin binary, run as the runtime runs it, against the live agent."""
+    conf_dir = layout.cni_conf_dir(testbed.name, "n1")
+    conflist = json.loads(next(conf_dir.glob("*.conflist")).read_text())
+    entry = {**conflist["plugins"][-1], "cniVersion": "1.0.0", "name": conflist["name"]}
+    assert entry["type"] == "nodeagent-cni"
+    victim = testbed.pod_netns("mesh/optout")  # a real pod netns with no capture
+    valid = {**entry, "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.99/24"}]}}
+    stdin = {"NO-PREV": json.dumps(entry), "VALID": json.dumps(valid)}.get(stdin, stdin)
+    before = agent_pods(testbed, "n1")
+    environment = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "bad-input-test",
+        "CNI_NETNS": f"/run/netns/{victim}",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": "K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=optout",
+        "CNI_PATH": str(layout.cni_bin_dir(testbed.name, "n1")),
+        **env,
+    }
+    proc = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            layout.node_netns(testbed.name, "n1"),
+            "/usr/bin/env",
+            "-i",
+            *[f"{k}={v}" for k, v in environment.items()],
+            str(layout.cni_bin_dir(testbed.name, "n1") / "nodeagent-cni"),
+        ],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)
+    assert error["code"] == code and words in error["msg"], error
+    assert agent_pods(testbed, "n1") == before
+    assert ruleset(victim) == []
