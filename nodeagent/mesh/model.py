@@ -1,9 +1,15 @@
-"""Typed records for the Kubernetes objects the node agent acts on."""
+"""Typed records for the Kubernetes and Istio objects the node agent acts on.
+
+Sources (directory, Kubernetes API) produce these; translation consumes them and never sees YAML.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
 
 
 @dataclass(frozen=True)
@@ -27,3 +33,95 @@ class Pod:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    name: str = ""
+    target_port: int | str = 0  # 0: same as port; a string names a container port
+    protocol: str = "TCP"
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    cluster_ip: str = ""  # "" or "None": headless
+    ports: tuple[ServicePort, ...] = ()
+    selector: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def hostname(self, domain: str = "cluster.local") -> str:
+        return f"{self.name}.{self.namespace}.svc.{domain}"
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    port: int
+    name: str = ""
+    protocol: str = "TCP"
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addresses: tuple[str, ...]
+    ready: bool = True
+    node_name: str = ""
+    pod: str = ""  # namespace/name of the target pod, when the slice names one
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    """One slice of a service's endpoints (core v1 Endpoints are converted into slices)."""
+
+    namespace: str
+    name: str
+    service: str  # the owning Service's name (label kubernetes.io/service-name)
+    endpoints: tuple[Endpoint, ...] = ()
+    ports: tuple[EndpointPort, ...] = ()
+    address_type: str = "IPv4"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class IstioResource:
+    """An Istio object that passed validation against Istio's CRD schema for its version."""
+
+    group: str  # networking.istio.io | security.istio.io
+    version: str  # v1 | v1beta1 | v1alpha3 ...
+    kind: str  # VirtualService, DestinationRule, ...
+    namespace: str
+    name: str
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh-wide settings (a subset of Istio's MeshConfig, same field names in the file)."""
+
+    trust_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    outbound_traffic_policy: str = ALLOW_ANY
+    cluster_domain: str = "cluster.local"
