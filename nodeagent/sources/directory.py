@@ -1,36 +1,91 @@
 """A directory of Kubernetes YAML as the agent's source (standalone nodes and the testbed).
 
-Every ``*.yaml``/``*.yml``/``*.json`` file may hold several documents. Changes are picked up by
-polling (modification time, size, inode) and applied to the MeshStore as a diff, so a file that
-changes touches only what it holds. A bad document is reported with file, document index, kind,
-namespace/name and field; every other resource keeps working.
+Every ``*.yaml``/``*.yml``/``*.json`` file may hold several documents (and ``kind: List``, as
+``kubectl get -o yaml`` writes). Changes are picked up by polling (modification time, size,
+inode) and applied to the MeshStore as a diff: only records that really changed are put, so the
+store's generation moves only for real changes. A bad document is reported with file, document
+index, kind, namespace/name and field; every other resource keeps working.
 
-Kinds read so far: Namespace, Pod. Other kinds are left for the modules that need them.
+Kinds read: Namespace, Pod, Service, Endpoints (converted to EndpointSlices), EndpointSlice,
+ServiceAccount, and every Istio kind, validated against Istio's CRD schemas. Other kinds (a
+cluster dump holds many) are skipped. The optional mesh config file (Istio MeshConfig field
+names) is polled the same way; a broken one keeps the last good config.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from nodeagent.mesh.model import Namespace, Pod
+from nodeagent.mesh.model import (
+    ALLOW_ANY,
+    REGISTRY_ONLY,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    IstioResource,
+    MeshConfig,
+    Namespace,
+    Pod,
+    Service,
+    ServiceAccount,
+    ServicePort,
+)
 from nodeagent.mesh.store import MeshStore
+from nodeagent.mesh.validation import IstioSchemas
+
+try:
+    from yaml import CSafeLoader as _BaseLoader
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
 
 log = logging.getLogger("nodeagent.sources.directory")
 
 SUFFIXES = (".yaml", ".yml", ".json")
-Record = Namespace | Pod
+Record = Namespace | Pod | Service | EndpointSlice | ServiceAccount | IstioResource
+Key = tuple[str, str]  # (kind of the document, key of the record in the store)
+R = TypeVar("R", Namespace, Pod, Service, EndpointSlice, ServiceAccount, IstioResource)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_TRUST_DOMAIN = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+class _Loader(_BaseLoader):
+    """YAML as Kubernetes reads it: timestamps stay strings (the schemas want strings)."""
+
+    yaml_implicit_resolvers = {  # noqa: RUF012 - PyYAML's own class-level registry
+        first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
+    }
 
 
 class ResourceError(ValueError):
-    """A document that cannot be used; the message says where and what."""
+    """A document that cannot be used; each problem says where and what."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class _Invalid(Exception):
+    """A bad field inside a document; parse_document adds file, document and object."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -40,85 +95,462 @@ class _FileStamp:
     inode: int
 
 
-def _where(source: str, index: int, doc: Mapping[str, Any]) -> str:
-    meta = doc.get("metadata")
-    meta = meta if isinstance(meta, dict) else {}
-    name = str(meta.get("name") or "<unnamed>")
-    if meta.get("namespace"):
-        name = f"{meta['namespace']}/{name}"
-    return f"{source}: document {index}: {doc.get('kind', '?')} {name}"
+def _stamp(path: Path) -> _FileStamp | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _string_map(value: Any, where: str, field: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ResourceError(f"{where}: {field}: expected a mapping of strings")
-    return {k: str(v) for k, v in value.items()}
-
-
-def _name(meta: Mapping[str, Any], where: str, field: str) -> str:
-    value = meta.get(field)
-    if not isinstance(value, str) or not value:
-        raise ResourceError(f"{where}: metadata.{field}: required string is missing")
+def _json_like(value: Any) -> Any:
+    """Mapping keys as JSON has them: YAML's `8080:` is the key "8080" for Kubernetes too."""
+    if isinstance(value, dict):
+        return {_json_key(k): _json_like(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_like(v) for v in value]
     return value
 
 
-def parse_document(doc: Any, source: str, index: int) -> Record | None:
-    """One YAML document to a record; None for kinds this source does not read."""
+def _json_key(key: Any) -> str:
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    return "null" if key is None else str(key)
+
+
+# -- field readers: each raises _Invalid naming the field -----------------------------------------
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _mapping(value: Any, field: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid(field, f"expected a mapping, got {_show(value)}")
+    return value
+
+
+def _list(value: Any, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Invalid(field, f"expected a list, got {_show(value)}")
+    return value
+
+
+def _str(value: Any, field: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _Invalid(field, f"expected a string, got {_show(value)}")
+    return value
+
+
+def _port(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(field, f"expected a port number, got {_show(value)}")
+    if not 1 <= value <= 65535:
+        raise _Invalid(field, f"port {value} is out of range 1-65535")
+    return int(value)
+
+
+def _protocol(value: Any, field: str) -> str:
+    protocol = _str(value, field) or "TCP"
+    if protocol not in PROTOCOLS:
+        raise _Invalid(field, f"unsupported protocol {_show(protocol)}; one of {PROTOCOLS}")
+    return protocol
+
+
+def _string_map(value: Any, field: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _Invalid(field, "expected a mapping of strings")
+    return {k: str(v) for k, v in value.items()}
+
+
+def _name(meta: Mapping[str, Any], field: str) -> str:
+    value = meta.get(field)
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"metadata.{field}", "required string is missing")
+    return value
+
+
+def _namespace(meta: Mapping[str, Any]) -> str:
+    return _str(meta.get("namespace"), "metadata.namespace") or "default"
+
+
+def _address(value: Any, field: str, address_type: str) -> str:
+    address = _str(value, field)
+    if not address:
+        raise _Invalid(field, "required address is missing")
+    if address_type == "FQDN":
+        return address
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise _Invalid(field, f"{_show(address)} is not an IP address") from None
+    if address_type and f"IPv{ip.version}" != address_type:
+        raise _Invalid(field, f"{address} is not an {address_type} address")
+    return address
+
+
+def _target_pod(value: Any, field: str, namespace: str) -> str:
+    """namespace/name of the pod an endpoint's targetRef names ("" if none or not a pod)."""
+    ref = _mapping(value, field)
+    if _str(ref.get("kind"), f"{field}.kind") not in ("", "Pod"):
+        return ""
+    name = _str(ref.get("name"), f"{field}.name")
+    ns = _str(ref.get("namespace"), f"{field}.namespace") or namespace
+    return f"{ns}/{name}" if name else ""
+
+
+# -- documents to records ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A record and the kind of the document it came from (Endpoints and EndpointSlice documents
+    both give EndpointSlices; slices of the real kind win)."""
+
+    kind: str
+    record: Record
+
+    @property
+    def key(self) -> Key:
+        return (self.kind, _store_key(self.record))
+
+
+def _store_key(record: Record) -> str:
+    if isinstance(record, Namespace):
+        return record.name
+    if isinstance(record, ServiceAccount):
+        return f"{record.namespace}/{record.name}"
+    return record.key
+
+
+def _where(source: str, position: str, doc: Mapping[str, Any]) -> str:
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    name = str(meta.get("name") or "<unnamed>")
+    kind = doc.get("kind", "?")
+    if meta.get("namespace"):
+        name = f"{meta['namespace']}/{name}"
+    elif kind != "Namespace":  # namespaced kinds land in "default", as with kubectl apply
+        name = f"default/{name}"
+    return f"{source}: {position}: {kind} {name}"
+
+
+def parse_document(
+    doc: Any, source: str, index: int, schemas: IstioSchemas | None = None
+) -> list[Parsed]:
+    """One YAML document to records; [] for kinds this source does not read."""
+    return _parse(doc, source, f"document {index}", schemas or IstioSchemas.load())
+
+
+def _parse(doc: Any, source: str, position: str, schemas: IstioSchemas) -> list[Parsed]:
     if doc is None:
-        return None
+        return []
     if not isinstance(doc, dict):
-        raise ResourceError(f"{source}: document {index}: expected a mapping")
-    where = _where(source, index, doc)
+        raise ResourceError(f"{source}: {position}: expected a mapping")
+    where = _where(source, position, doc)
     kind, api = doc.get("kind"), doc.get("apiVersion")
     if not isinstance(kind, str) or not isinstance(api, str):
         raise ResourceError(f"{where}: apiVersion and kind are required")
+    if (api, kind) == ("v1", "List"):
+        raise ResourceError(f"{where}: items: expected a list of objects")
+    if api.rpartition("/")[0] in schemas.groups():
+        return [Parsed(kind, _istio(doc, where, schemas))]
+    reader = _READERS.get((api, kind))
+    if reader is None:
+        log.debug("%s: %s is not read by this source", where, api)
+        return []
     meta = doc.get("metadata")
     if not isinstance(meta, dict):
         raise ResourceError(f"{where}: metadata: required mapping is missing")
-    if kind == "Namespace" and api == "v1":
-        return Namespace(
-            _name(meta, where, "name"), _string_map(meta.get("labels"), where, "metadata.labels")
+    try:
+        return [Parsed(kind, record) for record in reader(doc, meta)]
+    except _Invalid as e:
+        raise ResourceError(f"{where}: {e}") from None
+
+
+def _istio(doc: dict[str, Any], where: str, schemas: IstioSchemas) -> IstioResource:
+    admitted, problems = schemas.admit(doc)
+    if problems:
+        raise ResourceError(*(f"{where}: {p}" for p in problems))
+    group, _, version = str(doc["apiVersion"]).rpartition("/")
+    meta = admitted["metadata"]
+    return IstioResource(
+        group=group,
+        version=version,
+        kind=str(doc["kind"]),
+        namespace=meta.get("namespace") or "default",
+        name=meta["name"],
+        spec=admitted.get("spec") or {},
+        labels=dict(meta.get("labels") or {}),
+        annotations=dict(meta.get("annotations") or {}),
+    )
+
+
+def _namespace_record(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
+    yield Namespace(_name(meta, "name"), _string_map(meta.get("labels"), "metadata.labels"))
+
+
+def _pod(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
+    spec = _mapping(doc.get("spec"), "spec")
+    status = _mapping(doc.get("status"), "status")
+    ips = [
+        str(i.get("ip"))
+        for i in _list(status.get("podIPs"), "status.podIPs")
+        if isinstance(i, dict) and i.get("ip")
+    ]
+    if not ips and status.get("podIP"):
+        ips = [str(status["podIP"])]
+    yield Pod(
+        namespace=_namespace(meta),
+        name=_name(meta, "name"),
+        uid=str(meta.get("uid") or ""),
+        node_name=str(spec.get("nodeName") or ""),
+        service_account=str(spec.get("serviceAccountName") or "default"),
+        labels=_string_map(meta.get("labels"), "metadata.labels"),
+        annotations=_string_map(meta.get("annotations"), "metadata.annotations"),
+        host_network=bool(spec.get("hostNetwork", False)),
+        pod_ips=tuple(ips),
+    )
+
+
+def _service(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
+    spec = _mapping(doc.get("spec"), "spec")
+    ports = []
+    for i, item in enumerate(_list(spec.get("ports"), "spec.ports")):
+        field = f"spec.ports[{i}]"
+        port = _mapping(item, field)
+        ports.append(
+            ServicePort(
+                port=_port(port.get("port"), f"{field}.port"),
+                name=_str(port.get("name"), f"{field}.name"),
+                target_port=_target_port(port.get("targetPort"), f"{field}.targetPort"),
+                protocol=_protocol(port.get("protocol"), f"{field}.protocol"),
+                app_protocol=_str(port.get("appProtocol"), f"{field}.appProtocol"),
+            )
         )
-    if kind == "Pod" and api == "v1":
-        spec = doc.get("spec") or {}
-        status = doc.get("status") or {}
-        if not isinstance(spec, dict) or not isinstance(status, dict):
-            raise ResourceError(f"{where}: spec and status must be mappings")
-        ips = [
-            str(i.get("ip"))
-            for i in status.get("podIPs") or []
-            if isinstance(i, dict) and i.get("ip")
+    yield Service(
+        namespace=_namespace(meta),
+        name=_name(meta, "name"),
+        cluster_ip=_str(spec.get("clusterIP"), "spec.clusterIP"),
+        ports=tuple(ports),
+        selector=_string_map(spec.get("selector"), "spec.selector"),
+        labels=_string_map(meta.get("labels"), "metadata.labels"),
+    )
+
+
+def _target_port(value: Any, field: str) -> int | str:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        # a container port's name (IANA_SVC_NAME); Kubernetes rejects "8080" as a string too
+        if len(value) > 15 or not _DNS_LABEL.match(value) or not re.search("[a-z]", value):
+            raise _Invalid(field, f"{_show(value)} is neither a port number nor a port name")
+        return value
+    return _port(value, field)
+
+
+def _endpoints(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
+    """Core v1 Endpoints as slices: one per (ports, address family), as the mirroring controller
+    splits them; the first is named like the Endpoints, further ones get a -N suffix."""
+    namespace, name = _namespace(meta), _name(meta, "name")
+    groups: dict[tuple[tuple[EndpointPort, ...], str], list[Endpoint]] = {}
+    for i, item in enumerate(_list(doc.get("subsets"), "subsets")):
+        field = f"subsets[{i}]"
+        subset = _mapping(item, field)
+        ports = tuple(
+            _endpoint_port(p, f"{field}.ports[{j}]", required=True)
+            for j, p in enumerate(_list(subset.get("ports"), f"{field}.ports"))
+        )
+        for list_name, ready in (("addresses", True), ("notReadyAddresses", False)):
+            addresses = _list(subset.get(list_name), f"{field}.{list_name}")
+            for j, entry in enumerate(addresses):
+                at = f"{field}.{list_name}[{j}]"
+                address = _mapping(entry, at)
+                ip = _address(address.get("ip"), f"{at}.ip", "")
+                family = f"IPv{ipaddress.ip_address(ip).version}"
+                groups.setdefault((ports, family), []).append(
+                    Endpoint(
+                        addresses=(ip,),
+                        ready=ready,
+                        node_name=_str(address.get("nodeName"), f"{at}.nodeName"),
+                        pod=_target_pod(address.get("targetRef"), f"{at}.targetRef", namespace),
+                    )
+                )
+    if not groups:
+        yield EndpointSlice(namespace, name, service=name)
+    for n, ((ports, family), endpoints) in enumerate(groups.items()):
+        yield EndpointSlice(
+            namespace=namespace,
+            name=name if n == 0 else f"{name}-{n}",
+            service=name,
+            endpoints=tuple(endpoints),
+            ports=ports,
+            address_type=family,
+        )
+
+
+def _endpoint_port(value: Any, field: str, required: bool) -> EndpointPort:
+    port = _mapping(value, field)
+    number = port.get("port")
+    return EndpointPort(
+        # an EndpointSlice port without a number means "all ports": 0 here
+        port=0 if number is None and not required else _port(number, f"{field}.port"),
+        name=_str(port.get("name"), f"{field}.name"),
+        protocol=_protocol(port.get("protocol"), f"{field}.protocol"),
+        app_protocol=_str(port.get("appProtocol"), f"{field}.appProtocol"),
+    )
+
+
+def _endpoint_slice(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
+    namespace = _namespace(meta)
+    labels = _string_map(meta.get("labels"), "metadata.labels")
+    address_type = doc.get("addressType")
+    if address_type not in ADDRESS_TYPES:
+        raise _Invalid("addressType", f"expected one of {ADDRESS_TYPES}, got {_show(address_type)}")
+    endpoints = []
+    for i, item in enumerate(_list(doc.get("endpoints"), "endpoints")):
+        field = f"endpoints[{i}]"
+        endpoint = _mapping(item, field)
+        addresses = _list(endpoint.get("addresses"), f"{field}.addresses")
+        if not addresses:
+            raise _Invalid(f"{field}.addresses", "at least one address is required")
+        conditions = _mapping(endpoint.get("conditions"), f"{field}.conditions")
+        ready = conditions.get("ready")
+        if ready is not None and not isinstance(ready, bool):
+            raise _Invalid(f"{field}.conditions.ready", f"expected a boolean, got {_show(ready)}")
+        endpoints.append(
+            Endpoint(
+                addresses=tuple(
+                    _address(a, f"{field}.addresses[{j}]", address_type)
+                    for j, a in enumerate(addresses)
+                ),
+                ready=ready is not False,  # absent: unknown, to be treated as ready
+                node_name=_str(endpoint.get("nodeName"), f"{field}.nodeName"),
+                pod=_target_pod(endpoint.get("targetRef"), f"{field}.targetRef", namespace),
+            )
+        )
+    yield EndpointSlice(
+        namespace=namespace,
+        name=_name(meta, "name"),
+        service=labels.get(SERVICE_NAME_LABEL, ""),
+        endpoints=tuple(endpoints),
+        ports=tuple(
+            _endpoint_port(p, f"ports[{j}]", required=False)
+            for j, p in enumerate(_list(doc.get("ports"), "ports"))
+        ),
+        address_type=address_type,
+    )
+
+
+def _service_account(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
+    yield ServiceAccount(_namespace(meta), _name(meta, "name"))
+
+
+_READERS: dict[tuple[str, str], Callable[[dict[str, Any], dict[str, Any]], Iterator[Record]]] = {
+    ("v1", "Namespace"): _namespace_record,
+    ("v1", "Pod"): _pod,
+    ("v1", "Service"): _service,
+    ("v1", "Endpoints"): _endpoints,
+    ("v1", "ServiceAccount"): _service_account,
+    ("discovery.k8s.io/v1", "EndpointSlice"): _endpoint_slice,
+}
+
+
+# -- the mesh config file ------------------------------------------------------------------------
+
+MESH_CONFIG_FIELDS = ("trustDomain", "rootNamespace", "outboundTrafficPolicy", "clusterDomain")
+
+
+def parse_mesh_config(data: Any) -> MeshConfig:
+    """Istio MeshConfig fields (plus our clusterDomain); unset fields keep their defaults."""
+    if data is None:
+        return MeshConfig()
+    if not isinstance(data, dict):
+        raise ResourceError(f"expected a mapping of MeshConfig fields, got {_show(data)}")
+    problems = [
+        f'unknown field "{key}" (known: {", ".join(MESH_CONFIG_FIELDS)})'
+        for key in data
+        if key not in MESH_CONFIG_FIELDS
+    ]
+    defaults = MeshConfig()
+    values: dict[str, str] = {}
+    checks = (
+        ("trustDomain", "trust_domain", _TRUST_DOMAIN, 255, defaults.trust_domain),
+        ("rootNamespace", "root_namespace", _DNS_LABEL, 63, defaults.root_namespace),
+        ("clusterDomain", "cluster_domain", _DNS_NAME, 253, defaults.cluster_domain),
+    )
+    for field, attr, pattern, limit, default in checks:
+        value = data.get(field, default)
+        if not isinstance(value, str) or len(value) > limit or not pattern.match(value):
+            problems.append(f"{field}: invalid value {_show(value)}")
+        values[attr] = value
+    policy = data.get("outboundTrafficPolicy")
+    mode = defaults.outbound_traffic_policy
+    if isinstance(policy, dict):
+        problems += [
+            f'unknown field "outboundTrafficPolicy.{key}" (known: mode)'
+            for key in policy
+            if key != "mode"
         ]
-        if not ips and status.get("podIP"):
-            ips = [str(status["podIP"])]
-        return Pod(
-            namespace=str(meta.get("namespace") or "default"),
-            name=_name(meta, where, "name"),
-            uid=str(meta.get("uid") or ""),
-            node_name=str(spec.get("nodeName") or ""),
-            service_account=str(spec.get("serviceAccountName") or "default"),
-            labels=_string_map(meta.get("labels"), where, "metadata.labels"),
-            annotations=_string_map(meta.get("annotations"), where, "metadata.annotations"),
-            host_network=bool(spec.get("hostNetwork", False)),
-            pod_ips=tuple(ips),
-        )
-    return None
+        mode = policy.get("mode", mode)
+        if mode not in (ALLOW_ANY, REGISTRY_ONLY):
+            problems.append(
+                f"outboundTrafficPolicy.mode: unsupported value {_show(mode)}; "
+                f"one of {ALLOW_ANY}, {REGISTRY_ONLY}"
+            )
+    elif policy is not None:
+        problems.append(f"outboundTrafficPolicy: expected a mapping, got {_show(policy)}")
+    if problems:
+        raise ResourceError(*problems)
+    return MeshConfig(outbound_traffic_policy=str(mode), **values)
 
 
-def _key(record: Record) -> tuple[str, str]:
-    return ("Namespace", record.name) if isinstance(record, Namespace) else ("Pod", record.key)
+# -- the source ----------------------------------------------------------------------------------
+
+
+def _sync(
+    current: Mapping[str, R],
+    wanted: Mapping[str, R],
+    put: Callable[[R], None],
+    delete: Callable[[str], None],
+) -> None:
+    """Makes one store collection WANTED, touching only what differs."""
+    for key in [k for k in current if k not in wanted]:
+        delete(key)
+    for key, record in wanted.items():
+        if current.get(key) != record:
+            put(record)
 
 
 class DirectorySource:
-    def __init__(self, root: Path, store: MeshStore, interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        store: MeshStore,
+        mesh_config_path: Path | None = None,
+        interval: float = 0.2,
+        schemas: IstioSchemas | None = None,
+    ) -> None:
         self.root = root
         self.store = store
+        self.mesh_config_path = mesh_config_path
         self.interval = interval
+        self.schemas = schemas or IstioSchemas.load()
         self.errors: dict[Path, list[str]] = {}  # current problems, per file
         self._stamps: dict[Path, _FileStamp] = {}
-        self._records: dict[Path, dict[tuple[str, str], Record]] = {}
+        self._records: dict[Path, dict[Key, Record]] = {}
+        self._mesh_stamp: _FileStamp | None = None
+        self._mesh_read = False
 
     def scan(self) -> bool:
         """One pass over the directory; applies what changed. True if anything did."""
@@ -136,7 +568,7 @@ class DirectorySource:
                 changed = True
         if changed:
             self._apply()
-        return changed
+        return self._scan_mesh_config() or changed
 
     async def run(self, stop: asyncio.Event) -> None:
         self.scan()
@@ -151,27 +583,33 @@ class DirectorySource:
         if not self.root.is_dir():
             return files
         for path in sorted(self.root.rglob("*")):
-            if path.suffix in SUFFIXES and path.is_file():
-                st = path.stat()
-                files[path] = _FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+            # Hidden paths hold editor droppings and a mounted ConfigMap's ..data copies.
+            hidden = any(part.startswith(".") for part in path.relative_to(self.root).parts)
+            if hidden or path.suffix not in SUFFIXES or self._is_mesh_config(path):
+                continue
+            if path.is_file() and (stamp := _stamp(path)) is not None:
+                files[path] = stamp
         return files
 
-    def _read(self, path: Path) -> dict[tuple[str, str], Record]:
-        records: dict[tuple[str, str], Record] = {}
+    def _is_mesh_config(self, path: Path) -> bool:
+        mesh = self.mesh_config_path
+        return mesh is not None and path.name == mesh.name and path.resolve() == mesh.resolve()
+
+    def _read(self, path: Path) -> dict[Key, Record]:
+        records: dict[Key, Record] = {}
         problems: list[str] = []
         try:
-            docs = list(yaml.safe_load_all(path.read_text()))
-        except (OSError, yaml.YAMLError) as e:
+            docs = [_json_like(d) for d in yaml.load_all(path.read_text(), Loader=_Loader)]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             problems.append(f"{path}: cannot be read as YAML: {e}")
             docs = []
-        for index, doc in enumerate(docs):
+        for position, doc in _positions(docs):
             try:
-                record = parse_document(doc, str(path), index)
+                parsed = _parse(doc, str(path), position, self.schemas)
             except ResourceError as e:
-                problems.append(str(e))
+                problems.extend(e.problems)
                 continue
-            if record is not None:
-                records[_key(record)] = record
+            records.update((p.key, p.record) for p in parsed)
         for problem in problems:
             log.error("%s", problem)
         if problems:
@@ -181,23 +619,81 @@ class DirectorySource:
         return records
 
     def _apply(self) -> None:
-        merged: dict[tuple[str, str], Record] = {}
+        merged: dict[Key, Record] = {}
         for path in sorted(self._records):
             merged.update(self._records[path])
-        for (kind, key), _ in list(self._known().items()):
-            if (kind, key) not in merged:
-                if kind == "Pod":
-                    self.store.delete_pod(key)
-                else:
-                    self.store.delete_namespace(key)
-        for record in merged.values():
-            if isinstance(record, Pod):
-                if self.store.pods.get(record.key) != record:
-                    self.store.put_pod(record)
-            elif self.store.namespaces.get(record.name) != record:
-                self.store.put_namespace(record)
+        # A cluster dump holds Endpoints and the EndpointSlices mirrored from them: like
+        # kube-proxy, trust the slices of a service that has any.
+        sliced = {
+            (r.namespace, r.service)
+            for (kind, _), r in merged.items()
+            if kind == "EndpointSlice" and isinstance(r, EndpointSlice)
+        }
+        namespaces: dict[str, Namespace] = {}
+        pods: dict[str, Pod] = {}
+        services: dict[str, Service] = {}
+        slices: dict[str, EndpointSlice] = {}
+        accounts: dict[str, ServiceAccount] = {}
+        istio: dict[str, IstioResource] = {}
+        for (kind, key), record in merged.items():
+            if isinstance(record, Namespace):
+                namespaces[key] = record
+            elif isinstance(record, Pod):
+                pods[key] = record
+            elif isinstance(record, Service):
+                services[key] = record
+            elif isinstance(record, EndpointSlice):
+                if kind == "EndpointSlice" or (record.namespace, record.service) not in sliced:
+                    slices[key] = record
+            elif isinstance(record, ServiceAccount):
+                accounts[key] = record
+            else:
+                istio[key] = record
+        s = self.store
+        _sync(s.namespaces, namespaces, s.put_namespace, s.delete_namespace)
+        _sync(s.service_accounts, accounts, s.put_service_account, s.delete_service_account)
+        _sync(s.services, services, s.put_service, s.delete_service)
+        _sync(s.endpoint_slices, slices, s.put_endpoint_slice, s.delete_endpoint_slice)
+        _sync(s.istio, istio, s.put_istio, s.delete_istio)
+        _sync(s.pods, pods, s.put_pod, s.delete_pod)
 
-    def _known(self) -> dict[tuple[str, str], Record]:
-        known: dict[tuple[str, str], Record] = {("Pod", k): p for k, p in self.store.pods.items()}
-        known.update({("Namespace", k): n for k, n in self.store.namespaces.items()})
-        return known
+    def _scan_mesh_config(self) -> bool:
+        """Re-reads the mesh config file when it changed; True if the store's config changed."""
+        path = self.mesh_config_path
+        if path is None:
+            return False
+        stamp = _stamp(path)
+        if self._mesh_read and stamp == self._mesh_stamp:
+            return False
+        self._mesh_read, self._mesh_stamp = True, stamp
+        try:
+            if stamp is None:
+                raise ResourceError("does not exist")
+            docs = [_json_like(d) for d in yaml.load_all(path.read_text(), Loader=_Loader)]
+            if len(docs) > 1:
+                raise ResourceError("expected one YAML document")
+            config = parse_mesh_config(docs[0] if docs else None)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            problems = [f"{path}: cannot be read as YAML: {e}"]
+        except ResourceError as e:
+            problems = [f"{path}: {p}" for p in e.problems]
+        else:
+            self.errors.pop(path, None)
+            before = self.store.generation
+            self.store.set_mesh_config(config)
+            return self.store.generation != before
+        for problem in problems:
+            log.error("%s (keeping the last good mesh config)", problem)
+        self.errors[path] = problems
+        return False
+
+
+def _positions(docs: list[Any]) -> Iterator[tuple[str, Any]]:
+    """Each document with its position; the items of a `kind: List` count as documents."""
+    for index, doc in enumerate(docs):
+        items = doc.get("items") if isinstance(doc, dict) else None
+        if isinstance(items, list) and (doc.get("apiVersion"), doc.get("kind")) == ("v1", "List"):
+            for i, item in enumerate(items):
+                yield f"document {index} items[{i}]", item
+        else:
+            yield f"document {index}", doc

@@ -16,6 +16,7 @@ list, which install-cni extended with nodeagent-cni, then the workload starts in
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import secrets
 import shutil
@@ -46,7 +47,15 @@ from nodeagent.testbed.state import (
     TestbedState,
     known_testbeds,
 )
-from nodeagent.testbed.topology import Node, Pod, Topology, loads_topology
+from nodeagent.testbed.topology import (
+    Node,
+    Pod,
+    Service,
+    ServicePort,
+    Topology,
+    Workload,
+    loads_topology,
+)
 
 READY_TIMEOUT = 20.0
 # A workload without a port is ready once it has stayed up this long (it did not crash on start).
@@ -113,6 +122,7 @@ class Testbed:
         self.topology = topology
         self.state = state
         self._lock = threading.RLock()  # guards state and its file
+        self._publish_lock = threading.Lock()  # one publisher at a time: files and node tables
         self._started: dict[str, float] = {}  # pod key -> monotonic time its workload started
 
     @property
@@ -206,7 +216,7 @@ class Testbed:
             self._start_daemons()
         for pod in self.topology.pods:
             self._create_sandbox(pod)
-        self._program_services()
+        self._publish()
         for pod in self.topology.pods:
             self._start_workload(pod)
         self._wait_ready(self.topology.pods)
@@ -312,6 +322,7 @@ class Testbed:
                 raise TestbedError(f"pod {pod.key} already exists")
         try:
             self._create_sandbox(pod)
+            self._publish()
             self._start_workload(pod)
             self._wait_ready([pod])
         except BaseException:
@@ -342,12 +353,18 @@ class Testbed:
             if etc_dir in self.state.etc_dirs:
                 self.state.etc_dirs.remove(etc_dir)
             self.state.save()
+        self._publish()
         return problems
 
     def _create_sandbox(self, pod: Pod) -> None:
         ns = pod_netns(self.name, pod)
         record = PodRecord(
-            netns=ns, node=pod.node, container_id=secrets.token_hex(32), uid=str(uuid.uuid4())
+            netns=ns,
+            node=pod.node,
+            container_id=secrets.token_hex(32),
+            uid=str(uuid.uuid4()),
+            labels=dict(pod.labels),
+            service_account=pod.service_account,
         )
         pod_file = layout.cluster_dir(self.name) / "pods" / f"{pod.namespace}.{pod.name}.yaml"
         with self._lock:
@@ -368,15 +385,72 @@ class Testbed:
                 self.state.save()
             resources.write(pod_file, [resources.pod_object(pod, record.uid, record.ip)])
             content = hosts.render_hosts(
-                pod, record.ip, self.topology.services, self.topology.network.cluster_domain
+                pod, record.ip, self.services(), self.topology.network.cluster_domain
             )
             hosts.write_hosts(ns, content)
 
-    def _program_services(self) -> None:
-        pod_ips = {key: rec.ip for key, rec in self.state.pods.items() if rec.ip}
+    # -- services (the testbed is the cluster's endpoint controller and kube-proxy) --------------
+
+    def services(self) -> list[Service]:
+        """The topology's services with every change made since ``up`` (set_service)."""
+        current = {svc.key: svc for svc in self.topology.services}
+        for key, raw in self.state.service_overrides.items():
+            current[key] = _service_from_json(raw)
+        return [svc for svc in current.values() if svc.ports]
+
+    def set_service(self, service: Service) -> None:
+        """Add or change a service; endpoints, node proxies and name resolution follow."""
+        with self._lock:
+            self.state.service_overrides[service.key] = _service_json(service)
+            self.state.save()
+        self._publish()
+
+    def delete_service(self, key: str) -> None:
+        namespace, _, name = key.partition("/")
+        self.set_service(Service(namespace, name, {}, (), ipaddress.IPv4Address("0.0.0.0")))
+
+    def _pods_now(self) -> list[Pod]:
+        with self._lock:
+            records = list(self.state.pods.items())
+        return [
+            Pod(
+                key.split("/")[0],
+                key.split("/")[1],
+                r.node,
+                r.service_account,
+                r.labels,
+                {},
+                Workload("sleep"),
+            )
+            for key, r in records
+        ]
+
+    def _publish(self) -> None:
+        """Services and EndpointSlices for the agents, service tables and hosts for the nodes."""
+        with self._publish_lock:
+            self._publish_now()
+
+    def _publish_now(self) -> None:
+        with self._lock:
+            pod_ips = {key: rec.ip for key, rec in self.state.pods.items() if rec.ip}
+            nodes = {key: rec.node for key, rec in self.state.pods.items()}
+            netns_of = {key: rec.netns for key, rec in self.state.pods.items() if rec.ip}
+        svcs, pods = self.services(), self._pods_now()
+        objects = []
+        for svc in svcs:
+            objects.append(resources.service_object(svc))
+            eps = services.endpoints(svc, pods, pod_ips)
+            objects.append(resources.endpoint_slice_object(svc, eps, nodes))
+        resources.write(layout.cluster_dir(self.name) / "services.yaml", objects)
         for node in self.topology.nodes:
-            ruleset = services.render_ruleset(self.topology, node, pod_ips)
+            ruleset = services.render_ruleset(svcs, pods, node, pod_ips)
             services.apply(node_netns(self.name, node.name), ruleset)
+        domain = self.topology.network.cluster_domain
+        for pod in pods:
+            if pod.key in netns_of:
+                hosts.write_hosts(
+                    netns_of[pod.key], hosts.render_hosts(pod, pod_ips[pod.key], svcs, domain)
+                )
 
     def _start_workload(self, pod: Pod) -> None:
         record = self.state.pods[pod.key]
@@ -534,3 +608,34 @@ def _cached_networks(runtime: Runtime, container_id: str) -> list[dict[str, Any]
         out.append(conf)
     # Pod network first, loopback last: the reverse of the order they were added in.
     return sorted(out, key=lambda c: c.get("name") == LOOPBACK_CONFLIST["name"])
+
+
+def _service_json(svc: Service) -> dict[str, Any]:
+    return {
+        "namespace": svc.namespace,
+        "name": svc.name,
+        "selector": dict(svc.selector),
+        "clusterIP": str(svc.cluster_ip),
+        "ports": [
+            {
+                "name": p.name,
+                "port": p.port,
+                "targetPort": p.target_port,
+                "appProtocol": p.app_protocol,
+            }
+            for p in svc.ports
+        ],
+    }
+
+
+def _service_from_json(raw: dict[str, Any]) -> Service:
+    return Service(
+        namespace=raw["namespace"],
+        name=raw["name"],
+        selector=raw["selector"],
+        ports=tuple(
+            ServicePort(p["name"], p["port"], p["targetPort"], app_protocol=p["appProtocol"])
+            for p in raw["ports"]
+        ),
+        cluster_ip=ipaddress.IPv4Address(raw["clusterIP"]),
+    )

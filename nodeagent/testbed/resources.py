@@ -6,12 +6,15 @@ runs the CNI chain), and again with ``status.podIP`` once the chain assigned one
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nodeagent.testbed.topology import Namespace, Pod
+from nodeagent.testbed.services import Endpoint
+from nodeagent.testbed.topology import Namespace, Pod, Service
 
 
 def namespace_object(ns: Namespace) -> dict[str, Any]:
@@ -44,6 +47,60 @@ def pod_object(pod: Pod, uid: str, ip: str = "") -> dict[str, Any]:
 def write(path: Path, objects: list[dict[str, Any]]) -> None:
     """Atomically (the agents poll this directory), as one multi-document YAML file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(yaml.safe_dump_all(objects, sort_keys=False))
     tmp.replace(path)
+
+
+def service_object(svc: Service) -> dict[str, Any]:
+    ports = []
+    for port in svc.ports:
+        entry: dict[str, Any] = {
+            "name": port.name,
+            "port": port.port,
+            "targetPort": port.target_port,
+            "protocol": port.protocol,
+        }
+        if port.app_protocol:
+            entry["appProtocol"] = port.app_protocol
+        ports.append(entry)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"namespace": svc.namespace, "name": svc.name},
+        "spec": {"clusterIP": str(svc.cluster_ip), "selector": dict(svc.selector), "ports": ports},
+    }
+
+
+def endpoint_slice_object(
+    svc: Service, endpoints: dict[int, list[Endpoint]], nodes: dict[str, str]
+) -> dict[str, Any]:
+    """One slice per service (the testbed's endpoint controller); NODES maps pod key to node."""
+    pods = sorted({ep.pod: ep.ip for eps in endpoints.values() for ep in eps}.items())
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": svc.namespace,
+            "name": f"{svc.name}-testbed",
+            "labels": {"kubernetes.io/service-name": svc.name},
+        },
+        "addressType": "IPv4",
+        "endpoints": [
+            {
+                "addresses": [ip],
+                "conditions": {"ready": True},
+                "nodeName": nodes.get(key, ""),
+                "targetRef": {
+                    "kind": "Pod",
+                    "namespace": key.split("/")[0],
+                    "name": key.split("/")[1],
+                },
+            }
+            for key, ip in pods
+        ],
+        "ports": [
+            {"name": port.name, "port": port.target_port, "protocol": port.protocol}
+            for port in svc.ports
+        ],
+    }

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nodeagent.testbed import netns
-from nodeagent.testbed.topology import Node, Pod, Service, Topology
+from nodeagent.testbed.topology import Node, Pod, Service
 
 TABLE = "testbed-services"
 
@@ -35,7 +35,9 @@ def endpoints(
     }
 
 
-def render_ruleset(topology: Topology, node: Node, pod_ips: Mapping[str, str]) -> str:
+def render_ruleset(
+    services: Sequence[Service], pods: Sequence[Pod], node: Node, pod_ips: Mapping[str, str]
+) -> str:
     """The node's service table as an nft script; loading it atomically replaces the old one."""
     lines = [
         f"table ip {TABLE}",
@@ -45,8 +47,8 @@ def render_ruleset(topology: Topology, node: Node, pod_ips: Mapping[str, str]) -
         "    type nat hook prerouting priority dstnat; policy accept;",
     ]
     chains: list[str] = []
-    for i, svc in enumerate(topology.services):
-        for port, eps in endpoints(svc, topology.pods, pod_ips).items():
+    for i, svc in enumerate(services):
+        for port, eps in endpoints(svc, pods, pod_ips).items():
             match = f"ip daddr {svc.cluster_ip} tcp dport {port}"
             comment = f'comment "{svc.key}:{port}"'
             if not eps:

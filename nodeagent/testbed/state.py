@@ -24,6 +24,8 @@ class PodRecord:
     ip: str = ""
     pid: int | None = None
     start_time: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # endpoints follow them
+    service_account: str = "default"
 
 
 @dataclass
@@ -46,6 +48,8 @@ class TestbedState:
     etc_dirs: list[str] = field(default_factory=list)
     pods: dict[str, PodRecord] = field(default_factory=dict)
     daemons: list[DaemonRecord] = field(default_factory=list)
+    # Services changed or added after `up` (set_service), in topology form, by namespace/name.
+    service_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @staticmethod
     def directory(name: str) -> Path:

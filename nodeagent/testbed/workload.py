@@ -405,6 +405,9 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
             "type": "HTTP",
             "ip_addresses": addresses,
             "pod_ip": config.pod_ip or (addresses[0] if addresses else ""),
+            # The TCP peer this service saw: with the mesh, the caller's pod IP arrives in
+            # x-forwarded-for while the peer is the local Envoy's connection.
+            "client_ip": self.client_address[0],
             "headers": self._lowercased_headers(),
             "body": config.message,
             "start_time": start_time,

@@ -35,7 +35,7 @@ def test_pods_without_an_address_are_not_endpoints() -> None:
 
 
 def test_ruleset_balances_over_all_endpoints_and_rejects_empty_services() -> None:
-    rules = render_ruleset(TOPO, TOPO.nodes[0], IPS)
+    rules = render_ruleset(TOPO.services, TOPO.pods, TOPO.nodes[0], IPS)
     web_vip, empty_vip = TOPO.services[0].cluster_ip, TOPO.services[1].cluster_ip
     assert f"ip daddr {web_vip} tcp dport 80 jump" in rules
     assert "numgen random mod 2" in rules

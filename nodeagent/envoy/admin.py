@@ -1,0 +1,104 @@
+"""A client for the node Envoy's admin API (blocking, stdlib only: call it from a thread).
+
+The admin endpoint listens on 127.0.0.1 of the netns it was started in; the agent and Envoy share
+the node's netns, so a plain loopback connection reaches it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+
+class EnvoyAdminError(RuntimeError):
+    """The admin API could not be reached, or answered with an error."""
+
+
+class EnvoyAdmin:
+    def __init__(self, host: str = "127.0.0.1", port: int = 15000, timeout: float = 2.0) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def ready(self) -> bool:
+        """True once Envoy is LIVE (its init is done and its listeners accept connections)."""
+        try:
+            status, body = self._request("GET", "/ready")
+        except EnvoyAdminError:
+            return False  # not started yet, or gone: a probe answers, it does not raise
+        return status == 200 and body.strip() == "LIVE"
+
+    def server_info(self) -> dict[str, Any]:
+        return self._json("/server_info")
+
+    def config_dump(self, resource: str | None = None, include_eds: bool = False) -> dict[str, Any]:
+        """``resource`` selects one kind, e.g. "dynamic_active_clusters"; EDS only on request,
+        as it is the bulk of a node's config."""
+        query: dict[str, str] = {}
+        if resource:
+            query["resource"] = resource
+        if include_eds:
+            query["include_eds"] = ""
+        return self._json("/config_dump", query)
+
+    def stats(self, filter: str | None = None) -> dict[str, int]:
+        """Counters and gauges by name; ``filter`` is Envoy's regex on the stat name."""
+        query = {"format": "json"}
+        if filter:
+            query["filter"] = filter
+        dump = self._json("/stats", query)
+        values: dict[str, int] = {}
+        for entry in dump.get("stats", []):
+            value = entry.get("value")
+            # Histograms come as one {"histograms": ...} entry, text readouts as strings.
+            if "name" in entry and isinstance(value, int) and not isinstance(value, bool):
+                values[entry["name"]] = value
+        return values
+
+    def prometheus(self) -> str:
+        return self._checked("GET", "/stats/prometheus")
+
+    def post(self, path: str) -> str:
+        """A mutating endpoint (/quitquitquit, /drain_listeners, /healthcheck/fail...)."""
+        return self._checked("POST", path)
+
+    def _json(self, path: str, query: dict[str, str] | None = None) -> dict[str, Any]:
+        full = f"{path}?{urlencode(query)}" if query else path
+        body = self._checked("GET", full)
+        try:
+            answer = json.loads(body)
+        except ValueError as exc:
+            raise EnvoyAdminError(f"Envoy admin {self.address}{full}: not JSON: {exc}") from exc
+        if not isinstance(answer, dict):
+            raise EnvoyAdminError(f"Envoy admin {self.address}{full}: expected a JSON object")
+        return answer
+
+    def _checked(self, method: str, path: str) -> str:
+        status, body = self._request(method, path)
+        if not 200 <= status < 300:
+            raise EnvoyAdminError(
+                f"Envoy admin {self.address}{path}: {method} answered {status}: {body[:200]}"
+            )
+        return body
+
+    def _request(self, method: str, path: str) -> tuple[int, str]:
+        if not path.startswith("/"):
+            raise ValueError(f"admin path must start with '/': {path!r}")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, response.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException) as exc:
+            raise EnvoyAdminError(
+                f"Envoy admin {self.address}{path}: {method} failed: {exc}; is Envoy running "
+                f"with its admin on {self.address}?"
+            ) from exc
+        finally:
+            conn.close()

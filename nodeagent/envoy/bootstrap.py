@@ -1,0 +1,242 @@
+"""The node Envoy's bootstrap: everything it needs before the agent's ADS stream delivers the rest.
+
+Static parts only: the ADS cluster (a UNIX socket to the agent), the admin endpoint, Istio's
+:15090 Prometheus listener, the mark on Envoy's own upstream sockets and the overload limit.
+Listeners, routes, clusters and secrets for pods all arrive over ADS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nodeagent.redirect.capture import MESH_MARK
+
+ADS_CLUSTER = "xds-grpc"  # Istio's name for the control-plane cluster
+STATS_CLUSTER = "prometheus_stats"  # the stats listener's way back into the admin endpoint
+STATS_LISTENER = "prometheus"
+STATS_PATH = "/stats/prometheus"
+MAX_DOWNSTREAM_CONNECTIONS = 100_000  # generous: it only exists so Envoy does not warn
+
+# Without ADS, Envoy waits this long per xDS type (CDS, then LDS) before going LIVE with the
+# static config alone; it keeps the stream open and applies the agent's config when it comes.
+# Envoy's default is 15 s per type, and 0 (Istio's choice for sidecars) waits forever: a node
+# proxy must serve its stats and admin even while the agent is briefly absent.
+INITIAL_FETCH_TIMEOUT = 5.0
+# The agent restarts in seconds: reconnect to it quickly (Envoy's default backs off to 30 s).
+ADS_RETRY_BASE = 0.25
+ADS_RETRY_MAX = 3.0
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_SOL_SOCKET = 1
+_SO_MARK = 36
+
+
+def bootstrap(
+    node_id: str,
+    cluster: str,
+    ads_socket: Path,
+    admin_port: int = 15000,
+    stats_port: int = 15090,
+    node_metadata: Mapping[str, str] | None = None,
+    *,
+    initial_fetch_timeout: float = INITIAL_FETCH_TIMEOUT,
+    socket_mark: int | None = MESH_MARK,
+) -> dict[str, Any]:
+    """An Envoy v3 Bootstrap as JSON-able data. ``socket_mark=None`` leaves sockets unmarked
+    (setting SO_MARK needs CAP_NET_ADMIN)."""
+    ads: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+    if initial_fetch_timeout > 0:
+        ads["initial_fetch_timeout"] = _duration(initial_fetch_timeout)
+    config: dict[str, Any] = {
+        "node": {"id": node_id, "cluster": cluster, "metadata": dict(node_metadata or {})},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": ADS_CLUSTER,
+                            "retry_policy": {
+                                "retry_back_off": {
+                                    "base_interval": _duration(ADS_RETRY_BASE),
+                                    "max_interval": _duration(ADS_RETRY_MAX),
+                                }
+                            },
+                        }
+                    }
+                ],
+            },
+            "cds_config": dict(ads),
+            "lds_config": dict(ads),
+        },
+        "static_resources": {
+            "clusters": [_ads_cluster(ads_socket), _stats_cluster(admin_port)],
+            "listeners": [_stats_listener(stats_port)],
+        },
+        "admin": {"address": _socket_address("127.0.0.1", admin_port)},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors"
+                        ".downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
+        },
+        # An admin layer lets an operator flip runtime keys through /runtime_modify.
+        "layered_runtime": {
+            "layers": [
+                {"name": "static", "static_layer": {}},
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
+    }
+    if socket_mark is not None:
+        # Applies to every cluster without its own bind config: capture skips marked packets.
+        config["cluster_manager"] = {
+            "upstream_bind_config": {
+                "socket_options": [
+                    {"level": _SOL_SOCKET, "name": _SO_MARK, "int_value": socket_mark}
+                ]
+            }
+        }
+    return config
+
+
+def write_bootstrap(
+    path: Path,
+    node_id: str,
+    cluster: str,
+    ads_socket: Path,
+    admin_port: int = 15000,
+    stats_port: int = 15090,
+    node_metadata: Mapping[str, str] | None = None,
+    *,
+    initial_fetch_timeout: float = INITIAL_FETCH_TIMEOUT,
+    socket_mark: int | None = MESH_MARK,
+) -> dict[str, Any]:
+    """Write the bootstrap to ``path`` atomically (mode 0600: the node's metadata is private);
+    an Envoy starting concurrently reads the old file or the new one, never half of one."""
+    config = bootstrap(
+        node_id,
+        cluster,
+        ads_socket,
+        admin_port,
+        stats_port,
+        node_metadata,
+        initial_fetch_timeout=initial_fetch_timeout,
+        socket_mark=socket_mark,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(config, out, indent=2)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return config
+
+
+def _ads_cluster(ads_socket: Path) -> dict[str, Any]:
+    return {
+        "name": ADS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",  # a local socket: anything slower means the agent is not there
+        "load_assignment": {
+            "cluster_name": ADS_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(ads_socket)}}}}]}
+            ],
+        },
+        "typed_extension_protocol_options": {
+            HTTP_PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {}},  # gRPC needs HTTP/2
+            }
+        },
+    }
+
+
+def _stats_cluster(admin_port: int) -> dict[str, Any]:
+    return {
+        "name": STATS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": STATS_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket_address("127.0.0.1", admin_port)}}
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def _stats_listener(stats_port: int) -> dict[str, Any]:
+    """0.0.0.0:stats_port answers only /stats/prometheus, so scrapers never reach the admin API."""
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": "stats",
+        "codec_type": "AUTO",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "stats",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": STATS_PATH}, "route": {"cluster": STATS_CLUSTER}}
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    return {
+        "name": STATS_LISTENER,
+        "address": _socket_address("0.0.0.0", stats_port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _duration(seconds: float) -> str:
+    """Protobuf JSON Duration ("0.25s"), never in exponent notation."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"

@@ -1,0 +1,111 @@
+"""Network filters shared by the outbound and inbound listeners (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodeagent.translate.envoy import typed
+
+# Upstream sockets are created in the network namespace this connection's pod lives in: the
+# listener stamps the pod's netns into filter state and every cluster's local address selector
+# reads it. So clusters are shared by all local pods, and config grows with services, not pods.
+NETNS_KEY = "envoy.network.upstream_bind_override.network_namespace"
+
+# Istio's default access log format, prefixed with the direction and the local pod.
+ACCESS_LOG_FORMAT = (
+    '[%START_TIME%] {direction} {pod} "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% '
+    '%PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% '
+    '%CONNECTION_TERMINATION_DETAILS% "%UPSTREAM_TRANSPORT_FAILURE_REASON%" %BYTES_RECEIVED% '
+    '%BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" '
+    '"%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" '
+    "%UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% "
+    "%DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n"
+)
+TCP_ACCESS_LOG_FORMAT = (
+    "[%START_TIME%] {direction} {pod} TCP %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% "
+    '%DURATION% "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% %DOWNSTREAM_LOCAL_ADDRESS% '
+    "%DOWNSTREAM_REMOTE_ADDRESS%\n"
+)
+
+
+def stamp_netns(netns: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.set_filter_state",
+        "typed_config": typed(
+            "envoy.extensions.filters.network.set_filter_state.v3.Config",
+            on_new_connection=[
+                {
+                    "object_key": NETNS_KEY,
+                    "factory_key": "envoy.string",
+                    "format_string": {"text_format_source": {"inline_string": netns}},
+                    "shared_with_upstream": "ONCE",
+                }
+            ],
+        ),
+    }
+
+
+def access_log(direction: str, pod: str, tcp: bool = False) -> list[dict[str, Any]]:
+    fmt = TCP_ACCESS_LOG_FORMAT if tcp else ACCESS_LOG_FORMAT
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": typed(
+                "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                log_format={
+                    "text_format_source": {
+                        "inline_string": fmt.replace("{direction}", direction).replace("{pod}", pod)
+                    }
+                },
+            ),
+        }
+    ]
+
+
+def http_connection_manager(
+    stat_prefix: str, route_config_name: str, direction: str, pod: str
+) -> dict[str, Any]:
+    inbound = direction == "inbound"
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": typed(
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            stat_prefix=stat_prefix,
+            rds={
+                "route_config_name": route_config_name,
+                "config_source": {"ads": {}, "resource_api_version": "V3"},
+            },
+            http_filters=[
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
+                }
+            ],
+            access_log=access_log(direction, pod),
+            # Inbound: the caller's pod address goes to the app in x-forwarded-for.
+            use_remote_address=inbound,
+            normalize_path=True,
+            merge_slashes=True,
+            path_with_escaped_slashes_action="KEEP_UNCHANGED",
+            request_id_extension={
+                "typed_config": typed(
+                    "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                    use_request_id_for_trace_sampling=True,
+                )
+            },
+            stream_idle_timeout="0s",
+            upgrade_configs=[{"upgrade_type": "websocket"}],
+        ),
+    }
+
+
+def tcp_proxy(stat_prefix: str, cluster: str, direction: str, pod: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": typed(
+            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            stat_prefix=stat_prefix,
+            cluster=cluster,
+            access_log=access_log(direction, pod, tcp=True),
+        ),
+    }

@@ -1,0 +1,225 @@
+"""Services to clusters, endpoints and routes, shared by every local pod (pure).
+
+Names follow Istio: ``outbound|<port>||<host>`` for a service port's cluster (and its HTTP route
+configuration), ``PassthroughCluster`` / ``BlackHoleCluster`` for destinations outside the
+registry, ``inbound|<port>||`` for delivery to a local app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from nodeagent.mesh.model import EndpointSlice, Service, ServicePort
+from nodeagent.mesh.store import MeshStore
+from nodeagent.redirect.capture import MESH_MARK
+from nodeagent.translate.envoy import (
+    Cluster,
+    ClusterLoadAssignment,
+    RouteConfiguration,
+    message,
+    typed,
+)
+from nodeagent.translate.protocol import HTTP2, is_http, port_protocol
+
+PASSTHROUGH = "PassthroughCluster"
+BLACKHOLE = "BlackHoleCluster"
+INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
+CONNECT_TIMEOUT = "10s"  # Istio's default connectTimeout
+
+
+@dataclass(frozen=True)
+class ServiceTarget:
+    """One port of one service with a virtual IP: what an outbound filter chain matches."""
+
+    service: Service
+    port: ServicePort
+    host: str
+    protocol: str
+
+    @property
+    def cluster(self) -> str:
+        return outbound_cluster(self.port.port, self.host)
+
+
+def outbound_cluster(port: int, host: str, subset: str = "") -> str:
+    return f"outbound|{port}|{subset}|{host}"
+
+
+def inbound_cluster(port: int) -> str:
+    return f"inbound|{port}||"
+
+
+def targets(store: MeshStore) -> Iterator[ServiceTarget]:
+    domain = store.mesh_config.cluster_domain
+    for svc in sorted(store.services.values(), key=lambda s: s.key):
+        for port in svc.ports:
+            if port.protocol.upper() != "TCP":
+                continue
+            yield ServiceTarget(
+                svc, port, svc.hostname(domain), port_protocol(port.name, port.app_protocol)
+            )
+
+
+def upstream_bind() -> dict[str, Any]:
+    """Every upstream socket: marked so in-pod capture skips it, created in the caller's netns."""
+    return {
+        "source_address": {"address": "0.0.0.0", "port_value": 0},
+        "socket_options": [{"level": 1, "name": 36, "int_value": MESH_MARK}],  # SO_MARK
+        "local_address_selector": {
+            "name": "envoy.upstream.local_address_selector.filter_state_override",
+            "typed_config": typed(
+                "envoy.extensions.local_address_selectors.filter_state_override.v3.Config"
+            ),
+        },
+    }
+
+
+def _http2_options() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            explicit_http_config={"http2_protocol_options": {}},
+        )
+    }
+
+
+def service_cluster(target: ServiceTarget) -> Cluster:
+    fields: dict[str, Any] = {
+        "name": target.cluster,
+        "type": "EDS",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "connect_timeout": CONNECT_TIMEOUT,
+        "lb_policy": "ROUND_ROBIN",
+        "upstream_bind_config": upstream_bind(),
+    }
+    if target.protocol == HTTP2:
+        fields["typed_extension_protocol_options"] = _http2_options()
+    return message(Cluster, fields)
+
+
+def original_dst_cluster(name: str, http2: bool = False) -> Cluster:
+    """Connects to where the caller was going (the original destination), from its netns."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "upstream_bind_config": upstream_bind(),
+    }
+    if http2:
+        fields["typed_extension_protocol_options"] = _http2_options()
+    return message(Cluster, fields)
+
+
+def blackhole_cluster() -> Cluster:
+    return message(
+        Cluster, {"name": BLACKHOLE, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT}
+    )
+
+
+def _slice_port(slice_: EndpointSlice, port: ServicePort) -> int | None:
+    """The endpoint port a slice publishes for a service port (matched by name, as kube does)."""
+    for ep_port in slice_.ports:
+        if ep_port.name == port.name:
+            return ep_port.port
+    if len(slice_.ports) == 1 and not port.name:
+        return slice_.ports[0].port
+    return None
+
+
+def load_assignment(store: MeshStore, target: ServiceTarget) -> ClusterLoadAssignment:
+    """Every ready endpoint of the service, cluster-wide (nothing here is per local pod)."""
+    addresses: set[tuple[str, int]] = set()
+    for slice_ in store.slices_of(target.service):
+        port = _slice_port(slice_, target.port)
+        if port is None:
+            continue
+        for endpoint in slice_.endpoints:
+            if endpoint.ready:
+                addresses.update((address, port) for address in endpoint.addresses)
+    return message(
+        ClusterLoadAssignment,
+        {
+            "cluster_name": target.cluster,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": ip, "port_value": port}}
+                            },
+                            "health_status": "HEALTHY",
+                        }
+                        for ip, port in sorted(addresses)
+                    ]
+                }
+            ]
+            if addresses
+            else [],
+        },
+    )
+
+
+def outbound_route(target: ServiceTarget) -> RouteConfiguration:
+    """The service port's routes: every request to its cluster (VirtualService routing later)."""
+    return message(
+        RouteConfiguration,
+        {
+            "name": target.cluster,
+            "validate_clusters": False,
+            "virtual_hosts": [
+                {
+                    "name": f"{target.host}:{target.port.port}",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "name": "default",
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": target.cluster, "timeout": "0s"},
+                        }
+                    ],
+                }
+            ],
+        },
+    )
+
+
+def inbound_route(port: int) -> RouteConfiguration:
+    return message(
+        RouteConfiguration,
+        {
+            "name": inbound_cluster(port),
+            "validate_clusters": False,
+            "virtual_hosts": [
+                {
+                    "name": "inbound|http|" + str(port),
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "name": "default",
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": inbound_cluster(port), "timeout": "0s"},
+                        }
+                    ],
+                }
+            ],
+        },
+    )
+
+
+def http_ports_of(store: MeshStore, labels: dict[str, str], namespace: str) -> dict[int, str]:
+    """Target ports of HTTP service ports that select a pod: where inbound HTTP is parsed."""
+    ports: dict[int, str] = {}
+    for target in targets(store):
+        svc = target.service
+        selected = (
+            svc.namespace == namespace
+            and bool(svc.selector)
+            and all(labels.get(k) == v for k, v in svc.selector.items())
+        )
+        target_port = target.port.target_port or target.port.port
+        if selected and isinstance(target_port, int) and is_http(target.protocol):
+            ports[target_port] = target.protocol
+    return ports

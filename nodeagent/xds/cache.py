@@ -1,0 +1,140 @@
+"""What to send: one consistent snapshot of Envoy resources per node id.
+
+The server streams whatever snapshot is current; a snapshot is checked here, when it is set, so a
+dangling EDS or RDS reference never reaches Envoy (Envoy would keep that cluster or listener
+warming until its initial fetch timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from nodeagent.xds import types
+from nodeagent.xds.references import eds_service_name, route_config_names
+
+# The field each resource type is named by; the snapshot's key must match it.
+_NAME_FIELD = {
+    types.CLUSTER: "name",
+    types.ENDPOINT: "cluster_name",
+    types.LISTENER: "name",
+    types.ROUTE: "name",
+    types.SECRET: "name",
+}
+
+
+class InconsistentSnapshot(ValueError):
+    """A snapshot Envoy could not apply as a whole: a dangling reference or a misnamed resource."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every resource one Envoy should have: type URL -> resource name -> protobuf message.
+
+    Treat it as immutable once made: per-resource versions are computed once and cached.
+    """
+
+    version: str
+    resources: Mapping[str, Mapping[str, Message]]
+
+    def of(self, type_url: str) -> Mapping[str, Message]:
+        return self.resources.get(type_url, {})
+
+    def versions(self, type_url: str) -> Mapping[str, str]:
+        """Per-resource versions: a hash of the deterministic serialization of each resource."""
+        return self._versions.get(type_url, {})
+
+    def packed(self, type_url: str, name: str) -> any_pb2.Any:
+        return any_pb2.Any(type_url=type_url, value=self._encoded[type_url][name])
+
+    @cached_property
+    def _encoded(self) -> dict[str, dict[str, bytes]]:
+        return {
+            type_url: {name: msg.SerializeToString(deterministic=True) for name, msg in by.items()}
+            for type_url, by in self.resources.items()
+        }
+
+    @cached_property
+    def _versions(self) -> dict[str, dict[str, str]]:
+        return {
+            type_url: {name: hashlib.sha256(raw).hexdigest()[:16] for name, raw in by.items()}
+            for type_url, by in self._encoded.items()
+        }
+
+
+def check_consistent(snapshot: Snapshot) -> None:
+    """Raise InconsistentSnapshot naming the first problem; return when Envoy can apply it."""
+    if not snapshot.version:
+        raise InconsistentSnapshot("snapshot version is empty: give every snapshot a version")
+    for type_url, by_name in snapshot.resources.items():
+        if type_url not in _NAME_FIELD:
+            raise InconsistentSnapshot(f"snapshot {snapshot.version}: unknown type {type_url!r}")
+        expected = types.message_name(type_url)
+        for name, msg in by_name.items():
+            if msg.DESCRIPTOR.full_name != expected:
+                raise InconsistentSnapshot(
+                    f"snapshot {snapshot.version}: {name!r} is a {msg.DESCRIPTOR.full_name}, "
+                    f"filed under {type_url}"
+                )
+            actual = getattr(msg, _NAME_FIELD[type_url])
+            if actual != name:
+                raise InconsistentSnapshot(
+                    f"snapshot {snapshot.version}: {types.short_name(type_url)} resource filed "
+                    f"as {name!r} is named {actual!r}"
+                )
+    assignments = snapshot.of(types.ENDPOINT)
+    for name, cluster in snapshot.of(types.CLUSTER).items():
+        service = eds_service_name(cluster)
+        if service is not None and service not in assignments:
+            raise InconsistentSnapshot(
+                f"snapshot {snapshot.version}: cluster {name!r} uses EDS service {service!r}, "
+                "but the snapshot has no ClusterLoadAssignment of that name"
+            )
+    routes = snapshot.of(types.ROUTE)
+    for name, listener in snapshot.of(types.LISTENER).items():
+        for chain, route_name in route_config_names(listener):
+            if route_name not in routes:
+                raise InconsistentSnapshot(
+                    f"snapshot {snapshot.version}: listener {name!r} (filter chain {chain}) uses "
+                    f"RDS route_config_name {route_name!r}, but the snapshot has no "
+                    "RouteConfiguration of that name"
+                )
+
+
+class SnapshotCache:
+    """The current snapshot of each node id. Use it from the event loop's thread only."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        self._set_at: dict[str, float] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+
+    def set_snapshot(self, node_id: str, snapshot: Snapshot) -> None:
+        check_consistent(snapshot)
+        self._snapshots[node_id] = snapshot
+        self._set_at[node_id] = time.monotonic()
+        event = self._changed.pop(node_id, None)
+        if event is not None:
+            event.set()
+
+    def get(self, node_id: str) -> Snapshot | None:
+        return self._snapshots.get(node_id)
+
+    def set_at(self, node_id: str) -> float | None:
+        """When (time.monotonic) the current snapshot of node_id was set."""
+        return self._set_at.get(node_id)
+
+    async def wait_newer(self, node_id: str, seen: Snapshot | None) -> Snapshot:
+        """The node's current snapshot once it is not `seen` (at once if it already is not)."""
+        while True:
+            current = self._snapshots.get(node_id)
+            if current is not None and current is not seen:
+                return current
+            await self._changed.setdefault(node_id, asyncio.Event()).wait()

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the xDS server."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class XdsMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pushes = Counter(
+            "nodeagent_xds_pushes",
+            "xDS responses sent to Envoy, by type (CDS, EDS, LDS, RDS, SDS).",
+            ["type"],
+            registry=registry,
+        )
+        self.nacks = Counter(
+            "nodeagent_xds_nacks",
+            "xDS responses Envoy rejected (NACK), by type.",
+            ["type"],
+            registry=registry,
+        )
+        self.push_seconds = Histogram(
+            "nodeagent_xds_push_seconds",
+            "Seconds from a snapshot being set (or the stream opening) to Envoy's ACK, by type.",
+            ["type"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.connected = Gauge(
+            "nodeagent_xds_connected_proxies",
+            "Envoy node ids with at least one open ADS stream.",
+            registry=registry,
+        )

@@ -1,0 +1,128 @@
+"""The ADS gRPC server on a root-only UNIX socket: both SotW and delta, one Envoy per node id.
+
+Each stream is independent: an error in one ends that stream only. A reconnecting Envoy opens a
+new stream and is sent the node's current snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from nodeagent.xds.cache import SnapshotCache
+from nodeagent.xds.delta import DeltaStream
+from nodeagent.xds.metrics import XdsMetrics
+from nodeagent.xds.sotw import SotwStream
+from nodeagent.xds.state import TypeStatus
+from nodeagent.xds.stream import AdsStream, ProtocolError
+
+log = logging.getLogger("nodeagent.xds")
+
+__all__ = ["TypeStatus", "XdsServer"]
+
+
+class XdsServer:
+    """AggregatedDiscoveryService over the snapshots of `cache`."""
+
+    def __init__(
+        self, cache: SnapshotCache, registry: CollectorRegistry, *, ack_timeout: float = 5.0
+    ) -> None:
+        self.cache = cache
+        self.metrics = XdsMetrics(registry)
+        self.ack_timeout = ack_timeout
+        self._streams: dict[str, list[AdsStream]] = {}
+        self._last_status: dict[str, dict[str, TypeStatus]] = {}
+        self._server: Any = None
+        self._path: Path | None = None
+
+    async def start(self, path: Path) -> None:
+        """Serve on UNIX socket `path`: 0600 in a 0700 directory; a stale socket is replaced."""
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+        if path.is_socket():
+            path.unlink()  # left by an earlier agent: nobody listens on it any more
+        elif path.exists():
+            raise FileExistsError(f"{path} exists and is not a socket: remove it or choose another")
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise OSError(f"cannot listen on unix:{path}")
+        await server.start()
+        os.chmod(path, 0o600)
+        self._server = server
+        self._path = path
+        log.info("xDS server listening on unix:%s", path)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is None:
+            return
+        for streams in self._streams.values():
+            for stream in streams:
+                stream.close()  # end each stream cleanly; Envoy reconnects to the next server
+        await self._server.stop(grace)
+        self._server = None
+        if self._path is not None and self._path.is_socket():
+            self._path.unlink()
+
+    # AggregatedDiscoveryService
+    async def StreamAggregatedResources(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._serve(SotwStream(self), requests, context)
+
+    async def DeltaAggregatedResources(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._serve(DeltaStream(self), requests, context)
+
+    async def _serve(self, stream: AdsStream, requests: AsyncIterator[Any], context: Any) -> None:
+        try:
+            await stream.run(requests, context)
+        except asyncio.CancelledError:
+            # Envoy went away (or the server stops): the stream has cleaned up; ending quietly
+            # keeps grpc from logging each disconnect as an unhandled error.
+            return
+        except ProtocolError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception:
+            log.exception("xDS %s stream of %s failed", stream.kind, stream.node_id)
+            await context.abort(grpc.StatusCode.INTERNAL, "xDS server error on this stream")
+
+    # StreamHost
+    def attach(self, stream: AdsStream) -> None:
+        assert stream.node_id is not None
+        self._streams.setdefault(stream.node_id, []).append(stream)
+        self.metrics.connected.set(len(self._streams))
+
+    def detach(self, stream: AdsStream) -> None:
+        assert stream.node_id is not None
+        streams = self._streams.get(stream.node_id, [])
+        if stream in streams:
+            streams.remove(stream)
+        if not streams:
+            self._streams.pop(stream.node_id, None)
+            self._last_status[stream.node_id] = self._status_of(stream, connected=False)
+        self.metrics.connected.set(len(self._streams))
+
+    # Status
+    def connected_nodes(self) -> list[str]:
+        return sorted(self._streams)
+
+    def status(self, node_id: str) -> dict[str, TypeStatus]:
+        """type URL -> status, for each type Envoy subscribed to on its latest stream."""
+        streams = self._streams.get(node_id)
+        if not streams:
+            return dict(self._last_status.get(node_id, {}))
+        return self._status_of(streams[-1], connected=True)
+
+    def _status_of(self, stream: AdsStream, connected: bool) -> dict[str, TypeStatus]:
+        snapshot = self.cache.get(stream.node_id or "")
+        return {
+            type_url: state.status(snapshot, connected)
+            for type_url, state in stream.states.items()
+            if state.subscribed
+        }

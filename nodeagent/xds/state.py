@@ -1,0 +1,241 @@
+"""Per-stream, per-type protocol state: subscriptions, what Envoy was sent and what it ACKed.
+
+Pure bookkeeping, no I/O: the stream drivers (sotw, delta) feed it requests and ask it what to
+send next. Resource versions are the snapshot's per-resource hashes, so "changed" means "changed
+bytes", whatever the snapshot's version string says.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from google.protobuf import any_pb2
+
+from nodeagent.xds import types
+from nodeagent.xds.cache import Snapshot
+from nodeagent.xds.references import eds_service_name, route_config_names
+
+State = Literal["SYNCED", "STALE", "NACKED"]
+
+
+@dataclass(frozen=True)
+class TypeStatus:
+    """What one Envoy has of one resource type, as its ACKs and NACKs told."""
+
+    state: State
+    version_sent: str
+    version_acked: str
+    last_nack: str
+    connected: bool
+    last_ack_time: float | None  # time.time() of the latest ACK
+
+
+@dataclass
+class Plan:
+    """One response to send: the resources it carries and what Envoy then has."""
+
+    type_url: str
+    upserts: dict[str, str]  # name -> resource version; in SotW every resource of the response
+    removals: list[str]  # delta only: removed_resources
+    after: dict[str, str]  # what Envoy has once it applies this response
+    kept: dict[str, any_pb2.Any] = field(default_factory=dict)  # SotW: resources no longer in
+    # the snapshot that stay in a full-state response until the removal phase
+
+
+@dataclass
+class TypeState:
+    type_url: str
+    sotw: bool
+    subscribed: bool = False  # Envoy asked for this type on this stream
+    wildcard: bool = False
+    named_ever: bool = False  # once Envoy named a resource, an empty list is no wildcard any more
+    explicit: set[str] = field(default_factory=set)
+    sent: dict[str, str] = field(default_factory=dict)  # name -> version Envoy was given
+    sent_any: dict[str, any_pb2.Any] = field(default_factory=dict)  # full-state: kept on adding
+    acked: dict[str, str] = field(default_factory=dict)
+    told_absent: set[str] = field(default_factory=set)  # delta: "does not exist" already said
+    force: set[str] = field(default_factory=set)  # resend even if Envoy has this version
+    respond: bool = False  # the subscription changed: answer even with nothing new
+    # Names Envoy should subscribe to soon (EDS after CDS, RDS after LDS): later types wait.
+    expect: set[str] = field(default_factory=set)
+    expect_since: float | None = None
+    # The latest response.
+    nonce: str = ""
+    sent_at: float | None = None
+    answered: bool = True
+    timed_out: bool = False
+    pending_after: dict[str, str] = field(default_factory=dict)
+    push_start: float = 0.0
+    version_sent: str = ""
+    version_acked: str = ""
+    nacked: bool = False
+    last_nack: str = ""
+    last_ack_time: float | None = None
+
+    @property
+    def full_state(self) -> bool:
+        """SotW responses of this type carry every resource; absence means removal."""
+        return self.sotw and self.type_url in types.WILDCARD_TYPES
+
+    def interest(self, snapshot: Snapshot) -> dict[str, str]:
+        """name -> version of the snapshot's resources this subscription covers."""
+        versions = snapshot.versions(self.type_url)
+        if self.wildcard:
+            return dict(versions)
+        return {n: versions[n] for n in self.explicit if n in versions}
+
+    def awaiting(self, now: float, timeout: float) -> bool:
+        """The latest response is unanswered (for at most `timeout` seconds)."""
+        return not self.answered and self.sent_at is not None and now - self.sent_at < timeout
+
+    def expecting(self, now: float, timeout: float) -> bool:
+        """Envoy is yet to subscribe to names its new clusters/listeners use (bounded wait)."""
+        if self.expect_since is None:
+            return False
+        if self.expect <= self.explicit:  # met: a later unsubscribe must not re-arm it
+            self.expect_since = None
+            return False
+        return now - self.expect_since < timeout
+
+    def deadline(self, now: float, timeout: float) -> float | None:
+        """When a running awaiting() or expecting() ends by itself."""
+        times = []
+        if not self.answered and self.sent_at is not None:
+            times.append(self.sent_at + timeout)
+        if self.expect_since is not None and self.expect - self.explicit:
+            times.append(self.expect_since + timeout)
+        future = [t for t in times if t > now]
+        return min(future) if future else None
+
+    def plan(self, snapshot: Snapshot, removing: bool) -> Plan | None:
+        """The next response of this type, or None when Envoy has what it should.
+
+        Adding (removing=False) never withdraws a resource; removing sends only withdrawals.
+        """
+        if not self.subscribed:
+            return None
+        current = self.interest(snapshot)
+        if self.sotw:
+            return self._plan_sotw(current, removing)
+        return self._plan_delta(current, removing)
+
+    def _plan_sotw(self, current: dict[str, str], removing: bool) -> Plan | None:
+        target = dict(current)
+        kept: dict[str, any_pb2.Any] = {}
+        if self.full_state and not removing:
+            for name, version in self.sent.items():
+                if name not in target and name in self.sent_any:
+                    target[name] = version
+                    kept[name] = self.sent_any[name]
+        if removing:
+            if not self.full_state or target == self.sent:
+                return None
+        elif not (
+            self.respond
+            or self.force & set(target)
+            or any(self.sent.get(n) != v for n, v in target.items())
+        ):
+            return None
+        return Plan(self.type_url, upserts=target, removals=[], after=dict(target), kept=kept)
+
+    def _plan_delta(self, current: dict[str, str], removing: bool) -> Plan | None:
+        after = dict(self.sent)
+        if removing:
+            removals = sorted(n for n in self.sent if n not in current)
+            if not removals:
+                return None
+            for name in removals:
+                del after[name]
+            return Plan(self.type_url, upserts={}, removals=removals, after=after)
+        upserts = {n: v for n, v in current.items() if self.sent.get(n) != v or n in self.force}
+        absent = sorted(
+            n
+            for n in self.explicit
+            if n not in current and n not in self.sent and n not in self.told_absent
+        )
+        if not (upserts or absent or self.respond):
+            return None
+        after.update(upserts)
+        return Plan(self.type_url, upserts=upserts, removals=absent, after=after)
+
+    def on_sent(self, plan: Plan, snapshot: Snapshot, nonce: str, push_start: float) -> None:
+        self.sent = dict(plan.after)
+        if self.full_state:
+            self.sent_any = {
+                n: plan.kept[n] if n in plan.kept else snapshot.packed(self.type_url, n)
+                for n in plan.upserts
+            }
+        if not self.sotw:
+            self.told_absent |= {n for n in plan.removals if n in self.explicit}
+            self.told_absent -= set(plan.upserts)
+        self.force.clear()
+        self.respond = False
+        self.nonce = nonce
+        self.sent_at = time.monotonic()
+        self.answered = False
+        self.timed_out = False
+        self.pending_after = dict(plan.after)
+        self.push_start = push_start
+        self.version_sent = snapshot.version
+        self.nacked = False
+
+    def on_ack(self) -> None:
+        self.answered = True
+        self.acked = {n: v for n, v in self.pending_after.items() if self.sent.get(n) == v}
+        self.version_acked = self.version_sent
+        self.last_ack_time = time.time()
+
+    def on_nack(self, message: str) -> None:
+        self.answered = True
+        self.nacked = True
+        self.last_nack = message
+
+    def forget(self, name: str) -> None:
+        """Envoy dropped a resource of its own accord (it unsubscribed)."""
+        self.sent.pop(name, None)
+        self.sent_any.pop(name, None)
+        self.acked.pop(name, None)
+        self.told_absent.discard(name)
+
+    def status(self, snapshot: Snapshot | None, connected: bool) -> TypeStatus:
+        return TypeStatus(
+            state=self._state(snapshot),
+            version_sent=self.version_sent,
+            version_acked=self.version_acked,
+            last_nack=self.last_nack,
+            connected=connected,
+            last_ack_time=self.last_ack_time,
+        )
+
+    def _state(self, snapshot: Snapshot | None) -> State:
+        if self.nacked:
+            return "NACKED"
+        if snapshot is None or not self.answered:
+            return "STALE"
+        desired = self.interest(snapshot)
+        if any(self.acked.get(n) != v for n, v in desired.items()):
+            return "STALE"
+        # A SotW EDS/RDS name gone from the snapshot is just no longer referenced: Envoy drops it.
+        if (self.full_state or not self.sotw) and set(self.acked) - set(desired):
+            return "STALE"
+        return "SYNCED"
+
+
+def expected_subscriptions(snapshot: Snapshot, type_url: str, names: Mapping[str, str]) -> set[str]:
+    """EDS/RDS names Envoy will subscribe to after applying these clusters/listeners."""
+    resources = snapshot.of(type_url)
+    wanted: set[str] = set()
+    for name in names:
+        msg = resources.get(name)
+        if msg is None:
+            continue
+        if type_url == types.CLUSTER:
+            service = eds_service_name(msg)
+            if service is not None:
+                wanted.add(service)
+        elif type_url == types.LISTENER:
+            wanted |= {route for _, route in route_config_names(msg)}
+    return wanted

@@ -1,0 +1,115 @@
+"""The node Envoy's bootstrap: what it configures, and that the real Envoy accepts it."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.envoy import bootstrap, write_bootstrap
+
+ENVOY = Path(sys.executable).parent / "envoy"
+
+
+def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(
+        c for c in config["static_resources"]["clusters"] if c["name"] == name
+    )
+    return found
+
+
+def test_node_identity_and_ads_over_the_agent_socket(tmp_path: Path) -> None:
+    config = bootstrap(
+        "node-a~10.0.0.1", "nodeagent", tmp_path / "ads.sock", node_metadata={"z": "1"}
+    )
+
+    assert config["node"] == {
+        "id": "node-a~10.0.0.1",
+        "cluster": "nodeagent",
+        "metadata": {"z": "1"},
+    }
+    ads = config["dynamic_resources"]["ads_config"]
+    assert (ads["api_type"], ads["transport_api_version"]) == ("GRPC", "V3")
+    assert ads["set_node_on_first_message_only"] is True
+    assert ads["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "xds-grpc"
+    for kind in ("cds_config", "lds_config"):
+        source = config["dynamic_resources"][kind]
+        assert source["ads"] == {} and source["resource_api_version"] == "V3"
+        # Envoy must leave init (and serve stats) even while the agent is away.
+        assert source["initial_fetch_timeout"] == "5s"
+
+    xds = _cluster(config, "xds-grpc")
+    assert xds["type"] == "STATIC"
+    endpoint = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"] == {"pipe": {"path": str(tmp_path / "ads.sock")}}
+    options = xds["typed_extension_protocol_options"]
+    (http,) = options.values()
+    assert "http2_protocol_options" in http["explicit_http_config"]
+
+
+def test_admin_on_loopback_and_prometheus_on_all_addresses() -> None:
+    config = bootstrap("n", "c", Path("/run/ads.sock"), admin_port=16000, stats_port=16090)
+
+    admin = config["admin"]["address"]["socket_address"]
+    assert (admin["address"], admin["port_value"]) == ("127.0.0.1", 16000)
+    (listener,) = config["static_resources"]["listeners"]
+    assert listener["name"] == "prometheus"
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 16090}
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["match"] == {"prefix": "/stats/prometheus"}
+    stats = _cluster(config, route["route"]["cluster"])
+    target = stats["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert target["socket_address"] == {"address": "127.0.0.1", "port_value": 16000}
+
+
+def test_envoy_sockets_carry_the_mesh_mark_and_connections_are_bounded() -> None:
+    config = bootstrap("n", "c", Path("/run/ads.sock"))
+
+    (option,) = config["cluster_manager"]["upstream_bind_config"]["socket_options"]
+    assert option == {"level": 1, "name": 36, "int_value": 0x539}
+    (monitor,) = config["overload_manager"]["resource_monitors"]
+    assert monitor["name"] == "envoy.resource_monitors.global_downstream_max_connections"
+    assert monitor["typed_config"]["max_active_downstream_connections"] >= 100_000
+    assert "cluster_manager" not in bootstrap("n", "c", Path("/a"), socket_mark=None)
+
+
+def test_write_bootstrap_is_private_and_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "envoy.json"
+    path.parent.mkdir()
+    path.write_text("old")
+
+    written = write_bootstrap(path, "n", "c", tmp_path / "ads.sock", admin_port=16001)
+
+    assert json.loads(path.read_text()) == written
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["envoy.json"]  # no temp left
+
+
+@pytest.mark.parametrize("fetch_timeout", [5.0, 0.25])
+def test_real_envoy_validates_the_bootstrap(tmp_path: Path, fetch_timeout: float) -> None:
+    path = tmp_path / "envoy.json"
+    write_bootstrap(
+        path,
+        "node-a",
+        "nodeagent",
+        tmp_path / "ads.sock",
+        node_metadata={"NODE_NAME": "node-a"},
+        initial_fetch_timeout=fetch_timeout,
+    )
+
+    proc = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"configuration '{path}' OK" in proc.stdout + proc.stderr

@@ -1,0 +1,653 @@
+"""The xDS server as Envoy sees it: a gRPC client on the server's UNIX socket plays Envoy.
+
+Each test runs its own event loop (asyncio.run), server and client; nothing needs privileges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from prometheus_client import CollectorRegistry
+
+from nodeagent.xds import types
+from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
+from nodeagent.xds.server import XdsServer
+
+NODE = "node-1"
+CDS, EDS, LDS, RDS = types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE
+
+
+# Resources: just enough for the consistency check and for telling versions apart.
+def ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    )
+
+
+def cluster(name: str, timeout: int = 1) -> cluster_pb2.Cluster:
+    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.EDS)
+    c.connect_timeout.seconds = timeout
+    c.eds_cluster_config.eds_config.CopyFrom(ads_source())
+    return c
+
+
+def cla(name: str, weight: int = 1) -> endpoint_pb2.ClusterLoadAssignment:
+    assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    assignment.policy.overprovisioning_factor.value = 100 + weight
+    return assignment
+
+
+def listener(name: str, route_name: str, prefix: str = "http") -> listener_pb2.Listener:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=prefix,
+        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=route_name),
+    )
+    typed = any_pb2.Any()
+    typed.Pack(hcm)
+    chain = listener_components_pb2.FilterChain(
+        filters=[listener_components_pb2.Filter(name="hcm", typed_config=typed)]
+    )
+    return listener_pb2.Listener(name=name, filter_chains=[chain])
+
+
+def route(name: str, cluster_name: str = "a") -> route_pb2.RouteConfiguration:
+    config = route_pb2.RouteConfiguration(name=name)
+    vhost = config.virtual_hosts.add(name="all", domains=["*"])
+    vhost.routes.add().route.cluster = cluster_name
+    return config
+
+
+def snapshot(
+    version: str,
+    clusters: dict[str, Any] | None = None,
+    assignments: dict[str, Any] | None = None,
+    listeners: dict[str, Any] | None = None,
+    routes: dict[str, Any] | None = None,
+) -> Snapshot:
+    return Snapshot(
+        version,
+        {
+            CDS: clusters if clusters is not None else {"a": cluster("a")},
+            EDS: assignments if assignments is not None else {"a": cla("a")},
+            LDS: listeners if listeners is not None else {"l": listener("l", "r")},
+            RDS: routes if routes is not None else {"r": route("r")},
+        },
+    )
+
+
+# Envoy's side of the stream.
+class FakeEnvoy:
+    def __init__(self, path: Path, delta: bool, node_id: str = NODE) -> None:
+        self.delta = delta
+        self.node_id = node_id
+        self.channel = grpc.aio.insecure_channel(f"unix:{path}")
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
+        rpc = stub.DeltaAggregatedResources if delta else stub.StreamAggregatedResources
+        self.call = rpc()
+        self.responses: asyncio.Queue[Any] = asyncio.Queue()
+        self.received: list[Any] = []
+        self._reader = asyncio.create_task(self._read())
+        self._first = True
+
+    async def _read(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            async for response in self.call:
+                self.received.append(response)
+                self.responses.put_nowait(response)
+
+    async def send(self, **fields: Any) -> None:
+        cls = discovery_pb2.DeltaDiscoveryRequest if self.delta else discovery_pb2.DiscoveryRequest
+        request = cls(**fields)
+        if self._first:
+            request.node.CopyFrom(base_pb2.Node(id=self.node_id))
+            self._first = False
+        await self.call.write(request)
+
+    async def request(self, type_url: str, names: list[str] | None = None, nonce: str = "") -> None:
+        """SotW: the full list of names; delta: names to subscribe to."""
+        if self.delta:
+            await self.send(
+                type_url=type_url, resource_names_subscribe=names or [], response_nonce=nonce
+            )
+        else:
+            await self.send(type_url=type_url, resource_names=names or [], response_nonce=nonce)
+
+    async def recv(self, timeout: float = 3.0) -> Any:
+        return await asyncio.wait_for(self.responses.get(), timeout)
+
+    async def silent(self, within: float) -> list[Any]:
+        """Responses that arrive within `within` seconds (expected: none)."""
+        await asyncio.sleep(within)
+        got = []
+        while not self.responses.empty():
+            got.append(self.responses.get_nowait())
+        return got
+
+    async def ack(self, response: Any, names: list[str] | None = None) -> None:
+        if self.delta:
+            await self.send(type_url=response.type_url, response_nonce=response.nonce)
+        else:
+            await self.send(
+                type_url=response.type_url,
+                version_info=response.version_info,
+                resource_names=names or [],
+                response_nonce=response.nonce,
+            )
+
+    async def nack(self, response: Any, message: str, names: list[str] | None = None) -> None:
+        error = status_pb2.Status(code=3, message=message)
+        if self.delta:
+            await self.send(
+                type_url=response.type_url, response_nonce=response.nonce, error_detail=error
+            )
+        else:
+            await self.send(
+                type_url=response.type_url,
+                version_info="",
+                resource_names=names or [],
+                response_nonce=response.nonce,
+                error_detail=error,
+            )
+
+    async def close(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+        await self.channel.close()
+
+
+def names_of(response: Any) -> list[str]:
+    """Resource names a response carries."""
+    if isinstance(response, discovery_pb2.DeltaDiscoveryResponse):
+        return sorted(r.name for r in response.resources)
+    names = []
+    for packed in response.resources:
+        kind = {
+            CDS: cluster_pb2.Cluster,
+            EDS: endpoint_pb2.ClusterLoadAssignment,
+            LDS: listener_pb2.Listener,
+            RDS: route_pb2.RouteConfiguration,
+        }[response.type_url]
+        msg = kind()
+        packed.Unpack(msg)
+        names.append(msg.cluster_name if response.type_url == EDS else msg.name)
+    return sorted(names)
+
+
+class Env:
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "xds" / "ads.sock"
+        self.cache = SnapshotCache()
+        self.registry = CollectorRegistry()
+        self.server = XdsServer(self.cache, self.registry)
+        self.envoys: list[FakeEnvoy] = []
+
+    def envoy(self, delta: bool = False, node_id: str = NODE) -> FakeEnvoy:
+        envoy = FakeEnvoy(self.path, delta, node_id)
+        self.envoys.append(envoy)
+        return envoy
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def states(self, node_id: str = NODE) -> dict[str, str]:
+        return {types.short_name(t): s.state for t, s in self.server.status(node_id).items()}
+
+
+def run(tmp_path: Path, body: Callable[[Env], Awaitable[None]]) -> None:
+    async def main() -> None:
+        env = Env(tmp_path)
+        await env.server.start(env.path)
+        try:
+            await body(env)
+        finally:
+            for envoy in env.envoys:
+                await envoy.close()
+            await env.server.stop()
+
+    asyncio.run(main())
+
+
+async def initial_flow(envoy: FakeEnvoy) -> dict[str, Any]:
+    """Envoy's start-up: CDS, then EDS for its clusters, LDS, then RDS; every response ACKed."""
+    got: dict[str, Any] = {}
+    await envoy.request(CDS)
+    got["CDS"] = await envoy.recv()
+    await envoy.request(EDS, ["a"])
+    await envoy.ack(got["CDS"])
+    got["EDS"] = await envoy.recv()
+    await envoy.ack(got["EDS"], ["a"])
+    await envoy.request(LDS)
+    got["LDS"] = await envoy.recv()
+    await envoy.request(RDS, ["r"])
+    await envoy.ack(got["LDS"])
+    got["RDS"] = await envoy.recv()
+    await envoy.ack(got["RDS"], ["r"])
+    await asyncio.sleep(0.05)
+    return got
+
+
+async def wait_for_state(env: Env, type_name: str, state: str, timeout: float = 2.0) -> None:
+    async def poll() -> None:
+        while env.states().get(type_name) != state:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_initial_flow_acked_with_one_version(tmp_path: Path, delta: bool) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        got = await initial_flow(envoy)
+        assert [r.type_url for r in envoy.received] == [CDS, EDS, LDS, RDS]
+        for response in got.values():
+            assert names_of(response)
+            version = response.system_version_info if delta else response.version_info
+            assert version == "v1"
+        assert len({r.nonce for r in envoy.received}) == 4
+        assert env.states() == {"CDS": "SYNCED", "EDS": "SYNCED", "LDS": "SYNCED", "RDS": "SYNCED"}
+        status = env.server.status(NODE)[LDS]
+        assert (status.version_sent, status.version_acked, status.connected) == ("v1", "v1", True)
+        assert status.last_ack_time is not None
+        assert env.server.connected_nodes() == [NODE]
+        assert env.metric("nodeagent_xds_connected_proxies") == 1
+        assert env.metric("nodeagent_xds_pushes_total", type="LDS") == 1
+        assert env.metric("nodeagent_xds_push_seconds_count", type="RDS") == 1
+        if delta:
+            versions = {r.name: r.version for r in got["CDS"].resources}
+            assert versions["a"] == env.cache.get(NODE).versions(CDS)["a"]  # type: ignore[union-attr]
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_new_snapshot_pushes_cds_before_lds(tmp_path: Path, delta: bool) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        await initial_flow(envoy)
+        env.cache.set_snapshot(
+            NODE,
+            snapshot(
+                "v2",
+                clusters={"a": cluster("a"), "b": cluster("b")},
+                assignments={"a": cla("a"), "b": cla("b")},
+                listeners={"l": listener("l", "r", prefix="v2")},
+                routes={"r": route("r", "b")},
+            ),
+        )
+        cds = await envoy.recv()
+        assert cds.type_url == CDS
+        assert "b" in names_of(cds)
+        assert await envoy.silent(0.3) == []  # LDS waits for the CDS answer
+        await envoy.ack(cds)
+        if delta:
+            await envoy.request(EDS, ["b"])
+        else:
+            await envoy.request(EDS, ["a", "b"], nonce=envoy.received[1].nonce)
+        eds = await envoy.recv()
+        assert eds.type_url == EDS
+        assert "b" in names_of(eds)
+        await envoy.ack(eds, ["a", "b"])
+        lds = await envoy.recv()
+        assert lds.type_url == LDS
+        await envoy.ack(lds)
+        rds = await envoy.recv()
+        assert rds.type_url == RDS
+        await envoy.ack(rds, ["r"])
+        assert [r.type_url for r in envoy.received[4:]] == [CDS, EDS, LDS, RDS]
+        await asyncio.sleep(0.05)
+        assert set(env.states().values()) == {"SYNCED"}
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_nack_recorded_and_not_resent_until_a_new_snapshot(tmp_path: Path, delta: bool) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        await initial_flow(envoy)
+        env.cache.set_snapshot(NODE, snapshot("v2", listeners={"l": listener("l", "r", "bad")}))
+        bad = await envoy.recv()
+        assert bad.type_url == LDS
+        await envoy.nack(bad, "listener l: duplicate filter chain match")
+        await wait_for_state(env, "LDS", "NACKED")
+        status = env.server.status(NODE)[LDS]
+        assert status.last_nack == "listener l: duplicate filter chain match"
+        assert (status.version_sent, status.version_acked) == ("v2", "v1")
+        assert env.metric("nodeagent_xds_nacks_total", type="LDS") == 1
+        assert env.states()["CDS"] == "SYNCED"
+        assert await envoy.silent(0.5) == []  # no resend loop
+
+        # A snapshot that changes something else does not resend the rejected listener.
+        env.cache.set_snapshot(
+            NODE,
+            snapshot(
+                "v3", assignments={"a": cla("a", 2)}, listeners={"l": listener("l", "r", "bad")}
+            ),
+        )
+        eds = await envoy.recv()
+        assert eds.type_url == EDS
+        await envoy.ack(eds, ["a"])
+        assert await envoy.silent(0.3) == []
+        assert env.states()["LDS"] == "NACKED"
+
+        # A snapshot that changes the listener is sent, and its ACK clears the NACK.
+        env.cache.set_snapshot(NODE, snapshot("v4", assignments={"a": cla("a", 2)}))
+        good = await envoy.recv()
+        assert good.type_url == LDS
+        await envoy.ack(good)
+        await wait_for_state(env, "LDS", "SYNCED")
+        assert env.server.status(NODE)[LDS].version_acked == "v4"
+        assert env.metric("nodeagent_xds_nacks_total", type="LDS") == 1
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_stale_nonce_is_ignored(tmp_path: Path, delta: bool) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        got = await initial_flow(envoy)
+        env.cache.set_snapshot(NODE, snapshot("v2", clusters={"a": cluster("a", timeout=2)}))
+        cds = await envoy.recv()
+        eds = await envoy.recv()  # the updated cluster warms until EDS names it again
+        assert (cds.type_url, eds.type_url) == (CDS, EDS)
+        await envoy.ack(eds, ["a"])
+        # An answer to the previous CDS response: neither an ACK of v2 nor worth a response.
+        await envoy.ack(got["CDS"])
+        assert await envoy.silent(0.3) == []
+        assert env.states()["CDS"] == "STALE"
+        await envoy.ack(cds)
+        await wait_for_state(env, "CDS", "SYNCED")
+
+    run(tmp_path, body)
+
+
+def test_sotw_named_eds_subscription_gets_only_requested_names(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(
+            NODE,
+            snapshot(
+                "v1",
+                clusters={"a": cluster("a"), "b": cluster("b")},
+                assignments={"a": cla("a"), "b": cla("b"), "c": cla("c")},
+            ),
+        )
+        envoy = env.envoy()
+        await envoy.request(CDS)
+        cds = await envoy.recv()
+        assert names_of(cds) == ["a", "b"]  # wildcard: every cluster
+        await envoy.ack(cds)
+        await envoy.request(EDS, ["a"])
+        eds = await envoy.recv()
+        assert names_of(eds) == ["a"]
+        await envoy.ack(eds, ["a"])
+        await envoy.request(EDS, ["a", "b"], nonce=eds.nonce)
+        eds = await envoy.recv()
+        assert names_of(eds) == ["a", "b"]
+        await envoy.ack(eds, ["a", "b"])
+        # A change to an assignment nobody asked for is no reason to push.
+        env.cache.set_snapshot(
+            NODE,
+            snapshot(
+                "v2",
+                clusters={"a": cluster("a"), "b": cluster("b")},
+                assignments={"a": cla("a"), "b": cla("b"), "c": cla("c", 5)},
+            ),
+        )
+        assert await envoy.silent(0.3) == []
+
+    run(tmp_path, body)
+
+
+def test_sotw_withdraws_a_cluster_only_after_the_routes_moved(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy()
+        got = await initial_flow(envoy)
+        # Cluster a is replaced by b and the route moves to b.
+        env.cache.set_snapshot(
+            NODE,
+            snapshot(
+                "v2",
+                clusters={"b": cluster("b")},
+                assignments={"b": cla("b")},
+                routes={"r": route("r", "b")},
+            ),
+        )
+        cds = await envoy.recv()
+        assert (cds.type_url, names_of(cds)) == (CDS, ["a", "b"])  # a stays for now
+        await envoy.request(EDS, ["a", "b"], nonce=got["EDS"].nonce)
+        await envoy.ack(cds)
+        eds = await envoy.recv()
+        assert (eds.type_url, names_of(eds)) == (EDS, ["b"])
+        await envoy.ack(eds, ["a", "b"])
+        rds = await envoy.recv()
+        assert (rds.type_url, names_of(rds)) == (RDS, ["r"])
+        await envoy.ack(rds, ["r"])
+        cds = await envoy.recv()
+        assert (cds.type_url, names_of(cds), cds.version_info) == (CDS, ["b"], "v2")
+        await envoy.request(EDS, ["b"], nonce=eds.nonce)
+        await envoy.ack(cds)
+        assert await envoy.silent(0.3) == []
+        assert set(env.states().values()) == {"SYNCED"}
+
+    run(tmp_path, body)
+
+
+def test_delta_sends_only_changes_and_withdraws_after_additions(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta=True)
+        await initial_flow(envoy)
+        # Only the assignment changes: one EDS response carrying only it.
+        env.cache.set_snapshot(NODE, snapshot("v2", assignments={"a": cla("a", 3)}))
+        eds = await envoy.recv()
+        assert (eds.type_url, names_of(eds), list(eds.removed_resources)) == (EDS, ["a"], [])
+        await envoy.ack(eds)
+        assert await envoy.silent(0.3) == []
+
+        # Cluster a is replaced by b, and the route moves to b: b and the route go first,
+        # a is withdrawn last.
+        env.cache.set_snapshot(
+            NODE,
+            snapshot(
+                "v3",
+                clusters={"b": cluster("b")},
+                assignments={"b": cla("b")},
+                routes={"r": route("r", "b")},
+            ),
+        )
+        cds = await envoy.recv()
+        assert (cds.type_url, names_of(cds), list(cds.removed_resources)) == (CDS, ["b"], [])
+        await envoy.ack(cds)
+        await envoy.request(EDS, ["b"])
+        eds = await envoy.recv()
+        assert (eds.type_url, names_of(eds)) == (EDS, ["b"])
+        await envoy.ack(eds)
+        rds = await envoy.recv()
+        assert (rds.type_url, names_of(rds)) == (RDS, ["r"])
+        await envoy.ack(rds)
+        removal = await envoy.recv()
+        assert (removal.type_url, names_of(removal), list(removal.removed_resources)) == (
+            CDS,
+            [],
+            ["a"],
+        )
+        # Envoy drops the cluster's EDS subscription before it ACKs the removal.
+        await envoy.send(type_url=EDS, resource_names_unsubscribe=["a"])
+        await envoy.send(type_url=CDS, response_nonce=removal.nonce)
+        assert await envoy.silent(0.3) == []
+        assert set(env.states().values()) == {"SYNCED"}
+
+    run(tmp_path, body)
+
+
+def test_delta_unsubscribe_and_resubscribe(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        clusters = {"a": cluster("a"), "b": cluster("b")}
+        env.cache.set_snapshot(
+            NODE, snapshot("v1", clusters=clusters, assignments={"a": cla("a"), "b": cla("b")})
+        )
+        envoy = env.envoy(delta=True)
+        await envoy.request(CDS)
+        await envoy.ack(await envoy.recv())
+        await envoy.request(EDS, ["a", "b"])
+        eds = await envoy.recv()
+        assert names_of(eds) == ["a", "b"]
+        await envoy.ack(eds)
+        await envoy.send(type_url=EDS, resource_names_unsubscribe=["b"])
+        assert await envoy.silent(0.3) == []  # unsubscribing needs no answer
+        env.cache.set_snapshot(
+            NODE, snapshot("v2", clusters=clusters, assignments={"a": cla("a"), "b": cla("b", 7)})
+        )
+        assert await envoy.silent(0.3) == []  # b is no longer of interest
+        await envoy.request(EDS, ["b"])
+        eds = await envoy.recv()
+        assert names_of(eds) == ["b"]  # asked again: sent again
+        await envoy.ack(eds)
+        await envoy.request(EDS, ["missing"])
+        eds = await envoy.recv()
+        assert (names_of(eds), list(eds.removed_resources)) == ([], ["missing"])  # does not exist
+
+    run(tmp_path, body)
+
+
+def test_delta_reconnect_with_initial_versions_resends_only_changes(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(
+            NODE,
+            snapshot(
+                "v1",
+                clusters={"a": cluster("a"), "b": cluster("b")},
+                assignments={"a": cla("a"), "b": cla("b")},
+            ),
+        )
+        first = env.envoy(delta=True)
+        await first.request(CDS)
+        cds = await first.recv()
+        known = {r.name: r.version for r in cds.resources}
+        await first.close()
+        env.cache.set_snapshot(
+            NODE,
+            snapshot(
+                "v2",
+                clusters={"a": cluster("a", 3), "b": cluster("b"), "c": cluster("c")},
+                assignments={"a": cla("a"), "b": cla("b"), "c": cla("c")},
+            ),
+        )
+        known["gone"] = "x"
+        second = env.envoy(delta=True)
+        await second.send(type_url=CDS, initial_resource_versions=known)
+        cds = await second.recv()
+        assert names_of(cds) == ["a", "c"]  # b is unchanged
+        await second.request(EDS, ["a", "b", "c"])
+        await second.ack(cds)
+        await second.ack(await second.recv())
+        removal = await second.recv()
+        assert removal.type_url == CDS
+        assert list(removal.removed_resources) == ["gone"]
+
+    run(tmp_path, body)
+
+
+def test_disconnect_cleans_up_and_reconnect_gets_current_snapshot(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        first = env.envoy()
+        await initial_flow(first)
+        await first.close()
+        await asyncio.sleep(0.2)
+        assert env.server.connected_nodes() == []
+        assert env.metric("nodeagent_xds_connected_proxies") == 0
+        assert {s.connected for s in env.server.status(NODE).values()} == {False}
+        env.cache.set_snapshot(NODE, snapshot("v2", assignments={"a": cla("a", 4)}))
+        second = env.envoy()
+        got = await initial_flow(second)
+        assert {r.version_info for r in got.values()} == {"v2"}
+        assert env.server.connected_nodes() == [NODE]
+        assert set(env.states().values()) == {"SYNCED"}
+
+    run(tmp_path, body)
+
+
+def test_a_broken_stream_does_not_affect_others(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        good = env.envoy()
+        await good.request(CDS)
+        await good.recv()
+        bad = env.envoy(node_id="")  # the first request carries no node id
+        await bad.request(CDS)
+        assert await bad.call.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await good.request(EDS, ["a"])
+        assert names_of(await good.recv()) == ["a"]
+        assert env.server.connected_nodes() == [NODE]
+
+    run(tmp_path, body)
+
+
+def test_socket_is_private_and_a_stale_one_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "xds" / "ads.sock"
+    path.parent.mkdir(mode=0o755)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+
+    async def body(env: Env) -> None:
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy()
+        await envoy.request(CDS)
+        assert names_of(await envoy.recv()) == ["a"]
+
+    run(tmp_path, body)
+
+
+def test_dangling_eds_reference_is_rejected() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot(NODE, snapshot("v1"))
+    with pytest.raises(InconsistentSnapshot, match=r"cluster 'b' uses EDS service 'b'"):
+        cache.set_snapshot(NODE, snapshot("v2", clusters={"a": cluster("a"), "b": cluster("b")}))
+    named = cluster("c")
+    named.eds_cluster_config.service_name = "svc"
+    with pytest.raises(InconsistentSnapshot, match=r"EDS service 'svc'"):
+        cache.set_snapshot(NODE, snapshot("v3", clusters={"c": named}, assignments={"c": cla("c")}))
+    assert cache.get(NODE).version == "v1"  # type: ignore[union-attr]
+
+
+def test_dangling_rds_reference_is_rejected() -> None:
+    cache = SnapshotCache()
+    with pytest.raises(InconsistentSnapshot, match=r"listener 'l'.*route_config_name 'other'"):
+        cache.set_snapshot(NODE, snapshot("v1", listeners={"l": listener("l", "other")}))
+    assert cache.get(NODE) is None
+
+
+def test_misfiled_resource_is_rejected() -> None:
+    with pytest.raises(InconsistentSnapshot, match=r"filed as 'x' is named 'a'"):
+        SnapshotCache().set_snapshot(NODE, snapshot("v1", clusters={"x": cluster("a")}))
