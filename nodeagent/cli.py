@@ -61,6 +61,34 @@ def workload(args: tuple[str, ...]) -> None:
 @click.option("--metrics-port", type=int, default=15020, show_default=True)
 @click.option("--readiness-port", type=int, default=15021, show_default=True)
 @click.option("--reconcile-interval", type=float, default=60.0, show_default=True)
+@click.option(
+    "--mesh-config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="MeshConfig file (trustDomain, outboundTrafficPolicy, rootNamespace).",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/run/nodeagent"),
+    show_default=True,
+    help="xDS socket, Envoy bootstrap and pidfile.",
+)
+@click.option(
+    "--envoy-binary",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Envoy to run (default: the one installed with nodeagent).",
+)
+@click.option(
+    "--envoy-log",
+    type=click.Path(path_type=Path),
+    default=Path("/var/log/nodeagent-envoy.log"),
+    show_default=True,
+)
+@click.option("--admin-port", type=int, default=15000, show_default=True)
+@click.option("--stats-port", type=int, default=15090, show_default=True)
+@click.option("--no-proxy", is_flag=True, help="Capture only, no node Envoy (testing capture).")
 @click.option("--log-level", default="info", show_default=True)
 def run(
     node_name: str,
@@ -71,9 +99,16 @@ def run(
     metrics_port: int,
     readiness_port: int,
     reconcile_interval: float,
+    mesh_config: Path | None,
+    run_dir: Path,
+    envoy_binary: Path | None,
+    envoy_log: Path,
+    admin_port: int,
+    stats_port: int,
+    no_proxy: bool,
     log_level: str,
 ) -> None:
-    """Run the node agent (needs root: it enters pod network namespaces)."""
+    """Run the node agent and the node's Envoy (needs root: it enters pod network namespaces)."""
     import asyncio
 
     from nodeagent import agent, logs
@@ -88,6 +123,13 @@ def run(
         metrics_port=metrics_port,
         readiness_port=readiness_port,
         reconcile_interval=reconcile_interval,
+        mesh_config=mesh_config,
+        run_dir=run_dir,
+        envoy_binary=envoy_binary,
+        envoy_log=envoy_log,
+        admin_port=admin_port,
+        stats_port=stats_port,
+        proxy=not no_proxy,
     )
     asyncio.run(agent.run(config))
 
@@ -159,7 +201,9 @@ def install_cni(
 
 
 @cli.command()
-@click.option("--cni-socket", default=DEFAULT_SOCKET, show_default=True)
+@click.option(
+    "--cni-socket", default=DEFAULT_SOCKET, show_default=True, envvar="NODEAGENT_CNI_SOCKET"
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def pods(cni_socket: str, output: str) -> None:
     """Capture state of every pod handed to this node's agent."""
@@ -182,6 +226,87 @@ def pods(cni_socket: str, output: str) -> None:
             for r in records
         ]
     )
+
+
+@cli.command("proxy-status")
+@click.option(
+    "--cni-socket", default=DEFAULT_SOCKET, show_default=True, envvar="NODEAGENT_CNI_SOCKET"
+)
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def proxy_status(cni_socket: str, output: str) -> None:
+    """Whether the node's Envoy holds the latest config, per xDS type, for every local pod."""
+    from nodeagent.cni import wire
+
+    try:
+        answer = wire.request(cni_socket, {"command": "PROXY_STATUS"}, 10.0)
+    except (OSError, wire.ProtocolError) as e:
+        raise click.ClickException(str(e)) from None
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("reason")))
+    if output == "json":
+        click.echo(json.dumps(answer, indent=2))
+        return
+    proxy = answer["proxy"]
+    kinds = ("CDS", "LDS", "EDS", "RDS")
+    states = {k: proxy["types"].get(k, {}).get("state", "NOT SENT") for k in kinds}
+    captured = [p for p in answer["pods"] if p["state"] == "captured"]
+    _table(
+        [("NAME", "NODE", *kinds, "VERSION")]
+        + [
+            (f"{p['name']}.{p['namespace']}", proxy["node"], *states.values(), proxy["version"])
+            for p in captured
+        ]
+    )
+    click.echo(
+        f"\nnode {proxy['node']}: Envoy pid {proxy['envoy_pid']}, "
+        f"{proxy['envoy_restarts']} restarts, {len(captured)} pods in the mesh"
+    )
+    for kind, info in proxy["types"].items():
+        if info.get("last_nack"):
+            click.echo(f"{kind} NACKED by Envoy: {info['last_nack']}")
+    if proxy.get("error"):
+        click.echo(f"last push failed: {proxy['error']}")
+
+
+@cli.command("proxy-config")
+@click.argument("kind", type=click.Choice(["listeners", "routes", "clusters", "endpoints"]))
+@click.argument("pod")
+@click.option("--admin", default="127.0.0.1:15000", show_default=True, help="Envoy admin.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+def proxy_config(kind: str, pod: str, admin: str, output: str) -> None:
+    """What the node's Envoy holds for POD (namespace/name), like istioctl proxy-config."""
+    from nodeagent import proxyconfig as pc
+    from nodeagent.envoy.admin import EnvoyAdmin, EnvoyAdminError
+
+    namespace, _, name = pod.rpartition("/")
+    namespace = namespace or "default"
+    host, _, port = admin.rpartition(":")
+    client = EnvoyAdmin(host, int(port), timeout=5.0)
+    try:
+        dump = client.config_dump()
+        listeners = pc.pod_listeners(dump, namespace, name)
+        if not listeners:
+            raise click.ClickException(
+                f"the node's Envoy holds no listeners for {namespace}/{name}"
+            )
+        routes = pc.pod_routes(dump, listeners)
+        clusters = pc.pod_clusters(dump, listeners, routes)
+        statuses = client.clusters_json() if kind == "endpoints" else {}
+    except EnvoyAdminError as e:
+        raise click.ClickException(str(e)) from None
+    chosen = {"listeners": listeners, "routes": routes, "clusters": clusters}.get(kind)
+    if output == "json":
+        raw: object = chosen if chosen is not None else statuses
+        click.echo(json.dumps(raw, indent=2))
+        return
+    if kind == "listeners":
+        _table(pc.listener_rows(listeners))
+    elif kind == "routes":
+        _table(pc.route_rows(routes))
+    elif kind == "clusters":
+        _table(pc.cluster_rows(clusters))
+    else:
+        _table(pc.endpoint_rows(statuses, {str(c.get("name")) for c in clusters}))
 
 
 # -- testbed ---------------------------------------------------------------------------------
@@ -280,6 +405,23 @@ def exec_(name: str | None, pod: str, command: tuple[str, ...]) -> None:
     except KeyError as e:
         raise click.ClickException(str(e.args[0])) from None
     os.execvp(argv[0], argv)
+
+
+@testbed.command("node-exec", context_settings={"ignore_unknown_options": True})
+@name_option
+@click.argument("node")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def node_exec(name: str | None, node: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND on NODE (its network namespace): ... node-exec node1 -- nodeagent proxy-status"""
+    from nodeagent.testbed import layout
+
+    tb = _open(name)
+    if node not in {n.name for n in tb.topology.nodes}:
+        raise click.ClickException(f"no node {node!r} in testbed {tb.name!r}")
+    argv = ["ip", "netns", "exec", layout.node_netns(tb.name, node), *command]
+    env = dict(os.environ)
+    env["NODEAGENT_CNI_SOCKET"] = str(layout.agent_socket(tb.name, node))
+    os.execvpe(argv[0], argv, env)
 
 
 def _open(name: str | None) -> Testbed:

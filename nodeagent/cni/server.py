@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,17 @@ READ_TIMEOUT = 10.0
 
 
 class CniServer:
-    def __init__(self, path: Path, manager: CaptureManager, metrics: AgentMetrics) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manager: CaptureManager,
+        metrics: AgentMetrics,
+        extra: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] | None = None,
+    ) -> None:
         self.path = path
         self.manager = manager
         self.metrics = metrics
+        self.extra = extra or {}  # operator commands (PROXY_STATUS, ...) on the same socket
         self.ready = False  # answered in STATUS; set by the agent once its first reconcile ran
         self._server: asyncio.AbstractServer | None = None
 
@@ -92,4 +100,6 @@ class CniServer:
             if not self.ready:
                 return {"ok": False, "reason": "the node agent is starting"}
             return {"ok": True, "pods": self.manager.status()}
+        if isinstance(command, str) and command in self.extra:
+            return await self.extra[command](request)
         raise ValueError(f"unknown command {command!r}")

@@ -61,6 +61,10 @@ class EnvoyAdmin:
                 values[entry["name"]] = value
         return values
 
+    def clusters_json(self) -> dict[str, Any]:
+        """``/clusters?format=json``: each cluster's endpoints and their health."""
+        return self._json("/clusters", {"format": "json"})
+
     def prometheus(self) -> str:
         return self._checked("GET", "/stats/prometheus")
 

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,16 @@ class ProbeSource(Protocol):
     def sync(self, pod_ips: Sequence[str]) -> None: ...
 
 
+class Proxy(Protocol):
+    """The node's Envoy, as capture sees it: told of changes, asked whether it holds them."""
+
+    async def synced(self, timeout: float) -> str: ...
+
+
+# How long a DEL waits for Envoy to drop the pod's listeners before its netns may go.
+DEL_SYNC_TIMEOUT = 5.0
+
+
 class CaptureManager:
     def __init__(
         self,
@@ -57,6 +68,7 @@ class CaptureManager:
         excluded_namespaces: Sequence[str],
         probe_snat: ProbeSource | None = None,
         pod_wait: float = DEFAULT_POD_WAIT,
+        proxy: Proxy | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -65,6 +77,7 @@ class CaptureManager:
         self.excluded_namespaces = tuple(excluded_namespaces)
         self.probe_snat = probe_snat
         self.pod_wait = pod_wait
+        self.proxy = proxy
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._probe_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(CAPTURE_WORKERS, thread_name_prefix="capture")
@@ -80,6 +93,7 @@ class CaptureManager:
         container_id, netns = str(pod.get("containerId", "")), str(pod.get("netns", ""))
         if not (namespace and name and container_id and netns):
             return _fail("ADD needs namespace, name, containerId and netns")
+        started = time.monotonic()
         async with self._locks[container_id]:
             capture = PodCapture(
                 namespace=namespace,
@@ -114,6 +128,12 @@ class CaptureManager:
             if problem:
                 return self._settle(capture, FAILED, problem)
             answer = self._settle(capture, CAPTURED, membership.reason)
+            if self.proxy is not None:
+                # The app must not start before the node's Envoy listens for it (fail closed).
+                left = timeout - (time.monotonic() - started) - 1.0
+                problem = await self.proxy.synced(max(1.0, left))
+                if problem:
+                    answer = self._settle(capture, FAILED, f"listeners not ready: {problem}")
         await self._sync_probes()
         return answer
 
@@ -127,6 +147,11 @@ class CaptureManager:
         async with self._locks[capture.container_id]:
             self.registry.pop(capture.container_id)
             self.metrics.forget_pod(capture.namespace, capture.name)
+            if self.proxy is not None and capture.state == CAPTURED:
+                # Envoy drops the pod's listeners before the runtime removes its netns.
+                problem = await self.proxy.synced(DEL_SYNC_TIMEOUT)
+                if problem:
+                    log.warning("pod %s: %s", capture.key, problem)
             if capture.state == CAPTURED and os.path.exists(capture.netns):
                 try:
                     await self._in_thread(self.backend.remove, Path(capture.netns))

@@ -279,7 +279,7 @@ class Testbed:
             raise TestbedError(str(e)) from None
 
     def _start_daemon(self, node: str, daemon: str) -> DaemonRecord:
-        record = daemons.start(self.name, node, daemon)
+        record = daemons.start(self.name, node, daemon, proxy=self.topology.proxy)
         with self._lock:
             self.state.daemons.append(record)
             self.state.save()

@@ -26,7 +26,7 @@ class DaemonError(RuntimeError):
     pass
 
 
-def start(testbed: str, node: str, daemon: str) -> DaemonRecord:
+def start(testbed: str, node: str, daemon: str, proxy: bool = True) -> DaemonRecord:
     if daemon == AGENT:
         argv = [
             "run",
@@ -38,7 +38,13 @@ def start(testbed: str, node: str, daemon: str) -> DaemonRecord:
             str(layout.agent_socket(testbed, node)),
             "--state-dir",
             str(layout.agent_state_dir(testbed, node)),
+            "--run-dir",
+            str(layout.agent_socket(testbed, node).parent),
+            "--envoy-log",
+            str(layout.logs_dir(testbed) / f"{node}.envoy.log"),
         ]
+        if not proxy:
+            argv.append("--no-proxy")
     else:
         argv = [
             "install-cni",

@@ -125,6 +125,8 @@ class Topology:
     # Whether each node runs the node agent with nodeagent-cni chained after bridge (the
     # DaemonSet is installed); off, pods get the primary CNI only (the no-mesh baseline).
     nodeagent: bool = True
+    # With nodeagent: whether each node also runs its Envoy (false: capture only, for tests).
+    proxy: bool = True
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -213,7 +215,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     top = r.mapping(
         data,
         "",
-        {"name", "network", "nodes", "namespaces", "pods", "services", "nodeagent"},
+        {"name", "network", "nodes", "namespaces", "pods", "services", "nodeagent", "proxy"},
         {"name", "nodes"},
     )
     name = r.string(top["name"], "name", TESTBED_NAME)
@@ -282,6 +284,9 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     nodeagent = top.get("nodeagent", True)
     if not isinstance(nodeagent, bool):
         raise r.fail("nodeagent", f"expected true or false, got {nodeagent!r}")
+    proxy = top.get("proxy", True)
+    if not isinstance(proxy, bool):
+        raise r.fail("proxy", f"expected true or false, got {proxy!r}")
     return Topology(
         name,
         network,
@@ -290,6 +295,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         tuple(pods),
         tuple(services),
         nodeagent,
+        proxy,
     )
 
 

@@ -34,6 +34,7 @@ SERVE = [PY, PROBE, "serve", "15001@127.0.0.1", "15006", "8080", "9090", "7777"]
 NAME = "tbcap"
 TOPOLOGY = f"""
 name: {NAME}
+proxy: false  # capture itself: the probe pods listen on 15001/15006 where Envoy would
 nodes: [{{name: n1}}, {{name: n2}}]
 namespaces:
   - {{name: mesh, labels: {{nodeagent.io/mesh: enabled}}}}

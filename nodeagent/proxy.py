@@ -1,0 +1,182 @@
+"""NodeProxy: the node's one Envoy and what it is told.
+
+Owns the xDS server, the Envoy supervisor and the push loop: whenever the MeshStore or the set of
+captured pods changes, it translates and hands the node's snapshot to the xDS cache (coalescing
+bursts). CNI ADD waits on ``synced`` so a pod starts only once Envoy holds its listeners; DEL waits
+the same way so a pod's listeners are gone before its network namespace is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter
+
+from nodeagent.envoy.admin import EnvoyAdmin
+from nodeagent.envoy.bootstrap import write_bootstrap
+from nodeagent.envoy.supervisor import EnvoySupervisor
+from nodeagent.mesh.model import Pod
+from nodeagent.mesh.store import MeshStore
+from nodeagent.redirect.registry import CAPTURED, PodRegistry
+from nodeagent.translate import LocalPod, translate
+from nodeagent.xds import types
+from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
+from nodeagent.xds.server import XdsServer
+
+log = logging.getLogger("nodeagent.proxy")
+
+COALESCE = 0.02  # seconds: a burst of changes (20 pods at once) becomes one push
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    node_name: str
+    run_dir: Path  # xDS socket, Envoy's bootstrap and pidfile
+    envoy_binary: Path
+    envoy_log: Path
+    admin_port: int = 15000
+    stats_port: int = 15090
+
+    @property
+    def node_id(self) -> str:
+        return f"nodeagent~{self.node_name}"
+
+    @property
+    def xds_socket(self) -> Path:
+        return self.run_dir / "xds.sock"
+
+
+class NodeProxy:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        store: MeshStore,
+        registry: PodRegistry,
+        metrics: CollectorRegistry,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.cache = SnapshotCache()
+        self.xds = XdsServer(self.cache, metrics)
+        self.admin = EnvoyAdmin(port=settings.admin_port)
+        self.changed = asyncio.Event()
+        self.version = 0
+        self.last_error = ""
+        self.envoy_restarts = Counter(
+            "nodeagent_envoy_restarts",
+            "Times the node's Envoy died and was restarted.",
+            registry=metrics,
+        )
+        self.supervisor = EnvoySupervisor(
+            settings.envoy_binary,
+            settings.run_dir / "envoy-bootstrap.json",
+            settings.run_dir,
+            settings.envoy_log,
+            self.admin,
+            on_restart=self.envoy_restarts.inc,
+        )
+
+    async def start(self) -> None:
+        """xDS first (Envoy connects to it), a first snapshot, then Envoy (started or adopted)."""
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.xds.start(self.settings.xds_socket)
+        self.push()
+        write_bootstrap(
+            self.settings.run_dir / "envoy-bootstrap.json",
+            self.settings.node_id,
+            self.settings.node_name,
+            self.settings.xds_socket,
+            admin_port=self.settings.admin_port,
+            stats_port=self.settings.stats_port,
+        )
+        await self.supervisor.start()
+
+    async def stop(self) -> None:
+        """Leaves Envoy running: an agent restart must not interrupt traffic."""
+        await self.supervisor.stop(kill_envoy=False)
+        await self.xds.stop()
+
+    def local_pods(self) -> list[LocalPod]:
+        out = []
+        for capture in self.registry.pods.values():
+            if capture.state != CAPTURED:
+                continue
+            pod = self.store.pods.get(capture.key) or Pod(capture.namespace, capture.name)
+            out.append(LocalPod(pod, capture.netns))
+        return out
+
+    def push(self) -> str:
+        """Translate the current view and hand it to the xDS cache; returns the version."""
+        self.version += 1
+        version = str(self.version)
+        try:
+            snapshot = Snapshot(version, translate(self.store, self.local_pods()))
+            self.cache.set_snapshot(self.settings.node_id, snapshot)
+        except (InconsistentSnapshot, ValueError) as e:
+            self.last_error = f"snapshot {version} not pushed: {e}"
+            log.error("%s", self.last_error)
+        return version
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Push whenever the store or the captured pods change."""
+        while not stop.is_set():
+            store_changed = asyncio.create_task(self.store.changed.wait())
+            pods_changed = asyncio.create_task(self.changed.wait())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait(
+                {store_changed, pods_changed, stopping}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in (store_changed, pods_changed, stopping):
+                task.cancel()
+            if stop.is_set():
+                return
+            await asyncio.sleep(COALESCE)
+            self.store.changed.clear()
+            self.changed.clear()
+            self.push()
+
+    async def synced(self, timeout: float, types_: tuple[str, ...] = (types.LISTENER,)) -> str:
+        """Wait until Envoy holds the latest snapshot for TYPES_; "" or why it does not."""
+        self.changed.set()
+        await asyncio.sleep(COALESCE * 2)  # let the push loop take the change
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.xds.status(self.settings.node_id)
+            states = {t: status.get(t) for t in types_}
+            if all(s is not None and s.state == "SYNCED" for s in states.values()):
+                return ""
+            for type_url, s in states.items():
+                if s is not None and s.state == "NACKED":
+                    return f"Envoy rejected {types.short_name(type_url)}: {s.last_nack}"
+            if time.monotonic() > deadline:
+                seen = {
+                    types.short_name(t): (s.state if s else "not connected")
+                    for t, s in states.items()
+                }
+                return f"Envoy did not confirm its configuration within {timeout:.0f}s ({seen})"
+            await asyncio.sleep(0.02)
+
+    def status_table(self) -> dict[str, object]:
+        status = self.xds.status(self.settings.node_id)
+        return {
+            "node": self.settings.node_name,
+            "envoy_pid": self.supervisor.pid,
+            "envoy_restarts": self.supervisor.restarts,
+            "version": str(self.version),
+            "error": self.last_error,
+            "types": {
+                types.short_name(t): {
+                    "state": s.state,
+                    "version_sent": s.version_sent,
+                    "version_acked": s.version_acked,
+                    "last_nack": s.last_nack,
+                    "connected": s.connected,
+                }
+                for t, s in status.items()
+            },
+        }
