@@ -220,6 +220,9 @@ class Testbed:
         for pod in self.topology.pods:
             self._start_workload(pod)
         self._wait_ready(self.topology.pods)
+        self._publish()  # now with every ready pod as an endpoint
+        if self.topology.nodeagent and self.topology.proxy:
+            self.wait_converged()
         with self._lock:
             self.state.phase = "up"
             self.state.save()
@@ -322,9 +325,9 @@ class Testbed:
                 raise TestbedError(f"pod {pod.key} already exists")
         try:
             self._create_sandbox(pod)
-            self._publish()
             self._start_workload(pod)
             self._wait_ready([pod])
+            self._publish()
         except BaseException:
             with contextlib.suppress(TestbedError):
                 self.remove_pod(pod)  # a pod that failed to start leaves nothing behind
@@ -337,6 +340,12 @@ class Testbed:
             record = self.state.pods.get(pod.key)
         if record is None:
             raise TestbedError(f"no pod {pod.key}")
+        # As Kubernetes does when a pod starts terminating: its endpoints go first, then the
+        # workload is stopped and the sandbox torn down.
+        with self._lock:
+            record.ready = False
+            self.state.save()
+        self._publish()
         if record.pid:
             netns.terminate([(record.pid, record.start_time)])
         problems = _cni_del(self.name, pod.key, record)
@@ -409,6 +418,36 @@ class Testbed:
         namespace, _, name = key.partition("/")
         self.set_service(Service(namespace, name, {}, (), ipaddress.IPv4Address("0.0.0.0")))
 
+    def expected_endpoints(self) -> dict[str, set[str]]:
+        """Cluster name -> "ip:port" of every ready endpoint, as the node Envoys should hold."""
+        with self._lock:
+            serving = {k: r.ip for k, r in self.state.pods.items() if r.ip and r.ready}
+        domain = self.topology.network.cluster_domain
+        pods = self._pods_now()
+        out = {}
+        for svc in self.services():
+            eps = services.endpoints(svc, pods, serving)
+            host = f"{svc.name}.{svc.namespace}.svc.{domain}"
+            for port in svc.ports:
+                out[f"outbound|{port.port}||{host}"] = {f"{e.ip}:{e.port}" for e in eps[port.port]}
+        return out
+
+    def wait_converged(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until every node's Envoy holds exactly the published endpoints (bounded)."""
+        want = self.expected_endpoints()
+        deadline = time.monotonic() + timeout
+        for node in self.topology.nodes:
+            while (held := _envoy_endpoints(node_netns(self.name, node.name))) != want:
+                if time.monotonic() > deadline:
+                    differ = sorted(
+                        k for k in want.keys() | held.keys() if want.get(k) != held.get(k)
+                    )
+                    raise TestbedError(
+                        f"node {node.name}'s Envoy did not converge within {timeout:.0f}s "
+                        f"(clusters differing: {', '.join(differ)})"
+                    )
+                time.sleep(0.05)
+
     def _pods_now(self) -> list[Pod]:
         with self._lock:
             records = list(self.state.pods.items())
@@ -433,17 +472,18 @@ class Testbed:
     def _publish_now(self) -> None:
         with self._lock:
             pod_ips = {key: rec.ip for key, rec in self.state.pods.items() if rec.ip}
+            serving = {k: ip for k, ip in pod_ips.items() if self.state.pods[k].ready}
             nodes = {key: rec.node for key, rec in self.state.pods.items()}
             netns_of = {key: rec.netns for key, rec in self.state.pods.items() if rec.ip}
         svcs, pods = self.services(), self._pods_now()
         objects = []
         for svc in svcs:
             objects.append(resources.service_object(svc))
-            eps = services.endpoints(svc, pods, pod_ips)
+            eps = services.endpoints(svc, pods, serving)
             objects.append(resources.endpoint_slice_object(svc, eps, nodes))
         resources.write(layout.cluster_dir(self.name) / "services.yaml", objects)
         for node in self.topology.nodes:
-            ruleset = services.render_ruleset(svcs, pods, node, pod_ips)
+            ruleset = services.render_ruleset(svcs, pods, node, serving)
             services.apply(node_netns(self.name, node.name), ruleset)
         domain = self.topology.network.cluster_domain
         for pod in pods:
@@ -511,6 +551,9 @@ class Testbed:
                     port is not None and netns.listening(rec.pid, port)
                 ):
                     pending.remove(pod)
+                    with self._lock:
+                        rec.ready = True
+                        self.state.save()
             if pending and time.monotonic() > deadline:
                 names = ", ".join(p.key for p in pending)
                 raise TestbedError(f"pods not ready after {READY_TIMEOUT:.0f}s: {names}")
@@ -572,6 +615,33 @@ def down(name: str) -> list[str]:
             with contextlib.suppress(OSError):
                 parent.rmdir()
     return problems
+
+
+def _envoy_endpoints(node_ns: str) -> dict[str, set[str]]:
+    """Outbound service clusters and their endpoints, from the node Envoy's admin API."""
+    proc = subprocess.run(
+        netns.in_netns(
+            node_ns,
+            ["curl", "-sS", "--max-time", "2", "http://127.0.0.1:15000/clusters?format=json"],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    try:
+        statuses = json.loads(proc.stdout).get("cluster_statuses", [])
+    except ValueError:
+        return {}
+    held: dict[str, set[str]] = {}
+    for status in statuses:
+        name = str(status.get("name", ""))
+        if not name.startswith("outbound|"):
+            continue
+        held[name] = {
+            f"{h['address']['socket_address']['address']}:{h['address']['socket_address']['port_value']}"
+            for h in status.get("host_statuses", [])
+        }
+    return held
 
 
 def _sandbox(key: str, record: PodRecord) -> Sandbox:

@@ -25,6 +25,7 @@ class PodRecord:
     pid: int | None = None
     start_time: int | None = None
     labels: dict[str, str] = field(default_factory=dict)  # endpoints follow them
+    ready: bool = False  # an endpoint only once its workload is ready, as in Kubernetes
     service_account: str = "default"
 
 

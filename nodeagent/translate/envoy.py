@@ -27,6 +27,7 @@ from envoy.extensions.local_address_selectors.filter_state_override.v3 import ( 
     config_pb2,
 )
 from envoy.extensions.request_id.uuid.v3 import uuid_pb2  # noqa: F401
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 from google.protobuf.message import Message

@@ -82,8 +82,10 @@ def http_connection_manager(
                 }
             ],
             access_log=access_log(direction, pod),
-            # Inbound: the caller's pod address goes to the app in x-forwarded-for.
+            # Inbound: the caller's pod address goes to the app in x-forwarded-for. Envoy then
+            # sees every caller as external; keep its request id so a trace spans every hop.
             use_remote_address=inbound,
+            preserve_external_request_id=True,
             normalize_path=True,
             merge_slashes=True,
             path_with_escaped_slashes_action="KEEP_UNCHANGED",

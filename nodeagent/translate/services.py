@@ -162,6 +162,25 @@ def load_assignment(store: MeshStore, target: ServiceTarget) -> ClusterLoadAssig
     )
 
 
+def default_retry_policy() -> dict[str, Any]:
+    """Istio's default for every outbound HTTP route: 2 retries on connection-level failures,
+    each on another host when there is one."""
+    return {
+        "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        "num_retries": 2,
+        "retriable_status_codes": [503],
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": typed(
+                    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                ),
+            }
+        ],
+        "host_selection_retry_max_attempts": 5,
+    }
+
+
 def outbound_route(target: ServiceTarget) -> RouteConfiguration:
     """The service port's routes: every request to its cluster (VirtualService routing later)."""
     return message(
@@ -177,7 +196,11 @@ def outbound_route(target: ServiceTarget) -> RouteConfiguration:
                         {
                             "name": "default",
                             "match": {"prefix": "/"},
-                            "route": {"cluster": target.cluster, "timeout": "0s"},
+                            "route": {
+                                "cluster": target.cluster,
+                                "timeout": "0s",
+                                "retry_policy": default_retry_policy(),
+                            },
                         }
                     ],
                 }

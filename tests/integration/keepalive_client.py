@@ -1,0 +1,48 @@
+"""One long-lived HTTP/1.1 connection, used for SECONDS: does it survive config changes?
+
+Prints a JSON summary: requests sent, failures, the local ports used (one port = one connection
+all along) and which pods answered.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+from collections import Counter
+
+
+def main(host: str, port: int, seconds: float) -> None:
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    answered: Counter[str] = Counter()
+    ports: set[int] = set()
+    failures: list[str] = []
+    sent = 0
+    start = time.monotonic()
+    deadline = start + seconds
+    while time.monotonic() < deadline:
+        sent += 1
+        try:
+            conn.request("GET", "/keepalive")
+            response = conn.getresponse()
+            raw = response.read()
+            if response.status != 200:
+                failures.append(f"{time.monotonic() - start:.2f}s: {response.status} {raw[:120]!r}")
+                continue
+            answered[str(json.loads(raw).get("pod_ip"))] += 1
+            if conn.sock is not None:
+                ports.add(conn.sock.getsockname()[1])
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            failures.append(repr(e))
+            conn.close()
+        time.sleep(0.05)
+    print(
+        json.dumps(
+            {"sent": sent, "failures": failures, "ports": sorted(ports), "answered": dict(answered)}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))

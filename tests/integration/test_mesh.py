@@ -1,0 +1,376 @@
+"""One shared Envoy per node over xDS, on a two-node testbed with the real Envoy (issue #4).
+
+The shop of SCENARIOS S1 plus an ``echo`` service with a replica on each node. Traffic is real
+HTTP between pods; what the mesh did is read from the answers, Envoy's access logs, proxy-status
+and the node metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.testbed import layout
+from nodeagent.testbed.cluster import Testbed, down
+from nodeagent.testbed.topology import Pod, Service, ServicePort, Workload, loads_topology
+
+pytestmark = pytest.mark.integration
+
+PY = sys.executable
+KEEPALIVE = str(Path(__file__).with_name("keepalive_client.py"))
+NAME = "tbmesh"
+TOPOLOGY = f"""
+name: {NAME}
+nodes: [{{name: n1}}, {{name: n2}}]
+namespaces:
+  - {{name: istioinaction, labels: {{nodeagent.io/mesh: enabled}}}}
+pods:
+  - name: sleep
+    namespace: istioinaction
+    node: n1
+    serviceAccount: sleep
+    labels: {{app: sleep}}
+  - name: sleep-2
+    namespace: istioinaction
+    node: n2
+    labels: {{app: sleep}}
+  - name: web-api
+    namespace: istioinaction
+    node: n1
+    labels: {{app: web-api, version: v1}}
+    workload: {{type: fake-service, env: {{UPSTREAM_URIS: "http://recommendation:8080"}}}}
+  - name: recommendation
+    namespace: istioinaction
+    node: n2
+    labels: {{app: recommendation, version: v1}}
+    workload: {{type: fake-service, env: {{UPSTREAM_URIS: "http://purchase-history:8080"}}}}
+  - name: purchase-history-v1
+    namespace: istioinaction
+    node: n1
+    labels: {{app: purchase-history, version: v1}}
+    workload: {{type: fake-service}}
+  - name: purchase-history-v2
+    namespace: istioinaction
+    node: n2
+    labels: {{app: purchase-history, version: v2}}
+    workload: {{type: fake-service}}
+  - name: echo-1
+    namespace: istioinaction
+    node: n1
+    labels: {{app: echo, version: v1}}
+    workload: {{type: fake-service}}
+  - name: echo-2
+    namespace: istioinaction
+    node: n2
+    labels: {{app: echo, version: v2}}
+    workload: {{type: fake-service}}
+services:
+  - name: web-api
+    namespace: istioinaction
+    selector: {{app: web-api}}
+    ports: [{{name: http, port: 8080}}]
+  - name: recommendation
+    namespace: istioinaction
+    selector: {{app: recommendation}}
+    ports: [{{name: http, port: 8080}}]
+  - name: purchase-history
+    namespace: istioinaction
+    selector: {{app: purchase-history}}
+    ports: [{{name: http, port: 8080}}]
+  - name: echo
+    namespace: istioinaction
+    selector: {{app: echo}}
+    ports: [{{name: http-echo, port: 80, targetPort: 8080}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Testbed]:
+    down(NAME)
+    topology = loads_topology(TOPOLOGY, "test_mesh")
+    try:
+        yield Testbed.up(topology, TOPOLOGY, "test_mesh")
+    finally:
+        down(NAME)
+
+
+def call(tb: Testbed, pod: str, url: str, *headers: str) -> dict[str, Any]:
+    argv = ["curl", "-sS", "--max-time", "10", url]
+    for header in headers:
+        argv += ["-H", header]
+    proc = tb.exec(pod, argv)
+    assert proc.returncode == 0, f"{pod} -> {url}: {proc.stderr}"
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
+
+
+def node_cli(tb: Testbed, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NODEAGENT_CNI_SOCKET": str(layout.agent_socket(tb.name, node))}
+    return subprocess.run(
+        ["ip", "netns", "exec", layout.node_netns(tb.name, node), PY, "-m", "nodeagent", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
+def proxy_status(tb: Testbed, node: str) -> dict[str, Any]:
+    proc = node_cli(tb, node, "proxy-status", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    status: dict[str, Any] = json.loads(proc.stdout)["proxy"]
+    return status
+
+
+def metrics(tb: Testbed, node: str) -> str:
+    return subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            layout.node_netns(tb.name, node),
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15020/metrics",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def metric(text: str, name: str) -> float:
+    """A sample's value from Prometheus text; NAME includes its labels, e.g. 'x{type="LDS"}'."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def envoy_log(tb: Testbed, node: str) -> str:
+    return (layout.logs_dir(tb.name) / f"{node}.envoy.log").read_text()
+
+
+def wait_for(predicate: Any, timeout: float, step: float = 0.05) -> float:
+    """Seconds until PREDICATE() held; fails the test after TIMEOUT."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def all_synced(tb: Testbed) -> bool:
+    return all(
+        all(t["state"] == "SYNCED" for t in proxy_status(tb, n)["types"].values())
+        for n in ("n1", "n2")
+    )
+
+
+def test_s1_1_every_hop_goes_through_the_node_envoys(mesh: Testbed) -> None:
+    request_id = f"test-{uuid.uuid4()}"
+    answer = call(
+        mesh, "istioinaction/sleep", "http://web-api:8080/", f"x-request-id: {request_id}"
+    )
+    rec = answer["upstream_calls"]["http://recommendation:8080"]
+    history = rec["upstream_calls"]["http://purchase-history:8080"]
+    assert [answer["name"], rec["name"], history["name"]] == [
+        "web-api",
+        "recommendation",
+        "purchase-history",
+    ]
+    assert all(a["code"] == 200 for a in (answer, rec, history))
+    # Each app sees its real caller's pod IP, never a node address.
+    assert answer["headers"]["x-forwarded-for"] == mesh.pod_ip("istioinaction/sleep")
+    assert rec["headers"]["x-forwarded-for"] == mesh.pod_ip("istioinaction/web-api")
+    assert history["headers"]["x-forwarded-for"] == mesh.pod_ip("istioinaction/recommendation")
+    # Both node Envoys logged every hop of this request, outbound at the caller, inbound at the
+    # callee (Envoy flushes access logs within a second or so).
+    want = {
+        ("outbound", "istioinaction/sleep"),
+        ("inbound", "istioinaction/web-api"),
+        ("outbound", "istioinaction/web-api"),
+        ("inbound", "istioinaction/recommendation"),
+        ("outbound", "istioinaction/recommendation"),
+        ("inbound", f"istioinaction/{_pod_of(mesh, history['pod_ip'])}"),
+    }
+    logs: dict[str, list[str]] = {}
+
+    def logged() -> bool:
+        logs.update(
+            {
+                n: [ln for ln in envoy_log(mesh, n).splitlines() if request_id in ln]
+                for n in ("n1", "n2")
+            }
+        )
+        return want <= {(ln.split()[1], ln.split()[2]) for n in logs for ln in logs[n]}
+
+    wait_for(logged, 5, step=0.2)
+    assert all(" 200 - via_upstream " in ln for n in logs for ln in logs[n])
+    assert all_synced(mesh)
+
+
+def _pod_of(tb: Testbed, ip: str) -> str:
+    return next(key.split("/")[1] for key, rec in tb.state.pods.items() if rec.ip == ip)
+
+
+def test_a_service_is_balanced_over_endpoints_on_both_nodes(mesh: Testbed) -> None:
+    seen = Counter(call(mesh, "istioinaction/sleep", "http://echo/")["pod_ip"] for _ in range(20))
+    assert set(seen) == {mesh.pod_ip("istioinaction/echo-1"), mesh.pod_ip("istioinaction/echo-2")}
+    assert min(seen.values()) >= 7, seen  # round robin, not one node's endpoints only
+
+
+def test_pods_and_services_changes_are_followed_within_a_second(mesh: Testbed) -> None:
+    # A long-lived connection from another pod, through the whole sequence of changes.
+    keepalive = subprocess.Popen(
+        mesh.exec_argv("istioinaction/sleep-2", [PY, KEEPALIVE, "echo", "80", "9"]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        echo3 = Pod(
+            "istioinaction",
+            "echo-3",
+            "n2",
+            "default",
+            {"app": "echo", "version": "v3"},
+            {},
+            Workload("fake-service", 8080),
+        )
+        mesh.add_pod(echo3)
+        new_ip = mesh.state.pods[echo3.key].ip
+        took = wait_for(
+            lambda: call(mesh, "istioinaction/sleep", "http://echo/")["pod_ip"] == new_ip, 3
+        )
+        assert took < 1.0, f"the new endpoint got traffic after {took:.2f}s"
+
+        mesh.remove_pod(echo3)
+        after = [call(mesh, "istioinaction/sleep", "http://echo/")["pod_ip"] for _ in range(10)]
+        assert new_ip not in after
+
+        only_v2 = Service(
+            "istioinaction",
+            "echo",
+            {"app": "echo", "version": "v2"},
+            (ServicePort("http-echo", 80, 8080),),
+            next(s.cluster_ip for s in mesh.services() if s.name == "echo"),
+        )
+        mesh.set_service(only_v2)
+        v2 = mesh.pod_ip("istioinaction/echo-2")
+        took = wait_for(
+            lambda: all(
+                call(mesh, "istioinaction/sleep", "http://echo/")["pod_ip"] == v2 for _ in range(4)
+            ),
+            3,
+        )
+        assert took < 1.0, f"the service change was followed after {took:.2f}s"
+    finally:
+        out, _ = keepalive.communicate(timeout=30)
+        mesh.set_service(
+            Service(
+                "istioinaction",
+                "echo",
+                {"app": "echo"},
+                (ServicePort("http-echo", 80, 8080),),
+                next(s.cluster_ip for s in mesh.services() if s.name == "echo"),
+            )
+        )
+    summary = json.loads(out)
+    assert summary["failures"] == [] and len(summary["ports"]) == 1, summary
+    assert summary["sent"] > 50
+
+
+def test_a_nacked_config_keeps_the_last_good_one_serving(mesh: Testbed) -> None:
+    echo_vip = next(s.cluster_ip for s in mesh.services() if s.name == "echo")
+    before = metric(metrics(mesh, "n1"), 'nodeagent_xds_nacks_total{type="LDS"}')
+    # Two services on one VIP:port: Envoy rejects listeners with identical filter chain matches.
+    clash = Service(
+        "istioinaction", "clash", {"app": "web-api"}, (ServicePort("http", 80, 8080),), echo_vip
+    )
+    mesh.set_service(clash)
+    try:
+        wait_for(lambda: proxy_status(mesh, "n1")["types"]["LDS"]["state"] == "NACKED", 5)
+        status = proxy_status(mesh, "n1")["types"]["LDS"]
+        assert "same matching rules" in status["last_nack"], status
+        shown = node_cli(mesh, "n1", "proxy-status").stdout
+        assert "LDS NACKED by Envoy" in shown and "NACKED" in shown
+        pushes = metric(metrics(mesh, "n1"), 'nodeagent_xds_pushes_total{type="LDS"}')
+        time.sleep(2)
+        text = metrics(mesh, "n1")
+        assert metric(text, 'nodeagent_xds_pushes_total{type="LDS"}') == pushes  # no resend loop
+        assert metric(text, 'nodeagent_xds_nacks_total{type="LDS"}') > before
+        # The last good listeners keep serving.
+        assert call(mesh, "istioinaction/sleep", "http://echo/")["name"] == "echo"
+    finally:
+        mesh.delete_service("istioinaction/clash")
+    wait_for(lambda: all_synced(mesh), 5)
+
+
+def test_envoy_killed_is_restarted_and_an_agent_restart_keeps_envoy_serving(
+    mesh: Testbed,
+) -> None:
+    old_pid = proxy_status(mesh, "n1")["envoy_pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    # Fails closed while Envoy is down, then recovers on its own.
+    wait_for(lambda: call_ok(mesh), 20, step=0.2)
+    status = proxy_status(mesh, "n1")
+    assert status["envoy_pid"] != old_pid and status["envoy_restarts"] >= 1
+    assert metric(metrics(mesh, "n1"), "nodeagent_envoy_restarts_total") >= 1
+
+    envoy_pid = status["envoy_pid"]
+    keepalive = subprocess.Popen(
+        mesh.exec_argv("istioinaction/sleep", [PY, KEEPALIVE, "echo", "80", "6"]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1)
+    mesh.restart_agent("n1")
+    out, _ = keepalive.communicate(timeout=30)
+    summary = json.loads(out)
+    assert summary["failures"] == [], summary  # Envoy served through the agent's restart
+    assert proxy_status(mesh, "n1")["envoy_pid"] == envoy_pid  # the same Envoy, adopted
+    wait_for(lambda: all_synced(mesh), 10)
+    assert call(mesh, "istioinaction/sleep", "http://web-api:8080/")["code"] == 200
+
+
+def call_ok(tb: Testbed) -> bool:
+    proc = tb.exec("istioinaction/sleep", ["curl", "-sS", "--max-time", "2", "http://echo/"])
+    return proc.returncode == 0
+
+
+def test_a_bad_istio_file_is_named_and_breaks_nothing(mesh: Testbed) -> None:
+    bad = layout.cluster_dir(mesh.name) / "bad-virtualservice.yaml"
+    bad.write_text(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        "metadata: {name: echo, namespace: istioinaction}\n"
+        "spec: {hosts: [echo], http: [{rout: [{destination: {host: echo}}]}]}\n"
+    )
+    try:
+        log = layout.logs_dir(mesh.name) / "n1.agent.log"
+        wait_for(
+            lambda: (
+                'unknown field \\"spec.http[0].rout\\"' in log.read_text()
+                or 'unknown field "spec.http[0].rout"' in log.read_text()
+            ),
+            5,
+        )
+        line = next(ln for ln in log.read_text().splitlines() if "spec.http[0].rout" in ln)
+        assert "bad-virtualservice.yaml" in line and "VirtualService istioinaction/echo" in line
+        assert call(mesh, "istioinaction/sleep", "http://echo/")["name"] == "echo"
+        assert all_synced(mesh)
+    finally:
+        bad.unlink()
