@@ -7,6 +7,7 @@ and the node metrics.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -374,3 +375,67 @@ def test_a_bad_istio_file_is_named_and_breaks_nothing(mesh: Testbed) -> None:
         assert all_synced(mesh)
     finally:
         bad.unlink()
+
+
+def test_proxy_config_shows_what_the_node_envoy_holds_for_a_pod(mesh: Testbed) -> None:
+    def table(kind: str, pod: str = "istioinaction/web-api") -> str:
+        proc = node_cli(mesh, "n1", "proxy-config", kind, pod)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    rec_vip = next(s.cluster_ip for s in mesh.services() if s.name == "recommendation")
+    listeners = table("listeners")
+    assert f"127.0.0.1:15001  {rec_vip}:8080" in listeners
+    assert "Route: outbound|8080||recommendation.istioinaction.svc.cluster.local" in listeners
+    assert "0.0.0.0:15006" in listeners and "Cluster: PassthroughCluster" in listeners
+    clusters = [line.split() for line in table("clusters").splitlines()]
+    assert ["purchase-history.istioinaction.svc.cluster.local", "8080", "-", "outbound", "EDS"] in (
+        clusters
+    )
+    assert "outbound|8080||web-api.istioinaction.svc.cluster.local" in table("routes")
+    endpoints = table("endpoints")
+    for pod in ("purchase-history-v1", "purchase-history-v2"):
+        assert f"{mesh.pod_ip('istioinaction/' + pod)}:8080  HEALTHY" in endpoints
+    raw = node_cli(mesh, "n1", "proxy-config", "listeners", "istioinaction/web-api", "-o", "json")
+    names = {listener["name"] for listener in json.loads(raw.stdout)}
+    assert names == {
+        "virtualOutbound/istioinaction/web-api",
+        "virtualInbound/istioinaction/web-api",
+    }
+    missing = node_cli(mesh, "n1", "proxy-config", "listeners", "istioinaction/nope")
+    assert missing.returncode != 0 and "holds no listeners for istioinaction/nope" in missing.stderr
+
+
+def test_a_service_without_endpoints_answers_503_with_the_uh_flag(mesh: Testbed) -> None:
+    mesh.set_service(
+        Service(
+            "istioinaction",
+            "nobody",
+            {"app": "nobody"},
+            (ServicePort("http", 80, 8080),),
+            ipaddress.IPv4Address("10.96.0.200"),
+        )
+    )
+    try:
+        mesh.wait_converged()
+        request_id = f"uh-{uuid.uuid4()}"
+        proc = mesh.exec(
+            "istioinaction/sleep",
+            [
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                f"x-request-id: {request_id}",
+                "http://nobody/",
+            ],
+        )
+        assert proc.stdout == "503"
+        wait_for(lambda: request_id in envoy_log(mesh, "n1"), 5, step=0.2)
+        line = next(ln for ln in envoy_log(mesh, "n1").splitlines() if request_id in ln)
+        assert " 503 UH no_healthy_upstream " in line, line
+    finally:
+        mesh.delete_service("istioinaction/nobody")
