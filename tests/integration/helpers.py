@@ -27,3 +27,25 @@ def root_netns_snapshot() -> dict[str, str]:
         "rules": out("ip", "rule", "show"),
         "nftables": out("nft", "list", "ruleset"),
     }
+
+
+def node_metrics(testbed: str, node: str) -> str:
+    """The node agent's Prometheus text, fetched inside the node's network namespace."""
+    from nodeagent.testbed import layout
+
+    return subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            layout.node_netns(testbed, node),
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15020/metrics",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout

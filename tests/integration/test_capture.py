@@ -25,6 +25,7 @@ from nodeagent.redirect.nftables import NftablesBackend
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, TestbedError, bridge_conflist, down
 from nodeagent.testbed.topology import Pod, Workload, loads_topology
+from tests.integration.helpers import node_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -112,25 +113,6 @@ def agent_pods(tb: Testbed, node: str) -> dict[str, dict[str, Any]]:
     return {f"{p['namespace']}/{p['name']}": p for p in json.loads(proc.stdout)}
 
 
-def node_metrics(tb: Testbed, node: str) -> str:
-    return subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            layout.node_netns(tb.name, node),
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15020/metrics",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-
 def test_a_mesh_pod_holds_exactly_our_table(testbed: Testbed) -> None:
     tables = ruleset(testbed.pod_netns("mesh/app"))
     assert [(t["family"], t["name"]) for t in tables] == [("inet", "nodeagent")]
@@ -209,7 +191,7 @@ def test_an_opted_out_pod_gets_no_table(testbed: Testbed) -> None:
 
 
 def test_capture_state_is_exported_as_metrics(testbed: Testbed) -> None:
-    text = node_metrics(testbed, "n1")
+    text = node_metrics(testbed.name, "n1")
     assert 'nodeagent_pod_capture_state{namespace="mesh",pod="app",state="captured"} 1.0' in text
     assert (
         'nodeagent_pod_capture_state{namespace="mesh",pod="optout",state="not-in-mesh"} 1.0' in text
@@ -277,7 +259,7 @@ def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed)
     assert [t["name"] for t in ruleset(app_netns)] == ["nodeagent"]
     record = agent_pods(testbed, "n1")["mesh/app"]
     assert record["state"] == "captured" and "repaired" in record["reason"]
-    assert "nodeagent_capture_repairs_total 1.0" in node_metrics(testbed, "n1")
+    assert "nodeagent_capture_repairs_total 1.0" in node_metrics(testbed.name, "n1")
     # The other pods were re-verified and kept their capture.
     assert agent_pods(testbed, "n1")["mesh/excluded"]["state"] == "captured"
     answer = landed(testbed, "mesh/app", "10.96.0.99", 80)

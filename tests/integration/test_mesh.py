@@ -25,6 +25,7 @@ import pytest
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import Pod, Service, ServicePort, Workload, loads_topology
+from tests.integration.helpers import node_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -132,25 +133,6 @@ def proxy_status(tb: Testbed, node: str) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     status: dict[str, Any] = json.loads(proc.stdout)["proxy"]
     return status
-
-
-def metrics(tb: Testbed, node: str) -> str:
-    return subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            layout.node_netns(tb.name, node),
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15020/metrics",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
 
 
 def metric(text: str, name: str) -> float:
@@ -297,7 +279,7 @@ def test_pods_and_services_changes_are_followed_within_a_second(mesh: Testbed) -
 
 def test_a_nacked_config_keeps_the_last_good_one_serving(mesh: Testbed) -> None:
     echo_vip = next(s.cluster_ip for s in mesh.services() if s.name == "echo")
-    before = metric(metrics(mesh, "n1"), 'nodeagent_xds_nacks_total{type="LDS"}')
+    before = metric(node_metrics(mesh.name, "n1"), 'nodeagent_xds_nacks_total{type="LDS"}')
     # Two services on one VIP:port: Envoy rejects listeners with identical filter chain matches.
     clash = Service(
         "istioinaction", "clash", {"app": "web-api"}, (ServicePort("http", 80, 8080),), echo_vip
@@ -309,9 +291,9 @@ def test_a_nacked_config_keeps_the_last_good_one_serving(mesh: Testbed) -> None:
         assert "same matching rules" in status["last_nack"], status
         shown = node_cli(mesh, "n1", "proxy-status").stdout
         assert "LDS NACKED by Envoy" in shown and "NACKED" in shown
-        pushes = metric(metrics(mesh, "n1"), 'nodeagent_xds_pushes_total{type="LDS"}')
+        pushes = metric(node_metrics(mesh.name, "n1"), 'nodeagent_xds_pushes_total{type="LDS"}')
         time.sleep(2)
-        text = metrics(mesh, "n1")
+        text = node_metrics(mesh.name, "n1")
         assert metric(text, 'nodeagent_xds_pushes_total{type="LDS"}') == pushes  # no resend loop
         assert metric(text, 'nodeagent_xds_nacks_total{type="LDS"}') > before
         # The last good listeners keep serving.
@@ -330,7 +312,7 @@ def test_envoy_killed_is_restarted_and_an_agent_restart_keeps_envoy_serving(
     wait_for(lambda: call_ok(mesh), 20, step=0.2)
     status = proxy_status(mesh, "n1")
     assert status["envoy_pid"] != old_pid and status["envoy_restarts"] >= 1
-    assert metric(metrics(mesh, "n1"), "nodeagent_envoy_restarts_total") >= 1
+    assert metric(node_metrics(mesh.name, "n1"), "nodeagent_envoy_restarts_total") >= 1
 
     envoy_pid = status["envoy_pid"]
     keepalive = subprocess.Popen(
