@@ -11,12 +11,15 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from nodeagent.cni import wire
 from nodeagent.cni.server import CniServer
 from nodeagent.health import serve_readiness
+from nodeagent.identity.ca import BuiltinCA, CertificateAuthority, PluginCA
+from nodeagent.identity.manager import IdentityManager
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
@@ -51,6 +54,8 @@ class AgentConfig:
     # Capture only, without the node's Envoy: for testing capture itself (captured traffic then
     # reaches whatever listens on 15001/15006 in the pod).
     proxy: bool = True
+    ca_dir: Path | None = None  # Istio plug-in CA files (cacerts); else a built-in CA
+    cert_ttl: float = 24 * 3600.0
 
 
 async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
@@ -63,6 +68,18 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     metrics = AgentMetrics()
     registry = PodRegistry(config.state_dir / "pods.json")
     registry.load()
+    source = DirectorySource(config.source_dir, store, mesh_config_path=config.mesh_config)
+    tasks = [asyncio.create_task(source.run(stop), name="source")]
+    await store.synced.wait()  # the trust domain comes from the mesh config
+    trust_domain = store.mesh_config.trust_domain
+    ca: CertificateAuthority = (
+        PluginCA.load(config.ca_dir)
+        if config.ca_dir
+        else BuiltinCA.load_or_create(config.state_dir, trust_domain)
+    )
+    identities = IdentityManager(
+        ca, trust_domain, ttl=timedelta(seconds=config.cert_ttl), registry=metrics.registry
+    )
     proxy = (
         None
         if not config.proxy
@@ -78,8 +95,11 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
             store,
             registry,
             metrics.registry,
+            identities,
+            config.excluded_namespaces,
         )
     )
+    identities.on_change = proxy.changed.set if proxy is not None else None
     manager = CaptureManager(
         store,
         NftablesBackend(),
@@ -112,9 +132,6 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         else None
     )
 
-    source = DirectorySource(config.source_dir, store, mesh_config_path=config.mesh_config)
-    tasks = [asyncio.create_task(source.run(stop), name="source")]
-    await store.synced.wait()
     summary = await manager.reconcile()
     log.info("node %s: %d known pods reconciled: %s", config.node_name, len(registry.pods), summary)
     if proxy is not None:

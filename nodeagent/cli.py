@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -89,6 +89,20 @@ def workload(args: tuple[str, ...]) -> None:
 @click.option("--admin-port", type=int, default=15000, show_default=True)
 @click.option("--stats-port", type=int, default=15090, show_default=True)
 @click.option("--no-proxy", is_flag=True, help="Capture only, no node Envoy (testing capture).")
+@click.option(
+    "--ca-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Istio plug-in CA files (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem);"
+    " default: a built-in CA kept in --state-dir.",
+)
+@click.option(
+    "--cert-ttl",
+    type=float,
+    default=24 * 3600.0,
+    show_default=True,
+    help="Workload certificate lifetime in seconds (rotated at half life).",
+)
 @click.option("--log-level", default="info", show_default=True)
 def run(
     node_name: str,
@@ -106,6 +120,8 @@ def run(
     admin_port: int,
     stats_port: int,
     no_proxy: bool,
+    ca_dir: Path | None,
+    cert_ttl: float,
     log_level: str,
 ) -> None:
     """Run the node agent and the node's Envoy (needs root: it enters pod network namespaces)."""
@@ -130,6 +146,8 @@ def run(
         admin_port=admin_port,
         stats_port=stats_port,
         proxy=not no_proxy,
+        ca_dir=ca_dir,
+        cert_ttl=cert_ttl,
     )
     asyncio.run(agent.run(config))
 
@@ -269,7 +287,9 @@ def proxy_status(cni_socket: str, output: str) -> None:
 
 
 @cli.command("proxy-config")
-@click.argument("kind", type=click.Choice(["listeners", "routes", "clusters", "endpoints"]))
+@click.argument(
+    "kind", type=click.Choice(["listeners", "routes", "clusters", "endpoints", "secrets"])
+)
 @click.argument("pod")
 @click.option("--admin", default="127.0.0.1:15000", show_default=True, help="Envoy admin.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
@@ -277,6 +297,7 @@ def proxy_config(kind: str, pod: str, admin: str, output: str) -> None:
     """What the node's Envoy holds for POD (namespace/name), like istioctl proxy-config."""
     from nodeagent import proxyconfig as pc
     from nodeagent.envoy.admin import EnvoyAdmin, EnvoyAdminError
+    from nodeagent.identity.secrets import describe_secrets
 
     namespace, _, name = pod.rpartition("/")
     namespace = namespace or "default"
@@ -292,9 +313,16 @@ def proxy_config(kind: str, pod: str, admin: str, output: str) -> None:
         routes = pc.pod_routes(dump, listeners)
         clusters = pc.pod_clusters(dump, listeners, routes)
         statuses = client.clusters_json() if kind == "endpoints" else {}
+        secrets = describe_secrets(dump) if kind == "secrets" else []
     except EnvoyAdminError as e:
         raise click.ClickException(str(e)) from None
-    chosen = {"listeners": listeners, "routes": routes, "clusters": clusters}.get(kind)
+    identity = pc.pod_identity(listeners)
+    chosen: list[Any] | None = {
+        "listeners": listeners,
+        "routes": routes,
+        "clusters": clusters,
+        "secrets": [s for s in secrets if s.get("name") in (identity, "ROOTCA")],
+    }.get(kind)
     if output == "json":
         raw: object = chosen if chosen is not None else statuses
         click.echo(json.dumps(raw, indent=2))
@@ -305,6 +333,8 @@ def proxy_config(kind: str, pod: str, admin: str, output: str) -> None:
         _table(pc.route_rows(routes))
     elif kind == "clusters":
         _table(pc.cluster_rows(clusters))
+    elif kind == "secrets":
+        _table(pc.secret_rows(secrets, identity))
     else:
         _table(pc.endpoint_rows(statuses, {str(c.get("name")) for c in clusters}))
 

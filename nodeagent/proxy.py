@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter
 from nodeagent.envoy.admin import EnvoyAdmin
 from nodeagent.envoy.bootstrap import write_bootstrap
 from nodeagent.envoy.supervisor import EnvoySupervisor
+from nodeagent.identity.manager import IdentityManager
+from nodeagent.identity.secrets import root_secret, workload_secret
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
@@ -57,10 +59,14 @@ class NodeProxy:
         store: MeshStore,
         registry: PodRegistry,
         metrics: CollectorRegistry,
+        identities: IdentityManager,
+        excluded_namespaces: tuple[str, ...] = (),
     ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
+        self.identities = identities
+        self.excluded_namespaces = excluded_namespaces
         self.cache = SnapshotCache()
         self.xds = XdsServer(self.cache, metrics)
         self.admin = EnvoyAdmin(port=settings.admin_port)
@@ -78,8 +84,9 @@ class NodeProxy:
             settings.run_dir,
             settings.envoy_log,
             self.admin,
-            # Access logs reach the log file within a second (Envoy's default is 10 s).
-            extra_args=("--file-flush-interval-msec", "1000"),
+            # Access logs reach the log file within a second (Envoy's default is 10 s). Removed
+            # listeners drain 5 s, not 600: a departed pod's identity must not linger in Envoy.
+            extra_args=("--file-flush-interval-msec", "1000", "--drain-time-s", "5"),
             on_restart=self.envoy_restarts.inc,
         )
 
@@ -116,8 +123,14 @@ class NodeProxy:
         """Translate the current view and hand it to the xDS cache; returns the version."""
         self.version += 1
         version = str(self.version)
+        local = self.local_pods()
+        # A certificate exists exactly while a pod of its identity runs on this node.
+        self.identities.set_local_identities({lp.identity for lp in local})
+        secrets = [workload_secret(c) for c in self.identities.certs().values()]
+        secrets.append(root_secret(self.identities.root_pem))
         try:
-            snapshot = Snapshot(version, translate(self.store, self.local_pods()))
+            resources = translate(self.store, local, secrets, self.excluded_namespaces)
+            snapshot = Snapshot(version, resources)
             self.cache.set_snapshot(self.settings.node_id, snapshot)
         except (InconsistentSnapshot, ValueError) as e:
             self.last_error = f"snapshot {version} not pushed: {e}"
@@ -125,7 +138,14 @@ class NodeProxy:
         return version
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Push whenever the store or the captured pods change."""
+        """Push whenever the store, the captured pods or a certificate change."""
+        rotation = asyncio.create_task(self.identities.run(stop), name="rotation")
+        try:
+            await self._push_loop(stop)
+        finally:
+            rotation.cancel()
+
+    async def _push_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             store_changed = asyncio.create_task(self.store.changed.wait())
             pods_changed = asyncio.create_task(self.changed.wait())

@@ -113,21 +113,38 @@ def listener_rows(listeners: list[dict[str, Any]]) -> list[tuple[str, ...]]:
                 shown = f"{prefixes or '0.0.0.0'}:{port}" if port else prefixes
             else:
                 shown = "ALL"
+            if match.get("transport_protocol"):
+                shown += f" ({match['transport_protocol']})"
             kind, target = _terminal(chain)
+            if any(f.get("name") == "envoy.filters.network.rbac" for f in chain.get("filters", [])):
+                kind, target = "Refused", "plaintext on an mTLS-only port"
             rows.append((where, shown, f"{kind}: {target}" if kind else "-"))
     return rows
 
 
 def cluster_rows(clusters: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = [("SERVICE FQDN", "PORT", "SUBSET", "DIRECTION", "TYPE")]
+    """istioctl's columns plus the source identity whose certificate the cluster presents."""
+    rows: list[tuple[str, ...]] = [
+        ("SERVICE FQDN", "PORT", "SUBSET", "DIRECTION", "TYPE", "SOURCE IDENTITY")
+    ]
     for cluster in clusters:
         name = str(cluster.get("name", ""))
         parts = name.split("|")
         ctype = str(cluster.get("type", "EDS"))
         if len(parts) == 4:
-            rows.append((parts[3] or "-", parts[1], parts[2] or "-", parts[0], ctype))
+            host, _, identity = parts[3].partition("~")
+            rows.append(
+                (
+                    host or "-",
+                    parts[1],
+                    parts[2] or "-",
+                    parts[0],
+                    ctype,
+                    identity.replace("~", "/") or "-",
+                )
+            )
         else:
-            rows.append((name, "-", "-", "-", ctype))
+            rows.append((name, "-", "-", "-", ctype, "-"))
     return rows
 
 
@@ -180,6 +197,37 @@ def endpoint_rows(clusters_status: dict[str, Any], names: set[str]) -> list[tupl
                     "UNHEALTHY" if ejected else str(state),
                     "FAILED" if ejected else "OK",
                     str(status.get("name")),
+                )
+            )
+    return rows
+
+
+def pod_identity(listeners: list[dict[str, Any]]) -> str:
+    """The SPIFFE ID a pod presents: the SDS secret its inbound mTLS chains name."""
+    for listener in listeners:
+        for chain in _chains(listener):
+            context = (chain.get("transport_socket") or {}).get("typed_config", {})
+            common = context.get("common_tls_context", {})
+            for sds in common.get("tls_certificate_sds_secret_configs", []):
+                return str(sds.get("name", ""))
+    return ""
+
+
+def secret_rows(secrets: list[dict[str, str]], identity: str) -> list[tuple[str, ...]]:
+    """The pod's certificate and the mesh root, as Envoy holds them (never key material)."""
+    rows: list[tuple[str, ...]] = [
+        ("RESOURCE NAME", "IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "ROOT SHA256")
+    ]
+    for secret in secrets:
+        if secret.get("name") in (identity, "ROOTCA"):
+            rows.append(
+                (
+                    secret.get("name", ""),
+                    secret.get("identity", "") or "-",
+                    secret.get("serial", ""),
+                    secret.get("not_before", ""),
+                    secret.get("not_after", ""),
+                    secret.get("root_fingerprint", "")[:16],
                 )
             )
     return rows

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from nodeagent.cni import wire
+from nodeagent.identity.ca import create_plugin_cacerts
 from nodeagent.testbed import daemons, hosts, layout, netns, resources, services
 from nodeagent.testbed.cni_runtime import (
     DEFAULT_PLUGIN_DIRS,
@@ -213,6 +215,7 @@ class Testbed:
             [resources.namespace_object(ns) for ns in self.topology.namespaces],
         )
         if self.topology.nodeagent:
+            create_plugin_cacerts(layout.cacerts_dir(self.name), "cluster.local", intermediate=True)
             self._start_daemons()
         for pod in self.topology.pods:
             self._create_sandbox(pod)
@@ -282,7 +285,9 @@ class Testbed:
             raise TestbedError(str(e)) from None
 
     def _start_daemon(self, node: str, daemon: str) -> DaemonRecord:
-        record = daemons.start(self.name, node, daemon, proxy=self.topology.proxy)
+        record = daemons.start(
+            self.name, node, daemon, proxy=self.topology.proxy, cert_ttl=self.topology.cert_ttl
+        )
         with self._lock:
             self.state.daemons.append(record)
             self.state.save()
@@ -433,20 +438,41 @@ class Testbed:
         return out
 
     def wait_converged(self, timeout: float = READY_TIMEOUT) -> None:
-        """Until every node's Envoy holds exactly the published endpoints (bounded)."""
+        """Until every node's Envoy holds exactly the published endpoints (bounded).
+
+        Service clusters exist once per local identity (``outbound|port||host~ns~sa``); each of
+        them must hold the endpoints, and a node with captured pods must have them all.
+        """
         want = self.expected_endpoints()
         deadline = time.monotonic() + timeout
         for node in self.topology.nodes:
-            while (held := _envoy_endpoints(node_netns(self.name, node.name))) != want:
+            while problems := self._convergence_problems(node.name, want):
                 if time.monotonic() > deadline:
-                    differ = sorted(
-                        k for k in want.keys() | held.keys() if want.get(k) != held.get(k)
-                    )
                     raise TestbedError(
                         f"node {node.name}'s Envoy did not converge within {timeout:.0f}s "
-                        f"(clusters differing: {', '.join(differ)})"
+                        f"(clusters differing: {', '.join(problems[:5])})"
                     )
                 time.sleep(0.05)
+
+    def _convergence_problems(self, node: str, want: dict[str, set[str]]) -> list[str]:
+        held = _envoy_endpoints(node_netns(self.name, node))
+        seen: set[str] = set()
+        problems = []
+        for name, endpoints in held.items():
+            base = name.split("~")[0]
+            seen.add(base)
+            if base in want and endpoints != want[base]:
+                problems.append(name)
+        try:
+            status = wire.request(
+                str(layout.agent_socket(self.name, node)), {"command": "STATUS"}, 5
+            )
+            captured = any(p["state"] == "captured" for p in status.get("pods", []))
+        except (OSError, wire.ProtocolError):
+            captured = False
+        if captured:
+            problems += sorted(base for base in want if base not in seen)
+        return problems
 
     def _pods_now(self) -> list[Pod]:
         with self._lock:

@@ -26,7 +26,9 @@ class DaemonError(RuntimeError):
     pass
 
 
-def start(testbed: str, node: str, daemon: str, proxy: bool = True) -> DaemonRecord:
+def start(
+    testbed: str, node: str, daemon: str, proxy: bool = True, cert_ttl: int = 24 * 3600
+) -> DaemonRecord:
     if daemon == AGENT:
         argv = [
             "run",
@@ -43,6 +45,8 @@ def start(testbed: str, node: str, daemon: str, proxy: bool = True) -> DaemonRec
             "--envoy-log",
             str(layout.logs_dir(testbed) / f"{node}.envoy.log"),
         ]
+        # Every node agent signs with the same plug-in CA, as Istio's cacerts secret gives them.
+        argv += ["--ca-dir", str(layout.cacerts_dir(testbed)), "--cert-ttl", str(cert_ttl)]
         if not proxy:
             argv.append("--no-proxy")
     else:

@@ -34,6 +34,11 @@ def cluster_dir(name: str) -> Path:
     return TestbedState.directory(name) / "cluster"
 
 
+def cacerts_dir(name: str) -> Path:
+    """The testbed's CA in Istio's plug-in layout (root + intermediate), shared by all nodes."""
+    return TestbedState.directory(name) / "cacerts"
+
+
 def node_dir(name: str, node: str) -> Path:
     return TestbedState.directory(name) / "nodes" / node
 

@@ -127,6 +127,7 @@ class Topology:
     nodeagent: bool = True
     # With nodeagent: whether each node also runs its Envoy (false: capture only, for tests).
     proxy: bool = True
+    cert_ttl: int = 24 * 3600  # workload certificate lifetime, seconds (Istio's default 24 h)
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -215,7 +216,17 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     top = r.mapping(
         data,
         "",
-        {"name", "network", "nodes", "namespaces", "pods", "services", "nodeagent", "proxy"},
+        {
+            "name",
+            "network",
+            "nodes",
+            "namespaces",
+            "pods",
+            "services",
+            "nodeagent",
+            "proxy",
+            "certTTL",
+        },
         {"name", "nodes"},
     )
     name = r.string(top["name"], "name", TESTBED_NAME)
@@ -287,6 +298,9 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     proxy = top.get("proxy", True)
     if not isinstance(proxy, bool):
         raise r.fail("proxy", f"expected true or false, got {proxy!r}")
+    cert_ttl = top.get("certTTL", 24 * 3600)
+    if isinstance(cert_ttl, bool) or not isinstance(cert_ttl, int) or cert_ttl < 10:
+        raise r.fail("certTTL", f"expected whole seconds, at least 10, got {cert_ttl!r}")
     return Topology(
         name,
         network,
@@ -296,6 +310,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         tuple(services),
         nodeagent,
         proxy,
+        cert_ttl,
     )
 
 

@@ -1,8 +1,9 @@
 """MeshStore + the node's captured pods -> the node Envoy's resources (pure: no I/O).
 
-What is per local pod: its two listeners. What is shared by all of them: clusters, endpoints and
-routes, keyed by service (the pod's netns travels with each connection, see ``filters``). Nothing
-is generated for pods on other nodes.
+Per local pod: its two listeners. Per local identity (service account with a pod here): the
+clusters and routes its pods use, which present that identity's certificate (mTLS). Shared by
+everyone: endpoints. Nothing is generated for pods on other nodes, and only local identities'
+secrets are included.
 """
 
 from __future__ import annotations
@@ -12,18 +13,22 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
+from nodeagent.mesh import policy
+from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import envoy
+from nodeagent.translate import envoy, tls
 from nodeagent.translate.listeners import inbound_listener, outbound_listener
 from nodeagent.translate.protocol import HTTP2, is_http
 from nodeagent.translate.services import (
     BLACKHOLE,
     INBOUND_PASSTHROUGH,
     PASSTHROUGH,
+    Identity,
     blackhole_cluster,
-    http_ports_of,
+    endpoint_pods,
     inbound_cluster,
+    inbound_ports_of,
     inbound_route,
     load_assignment,
     original_dst_cluster,
@@ -42,35 +47,79 @@ class LocalPod:
     pod: Pod
     netns: str
 
+    @property
+    def identity(self) -> Identity:
+        return (self.pod.namespace, self.pod.service_account)
 
-def translate(store: MeshStore, local_pods: Sequence[LocalPod]) -> Resources:
-    out: Resources = {envoy.CLUSTER: {}, envoy.ENDPOINT: {}, envoy.LISTENER: {}, envoy.ROUTE: {}}
+
+def translate(
+    store: MeshStore,
+    local_pods: Sequence[LocalPod],
+    secrets: Sequence[Message] = (),
+    excluded_namespaces: Sequence[str] = DEFAULT_EXCLUDED_NAMESPACES,
+) -> Resources:
+    out: Resources = {
+        envoy.CLUSTER: {},
+        envoy.ENDPOINT: {},
+        envoy.LISTENER: {},
+        envoy.ROUTE: {},
+        envoy.SECRET: {},
+    }
 
     def add(type_url: str, resource: Message) -> None:
         # ClusterLoadAssignments are named by their cluster; the other types have a name.
         key = "cluster_name" if type_url == envoy.ENDPOINT else "name"
         out[type_url][str(getattr(resource, key))] = resource
 
+    trust_domain = store.mesh_config.trust_domain
+
+    def speaks_mtls(pod_key: str, port: int) -> bool:
+        """A mesh pod whose peer authentication accepts mTLS on PORT."""
+        pod = store.pods.get(pod_key)
+        if pod is None:
+            return False
+        namespace = store.namespaces.get(pod.namespace)
+        if not decide(pod, namespace, excluded_namespaces).in_mesh:
+            return False
+        return policy.effective_mtls(store, pod.namespace, pod.labels, port) != "DISABLE"
+
     service_targets = list(targets(store))
+    identities = sorted({local.identity for local in local_pods})
     for target in service_targets:
-        add(envoy.CLUSTER, service_cluster(target))
-        add(envoy.ENDPOINT, load_assignment(store, target))
-        if is_http(target.protocol):
-            add(envoy.ROUTE, outbound_route(target))
+        add(envoy.ENDPOINT, load_assignment(store, target, speaks_mtls))
+        sans = sorted(
+            tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
+            for key in endpoint_pods(store, target)
+            if (pod := store.pods.get(key)) is not None
+        )
+        for identity in identities:
+            mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
+            add(envoy.CLUSTER, service_cluster(target, identity, trust_domain, sans, mode))
+            if is_http(target.protocol):
+                add(envoy.ROUTE, outbound_route(target, identity))
     add(envoy.CLUSTER, original_dst_cluster(PASSTHROUGH))
     add(envoy.CLUSTER, original_dst_cluster(INBOUND_PASSTHROUGH))
     add(envoy.CLUSTER, blackhole_cluster())
 
-    policy = store.mesh_config.outbound_traffic_policy
+    outbound_policy = store.mesh_config.outbound_traffic_policy
     for local in sorted(local_pods, key=lambda p: p.pod.key):
         pod = local.pod
-        http_ports = http_ports_of(store, dict(pod.labels), pod.namespace)
-        add(envoy.LISTENER, outbound_listener(pod, local.netns, service_targets, policy))
-        add(envoy.LISTENER, inbound_listener(pod, local.netns, http_ports))
-        for port, protocol in http_ports.items():
-            if inbound_cluster(port) not in out[envoy.CLUSTER]:
+        protocols = inbound_ports_of(store, dict(pod.labels), pod.namespace)
+        modes = policy.effective_mtls_ports(store, pod.namespace, pod.labels, protocols)
+        ports = {port: (protocols[port], modes[port]) for port in protocols}
+        default_mode = policy.pod_default_mode(store, pod.namespace, pod.labels)
+        me = tls.spiffe_id(trust_domain, *local.identity)
+        add(
+            envoy.LISTENER,
+            outbound_listener(pod, local.netns, service_targets, outbound_policy, local.identity),
+        )
+        add(envoy.LISTENER, inbound_listener(pod, local.netns, ports, default_mode, me))
+        for port, protocol in protocols.items():
+            if is_http(protocol) and inbound_cluster(port) not in out[envoy.CLUSTER]:
                 add(envoy.CLUSTER, original_dst_cluster(inbound_cluster(port), protocol == HTTP2))
                 add(envoy.ROUTE, inbound_route(port))
+    for secret in secrets:
+        add(envoy.SECRET, secret)
     return out
 
 

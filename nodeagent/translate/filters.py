@@ -63,9 +63,17 @@ def access_log(direction: str, pod: str, tcp: bool = False) -> list[dict[str, An
 
 
 def http_connection_manager(
-    stat_prefix: str, route_config_name: str, direction: str, pod: str
+    stat_prefix: str, route_config_name: str, direction: str, pod: str, mtls: bool = False
 ) -> dict[str, Any]:
+    """MTLS: an inbound chain behind mTLS, which tells the app its caller's identity in
+    x-forwarded-client-cert (Istio's format); elsewhere a caller-supplied one is dropped."""
     inbound = direction == "inbound"
+    xfcc: dict[str, Any] = {"forward_client_cert_details": "SANITIZE"}
+    if inbound and mtls:
+        xfcc = {
+            "forward_client_cert_details": "SANITIZE_SET",
+            "set_current_client_cert_details": {"uri": True, "subject": True, "dns": True},
+        }
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": typed(
@@ -97,6 +105,7 @@ def http_connection_manager(
             },
             stream_idle_timeout="0s",
             upgrade_configs=[{"upgrade_type": "websocket"}],
+            **xfcc,
         ),
     }
 

@@ -1,19 +1,21 @@
-"""Services to clusters, endpoints and routes, shared by every local pod (pure).
+"""Services to clusters, endpoints and routes, shared by the local pods of one identity (pure).
 
-Names follow Istio: ``outbound|<port>||<host>`` for a service port's cluster (and its HTTP route
-configuration), ``PassthroughCluster`` / ``BlackHoleCluster`` for destinations outside the
-registry, ``inbound|<port>||`` for delivery to a local app.
+Names follow Istio: ``outbound|<port>||<host>`` names a service port's endpoints (EDS); its
+clusters and HTTP routes add the source identity, ``outbound|<port>||<host>~<ns>~<sa>``, because
+mTLS presents the calling pod's certificate. ``PassthroughCluster`` / ``BlackHoleCluster`` serve
+destinations outside the registry, ``inbound|<port>||`` delivers to a local app.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from nodeagent.mesh.model import EndpointSlice, Service, ServicePort
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.capture import MESH_MARK
+from nodeagent.translate import tls
 from nodeagent.translate.envoy import (
     Cluster,
     ClusterLoadAssignment,
@@ -29,6 +31,9 @@ INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
 CONNECT_TIMEOUT = "10s"  # Istio's default connectTimeout
 
 
+Identity = tuple[str, str]  # (namespace, service account) of local pods
+
+
 @dataclass(frozen=True)
 class ServiceTarget:
     """One port of one service with a virtual IP: what an outbound filter chain matches."""
@@ -40,7 +45,11 @@ class ServiceTarget:
 
     @property
     def cluster(self) -> str:
+        """The service port's endpoints (EDS name), shared by every identity's cluster."""
         return outbound_cluster(self.port.port, self.host)
+
+    def cluster_for(self, identity: Identity) -> str:
+        return f"{self.cluster}~{identity[0]}~{identity[1]}"
 
 
 def outbound_cluster(port: int, host: str, subset: str = "") -> str:
@@ -85,17 +94,37 @@ def _http2_options() -> dict[str, Any]:
     }
 
 
-def service_cluster(target: ServiceTarget) -> Cluster:
+def service_cluster(
+    target: ServiceTarget,
+    identity: Identity,
+    trust_domain: str,
+    server_sans: list[str],
+    tls_mode: str | None,
+) -> Cluster:
+    """The cluster pods of IDENTITY use for a service port.
+
+    TLS_MODE is a DestinationRule's ``tls.mode`` when one applies: DISABLE is plaintext,
+    ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint.
+    """
+    me = tls.spiffe_id(trust_domain, *identity)
+    sni = tls.outbound_sni(target.port.port, target.host)
     fields: dict[str, Any] = {
-        "name": target.cluster,
+        "name": target.cluster_for(identity),
         "type": "EDS",
-        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "eds_cluster_config": {
+            "eds_config": {"ads": {}, "resource_api_version": "V3"},
+            "service_name": target.cluster,
+        },
         "connect_timeout": CONNECT_TIMEOUT,
         "lb_policy": "ROUND_ROBIN",
         "upstream_bind_config": upstream_bind(),
     }
     if target.protocol == HTTP2:
         fields["typed_extension_protocol_options"] = _http2_options()
+    if tls_mode == "ISTIO_MUTUAL":
+        fields["transport_socket"] = tls.upstream_mtls(me, server_sans, sni)
+    elif tls_mode != "DISABLE":
+        fields["transport_socket_matches"] = tls.auto_mtls_matches(me, server_sans, sni)
     return message(Cluster, fields)
 
 
@@ -129,16 +158,33 @@ def _slice_port(slice_: EndpointSlice, port: ServicePort) -> int | None:
     return None
 
 
-def load_assignment(store: MeshStore, target: ServiceTarget) -> ClusterLoadAssignment:
-    """Every ready endpoint of the service, cluster-wide (nothing here is per local pod)."""
-    addresses: set[tuple[str, int]] = set()
+def endpoint_pods(store: MeshStore, target: ServiceTarget) -> set[str]:
+    """namespace/name of the pods behind a service port's ready endpoints."""
+    return {
+        endpoint.pod
+        for slice_ in store.slices_of(target.service)
+        for endpoint in slice_.endpoints
+        if endpoint.ready and endpoint.pod
+    }
+
+
+def load_assignment(
+    store: MeshStore, target: ServiceTarget, speaks_mtls: Callable[[str, int], bool]
+) -> ClusterLoadAssignment:
+    """Every ready endpoint of the service, cluster-wide (nothing here is per local pod).
+
+    SPEAKS_MTLS(pod, port) tells which endpoints are mesh pods accepting mTLS on that port; they
+    are marked ``tlsMode: istio`` for the clients' auto mTLS.
+    """
+    addresses: dict[tuple[str, int], bool] = {}
     for slice_ in store.slices_of(target.service):
         port = _slice_port(slice_, target.port)
         if port is None:
             continue
         for endpoint in slice_.endpoints:
             if endpoint.ready:
-                addresses.update((address, port) for address in endpoint.addresses)
+                mtls = bool(endpoint.pod) and speaks_mtls(endpoint.pod, port)
+                addresses.update({(address, port): mtls for address in endpoint.addresses})
     return message(
         ClusterLoadAssignment,
         {
@@ -151,6 +197,13 @@ def load_assignment(store: MeshStore, target: ServiceTarget) -> ClusterLoadAssig
                                 "address": {"socket_address": {"address": ip, "port_value": port}}
                             },
                             "health_status": "HEALTHY",
+                            "metadata": {
+                                "filter_metadata": {
+                                    tls.TLS_MODE_KEY: {
+                                        "tlsMode": "istio" if addresses[(ip, port)] else "disabled"
+                                    }
+                                }
+                            },
                         }
                         for ip, port in sorted(addresses)
                     ]
@@ -181,12 +234,13 @@ def default_retry_policy() -> dict[str, Any]:
     }
 
 
-def outbound_route(target: ServiceTarget) -> RouteConfiguration:
+def outbound_route(target: ServiceTarget, identity: Identity) -> RouteConfiguration:
     """The service port's routes: every request to its cluster (VirtualService routing later)."""
+    cluster = target.cluster_for(identity)
     return message(
         RouteConfiguration,
         {
-            "name": target.cluster,
+            "name": cluster,
             "validate_clusters": False,
             "virtual_hosts": [
                 {
@@ -197,7 +251,7 @@ def outbound_route(target: ServiceTarget) -> RouteConfiguration:
                             "name": "default",
                             "match": {"prefix": "/"},
                             "route": {
-                                "cluster": target.cluster,
+                                "cluster": cluster,
                                 "timeout": "0s",
                                 "retry_policy": default_retry_policy(),
                             },
@@ -232,8 +286,8 @@ def inbound_route(port: int) -> RouteConfiguration:
     )
 
 
-def http_ports_of(store: MeshStore, labels: dict[str, str], namespace: str) -> dict[int, str]:
-    """Target ports of HTTP service ports that select a pod: where inbound HTTP is parsed."""
+def inbound_ports_of(store: MeshStore, labels: dict[str, str], namespace: str) -> dict[int, str]:
+    """Target ports (and protocols) of the service ports that select a pod."""
     ports: dict[int, str] = {}
     for target in targets(store):
         svc = target.service
@@ -243,6 +297,11 @@ def http_ports_of(store: MeshStore, labels: dict[str, str], namespace: str) -> d
             and all(labels.get(k) == v for k, v in svc.selector.items())
         )
         target_port = target.port.target_port or target.port.port
-        if selected and isinstance(target_port, int) and is_http(target.protocol):
+        # HTTP wins when two services disagree on one container port.
+        if (
+            selected
+            and isinstance(target_port, int)
+            and (target_port not in ports or is_http(target.protocol))
+        ):
             ports[target_port] = target.protocol
     return ports

@@ -1,4 +1,5 @@
 """One long-lived HTTP/1.1 connection, used for SECONDS: does it survive config changes?
+With ``fresh`` as 4th argument, a new connection per request instead (a handshake each time).
 
 Prints a JSON summary: requests sent, failures, the local ports used (one port = one connection
 all along) and which pods answered.
@@ -13,7 +14,7 @@ import time
 from collections import Counter
 
 
-def main(host: str, port: int, seconds: float) -> None:
+def main(host: str, port: int, seconds: float, fresh: bool = False) -> None:
     conn = http.client.HTTPConnection(host, port, timeout=5)
     answered: Counter[str] = Counter()
     ports: set[int] = set()
@@ -36,6 +37,8 @@ def main(host: str, port: int, seconds: float) -> None:
         except (OSError, http.client.HTTPException, ValueError) as e:
             failures.append(repr(e))
             conn.close()
+        if fresh:
+            conn.close()
         time.sleep(0.05)
     print(
         json.dumps(
@@ -45,4 +48,4 @@ def main(host: str, port: int, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:] == ["fresh"])

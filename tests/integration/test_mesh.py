@@ -371,10 +371,17 @@ def test_proxy_config_shows_what_the_node_envoy_holds_for_a_pod(mesh: Testbed) -
     assert "Route: outbound|8080||recommendation.istioinaction.svc.cluster.local" in listeners
     assert "0.0.0.0:15006" in listeners and "Cluster: PassthroughCluster" in listeners
     clusters = [line.split() for line in table("clusters").splitlines()]
-    assert ["purchase-history.istioinaction.svc.cluster.local", "8080", "-", "outbound", "EDS"] in (
-        clusters
+    assert [
+        "purchase-history.istioinaction.svc.cluster.local",
+        "8080",
+        "-",
+        "outbound",
+        "EDS",
+        "istioinaction/default",
+    ] in clusters
+    assert "outbound|8080||web-api.istioinaction.svc.cluster.local~istioinaction~default" in (
+        table("routes")
     )
-    assert "outbound|8080||web-api.istioinaction.svc.cluster.local" in table("routes")
     endpoints = table("endpoints")
     for pod in ("purchase-history-v1", "purchase-history-v2"):
         assert f"{mesh.pod_ip('istioinaction/' + pod)}:8080  HEALTHY" in endpoints

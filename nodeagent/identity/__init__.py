@@ -1,0 +1,1 @@
+"""Workload identity: CA backends, per-identity certificates and their rotation, SDS secrets."""

@@ -1,0 +1,263 @@
+"""Which TLS a connection gets under Istio's PeerAuthentication and DestinationRule (pure).
+
+Server side, PeerAuthentication says what a pod accepts on a container port: STRICT (mTLS only),
+PERMISSIVE (mTLS or plaintext) or DISABLE (plaintext). Client side, a DestinationRule's
+``trafficPolicy.tls`` says what a client sends; without one, auto mTLS decides. Both follow istiod
+(pilot's ComposePeerAuthentication and PushContext.destinationRule), with these simplifications:
+the mesh's default DestinationRule exportTo is taken to be "*", DestinationRules with a
+``workloadSelector`` are skipped (they need the client pod's labels), and destination rule
+inheritance (off by default in Istio) is not done.
+
+Where Istio lets the oldest object win, age comes from the annotation
+``nodeagent.io/creationTimestamp`` (RFC 3339); ties, and objects without it, fall back to name, then
+namespace. An object without a timestamp counts as created at the dawn of time, as Istio treats a
+zero creation timestamp.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from nodeagent.mesh.model import IstioResource, Service
+from nodeagent.mesh.store import MeshStore
+
+CREATION_TIMESTAMP_ANNOTATION = "nodeagent.io/creationTimestamp"
+STRICT, PERMISSIVE, DISABLE = "STRICT", "PERMISSIVE", "DISABLE"
+_PEER_MODES = frozenset({STRICT, PERMISSIVE, DISABLE})  # anything else (UNSET, absent) inherits
+_DAWN = datetime.min.replace(tzinfo=UTC)
+
+
+def creation_order(res: IstioResource) -> tuple[datetime, str, str]:
+    """Sort key, oldest first: creation time, then name, then namespace (as istiod sorts)."""
+    try:
+        created = datetime.fromisoformat(res.annotations.get(CREATION_TIMESTAMP_ANNOTATION, ""))
+    except ValueError:
+        created = _DAWN
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return (created, res.name, res.namespace)
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _port_number(value: object) -> int | None:
+    """A port given as a number or, in YAML map keys, as a string of digits."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _selector(spec: Mapping[str, Any], field: str) -> Mapping[str, Any]:
+    return _mapping(_mapping(spec.get(field)).get("matchLabels"))
+
+
+# -- PeerAuthentication ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerPolicy:
+    """The PeerAuthentication in force for one pod: a mode, and overrides by container port."""
+
+    mode: str
+    port_modes: Mapping[int, str]
+
+    def mode_for(self, port: int) -> str:
+        return self.port_modes.get(port, self.mode)
+
+
+def _peer_mode(mtls: object) -> str | None:
+    """The mode an ``mtls`` block sets; None for UNSET or no block, which inherit the parent's."""
+    mode = _mapping(mtls).get("mode")
+    return mode if isinstance(mode, str) and mode in _PEER_MODES else None
+
+
+def peer_policy(store: MeshStore, namespace: str, labels: Mapping[str, str]) -> PeerPolicy:
+    """Compose the mesh, namespace and workload PeerAuthentications that apply to a pod."""
+    root = store.mesh_config.root_namespace
+    mesh: IstioResource | None = None
+    ns_wide: IstioResource | None = None
+    workload: IstioResource | None = None
+    # Oldest first, so the first policy found at each level is the one that wins there.
+    for pa in sorted(store.istio_of_kind("PeerAuthentication"), key=creation_order):
+        selector = _selector(pa.spec, "selector")
+        if not selector:  # an empty matchLabels is namespace-wide too
+            if pa.namespace == root:
+                mesh = mesh or pa
+            elif pa.namespace == namespace:
+                ns_wide = ns_wide or pa
+        # Selectors are ignored in the root namespace: such a policy applies to nothing.
+        elif (
+            pa.namespace == namespace
+            and namespace != root
+            and all(labels.get(key) == value for key, value in selector.items())
+        ):
+            workload = workload or pa
+    mode = PERMISSIVE
+    for level in (mesh, ns_wide, workload):
+        if level is not None:
+            mode = _peer_mode(level.spec.get("mtls")) or mode
+    port_modes: dict[int, str] = {}
+    if workload is not None:  # istiod ignores portLevelMtls on namespace and mesh policies
+        for key, mtls in _mapping(workload.spec.get("portLevelMtls")).items():
+            port = _port_number(key)
+            if port is not None:
+                port_modes[port] = _peer_mode(mtls) or mode
+    return PeerPolicy(mode, port_modes)
+
+
+def effective_mtls(store: MeshStore, namespace: str, labels: Mapping[str, str], port: int) -> str:
+    """STRICT, PERMISSIVE or DISABLE for traffic reaching a pod on container PORT."""
+    return peer_policy(store, namespace, labels).mode_for(port)
+
+
+def effective_mtls_ports(
+    store: MeshStore, namespace: str, labels: Mapping[str, str], ports: Iterable[int]
+) -> dict[int, str]:
+    policy = peer_policy(store, namespace, labels)
+    return {port: policy.mode_for(port) for port in ports}
+
+
+def pod_default_mode(store: MeshStore, namespace: str, labels: Mapping[str, str]) -> str:
+    """The mode for the pod's ports that have no port-level override."""
+    return peer_policy(store, namespace, labels).mode
+
+
+# -- DestinationRule ------------------------------------------------------------------------------
+
+
+def _rule_host(dr: IstioResource, domain: str) -> str:
+    """The DR's host, a short name qualified with the DR's own namespace (names with a dot,
+    IPs and "*" are taken as they are)."""
+    host = str(dr.spec.get("host", ""))
+    if not host or host == "*" or "." in host:
+        return host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host}.{dr.namespace}.svc.{domain}"
+    return host
+
+
+def _specificity(pattern: str, hostname: str) -> tuple[int, int] | None:
+    """How closely PATTERN names HOSTNAME (greater wins: exact, then longer wildcard), or None."""
+    if pattern == hostname:
+        return (1, 0)
+    if pattern.startswith("*") and hostname.endswith(pattern[1:]):
+        return (0, len(pattern))
+    return None
+
+
+def _export_to(dr: IstioResource) -> frozenset[str]:
+    raw = dr.spec.get("exportTo")
+    return frozenset(str(ns) for ns in raw) if isinstance(raw, list) else frozenset()
+
+
+def _private_only(dr: IstioResource) -> bool:
+    export_to = _export_to(dr)
+    return len(export_to) == 1 and ("." in export_to or dr.namespace in export_to)
+
+
+def _visible_at_home(dr: IstioResource) -> bool:
+    export_to = _export_to(dr)
+    return not export_to or bool(export_to & {"*", ".", dr.namespace})
+
+
+def _most_specific(
+    rules: Sequence[IstioResource], hostname: str, domain: str
+) -> list[IstioResource]:
+    """The RULES (kept oldest first) whose host names HOSTNAME most specifically."""
+    scored = [(_specificity(_rule_host(dr, domain), hostname), dr) for dr in rules]
+    matched = [(score, dr) for score, dr in scored if score is not None]
+    if not matched:
+        return []
+    best = max(score for score, _ in matched)
+    return [dr for score, dr in matched if score == best]
+
+
+def _exported_to(group: Sequence[IstioResource], client_namespace: str) -> bool:
+    # A merged host takes the exportTo of its oldest rule that has one; here "." is not the
+    # client's namespace, as in istiod (a client at home already found the rule locally).
+    export_to = next((e for e in map(_export_to, group) if e), frozenset())
+    return not export_to or "*" in export_to or client_namespace in export_to
+
+
+def _merge(group: Sequence[IstioResource]) -> IstioResource:
+    """Rules for one host in one namespace act as one: the oldest, plus the subsets it lacks and,
+    if it has none, the first trafficPolicy of the others."""
+    first = group[0]
+    if len(group) == 1:
+        return first
+    spec = dict(first.spec)
+    subsets = list(spec.get("subsets") or [])
+    names = {_mapping(s).get("name") for s in subsets}
+    for dr in group[1:]:
+        for subset in dr.spec.get("subsets") or []:
+            if _mapping(subset).get("name") not in names:
+                subsets.append(subset)
+                names.add(_mapping(subset).get("name"))
+        if spec.get("trafficPolicy") is None and dr.spec.get("trafficPolicy") is not None:
+            spec["trafficPolicy"] = dr.spec["trafficPolicy"]
+    if subsets:
+        spec["subsets"] = subsets
+    return replace(first, spec=spec)
+
+
+def destination_rule_for(
+    store: MeshStore, client_namespace: str, service: Service
+) -> IstioResource | None:
+    """The DestinationRule a client in CLIENT_NAMESPACE uses for SERVICE, as istiod picks it:
+    the client's namespace, then the service's, then the root namespace; in each the most
+    specific host wins (exact, then the longest wildcard), and several rules for that host
+    merge into one."""
+    domain = store.mesh_config.cluster_domain
+    root = store.mesh_config.root_namespace
+    hostname = service.hostname(domain)
+    rules = [
+        dr
+        for dr in sorted(store.istio_of_kind("DestinationRule"), key=creation_order)
+        if not _selector(dr.spec, "workloadSelector")
+    ]
+    if client_namespace != root:
+        local = [dr for dr in rules if dr.namespace == client_namespace and _visible_at_home(dr)]
+    else:  # exported root rules are the last resort below; only private ones come first
+        local = [dr for dr in rules if dr.namespace == root and _private_only(dr)]
+    group = _most_specific(local, hostname, domain)
+    if group:
+        return _merge(group)
+    for owner in (service.namespace, root):
+        exported = [dr for dr in rules if dr.namespace == owner and not _private_only(dr)]
+        group = _most_specific(exported, hostname, domain)
+        # A best match hidden from the client ends this namespace's search (istiod does not
+        # fall back to a less specific host there).
+        if group and _exported_to(group, client_namespace):
+            return _merge(group)
+    return None
+
+
+def destination_tls_mode(
+    store: MeshStore, client_namespace: str, service: Service, port: int
+) -> str | None:
+    """DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL for calls to SERVICE:PORT (a service port), or
+    None when no DestinationRule sets TLS and auto mTLS decides."""
+    dr = destination_rule_for(store, client_namespace, service)
+    policy = _mapping(dr.spec.get("trafficPolicy")) if dr is not None else {}
+    tls = policy.get("tls")
+    for setting in policy.get("portLevelSettings") or []:
+        if _port_number(_mapping(_mapping(setting).get("port")).get("number")) == port:
+            if _mapping(setting).get("tls") is not None:  # even {}: that means DISABLE
+                tls = _mapping(setting)["tls"]
+            break  # the first entry for the port counts
+    if not isinstance(tls, Mapping):
+        return None
+    # DISABLE is the proto's zero value: a tls block without a mode turns TLS off.
+    return str(tls.get("mode") or DISABLE)
