@@ -56,6 +56,7 @@ class AgentConfig:
     proxy: bool = True
     ca_dir: Path | None = None  # Istio plug-in CA files (cacerts); else a built-in CA
     cert_ttl: float = 24 * 3600.0
+    cert_key_type: str = "EC"  # ECDSA P-256; "RSA" for RSA 2048 (Istio's default)
 
 
 async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
@@ -78,7 +79,11 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         else BuiltinCA.load_or_create(config.state_dir, trust_domain)
     )
     identities = IdentityManager(
-        ca, trust_domain, ttl=timedelta(seconds=config.cert_ttl), registry=metrics.registry
+        ca,
+        trust_domain,
+        ttl=timedelta(seconds=config.cert_ttl),
+        key_type="RSA" if config.cert_key_type == "RSA" else "EC",
+        registry=metrics.registry,
     )
     proxy = (
         None

@@ -103,6 +103,13 @@ def workload(args: tuple[str, ...]) -> None:
     show_default=True,
     help="Workload certificate lifetime in seconds (rotated at half life).",
 )
+@click.option(
+    "--cert-key-type",
+    type=click.Choice(["EC", "RSA"]),
+    default="EC",
+    show_default=True,
+    help="Workload keys: ECDSA P-256, or RSA 2048 (Istio's default).",
+)
 @click.option("--log-level", default="info", show_default=True)
 def run(
     node_name: str,
@@ -122,6 +129,7 @@ def run(
     no_proxy: bool,
     ca_dir: Path | None,
     cert_ttl: float,
+    cert_key_type: str,
     log_level: str,
 ) -> None:
     """Run the node agent and the node's Envoy (needs root: it enters pod network namespaces)."""
@@ -148,6 +156,7 @@ def run(
         proxy=not no_proxy,
         ca_dir=ca_dir,
         cert_ttl=cert_ttl,
+        cert_key_type=cert_key_type,
     )
     asyncio.run(agent.run(config))
 
