@@ -1,0 +1,355 @@
+"""The Kubernetes API server as the agent's source: list, then watch, each kind the mesh needs.
+
+Objects are converted with the directory source's ``parse_document``, so both sources produce the
+same records for the same objects. Per kind: LIST (remember the collection's resourceVersion),
+WATCH from it with bookmarks, apply ADDED/MODIFIED/DELETED as they come. A 410 Gone (an HTTP
+status or an ERROR event) means the watch history we need was compacted away: LIST again and
+replace that kind's records, deleting what vanished meanwhile. Connection errors back off
+(bounded exponential) and re-watch from the last resourceVersion seen.
+
+Kinds: Pods of this node only (field selector), Namespaces, Services, EndpointSlices,
+ServiceAccounts, and every Istio kind of networking.istio.io and security.istio.io at its
+preferred served version. Invalid Istio objects are logged, kept in ``invalid`` and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client as _client
+from kubernetes_asyncio import config as _config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from nodeagent.mesh.model import (
+    EndpointSlice,
+    IstioResource,
+    Namespace,
+    Pod,
+    Service,
+    ServiceAccount,
+)
+from nodeagent.mesh.store import MeshStore
+from nodeagent.mesh.validation import IstioSchemas
+from nodeagent.sources.directory import Record, ResourceError, parse_document
+
+log = logging.getLogger("nodeagent.sources.kubernetes")
+
+# The generated client is untyped; calls go through Any so strict mypy accepts them.
+k8s: Any = _client
+kconfig: Any = _config
+
+ISTIO_GROUPS = ("networking.istio.io", "security.istio.io")
+SOURCE = "kubernetes"
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+WATCH_TIMEOUT = 300  # seconds the API server keeps a watch open before ending it cleanly
+LIST_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10.0
+
+Lister = Callable[..., Awaitable[Any]]
+
+
+class _Gone(Exception):
+    """The resourceVersion we watch from is too old (410): only a new LIST helps."""
+
+
+def plural(kind: str) -> str:
+    """The resource name of an Istio kind (ServiceEntry -> serviceentries, Gateway -> gateways)."""
+    lower = kind.lower()
+    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return lower[:-1] + "ies"
+    return lower + ("es" if lower.endswith("s") else "s")
+
+
+@dataclass(frozen=True)
+class _Kind:
+    kind: str
+    api_version: str
+    namespaced: bool
+    lister: Lister  # the client's list/watch function for the whole cluster
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def keys(self, obj: Mapping[str, Any]) -> tuple[str, str]:
+        """(key of the record in the store, key in KubernetesSource.invalid) from metadata."""
+        meta = obj.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        name = str(meta.get("name") or "")
+        if not self.namespaced:
+            return name, f"{self.kind}/{name}"
+        ns = str(meta.get("namespace") or "default")
+        full = f"{self.kind}/{ns}/{name}"
+        return (full if self._istio else f"{ns}/{name}"), full
+
+    @property
+    def _istio(self) -> bool:
+        return self.api_version.rpartition("/")[0] in ISTIO_GROUPS
+
+
+def _collection(store: MeshStore, kind: _Kind) -> Mapping[str, Record]:
+    collections: dict[str, Mapping[str, Record]] = {
+        "Namespace": store.namespaces,
+        "Pod": store.pods,
+        "Service": store.services,
+        "EndpointSlice": store.endpoint_slices,
+        "ServiceAccount": store.service_accounts,
+    }
+    return collections.get(kind.kind, store.istio)
+
+
+def _delete(store: MeshStore, kind: _Kind, key: str) -> None:
+    deletes: dict[str, Callable[[str], None]] = {
+        "Namespace": store.delete_namespace,
+        "Pod": store.delete_pod,
+        "Service": store.delete_service,
+        "EndpointSlice": store.delete_endpoint_slice,
+        "ServiceAccount": store.delete_service_account,
+    }
+    deletes.get(kind.kind, store.delete_istio)(key)
+
+
+def _put(store: MeshStore, record: Record) -> None:
+    if isinstance(record, Namespace):
+        store.put_namespace(record)
+    elif isinstance(record, Pod):
+        store.put_pod(record)
+    elif isinstance(record, Service):
+        store.put_service(record)
+    elif isinstance(record, EndpointSlice):
+        store.put_endpoint_slice(record)
+    elif isinstance(record, ServiceAccount):
+        store.put_service_account(record)
+    elif isinstance(record, IstioResource):
+        store.put_istio(record)
+
+
+class _Backoff:
+    def __init__(self) -> None:
+        self.delay = BACKOFF_MIN
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, BACKOFF_MAX)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = BACKOFF_MIN
+
+
+class KubernetesSource:
+    def __init__(
+        self,
+        store: MeshStore,
+        node_name: str,
+        kubeconfig: Path | None = None,
+        schemas: IstioSchemas | None = None,
+    ) -> None:
+        self.store = store
+        self.node_name = node_name
+        self.kubeconfig = kubeconfig  # None: in-cluster service account
+        self.schemas = schemas or IstioSchemas.load()
+        self.invalid: dict[str, list[str]] = {}  # Kind/namespace/name -> problems
+        self.resource_versions: dict[str, str] = {}  # kind -> last resourceVersion seen
+        self.relists: dict[str, int] = {}  # kind -> LISTs after the first (410 Gone)
+        self._known: dict[str, set[str]] = {}  # kind -> store keys this source put
+        self._listed: set[str] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        api = await self._api_client()
+        try:
+            kinds = self.kinds(api)
+            tasks = [asyncio.create_task(self._follow(kind, len(kinds))) for kind in kinds]
+            try:
+                await stop.wait()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await api.close()
+
+    async def _api_client(self) -> Any:
+        configuration = k8s.Configuration()
+        if self.kubeconfig is None:
+            kconfig.load_incluster_config(client_configuration=configuration)
+        else:
+            await kconfig.load_kube_config(
+                config_file=str(self.kubeconfig),
+                client_configuration=configuration,
+                persist_config=False,  # never rewrite the operator's kubeconfig
+            )
+        return k8s.ApiClient(configuration)
+
+    def kinds(self, api: Any) -> list[_Kind]:
+        core = k8s.CoreV1Api(api)
+        discovery = k8s.DiscoveryV1Api(api)
+        custom = k8s.CustomObjectsApi(api)
+        kinds = [
+            _Kind("Namespace", "v1", False, core.list_namespace),
+            _Kind(
+                "Pod",
+                "v1",
+                True,
+                core.list_pod_for_all_namespaces,
+                kwargs={"field_selector": f"spec.nodeName={self.node_name}"},
+            ),
+            _Kind("Service", "v1", True, core.list_service_for_all_namespaces),
+            _Kind(
+                "EndpointSlice",
+                "discovery.k8s.io/v1",
+                True,
+                discovery.list_endpoint_slice_for_all_namespaces,
+            ),
+            _Kind("ServiceAccount", "v1", True, core.list_service_account_for_all_namespaces),
+        ]
+        for group, kind in sorted(self.schemas.kinds()):
+            versions = self.schemas.served_versions(group, kind)
+            if group in ISTIO_GROUPS and versions:
+                kinds.append(
+                    _Kind(
+                        kind,
+                        f"{group}/{versions[0]}",
+                        True,
+                        custom.list_cluster_custom_object,
+                        args=(group, versions[0], plural(kind)),
+                    )
+                )
+        return kinds
+
+    # -- one kind: list, watch, recover ----------------------------------------------------------
+
+    async def _follow(self, kind: _Kind, total: int) -> None:
+        backoff = _Backoff()
+        version: str | None = None
+        while True:
+            try:
+                if version is None:
+                    version = await self._list(kind)
+                    self._listed.add(kind.kind)
+                    if len(self._listed) == total:
+                        self.store.synced.set()
+                await self._watch(kind, version, backoff)
+            except _Gone:
+                log.info("%s: resourceVersion %s expired (410 Gone); relisting", kind.kind, version)
+                self.relists[kind.kind] = self.relists.get(kind.kind, 0) + 1
+                version = None
+                continue
+            except (aiohttp.ClientError, OSError, TimeoutError, ApiException, ValueError) as e:
+                delay = backoff.next()
+                log.warning("%s: %s; retrying in %.1fs", kind.kind, e or type(e).__name__, delay)
+                await asyncio.sleep(delay)
+            except Exception:  # a bug or a surprising object must not stop this kind for good
+                delay = backoff.next()
+                log.exception("%s: unexpected error; retrying in %.1fs", kind.kind, delay)
+                await asyncio.sleep(delay)
+            if version is not None:
+                # Resume after the last event or bookmark seen (a failed LIST is simply redone).
+                version = self.resource_versions.get(kind.kind, version)
+
+    async def _request(self, kind: _Kind, **params: Any) -> Any:
+        """The raw aiohttp response of the client's list function (JSON, no model objects:
+        parse_document wants documents, and model deserialisation rejects odd objects)."""
+        resp = await kind.lister(*kind.args, **kind.kwargs, _preload_content=False, **params)
+        if resp.status == 410:
+            resp.release()
+            raise _Gone
+        if not 200 <= resp.status <= 299:
+            body = await resp.text()
+            resp.release()
+            raise ApiException(status=resp.status, reason=body[:200])
+        return resp
+
+    async def _list(self, kind: _Kind) -> str:
+        resp = await self._request(kind, _request_timeout=LIST_TIMEOUT)
+        try:
+            body = json.loads(await resp.read())
+        finally:
+            resp.release()
+        wanted: dict[str, Record] = {}
+        self.invalid = {k: v for k, v in self.invalid.items() if not k.startswith(f"{kind.kind}/")}
+        for item in body.get("items") or []:
+            key, record = self._convert(kind, item)
+            if record is not None:
+                wanted[key] = record
+        current = _collection(self.store, kind)
+        for key in self._known.get(kind.kind, set()) - wanted.keys():
+            _delete(self.store, kind, key)
+        for key, record in wanted.items():
+            if current.get(key) != record:
+                _put(self.store, record)
+        self._known[kind.kind] = set(wanted)
+        version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        self.resource_versions[kind.kind] = version
+        return version
+
+    async def _watch(self, kind: _Kind, version: str, backoff: _Backoff) -> None:
+        """Applies events until the server ends the watch, keeping resource_versions current."""
+        resp = await self._request(
+            kind,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_TIMEOUT,
+            _request_timeout=(CONNECT_TIMEOUT, WATCH_TIMEOUT + 30),
+        )
+        try:
+            while line := await resp.content.readline():
+                backoff.reset()  # the connection works again
+                event = json.loads(line)
+                if new_version := self._event(kind, event):
+                    self.resource_versions[kind.kind] = new_version
+        finally:
+            resp.release()
+
+    def _event(self, kind: _Kind, event: Mapping[str, Any]) -> str | None:
+        """Applies one watch event; the resourceVersion it carries, if any."""
+        kind_of_event, obj = event.get("type"), event.get("object")
+        if not isinstance(obj, dict):
+            raise ValueError(f"watch event without an object: {str(event)[:200]}")
+        if kind_of_event == "ERROR":
+            if obj.get("code") == 410:
+                raise _Gone
+            raise ApiException(status=obj.get("code") or 0, reason=str(obj.get("message")))
+        meta = obj.get("metadata")
+        version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if kind_of_event in ("ADDED", "MODIFIED"):
+            key, record = self._convert(kind, obj)
+            known = self._known.setdefault(kind.kind, set())
+            if record is None:
+                if key in known:  # became invalid: drop the old record, as the directory does
+                    known.discard(key)
+                    _delete(self.store, kind, key)
+            else:
+                known.add(key)
+                if _collection(self.store, kind).get(key) != record:
+                    _put(self.store, record)
+        elif kind_of_event == "DELETED":
+            key, invalid_key = kind.keys(obj)
+            self.invalid.pop(invalid_key, None)
+            if key in self._known.get(kind.kind, set()):
+                self._known[kind.kind].discard(key)
+                _delete(self.store, kind, key)
+        elif kind_of_event != "BOOKMARK":
+            log.debug("%s: ignoring watch event %s", kind.kind, kind_of_event)
+        return str(version) if version else None
+
+    def _convert(self, kind: _Kind, obj: dict[str, Any]) -> tuple[str, Record | None]:
+        """The store key and record of OBJ (None: invalid, logged and kept in self.invalid)."""
+        key, invalid_key = kind.keys(obj)
+        # List items carry no kind/apiVersion; the served version is the one we asked for.
+        doc = {**obj, "apiVersion": kind.api_version, "kind": kind.kind}
+        try:
+            parsed = parse_document(doc, SOURCE, 0, self.schemas)
+        except ResourceError as e:
+            log.error("%s is invalid, skipped: %s", invalid_key, "; ".join(e.problems))
+            self.invalid[invalid_key] = list(e.problems)
+            return key, None
+        self.invalid.pop(invalid_key, None)
+        for p in parsed:
+            return p.key[1], p.record
+        return key, None

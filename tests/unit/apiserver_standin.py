@@ -1,0 +1,332 @@
+"""A stand-in Kubernetes API server for unit tests: stdlib asyncio HTTP/1.1 on 127.0.0.1.
+
+It speaks the list/watch protocol of the resources the Kubernetes source reads: LIST answers a
+``<Kind>List`` with the collection's resourceVersion; ``watch=1`` streams chunked, newline
+delimited events from the requested resourceVersion (history replayed, then live), honours
+``fieldSelector=spec.nodeName=...`` for pods and sends BOOKMARKs on request. Tests mutate objects
+through add/modify/delete (one global, increasing resourceVersion, as etcd has) and can expire
+the history (410 Gone, as an ERROR event or an HTTP status) or drop watch connections abruptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+# path -> (kind, apiVersion) of the built-in resources; custom ones are generic.
+CORE = {
+    "/api/v1/namespaces": ("Namespace", "v1"),
+    "/api/v1/pods": ("Pod", "v1"),
+    "/api/v1/services": ("Service", "v1"),
+    "/api/v1/serviceaccounts": ("ServiceAccount", "v1"),
+    "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
+}
+Obj = dict[str, Any]
+Route = tuple[str, str, str]  # resource, kind, apiVersion served
+
+
+def plural(kind: str) -> str:
+    lower = kind.lower()
+    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return lower[:-1] + "ies"
+    return lower + ("es" if lower.endswith("s") else "s")
+
+
+def _true(value: str | None) -> bool:
+    """A boolean query parameter as Go's strconv.ParseBool reads it (clients send True too)."""
+    return (value or "").lower() in ("1", "t", "true")
+
+
+def resource_of(obj: Obj) -> str:
+    """The collection an object lives in: a CORE path, or group/plural of a custom kind."""
+    api, kind = str(obj["apiVersion"]), str(obj["kind"])
+    for path, (k, a) in CORE.items():
+        if (k, a) == (kind, api):
+            return path
+    return f"{api.rpartition('/')[0]}/{plural(kind)}"
+
+
+def _identity(obj: Obj) -> tuple[str, str]:
+    meta = obj["metadata"]
+    namespaced = obj["kind"] != "Namespace"
+    return (meta.get("namespace") or "default") if namespaced else "", meta["name"]
+
+
+@dataclass
+class _Event:
+    version: int
+    resource: str
+    type: str
+    object: Obj
+
+
+@dataclass(eq=False)
+class _Watcher:
+    resource: str
+    node: str | None  # pods: spec.nodeName wanted
+    bookmarks: bool
+    queue: asyncio.Queue[_Event | None] = field(default_factory=asyncio.Queue)
+    writer: asyncio.StreamWriter | None = None
+
+
+class APIServerStandIn:
+    def __init__(self) -> None:
+        self.version = 1
+        self.objects: dict[str, dict[tuple[str, str], Obj]] = {}
+        self.history: list[_Event] = []
+        self.compacted = 0  # watches from a resourceVersion below this get 410 Gone
+        self.gone_as_status = False  # 410 as an HTTP status instead of an ERROR event
+        self.hidden = False  # mutations reach history, not open watches (a stalled watch)
+        self.requests: list[str] = []  # "LIST <path>" / "WATCH <path> <rv>", in order
+        self._watchers: set[_Watcher] = set()
+        self._kinds: dict[str, str] = {}  # custom resource -> its kind
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.drop_watches()
+        if self._server is not None:
+            self._server.close()
+        # Let the connection handlers finish rather than be cancelled at loop shutdown.
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=2)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "users": [{"name": "nobody", "user": {}}],
+            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "nobody"}}],
+            "current-context": "standin",
+        }
+        path.write_text(json.dumps(config))  # JSON is YAML
+        return path
+
+    # -- mutations (tests) ------------------------------------------------------------------------
+
+    def add(self, obj: Obj) -> int:
+        return self._write("ADDED", obj)
+
+    def modify(self, obj: Obj) -> int:
+        return self._write("MODIFIED", obj)
+
+    def delete(self, obj: Obj) -> int:
+        resource = resource_of(obj)
+        stored = self.objects.get(resource, {}).pop(_identity(obj))
+        self.version += 1
+        stored = copy.deepcopy(stored)
+        stored["metadata"]["resourceVersion"] = str(self.version)
+        self._publish(_Event(self.version, resource, "DELETED", stored))
+        return self.version
+
+    def _write(self, type_: str, obj: Obj) -> int:
+        self.version += 1
+        stored = copy.deepcopy(obj)
+        stored.setdefault("metadata", {})["resourceVersion"] = str(self.version)
+        resource = resource_of(stored)
+        self.objects.setdefault(resource, {})[_identity(stored)] = stored
+        self._kinds[resource] = str(stored["kind"])
+        self._publish(_Event(self.version, resource, type_, stored))
+        return self.version
+
+    def _publish(self, event: _Event) -> None:
+        self.history.append(event)
+        if not self.hidden:
+            for watcher in self._watchers:
+                if watcher.resource == event.resource and self._selected(watcher, event.object):
+                    watcher.queue.put_nowait(event)
+
+    # -- failures (tests) -------------------------------------------------------------------------
+
+    def bookmark(self) -> None:
+        """A BOOKMARK at the current resourceVersion to every watch that allows them."""
+        for watcher in self._watchers:
+            if watcher.bookmarks:
+                obj = {"metadata": {"resourceVersion": str(self.version)}}
+                watcher.queue.put_nowait(_Event(self.version, watcher.resource, "BOOKMARK", obj))
+
+    def expire(self) -> None:
+        """Compacts the history: open watches get a 410 ERROR event, old resourceVersions 410."""
+        self.compacted = self.version
+        self.hidden = False
+        for watcher in self._watchers:
+            gone = {"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired"}
+            watcher.queue.put_nowait(_Event(self.version, watcher.resource, "ERROR", gone))
+            watcher.queue.put_nowait(None)
+
+    def drop_watches(self, compact: bool = False) -> None:
+        """Cuts every watch connection mid-stream (no final chunk); COMPACT: history too."""
+        if compact:
+            self.compacted = self.version
+        self.hidden = False
+        for watcher in list(self._watchers):
+            self._watchers.discard(watcher)
+            watcher.queue.put_nowait(None)
+            if watcher.writer is not None:
+                watcher.writer.transport.abort()
+
+    def watches(self) -> int:
+        return len(self._watchers)
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            url = urlsplit(target)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            route = self._route(url.path)
+            if method != "GET" or route is None:
+                await self._reply(writer, 404, {"kind": "Status", "code": 404})
+            elif _true(query.get("watch")):
+                await self._watch(writer, url.path, route, query)
+            else:
+                await self._list(writer, url.path, route, query)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _route(self, path: str) -> Route | None:
+        """(resource, kind, apiVersion served) of a collection path."""
+        if path in CORE:
+            kind, api = CORE[path]
+            return path, kind, api
+        parts = path.strip("/").split("/")
+        if len(parts) == 4 and parts[0] == "apis":
+            group, version, name = parts[1:]
+            resource = f"{group}/{name}"
+            return resource, self._kinds.get(resource, name), f"{group}/{version}"
+        return None
+
+    def _selected(self, watcher: _Watcher, obj: Obj) -> bool:
+        return watcher.node is None or (obj.get("spec") or {}).get("nodeName") == watcher.node
+
+    @staticmethod
+    def _node(query: dict[str, str]) -> str | None:
+        selector = query.get("fieldSelector", "")
+        return selector.partition("=")[2] if selector.startswith("spec.nodeName=") else None
+
+    @staticmethod
+    def _served(obj: Obj, path: str, api: str) -> Obj:
+        out = copy.deepcopy(obj)
+        if path.startswith("/apis/") and path not in CORE:
+            out["apiVersion"] = api  # served at the version asked for, as for CRDs
+        return out
+
+    async def _list(
+        self, writer: asyncio.StreamWriter, path: str, route: Route, q: dict[str, str]
+    ) -> None:
+        resource, kind, api = route
+        self.requests.append(f"LIST {path}")
+        node = self._node(q)
+        items = []
+        for obj in self.objects.get(resource, {}).values():
+            if node is None or (obj.get("spec") or {}).get("nodeName") == node:
+                item = self._served(obj, path, api)
+                if path in CORE:  # typed lists carry no kind/apiVersion on their items
+                    item.pop("kind", None)
+                    item.pop("apiVersion", None)
+                items.append(item)
+        body = {
+            "kind": f"{kind}List",
+            "apiVersion": api,
+            "metadata": {"resourceVersion": str(self.version)},
+            "items": items,
+        }
+        await self._reply(writer, 200, body)
+
+    async def _watch(
+        self, writer: asyncio.StreamWriter, path: str, route: Route, q: dict[str, str]
+    ) -> None:
+        resource, kind, api = route
+        since = int(q.get("resourceVersion") or 0)
+        self.requests.append(f"WATCH {path} {since}")
+        gone = {"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired"}
+        if since < self.compacted and self.gone_as_status:
+            await self._reply(writer, 410, gone)
+            return
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        if since < self.compacted:
+            await self._chunk(writer, {"type": "ERROR", "object": gone})
+            await self._end(writer)
+            return
+        watcher = _Watcher(
+            resource,
+            self._node(q) if path == "/api/v1/pods" else None,
+            _true(q.get("allowWatchBookmarks")),
+            writer=writer,
+        )
+        # Replay and subscribe with no await in between: no event is lost or doubled.
+        for event in self.history:
+            fresh = event.version > since and event.resource == resource
+            if fresh and self._selected(watcher, event.object):
+                watcher.queue.put_nowait(event)
+        self._watchers.add(watcher)
+        timeout = float(q.get("timeoutSeconds") or 3600)
+        try:
+            async with asyncio.timeout(timeout):
+                while (live := await watcher.queue.get()) is not None:
+                    obj = live.object
+                    if live.type not in ("ERROR", "BOOKMARK"):
+                        obj = self._served(obj, path, api)
+                    elif live.type == "BOOKMARK":
+                        obj = {"kind": kind, "apiVersion": api, **obj}
+                    await self._chunk(writer, {"type": live.type, "object": obj})
+        except TimeoutError:
+            pass  # the server ends a watch cleanly after timeoutSeconds
+        finally:
+            self._watchers.discard(watcher)
+        await self._end(writer)
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, status: int, body: Obj) -> None:
+        data = json.dumps(body).encode()
+        reason = {200: "OK", 404: "Not Found", 410: "Gone"}[status]
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            + data
+        )
+        await writer.drain()
+
+    @staticmethod
+    async def _chunk(writer: asyncio.StreamWriter, event: Obj) -> None:
+        data = json.dumps(event).encode() + b"\n"
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        await writer.drain()
+
+    @staticmethod
+    async def _end(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
