@@ -28,7 +28,8 @@ from nodeagent.redirect.host import ProbeSnat
 from nodeagent.redirect.manager import CaptureManager
 from nodeagent.redirect.nftables import NftablesBackend
 from nodeagent.redirect.registry import PodRegistry
-from nodeagent.sources.directory import DirectorySource
+from nodeagent.sources.directory import DirectorySource, MeshConfigFile
+from nodeagent.sources.kubernetes import KubernetesSource
 
 log = logging.getLogger("nodeagent.agent")
 
@@ -36,7 +37,11 @@ log = logging.getLogger("nodeagent.agent")
 @dataclass
 class AgentConfig:
     node_name: str
-    source_dir: Path
+    # Where the cluster comes from: a directory of YAML, or the API server (a kubeconfig, or
+    # the pod's in-cluster service account when kubeconfig is None and in_cluster is set).
+    source_dir: Path | None = None
+    kubeconfig: Path | None = None
+    in_cluster: bool = False
     cni_socket: Path = Path(wire.DEFAULT_SOCKET)
     state_dir: Path = Path("/var/lib/nodeagent")
     excluded_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
@@ -69,8 +74,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     metrics = AgentMetrics()
     registry = PodRegistry(config.state_dir / "pods.json")
     registry.load()
-    source = DirectorySource(config.source_dir, store, mesh_config_path=config.mesh_config)
-    tasks = [asyncio.create_task(source.run(stop), name="source")]
+    tasks = _start_sources(config, store, stop)
     await store.synced.wait()  # the trust domain comes from the mesh config
     trust_domain = store.mesh_config.trust_domain
     ca: CertificateAuthority = (
@@ -159,6 +163,22 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         if health is not None:
             health.shutdown()
+
+
+def _start_sources(
+    config: AgentConfig, store: MeshStore, stop: asyncio.Event
+) -> list[asyncio.Task[None]]:
+    if config.source_dir is not None:
+        directory = DirectorySource(config.source_dir, store, mesh_config_path=config.mesh_config)
+        return [asyncio.create_task(directory.run(stop), name="source")]
+    tasks = []
+    if config.mesh_config is not None:
+        mesh = MeshConfigFile(config.mesh_config, store)
+        mesh.scan()  # before the first push: the trust domain comes from it
+        tasks.append(asyncio.create_task(mesh.run(stop), name="mesh-config"))
+    api = KubernetesSource(store, config.node_name, kubeconfig=config.kubeconfig)
+    tasks.append(asyncio.create_task(api.run(stop), name="source"))
+    return tasks
 
 
 async def _reconcile_loop(manager: CaptureManager, interval: float, stop: asyncio.Event) -> None:

@@ -45,8 +45,17 @@ def workload(args: tuple[str, ...]) -> None:
 @click.option(
     "--source-dir",
     type=click.Path(path_type=Path),
-    required=True,
-    help="Directory of Kubernetes YAML to read pods and namespaces from.",
+    default=None,
+    help="Read the cluster from a directory of Kubernetes YAML (standalone nodes, the testbed).",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Watch the Kubernetes API server this kubeconfig names.",
+)
+@click.option(
+    "--in-cluster", is_flag=True, help="Watch the API server as the agent's pod (DaemonSet)."
 )
 @click.option("--cni-socket", type=click.Path(path_type=Path), default=DEFAULT_SOCKET)
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/nodeagent"))
@@ -113,7 +122,9 @@ def workload(args: tuple[str, ...]) -> None:
 @click.option("--log-level", default="info", show_default=True)
 def run(
     node_name: str,
-    source_dir: Path,
+    source_dir: Path | None,
+    kubeconfig: Path | None,
+    in_cluster: bool,
     cni_socket: Path,
     state_dir: Path,
     excluded: tuple[str, ...],
@@ -137,10 +148,16 @@ def run(
 
     from nodeagent import agent, logs
 
+    if sum([source_dir is not None, kubeconfig is not None, in_cluster]) != 1:
+        raise click.UsageError(
+            "give exactly one source: --source-dir, --kubeconfig or --in-cluster"
+        )
     logs.setup(log_level)
     config = agent.AgentConfig(
         node_name=node_name,
         source_dir=source_dir,
+        kubeconfig=kubeconfig,
+        in_cluster=in_cluster,
         cni_socket=cni_socket,
         state_dir=state_dir,
         excluded_namespaces=excluded,

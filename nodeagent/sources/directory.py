@@ -549,8 +549,7 @@ class DirectorySource:
         self.errors: dict[Path, list[str]] = {}  # current problems, per file
         self._stamps: dict[Path, _FileStamp] = {}
         self._records: dict[Path, dict[Key, Record]] = {}
-        self._mesh_stamp: _FileStamp | None = None
-        self._mesh_read = False
+        self.mesh_config = MeshConfigFile(mesh_config_path, store) if mesh_config_path else None
 
     def scan(self) -> bool:
         """One pass over the directory; applies what changed. True if anything did."""
@@ -568,7 +567,19 @@ class DirectorySource:
                 changed = True
         if changed:
             self._apply()
-        return self._scan_mesh_config() or changed
+        mesh_changed = self.mesh_config.scan() if self.mesh_config else False
+        if self.mesh_config:
+            self._mesh_errors()
+        return mesh_changed or changed
+
+    def _mesh_errors(self) -> None:
+        # The mesh config's problems are reported with the directory's, by file.
+        assert self.mesh_config is not None
+        path = self.mesh_config.path
+        if path in self.mesh_config.errors:
+            self.errors[path] = self.mesh_config.errors[path]
+        else:
+            self.errors.pop(path, None)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.scan()
@@ -657,15 +668,27 @@ class DirectorySource:
         _sync(s.istio, istio, s.put_istio, s.delete_istio)
         _sync(s.pods, pods, s.put_pod, s.delete_pod)
 
-    def _scan_mesh_config(self) -> bool:
+
+class MeshConfigFile:
+    """The mesh config file (Istio MeshConfig field names): re-read when it changes.
+
+    Used by every source; a broken file keeps the last good config and reports why.
+    """
+
+    def __init__(self, path: Path, store: MeshStore) -> None:
+        self.path = path
+        self.store = store
+        self.errors: dict[Path, list[str]] = {}
+        self._stamp: _FileStamp | None = None
+        self._read = False
+
+    def scan(self) -> bool:
         """Re-reads the mesh config file when it changed; True if the store's config changed."""
-        path = self.mesh_config_path
-        if path is None:
-            return False
+        path = self.path
         stamp = _stamp(path)
-        if self._mesh_read and stamp == self._mesh_stamp:
+        if self._read and stamp == self._stamp:
             return False
-        self._mesh_read, self._mesh_stamp = True, stamp
+        self._read, self._stamp = True, stamp
         try:
             if stamp is None:
                 raise ResourceError("does not exist")
@@ -686,6 +709,12 @@ class DirectorySource:
             log.error("%s (keeping the last good mesh config)", problem)
         self.errors[path] = problems
         return False
+
+    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        while not stop.is_set():
+            self.scan()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
 
 
 def _positions(docs: list[Any]) -> Iterator[tuple[str, Any]]:

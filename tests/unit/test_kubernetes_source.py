@@ -303,3 +303,41 @@ def test_dropped_connection_is_recovered(tmp_path: Path, caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING, "nodeagent.sources.kubernetes"):
         _run(scenario())
     assert any("retrying" in r.getMessage() for r in caplog.records)
+
+
+def test_the_agent_reads_the_cluster_from_the_api_server_when_given_a_kubeconfig(
+    tmp_path: Path,
+) -> None:
+    """`nodeagent run --kubeconfig`: the agent's sources are the API watch and the mesh config."""
+    from nodeagent.agent import AgentConfig, _start_sources
+
+    async def scenario() -> None:
+        server = APIServerStandIn()
+        await server.start()
+        for obj in _objects():
+            server.add(obj)
+        mesh = tmp_path / "mesh.yaml"
+        mesh.write_text("trustDomain: example.org\noutboundTrafficPolicy: {mode: REGISTRY_ONLY}\n")
+        config = AgentConfig(
+            node_name=NODE,
+            kubeconfig=server.write_kubeconfig(tmp_path / "kc"),
+            mesh_config=mesh,
+        )
+        store, stop = MeshStore(), asyncio.Event()
+        tasks = _start_sources(config, store, stop)
+        try:
+            await asyncio.wait_for(store.synced.wait(), WAIT)
+            assert store.mesh_config.trust_domain == "example.org"
+            assert store.mesh_config.outbound_traffic_policy == "REGISTRY_ONLY"
+            files = tmp_path / "files"
+            files.mkdir()
+            (files / "cluster.yaml").write_text(yaml.safe_dump_all(_objects()))
+            directory = MeshStore()
+            DirectorySource(files, directory).scan()
+            assert _view(store) == _view(directory, node=NODE)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.stop()
+
+    _run(scenario())
