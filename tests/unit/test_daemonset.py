@@ -1,0 +1,352 @@
+"""The DaemonSet manifests (daemonset/): schema-valid, least privilege, and consistent with the
+CLI, scripts/setup.sh and the CNI bundle location. Offline, no root."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+import kubernetes_validate
+import pytest
+import yaml
+
+from nodeagent.cli import cli
+from nodeagent.cni.bundle import IMAGE_BUNDLE
+from nodeagent.sources.directory import parse_mesh_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DAEMONSET_DIR = ROOT / "daemonset"
+CONTAINERFILE = DAEMONSET_DIR / "Containerfile"
+SETUP_SH = ROOT / "scripts" / "setup.sh"
+
+# The oldest Kubernetes we claim to support, and the newest kubernetes-validate bundles.
+K8S_VERSIONS = ["1.30", kubernetes_validate.utils.latest_version()]
+
+READ_VERBS = {"get", "list", "watch"}
+
+
+def _kustomization() -> dict[str, Any]:
+    data = yaml.safe_load((DAEMONSET_DIR / "kustomization.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _documents() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for name in _kustomization()["resources"]:
+        for doc in yaml.safe_load_all((DAEMONSET_DIR / name).read_text()):
+            if doc is not None:
+                docs.append((name, doc))
+    return docs
+
+
+def _one(kind: str) -> dict[str, Any]:
+    found = [doc for _, doc in _documents() if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def _container(name: str) -> dict[str, Any]:
+    containers = _one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    by_name = {c["name"]: c for c in containers}
+    assert name in by_name, f"no container {name!r} (have {sorted(by_name)})"
+    container: dict[str, Any] = by_name[name]
+    return container
+
+
+def _option(args: list[str], flag: str) -> str:
+    assert flag in args, f"{flag} missing from {args}"
+    return args[args.index(flag) + 1]
+
+
+def _parse(args: list[str]) -> click.Context:
+    """Parses ARGS (a subcommand and its options) with the real CLI, without running it."""
+    env = {"NODE_NAME": "node-1"}
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+    name, *rest = expanded
+    group_ctx = click.Context(cli, info_name="nodeagent")
+    command = cli.get_command(group_ctx, name)
+    assert command is not None, f"no subcommand {name!r}"
+    return command.make_context(name, rest, parent=group_ctx)
+
+
+# -- the kustomization -----------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest_and_only_existing_ones() -> None:
+    listed = _kustomization()["resources"]
+    assert len(listed) == len(set(listed))
+    on_disk = {p.name for p in DAEMONSET_DIR.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(listed) == on_disk
+    assert _kustomization()["namespace"] == "nodeagent-system"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_document_validates_strictly_against_the_kubernetes_schemas(version: str) -> None:
+    docs = _documents()
+    assert {doc["kind"] for _, doc in docs} == {
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    }
+    for name, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            pytest.fail(f"{name} ({doc['kind']}) at {path}: {e.message}")
+
+
+def test_namespaced_objects_live_in_the_agent_namespace() -> None:
+    for name, doc in _documents():
+        if doc["kind"] in ("ServiceAccount", "ConfigMap", "DaemonSet"):
+            assert doc["metadata"]["namespace"] == "nodeagent-system", name
+
+
+# -- RBAC ------------------------------------------------------------------------------------
+
+
+def test_cluster_role_is_read_only_but_for_patching_pods() -> None:
+    rules = _one("ClusterRole")["rules"]
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, rule  # no nonResourceURLs etc.
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "/" not in resource, f"no subresources: {resource}"
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    for (group, resource), verbs in granted.items():
+        writes = verbs - READ_VERBS
+        if (group, resource) == ("", "pods"):
+            assert writes == {"patch"}
+        else:
+            assert not writes, f"{group}/{resource} may {sorted(writes)}"
+    expected = {
+        ("", "pods"),
+        ("", "namespaces"),
+        ("", "services"),
+        ("", "serviceaccounts"),
+        ("discovery.k8s.io", "endpointslices"),
+        *{
+            ("networking.istio.io", r)
+            for r in (
+                "virtualservices",
+                "destinationrules",
+                "serviceentries",
+                "sidecars",
+                "gateways",
+                "workloadentries",
+                "workloadgroups",
+                "envoyfilters",
+                "proxyconfigs",
+            )
+        },
+        *{
+            ("security.istio.io", r)
+            for r in ("peerauthentications", "authorizationpolicies", "requestauthentications")
+        },
+    }
+    assert set(granted) == expected
+    assert all(granted[key] >= READ_VERBS for key in expected)
+
+
+def test_cluster_role_binding_names_the_daemonsets_service_account() -> None:
+    binding = _one("ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == _one("ClusterRole")["metadata"]["name"]
+    account = _one("ServiceAccount")["metadata"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+    ]
+    pod_spec = _one("DaemonSet")["spec"]["template"]["spec"]
+    assert pod_spec["serviceAccountName"] == account["name"]
+
+
+# -- the DaemonSet ---------------------------------------------------------------------------
+
+
+def test_daemonset_pod_settings() -> None:
+    ds = _one("DaemonSet")
+    spec = ds["spec"]
+    pod = spec["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert spec["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    metrics_port = _option(_container("agent")["args"], "--metrics-port")
+    assert spec["template"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": metrics_port,
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def test_agent_arguments_are_accepted_by_the_real_cli() -> None:
+    agent = _container("agent")
+    assert "command" not in agent  # the image's ENTRYPOINT is `nodeagent`
+    ctx = _parse(agent["args"])
+    assert ctx.command.name == "run"
+    params = ctx.params
+    assert params["in_cluster"] is True
+    assert params["source_dir"] is None and params["kubeconfig"] is None
+    assert params["node_name"] == "node-1"
+    assert params["mesh_config"] == Path("/etc/nodeagent/mesh.yaml")
+    assert params["state_dir"] == Path("/var/lib/nodeagent")
+    assert params["run_dir"] == Path("/var/run/nodeagent")
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    probe = agent["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/healthz/ready", "port": params["readiness_port"]}
+    # The socket the agent serves is the one install-cni writes into the CNI config.
+    install_ctx = _parse(_container("install-cni")["args"])
+    assert str(params["cni_socket"]) == install_ctx.params["agent_socket"]
+    # Every path the agent writes to or reads from is a mounted volume.
+    mounts = [m["mountPath"] for m in agent["volumeMounts"]]
+    for path in (
+        params["mesh_config"],
+        params["state_dir"],
+        params["run_dir"],
+        params["cni_socket"],
+        params["envoy_log"],
+    ):
+        assert any(Path(path).is_relative_to(m) for m in mounts), path
+
+
+def test_agent_capabilities_are_few_and_explained() -> None:
+    agent = _container("agent")
+    security = agent["securityContext"]
+    assert security["privileged"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert set(security["capabilities"]["add"]) == {"NET_ADMIN", "SYS_ADMIN"}
+    text = (DAEMONSET_DIR / "daemonset.yaml").read_text()
+    for capability in security["capabilities"]["add"]:
+        assert re.search(rf"#.*\b{capability}\b", text), f"no comment explains {capability}"
+    assert "not implemented yet" in text  # the Envoy-in-its-own-container gap
+
+
+def test_agent_host_mounts() -> None:
+    pod = _one("DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    host_paths = {v["hostPath"]["path"]: v for v in volumes.values() if "hostPath" in v}
+    assert set(host_paths) == {
+        "/opt/cni/bin",
+        "/etc/cni/net.d",
+        "/var/run/netns",
+        "/proc",
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/var/run/nodeagent",
+        "/var/lib/nodeagent",
+        "/var/log",
+    }
+    for path in ("/var/run/nodeagent", "/var/lib/nodeagent"):
+        assert host_paths[path]["hostPath"]["type"] == "DirectoryOrCreate"
+    mounts = {m["name"]: m for m in _container("agent")["volumeMounts"]}
+    by_host = {
+        volumes[name]["hostPath"]["path"]: m
+        for name, m in mounts.items()
+        if name in volumes and "hostPath" in volumes[name]
+    }
+    assert by_host["/var/run/netns"]["mountPropagation"] == "HostToContainer"
+    assert by_host["/proc"]["mountPath"] == "/host/proc"
+    assert by_host["/proc"]["readOnly"] is True
+    config = next(m for m in mounts.values() if "configMap" in volumes[m["name"]])
+    assert config["mountPath"] == "/etc/nodeagent"
+    assert volumes[config["name"]]["configMap"]["name"] == _one("ConfigMap")["metadata"]["name"]
+
+
+def test_containers_have_requests_and_limits() -> None:
+    for container in _one("DaemonSet")["spec"]["template"]["spec"]["containers"]:
+        resources = container["resources"]
+        for kind in ("requests", "limits"):
+            assert set(resources[kind]) == {"cpu", "memory"}, (container["name"], kind)
+
+
+def test_install_cni_arguments_are_accepted_by_the_real_cli() -> None:
+    install = _container("install-cni")
+    ctx = _parse(install["args"])
+    assert ctx.command.name == "install-cni"
+    params = ctx.params
+    assert params["watch"] is True
+    assert params["uninstall"] is False
+    assert params["cni_bin_dir"] == Path("/host/opt/cni/bin")
+    assert params["cni_conf_dir"] == Path("/host/etc/cni/net.d")
+    assert params["bundle"] == IMAGE_BUNDLE
+    assert params["agent_socket"] == "/var/run/nodeagent/cni.sock"
+    assert params["log_file"] == "/var/log/nodeagent-cni.log"
+    probe = install["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/readyz", "port": params["readiness_port"]}
+    mounts = {m["mountPath"] for m in install["volumeMounts"]}
+    assert {str(params["cni_bin_dir"]), str(params["cni_conf_dir"])} <= mounts
+
+
+def test_mesh_config_is_a_valid_mesh_config_file() -> None:
+    data = _one("ConfigMap")["data"]
+    assert set(data) == {"mesh.yaml"}
+    config = parse_mesh_config(yaml.safe_load(data["mesh.yaml"]))
+    assert config.trust_domain == "cluster.local"
+    assert config.root_namespace == "istio-system"
+    assert config.outbound_traffic_policy == "ALLOW_ANY"
+
+
+# -- the image -------------------------------------------------------------------------------
+
+
+def _containerfile_lines() -> list[str]:
+    """The Containerfile's instructions, continuation lines joined, comments dropped."""
+    lines: list[str] = []
+    pending = ""
+    for raw in CONTAINERFILE.read_text().splitlines():
+        if raw.lstrip().startswith("#"):
+            continue
+        if raw.endswith("\\"):
+            pending += raw[:-1] + " "
+            continue
+        lines.append(pending + raw)
+        pending = ""
+    assert not pending
+    return lines
+
+
+def _setup_packages() -> list[str]:
+    match = re.search(r"^PACKAGES=\((.*?)\)", SETUP_SH.read_text(), re.M | re.S)
+    assert match, "no PACKAGES=(...) in scripts/setup.sh"
+    return shlex.split(match.group(1), comments=True)
+
+
+def test_containerfile_installs_exactly_setup_sh_packages_plus_python() -> None:
+    installs = []
+    for line in _containerfile_lines():
+        for command in re.findall(r"apt-get install (.*?)(?:&&|$)", line):
+            installs.append([w for w in shlex.split(command) if not w.startswith("-")])
+    assert len(installs) == 1, installs
+    packages = installs[0]
+    assert len(packages) == len(set(packages))
+    setup = _setup_packages()
+    assert setup
+    assert sorted(packages) == sorted([*setup, "python3", "python3-venv"])
+
+
+def test_containerfile_bundle_path_is_where_the_cli_looks() -> None:
+    lines = _containerfile_lines()
+    assert lines[0].split() == ["FROM", "debian:bookworm-slim"]
+    text = "\n".join(lines)
+    copies = re.findall(r"cp -a build/cni/nodeagent-cni (\S+)", text)
+    assert copies == [str(IMAGE_BUNDLE)]
+    assert f"NODEAGENT_CNI_BUNDLE={IMAGE_BUNDLE}" in text
+    assert "bash scripts/build-cni.sh" in text
+    entrypoints = [line for line in lines if line.startswith("ENTRYPOINT")]
+    assert entrypoints == ['ENTRYPOINT ["nodeagent"]']
