@@ -368,8 +368,13 @@ def test_rotation_with_a_60s_ttl_under_a_steady_stream() -> None:
         down("tbrot")
 
 
-def ask_for_secret(tb: Testbed, node: str, names: list[str], wait: float = 2.0) -> set[str]:
-    """Ask the node agent's xDS server, as its Envoy would, for SDS secrets by name."""
+def ask_for_secret(tb: Testbed, node: str, names: list[str], wait: float = 8.0) -> set[str]:
+    """Ask the node agent's xDS server, as its Envoy would, for SDS secrets by name.
+
+    This probe subscribes to secrets only; the server's per-stream ordering (CDS, EDS, LDS, RDS
+    before SDS) waits up to its 5 s ACK timeout for the types it never asks for, so the probe
+    listens longer than that.
+    """
     import grpc
     from envoy.config.core.v3 import base_pb2
     from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
