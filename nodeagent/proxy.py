@@ -17,7 +17,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter
 
 from nodeagent.envoy.admin import EnvoyAdmin
-from nodeagent.envoy.bootstrap import write_bootstrap
+from nodeagent.envoy.bootstrap import bootstrap, write_bootstrap
 from nodeagent.envoy.supervisor import EnvoySupervisor
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.secrets import root_secret, workload_secret
@@ -97,11 +97,13 @@ class NodeProxy:
         self.push()
         write_bootstrap(
             self.settings.run_dir / "envoy-bootstrap.json",
-            self.settings.node_id,
-            self.settings.node_name,
-            self.settings.xds_socket,
-            admin_port=self.settings.admin_port,
-            stats_port=self.settings.stats_port,
+            bootstrap(
+                self.settings.node_id,
+                self.settings.node_name,
+                self.settings.xds_socket,
+                admin_port=self.settings.admin_port,
+                stats_port=self.settings.stats_port,
+            ),
         )
         await self.supervisor.start()
 

@@ -113,30 +113,9 @@ def bootstrap(
     return config
 
 
-def write_bootstrap(
-    path: Path,
-    node_id: str,
-    cluster: str,
-    ads_socket: Path,
-    admin_port: int = 15000,
-    stats_port: int = 15090,
-    node_metadata: Mapping[str, str] | None = None,
-    *,
-    initial_fetch_timeout: float = INITIAL_FETCH_TIMEOUT,
-    socket_mark: int | None = MESH_MARK,
-) -> dict[str, Any]:
-    """Write the bootstrap to ``path`` atomically (mode 0600: the node's metadata is private);
-    an Envoy starting concurrently reads the old file or the new one, never half of one."""
-    config = bootstrap(
-        node_id,
-        cluster,
-        ads_socket,
-        admin_port,
-        stats_port,
-        node_metadata,
-        initial_fetch_timeout=initial_fetch_timeout,
-        socket_mark=socket_mark,
-    )
+def write_bootstrap(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Write a bootstrap (from ``bootstrap()``) to ``path`` atomically, mode 0600 (the node's
+    metadata is private); an Envoy starting concurrently reads the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 NODEAGENT = [sys.executable, "-m", "nodeagent"]
 
@@ -49,3 +50,30 @@ def node_metrics(testbed: str, node: str) -> str:
         text=True,
         check=True,
     ).stdout
+
+
+def node_cli(testbed: str, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``nodeagent ARGS`` on a testbed node: in its netns, talking to that node's agent."""
+    import os
+
+    from nodeagent.testbed import layout
+
+    env = {**os.environ, "NODEAGENT_CNI_SOCKET": str(layout.agent_socket(testbed, node))}
+    return subprocess.run(
+        ["ip", "netns", "exec", layout.node_netns(testbed, node), *NODEAGENT, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
+def http_status(run: Callable[..., subprocess.CompletedProcess[str]], pod: str, url: str) -> str:
+    """The HTTP status a pod gets for URL ("000": no HTTP answer, e.g. connection refused/reset).
+
+    RUN is the testbed's ``exec``."""
+    proc = run(
+        pod,
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", url],
+    )
+    return proc.stdout.strip() or "000"

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.envoy import EnvoyAdmin, EnvoyAdminError, EnvoySupervisor, write_bootstrap
+from nodeagent.envoy import bootstrap as make_bootstrap
 from nodeagent.envoy.supervisor import process_stat
 
 pytestmark = pytest.mark.integration
@@ -91,12 +92,14 @@ def node(tmp_path: Path) -> Iterator[Node]:
     admin_port, stats_port = _free_port(), _free_port()
     write_bootstrap(
         bootstrap,
-        "node-test",
-        "nodeagent",
-        tmp_path / "ads.sock",  # nothing listens: the agent is away
-        admin_port=admin_port,
-        stats_port=stats_port,
-        initial_fetch_timeout=0.5,
+        make_bootstrap(
+            "node-test",
+            "nodeagent",
+            tmp_path / "ads.sock",  # nothing listens: the agent is away
+            admin_port=admin_port,
+            stats_port=stats_port,
+            initial_fetch_timeout=0.5,
+        ),
     )
     made = Node(tmp_path, bootstrap, EnvoyAdmin(port=admin_port), stats_port)
     yield made

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import node_metrics
+from tests.integration.helpers import http_status, node_cli, node_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -85,21 +85,7 @@ def restore(tb: Testbed) -> None:
 
 
 def code(tb: Testbed, src: str, dst: str) -> str:
-    proc = tb.exec(
-        f"{src}/sleep",
-        [
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "3",
-            f"http://httpbin.{dst}:8000/ip",
-        ],
-    )
-    return proc.stdout.strip() or "000"
+    return http_status(tb.exec, f"{src}/sleep", f"http://httpbin.{dst}:8000/ip")
 
 
 def matrix(tb: Testbed) -> dict[tuple[str, str], str]:
@@ -325,18 +311,9 @@ services:
 
 
 def serials(tb: Testbed, node: str, pod: str) -> set[str]:
-    proc = node_cli(tb, node, "proxy-config", "secrets", pod, "-o", "json")
+    proc = node_cli(tb.name, node, "proxy-config", "secrets", pod, "-o", "json")
     assert proc.returncode == 0, proc.stderr
     return {s["serial"] for s in json.loads(proc.stdout) if s["name"].startswith("spiffe://")}
-
-
-def node_cli(tb: Testbed, node: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", "netns", "exec", layout.node_netns(tb.name, node), PY, "-m", "nodeagent", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def test_rotation_with_a_60s_ttl_under_a_steady_stream() -> None:
@@ -434,23 +411,7 @@ def test_s1_2_strict_mtls_on_the_workshop_shop() -> None:
         (layout.cluster_dir(shop.name) / "policy.yaml").write_text(MESH_STRICT)
 
         def status(pod: str) -> str:
-            return (
-                shop.exec(
-                    pod,
-                    [
-                        "curl",
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "--max-time",
-                        "3",
-                        "http://web-api.istioinaction:8080/",
-                    ],
-                ).stdout
-                or "000"
-            )
+            return http_status(shop.exec, pod, "http://web-api.istioinaction:8080/")
 
         deadline = time.monotonic() + 15
         while status("default/sleep") != "000" and time.monotonic() < deadline:

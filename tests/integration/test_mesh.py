@@ -25,7 +25,7 @@ import pytest
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import Pod, Service, ServicePort, Workload, loads_topology
-from tests.integration.helpers import node_metrics
+from tests.integration.helpers import node_cli, node_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -117,19 +117,8 @@ def call(tb: Testbed, pod: str, url: str, *headers: str) -> dict[str, Any]:
     return answer
 
 
-def node_cli(tb: Testbed, node: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NODEAGENT_CNI_SOCKET": str(layout.agent_socket(tb.name, node))}
-    return subprocess.run(
-        ["ip", "netns", "exec", layout.node_netns(tb.name, node), PY, "-m", "nodeagent", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-    )
-
-
 def proxy_status(tb: Testbed, node: str) -> dict[str, Any]:
-    proc = node_cli(tb, node, "proxy-status", "-o", "json")
+    proc = node_cli(tb.name, node, "proxy-status", "-o", "json")
     assert proc.returncode == 0, proc.stderr
     status: dict[str, Any] = json.loads(proc.stdout)["proxy"]
     return status
@@ -289,7 +278,7 @@ def test_a_nacked_config_keeps_the_last_good_one_serving(mesh: Testbed) -> None:
         wait_for(lambda: proxy_status(mesh, "n1")["types"]["LDS"]["state"] == "NACKED", 5)
         status = proxy_status(mesh, "n1")["types"]["LDS"]
         assert "same matching rules" in status["last_nack"], status
-        shown = node_cli(mesh, "n1", "proxy-status").stdout
+        shown = node_cli(mesh.name, "n1", "proxy-status").stdout
         assert "LDS NACKED by Envoy" in shown and "NACKED" in shown
         pushes = metric(node_metrics(mesh.name, "n1"), 'nodeagent_xds_pushes_total{type="LDS"}')
         time.sleep(2)
@@ -361,7 +350,7 @@ def test_a_bad_istio_file_is_named_and_breaks_nothing(mesh: Testbed) -> None:
 
 def test_proxy_config_shows_what_the_node_envoy_holds_for_a_pod(mesh: Testbed) -> None:
     def table(kind: str, pod: str = "istioinaction/web-api") -> str:
-        proc = node_cli(mesh, "n1", "proxy-config", kind, pod)
+        proc = node_cli(mesh.name, "n1", "proxy-config", kind, pod)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -385,13 +374,15 @@ def test_proxy_config_shows_what_the_node_envoy_holds_for_a_pod(mesh: Testbed) -
     endpoints = table("endpoints")
     for pod in ("purchase-history-v1", "purchase-history-v2"):
         assert f"{mesh.pod_ip('istioinaction/' + pod)}:8080  HEALTHY" in endpoints
-    raw = node_cli(mesh, "n1", "proxy-config", "listeners", "istioinaction/web-api", "-o", "json")
+    raw = node_cli(
+        mesh.name, "n1", "proxy-config", "listeners", "istioinaction/web-api", "-o", "json"
+    )
     names = {listener["name"] for listener in json.loads(raw.stdout)}
     assert names == {
         "virtualOutbound/istioinaction/web-api",
         "virtualInbound/istioinaction/web-api",
     }
-    missing = node_cli(mesh, "n1", "proxy-config", "listeners", "istioinaction/nope")
+    missing = node_cli(mesh.name, "n1", "proxy-config", "listeners", "istioinaction/nope")
     assert missing.returncode != 0 and "holds no listeners for istioinaction/nope" in missing.stderr
 
 

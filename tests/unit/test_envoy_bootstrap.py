@@ -84,7 +84,7 @@ def test_write_bootstrap_is_private_and_atomic(tmp_path: Path) -> None:
     path.parent.mkdir()
     path.write_text("old")
 
-    written = write_bootstrap(path, "n", "c", tmp_path / "ads.sock", admin_port=16001)
+    written = write_bootstrap(path, bootstrap("n", "c", tmp_path / "ads.sock", admin_port=16001))
 
     assert json.loads(path.read_text()) == written
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -96,11 +96,13 @@ def test_real_envoy_validates_the_bootstrap(tmp_path: Path, fetch_timeout: float
     path = tmp_path / "envoy.json"
     write_bootstrap(
         path,
-        "node-a",
-        "nodeagent",
-        tmp_path / "ads.sock",
-        node_metadata={"NODE_NAME": "node-a"},
-        initial_fetch_timeout=fetch_timeout,
+        bootstrap(
+            "node-a",
+            "nodeagent",
+            tmp_path / "ads.sock",
+            node_metadata={"NODE_NAME": "node-a"},
+            initial_fetch_timeout=fetch_timeout,
+        ),
     )
 
     proc = subprocess.run(
