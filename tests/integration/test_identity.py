@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -348,9 +349,7 @@ def test_rotation_with_a_60s_ttl_under_a_steady_stream() -> None:
 def ask_for_secret(tb: Testbed, node: str, names: list[str], wait: float = 8.0) -> set[str]:
     """Ask the node agent's xDS server, as its Envoy would, for SDS secrets by name.
 
-    This probe subscribes to secrets only; the server's per-stream ordering (CDS, EDS, LDS, RDS
-    before SDS) waits up to its 5 s ACK timeout for the types it never asks for, so the probe
-    listens longer than that.
+    The probe listens for WAIT seconds, longer than the server's 5 s ACK timeout.
     """
     import grpc
     from envoy.config.core.v3 import base_pb2
@@ -367,7 +366,14 @@ def ask_for_secret(tb: Testbed, node: str, names: list[str], wait: float = 8.0) 
     got: set[str] = set()
     with grpc.insecure_channel(f"unix:{sock}") as channel:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        stream = stub.StreamAggregatedResources(iter([request]), timeout=wait)
+        done = threading.Event()
+
+        def requests() -> Iterator[discovery_pb2.DiscoveryRequest]:
+            # Like Envoy, keep the stream open: a half-closed stream may end before an answer.
+            yield request
+            done.wait(wait)
+
+        stream = stub.StreamAggregatedResources(requests(), timeout=wait)
         try:
             for response in stream:
                 for resource in response.resources:
@@ -376,6 +382,8 @@ def ask_for_secret(tb: Testbed, node: str, names: list[str], wait: float = 8.0) 
                     got.add(secret.name)
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+        finally:
+            done.set()
     return got
 
 
