@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+OWNER_ENV = "NODEAGENT_TESTBED_OWNER"
 RUN_DIR = Path(os.environ.get("NODEAGENT_TESTBED_RUN_DIR", "/run/nodeagent/testbed"))
 
 
@@ -51,6 +52,8 @@ class TestbedState:
     daemons: list[DaemonRecord] = field(default_factory=list)
     # Services changed or added after `up` (set_service), in topology form, by namespace/name.
     service_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Who brought it up (NODEAGENT_TESTBED_OWNER): a test run cleans up only its own testbeds.
+    owner: str = field(default_factory=lambda: os.environ.get(OWNER_ENV, ""))
 
     @staticmethod
     def directory(name: str) -> Path:

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent.testbed.state import OWNER_ENV, RUN_DIR, TestbedState
 from tests.integration.helpers import nodeagent
+
+# Testbeds this test run brings up carry its mark; another run's testbeds are not ours to remove.
+OWNER = os.environ.setdefault(OWNER_ENV, f"pytest-{os.getpid()}")
 
 
 @pytest.fixture(autouse=True)
@@ -34,12 +38,15 @@ def _no_leftover_testbeds() -> Iterator[None]:
 
 
 def _testbeds() -> list[str]:
-    run_dir = Path("/run/nodeagent/testbed")
-    names = {d.name for d in run_dir.iterdir()} if run_dir.is_dir() else set()
-    netns_dir = Path("/run/netns")
-    if netns_dir.is_dir():
-        names |= {n.name[3:].split(".")[0] for n in netns_dir.iterdir() if n.name.startswith("tb-")}
-    return sorted(names)
+    """Testbeds this test run brought up (their state file carries its mark)."""
+    if not RUN_DIR.is_dir():
+        return []
+    ours = []
+    for folder in RUN_DIR.iterdir():
+        state = TestbedState.load(folder.name)
+        if state is not None and state.owner == OWNER:
+            ours.append(folder.name)
+    return sorted(ours)
 
 
 @dataclass
