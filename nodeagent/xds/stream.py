@@ -3,7 +3,7 @@
 Ordering rule, per snapshot: walk the types in ORDER and send the first one whose resources
 differ from what Envoy has; a later type waits while an earlier one's response is unanswered
 (bounded by the ACK timeout), and while Envoy is yet to subscribe to the EDS/RDS names of the
-clusters/listeners it was just sent. The one exception is EDS behind an unanswered CDS (see
+clusters/listeners it was just sent. The exceptions are EDS and SDS behind an unanswered CDS (see
 _EXEMPT). Once no addition is left, withdrawals go out in
 REMOVAL_ORDER under the same rule. A NACKed response is not sent again: a type is only sent
 when its resources differ from the last response, so after a NACK the next push of that type
@@ -29,9 +29,10 @@ log = logging.getLogger("nodeagent.xds")
 
 # Resources a response of the key type makes Envoy subscribe to, of the value type.
 _DEPENDENTS = {types.CLUSTER: types.ENDPOINT, types.LISTENER: types.ROUTE}
-# While a CDS response is unanswered, EDS still goes out (after it, on the same ordered stream):
-# Envoy holds the CDS ACK of an updated cluster until an EDS response for it arrives.
-_EXEMPT = {types.CLUSTER: types.ENDPOINT}
+# While a CDS response is unanswered, EDS and SDS still go out (after it, on the same ordered
+# stream): Envoy holds the CDS ACK of an updated cluster while it warms, that is until an EDS
+# response names it and the secrets of its TLS transport socket have arrived.
+_EXEMPT: dict[str, tuple[str, ...]] = {types.CLUSTER: (types.ENDPOINT, types.SECRET)}
 
 
 class StreamHost(Protocol):
@@ -195,17 +196,15 @@ class AdsStream(ABC):
         timeout = self.host.ack_timeout
         blocker: str | None = None
         for type_url in types.ORDER:
-            if blocker is not None and type_url != _EXEMPT.get(blocker):
-                return None
+            if blocker is not None and type_url not in _EXEMPT.get(blocker, ()):
+                continue
             state = self.states[type_url]
             awaiting = self._awaiting(state, now)
             if not awaiting:
                 plan = state.plan(self.snapshot, removing=False)
                 if plan is not None:
                     return plan
-            if awaiting or state.expecting(now, timeout):
-                if blocker is not None:
-                    return None
+            if (awaiting or state.expecting(now, timeout)) and blocker is None:
                 blocker = type_url
         if blocker is not None:
             return None

@@ -24,6 +24,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
@@ -383,6 +384,40 @@ def test_stale_nonce_is_ignored(tmp_path: Path, delta: bool) -> None:
         assert env.states()["CDS"] == "STALE"
         await envoy.ack(cds)
         await wait_for_state(env, "CDS", "SYNCED")
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_secrets_go_out_while_a_warming_cds_is_unanswered(tmp_path: Path, delta: bool) -> None:
+    """Envoy ACKs CDS only once new clusters warmed, which needs their EDS and their secrets."""
+
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        await initial_flow(envoy)
+        v2 = snapshot(
+            "v2",
+            clusters={"a": cluster("a"), "b": cluster("b")},
+            assignments={"a": cla("a"), "b": cla("b")},
+        )
+        v2.resources[types.SECRET] = {"cert": secret_pb2.Secret(name="cert")}
+        env.cache.set_snapshot(NODE, v2)
+        cds = await envoy.recv()
+        assert cds.type_url == CDS
+        # Envoy asks for the new cluster's endpoints and secret, and holds the CDS ACK.
+        await envoy.request(EDS, ["a", "b"] if not delta else ["b"])
+        await envoy.request(types.SECRET, ["cert"])
+        got = {}
+        for _ in range(2):
+            response = await envoy.recv(timeout=1.0)  # well before the 5 s ACK timeout
+            got[response.type_url] = response
+        assert set(got) == {EDS, types.SECRET}
+        await envoy.ack(got[EDS], ["a", "b"])
+        await envoy.ack(got[types.SECRET], ["cert"])
+        await envoy.ack(cds)
+        await wait_for_state(env, "CDS", "SYNCED")
+        await wait_for_state(env, "SDS", "SYNCED")
 
     run(tmp_path, body)
 
