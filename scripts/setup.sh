@@ -14,34 +14,62 @@ PACKAGES=(
     nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool
     containernetworking-plugins iproute2 wrk nginx-light curl procps
 )
+# Tools only the unit tests run (shellcheck, and ruby for `ruby -c vagrant/Vagrantfile`), installed
+# by `make test-tools` (`setup.sh --test-tools`). Kept out of PACKAGES, which is exactly what the
+# image installs (tests/unit/test_daemonset.py).
+TEST_TOOLS=(shellcheck ruby)
 PYTHON=${PYTHON:-python3.11}
 VENV=.venv
 log() { printf 'setup: %s\n' "$*"; }
 
+# The Debian packages among "$@" that are not installed, one per line.
+missing_packages() {
+    local p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+    done
+}
+
+# Installs the missing ones among the Debian packages "$@" (apt-get update once, only when
+# something is missing).
+install_missing() {
+    local missing
+    mapfile -t missing < <(missing_packages "$@")
+    [ ${#missing[@]} -gt 0 ] || return 0
+    log "installing Debian packages: ${missing[*]}"
+    # Keep package scripts from starting daemons (nginx) on this machine.
+    local policy=/usr/sbin/policy-rc.d had_policy=0
+    [ -e "$policy" ] && had_policy=1
+    [ $had_policy = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ $had_policy = 1 ] || rm -f "$policy"
+}
+
+if [ "${1:-}" = --test-tools ]; then
+    if [ "$(id -u)" = 0 ]; then
+        install_missing "${TEST_TOOLS[@]}"
+    else
+        mapfile -t missing < <(missing_packages "${TEST_TOOLS[@]}")
+        if [ ${#missing[@]} -gt 0 ]; then
+            log "the unit tests need ${missing[*]}: run \`make test-tools\` as root (or apt-get install ${missing[*]})"
+            exit 1
+        fi
+    fi
+    exit 0
+fi
+
 if [ "$(id -u)" != 0 ]; then
     log "not root: skipping Debian packages, kernel headers and cgroup v2 (tests that need them need root)"
 else
-    missing=()
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        log "installing Debian packages: ${missing[*]}"
-        # Keep package scripts from starting daemons (nginx) on this machine.
-        policy=/usr/sbin/policy-rc.d
-        had_policy=0; [ -e "$policy" ] && had_policy=1
-        [ $had_policy = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-        [ $had_policy = 1 ] || rm -f "$policy"
-    fi
+    install_missing "${PACKAGES[@]}"
 
     # bcc compiles against /lib/modules/$(uname -r)/build (and ./source when the headers are split,
     # as Debian splits them into -amd64 and -common). A VM kernel without headers of its own gets
     # the links Debian made for its newest packaged kernel.
     modules=/lib/modules/$(uname -r)
     if [ ! -e "$modules/build/Makefile" ]; then
-        debian=$(ls -d /lib/modules/*/build 2>/dev/null | sort -V | tail -n 1 || true)
+        debian=$(find /lib/modules -mindepth 2 -maxdepth 2 -name build 2>/dev/null | sort -V | tail -n 1 || true)
         if [ -n "$debian" ]; then
             debian=$(dirname "$debian")
             log "linking kernel headers of $(basename "$debian") into $modules"
@@ -84,4 +112,4 @@ mkdir -p "$bindings"
 for module in bcc nftables; do
     [ -d "/usr/lib/python3/dist-packages/$module" ] && ln -sfn "/usr/lib/python3/dist-packages/$module" "$bindings/$module"
 done
-echo "$(cd "$bindings" && pwd)" > "$site/zz-debian-bindings.pth"
+(cd "$bindings" && pwd) > "$site/zz-debian-bindings.pth"
