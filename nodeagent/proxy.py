@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.envoy.admin import EnvoyAdmin
-from nodeagent.envoy.bootstrap import bootstrap, write_bootstrap
-from nodeagent.envoy.supervisor import EnvoySupervisor
+from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
+from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.secrets import root_secret, workload_secret
 from nodeagent.mesh.model import Pod
@@ -42,6 +42,9 @@ class ProxySettings:
     envoy_log: Path
     admin_port: int = 15000
     stats_port: int = 15090
+    # "managed": the agent starts and restarts Envoy; "external": Envoy runs in its own container
+    # (``nodeagent envoy``) and the agent only writes its bootstrap, configures and watches it.
+    envoy_mode: str = MANAGED
 
     @property
     def node_id(self) -> str:
@@ -75,28 +78,34 @@ class NodeProxy:
         self.last_error = ""
         self.envoy_restarts = Counter(
             "nodeagent_envoy_restarts",
-            "Times the node's Envoy died and was restarted.",
+            "Times the node's Envoy died and was restarted (external mode: came back after its"
+            " admin API stopped answering).",
             registry=metrics,
         )
         self.supervisor = EnvoySupervisor(
             settings.envoy_binary,
-            settings.run_dir / "envoy-bootstrap.json",
+            bootstrap_path(settings.run_dir),
             settings.run_dir,
             settings.envoy_log,
             self.admin,
-            # Access logs reach the log file within a second (Envoy's default is 10 s). Removed
-            # listeners drain 5 s, not 600: a departed pod's identity must not linger in Envoy.
-            extra_args=("--file-flush-interval-msec", "1000", "--drain-time-s", "5"),
             on_restart=self.envoy_restarts.inc,
+            mode=settings.envoy_mode,
         )
+        Gauge(
+            "nodeagent_envoy_ready",
+            "1 while the node's Envoy can serve (managed: its process runs; external: its admin"
+            " /ready says LIVE), else 0.",
+            registry=metrics,
+        ).set_function(lambda: 0.0 if self.supervisor.problem() else 1.0)
 
     async def start(self) -> None:
-        """xDS first (Envoy connects to it), a first snapshot, then Envoy (started or adopted)."""
+        """xDS first (Envoy connects to it), a first snapshot, the bootstrap, then Envoy (started
+        or adopted; in external mode only watched: its own container waits for the bootstrap)."""
         self.settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.xds.start(self.settings.xds_socket)
         self.push()
         write_bootstrap(
-            self.settings.run_dir / "envoy-bootstrap.json",
+            bootstrap_path(self.settings.run_dir),
             bootstrap(
                 self.settings.node_id,
                 self.settings.node_name,
@@ -182,14 +191,19 @@ class NodeProxy:
                     types.short_name(t): (s.state if s else "not connected")
                     for t, s in states.items()
                 }
-                return f"Envoy did not confirm its configuration within {timeout:.0f}s ({seen})"
+                why = f"Envoy did not confirm its configuration within {timeout:.0f}s ({seen})"
+                envoy = self.supervisor.problem()
+                return f"{why}; {envoy}" if envoy else why
             await asyncio.sleep(0.02)
 
     def status_table(self) -> dict[str, object]:
         status = self.xds.status(self.settings.node_id)
         return {
             "node": self.settings.node_name,
+            "envoy_mode": self.supervisor.mode,
             "envoy_pid": self.supervisor.pid,
+            "envoy_state": self.supervisor.state,
+            "envoy_problem": self.supervisor.problem(),
             "envoy_restarts": self.supervisor.restarts,
             "version": str(self.version),
             "error": self.last_error,

@@ -268,6 +268,23 @@ def _insert_once(conf_dir: Path, entry: dict[str, Any], *, warn: bool) -> Path:
     return target
 
 
+def remove_entries(conf_dir: Path) -> list[Path]:
+    """Take our entries out of every CNI config in conf_dir; the files written.
+
+    Not only the primary: a file we inserted into before a newer primary shadowed it would bring
+    a dangling entry back to life if the shadowing file went away.
+    """
+    written = [path for path in [remove_entry(conf_dir)] if path is not None]
+    for path in _candidates(conf_dir):
+        if path.suffix == ".conflist":
+            stripped = _retrying_edit(
+                f"removing {PLUGIN_TYPE} from {path}", functools.partial(_strip_file, path)
+            )
+            if stripped is not None:
+                written.append(stripped)
+    return written
+
+
 def _remove_once(conf_dir: Path) -> Path | None:
     config = _load_primary(conf_dir, warn=True)
     if config is None or config.path.suffix != ".conflist":
@@ -456,14 +473,7 @@ class CniInstaller:
         """Remove our entries, then the binary (so no runtime sees an entry without its binary)."""
         with self._lock:
             self._retired = True
-            remove_entry(self.conf_dir)
-            # Files we inserted into before a new primary shadowed them: a dangling entry there
-            # would come back to life if the shadowing file went away.
-            for path in _candidates(self.conf_dir):
-                if path.suffix == ".conflist":
-                    _retrying_edit(
-                        f"removing {PLUGIN_TYPE} from {path}", functools.partial(_strip_file, path)
-                    )
+            remove_entries(self.conf_dir)
             if self.bundle is not None:
                 uninstall_binary(self.bin_dir)
 

@@ -34,6 +34,17 @@ class EnvoyAdmin:
             return False  # not started yet, or gone: a probe answers, it does not raise
         return status == 200 and body.strip() == "LIVE"
 
+    def server_state(self) -> str:
+        """Envoy's server state from /ready: LIVE (200), or PRE_INITIALIZING, INITIALIZING,
+        DRAINING (503). A few bytes, unlike /server_info. Raises when nothing answers."""
+        status, body = self._request("GET", "/ready")
+        state = body.strip()
+        if status not in (200, 503) or not state.replace("_", "").isalpha():
+            raise EnvoyAdminError(
+                f"Envoy admin {self.address}/ready: unexpected answer {status}: {body[:100]!r}"
+            )
+        return state
+
     def server_info(self) -> dict[str, Any]:
         return self._json("/server_info")
 

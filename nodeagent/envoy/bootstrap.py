@@ -20,6 +20,10 @@ ADS_CLUSTER = "xds-grpc"  # Istio's name for the control-plane cluster
 STATS_CLUSTER = "prometheus_stats"  # the stats listener's way back into the admin endpoint
 STATS_LISTENER = "prometheus"
 STATS_PATH = "/stats/prometheus"
+# Envoy's own readiness (admin /ready: 200 "LIVE"), also answered on the stats port: a probe
+# from outside the node's loopback (the DaemonSet's envoy container) reaches it there.
+READY_PATH = "/ready"
+BOOTSTRAP_FILE = "envoy-bootstrap.json"  # in the run dir, next to the xDS socket
 MAX_DOWNSTREAM_CONNECTIONS = 100_000  # generous: it only exists so Envoy does not warn
 
 # Without ADS, Envoy waits this long per xDS type (CDS, then LDS) before going LIVE with the
@@ -113,6 +117,11 @@ def bootstrap(
     return config
 
 
+def bootstrap_path(run_dir: Path) -> Path:
+    """Where the agent writes the bootstrap, and where the envoy container looks for it."""
+    return run_dir / BOOTSTRAP_FILE
+
+
 def write_bootstrap(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     """Write a bootstrap (from ``bootstrap()``) to ``path`` atomically, mode 0600 (the node's
     metadata is private); an Envoy starting concurrently reads the old file or the new one."""
@@ -170,7 +179,8 @@ def _stats_cluster(admin_port: int) -> dict[str, Any]:
 
 
 def _stats_listener(stats_port: int) -> dict[str, Any]:
-    """0.0.0.0:stats_port answers only /stats/prometheus, so scrapers never reach the admin API."""
+    """0.0.0.0:stats_port answers only /stats/prometheus and /ready, so scrapers and probes never
+    reach the rest of the admin API."""
     manager = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
         ".v3.HttpConnectionManager",
@@ -182,7 +192,8 @@ def _stats_listener(stats_port: int) -> dict[str, Any]:
                     "name": "stats",
                     "domains": ["*"],
                     "routes": [
-                        {"match": {"prefix": STATS_PATH}, "route": {"cluster": STATS_CLUSTER}}
+                        {"match": {"prefix": STATS_PATH}, "route": {"cluster": STATS_CLUSTER}},
+                        {"match": {"path": READY_PATH}, "route": {"cluster": STATS_CLUSTER}},
                     ],
                 }
             ]

@@ -1,9 +1,13 @@
 """Keeps the node's one Envoy running, across Envoy crashes and across agent restarts.
 
-Envoy is started detached (its own session, output to a log file) and is never stopped when the
-agent exits: pods keep their traffic while the agent restarts. The pidfile records the pid and
-the kernel's start time of the process, so a restarted agent adopts the very same Envoy and
-never a process that merely got its pid recycled.
+Managed mode (the default): Envoy is started detached (its own session, output to a log file) and
+is never stopped when the agent exits: pods keep their traffic while the agent restarts. The
+pidfile records the pid and the kernel's start time of the process, so a restarted agent adopts
+the very same Envoy and never a process that merely got its pid recycled.
+
+External mode: someone else runs Envoy (the DaemonSet's ``envoy`` container, ``nodeagent envoy``)
+and the supervisor only watches it through its admin API: it never starts, restarts or signals a
+process, and reports whether Envoy is there and LIVE.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodeagent.envoy.admin import EnvoyAdmin
+from nodeagent.envoy.admin import EnvoyAdmin, EnvoyAdminError
+from nodeagent.envoy.launch import NODE_ENVOY_ARGS, envoy_argv
 
 log = logging.getLogger("nodeagent.envoy")
 
+MANAGED, EXTERNAL = "managed", "external"  # who runs Envoy: this supervisor, or someone else
 POLL_INTERVAL = 0.2  # how quickly a dead Envoy is noticed
+ADMIN_POLL_INTERVAL = 0.5  # external mode: how often Envoy's admin /ready is asked
 HEALTHY_RUN = 60.0  # an Envoy that ran this long resets the restart backoff
 TERM_GRACE = 5.0  # SIGTERM, then SIGKILL after this long
 PIDFILE = "envoy.pid"
@@ -62,10 +69,13 @@ class EnvoySupervisor:
         run_dir: Path,
         log_path: Path,
         admin: EnvoyAdmin,
-        extra_args: Sequence[str] = (),
+        extra_args: Sequence[str] = NODE_ENVOY_ARGS,
         backoff: tuple[float, float] = (0.5, 30.0),
         on_restart: Callable[[], None] | None = None,
+        mode: str = MANAGED,
     ) -> None:
+        if mode not in (MANAGED, EXTERNAL):
+            raise ValueError(f"Envoy mode must be {MANAGED!r} or {EXTERNAL!r}, not {mode!r}")
         self.binary = binary
         self.bootstrap_path = bootstrap_path
         self.pidfile = run_dir / PIDFILE
@@ -74,7 +84,8 @@ class EnvoySupervisor:
         self.extra_args = tuple(extra_args)
         self.backoff = backoff
         self.on_restart = on_restart
-        self.restarts = 0
+        self.mode = mode
+        self.restarts = 0  # managed: Envoys restarted; external: Envoys seen coming back
         self.last_exit = ""  # exit code of the last Envoy that died, or "gone" if not our child
         self.adopted = False
         self._pid: int | None = None
@@ -83,14 +94,56 @@ class EnvoySupervisor:
         self._running_since = 0.0
         self._delay = backoff[0]
         self._monitor: asyncio.Task[None] | None = None
+        # External mode: what Envoy's admin /ready last said ("LIVE", "INITIALIZING", ...; "" when
+        # nothing answered), the error when nothing did, and whether an Envoy ever answered.
+        self.state = ""
+        self.admin_error = ""
+        self._seen = False
+        self._lost_at: float | None = None
 
     @property
     def pid(self) -> int | None:
+        """The managed Envoy's pid; None while it is not running, and always in external mode
+        (Envoy's container has a pid namespace of its own)."""
         return self._pid
 
+    def argv(self) -> list[str]:
+        return envoy_argv(self.binary, self.bootstrap_path, self.extra_args)
+
+    def problem(self) -> str:
+        """Empty while the node's Envoy can serve; otherwise why not (readiness, proxy-status)."""
+        if self.mode == MANAGED:
+            if self._pid is not None:
+                return ""
+            if self.last_exit:
+                return f"Envoy not ready: it exited ({self.last_exit}) and is being restarted"
+            return "Envoy not ready: not started yet"
+        if self.state == "LIVE":
+            return ""
+        if self.state:
+            return f"Envoy not ready: it is {self.state} (admin {self.admin.address}/ready)"
+        where = (
+            f"its admin {self.admin.address} stopped answering"
+            if self._seen
+            else f"no Envoy answers on its admin {self.admin.address} yet"
+        )
+        return (
+            f"Envoy not ready: {where} ({self.admin_error}); it runs in its own container"
+            " (`nodeagent envoy`): the agent never starts it"
+        )
+
     async def start(self) -> None:
-        """Adopt the Envoy the pidfile names if it is still ours, else start one; then watch it."""
+        """Managed: adopt the Envoy the pidfile names if it is still ours, else start one.
+        External: look at the Envoy that someone else runs. Then watch it."""
         if self._monitor is not None:
+            return
+        if self.mode == EXTERNAL:
+            log.info(
+                "Envoy runs in its own container (external mode): watching it on its admin %s",
+                self.admin.address,
+            )
+            await self._observe()
+            self._monitor = asyncio.create_task(self._watch_external(), name="envoy-watch")
             return
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         if self._adopt():
@@ -114,13 +167,14 @@ class EnvoySupervisor:
             await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0)))
 
     async def stop(self, kill_envoy: bool = False) -> None:
-        """Stops watching. Envoy keeps serving unless ``kill_envoy`` (node teardown, tests)."""
+        """Stops watching. Envoy keeps serving unless ``kill_envoy`` (node teardown, tests), which
+        only ever applies to an Envoy this supervisor manages."""
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
             self._monitor = None
-        if not kill_envoy:
+        if not kill_envoy or self.mode != MANAGED:
             return
         if self._pid is not None and self._alive():
             await self._terminate(self._pid)
@@ -154,15 +208,7 @@ class EnvoySupervisor:
         return True
 
     def _spawn(self) -> None:
-        argv = [
-            str(self.binary),
-            "-c",
-            str(self.bootstrap_path),
-            "--disable-hot-restart",  # shared memory would clash between Envoys on one machine
-            "--log-level",
-            "info",
-            *self.extra_args,
-        ]
+        argv = self.argv()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as output:
             # Own session: the agent's signals (Ctrl-C, its container stopping) never reach it.
@@ -231,13 +277,51 @@ class EnvoySupervisor:
             except OSError as exc:
                 log.error("cannot start Envoy %s: %s; retrying", self.binary, exc)
                 continue
-            self.restarts += 1
-            log.info("restarted Envoy as pid %d (restart %d)", self._pid, self.restarts)
-            if self.on_restart is not None:
-                try:
-                    self.on_restart()
-                except Exception:
-                    log.exception("Envoy on_restart hook failed")
+            log.info("restarted Envoy as pid %d (restart %d)", self._pid, self.restarts + 1)
+            self._restarted()
+
+    def _restarted(self) -> None:
+        self.restarts += 1
+        if self.on_restart is not None:
+            try:
+                self.on_restart()
+            except Exception:
+                log.exception("Envoy on_restart hook failed")
+
+    async def _watch_external(self) -> None:
+        while True:
+            await asyncio.sleep(ADMIN_POLL_INTERVAL)
+            await self._observe()
+
+    async def _observe(self) -> None:
+        """One look at the external Envoy's admin /ready; logs only what changed."""
+        loop = asyncio.get_running_loop()
+        try:
+            state = await asyncio.to_thread(self.admin.server_state)
+        except EnvoyAdminError as exc:
+            # Logged once: when it stops answering, or at the first look if it never did.
+            first_miss = bool(self.state) or self._lost_at is None
+            self.state, self.admin_error = "", str(exc.__cause__ or exc)
+            if first_miss:
+                self._lost_at = loop.time()
+                # Expected at the agent's start (the envoy container waits for the bootstrap).
+                log.log(logging.WARNING if self._seen else logging.INFO, "%s", self.problem())
+            return
+        if not self.state:
+            if self._seen:
+                log.info(
+                    "the node's Envoy answers again on %s (%s) after %.1fs away",
+                    self.admin.address,
+                    state,
+                    loop.time() - (self._lost_at or loop.time()),
+                )
+                self._restarted()
+            else:
+                log.info("found the node's Envoy on its admin %s (%s)", self.admin.address, state)
+            self._seen, self._lost_at, self.admin_error = True, None, ""
+        elif state != self.state:
+            log.info("the node's Envoy is %s (was %s)", state, self.state)
+        self.state = state
 
     async def _terminate(self, pid: int) -> None:
         for sig, wait in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, TERM_GRACE)):

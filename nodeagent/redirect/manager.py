@@ -14,17 +14,19 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nodeagent.mesh.membership import decide
+from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
 from nodeagent.redirect import RedirectBackend
 from nodeagent.redirect.capture import CaptureSpec, CaptureSpecError
+from nodeagent.redirect.discovery import PodNetns, find_pod_netns
 from nodeagent.redirect.registry import (
     CAPTURED,
     FAILED,
@@ -32,6 +34,7 @@ from nodeagent.redirect.registry import (
     NOT_IN_MESH,
     PodCapture,
     PodRegistry,
+    discovered_key,
 )
 
 log = logging.getLogger("nodeagent.capture")
@@ -47,12 +50,20 @@ T = TypeVar("T")
 class ProbeSource(Protocol):
     def sync(self, pod_ips: Sequence[str]) -> None: ...
 
+    def remove(self) -> None: ...
+
 
 class Proxy(Protocol):
     """The node's Envoy, as capture sees it: told of changes, asked whether it holds them."""
 
     async def synced(self, timeout: float) -> str: ...
 
+
+# Pod UID -> its IPs in, pod UID -> where its network namespace is out (see discovery).
+NetnsFinder = Callable[[Mapping[str, Sequence[str]]], Mapping[str, PodNetns]]
+
+# (namespace, name, state, reason): show a pod's state on the pod (see podstatus); never blocks.
+Annotate = Callable[[str, str, str, str], None]
 
 # How long a DEL waits for Envoy to drop the pod's listeners before its netns may go.
 DEL_SYNC_TIMEOUT = 5.0
@@ -69,6 +80,8 @@ class CaptureManager:
         probe_snat: ProbeSource | None = None,
         pod_wait: float = DEFAULT_POD_WAIT,
         proxy: Proxy | None = None,
+        find_netns: NetnsFinder = find_pod_netns,
+        annotate: Annotate | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -78,6 +91,8 @@ class CaptureManager:
         self.probe_snat = probe_snat
         self.pod_wait = pod_wait
         self.proxy = proxy
+        self.find_netns = find_netns
+        self.annotate = annotate
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._probe_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(CAPTURE_WORKERS, thread_name_prefix="capture")
@@ -95,6 +110,9 @@ class CaptureManager:
             return _fail("ADD needs namespace, name, containerId and netns")
         started = time.monotonic()
         async with self._locks[container_id]:
+            if pod.get("uid"):
+                # A new sandbox of a pod found at start: the one we found is gone.
+                self.registry.pop(discovered_key(str(pod["uid"])))
             capture = PodCapture(
                 namespace=namespace,
                 name=name,
@@ -138,9 +156,11 @@ class CaptureManager:
         return answer
 
     async def delete(self, pod: dict[str, Any]) -> dict[str, Any]:
-        container_id = str(pod.get("containerId", ""))
         capture = self.registry.find(
-            container_id, str(pod.get("namespace", "")), str(pod.get("name", ""))
+            str(pod.get("containerId", "")),
+            str(pod.get("namespace", "")),
+            str(pod.get("name", "")),
+            str(pod.get("uid", "")),
         )
         if capture is None:
             return {"ok": True, "state": "unknown"}
@@ -164,7 +184,10 @@ class CaptureManager:
 
     async def check(self, pod: dict[str, Any]) -> dict[str, Any]:
         capture = self.registry.find(
-            str(pod.get("containerId", "")), str(pod.get("namespace", "")), str(pod.get("name", ""))
+            str(pod.get("containerId", "")),
+            str(pod.get("namespace", "")),
+            str(pod.get("name", "")),
+            str(pod.get("uid", "")),
         )
         if capture is None:
             return _fail("the node agent has no record of this pod")
@@ -232,6 +255,80 @@ class CaptureManager:
         self._settle(capture, CAPTURED, f"repaired by reconcile ({why})")
         return "repaired"
 
+    async def adopt_running(self, node_name: str) -> dict[str, int]:
+        """Capture the mesh pods of NODE_NAME that run without the agent having seen their ADD.
+
+        They started before nodeagent was installed (or while its CNI entry was missing): find
+        each one's network namespace in /proc and capture it as ADD would have.
+        """
+        summary = {"adopted": 0, "failed": 0}
+        pods = [
+            p for p in self.store.pods.values() if p.node_name == node_name and p.uid and p.pod_ips
+        ]
+        pods = [
+            p
+            for p in pods
+            if self._unknown(p)
+            and decide(p, self.store.namespaces.get(p.namespace), self.excluded_namespaces).in_mesh
+        ]
+        if not pods:
+            return summary
+        started = time.monotonic()
+        found = await self._in_thread(self.find_netns, {p.uid: p.pod_ips for p in pods if p.uid})
+        for pod in pods:
+            where = found.get(pod.uid)
+            capture = PodCapture(
+                namespace=pod.namespace,
+                name=pod.name,
+                container_id=discovered_key(pod.uid),
+                netns=where.path if where else "",
+                uid=pod.uid,
+                ips=list(pod.pod_ips),
+                backend=self.backend.name,
+                discovered=True,
+            )
+            async with self._locks[capture.container_id]:
+                outcome = await self._adopt_one(capture, pod.annotations)
+            summary[outcome] += 1
+        await self._sync_probes()
+        if self.proxy is not None and summary["adopted"]:
+            problem = await self.proxy.synced(DEL_SYNC_TIMEOUT)
+            if problem:
+                log.warning("adopted pods: %s", problem)
+        log.info("pods running before the agent: %s in %.2fs", summary, time.monotonic() - started)
+        return summary
+
+    def _unknown(self, pod: Pod) -> bool:
+        """No CNI ADD and no earlier adoption (a failed one is retried) for this pod."""
+        return not any(
+            (c.namespace, c.name) == (pod.namespace, pod.name)
+            and c.uid in ("", pod.uid)
+            and not (c.discovered and c.state == FAILED)
+            for c in self.registry.pods.values()
+        )
+
+    async def _adopt_one(self, capture: PodCapture, annotations: Mapping[str, str]) -> str:
+        if not capture.netns:
+            self._settle(
+                capture,
+                FAILED,
+                "running before the agent, but no process of it in /proc has a network "
+                f"namespace holding its IP ({', '.join(capture.ips)})",
+            )
+            return "failed"
+        try:
+            spec = CaptureSpec.from_annotations(annotations)
+        except CaptureSpecError as e:
+            self._settle(capture, FAILED, str(e))
+            return "failed"
+        capture.spec = spec.to_json()
+        problem = await self._apply(capture, spec)
+        if problem:
+            self._settle(capture, FAILED, problem)
+            return "failed"
+        self._settle(capture, CAPTURED, f"running before the agent; found in {capture.netns}")
+        return "adopted"
+
     # -- helpers ----------------------------------------------------------------------------------
 
     async def _apply(self, capture: PodCapture, spec: CaptureSpec) -> str:
@@ -250,6 +347,8 @@ class CaptureManager:
         capture.state, capture.reason = state, reason
         self.registry.put(capture)
         self.metrics.set_pod_state(capture.namespace, capture.name, state)
+        if self.annotate is not None:
+            self.annotate(capture.namespace, capture.name, state, reason)
         level = logging.ERROR if state in (FAILED, NETNS_MISSING) else logging.INFO
         log.log(level, "pod %s: %s (%s)", capture.key, state, reason)
         if state == FAILED:
@@ -267,6 +366,53 @@ class CaptureManager:
                 await self._in_thread(self.probe_snat.sync, ips)
             except Exception as e:
                 log.error("updating the node's probe SNAT set failed: %s", e)
+
+    # -- final removal (uninstall) ----------------------------------------------------------------
+
+    async def remove_all(self) -> dict[str, int]:
+        """Take capture out of every pod in the registry, then the probe SNAT table and the
+        registry file: the pods' traffic then flows directly, outside the mesh.
+
+        Only when nodeagent leaves the node for good (nodeagent.uninstall): a running agent would
+        capture the next pod again. A pod whose capture could not be removed stays in the
+        registry, and the file with it, so that another ``nodeagent uninstall`` retries it.
+        """
+        summary = {"removed": 0, "not_captured": 0, "netns_missing": 0, "failed": 0}
+        for capture in list(self.registry.pods.values()):
+            async with self._locks[capture.container_id]:
+                if capture.container_id not in self.registry.pods:
+                    continue  # deleted meanwhile
+                outcome = await self._remove_one(capture)
+                summary[outcome] += 1
+                if outcome != "failed":
+                    self.registry.pop(capture.container_id)
+                    self.metrics.forget_pod(capture.namespace, capture.name)
+            self._locks.pop(capture.container_id, None)
+        if self.probe_snat is not None:
+            async with self._probe_lock:
+                try:
+                    await self._in_thread(self.probe_snat.remove)
+                except Exception as e:
+                    log.error("removing the node's probe SNAT table failed: %s", e)
+                    summary["failed"] += 1
+        if not self.registry.pods:
+            self.registry.path.unlink(missing_ok=True)
+        level = logging.ERROR if summary["failed"] else logging.INFO
+        log.log(level, "capture removed from the node: %s", summary)
+        return summary
+
+    async def _remove_one(self, capture: PodCapture) -> str:
+        if capture.state == NOT_IN_MESH:
+            return "not_captured"
+        if not capture.netns or not os.path.exists(capture.netns):
+            return "netns_missing"
+        try:
+            await self._in_thread(self.backend.remove, Path(capture.netns))
+        except Exception as e:
+            log.error("pod %s: removing capture in %s failed: %s", capture.key, capture.netns, e)
+            return "failed"
+        log.info("pod %s: capture removed (%s)", capture.key, capture.netns)
+        return "removed"
 
 
 def _fail(reason: str) -> dict[str, Any]:

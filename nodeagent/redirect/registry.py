@@ -32,6 +32,9 @@ class PodCapture:
     reason: str = ""
     spec: dict[str, Any] | None = None  # CaptureSpec.to_json() for pods in the mesh
     backend: str = ""
+    # Found at agent start (running before the agent, no CNI ADD seen): keyed by pod UID, since
+    # the sandbox id is not known.
+    discovered: bool = False
     updated: float = field(default_factory=time.time)
 
     @property
@@ -68,9 +71,22 @@ class PodRegistry:
             self.save()
         return capture
 
-    def find(self, container_id: str, namespace: str, name: str) -> PodCapture | None:
-        """By sandbox id, or by pod name when the runtime gave no id."""
+    def find(
+        self, container_id: str, namespace: str, name: str, uid: str = ""
+    ) -> PodCapture | None:
+        """By sandbox id; a discovered pod by its UID; by pod name when the runtime gave no id."""
+        if container_id in self.pods:
+            return self.pods[container_id]
+        if uid and self.discovered(uid):
+            return self.discovered(uid)
         if container_id:
-            return self.pods.get(container_id)
+            return None
         matches = [p for p in self.pods.values() if (p.namespace, p.name) == (namespace, name)]
         return matches[-1] if matches else None
+
+    def discovered(self, uid: str) -> PodCapture | None:
+        return self.pods.get(discovered_key(uid))
+
+
+def discovered_key(uid: str) -> str:
+    return f"discovered:{uid}"

@@ -141,6 +141,23 @@ class _Backoff:
         self.delay = BACKOFF_MIN
 
 
+async def api_client(kubeconfig: Path | None) -> Any:
+    """A kubernetes-asyncio ApiClient from a kubeconfig, or the pod's service account (None).
+
+    Close it with ``await client.close()``.
+    """
+    configuration = k8s.Configuration()
+    if kubeconfig is None:
+        kconfig.load_incluster_config(client_configuration=configuration)
+    else:
+        await kconfig.load_kube_config(
+            config_file=str(kubeconfig),
+            client_configuration=configuration,
+            persist_config=False,  # never rewrite the operator's kubeconfig
+        )
+    return k8s.ApiClient(configuration)
+
+
 class KubernetesSource:
     def __init__(
         self,
@@ -174,16 +191,7 @@ class KubernetesSource:
             await api.close()
 
     async def _api_client(self) -> Any:
-        configuration = k8s.Configuration()
-        if self.kubeconfig is None:
-            kconfig.load_incluster_config(client_configuration=configuration)
-        else:
-            await kconfig.load_kube_config(
-                config_file=str(self.kubeconfig),
-                client_configuration=configuration,
-                persist_config=False,  # never rewrite the operator's kubeconfig
-            )
-        return k8s.ApiClient(configuration)
+        return await api_client(self.kubeconfig)
 
     def kinds(self, api: Any) -> list[_Kind]:
         core = k8s.CoreV1Api(api)

@@ -27,11 +27,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from nodeagent.cni import wire
 from nodeagent.identity.ca import create_plugin_cacerts
-from nodeagent.testbed import daemons, hosts, layout, netns, resources, services
+from nodeagent.testbed import cgroups, daemons, hosts, layout, netns, resources, services
 from nodeagent.testbed.cni_runtime import (
     DEFAULT_PLUGIN_DIRS,
     LOOPBACK_CONFLIST,
@@ -148,7 +149,10 @@ class Testbed:
             raise TestbedError(
                 f"testbed {name!r} is not up (no state in {TestbedState.directory(name)})"
             )
-        return cls(_topology_of(state), state)
+        topology = _topology_of(state)
+        if state.installed_later:
+            topology = replace(topology, nodeagent=True)
+        return cls(topology, state)
 
     def pod_ip(self, ref: str) -> str:
         return self.state.pods[self.topology.find_pod(ref).key].ip
@@ -207,6 +211,9 @@ class Testbed:
         return testbed
 
     def _build(self) -> None:
+        with self._lock:
+            self.state.cgroup = str(cgroups.testbed_dir(self.name))
+            self.state.save()
         self._build_underlay()
         for node in self.topology.nodes:
             self._build_node(node)
@@ -275,8 +282,11 @@ class Testbed:
 
     def _start_daemons(self) -> None:
         records = []
+        names = [daemons.INSTALL_CNI, daemons.AGENT]
+        if self.topology.envoy_container:
+            names.append(daemons.ENVOY)  # the DaemonSet's envoy container
         for node in self.topology.nodes:
-            for daemon in (daemons.INSTALL_CNI, daemons.AGENT):
+            for daemon in names:
                 records.append(self._start_daemon(node.name, daemon))
         try:
             for record in records:
@@ -286,7 +296,12 @@ class Testbed:
 
     def _start_daemon(self, node: str, daemon: str) -> DaemonRecord:
         record = daemons.start(
-            self.name, node, daemon, proxy=self.topology.proxy, cert_ttl=self.topology.cert_ttl
+            self.name,
+            node,
+            daemon,
+            proxy=self.topology.proxy,
+            cert_ttl=self.topology.cert_ttl,
+            envoy_container=self.topology.envoy_container,
         )
         with self._lock:
             self.state.daemons.append(record)
@@ -299,16 +314,41 @@ class Testbed:
                 return record
         raise TestbedError(f"node {node!r} runs no {name} (is nodeagent on in the topology?)")
 
+    def install_nodeagent(self) -> None:
+        """Install nodeagent on a testbed that runs without it, as applying the DaemonSet would.
+
+        The pods already running never see our CNI plugin: each node's agent finds and captures
+        them at start.
+        """
+        if self.topology.nodeagent:
+            raise TestbedError(f"testbed {self.name!r} already runs nodeagent")
+        create_plugin_cacerts(layout.cacerts_dir(self.name), "cluster.local", intermediate=True)
+        with self._lock:
+            self.state.installed_later = True
+            self.state.save()
+        self.topology = replace(self.topology, nodeagent=True)
+        self._start_daemons()
+
     def stop_agent(self, node: str) -> None:
         """Stop NODE's agent, as a crash or a rolling update would (pods keep their capture)."""
-        record = self.daemon(node, daemons.AGENT)
+        self.stop_daemon(node, daemons.AGENT)
+
+    def start_agent(self, node: str) -> None:
+        self.start_daemon(node, daemons.AGENT)
+
+    def stop_daemon(self, node: str, name: str) -> None:
+        """Stop one of NODE's daemons (SIGTERM, then SIGKILL); one that already exited is just
+        forgotten, as kubelet notices a dead container."""
+        record = self.daemon(node, name)
         daemons.stop(record)
         with self._lock:
             self.state.daemons.remove(record)
             self.state.save()
 
-    def start_agent(self, node: str) -> None:
-        record = self._start_daemon(node, daemons.AGENT)
+    def start_daemon(self, node: str, name: str) -> None:
+        """Start one of NODE's daemons (again), as kubelet starts a container; returns once it
+        is ready."""
+        record = self._start_daemon(node, name)
         try:
             daemons.wait_ready(self.name, record)
         except daemons.DaemonError as e:
@@ -353,7 +393,10 @@ class Testbed:
         self._publish()
         if record.pid:
             netns.terminate([(record.pid, record.start_time)])
-        problems = _cni_del(self.name, pod.key, record)
+        problems = cgroups.remove(
+            cgroups.pod_dir(Path(self.state.cgroup), record.uid, record.container_id).parent
+        )
+        problems += _cni_del(self.name, pod.key, record)
         netns.delete(record.netns)
         shutil.rmtree(hosts.ETC_NETNS / record.netns, ignore_errors=True)
         etc_dir = str(hosts.ETC_NETNS / record.netns)
@@ -545,11 +588,13 @@ class Testbed:
         env |= wl.env
         if shutil.which(argv[0], path=env["PATH"]) is None:
             raise TestbedError(f"pod {pod.key}: workload command {argv[0]!r} not found")
+        cgroup = cgroups.pod_dir(Path(self.state.cgroup), record.uid, record.container_id)
+        cgroup.mkdir(parents=True, exist_ok=True)
         logs = layout.logs_dir(self.name)
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{pod.namespace}.{pod.name}.log", "ab") as log:
             proc = subprocess.Popen(
-                netns.in_netns(record.netns, argv),
+                cgroups.in_cgroup(cgroup, netns.in_netns(record.netns, argv)),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -619,6 +664,10 @@ def down(name: str) -> list[str]:
     in_ns: list[tuple[int, int | None]] = [(pid, None) for ns in names for pid in netns.pids_in(ns)]
     for pid in netns.terminate(daemons_ + in_ns):
         problems.append(f"process {pid} survived SIGKILL")
+
+    # Pods' cgroups, now empty (whatever still ran in one is killed).
+    with contextlib.suppress(cgroups.CgroupError):
+        problems += cgroups.remove(Path(state.cgroup) if state else cgroups.testbed_dir(name))
 
     # 3. Namespaces (their links, bridges, addresses and routes go with them), then files.
     for ns in names:

@@ -1,7 +1,9 @@
 """The node-level processes of a testbed node, as the DaemonSet runs them on a real node.
 
 ``install-cni --watch`` chains nodeagent-cni into the node's CNI configuration and keeps it there;
-``nodeagent run`` is the node agent. Both run inside the node's network namespace, which is that
+``nodeagent run`` is the node agent; with the topology's ``envoyContainer``, ``nodeagent envoy``
+runs the node's Envoy apart from the agent, as the DaemonSet's envoy container does (the agent then
+runs in ``--envoy-mode external``). All run inside the node's network namespace, which is that
 node's "host" network.
 """
 
@@ -18,8 +20,12 @@ from nodeagent.cni.install import holds_entry
 from nodeagent.testbed import layout, netns
 from nodeagent.testbed.state import DaemonRecord
 
-AGENT, INSTALL_CNI = "agent", "install-cni"
+AGENT, INSTALL_CNI, ENVOY = "agent", "install-cni", "envoy"
 READY_TIMEOUT = 30.0
+ADMIN_URL = "http://127.0.0.1:15000"  # the node Envoy's admin, on the node's loopback
+# The DaemonSet envoy container's capabilities (daemonset/daemonset.yaml): the envoy daemon runs
+# with exactly these, so the tests exercise what the manifest grants.
+ENVOY_CAPABILITIES = ("SYS_ADMIN", "NET_ADMIN")
 
 
 class DaemonError(RuntimeError):
@@ -27,9 +33,22 @@ class DaemonError(RuntimeError):
 
 
 def start(
-    testbed: str, node: str, daemon: str, proxy: bool = True, cert_ttl: int = 24 * 3600
+    testbed: str,
+    node: str,
+    daemon: str,
+    proxy: bool = True,
+    cert_ttl: int = 24 * 3600,
+    envoy_container: bool = False,
 ) -> DaemonRecord:
-    if daemon == AGENT:
+    """Start one node daemon. Its output goes to ``logs/<node>.<daemon>.log``: for the envoy
+    daemon that is ``<node>.envoy.log``, where the agent's own Envoy writes in managed mode."""
+    prefix: list[str] = []
+    if daemon == ENVOY:
+        argv = ["envoy", "--run-dir", str(layout.agent_socket(testbed, node).parent)]
+        # Root, with only the container's capabilities (bounding set; none inheritable).
+        caps = ",".join(f"+{c.lower()}" for c in ENVOY_CAPABILITIES)
+        prefix = ["setpriv", "--bounding-set", f"-all,{caps}", "--inh-caps=-all"]
+    elif daemon == AGENT:
         argv = [
             "run",
             "--node",
@@ -49,6 +68,8 @@ def start(
         argv += ["--ca-dir", str(layout.cacerts_dir(testbed)), "--cert-ttl", str(cert_ttl)]
         if not proxy:
             argv.append("--no-proxy")
+        elif envoy_container:
+            argv += ["--envoy-mode", "external"]
     else:
         argv = [
             "install-cni",
@@ -69,7 +90,8 @@ def start(
     with open(logs / f"{node}.{daemon}.log", "ab") as log:
         proc = subprocess.Popen(
             netns.in_netns(
-                layout.node_netns(testbed, node), [sys.executable, "-m", "nodeagent", *argv]
+                layout.node_netns(testbed, node),
+                [*prefix, sys.executable, "-m", "nodeagent", *argv],
             ),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -86,7 +108,8 @@ def stop(record: DaemonRecord) -> None:
 
 
 def wait_ready(testbed: str, record: DaemonRecord, timeout: float = READY_TIMEOUT) -> None:
-    """install-cni: our entry is in the node's config; agent: its socket answers STATUS ok."""
+    """install-cni: our entry is in the node's config; agent: its socket answers STATUS ok;
+    envoy: Envoy's admin /ready says LIVE."""
     deadline = time.monotonic() + timeout
     why = "not started"
     while time.monotonic() < deadline:
@@ -105,6 +128,8 @@ def _not_ready(testbed: str, record: DaemonRecord) -> str:
         if not (layout.cni_bin_dir(testbed, record.node) / "nodeagent-cni").is_file():
             return "nodeagent-cni binary not installed yet"
         return "" if holds_entry(conf_dir) else f"no nodeagent-cni entry in {conf_dir} yet"
+    if record.name == ENVOY:
+        return envoy_not_ready(testbed, record.node)
     try:
         answer = wire.request(
             str(layout.agent_socket(testbed, record.node)), {"command": "STATUS"}, 2
@@ -112,6 +137,24 @@ def _not_ready(testbed: str, record: DaemonRecord) -> str:
     except (OSError, wire.ProtocolError) as e:
         return str(e)
     return "" if answer.get("ok") else str(answer.get("reason"))
+
+
+def envoy_not_ready(testbed: str, node: str) -> str:
+    """Empty when the node's Envoy answers LIVE on its admin /ready, else what it said."""
+    proc = subprocess.run(
+        netns.in_netns(
+            layout.node_netns(testbed, node),
+            ["curl", "-sS", "--max-time", "1", f"{ADMIN_URL}/ready"],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    state = proc.stdout.strip()
+    if state == "LIVE":
+        return ""
+    return f"Envoy admin /ready: {state or proc.stderr.strip() or 'no answer'}"
 
 
 def log_tail(testbed: str, record: DaemonRecord) -> str:

@@ -32,7 +32,7 @@ class PodRecord:
 
 @dataclass
 class DaemonRecord:
-    """A node-level process: the node agent, install-cni."""
+    """A node-level process: the node agent, install-cni, the node's Envoy (envoyContainer)."""
 
     node: str
     name: str
@@ -52,6 +52,10 @@ class TestbedState:
     daemons: list[DaemonRecord] = field(default_factory=list)
     # Services changed or added after `up` (set_service), in topology form, by namespace/name.
     service_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The testbed's cgroup folder (pods' cgroups, as kubelet's, are below it).
+    cgroup: str = ""
+    # nodeagent installed on a running testbed (`testbed install`), after its pods were created.
+    installed_later: bool = False
     # Who brought it up (NODEAGENT_TESTBED_OWNER): a test run cleans up only its own testbeds.
     owner: str = field(default_factory=lambda: os.environ.get(OWNER_ENV, ""))
 

@@ -128,6 +128,10 @@ class Topology:
     # With nodeagent: whether each node also runs its Envoy (false: capture only, for tests).
     proxy: bool = True
     cert_ttl: int = 24 * 3600  # workload certificate lifetime, seconds (Istio's default 24 h)
+    # With proxy: run each node's Envoy as a node daemon of its own (`nodeagent envoy`, the
+    # DaemonSet's envoy container) and the agent in --envoy-mode external; false: the agent
+    # starts and supervises Envoy itself.
+    envoy_container: bool = False
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -226,6 +230,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             "nodeagent",
             "proxy",
             "certTTL",
+            "envoyContainer",
         },
         {"name", "nodes"},
     )
@@ -298,6 +303,11 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     proxy = top.get("proxy", True)
     if not isinstance(proxy, bool):
         raise r.fail("proxy", f"expected true or false, got {proxy!r}")
+    envoy_container = top.get("envoyContainer", False)
+    if not isinstance(envoy_container, bool):
+        raise r.fail("envoyContainer", f"expected true or false, got {envoy_container!r}")
+    if envoy_container and not (nodeagent and proxy):
+        raise r.fail("envoyContainer", "needs nodeagent: true and proxy: true (it runs the Envoy)")
     cert_ttl = top.get("certTTL", 24 * 3600)
     if isinstance(cert_ttl, bool) or not isinstance(cert_ttl, int) or cert_ttl < 10:
         raise r.fail("certTTL", f"expected whole seconds, at least 10, got {cert_ttl!r}")
@@ -311,6 +321,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         nodeagent,
         proxy,
         cert_ttl,
+        envoy_container,
     )
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodeagent.testbed.cluster import Testbed
 
 NODEAGENT = [sys.executable, "-m", "nodeagent"]
 
@@ -77,3 +83,58 @@ def http_status(run: Callable[..., subprocess.CompletedProcess[str]], pod: str, 
         ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", url],
     )
     return proc.stdout.strip() or "000"
+
+
+def ruleset(netns: str) -> list[dict[str, Any]]:
+    """The nftables tables of a network namespace (a captured pod holds exactly ours)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [e["table"] for e in json.loads(out)["nftables"] if "table" in e]
+
+
+def agent_pods(testbed: str, node: str) -> dict[str, dict[str, Any]]:
+    """The node agent's pod records (``nodeagent pods``), by namespace/name."""
+    from nodeagent.testbed import layout
+
+    proc = nodeagent(
+        "pods", "-o", "json", "--cni-socket", str(layout.agent_socket(testbed, node)), timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {f"{p['namespace']}/{p['name']}": p for p in json.loads(proc.stdout)}
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float, what: str = "condition", step: float = 0.05
+) -> float:
+    """Seconds until PREDICATE() held; fails the test after TIMEOUT."""
+    import pytest
+
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout}s")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def call(tb: Testbed, pod: str, url: str, *headers: str) -> dict[str, Any]:
+    """POD's curl of URL, answered with JSON (the fake service's answer)."""
+    argv = ["curl", "-sS", "--max-time", "10", url]
+    for header in headers:
+        argv += ["-H", header]
+    proc = tb.exec(pod, argv)
+    assert proc.returncode == 0, f"{pod} -> {url}: {proc.stderr}"
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
+
+
+def proxy_status(tb: Testbed, node: str) -> dict[str, Any]:
+    """The node's Envoy as its agent sees it (``nodeagent proxy-status``)."""
+    proc = node_cli(tb.name, node, "proxy-status", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    status: dict[str, Any] = json.loads(proc.stdout)["proxy"]
+    return status

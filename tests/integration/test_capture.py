@@ -25,7 +25,7 @@ from nodeagent.redirect.nftables import NftablesBackend
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, TestbedError, bridge_conflist, down
 from nodeagent.testbed.topology import Pod, Workload, loads_topology
-from tests.integration.helpers import node_metrics
+from tests.integration.helpers import agent_pods, node_metrics, ruleset
 
 pytestmark = pytest.mark.integration
 
@@ -83,36 +83,6 @@ def landed(tb: Testbed, pod: str, host: str, port: int, *extra: str) -> dict[str
     return answer
 
 
-def ruleset(netns: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return [e["table"] for e in json.loads(out)["nftables"] if "table" in e]
-
-
-def agent_pods(tb: Testbed, node: str) -> dict[str, dict[str, Any]]:
-    proc = subprocess.run(
-        [
-            PY,
-            "-m",
-            "nodeagent",
-            "pods",
-            "-o",
-            "json",
-            "--cni-socket",
-            str(layout.agent_socket(tb.name, node)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return {f"{p['namespace']}/{p['name']}": p for p in json.loads(proc.stdout)}
-
-
 def test_a_mesh_pod_holds_exactly_our_table(testbed: Testbed) -> None:
     tables = ruleset(testbed.pod_netns("mesh/app"))
     assert [(t["family"], t["name"]) for t in tables] == [("inet", "nodeagent")]
@@ -120,7 +90,7 @@ def test_a_mesh_pod_holds_exactly_our_table(testbed: Testbed) -> None:
         Path("/run/netns") / testbed.pod_netns("mesh/app"), CaptureSpec()
     )
     assert check.ok, check.reason
-    assert agent_pods(testbed, "n1")["mesh/app"]["state"] == "captured"
+    assert agent_pods(testbed.name, "n1")["mesh/app"]["state"] == "captured"
 
 
 def test_outbound_lands_on_15001_with_the_dialled_destination(testbed: Testbed) -> None:
@@ -185,7 +155,7 @@ def test_istio_annotations_exclude_ports_and_ranges(testbed: Testbed) -> None:
 
 def test_an_opted_out_pod_gets_no_table(testbed: Testbed) -> None:
     assert ruleset(testbed.pod_netns("mesh/optout")) == []
-    record = agent_pods(testbed, "n1")["mesh/optout"]
+    record = agent_pods(testbed.name, "n1")["mesh/optout"]
     assert record["state"] == "not-in-mesh" and "opts out" in record["reason"]
     assert ruleset(testbed.pod_netns("plain/server")) == []
 
@@ -239,12 +209,12 @@ def test_twenty_pods_created_at_once_are_all_captured(testbed: Testbed) -> None:
         for pod in pods:
             tables = ruleset(layout.pod_netns(testbed.name, pod))
             assert [t["name"] for t in tables] == ["nodeagent"], pod.key
-        records = {**agent_pods(testbed, "n1"), **agent_pods(testbed, "n2")}
+        records = {**agent_pods(testbed.name, "n1"), **agent_pods(testbed.name, "n2")}
         assert all(records[p.key]["state"] == "captured" for p in pods)
     finally:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(testbed.remove_pod, pods))
-    records = {**agent_pods(testbed, "n1"), **agent_pods(testbed, "n2")}
+    records = {**agent_pods(testbed.name, "n1"), **agent_pods(testbed.name, "n2")}
     assert not [p.key for p in pods if p.key in records]
 
 
@@ -257,11 +227,11 @@ def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed)
     assert ruleset(app_netns) == []
     testbed.restart_agent("n1")
     assert [t["name"] for t in ruleset(app_netns)] == ["nodeagent"]
-    record = agent_pods(testbed, "n1")["mesh/app"]
+    record = agent_pods(testbed.name, "n1")["mesh/app"]
     assert record["state"] == "captured" and "repaired" in record["reason"]
     assert "nodeagent_capture_repairs_total 1.0" in node_metrics(testbed.name, "n1")
     # The other pods were re-verified and kept their capture.
-    assert agent_pods(testbed, "n1")["mesh/excluded"]["state"] == "captured"
+    assert agent_pods(testbed.name, "n1")["mesh/excluded"]["state"] == "captured"
     answer = landed(testbed, "mesh/app", "10.96.0.99", 80)
     assert answer["listener"] == capture.OUTBOUND_PORT
 
@@ -287,7 +257,7 @@ def test_bad_cni_input_gets_a_spec_error_and_changes_nothing(
     victim = testbed.pod_netns("mesh/optout")  # a real pod netns with no capture
     valid = {**entry, "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.99/24"}]}}
     stdin = {"NO-PREV": json.dumps(entry), "VALID": json.dumps(valid)}.get(stdin, stdin)
-    before = agent_pods(testbed, "n1")
+    before = agent_pods(testbed.name, "n1")
     environment = {
         "CNI_COMMAND": "ADD",
         "CNI_CONTAINERID": "bad-input-test",
@@ -316,5 +286,5 @@ def test_bad_cni_input_gets_a_spec_error_and_changes_nothing(
     assert proc.returncode == 1
     error = json.loads(proc.stdout)
     assert error["code"] == code and words in error["msg"], error
-    assert agent_pods(testbed, "n1") == before
+    assert agent_pods(testbed.name, "n1") == before
     assert ruleset(victim) == []

@@ -27,7 +27,7 @@ import pytest
 
 from nodeagent.envoy import EnvoyAdmin, EnvoyAdminError, EnvoySupervisor, write_bootstrap
 from nodeagent.envoy import bootstrap as make_bootstrap
-from nodeagent.envoy.supervisor import process_stat
+from nodeagent.envoy.supervisor import process_cmdline, process_stat
 
 pytestmark = pytest.mark.integration
 
@@ -114,9 +114,15 @@ def test_envoy_starts_goes_live_and_serves_stats(node: Node) -> None:
         try:
             assert await supervisor.wait_ready(READY), node.log()
             assert supervisor.pid in node.envoy_pids()
+            assert supervisor.pid is not None
+            assert process_cmdline(supervisor.pid) == supervisor.argv()
+            assert supervisor.problem() == ""
 
             status, body = await asyncio.to_thread(_get, node.stats_port, "/stats/prometheus")
             assert status == 200 and re.search(r"^envoy_server_live(\{\})? 1$", body, re.M)
+            # Envoy's readiness too (the envoy container's probe), and nothing else of the admin.
+            status, body = await asyncio.to_thread(_get, node.stats_port, "/ready")
+            assert (status, body.strip()) == (200, "LIVE")
             # Only the stats are exposed on the node's addresses, never the admin API.
             status, _ = await asyncio.to_thread(_get, node.stats_port, "/config_dump")
             assert status == 404

@@ -18,14 +18,13 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import Pod, Service, ServicePort, Workload, loads_topology
-from tests.integration.helpers import node_cli, node_metrics
+from tests.integration.helpers import call, node_cli, node_metrics, proxy_status, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -107,23 +106,6 @@ def mesh() -> Iterator[Testbed]:
         down(NAME)
 
 
-def call(tb: Testbed, pod: str, url: str, *headers: str) -> dict[str, Any]:
-    argv = ["curl", "-sS", "--max-time", "10", url]
-    for header in headers:
-        argv += ["-H", header]
-    proc = tb.exec(pod, argv)
-    assert proc.returncode == 0, f"{pod} -> {url}: {proc.stderr}"
-    answer: dict[str, Any] = json.loads(proc.stdout)
-    return answer
-
-
-def proxy_status(tb: Testbed, node: str) -> dict[str, Any]:
-    proc = node_cli(tb.name, node, "proxy-status", "-o", "json")
-    assert proc.returncode == 0, proc.stderr
-    status: dict[str, Any] = json.loads(proc.stdout)["proxy"]
-    return status
-
-
 def metric(text: str, name: str) -> float:
     """A sample's value from Prometheus text; NAME includes its labels, e.g. 'x{type="LDS"}'."""
     for line in text.splitlines():
@@ -134,16 +116,6 @@ def metric(text: str, name: str) -> float:
 
 def envoy_log(tb: Testbed, node: str) -> str:
     return (layout.logs_dir(tb.name) / f"{node}.envoy.log").read_text()
-
-
-def wait_for(predicate: Any, timeout: float, step: float = 0.05) -> float:
-    """Seconds until PREDICATE() held; fails the test after TIMEOUT."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - start
 
 
 def all_synced(tb: Testbed) -> bool:

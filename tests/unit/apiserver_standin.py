@@ -6,6 +6,13 @@ delimited events from the requested resourceVersion (history replayed, then live
 ``fieldSelector=spec.nodeName=...`` for pods and sends BOOKMARKs on request. Tests mutate objects
 through add/modify/delete (one global, increasing resourceVersion, as etcd has) and can expire
 the history (410 Gone, as an ERROR event or an HTTP status) or drop watch connections abruptly.
+
+It also answers GET of one namespaced object of a group (``/apis/apps/v1/namespaces/NS/daemonsets/
+NAME``: the object, or 404), failing the next ones as ``failures`` says (an HTTP status, or 0 for
+a connection closed without an answer).
+
+PATCH of a pod (``/api/v1/namespaces/NS/pods/NAME``, JSON merge patch of its metadata) changes it
+and its watchers see MODIFIED, as they would on a real server.
 """
 
 from __future__ import annotations
@@ -58,6 +65,25 @@ def _identity(obj: Obj) -> tuple[str, str]:
     return (meta.get("namespace") or "default") if namespaced else "", meta["name"]
 
 
+def _content_length(head: bytes) -> int:
+    for line in head.decode().split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            return int(value.strip())
+    return 0
+
+
+def _merge(target: Obj, patch: Obj) -> None:
+    """RFC 7386 JSON merge patch: null removes, objects merge, anything else replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
 @dataclass
 class _Event:
     version: int
@@ -83,7 +109,8 @@ class APIServerStandIn:
         self.compacted = 0  # watches from a resourceVersion below this get 410 Gone
         self.gone_as_status = False  # 410 as an HTTP status instead of an ERROR event
         self.hidden = False  # mutations reach history, not open watches (a stalled watch)
-        self.requests: list[str] = []  # "LIST <path>" / "WATCH <path> <rv>", in order
+        self.requests: list[str] = []  # "LIST <path>" / "WATCH <path> <rv>" / "GET <path>"
+        self.failures: list[int] = []  # answers to the next object GETs: a status, 0 = hang up
         self._watchers: set[_Watcher] = set()
         self._kinds: dict[str, str] = {}  # custom resource -> its kind
         self._handlers: set[asyncio.Task[None]] = set()
@@ -201,7 +228,14 @@ class APIServerStandIn:
             url = urlsplit(target)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             route = self._route(url.path)
-            if method != "GET" or route is None:
+            one = self._object(url.path)
+            if method == "GET" and one is not None:
+                await self._get(writer, url.path, *one)
+            elif method == "PATCH":
+                length = _content_length(head)
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                await self._patch(writer, url.path, head, body)
+            elif method != "GET" or route is None:
                 await self._reply(writer, 404, {"kind": "Status", "code": 404})
             elif _true(query.get("watch")):
                 await self._watch(writer, url.path, route, query)
@@ -225,6 +259,48 @@ class APIServerStandIn:
             resource = f"{group}/{name}"
             return resource, self._kinds.get(resource, name), f"{group}/{version}"
         return None
+
+    @staticmethod
+    def _object(path: str) -> tuple[str, tuple[str, str]] | None:
+        """(resource, (namespace, name)) of a namespaced object path of a group."""
+        parts = path.strip("/").split("/")
+        if len(parts) == 7 and parts[0] == "apis" and parts[3] == "namespaces":
+            return f"{parts[1]}/{parts[5]}", (parts[4], parts[6])
+        return None
+
+    async def _get(
+        self, writer: asyncio.StreamWriter, path: str, resource: str, key: tuple[str, str]
+    ) -> None:
+        self.requests.append(f"GET {path}")
+        if self.failures:
+            status = self.failures.pop(0)
+            if status == 0:
+                writer.transport.abort()
+                return
+            await self._reply(writer, status, {"kind": "Status", "code": status})
+            return
+        obj = self.objects.get(resource, {}).get(key)
+        if obj is None:
+            await self._reply(writer, 404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+        else:
+            await self._reply(writer, 200, obj)
+
+    async def _patch(self, writer: asyncio.StreamWriter, path: str, head: bytes, body: Any) -> None:
+        self.requests.append(f"PATCH {path}")
+        parts = path.strip("/").split("/")
+        pod = None
+        if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
+            pod = self.objects.get("/api/v1/pods", {}).get((parts[3], parts[5]))
+        if pod is None:
+            await self._reply(writer, 404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+            return
+        if b"application/merge-patch+json" not in head.lower() or not isinstance(body, dict):
+            await self._reply(writer, 415, {"kind": "Status", "code": 415})
+            return
+        changed = copy.deepcopy(pod)
+        _merge(changed, body)
+        self.modify(changed)
+        await self._reply(writer, 200, self.objects["/api/v1/pods"][(parts[3], parts[5])])
 
     def _selected(self, watcher: _Watcher, obj: Obj) -> bool:
         return watcher.node is None or (obj.get("spec") or {}).get("nodeName") == watcher.node
@@ -312,7 +388,16 @@ class APIServerStandIn:
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, status: int, body: Obj) -> None:
         data = json.dumps(body).encode()
-        reason = {200: "OK", 404: "Not Found", 410: "Gone"}[status]
+        reason = {
+            200: "OK",
+            401: "Unauthorized",
+            403: "Forbidden",
+            404: "Not Found",
+            410: "Gone",
+            415: "Unsupported Media Type",
+            500: "Internal Server Error",
+            503: "Service Unavailable",
+        }[status]
         writer.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()

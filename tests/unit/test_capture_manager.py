@@ -6,7 +6,7 @@ A recording backend stands in for the kernel here; tests/integration runs the nf
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
 from nodeagent.redirect import CaptureCheck
 from nodeagent.redirect.capture import CaptureSpec
+from nodeagent.redirect.discovery import PodNetns
 from nodeagent.redirect.manager import CaptureManager
 from nodeagent.redirect.registry import PodRegistry
 
@@ -208,6 +209,58 @@ def test_reconcile_repairs_lost_capture_and_reports_gone_netns(tmp_path: Path) -
         assert states["b"][0] == "captured" and "repaired" in states["b"][1]
         assert states["c"][0] == "netns-missing"
         assert node.metrics.registry.get_sample_value("nodeagent_capture_repairs_total") == 1
+
+    run(scenario, tmp_path)
+
+
+def test_pods_running_before_the_agent_are_found_and_captured(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        def pod(ns: str, name: str, ip: str, node_name: str = "n1") -> Pod:
+            return Pod(ns, name, uid=f"uid-{name}", node_name=node_name, pod_ips=(ip,))
+
+        node.store.put_pod(pod("shop", "web", "10.244.1.2"))
+        node.store.put_pod(pod("shop", "lost", "10.244.1.3"))  # no process holds its netns
+        node.store.put_pod(pod("plain", "outside", "10.244.1.4"))  # not in the mesh
+        node.store.put_pod(pod("shop", "elsewhere", "10.244.2.2", node_name="n2"))
+        node.store.put_pod(pod("shop", "known", "10.244.1.5"))
+        await node.manager.add(node.cni_pod("known", ip="10.244.1.5"), timeout=5)
+        asked: list[dict[str, list[str]]] = []
+        web_netns = node.netns("web")
+
+        def finder(pods: Mapping[str, Sequence[str]]) -> dict[str, PodNetns]:
+            asked.append({uid: list(ips) for uid, ips in pods.items()})
+            return {"uid-web": PodNetns("uid-web", web_netns, "c0ffee", 42)}
+
+        node.manager.find_netns = finder
+        summary = await node.manager.adopt_running("n1")
+        assert summary == {"adopted": 1, "failed": 1}
+        assert asked == [{"uid-web": ["10.244.1.2"], "uid-lost": ["10.244.1.3"]}]
+        states = {p["name"]: p for p in node.manager.status()}
+        assert states["web"]["state"] == "captured" and states["web"]["discovered"]
+        assert node.backend.installed[Path(web_netns)] == CaptureSpec()
+        assert states["lost"]["state"] == "failed"
+        assert "no process" in states["lost"]["reason"] and "10.244.1.3" in states["lost"]["reason"]
+        assert "outside" not in states and "elsewhere" not in states
+        assert sorted(node.probes.ips) == ["10.244.1.2", "10.244.1.5"]
+
+        # A restarted agent re-verifies the found pod and tries the lost one again.
+        node.manager = node.new_manager()
+        node.manager.find_netns = finder
+        assert (await node.manager.reconcile())["verified"] == 2
+        assert await node.manager.adopt_running("n1") == {"adopted": 0, "failed": 1}
+
+        # The runtime's DEL names the sandbox, which discovery never knew: the UID finds it.
+        deleted = await node.manager.delete(
+            {"namespace": "shop", "name": "web", "containerId": "sandbox-1", "uid": "uid-web"}
+        )
+        assert deleted["state"] == "removed"
+        assert Path(web_netns) not in node.backend.installed
+        # A new sandbox of the lost pod replaces its failed record.
+        lost = node.cni_pod("lost", ip="10.244.1.3") | {"uid": "uid-lost"}
+        assert (await node.manager.add(lost, timeout=5))["state"] == "captured"
+        assert [p["container_id"] for p in node.manager.status() if p["name"] == "lost"] == [
+            "id-lost"
+        ]
 
     run(scenario, tmp_path)
 

@@ -9,21 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import click
-import kubernetes_validate
 import pytest
 import yaml
+from kube_schemas import K8S_VERSIONS, assert_valid
 
 from nodeagent.cli import cli
 from nodeagent.cni.bundle import IMAGE_BUNDLE
+from nodeagent.envoy.bootstrap import READY_PATH, bootstrap, bootstrap_path
+from nodeagent.proxy import ProxySettings
 from nodeagent.sources.directory import parse_mesh_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET_DIR = ROOT / "daemonset"
 CONTAINERFILE = DAEMONSET_DIR / "Containerfile"
 SETUP_SH = ROOT / "scripts" / "setup.sh"
-
-# The oldest Kubernetes we claim to support, and the newest kubernetes-validate bundles.
-K8S_VERSIONS = ["1.30", kubernetes_validate.utils.latest_version()]
 
 READ_VERBS = {"get", "list", "watch"}
 
@@ -57,6 +56,19 @@ def _container(name: str) -> dict[str, Any]:
     return container
 
 
+def _container_text(name: str) -> str:
+    """The manifest's text of one container, comments included (up to the next one)."""
+    text = (DAEMONSET_DIR / "daemonset.yaml").read_text()
+    start = text.index(f"        - name: {name}\n")
+    ends = (text.find("\n        - name: ", start + 1), text.find("\n      volumes:"))
+    # From the blank line above (the container's comment block belongs to it) to the next one.
+    return text[text.rfind("\n\n", 0, start) : min(i for i in ends if i > 0)]
+
+
+def _mounts_by_volume(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in container["volumeMounts"]}
+
+
 def _option(args: list[str], flag: str) -> str:
     assert flag in args, f"{flag} missing from {args}"
     return args[args.index(flag) + 1]
@@ -64,7 +76,7 @@ def _option(args: list[str], flag: str) -> str:
 
 def _parse(args: list[str]) -> click.Context:
     """Parses ARGS (a subcommand and its options) with the real CLI, without running it."""
-    env = {"NODE_NAME": "node-1"}
+    env = {"NODE_NAME": "node-1", "POD_NAMESPACE": "nodeagent-system"}
     expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
     name, *rest = expanded
     group_ctx = click.Context(cli, info_name="nodeagent")
@@ -92,20 +104,18 @@ def test_every_document_validates_strictly_against_the_kubernetes_schemas(versio
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "ConfigMap",
         "DaemonSet",
     }
     for name, doc in docs:
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            path = ".".join(str(p) for p in e.path)
-            pytest.fail(f"{name} ({doc['kind']}) at {path}: {e.message}")
+        assert_valid(name, doc, version)
 
 
 def test_namespaced_objects_live_in_the_agent_namespace() -> None:
     for name, doc in _documents():
-        if doc["kind"] in ("ServiceAccount", "ConfigMap", "DaemonSet"):
+        if doc["kind"] in ("ServiceAccount", "ConfigMap", "DaemonSet", "Role", "RoleBinding"):
             assert doc["metadata"]["namespace"] == "nodeagent-system", name
 
 
@@ -169,6 +179,43 @@ def test_cluster_role_binding_names_the_daemonsets_service_account() -> None:
     assert pod_spec["serviceAccountName"] == account["name"]
 
 
+def test_role_only_reads_the_agents_own_daemonset() -> None:
+    role, ds = _one("Role"), _one("DaemonSet")
+    assert role["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["daemonsets"],
+            "resourceNames": [ds["metadata"]["name"]],
+            "verbs": ["get"],
+        }
+    ]
+    binding = _one("RoleBinding")
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    account = _one("ServiceAccount")["metadata"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+    ]
+
+
+@pytest.mark.parametrize("container", ["install-cni", "agent"])
+def test_both_containers_ask_about_their_own_daemonset_on_sigterm(container: str) -> None:
+    ds = _one("DaemonSet")
+    spec = _container(container)
+    env = {e["name"]: e for e in spec["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    daemonset = _parse(spec["args"]).params["daemonset"]
+    assert (daemonset.namespace, daemonset.name) == (
+        ds["metadata"]["namespace"],
+        ds["metadata"]["name"],
+    )
+
+
 # -- the DaemonSet ---------------------------------------------------------------------------
 
 
@@ -206,6 +253,9 @@ def test_agent_arguments_are_accepted_by_the_real_cli() -> None:
     assert params["mesh_config"] == Path("/etc/nodeagent/mesh.yaml")
     assert params["state_dir"] == Path("/var/lib/nodeagent")
     assert params["run_dir"] == Path("/var/run/nodeagent")
+    # Envoy runs in the envoy container: the agent only configures and watches it.
+    assert params["envoy_mode"] == "external"
+    assert params["no_proxy"] is False
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     probe = agent["readinessProbe"]["httpGet"]
@@ -220,21 +270,71 @@ def test_agent_arguments_are_accepted_by_the_real_cli() -> None:
         params["state_dir"],
         params["run_dir"],
         params["cni_socket"],
-        params["envoy_log"],
     ):
         assert any(Path(path).is_relative_to(m) for m in mounts), path
 
 
-def test_agent_capabilities_are_few_and_explained() -> None:
-    agent = _container("agent")
-    security = agent["securityContext"]
+def test_envoy_container_arguments_are_accepted_by_the_real_cli() -> None:
+    envoy, agent = _container("envoy"), _container("agent")
+    assert "command" not in envoy  # the image's ENTRYPOINT is `nodeagent`
+    ctx = _parse(envoy["args"])
+    assert ctx.command.name == "envoy"
+    params = ctx.params
+    agent_params = _parse(agent["args"]).params
+    # The agent writes the bootstrap and serves xDS in its run dir; Envoy finds both there,
+    # through the same volume at the same path (the bootstrap names the socket by its path).
+    assert params["run_dir"] == agent_params["run_dir"]
+    assert params["envoy_binary"] is None  # the image's, installed with nodeagent
+    assert params["log_file"] is None  # stdout: the container's log
+    settings = ProxySettings("node-1", agent_params["run_dir"], Path("/e"), Path("/l"))
+    config = bootstrap(settings.node_id, "node-1", settings.xds_socket)
+    ads = config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
+    socket_path = Path(ads["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"])
+    envoy_mounts, agent_mounts = _mounts_by_volume(envoy), _mounts_by_volume(agent)
+    run_dir = next(n for n, m in envoy_mounts.items() if m["mountPath"] == str(params["run_dir"]))
+    assert agent_mounts[run_dir]["mountPath"] == envoy_mounts[run_dir]["mountPath"]
+    for path in (socket_path, bootstrap_path(params["run_dir"])):
+        assert path.is_relative_to(envoy_mounts[run_dir]["mountPath"]), path
+    # Pod netns paths, as the agent puts them into listeners and clusters, resolve in here too,
+    # also for pods created after Envoy started.
+    netns = envoy_mounts["netns"]
+    assert netns["mountPath"] == agent_mounts["netns"]["mountPath"] == "/var/run/netns"
+    assert netns["mountPropagation"] == "HostToContainer"
+    assert netns["readOnly"] is True
+    assert set(envoy_mounts) == {run_dir, "netns"}  # nothing else of the host
+    # Ready when Envoy is: its /ready, which the bootstrap routes on the stats port (the admin
+    # port listens on loopback only).
+    probe = envoy["readinessProbe"]["httpGet"]
+    assert probe == {"path": READY_PATH, "port": agent_params["stats_port"]}
+    assert {p["containerPort"] for p in envoy["ports"]} == {agent_params["stats_port"]}
+
+
+@pytest.mark.parametrize(
+    ("container", "capabilities"),
+    [
+        ("agent", {"NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}),
+        ("envoy", {"NET_ADMIN", "SYS_ADMIN"}),
+    ],
+)
+def test_capabilities_are_few_and_explained(container: str, capabilities: set[str]) -> None:
+    security = _container(container)["securityContext"]
     assert security["privileged"] is False
+    assert security["runAsUser"] == 0
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert set(security["capabilities"]["add"]) == {"NET_ADMIN", "SYS_ADMIN"}
-    text = (DAEMONSET_DIR / "daemonset.yaml").read_text()
-    for capability in security["capabilities"]["add"]:
+    assert set(security["capabilities"]["add"]) == capabilities
+    text = _container_text(container)
+    for capability in capabilities:
         assert re.search(rf"#.*\b{capability}\b", text), f"no comment explains {capability}"
-    assert "not implemented yet" in text  # the Envoy-in-its-own-container gap
+
+
+def test_envoy_container_caps_are_the_testbeds() -> None:
+    """The testbed runs its envoy daemon with exactly these: the integration tests (real Envoy,
+    real traffic) exercise what the manifest grants."""
+    from nodeagent.testbed.daemons import ENVOY_CAPABILITIES
+
+    security = _container("envoy")["securityContext"]
+    assert set(security["capabilities"]["add"]) == set(ENVOY_CAPABILITIES)
+    assert security["readOnlyRootFilesystem"] is True
 
 
 def test_agent_host_mounts() -> None:
@@ -250,7 +350,6 @@ def test_agent_host_mounts() -> None:
         "/sys/fs/cgroup",
         "/var/run/nodeagent",
         "/var/lib/nodeagent",
-        "/var/log",
     }
     for path in ("/var/run/nodeagent", "/var/lib/nodeagent"):
         assert host_paths[path]["hostPath"]["type"] == "DirectoryOrCreate"

@@ -61,8 +61,11 @@ def test_admin_on_loopback_and_prometheus_on_all_addresses() -> None:
     assert listener["name"] == "prometheus"
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 16090}
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
+    # Only the metrics and Envoy's readiness (a probe of the envoy container) reach the admin.
+    route, ready = manager["route_config"]["virtual_hosts"][0]["routes"]
     assert route["match"] == {"prefix": "/stats/prometheus"}
+    assert ready["match"] == {"path": "/ready"}
+    assert ready["route"] == route["route"]
     stats = _cluster(config, route["route"]["cluster"])
     target = stats["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert target["socket_address"] == {"address": "127.0.0.1", "port_value": 16000}

@@ -18,6 +18,12 @@ from apiserver_standin import APIServerStandIn
 
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
+from nodeagent.podstatus import (
+    CAPTURE_ANNOTATION,
+    REASON_ANNOTATION,
+    PodAnnotator,
+    kubernetes_patcher,
+)
 from nodeagent.sources.directory import DirectorySource
 from nodeagent.sources.kubernetes import ISTIO_GROUPS, KubernetesSource, plural
 
@@ -339,5 +345,48 @@ def test_the_agent_reads_the_cluster_from_the_api_server_when_given_a_kubeconfig
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await server.stop()
+
+    _run(scenario())
+
+
+def test_capture_state_is_patched_onto_the_pod_and_seen_back_by_the_watch(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with _running(tmp_path) as run:
+            server, store = run.server, run.store
+            patch, close = await kubernetes_patcher(tmp_path / "kc")
+            try:
+                annotator = PodAnnotator(store, patch)
+                annotator.record("shop", "web-1", "failed", "listeners not ready: Envoy down")
+                assert await annotator.flush()
+                await _until(
+                    lambda: (
+                        store.pods["shop/web-1"].annotations.get(CAPTURE_ANNOTATION) == "failed"
+                    ),
+                    "the watch brought the patched pod back",
+                )
+                stored = server.objects["/api/v1/pods"][("shop", "web-1")]["metadata"]
+                assert stored["annotations"] == {
+                    CAPTURE_ANNOTATION: "failed",
+                    REASON_ANNOTATION: "listeners not ready: Envoy down",
+                }
+                annotator.record("shop", "web-1", "captured", "repaired by reconcile")
+                assert await annotator.flush()
+                await _until(
+                    lambda: REASON_ANNOTATION not in store.pods["shop/web-1"].annotations,
+                    "the reason goes once captured",
+                )
+                # The pod already shows it: reconcile's next settle sends nothing.
+                patches = [r for r in server.requests if r.startswith("PATCH")]
+                annotator.record("shop", "web-1", "captured", "verified")
+                assert await annotator.flush()
+                assert [r for r in server.requests if r.startswith("PATCH")] == patches
+                assert patches == ["PATCH /api/v1/namespaces/shop/pods/web-1"] * 2
+                # A pod deleted meanwhile is dropped, not retried forever.
+                annotator.record("shop", "deleted", "captured", "")
+                assert await annotator.flush() and annotator.pending == {}
+            finally:
+                await close()
 
     _run(scenario())

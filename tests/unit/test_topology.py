@@ -67,6 +67,12 @@ def test_defaults_follow_kubernetes() -> None:
     assert {n.name for n in topo.namespaces} == {"shop", "other", "default"}
 
 
+def test_envoy_runs_as_its_own_node_daemon_only_when_asked() -> None:
+    assert loads_topology(MINIMAL, "t.yaml").envoy_container is False
+    split = loads_topology(MINIMAL + "envoyContainer: true\n", "t.yaml")
+    assert (split.envoy_container, split.nodeagent, split.proxy) == (True, True, True)
+
+
 def test_selector_matches_only_its_namespace() -> None:
     topo = loads_topology(MINIMAL, "t.yaml")
     web = topo.services[0]
@@ -115,6 +121,12 @@ def test_ambiguous_and_unknown_pod_names() -> None:
             "name: t\nnodes: [{name: a}]\nnetwork: {serviceCIDR: 10.244.0.0/20}",
             "serviceCIDR",
             "overlaps",
+        ),
+        ("name: t\nnodes: [{name: a}]\nenvoyContainer: 1", "envoyContainer", "true or false"),
+        (
+            "name: t\nnodes: [{name: a}]\nproxy: false\nenvoyContainer: true",
+            "envoyContainer",
+            "needs nodeagent: true and proxy: true",
         ),
     ],
 )
