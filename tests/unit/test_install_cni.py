@@ -419,7 +419,7 @@ def test_watch_reinserts_after_the_primary_cni_rewrites_its_file(
     assert eventually(lambda: types(path)[-1] == PLUGIN_TYPE)
     assert load(path)["mtu"] == 9000
     assert types(path) == ["calico", "portmap", PLUGIN_TYPE]
-    assert any("inserted" in m and path.name in m for m in caplog.messages)
+    assert eventually(lambda: any("inserted" in m and path.name in m for m in caplog.messages))
 
 
 def test_watch_follows_a_new_primary_that_sorts_first(
@@ -430,7 +430,7 @@ def test_watch_follows_a_new_primary_that_sorts_first(
 
     assert eventually(lambda: types(first) == ["cilium", PLUGIN_TYPE])
     assert watching.ready()
-    assert any("inserted" in m and first.name in m for m in caplog.messages)
+    assert eventually(lambda: any("inserted" in m and first.name in m for m in caplog.messages))
 
 
 def test_watch_survives_missing_and_half_written_files(
