@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test-tools demo test unit integration lint format clean
+.PHONY: setup test-tools demo test unit integration bench lint format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,14 +26,19 @@ unit: setup test-tools
 integration: setup
 	$(BIN)/pytest -q -m integration tests/integration
 
+# Benchmarks (not part of `make test`; its integration tests run a smoke variant of each):
+# per-node Envoy against no mesh and against sidecars. Figures and plots go to bench/results/.
+bench: setup
+	$(BIN)/python -m bench
+
 lint: setup
-	$(BIN)/ruff check nodeagent tests
-	$(BIN)/ruff format --check nodeagent tests
+	$(BIN)/ruff check nodeagent tests bench
+	$(BIN)/ruff format --check nodeagent tests bench
 	$(BIN)/mypy
 
 format: setup
-	$(BIN)/ruff format nodeagent tests
-	$(BIN)/ruff check --fix nodeagent tests
+	$(BIN)/ruff format nodeagent tests bench
+	$(BIN)/ruff check --fix nodeagent tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
