@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
     nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool
-    containernetworking-plugins iproute2 wrk nginx-light curl procps
+    containernetworking-plugins iproute2 wrk hey nginx-light curl procps
 )
 # Tools only the unit tests run (shellcheck, and ruby for `ruby -c vagrant/Vagrantfile`), installed
 # by `make test-tools` (`setup.sh --test-tools`). Kept out of PACKAGES, which is exactly what the

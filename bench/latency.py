@@ -1,0 +1,416 @@
+"""Scenarios 1 and 2: latency the mesh adds, and what the proxies cost per 1000 rps.
+
+nginx in a pod answers 1 KB over HTTP/1.1 keep-alive; `hey` in a client pod sends fixed rates
+(4 connections) to its Service, from the same node and from the other node. The three models run
+side by side, each on a testbed of its own that stays up for the whole scenario, and every
+measurement round runs the models back to back, so that "added latency" and ratios are taken
+pair by pair within one round (run i of a model against run i of no mesh).
+
+Proxy cost: the CPU seconds (utime + stime from /proc) of every Envoy on the request's path over
+the run, as vCPU per 1000 rps, and their resident memory (VmRSS) after it. On the path: per-node,
+the node Envoy of each node the request crosses (one for same-node, two for cross-node); sidecar,
+the client's and the server's sidecars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    NO_MESH,
+    PER_NODE,
+    SIDECAR,
+    Run,
+    new_figure,
+    percentile,
+    ratios,
+    save_figure,
+    summary,
+    table,
+    write_result,
+)
+from nodeagent.testbed import layout, netns
+from nodeagent.testbed.cluster import Testbed, down
+from nodeagent.testbed.topology import Topology, loads_topology
+
+PERCENTILES = (50, 90, 99)
+CONNECTIONS = 4
+PLACEMENTS = {"same-node": "bench/client-same", "cross-node": "bench/client-cross"}
+URL = "http://web.bench/"
+BODY_BYTES = 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TOPOLOGY = """
+name: {name}
+nodeagent: {nodeagent}
+{extra}
+nodes: [{{name: n1}}, {{name: n2}}]
+namespaces:
+  - name: bench
+    labels: {{nodeagent.io/mesh: enabled}}
+pods:
+  - name: web
+    namespace: bench
+    node: n1
+    serviceAccount: web
+    labels: {{app: web}}
+    workload: {{type: command, command: ["nginx", "-c", "{conf}", "-p", "{prefix}"], port: 8080}}
+  - name: client-same
+    namespace: bench
+    node: n1
+    serviceAccount: client
+    workload: {{type: sleep}}
+  - name: client-cross
+    namespace: bench
+    node: n2
+    serviceAccount: client
+    workload: {{type: sleep}}
+services:
+  - name: web
+    namespace: bench
+    selector: {{app: web}}
+    ports: [{{name: http, port: 80, targetPort: 8080}}]
+"""
+
+NGINX = """
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 8080;
+        location / {{ default_type text/plain; return 200 "{body}"; }}
+    }}
+}}
+"""
+
+
+def sidecar_available() -> bool:
+    """Whether the testbed can run the sidecar model (topology key proxyModel)."""
+    return "proxy_model" in {f.name for f in dataclasses.fields(Topology)}
+
+
+def models() -> dict[str, dict[str, str]]:
+    """Model -> its topology settings."""
+    out = {NO_MESH: {"nodeagent": "false", "extra": ""}}
+    out[PER_NODE] = {"nodeagent": "true", "extra": ""}
+    if sidecar_available():
+        out[SIDECAR] = {"nodeagent": "true", "extra": "proxyModel: sidecar"}
+    return out
+
+
+@contextlib.contextmanager
+def testbeds(prefix: Path) -> Iterator[dict[str, Testbed]]:
+    (prefix / "nginx.conf").write_text(NGINX.format(prefix=prefix, body="x" * BODY_BYTES))
+    made: dict[str, Testbed] = {}
+    try:
+        for i, (model, settings) in enumerate(models().items()):
+            name = f"blat-{i}"
+            down(name)
+            text = TOPOLOGY.format(name=name, conf=prefix / "nginx.conf", prefix=prefix, **settings)
+            made[model] = Testbed.up(loads_topology(text, "bench/latency"), text, "bench/latency")
+        yield made
+    finally:
+        for tb in made.values():
+            down(tb.name)
+
+
+def hey(tb: Testbed, client: str, rate: int, seconds: float) -> list[tuple[float, int]]:
+    """(latency s, status) of every request of a fixed-rate run from CLIENT."""
+    argv = [
+        "hey",
+        "-z",
+        f"{seconds}s",
+        "-c",
+        str(CONNECTIONS),
+        "-q",
+        str(rate / CONNECTIONS),
+        "-o",
+        "csv",
+        URL,
+    ]
+    proc = subprocess.run(
+        tb.exec_argv(client, argv), capture_output=True, text=True, timeout=seconds + 30
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"hey in {client} failed: {proc.stderr.strip()}")
+    rows = csv.DictReader(io.StringIO(proc.stdout))
+    return [(float(r["response-time"]), int(r["status-code"])) for r in rows]
+
+
+def envoys_on_path(tb: Testbed, model: str, client: str) -> list[int]:
+    if model == NO_MESH:
+        return []
+    if model == PER_NODE:
+        nodes = {"n1", tb.topology.find_pod(client).node}
+        spaces = [layout.node_netns(tb.name, n) for n in sorted(nodes)]
+    else:
+        spaces = [tb.pod_netns("bench/web"), tb.pod_netns(client)]
+    return [pid for ns in spaces for pid in netns.pids_in(ns) if _is_envoy(pid)]
+
+
+def _is_envoy(pid: int) -> bool:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/exe")).name == "envoy"
+    except OSError:
+        return False
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def rss_mib(pids: list[int]) -> float:
+    total_kb = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
+def measure(tb: Testbed, model: str, client: str, rate: int, seconds: float) -> dict[str, Any]:
+    pids = envoys_on_path(tb, model, client)
+    if model != NO_MESH and not pids:
+        raise RuntimeError(f"{model}: no Envoy found on the path of {client}")
+    cpu_before, started = cpu_seconds(pids), time.monotonic()
+    samples = hey(tb, client, rate, seconds)
+    elapsed = time.monotonic() - started
+    cpu = cpu_seconds(pids) - cpu_before
+    latencies = [s for s, status in samples if status == 200]
+    errors = sum(1 for _, status in samples if status != 200)
+    if not latencies:
+        raise RuntimeError(f"{model} {client} at {rate} rps: no successful request")
+    achieved = len(samples) / seconds
+    return {
+        **{f"p{p}_ms": percentile(latencies, p) * 1000 for p in PERCENTILES},
+        "requests": len(samples),
+        "errors": errors,
+        "achieved_rps": achieved,
+        "proxies": len(pids),
+        "proxy_cpu_s": cpu,
+        "vcpu_per_1000rps": (cpu / elapsed) / (achieved / 1000) if pids else 0.0,
+        "proxy_rss_mib": rss_mib(pids),
+    }
+
+
+def run(run: Run) -> None:
+    rates = run.pick([500, 1000], [200])
+    seconds = run.pick(10.0, 2.0)
+    repeats = run.pick(3, 1)
+    params = {
+        "rates_rps": rates,
+        "seconds_per_run": seconds,
+        "repeats": repeats,
+        "connections": CONNECTIONS,
+        "response_bytes": BODY_BYTES,
+        "client": "hey (fixed rate per connection, keep-alive)",
+        "server": "nginx, 1 worker",
+        "placements": {"same-node": "client and nginx on n1", "cross-node": "client on n2"},
+        "models": list(models()),
+        "warmup_s": 1.0,
+    }
+    if SIDECAR not in params["models"]:
+        params["sidecar"] = "not available: the testbed has no sidecar proxy model yet"
+    raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp, testbeds(Path(tmp)) as beds:
+        for tb in beds.values():
+            for client in PLACEMENTS.values():
+                hey(tb, client, rates[0], 1.0)  # warm up: connections, Envoy, caches
+        for _ in range(repeats):
+            for placement, client in PLACEMENTS.items():
+                for rate in rates:
+                    for model, tb in beds.items():
+                        one = measure(tb, model, client, rate, seconds)
+                        raw.setdefault(placement, {}).setdefault(str(rate), {}).setdefault(
+                            model, []
+                        ).append(one)
+    results = {"runs": raw, "latency": _latency(raw), "proxy_cost": _cost(raw)}
+    write_result(run, "latency", params, {"latency": results["latency"], "runs": raw})
+    write_result(run, "proxy-cost", params, {"proxy_cost": results["proxy_cost"], "runs": raw})
+    _print(results)
+    _plot(run, results)
+
+
+def _latency(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per placement, rate, model: percentiles, and added ms / ratio against no mesh, pairwise."""
+    out: dict[str, Any] = {}
+    for placement, by_rate in raw.items():
+        for rate, by_model in by_rate.items():
+            base = by_model[NO_MESH]
+            for model, runs in by_model.items():
+                entry: dict[str, Any] = {}
+                for p in PERCENTILES:
+                    key = f"p{p}_ms"
+                    entry[key] = summary(r[key] for r in runs)
+                    if model != NO_MESH:
+                        entry[f"added_{key}"] = summary(
+                            r[key] - b[key] for r, b in zip(runs, base, strict=True)
+                        )
+                        entry[f"ratio_{key}"] = ratios(
+                            [r[key] for r in runs], [b[key] for b in base]
+                        )
+                entry["errors"] = sum(r["errors"] for r in runs)
+                out.setdefault(placement, {}).setdefault(rate, {})[model] = entry
+    return out
+
+
+def _cost(raw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for placement, by_rate in raw.items():
+        for rate, by_model in by_rate.items():
+            for model, runs in by_model.items():
+                if model == NO_MESH:
+                    continue
+                entry = {
+                    "vcpu_per_1000rps": summary(r["vcpu_per_1000rps"] for r in runs),
+                    "proxy_rss_mib": summary(r["proxy_rss_mib"] for r in runs),
+                    "proxies": runs[0]["proxies"],
+                }
+                if model == SIDECAR and PER_NODE in by_model:
+                    node = by_model[PER_NODE]
+                    entry["cpu_ratio_to_per_node"] = ratios(
+                        [r["vcpu_per_1000rps"] for r in runs],
+                        [n["vcpu_per_1000rps"] for n in node],
+                    )
+                out.setdefault(placement, {}).setdefault(rate, {})[model] = entry
+    return out
+
+
+def _print(results: dict[str, Any]) -> None:
+    rows = []
+    for placement, by_rate in results["latency"].items():
+        for rate, by_model in by_rate.items():
+            for model, e in by_model.items():
+                rows.append(
+                    [
+                        placement,
+                        rate,
+                        model,
+                        *(e[f"p{p}_ms"]["median"] for p in PERCENTILES),
+                        *(
+                            e[f"added_p{p}_ms"]["median"] if model != NO_MESH else "-"
+                            for p in PERCENTILES
+                        ),
+                        e["errors"],
+                    ]
+                )
+    print(
+        table(
+            [
+                "placement",
+                "rps",
+                "model",
+                "P50 ms",
+                "P90 ms",
+                "P99 ms",
+                "+P50",
+                "+P90",
+                "+P99",
+                "errors",
+            ],
+            rows,
+        )
+    )
+    rows = []
+    for placement, by_rate in results["proxy_cost"].items():
+        for rate, by_model in by_rate.items():
+            for model, e in by_model.items():
+                rows.append(
+                    [
+                        placement,
+                        rate,
+                        model,
+                        e["proxies"],
+                        e["vcpu_per_1000rps"]["median"],
+                        e["proxy_rss_mib"]["median"],
+                    ]
+                )
+    print(table(["placement", "rps", "model", "proxies", "vCPU/1000rps", "RSS MiB"], rows))
+
+
+def _plot(run: Run, results: dict[str, Any]) -> None:
+    latency = results["latency"]
+    placements = list(latency)
+    fig = new_figure("Latency added by the mesh (median of runs; bars: min-max)", 10, 4.5)
+    axes = fig.subplots(1, len(placements), sharey=True, squeeze=False)[0]
+    for ax, placement in zip(axes, placements, strict=True):
+        labels, offset = [], 0.0
+        for rate, by_model in latency[placement].items():
+            for model, e in by_model.items():
+                if model == NO_MESH:
+                    continue
+                for j, p in enumerate(PERCENTILES):
+                    s = e[f"added_p{p}_ms"]
+                    x = offset + j
+                    ax.bar(x, s["median"], color=f"C{j}", label=f"P{p}" if offset == 0 else None)
+                    ax.errorbar(
+                        x,
+                        s["median"],
+                        yerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]],
+                        color="black",
+                        capsize=3,
+                    )
+                labels.append((offset + 1, f"{model}\n{rate} rps"))
+                offset += len(PERCENTILES) + 1
+        ax.set_xticks([x for x, _ in labels], [t for _, t in labels], fontsize=8)
+        ax.set_title(placement)
+        ax.axhline(0, color="grey", linewidth=0.5)
+    axes[0].set_ylabel("added latency vs no mesh (ms)")
+    axes[0].legend()
+    save_figure(run, "latency", fig)
+
+    cost = results["proxy_cost"]
+    fig = new_figure("Proxy cost during the latency runs (median; bars: min-max)", 10, 4.5)
+    cpu_ax, mem_ax = fig.subplots(1, 2)
+    names, cpu, mem = [], [], []
+    for placement, by_rate in cost.items():
+        for rate, by_model in by_rate.items():
+            for model, e in by_model.items():
+                names.append(f"{model}\n{placement}\n{rate} rps")
+                cpu.append(e["vcpu_per_1000rps"])
+                mem.append(e["proxy_rss_mib"])
+    for ax, values, unit in ((cpu_ax, cpu, "vCPU per 1000 rps"), (mem_ax, mem, "proxy RSS (MiB)")):
+        xs = range(len(values))
+        medians = [v["median"] for v in values]
+        ax.bar(xs, medians, color=["C1" if SIDECAR in n else "C0" for n in names])
+        ax.errorbar(
+            xs,
+            medians,
+            yerr=[
+                [v["median"] - v["min"] for v in values],
+                [v["max"] - v["median"] for v in values],
+            ],
+            fmt="none",
+            color="black",
+            capsize=3,
+        )
+        ax.set_xticks(list(xs), names, fontsize=7)
+        ax.set_ylabel(unit)
+    save_figure(run, "proxy-cost", fig)
+
+
+__all__ = ["run"]
