@@ -1,0 +1,286 @@
+"""Scenario 3: a node's memory as its captured pods grow (10, 50, 100), per-node vs sidecars.
+
+One node runs N mesh pods (sleep workloads; every pod is an endpoint of one of ten HTTP
+services, so each proxy holds a realistic amount of config). Per model, at each N, after the
+node's Envoys hold the published endpoints:
+- node total: the agent's and every Envoy's resident memory (VmRSS), sampled SAMPLES times;
+- Envoy-reported memory: the sum over its Envoys of /memory `allocated` (and `heap_size`);
+- config held: the sum of each Envoy's /config_dump (with endpoints) in JSON bytes, which stands
+  for the xDS it was sent (JSON, so larger than the protobuf on the wire);
+- per pod: each of those divided by N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    PER_NODE,
+    SIDECAR,
+    Run,
+    new_figure,
+    save_figure,
+    summary,
+    table,
+    write_result,
+)
+from nodeagent.testbed import daemons, layout, netns
+from nodeagent.testbed.cluster import Testbed, down
+from nodeagent.testbed.topology import Pod, Topology, Workload, loads_topology
+
+SERVICES = 10
+SAMPLES = 3
+
+TOPOLOGY = """
+name: {name}
+{extra}
+nodes: [{{name: n1}}]
+namespaces:
+  - name: bench
+    labels: {{nodeagent.io/mesh: enabled}}
+pods:
+{pods}
+services:
+{services}
+"""
+
+
+def sidecar_available() -> bool:
+    return "proxy_model" in {f.name for f in dataclasses.fields(Topology)}
+
+
+def models() -> dict[str, str]:
+    out = {PER_NODE: ""}
+    if sidecar_available():
+        out[SIDECAR] = "proxyModel: sidecar"
+    return out
+
+
+def pod(i: int) -> Pod:
+    return Pod(
+        "bench",
+        f"pod-{i:03d}",
+        "n1",
+        f"sa-{i % SERVICES}",
+        {"app": f"svc-{i % SERVICES}"},
+        {},
+        Workload("sleep"),
+    )
+
+
+def topology_text(name: str, extra: str, first: int) -> str:
+    pods = "\n".join(
+        f"  - {{name: pod-{i:03d}, namespace: bench, node: n1, serviceAccount: sa-{i % SERVICES},"
+        f" labels: {{app: svc-{i % SERVICES}}}, workload: {{type: sleep}}}}"
+        for i in range(first)
+    )
+    services = "\n".join(
+        f"  - {{name: svc-{i}, namespace: bench, selector: {{app: svc-{i}}},"
+        f" ports: [{{name: http, port: 80, targetPort: 8080}}]}}"
+        for i in range(SERVICES)
+    )
+    return TOPOLOGY.format(name=name, extra=extra, pods=pods, services=services)
+
+
+def envoy_spaces(tb: Testbed, model: str) -> list[str]:
+    """The network namespaces holding this model's Envoys on n1."""
+    if model == PER_NODE:
+        return [layout.node_netns(tb.name, "n1")]
+    return [record.netns for record in tb.state.pods.values()]
+
+
+def envoys(tb: Testbed, model: str) -> list[tuple[str, int]]:
+    out = []
+    for ns in envoy_spaces(tb, model):
+        for pid in netns.pids_in(ns):
+            try:
+                if Path(os.readlink(f"/proc/{pid}/exe")).name == "envoy":
+                    out.append((ns, pid))
+            except OSError:
+                continue
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def admin(ns: str, path: str) -> bytes:
+    proc = subprocess.run(
+        netns.in_netns(ns, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:15000{path}"]),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"Envoy admin {path} in {ns}: {proc.stderr.decode().strip()}")
+    return proc.stdout
+
+
+def measure(tb: Testbed, model: str, pods: int) -> dict[str, Any]:
+    found = envoys(tb, model)
+    expected = 1 if model == PER_NODE else pods
+    if len(found) != expected:
+        raise RuntimeError(f"{model} with {pods} pods: {len(found)} Envoys, expected {expected}")
+    agent = tb.daemon("n1", daemons.AGENT).pid
+    totals, envoy_rss, agent_rss = [], [], []
+    for i in range(SAMPLES):
+        if i:
+            time.sleep(1.0)
+        e = sum(rss_mib(pid) for _, pid in found)
+        a = rss_mib(agent)
+        envoy_rss.append(e)
+        agent_rss.append(a)
+        totals.append(e + a)
+    allocated = heap = config = 0
+    for ns, _ in found:
+        memory = json.loads(admin(ns, "/memory"))
+        allocated += int(memory["allocated"])
+        heap += int(memory["heap_size"])
+        config += len(admin(ns, "/config_dump?include_eds"))
+    mib = 1024 * 1024
+    return {
+        "pods": pods,
+        "envoys": len(found),
+        "node_total_mib": summary(totals),
+        "envoy_rss_mib": summary(envoy_rss),
+        "agent_rss_mib": summary(agent_rss),
+        "envoy_allocated_mib": allocated / mib,
+        "envoy_heap_mib": heap / mib,
+        "config_dump_bytes": config,
+        "per_pod": {
+            "node_total_mib": summary(t / pods for t in totals),
+            "envoy_allocated_kib": allocated / 1024 / pods,
+            "config_dump_bytes": config / pods,
+        },
+    }
+
+
+def ramp(model: str, extra: str, steps: list[int]) -> list[dict[str, Any]]:
+    name = f"bmem-{0 if model == PER_NODE else 1}"
+    down(name)
+    text = topology_text(name, extra, steps[0])
+    tb = Testbed.up(loads_topology(text, "bench/memory"), text, "bench/memory")
+    out = []
+    try:
+        have = steps[0]
+        for step in steps:
+            for i in range(have, step):
+                tb.add_pod(pod(i))
+            have = step
+            tb.wait_converged()
+            time.sleep(2.0)  # let Envoy settle after the last push (drained listeners, caches)
+            out.append(measure(tb, model, step))
+            print(f"   {model}: {step} pods measured", flush=True)
+    finally:
+        down(tb.name)
+    return out
+
+
+def run(run: Run) -> None:
+    steps = run.pick([10, 50, 100], [2, 5])
+    params = {
+        "pods": steps,
+        "services": SERVICES,
+        "samples_per_step": SAMPLES,
+        "workload": "sleep (no traffic)",
+        "models": list(models()),
+        "node_total": "agent VmRSS + every Envoy's VmRSS on the node",
+        "config": "sum of Envoy /config_dump?include_eds JSON bytes",
+    }
+    if SIDECAR not in params["models"]:
+        params["sidecar"] = "not available: the testbed has no sidecar proxy model yet"
+    results = {model: ramp(model, extra, steps) for model, extra in models().items()}
+    if SIDECAR in results:
+        results["sidecar_to_per_node"] = [
+            {
+                "pods": s["pods"],
+                "node_total_ratio": s["node_total_mib"]["median"] / n["node_total_mib"]["median"],
+            }
+            for s, n in zip(results[SIDECAR], results[PER_NODE], strict=True)
+        ]
+    write_result(run, "memory", params, results)
+    _print(results)
+    _plot(run, results)
+
+
+def _print(results: dict[str, Any]) -> None:
+    rows = [
+        [
+            model,
+            m["pods"],
+            m["envoys"],
+            m["node_total_mib"]["median"],
+            m["agent_rss_mib"]["median"],
+            m["envoy_rss_mib"]["median"],
+            m["envoy_allocated_mib"],
+            m["per_pod"]["node_total_mib"]["median"],
+            m["config_dump_bytes"] / 1024,
+        ]
+        for model in (PER_NODE, SIDECAR)
+        if model in results
+        for m in results[model]
+    ]
+    print(
+        table(
+            [
+                "model",
+                "pods",
+                "envoys",
+                "node MiB",
+                "agent MiB",
+                "envoy RSS MiB",
+                "envoy alloc MiB",
+                "MiB/pod",
+                "config KiB",
+            ],
+            rows,
+        )
+    )
+
+
+def _plot(run: Run, results: dict[str, Any]) -> None:
+    fig = new_figure("Node memory by captured pods (VmRSS; bars: min-max of samples)", 10, 4.5)
+    total_ax, config_ax = fig.subplots(1, 2)
+    for j, model in enumerate(m for m in (PER_NODE, SIDECAR) if m in results):
+        steps = results[model]
+        xs = [s["pods"] for s in steps]
+        med = [s["node_total_mib"]["median"] for s in steps]
+        total_ax.errorbar(
+            xs,
+            med,
+            yerr=[
+                [s["node_total_mib"]["median"] - s["node_total_mib"]["min"] for s in steps],
+                [s["node_total_mib"]["max"] - s["node_total_mib"]["median"] for s in steps],
+            ],
+            marker="o",
+            capsize=3,
+            color=f"C{j}",
+            label=f"{model}: agent + Envoy(s)",
+        )
+        config_ax.plot(
+            xs,
+            [s["config_dump_bytes"] / 1024 / 1024 for s in steps],
+            marker="o",
+            color=f"C{j}",
+            label=model,
+        )
+    total_ax.set_xlabel("captured pods on the node")
+    total_ax.set_ylabel("node total (MiB)")
+    total_ax.legend()
+    config_ax.set_xlabel("captured pods on the node")
+    config_ax.set_ylabel("config held by Envoy(s), JSON (MiB)")
+    config_ax.legend()
+    save_figure(run, "memory", fig)
+
+
+__all__ = ["run"]
