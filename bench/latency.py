@@ -7,7 +7,7 @@ measurement round runs the models back to back, so that "added latency" and rati
 pair by pair within one round (run i of a model against run i of no mesh).
 
 Proxy cost: the CPU seconds (utime + stime from /proc) of every Envoy on the request's path over
-the run, as vCPU per 1000 rps, and their resident memory (VmRSS) after it. On the path: per-node,
+the run, as vCPU per 1000 rps, and their proportional memory (PSS) after it. On the path: per-node,
 the node Envoy of each node the request crosses (one for same-node, two for cross-node); sidecar,
 the client's and the server's sidecars.
 """
@@ -183,11 +183,12 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def rss_mib(pids: list[int]) -> float:
+def pss_mib(pids: list[int]) -> float:
+    """Proportional set size: pages shared between Envoys (the binary) are split among them."""
     total_kb = 0
     for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 total_kb += int(line.split()[1])
     return total_kb / 1024
 
@@ -213,7 +214,7 @@ def measure(tb: Testbed, model: str, client: str, rate: int, seconds: float) -> 
         "proxies": len(pids),
         "proxy_cpu_s": cpu,
         "vcpu_per_1000rps": (cpu / elapsed) / (achieved / 1000) if pids else 0.0,
-        "proxy_rss_mib": rss_mib(pids),
+        "proxy_pss_mib": pss_mib(pids),
     }
 
 
@@ -287,7 +288,7 @@ def _cost(raw: dict[str, Any]) -> dict[str, Any]:
                     continue
                 entry = {
                     "vcpu_per_1000rps": summary(r["vcpu_per_1000rps"] for r in runs),
-                    "proxy_rss_mib": summary(r["proxy_rss_mib"] for r in runs),
+                    "proxy_pss_mib": summary(r["proxy_pss_mib"] for r in runs),
                     "proxies": runs[0]["proxies"],
                 }
                 if model == SIDECAR and PER_NODE in by_model:
@@ -346,10 +347,10 @@ def _print(results: dict[str, Any]) -> None:
                         model,
                         e["proxies"],
                         e["vcpu_per_1000rps"]["median"],
-                        e["proxy_rss_mib"]["median"],
+                        e["proxy_pss_mib"]["median"],
                     ]
                 )
-    print(table(["placement", "rps", "model", "proxies", "vCPU/1000rps", "RSS MiB"], rows))
+    print(table(["placement", "rps", "model", "proxies", "vCPU/1000rps", "PSS MiB"], rows))
 
 
 def _plot(run: Run, results: dict[str, Any]) -> None:
@@ -392,8 +393,8 @@ def _plot(run: Run, results: dict[str, Any]) -> None:
             for model, e in by_model.items():
                 names.append(f"{model}\n{placement}\n{rate} rps")
                 cpu.append(e["vcpu_per_1000rps"])
-                mem.append(e["proxy_rss_mib"])
-    for ax, values, unit in ((cpu_ax, cpu, "vCPU per 1000 rps"), (mem_ax, mem, "proxy RSS (MiB)")):
+                mem.append(e["proxy_pss_mib"])
+    for ax, values, unit in ((cpu_ax, cpu, "vCPU per 1000 rps"), (mem_ax, mem, "proxy PSS (MiB)")):
         xs = range(len(values))
         medians = [v["median"] for v in values]
         ax.bar(xs, medians, color=["C1" if SIDECAR in n else "C0" for n in names])

@@ -3,7 +3,9 @@
 One node runs N mesh pods (sleep workloads; every pod is an endpoint of one of ten HTTP
 services, so each proxy holds a realistic amount of config). Per model, at each N, after the
 node's Envoys hold the published endpoints:
-- node total: the agent's and every Envoy's resident memory (VmRSS), sampled SAMPLES times;
+- node total: the agent's and every Envoy's proportional memory (PSS: shared pages split among
+  the processes sharing them; VmRSS would count the Envoy binary once per sidecar), sampled
+  SAMPLES times;
 - Envoy-reported memory: the sum over its Envoys of /memory `allocated` (and `heap_size`);
 - config held: the sum of each Envoy's /config_dump (with endpoints) in JSON bytes, which stands
   for the xDS it was sent (JSON, so larger than the protobuf on the wire);
@@ -107,9 +109,13 @@ def envoys(tb: Testbed, model: str) -> list[tuple[str, int]]:
     return out
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def pss_mib(pid: int) -> float:
+    """Proportional set size: shared pages (Envoy's binary, libraries) split among their users.
+
+    Summing VmRSS over N sidecars would count the Envoy binary N times.
+    """
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -132,14 +138,14 @@ def measure(tb: Testbed, model: str, pods: int) -> dict[str, Any]:
     if len(found) != expected:
         raise RuntimeError(f"{model} with {pods} pods: {len(found)} Envoys, expected {expected}")
     agent = tb.daemon("n1", daemons.AGENT).pid
-    totals, envoy_rss, agent_rss = [], [], []
+    totals, envoy_pss, agent_pss = [], [], []
     for i in range(SAMPLES):
         if i:
             time.sleep(1.0)
-        e = sum(rss_mib(pid) for _, pid in found)
-        a = rss_mib(agent)
-        envoy_rss.append(e)
-        agent_rss.append(a)
+        e = sum(pss_mib(pid) for _, pid in found)
+        a = pss_mib(agent)
+        envoy_pss.append(e)
+        agent_pss.append(a)
         totals.append(e + a)
     allocated = heap = config = 0
     for ns, _ in found:
@@ -152,8 +158,8 @@ def measure(tb: Testbed, model: str, pods: int) -> dict[str, Any]:
         "pods": pods,
         "envoys": len(found),
         "node_total_mib": summary(totals),
-        "envoy_rss_mib": summary(envoy_rss),
-        "agent_rss_mib": summary(agent_rss),
+        "envoy_pss_mib": summary(envoy_pss),
+        "agent_pss_mib": summary(agent_pss),
         "envoy_allocated_mib": allocated / mib,
         "envoy_heap_mib": heap / mib,
         "config_dump_bytes": config,
@@ -194,7 +200,7 @@ def run(run: Run) -> None:
         "samples_per_step": SAMPLES,
         "workload": "sleep (no traffic)",
         "models": list(models()),
-        "node_total": "agent VmRSS + every Envoy's VmRSS on the node",
+        "node_total": "agent PSS + every Envoy's PSS on the node",
         "config": "sum of Envoy /config_dump?include_eds JSON bytes",
     }
     if SIDECAR not in params["models"]:
@@ -220,8 +226,8 @@ def _print(results: dict[str, Any]) -> None:
             m["pods"],
             m["envoys"],
             m["node_total_mib"]["median"],
-            m["agent_rss_mib"]["median"],
-            m["envoy_rss_mib"]["median"],
+            m["agent_pss_mib"]["median"],
+            m["envoy_pss_mib"]["median"],
             m["envoy_allocated_mib"],
             m["per_pod"]["node_total_mib"]["median"],
             m["config_dump_bytes"] / 1024,
@@ -238,7 +244,7 @@ def _print(results: dict[str, Any]) -> None:
                 "envoys",
                 "node MiB",
                 "agent MiB",
-                "envoy RSS MiB",
+                "envoy PSS MiB",
                 "envoy alloc MiB",
                 "MiB/pod",
                 "config KiB",
@@ -249,7 +255,7 @@ def _print(results: dict[str, Any]) -> None:
 
 
 def _plot(run: Run, results: dict[str, Any]) -> None:
-    fig = new_figure("Node memory by captured pods (VmRSS; bars: min-max of samples)", 10, 4.5)
+    fig = new_figure("Node memory by captured pods (PSS; bars: min-max of samples)", 10, 4.5)
     total_ax, config_ax = fig.subplots(1, 2)
     for j, model in enumerate(m for m in (PER_NODE, SIDECAR) if m in results):
         steps = results[model]

@@ -30,8 +30,9 @@ from nodeagent.proxy import NodeProxy, ProxySettings
 from nodeagent.redirect.discovery import find_pod_netns
 from nodeagent.redirect.host import ProbeSnat
 from nodeagent.redirect.manager import CaptureManager
-from nodeagent.redirect.nftables import NftablesBackend
+from nodeagent.redirect.nftables import NODE_RULES, SIDECAR_RULES, NftablesBackend
 from nodeagent.redirect.registry import PodRegistry
+from nodeagent.sidecar import SIDECAR, SidecarProxies
 from nodeagent.sources.directory import DirectorySource, MeshConfigFile
 
 log = logging.getLogger("nodeagent.agent")
@@ -65,6 +66,11 @@ class AgentConfig:
     # Capture only, without the node's Envoy: for testing capture itself (captured traffic then
     # reaches whatever listens on 15001/15006 in the pod).
     proxy: bool = True
+    # "node": one Envoy for the node; "sidecar": one Envoy inside each captured pod with
+    # istio-init's capture rules (Istio's sidecar model, a benchmark baseline; nodeagent.sidecar)
+    proxy_model: str = "node"
+    sidecar_dir: Path | None = None  # sidecar model: default <run_dir>/sidecars
+    sidecar_log_dir: Path = Path("/var/log/nodeagent-sidecars")
     ca_dir: Path | None = None  # Istio plug-in CA files (cacerts); else a built-in CA
     cert_ttl: float = 24 * 3600.0
     cert_key_type: str = "EC"  # ECDSA P-256; "RSA" for RSA 2048 (Istio's default)
@@ -99,10 +105,11 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         key_type="RSA" if config.cert_key_type == "RSA" else "EC",
         registry=metrics.registry,
     )
+    sidecars = config.proxy_model == SIDECAR
     proxy = (
         None
         if not config.proxy
-        else NodeProxy(
+        else (SidecarProxies if sidecars else NodeProxy)(
             ProxySettings(
                 node_name=config.node_name,
                 run_dir=config.run_dir,
@@ -111,6 +118,9 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
                 admin_port=config.admin_port,
                 stats_port=config.stats_port,
                 envoy_mode=config.envoy_mode,
+                proxy_model=config.proxy_model,
+                sidecar_dir=config.sidecar_dir,
+                sidecar_log_dir=config.sidecar_log_dir,
             ),
             store,
             registry,
@@ -122,7 +132,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     identities.on_change = proxy.changed.set if proxy is not None else None
     manager = CaptureManager(
         store,
-        NftablesBackend(),
+        NftablesBackend(SIDECAR_RULES if sidecars else NODE_RULES),
         registry,
         metrics,
         config.excluded_namespaces,
@@ -148,7 +158,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         if not server.ready:
             return "starting: source not synced or first reconcile not done"
         if proxy is not None:
-            return proxy.supervisor.problem()
+            return proxy.problem()
         return ""
 
     if config.metrics_port:
@@ -164,7 +174,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     if proxy is not None:
         await proxy.start()
         tasks.append(asyncio.create_task(proxy.run(stop), name="push"))
-        if not await proxy.supervisor.wait_ready(30.0):
+        if not await proxy.wait_ready(30.0):
             log.error("Envoy is not ready after 30s; CNI ADDs fail until it is")
     # Pods that were running before the agent (and its CNI entry) existed: capture them now.
     await manager.adopt_running(config.node_name)
@@ -191,6 +201,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
             )
             if decision.remove:
                 await manager.remove_all()
+                if isinstance(proxy, SidecarProxies):
+                    await proxy.remove_all()
         if health is not None:
             health.shutdown()
 

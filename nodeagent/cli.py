@@ -131,6 +131,28 @@ def workload(args: tuple[str, ...]) -> None:
 @click.option("--stats-port", type=int, default=15090, show_default=True)
 @click.option("--no-proxy", is_flag=True, help="Capture only, no node Envoy (testing capture).")
 @click.option(
+    "--proxy-model",
+    type=click.Choice(["node", "sidecar"]),
+    default="node",
+    show_default=True,
+    help="node: one shared Envoy for the node; sidecar: one Envoy inside each captured pod as"
+    " uid 1337 with istio-init's capture rules (Istio's sidecar model, a benchmark baseline).",
+)
+@click.option(
+    "--sidecar-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Sidecar model: the sidecars' xDS socket and bootstraps (default: <run-dir>/sidecars);"
+    " uid/gid 1337 must be able to traverse its parents.",
+)
+@click.option(
+    "--sidecar-log-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/var/log/nodeagent-sidecars"),
+    show_default=True,
+    help="Sidecar model: each sidecar's output (access log) as <namespace>.<pod>.envoy.log.",
+)
+@click.option(
     "--ca-dir",
     type=click.Path(path_type=Path),
     default=None,
@@ -179,6 +201,9 @@ def run(
     admin_port: int,
     stats_port: int,
     no_proxy: bool,
+    proxy_model: str,
+    sidecar_dir: Path | None,
+    sidecar_log_dir: Path,
     ca_dir: Path | None,
     cert_ttl: float,
     cert_key_type: str,
@@ -201,6 +226,10 @@ def run(
         )
     if no_proxy and envoy_mode != "managed":
         raise click.UsageError("--envoy-mode external configures an Envoy: drop --no-proxy")
+    if proxy_model == "sidecar" and (no_proxy or envoy_mode != "managed"):
+        raise click.UsageError(
+            "--proxy-model sidecar runs one Envoy per pod itself: drop --no-proxy/--envoy-mode"
+        )
     logs.setup(log_level)
     config = agent.AgentConfig(
         node_name=node_name,
@@ -221,6 +250,9 @@ def run(
         admin_port=admin_port,
         stats_port=stats_port,
         proxy=not no_proxy,
+        proxy_model=proxy_model,
+        sidecar_dir=sidecar_dir,
+        sidecar_log_dir=sidecar_log_dir,
         ca_dir=ca_dir,
         cert_ttl=cert_ttl,
         cert_key_type=cert_key_type,
@@ -488,16 +520,26 @@ def proxy_status(cni_socket: str, output: str) -> None:
         return
     proxy = answer["proxy"]
     kinds = ("CDS", "LDS", "EDS", "RDS")
-    states = {k: proxy["types"].get(k, {}).get("state", "NOT SENT") for k in kinds}
     captured = [p for p in answer["pods"] if p["state"] == "captured"]
+    sidecars = proxy.get("sidecars")  # the sidecar model: one Envoy per pod
+
+    def states(pod: dict[str, Any]) -> list[str]:
+        held = proxy["types"]
+        if sidecars is not None:
+            held = sidecars.get(f"{pod['namespace']}/{pod['name']}", {}).get("types", {})
+        return [held.get(k, {}).get("state", "NOT SENT") for k in kinds]
+
     _table(
         [("NAME", "NODE", *kinds, "VERSION")]
         + [
-            (f"{p['name']}.{p['namespace']}", proxy["node"], *states.values(), proxy["version"])
+            (f"{p['name']}.{p['namespace']}", proxy["node"], *states(p), proxy["version"])
             for p in captured
         ]
     )
-    if proxy.get("envoy_mode") == "external":
+    if sidecars is not None:
+        pids = ", ".join(f"{k} pid {s['pid']}" for k, s in sidecars.items())
+        envoy = f"sidecar model, one Envoy per pod ({pids or 'none'})"
+    elif proxy.get("envoy_mode") == "external":
         envoy = f"Envoy in its own container, {proxy['envoy_state'] or 'not answering'}"
     else:
         envoy = f"Envoy pid {proxy['envoy_pid']}"

@@ -45,6 +45,11 @@ class ProxySettings:
     # "managed": the agent starts and restarts Envoy; "external": Envoy runs in its own container
     # (``nodeagent envoy``) and the agent only writes its bootstrap, configures and watches it.
     envoy_mode: str = MANAGED
+    # "node": one Envoy for the node (this class); "sidecar": one Envoy inside each captured
+    # pod, as Istio's sidecars (nodeagent.sidecar, the benchmarks' baseline).
+    proxy_model: str = "node"
+    sidecar_dir: Path | None = None  # sidecar model: xDS socket + per-pod dirs; run_dir/sidecars
+    sidecar_log_dir: Path = Path("/var/log/nodeagent-sidecars")  # <ns>.<pod>.envoy.log
 
     @property
     def node_id(self) -> str:
@@ -96,7 +101,14 @@ class NodeProxy:
             "1 while the node's Envoy can serve (managed: its process runs; external: its admin"
             " /ready says LIVE), else 0.",
             registry=metrics,
-        ).set_function(lambda: 0.0 if self.supervisor.problem() else 1.0)
+        ).set_function(lambda: 0.0 if self.problem() else 1.0)
+
+    def problem(self) -> str:
+        """Empty while the node's proxy can serve; otherwise why not (readiness)."""
+        return self.supervisor.problem()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        return await self.supervisor.wait_ready(timeout)
 
     async def start(self) -> None:
         """xDS first (Envoy connects to it), a first snapshot, the bootstrap, then Envoy (started
@@ -171,10 +183,19 @@ class NodeProxy:
             await asyncio.sleep(COALESCE)
             self.store.changed.clear()
             self.changed.clear()
-            self.push()
+            await self.apply()
 
-    async def synced(self, timeout: float, types_: tuple[str, ...] = (types.LISTENER,)) -> str:
-        """Wait until Envoy holds the latest snapshot for TYPES_; "" or why it does not."""
+    async def apply(self) -> None:
+        """One round of the push loop: translate and hand the snapshot over."""
+        self.push()
+
+    async def synced(
+        self, timeout: float, types_: tuple[str, ...] = (types.LISTENER,), pod: str = ""
+    ) -> str:
+        """Wait until Envoy holds the latest snapshot for TYPES_; "" or why it does not.
+
+        POD (namespace/name) names the pod whose change this is; one node Envoy serves them all.
+        """
         self.changed.set()
         await asyncio.sleep(COALESCE * 2)  # let the push loop take the change
         deadline = time.monotonic() + timeout

@@ -73,6 +73,7 @@ class EnvoySupervisor:
         backoff: tuple[float, float] = (0.5, 30.0),
         on_restart: Callable[[], None] | None = None,
         mode: str = MANAGED,
+        prefix: Sequence[str] = (),
     ) -> None:
         if mode not in (MANAGED, EXTERNAL):
             raise ValueError(f"Envoy mode must be {MANAGED!r} or {EXTERNAL!r}, not {mode!r}")
@@ -85,6 +86,9 @@ class EnvoySupervisor:
         self.backoff = backoff
         self.on_restart = on_restart
         self.mode = mode
+        # What Envoy is started through, e.g. nsenter + setpriv for a sidecar in a pod's netns
+        # (each execs the next, so the pid and /proc/PID/cmdline end up Envoy's own).
+        self.prefix = tuple(prefix)
         self.restarts = 0  # managed: Envoys restarted; external: Envoys seen coming back
         self.last_exit = ""  # exit code of the last Envoy that died, or "gone" if not our child
         self.adopted = False
@@ -108,7 +112,7 @@ class EnvoySupervisor:
         return self._pid
 
     def argv(self) -> list[str]:
-        return envoy_argv(self.binary, self.bootstrap_path, self.extra_args)
+        return [*self.prefix, *envoy_argv(self.binary, self.bootstrap_path, self.extra_args)]
 
     def problem(self) -> str:
         """Empty while the node's Envoy can serve; otherwise why not (readiness, proxy-status)."""

@@ -56,7 +56,7 @@ class ProbeSource(Protocol):
 class Proxy(Protocol):
     """The node's Envoy, as capture sees it: told of changes, asked whether it holds them."""
 
-    async def synced(self, timeout: float) -> str: ...
+    async def synced(self, timeout: float, *, pod: str = "") -> str: ...
 
 
 # Pod UID -> its IPs in, pod UID -> where its network namespace is out (see discovery).
@@ -149,7 +149,7 @@ class CaptureManager:
             if self.proxy is not None:
                 # The app must not start before the node's Envoy listens for it (fail closed).
                 left = timeout - (time.monotonic() - started) - 1.0
-                problem = await self.proxy.synced(max(1.0, left))
+                problem = await self.proxy.synced(max(1.0, left), pod=capture.key)
                 if problem:
                     answer = self._settle(capture, FAILED, f"listeners not ready: {problem}")
         await self._sync_probes()
@@ -169,7 +169,7 @@ class CaptureManager:
             self.metrics.forget_pod(capture.namespace, capture.name)
             if self.proxy is not None and capture.state == CAPTURED:
                 # Envoy drops the pod's listeners before the runtime removes its netns.
-                problem = await self.proxy.synced(DEL_SYNC_TIMEOUT)
+                problem = await self.proxy.synced(DEL_SYNC_TIMEOUT, pod=capture.key)
                 if problem:
                     log.warning("pod %s: %s", capture.key, problem)
             if capture.state == CAPTURED and os.path.exists(capture.netns):

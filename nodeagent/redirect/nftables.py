@@ -23,10 +23,13 @@ import nftables  # type: ignore[import-untyped]
 from nodeagent.redirect import CaptureCheck
 from nodeagent.redirect.capture import (
     HBONE_PORT,
+    INBOUND_PASSTHROUGH_SOURCE,
     INBOUND_PORT,
     MESH_MARK,
     OUTBOUND_PORT,
     PROBE_SOURCE,
+    PROXY_UID,
+    SIDECAR_INBOUND_EXCLUDED,
     CaptureSpec,
     Network,
 )
@@ -37,6 +40,10 @@ Json = dict[str, Any]
 FAMILY = "inet"
 TABLE = "nodeagent"
 DSTNAT = -100  # nft's "dstnat" priority; listed back as a number
+# The two rule sets: the per-node model's (Istio ambient's in-pod rules: Envoy's sockets are
+# skipped by mark) and the sidecar model's (istio-init's: Envoy runs in the pod as uid 1337).
+NODE_RULES, SIDECAR_RULES = "node", "sidecar"
+RULE_SETS = (NODE_RULES, SIDECAR_RULES)
 MARK_MASK = 0xFFF  # as Istio: only the low bits, so other users of the mark don't hide Envoy's
 
 # libnftables does not document thread safety; serialise our (millisecond) calls.
@@ -175,28 +182,116 @@ def _output(spec: CaptureSpec) -> list[list[Json]]:
     return rules
 
 
+# -- the sidecar model: istio-init's rule set (istio/istio tools/istio-nftables, sidecar defaults)
+
+
+def _jump(chain: str) -> Json:
+    return {"jump": {"target": chain}}
+
+
+IN_CHAIN, REDIRECT_CHAIN, IN_REDIRECT_CHAIN, OUTPUT_CHAIN = (
+    "istio-inbound",
+    "istio-redirect",
+    "istio-in-redirect",
+    "istio-output",
+)
+
+
+def _sidecar_chains(spec: CaptureSpec) -> dict[str, list[list[Json]]]:
+    """istio-init as Istio's sidecar injector runs it (``-p 15001 -z 15006 -u 1337 -g 1337
+    -m REDIRECT -i '*' -b '*' -d 15090,15021,15020``, IPv4), with the pod's annotations in place
+    of the defaults. Rules are written in the form nft lists them back (``meta l4proto tcp``
+    folds into a following ``tcp dport``), which is the same rule in the kernel."""
+    inbound: list[list[Json]] = [[_match(_DPORT, HBONE_PORT), _RETURN]]
+    chains: dict[str, list[list[Json]]] = {}
+    if spec.include_inbound_ports != ():
+        chains["prerouting"] = [[_TCP, _jump(IN_CHAIN)]]
+        if spec.include_inbound_ports is None:  # "*": every port but the excluded ones
+            excluded = list(SIDECAR_INBOUND_EXCLUDED)
+            excluded += [p for p in spec.exclude_inbound_ports if p not in excluded]
+            inbound += [[_match(_DPORT, port), _RETURN] for port in excluded]
+            inbound.append([_TCP, _jump(IN_REDIRECT_CHAIN)])
+        else:  # a list of ports (exclusions then do not apply, as in istio-init)
+            inbound += [
+                [_match(_DPORT, port), _jump(IN_REDIRECT_CHAIN)]
+                for port in spec.include_inbound_ports
+            ]
+    chains["output"] = [[_jump(OUTPUT_CHAIN)]]
+    loopback = _match(_meta("oifname"), "lo")
+    output: list[list[Json]] = []
+    for port in spec.exclude_outbound_ports:
+        output.append([_match(_DPORT, port), _RETURN])
+        output.append([_match(_payload("udp", "dport"), port), _RETURN])
+    # Envoy's inbound connections to the app leave from 127.0.0.6
+    output.append([loopback, _match(_payload("ip", "saddr"), INBOUND_PASSTHROUGH_SOURCE), _RETURN])
+    includes = spec.include_outbound_ranges
+    loopback_included = includes is not None and any(n.is_loopback for n in includes)
+    for owner in ("skuid", "skgid"):
+        # Envoy calling its own pod (a service VIP answered by this pod): back through inbound
+        output.append(
+            [
+                loopback,
+                _match(_payload("ip", "daddr"), "127.0.0.1", "!="),
+                _match(_DPORT, HBONE_PORT, "!="),
+                _match(_meta(owner), PROXY_UID),
+                _jump(IN_REDIRECT_CHAIN),
+            ]
+        )
+        if not loopback_included:  # the app calling itself by its own address
+            output.append([loopback, _match(_meta(owner), PROXY_UID, "!="), _RETURN])
+        output.append([_match(_meta(owner), PROXY_UID), _RETURN])  # Envoy's own traffic
+    output.append([_match(_payload("ip", "daddr"), "127.0.0.1"), _RETURN])
+    for protocol, nets in _by_family(spec.exclude_outbound_ranges).items():
+        output += [[_match(_payload(protocol, "daddr"), _addresses([n])), _RETURN] for n in nets]
+    if includes is None:
+        output.append([_jump(REDIRECT_CHAIN)])
+    else:
+        for protocol, nets in _by_family(includes).items():
+            output += [
+                [_match(_payload(protocol, "daddr"), _addresses([n])), _jump(REDIRECT_CHAIN)]
+                for n in nets
+            ]
+    chains[IN_CHAIN] = inbound
+    chains[REDIRECT_CHAIN] = [[_TCP, {"redirect": {"port": OUTBOUND_PORT}}]]
+    chains[IN_REDIRECT_CHAIN] = [[_TCP, {"redirect": {"port": INBOUND_PORT}}]]
+    chains[OUTPUT_CHAIN] = output
+    return chains
+
+
 def _table() -> Json:
     return {"table": {"family": FAMILY, "name": TABLE}}
 
 
-def ruleset(spec: CaptureSpec) -> list[Json]:
-    """Table, chains and rules that ``spec`` asks for, in the form nft lists them (no handles)."""
+def ruleset(spec: CaptureSpec, rules: str = NODE_RULES) -> list[Json]:
+    """Table, chains and rules that ``spec`` asks for, in the form nft lists them (no handles).
+
+    RULES: NODE_RULES (the per-node model) or SIDECAR_RULES (istio-init's, for the sidecar
+    model); both live in the same table, so switching models replaces one with the other.
+    """
+    if rules == NODE_RULES:
+        chains = {"prerouting": _prerouting(spec), "output": _output(spec)}
+    elif rules == SIDECAR_RULES:
+        chains = _sidecar_chains(spec)
+    else:
+        raise ValueError(f"unknown capture rule set {rules!r} (expected one of {RULE_SETS})")
     objects = [_table()]
-    chains = {"prerouting": _prerouting(spec), "output": _output(spec)}
     for name in chains:
-        chain = {"family": FAMILY, "table": TABLE, "name": name, "type": "nat", "hook": name}
-        objects.append({"chain": {**chain, "prio": DSTNAT, "policy": "accept"}})
-    for name, rules in chains.items():
-        for expr in rules:
+        chain: Json = {"family": FAMILY, "table": TABLE, "name": name}
+        if name in ("prerouting", "output"):
+            chain |= {"type": "nat", "hook": name, "prio": DSTNAT, "policy": "accept"}
+        objects.append({"chain": chain})
+    for name, chain_rules in chains.items():
+        for expr in chain_rules:
             objects.append(
                 {"rule": {"family": FAMILY, "table": TABLE, "chain": name, "expr": expr}}
             )
     return objects
 
 
-def render(spec: CaptureSpec) -> Json:
+def render(spec: CaptureSpec, rules: str = NODE_RULES) -> Json:
     """The nft JSON transaction that (re)installs the pod's capture from scratch, atomically."""
-    return {"nftables": [*_replace_table(), *({"add": obj} for obj in ruleset(spec)[1:])]}
+    objects = ruleset(spec, rules)[1:]
+    return {"nftables": [*_replace_table(), *({"add": obj} for obj in objects)]}
 
 
 def _replace_table() -> list[Json]:
@@ -302,6 +397,8 @@ def describe(expr: Sequence[Json]) -> str:
             words.append(f"{left} {op}{right}")
         elif kind == "redirect" and isinstance(body, dict) and set(body) == {"port"}:
             words.append(f"redirect to :{body['port']}")
+        elif kind in ("jump", "goto") and isinstance(body, dict) and set(body) == {"target"}:
+            words.append(f"{kind} {body['target']}")
         elif body is None:
             words.append(kind)
         else:
@@ -371,19 +468,25 @@ def _list_our_table(where: str) -> list[Json]:
 
 
 class NftablesBackend:
-    """RedirectBackend on nftables: ``table inet nodeagent`` inside each pod's netns."""
+    """RedirectBackend on nftables: ``table inet nodeagent`` inside each pod's netns, holding
+    the rule set of the agent's proxy model (RULES: NODE_RULES or SIDECAR_RULES)."""
 
     name = "nftables"
 
+    def __init__(self, rules: str = NODE_RULES) -> None:
+        if rules not in RULE_SETS:
+            raise ValueError(f"unknown capture rule set {rules!r} (expected one of {RULE_SETS})")
+        self.rules = rules
+
     def apply(self, netns: Path, spec: CaptureSpec) -> None:
-        document = render(spec)
+        document = render(spec, self.rules)
         with entered(netns):
             run_nft(document, str(netns))
 
     def verify(self, netns: Path, spec: CaptureSpec) -> CaptureCheck:
         with entered(netns):
             listed = _list_our_table(str(netns))
-        problems = differences(ruleset(spec), listed)
+        problems = differences(ruleset(spec, self.rules), listed)
         if problems:
             shown = problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
             return CaptureCheck(False, "; ".join(shown))

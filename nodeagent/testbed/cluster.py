@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -281,6 +282,10 @@ class Testbed:
     # -- node daemons -----------------------------------------------------------------------------
 
     def _start_daemons(self) -> None:
+        if self.topology.proxy_model == "sidecar":
+            # Sidecar Envoys run as uid 1337 and reach their socket and bootstrap in
+            # nodes/<node>/sidecars: let them through the testbed directory (not list it).
+            os.chmod(TestbedState.directory(self.name), 0o711)
         records = []
         names = [daemons.INSTALL_CNI, daemons.AGENT]
         if self.topology.envoy_container:
@@ -302,6 +307,7 @@ class Testbed:
             proxy=self.topology.proxy,
             cert_ttl=self.topology.cert_ttl,
             envoy_container=self.topology.envoy_container,
+            proxy_model=self.topology.proxy_model,
         )
         with self._lock:
             self.state.daemons.append(record)
@@ -360,16 +366,19 @@ class Testbed:
 
     # -- pods -------------------------------------------------------------------------------------
 
-    def add_pod(self, pod: Pod) -> PodRecord:
+    def add_pod(self, pod: Pod, *, publish_lead: float = 0.0) -> PodRecord:
         """Create one more pod on a running testbed, as kubelet would: sandbox, then workload.
 
         Services keep the endpoints they had at ``up``; the pod reaches them by name.
+        PUBLISH_LEAD: seconds between publishing the pod object and its sandbox's CNI ADD (on
+        Kubernetes the node agent's watch has the pod before kubelet sets up its network; here
+        the agents poll their source directory, so without a lead an ADD may wait for them).
         """
         with self._lock:
             if pod.key in self.state.pods:
                 raise TestbedError(f"pod {pod.key} already exists")
         try:
-            self._create_sandbox(pod)
+            self._create_sandbox(pod, publish_lead)
             self._start_workload(pod)
             self._wait_ready([pod])
             self._publish()
@@ -413,7 +422,7 @@ class Testbed:
         self._publish()
         return problems
 
-    def _create_sandbox(self, pod: Pod) -> None:
+    def _create_sandbox(self, pod: Pod, publish_lead: float = 0.0) -> None:
         ns = pod_netns(self.name, pod)
         record = PodRecord(
             netns=ns,
@@ -427,15 +436,20 @@ class Testbed:
         with self._lock:
             self.state.pods[pod.key] = record
         resources.write(pod_file, [resources.pod_object(pod, record.uid)])
+        if publish_lead > 0:
+            time.sleep(publish_lead)
         with self._creating_netns(ns):
             sandbox = _sandbox(pod.key, record)
             runtime = node_runtime(self.name, pod.node)
             runtime.add(LOOPBACK_CONFLIST, sandbox)
             conflist = load_conflist(layout.cni_conf_dir(self.name, pod.node))
+            started = time.perf_counter()
             try:
                 result = runtime.add(conflist, sandbox)
             except CNIError as e:
                 raise TestbedError(f"pod {pod.key}: {e}") from None
+            # The pod network's ADD as the runtime sees it (the whole chain; benchmarks read it).
+            record.cni_add_seconds = time.perf_counter() - started
             record.ip = pod_ipv4(result)
             with self._lock:
                 self.state.etc_dirs.append(str(hosts.ETC_NETNS / ns))
@@ -466,6 +480,39 @@ class Testbed:
         namespace, _, name = key.partition("/")
         self.set_service(Service(namespace, name, {}, (), ipaddress.IPv4Address("0.0.0.0")))
 
+    def set_pod_ready(self, key: str, ready: bool) -> None:
+        """Mark running pod KEY (namespace/name) ready or not, as its readiness probe would: it
+        joins or leaves the endpoints of every service selecting it; the pod keeps running."""
+        with self._lock:
+            record = self.state.pods.get(key)
+            if record is None:
+                raise TestbedError(f"no pod {key} in testbed {self.name!r}")
+            record.ready = ready
+            self.state.save()
+        self._publish()
+
+    def publish_extra(self, name: str, objects: list[dict[str, Any]]) -> Path:
+        """Publish objects the testbed does not manage (say, thousands of synthetic services for
+        a benchmark) as one file of their own in the cluster directory, in one atomic write: the
+        agents' directory source picks it up like any other file. [] removes the file.
+
+        They reach the agents only: the testbed's node service tables (kube-proxy) and the pods'
+        /etc/hosts do not include them.
+        """
+        if not name or not all(c.isascii() and (c.isalnum() or c == "-") for c in name):
+            raise TestbedError(f"extra object file name {name!r}: use letters, digits and '-'")
+        path = layout.cluster_dir(self.name) / f"extra-{name}.json"
+        if not objects:
+            path.unlink(missing_ok=True)
+            return path
+        # One JSON `kind: List` document: written and parsed far faster than PyYAML's dumper.
+        doc = {"apiVersion": "v1", "kind": "List", "items": objects}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")  # hidden: the directory source skips it
+        tmp.write_text(json.dumps(doc, separators=(",", ":")))
+        tmp.replace(path)
+        return path
+
     def expected_endpoints(self) -> dict[str, set[str]]:
         """Cluster name -> "ip:port" of every ready endpoint, as the node Envoys should hold."""
         with self._lock:
@@ -484,7 +531,8 @@ class Testbed:
         """Until every node's Envoy holds exactly the published endpoints (bounded).
 
         Service clusters exist once per local identity (``outbound|port||host~ns~sa``); each of
-        them must hold the endpoints, and a node with captured pods must have them all.
+        them must hold the endpoints, and a node with captured pods must have them all. With
+        ``proxyModel: sidecar`` the same holds for the sidecar Envoy of every captured pod.
         """
         want = self.expected_endpoints()
         deadline = time.monotonic() + timeout
@@ -497,25 +545,72 @@ class Testbed:
                     )
                 time.sleep(0.05)
 
-    def _convergence_problems(self, node: str, want: dict[str, set[str]]) -> list[str]:
-        held = _envoy_endpoints(node_netns(self.name, node))
-        seen: set[str] = set()
-        problems = []
-        for name, endpoints in held.items():
-            base = name.split("~")[0]
-            seen.add(base)
-            if base in want and endpoints != want[base]:
-                problems.append(name)
+    def _captured(self, node: str) -> list[str]:
+        """namespace/name of the pods NODE's agent has captured."""
         try:
             status = wire.request(
                 str(layout.agent_socket(self.name, node)), {"command": "STATUS"}, 5
             )
-            captured = any(p["state"] == "captured" for p in status.get("pods", []))
         except (OSError, wire.ProtocolError):
-            captured = False
-        if captured:
-            problems += sorted(base for base in want if base not in seen)
-        return problems
+            return []
+        return [
+            f"{p['namespace']}/{p['name']}"
+            for p in status.get("pods", [])
+            if p["state"] == "captured"
+        ]
+
+    def _convergence_problems(self, node: str, want: dict[str, set[str]]) -> list[str]:
+        if self.topology.proxy_model == "sidecar":
+            with self._lock:
+                netns_of = {k: r.netns for k, r in self.state.pods.items()}
+            return [
+                f"{key}: {problem}"
+                for key in self._captured(node)
+                if key in netns_of
+                for problem in _endpoint_problems(_envoy_endpoints(netns_of[key]), want, True)
+            ]
+        held = _envoy_endpoints(node_netns(self.name, node))
+        return _endpoint_problems(held, want, bool(self._captured(node)))
+
+    # -- the sidecar model (proxyModel: sidecar) --------------------------------------------------
+
+    def sidecar_pid(self, ref: str) -> int | None:
+        """The pid of a pod's sidecar Envoy (from its pidfile, checked against the kernel's
+        start time), None when it has none running."""
+        with self._lock:  # a pod added since `up` is in the state only
+            known = self.state.pods.get(ref)
+        if known is not None:
+            namespace, _, name = ref.partition("/")
+            node = known.node
+        else:
+            pod = self.topology.find_pod(ref)
+            namespace, name, node = pod.namespace, pod.name, pod.node
+        pidfile = layout.sidecar_dir(self.name, node) / f"{namespace}.{name}" / "envoy.pid"
+        try:
+            record = json.loads(pidfile.read_text())
+            pid, start_time = int(record["pid"]), int(record["start_time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return pid if netns.alive(pid, start_time) else None
+
+    def sidecar_admin(self, ref: str, path: str, timeout: float = 5.0) -> str:
+        """GET PATH (e.g. "/memory") from a pod's sidecar Envoy admin, 127.0.0.1:15000 inside
+        the pod's netns; raises TestbedError when it does not answer 200."""
+        proc = self.exec(
+            ref,
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "--max-time",
+                str(timeout),
+                f"http://127.0.0.1:15000{path}",
+            ],
+            timeout=timeout + 10,
+        )
+        if proc.returncode != 0:
+            raise TestbedError(f"sidecar admin of {ref} {path}: {proc.stderr.strip()}")
+        return proc.stdout
 
     def _pods_now(self) -> list[Pod]:
         with self._lock:
@@ -689,6 +784,22 @@ def down(name: str) -> list[str]:
         for parent in (hosts.ETC_NETNS, RUN_DIR, RUN_DIR.parent):
             with contextlib.suppress(OSError):
                 parent.rmdir()
+    return problems
+
+
+def _endpoint_problems(
+    held: dict[str, set[str]], want: dict[str, set[str]], complete: bool
+) -> list[str]:
+    """Clusters an Envoy holds with other endpoints than WANT; COMPLETE: and the missing ones."""
+    seen: set[str] = set()
+    problems = []
+    for name, endpoints in held.items():
+        base = name.split("~")[0]
+        seen.add(base)
+        if base in want and endpoints != want[base]:
+            problems.append(name)
+    if complete:
+        problems += sorted(base for base in want if base not in seen)
     return problems
 
 

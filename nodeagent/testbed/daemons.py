@@ -39,6 +39,7 @@ def start(
     proxy: bool = True,
     cert_ttl: int = 24 * 3600,
     envoy_container: bool = False,
+    proxy_model: str = "node",
 ) -> DaemonRecord:
     """Start one node daemon. Its output goes to ``logs/<node>.<daemon>.log``: for the envoy
     daemon that is ``<node>.envoy.log``, where the agent's own Envoy writes in managed mode."""
@@ -70,6 +71,16 @@ def start(
             argv.append("--no-proxy")
         elif envoy_container:
             argv += ["--envoy-mode", "external"]
+        elif proxy_model == "sidecar":
+            # One Envoy per pod; each one's output (access log) is logs/<ns>.<pod>.envoy.log.
+            argv += [
+                "--proxy-model",
+                "sidecar",
+                "--sidecar-dir",
+                str(layout.sidecar_dir(testbed, node)),
+                "--sidecar-log-dir",
+                str(layout.logs_dir(testbed)),
+            ]
     else:
         argv = [
             "install-cni",

@@ -59,3 +59,9 @@ def agent_socket(name: str, node: str) -> Path:
 
 def agent_state_dir(name: str, node: str) -> Path:
     return node_dir(name, node) / "agent"
+
+
+def sidecar_dir(name: str, node: str) -> Path:
+    """The node agent's --sidecar-dir (proxyModel: sidecar): sidecars' xDS socket, bootstraps
+    and pidfiles (``<namespace>.<pod>/envoy.pid``)."""
+    return node_dir(name, node) / "sidecars"

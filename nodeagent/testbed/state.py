@@ -28,6 +28,8 @@ class PodRecord:
     labels: dict[str, str] = field(default_factory=dict)  # endpoints follow them
     ready: bool = False  # an endpoint only once its workload is ready, as in Kubernetes
     service_account: str = "default"
+    # Wall seconds of the pod network's CNI ADD (the runtime's call for the whole chain).
+    cni_add_seconds: float = 0.0
 
 
 @dataclass

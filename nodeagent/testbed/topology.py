@@ -132,6 +132,9 @@ class Topology:
     # DaemonSet's envoy container) and the agent in --envoy-mode external; false: the agent
     # starts and supervises Envoy itself.
     envoy_container: bool = False
+    # With proxy: "node" (one shared Envoy per node) or "sidecar" (one Envoy inside each
+    # captured pod with istio-init's rules: Istio's sidecar model, the benchmarks' baseline).
+    proxy_model: str = "node"
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -231,6 +234,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             "proxy",
             "certTTL",
             "envoyContainer",
+            "proxyModel",
         },
         {"name", "nodes"},
     )
@@ -308,6 +312,15 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         raise r.fail("envoyContainer", f"expected true or false, got {envoy_container!r}")
     if envoy_container and not (nodeagent and proxy):
         raise r.fail("envoyContainer", "needs nodeagent: true and proxy: true (it runs the Envoy)")
+    proxy_model = top.get("proxyModel", "node")
+    if proxy_model not in ("node", "sidecar"):
+        raise r.fail("proxyModel", f"expected node or sidecar, got {proxy_model!r}")
+    if proxy_model == "sidecar" and (not (nodeagent and proxy) or envoy_container):
+        raise r.fail(
+            "proxyModel",
+            "sidecar needs nodeagent: true and proxy: true, and no envoyContainer (each pod"
+            " runs its own Envoy)",
+        )
     cert_ttl = top.get("certTTL", 24 * 3600)
     if isinstance(cert_ttl, bool) or not isinstance(cert_ttl, int) or cert_ttl < 10:
         raise r.fail("certTTL", f"expected whole seconds, at least 10, got {cert_ttl!r}")
@@ -322,6 +335,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         proxy,
         cert_ttl,
         envoy_container,
+        proxy_model,
     )
 
 

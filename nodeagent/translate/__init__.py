@@ -4,6 +4,12 @@ Per local pod: its two listeners. Per local identity (service account with a pod
 clusters and routes its pods use, which present that identity's certificate (mTLS). Shared by
 everyone: endpoints. Nothing is generated for pods on other nodes, and only local identities'
 secrets are included.
+
+The sidecar form (``sidecar=True``, the sidecar model of the benchmarks): exactly one pod, whose
+own Envoy runs inside its netns. The same clusters, routes, endpoints and TLS, but listeners bound
+plainly where that Envoy runs, no netns stamp or upstream bind override (nor mark: the capture
+rules skip the proxy's uid), inbound delivery from 127.0.0.6 as Istio's sidecars do, and only
+that pod's identity among the secrets.
 """
 
 from __future__ import annotations
@@ -57,7 +63,10 @@ def translate(
     local_pods: Sequence[LocalPod],
     secrets: Sequence[Message] = (),
     excluded_namespaces: Sequence[str] = DEFAULT_EXCLUDED_NAMESPACES,
+    sidecar: bool = False,
 ) -> Resources:
+    if sidecar and len(local_pods) != 1:
+        raise ValueError(f"the sidecar form is one pod's config, not {len(local_pods)} pods'")
     out: Resources = {
         envoy.CLUSTER: {},
         envoy.ENDPOINT: {},
@@ -94,11 +103,14 @@ def translate(
         )
         for identity in identities:
             mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
-            add(envoy.CLUSTER, service_cluster(target, identity, trust_domain, sans, mode))
+            add(
+                envoy.CLUSTER,
+                service_cluster(target, identity, trust_domain, sans, mode, sidecar=sidecar),
+            )
             if is_http(target.protocol):
                 add(envoy.ROUTE, outbound_route(target, identity))
-    add(envoy.CLUSTER, original_dst_cluster(PASSTHROUGH))
-    add(envoy.CLUSTER, original_dst_cluster(INBOUND_PASSTHROUGH))
+    add(envoy.CLUSTER, original_dst_cluster(PASSTHROUGH, sidecar=sidecar))
+    add(envoy.CLUSTER, original_dst_cluster(INBOUND_PASSTHROUGH, sidecar=sidecar, inbound=True))
     add(envoy.CLUSTER, blackhole_cluster())
 
     outbound_policy = store.mesh_config.outbound_traffic_policy
@@ -109,16 +121,24 @@ def translate(
         ports = {port: (protocols[port], modes[port]) for port in protocols}
         default_mode = policy.pod_default_mode(store, pod.namespace, pod.labels)
         me = tls.spiffe_id(trust_domain, *local.identity)
+        netns = "" if sidecar else local.netns  # "": bound where the (sidecar) Envoy runs
         add(
             envoy.LISTENER,
-            outbound_listener(pod, local.netns, service_targets, outbound_policy, local.identity),
+            outbound_listener(pod, netns, service_targets, outbound_policy, local.identity),
         )
-        add(envoy.LISTENER, inbound_listener(pod, local.netns, ports, default_mode, me))
+        add(envoy.LISTENER, inbound_listener(pod, netns, ports, default_mode, me))
         for port, protocol in protocols.items():
             if is_http(protocol) and inbound_cluster(port) not in out[envoy.CLUSTER]:
-                add(envoy.CLUSTER, original_dst_cluster(inbound_cluster(port), protocol == HTTP2))
+                cluster = original_dst_cluster(
+                    inbound_cluster(port), protocol == HTTP2, sidecar=sidecar, inbound=True
+                )
+                add(envoy.CLUSTER, cluster)
                 add(envoy.ROUTE, inbound_route(port))
+    mine = {tls.spiffe_id(trust_domain, *local.identity) for local in local_pods}
     for secret in secrets:
+        name = str(getattr(secret, "name", ""))
+        if sidecar and name != tls.ROOTCA and name not in mine:
+            continue  # a sidecar holds its own pod's identity only
         add(envoy.SECRET, secret)
     return out
 

@@ -53,9 +53,16 @@ def inbound_name(pod: Pod) -> str:
 
 
 def _address(ip: str, port: int, netns: str) -> dict[str, Any]:
-    return {
-        "socket_address": {"address": ip, "port_value": port, "network_namespace_filepath": netns}
-    }
+    """NETNS "": the sidecar form, a listener of an Envoy that runs in the pod's netns itself."""
+    address: dict[str, Any] = {"address": ip, "port_value": port}
+    if netns:
+        address["network_namespace_filepath"] = netns
+    return {"socket_address": address}
+
+
+def _stamped(netns: str, *filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """FILTERS, behind the filter that makes upstream sockets in NETNS (none in sidecar form)."""
+    return [stamp_netns(netns), *filters] if netns else list(filters)
 
 
 def outbound_listener(
@@ -84,7 +91,7 @@ def outbound_listener(
                     ],
                     "destination_port": target.port.port,
                 },
-                "filters": [stamp_netns(netns), last],
+                "filters": _stamped(netns, last),
             }
         )
     fallback = BLACKHOLE if outbound_policy == REGISTRY_ONLY else PASSTHROUGH
@@ -97,7 +104,7 @@ def outbound_listener(
             "filter_chains": chains,
             "default_filter_chain": {
                 "name": fallback,
-                "filters": [stamp_netns(netns), tcp_proxy(fallback, fallback, "outbound", who)],
+                "filters": _stamped(netns, tcp_proxy(fallback, fallback, "outbound", who)),
             },
             "traffic_direction": "OUTBOUND",
         },
@@ -134,13 +141,13 @@ def inbound_listener(
                     "name": f"{name}-mtls",
                     "filter_chain_match": {"destination_port": port, "transport_protocol": "tls"},
                     "transport_socket": tls.downstream_mtls(identity),
-                    "filters": [stamp_netns(netns), terminal(port, protocol, True)],
+                    "filters": _stamped(netns, terminal(port, protocol, True)),
                 }
             )
         plain = (
             [tls.deny_all(f"{name}-strict"), _blackhole(who)]
             if mode == STRICT
-            else [stamp_netns(netns), terminal(port, protocol, False)]
+            else _stamped(netns, terminal(port, protocol, False))
         )
         chains.append(
             {"name": name, "filter_chain_match": {"destination_port": port}, "filters": plain}
@@ -151,13 +158,13 @@ def inbound_listener(
                 "name": f"{INBOUND_PASSTHROUGH}-mtls",
                 "filter_chain_match": {"transport_protocol": "tls"},
                 "transport_socket": tls.downstream_mtls(identity),
-                "filters": [stamp_netns(netns), terminal(None, "TCP", True)],
+                "filters": _stamped(netns, terminal(None, "TCP", True)),
             }
         )
     default = (
         [tls.deny_all("inbound-strict"), _blackhole(who)]
         if default_mode == STRICT
-        else [stamp_netns(netns), terminal(None, "TCP", False)]
+        else _stamped(netns, terminal(None, "TCP", False))
     )
     return message(
         Listener,

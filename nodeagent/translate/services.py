@@ -14,7 +14,7 @@ from typing import Any
 
 from nodeagent.mesh.model import EndpointSlice, Service, ServicePort
 from nodeagent.mesh.store import MeshStore
-from nodeagent.redirect.capture import MESH_MARK
+from nodeagent.redirect.capture import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
 from nodeagent.translate import tls
 from nodeagent.translate.envoy import (
     Cluster,
@@ -85,6 +85,12 @@ def upstream_bind() -> dict[str, Any]:
     }
 
 
+def sidecar_inbound_bind() -> dict[str, Any]:
+    """Sidecar form: Envoy reaches its own app from 127.0.0.6 (Istio's inbound passthrough
+    source), which istio-init's rules let through instead of capturing it again."""
+    return {"source_address": {"address": INBOUND_PASSTHROUGH_SOURCE, "port_value": 0}}
+
+
 def _http2_options() -> dict[str, Any]:
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
@@ -100,11 +106,13 @@ def service_cluster(
     trust_domain: str,
     server_sans: list[str],
     tls_mode: str | None,
+    sidecar: bool = False,
 ) -> Cluster:
     """The cluster pods of IDENTITY use for a service port.
 
     TLS_MODE is a DestinationRule's ``tls.mode`` when one applies: DISABLE is plaintext,
-    ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint.
+    ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint. SIDECAR: the
+    sidecar form, an Envoy inside the pod whose sockets need no netns or mark.
     """
     me = tls.spiffe_id(trust_domain, *identity)
     sni = tls.outbound_sni(target.port.port, target.host)
@@ -117,8 +125,9 @@ def service_cluster(
         },
         "connect_timeout": CONNECT_TIMEOUT,
         "lb_policy": "ROUND_ROBIN",
-        "upstream_bind_config": upstream_bind(),
     }
+    if not sidecar:
+        fields["upstream_bind_config"] = upstream_bind()
     if target.protocol == HTTP2:
         fields["typed_extension_protocol_options"] = _http2_options()
     if tls_mode == "ISTIO_MUTUAL":
@@ -128,15 +137,22 @@ def service_cluster(
     return message(Cluster, fields)
 
 
-def original_dst_cluster(name: str, http2: bool = False) -> Cluster:
-    """Connects to where the caller was going (the original destination), from its netns."""
+def original_dst_cluster(
+    name: str, http2: bool = False, sidecar: bool = False, inbound: bool = False
+) -> Cluster:
+    """Connects to where the caller was going (the original destination), from its netns.
+
+    SIDECAR (the sidecar form): from the Envoy's own netns; INBOUND ones from 127.0.0.6."""
     fields: dict[str, Any] = {
         "name": name,
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "connect_timeout": CONNECT_TIMEOUT,
-        "upstream_bind_config": upstream_bind(),
     }
+    if not sidecar:
+        fields["upstream_bind_config"] = upstream_bind()
+    elif inbound:
+        fields["upstream_bind_config"] = sidecar_inbound_bind()
     if http2:
         fields["typed_extension_protocol_options"] = _http2_options()
     return message(Cluster, fields)

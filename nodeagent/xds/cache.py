@@ -124,6 +124,11 @@ class SnapshotCache:
         if event is not None:
             event.set()
 
+    def discard(self, node_id: str) -> None:
+        """Forget a node id's snapshot (a sidecar that is gone); its streams are not ended."""
+        self._snapshots.pop(node_id, None)
+        self._set_at.pop(node_id, None)
+
     def get(self, node_id: str) -> Snapshot | None:
         return self._snapshots.get(node_id)
 

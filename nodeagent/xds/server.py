@@ -43,10 +43,16 @@ class XdsServer:
         self._server: Any = None
         self._path: Path | None = None
 
-    async def start(self, path: Path) -> None:
-        """Serve on UNIX socket `path`: 0600 in a 0700 directory; a stale socket is replaced."""
+    async def start(self, path: Path, group: int | None = None) -> None:
+        """Serve on UNIX socket `path`: 0600 in a 0700 directory; a stale socket is replaced.
+
+        GROUP (the sidecar model: Envoys running as Istio's proxy uid/gid 1337) may connect too:
+        the directory is then 0750 and the socket 0660, both of group GROUP.
+        """
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(path.parent, 0o700)
+        os.chmod(path.parent, 0o700 if group is None else 0o750)
+        if group is not None:
+            os.chown(path.parent, -1, group)
         if path.is_socket():
             path.unlink()  # left by an earlier agent: nobody listens on it any more
         elif path.exists():
@@ -56,7 +62,9 @@ class XdsServer:
         if server.add_insecure_port(f"unix:{path}") == 0:
             raise OSError(f"cannot listen on unix:{path}")
         await server.start()
-        os.chmod(path, 0o600)
+        os.chmod(path, 0o600 if group is None else 0o660)
+        if group is not None:
+            os.chown(path, -1, group)
         self._server = server
         self._path = path
         log.info("xDS server listening on unix:%s", path)

@@ -1,0 +1,682 @@
+"""Scenario 5: config convergence. A change in the source -> the client node's Envoy ACKs it ->
+traffic follows it, with 100, 1000 and 5000 services in the cluster.
+
+The testbed (2 nodes): a ``client`` pod on n1 calls service ``web`` (HTTP, port 8080) whose two
+fake-service backends run on n2. N synthetic services (one HTTP port, two endpoints each) are
+added to the cluster view in one file (``Testbed.publish_extra``); their addresses lie in the
+upper halves of the testbed's service and cluster CIDRs, where no node or pod is, and nothing is
+ever sent to them. They reach the agents only: the testbed's kube-proxy tables and /etc/hosts do
+not carry them (captured traffic is routed by Envoy, not by those tables).
+
+The change is one endpoint: backend ``web-2`` turns ready (added to web's EndpointSlice) or not
+ready (removed), as its readiness probe would; the pod keeps running. Per change:
+
+- ``ack_s``: from just before the testbed writes the EndpointSlice file (the source change) to
+  the moment the client node's Envoy accepted the EDS response carrying it (Envoy's own
+  ``update_time`` statistic of web's cluster, 1 ms resolution; Envoy sends the ACK right after).
+  It spans the directory source's poll (every 0.2 s), parsing the changed file, the agent's full
+  re-translation, the push and Envoy applying it. Only one EDS response goes out per change.
+- ``ack_polled_s``: the same start to the first answer of the n1 agent's PROXY_STATUS (polled
+  every STATUS_POLL s over its socket) showing that ACK, SYNCED: the agent's view, an upper bound
+  (the agent answers polls late while it translates).
+- ``snapshot_to_ack_s``: the agent's own figure for that push, from its snapshot being set to the
+  ACK (exact: the change's share of the nodeagent_xds_push_seconds histogram sum, EDS).
+- ``traffic_s``: added endpoint: the same start to the completion of the first request from the
+  client pod answered by it (a poller opens one new HTTP/1.1 connection every POLL s to web's
+  virtual IP; with two endpoints about every other request reaches the new one, so this lags
+  Envoy's update by up to about two poll periods). Removed endpoint: to the completion of the
+  last request it answered (after which only the old one answered, for at least SETTLE s): when
+  it stopped getting traffic, which can precede Envoy's update by about one poll period (the
+  request after it may have gone to the old endpoint by plain load balancing); 0 if it answered
+  no request sent after the change.
+
+Cheap cost indicators: the xDS responses each change caused (types and counts, from the agent's
+counters), and, once per size, the same translation offline in this process (parse the cluster
+directory, translate for n1's pod, serialise and hash as the xDS cache does) with its bytes per
+type: a state-of-the-world EDS response carries every load assignment, not just the changed one.
+
+VirtualService weights are not measured: VirtualService routing is not implemented yet, so a
+weight change cannot change traffic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import itertools
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
+
+from bench.common import Run, new_figure, save_figure, summary, table, write_result
+from nodeagent.cni import wire
+from nodeagent.mesh.store import MeshStore
+from nodeagent.sources.directory import DirectorySource
+from nodeagent.testbed import layout, netns
+from nodeagent.testbed.cluster import Testbed, TestbedError, down
+from nodeagent.testbed.topology import loads_topology
+from nodeagent.translate import LocalPod, translate
+from nodeagent.xds import types
+from nodeagent.xds.cache import Snapshot, check_consistent
+
+SCENARIO = "convergence"
+CLIENT, OLD, NEW = "bench/client", "bench/web-1", "bench/web-2"
+CLIENT_NODE, BACKEND_NODE = "n1", "n2"
+WEB_PORT = 8080
+SYNTH_NAMESPACE = "synth"
+POLL = 0.02  # traffic poller: one request every 20 ms
+STATUS_POLL = 0.01  # PROXY_STATUS poll while waiting for the ACK
+SETTLE = 0.5  # a removal has been followed once only the old endpoint answered this long
+ACK_TIMEOUT = 180.0  # per change, source change -> ACK
+TRAFFIC_TIMEOUT = 30.0  # per change, counted from the ACK
+LOAD_TIMEOUT = 300.0  # loading N services, and any wait for the agents to go quiet
+VIRTUALSERVICE = "not measured: VirtualService routing not implemented"
+
+# Runs inside the client pod's netns: one new connection per request, one line per answer.
+POLLER = r"""
+import re, socket, sys, time
+host, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+req = b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+pod_ip = re.compile(rb'"pod_ip": *"([0-9.]+)"')
+nxt = time.monotonic()
+while True:
+    sent = time.monotonic()
+    code, who = 0, "-"
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.settimeout(2)
+            s.sendall(req)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        code = int(data.split(b" ", 2)[1])
+        m = pod_ip.search(data)
+        who = m.group(1).decode() if m else "-"
+    except Exception:
+        pass
+    print(f"{sent:.6f} {time.monotonic():.6f} {code} {who}", flush=True)
+    nxt = max(nxt + interval, time.monotonic())
+    time.sleep(max(0.0, nxt - time.monotonic()))
+"""
+
+
+def _topology(name: str) -> str:
+    return f"""
+name: {name}
+nodes: [{{name: {CLIENT_NODE}}}, {{name: {BACKEND_NODE}}}]
+namespaces:
+  - {{name: bench, labels: {{nodeagent.io/mesh: enabled}}}}
+pods:
+  - {{name: client, namespace: bench, node: {CLIENT_NODE}, serviceAccount: client,
+     labels: {{app: client}}}}
+  - {{name: web-1, namespace: bench, node: {BACKEND_NODE}, serviceAccount: web,
+     labels: {{app: web, version: v1}}, workload: {{type: fake-service, port: {WEB_PORT}}}}}
+  - {{name: web-2, namespace: bench, node: {BACKEND_NODE}, serviceAccount: web,
+     labels: {{app: web, version: v2}}, workload: {{type: fake-service, port: {WEB_PORT}}}}}
+services:
+  - {{name: web, namespace: bench, selector: {{app: web}},
+     ports: [{{name: http, port: {WEB_PORT}, targetPort: {WEB_PORT}}}]}}
+"""
+
+
+def synthetic_objects(tb: Testbed, count: int) -> list[dict[str, Any]]:
+    """COUNT services (HTTP 8080, two ready endpoints each) and their EndpointSlices.
+
+    Virtual IPs from the upper half of the service CIDR, endpoints from the upper half of the
+    cluster CIDR: inside the testbed's own ranges, clear of every node's pod range.
+    """
+    net = tb.topology.network
+    vips = net.service_cidr.network_address + net.service_cidr.num_addresses // 2
+    eps = net.cluster_cidr.network_address + net.cluster_cidr.num_addresses // 2
+    last_vip, last_ep = vips + count, eps + 2 * count
+    if last_vip not in net.service_cidr or last_ep not in net.cluster_cidr:
+        raise ValueError(f"{count} synthetic services do not fit the testbed's CIDRs")
+    synth = ipaddress.IPv4Network(f"{eps}/{net.cluster_cidr.prefixlen + 1}")
+    for node in tb.topology.nodes:
+        if node.pod_cidr.overlaps(synth):
+            raise ValueError(f"node {node.name}'s pods ({node.pod_cidr}) overlap {synth}")
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYNTH_NAMESPACE}}
+    ]
+    for i in range(count):
+        name = f"svc-{i:05d}"
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"namespace": SYNTH_NAMESPACE, "name": name},
+                "spec": {
+                    "clusterIP": str(vips + i),
+                    "selector": {"app": name},
+                    "ports": [
+                        {"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}
+                    ],
+                },
+            }
+        )
+        objects.append(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "namespace": SYNTH_NAMESPACE,
+                    "name": f"{name}-synth",
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "addressType": "IPv4",
+                "endpoints": [
+                    {"addresses": [str(eps + 2 * i + k)], "conditions": {"ready": True}}
+                    for k in range(2)
+                ],
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            }
+        )
+    return objects
+
+
+# -- what the agents and Envoys say ---------------------------------------------------------------
+
+
+def proxy_status(tb: Testbed, node: str) -> dict[str, Any]:
+    answer = wire.request(
+        str(layout.agent_socket(tb.name, node)), {"command": "PROXY_STATUS"}, LOAD_TIMEOUT
+    )
+    if not answer.get("ok"):
+        raise TestbedError(f"node {node}: PROXY_STATUS failed: {answer}")
+    status: dict[str, Any] = answer["proxy"]
+    return status
+
+
+def _synced(status: dict[str, Any]) -> bool:
+    kinds = status.get("types", {})
+    return {"CDS", "EDS", "LDS"} <= set(kinds) and all(
+        t["state"] == "SYNCED" for t in kinds.values()
+    )
+
+
+def _in_node(tb: Testbed, node: str, url: str) -> str:
+    proc = subprocess.run(
+        netns.in_netns(layout.node_netns(tb.name, node), ["curl", "-sS", "--max-time", "30", url]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return proc.stdout
+
+
+_METRIC = re.compile(r'^(nodeagent_xds_\w+)\{type="(\w+)"\} (\S+)$', re.M)
+
+
+def xds_metrics(tb: Testbed, node: str) -> dict[tuple[str, str], float]:
+    """(metric, xDS type) -> value, of the node agent's xDS counters and histogram sums."""
+    text = _in_node(tb, node, "http://127.0.0.1:15020/metrics")
+    return {(m, t): float(v) for m, t, v in _METRIC.findall(text)}
+
+
+def envoy_clusters(tb: Testbed, node: str) -> int:
+    text = _in_node(
+        tb, node, "http://127.0.0.1:15000/stats?filter=^cluster_manager\\.active_clusters$"
+    )
+    return int(text.split(":")[-1])
+
+
+def wait_quiet(tb: Testbed, since: dict[str, str] | None = None) -> float:
+    """Until every node's Envoy ACKed all of its agent's latest snapshot and no new snapshot came
+    for 0.3 s (with SINCE, node -> version: a newer version than that first). Seconds it took."""
+    start = time.monotonic()
+    deadline = start + LOAD_TIMEOUT
+    for node in (n.name for n in tb.topology.nodes):
+        stable_since, last = 0.0, ""
+        while True:
+            status = proxy_status(tb, node)
+            now = time.monotonic()
+            newer = since is None or status["version"] != since.get(node)
+            if newer and _synced(status) and status["version"] == last:
+                if now - stable_since >= 0.3:
+                    break
+            else:
+                stable_since, last = now, status["version"]
+            if now > deadline:
+                raise TimeoutError(
+                    f"node {node}'s Envoy did not settle within {LOAD_TIMEOUT:.0f}s: {status}"
+                )
+            time.sleep(0.05)
+    return time.monotonic() - start
+
+
+# -- traffic --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    sent: float  # time.monotonic() (one clock for every process of the machine)
+    done: float
+    code: int
+    pod_ip: str
+
+
+class TrafficPoller:
+    """The client pod calling web every POLL seconds, for the whole run."""
+
+    def __init__(self, tb: Testbed, vip: str) -> None:
+        self.answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            tb.exec_argv(CLIENT, [sys.executable, "-c", POLLER, vip, str(WEB_PORT), str(POLL)]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            sent, done, code, who = line.split()
+            with self._lock:
+                self.answers.append(Answer(float(sent), float(done), int(code), who))
+
+    def since(self, start: float) -> list[Answer]:
+        with self._lock:
+            return [a for a in self.answers if a.sent >= start]
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        self._reader.join(5)
+
+
+def _wait_traffic(poller: TrafficPoller, start: float, old_ip: str) -> None:
+    """Until the client gets answers from the old endpoint (bounded)."""
+    deadline = time.monotonic() + TRAFFIC_TIMEOUT
+    while not any(a.pod_ip == old_ip for a in poller.since(start)):
+        if time.monotonic() > deadline:
+            seen = poller.since(start)[-3:]
+            raise TimeoutError(f"client gets no answer from {OLD} within 30s (last: {seen})")
+        time.sleep(POLL)
+
+
+def _followed(answers: list[Answer], ready: bool, new_ip: str) -> Answer | None:
+    """Added: the first answer from the new endpoint. Removed: the last answer from it, once
+    only the old endpoint answered for SETTLE s (and 5 requests) after it; None: not yet."""
+    if ready:
+        return next((a for a in answers if a.pod_ip == new_ip), None)
+    last_new = max((i for i, a in enumerate(answers) if a.pod_ip == new_ip), default=-1)
+    after = answers[last_new + 1 :]
+    if len(after) < 5 or after[-1].sent - after[0].sent < SETTLE:
+        return None
+    # No answer from it since the change: its last answer came before; 0 s after the change.
+    return answers[last_new] if last_new >= 0 else Answer(0.0, 0.0, 0, "")
+
+
+def envoy_eds_update(tb: Testbed) -> float:
+    """When (time.time()) the client node's Envoy last accepted an EDS update for web's cluster
+    (its subscription statistic ``update_time``, milliseconds since the epoch)."""
+    cluster = f"outbound|{WEB_PORT}||web.bench.svc.cluster.local~bench~client"
+    pattern = "^cluster\\." + re.escape(cluster) + "\\.update_time$"
+    text = _in_node(
+        tb, CLIENT_NODE, "http://127.0.0.1:15000/stats?filter=" + urllib.parse.quote(pattern)
+    )
+    return int(text.split(":")[-1]) / 1000.0
+
+
+# -- one change -----------------------------------------------------------------------------------
+
+
+def measure_change(tb: Testbed, poller: TrafficPoller, ready: bool) -> dict[str, Any]:
+    """Turn web-2 ready (READY) or not, and time the client node's ACK and the traffic."""
+    new_ip = tb.pod_ip(NEW)
+    before = proxy_status(tb, CLIENT_NODE)
+    if not _synced(before):
+        raise RuntimeError(f"node {CLIENT_NODE} is not in sync before the change: {before}")
+    eds_before = before["types"]["EDS"]["version_acked"]
+    metrics_before = xds_metrics(tb, CLIENT_NODE)
+    envoy_before = envoy_eds_update(tb)
+
+    start_wall = time.time()
+    start = time.monotonic()
+    tb.set_pod_ready(NEW, ready)
+    published = time.monotonic() - start
+
+    asked = start
+    while True:
+        issued = time.monotonic()
+        status = proxy_status(tb, CLIENT_NODE)
+        now = time.monotonic()
+        eds = status["types"].get("EDS", {})
+        if eds.get("state") == "NACKED":
+            raise RuntimeError(f"Envoy on {CLIENT_NODE} rejected EDS: {eds.get('last_nack')}")
+        if eds.get("version_acked") != eds_before and eds.get("state") == "SYNCED":
+            polled, resolution = now - start, now - asked
+            break
+        if now - start > ACK_TIMEOUT:
+            raise TimeoutError(f"no EDS ACK on {CLIENT_NODE} within {ACK_TIMEOUT:.0f}s: {status}")
+        asked = issued
+        time.sleep(STATUS_POLL)
+
+    deadline = time.monotonic() + TRAFFIC_TIMEOUT
+    while (hit := _followed(poller.since(start), ready, new_ip)) is None:
+        if time.monotonic() > deadline:
+            what = "reach the added" if ready else "leave the removed"
+            raise TimeoutError(
+                f"requests did not {what} endpoint within {TRAFFIC_TIMEOUT:.0f}s of the ACK"
+            )
+        time.sleep(POLL)
+    traffic = max(0.0, hit.done - start)
+
+    wait_quiet(tb)  # both nodes done with this change before the next one
+    metrics_after = xds_metrics(tb, CLIENT_NODE)
+    envoy_after = envoy_eds_update(tb)
+    if envoy_after <= envoy_before:
+        raise RuntimeError(f"Envoy on {CLIENT_NODE} shows no EDS update for web after the change")
+    pushes = {
+        t: int(v - metrics_before.get((m, t), 0.0))
+        for (m, t), v in metrics_after.items()
+        if m == "nodeagent_xds_pushes_total" and v > metrics_before.get((m, t), 0.0)
+    }
+    key = ("nodeagent_xds_push_seconds_sum", "EDS")
+    window = [a for a in poller.since(start) if a.sent <= max(hit.sent, start) + SETTLE]
+    gaps = [b.sent - a.sent for a, b in itertools.pairwise(window)]
+    return {
+        "change": "add" if ready else "remove",
+        "ack_s": envoy_after - start_wall,
+        "ack_polled_s": polled,
+        "ack_polled_resolution_s": resolution,
+        "traffic_s": traffic,
+        "snapshot_to_ack_s": metrics_after.get(key, 0.0) - metrics_before.get(key, 0.0),
+        "publish_call_s": published,
+        "snapshots": int(status["version"]) - int(before["version"]),
+        "pushes": pushes,
+        "requests": len(window),
+        "failed_requests": sum(1 for a in window if a.code != 200),
+        "max_request_gap_s": max(gaps, default=0.0),
+    }
+
+
+# -- offline translation cost ---------------------------------------------------------------------
+
+
+def offline_cost(tb: Testbed) -> dict[str, Any]:
+    """What one push of n1's agent costs, redone in this process on the same cluster directory
+    while the agents are idle: parse, translate, serialise + hash (as the xDS cache does)."""
+    store = MeshStore()
+    started = time.perf_counter()
+    DirectorySource(layout.cluster_dir(tb.name), store).scan()
+    parsed = time.perf_counter()
+    local = [LocalPod(store.pods[CLIENT], str(netns.netns_path(tb.pod_netns(CLIENT))))]
+    resources = translate(store, local)
+    translated = time.perf_counter()
+    snapshot = Snapshot("offline", resources)
+    check_consistent(snapshot)
+    size: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for type_url, by_name in resources.items():
+        raw = [m.SerializeToString(deterministic=True) for m in by_name.values()]
+        for r in raw:
+            hashlib.sha256(r).hexdigest()
+        size[types.short_name(type_url)] = sum(len(r) for r in raw)
+        count[types.short_name(type_url)] = len(raw)
+    encoded = time.perf_counter()
+    return {
+        "parse_s": parsed - started,
+        "translate_s": translated - parsed,
+        "encode_hash_s": encoded - translated,
+        "resources": count,
+        "bytes": size,
+    }
+
+
+# -- the scenario ---------------------------------------------------------------------------------
+
+
+def _measure(tb: Testbed, repeats: dict[int, int]) -> dict[str, Any]:
+    vip = str(next(s.cluster_ip for s in tb.topology.services if s.name == "web"))
+    old_ip = tb.pod_ip(OLD)
+    poller = TrafficPoller(tb, vip)
+    try:
+        tb.set_pod_ready(NEW, False)  # start from one endpoint
+        wait_quiet(tb)
+        _wait_traffic(poller, time.monotonic(), old_ip)
+        per_size = []
+        for n, times in repeats.items():
+            versions = {
+                node.name: proxy_status(tb, node.name)["version"] for node in tb.topology.nodes
+            }
+            started = time.monotonic()
+            tb.publish_extra("bench-services", synthetic_objects(tb, n))
+            wait_quiet(tb, since=versions)
+            load = time.monotonic() - started
+            clusters = {node.name: envoy_clusters(tb, node.name) for node in tb.topology.nodes}
+            print(f"  {n} services loaded in {load:.1f}s (Envoy clusters {clusters})", flush=True)
+            changes = []
+            for i in range(times):
+                for ready in (True, False):
+                    change = measure_change(tb, poller, ready)
+                    change["repeat"] = i
+                    changes.append(change)
+                    print(
+                        f"  {n} services, {change['change']:6}: ACK {change['ack_s']:.3f}s,"
+                        f" traffic {change['traffic_s']:.3f}s, pushes {change['pushes']}",
+                        flush=True,
+                    )
+            offline = offline_cost(tb)
+            entry: dict[str, Any] = {
+                "services": n,
+                "load_s": load,
+                "envoy_active_clusters": clusters,
+                "offline": offline,
+                "changes": changes,
+            }
+            for kind in ("add", "remove"):
+                these = [c for c in changes if c["change"] == kind]
+                entry[kind] = {
+                    k: summary(c[k] for c in these)
+                    for k in ("ack_s", "ack_polled_s", "traffic_s", "snapshot_to_ack_s")
+                }
+                entry[kind]["failed_requests"] = sum(c["failed_requests"] for c in these)
+            per_size.append(entry)
+        return {"sizes": per_size, "virtualservice": VIRTUALSERVICE}
+    finally:
+        poller.stop()
+
+
+def run(run: Run) -> None:
+    sizes: list[int] = run.pick([100, 1000, 5000], [20, 100])
+    # 5000 services cost about 20 s per change here (see the result): 3 repeats keep the full
+    # run within about 5 minutes.
+    repeats: dict[int, int] = dict(zip(sizes, run.pick([5, 5, 3], [2, 2]), strict=True))
+    name = "bcv-smoke" if run.smoke else "bcv-full"
+    text = _topology(name)
+    down(name)  # a crashed earlier run's leftovers
+    tb = Testbed.up(loads_topology(text, SCENARIO), text, SCENARIO)
+    try:
+        results = _measure(tb, repeats)
+    finally:
+        problems = down(name)
+        if problems:
+            print(f"testbed {name} teardown left: {'; '.join(problems)}", file=sys.stderr)
+    params = {
+        "sizes": sizes,
+        "repeats": {str(n): times for n, times in repeats.items()},
+        "changes_per_repeat": ["add (web-2 ready)", "remove (web-2 not ready)"],
+        "topology": text.strip(),
+        "synthetic_services": (
+            "namespace synth; each one HTTP port 8080 and two ready endpoints; VIPs from the "
+            "upper half of the service CIDR, endpoints from the upper half of the cluster CIDR "
+            "(no pod there; nothing is ever sent to them); one JSON file in the cluster "
+            "directory; not in the testbed's kube-proxy tables or /etc/hosts"
+        ),
+        "traffic_poll_s": POLL,
+        "status_poll_s": STATUS_POLL,
+        "settle_s": SETTLE,
+        "timeouts_s": {
+            "ack": ACK_TIMEOUT,
+            "traffic_after_ack": TRAFFIC_TIMEOUT,
+            "load": LOAD_TIMEOUT,
+        },
+        "spans": {
+            "ack_s": "testbed about to write the EndpointSlice file (wall clock) -> the client "
+            "node's Envoy accepted the EDS update for web's cluster (its update_time statistic, "
+            "ms since the epoch); Envoy ACKs right after",
+            "ack_polled_s": "same start (monotonic) -> first n1 agent PROXY_STATUS answer "
+            "showing EDS ACKed at a newer version, SYNCED (polled; an upper bound)",
+            "snapshot_to_ack_s": "agent's snapshot set -> Envoy's EDS ACK "
+            "(the change's share of the nodeagent_xds_push_seconds sum)",
+            "traffic_s": "add: same start -> completion of the first client request answered by "
+            "the added endpoint; remove: -> completion of the last request the removed endpoint "
+            "answered (only the old one answered for settle_s after it; 0 if none after the "
+            "change)",
+            "load_s": "synthetic services file written -> both nodes' Envoys ACKed everything "
+            "and no new snapshot for 0.3 s",
+            "offline": "n1's push redone in the bench process on the same cluster directory "
+            "(agents idle): parse the directory, translate, serialise + sha256 per resource",
+        },
+        "note": "both node agents and Envoys share this machine's cores: every change is "
+        "re-translated by both agents at once",
+    }
+    write_result(run, SCENARIO, params, results)
+    _report(run, results)
+
+
+def _fmt(s: dict[str, Any]) -> str:
+    return f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
+
+
+def _report(run: Run, results: dict[str, Any]) -> None:
+    rows = []
+    for entry in results["sizes"]:
+        for kind in ("add", "remove"):
+            e = entry[kind]
+            rows.append(
+                (
+                    entry["services"],
+                    f"endpoint {kind}",
+                    _fmt(e["ack_s"]),
+                    _fmt(e["traffic_s"]),
+                    _fmt(e["ack_polled_s"]),
+                    _fmt(e["snapshot_to_ack_s"]),
+                    e["failed_requests"],
+                )
+            )
+    print(
+        table(
+            (
+                "services",
+                "change",
+                "Envoy EDS update s, median (min-max)",
+                "traffic s",
+                "agent saw ACK s",
+                "snapshot->ACK s",
+                "failed req",
+            ),
+            rows,
+        )
+    )
+    cost_rows = []
+    for entry in results["sizes"]:
+        off = entry["offline"]
+        cost_rows.append(
+            (
+                entry["services"],
+                f"{entry['load_s']:.2f}",
+                f"{off['parse_s']:.2f}",
+                f"{off['translate_s']:.2f}",
+                f"{off['encode_hash_s']:.3f}",
+                f"{off['bytes'].get('EDS', 0) / 1e6:.2f}",
+                f"{off['bytes'].get('CDS', 0) / 1e6:.2f}",
+                f"{off['bytes'].get('LDS', 0) / 1e6:.2f}",
+                f"{off['bytes'].get('RDS', 0) / 1e6:.2f}",
+                entry["envoy_active_clusters"].get(CLIENT_NODE, 0),
+            )
+        )
+    print(
+        table(
+            (
+                "services",
+                "load s",
+                "parse s",
+                "translate s",
+                "encode s",
+                "EDS MB",
+                "CDS MB",
+                "LDS MB",
+                "RDS MB",
+                "n1 clusters",
+            ),
+            cost_rows,
+        )
+    )
+    print(
+        "traffic: added = first answer from the new endpoint; removed = last answer from the"
+        " removed one.\nparse/translate/encode: n1's push redone offline; MB: one full SotW"
+        " response per type (every EDS push carries all load assignments)."
+    )
+    print(f"VirtualService weight change: {results['virtualservice']}")
+    _plot(run, results)
+
+
+def _plot(run: Run, results: dict[str, Any]) -> None:
+    entries = results["sizes"]
+    xs = [e["services"] for e in entries]
+    fig = new_figure("Config convergence on the client's node (one endpoint changed)", 11, 4.5)
+    left, right = fig.subplots(1, 2)
+    series = [
+        ("add", "ack_s", "Envoy applied (ACK), endpoint added", "o-"),
+        ("add", "traffic_s", "first answer from the added endpoint", "s--"),
+        ("remove", "ack_s", "Envoy applied (ACK), endpoint removed", "^-"),
+        ("remove", "traffic_s", "last answer from the removed endpoint", "v--"),
+    ]
+    for kind, key, label, style in series:
+        med = [e[kind][key]["median"] for e in entries]
+        lo = [m - e[kind][key]["min"] for m, e in zip(med, entries, strict=True)]
+        hi = [e[kind][key]["max"] - m for m, e in zip(med, entries, strict=True)]
+        left.errorbar(xs, med, yerr=[lo, hi], fmt=style, capsize=4, label=label)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("services in the cluster (log)")
+    left.set_ylabel("seconds after the source change (log)")
+    left.set_title("median, min-max bars")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    right.plot(xs, [e["offline"]["translate_s"] for e in entries], "o-", label="translate s")
+    right.plot(xs, [e["load_s"] for e in entries], "s--", label="initial load s (both nodes)")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("services in the cluster (log)")
+    right.set_ylabel("seconds (log)")
+    twin = right.twinx()
+    twin.plot(
+        xs,
+        [e["offline"]["bytes"].get("EDS", 0) / 1e6 for e in entries],
+        "d:",
+        color="tab:red",
+        label="EDS response MB (right axis)",
+    )
+    twin.set_ylabel("MB per SotW EDS response")
+    right.set_title("cost of one push (translation offline)")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for ax in (left, right):
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    right.grid(True, which="both", alpha=0.3)
+    handles = right.get_legend_handles_labels()
+    twin_handles = twin.get_legend_handles_labels()
+    right.legend(handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize=8)
+    save_figure(run, SCENARIO, fig)

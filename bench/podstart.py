@@ -1,0 +1,342 @@
+"""Scenario 4, pod start: the CNI ADD wall time as the container runtime sees it.
+
+One single-node testbed per deployment model, all up for the whole run:
+- **no-mesh**: the node's CNI chain is the bridge plugin (+ host-local IPAM) alone;
+- **per-node**: bridge + nodeagent-cni, which returns only once the node agent has installed the
+  pod's capture and the node Envoy has ACKed the pod's listeners;
+- **sidecar**: only when the testbed offers that model (topology ``proxyModel: sidecar``).
+
+Pods are created through the testbed's runtime shim exactly as for any other pod (``add_pod``:
+sandbox, CNI ADD of the pod network, workload); the figure is the runtime's ADD call for the pod
+network alone (every plugin of the chain, as kubelet's runtime times ``SetUpPod``'s network
+step), which the testbed records per sandbox. Each run creates N pods one after another, removes
+them, then M pods at once, removes them; the models take turns within a run, so the per-node /
+no-mesh ratio is taken run by run.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    NO_MESH,
+    PER_NODE,
+    SIDECAR,
+    Run,
+    new_figure,
+    percentile,
+    ratios,
+    save_figure,
+    summary,
+    table,
+    write_result,
+)
+from nodeagent.testbed import netns
+from nodeagent.testbed.cluster import Testbed, down
+from nodeagent.testbed.topology import Pod, TopologyError, Workload, loads_topology
+
+SCENARIO = "podstart"
+NAMESPACE = "bench"
+NODE = "n1"
+# Testbed names (bps- prefix: this scenario's, so a crashed run's leftovers are recognisable).
+TESTBEDS = {NO_MESH: "bps-nomesh", PER_NODE: "bps-node", SIDECAR: "bps-sidecar"}
+# What a pod runs: a listener (so the testbed sees it ready at once; perl is in Debian's base).
+APP_PORT = 8080
+APP = (
+    "perl",
+    "-MIO::Socket::INET",
+    "-e",
+    f"my $s = IO::Socket::INET->new(LocalPort => {APP_PORT}, Listen => 8, ReuseAddr => 1)"
+    " or die $!; sleep",
+)
+REMOVE_WORKERS = 8
+# The pod object is published this long before its CNI ADD, as on Kubernetes, where the agent's
+# watch has the pod before kubelet sets up its network. The testbed's agents poll their source
+# directory every 0.2 s: without a lead each ADD would also wait up to that for the pod.
+PUBLISH_LEAD = 0.3
+MODES = ("sequential", "concurrent")
+
+
+def _topology(model: str) -> str:
+    extra = {
+        NO_MESH: "nodeagent: false",
+        PER_NODE: "nodeagent: true",
+        SIDECAR: "nodeagent: true\nproxyModel: sidecar",
+    }[model]
+    return (
+        f"name: {TESTBEDS[model]}\n{extra}\n"
+        f"nodes: [{{name: {NODE}}}]\n"
+        f"namespaces: [{{name: {NAMESPACE}, labels: {{nodeagent.io/mesh: enabled}}}}]\n"
+    )
+
+
+def contention() -> dict[str, Any]:
+    """What else loads this machine now (a benchmark shares its cores with anything running)."""
+    prefixes = {n.split(".", 1)[0].removeprefix("tb-") for n in netns.list_netns()}
+    ours = {name for name in prefixes if name.startswith(("bps-", "bid-"))}
+    return {
+        "loadavg_1_5_15": [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]],
+        "other_testbeds_up": sorted(prefixes - ours),
+    }
+
+
+def sidecar_available() -> bool:
+    """Whether the testbed knows the sidecar model (another engineer's work in progress)."""
+    try:
+        loads_topology(_topology(SIDECAR), "probe")
+    except TopologyError:
+        return False
+    return True
+
+
+def _pod(name: str) -> Pod:
+    return Pod(
+        NAMESPACE,
+        name,
+        NODE,
+        "default",
+        {"app": "bench"},
+        {},
+        Workload("command", APP_PORT, {}, APP),
+    )
+
+
+def _add_seconds(tb: Testbed, pod: Pod) -> float:
+    record = tb.add_pod(pod, publish_lead=PUBLISH_LEAD)
+    if record.cni_add_seconds <= 0:
+        raise RuntimeError(f"testbed {tb.name} recorded no CNI ADD time for {pod.key}")
+    return record.cni_add_seconds
+
+
+def _remove_all(tb: Testbed, pods: list[Pod]) -> None:
+    with ThreadPoolExecutor(REMOVE_WORKERS) as pool:
+        problems = [p for found in pool.map(tb.remove_pod, pods) for p in found]
+    if problems:
+        raise RuntimeError(f"testbed {tb.name}: removing pods left: {'; '.join(problems[:3])}")
+
+
+def _batch(tb: Testbed, mode: str, prefix: str, count: int, deadline: float) -> list[float]:
+    """CNI ADD seconds of COUNT new pods, one after another or all at once; then removes them."""
+    pods = [_pod(f"{prefix}-{i}") for i in range(count)]
+    made: list[Pod] = []
+    try:
+        if mode == "sequential":
+            times = []
+            for pod in pods:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{SCENARIO}: over its time budget ({tb.name}, {mode})")
+                made.append(pod)
+                times.append(_add_seconds(tb, pod))
+            return times
+        made = pods
+        with ThreadPoolExecutor(count) as pool:
+            return list(pool.map(lambda p: _add_seconds(tb, p), pods))
+    finally:
+        # add_pod removes a pod that failed; the others go here (also on failure).
+        _remove_all(tb, [p for p in made if p.key in tb.state.pods])
+
+
+def run(run: Run) -> None:
+    sequential = int(run.pick(50, 5))
+    concurrent = int(run.pick(20, 3))
+    repeats = int(run.pick(3, 1))
+    budget = float(run.pick(600, 120))  # seconds; a bound, not the expected time
+    models = [NO_MESH, PER_NODE]
+    sidecar_note = "not available (the testbed has no proxyModel: sidecar yet)"
+    if sidecar_available():
+        models.append(SIDECAR)
+        sidecar_note = "included"
+    counts = {"sequential": sequential, "concurrent": concurrent}
+    # samples[model][mode][rep] = ADD seconds of every pod of that batch
+    samples: dict[str, dict[str, list[list[float]]]] = {
+        m: {mode: [] for mode in MODES} for m in models
+    }
+    load_at_start = contention()
+    deadline = time.monotonic() + budget
+    testbeds: dict[str, Testbed] = {}
+    try:
+        for model in list(models):
+            down(TESTBEDS[model])  # a crashed earlier run's leftovers
+            text = _topology(model)
+            try:
+                testbeds[model] = Testbed.up(loads_topology(text, SCENARIO), text, SCENARIO)
+            except Exception as e:
+                if model != SIDECAR:
+                    raise
+                models.remove(model)  # reported, never estimated
+                sidecar_note = f"failed to come up: {e}"
+                print(f"  sidecar model left out: {sidecar_note}", flush=True)
+        for rep in range(repeats):
+            for model in list(models):
+                for mode in MODES:
+                    if model not in models:
+                        continue
+                    prefix = f"{mode[0]}{rep}"
+                    try:
+                        got = _batch(testbeds[model], mode, prefix, counts[mode], deadline)
+                    except Exception as e:
+                        if model != SIDECAR:
+                            raise
+                        models.remove(model)
+                        sidecar_note = f"failed in run {rep + 1} ({mode}): {e}"
+                        print(f"  sidecar model left out: {sidecar_note}", flush=True)
+                        continue
+                    samples[model][mode].append(got)
+                    print(
+                        f"  run {rep + 1}/{repeats} {model:<8} {mode:<10} {len(got)} pods: "
+                        f"P50 {percentile(got, 50) * 1e3:.0f} ms, "
+                        f"P99 {percentile(got, 99) * 1e3:.0f} ms",
+                        flush=True,
+                    )
+    finally:
+        for model in TESTBEDS:
+            if model in testbeds or model in models:
+                down(TESTBEDS[model])
+
+    results: dict[str, Any] = {"models": {}, "ratios": {}, "added_ms": {}}
+    rows = []
+    for model in models:
+        results["models"][model] = {}
+        for mode in MODES:
+            runs = samples[model][mode]
+            p50 = [percentile(r, 50) * 1e3 for r in runs]
+            p99 = [percentile(r, 99) * 1e3 for r in runs]
+            results["models"][model][mode] = {
+                "pods": [len(r) for r in runs],
+                "p50_ms": summary(p50),
+                "p99_ms": summary(p99),
+                "all_ms": [[round(v * 1e3, 2) for v in r] for r in runs],
+            }
+    for model in models:
+        if model == NO_MESH:
+            continue
+        results["ratios"][model] = {}
+        results["added_ms"][model] = {}
+        for mode in MODES:
+            mine_runs, base_runs = samples[model][mode], samples[NO_MESH][mode]
+            results["ratios"][model][mode] = {
+                q: ratios(
+                    [percentile(r, p) for r in mine_runs], [percentile(r, p) for r in base_runs]
+                )
+                for q, p in (("p50", 50), ("p99", 99))
+            }
+            results["added_ms"][model][mode] = {
+                q: summary(
+                    (percentile(a, p) - percentile(b, p)) * 1e3
+                    for a, b in zip(mine_runs, base_runs, strict=True)
+                )
+                for q, p in (("p50", 50), ("p99", 99))
+            }
+    for mode in MODES:
+        for model in models:
+            fig = results["models"][model][mode]
+            ratio = results["ratios"].get(model, {}).get(mode)
+            rows.append(
+                [
+                    mode,
+                    model,
+                    counts[mode],
+                    _fmt(fig["p50_ms"]),
+                    _fmt(fig["p99_ms"]),
+                    "1 (baseline)" if ratio is None else _fmt(ratio["p50"], "x", 2),
+                    "1 (baseline)" if ratio is None else _fmt(ratio["p99"], "x", 2),
+                ]
+            )
+    print(
+        table(
+            [
+                "mode",
+                "model",
+                "pods",
+                "ADD P50 ms (median [min-max])",
+                "ADD P99 ms",
+                "P50 / no-mesh",
+                "P99 / no-mesh",
+            ],
+            rows,
+        )
+    )
+    params = {
+        "models": models,
+        "sidecar": sidecar_note,
+        "sequential_pods": sequential,
+        "concurrent_pods": concurrent,
+        "repeats": repeats,
+        "nodes": 1,
+        "primary_cni": "bridge + host-local (containernetworking-plugins)",
+        "measured": "the runtime shim's CNI ADD of the pod network (whole chain), wall time; "
+        "plugins exec'd through `ip netns exec <node netns>` like every testbed plugin",
+        "per_node_ready_means": "nodeagent-cni returns after capture is applied and the node "
+        "Envoy ACKed the pod's listeners",
+        "workload": "perl listener on :8080 (ready at once)",
+        "service_account": "default (one identity: the first pod of a run gets its certificate)",
+        "cert_key_type": "EC P-256",
+        "percentiles": "linear between closest ranks; with 20 pods P99 is close to the maximum",
+        "pods_removed_between_batches": True,
+        "publish_lead_seconds": PUBLISH_LEAD,
+        "machine_load_at_start": load_at_start,
+        "machine_load_at_end": contention(),
+        "publish_lead_why": "pod object published before the ADD, as on Kubernetes (the agent "
+        "knows the pod when the ADD comes); the testbed agents poll their directory every 0.2 s",
+    }
+    write_result(run, SCENARIO, params, results)
+    _plot(run, models, results, counts, repeats)
+
+
+def _fmt(s: dict[str, float | int], unit: str = "", digits: int = 0) -> str:
+    return (
+        f"{s['median']:.{digits}f}{unit} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+        if s["runs"] > 1
+        else f"{s['median']:.{digits}f}{unit}"
+    )
+
+
+COLORS = {NO_MESH: "#8c8c8c", PER_NODE: "#1f77b4", SIDECAR: "#ff7f0e"}
+LABELS = {
+    NO_MESH: "no mesh (bridge alone)",
+    PER_NODE: "per-node (bridge + nodeagent-cni)",
+    SIDECAR: "sidecar (an Envoy per pod)",
+}
+
+
+def _plot(
+    run: Run,
+    models: list[str],
+    results: dict[str, Any],
+    counts: dict[str, int],
+    repeats: int,
+) -> None:
+    fig = new_figure(
+        f"Pod start: CNI ADD wall time (median of {repeats} run(s), bars = min-max)", 10.0, 4.8
+    )
+    axes = fig.subplots(1, len(MODES), sharey=True)
+    width = 0.8 / len(models)
+    for ax, mode in zip(axes, MODES, strict=True):
+        for i, model in enumerate(models):
+            figs = results["models"][model][mode]
+            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(2)]
+            meds = [figs[q]["median"] for q in ("p50_ms", "p99_ms")]
+            low = [figs[q]["median"] - figs[q]["min"] for q in ("p50_ms", "p99_ms")]
+            high = [figs[q]["max"] - figs[q]["median"] for q in ("p50_ms", "p99_ms")]
+            bars = ax.bar(
+                xs,
+                meds,
+                width,
+                yerr=[low, high],
+                capsize=3,
+                color=COLORS[model],
+                label=LABELS[model],
+            )
+            ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
+        ax.set_xticks([0, 1], ["P50", "P99"])
+        ax.set_title(
+            f"{counts[mode]} pods {mode}"
+            + (" (one at a time)" if mode == MODES[0] else " (all at once)")
+        )
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("CNI ADD wall time (ms)")
+    axes[0].legend(loc="upper left", fontsize=8)
+    save_figure(run, SCENARIO, fig)
