@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from bench.common import RESULTS, Run
@@ -43,6 +44,7 @@ def main() -> int:
         try:
             module.run(run)
         except Exception as e:  # report and go on: one broken scenario must not hide the others
+            traceback.print_exc()
             print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             failed.append(name)
         print(f"== {name}: {time.monotonic() - started:.0f}s", flush=True)

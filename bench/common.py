@@ -116,7 +116,10 @@ def versions() -> dict[str, str]:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
         except OSError:
             return "not found"
-        return (proc.stdout or proc.stderr).strip().splitlines()[0] if proc.returncode == 0 else ""
+        if proc.returncode != 0:
+            return ""
+        lines = (proc.stdout or proc.stderr).strip().splitlines()
+        return lines[0] if lines else ""  # e.g. `git status` of a clean tree
 
     envoy = Path(sys.executable).parent / "envoy"
     commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
