@@ -394,6 +394,10 @@ def install_cni(
     except FileNotFoundError as e:  # a broken image: nothing to wait for
         raise click.ClickException(str(e)) from None
     installer = CniInstaller(bundle=source, bin_dir=cni_bin_dir, conf_dir=cni_conf_dir, entry=entry)
+    stop = threading.Event()
+    if watch:  # before anything is installed: a SIGTERM from then on gets its uninstall decision
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         installer.install()
     except (InstallError, FileNotFoundError) as e:
@@ -403,9 +407,6 @@ def install_cni(
     if watch:
         if readiness_port:
             serve_readiness(installer, readiness_port)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
         installer.watch(stop)
         if daemonset is None:
             logging.getLogger("nodeagent.install_cni").info(
