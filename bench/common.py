@@ -134,6 +134,33 @@ def versions() -> dict[str, str]:
     }
 
 
+def envoy_pids(netns_name: str) -> list[int]:
+    """The Envoy processes living in a testbed network namespace (node or pod)."""
+    from nodeagent.testbed import netns
+
+    pids = []
+    for pid in netns.pids_in(netns_name):
+        try:
+            if Path(os.readlink(f"/proc/{pid}/exe")).name == "envoy":
+                pids.append(pid)
+        except OSError:
+            continue  # exited meanwhile
+    return pids
+
+
+def pss_mib(pids: Iterable[int]) -> float:
+    """Proportional set size: shared pages (Envoy's binary, libraries) split among their users.
+
+    Summing VmRSS over N sidecars would count the Envoy binary N times.
+    """
+    total_kb = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
 def write_result(run: Run, scenario: str, params: dict[str, Any], results: dict[str, Any]) -> Path:
     run.out.mkdir(parents=True, exist_ok=True)
     path = run.out / f"{scenario}.json"

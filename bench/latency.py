@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import io
 import os
 import subprocess
@@ -31,17 +30,19 @@ from bench.common import (
     PER_NODE,
     SIDECAR,
     Run,
+    envoy_pids,
     new_figure,
     percentile,
+    pss_mib,
     ratios,
     save_figure,
     summary,
     table,
     write_result,
 )
-from nodeagent.testbed import layout, netns
+from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
-from nodeagent.testbed.topology import Topology, loads_topology
+from nodeagent.testbed.topology import loads_topology
 
 PERCENTILES = (50, 90, 99)
 CONNECTIONS = 4
@@ -104,17 +105,11 @@ http {{
 """
 
 
-def sidecar_available() -> bool:
-    """Whether the testbed can run the sidecar model (topology key proxyModel)."""
-    return "proxy_model" in {f.name for f in dataclasses.fields(Topology)}
-
-
 def models() -> dict[str, dict[str, str]]:
     """Model -> its topology settings."""
     out = {NO_MESH: {"nodeagent": "false", "extra": ""}}
     out[PER_NODE] = {"nodeagent": "true", "extra": ""}
-    if sidecar_available():
-        out[SIDECAR] = {"nodeagent": "true", "extra": "proxyModel: sidecar"}
+    out[SIDECAR] = {"nodeagent": "true", "extra": "proxyModel: sidecar"}
     return out
 
 
@@ -165,14 +160,7 @@ def envoys_on_path(tb: Testbed, model: str, client: str) -> list[int]:
         spaces = [layout.node_netns(tb.name, n) for n in sorted(nodes)]
     else:
         spaces = [tb.pod_netns("bench/web"), tb.pod_netns(client)]
-    return [pid for ns in spaces for pid in netns.pids_in(ns) if _is_envoy(pid)]
-
-
-def _is_envoy(pid: int) -> bool:
-    try:
-        return Path(os.readlink(f"/proc/{pid}/exe")).name == "envoy"
-    except OSError:
-        return False
+    return [pid for ns in spaces for pid in envoy_pids(ns)]
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -181,16 +169,6 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLK_TCK
-
-
-def pss_mib(pids: list[int]) -> float:
-    """Proportional set size: pages shared between Envoys (the binary) are split among them."""
-    total_kb = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                total_kb += int(line.split()[1])
-    return total_kb / 1024
 
 
 def measure(tb: Testbed, model: str, client: str, rate: int, seconds: float) -> dict[str, Any]:
@@ -234,8 +212,6 @@ def run(run: Run) -> None:
         "models": list(models()),
         "warmup_s": 1.0,
     }
-    if SIDECAR not in params["models"]:
-        params["sidecar"] = "not available: the testbed has no sidecar proxy model yet"
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp, testbeds(Path(tmp)) as beds:
         for tb in beds.values():

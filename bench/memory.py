@@ -14,19 +14,18 @@ node's Envoys hold the published endpoints:
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
     PER_NODE,
     SIDECAR,
     Run,
+    envoy_pids,
     new_figure,
+    pss_mib,
     save_figure,
     summary,
     table,
@@ -34,7 +33,7 @@ from bench.common import (
 )
 from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, down
-from nodeagent.testbed.topology import Pod, Topology, Workload, loads_topology
+from nodeagent.testbed.topology import Pod, Workload, loads_topology
 
 SERVICES = 10
 SAMPLES = 3
@@ -53,15 +52,8 @@ services:
 """
 
 
-def sidecar_available() -> bool:
-    return "proxy_model" in {f.name for f in dataclasses.fields(Topology)}
-
-
 def models() -> dict[str, str]:
-    out = {PER_NODE: ""}
-    if sidecar_available():
-        out[SIDECAR] = "proxyModel: sidecar"
-    return out
+    return {PER_NODE: "", SIDECAR: "proxyModel: sidecar"}
 
 
 def pod(i: int) -> Pod:
@@ -98,26 +90,7 @@ def envoy_spaces(tb: Testbed, model: str) -> list[str]:
 
 
 def envoys(tb: Testbed, model: str) -> list[tuple[str, int]]:
-    out = []
-    for ns in envoy_spaces(tb, model):
-        for pid in netns.pids_in(ns):
-            try:
-                if Path(os.readlink(f"/proc/{pid}/exe")).name == "envoy":
-                    out.append((ns, pid))
-            except OSError:
-                continue
-    return out
-
-
-def pss_mib(pid: int) -> float:
-    """Proportional set size: shared pages (Envoy's binary, libraries) split among their users.
-
-    Summing VmRSS over N sidecars would count the Envoy binary N times.
-    """
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return [(ns, pid) for ns in envoy_spaces(tb, model) for pid in envoy_pids(ns)]
 
 
 def admin(ns: str, path: str) -> bytes:
@@ -142,8 +115,8 @@ def measure(tb: Testbed, model: str, pods: int) -> dict[str, Any]:
     for i in range(SAMPLES):
         if i:
             time.sleep(1.0)
-        e = sum(pss_mib(pid) for _, pid in found)
-        a = pss_mib(agent)
+        e = pss_mib(pid for _, pid in found)
+        a = pss_mib([agent])
         envoy_pss.append(e)
         agent_pss.append(a)
         totals.append(e + a)
@@ -203,8 +176,6 @@ def run(run: Run) -> None:
         "node_total": "agent PSS + every Envoy's PSS on the node",
         "config": "sum of Envoy /config_dump?include_eds JSON bytes",
     }
-    if SIDECAR not in params["models"]:
-        params["sidecar"] = "not available: the testbed has no sidecar proxy model yet"
     results = {model: ramp(model, extra, steps) for model, extra in models().items()}
     if SIDECAR in results:
         results["sidecar_to_per_node"] = [

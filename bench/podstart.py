@@ -36,7 +36,7 @@ from bench.common import (
 )
 from nodeagent.testbed import netns
 from nodeagent.testbed.cluster import Testbed, down
-from nodeagent.testbed.topology import Pod, TopologyError, Workload, loads_topology
+from nodeagent.testbed.topology import Pod, Workload, loads_topology
 
 SCENARIO = "podstart"
 NAMESPACE = "bench"
@@ -81,15 +81,6 @@ def contention() -> dict[str, Any]:
         "loadavg_1_5_15": [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]],
         "other_testbeds_up": sorted(prefixes - ours),
     }
-
-
-def sidecar_available() -> bool:
-    """Whether the testbed knows the sidecar model (another engineer's work in progress)."""
-    try:
-        loads_topology(_topology(SIDECAR), "probe")
-    except TopologyError:
-        return False
-    return True
 
 
 def _pod(name: str) -> Pod:
@@ -144,11 +135,8 @@ def run(run: Run) -> None:
     concurrent = int(run.pick(20, 3))
     repeats = int(run.pick(3, 1))
     budget = float(run.pick(600, 120))  # seconds; a bound, not the expected time
-    models = [NO_MESH, PER_NODE]
-    sidecar_note = "not available (the testbed has no proxyModel: sidecar yet)"
-    if sidecar_available():
-        models.append(SIDECAR)
-        sidecar_note = "included"
+    models = [NO_MESH, PER_NODE, SIDECAR]
+    sidecar_note = "included"
     counts = {"sequential": sequential, "concurrent": concurrent}
     # samples[model][mode][rep] = ADD seconds of every pod of that batch
     samples: dict[str, dict[str, list[list[float]]]] = {

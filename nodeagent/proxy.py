@@ -20,7 +20,6 @@ from nodeagent.envoy.admin import EnvoyAdmin
 from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
 from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
 from nodeagent.identity.manager import IdentityManager
-from nodeagent.identity.secrets import root_secret, workload_secret
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
@@ -148,9 +147,7 @@ class NodeProxy:
         version = str(self.version)
         local = self.local_pods()
         # A certificate exists exactly while a pod of its identity runs on this node.
-        self.identities.set_local_identities({lp.identity for lp in local})
-        secrets = [workload_secret(c) for c in self.identities.certs().values()]
-        secrets.append(root_secret(self.identities.root_pem))
+        secrets = self.identities.sds_secrets({lp.identity for lp in local})
         try:
             resources = translate(self.store, local, secrets, self.excluded_namespaces)
             snapshot = Snapshot(version, resources)

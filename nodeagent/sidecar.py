@@ -40,7 +40,6 @@ from nodeagent.envoy.admin import EnvoyAdmin
 from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
 from nodeagent.envoy.launch import NODE_ENVOY_ARGS
 from nodeagent.envoy.supervisor import PIDFILE, EnvoySupervisor
-from nodeagent.identity.secrets import root_secret, workload_secret
 from nodeagent.mesh.model import Pod
 from nodeagent.proxy import COALESCE, NodeProxy
 from nodeagent.redirect.capture import PROXY_UID
@@ -163,9 +162,7 @@ class SidecarProxies(NodeProxy):
         self.version += 1
         version = str(self.version)
         local = self.local_pods()
-        self.identities.set_local_identities({lp.identity for lp in local})
-        secrets = [workload_secret(c) for c in self.identities.certs().values()]
-        secrets.append(root_secret(self.identities.root_pem))
+        secrets = self.identities.sds_secrets({lp.identity for lp in local})
         errors = []
         wanted = set()
         for pod in local:

@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.identity.ca import CertificateAuthority
 from nodeagent.identity.certs import KeyType, WorkloadCert, issue, spiffe_id
+from nodeagent.identity.secrets import root_secret, workload_secret
 
 log = logging.getLogger("nodeagent.identity")
 
@@ -95,6 +97,11 @@ class IdentityManager:
     def certs(self) -> dict[str, WorkloadCert]:
         """The current certificate of each local identity that has one, by SPIFFE ID."""
         return {sid: i.cert for sid, i in self._identities.items() if i.cert is not None}
+
+    def sds_secrets(self, identities: Iterable[tuple[str, str]]) -> list[secret_pb2.Secret]:
+        """The SDS secrets for exactly IDENTITIES (issued when new) and the root certificate."""
+        self.set_local_identities(identities)
+        return [*(workload_secret(c) for c in self.certs().values()), root_secret(self.root_pem)]
 
     def set_local_identities(self, identities: Iterable[tuple[str, str]]) -> None:
         """Make the certificates match the (namespace, service account) of this node's pods."""
