@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from istio_data import istio_data
 
 from nodeagent.mesh.model import (
     REGISTRY_ONLY,
@@ -21,8 +22,6 @@ from nodeagent.mesh.model import (
 )
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import DirectorySource
-
-DATA = Path("/work/shared/data/istio")
 
 SERVICES = """
 apiVersion: v1
@@ -308,9 +307,9 @@ def test_updates_and_deletions_touch_only_what_changed(tmp_path: Path) -> None:
 
 
 def test_bookinfo_loads_without_errors(tmp_path: Path) -> None:
-    shutil.copytree(DATA / "bookinfo/platform", tmp_path / "platform")
-    shutil.copytree(DATA / "bookinfo/networking", tmp_path / "networking")
-    shutil.copytree(DATA / "samples", tmp_path / "samples")
+    shutil.copytree(istio_data("bookinfo/platform"), tmp_path / "platform")
+    shutil.copytree(istio_data("bookinfo/networking"), tmp_path / "networking")
+    shutil.copytree(istio_data("samples"), tmp_path / "samples")
     source, store = _source(tmp_path)
     source.scan()
     assert source.errors == {}

@@ -8,13 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
+from istio_data import istio_files
 
 from nodeagent.mesh.validation import DEFAULT_CRDS, IstioSchemas
 
-DATA = Path("/work/shared/data/istio")
-REFERENCE_FILES = sorted(
-    [*(DATA / "bookinfo/networking").glob("*.yaml"), *(DATA / "samples").glob("*.yaml")]
-)
+REFERENCE_FILES = istio_files("bookinfo/networking/*.yaml", "samples/*.yaml")
 
 VS = yaml.safe_load("""
 apiVersion: networking.istio.io/v1

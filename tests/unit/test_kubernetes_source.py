@@ -27,7 +27,7 @@ from nodeagent.podstatus import (
 from nodeagent.sources.directory import DirectorySource
 from nodeagent.sources.kubernetes import ISTIO_GROUPS, KubernetesSource, plural
 
-BOOKINFO = Path("/work/shared/data/istio/bookinfo/networking")
+BOOKINFO = Path(__file__).resolve().parents[1] / "data/istio/bookinfo/networking"  # istio_data.py
 NODE = "node1"
 WAIT = 5.0
 # Namespace, Pod, Service, EndpointSlice, ServiceAccount and the Istio kinds: one watch each.
