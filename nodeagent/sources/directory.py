@@ -6,10 +6,12 @@ inode) and applied to the MeshStore as a diff: only records that really changed 
 store's generation moves only for real changes. A bad document is reported with file, document
 index, kind, namespace/name and field; every other resource keeps working.
 
-Kinds read: Namespace, Pod, Service, Endpoints (converted to EndpointSlices), EndpointSlice,
-ServiceAccount, and every Istio kind, validated against Istio's CRD schemas. Other kinds (a
-cluster dump holds many) are skipped. The optional mesh config file (Istio MeshConfig field
-names) is polled the same way; a broken one keeps the last good config.
+YAML is read as Kubernetes reads it (``nodeagent.kubeyaml``: YAML 1.2 syntax, so
+``[2001:db8::]`` is a list of one address). Kinds read: Namespace, Pod, Service, Endpoints
+(converted to EndpointSlices), EndpointSlice, ServiceAccount, and every Istio kind, validated
+against Istio's CRD schemas. Other kinds (a cluster dump holds many) are skipped. The optional
+mesh config file (Istio MeshConfig field names) is polled the same way; a broken one keeps the
+last good config.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
+from nodeagent import kubeyaml
 from nodeagent.mesh.model import (
     ALLOW_ANY,
     REGISTRY_ONLY,
@@ -44,11 +45,6 @@ from nodeagent.mesh.model import (
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
 
-try:
-    from yaml import CSafeLoader as _BaseLoader
-except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
-
 log = logging.getLogger("nodeagent.sources.directory")
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -62,15 +58,6 @@ ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _TRUST_DOMAIN = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-
-
-class _Loader(_BaseLoader):
-    """YAML as Kubernetes reads it: timestamps stay strings (the schemas want strings)."""
-
-    yaml_implicit_resolvers = {  # noqa: RUF012 - PyYAML's own class-level registry
-        first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
-        for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
-    }
 
 
 class ResourceError(ValueError):
@@ -610,8 +597,8 @@ class DirectorySource:
         records: dict[Key, Record] = {}
         problems: list[str] = []
         try:
-            docs = [_json_like(d) for d in yaml.load_all(path.read_text(), Loader=_Loader)]
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            docs = [_json_like(d) for d in kubeyaml.load_all(path.read_text())]
+        except (OSError, UnicodeDecodeError, kubeyaml.YAMLError) as e:
             problems.append(f"{path}: cannot be read as YAML: {e}")
             docs = []
         for position, doc in _positions(docs):
@@ -692,11 +679,11 @@ class MeshConfigFile:
         try:
             if stamp is None:
                 raise ResourceError("does not exist")
-            docs = [_json_like(d) for d in yaml.load_all(path.read_text(), Loader=_Loader)]
+            docs = [_json_like(d) for d in kubeyaml.load_all(path.read_text())]
             if len(docs) > 1:
                 raise ResourceError("expected one YAML document")
             config = parse_mesh_config(docs[0] if docs else None)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, kubeyaml.YAMLError) as e:
             problems = [f"{path}: cannot be read as YAML: {e}"]
         except ResourceError as e:
             problems = [f"{path}: {p}" for p in e.problems]

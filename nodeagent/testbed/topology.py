@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
+from nodeagent import kubeyaml
 
 WORKLOAD_TYPES = ("fake-service", "sleep", "command")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -472,8 +472,8 @@ def load_topology(path: Path) -> Topology:
 
 def loads_topology(text: str, source: str) -> Topology:
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        data = kubeyaml.load(text)
+    except kubeyaml.YAMLError as e:
         raise TopologyError(f"{source}: invalid YAML: {e}") from None
     return parse_topology(data, source)
 

@@ -1,0 +1,84 @@
+"""YAML as Kubernetes reads it, for the Kubernetes and Istio YAML the agent loads.
+
+PyYAML implements YAML 1.1, whose plain scalars Kubernetes does not read the same way: in a flow
+sequence ``[1.2.3.4, 2001:db8::]`` the IPv6 address becomes a mapping, ``1:20`` is the sexagesimal
+integer 80, ``1e3`` a string and a bare ``=`` an error. kubectl and the API server convert YAML
+with go-yaml (sigs.k8s.io/yaml), where all of these are the strings (or the float) one wrote.
+
+So the syntax is YAML 1.2 (ruamel.yaml, safe and pure Python) with go-yaml's resolution where the
+two differ: ``yes``/``no``/``on``/``off``/``y``/``n`` (in go-yaml's spellings) are booleans and
+``0755`` is octal, as go-yaml reads them; timestamps stay the strings they were (the schemas want
+strings) and ``=`` is a string.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import SafeConstructor
+from ruamel.yaml.error import YAMLError
+from ruamel.yaml.resolver import VersionedResolver
+
+BOOL = "tag:yaml.org,2002:bool"
+INT = "tag:yaml.org,2002:int"
+_DROPPED = frozenset({"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"})
+# go-yaml v2's boolean words (resolve.go), each in exactly these spellings.
+_BOOL_WORDS = re.compile(
+    r"^(?:y|Y|yes|Yes|YES|n|N|no|No|NO|true|True|TRUE|false|False|FALSE"
+    r"|on|On|ON|off|Off|OFF)$"
+)
+_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
+
+
+class _Resolver(VersionedResolver):
+    """ruamel's rules for the document's YAML version, changed once per version as above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._changed: set[int] = set()
+
+    @property
+    def versioned_resolver(self) -> Any:
+        rules = super().versioned_resolver
+        if id(rules) not in self._changed:
+            for resolvers in rules.values():
+                resolvers[:] = [(tag, rx) for tag, rx in resolvers if tag not in _DROPPED]
+            for first in "yYnNtTfFoO":
+                rules.setdefault(first, []).insert(0, (BOOL, _BOOL_WORDS))
+            self._changed.add(id(rules))
+        return rules
+
+
+class _Constructor(SafeConstructor):
+    def construct_yaml_int(self, node: Any) -> int:
+        text = str(self.construct_scalar(node))
+        if _OCTAL.match(text):  # go-yaml parses integers with Go's base prefixes: 0755 is octal
+            digits = text.replace("_", "")
+            sign = -1 if digits[0] == "-" else 1
+            return sign * int(digits.lstrip("+-"), 8)
+        return int(super().construct_yaml_int(node))
+
+
+_Constructor.add_constructor(INT, _Constructor.construct_yaml_int)
+
+
+def _yaml() -> YAML:
+    yaml = YAML(typ="safe", pure=True)
+    yaml.Resolver = _Resolver
+    yaml.Constructor = _Constructor
+    return yaml
+
+
+def load_all(text: str) -> list[Any]:
+    """Every document of TEXT. Raises YAMLError naming the line and column of a problem."""
+    return list(_yaml().load_all(text))
+
+
+def load(text: str) -> Any:
+    """The one document of TEXT (None when empty); YAMLError also when it holds several."""
+    return _yaml().load(text)
+
+
+__all__ = ["YAMLError", "load", "load_all"]
