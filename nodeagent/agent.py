@@ -22,6 +22,8 @@ from nodeagent.cni.server import CniServer
 from nodeagent.health import serve_readiness
 from nodeagent.identity.ca import BuiltinCA, CertificateAuthority, PluginCA
 from nodeagent.identity.manager import IdentityManager
+from nodeagent.mesh import enforcement
+from nodeagent.mesh.enforcement import NotEnforcedCollector
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
@@ -88,6 +90,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
 
     store = MeshStore()
     metrics = AgentMetrics()
+    metrics.registry.register(NotEnforcedCollector(store.istio.values))
     registry = PodRegistry(config.state_dir / "pods.json")
     registry.load()
     tasks = _start_sources(config, store, stop)
@@ -150,7 +153,13 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     async def proxy_status(_: dict[str, Any]) -> dict[str, Any]:
         if proxy is None:
             return {"ok": False, "reason": "this agent runs without a proxy (--no-proxy)"}
-        return {"ok": True, "proxy": proxy.status_table(), "pods": manager.status()}
+        not_enforced = [n.as_dict() for n in enforcement.report(store.istio.values())]
+        return {
+            "ok": True,
+            "proxy": proxy.status_table(),
+            "pods": manager.status(),
+            "not_enforced": not_enforced,
+        }
 
     server = CniServer(config.cni_socket, manager, metrics, {"PROXY_STATUS": proxy_status})
 

@@ -555,6 +555,12 @@ def proxy_status(cni_socket: str, output: str) -> None:
             click.echo(f"{kind} NACKED by Envoy: {info['last_nack']}")
     if proxy.get("error"):
         click.echo(f"last push failed: {proxy['error']}")
+    ignored = answer.get("not_enforced") or []  # nodeagent.mesh.enforcement
+    if ignored:
+        click.echo(f"\naccepted, not enforced ({len(ignored)} Istio resources):")
+        for item in ignored:
+            where = f"{item['kind']} {item['namespace']}/{item['name']}"
+            click.echo(f"  {where}: {', '.join(item['fields'])} ({item['planned']})")
 
 
 @cli.command("proxy-config")

@@ -9,8 +9,10 @@ arrive before the watch event of the pod it is for.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 
+from nodeagent.mesh import enforcement
 from nodeagent.mesh.model import (
     EndpointSlice,
     IstioResource,
@@ -20,6 +22,8 @@ from nodeagent.mesh.model import (
     Service,
     ServiceAccount,
 )
+
+log = logging.getLogger("nodeagent.mesh.store")
 
 
 class MeshStore:
@@ -86,6 +90,9 @@ class MeshStore:
             self._bump()
 
     def put_istio(self, res: IstioResource) -> None:
+        # Once per resource and content (never per push): what of it has no effect yet.
+        if self.istio.get(res.key) != res and (warning := enforcement.warning(res)):
+            log.warning("%s", warning)
         self.istio[res.key] = res
         self._bump()
 

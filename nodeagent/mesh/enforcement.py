@@ -1,0 +1,173 @@
+"""Which Istio resources and fields the agent enforces today, and which it accepts but ignores.
+
+The one place that knows it (pure functions; the collector reads at scrape time): the store's log
+warning, ``nodeagent proxy-status`` and the
+metric ``nodeagent_istio_resources_not_enforced{kind}`` all ask ``not_enforced``, and README's
+support table says the same in words. A resource is accepted when it passes Istio's schema; it is
+*not enforced* when a field it sets has no effect yet. Update ENFORCED when an issue lands.
+
+Enforced today (see nodeagent.mesh.policy):
+- PeerAuthentication: every field (selector, mtls.mode, portLevelMtls).
+- DestinationRule: host, exportTo, and TLS mode DISABLE or ISTIO_MUTUAL, for the whole rule or a
+  port (portLevelSettings[].port.number and .tls.mode). A rule with a workloadSelector is not
+  used at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+
+from nodeagent.mesh.model import IstioResource
+
+METRIC = "nodeagent_istio_resources_not_enforced"
+
+ALL: Any = object()  # a field enforced with everything below it
+_TLS_MODES = frozenset({"DISABLE", "ISTIO_MUTUAL"})  # DestinationRule modes that are enforced
+
+# Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
+# enforced values of a scalar field, and a one-element list applies its rule to every item.
+ENFORCED: Mapping[str, Mapping[str, Any]] = {
+    "PeerAuthentication": {"selector": ALL, "mtls": ALL, "portLevelMtls": ALL},
+    "DestinationRule": {
+        "host": ALL,
+        "exportTo": ALL,
+        "trafficPolicy": {
+            "tls": {"mode": _TLS_MODES},
+            "portLevelSettings": [{"port": {"number": ALL}, "tls": {"mode": _TLS_MODES}}],
+        },
+    },
+}
+
+# The issue that will make each kind (or the rest of it) take effect.
+PLANNED: Mapping[str, str] = {
+    "DestinationRule": "#15 traffic management",
+    "VirtualService": "#15 traffic management",
+    "ServiceEntry": "#16 mesh edges",
+    "Sidecar": "#16 mesh edges",
+    "Gateway": "#16 mesh edges",
+    "WorkloadEntry": "#16 mesh edges",
+    "WorkloadGroup": "#16 mesh edges",
+    "AuthorizationPolicy": "#17 authorization",
+    "RequestAuthentication": "#17 authorization",
+    "Telemetry": "#19 observability",
+}
+NOT_PLANNED = "not planned"  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
+
+
+@dataclass(frozen=True)
+class NotEnforced:
+    """An accepted resource that sets fields with no effect yet."""
+
+    kind: str
+    namespace: str
+    name: str
+    fields: tuple[str, ...]  # spec paths, e.g. "subsets", "trafficPolicy.tls.mode=SIMPLE"
+    planned: str  # the issue that implements them, or NOT_PLANNED
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "name": self.name,
+            "fields": list(self.fields),
+            "planned": self.planned,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"{self.kind} {self.namespace}/{self.name} is accepted but not enforced:"
+            f" {', '.join(self.fields)} ({self.planned})"
+        )
+
+
+def _unenforced(value: Any, rule: Any, path: str) -> list[str]:
+    if rule is ALL:
+        return []
+    if isinstance(rule, frozenset):
+        return [] if value in rule else [f"{path}={value}"]
+    if isinstance(rule, list):
+        items = value if isinstance(value, list) else []
+        return [
+            f for i, item in enumerate(items) for f in _unenforced(item, rule[0], f"{path}[{i}]")
+        ]
+    fields = []
+    for key, item in value.items() if isinstance(value, Mapping) else ():
+        where = f"{path}.{key}" if path else str(key)
+        fields += _unenforced(item, rule[key], where) if key in rule else [where]
+    return fields
+
+
+def not_enforced(resource: IstioResource) -> NotEnforced | None:
+    """What RESOURCE sets that has no effect today; None when all of it is enforced."""
+    rule = ENFORCED.get(resource.kind)
+    if rule is None:  # a kind not enforced at all: name what it sets
+        fields = [str(key) for key in resource.spec] or ["spec"]
+    elif resource.kind == "DestinationRule" and resource.spec.get("workloadSelector"):
+        fields = ["workloadSelector (the rule is not used)"]
+    else:
+        fields = _unenforced(resource.spec, rule, "")
+    if not fields:
+        return None
+    return NotEnforced(
+        resource.kind,
+        resource.namespace,
+        resource.name,
+        tuple(fields),
+        PLANNED.get(resource.kind, NOT_PLANNED),
+    )
+
+
+def report(resources: Iterable[IstioResource]) -> list[NotEnforced]:
+    """The not-enforced ones among RESOURCES, by kind, namespace and name."""
+    found = [n for n in map(not_enforced, resources) if n is not None]
+    return sorted(found, key=lambda n: (n.kind, n.namespace, n.name))
+
+
+def counts(resources: Iterable[IstioResource]) -> dict[str, int]:
+    """Not-enforced resources per kind."""
+    out: dict[str, int] = {}
+    for item in report(resources):
+        out[item.kind] = out.get(item.kind, 0) + 1
+    return out
+
+
+def warning(resource: IstioResource) -> str:
+    """The log warning for RESOURCE ("" when all of it is enforced)."""
+    item = not_enforced(resource)
+    return item.describe() if item is not None else ""
+
+
+class NotEnforcedCollector:
+    """``nodeagent_istio_resources_not_enforced{kind}``, counted from the store at each scrape
+    (every kind that is not fully enforced has a series, 0 when none is present)."""
+
+    def __init__(self, resources: Callable[[], Iterable[IstioResource]]) -> None:
+        self.resources = resources
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            METRIC,
+            "Istio resources accepted (schema-valid) that set fields the agent does not enforce"
+            " yet, by kind.",
+            labels=["kind"],
+        )
+        found = counts(self.resources())
+        for kind in sorted(set(PLANNED) | set(found)):
+            family.add_metric([kind], found.get(kind, 0))
+        yield family
+
+
+__all__ = [
+    "ENFORCED",
+    "METRIC",
+    "NotEnforced",
+    "NotEnforcedCollector",
+    "counts",
+    "not_enforced",
+    "report",
+    "warning",
+]

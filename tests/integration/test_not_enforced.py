@@ -1,0 +1,109 @@
+"""Accepted but not enforced, as an operator sees it (issue #12, defect 10): Istio resources the
+agent accepts (schema-valid) but does not act on yet are listed by `nodeagent proxy-status`,
+counted by `nodeagent_istio_resources_not_enforced{kind}` and warned about once in the agent's
+log, however many pushes follow. DestinationRule fields per
+https://istio.io/latest/docs/reference/config/networking/destination-rule/."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from nodeagent.testbed import layout
+from nodeagent.testbed.cluster import Testbed, down
+from nodeagent.testbed.topology import loads_topology
+from tests.integration.helpers import node_cli, node_metrics, wait_for
+
+pytestmark = pytest.mark.integration
+
+NAME = "tbne"
+TOPOLOGY = f"""
+name: {NAME}
+nodes: [{{name: n1}}]
+namespaces: [{{name: shop, labels: {{nodeagent.io/mesh: enabled}}}}]
+pods:
+  - {{name: web, namespace: shop, node: n1, labels: {{app: web}},
+      workload: {{type: fake-service, port: 80}}}}
+services:
+  - {{name: web, namespace: shop, selector: {{app: web}}, ports: [{{name: http, port: 80}}]}}
+"""
+ISTIO = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web, subset: v1}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+  subsets: [{name: v1, labels: {app: web}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"""
+VS_WARNING = "VirtualService shop/web is accepted but not enforced: hosts, http"
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    down(NAME)
+    try:
+        yield Testbed.up(loads_topology(TOPOLOGY, "test_not_enforced"), TOPOLOGY, NAME)
+    finally:
+        down(NAME)
+
+
+def _not_enforced(tb: Testbed) -> list[dict[str, object]]:
+    proc = node_cli(tb.name, "n1", "proxy-status", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    items: list[dict[str, object]] = json.loads(proc.stdout)["not_enforced"]
+    return items
+
+
+def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> None:
+    cluster = layout.cluster_dir(tb.name)
+    (cluster / "istio.yaml").write_text(ISTIO)
+    wait_for(lambda: len(_not_enforced(tb)) == 2, 10, "proxy-status lists the VS and the DR")
+    assert _not_enforced(tb) == [
+        {
+            "kind": "DestinationRule",
+            "namespace": "shop",
+            "name": "web",
+            "fields": ["subsets"],  # ISTIO_MUTUAL is enforced; the PeerAuthentication entirely
+            "planned": "#15 traffic management",
+        },
+        {
+            "kind": "VirtualService",
+            "namespace": "shop",
+            "name": "web",
+            "fields": ["hosts", "http"],
+            "planned": "#15 traffic management",
+        },
+    ]
+    table = node_cli(tb.name, "n1", "proxy-status").stdout
+    assert "accepted, not enforced (2 Istio resources):" in table
+    assert "  DestinationRule shop/web: subsets (#15 traffic management)" in table
+    assert f"  {VS_WARNING.replace(' is accepted but not enforced:', ':')}" in table
+
+    metrics = node_metrics(tb.name, "n1")
+    assert 'nodeagent_istio_resources_not_enforced{kind="VirtualService"} 1.0' in metrics
+    assert 'nodeagent_istio_resources_not_enforced{kind="DestinationRule"} 1.0' in metrics
+
+    # More pushes (other resources change): the warning is not repeated.
+    for i in range(3):
+        (cluster / "other.yaml").write_text(
+            f"apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: sa{i}, namespace: shop}}\n"
+        )
+        time.sleep(0.5)
+    log = (layout.logs_dir(tb.name) / "n1.agent.log").read_text()
+    assert log.count(VS_WARNING) == 1

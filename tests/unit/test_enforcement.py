@@ -1,0 +1,148 @@
+"""What is accepted but not enforced is said, once per resource (issue #12, defect 10).
+
+Accepted means schema-valid (Istio's CRDs); enforced means the field changes Envoy's config. Today
+that is PeerAuthentication and DestinationRule TLS mode DISABLE/ISTIO_MUTUAL (whole rule or per
+port): https://istio.io/latest/docs/reference/config/networking/destination-rule/ lists the rest
+(subsets, loadBalancer, connectionPool, outlierDetection, SIMPLE/MUTUAL TLS, ...)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from istio_data import istio_data
+from prometheus_client import CollectorRegistry, generate_latest
+
+from nodeagent.mesh.enforcement import METRIC, NotEnforcedCollector, not_enforced, report
+from nodeagent.mesh.model import IstioResource
+from nodeagent.mesh.store import MeshStore
+from nodeagent.sources.directory import DirectorySource
+
+
+def _dr(spec: dict[str, object]) -> IstioResource:
+    return IstioResource("networking.istio.io", "v1", "DestinationRule", "shop", "web", spec)
+
+
+def test_enforced_destination_rule_tls_modes_are_not_reported() -> None:
+    for mode in ("DISABLE", "ISTIO_MUTUAL"):
+        spec = {
+            "host": "web",
+            "exportTo": ["."],
+            "trafficPolicy": {
+                "tls": {"mode": mode},
+                "portLevelSettings": [{"port": {"number": 80}, "tls": {"mode": mode}}],
+            },
+        }
+        assert not_enforced(_dr(spec)) is None
+    pa = IstioResource(
+        "security.istio.io",
+        "v1",
+        "PeerAuthentication",
+        "shop",
+        "strict",
+        {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICT"}},
+    )
+    assert not_enforced(pa) is None
+
+
+def test_ignored_destination_rule_fields_are_named() -> None:
+    spec = {
+        "host": "web",
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
+        "trafficPolicy": {
+            "tls": {"mode": "SIMPLE", "sni": "web.example"},
+            "loadBalancer": {"simple": "LEAST_REQUEST"},
+            "portLevelSettings": [
+                {"port": {"number": 80}, "tls": {"mode": "MUTUAL"}, "outlierDetection": {}}
+            ],
+        },
+    }
+    found = not_enforced(_dr(spec))
+    assert found is not None and found.planned.startswith("#15")
+    assert found.fields == (
+        "subsets",
+        "trafficPolicy.tls.mode=SIMPLE",
+        "trafficPolicy.tls.sni",
+        "trafficPolicy.loadBalancer",
+        "trafficPolicy.portLevelSettings[0].tls.mode=MUTUAL",
+        "trafficPolicy.portLevelSettings[0].outlierDetection",
+    )
+    selected = not_enforced(_dr({"host": "web", "workloadSelector": {"matchLabels": {"a": "b"}}}))
+    assert selected is not None and selected.fields == ("workloadSelector (the rule is not used)",)
+
+
+def test_istios_bookinfo_samples_are_reported_kind_by_kind(tmp_path: Path) -> None:
+    shutil.copytree(istio_data("bookinfo/networking"), tmp_path / "networking")
+    store = MeshStore()
+    source = DirectorySource(tmp_path, store)
+    source.scan()
+    assert source.errors == {}
+    items = {(n.kind, n.name): n for n in report(store.istio.values())}
+    assert {kind for kind, _ in items} == {
+        "VirtualService",
+        "DestinationRule",
+        "Gateway",
+        "ServiceEntry",
+    }
+    assert items[("VirtualService", "reviews")].fields == ("hosts", "http")
+    # destination-rule-reviews.yaml (sorted last of the files defining it)
+    assert items[("DestinationRule", "reviews")].fields == ("trafficPolicy.loadBalancer", "subsets")
+    assert items[("DestinationRule", "originate-tls-for-googleapis")].fields == (
+        "trafficPolicy.loadBalancer",
+        "trafficPolicy.portLevelSettings[0].tls.mode=SIMPLE",
+    )
+    assert items[("ServiceEntry", "googleapis")].planned.startswith("#16")
+
+
+def _write(path: Path, text: str) -> None:
+    old = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    if path.stat().st_mtime_ns <= old:
+        os.utime(path, ns=(old + 1_000_000, old + 1_000_000))
+
+
+VS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web, subset: %s}}]}]
+"""
+
+
+def test_the_warning_comes_once_per_resource_and_change_and_the_metric_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MeshStore()
+    source = DirectorySource(tmp_path, store)
+    registry = CollectorRegistry()
+    registry.register(NotEnforcedCollector(store.istio.values))
+    caplog.set_level(logging.WARNING, logger="nodeagent.mesh.store")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "not enforced" in r.getMessage()]
+
+    _write(tmp_path / "vs.yaml", VS % "v1")
+    source.scan()
+    for i in range(3):  # other changes, each a push: no new warning
+        _write(
+            tmp_path / "other.yaml", f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: n{i}}}\n"
+        )
+        source.scan()
+    assert warnings() == [
+        "VirtualService shop/web is accepted but not enforced: hosts, http (#15 traffic management)"
+    ]
+    text = generate_latest(registry).decode()
+    assert f'{METRIC}{{kind="VirtualService"}} 1.0' in text
+    assert f'{METRIC}{{kind="AuthorizationPolicy"}} 0.0' in text
+
+    _write(tmp_path / "vs.yaml", VS % "v2")  # a changed resource is reported again
+    source.scan()
+    assert len(warnings()) == 2
+    (tmp_path / "vs.yaml").unlink()
+    source.scan()
+    assert f'{METRIC}{{kind="VirtualService"}} 0.0' in generate_latest(registry).decode()
