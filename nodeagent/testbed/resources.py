@@ -6,12 +6,11 @@ runs the CNI chain), and again with ``status.podIP`` once the chain assigned one
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from nodeagent.testbed.services import Endpoint
 from nodeagent.testbed.topology import Namespace, Pod, Service
@@ -45,10 +44,12 @@ def pod_object(pod: Pod, uid: str, ip: str = "") -> dict[str, Any]:
 
 
 def write(path: Path, objects: list[dict[str, Any]]) -> None:
-    """Atomically (the agents poll this directory), as one multi-document YAML file."""
+    """Atomically (the agents poll this directory), as one multi-document YAML file whose
+    documents are JSON: every string quoted, so no YAML reader takes "y" or "08" for anything
+    else (PyYAML's dumper quotes only what YAML 1.1 would misread)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+    tmp.write_text("".join(f"---\n{json.dumps(o, indent=2)}\n" for o in objects))
     tmp.replace(path)
 
 

@@ -13,6 +13,7 @@ import pytest
 from nodeagent import kubeyaml
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import DirectorySource, MeshConfigFile
+from nodeagent.testbed import resources
 from nodeagent.testbed.topology import TopologyError, loads_topology
 
 SERVICE_ENTRY = """
@@ -97,3 +98,25 @@ def test_the_mesh_config_and_topologies_use_the_same_reading(tmp_path: Path) -> 
     assert "trustDomain: invalid value true" in config.errors[mesh][0]
     with pytest.raises(TopologyError, match=r"extra: unknown field"):  # read, then checked
         loads_topology("nodes: [{name: n1}]\nextra: [2001:db8::]\n", "topo.yaml")
+
+
+def test_what_the_testbed_writes_reads_back_unchanged(tmp_path: Path) -> None:
+    """The testbed's cluster files (JSON documents, read on the fast path) keep every string."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "namespace": "shop",
+            "name": "web",
+            "annotations": {"a": "y", "b": "08", "c": "1e3", "d": "1:20", "e": "NaN"},
+        },
+        "spec": {"nodeName": "n1"},
+    }
+    resources.write(tmp_path / "pods.yaml", [pod, {**pod, "metadata": {"name": "two"}}])
+    assert kubeyaml.load_all((tmp_path / "pods.yaml").read_text())[0] == pod
+    store = MeshStore()
+    source = DirectorySource(tmp_path, store)
+    source.scan()
+    assert source.errors == {}
+    assert store.pods["shop/web"].annotations == pod["metadata"]["annotations"]
+    assert set(store.pods) == {"shop/web", "default/two"}
