@@ -7,9 +7,15 @@ status or an ERROR event) means the watch history we need was compacted away: LI
 replace that kind's records, deleting what vanished meanwhile. Connection errors back off
 (bounded exponential) and re-watch from the last resourceVersion seen.
 
-Kinds: Pods of this node only (field selector), Namespaces, Services, EndpointSlices,
-ServiceAccounts, and every Istio kind of networking.istio.io and security.istio.io at its
-preferred served version. Invalid Istio objects are logged, kept in ``invalid`` and skipped.
+Kinds: Pods (of every node), Namespaces, Services, EndpointSlices, ServiceAccounts, and every
+Istio kind of networking.istio.io and security.istio.io at its preferred served version. Invalid
+Istio objects are logged, kept in ``invalid`` and skipped.
+
+Pods of every node, as istiod watches them: an endpoint on another node needs its pod's service
+account (the SAN clients verify) and mesh membership (``tlsMode: istio``, auto mTLS). To keep
+memory bounded, a pod of another node is kept as ``remote_pod`` trims it: identity, labels,
+host network, IPs and only the annotations membership reads; its strings are interned (label
+keys and values repeat across the replicas of a workload). This node's pods are kept whole.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,7 @@ from kubernetes_asyncio import client as _client
 from kubernetes_asyncio import config as _config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from nodeagent.mesh.membership import MESH_KEY
 from nodeagent.mesh.model import (
     EndpointSlice,
     IstioResource,
@@ -40,6 +48,12 @@ from nodeagent.mesh.validation import IstioSchemas
 from nodeagent.sources.directory import Record, ResourceError, parse_document
 
 log = logging.getLogger("nodeagent.sources.kubernetes")
+
+# What a pod of another node keeps of its annotations: mesh membership (membership.decide) and
+# Istio's capture annotations (traffic.sidecar.istio.io/*). Anything else (the capture state we
+# patch, tooling annotations, which can be large) matters only on the pod's own node.
+REMOTE_ANNOTATIONS = (MESH_KEY,)
+REMOTE_ANNOTATION_PREFIXES = ("traffic.sidecar.istio.io/",)
 
 # The generated client is untyped; calls go through Any so strict mypy accepts them.
 k8s: Any = _client
@@ -129,6 +143,31 @@ def _put(store: MeshStore, record: Record) -> None:
         store.put_istio(record)
 
 
+def _interned(values: Mapping[str, str]) -> dict[str, str]:
+    return {sys.intern(k): sys.intern(v) for k, v in values.items()}
+
+
+def remote_pod(pod: Pod) -> Pod:
+    """POD as the store keeps a pod of another node: what translation and membership read."""
+    return Pod(
+        namespace=sys.intern(pod.namespace),
+        name=pod.name,
+        uid=pod.uid,
+        node_name=sys.intern(pod.node_name),
+        service_account=sys.intern(pod.service_account),
+        labels=_interned(pod.labels),
+        annotations=_interned(
+            {
+                k: v
+                for k, v in pod.annotations.items()
+                if k in REMOTE_ANNOTATIONS or k.startswith(REMOTE_ANNOTATION_PREFIXES)
+            }
+        ),
+        host_network=pod.host_network,
+        pod_ips=pod.pod_ips,
+    )
+
+
 class _Backoff:
     def __init__(self) -> None:
         self.delay = BACKOFF_MIN
@@ -199,13 +238,8 @@ class KubernetesSource:
         custom = k8s.CustomObjectsApi(api)
         kinds = [
             _Kind("Namespace", "v1", False, core.list_namespace),
-            _Kind(
-                "Pod",
-                "v1",
-                True,
-                core.list_pod_for_all_namespaces,
-                kwargs={"field_selector": f"spec.nodeName={self.node_name}"},
-            ),
+            # Every node's pods (no field selector): remote endpoints need their identity.
+            _Kind("Pod", "v1", True, core.list_pod_for_all_namespaces),
             _Kind("Service", "v1", True, core.list_service_for_all_namespaces),
             _Kind(
                 "EndpointSlice",
@@ -359,5 +393,8 @@ class KubernetesSource:
             return key, None
         self.invalid.pop(invalid_key, None)
         for p in parsed:
-            return p.key[1], p.record
+            record = p.record
+            if isinstance(record, Pod) and record.node_name != self.node_name:
+                record = remote_pod(record)
+            return p.key[1], record
         return key, None
