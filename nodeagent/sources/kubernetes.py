@@ -64,6 +64,7 @@ SOURCE = "kubernetes"
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 WATCH_TIMEOUT = 300  # seconds the API server keeps a watch open before ending it cleanly
 LIST_TIMEOUT = 60.0
+LIST_PAGE = 500  # objects per LIST page (client-go's reflectors page by 500 too)
 CONNECT_TIMEOUT = 10.0
 
 Lister = Callable[..., Awaitable[Any]]
@@ -307,17 +308,29 @@ class KubernetesSource:
         return resp
 
     async def _list(self, kind: _Kind) -> str:
-        resp = await self._request(kind, _request_timeout=LIST_TIMEOUT)
-        try:
-            body = json.loads(await resp.read())
-        finally:
-            resp.release()
+        """LIST in pages of LIST_PAGE (the API server's consistent snapshot): only one page's
+        JSON is in memory at a time, which bounds the agent's peak for 10 000s of pods. An
+        expired continue token is a 410: the whole LIST starts over."""
         wanted: dict[str, Record] = {}
         self.invalid = {k: v for k, v in self.invalid.items() if not k.startswith(f"{kind.kind}/")}
-        for item in body.get("items") or []:
-            key, record = self._convert(kind, item)
-            if record is not None:
-                wanted[key] = record
+        token, version = "", ""
+        while True:
+            page = {"_continue": token} if token else {}
+            resp = await self._request(kind, _request_timeout=LIST_TIMEOUT, limit=LIST_PAGE, **page)
+            try:
+                body = json.loads(await resp.read())
+            finally:
+                resp.release()
+            for item in body.get("items") or []:
+                key, record = self._convert(kind, item)
+                if record is not None:
+                    wanted[key] = record
+            meta = body.get("metadata") or {}
+            version = str(meta.get("resourceVersion") or version)
+            token = str(meta.get("continue") or "")
+            del body
+            if not token:
+                break
         current = _collection(self.store, kind)
         for key in self._known.get(kind.kind, set()) - wanted.keys():
             _delete(self.store, kind, key)
@@ -325,7 +338,6 @@ class KubernetesSource:
             if current.get(key) != record:
                 _put(self.store, record)
         self._known[kind.kind] = set(wanted)
-        version = str((body.get("metadata") or {}).get("resourceVersion") or "")
         self.resource_versions[kind.kind] = version
         return version
 

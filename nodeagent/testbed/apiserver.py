@@ -5,7 +5,8 @@ tested, yet the node agents must be exercised the way the DaemonSet runs them, t
 Kubernetes source. The testbed runs one per testbed (``serve``: in its underlay netns, mirroring
 the testbed's published cluster directory) and the unit tests use it in-process.
 
-It speaks the list/watch protocol of the resources the Kubernetes source reads: LIST answers a
+It speaks the list/watch protocol of the resources the Kubernetes source reads: LIST (paged with
+``limit``/``continue`` when asked) answers a
 ``<Kind>List`` with the collection's resourceVersion; ``watch=1`` streams chunked, newline
 delimited events from the requested resourceVersion (history replayed, then live), honours
 ``fieldSelector=spec.nodeName=...`` for pods and sends BOOKMARKs on request. Tests mutate objects
@@ -21,7 +22,7 @@ and its watchers see MODIFIED, as they would on a real server.
 
 What differs from a real API server: no authentication or authorization (RBAC is not checked),
 no admission (objects are not validated: Istio objects the real server would refuse reach the
-agents, which validate them themselves), no pagination (``limit``/``continue`` are ignored), no
+agents, which validate them themselves), pages of a paged LIST are not one snapshot, no
 label selectors, field selectors only ``spec.nodeName`` on pods, and the whole history is kept in
 memory until ``expire``. Objects have no server-set fields beyond ``resourceVersion``.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import copy
 import json
@@ -362,23 +364,45 @@ class APIServerStandIn:
     async def _list(
         self, writer: asyncio.StreamWriter, path: str, route: Route, q: dict[str, str]
     ) -> None:
+        """A LIST, in pages when asked (``limit``): the continue token names the snapshot's
+        resourceVersion and the last key sent; the next page holds the keys after it. Unlike a
+        real server, a later page shows objects as they are now (a watch from the snapshot's
+        version replays what changed, so the client converges all the same)."""
         resource, kind, api = route
         self.requests.append(f"LIST {path}")
         node = self._node(q)
-        items = []
-        for obj in self.objects.get(resource, {}).values():
-            if node is None or (obj.get("spec") or {}).get("nodeName") == node:
-                item = self._served(obj, path, api)
-                if path in CORE:  # typed lists carry no kind/apiVersion on their items
-                    item.pop("kind", None)
-                    item.pop("apiVersion", None)
-                items.append(item)
-        body = {
-            "kind": f"{kind}List",
-            "apiVersion": api,
-            "metadata": {"resourceVersion": str(self.version)},
-            "items": items,
-        }
+        version, after = self.version, None
+        if q.get("continue"):
+            token = json.loads(base64.urlsafe_b64decode(q["continue"]))
+            version, after = int(token["rv"]), tuple(token["after"])
+            if version < self.compacted:
+                gone = {"kind": "Status", "code": 410, "reason": "Expired"}
+                await self._reply(writer, 410, gone)
+                return
+        limit = int(q.get("limit") or 0)
+        items: list[Obj] = []
+        last: tuple[str, str] | None = None
+        for key in sorted(self.objects.get(resource, {})):
+            obj = self.objects[resource][key]
+            if after is not None and key <= after:
+                continue
+            if node is not None and (obj.get("spec") or {}).get("nodeName") != node:
+                continue
+            if limit and len(items) == limit:
+                break
+            item = self._served(obj, path, api)
+            if path in CORE:  # typed lists carry no kind/apiVersion on their items
+                item.pop("kind", None)
+                item.pop("apiVersion", None)
+            items.append(item)
+            last = key
+        else:
+            last = None  # nothing left after this page
+        meta: Obj = {"resourceVersion": str(version)}
+        if last is not None:
+            token = json.dumps({"rv": version, "after": list(last)}).encode()
+            meta["continue"] = base64.urlsafe_b64encode(token).decode()
+        body = {"kind": f"{kind}List", "apiVersion": api, "metadata": meta, "items": items}
         await self._reply(writer, 200, body)
 
     async def _watch(

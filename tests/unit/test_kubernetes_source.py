@@ -574,3 +574,28 @@ def test_the_testbed_apiserver_serves_its_cluster_directory(tmp_path: Path) -> N
             await server.stop()
 
     _run(scenario())
+
+
+def test_pods_are_listed_in_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LIST of every node's pods comes in pages (limit/continue), so the agent never holds
+    the whole cluster's pod JSON at once; the store ends the same."""
+    from nodeagent.sources import kubernetes
+
+    monkeypatch.setattr(kubernetes, "LIST_PAGE", 2)
+
+    async def scenario() -> None:
+        async with _running(tmp_path) as run:
+            pages = [r for r in run.server.requests if r == "LIST /api/v1/pods"]
+            assert set(run.store.pods) == {"shop/web-1", "shop/web-2"}
+            assert len(pages) == 1  # two pods fit one page of two
+            for i in range(3, 8):
+                run.server.add(_pod(f"web-{i}", "node2", f"10.244.2.{i}"))
+            run.server.hidden = True
+            run.server.delete(_pod("web-1", NODE, "10.244.1.7"))  # seen only by a new LIST
+            run.server.expire()  # relist: 6 pods in 3 pages
+            await _until(lambda: "shop/web-1" not in run.store.pods, "relisted")
+            assert set(run.store.pods) == {f"shop/web-{i}" for i in range(2, 8)}
+            pages = [r for r in run.server.requests if r == "LIST /api/v1/pods"]
+            assert len(pages) == 1 + 3
+
+    _run(scenario())
