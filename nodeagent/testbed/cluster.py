@@ -399,7 +399,8 @@ class Testbed:
         Services keep the endpoints they had at ``up``; the pod reaches them by name.
         PUBLISH_LEAD: seconds between publishing the pod object and its sandbox's CNI ADD (on
         Kubernetes the node agent's watch has the pod before kubelet sets up its network; here
-        the agents poll their source directory, so without a lead an ADD may wait for them).
+        the cluster directory is polled (by the API stand-in or the agents), so without a lead an
+        ADD may wait for them).
         """
         with self._lock:
             if pod.key in self.state.pods:
