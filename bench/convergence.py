@@ -108,8 +108,11 @@ while True:
 
 
 def _topology(name: str) -> str:
+    # The directory source, as in the published figures: it hands the agents thousands of
+    # synthetic services as one change (the API stand-in would send one watch event per object).
     return f"""
 name: {name}
+source: directory
 nodes: [{{name: {CLIENT_NODE}}}, {{name: {BACKEND_NODE}}}]
 namespaces:
   - {{name: bench, labels: {{nodeagent.io/mesh: enabled}}}}

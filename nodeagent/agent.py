@@ -88,7 +88,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    store = MeshStore()
+    store = MeshStore(config.node_name)
     metrics = AgentMetrics()
     metrics.registry.register(NotEnforcedCollector(store.istio.values))
     registry = PodRegistry(config.state_dir / "pods.json")

@@ -18,7 +18,7 @@ class Namespace:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the store holds every node's pods
 class Pod:
     namespace: str
     name: str

@@ -4,6 +4,10 @@ Single-threaded (asyncio). Sources put and delete records; consumers either read
 directly or wait on ``changed`` (a generation counter and an event) to recompute the node's
 configuration. Waiters can ask for a pod that a source has not delivered yet: a CNI ADD may
 arrive before the watch event of the pod it is for.
+
+``pods`` holds the pods of every node (remote endpoints need their identity and membership):
+node-local logic (capture, adoption, pod annotations) must look only at pods whose
+``node_name`` is this node's (``on_this_node``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ log = logging.getLogger("nodeagent.mesh.store")
 
 
 class MeshStore:
-    def __init__(self) -> None:
+    def __init__(self, node_name: str = "") -> None:
+        self.node_name = node_name  # this agent's node ("": not known, every pod counts as local)
         self.namespaces: dict[str, Namespace] = {}
         self.pods: dict[str, Pod] = {}  # namespace/name
         self.services: dict[str, Service] = {}  # namespace/name
@@ -57,6 +62,8 @@ class MeshStore:
     def put_pod(self, pod: Pod) -> None:
         self.pods[pod.key] = pod
         self._bump()
+        if not self.on_this_node(pod):
+            return
         for waiter in self._pod_waiters.pop(pod.key, []):
             if not waiter.done():
                 waiter.set_result(pod)
@@ -117,11 +124,20 @@ class MeshStore:
     def istio_of_kind(self, kind: str) -> list[IstioResource]:
         return [r for r in self.istio.values() if r.kind == kind]
 
+    def on_this_node(self, pod: Pod) -> bool:
+        """POD runs on this agent's node (a pod without a node, as a bare YAML file may give,
+        counts as local)."""
+        return not (self.node_name and pod.node_name and pod.node_name != self.node_name)
+
     async def wait_for_pod(self, namespace: str, name: str, timeout: float) -> Pod | None:
-        """The pod, waiting up to TIMEOUT seconds for a source to deliver it (None: never came)."""
+        """The pod on this node, waiting up to TIMEOUT seconds for a source to deliver it (None:
+        never came). A record of the same name on another node is a pod that ran there (say, a
+        StatefulSet's pod rescheduled here, whose deletion the watch has not brought yet): it
+        is not the one a CNI ADD on this node is for, so wait for the new one."""
         key = f"{namespace}/{name}"
-        if key in self.pods:
-            return self.pods[key]
+        known = self.pods.get(key)
+        if known is not None and self.on_this_node(known):
+            return known
         waiter: asyncio.Future[Pod] = asyncio.get_running_loop().create_future()
         self._pod_waiters[key].append(waiter)
         try:

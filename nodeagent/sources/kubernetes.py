@@ -7,9 +7,15 @@ status or an ERROR event) means the watch history we need was compacted away: LI
 replace that kind's records, deleting what vanished meanwhile. Connection errors back off
 (bounded exponential) and re-watch from the last resourceVersion seen.
 
-Kinds: Pods of this node only (field selector), Namespaces, Services, EndpointSlices,
-ServiceAccounts, and every Istio kind of networking.istio.io and security.istio.io at its
-preferred served version. Invalid Istio objects are logged, kept in ``invalid`` and skipped.
+Kinds: Pods (of every node), Namespaces, Services, EndpointSlices, ServiceAccounts, and every
+Istio kind of networking.istio.io and security.istio.io at its preferred served version. Invalid
+Istio objects are logged, kept in ``invalid`` and skipped.
+
+Pods of every node, as istiod watches them: an endpoint on another node needs its pod's service
+account (the SAN clients verify) and mesh membership (``tlsMode: istio``, auto mTLS). To keep
+memory bounded, a pod of another node is kept as ``remote_pod`` trims it: identity, labels,
+host network, IPs and only the annotations membership reads; its strings are interned (label
+keys and values repeat across the replicas of a workload). This node's pods are kept whole.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,7 @@ from kubernetes_asyncio import client as _client
 from kubernetes_asyncio import config as _config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from nodeagent.mesh.membership import MESH_KEY
 from nodeagent.mesh.model import (
     EndpointSlice,
     IstioResource,
@@ -41,6 +49,12 @@ from nodeagent.sources.directory import Record, ResourceError, parse_document
 
 log = logging.getLogger("nodeagent.sources.kubernetes")
 
+# What a pod of another node keeps of its annotations: mesh membership (membership.decide) and
+# Istio's capture annotations (traffic.sidecar.istio.io/*). Anything else (the capture state we
+# patch, tooling annotations, which can be large) matters only on the pod's own node.
+REMOTE_ANNOTATIONS = (MESH_KEY,)
+REMOTE_ANNOTATION_PREFIXES = ("traffic.sidecar.istio.io/",)
+
 # The generated client is untyped; calls go through Any so strict mypy accepts them.
 k8s: Any = _client
 kconfig: Any = _config
@@ -50,6 +64,7 @@ SOURCE = "kubernetes"
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 WATCH_TIMEOUT = 300  # seconds the API server keeps a watch open before ending it cleanly
 LIST_TIMEOUT = 60.0
+LIST_PAGE = 500  # objects per LIST page (client-go's reflectors page by 500 too)
 CONNECT_TIMEOUT = 10.0
 
 Lister = Callable[..., Awaitable[Any]]
@@ -129,6 +144,31 @@ def _put(store: MeshStore, record: Record) -> None:
         store.put_istio(record)
 
 
+def _interned(values: Mapping[str, str]) -> dict[str, str]:
+    return {sys.intern(k): sys.intern(v) for k, v in values.items()}
+
+
+def remote_pod(pod: Pod) -> Pod:
+    """POD as the store keeps a pod of another node: what translation and membership read."""
+    return Pod(
+        namespace=sys.intern(pod.namespace),
+        name=pod.name,
+        uid=pod.uid,
+        node_name=sys.intern(pod.node_name),
+        service_account=sys.intern(pod.service_account),
+        labels=_interned(pod.labels),
+        annotations=_interned(
+            {
+                k: v
+                for k, v in pod.annotations.items()
+                if k in REMOTE_ANNOTATIONS or k.startswith(REMOTE_ANNOTATION_PREFIXES)
+            }
+        ),
+        host_network=pod.host_network,
+        pod_ips=pod.pod_ips,
+    )
+
+
 class _Backoff:
     def __init__(self) -> None:
         self.delay = BACKOFF_MIN
@@ -199,13 +239,8 @@ class KubernetesSource:
         custom = k8s.CustomObjectsApi(api)
         kinds = [
             _Kind("Namespace", "v1", False, core.list_namespace),
-            _Kind(
-                "Pod",
-                "v1",
-                True,
-                core.list_pod_for_all_namespaces,
-                kwargs={"field_selector": f"spec.nodeName={self.node_name}"},
-            ),
+            # Every node's pods (no field selector): remote endpoints need their identity.
+            _Kind("Pod", "v1", True, core.list_pod_for_all_namespaces),
             _Kind("Service", "v1", True, core.list_service_for_all_namespaces),
             _Kind(
                 "EndpointSlice",
@@ -273,17 +308,29 @@ class KubernetesSource:
         return resp
 
     async def _list(self, kind: _Kind) -> str:
-        resp = await self._request(kind, _request_timeout=LIST_TIMEOUT)
-        try:
-            body = json.loads(await resp.read())
-        finally:
-            resp.release()
+        """LIST in pages of LIST_PAGE (the API server's consistent snapshot): only one page's
+        JSON is in memory at a time, which bounds the agent's peak for 10 000s of pods. An
+        expired continue token is a 410: the whole LIST starts over."""
         wanted: dict[str, Record] = {}
         self.invalid = {k: v for k, v in self.invalid.items() if not k.startswith(f"{kind.kind}/")}
-        for item in body.get("items") or []:
-            key, record = self._convert(kind, item)
-            if record is not None:
-                wanted[key] = record
+        token, version = "", ""
+        while True:
+            page = {"_continue": token} if token else {}
+            resp = await self._request(kind, _request_timeout=LIST_TIMEOUT, limit=LIST_PAGE, **page)
+            try:
+                body = json.loads(await resp.read())
+            finally:
+                resp.release()
+            for item in body.get("items") or []:
+                key, record = self._convert(kind, item)
+                if record is not None:
+                    wanted[key] = record
+            meta = body.get("metadata") or {}
+            version = str(meta.get("resourceVersion") or version)
+            token = str(meta.get("continue") or "")
+            del body
+            if not token:
+                break
         current = _collection(self.store, kind)
         for key in self._known.get(kind.kind, set()) - wanted.keys():
             _delete(self.store, kind, key)
@@ -291,7 +338,6 @@ class KubernetesSource:
             if current.get(key) != record:
                 _put(self.store, record)
         self._known[kind.kind] = set(wanted)
-        version = str((body.get("metadata") or {}).get("resourceVersion") or "")
         self.resource_versions[kind.kind] = version
         return version
 
@@ -359,5 +405,8 @@ class KubernetesSource:
             return key, None
         self.invalid.pop(invalid_key, None)
         for p in parsed:
-            return p.key[1], p.record
+            record = p.record
+            if isinstance(record, Pod) and record.node_name != self.node_name:
+                record = remote_pod(record)
+            return p.key[1], record
         return key, None

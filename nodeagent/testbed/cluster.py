@@ -9,8 +9,12 @@ Layout (every address lives inside namespaces made here; the root namespace is n
       veth <-> eth0               in each pod netns tb-<name>.pod-<ns>.<pod>, made by the CNI chain
 
 Pods are created the way kubelet and the container runtime create them: the pod object is published
-(in the directory the node agents read), then the runtime shim runs the node's CNI configuration
-list, which install-cni extended with nodeagent-cni, then the workload starts inside the pod.
+(in the cluster directory, which the testbed's stand-in API server serves, or which the node agents
+read themselves with ``source: directory``), then the runtime shim runs the node's CNI
+configuration list, which install-cni extended with nodeagent-cni, then the workload starts inside
+the pod.
+
+    tb-<name>.underlay  br0 also holds the API server's address (the underlay's last host)
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from nodeagent.testbed.state import (
     known_testbeds,
 )
 from nodeagent.testbed.topology import (
+    APISERVER_PORT,
     Node,
     Pod,
     Service,
@@ -248,9 +253,13 @@ class Testbed:
 
     def _build_underlay(self) -> None:
         ul = underlay_netns(self.name)
+        network = self.topology.network
         with self._creating_netns(ul):
             netns.ip(ul, "link", "add", "br0", "type", "bridge")
             netns.ip(ul, "link", "set", "br0", "up")
+            # The stand-in API server's address (source: kubernetes), reached from every node.
+            address = f"{network.apiserver_ip}/{network.underlay_cidr.prefixlen}"
+            netns.ip(ul, "addr", "add", address, "dev", "br0")
 
     def _build_node(self, node: Node) -> None:
         ns, ul = node_netns(self.name, node.name), underlay_netns(self.name)
@@ -286,6 +295,8 @@ class Testbed:
             # Sidecar Envoys run as uid 1337 and reach their socket and bootstrap in
             # nodes/<node>/sidecars: let them through the testbed directory (not list it).
             os.chmod(TestbedState.directory(self.name), 0o711)
+        if self.topology.source == "kubernetes":
+            self._start_apiserver()
         records = []
         names = [daemons.INSTALL_CNI, daemons.AGENT]
         if self.topology.envoy_container:
@@ -299,6 +310,21 @@ class Testbed:
         except daemons.DaemonError as e:
             raise TestbedError(str(e)) from None
 
+    def _start_apiserver(self) -> None:
+        """The stand-in API server the agents watch (see nodeagent.testbed.daemons for why)."""
+        if any(r.name == daemons.APISERVER for r in self.state.daemons):
+            return
+        record = daemons.start_apiserver(
+            self.name, str(self.topology.network.apiserver_ip), APISERVER_PORT
+        )
+        with self._lock:
+            self.state.daemons.append(record)
+            self.state.save()
+        try:
+            daemons.wait_ready(self.name, record)
+        except daemons.DaemonError as e:
+            raise TestbedError(str(e)) from None
+
     def _start_daemon(self, node: str, daemon: str) -> DaemonRecord:
         record = daemons.start(
             self.name,
@@ -308,6 +334,7 @@ class Testbed:
             cert_ttl=self.topology.cert_ttl,
             envoy_container=self.topology.envoy_container,
             proxy_model=self.topology.proxy_model,
+            source=self.topology.source,
         )
         with self._lock:
             self.state.daemons.append(record)
@@ -372,7 +399,8 @@ class Testbed:
         Services keep the endpoints they had at ``up``; the pod reaches them by name.
         PUBLISH_LEAD: seconds between publishing the pod object and its sandbox's CNI ADD (on
         Kubernetes the node agent's watch has the pod before kubelet sets up its network; here
-        the agents poll their source directory, so without a lead an ADD may wait for them).
+        the cluster directory is polled (by the API stand-in or the agents), so without a lead an
+        ADD may wait for them).
         """
         with self._lock:
             if pod.key in self.state.pods:
@@ -494,7 +522,8 @@ class Testbed:
     def publish_extra(self, name: str, objects: list[dict[str, Any]]) -> Path:
         """Publish objects the testbed does not manage (say, thousands of synthetic services for
         a benchmark) as one file of their own in the cluster directory, in one atomic write: the
-        agents' directory source picks it up like any other file. [] removes the file.
+        agents' source (the directory, or the API server serving it) picks it up like any other
+        file. [] removes the file.
 
         They reach the agents only: the testbed's node service tables (kube-proxy) and the pods'
         /etc/hosts do not include them.

@@ -1,10 +1,19 @@
-"""The node-level processes of a testbed node, as the DaemonSet runs them on a real node.
+"""The node-level processes of a testbed node, as the DaemonSet runs them on a real node, and the
+testbed's stand-in API server.
 
 ``install-cni --watch`` chains nodeagent-cni into the node's CNI configuration and keeps it there;
 ``nodeagent run`` is the node agent; with the topology's ``envoyContainer``, ``nodeagent envoy``
 runs the node's Envoy apart from the agent, as the DaemonSet's envoy container does (the agent then
 runs in ``--envoy-mode external``). All run inside the node's network namespace, which is that
 node's "host" network.
+
+With ``source: kubernetes`` the agents read the cluster from the Kubernetes API, as on a real
+cluster, through ``--kubeconfig``. No real API server can run here (no etcd, no kube-apiserver),
+so the testbed runs a stand-in (``nodeagent.testbed.apiserver``) in its underlay netns, on the
+underlay's last address, reachable from every node netns and from nothing outside the testbed.
+It serves the testbed's cluster directory with the real list/watch protocol and takes the
+agents' pod annotation patches; what it does not do (authentication, RBAC, admission,
+pagination) is listed in its module. ``source: directory`` gives the agents the directory itself.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from nodeagent.cni.install import holds_entry
 from nodeagent.testbed import layout, netns
 from nodeagent.testbed.state import DaemonRecord
 
-AGENT, INSTALL_CNI, ENVOY = "agent", "install-cni", "envoy"
+AGENT, INSTALL_CNI, ENVOY, APISERVER = "agent", "install-cni", "envoy", "apiserver"
 READY_TIMEOUT = 30.0
 ADMIN_URL = "http://127.0.0.1:15000"  # the node Envoy's admin, on the node's loopback
 # The DaemonSet envoy container's capabilities (daemonset/daemonset.yaml): the envoy daemon runs
@@ -40,6 +49,7 @@ def start(
     cert_ttl: int = 24 * 3600,
     envoy_container: bool = False,
     proxy_model: str = "node",
+    source: str = "directory",
 ) -> DaemonRecord:
     """Start one node daemon. Its output goes to ``logs/<node>.<daemon>.log``: for the envoy
     daemon that is ``<node>.envoy.log``, where the agent's own Envoy writes in managed mode."""
@@ -54,8 +64,11 @@ def start(
             "run",
             "--node",
             node,
-            "--source-dir",
-            str(layout.cluster_dir(testbed)),
+            *(
+                ["--kubeconfig", str(layout.apiserver_kubeconfig(testbed))]
+                if source == "kubernetes"
+                else ["--source-dir", str(layout.cluster_dir(testbed))]
+            ),
             "--cni-socket",
             str(layout.agent_socket(testbed, node)),
             "--state-dir",
@@ -112,10 +125,38 @@ def start(
     return DaemonRecord(node, daemon, proc.pid, netns.process_start_time(proc.pid))
 
 
+def start_apiserver(testbed: str, address: str, port: int) -> DaemonRecord:
+    """The stand-in API server in the underlay netns, serving the testbed's cluster directory;
+    its output goes to ``logs/apiserver.log``. Ready once its kubeconfig exists."""
+    kubeconfig = layout.apiserver_kubeconfig(testbed)
+    kubeconfig.unlink(missing_ok=True)
+    logs = layout.logs_dir(testbed)
+    logs.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "nodeagent.testbed.apiserver",
+        str(layout.cluster_dir(testbed)),
+        "--listen",
+        f"{address}:{port}",
+        "--kubeconfig",
+        str(kubeconfig),
+    ]
+    with open(logs / f"{APISERVER}.log", "ab") as log:
+        proc = subprocess.Popen(
+            netns.in_netns(layout.underlay_netns(testbed), argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return DaemonRecord("", APISERVER, proc.pid, netns.process_start_time(proc.pid))
+
+
 def stop(record: DaemonRecord) -> None:
     left = netns.terminate([(record.pid, record.start_time)])
     if left:
-        raise DaemonError(f"{record.name} on {record.node} (pid {record.pid}) did not stop")
+        raise DaemonError(f"{_what(record)} (pid {record.pid}) did not stop")
 
 
 def wait_ready(testbed: str, record: DaemonRecord, timeout: float = READY_TIMEOUT) -> None:
@@ -125,12 +166,16 @@ def wait_ready(testbed: str, record: DaemonRecord, timeout: float = READY_TIMEOU
     why = "not started"
     while time.monotonic() < deadline:
         if not netns.alive(record.pid, record.start_time):
-            raise DaemonError(f"{record.name} on {record.node} exited; {log_tail(testbed, record)}")
+            raise DaemonError(f"{_what(record)} exited; {log_tail(testbed, record)}")
         why = _not_ready(testbed, record)
         if not why:
             return
         time.sleep(0.05)
-    raise DaemonError(f"{record.name} on {record.node} not ready after {timeout:.0f}s: {why}")
+    raise DaemonError(f"{_what(record)} not ready after {timeout:.0f}s: {why}")
+
+
+def _what(record: DaemonRecord) -> str:
+    return f"{record.name} on {record.node}" if record.node else f"the testbed's {record.name}"
 
 
 def _not_ready(testbed: str, record: DaemonRecord) -> str:
@@ -141,6 +186,9 @@ def _not_ready(testbed: str, record: DaemonRecord) -> str:
         return "" if holds_entry(conf_dir) else f"no nodeagent-cni entry in {conf_dir} yet"
     if record.name == ENVOY:
         return envoy_not_ready(testbed, record.node)
+    if record.name == APISERVER:
+        kubeconfig = layout.apiserver_kubeconfig(testbed)
+        return "" if kubeconfig.is_file() else f"no {kubeconfig} yet"
     try:
         answer = wire.request(
             str(layout.agent_socket(testbed, record.node)), {"command": "STATUS"}, 2
@@ -169,7 +217,8 @@ def envoy_not_ready(testbed: str, node: str) -> str:
 
 
 def log_tail(testbed: str, record: DaemonRecord) -> str:
-    path: Path = layout.logs_dir(testbed) / f"{record.node}.{record.name}.log"
+    name = f"{record.node}.{record.name}" if record.node else record.name
+    path: Path = layout.logs_dir(testbed) / f"{name}.log"
     try:
         return "log: " + " | ".join(path.read_text().strip().splitlines()[-5:])
     except OSError:

@@ -34,6 +34,12 @@ def cluster_dir(name: str) -> Path:
     return TestbedState.directory(name) / "cluster"
 
 
+def apiserver_kubeconfig(name: str) -> Path:
+    """The kubeconfig of the testbed's stand-in API server (``source: kubernetes``), written by
+    the server once it listens; every node agent is given it."""
+    return TestbedState.directory(name) / "apiserver" / "kubeconfig"
+
+
 def cacerts_dir(name: str) -> Path:
     """The testbed's CA in Istio's plug-in layout (root + intermediate), shared by all nodes."""
     return TestbedState.directory(name) / "cacerts"

@@ -25,6 +25,11 @@ TESTBED_NAME = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
 DEFAULT_CLUSTER_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
 DEFAULT_SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")
 DEFAULT_UNDERLAY_CIDR = ipaddress.IPv4Network("172.31.0.0/24")
+# Where the node agents read the cluster from: "kubernetes" (the testbed's stand-in API server,
+# list/watch as the DaemonSet's agents do on a real cluster) or "directory" (--source-dir).
+SOURCES = ("kubernetes", "directory")
+DEFAULT_SOURCE = "kubernetes"
+APISERVER_PORT = 6443
 LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
@@ -40,6 +45,11 @@ class Network:
     service_cidr: ipaddress.IPv4Network = DEFAULT_SERVICE_CIDR
     underlay_cidr: ipaddress.IPv4Network = DEFAULT_UNDERLAY_CIDR
     cluster_domain: str = "cluster.local"
+
+    @property
+    def apiserver_ip(self) -> ipaddress.IPv4Address:
+        """The stand-in API server's address in the underlay (its last host; never a node's)."""
+        return self.underlay_cidr.broadcast_address - 1
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,8 @@ class Topology:
     # With proxy: "node" (one shared Envoy per node) or "sidecar" (one Envoy inside each
     # captured pod with istio-init's rules: Istio's sidecar model, the benchmarks' baseline).
     proxy_model: str = "node"
+    # With nodeagent: where the agents read the cluster from (SOURCES).
+    source: str = DEFAULT_SOURCE
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -235,6 +247,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             "certTTL",
             "envoyContainer",
             "proxyModel",
+            "source",
         },
         {"name", "nodes"},
     )
@@ -274,7 +287,8 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         node_name = r.string(node_raw["name"], f"{path}.name", DNS_LABEL)
         if any(n.name == node_name for n in nodes):
             raise r.fail(f"{path}.name", f"duplicate node {node_name!r}")
-        if i + 1 >= len(node_cidrs) or i >= len(underlay_hosts):
+        # The underlay's last host is the API server's.
+        if i + 1 >= len(node_cidrs) or i >= len(underlay_hosts) - 1:
             raise r.fail(path, "more nodes than the cluster or underlay CIDR can address")
         nodes.append(Node(node_name, i, node_cidrs[i + 1], underlay_hosts[i]))
     if not nodes:
@@ -324,6 +338,9 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     cert_ttl = top.get("certTTL", 24 * 3600)
     if isinstance(cert_ttl, bool) or not isinstance(cert_ttl, int) or cert_ttl < 10:
         raise r.fail("certTTL", f"expected whole seconds, at least 10, got {cert_ttl!r}")
+    source = top.get("source", DEFAULT_SOURCE)
+    if source not in SOURCES:
+        raise r.fail("source", f"expected one of {', '.join(SOURCES)}, got {source!r}")
     return Topology(
         name,
         network,
@@ -336,6 +353,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         cert_ttl,
         envoy_container,
         proxy_model,
+        source,
     )
 
 

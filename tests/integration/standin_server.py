@@ -1,4 +1,5 @@
-"""The stand-in API server (tests/unit/apiserver_standin.py) as a process of its own.
+"""The stand-in API server (nodeagent/testbed/apiserver.py) as a process of its own, serving a
+fixed set of objects (the testbed's own API server serves its cluster directory instead).
 
 ``python standin_server.py OBJECTS.json KUBECONFIG``: serves the objects listed in OBJECTS.json on
 127.0.0.1 (of the network namespace it runs in) and writes a kubeconfig for it, atomically, once it
@@ -13,9 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-
-from apiserver_standin import APIServerStandIn
+from nodeagent.testbed.apiserver import APIServerStandIn
 
 
 async def serve(objects: Path, kubeconfig: Path) -> None:

@@ -4,6 +4,9 @@ SDS, auto mTLS, PeerAuthentication, on a two-node testbed with the real Envoy.
 SCENARIOS S4: namespaces foo and bar in the mesh, legacy not; each has httpbin (port 8000 ->
 container port 80) and sleep. Every sleep calls every httpbin and the 9 codes are printed as a
 table and asserted cell by cell, under each policy.
+
+The agents read the cluster from the Kubernetes API (the testbed's API stand-in), as the
+DaemonSet's do; the rotation test keeps the directory source covered on two nodes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -37,6 +41,7 @@ NAMESPACES = ("foo", "bar", "legacy")
 def _topology() -> str:
     lines = [
         f"name: {NAME}",
+        "source: kubernetes",
         "nodes: [{name: n1}, {name: n2}]",
         "namespaces:",
         "  - {name: foo, labels: {nodeagent.io/mesh: enabled}}",
@@ -150,6 +155,67 @@ def test_s4_peer_authentication_matrix(tb: Testbed) -> None:
         restore(tb)
 
 
+def _values(tree: Any, key: str) -> list[Any]:
+    """Every value of KEY anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        return [v for k, v in tree.items() if k == key] + [
+            x for v in tree.values() for x in _values(v, key)
+        ]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _values(v, key)]
+    return []
+
+
+def test_a_remote_endpoint_keeps_its_identity_and_strict_holds_across_nodes(tb: Testbed) -> None:
+    """Issue #12, defect 1. With the Kubernetes source, the caller's node knows the pod behind an
+    endpoint on another node: its EDS endpoint carries ``tlsMode: istio`` and the cluster verifies
+    the callee's SPIFFE identity (secure naming), so a STRICT callee there answers the meshed
+    caller and refuses plaintext. Istio: auto mTLS sends mTLS to endpoints with a proxy
+    (https://istio.io/latest/docs/tasks/security/authentication/authn-policy/#auto-mutual-tls),
+    secure naming (https://istio.io/latest/docs/concepts/security/#secure-naming). On main the
+    source watched only its node's pods: plaintext cross-node, an empty SAN list, 000 under
+    STRICT."""
+    assert tb.topology.source == "kubernetes"
+    caller, callee = tb.state.pods["foo/sleep"], tb.state.pods["foo/httpbin"]
+    assert caller.node != callee.node
+    host = "httpbin.foo.svc.cluster.local"
+    eds = envoy_config_dump(tb, caller.node, "resource=dynamic_endpoint_configs&include_eds")
+    assignment = next(
+        c["endpoint_config"]
+        for c in eds
+        if c.get("endpoint_config", {}).get("cluster_name") == f"outbound|8000||{host}"
+    )
+    endpoints = {
+        lb["endpoint"]["address"]["socket_address"]["address"]: _values(lb, "tlsMode")
+        for group in assignment["endpoints"]
+        for lb in group["lb_endpoints"]
+    }
+    assert endpoints == {callee.ip: ["istio"]}, assignment
+    clusters = envoy_config_dump(tb, caller.node, "resource=dynamic_active_clusters")
+    cluster = next(
+        c["cluster"] for c in clusters if c["cluster"]["name"] == f"outbound|8000||{host}~foo~sleep"
+    )
+    sans = {m["exact"] for m in _values(cluster, "matcher") if "exact" in m}
+    assert sans == {"spiffe://cluster.local/ns/foo/sa/httpbin"}, cluster
+    try:
+        apply_policy(tb, FOO_STRICT)
+        deadline = time.monotonic() + 15
+        while code(tb, "legacy", "foo") != "000" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert tb.state.pods["legacy/sleep"].node == caller.node  # plaintext, from that node
+        assert code(tb, "legacy", "foo") == "000"
+        assert code(tb, "foo", "foo") == "200"
+        # Over mTLS, not a plaintext connection pooled before the policy: the app sees the
+        # caller's identity.
+        proc = tb.exec(
+            "foo/sleep", ["curl", "-sS", "--max-time", "5", "http://httpbin.foo:8000/headers"]
+        )
+        xfcc = json.loads(proc.stdout)["headers"].get("x-forwarded-client-cert", "")
+        assert "URI=spiffe://cluster.local/ns/foo/sa/sleep" in xfcc, proc.stdout
+    finally:
+        restore(tb)
+
+
 def test_destination_rule_tls_mode_against_a_strict_server(tb: Testbed) -> None:
     dr = """
 apiVersion: networking.istio.io/v1
@@ -253,7 +319,8 @@ def test_no_private_key_material_in_anything_the_agents_write(tb: Testbed) -> No
     assert scanned >= 8
 
 
-def envoy_secret_names(tb: Testbed, node: str) -> set[str]:
+def envoy_config_dump(tb: Testbed, node: str, query: str) -> list[dict[str, Any]]:
+    """The ``configs`` of the node Envoy's admin ``/config_dump?QUERY``."""
     proc = subprocess.run(
         [
             "ip",
@@ -264,13 +331,20 @@ def envoy_secret_names(tb: Testbed, node: str) -> set[str]:
             "-sS",
             "--max-time",
             "5",
-            "http://127.0.0.1:15000/config_dump?resource=dynamic_active_secrets",
+            f"http://127.0.0.1:15000/config_dump?{query}",
         ],
         capture_output=True,
         text=True,
         timeout=10,
     )
-    return {c.get("name", "") for c in json.loads(proc.stdout).get("configs", [])}
+    configs: list[dict[str, Any]] = json.loads(proc.stdout).get("configs", [])
+    return configs
+
+
+def envoy_secret_names(tb: Testbed, node: str) -> set[str]:
+    return {
+        c.get("name", "") for c in envoy_config_dump(tb, node, "resource=dynamic_active_secrets")
+    }
 
 
 def test_a_node_holds_only_the_identities_of_its_own_pods(tb: Testbed) -> None:
@@ -290,6 +364,7 @@ def test_a_node_holds_only_the_identities_of_its_own_pods(tb: Testbed) -> None:
 
 ROTATION = """
 name: tbrot
+source: directory
 certTTL: 60
 nodes: [{name: n1}, {name: n2}]
 namespaces:
@@ -416,6 +491,7 @@ def test_s1_2_strict_mtls_on_the_workshop_shop() -> None:
     down("tbs12")
     try:
         shop = Testbed.up(loads_topology(text, "workshop"), text, "workshop")
+        assert shop.topology.source == "kubernetes"  # the default: as the DaemonSet runs
         (layout.cluster_dir(shop.name) / "policy.yaml").write_text(MESH_STRICT)
 
         def status(pod: str) -> str:

@@ -1,5 +1,6 @@
 """The Kubernetes source against a stand-in API server: same records as the directory source,
-watch events applied, bookmarks followed, 410 Gone relisted, dropped connections recovered."""
+watch events applied, bookmarks followed, 410 Gone relisted, dropped connections recovered; pods
+of every node known (remote ones trimmed), and the testbed's stand-in serving a directory."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from nodeagent.podstatus import (
     kubernetes_patcher,
 )
 from nodeagent.sources.directory import DirectorySource
-from nodeagent.sources.kubernetes import ISTIO_GROUPS, KubernetesSource, plural
+from nodeagent.sources.kubernetes import ISTIO_GROUPS, KubernetesSource, plural, remote_pod
 
 BOOKINFO = Path(__file__).resolve().parents[1] / "data/istio/bookinfo/networking"  # istio_data.py
 NODE = "node1"
@@ -119,9 +120,13 @@ def _objects() -> list[dict[str, Any]]:
 
 
 def _view(store: MeshStore, node: str | None = None) -> dict[str, Any]:
+    """The store's records; NODE: pods of other nodes as the Kubernetes source keeps them."""
     return {
         "namespaces": dict(store.namespaces),
-        "pods": {k: p for k, p in store.pods.items() if node is None or p.node_name == node},
+        "pods": {
+            k: p if node is None or p.node_name == node else remote_pod(p)
+            for k, p in store.pods.items()
+        },
         "services": dict(store.services),
         "endpoint_slices": dict(store.endpoint_slices),
         "service_accounts": dict(store.service_accounts),
@@ -189,7 +194,7 @@ def test_same_records_as_the_directory_source(tmp_path: Path) -> None:
         DirectorySource(files, directory).scan()
         async with _running(tmp_path) as run:
             assert _view(run.store) == _view(directory, node=NODE)
-            assert set(run.store.pods) == {"shop/web-1"}
+            assert set(run.store.pods) == {"shop/web-1", "shop/web-2"}  # every node's pods
             assert "VirtualService/shop/reviews" in run.store.istio
             assert "DestinationRule/shop/reviews" in run.store.istio
             assert "VirtualService/shop/broken" not in run.store.istio
@@ -229,7 +234,7 @@ def test_watch_events_are_applied_and_unchanged_records_do_not_bump(tmp_path: Pa
                 lambda: run.source.resource_versions["EndpointSlice"] == version, "event seen"
             )
             assert store.generation == generation
-            assert "shop/web-4" not in store.pods
+            assert store.pods["shop/web-4"].node_name == "node2"  # another node's: known too
             # An invalid Istio object arriving by watch is counted and skipped.
             server.modify({**INVALID_VS, "metadata": {**INVALID_VS["metadata"], "labels": {}}})
             server.delete(INVALID_VS)
@@ -271,7 +276,7 @@ def test_gone_mid_stream_relists_and_converges(tmp_path: Path) -> None:
             server.expire()
             await _until(lambda: "shop/web-6" in store.pods, "relisted pods")
             await _until(lambda: "DestinationRule/shop/reviews" not in store.istio, "relisted")
-            assert set(store.pods) == {"shop/web-6"}
+            assert set(store.pods) == {"shop/web-2", "shop/web-6"}
             assert source.relists["Pod"] >= 1 and source.relists["DestinationRule"] >= 1
             # Still watching after the relist.
             server.modify(_bump(NAMESPACE, extra="yes"))
@@ -388,5 +393,209 @@ def test_capture_state_is_patched_onto_the_pod_and_seen_back_by_the_watch(
                 assert await annotator.flush() and annotator.pending == {}
             finally:
                 await close()
+
+    _run(scenario())
+
+
+# -- pods of every node (issue #12: remote endpoints keep their identity) ------------------------
+
+
+def _find(tree: Any, key: str) -> list[Any]:
+    """Every value of KEY anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        return [v for k, v in tree.items() if k == key] + [
+            x for v in tree.values() for x in _find(v, key)
+        ]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _find(v, key)]
+    return []
+
+
+def test_an_endpoint_on_another_node_gets_mtls_and_its_pods_identity(tmp_path: Path) -> None:
+    """The EDS endpoint of a mesh pod on another node is marked ``tlsMode: istio`` and the
+    cluster verifies that pod's SPIFFE identity, as istiod's are from every pod (Istio docs,
+    "Mutual TLS Migration" / auto mTLS: a client sends mTLS to workloads with a proxy;
+    https://istio.io/latest/docs/concepts/security/#secure-naming). On main the source watched
+    this node's pods only: the endpoint was plaintext and the SAN list empty."""
+    from google.protobuf import json_format
+
+    from nodeagent.translate import LocalPod, envoy, translate
+
+    async def scenario() -> None:
+        async with _running(tmp_path) as run:
+            remote_slice = copy.deepcopy(SLICE)
+            remote_slice["metadata"]["name"] = "web-remote"
+            remote_slice["endpoints"] = [
+                {
+                    "addresses": ["10.244.2.9"],
+                    "conditions": {"ready": True},
+                    "nodeName": "node2",
+                    "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-2"},
+                }
+            ]
+            run.server.add(remote_slice)
+            await _until(lambda: "shop/web-remote" in run.store.endpoint_slices, "slice")
+            caller = LocalPod(run.store.pods["shop/web-1"], "/run/netns/web-1")
+            out = translate(run.store, [caller])
+            host = "web.shop.svc.cluster.local"
+            cla = json_format.MessageToDict(out[envoy.ENDPOINT][f"outbound|80||{host}"])
+            modes = {
+                lb["endpoint"]["address"]["socketAddress"]["address"]: _find(lb, "tlsMode")
+                for lb in cla["endpoints"][0]["lbEndpoints"]
+            }
+            assert modes == {"10.244.1.7": ["istio"], "10.244.2.9": ["istio"]}
+            cluster = json_format.MessageToDict(out[envoy.CLUSTER][f"outbound|80||{host}~shop~web"])
+            sans = {m["exact"] for m in _find(cluster, "matcher") if "exact" in m}
+            assert sans == {"spiffe://cluster.local/ns/shop/sa/web"}
+
+    _run(scenario())
+
+
+def test_a_pod_of_another_node_is_kept_trimmed_and_its_churn_moves_nothing(
+    tmp_path: Path,
+) -> None:
+    annotations = {
+        "nodeagent.io/mesh": "disabled",
+        "traffic.sidecar.istio.io/excludeInboundPorts": "9000",
+        "nodeagent.io/capture": "captured",
+        "kubectl.kubernetes.io/last-applied-configuration": "{" + "x" * 4000 + "}",
+    }
+
+    async def scenario() -> None:
+        async with _running(tmp_path) as run:
+            server, store = run.server, run.store
+            for name, node in (("db-1", "node2"), ("db-2", NODE)):
+                pod = _pod(name, node, "10.244.2.20" if node == "node2" else "10.244.1.20")
+                pod["metadata"]["annotations"] = dict(annotations)
+                pod["spec"]["serviceAccountName"] = "db"
+                server.add(pod)
+            await _until(lambda: {"shop/db-1", "shop/db-2"} <= set(store.pods), "pods")
+            remote, local = store.pods["shop/db-1"], store.pods["shop/db-2"]
+            assert (remote.service_account, remote.node_name, dict(remote.labels)) == (
+                "db",
+                "node2",
+                {"app": "web"},
+            )
+            assert remote.pod_ips == ("10.244.2.20",) and remote.uid == "u-db-1"
+            assert dict(remote.annotations) == {
+                "nodeagent.io/mesh": "disabled",
+                "traffic.sidecar.istio.io/excludeInboundPorts": "9000",
+            }
+            assert dict(local.annotations) == annotations  # this node's pods are kept whole
+            # The remote pod's status and capture state change: nothing the mesh reads did.
+            generation = store.generation
+            churn = copy.deepcopy(server.objects["/api/v1/pods"][("shop", "db-1")])
+            churn["metadata"]["annotations"]["nodeagent.io/capture"] = "failed"
+            churn["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+            server.modify(churn)
+            version = str(server.version)
+            await _until(lambda: run.source.resource_versions["Pod"] == version, "event seen")
+            assert store.generation == generation
+
+    _run(scenario())
+
+
+def test_a_cni_add_waits_for_the_pod_on_its_own_node() -> None:
+    """A record of the same name on another node (a StatefulSet pod that ran there, whose
+    deletion the watch has not brought yet) is not the pod a CNI ADD here is for."""
+    from nodeagent.mesh.model import Pod
+
+    async def scenario() -> None:
+        store = MeshStore(NODE)
+        store.put_pod(Pod("shop", "db-0", uid="old", node_name="node2"))
+        assert await store.wait_for_pod("shop", "db-0", 0.05) is None
+        waiting = asyncio.create_task(store.wait_for_pod("shop", "db-0", WAIT))
+        await asyncio.sleep(0)
+        store.put_pod(Pod("shop", "db-0", uid="old", node_name="node2", labels={"x": "y"}))
+        store.put_pod(Pod("shop", "db-0", uid="new", node_name=NODE))
+        found = await waiting
+        assert found is not None and found.uid == "new"
+        # Without a node name (a bare YAML pod), every pod counts as this node's.
+        assert await MeshStore().wait_for_pod("shop", "db-0", 0.01) is None
+
+    _run(scenario())
+
+
+# -- the testbed's stand-in: a cluster directory served ------------------------------------------
+
+
+def test_the_testbed_apiserver_serves_its_cluster_directory(tmp_path: Path) -> None:
+    """ClusterMirror turns file changes into watch events; the agents' records equal the
+    directory source's; a patched annotation survives a rewrite of the pod's file."""
+    from nodeagent.testbed.apiserver import ClusterMirror
+
+    async def scenario() -> None:
+        files = tmp_path / "cluster"
+        (files / "pods").mkdir(parents=True)
+        objects = _objects()
+        pods = [o for o in objects if o["kind"] == "Pod"]
+        (files / "rest.yaml").write_text(
+            yaml.safe_dump_all([o for o in objects if o["kind"] != "Pod"])
+        )
+        for pod in pods:
+            (files / "pods" / f"{pod['metadata']['name']}.yaml").write_text(yaml.safe_dump(pod))
+        (files / ".hidden.yaml.tmp").write_text("{not yaml")
+        server = APIServerStandIn()
+        mirror = ClusterMirror(files, server)
+        assert mirror.sync() and not mirror.sync()
+        await server.start()
+        store, stop = MeshStore(NODE), asyncio.Event()
+        source = KubernetesSource(store, NODE, kubeconfig=server.write_kubeconfig(tmp_path / "kc"))
+        task = asyncio.create_task(source.run(stop))
+        try:
+            async with asyncio.timeout(WAIT):
+                await store.synced.wait()
+            directory = MeshStore()
+            DirectorySource(files, directory).scan()
+            assert _view(store) == _view(directory, node=NODE)
+
+            patch, close = await kubernetes_patcher(tmp_path / "kc")
+            try:
+                await patch("shop", "web-1", {CAPTURE_ANNOTATION: "captured"})
+            finally:
+                await close()
+            web1 = pods[0]
+            web1["status"] = {"podIP": "10.244.1.70", "podIPs": [{"ip": "10.244.1.70"}]}
+            (files / "pods" / "web-1.yaml").write_text(yaml.safe_dump(web1))
+            (files / "pods" / "web-2.yaml").unlink()
+            assert mirror.sync()
+            await _until(
+                lambda: (
+                    "shop/web-2" not in store.pods
+                    and store.pods["shop/web-1"].pod_ips == ("10.244.1.70",)
+                ),
+                "file changes reached the agent's store",
+            )
+            assert store.pods["shop/web-1"].annotations == {CAPTURE_ANNOTATION: "captured"}
+        finally:
+            stop.set()
+            async with asyncio.timeout(WAIT):
+                await task
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_pods_are_listed_in_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LIST of every node's pods comes in pages (limit/continue), so the agent never holds
+    the whole cluster's pod JSON at once; the store ends the same."""
+    from nodeagent.sources import kubernetes
+
+    monkeypatch.setattr(kubernetes, "LIST_PAGE", 2)
+
+    async def scenario() -> None:
+        async with _running(tmp_path) as run:
+            pages = [r for r in run.server.requests if r == "LIST /api/v1/pods"]
+            assert set(run.store.pods) == {"shop/web-1", "shop/web-2"}
+            assert len(pages) == 1  # two pods fit one page of two
+            for i in range(3, 8):
+                run.server.add(_pod(f"web-{i}", "node2", f"10.244.2.{i}"))
+            run.server.hidden = True
+            run.server.delete(_pod("web-1", NODE, "10.244.1.7"))  # seen only by a new LIST
+            run.server.expire()  # relist: 6 pods in 3 pages
+            await _until(lambda: "shop/web-1" not in run.store.pods, "relisted")
+            assert set(run.store.pods) == {f"shop/web-{i}" for i in range(2, 8)}
+            pages = [r for r in run.server.requests if r == "LIST /api/v1/pods"]
+            assert len(pages) == 1 + 3
 
     _run(scenario())

@@ -146,3 +146,17 @@ def test_malformed_yaml_is_reported_with_the_file() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(TopologyError, match="cannot read topology"):
         load_topology(tmp_path / "absent.yaml")
+
+
+def test_agents_read_the_kubernetes_api_unless_told_directory() -> None:
+    topo = loads_topology(MINIMAL, "t.yaml")
+    assert topo.source == "kubernetes"  # as the DaemonSet runs
+    assert topo.network.apiserver_ip == ipaddress.IPv4Address("172.31.0.254")
+    assert all(n.underlay_ip != topo.network.apiserver_ip for n in topo.nodes)
+    assert loads_topology(MINIMAL + "source: directory\n", "t.yaml").source == "directory"
+    with pytest.raises(TopologyError, match=r"t.yaml: source: expected one of kubernetes"):
+        loads_topology(MINIMAL + "source: etcd\n", "t.yaml")
+    # The underlay's last host is the API server's: a /30 addresses one node, not two.
+    small = MINIMAL + "network: {underlayCIDR: 10.9.0.0/30}\n"
+    with pytest.raises(TopologyError, match="more nodes than"):
+        loads_topology(small, "t.yaml")

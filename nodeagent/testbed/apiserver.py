@@ -1,0 +1,633 @@
+"""A stand-in Kubernetes API server: stdlib asyncio HTTP/1.1, the list/watch protocol.
+
+Why a stand-in: no real API server (etcd, kube-apiserver) can run where this project is built and
+tested, yet the node agents must be exercised the way the DaemonSet runs them, through the
+Kubernetes source. The testbed runs one per testbed (``serve``: in its underlay netns, mirroring
+the testbed's published cluster directory) and the unit tests use it in-process.
+
+It speaks the list/watch protocol of the resources the Kubernetes source reads: LIST (paged with
+``limit``/``continue`` when asked) answers a
+``<Kind>List`` with the collection's resourceVersion; ``watch=1`` streams chunked, newline
+delimited events from the requested resourceVersion (history replayed, then live), honours
+``fieldSelector=spec.nodeName=...`` for pods and sends BOOKMARKs on request. Tests mutate objects
+through add/modify/delete (one global, increasing resourceVersion, as etcd has) and can expire
+the history (410 Gone, as an ERROR event or an HTTP status) or drop watch connections abruptly.
+
+It also answers GET of one namespaced object of a group (``/apis/apps/v1/namespaces/NS/daemonsets/
+NAME``: the object, or 404), failing the next ones as ``failures`` says (an HTTP status, or 0 for
+a connection closed without an answer).
+
+PATCH of a pod (``/api/v1/namespaces/NS/pods/NAME``, JSON merge patch of its metadata) changes it
+and its watchers see MODIFIED, as they would on a real server.
+
+What differs from a real API server: no authentication or authorization (RBAC is not checked),
+no admission (objects are not validated: Istio objects the real server would refuse reach the
+agents, which validate them themselves), pages of a paged LIST are not one snapshot, no
+label selectors, field selectors only ``spec.nodeName`` on pods, and the whole history is kept in
+memory until ``expire``. Objects have no server-set fields beyond ``resourceVersion``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import copy
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+log = logging.getLogger("nodeagent.testbed.apiserver")
+
+# path -> (kind, apiVersion) of the built-in resources; custom ones are generic.
+CORE = {
+    "/api/v1/namespaces": ("Namespace", "v1"),
+    "/api/v1/pods": ("Pod", "v1"),
+    "/api/v1/services": ("Service", "v1"),
+    "/api/v1/serviceaccounts": ("ServiceAccount", "v1"),
+    "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
+}
+Obj = dict[str, Any]
+Route = tuple[str, str, str]  # resource, kind, apiVersion served
+
+
+def plural(kind: str) -> str:
+    lower = kind.lower()
+    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return lower[:-1] + "ies"
+    return lower + ("es" if lower.endswith("s") else "s")
+
+
+def _true(value: str | None) -> bool:
+    """A boolean query parameter as Go's strconv.ParseBool reads it (clients send True too)."""
+    return (value or "").lower() in ("1", "t", "true")
+
+
+def resource_of(obj: Obj) -> str:
+    """The collection an object lives in: a CORE path, or group/plural of a custom kind."""
+    api, kind = str(obj["apiVersion"]), str(obj["kind"])
+    for path, (k, a) in CORE.items():
+        if (k, a) == (kind, api):
+            return path
+    return f"{api.rpartition('/')[0]}/{plural(kind)}"
+
+
+def _identity(obj: Obj) -> tuple[str, str]:
+    meta = obj["metadata"]
+    namespaced = obj["kind"] != "Namespace"
+    return (meta.get("namespace") or "default") if namespaced else "", meta["name"]
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.decode().split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            return int(value.strip())
+    return 0
+
+
+def _merge(target: Obj, patch: Obj) -> None:
+    """RFC 7386 JSON merge patch: null removes, objects merge, anything else replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def _compose(acc: Obj, patch: Obj) -> None:
+    """Folds merge patch PATCH into ACC, so that applying ACC once equals applying both."""
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(acc.get(key), dict):
+            _compose(acc[key], value)
+        else:
+            acc[key] = copy.deepcopy(value)
+
+
+@dataclass
+class _Event:
+    version: int
+    resource: str
+    type: str
+    object: Obj
+
+
+@dataclass(eq=False)
+class _Watcher:
+    resource: str
+    node: str | None  # pods: spec.nodeName wanted
+    bookmarks: bool
+    queue: asyncio.Queue[_Event | None] = field(default_factory=asyncio.Queue)
+    writer: asyncio.StreamWriter | None = None
+
+
+class APIServerStandIn:
+    def __init__(self, max_history: int | None = None) -> None:
+        self.max_history = max_history  # events kept for watch replays (None: all)
+        self.version = 1
+        self.objects: dict[str, dict[tuple[str, str], Obj]] = {}
+        self.history: list[_Event] = []
+        self.compacted = 0  # watches from a resourceVersion below this get 410 Gone
+        self.gone_as_status = False  # 410 as an HTTP status instead of an ERROR event
+        self.hidden = False  # mutations reach history, not open watches (a stalled watch)
+        self.requests: list[str] = []  # "LIST <path>" / "WATCH <path> <rv>" / "GET <path>"
+        self.failures: list[int] = []  # answers to the next object GETs: a status, 0 = hang up
+        # Every merge patch clients sent, composed per object (resource, (namespace, name)):
+        # what a writer of the whole object (the testbed's mirror) must keep.
+        self.patches: dict[tuple[str, tuple[str, str]], Obj] = {}
+        self._watchers: set[_Watcher] = set()
+        self._kinds: dict[str, str] = {}  # custom resource -> its kind
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        self.host = host
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.drop_watches()
+        if self._server is not None:
+            self._server.close()
+        # Let the connection handlers finish rather than be cancelled at loop shutdown.
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=2)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "users": [{"name": "nobody", "user": {}}],
+            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "nobody"}}],
+            "current-context": "standin",
+        }
+        path.write_text(json.dumps(config))  # JSON is YAML
+        return path
+
+    # -- mutations (tests) ------------------------------------------------------------------------
+
+    def add(self, obj: Obj) -> int:
+        return self._write("ADDED", obj)
+
+    def modify(self, obj: Obj) -> int:
+        return self._write("MODIFIED", obj)
+
+    def delete(self, obj: Obj) -> int:
+        resource = resource_of(obj)
+        stored = self.objects.get(resource, {}).pop(_identity(obj))
+        self.patches.pop((resource, _identity(obj)), None)
+        self.version += 1
+        stored = copy.deepcopy(stored)
+        stored["metadata"]["resourceVersion"] = str(self.version)
+        self._publish(_Event(self.version, resource, "DELETED", stored))
+        return self.version
+
+    def _write(self, type_: str, obj: Obj) -> int:
+        self.version += 1
+        stored = copy.deepcopy(obj)
+        stored.setdefault("metadata", {})["resourceVersion"] = str(self.version)
+        resource = resource_of(stored)
+        self.objects.setdefault(resource, {})[_identity(stored)] = stored
+        self._kinds[resource] = str(stored["kind"])
+        self._publish(_Event(self.version, resource, type_, stored))
+        return self.version
+
+    def _publish(self, event: _Event) -> None:
+        self.history.append(event)
+        if self.max_history is not None and len(self.history) > self.max_history:
+            # Compacted, as etcd does: a watch from before the oldest kept event gets 410.
+            dropped = self.history[: len(self.history) - self.max_history]
+            del self.history[: len(dropped)]
+            self.compacted = dropped[-1].version
+        if not self.hidden:
+            for watcher in self._watchers:
+                if watcher.resource == event.resource and self._selected(watcher, event.object):
+                    watcher.queue.put_nowait(event)
+
+    # -- failures (tests) -------------------------------------------------------------------------
+
+    def bookmark(self) -> None:
+        """A BOOKMARK at the current resourceVersion to every watch that allows them."""
+        for watcher in self._watchers:
+            if watcher.bookmarks:
+                obj = {"metadata": {"resourceVersion": str(self.version)}}
+                watcher.queue.put_nowait(_Event(self.version, watcher.resource, "BOOKMARK", obj))
+
+    def expire(self) -> None:
+        """Compacts the history: open watches get a 410 ERROR event, old resourceVersions 410."""
+        self.compacted = self.version
+        self.hidden = False
+        for watcher in self._watchers:
+            gone = {"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired"}
+            watcher.queue.put_nowait(_Event(self.version, watcher.resource, "ERROR", gone))
+            watcher.queue.put_nowait(None)
+
+    def drop_watches(self, compact: bool = False) -> None:
+        """Cuts every watch connection mid-stream (no final chunk); COMPACT: history too."""
+        if compact:
+            self.compacted = self.version
+        self.hidden = False
+        for watcher in list(self._watchers):
+            self._watchers.discard(watcher)
+            watcher.queue.put_nowait(None)
+            if watcher.writer is not None:
+                watcher.writer.transport.abort()
+
+    def watches(self) -> int:
+        return len(self._watchers)
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            url = urlsplit(target)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            route = self._route(url.path)
+            one = self._object(url.path)
+            if method == "GET" and one is not None:
+                await self._get(writer, url.path, *one)
+            elif method == "PATCH":
+                length = _content_length(head)
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                await self._patch(writer, url.path, head, body)
+            elif method != "GET" or route is None:
+                await self._reply(writer, 404, {"kind": "Status", "code": 404})
+            elif _true(query.get("watch")):
+                await self._watch(writer, url.path, route, query)
+            else:
+                await self._list(writer, url.path, route, query)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _route(self, path: str) -> Route | None:
+        """(resource, kind, apiVersion served) of a collection path."""
+        if path in CORE:
+            kind, api = CORE[path]
+            return path, kind, api
+        parts = path.strip("/").split("/")
+        if len(parts) == 4 and parts[0] == "apis":
+            group, version, name = parts[1:]
+            resource = f"{group}/{name}"
+            return resource, self._kinds.get(resource, name), f"{group}/{version}"
+        return None
+
+    @staticmethod
+    def _object(path: str) -> tuple[str, tuple[str, str]] | None:
+        """(resource, (namespace, name)) of a namespaced object path of a group."""
+        parts = path.strip("/").split("/")
+        if len(parts) == 7 and parts[0] == "apis" and parts[3] == "namespaces":
+            return f"{parts[1]}/{parts[5]}", (parts[4], parts[6])
+        return None
+
+    async def _get(
+        self, writer: asyncio.StreamWriter, path: str, resource: str, key: tuple[str, str]
+    ) -> None:
+        self.requests.append(f"GET {path}")
+        if self.failures:
+            status = self.failures.pop(0)
+            if status == 0:
+                writer.transport.abort()
+                return
+            await self._reply(writer, status, {"kind": "Status", "code": status})
+            return
+        obj = self.objects.get(resource, {}).get(key)
+        if obj is None:
+            await self._reply(writer, 404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+        else:
+            await self._reply(writer, 200, obj)
+
+    async def _patch(self, writer: asyncio.StreamWriter, path: str, head: bytes, body: Any) -> None:
+        self.requests.append(f"PATCH {path}")
+        parts = path.strip("/").split("/")
+        pod = None
+        if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
+            pod = self.objects.get("/api/v1/pods", {}).get((parts[3], parts[5]))
+        if pod is None:
+            await self._reply(writer, 404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+            return
+        if b"application/merge-patch+json" not in head.lower() or not isinstance(body, dict):
+            await self._reply(writer, 415, {"kind": "Status", "code": 415})
+            return
+        changed = copy.deepcopy(pod)
+        _merge(changed, body)
+        _compose(self.patches.setdefault(("/api/v1/pods", (parts[3], parts[5])), {}), body)
+        self.modify(changed)
+        await self._reply(writer, 200, self.objects["/api/v1/pods"][(parts[3], parts[5])])
+
+    def _selected(self, watcher: _Watcher, obj: Obj) -> bool:
+        return watcher.node is None or (obj.get("spec") or {}).get("nodeName") == watcher.node
+
+    @staticmethod
+    def _node(query: dict[str, str]) -> str | None:
+        selector = query.get("fieldSelector", "")
+        return selector.partition("=")[2] if selector.startswith("spec.nodeName=") else None
+
+    @staticmethod
+    def _served(obj: Obj, path: str, api: str) -> Obj:
+        out = copy.deepcopy(obj)
+        if path.startswith("/apis/") and path not in CORE:
+            out["apiVersion"] = api  # served at the version asked for, as for CRDs
+        return out
+
+    async def _list(
+        self, writer: asyncio.StreamWriter, path: str, route: Route, q: dict[str, str]
+    ) -> None:
+        """A LIST, in pages when asked (``limit``): the continue token names the snapshot's
+        resourceVersion and the last key sent; the next page holds the keys after it. Unlike a
+        real server, a later page shows objects as they are now (a watch from the snapshot's
+        version replays what changed, so the client converges all the same)."""
+        resource, kind, api = route
+        self.requests.append(f"LIST {path}")
+        node = self._node(q)
+        version, after = self.version, None
+        if q.get("continue"):
+            token = json.loads(base64.urlsafe_b64decode(q["continue"]))
+            version, after = int(token["rv"]), tuple(token["after"])
+            if version < self.compacted:
+                gone = {"kind": "Status", "code": 410, "reason": "Expired"}
+                await self._reply(writer, 410, gone)
+                return
+        limit = int(q.get("limit") or 0)
+        items: list[Obj] = []
+        last: tuple[str, str] | None = None
+        for key in sorted(self.objects.get(resource, {})):
+            obj = self.objects[resource][key]
+            if after is not None and key <= after:
+                continue
+            if node is not None and (obj.get("spec") or {}).get("nodeName") != node:
+                continue
+            if limit and len(items) == limit:
+                break
+            item = self._served(obj, path, api)
+            if path in CORE:  # typed lists carry no kind/apiVersion on their items
+                item.pop("kind", None)
+                item.pop("apiVersion", None)
+            items.append(item)
+            last = key
+        else:
+            last = None  # nothing left after this page
+        meta: Obj = {"resourceVersion": str(version)}
+        if last is not None:
+            token = json.dumps({"rv": version, "after": list(last)}).encode()
+            meta["continue"] = base64.urlsafe_b64encode(token).decode()
+        body = {"kind": f"{kind}List", "apiVersion": api, "metadata": meta, "items": items}
+        await self._reply(writer, 200, body)
+
+    async def _watch(
+        self, writer: asyncio.StreamWriter, path: str, route: Route, q: dict[str, str]
+    ) -> None:
+        resource, kind, api = route
+        since = int(q.get("resourceVersion") or 0)
+        self.requests.append(f"WATCH {path} {since}")
+        gone = {"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired"}
+        if since < self.compacted and self.gone_as_status:
+            await self._reply(writer, 410, gone)
+            return
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        if since < self.compacted:
+            await self._chunk(writer, {"type": "ERROR", "object": gone})
+            await self._end(writer)
+            return
+        watcher = _Watcher(
+            resource,
+            self._node(q) if path == "/api/v1/pods" else None,
+            _true(q.get("allowWatchBookmarks")),
+            writer=writer,
+        )
+        # Replay and subscribe with no await in between: no event is lost or doubled.
+        for event in self.history:
+            fresh = event.version > since and event.resource == resource
+            if fresh and self._selected(watcher, event.object):
+                watcher.queue.put_nowait(event)
+        self._watchers.add(watcher)
+        timeout = float(q.get("timeoutSeconds") or 3600)
+        try:
+            async with asyncio.timeout(timeout):
+                while (live := await watcher.queue.get()) is not None:
+                    obj = live.object
+                    if live.type not in ("ERROR", "BOOKMARK"):
+                        obj = self._served(obj, path, api)
+                    elif live.type == "BOOKMARK":
+                        obj = {"kind": kind, "apiVersion": api, **obj}
+                    await self._chunk(writer, {"type": live.type, "object": obj})
+        except TimeoutError:
+            pass  # the server ends a watch cleanly after timeoutSeconds
+        finally:
+            self._watchers.discard(watcher)
+        await self._end(writer)
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, status: int, body: Obj) -> None:
+        data = json.dumps(body).encode()
+        reason = {
+            200: "OK",
+            401: "Unauthorized",
+            403: "Forbidden",
+            404: "Not Found",
+            410: "Gone",
+            415: "Unsupported Media Type",
+            500: "Internal Server Error",
+            503: "Service Unavailable",
+        }[status]
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            + data
+        )
+        await writer.drain()
+
+    @staticmethod
+    async def _chunk(writer: asyncio.StreamWriter, event: Obj) -> None:
+        data = json.dumps(event).encode() + b"\n"
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        await writer.drain()
+
+    @staticmethod
+    async def _end(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+# -- the testbed's API server: its cluster directory, served --------------------------------------
+
+SUFFIXES = (".yaml", ".yml", ".json")
+Identity = tuple[str, tuple[str, str]]  # (resource, (namespace, name))
+
+
+def _documents(path: Path) -> list[Obj]:
+    """The objects of one file (YAML documents, or JSON; a ``kind: List``'s items count)."""
+    text = path.read_text()
+    docs = [json.loads(text)] if path.suffix == ".json" else list(yaml.safe_load_all(text))
+    out: list[Obj] = []
+    for doc in docs:
+        if not isinstance(doc, dict):
+            continue
+        if (doc.get("apiVersion"), doc.get("kind")) == ("v1", "List"):
+            out += [item for item in doc.get("items") or [] if isinstance(item, dict)]
+        else:
+            out.append(doc)
+    return out
+
+
+def _without_version(obj: Obj) -> Obj:
+    out = dict(obj)
+    out["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
+    return out
+
+
+class ClusterMirror:
+    """Keeps a stand-in's objects equal to those of a directory of Kubernetes YAML/JSON files.
+
+    The testbed publishes its cluster (namespaces, pods, services, EndpointSlices, and the Istio
+    objects tests apply) as files; each ``sync`` turns what changed into ADDED, MODIFIED and
+    DELETED events, as a controller's writes reach a real API server. What clients PATCHed onto
+    an object (the agents' capture annotations) is kept when its file is rewritten. Hidden files
+    are skipped (the testbed writes a temporary file and renames it); a file that does not parse
+    (caught mid-write) is read again at the next sync.
+    """
+
+    def __init__(self, root: Path, server: APIServerStandIn) -> None:
+        self.root = root
+        self.server = server
+        self._stamps: dict[Path, tuple[int, int, int]] = {}
+        self._objects: dict[Path, list[Obj]] = {}
+        self._mine: set[Identity] = set()  # objects this mirror put on the server
+
+    def _files(self) -> Iterator[tuple[Path, tuple[int, int, int]]]:
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.rglob("*")):
+            hidden = any(part.startswith(".") for part in path.relative_to(self.root).parts)
+            if hidden or path.suffix not in SUFFIXES:
+                continue
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                if path.is_file():
+                    yield path, (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def sync(self) -> bool:
+        """Applies what changed in the directory since the last sync; True if anything did."""
+        files = dict(self._files())
+        changed = False
+        for path in list(self._objects):
+            if path not in files:
+                del self._objects[path], self._stamps[path]
+                changed = True
+        for path, stamp in files.items():
+            if self._stamps.get(path) == stamp:
+                continue
+            try:
+                self._objects[path] = _documents(path)
+            except (OSError, ValueError, yaml.YAMLError) as e:
+                log.warning("%s: not readable yet (%s); trying again", path, e)
+                continue
+            self._stamps[path] = stamp
+            changed = True
+        if changed:
+            self._apply()
+        return changed
+
+    def _apply(self) -> None:
+        server = self.server
+        wanted: dict[Identity, Obj] = {}
+        for path in sorted(self._objects):
+            for obj in self._objects[path]:
+                meta = obj.get("metadata")
+                if not isinstance(meta, dict) or not meta.get("name") or not obj.get("kind"):
+                    log.warning("%s: an object without kind or metadata.name, skipped", path)
+                    continue
+                if not isinstance(obj.get("apiVersion"), str):
+                    continue
+                wanted[(resource_of(obj), _identity(obj))] = obj
+        for resource, key in sorted(self._mine - wanted.keys()):
+            stored = server.objects.get(resource, {}).get(key)
+            if stored is not None:
+                server.delete(stored)
+        for (resource, key), obj in wanted.items():
+            desired = copy.deepcopy(obj)
+            _merge(desired, server.patches.get((resource, key), {}))
+            stored = server.objects.get(resource, {}).get(key)
+            if stored is None:
+                server.add(desired)
+            elif _without_version(stored) != _without_version(desired):
+                server.modify(desired)
+        self._mine = set(wanted)
+
+
+async def serve(
+    cluster_dir: Path, host: str, port: int, kubeconfig: Path, interval: float = 0.1
+) -> None:
+    """Serve CLUSTER_DIR on HOST:PORT until SIGTERM; KUBECONFIG is written once it listens."""
+    server = APIServerStandIn(max_history=20000)
+    mirror = ClusterMirror(cluster_dir, server)
+    mirror.sync()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start(host, port)
+    partial = kubeconfig.with_name(f".{kubeconfig.name}.tmp")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    server.write_kubeconfig(partial)
+    os.replace(partial, kubeconfig)
+    log.info("serving %s on %s", cluster_dir, server.url)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            mirror.sync()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m nodeagent.testbed.apiserver",
+        description="The testbed's stand-in API server, serving its cluster directory.",
+    )
+    parser.add_argument("cluster_dir", type=Path)
+    parser.add_argument("--listen", required=True, help="HOST:PORT")
+    parser.add_argument("--kubeconfig", required=True, type=Path, help="written once listening")
+    args = parser.parse_args(argv)
+    host, _, port = str(args.listen).rpartition(":")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(serve(args.cluster_dir, host, int(port), args.kubeconfig))
+
+
+if __name__ == "__main__":
+    main()
