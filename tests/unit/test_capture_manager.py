@@ -129,7 +129,8 @@ def test_pods_outside_the_mesh_are_recorded_not_captured(tmp_path: Path) -> None
         assert answer == {
             "ok": True,
             "state": "not-in-mesh",
-            "reason": "neither pod nor namespace is labelled nodeagent.io/mesh=enabled",
+            "reason": "no mesh label on pod or namespace (nodeagent.io/mesh=enabled,"
+            " istio-injection=enabled, istio.io/dataplane-mode=ambient)",
         }
         assert node.backend.calls == []
         assert node.state_metric("plain", "db", "not-in-mesh") == 1
