@@ -106,6 +106,7 @@ class CaptureManager:
         self.node_name = node_name
         self.netns_addresses = netns_addresses
         self._adding: set[str] = set()  # namespace/name of pods whose CNI ADD is under way
+        self._deleted: set[tuple[str, str]] = set()  # (namespace/name, uid) the runtime DELeted
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._probe_lock = asyncio.Lock()
         self._membership_lock = asyncio.Lock()
@@ -133,6 +134,7 @@ class CaptureManager:
         namespace, name = str(pod.get("namespace", "")), str(pod.get("name", ""))
         container_id, netns = str(pod.get("containerId", "")), str(pod.get("netns", ""))
         uid = str(pod.get("uid", ""))
+        self._deleted -= {d for d in self._deleted if d[0] == f"{namespace}/{name}"}
         async with self._locks[container_id]:
             if uid:
                 # A new sandbox of a pod found at start: the one we found is gone.
@@ -226,6 +228,10 @@ class CaptureManager:
         return ""
 
     async def delete(self, pod: dict[str, Any]) -> dict[str, Any]:
+        if pod.get("namespace") and pod.get("name"):
+            # The runtime is tearing this pod down: membership passes must not adopt it again
+            # while its record lingers in the source.
+            self._deleted.add((f"{pod['namespace']}/{pod['name']}", str(pod.get("uid", ""))))
         capture = self.registry.find(
             str(pod.get("containerId", "")),
             str(pod.get("namespace", "")),
@@ -468,10 +474,13 @@ class CaptureManager:
         if not self.node_name:
             return summary
         async with self._membership_lock:
+            self._forget_gone()
             unknown: dict[str, tuple[Pod, str]] = {}
             for pod in list(self.store.pods.values()):
                 if pod.node_name != self.node_name or pod.key in self._adding:
                     continue
+                if {(pod.key, ""), (pod.key, pod.uid)} & self._deleted:
+                    continue  # DELeted by the runtime: on its way out
                 membership = decide(
                     pod, self.store.namespaces.get(pod.namespace), self.excluded_namespaces
                 )
@@ -507,6 +516,22 @@ class CaptureManager:
         if any(summary.values()):
             log.info("membership reconciled: %s", summary)
         return summary
+
+    def _forget_gone(self) -> None:
+        """Drop what only the agent's own view kept: DEL marks of pods the source no longer has
+        (or has anew, another uid), and records of pods found in /proc that are gone from the
+        source and hold no capture (a pod deleted while the agent was away)."""
+        for key, uid in list(self._deleted):
+            pod = self.store.pods.get(key)
+            if pod is None or (uid and pod.uid and pod.uid != uid):
+                self._deleted.discard((key, uid))
+        for cid, capture in list(self.registry.pods.items()):
+            if not capture.discovered or not self._pod_gone(capture):
+                continue
+            if capture.state != CAPTURED or not os.path.exists(capture.netns):
+                self.registry.pop(cid)
+                self.metrics.forget_pod(capture.namespace, capture.name)
+                log.info("pod %s is gone: record of %s forgotten", capture.key, cid)
 
     async def _recapture(self, capture: PodCapture, pod: Pod, why: str) -> str:
         """Capture a pod the agent knows from its CNI ADD, in that sandbox's netns."""

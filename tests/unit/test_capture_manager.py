@@ -552,3 +552,33 @@ def test_add_waits_for_the_source_to_catch_up_with_a_recreated_pod(tmp_path: Pat
         assert (await adding)["state"] == "captured"
 
     run(scenario, tmp_path)
+
+
+def test_a_deleted_pod_is_not_adopted_again_while_the_source_still_lists_it(
+    tmp_path: Path,
+) -> None:
+    async def scenario(node: Node) -> None:
+        record = Pod("shop", "web", uid="uid-web", node_name="n1", pod_ips=("10.244.1.7",))
+        node.store.put_pod(record)
+        pod = node.cni_pod("web") | {"uid": "uid-web"}
+        await node.manager.add(pod, timeout=5)
+        node.manager.find_netns = lambda pods: {
+            "uid-web": PodNetns("uid-web", pod["netns"], "c", 1)
+        }
+        await node.manager.delete(pod)  # the runtime tears it down; the API still has it
+        assert await node.manager.reconcile_membership() == {
+            "adopted": 0,
+            "released": 0,
+            "failed": 0,
+        }
+        assert node.manager.status() == [] and node.backend.installed == {}
+        # A pod found in /proc that then leaves the source without a DEL is forgotten.
+        node.store.delete_pod("shop/web")
+        node.store.put_pod(Pod("shop", "db", uid="uid-db", node_name="n1", pod_ips=("10.244.1.8",)))
+        node.manager.find_netns = lambda pods: {}
+        assert (await node.manager.reconcile_membership())["failed"] == 1
+        node.store.delete_pod("shop/db")
+        await node.manager.reconcile_membership()
+        assert node.manager.status() == []
+
+    run(scenario, tmp_path)
