@@ -1,7 +1,7 @@
 """Capture follows the cluster, not the history of CNI calls (issue #12, defects 2 and 3).
 
 One node, the real chain (bridge + host-local + nodeagent-cni as install-cni put it), the agent
-and its Envoy. The namespace is in the mesh by Istio's own label.
+and its Envoy.
 
 - A pod whose CNI ADD never reached the agent (created while the agent was stopped and the
   primary CNI had rewritten the conflist without our entry) is captured once the agent runs,
@@ -40,7 +40,7 @@ name: {NAME}
 nodes: [{{name: {NODE}}}]
 namespaces:
   - name: shop
-    labels: {{istio-injection: enabled}}
+    labels: {{nodeagent.io/mesh: enabled}}
 pods:
   - name: web
     namespace: shop
@@ -59,6 +59,7 @@ services:
 """
 # Created while the agent is down: its ADD never reaches the agent.
 LATE = Pod("shop", "late", NODE, "late", {"app": "late"}, {}, Workload("fake-service", port=8080))
+LATE2 = Pod("shop", "late-2", NODE, "late", {}, {}, Workload("sleep"))
 SPIFFE = "spiffe://cluster.local/ns/shop/sa/"
 
 
@@ -154,8 +155,7 @@ def cni_gc(tb: Testbed, attachments: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_pods_are_in_the_mesh_by_istios_namespace_label(testbed: Testbed) -> None:
-    """istio.io "Controlling the injection policy": istio-injection=enabled on the namespace."""
+def test_pods_in_a_mesh_namespace_talk_through_envoy(testbed: Testbed) -> None:
     assert captured(testbed, "shop/web") and captured(testbed, "shop/client")
     through_envoy(testbed, "shop/client", "http://web:8080/")
 
@@ -171,12 +171,20 @@ def test_a_pod_created_while_the_agent_is_down_is_captured_when_it_starts(
     assert ruleset(testbed.state.pods[LATE.key].netns) == []
     pid = testbed.state.pods[LATE.key].pid
 
-    testbed.start_daemon(NODE, daemons.INSTALL_CNI)
     testbed.start_agent(NODE)  # returns once the agent answers (its first passes done)
     wait_for(lambda: captured(testbed, LATE.key), 3, "late pod captured")
     record = agent_pods(testbed.name, NODE)[LATE.key]
     assert record["discovered"], record
     assert testbed.state.pods[LATE.key].pid == pid  # the same pod, not restarted
+
+    # With the agent running, a pod whose ADD skips us (entry still missing) is adopted too.
+    testbed.add_pod(LATE2)
+    try:
+        took = wait_for(lambda: captured(testbed, LATE2.key), 3, "pod adopted by the agent")
+        print(f"\npod without ADD adopted {took:.2f}s after it was ready")
+    finally:
+        testbed.remove_pod(LATE2)
+    testbed.start_daemon(NODE, daemons.INSTALL_CNI)
 
     # Traffic from it and to it goes through Envoy, with its own identity.
     through_envoy(testbed, LATE.key, "http://web:8080/")
@@ -185,12 +193,16 @@ def test_a_pod_created_while_the_agent_is_down_is_captured_when_it_starts(
 
 
 def test_relabelling_the_namespace_releases_and_adopts_running_pods(testbed: Testbed) -> None:
-    testbed.set_namespace_labels("shop", {})
+    """Out by Istio's sidecar label, back in by its ambient label (istio.io: "Controlling the
+    injection policy"; ambient "Add workloads to the mesh")."""
+    testbed.set_namespace_labels("shop", {"istio-injection": "disabled"})
     keys = ["shop/web", "shop/client", LATE.key]
     wait_for(lambda: all(released(testbed, k) for k in keys), 5, "pods released")
     records = agent_pods(testbed.name, NODE)
     for key in keys:
-        assert records[key]["reason"].startswith("released from the mesh: no mesh label"), records
+        assert records[key]["reason"].startswith(
+            "released from the mesh: namespace label istio-injection=disabled"
+        ), records
     # Plain traffic now: the app sees no client certificate.
     answer = fetch(testbed, "shop/client", "http://late:8080/")
     assert answer is not None and "x-forwarded-client-cert" not in answer["headers"]
