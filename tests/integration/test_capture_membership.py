@@ -165,26 +165,28 @@ def test_a_pod_created_while_the_agent_is_down_is_captured_when_it_starts(
 ) -> None:
     testbed.stop_agent(NODE)
     testbed.stop_daemon(NODE, daemons.INSTALL_CNI)
-    # The primary CNI rewrites its file without our entry: the runtime's ADD skips us.
-    remove_entries(layout.cni_conf_dir(testbed.name, NODE))
-    testbed.add_pod(LATE)
-    assert ruleset(testbed.state.pods[LATE.key].netns) == []
-    pid = testbed.state.pods[LATE.key].pid
-
-    testbed.start_agent(NODE)  # returns once the agent answers (its first passes done)
-    wait_for(lambda: captured(testbed, LATE.key), 3, "late pod captured")
-    record = agent_pods(testbed.name, NODE)[LATE.key]
-    assert record["discovered"], record
-    assert testbed.state.pods[LATE.key].pid == pid  # the same pod, not restarted
-
-    # With the agent running, a pod whose ADD skips us (entry still missing) is adopted too.
-    testbed.add_pod(LATE2)
     try:
-        took = wait_for(lambda: captured(testbed, LATE2.key), 3, "pod adopted by the agent")
-        print(f"\npod without ADD adopted {took:.2f}s after it was ready")
+        # The primary CNI rewrites its file without our entry: the runtime's ADD skips us.
+        remove_entries(layout.cni_conf_dir(testbed.name, NODE))
+        testbed.add_pod(LATE)
+        assert ruleset(testbed.state.pods[LATE.key].netns) == []
+        pid = testbed.state.pods[LATE.key].pid
+
+        testbed.start_agent(NODE)  # returns once the agent answers (its first passes done)
+        wait_for(lambda: captured(testbed, LATE.key), 3, "late pod captured")
+        record = agent_pods(testbed.name, NODE)[LATE.key]
+        assert record["discovered"], record
+        assert testbed.state.pods[LATE.key].pid == pid  # the same pod, not restarted
+
+        # With the agent running, a pod whose ADD skips us (entry still missing) is adopted too.
+        testbed.add_pod(LATE2)
+        try:
+            took = wait_for(lambda: captured(testbed, LATE2.key), 3, "pod adopted by the agent")
+            print(f"\npod without ADD adopted {took:.2f}s after it was ready")
+        finally:
+            testbed.remove_pod(LATE2)
     finally:
-        testbed.remove_pod(LATE2)
-    testbed.start_daemon(NODE, daemons.INSTALL_CNI)
+        testbed.start_daemon(NODE, daemons.INSTALL_CNI)  # puts our entry back
 
     # Traffic from it and to it goes through Envoy, with its own identity.
     through_envoy(testbed, LATE.key, "http://web:8080/")
