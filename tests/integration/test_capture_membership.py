@@ -222,6 +222,8 @@ def test_relabelling_the_namespace_releases_and_adopts_running_pods(testbed: Tes
 
 def test_cni_gc_never_removes_capture_of_pods_that_still_run(testbed: Testbed) -> None:
     keys = ["shop/web", "shop/client", LATE.key]
+    testbed.set_namespace_labels("shop", {"nodeagent.io/mesh": "enabled"})  # whatever came before
+    wait_for(lambda: all(captured(testbed, k) for k in keys), 5, "pods in the mesh")
     everyone = valid_attachments(testbed)
     # Empty, and without the pod adopted from /proc (the runtime cannot name it to us).
     without_late = [
