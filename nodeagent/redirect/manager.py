@@ -459,7 +459,10 @@ class CaptureManager:
                 continue
             await asyncio.sleep(MEMBERSHIP_DEBOUNCE)
             seen = self.store.generation
-            await self.reconcile_membership(retry_failed=False)
+            try:
+                await self.reconcile_membership(retry_failed=False)
+            except Exception:  # the next change or the periodic pass tries again
+                log.exception("reconciling membership failed")
 
     async def reconcile_membership(self, *, retry_failed: bool = True) -> dict[str, int]:
         """Bring every running pod of this node in line with its membership as the store has it now.
@@ -563,7 +566,7 @@ class CaptureManager:
         async with self._locks[capture.container_id]:
             if self.registry.pods.get(capture.container_id) is not capture:
                 return "failed"  # deleted or replaced meanwhile
-            if capture.state == CAPTURED and capture.netns and os.path.exists(capture.netns):
+            if capture.netns and os.path.exists(capture.netns):  # a failed one may hold rules too
                 try:
                     await self._in_thread(self.backend.remove, Path(capture.netns))
                 except Exception as e:
