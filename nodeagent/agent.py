@@ -142,6 +142,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         probe_snat=ProbeSnat() if config.probe_snat else None,
         proxy=proxy,
         find_netns=functools.partial(find_pod_netns, proc=config.host_proc),
+        node_name=config.node_name,
     )
     close_api = None
     if config.source_dir is None:  # on Kubernetes, each pod shows its capture state itself
@@ -190,6 +191,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     await server.start()
     server.ready = True
     tasks.append(asyncio.create_task(_reconcile_loop(manager, config.reconcile_interval, stop)))
+    # Labels change, pods appear without their ADD: membership follows the source.
+    tasks.append(asyncio.create_task(manager.watch_membership(stop), name="membership"))
     try:
         await stop.wait()
     finally:
@@ -240,3 +243,4 @@ async def _reconcile_loop(manager: CaptureManager, interval: float, stop: asynci
             await asyncio.wait_for(stop.wait(), interval)
         except TimeoutError:
             await manager.reconcile()
+            await manager.reconcile_membership()

@@ -33,6 +33,13 @@ class AgentMetrics:
             "Pods whose capture was found missing or altered and re-applied by reconcile.",
             registry=self.registry,
         )
+        self.membership_changes = Counter(
+            "nodeagent_membership_changes",
+            "Running pods taken into the mesh (adopted) or out of it (released) because their"
+            " labels, their namespace's or the agent's view of them changed.",
+            ["change"],
+            registry=self.registry,
+        )
         self._pod_states: dict[tuple[str, str], str] = {}
 
     def set_pod_state(self, namespace: str, pod: str, state: str) -> None:

@@ -147,6 +147,7 @@ def cmd_add(conf: dict[str, Any], log: Log) -> dict[str, Any]:
         "netns": env["CNI_NETNS"],
         "ifname": env["CNI_IFNAME"],
         "ips": result_ips(prev),
+        "network": str(conf.get("name", "")),
     }
     started = time.monotonic()
     try:
@@ -180,6 +181,7 @@ def cmd_del(conf: dict[str, Any], log: Log) -> None:
     pod = {
         "namespace": args.get("K8S_POD_NAMESPACE", ""),
         "name": args.get("K8S_POD_NAME", ""),
+        "uid": args.get("K8S_POD_UID", ""),  # finds a pod the agent adopted without its ADD
         "containerId": os.environ.get("CNI_CONTAINERID", ""),
         "netns": os.environ.get("CNI_NETNS", ""),
     }
@@ -224,15 +226,51 @@ def cmd_status(conf: dict[str, Any]) -> None:
         raise CniError(PLUGIN_NOT_AVAILABLE, str(answer.get("reason", "agent not ready")))
 
 
+VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+# libcni also sends the spelling of an earlier spec draft (containernetworking/cni#1101).
+OLD_VALID_ATTACHMENTS = "cni.dev/attachments"
+
+
+def valid_container_ids(conf: dict[str, Any]) -> list[str]:
+    """The container ids of GC's valid attachments; a missing or malformed list is an error."""
+    key = VALID_ATTACHMENTS if VALID_ATTACHMENTS in conf else OLD_VALID_ATTACHMENTS
+    attachments = conf.get(key)
+    if attachments is None:
+        raise CniError(
+            INVALID_CONFIG,
+            f"GC without field {VALID_ATTACHMENTS!r}: nothing removed",
+            "the runtime must list the valid attachments: [{containerID, ifname}, ...]",
+        )
+    if not isinstance(attachments, list):
+        raise CniError(
+            INVALID_CONFIG,
+            f"field {key!r} must be a list of attachments, got {attachments!r}: nothing removed",
+        )
+    ids = []
+    for i, attachment in enumerate(attachments):
+        cid = attachment.get("containerID") if isinstance(attachment, dict) else None
+        if not isinstance(cid, str) or not cid:
+            raise CniError(
+                INVALID_CONFIG,
+                f"field {key!r}[{i}] must be an object with a non-empty string containerID, "
+                f"got {attachment!r}: nothing removed",
+            )
+        ids.append(cid)
+    return ids
+
+
 def cmd_gc(conf: dict[str, Any], log: Log) -> None:
-    """CNI 1.1 GC: the agent forgets this network's pods that are not valid attachments."""
-    valid = conf.get("cni.dev/valid-attachments") or []
-    ids = [a.get("containerID") for a in valid if isinstance(a, dict)]
+    """CNI 1.1 GC: the agent forgets this network's pods that are not valid attachments, and
+    only those its own view of the cluster agrees are gone (see CaptureManager.gc)."""
+    ids = valid_container_ids(conf)
+    message = {"command": "GC", "validContainerIds": ids, "network": str(conf.get("name", ""))}
     try:
         socket_path = str(conf.get("agentSocket", wire.DEFAULT_SOCKET))
-        wire.request(socket_path, {"command": "GC", "validContainerIds": ids}, DEL_TIMEOUT)
+        answer = wire.request(socket_path, message, DEL_TIMEOUT)
     except (OSError, wire.ProtocolError) as e:
         log("warning", "could not tell the agent about GC", error=str(e))
+        return
+    log("info", "GC", valid=len(ids), removed=answer.get("removed"), reason=answer.get("reason"))
 
 
 def run(command: str, stdin: str) -> tuple[int, dict[str, Any] | None]:

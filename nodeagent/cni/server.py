@@ -94,8 +94,13 @@ class CniServer:
         if command == "CHECK":
             return await self.manager.check(pod)
         if command == "GC":
-            ids = request.get("validContainerIds") or []
-            return await self.manager.gc([str(i) for i in ids])
+            ids = request.get("validContainerIds")
+            if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+                raise ValueError("GC needs validContainerIds: a list of non-empty strings")
+            network = request.get("network", "")
+            if not isinstance(network, str):
+                raise ValueError("GC network must be a string")
+            return await self.manager.gc(ids, network)
         if command == "STATUS":
             if not self.ready:
                 return {"ok": False, "reason": "the node agent is starting"}

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nodeagent.redirect.netns import entered
+
 log = logging.getLogger("nodeagent.discovery")
 
 PROC = Path("/proc")
@@ -114,6 +116,18 @@ def find_pod_netns(
                 ", ".join(sorted(wanted[uid])),
             )
     return found
+
+
+def netns_addresses(netns: Path) -> set[str]:
+    """The addresses the network namespace at NETNS owns (blocking: run it in a worker thread).
+
+    Read from the calling thread's own view of /proc (thread-self) while it is inside NETNS.
+    """
+    with entered(netns):
+        return local_addresses(
+            Path("/proc/thread-self/net/fib_trie").read_text(),
+            _read_or_empty(Path("/proc/thread-self/net/if_inet6")),
+        )
 
 
 def _pids(proc: Path) -> list[int]:

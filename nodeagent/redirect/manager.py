@@ -2,13 +2,16 @@
 
 It answers the CNI plugin (ADD/DEL/CHECK/GC), decides mesh membership from the MeshStore, drives
 the redirect backend, keeps the registry and the node's probe SNAT set in step, and reconciles:
-on start and periodically it re-verifies each captured pod and re-applies what was lost. A pod's
-state is always visible (registry, status, metrics): never silently out of the mesh.
+on start and periodically it re-verifies each captured pod and re-applies what was lost, and
+whenever the store changes it adopts running pods that joined the mesh and releases those that
+left it (as istio-cni's node agent does from its pod and namespace informers). A pod's state is
+always visible (registry, status, metrics): never silently out of the mesh.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -26,7 +29,7 @@ from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
 from nodeagent.redirect import RedirectBackend
 from nodeagent.redirect.capture import CaptureSpec, CaptureSpecError
-from nodeagent.redirect.discovery import PodNetns, find_pod_netns
+from nodeagent.redirect.discovery import PodNetns, find_pod_netns, netns_addresses
 from nodeagent.redirect.registry import (
     CAPTURED,
     FAILED,
@@ -65,8 +68,13 @@ NetnsFinder = Callable[[Mapping[str, Sequence[str]]], Mapping[str, PodNetns]]
 # (namespace, name, state, reason): show a pod's state on the pod (see podstatus); never blocks.
 Annotate = Callable[[str, str, str, str], None]
 
+# The addresses a network namespace owns (see discovery.netns_addresses); blocking.
+AddressReader = Callable[[Path], set[str]]
+
 # How long a DEL waits for Envoy to drop the pod's listeners before its netns may go.
 DEL_SYNC_TIMEOUT = 5.0
+# Store changes are coalesced this long before membership is reconciled.
+MEMBERSHIP_DEBOUNCE = 0.2
 
 
 class CaptureManager:
@@ -82,6 +90,8 @@ class CaptureManager:
         proxy: Proxy | None = None,
         find_netns: NetnsFinder = find_pod_netns,
         annotate: Annotate | None = None,
+        node_name: str = "",
+        netns_addresses: AddressReader = netns_addresses,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -93,8 +103,13 @@ class CaptureManager:
         self.proxy = proxy
         self.find_netns = find_netns
         self.annotate = annotate
+        self.node_name = node_name
+        self.netns_addresses = netns_addresses
+        self._adding: set[str] = set()  # namespace/name of pods whose CNI ADD is under way
+        self._deleted: set[tuple[str, str]] = set()  # (namespace/name, uid) the runtime DELeted
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._probe_lock = asyncio.Lock()
+        self._membership_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(CAPTURE_WORKERS, thread_name_prefix="capture")
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
@@ -109,22 +124,34 @@ class CaptureManager:
         if not (namespace and name and container_id and netns):
             return _fail("ADD needs namespace, name, containerId and netns")
         started = time.monotonic()
+        self._adding.add(f"{namespace}/{name}")
+        try:
+            return await self._add(pod, timeout, started)
+        finally:
+            self._adding.discard(f"{namespace}/{name}")
+
+    async def _add(self, pod: dict[str, Any], timeout: float, started: float) -> dict[str, Any]:
+        namespace, name = str(pod.get("namespace", "")), str(pod.get("name", ""))
+        container_id, netns = str(pod.get("containerId", "")), str(pod.get("netns", ""))
+        uid = str(pod.get("uid", ""))
+        self._deleted -= {d for d in self._deleted if d[0] == f"{namespace}/{name}"}
         async with self._locks[container_id]:
-            if pod.get("uid"):
+            if uid:
                 # A new sandbox of a pod found at start: the one we found is gone.
-                self.registry.pop(discovered_key(str(pod["uid"])))
+                self.registry.pop(discovered_key(uid))
             capture = PodCapture(
                 namespace=namespace,
                 name=name,
                 container_id=container_id,
                 netns=netns,
-                uid=str(pod.get("uid", "")),
+                uid=uid,
                 ips=[str(ip) for ip in pod.get("ips") or []],
                 backend=self.backend.name,
+                network=str(pod.get("network", "")),
             )
             # Leave the plugin a second to turn our answer into its own.
             wait = max(0.5, min(self.pod_wait, timeout - 1.0))
-            record = await self.store.wait_for_pod(namespace, name, wait)
+            record = await self._wait_for_pod(namespace, name, uid, wait)
             if record is None:
                 return self._settle(
                     capture,
@@ -132,11 +159,23 @@ class CaptureManager:
                     f"pod {namespace}/{name} is unknown to the node agent "
                     f"(no source delivered it within {wait:.0f}s)",
                 )
+            if uid and record.uid and record.uid != uid:
+                return self._settle(
+                    capture,
+                    FAILED,
+                    f"pod {namespace}/{name}: the runtime's K8S_POD_UID {uid} is not the uid of "
+                    f"the pod the node agent knows ({record.uid}); refusing to capture",
+                )
             membership = decide(
                 record, self.store.namespaces.get(namespace), self.excluded_namespaces
             )
             if not membership.in_mesh:
                 return self._settle(capture, NOT_IN_MESH, membership.reason)
+            if not capture.ips:
+                capture.ips = list(record.pod_ips)
+            problem = await self._netns_problem(capture)
+            if problem:
+                return self._settle(capture, FAILED, problem)
             try:
                 spec = CaptureSpec.from_annotations(record.annotations)
             except CaptureSpecError as e:
@@ -152,10 +191,47 @@ class CaptureManager:
                 problem = await self.proxy.synced(max(1.0, left), pod=capture.key)
                 if problem:
                     answer = self._settle(capture, FAILED, f"listeners not ready: {problem}")
+            if uid:  # a membership pass may have adopted the pod meanwhile: this ADD owns it
+                self.registry.pop(discovered_key(uid))
         await self._sync_probes()
         return answer
 
+    async def _wait_for_pod(self, namespace: str, name: str, uid: str, wait: float) -> Pod | None:
+        """The source's record of the pod, preferring one with UID (a re-created pod of the same
+        name may reach the source after its ADD): the latest record once WAIT has passed."""
+        deadline = time.monotonic() + wait
+        record = await self.store.wait_for_pod(namespace, name, wait)
+        while record is not None and uid and record.uid and record.uid != uid:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+            record = self.store.pods.get(f"{namespace}/{name}")
+        return record
+
+    async def _netns_problem(self, capture: PodCapture) -> str:
+        """Empty when the network namespace we were handed holds one of the pod's IPs."""
+        if not capture.ips:
+            return (
+                f"pod {capture.key}: no IP in the CNI result or the pod record to check its "
+                f"network namespace {capture.netns} against; refusing to capture"
+            )
+        try:
+            owned = await self._in_thread(self.netns_addresses, Path(capture.netns))
+        except Exception as e:
+            return f"pod {capture.key}: cannot read the addresses of {capture.netns}: {e}"
+        if not owned & set(capture.ips):
+            return (
+                f"pod {capture.key}: network namespace {capture.netns} holds "
+                f"{', '.join(sorted(owned)) or 'no address'}, not the pod's IP "
+                f"{', '.join(capture.ips)}; refusing to capture"
+            )
+        return ""
+
     async def delete(self, pod: dict[str, Any]) -> dict[str, Any]:
+        if pod.get("namespace") and pod.get("name"):
+            # The runtime is tearing this pod down: membership passes must not adopt it again
+            # while its record lingers in the source.
+            self._deleted.add((f"{pod['namespace']}/{pod['name']}", str(pod.get("uid", ""))))
         capture = self.registry.find(
             str(pod.get("containerId", "")),
             str(pod.get("namespace", "")),
@@ -200,14 +276,41 @@ class CaptureManager:
         )
         return {"ok": True, "state": CAPTURED} if result.ok else _fail(result.reason)
 
-    async def gc(self, valid_container_ids: Sequence[str]) -> dict[str, Any]:
-        """CNI GC: forget sandboxes the runtime no longer has."""
+    async def gc(self, valid_container_ids: Sequence[str], network: str = "") -> dict[str, Any]:
+        """CNI GC: forget sandboxes that the runtime no longer has AND the agent agrees are gone.
+
+        GC is per network (CNI spec): only pods ADDed on NETWORK (or before networks were
+        recorded) are candidates. The runtime's list alone never removes a pod's capture: its pod
+        must also be gone from the agent's view (no pod of that uid on this node), as istio-cni
+        removes pods from its own pod informer, never from GC. Pods found at start (discovered)
+        have no sandbox id the runtime could list: they go only once their netns is gone too.
+        An empty list removes nothing.
+        """
         valid = set(valid_container_ids)
-        stale = [cid for cid in self.registry.pods if cid not in valid]
-        for cid in stale:
-            capture = self.registry.pods[cid]
-            await self.delete({"containerId": cid, "namespace": capture.namespace})
+        if not valid:
+            log.warning("CNI GC of network %r with no valid attachments: nothing removed", network)
+            return {"ok": True, "removed": 0, "reason": "empty list of valid attachments"}
+        stale = []
+        for cid, capture in list(self.registry.pods.items()):
+            if capture.discovered:
+                runtime_gone = not (capture.netns and os.path.exists(capture.netns))
+            else:
+                runtime_gone = cid not in valid and capture.network in ("", network)
+            if runtime_gone and self._pod_gone(capture):
+                stale.append(capture)
+        for capture in stale:
+            log.info("CNI GC: pod %s (sandbox %s) is gone", capture.key, capture.container_id[:20])
+            await self.delete({"containerId": capture.container_id, "namespace": capture.namespace})
         return {"ok": True, "removed": len(stale)}
+
+    def _pod_gone(self, capture: PodCapture) -> bool:
+        """The agent's own view: no pod of this uid (or, without a uid, this name) on this node."""
+        pod = self.store.pods.get(capture.key)
+        if pod is None:
+            return True
+        if capture.uid and pod.uid and pod.uid != capture.uid:
+            return True  # a new pod of the same name
+        return bool(self.node_name and pod.node_name and pod.node_name != self.node_name)
 
     def status(self) -> list[dict[str, Any]]:
         return [asdict(c) for c in sorted(self.registry.pods.values(), key=lambda c: c.key)]
@@ -261,7 +364,6 @@ class CaptureManager:
         They started before nodeagent was installed (or while its CNI entry was missing): find
         each one's network namespace in /proc and capture it as ADD would have.
         """
-        summary = {"adopted": 0, "failed": 0}
         pods = [
             p for p in self.store.pods.values() if p.node_name == node_name and p.uid and p.pod_ips
         ]
@@ -271,11 +373,32 @@ class CaptureManager:
             if self._unknown(p)
             and decide(p, self.store.namespaces.get(p.namespace), self.excluded_namespaces).in_mesh
         ]
+        started = time.monotonic()
+        summary = await self._adopt_found([(p, "running before the agent") for p in pods])
+        if pods:
+            log.info(
+                "pods running before the agent: %s in %.2fs", summary, time.monotonic() - started
+            )
+        return summary
+
+    def _unknown(self, pod: Pod) -> bool:
+        """No CNI ADD and no earlier adoption (a failed one is retried) for this pod."""
+        return not any(not (c.discovered and c.state == FAILED) for c in self._records_of(pod))
+
+    def _records_of(self, pod: Pod) -> list[PodCapture]:
+        return [
+            c
+            for c in self.registry.pods.values()
+            if (c.namespace, c.name) == (pod.namespace, pod.name) and c.uid in ("", pod.uid)
+        ]
+
+    async def _adopt_found(self, pods: Sequence[tuple[Pod, str]]) -> dict[str, int]:
+        """Find each pod's netns in /proc and capture it; WHY (per pod) goes into its reason."""
+        summary = {"adopted": 0, "failed": 0}
         if not pods:
             return summary
-        started = time.monotonic()
-        found = await self._in_thread(self.find_netns, {p.uid: p.pod_ips for p in pods if p.uid})
-        for pod in pods:
+        found = await self._in_thread(self.find_netns, {p.uid: p.pod_ips for p, _ in pods})
+        for pod, why in pods:
             where = found.get(pod.uid)
             capture = PodCapture(
                 namespace=pod.namespace,
@@ -288,31 +411,23 @@ class CaptureManager:
                 discovered=True,
             )
             async with self._locks[capture.container_id]:
-                outcome = await self._adopt_one(capture, pod.annotations)
+                outcome = await self._adopt_one(capture, pod.annotations, why)
             summary[outcome] += 1
         await self._sync_probes()
         if self.proxy is not None and summary["adopted"]:
             problem = await self.proxy.synced(DEL_SYNC_TIMEOUT)
             if problem:
                 log.warning("adopted pods: %s", problem)
-        log.info("pods running before the agent: %s in %.2fs", summary, time.monotonic() - started)
         return summary
 
-    def _unknown(self, pod: Pod) -> bool:
-        """No CNI ADD and no earlier adoption (a failed one is retried) for this pod."""
-        return not any(
-            (c.namespace, c.name) == (pod.namespace, pod.name)
-            and c.uid in ("", pod.uid)
-            and not (c.discovered and c.state == FAILED)
-            for c in self.registry.pods.values()
-        )
-
-    async def _adopt_one(self, capture: PodCapture, annotations: Mapping[str, str]) -> str:
+    async def _adopt_one(
+        self, capture: PodCapture, annotations: Mapping[str, str], why: str
+    ) -> str:
         if not capture.netns:
             self._settle(
                 capture,
                 FAILED,
-                "running before the agent, but no process of it in /proc has a network "
+                f"{why}, but no process of it in /proc has a network "
                 f"namespace holding its IP ({', '.join(capture.ips)})",
             )
             return "failed"
@@ -326,8 +441,146 @@ class CaptureManager:
         if problem:
             self._settle(capture, FAILED, problem)
             return "failed"
-        self._settle(capture, CAPTURED, f"running before the agent; found in {capture.netns}")
+        self._settle(capture, CAPTURED, f"{why}; found in {capture.netns}")
         return "adopted"
+
+    # -- membership -------------------------------------------------------------------------------
+
+    async def watch_membership(self, stop: asyncio.Event, poll: float = 0.1) -> None:
+        """Reconcile membership whenever the store changes (coalesced): labels, pods, namespaces.
+
+        Polls the store's generation: the store's change event belongs to the push loop.
+        """
+        seen = -1  # a first pass at once: changes since the caller's last pass are not lost
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll)
+            if self.store.generation == seen or stop.is_set():
+                continue
+            await asyncio.sleep(MEMBERSHIP_DEBOUNCE)
+            seen = self.store.generation
+            try:
+                await self.reconcile_membership(retry_failed=False)
+            except Exception:  # the next change or the periodic pass tries again
+                log.exception("reconciling membership failed")
+
+    async def reconcile_membership(self, *, retry_failed: bool = True) -> dict[str, int]:
+        """Bring every running pod of this node in line with its membership as the store has it now.
+
+        In the mesh and not captured -> adopt: in the netns of its CNI ADD, or found in /proc when
+        the agent never saw its ADD (created while the agent was down or its CNI entry missing).
+        Captured and no longer in the mesh -> release: capture removed, Envoy's listeners
+        dropped, state not-in-mesh with the reason. Pods whose ADD is under way are left to it;
+        failed adoptions are retried only when RETRY_FAILED (the periodic pass).
+        """
+        summary = {"adopted": 0, "released": 0, "failed": 0}
+        if not self.node_name:
+            return summary
+        async with self._membership_lock:
+            self._forget_gone()
+            unknown: dict[str, tuple[Pod, str]] = {}
+            for pod in list(self.store.pods.values()):
+                if pod.node_name != self.node_name or pod.key in self._adding:
+                    continue
+                if {(pod.key, ""), (pod.key, pod.uid)} & self._deleted:
+                    continue  # DELeted by the runtime: on its way out
+                membership = decide(
+                    pod, self.store.namespaces.get(pod.namespace), self.excluded_namespaces
+                )
+                records = self._records_of(pod)
+                if membership.in_mesh:
+                    why = f"adopted into the mesh ({membership.reason})"
+                    for capture in records:
+                        if capture.discovered and capture.state in (NOT_IN_MESH, FAILED):
+                            if capture.state == NOT_IN_MESH or retry_failed:
+                                unknown[pod.key] = (pod, why)
+                        elif capture.state == NOT_IN_MESH or (
+                            retry_failed and capture.state == FAILED
+                        ):
+                            outcome = await self._recapture(capture, pod, why)
+                            summary[outcome] += 1
+                    if not records and pod.uid and pod.pod_ips:
+                        unknown[pod.key] = (pod, why)
+                else:
+                    for capture in records:
+                        if capture.state in (CAPTURED, FAILED):
+                            outcome = await self._release(capture, membership.reason)
+                            summary[outcome] += 1
+            adopted = await self._adopt_found(list(unknown.values()))
+            summary["adopted"] += adopted["adopted"]
+            summary["failed"] += adopted["failed"]
+            self.metrics.membership_changes.labels("adopted").inc(adopted["adopted"])
+            if summary["released"] or summary["adopted"] > adopted["adopted"]:
+                await self._sync_probes()
+                if self.proxy is not None:
+                    problem = await self.proxy.synced(DEL_SYNC_TIMEOUT)
+                    if problem:
+                        log.warning("membership changes: %s", problem)
+        if any(summary.values()):
+            log.info("membership reconciled: %s", summary)
+        return summary
+
+    def _forget_gone(self) -> None:
+        """Drop what only the agent's own view kept: DEL marks of pods the source no longer has
+        (or has anew, another uid), and records of pods found in /proc that are gone from the
+        source and hold no capture (a pod deleted while the agent was away)."""
+        for key, uid in list(self._deleted):
+            pod = self.store.pods.get(key)
+            if pod is None or (uid and pod.uid and pod.uid != uid):
+                self._deleted.discard((key, uid))
+        for cid, capture in list(self.registry.pods.items()):
+            if not capture.discovered or not self._pod_gone(capture):
+                continue
+            if capture.state != CAPTURED or not os.path.exists(capture.netns):
+                self.registry.pop(cid)
+                self.metrics.forget_pod(capture.namespace, capture.name)
+                log.info("pod %s is gone: record of %s forgotten", capture.key, cid)
+
+    async def _recapture(self, capture: PodCapture, pod: Pod, why: str) -> str:
+        """Capture a pod the agent knows from its CNI ADD, in that sandbox's netns."""
+        async with self._locks[capture.container_id]:
+            if self.registry.pods.get(capture.container_id) is not capture:
+                return "failed"  # deleted or replaced meanwhile
+            if not os.path.exists(capture.netns):
+                self._settle(capture, NETNS_MISSING, f"network namespace {capture.netns} is gone")
+                return "failed"
+            capture.ips = capture.ips or list(pod.pod_ips)
+            problem = await self._netns_problem(capture)
+            if not problem:
+                try:
+                    spec = CaptureSpec.from_annotations(pod.annotations)
+                except CaptureSpecError as e:
+                    problem = str(e)
+                else:
+                    capture.spec = spec.to_json()
+                    problem = await self._apply(capture, spec)
+            if problem:
+                self._settle(capture, FAILED, problem)
+                return "failed"
+            self._settle(capture, CAPTURED, why)
+        self.metrics.membership_changes.labels("adopted").inc()
+        return "adopted"
+
+    async def _release(self, capture: PodCapture, reason: str) -> str:
+        """Take a running pod out of the mesh: its capture goes, its record says why."""
+        async with self._locks[capture.container_id]:
+            if self.registry.pods.get(capture.container_id) is not capture:
+                return "failed"  # deleted or replaced meanwhile
+            if capture.netns and os.path.exists(capture.netns):  # a failed one may hold rules too
+                try:
+                    await self._in_thread(self.backend.remove, Path(capture.netns))
+                except Exception as e:
+                    self._settle(
+                        capture,
+                        FAILED,
+                        f"out of the mesh ({reason}), but removing its capture in "
+                        f"{capture.netns} failed: {e}",
+                    )
+                    return "failed"
+            capture.spec = None
+            self._settle(capture, NOT_IN_MESH, f"released from the mesh: {reason}")
+        self.metrics.membership_changes.labels("released").inc()
+        return "released"
 
     # -- helpers ----------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ class PodCapture:
     reason: str = ""
     spec: dict[str, Any] | None = None  # CaptureSpec.to_json() for pods in the mesh
     backend: str = ""
+    network: str = ""  # the CNI network (conflist name) the pod was ADDed on: GC is per network
     # Found at agent start (running before the agent, no CNI ADD seen): keyed by pod UID, since
     # the sandbox id is not known.
     discovered: bool = False

@@ -223,10 +223,7 @@ class Testbed:
         self._build_underlay()
         for node in self.topology.nodes:
             self._build_node(node)
-        resources.write(
-            layout.cluster_dir(self.name) / "namespaces.yaml",
-            [resources.namespace_object(ns) for ns in self.topology.namespaces],
-        )
+        self._publish_namespaces()
         if self.topology.nodeagent:
             create_plugin_cacerts(layout.cacerts_dir(self.name), "cluster.local", intermediate=True)
             self._start_daemons()
@@ -242,6 +239,24 @@ class Testbed:
         with self._lock:
             self.state.phase = "up"
             self.state.save()
+
+    def _publish_namespaces(self) -> None:
+        resources.write(
+            layout.cluster_dir(self.name) / "namespaces.yaml",
+            [resources.namespace_object(ns) for ns in self.topology.namespaces],
+        )
+
+    def set_namespace_labels(self, name: str, labels: dict[str, str]) -> None:
+        """Relabel namespace NAME, as ``kubectl label namespace`` would (the labels replace its
+        old ones); the agents see it at their next source update."""
+        if name not in {ns.name for ns in self.topology.namespaces}:
+            raise TestbedError(f"no namespace {name!r} in testbed {self.name!r}")
+        namespaces = tuple(
+            replace(ns, labels=dict(labels)) if ns.name == name else ns
+            for ns in self.topology.namespaces
+        )
+        self.topology = replace(self.topology, namespaces=namespaces)
+        self._publish_namespaces()
 
     @contextlib.contextmanager
     def _creating_netns(self, ns: str) -> Iterator[None]:

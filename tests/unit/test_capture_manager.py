@@ -66,6 +66,8 @@ class Node:
         self.backend = RecordingBackend()
         self.probes = ProbeRecorder()
         self.metrics = AgentMetrics()
+        # What each (fake) network namespace holds, as discovery.netns_addresses reads it.
+        self.addresses: dict[Path, set[str]] = {}
         self.manager = self.new_manager()
 
     def new_manager(self) -> CaptureManager:
@@ -79,6 +81,8 @@ class Node:
             ("kube-system",),
             probe_snat=self.probes,
             pod_wait=0.3,
+            node_name="n1",
+            netns_addresses=lambda netns: self.addresses.get(netns, set()),
         )
 
     def netns(self, name: str) -> str:
@@ -87,12 +91,15 @@ class Node:
         return str(path)
 
     def cni_pod(self, name: str, namespace: str = "shop", ip: str = "10.244.1.7") -> dict[str, Any]:
+        netns = self.netns(name)
+        self.addresses[Path(netns)] = {ip}
         return {
             "namespace": namespace,
             "name": name,
             "containerId": f"id-{name}",
-            "netns": self.netns(name),
+            "netns": netns,
             "ips": [ip],
+            "network": "testbed",
         }
 
     def state_metric(self, namespace: str, pod: str, state: str) -> float | None:
@@ -129,7 +136,8 @@ def test_pods_outside_the_mesh_are_recorded_not_captured(tmp_path: Path) -> None
         assert answer == {
             "ok": True,
             "state": "not-in-mesh",
-            "reason": "neither pod nor namespace is labelled nodeagent.io/mesh=enabled",
+            "reason": "no mesh label on pod or namespace (nodeagent.io/mesh=enabled,"
+            " istio-injection=enabled, istio.io/dataplane-mode=ambient)",
         }
         assert node.backend.calls == []
         assert node.state_metric("plain", "db", "not-in-mesh") == 1
@@ -317,5 +325,260 @@ def test_malformed_requests_get_an_answer(tmp_path: Path, garbage: bytes) -> Non
         writer.close()
         assert answer["ok"] is False and "malformed request" in answer["reason"]
         await server.stop()
+
+    run(scenario, tmp_path)
+
+
+# -- CNI GC (issue #12, defect 2) ------------------------------------------------------------------
+
+
+def test_gc_removes_only_pods_that_the_runtime_and_the_agent_both_say_are_gone(
+    tmp_path: Path,
+) -> None:
+    """CNI spec, GC: "a per-network operation"; runtimes list the valid attachments. The list
+    alone never removes capture: istio-cni drops pods from its own pod informer, never from GC
+    (istio/istio cni/pkg/plugin, cni/pkg/nodeagent/informers.go); we require both."""
+
+    async def scenario(node: Node) -> None:
+        for i, name in enumerate(("a", "b", "c")):
+            node.store.put_pod(Pod("shop", name, uid=f"uid-{name}", node_name="n1"))
+            pod = node.cni_pod(name, ip=f"10.244.1.{i + 2}") | {"uid": f"uid-{name}"}
+            assert (await node.manager.add(pod, timeout=5))["state"] == "captured"
+        web_netns = node.netns("web")
+        node.store.put_pod(
+            Pod("shop", "web", uid="uid-web", node_name="n1", pod_ips=("10.244.1.9",))
+        )
+        node.manager.find_netns = lambda pods: {
+            "uid-web": PodNetns("uid-web", web_netns, "c0ffee", 42)
+        }
+        assert (await node.manager.adopt_running("n1"))["adopted"] == 1
+        everyone = {"a", "b", "c", "web"}
+
+        def captured() -> set[str]:
+            return {p["name"] for p in node.manager.status() if p["state"] == "captured"}
+
+        # An empty list, and a list that names none of the discovered pods: nothing goes.
+        assert (await node.manager.gc([], "testbed"))["removed"] == 0
+        assert (await node.manager.gc(["id-a", "id-b", "id-c"], "testbed"))["removed"] == 0
+        # The runtime no longer lists b, but the agent's source still has b: b stays.
+        assert (await node.manager.gc(["id-a", "id-c"], "testbed"))["removed"] == 0
+        # Another network's GC knows nothing of this network's pods.
+        node.store.delete_pod("shop/b")
+        assert (await node.manager.gc(["other"], "other-net"))["removed"] == 0
+        assert captured() == everyone and len(node.backend.installed) == 4
+        # b is really gone (runtime and source): only b is removed.
+        assert (await node.manager.gc(["id-a", "id-c"], "testbed"))["removed"] == 1
+        assert captured() == everyone - {"b"}
+        assert Path(tmp_path / "netns-b") not in node.backend.installed
+        # A discovered pod gone from the source but whose netns still exists stays; once its
+        # netns is gone too, it goes.
+        node.store.delete_pod("shop/web")
+        assert (await node.manager.gc(["id-a", "id-c"], "testbed"))["removed"] == 0
+        Path(web_netns).unlink()
+        assert (await node.manager.gc(["id-a", "id-c"], "testbed"))["removed"] == 1
+        assert captured() == {"a", "c"}
+
+    run(scenario, tmp_path)
+
+
+def test_gc_over_the_socket_rejects_a_malformed_list(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        node.store.put_pod(Pod("shop", "a"))
+        await node.manager.add(node.cni_pod("a"), timeout=5)
+        server = CniServer(tmp_path / "cni.sock", node.manager, node.metrics)
+        await server.start()
+        path = str(tmp_path / "cni.sock")
+        for bad in ({}, {"validContainerIds": "id-x"}, {"validContainerIds": [1]}):
+            answer = await asyncio.to_thread(wire.request, path, {"command": "GC", **bad}, 5)
+            assert answer["ok"] is False and "validContainerIds" in answer["reason"]
+        await server.stop()
+        assert [p["state"] for p in node.manager.status()] == ["captured"]
+
+    run(scenario, tmp_path)
+
+
+# -- membership follows the source (issue #12, defect 3) -------------------------------------------
+
+
+def test_membership_changes_adopt_and_release_running_pods(tmp_path: Path) -> None:
+    """istio-cni's node agent reconciles pods on namespace and pod label changes (istio/istio
+    cni/pkg/nodeagent/informers.go: AddPodToMesh / RemovePodFromMesh)."""
+
+    async def scenario(node: Node) -> None:
+        node.store.put_namespace(Namespace("shop", {}))
+        # Known from its ADD while out of the mesh.
+        node.store.put_pod(
+            Pod("shop", "web", uid="uid-web", node_name="n1", pod_ips=("10.244.1.7",))
+        )
+        web = node.cni_pod("web") | {"uid": "uid-web"}
+        assert (await node.manager.add(web, timeout=5))["state"] == "not-in-mesh"
+        # Never seen by the agent (ADD missed while its CNI entry was missing).
+        lost_netns = node.netns("lost")
+        node.store.put_pod(
+            Pod("shop", "lost", uid="uid-lost", node_name="n1", pod_ips=("10.244.1.8",))
+        )
+        node.store.put_pod(
+            Pod("shop", "far", uid="uid-far", node_name="n2", pod_ips=("10.244.2.8",))
+        )
+        asked: list[list[str]] = []
+
+        def finder(pods: Mapping[str, Sequence[str]]) -> dict[str, PodNetns]:
+            asked.append(sorted(pods))
+            return (
+                {"uid-lost": PodNetns("uid-lost", lost_netns, "c0ffee", 42)}
+                if "uid-lost" in pods
+                else {}
+            )
+
+        node.manager.find_netns = finder
+        assert await node.manager.reconcile_membership() == {
+            "adopted": 0,
+            "released": 0,
+            "failed": 0,
+        }
+
+        def states() -> dict[str, tuple[str, str]]:
+            return {p["name"]: (p["state"], p["reason"]) for p in node.manager.status()}
+
+        def changes(change: str) -> float | None:
+            return node.metrics.registry.get_sample_value(
+                "nodeagent_membership_changes_total", {"change": change}
+            )
+
+        # The namespace joins the mesh (Istio's label): both are captured, the far pod is not.
+        node.store.put_namespace(Namespace("shop", {"istio-injection": "enabled"}))
+        summary = await node.manager.reconcile_membership()
+        assert summary == {"adopted": 2, "released": 0, "failed": 0}
+        assert asked == [["uid-lost"]]
+        assert states()["web"][0] == "captured" and "istio-injection=enabled" in states()["web"][1]
+        assert states()["lost"][0] == "captured" and "far" not in states()
+        assert set(node.backend.installed) == {Path(web["netns"]), Path(lost_netns)}
+        assert sorted(node.probes.ips) == ["10.244.1.7", "10.244.1.8"]
+        assert changes("adopted") == 2
+        assert await node.manager.reconcile_membership() == {
+            "adopted": 0,
+            "released": 0,
+            "failed": 0,
+        }
+
+        # One pod opts out, then the namespace leaves: each is released once, with the reason.
+        node.store.put_pod(
+            Pod(
+                "shop",
+                "web",
+                uid="uid-web",
+                node_name="n1",
+                pod_ips=("10.244.1.7",),
+                labels={"sidecar.istio.io/inject": "false"},
+            )
+        )
+        assert (await node.manager.reconcile_membership())["released"] == 1
+        assert states()["web"] == (
+            "not-in-mesh",
+            "released from the mesh: pod opts out with label sidecar.istio.io/inject=false",
+        )
+        node.store.put_namespace(Namespace("shop", {"istio-injection": "disabled"}))
+        assert (await node.manager.reconcile_membership())["released"] == 1
+        assert states()["lost"][0] == "not-in-mesh"
+        assert "istio-injection=disabled" in states()["lost"][1]
+        assert node.backend.installed == {} and node.probes.ips == []
+        assert changes("released") == 2
+        assert node.state_metric("shop", "lost", "not-in-mesh") == 1
+
+        # And back in: the same records are captured again.
+        node.store.put_namespace(Namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
+        assert (await node.manager.reconcile_membership())["adopted"] == 1  # web still opts out
+        assert states()["lost"][0] == "captured"
+        assert [p["container_id"] for p in node.manager.status() if p["name"] == "lost"] == [
+            "discovered:uid-lost"
+        ]
+
+    run(scenario, tmp_path)
+
+
+def test_the_store_watch_adopts_a_pod_without_a_reconcile_pass(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        stop = asyncio.Event()
+        netns = node.netns("late")
+        node.manager.find_netns = lambda pods: {"uid-late": PodNetns("uid-late", netns, "c", 1)}
+        watching = asyncio.create_task(node.manager.watch_membership(stop, poll=0.02))
+        node.store.put_pod(
+            Pod("shop", "late", uid="uid-late", node_name="n1", pod_ips=("10.244.1.5",))
+        )
+        for _ in range(100):
+            if Path(netns) in node.backend.installed:
+                break
+            await asyncio.sleep(0.02)
+        stop.set()
+        await watching
+        assert [p["state"] for p in node.manager.status()] == ["captured"]
+
+    run(scenario, tmp_path)
+
+
+# -- CNI ADD checks the pod it is handed (issue #12, defect 9) -------------------------------------
+
+
+def test_add_refuses_a_netns_without_the_pods_ip_or_a_foreign_uid(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        node.store.put_pod(Pod("shop", "web", uid="uid-web"))
+        pod = node.cni_pod("web", ip="10.244.1.7") | {"uid": "uid-web"}
+        node.addresses[Path(pod["netns"])] = {"10.244.1.99"}  # someone else's namespace
+        answer = await node.manager.add(pod, timeout=5)
+        assert answer["ok"] is False
+        assert "shop/web" in answer["reason"] and "10.244.1.99" in answer["reason"]
+        assert "not the pod's IP 10.244.1.7" in answer["reason"]
+        assert node.backend.installed == {}
+
+        node.addresses[Path(pod["netns"])] = {"10.244.1.7"}
+        other = pod | {"uid": "uid-impostor"}
+        answer = await node.manager.add(other, timeout=1.5)
+        assert answer["ok"] is False
+        assert "K8S_POD_UID uid-impostor" in answer["reason"] and "(uid-web)" in answer["reason"]
+        assert node.backend.installed == {}
+
+        assert (await node.manager.add(pod, timeout=5))["state"] == "captured"
+
+    run(scenario, tmp_path)
+
+
+def test_add_waits_for_the_source_to_catch_up_with_a_recreated_pod(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        node.store.put_pod(Pod("shop", "db-0", uid="old"))  # the StatefulSet's previous pod
+        pod = node.cni_pod("db-0") | {"uid": "new"}
+        adding = asyncio.create_task(node.manager.add(pod, timeout=5))
+        await asyncio.sleep(0.1)
+        node.store.put_pod(Pod("shop", "db-0", uid="new"))
+        assert (await adding)["state"] == "captured"
+
+    run(scenario, tmp_path)
+
+
+def test_a_deleted_pod_is_not_adopted_again_while_the_source_still_lists_it(
+    tmp_path: Path,
+) -> None:
+    async def scenario(node: Node) -> None:
+        record = Pod("shop", "web", uid="uid-web", node_name="n1", pod_ips=("10.244.1.7",))
+        node.store.put_pod(record)
+        pod = node.cni_pod("web") | {"uid": "uid-web"}
+        await node.manager.add(pod, timeout=5)
+        node.manager.find_netns = lambda pods: {
+            "uid-web": PodNetns("uid-web", pod["netns"], "c", 1)
+        }
+        await node.manager.delete(pod)  # the runtime tears it down; the API still has it
+        assert await node.manager.reconcile_membership() == {
+            "adopted": 0,
+            "released": 0,
+            "failed": 0,
+        }
+        assert node.manager.status() == [] and node.backend.installed == {}
+        # A pod found in /proc that then leaves the source without a DEL is forgotten.
+        node.store.delete_pod("shop/web")
+        node.store.put_pod(Pod("shop", "db", uid="uid-db", node_name="n1", pod_ips=("10.244.1.8",)))
+        node.manager.find_netns = lambda pods: {}
+        assert (await node.manager.reconcile_membership())["failed"] == 1
+        node.store.delete_pod("shop/db")
+        await node.manager.reconcile_membership()
+        assert node.manager.status() == []
 
     run(scenario, tmp_path)

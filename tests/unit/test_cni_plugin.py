@@ -114,6 +114,7 @@ def test_add_hands_the_pod_to_the_agent_and_passes_prev_result_through(
         "netns": "/proc/self/ns/net",
         "ifname": "eth0",
         "ips": ["10.244.1.7"],
+        "network": "k8s-pod-network",
     }
 
 
@@ -217,8 +218,12 @@ def test_del_tells_the_agent(
     agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert invoke(monkeypatch, "DEL", json.dumps(config(tmp_path))) == (0, None)
+    monkeypatch.setenv("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_UID=u-1")
+    assert plugin.run("DEL", json.dumps(config(tmp_path))) == (0, None)
     assert agent.requests[0]["command"] == "DEL"
     assert agent.requests[0]["pod"]["containerId"] == "c0ffee"
+    # The uid finds a pod the agent adopted without seeing its ADD (no sandbox id known).
+    assert agent.requests[1]["pod"]["uid"] == "u-1"
 
 
 def test_check_reports_capture_problems(
@@ -236,7 +241,11 @@ def test_status_and_gc(agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.Mon
     assert invoke(monkeypatch, "STATUS", json.dumps(conf)) == (0, None)
     gc = {**conf, "cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]}
     assert invoke(monkeypatch, "GC", json.dumps(gc)) == (0, None)
-    assert agent.requests[-1] == {"command": "GC", "validContainerIds": ["a"]}
+    assert agent.requests[-1] == {
+        "command": "GC",
+        "validContainerIds": ["a"],
+        "network": "k8s-pod-network",
+    }
     agent.close()
     (tmp_path / "cni.sock").unlink()
     rc, out = invoke(monkeypatch, "STATUS", json.dumps(conf))
@@ -283,3 +292,42 @@ def test_the_bundle_runs_without_any_host_python(tmp_path: Path) -> None:
         "supportedVersions": plugin.SUPPORTED_VERSIONS,
     }
     assert os.path.realpath(binary).startswith(str(locate_bundle().resolve()))
+
+
+@pytest.mark.parametrize(
+    ("attachments", "words"),
+    [
+        (None, "GC without field 'cni.dev/valid-attachments'"),
+        ({"containerID": "a"}, "'cni.dev/valid-attachments' must be a list"),
+        ([{"containerID": "a"}, {"ifname": "eth0"}], "'cni.dev/valid-attachments'[1]"),
+        (["a"], "'cni.dev/valid-attachments'[0]"),
+        ([{"containerID": ""}], "non-empty string containerID"),
+    ],
+)
+def test_gc_with_a_malformed_list_fails_and_tells_the_agent_nothing(
+    agent: FakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    attachments: Any,
+    words: str,
+) -> None:
+    """A GC whose valid-attachments the plugin cannot read must not reach the agent as "no pod
+    is valid" (which removed every pod's capture): it fails with the field named."""
+    conf = config(tmp_path, cniVersion="1.1.0", prevResult=None)
+    conf["cni.dev/valid-attachments"] = attachments
+    code, out = invoke(
+        monkeypatch, "GC", json.dumps({k: v for k, v in conf.items() if v is not None})
+    )
+    assert code == 1 and out is not None
+    assert out["code"] == plugin.INVALID_CONFIG and words in out["msg"], out
+    assert "nothing removed" in out["msg"]
+    assert agent.requests == []
+
+
+def test_gc_reads_the_older_spelling_libcni_also_sends(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = config(tmp_path, cniVersion="1.1.0", prevResult=None)
+    conf["cni.dev/attachments"] = [{"containerID": "b", "ifname": "eth0"}]
+    assert invoke(monkeypatch, "GC", json.dumps(conf)) == (0, None)
+    assert agent.requests[-1]["validContainerIds"] == ["b"]
