@@ -16,12 +16,11 @@ and again; it goes to ``BlackHoleCluster`` instead.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
 from nodeagent.mesh.model import REGISTRY_ONLY, Pod
-import ipaddress
-
 from nodeagent.redirect.capture import INBOUND_PORT, OUTBOUND_PORT
 from nodeagent.translate import tls
 from nodeagent.translate.envoy import Listener, message, typed
