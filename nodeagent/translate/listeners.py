@@ -89,33 +89,51 @@ def _stamped(netns: str, *filters: dict[str, Any]) -> list[dict[str, Any]]:
     return [stamp_netns(netns), *filters] if netns else list(filters)
 
 
+def outbound_chain(
+    target: ServiceTarget, identity: Identity, netns: str, who: str
+) -> dict[str, Any]:
+    """The filter chain of one service port (its VIP:port) in a pod of IDENTITY."""
+    name = target.cluster_for(identity)
+    if is_http(target.protocol):
+        last = http_connection_manager(name, name, "outbound", who)
+    else:
+        last = tcp_proxy(name, name, "outbound", who)
+    return {
+        "name": name,
+        "filter_chain_match": {
+            "prefix_ranges": [host_prefix(target.service.cluster_ip)],
+            "destination_port": target.port.port,
+        },
+        "filters": _stamped(netns, last),
+    }
+
+
+def blackhole_chain(ip: str, port: int, who: str) -> dict[str, Any]:
+    """A service VIP:port whose config was left out: refused, never passed through."""
+    return {
+        "name": f"{BLACKHOLE}|{ip}:{port}",
+        "filter_chain_match": {"prefix_ranges": [host_prefix(ip)], "destination_port": port},
+        "filters": [tcp_proxy(BLACKHOLE, BLACKHOLE, "outbound", who)],
+    }
+
+
 def outbound_listener(
     pod: Pod,
     netns: str,
     targets: Sequence[ServiceTarget],
     outbound_policy: str,
     identity: Identity,
+    extra: Sequence[dict[str, Any]] = (),
 ) -> Listener:
+    """EXTRA: more filter chains (black-holed VIP:ports)."""
     who = pod.key
-    chains = []
-    for target in targets:
-        if not target.service.cluster_ip or target.service.cluster_ip == "None":
-            continue  # headless: callers dial pod IPs, which pass through
-        name = target.cluster_for(identity)
-        if is_http(target.protocol):
-            last = http_connection_manager(name, name, "outbound", who)
-        else:
-            last = tcp_proxy(name, name, "outbound", who)
-        chains.append(
-            {
-                "name": name,
-                "filter_chain_match": {
-                    "prefix_ranges": [host_prefix(target.service.cluster_ip)],
-                    "destination_port": target.port.port,
-                },
-                "filters": _stamped(netns, last),
-            }
-        )
+    chains = [
+        outbound_chain(target, identity, netns, who)
+        for target in targets
+        # headless: callers dial pod IPs, which pass through
+        if target.service.cluster_ip and target.service.cluster_ip != "None"
+    ]
+    chains.extend(extra)
     chains.append(_loop_guard(OUTBOUND_BLACKHOLE, OUTBOUND_PORT, "outbound", who))
     fallback = BLACKHOLE if outbound_policy == REGISTRY_ONLY else PASSTHROUGH
     return message(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,12 @@ from nodeagent.xds.cache import SnapshotCache
 from nodeagent.xds.delta import DeltaStream
 from nodeagent.xds.metrics import XdsMetrics
 from nodeagent.xds.sotw import SotwStream
-from nodeagent.xds.state import TypeStatus
+from nodeagent.xds.state import Nack, TypeStatus
 from nodeagent.xds.stream import AdsStream, ProtocolError
 
 log = logging.getLogger("nodeagent.xds")
 
-__all__ = ["TypeStatus", "XdsServer"]
+__all__ = ["Nack", "TypeStatus", "XdsServer"]
 
 
 class XdsServer:
@@ -42,6 +42,8 @@ class XdsServer:
         self._last_status: dict[str, dict[str, TypeStatus]] = {}
         self._server: Any = None
         self._path: Path | None = None
+        # Told of every NACK (node id, what was rejected): the proxy isolates the bad resource.
+        self.on_nack: Callable[[str, Nack], None] | None = None
 
     async def start(self, path: Path, group: int | None = None) -> None:
         """Serve on UNIX socket `path`: 0600 in a 0700 directory; a stale socket is replaced.
@@ -116,7 +118,21 @@ class XdsServer:
             self._last_status[stream.node_id] = self._status_of(stream, connected=False)
         self.metrics.connected.set(len(self._streams))
 
+    def nacked(self, node_id: str, nack: Nack) -> None:
+        if self.on_nack is not None:
+            try:
+                self.on_nack(node_id, nack)
+            except Exception:  # the stream goes on whatever the listener of NACKs does
+                log.exception("handling a NACK of %s failed", node_id)
+
     # Status
+    def acked(self, node_id: str, type_url: str) -> dict[str, str]:
+        """name -> version of the resources of TYPE_URL that Envoy ACKed on its open stream."""
+        streams = self._streams.get(node_id)
+        if not streams:
+            return {}
+        return dict(streams[-1].states[type_url].acked)
+
     def connected_nodes(self) -> list[str]:
         return sorted(self._streams)
 

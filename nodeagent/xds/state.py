@@ -33,6 +33,17 @@ class TypeStatus:
     last_ack_time: float | None  # time.time() of the latest ACK
 
 
+@dataclass(frozen=True)
+class Nack:
+    """One response Envoy rejected: its type, Envoy's error_detail, and what it carried."""
+
+    type_url: str
+    message: str
+    names: tuple[str, ...]  # the resources of the rejected response (SotW: all of the type)
+    version_sent: str
+    version_acked: str  # the snapshot version Envoy keeps for this type
+
+
 @dataclass
 class Plan:
     """One response to send: the resources it carries and what Envoy then has."""

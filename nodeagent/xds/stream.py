@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from nodeagent.xds import types
 from nodeagent.xds.cache import Snapshot, SnapshotCache
 from nodeagent.xds.metrics import XdsMetrics
-from nodeagent.xds.state import Plan, TypeState, expected_subscriptions
+from nodeagent.xds.state import Nack, Plan, TypeState, expected_subscriptions
 
 log = logging.getLogger("nodeagent.xds")
 
@@ -45,6 +45,8 @@ class StreamHost(Protocol):
     def attach(self, stream: AdsStream) -> None: ...
 
     def detach(self, stream: AdsStream) -> None: ...
+
+    def nacked(self, node_id: str, nack: Nack) -> None: ...
 
 
 class ProtocolError(Exception):
@@ -175,6 +177,7 @@ class AdsStream(ABC):
             )
             return True
         message = error.message or f"code {error.code}"
+        names = tuple(sorted(state.pending_after))
         state.on_nack(message)
         self.host.metrics.nacks.labels(name).inc()
         log.warning(
@@ -188,6 +191,8 @@ class AdsStream(ABC):
         dependent = _DEPENDENTS.get(state.type_url)
         if dependent is not None:  # Envoy will not subscribe to what it rejected
             self.states[dependent].expect_since = None
+        nack = Nack(state.type_url, message, names, state.version_sent, state.version_acked)
+        self.host.nacked(self.node_id or "", nack)
         return True
 
     def _next_plan(self, now: float) -> Plan | None:
