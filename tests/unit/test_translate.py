@@ -23,9 +23,11 @@ from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import LocalPod, translate
 from nodeagent.translate import envoy as e
 from nodeagent.translate.protocol import HTTP, HTTP2, TCP, port_protocol
-from nodeagent.translate.tls import MTLS_ALPNS
 
 HOST = "web.shop.svc.cluster.local"
+# Every ALPN an Istio client offers on mesh mTLS: istio/istio pilot/pkg/networking/core
+# (allIstioMtlsALPNs); servers take TLS for mesh mTLS only with one of them.
+MTLS_ALPNS = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2")
 
 
 def store(**mesh: Any) -> MeshStore:
@@ -311,13 +313,7 @@ def test_permissive_ports_take_tls_as_mesh_mtls_only_with_istio_alpn() -> None:
         translate(s, [local("web-1", {"app": "web"})])[e.LISTENER]["virtualInbound/shop/web-1"]
     )
     mtls = chain_named(inbound, "inbound|8080||-mtls")
-    assert mtls["filterChainMatch"]["applicationProtocols"] == [
-        "istio",
-        "istio-peer-exchange",
-        "istio-http/1.0",
-        "istio-http/1.1",
-        "istio-h2",
-    ]
+    assert mtls["filterChainMatch"]["applicationProtocols"] == list(MTLS_ALPNS)
     assert "transportSocket" in mtls
     # Other TLS on the PERMISSIVE HTTP port: bytes to the app, no TLS termination, no HTTP.
     own_tls = chain_named(inbound, "inbound|8080||-tls")
