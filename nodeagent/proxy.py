@@ -37,7 +37,7 @@ from nodeagent.translate import (
     build,
     pod_listener_names,
 )
-from nodeagent.translate.rejections import culprits
+from nodeagent.translate.rejections import Bisection, culprits
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from nodeagent.xds.server import Nack, XdsServer
@@ -121,7 +121,12 @@ class NodeProxy:
         self.identity_unknown: list[str] = []  # captured pods missing from the source
         self.unattributed_nack = ""  # a NACK naming nothing we could leave out
         self._translations: OrderedDict[str, Translation] = OrderedDict()
+        self._bisection: Bisection | None = None
+        # Per type: the objects of the config Envoy last ACKed (what it already holds).
+        self._accepted: dict[str, set[Origin]] = {}
+        self._resend: set[str] = set()  # types whose next push asks Envoy's verdict again
         self.xds.on_nack = self._on_nack
+        self.xds.on_ack = self._on_ack
         self.rejections = Counter(
             "nodeagent_config_rejections",
             "Objects left out of the node's Envoy config, by kind and cause (NACK: Envoy"
@@ -222,8 +227,11 @@ class NodeProxy:
         # A certificate exists exactly while a pod of its identity runs on this node.
         secrets = self.identities.sds_secrets({lp.identity for lp in local})
         try:
+            excluded = set(self.rejected)
+            if self._bisection is not None:
+                excluded |= set(self._bisection.trial)
             translation = build(
-                self.store, local, secrets, self.excluded_namespaces, excluded=self.rejected
+                self.store, local, secrets, self.excluded_namespaces, excluded=excluded
             )
             failed = {
                 origin: Rejection(origin, "translation", why, self._fingerprint(origin))
@@ -235,6 +243,12 @@ class NodeProxy:
             snapshot = Snapshot(version, translation.resources)
             self.cache.set_snapshot(self.settings.node_id, snapshot)
             self._translations[version] = translation
+            if self._bisection is not None and not self._bisection.version:
+                self._bisection.version = version
+                self._resend.add(self._bisection.type_url)
+            for type_url in self._resend:  # Envoy's verdict, even on what did not change
+                self.xds.resend_with(self.settings.node_id, type_url, snapshot)
+            self._resend.clear()
             while len(self._translations) > KEPT_VERSIONS:
                 self._translations.popitem(last=False)
             self.last_error = ""
@@ -265,26 +279,70 @@ class NodeProxy:
         translation = self._translations.get(nack.version_sent)
         if translation is None:
             return
-        kept = self._translations.get(nack.version_acked)
-        accepted = kept.objects() if kept is not None else set()
-        found = culprits(nack, translation, accepted)
         kind = types.short_name(nack.type_url)
-        if not found:
-            self.unattributed_nack = f"{kind} version {nack.version_sent}: {nack.message}"
-            log.error(
-                "Envoy rejected %s and names nothing we can leave out", self.unattributed_nack
-            )
+        bisection = self._bisection
+        if bisection is not None and nack.type_url == bisection.type_url:
+            if bisection.answers(nack.version_sent):
+                self._bisect(accepted=False)
             return
-        self.unattributed_nack = ""
-        for origin, why in found.items():
-            self.rejected[origin] = Rejection(origin, kind, why, self._fingerprint(origin))
-            self.rejections.labels(origin.kind, "NACK").inc()
-            log.error(
-                "Envoy rejected the %s config of %s; it is left out until it changes: %s",
+        found = culprits(nack, translation, self._accepted.get(nack.type_url, set()))
+        if found:
+            self.unattributed_nack = ""
+            for origin, why in found.items():
+                self._leave_out(origin, nack.type_url, why)
+            return
+        # Envoy's message names nothing of ours: bisect over what that response changed.
+        origins = [translation.origins.get((nack.type_url, name)) for name in nack.changed]
+        suspects = sorted({o for o in origins if o is not None and o not in self.rejected})
+        first_line = nack.message.strip().splitlines()[0] if nack.message.strip() else ""
+        if len(suspects) == 1:
+            self._leave_out(suspects[0], nack.type_url, first_line)
+        elif suspects:
+            self._bisection = Bisection(nack.type_url, first_line, suspects)
+            log.warning(
+                "Envoy rejected %s without naming what (%s): finding which of %d objects by"
+                " re-pushing halves",
                 kind,
-                origin,
-                why,
+                first_line,
+                len(suspects),
             )
+            self.changed.set()
+        else:
+            self.unattributed_nack = f"{kind} version {nack.version_sent}: {nack.message}"
+            log.error("Envoy rejected %s, naming nothing we can leave out", self.unattributed_nack)
+
+    def _on_ack(self, node_id: str, type_url: str, version: str) -> None:
+        if node_id != self.settings.node_id:
+            return
+        translation = self._translations.get(version)
+        if translation is not None:
+            self._accepted[type_url] = translation.objects()
+        bisection = self._bisection
+        if bisection is not None and type_url == bisection.type_url and bisection.answers(version):
+            self._bisect(accepted=True)
+
+    def _bisect(self, accepted: bool) -> None:
+        bisection = self._bisection
+        assert bisection is not None
+        culprit = bisection.step(accepted)
+        if culprit is not None:
+            self._bisection = None
+            why = f"{bisection.message} (found by re-pushing halves)"
+            self._leave_out(culprit, bisection.type_url, why)
+        self.changed.set()
+
+    def _leave_out(self, origin: Origin, type_url: str, why: str) -> None:
+        kind = types.short_name(type_url)
+        self.rejected[origin] = Rejection(origin, kind, why, self._fingerprint(origin))
+        self.rejections.labels(origin.kind, "NACK").inc()
+        self.unattributed_nack = ""
+        self._resend.add(type_url)  # so Envoy's verdict on the rest clears the NACK
+        log.error(
+            "Envoy rejected the %s config of %s; it is left out until it changes: %s",
+            kind,
+            origin,
+            why,
+        )
         self.changed.set()
 
     def pod_problem(self, key: str) -> str:

@@ -219,3 +219,60 @@ def test_fqdn_endpoint_slices_are_not_endpoints() -> None:
         for lb in cla["endpoints"][0]["lbEndpoints"]
     ]
     assert addresses == ["10.244.1.9"]
+
+
+def test_of_two_clashing_services_the_one_envoy_did_not_hold_is_left_out(tmp_path: Path) -> None:
+    """Envoy names both chains of a clash; the Service it already held keeps serving."""
+    store = mesh_store()
+    proxy, _ = make_proxy(tmp_path, store, "web-1")
+    version = proxy.push()
+    proxy.xds.ack_received(proxy.settings.node_id, types.LISTENER, version)
+    store.put_service(Service(NS, "clash", "10.96.0.20", (ServicePort(5432, "tcp"),), {"a": "c"}))
+    proxy.push()
+    message = (
+        "Error adding/updating listener(s) virtualOutbound/shop/web-1: error adding listener"
+        f" '127.0.0.1:15001': filter chain 'outbound|5432||{DB_HOST}~shop~web' has the same"
+        f" matching rules defined as 'outbound|5432||clash.shop.svc.cluster.local~shop~web'."
+    )
+    proxy.xds.nacked(proxy.settings.node_id, nack_of(proxy, types.LISTENER, message))
+    proxy.push()
+    rejected = proxy.status_table()["rejected"]
+    assert [(r["kind"], r["name"]) for r in rejected] == [("Service", "clash")]  # type: ignore[union-attr]
+    assert f"outbound|5432||{DB_HOST}~shop~web" in resources(proxy, e.CLUSTER)
+
+
+def test_a_nack_naming_nothing_is_traced_by_re_pushing_halves(tmp_path: Path) -> None:
+    """Envoy's EDS error names no resource ("malformed IP address: ..."): the proxy leaves half
+    of the suspects out, asks Envoy again, and narrows down to the one object it rejects."""
+    store = mesh_store()
+    for i in range(6):
+        store.put_service(
+            Service(NS, f"s{i}", f"10.96.1.{i}", (ServicePort(80, "tcp"),), {"app": f"s{i}"})
+        )
+    proxy, _ = make_proxy(tmp_path, store, "web-1")
+    bad = f"outbound|80||s4.{NS}.svc.cluster.local"  # the endpoints Envoy will not take
+    node = proxy.settings.node_id
+    version = proxy.push()
+    snapshot = proxy.cache.get(node)
+    assert snapshot is not None
+    eds = tuple(snapshot.of(types.ENDPOINT))
+    message = "malformed IP address: db.example.com. Consider setting resolver_name"
+    proxy.xds.nacked(node, Nack(types.ENDPOINT, message, eds, version, "", eds))
+    for _ in range(6):  # each round: the trial push, then Envoy's verdict on it
+        if not proxy.changed.is_set():
+            break
+        proxy.changed.clear()
+        version = proxy.push()
+        snapshot = proxy.cache.get(node)
+        assert snapshot is not None
+        names = tuple(snapshot.of(types.ENDPOINT))
+        if bad in names:
+            proxy.xds.nacked(node, Nack(types.ENDPOINT, message, names, version, "", names))
+        else:
+            proxy.xds.ack_received(node, types.ENDPOINT, version)
+    rejected = proxy.status_table()["rejected"]
+    assert [(r["kind"], r["name"]) for r in rejected] == [("Service", "s4")]  # type: ignore[union-attr]
+    assert "malformed IP address" in rejected[0]["reason"]  # type: ignore[index]
+    proxy.push()
+    names = set(resources(proxy, e.ENDPOINT))
+    assert bad not in names and f"outbound|80||s3.{NS}.svc.cluster.local" in names

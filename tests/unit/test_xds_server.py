@@ -396,6 +396,33 @@ def test_a_nack_is_handed_on_with_what_was_rejected(tmp_path: Path, delta: bool)
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_a_resend_asks_envoy_again_about_an_unchanged_type(tmp_path: Path, delta: bool) -> None:
+    """After a NACK the proxy may push a config whose resources of that type did not change
+    (it left out the culprit elsewhere, or tries half of the suspects): ``resend_with`` sends
+    the type again with that snapshot, the previous response's resources included, so Envoy's
+    answer tells whether it takes the config, and its ACK clears the NACK."""
+
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        await initial_flow(envoy)
+        bad = {"l": listener("l", "r"), "l2": listener("l2", "r", "bad")}
+        env.cache.set_snapshot(NODE, snapshot("v2", listeners=bad))
+        await envoy.nack(await envoy.recv(), "Error adding/updating listener(s) l2: no")
+        await wait_for_state(env, "LDS", "NACKED")
+        again = snapshot("v3", listeners=bad)
+        env.cache.set_snapshot(NODE, again)
+        env.server.resend_with(NODE, LDS, again)
+        response = await envoy.recv()
+        assert response.type_url == LDS and "l2" in names_of(response)
+        await envoy.ack(response)
+        await wait_for_state(env, "LDS", "SYNCED")
+        assert await envoy.silent(0.3) == []  # once, not a loop
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_stale_nonce_is_ignored(tmp_path: Path, delta: bool) -> None:
     async def body(env: Env) -> None:
         env.cache.set_snapshot(NODE, snapshot("v1"))
