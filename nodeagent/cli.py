@@ -555,6 +555,18 @@ def proxy_status(cni_socket: str, output: str) -> None:
             click.echo(f"{kind} NACKED by Envoy: {info['last_nack']}")
     if proxy.get("error"):
         click.echo(f"last push failed: {proxy['error']}")
+    for r in proxy.get("rejected", []):
+        click.echo(
+            f"left out: {r['kind']} {r['namespace']}/{r['name']} (rejected by {r['by']}):"
+            f" {r['reason']}"
+        )
+    if proxy.get("unattributed_nack"):
+        click.echo(f"NACK not traced to an object: {proxy['unattributed_nack']}")
+    for key in proxy.get("identity_unknown", []):
+        click.echo(
+            f"pod {key}: identity unknown: pod not in the source (no certificate,"
+            " no listeners: its traffic is refused)"
+        )
     ignored = answer.get("not_enforced") or []  # nodeagent.mesh.enforcement
     if ignored:
         click.echo(f"\naccepted, not enforced ({len(ignored)} Istio resources):")

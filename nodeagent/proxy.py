@@ -4,6 +4,11 @@ Owns the xDS server, the Envoy supervisor and the push loop: whenever the MeshSt
 captured pods changes, it translates and hands the node's snapshot to the xDS cache (coalescing
 bursts). CNI ADD waits on ``synced`` so a pod starts only once Envoy holds its listeners; DEL waits
 the same way so a pod's listeners are gone before its network namespace is.
+
+Fail closed, one object at a time: a captured pod missing from the source gets no certificate and
+no listeners (its traffic is refused) until its pod is known; an object Envoy rejects (NACK) or
+that cannot be translated is left out of the config, named in ``proxy-status``, and only that
+pod's ADD fails, until the object changes.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +26,47 @@ from nodeagent.envoy.admin import EnvoyAdmin
 from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
 from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
 from nodeagent.identity.manager import IdentityManager
-from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
-from nodeagent.translate import LocalPod, translate
+from nodeagent.translate import (
+    POD,
+    SERVICE,
+    LocalPod,
+    Origin,
+    Translation,
+    build,
+    pod_listener_names,
+)
+from nodeagent.translate.rejections import Bisection, culprits
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
-from nodeagent.xds.server import XdsServer
+from nodeagent.xds.server import Nack, XdsServer
 
 log = logging.getLogger("nodeagent.proxy")
 
 COALESCE = 0.02  # seconds: a burst of changes (20 pods at once) becomes one push
+KEPT_VERSIONS = 64  # translations remembered to tell which object a late NACK is about
+IDENTITY_UNKNOWN = "identity unknown: pod not in the source (no certificate, no listeners)"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An object left out of the node's config: Envoy rejected what it became, or it could not
+    be translated. It is tried again once the object changes (FINGERPRINT differs)."""
+
+    origin: Origin
+    by: str  # "LDS", "CDS", ... (Envoy's NACK) or "translation"
+    reason: str
+    fingerprint: str
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "kind": self.origin.kind,
+            "namespace": self.origin.namespace,
+            "name": self.origin.name,
+            "by": self.by,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -80,6 +116,36 @@ class NodeProxy:
         self.changed = asyncio.Event()
         self.version = 0
         self.last_error = ""
+        self.rejected: dict[Origin, Rejection] = {}  # by Envoy: left out until they change
+        self.failed: dict[Origin, Rejection] = {}  # translation raised (this push)
+        self.identity_unknown: list[str] = []  # captured pods missing from the source
+        self.unattributed_nack = ""  # a NACK naming nothing we could leave out
+        self._translations: OrderedDict[str, Translation] = OrderedDict()
+        self._bisection: Bisection | None = None
+        # Per type: the objects of the config Envoy last ACKed (what it already holds).
+        self._accepted: dict[str, set[Origin]] = {}
+        self._resend: set[str] = set()  # types whose next push asks Envoy's verdict again
+        self.xds.on_nack = self._on_nack
+        self.xds.on_ack = self._on_ack
+        self.rejections = Counter(
+            "nodeagent_config_rejections",
+            "Objects left out of the node's Envoy config, by kind and cause (NACK: Envoy"
+            " rejected what they became; translation: building it failed).",
+            ["kind", "cause"],
+            registry=metrics,
+        )
+        self.rejected_now = Gauge(
+            "nodeagent_config_rejected",
+            "Objects currently left out of the node's Envoy config, by kind.",
+            ["kind"],
+            registry=metrics,
+        )
+        Gauge(
+            "nodeagent_pods_identity_unknown",
+            "Captured pods missing from the source: no certificate and no listeners (their"
+            " traffic is refused) until their pod is known.",
+            registry=metrics,
+        ).set_function(lambda: float(len(self.identity_unknown)))
         self.envoy_restarts = Counter(
             "nodeagent_envoy_restarts",
             "Times the node's Envoy died and was restarted (external mode: came back after its"
@@ -133,12 +199,23 @@ class NodeProxy:
         await self.xds.stop()
 
     def local_pods(self) -> list[LocalPod]:
+        """Captured pods with what the source says about them. A pod the source does not have
+        is left out: its service account (its identity) is unknown, and inventing one ("default")
+        would hand it another workload's certificate."""
         out = []
+        unknown = []
         for capture in self.registry.pods.values():
             if capture.state != CAPTURED:
                 continue
-            pod = self.store.pods.get(capture.key) or Pod(capture.namespace, capture.name)
+            pod = self.store.pods.get(capture.key)
+            if pod is None:
+                unknown.append(capture.key)
+                continue
             out.append(LocalPod(pod, capture.netns))
+        if sorted(unknown) != self.identity_unknown:
+            for key in sorted(set(unknown) - set(self.identity_unknown)):
+                log.warning("pod %s: %s", key, IDENTITY_UNKNOWN)
+        self.identity_unknown = sorted(unknown)
         return out
 
     def push(self) -> str:
@@ -146,16 +223,139 @@ class NodeProxy:
         self.version += 1
         version = str(self.version)
         local = self.local_pods()
+        self._retry_changed()
         # A certificate exists exactly while a pod of its identity runs on this node.
         secrets = self.identities.sds_secrets({lp.identity for lp in local})
         try:
-            resources = translate(self.store, local, secrets, self.excluded_namespaces)
-            snapshot = Snapshot(version, resources)
+            excluded = set(self.rejected)
+            if self._bisection is not None:
+                excluded |= set(self._bisection.trial)
+            translation = build(
+                self.store, local, secrets, self.excluded_namespaces, excluded=excluded
+            )
+            failed = {
+                origin: Rejection(origin, "translation", why, self._fingerprint(origin))
+                for origin, why in translation.problems.items()
+            }
+            for origin in failed.keys() - self.failed.keys():
+                self.rejections.labels(origin.kind, "translation").inc()
+            self.failed = failed
+            snapshot = Snapshot(version, translation.resources)
             self.cache.set_snapshot(self.settings.node_id, snapshot)
+            self._translations[version] = translation
+            if self._bisection is not None and not self._bisection.version:
+                self._bisection.version = version
+                self._resend.add(self._bisection.type_url)
+            for type_url in self._resend:  # Envoy's verdict, even on what did not change
+                self.xds.resend_with(self.settings.node_id, type_url, snapshot)
+            self._resend.clear()
+            while len(self._translations) > KEPT_VERSIONS:
+                self._translations.popitem(last=False)
+            self.last_error = ""
         except (InconsistentSnapshot, ValueError) as e:
             self.last_error = f"snapshot {version} not pushed: {e}"
             log.error("%s", self.last_error)
+        for kind in (SERVICE, POD):
+            left_out = {o for o in [*self.rejected, *self.failed] if o.kind == kind}
+            self.rejected_now.labels(kind).set(len(left_out))
         return version
+
+    def _fingerprint(self, origin: Origin) -> str:
+        objects = self.store.services if origin.kind == SERVICE else self.store.pods
+        obj = objects.get(origin.key)
+        return "" if obj is None else repr(obj)
+
+    def _retry_changed(self) -> None:
+        """An object Envoy rejected is tried again once it changed (or forgotten once gone)."""
+        for origin, rejection in list(self.rejected.items()):
+            if self._fingerprint(origin) != rejection.fingerprint:
+                del self.rejected[origin]
+                log.info("%s changed since Envoy rejected it: trying it again", origin)
+
+    def _on_nack(self, node_id: str, nack: Nack) -> None:
+        """Leave out the object whose config Envoy rejected, and push the rest again."""
+        if node_id != self.settings.node_id:
+            return
+        translation = self._translations.get(nack.version_sent)
+        if translation is None:
+            return
+        kind = types.short_name(nack.type_url)
+        bisection = self._bisection
+        if bisection is not None and nack.type_url == bisection.type_url:
+            if bisection.answers(nack.version_sent):
+                self._bisect(accepted=False)
+            return
+        found = culprits(nack, translation, self._accepted.get(nack.type_url, set()))
+        if found:
+            self.unattributed_nack = ""
+            for origin, why in found.items():
+                self._leave_out(origin, nack.type_url, why)
+            return
+        # Envoy's message names nothing of ours: bisect over what that response changed.
+        origins = [translation.origins.get((nack.type_url, name)) for name in nack.changed]
+        suspects = sorted({o for o in origins if o is not None and o not in self.rejected})
+        first_line = nack.message.strip().splitlines()[0] if nack.message.strip() else ""
+        if len(suspects) == 1:
+            self._leave_out(suspects[0], nack.type_url, first_line)
+        elif suspects:
+            self._bisection = Bisection(nack.type_url, first_line, suspects)
+            log.warning(
+                "Envoy rejected %s without naming what (%s): finding which of %d objects by"
+                " re-pushing halves",
+                kind,
+                first_line,
+                len(suspects),
+            )
+            self.changed.set()
+        else:
+            self.unattributed_nack = f"{kind} version {nack.version_sent}: {nack.message}"
+            log.error("Envoy rejected %s, naming nothing we can leave out", self.unattributed_nack)
+
+    def _on_ack(self, node_id: str, type_url: str, version: str) -> None:
+        if node_id != self.settings.node_id:
+            return
+        translation = self._translations.get(version)
+        if translation is not None:
+            self._accepted[type_url] = translation.objects()
+        bisection = self._bisection
+        if bisection is not None and type_url == bisection.type_url and bisection.answers(version):
+            self._bisect(accepted=True)
+
+    def _bisect(self, accepted: bool) -> None:
+        bisection = self._bisection
+        assert bisection is not None
+        culprit = bisection.step(accepted)
+        if culprit is not None:
+            self._bisection = None
+            why = f"{bisection.message} (found by re-pushing halves)"
+            self._leave_out(culprit, bisection.type_url, why)
+        self.changed.set()
+
+    def _leave_out(self, origin: Origin, type_url: str, why: str) -> None:
+        kind = types.short_name(type_url)
+        self.rejected[origin] = Rejection(origin, kind, why, self._fingerprint(origin))
+        self.rejections.labels(origin.kind, "NACK").inc()
+        self.unattributed_nack = ""
+        self._resend.add(type_url)  # so Envoy's verdict on the rest clears the NACK
+        log.error(
+            "Envoy rejected the %s config of %s; it is left out until it changes: %s",
+            kind,
+            origin,
+            why,
+        )
+        self.changed.set()
+
+    def pod_problem(self, key: str) -> str:
+        """Why pod KEY (namespace/name) gets no listeners, or ""."""
+        if key in self.identity_unknown:
+            return IDENTITY_UNKNOWN
+        namespace, _, name = key.partition("/")
+        origin = Origin(POD, namespace, name)
+        for left_out in (self.rejected, self.failed):
+            rejection = left_out.get(origin)
+            if rejection is not None:
+                return f"its config was left out ({rejection.by}): {rejection.reason}"
+        return ""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Push whenever the store, the captured pods or a certificate change."""
@@ -191,28 +391,57 @@ class NodeProxy:
     ) -> str:
         """Wait until Envoy holds the latest snapshot for TYPES_; "" or why it does not.
 
-        POD (namespace/name) names the pod whose change this is; one node Envoy serves them all.
+        POD (namespace/name) names the pod whose change this is: then only its own listeners
+        count (held at their latest version while it is captured, gone once it is not), so a
+        resource Envoy rejected elsewhere does not hold up this pod.
         """
         self.changed.set()
         await asyncio.sleep(COALESCE * 2)  # let the push loop take the change
         deadline = time.monotonic() + timeout
         while True:
-            status = self.xds.status(self.settings.node_id)
-            states = {t: status.get(t) for t in types_}
-            if all(s is not None and s.state == "SYNCED" for s in states.values()):
-                return ""
-            for type_url, s in states.items():
-                if s is not None and s.state == "NACKED":
-                    return f"Envoy rejected {types.short_name(type_url)}: {s.last_nack}"
+            if pod:
+                problem = self._pod_synced(pod)
+                if problem is not None:
+                    return problem
+            else:
+                status = self.xds.status(self.settings.node_id)
+                states = {t: status.get(t) for t in types_}
+                if all(s is not None and s.state == "SYNCED" for s in states.values()):
+                    return ""
+                for type_url, s in states.items():
+                    if s is not None and s.state == "NACKED" and self.unattributed_nack:
+                        return f"Envoy rejected {types.short_name(type_url)}: {s.last_nack}"
             if time.monotonic() > deadline:
+                status = self.xds.status(self.settings.node_id)
                 seen = {
-                    types.short_name(t): (s.state if s else "not connected")
-                    for t, s in states.items()
+                    types.short_name(t): (s.state if (s := status.get(t)) else "not connected")
+                    for t in types_
                 }
                 why = f"Envoy did not confirm its configuration within {timeout:.0f}s ({seen})"
+                nacks = "; ".join(
+                    f"{types.short_name(t)} NACK: {s.last_nack}"
+                    for t in types_
+                    if (s := status.get(t)) is not None and s.state == "NACKED"
+                )
                 envoy = self.supervisor.problem()
-                return f"{why}; {envoy}" if envoy else why
+                return "; ".join(x for x in (why, nacks, envoy) if x)
             await asyncio.sleep(0.02)
+
+    def _pod_synced(self, key: str) -> str | None:
+        """ "" once Envoy holds what pod KEY should have, a reason it never will, or None."""
+        captured = any(c.key == key and c.state == CAPTURED for c in self.registry.pods.values())
+        names = set(pod_listener_names(*key.split("/", 1)))
+        acked = self.xds.acked(self.settings.node_id, types.LISTENER)
+        if not captured:
+            return None if names & set(acked) else ""
+        problem = self.pod_problem(key)
+        if problem:
+            return problem
+        snapshot = self.cache.get(self.settings.node_id)
+        wanted = snapshot.versions(types.LISTENER) if snapshot is not None else {}
+        if all(name in wanted and acked.get(name) == wanted[name] for name in names):
+            return ""
+        return None
 
     def status_table(self) -> dict[str, object]:
         status = self.xds.status(self.settings.node_id)
@@ -225,6 +454,14 @@ class NodeProxy:
             "envoy_restarts": self.supervisor.restarts,
             "version": str(self.version),
             "error": self.last_error,
+            "rejected": [
+                r.to_json()
+                for r in sorted(
+                    [*self.rejected.values(), *self.failed.values()], key=lambda r: r.origin
+                )
+            ],
+            "unattributed_nack": self.unattributed_nack,
+            "identity_unknown": list(self.identity_unknown),
             "types": {
                 types.short_name(t): {
                     "state": s.state,

@@ -114,7 +114,8 @@ def listener_rows(listeners: list[dict[str, Any]]) -> list[tuple[str, ...]]:
             else:
                 shown = "ALL"
             if match.get("transport_protocol"):
-                shown += f" ({match['transport_protocol']})"
+                alpn = ", Istio ALPN" if match.get("application_protocols") else ""
+                shown += f" ({match['transport_protocol']}{alpn})"
             kind, target = _terminal(chain)
             if any(f.get("name") == "envoy.filters.network.rbac" for f in chain.get("filters", [])):
                 kind, target = "Refused", "plaintext on an mTLS-only port"

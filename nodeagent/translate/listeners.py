@@ -5,10 +5,18 @@
   the passthrough cluster (ALLOW_ANY) or the black hole (REGISTRY_ONLY).
 - ``virtualInbound``: 0.0.0.0:15006, where capture redirects inbound TCP; delivers to the app at
   the original destination (the pod's IP and port), from inside the pod.
+
+Loop guards, as Istio's sidecar listeners have them (istio/istio
+pilot/pkg/networking/core/listener_builder.go, ``virtualOutbound-blackhole`` and
+``virtualInbound-blackhole``): a connection whose original destination is the capture port itself
+(an app dialling 127.0.0.1:15001 or its own IP:15006, which loopback capture lets through, or a
+peer dialling the pod's IP:15006) would otherwise be passed through to that same listener again
+and again; it goes to ``BlackHoleCluster`` instead.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +36,8 @@ from nodeagent.translate.services import (
 )
 
 STRICT, DISABLE = "STRICT", "DISABLE"
+OUTBOUND_BLACKHOLE = "virtualOutbound-blackhole"
+INBOUND_BLACKHOLE = "virtualInbound-blackhole"
 
 TLS_INSPECTOR = {
     "name": "envoy.filters.listener.tls_inspector",
@@ -60,9 +70,51 @@ def _address(ip: str, port: int, netns: str) -> dict[str, Any]:
     return {"socket_address": address}
 
 
+def host_prefix(ip: str) -> dict[str, Any]:
+    """The filter chain prefix matching exactly IP: /32 for IPv4, /128 for IPv6."""
+    return {"address_prefix": ip, "prefix_len": ipaddress.ip_address(ip).max_prefixlen}
+
+
+def _loop_guard(name: str, port: int, direction: str, who: str) -> dict[str, Any]:
+    """Connections whose original destination is the capture listener's own port."""
+    return {
+        "name": name,
+        "filter_chain_match": {"destination_port": port},
+        "filters": [tcp_proxy(BLACKHOLE, BLACKHOLE, direction, who)],
+    }
+
+
 def _stamped(netns: str, *filters: dict[str, Any]) -> list[dict[str, Any]]:
     """FILTERS, behind the filter that makes upstream sockets in NETNS (none in sidecar form)."""
     return [stamp_netns(netns), *filters] if netns else list(filters)
+
+
+def outbound_chain(
+    target: ServiceTarget, identity: Identity, netns: str, who: str
+) -> dict[str, Any]:
+    """The filter chain of one service port (its VIP:port) in a pod of IDENTITY."""
+    name = target.cluster_for(identity)
+    if is_http(target.protocol):
+        last = http_connection_manager(name, name, "outbound", who)
+    else:
+        last = tcp_proxy(name, name, "outbound", who)
+    return {
+        "name": name,
+        "filter_chain_match": {
+            "prefix_ranges": [host_prefix(target.service.cluster_ip)],
+            "destination_port": target.port.port,
+        },
+        "filters": _stamped(netns, last),
+    }
+
+
+def blackhole_chain(ip: str, port: int, who: str) -> dict[str, Any]:
+    """A service VIP:port whose config was left out: refused, never passed through."""
+    return {
+        "name": f"{BLACKHOLE}|{ip}:{port}",
+        "filter_chain_match": {"prefix_ranges": [host_prefix(ip)], "destination_port": port},
+        "filters": [tcp_proxy(BLACKHOLE, BLACKHOLE, "outbound", who)],
+    }
 
 
 def outbound_listener(
@@ -71,29 +123,18 @@ def outbound_listener(
     targets: Sequence[ServiceTarget],
     outbound_policy: str,
     identity: Identity,
+    extra: Sequence[dict[str, Any]] = (),
 ) -> Listener:
+    """EXTRA: more filter chains (black-holed VIP:ports)."""
     who = pod.key
-    chains = []
-    for target in targets:
-        if not target.service.cluster_ip or target.service.cluster_ip == "None":
-            continue  # headless: callers dial pod IPs, which pass through
-        name = target.cluster_for(identity)
-        if is_http(target.protocol):
-            last = http_connection_manager(name, name, "outbound", who)
-        else:
-            last = tcp_proxy(name, name, "outbound", who)
-        chains.append(
-            {
-                "name": name,
-                "filter_chain_match": {
-                    "prefix_ranges": [
-                        {"address_prefix": target.service.cluster_ip, "prefix_len": 32}
-                    ],
-                    "destination_port": target.port.port,
-                },
-                "filters": _stamped(netns, last),
-            }
-        )
+    chains = [
+        outbound_chain(target, identity, netns, who)
+        for target in targets
+        # headless: callers dial pod IPs, which pass through
+        if target.service.cluster_ip and target.service.cluster_ip != "None"
+    ]
+    chains.extend(extra)
+    chains.append(_loop_guard(OUTBOUND_BLACKHOLE, OUTBOUND_PORT, "outbound", who))
     fallback = BLACKHOLE if outbound_policy == REGISTRY_ONLY else PASSTHROUGH
     return message(
         Listener,
@@ -120,11 +161,16 @@ def inbound_listener(
 ) -> Listener:
     """PORTS: container port -> (protocol, PeerAuthentication mode); DEFAULT_MODE for the rest.
 
-    STRICT: mTLS only (plaintext is refused); PERMISSIVE: mTLS and plaintext; DISABLE: plaintext.
-    IDENTITY is the SPIFFE ID this pod's server side presents.
+    STRICT: mTLS only (anything else is refused); PERMISSIVE: mTLS, plaintext, and the client's
+    own TLS passed through to the app untouched; DISABLE: no mTLS. IDENTITY is the SPIFFE ID
+    this pod's server side presents.
+
+    Which TLS is mesh mTLS is told by ALPN, as Istio's inbound filter chain matches do
+    (istio/istio pilot/pkg/networking/core/filterchain_options.go: PERMISSIVE matches mTLS on
+    ``allIstioMtlsALPNs`` and sends other TLS to a TCP chain; STRICT takes any TLS as mTLS).
     """
     who = pod.key
-    chains: list[dict[str, Any]] = []
+    chains: list[dict[str, Any]] = [_loop_guard(INBOUND_BLACKHOLE, INBOUND_PORT, "inbound", who)]
 
     def terminal(port: int | None, protocol: str, mtls: bool) -> dict[str, Any]:
         if port is not None and is_http(protocol):
@@ -132,16 +178,34 @@ def inbound_listener(
             return http_connection_manager(name, name, "inbound", who, mtls=mtls)
         return tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who)
 
+    def mtls_match(mode: str, match: dict[str, Any]) -> dict[str, Any]:
+        match = {**match, "transport_protocol": "tls"}
+        if mode != STRICT:  # PERMISSIVE: other TLS is the app's own
+            match["application_protocols"] = list(tls.MTLS_ALPNS)
+        return match
+
     for port in sorted(ports):
+        if port == INBOUND_PORT:
+            continue  # reserved for capture: the loop guard owns it (Istio refuses it too)
         protocol, mode = ports[port]
         name = inbound_cluster(port)
+        port_match = {"destination_port": port}
         if mode != DISABLE:
             chains.append(
                 {
                     "name": f"{name}-mtls",
-                    "filter_chain_match": {"destination_port": port, "transport_protocol": "tls"},
+                    "filter_chain_match": mtls_match(mode, port_match),
                     "transport_socket": tls.downstream_mtls(identity),
                     "filters": _stamped(netns, terminal(port, protocol, True)),
+                }
+            )
+        if mode != STRICT and is_http(protocol):
+            # The client's own TLS (no Istio ALPN): bytes to the app, not to an HTTP parser.
+            chains.append(
+                {
+                    "name": f"{name}-tls",
+                    "filter_chain_match": {**port_match, "transport_protocol": "tls"},
+                    "filters": _stamped(netns, terminal(None, "TCP", False)),
                 }
             )
         plain = (
@@ -149,14 +213,12 @@ def inbound_listener(
             if mode == STRICT
             else _stamped(netns, terminal(port, protocol, False))
         )
-        chains.append(
-            {"name": name, "filter_chain_match": {"destination_port": port}, "filters": plain}
-        )
+        chains.append({"name": name, "filter_chain_match": port_match, "filters": plain})
     if default_mode != DISABLE:
         chains.append(
             {
                 "name": f"{INBOUND_PASSTHROUGH}-mtls",
-                "filter_chain_match": {"transport_protocol": "tls"},
+                "filter_chain_match": mtls_match(default_mode, {}),
                 "transport_socket": tls.downstream_mtls(identity),
                 "filters": _stamped(netns, terminal(None, "TCP", True)),
             }

@@ -174,11 +174,18 @@ def _slice_port(slice_: EndpointSlice, port: ServicePort) -> int | None:
     return None
 
 
+def ip_slices(store: MeshStore, service: Service) -> list[EndpointSlice]:
+    """A service's EndpointSlices whose addresses are IPs. ``addressType: FQDN`` slices name
+    hosts, not addresses: Envoy would reject them as endpoints, and Istio ignores them too
+    (istio/istio pilot/pkg/serviceregistry/kube/controller/endpointslice.go)."""
+    return [s for s in store.slices_of(service) if s.address_type != "FQDN"]
+
+
 def endpoint_pods(store: MeshStore, target: ServiceTarget) -> set[str]:
     """namespace/name of the pods behind a service port's ready endpoints."""
     return {
         endpoint.pod
-        for slice_ in store.slices_of(target.service)
+        for slice_ in ip_slices(store, target.service)
         for endpoint in slice_.endpoints
         if endpoint.ready and endpoint.pod
     }
@@ -193,7 +200,7 @@ def load_assignment(
     are marked ``tlsMode: istio`` for the clients' auto mTLS.
     """
     addresses: dict[tuple[str, int], bool] = {}
-    for slice_ in store.slices_of(target.service):
+    for slice_ in ip_slices(store, target.service):
         port = _slice_port(slice_, target.port)
         if port is None:
             continue

@@ -15,7 +15,10 @@ from nodeagent.translate.envoy import typed
 
 ROOTCA = "ROOTCA"
 TLS_MODE_KEY = "envoy.transport_socket_match"  # endpoint metadata that selects mTLS (Istio's)
-ISTIO_ALPN = ["istio-peer-exchange", "istio"]
+ISTIO_ALPN = ["istio-peer-exchange", "istio"]  # what our clients offer on mTLS (Istio's TCP ALPN)
+# Every ALPN an Istio client offers on mesh mTLS (Istio's allIstioMtlsALPNs, pilot/pkg/networking/
+# core/listener.go): servers take TLS as mesh mTLS only with one of these (PERMISSIVE).
+MTLS_ALPNS = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2")
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,16 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from nodeagent.xds.cache import SnapshotCache
+from nodeagent.xds.cache import Snapshot, SnapshotCache
 from nodeagent.xds.delta import DeltaStream
 from nodeagent.xds.metrics import XdsMetrics
 from nodeagent.xds.sotw import SotwStream
-from nodeagent.xds.state import TypeStatus
+from nodeagent.xds.state import Nack, TypeStatus
 from nodeagent.xds.stream import AdsStream, ProtocolError
 
 log = logging.getLogger("nodeagent.xds")
 
-__all__ = ["TypeStatus", "XdsServer"]
+__all__ = ["Nack", "TypeStatus", "XdsServer"]
 
 
 class XdsServer:
@@ -42,6 +42,9 @@ class XdsServer:
         self._last_status: dict[str, dict[str, TypeStatus]] = {}
         self._server: Any = None
         self._path: Path | None = None
+        # Told of every NACK (node id, what was rejected): the proxy isolates the bad resource.
+        self.on_nack: Callable[[str, Nack], None] | None = None
+        self.on_ack: Callable[[str, str, str], None] | None = None  # node id, type, version
 
     async def start(self, path: Path, group: int | None = None) -> None:
         """Serve on UNIX socket `path`: 0600 in a 0700 directory; a stale socket is replaced.
@@ -116,7 +119,34 @@ class XdsServer:
             self._last_status[stream.node_id] = self._status_of(stream, connected=False)
         self.metrics.connected.set(len(self._streams))
 
+    def nacked(self, node_id: str, nack: Nack) -> None:
+        if self.on_nack is not None:
+            try:
+                self.on_nack(node_id, nack)
+            except Exception:  # the stream goes on whatever the listener of NACKs does
+                log.exception("handling a NACK of %s failed", node_id)
+
+    def ack_received(self, node_id: str, type_url: str, version: str) -> None:
+        if self.on_ack is not None:
+            try:
+                self.on_ack(node_id, type_url, version)
+            except Exception:
+                log.exception("handling an ACK of %s failed", node_id)
+
+    def resend_with(self, node_id: str, type_url: str, snapshot: Snapshot) -> None:
+        """Send TYPE_URL to NODE_ID's Envoy again with SNAPSHOT (just set), changed or not, so
+        its ACK or NACK tells whether Envoy takes that config (see TypeState.take)."""
+        for stream in self._streams.get(node_id, []):
+            stream.states[type_url].resend_with = snapshot
+
     # Status
+    def acked(self, node_id: str, type_url: str) -> dict[str, str]:
+        """name -> version of the resources of TYPE_URL that Envoy ACKed on its open stream."""
+        streams = self._streams.get(node_id)
+        if not streams:
+            return {}
+        return dict(streams[-1].states[type_url].acked)
+
     def connected_nodes(self) -> list[str]:
         return sorted(self._streams)
 

@@ -33,6 +33,18 @@ class TypeStatus:
     last_ack_time: float | None  # time.time() of the latest ACK
 
 
+@dataclass(frozen=True)
+class Nack:
+    """One response Envoy rejected: its type, Envoy's error_detail, and what it carried."""
+
+    type_url: str
+    message: str
+    names: tuple[str, ...]  # the resources of the rejected response (SotW: all of the type)
+    version_sent: str
+    version_acked: str  # the snapshot version Envoy keeps for this type
+    changed: tuple[str, ...] = ()  # of NAMES, those whose version Envoy had not ACKed before
+
+
 @dataclass
 class Plan:
     """One response to send: the resources it carries and what Envoy then has."""
@@ -74,6 +86,10 @@ class TypeState:
     nacked: bool = False
     last_nack: str = ""
     last_ack_time: float | None = None
+    upserted: set[str] = field(default_factory=set)  # what the latest response carried
+    # Once the stream takes this snapshot, send this type again (the resources of the latest
+    # response too), even if unchanged: the proxy wants Envoy's verdict on it.
+    resend_with: Snapshot | None = None
 
     @property
     def full_state(self) -> bool:
@@ -162,6 +178,7 @@ class TypeState:
         return Plan(self.type_url, upserts=upserts, removals=absent, after=after)
 
     def on_sent(self, plan: Plan, snapshot: Snapshot, nonce: str, push_start: float) -> None:
+        self.upserted = set(plan.upserts)
         self.sent = dict(plan.after)
         if self.full_state:
             self.sent_any = {
@@ -181,6 +198,13 @@ class TypeState:
         self.push_start = push_start
         self.version_sent = snapshot.version
         self.nacked = False
+
+    def take(self, snapshot: Snapshot) -> None:
+        """The stream moves to SNAPSHOT: a resend asked for with it is armed now."""
+        if self.resend_with is snapshot:
+            self.resend_with = None
+            self.respond = True
+            self.force |= self.upserted
 
     def on_ack(self) -> None:
         self.answered = True

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from nodeagent.xds import types
 from nodeagent.xds.cache import Snapshot, SnapshotCache
 from nodeagent.xds.metrics import XdsMetrics
-from nodeagent.xds.state import Plan, TypeState, expected_subscriptions
+from nodeagent.xds.state import Nack, Plan, TypeState, expected_subscriptions
 
 log = logging.getLogger("nodeagent.xds")
 
@@ -45,6 +45,10 @@ class StreamHost(Protocol):
     def attach(self, stream: AdsStream) -> None: ...
 
     def detach(self, stream: AdsStream) -> None: ...
+
+    def nacked(self, node_id: str, nack: Nack) -> None: ...
+
+    def ack_received(self, node_id: str, type_url: str, version: str) -> None: ...
 
 
 class ProtocolError(Exception):
@@ -105,6 +109,8 @@ class AdsStream(ABC):
                         return
                     if isinstance(event, Snapshot):
                         self.snapshot = event
+                        for state in self.states.values():
+                            state.take(event)
                         continue
                     if self.node_id is None:
                         watcher = asyncio.create_task(self._watch(self._identify(event)))
@@ -170,11 +176,14 @@ class AdsStream(ABC):
         name = types.short_name(state.type_url)
         if error is None:
             state.on_ack()
+            self.host.ack_received(self.node_id or "", state.type_url, state.version_sent)
             self.host.metrics.push_seconds.labels(name).observe(
                 max(0.0, time.monotonic() - state.push_start)
             )
             return True
         message = error.message or f"code {error.code}"
+        names = tuple(sorted(state.pending_after))
+        changed = tuple(n for n in names if state.acked.get(n) != state.pending_after[n])
         state.on_nack(message)
         self.host.metrics.nacks.labels(name).inc()
         log.warning(
@@ -188,6 +197,10 @@ class AdsStream(ABC):
         dependent = _DEPENDENTS.get(state.type_url)
         if dependent is not None:  # Envoy will not subscribe to what it rejected
             self.states[dependent].expect_since = None
+        nack = Nack(
+            state.type_url, message, names, state.version_sent, state.version_acked, changed
+        )
+        self.host.nacked(self.node_id or "", nack)
         return True
 
     def _next_plan(self, now: float) -> Plan | None:

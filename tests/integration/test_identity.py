@@ -267,13 +267,13 @@ def test_the_server_app_sees_the_real_callers_spiffe_identity(tb: Testbed) -> No
 
 
 def presented_chain(tb: Testbed, dst: str) -> list[x509.Certificate]:
-    """The certificates a mesh server presents on the wire, read with openssl from outside."""
+    """The certificates a mesh server presents on the wire, read with openssl from outside.
+
+    openssl offers Istio's ALPN: without it, TLS on a PERMISSIVE port is the app's own and
+    passes through to the app (#12 defect 7)."""
     ip = tb.pod_ip(f"{dst}/httpbin")
-    proc = tb.exec(
-        "legacy/sleep",
-        ["sh", "-c", f"openssl s_client -showcerts -connect {ip}:80 </dev/null 2>/dev/null"],
-        timeout=20,
-    )
+    openssl = f"openssl s_client -alpn istio-peer-exchange,istio -showcerts -connect {ip}:80"
+    proc = tb.exec("legacy/sleep", ["sh", "-c", f"{openssl} </dev/null 2>/dev/null"], timeout=20)
     pems = re.findall(
         r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", proc.stdout, re.DOTALL
     )

@@ -244,32 +244,6 @@ def test_pods_and_services_changes_are_followed_within_a_second(mesh: Testbed) -
     assert summary["sent"] > 50
 
 
-def test_a_nacked_config_keeps_the_last_good_one_serving(mesh: Testbed) -> None:
-    echo_vip = next(s.cluster_ip for s in mesh.services() if s.name == "echo")
-    before = metric(node_metrics(mesh.name, "n1"), 'nodeagent_xds_nacks_total{type="LDS"}')
-    # Two services on one VIP:port: Envoy rejects listeners with identical filter chain matches.
-    clash = Service(
-        "istioinaction", "clash", {"app": "web-api"}, (ServicePort("http", 80, 8080),), echo_vip
-    )
-    mesh.set_service(clash)
-    try:
-        wait_for(lambda: proxy_status(mesh, "n1")["types"]["LDS"]["state"] == "NACKED", 5)
-        status = proxy_status(mesh, "n1")["types"]["LDS"]
-        assert "same matching rules" in status["last_nack"], status
-        shown = node_cli(mesh.name, "n1", "proxy-status").stdout
-        assert "LDS NACKED by Envoy" in shown and "NACKED" in shown
-        pushes = metric(node_metrics(mesh.name, "n1"), 'nodeagent_xds_pushes_total{type="LDS"}')
-        time.sleep(2)
-        text = node_metrics(mesh.name, "n1")
-        assert metric(text, 'nodeagent_xds_pushes_total{type="LDS"}') == pushes  # no resend loop
-        assert metric(text, 'nodeagent_xds_nacks_total{type="LDS"}') > before
-        # The last good listeners keep serving.
-        assert call(mesh, "istioinaction/sleep", "http://echo/")["name"] == "echo"
-    finally:
-        mesh.delete_service("istioinaction/clash")
-    wait_for(lambda: all_synced(mesh), 5)
-
-
 def test_envoy_killed_is_restarted_and_an_agent_restart_keeps_envoy_serving(
     mesh: Testbed,
 ) -> None:

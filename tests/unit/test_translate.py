@@ -12,6 +12,7 @@ from nodeagent.mesh.model import (
     Endpoint,
     EndpointPort,
     EndpointSlice,
+    IstioResource,
     MeshConfig,
     Namespace,
     Pod,
@@ -24,6 +25,9 @@ from nodeagent.translate import envoy as e
 from nodeagent.translate.protocol import HTTP, HTTP2, TCP, port_protocol
 
 HOST = "web.shop.svc.cluster.local"
+# Every ALPN an Istio client offers on mesh mTLS: istio/istio pilot/pkg/networking/core
+# (allIstioMtlsALPNs); servers take TLS for mesh mTLS only with one of them.
+MTLS_ALPNS = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2")
 
 
 def store(**mesh: Any) -> MeshStore:
@@ -118,6 +122,7 @@ def test_outbound_listener_matches_each_vip_port_and_falls_back_to_passthrough()
             c["filterChainMatch"]["destinationPort"],
         ): c
         for c in listener["filterChains"]
+        if c["name"] != "virtualOutbound-blackhole"
     }
     assert set(matches) == {("10.96.0.10", 80), ("10.96.0.10", 5432), ("10.96.0.11", 9000)}
     http_chain = matches[("10.96.0.10", 80)]["filters"]
@@ -143,14 +148,18 @@ def test_inbound_parses_http_only_on_ports_of_services_selecting_the_pod() -> No
     out = translate(store(), [local("web-1", {"app": "web"}), local("other")])
     web = as_json(out[e.LISTENER]["virtualInbound/shop/web-1"])
     assert web["address"]["socketAddress"]["portValue"] == 15006
-    # PERMISSIVE by default: mTLS and plaintext on the HTTP port, then mTLS for any other port.
+    # PERMISSIVE by default: mTLS (Istio's ALPN), the client's own TLS and plaintext on the
+    # HTTP port, mTLS and plaintext on the TCP one, then mTLS for any other port.
     matches = [c["filterChainMatch"] for c in web["filterChains"]]
+    alpn = {"transportProtocol": "tls", "applicationProtocols": list(MTLS_ALPNS)}
     assert matches == [
-        {"destinationPort": 5432, "transportProtocol": "tls"},
+        {"destinationPort": 15006},  # the loop guard
+        {"destinationPort": 5432, **alpn},
         {"destinationPort": 5432},
+        {"destinationPort": 8080, **alpn},
         {"destinationPort": 8080, "transportProtocol": "tls"},
         {"destinationPort": 8080},
-        {"transportProtocol": "tls"},
+        alpn,
     ]
     # HTTP is parsed on the HTTP service port only; the TCP one is proxied as bytes.
     chains = {json.dumps(c["filterChainMatch"], sort_keys=True): c for c in web["filterChains"]}
@@ -160,7 +169,10 @@ def test_inbound_parses_http_only_on_ports_of_services_selecting_the_pod() -> No
     assert chains['{"destinationPort": 5432}']["filters"][1]["name"].endswith("tcp_proxy")
     assert "inbound|8080||" in out[e.CLUSTER] and "inbound|8080||" in out[e.ROUTE]
     other = as_json(out[e.LISTENER]["virtualInbound/shop/other"])
-    assert [c["filterChainMatch"] for c in other["filterChains"]] == [{"transportProtocol": "tls"}]
+    assert [c["filterChainMatch"] for c in other["filterChains"]] == [
+        {"destinationPort": 15006},
+        alpn,
+    ]
     assert other["defaultFilterChain"]["filters"][1]["typedConfig"]["cluster"] == (
         "InboundPassthroughCluster"
     )
@@ -232,3 +244,117 @@ def test_endpoints_of_mesh_pods_are_marked_for_auto_mtls() -> None:
     assert validation["matchTypedSubjectAltNames"] == [
         {"sanType": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/shop/sa/web"}}
     ]
+
+
+# -- issue #12 ------------------------------------------------------------------------------------
+
+
+def chain_named(listener: dict[str, Any], name: str) -> dict[str, Any]:
+    (chain,) = [c for c in listener["filterChains"] if c["name"] == name]
+    return chain
+
+
+def terminal_cluster(chain: dict[str, Any]) -> str:
+    """The cluster a TCP chain's last filter proxies to."""
+    cluster: str = chain["filters"][-1]["typedConfig"]["cluster"]
+    return cluster
+
+
+def test_capture_ports_are_blackholed_not_passed_through_again() -> None:
+    """A connection whose original destination is the capture listener's own port goes to the
+    black hole: passing it through would reach the same listener again, forever (#12 defect 4).
+
+    As Istio's sidecar: ``virtualOutbound-blackhole`` (destination_port 15001) and
+    ``virtualInbound-blackhole`` (destination_port 15006), istio/istio
+    pilot/pkg/networking/core/listener_builder.go, names in pilot/pkg/networking/util."""
+    out = translate(store(), [local("web-1", {"app": "web"})])
+    outbound = as_json(out[e.LISTENER]["virtualOutbound/shop/web-1"])
+    guard = chain_named(outbound, "virtualOutbound-blackhole")
+    assert guard["filterChainMatch"] == {"destinationPort": 15001}
+    assert terminal_cluster(guard) == "BlackHoleCluster"
+    inbound = as_json(out[e.LISTENER]["virtualInbound/shop/web-1"])
+    guard = chain_named(inbound, "virtualInbound-blackhole")
+    assert guard["filterChainMatch"] == {"destinationPort": 15006}
+    assert terminal_cluster(guard) == "BlackHoleCluster"
+
+
+def test_a_service_targeting_the_inbound_capture_port_does_not_shadow_the_loop_guard() -> None:
+    s = store()
+    s.put_service(
+        Service("shop", "odd", "10.96.0.12", (ServicePort(81, "http", 15006),), {"a": "o"})
+    )
+    inbound = as_json(translate(s, [local("o", {"a": "o"})])[e.LISTENER]["virtualInbound/shop/o"])
+    on_15006 = [c for c in inbound["filterChains"] if "15006" in json.dumps(c["filterChainMatch"])]
+    assert [c["name"] for c in on_15006] == ["virtualInbound-blackhole"]
+
+
+def strict_on(port: int) -> IstioResource:
+    return IstioResource(
+        "security.istio.io",
+        "v1",
+        "PeerAuthentication",
+        "shop",
+        "web",
+        {"selector": {"matchLabels": {"app": "web"}}, "portLevelMtls": {port: {"mode": "STRICT"}}},
+        {},
+        {},
+    )
+
+
+def test_permissive_ports_take_tls_as_mesh_mtls_only_with_istio_alpn() -> None:
+    """PERMISSIVE: a client's own TLS (no Istio ALPN) is passed through to the app untouched;
+    mTLS chains match Istio's ALPNs (#12 defect 7). STRICT takes any TLS as mTLS and refuses
+    the rest. Istio: pilot/pkg/networking/core/filterchain_options.go
+    (inboundPermissiveTCPFilterChainMatchWithMxcOptionsAndPlainTLS, allIstioMtlsALPNs,
+    inboundStrictTCPFilterChainMatchOptions)."""
+    s = store()
+    s.put_istio(strict_on(5432))
+    inbound = as_json(
+        translate(s, [local("web-1", {"app": "web"})])[e.LISTENER]["virtualInbound/shop/web-1"]
+    )
+    mtls = chain_named(inbound, "inbound|8080||-mtls")
+    assert mtls["filterChainMatch"]["applicationProtocols"] == list(MTLS_ALPNS)
+    assert "transportSocket" in mtls
+    # Other TLS on the PERMISSIVE HTTP port: bytes to the app, no TLS termination, no HTTP.
+    own_tls = chain_named(inbound, "inbound|8080||-tls")
+    assert own_tls["filterChainMatch"] == {"destinationPort": 8080, "transportProtocol": "tls"}
+    assert "transportSocket" not in own_tls
+    assert terminal_cluster(own_tls) == "InboundPassthroughCluster"
+    # The catch-all: mTLS only with Istio's ALPN; other TLS falls to the plain passthrough.
+    catch_all = chain_named(inbound, "InboundPassthroughCluster-mtls")
+    assert catch_all["filterChainMatch"]["applicationProtocols"][:2] == [
+        "istio",
+        "istio-peer-exchange",
+    ]
+    assert terminal_cluster(inbound["defaultFilterChain"]) == "InboundPassthroughCluster"
+    # STRICT port: any TLS is taken as mTLS (a client without a mesh certificate fails the
+    # handshake); anything else is refused.
+    strict = chain_named(inbound, "inbound|5432||-mtls")
+    assert strict["filterChainMatch"] == {"destinationPort": 5432, "transportProtocol": "tls"}
+    refused = chain_named(inbound, "inbound|5432||")
+    assert refused["filters"][0]["name"] == "envoy.filters.network.rbac"
+
+
+def test_our_clients_offer_istio_alpn_on_tcp_and_http_clusters() -> None:
+    """Servers tell mesh mTLS by ALPN, so every mTLS client cluster must offer it."""
+    out = translate(store(), [local("a")])
+    for name in (f"outbound|80||{HOST}{ME}", f"outbound|5432||{HOST}{ME}"):
+        mtls = as_json(out[e.CLUSTER][name])["transportSocketMatches"][0]
+        common = mtls["transportSocket"]["typedConfig"]["commonTlsContext"]
+        assert common["alpnProtocols"][0] in MTLS_ALPNS, name
+
+
+def test_ipv6_service_vips_match_as_one_host() -> None:
+    """#12 defect 9: an IPv6 cluster IP is a /128, not a /32 (which would take a whole
+    2^96-address block and clash with every other IPv6 service on the port)."""
+    s = store()
+    s.put_service(Service("shop", "v6a", "fd00:10:96::a", (ServicePort(80, "http"),), {"a": "6"}))
+    s.put_service(Service("shop", "v6b", "fd00:10:96::b", (ServicePort(80, "http"),), {"a": "6"}))
+    listener = as_json(translate(s, [local("a")])[e.LISTENER]["virtualOutbound/shop/a"])
+    prefixes = {
+        r["addressPrefix"]: r["prefixLen"]
+        for c in listener["filterChains"]
+        for r in c["filterChainMatch"].get("prefixRanges", [])
+    }
+    assert prefixes["fd00:10:96::a"] == 128 and prefixes["fd00:10:96::b"] == 128
+    assert prefixes["10.96.0.10"] == 32

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
-from nodeagent.xds.server import XdsServer
+from nodeagent.xds.server import Nack, XdsServer
 
 NODE = "node-1"
 CDS, EDS, LDS, RDS = types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE
@@ -363,6 +363,61 @@ def test_nack_recorded_and_not_resent_until_a_new_snapshot(tmp_path: Path, delta
         await wait_for_state(env, "LDS", "SYNCED")
         assert env.server.status(NODE)[LDS].version_acked == "v4"
         assert env.metric("nodeagent_xds_nacks_total", type="LDS") == 1
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_a_nack_is_handed_on_with_what_was_rejected(tmp_path: Path, delta: bool) -> None:
+    """The proxy isolates the object Envoy rejected (#12 defect 6): it is told the type, Envoy's
+    message, the resources the rejected response carried, and the version Envoy keeps; and what
+    Envoy ACKed is readable per resource."""
+
+    async def body(env: Env) -> None:
+        told: list[tuple[str, Nack]] = []
+        env.server.on_nack = lambda node, nack: told.append((node, nack))
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        await initial_flow(envoy)
+        assert env.server.acked(NODE, LDS).keys() == {"l"}
+        bad = {"l": listener("l", "r"), "l2": listener("l2", "r", "bad")}
+        env.cache.set_snapshot(NODE, snapshot("v2", listeners=bad))
+        response = await envoy.recv()
+        await envoy.nack(response, "Error adding/updating listener(s) l2: no")
+        await wait_for_state(env, "LDS", "NACKED")
+        ((node, nack),) = told
+        assert node == NODE and nack.type_url == LDS
+        assert nack.message == "Error adding/updating listener(s) l2: no"
+        assert "l2" in nack.names
+        assert (nack.version_sent, nack.version_acked) == ("v2", "v1")
+        assert "l2" not in env.server.acked(NODE, LDS)
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_a_resend_asks_envoy_again_about_an_unchanged_type(tmp_path: Path, delta: bool) -> None:
+    """After a NACK the proxy may push a config whose resources of that type did not change
+    (it left out the culprit elsewhere, or tries half of the suspects): ``resend_with`` sends
+    the type again with that snapshot, the previous response's resources included, so Envoy's
+    answer tells whether it takes the config, and its ACK clears the NACK."""
+
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        await initial_flow(envoy)
+        bad = {"l": listener("l", "r"), "l2": listener("l2", "r", "bad")}
+        env.cache.set_snapshot(NODE, snapshot("v2", listeners=bad))
+        await envoy.nack(await envoy.recv(), "Error adding/updating listener(s) l2: no")
+        await wait_for_state(env, "LDS", "NACKED")
+        again = snapshot("v3", listeners=bad)
+        env.cache.set_snapshot(NODE, again)
+        env.server.resend_with(NODE, LDS, again)
+        response = await envoy.recv()
+        assert response.type_url == LDS and "l2" in names_of(response)
+        await envoy.ack(response)
+        await wait_for_state(env, "LDS", "SYNCED")
+        assert await envoy.silent(0.3) == []  # once, not a loop
 
     run(tmp_path, body)
 
