@@ -23,6 +23,7 @@ from nodeagent.identity.manager import IdentityManager
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
+from nodeagent.supervise import TaskSupervisor
 from nodeagent.translate import LocalPod, translate
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
@@ -68,8 +69,10 @@ class NodeProxy:
         metrics: CollectorRegistry,
         identities: IdentityManager,
         excluded_namespaces: tuple[str, ...] = (),
+        tasks: TaskSupervisor | None = None,
     ) -> None:
         self.settings = settings
+        self.tasks = tasks or TaskSupervisor()  # the agent's, for its metrics and readiness
         self.store = store
         self.registry = registry
         self.identities = identities
@@ -94,6 +97,7 @@ class NodeProxy:
             self.admin,
             on_restart=self.envoy_restarts.inc,
             mode=settings.envoy_mode,
+            tasks=self.tasks,
         )
         Gauge(
             "nodeagent_envoy_ready",
@@ -159,7 +163,7 @@ class NodeProxy:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Push whenever the store, the captured pods or a certificate change."""
-        rotation = asyncio.create_task(self.identities.run(stop), name="rotation")
+        rotation = self.tasks.spawn("cert-rotation", lambda: self.identities.run(stop), stop=stop)
         try:
             await self._push_loop(stop)
         finally:

@@ -300,6 +300,8 @@ class SidecarProxies(NodeProxy):
             extra_args=SIDECAR_ENVOY_ARGS,
             on_restart=self.envoy_restarts.inc,
             prefix=in_pod_prefix(netns),
+            tasks=self.tasks,
+            critical=False,  # a sidecar is its pod's, never the node agent's readiness
         )
         return Sidecar(
             key, netns, sidecar_node_id(namespace, name), directory, log_path, supervisor
