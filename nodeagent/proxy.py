@@ -17,7 +17,12 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.envoy.admin import EnvoyAdmin
-from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
+from nodeagent.envoy.bootstrap import (
+    admin_socket_path,
+    bootstrap,
+    bootstrap_path,
+    write_bootstrap,
+)
 from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.mesh.model import Pod
@@ -40,7 +45,7 @@ class ProxySettings:
     run_dir: Path  # xDS socket, Envoy's bootstrap and pidfile
     envoy_binary: Path
     envoy_log: Path
-    admin_port: int = 15000
+    stats_host: str = "0.0.0.0"  # Envoy's :15090 (Prometheus stats, /ready) binds this address
     stats_port: int = 15090
     # "managed": the agent starts and restarts Envoy; "external": Envoy runs in its own container
     # (``nodeagent envoy``) and the agent only writes its bootstrap, configures and watches it.
@@ -58,6 +63,11 @@ class ProxySettings:
     @property
     def xds_socket(self) -> Path:
         return self.run_dir / "xds.sock"
+
+    @property
+    def admin_socket(self) -> Path:
+        """Envoy's admin: a root-only UNIX socket, never a TCP port (#12)."""
+        return admin_socket_path(self.run_dir)
 
 
 class NodeProxy:
@@ -79,7 +89,7 @@ class NodeProxy:
         self.excluded_namespaces = excluded_namespaces
         self.cache = SnapshotCache()
         self.xds = XdsServer(self.cache, metrics)
-        self.admin = EnvoyAdmin(port=settings.admin_port)
+        self.admin = EnvoyAdmin(settings.admin_socket)
         self.changed = asyncio.Event()
         self.version = 0
         self.last_error = ""
@@ -125,7 +135,8 @@ class NodeProxy:
                 self.settings.node_id,
                 self.settings.node_name,
                 self.settings.xds_socket,
-                admin_port=self.settings.admin_port,
+                admin_socket=self.settings.admin_socket,
+                stats_host=self.settings.stats_host,
                 stats_port=self.settings.stats_port,
             ),
         )

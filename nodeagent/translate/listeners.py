@@ -78,10 +78,11 @@ def outbound_listener(
         if not target.service.cluster_ip or target.service.cluster_ip == "None":
             continue  # headless: callers dial pod IPs, which pass through
         name = target.cluster_for(identity)
+        # Stats under the service's name: no identity in a stat name (#12).
         if is_http(target.protocol):
-            last = http_connection_manager(name, name, "outbound", who)
+            last = http_connection_manager(target.cluster, name, "outbound", who)
         else:
-            last = tcp_proxy(name, name, "outbound", who)
+            last = tcp_proxy(target.cluster, name, "outbound", who)
         chains.append(
             {
                 "name": name,

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import http_status, node_cli, node_metrics
+from tests.integration.helpers import envoy_admin, http_status, node_cli, node_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -254,23 +254,8 @@ def test_no_private_key_material_in_anything_the_agents_write(tb: Testbed) -> No
 
 
 def envoy_secret_names(tb: Testbed, node: str) -> set[str]:
-    proc = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            layout.node_netns(tb.name, node),
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15000/config_dump?resource=dynamic_active_secrets",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    return {c.get("name", "") for c in json.loads(proc.stdout).get("configs", [])}
+    dump = envoy_admin(tb.name, node, "/config_dump?resource=dynamic_active_secrets")
+    return {c.get("name", "") for c in json.loads(dump).get("configs", [])}
 
 
 def test_a_node_holds_only_the_identities_of_its_own_pods(tb: Testbed) -> None:
