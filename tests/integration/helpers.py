@@ -73,7 +73,11 @@ def node_cli(testbed: str, node: str, *args: str) -> subprocess.CompletedProcess
 
     from nodeagent.testbed import layout
 
-    env = {**os.environ, "NODEAGENT_CNI_SOCKET": str(layout.agent_socket(testbed, node))}
+    env = {
+        **os.environ,
+        "NODEAGENT_CNI_SOCKET": str(layout.agent_socket(testbed, node)),
+        "NODEAGENT_ENVOY_ADMIN": str(layout.envoy_admin_socket(testbed, node)),
+    }
     return subprocess.run(
         ["ip", "netns", "exec", layout.node_netns(testbed, node), *NODEAGENT, *args],
         capture_output=True,
