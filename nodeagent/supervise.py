@@ -6,7 +6,8 @@ certificate rotation, the Envoy supervisor's watch, pod annotations, ...) runs u
 ``nodeagent_task_restarts_total{task}`` and the loop is started again after a backoff (doubling,
 reset once a run lasted ``HEALTHY_RUN``). A loop that returns while the agent is not stopping is
 treated the same way. While a *critical* task is down (between its crash and its restart),
-``problem()`` names it and why, and the agent's readiness (:15021) answers 503 with that text.
+``problem()`` names it and the error's kind (the message and traceback are in the log), and the
+agent's readiness (:15021) answers 503 with that text.
 """
 
 from __future__ import annotations
@@ -92,12 +93,13 @@ class TaskSupervisor:
                 try:
                     await body()
                 except Exception as exc:
-                    why = f"{type(exc).__name__}: {exc}"
+                    why, kind = f"{type(exc).__name__}: {exc}", type(exc).__name__
                     failure: BaseException | None = exc
                 else:
                     if stop is None or stop.is_set():
                         return
-                    why, failure = "it returned while the agent is running", None
+                    why = kind = "it returned while the agent is running"
+                    failure = None
                 if stop is not None and stop.is_set():
                     return  # failing on the way out: nothing to restart
                 if loop.time() - started >= self.healthy_run:
@@ -106,7 +108,12 @@ class TaskSupervisor:
                 if self.restarts_total is not None:
                     self.restarts_total.labels(name).inc()
                 if critical:
-                    self.down[name] = f"task {name} down ({why}); restarting in {delay:.1f}s"
+                    # Readiness answers anyone on the node's network: the error's kind only (its
+                    # message may name a pod); the message and traceback are in the log.
+                    self.down[name] = (
+                        f"task {name} down ({kind}, see the agent's log);"
+                        f" restarting in {delay:.1f}s"
+                    )
                 log.error(
                     "task %s failed (%s); restarting it in %.1fs (restart %d)",
                     name,
