@@ -42,7 +42,7 @@ COALESCE = 0.02  # seconds: a burst of changes (20 pods at once) becomes one pus
 @dataclass(frozen=True)
 class ProxySettings:
     node_name: str
-    run_dir: Path  # xDS socket, Envoy's bootstrap and pidfile
+    run_dir: Path  # xDS socket, Envoy's bootstrap, admin socket and pidfile
     envoy_binary: Path
     envoy_log: Path
     stats_host: str = "0.0.0.0"  # Envoy's :15090 (Prometheus stats, /ready) binds this address
