@@ -59,7 +59,7 @@ from bench.common import Run, new_figure, save_figure, summary, table, write_res
 from nodeagent.cni import wire
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import DirectorySource
-from nodeagent.testbed import layout, netns
+from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, TestbedError, down
 from nodeagent.testbed.topology import loads_topology
 from nodeagent.translate import LocalPod, translate
@@ -224,10 +224,19 @@ def xds_metrics(tb: Testbed, node: str) -> dict[tuple[str, str], float]:
     return {(m, t): float(v) for m, t, v in _METRIC.findall(text)}
 
 
+def _admin(tb: Testbed, node: str, path: str) -> str:
+    """GET PATH from the node Envoy's admin (its root-only UNIX socket)."""
+    return subprocess.run(
+        daemons.admin_curl(tb.name, node, path, 30),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
 def envoy_clusters(tb: Testbed, node: str) -> int:
-    text = _in_node(
-        tb, node, "http://127.0.0.1:15000/stats?filter=^cluster_manager\\.active_clusters$"
-    )
+    text = _admin(tb, node, "/stats?filter=^cluster_manager\\.active_clusters$")
     return int(text.split(":")[-1])
 
 
@@ -330,11 +339,10 @@ def _followed(answers: list[Answer], ready: bool, new_ip: str) -> Answer | None:
 def envoy_eds_update(tb: Testbed) -> float:
     """When (time.time()) the client node's Envoy last accepted an EDS update for web's cluster
     (its subscription statistic ``update_time``, milliseconds since the epoch)."""
-    cluster = f"outbound|{WEB_PORT}||web.bench.svc.cluster.local~bench~client"
+    # Per-identity clusters report under their service's name (alt_stat_name, #12).
+    cluster = f"outbound|{WEB_PORT}||web.bench.svc.cluster.local"
     pattern = "^cluster\\." + re.escape(cluster) + "\\.update_time$"
-    text = _in_node(
-        tb, CLIENT_NODE, "http://127.0.0.1:15000/stats?filter=" + urllib.parse.quote(pattern)
-    )
+    text = _admin(tb, CLIENT_NODE, "/stats?filter=" + urllib.parse.quote(pattern))
     return int(text.split(":")[-1]) / 1000.0
 
 

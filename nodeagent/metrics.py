@@ -1,4 +1,9 @@
-"""Prometheus metrics of the node agent, served on the node (Istio's agent port, :15020)."""
+"""Prometheus metrics of the node agent, served on the node (Istio's agent port, :15020).
+
+:15020 answers anyone who reaches the node's address, so it names no pod and no identity: pods
+are counted by capture state (each pod's own state is `nodeagent pods`, over the root-only
+socket, and on the pod itself as an annotation).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,6 @@ from nodeagent.redirect.registry import STATES
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.pod_capture = Gauge(
-            "nodeagent_pod_capture_state",
-            "Capture state of each pod handed to this node's agent (1 for its current state).",
-            ["namespace", "pod", "state"],
-            registry=self.registry,
-        )
         self.pods = Gauge(
             "nodeagent_pods",
             "Pods known to this node's agent, by capture state.",
@@ -43,17 +42,11 @@ class AgentMetrics:
         self._pod_states: dict[tuple[str, str], str] = {}
 
     def set_pod_state(self, namespace: str, pod: str, state: str) -> None:
-        old = self._pod_states.get((namespace, pod))
-        if old is not None and old != state:
-            self.pod_capture.remove(namespace, pod, old)
         self._pod_states[(namespace, pod)] = state
-        self.pod_capture.labels(namespace, pod, state).set(1)
         self._count()
 
     def forget_pod(self, namespace: str, pod: str) -> None:
-        old = self._pod_states.pop((namespace, pod), None)
-        if old is not None:
-            self.pod_capture.remove(namespace, pod, old)
+        self._pod_states.pop((namespace, pod), None)
         self._count()
 
     def _count(self) -> None:

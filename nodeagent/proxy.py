@@ -23,7 +23,12 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.envoy.admin import EnvoyAdmin
-from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
+from nodeagent.envoy.bootstrap import (
+    admin_socket_path,
+    bootstrap,
+    bootstrap_path,
+    write_bootstrap,
+)
 from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.mesh.store import MeshStore
@@ -38,6 +43,7 @@ from nodeagent.translate import (
     pod_listener_names,
 )
 from nodeagent.translate.rejections import Bisection, culprits
+from nodeagent.supervise import TaskSupervisor
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from nodeagent.xds.server import Nack, XdsServer
@@ -72,10 +78,10 @@ class Rejection:
 @dataclass(frozen=True)
 class ProxySettings:
     node_name: str
-    run_dir: Path  # xDS socket, Envoy's bootstrap and pidfile
+    run_dir: Path  # xDS socket, Envoy's bootstrap, admin socket and pidfile
     envoy_binary: Path
     envoy_log: Path
-    admin_port: int = 15000
+    stats_host: str = "0.0.0.0"  # Envoy's :15090 (Prometheus stats, /ready) binds this address
     stats_port: int = 15090
     # "managed": the agent starts and restarts Envoy; "external": Envoy runs in its own container
     # (``nodeagent envoy``) and the agent only writes its bootstrap, configures and watches it.
@@ -94,6 +100,11 @@ class ProxySettings:
     def xds_socket(self) -> Path:
         return self.run_dir / "xds.sock"
 
+    @property
+    def admin_socket(self) -> Path:
+        """Envoy's admin: a root-only UNIX socket, never a TCP port (#12)."""
+        return admin_socket_path(self.run_dir)
+
 
 class NodeProxy:
     def __init__(
@@ -104,15 +115,17 @@ class NodeProxy:
         metrics: CollectorRegistry,
         identities: IdentityManager,
         excluded_namespaces: tuple[str, ...] = (),
+        tasks: TaskSupervisor | None = None,
     ) -> None:
         self.settings = settings
+        self.tasks = tasks or TaskSupervisor()  # the agent's, for its metrics and readiness
         self.store = store
         self.registry = registry
         self.identities = identities
         self.excluded_namespaces = excluded_namespaces
         self.cache = SnapshotCache()
         self.xds = XdsServer(self.cache, metrics)
-        self.admin = EnvoyAdmin(port=settings.admin_port)
+        self.admin = EnvoyAdmin(settings.admin_socket)
         self.changed = asyncio.Event()
         self.version = 0
         self.last_error = ""
@@ -160,6 +173,7 @@ class NodeProxy:
             self.admin,
             on_restart=self.envoy_restarts.inc,
             mode=settings.envoy_mode,
+            tasks=self.tasks,
         )
         Gauge(
             "nodeagent_envoy_ready",
@@ -187,7 +201,8 @@ class NodeProxy:
                 self.settings.node_id,
                 self.settings.node_name,
                 self.settings.xds_socket,
-                admin_port=self.settings.admin_port,
+                admin_socket=self.settings.admin_socket,
+                stats_host=self.settings.stats_host,
                 stats_port=self.settings.stats_port,
             ),
         )
@@ -359,7 +374,7 @@ class NodeProxy:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Push whenever the store, the captured pods or a certificate change."""
-        rotation = asyncio.create_task(self.identities.run(stop), name="rotation")
+        rotation = self.tasks.spawn("cert-rotation", lambda: self.identities.run(stop), stop=stop)
         try:
             await self._push_loop(stop)
         finally:

@@ -350,10 +350,14 @@ class SidecarProxies(NodeProxy):
             bootstrap_path(directory),
             directory,
             log_path,
-            EnvoyAdmin(port=ADMIN_PORT),  # in the pod's netns: the supervisor never asks it
+            # Istio's in-pod 127.0.0.1:15000, reachable only from the pod's netns (the supervisor
+            # never asks it); the node Envoy's admin is a UNIX socket instead.
+            EnvoyAdmin(port=ADMIN_PORT),
             extra_args=SIDECAR_ENVOY_ARGS,
             on_restart=self.envoy_restarts.inc,
             prefix=in_pod_prefix(netns),
+            tasks=self.tasks,
+            critical=False,  # a sidecar is its pod's, never the node agent's readiness
         )
         return Sidecar(
             key, netns, sidecar_node_id(namespace, name), directory, log_path, supervisor

@@ -1,13 +1,17 @@
 """A client for the node Envoy's admin API (blocking, stdlib only: call it from a thread).
 
-The admin endpoint listens on 127.0.0.1 of the netns it was started in; the agent and Envoy share
-the node's netns, so a plain loopback connection reaches it.
+The node Envoy's admin listens on a UNIX socket in the agent's run directory (mode 0600 in a 0700
+directory): only root on the node reaches it, never a host-network pod over TCP (admin can
+``POST /quitquitquit``). A TCP address remains for the sidecar model, whose Envoys keep Istio's
+in-pod 127.0.0.1:15000.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -16,14 +20,43 @@ class EnvoyAdminError(RuntimeError):
     """The admin API could not be reached, or answered with an error."""
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a UNIX stream socket (Envoy's ``admin.address.pipe``)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class EnvoyAdmin:
-    def __init__(self, host: str = "127.0.0.1", port: int = 15000, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        socket_path: Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 15000,
+        timeout: float = 2.0,
+    ) -> None:
+        """SOCKET_PATH: the admin's UNIX socket (the node Envoy); else HOST:PORT over TCP."""
+        self.socket_path = socket_path
         self.host = host
         self.port = port
         self.timeout = timeout
 
     @property
     def address(self) -> str:
+        if self.socket_path is not None:
+            return f"unix:{self.socket_path}"
         return f"{self.host}:{self.port}"
 
     def ready(self) -> bool:
@@ -105,7 +138,11 @@ class EnvoyAdmin:
     def _request(self, method: str, path: str) -> tuple[int, str]:
         if not path.startswith("/"):
             raise ValueError(f"admin path must start with '/': {path!r}")
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn = (
+            _UnixConnection(self.socket_path, self.timeout)
+            if self.socket_path is not None
+            else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        )
         try:
             conn.request(method, path)
             response = conn.getresponse()

@@ -1,8 +1,10 @@
 """The node Envoy's bootstrap: everything it needs before the agent's ADS stream delivers the rest.
 
-Static parts only: the ADS cluster (a UNIX socket to the agent), the admin endpoint, Istio's
-:15090 Prometheus listener, the mark on Envoy's own upstream sockets and the overload limit.
-Listeners, routes, clusters and secrets for pods all arrive over ADS.
+Static parts only: the ADS cluster (a UNIX socket to the agent), the admin endpoint (a UNIX
+socket, mode 0600, next to it: nothing on the node's network reaches admin), Istio's :15090
+Prometheus listener, the stats that must not leave the node unauthenticated, the mark on Envoy's
+own upstream sockets and the overload limit. Listeners, routes, clusters and secrets for pods
+all arrive over ADS.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ STATS_PATH = "/stats/prometheus"
 # from outside the node's loopback (the DaemonSet's envoy container) reaches it there.
 READY_PATH = "/ready"
 BOOTSTRAP_FILE = "envoy-bootstrap.json"  # in the run dir, next to the xDS socket
+ADMIN_SOCKET = "envoy-admin.sock"  # in the run dir too: root only (0600 in a 0700 directory)
+ADMIN_SOCKET_MODE = 0o600
+# Stats whose names carry a workload identity or a pod are never created: :15090 answers anyone
+# on the node's network. Clusters and routes per calling identity (``...~<ns>~<sa>``) report
+# under their service's name instead (alt_stat_name, stat_prefix); SDS names its secrets by SPIFFE
+# ID. What Envoy holds per pod stays visible to root through the admin socket (proxy-config).
+PRIVATE_STAT_PATTERNS: tuple[dict[str, str], ...] = ({"contains": "~"}, {"contains": "spiffe://"})
 MAX_DOWNSTREAM_CONNECTIONS = 100_000  # generous: it only exists so Envoy does not warn
 
 # Without ADS, Envoy waits this long per xDS type (CDS, then LDS) before going LIVE with the
@@ -44,15 +53,24 @@ def bootstrap(
     node_id: str,
     cluster: str,
     ads_socket: Path,
+    admin_socket: Path | None = None,
     admin_port: int = 15000,
     stats_port: int = 15090,
+    stats_host: str = "0.0.0.0",
     node_metadata: Mapping[str, str] | None = None,
     *,
     initial_fetch_timeout: float = INITIAL_FETCH_TIMEOUT,
     socket_mark: int | None = MESH_MARK,
 ) -> dict[str, Any]:
-    """An Envoy v3 Bootstrap as JSON-able data. ``socket_mark=None`` leaves sockets unmarked
-    (setting SO_MARK needs CAP_NET_ADMIN)."""
+    """An Envoy v3 Bootstrap as JSON-able data. Admin listens on ADMIN_SOCKET (mode 0600), or,
+    without one, on 127.0.0.1:ADMIN_PORT (the sidecar model: Istio's in-pod admin). The stats
+    listener binds STATS_HOST:STATS_PORT. ``socket_mark=None`` leaves sockets unmarked (setting
+    SO_MARK needs CAP_NET_ADMIN)."""
+    admin = (
+        {"pipe": {"path": str(admin_socket), "mode": ADMIN_SOCKET_MODE}}
+        if admin_socket is not None
+        else _socket_address("127.0.0.1", admin_port)
+    )
     ads: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
     if initial_fetch_timeout > 0:
         ads["initial_fetch_timeout"] = _duration(initial_fetch_timeout)
@@ -81,10 +99,13 @@ def bootstrap(
             "lds_config": dict(ads),
         },
         "static_resources": {
-            "clusters": [_ads_cluster(ads_socket), _stats_cluster(admin_port)],
-            "listeners": [_stats_listener(stats_port)],
+            "clusters": [_ads_cluster(ads_socket), _stats_cluster(admin)],
+            "listeners": [_stats_listener(stats_host, stats_port)],
         },
-        "admin": {"address": _socket_address("127.0.0.1", admin_port)},
+        "admin": {"address": admin},
+        "stats_config": {
+            "stats_matcher": {"exclusion_list": {"patterns": list(PRIVATE_STAT_PATTERNS)}}
+        },
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -120,6 +141,11 @@ def bootstrap(
 def bootstrap_path(run_dir: Path) -> Path:
     """Where the agent writes the bootstrap, and where the envoy container looks for it."""
     return run_dir / BOOTSTRAP_FILE
+
+
+def admin_socket_path(run_dir: Path) -> Path:
+    """The node Envoy's admin socket, in the run dir the agent and the envoy container share."""
+    return run_dir / ADMIN_SOCKET
 
 
 def write_bootstrap(path: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -160,27 +186,21 @@ def _ads_cluster(ads_socket: Path) -> dict[str, Any]:
     }
 
 
-def _stats_cluster(admin_port: int) -> dict[str, Any]:
+def _stats_cluster(admin: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": STATS_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "0.25s",
         "load_assignment": {
             "cluster_name": STATS_CLUSTER,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": _socket_address("127.0.0.1", admin_port)}}
-                    ]
-                }
-            ],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": admin}}]}],
         },
     }
 
 
-def _stats_listener(stats_port: int) -> dict[str, Any]:
-    """0.0.0.0:stats_port answers only /stats/prometheus and /ready, so scrapers and probes never
-    reach the rest of the admin API."""
+def _stats_listener(host: str, port: int) -> dict[str, Any]:
+    """HOST:PORT answers only /stats/prometheus and /ready, so scrapers and probes never reach
+    the rest of the admin API."""
     manager = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
         ".v3.HttpConnectionManager",
@@ -209,7 +229,7 @@ def _stats_listener(stats_port: int) -> dict[str, Any]:
     }
     return {
         "name": STATS_LISTENER,
-        "address": _socket_address("0.0.0.0", stats_port),
+        "address": _socket_address(host, port),
         "filter_chains": [
             {
                 "filters": [

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from nodeagent.envoy.admin import EnvoyAdmin, EnvoyAdminError
 from nodeagent.envoy.launch import NODE_ENVOY_ARGS, envoy_argv
+from nodeagent.supervise import TaskSupervisor
 
 log = logging.getLogger("nodeagent.envoy")
 
@@ -74,6 +75,8 @@ class EnvoySupervisor:
         on_restart: Callable[[], None] | None = None,
         mode: str = MANAGED,
         prefix: Sequence[str] = (),
+        tasks: TaskSupervisor | None = None,
+        critical: bool = True,
     ) -> None:
         if mode not in (MANAGED, EXTERNAL):
             raise ValueError(f"Envoy mode must be {MANAGED!r} or {EXTERNAL!r}, not {mode!r}")
@@ -89,6 +92,9 @@ class EnvoySupervisor:
         # What Envoy is started through, e.g. nsenter + setpriv for a sidecar in a pod's netns
         # (each execs the next, so the pid and /proc/PID/cmdline end up Envoy's own).
         self.prefix = tuple(prefix)
+        # The watch below is what restarts a dead Envoy: it must itself never die silently.
+        self.tasks = tasks or TaskSupervisor()
+        self.critical = critical
         self.restarts = 0  # managed: Envoys restarted; external: Envoys seen coming back
         self.last_exit = ""  # exit code of the last Envoy that died, or "gone" if not our child
         self.adopted = False
@@ -147,7 +153,9 @@ class EnvoySupervisor:
                 self.admin.address,
             )
             await self._observe()
-            self._monitor = asyncio.create_task(self._watch_external(), name="envoy-watch")
+            self._monitor = self.tasks.spawn(
+                "envoy-watch", self._watch_external, critical=self.critical
+            )
             return
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         if self._adopt():
@@ -155,7 +163,7 @@ class EnvoySupervisor:
         else:
             self._spawn()
             log.info("started Envoy pid %d with %s", self._pid, self.bootstrap_path)
-        self._monitor = asyncio.create_task(self._watch(), name="envoy-supervisor")
+        self._monitor = self.tasks.spawn("envoy-supervisor", self._watch, critical=self.critical)
 
     async def wait_ready(self, timeout: float) -> bool:
         """Polls the admin /ready until Envoy is LIVE; False if it is not within ``timeout``."""

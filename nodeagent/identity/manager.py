@@ -14,12 +14,14 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from nodeagent.identity.ca import CertificateAuthority
 from nodeagent.identity.certs import KeyType, WorkloadCert, issue, spiffe_id
@@ -44,14 +46,27 @@ class _Identity:
     failures: int = 0
 
 
+class _EarliestExpiry(Collector):
+    """nodeagent_cert_earliest_expiry_timestamp_seconds: absent while no identity has a cert."""
+
+    def __init__(self) -> None:
+        self.expiries: dict[str, float] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.expiries:
+            yield GaugeMetricFamily(
+                "nodeagent_cert_earliest_expiry_timestamp_seconds",
+                "When the first of the local identities' current certificates expires (Unix"
+                " time); absent while none holds one.",
+                value=min(self.expiries.values()),
+            )
+
+
 class IdentityMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.expiry = Gauge(
-            "nodeagent_cert_expiry_timestamp_seconds",
-            "When the current certificate of each local identity expires (Unix time).",
-            ["identity"],
-            registry=registry,
-        )
+        # One figure for all identities: :15020 is unauthenticated and must not list SPIFFE IDs.
+        self.expiry = _EarliestExpiry()
+        registry.register(self.expiry)
         self.rotations = Counter(
             "nodeagent_cert_rotations",
             "Workload certificates renewed before expiry.",
@@ -110,7 +125,7 @@ class IdentityManager:
         for sid in sorted(self._identities.keys() - wanted):
             gone = self._identities.pop(sid)
             if gone.cert is not None:
-                self.metrics.expiry.remove(sid)
+                self.metrics.expiry.expiries.pop(sid, None)
                 changed = True
             log.info("identity %s forgotten: its last pod left this node", sid)
         for sid in sorted(wanted - self._identities.keys()):
@@ -188,7 +203,7 @@ class IdentityManager:
         entry.cert = cert
         entry.failures = 0
         entry.due_at = self._clock() + ROTATE_AT * lifetime - early
-        self.metrics.expiry.labels(entry.spiffe_id).set(cert.not_after.timestamp())
+        self.metrics.expiry.expiries[entry.spiffe_id] = cert.not_after.timestamp()
         log.info(
             "certificate for %s issued: serial %x, expires %s",
             entry.spiffe_id,

@@ -611,9 +611,11 @@ class Testbed:
                 f"{key}: {problem}"
                 for key in self._captured(node)
                 if key in netns_of
-                for problem in _endpoint_problems(_envoy_endpoints(netns_of[key]), want, True)
+                for problem in _endpoint_problems(
+                    _envoy_endpoints(netns.in_netns(netns_of[key], SIDECAR_CLUSTERS)), want, True
+                )
             ]
-        held = _envoy_endpoints(node_netns(self.name, node))
+        held = _envoy_endpoints(daemons.admin_curl(self.name, node, "/clusters?format=json"))
         return _endpoint_problems(held, want, bool(self._captured(node)))
 
     # -- the sidecar model (proxyModel: sidecar) --------------------------------------------------
@@ -847,13 +849,14 @@ def _endpoint_problems(
     return problems
 
 
-def _envoy_endpoints(node_ns: str) -> dict[str, set[str]]:
-    """Outbound service clusters and their endpoints, from the node Envoy's admin API."""
+# A sidecar's admin, Istio's 127.0.0.1:15000 inside its pod (the node Envoy's is a socket).
+SIDECAR_CLUSTERS = ["curl", "-sS", "--max-time", "2", "http://127.0.0.1:15000/clusters?format=json"]
+
+
+def _envoy_endpoints(curl: list[str]) -> dict[str, set[str]]:
+    """Outbound service clusters and their endpoints, from an Envoy's admin API (CURL)."""
     proc = subprocess.run(
-        netns.in_netns(
-            node_ns,
-            ["curl", "-sS", "--max-time", "2", "http://127.0.0.1:15000/clusters?format=json"],
-        ),
+        curl,
         capture_output=True,
         text=True,
         timeout=10,

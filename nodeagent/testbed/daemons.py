@@ -31,7 +31,6 @@ from nodeagent.testbed.state import DaemonRecord
 
 AGENT, INSTALL_CNI, ENVOY, APISERVER = "agent", "install-cni", "envoy", "apiserver"
 READY_TIMEOUT = 30.0
-ADMIN_URL = "http://127.0.0.1:15000"  # the node Envoy's admin, on the node's loopback
 # The DaemonSet envoy container's capabilities (daemonset/daemonset.yaml): the envoy daemon runs
 # with exactly these, so the tests exercise what the manifest grants.
 ENVOY_CAPABILITIES = ("SYS_ADMIN", "NET_ADMIN")
@@ -198,13 +197,28 @@ def _not_ready(testbed: str, record: DaemonRecord) -> str:
     return "" if answer.get("ok") else str(answer.get("reason"))
 
 
+def admin_curl(testbed: str, node: str, path: str, max_time: float = 2.0) -> list[str]:
+    """curl PATH from the node Envoy's admin: its UNIX socket in the agent's run dir (root only;
+    no TCP port), from the node's netns as an operator on the node would."""
+    sock = layout.envoy_admin_socket(testbed, node)
+    return netns.in_netns(
+        layout.node_netns(testbed, node),
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            str(max_time),
+            "--unix-socket",
+            str(sock),
+            f"http://envoy{path}",
+        ],
+    )
+
+
 def envoy_not_ready(testbed: str, node: str) -> str:
     """Empty when the node's Envoy answers LIVE on its admin /ready, else what it said."""
     proc = subprocess.run(
-        netns.in_netns(
-            layout.node_netns(testbed, node),
-            ["curl", "-sS", "--max-time", "1", f"{ADMIN_URL}/ready"],
-        ),
+        admin_curl(testbed, node, "/ready", 1),
         capture_output=True,
         text=True,
         timeout=10,

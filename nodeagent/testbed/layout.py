@@ -63,6 +63,11 @@ def agent_socket(name: str, node: str) -> Path:
     return node_dir(name, node) / "run" / "cni.sock"
 
 
+def envoy_admin_socket(name: str, node: str) -> Path:
+    """The node Envoy's admin socket, in the agent's --run-dir (next to its CNI socket)."""
+    return agent_socket(name, node).parent / "envoy-admin.sock"
+
+
 def agent_state_dir(name: str, node: str) -> Path:
     return node_dir(name, node) / "agent"
 

@@ -94,10 +94,11 @@ def outbound_chain(
 ) -> dict[str, Any]:
     """The filter chain of one service port (its VIP:port) in a pod of IDENTITY."""
     name = target.cluster_for(identity)
+    # Stats under the service's name: no identity in a stat name (#12).
     if is_http(target.protocol):
-        last = http_connection_manager(name, name, "outbound", who)
+        last = http_connection_manager(target.cluster, name, "outbound", who)
     else:
-        last = tcp_proxy(name, name, "outbound", who)
+        last = tcp_proxy(target.cluster, name, "outbound", who)
     return {
         "name": name,
         "filter_chain_match": {

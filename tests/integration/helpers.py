@@ -58,13 +58,26 @@ def node_metrics(testbed: str, node: str) -> str:
     ).stdout
 
 
+def envoy_admin(testbed: str, node: str, path: str) -> str:
+    """GET PATH from the node Envoy's admin, over its root-only UNIX socket."""
+    from nodeagent.testbed import daemons
+
+    return subprocess.run(
+        daemons.admin_curl(testbed, node, path, 5), capture_output=True, text=True, check=True
+    ).stdout
+
+
 def node_cli(testbed: str, node: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``nodeagent ARGS`` on a testbed node: in its netns, talking to that node's agent."""
     import os
 
     from nodeagent.testbed import layout
 
-    env = {**os.environ, "NODEAGENT_CNI_SOCKET": str(layout.agent_socket(testbed, node))}
+    env = {
+        **os.environ,
+        "NODEAGENT_CNI_SOCKET": str(layout.agent_socket(testbed, node)),
+        "NODEAGENT_ENVOY_ADMIN": str(layout.envoy_admin_socket(testbed, node)),
+    }
     return subprocess.run(
         ["ip", "netns", "exec", layout.node_netns(testbed, node), *NODEAGENT, *args],
         capture_output=True,

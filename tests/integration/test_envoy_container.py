@@ -138,10 +138,14 @@ def readiness(tb: Testbed, node: str) -> tuple[str, str]:
 
 def ads_connected(tb: Testbed, node: str) -> str:
     """Envoy's own view of its xDS stream: "1" connected, "0" not (control_plane stats)."""
-    _, body = node_get(
-        tb, node, "http://127.0.0.1:15000/stats?filter=^control_plane.connected_state$"
+    proc = subprocess.run(
+        daemons.admin_curl(tb.name, node, "/stats?filter=^control_plane.connected_state$"),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
     )
-    return body.rpartition(":")[2].strip()
+    return proc.stdout.rpartition(":")[2].strip()
 
 
 def metric(text: str, name: str) -> float:
@@ -235,7 +239,8 @@ def test_a_killed_envoy_comes_back_with_its_container_not_the_agent(split: Testb
 
     wait_for(lambda: readiness(split, "n1")[0] == "503", 5, "the agent to turn not ready")
     _, why = readiness(split, "n1")
-    assert why.startswith("Envoy not ready: its admin 127.0.0.1:15000 stopped answering"), why
+    admin = f"unix:{layout.envoy_admin_socket(split.name, 'n1')}"
+    assert why.startswith(f"Envoy not ready: its admin {admin} stopped answering"), why
     assert "nodeagent envoy" in why
     assert metric(node_metrics(split.name, "n1"), "nodeagent_envoy_ready") == 0
     assert why in node_cli(split.name, "n1", "proxy-status").stdout

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -89,19 +90,20 @@ def _kill_all(node: Node) -> None:
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     bootstrap = tmp_path / "envoy.json"
-    admin_port, stats_port = _free_port(), _free_port()
+    stats_port = _free_port()
+    admin_socket = tmp_path / "envoy-admin.sock"
     write_bootstrap(
         bootstrap,
         make_bootstrap(
             "node-test",
             "nodeagent",
             tmp_path / "ads.sock",  # nothing listens: the agent is away
-            admin_port=admin_port,
+            admin_socket=admin_socket,
             stats_port=stats_port,
             initial_fetch_timeout=0.5,
         ),
     )
-    made = Node(tmp_path, bootstrap, EnvoyAdmin(port=admin_port), stats_port)
+    made = Node(tmp_path, bootstrap, EnvoyAdmin(admin_socket), stats_port)
     yield made
     _kill_all(made)
     assert made.envoy_pids() == [], "an Envoy outlived its test"
@@ -117,6 +119,10 @@ def test_envoy_starts_goes_live_and_serves_stats(node: Node) -> None:
             assert supervisor.pid is not None
             assert process_cmdline(supervisor.pid) == supervisor.argv()
             assert supervisor.problem() == ""
+            # Admin is a root-only UNIX socket (#12): no TCP port a host-network pod could reach.
+            sock = node.admin.socket_path
+            assert sock is not None and stat.S_ISSOCK(sock.stat().st_mode)
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 
             status, body = await asyncio.to_thread(_get, node.stats_port, "/stats/prometheus")
             assert status == 200 and re.search(r"^envoy_server_live(\{\})? 1$", body, re.M)
@@ -248,12 +254,12 @@ def test_live_pid_of_another_program_is_not_adopted(node: Node) -> None:
     asyncio.run(scenario())
 
 
-def test_admin_errors_name_the_endpoint() -> None:
-    port = _free_port()  # nothing listens there
-    admin = EnvoyAdmin(port=port, timeout=0.5)
+def test_admin_errors_name_the_endpoint(tmp_path: Path) -> None:
+    sock = tmp_path / "envoy-admin.sock"  # nothing listens there
+    admin = EnvoyAdmin(sock, timeout=0.5)
 
     assert admin.ready() is False
-    with pytest.raises(EnvoyAdminError, match=rf"127\.0\.0\.1:{port}/server_info"):
+    with pytest.raises(EnvoyAdminError, match=rf"unix:{sock}/server_info"):
         admin.server_info()
 
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import http_status, node_cli, node_metrics
+from tests.integration.helpers import envoy_admin, http_status, node_cli, node_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -321,23 +321,9 @@ def test_no_private_key_material_in_anything_the_agents_write(tb: Testbed) -> No
 
 def envoy_config_dump(tb: Testbed, node: str, query: str) -> list[dict[str, Any]]:
     """The ``configs`` of the node Envoy's admin ``/config_dump?QUERY``."""
-    proc = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            layout.node_netns(tb.name, node),
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            f"http://127.0.0.1:15000/config_dump?{query}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    configs: list[dict[str, Any]] = json.loads(proc.stdout).get("configs", [])
+    configs: list[dict[str, Any]] = json.loads(
+        envoy_admin(tb.name, node, f"/config_dump?{query}")
+    ).get("configs", [])
     return configs
 
 

@@ -103,9 +103,14 @@ class Node:
         }
 
     def state_metric(self, namespace: str, pod: str, state: str) -> float | None:
-        return self.metrics.registry.get_sample_value(
-            "nodeagent_pod_capture_state", {"namespace": namespace, "pod": pod, "state": state}
+        """1 when the agent shows POD in STATE (`nodeagent pods`) and nodeagent_pods{state}
+        counts it; the metrics themselves name no pod (#12)."""
+        shown = any(
+            (r["namespace"], r["name"], r["state"]) == (namespace, pod, state)
+            for r in self.manager.status()
         )
+        count = self.metrics.registry.get_sample_value("nodeagent_pods", {"state": state}) or 0
+        return 1.0 if shown and count >= 1 else None
 
 
 def run(scenario: Callable[[Node], Awaitable[None]], tmp_path: Path) -> None:

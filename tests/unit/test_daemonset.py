@@ -76,7 +76,7 @@ def _option(args: list[str], flag: str) -> str:
 
 def _parse(args: list[str]) -> click.Context:
     """Parses ARGS (a subcommand and its options) with the real CLI, without running it."""
-    env = {"NODE_NAME": "node-1", "POD_NAMESPACE": "nodeagent-system"}
+    env = {"NODE_NAME": "node-1", "POD_NAMESPACE": "nodeagent-system", "HOST_IP": "10.0.0.5"}
     expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
     name, *rest = expanded
     group_ctx = click.Context(cli, info_name="nodeagent")
@@ -258,6 +258,9 @@ def test_agent_arguments_are_accepted_by_the_real_cli() -> None:
     assert params["no_proxy"] is False
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    # The unauthenticated ports bind the node IP, not every address of the host (#12).
+    assert env["HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    assert params["metrics_host"] == params["stats_host"] == "10.0.0.5"  # $(HOST_IP)
     probe = agent["readinessProbe"]["httpGet"]
     assert probe == {"path": "/healthz/ready", "port": params["readiness_port"]}
     # The socket the agent serves is the one install-cni writes into the CNI config.
@@ -303,7 +306,9 @@ def test_envoy_container_arguments_are_accepted_by_the_real_cli() -> None:
     assert netns["readOnly"] is True
     assert set(envoy_mounts) == {run_dir, "netns"}  # nothing else of the host
     # Ready when Envoy is: its /ready, which the bootstrap routes on the stats port (the admin
-    # port listens on loopback only).
+    # is a UNIX socket in the shared run dir, reached by root only).
+    settings = ProxySettings("node-1", agent_params["run_dir"], Path("/e"), Path("/l"))
+    assert settings.admin_socket.is_relative_to(envoy_mounts[run_dir]["mountPath"])
     probe = envoy["readinessProbe"]["httpGet"]
     assert probe == {"path": READY_PATH, "port": agent_params["stats_port"]}
     assert {p["containerPort"] for p in envoy["ports"]} == {agent_params["stats_port"]}
@@ -341,13 +346,12 @@ def test_agent_host_mounts() -> None:
     pod = _one("DaemonSet")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     host_paths = {v["hostPath"]["path"]: v for v in volumes.values() if "hostPath" in v}
+    # Only what the code uses today (#12): no bpffs or cgroup mount while capture is nftables.
     assert set(host_paths) == {
         "/opt/cni/bin",
         "/etc/cni/net.d",
         "/var/run/netns",
         "/proc",
-        "/sys/fs/bpf",
-        "/sys/fs/cgroup",
         "/var/run/nodeagent",
         "/var/lib/nodeagent",
     }
@@ -360,6 +364,9 @@ def test_agent_host_mounts() -> None:
         if name in volumes and "hostPath" in volumes[name]
     }
     assert by_host["/var/run/netns"]["mountPropagation"] == "HostToContainer"
+    # Writable host paths: only the agent's own run and state dirs (install-cni: the CNI dirs).
+    writable = {path for path, m in by_host.items() if not m.get("readOnly")}
+    assert writable == {"/var/run/nodeagent", "/var/lib/nodeagent"}
     assert by_host["/proc"]["mountPath"] == "/host/proc"
     assert by_host["/proc"]["readOnly"] is True
     config = next(m for m in mounts.values() if "configMap" in volumes[m["name"]])

@@ -52,14 +52,18 @@ def test_node_identity_and_ads_over_the_agent_socket(tmp_path: Path) -> None:
     assert "http2_protocol_options" in http["explicit_http_config"]
 
 
-def test_admin_on_loopback_and_prometheus_on_all_addresses() -> None:
-    config = bootstrap("n", "c", Path("/run/ads.sock"), admin_port=16000, stats_port=16090)
+def test_admin_on_a_private_unix_socket_and_prometheus_where_configured(tmp_path: Path) -> None:
+    """Nothing on the node's network reaches Envoy's admin (it can POST /quitquitquit): it is a
+    UNIX socket, mode 0600; :15090 binds the address given (the DaemonSet: the node IP)."""
+    sock = tmp_path / "envoy-admin.sock"
+    config = bootstrap(
+        "n", "c", Path("/run/ads.sock"), admin_socket=sock, stats_host="10.1.2.3", stats_port=16090
+    )
 
-    admin = config["admin"]["address"]["socket_address"]
-    assert (admin["address"], admin["port_value"]) == ("127.0.0.1", 16000)
+    assert config["admin"]["address"] == {"pipe": {"path": str(sock), "mode": 0o600}}
     (listener,) = config["static_resources"]["listeners"]
     assert listener["name"] == "prometheus"
-    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 16090}
+    assert listener["address"]["socket_address"] == {"address": "10.1.2.3", "port_value": 16090}
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     # Only the metrics and Envoy's readiness (a probe of the envoy container) reach the admin.
     route, ready = manager["route_config"]["virtual_hosts"][0]["routes"]
@@ -68,7 +72,23 @@ def test_admin_on_loopback_and_prometheus_on_all_addresses() -> None:
     assert ready["route"] == route["route"]
     stats = _cluster(config, route["route"]["cluster"])
     target = stats["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-    assert target["socket_address"] == {"address": "127.0.0.1", "port_value": 16000}
+    assert target == {"pipe": {"path": str(sock), "mode": 0o600}}
+
+
+def test_sidecar_form_keeps_istios_in_pod_tcp_admin() -> None:
+    config = bootstrap("n", "c", Path("/run/ads.sock"), admin_port=16000)
+
+    admin = config["admin"]["address"]["socket_address"]
+    assert (admin["address"], admin["port_value"]) == ("127.0.0.1", 16000)
+
+
+def test_stats_naming_identities_are_never_created() -> None:
+    """:15090 is unauthenticated: no stat named after a calling identity (``~<ns>~<sa>``) or a
+    SPIFFE ID (SDS secrets) exists."""
+    config = bootstrap("n", "c", Path("/run/ads.sock"))
+
+    patterns = config["stats_config"]["stats_matcher"]["exclusion_list"]["patterns"]
+    assert {"contains": "~"} in patterns and {"contains": "spiffe://"} in patterns
 
 
 def test_envoy_sockets_carry_the_mesh_mark_and_connections_are_bounded() -> None:
@@ -87,7 +107,7 @@ def test_write_bootstrap_is_private_and_atomic(tmp_path: Path) -> None:
     path.parent.mkdir()
     path.write_text("old")
 
-    written = write_bootstrap(path, bootstrap("n", "c", tmp_path / "ads.sock", admin_port=16001))
+    written = write_bootstrap(path, bootstrap("n", "c", tmp_path / "ads.sock"))
 
     assert json.loads(path.read_text()) == written
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -103,6 +123,7 @@ def test_real_envoy_validates_the_bootstrap(tmp_path: Path, fetch_timeout: float
             "node-a",
             "nodeagent",
             tmp_path / "ads.sock",
+            admin_socket=tmp_path / "admin.sock",
             node_metadata={"NODE_NAME": "node-a"},
             initial_fetch_timeout=fetch_timeout,
         ),

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import json_format
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from nodeagent.identity import manager as manager_module
 from nodeagent.identity.ca import BuiltinCA, CAError, PluginCA, create_plugin_cacerts
@@ -258,8 +258,10 @@ def test_manager_issues_on_first_pod_and_forgets_on_last(plugin_ca: PluginCA) ->
     assert len(changes) == 1
     verify_chain(certs[cart].chain_pem, plugin_ca.root_pem)
     assert _metric(registry, "nodeagent_identities") == 2
-    expiry = _metric(registry, "nodeagent_cert_expiry_timestamp_seconds", identity=cart)
-    assert expiry == certs[cart].not_after.timestamp()
+    # :15020 names no identity (#12): one figure, the first expiry of them all.
+    expiry = _metric(registry, "nodeagent_cert_earliest_expiry_timestamp_seconds")
+    assert expiry == min(c.not_after.timestamp() for c in certs.values())
+    assert "spiffe://" not in generate_latest(registry).decode()
 
     mgr.set_local_identities([("shop", "pay"), ("shop", "cart")])  # another pod, same accounts
     assert mgr.certs() == certs
@@ -270,7 +272,10 @@ def test_manager_issues_on_first_pod_and_forgets_on_last(plugin_ca: PluginCA) ->
     assert mgr.certs()[pay] == certs[pay]
     assert len(changes) == 2
     assert _metric(registry, "nodeagent_identities") == 1
-    assert _metric(registry, "nodeagent_cert_expiry_timestamp_seconds", identity=cart) is None
+    expiry = _metric(registry, "nodeagent_cert_earliest_expiry_timestamp_seconds")
+    assert expiry == certs[pay].not_after.timestamp()
+    mgr.set_local_identities([])
+    assert _metric(registry, "nodeagent_cert_earliest_expiry_timestamp_seconds") is None
 
     mgr.set_local_identities([("shop", "cart"), ("shop", "pay")])  # back: a new key and cert
     assert mgr.certs()[cart].serial != certs[cart].serial

@@ -368,8 +368,7 @@ def test_remove_all_takes_capture_out_of_every_pod_then_probe_snat_and_registry(
     assert probes.removed == 1
     assert not registry.path.exists()
     assert registry.pods == {}
-    labels = {"namespace": "shop", "pod": "web", "state": CAPTURED}
-    assert metrics.registry.get_sample_value("nodeagent_pod_capture_state", labels) is None
+    assert metrics.registry.get_sample_value("nodeagent_pods", {"state": CAPTURED}) == 0
 
 
 def test_remove_all_keeps_what_it_could_not_remove_for_another_try(tmp_path: Path) -> None:

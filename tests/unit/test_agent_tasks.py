@@ -1,0 +1,134 @@
+"""The agent's background tasks run supervised (#12 defect 8): its periodic capture reconcile
+crashing makes readiness (:15021) 503 naming it, is logged with its traceback, counted in
+``nodeagent_task_restarts_total{task}`` on :15020, and the loop is restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nodeagent import agent
+from nodeagent.logs import JsonFormatter
+from nodeagent.redirect.manager import CaptureManager
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_agent_reconcile_crash_makes_readiness_503_counted_and_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent's wiring: its periodic capture reconcile raises (a test double of
+    CaptureManager.reconcile); the agent keeps running, readiness is 503 naming the task while
+    it is down, the crash is in the log with its traceback and in the metrics, and the loop
+    runs again (readiness 200) once it stops failing."""
+    source = tmp_path / "cluster"
+    source.mkdir()
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    metrics_port, ready_port = _free_port(), _free_port()
+    config = agent.AgentConfig(
+        node_name="node1",
+        source_dir=source,
+        cni_socket=tmp_path / "run" / "cni.sock",
+        state_dir=tmp_path / "state",
+        metrics_host="127.0.0.1",
+        metrics_port=metrics_port,
+        readiness_port=ready_port,
+        reconcile_interval=0.05,
+        probe_snat=False,
+        proxy=False,
+        host_proc=proc,
+    )
+    failing = False
+    calls = 0
+    real = CaptureManager.reconcile
+
+    async def reconcile(self: CaptureManager) -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        if failing:
+            raise OSError("netlink went away")
+        return await real(self)
+
+    monkeypatch.setattr(CaptureManager, "reconcile", reconcile)
+    caplog.set_level(logging.ERROR, logger="nodeagent")
+
+    def set_failing(value: bool) -> int:
+        nonlocal failing
+        failing = value
+        return calls
+
+    asyncio.run(_agent_readiness(config, set_failing, caplog))
+
+
+async def _agent_readiness(
+    config: agent.AgentConfig,
+    set_failing: Callable[[bool], int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(config, stop))
+    ready_url = f"http://127.0.0.1:{config.readiness_port}/healthz/ready"
+    metrics_url = f"http://127.0.0.1:{config.metrics_port}/metrics"
+    try:
+        for _ in range(100):  # up and ready
+            await asyncio.sleep(0.05)
+            if (
+                running.done()
+                or (
+                    Path(config.cni_socket).exists()
+                    and (await asyncio.to_thread(_get, ready_url))[0]
+                )
+                == 200
+            ):
+                break
+        assert not running.done(), running
+        assert (await asyncio.to_thread(_get, ready_url))[0] == 200
+
+        set_failing(True)
+        seen: tuple[int, str] = (0, "")
+        for _ in range(40):  # the first crash: at the next reconcile, 0.05 s on
+            await asyncio.sleep(0.05)
+            seen = await asyncio.to_thread(_get, ready_url)
+            if seen[0] == 503:
+                break
+        assert seen[0] == 503, seen
+        assert "task reconcile down (OSError, see the agent's log)" in seen[1], seen
+        _, text = await asyncio.to_thread(_get, metrics_url)
+        assert 'nodeagent_task_restarts_total{task="reconcile"} 1.0' in text, text
+        crash = [r for r in caplog.records if "task reconcile failed" in r.getMessage()]
+        assert crash, [r.getMessage() for r in caplog.records]
+        logged = json.loads(JsonFormatter().format(crash[0]))
+        assert "Traceback" in logged["error"] and "netlink went away" in logged["error"]
+
+        before = set_failing(False)
+        for _ in range(80):  # restarted after its backoff (0.5 s, then 1 s)
+            await asyncio.sleep(0.05)
+            seen = await asyncio.to_thread(_get, ready_url)
+            if seen[0] == 200 and set_failing(False) > before:
+                break
+        assert seen[0] == 200 and set_failing(False) > before, (seen, before)
+        assert not running.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
