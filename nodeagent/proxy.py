@@ -33,6 +33,7 @@ from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
+from nodeagent.supervise import TaskSupervisor
 from nodeagent.translate import (
     POD,
     SERVICE,
@@ -43,7 +44,6 @@ from nodeagent.translate import (
     pod_listener_names,
 )
 from nodeagent.translate.rejections import Bisection, culprits
-from nodeagent.supervise import TaskSupervisor
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from nodeagent.xds.server import Nack, XdsServer
