@@ -223,7 +223,12 @@ class NodeProxy:
             if capture.state != CAPTURED:
                 continue
             pod = self.store.pods.get(capture.key)
-            if pod is None:
+            # A record of another node's (or an earlier) pod of that name is not this pod.
+            if (
+                pod is None
+                or not self.store.on_this_node(pod)
+                or (capture.uid and pod.uid and capture.uid != pod.uid)
+            ):
                 unknown.append(capture.key)
                 continue
             out.append(LocalPod(pod, capture.netns))

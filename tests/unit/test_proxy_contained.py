@@ -276,3 +276,28 @@ def test_a_nack_naming_nothing_is_traced_by_re_pushing_halves(tmp_path: Path) ->
     proxy.push()
     names = set(resources(proxy, e.ENDPOINT))
     assert bad not in names and f"outbound|80||s3.{NS}.svc.cluster.local" in names
+
+
+def test_a_same_named_pod_of_another_node_or_uid_lends_no_identity(tmp_path: Path) -> None:
+    """#12 defect 5: the store may hold a record of that name that is not this pod (a StatefulSet
+    pod that ran on another node, or the previous pod of that name): its service account is not
+    this pod's identity."""
+    store = MeshStore("n1")
+    store.put_namespace(Namespace(NS, {"nodeagent.io/mesh": "enabled"}))
+    store.put_pod(Pod(NS, "db-0", uid="old", node_name="n2", service_account="db"))
+    proxy, _ = make_proxy(tmp_path, store)
+    proxy.registry.put(
+        PodCapture(NS, "db-0", "sandbox-db", "/run/netns/db", uid="new", state=CAPTURED)
+    )
+    proxy.push()
+    assert "spiffe://cluster.local/ns/shop/sa/db" not in resources(proxy, e.SECRET)
+    assert proxy.status_table()["identity_unknown"] == ["shop/db-0"]
+    # Here, but an earlier pod of that name (another uid): still not this one.
+    store.put_pod(Pod(NS, "db-0", uid="old", node_name="n1", service_account="db"))
+    proxy.push()
+    assert proxy.status_table()["identity_unknown"] == ["shop/db-0"]
+    # The source catches up with this pod: its identity.
+    store.put_pod(Pod(NS, "db-0", uid="new", node_name="n1", service_account="db"))
+    proxy.push()
+    assert "spiffe://cluster.local/ns/shop/sa/db" in resources(proxy, e.SECRET)
+    assert proxy.status_table()["identity_unknown"] == []
