@@ -4,7 +4,8 @@ Usage: python serial_probe.py HOST PORT SECONDS INTERVAL
 
 Run inside a pod outside the mesh. Every INTERVAL seconds it opens a fresh TCP connection to
 HOST:PORT, does a TLS handshake (no certificate of its own, verifying nothing: it only reads the
-server's leaf) and closes. It prints one JSON line each time the leaf's serial changes:
+server's leaf; it offers Istio's ALPN so the node Envoy's mTLS chain answers) and closes. It
+prints one JSON line each time the leaf's serial changes:
 ``{"t": <Unix time the handshake completed>, "serial": "<hex>"}``, and at the end
 ``{"done": true, "handshakes": N, "errors": N, "last_error": "..."}``. Stops after SECONDS, or
 at once on SIGTERM.
@@ -40,6 +41,9 @@ def main() -> int:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    # Istio's ALPN, as a mesh client offers it: other TLS on a PERMISSIVE port is the app's own
+    # and passes through to the app (Istio's inbound filter chain match).
+    context.set_alpn_protocols(["istio-peer-exchange", "istio"])
     last, handshakes, errors, last_error = "", 0, 0, ""
     deadline = time.monotonic() + seconds
     while not stopping and time.monotonic() < deadline:

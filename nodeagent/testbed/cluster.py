@@ -224,6 +224,10 @@ class Testbed:
         for node in self.topology.nodes:
             self._build_node(node)
         self._publish_namespaces()
+        if self.topology.source == "kubernetes":
+            # A cluster's API server runs before any mesh is installed on it (nodeagent: false,
+            # then `testbed install`): start its stand-in with the cluster, not with the agents.
+            self._start_apiserver()
         if self.topology.nodeagent:
             create_plugin_cacerts(layout.cacerts_dir(self.name), "cluster.local", intermediate=True)
             self._start_daemons()
@@ -449,19 +453,22 @@ class Testbed:
             cgroups.pod_dir(Path(self.state.cgroup), record.uid, record.container_id).parent
         )
         problems += _cni_del(self.name, pod.key, record)
-        netns.delete(record.netns)
-        shutil.rmtree(hosts.ETC_NETNS / record.netns, ignore_errors=True)
-        etc_dir = str(hosts.ETC_NETNS / record.netns)
-        (layout.cluster_dir(self.name) / "pods" / f"{pod.namespace}.{pod.name}.yaml").unlink(
-            missing_ok=True
-        )
-        with self._lock:
-            del self.state.pods[pod.key]
-            if record.netns in self.state.netns:
-                self.state.netns.remove(record.netns)
-            if etc_dir in self.state.etc_dirs:
-                self.state.etc_dirs.remove(etc_dir)
-            self.state.save()
+        # Under the publish lock: a publish of another pod's change (a parallel remove_pod)
+        # would otherwise write this pod's hosts file back while its folder goes.
+        with self._publish_lock:
+            netns.delete(record.netns)
+            shutil.rmtree(hosts.ETC_NETNS / record.netns, ignore_errors=True)
+            etc_dir = str(hosts.ETC_NETNS / record.netns)
+            (layout.cluster_dir(self.name) / "pods" / f"{pod.namespace}.{pod.name}.yaml").unlink(
+                missing_ok=True
+            )
+            with self._lock:
+                del self.state.pods[pod.key]
+                if record.netns in self.state.netns:
+                    self.state.netns.remove(record.netns)
+                if etc_dir in self.state.etc_dirs:
+                    self.state.etc_dirs.remove(etc_dir)
+                self.state.save()
         self._publish()
         return problems
 
