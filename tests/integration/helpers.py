@@ -36,26 +36,26 @@ def root_netns_snapshot() -> dict[str, str]:
     }
 
 
-def node_metrics(testbed: str, node: str) -> str:
-    """The node agent's Prometheus text, fetched inside the node's network namespace."""
+def node_get(testbed: str, node: str, url: str) -> str:
+    """GET URL from inside the node's network namespace (curl; fails on a transport error)."""
     from nodeagent.testbed import layout
 
     return subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            layout.node_netns(testbed, node),
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:15020/metrics",
-        ],
+        ["ip", "netns", "exec", layout.node_netns(testbed, node), "curl", "-sS", "-m", "5", url],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+
+
+def node_metrics(testbed: str, node: str) -> str:
+    """The node agent's Prometheus text, fetched inside the node's network namespace."""
+    return node_get(testbed, node, "http://127.0.0.1:15020/metrics")
+
+
+def envoy_stats(testbed: str, node: str, host: str = "127.0.0.1") -> str:
+    """The node Envoy's Prometheus text (its stats port, :15090), from the node's netns."""
+    return node_get(testbed, node, f"http://{host}:15090/stats/prometheus")
 
 
 def envoy_admin(testbed: str, node: str, path: str) -> str:

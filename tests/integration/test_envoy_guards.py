@@ -29,7 +29,14 @@ from cryptography.x509.oid import NameOID
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import Pod, Service, ServicePort, Workload, loads_topology
-from tests.integration.helpers import call, node_cli, node_metrics, proxy_status, wait_for
+from tests.integration.helpers import (
+    call,
+    envoy_stats,
+    node_cli,
+    node_metrics,
+    proxy_status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -125,34 +132,15 @@ def probe(tb: Testbed, pod: str, *args: str) -> dict[str, Any]:
     return answer
 
 
-def envoy_stats(tb: Testbed) -> dict[str, float]:
-    """The node Envoy's Prometheus stats (its stats port, in the node's netns)."""
-    node = tb.topology.nodes[0]
-    for host in ("127.0.0.1", str(node.underlay_ip)):
-        out = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                layout.node_netns(tb.name, "n1"),
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                f"http://{host}:15090/stats/prometheus",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout:
-            samples = {}
-            for line in out.stdout.splitlines():
-                if line and not line.startswith("#"):
-                    name, _, value = line.rpartition(" ")
-                    samples[name] = float(value)
-            return samples
-    raise AssertionError("the node Envoy's stats port does not answer")
+def stats_samples(tb: Testbed) -> dict[str, float]:
+    """The node Envoy's Prometheus samples (its stats port, in the node's netns)."""
+    samples = {}
+    for line in envoy_stats(tb.name, "n1").splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert samples, "the node Envoy's stats port answered nothing"
+    return samples
 
 
 def total(stats: dict[str, float], metric: str, *parts: str) -> float:
@@ -183,14 +171,14 @@ def test_connections_to_the_capture_ports_are_blackholed_not_looped(tb: Testbed)
         ("legacy/client", echo_ip, 15006),  # an unmeshed peer
         ("legacy/client", echo_ip, 15001),
     ]
-    before = envoy_stats(tb)
+    before = stats_samples(tb)
     log_before = envoy_log(tb).count("BlackHoleCluster")
     envoy_pid = proxy_status(tb, "n1")["envoy_pid"]
     results = {case: probe(tb, case[0], "connect", case[1], str(case[2])) for case in cases}
     for case, result in results.items():
         assert result["result"] in ("closed", "reset", "refused"), (case, result)
         assert result["seconds"] < 2.0, (case, result)
-    after = envoy_stats(tb)
+    after = stats_samples(tb)
     accepted = {
         port: total(after, "envoy_listener_downstream_cx_total", f"_{port}")
         - total(before, "envoy_listener_downstream_cx_total", f"_{port}")
@@ -223,11 +211,11 @@ def test_an_app_speaking_tls_itself_keeps_its_own_tls(
     direct = probe(tb, "legacy/client", "tls-call", app_ip, str(TLS_PORT), str(cert), "hello")
     assert direct == {"ok": True, "echo": "hello", "peer": app_cert}, direct
 
-    before = total(envoy_stats(tb), "envoy_listener_ssl_handshake", "15006")
+    before = total(stats_samples(tb), "envoy_listener_ssl_handshake", "15006")
     meshed = probe(tb, "mesh/sleep", "tls-call", "tlsapp", str(TLS_PORT), str(cert), "via mesh")
     assert meshed == {"ok": True, "echo": "via mesh", "peer": app_cert}, meshed
     # The mesh client's connection was mesh mTLS at the server's capture listener.
-    assert total(envoy_stats(tb), "envoy_listener_ssl_handshake", "15006") > before
+    assert total(stats_samples(tb), "envoy_listener_ssl_handshake", "15006") > before
 
     # HTTP clients offer Istio's ALPN too: the server side's mTLS chain names the caller.
     answer = call(tb, "mesh/sleep", "http://echo/")

@@ -25,7 +25,7 @@ import pytest
 from nodeagent.testbed import layout, netns
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import http_status, node_cli, node_metrics
+from tests.integration.helpers import envoy_stats, http_status, node_cli, node_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -137,19 +137,7 @@ def test_proxy_config_and_status_still_work_through_the_sockets(tb: Testbed) -> 
 
 def test_envoy_stats_name_no_identity_and_no_pod(tb: Testbed) -> None:
     for node in ("n1", "n2"):
-        got = in_node(
-            tb,
-            node,
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                f"http://{node_ip(tb, node)}:15090/stats/prometheus",
-            ],
-        )
-        assert got.returncode == 0, got.stderr
-        text = got.stdout
+        text = envoy_stats(tb.name, node, node_ip(tb, node))
         assert "envoy_server_live" in text
         for private in PRIVATE:
             leaks = [line for line in text.splitlines() if private in line][:3]

@@ -7,31 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from local_http import free_port, get
 
 from nodeagent import agent
 from nodeagent.logs import JsonFormatter
 from nodeagent.redirect.manager import CaptureManager
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_agent_reconcile_crash_makes_readiness_503_counted_and_restarted(
@@ -45,7 +29,7 @@ def test_agent_reconcile_crash_makes_readiness_503_counted_and_restarted(
     source.mkdir()
     proc = tmp_path / "proc"
     proc.mkdir()
-    metrics_port, ready_port = _free_port(), _free_port()
+    metrics_port, ready_port = free_port(), free_port()
     config = agent.AgentConfig(
         node_name="node1",
         source_dir=source,
@@ -97,24 +81,24 @@ async def _agent_readiness(
                 running.done()
                 or (
                     Path(config.cni_socket).exists()
-                    and (await asyncio.to_thread(_get, ready_url))[0]
+                    and (await asyncio.to_thread(get, ready_url))[0]
                 )
                 == 200
             ):
                 break
         assert not running.done(), running
-        assert (await asyncio.to_thread(_get, ready_url))[0] == 200
+        assert (await asyncio.to_thread(get, ready_url))[0] == 200
 
         set_failing(True)
         seen: tuple[int, str] = (0, "")
         for _ in range(40):  # the first crash: at the next reconcile, 0.05 s on
             await asyncio.sleep(0.05)
-            seen = await asyncio.to_thread(_get, ready_url)
+            seen = await asyncio.to_thread(get, ready_url)
             if seen[0] == 503:
                 break
         assert seen[0] == 503, seen
         assert "task reconcile down (OSError, see the agent's log)" in seen[1], seen
-        _, text = await asyncio.to_thread(_get, metrics_url)
+        _, text = await asyncio.to_thread(get, metrics_url)
         assert 'nodeagent_task_restarts_total{task="reconcile"} 1.0' in text, text
         crash = [r for r in caplog.records if "task reconcile failed" in r.getMessage()]
         assert crash, [r.getMessage() for r in caplog.records]
@@ -124,7 +108,7 @@ async def _agent_readiness(
         before = set_failing(False)
         for _ in range(80):  # restarted after its backoff (0.5 s, then 1 s)
             await asyncio.sleep(0.05)
-            seen = await asyncio.to_thread(_get, ready_url)
+            seen = await asyncio.to_thread(get, ready_url)
             if seen[0] == 200 and set_failing(False) > before:
                 break
         assert seen[0] == 200 and set_failing(False) > before, (seen, before)

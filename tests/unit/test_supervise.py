@@ -10,28 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import urllib.error
-import urllib.request
 
 import pytest
 
 from nodeagent.logs import JsonFormatter
 from nodeagent.supervise import TaskSupervisor
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_a_crashing_task_is_logged_counted_and_restarted(caplog: pytest.LogCaptureFixture) -> None:
