@@ -40,6 +40,8 @@ SIDECAR_INJECT = "sidecar.istio.io/inject"  # pod label (or annotation): "true" 
 SIDECAR_STATUS = "sidecar.istio.io/status"  # set by Istio's injector on pods it gave a sidecar
 DATAPLANE_MODE = "istio.io/dataplane-mode"  # namespace or pod: ambient | none
 AMBIENT, NONE = "ambient", "none"
+# The pod annotations decide() reads: a source that trims pods must keep these.
+POD_ANNOTATIONS = (MESH_KEY, SIDECAR_INJECT, SIDECAR_STATUS)
 
 # The spellings Go's strconv.ParseBool accepts, which Istio uses for sidecar.istio.io/inject.
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}

@@ -459,10 +459,8 @@ class CaptureManager:
                 continue
             await asyncio.sleep(MEMBERSHIP_DEBOUNCE)
             seen = self.store.generation
-            try:
-                await self.reconcile_membership(retry_failed=False)
-            except Exception:  # the next change or the periodic pass tries again
-                log.exception("reconciling membership failed")
+            # A failed pass ends the task: its supervisor logs, counts and restarts it.
+            await self.reconcile_membership(retry_failed=False)
 
     async def reconcile_membership(self, *, retry_failed: bool = True) -> dict[str, int]:
         """Bring every running pod of this node in line with its membership as the store has it now.

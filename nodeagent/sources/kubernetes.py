@@ -34,7 +34,7 @@ from kubernetes_asyncio import client as _client
 from kubernetes_asyncio import config as _config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from nodeagent.mesh.membership import MESH_KEY
+from nodeagent.mesh.membership import POD_ANNOTATIONS, SIDECAR_STATUS
 from nodeagent.mesh.model import (
     EndpointSlice,
     IstioResource,
@@ -52,7 +52,7 @@ log = logging.getLogger("nodeagent.sources.kubernetes")
 # What a pod of another node keeps of its annotations: mesh membership (membership.decide) and
 # Istio's capture annotations (traffic.sidecar.istio.io/*). Anything else (the capture state we
 # patch, tooling annotations, which can be large) matters only on the pod's own node.
-REMOTE_ANNOTATIONS = (MESH_KEY,)
+REMOTE_ANNOTATIONS = POD_ANNOTATIONS
 REMOTE_ANNOTATION_PREFIXES = ("traffic.sidecar.istio.io/",)
 
 # The generated client is untyped; calls go through Any so strict mypy accepts them.
@@ -159,7 +159,8 @@ def remote_pod(pod: Pod) -> Pod:
         labels=_interned(pod.labels),
         annotations=_interned(
             {
-                k: v
+                # Istio's sidecar status is a large JSON; membership reads only its presence.
+                k: "" if k == SIDECAR_STATUS else v
                 for k, v in pod.annotations.items()
                 if k in REMOTE_ANNOTATIONS or k.startswith(REMOTE_ANNOTATION_PREFIXES)
             }

@@ -456,6 +456,7 @@ def test_a_pod_of_another_node_is_kept_trimmed_and_its_churn_moves_nothing(
 ) -> None:
     annotations = {
         "nodeagent.io/mesh": "disabled",
+        "sidecar.istio.io/inject": "false",
         "traffic.sidecar.istio.io/excludeInboundPorts": "9000",
         "nodeagent.io/capture": "captured",
         "kubectl.kubernetes.io/last-applied-configuration": "{" + "x" * 4000 + "}",
@@ -479,6 +480,7 @@ def test_a_pod_of_another_node_is_kept_trimmed_and_its_churn_moves_nothing(
             assert remote.pod_ips == ("10.244.2.20",) and remote.uid == "u-db-1"
             assert dict(remote.annotations) == {
                 "nodeagent.io/mesh": "disabled",
+                "sidecar.istio.io/inject": "false",  # membership reads it (membership.decide)
                 "traffic.sidecar.istio.io/excludeInboundPorts": "9000",
             }
             assert dict(local.annotations) == annotations  # this node's pods are kept whole
