@@ -33,6 +33,7 @@ from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import envoy, tls
 from nodeagent.translate.listeners import (
     blackhole_chain,
+    has_vip,
     inbound_listener,
     inbound_name,
     outbound_chain,
@@ -177,8 +178,8 @@ def build(
         try:
             for target in service_targets:
                 made.extend(_service_resources(store, target, identities, speaks_mtls, sidecar))
-                for identity in identities:  # what every local pod's listener will hold
-                    outbound_chain(target, identity, "", "")
+                if identities and has_vip(target):  # the chain every local pod's listener holds
+                    outbound_chain(target, identities[0], "", "")
         except Exception as e:  # one bad Service must not take the node's config down
             failed(origin, e)
             dropped.extend(service_targets)

@@ -70,6 +70,12 @@ def _address(ip: str, port: int, netns: str) -> dict[str, Any]:
     return {"socket_address": address}
 
 
+def has_vip(target: ServiceTarget) -> bool:
+    """A service with a virtual IP gets an outbound chain; callers of a headless one dial pod
+    IPs, which pass through."""
+    return target.service.cluster_ip not in ("", "None")
+
+
 def host_prefix(ip: str) -> dict[str, Any]:
     """The filter chain prefix matching exactly IP: /32 for IPv4, /128 for IPv6."""
     return {"address_prefix": ip, "prefix_len": ipaddress.ip_address(ip).max_prefixlen}
@@ -128,12 +134,7 @@ def outbound_listener(
 ) -> Listener:
     """EXTRA: more filter chains (black-holed VIP:ports)."""
     who = pod.key
-    chains = [
-        outbound_chain(target, identity, netns, who)
-        for target in targets
-        # headless: callers dial pod IPs, which pass through
-        if target.service.cluster_ip and target.service.cluster_ip != "None"
-    ]
+    chains = [outbound_chain(target, identity, netns, who) for target in targets if has_vip(target)]
     chains.extend(extra)
     chains.append(_loop_guard(OUTBOUND_BLACKHOLE, OUTBOUND_PORT, "outbound", who))
     fallback = BLACKHOLE if outbound_policy == REGISTRY_ONLY else PASSTHROUGH

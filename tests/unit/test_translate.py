@@ -358,3 +358,13 @@ def test_ipv6_service_vips_match_as_one_host() -> None:
     }
     assert prefixes["fd00:10:96::a"] == 128 and prefixes["fd00:10:96::b"] == 128
     assert prefixes["10.96.0.10"] == 32
+
+
+def test_a_headless_service_is_translated_not_reported_as_a_bad_object() -> None:
+    """A headless Service (clusterIP None) has no VIP chain (callers dial pod IPs), but its
+    clusters and endpoints are there and it is no problem to report."""
+    from nodeagent.translate import build
+
+    result = build(store(), [local("client")])
+    assert result.problems == {}
+    assert f"outbound|80||headless.shop.svc.cluster.local{ME}" in result.resources[e.CLUSTER]
