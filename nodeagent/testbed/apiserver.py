@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import yaml
+from nodeagent import kubeyaml
 
 log = logging.getLogger("nodeagent.testbed.apiserver")
 
@@ -492,7 +492,8 @@ Identity = tuple[str, tuple[str, str]]  # (resource, (namespace, name))
 def _documents(path: Path) -> list[Obj]:
     """The objects of one file (YAML documents, or JSON; a ``kind: List``'s items count)."""
     text = path.read_text()
-    docs = [json.loads(text)] if path.suffix == ".json" else list(yaml.safe_load_all(text))
+    # As the directory source reads them (YAML as Kubernetes reads it, JSON documents as JSON).
+    docs = [json.loads(text)] if path.suffix == ".json" else kubeyaml.load_all(text)
     out: list[Obj] = []
     for doc in docs:
         if not isinstance(doc, dict):
@@ -553,7 +554,7 @@ class ClusterMirror:
                 continue
             try:
                 self._objects[path] = _documents(path)
-            except (OSError, ValueError, yaml.YAMLError) as e:
+            except (OSError, ValueError, kubeyaml.YAMLError) as e:
                 log.warning("%s: not readable yet (%s); trying again", path, e)
                 continue
             self._stamps[path] = stamp

@@ -346,6 +346,8 @@ def test_the_agent_reads_the_cluster_from_the_api_server_when_given_a_kubeconfig
             directory = MeshStore()
             DirectorySource(files, directory).scan()
             assert _view(store) == _view(directory, node=NODE)
+            entry = store.istio["ServiceEntry/shop/legacy"].spec
+            assert entry["addresses"] == ["1:20", "2001:db8::"]
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -521,6 +523,19 @@ def test_a_cni_add_waits_for_the_pod_on_its_own_node() -> None:
 # -- the testbed's stand-in: a cluster directory served ------------------------------------------
 
 
+SERVICE_ENTRY = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: shop}
+spec:
+  hosts: [legacy.example.com]
+  addresses: [1:20, 2001:db8::]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 2001:db8::1}]
+"""
+
+
 def test_the_testbed_apiserver_serves_its_cluster_directory(tmp_path: Path) -> None:
     """ClusterMirror turns file changes into watch events; the agents' records equal the
     directory source's; a patched annotation survives a rewrite of the pod's file."""
@@ -537,6 +552,9 @@ def test_the_testbed_apiserver_serves_its_cluster_directory(tmp_path: Path) -> N
         for pod in pods:
             (files / "pods" / f"{pod['metadata']['name']}.yaml").write_text(yaml.safe_dump(pod))
         (files / ".hidden.yaml.tmp").write_text("{not yaml")
+        # Written by hand, as a test applies Istio config: YAML that PyYAML (YAML 1.1) misreads
+        # (the sexagesimal 1:20, 2001:db8:: refused); both readers must take it as Kubernetes.
+        (files / "entry.yaml").write_text(SERVICE_ENTRY)
         server = APIServerStandIn()
         mirror = ClusterMirror(files, server)
         assert mirror.sync() and not mirror.sync()
