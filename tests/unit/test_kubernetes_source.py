@@ -346,8 +346,6 @@ def test_the_agent_reads_the_cluster_from_the_api_server_when_given_a_kubeconfig
             directory = MeshStore()
             DirectorySource(files, directory).scan()
             assert _view(store) == _view(directory, node=NODE)
-            entry = store.istio["ServiceEntry/shop/legacy"].spec
-            assert entry["addresses"] == ["1:20", "2001:db8::"]
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -568,6 +566,8 @@ def test_the_testbed_apiserver_serves_its_cluster_directory(tmp_path: Path) -> N
             directory = MeshStore()
             DirectorySource(files, directory).scan()
             assert _view(store) == _view(directory, node=NODE)
+            entry = store.istio["ServiceEntry/shop/legacy"].spec
+            assert entry["addresses"] == ["1:20", "2001:db8::"]
 
             patch, close = await kubernetes_patcher(tmp_path / "kc")
             try:
