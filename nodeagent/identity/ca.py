@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +37,7 @@ CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
 ROOT_CERT = "root-cert.pem"
 CERT_CHAIN = "cert-chain.pem"
+PLUGIN_KEYS = (CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN)
 
 
 class CAError(Exception):
@@ -121,8 +122,8 @@ class BuiltinCA:
         # One file without the other is damage: a new root would silently change the mesh's trust.
         root = _load_certs(cert_path)[0]
         key = _load_key(key_path)
-        _check_is_ca(root, cert_path)
-        _check_key_matches(key, key_path, root, cert_path)
+        _check_is_ca(root, str(cert_path))
+        _check_key_matches(key, str(key_path), root, cert_path.name)
         for path in (cert_path, key_path):
             os.chmod(path, 0o600)
         return cls(root, key, trust_domain)
@@ -144,16 +145,26 @@ class PluginCA:
 
     @classmethod
     def load(cls, cacerts_dir: Path) -> PluginCA:
-        paths = {name: cacerts_dir / name for name in (CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN)}
-        ca_cert = _load_certs(paths[CA_CERT])[0]
-        key = _load_key(paths[CA_KEY])
-        roots = _load_certs(paths[ROOT_CERT])
-        chain = _load_certs(paths[CERT_CHAIN])
-        _check_is_ca(ca_cert, paths[CA_CERT])
-        _check_key_matches(key, paths[CA_KEY], ca_cert, paths[CA_CERT])
+        """From a directory (the mounted ``cacerts`` Secret); errors name the file."""
+        files = {name: _read(cacerts_dir / name) for name in PLUGIN_KEYS}
+        return cls.from_pem(files, lambda name: str(cacerts_dir / name))
+
+    @classmethod
+    def from_pem(cls, files: Mapping[str, bytes], where: Callable[[str], str]) -> PluginCA:
+        """From the four PEM files' contents (keys: PLUGIN_KEYS), e.g. a Secret read through the
+        API; ``where(key)`` names a file's origin in errors (a path, or a Secret and its key)."""
+        missing = [name for name in PLUGIN_KEYS if name not in files]
+        if missing:
+            raise CAError(f"{where(missing[0])}: missing")
+        ca_cert = _parse_certs(files[CA_CERT], where(CA_CERT))[0]
+        key = _parse_key(files[CA_KEY], where(CA_KEY))
+        roots = _parse_certs(files[ROOT_CERT], where(ROOT_CERT))
+        chain = _parse_certs(files[CERT_CHAIN], where(CERT_CHAIN))
+        _check_is_ca(ca_cert, where(CA_CERT))
+        _check_key_matches(key, where(CA_KEY), ca_cert, CA_CERT)
         if chain[0] != ca_cert:
-            raise CAError(f"{paths[CERT_CHAIN]}: its first certificate must be {CA_CERT}'s")
-        _check_chain_to_roots(chain, paths[CERT_CHAIN], roots, paths[ROOT_CERT])
+            raise CAError(f"{where(CERT_CHAIN)}: its first certificate must be {CA_CERT}'s")
+        _check_chain_to_roots(chain, where(CERT_CHAIN), roots, ROOT_CERT)
         # Istio's cert-chain.pem usually ends with the root; peers have it already.
         intermediates = tuple(
             c.public_bytes(serialization.Encoding.PEM) for c in chain if c not in roots
@@ -167,12 +178,11 @@ class PluginCA:
         return self._signer.sign_leaf(public_key, spiffe_id, ttl)
 
 
-def create_plugin_cacerts(dir: Path, trust_domain: str, intermediate: bool = True) -> None:
-    """Write a fresh root (and intermediate) in Istio's cacerts layout, every file 0600.
+def plugin_cacerts(trust_domain: str, intermediate: bool = True) -> dict[str, bytes]:
+    """A fresh root (and intermediate) as Istio's cacerts files: file name -> PEM.
 
     The root's key is not kept when an intermediate signs: nothing here needs it.
     """
-    dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = _self_signed_root(root_key, trust_domain)
     ca_key, ca_cert = root_key, root
@@ -181,10 +191,19 @@ def create_plugin_cacerts(dir: Path, trust_domain: str, intermediate: bool = Tru
         ca_cert = _intermediate(ca_key, root, root_key, trust_domain)
     pem = serialization.Encoding.PEM
     chain = [ca_cert] if ca_cert == root else [ca_cert, root]
-    _write_private(dir / CA_KEY, _key_pem(ca_key))
-    _write_private(dir / CA_CERT, ca_cert.public_bytes(pem))
-    _write_private(dir / ROOT_CERT, root.public_bytes(pem))
-    _write_private(dir / CERT_CHAIN, b"".join(c.public_bytes(pem) for c in chain))
+    return {
+        CA_KEY: _key_pem(ca_key),
+        CA_CERT: ca_cert.public_bytes(pem),
+        ROOT_CERT: root.public_bytes(pem),
+        CERT_CHAIN: b"".join(c.public_bytes(pem) for c in chain),
+    }
+
+
+def create_plugin_cacerts(dir: Path, trust_domain: str, intermediate: bool = True) -> None:
+    """Write a fresh root (and intermediate) in Istio's cacerts layout, every file 0600."""
+    dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, data in plugin_cacerts(trust_domain, intermediate).items():
+        _write_private(dir / name, data)
 
 
 def _check_spiffe_id(spiffe_id: str) -> None:
@@ -320,21 +339,28 @@ def _read(path: Path) -> bytes:
 
 
 def _load_certs(path: Path) -> list[x509.Certificate]:
+    return _parse_certs(_read(path), str(path))
+
+
+def _parse_certs(data: bytes, where: str) -> list[x509.Certificate]:
     try:
-        return x509.load_pem_x509_certificates(_read(path))
+        return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise CAError(f"{path}: not a PEM certificate file ({exc})") from None
+        raise CAError(f"{where}: not a PEM certificate file ({exc})") from None
 
 
 def _load_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
-    data = _read(path)
+    return _parse_key(_read(path), str(path))
+
+
+def _parse_key(data: bytes, where: str) -> CertificateIssuerPrivateKeyTypes:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise CAError(f"{path}: encrypted; nodeagent needs an unencrypted PEM key") from None
+        raise CAError(f"{where}: encrypted; nodeagent needs an unencrypted PEM key") from None
     except ValueError:
         # The parser's message may quote the input: keep it out of errors and logs.
-        raise CAError(f"{path}: not a PEM private key") from None
+        raise CAError(f"{where}: not a PEM private key") from None
     supported = (
         ec.EllipticCurvePrivateKey,
         rsa.RSAPrivateKey,
@@ -342,52 +368,52 @@ def _load_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
         ed448.Ed448PrivateKey,
     )
     if not isinstance(key, supported):
-        raise CAError(f"{path}: {type(key).__name__} cannot sign certificates; use EC or RSA")
+        raise CAError(f"{where}: {type(key).__name__} cannot sign certificates; use EC or RSA")
     return key
 
 
-def _check_is_ca(cert: x509.Certificate, path: Path) -> None:
+def _check_is_ca(cert: x509.Certificate, where: str) -> None:
     try:
         ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         ca = False
     if not ca:
-        raise CAError(f"{path}: not a CA certificate (basicConstraints CA:TRUE is missing)")
+        raise CAError(f"{where}: not a CA certificate (basicConstraints CA:TRUE is missing)")
     if cert.not_valid_after_utc <= datetime.now(UTC):
-        raise CAError(f"{path}: expired on {cert.not_valid_after_utc.isoformat()}")
+        raise CAError(f"{where}: expired on {cert.not_valid_after_utc.isoformat()}")
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return  # no keyUsage at all: any use is allowed
     if not usage.key_cert_sign:
-        raise CAError(f"{path}: its keyUsage does not allow signing certificates (keyCertSign)")
+        raise CAError(f"{where}: its keyUsage does not allow signing certificates (keyCertSign)")
 
 
 def _check_key_matches(
-    key: CertificateIssuerPrivateKeyTypes, key_path: Path, cert: x509.Certificate, cert_path: Path
+    key: CertificateIssuerPrivateKeyTypes, key_where: str, cert: x509.Certificate, cert_name: str
 ) -> None:
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-        raise CAError(f"{key_path}: does not match the public key of {cert_path.name}")
+        raise CAError(f"{key_where}: does not match the public key of {cert_name}")
 
 
 def _check_chain_to_roots(
     chain: Sequence[x509.Certificate],
-    chain_path: Path,
+    chain_where: str,
     roots: Sequence[x509.Certificate],
-    roots_path: Path,
+    roots_name: str,
 ) -> None:
     for i, (cert, issuer) in enumerate(itertools.pairwise(chain)):
         if not _issued_by(cert, issuer):
             raise CAError(
-                f"{chain_path}: certificate #{i + 1} ({cert.subject.rfc4514_string()}) is not "
+                f"{chain_where}: certificate #{i + 1} ({cert.subject.rfc4514_string()}) is not "
                 f"signed by the next one ({issuer.subject.rfc4514_string()})"
             )
     last = chain[-1]
     if last in roots or any(_issued_by(last, root) for root in roots):
         return
     raise CAError(
-        f"{chain_path}: does not chain to {roots_path.name}: its last certificate "
+        f"{chain_where}: does not chain to {roots_name}: its last certificate "
         f"({last.subject.rfc4514_string()}) is not signed by any root there"
     )
 
