@@ -20,11 +20,23 @@ a connection closed without an answer).
 PATCH of a pod (``/api/v1/namespaces/NS/pods/NAME``, JSON merge patch of its metadata) changes it
 and its watchers see MODIFIED, as they would on a real server.
 
-What differs from a real API server: no authentication or authorization (RBAC is not checked),
-no admission (objects are not validated: Istio objects the real server would refuse reach the
-agents, which validate them themselves), pages of a paged LIST are not one snapshot, no
-label selectors, field selectors only ``spec.nodeName`` on pods, and the whole history is kept in
-memory until ``expire``. Objects have no server-set fields beyond ``resourceVersion``.
+For the CA service (``nodeagent ca``): GET of a namespaced core object (``/api/v1/namespaces/NS/
+{pods,secrets,configmaps,...}/NAME``), POST of one to its namespaced collection (201, or 409
+AlreadyExists), PUT of one (200; 404; 409 Conflict on a stale resourceVersion), a namespaced
+LIST/watch, and TokenReview (``/apis/authentication.k8s.io/v1/tokenreviews``) of the tokens
+registered with ``register_token`` or listed in ``serve``'s tokens file (the kubelet's
+TokenRequest, standing in): unknown, expired or wrong-audience tokens are not authenticated;
+pod-bound ones carry the pod's name and uid in ``user.extra``. With ``configmap_dir``, every
+ConfigMap's keys are written there as files (the kubelet's configMap volume).
+
+What differs from a real API server: no authentication or authorization of its clients (RBAC is
+not checked; TokenReview only answers for the tokens it was given, which are opaque strings, not
+signed JWTs), no admission (objects are not validated: Istio objects the real server would refuse
+reach the agents, which validate them themselves; only a Secret's ``stringData`` is folded into
+``data``), pages of a paged LIST are not one snapshot, no label selectors, field selectors only
+``spec.nodeName`` and ``spec.serviceAccountName`` (``=`` only), and the whole history is kept in
+memory until ``expire``. Objects have no server-set fields beyond ``resourceVersion`` (no uid,
+no creationTimestamp: tests set what they need).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +67,16 @@ CORE = {
     "/api/v1/pods": ("Pod", "v1"),
     "/api/v1/services": ("Service", "v1"),
     "/api/v1/serviceaccounts": ("ServiceAccount", "v1"),
+    "/api/v1/secrets": ("Secret", "v1"),
+    "/api/v1/configmaps": ("ConfigMap", "v1"),
     "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
 }
 Obj = dict[str, Any]
 Route = tuple[str, str, str]  # resource, kind, apiVersion served
+TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+# Field selectors the stand-in answers (a real server has a few more per kind), with the value a
+# pod without the field has (the ServiceAccount admission plugin sets "default").
+POD_FIELDS = {"spec.nodeName": "", "spec.serviceAccountName": "default"}
 
 
 def plural(kind: str) -> str:
@@ -115,6 +134,73 @@ def _compose(acc: Obj, patch: Obj) -> None:
             acc[key] = copy.deepcopy(value)
 
 
+def _secret_data(obj: Obj) -> None:
+    """A Secret's stringData folded into data (base64), as the API server stores it."""
+    if obj.get("kind") == "Secret" and isinstance(obj.get("stringData"), dict):
+        data = obj.setdefault("data", {})
+        for key, value in obj.pop("stringData").items():
+            data[key] = base64.b64encode(str(value).encode()).decode()
+
+
+def _fields(query: dict[str, str]) -> dict[str, str]:
+    """The ``fieldSelector`` terms (``a=b,c=d``); ValueError names one the stand-in lacks."""
+    out: dict[str, str] = {}
+    for term in filter(None, query.get("fieldSelector", "").split(",")):
+        name, eq, value = term.partition("=")
+        value = value.removeprefix("=")  # "==" is the same operator
+        if not eq or name not in POD_FIELDS:
+            raise ValueError(f'"{term}": field label not supported (only {", ".join(POD_FIELDS)})')
+        out[name] = value
+    return out
+
+
+def _matches(obj: Obj, namespace: str | None, fields: dict[str, str]) -> bool:
+    if namespace is not None and (obj.get("metadata") or {}).get("namespace") != namespace:
+        return False
+    spec = obj.get("spec") or {}
+    for name, value in fields.items():
+        if str(spec.get(name.removeprefix("spec.")) or POD_FIELDS[name]) != value:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Token:
+    """A service account token the stand-in's TokenReview accepts (what TokenRequest issued)."""
+
+    token: str = field(repr=False)
+    namespace: str
+    service_account: str
+    pod_name: str | None = None
+    pod_uid: str | None = None
+    audiences: tuple[str, ...] = ()
+    expires_at: float | None = None  # seconds since the epoch; None: never
+
+
+def load_tokens(path: Path) -> dict[str, Token]:
+    """A tokens file: a JSON list of {token, namespace, serviceAccount, podName, podUid,
+    audiences, expiresAt}."""
+    out: dict[str, Token] = {}
+    entries = json.loads(path.read_text())
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a JSON list of tokens")
+    for i, e in enumerate(entries):
+        try:
+            t = Token(
+                token=str(e["token"]),
+                namespace=str(e["namespace"]),
+                service_account=str(e["serviceAccount"]),
+                pod_name=e.get("podName"),
+                pod_uid=e.get("podUid"),
+                audiences=tuple(e.get("audiences") or ()),
+                expires_at=e.get("expiresAt"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: token #{i}: missing or bad field {exc}") from None
+        out[t.token] = t
+    return out
+
+
 @dataclass
 class _Event:
     version: int
@@ -126,7 +212,8 @@ class _Event:
 @dataclass(eq=False)
 class _Watcher:
     resource: str
-    node: str | None  # pods: spec.nodeName wanted
+    namespace: str | None  # a namespaced watch
+    fields: dict[str, str]  # pods: field selector terms
     bookmarks: bool
     queue: asyncio.Queue[_Event | None] = field(default_factory=asyncio.Queue)
     writer: asyncio.StreamWriter | None = None
@@ -150,6 +237,9 @@ class APIServerStandIn:
         self._kinds: dict[str, str] = {}  # custom resource -> its kind
         self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self.tokens: dict[str, Token] = {}  # register_token's
+        self.file_tokens: dict[str, Token] = {}  # the tokens file's (serve)
+        self.configmap_dir: Path | None = None  # ConfigMaps' keys written here (kubelet volume)
         self.host = "127.0.0.1"
         self.port = 0
 
@@ -186,6 +276,60 @@ class APIServerStandIn:
         path.write_text(json.dumps(config))  # JSON is YAML
         return path
 
+    # -- tokens (tests; the testbed through a tokens file) ---------------------------------------
+
+    def register_token(
+        self,
+        token: str,
+        namespace: str,
+        service_account: str,
+        pod_name: str | None = None,
+        pod_uid: str | None = None,
+        audiences: tuple[str, ...] | list[str] = (),
+        expires_at: float | None = None,
+    ) -> None:
+        """A token TokenReview accepts for AUDIENCES until EXPIRES_AT (epoch seconds); bound to a
+        pod when POD_NAME/POD_UID are given (the kubelet's projected tokens are)."""
+        self.tokens[token] = Token(
+            token, namespace, service_account, pod_name, pod_uid, tuple(audiences), expires_at
+        )
+
+    def _review(self, spec: Any) -> Obj:
+        """TokenReview's status for SPEC, as the API server's service account authenticator
+        answers (pod-bound tokens carry the pod's name and uid in ``user.extra``)."""
+        spec = spec if isinstance(spec, dict) else {}
+        wanted = [str(a) for a in spec.get("audiences") or []]
+        token = self.tokens.get(str(spec.get("token") or "")) or self.file_tokens.get(
+            str(spec.get("token") or "")
+        )
+        if token is None:
+            return {"authenticated": False, "error": "invalid bearer token"}
+        if token.expires_at is not None and token.expires_at <= time.time():
+            return {"authenticated": False, "error": "invalid bearer token, token has expired"}
+        audiences = [a for a in wanted if a in token.audiences] if wanted else []
+        if wanted and not audiences:
+            return {
+                "authenticated": False,
+                "error": f"invalid bearer token, token audiences {list(token.audiences)} is "
+                f"invalid for the target audiences {wanted}",
+            }
+        extra: dict[str, list[str]] = {}
+        if token.pod_name is not None:
+            extra["authentication.kubernetes.io/pod-name"] = [token.pod_name]
+        if token.pod_uid is not None:
+            extra["authentication.kubernetes.io/pod-uid"] = [token.pod_uid]
+        user = {
+            "username": f"system:serviceaccount:{token.namespace}:{token.service_account}",
+            "uid": f"sa-{token.namespace}-{token.service_account}",
+            "groups": [
+                "system:serviceaccounts",
+                f"system:serviceaccounts:{token.namespace}",
+                "system:authenticated",
+            ],
+            "extra": extra,
+        }
+        return {"authenticated": True, "user": user, "audiences": audiences or wanted}
+
     # -- mutations (tests) ------------------------------------------------------------------------
 
     def add(self, obj: Obj) -> int:
@@ -207,6 +351,7 @@ class APIServerStandIn:
     def _write(self, type_: str, obj: Obj) -> int:
         self.version += 1
         stored = copy.deepcopy(obj)
+        _secret_data(stored)
         stored.setdefault("metadata", {})["resourceVersion"] = str(self.version)
         resource = resource_of(stored)
         self.objects.setdefault(resource, {})[_identity(stored)] = stored
@@ -215,6 +360,8 @@ class APIServerStandIn:
         return self.version
 
     def _publish(self, event: _Event) -> None:
+        if event.resource == "/api/v1/configmaps" and self.configmap_dir is not None:
+            self._mount(event)
         self.history.append(event)
         if self.max_history is not None and len(self.history) > self.max_history:
             # Compacted, as etcd does: a watch from before the oldest kept event gets 410.
@@ -225,6 +372,30 @@ class APIServerStandIn:
             for watcher in self._watchers:
                 if watcher.resource == event.resource and self._selected(watcher, event.object):
                     watcher.queue.put_nowait(event)
+
+    def _mount(self, event: _Event) -> None:
+        """A ConfigMap's keys as files (the kubelet's configMap volume): each written atomically
+        when it changed; a deleted ConfigMap's directory emptied."""
+        assert self.configmap_dir is not None
+        namespace, name = _identity(event.object)
+        where = self.configmap_dir / namespace / name
+        data = {} if event.type == "DELETED" else dict(event.object.get("data") or {})
+        where.mkdir(parents=True, exist_ok=True)
+        for old in where.iterdir():
+            if old.is_file() and not old.name.startswith(".") and old.name not in data:
+                old.unlink()
+        for key, value in data.items():
+            if "/" in key or key.startswith("."):
+                log.warning("ConfigMap %s/%s: key %r not written as a file", namespace, name, key)
+                continue
+            path = where / key
+            content = str(value).encode()
+            with contextlib.suppress(OSError):
+                if path.read_bytes() == content:
+                    continue
+            partial = where / f".{key}.tmp"
+            partial.write_bytes(content)
+            os.replace(partial, path)
 
     # -- failures (tests) -------------------------------------------------------------------------
 
@@ -270,20 +441,33 @@ class APIServerStandIn:
             method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
             url = urlsplit(target)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            route = self._route(url.path)
+            body: Any = None
+            if method in ("POST", "PUT", "PATCH"):
+                length = _content_length(head)
+                try:
+                    body = json.loads(await reader.readexactly(length)) if length else {}
+                except ValueError as e:
+                    await self._reply(writer, 400, _status(400, "BadRequest", f"body: {e}"))
+                    return
+            collection, namespace = _namespaced(url.path)
+            route = self._route(collection)
             one = self._object(url.path)
-            if method == "GET" and one is not None:
+            if method == "POST" and url.path == TOKENREVIEWS:
+                await self._token_review(writer, body)
+            elif method == "GET" and one is not None:
                 await self._get(writer, url.path, *one)
             elif method == "PATCH":
-                length = _content_length(head)
-                body = json.loads(await reader.readexactly(length)) if length else {}
                 await self._patch(writer, url.path, head, body)
+            elif method == "PUT" and one is not None:
+                await self._put(writer, url.path, *one, body)
+            elif method == "POST" and namespace is not None and route is not None:
+                await self._create(writer, url.path, route, namespace, body)
             elif method != "GET" or route is None:
                 await self._reply(writer, 404, {"kind": "Status", "code": 404})
             elif _true(query.get("watch")):
-                await self._watch(writer, url.path, route, query)
+                await self._watch(writer, url.path, route, query, namespace)
             else:
-                await self._list(writer, url.path, route, query)
+                await self._list(writer, url.path, route, query, namespace)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -305,11 +489,78 @@ class APIServerStandIn:
 
     @staticmethod
     def _object(path: str) -> tuple[str, tuple[str, str]] | None:
-        """(resource, (namespace, name)) of a namespaced object path of a group."""
+        """(resource, (namespace, name)) of a namespaced object path (core, or of a group)."""
         parts = path.strip("/").split("/")
         if len(parts) == 7 and parts[0] == "apis" and parts[3] == "namespaces":
             return f"{parts[1]}/{parts[5]}", (parts[4], parts[6])
+        if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"]:
+            resource = f"/api/v1/{parts[4]}"
+            if resource in CORE:
+                return resource, (parts[3], parts[5])
         return None
+
+    async def _token_review(self, writer: asyncio.StreamWriter, body: Any) -> None:
+        self.requests.append(f"POST {TOKENREVIEWS}")
+        spec = body.get("spec") if isinstance(body, dict) else None
+        review = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {},
+            "spec": spec or {},
+            "status": self._review(spec),
+        }
+        await self._reply(writer, 201, review)
+
+    async def _create(
+        self, writer: asyncio.StreamWriter, path: str, route: Route, namespace: str, body: Any
+    ) -> None:
+        """POST of a namespaced core object: 201, or 409 AlreadyExists."""
+        self.requests.append(f"POST {path}")
+        resource, kind, api = route
+        if not isinstance(body, dict) or not (body.get("metadata") or {}).get("name"):
+            await self._reply(writer, 400, _status(400, "BadRequest", "metadata.name required"))
+            return
+        obj = copy.deepcopy(body)
+        obj.update(kind=kind, apiVersion=api)
+        obj["metadata"]["namespace"] = namespace
+        obj["metadata"].pop("resourceVersion", None)
+        key = (namespace, obj["metadata"]["name"])
+        if key in self.objects.get(resource, {}):
+            message = f'{resource.rpartition("/")[2]} "{key[1]}" already exists'
+            await self._reply(writer, 409, _status(409, "AlreadyExists", message))
+            return
+        self.add(obj)
+        await self._reply(writer, 201, self.objects[resource][key])
+
+    async def _put(
+        self,
+        writer: asyncio.StreamWriter,
+        path: str,
+        resource: str,
+        key: tuple[str, str],
+        body: Any,
+    ) -> None:
+        """PUT of one object: 200, 404, or 409 Conflict on a stale metadata.resourceVersion."""
+        self.requests.append(f"PUT {path}")
+        stored = self.objects.get(resource, {}).get(key)
+        if stored is None:
+            await self._reply(writer, 404, _status(404, "NotFound", f'"{key[1]}" not found'))
+            return
+        if not isinstance(body, dict) or (body.get("metadata") or {}).get("name") != key[1]:
+            await self._reply(writer, 400, _status(400, "BadRequest", "metadata.name differs"))
+            return
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        if version and version != stored["metadata"]["resourceVersion"]:
+            message = (
+                "the object has been modified; please apply your changes to the latest version"
+            )
+            await self._reply(writer, 409, _status(409, "Conflict", message))
+            return
+        obj = copy.deepcopy(body)
+        obj.update(kind=stored["kind"], apiVersion=stored["apiVersion"])
+        obj["metadata"]["namespace"] = key[0]
+        self.modify(obj)
+        await self._reply(writer, 200, self.objects[resource][key])
 
     async def _get(
         self, writer: asyncio.StreamWriter, path: str, resource: str, key: tuple[str, str]
@@ -347,12 +598,7 @@ class APIServerStandIn:
         await self._reply(writer, 200, self.objects["/api/v1/pods"][(parts[3], parts[5])])
 
     def _selected(self, watcher: _Watcher, obj: Obj) -> bool:
-        return watcher.node is None or (obj.get("spec") or {}).get("nodeName") == watcher.node
-
-    @staticmethod
-    def _node(query: dict[str, str]) -> str | None:
-        selector = query.get("fieldSelector", "")
-        return selector.partition("=")[2] if selector.startswith("spec.nodeName=") else None
+        return _matches(obj, watcher.namespace, watcher.fields)
 
     @staticmethod
     def _served(obj: Obj, path: str, api: str) -> Obj:
@@ -362,7 +608,12 @@ class APIServerStandIn:
         return out
 
     async def _list(
-        self, writer: asyncio.StreamWriter, path: str, route: Route, q: dict[str, str]
+        self,
+        writer: asyncio.StreamWriter,
+        path: str,
+        route: Route,
+        q: dict[str, str],
+        namespace: str | None = None,
     ) -> None:
         """A LIST, in pages when asked (``limit``): the continue token names the snapshot's
         resourceVersion and the last key sent; the next page holds the keys after it. Unlike a
@@ -370,7 +621,11 @@ class APIServerStandIn:
         version replays what changed, so the client converges all the same)."""
         resource, kind, api = route
         self.requests.append(f"LIST {path}")
-        node = self._node(q)
+        try:
+            fields = _fields(q) if q.get("fieldSelector") else {}
+        except ValueError as e:
+            await self._reply(writer, 400, _status(400, "BadRequest", str(e)))
+            return
         version, after = self.version, None
         if q.get("continue"):
             token = json.loads(base64.urlsafe_b64decode(q["continue"]))
@@ -386,12 +641,12 @@ class APIServerStandIn:
             obj = self.objects[resource][key]
             if after is not None and key <= after:
                 continue
-            if node is not None and (obj.get("spec") or {}).get("nodeName") != node:
+            if not _matches(obj, namespace, fields):
                 continue
             if limit and len(items) == limit:
                 break
             item = self._served(obj, path, api)
-            if path in CORE:  # typed lists carry no kind/apiVersion on their items
+            if resource in CORE:  # typed lists carry no kind/apiVersion on their items
                 item.pop("kind", None)
                 item.pop("apiVersion", None)
             items.append(item)
@@ -406,11 +661,21 @@ class APIServerStandIn:
         await self._reply(writer, 200, body)
 
     async def _watch(
-        self, writer: asyncio.StreamWriter, path: str, route: Route, q: dict[str, str]
+        self,
+        writer: asyncio.StreamWriter,
+        path: str,
+        route: Route,
+        q: dict[str, str],
+        namespace: str | None = None,
     ) -> None:
         resource, kind, api = route
         since = int(q.get("resourceVersion") or 0)
         self.requests.append(f"WATCH {path} {since}")
+        try:
+            fields = _fields(q) if q.get("fieldSelector") else {}
+        except ValueError as e:
+            await self._reply(writer, 400, _status(400, "BadRequest", str(e)))
+            return
         gone = {"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired"}
         if since < self.compacted and self.gone_as_status:
             await self._reply(writer, 410, gone)
@@ -424,10 +689,7 @@ class APIServerStandIn:
             await self._end(writer)
             return
         watcher = _Watcher(
-            resource,
-            self._node(q) if path == "/api/v1/pods" else None,
-            _true(q.get("allowWatchBookmarks")),
-            writer=writer,
+            resource, namespace, fields, _true(q.get("allowWatchBookmarks")), writer=writer
         )
         # Replay and subscribe with no await in between: no event is lost or doubled.
         for event in self.history:
@@ -456,9 +718,12 @@ class APIServerStandIn:
         data = json.dumps(body).encode()
         reason = {
             200: "OK",
+            201: "Created",
+            400: "Bad Request",
             401: "Unauthorized",
             403: "Forbidden",
             404: "Not Found",
+            409: "Conflict",
             410: "Gone",
             415: "Unsupported Media Type",
             500: "Internal Server Error",
@@ -481,6 +746,28 @@ class APIServerStandIn:
     async def _end(writer: asyncio.StreamWriter) -> None:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+
+
+def _status(code: int, reason: str, message: str) -> Obj:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }
+
+
+def _namespaced(path: str) -> tuple[str, str | None]:
+    """A namespaced core collection path (``/api/v1/namespaces/NS/pods``) as the cluster-wide
+    one and its namespace; any other path as is."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"]:
+        collection = f"/api/v1/{parts[4]}"
+        if collection in CORE:
+            return collection, parts[3]
+    return path, None
 
 
 # -- the testbed's API server: its cluster directory, served --------------------------------------
@@ -590,12 +877,53 @@ class ClusterMirror:
         self._mine = set(wanted)
 
 
+class TokensFile:
+    """The tokens file (``--tokens``): re-read when it changes, as the kubelet's TokenRequest
+    would hand out new tokens; a file that does not parse keeps the tokens read before."""
+
+    def __init__(self, path: Path, server: APIServerStandIn) -> None:
+        self.path = path
+        self.server = server
+        self._stamp: tuple[int, int, int] | None = None
+
+    def sync(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self.server.file_tokens = {}
+            self._stamp = None
+            return
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
+            return
+        try:
+            self.server.file_tokens = load_tokens(self.path)
+        except (OSError, ValueError) as e:
+            log.warning("%s: not readable yet (%s); trying again", self.path, e)
+            return
+        self._stamp = stamp
+
+
 async def serve(
-    cluster_dir: Path, host: str, port: int, kubeconfig: Path, interval: float = 0.1
+    cluster_dir: Path,
+    host: str,
+    port: int,
+    kubeconfig: Path,
+    interval: float = 0.1,
+    tokens_file: Path | None = None,
+    configmap_dir: Path | None = None,
 ) -> None:
-    """Serve CLUSTER_DIR on HOST:PORT until SIGTERM; KUBECONFIG is written once it listens."""
+    """Serve CLUSTER_DIR on HOST:PORT until SIGTERM; KUBECONFIG is written once it listens.
+
+    TOKENS_FILE: the tokens TokenReview accepts (see ``load_tokens``), re-read at each sync;
+    CONFIGMAP_DIR: every ConfigMap's keys written to ``DIR/<ns>/<name>/<key>``.
+    """
     server = APIServerStandIn(max_history=20000)
+    server.configmap_dir = configmap_dir
     mirror = ClusterMirror(cluster_dir, server)
+    tokens = TokensFile(tokens_file, server) if tokens_file is not None else None
+    if tokens is not None:
+        tokens.sync()
     mirror.sync()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -611,6 +939,8 @@ async def serve(
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
+            if tokens is not None:
+                tokens.sync()
             mirror.sync()
     finally:
         await server.stop()
@@ -624,10 +954,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("cluster_dir", type=Path)
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--kubeconfig", required=True, type=Path, help="written once listening")
+    parser.add_argument(
+        "--tokens", type=Path, default=None, help="JSON list of tokens TokenReview accepts"
+    )
+    parser.add_argument(
+        "--configmap-dir", type=Path, default=None, help="ConfigMaps' keys written here"
+    )
     args = parser.parse_args(argv)
     host, _, port = str(args.listen).rpartition(":")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    asyncio.run(serve(args.cluster_dir, host, int(port), args.kubeconfig))
+    asyncio.run(
+        serve(
+            args.cluster_dir,
+            host,
+            int(port),
+            args.kubeconfig,
+            tokens_file=args.tokens,
+            configmap_dir=args.configmap_dir,
+        )
+    )
 
 
 if __name__ == "__main__":
