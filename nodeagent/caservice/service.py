@@ -63,7 +63,8 @@ class CertificateService:
         )
 
     async def create_certificate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        who, wanted = f"a client at {context.peer()}", "?"
+        who = f"a client at {context.peer()}"
+        wanted = _impersonated(request) or "its own identity"
         try:
             token = authn.bearer_token(context.invocation_metadata() or ())
             caller = await authn.authenticate(self.api, token, self.config.token_audience)
