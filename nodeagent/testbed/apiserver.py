@@ -884,24 +884,26 @@ class TokensFile:
     def __init__(self, path: Path, server: APIServerStandIn) -> None:
         self.path = path
         self.server = server
-        self._stamp: tuple[int, int, int] | None = None
+        self._content: bytes | None = None
 
     def sync(self) -> None:
         try:
-            st = self.path.stat()
+            content = self.path.read_bytes()  # small: compared whole, no timestamp granularity
         except FileNotFoundError:
             self.server.file_tokens = {}
-            self._stamp = None
+            self._content = None
             return
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp == self._stamp:
+        except OSError as e:
+            log.warning("%s: not readable (%s); trying again", self.path, e)
+            return
+        if content == self._content:
             return
         try:
             self.server.file_tokens = load_tokens(self.path)
         except (OSError, ValueError) as e:
             log.warning("%s: not readable yet (%s); trying again", self.path, e)
             return
-        self._stamp = stamp
+        self._content = content
 
 
 async def serve(

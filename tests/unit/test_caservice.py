@@ -29,7 +29,6 @@ from cryptography import x509
 
 from nodeagent.caservice.config import CAConfig
 from nodeagent.caservice.server import CAServer
-from nodeagent.identity.ca import plugin_cacerts
 from nodeagent.identity.certs import verify_chain
 
 NS = "nodeagent-system"
@@ -192,8 +191,8 @@ def test_a_node_agent_gets_a_certificate_for_a_pod_on_its_node(
 
     asyncio.run(main())
     assert (
-        f"issued a certificate for {CART} to nodeagent-system/nodeagent (pod nodeagent-system/nodeagent-a)"
-        in caplog.text
+        f"issued a certificate for {CART} to nodeagent-system/nodeagent"
+        " (pod nodeagent-system/nodeagent-a)" in caplog.text
     )
     assert TOKEN_A not in caplog.text
 

@@ -18,8 +18,20 @@ from apiserver_standin import APIServerStandIn
 from ca_client import create_certificate, make_csr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from test_caservice import CART, CONFIGMAPS, NS, SECRETS, TD, TOKEN_A, _cluster, _published_root
-from test_caservice import _running, _secret, _until, _uris
+from test_caservice import (
+    CART,
+    CONFIGMAPS,
+    NS,
+    SECRETS,
+    TD,
+    TOKEN_A,
+    _cluster,
+    _published_root,
+    _running,
+    _secret,
+    _until,
+    _uris,
+)
 
 from nodeagent.identity.ca import CA_KEY, CERT_CHAIN, ROOT_CERT, plugin_cacerts
 from nodeagent.identity.certs import verify_chain
@@ -203,8 +215,9 @@ def test_a_bad_cacerts_secret_at_start_leaves_the_ca_not_ready(tmp_path: Path) -
         api.add(_secret("cacerts", dict(plugin_cacerts(TD), **{ROOT_CERT: b"junk"})))
         await api.start()
         try:
-            from nodeagent.caservice.server import CAServer
             from test_caservice import _config
+
+            from nodeagent.caservice.server import CAServer
 
             ca = CAServer(_config(api.write_kubeconfig(tmp_path / "kc")))
             stop = asyncio.Event()
