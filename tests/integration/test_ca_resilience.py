@@ -9,11 +9,11 @@ server application's own log says which requests reached it.
 1. A CA outage longer than the certificate TTL: traffic flows until the certificates expire,
    then fails closed (every request fails, none reaches the application: never plaintext), and
    recovers once the CA is back, without restarting any agent, Envoy or pod.
-2. A root rotation in Istio's order, with 0 failed requests: trust A+B, sign with B, trust B only
-   (https://istio.io/latest/docs/tasks/security/cert-management/plugin-ca-cert/ for the cacerts
-   layout; the staged bundle follows Istio's multi-root rotation,
-   https://istio.io/latest/docs/ops/configuration/security/root-transition/ and istiod's
-   ``istio-ca-root-cert`` holding several roots). At the end an A-signed certificate is refused.
+2. A root rotation with 0 failed requests: trust A+B, sign with B, trust B only. Istio's
+   cacerts layout: https://istio.io/latest/docs/tasks/security/cert-management/plugin-ca-cert/;
+   a root-cert.pem holding several roots is how Istio trusts two at once (istio/istio#49825,
+   ISTIO_MULTIROOT_MESH), and append-new, re-issue, remove-old is the zero-downtime order
+   (cert-manager/istio-csr#137). At the end an A-signed certificate is refused.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from nodeagent.identity.manager import RETRY_MAX
 from nodeagent.testbed import daemons, layout, netns, resources
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import APISERVER_PORT, loads_topology
-from tests.integration.helpers import envoy_admin, node_cli, wait_for
+from tests.integration.helpers import envoy_admin, node_cli, node_metrics, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -321,6 +321,9 @@ RECOVERY_BOUND = RETRY_MAX * 1.2 + 30.0
 def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
     tb: Testbed, tmp_path: Path
 ) -> None:
+    """Istio's agents keep serving their certificates while the CA is away and never fall back
+    to plaintext (https://istio.io/latest/docs/concepts/security/#pki); past expiry a peer's
+    TLS refuses the certificate, so the mesh fails closed until the CA is back."""
     ensure_ca(tb)
     survivors = processes(tb)
     traffic = Traffic(tb, tmp_path, "outage")
@@ -329,9 +332,8 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
         killed = kill_ca(tb)
         time.sleep(1.0)  # a certificate being pushed at the kill has reached Envoy
         expiry = leaf_expiries(tb)
-        server_expiry = expiry[spiffe(SERVER)]
         first_expiry = {
-            f"outage-{tag}": min(expiry[spiffe(pod)], server_expiry)
+            f"outage-{tag}": min(expiry[spiffe(pod)], expiry[spiffe(SERVER)])
             for tag, (pod, _) in CALLERS.items()
         }
         # Longer than the TTL, and long enough to watch every pair fail closed.
@@ -340,25 +342,28 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
         time.sleep(max(0.0, back_at - FAILING_WINDOW / 2 - time.time()))
         during = {n: proxy_problem(tb, n) for n in ("n1", "n2")}
         time.sleep(max(0.0, back_at - time.time()))
-        tb.start_ca()
         restarted = time.time()
-        recovered_after = traffic.steady(3.0, RECOVERY_BOUND, "traffic to recover after the CA")
+        tb.start_ca()
+        ca_ready = time.time() - restarted
+        traffic.steady(3.0, RECOVERY_BOUND, "traffic to recover after the CA came back")
     finally:
         traffic.stop()
     app = reached_the_app(tb)
     rows = []
+    recovery = {}
     for tag in traffic.tags:
         requests = traffic.requests(tag)
         expires = first_expiry[tag]
         before = [r for r in requests if r.t < expires - EXPIRY_SLACK]
         closed = [r for r in requests if expires + EXPIRY_SLACK <= r.t < restarted]
-        after = [r for r in requests if r.t >= restarted]
-        first_ok = next((r.t for r in after if r.ok), float("nan"))
+        last_failure = max((r.t for r in requests if not r.ok), default=restarted)
+        recovery[tag] = next(r.t for r in requests if r.t > last_failure) - restarted
         rows.append(
-            f"{tag:>12}: sent {len(requests)}; before expiry {sum(r.ok for r in before)}/"
-            f"{len(before)} ok; expired -> {sum(not r.ok for r in closed)}/{len(closed)} failed,"
-            f" {sum((tag, r.seq) in app for r in closed)} reached the app; after the CA came"
-            f" back: first ok {first_ok - restarted:.1f}s"
+            f"  {tag}: {len(requests)} requests; before the first expiry (+{expires - killed:.0f}s)"
+            f" {sum(r.ok for r in before)}/{len(before)} ok; after it"
+            f" {sum(not r.ok for r in closed)}/{len(closed)} failed, of which"
+            f" {sum((tag, r.seq) in app for r in closed)} reached the app;"
+            f" ok again {recovery[tag]:.1f}s after the CA restart"
         )
         assert [r for r in before if not r.ok] == [], f"{tag}: failed before the first expiry"
         assert len(before) >= RATE * (expires - killed) * 0.5, f"{tag}: too little traffic"
@@ -368,16 +373,29 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
         assert [r.seq for r in requests if not r.ok and (tag, r.seq) in app] == []
         assert [r.seq for r in requests if r.ok and (tag, r.seq) not in app] == []
     print(
-        f"\nCA outage of {restarted - killed:.0f}s (TTL {TTL}s), CA killed at 0s;"
-        f" certificates expired at {', '.join(f'{e - killed:.0f}s' for e in expiry.values())};"
-        f" recovered {recovered_after:.1f}s after the CA restarted (bound {RECOVERY_BOUND:.0f}s)"
+        f"\nCA killed (SIGKILL) for {restarted - killed:.0f}s, TTL {TTL}s; certificates expired"
+        f" {', '.join(f'+{e - killed:.0f}s' for e in sorted(expiry.values()))} after the kill;"
+        f" CA ready {ca_ready:.1f}s after its restart; recovery bound {RECOVERY_BOUND:.0f}s"
     )
     print("\n".join(rows))
-    print(f"agents' status during the outage: {during}")
+    for node in ("n1", "n2"):
+        print(f"  {node} during the outage: {during[node]}")
+        print(f"  {node} metrics: {cert_metrics(tb, node)}")
     assert restarted - killed > TTL
     # Nothing was restarted to recover: the same agents, Envoys and workloads, still running.
     assert processes(tb) == survivors
     assert all(netns.alive(pid, start) for pid, start in survivors.values())
+
+
+def cert_metrics(tb: Testbed, node: str) -> str:
+    """The agent's certificate counters (requests to the CA by result, expired), for the report."""
+    text = node_metrics(tb.name, node)
+    wanted = ("nodeagent_cert_requests_total", "nodeagent_cert_expired_total")
+    return ", ".join(
+        line.replace("nodeagent_cert_", "")
+        for line in text.splitlines()
+        if line.startswith(wanted) and not line.endswith(" 0.0")
+    )
 
 
 def proxy_problem(tb: Testbed, node: str) -> str:
