@@ -930,12 +930,37 @@ def _status_dict(tb: Testbed) -> dict[str, object]:
             }
             for svc in topo.services
         ],
+        "controlPlane": [
+            {
+                "component": c.component,
+                "pid": c.pid,
+                "address": c.address,
+                "ready": not c.ready,
+                "reason": c.ready,
+            }
+            for c in tb.control_plane_status()
+        ],
     }
 
 
 def _print_status(tb: Testbed) -> None:
     topo = tb.topology
     click.echo(f"testbed {tb.name}: {tb.state.phase}")
+    control = tb.control_plane_status()
+    if control:
+        names = {"apiserver": "API server", "ca": "CA"}
+        _table(
+            [("CONTROL PLANE", "PID", "ADDRESS", "STATUS")]
+            + [
+                (
+                    names.get(c.component, c.component),
+                    str(c.pid or "-"),
+                    c.address,
+                    "ready" if not c.ready else f"not ready: {c.ready}",
+                )
+                for c in control
+            ]
+        )
     _table(
         [("NODE", "POD CIDR", "UNDERLAY IP")]
         + [(n.name, str(n.pod_cidr), str(n.underlay_ip)) for n in topo.nodes]
