@@ -484,6 +484,13 @@ class Testbed:
         """The root bundle the agents trust: the CA's ConfigMap as mounted (``--ca-root-file``)."""
         return layout.ca_root_file(self.name).read_bytes()
 
+    def trust_root_pem(self) -> bytes:
+        """The root bundle workload certificates verify to: the CA service's (its ConfigMap, as
+        mounted) with ``ca: service``, the shared plug-in root with ``ca: plugin``."""
+        if self.topology.ca == "service":
+            return self.ca_root_pem()
+        return (layout.cacerts_dir(self.name) / "root-cert.pem").read_bytes()
+
     def node_token(self, node: str) -> str:
         """NODE's agent's token for the CA (its ``--ca-token-file``)."""
         return layout.node_token_file(self.name, node).read_text().strip()
