@@ -15,10 +15,12 @@ configuration list, which install-cni extended with nodeagent-cni, then the work
 the pod.
 
     tb-<name>.underlay  br0 also holds the API server's address (the underlay's last host)
+    tb-<name>.control-plane       ca: service: the CA service, on the underlay's host before it
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 import json
@@ -37,7 +39,17 @@ from typing import Any
 
 from nodeagent.cni import wire
 from nodeagent.identity.ca import create_plugin_cacerts
-from nodeagent.testbed import cgroups, daemons, hosts, layout, netns, resources, services
+from nodeagent.testbed import (
+    cgroups,
+    control_plane,
+    daemons,
+    hosts,
+    layout,
+    netns,
+    node_credentials,
+    resources,
+    services,
+)
 from nodeagent.testbed.cni_runtime import (
     DEFAULT_PLUGIN_DIRS,
     LOOPBACK_CONFLIST,
@@ -108,6 +120,14 @@ def bridge_conflist(name: str, node: Node) -> dict[str, Any]:
             }
         ],
     }
+
+
+@dataclass(frozen=True)
+class ControlPlaneStatus:
+    component: str  # "apiserver", "ca"
+    pid: int | None  # None: not running
+    address: str
+    ready: str  # "" when ready, else why not
 
 
 @dataclass(frozen=True)
@@ -186,6 +206,30 @@ class Testbed:
             out.append(PodStatus(pod, ns, rec.ip if rec else "", netns.exists(ns), running))
         return out
 
+    def control_plane_status(self) -> list[ControlPlaneStatus]:
+        """The stand-in API server and the CA service, when the topology runs them."""
+        out = []
+        with self._lock:
+            records = {r.name: r for r in self.state.daemons if not r.node}
+        wanted = []
+        if self.topology.source == "kubernetes" or self.topology.ca == "service":
+            wanted.append((daemons.APISERVER, self.apiserver_address))
+        if self.topology.nodeagent and self.topology.ca == "service":
+            wanted.append((daemons.CA, self.ca_address))
+        for component, address in wanted:
+            record = records.get(component)
+            alive = record is not None and netns.alive(record.pid, record.start_time)
+            if not alive or record is None:
+                out.append(ControlPlaneStatus(component, None, address, "not running"))
+                continue
+            if component == daemons.CA:
+                why = self.ca_ready()
+            else:
+                kubeconfig = layout.apiserver_kubeconfig(self.name)
+                why = "" if kubeconfig.is_file() else "not listening yet"
+            out.append(ControlPlaneStatus(component, record.pid, address, why))
+        return out
+
     # -- up ---------------------------------------------------------------------------------------
 
     @classmethod
@@ -229,7 +273,6 @@ class Testbed:
             # then `testbed install`): start its stand-in with the cluster, not with the agents.
             self._start_apiserver()
         if self.topology.nodeagent:
-            create_plugin_cacerts(layout.cacerts_dir(self.name), "cluster.local", intermediate=True)
             self._start_daemons()
         for pod in self.topology.pods:
             self._create_sandbox(pod)
@@ -314,8 +357,14 @@ class Testbed:
             # Sidecar Envoys run as uid 1337 and reach their socket and bootstrap in
             # nodes/<node>/sidecars: let them through the testbed directory (not list it).
             os.chmod(TestbedState.directory(self.name), 0o711)
-        if self.topology.source == "kubernetes":
+        if self.topology.source == "kubernetes" or self.topology.ca == "service":
+            # The CA needs the API server whatever the agents read (TokenReview, Secrets, pods).
             self._start_apiserver()
+        if self.topology.ca == "service":
+            # Installed with the DaemonSet, as its CA Deployment; ready before any agent asks.
+            self._start_control_plane()
+        else:
+            create_plugin_cacerts(layout.cacerts_dir(self.name), "cluster.local", intermediate=True)
         records = []
         names = [daemons.INSTALL_CNI, daemons.AGENT]
         if self.topology.envoy_container:
@@ -344,6 +393,132 @@ class Testbed:
         except daemons.DaemonError as e:
             raise TestbedError(str(e)) from None
 
+    # -- the control plane (ca: service; see nodeagent.testbed.control_plane) ---------------------
+
+    @property
+    def ca_ip(self) -> str:
+        """The CA service's underlay address (the control-plane host's)."""
+        return str(self.topology.network.control_plane_ip)
+
+    @property
+    def ca_address(self) -> str:
+        """HOST:PORT the node agents dial for certificates (``--ca-address``)."""
+        return f"{self.ca_ip}:{control_plane.CA_PORT}"
+
+    @property
+    def apiserver_address(self) -> str:
+        return f"{self.topology.network.apiserver_ip}:{APISERVER_PORT}"
+
+    def _start_control_plane(self) -> None:
+        if not netns.exists(layout.control_plane_netns(self.name)):
+            self._build_control_plane()
+        node_credentials.publish(self.name, self.topology.nodes)
+        self.start_ca()
+
+    def _build_control_plane(self) -> None:
+        """The control-plane host: a netns on the underlay bridge, as a node is (no pods)."""
+        ns, ul = layout.control_plane_netns(self.name), underlay_netns(self.name)
+        prefix = self.topology.network.underlay_cidr.prefixlen
+        with self._creating_netns(ns):
+            netns.ip(ul, "link", "add", "ul-cp", "type", "veth", "peer", "name", "ul0", "netns", ns)
+            netns.ip(ul, "link", "set", "ul-cp", "master", "br0", "up")
+            netns.ip(ns, "addr", "add", f"{self.ca_ip}/{prefix}", "dev", "ul0")
+            netns.ip(ns, "link", "set", "ul0", "up")
+
+    def ca_daemon(self) -> DaemonRecord | None:
+        """The CA service's record while the testbed runs it (None: stopped, or ca: plugin)."""
+        with self._lock:
+            return next((r for r in self.state.daemons if r.name == daemons.CA), None)
+
+    def start_ca(self) -> None:
+        """Start the CA service (again), as its Deployment's pod would be; returns once its
+        /ready says ready (signing key loaded, root ConfigMap published, gRPC serving).
+        With no cacerts Secret, it signs with the self-signed root it keeps in Secret
+        nodeagent-system/nodeagent-ca (made at its first start, reused after)."""
+        if self.topology.ca != "service":
+            raise TestbedError(f"testbed {self.name!r} runs no CA service (topology ca: plugin)")
+        if self.ca_daemon() is not None:
+            raise TestbedError(f"testbed {self.name!r}: the CA service already runs")
+        record = daemons.start_ca(self.name, self.ca_ip)
+        with self._lock:
+            self.state.daemons.append(record)
+            self.state.save()
+        try:
+            daemons.wait_ready(self.name, record)
+        except daemons.DaemonError as e:
+            raise TestbedError(str(e)) from None
+
+    def stop_ca(self) -> None:
+        """Stop the CA service (SIGTERM, then SIGKILL), as an outage would; the agents keep the
+        certificates they hold. Idempotent."""
+        record = self.ca_daemon()
+        if record is None:
+            return
+        daemons.stop(record)
+        with self._lock:
+            self.state.daemons.remove(record)
+            self.state.save()
+
+    def ca_pid(self) -> int | None:
+        """The CA process's pid (it runs ``python -m nodeagent ca`` under ``ip netns exec``,
+        which execs it: same pid), None when stopped."""
+        record = self.ca_daemon()
+        if record is None or not netns.alive(record.pid, record.start_time):
+            return None
+        return record.pid
+
+    def ca_ready(self) -> str:
+        """ "" when the CA's /ready answers 200, else why not."""
+        status, body = control_plane.monitoring_get(self.name, self.ca_ip, "/ready")
+        return "" if status == 200 else (body.strip() or f"HTTP {status}")
+
+    def ca_metrics(self) -> str:
+        """The CA's Prometheus text (/metrics on its monitoring port, :15014), fetched from the
+        control-plane host; TestbedError when it does not answer."""
+        status, body = control_plane.monitoring_get(self.name, self.ca_ip, "/metrics")
+        if status != 200:
+            raise TestbedError(f"CA /metrics: {status or 'no answer'} {body.strip()}")
+        return body
+
+    def ca_root_pem(self) -> bytes:
+        """The root bundle the agents trust: the CA's ConfigMap as mounted (``--ca-root-file``)."""
+        return layout.ca_root_file(self.name).read_bytes()
+
+    def trust_root_pem(self) -> bytes:
+        """The root bundle workload certificates verify to: the CA service's (its ConfigMap, as
+        mounted) with ``ca: service``, the shared plug-in root with ``ca: plugin``."""
+        if self.topology.ca == "service":
+            return self.ca_root_pem()
+        return (layout.cacerts_dir(self.name) / "root-cert.pem").read_bytes()
+
+    def node_token(self, node: str) -> str:
+        """NODE's agent's token for the CA (its ``--ca-token-file``)."""
+        return layout.node_token_file(self.name, node).read_text().strip()
+
+    def apply_secret(
+        self, name: str, data: dict[str, bytes], namespace: str = layout.CA_NAMESPACE
+    ) -> None:
+        """Create or replace Secret NAMESPACE/NAME in the API server, as ``kubectl apply`` (e.g.
+        ``cacerts``, Istio's plug-in CA keys ca-cert.pem, ca-key.pem, root-cert.pem,
+        cert-chain.pem); the CA reads it at its next reload (every 2 s). The stand-in has no
+        DELETE: replace a Secret rather than remove it."""
+        obj = control_plane.secret_object(namespace, name, data)
+        try:
+            control_plane.apply(self.name, self.apiserver_address, "secrets", obj)
+        except control_plane.APIRequestError as e:
+            raise TestbedError(str(e)) from None
+
+    def read_secret(self, name: str, namespace: str = layout.CA_NAMESPACE) -> dict[str, bytes]:
+        """Secret NAMESPACE/NAME's data, decoded ({} when there is no such Secret); e.g. the
+        CA's self-signed root and key, Secret ``nodeagent-ca``."""
+        try:
+            obj = control_plane.read(self.name, self.apiserver_address, "secrets", namespace, name)
+        except control_plane.APIRequestError as e:
+            raise TestbedError(str(e)) from None
+        if obj is None:
+            return {}
+        return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+
     def _start_daemon(self, node: str, daemon: str) -> DaemonRecord:
         record = daemons.start(
             self.name,
@@ -354,6 +529,7 @@ class Testbed:
             envoy_container=self.topology.envoy_container,
             proxy_model=self.topology.proxy_model,
             source=self.topology.source,
+            ca_address=self.ca_address if self.topology.ca == "service" else None,
         )
         with self._lock:
             self.state.daemons.append(record)
@@ -374,7 +550,6 @@ class Testbed:
         """
         if self.topology.nodeagent:
             raise TestbedError(f"testbed {self.name!r} already runs nodeagent")
-        create_plugin_cacerts(layout.cacerts_dir(self.name), "cluster.local", intermediate=True)
         with self._lock:
             self.state.installed_later = True
             self.state.save()

@@ -14,6 +14,10 @@ underlay's last address, reachable from every node netns and from nothing outsid
 It serves the testbed's cluster directory with the real list/watch protocol and takes the
 agents' pod annotation patches; what it does not do (authentication, RBAC, admission,
 pagination) is listed in its module. ``source: directory`` gives the agents the directory itself.
+
+With ``ca: service`` the testbed also runs the CA service (``nodeagent ca``) on its control-plane
+host (nodeagent.testbed.control_plane) and the agents are its clients (``--ca-address`` ...);
+with ``ca: plugin`` every agent signs with the shared plug-in cacerts (``--ca-dir``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from nodeagent.cni import wire
 from nodeagent.cni.bundle import locate_bundle
 from nodeagent.cni.install import holds_entry
 from nodeagent.testbed import layout, netns
+from nodeagent.testbed.control_plane import SERVER_NAME, ca_argv, monitoring_get
 from nodeagent.testbed.state import DaemonRecord
 
-AGENT, INSTALL_CNI, ENVOY, APISERVER = "agent", "install-cni", "envoy", "apiserver"
+AGENT, INSTALL_CNI, ENVOY, APISERVER, CA = "agent", "install-cni", "envoy", "apiserver", "ca"
 READY_TIMEOUT = 30.0
 # The DaemonSet envoy container's capabilities (daemonset/daemonset.yaml): the envoy daemon runs
 # with exactly these, so the tests exercise what the manifest grants.
@@ -49,6 +54,7 @@ def start(
     envoy_container: bool = False,
     proxy_model: str = "node",
     source: str = "directory",
+    ca_address: str | None = None,
 ) -> DaemonRecord:
     """Start one node daemon. Its output goes to ``logs/<node>.<daemon>.log``: for the envoy
     daemon that is ``<node>.envoy.log``, where the agent's own Envoy writes in managed mode."""
@@ -77,8 +83,23 @@ def start(
             "--envoy-log",
             str(layout.logs_dir(testbed) / f"{node}.envoy.log"),
         ]
-        # Every node agent signs with the same plug-in CA, as Istio's cacerts secret gives them.
-        argv += ["--ca-dir", str(layout.cacerts_dir(testbed)), "--cert-ttl", str(cert_ttl)]
+        if ca_address is not None:
+            # A client of the CA service, with what the DaemonSet mounts: the root ConfigMap
+            # (here the stand-in's ConfigMap "volume") and the node's projected token.
+            argv += [
+                "--ca-address",
+                ca_address,
+                "--ca-root-file",
+                str(layout.ca_root_file(testbed)),
+                "--ca-token-file",
+                str(layout.node_token_file(testbed, node)),
+                "--ca-server-name",
+                SERVER_NAME,
+            ]
+        else:
+            # Every node agent signs with the same plug-in CA, as Istio's cacerts secret would.
+            argv += ["--ca-dir", str(layout.cacerts_dir(testbed))]
+        argv += ["--cert-ttl", str(cert_ttl)]
         if not proxy:
             argv.append("--no-proxy")
         elif envoy_container:
@@ -126,7 +147,9 @@ def start(
 
 def start_apiserver(testbed: str, address: str, port: int) -> DaemonRecord:
     """The stand-in API server in the underlay netns, serving the testbed's cluster directory;
-    its output goes to ``logs/apiserver.log``. Ready once its kubeconfig exists."""
+    its output goes to ``logs/apiserver.log``. Ready once its kubeconfig exists. Its TokenReview
+    accepts the tokens of ``layout.apiserver_tokens`` (node credentials, written later) and it
+    writes ConfigMaps' keys under ``layout.configmap_dir`` (the kubelet's configMap volume)."""
     kubeconfig = layout.apiserver_kubeconfig(testbed)
     kubeconfig.unlink(missing_ok=True)
     logs = layout.logs_dir(testbed)
@@ -140,6 +163,10 @@ def start_apiserver(testbed: str, address: str, port: int) -> DaemonRecord:
         f"{address}:{port}",
         "--kubeconfig",
         str(kubeconfig),
+        "--tokens",
+        str(layout.apiserver_tokens(testbed)),
+        "--configmap-dir",
+        str(layout.configmap_dir(testbed)),
     ]
     with open(logs / f"{APISERVER}.log", "ab") as log:
         proc = subprocess.Popen(
@@ -150,6 +177,24 @@ def start_apiserver(testbed: str, address: str, port: int) -> DaemonRecord:
             start_new_session=True,
         )
     return DaemonRecord("", APISERVER, proc.pid, netns.process_start_time(proc.pid))
+
+
+def start_ca(testbed: str, address: str) -> DaemonRecord:
+    """The CA service on the control-plane host, listening on ADDRESS (its underlay IP); its
+    output goes to ``logs/ca.log``. Ready once its monitoring port answers /ready 200 (it has a
+    signing key, serves the certificate API and has published the root ConfigMap)."""
+    logs = layout.logs_dir(testbed)
+    logs.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "nodeagent", *ca_argv(testbed, address)]
+    with open(logs / f"{CA}.log", "ab") as log:
+        proc = subprocess.Popen(
+            netns.in_netns(layout.control_plane_netns(testbed), argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return DaemonRecord("", CA, proc.pid, netns.process_start_time(proc.pid), address)
 
 
 def stop(record: DaemonRecord) -> None:
@@ -188,6 +233,9 @@ def _not_ready(testbed: str, record: DaemonRecord) -> str:
     if record.name == APISERVER:
         kubeconfig = layout.apiserver_kubeconfig(testbed)
         return "" if kubeconfig.is_file() else f"no {kubeconfig} yet"
+    if record.name == CA:
+        status, body = monitoring_get(testbed, record.address, "/ready", 1)
+        return "" if status == 200 else f"CA /ready: {status or ''} {body.strip()}".strip()
     try:
         answer = wire.request(
             str(layout.agent_socket(testbed, record.node)), {"command": "STATUS"}, 2

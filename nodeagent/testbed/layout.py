@@ -17,6 +17,11 @@ def underlay_netns(name: str) -> str:
     return f"{netns_prefix(name)}underlay"
 
 
+def control_plane_netns(name: str) -> str:
+    """The control-plane host (``ca: service``): the CA service runs here."""
+    return f"{netns_prefix(name)}control-plane"
+
+
 def node_netns(name: str, node: str) -> str:
     return f"{netns_prefix(name)}node-{node}"
 
@@ -38,6 +43,36 @@ def apiserver_kubeconfig(name: str) -> Path:
     """The kubeconfig of the testbed's stand-in API server (``source: kubernetes``), written by
     the server once it listens; every node agent is given it."""
     return TestbedState.directory(name) / "apiserver" / "kubeconfig"
+
+
+def apiserver_tokens(name: str) -> Path:
+    """The stand-in's tokens file (``--tokens``): the tokens its TokenReview accepts, as the
+    kubelet's TokenRequest would have issued them (node credentials, ``ca: service``)."""
+    return TestbedState.directory(name) / "apiserver" / "tokens.json"
+
+
+def configmap_dir(name: str) -> Path:
+    """Where the stand-in writes every ConfigMap's keys as ``<ns>/<name>/<key>`` files: the
+    kubelet's configMap volume, standing in (shared by every node of the testbed)."""
+    return TestbedState.directory(name) / "apiserver" / "configmaps"
+
+
+# The CA's namespace and root ConfigMap (nodeagent.caservice's defaults; kept literal here so
+# that this module stays free of imports; a unit test checks they agree).
+CA_NAMESPACE = "nodeagent-system"
+CA_ROOT_CONFIGMAP = "nodeagent-ca-root"
+CA_ROOT_KEY = "root-cert.pem"
+
+
+def ca_root_file(name: str) -> Path:
+    """The CA's root bundle as the node agents mount it: ConfigMap nodeagent-system/
+    nodeagent-ca-root, key root-cert.pem (written by the CA, ``ca: service``)."""
+    return configmap_dir(name) / CA_NAMESPACE / CA_ROOT_CONFIGMAP / CA_ROOT_KEY
+
+
+def node_token_file(name: str, node: str) -> Path:
+    """NODE's agent's projected service account token (audience istio-ca), mode 0600."""
+    return node_dir(name, node) / "ca-token"
 
 
 def cacerts_dir(name: str) -> Path:

@@ -34,12 +34,14 @@ class PodRecord:
 
 @dataclass
 class DaemonRecord:
-    """A node-level process: the node agent, install-cni, the node's Envoy (envoyContainer)."""
+    """A node-level process (the node agent, install-cni, the node's Envoy with envoyContainer)
+    or, with node "", a control-plane one (the stand-in API server, the CA service)."""
 
     node: str
     name: str
     pid: int
     start_time: int | None
+    address: str = ""  # the CA's underlay IP (its monitoring port answers /ready there)
 
 
 @dataclass

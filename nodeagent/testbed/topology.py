@@ -30,6 +30,12 @@ DEFAULT_UNDERLAY_CIDR = ipaddress.IPv4Network("172.31.0.0/24")
 SOURCES = ("kubernetes", "directory")
 DEFAULT_SOURCE = "kubernetes"
 APISERVER_PORT = 6443
+# Who signs the workload certificates: "service" (the CA service, `nodeagent ca`, run by the
+# testbed as the control plane's Deployment; the node agents are its clients, as the DaemonSet
+# runs them) or "plugin" (every node agent signs locally with the testbed's shared plug-in
+# cacerts, --ca-dir: the standalone mode).
+CA_MODES = ("service", "plugin")
+DEFAULT_CA = "service"
 LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
@@ -50,6 +56,12 @@ class Network:
     def apiserver_ip(self) -> ipaddress.IPv4Address:
         """The stand-in API server's address in the underlay (its last host; never a node's)."""
         return self.underlay_cidr.broadcast_address - 1
+
+    @property
+    def control_plane_ip(self) -> ipaddress.IPv4Address:
+        """The control-plane host's address in the underlay (where the CA service runs with
+        ``ca: service``): the host before the API server's, never a node's."""
+        return self.underlay_cidr.broadcast_address - 2
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,8 @@ class Topology:
     proxy_model: str = "node"
     # With nodeagent: where the agents read the cluster from (SOURCES).
     source: str = DEFAULT_SOURCE
+    # With nodeagent: who signs workload certificates (CA_MODES).
+    ca: str = DEFAULT_CA
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -248,6 +262,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             "envoyContainer",
             "proxyModel",
             "source",
+            "ca",
         },
         {"name", "nodes"},
     )
@@ -287,8 +302,8 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         node_name = r.string(node_raw["name"], f"{path}.name", DNS_LABEL)
         if any(n.name == node_name for n in nodes):
             raise r.fail(f"{path}.name", f"duplicate node {node_name!r}")
-        # The underlay's last host is the API server's.
-        if i + 1 >= len(node_cidrs) or i >= len(underlay_hosts) - 1:
+        # The underlay's last two hosts are the API server's and the control plane's.
+        if i + 1 >= len(node_cidrs) or i >= len(underlay_hosts) - 2:
             raise r.fail(path, "more nodes than the cluster or underlay CIDR can address")
         nodes.append(Node(node_name, i, node_cidrs[i + 1], underlay_hosts[i]))
     if not nodes:
@@ -341,6 +356,12 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     source = top.get("source", DEFAULT_SOURCE)
     if source not in SOURCES:
         raise r.fail("source", f"expected one of {', '.join(SOURCES)}, got {source!r}")
+    ca = top.get("ca", DEFAULT_CA)
+    if ca not in CA_MODES:
+        raise r.fail("ca", f"expected one of {', '.join(CA_MODES)}, got {ca!r}")
+    # ca: service with source: directory is allowed: the CA needs an API server (TokenReview,
+    # its Secrets, the pods of each node) whatever the agents read the mesh from, so the testbed
+    # starts its stand-in for the CA anyway (the agents keep reading the directory).
     return Topology(
         name,
         network,
@@ -354,6 +375,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         envoy_container,
         proxy_model,
         source,
+        ca,
     )
 
 

@@ -151,3 +151,20 @@ def proxy_status(tb: Testbed, node: str) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     status: dict[str, Any] = json.loads(proc.stdout)["proxy"]
     return status
+
+
+def presented_chain(tb: Testbed, client: str, ip: str, port: int) -> list[Any]:
+    """The certificates a mesh server at IP:PORT presents on the wire (x509.Certificate, leaf
+    first), read with openssl from pod CLIENT (one outside the mesh, so that its own node does
+    not wrap the connection). openssl offers Istio's ALPN: without it, TLS on a PERMISSIVE
+    port is the app's own and passes through to the app (#12 defect 7)."""
+    import re
+
+    from cryptography import x509
+
+    openssl = f"openssl s_client -alpn istio-peer-exchange,istio -showcerts -connect {ip}:{port}"
+    proc = tb.exec(client, ["sh", "-c", f"{openssl} </dev/null 2>/dev/null"], timeout=20)
+    pems = re.findall(
+        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", proc.stdout, re.DOTALL
+    )
+    return [x509.load_pem_x509_certificate(p.encode()) for p in pems]

@@ -6,13 +6,14 @@ container port 80) and sleep. Every sleep calls every httpbin and the 9 codes ar
 table and asserted cell by cell, under each policy.
 
 The agents read the cluster from the Kubernetes API (the testbed's API stand-in), as the
-DaemonSet's do; the rotation test keeps the directory source covered on two nodes.
+DaemonSet's do, and get certificates from the testbed's CA service (``ca: service``); the rotation
+test keeps the directory source and the standalone plug-in CA (``ca: plugin``) covered on two
+nodes.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
+from tests.integration import helpers
 from tests.integration.helpers import envoy_admin, http_status, node_cli, node_metrics
 
 pytestmark = pytest.mark.integration
@@ -267,22 +269,15 @@ def test_the_server_app_sees_the_real_callers_spiffe_identity(tb: Testbed) -> No
 
 
 def presented_chain(tb: Testbed, dst: str) -> list[x509.Certificate]:
-    """The certificates a mesh server presents on the wire, read with openssl from outside.
-
-    openssl offers Istio's ALPN: without it, TLS on a PERMISSIVE port is the app's own and
-    passes through to the app (#12 defect 7)."""
-    ip = tb.pod_ip(f"{dst}/httpbin")
-    openssl = f"openssl s_client -alpn istio-peer-exchange,istio -showcerts -connect {ip}:80"
-    proc = tb.exec("legacy/sleep", ["sh", "-c", f"{openssl} </dev/null 2>/dev/null"], timeout=20)
-    pems = re.findall(
-        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", proc.stdout, re.DOTALL
-    )
-    return [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+    """The certificates httpbin.DST presents on the wire, read with openssl from outside."""
+    return helpers.presented_chain(tb, "legacy/sleep", tb.pod_ip(f"{dst}/httpbin"), 80)
 
 
-def test_workload_certificates_on_the_wire_verify_to_the_plugin_root(tb: Testbed) -> None:
+def test_workload_certificates_on_the_wire_verify_to_the_cas_root(tb: Testbed) -> None:
+    """The testbed's CA (the CA service, topology default ``ca: service``) signed them: they
+    verify to the root the agents mount from its ConfigMap."""
     chain = presented_chain(tb, "bar")
-    assert len(chain) >= 2, "leaf and the plug-in intermediate"
+    assert chain, "the server presented no certificate"
     leaf = chain[0]
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
@@ -294,10 +289,10 @@ def test_workload_certificates_on_the_wire_verify_to_the_plugin_root(tb: Testbed
     assert leaf.not_valid_before_utc.timestamp() <= now < leaf.not_valid_after_utc.timestamp()
     ttl = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert 23 * 3600 < ttl.total_seconds() <= 24 * 3600 + 120  # Istio's default 24 h
-    root = x509.load_pem_x509_certificate(
-        (layout.cluster_dir(tb.name).parent / "cacerts" / "root-cert.pem").read_bytes()
-    )
-    for child, parent in zip(chain, [*chain[1:], root], strict=True):
+    root = x509.load_pem_x509_certificate(tb.trust_root_pem())
+    # The chain as presented, up to the trusted root (a root sent along is not needed).
+    links = [c for c in chain if c != root]
+    for child, parent in zip(links, [*links[1:], root], strict=True):
         child.verify_directly_issued_by(parent)  # raises if a link is broken
 
 
@@ -351,6 +346,7 @@ def test_a_node_holds_only_the_identities_of_its_own_pods(tb: Testbed) -> None:
 ROTATION = """
 name: tbrot
 source: directory
+ca: plugin
 certTTL: 60
 nodes: [{name: n1}, {name: n2}]
 namespaces:

@@ -100,7 +100,15 @@ def test_down_removes_everything_it_made(make_cluster: Any) -> None:
     links_before = root_netns_snapshot()["links"]
     cluster = make_cluster("tbdown", TWO_BY_THREE)
     made_netns = [n for n in list_netns() if n.startswith("tb-tbdown.")]
-    assert len(made_netns) == 1 + 2 + 6  # underlay, nodes, pods
+    assert len(made_netns) == 1 + 1 + 2 + 6  # underlay, control plane, nodes, pods
+    # The control plane (the default ca: service): the API server and the CA, both ready.
+    control = {c["component"]: c for c in cluster.status()["controlPlane"]}
+    assert control["ca"]["ready"] and control["apiserver"]["ready"], control
+    assert control["ca"]["pid"] in netns_pids("tb-tbdown.control-plane")
+    table = nodeagent("testbed", "status", "--name", cluster.name).stdout
+    ca_rows = [ln.split() for ln in table.splitlines() if ln.startswith("CA ")]
+    assert "CONTROL PLANE" in table and ca_rows, table
+    assert ca_rows[0][1:] == [str(control["ca"]["pid"]), control["ca"]["address"], "ready"]
     pids = [pid for ns in made_netns for pid in netns_pids(ns)]
     assert len(pids) >= 6  # one workload per pod
     etc = [Path("/etc/netns") / n for n in made_netns if ".pod-" in n]

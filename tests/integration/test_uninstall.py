@@ -65,6 +65,7 @@ def topology(name: str) -> str:
     return f"""
 name: {name}
 proxy: false  # capture itself: the probe pods listen on 15001/15006 where Envoy would
+ca: plugin  # the agents this test starts itself sign with the testbed's plug-in cacerts
 nodes: [{{name: {NODE}}}]
 namespaces:
   - {{name: mesh, labels: {{nodeagent.io/mesh: enabled}}}}

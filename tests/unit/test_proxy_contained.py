@@ -69,6 +69,14 @@ def make_proxy(tmp_path: Path, store: MeshStore, *pods: str) -> tuple[NodeProxy,
     return proxy, metrics
 
 
+def push_issued(proxy: NodeProxy) -> None:
+    """A push, the renewal loop's pass that issues the identities it scheduled, the push that
+    follows (what on_change asks for)."""
+    proxy.push()
+    asyncio.run(proxy.identities.renew_due())
+    proxy.push()
+
+
 def resources(proxy: NodeProxy, type_url: str) -> dict[str, object]:
     snapshot = proxy.cache.get(proxy.settings.node_id)
     assert snapshot is not None
@@ -80,7 +88,7 @@ def test_a_captured_pod_missing_from_the_source_gets_no_identity(tmp_path: Path)
     listeners (its traffic is refused) until the pod is known; visible in status and metrics."""
     store = mesh_store()
     proxy, metrics = make_proxy(tmp_path, store, "web-1", "ghost")
-    proxy.push()
+    push_issued(proxy)
     secrets = set(resources(proxy, e.SECRET))
     assert secrets == {"spiffe://cluster.local/ns/shop/sa/web", "ROOTCA"}
     listeners = set(resources(proxy, e.LISTENER))
@@ -94,7 +102,7 @@ def test_a_captured_pod_missing_from_the_source_gets_no_identity(tmp_path: Path)
 
     # Once the source has it, it gets its own identity and its listeners.
     store.put_pod(Pod(NS, "ghost", service_account="ghost-sa"))
-    proxy.push()
+    push_issued(proxy)
     assert "spiffe://cluster.local/ns/shop/sa/ghost-sa" in resources(proxy, e.SECRET)
     assert "virtualInbound/shop/ghost" in resources(proxy, e.LISTENER)
     assert proxy.status_table()["identity_unknown"] == []
@@ -298,6 +306,6 @@ def test_a_same_named_pod_of_another_node_or_uid_lends_no_identity(tmp_path: Pat
     assert proxy.status_table()["identity_unknown"] == ["shop/db-0"]
     # The source catches up with this pod: its identity.
     store.put_pod(Pod(NS, "db-0", uid="new", node_name="n1", service_account="db"))
-    proxy.push()
+    push_issued(proxy)
     assert "spiffe://cluster.local/ns/shop/sa/db" in resources(proxy, e.SECRET)
     assert proxy.status_table()["identity_unknown"] == []

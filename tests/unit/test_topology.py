@@ -160,3 +160,25 @@ def test_agents_read_the_kubernetes_api_unless_told_directory() -> None:
     small = MINIMAL + "network: {underlayCIDR: 10.9.0.0/30}\n"
     with pytest.raises(TopologyError, match="more nodes than"):
         loads_topology(small, "t.yaml")
+
+
+def test_the_ca_service_signs_unless_told_plugin() -> None:
+    topo = loads_topology(MINIMAL, "t.yaml")
+    assert topo.ca == "service"  # as the DaemonSet and the CA Deployment run
+    # The control plane's host is neither the API server's nor a node's.
+    assert topo.network.control_plane_ip == ipaddress.IPv4Address("172.31.0.253")
+    taken = {n.underlay_ip for n in topo.nodes} | {topo.network.apiserver_ip}
+    assert topo.network.control_plane_ip not in taken
+    assert loads_topology(MINIMAL + "ca: plugin\n", "t.yaml").ca == "plugin"
+    # The CA needs an API server whatever the agents read: directory + service is allowed.
+    both = loads_topology(MINIMAL + "source: directory\nca: service\n", "t.yaml")
+    assert (both.source, both.ca) == ("directory", "service")
+    with pytest.raises(TopologyError, match=r"t.yaml: ca: expected one of service, plugin"):
+        loads_topology(MINIMAL + "ca: vault\n", "t.yaml")
+    # A /29 has 6 hosts: the API server and control plane take two, 4 nodes fit, not 5.
+    nodes = "nodes: [{name: a}, {name: b}, {name: c}, {name: d}]\n"
+    four = "name: t1\nnetwork: {underlayCIDR: 10.9.0.0/29}\n" + nodes
+    assert len(loads_topology(four, "t.yaml").nodes) == 4
+    five = four.replace("{name: d}]", "{name: d}, {name: e}]")
+    with pytest.raises(TopologyError, match=r"nodes\[4\]: more nodes than"):
+        loads_topology(five, "t.yaml")
