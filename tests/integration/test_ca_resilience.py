@@ -39,9 +39,9 @@ from cryptography import x509
 from nodeagent.identity.ca import ROOT_CERT, PluginCA, plugin_cacerts
 from nodeagent.identity.certs import ChainError, issue, verify_chain
 from nodeagent.identity.manager import RETRY_MAX
-from nodeagent.testbed import daemons, layout, netns, resources
+from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, down
-from nodeagent.testbed.topology import APISERVER_PORT, loads_topology
+from nodeagent.testbed.topology import loads_topology
 from tests.integration.helpers import envoy_admin, node_cli, node_metrics, wait_for
 
 pytestmark = pytest.mark.integration
@@ -52,8 +52,8 @@ NAME = "tbcares"
 TTL = 60  # seconds: the workload certificates' lifetime
 RATE = 20  # requests per second per caller
 TRUST_DOMAIN = "cluster.local"
-CA_NAMESPACE = "nodeagent-system"
 SELF_SIGNED_SECRET = "nodeagent-ca"  # the CA's own root (nodeagent.caservice.keystore)
+CACERTS = "cacerts"  # Istio's plug-in CA Secret, which wins over the self-signed root
 SERVER = "foo/server"
 # Callers: tag -> (pod, its node). "x" crosses nodes, "near" stays on the server's node.
 CALLERS = {"x": ("foo/client", "n1"), "near": ("foo/near", "n2")}
@@ -102,14 +102,9 @@ def tb() -> Iterator[Testbed]:
 # -- the CA daemon (the testbed's control plane) -------------------------------------------------
 
 
-def ca_record(tb: Testbed) -> daemons.DaemonRecord | None:
-    """The CA service's process as the testbed recorded it (None while it is stopped)."""
-    return next((r for r in tb.state.daemons if r.name == "ca"), None)
-
-
 def kill_ca(tb: Testbed) -> float:
     """SIGKILL the CA service (a crash: no graceful stop); the wall-clock time it died."""
-    record = ca_record(tb)
+    record = tb.ca_daemon()
     assert record is not None, "the CA service is not running"
     os.kill(record.pid, signal.SIGKILL)
     wait_for(lambda: not netns.alive(record.pid, record.start_time), 5, "the CA to die")
@@ -120,45 +115,9 @@ def kill_ca(tb: Testbed) -> float:
 
 def ensure_ca(tb: Testbed) -> None:
     """The CA runs (a test that failed midway may have left it stopped)."""
-    record = ca_record(tb)
-    if record is None or not netns.alive(record.pid, record.start_time):
-        if record is not None:
-            tb.stop_ca()
+    if tb.ca_pid() is None:
+        tb.stop_ca()
         tb.start_ca()
-
-
-# -- the cluster's API (the stand-in, in the underlay) -------------------------------------------
-
-
-def api_get(tb: Testbed, path: str) -> dict[str, Any]:
-    url = f"http://{tb.topology.network.apiserver_ip}:{APISERVER_PORT}{path}"
-    proc = subprocess.run(
-        netns.in_netns(layout.underlay_netns(tb.name), ["curl", "-sS", "-m", "5", url]),
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    assert proc.returncode == 0, f"GET {path}: {proc.stderr}"
-    answer: dict[str, Any] = json.loads(proc.stdout)
-    return answer
-
-
-def secret_files(tb: Testbed, name: str) -> dict[str, bytes]:
-    secret = api_get(tb, f"/api/v1/namespaces/{CA_NAMESPACE}/secrets/{name}")
-    assert secret.get("kind") == "Secret", secret
-    return {k: base64.b64decode(v) for k, v in secret["data"].items()}
-
-
-def put_cacerts(tb: Testbed, files: dict[str, bytes]) -> None:
-    """Create or replace Secret nodeagent-system/cacerts, as ``kubectl apply`` would."""
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "cacerts", "namespace": CA_NAMESPACE},
-        "type": "Opaque",
-        "data": {k: base64.b64encode(v).decode() for k, v in files.items()},
-    }
-    resources.write(layout.cluster_dir(tb.name) / "cacerts-secret.yaml", [secret])
 
 
 # -- what the node Envoys hold -------------------------------------------------------------------
@@ -340,7 +299,9 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
         back_at = max(killed + TTL + 2.0, max(expiry.values()) + FAILING_WINDOW)
         assert back_at - killed < TTL + FAILING_WINDOW + 5, (killed, expiry)
         time.sleep(max(0.0, back_at - FAILING_WINDOW / 2 - time.time()))
-        during = {n: proxy_problem(tb, n) for n in ("n1", "n2")}
+        # What a user sees meanwhile: the agents say why, and which secrets Envoy holds.
+        said = {n: identity_problem(tb, n) for n in ("n1", "n2")}
+        held = {n: sorted(k for k in envoy_secrets(tb, n) if k != "ROOTCA") for n in ("n1", "n2")}
         time.sleep(max(0.0, back_at - time.time()))
         restarted = time.time()
         tb.start_ca()
@@ -379,8 +340,11 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
     )
     print("\n".join(rows))
     for node in ("n1", "n2"):
-        print(f"  {node} during the outage: {during[node]}")
-        print(f"  {node} metrics: {cert_metrics(tb, node)}")
+        print(f"  {node} during the outage: agent says {said[node]!r}; Envoy holds {held[node]}")
+        print(f"  {node} agent's counters: {cert_metrics(tb, node)}")
+    for node in ("n1", "n2"):
+        assert "CA" in said[node], f"{node}'s agent does not say its CA fails: {said[node]!r}"
+        assert identity_problem(tb, node) == "", f"{node}: the agent still reports a CA problem"
     assert restarted - killed > TTL
     # Nothing was restarted to recover: the same agents, Envoys and workloads, still running.
     assert processes(tb) == survivors
@@ -398,15 +362,18 @@ def cert_metrics(tb: Testbed, node: str) -> str:
     )
 
 
-def proxy_problem(tb: Testbed, node: str) -> str:
-    """What the node agent says about itself (``nodeagent proxy-status``), for the report."""
+def identity_problem(tb: Testbed, node: str) -> str:
+    """Why the node agent's identities lack certificates ("" when all is well), from
+    ``nodeagent proxy-status -o json`` as a user reads it."""
     proc = node_cli(tb.name, node, "proxy-status", "-o", "json")
-    return proc.stdout.strip()[:400] if proc.returncode == 0 else proc.stderr.strip()[:200]
+    assert proc.returncode == 0, proc.stderr
+    problem: str = json.loads(proc.stdout)["identity"]["problem"]
+    return problem
 
 
 # -- 2. root rotation ----------------------------------------------------------------------------
 
-STEP_TIMEOUT = 60.0  # the CA re-reads its Secrets every 10 s, the agents their root file every 3 s
+STEP_TIMEOUT = 60.0  # the CA re-reads its Secrets every 2 s, the agents their root file every 3 s
 
 
 def probe(tb: Testbed, folder: Path, ca: PluginCA, cafile: Path, name: str) -> dict[str, Any]:
@@ -433,7 +400,7 @@ def probe(tb: Testbed, folder: Path, ca: PluginCA, cafile: Path, name: str) -> d
 
 def test_root_rotation_across_two_nodes_with_no_failed_request(tb: Testbed, tmp_path: Path) -> None:
     ensure_ca(tb)
-    a_files = secret_files(tb, SELF_SIGNED_SECRET)
+    a_files = tb.read_secret(SELF_SIGNED_SECRET)
     root_a = x509.load_pem_x509_certificate(a_files[ROOT_CERT])
     b_files = plugin_cacerts(TRUST_DOMAIN, intermediate=True)  # Istio's usual layout
     root_b = x509.load_pem_x509_certificate(b_files[ROOT_CERT])
@@ -454,15 +421,15 @@ def test_root_rotation_across_two_nodes_with_no_failed_request(tb: Testbed, tmp_
         traffic.steady(3.0, 90, "steady traffic before the rotation")
         started = time.time()
         # 1. Trust A+B; A still signs: nothing changes for the workloads' certificates.
-        put_cacerts(tb, {**a_files, ROOT_CERT: pem(root_a, root_b)})
+        tb.apply_secret(CACERTS, {**a_files, ROOT_CERT: pem(root_a, root_b)})
         times["trust A+B"] = wait_for(lambda: trust(root_a, root_b), STEP_TIMEOUT, "trust A+B")
-        config_map = layout.ca_root_file(tb.name).read_bytes()
+        config_map = tb.ca_root_pem()
         assert set(x509.load_pem_x509_certificates(config_map)) == {root_a, root_b}
         # 2. B signs (the bundle is still A+B): every workload moves to B within a TTL.
-        put_cacerts(tb, {**b_files, ROOT_CERT: pem(root_a, root_b)})
+        tb.apply_secret(CACERTS, {**b_files, ROOT_CERT: pem(root_a, root_b)})
         times["signed by B"] = wait_for(lambda: signed_by(root_b), TTL + 30, "certs from B")
         # 3. Trust B only.
-        put_cacerts(tb, b_files)
+        tb.apply_secret(CACERTS, b_files)
         times["trust B only"] = wait_for(lambda: trust(root_b), STEP_TIMEOUT, "trust B only")
         time.sleep(3.0)  # traffic under the final trust
     finally:
