@@ -87,15 +87,18 @@ pods:
     labels: {{app: purchase-history, version: v2}}
     workload: {{type: fake-service}}
 services:
-  - {{name: web-api, namespace: istioinaction, selector: {{app: web-api}}, ports: [{{port: 8080}}]}}
+  - name: web-api
+    namespace: istioinaction
+    selector: {{app: web-api}}
+    ports: [{{name: http, port: 8080}}]
   - name: recommendation
     namespace: istioinaction
     selector: {{app: recommendation}}
-    ports: [{{port: 8080}}]
+    ports: [{{name: http, port: 8080}}]
   - name: purchase-history
     namespace: istioinaction
     selector: {{app: purchase-history}}
-    ports: [{{port: 8080}}]
+    ports: [{{name: http, port: 8080}}]
 """
 MESH_STRICT = """
 apiVersion: security.istio.io/v1
@@ -282,7 +285,8 @@ def test_no_node_holds_the_cas_private_key_in_memory_or_files(tb: Testbed, tmp_p
     assert keyscan.files_scanned(everything) >= 20
     # Control: the file scan finds the key when a file holds it.
     (tmp_path / "leak").write_bytes(b"x" + needles["der-pkcs8"] + b"y")
-    assert keyscan.found_in_files(tmp_path, needles) == {tmp_path / "leak": {"der-pkcs8"}}
+    leaks = keyscan.found_in_files(tmp_path, needles)
+    assert list(leaks) == [tmp_path / "leak"] and "der-pkcs8" in leaks[tmp_path / "leak"]
 
 
 def test_node_authorization_with_the_nodes_real_credentials(tb: Testbed, tmp_path: Path) -> None:
