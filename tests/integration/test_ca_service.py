@@ -334,3 +334,24 @@ def test_node_authorization_with_the_nodes_real_credentials(tb: Testbed, tmp_pat
     for log in layout.logs_dir(tb.name).iterdir():
         text = log.read_text(errors="replace")
         assert not [s for s in secrets_ if s in text], f"{log} holds a token"
+
+
+def test_a_killed_ca_comes_back_with_the_same_root(tb: Testbed) -> None:
+    """The self-signed root lives in the CA's Secret, not in the process: a CA killed and started
+    again (a crashed pod, rescheduled) signs under the same root, and the root the agents mount
+    does not change (istiod's istio-ca-secret, https://istio.io/latest/docs/concepts/security/)."""
+    root, key = tb.ca_root_pem(), ca_signing_key(tb)
+    pid = tb.ca_pid()
+    tb.stop_ca(kill=True)
+    assert pid is not None and tb.ca_pid() is None and not netns.alive(pid, None)
+    control = {c.component: c for c in tb.control_plane_status()}
+    assert control["ca"].pid is None and control["ca"].ready == "not running"
+    assert control["apiserver"].ready == ""  # the API server is another host's process
+    tb.start_ca()
+    assert tb.ca_pid() not in (None, pid) and tb.ca_ready() == ""
+    assert tb.ca_root_pem() == root and ca_signing_key(tb) == key
+    web_api = f"{TD}/ns/istioinaction/sa/web-api"
+    answer = ask_ca(tb, "n1", layout.node_token_file(tb.name, "n1"), web_api, [web_api])
+    assert answer["code"] == "OK"
+    issued_root = x509.load_pem_x509_certificate(answer["chain"][-1].encode())
+    assert issued_root == x509.load_pem_x509_certificate(root)
