@@ -55,7 +55,7 @@ SERVER_ID = f"spiffe://{TRUST_DOMAIN}/ns/mesh/sa/server"
 PROBE = Path(__file__).with_name("serial_probe.py")
 PROBE_INTERVAL = 0.02  # seconds between handshakes: the "served" figure's resolution
 ACK_POLL = 0.01  # seconds between looks at the agent's xDS state
-ISSUED = re.compile(r"^certificate for (\S+) issued: serial ([0-9a-f]+),")
+ISSUED = re.compile(r"^certificate for (\S+) issued(?: by .+?)?: serial ([0-9a-f]+),")
 
 TOPOLOGY = f"""
 name: {TESTBED}

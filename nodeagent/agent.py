@@ -43,6 +43,8 @@ from nodeagent.supervise import TaskSupervisor
 
 log = logging.getLogger("nodeagent.agent")
 
+ROOT_FILE_WAIT = 1.0  # seconds between looks at a missing --ca-root-file at start
+
 
 @dataclass
 class AgentConfig:
@@ -258,7 +260,7 @@ async def _issuer(config: AgentConfig, trust_domain: str, stop: asyncio.Event) -
                 log.error("%s; waiting for it before serving", e)
             last = str(e)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 2.0)
+            await asyncio.wait_for(stop.wait(), ROOT_FILE_WAIT)
     return remote
 
 

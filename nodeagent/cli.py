@@ -751,6 +751,14 @@ def proxy_status(cni_socket: str, output: str) -> None:
             f"pod {key}: identity unknown: pod not in the source (no certificate,"
             " no listeners: its traffic is refused)"
         )
+    identity = answer.get("identity") or {}  # IdentityManager.status
+    for sid, state in identity.get("identities", {}).items():
+        if state.get("error"):
+            held = f"current one expires {state['not_after']}" if state["not_after"] else "none"
+            click.echo(
+                f"certificate for {sid} not issued by {identity['issuer']} ({held}):"
+                f" {state['error']}"
+            )
     ignored = answer.get("not_enforced") or []  # nodeagent.mesh.enforcement
     if ignored:
         click.echo(f"\naccepted, not enforced ({len(ignored)} Istio resources):")

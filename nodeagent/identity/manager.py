@@ -132,6 +132,8 @@ class IdentityManager:
         self._wakeup = asyncio.Event()
         self._concurrency = concurrency
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._requests: set[asyncio.Task[bool]] = set()  # to the issuer, in flight
+        self._dirty = False  # certificates installed that on_change has not told of yet
         self._next_refresh = 0.0
 
     @property
@@ -182,7 +184,8 @@ class IdentityManager:
     def problem(self) -> str:
         """Readiness text: "" while every local identity's latest request worked. Names no
         SPIFFE ID (readiness is unauthenticated)."""
-        failing = [i for i in self._identities.values() if i.last_error]
+        # Asked from the readiness server's thread: copy before looking (list() holds the GIL).
+        failing = [i for i in list(self._identities.values()) if i.last_error]
         if not failing:
             return ""
         without = sum(1 for i in failing if i.cert is None)
@@ -208,18 +211,27 @@ class IdentityManager:
 
     async def renew_due(self) -> int:
         """Issue, renew or retry every identity whose time has come, a few at a time; drop
-        expired certificates; return how many got a certificate."""
+        expired certificates; return how many got a certificate (one on_change for them all)."""
+        results = await asyncio.gather(*self._start_due())
+        self._notify()
+        return sum(results)
+
+    def _start_due(self) -> list[asyncio.Task[bool]]:
+        """Start a request for each due identity not already asked for; the requests run on
+        their own (bounded by the semaphore) so a slow CA never holds up new identities."""
         self._drop_expired(notify=True)
         now = self._clock()
-        due = [i for i in self._identities.values() if i.due_at <= now and not i.in_flight]
-        results = await asyncio.gather(*(self._renew(entry) for entry in due))
-        renewed = sum(results)
-        if renewed:
-            self._changed()
-        return renewed
+        started = []
+        for entry in self._identities.values():
+            if entry.due_at <= now and not entry.in_flight:
+                entry.in_flight = True
+                task = asyncio.get_running_loop().create_task(self._renew(entry))
+                self._requests.add(task)
+                task.add_done_callback(self._requests.discard)
+                started.append(task)
+        return started
 
     async def _renew(self, entry: _Identity) -> bool:
-        entry.in_flight = True
         try:
             async with self._semaphore():
                 if self._identities.get(entry.spiffe_id) is not entry:
@@ -233,13 +245,20 @@ class IdentityManager:
             return False
         finally:
             entry.in_flight = False
+            self._wakeup.set()  # the loop schedules what comes next (renewal or retry)
         self.metrics.requests.labels(OK).inc()
         if self._identities.get(entry.spiffe_id) is not entry:
             return False  # the last pod left meanwhile: drop the new key as well
         if entry.cert is not None:
             self.metrics.rotations.inc()
         self._installed(entry, cert)
+        self._dirty = True
         return True
+
+    def _notify(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            self._changed()
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()  # one per loop: tests run passes in several loops
@@ -255,7 +274,8 @@ class IdentityManager:
                 self._wakeup.clear()  # before renewing: a change made meanwhile is not missed
                 try:
                     await self._refresh_due()
-                    await self.renew_due()
+                    self._notify()  # certificates installed since the last pass: one push
+                    self._start_due()
                 except Exception:
                     log.exception("certificate renewal pass failed; trying again")
                 woken = asyncio.create_task(self._wakeup.wait())
@@ -265,8 +285,12 @@ class IdentityManager:
                 woken.cancel()
         finally:
             stopping.cancel()
+            for task in list(self._requests):
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await stopping
+                await asyncio.gather(stopping, *self._requests, return_exceptions=True)
+            for entry in self._identities.values():
+                entry.in_flight = False
             await self.issuer.close()
 
     async def _refresh_due(self) -> None:
@@ -279,7 +303,7 @@ class IdentityManager:
     def _sleep(self) -> float:
         now = self._clock()
         wake = [now + MAX_SLEEP]
-        wake += [i.due_at for i in self._identities.values()]
+        wake += [i.due_at for i in self._identities.values() if not i.in_flight]
         # Wake at expiry to drop the certificate (fail closed) even while the CA is down.
         wall = time.time()
         wake += [

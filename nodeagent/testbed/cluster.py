@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -448,13 +449,17 @@ class Testbed:
         except daemons.DaemonError as e:
             raise TestbedError(str(e)) from None
 
-    def stop_ca(self) -> None:
-        """Stop the CA service (SIGTERM, then SIGKILL), as an outage would; the agents keep the
-        certificates they hold. Idempotent."""
+    def stop_ca(self, kill: bool = False) -> None:
+        """Stop the CA service, as an outage would: SIGTERM then SIGKILL, or with KILL a
+        SIGKILL at once (a crash: no graceful shutdown). The agents keep the certificates they
+        hold. Idempotent; returns once the process is gone."""
         record = self.ca_daemon()
         if record is None:
             return
-        daemons.stop(record)
+        if kill and netns.alive(record.pid, record.start_time):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGKILL)
+        daemons.stop(record)  # waits for it (and stops it, without KILL)
         with self._lock:
             self.state.daemons.remove(record)
             self.state.save()

@@ -87,15 +87,18 @@ pods:
     labels: {{app: purchase-history, version: v2}}
     workload: {{type: fake-service}}
 services:
-  - {{name: web-api, namespace: istioinaction, selector: {{app: web-api}}, ports: [{{port: 8080}}]}}
+  - name: web-api
+    namespace: istioinaction
+    selector: {{app: web-api}}
+    ports: [{{name: http, port: 8080}}]
   - name: recommendation
     namespace: istioinaction
     selector: {{app: recommendation}}
-    ports: [{{port: 8080}}]
+    ports: [{{name: http, port: 8080}}]
   - name: purchase-history
     namespace: istioinaction
     selector: {{app: purchase-history}}
-    ports: [{{port: 8080}}]
+    ports: [{{name: http, port: 8080}}]
 """
 MESH_STRICT = """
 apiVersion: security.istio.io/v1
@@ -282,7 +285,8 @@ def test_no_node_holds_the_cas_private_key_in_memory_or_files(tb: Testbed, tmp_p
     assert keyscan.files_scanned(everything) >= 20
     # Control: the file scan finds the key when a file holds it.
     (tmp_path / "leak").write_bytes(b"x" + needles["der-pkcs8"] + b"y")
-    assert keyscan.found_in_files(tmp_path, needles) == {tmp_path / "leak": {"der-pkcs8"}}
+    leaks = keyscan.found_in_files(tmp_path, needles)
+    assert list(leaks) == [tmp_path / "leak"] and "der-pkcs8" in leaks[tmp_path / "leak"]
 
 
 def test_node_authorization_with_the_nodes_real_credentials(tb: Testbed, tmp_path: Path) -> None:
@@ -330,3 +334,24 @@ def test_node_authorization_with_the_nodes_real_credentials(tb: Testbed, tmp_pat
     for log in layout.logs_dir(tb.name).iterdir():
         text = log.read_text(errors="replace")
         assert not [s for s in secrets_ if s in text], f"{log} holds a token"
+
+
+def test_a_killed_ca_comes_back_with_the_same_root(tb: Testbed) -> None:
+    """The self-signed root lives in the CA's Secret, not in the process: a CA killed and started
+    again (a crashed pod, rescheduled) signs under the same root, and the root the agents mount
+    does not change (istiod's istio-ca-secret, https://istio.io/latest/docs/concepts/security/)."""
+    root, key = tb.ca_root_pem(), ca_signing_key(tb)
+    pid = tb.ca_pid()
+    tb.stop_ca(kill=True)
+    assert pid is not None and tb.ca_pid() is None and not netns.alive(pid, None)
+    control = {c.component: c for c in tb.control_plane_status()}
+    assert control["ca"].pid is None and control["ca"].ready == "not running"
+    assert control["apiserver"].ready == ""  # the API server is another host's process
+    tb.start_ca()
+    assert tb.ca_pid() not in (None, pid) and tb.ca_ready() == ""
+    assert tb.ca_root_pem() == root and ca_signing_key(tb) == key
+    web_api = f"{TD}/ns/istioinaction/sa/web-api"
+    answer = ask_ca(tb, "n1", layout.node_token_file(tb.name, "n1"), web_api, [web_api])
+    assert answer["code"] == "OK"
+    issued_root = x509.load_pem_x509_certificate(answer["chain"][-1].encode())
+    assert issued_root == x509.load_pem_x509_certificate(root)

@@ -106,3 +106,65 @@ def test_ca_service_flags_reach_the_agent(tmp_path: Path, monkeypatch: pytest.Mo
     # The CA's own default TLS name, by default.
     assert config.ca_server_name == DEFAULT_CA_SERVER_NAME == DEFAULT_SERVER_NAME
     assert DEFAULT_CA_SERVER_NAME in default_server_names(DEFAULT_NAMESPACE)
+
+
+def test_proxy_status_says_when_the_ca_cannot_issue(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    from nodeagent.cni import wire
+
+    answer = {
+        "ok": True,
+        "proxy": {
+            "node": "n1",
+            "envoy_pid": 42,
+            "envoy_restarts": 0,
+            "version": "3",
+            "types": {},
+        },
+        "pods": [],
+        "not_enforced": [],
+        "identity": {
+            "issuer": "the CA service at 10.0.0.5:15012",
+            "problem": "the CA service at 10.0.0.5:15012 failed for 1 identities",
+            "identities": {
+                "spiffe://cluster.local/ns/shop/sa/cart": {
+                    "not_after": "2026-12-06T13:00:00+00:00",
+                    "error": "unavailable: UNAVAILABLE: failed to connect",
+                    "failures": 3,
+                },
+                "spiffe://cluster.local/ns/shop/sa/web": {
+                    "not_after": "2026-12-06T13:00:00+00:00",
+                    "error": "",
+                    "failures": 0,
+                },
+            },
+        },
+    }
+    path = str(tmp_path / "cni.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    server.settimeout(10)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.makefile("rb").readline()
+            conn.sendall(wire.encode(answer))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = CliRunner().invoke(cli, ["proxy-status", "--cni-socket", path])
+    finally:
+        thread.join(10)
+        server.close()
+    assert result.exit_code == 0, result.output
+    assert (
+        "certificate for spiffe://cluster.local/ns/shop/sa/cart not issued by the CA service at"
+        " 10.0.0.5:15012 (current one expires 2026-12-06T13:00:00+00:00): unavailable:"
+        " UNAVAILABLE: failed to connect" in result.output
+    )
+    assert "sa/web" not in result.output  # healthy identities are not listed

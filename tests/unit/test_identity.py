@@ -460,3 +460,50 @@ def test_describe_secrets_from_an_envoy_config_dump(plugin_ca: PluginCA) -> None
     assert rootca["root_fingerprint"] == fingerprint
     assert bad["name"] == "broken" and "no certificate" in bad["error"]
     assert all("redacted" not in value and "KEY" not in value for value in workload.values())
+
+
+class StuckIssuer:
+    """Issues from a real CA, except that requests for SA hang (a CA that never answers)."""
+
+    name = "a stuck CA"
+    refresh_interval = None
+
+    def __init__(self, ca: PluginCA) -> None:
+        self.ca = ca
+        self.root_pem = ca.root_pem
+        self.on_bundle_change: Callable[[], None] | None = None
+        self.closed = False
+
+    async def issue(self, sid: str, ttl: timedelta, key_type: Any) -> WorkloadCert:
+        if sid == SA:
+            await asyncio.Event().wait()
+        return issue(self.ca, sid, ttl, key_type)
+
+    async def refresh(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_request_the_ca_does_not_answer_holds_up_no_other_identity(plugin_ca: PluginCA) -> None:
+    issuer = StuckIssuer(plugin_ca)
+    mgr = IdentityManager(issuer, TD)
+    pay = spiffe_id(TD, "shop", "pay")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(mgr.run(stop))
+        mgr.set_local_identities([("shop", "cart")])
+        await asyncio.sleep(0.1)
+        mgr.set_local_identities([("shop", "cart"), ("shop", "pay")])  # a new pod arrives
+        deadline = time.monotonic() + 2
+        while pay not in mgr.certs() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert set(mgr.certs()) == {pay}
+        assert "being issued" in mgr.identity_problem(SA)
+        stop.set()
+        await asyncio.wait_for(task, timeout=2)  # the stuck request is cancelled on stop
+
+    asyncio.run(scenario())
+    assert issuer.closed

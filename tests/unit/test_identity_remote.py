@@ -486,3 +486,41 @@ def test_a_good_answer_from_the_fake_ca_is_installed(tmp_path: Path) -> None:
             await fake.server.stop(None)
 
     asyncio.run(main())
+
+
+# -- the agent's choice of issuer -----------------------------------------------------------------
+
+
+def test_the_agent_picks_its_issuer_and_waits_for_the_root_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from nodeagent import agent
+    from nodeagent.identity.ca import create_plugin_cacerts
+    from nodeagent.identity.issuer import LocalIssuer
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        builtin = await agent._issuer(agent.AgentConfig("n1", state_dir=tmp_path / "s"), TD, stop)
+        assert isinstance(builtin, LocalIssuer) and builtin.name == "the built-in CA"
+        create_plugin_cacerts(tmp_path / "cacerts", TD)
+        plugin = await agent._issuer(agent.AgentConfig("n1", ca_dir=tmp_path / "cacerts"), TD, stop)
+        assert isinstance(plugin, LocalIssuer) and "plug-in CA" in plugin.name
+
+        node = Node(tmp_path, TOKEN_A)
+        config = agent.AgentConfig(
+            "n1",
+            ca_address="127.0.0.1:15012",
+            ca_root_file=node.root_file,
+            ca_token_file=node.token_file,
+        )
+        waiting = asyncio.create_task(agent._issuer(config, TD, stop))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # no trust bundle yet: nothing could be verified
+        root = plugin_cacerts(TD, intermediate=False)["root-cert.pem"]
+        node.mount_roots(root)
+        remote = await asyncio.wait_for(waiting, 5)
+        assert isinstance(remote, RemoteCA) and remote.root_pem == root
+        assert remote.server_name == DEFAULT_SERVER_NAME
+
+    asyncio.run(main())
+    assert f"CA root file {tmp_path}/ca-root/root-cert.pem: missing" in caplog.text
