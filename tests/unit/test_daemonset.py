@@ -42,9 +42,15 @@ def _documents() -> list[tuple[str, dict[str, Any]]]:
     return docs
 
 
-def _one(kind: str) -> dict[str, Any]:
-    found = [doc for _, doc in _documents() if doc["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def _one(kind: str, app: str = "nodeagent") -> dict[str, Any]:
+    """The one object of KIND that belongs to APP (label app.kubernetes.io/name): the node
+    agent's, by default; the CA service's objects are "nodeagent-ca" (test_ca_manifests.py)."""
+    found = [
+        doc
+        for _, doc in _documents()
+        if doc["kind"] == kind and doc["metadata"]["labels"]["app.kubernetes.io/name"] == app
+    ]
+    assert len(found) == 1, f"expected one {kind} of {app}, found {len(found)}"
     return found[0]
 
 
@@ -108,6 +114,8 @@ def test_every_document_validates_strictly_against_the_kubernetes_schemas(versio
         "RoleBinding",
         "ConfigMap",
         "DaemonSet",
+        "Service",
+        "Deployment",
     }
     for name, doc in docs:
         assert_valid(name, doc, version)
@@ -115,7 +123,7 @@ def test_every_document_validates_strictly_against_the_kubernetes_schemas(versio
 
 def test_namespaced_objects_live_in_the_agent_namespace() -> None:
     for name, doc in _documents():
-        if doc["kind"] in ("ServiceAccount", "ConfigMap", "DaemonSet", "Role", "RoleBinding"):
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == "nodeagent-system", name
 
 
@@ -369,8 +377,7 @@ def test_agent_host_mounts() -> None:
     assert writable == {"/var/run/nodeagent", "/var/lib/nodeagent"}
     assert by_host["/proc"]["mountPath"] == "/host/proc"
     assert by_host["/proc"]["readOnly"] is True
-    config = next(m for m in mounts.values() if "configMap" in volumes[m["name"]])
-    assert config["mountPath"] == "/etc/nodeagent"
+    config = next(m for m in mounts.values() if m["mountPath"] == "/etc/nodeagent")
     assert volumes[config["name"]]["configMap"]["name"] == _one("ConfigMap")["metadata"]["name"]
 
 
