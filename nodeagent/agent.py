@@ -7,6 +7,7 @@ registry is reconciled before the CNI socket opens, so the first ADD already see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -20,8 +21,10 @@ from nodeagent import uninstall
 from nodeagent.cni import wire
 from nodeagent.cni.server import CniServer
 from nodeagent.health import serve_readiness
-from nodeagent.identity.ca import BuiltinCA, CertificateAuthority, PluginCA
+from nodeagent.identity.ca import BuiltinCA, PluginCA
+from nodeagent.identity.issuer import Issuer, LocalIssuer
 from nodeagent.identity.manager import IdentityManager
+from nodeagent.identity.remote import DEFAULT_SERVER_NAME, RemoteCA, RootFileError
 from nodeagent.mesh import enforcement
 from nodeagent.mesh.enforcement import NotEnforcedCollector
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
@@ -39,6 +42,8 @@ from nodeagent.sources.directory import DirectorySource, MeshConfigFile
 from nodeagent.supervise import TaskSupervisor
 
 log = logging.getLogger("nodeagent.agent")
+
+ROOT_FILE_WAIT = 1.0  # seconds between looks at a missing --ca-root-file at start
 
 
 @dataclass
@@ -75,6 +80,12 @@ class AgentConfig:
     sidecar_dir: Path | None = None  # sidecar model: default <run_dir>/sidecars
     sidecar_log_dir: Path = Path("/var/log/nodeagent-sidecars")
     ca_dir: Path | None = None  # Istio plug-in CA files (cacerts); else a built-in CA
+    # The CA service (`nodeagent ca`) instead of a local CA: its HOST:PORT, the trust bundle
+    # file (ConfigMap nodeagent-ca-root), the agent's projected token, the CA's TLS name.
+    ca_address: str | None = None
+    ca_root_file: Path | None = None
+    ca_token_file: Path | None = None
+    ca_server_name: str = DEFAULT_SERVER_NAME
     cert_ttl: float = 24 * 3600.0
     cert_key_type: str = "EC"  # ECDSA P-256; "RSA" for RSA 2048 (Istio's default)
     host_proc: Path = Path("/proc")  # where pods that ran before the agent are looked for
@@ -100,13 +111,9 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     _start_sources(config, store, stop, tasks)
     await store.synced.wait()  # the trust domain comes from the mesh config
     trust_domain = store.mesh_config.trust_domain
-    ca: CertificateAuthority = (
-        PluginCA.load(config.ca_dir)
-        if config.ca_dir
-        else BuiltinCA.load_or_create(config.state_dir, trust_domain)
-    )
+    issuer = await _issuer(config, trust_domain, stop)
     identities = IdentityManager(
-        ca,
+        issuer,
         trust_domain,
         ttl=timedelta(seconds=config.cert_ttl),
         key_type="RSA" if config.cert_key_type == "RSA" else "EC",
@@ -166,6 +173,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
             "proxy": proxy.status_table(),
             "pods": manager.status(),
             "not_enforced": not_enforced,
+            "identity": identities.status(),
         }
 
     server = CniServer(config.cni_socket, manager, metrics, {"PROXY_STATUS": proxy_status})
@@ -173,7 +181,11 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     def readiness() -> str:
         if not server.ready:
             return "starting: source not synced or first reconcile not done"
-        problems = [tasks.problem(), proxy.problem() if proxy is not None else ""]
+        problems = [
+            tasks.problem(),
+            proxy.problem() if proxy is not None else "",
+            identities.problem(),
+        ]
         return "; ".join(p for p in problems if p)
 
     if config.metrics_port:
@@ -222,6 +234,34 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
                     await proxy.remove_all()
         if health is not None:
             health.shutdown()
+
+
+async def _issuer(config: AgentConfig, trust_domain: str, stop: asyncio.Event) -> Issuer:
+    """The CA service (--ca-address), Istio's plug-in CA files (--ca-dir) or the built-in CA."""
+    if config.ca_dir:
+        return LocalIssuer(PluginCA.load(config.ca_dir), f"the plug-in CA in {config.ca_dir}")
+    if not config.ca_address:
+        return LocalIssuer(
+            BuiltinCA.load_or_create(config.state_dir, trust_domain), "the built-in CA"
+        )
+    if config.ca_root_file is None or config.ca_token_file is None:
+        raise ValueError("--ca-address needs --ca-root-file and --ca-token-file")
+    remote = RemoteCA(
+        config.ca_address, config.ca_root_file, config.ca_token_file, config.ca_server_name
+    )
+    # Without a trust bundle nothing can be issued or verified: wait for the mounted file.
+    last = ""
+    while not stop.is_set():
+        try:
+            remote.load_roots()
+            break
+        except RootFileError as e:
+            if str(e) != last:
+                log.error("%s; waiting for it before serving", e)
+            last = str(e)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), ROOT_FILE_WAIT)
+    return remote
 
 
 def _start_sources(

@@ -18,6 +18,10 @@ import click
 
 from nodeagent.cni.wire import DEFAULT_SOCKET
 
+# The CA's TLS name by default (nodeagent.caservice.config.default_server_names; kept here so
+# that the CLI starts without importing gRPC).
+DEFAULT_CA_SERVER_NAME = "nodeagent-ca.nodeagent-system.svc"
+
 if TYPE_CHECKING:
     from nodeagent.testbed.cluster import Testbed
     from nodeagent.uninstall import DaemonSetRef
@@ -173,6 +177,33 @@ def workload(args: tuple[str, ...]) -> None:
     " default: a built-in CA kept in --state-dir.",
 )
 @click.option(
+    "--ca-address",
+    default=None,
+    metavar="HOST:PORT",
+    help="The CA service (`nodeagent ca`, gRPC over TLS) that issues the workload certificates"
+    " (Istio's certificate API); needs --ca-root-file and --ca-token-file.",
+)
+@click.option(
+    "--ca-root-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --ca-address: PEM roots trusted for the CA and the mesh (the mounted ConfigMap"
+    " nodeagent-ca-root, key root-cert.pem); re-read when it changes.",
+)
+@click.option(
+    "--ca-token-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --ca-address: the agent's projected service account token (audience istio-ca),"
+    " read for every request.",
+)
+@click.option(
+    "--ca-server-name",
+    default=DEFAULT_CA_SERVER_NAME,
+    show_default=True,
+    help="With --ca-address: the name the CA's TLS certificate must have.",
+)
+@click.option(
     "--cert-ttl",
     type=float,
     default=24 * 3600.0,
@@ -219,6 +250,10 @@ def run(
     sidecar_dir: Path | None,
     sidecar_log_dir: Path,
     ca_dir: Path | None,
+    ca_address: str | None,
+    ca_root_file: Path | None,
+    ca_token_file: Path | None,
+    ca_server_name: str,
     cert_ttl: float,
     cert_key_type: str,
     host_proc: Path,
@@ -244,6 +279,7 @@ def run(
         raise click.UsageError(
             "--proxy-model sidecar runs one Envoy per pod itself: drop --no-proxy/--envoy-mode"
         )
+    _check_ca_options(ca_dir, ca_address, ca_root_file, ca_token_file)
     logs.setup(log_level)
     config = agent.AgentConfig(
         node_name=node_name,
@@ -269,12 +305,41 @@ def run(
         sidecar_dir=sidecar_dir,
         sidecar_log_dir=sidecar_log_dir,
         ca_dir=ca_dir,
+        ca_address=ca_address,
+        ca_root_file=ca_root_file,
+        ca_token_file=ca_token_file,
+        ca_server_name=ca_server_name,
         cert_ttl=cert_ttl,
         cert_key_type=cert_key_type,
         host_proc=host_proc,
         daemonset=daemonset,
     )
     asyncio.run(agent.run(config))
+
+
+def _check_ca_options(
+    ca_dir: Path | None,
+    ca_address: str | None,
+    ca_root_file: Path | None,
+    ca_token_file: Path | None,
+) -> None:
+    """Where certificates come from: the CA service, a plug-in CA, or the built-in CA."""
+    if ca_address is None:
+        for flag, value in (("--ca-root-file", ca_root_file), ("--ca-token-file", ca_token_file)):
+            if value is not None:
+                raise click.UsageError(f"{flag} is for the CA service: add --ca-address")
+        return
+    if ca_dir is not None:
+        raise click.UsageError(
+            "--ca-address and --ca-dir are exclusive: certificates come from the CA service or"
+            " from a local plug-in CA, not both"
+        )
+    host, sep, port = ca_address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise click.UsageError(f"--ca-address: expected HOST:PORT, got {ca_address!r}")
+    for flag, value in (("--ca-root-file", ca_root_file), ("--ca-token-file", ca_token_file)):
+        if value is None:
+            raise click.UsageError(f"--ca-address needs {flag}")
 
 
 @cli.command()
@@ -686,6 +751,14 @@ def proxy_status(cni_socket: str, output: str) -> None:
             f"pod {key}: identity unknown: pod not in the source (no certificate,"
             " no listeners: its traffic is refused)"
         )
+    identity = answer.get("identity") or {}  # IdentityManager.status
+    for sid, state in identity.get("identities", {}).items():
+        if state.get("error"):
+            held = f"current one expires {state['not_after']}" if state["not_after"] else "none"
+            click.echo(
+                f"certificate for {sid} not issued by {identity['issuer']} ({held}):"
+                f" {state['error']}"
+            )
     ignored = answer.get("not_enforced") or []  # nodeagent.mesh.enforcement
     if ignored:
         click.echo(f"\naccepted, not enforced ({len(ignored)} Istio resources):")

@@ -30,6 +30,7 @@ from nodeagent.envoy.bootstrap import (
     write_bootstrap,
 )
 from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
+from nodeagent.identity.certs import spiffe_id
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
@@ -432,6 +433,9 @@ class NodeProxy:
                     if s is not None and s.state == "NACKED" and self.unattributed_nack:
                         return f"Envoy rejected {types.short_name(type_url)}: {s.last_nack}"
             if time.monotonic() > deadline:
+                cert = self._pod_cert_problem(pod) if pod else ""
+                if cert:
+                    return f"{cert} (waited {timeout:.0f}s)"
                 status = self.xds.status(self.settings.node_id)
                 seen = {
                     types.short_name(t): (s.state if (s := status.get(t)) else "not connected")
@@ -459,9 +463,28 @@ class NodeProxy:
             return problem
         snapshot = self.cache.get(self.settings.node_id)
         wanted = snapshot.versions(types.LISTENER) if snapshot is not None else {}
-        if all(name in wanted and acked.get(name) == wanted[name] for name in names):
-            return ""
-        return None
+        if not all(name in wanted and acked.get(name) == wanted[name] for name in names):
+            return None
+        # Ready only once Envoy holds the pod's certificate: before that its mTLS would fail.
+        sid = self._pod_identity(key)
+        if sid is None or self.identities.identity_problem(sid):
+            return None
+        secrets = snapshot.versions(types.SECRET) if snapshot is not None else {}
+        held = self.xds.acked(self.settings.node_id, types.SECRET)
+        if sid not in secrets or held.get(sid) != secrets[sid]:
+            return None
+        return ""
+
+    def _pod_identity(self, key: str) -> str | None:
+        pod = self.store.pods.get(key)
+        if pod is None:
+            return None
+        return spiffe_id(self.store.mesh_config.trust_domain, pod.namespace, pod.service_account)
+
+    def _pod_cert_problem(self, key: str) -> str:
+        """Why pod KEY's identity has no certificate yet ("" when it has one)."""
+        sid = self._pod_identity(key)
+        return "" if sid is None else self.identities.identity_problem(sid)
 
     def status_table(self) -> dict[str, object]:
         status = self.xds.status(self.settings.node_id)

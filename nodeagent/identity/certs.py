@@ -6,6 +6,7 @@ shown in a repr.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -18,6 +19,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from nodeagent.identity.ca import CertificateAuthority
 
 KeyType = Literal["EC", "RSA"]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 RSA_BITS = 2048
 
 
@@ -50,8 +52,14 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
 def issue(
     ca: CertificateAuthority, spiffe_id: str, ttl: timedelta, key_type: KeyType = "EC"
 ) -> WorkloadCert:
-    key = _generate_key(key_type)
-    chain = ca.sign(key.public_key(), spiffe_id, ttl)
+    key = generate_key(key_type)
+    return workload_cert(spiffe_id, key, ca.sign(key.public_key(), spiffe_id, ttl), ca.root_pem)
+
+
+def workload_cert(
+    spiffe_id: str, key: PrivateKey, chain: Sequence[bytes], root_pem: bytes
+) -> WorkloadCert:
+    """KEY with its CHAIN (PEM, leaf first, no root), kept as SDS serves them."""
     leaf = x509.load_pem_x509_certificate(chain[0])
     return WorkloadCert(
         spiffe_id=spiffe_id,
@@ -64,7 +72,7 @@ def issue(
         serial=leaf.serial_number,
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
-        root_pem=ca.root_pem,
+        root_pem=root_pem,
     )
 
 
@@ -88,7 +96,7 @@ def verify_chain(chain_pem: bytes, root_pem: bytes) -> None:
         raise ChainError(f"chain does not verify to the root: {exc}") from None
 
 
-def _generate_key(key_type: KeyType) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+def generate_key(key_type: KeyType) -> PrivateKey:
     if key_type == "EC":
         return ec.generate_private_key(ec.SECP256R1())
     if key_type == "RSA":

@@ -11,12 +11,9 @@ SAN must be exactly the identity, refusals say why, a too long TTL is capped.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,88 +22,22 @@ import grpc
 import pytest
 from apiserver_standin import APIServerStandIn
 from ca_client import Answer, create_certificate, make_csr, tamper
+from ca_cluster import (
+    CART,
+    NS,
+    TD,
+    TOKEN_A,
+    WEB,
+)
+from ca_cluster import cluster as _cluster
+from ca_cluster import published_root as _published_root
+from ca_cluster import running as _running
 from cryptography import x509
 
-from nodeagent.caservice.config import CAConfig
 from nodeagent.caservice.server import CAServer
 from nodeagent.identity.certs import verify_chain
 
-NS = "nodeagent-system"
-TD = "cluster.local"
-TOKEN_A, TOKEN_B = "token-node-a", "token-node-b"
-CART = f"spiffe://{TD}/ns/shop/sa/cart"  # a pod on node-a
-WEB = f"spiffe://{TD}/ns/shop/sa/web"  # a pod on node-b only
 SECRETS, CONFIGMAPS = "/api/v1/secrets", "/api/v1/configmaps"
-
-
-def _pod(ns: str, name: str, sa: str, node: str, uid: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"namespace": ns, "name": name, "uid": uid},
-        "spec": {"nodeName": node, "serviceAccountName": sa},
-    }
-
-
-def _secret(name: str, files: dict[str, bytes]) -> dict[str, Any]:
-    data = {k: base64.b64encode(v).decode() for k, v in files.items()}
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"namespace": NS, "name": name},
-        "data": data,
-    }
-
-
-def _cluster() -> APIServerStandIn:
-    """Two nodes, each with its node agent pod (token bound to it, audience istio-ca); shop/cart
-    runs on node-a, shop/web on node-b."""
-    api = APIServerStandIn()
-    api.add(_pod(NS, "nodeagent-a", "nodeagent", "node-a", "uid-a"))
-    api.add(_pod(NS, "nodeagent-b", "nodeagent", "node-b", "uid-b"))
-    api.add(_pod("shop", "cart-1", "cart", "node-a", "uid-cart"))
-    api.add(_pod("shop", "web-1", "web", "node-b", "uid-web"))
-    api.register_token(TOKEN_A, NS, "nodeagent", "nodeagent-a", "uid-a", ["istio-ca"])
-    api.register_token(TOKEN_B, NS, "nodeagent", "nodeagent-b", "uid-b", ["istio-ca"])
-    return api
-
-
-def _config(kubeconfig: Path, **overrides: Any) -> CAConfig:
-    settings: dict[str, Any] = {
-        "kubeconfig": kubeconfig,
-        "namespace": NS,
-        "listen": ("127.0.0.1", 0),
-        "server_names": ("127.0.0.1", "nodeagent-ca.nodeagent-system.svc"),
-        "monitoring": ("127.0.0.1", 0),
-        "reload_interval": 0.1,
-    }
-    settings.update(overrides)
-    return CAConfig(**settings)
-
-
-@asynccontextmanager
-async def _running(
-    api: APIServerStandIn, tmp_path: Path, **overrides: Any
-) -> AsyncIterator[CAServer]:
-    if not api.port:
-        await api.start()
-    kubeconfig = api.write_kubeconfig(tmp_path / f"kubeconfig-{time.monotonic_ns()}")
-    ca = CAServer(_config(kubeconfig, **overrides))
-    stop = asyncio.Event()
-    await asyncio.wait_for(ca.start(stop), 20)
-    task = asyncio.create_task(ca.run(stop))
-    try:
-        yield ca
-    finally:
-        stop.set()
-        await task
-        await ca.stop()
-
-
-def _published_root(api: APIServerStandIn) -> bytes:
-    """The root bundle as node agents get it: the ConfigMap's key."""
-    config_map = api.objects[CONFIGMAPS][(NS, "nodeagent-ca-root")]
-    return str(config_map["data"]["root-cert.pem"]).encode()
 
 
 async def _ask(
@@ -130,14 +61,6 @@ def _uris(cert: x509.Certificate) -> list[str]:
 def _counter(ca: CAServer, name: str, **labels: str) -> float:
     value = ca.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
-
-
-async def _until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def _get(url: str) -> tuple[int, str]:

@@ -16,22 +16,15 @@ import grpc
 import pytest
 from apiserver_standin import APIServerStandIn
 from ca_client import create_certificate, make_csr
+from ca_cluster import CART, CONFIGMAPS, NS, TD, TOKEN_A
+from ca_cluster import cluster as _cluster
+from ca_cluster import published_root as _published_root
+from ca_cluster import running as _running
+from ca_cluster import secret as _secret
+from ca_cluster import until as _until
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from test_caservice import (
-    CART,
-    CONFIGMAPS,
-    NS,
-    SECRETS,
-    TD,
-    TOKEN_A,
-    _cluster,
-    _published_root,
-    _running,
-    _secret,
-    _until,
-    _uris,
-)
+from test_caservice import SECRETS, _uris
 
 from nodeagent.identity.ca import CA_KEY, CERT_CHAIN, ROOT_CERT, plugin_cacerts
 from nodeagent.identity.certs import verify_chain
@@ -215,7 +208,7 @@ def test_a_bad_cacerts_secret_at_start_leaves_the_ca_not_ready(tmp_path: Path) -
         api.add(_secret("cacerts", dict(plugin_cacerts(TD), **{ROOT_CERT: b"junk"})))
         await api.start()
         try:
-            from test_caservice import _config
+            from ca_cluster import ca_config as _config
 
             from nodeagent.caservice.server import CAServer
 

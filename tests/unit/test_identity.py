@@ -246,6 +246,11 @@ def _metric(registry: CollectorRegistry, name: str, **labels: str) -> float | No
     return registry.get_sample_value(name, labels)
 
 
+def _issue(mgr: IdentityManager) -> int:
+    """One pass of the renewal loop: what it issues after set_local_identities scheduled it."""
+    return asyncio.run(mgr.renew_due())
+
+
 def test_manager_issues_on_first_pod_and_forgets_on_last(plugin_ca: PluginCA) -> None:
     changes: list[int] = []
     registry = CollectorRegistry()
@@ -253,6 +258,9 @@ def test_manager_issues_on_first_pod_and_forgets_on_last(plugin_ca: PluginCA) ->
     cart, pay = spiffe_id(TD, "shop", "cart"), spiffe_id(TD, "shop", "pay")
 
     mgr.set_local_identities([("shop", "cart"), ("shop", "cart"), ("shop", "pay")])
+    assert mgr.certs() == {}  # scheduled: the push that asked does not wait for the CA
+    assert changes == []
+    assert _issue(mgr) == 2
     certs = mgr.certs()
     assert set(certs) == {cart, pay}
     assert len(changes) == 1
@@ -278,6 +286,7 @@ def test_manager_issues_on_first_pod_and_forgets_on_last(plugin_ca: PluginCA) ->
     assert _metric(registry, "nodeagent_cert_earliest_expiry_timestamp_seconds") is None
 
     mgr.set_local_identities([("shop", "cart"), ("shop", "pay")])  # back: a new key and cert
+    assert _issue(mgr) == 2
     assert mgr.certs()[cart].serial != certs[cart].serial
 
 
@@ -294,6 +303,7 @@ def test_renewal_at_half_life_with_jitter_on_a_fake_clock(plugin_ca: PluginCA) -
         registry=registry,
     )
     mgr.set_local_identities([("shop", "cart")])
+    assert _issue(mgr) == 1
     first = mgr.certs()[SA]
 
     now[0] += 0.39 * 3600  # before the earliest jittered renewal (40% of the lifetime)
@@ -317,6 +327,7 @@ def test_issuance_failures_are_retried_with_backoff(
         flaky, TD, on_change=lambda: changes.append(1), clock=lambda: now[0], registry=registry
     )
     mgr.set_local_identities([("shop", "cart")])
+    assert _issue(mgr) == 0
     assert mgr.certs() == {}
     assert changes == []
     assert SA in caplog.text and "CA unreachable" in caplog.text
@@ -367,6 +378,8 @@ def test_rotation_loop_renews_at_half_life_and_logs_no_keys(
         task = asyncio.create_task(mgr.run(stop))
         issued = time.monotonic()
         mgr.set_local_identities([("shop", "cart")])
+        while SA not in mgr.certs() and time.monotonic() < issued + 1:
+            await asyncio.sleep(0.01)
         first = mgr.certs()[SA]
         deadline = issued + 1.2
         while mgr.certs()[SA].serial == first.serial and time.monotonic() < deadline:
@@ -447,3 +460,50 @@ def test_describe_secrets_from_an_envoy_config_dump(plugin_ca: PluginCA) -> None
     assert rootca["root_fingerprint"] == fingerprint
     assert bad["name"] == "broken" and "no certificate" in bad["error"]
     assert all("redacted" not in value and "KEY" not in value for value in workload.values())
+
+
+class StuckIssuer:
+    """Issues from a real CA, except that requests for SA hang (a CA that never answers)."""
+
+    name = "a stuck CA"
+    refresh_interval = None
+
+    def __init__(self, ca: PluginCA) -> None:
+        self.ca = ca
+        self.root_pem = ca.root_pem
+        self.on_bundle_change: Callable[[], None] | None = None
+        self.closed = False
+
+    async def issue(self, sid: str, ttl: timedelta, key_type: Any) -> WorkloadCert:
+        if sid == SA:
+            await asyncio.Event().wait()
+        return issue(self.ca, sid, ttl, key_type)
+
+    async def refresh(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_request_the_ca_does_not_answer_holds_up_no_other_identity(plugin_ca: PluginCA) -> None:
+    issuer = StuckIssuer(plugin_ca)
+    mgr = IdentityManager(issuer, TD)
+    pay = spiffe_id(TD, "shop", "pay")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(mgr.run(stop))
+        mgr.set_local_identities([("shop", "cart")])
+        await asyncio.sleep(0.1)
+        mgr.set_local_identities([("shop", "cart"), ("shop", "pay")])  # a new pod arrives
+        deadline = time.monotonic() + 2
+        while pay not in mgr.certs() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert set(mgr.certs()) == {pay}
+        assert "being issued" in mgr.identity_problem(SA)
+        stop.set()
+        await asyncio.wait_for(task, timeout=2)  # the stuck request is cancelled on stop
+
+    asyncio.run(scenario())
+    assert issuer.closed

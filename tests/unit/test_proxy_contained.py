@@ -69,6 +69,14 @@ def make_proxy(tmp_path: Path, store: MeshStore, *pods: str) -> tuple[NodeProxy,
     return proxy, metrics
 
 
+def push_issued(proxy: NodeProxy) -> None:
+    """A push, the renewal loop's pass that issues the identities it scheduled, the push that
+    follows (what on_change asks for)."""
+    proxy.push()
+    asyncio.run(proxy.identities.renew_due())
+    proxy.push()
+
+
 def resources(proxy: NodeProxy, type_url: str) -> dict[str, object]:
     snapshot = proxy.cache.get(proxy.settings.node_id)
     assert snapshot is not None
@@ -80,7 +88,7 @@ def test_a_captured_pod_missing_from_the_source_gets_no_identity(tmp_path: Path)
     listeners (its traffic is refused) until the pod is known; visible in status and metrics."""
     store = mesh_store()
     proxy, metrics = make_proxy(tmp_path, store, "web-1", "ghost")
-    proxy.push()
+    push_issued(proxy)
     secrets = set(resources(proxy, e.SECRET))
     assert secrets == {"spiffe://cluster.local/ns/shop/sa/web", "ROOTCA"}
     listeners = set(resources(proxy, e.LISTENER))
@@ -94,7 +102,7 @@ def test_a_captured_pod_missing_from_the_source_gets_no_identity(tmp_path: Path)
 
     # Once the source has it, it gets its own identity and its listeners.
     store.put_pod(Pod(NS, "ghost", service_account="ghost-sa"))
-    proxy.push()
+    push_issued(proxy)
     assert "spiffe://cluster.local/ns/shop/sa/ghost-sa" in resources(proxy, e.SECRET)
     assert "virtualInbound/shop/ghost" in resources(proxy, e.LISTENER)
     assert proxy.status_table()["identity_unknown"] == []
@@ -298,6 +306,56 @@ def test_a_same_named_pod_of_another_node_or_uid_lends_no_identity(tmp_path: Pat
     assert proxy.status_table()["identity_unknown"] == ["shop/db-0"]
     # The source catches up with this pod: its identity.
     store.put_pod(Pod(NS, "db-0", uid="new", node_name="n1", service_account="db"))
-    proxy.push()
+    push_issued(proxy)
     assert "spiffe://cluster.local/ns/shop/sa/db" in resources(proxy, e.SECRET)
     assert proxy.status_table()["identity_unknown"] == []
+
+
+class DownCA:
+    """A CA that cannot be reached."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root_pem = BuiltinCA.load_or_create(tmp_path / "state", "cluster.local").root_pem
+
+    def sign(self, *_: object) -> list[bytes]:
+        raise ConnectionError("CA service unreachable: connection refused")
+
+
+def test_a_pods_add_waits_for_its_certificate_and_says_why_the_ca_did_not_issue(
+    tmp_path: Path,
+) -> None:
+    store = mesh_store()
+    metrics = CollectorRegistry()
+    registry = PodRegistry(tmp_path / "pods.json")
+    registry.put(capture("web-1"))
+    settings = ProxySettings(
+        "n1", tmp_path / "run", Path("/opt/envoy/bin/envoy"), tmp_path / "e.log"
+    )
+    identities = IdentityManager(DownCA(tmp_path), "cluster.local", registry=metrics)
+    proxy = NodeProxy(settings, store, registry, metrics, identities)
+    push_issued(proxy)
+    assert set(resources(proxy, e.SECRET)) == {"ROOTCA"}
+    problem = asyncio.run(proxy.synced(1.0, pod="shop/web-1"))
+    assert problem == (
+        "the local CA could not issue a certificate for spiffe://cluster.local/ns/shop/sa/web:"
+        " CA service unreachable: connection refused (waited 1s)"
+    )
+    assert "connection refused" in identities.problem()
+
+
+def test_a_missing_certificate_never_turns_mesh_traffic_into_plaintext(tmp_path: Path) -> None:
+    """Fail closed: the listeners and clusters are the same with or without the certificate
+    (mTLS to mesh endpoints stays mTLS; Envoy just has no certificate to present)."""
+    store = mesh_store()
+    proxy, _ = make_proxy(tmp_path, store, "web-1")
+    proxy.push()  # scheduled, not issued yet
+    assert set(resources(proxy, e.SECRET)) == {"ROOTCA"}
+    without = {t: resources(proxy, t) for t in (e.LISTENER, e.CLUSTER)}
+    push_issued(proxy)
+    assert "spiffe://cluster.local/ns/shop/sa/web" in resources(proxy, e.SECRET)
+    assert {t: resources(proxy, t) for t in (e.LISTENER, e.CLUSTER)} == without
+    cluster = json_format.MessageToDict(
+        without[e.CLUSTER][f"outbound|80||{WEB_HOST}~shop~web"], preserving_proto_field_name=True
+    )
+    mesh = [m for m in cluster["transport_socket_matches"] if m["match"] == {"tlsMode": "istio"}]
+    assert mesh[0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
