@@ -27,14 +27,16 @@ from kube_rbac import Grant, Subject, allowed, grants
 from kube_render import MIN_VERSION, client_version, render
 from kube_schemas import K8S_VERSIONS, assert_valid
 
+from nodeagent.agent import AgentConfig, _issuer
 from nodeagent.caservice import config as ca_config
 from nodeagent.caservice.config import CAConfig
 from nodeagent.caservice.keystore import PLUGIN_SECRET, SELF_SIGNED_SECRET
 from nodeagent.caservice.rootcert import ROOT_CONFIGMAP
 from nodeagent.caservice.server import CAServer
-from nodeagent.cli import cli
+from nodeagent.cli import _check_ca_options, cli
 from nodeagent.identity.ca import ROOT_CERT, plugin_cacerts
 from nodeagent.identity.protocol import DEFAULT_PORT
+from nodeagent.identity.remote import RemoteCA
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET_DIR = ROOT / "daemonset"
@@ -90,8 +92,11 @@ def _volume_of(workload: dict[str, Any], container: str, path: str) -> tuple[dic
 def _mounted(workload: dict[str, Any], container: str, root: Path) -> dict[str, Path]:
     """Materializes CONTAINER's ConfigMap and token volumes under ROOT, as the kubelet would
     mount them (ConfigMaps of these manifests with their data; the CA's root ConfigMap, which
-    only the running CA publishes, and tokens as placeholders): mountPath -> local directory."""
+    only the running CA publishes, with a fresh root; a placeholder token): mountPath -> local
+    directory."""
     config_maps = {d["metadata"]["name"]: d for d in _docs() if d["kind"] == "ConfigMap"}
+    root_pem = plugin_cacerts("cluster.local")[ROOT_CERT].decode()
+    config_maps.setdefault(ROOT_CONFIGMAP, {"data": {ROOT_CERT: root_pem}})
     out = {}
     for mount in _container(workload, container).get("volumeMounts", []):
         volume = _volumes(workload)[mount["name"]]
@@ -99,7 +104,7 @@ def _mounted(workload: dict[str, Any], container: str, root: Path) -> dict[str, 
         files: dict[str, str] = {}
         if "configMap" in volume:
             name = volume["configMap"]["name"]
-            data = config_maps[name]["data"] if name in config_maps else {ROOT_CERT: ""}
+            data = config_maps[name]["data"]
             items = volume["configMap"].get("items") or [{"key": k, "path": k} for k in data]
             files = {item["path"]: data[item["key"]] for item in items}
         elif "projected" in volume:
@@ -228,6 +233,35 @@ def test_the_agent_asks_the_ca_service_and_keeps_no_ca_of_its_own(tmp_path: Path
     assert params["cert_ttl"] == ca_config.DEFAULT_CERT_TTL
 
 
+def test_the_agent_so_configured_uses_the_ca_service_and_creates_no_ca(tmp_path: Path) -> None:
+    """The agent's own choice of issuer, from the DaemonSet's arguments, on a fresh node: the CA
+    service; nothing written under the state dir (where the built-in CA would keep its key)."""
+    params = _parse(_daemonset(), "agent", tmp_path).params
+    _check_ca_options(
+        params["ca_dir"], params["ca_address"], params["ca_root_file"], params["ca_token_file"]
+    )
+    state_dir = tmp_path / "var/lib/nodeagent"
+    state_dir.mkdir(parents=True)
+    config = AgentConfig(
+        node_name="node-1",
+        state_dir=state_dir,
+        ca_dir=params["ca_dir"],
+        ca_address=params["ca_address"],
+        ca_root_file=params["ca_root_file"],
+        ca_token_file=params["ca_token_file"],
+        ca_server_name=params["ca_server_name"],
+    )
+
+    async def choose() -> object:
+        issuer = await asyncio.wait_for(_issuer(config, "cluster.local", asyncio.Event()), 10)
+        if isinstance(issuer, RemoteCA):
+            await issuer.close()
+        return issuer
+
+    assert isinstance(asyncio.run(choose()), RemoteCA)
+    assert list(state_dir.iterdir()) == []
+
+
 def test_the_service_reaches_the_ca_pods_ports(tmp_path: Path) -> None:
     service, deployment = _one("Service", ca_config.SERVICE_NAME), _ca_deployment()
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -303,9 +337,10 @@ def test_ca_deployment_arguments_are_accepted_by_the_real_cli(tmp_path: Path) ->
     assert params["in_cluster"] is True and params["kubeconfig"] is None
     assert params["namespace"] == NAMESPACE
     # The same trust domain as the node agents: both read the mesh ConfigMap's file.
-    agent = _parse(_daemonset(), "agent", tmp_path / "agent").params
+    agent = _parse(_daemonset(), "agent", tmp_path / "agent")
     ca_mesh, _ = _volume_of(deployment, "ca", _container_path(ctx, "mesh_config", tmp_path))
-    agent_mesh, _ = _volume_of(_daemonset(), "agent", str(agent["mesh_config"]))
+    agent_mesh_file = _container_path(agent, "mesh_config", tmp_path / "agent")
+    agent_mesh, _ = _volume_of(_daemonset(), "agent", agent_mesh_file)
     assert _volumes(deployment)[ca_mesh["name"]] == _volumes(_daemonset())[agent_mesh["name"]]
     assert ca_config.trust_domain_of(params["mesh_config"]) == "cluster.local"
     # Ready when it can sign (its /ready on the monitoring port); scraped there too.

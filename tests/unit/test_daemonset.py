@@ -281,8 +281,12 @@ def test_agent_arguments_are_accepted_by_the_real_cli() -> None:
         params["state_dir"],
         params["run_dir"],
         params["cni_socket"],
+        params["ca_root_file"],
+        params["ca_token_file"],
     ):
         assert any(Path(path).is_relative_to(m) for m in mounts), path
+    # Certificates from the CA service, never from a CA on the node (test_ca_manifests.py).
+    assert params["ca_address"] and params["ca_dir"] is None
 
 
 def test_envoy_container_arguments_are_accepted_by_the_real_cli() -> None:
