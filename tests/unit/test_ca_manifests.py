@@ -104,6 +104,7 @@ def _mounted(workload: dict[str, Any], container: str, root: Path) -> dict[str, 
         files: dict[str, str] = {}
         if "configMap" in volume:
             name = volume["configMap"]["name"]
+            assert name in config_maps, f"{container} mounts ConfigMap {name}: nobody makes it"
             data = config_maps[name]["data"]
             items = volume["configMap"].get("items") or [{"key": k, "path": k} for k in data]
             files = {item["path"]: data[item["key"]] for item in items}
