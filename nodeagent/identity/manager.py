@@ -184,7 +184,8 @@ class IdentityManager:
     def problem(self) -> str:
         """Readiness text: "" while every local identity's latest request worked. Names no
         SPIFFE ID (readiness is unauthenticated)."""
-        failing = [i for i in self._identities.values() if i.last_error]
+        # Asked from the readiness server's thread: copy before looking (list() holds the GIL).
+        failing = [i for i in list(self._identities.values()) if i.last_error]
         if not failing:
             return ""
         without = sum(1 for i in failing if i.cert is None)
