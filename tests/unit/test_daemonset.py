@@ -42,9 +42,15 @@ def _documents() -> list[tuple[str, dict[str, Any]]]:
     return docs
 
 
-def _one(kind: str) -> dict[str, Any]:
-    found = [doc for _, doc in _documents() if doc["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def _one(kind: str, app: str = "nodeagent") -> dict[str, Any]:
+    """The one object of KIND that belongs to APP (label app.kubernetes.io/name): the node
+    agent's, by default; the CA service's objects are "nodeagent-ca" (test_ca_manifests.py)."""
+    found = [
+        doc
+        for _, doc in _documents()
+        if doc["kind"] == kind and doc["metadata"]["labels"]["app.kubernetes.io/name"] == app
+    ]
+    assert len(found) == 1, f"expected one {kind} of {app}, found {len(found)}"
     return found[0]
 
 
@@ -108,6 +114,8 @@ def test_every_document_validates_strictly_against_the_kubernetes_schemas(versio
         "RoleBinding",
         "ConfigMap",
         "DaemonSet",
+        "Service",
+        "Deployment",
     }
     for name, doc in docs:
         assert_valid(name, doc, version)
@@ -115,7 +123,7 @@ def test_every_document_validates_strictly_against_the_kubernetes_schemas(versio
 
 def test_namespaced_objects_live_in_the_agent_namespace() -> None:
     for name, doc in _documents():
-        if doc["kind"] in ("ServiceAccount", "ConfigMap", "DaemonSet", "Role", "RoleBinding"):
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == "nodeagent-system", name
 
 
@@ -273,8 +281,12 @@ def test_agent_arguments_are_accepted_by_the_real_cli() -> None:
         params["state_dir"],
         params["run_dir"],
         params["cni_socket"],
+        params["ca_root_file"],
+        params["ca_token_file"],
     ):
         assert any(Path(path).is_relative_to(m) for m in mounts), path
+    # Certificates from the CA service, never from a CA on the node (test_ca_manifests.py).
+    assert params["ca_address"] and params["ca_dir"] is None
 
 
 def test_envoy_container_arguments_are_accepted_by_the_real_cli() -> None:
@@ -369,8 +381,7 @@ def test_agent_host_mounts() -> None:
     assert writable == {"/var/run/nodeagent", "/var/lib/nodeagent"}
     assert by_host["/proc"]["mountPath"] == "/host/proc"
     assert by_host["/proc"]["readOnly"] is True
-    config = next(m for m in mounts.values() if "configMap" in volumes[m["name"]])
-    assert config["mountPath"] == "/etc/nodeagent"
+    config = next(m for m in mounts.values() if m["mountPath"] == "/etc/nodeagent")
     assert volumes[config["name"]]["configMap"]["name"] == _one("ConfigMap")["metadata"]["name"]
 
 

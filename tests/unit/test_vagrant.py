@@ -2,8 +2,9 @@
 Vagrantfile parses and defines the cluster the README describes, every manifest validates offline,
 and the pieces agree with each other, with daemonset/ and with nodeagent's own code.
 
-No VM is started: nothing here needs root or a network. shellcheck and ruby come from
-`make test-tools`; without them these tests fail, they are not skipped.
+No VM is started: nothing here needs root or a network. shellcheck, ruby and the pinned kubectl
+(which renders the overlay as deploy.sh applies it) come from `make test-tools`; without them
+these tests fail, they are not skipped.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import Any
 import click
 import pytest
 import yaml
+from kube_render import render
 from kube_schemas import K8S_VERSIONS, assert_valid
 
+from nodeagent.caservice.rootcert import ROOT_CONFIGMAP
 from nodeagent.cli import cli
 from nodeagent.mesh.membership import decide
 from nodeagent.mesh.model import Namespace, Pod
@@ -540,6 +543,45 @@ def test_overlay_changes_nothing_else_in_the_daemonset() -> None:
     assert changed == {"cni-bin-dir", "cni-conf-dir"}
     pod["volumes"] = base["spec"]["template"]["spec"]["volumes"]
     assert rendered == base
+
+
+def _kubectl_rendered(directory: Path, kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in render(directory) if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_overlay_as_kubectl_renders_it(version: str) -> None:
+    """What deploy.sh applies (`kubectl apply -k vagrant/nodeagent`), rendered by the pinned
+    kubectl: valid, the DaemonSet as _rendered_daemonset says, the CA service unchanged but for
+    the image."""
+    for doc in render(OVERLAY):
+        assert_valid(f"rendered vagrant/nodeagent {doc['kind']}", doc, version)
+    daemonset = _kubectl_rendered(OVERLAY, "DaemonSet", "nodeagent")
+    assert daemonset["spec"] == _rendered_daemonset()["spec"]
+    image = _lib_constants()["IMAGE"]
+    ca = _kubectl_rendered(OVERLAY, "Deployment", "nodeagent-ca")
+    base_ca = _kubectl_rendered(DAEMONSET_DIR, "Deployment", "nodeagent-ca")
+    containers = ca["spec"]["template"]["spec"]["containers"]
+    assert [c["image"] for c in containers] == [image]
+    for container in base_ca["spec"]["template"]["spec"]["containers"]:
+        container["image"] = image
+    assert ca == base_ca
+
+
+def test_deploy_waits_for_the_ca_before_the_daemonset() -> None:
+    """The DaemonSet's pods mount the root ConfigMap the CA publishes: deploy.sh waits for the
+    CA's rollout (and its ConfigMap), then for the DaemonSet's."""
+    text = (VAGRANT / "provision" / "deploy.sh").read_text()
+    ca = _kubectl_rendered(OVERLAY, "Deployment", "nodeagent-ca")["metadata"]
+    ds = _kubectl_rendered(OVERLAY, "DaemonSet", "nodeagent")["metadata"]
+    ca_wait = f"kubectl -n {ca['namespace']} rollout status deployment/{ca['name']} --timeout="
+    ds_wait = f"kubectl -n {ds['namespace']} rollout status daemonset/{ds['name']} --timeout="
+    root = f"kubectl -n {ca['namespace']} get configmap {ROOT_CONFIGMAP} "
+    assert text.count(ca_wait) == text.count(ds_wait) == text.count(root) == 1
+    assert text.index(ca_wait) < text.index(root) < text.index(ds_wait)
+    # A rebuilt image restarts the CA too.
+    assert f"rollout restart deployment/{ca['name']}" in text
 
 
 def test_the_image_is_named_alike_everywhere() -> None:

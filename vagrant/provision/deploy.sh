@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Deploys onto the Vagrant cluster, once every node has joined (the control plane's "deploy"
 # provisioner, run by up.sh): Istio's CRDs, nodeagent (the vagrant/nodeagent overlay of
-# daemonset/), then the S1 workshop apps (vagrant/apps). Waits, bounded, for each to be ready.
+# daemonset/: the CA service, then the node agents), then the S1 workshop apps (vagrant/apps). Waits, bounded, for each to be ready.
 # Re-running it re-applies everything and restarts the pods if the image was rebuilt since.
 # Environment (from the Vagrantfile): EXPECTED_NODES.
 # shellcheck source-path=SCRIPTDIR
@@ -35,11 +35,18 @@ apply_istio_crds() {
 
 deploy_nodeagent() {
     local restart=$1
-    log "applying nodeagent (vagrant/nodeagent: daemonset/ with k3s's CNI paths)"
+    log "applying nodeagent (vagrant/nodeagent: daemonset/ with k3s's CNI paths, and the CA service)"
     kubectl apply -k "$REPO/vagrant/nodeagent"
     if [ "$restart" = 1 ]; then
+        kubectl -n nodeagent-system rollout restart deployment/nodeagent-ca
         kubectl -n nodeagent-system rollout restart daemonset/nodeagent
     fi
+    # The CA first: the DaemonSet's pods mount the root ConfigMap (nodeagent-ca-root) that the CA
+    # publishes once it has its signing key, and the kubelet holds them until it exists.
+    kubectl -n nodeagent-system rollout status deployment/nodeagent-ca --timeout=300s \
+        || die "the CA service (deployment nodeagent-ca) is not ready; see: kubectl -n nodeagent-system logs deployment/nodeagent-ca"
+    kubectl -n nodeagent-system get configmap nodeagent-ca-root >/dev/null \
+        || die "the CA is ready but published no root ConfigMap nodeagent-ca-root"
     kubectl -n nodeagent-system rollout status daemonset/nodeagent --timeout=600s \
         || die "the nodeagent DaemonSet is not ready; see: kubectl -n nodeagent-system describe pods"
 }
