@@ -19,6 +19,7 @@ SCENARIOS = {
     "podstart": "bench.podstart",  # 4: CNI ADD wall time
     "convergence": "bench.convergence",  # 5: change -> Envoy ACK -> traffic
     "identity": "bench.identity",  # 6: certificates per second, SDS push on rotation
+    "ca": "bench.ca",  # 7: CA service: CSR round trip, certificates per second, CPU per cert
 }
 
 

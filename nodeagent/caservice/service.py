@@ -12,6 +12,7 @@ for what, why; never the token) and counted by reason.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -63,6 +64,17 @@ class CertificateService:
         )
 
     async def create_certificate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        outcome = ["unavailable"]  # set by _create once it knows
+        try:
+            return await self._create(request, context, outcome)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.request_seconds.labels(outcome[0]).observe(elapsed)
+
+    async def _create(
+        self, request: Any, context: grpc.aio.ServicerContext, outcome: list[str]
+    ) -> Any:
         who = f"a client at {context.peer()}"
         wanted = _impersonated(request) or "its own identity"
         try:
@@ -74,6 +86,7 @@ class CertificateService:
             node = await self.authorizer.authorize(caller, identity)
             public_key = check_csr(request.csr, wanted)
         except Refused as refused:
+            outcome[0] = "refused"
             self.metrics.refusals.labels(refused.reason).inc()
             log.warning(
                 "refused a certificate for %s to %s (%s): %s", wanted, who, refused.reason, refused
@@ -93,6 +106,7 @@ class CertificateService:
         ttl = self._ttl(int(request.validity_duration), wanted, who)
         chain = signer.ca.sign(public_key, wanted, ttl)
         self.metrics.issued.inc()
+        outcome[0] = "issued"
         log.info(
             "issued a certificate for %s to %s%s, valid %ds, from %s",
             wanted,

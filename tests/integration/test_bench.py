@@ -139,3 +139,37 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 # The removed endpoint stops answering by the time Envoy's update is seen.
                 assert 0 <= c["traffic_s"] <= c["ack_polled_s"] + 0.1
     assert is_png(tmp_path / "convergence.png")
+
+
+def test_ca_smoke(tmp_path: Path) -> None:
+    smoke(tmp_path, "ca", timeout=60)
+    doc = result(tmp_path, "ca")
+    params, res = doc["params"], doc["results"]
+    assert params["concurrency"] == [1, 4, 16] and params["repeats"] == 1
+    # Every request of the run was answered with a certificate (refusals would fail the run).
+    assert res["ca_requests_issued"] >= sum(v["certs"] for v in res["raw"][0]["load"].values())
+    for kind in ("EC", "RSA", "EC, new channel"):
+        rt = res["round_trip"][kind]
+        assert 0 < rt["p50_ms"]["median"] <= rt["p99_ms"]["median"] < 10_000
+    for kind in ("EC", "RSA"):
+        # The CA's own handling time is part of the round trip the client sees.
+        rt = res["round_trip"][kind]
+        assert 0 < rt["ca_handler_mean_ms"]["median"] < rt["p99_ms"]["median"]
+    # A new channel pays a TLS handshake on top of the request.
+    assert (
+        res["round_trip"]["EC, new channel"]["p50_ms"]["median"]
+        > (res["round_trip"]["EC"]["p50_ms"]["median"])
+    )
+    # RSA 2048 key generation (the node agent's side) costs more than EC P-256's.
+    keys = res["client_side_ms"]
+    assert keys["RSA 2048"]["key_generation_p50"] > keys["EC P-256"]["key_generation_p50"] > 0
+    for clients in ("1", "4", "16"):
+        load = res["load"][clients]
+        assert load["certs_per_second"]["median"] > 0
+        # The CA process did work for every certificate, and no more than the wall time allows.
+        assert 0 < load["ca_cpu_ms_per_cert"]["median"] < 1000
+        assert 0 < load["ca_cores"]["median"] <= doc["machine"]["cores"]
+    for step in res["steps"].values():
+        assert step["wall_ms"]["median"] > 0
+    assert res["node"]["nodes_one_ca_renews"] > 0
+    assert is_png(tmp_path / "ca.png")

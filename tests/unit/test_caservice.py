@@ -101,6 +101,10 @@ def test_a_node_agent_gets_a_certificate_for_a_pod_on_its_node(
                 lifetime = _leaf(asked).not_valid_after_utc - datetime.now(UTC)
                 assert timedelta(minutes=58) < lifetime <= timedelta(hours=1)
                 assert _counter(ca, "nodeagent_ca_certificates_issued_total") == 2
+                # Both requests timed as issued, each well within the client's 10 s deadline.
+                duration = "nodeagent_ca_request_duration_seconds"
+                assert _counter(ca, f"{duration}_count", outcome="issued") == 2
+                assert 0 < _counter(ca, f"{duration}_sum", outcome="issued") < 20
                 status, ready = await _get(f"http://127.0.0.1:{ca.monitoring_port}/ready")
                 assert (status, ready.strip()) == (200, "ok")
                 status, text = await _get(f"http://127.0.0.1:{ca.monitoring_port}/metrics")
@@ -306,6 +310,9 @@ def test_a_refusal_says_why_is_logged_and_counted(
                 )
                 assert others == 1
                 assert _counter(ca, "nodeagent_ca_certificates_issued_total") == 0
+                duration = "nodeagent_ca_request_duration_seconds_count"
+                assert _counter(ca, duration, outcome="refused") == 1
+                assert _counter(ca, duration, outcome="issued") == 0
         finally:
             await api.stop()
 
