@@ -384,6 +384,9 @@ def test_rotation_loop_renews_at_half_life_and_logs_no_keys(
         deadline = issued + 1.2
         while mgr.certs()[SA].serial == first.serial and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        # The renewal loop pushes (on_change) on its next pass after installing the new cert.
+        while len(changes) < 2 and time.monotonic() < deadline + 0.5:
+            await asyncio.sleep(0.01)
         stop.set()
         await asyncio.wait_for(task, timeout=2)
         return first, mgr.certs()[SA], issued
