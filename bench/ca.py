@@ -52,8 +52,6 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf import struct_pb2
 
 from bench.common import (
@@ -72,7 +70,7 @@ from nodeagent.caservice.authz import NodeAuthorizer, parse_identity
 from nodeagent.caservice.csr import check_csr
 from nodeagent.caservice.keystore import SELF_SIGNED_SECRET, secret_files, signer_from_files
 from nodeagent.caservice.kubeapi import ClusterAPI
-from nodeagent.identity.certs import KeyType, verify_chain
+from nodeagent.identity.certs import KeyType, generate_key, verify_chain, workload_csr
 from nodeagent.identity.protocol import (
     AUTHORIZATION,
     IMPERSONATED_IDENTITY,
@@ -159,29 +157,6 @@ def write_cluster(folder: Path) -> tuple[Path, Path]:
 # -- keys and CSRs (the node agent's side, timed on its own) --------------------------------------
 
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
-def new_key(key_type: KeyType) -> PrivateKey:
-    if key_type == "EC":
-        return ec.generate_private_key(ec.SECP256R1())
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def make_csr(key: PrivateKey, spiffe_id: str) -> str:
-    """What a node agent sends: an empty subject, one URI SAN, the SPIFFE ID."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 @dataclass
 class CSRs:
     """One CSR per identity, by key type; and what making them cost."""
@@ -194,9 +169,9 @@ class CSRs:
         out, keygen, signing = {}, [], []
         for spiffe_id in identities:
             started = time.perf_counter()
-            key = new_key(key_type)
+            key = generate_key(key_type)
             made = time.perf_counter()
-            out[spiffe_id] = make_csr(key, spiffe_id)
+            out[spiffe_id] = workload_csr(key, spiffe_id)
             keygen.append((made - started) * 1e3)
             signing.append((time.perf_counter() - made) * 1e3)
         self.by_key[key_type] = out

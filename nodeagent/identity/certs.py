@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
@@ -102,3 +102,17 @@ def generate_key(key_type: KeyType) -> PrivateKey:
     if key_type == "RSA":
         return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
     raise ValueError(f"unknown key type {key_type!r}: use 'EC' or 'RSA'")
+
+
+def workload_csr(key: PrivateKey, spiffe_id: str) -> str:
+    """A CSR naming exactly SPIFFE_ID (URI SAN, empty subject), as Istio's clients send."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()

@@ -29,7 +29,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import struct_pb2
 
 from nodeagent.identity.certs import (
@@ -40,6 +40,7 @@ from nodeagent.identity.certs import (
     generate_key,
     verify_chain,
     workload_cert,
+    workload_csr,
 )
 from nodeagent.identity.issuer import BAD_ANSWER, ERROR, REFUSED, UNAVAILABLE, IssueError
 from nodeagent.identity.protocol import (
@@ -156,7 +157,7 @@ class RemoteCA:
         metadata = struct_pb2.Struct()
         metadata.update({IMPERSONATED_IDENTITY: spiffe_id})
         request = IstioCertificateRequest(
-            csr=_csr(key, spiffe_id),
+            csr=workload_csr(key, spiffe_id),
             validity_duration=max(1, int(ttl.total_seconds())),
             metadata=metadata,
         )
@@ -252,20 +253,6 @@ class RemoteCA:
             task.add_done_callback(self._closing.discard)
         if self.on_bundle_change is not None:
             self.on_bundle_change()
-
-
-def _csr(key: PrivateKey, spiffe_id: str) -> str:
-    """A CSR naming exactly SPIFFE_ID (URI SAN, empty subject), as Istio's clients send."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _uri_sans(cert: x509.Certificate) -> list[str]:

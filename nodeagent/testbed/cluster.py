@@ -383,9 +383,14 @@ class Testbed:
         """The stand-in API server the agents watch (see nodeagent.testbed.daemons for why)."""
         if any(r.name == daemons.APISERVER for r in self.state.daemons):
             return
-        record = daemons.start_apiserver(
-            self.name, str(self.topology.network.apiserver_ip), APISERVER_PORT
+        self._run_ready(
+            daemons.start_apiserver(
+                self.name, str(self.topology.network.apiserver_ip), APISERVER_PORT
+            )
         )
+
+    def _run_ready(self, record: DaemonRecord) -> None:
+        """Record a control-plane daemon just started; return once it is ready."""
         with self._lock:
             self.state.daemons.append(record)
             self.state.save()
@@ -440,14 +445,7 @@ class Testbed:
             raise TestbedError(f"testbed {self.name!r} runs no CA service (topology ca: plugin)")
         if self.ca_daemon() is not None:
             raise TestbedError(f"testbed {self.name!r}: the CA service already runs")
-        record = daemons.start_ca(self.name, self.ca_ip)
-        with self._lock:
-            self.state.daemons.append(record)
-            self.state.save()
-        try:
-            daemons.wait_ready(self.name, record)
-        except daemons.DaemonError as e:
-            raise TestbedError(str(e)) from None
+        self._run_ready(daemons.start_ca(self.name, self.ca_ip))
 
     def stop_ca(self, kill: bool = False) -> None:
         """Stop the CA service, as an outage would: SIGTERM then SIGKILL, or with KILL a

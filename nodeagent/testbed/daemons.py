@@ -129,20 +129,13 @@ def start(
             "--log-file",
             str(layout.logs_dir(testbed) / f"{node}.nodeagent-cni.log"),
         ]
-    logs = layout.logs_dir(testbed)
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{node}.{daemon}.log", "ab") as log:
-        proc = subprocess.Popen(
-            netns.in_netns(
-                layout.node_netns(testbed, node),
-                [*prefix, sys.executable, "-m", "nodeagent", *argv],
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return DaemonRecord(node, daemon, proc.pid, netns.process_start_time(proc.pid))
+    pid = _spawn(
+        testbed,
+        layout.node_netns(testbed, node),
+        [*prefix, sys.executable, "-m", "nodeagent", *argv],
+        f"{node}.{daemon}.log",
+    )
+    return DaemonRecord(node, daemon, pid, netns.process_start_time(pid))
 
 
 def start_apiserver(testbed: str, address: str, port: int) -> DaemonRecord:
@@ -152,8 +145,6 @@ def start_apiserver(testbed: str, address: str, port: int) -> DaemonRecord:
     writes ConfigMaps' keys under ``layout.configmap_dir`` (the kubelet's configMap volume)."""
     kubeconfig = layout.apiserver_kubeconfig(testbed)
     kubeconfig.unlink(missing_ok=True)
-    logs = layout.logs_dir(testbed)
-    logs.mkdir(parents=True, exist_ok=True)
     argv = [
         sys.executable,
         "-m",
@@ -168,33 +159,32 @@ def start_apiserver(testbed: str, address: str, port: int) -> DaemonRecord:
         "--configmap-dir",
         str(layout.configmap_dir(testbed)),
     ]
-    with open(logs / f"{APISERVER}.log", "ab") as log:
-        proc = subprocess.Popen(
-            netns.in_netns(layout.underlay_netns(testbed), argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return DaemonRecord("", APISERVER, proc.pid, netns.process_start_time(proc.pid))
+    pid = _spawn(testbed, layout.underlay_netns(testbed), argv, f"{APISERVER}.log")
+    return DaemonRecord("", APISERVER, pid, netns.process_start_time(pid))
 
 
 def start_ca(testbed: str, address: str) -> DaemonRecord:
     """The CA service on the control-plane host, listening on ADDRESS (its underlay IP); its
     output goes to ``logs/ca.log``. Ready once its monitoring port answers /ready 200 (it has a
     signing key, serves the certificate API and has published the root ConfigMap)."""
+    argv = [sys.executable, "-m", "nodeagent", *ca_argv(testbed, address)]
+    pid = _spawn(testbed, layout.control_plane_netns(testbed), argv, f"{CA}.log")
+    return DaemonRecord("", CA, pid, netns.process_start_time(pid), address)
+
+
+def _spawn(testbed: str, ns: str, argv: list[str], log_name: str) -> int:
+    """Start ARGV in netns NS, in its own session, appending its output to logs/LOG_NAME."""
     logs = layout.logs_dir(testbed)
     logs.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "nodeagent", *ca_argv(testbed, address)]
-    with open(logs / f"{CA}.log", "ab") as log:
+    with open(logs / log_name, "ab") as log:
         proc = subprocess.Popen(
-            netns.in_netns(layout.control_plane_netns(testbed), argv),
+            netns.in_netns(ns, argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return DaemonRecord("", CA, proc.pid, netns.process_start_time(proc.pid), address)
+    return proc.pid
 
 
 def stop(record: DaemonRecord) -> None:
