@@ -37,9 +37,9 @@ from nodeagent.redirect.host import ProbeSnat
 from nodeagent.redirect.manager import CaptureManager
 from nodeagent.redirect.nftables import NODE_RULES, SIDECAR_RULES, NftablesBackend
 from nodeagent.redirect.registry import PodRegistry
-from nodeagent.sidecar import SIDECAR, SidecarProxies
 from nodeagent.sources.directory import DirectorySource, MeshConfigFile
 from nodeagent.supervise import TaskSupervisor
+from nodeagent.testbed.sidecar import SIDECAR, SidecarProxies
 
 log = logging.getLogger("nodeagent.agent")
 
@@ -75,7 +75,8 @@ class AgentConfig:
     # reaches whatever listens on 15001/15006 in the pod).
     proxy: bool = True
     # "node": one Envoy for the node; "sidecar": one Envoy inside each captured pod with
-    # istio-init's capture rules (Istio's sidecar model, a benchmark baseline; nodeagent.sidecar)
+    # istio-init's capture rules (Istio's sidecar model, a benchmark baseline;
+    # nodeagent.testbed.sidecar)
     proxy_model: str = "node"
     sidecar_dir: Path | None = None  # sidecar model: default <run_dir>/sidecars
     sidecar_log_dir: Path = Path("/var/log/nodeagent-sidecars")

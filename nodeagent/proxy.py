@@ -88,7 +88,7 @@ class ProxySettings:
     # (``nodeagent envoy``) and the agent only writes its bootstrap, configures and watches it.
     envoy_mode: str = MANAGED
     # "node": one Envoy for the node (this class); "sidecar": one Envoy inside each captured
-    # pod, as Istio's sidecars (nodeagent.sidecar, the benchmarks' baseline).
+    # pod, as Istio's sidecars (nodeagent.testbed.sidecar, the benchmarks' baseline).
     proxy_model: str = "node"
     sidecar_dir: Path | None = None  # sidecar model: xDS socket + per-pod dirs; run_dir/sidecars
     sidecar_log_dir: Path = Path("/var/log/nodeagent-sidecars")  # <ns>.<pod>.envoy.log

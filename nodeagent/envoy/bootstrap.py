@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nodeagent.redirect.capture import MESH_MARK
+from nodeagent.ports import MESH_MARK
 
 ADS_CLUSTER = "xds-grpc"  # Istio's name for the control-plane cluster
 STATS_CLUSTER = "prometheus_stats"  # the stats listener's way back into the admin endpoint

@@ -11,18 +11,6 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-OUTBOUND_PORT = 15001  # Envoy's outbound capture listener, 127.0.0.1 in the pod
-INBOUND_PORT = 15006  # Envoy's inbound capture listener, 0.0.0.0 in the pod
-HBONE_PORT = 15008  # never redirected inbound (Istio's tunnel port)
-MESH_MARK = 0x539  # SO_MARK on Envoy's own sockets: capture skips them
-PROBE_SOURCE = "169.254.7.127"  # node-originated traffic (kubelet probes) is SNATed to this
-# The sidecar model (Istio's sidecar, for comparison): Envoy runs in the pod as this uid/gid and
-# istio-init's rules skip its traffic by owner; sidecar inbound never captures Envoy's stats and
-# the agent's health/metrics ports; Envoy reaches the local app from this loopback source.
-PROXY_UID = 1337
-SIDECAR_INBOUND_EXCLUDED = (15090, 15021, 15020)
-INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"
-
 ANNOTATION_PREFIX = "traffic.sidecar.istio.io/"
 EXCLUDE_OUTBOUND_PORTS = ANNOTATION_PREFIX + "excludeOutboundPorts"
 EXCLUDE_INBOUND_PORTS = ANNOTATION_PREFIX + "excludeInboundPorts"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from nodeagent.redirect.capture import PROBE_SOURCE
+from nodeagent.ports import PROBE_SOURCE
 from nodeagent.redirect.nftables import Json, run_nft
 
 FAMILY = "ip"

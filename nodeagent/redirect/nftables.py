@@ -20,8 +20,7 @@ from typing import Any
 
 import nftables  # type: ignore[import-untyped]
 
-from nodeagent.redirect import CaptureCheck
-from nodeagent.redirect.capture import (
+from nodeagent.ports import (
     HBONE_PORT,
     INBOUND_PASSTHROUGH_SOURCE,
     INBOUND_PORT,
@@ -30,9 +29,9 @@ from nodeagent.redirect.capture import (
     PROBE_SOURCE,
     PROXY_UID,
     SIDECAR_INBOUND_EXCLUDED,
-    CaptureSpec,
-    Network,
 )
+from nodeagent.redirect import CaptureCheck
+from nodeagent.redirect.capture import CaptureSpec, Network
 from nodeagent.redirect.netns import entered
 
 Json = dict[str, Any]

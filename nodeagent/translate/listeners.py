@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nodeagent.mesh.model import REGISTRY_ONLY, Pod
-from nodeagent.redirect.capture import INBOUND_PORT, OUTBOUND_PORT
+from nodeagent.ports import INBOUND_PORT, OUTBOUND_PORT
 from nodeagent.translate import tls
 from nodeagent.translate.envoy import Listener, message, typed
 from nodeagent.translate.filters import http_connection_manager, stamp_netns, tcp_proxy

@@ -14,7 +14,7 @@ from typing import Any
 
 from nodeagent.mesh.model import EndpointSlice, Service, ServicePort
 from nodeagent.mesh.store import MeshStore
-from nodeagent.redirect.capture import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
+from nodeagent.ports import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
 from nodeagent.translate import tls
 from nodeagent.translate.envoy import (
     Cluster,

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from nodeagent import ports
 from nodeagent.cni.install import holds_entry
-from nodeagent.redirect import capture
 from nodeagent.redirect.capture import CaptureSpec
 from nodeagent.redirect.nftables import NftablesBackend
 from nodeagent.testbed import layout
@@ -97,20 +97,20 @@ def test_outbound_lands_on_15001_with_the_dialled_destination(testbed: Testbed) 
     server_ip = testbed.pod_ip("plain/server")
     for host, port in [("10.96.0.99", 80), (server_ip, 8080), ("192.0.2.10", 443)]:
         answer = landed(testbed, "mesh/app", host, port)
-        assert (answer["pod"], answer["listener"]) == ("app", capture.OUTBOUND_PORT), answer
+        assert (answer["pod"], answer["listener"]) == ("app", ports.OUTBOUND_PORT), answer
         assert answer["original_dst"] == f"{host}:{port}"
 
 
 def test_inbound_lands_on_15006_with_the_original_port(testbed: Testbed) -> None:
     app_ip = testbed.pod_ip("mesh/app")
     answer = landed(testbed, "plain/server", app_ip, 8080)
-    assert (answer["pod"], answer["listener"]) == ("app", capture.INBOUND_PORT)
+    assert (answer["pod"], answer["listener"]) == ("app", ports.INBOUND_PORT)
     assert answer["original_dst"] == f"{app_ip}:8080"
 
 
 def test_envoy_marked_and_loopback_traffic_is_not_captured(testbed: Testbed) -> None:
     server_ip = testbed.pod_ip("plain/server")
-    marked = landed(testbed, "mesh/app", server_ip, 8080, "--mark", hex(capture.MESH_MARK))
+    marked = landed(testbed, "mesh/app", server_ip, 8080, "--mark", hex(ports.MESH_MARK))
     assert (marked["pod"], marked["listener"]) == ("server", 8080)
     local = landed(testbed, "mesh/app", "127.0.0.1", 8080)
     assert (local["pod"], local["listener"]) == ("app", 8080)
@@ -136,7 +136,7 @@ def test_node_probes_reach_the_app_from_the_probe_source(testbed: Testbed) -> No
     )
     answer = json.loads(proc.stdout)
     assert (answer["pod"], answer["listener"]) == ("app", 8080)  # the app itself, not 15006
-    assert answer["peer"].split(":")[0] == capture.PROBE_SOURCE
+    assert answer["peer"].split(":")[0] == ports.PROBE_SOURCE
 
 
 def test_istio_annotations_exclude_ports_and_ranges(testbed: Testbed) -> None:
@@ -150,7 +150,7 @@ def test_istio_annotations_exclude_ports_and_ranges(testbed: Testbed) -> None:
     inbound_excluded = landed(testbed, "plain/server", excluded_ip, 9090)
     assert (inbound_excluded["pod"], inbound_excluded["listener"]) == ("excluded", 9090)
     inbound_captured = landed(testbed, "plain/server", excluded_ip, 8080)
-    assert inbound_captured["listener"] == capture.INBOUND_PORT
+    assert inbound_captured["listener"] == ports.INBOUND_PORT
 
 
 def test_an_opted_out_pod_gets_no_table(testbed: Testbed) -> None:
@@ -238,7 +238,7 @@ def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed)
     # The other pods were re-verified and kept their capture.
     assert agent_pods(testbed.name, "n1")["mesh/excluded"]["state"] == "captured"
     answer = landed(testbed, "mesh/app", "10.96.0.99", 80)
-    assert answer["listener"] == capture.OUTBOUND_PORT
+    assert answer["listener"] == ports.OUTBOUND_PORT
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.redirect.capture import PROXY_UID
-from nodeagent.sidecar import packaged_envoy, proxy_envoy
+from nodeagent.ports import PROXY_UID
+from nodeagent.testbed.sidecar import packaged_envoy, proxy_envoy
 
 LAUNCHER = Path(sys.executable).parent / "envoy"  # the agent's default --envoy-binary
 

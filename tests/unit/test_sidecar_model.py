@@ -20,7 +20,7 @@ from nodeagent.redirect.nftables import (
     render,
     ruleset,
 )
-from nodeagent.sidecar import in_pod_prefix, sidecar_node_id
+from nodeagent.testbed.sidecar import in_pod_prefix, sidecar_node_id
 from nodeagent.testbed.topology import TopologyError, loads_topology
 from nodeagent.translate import envoy as e
 from nodeagent.translate import translate

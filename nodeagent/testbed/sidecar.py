@@ -42,8 +42,8 @@ from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
 from nodeagent.envoy.launch import NODE_ENVOY_ARGS
 from nodeagent.envoy.supervisor import PIDFILE, EnvoySupervisor
 from nodeagent.mesh.model import Pod
+from nodeagent.ports import ENVOY_ADMIN_PORT, ENVOY_STATS_PORT, PROXY_UID
 from nodeagent.proxy import COALESCE, NodeProxy
-from nodeagent.redirect.capture import PROXY_UID
 from nodeagent.translate import LocalPod, translate
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot
@@ -52,8 +52,8 @@ log = logging.getLogger("nodeagent.sidecar")
 
 NODE, SIDECAR = "node", "sidecar"
 PROXY_MODELS = (NODE, SIDECAR)
-ADMIN_PORT = 15000  # inside the pod's netns, as istio-proxy's
-STATS_PORT = 15090
+ADMIN_PORT = ENVOY_ADMIN_PORT  # inside the pod's netns, as istio-proxy's
+STATS_PORT = ENVOY_STATS_PORT
 # Istio's sidecar default concurrency (proxy.istio.io/config concurrency: 2).
 SIDECAR_ENVOY_ARGS = (*NODE_ENVOY_ARGS, "--concurrency", "2")
 
