@@ -33,7 +33,8 @@ from nodeagent.caservice.config import CAConfig
 from nodeagent.caservice.keystore import PLUGIN_SECRET, SELF_SIGNED_SECRET
 from nodeagent.caservice.rootcert import ROOT_CONFIGMAP
 from nodeagent.caservice.server import CAServer
-from nodeagent.cli import _check_ca_options, cli
+from nodeagent.cli import cli
+from nodeagent.cli.agent import _check_ca_options
 from nodeagent.identity.ca import ROOT_CERT, plugin_cacerts
 from nodeagent.identity.protocol import DEFAULT_PORT
 from nodeagent.identity.remote import RemoteCA

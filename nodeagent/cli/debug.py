@@ -1,0 +1,176 @@
+"""What the node holds, as istioctl shows it: `pods`, `proxy-status`, `proxy-config`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nodeagent.cli.options import cni_socket_option, output_option, table
+
+
+@click.command()
+@cni_socket_option
+@output_option
+def pods(cni_socket: str, output: str) -> None:
+    """Capture state of every pod handed to this node's agent."""
+    from nodeagent.cni import wire
+
+    try:
+        answer = wire.request(cni_socket, {"command": "STATUS"}, 10.0)
+    except (OSError, wire.ProtocolError) as e:
+        raise click.ClickException(str(e)) from None
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("reason")))
+    records = answer.get("pods", [])
+    if output == "json":
+        click.echo(json.dumps(records, indent=2))
+        return
+    table(
+        [("NAMESPACE", "POD", "STATE", "IPS", "NETNS", "REASON")]
+        + [
+            (r["namespace"], r["name"], r["state"], ",".join(r["ips"]), r["netns"], r["reason"])
+            for r in records
+        ]
+    )
+
+
+@click.command("proxy-status")
+@cni_socket_option
+@output_option
+def proxy_status(cni_socket: str, output: str) -> None:
+    """Whether the node's Envoy holds the latest config, per xDS type, for every local pod."""
+    from nodeagent.cni import wire
+
+    try:
+        answer = wire.request(cni_socket, {"command": "PROXY_STATUS"}, 10.0)
+    except (OSError, wire.ProtocolError) as e:
+        raise click.ClickException(str(e)) from None
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("reason")))
+    if output == "json":
+        click.echo(json.dumps(answer, indent=2))
+        return
+    proxy = answer["proxy"]
+    kinds = ("CDS", "LDS", "EDS", "RDS")
+    captured = [p for p in answer["pods"] if p["state"] == "captured"]
+    sidecars = proxy.get("sidecars")  # the sidecar model: one Envoy per pod
+
+    def states(pod: dict[str, Any]) -> list[str]:
+        held = proxy["types"]
+        if sidecars is not None:
+            held = sidecars.get(f"{pod['namespace']}/{pod['name']}", {}).get("types", {})
+        return [held.get(k, {}).get("state", "NOT SENT") for k in kinds]
+
+    table(
+        [("NAME", "NODE", *kinds, "VERSION")]
+        + [
+            (f"{p['name']}.{p['namespace']}", proxy["node"], *states(p), proxy["version"])
+            for p in captured
+        ]
+    )
+    if sidecars is not None:
+        pids = ", ".join(f"{k} pid {s['pid']}" for k, s in sidecars.items())
+        envoy = f"sidecar model, one Envoy per pod ({pids or 'none'})"
+    elif proxy.get("envoy_mode") == "external":
+        envoy = f"Envoy in its own container, {proxy['envoy_state'] or 'not answering'}"
+    else:
+        envoy = f"Envoy pid {proxy['envoy_pid']}"
+    click.echo(
+        f"\nnode {proxy['node']}: {envoy}, "
+        f"{proxy['envoy_restarts']} restarts, {len(captured)} pods in the mesh"
+    )
+    if proxy.get("envoy_problem"):
+        click.echo(proxy["envoy_problem"])
+    for kind, info in proxy["types"].items():
+        if info.get("last_nack"):
+            click.echo(f"{kind} NACKED by Envoy: {info['last_nack']}")
+    if proxy.get("error"):
+        click.echo(f"last push failed: {proxy['error']}")
+    for r in proxy.get("rejected", []):
+        click.echo(
+            f"left out: {r['kind']} {r['namespace']}/{r['name']} (rejected by {r['by']}):"
+            f" {r['reason']}"
+        )
+    if proxy.get("unattributed_nack"):
+        click.echo(f"NACK not traced to an object: {proxy['unattributed_nack']}")
+    for key in proxy.get("identity_unknown", []):
+        click.echo(
+            f"pod {key}: identity unknown: pod not in the source (no certificate,"
+            " no listeners: its traffic is refused)"
+        )
+    identity = answer.get("identity") or {}  # IdentityManager.status
+    for sid, state in identity.get("identities", {}).items():
+        if state.get("error"):
+            held = f"current one expires {state['not_after']}" if state["not_after"] else "none"
+            click.echo(
+                f"certificate for {sid} not issued by {identity['issuer']} ({held}):"
+                f" {state['error']}"
+            )
+    ignored = answer.get("not_enforced") or []  # nodeagent.mesh.enforcement
+    if ignored:
+        click.echo(f"\naccepted, not enforced ({len(ignored)} Istio resources):")
+        for item in ignored:
+            where = f"{item['kind']} {item['namespace']}/{item['name']}"
+            click.echo(f"  {where}: {', '.join(item['fields'])} ({item['planned']})")
+
+
+@click.command("proxy-config")
+@click.argument(
+    "kind", type=click.Choice(["listeners", "routes", "clusters", "endpoints", "secrets"])
+)
+@click.argument("pod")
+@click.option(
+    "--admin-socket",
+    type=click.Path(path_type=Path),
+    default=Path("/run/nodeagent/envoy-admin.sock"),
+    show_default=True,
+    envvar="NODEAGENT_ENVOY_ADMIN",
+    help="The node Envoy's admin socket (<run-dir>/envoy-admin.sock of the agent; root only).",
+)
+@output_option
+def proxy_config(kind: str, pod: str, admin_socket: Path, output: str) -> None:
+    """What the node's Envoy holds for POD (namespace/name), like istioctl proxy-config."""
+    from nodeagent import proxyconfig as pc
+    from nodeagent.envoy.admin import EnvoyAdmin, EnvoyAdminError
+    from nodeagent.identity.secrets import describe_secrets
+
+    namespace, _, name = pod.rpartition("/")
+    namespace = namespace or "default"
+    client = EnvoyAdmin(admin_socket, timeout=5.0)
+    try:
+        dump = client.config_dump()
+        listeners = pc.pod_listeners(dump, namespace, name)
+        if not listeners:
+            raise click.ClickException(
+                f"the node's Envoy holds no listeners for {namespace}/{name}"
+            )
+        routes = pc.pod_routes(dump, listeners)
+        clusters = pc.pod_clusters(dump, listeners, routes)
+        statuses = client.clusters_json() if kind == "endpoints" else {}
+        secrets = describe_secrets(dump) if kind == "secrets" else []
+    except EnvoyAdminError as e:
+        raise click.ClickException(str(e)) from None
+    identity = pc.pod_identity(listeners)
+    chosen: list[Any] | None = {
+        "listeners": listeners,
+        "routes": routes,
+        "clusters": clusters,
+        "secrets": [s for s in secrets if s.get("name") in (identity, "ROOTCA")],
+    }.get(kind)
+    if output == "json":
+        raw: object = chosen if chosen is not None else statuses
+        click.echo(json.dumps(raw, indent=2))
+        return
+    if kind == "listeners":
+        table(pc.listener_rows(listeners))
+    elif kind == "routes":
+        table(pc.route_rows(routes))
+    elif kind == "clusters":
+        table(pc.cluster_rows(clusters))
+    elif kind == "secrets":
+        table(pc.secret_rows(secrets, identity))
+    else:
+        table(pc.endpoint_rows(statuses, {str(c.get("name")) for c in clusters}))
