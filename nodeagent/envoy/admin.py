@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from nodeagent.ports import ENVOY_ADMIN_PORT
+
 
 class EnvoyAdminError(RuntimeError):
     """The admin API could not be reached, or answered with an error."""
@@ -44,7 +46,7 @@ class EnvoyAdmin:
         socket_path: Path | None = None,
         *,
         host: str = "127.0.0.1",
-        port: int = 15000,
+        port: int = ENVOY_ADMIN_PORT,
         timeout: float = 2.0,
     ) -> None:
         """SOCKET_PATH: the admin's UNIX socket (the node Envoy); else HOST:PORT over TCP."""
