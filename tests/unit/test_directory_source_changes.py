@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_writes import Writes
 
 from nodeagent import kubeyaml
 from nodeagent.mesh.store import MeshStore
@@ -68,23 +69,6 @@ def _json(*objects: dict[str, Any]) -> str:
 
 def _svc_file(i: int, *ips: str) -> str:
     return _json(_service(f"svc-{i}"), _slice(f"svc-{i}-x", f"svc-{i}", *ips))
-
-
-class Writes:
-    """Counts the store's writes, by method name (put_service, delete_endpoint_slice, ...)."""
-
-    def __init__(self, store: MeshStore, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[str] = []
-        for name in dir(store):
-            if name.startswith(("put_", "delete_")):
-                monkeypatch.setattr(store, name, self._counting(name, getattr(store, name)))
-
-    def _counting(self, name: str, method: Any) -> Any:
-        def call(*args: Any) -> Any:
-            self.calls.append(name)
-            return method(*args)
-
-        return call
 
 
 @pytest.fixture
