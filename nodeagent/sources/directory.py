@@ -24,7 +24,9 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -579,16 +581,34 @@ class DirectorySource:
 
     def _list_files(self) -> dict[Path, _FileStamp]:
         files: dict[Path, _FileStamp] = {}
-        if not self.root.is_dir():
-            return files
-        for path in sorted(self.root.rglob("*")):
-            # Hidden paths hold editor droppings and a mounted ConfigMap's ..data copies.
-            hidden = any(part.startswith(".") for part in path.relative_to(self.root).parts)
-            if hidden or path.suffix not in SUFFIXES or self._is_mesh_config(path):
-                continue
-            if path.is_file() and (stamp := _stamp(path)) is not None:
-                files[path] = stamp
+        self._walk(self.root, files)
         return files
+
+    def _walk(self, directory: Path, files: dict[Path, _FileStamp]) -> None:
+        """Adds the stamps of DIRECTORY's resource files to FILES, subdirectories included.
+
+        Runs every interval over every file: one scandir per directory and one stat per file
+        (not followed into symlinked directories; a symlinked file's stamp is its target's,
+        so a ConfigMap volume's swap of ..data shows as a change)."""
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError:
+            return
+        for entry in entries:
+            # Hidden paths hold editor droppings and a mounted ConfigMap's ..data copies.
+            if entry.name.startswith("."):
+                continue
+            path = directory / entry.name
+            if entry.is_dir(follow_symlinks=False):
+                self._walk(path, files)
+            elif entry.name.endswith(SUFFIXES) and not self._is_mesh_config(path):
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue  # gone meanwhile, or a dangling symlink
+                if stat.S_ISREG(st.st_mode):
+                    files[path] = _FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _is_mesh_config(self, path: Path) -> bool:
         mesh = self.mesh_config_path

@@ -246,3 +246,33 @@ def test_changes_applied_one_by_one_equal_a_fresh_read(
             fresh = MeshStore()
             DirectorySource(root, fresh).scan()
             assert _view(store) == _view(fresh)
+
+
+def test_a_configmap_volume_is_read_through_its_symlinks_and_its_swap_is_a_change(
+    tmp_path: Path,
+) -> None:
+    """The kubelet's configMap volume: KEY -> ..data/KEY, ..data -> ..<timestamp>/, swapped
+    atomically on update (hidden entries are not read themselves)."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+
+    def publish(version: str, text: str) -> None:
+        stamped = volume / f"..{version}"
+        stamped.mkdir()
+        (stamped / "mesh.json").write_text(text)
+        (volume / "..data_tmp").symlink_to(stamped.name)
+        (volume / "..data_tmp").replace(volume / "..data")
+
+    publish("2026_1", _svc_file(1, "10.244.1.1"))
+    (volume / "mesh.json").symlink_to("..data/mesh.json")
+    (tmp_path / "nested" / "deeper").mkdir(parents=True)
+    _write(tmp_path / "nested" / "deeper" / "api.yaml", _json(_service("api")))
+    (tmp_path / "nested" / ".editor.yaml").write_text(_json(_service("ghost")))
+    store = MeshStore()
+    source = DirectorySource(tmp_path, store)
+    source.scan()
+    assert sorted(store.services) == ["shop/api", "shop/svc-1"]
+    assert source.scan() is False
+    publish("2026_2", _svc_file(1, "10.244.1.2"))
+    assert source.scan() is True
+    assert store.endpoint_slices["shop/svc-1-x"].endpoints[0].addresses == ("10.244.1.2",)
