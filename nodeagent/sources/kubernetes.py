@@ -35,9 +35,7 @@ from kubernetes_asyncio import config as _config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from nodeagent.mesh.membership import POD_ANNOTATIONS, SIDECAR_STATUS
-from nodeagent.mesh.model import (
-    Pod,
-)
+from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
 from nodeagent.sources import changes
