@@ -11,11 +11,12 @@ not carry them (captured traffic is routed by Envoy, not by those tables).
 The change is one endpoint: backend ``web-2`` turns ready (added to web's EndpointSlice) or not
 ready (removed), as its readiness probe would; the pod keeps running. Per change:
 
-- ``ack_s``: from just before the testbed writes the EndpointSlice file (the source change) to
-  the moment the client node's Envoy accepted the EDS response carrying it (Envoy's own
-  ``update_time`` statistic of web's cluster, 1 ms resolution; Envoy sends the ACK right after).
-  It spans the directory source's poll (every 0.2 s), parsing the changed file, the agent's full
-  re-translation, the push and Envoy applying it. Only one EDS response goes out per change.
+- ``ack_s``: from the source change (directory: just before the testbed writes the EndpointSlice
+  file; kubernetes: the watch event, see below) to the moment the client node's Envoy accepted
+  the EDS response carrying it (Envoy's own ``update_time`` statistic of web's cluster, 1 ms
+  resolution; Envoy sends the ACK right after). It spans the directory source's poll (every
+  0.2 s) and the changed file's parse, or the event's conversion, then the agent's translation,
+  the push and Envoy applying it. Only one EDS response goes out per change.
 - ``ack_polled_s``: the same start to the first answer of the n1 agent's PROXY_STATUS (polled
   every STATUS_POLL s over its socket) showing that ACK, SYNCED: the agent's view, an upper bound
   (the agent answers polls late while it translates).
@@ -34,6 +35,17 @@ Cheap cost indicators: the xDS responses each change caused (types and counts, f
 counters), and, once per size, the same translation offline in this process (parse the cluster
 directory, translate for n1's pod, serialise and hash as the xDS cache does) with its bytes per
 type: a state-of-the-world EDS response carries every load assignment, not just the changed one.
+
+Each source runs on its own testbed, one after the other, with the same sizes and changes:
+
+- ``directory``: the agents poll the cluster directory (every 0.2 s) and re-read the changed file.
+- ``kubernetes``: the agents list and watch the testbed's API server stand-in
+  (``nodeagent.testbed.apiserver``), which mirrors the cluster directory as a controller's writes
+  reach a real API server: ADDED/MODIFIED/DELETED per changed object (the N synthetic services
+  arrive as 2N+1 watch events). The source change is the watch event: a watch of the bench, in
+  the client node's netns beside its agent's, stamps the arrival of web's EndpointSlice event
+  (``source_event_s``: the file write to that event, the stand-in's own share) and the spans
+  start there.
 
 VirtualService weights are not measured: VirtualService routing is not implemented yet, so a
 weight change cannot change traffic.
@@ -107,12 +119,36 @@ while True:
 """
 
 
-def _topology(name: str) -> str:
-    # The directory source, as in the published figures: it hands the agents thousands of
-    # synthetic services as one change (the API stand-in would send one watch event per object).
+# Runs in the client's node netns (where the agent's watch comes from): watches EndpointSlices
+# on the testbed's API server stand-in from its current resourceVersion, one line per event of
+# web's slice, stamped on arrival.
+WATCHER = r"""
+import http.client, json, sys, time
+host, port, namespace, service = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+path = "/apis/discovery.k8s.io/v1/endpointslices"
+conn = http.client.HTTPConnection(host, port, timeout=30)
+conn.request("GET", path + "?limit=1")
+version = json.loads(conn.getresponse().read())["metadata"]["resourceVersion"]
+conn.close()
+conn = http.client.HTTPConnection(host, port, timeout=None)
+conn.request("GET", f"{path}?watch=1&resourceVersion={version}&timeoutSeconds=86400")
+print("watching", flush=True)
+for line in conn.getresponse():
+    mono, wall = time.monotonic(), time.time()
+    event = json.loads(line)
+    meta = event.get("object", {}).get("metadata", {})
+    labels = meta.get("labels") or {}
+    mine = labels.get("kubernetes.io/service-name") == service
+    if meta.get("namespace") == namespace and mine:
+        print(f"{mono:.6f} {wall:.6f} {event['type']} {meta.get('resourceVersion')}", flush=True)
+"""
+SOURCES = ("directory", "kubernetes")
+
+
+def _topology(name: str, source: str) -> str:
     return f"""
 name: {name}
-source: directory
+source: {source}
 nodes: [{{name: {CLIENT_NODE}}}, {{name: {BACKEND_NODE}}}]
 namespaces:
   - {{name: bench, labels: {{nodeagent.io/mesh: enabled}}}}
@@ -313,6 +349,71 @@ class TrafficPoller:
         self._reader.join(5)
 
 
+@dataclass(frozen=True)
+class WatchEvent:
+    mono: float  # time.monotonic() on arrival
+    wall: float  # time.time() on arrival
+    type: str
+    version: str
+
+
+class SliceWatch:
+    """A watch on the API server stand-in, beside the client node's agent: when the stand-in
+    sent each event of web's EndpointSlice (source: kubernetes). The testbed's stand-in mirrors
+    the cluster directory (polls it every 0.1 s and diffs it); this tells that share apart."""
+
+    def __init__(self, tb: Testbed) -> None:
+        self.events: list[WatchEvent] = []
+        self._lock = threading.Lock()
+        self._watching = threading.Event()
+        host, _, port = tb.apiserver_address.rpartition(":")
+        argv = [sys.executable, "-c", WATCHER, host, port, "bench", "web"]
+        self._proc = subprocess.Popen(
+            netns.in_netns(layout.node_netns(tb.name, CLIENT_NODE), argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._watching.wait(30):
+            self.stop()
+            raise TestbedError("the bench's watch on the API server stand-in did not start")
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.strip() == "watching":
+                self._watching.set()
+                continue
+            mono, wall, type_, version = line.split()
+            with self._lock:
+                self.events.append(WatchEvent(float(mono), float(wall), type_, version))
+
+    def first_after(self, start: float, timeout: float) -> WatchEvent:
+        """The first event of web's slice that arrived after START (monotonic), waiting."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                found = next((e for e in self.events if e.mono >= start), None)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline or self._proc.poll() is not None:
+                raise TimeoutError(f"no watch event for web's EndpointSlice within {timeout:.0f}s")
+            time.sleep(POLL)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        self._reader.join(5)
+
+
 def _wait_traffic(poller: TrafficPoller, start: float, old_ip: str) -> None:
     """Until the client gets answers from the old endpoint (bounded)."""
     deadline = time.monotonic() + TRAFFIC_TIMEOUT
@@ -349,8 +450,13 @@ def envoy_eds_update(tb: Testbed) -> float:
 # -- one change -----------------------------------------------------------------------------------
 
 
-def measure_change(tb: Testbed, poller: TrafficPoller, ready: bool) -> dict[str, Any]:
-    """Turn web-2 ready (READY) or not, and time the client node's ACK and the traffic."""
+def measure_change(
+    tb: Testbed, poller: TrafficPoller, ready: bool, watch: SliceWatch | None = None
+) -> dict[str, Any]:
+    """Turn web-2 ready (READY) or not, and time the client node's ACK and the traffic.
+
+    Spans start at the source change: the EndpointSlice file written (directory source), or,
+    with WATCH (Kubernetes source), the API server's watch event for it."""
     new_ip = tb.pod_ip(NEW)
     before = proxy_status(tb, CLIENT_NODE)
     if not _synced(before):
@@ -373,12 +479,19 @@ def measure_change(tb: Testbed, poller: TrafficPoller, ready: bool) -> dict[str,
         if eds.get("state") == "NACKED":
             raise RuntimeError(f"Envoy on {CLIENT_NODE} rejected EDS: {eds.get('last_nack')}")
         if eds.get("version_acked") != eds_before and eds.get("state") == "SYNCED":
-            polled, resolution = now - start, now - asked
+            acked, resolution = now, now - asked
             break
         if now - start > ACK_TIMEOUT:
             raise TimeoutError(f"no EDS ACK on {CLIENT_NODE} within {ACK_TIMEOUT:.0f}s: {status}")
         asked = issued
         time.sleep(STATUS_POLL)
+
+    # The source change: the file written, or the watch event the agents react to.
+    origin, origin_wall = start, start_wall
+    if watch is not None:
+        event = watch.first_after(start, ACK_TIMEOUT)
+        origin, origin_wall = event.mono, event.wall
+    polled = acked - origin
 
     deadline = time.monotonic() + TRAFFIC_TIMEOUT
     while (hit := _followed(poller.since(start), ready, new_ip)) is None:
@@ -388,7 +501,7 @@ def measure_change(tb: Testbed, poller: TrafficPoller, ready: bool) -> dict[str,
                 f"requests did not {what} endpoint within {TRAFFIC_TIMEOUT:.0f}s of the ACK"
             )
         time.sleep(POLL)
-    traffic = max(0.0, hit.done - start)
+    traffic = max(0.0, hit.done - origin)
 
     wait_quiet(tb)  # both nodes done with this change before the next one
     metrics_after = xds_metrics(tb, CLIENT_NODE)
@@ -405,7 +518,8 @@ def measure_change(tb: Testbed, poller: TrafficPoller, ready: bool) -> dict[str,
     gaps = [b.sent - a.sent for a, b in itertools.pairwise(window)]
     return {
         "change": "add" if ready else "remove",
-        "ack_s": envoy_after - start_wall,
+        "source_event_s": origin - start,
+        "ack_s": envoy_after - origin_wall,
         "ack_polled_s": polled,
         "ack_polled_resolution_s": resolution,
         "traffic_s": traffic,
@@ -455,14 +569,20 @@ def offline_cost(tb: Testbed) -> dict[str, Any]:
 # -- the scenario ---------------------------------------------------------------------------------
 
 
-def _measure(tb: Testbed, repeats: dict[int, int]) -> dict[str, Any]:
+SPANS = ("source_event_s", "ack_s", "ack_polled_s", "traffic_s", "snapshot_to_ack_s")
+
+
+def _measure(tb: Testbed, repeats: dict[int, int], source: str) -> dict[str, Any]:
     vip = str(next(s.cluster_ip for s in tb.topology.services if s.name == "web"))
     old_ip = tb.pod_ip(OLD)
     poller = TrafficPoller(tb, vip)
+    watch: SliceWatch | None = None
     try:
         tb.set_pod_ready(NEW, False)  # start from one endpoint
         wait_quiet(tb)
         _wait_traffic(poller, time.monotonic(), old_ip)
+        if source == "kubernetes":
+            watch = SliceWatch(tb)
         per_size = []
         for n, times in repeats.items():
             versions = {
@@ -473,64 +593,77 @@ def _measure(tb: Testbed, repeats: dict[int, int]) -> dict[str, Any]:
             wait_quiet(tb, since=versions)
             load = time.monotonic() - started
             clusters = {node.name: envoy_clusters(tb, node.name) for node in tb.topology.nodes}
-            print(f"  {n} services loaded in {load:.1f}s (Envoy clusters {clusters})", flush=True)
+            print(
+                f"  {source}: {n} services loaded in {load:.1f}s (Envoy clusters {clusters})",
+                flush=True,
+            )
             changes = []
             for i in range(times):
                 for ready in (True, False):
-                    change = measure_change(tb, poller, ready)
+                    change = measure_change(tb, poller, ready, watch)
                     change["repeat"] = i
                     changes.append(change)
                     print(
-                        f"  {n} services, {change['change']:6}: ACK {change['ack_s']:.3f}s,"
-                        f" traffic {change['traffic_s']:.3f}s, pushes {change['pushes']}",
+                        f"  {source}: {n} services, {change['change']:6}: ACK "
+                        f"{change['ack_s']:.3f}s, traffic {change['traffic_s']:.3f}s, source event"
+                        f" {change['source_event_s']:.3f}s, pushes {change['pushes']}",
                         flush=True,
                     )
-            offline = offline_cost(tb)
             entry: dict[str, Any] = {
                 "services": n,
                 "load_s": load,
                 "envoy_active_clusters": clusters,
-                "offline": offline,
                 "changes": changes,
             }
+            if source == "directory":  # the translation is the same whatever the source
+                entry["offline"] = offline_cost(tb)
             for kind in ("add", "remove"):
                 these = [c for c in changes if c["change"] == kind]
-                entry[kind] = {
-                    k: summary(c[k] for c in these)
-                    for k in ("ack_s", "ack_polled_s", "traffic_s", "snapshot_to_ack_s")
-                }
+                entry[kind] = {k: summary(c[k] for c in these) for k in SPANS}
                 entry[kind]["failed_requests"] = sum(c["failed_requests"] for c in these)
             per_size.append(entry)
-        return {"sizes": per_size, "virtualservice": VIRTUALSERVICE}
+        return {"sizes": per_size}
     finally:
+        if watch is not None:
+            watch.stop()
         poller.stop()
+
+
+def _testbed_name(source: str, smoke: bool) -> str:
+    return ("bcv" if source == "directory" else "bcvk") + ("-smoke" if smoke else "-full")
 
 
 def run(run: Run) -> None:
     sizes: list[int] = run.pick([100, 1000, 5000], [20, 100])
     # 5000 services cost about 20 s per change here (see the result): 3 repeats keep the full
-    # run within about 5 minutes.
+    # run within about 5 minutes per source.
     repeats: dict[int, int] = dict(zip(sizes, run.pick([5, 5, 3], [2, 2]), strict=True))
-    name = "bcv-smoke" if run.smoke else "bcv-full"
-    text = _topology(name)
-    down(name)  # a crashed earlier run's leftovers
-    tb = Testbed.up(loads_topology(text, SCENARIO), text, SCENARIO)
-    try:
-        results = _measure(tb, repeats)
-    finally:
-        problems = down(name)
-        if problems:
-            print(f"testbed {name} teardown left: {'; '.join(problems)}", file=sys.stderr)
+    results: dict[str, Any] = {"sources": {}, "virtualservice": VIRTUALSERVICE}
+    topologies = {}
+    for source in SOURCES:
+        name = _testbed_name(source, run.smoke)
+        text = _topology(name, source)
+        topologies[source] = text.strip()
+        down(name)  # a crashed earlier run's leftovers
+        tb = Testbed.up(loads_topology(text, SCENARIO), text, SCENARIO)
+        try:
+            results["sources"][source] = _measure(tb, repeats, source)
+        finally:
+            problems = down(name)
+            if problems:
+                print(f"testbed {name} teardown left: {'; '.join(problems)}", file=sys.stderr)
     params = {
         "sizes": sizes,
+        "sources": list(SOURCES),
         "repeats": {str(n): times for n, times in repeats.items()},
         "changes_per_repeat": ["add (web-2 ready)", "remove (web-2 not ready)"],
-        "topology": text.strip(),
+        "topologies": topologies,
         "synthetic_services": (
             "namespace synth; each one HTTP port 8080 and two ready endpoints; VIPs from the "
             "upper half of the service CIDR, endpoints from the upper half of the cluster CIDR "
             "(no pod there; nothing is ever sent to them); one JSON file in the cluster "
-            "directory; not in the testbed's kube-proxy tables or /etc/hosts"
+            "directory (source kubernetes: served by the API server stand-in, one watch event "
+            "per object); not in the testbed's kube-proxy tables or /etc/hosts"
         ),
         "traffic_poll_s": POLL,
         "status_poll_s": STATUS_POLL,
@@ -541,9 +674,15 @@ def run(run: Run) -> None:
             "load": LOAD_TIMEOUT,
         },
         "spans": {
-            "ack_s": "testbed about to write the EndpointSlice file (wall clock) -> the client "
-            "node's Envoy accepted the EDS update for web's cluster (its update_time statistic, "
-            "ms since the epoch); Envoy ACKs right after",
+            "source_event_s": "directory: 0 (the testbed writing the EndpointSlice file is the "
+            "source change); kubernetes: that write (monotonic) -> the API server stand-in's "
+            "watch event for web's EndpointSlice arriving at a watch in n1's node netns, beside "
+            "the agent's (the stand-in mirrors the cluster directory: a poll every 0.1 s and a "
+            "diff of every object; a real API server has no such step)",
+            "ack_s": "the source change (directory: the testbed about to write the EndpointSlice "
+            "file; kubernetes: the watch event's arrival, wall clock) -> the client node's Envoy "
+            "accepted the EDS update for web's cluster (its update_time statistic, ms since the "
+            "epoch); Envoy ACKs right after. Directory: includes its 0.2 s poll",
             "ack_polled_s": "same start (monotonic) -> first n1 agent PROXY_STATUS answer "
             "showing EDS ACKed at a newer version, SYNCED (polled; an upper bound)",
             "snapshot_to_ack_s": "agent's snapshot set -> Envoy's EDS ACK "
@@ -553,12 +692,13 @@ def run(run: Run) -> None:
             "answered (only the old one answered for settle_s after it; 0 if none after the "
             "change)",
             "load_s": "synthetic services file written -> both nodes' Envoys ACKed everything "
-            "and no new snapshot for 0.3 s",
-            "offline": "n1's push redone in the bench process on the same cluster directory "
-            "(agents idle): parse the directory, translate, serialise + sha256 per resource",
+            "and no new snapshot for 0.3 s (kubernetes: includes the stand-in's mirror)",
+            "offline": "directory testbed only: n1's push redone in the bench process on the "
+            "same cluster directory (agents idle): parse the directory, translate, serialise + "
+            "sha256 per resource",
         },
         "note": "both node agents and Envoys share this machine's cores: every change is "
-        "re-translated by both agents at once",
+        "re-translated by both agents at once; one testbed per source, one after the other",
     }
     write_result(run, SCENARIO, params, results)
     _report(run, results)
@@ -570,41 +710,51 @@ def _fmt(s: dict[str, Any]) -> str:
 
 def _report(run: Run, results: dict[str, Any]) -> None:
     rows = []
-    for entry in results["sizes"]:
-        for kind in ("add", "remove"):
-            e = entry[kind]
-            rows.append(
-                (
-                    entry["services"],
-                    f"endpoint {kind}",
-                    _fmt(e["ack_s"]),
-                    _fmt(e["traffic_s"]),
-                    _fmt(e["ack_polled_s"]),
-                    _fmt(e["snapshot_to_ack_s"]),
-                    e["failed_requests"],
+    for source, measured in results["sources"].items():
+        for entry in measured["sizes"]:
+            for kind in ("add", "remove"):
+                e = entry[kind]
+                rows.append(
+                    (
+                        source,
+                        entry["services"],
+                        f"endpoint {kind}",
+                        _fmt(e["ack_s"]),
+                        _fmt(e["traffic_s"]),
+                        _fmt(e["ack_polled_s"]),
+                        _fmt(e["snapshot_to_ack_s"]),
+                        _fmt(e["source_event_s"]),
+                        e["failed_requests"],
+                    )
                 )
-            )
     print(
         table(
             (
+                "source",
                 "services",
                 "change",
                 "Envoy EDS update s, median (min-max)",
                 "traffic s",
                 "agent saw ACK s",
                 "snapshot->ACK s",
+                "file->watch event s",
                 "failed req",
             ),
             rows,
         )
     )
     cost_rows = []
-    for entry in results["sizes"]:
+    directory = results["sources"]["directory"]["sizes"]
+    loads = {
+        source: {e["services"]: e["load_s"] for e in measured["sizes"]}
+        for source, measured in results["sources"].items()
+    }
+    for entry in directory:
         off = entry["offline"]
         cost_rows.append(
             (
                 entry["services"],
-                f"{entry['load_s']:.2f}",
+                " / ".join(f"{loads[s].get(entry['services'], 0.0):.2f}" for s in loads),
                 f"{off['parse_s']:.2f}",
                 f"{off['translate_s']:.2f}",
                 f"{off['encode_hash_s']:.3f}",
@@ -619,7 +769,7 @@ def _report(run: Run, results: dict[str, Any]) -> None:
         table(
             (
                 "services",
-                "load s",
+                f"load s ({' / '.join(loads)})",
                 "parse s",
                 "translate s",
                 "encode s",
@@ -633,30 +783,38 @@ def _report(run: Run, results: dict[str, Any]) -> None:
         )
     )
     print(
-        "traffic: added = first answer from the new endpoint; removed = last answer from the"
-        " removed one.\nparse/translate/encode: n1's push redone offline; MB: one full SotW"
-        " response per type (every EDS push carries all load assignments)."
+        "spans start at the source change: directory = EndpointSlice file written (includes its"
+        " 0.2 s poll); kubernetes = the stand-in's watch event.\ntraffic: added = first answer"
+        " from the new endpoint; removed = last answer from the removed one.\n"
+        "parse/translate/encode: n1's push redone offline; MB: one full SotW response per type"
+        " (every EDS push carries all load assignments)."
     )
     print(f"VirtualService weight change: {results['virtualservice']}")
     _plot(run, results)
 
 
 def _plot(run: Run, results: dict[str, Any]) -> None:
-    entries = results["sizes"]
-    xs = [e["services"] for e in entries]
+    sources = results["sources"]
     fig = new_figure("Config convergence on the client's node (one endpoint changed)", 11, 4.5)
     left, right = fig.subplots(1, 2)
-    series = [
-        ("add", "ack_s", "Envoy applied (ACK), endpoint added", "o-"),
-        ("add", "traffic_s", "first answer from the added endpoint", "s--"),
-        ("remove", "ack_s", "Envoy applied (ACK), endpoint removed", "^-"),
-        ("remove", "traffic_s", "last answer from the removed endpoint", "v--"),
-    ]
-    for kind, key, label, style in series:
-        med = [e[kind][key]["median"] for e in entries]
-        lo = [m - e[kind][key]["min"] for m, e in zip(med, entries, strict=True)]
-        hi = [e[kind][key]["max"] - m for m, e in zip(med, entries, strict=True)]
-        left.errorbar(xs, med, yerr=[lo, hi], fmt=style, capsize=4, label=label)
+    styles = {  # per source: endpoint added, removed, initial load
+        "directory": ("o-", "^-", "o-"),
+        "kubernetes": ("s--", "v--", "s--"),
+    }
+    for source, measured in sources.items():
+        entries = measured["sizes"]
+        xs = [e["services"] for e in entries]
+        added, removed, load = styles.get(source, ("d:", "d:", "d:"))
+        for kind, what, style in (("add", "added", added), ("remove", "removed", removed)):
+            med = [e[kind]["ack_s"]["median"] for e in entries]
+            lo = [m - e[kind]["ack_s"]["min"] for m, e in zip(med, entries, strict=True)]
+            hi = [e[kind]["ack_s"]["max"] - m for m, e in zip(med, entries, strict=True)]
+            left.errorbar(
+                xs, med, yerr=[lo, hi], fmt=style, capsize=4, label=f"{source}: ACK, {what}"
+            )
+        right.plot(xs, [e["load_s"] for e in entries], load, label=f"{source}: initial load s")
+    directory = sources["directory"]["sizes"]
+    xs = [e["services"] for e in directory]
     left.set_xscale("log")
     left.set_yscale("log")
     left.set_xlabel("services in the cluster (log)")
@@ -664,8 +822,7 @@ def _plot(run: Run, results: dict[str, Any]) -> None:
     left.set_title("median, min-max bars")
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
-    right.plot(xs, [e["offline"]["translate_s"] for e in entries], "o-", label="translate s")
-    right.plot(xs, [e["load_s"] for e in entries], "s--", label="initial load s (both nodes)")
+    right.plot(xs, [e["offline"]["translate_s"] for e in directory], "d-", label="translate s")
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("services in the cluster (log)")
@@ -673,13 +830,13 @@ def _plot(run: Run, results: dict[str, Any]) -> None:
     twin = right.twinx()
     twin.plot(
         xs,
-        [e["offline"]["bytes"].get("EDS", 0) / 1e6 for e in entries],
+        [e["offline"]["bytes"].get("EDS", 0) / 1e6 for e in directory],
         "d:",
         color="tab:red",
         label="EDS response MB (right axis)",
     )
     twin.set_ylabel("MB per SotW EDS response")
-    right.set_title("cost of one push (translation offline)")
+    right.set_title("cost of one push (translation offline), initial load")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     for ax in (left, right):
         ax.set_xticks(xs, [str(x) for x in xs])

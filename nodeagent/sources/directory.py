@@ -2,9 +2,11 @@
 
 Every ``*.yaml``/``*.yml``/``*.json`` file may hold several documents (and ``kind: List``, as
 ``kubectl get -o yaml`` writes). Changes are picked up by polling (modification time, size,
-inode) and applied to the MeshStore as a diff: only records that really changed are put, so the
-store's generation moves only for real changes. A bad document is reported with file, document
-index, kind, namespace/name and field; every other resource keeps working.
+inode): only the files that changed are re-read, and only their records that really changed are
+put or deleted, so the store's generation moves only for real changes and a change costs the
+file it is in, not the directory. A bad document is reported with file, document index, kind,
+namespace/name and field; every other resource keeps working. A file that cannot be read as YAML
+at all (a syntax error, or caught mid-write) keeps its last good records until it is fixed.
 
 YAML is read as Kubernetes reads it (``nodeagent.kubeyaml``: YAML 1.2 syntax, so
 ``[2001:db8::]`` is a list of one address). Kinds read: Namespace, Pod, Service, Endpoints
@@ -17,15 +19,18 @@ last good config.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import ipaddress
 import json
 import logging
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from nodeagent import kubeyaml
 from nodeagent.mesh.model import (
@@ -44,13 +49,13 @@ from nodeagent.mesh.model import (
 )
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
+from nodeagent.sources import changes
+from nodeagent.sources.changes import Record
 
 log = logging.getLogger("nodeagent.sources.directory")
 
 SUFFIXES = (".yaml", ".yml", ".json")
-Record = Namespace | Pod | Service | EndpointSlice | ServiceAccount | IstioResource
 Key = tuple[str, str]  # (kind of the document, key of the record in the store)
-R = TypeVar("R", Namespace, Pod, Service, EndpointSlice, ServiceAccount, IstioResource)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -209,15 +214,7 @@ class Parsed:
 
     @property
     def key(self) -> Key:
-        return (self.kind, _store_key(self.record))
-
-
-def _store_key(record: Record) -> str:
-    if isinstance(record, Namespace):
-        return record.name
-    if isinstance(record, ServiceAccount):
-        return f"{record.namespace}/{record.name}"
-    return record.key
+        return (self.kind, changes.store_key(self.record))
 
 
 def _where(source: str, position: str, doc: Mapping[str, Any]) -> str:
@@ -505,21 +502,19 @@ def parse_mesh_config(data: Any) -> MeshConfig:
 # -- the source ----------------------------------------------------------------------------------
 
 
-def _sync(
-    current: Mapping[str, R],
-    wanted: Mapping[str, R],
-    put: Callable[[R], None],
-    delete: Callable[[str], None],
-) -> None:
-    """Makes one store collection WANTED, touching only what differs."""
-    for key in [k for k in current if k not in wanted]:
-        delete(key)
-    for key, record in wanted.items():
-        if current.get(key) != record:
-            put(record)
-
-
 class DirectorySource:
+    """Polls ROOT and applies what changed to the store, file by file.
+
+    Each pass stats every file; only files whose stamp (mtime, size, inode) moved are re-read,
+    and only the records whose wanted value differs from the stored one are written: editing one
+    file among thousands costs that file's parse and its changed records.
+
+    When several files hold the same resource, the one whose path sorts last wins (as a merge of
+    the files in path order would). An EndpointSlice document wins over an Endpoints one with
+    the same store key, and, as kube-proxy does with a cluster dump holding both, a service
+    with any EndpointSlice document ignores the slices converted from its Endpoints.
+    """
+
     def __init__(
         self,
         root: Path,
@@ -536,24 +531,32 @@ class DirectorySource:
         self.errors: dict[Path, list[str]] = {}  # current problems, per file
         self._stamps: dict[Path, _FileStamp] = {}
         self._records: dict[Path, dict[Key, Record]] = {}
+        self._holders: dict[Key, list[Path]] = {}  # files holding a key, in path order
+        # (namespace, service) -> store keys of the slices its documents of each kind give.
+        self._sliced: dict[tuple[str, str], set[str]] = {}
+        self._mirrored: dict[tuple[str, str], set[str]] = {}
+        self._service_of: dict[Key, tuple[str, str]] = {}  # slice keys -> their service
         self.mesh_config = MeshConfigFile(mesh_config_path, store) if mesh_config_path else None
 
     def scan(self) -> bool:
-        """One pass over the directory; applies what changed. True if anything did."""
+        """One pass over the directory; applies what changed. True if any file or the mesh
+        config did."""
         current = self._list_files()
         changed = False
-        for path in list(self._records):
-            if path not in current:
-                del self._records[path], self._stamps[path]
-                self.errors.pop(path, None)
-                changed = True
+        touched: set[Key] = set()
+        for path in [p for p in self._stamps if p not in current]:
+            del self._stamps[path]
+            self.errors.pop(path, None)
+            touched |= self._replace(path, {})
+            changed = True
         for path, stamp in current.items():
             if self._stamps.get(path) != stamp:
                 self._stamps[path] = stamp
-                self._records[path] = self._read(path)
                 changed = True
-        if changed:
-            self._apply()
+                records = self._read(path)
+                if records is not None:
+                    touched |= self._replace(path, records)
+        self._apply(touched)
         mesh_changed = self.mesh_config.scan() if self.mesh_config else False
         if self.mesh_config:
             self._mesh_errors()
@@ -578,30 +581,51 @@ class DirectorySource:
 
     def _list_files(self) -> dict[Path, _FileStamp]:
         files: dict[Path, _FileStamp] = {}
-        if not self.root.is_dir():
-            return files
-        for path in sorted(self.root.rglob("*")):
-            # Hidden paths hold editor droppings and a mounted ConfigMap's ..data copies.
-            hidden = any(part.startswith(".") for part in path.relative_to(self.root).parts)
-            if hidden or path.suffix not in SUFFIXES or self._is_mesh_config(path):
-                continue
-            if path.is_file() and (stamp := _stamp(path)) is not None:
-                files[path] = stamp
+        self._walk(self.root, files)
         return files
+
+    def _walk(self, directory: Path, files: dict[Path, _FileStamp]) -> None:
+        """Adds the stamps of DIRECTORY's resource files to FILES, subdirectories included.
+
+        Runs every interval over every file: one scandir per directory and one stat per file
+        (not followed into symlinked directories; a symlinked file's stamp is its target's,
+        so a ConfigMap volume's swap of ..data shows as a change)."""
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError:
+            return
+        for entry in entries:
+            # Hidden paths hold editor droppings and a mounted ConfigMap's ..data copies.
+            if entry.name.startswith("."):
+                continue
+            path = directory / entry.name
+            if entry.is_dir(follow_symlinks=False):
+                self._walk(path, files)
+            elif entry.name.endswith(SUFFIXES) and not self._is_mesh_config(path):
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue  # gone meanwhile, or a dangling symlink
+                if stat.S_ISREG(st.st_mode):
+                    files[path] = _FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _is_mesh_config(self, path: Path) -> bool:
         mesh = self.mesh_config_path
         return mesh is not None and path.name == mesh.name and path.resolve() == mesh.resolve()
 
-    def _read(self, path: Path) -> dict[Key, Record]:
+    def _read(self, path: Path) -> dict[Key, Record] | None:
+        """The records of PATH's good documents; None if it cannot be read as YAML at all (a
+        file caught mid-write, or a syntax error): its last good records stay."""
         records: dict[Key, Record] = {}
         problems: list[str] = []
         try:
             docs = [_json_like(d) for d in kubeyaml.load_all(path.read_text())]
         except (OSError, UnicodeDecodeError, kubeyaml.YAMLError) as e:
-            problems.append(f"{path}: cannot be read as YAML: {e}")
-            docs = []
-        for position, doc in _positions(docs):
+            kept = " (keeping its last good resources)" if path in self._records else ""
+            problems.append(f"{path}: cannot be read as YAML: {e}{kept}")
+            docs = None
+        for position, doc in _positions(docs or []):
             try:
                 parsed = _parse(doc, str(path), position, self.schemas)
             except ResourceError as e:
@@ -614,46 +638,81 @@ class DirectorySource:
             self.errors[path] = problems
         else:
             self.errors.pop(path, None)
-        return records
+        return None if docs is None else records
 
-    def _apply(self) -> None:
-        merged: dict[Key, Record] = {}
-        for path in sorted(self._records):
-            merged.update(self._records[path])
-        # A cluster dump holds Endpoints and the EndpointSlices mirrored from them: like
-        # kube-proxy, trust the slices of a service that has any.
-        sliced = {
-            (r.namespace, r.service)
-            for (kind, _), r in merged.items()
-            if kind == "EndpointSlice" and isinstance(r, EndpointSlice)
-        }
-        namespaces: dict[str, Namespace] = {}
-        pods: dict[str, Pod] = {}
-        services: dict[str, Service] = {}
-        slices: dict[str, EndpointSlice] = {}
-        accounts: dict[str, ServiceAccount] = {}
-        istio: dict[str, IstioResource] = {}
-        for (kind, key), record in merged.items():
-            if isinstance(record, Namespace):
-                namespaces[key] = record
-            elif isinstance(record, Pod):
-                pods[key] = record
-            elif isinstance(record, Service):
-                services[key] = record
-            elif isinstance(record, EndpointSlice):
-                if kind == "EndpointSlice" or (record.namespace, record.service) not in sliced:
-                    slices[key] = record
-            elif isinstance(record, ServiceAccount):
-                accounts[key] = record
-            else:
-                istio[key] = record
-        s = self.store
-        _sync(s.namespaces, namespaces, s.put_namespace, s.delete_namespace)
-        _sync(s.service_accounts, accounts, s.put_service_account, s.delete_service_account)
-        _sync(s.services, services, s.put_service, s.delete_service)
-        _sync(s.endpoint_slices, slices, s.put_endpoint_slice, s.delete_endpoint_slice)
-        _sync(s.istio, istio, s.put_istio, s.delete_istio)
-        _sync(s.pods, pods, s.put_pod, s.delete_pod)
+    def _replace(self, path: Path, records: dict[Key, Record]) -> set[Key]:
+        """Makes RECORDS the records of PATH; the keys whose record in PATH changed."""
+        old = self._records.pop(path, {})
+        if records:
+            self._records[path] = records
+        for key in old.keys() - records.keys():
+            holders = self._holders[key]
+            holders.remove(path)
+            if not holders:
+                del self._holders[key]
+        for key in records.keys() - old.keys():
+            bisect.insort(self._holders.setdefault(key, []), path)
+        return {k for k in old.keys() | records.keys() if old.get(k) != records.get(k)}
+
+    def _winner(self, key: Key) -> Record | None:
+        holders = self._holders.get(key)
+        return self._records[holders[-1]][key] if holders else None
+
+    def _apply(self, touched: set[Key]) -> None:
+        """Writes to the store what the TOUCHED keys now want, and nothing else."""
+        flipped = self._index_slices([k for k in touched if k[0] in _SLICE_KINDS])
+        slots = {(_slot_kind(kind), key) for kind, key in touched}
+        for service in flipped:  # the service's Endpoints-made slices now count, or no longer
+            slots |= {("EndpointSlice", key) for key in self._mirrored.get(service, ())}
+        by_collection: dict[str, list[Key]] = {}
+        for slot in slots:
+            by_collection.setdefault(changes.collection_of(slot[0]), []).append(slot)
+        for collection in changes.ORDER:
+            for slot in sorted(by_collection.get(collection, ())):
+                changes.converge(self.store, collection, slot[1], self._wanted(slot))
+
+    def _index_slices(self, keys: list[Key]) -> set[tuple[str, str]]:
+        """Updates which services have slices of each kind; the services that gained their
+        first EndpointSlice document or lost their last."""
+        before: dict[tuple[str, str], bool] = {}
+        for key in keys:
+            index = self._sliced if key[0] == "EndpointSlice" else self._mirrored
+            old = self._service_of.pop(key, None)
+            record = self._winner(key)
+            new = (record.namespace, record.service) if isinstance(record, EndpointSlice) else None
+            for service in (old, new):
+                if service is not None and service not in before:
+                    before[service] = bool(self._sliced.get(service))
+            if old is not None:
+                index[old].discard(key[1])
+                if not index[old]:
+                    del index[old]
+            if new is not None:
+                self._service_of[key] = new
+                index.setdefault(new, set()).add(key[1])
+        return {s for s, was in before.items() if bool(self._sliced.get(s)) != was}
+
+    def _wanted(self, slot: Key) -> Record | None:
+        """The record the store should hold for SLOT (None: none)."""
+        if slot[0] != "EndpointSlice":
+            return self._winner(slot)
+        sliced = self._winner(slot)
+        if sliced is not None:
+            return sliced
+        mirrored = self._winner(("Endpoints", slot[1]))
+        if isinstance(mirrored, EndpointSlice) and not self._sliced.get(
+            (mirrored.namespace, mirrored.service)
+        ):
+            return mirrored
+        return None
+
+
+_SLICE_KINDS = ("EndpointSlice", "Endpoints")
+
+
+def _slot_kind(kind: str) -> str:
+    """Documents of both slice kinds fill one store slot per key."""
+    return "EndpointSlice" if kind in _SLICE_KINDS else kind
 
 
 class MeshConfigFile:

@@ -35,17 +35,12 @@ from kubernetes_asyncio import config as _config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from nodeagent.mesh.membership import POD_ANNOTATIONS, SIDECAR_STATUS
-from nodeagent.mesh.model import (
-    EndpointSlice,
-    IstioResource,
-    Namespace,
-    Pod,
-    Service,
-    ServiceAccount,
-)
+from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
-from nodeagent.sources.directory import Record, ResourceError, parse_document
+from nodeagent.sources import changes
+from nodeagent.sources.changes import Record
+from nodeagent.sources.directory import ResourceError, parse_document
 
 log = logging.getLogger("nodeagent.sources.kubernetes")
 
@@ -103,45 +98,13 @@ class _Kind:
         return (full if self._istio else f"{ns}/{name}"), full
 
     @property
+    def collection(self) -> str:
+        """The store collection of this kind's records."""
+        return changes.collection_of(self.kind)
+
+    @property
     def _istio(self) -> bool:
         return self.api_version.rpartition("/")[0] in ISTIO_GROUPS
-
-
-def _collection(store: MeshStore, kind: _Kind) -> Mapping[str, Record]:
-    collections: dict[str, Mapping[str, Record]] = {
-        "Namespace": store.namespaces,
-        "Pod": store.pods,
-        "Service": store.services,
-        "EndpointSlice": store.endpoint_slices,
-        "ServiceAccount": store.service_accounts,
-    }
-    return collections.get(kind.kind, store.istio)
-
-
-def _delete(store: MeshStore, kind: _Kind, key: str) -> None:
-    deletes: dict[str, Callable[[str], None]] = {
-        "Namespace": store.delete_namespace,
-        "Pod": store.delete_pod,
-        "Service": store.delete_service,
-        "EndpointSlice": store.delete_endpoint_slice,
-        "ServiceAccount": store.delete_service_account,
-    }
-    deletes.get(kind.kind, store.delete_istio)(key)
-
-
-def _put(store: MeshStore, record: Record) -> None:
-    if isinstance(record, Namespace):
-        store.put_namespace(record)
-    elif isinstance(record, Pod):
-        store.put_pod(record)
-    elif isinstance(record, Service):
-        store.put_service(record)
-    elif isinstance(record, EndpointSlice):
-        store.put_endpoint_slice(record)
-    elif isinstance(record, ServiceAccount):
-        store.put_service_account(record)
-    elif isinstance(record, IstioResource):
-        store.put_istio(record)
 
 
 def _interned(values: Mapping[str, str]) -> dict[str, str]:
@@ -332,12 +295,11 @@ class KubernetesSource:
             del body
             if not token:
                 break
-        current = _collection(self.store, kind)
+        # Only the differences: a relist after 410 Gone finds most objects unchanged.
         for key in self._known.get(kind.kind, set()) - wanted.keys():
-            _delete(self.store, kind, key)
+            changes.converge(self.store, kind.collection, key, None)
         for key, record in wanted.items():
-            if current.get(key) != record:
-                _put(self.store, record)
+            changes.converge(self.store, kind.collection, key, record)
         self._known[kind.kind] = set(wanted)
         self.resource_versions[kind.kind] = version
         return version
@@ -378,17 +340,16 @@ class KubernetesSource:
             if record is None:
                 if key in known:  # became invalid: drop the old record, as the directory does
                     known.discard(key)
-                    _delete(self.store, kind, key)
+                    changes.converge(self.store, kind.collection, key, None)
             else:
-                known.add(key)
-                if _collection(self.store, kind).get(key) != record:
-                    _put(self.store, record)
+                known.add(key)  # an equal record (a status-only change) writes nothing
+                changes.converge(self.store, kind.collection, key, record)
         elif kind_of_event == "DELETED":
             key, invalid_key = kind.keys(obj)
             self.invalid.pop(invalid_key, None)
             if key in self._known.get(kind.kind, set()):
                 self._known[kind.kind].discard(key)
-                _delete(self.store, kind, key)
+                changes.converge(self.store, kind.collection, key, None)
         elif kind_of_event != "BOOKMARK":
             log.debug("%s: ignoring watch event %s", kind.kind, kind_of_event)
         return str(version) if version else None

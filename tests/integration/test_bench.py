@@ -113,31 +113,40 @@ def test_identity_smoke(tmp_path: Path) -> None:
 
 
 def test_convergence_smoke(tmp_path: Path) -> None:
-    smoke(tmp_path, "convergence")
+    smoke(tmp_path, "convergence", timeout=420)  # two testbeds: one per source
     doc = result(tmp_path, "convergence")
     params, res = doc["params"], doc["results"]
     assert params["sizes"] == [20, 100] and params["repeats"] == {"20": 2, "100": 2}
-    assert {"ack_s", "traffic_s", "snapshot_to_ack_s", "load_s"} <= set(params["spans"])
+    assert {"ack_s", "traffic_s", "snapshot_to_ack_s", "load_s", "source_event_s"} <= set(
+        params["spans"]
+    )
     assert res["virtualservice"].startswith("not measured")
-    assert [s["services"] for s in res["sizes"]] == params["sizes"]
-    for size in res["sizes"]:
-        # The node's Envoy holds a cluster per synthetic service (plus web and the fixed ones).
-        assert size["envoy_active_clusters"]["n1"] > size["services"]
-        assert size["load_s"] > 0 and size["offline"]["translate_s"] > 0
-        assert size["offline"]["bytes"]["EDS"] > 0
-        changes = size["changes"]
-        assert [c["change"] for c in changes] == ["add", "remove"] * 2
-        for c in changes:
-            assert 0 < c["ack_s"] < 30 and 0 < c["ack_polled_s"] < 30
-            assert 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"]
-            assert c["pushes"].get("EDS") == 1  # one endpoint: one EDS response, nothing else
-            assert c["failed_requests"] == 0
-            if c["change"] == "add":
-                # Requests reach the new endpoint only once Envoy has applied the update.
-                assert c["traffic_s"] >= c["ack_s"] > 0
-            else:
-                # The removed endpoint stops answering by the time Envoy's update is seen.
-                assert 0 <= c["traffic_s"] <= c["ack_polled_s"] + 0.1
+    assert list(res["sources"]) == params["sources"] == ["directory", "kubernetes"]
+    for source, measured in res["sources"].items():
+        assert [s["services"] for s in measured["sizes"]] == params["sizes"]
+        for size in measured["sizes"]:
+            # The node's Envoy holds a cluster per synthetic service (plus web and the fixed ones).
+            assert size["envoy_active_clusters"]["n1"] > size["services"]
+            assert size["load_s"] > 0
+            if source == "directory":
+                assert size["offline"]["translate_s"] > 0 and size["offline"]["bytes"]["EDS"] > 0
+            changes = size["changes"]
+            assert [c["change"] for c in changes] == ["add", "remove"] * 2
+            for c in changes:
+                assert 0 < c["ack_s"] < 30 and 0 < c["ack_polled_s"] < 30
+                assert 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"]
+                assert c["pushes"].get("EDS") == 1  # one endpoint: one EDS response, nothing else
+                assert c["failed_requests"] == 0
+                if source == "directory":
+                    assert c["source_event_s"] == 0
+                else:  # the stand-in's watch event came after the file write, and before the ACK
+                    assert 0 < c["source_event_s"] < 30
+                if c["change"] == "add":
+                    # Requests reach the new endpoint only once Envoy has applied the update.
+                    assert c["traffic_s"] >= c["ack_s"] > 0
+                else:
+                    # The removed endpoint stops answering by the time Envoy's update is seen.
+                    assert 0 <= c["traffic_s"] <= c["ack_polled_s"] + 0.1
     assert is_png(tmp_path / "convergence.png")
 
 

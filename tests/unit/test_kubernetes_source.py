@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from apiserver_standin import APIServerStandIn
+from store_writes import Writes
 
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
@@ -281,6 +282,33 @@ def test_gone_mid_stream_relists_and_converges(tmp_path: Path) -> None:
             # Still watching after the relist.
             server.modify(_bump(NAMESPACE, extra="yes"))
             await _until(lambda: store.namespaces["shop"].labels.get("extra") == "yes", "watch")
+
+    _run(scenario())
+
+
+def test_a_relist_writes_only_what_changed_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After 410 Gone every kind is listed again; the store gets the differences only."""
+
+    async def scenario() -> None:
+        async with _running(tmp_path) as run:
+            server, store = run.server, run.store
+            writes = Writes(store, monkeypatch)
+            server.hidden = True  # these changes reach only the new LISTs
+            server.delete(_bookinfo("destination-rule-reviews.yaml"))
+            server.modify(_bump(SERVICE, tier="front"))
+            server.add(_pod("web-6", NODE, "10.244.1.10"))
+            server.modify(SLICE)  # a new resourceVersion, the same record
+            seen = len(server.requests)
+            server.expire()
+            await _until(
+                lambda: sum(r.startswith("WATCH") for r in server.requests[seen:]) >= KINDS,
+                "every kind relisted and watching again",
+            )
+            assert len(run.source.relists) == KINDS
+            assert sorted(writes.calls) == ["delete_istio", "put_pod", "put_service"]
+            assert store.services["shop/web"].labels == {"tier": "front"}
 
     _run(scenario())
 
