@@ -35,6 +35,8 @@ _THREAD_NETNS = "/proc/thread-self/ns/net"
 # Serializes the first-use setup of /run/netns (made a shared mount) among this process's threads.
 _create_lock = threading.Lock()
 
+# Handed to pyroute2's netns helpers: their own libc lookup (ctypes.util.find_library) forks
+# `ldconfig -p`.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.unshare.restype = ctypes.c_int
@@ -61,7 +63,7 @@ def create_netns(name: str) -> None:
         try:
             # Binds /proc/thread-self/ns/net (this thread's new namespace) at /run/netns/NAME.
             with _create_lock:
-                pyroute2_netns.attach(name, "thread-self")
+                pyroute2_netns.attach(name, "thread-self", libc=_libc)
         except OSError as e:
             with contextlib.suppress(OSError):
                 remove_netns(name)
@@ -85,7 +87,7 @@ def remove_netns(name: str) -> None:
     if not path.exists():
         return
     try:
-        pyroute2_netns.remove(name)  # umount2(MNT_DETACH) + unlink, as iproute2 does
+        pyroute2_netns.remove(name, libc=_libc)  # umount2(MNT_DETACH) + unlink, as iproute2 does
     except OSError as e:
         raise NetlinkFailure(f"network namespace {name}: cannot delete {path}: {e}") from None
 
