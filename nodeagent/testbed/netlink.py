@@ -63,7 +63,7 @@ def create_netns(name: str) -> None:
         try:
             # Binds /proc/thread-self/ns/net (this thread's new namespace) at /run/netns/NAME.
             with _create_lock:
-                pyroute2_netns.attach(name, "thread-self", libc=_libc)
+                pyroute2_netns.attach(str(netns_path(name)), "thread-self", libc=_libc)
         except OSError as e:
             with contextlib.suppress(OSError):
                 remove_netns(name)
@@ -87,7 +87,8 @@ def remove_netns(name: str) -> None:
     if not path.exists():
         return
     try:
-        pyroute2_netns.remove(name, libc=_libc)  # umount2(MNT_DETACH) + unlink, as iproute2 does
+        # umount2(MNT_DETACH) + unlink, as iproute2 does.
+        pyroute2_netns.remove(str(path), libc=_libc)
     except OSError as e:
         raise NetlinkFailure(f"network namespace {name}: cannot delete {path}: {e}") from None
 

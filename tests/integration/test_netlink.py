@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,6 +49,7 @@ def test_namespaces_links_addresses_and_routes_as_iproute2_would_make_them(
     two_netns: tuple[str, str],
 ) -> None:
     before = root_netns_snapshot()
+    root_forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     thread_netns = os.readlink("/proc/thread-self/ns/net")
     hub, host = two_netns
     netlink.create_netns(hub)
@@ -99,6 +101,7 @@ def test_namespaces_links_addresses_and_routes_as_iproute2_would_make_them(
     # The caller never left its namespace, and the root namespace is untouched.
     assert os.readlink("/proc/thread-self/ns/net") == thread_netns
     assert root_netns_snapshot() == before
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == root_forwarding
 
     netlink.remove_netns(host)
     assert not netns.exists(host)
