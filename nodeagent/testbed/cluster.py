@@ -996,7 +996,9 @@ def down(name: str) -> list[str]:
 
     # Pods' cgroups, now empty (whatever still ran in one is killed).
     with contextlib.suppress(cgroups.CgroupError):
-        problems += cgroups.remove(Path(state.cgroup) if state else cgroups.testbed_dir(name))
+        # A state saved before up recorded its cgroup names none: never Path("") (the cwd).
+        folder = state.cgroup if state and state.cgroup else cgroups.testbed_dir(name)
+        problems += cgroups.remove(Path(folder))
 
     # 3. Namespaces (their links, bridges, addresses and routes go with them), then files.
     for ns in names:
