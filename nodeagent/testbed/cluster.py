@@ -46,6 +46,7 @@ from nodeagent.testbed import (
     daemons,
     hosts,
     layout,
+    netlink,
     netns,
     node_credentials,
     resources,
@@ -311,29 +312,33 @@ class Testbed:
         with self._lock:
             self.state.netns.append(ns)
             self.state.save()
-        netns.add(ns)
+        netlink.create_netns(ns)
         yield
+
+    def _plug_into_underlay(self, ns: str, port: str, address: str) -> None:
+        """A host's wire: veth PORT on the underlay bridge, its peer ``ul0`` in NS with ADDRESS."""
+        with netlink.session(underlay_netns(self.name)) as ul:
+            ul.add_veth(port, peer="ul0", peer_netns=ns)
+            ul.enslave(port, "br0")
+        with netlink.session(ns) as host:
+            host.add_address("ul0", address)
+            host.up("ul0")
 
     def _build_underlay(self) -> None:
         ul = underlay_netns(self.name)
         network = self.topology.network
-        with self._creating_netns(ul):
-            netns.ip(ul, "link", "add", "br0", "type", "bridge")
-            netns.ip(ul, "link", "set", "br0", "up")
+        with self._creating_netns(ul), netlink.session(ul) as nl:
+            nl.add_bridge("br0")
+            nl.up("br0")
             # The stand-in API server's address (source: kubernetes), reached from every node.
-            address = f"{network.apiserver_ip}/{network.underlay_cidr.prefixlen}"
-            netns.ip(ul, "addr", "add", address, "dev", "br0")
+            nl.add_address("br0", f"{network.apiserver_ip}/{network.underlay_cidr.prefixlen}")
 
     def _build_node(self, node: Node) -> None:
-        ns, ul = node_netns(self.name, node.name), underlay_netns(self.name)
+        ns = node_netns(self.name, node.name)
         prefix = self.topology.network.underlay_cidr.prefixlen
         with self._creating_netns(ns):
-            port = f"ul-{node.index}"
-            netns.ip(ul, "link", "add", port, "type", "veth", "peer", "name", "ul0", "netns", ns)
-            netns.ip(ul, "link", "set", port, "master", "br0", "up")
-            netns.ip(ns, "addr", "add", f"{node.underlay_ip}/{prefix}", "dev", "ul0")
-            netns.ip(ns, "link", "set", "ul0", "up")
-            netns.sysctl(
+            self._plug_into_underlay(ns, f"ul-{node.index}", f"{node.underlay_ip}/{prefix}")
+            netlink.sysctl(
                 ns,
                 {
                     "net.ipv4.ip_forward": "1",
@@ -341,9 +346,10 @@ class Testbed:
                     "net.ipv4.conf.default.rp_filter": "0",
                 },
             )
-            for other in self.topology.nodes:
-                if other.name != node.name:
-                    netns.ip(ns, "route", "add", str(other.pod_cidr), "via", str(other.underlay_ip))
+            with netlink.session(ns) as nl:
+                for other in self.topology.nodes:
+                    if other.name != node.name:
+                        nl.add_route(str(other.pod_cidr), str(other.underlay_ip))
         conf_dir = layout.cni_conf_dir(self.name, node.name)
         conf_dir.mkdir(parents=True, exist_ok=True)
         layout.cni_bin_dir(self.name, node.name).mkdir(parents=True, exist_ok=True)
@@ -423,13 +429,10 @@ class Testbed:
 
     def _build_control_plane(self) -> None:
         """The control-plane host: a netns on the underlay bridge, as a node is (no pods)."""
-        ns, ul = layout.control_plane_netns(self.name), underlay_netns(self.name)
+        ns = layout.control_plane_netns(self.name)
         prefix = self.topology.network.underlay_cidr.prefixlen
         with self._creating_netns(ns):
-            netns.ip(ul, "link", "add", "ul-cp", "type", "veth", "peer", "name", "ul0", "netns", ns)
-            netns.ip(ul, "link", "set", "ul-cp", "master", "br0", "up")
-            netns.ip(ns, "addr", "add", f"{self.ca_ip}/{prefix}", "dev", "ul0")
-            netns.ip(ns, "link", "set", "ul0", "up")
+            self._plug_into_underlay(ns, "ul-cp", f"{self.ca_ip}/{prefix}")
 
     def ca_daemon(self) -> DaemonRecord | None:
         """The CA service's record while the testbed runs it (None: stopped, or ca: plugin)."""
@@ -634,7 +637,7 @@ class Testbed:
         # Under the publish lock: a publish of another pod's change (a parallel remove_pod)
         # would otherwise write this pod's hosts file back while its folder goes.
         with self._publish_lock:
-            netns.delete(record.netns)
+            netlink.remove_netns(record.netns)
             shutil.rmtree(hosts.ETC_NETNS / record.netns, ignore_errors=True)
             etc_dir = str(hosts.ETC_NETNS / record.netns)
             (layout.cluster_dir(self.name) / "pods" / f"{pod.namespace}.{pod.name}.yaml").unlink(
@@ -993,12 +996,14 @@ def down(name: str) -> list[str]:
 
     # Pods' cgroups, now empty (whatever still ran in one is killed).
     with contextlib.suppress(cgroups.CgroupError):
-        problems += cgroups.remove(Path(state.cgroup) if state else cgroups.testbed_dir(name))
+        # A state saved before up recorded its cgroup names none: never Path("") (the cwd).
+        folder = state.cgroup if state and state.cgroup else cgroups.testbed_dir(name)
+        problems += cgroups.remove(Path(folder))
 
     # 3. Namespaces (their links, bridges, addresses and routes go with them), then files.
     for ns in names:
         try:
-            netns.delete(ns)
+            netlink.remove_netns(ns)
         except netns.CommandError as e:
             problems.append(str(e))
     etc_dirs = set(state.etc_dirs if state else [])

@@ -1,7 +1,8 @@
-"""Network namespaces, links and processes, through iproute2.
+"""Network namespaces by name, and the processes that run in them.
 
-Every command names its namespace explicitly (``ip -n NS`` / ``ip netns exec NS``): nothing here
-ever changes the root network namespace.
+Programs are started in a namespace with ``ip netns exec NS`` (it execs the program in place, and
+binds /etc/netns/NS/* over /etc, see hosts.py); the namespaces themselves, their links, addresses
+and routes are made over netlink (netlink.py). Nothing here changes the root network namespace.
 """
 
 from __future__ import annotations
@@ -48,11 +49,6 @@ def run(
     return proc
 
 
-def ip(netns: str, *args: str) -> None:
-    """``ip -n NETNS ARGS...``: an iproute2 command confined to one namespace."""
-    run(["ip", "-n", netns, *args])
-
-
 def in_netns(netns: str, argv: Sequence[str]) -> list[str]:
     """argv that runs a program inside NETNS (with /etc/netns/NETNS/* bound over /etc)."""
     return ["ip", "netns", "exec", netns, *argv]
@@ -72,27 +68,25 @@ def exists(name: str) -> bool:
     return netns_path(name).exists()
 
 
-def add(name: str) -> None:
-    run(["ip", "netns", "add", name])
-    ip(name, "link", "set", "lo", "up")
-
-
-def delete(name: str) -> None:
-    if exists(name):
-        run(["ip", "netns", "delete", name])
-
-
-def sysctl(netns: str, settings: Mapping[str, str]) -> None:
-    args = [f"{k}={v}" for k, v in settings.items()]
-    run(in_netns(netns, ["sysctl", "-q", "-w", *args]))
-
-
 def pids_in(netns: str) -> list[int]:
-    """Every process whose network namespace is NETNS."""
-    if not exists(netns):
+    """Every process whose network namespace is NETNS (``ip netns pids``, read from /proc)."""
+    try:
+        st = os.stat(netns_path(netns))
+    except OSError:
         return []
-    proc = run(["ip", "netns", "pids", netns], check=False)
-    return [int(p) for p in proc.stdout.split() if p.isdigit()]
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _ns_id(Path("/proc", entry, "ns/net")) == (st.st_dev, st.st_ino):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _ns_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # the process is gone, or it is a kernel thread
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
