@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from tests.waiting import wait_for
+
+__all__ = ["wait_for"]  # re-exported: integration tests import their helpers from here
 
 if TYPE_CHECKING:
     from nodeagent.testbed.cluster import Testbed
@@ -118,20 +121,6 @@ def agent_pods(testbed: str, node: str) -> dict[str, dict[str, Any]]:
     )
     assert proc.returncode == 0, proc.stderr
     return {f"{p['namespace']}/{p['name']}": p for p in json.loads(proc.stdout)}
-
-
-def wait_for(
-    predicate: Callable[[], object], timeout: float, what: str = "condition", step: float = 0.05
-) -> float:
-    """Seconds until PREDICATE() held; fails the test after TIMEOUT."""
-    import pytest
-
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - start
 
 
 def call(tb: Testbed, pod: str, url: str, *headers: str) -> dict[str, Any]:
