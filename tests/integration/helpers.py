@@ -8,9 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tests.waiting import wait_for
-
-__all__ = ["wait_for"]  # re-exported: integration tests import their helpers from here
+from tests.waiting import wait_for as wait_for  # re-exported: tests import their helpers here
 
 if TYPE_CHECKING:
     from nodeagent.testbed.cluster import Testbed
