@@ -11,18 +11,26 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import pytest
 
+# What the test waits for; a function is called at the deadline, to tell the state then.
+What = str | Callable[[], str]
+
+
+def _fail(what: What, timeout: float) -> NoReturn:
+    pytest.fail(f"{what() if callable(what) else what}: not within {timeout}s")
+
 
 def wait_for(
-    condition: Callable[[], object], timeout: float, what: str, step: float = 0.05
+    condition: Callable[[], object], timeout: float, what: What, step: float = 0.05
 ) -> float:
     """Seconds until CONDITION() held; fails the test naming WHAT after TIMEOUT seconds."""
     start = time.monotonic()
     while not condition():
         if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout}s")
+            _fail(what, timeout)
         time.sleep(step)
     return time.monotonic() - start
 
@@ -30,7 +38,7 @@ def wait_for(
 async def wait_for_async(
     condition: Callable[[], object | Awaitable[object]],
     timeout: float,
-    what: str,
+    what: What,
     step: float = 0.01,
 ) -> float:
     """Like ``wait_for`` inside an event loop: other tasks run while it waits.
@@ -45,5 +53,5 @@ async def wait_for_async(
         if held:
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout}s")
+            _fail(what, timeout)
         await asyncio.sleep(step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 from collections.abc import Callable
@@ -119,6 +120,18 @@ def agent_pods(testbed: str, node: str) -> dict[str, dict[str, Any]]:
     )
     assert proc.returncode == 0, proc.stderr
     return {f"{p['namespace']}/{p['name']}": p for p in json.loads(proc.stdout)}
+
+
+def first_answer(client: subprocess.Popen[str], timeout: float = 10) -> None:
+    """Until the keep-alive client (keepalive_client.py, its stderr piped) got its first answer."""
+    assert client.stderr is not None
+    wait_for(
+        lambda: select.select([client.stderr], [], [], 0)[0],
+        timeout,
+        "the keep-alive client's first answer",
+    )
+    said = client.stderr.readline()
+    assert said == "answered\n", f"the keep-alive client failed: {said}{client.stderr.read()}"
 
 
 def call(tb: Testbed, pod: str, url: str, *headers: str) -> dict[str, Any]:

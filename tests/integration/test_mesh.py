@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +24,14 @@ import pytest
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import Pod, Service, ServicePort, Workload, loads_topology
-from tests.integration.helpers import call, node_cli, node_metrics, proxy_status, wait_for
+from tests.integration.helpers import (
+    call,
+    first_answer,
+    node_cli,
+    node_metrics,
+    proxy_status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -262,9 +268,10 @@ def test_envoy_killed_is_restarted_and_an_agent_restart_keeps_envoy_serving(
     keepalive = subprocess.Popen(
         mesh.exec_argv("istioinaction/sleep", [PY, KEEPALIVE, "echo", "80", "6"]),
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1)
+    first_answer(keepalive)
     mesh.restart_agent("n1")
     out, _ = keepalive.communicate(timeout=30)
     summary = json.loads(out)

@@ -21,6 +21,18 @@ def test_wait_for_fails_naming_the_condition() -> None:
         wait_for(lambda: False, 0.1, "the queue to drain")
 
 
+def test_a_message_function_tells_the_state_at_the_deadline() -> None:
+    seen = [0]
+
+    def count() -> bool:
+        seen[0] += 1
+        return False
+
+    with pytest.raises(pytest.fail.Exception, match=r"asked (\d+) times: not within") as failed:
+        wait_for(count, 0.1, lambda: f"asked {seen[0]} times", step=0.01)
+    assert int(failed.value.msg.split()[1]) == seen[0] > 1
+
+
 def test_wait_for_async_lets_other_tasks_make_the_condition_true() -> None:
     async def main() -> float:
         done = asyncio.Event()
