@@ -204,13 +204,14 @@ def test_a_client_that_hangs_up_does_not_hurt_the_service(
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         sock.sendall(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
 
-    # The service logs its answer just before writing it into the void.
-    log: list[str] = []
-    wait_for(
-        lambda: log.append(capsys.readouterr().err) or "GET /gone 200" in "".join(log),
-        TIMEOUT,
-        "the service to answer the client that hung up",
-    )
+    stderr: list[str] = []
+
+    def answered() -> bool:
+        # The service logs its answer just before writing it into the void.
+        stderr.append(capsys.readouterr().err)
+        return "GET /gone 200" in "".join(stderr)
+
+    wait_for(answered, TIMEOUT, "the service to answer the client that hung up")
     code, answer = fetch(url)
 
     assert code == 200
