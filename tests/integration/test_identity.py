@@ -118,7 +118,7 @@ def expect_matrix(tb: Testbed, title: str, failing: set[tuple[str, str]]) -> Non
 
     def wrong() -> str:
         cells = [
-            f"sleep.{s} -> httpbin.{d}: {got[(s, d)]}" for s, d in want if got[s, d] != want[s, d]
+            f"sleep.{s} -> httpbin.{d}: {got[s, d]}" for s, d in want if got[s, d] != want[s, d]
         ]
         return f"{title}: {', '.join(cells)}\n{show(title, got)}"
 
