@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from tests.waiting import wait_for as wait_for  # re-exported: tests import their helpers here
 
 if TYPE_CHECKING:
     from nodeagent.testbed.cluster import Testbed
@@ -120,18 +122,17 @@ def agent_pods(testbed: str, node: str) -> dict[str, dict[str, Any]]:
     return {f"{p['namespace']}/{p['name']}": p for p in json.loads(proc.stdout)}
 
 
-def wait_for(
-    predicate: Callable[[], object], timeout: float, what: str = "condition", step: float = 0.05
-) -> float:
-    """Seconds until PREDICATE() held; fails the test after TIMEOUT."""
-    import pytest
-
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - start
+def first_answer(client: subprocess.Popen[str], timeout: float = 10) -> None:
+    """Until the keep-alive client (keepalive_client.py, its stderr piped) got its first answer."""
+    assert client.stderr is not None
+    wait_for(
+        lambda: select.select([client.stderr], [], [], 0)[0],
+        timeout,
+        "the keep-alive client's first answer",
+    )
+    said = client.stderr.readline()
+    # Else it ended (or broke) before any answer: its summary says why.
+    assert said == "answered\n", f"no keep-alive answer: {said!r} {client.communicate(timeout=30)}"
 
 
 def call(tb: Testbed, pod: str, url: str, *headers: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 With ``fresh`` as 4th argument, a new connection per request instead (a handshake each time).
 
 Prints a JSON summary: requests sent, failures, the local ports used (one port = one connection
-all along) and which pods answered.
+all along) and which pods answered. Says "answered" on stderr at the first answer, so a test
+knows the connection is up (``helpers.first_answer``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main(host: str, port: int, seconds: float, fresh: bool = False) -> None:
             if response.status != 200:
                 failures.append(f"{time.monotonic() - start:.2f}s: {response.status} {raw[:120]!r}")
                 continue
+            if not answered:
+                print("answered", file=sys.stderr, flush=True)
             answered[str(json.loads(raw).get("pod_ip"))] += 1
             if conn.sock is not None:
                 ports.add(conn.sock.getsockname()[1])
@@ -39,7 +42,7 @@ def main(host: str, port: int, seconds: float, fresh: bool = False) -> None:
             conn.close()
         if fresh:
             conn.close()
-        time.sleep(0.05)
+        time.sleep(0.05)  # pacing: about 20 requests a second
     print(
         json.dumps(
             {"sent": sent, "failures": failures, "ports": sorted(ports), "answered": dict(answered)}

@@ -40,7 +40,7 @@ from nodeagent.identity.manager import RETRY_MAX
 from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import envoy_admin, node_cli, node_metrics, wait_for
+from tests.integration.helpers import envoy_admin, node_cli, node_metrics, proxy_status, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -145,6 +145,13 @@ def envoy_secrets(tb: Testbed, node: str) -> dict[str, list[x509.Certificate]]:
 
 def trusted_roots(tb: Testbed, node: str) -> list[x509.Certificate]:
     return envoy_secrets(tb, node).get("ROOTCA", [])
+
+
+def synced(tb: Testbed) -> bool:
+    """Every node's Envoy holds (ACKed) all its agent sent."""
+    return all(
+        t["state"] == "SYNCED" for n in ("n1", "n2") for t in proxy_status(tb, n)["types"].values()
+    )
 
 
 def leaf_expiries(tb: Testbed) -> dict[str, float]:
@@ -283,7 +290,8 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
     try:
         traffic.steady(3.0, 60, "steady traffic before the outage")
         killed = kill_ca(tb)
-        time.sleep(1.0)  # a certificate being pushed at the kill has reached Envoy
+        # A certificate being pushed at the kill has reached Envoy: it holds all it was sent.
+        wait_for(lambda: synced(tb), 10, "every node's Envoy SYNCED", step=0.2)
         expiry = leaf_expiries(tb)
         first_expiry = {
             f"outage-{tag}": min(expiry[spiffe(pod)], expiry[spiffe(SERVER)])
@@ -292,6 +300,7 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
         # Longer than the TTL, and long enough to watch every pair fail closed.
         back_at = max(killed + TTL + 2.0, max(expiry.values()) + FAILING_WINDOW)
         assert back_at - killed < TTL + FAILING_WINDOW + 5, (killed, expiry)
+        # The scenario's clock, not a condition: halfway through the fail-closed window.
         time.sleep(max(0.0, back_at - FAILING_WINDOW / 2 - time.time()))
         # What a user sees meanwhile: the agents say why, and which secrets Envoy holds.
         said = {n: identity_problem(tb, n) for n in ("n1", "n2")}
@@ -302,7 +311,7 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
             for n in ("n1", "n2")
         }
         looked = time.time()
-        time.sleep(max(0.0, back_at - time.time()))
+        time.sleep(max(0.0, back_at - time.time()))  # the outage lasts until back_at
         restarted = time.time()
         tb.start_ca()
         ca_ready = time.time() - restarted
@@ -434,7 +443,7 @@ def test_root_rotation_across_two_nodes_with_no_failed_request(tb: Testbed, tmp_
         # 3. Trust B only.
         tb.apply_secret(CACERTS, b_files)
         times["trust B only"] = wait_for(lambda: trust(root_b), STEP_TIMEOUT, "trust B only")
-        time.sleep(3.0)  # traffic under the final trust
+        time.sleep(3.0)  # traffic under the final trust (its requests are checked below)
     finally:
         traffic.stop()
     requests = [r for tag in traffic.tags for r in traffic.requests(tag)]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
 from tests.integration import keyscan
-from tests.integration.helpers import call, http_status, presented_chain
+from tests.integration.helpers import call, http_status, presented_chain, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -223,13 +222,7 @@ def test_s1_2_strict_mtls_across_nodes_with_the_cas_certificates(tb: Testbed) ->
     policy = layout.cluster_dir(tb.name) / "policy.yaml"
     try:
         policy.write_text(MESH_STRICT)
-        deadline = time.monotonic() + 20
-        while (
-            http_status(tb.exec, "default/sleep", "http://web-api.istioinaction:8080/") != "000"
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.5)
-        assert http_status(tb.exec, "default/sleep", "http://web-api.istioinaction:8080/") == "000"
+        wait_for(lambda: outsider(tb) == "000", 20, "STRICT to refuse the outsider", step=0.5)
         answer = call(tb, "istioinaction/sleep", "http://web-api:8080/")
         assert answer["code"] == 200
         xfcc = answer["headers"].get("x-forwarded-client-cert", "")
@@ -241,12 +234,12 @@ def test_s1_2_strict_mtls_across_nodes_with_the_cas_certificates(tb: Testbed) ->
         )
     finally:
         policy.unlink(missing_ok=True)
-    deadline = time.monotonic() + 20
-    while (
-        http_status(tb.exec, "default/sleep", "http://web-api.istioinaction:8080/") != "200"
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.5)
+    wait_for(lambda: outsider(tb) == "200", 20, "PERMISSIVE again for the next tests", step=0.5)
+
+
+def outsider(tb: Testbed) -> str:
+    """What sleep outside the mesh gets from web-api."""
+    return http_status(tb.exec, "default/sleep", "http://web-api.istioinaction:8080/")
 
 
 def test_no_node_holds_the_cas_private_key_in_memory_or_files(tb: Testbed, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
 from tests.integration.helpers import (
     call,
+    first_answer,
     http_status,
     node_cli,
     node_metrics,
@@ -205,17 +206,18 @@ def test_an_agent_restart_leaves_envoy_serving(split: Testbed) -> None:
     keepalive = subprocess.Popen(
         split.exec_argv("istioinaction/sleep", [PY, KEEPALIVE, "web-api", "8080", "8"]),
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        time.sleep(1)
+        first_answer(keepalive)
         split.stop_agent("n1")
         # The ADS stream is gone (Envoy says so itself) and Envoy serves its last config, to
         # the long-lived connection and to new ones alike.
         wait_for(lambda: ads_connected(split, "n1") == "0", 5, "Envoy to lose its xDS stream")
         assert not (layout.agent_socket(split.name, "n1").parent / "xds.sock").exists()
         assert call(split, "istioinaction/sleep", "http://web-api:8080/")["code"] == 200
-        time.sleep(1.5)
+        time.sleep(1.5)  # Envoy alone: the long-lived connection must see no failure meanwhile
         split.start_agent("n1")
     finally:
         out, _ = keepalive.communicate(timeout=30)
@@ -247,7 +249,7 @@ def test_a_killed_envoy_comes_back_with_its_container_not_the_agent(split: Testb
     # Fails closed meanwhile, and nobody but the "kubelet" restarts Envoy (a managed agent would
     # have restarted it after 0.5 s).
     assert http_status(split.exec, "istioinaction/sleep", "http://web-api:8080/") == "000"
-    time.sleep(2)
+    time.sleep(2)  # a while in which nobody may start an Envoy
     assert envoy_pids(split, "n1") == []
     assert proxy_status(split, "n1")["envoy_state"] == ""
 

@@ -317,7 +317,9 @@ def test_a_service_envoy_rejects_is_left_out_and_other_pods_go_on(tb: Testbed) -
             "clash",
         ), rejected
         assert rejected["by"] == "LDS" and "same matching rules" in rejected["reason"], rejected
-        wait_for(lambda: proxy_status(tb, "n1")["types"]["LDS"]["state"] == "SYNCED", 10)
+        wait_for(
+            lambda: proxy_status(tb, "n1")["types"]["LDS"]["state"] == "SYNCED", 10, "LDS SYNCED"
+        )
         shown = node_cli(tb.name, "n1", "proxy-status").stdout
         assert "left out: Service mesh/clash (rejected by LDS)" in shown, shown
         metrics = node_metrics(tb.name, "n1")

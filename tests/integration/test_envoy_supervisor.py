@@ -19,8 +19,7 @@ import socket
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import pytest
 from nodeagent.envoy import EnvoyAdmin, EnvoyAdminError, EnvoySupervisor, write_bootstrap
 from nodeagent.envoy import bootstrap as make_bootstrap
 from nodeagent.envoy.supervisor import process_cmdline, process_stat
+from tests.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -79,12 +79,12 @@ def _kill_all(node: Node) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while node.envoy_pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+    try:
+        wait_for(lambda: not node.envoy_pids(), 5, "the killed Envoys to be gone")
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 @pytest.fixture
@@ -165,7 +165,9 @@ def test_killed_envoy_is_restarted(node: Node) -> None:
             assert first is not None
             os.kill(first, signal.SIGKILL)
 
-            assert await _until(lambda: supervisor.pid not in (None, first)), node.log()
+            await wait_for_async(
+                lambda: supervisor.pid not in (None, first), 10, lambda: f"restart: {node.log()}"
+            )
             assert await supervisor.wait_ready(READY), node.log()
             assert node.envoy_pids() == [supervisor.pid]
             assert (supervisor.restarts, supervisor.last_exit) == (1, str(-signal.SIGKILL))
@@ -261,15 +263,6 @@ def test_admin_errors_name_the_endpoint(tmp_path: Path) -> None:
     assert admin.ready() is False
     with pytest.raises(EnvoyAdminError, match=rf"unix:{sock}/server_info"):
         admin.server_info()
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

@@ -30,7 +30,7 @@ from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
 from tests.integration import helpers
-from tests.integration.helpers import envoy_admin, http_status, node_cli, node_metrics
+from tests.integration.helpers import envoy_admin, http_status, node_cli, node_metrics, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -109,14 +109,21 @@ def show(title: str, cells: dict[tuple[str, str], str]) -> str:
 
 def expect_matrix(tb: Testbed, title: str, failing: set[tuple[str, str]]) -> None:
     want = {(s, d): ("000" if (s, d) in failing else "200") for s in NAMESPACES for d in NAMESPACES}
-    deadline = time.monotonic() + 15
-    got = matrix(tb)
-    while got != want and time.monotonic() < deadline:
-        time.sleep(0.5)
+    got: dict[tuple[str, str], str] = {}
+
+    def as_wanted() -> bool:
+        nonlocal got
         got = matrix(tb)
+        return got == want
+
+    def wrong() -> str:
+        cells = [
+            f"sleep.{s} -> httpbin.{d}: {got[s, d]}" for s, d in want if got[s, d] != want[s, d]
+        ]
+        return f"{title}: {', '.join(cells)}\n{show(title, got)}"
+
+    wait_for(as_wanted, 15, wrong, step=0.5)
     print("\n" + show(title, got))
-    for cell, value in want.items():
-        assert got[cell] == value, f"{title}: sleep.{cell[0]} -> httpbin.{cell[1]}: {got[cell]}"
 
 
 MESH_STRICT = """
@@ -201,9 +208,7 @@ def test_a_remote_endpoint_keeps_its_identity_and_strict_holds_across_nodes(tb: 
     assert sans == {"spiffe://cluster.local/ns/foo/sa/httpbin"}, cluster
     try:
         apply_policy(tb, FOO_STRICT)
-        deadline = time.monotonic() + 15
-        while code(tb, "legacy", "foo") != "000" and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(lambda: code(tb, "legacy", "foo") == "000", 15, "legacy refused", step=0.5)
         assert tb.state.pods["legacy/sleep"].node == caller.node  # plaintext, from that node
         assert code(tb, "legacy", "foo") == "000"
         assert code(tb, "foo", "foo") == "200"
@@ -229,16 +234,12 @@ spec:
 """
     try:
         apply_policy(tb, MESH_STRICT + "---" + dr.format(mode="DISABLE"))
-        deadline = time.monotonic() + 15
-        while code(tb, "foo", "bar") != "503" and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(lambda: code(tb, "foo", "bar") == "503", 15, "plaintext to STRICT", step=0.5)
         # Plaintext to a STRICT server is refused; as with Istio, the caller's proxy answers 503.
         assert code(tb, "foo", "bar") == "503"
         assert code(tb, "bar", "bar") == "200"  # the DR lives in foo: it binds foo's clients
         apply_policy(tb, MESH_STRICT + "---" + dr.format(mode="ISTIO_MUTUAL"))
-        deadline = time.monotonic() + 15
-        while code(tb, "foo", "bar") != "200" and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(lambda: code(tb, "foo", "bar") == "200", 15, "ISTIO_MUTUAL to STRICT", step=0.5)
         assert code(tb, "foo", "bar") == "200"
     finally:
         restore(tb)
@@ -389,7 +390,7 @@ def test_rotation_with_a_60s_ttl_under_a_steady_stream() -> None:
         while stream.poll() is None and time.monotonic() < deadline:
             seen["foo/sleep"] |= serials(tb, "n1", "foo/sleep")
             seen["bar/httpbin"] |= serials(tb, "n2", "bar/httpbin")
-            time.sleep(5)
+            time.sleep(5)  # sampling while the stream runs (the loop ends with it)
         out, _ = stream.communicate(timeout=30)
         summary = json.loads(out)
         print(f"\nrotation: {summary['sent']} requests, serials seen {seen}")
@@ -458,10 +459,8 @@ def test_secrets_follow_local_pods_and_foreign_identities_are_not_served(tb: Tes
         assert ask_for_secret(tb, "n1", [here, elsewhere]) == {here}
     finally:
         tb.remove_pod(temp)
-    deadline = time.monotonic() + 15  # the removed listeners drain for 5 s first
-    while here in envoy_secret_names(tb, "n1") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert here not in envoy_secret_names(tb, "n1")
+    # The removed listeners drain for 5 s first.
+    wait_for(lambda: here not in envoy_secret_names(tb, "n1"), 15, "secret gone", step=0.2)
     assert ask_for_secret(tb, "n1", [here]) == set()  # forgotten with its last pod
 
 
@@ -479,10 +478,8 @@ def test_s1_2_strict_mtls_on_the_workshop_shop() -> None:
         def status(pod: str) -> str:
             return http_status(shop.exec, pod, "http://web-api.istioinaction:8080/")
 
-        deadline = time.monotonic() + 15
-        while status("default/sleep") != "000" and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert status("default/sleep") == "000"  # reset: plaintext refused
+        # Reset: plaintext refused.
+        wait_for(lambda: status("default/sleep") == "000", 15, "STRICT to refuse", step=0.5)
         assert status("istioinaction/sleep") == "200"
         answer = json.loads(
             shop.exec("istioinaction/sleep", ["curl", "-sS", "http://web-api:8080/"]).stdout

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +24,14 @@ import pytest
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import Pod, Service, ServicePort, Workload, loads_topology
-from tests.integration.helpers import call, node_cli, node_metrics, proxy_status, wait_for
+from tests.integration.helpers import (
+    call,
+    first_answer,
+    node_cli,
+    node_metrics,
+    proxy_status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -169,7 +175,7 @@ def test_s1_1_every_hop_goes_through_the_node_envoys(mesh: Testbed) -> None:
         )
         return want <= {(ln.split()[1], ln.split()[2]) for n in logs for ln in logs[n]}
 
-    wait_for(logged, 5, step=0.2)
+    wait_for(logged, 5, "both Envoys to log the request", step=0.2)
     assert all(" 200 - via_upstream " in ln for n in logs for ln in logs[n])
     assert all_synced(mesh)
 
@@ -204,7 +210,9 @@ def test_pods_and_services_changes_are_followed_within_a_second(mesh: Testbed) -
         mesh.add_pod(echo3)
         new_ip = mesh.state.pods[echo3.key].ip
         took = wait_for(
-            lambda: call(mesh, "istioinaction/sleep", "http://echo/")["pod_ip"] == new_ip, 3
+            lambda: call(mesh, "istioinaction/sleep", "http://echo/")["pod_ip"] == new_ip,
+            3,
+            "the new endpoint to get traffic",
         )
         assert took < 1.0, f"the new endpoint got traffic after {took:.2f}s"
 
@@ -226,6 +234,7 @@ def test_pods_and_services_changes_are_followed_within_a_second(mesh: Testbed) -
                 call(mesh, "istioinaction/sleep", "http://echo/")["pod_ip"] == v2 for _ in range(4)
             ),
             3,
+            "traffic to follow the service change",
         )
         assert took < 1.0, f"the service change was followed after {took:.2f}s"
     finally:
@@ -250,7 +259,7 @@ def test_envoy_killed_is_restarted_and_an_agent_restart_keeps_envoy_serving(
     old_pid = proxy_status(mesh, "n1")["envoy_pid"]
     os.kill(old_pid, signal.SIGKILL)
     # Fails closed while Envoy is down, then recovers on its own.
-    wait_for(lambda: call_ok(mesh), 20, step=0.2)
+    wait_for(lambda: call_ok(mesh), 20, "calls through a restarted Envoy", step=0.2)
     status = proxy_status(mesh, "n1")
     assert status["envoy_pid"] != old_pid and status["envoy_restarts"] >= 1
     assert metric(node_metrics(mesh.name, "n1"), "nodeagent_envoy_restarts_total") >= 1
@@ -259,15 +268,16 @@ def test_envoy_killed_is_restarted_and_an_agent_restart_keeps_envoy_serving(
     keepalive = subprocess.Popen(
         mesh.exec_argv("istioinaction/sleep", [PY, KEEPALIVE, "echo", "80", "6"]),
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1)
+    first_answer(keepalive)
     mesh.restart_agent("n1")
     out, _ = keepalive.communicate(timeout=30)
     summary = json.loads(out)
     assert summary["failures"] == [], summary  # Envoy served through the agent's restart
     assert proxy_status(mesh, "n1")["envoy_pid"] == envoy_pid  # the same Envoy, adopted
-    wait_for(lambda: all_synced(mesh), 10)
+    wait_for(lambda: all_synced(mesh), 10, "every node SYNCED")
     assert call(mesh, "istioinaction/sleep", "http://web-api:8080/")["code"] == 200
 
 
@@ -291,6 +301,7 @@ def test_a_bad_istio_file_is_named_and_breaks_nothing(mesh: Testbed) -> None:
                 or 'unknown field "spec.http[0].rout"' in log.read_text()
             ),
             5,
+            "the agent to log the unknown field",
         )
         line = next(ln for ln in log.read_text().splitlines() if "spec.http[0].rout" in ln)
         # Named by kind and namespace/name (the API server knows no file; the directory source
@@ -370,7 +381,7 @@ def test_a_service_without_endpoints_answers_503_with_the_uh_flag(mesh: Testbed)
             ],
         )
         assert proc.stdout == "503"
-        wait_for(lambda: request_id in envoy_log(mesh, "n1"), 5, step=0.2)
+        wait_for(lambda: request_id in envoy_log(mesh, "n1"), 5, "n1's access log", step=0.2)
         line = next(ln for ln in envoy_log(mesh, "n1").splitlines() if request_id in ln)
         assert " 503 UH no_healthy_upstream " in line, line
     finally:

@@ -7,7 +7,6 @@ https://istio.io/latest/docs/reference/config/networking/destination-rule/."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import node_cli, node_metrics, wait_for
+from tests.integration.helpers import node_cli, node_metrics, proxy_status, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -101,9 +100,14 @@ def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> N
 
     # More pushes (other resources change): the warning is not repeated.
     for i in range(3):
+        pushed = int(proxy_status(tb, "n1")["version"])
         (cluster / "other.yaml").write_text(
             f"apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: sa{i}, namespace: shop}}\n"
         )
-        time.sleep(0.5)
+        wait_for(
+            lambda pushed=pushed: int(proxy_status(tb, "n1")["version"]) > pushed,
+            10,
+            f"a push after ServiceAccount sa{i}",
+        )
     log = (layout.logs_dir(tb.name) / "n1.agent.log").read_text()
     assert log.count(VS_WARNING) == 1

@@ -18,7 +18,7 @@ import pytest
 from nodeagent.testbed import cgroups, daemons, layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import Pod, Workload, loads_topology
-from tests.integration.helpers import agent_pods, call, ruleset
+from tests.integration.helpers import agent_pods, call, ruleset, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -156,10 +156,12 @@ def test_captured_pods_talk_through_the_node_envoys_with_mtls(testbed: Testbed) 
         log = (layout.logs_dir(testbed.name) / f"{node}.envoy.log").read_text()
         return [ln.split()[1] for ln in log.splitlines() if request_id in ln]
 
-    deadline = time.monotonic() + 5
-    while not ("outbound" in logged("n2") and "inbound" in logged("n1")):
-        assert time.monotonic() < deadline, "the request is missing from the Envoy access logs"
-        time.sleep(0.2)
+    wait_for(
+        lambda: "outbound" in logged("n2") and "inbound" in logged("n1"),
+        5,
+        "the request in the Envoy access logs",
+        step=0.2,
+    )
 
 
 def test_a_pod_created_after_the_install_is_captured_by_the_cni_plugin(testbed: Testbed) -> None:

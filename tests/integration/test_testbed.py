@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import NODEAGENT, nodeagent, root_netns_snapshot
+from tests.integration.helpers import NODEAGENT, nodeagent, root_netns_snapshot, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -150,17 +149,15 @@ def test_down_cleans_up_after_up_was_killed_midway(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def pods_up() -> int:
+        try:
+            return len(json.loads(state.read_text())["pods"])
+        except (OSError, ValueError):  # not written yet, or being written
+            return 0
+
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if len(json.loads(state.read_text())["pods"]) >= 3:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.02)
-        else:
-            pytest.fail("testbed up never reached its third pod")
+        wait_for(lambda: pods_up() >= 3, 60, "testbed up to reach its third pod", step=0.02)
         os.kill(up.pid, signal.SIGKILL)
         up.wait(timeout=10)
         assert [n for n in list_netns() if n.startswith("tb-tbcrash.")], "nothing was left to clean"

@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from nodeagent.cni.wire import ProtocolError, request
 from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, bridge_conflist, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import node_cli, root_netns_snapshot, ruleset
+from tests.integration.helpers import node_cli, root_netns_snapshot, ruleset, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -158,10 +157,13 @@ def log_messages(path: Path) -> list[str]:
 
 def until(check: Callable[[], str], what: str) -> None:
     """Until CHECK says nothing is missing (bounded by WAIT)."""
-    deadline = time.monotonic() + WAIT
-    while missing := check():
-        assert time.monotonic() < deadline, f"{what} not within {WAIT:.0f}s: {missing}"
-        time.sleep(0.1)
+    missing = [""]
+
+    def done() -> bool:
+        missing[0] = check()
+        return not missing[0]
+
+    wait_for(done, WAIT, lambda: f"{what} (missing: {missing[0]})", step=0.1)
 
 
 def stop_node_daemons(tb: Testbed) -> None:

@@ -11,7 +11,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from nodeagent.xds import types
 from nodeagent.xds.cache import Snapshot, SnapshotCache
 from nodeagent.xds.server import XdsServer
+from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -211,19 +211,6 @@ def http_get(port: int) -> str:
         return f"error: {e}"
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
 def test_envoy_applies_snapshots_and_nacks_a_bad_one(
     tmp_path: Path, run_envoy: Callable[[dict[str, Any]], subprocess.Popen[bytes]], api_type: str
@@ -253,8 +240,10 @@ def test_envoy_applies_snapshots_and_nacks_a_bad_one(
         synced = {"CDS": "SYNCED", "EDS": "SYNCED", "LDS": "SYNCED", "RDS": "SYNCED"}
         cache.set_snapshot(NODE, make_snapshot("v1", port, "hello v1"))
         run_envoy(bootstrap(sock, free_port(), api_type))
-        await eventually(lambda: body_is("hello v1"), "Envoy to serve the direct response")
-        await eventually(lambda: states() == synced, f"all types SYNCED: {states()}")
+        await wait_for_async(lambda: body_is("hello v1"), 10, "Envoy to serve the direct response")
+        await wait_for_async(
+            lambda: states() == synced, 10, lambda: f"all types SYNCED: {states()}"
+        )
         assert server.connected_nodes() == [NODE]
         assert {s.version_acked for s in server.status(NODE).values()} == {"v1"}
 
@@ -263,19 +252,19 @@ def test_envoy_applies_snapshots_and_nacks_a_bad_one(
 
         before = lds_pushes()
         cache.set_snapshot(NODE, make_snapshot("v2", port, "hello v1", duplicate_chain=True))
-        await eventually(lambda: states().get("LDS") == "NACKED", "Envoy to NACK the listener")
+        await wait_for_async(lambda: states().get("LDS") == "NACKED", 10, "Envoy to NACK it")
         lds = server.status(NODE)[types.LISTENER]
         assert "same matching rules" in lds.last_nack, lds.last_nack
         assert (lds.version_sent, lds.version_acked) == ("v2", "v1")
-        await asyncio.sleep(2)
+        await asyncio.sleep(2)  # a while in which the rejected listener must not be resent
         assert lds_pushes() - before <= 2, "the rejected listener was sent again and again"
         assert await body_is("hello v1"), "the previous listener stopped answering"
         nacks = registry.get_sample_value("nodeagent_xds_nacks_total", {"type": "LDS"})
         assert nacks == 1
 
         cache.set_snapshot(NODE, make_snapshot("v3", port, "hello v3"))
-        await eventually(lambda: body_is("hello v3"), "Envoy to serve the v3 route")
-        await eventually(lambda: states() == synced, f"all types SYNCED again: {states()}")
+        await wait_for_async(lambda: body_is("hello v3"), 10, "Envoy to serve the v3 route")
+        await wait_for_async(lambda: states() == synced, 10, lambda: f"SYNCED again: {states()}")
         assert server.status(NODE)[types.LISTENER].version_acked == "v3"
 
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -93,11 +93,3 @@ def published_root(api: APIServerStandIn) -> bytes:
     """The root bundle as node agents get it: the ConfigMap's key."""
     config_map = api.objects[CONFIGMAPS][(NS, "nodeagent-ca-root")]
     return str(config_map["data"]["root-cert.pem"]).encode()
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)

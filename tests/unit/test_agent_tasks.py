@@ -16,6 +16,7 @@ from local_http import free_port, get
 from nodeagent import agent
 from nodeagent.logs import JsonFormatter
 from nodeagent.redirect.manager import CaptureManager
+from tests.waiting import wait_for_async
 
 
 def test_agent_reconcile_crash_makes_readiness_503_counted_and_restarted(
@@ -74,28 +75,23 @@ async def _agent_readiness(
     running = asyncio.create_task(agent.run(config, stop))
     ready_url = f"http://127.0.0.1:{config.readiness_port}/healthz/ready"
     metrics_url = f"http://127.0.0.1:{config.metrics_port}/metrics"
+    seen: tuple[int, str] = (0, "")
+
+    async def readiness(code: int) -> bool:
+        nonlocal seen
+        if not Path(config.cni_socket).exists():
+            return running.done()
+        seen = await asyncio.to_thread(get, ready_url)
+        return running.done() or seen[0] == code
+
     try:
-        for _ in range(100):  # up and ready
-            await asyncio.sleep(0.05)
-            if (
-                running.done()
-                or (
-                    Path(config.cni_socket).exists()
-                    and (await asyncio.to_thread(get, ready_url))[0]
-                )
-                == 200
-            ):
-                break
+        await wait_for_async(lambda: readiness(200), 5, "the agent to be up and ready")
         assert not running.done(), running
         assert (await asyncio.to_thread(get, ready_url))[0] == 200
 
         set_failing(True)
-        seen: tuple[int, str] = (0, "")
-        for _ in range(40):  # the first crash: at the next reconcile, 0.05 s on
-            await asyncio.sleep(0.05)
-            seen = await asyncio.to_thread(get, ready_url)
-            if seen[0] == 503:
-                break
+        # The first crash: at the next reconcile, 0.05 s on.
+        await wait_for_async(lambda: readiness(503), 2, "the failing task to turn it not ready")
         assert seen[0] == 503, seen
         assert "task reconcile down (OSError, see the agent's log)" in seen[1], seen
         _, text = await asyncio.to_thread(get, metrics_url)
@@ -106,11 +102,12 @@ async def _agent_readiness(
         assert "Traceback" in logged["error"] and "netlink went away" in logged["error"]
 
         before = set_failing(False)
-        for _ in range(80):  # restarted after its backoff (0.5 s, then 1 s)
-            await asyncio.sleep(0.05)
-            seen = await asyncio.to_thread(get, ready_url)
-            if seen[0] == 200 and set_failing(False) > before:
-                break
+        # Restarted after its backoff (0.5 s, then 1 s).
+        await wait_for_async(
+            lambda: readiness(200) if set_failing(False) > before else False,
+            4,
+            "the task to be restarted and the agent ready again",
+        )
         assert seen[0] == 200 and set_failing(False) > before, (seen, before)
         assert not running.done()
     finally:

@@ -22,6 +22,7 @@ from nodeagent.redirect.capture import CaptureSpec
 from nodeagent.redirect.discovery import PodNetns
 from nodeagent.redirect.manager import CaptureManager
 from nodeagent.redirect.registry import PodRegistry
+from tests.waiting import wait_for_async
 
 
 class RecordingBackend:
@@ -117,6 +118,12 @@ def run(scenario: Callable[[Node], Awaitable[None]], tmp_path: Path) -> None:
     asyncio.run(scenario(Node(tmp_path)))
 
 
+async def under_way(node: Node, key: str) -> None:
+    """The CNI ADD of pod KEY has started: in its first step it looks the pod up and, missing
+    or outdated, waits for the source (nothing in it yields before that)."""
+    await wait_for_async(lambda: key in node.manager._adding, 2, f"the ADD of {key} under way")
+
+
 def test_a_mesh_pod_is_captured_with_its_annotations(tmp_path: Path) -> None:
     async def scenario(node: Node) -> None:
         annotations = {"traffic.sidecar.istio.io/excludeInboundPorts": "9090"}
@@ -153,7 +160,7 @@ def test_pods_outside_the_mesh_are_recorded_not_captured(tmp_path: Path) -> None
 def test_a_pod_the_source_delivers_late_is_still_captured(tmp_path: Path) -> None:
     async def scenario(node: Node) -> None:
         adding = asyncio.create_task(node.manager.add(node.cni_pod("late"), timeout=5))
-        await asyncio.sleep(0.1)
+        await under_way(node, "shop/late")
         node.store.put_pod(Pod("shop", "late"))
         assert (await adding)["state"] == "captured"
 
@@ -510,10 +517,7 @@ def test_the_store_watch_adopts_a_pod_without_a_reconcile_pass(tmp_path: Path) -
         node.store.put_pod(
             Pod("shop", "late", uid="uid-late", node_name="n1", pod_ips=("10.244.1.5",))
         )
-        for _ in range(100):
-            if Path(netns) in node.backend.installed:
-                break
-            await asyncio.sleep(0.02)
+        await wait_for_async(lambda: Path(netns) in node.backend.installed, 2, "late pod captured")
         stop.set()
         await watching
         assert [p["state"] for p in node.manager.status()] == ["captured"]
@@ -552,7 +556,7 @@ def test_add_waits_for_the_source_to_catch_up_with_a_recreated_pod(tmp_path: Pat
         node.store.put_pod(Pod("shop", "db-0", uid="old"))  # the StatefulSet's previous pod
         pod = node.cni_pod("db-0") | {"uid": "new"}
         adding = asyncio.create_task(node.manager.add(pod, timeout=5))
-        await asyncio.sleep(0.1)
+        await under_way(node, "shop/db-0")  # it found the old pod: it waits for the new one
         node.store.put_pod(Pod("shop", "db-0", uid="new"))
         assert (await adding)["state"] == "captured"
 

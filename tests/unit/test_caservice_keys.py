@@ -21,13 +21,13 @@ from ca_cluster import cluster as _cluster
 from ca_cluster import published_root as _published_root
 from ca_cluster import running as _running
 from ca_cluster import secret as _secret
-from ca_cluster import until as _until
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from test_caservice import SECRETS, _uris
 
 from nodeagent.identity.ca import CA_KEY, CERT_CHAIN, ROOT_CERT, plugin_cacerts
 from nodeagent.identity.certs import verify_chain
+from tests.waiting import wait_for_async
 
 
 async def _issue(port: int, trust: bytes) -> list[str]:
@@ -129,7 +129,9 @@ def test_a_cacerts_secret_wins_and_its_rotation_is_picked_up_without_restart(
                 new = plugin_cacerts(TD)
                 rotated = dict(new, **{ROOT_CERT: new[ROOT_CERT] + old[ROOT_CERT]})
                 api.modify(_secret("cacerts", rotated))
-                await _until(lambda: _published_root(api) == rotated[ROOT_CERT], "new bundle")
+                await wait_for_async(
+                    lambda: _published_root(api) == rotated[ROOT_CERT], 10, "new bundle"
+                )
                 # A client trusting only the new root reaches the CA: a new server certificate.
                 chain = await _issue(ca.port, new[ROOT_CERT])
                 assert chain[-1].encode() == rotated[ROOT_CERT]
@@ -183,8 +185,8 @@ def test_a_bad_cacerts_secret_is_named_and_the_previous_signer_kept(
                     # A matching-looking rotation whose key is broken.
                     bad = dict(plugin_cacerts(TD), **{CA_KEY: value})
                 api.modify(_secret("cacerts", bad))
-                await _until(lambda: error in ca.last_error, "the error")
-                await asyncio.sleep(0.3)  # several reloads with the bad Secret
+                await wait_for_async(lambda: error in ca.last_error, 10, "the error")
+                await asyncio.sleep(0.3)  # several reloads with the bad Secret: none may take it
                 assert ca.ready() == ""
                 assert _published_root(api) == good[ROOT_CERT]
                 chain = await _issue(ca.port, good[ROOT_CERT])
@@ -215,7 +217,7 @@ def test_a_bad_cacerts_secret_at_start_leaves_the_ca_not_ready(tmp_path: Path) -
             ca = CAServer(_config(api.write_kubeconfig(tmp_path / "kc")))
             stop = asyncio.Event()
             start = asyncio.create_task(ca.start(stop))
-            await _until(lambda: "root-cert.pem" in ca.last_error, "the error")
+            await wait_for_async(lambda: "root-cert.pem" in ca.last_error, 10, "the error")
             assert ca.ready().startswith(
                 "no signing key: Secret nodeagent-system/cacerts key root-cert.pem"
             )

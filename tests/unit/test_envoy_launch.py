@@ -33,6 +33,7 @@ from nodeagent.identity.manager import IdentityManager
 from nodeagent.mesh.store import MeshStore
 from nodeagent.proxy import NodeProxy, ProxySettings
 from nodeagent.redirect.registry import PodRegistry
+from tests.waiting import wait_for
 
 NODEAGENT: list[str | Path] = [sys.executable, "-m", "nodeagent"]
 BOUND = 10.0  # seconds: a bound on every wait below (each takes well under a second)
@@ -165,15 +166,6 @@ def _fake_envoy(tmp_path: Path) -> tuple[Path, Path]:
     return script, record
 
 
-def _wait_for(predicate: object, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + BOUND
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_the_command_waits_then_becomes_envoy_with_the_supervisors_argv(tmp_path: Path) -> None:
     binary, record = _fake_envoy(tmp_path)
     run_dir, log = tmp_path / "run", tmp_path / "logs" / "envoy.log"
@@ -182,7 +174,11 @@ def test_the_command_waits_then_becomes_envoy_with_the_supervisors_argv(tmp_path
         stdin=subprocess.DEVNULL,
     )
     try:
-        _wait_for(lambda: log.exists() and "waiting for the node agent" in log.read_text(), "wait")
+        wait_for(
+            lambda: log.exists() and "waiting for the node agent" in log.read_text(),
+            BOUND,
+            "the command to say it waits for the node agent",
+        )
         assert proc.poll() is None and not record.exists()
 
         _write_bootstrap(run_dir)
@@ -210,7 +206,11 @@ def test_sigterm_while_waiting_exits_cleanly(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
     )
     try:
-        _wait_for(lambda: log.exists() and "waiting for the node agent" in log.read_text(), "wait")
+        wait_for(
+            lambda: log.exists() and "waiting for the node agent" in log.read_text(),
+            BOUND,
+            "the command to say it waits for the node agent",
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from nodeagent.envoy import EnvoyAdmin, EnvoySupervisor
 from nodeagent.envoy import supervisor as supervisor_module
 from nodeagent.envoy.supervisor import EXTERNAL
+from tests.waiting import wait_for_async
 
 
 class FakeAdmin:
@@ -79,14 +79,6 @@ def _watcher(tmp_path: Path, port: int, hook: Callable[[], None] | None = None) 
     )
 
 
-async def _until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def test_watches_without_ever_running_envoy(tmp_path: Path, admin: FakeAdmin) -> None:
     restarts: list[int] = []
     watcher = _watcher(tmp_path, admin.port, lambda: restarts.append(1))
@@ -98,20 +90,22 @@ def test_watches_without_ever_running_envoy(tmp_path: Path, admin: FakeAdmin) ->
             assert (watcher.state, watcher.problem(), watcher.pid) == ("LIVE", "", None)
 
             admin.state = "INITIALIZING"
-            await _until(lambda: "INITIALIZING" in watcher.problem(), "the state to be seen")
+            await wait_for_async(
+                lambda: "INITIALIZING" in watcher.problem(), 5, "the state to be seen"
+            )
             assert watcher.problem().startswith("Envoy not ready: it is INITIALIZING")
 
             admin.stop()  # Envoy's container died
-            await _until(lambda: watcher.state == "", "Envoy to be seen gone")
+            await wait_for_async(lambda: watcher.state == "", 5, "Envoy to be seen gone")
             problem = watcher.problem()
             assert problem.startswith("Envoy not ready: its admin 127.0.0.1:")
             assert "stopped answering" in problem and "nodeagent envoy" in problem
-            await asyncio.sleep(0.2)  # ten watch rounds: still nobody starts an Envoy
+            await asyncio.sleep(0.2)  # ten watch rounds in which nobody may start an Envoy
             assert watcher.pid is None and not (tmp_path / "run").exists()
 
             admin.state = "LIVE"
             admin.start()  # kubelet restarted the container
-            await _until(lambda: watcher.problem() == "", "Envoy to be seen back")
+            await wait_for_async(lambda: watcher.problem() == "", 5, "Envoy to be seen back")
             assert (watcher.restarts, restarts) == (1, [1])
         finally:
             await watcher.stop(kill_envoy=True)  # never applies to an Envoy it does not run
@@ -132,7 +126,7 @@ def test_an_envoy_not_there_yet_is_named(tmp_path: Path, admin: FakeAdmin) -> No
                 f"Envoy not ready: no Envoy answers on its admin 127.0.0.1:{admin.port} yet"
             )
             admin.start()
-            await _until(lambda: watcher.problem() == "", "Envoy to be found")
+            await wait_for_async(lambda: watcher.problem() == "", 5, "Envoy to be found")
             assert watcher.restarts == 0  # the first Envoy seen is no restart
         finally:
             await watcher.stop()

@@ -31,6 +31,7 @@ from nodeagent.identity.certs import ChainError, WorkloadCert, issue, spiffe_id,
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.secrets import ROOTCA, describe_secrets, root_secret, workload_secret
 from nodeagent.translate import tls
+from tests.waiting import wait_for_async
 
 TD = "cluster.local"
 SA = spiffe_id(TD, "shop", "cart")
@@ -350,7 +351,10 @@ def test_a_failing_ca_never_stops_the_loop(plugin_ca: PluginCA) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(mgr.run(stop))
         mgr.set_local_identities([("shop", "cart")])
-        await asyncio.sleep(0.3)
+        # The failure is recorded once the loop has handled it: the loop lives on.
+        await wait_for_async(
+            lambda: "CA unreachable" in mgr.identity_problem(SA), 2, "the failure recorded"
+        )
         assert not task.done()
         stop.set()
         await asyncio.wait_for(task, timeout=2)
@@ -378,15 +382,15 @@ def test_rotation_loop_renews_at_half_life_and_logs_no_keys(
         task = asyncio.create_task(mgr.run(stop))
         issued = time.monotonic()
         mgr.set_local_identities([("shop", "cart")])
-        while SA not in mgr.certs() and time.monotonic() < issued + 1:
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: SA in mgr.certs(), 1, "the first certificate")
         first = mgr.certs()[SA]
-        deadline = issued + 1.2
-        while mgr.certs()[SA].serial == first.serial and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_for_async(
+            lambda: mgr.certs()[SA].serial != first.serial,
+            issued + 1.2 - time.monotonic(),
+            "a renewal within 1.2 s of a 2 s certificate",
+        )
         # The renewal loop pushes (on_change) on its next pass after installing the new cert.
-        while len(changes) < 2 and time.monotonic() < deadline + 0.5:
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: len(changes) >= 2, 0.5, "the renewed certificate pushed")
         stop.set()
         await asyncio.wait_for(task, timeout=2)
         return first, mgr.certs()[SA], issued
@@ -476,8 +480,10 @@ class StuckIssuer:
         self.root_pem = ca.root_pem
         self.on_bundle_change: Callable[[], None] | None = None
         self.closed = False
+        self.asked: list[str] = []
 
     async def issue(self, sid: str, ttl: timedelta, key_type: Any) -> WorkloadCert:
+        self.asked.append(sid)
         if sid == SA:
             await asyncio.Event().wait()
         return issue(self.ca, sid, ttl, key_type)
@@ -498,11 +504,9 @@ def test_a_request_the_ca_does_not_answer_holds_up_no_other_identity(plugin_ca: 
         stop = asyncio.Event()
         task = asyncio.create_task(mgr.run(stop))
         mgr.set_local_identities([("shop", "cart")])
-        await asyncio.sleep(0.1)
+        await wait_for_async(lambda: SA in issuer.asked, 2, "the request for cart to hang")
         mgr.set_local_identities([("shop", "cart"), ("shop", "pay")])  # a new pod arrives
-        deadline = time.monotonic() + 2
-        while pay not in mgr.certs() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: pay in mgr.certs(), 2, "pay's certificate")
         assert set(mgr.certs()) == {pay}
         assert "being issued" in mgr.identity_problem(SA)
         stop.set()

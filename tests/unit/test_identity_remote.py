@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from apiserver_standin import APIServerStandIn
-from ca_cluster import CART, NS, TD, TOKEN_A, WEB, cluster, published_root, running, until
+from ca_cluster import CART, NS, TD, TOKEN_A, WEB, cluster, published_root, running
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,6 +37,7 @@ from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.protocol import SERVICE, IstioCertificateRequest, IstioCertificateResponse
 from nodeagent.identity.remote import DEFAULT_SERVER_NAME, RemoteCA
 from nodeagent.identity.secrets import ROOTCA
+from tests.waiting import wait_for_async
 
 CART_SA = ("shop", "cart")  # a pod on node-a, this agent's node
 WEB_SA = ("shop", "web")  # a pod on node-b only
@@ -233,11 +234,14 @@ def test_a_ca_outage_keeps_the_current_certificate_then_renews_when_it_is_back(
             assert "unavailable" in mgr.problem()
             # Back on the same address: the same manager renews (gRPC reconnects on its own).
             async with running(api, tmp_path, listen=("127.0.0.1", port)):
-                deadline = time.monotonic() + 10
-                while not await mgr.renew_due():
-                    assert time.monotonic() < deadline, "not renewed within 10s of the CA's return"
-                    now[0] += manager_module.RETRY_MAX
-                    await asyncio.sleep(0.2)
+
+                async def renewed() -> bool:
+                    if await mgr.renew_due():
+                        return True
+                    now[0] += manager_module.RETRY_MAX  # the next retry is due
+                    return False
+
+                await wait_for_async(renewed, 10, "renewal after the CA's return", step=0.05)
                 renewed = mgr.certs()[CART]
                 assert renewed.serial != first.serial
                 assert mgr.problem() == ""
@@ -272,11 +276,11 @@ def test_a_certificate_that_expires_while_the_ca_is_down_is_dropped(
                 )
                 loop = asyncio.create_task(mgr.run(stop))
                 mgr.set_local_identities([CART_SA])
-                await until(lambda: CART in mgr.certs(), "the first certificate", 5)
+                await wait_for_async(lambda: CART in mgr.certs(), 5, "the first certificate")
                 cert = mgr.certs()[CART]
             # CA down; the renewal loop alone notices the expiry (nothing else asks).
             expired = "nodeagent_cert_expired_total"
-            await until(lambda: registry.get_sample_value(expired) == 1, "the drop", 8)
+            await wait_for_async(lambda: registry.get_sample_value(expired) == 1, 8, "the drop")
             assert time.time() >= cert.not_after.timestamp()
             assert set(_served(mgr, CART_SA)) == {ROOTCA}
             assert "could not issue" in mgr.identity_problem(CART)
@@ -322,14 +326,14 @@ def test_the_bundle_is_the_union_and_follows_the_root_file(
             )
             loop = asyncio.create_task(mgr.run(stop))
             mgr.set_local_identities([CART_SA])
-            await until(lambda: CART in mgr.certs(), "the first certificate", 5)
+            await wait_for_async(lambda: CART in mgr.certs(), 5, "the first certificate")
             first = mgr.certs()[CART]
             assert mgr.root_pem == ca_root
 
             # Root rotation starts: the ConfigMap gets a second root (the kubelet's swap).
             node.mount_roots(ca_root + other_root)
-            await until(lambda: len(_bundle(mgr)) == 2, "the new bundle", 5)
-            await until(lambda: mgr.certs()[CART].serial != first.serial, "re-issue", 5)
+            await wait_for_async(lambda: len(_bundle(mgr)) == 2, 5, "the new bundle")
+            await wait_for_async(lambda: mgr.certs()[CART].serial != first.serial, 5, "re-issue")
             served = _served(mgr, CART_SA)
             assert served[ROOTCA].validation_context.trusted_ca.inline_bytes == mgr.root_pem
 
@@ -337,13 +341,15 @@ def test_the_bundle_is_the_union_and_follows_the_root_file(
             remote = mgr.issuer
             assert isinstance(remote, RemoteCA)
             node.mount_roots(other_root)
-            await until(lambda: remote.root_error == "" and _file_read(remote), "reread", 5)
+            await wait_for_async(
+                lambda: remote.root_error == "" and _file_read(remote), 5, "reread"
+            )
             assert _ders(mgr.root_pem) == _ders(ca_root + other_root)
 
             # A broken file: an error naming it, the last good bundle kept.
             before = mgr.root_pem
             node.mount_roots(b"not a certificate")
-            await until(lambda: "not a PEM" in remote.root_error, "the error", 5)
+            await wait_for_async(lambda: "not a PEM" in remote.root_error, 5, "the error")
             assert mgr.root_pem == before
             stop.set()
             await asyncio.wait_for(loop, 5)
@@ -514,7 +520,9 @@ def test_the_agent_picks_its_issuer_and_waits_for_the_root_file(
             ca_token_file=node.token_file,
         )
         waiting = asyncio.create_task(agent._issuer(config, TD, stop))
-        await asyncio.sleep(0.3)
+        await wait_for_async(
+            lambda: "waiting for it before serving" in caplog.text, 5, "the agent to say it waits"
+        )
         assert not waiting.done()  # no trust bundle yet: nothing could be verified
         root = plugin_cacerts(TD, intermediate=False)["root-cert.pem"]
         node.mount_roots(root)

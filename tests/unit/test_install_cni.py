@@ -8,7 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from nodeagent.cni.install import (
     serve_readiness,
     uninstall_binary,
 )
+from tests.waiting import wait_for
 
 # Like a PyInstaller onedir executable: it finds its _internal/ next to its real path.
 PLUGIN_SCRIPT = """#!/bin/sh
@@ -83,13 +84,12 @@ def run_plugin(path: Path) -> str:
     return subprocess.run([path], capture_output=True, text=True, check=True, timeout=5).stdout
 
 
-def eventually(check: Callable[[], bool], timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
+NO_PRIMARY = "CNI install check failed, retrying: no valid CNI network config"
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    """How many of the installer's log lines hold TEXT (each one is a watch tick that saw it)."""
+    return sum(text in m for m in caplog.messages)
 
 
 @pytest.fixture
@@ -152,7 +152,9 @@ def test_plugin_runs_old_or_new_bundle_throughout_reinstalls(tmp_path: Path, bin
     try:
         for i in range(20):
             install_binary(bundles[i % 2], bin_dir)
-            time.sleep(0.01)
+            # Every swap races at least one exec of the plugin.
+            ran = len(outputs)
+            wait_for(lambda ran=ran: len(outputs) > ran, 5, "the runtime to run the plugin")
     finally:
         stop.set()
         runtime.join(timeout=5)
@@ -416,10 +418,12 @@ def test_watch_reinserts_after_the_primary_cni_rewrites_its_file(
     path = conf_dir / "10-calico.conflist"
     write_json(path, {**CALICO, "mtu": 9000})  # the primary CNI restarted and wrote its own
 
-    assert eventually(lambda: types(path)[-1] == PLUGIN_TYPE)
+    wait_for(lambda: types(path)[-1] == PLUGIN_TYPE, 1, "the entry back in the rewritten file")
     assert load(path)["mtu"] == 9000
     assert types(path) == ["calico", "portmap", PLUGIN_TYPE]
-    assert eventually(lambda: any("inserted" in m and path.name in m for m in caplog.messages))
+    wait_for(
+        lambda: any("inserted" in m and path.name in m for m in caplog.messages), 1, "the log line"
+    )
 
 
 def test_watch_follows_a_new_primary_that_sorts_first(
@@ -428,28 +432,33 @@ def test_watch_follows_a_new_primary_that_sorts_first(
     caplog.set_level(logging.INFO, logger="nodeagent.install_cni")
     first = write_json(conf_dir / "05-cilium.conflist", {**CALICO, "plugins": [{"type": "cilium"}]})
 
-    assert eventually(lambda: types(first) == ["cilium", PLUGIN_TYPE])
+    wait_for(lambda: types(first) == ["cilium", PLUGIN_TYPE], 1, "the entry in the new primary")
     assert watching.ready()
-    assert eventually(lambda: any("inserted" in m and first.name in m for m in caplog.messages))
+    wait_for(
+        lambda: any("inserted" in m and first.name in m for m in caplog.messages), 1, "the log line"
+    )
 
 
 def test_watch_survives_missing_and_half_written_files(
-    watching: CniInstaller, conf_dir: Path
+    watching: CniInstaller, conf_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = conf_dir / "10-calico.conflist"
     path.unlink()
-    time.sleep(0.5)
+    wait_for(lambda: logged(caplog, NO_PRIMARY), 2, "the watch to see no primary config")
     path.write_text('{"name": "k8s-pod-network", "plugins": [')
-    time.sleep(0.5)
+    half = f"skipping CNI config {path}: invalid JSON"
+    wait_for(lambda: logged(caplog, half), 2, "the watch to skip the half-written file")
     assert not watching.ready()
 
     write_json(path, CALICO)
 
-    assert eventually(lambda: holds_entry(conf_dir))
+    wait_for(lambda: holds_entry(conf_dir), 1, "the entry in the completed file")
     assert types(path) == ["calico", "portmap", PLUGIN_TYPE]
 
 
-def test_watch_inserts_once_a_primary_config_appears(bin_dir: Path, conf_dir: Path) -> None:
+def test_watch_inserts_once_a_primary_config_appears(
+    bin_dir: Path, conf_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     installer = CniInstaller(None, bin_dir, conf_dir, ENTRY)
     with pytest.raises(InstallError, match=str(conf_dir)):
         installer.install()
@@ -457,10 +466,10 @@ def test_watch_inserts_once_a_primary_config_appears(bin_dir: Path, conf_dir: Pa
     thread = threading.Thread(target=installer.watch, args=(stop, 0.05), daemon=True)
     thread.start()
     try:
-        time.sleep(0.2)
+        wait_for(lambda: logged(caplog, NO_PRIMARY), 2, "the watch to see no primary config")
         write_json(conf_dir / "10-flannel.conf", FLANNEL_CONF)
 
-        assert eventually(installer.ready)
+        wait_for(installer.ready, 1, "the entry in the new primary")
         assert types(conf_dir / "10-flannel.conflist") == ["flannel", PLUGIN_TYPE]
         assert not (conf_dir / "10-flannel.conf").exists()
     finally:
@@ -473,7 +482,7 @@ def test_watch_leaves_the_config_alone_after_uninstall(
     watching: CniInstaller, conf_dir: Path
 ) -> None:
     watching.uninstall()
-    time.sleep(0.5)
+    time.sleep(0.5)  # a few watch ticks (0.2 s each) that must leave the file alone
 
     assert load(conf_dir / "10-calico.conflist") == CALICO
 
@@ -505,7 +514,9 @@ def test_readiness_endpoint(conf_dir: Path, bin_dir: Path) -> None:
         server.server_close()
 
 
-def test_watch_inserts_no_entry_while_the_binary_cannot_be_installed(tmp_path: Path) -> None:
+def test_watch_inserts_no_entry_while_the_binary_cannot_be_installed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """An entry without its binary would fail every pod: the binary must come first."""
     conf_dir = tmp_path / "net.d"
     conf_dir.mkdir()
@@ -520,14 +531,14 @@ def test_watch_inserts_no_entry_while_the_binary_cannot_be_installed(tmp_path: P
     watcher = threading.Thread(target=installer.watch, args=(stop, 0.02), daemon=True)
     watcher.start()
     try:
-        time.sleep(0.3)
+        # Each watch tick starts by trying the binary (and says so); the second tick finds the
+        # directory unchanged and would insert the entry, so let it finish: three ticks begun.
+        gone = f"{PLUGIN_TYPE} is gone from"
+        wait_for(lambda: logged(caplog, gone) >= 3, 2, "three watch ticks with the binary failing")
         assert not holds_entry(conf_dir)
         assert "not installed" in (installer.unready_reason() or "")
         (tmp_path / "missing-bin").mkdir()
-        deadline = time.monotonic() + 2
-        while not installer.ready() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert installer.ready()
+        wait_for(installer.ready, 2, "the binary and the entry installed")
         assert holds_entry(conf_dir)
     finally:
         stop.set()

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.podstatus import CAPTURE_ANNOTATION, REASON_ANNOTATION, PodAnnotator
+from tests.waiting import wait_for_async
 
 
 class FakeApi:
@@ -69,10 +70,7 @@ def test_a_failed_patch_is_retried_and_a_deleted_pod_dropped() -> None:
         runner = asyncio.create_task(annotator.run(stop))
         annotator.record("shop", "web", "captured", "")
         annotator.record("shop", "gone", "captured", "")  # deleted before it could be shown
-        for _ in range(100):
-            if not annotator.pending:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async(lambda: not annotator.pending, 5, "every annotation settled")
         stop.set()
         await runner
         assert annotator.pending == {}

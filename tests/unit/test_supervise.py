@@ -15,6 +15,7 @@ import pytest
 
 from nodeagent.logs import JsonFormatter
 from nodeagent.supervise import TaskSupervisor
+from tests.waiting import wait_for_async
 
 
 def test_a_crashing_task_is_logged_counted_and_restarted(caplog: pytest.LogCaptureFixture) -> None:
@@ -40,8 +41,9 @@ async def _crash_restart(caplog: pytest.LogCaptureFixture) -> None:
 
     with caplog.at_level(logging.ERROR, logger="nodeagent.supervise"):
         tasks.spawn("watcher", flaky, stop=stop)
-        await asyncio.sleep(0.05)
-        assert "task watcher down (RuntimeError, see the agent's log)" in tasks.problem()
+        # Down for its 0.2 s backoff.
+        down = "task watcher down (RuntimeError, see the agent's log)"
+        await wait_for_async(lambda: down in tasks.problem(), 1, "the crash shown")
         await asyncio.wait_for(back.wait(), 2)
     assert tasks.problem() == ""
     assert registry.get_sample_value("nodeagent_task_restarts_total", {"task": "watcher"}) == 1
@@ -66,8 +68,9 @@ async def _returns_early() -> None:
         runs += 1
 
     task = tasks.spawn("early", returns, stop=stop)
-    await asyncio.sleep(0.3)
-    assert runs >= 3 and tasks.restarts["early"] >= 2
+    await wait_for_async(
+        lambda: runs >= 3 and tasks.restarts["early"] >= 2, 2, "two restarts after 0.05 s each"
+    )
     stop.set()
     await asyncio.wait_for(task, 1)
     assert tasks.problem() == ""

@@ -33,6 +33,7 @@ from nodeagent.redirect.capture import CaptureSpec
 from nodeagent.redirect.manager import CaptureManager
 from nodeagent.redirect.registry import CAPTURED, FAILED, NOT_IN_MESH, PodCapture, PodRegistry
 from nodeagent.uninstall import DaemonSetRef, Decision, decide
+from tests.waiting import wait_for_async
 
 DS = DaemonSetRef("nodeagent-system", "nodeagent")
 GET = "GET /apis/apps/v1/namespaces/nodeagent-system/daemonsets/nodeagent"
@@ -245,14 +246,6 @@ def test_install_cni_uninstall_removes_entries_and_the_binary(tmp_path: Path) ->
     assert sorted(os.listdir(bin_dir)) == ["bridge"]
 
 
-async def _until(check: Callable[[], bool], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + WAIT
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"not within {WAIT:.0f}s: {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize(
     ("daemonset", "removed"), [(DAEMONSET, False), (DELETING, True), (None, True)]
 )
@@ -277,9 +270,11 @@ def test_install_cni_on_sigterm_keeps_on_upgrade_removes_on_uninstall(
                 stderr=asyncio.subprocess.PIPE,
             )
             try:
-                await _until(
+                await wait_for_async(
                     lambda: holds_entry(conf_dir) and (bin_dir / PLUGIN_TYPE).is_file(),
+                    WAIT,
                     "install-cni installed the plugin",
+                    step=0.05,
                 )
                 proc.send_signal(signal.SIGTERM)
                 _, stderr = await asyncio.wait_for(proc.communicate(), WAIT)
@@ -423,12 +418,12 @@ def test_agent_on_stop_keeps_on_upgrade_and_removes_on_uninstall(
                 except (OSError, wire.ProtocolError):
                     return False
 
+            async def serving() -> bool:
+                assert not running.done(), running
+                return await asyncio.to_thread(answering)
+
             try:
-                deadline = asyncio.get_running_loop().time() + WAIT
-                while not await asyncio.to_thread(answering):
-                    assert not running.done(), running
-                    assert asyncio.get_running_loop().time() < deadline, "agent not serving"
-                    await asyncio.sleep(0.05)
+                await wait_for_async(serving, WAIT, "the agent serving CNI", step=0.05)
                 stop.set()  # what SIGTERM does
                 await asyncio.wait_for(running, WAIT)
             finally:

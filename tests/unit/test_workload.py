@@ -25,6 +25,7 @@ from nodeagent.testbed.workload import (
     main,
     parse_fib_trie,
 )
+from tests.waiting import wait_for
 
 TIMEOUT = 5.0
 # The tests' own client must not be sent through a proxy from the environment either.
@@ -195,13 +196,22 @@ def test_request_bodies_are_discarded_on_a_kept_alive_connection(
         conn.close()
 
 
-def test_a_client_that_hangs_up_does_not_hurt_the_service(start_service: StartService) -> None:
+def test_a_client_that_hangs_up_does_not_hurt_the_service(
+    start_service: StartService, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = start_service(DELAY="0.1")
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         sock.sendall(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
 
-    time.sleep(0.2)  # past the delay: the abandoned answer has been written into the void
+    stderr: list[str] = []
+
+    def answered() -> bool:
+        # The service logs its answer just before writing it into the void.
+        stderr.append(capsys.readouterr().err)
+        return "GET /gone 200" in "".join(stderr)
+
+    wait_for(answered, TIMEOUT, "the service to answer the client that hung up")
     code, answer = fetch(url)
 
     assert code == 200

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from nodeagent.xds.server import Nack, XdsServer
+from tests.waiting import wait_for_async
 
 NODE = "node-1"
 CDS, EDS, LDS, RDS = types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE
@@ -98,7 +99,8 @@ def snapshot(
 
 # Envoy's side of the stream.
 class FakeEnvoy:
-    def __init__(self, path: Path, delta: bool, node_id: str = NODE) -> None:
+    def __init__(self, path: Path, server: XdsServer, delta: bool, node_id: str = NODE) -> None:
+        self.server = server
         self.delta = delta
         self.node_id = node_id
         self.channel = grpc.aio.insecure_channel(f"unix:{path}")
@@ -132,6 +134,12 @@ class FakeEnvoy:
             )
         else:
             await self.send(type_url=type_url, resource_names=names or [], response_nonce=nonce)
+
+    def server_holds_ack(self, response: Any) -> bool:
+        """The server has taken this Envoy's ACK of RESPONSE (on its current stream)."""
+        status = self.server.status(self.node_id).get(response.type_url)
+        version = response.system_version_info if self.delta else response.version_info
+        return status is not None and status.connected and status.version_acked == version
 
     async def recv(self, timeout: float = 3.0) -> Any:
         return await asyncio.wait_for(self.responses.get(), timeout)
@@ -203,7 +211,7 @@ class Env:
         self.envoys: list[FakeEnvoy] = []
 
     def envoy(self, delta: bool = False, node_id: str = NODE) -> FakeEnvoy:
-        envoy = FakeEnvoy(self.path, delta, node_id)
+        envoy = FakeEnvoy(self.path, self.server, delta, node_id)
         self.envoys.append(envoy)
         return envoy
 
@@ -243,16 +251,16 @@ async def initial_flow(envoy: FakeEnvoy) -> dict[str, Any]:
     await envoy.ack(got["LDS"])
     got["RDS"] = await envoy.recv()
     await envoy.ack(got["RDS"], ["r"])
-    await asyncio.sleep(0.05)
+    await wait_for_async(
+        lambda: envoy.server_holds_ack(got["RDS"]), 2, "the server to take the RDS ACK"
+    )
     return got
 
 
 async def wait_for_state(env: Env, type_name: str, state: str, timeout: float = 2.0) -> None:
-    async def poll() -> None:
-        while env.states().get(type_name) != state:
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
+    await wait_for_async(
+        lambda: env.states().get(type_name) == state, timeout, f"{type_name} {state}"
+    )
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
@@ -318,7 +326,9 @@ def test_new_snapshot_pushes_cds_before_lds(tmp_path: Path, delta: bool) -> None
         assert rds.type_url == RDS
         await envoy.ack(rds, ["r"])
         assert [r.type_url for r in envoy.received[4:]] == [CDS, EDS, LDS, RDS]
-        await asyncio.sleep(0.05)
+        await wait_for_async(
+            lambda: envoy.server_holds_ack(rds), 2, "the server to take the RDS ACK"
+        )
         assert set(env.states().values()) == {"SYNCED"}
 
     run(tmp_path, body)
@@ -671,8 +681,7 @@ def test_disconnect_cleans_up_and_reconnect_gets_current_snapshot(tmp_path: Path
         first = env.envoy()
         await initial_flow(first)
         await first.close()
-        await asyncio.sleep(0.2)
-        assert env.server.connected_nodes() == []
+        await wait_for_async(lambda: env.server.connected_nodes() == [], 2, "the server to drop it")
         assert env.metric("nodeagent_xds_connected_proxies") == 0
         assert {s.connected for s in env.server.status(NODE).values()} == {False}
         env.cache.set_snapshot(NODE, snapshot("v2", assignments={"a": cla("a", 4)}))
