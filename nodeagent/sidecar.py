@@ -42,7 +42,7 @@ from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
 from nodeagent.envoy.launch import NODE_ENVOY_ARGS
 from nodeagent.envoy.supervisor import PIDFILE, EnvoySupervisor
 from nodeagent.mesh.model import Pod
-from nodeagent.proxy import COALESCE, NodeProxy
+from nodeagent.proxy import NodeProxy
 from nodeagent.redirect.capture import PROXY_UID
 from nodeagent.translate import LocalPod, translate
 from nodeagent.xds import types
@@ -54,6 +54,7 @@ NODE, SIDECAR = "node", "sidecar"
 PROXY_MODELS = (NODE, SIDECAR)
 ADMIN_PORT = 15000  # inside the pod's netns, as istio-proxy's
 STATS_PORT = 15090
+COALESCE = 0.02  # seconds: synced() lets the push loop take a change before it looks
 # Istio's sidecar default concurrency (proxy.istio.io/config concurrency: 2).
 SIDECAR_ENVOY_ARGS = (*NODE_ENVOY_ARGS, "--concurrency", "2")
 

@@ -185,15 +185,21 @@ class CaptureManager:
             if problem:
                 return self._settle(capture, FAILED, problem)
             answer = self._settle(capture, CAPTURED, membership.reason)
-            if self.proxy is not None:
-                # The app must not start before the node's Envoy listens for it (fail closed).
-                left = timeout - (time.monotonic() - started) - 1.0
-                problem = await self.proxy.synced(max(1.0, left), pod=capture.key)
-                if problem:
-                    answer = self._settle(capture, FAILED, f"listeners not ready: {problem}")
+            # The node's probe SNAT set takes the pod's IPs while Envoy takes its listeners.
+            probes = asyncio.create_task(self._sync_probes())
+            try:
+                if self.proxy is not None:
+                    # The app must not start before the node's Envoy listens for it (fail closed).
+                    left = timeout - (time.monotonic() - started) - 1.0
+                    problem = await self.proxy.synced(max(1.0, left), pod=capture.key)
+                    if problem:
+                        answer = self._settle(capture, FAILED, f"listeners not ready: {problem}")
+            finally:
+                await probes
             if uid:  # a membership pass may have adopted the pod meanwhile: this ADD owns it
                 self.registry.pop(discovered_key(uid))
-        await self._sync_probes()
+        if not answer["ok"]:
+            await self._sync_probes()  # its IPs leave the set again
         return answer
 
     async def _wait_for_pod(self, namespace: str, name: str, uid: str, wait: float) -> Pod | None:
