@@ -57,7 +57,7 @@ def capture(name: str) -> PodCapture:
 def make_proxy(tmp_path: Path, store: MeshStore, *pods: str) -> tuple[NodeProxy, CollectorRegistry]:
     ca = BuiltinCA.load_or_create(tmp_path / "state", "cluster.local")
     metrics = CollectorRegistry()
-    registry = PodRegistry(tmp_path / "pods.json")
+    registry = PodRegistry(tmp_path / "pods")
     for name in pods:
         registry.put(capture(name))
     settings = ProxySettings(
@@ -341,7 +341,7 @@ def test_a_pods_add_waits_for_its_certificate_and_says_why_the_ca_did_not_issue(
 ) -> None:
     store = mesh_store()
     metrics = CollectorRegistry()
-    registry = PodRegistry(tmp_path / "pods.json")
+    registry = PodRegistry(tmp_path / "pods")
     registry.put(capture("web-1"))
     settings = ProxySettings(
         "n1", tmp_path / "run", Path("/opt/envoy/bin/envoy"), tmp_path / "e.log"
