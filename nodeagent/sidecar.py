@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.envoy.admin import EnvoyAdmin
-from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
+from nodeagent.envoy.bootstrap import SOTW_ADS, bootstrap, bootstrap_path, write_bootstrap
 from nodeagent.envoy.launch import NODE_ENVOY_ARGS
 from nodeagent.envoy.supervisor import PIDFILE, EnvoySupervisor
 from nodeagent.mesh.model import Pod
@@ -384,6 +384,7 @@ class SidecarProxies(NodeProxy):
                 },
                 initial_fetch_timeout=0,  # Istio's sidecars wait for their config
                 socket_mark=None,  # uid 1337 has no CAP_NET_ADMIN; capture skips it by owner
+                api_type=SOTW_ADS,  # state-of-the-world ADS stays in use (the node's is delta)
             ),
         )
         os.chown(path, 0, PROXY_UID)
