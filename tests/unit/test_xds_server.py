@@ -423,6 +423,37 @@ def test_a_resend_asks_envoy_again_about_an_unchanged_type(tmp_path: Path, delta
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_waiters_wake_on_each_answer_with_the_state_already_updated(
+    tmp_path: Path, delta: bool
+) -> None:
+    """What ``NodeProxy.synced`` relies on instead of polling: ``progress`` wakes whoever took
+    a moment before Envoy connected, ACKed or NACKed, and status() then shows that answer."""
+
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        connected = env.server.progress.moment()
+        envoy = env.envoy(delta)
+        await envoy.request(CDS)
+        await asyncio.wait_for(connected.wait(), 3)
+        assert env.server.connected_nodes() == [NODE]
+        cds = await envoy.recv()
+        acked = env.server.progress.moment()
+        assert not acked.is_set()
+        await envoy.ack(cds)
+        await asyncio.wait_for(acked.wait(), 3)
+        assert env.server.status(NODE)[CDS].version_acked == "v1"
+
+        env.cache.set_snapshot(NODE, snapshot("v2", clusters={"a": cluster("a", 2)}))
+        bad = await envoy.recv()
+        nacked = env.server.progress.moment()
+        await envoy.nack(bad, "cluster a: bad timeout")
+        await asyncio.wait_for(nacked.wait(), 3)
+        assert env.states()["CDS"] == "NACKED"
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_stale_nonce_is_ignored(tmp_path: Path, delta: bool) -> None:
     async def body(env: Env) -> None:
         env.cache.set_snapshot(NODE, snapshot("v1"))
