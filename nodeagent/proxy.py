@@ -16,7 +16,6 @@ pod's ADD fails, until the object changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -442,7 +441,7 @@ class NodeProxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            moment = self.xds.progress.moment()  # before looking: see Progress
+            seen = self.xds.progress.generation  # before looking: see Progress
             if self._pushed >= wanted:
                 verdict = self._pod_synced(pod) if pod else self._types_synced(types_)
                 if verdict is not None:
@@ -450,8 +449,7 @@ class NodeProxy:
             left = deadline - loop.time()
             if left <= 0:
                 return self._not_synced(timeout, types_, pod)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(moment.wait(), left)
+            await self.xds.progress.wait_past(seen, left)
 
     def _types_synced(self, types_: tuple[str, ...]) -> str | None:
         """ "" once Envoy holds the snapshot's TYPES_, a reason it never will, or None."""

@@ -32,19 +32,35 @@ __all__ = ["Nack", "Progress", "TypeStatus", "XdsServer"]
 class Progress:
     """Wakes those who wait for what Envoy holds to change, without polling.
 
-    Take ``moment()`` BEFORE looking at the state, then await it if the state is not there yet:
-    an ``advance()`` in between has set that very event, so no change is missed.
+    Read ``generation`` BEFORE looking at the state, then ``wait_past`` it if the state is not
+    there yet: an ``advance()`` in between has moved the generation on, so no change is missed.
+    Not bound to one event loop (tests run several in turn).
     """
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def moment(self) -> asyncio.Event:
-        return self._event
+        self.generation = 0
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def advance(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
+        self.generation += 1
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def wait_past(self, generation: int, timeout: float) -> bool:
+        """Until the generation moves past GENERATION; False if TIMEOUT seconds passed first."""
+        if self.generation != generation:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters.discard(waiter)
+        return True
 
 
 class XdsServer:
