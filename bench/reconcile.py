@@ -36,6 +36,7 @@ def _topology(pods: int) -> str:
     lines = [
         f"name: {TESTBED}",
         "nodeagent: true",
+        "network: {nodeCIDRMaskSize: 21}",  # room for 2000 pods on the node (a /24 holds 253)
         f"nodes: [{{name: {NODE}}}]",
         f"namespaces: [{{name: {NAMESPACE}, labels: {{nodeagent.io/mesh: enabled}}}}]",
         "pods:",
