@@ -20,6 +20,7 @@ SCENARIOS = {
     "convergence": "bench.convergence",  # 5: change -> Envoy ACK -> traffic
     "identity": "bench.identity",  # 6: certificates per second, SDS push on rotation
     "ca": "bench.ca",  # 7: CA service: CSR round trip, certificates per second, CPU per cert
+    "reconcile": "bench.reconcile",  # agent restart: re-verifying N captured pods
 }
 
 

@@ -105,7 +105,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     store = MeshStore(config.node_name)
     metrics = AgentMetrics()
     metrics.registry.register(NotEnforcedCollector(store.istio.values))
-    registry = PodRegistry(config.state_dir / "pods.json")
+    registry = PodRegistry(config.state_dir / "pods")
     registry.load()
     # Every background loop below runs supervised: a crash is logged, counted and restarted,
     # and readiness names a critical task while it is down.

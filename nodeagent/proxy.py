@@ -1,9 +1,11 @@
 """NodeProxy: the node's one Envoy and what it is told.
 
 Owns the xDS server, the Envoy supervisor and the push loop: whenever the MeshStore or the set of
-captured pods changes, it translates and hands the node's snapshot to the xDS cache (coalescing
-bursts). CNI ADD waits on ``synced`` so a pod starts only once Envoy holds its listeners; DEL waits
-the same way so a pod's listeners are gone before its network namespace is.
+captured pods changes, it translates and hands the node's snapshot to the xDS cache (what changes
+during a push is taken by the next one in one go). CNI ADD waits on ``synced`` so a pod starts
+only once Envoy holds its listeners; DEL waits the same way so a pod's listeners are gone before
+its network namespace is. Those waits wake on events (a push, Envoy's ACK or NACK), never on a
+timer.
 
 Fail closed, one object at a time: a captured pod missing from the source gets no certificate and
 no listeners (its traffic is refused) until its pod is known; an object Envoy rejects (NACK) or
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,6 @@ from nodeagent.xds.server import Nack, XdsServer
 
 log = logging.getLogger("nodeagent.proxy")
 
-COALESCE = 0.02  # seconds: a burst of changes (20 pods at once) becomes one push
 KEPT_VERSIONS = 64  # translations remembered to tell which object a late NACK is about
 IDENTITY_UNKNOWN = "identity unknown: pod not in the source (no certificate, no listeners)"
 
@@ -128,6 +128,9 @@ class NodeProxy:
         self.xds = XdsServer(self.cache, metrics)
         self.admin = EnvoyAdmin(settings.admin_socket)
         self.changed = asyncio.Event()
+        # Pushes asked for by synced() and taken by the push loop (see _request_push).
+        self._requested = 0
+        self._pushed = 0
         self.version = 0
         self.last_error = ""
         self.rejected: dict[Origin, Rejection] = {}  # by Envoy: left out until they change
@@ -387,25 +390,39 @@ class NodeProxy:
             rotation.cancel()
 
     async def _push_loop(self, stop: asyncio.Event) -> None:
+        """Push as soon as something changed; what changes while a push runs (or while Envoy
+        takes it) is taken by the next one in one go: bursts coalesce without a fixed wait."""
         while not stop.is_set():
-            store_changed = asyncio.create_task(self.store.changed.wait())
-            pods_changed = asyncio.create_task(self.changed.wait())
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait(
-                {store_changed, pods_changed, stopping}, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in (store_changed, pods_changed, stopping):
-                task.cancel()
+            if not (self.store.changed.is_set() or self.changed.is_set()):
+                store_changed = asyncio.create_task(self.store.changed.wait())
+                pods_changed = asyncio.create_task(self.changed.wait())
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait(
+                    {store_changed, pods_changed, stopping}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in (store_changed, pods_changed, stopping):
+                    task.cancel()
             if stop.is_set():
                 return
-            await asyncio.sleep(COALESCE)
             self.store.changed.clear()
             self.changed.clear()
-            await self.apply()
+            taken = self._requested
+            try:
+                await self.apply()
+            finally:
+                self._pushed = taken
+                self.xds.progress.advance()
 
     async def apply(self) -> None:
         """One round of the push loop: translate and hand the snapshot over."""
         self.push()
+
+    def _request_push(self) -> int:
+        """Ask the push loop for a push; returns the number a ``_pushed`` at least as large
+        says has been taken."""
+        self._requested += 1
+        self.changed.set()
+        return self._requested
 
     async def synced(
         self, timeout: float, types_: tuple[str, ...] = (types.LISTENER,), pod: str = ""
@@ -415,41 +432,54 @@ class NodeProxy:
         POD (namespace/name) names the pod whose change this is: then only its own listeners
         count (held at their latest version while it is captured, gone once it is not), so a
         resource Envoy rejected elsewhere does not hold up this pod.
+
+        No polling: it looks again only when the push loop pushed or Envoy answered (an ACK or
+        NACK, a stream opening or closing), and only once the push that took the caller's
+        change is out.
         """
-        self.changed.set()
-        await asyncio.sleep(COALESCE * 2)  # let the push loop take the change
-        deadline = time.monotonic() + timeout
+        wanted = self._request_push()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
-            if pod:
-                problem = self._pod_synced(pod)
-                if problem is not None:
-                    return problem
-            else:
-                status = self.xds.status(self.settings.node_id)
-                states = {t: status.get(t) for t in types_}
-                if all(s is not None and s.state == "SYNCED" for s in states.values()):
-                    return ""
-                for type_url, s in states.items():
-                    if s is not None and s.state == "NACKED" and self.unattributed_nack:
-                        return f"Envoy rejected {types.short_name(type_url)}: {s.last_nack}"
-            if time.monotonic() > deadline:
-                cert = self._pod_cert_problem(pod) if pod else ""
-                if cert:
-                    return f"{cert} (waited {timeout:.0f}s)"
-                status = self.xds.status(self.settings.node_id)
-                seen = {
-                    types.short_name(t): (s.state if (s := status.get(t)) else "not connected")
-                    for t in types_
-                }
-                why = f"Envoy did not confirm its configuration within {timeout:.0f}s ({seen})"
-                nacks = "; ".join(
-                    f"{types.short_name(t)} NACK: {s.last_nack}"
-                    for t in types_
-                    if (s := status.get(t)) is not None and s.state == "NACKED"
-                )
-                envoy = self.supervisor.problem()
-                return "; ".join(x for x in (why, nacks, envoy) if x)
-            await asyncio.sleep(0.02)
+            seen = self.xds.progress.generation  # before looking: see Progress
+            if self._pushed >= wanted:
+                verdict = self._pod_synced(pod) if pod else self._types_synced(types_)
+                if verdict is not None:
+                    return verdict
+            left = deadline - loop.time()
+            if left <= 0:
+                return self._not_synced(timeout, types_, pod)
+            await self.xds.progress.wait_past(seen, left)
+
+    def _types_synced(self, types_: tuple[str, ...]) -> str | None:
+        """ "" once Envoy holds the snapshot's TYPES_, a reason it never will, or None."""
+        status = self.xds.status(self.settings.node_id)
+        states = {t: status.get(t) for t in types_}
+        if all(s is not None and s.state == "SYNCED" for s in states.values()):
+            return ""
+        for type_url, s in states.items():
+            if s is not None and s.state == "NACKED" and self.unattributed_nack:
+                return f"Envoy rejected {types.short_name(type_url)}: {s.last_nack}"
+        return None
+
+    def _not_synced(self, timeout: float, types_: tuple[str, ...], pod: str) -> str:
+        """Why the wait of ``synced`` ran out."""
+        cert = self._pod_cert_problem(pod) if pod else ""
+        if cert:
+            return f"{cert} (waited {timeout:.0f}s)"
+        status = self.xds.status(self.settings.node_id)
+        seen = {
+            types.short_name(t): (s.state if (s := status.get(t)) else "not connected")
+            for t in types_
+        }
+        why = f"Envoy did not confirm its configuration within {timeout:.0f}s ({seen})"
+        nacks = "; ".join(
+            f"{types.short_name(t)} NACK: {s.last_nack}"
+            for t in types_
+            if (s := status.get(t)) is not None and s.state == "NACKED"
+        )
+        envoy = self.supervisor.problem()
+        return "; ".join(x for x in (why, nacks, envoy) if x)
 
     def _pod_synced(self, key: str) -> str | None:
         """ "" once Envoy holds what pod KEY should have, a reason it never will, or None."""

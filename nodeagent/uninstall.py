@@ -225,7 +225,7 @@ def remove_capture_offline(state_dir: Path, probe_snat: bool = True) -> dict[str
     from nodeagent.redirect.nftables import NftablesBackend
     from nodeagent.redirect.registry import PodRegistry
 
-    registry = PodRegistry(state_dir / "pods.json")
+    registry = PodRegistry(state_dir / "pods")
     registry.load()
     manager = CaptureManager(
         MeshStore(),

@@ -153,11 +153,12 @@ class RemoteCA:
         self._root_error = ""
 
     async def issue(self, spiffe_id: str, ttl: timedelta, key_type: KeyType) -> WorkloadCert:
-        key = await asyncio.to_thread(generate_key, key_type)
+        # Key generation (RSA 2048: ~50 ms) and the CSR's signature run off the event loop.
+        key, csr = await asyncio.to_thread(_key_and_csr, key_type, spiffe_id)
         metadata = struct_pb2.Struct()
         metadata.update({IMPERSONATED_IDENTITY: spiffe_id})
         request = IstioCertificateRequest(
-            csr=workload_csr(key, spiffe_id),
+            csr=csr,
             validity_duration=max(1, int(ttl.total_seconds())),
             metadata=metadata,
         )
@@ -253,6 +254,11 @@ class RemoteCA:
             task.add_done_callback(self._closing.discard)
         if self.on_bundle_change is not None:
             self.on_bundle_change()
+
+
+def _key_and_csr(key_type: KeyType, spiffe_id: str) -> tuple[PrivateKey, str]:
+    key = generate_key(key_type)
+    return key, workload_csr(key, spiffe_id)
 
 
 def _uri_sans(cert: x509.Certificate) -> list[str]:

@@ -185,15 +185,21 @@ class CaptureManager:
             if problem:
                 return self._settle(capture, FAILED, problem)
             answer = self._settle(capture, CAPTURED, membership.reason)
-            if self.proxy is not None:
-                # The app must not start before the node's Envoy listens for it (fail closed).
-                left = timeout - (time.monotonic() - started) - 1.0
-                problem = await self.proxy.synced(max(1.0, left), pod=capture.key)
-                if problem:
-                    answer = self._settle(capture, FAILED, f"listeners not ready: {problem}")
+            # The node's probe SNAT set takes the pod's IPs while Envoy takes its listeners.
+            probes = asyncio.create_task(self._sync_probes())
+            try:
+                if self.proxy is not None:
+                    # The app must not start before the node's Envoy listens for it (fail closed).
+                    left = timeout - (time.monotonic() - started) - 1.0
+                    problem = await self.proxy.synced(max(1.0, left), pod=capture.key)
+                    if problem:
+                        answer = self._settle(capture, FAILED, f"listeners not ready: {problem}")
+            finally:
+                await probes
             if uid:  # a membership pass may have adopted the pod meanwhile: this ADD owns it
                 self.registry.pop(discovered_key(uid))
-        await self._sync_probes()
+        if not answer["ok"]:
+            await self._sync_probes()  # its IPs leave the set again
         return answer
 
     async def _wait_for_pod(self, namespace: str, name: str, uid: str, wait: float) -> Pod | None:
@@ -318,21 +324,39 @@ class CaptureManager:
     # -- reconcile --------------------------------------------------------------------------------
 
     async def reconcile(self) -> dict[str, int]:
-        """Re-verify every pod that should be captured; re-apply what is missing or altered."""
+        """Re-verify every pod that should be captured; re-apply what is missing or altered.
+
+        Pods are checked side by side (the capture threads bound how many at once), each under
+        its own lock; the probe SNAT set is synced once at the end.
+        """
+        started = time.monotonic()
         summary = {"verified": 0, "repaired": 0, "failed": 0, "netns_missing": 0}
-        for capture in list(self.registry.pods.values()):
-            if capture.state == NOT_IN_MESH or capture.spec is None:
-                self.metrics.set_pod_state(capture.namespace, capture.name, capture.state)
-                continue
-            async with self._locks[capture.container_id]:
-                if capture.container_id not in self.registry.pods:
-                    continue  # deleted meanwhile
-                outcome = await self._reconcile_one(capture)
-            summary[outcome] += 1
+        captures = list(self.registry.pods.values())
+        for outcome in await asyncio.gather(*(self._reconcile_locked(c) for c in captures)):
+            if outcome:
+                summary[outcome] += 1
         await self._sync_probes()
+        level = logging.INFO
         if summary["repaired"] or summary["failed"] or summary["netns_missing"]:
-            log.warning("reconcile: %s", summary)
+            level = logging.WARNING
+        log.log(
+            level,
+            "reconcile of %d pods in %.3fs: %s",
+            len(captures),
+            time.monotonic() - started,
+            summary,
+        )
         return summary
+
+    async def _reconcile_locked(self, capture: PodCapture) -> str:
+        """_reconcile_one under the pod's lock; "" for a pod with nothing to verify."""
+        if capture.state == NOT_IN_MESH or capture.spec is None:
+            self.metrics.set_pod_state(capture.namespace, capture.name, capture.state)
+            return ""
+        async with self._locks[capture.container_id]:
+            if self.registry.pods.get(capture.container_id) is not capture:
+                return ""  # deleted or replaced meanwhile
+            return await self._reconcile_one(capture)
 
     async def _reconcile_one(self, capture: PodCapture) -> str:
         assert capture.spec is not None
@@ -647,7 +671,7 @@ class CaptureManager:
                     log.error("removing the node's probe SNAT table failed: %s", e)
                     summary["failed"] += 1
         if not self.registry.pods:
-            self.registry.path.unlink(missing_ok=True)
+            self.registry.remove()
         level = logging.ERROR if summary["failed"] else logging.INFO
         log.log(level, "capture removed from the node: %s", summary)
         return summary

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.envoy.admin import EnvoyAdmin
-from nodeagent.envoy.bootstrap import bootstrap, bootstrap_path, write_bootstrap
+from nodeagent.envoy.bootstrap import SOTW_ADS, bootstrap, bootstrap_path, write_bootstrap
 from nodeagent.envoy.launch import NODE_ENVOY_ARGS
 from nodeagent.envoy.supervisor import PIDFILE, EnvoySupervisor
 from nodeagent.mesh.model import Pod
 from nodeagent.ports import ENVOY_ADMIN_PORT, ENVOY_STATS_PORT, PROXY_UID
-from nodeagent.proxy import COALESCE, NodeProxy
+from nodeagent.proxy import NodeProxy
 from nodeagent.translate import LocalPod, translate
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot
@@ -54,6 +54,7 @@ NODE, SIDECAR = "node", "sidecar"
 PROXY_MODELS = (NODE, SIDECAR)
 ADMIN_PORT = ENVOY_ADMIN_PORT  # inside the pod's netns, as istio-proxy's
 STATS_PORT = ENVOY_STATS_PORT
+COALESCE = 0.02  # seconds: synced() lets the push loop take a change before it looks
 # Istio's sidecar default concurrency (proxy.istio.io/config concurrency: 2).
 SIDECAR_ENVOY_ARGS = (*NODE_ENVOY_ARGS, "--concurrency", "2")
 
@@ -383,6 +384,7 @@ class SidecarProxies(NodeProxy):
                 },
                 initial_fetch_timeout=0,  # Istio's sidecars wait for their config
                 socket_mark=None,  # uid 1337 has no CAP_NET_ADMIN; capture skips it by owner
+                api_type=SOTW_ADS,  # state-of-the-world ADS stays in use (the node's is delta)
             ),
         )
         os.chown(path, 0, PROXY_UID)

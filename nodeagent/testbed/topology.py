@@ -2,8 +2,9 @@
 
 Parsing is strict: an unknown field, a wrong type or a dangling reference is an error naming the
 file and the field path (``pods[2].workload.type``), so a typo never silently changes the cluster.
-Addresses are planned here too (pure functions): each node gets a /24 of the cluster CIDR and an
-underlay address, each service a virtual IP from the service CIDR.
+Addresses are planned here too (pure functions): each node gets a /24 of the cluster CIDR (or
+``network.nodeCIDRMaskSize``) and an underlay address, each service a virtual IP from the service
+CIDR.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class Network:
     service_cidr: ipaddress.IPv4Network = DEFAULT_SERVICE_CIDR
     underlay_cidr: ipaddress.IPv4Network = DEFAULT_UNDERLAY_CIDR
     cluster_domain: str = "cluster.local"
+    # Each node's pod CIDR prefix length (kube-controller-manager's --node-cidr-mask-size):
+    # /24 gives a node 253 pods; /22 the 1000 of the reconcile benchmark.
+    node_mask_size: int = 24
 
     @property
     def apiserver_ip(self) -> ipaddress.IPv4Address:
@@ -271,7 +275,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     net_raw = r.mapping(
         top.get("network") or {},
         "network",
-        {"clusterCIDR", "serviceCIDR", "underlayCIDR", "clusterDomain"},
+        {"clusterCIDR", "serviceCIDR", "underlayCIDR", "clusterDomain", "nodeCIDRMaskSize"},
     )
     default = Network()
     network = Network(
@@ -287,13 +291,20 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         cluster_domain=r.string(
             net_raw.get("clusterDomain", default.cluster_domain), "network.clusterDomain"
         ),
+        node_mask_size=net_raw.get("nodeCIDRMaskSize", default.node_mask_size),
     )
-    if network.cluster_cidr.prefixlen > 23:
-        raise r.fail("network.clusterCIDR", "must be /23 or larger: each node takes a /24")
+    mask = network.node_mask_size
+    if isinstance(mask, bool) or not isinstance(mask, int) or not 16 <= mask <= 28:
+        raise r.fail("network.nodeCIDRMaskSize", f"expected a prefix length 16-28, got {mask!r}")
+    if network.cluster_cidr.prefixlen >= mask:
+        raise r.fail(
+            "network.clusterCIDR",
+            f"must be /{mask - 1} or larger: each node takes a /{mask} (nodeCIDRMaskSize)",
+        )
     if network.cluster_cidr.overlaps(network.service_cidr):
         raise r.fail("network.serviceCIDR", f"overlaps clusterCIDR {network.cluster_cidr}")
 
-    node_cidrs = list(network.cluster_cidr.subnets(new_prefix=24))
+    node_cidrs = list(network.cluster_cidr.subnets(new_prefix=mask))
     underlay_hosts = list(network.underlay_cidr.hosts())
     nodes: list[Node] = []
     for i, raw in enumerate(r.sequence(top["nodes"], "nodes")):

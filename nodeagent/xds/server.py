@@ -26,7 +26,41 @@ from nodeagent.xds.stream import AdsStream, ProtocolError
 
 log = logging.getLogger("nodeagent.xds")
 
-__all__ = ["Nack", "TypeStatus", "XdsServer"]
+__all__ = ["Nack", "Progress", "TypeStatus", "XdsServer"]
+
+
+class Progress:
+    """Wakes those who wait for what Envoy holds to change, without polling.
+
+    Read ``generation`` BEFORE looking at the state, then ``wait_past`` it if the state is not
+    there yet: an ``advance()`` in between has moved the generation on, so no change is missed.
+    Not bound to one event loop (tests run several in turn).
+    """
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def advance(self) -> None:
+        self.generation += 1
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def wait_past(self, generation: int, timeout: float) -> bool:
+        """Until the generation moves past GENERATION; False if TIMEOUT seconds passed first."""
+        if self.generation != generation:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters.discard(waiter)
+        return True
 
 
 class XdsServer:
@@ -45,6 +79,9 @@ class XdsServer:
         # Told of every NACK (node id, what was rejected): the proxy isolates the bad resource.
         self.on_nack: Callable[[str, Nack], None] | None = None
         self.on_ack: Callable[[str, str, str], None] | None = None  # node id, type, version
+        # Advanced on every ACK or NACK and whenever a stream opens or closes: what status()
+        # and acked() report may have changed (after on_ack/on_nack ran).
+        self.progress = Progress()
 
     async def start(self, path: Path, group: int | None = None) -> None:
         """Serve on UNIX socket `path`: 0600 in a 0700 directory; a stale socket is replaced.
@@ -108,6 +145,7 @@ class XdsServer:
         assert stream.node_id is not None
         self._streams.setdefault(stream.node_id, []).append(stream)
         self.metrics.connected.set(len(self._streams))
+        self.progress.advance()
 
     def detach(self, stream: AdsStream) -> None:
         assert stream.node_id is not None
@@ -118,6 +156,7 @@ class XdsServer:
             self._streams.pop(stream.node_id, None)
             self._last_status[stream.node_id] = self._status_of(stream, connected=False)
         self.metrics.connected.set(len(self._streams))
+        self.progress.advance()
 
     def nacked(self, node_id: str, nack: Nack) -> None:
         if self.on_nack is not None:
@@ -125,6 +164,7 @@ class XdsServer:
                 self.on_nack(node_id, nack)
             except Exception:  # the stream goes on whatever the listener of NACKs does
                 log.exception("handling a NACK of %s failed", node_id)
+        self.progress.advance()
 
     def ack_received(self, node_id: str, type_url: str, version: str) -> None:
         if self.on_ack is not None:
@@ -132,6 +172,7 @@ class XdsServer:
                 self.on_ack(node_id, type_url, version)
             except Exception:
                 log.exception("handling an ACK of %s failed", node_id)
+        self.progress.advance()
 
     def resend_with(self, node_id: str, type_url: str, snapshot: Snapshot) -> None:
         """Send TYPE_URL to NODE_ID's Envoy again with SNAPSHOT (just set), changed or not, so

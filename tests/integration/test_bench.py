@@ -182,3 +182,15 @@ def test_ca_smoke(tmp_path: Path) -> None:
         assert step["wall_ms"]["median"] > 0
     assert res["node"]["nodes_one_ca_renews"] > 0
     assert is_png(tmp_path / "ca.png")
+
+
+def test_reconcile_smoke(tmp_path: Path) -> None:
+    smoke(tmp_path, "reconcile")
+    doc = result(tmp_path, "reconcile")
+    params, res = doc["params"], doc["results"]
+    assert (params["pods"], params["repeats"]) == (20, 1)
+    (restart,) = res["restarts"]
+    # Every captured pod was re-verified in its netns by the restarted agent.
+    assert restart["pods"] == 20 and restart["outcome"]["verified"] == 20
+    assert 0 < restart["reconcile_s"] < restart["ready_s"]
+    assert is_png(tmp_path / "reconcile.png")

@@ -31,6 +31,7 @@ import yaml
 from nodeagent.cni.bundle import locate_bundle
 from nodeagent.cni.install import PLUGIN_TYPE, holds_entry, install_binary
 from nodeagent.cni.wire import ProtocolError, request
+from nodeagent.redirect.registry import PodRegistry
 from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, bridge_conflist, down
 from nodeagent.testbed.topology import loads_topology
@@ -111,7 +112,7 @@ def node_state(tb: Testbed) -> dict[str, Any]:
         "probe SNAT": ("ip", "nodeagent-host") in tables(layout.node_netns(tb.name, NODE)),
         "CNI entry": holds_entry(layout.cni_conf_dir(tb.name, NODE)),
         "CNI bin dir": sorted(os.listdir(layout.cni_bin_dir(tb.name, NODE))),
-        "registry": (layout.agent_state_dir(tb.name, NODE) / "pods.json").exists(),
+        "registry": PodRegistry(layout.agent_state_dir(tb.name, NODE) / "pods").exists(),
     }
 
 

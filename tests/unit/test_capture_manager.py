@@ -72,7 +72,7 @@ class Node:
         self.manager = self.new_manager()
 
     def new_manager(self) -> CaptureManager:
-        registry = PodRegistry(self.tmp / "state" / "pods.json")
+        registry = PodRegistry(self.tmp / "state" / "pods")
         registry.load()
         return CaptureManager(
             self.store,
@@ -134,7 +134,7 @@ def test_a_mesh_pod_is_captured_with_its_annotations(tmp_path: Path) -> None:
         assert spec.exclude_inbound_ports == (9090,)
         assert node.probes.ips == ["10.244.1.7"]
         assert node.state_metric("shop", "web", "captured") == 1
-        persisted = PodRegistry(tmp_path / "state" / "pods.json")
+        persisted = PodRegistry(tmp_path / "state" / "pods")
         persisted.load()
         assert persisted.pods["id-web"].state == "captured"
 

@@ -34,7 +34,8 @@ def test_node_identity_and_ads_over_the_agent_socket(tmp_path: Path) -> None:
         "metadata": {"z": "1"},
     }
     ads = config["dynamic_resources"]["ads_config"]
-    assert (ads["api_type"], ads["transport_api_version"]) == ("GRPC", "V3")
+    # Delta xDS by default: a change sends only what it touched.
+    assert (ads["api_type"], ads["transport_api_version"]) == ("DELTA_GRPC", "V3")
     assert ads["set_node_on_first_message_only"] is True
     assert ads["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "xds-grpc"
     for kind in ("cds_config", "lds_config"):
@@ -139,3 +140,10 @@ def test_real_envoy_validates_the_bootstrap(tmp_path: Path, fetch_timeout: float
 
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"configuration '{path}' OK" in proc.stdout + proc.stderr
+
+
+def test_state_of_the_world_ads_on_request_and_nothing_else(tmp_path: Path) -> None:
+    sotw = bootstrap("n", "c", tmp_path / "ads.sock", api_type="GRPC")
+    assert sotw["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
+    with pytest.raises(ValueError, match="REST"):
+        bootstrap("n", "c", tmp_path / "ads.sock", api_type="REST")

@@ -54,7 +54,7 @@ def _proxy(tmp_path: Path, mode: str) -> NodeProxy:
     return NodeProxy(
         settings,
         MeshStore(),
-        PodRegistry(tmp_path / "pods.json"),
+        PodRegistry(tmp_path / "pods"),
         registry,
         IdentityManager(ca, "cluster.local", registry=registry),
     )

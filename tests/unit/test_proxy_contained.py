@@ -57,7 +57,7 @@ def capture(name: str) -> PodCapture:
 def make_proxy(tmp_path: Path, store: MeshStore, *pods: str) -> tuple[NodeProxy, CollectorRegistry]:
     ca = BuiltinCA.load_or_create(tmp_path / "state", "cluster.local")
     metrics = CollectorRegistry()
-    registry = PodRegistry(tmp_path / "pods.json")
+    registry = PodRegistry(tmp_path / "pods")
     for name in pods:
         registry.put(capture(name))
     settings = ProxySettings(
@@ -75,6 +75,21 @@ def push_issued(proxy: NodeProxy) -> None:
     proxy.push()
     asyncio.run(proxy.identities.renew_due())
     proxy.push()
+
+
+def synced(proxy: NodeProxy, timeout: float, pod: str) -> str:
+    """proxy.synced(...) with the push loop running, as in the agent."""
+
+    async def wait() -> str:
+        stop = asyncio.Event()
+        pushing = asyncio.create_task(proxy._push_loop(stop))
+        try:
+            return await proxy.synced(timeout, pod=pod)
+        finally:
+            stop.set()
+            await pushing
+
+    return asyncio.run(wait())
 
 
 def resources(proxy: NodeProxy, type_url: str) -> dict[str, object]:
@@ -97,7 +112,7 @@ def test_a_captured_pod_missing_from_the_source_gets_no_identity(tmp_path: Path)
     assert table["identity_unknown"] == ["shop/ghost"]
     assert metrics.get_sample_value("nodeagent_pods_identity_unknown") == 1
     # Its ADD (or any wait on it) fails at once, naming why.
-    problem = asyncio.run(proxy.synced(5.0, pod="shop/ghost"))
+    problem = synced(proxy, 5.0, "shop/ghost")
     assert problem.startswith("identity unknown: pod not in the source"), problem
 
     # Once the source has it, it gets its own identity and its listeners.
@@ -193,7 +208,7 @@ def test_a_pod_whose_listener_envoy_rejects_fails_alone(tmp_path: Path) -> None:
         "virtualOutbound/shop/web-1",
         "virtualInbound/shop/web-1",
     }
-    problem = asyncio.run(proxy.synced(5.0, pod="shop/web-2"))
+    problem = synced(proxy, 5.0, "shop/web-2")
     assert "left out (LDS)" in problem and "virtualInbound/shop/web-2" in problem, problem
     assert proxy.pod_problem("shop/web-1") == ""
 
@@ -326,7 +341,7 @@ def test_a_pods_add_waits_for_its_certificate_and_says_why_the_ca_did_not_issue(
 ) -> None:
     store = mesh_store()
     metrics = CollectorRegistry()
-    registry = PodRegistry(tmp_path / "pods.json")
+    registry = PodRegistry(tmp_path / "pods")
     registry.put(capture("web-1"))
     settings = ProxySettings(
         "n1", tmp_path / "run", Path("/opt/envoy/bin/envoy"), tmp_path / "e.log"
@@ -335,7 +350,7 @@ def test_a_pods_add_waits_for_its_certificate_and_says_why_the_ca_did_not_issue(
     proxy = NodeProxy(settings, store, registry, metrics, identities)
     push_issued(proxy)
     assert set(resources(proxy, e.SECRET)) == {"ROOTCA"}
-    problem = asyncio.run(proxy.synced(1.0, pod="shop/web-1"))
+    problem = synced(proxy, 1.0, "shop/web-1")
     assert problem == (
         "the local CA could not issue a certificate for spiffe://cluster.local/ns/shop/sa/web:"
         " CA service unreachable: connection refused (waited 1s)"

@@ -55,6 +55,16 @@ def test_addresses_are_planned_per_node_and_service() -> None:
     assert web.ports[0].target_port == 8080
 
 
+def test_a_larger_node_cidr_holds_a_thousand_pods() -> None:
+    topo = loads_topology(MINIMAL + "network: {nodeCIDRMaskSize: 22}\n", "t.yaml")
+    a, b = topo.nodes
+    assert (a.pod_cidr, b.pod_cidr) == (
+        ipaddress.IPv4Network("10.244.4.0/22"),
+        ipaddress.IPv4Network("10.244.8.0/22"),
+    )
+    assert a.pod_cidr.num_addresses - 3 >= 1000  # less network, gateway, broadcast
+
+
 def test_defaults_follow_kubernetes() -> None:
     topo = loads_topology(MINIMAL, "t.yaml")
     client = topo.find_pod("client")
@@ -121,6 +131,16 @@ def test_ambiguous_and_unknown_pod_names() -> None:
             "name: t\nnodes: [{name: a}]\nnetwork: {serviceCIDR: 10.244.0.0/20}",
             "serviceCIDR",
             "overlaps",
+        ),
+        (
+            "name: t\nnodes: [{name: a}]\nnetwork: {nodeCIDRMaskSize: 8}",
+            "network.nodeCIDRMaskSize",
+            "prefix length 16-28",
+        ),
+        (
+            "name: t\nnodes: [{name: a}]\nnetwork: {clusterCIDR: 10.244.0.0/24}",
+            "network.clusterCIDR",
+            "must be /23 or larger",
         ),
         ("name: t\nnodes: [{name: a}]\nenvoyContainer: 1", "envoyContainer", "true or false"),
         (

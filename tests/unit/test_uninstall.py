@@ -339,7 +339,7 @@ def registry_with_pods(tmp_path: Path) -> tuple[PodRegistry, dict[str, str]]:
         path.touch()
         netns[name] = str(path)
     netns["gone"] = str(tmp_path / "netns-gone")
-    registry = PodRegistry(tmp_path / "state" / "pods.json")
+    registry = PodRegistry(tmp_path / "state" / "pods")
     states = {"web": CAPTURED, "broken": FAILED, "plain": NOT_IN_MESH, "gone": CAPTURED}
     for name, state in states.items():
         registry.put(
@@ -361,7 +361,7 @@ def test_remove_all_takes_capture_out_of_every_pod_then_probe_snat_and_registry(
     assert summary == {"removed": 2, "not_captured": 1, "netns_missing": 1, "failed": 0}
     assert sorted(backend.removed) == sorted([netns["web"], netns["broken"]])
     assert probes.removed == 1
-    assert not registry.path.exists()
+    assert not registry.exists()
     assert registry.pods == {}
     assert metrics.registry.get_sample_value("nodeagent_pods", {"state": CAPTURED}) == 0
 
@@ -376,9 +376,16 @@ def test_remove_all_keeps_what_it_could_not_remove_for_another_try(tmp_path: Pat
     summary = asyncio.run(manager.remove_all())
 
     assert summary["failed"] == 1 and summary["removed"] == 1
-    left = PodRegistry(registry.path)
+    left = PodRegistry(registry.directory)
     left.load()
     assert list(left.pods) == ["id-web"]
+
+
+def _on_disk(registry: PodRegistry) -> set[str]:
+    """The sandbox ids whose records an agent starting now would read."""
+    again = PodRegistry(registry.directory)
+    again.load()
+    return set(again.pods)
 
 
 def _agent_config(tmp_path: Path, kubeconfig: Path) -> agent.AgentConfig:
@@ -400,10 +407,10 @@ def test_agent_on_stop_keeps_on_upgrade_and_removes_on_uninstall(
     tmp_path: Path, daemonset: dict[str, Any], removed: bool
 ) -> None:
     # Pods that need no network namespace entered: one outside the mesh, one whose netns is gone.
-    registry = PodRegistry(tmp_path / "state" / "pods.json")
+    registry = PodRegistry(tmp_path / "state" / "pods")
     for name, state in (("plain", NOT_IN_MESH), ("gone", CAPTURED)):
         registry.put(PodCapture("shop", name, f"id-{name}", str(tmp_path / name), state=state))
-    before = json.loads(registry.path.read_text())
+    before = _on_disk(registry)
 
     async def scenario() -> None:
         async with standin(tmp_path) as (server, kubeconfig):
@@ -432,7 +439,6 @@ def test_agent_on_stop_keeps_on_upgrade_and_removes_on_uninstall(
 
     asyncio.run(scenario())
     if removed:
-        assert not registry.path.exists()
+        assert not registry.exists()
     else:
-        kept = json.loads(registry.path.read_text())
-        assert set(kept["pods"]) == set(before["pods"]) == {"id-plain", "id-gone"}
+        assert _on_disk(registry) == before == {"id-plain", "id-gone"}

@@ -433,6 +433,39 @@ def test_a_resend_asks_envoy_again_about_an_unchanged_type(tmp_path: Path, delta
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_waiters_wake_on_each_answer_with_the_state_already_updated(
+    tmp_path: Path, delta: bool
+) -> None:
+    """What ``NodeProxy.synced`` relies on instead of polling: ``progress`` wakes whoever waits
+    past the generation it read before Envoy connected, ACKed or NACKed, and status() then shows
+    that answer."""
+
+    async def body(env: Env) -> None:
+        progress = env.server.progress
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        before = progress.generation
+        envoy = env.envoy(delta)
+        await envoy.request(CDS)
+        assert await progress.wait_past(before, 3)
+        assert env.server.connected_nodes() == [NODE]
+        cds = await envoy.recv()
+        before = progress.generation
+        assert not await progress.wait_past(before, 0.05)  # nothing new: the wait runs out
+        await envoy.ack(cds)
+        assert await progress.wait_past(before, 3)
+        assert env.server.status(NODE)[CDS].version_acked == "v1"
+
+        env.cache.set_snapshot(NODE, snapshot("v2", clusters={"a": cluster("a", 2)}))
+        bad = await envoy.recv()
+        before = progress.generation
+        await envoy.nack(bad, "cluster a: bad timeout")
+        assert await progress.wait_past(before, 3)
+        assert env.states()["CDS"] == "NACKED"
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_stale_nonce_is_ignored(tmp_path: Path, delta: bool) -> None:
     async def body(env: Env) -> None:
         env.cache.set_snapshot(NODE, snapshot("v1"))
