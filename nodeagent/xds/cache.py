@@ -38,7 +38,10 @@ class InconsistentSnapshot(ValueError):
 class Snapshot:
     """Every resource one Envoy should have: type URL -> resource name -> protobuf message.
 
-    Treat it as immutable once made: per-resource versions are computed once and cached.
+    Treat it as immutable once made: per-resource versions are computed once and cached. A
+    message that is the very same object as in the snapshot before (``inherit``: translation
+    hands back unchanged resources as they were) keeps that snapshot's encoding and version, so
+    a push costs what changed, not the whole config.
     """
 
     version: str
@@ -49,24 +52,38 @@ class Snapshot:
 
     def versions(self, type_url: str) -> Mapping[str, str]:
         """Per-resource versions: a hash of the deterministic serialization of each resource."""
-        return self._versions.get(type_url, {})
+        return self._encoding[1].get(type_url, {})
 
     def packed(self, type_url: str, name: str) -> any_pb2.Any:
-        return any_pb2.Any(type_url=type_url, value=self._encoded[type_url][name])
+        return any_pb2.Any(type_url=type_url, value=self._encoding[0][type_url][name])
+
+    def inherit(self, previous: Snapshot) -> None:
+        """Reuse PREVIOUS's encodings (or those it inherited and did not use yet) for the
+        messages both hold. Only the encodings are kept, never PREVIOUS itself."""
+        if "_encoding" in self.__dict__ or previous is self:
+            return
+        if "_encoding" in previous.__dict__:
+            self.__dict__["_inherited"] = (previous.resources, previous._encoding)
+        elif "_inherited" in previous.__dict__:
+            self.__dict__["_inherited"] = previous.__dict__["_inherited"]
 
     @cached_property
-    def _encoded(self) -> dict[str, dict[str, bytes]]:
-        return {
-            type_url: {name: msg.SerializeToString(deterministic=True) for name, msg in by.items()}
-            for type_url, by in self.resources.items()
-        }
-
-    @cached_property
-    def _versions(self) -> dict[str, dict[str, str]]:
-        return {
-            type_url: {name: hashlib.sha256(raw).hexdigest()[:16] for name, raw in by.items()}
-            for type_url, by in self._encoded.items()
-        }
+    def _encoding(self) -> tuple[dict[str, dict[str, bytes]], dict[str, dict[str, str]]]:
+        """(type URL -> name -> serialized message, type URL -> name -> version)."""
+        old_resources, (old_raw, old_versions) = self.__dict__.pop("_inherited", ({}, ({}, {})))
+        encoded: dict[str, dict[str, bytes]] = {}
+        versions: dict[str, dict[str, str]] = {}
+        for type_url, by_name in self.resources.items():
+            raws, hashes = encoded.setdefault(type_url, {}), versions.setdefault(type_url, {})
+            before = old_resources.get(type_url, {})
+            raw_before, version_before = old_raw.get(type_url, {}), old_versions.get(type_url, {})
+            for name, msg in by_name.items():
+                if before.get(name) is msg:
+                    raws[name], hashes[name] = raw_before[name], version_before[name]
+                    continue
+                raws[name] = raw = msg.SerializeToString(deterministic=True)
+                hashes[name] = hashlib.sha256(raw).hexdigest()[:16]
+        return encoded, versions
 
 
 def check_consistent(snapshot: Snapshot) -> None:
@@ -118,6 +135,9 @@ class SnapshotCache:
 
     def set_snapshot(self, node_id: str, snapshot: Snapshot) -> None:
         check_consistent(snapshot)
+        previous = self._snapshots.get(node_id)
+        if previous is not None:
+            snapshot.inherit(previous)
         self._snapshots[node_id] = snapshot
         self._set_at[node_id] = time.monotonic()
         event = self._changed.pop(node_id, None)
