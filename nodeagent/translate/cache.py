@@ -68,6 +68,7 @@ log = logging.getLogger("nodeagent.translate")
 
 PEER_AUTHENTICATION, DESTINATION_RULE = "PeerAuthentication", "DestinationRule"
 Made = list[tuple[str, Message]]
+TYPES = (envoy.CLUSTER, envoy.ENDPOINT, envoy.LISTENER, envoy.ROUTE, envoy.SECRET)
 
 
 @dataclass
@@ -76,8 +77,9 @@ class _ServiceEntry:
 
     origin: Origin
     targets: list[ServiceTarget]
-    made: Made | None = None
+    made: list[tuple[str, str, Message]] | None = None  # (type URL, name, resource)
     problem: str = ""
+    chain_names: list[str] = field(default_factory=list)  # per target and local identity
     pods: frozenset[str] = frozenset()  # pods its endpoints name (namespace/name)
     # What local pods' outbound listeners take from it: one filter chain per VIP:port.
     chain_keys: tuple[tuple[str, int, str, bool], ...] = ()
@@ -116,7 +118,19 @@ class TranslationCache:
     _shared: Made = field(default_factory=list)
     _outbound: dict[str, _Memo] = field(default_factory=dict)  # pod key -> its outbound listener
     _inbound: dict[str, _Memo] = field(default_factory=dict)  # pod key -> its inbound side
-    _chains: tuple[Any, ...] = ()  # the served VIP:port chains, and closed ones
+    # The served services' part of the output, kept up to date service by service.
+    _base: dict[str, dict[str, Message]] = field(default_factory=dict)
+    _base_origins: dict[tuple[str, str], Origin] = field(default_factory=dict)
+    _base_chains: dict[str, Origin] = field(default_factory=dict)
+    _served: set[str] = field(default_factory=set)  # keys of the services in _base
+    _dropped: dict[str, list[ServiceTarget]] = field(default_factory=dict)  # left out or failed
+    _problems: dict[Origin, str] = field(default_factory=dict)
+    # What local pods' outbound listeners are made of: served targets (by service key) and
+    # black-holed VIP:ports; rebuilt when a served service's chains or the dropped ones change.
+    _chains_changed: bool = True
+    _served_targets: list[ServiceTarget] = field(default_factory=list)
+    _closed: list[tuple[str, int]] = field(default_factory=list)
+    _chains: tuple[Any, ...] = ()
     _chains_token: object = field(default_factory=object)  # changes when _chains does
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
@@ -161,6 +175,13 @@ class TranslationCache:
         self._by_namespace.clear()
         self._outbound.clear()
         self._inbound.clear()
+        self._base = {type_url: {} for type_url in TYPES}
+        self._base_origins.clear()
+        self._base_chains.clear()
+        self._served.clear()
+        self._dropped.clear()
+        self._problems.clear()
+        self._chains_changed = True
         store = settings.store
         self._slice_service = {
             key: f"{s.namespace}/{s.service}" for key, s in store.endpoint_slices.items()
@@ -209,7 +230,8 @@ class TranslationCache:
         return set(store.services) | set(self._services) if everything else dirty
 
     def _update(self, dirty: set[str]) -> None:
-        """Rebuild the DIRTY services' entries (and forget deleted ones)."""
+        """Rebuild the DIRTY services' entries (and forget deleted ones), and their part of the
+        output."""
         assert self._settings is not None
         store = self._settings.store
         added_or_removed = False
@@ -218,17 +240,50 @@ class TranslationCache:
             if old is not None:
                 self._unlink(key, old)
             svc = store.services.get(key)
-            if svc is None:
-                added_or_removed |= old is not None
+            entry = None if svc is None else self._service_entry(svc)
+            added_or_removed |= (old is None) != (entry is None)
+            self._place(key, old, entry)
+            if entry is None:
                 continue
-            added_or_removed |= old is None
-            entry = self._service_entry(svc)
             self._services[key] = entry
             for pod in entry.pods:
                 self._by_pod.setdefault(pod, set()).add(key)
                 self._by_namespace.setdefault(pod.split("/")[0], set()).add(key)
         if added_or_removed or not self._order:
             self._order = sorted(self._services)
+
+    def _place(self, key: str, old: _ServiceEntry | None, new: _ServiceEntry | None) -> None:
+        """Swap a service's part of the output: OLD's out, NEW's in (served or dropped)."""
+        was_served = key in self._served
+        if old is not None:
+            if was_served:
+                self._served.discard(key)
+                assert old.made is not None
+                for type_url, name, _ in old.made:
+                    self._base[type_url].pop(name, None)
+                    self._base_origins.pop((type_url, name), None)
+                for chain in old.chain_names:
+                    self._base_chains.pop(chain, None)
+            self._problems.pop(old.origin, None)
+            if self._dropped.pop(key, None) is not None:
+                self._chains_changed = True
+        served = new is not None and new.made is not None and new.origin not in self._excluded
+        if new is not None and served:
+            assert new.made is not None
+            self._served.add(key)
+            for type_url, name, resource in new.made:
+                self._base[type_url][name] = resource
+                self._base_origins[(type_url, name)] = new.origin
+            for chain in new.chain_names:
+                self._base_chains[chain] = new.origin
+        elif new is not None:
+            self._dropped[key] = new.targets
+            self._chains_changed = True
+            if new.origin not in self._excluded:
+                self._problems[new.origin] = new.problem
+        before = old.chain_keys if old is not None and was_served else None
+        if before != (new.chain_keys if new is not None and served else None):
+            self._chains_changed = True
 
     def _unlink(self, key: str, entry: _ServiceEntry) -> None:
         for pod in entry.pods:
@@ -273,7 +328,8 @@ class TranslationCache:
         except Exception as e:  # one bad Service must not take the node's config down
             entry.problem = _failed(origin, e)
             return entry
-        entry.made = made
+        entry.made = [(t, _name(t, resource), resource) for t, resource in made]
+        entry.chain_names = [t.cluster_for(i) for t in entry.targets for i in identities]
         return entry
 
     def _pod_part(
@@ -305,58 +361,42 @@ class TranslationCache:
         assert self._settings is not None
         settings = self._settings
         store = settings.store
-        out: dict[str, dict[str, Message]] = {
-            envoy.CLUSTER: {},
-            envoy.ENDPOINT: {},
-            envoy.LISTENER: {},
-            envoy.ROUTE: {},
-            envoy.SECRET: {},
-        }
-        result = Translation(out)
+        # Copies (C speed): a translation handed out is never changed afterwards.
+        out = {type_url: dict(by_name) for type_url, by_name in self._base.items()}
+        result = Translation(
+            out, dict(self._base_origins), dict(self._base_chains), dict(self._problems)
+        )
 
         def add(type_url: str, resource: Message, origin: Origin | None = None) -> None:
-            # ClusterLoadAssignments are named by their cluster; the other types have a name.
-            key = "cluster_name" if type_url == envoy.ENDPOINT else "name"
-            name = str(getattr(resource, key))
+            name = _name(type_url, resource)
             out[type_url][name] = resource
             if origin is not None:
                 result.origins[(type_url, name)] = origin
 
-        identities = settings.identities
-        served: list[ServiceTarget] = []
-        served_chains: list[Any] = []
-        dropped: list[ServiceTarget] = []  # their VIP:ports go to the black hole
-        for key in self._order:
-            entry = self._services[key]
-            origin = entry.origin
-            if origin in excluded or entry.made is None:
-                if origin not in excluded:
-                    result.problems[origin] = entry.problem
-                dropped.extend(entry.targets)
-                continue
-            for type_url, resource in entry.made:
-                add(type_url, resource, origin)
-            served.extend(entry.targets)
-            served_chains.append(entry.chain_keys)
-            for target in entry.targets:
-                for identity in identities:
-                    result.chains[target.cluster_for(identity)] = origin
         for type_url, resource in self._shared:
             add(type_url, resource)
-        closed: list[tuple[str, int]] = []
-        if dropped:
-            served_vips = {(t.service.cluster_ip, t.port.port) for t in served}
-            closed = sorted(
-                {
+        if self._chains_changed:
+            self._chains_changed = False
+            self._served_targets = [
+                t for key in self._order if key in self._served for t in self._services[key].targets
+            ]
+            closed: set[tuple[str, int]] = set()
+            if self._dropped:
+                served_vips = {(t.service.cluster_ip, t.port.port) for t in self._served_targets}
+                closed = {
                     (t.service.cluster_ip, t.port.port)
-                    for t in dropped
+                    for targets in self._dropped.values()
+                    for t in targets
                     if _is_ip(t.service.cluster_ip)
-                }
-                - served_vips
+                } - served_vips
+            self._closed = sorted(closed)
+            chains = (
+                tuple(self._services[key].chain_keys for key in self._order if key in self._served),
+                tuple(self._closed),
             )
-        chains = (tuple(served_chains), tuple(closed))
-        if chains != self._chains:
-            self._chains, self._chains_token = chains, object()
+            if chains != self._chains:
+                self._chains, self._chains_token = chains, object()
+        served, closed_vips = self._served_targets, self._closed
 
         outbound_policy = settings.mesh_config.outbound_traffic_policy
         sidecar = settings.sidecar
@@ -373,7 +413,7 @@ class TranslationCache:
                 self._outbound,
                 local,
                 (local, self._chains_token, outbound_policy, sidecar),
-                partial(_outbound_resources, local, served, closed, outbound_policy, sidecar),
+                partial(_outbound_resources, local, served, closed_vips, outbound_policy, sidecar),
             )
             inbound_inputs = _inbound_inputs(store, local, sidecar)
             inbound = self._pod_part(
@@ -399,6 +439,11 @@ class TranslationCache:
                 continue  # a sidecar holds its own pod's identity only
             add(envoy.SECRET, secret)
         return result
+
+
+def _name(type_url: str, resource: Message) -> str:
+    # ClusterLoadAssignments are named by their cluster; the other types have a name.
+    return str(getattr(resource, "cluster_name" if type_url == envoy.ENDPOINT else "name"))
 
 
 def _failed(origin: Origin, error: Exception) -> str:

@@ -86,15 +86,26 @@ class Snapshot:
         return encoded, versions
 
 
-def check_consistent(snapshot: Snapshot) -> None:
-    """Raise InconsistentSnapshot naming the first problem; return when Envoy can apply it."""
+def check_consistent(snapshot: Snapshot, previous: Snapshot | None = None) -> None:
+    """Raise InconsistentSnapshot naming the first problem; return when Envoy can apply it.
+
+    A message that is the very same object in PREVIOUS (checked before) is not walked again:
+    what it references is taken from there."""
     if not snapshot.version:
         raise InconsistentSnapshot("snapshot version is empty: give every snapshot a version")
+    known: dict[tuple[str, str], tuple[tuple[str, str], ...]] = (
+        previous.__dict__.get("_references", {}) if previous is not None else {}
+    )
+    references: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
     for type_url, by_name in snapshot.resources.items():
         if type_url not in _NAME_FIELD:
             raise InconsistentSnapshot(f"snapshot {snapshot.version}: unknown type {type_url!r}")
         expected = types.message_name(type_url)
+        before = previous.of(type_url) if previous is not None else {}
         for name, msg in by_name.items():
+            if before.get(name) is msg and (type_url, name) in known:
+                references[(type_url, name)] = known[(type_url, name)]
+                continue
             if msg.DESCRIPTOR.full_name != expected:
                 raise InconsistentSnapshot(
                     f"snapshot {snapshot.version}: {name!r} is a {msg.DESCRIPTOR.full_name}, "
@@ -106,23 +117,29 @@ def check_consistent(snapshot: Snapshot) -> None:
                     f"snapshot {snapshot.version}: {types.short_name(type_url)} resource filed "
                     f"as {name!r} is named {actual!r}"
                 )
+            if type_url == types.CLUSTER:
+                service = eds_service_name(msg)
+                references[(type_url, name)] = () if service is None else (("", service),)
+            elif type_url == types.LISTENER:
+                references[(type_url, name)] = tuple(route_config_names(msg))
     assignments = snapshot.of(types.ENDPOINT)
-    for name, cluster in snapshot.of(types.CLUSTER).items():
-        service = eds_service_name(cluster)
-        if service is not None and service not in assignments:
-            raise InconsistentSnapshot(
-                f"snapshot {snapshot.version}: cluster {name!r} uses EDS service {service!r}, "
-                "but the snapshot has no ClusterLoadAssignment of that name"
-            )
+    for name in snapshot.of(types.CLUSTER):
+        for _, service in references.get((types.CLUSTER, name), ()):
+            if service not in assignments:
+                raise InconsistentSnapshot(
+                    f"snapshot {snapshot.version}: cluster {name!r} uses EDS service "
+                    f"{service!r}, but the snapshot has no ClusterLoadAssignment of that name"
+                )
     routes = snapshot.of(types.ROUTE)
-    for name, listener in snapshot.of(types.LISTENER).items():
-        for chain, route_name in route_config_names(listener):
+    for name in snapshot.of(types.LISTENER):
+        for chain, route_name in references.get((types.LISTENER, name), ()):
             if route_name not in routes:
                 raise InconsistentSnapshot(
                     f"snapshot {snapshot.version}: listener {name!r} (filter chain {chain}) uses "
                     f"RDS route_config_name {route_name!r}, but the snapshot has no "
                     "RouteConfiguration of that name"
                 )
+    snapshot.__dict__["_references"] = references
 
 
 class SnapshotCache:
@@ -134,8 +151,8 @@ class SnapshotCache:
         self._changed: dict[str, asyncio.Event] = {}
 
     def set_snapshot(self, node_id: str, snapshot: Snapshot) -> None:
-        check_consistent(snapshot)
         previous = self._snapshots.get(node_id)
+        check_consistent(snapshot, previous)
         if previous is not None:
             snapshot.inherit(previous)
         self._snapshots[node_id] = snapshot
