@@ -318,6 +318,16 @@ CASES: dict[str, list[tuple[str, Any]]] = {
         ("push", None),
         ("include", S2),
     ],
+    "a left-out service deleted": [
+        ("exclude", S2),
+        ("push", None),
+        ("delete_service", ("b", "s2")),
+    ],
+    "a bad service fixed": [
+        ("put_service", Service("b", "s0", "bad", (PORTS[0],), {})),
+        ("push", None),
+        ("put_service", Service("b", "s0", "10.96.0.9", (PORTS[0],), {})),
+    ],
     "a VIP changed": [("put_service", Service("b", "s0", "10.96.0.9", (PORTS[0],), {}))],
     "a service with a bad VIP": [("put_service", Service("b", "s0", "bad", (PORTS[0],), {}))],
     "a service selecting a local pod": [
