@@ -40,7 +40,7 @@ log = logging.getLogger("nodeagent.mesh.store")
 # Kinds in the change log (Istio resources are logged under their own kind).
 NAMESPACE, POD, SERVICE, ENDPOINT_SLICE = "Namespace", "Pod", "Service", "EndpointSlice"
 SERVICE_ACCOUNT, MESH_CONFIG = "ServiceAccount", "MeshConfig"
-CHANGE_LOG_SIZE = 100_000  # changes remembered; a consumer further behind recomputes everything
+CHANGE_LOG_SIZE = 50_000  # changes remembered; a consumer further behind recomputes everything
 
 _K = TypeVar("_K")
 _R = TypeVar("_R")

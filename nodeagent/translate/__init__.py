@@ -15,6 +15,11 @@ One bad object stays contained: an error while translating one Service or one po
 object's resources only (named in ``Translation.problems``), and objects the caller excludes
 (``excluded``: e.g. ones Envoy rejected) are left out. A left-out Service's VIP:port goes to the
 black hole, not through the passthrough: its traffic fails closed.
+
+One pure builder per output: ``clusters``, ``endpoints``, ``routes``, ``listeners`` (over
+``services``' targets and ``tls``/``filters``); ``cache`` composes them per origin and recomputes
+only what a change touched (``TranslationCache``, what the node proxy keeps); ``build`` here is a
+fresh, full translation.
 """
 
 from __future__ import annotations
