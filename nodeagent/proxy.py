@@ -42,7 +42,7 @@ from nodeagent.translate import (
     LocalPod,
     Origin,
     Translation,
-    build,
+    TranslationCache,
     pod_listener_names,
 )
 from nodeagent.translate.rejections import Bisection, culprits
@@ -138,6 +138,7 @@ class NodeProxy:
         self.identity_unknown: list[str] = []  # captured pods missing from the source
         self.unattributed_nack = ""  # a NACK naming nothing we could leave out
         self._translations: OrderedDict[str, Translation] = OrderedDict()
+        self._translator = TranslationCache()  # recomputes only what changed since last push
         self._bisection: Bisection | None = None
         # Per type: the objects of the config Envoy last ACKed (what it already holds).
         self._accepted: dict[str, set[Origin]] = {}
@@ -254,7 +255,7 @@ class NodeProxy:
             excluded = set(self.rejected)
             if self._bisection is not None:
                 excluded |= set(self._bisection.trial)
-            translation = build(
+            translation = self._translator.build(
                 self.store, local, secrets, self.excluded_namespaces, excluded=excluded
             )
             failed = {

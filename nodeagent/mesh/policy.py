@@ -87,8 +87,12 @@ def peer_policy(store: MeshStore, namespace: str, labels: Mapping[str, str]) -> 
     mesh: IstioResource | None = None
     ns_wide: IstioResource | None = None
     workload: IstioResource | None = None
-    # Oldest first, so the first policy found at each level is the one that wins there.
-    for pa in sorted(store.istio_of_kind("PeerAuthentication"), key=creation_order):
+    # Only the root namespace's and the pod's own can apply. Oldest first, so the first policy
+    # found at each level is the one that wins there.
+    candidates = store.istio_in("PeerAuthentication", root)
+    if namespace != root:
+        candidates += store.istio_in("PeerAuthentication", namespace)
+    for pa in sorted(candidates, key=creation_order):
         selector = _selector(pa.spec, "selector")
         if not selector:  # an empty matchLabels is namespace-wide too
             if pa.namespace == root:
@@ -222,9 +226,13 @@ def destination_rule_for(
     domain = store.mesh_config.cluster_domain
     root = store.mesh_config.root_namespace
     hostname = service.hostname(domain)
+    # Only the client's, the service's and the root namespace's rules can apply.
+    candidates: dict[str, IstioResource] = {}
+    for ns in (client_namespace, service.namespace, root):
+        candidates.update((dr.key, dr) for dr in store.istio_in("DestinationRule", ns))
     rules = [
         dr
-        for dr in sorted(store.istio_of_kind("DestinationRule"), key=creation_order)
+        for dr in sorted(candidates.values(), key=creation_order)
         if not _selector(dr.spec, "workloadSelector")
     ]
     if client_namespace != root:

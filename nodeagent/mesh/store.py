@@ -8,13 +8,21 @@ arrive before the watch event of the pod it is for.
 ``pods`` holds the pods of every node (remote endpoints need their identity and membership):
 node-local logic (capture, adoption, pod annotations) must look only at pods whose
 ``node_name`` is this node's (``on_this_node``).
+
+The collections are read-only for consumers (writes go through put/delete, which keep the
+indexes: slices by service, pods by node, namespace, IP and the slices naming them, services by
+namespace and by selector label, Istio resources by kind and namespace), so no read scans every
+object. Every real change (a put of a record equal to the stored one is none) bumps
+``generation`` and is logged as (kind, key): ``changes_since`` tells a consumer what changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Mapping
+from typing import TypeVar
 
 from nodeagent.mesh import enforcement
 from nodeagent.mesh.model import (
@@ -29,9 +37,17 @@ from nodeagent.mesh.model import (
 
 log = logging.getLogger("nodeagent.mesh.store")
 
+# Kinds in the change log (Istio resources are logged under their own kind).
+NAMESPACE, POD, SERVICE, ENDPOINT_SLICE = "Namespace", "Pod", "Service", "EndpointSlice"
+SERVICE_ACCOUNT, MESH_CONFIG = "ServiceAccount", "MeshConfig"
+CHANGE_LOG_SIZE = 50_000  # changes remembered; a consumer further behind recomputes everything
+
+_K = TypeVar("_K")
+_R = TypeVar("_R")
+
 
 class MeshStore:
-    def __init__(self, node_name: str = "") -> None:
+    def __init__(self, node_name: str = "", log_size: int = CHANGE_LOG_SIZE) -> None:
         self.node_name = node_name  # this agent's node ("": not known, every pod counts as local)
         self.namespaces: dict[str, Namespace] = {}
         self.pods: dict[str, Pod] = {}  # namespace/name
@@ -44,24 +60,122 @@ class MeshStore:
         self.changed = asyncio.Event()  # set on every change; consumers clear it
         self.synced = asyncio.Event()  # set once the source delivered its first full view
         self._pod_waiters: defaultdict[str, list[asyncio.Future[Pod]]] = defaultdict(list)
+        # Change log: (generation, kind, key), oldest first; complete after _log_floor.
+        self._log: deque[tuple[int, str, str]] = deque()
+        self._log_size = log_size
+        self._log_floor = 0
+        # Indexes (key -> record dicts keep insertion order, as the collections do).
+        self._slices_by_service: defaultdict[tuple[str, str], dict[str, EndpointSlice]] = (
+            defaultdict(dict)
+        )
+        self._slices_naming_pod: defaultdict[str, set[str]] = defaultdict(set)
+        self._pods_by_node: defaultdict[str, dict[str, Pod]] = defaultdict(dict)
+        self._pods_by_namespace: defaultdict[str, dict[str, Pod]] = defaultdict(dict)
+        self._pods_by_ip: defaultdict[str, dict[str, Pod]] = defaultdict(dict)
+        self._services_by_namespace: defaultdict[str, dict[str, Service]] = defaultdict(dict)
+        # (namespace, label, value) -> keys of the services whose selector has that label.
+        self._selecting: defaultdict[tuple[str, str, str], set[str]] = defaultdict(set)
+        self._istio_by_kind: defaultdict[str, dict[str, IstioResource]] = defaultdict(dict)
+        self._istio_by_kind_ns: defaultdict[tuple[str, str], dict[str, IstioResource]] = (
+            defaultdict(dict)
+        )
 
-    def _bump(self) -> None:
+    def _bump(self, kind: str, key: str) -> None:
         self.generation += 1
+        self._log.append((self.generation, kind, key))
+        while len(self._log) > self._log_size:
+            self._log_floor = self._log.popleft()[0]
         self.changed.set()
+
+    def changes_since(self, generation: int) -> set[tuple[str, str]] | None:
+        """The (kind, key) of every object changed after GENERATION (kind MESH_CONFIG, key "",
+        for the mesh config); None when the log no longer reaches back that far (recompute
+        everything)."""
+        if generation < self._log_floor or generation > self.generation:
+            return None
+        changed: set[tuple[str, str]] = set()
+        for gen, kind, key in reversed(self._log):
+            if gen <= generation:
+                break
+            changed.add((kind, key))
+        return changed
+
+    # -- index upkeep -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _unindex(index: defaultdict[_K, dict[str, _R]], at: _K, key: str) -> None:
+        entries = index.get(at)
+        if entries is not None:
+            entries.pop(key, None)
+            if not entries:
+                del index[at]
+
+    def _index_pod(self, pod: Pod, add: bool) -> None:
+        places = [(self._pods_by_node, pod.node_name), (self._pods_by_namespace, pod.namespace)]
+        places += [(self._pods_by_ip, ip) for ip in pod.pod_ips]
+        for index, at in places:
+            if add:
+                index[at][pod.key] = pod
+            else:
+                self._unindex(index, at, pod.key)
+
+    def _index_slice(self, eps: EndpointSlice, add: bool) -> None:
+        if add:
+            self._slices_by_service[(eps.namespace, eps.service)][eps.key] = eps
+        else:
+            self._unindex(self._slices_by_service, (eps.namespace, eps.service), eps.key)
+        for endpoint in eps.endpoints:
+            if not endpoint.pod:
+                continue
+            if add:
+                self._slices_naming_pod[endpoint.pod].add(eps.key)
+            elif (keys := self._slices_naming_pod.get(endpoint.pod)) is not None:
+                keys.discard(eps.key)
+                if not keys:
+                    del self._slices_naming_pod[endpoint.pod]
+
+    def _index_service(self, svc: Service, add: bool) -> None:
+        if add:
+            self._services_by_namespace[svc.namespace][svc.key] = svc
+        else:
+            self._unindex(self._services_by_namespace, svc.namespace, svc.key)
+        for label, value in svc.selector.items():
+            at = (svc.namespace, label, value)
+            if add:
+                self._selecting[at].add(svc.key)
+            elif (keys := self._selecting.get(at)) is not None:
+                keys.discard(svc.key)
+                if not keys:
+                    del self._selecting[at]
+
+    def _index_istio(self, res: IstioResource, add: bool) -> None:
+        if add:
+            self._istio_by_kind[res.kind][res.key] = res
+            self._istio_by_kind_ns[(res.kind, res.namespace)][res.key] = res
+        else:
+            self._unindex(self._istio_by_kind, res.kind, res.key)
+            self._unindex(self._istio_by_kind_ns, (res.kind, res.namespace), res.key)
 
     # -- writes (sources) -------------------------------------------------------------------------
 
     def put_namespace(self, ns: Namespace) -> None:
+        if self.namespaces.get(ns.name) == ns:
+            return
         self.namespaces[ns.name] = ns
-        self._bump()
+        self._bump(NAMESPACE, ns.name)
 
     def delete_namespace(self, name: str) -> None:
         if self.namespaces.pop(name, None) is not None:
-            self._bump()
+            self._bump(NAMESPACE, name)
 
     def put_pod(self, pod: Pod) -> None:
-        self.pods[pod.key] = pod
-        self._bump()
+        old = self.pods.get(pod.key)
+        if old != pod:
+            if old is not None:
+                self._index_pod(old, add=False)
+            self.pods[pod.key] = pod
+            self._index_pod(pod, add=True)
+            self._bump(POD, pod.key)
         if not self.on_this_node(pod):
             return
         for waiter in self._pod_waiters.pop(pod.key, []):
@@ -69,60 +183,114 @@ class MeshStore:
                 waiter.set_result(pod)
 
     def delete_pod(self, key: str) -> None:
-        if self.pods.pop(key, None) is not None:
-            self._bump()
+        old = self.pods.pop(key, None)
+        if old is not None:
+            self._index_pod(old, add=False)
+            self._bump(POD, key)
 
     def put_service(self, svc: Service) -> None:
+        old = self.services.get(svc.key)
+        if old == svc:
+            return
+        if old is not None:
+            self._index_service(old, add=False)
         self.services[svc.key] = svc
-        self._bump()
+        self._index_service(svc, add=True)
+        self._bump(SERVICE, svc.key)
 
     def delete_service(self, key: str) -> None:
-        if self.services.pop(key, None) is not None:
-            self._bump()
+        old = self.services.pop(key, None)
+        if old is not None:
+            self._index_service(old, add=False)
+            self._bump(SERVICE, key)
 
     def put_endpoint_slice(self, eps: EndpointSlice) -> None:
+        old = self.endpoint_slices.get(eps.key)
+        if old == eps:
+            return
+        if old is not None:
+            self._index_slice(old, add=False)
         self.endpoint_slices[eps.key] = eps
-        self._bump()
+        self._index_slice(eps, add=True)
+        self._bump(ENDPOINT_SLICE, eps.key)
 
     def delete_endpoint_slice(self, key: str) -> None:
-        if self.endpoint_slices.pop(key, None) is not None:
-            self._bump()
+        old = self.endpoint_slices.pop(key, None)
+        if old is not None:
+            self._index_slice(old, add=False)
+            self._bump(ENDPOINT_SLICE, key)
 
     def put_service_account(self, sa: ServiceAccount) -> None:
-        self.service_accounts[f"{sa.namespace}/{sa.name}"] = sa
-        self._bump()
+        key = f"{sa.namespace}/{sa.name}"
+        if self.service_accounts.get(key) == sa:
+            return
+        self.service_accounts[key] = sa
+        self._bump(SERVICE_ACCOUNT, key)
 
     def delete_service_account(self, key: str) -> None:
         if self.service_accounts.pop(key, None) is not None:
-            self._bump()
+            self._bump(SERVICE_ACCOUNT, key)
 
     def put_istio(self, res: IstioResource) -> None:
+        old = self.istio.get(res.key)
+        if old == res:
+            return
         # Once per resource and content (never per push): what of it has no effect yet.
-        if self.istio.get(res.key) != res and (warning := enforcement.warning(res)):
+        if warning := enforcement.warning(res):
             log.warning("%s", warning)
+        if old is not None:
+            self._index_istio(old, add=False)
         self.istio[res.key] = res
-        self._bump()
+        self._index_istio(res, add=True)
+        self._bump(res.kind, res.key)
 
     def delete_istio(self, key: str) -> None:
-        if self.istio.pop(key, None) is not None:
-            self._bump()
+        old = self.istio.pop(key, None)
+        if old is not None:
+            self._index_istio(old, add=False)
+            self._bump(old.kind, key)
 
     def set_mesh_config(self, config: MeshConfig) -> None:
         if config != self.mesh_config:
             self.mesh_config = config
-            self._bump()
+            self._bump(MESH_CONFIG, "")
 
     # -- reads ------------------------------------------------------------------------------------
 
     def slices_of(self, service: Service) -> list[EndpointSlice]:
+        return list(self._slices_by_service.get((service.namespace, service.name), {}).values())
+
+    def slices_naming(self, pod_key: str) -> list[EndpointSlice]:
+        """The EndpointSlices with an endpoint whose target is the pod POD_KEY (namespace/name)."""
+        return [self.endpoint_slices[k] for k in sorted(self._slices_naming_pod.get(pod_key, ()))]
+
+    def pods_on_node(self, node_name: str) -> list[Pod]:
+        return list(self._pods_by_node.get(node_name, {}).values())
+
+    def pods_in(self, namespace: str) -> list[Pod]:
+        return list(self._pods_by_namespace.get(namespace, {}).values())
+
+    def pods_with_ip(self, ip: str) -> list[Pod]:
+        return list(self._pods_by_ip.get(ip, {}).values())
+
+    def services_in(self, namespace: str) -> list[Service]:
+        return list(self._services_by_namespace.get(namespace, {}).values())
+
+    def services_selecting(self, namespace: str, labels: Mapping[str, str]) -> list[Service]:
+        """The services of NAMESPACE whose (non-empty) selector matches LABELS, by key."""
+        candidates: set[str] = set()
+        for label, value in labels.items():
+            candidates |= self._selecting.get((namespace, label, value), set())
+        selecting = (self.services[key] for key in sorted(candidates))
         return [
-            s
-            for s in self.endpoint_slices.values()
-            if s.namespace == service.namespace and s.service == service.name
+            svc for svc in selecting if all(labels.get(k) == v for k, v in svc.selector.items())
         ]
 
     def istio_of_kind(self, kind: str) -> list[IstioResource]:
-        return [r for r in self.istio.values() if r.kind == kind]
+        return list(self._istio_by_kind.get(kind, {}).values())
+
+    def istio_in(self, kind: str, namespace: str) -> list[IstioResource]:
+        return list(self._istio_by_kind_ns.get((kind, namespace), {}).values())
 
     def on_this_node(self, pod: Pod) -> bool:
         """POD runs on this agent's node (a pod without a node, as a bare YAML file may give,

@@ -1,0 +1,541 @@
+"""The node's translation, kept between pushes: a resource is recomputed only when one of its
+inputs changed, and otherwise is the very same message object as before (the xDS snapshot then
+reuses its encoding, and the push skips it).
+
+Resources are cached per origin:
+
+- a Service: its endpoints (one ClusterLoadAssignment per port), and per local identity its
+  clusters and HTTP routes. Inputs: the Service, its EndpointSlices, the pods its endpoints name
+  (identity for the SANs; membership and PeerAuthentication for ``tlsMode``) and their
+  namespaces, the DestinationRules its clients in the local identities' namespaces see.
+- a local pod: its two listeners and the inbound clusters and routes of its HTTP ports. Their
+  inputs are cheap to gather (services selecting the pod through the store's selector index,
+  its PeerAuthentication, the list of served VIP:ports), so a pod's part is memoised on their
+  values rather than on changes.
+- shared ones (passthrough, black hole): made once.
+
+Which services a change touches comes from the store's change log (``changes_since``) and
+reverse indexes kept here (pod -> services whose endpoints name it, namespace -> services with
+an endpoint pod there, slice -> its service). A mesh config change, a new set of local
+identities or other settings, or a change log that no longer reaches back recompute everything;
+a PeerAuthentication in the root namespace or a DestinationRule where local clients or the root
+namespace see it recompute every service (in doubt, all). Kinds translation does not read yet
+(ServiceAccount, VirtualService, AuthorizationPolicy, ...) recompute nothing: a builder that
+starts reading one must add its dependency in ``_dirty_services``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from google.protobuf.message import Message
+
+from nodeagent.mesh import policy
+from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
+from nodeagent.mesh.model import MeshConfig, Service
+from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, MeshStore
+from nodeagent.mesh.store import POD as POD_KIND
+from nodeagent.mesh.store import SERVICE as SERVICE_KIND
+from nodeagent.translate import envoy, tls
+from nodeagent.translate.clusters import blackhole_cluster, original_dst_cluster, service_cluster
+from nodeagent.translate.endpoints import endpoint_pods, ip_slices, load_assignment
+from nodeagent.translate.listeners import (
+    blackhole_chain,
+    has_vip,
+    inbound_listener,
+    outbound_chain,
+    outbound_listener,
+)
+from nodeagent.translate.protocol import HTTP2, is_http
+from nodeagent.translate.routes import inbound_route, outbound_route
+from nodeagent.translate.services import (
+    INBOUND_PASSTHROUGH,
+    PASSTHROUGH,
+    Identity,
+    ServiceTarget,
+    inbound_cluster,
+    inbound_ports_of,
+    service_targets,
+)
+from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Translation
+
+log = logging.getLogger("nodeagent.translate")
+
+PEER_AUTHENTICATION, DESTINATION_RULE = "PeerAuthentication", "DestinationRule"
+Made = list[tuple[str, Message]]
+TYPES = (envoy.CLUSTER, envoy.ENDPOINT, envoy.LISTENER, envoy.ROUTE, envoy.SECRET)
+
+
+@dataclass
+class _ServiceEntry:
+    """One Service's cached part. MADE is None when it was not built (excluded or failed)."""
+
+    origin: Origin
+    targets: list[ServiceTarget]
+    made: list[tuple[str, str, Message]] | None = None  # (type URL, name, resource)
+    problem: str = ""
+    chain_names: list[str] = field(default_factory=list)  # per target and local identity
+    pods: frozenset[str] = frozenset()  # pods its endpoints name (namespace/name)
+    # What local pods' outbound listeners take from it: one filter chain per VIP:port.
+    chain_keys: tuple[tuple[str, int, str, bool], ...] = ()
+
+
+@dataclass
+class _Memo:
+    """A value computed from INPUTS, kept while they compare equal."""
+
+    inputs: tuple[Any, ...]
+    made: Made | None
+    problem: str = ""
+
+
+@dataclass
+class _Settings:
+    store: MeshStore
+    mesh_config: MeshConfig
+    identities: list[Identity]
+    excluded_namespaces: tuple[str, ...]
+    sidecar: bool
+
+
+@dataclass
+class TranslationCache:
+    """Keeps the last translation of one node and brings it up to date on ``build``."""
+
+    _settings: _Settings | None = None
+    _generation: int = -1
+    _services: dict[str, _ServiceEntry] = field(default_factory=dict)
+    _order: list[str] = field(default_factory=list)  # service keys, sorted
+    _excluded: frozenset[Origin] = frozenset()
+    _by_pod: dict[str, set[str]] = field(default_factory=dict)  # pod -> service keys
+    _by_namespace: dict[str, set[str]] = field(default_factory=dict)  # pod namespace -> services
+    _slice_service: dict[str, str] = field(default_factory=dict)  # slice key -> service key
+    _shared: Made = field(default_factory=list)
+    _outbound: dict[str, _Memo] = field(default_factory=dict)  # pod key -> its outbound listener
+    _inbound: dict[str, _Memo] = field(default_factory=dict)  # pod key -> its inbound side
+    # The served services' part of the output, kept up to date service by service.
+    _base: dict[str, dict[str, Message]] = field(default_factory=dict)
+    _base_origins: dict[tuple[str, str], Origin] = field(default_factory=dict)
+    _base_chains: dict[str, Origin] = field(default_factory=dict)
+    _served: set[str] = field(default_factory=set)  # keys of the services in _base
+    _dropped: dict[str, list[ServiceTarget]] = field(default_factory=dict)  # left out or failed
+    _problems: dict[Origin, str] = field(default_factory=dict)
+    # What local pods' outbound listeners are made of: served targets (by service key) and
+    # black-holed VIP:ports; rebuilt when a served service's chains or the dropped ones change.
+    _chains_changed: bool = True
+    _served_targets: list[ServiceTarget] = field(default_factory=list)
+    _closed: list[tuple[str, int]] = field(default_factory=list)
+    _chains: tuple[Any, ...] = ()
+    _chains_token: object = field(default_factory=object)  # changes when _chains does
+    full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
+
+    def build(
+        self,
+        store: MeshStore,
+        local_pods: Sequence[LocalPod],
+        secrets: Sequence[Message] = (),
+        excluded_namespaces: Sequence[str] = DEFAULT_EXCLUDED_NAMESPACES,
+        sidecar: bool = False,
+        excluded: Collection[Origin] = (),
+    ) -> Translation:
+        if sidecar and len(local_pods) != 1:
+            raise ValueError(f"the sidecar form is one pod's config, not {len(local_pods)} pods'")
+        settings = _Settings(
+            store,
+            store.mesh_config,
+            sorted({local.identity for local in local_pods}),
+            tuple(excluded_namespaces),
+            sidecar,
+        )
+        excluded_now = frozenset(excluded)
+        changes = store.changes_since(self._generation)
+        if self._settings is None or self._settings != settings or changes is None:
+            self._recompute_all(settings, excluded_now)
+        else:
+            dirty = self._dirty_services(changes, settings)
+            dirty |= {o.key for o in self._excluded ^ excluded_now if o.kind == SERVICE}
+            self._excluded = excluded_now
+            self._update(dirty)
+        self._generation = store.generation
+        return self._assemble(local_pods, secrets, excluded_now)
+
+    # -- what changed -----------------------------------------------------------------------------
+
+    def _recompute_all(self, settings: _Settings, excluded: frozenset[Origin]) -> None:
+        self.full_recomputes += 1
+        self._settings = settings
+        self._excluded = excluded
+        self._services.clear()
+        self._by_pod.clear()
+        self._by_namespace.clear()
+        self._outbound.clear()
+        self._inbound.clear()
+        self._base = {type_url: {} for type_url in TYPES}
+        self._base_origins.clear()
+        self._base_chains.clear()
+        self._served.clear()
+        self._dropped.clear()
+        self._problems.clear()
+        self._chains_changed = True
+        store = settings.store
+        self._slice_service = {
+            key: f"{s.namespace}/{s.service}" for key, s in store.endpoint_slices.items()
+        }
+        self._shared = [
+            (envoy.CLUSTER, original_dst_cluster(PASSTHROUGH, sidecar=settings.sidecar)),
+            (
+                envoy.CLUSTER,
+                original_dst_cluster(INBOUND_PASSTHROUGH, sidecar=settings.sidecar, inbound=True),
+            ),
+            (envoy.CLUSTER, blackhole_cluster()),
+        ]
+        self._order = []
+        self._update(set(store.services))
+
+    def _dirty_services(self, changes: set[tuple[str, str]], settings: _Settings) -> set[str]:
+        store = settings.store
+        root = settings.mesh_config.root_namespace
+        client_namespaces = {ns for ns, _ in settings.identities}
+        dirty: set[str] = set()
+        everything = False  # still walk every change: the slice index must follow them all
+        for kind, key in changes:
+            if kind == SERVICE_KIND:
+                dirty.add(key)
+            elif kind == ENDPOINT_SLICE:
+                before = self._slice_service.pop(key, None)
+                if before is not None:
+                    dirty.add(before)
+                if (eps := store.endpoint_slices.get(key)) is not None:
+                    self._slice_service[key] = f"{eps.namespace}/{eps.service}"
+                    dirty.add(self._slice_service[key])
+            elif kind == POD_KIND:
+                dirty |= self._by_pod.get(key, set())
+            elif kind == NAMESPACE:
+                dirty |= self._by_namespace.get(key, set())
+            elif kind == PEER_AUTHENTICATION:  # key: Kind/namespace/name
+                namespace = key.split("/")[1]
+                everything |= namespace == root
+                dirty |= self._by_namespace.get(namespace, set())
+            elif kind == DESTINATION_RULE:
+                namespace = key.split("/")[1]
+                everything |= namespace == root or namespace in client_namespaces
+                dirty |= {svc.key for svc in store.services_in(namespace)}
+            elif kind == MESH_CONFIG:  # the settings differ too: not reached
+                everything = True
+        return set(store.services) | set(self._services) if everything else dirty
+
+    def _update(self, dirty: set[str]) -> None:
+        """Rebuild the DIRTY services' entries (and forget deleted ones), and their part of the
+        output."""
+        assert self._settings is not None
+        store = self._settings.store
+        added_or_removed = False
+        for key in dirty:
+            old = self._services.pop(key, None)
+            if old is not None:
+                self._unlink(key, old)
+            svc = store.services.get(key)
+            entry = None if svc is None else self._service_entry(svc)
+            added_or_removed |= (old is None) != (entry is None)
+            self._place(key, old, entry)
+            if entry is None:
+                continue
+            self._services[key] = entry
+            for pod in entry.pods:
+                self._by_pod.setdefault(pod, set()).add(key)
+                self._by_namespace.setdefault(pod.split("/")[0], set()).add(key)
+        if added_or_removed or not self._order:
+            self._order = sorted(self._services)
+
+    def _place(self, key: str, old: _ServiceEntry | None, new: _ServiceEntry | None) -> None:
+        """Swap a service's part of the output: OLD's out, NEW's in (served or dropped)."""
+        was_served = key in self._served
+        if old is not None:
+            if was_served:
+                self._served.discard(key)
+                assert old.made is not None
+                for type_url, name, _ in old.made:
+                    self._base[type_url].pop(name, None)
+                    self._base_origins.pop((type_url, name), None)
+                for chain in old.chain_names:
+                    self._base_chains.pop(chain, None)
+            self._problems.pop(old.origin, None)
+            if self._dropped.pop(key, None) is not None:
+                self._chains_changed = True
+        served = new is not None and new.made is not None and new.origin not in self._excluded
+        if new is not None and served:
+            assert new.made is not None
+            self._served.add(key)
+            for type_url, name, resource in new.made:
+                self._base[type_url][name] = resource
+                self._base_origins[(type_url, name)] = new.origin
+            for chain in new.chain_names:
+                self._base_chains[chain] = new.origin
+        elif new is not None:
+            self._dropped[key] = new.targets
+            self._chains_changed = True
+            if new.origin not in self._excluded:
+                self._problems[new.origin] = new.problem
+        before = old.chain_keys if old is not None and was_served else None
+        if before != (new.chain_keys if new is not None and served else None):
+            self._chains_changed = True
+
+    def _unlink(self, key: str, entry: _ServiceEntry) -> None:
+        for pod in entry.pods:
+            for index, at in ((self._by_pod, pod), (self._by_namespace, pod.split("/")[0])):
+                keys = index.get(at)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del index[at]
+
+    # -- builders ---------------------------------------------------------------------------------
+
+    def _service_entry(self, svc: Service) -> _ServiceEntry:
+        assert self._settings is not None
+        settings = self._settings
+        store = settings.store
+        origin = Origin(SERVICE, svc.namespace, svc.name)
+        entry = _ServiceEntry(origin, service_targets(svc, settings.mesh_config.cluster_domain))
+        entry.pods = frozenset(
+            endpoint.pod
+            for slice_ in ip_slices(store, svc)
+            for endpoint in slice_.endpoints
+            if endpoint.pod
+        )
+        entry.chain_keys = tuple(
+            (svc.cluster_ip, t.port.port, t.host, is_http(t.protocol))
+            for t in entry.targets
+            if has_vip(t)
+        )
+        if origin in self._excluded:
+            return entry
+        speaks_mtls = _mtls_speaker(store, settings.excluded_namespaces)
+        identities = settings.identities
+        made: Made = []
+        try:
+            for target in entry.targets:
+                made.extend(
+                    _service_resources(store, target, identities, speaks_mtls, settings.sidecar)
+                )
+                if identities and has_vip(target):  # the chain every local pod's listener holds
+                    outbound_chain(target, identities[0], "", "")
+        except Exception as e:  # one bad Service must not take the node's config down
+            entry.problem = _failed(origin, e)
+            return entry
+        entry.made = [(t, _name(t, resource), resource) for t, resource in made]
+        entry.chain_names = [t.cluster_for(i) for t in entry.targets for i in identities]
+        return entry
+
+    def _pod_part(
+        self,
+        memos: dict[str, _Memo],
+        local: LocalPod,
+        inputs: tuple[Any, ...],
+        make: Callable[[], Made],
+    ) -> _Memo:
+        memo = memos.get(local.pod.key)
+        if memo is not None and memo.inputs == inputs:
+            return memo
+        origin = Origin(POD, local.pod.namespace, local.pod.name)
+        try:
+            memo = _Memo(inputs, make())
+        except Exception as e:  # one bad pod must not take the others' listeners down
+            memo = _Memo(inputs, None, _failed(origin, e))
+        memos[local.pod.key] = memo
+        return memo
+
+    # -- the whole --------------------------------------------------------------------------------
+
+    def _assemble(
+        self,
+        local_pods: Sequence[LocalPod],
+        secrets: Sequence[Message],
+        excluded: frozenset[Origin],
+    ) -> Translation:
+        assert self._settings is not None
+        settings = self._settings
+        store = settings.store
+        # Copies (C speed): a translation handed out is never changed afterwards.
+        out = {type_url: dict(by_name) for type_url, by_name in self._base.items()}
+        result = Translation(
+            out, dict(self._base_origins), dict(self._base_chains), dict(self._problems)
+        )
+
+        def add(type_url: str, resource: Message, origin: Origin | None = None) -> None:
+            name = _name(type_url, resource)
+            out[type_url][name] = resource
+            if origin is not None:
+                result.origins[(type_url, name)] = origin
+
+        for type_url, resource in self._shared:
+            add(type_url, resource)
+        if self._chains_changed:
+            self._chains_changed = False
+            self._served_targets = [
+                t for key in self._order if key in self._served for t in self._services[key].targets
+            ]
+            closed: set[tuple[str, int]] = set()
+            if self._dropped:
+                served_vips = {(t.service.cluster_ip, t.port.port) for t in self._served_targets}
+                closed = {
+                    (t.service.cluster_ip, t.port.port)
+                    for targets in self._dropped.values()
+                    for t in targets
+                    if _is_ip(t.service.cluster_ip)
+                } - served_vips
+            self._closed = sorted(closed)
+            chains = (
+                tuple(self._services[key].chain_keys for key in self._order if key in self._served),
+                tuple(self._closed),
+            )
+            if chains != self._chains:
+                self._chains, self._chains_token = chains, object()
+        served, closed_vips = self._served_targets, self._closed
+
+        outbound_policy = settings.mesh_config.outbound_traffic_policy
+        sidecar = settings.sidecar
+        current = {local.pod.key for local in local_pods}
+        for memos in (self._outbound, self._inbound):
+            for gone in memos.keys() - current:
+                del memos[gone]
+        for local in sorted(local_pods, key=lambda p: p.pod.key):
+            pod = local.pod
+            origin = Origin(POD, pod.namespace, pod.name)
+            if origin in excluded:
+                continue
+            outbound = self._pod_part(
+                self._outbound,
+                local,
+                (local, self._chains_token, outbound_policy, sidecar),
+                partial(_outbound_resources, local, served, closed_vips, outbound_policy, sidecar),
+            )
+            inbound_inputs = _inbound_inputs(store, local, sidecar)
+            inbound = self._pod_part(
+                self._inbound,
+                local,
+                inbound_inputs,
+                partial(_inbound_resources, *inbound_inputs),
+            )
+            if outbound.made is None or inbound.made is None:
+                result.problems[origin] = outbound.problem or inbound.problem
+                continue
+            for type_url, resource in [*outbound.made, *inbound.made]:
+                name = str(getattr(resource, "name", ""))
+                if type_url == envoy.LISTENER:
+                    add(type_url, resource, origin)
+                elif name not in out[type_url]:  # inbound|<port>||: shared by the pods using it
+                    add(type_url, resource)
+        trust_domain = settings.mesh_config.trust_domain
+        mine = {tls.spiffe_id(trust_domain, *local.identity) for local in local_pods}
+        for secret in secrets:
+            name = str(getattr(secret, "name", ""))
+            if sidecar and name != tls.ROOTCA and name not in mine:
+                continue  # a sidecar holds its own pod's identity only
+            add(envoy.SECRET, secret)
+        return result
+
+
+def _name(type_url: str, resource: Message) -> str:
+    # ClusterLoadAssignments are named by their cluster; the other types have a name.
+    return str(getattr(resource, "cluster_name" if type_url == envoy.ENDPOINT else "name"))
+
+
+def _failed(origin: Origin, error: Exception) -> str:
+    why = f"{type(error).__name__}: {error}"
+    log.error("%s left out of the node's Envoy config: %s", origin, why)
+    return why
+
+
+def _mtls_speaker(
+    store: MeshStore, excluded_namespaces: Sequence[str]
+) -> Callable[[str, int], bool]:
+    def speaks_mtls(pod_key: str, port: int) -> bool:
+        """A mesh pod whose peer authentication accepts mTLS on PORT."""
+        pod = store.pods.get(pod_key)
+        if pod is None:
+            return False
+        namespace = store.namespaces.get(pod.namespace)
+        if not decide(pod, namespace, excluded_namespaces).in_mesh:
+            return False
+        return policy.effective_mtls(store, pod.namespace, pod.labels, port) != "DISABLE"
+
+    return speaks_mtls
+
+
+def _service_resources(
+    store: MeshStore,
+    target: ServiceTarget,
+    identities: Sequence[Identity],
+    speaks_mtls: Callable[[str, int], bool],
+    sidecar: bool,
+) -> Made:
+    """One service port's endpoints, and its clusters and routes for each local identity."""
+    trust_domain = store.mesh_config.trust_domain
+    made: Made = [(envoy.ENDPOINT, load_assignment(store, target, speaks_mtls))]
+    sans = sorted(
+        tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
+        for key in endpoint_pods(store, target)
+        if (pod := store.pods.get(key)) is not None
+    )
+    for identity in identities:
+        mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
+        cluster = service_cluster(target, identity, trust_domain, sans, mode, sidecar=sidecar)
+        made.append((envoy.CLUSTER, cluster))
+        if is_http(target.protocol):
+            made.append((envoy.ROUTE, outbound_route(target, identity)))
+    return made
+
+
+def _outbound_resources(
+    local: LocalPod,
+    served: Sequence[ServiceTarget],
+    closed: Sequence[tuple[str, int]],
+    outbound_policy: str,
+    sidecar: bool,
+) -> Made:
+    """A local pod's outbound listener: a chain per served VIP:port, black holes for closed."""
+    pod = local.pod
+    netns = "" if sidecar else local.netns  # "": bound where the (sidecar) Envoy runs
+    extra = [blackhole_chain(ip, port, pod.key) for ip, port in closed]
+    listener = outbound_listener(pod, netns, served, outbound_policy, local.identity, extra)
+    return [(envoy.LISTENER, listener)]
+
+
+def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[Any, ...]:
+    """What a local pod's inbound side is made of (compared to tell whether to rebuild it)."""
+    pod = local.pod
+    protocols = inbound_ports_of(store, dict(pod.labels), pod.namespace)
+    peer = policy.peer_policy(store, pod.namespace, pod.labels)
+    ports = {port: (protocols[port], peer.mode_for(port)) for port in protocols}
+    me = tls.spiffe_id(store.mesh_config.trust_domain, *local.identity)
+    return (local, ports, peer.mode, me, sidecar)
+
+
+def _inbound_resources(
+    local: LocalPod, ports: dict[int, tuple[str, str]], default_mode: str, me: str, sidecar: bool
+) -> Made:
+    """A local pod's inbound listener, and the inbound clusters and routes of its HTTP ports."""
+    netns = "" if sidecar else local.netns
+    made: Made = [(envoy.LISTENER, inbound_listener(local.pod, netns, ports, default_mode, me))]
+    for port, (protocol, _) in ports.items():
+        if is_http(protocol):
+            cluster = original_dst_cluster(
+                inbound_cluster(port), protocol == HTTP2, sidecar=sidecar, inbound=True
+            )
+            made.append((envoy.CLUSTER, cluster))
+            made.append((envoy.ROUTE, inbound_route(port)))
+    return made
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,109 @@
+"""Clusters: a service port's per-identity cluster, the original-destination, passthrough and
+black hole clusters (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodeagent.ports import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
+from nodeagent.translate import tls
+from nodeagent.translate.envoy import Cluster, message, typed
+from nodeagent.translate.protocol import HTTP2
+from nodeagent.translate.services import BLACKHOLE, Identity, ServiceTarget
+
+CONNECT_TIMEOUT = "10s"  # Istio's default connectTimeout
+
+
+def upstream_bind() -> dict[str, Any]:
+    """Every upstream socket: marked so in-pod capture skips it, created in the caller's netns."""
+    return {
+        "source_address": {"address": "0.0.0.0", "port_value": 0},
+        "socket_options": [{"level": 1, "name": 36, "int_value": MESH_MARK}],  # SO_MARK
+        "local_address_selector": {
+            "name": "envoy.upstream.local_address_selector.filter_state_override",
+            "typed_config": typed(
+                "envoy.extensions.local_address_selectors.filter_state_override.v3.Config"
+            ),
+        },
+    }
+
+
+def sidecar_inbound_bind() -> dict[str, Any]:
+    """Sidecar form: Envoy reaches its own app from 127.0.0.6 (Istio's inbound passthrough
+    source), which istio-init's rules let through instead of capturing it again."""
+    return {"source_address": {"address": INBOUND_PASSTHROUGH_SOURCE, "port_value": 0}}
+
+
+def _http2_options() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            explicit_http_config={"http2_protocol_options": {}},
+        )
+    }
+
+
+def service_cluster(
+    target: ServiceTarget,
+    identity: Identity,
+    trust_domain: str,
+    server_sans: list[str],
+    tls_mode: str | None,
+    sidecar: bool = False,
+) -> Cluster:
+    """The cluster pods of IDENTITY use for a service port.
+
+    TLS_MODE is a DestinationRule's ``tls.mode`` when one applies: DISABLE is plaintext,
+    ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint. SIDECAR: the
+    sidecar form, an Envoy inside the pod whose sockets need no netns or mark.
+    """
+    me = tls.spiffe_id(trust_domain, *identity)
+    sni = tls.outbound_sni(target.port.port, target.host)
+    fields: dict[str, Any] = {
+        "name": target.cluster_for(identity),
+        # Stats by service, as Istio's: a stat name must not tell the caller's identity (#12).
+        "alt_stat_name": target.cluster,
+        "type": "EDS",
+        "eds_cluster_config": {
+            "eds_config": {"ads": {}, "resource_api_version": "V3"},
+            "service_name": target.cluster,
+        },
+        "connect_timeout": CONNECT_TIMEOUT,
+        "lb_policy": "ROUND_ROBIN",
+    }
+    if not sidecar:
+        fields["upstream_bind_config"] = upstream_bind()
+    if target.protocol == HTTP2:
+        fields["typed_extension_protocol_options"] = _http2_options()
+    if tls_mode == "ISTIO_MUTUAL":
+        fields["transport_socket"] = tls.upstream_mtls(me, server_sans, sni)
+    elif tls_mode != "DISABLE":
+        fields["transport_socket_matches"] = tls.auto_mtls_matches(me, server_sans, sni)
+    return message(Cluster, fields)
+
+
+def original_dst_cluster(
+    name: str, http2: bool = False, sidecar: bool = False, inbound: bool = False
+) -> Cluster:
+    """Connects to where the caller was going (the original destination), from its netns.
+
+    SIDECAR (the sidecar form): from the Envoy's own netns; INBOUND ones from 127.0.0.6."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": CONNECT_TIMEOUT,
+    }
+    if not sidecar:
+        fields["upstream_bind_config"] = upstream_bind()
+    elif inbound:
+        fields["upstream_bind_config"] = sidecar_inbound_bind()
+    if http2:
+        fields["typed_extension_protocol_options"] = _http2_options()
+    return message(Cluster, fields)
+
+
+def blackhole_cluster() -> Cluster:
+    return message(
+        Cluster, {"name": BLACKHOLE, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT}
+    )
