@@ -208,3 +208,19 @@ def zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_down_of_a_state_without_a_cgroup_leaves_the_working_directory_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state file saved before ``up`` recorded the testbed's cgroup (killed right at its start)
+    names none; ``down`` must not take that for the working directory and prune its folders."""
+    from nodeagent.testbed.cluster import down
+    from nodeagent.testbed.state import TestbedState
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    TestbedState(name="tbnocg", topology_source="", topology_text="").save()
+    assert down("tbnocg") == []
+    assert (tmp_path / "empty").is_dir()
+    assert TestbedState.load("tbnocg") is None
