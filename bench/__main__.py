@@ -18,6 +18,7 @@ SCENARIOS = {
     "memory": "bench.memory",  # 3: node memory by pod count
     "podstart": "bench.podstart",  # 4: CNI ADD wall time
     "convergence": "bench.convergence",  # 5: change -> Envoy ACK -> traffic
+    "translation": "bench.translation",  # 5b: agent CPU per endpoint change, in process
     "identity": "bench.identity",  # 6: certificates per second, SDS push on rotation
     "ca": "bench.ca",  # 7: CA service: CSR round trip, certificates per second, CPU per cert
     "reconcile": "bench.reconcile",  # agent restart: re-verifying N captured pods

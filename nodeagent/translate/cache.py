@@ -16,8 +16,9 @@ Resources are cached per origin:
 
 Which services a change touches comes from the store's change log (``changes_since``) and
 reverse indexes kept here (pod -> services whose endpoints name it, namespace -> services with
-an endpoint pod there, slice -> its service). A mesh config change, a new set of local
-identities or other settings, or a change log that no longer reaches back recompute everything;
+an endpoint pod there, slice -> its service). A new set of local identities builds only the
+new identities' clusters and routes. A mesh config change (or other settings), or a change log
+that no longer reaches back, recomputes everything;
 a PeerAuthentication in the root namespace or a DestinationRule where local clients or the root
 namespace see it recompute every service (in doubt, all). Kinds translation does not read yet
 (ServiceAccount, VirtualService, AuthorizationPolicy, ...) recompute nothing: a builder that
@@ -29,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -80,6 +81,11 @@ class _ServiceEntry:
     made: list[tuple[str, str, Message]] | None = None  # (type URL, name, resource)
     problem: str = ""
     chain_names: list[str] = field(default_factory=list)  # per target and local identity
+    # Its parts: the endpoints of each target, with the SANs of their pods, and per identity
+    # its clusters and routes (kept when the set of local identities changes).
+    endpoints: Made = field(default_factory=list)
+    sans: list[list[str]] = field(default_factory=list)
+    per_identity: dict[Identity, Made] = field(default_factory=dict)
     pods: frozenset[str] = frozenset()  # pods its endpoints name (namespace/name)
     # What local pods' outbound listeners take from it: one filter chain per VIP:port.
     chain_keys: tuple[tuple[str, int, str, bool], ...] = ()
@@ -154,12 +160,22 @@ class TranslationCache:
         )
         excluded_now = frozenset(excluded)
         changes = store.changes_since(self._generation)
-        if self._settings is None or self._settings != settings or changes is None:
+        previous = self._settings
+        if (
+            previous is None
+            or changes is None
+            or replace(previous, identities=settings.identities) != settings
+        ):
             self._recompute_all(settings, excluded_now)
         else:
+            self._settings = settings
             dirty = self._dirty_services(changes, settings)
             dirty |= {o.key for o in self._excluded ^ excluded_now if o.kind == SERVICE}
             self._excluded = excluded_now
+            if previous.identities != settings.identities:
+                # A pod of a new identity came, or an identity's last pod left: every service's
+                # clusters and routes for that identity only.
+                self._update(set(self._services) - dirty, reuse=True)
             self._update(dirty)
         self._generation = store.generation
         return self._assemble(local_pods, secrets, excluded_now)
@@ -229,9 +245,9 @@ class TranslationCache:
                 everything = True
         return set(store.services) | set(self._services) if everything else dirty
 
-    def _update(self, dirty: set[str]) -> None:
+    def _update(self, dirty: set[str], reuse: bool = False) -> None:
         """Rebuild the DIRTY services' entries (and forget deleted ones), and their part of the
-        output."""
+        output. REUSE: only the set of local identities changed for them."""
         assert self._settings is not None
         store = self._settings.store
         added_or_removed = False
@@ -240,7 +256,7 @@ class TranslationCache:
             if old is not None:
                 self._unlink(key, old)
             svc = store.services.get(key)
-            entry = None if svc is None else self._service_entry(svc)
+            entry = None if svc is None else self._service_entry(svc, old if reuse else None)
             added_or_removed |= (old is None) != (entry is None)
             self._place(key, old, entry)
             if entry is None:
@@ -296,7 +312,7 @@ class TranslationCache:
 
     # -- builders ---------------------------------------------------------------------------------
 
-    def _service_entry(self, svc: Service) -> _ServiceEntry:
+    def _service_entry(self, svc: Service, reuse: _ServiceEntry | None = None) -> _ServiceEntry:
         assert self._settings is not None
         settings = self._settings
         store = settings.store
@@ -315,19 +331,36 @@ class TranslationCache:
         )
         if origin in self._excluded:
             return entry
-        speaks_mtls = _mtls_speaker(store, settings.excluded_namespaces)
         identities = settings.identities
-        made: Made = []
+        # REUSE (same inputs but the set of identities): its endpoints, and its identities' part.
+        parts = reuse.per_identity if reuse is not None and reuse.made is not None else None
         try:
+            if reuse is not None and parts is not None:
+                entry.endpoints, entry.sans = reuse.endpoints, reuse.sans
+            else:
+                speaks_mtls = _mtls_speaker(store, settings.excluded_namespaces)
+                for target in entry.targets:
+                    endpoints, sans = _endpoint_resources(store, target, speaks_mtls)
+                    entry.endpoints.append(endpoints)
+                    entry.sans.append(sans)
+            for identity in identities:
+                if parts is not None and identity in parts:
+                    entry.per_identity[identity] = parts[identity]
+                    continue
+                entry.per_identity[identity] = [
+                    made
+                    for target, sans in zip(entry.targets, entry.sans, strict=True)
+                    for made in _identity_resources(store, target, identity, sans, settings.sidecar)
+                ]
             for target in entry.targets:
-                made.extend(
-                    _service_resources(store, target, identities, speaks_mtls, settings.sidecar)
-                )
                 if identities and has_vip(target):  # the chain every local pod's listener holds
                     outbound_chain(target, identities[0], "", "")
         except Exception as e:  # one bad Service must not take the node's config down
             entry.problem = _failed(origin, e)
             return entry
+        made: Made = list(entry.endpoints)
+        for identity in identities:
+            made.extend(entry.per_identity[identity])
         entry.made = [(t, _name(t, resource), resource) for t, resource in made]
         entry.chain_names = [t.cluster_for(i) for t in entry.targets for i in identities]
         return entry
@@ -468,27 +501,33 @@ def _mtls_speaker(
     return speaks_mtls
 
 
-def _service_resources(
-    store: MeshStore,
-    target: ServiceTarget,
-    identities: Sequence[Identity],
-    speaks_mtls: Callable[[str, int], bool],
-    sidecar: bool,
-) -> Made:
-    """One service port's endpoints, and its clusters and routes for each local identity."""
+def _endpoint_resources(
+    store: MeshStore, target: ServiceTarget, speaks_mtls: Callable[[str, int], bool]
+) -> tuple[tuple[str, Message], list[str]]:
+    """One service port's endpoints, and the SPIFFE IDs of the pods behind them."""
     trust_domain = store.mesh_config.trust_domain
-    made: Made = [(envoy.ENDPOINT, load_assignment(store, target, speaks_mtls))]
     sans = sorted(
         tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
         for key in endpoint_pods(store, target)
         if (pod := store.pods.get(key)) is not None
     )
-    for identity in identities:
-        mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
-        cluster = service_cluster(target, identity, trust_domain, sans, mode, sidecar=sidecar)
-        made.append((envoy.CLUSTER, cluster))
-        if is_http(target.protocol):
-            made.append((envoy.ROUTE, outbound_route(target, identity)))
+    return (envoy.ENDPOINT, load_assignment(store, target, speaks_mtls)), sans
+
+
+def _identity_resources(
+    store: MeshStore, target: ServiceTarget, identity: Identity, sans: list[str], sidecar: bool
+) -> Made:
+    """One service port's cluster and (HTTP) route for the local pods of IDENTITY."""
+    mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
+    trust_domain = store.mesh_config.trust_domain
+    made: Made = [
+        (
+            envoy.CLUSTER,
+            service_cluster(target, identity, trust_domain, sans, mode, sidecar=sidecar),
+        )
+    ]
+    if is_http(target.protocol):
+        made.append((envoy.ROUTE, outbound_route(target, identity)))
     return made
 
 

@@ -333,12 +333,19 @@ CASES: dict[str, list[tuple[str, Any]]] = {
     "a service selecting a local pod": [
         ("put_service", Service("a", "s9", "", (PORTS[1],), {"app": "y"}))
     ],
+    "a local pod of a new identity": [
+        ("put_pod", Pod("a", "p3", "u1", NODE, "sa9", {"app": "y"}, pod_ips=pod_ips("p3"))),
+        ("push", None),
+        ("put_pod", Pod("b", "p9", "u1", NODE, "sa9", {"app": "x"})),
+        ("capture", ("b", "p9")),
+    ],
+    "an identity's last local pod released": [("release", ("a", "p1"))],
     "a local pod released": [("release", ("b", "p2"))],
     "mesh config": [("mesh", MeshConfig("example.org", ROOT, REGISTRY_ONLY))],
 }
 
 
-RECOMPUTE_ALL = {"mesh config", "a DestinationRule in the service's namespace"}
+RECOMPUTE_ALL = {"mesh config"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -355,7 +362,7 @@ def test_each_kind_of_change_reaches_what_it_affects(case: str) -> None:
     full = serialized(build(node.store, node.local_pods(), excluded=set(node.excluded)))
     assert full != before  # the change matters
     assert serialized(after) == full
-    # Everything is recomputed only for a new mesh config or set of local identities.
+    # Everything is recomputed only for a new mesh config.
     assert cache.full_recomputes == 1 + (case in RECOMPUTE_ALL)
 
 
