@@ -28,7 +28,19 @@ TCP_ACCESS_LOG_FORMAT = (
 )
 
 
+# The stamp must be hashable: Envoy folds the hash of every filter state object shared with
+# the upstream connection into the connection-pool key, but only for objects that are
+# Envoy::Hashable (source/common/network/transport_socket_options_impl.cc, hashKey). The plain
+# "envoy.string" factory is not, so two pods of one service account calling one service shared
+# the per-identity cluster's pooled connections, and the second pod's requests left from the
+# first pod's netns with its IP. "envoy.hashable_string" (set_filter_state's factory_key, docs:
+# configuration/listeners/network_filters/set_filter_state "Understanding Object and Factory
+# Keys"; source/extensions/filters/common/set_filter_state/filter_config.cc) keeps pools per netns.
+NETNS_FACTORY = "envoy.hashable_string"
+
+
 def stamp_netns(netns: str) -> dict[str, Any]:
+    """The filter that makes this connection's upstream sockets, and their pool, NETNS's."""
     return {
         "name": "envoy.filters.network.set_filter_state",
         "typed_config": typed(
@@ -36,7 +48,7 @@ def stamp_netns(netns: str) -> dict[str, Any]:
             on_new_connection=[
                 {
                     "object_key": NETNS_KEY,
-                    "factory_key": "envoy.string",
+                    "factory_key": NETNS_FACTORY,
                     "format_string": {"text_format_source": {"inline_string": netns}},
                     "shared_with_upstream": "ONCE",
                 }

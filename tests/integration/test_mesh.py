@@ -180,6 +180,21 @@ def test_s1_1_every_hop_goes_through_the_node_envoys(mesh: Testbed) -> None:
     assert all_synced(mesh)
 
 
+def test_pods_of_one_service_account_never_share_an_upstream_connection(mesh: Testbed) -> None:
+    """web-api and echo-1 run on n1 as istioinaction/default, so their calls to recommendation
+    (n2) take one cluster with one client certificate, whose upstream connections Envoy keeps
+    alive and pools. A pooled connection is bound in the netns of the pod that opened it: were
+    it reused for the other pod, that request would leave with the first pod's IP."""
+    callers = ("istioinaction/web-api", "istioinaction/echo-1")
+    seen = []
+    for _ in range(4):  # interleaved, so each call finds the other pod's idle connection
+        for caller in callers:
+            answer = call(mesh, caller, "http://recommendation:8080/")
+            assert answer["code"] == 200, answer
+            seen.append((caller, answer["headers"]["x-forwarded-for"]))
+    assert seen == [(c, mesh.pod_ip(c)) for _ in range(4) for c in callers]
+
+
 def _pod_of(tb: Testbed, ip: str) -> str:
     return next(key.split("/")[1] for key, rec in tb.state.pods.items() if rec.ip == ip)
 

@@ -136,6 +136,29 @@ def test_outbound_listener_matches_each_vip_port_and_falls_back_to_passthrough()
     assert default["cluster"] == "PassthroughCluster"
 
 
+def test_each_pod_stamps_its_netns_as_a_pool_key_even_within_one_service_account() -> None:
+    # Pods of one identity share clusters; Envoy keeps their pooled upstream connections apart
+    # only if the netns stamp is hashable and shared with the upstream connection (filters.py).
+    out = translate(store(), [local("a", {"app": "web"}), local("b", {"app": "web"})])
+    for pod in ("a", "b"):
+        for kind in ("virtualOutbound", "virtualInbound"):
+            listener = as_json(out[e.LISTENER][f"{kind}/shop/{pod}"])
+            stamps = [
+                f["typedConfig"]["onNewConnection"]
+                for chain in listener["filterChains"]
+                for f in chain["filters"]
+                if f["name"] == "envoy.filters.network.set_filter_state"
+            ]
+            assert stamps, f"{kind}/shop/{pod} stamps no netns"
+            want = {
+                "objectKey": "envoy.network.upstream_bind_override.network_namespace",
+                "factoryKey": "envoy.hashable_string",
+                "formatString": {"textFormatSource": {"inlineString": f"/run/netns/{pod}"}},
+                "sharedWithUpstream": "ONCE",
+            }
+            assert all(stamp == [want] for stamp in stamps), stamps
+
+
 def test_registry_only_sends_unknown_destinations_to_the_black_hole() -> None:
     out = translate(store(outbound_traffic_policy=REGISTRY_ONLY), [local("a")])
     listener = as_json(out[e.LISTENER]["virtualOutbound/shop/a"])
