@@ -109,6 +109,8 @@ class CaptureManager:
         self._deleted: set[tuple[str, str]] = set()  # (namespace/name, uid) the runtime DELeted
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._probe_lock = asyncio.Lock()
+        self._probes_asked = 0  # _sync_probes calls so far; those up to _probes_synced are done
+        self._probes_synced = 0
         self._membership_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(CAPTURE_WORKERS, thread_name_prefix="capture")
 
@@ -631,9 +633,19 @@ class CaptureManager:
         return {"ok": True, "state": state, "reason": reason}
 
     async def _sync_probes(self) -> None:
+        """Make the node's probe SNAT set hold the captured pods' IPs as the registry has them.
+
+        Callers that queue behind a running sync are served by the next one in one go: it reads
+        the registry after all their changes (a burst of ADDs costs a few nft runs, not one each).
+        """
         if self.probe_snat is None:
             return
+        self._probes_asked += 1
+        asked = self._probes_asked
         async with self._probe_lock:
+            if self._probes_synced >= asked:
+                return  # a sync that started after this caller's change covered it
+            taking = self._probes_asked
             ips = sorted(
                 {ip for c in self.registry.pods.values() if c.state == CAPTURED for ip in c.ips}
             )
@@ -641,6 +653,7 @@ class CaptureManager:
                 await self._in_thread(self.probe_snat.sync, ips)
             except Exception as e:
                 log.error("updating the node's probe SNAT set failed: %s", e)
+            self._probes_synced = taking
 
     # -- final removal (uninstall) ----------------------------------------------------------------
 

@@ -6,6 +6,7 @@ A recording backend stands in for the kernel here; tests/integration runs the nf
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,13 @@ class RecordingBackend:
 class ProbeRecorder:
     def __init__(self) -> None:
         self.ips: list[str] = []
+        self.syncs = 0  # nft runs on the node's probe SNAT set
+        self.hold = threading.Event()  # cleared: a sync waits (at most 5 s) until it is set
+        self.hold.set()
 
     def sync(self, pod_ips: Any) -> None:
+        self.syncs += 1
+        self.hold.wait(5)
         self.ips = list(pod_ips)
 
 
@@ -139,6 +145,38 @@ def test_a_mesh_pod_is_captured_with_its_annotations(tmp_path: Path) -> None:
         assert persisted.pods["id-web"].state == "captured"
 
     run(scenario, tmp_path)
+
+
+def test_adds_queued_behind_a_probe_sync_share_the_next_one(tmp_path: Path) -> None:
+    """A burst of ADDs costs a few updates of the node's probe SNAT set, not one each."""
+
+    async def scenario(node: Node) -> None:
+        names = [f"p{i}" for i in range(5)]
+        for name in names:
+            node.store.put_pod(Pod("shop", name))
+        node.probes.hold.clear()
+        pods = [node.cni_pod(n, ip=f"10.244.1.{i + 10}") for i, n in enumerate(names)]
+        first = asyncio.create_task(node.manager.add(pods[0], timeout=5))
+        await until(lambda: node.probes.syncs == 1, "the first ADD's probe sync")
+        rest = [asyncio.create_task(node.manager.add(p, timeout=5)) for p in pods[1:]]
+        await until(
+            lambda: sum(r["state"] == "captured" for r in node.manager.status()) == 5,
+            "every ADD captured, its probe sync queued",
+        )
+        node.probes.hold.set()
+        answers = await asyncio.gather(first, *rest)
+        assert [a["state"] for a in answers] == ["captured"] * 5
+        assert node.probes.syncs == 2
+        assert sorted(node.probes.ips) == [f"10.244.1.{i + 10}" for i in range(5)]
+
+    run(scenario, tmp_path)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
 def test_pods_outside_the_mesh_are_recorded_not_captured(tmp_path: Path) -> None:
