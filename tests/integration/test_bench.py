@@ -132,8 +132,12 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 assert size["offline"]["translate_s"] > 0 and size["offline"]["bytes"]["EDS"] > 0
             changes = size["changes"]
             assert [c["change"] for c in changes] == ["add", "remove"] * 2
+            # The Kubernetes variant's start is the bench's own watch receiving the event, which
+            # can come a few ms after the agent's watch did; Envoy's update_time has 1 ms
+            # resolution. A change applied within milliseconds may then read slightly negative.
+            floor = 0.0 if source == "directory" else -0.01
             for c in changes:
-                assert 0 < c["ack_s"] < 30 and 0 < c["ack_polled_s"] < 30
+                assert floor < c["ack_s"] < 30 and floor < c["ack_polled_s"] < 30
                 assert 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"]
                 assert c["pushes"].get("EDS") == 1  # one endpoint: one EDS response, nothing else
                 assert c["failed_requests"] == 0
