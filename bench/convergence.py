@@ -311,6 +311,18 @@ class Answer:
     pod_ip: str
 
 
+def _end(proc: subprocess.Popen[str], reader: threading.Thread) -> None:
+    """Stop a helper process (terminate, then kill) and the thread reading its output."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    reader.join(5)
+
+
 class TrafficPoller:
     """The client pod calling web every POLL seconds, for the whole run."""
 
@@ -339,14 +351,7 @@ class TrafficPoller:
             return [a for a in self.answers if a.sent >= start]
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-        self._reader.join(5)
+        _end(self._proc, self._reader)
 
 
 @dataclass(frozen=True)
@@ -404,14 +409,7 @@ class SliceWatch:
             time.sleep(POLL)
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-        self._reader.join(5)
+        _end(self._proc, self._reader)
 
 
 def _wait_traffic(poller: TrafficPoller, start: float, old_ip: str) -> None:

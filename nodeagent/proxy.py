@@ -536,14 +536,5 @@ class NodeProxy:
             ],
             "unattributed_nack": self.unattributed_nack,
             "identity_unknown": list(self.identity_unknown),
-            "types": {
-                types.short_name(t): {
-                    "state": s.state,
-                    "version_sent": s.version_sent,
-                    "version_acked": s.version_acked,
-                    "last_nack": s.last_nack,
-                    "connected": s.connected,
-                }
-                for t, s in status.items()
-            },
+            "types": {types.short_name(t): s.to_json() for t, s in status.items()},
         }

@@ -295,16 +295,7 @@ class SidecarProxies(NodeProxy):
                 "log": str(sidecar.log),
                 "problem": sidecar.supervisor.problem(),
                 "restarts": sidecar.supervisor.restarts,
-                "types": {
-                    types.short_name(t): {
-                        "state": s.state,
-                        "version_sent": s.version_sent,
-                        "version_acked": s.version_acked,
-                        "last_nack": s.last_nack,
-                        "connected": s.connected,
-                    }
-                    for t, s in status.items()
-                },
+                "types": {types.short_name(t): s.to_json() for t, s in status.items()},
             }
         return {
             "node": self.settings.node_name,

@@ -32,6 +32,16 @@ class TypeStatus:
     connected: bool
     last_ack_time: float | None  # time.time() of the latest ACK
 
+    def to_json(self) -> dict[str, object]:
+        """As proxy-status shows it."""
+        return {
+            "state": self.state,
+            "version_sent": self.version_sent,
+            "version_acked": self.version_acked,
+            "last_nack": self.last_nack,
+            "connected": self.connected,
+        }
+
 
 @dataclass(frozen=True)
 class Nack:
