@@ -45,6 +45,7 @@ from nodeagent.translate import (
     TranslationCache,
     pod_listener_names,
 )
+from nodeagent.translate.internal import OUTBOUND_INTERNAL
 from nodeagent.translate.rejections import Bisection, culprits
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
@@ -317,7 +318,10 @@ class NodeProxy:
                 self._leave_out(origin, nack.type_url, why)
             return
         # Envoy's message names nothing of ours: bisect over what that response changed.
-        origins = [translation.origins.get((nack.type_url, name)) for name in nack.changed]
+        origins = {translation.origins.get((nack.type_url, name)) for name in nack.changed}
+        if nack.type_url == types.LISTENER and OUTBOUND_INTERNAL in nack.changed:
+            # The node's one listener of every service's chains: any service may be it.
+            origins |= set(translation.chains.values())
         suspects = sorted({o for o in origins if o is not None and o not in self.rejected})
         first_line = nack.message.strip().splitlines()[0] if nack.message.strip() else ""
         if len(suspects) == 1:

@@ -25,12 +25,24 @@ def _section(dump: dict[str, Any], type_url: str) -> dict[str, Any]:
 
 
 def pod_listeners(dump: dict[str, Any], namespace: str, pod: str) -> list[dict[str, Any]]:
+    """The pod's own listeners, each followed by the node's internal listener it hands its
+    connections to (outbound-internal: the service chains), shown at the pod's address."""
     suffix = f"/{namespace}/{pod}"
+    listeners = [
+        listener
+        for entry in _section(dump, LISTENERS).get("dynamic_listeners", [])
+        if (listener := (entry.get("active_state") or {}).get("listener"))
+    ]
+    internal = {str(x.get("name")): x for x in listeners if "internal_listener" in x}
     out = []
-    for entry in _section(dump, LISTENERS).get("dynamic_listeners", []):
-        listener = (entry.get("active_state") or {}).get("listener")
-        if listener and str(listener.get("name", "")).endswith(suffix):
-            out.append(listener)
+    for listener in listeners:
+        if not str(listener.get("name", "")).endswith(suffix):
+            continue
+        out.append(listener)
+        for chain in _chains(listener):
+            kind, target = _terminal(chain)
+            if kind == "Cluster" and target in internal:
+                out.append({**internal.pop(target), "address": listener.get("address", {})})
     return out
 
 
@@ -123,8 +135,10 @@ def listener_rows(listeners: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
-def cluster_rows(clusters: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """istioctl's columns plus the source identity whose certificate the cluster presents."""
+def cluster_rows(clusters: list[dict[str, Any]], identity: str = "") -> list[tuple[str, ...]]:
+    """istioctl's columns plus the source identity the pod presents through the cluster: its
+    own (IDENTITY, a SPIFFE ID), chosen per connection on the node (no cluster names one)."""
+    source = identity.split("/ns/", 1)[-1].replace("/sa/", "/") if identity else ""
     rows: list[tuple[str, ...]] = [
         ("SERVICE FQDN", "PORT", "SUBSET", "DIRECTION", "TYPE", "SOURCE IDENTITY")
     ]
@@ -133,15 +147,15 @@ def cluster_rows(clusters: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         parts = name.split("|")
         ctype = str(cluster.get("type", "EDS"))
         if len(parts) == 4:
-            host, _, identity = parts[3].partition("~")
+            outbound = parts[0] == "outbound"
             rows.append(
                 (
-                    host or "-",
+                    parts[3] or "-",
                     parts[1],
                     parts[2] or "-",
                     parts[0],
                     ctype,
-                    identity.replace("~", "/") or "-",
+                    (source if outbound else "") or "-",
                 )
             )
         else:
@@ -181,6 +195,16 @@ def route_rows(routes: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
+def host_address(address: dict[str, Any]) -> str:
+    """ "ip:port" of an endpoint in admin output: a socket address, or the destination an
+    internal address (``originate``) stands for, its endpoint_id."""
+    internal = address.get("envoy_internal_address")
+    if internal is not None:
+        return str(internal.get("endpoint_id") or internal.get("server_listener_name", ""))
+    sock = address.get("socket_address", {})
+    return f"{sock.get('address')}:{sock.get('port_value')}"
+
+
 def endpoint_rows(clusters_status: dict[str, Any], names: set[str]) -> list[tuple[str, ...]]:
     """From admin ``/clusters?format=json``: each endpoint of the pod's clusters and its health."""
     rows: list[tuple[str, ...]] = [("ENDPOINT", "STATUS", "OUTLIER CHECK", "CLUSTER")]
@@ -188,13 +212,12 @@ def endpoint_rows(clusters_status: dict[str, Any], names: set[str]) -> list[tupl
         if status.get("name") not in names:
             continue
         for host in status.get("host_statuses", []):
-            sock = host.get("address", {}).get("socket_address", {})
             health = host.get("health_status", {})
             ejected = health.get("failed_outlier_check", False)
             state = health.get("eds_health_status", "HEALTHY")
             rows.append(
                 (
-                    f"{sock.get('address')}:{sock.get('port_value')}",
+                    host_address(host.get("address", {})),
                     "UNHEALTHY" if ejected else str(state),
                     "FAILED" if ejected else "OK",
                     str(status.get("name")),

@@ -169,7 +169,7 @@ def proxy_config(kind: str, pod: str, admin_socket: Path, output: str) -> None:
     elif kind == "routes":
         table(pc.route_rows(routes))
     elif kind == "clusters":
-        table(pc.cluster_rows(clusters))
+        table(pc.cluster_rows(clusters, identity))
     elif kind == "secrets":
         table(pc.secret_rows(secrets, identity))
     else:

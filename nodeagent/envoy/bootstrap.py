@@ -51,6 +51,12 @@ ADS_RETRY_MAX = 3.0
 # re-sent their unchanged EDS resources (test_capture_membership); not understood yet (#14).
 DELTA_ADS, SOTW_ADS = "DELTA_GRPC", "GRPC"
 
+# A user-space (internal listener) socket closed after an HTTP/1 "Connection: close" response
+# reaches its peer as a reset, which tcp_proxy passes on as an RST to the app: the app lost the
+# response it was reading (ECONNRESET). Internal connections close gracefully instead; real TCP
+# resets still propagate. Runtime key of Envoy 1.40 (source/common/runtime/runtime_features.cc).
+STATIC_RUNTIME = {"envoy.reloadable_features.enable_send_rst_on_user_space_socket": False}
+
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _SOL_SOCKET = 1
 _SO_MARK = 36
@@ -113,6 +119,17 @@ def bootstrap(
             "listeners": [_stats_listener(stats_host, stats_port)],
         },
         "admin": {"address": admin},
+        # Internal listeners (outbound-internal, originate: nodeagent/translate/internal.py)
+        # exist only with this extension (docs configuration/other_features/internal_listener).
+        "bootstrap_extensions": [
+            {
+                "name": "envoy.bootstrap.internal_listener",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+                },
+            }
+        ],
         "stats_config": {
             "stats_matcher": {"exclusion_list": {"patterns": list(PRIVATE_STAT_PATTERNS)}}
         },
@@ -131,7 +148,7 @@ def bootstrap(
         # An admin layer lets an operator flip runtime keys through /runtime_modify.
         "layered_runtime": {
             "layers": [
-                {"name": "static", "static_layer": {}},
+                {"name": "static", "static_layer": dict(STATIC_RUNTIME)},
                 {"name": "admin", "admin_layer": {}},
             ]
         },

@@ -40,6 +40,7 @@ from typing import Any
 
 from nodeagent.cni import wire
 from nodeagent.identity.ca import create_plugin_cacerts
+from nodeagent.proxyconfig import host_address
 from nodeagent.testbed import (
     cgroups,
     control_plane,
@@ -1060,10 +1061,7 @@ def _envoy_endpoints(curl: list[str]) -> dict[str, set[str]]:
         name = str(status.get("name", ""))
         if not name.startswith("outbound|"):
             continue
-        held[name] = {
-            f"{h['address']['socket_address']['address']}:{h['address']['socket_address']['port_value']}"
-            for h in status.get("host_statuses", [])
-        }
+        held[name] = {host_address(h["address"]) for h in status.get("host_statuses", [])}
     return held
 
 

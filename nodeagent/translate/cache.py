@@ -4,21 +4,25 @@ reuses its encoding, and the push skips it).
 
 Resources are cached per origin:
 
-- a Service: its endpoints (one ClusterLoadAssignment per port), and per local identity its
-  clusters and HTTP routes. Inputs: the Service, its EndpointSlices, the pods its endpoints name
-  (identity for the SANs; membership and PeerAuthentication for ``tlsMode``) and their
-  namespaces, the DestinationRules its clients in the local identities' namespaces see.
+- a Service: per port its endpoints (one ClusterLoadAssignment), its cluster, its HTTP route and
+  its filter chain in ``outbound-internal``, none of them per identity; and the DestinationRule
+  TLS modes that bind the local pods' namespaces for it (they go into ``originate-mtls``'s
+  matcher). Inputs: the Service, its EndpointSlices, the pods its endpoints name (identity for
+  the SANs; membership and PeerAuthentication for ``tlsMode``) and their namespaces, the
+  DestinationRules its clients in the local identities' namespaces see.
 - a local pod: its two listeners and the inbound clusters and routes of its HTTP ports. Their
   inputs are cheap to gather (services selecting the pod through the store's selector index,
-  its PeerAuthentication, the list of served VIP:ports), so a pod's part is memoised on their
-  values rather than on changes.
-- shared ones (passthrough, black hole): made once.
+  its PeerAuthentication), so a pod's part is memoised on their values rather than on changes.
+  On the node a pod's outbound listener names no service: it is O(1) (internal.py).
+- shared ones: passthrough, black hole, the internal listeners and their clusters; the
+  ``outbound-internal`` listener is reassembled from the services' cached chains when one
+  changes, ``originate-mtls`` when the local identities or the DestinationRule modes change.
 
 Which services a change touches comes from the store's change log (``changes_since``) and
 reverse indexes kept here (pod -> services whose endpoints name it, namespace -> services with
-an endpoint pod there, slice -> its service). A new set of local identities builds only the
-new identities' clusters and routes. A mesh config change (or other settings), or a change log
-that no longer reaches back, recomputes everything;
+an endpoint pod there, slice -> its service). A new set of local namespaces recomputes only
+the DestinationRule modes (the sidecar form, one pod, recomputes everything). A mesh config
+change (or other settings), or a change log that no longer reaches back, recomputes everything;
 a PeerAuthentication in the root namespace or a DestinationRule where local clients or the root
 namespace see it recompute every service (in doubt, all). Kinds translation does not read yet
 (ServiceAccount, VirtualService, AuthorizationPolicy, ...) recompute nothing: a builder that
@@ -42,15 +46,23 @@ from nodeagent.mesh.model import MeshConfig, Service
 from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, MeshStore
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
-from nodeagent.translate import envoy, tls
-from nodeagent.translate.clusters import blackhole_cluster, original_dst_cluster, service_cluster
+from nodeagent.translate import envoy, internal, tls
+from nodeagent.translate.clusters import (
+    blackhole_cluster,
+    original_dst_cluster,
+    service_cluster,
+    sidecar_service_cluster,
+    upstream_bind,
+)
 from nodeagent.translate.endpoints import endpoint_pods, ip_slices, load_assignment
 from nodeagent.translate.listeners import (
     blackhole_chain,
     has_vip,
     inbound_listener,
     outbound_chain,
+    outbound_internal_listener,
     outbound_listener,
+    pod_outbound_listener,
 )
 from nodeagent.translate.protocol import HTTP2, is_http
 from nodeagent.translate.routes import inbound_route, outbound_route
@@ -80,14 +92,16 @@ class _ServiceEntry:
     targets: list[ServiceTarget]
     made: list[tuple[str, str, Message]] | None = None  # (type URL, name, resource)
     problem: str = ""
-    chain_names: list[str] = field(default_factory=list)  # per target and local identity
-    # Its parts: the endpoints of each target, with the SANs of their pods, and per identity
-    # its clusters and routes (kept when the set of local identities changes).
+    chain_names: list[str] = field(default_factory=list)  # its filter chains, per target
+    # Its parts (kept when only the set of local identities changes): the endpoints of each
+    # target, clusters and routes, the outbound-internal filter chains (one per VIP:port).
     endpoints: Made = field(default_factory=list)
-    sans: list[list[str]] = field(default_factory=list)
-    per_identity: dict[Identity, Made] = field(default_factory=dict)
+    clusters: Made = field(default_factory=list)
+    chains: list[envoy.FilterChain] = field(default_factory=list)
+    # DestinationRule tls modes binding local clients: namespace -> cluster -> mode.
+    modes: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: frozenset[str] = frozenset()  # pods its endpoints name (namespace/name)
-    # What local pods' outbound listeners take from it: one filter chain per VIP:port.
+    # What the outbound listener(s) take from it: one filter chain per VIP:port.
     chain_keys: tuple[tuple[str, int, str, bool], ...] = ()
 
 
@@ -138,6 +152,9 @@ class TranslationCache:
     _closed: list[tuple[str, int]] = field(default_factory=list)
     _chains: tuple[Any, ...] = ()
     _chains_token: object = field(default_factory=object)  # changes when _chains does
+    _modes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # served services'
+    _internal: _Memo | None = None  # the outbound-internal listener
+    _originate: _Memo | None = None  # the originate-mtls cluster
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
     def build(
@@ -165,6 +182,7 @@ class TranslationCache:
             previous is None
             or changes is None
             or replace(previous, identities=settings.identities) != settings
+            or (sidecar and previous.identities != settings.identities)
         ):
             self._recompute_all(settings, excluded_now)
         else:
@@ -172,9 +190,9 @@ class TranslationCache:
             dirty = self._dirty_services(changes, settings)
             dirty |= {o.key for o in self._excluded ^ excluded_now if o.kind == SERVICE}
             self._excluded = excluded_now
-            if previous.identities != settings.identities:
-                # A pod of a new identity came, or an identity's last pod left: every service's
-                # clusters and routes for that identity only.
+            if _namespaces(previous.identities) != _namespaces(settings.identities):
+                # A pod of a new namespace came, or a namespace's last pod left: every
+                # service's DestinationRule modes, nothing else.
                 self._update(set(self._services) - dirty, reuse=True)
             self._update(dirty)
         self._generation = store.generation
@@ -191,6 +209,8 @@ class TranslationCache:
         self._by_namespace.clear()
         self._outbound.clear()
         self._inbound.clear()
+        self._internal = self._originate = None
+        self._modes.clear()
         self._base = {type_url: {} for type_url in TYPES}
         self._base_origins.clear()
         self._base_chains.clear()
@@ -210,6 +230,11 @@ class TranslationCache:
             ),
             (envoy.CLUSTER, blackhole_cluster()),
         ]
+        if not settings.sidecar:
+            self._shared += [
+                (envoy.CLUSTER, internal.internal_cluster(internal.OUTBOUND_INTERNAL)),
+                (envoy.LISTENER, internal.originate_listener()),
+            ]
         self._order = []
         self._update(set(store.services))
 
@@ -292,6 +317,8 @@ class TranslationCache:
                 self._base_origins[(type_url, name)] = new.origin
             for chain in new.chain_names:
                 self._base_chains[chain] = new.origin
+            if new.modes:
+                self._modes[key] = new.modes
         elif new is not None:
             self._dropped[key] = new.targets
             self._chains_changed = True
@@ -313,6 +340,7 @@ class TranslationCache:
     # -- builders ---------------------------------------------------------------------------------
 
     def _service_entry(self, svc: Service, reuse: _ServiceEntry | None = None) -> _ServiceEntry:
+        """SVC's part. REUSE: only the local namespaces changed; keep all but the modes."""
         assert self._settings is not None
         settings = self._settings
         store = settings.store
@@ -331,39 +359,43 @@ class TranslationCache:
         )
         if origin in self._excluded:
             return entry
-        identities = settings.identities
-        # REUSE (same inputs but the set of identities): its endpoints, and its identities' part.
-        parts = reuse.per_identity if reuse is not None and reuse.made is not None else None
         try:
-            if reuse is not None and parts is not None:
-                entry.endpoints, entry.sans = reuse.endpoints, reuse.sans
+            if reuse is not None and reuse.made is not None:
+                entry.endpoints, entry.clusters = reuse.endpoints, reuse.clusters
+                entry.chains = reuse.chains
             else:
-                speaks_mtls = _mtls_speaker(store, settings.excluded_namespaces)
-                for target in entry.targets:
-                    endpoints, sans = _endpoint_resources(store, target, speaks_mtls)
-                    entry.endpoints.append(endpoints)
-                    entry.sans.append(sans)
-            for identity in identities:
-                if parts is not None and identity in parts:
-                    entry.per_identity[identity] = parts[identity]
-                    continue
-                entry.per_identity[identity] = [
-                    made
-                    for target, sans in zip(entry.targets, entry.sans, strict=True)
-                    for made in _identity_resources(store, target, identity, sans, settings.sidecar)
-                ]
-            for target in entry.targets:
-                if identities and has_vip(target):  # the chain every local pod's listener holds
-                    outbound_chain(target, identities[0], "", "")
+                self._service_parts(entry)
+            if not settings.sidecar:
+                entry.modes = _destination_modes(store, entry.targets, settings.identities)
         except Exception as e:  # one bad Service must not take the node's config down
             entry.problem = _failed(origin, e)
             return entry
-        made: Made = list(entry.endpoints)
-        for identity in identities:
-            made.extend(entry.per_identity[identity])
-        entry.made = [(t, _name(t, resource), resource) for t, resource in made]
-        entry.chain_names = [t.cluster_for(i) for t in entry.targets for i in identities]
+        entry.made = [(t, _name(t, r), r) for t, r in [*entry.endpoints, *entry.clusters]]
+        entry.chain_names = [t.cluster for t in entry.targets]
         return entry
+
+    def _service_parts(self, entry: _ServiceEntry) -> None:
+        """Per target: endpoints, cluster, HTTP route, outbound chain."""
+        assert self._settings is not None
+        settings = self._settings
+        store = settings.store
+        speaks_mtls = _mtls_speaker(store, settings.excluded_namespaces)
+        for target in entry.targets:
+            assignment = load_assignment(store, target, speaks_mtls, not settings.sidecar)
+            entry.endpoints.append((envoy.ENDPOINT, assignment))
+            if settings.sidecar:
+                identity = settings.identities[0]
+                cluster = _sidecar_cluster(store, target, identity)
+            else:
+                cluster = service_cluster(target)
+            entry.clusters.append((envoy.CLUSTER, cluster))
+            if is_http(target.protocol):
+                entry.clusters.append((envoy.ROUTE, outbound_route(target)))
+            if has_vip(target):
+                # The node's chain names the calling pod from filter state; the sidecar's
+                # listener makes its own (the same shape, its pod's name).
+                chain = outbound_chain(target, internal.POD_FORMAT)
+                entry.chains.append(envoy.message(envoy.FilterChain, chain))
 
     def _pod_part(
         self,
@@ -430,8 +462,11 @@ class TranslationCache:
             if chains != self._chains:
                 self._chains, self._chains_token = chains, object()
         served, closed_vips = self._served_targets, self._closed
-
         outbound_policy = settings.mesh_config.outbound_traffic_policy
+        if not settings.sidecar:
+            for type_url, resource in self._node_internals(local_pods, outbound_policy):
+                add(type_url, resource)
+
         sidecar = settings.sidecar
         current = {local.pod.key for local in local_pods}
         for memos in (self._outbound, self._inbound):
@@ -442,12 +477,21 @@ class TranslationCache:
             origin = Origin(POD, pod.namespace, pod.name)
             if origin in excluded:
                 continue
-            outbound = self._pod_part(
-                self._outbound,
-                local,
-                (local, self._chains_token, outbound_policy, sidecar),
-                partial(_outbound_resources, local, served, closed_vips, outbound_policy, sidecar),
-            )
+            if sidecar:
+                outbound = self._pod_part(
+                    self._outbound,
+                    local,
+                    (local, self._chains_token, outbound_policy),
+                    partial(_sidecar_outbound, local, served, closed_vips, outbound_policy),
+                )
+            else:
+                spiffe = tls.spiffe_id(settings.mesh_config.trust_domain, *local.identity)
+                outbound = self._pod_part(
+                    self._outbound,
+                    local,
+                    (local, spiffe),
+                    partial(_pod_outbound, local, spiffe),
+                )
             inbound_inputs = _inbound_inputs(store, local, sidecar)
             inbound = self._pod_part(
                 self._inbound,
@@ -472,6 +516,58 @@ class TranslationCache:
                 continue  # a sidecar holds its own pod's identity only
             add(envoy.SECRET, secret)
         return result
+
+    def _node_internals(self, local_pods: Sequence[LocalPod], outbound_policy: str) -> Made:
+        """outbound-internal (every served chain, black holes for the closed VIP:ports) and
+        originate-mtls (the local identities, and the DestinationRule modes binding them)."""
+        assert self._settings is not None
+        inputs: tuple[Any, ...] = (self._chains_token, outbound_policy)
+        if self._internal is None or self._internal.inputs != inputs:
+            chains = [
+                c for key in self._order if key in self._served for c in self._services[key].chains
+            ]
+            chains += [
+                envoy.message(envoy.FilterChain, blackhole_chain(ip, port, internal.POD_FORMAT))
+                for ip, port in self._closed
+            ]
+            listener = outbound_internal_listener(chains, outbound_policy)
+            self._internal = _Memo(inputs, [(envoy.LISTENER, listener)])
+        trust_domain = self._settings.mesh_config.trust_domain
+        identities = sorted({local.identity for local in local_pods})
+        overrides = {
+            tls.spiffe_id(trust_domain, *identity): {
+                cluster: mode
+                for modes in self._modes.values()
+                for cluster, mode in modes.get(identity[0], {}).items()
+            }
+            for identity in identities
+        }
+        frozen = tuple(sorted((who, tuple(sorted(m.items()))) for who, m in overrides.items()))
+        if self._originate is None or self._originate.inputs != (frozen, trust_domain):
+            cluster = internal.originate_cluster(
+                sorted(overrides), overrides, trust_domain, upstream_bind()
+            )
+            self._originate = _Memo((frozen, trust_domain), [(envoy.CLUSTER, cluster)])
+        assert self._internal.made is not None and self._originate.made is not None
+        return [*self._internal.made, *self._originate.made]
+
+
+def _namespaces(identities: Sequence[Identity]) -> set[str]:
+    return {namespace for namespace, _ in identities}
+
+
+def _destination_modes(
+    store: MeshStore, targets: Sequence[ServiceTarget], identities: Sequence[Identity]
+) -> dict[str, dict[str, str]]:
+    """Local client namespace -> cluster -> the DestinationRule tls.mode that binds it there
+    (DISABLE or ISTIO_MUTUAL; nothing where Istio's auto mTLS decides)."""
+    modes: dict[str, dict[str, str]] = {}
+    for namespace in sorted(_namespaces(identities)):
+        for target in targets:
+            mode = policy.destination_tls_mode(store, namespace, target.service, target.port.port)
+            if mode in ("DISABLE", "ISTIO_MUTUAL"):
+                modes.setdefault(namespace, {})[target.cluster] = mode
+    return modes
 
 
 def _name(type_url: str, resource: Message) -> str:
@@ -501,49 +597,34 @@ def _mtls_speaker(
     return speaks_mtls
 
 
-def _endpoint_resources(
-    store: MeshStore, target: ServiceTarget, speaks_mtls: Callable[[str, int], bool]
-) -> tuple[tuple[str, Message], list[str]]:
-    """One service port's endpoints, and the SPIFFE IDs of the pods behind them."""
+def _sidecar_cluster(store: MeshStore, target: ServiceTarget, identity: Identity) -> envoy.Cluster:
+    """The sidecar form's cluster: its pod presents its identity itself, to the SANs of the
+    service's pods, in the TLS mode a DestinationRule in its namespace may set."""
     trust_domain = store.mesh_config.trust_domain
     sans = sorted(
         tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
         for key in endpoint_pods(store, target)
         if (pod := store.pods.get(key)) is not None
     )
-    return (envoy.ENDPOINT, load_assignment(store, target, speaks_mtls)), sans
-
-
-def _identity_resources(
-    store: MeshStore, target: ServiceTarget, identity: Identity, sans: list[str], sidecar: bool
-) -> Made:
-    """One service port's cluster and (HTTP) route for the local pods of IDENTITY."""
     mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
-    trust_domain = store.mesh_config.trust_domain
-    made: Made = [
-        (
-            envoy.CLUSTER,
-            service_cluster(target, identity, trust_domain, sans, mode, sidecar=sidecar),
-        )
-    ]
-    if is_http(target.protocol):
-        made.append((envoy.ROUTE, outbound_route(target, identity)))
-    return made
+    me = tls.spiffe_id(trust_domain, *identity)
+    return sidecar_service_cluster(target, me, sans, mode)
 
 
-def _outbound_resources(
+def _pod_outbound(local: LocalPod, spiffe: str) -> Made:
+    return [(envoy.LISTENER, pod_outbound_listener(local.pod, local.netns, spiffe))]
+
+
+def _sidecar_outbound(
     local: LocalPod,
     served: Sequence[ServiceTarget],
     closed: Sequence[tuple[str, int]],
     outbound_policy: str,
-    sidecar: bool,
 ) -> Made:
-    """A local pod's outbound listener: a chain per served VIP:port, black holes for closed."""
+    """The sidecar's outbound listener: a chain per served VIP:port, black holes for closed."""
     pod = local.pod
-    netns = "" if sidecar else local.netns  # "": bound where the (sidecar) Envoy runs
     extra = [blackhole_chain(ip, port, pod.key) for ip, port in closed]
-    listener = outbound_listener(pod, netns, served, outbound_policy, local.identity, extra)
-    return [(envoy.LISTENER, listener)]
+    return [(envoy.LISTENER, outbound_listener(pod, served, outbound_policy, extra))]
 
 
 def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[Any, ...]:

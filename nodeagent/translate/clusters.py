@@ -1,15 +1,15 @@
-"""Clusters: a service port's per-identity cluster, the original-destination, passthrough and
-black hole clusters (pure)."""
+"""Clusters: a service port's cluster, the original-destination, passthrough and black hole
+clusters (pure)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from nodeagent.ports import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
-from nodeagent.translate import tls
+from nodeagent.translate import internal, tls
 from nodeagent.translate.envoy import Cluster, message, typed
 from nodeagent.translate.protocol import HTTP2
-from nodeagent.translate.services import BLACKHOLE, Identity, ServiceTarget
+from nodeagent.translate.services import BLACKHOLE, ServiceTarget
 
 CONNECT_TIMEOUT = "10s"  # Istio's default connectTimeout
 
@@ -43,26 +43,49 @@ def _http2_options() -> dict[str, Any]:
     }
 
 
-def service_cluster(
-    target: ServiceTarget,
-    identity: Identity,
-    trust_domain: str,
-    server_sans: list[str],
-    tls_mode: str | None,
-    sidecar: bool = False,
-) -> Cluster:
-    """The cluster pods of IDENTITY use for a service port.
+def service_cluster(target: ServiceTarget) -> Cluster:
+    """A service port's cluster on the node: the same for every local pod (no identity in it).
 
-    TLS_MODE is a DestinationRule's ``tls.mode`` when one applies: DISABLE is plaintext,
-    ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint. SIDECAR: the
-    sidecar form, an Envoy inside the pod whose sockets need no netns or mark.
-    """
-    me = tls.spiffe_id(trust_domain, *identity)
+    Its endpoints are internal addresses of ``originate`` (EDS, see endpoints.py): the endpoint's
+    address and identity, and this service's SNI and name, cross to it as metadata, and the
+    caller's netns and identity as filter state; originate-mtls then picks the caller's
+    certificate and the TLS mode (auto mTLS, or a DestinationRule's) per connection."""
+    fields: dict[str, Any] = {
+        "name": target.cluster,
+        "type": "EDS",
+        "eds_cluster_config": {
+            "eds_config": {"ads": {}, "resource_api_version": "V3"},
+            "service_name": target.cluster,
+        },
+        "connect_timeout": CONNECT_TIMEOUT,
+        "lb_policy": "ROUND_ROBIN",
+        "metadata": {
+            "filter_metadata": {
+                internal.CLUSTER_META: {
+                    "name": target.cluster,
+                    "sni": tls.outbound_sni(target.port.port, target.host),
+                }
+            }
+        },
+        "transport_socket": internal.internal_upstream(
+            (internal.ORIGINAL_DST_META, internal.ENDPOINT_META, tls.TLS_MODE_KEY),
+            (internal.CLUSTER_META,),
+        ),
+    }
+    if target.protocol == HTTP2:
+        fields["typed_extension_protocol_options"] = _http2_options()
+    return message(Cluster, fields)
+
+
+def sidecar_service_cluster(
+    target: ServiceTarget, identity: str, server_sans: list[str], tls_mode: str | None
+) -> Cluster:
+    """The sidecar form's cluster for a service port: the pod's own Envoy presents its pod's
+    IDENTITY itself. TLS_MODE is a DestinationRule's ``tls.mode`` when one applies: DISABLE is
+    plaintext, ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint."""
     sni = tls.outbound_sni(target.port.port, target.host)
     fields: dict[str, Any] = {
-        "name": target.cluster_for(identity),
-        # Stats by service, as Istio's: a stat name must not tell the caller's identity (#12).
-        "alt_stat_name": target.cluster,
+        "name": target.cluster,
         "type": "EDS",
         "eds_cluster_config": {
             "eds_config": {"ads": {}, "resource_api_version": "V3"},
@@ -71,14 +94,12 @@ def service_cluster(
         "connect_timeout": CONNECT_TIMEOUT,
         "lb_policy": "ROUND_ROBIN",
     }
-    if not sidecar:
-        fields["upstream_bind_config"] = upstream_bind()
     if target.protocol == HTTP2:
         fields["typed_extension_protocol_options"] = _http2_options()
     if tls_mode == "ISTIO_MUTUAL":
-        fields["transport_socket"] = tls.upstream_mtls(me, server_sans, sni)
+        fields["transport_socket"] = tls.upstream_mtls(identity, server_sans, sni)
     elif tls_mode != "DISABLE":
-        fields["transport_socket_matches"] = tls.auto_mtls_matches(me, server_sans, sni)
+        fields["transport_socket_matches"] = tls.auto_mtls_matches(identity, server_sans, sni)
     return message(Cluster, fields)
 
 

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from nodeagent.mesh.model import EndpointSlice, Service, ServicePort
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import tls
+from nodeagent.translate import internal, tls
 from nodeagent.translate.envoy import ClusterLoadAssignment, message
 from nodeagent.translate.services import ServiceTarget
 
@@ -40,22 +41,33 @@ def endpoint_pods(store: MeshStore, target: ServiceTarget) -> set[str]:
 
 
 def load_assignment(
-    store: MeshStore, target: ServiceTarget, speaks_mtls: Callable[[str, int], bool]
+    store: MeshStore,
+    target: ServiceTarget,
+    speaks_mtls: Callable[[str, int], bool],
+    via_originate: bool = True,
 ) -> ClusterLoadAssignment:
     """Every ready endpoint of the service, cluster-wide (nothing here is per local pod).
 
     SPEAKS_MTLS(pod, port) tells which endpoints are mesh pods accepting mTLS on that port; they
-    are marked ``tlsMode: istio`` for the clients' auto mTLS.
+    are marked ``tlsMode: istio`` (Istio's auto mTLS) and carry their pod's SPIFFE ID, the only
+    server identity accepted there (secure naming). VIA_ORIGINATE (the node form): each endpoint
+    is an internal address of ``originate`` with its own ``ip:port`` in the metadata the
+    original_dst filter reads there; otherwise (the sidecar form) the endpoint's socket address.
     """
-    addresses: dict[tuple[str, int], bool] = {}
+    trust_domain = store.mesh_config.trust_domain
+    found: dict[tuple[str, int], str | None] = {}  # (ip, port) -> SPIFFE ID if it speaks mTLS
     for slice_ in ip_slices(store, target.service):
         port = _slice_port(slice_, target.port)
         if port is None:
             continue
         for endpoint in slice_.endpoints:
-            if endpoint.ready:
-                mtls = bool(endpoint.pod) and speaks_mtls(endpoint.pod, port)
-                addresses.update({(address, port): mtls for address in endpoint.addresses})
+            if not endpoint.ready:
+                continue
+            pod = store.pods.get(endpoint.pod) if endpoint.pod else None
+            spiffe = None
+            if pod is not None and speaks_mtls(endpoint.pod, port):
+                spiffe = tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
+            found.update({(address, port): spiffe for address in endpoint.addresses})
     return message(
         ClusterLoadAssignment,
         {
@@ -63,24 +75,33 @@ def load_assignment(
             "endpoints": [
                 {
                     "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": ip, "port_value": port}}
-                            },
-                            "health_status": "HEALTHY",
-                            "metadata": {
-                                "filter_metadata": {
-                                    tls.TLS_MODE_KEY: {
-                                        "tlsMode": "istio" if addresses[(ip, port)] else "disabled"
-                                    }
-                                }
-                            },
-                        }
-                        for ip, port in sorted(addresses)
+                        _lb_endpoint(ip, port, found[(ip, port)], via_originate)
+                        for ip, port in sorted(found)
                     ]
                 }
             ]
-            if addresses
+            if found
             else [],
         },
     )
+
+
+def _lb_endpoint(ip: str, port: int, spiffe: str | None, via_originate: bool) -> dict[str, Any]:
+    metadata: dict[str, Any] = {tls.TLS_MODE_KEY: {"tlsMode": "istio" if spiffe else "disabled"}}
+    address: dict[str, Any] = {"socket_address": {"address": ip, "port_value": port}}
+    if via_originate:
+        where = f"{_host(ip)}:{port}"
+        address = internal.internal_address(internal.ORIGINATE, where)
+        metadata[internal.ORIGINAL_DST_META] = {"local": where}
+        if spiffe:
+            metadata[internal.ENDPOINT_META] = {"sans": spiffe}
+    return {
+        "endpoint": {"address": address},
+        "health_status": "HEALTHY",
+        "metadata": {"filter_metadata": metadata},
+    }
+
+
+def _host(ip: str) -> str:
+    """IPv6 addresses in brackets, as an "address:port" is written."""
+    return f"[{ip}]" if ":" in ip else ip

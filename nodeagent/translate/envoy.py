@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 # Registers every extension type this package writes into typed_config.
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
@@ -28,8 +28,14 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa:
 from envoy.extensions.local_address_selectors.filter_state_override.v3 import (  # noqa: F401
     config_pb2,
 )
+from envoy.extensions.matching.common_inputs.transport_socket.v3 import (  # noqa: F401
+    transport_socket_inputs_pb2,
+)
 from envoy.extensions.request_id.uuid.v3 import uuid_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.internal_upstream.v3 import (  # noqa: F401
+    internal_upstream_pb2,
+)
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
@@ -37,6 +43,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 Listener = listener_pb2.Listener
+FilterChain = listener_components_pb2.FilterChain
 Cluster = cluster_pb2.Cluster
 ClusterLoadAssignment = endpoint_pb2.ClusterLoadAssignment
 RouteConfiguration = route_pb2.RouteConfiguration

@@ -1,8 +1,11 @@
-"""The two listeners of each local captured pod, bound inside the pod's network namespace (pure).
+"""The two listeners of each local captured pod, bound inside the pod's network namespace, and
+the shared ``outbound-internal`` listener (pure).
 
-- ``virtualOutbound``: 127.0.0.1:15001, where in-pod capture redirects the pod's outbound TCP. The
+- ``virtualOutbound``: 127.0.0.1:15001, where in-pod capture redirects the pod's outbound TCP. It
+  stamps who calls and hands the connection to ``outbound-internal`` (internal.py), where the
   original destination (VIP:port) selects a filter chain per service port; anything else goes to
-  the passthrough cluster (ALLOW_ANY) or the black hole (REGISTRY_ONLY).
+  the passthrough cluster (ALLOW_ANY) or the black hole (REGISTRY_ONLY). In the sidecar form the
+  pod's own Envoy holds those chains in this listener itself.
 - ``virtualInbound``: 0.0.0.0:15006, where capture redirects inbound TCP; delivers to the app at
   the original destination (the pod's IP and port), from inside the pod.
 
@@ -22,15 +25,14 @@ from typing import Any
 
 from nodeagent.mesh.model import REGISTRY_ONLY, Pod
 from nodeagent.ports import INBOUND_PORT, OUTBOUND_PORT
-from nodeagent.translate import tls
-from nodeagent.translate.envoy import Listener, message, typed
+from nodeagent.translate import internal, tls
+from nodeagent.translate.envoy import FilterChain, Listener, message, typed
 from nodeagent.translate.filters import http_connection_manager, stamp_netns, tcp_proxy
 from nodeagent.translate.protocol import is_http
 from nodeagent.translate.services import (
     BLACKHOLE,
     INBOUND_PASSTHROUGH,
     PASSTHROUGH,
-    Identity,
     ServiceTarget,
     inbound_cluster,
 )
@@ -95,23 +97,21 @@ def _stamped(netns: str, *filters: dict[str, Any]) -> list[dict[str, Any]]:
     return [stamp_netns(netns), *filters] if netns else list(filters)
 
 
-def outbound_chain(
-    target: ServiceTarget, identity: Identity, netns: str, who: str
-) -> dict[str, Any]:
-    """The filter chain of one service port (its VIP:port) in a pod of IDENTITY."""
-    name = target.cluster_for(identity)
-    # Stats under the service's name: no identity in a stat name (#12).
+def outbound_chain(target: ServiceTarget, who: str) -> dict[str, Any]:
+    """The filter chain of one service port (its VIP:port). WHO names the calling pod in access
+    logs (a formatter in the shared outbound-internal listener)."""
+    name = target.cluster
     if is_http(target.protocol):
-        last = http_connection_manager(target.cluster, name, "outbound", who)
+        last = http_connection_manager(name, name, "outbound", who)
     else:
-        last = tcp_proxy(target.cluster, name, "outbound", who)
+        last = tcp_proxy(name, name, "outbound", who)
     return {
         "name": name,
         "filter_chain_match": {
             "prefix_ranges": [host_prefix(target.service.cluster_ip)],
             "destination_port": target.port.port,
         },
-        "filters": _stamped(netns, last),
+        "filters": [last],
     }
 
 
@@ -124,31 +124,74 @@ def blackhole_chain(ip: str, port: int, who: str) -> dict[str, Any]:
     }
 
 
-def outbound_listener(
-    pod: Pod,
-    netns: str,
-    targets: Sequence[ServiceTarget],
-    outbound_policy: str,
-    identity: Identity,
-    extra: Sequence[dict[str, Any]] = (),
-) -> Listener:
-    """EXTRA: more filter chains (black-holed VIP:ports)."""
-    who = pod.key
-    chains = [outbound_chain(target, identity, netns, who) for target in targets if has_vip(target)]
-    chains.extend(extra)
-    chains.append(_loop_guard(OUTBOUND_BLACKHOLE, OUTBOUND_PORT, "outbound", who))
+def _fallback(outbound_policy: str, who: str) -> dict[str, Any]:
+    """Destinations no chain matches: passed through (ALLOW_ANY) or refused (REGISTRY_ONLY)."""
     fallback = BLACKHOLE if outbound_policy == REGISTRY_ONLY else PASSTHROUGH
+    return {"name": fallback, "filters": [tcp_proxy(fallback, fallback, "outbound", who)]}
+
+
+def pod_outbound_listener(pod: Pod, netns: str, spiffe: str) -> Listener:
+    """A pod's outbound listener on the node: the same few filters whatever the mesh holds. It
+    stamps the caller (netns, SPIFFE ID, name) and hands the connection to outbound-internal."""
+    who = pod.key
     return message(
         Listener,
         {
             "name": outbound_name(pod),
             "address": _address("127.0.0.1", OUTBOUND_PORT, netns),
             "listener_filters": [ORIGINAL_DST_FILTER],
-            "filter_chains": chains,
+            "filter_chains": [_loop_guard(OUTBOUND_BLACKHOLE, OUTBOUND_PORT, "outbound", who)],
             "default_filter_chain": {
-                "name": fallback,
-                "filters": _stamped(netns, tcp_proxy(fallback, fallback, "outbound", who)),
+                "name": internal.OUTBOUND_INTERNAL,
+                "filters": [
+                    internal.stamp_caller(netns, spiffe, who),
+                    tcp_proxy(
+                        internal.OUTBOUND_INTERNAL, internal.OUTBOUND_INTERNAL, "outbound", who
+                    ),
+                ],
             },
+            "traffic_direction": "OUTBOUND",
+        },
+    )
+
+
+def outbound_internal_listener(chains: Sequence[FilterChain], outbound_policy: str) -> Listener:
+    """The one listener holding every service port's chain (CHAINS, made by ``outbound_chain``
+    with the calling pod's name from filter state), reached only from pods' outbound listeners."""
+    listener = message(
+        Listener,
+        {
+            "name": internal.OUTBOUND_INTERNAL,
+            "internal_listener": {},
+            "listener_filters": [ORIGINAL_DST_FILTER],
+            "default_filter_chain": _fallback(outbound_policy, internal.POD_FORMAT),
+            "traffic_direction": "OUTBOUND",
+        },
+    )
+    listener.filter_chains.extend(chains)
+    return listener
+
+
+def outbound_listener(
+    pod: Pod,
+    targets: Sequence[ServiceTarget],
+    outbound_policy: str,
+    extra: Sequence[dict[str, Any]] = (),
+) -> Listener:
+    """The sidecar form's outbound listener: a chain per service port, in the pod's own Envoy.
+    EXTRA: more filter chains (black-holed VIP:ports)."""
+    who = pod.key
+    chains = [outbound_chain(target, who) for target in targets if has_vip(target)]
+    chains.extend(extra)
+    chains.append(_loop_guard(OUTBOUND_BLACKHOLE, OUTBOUND_PORT, "outbound", who))
+    return message(
+        Listener,
+        {
+            "name": outbound_name(pod),
+            "address": _address("127.0.0.1", OUTBOUND_PORT, ""),
+            "listener_filters": [ORIGINAL_DST_FILTER],
+            "filter_chains": chains,
+            "default_filter_chain": _fallback(outbound_policy, who),
             "traffic_direction": "OUTBOUND",
         },
     )

@@ -1,12 +1,12 @@
-"""Routes: a service port's outbound route table per identity, and a local port's inbound one
-(pure). VirtualService routing will build on these."""
+"""Routes: a service port's outbound route table, and a local port's inbound one (pure).
+VirtualService routing will build on these."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from nodeagent.translate.envoy import RouteConfiguration, message, typed
-from nodeagent.translate.services import Identity, ServiceTarget, inbound_cluster
+from nodeagent.translate.services import ServiceTarget, inbound_cluster
 
 
 def default_retry_policy() -> dict[str, Any]:
@@ -28,9 +28,9 @@ def default_retry_policy() -> dict[str, Any]:
     }
 
 
-def outbound_route(target: ServiceTarget, identity: Identity) -> RouteConfiguration:
+def outbound_route(target: ServiceTarget) -> RouteConfiguration:
     """The service port's routes: every request to its cluster (VirtualService routing later)."""
-    cluster = target.cluster_for(identity)
+    cluster = target.cluster
     return message(
         RouteConfiguration,
         {

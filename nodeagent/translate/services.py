@@ -1,8 +1,8 @@
 """Service ports as the node's Envoy sees them: targets of outbound filter chains (pure).
 
-Names follow Istio: ``outbound|<port>||<host>`` names a service port's endpoints (EDS); its
-clusters and HTTP routes add the source identity, ``outbound|<port>||<host>~<ns>~<sa>``, because
-mTLS presents the calling pod's certificate. ``PassthroughCluster`` / ``BlackHoleCluster`` serve
+Names follow Istio: ``outbound|<port>||<host>`` names a service port's cluster, its endpoints
+(EDS) and its HTTP routes; no identity is in them (the caller's certificate is chosen per
+connection, see internal.py). ``PassthroughCluster`` / ``BlackHoleCluster`` serve
 destinations outside the registry, ``inbound|<port>||`` delivers to a local app.
 """
 
@@ -34,11 +34,8 @@ class ServiceTarget:
 
     @property
     def cluster(self) -> str:
-        """The service port's endpoints (EDS name), shared by every identity's cluster."""
+        """The service port's cluster, its endpoints (EDS name) and its routes."""
         return outbound_cluster(self.port.port, self.host)
-
-    def cluster_for(self, identity: Identity) -> str:
-        return f"{self.cluster}~{identity[0]}~{identity[1]}"
 
 
 def outbound_cluster(port: int, host: str, subset: str = "") -> str:

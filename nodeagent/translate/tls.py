@@ -30,8 +30,10 @@ def _sds(name: str) -> dict[str, Any]:
     return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
 
 
-def _common(identity: str, peer_sans: Iterable[str] = ()) -> dict[str, Any]:
+def _common(identity: str, peer_sans: Iterable[str] = (), san_prefix: str = "") -> dict[str, Any]:
     sans = [{"san_type": "URI", "matcher": {"exact": san}} for san in sorted(set(peer_sans))]
+    if san_prefix:
+        sans.append({"san_type": "URI", "matcher": {"prefix": san_prefix}})
     return {
         "tls_certificate_sds_secret_configs": [_sds(identity)],
         "combined_validation_context": {
@@ -42,16 +44,36 @@ def _common(identity: str, peer_sans: Iterable[str] = ()) -> dict[str, Any]:
     }
 
 
-def upstream_mtls(identity: str, server_sans: Iterable[str], sni: str) -> dict[str, Any]:
-    """Client side: present IDENTITY, accept only servers from the root with SERVER_SANS."""
-    common = _common(identity, server_sans)
+def upstream_mtls(
+    identity: str, server_sans: Iterable[str], sni: str, san_prefix: str = ""
+) -> dict[str, Any]:
+    """Client side: present IDENTITY, accept only servers from the root with SERVER_SANS (or,
+    with SAN_PREFIX, any SAN under it: the exact one then comes per connection from the filter
+    state ``envoy.network.upstream_subject_alt_names``, as SNI from
+    ``envoy.network.upstream_server_name``)."""
+    common = _common(identity, server_sans, san_prefix)
     common["alpn_protocols"] = ISTIO_ALPN
+    context: dict[str, Any] = {"common_tls_context": common}
+    if sni:
+        context["sni"] = sni
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", **context
+        ),
+    }
+
+
+def no_identity() -> dict[str, Any]:
+    """Client side without a certificate: a mesh server (which requires one) refuses it."""
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": typed(
             "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            common_tls_context=common,
-            sni=sni,
+            common_tls_context={
+                "validation_context_sds_secret_config": _sds(ROOTCA),
+                "alpn_protocols": ISTIO_ALPN,
+            },
         ),
     }
 

@@ -183,7 +183,8 @@ def test_a_remote_endpoint_keeps_its_identity_and_strict_holds_across_nodes(tb: 
     (https://istio.io/latest/docs/tasks/security/authentication/authn-policy/#auto-mutual-tls),
     secure naming (https://istio.io/latest/docs/concepts/security/#secure-naming). On main the
     source watched only its node's pods: plaintext cross-node, an empty SAN list, 000 under
-    STRICT."""
+    STRICT. The endpoint reaches Envoy's originate listener with its SPIFFE ID, which originate
+    verifies per connection (nodeagent/translate/internal.py)."""
     assert tb.topology.source == "kubernetes"
     caller, callee = tb.state.pods["foo/sleep"], tb.state.pods["foo/httpbin"]
     assert caller.node != callee.node
@@ -195,17 +196,16 @@ def test_a_remote_endpoint_keeps_its_identity_and_strict_holds_across_nodes(tb: 
         if c.get("endpoint_config", {}).get("cluster_name") == f"outbound|8000||{host}"
     )
     endpoints = {
-        lb["endpoint"]["address"]["socket_address"]["address"]: _values(lb, "tlsMode")
+        lb["endpoint"]["address"]["envoy_internal_address"]["endpoint_id"]: (
+            _values(lb, "tlsMode"),
+            _values(lb, "sans"),
+        )
         for group in assignment["endpoints"]
         for lb in group["lb_endpoints"]
     }
-    assert endpoints == {callee.ip: ["istio"]}, assignment
-    clusters = envoy_config_dump(tb, caller.node, "resource=dynamic_active_clusters")
-    cluster = next(
-        c["cluster"] for c in clusters if c["cluster"]["name"] == f"outbound|8000||{host}~foo~sleep"
-    )
-    sans = {m["exact"] for m in _values(cluster, "matcher") if "exact" in m}
-    assert sans == {"spiffe://cluster.local/ns/foo/sa/httpbin"}, cluster
+    # The endpoint's own identity is the only one its server may present (secure naming).
+    callee_id = "spiffe://cluster.local/ns/foo/sa/httpbin"
+    assert endpoints == {f"{callee.ip}:80": (["istio"], [callee_id])}, assignment
     try:
         apply_policy(tb, FOO_STRICT)
         wait_for(lambda: code(tb, "legacy", "foo") == "000", 15, "legacy refused", step=0.5)

@@ -467,14 +467,18 @@ def test_an_endpoint_on_another_node_gets_mtls_and_its_pods_identity(tmp_path: P
             out = translate(run.store, [caller])
             host = "web.shop.svc.cluster.local"
             cla = json_format.MessageToDict(out[envoy.ENDPOINT][f"outbound|80||{host}"])
-            modes = {
-                lb["endpoint"]["address"]["socketAddress"]["address"]: _find(lb, "tlsMode")
+            endpoints = {
+                lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]: (
+                    _find(lb, "tlsMode"),
+                    _find(lb, "sans"),
+                )
                 for lb in cla["endpoints"][0]["lbEndpoints"]
             }
-            assert modes == {"10.244.1.7": ["istio"], "10.244.2.9": ["istio"]}
-            cluster = json_format.MessageToDict(out[envoy.CLUSTER][f"outbound|80||{host}~shop~web"])
-            sans = {m["exact"] for m in _find(cluster, "matcher") if "exact" in m}
-            assert sans == {"spiffe://cluster.local/ns/shop/sa/web"}
+            web = ["spiffe://cluster.local/ns/shop/sa/web"]
+            assert endpoints == {
+                "10.244.1.7:8080": (["istio"], web),
+                "10.244.2.9:8080": (["istio"], web),
+            }
 
     _run(scenario())
 

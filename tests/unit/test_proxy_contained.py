@@ -92,6 +92,9 @@ def synced(proxy: NodeProxy, timeout: float, pod: str) -> str:
     return asyncio.run(wait())
 
 
+SHARED_LISTENERS = {"outbound-internal", "originate"}  # the node's, no pod's
+
+
 def resources(proxy: NodeProxy, type_url: str) -> dict[str, object]:
     snapshot = proxy.cache.get(proxy.settings.node_id)
     assert snapshot is not None
@@ -106,7 +109,7 @@ def test_a_captured_pod_missing_from_the_source_gets_no_identity(tmp_path: Path)
     push_issued(proxy)
     secrets = set(resources(proxy, e.SECRET))
     assert secrets == {"spiffe://cluster.local/ns/shop/sa/web", "ROOTCA"}
-    listeners = set(resources(proxy, e.LISTENER))
+    listeners = set(resources(proxy, e.LISTENER)) - SHARED_LISTENERS
     assert listeners == {"virtualOutbound/shop/web-1", "virtualInbound/shop/web-1"}
     table = proxy.status_table()
     assert table["identity_unknown"] == ["shop/ghost"]
@@ -132,7 +135,7 @@ def test_a_service_that_cannot_be_translated_is_left_out_alone(tmp_path: Path) -
     proxy.push()
     assert proxy.status_table()["error"] == ""
     clusters = resources(proxy, e.CLUSTER)
-    assert f"outbound|80||{WEB_HOST}~shop~web" in clusters
+    assert f"outbound|80||{WEB_HOST}" in clusters
     assert not any("broken" in name for name in clusters)
     assert "virtualOutbound/shop/web-1" in resources(proxy, e.LISTENER)
     (rejected,) = proxy.status_table()["rejected"]  # type: ignore[misc]
@@ -156,18 +159,18 @@ def test_a_service_envoy_rejects_is_left_out_and_its_vip_refused(tmp_path: Path)
     proxy, metrics = make_proxy(tmp_path, store, "web-1", "web-2")
     store.put_pod(Pod(NS, "web-2", service_account="web", labels={"app": "web"}))
     proxy.push()
-    chain = f"outbound|5432||{DB_HOST}~shop~web"
+    chain = f"outbound|5432||{DB_HOST}"
     message = (
-        "Error adding/updating listener(s) virtualOutbound/shop/web-1: error adding listener"
-        f" '127.0.0.1:15001': filter chain '{chain}' has the same matching rules defined as"
-        " 'x'. duplicate matcher is: {}\nvirtualOutbound/shop/web-2: (the same)\n"
+        "Error adding/updating listener(s) outbound-internal: error adding listener"
+        f" 'envoy://outbound-internal': filter chain '{chain}' has the same matching rules"
+        " defined as 'x'. duplicate matcher is: {}\n"
     )
     proxy.xds.nacked(proxy.settings.node_id, nack_of(proxy, types.LISTENER, message))
     assert proxy.changed.is_set()  # the push loop pushes the rest again
     proxy.push()
     assert chain not in resources(proxy, e.CLUSTER)
-    assert f"outbound|80||{WEB_HOST}~shop~web" in resources(proxy, e.CLUSTER)
-    listener = json_format.MessageToDict(resources(proxy, e.LISTENER)["virtualOutbound/shop/web-1"])  # type: ignore[arg-type]
+    assert f"outbound|80||{WEB_HOST}" in resources(proxy, e.CLUSTER)
+    listener = json_format.MessageToDict(resources(proxy, e.LISTENER)["outbound-internal"])  # type: ignore[arg-type]
     by_name = {c["name"]: c for c in listener["filterChains"]}
     assert chain not in by_name
     closed = by_name["BlackHoleCluster|10.96.0.20:5432"]
@@ -204,7 +207,7 @@ def test_a_pod_whose_listener_envoy_rejects_fails_alone(tmp_path: Path) -> None:
     )
     proxy.xds.nacked(proxy.settings.node_id, nack_of(proxy, types.LISTENER, message))
     proxy.push()
-    assert set(resources(proxy, e.LISTENER)) == {
+    assert set(resources(proxy, e.LISTENER)) - SHARED_LISTENERS == {
         "virtualOutbound/shop/web-1",
         "virtualInbound/shop/web-1",
     }
@@ -238,10 +241,10 @@ def test_fqdn_endpoint_slices_are_not_endpoints() -> None:
     )
     cla = json_format.MessageToDict(translate(store, [])[e.ENDPOINT][f"outbound|5432||{DB_HOST}"])
     addresses = [
-        lb["endpoint"]["address"]["socketAddress"]["address"]
+        lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]
         for lb in cla["endpoints"][0]["lbEndpoints"]
     ]
-    assert addresses == ["10.244.1.9"]
+    assert addresses == ["10.244.1.9:5432"]
 
 
 def test_of_two_clashing_services_the_one_envoy_did_not_hold_is_left_out(tmp_path: Path) -> None:
@@ -253,15 +256,15 @@ def test_of_two_clashing_services_the_one_envoy_did_not_hold_is_left_out(tmp_pat
     store.put_service(Service(NS, "clash", "10.96.0.20", (ServicePort(5432, "tcp"),), {"a": "c"}))
     proxy.push()
     message = (
-        "Error adding/updating listener(s) virtualOutbound/shop/web-1: error adding listener"
-        f" '127.0.0.1:15001': filter chain 'outbound|5432||{DB_HOST}~shop~web' has the same"
-        f" matching rules defined as 'outbound|5432||clash.shop.svc.cluster.local~shop~web'."
+        "Error adding/updating listener(s) outbound-internal: error adding listener"
+        f" 'envoy://outbound-internal': filter chain 'outbound|5432||{DB_HOST}' has the same"
+        " matching rules defined as 'outbound|5432||clash.shop.svc.cluster.local'."
     )
     proxy.xds.nacked(proxy.settings.node_id, nack_of(proxy, types.LISTENER, message))
     proxy.push()
     rejected = proxy.status_table()["rejected"]
     assert [(r["kind"], r["name"]) for r in rejected] == [("Service", "clash")]  # type: ignore[union-attr]
-    assert f"outbound|5432||{DB_HOST}~shop~web" in resources(proxy, e.CLUSTER)
+    assert f"outbound|5432||{DB_HOST}" in resources(proxy, e.CLUSTER)
 
 
 def test_a_nack_naming_nothing_is_traced_by_re_pushing_halves(tmp_path: Path) -> None:
@@ -299,6 +302,49 @@ def test_a_nack_naming_nothing_is_traced_by_re_pushing_halves(tmp_path: Path) ->
     proxy.push()
     names = set(resources(proxy, e.ENDPOINT))
     assert bad not in names and f"outbound|80||s3.{NS}.svc.cluster.local" in names
+
+
+def test_a_nack_of_the_shared_service_listener_naming_nothing_finds_the_service(
+    tmp_path: Path,
+) -> None:
+    """outbound-internal holds every service's chain: when Envoy rejects it without naming a
+    chain, every service in it is a suspect, and halving finds the one (the others keep
+    serving, the culprit's VIP:port is black-holed)."""
+    store = mesh_store()
+    for i in range(6):
+        store.put_service(
+            Service(NS, f"s{i}", f"10.96.1.{i}", (ServicePort(80, "tcp"),), {"app": f"s{i}"})
+        )
+    proxy, _ = make_proxy(tmp_path, store, "web-1")
+    bad = f"outbound|80||s2.{NS}.svc.cluster.local"
+    node = proxy.settings.node_id
+    message = "Error adding/updating listener(s) outbound-internal: something is wrong"
+
+    def verdict() -> None:
+        version = proxy.push()
+        snapshot = proxy.cache.get(node)
+        assert snapshot is not None
+        listener = json_format.MessageToDict(snapshot.of(types.LISTENER)["outbound-internal"])
+        names = tuple(snapshot.of(types.LISTENER))
+        if any(c["name"] == bad for c in listener["filterChains"]):
+            nack = Nack(types.LISTENER, message, names, version, "", ("outbound-internal",))
+            proxy.xds.nacked(node, nack)
+        else:
+            proxy.xds.ack_received(node, types.LISTENER, version)
+
+    verdict()
+    for _ in range(8):  # each round: the trial push, then Envoy's verdict on it
+        if not proxy.changed.is_set():
+            break
+        proxy.changed.clear()
+        verdict()
+    rejected = proxy.status_table()["rejected"]
+    assert [(r["kind"], r["name"]) for r in rejected] == [("Service", "s2")]  # type: ignore[union-attr]
+    proxy.push()
+    listener = json_format.MessageToDict(resources(proxy, e.LISTENER)["outbound-internal"])  # type: ignore[arg-type]
+    chains = {c["name"] for c in listener["filterChains"]}
+    assert bad not in chains and f"outbound|80||s3.{NS}.svc.cluster.local" in chains
+    assert "BlackHoleCluster|10.96.1.2:80" in chains
 
 
 def test_a_same_named_pod_of_another_node_or_uid_lends_no_identity(tmp_path: Path) -> None:
@@ -370,7 +416,11 @@ def test_a_missing_certificate_never_turns_mesh_traffic_into_plaintext(tmp_path:
     assert "spiffe://cluster.local/ns/shop/sa/web" in resources(proxy, e.SECRET)
     assert {t: resources(proxy, t) for t in (e.LISTENER, e.CLUSTER)} == without
     cluster = json_format.MessageToDict(
-        without[e.CLUSTER][f"outbound|80||{WEB_HOST}~shop~web"], preserving_proto_field_name=True
+        without[e.CLUSTER]["originate-mtls"], preserving_proto_field_name=True
     )
-    mesh = [m for m in cluster["transport_socket_matches"] if m["match"] == {"tlsMode": "istio"}]
-    assert mesh[0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    (mesh,) = [
+        m
+        for m in cluster["transport_socket_matches"]
+        if m["name"] == "spiffe://cluster.local/ns/shop/sa/web"
+    ]
+    assert mesh["transport_socket"]["name"] == "envoy.transport_sockets.tls"

@@ -128,27 +128,44 @@ def secret(name: str) -> Any:
     return secret_pb2.Secret(name=name)
 
 
-def test_sidecar_form_is_the_node_form_without_netns_or_mark() -> None:
+def test_sidecar_form_is_the_node_forms_services_in_the_pods_own_envoy() -> None:
+    """The sidecar holds what the node form shares through its internal listeners: the same
+    service chains, clusters, routes and endpoints, in the pod's own Envoy, presenting the
+    pod's identity itself (Istio's sidecar), with no netns, no filter state, no mark."""
     s = store()
     pod = local("web-1", {"app": "web"})
     node = translate(s, [pod], [secret(ROOTCA)])
     side = translate(s, [pod], [secret(ROOTCA)], sidecar=True)
-    # The same resources by name: clusters, routes, endpoints, listeners, secrets.
-    assert {t: set(r) for t, r in side.items()} == {t: set(r) for t, r in node.items()}
-    assert side[e.ENDPOINT] == node[e.ENDPOINT] and side[e.ROUTE] == node[e.ROUTE]
+    assert side[e.ROUTE] == node[e.ROUTE] and set(side[e.ENDPOINT]) == set(node[e.ENDPOINT])
+    internals = {"outbound-internal", "originate", "originate-mtls"}
+    assert set(side[e.CLUSTER]) == set(node[e.CLUSTER]) - internals
+    assert set(side[e.LISTENER]) == set(node[e.LISTENER]) - internals
     text = json.dumps({t: [as_json(m) for m in r.values()] for t, r in side.items()})
     assert "network_namespace_filepath" not in text and "networkNamespaceFilepath" not in text
     assert "set_filter_state" not in text and "upstream_bind_override" not in text
+    assert "envoyInternalAddress" not in text and "internal_upstream" not in text
     assert '"intValue": "1337"' not in text  # no SO_MARK: a sidecar runs without NET_ADMIN
     outbound = as_json(side[e.LISTENER]["virtualOutbound/shop/web-1"])
     assert outbound["address"] == {"socketAddress": {"address": "127.0.0.1", "portValue": 15001}}
+    shared = as_json(node[e.LISTENER]["outbound-internal"])
+    matches = {c["name"]: c["filterChainMatch"] for c in shared["filterChains"]}
+    assert {c["name"]: c["filterChainMatch"] for c in outbound["filterChains"]} == {
+        **matches,
+        "virtualOutbound-blackhole": {"destinationPort": 15001},
+    }
     inbound = as_json(side[e.LISTENER]["virtualInbound/shop/web-1"])
     assert inbound["address"] == {"socketAddress": {"address": "0.0.0.0", "portValue": 15006}}
-    web = as_json(side[e.CLUSTER]["outbound|80||web.shop.svc.cluster.local~shop~default"])
-    node_web = as_json(node[e.CLUSTER]["outbound|80||web.shop.svc.cluster.local~shop~default"])
-    assert "upstreamBindConfig" not in web
-    node_web.pop("upstreamBindConfig")
-    assert web == node_web  # same TLS (auto mTLS with this pod's identity), LB, EDS
+    endpoints = as_json(side[e.ENDPOINT]["outbound|80||web.shop.svc.cluster.local"])
+    assert endpoints["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"] == {
+        "socketAddress": {"address": "10.244.1.5", "portValue": 8080}
+    }
+    web = as_json(side[e.CLUSTER]["outbound|80||web.shop.svc.cluster.local"])
+    mtls, plain = web["transportSocketMatches"]  # auto mTLS with this pod's identity
+    assert mtls["match"] == {"tlsMode": "istio"} and plain["match"] == {}
+    common = mtls["transportSocket"]["typedConfig"]["commonTlsContext"]
+    assert common["tlsCertificateSdsSecretConfigs"][0]["name"] == spiffe_id(
+        "cluster.local", "shop", "default"
+    )
     for name in ("InboundPassthroughCluster", "inbound|8080||"):
         bind = as_json(side[e.CLUSTER][name])["upstreamBindConfig"]
         assert bind == {"sourceAddress": {"address": "127.0.0.6", "portValue": 0}}
@@ -162,7 +179,11 @@ def test_sidecar_form_holds_one_pod_and_only_its_identity() -> None:
     secrets.append(secret(spiffe_id("cluster.local", "shop", "db")))
     side = translate(s, [mine], secrets, sidecar=True)
     assert set(side[e.SECRET]) == {ROOTCA, "spiffe://cluster.local/ns/shop/sa/web"}
-    assert all(name.endswith("~shop~web") for name in side[e.CLUSTER] if "|80|" in name)
+    web = as_json(side[e.CLUSTER]["outbound|80||web.shop.svc.cluster.local"])
+    common = web["transportSocketMatches"][0]["transportSocket"]["typedConfig"]["commonTlsContext"]
+    assert common["tlsCertificateSdsSecretConfigs"][0]["name"] == spiffe_id(
+        "cluster.local", "shop", "web"
+    )
     assert len(translate(s, [mine, other], secrets)[e.SECRET]) == 3  # node form: every one
     with pytest.raises(ValueError, match="one pod's config"):
         translate(s, [mine, other], secrets, sidecar=True)

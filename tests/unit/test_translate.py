@@ -66,12 +66,40 @@ def local(name: str, labels: dict[str, str] | None = None, sa: str = "default") 
     )
 
 
-ME = "~shop~default"  # clusters and routes of the local identity shop/default
+ME = "spiffe://cluster.local/ns/shop/sa/default"  # the identity of local("...") pods
+NETNS_KEY = "envoy.network.upstream_bind_override.network_namespace"
 
 
 def as_json(message: Any) -> dict[str, Any]:
     result: dict[str, Any] = json_format.MessageToDict(message)
     return result
+
+
+def stamps(listener: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """object key -> set_filter_state entry, over every chain of LISTENER."""
+    chains = [*listener.get("filterChains", []), listener.get("defaultFilterChain", {})]
+    return {
+        value["objectKey"]: value
+        for chain in chains
+        for f in chain.get("filters", [])
+        if f["name"] == "envoy.filters.network.set_filter_state"
+        for value in f["typedConfig"]["onNewConnection"]
+    }
+
+
+def chains_by_vip(listener: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {
+        (
+            c["filterChainMatch"]["prefixRanges"][0]["addressPrefix"],
+            c["filterChainMatch"]["destinationPort"],
+        ): c
+        for c in listener["filterChains"]
+        if c["filterChainMatch"].get("prefixRanges")
+    }
+
+
+def originate(out: dict[str, Any]) -> dict[str, Any]:
+    return as_json(out[e.CLUSTER]["originate-mtls"])
 
 
 def test_istio_protocol_selection() -> None:
@@ -84,55 +112,99 @@ def test_istio_protocol_selection() -> None:
     assert port_protocol("", app_protocol="kubernetes.io/h2c") == HTTP2
 
 
-def test_clusters_follow_istio_names_and_carry_mark_and_netns_selector() -> None:
-    out = translate(store(), [local("a")])
+def test_service_clusters_follow_istio_names_and_name_no_identity() -> None:
+    """One cluster per service port, whatever the local pods' identities (O(1) per pod): its
+    endpoints are reached through the originate internal listener, which gets the endpoint's
+    address and identity and the service's SNI as metadata (docs/o1-config.md)."""
+    out = translate(store(), [local("a"), local("b", sa="other")])
     clusters = out[e.CLUSTER]
-    assert f"outbound|80||{HOST}{ME}" in clusters and f"outbound|5432||{HOST}{ME}" in clusters
-    web = as_json(clusters[f"outbound|80||{HOST}{ME}"])
+    outbound = {n for n in clusters if n.startswith("outbound|")}
+    assert outbound == {
+        f"outbound|80||{HOST}",
+        f"outbound|5432||{HOST}",
+        "outbound|9000||grpc.shop.svc.cluster.local",
+        "outbound|80||headless.shop.svc.cluster.local",
+    }
+    web = as_json(clusters[f"outbound|80||{HOST}"])
     assert web["edsClusterConfig"]["serviceName"] == f"outbound|80||{HOST}"
     assert web["type"] == "EDS" and web.get("lbPolicy", "ROUND_ROBIN") == "ROUND_ROBIN"
-    bind = web["upstreamBindConfig"]
+    assert web["metadata"]["filterMetadata"]["nodeagent.service"] == {
+        "name": f"outbound|80||{HOST}",
+        "sni": f"outbound_.80_._.{HOST}",
+    }
+    socket = web["transportSocket"]
+    assert socket["name"] == "envoy.transport_sockets.internal_upstream"
+    passed = {
+        (next(iter(m["kind"])), m["name"]) for m in socket["typedConfig"]["passthroughMetadata"]
+    }
+    assert passed == {
+        ("host", "envoy.filters.listener.original_dst"),
+        ("host", "nodeagent"),
+        ("host", "envoy.transport_socket_match"),
+        ("cluster", "nodeagent.service"),
+    }
+    grpc = as_json(clusters["outbound|9000||grpc.shop.svc.cluster.local"])
+    assert "typedExtensionProtocolOptions" in grpc  # HTTP/2 upstream
+    # The real sockets are made by originate-mtls: marked, in the caller's netns.
+    bind = originate(out)["upstreamBindConfig"]
     assert bind["socketOptions"] == [{"level": "1", "name": "36", "intValue": "1337"}]
     assert bind["localAddressSelector"]["name"].endswith("filter_state_override")
-    grpc = as_json(clusters[f"outbound|9000||grpc.shop.svc.cluster.local{ME}"])
-    assert "typedExtensionProtocolOptions" in grpc  # HTTP/2 upstream
     assert {"PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster"} <= set(clusters)
+    assert "outbound-internal" in clusters
 
 
 def test_endpoints_are_every_ready_endpoint_cluster_wide() -> None:
     cla = as_json(translate(store(), [])[e.ENDPOINT][f"outbound|80||{HOST}"])
-    addresses = [
-        (
-            lb["endpoint"]["address"]["socketAddress"]["address"],
-            lb["endpoint"]["address"]["socketAddress"]["portValue"],
-        )
-        for lb in cla["endpoints"][0]["lbEndpoints"]
+    endpoints = cla["endpoints"][0]["lbEndpoints"]
+    internal = [lb["endpoint"]["address"]["envoyInternalAddress"] for lb in endpoints]
+    assert internal == [
+        {"serverListenerName": "originate", "endpointId": "10.244.1.5:8080"},
+        {"serverListenerName": "originate", "endpointId": "10.244.2.7:8080"},
+    ]  # not-ready one left out
+    # originate's original_dst filter restores the address from this metadata.
+    restored = [
+        lb["metadata"]["filterMetadata"]["envoy.filters.listener.original_dst"]["local"]
+        for lb in endpoints
     ]
-    assert addresses == [("10.244.1.5", 8080), ("10.244.2.7", 8080)]  # not-ready one left out
+    assert restored == ["10.244.1.5:8080", "10.244.2.7:8080"]
 
 
-def test_outbound_listener_matches_each_vip_port_and_falls_back_to_passthrough() -> None:
-    listener = as_json(translate(store(), [local("a")])[e.LISTENER]["virtualOutbound/shop/a"])
+def test_a_pods_outbound_listener_names_no_service_and_stamps_who_calls() -> None:
+    out = translate(store(), [local("a")])
+    listener = as_json(out[e.LISTENER]["virtualOutbound/shop/a"])
     address = listener["address"]["socketAddress"]
     assert (address["address"], address["portValue"]) == ("127.0.0.1", 15001)
     assert address["networkNamespaceFilepath"] == "/run/netns/a"
-    matches = {
-        (
-            c["filterChainMatch"]["prefixRanges"][0]["addressPrefix"],
-            c["filterChainMatch"]["destinationPort"],
-        ): c
-        for c in listener["filterChains"]
-        if c["name"] != "virtualOutbound-blackhole"
+    assert [c["name"] for c in listener["filterChains"]] == ["virtualOutbound-blackhole"]
+    default = listener["defaultFilterChain"]["filters"]
+    assert default[-1]["typedConfig"]["cluster"] == "outbound-internal"
+    stamped = stamps(listener)
+    values = {k: v["formatString"]["textFormatSource"]["inlineString"] for k, v in stamped.items()}
+    assert values == {
+        NETNS_KEY: "/run/netns/a",
+        "io.nodeagent.caller": ME,
+        "io.nodeagent.pod": "shop/a",
+        "envoy.filters.listener.original_dst.local_ip": "%DOWNSTREAM_LOCAL_ADDRESS%",
+        "envoy.filters.listener.original_dst.remote_ip": "%DOWNSTREAM_REMOTE_ADDRESS%",
     }
+    # Who calls must reach originate, two internal hops away; where to, only the next one.
+    assert stamped[NETNS_KEY]["sharedWithUpstream"] == "TRANSITIVE"
+    assert stamped["io.nodeagent.caller"]["sharedWithUpstream"] == "TRANSITIVE"
+    assert stamped["envoy.filters.listener.original_dst.local_ip"]["sharedWithUpstream"] == "ONCE"
+
+
+def test_outbound_internal_matches_each_vip_port_and_falls_back_to_passthrough() -> None:
+    out = translate(store(), [local("a")])
+    internal = as_json(out[e.LISTENER]["outbound-internal"])
+    assert "internalListener" in internal and "address" not in internal
+    matches = chains_by_vip(internal)
     assert set(matches) == {("10.96.0.10", 80), ("10.96.0.10", 5432), ("10.96.0.11", 9000)}
-    http_chain = matches[("10.96.0.10", 80)]["filters"]
-    assert http_chain[0]["typedConfig"]["onNewConnection"][0]["formatString"] == {
-        "textFormatSource": {"inlineString": "/run/netns/a"}
-    }
-    assert http_chain[1]["name"] == "envoy.filters.network.http_connection_manager"
-    tcp_chain = matches[("10.96.0.10", 5432)]["filters"]
-    assert tcp_chain[1]["typedConfig"]["cluster"] == f"outbound|5432||{HOST}{ME}"
-    default = listener["defaultFilterChain"]["filters"][1]["typedConfig"]
+    (http,) = matches[("10.96.0.10", 80)]["filters"]
+    assert http["name"] == "envoy.filters.network.http_connection_manager"
+    assert http["typedConfig"]["rds"]["routeConfigName"] == f"outbound|80||{HOST}"
+    (tcp,) = matches[("10.96.0.10", 5432)]["filters"]
+    assert tcp["typedConfig"]["cluster"] == f"outbound|5432||{HOST}"
+    default = internal["defaultFilterChain"]["filters"][-1]["typedConfig"]
     assert default["cluster"] == "PassthroughCluster"
 
 
@@ -142,27 +214,19 @@ def test_each_pod_stamps_its_netns_as_a_pool_key_even_within_one_service_account
     out = translate(store(), [local("a", {"app": "web"}), local("b", {"app": "web"})])
     for pod in ("a", "b"):
         for kind in ("virtualOutbound", "virtualInbound"):
-            listener = as_json(out[e.LISTENER][f"{kind}/shop/{pod}"])
-            stamps = [
-                f["typedConfig"]["onNewConnection"]
-                for chain in listener["filterChains"]
-                for f in chain["filters"]
-                if f["name"] == "envoy.filters.network.set_filter_state"
-            ]
-            assert stamps, f"{kind}/shop/{pod} stamps no netns"
-            want = {
-                "objectKey": "envoy.network.upstream_bind_override.network_namespace",
-                "factoryKey": "envoy.hashable_string",
-                "formatString": {"textFormatSource": {"inlineString": f"/run/netns/{pod}"}},
-                "sharedWithUpstream": "ONCE",
+            stamp = stamps(as_json(out[e.LISTENER][f"{kind}/shop/{pod}"]))[NETNS_KEY]
+            assert stamp["factoryKey"] == "envoy.hashable_string", kind
+            assert stamp["formatString"] == {
+                "textFormatSource": {"inlineString": f"/run/netns/{pod}"}
             }
-            assert all(stamp == [want] for stamp in stamps), stamps
+        caller = stamps(as_json(out[e.LISTENER][f"virtualOutbound/shop/{pod}"]))
+        assert caller["io.nodeagent.caller"]["factoryKey"] == "envoy.hashable_string"
 
 
 def test_registry_only_sends_unknown_destinations_to_the_black_hole() -> None:
     out = translate(store(outbound_traffic_policy=REGISTRY_ONLY), [local("a")])
-    listener = as_json(out[e.LISTENER]["virtualOutbound/shop/a"])
-    assert listener["defaultFilterChain"]["filters"][1]["typedConfig"]["cluster"] == (
+    listener = as_json(out[e.LISTENER]["outbound-internal"])
+    assert listener["defaultFilterChain"]["filters"][-1]["typedConfig"]["cluster"] == (
         "BlackHoleCluster"
     )
 
@@ -202,36 +266,96 @@ def test_inbound_parses_http_only_on_ports_of_services_selecting_the_pod() -> No
 
 
 def test_config_per_node_grows_with_local_pods_only_by_their_listeners() -> None:
+    """A pod adds its two listeners; a new identity one TLS socket in originate-mtls; nothing
+    is per pod x service or identity x service."""
     one = translate(store(), [local("a")])
-    many = translate(store(), [local(f"p{i}") for i in range(10)])  # one identity
+    many = translate(store(), [local(f"p{i}", sa=f"sa{i % 5}") for i in range(10)])
     assert many[e.CLUSTER].keys() == one[e.CLUSTER].keys()
     assert many[e.ROUTE].keys() == one[e.ROUTE].keys()
     assert many[e.ENDPOINT].keys() == one[e.ENDPOINT].keys()
-    assert len(many[e.LISTENER]) == 20
-    assert translate(store(), [])[e.LISTENER] == {}  # remote pods get nothing here
+    for name in one[e.CLUSTER]:
+        if name != "originate-mtls":  # its TLS sockets: one per identity
+            assert many[e.CLUSTER][name] == one[e.CLUSTER][name], name
+    shared = {"outbound-internal", "originate"}
+    assert len(many[e.LISTENER]) == 20 + len(shared)
+    assert set(translate(store(), [])[e.LISTENER]) == shared  # remote pods get nothing here
+    assert len(originate(many)["transportSocketMatches"]) == 5 + 2  # + plaintext, no-identity
 
 
 def test_routes_send_every_request_to_the_service_cluster() -> None:
-    route = as_json(translate(store(), [local("a")])[e.ROUTE][f"outbound|80||{HOST}{ME}"])
+    route = as_json(translate(store(), [local("a")])[e.ROUTE][f"outbound|80||{HOST}"])
     (vhost,) = route["virtualHosts"]
     assert vhost["domains"] == ["*"]
-    assert vhost["routes"][0]["route"]["cluster"] == f"outbound|80||{HOST}{ME}"
+    assert vhost["routes"][0]["route"]["cluster"] == f"outbound|80||{HOST}"
     assert vhost["routes"][0]["route"]["retryPolicy"]["numRetries"] == 2
 
 
-def test_each_local_identity_gets_its_own_clusters_with_its_certificate() -> None:
+def socket_named(cluster: dict[str, Any], name: str) -> dict[str, Any]:
+    (match,) = [m for m in cluster["transportSocketMatches"] if m["name"] == name]
+    socket: dict[str, Any] = match["transportSocket"]
+    return socket
+
+
+def test_each_local_identity_is_one_certificate_chosen_by_the_caller_stamp() -> None:
+    """originate-mtls picks the transport socket per connection from the caller's SPIFFE ID
+    (Cluster.transport_socket_matcher, FilterStateInput), then by the endpoint's tlsMode."""
     out = translate(store(), [local("a", sa="web"), local("b", sa="db"), local("c", sa="web")])
-    names = {n for n in out[e.CLUSTER] if n.startswith(f"outbound|80||{HOST}")}
-    assert names == {f"outbound|80||{HOST}~shop~web", f"outbound|80||{HOST}~shop~db"}
-    web = as_json(out[e.CLUSTER][f"outbound|80||{HOST}~shop~web"])
-    mtls, plain = web["transportSocketMatches"]
-    assert mtls["match"] == {"tlsMode": "istio"} and plain["match"] == {}
-    common = mtls["transportSocket"]["typedConfig"]["commonTlsContext"]
-    assert common["tlsCertificateSdsSecretConfigs"][0]["name"] == (
-        "spiffe://cluster.local/ns/shop/sa/web"
+    cluster = originate(out)
+    web, db = "spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.local/ns/shop/sa/db"
+    names = [m["name"] for m in cluster["transportSocketMatches"]]
+    assert sorted(names) == sorted([web, db, "plaintext", "no-identity"])
+    common = socket_named(cluster, web)["typedConfig"]["commonTlsContext"]
+    assert common["tlsCertificateSdsSecretConfigs"][0]["name"] == web
+    validation = common["combinedValidationContext"]
+    assert validation["validationContextSdsSecretConfig"]["name"] == "ROOTCA"
+    # The exact SAN comes per connection from the endpoint; the cluster keeps a floor.
+    assert validation["defaultValidationContext"]["matchTypedSubjectAltNames"] == [
+        {"sanType": "URI", "matcher": {"prefix": "spiffe://cluster.local/"}}
+    ]
+    tree = cluster["transportSocketMatcher"]["matcherTree"]
+    assert tree["input"]["typedConfig"]["key"] == "io.nodeagent.caller"
+    by_caller = tree["exactMatchMap"]["map"]
+    assert set(by_caller) == {web, db}
+    auto = by_caller[web]["matcher"]["matcherTree"]
+    assert auto["input"]["typedConfig"]["key"] == "io.nodeagent.tls"
+    assert auto["exactMatchMap"]["map"]["istio"]["action"]["typedConfig"]["name"] == web
+    otherwise = by_caller[web]["matcher"]["onNoMatch"]["action"]["typedConfig"]["name"]
+    assert otherwise == "plaintext"
+    unknown = cluster["transportSocketMatcher"]["onNoMatch"]["action"]["typedConfig"]["name"]
+    assert unknown == "no-identity"
+    no_cert = socket_named(cluster, "no-identity")["typedConfig"]["commonTlsContext"]
+    assert "tlsCertificateSdsSecretConfigs" not in no_cert
+
+
+def test_a_destination_rule_tls_mode_binds_its_namespace_callers_only() -> None:
+    """A DestinationRule in the client's namespace front, tls.mode DISABLE for web.shop: callers
+    in front send plaintext, callers in shop keep auto mTLS. Istio looks a rule up in the
+    client's namespace, then the service's, then the root namespace
+    (https://istio.io/latest/docs/ops/best-practices/traffic-management/#cross-namespace-configuration)."""
+    s = store()
+    s.put_istio(
+        IstioResource(
+            "networking.istio.io",
+            "v1",
+            "DestinationRule",
+            "front",
+            "web",
+            {"host": HOST, "trafficPolicy": {"tls": {"mode": "DISABLE"}}},
+            {},
+            {},
+        )
     )
-    validation = common["combinedValidationContext"]["validationContextSdsSecretConfig"]
-    assert validation["name"] == "ROOTCA"
+    caller = LocalPod(Pod("front", "f", service_account="f"), "/run/netns/f")
+    out = translate(s, [local("a"), caller])
+    by_caller = originate(out)["transportSocketMatcher"]["matcherTree"]["exactMatchMap"]["map"]
+    front = by_caller["spiffe://cluster.local/ns/front/sa/f"]["matcher"]["matcherTree"]
+    assert front["input"]["typedConfig"]["key"] == "io.nodeagent.service"
+    overrides = {
+        svc: m["action"]["typedConfig"]["name"] for svc, m in front["exactMatchMap"]["map"].items()
+    }
+    assert overrides == {f"outbound|80||{HOST}": "plaintext", f"outbound|5432||{HOST}": "plaintext"}
+    shop = by_caller[ME]["matcher"]["matcherTree"]
+    assert shop["input"]["typedConfig"]["key"] == "io.nodeagent.tls"  # auto mTLS
 
 
 def test_endpoints_of_mesh_pods_are_marked_for_auto_mtls() -> None:
@@ -252,21 +376,27 @@ def test_endpoints_of_mesh_pods_are_marked_for_auto_mtls() -> None:
     )
     out = translate(s, [local("a")])
     cla = as_json(out[e.ENDPOINT][f"outbound|80||{HOST}"])
-    modes = {
-        lb["endpoint"]["address"]["socketAddress"]["address"]: lb["metadata"]["filterMetadata"][
-            "envoy.transport_socket_match"
-        ]["tlsMode"]
+    metadata = {
+        lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]: lb["metadata"][
+            "filterMetadata"
+        ]
         for lb in cla["endpoints"][0]["lbEndpoints"]
     }
-    assert modes == {"10.244.1.5": "istio", "10.244.2.7": "disabled"}
-    # Secure naming: the server must present the identity of the pods behind the service.
-    cluster = as_json(out[e.CLUSTER][f"outbound|80||{HOST}{ME}"])
-    validation = cluster["transportSocketMatches"][0]["transportSocket"]["typedConfig"][
-        "commonTlsContext"
-    ]["combinedValidationContext"]["defaultValidationContext"]
-    assert validation["matchTypedSubjectAltNames"] == [
-        {"sanType": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/shop/sa/web"}}
-    ]
+    modes = {ep: m["envoy.transport_socket_match"]["tlsMode"] for ep, m in metadata.items()}
+    assert modes == {"10.244.1.5:8080": "istio", "10.244.2.7:8080": "disabled"}
+    # Secure naming: the server must present the identity of the pod behind that endpoint.
+    assert metadata["10.244.1.5:8080"]["nodeagent"] == {
+        "sans": "spiffe://cluster.local/ns/shop/sa/web"
+    }
+    assert "nodeagent" not in metadata["10.244.2.7:8080"]
+    # originate hands both to originate-mtls as the well-known filter state it verifies with.
+    listener = stamps(as_json(out[e.LISTENER]["originate"]))
+    assert listener["envoy.network.upstream_subject_alt_names"]["formatString"] == {
+        "textFormatSource": {"inlineString": "%DYNAMIC_METADATA(nodeagent:sans)%"}
+    }
+    assert listener["envoy.network.upstream_server_name"]["formatString"] == {
+        "textFormatSource": {"inlineString": "%DYNAMIC_METADATA(nodeagent.service:sni)%"}
+    }
 
 
 # -- issue #12 ------------------------------------------------------------------------------------
@@ -359,11 +489,10 @@ def test_permissive_ports_take_tls_as_mesh_mtls_only_with_istio_alpn() -> None:
 
 
 def test_our_clients_offer_istio_alpn_on_tcp_and_http_clusters() -> None:
-    """Servers tell mesh mTLS by ALPN, so every mTLS client cluster must offer it."""
+    """Servers tell mesh mTLS by ALPN, so every mTLS client socket must offer it."""
     out = translate(store(), [local("a")])
-    for name in (f"outbound|80||{HOST}{ME}", f"outbound|5432||{HOST}{ME}"):
-        mtls = as_json(out[e.CLUSTER][name])["transportSocketMatches"][0]
-        common = mtls["transportSocket"]["typedConfig"]["commonTlsContext"]
+    for name in (ME, "no-identity"):
+        common = socket_named(originate(out), name)["typedConfig"]["commonTlsContext"]
         assert common["alpnProtocols"][0] in MTLS_ALPNS, name
 
 
@@ -373,7 +502,7 @@ def test_ipv6_service_vips_match_as_one_host() -> None:
     s = store()
     s.put_service(Service("shop", "v6a", "fd00:10:96::a", (ServicePort(80, "http"),), {"a": "6"}))
     s.put_service(Service("shop", "v6b", "fd00:10:96::b", (ServicePort(80, "http"),), {"a": "6"}))
-    listener = as_json(translate(s, [local("a")])[e.LISTENER]["virtualOutbound/shop/a"])
+    listener = as_json(translate(s, [local("a")])[e.LISTENER]["outbound-internal"])
     prefixes = {
         r["addressPrefix"]: r["prefixLen"]
         for c in listener["filterChains"]
@@ -390,4 +519,4 @@ def test_a_headless_service_is_translated_not_reported_as_a_bad_object() -> None
 
     result = build(store(), [local("client")])
     assert result.problems == {}
-    assert f"outbound|80||headless.shop.svc.cluster.local{ME}" in result.resources[e.CLUSTER]
+    assert "outbound|80||headless.shop.svc.cluster.local" in result.resources[e.CLUSTER]

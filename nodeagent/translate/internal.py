@@ -1,0 +1,262 @@
+"""The node Envoy's internal plumbing: what makes a pod's config O(1) (pure).
+
+A captured pod's outbound listener holds no service at all. It stamps who is calling (its netns,
+its SPIFFE ID, its name) into filter state and hands every connection to ONE internal listener,
+``outbound-internal``, which holds one filter chain per service port and the identity-free
+clusters and routes behind them. A mesh endpoint is reached through a second internal listener,
+``originate``, whose one cluster, ``originate-mtls``, connects from the caller's netns with the
+caller's certificate, chosen per connection by a matcher on the stamped identity. So a pod costs
+its own listeners, an identity one TLS socket, a service port one chain, cluster and route:
+nothing grows with pods x services or identities x services (docs/o1-config.md).
+
+Envoy features this relies on (Envoy 1.40):
+- internal listeners and ``envoy_internal_address`` endpoints (bootstrap extension
+  ``envoy.bootstrap.internal_listener``; docs configuration/other_features/internal_listener);
+- ``envoy.transport_sockets.internal_upstream``: filter state shared with the upstream crosses
+  into the internal listener's connection, and ``passthrough_metadata`` copies endpoint (HOST)
+  and cluster metadata into its dynamic metadata
+  (api-v3/extensions/transport_sockets/internal_upstream/v3/internal_upstream.proto);
+- the original_dst listener filter on an internal listener restores the destination from the
+  dynamic metadata ``envoy.filters.listener.original_dst`` ``local`` or from the filter state
+  ``envoy.filters.listener.original_dst.local_ip`` (configuration/listeners/listener_filters/
+  original_dst_filter, "Internal listeners"), as Istio's waypoint does;
+- well-known filter state ``envoy.network.upstream_server_name`` and
+  ``envoy.network.upstream_subject_alt_names``: SNI and the SAN to verify, per connection
+  (configuration/advanced/well_known_filter_state);
+- ``Cluster.transport_socket_matcher`` with the transport socket ``FilterStateInput`` (1.37+):
+  the certificate is picked per connection inside one cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nodeagent.translate import tls
+from nodeagent.translate.envoy import Cluster, Listener, message, typed
+from nodeagent.translate.filters import NETNS_FACTORY, NETNS_KEY, tcp_proxy
+
+OUTBOUND_INTERNAL = "outbound-internal"  # listener and cluster: every service port's chain
+ORIGINATE = "originate"  # listener: mesh endpoints, with the caller's certificate
+ORIGINATE_CLUSTER = "originate-mtls"
+CONNECT_TIMEOUT = "10s"
+
+# Filter state stamped by the pod's listener. Netns and caller are hashable: Envoy folds them
+# into the upstream connection-pool key, so one pod's pooled connection never carries another's
+# request (see filters.NETNS_FACTORY). TRANSITIVE: they must reach originate, two hops away.
+CALLER_KEY = "io.nodeagent.caller"  # the calling pod's SPIFFE ID
+POD_KEY = "io.nodeagent.pod"  # namespace/name of the calling pod, for access logs
+TLS_KEY = "io.nodeagent.tls"  # set in originate: the endpoint's tlsMode (auto mTLS)
+SERVICE_KEY = "io.nodeagent.service"  # set in originate: the service port's cluster name
+POD_FORMAT = f"%FILTER_STATE({POD_KEY}:PLAIN)%"
+STRING = "envoy.string"  # factory of our own keys' values
+
+ORIGINAL_DST_META = "envoy.filters.listener.original_dst"  # endpoint metadata {local: ip:port}
+ENDPOINT_META = "nodeagent"  # endpoint metadata {sans: the endpoint's SPIFFE ID}
+CLUSTER_META = "nodeagent.service"  # cluster metadata {sni, name}
+
+# transport_socket_matches of originate-mtls besides one per identity (named by its SPIFFE ID;
+# stats with "spiffe://" in their name are never created, see envoy/bootstrap.py).
+PLAINTEXT, NO_IDENTITY = "plaintext", "no-identity"
+_FILTER_STATE_INPUT = "envoy.extensions.matching.common_inputs.transport_socket.v3.FilterStateInput"
+_SOCKET_ACTION = (
+    "envoy.extensions.matching.common_inputs.transport_socket.v3.TransportSocketNameAction"
+)
+
+
+def state_value(key: str, value: str, shared: str, factory: str = "") -> dict[str, Any]:
+    """One set_filter_state entry: KEY = VALUE (a formatter string), SHARED with upstreams.
+    FACTORY makes the object; Envoy's well-known keys have their own (an address, a SAN
+    list), so only our keys name one."""
+    entry = {
+        "object_key": key,
+        "format_string": {"text_format_source": {"inline_string": value}},
+        "shared_with_upstream": shared,
+    }
+    if factory:
+        entry["factory_key"] = factory
+    return entry
+
+
+def set_filter_state(*values: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.set_filter_state",
+        "typed_config": typed(
+            "envoy.extensions.filters.network.set_filter_state.v3.Config",
+            on_new_connection=list(values),
+        ),
+    }
+
+
+def internal_address(listener: str, endpoint_id: str = "") -> dict[str, Any]:
+    """An endpoint that is an internal listener. ENDPOINT_ID ("ip:port") keeps endpoints of one
+    listener apart in load balancing and connection pools."""
+    address: dict[str, Any] = {"server_listener_name": listener}
+    if endpoint_id:
+        address["endpoint_id"] = endpoint_id
+    return {"envoy_internal_address": address}
+
+
+def internal_upstream(
+    host_metadata: Sequence[str] = (), cluster_metadata: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The transport socket of every cluster that reaches an internal listener: it carries the
+    filter state shared with the upstream, and the named metadata, across."""
+    passthrough = [{"kind": {"host": {}}, "name": name} for name in host_metadata]
+    passthrough += [{"kind": {"cluster": {}}, "name": name} for name in cluster_metadata]
+    return {
+        "name": "envoy.transport_sockets.internal_upstream",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+            passthrough_metadata=passthrough,
+            transport_socket=tls.plaintext(),
+        ),
+    }
+
+
+def internal_cluster(listener: str) -> Cluster:
+    """A cluster whose one endpoint is the internal LISTENER (named like it)."""
+    return message(
+        Cluster,
+        {
+            "name": listener,
+            "type": "STATIC",
+            "connect_timeout": CONNECT_TIMEOUT,
+            "load_assignment": {
+                "cluster_name": listener,
+                "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": internal_address(listener)}}]}
+                ],
+            },
+            "transport_socket": internal_upstream(),
+        },
+    )
+
+
+def stamp_caller(netns: str, spiffe: str, pod: str) -> dict[str, Any]:
+    """The pod listener's filter: who calls (kept across every internal hop), and where it was
+    going (for outbound-internal's original_dst, one hop)."""
+    return set_filter_state(
+        state_value(NETNS_KEY, netns, "TRANSITIVE", NETNS_FACTORY),
+        state_value(CALLER_KEY, spiffe, "TRANSITIVE", NETNS_FACTORY),
+        state_value(POD_KEY, pod, "TRANSITIVE", STRING),
+        state_value(f"{ORIGINAL_DST_META}.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE"),
+        state_value(f"{ORIGINAL_DST_META}.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", "ONCE"),
+    )
+
+
+def originate_listener() -> Listener:
+    """Restores the endpoint's address from its metadata, states the SNI and the SAN to verify
+    (the chosen endpoint's own identity), and proxies to originate-mtls."""
+    stamp = set_filter_state(
+        state_value(
+            "envoy.network.upstream_server_name", f"%DYNAMIC_METADATA({CLUSTER_META}:sni)%", "ONCE"
+        ),
+        state_value(
+            "envoy.network.upstream_subject_alt_names",
+            f"%DYNAMIC_METADATA({ENDPOINT_META}:sans)%",
+            "ONCE",
+        ),
+        state_value(TLS_KEY, f"%DYNAMIC_METADATA({tls.TLS_MODE_KEY}:tlsMode)%", "ONCE", STRING),
+        state_value(SERVICE_KEY, f"%DYNAMIC_METADATA({CLUSTER_META}:name)%", "ONCE", STRING),
+    )
+    return message(
+        Listener,
+        {
+            "name": ORIGINATE,
+            "internal_listener": {},
+            "listener_filters": [_original_dst()],
+            "filter_chains": [
+                {
+                    "name": ORIGINATE,
+                    "filters": [
+                        stamp,
+                        tcp_proxy(ORIGINATE, ORIGINATE_CLUSTER, "outbound", POD_FORMAT),
+                    ],
+                }
+            ],
+        },
+    )
+
+
+def _original_dst() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.listener.original_dst",
+        "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
+    }
+
+
+def _use(socket_name: str) -> dict[str, Any]:
+    return {
+        "action": {"name": socket_name, "typed_config": typed(_SOCKET_ACTION, name=socket_name)}
+    }
+
+
+def _by(key: str, table: Mapping[str, dict[str, Any]], otherwise: dict[str, Any]) -> dict[str, Any]:
+    """A matcher on the filter state KEY: exact values in TABLE, else OTHERWISE."""
+    return {
+        "matcher": {
+            "matcher_tree": {
+                "input": {"name": key, "typed_config": typed(_FILTER_STATE_INPUT, key=key)},
+                "exact_match_map": {"map": dict(table)},
+            },
+            "on_no_match": otherwise,
+        }
+    }
+
+
+def originate_cluster(
+    identities: Sequence[str],
+    overrides: Mapping[str, Mapping[str, str]],
+    trust_domain: str,
+    upstream_bind: dict[str, Any],
+) -> Cluster:
+    """Connects to the endpoint originate restored, from the caller's netns (UPSTREAM_BIND).
+
+    The transport socket, per connection: the caller's (IDENTITIES: SPIFFE IDs of local pods)
+    certificate when the endpoint speaks mTLS (its ``tlsMode`` is ``istio``: Istio's auto mTLS),
+    plaintext otherwise; OVERRIDES[spiffe][service cluster] is a DestinationRule's ``tls.mode``
+    that binds that caller for that service (ISTIO_MUTUAL: always mTLS, DISABLE: never). An
+    unknown caller gets a TLS socket without a certificate: it cannot pass a mesh server.
+    """
+    matches = [
+        {
+            "name": spiffe,
+            "match": {},
+            "transport_socket": tls.upstream_mtls(
+                spiffe, (), "", san_prefix=f"spiffe://{trust_domain}/"
+            ),
+        }
+        for spiffe in identities
+    ]
+    fields: dict[str, Any] = {
+        "name": ORIGINATE_CLUSTER,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "upstream_bind_config": upstream_bind,
+    }
+    if not identities:  # no local pod: nobody to present (a matcher needs one entry at least)
+        return message(Cluster, {**fields, "transport_socket": tls.no_identity()})
+    matches.append({"name": PLAINTEXT, "match": {}, "transport_socket": tls.plaintext()})
+    matches.append({"name": NO_IDENTITY, "match": {}, "transport_socket": tls.no_identity()})
+    by_caller: dict[str, dict[str, Any]] = {}
+    for spiffe in identities:
+        auto = _by(TLS_KEY, {"istio": _use(spiffe)}, _use(PLAINTEXT))
+        modes = overrides.get(spiffe, {})
+        by_caller[spiffe] = (
+            _by(
+                SERVICE_KEY,
+                {
+                    svc: _use(PLAINTEXT if mode == "DISABLE" else spiffe)
+                    for svc, mode in modes.items()
+                },
+                auto,
+            )
+            if modes
+            else auto
+        )
+    matcher = _by(CALLER_KEY, by_caller, _use(NO_IDENTITY))["matcher"]
+    fields["transport_socket_matches"] = matches
+    fields["transport_socket_matcher"] = matcher
+    return message(Cluster, fields)
