@@ -29,9 +29,9 @@ BOOTSTRAP_FILE = "envoy-bootstrap.json"  # in the run dir, next to the xDS socke
 ADMIN_SOCKET = "envoy-admin.sock"  # in the run dir too: root only (0600 in a 0700 directory)
 ADMIN_SOCKET_MODE = 0o600
 # Stats whose names carry a workload identity or a pod are never created: :15090 answers anyone
-# on the node's network. Clusters and routes per calling identity (``...~<ns>~<sa>``) report
-# under their service's name instead (alt_stat_name, stat_prefix); SDS names its secrets by SPIFFE
-# ID. What Envoy holds per pod stays visible to root through the admin socket (proxy-config).
+# on the node's network. Clusters and routes are named by service, never by identity; SDS secrets
+# and originate-mtls's transport sockets are named by SPIFFE ID, hence the patterns. What Envoy
+# holds per pod stays visible to root through the admin socket (proxy-config).
 PRIVATE_STAT_PATTERNS: tuple[dict[str, str], ...] = ({"contains": "~"}, {"contains": "spiffe://"})
 MAX_DOWNSTREAM_CONNECTIONS = 100_000  # generous: it only exists so Envoy does not warn
 

@@ -763,8 +763,8 @@ class Testbed:
     def wait_converged(self, timeout: float = READY_TIMEOUT) -> None:
         """Until every node's Envoy holds exactly the published endpoints (bounded).
 
-        Service clusters exist once per local identity (``outbound|port||host~ns~sa``); each of
-        them must hold the endpoints, and a node with captured pods must have them all. With
+        Each service port's cluster (``outbound|port||host``) must hold the endpoints, and a
+        node with captured pods must have them all. With
         ``proxyModel: sidecar`` the same holds for the sidecar Envoy of every captured pod.
         """
         want = self.expected_endpoints()
@@ -1031,7 +1031,7 @@ def _endpoint_problems(
     seen: set[str] = set()
     problems = []
     for name, endpoints in held.items():
-        base = name.split("~")[0]
+        base = name
         seen.add(base)
         if base in want and endpoints != want[base]:
             problems.append(name)

@@ -350,19 +350,19 @@ def test_proxy_config_shows_what_the_node_envoy_holds_for_a_pod(mesh: Testbed) -
         "EDS",
         "istioinaction/default",
     ] in clusters
-    assert "outbound|8080||web-api.istioinaction.svc.cluster.local~istioinaction~default" in (
-        table("routes")
-    )
-    endpoints = table("endpoints")
+    assert "outbound|8080||web-api.istioinaction.svc.cluster.local " in table("routes")
+    endpoints = [line.split()[:2] for line in table("endpoints").splitlines() if line.strip()]
     for pod in ("purchase-history-v1", "purchase-history-v2"):
-        assert f"{mesh.pod_ip('istioinaction/' + pod)}:8080  HEALTHY" in endpoints
+        assert [f"{mesh.pod_ip('istioinaction/' + pod)}:8080", "HEALTHY"] in endpoints
     raw = node_cli(
         mesh.name, "n1", "proxy-config", "listeners", "istioinaction/web-api", "-o", "json"
     )
     names = {listener["name"] for listener in json.loads(raw.stdout)}
+    # The pod's own two, and the node's listener of service chains its outbound one reaches.
     assert names == {
         "virtualOutbound/istioinaction/web-api",
         "virtualInbound/istioinaction/web-api",
+        "outbound-internal",
     }
     missing = node_cli(mesh.name, "n1", "proxy-config", "listeners", "istioinaction/nope")
     assert missing.returncode != 0 and "holds no listeners for istioinaction/nope" in missing.stderr
