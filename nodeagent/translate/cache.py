@@ -296,6 +296,7 @@ class TranslationCache:
     def _place(self, key: str, old: _ServiceEntry | None, new: _ServiceEntry | None) -> None:
         """Swap a service's part of the output: OLD's out, NEW's in (served or dropped)."""
         was_served = key in self._served
+        self._modes.pop(key, None)
         if old is not None:
             if was_served:
                 self._served.discard(key)
@@ -360,13 +361,13 @@ class TranslationCache:
         if origin in self._excluded:
             return entry
         try:
-            if reuse is not None and reuse.made is not None:
+            if not settings.sidecar:
+                entry.modes = _destination_modes(store, entry.targets, settings.identities)
+            if reuse is not None and reuse.made is not None and reuse.modes == entry.modes:
                 entry.endpoints, entry.clusters = reuse.endpoints, reuse.clusters
                 entry.chains = reuse.chains
             else:
                 self._service_parts(entry)
-            if not settings.sidecar:
-                entry.modes = _destination_modes(store, entry.targets, settings.identities)
         except Exception as e:  # one bad Service must not take the node's config down
             entry.problem = _failed(origin, e)
             return entry
@@ -387,7 +388,10 @@ class TranslationCache:
                 identity = settings.identities[0]
                 cluster = _sidecar_cluster(store, target, identity)
             else:
-                cluster = service_cluster(target)
+                modes = {
+                    ns: m[target.cluster] for ns, m in entry.modes.items() if target.cluster in m
+                }
+                cluster = service_cluster(target, modes)
             entry.clusters.append((envoy.CLUSTER, cluster))
             if is_http(target.protocol):
                 entry.clusters.append((envoy.ROUTE, outbound_route(target)))

@@ -3,6 +3,7 @@ clusters (pure)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from nodeagent.ports import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
@@ -43,13 +44,18 @@ def _http2_options() -> dict[str, Any]:
     }
 
 
-def service_cluster(target: ServiceTarget) -> Cluster:
+def service_cluster(target: ServiceTarget, tls_modes: Mapping[str, str] | None = None) -> Cluster:
     """A service port's cluster on the node: the same for every local pod (no identity in it).
 
     Its endpoints are internal addresses of ``originate`` (EDS, see endpoints.py): the endpoint's
     address and identity, and this service's SNI and name, cross to it as metadata, and the
     caller's netns and identity as filter state; originate-mtls then picks the caller's
-    certificate and the TLS mode (auto mTLS, or a DestinationRule's) per connection."""
+    certificate and the TLS mode (auto mTLS, or a DestinationRule's) per connection.
+
+    TLS_MODES: client namespace -> the DestinationRule tls.mode that binds it here. They are
+    applied in originate-mtls, but written here too: a change of them changes this cluster, so
+    Envoy drains its pooled connections, made under the old mode, as it would for Istio's
+    per-sidecar cluster."""
     fields: dict[str, Any] = {
         "name": target.cluster,
         "type": "EDS",
@@ -64,6 +70,7 @@ def service_cluster(target: ServiceTarget) -> Cluster:
                 internal.CLUSTER_META: {
                     "name": target.cluster,
                     "sni": tls.outbound_sni(target.port.port, target.host),
+                    **({"tls_modes": dict(sorted(tls_modes.items()))} if tls_modes else {}),
                 }
             }
         },

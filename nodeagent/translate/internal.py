@@ -198,7 +198,9 @@ def _by(key: str, table: Mapping[str, dict[str, Any]], otherwise: dict[str, Any]
         "matcher": {
             "matcher_tree": {
                 "input": {"name": key, "typed_config": typed(_FILTER_STATE_INPUT, key=key)},
-                "exact_match_map": {"map": dict(table)},
+                # Sorted: the same table must encode to the same bytes (unchanged resources
+                # are not pushed again).
+                "exact_match_map": {"map": dict(sorted(table.items()))},
             },
             "on_no_match": otherwise,
         }

@@ -356,6 +356,12 @@ def test_a_destination_rule_tls_mode_binds_its_namespace_callers_only() -> None:
     assert overrides == {f"outbound|80||{HOST}": "plaintext", f"outbound|5432||{HOST}": "plaintext"}
     shop = by_caller[ME]["matcher"]["matcherTree"]
     assert shop["input"]["typedConfig"]["key"] == "io.nodeagent.tls"  # auto mTLS
+    # The service's cluster states the modes too: when they change, the cluster changes and
+    # Envoy drains the connections it pooled under the old mode.
+    web = as_json(out[e.CLUSTER][f"outbound|80||{HOST}"])
+    assert web["metadata"]["filterMetadata"]["nodeagent.service"]["tls_modes"] == {
+        "front": "DISABLE"
+    }
 
 
 def test_endpoints_of_mesh_pods_are_marked_for_auto_mtls() -> None:
