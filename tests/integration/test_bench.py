@@ -65,6 +65,10 @@ def test_memory_smoke(tmp_path: Path) -> None:
     # More captured pods: more listeners, so more config held by the node's Envoy.
     assert steps[-1]["config_dump_bytes"] > steps[0]["config_dump_bytes"] > 0
     assert all(s["node_total_mib"]["min"] > s["envoy_pss_mib"]["min"] > 0 for s in steps)
+    if "sidecar" in doc["results"]:
+        ratios = doc["results"]["per_node_to_sidecar"]
+        assert [r["pods"] for r in ratios] == doc["params"]["pods"]
+        assert all(r["node_total_ratio"] > 0 for r in ratios)
     assert is_png(tmp_path / "memory.png")
 
 
