@@ -17,6 +17,7 @@ SCENARIOS = {
     "latency": "bench.latency",  # 1 and 2: added latency, proxy CPU and memory per 1000 rps
     "memory": "bench.memory",  # 3: node memory by pod count
     "podstart": "bench.podstart",  # 4: CNI ADD wall time
+    "fill": "bench.fill",  # 4b: pods of distinct identities up to 110: ADD time, memory per pod
     "convergence": "bench.convergence",  # 5: change -> Envoy ACK -> traffic
     "translation": "bench.translation",  # 5b: agent CPU per endpoint change, in process
     "identity": "bench.identity",  # 6: certificates per second, SDS push on rotation

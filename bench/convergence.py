@@ -511,6 +511,11 @@ def measure_change(
         for (m, t), v in metrics_after.items()
         if m == "nodeagent_xds_pushes_total" and v > metrics_before.get((m, t), 0.0)
     }
+    sent_bytes = {
+        t: int(v - metrics_before.get((m, t), 0.0))
+        for (m, t), v in metrics_after.items()
+        if m == "nodeagent_xds_sent_bytes_total" and v > metrics_before.get((m, t), 0.0)
+    }
     key = ("nodeagent_xds_push_seconds_sum", "EDS")
     window = [a for a in poller.since(start) if a.sent <= max(hit.sent, start) + SETTLE]
     gaps = [b.sent - a.sent for a, b in itertools.pairwise(window)]
@@ -525,6 +530,7 @@ def measure_change(
         "publish_call_s": published,
         "snapshots": int(status["version"]) - int(before["version"]),
         "pushes": pushes,
+        "sent_bytes": sent_bytes,
         "requests": len(window),
         "failed_requests": sum(1 for a in window if a.code != 200),
         "max_request_gap_s": max(gaps, default=0.0),
@@ -619,6 +625,10 @@ def _measure(tb: Testbed, repeats: dict[int, int], source: str) -> dict[str, Any
                 these = [c for c in changes if c["change"] == kind]
                 entry[kind] = {k: summary(c[k] for c in these) for k in SPANS}
                 entry[kind]["failed_requests"] = sum(c["failed_requests"] for c in these)
+                sent_types = sorted({t for c in these for t in c["sent_bytes"]})
+                entry[kind]["sent_bytes"] = {
+                    t: summary(c["sent_bytes"].get(t, 0) for c in these) for t in sent_types
+                }
             per_size.append(entry)
         return {"sizes": per_size}
     finally:
@@ -695,6 +705,9 @@ def run(run: Run) -> None:
             "same cluster directory (agents idle): parse the directory, translate, serialise + "
             "sha256 per resource",
         },
+        "sent_bytes": "per change, by xDS type: growth of the n1 agent's "
+        "nodeagent_xds_sent_bytes_total counter (serialized DiscoveryResponse bytes it sent its "
+        "Envoy) from just before the change until both nodes were quiet again",
         "note": "both node agents and Envoys share this machine's cores: every change is "
         "re-translated by both agents at once; one testbed per source, one after the other",
     }
@@ -741,6 +754,19 @@ def _report(run: Run, results: dict[str, Any]) -> None:
             rows,
         )
     )
+    byte_rows = [
+        (
+            source,
+            entry["services"],
+            f"endpoint {kind}",
+            ", ".join(f"{t} {b['median'] / 1e3:.1f}" for t, b in entry[kind]["sent_bytes"].items())
+            or "none",
+        )
+        for source, measured in results["sources"].items()
+        for entry in measured["sizes"]
+        for kind in ("add", "remove")
+    ]
+    print(table(("source", "services", "change", "xDS kB sent per change, median"), byte_rows))
     cost_rows = []
     directory = results["sources"]["directory"]["sizes"]
     loads = {

@@ -187,12 +187,22 @@ def run(run: Run) -> None:
     }
     results = {model: ramp(model, extra, steps) for model, extra in models().items()}
     if SIDECAR in results:
+        pairs = list(zip(results[SIDECAR], results[PER_NODE], strict=True))
         results["sidecar_to_per_node"] = [
             {
                 "pods": s["pods"],
                 "node_total_ratio": s["node_total_mib"]["median"] / n["node_total_mib"]["median"],
             }
-            for s, n in zip(results[SIDECAR], results[PER_NODE], strict=True)
+            for s, n in pairs
+        ]
+        # Issue #14's form of the same figure (goal: at most 0.05 at 100 pods): the node's total
+        # over as many sidecars'. One ramp per model, so medians of each step's samples.
+        results["per_node_to_sidecar"] = [
+            {
+                "pods": s["pods"],
+                "node_total_ratio": n["node_total_mib"]["median"] / s["node_total_mib"]["median"],
+            }
+            for s, n in pairs
         ]
     write_result(run, "memory", params, results)
     _print(results)
@@ -232,6 +242,11 @@ def _print(results: dict[str, Any]) -> None:
             rows,
         )
     )
+    for ratio in results.get("per_node_to_sidecar", []):
+        print(
+            f"node total, per-node ÷ sidecar at {ratio['pods']} pods: "
+            f"{ratio['node_total_ratio']:.3f}"
+        )
 
 
 def _plot(run: Run, results: dict[str, Any]) -> None:

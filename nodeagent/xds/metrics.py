@@ -13,6 +13,14 @@ class XdsMetrics:
             ["type"],
             registry=registry,
         )
+        # What each push cost on the wire: a state-of-the-world response carries every resource
+        # of its type, a delta response only the changed ones (bench/convergence reads this).
+        self.sent_bytes = Counter(
+            "nodeagent_xds_sent_bytes",
+            "Bytes of serialized xDS responses sent to Envoy, by type.",
+            ["type"],
+            registry=registry,
+        )
         self.nacks = Counter(
             "nodeagent_xds_nacks",
             "xDS responses Envoy rejected (NACK), by type.",

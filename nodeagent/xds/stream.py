@@ -267,7 +267,11 @@ class AdsStream(ABC):
             if plan.type_url == types.CLUSTER:
                 # An updated EDS cluster warms until an EDS response names it, even unchanged.
                 dependent.force |= wanted & set(dependent.sent)
+        response = self._response(plan, snapshot, nonce)
         self.host.metrics.pushes.labels(types.short_name(plan.type_url)).inc()
+        self.host.metrics.sent_bytes.labels(types.short_name(plan.type_url)).inc(
+            response.ByteSize()
+        )
         log.debug(
             "xDS push %s %s version %s nonce %s: %d resources, %d removed",
             self.node_id,
@@ -277,4 +281,4 @@ class AdsStream(ABC):
             len(plan.upserts),
             len(plan.removals),
         )
-        await context.write(self._response(plan, snapshot, nonce))
+        await context.write(response)

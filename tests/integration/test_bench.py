@@ -65,6 +65,10 @@ def test_memory_smoke(tmp_path: Path) -> None:
     # More captured pods: more listeners, so more config held by the node's Envoy.
     assert steps[-1]["config_dump_bytes"] > steps[0]["config_dump_bytes"] > 0
     assert all(s["node_total_mib"]["min"] > s["envoy_pss_mib"]["min"] > 0 for s in steps)
+    if "sidecar" in doc["results"]:
+        ratios = doc["results"]["per_node_to_sidecar"]
+        assert [r["pods"] for r in ratios] == doc["params"]["pods"]
+        assert all(r["node_total_ratio"] > 0 for r in ratios)
     assert is_png(tmp_path / "memory.png")
 
 
@@ -86,6 +90,31 @@ def test_podstart_smoke(tmp_path: Path) -> None:
     for mode in ("sequential", "concurrent"):
         assert res["ratios"]["per-node"][mode]["p50"]["median"] > 1
     assert is_png(tmp_path / "podstart.png")
+
+
+def test_fill_smoke(tmp_path: Path) -> None:
+    smoke(tmp_path, "fill", timeout=420)  # two testbeds: bridge alone, then 10 services
+    doc = result(tmp_path, "fill")
+    params, res = doc["params"], doc["results"]
+    assert params["sizes"] == [{"services": 10, "pods": 3}]
+    assert res["bridge"]["pods"] == 3 and all(a > 0 for a in res["bridge"]["add_s"])
+    (size,) = res["sizes"]
+    assert size["stopped"] is None and size["pods_started"] == 3
+    assert len(size["add_s"]) == 3 and all(0 < a < 30 for a in size["add_s"])
+    steps = size["checkpoints"]
+    assert [s["pods"] for s in steps] == [1, 3]
+    for step in steps:
+        assert step["envoy_pss_mib"]["min"] > 0 and step["envoy_allocated_mib"] > 0
+        assert step["agent_rss_mib"]["min"] >= step["agent_pss_mib"]["min"] > 0
+        # The node's Envoy holds the synthetic services: at least a cluster each.
+        assert step["envoy_active_clusters"] >= 10
+    # Two more pods: their own listeners, so more config held.
+    assert steps[1]["envoy_active_listeners"] > steps[0]["envoy_active_listeners"]
+    assert steps[1]["config_dump_bytes"] > steps[0]["config_dump_bytes"]
+    assert size["per_pod_slope"]["config_dump_bytes"] > 0
+    # nodeagent-cni runs after the bridge and waits for Envoy: never faster than the bridge.
+    assert size["add_p99_over_bridge"] > 1
+    assert is_png(tmp_path / "fill.png")
 
 
 def test_identity_smoke(tmp_path: Path) -> None:
@@ -140,6 +169,8 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 assert floor < c["ack_s"] < 30 and floor < c["ack_polled_s"] < 30
                 assert 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"]
                 assert c["pushes"].get("EDS") == 1  # one endpoint: one EDS response, nothing else
+                # The bytes counted are those pushes': EDS only, at least one load assignment.
+                assert set(c["sent_bytes"]) == {"EDS"} and c["sent_bytes"]["EDS"] > 0
                 assert c["failed_requests"] == 0
                 if source == "directory":
                     assert c["source_event_s"] == 0

@@ -283,6 +283,10 @@ def test_initial_flow_acked_with_one_version(tmp_path: Path, delta: bool) -> Non
         assert env.metric("nodeagent_xds_connected_proxies") == 1
         assert env.metric("nodeagent_xds_pushes_total", type="LDS") == 1
         assert env.metric("nodeagent_xds_push_seconds_count", type="RDS") == 1
+        for name, response in got.items():  # the bytes counted are the bytes Envoy received
+            assert env.metric("nodeagent_xds_sent_bytes_total", type=name) == len(
+                response.SerializeToString()
+            )
         if delta:
             versions = {r.name: r.version for r in got["CDS"].resources}
             assert versions["a"] == env.cache.get(NODE).versions(CDS)["a"]  # type: ignore[union-attr]
