@@ -44,6 +44,24 @@ def _http2_options() -> dict[str, Any]:
     }
 
 
+def _eds_cluster(target: ServiceTarget) -> dict[str, Any]:
+    """What every form's cluster of a service port has: its endpoints over EDS, round robin,
+    HTTP/2 upstream for gRPC/HTTP2 ports."""
+    fields: dict[str, Any] = {
+        "name": target.cluster,
+        "type": "EDS",
+        "eds_cluster_config": {
+            "eds_config": {"ads": {}, "resource_api_version": "V3"},
+            "service_name": target.cluster,
+        },
+        "connect_timeout": CONNECT_TIMEOUT,
+        "lb_policy": "ROUND_ROBIN",
+    }
+    if target.protocol == HTTP2:
+        fields["typed_extension_protocol_options"] = _http2_options()
+    return fields
+
+
 def service_cluster(target: ServiceTarget, tls_modes: Mapping[str, str] | None = None) -> Cluster:
     """A service port's cluster on the node: the same for every local pod (no identity in it).
 
@@ -56,15 +74,8 @@ def service_cluster(target: ServiceTarget, tls_modes: Mapping[str, str] | None =
     applied in originate-mtls, but written here too: a change of them changes this cluster, so
     Envoy drains its pooled connections, made under the old mode, as it would for Istio's
     per-sidecar cluster."""
-    fields: dict[str, Any] = {
-        "name": target.cluster,
-        "type": "EDS",
-        "eds_cluster_config": {
-            "eds_config": {"ads": {}, "resource_api_version": "V3"},
-            "service_name": target.cluster,
-        },
-        "connect_timeout": CONNECT_TIMEOUT,
-        "lb_policy": "ROUND_ROBIN",
+    fields = _eds_cluster(target)
+    fields |= {
         "metadata": {
             "filter_metadata": {
                 internal.CLUSTER_META: {
@@ -79,8 +90,6 @@ def service_cluster(target: ServiceTarget, tls_modes: Mapping[str, str] | None =
             (internal.CLUSTER_META,),
         ),
     }
-    if target.protocol == HTTP2:
-        fields["typed_extension_protocol_options"] = _http2_options()
     return message(Cluster, fields)
 
 
@@ -91,18 +100,7 @@ def sidecar_service_cluster(
     IDENTITY itself. TLS_MODE is a DestinationRule's ``tls.mode`` when one applies: DISABLE is
     plaintext, ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint."""
     sni = tls.outbound_sni(target.port.port, target.host)
-    fields: dict[str, Any] = {
-        "name": target.cluster,
-        "type": "EDS",
-        "eds_cluster_config": {
-            "eds_config": {"ads": {}, "resource_api_version": "V3"},
-            "service_name": target.cluster,
-        },
-        "connect_timeout": CONNECT_TIMEOUT,
-        "lb_policy": "ROUND_ROBIN",
-    }
-    if target.protocol == HTTP2:
-        fields["typed_extension_protocol_options"] = _http2_options()
+    fields = _eds_cluster(target)
     if tls_mode == "ISTIO_MUTUAL":
         fields["transport_socket"] = tls.upstream_mtls(identity, server_sans, sni)
     elif tls_mode != "DISABLE":
