@@ -44,11 +44,10 @@ INITIAL_FETCH_TIMEOUT = 5.0
 ADS_RETRY_BASE = 0.25
 ADS_RETRY_MAX = 3.0
 
-# ADS variants (config.core.v3.ApiConfigSource.ApiType). Both are served and tested
-# (https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol#incremental-xds). The node's
-# Envoy stays on state-of-the-world for now: with delta, a pod of a new service account adopted
-# at agent start got clusters that kept warming (503, cluster not found) although the server
-# re-sent their unchanged EDS resources (test_capture_membership); not understood yet (#14).
+# ADS variants (config.core.v3.ApiConfigSource.ApiType): the node's Envoy uses delta (incremental)
+# xDS, so a change sends only the resources it touched and removals name what goes
+# (https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol#incremental-xds); the
+# sidecar model keeps state-of-the-world, which the xDS server serves as well.
 DELTA_ADS, SOTW_ADS = "DELTA_GRPC", "GRPC"
 
 # A user-space (internal listener) socket closed after an HTTP/1 "Connection: close" response
@@ -74,12 +73,12 @@ def bootstrap(
     *,
     initial_fetch_timeout: float = INITIAL_FETCH_TIMEOUT,
     socket_mark: int | None = MESH_MARK,
-    api_type: str = SOTW_ADS,
+    api_type: str = DELTA_ADS,
 ) -> dict[str, Any]:
     """An Envoy v3 Bootstrap as JSON-able data. Admin listens on ADMIN_SOCKET (mode 0600), or,
     without one, on 127.0.0.1:ADMIN_PORT (the sidecar model: Istio's in-pod admin). The stats
     listener binds STATS_HOST:STATS_PORT. ``socket_mark=None`` leaves sockets unmarked (setting
-    SO_MARK needs CAP_NET_ADMIN). API_TYPE: SOTW_ADS (default) or DELTA_ADS."""
+    SO_MARK needs CAP_NET_ADMIN). API_TYPE: DELTA_ADS (default) or SOTW_ADS."""
     if api_type not in (DELTA_ADS, SOTW_ADS):
         raise ValueError(f"ADS api_type must be {DELTA_ADS} or {SOTW_ADS}, not {api_type!r}")
     admin = (

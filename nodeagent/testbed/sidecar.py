@@ -375,7 +375,7 @@ class SidecarProxies(NodeProxy):
                 },
                 initial_fetch_timeout=0,  # Istio's sidecars wait for their config
                 socket_mark=None,  # uid 1337 has no CAP_NET_ADMIN; capture skips it by owner
-                api_type=SOTW_ADS,  # state-of-the-world ADS stays in use (the node's too, for now)
+                api_type=SOTW_ADS,  # state-of-the-world ADS stays in use (the node's is delta)
             ),
         )
         os.chown(path, 0, PROXY_UID)

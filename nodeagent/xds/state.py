@@ -198,7 +198,7 @@ class TypeState:
         if not self.sotw:
             self.told_absent |= {n for n in plan.removals if n in self.explicit}
             self.told_absent -= set(plan.upserts)
-        self.force.clear()
+        self.force -= set(plan.upserts)  # a forced name not subscribed yet waits for it
         self.respond = False
         self.nonce = nonce
         self.sent_at = time.monotonic()

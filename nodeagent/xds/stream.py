@@ -265,8 +265,11 @@ class AdsStream(ABC):
             dependent.expect = wanted
             dependent.expect_since = time.monotonic()
             if plan.type_url == types.CLUSTER:
-                # An updated EDS cluster warms until an EDS response names it, even unchanged.
-                dependent.force |= wanted & set(dependent.sent)
+                # An added or updated EDS cluster warms until an EDS response names it, even
+                # unchanged: Envoy asks for no name it already watches for another cluster.
+                # Forced whether or not Envoy is known to hold it yet: on a new stream, Envoy's
+                # EDS request (initial_resource_versions) comes only after this CDS response.
+                dependent.force |= wanted
         response = self._response(plan, snapshot, nonce)
         self.host.metrics.pushes.labels(types.short_name(plan.type_url)).inc()
         self.host.metrics.sent_bytes.labels(types.short_name(plan.type_url)).inc(

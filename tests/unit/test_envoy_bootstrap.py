@@ -34,8 +34,8 @@ def test_node_identity_and_ads_over_the_agent_socket(tmp_path: Path) -> None:
         "metadata": {"z": "1"},
     }
     ads = config["dynamic_resources"]["ads_config"]
-    # State-of-the-world by default until delta's warming clusters are understood (bootstrap.py).
-    assert (ads["api_type"], ads["transport_api_version"]) == ("GRPC", "V3")
+    # Delta xDS by default: a change sends only what it touched.
+    assert (ads["api_type"], ads["transport_api_version"]) == ("DELTA_GRPC", "V3")
     assert ads["set_node_on_first_message_only"] is True
     assert ads["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "xds-grpc"
     for kind in ("cds_config", "lds_config"):

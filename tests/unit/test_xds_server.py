@@ -712,6 +712,71 @@ def test_delta_reconnect_with_initial_versions_resends_only_changes(tmp_path: Pa
     run(tmp_path, body)
 
 
+def shared_eds_snapshot(version: str, sources: list[str]) -> Snapshot:
+    """One service's endpoints used by a cluster per source identity (nodeagent's clusters are
+    keyed by source service account and share the destination's EDS service name)."""
+    clusters = {}
+    for source in sources:
+        clusters[f"svc~{source}"] = c = cluster(f"svc~{source}")
+        c.eds_cluster_config.service_name = "svc"
+    return snapshot(version, clusters=clusters, assignments={"svc": cla("svc")})
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_a_new_cluster_on_a_watched_eds_name_gets_that_name_again(
+    tmp_path: Path, delta: bool
+) -> None:
+    """Envoy sends no request for an EDS name it already watches: the added cluster warms until
+    an EDS response names it again, although the assignment did not change."""
+
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, shared_eds_snapshot("v1", ["web"]))
+        envoy = env.envoy(delta)
+        await envoy.request(CDS)
+        cds = await envoy.recv()
+        await envoy.request(EDS, ["svc"])
+        await envoy.ack(cds)
+        await envoy.ack(await envoy.recv(), ["svc"])
+        env.cache.set_snapshot(NODE, shared_eds_snapshot("v2", ["web", "late"]))
+        cds = await envoy.recv()
+        assert (cds.type_url, "svc~late" in names_of(cds)) == (CDS, True)
+        eds = await envoy.recv(timeout=1.0)  # before the 5 s ACK timeout: CDS is held
+        assert (eds.type_url, names_of(eds)) == (EDS, ["svc"])
+
+    run(tmp_path, body)
+
+
+def test_delta_reconnect_resends_a_watched_eds_name_to_a_cluster_added_first(
+    tmp_path: Path,
+) -> None:
+    """The agent restarted while Envoy kept running: Envoy reconnects with what it holds and
+    gets the new identity's cluster first; its EDS request, sent only once it applied that CDS
+    response, says it holds the shared assignment already. The new cluster still needs it."""
+
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, shared_eds_snapshot("v1", ["web"]))
+        before = env.cache.get(NODE)
+        assert before is not None
+        env.cache.set_snapshot(NODE, shared_eds_snapshot("v2", ["web", "late"]))
+        envoy = env.envoy(delta=True)
+        await envoy.send(type_url=CDS, initial_resource_versions=dict(before.versions(CDS)))
+        cds = await envoy.recv()
+        assert names_of(cds) == ["svc~late"]
+        await envoy.send(
+            type_url=EDS,
+            resource_names_subscribe=["svc"],
+            initial_resource_versions=dict(before.versions(EDS)),
+        )
+        eds = await envoy.recv(timeout=1.0)  # before the 5 s ACK timeout: CDS is held
+        assert (eds.type_url, names_of(eds)) == (EDS, ["svc"])
+        await envoy.ack(eds)
+        await envoy.ack(cds)
+        await wait_for_state(env, "CDS", "SYNCED")
+        assert await envoy.silent(0.3) == []  # sent once, not again
+
+    run(tmp_path, body)
+
+
 def test_disconnect_cleans_up_and_reconnect_gets_current_snapshot(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         env.cache.set_snapshot(NODE, snapshot("v1"))
