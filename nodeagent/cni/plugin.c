@@ -28,6 +28,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <fcntl.h>
+#include <math.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -476,11 +477,11 @@ static const char *text_setting(const struct jval *conf, const char *key, const 
     return v->str;
 }
 
-/* A setting that must be a positive number when present. */
+/* A setting that must be a positive (finite) number when present. */
 static double seconds_setting(const struct jval *conf, const char *key, double fallback) {
     const struct jval *v = get(conf, key);
     if (!v) return fallback;
-    if (v->type != J_NUM || !(v->num > 0)) {
+    if (v->type != J_NUM || !(v->num > 0) || !isfinite(v->num)) {
         struct buf msg = {0};
         printf_(&msg, "field '%s' must be a positive number, got ", key);
         describe(&msg, v);

@@ -174,6 +174,7 @@ def test_add_fails_when_the_agent_cannot_capture(
         (json.dumps({"cniVersion": "9.9.9", "name": "x", "type": "nodeagent-cni"}), 1, "9.9.9"),
         ("PREV-MISSING", INVALID_CONFIG, "prevResult is missing"),
         ("BAD-TIMEOUT", INVALID_CONFIG, "timeoutSeconds"),
+        ("HUGE-TIMEOUT", INVALID_CONFIG, "timeoutSeconds"),
     ],
 )
 def test_bad_input_gets_a_spec_error_and_changes_nothing(
@@ -188,6 +189,10 @@ def test_bad_input_gets_a_spec_error_and_changes_nothing(
         stdin = json.dumps(config(tmp_path, prevResult=None))
     elif stdin == "BAD-TIMEOUT":
         stdin = json.dumps(config(tmp_path, timeoutSeconds="soon"))
+    elif stdin == "HUGE-TIMEOUT":  # beyond a double: no "inf" may reach the agent
+        stdin = json.dumps(config(tmp_path, timeoutSeconds=1)).replace(
+            '"timeoutSeconds": 1', '"timeoutSeconds": 1e999'
+        )
     rc, out = invoke(monkeypatch, "ADD", stdin)
     assert rc == 1 and out is not None
     assert out["code"] == code
