@@ -6,13 +6,13 @@
 #   3. A cgroup v2 hierarchy (the eBPF cgroup hooks attach to it) when none is mounted.
 #   4. .venv with the project installed editable, plus Debian's bcc and nftables bindings exposed
 #      one module at a time (never the whole system site-packages).
-#   5. The self-contained nodeagent-cni bundle (build/cni/), rebuilt when its sources change.
+#   5. The nodeagent-cni plugin (build/cni/, a static C program), rebuilt when its source changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
     nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 bpftool
-    containernetworking-plugins iproute2 wrk hey nginx-light curl procps
+    containernetworking-plugins iproute2 wrk hey nginx-light curl procps gcc libc6-dev
 )
 # Tools only the unit tests run (shellcheck, and ruby for `ruby -c vagrant/Vagrantfile`), installed
 # by `make test-tools` (`setup.sh --test-tools`). Kept out of PACKAGES, which is exactly what the
@@ -159,7 +159,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x $VENV/bin/node
     touch "$stamp"
 fi
 
-# The CNI plugin ships as a self-contained bundle (no host Python needed on a node).
+# The CNI plugin is one static binary: it needs nothing installed on a node.
 bash scripts/build-cni.sh
 
 # Debian's bindings live in /usr/lib/python3/dist-packages next to everything else Debian ships.

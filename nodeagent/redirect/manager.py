@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 
 class ProbeSource(Protocol):
-    def sync(self, pod_ips: Sequence[str]) -> None: ...
+    def sync(self, pod_ips: Sequence[str], whole: bool = False) -> None: ...
 
     def remove(self) -> None: ...
 
@@ -110,6 +110,7 @@ class CaptureManager:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._probe_lock = asyncio.Lock()
         self._probes_asked = 0  # _sync_probes calls so far; those up to _probes_synced are done
+        self._probes_whole_asked = self._probes_whole_synced = 0  # the same, for WHOLE calls
         self._probes_synced = 0
         self._membership_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(CAPTURE_WORKERS, thread_name_prefix="capture")
@@ -337,7 +338,7 @@ class CaptureManager:
         for outcome in await asyncio.gather(*(self._reconcile_locked(c) for c in captures)):
             if outcome:
                 summary[outcome] += 1
-        await self._sync_probes()
+        await self._sync_probes(whole=True)
         level = logging.INFO
         if summary["repaired"] or summary["failed"] or summary["netns_missing"]:
             level = logging.WARNING
@@ -632,8 +633,9 @@ class CaptureManager:
             return _fail(reason)
         return {"ok": True, "state": state, "reason": reason}
 
-    async def _sync_probes(self) -> None:
-        """Make the node's probe SNAT set hold the captured pods' IPs as the registry has them.
+    async def _sync_probes(self, whole: bool = False) -> None:
+        """Make the node's probe SNAT set hold the captured pods' IPs as the registry has them;
+        WHOLE (reconcile passes) also rewrites the table around it, repairing it.
 
         Callers that queue behind a running sync are served by the next one in one go: it reads
         the registry after all their changes (a burst of ADDs costs a few nft runs, not one each).
@@ -642,18 +644,23 @@ class CaptureManager:
             return
         self._probes_asked += 1
         asked = self._probes_asked
+        if whole:
+            self._probes_whole_asked = asked
         async with self._probe_lock:
-            if self._probes_synced >= asked:
+            if self._probes_synced >= asked and (not whole or self._probes_whole_synced >= asked):
                 return  # a sync that started after this caller's change covered it
             taking = self._probes_asked
+            rewrite = self._probes_whole_asked > self._probes_whole_synced
             ips = sorted(
                 {ip for c in self.registry.pods.values() if c.state == CAPTURED for ip in c.ips}
             )
             try:
-                await self._in_thread(self.probe_snat.sync, ips)
+                await self._in_thread(self.probe_snat.sync, ips, rewrite)
             except Exception as e:
                 log.error("updating the node's probe SNAT set failed: %s", e)
             self._probes_synced = taking
+            if rewrite:
+                self._probes_whole_synced = taking
 
     # -- final removal (uninstall) ----------------------------------------------------------------
 

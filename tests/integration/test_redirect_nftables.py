@@ -27,7 +27,7 @@ from nodeagent.redirect import netns as netns_module
 from nodeagent.redirect.capture import CaptureSpec, Network
 from nodeagent.redirect.host import ProbeSnat
 from nodeagent.redirect.netns import NetnsNotFound, entered
-from nodeagent.redirect.nftables import NftablesBackend, NftablesError
+from nodeagent.redirect.nftables import NftablesBackend, NftablesError, run_nft
 
 pytestmark = pytest.mark.integration
 
@@ -339,6 +339,31 @@ def test_node_probes_reach_the_app_with_probe_snat(
     in_netns(pod.peer, ProbeSnat().remove)
     in_netns(pod.peer, ProbeSnat().remove)
     assert dial(pod.peer, pod.ip, 8080) == INBOUND
+
+
+def test_probe_snat_changes_elements_and_repairs_what_went_missing(
+    pod: Pod, backend: NftablesBackend, listeners: dict[str, Server]
+) -> None:
+    """One ProbeSnat as the agent keeps it: after its first sync, syncs change only the set's
+    elements; if the table vanished behind its back, the next sync puts the whole table back,
+    and a whole sync (the agent's reconcile pass) rewrites a table someone emptied."""
+    call(backend.apply, pod.netns, CaptureSpec())
+    snat = ProbeSnat()
+    in_netns(pod.peer, lambda: snat.sync(["10.9.9.9"]))
+    assert dial(pod.peer, pod.ip, 8080) == INBOUND
+    in_netns(pod.peer, lambda: snat.sync(["10.9.9.9", pod.ip]))
+    assert dial(pod.peer, pod.ip, 8080) == APP
+    in_netns(pod.peer, lambda: snat.sync(["10.9.9.9"]))
+    assert dial(pod.peer, pod.ip, 8080) == INBOUND
+    in_netns(pod.peer, ProbeSnat().remove)  # someone else deleted the table
+    in_netns(pod.peer, lambda: snat.sync([pod.ip]))
+    assert dial(pod.peer, pod.ip, 8080) == APP
+    flush = {"flush": {"chain": {"family": "ip", "table": "nodeagent-host", "name": "postrouting"}}}
+    in_netns(pod.peer, lambda: run_nft({"nftables": [flush]}, "test"))  # the SNAT rule is gone
+    assert dial(pod.peer, pod.ip, 8080) == INBOUND
+    in_netns(pod.peer, lambda: snat.sync([pod.ip], whole=True))
+    assert dial(pod.peer, pod.ip, 8080) == APP
+    in_netns(pod.peer, snat.remove)
 
 
 # -- verify and remove ----------------------------------------------------------------------------

@@ -55,11 +55,13 @@ class ProbeRecorder:
     def __init__(self) -> None:
         self.ips: list[str] = []
         self.syncs = 0  # nft runs on the node's probe SNAT set
+        self.wholes = 0  # of which rewrote the whole table
         self.hold = threading.Event()  # cleared: a sync waits (at most 5 s) until it is set
         self.hold.set()
 
-    def sync(self, pod_ips: Any) -> None:
+    def sync(self, pod_ips: Any, whole: bool = False) -> None:
         self.syncs += 1
+        self.wholes += whole
         self.hold.wait(5)
         self.ips = list(pod_ips)
 
@@ -261,8 +263,10 @@ def test_reconcile_repairs_lost_capture_and_reports_gone_netns(tmp_path: Path) -
         node.manager = node.new_manager()
         node.backend.installed.pop(Path(tmp_path / "netns-b"))  # someone deleted the table
         Path(tmp_path / "netns-c").unlink()  # the pod's netns is gone
+        assert node.probes.wholes == 0  # ADDs change only the set's elements
         summary = await node.manager.reconcile()
         assert summary == {"verified": 1, "repaired": 1, "failed": 0, "netns_missing": 1}
+        assert node.probes.wholes == 1  # a reconcile pass also rewrites (repairs) the table
         states = {p["name"]: (p["state"], p["reason"]) for p in node.manager.status()}
         assert states["b"][0] == "captured" and "repaired" in states["b"][1]
         assert states["c"][0] == "netns-missing"

@@ -1,26 +1,38 @@
 """nodeagent-cni as a container runtime meets it: CNI spec conformance against a stand-in agent.
 
-The stand-in agent is a real UNIX socket server speaking the agent protocol; it records what the
-plugin sent and answers what each test asks.
+The built plugin (nodeagent/cni/plugin.c, scripts/build-cni.sh) is executed as a runtime executes
+it: CNI_* variables, the configuration on stdin, the result or error on stdout. The stand-in agent
+is a real UNIX socket server speaking the agent protocol (nodeagent/cni/wire.py); it records what
+the plugin sent and answers what each test asks.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from nodeagent.cni import plugin, wire
+from nodeagent.cni import wire
 from nodeagent.cni.bundle import locate_bundle
+
+SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+# CNI spec error codes (SPEC.md "Error"), and the plugin's own for a failed capture.
+INCOMPATIBLE_VERSION = 1
+INVALID_ENV = 4
+DECODE_FAILURE = 6
+INVALID_CONFIG = 7
+TRY_AGAIN_LATER = 11
+PLUGIN_NOT_AVAILABLE = 50
+CAPTURE_FAILED = 100
 
 PREV = {
     "cniVersion": "1.0.0",
@@ -35,6 +47,7 @@ class FakeAgent:
         self.path = path
         self.requests: list[dict[str, Any]] = []
         self.answer: dict[str, Any] = {"ok": True, "state": "captured"}
+        self.raw_answer: bytes | None = None  # sent instead of ``answer`` when set
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
         self._sock.listen(8)
@@ -58,7 +71,9 @@ class FakeAgent:
                         break
                     data += chunk
                 self.requests.append(json.loads(data))
-                conn.sendall(wire.encode(self.answer))
+                conn.sendall(
+                    wire.encode(self.answer) if self.raw_answer is None else self.raw_answer
+                )
 
     def close(self) -> None:
         self._stop.set()
@@ -95,7 +110,21 @@ def invoke(
     monkeypatch.setenv("CNI_NETNS", netns)
     monkeypatch.setenv("CNI_IFNAME", "eth0")
     monkeypatch.setenv("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1")
-    return plugin.run(command, stdin)
+    return run(command, stdin)
+
+
+def run(command: str, stdin: str | bytes) -> tuple[int, dict[str, Any] | None]:
+    """Executes the plugin with this process's CNI_* environment; (exit code, JSON printed)."""
+    proc = subprocess.run(
+        [str(locate_bundle() / "nodeagent-cni")],
+        input=stdin.encode() if isinstance(stdin, str) else stdin,
+        env={**os.environ, "CNI_COMMAND": command},
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode in (0, 1), proc
+    assert proc.stderr == b"", proc.stderr  # logs go to the log file
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout else None
 
 
 def test_add_hands_the_pod_to_the_agent_and_passes_prev_result_through(
@@ -123,7 +152,7 @@ def test_add_fails_closed_when_the_agent_is_unreachable(
 ) -> None:
     code, out = invoke(monkeypatch, "ADD", json.dumps(config(tmp_path)))
     assert code == 1 and out is not None
-    assert out["code"] == plugin.TRY_AGAIN_LATER
+    assert out["code"] == TRY_AGAIN_LATER
     assert str(tmp_path / "cni.sock") in out["msg"]
 
 
@@ -133,18 +162,19 @@ def test_add_fails_when_the_agent_cannot_capture(
     agent.answer = {"ok": False, "reason": "annotation x: 'y' is not a port number"}
     code, out = invoke(monkeypatch, "ADD", json.dumps(config(tmp_path)))
     assert code == 1 and out is not None
-    assert out["code"] == plugin.CAPTURE_FAILED
+    assert out["code"] == CAPTURE_FAILED
     assert "shop/web-1" in out["msg"] and "not a port number" in out["msg"]
 
 
 @pytest.mark.parametrize(
     ("stdin", "code", "words"),
     [
-        ("{not json", plugin.DECODE_FAILURE, "failed to decode"),
-        ("[1, 2]", plugin.DECODE_FAILURE, "not a JSON object"),
+        ("{not json", DECODE_FAILURE, "failed to decode"),
+        ("[1, 2]", DECODE_FAILURE, "not a JSON object"),
         (json.dumps({"cniVersion": "9.9.9", "name": "x", "type": "nodeagent-cni"}), 1, "9.9.9"),
-        ("PREV-MISSING", plugin.INVALID_CONFIG, "prevResult is missing"),
-        ("BAD-TIMEOUT", plugin.INVALID_CONFIG, "timeoutSeconds"),
+        ("PREV-MISSING", INVALID_CONFIG, "prevResult is missing"),
+        ("BAD-TIMEOUT", INVALID_CONFIG, "timeoutSeconds"),
+        ("HUGE-TIMEOUT", INVALID_CONFIG, "timeoutSeconds"),
     ],
 )
 def test_bad_input_gets_a_spec_error_and_changes_nothing(
@@ -159,6 +189,10 @@ def test_bad_input_gets_a_spec_error_and_changes_nothing(
         stdin = json.dumps(config(tmp_path, prevResult=None))
     elif stdin == "BAD-TIMEOUT":
         stdin = json.dumps(config(tmp_path, timeoutSeconds="soon"))
+    elif stdin == "HUGE-TIMEOUT":  # beyond a double: no "inf" may reach the agent
+        stdin = json.dumps(config(tmp_path, timeoutSeconds=1)).replace(
+            '"timeoutSeconds": 1', '"timeoutSeconds": 1e999'
+        )
     rc, out = invoke(monkeypatch, "ADD", stdin)
     assert rc == 1 and out is not None
     assert out["code"] == code
@@ -182,9 +216,9 @@ def test_missing_environment_is_named(
     monkeypatch.delenv("CNI_NETNS", raising=False)
     monkeypatch.setenv("CNI_CONTAINERID", "c0ffee")
     monkeypatch.setenv("CNI_IFNAME", "eth0")
-    rc, out = plugin.run("ADD", json.dumps(config(tmp_path)))
+    rc, out = run("ADD", json.dumps(config(tmp_path)))
     assert rc == 1 and out is not None
-    assert out["code"] == plugin.INVALID_ENV and "CNI_NETNS" in out["msg"]
+    assert out["code"] == INVALID_ENV and "CNI_NETNS" in out["msg"]
 
 
 def test_a_non_kubernetes_sandbox_passes_through(
@@ -194,7 +228,7 @@ def test_a_non_kubernetes_sandbox_passes_through(
     monkeypatch.setenv("CNI_NETNS", "/proc/self/ns/net")
     monkeypatch.setenv("CNI_IFNAME", "eth0")
     monkeypatch.setenv("CNI_ARGS", "IgnoreUnknown=1")
-    assert plugin.run("ADD", json.dumps(config(tmp_path))) == (0, PREV)
+    assert run("ADD", json.dumps(config(tmp_path))) == (0, PREV)
     assert agent.requests == []
 
 
@@ -219,7 +253,7 @@ def test_del_tells_the_agent(
 ) -> None:
     assert invoke(monkeypatch, "DEL", json.dumps(config(tmp_path))) == (0, None)
     monkeypatch.setenv("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_UID=u-1")
-    assert plugin.run("DEL", json.dumps(config(tmp_path))) == (0, None)
+    assert run("DEL", json.dumps(config(tmp_path))) == (0, None)
     assert agent.requests[0]["command"] == "DEL"
     assert agent.requests[0]["pod"]["containerId"] == "c0ffee"
     # The uid finds a pod the agent adopted without seeing its ADD (no sandbox id known).
@@ -233,7 +267,7 @@ def test_check_reports_capture_problems(
     agent.answer = {"ok": False, "reason": "table inet nodeagent is missing"}
     rc, out = invoke(monkeypatch, "CHECK", json.dumps(config(tmp_path)))
     assert rc == 1 and out is not None
-    assert out["code"] == plugin.CAPTURE_FAILED and "missing" in out["msg"]
+    assert out["code"] == CAPTURE_FAILED and "missing" in out["msg"]
 
 
 def test_status_and_gc(agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,7 +283,7 @@ def test_status_and_gc(agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.Mon
     agent.close()
     (tmp_path / "cni.sock").unlink()
     rc, out = invoke(monkeypatch, "STATUS", json.dumps(conf))
-    assert rc == 1 and out is not None and out["code"] == plugin.PLUGIN_NOT_AVAILABLE
+    assert rc == 1 and out is not None and out["code"] == PLUGIN_NOT_AVAILABLE
 
 
 def test_logs_go_to_the_log_file(
@@ -260,23 +294,9 @@ def test_logs_go_to_the_log_file(
     assert entry["msg"] == "pod handed to agent" and entry["pod"] == "shop/web-1"
 
 
-def test_the_plugin_imports_only_the_standard_library() -> None:
-    root = Path(plugin.__file__).parent
-    for module in ("plugin.py", "wire.py"):
-        tree = ast.parse((root / module).read_text())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                top = name.split(".")[0]
-                assert top in sys.stdlib_module_names or name == "nodeagent.cni", (module, name)
-
-
-def test_the_bundle_runs_without_any_host_python(tmp_path: Path) -> None:
-    """The built plugin runs with an empty environment: its own runtime, no PATH, no venv."""
+def test_the_bundle_runs_without_anything_from_the_host(tmp_path: Path) -> None:
+    """The built plugin runs with an empty environment (no PATH, no Python) and is linked
+    statically: no program interpreter, so no shared library of the host is loaded."""
     binary = locate_bundle() / "nodeagent-cni"
     proc = subprocess.run(
         ["/usr/bin/env", "-i", "CNI_COMMAND=VERSION", str(binary)],
@@ -289,9 +309,26 @@ def test_the_bundle_runs_without_any_host_python(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
         "cniVersion": "1.1.0",
-        "supportedVersions": plugin.SUPPORTED_VERSIONS,
+        "supportedVersions": SUPPORTED_VERSIONS,
     }
     assert os.path.realpath(binary).startswith(str(locate_bundle().resolve()))
+    assert PT_INTERP not in elf_segment_types(binary)
+
+
+PT_INTERP = 3  # the ELF program header naming the dynamic loader (System V ABI)
+
+
+def elf_segment_types(path: Path) -> list[int]:
+    """The p_type of each program header of a 64-bit little-endian ELF file."""
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not an ELF64 LE file"
+    phoff, phentsize, phnum = (
+        int.from_bytes(data[0x20:0x28], "little"),
+        int.from_bytes(data[0x36:0x38], "little"),
+        int.from_bytes(data[0x38:0x3A], "little"),
+    )
+    offsets = (phoff + i * phentsize for i in range(phnum))
+    return [int.from_bytes(data[o : o + 4], "little") for o in offsets]
 
 
 @pytest.mark.parametrize(
@@ -319,7 +356,7 @@ def test_gc_with_a_malformed_list_fails_and_tells_the_agent_nothing(
         monkeypatch, "GC", json.dumps({k: v for k, v in conf.items() if v is not None})
     )
     assert code == 1 and out is not None
-    assert out["code"] == plugin.INVALID_CONFIG and words in out["msg"], out
+    assert out["code"] == INVALID_CONFIG and words in out["msg"], out
     assert "nothing removed" in out["msg"]
     assert agent.requests == []
 
@@ -331,3 +368,117 @@ def test_gc_reads_the_older_spelling_libcni_also_sends(
     conf["cni.dev/attachments"] = [{"containerID": "b", "ifname": "eth0"}]
     assert invoke(monkeypatch, "GC", json.dumps(conf)) == (0, None)
     assert agent.requests[-1]["validContainerIds"] == ["b"]
+
+
+def test_pod_fields_reach_the_agent_exactly(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quotes, backslashes, control characters and non-ASCII in the pod's fields and in the
+    answer's reason arrive unchanged; ips keep every address, without the prefix length."""
+    prev = {**PREV, "ips": [{"address": "10.244.1.7/24"}, {"gateway": "x"}, {"address": "fd00::7"}]}
+    conf = config(tmp_path, name='net "é" \\ \t', prevResult=prev)
+    monkeypatch.setenv("CNI_CONTAINERID", 'c"0\\ffee\u00e9')
+    monkeypatch.setenv("CNI_NETNS", "/proc/self/ns/net")
+    monkeypatch.setenv("CNI_IFNAME", "eth0")
+    monkeypatch.setenv("CNI_ARGS", ' K8S_POD_NAMESPACE = shop ;K8S_POD_NAME=wéb-1;K8S_POD_UID=u"1')
+    assert run("ADD", json.dumps(conf)) == (0, prev)
+    (request,) = agent.requests
+    assert request["pod"]["containerId"] == 'c"0\\ffee\u00e9'
+    assert request["pod"]["network"] == 'net "é" \\ \t'
+    assert (request["pod"]["namespace"], request["pod"]["name"]) == ("shop", "wéb-1")
+    assert request["pod"]["uid"] == 'u"1'
+    assert request["pod"]["ips"] == ["10.244.1.7", "fd00::7"]
+    assert request["timeout"] == 5
+    agent.answer = {"ok": False, "reason": 'bad "annotation"\n\u2603'}
+    rc, out = run("ADD", json.dumps(conf))
+    assert rc == 1 and out is not None and out["msg"].endswith('bad "annotation"\n\u2603')
+
+
+@pytest.mark.parametrize(
+    ("answer", "words"),
+    [
+        (b"", "closed the connection without answering"),
+        (b"{not json\n", "not JSON"),
+        (b"[1]\n", "not a JSON object"),
+        (b" " * (wire.MAX_MESSAGE + 10), f"exceeds {wire.MAX_MESSAGE} bytes"),
+    ],
+)
+def test_a_broken_answer_fails_the_add_with_an_io_error(
+    agent: FakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: bytes,
+    words: str,
+) -> None:
+    agent.raw_answer = answer
+    rc, out = invoke(monkeypatch, "ADD", json.dumps(config(tmp_path)))
+    assert rc == 1 and out is not None
+    assert out["code"] == 5 and str(tmp_path / "cni.sock") in out["msg"] and words in out["msg"]
+
+
+@pytest.mark.parametrize(
+    ("stdin", "words"),
+    [
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"cniVersion": "1.0.0", "x": "' + b"a" * (9 << 20) + b'"}', "bytes on stdin"),
+        (b'{"cniVersion": "1.0.0", "x": "\xff"}', "not UTF-8"),
+        (b'{"cniVersion": "1.0.0", "x": "\\ud800"}', "unpaired surrogate"),
+        (b'{"cniVersion": "1.0.0", "x": "a\\u0000b"}', "\\u0000"),
+        (b'{"cniVersion": "1.0.0"} {}', "extra data"),
+        (b'{"cniVersion": "1.0.0", "x": 01}', "expected ',' or '}'"),
+        (b"", "expected a value"),
+    ],
+)
+def test_malformed_configuration_is_a_decode_error(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdin: bytes, words: str
+) -> None:
+    rc, out = invoke(monkeypatch, "ADD", stdin)  # type: ignore[arg-type]
+    assert rc == 1 and out is not None
+    assert out["code"] == DECODE_FAILURE and words in out["details"], out
+    assert agent.requests == []
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=15,
+)
+FIELDS = ["prevResult", "name", "timeoutSeconds", "cni.dev/valid-attachments", "x"]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    command=st.sampled_from(["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"]),
+    raw=st.binary(max_size=300),
+    doc=st.dictionaries(
+        st.sampled_from(FIELDS),
+        JSON_VALUES
+        | st.fixed_dictionaries(
+            {
+                "ips": st.lists(JSON_VALUES | st.fixed_dictionaries({"address": JSON_VALUES})),
+                "cniVersion": JSON_VALUES,
+            }
+        ),
+    ),
+    version=st.sampled_from([*SUPPORTED_VERSIONS, "9.9"]),
+    use_raw=st.booleans(),
+)
+def test_any_input_gets_a_cni_answer(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    raw: bytes,
+    doc: dict[str, Any],
+    version: str,
+    use_raw: bool,
+) -> None:
+    """Whatever arrives on stdin (random bytes, or a configuration with random fields), the
+    plugin exits 0 or 1 with JSON (or nothing) on stdout and never writes to stderr: no crash,
+    no hang. Its socket and log file are always this test's (no agent listens there)."""
+    own = {"agentSocket": str(tmp_path / "none.sock"), "logFile": str(tmp_path / "cni.log")}
+    stdin = raw if use_raw else json.dumps({**doc, "cniVersion": version, **own}).encode()
+    code, out = invoke(monkeypatch, command, stdin)  # type: ignore[arg-type]
+    if code == 1:
+        assert out is not None and isinstance(out["code"], int) and isinstance(out["msg"], str)

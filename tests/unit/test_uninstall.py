@@ -323,7 +323,7 @@ class ProbeRecorder:
     def __init__(self) -> None:
         self.removed = 0
 
-    def sync(self, pod_ips: Any) -> None:
+    def sync(self, pod_ips: Any, whole: bool = False) -> None:
         raise AssertionError("the probe set is not synced during removal")
 
     def remove(self) -> None:
