@@ -239,7 +239,7 @@ def originate_cluster(
         "upstream_bind_config": upstream_bind,
     }
     if not identities:  # no local pod: nobody to present (a matcher needs one entry at least)
-        return message(Cluster, {**fields, "transport_socket": tls.no_identity()})
+        return message(Cluster, {**fields, "transport_socket": tls.no_identity(validate=False)})
     matches.append({"name": PLAINTEXT, "match": {}, "transport_socket": tls.plaintext()})
     matches.append({"name": NO_IDENTITY, "match": {}, "transport_socket": tls.no_identity()})
     by_caller: dict[str, dict[str, Any]] = {}

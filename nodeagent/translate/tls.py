@@ -64,16 +64,18 @@ def upstream_mtls(
     }
 
 
-def no_identity() -> dict[str, Any]:
-    """Client side without a certificate: a mesh server (which requires one) refuses it."""
+def no_identity(validate: bool = True) -> dict[str, Any]:
+    """Client side without a certificate: a mesh server (which requires one) refuses it.
+    VALIDATE: check the server against ROOTCA too (over SDS: a cluster using it warms until
+    ROOTCA arrives, so the node's cluster for no caller at all leaves it out)."""
+    common: dict[str, Any] = {"alpn_protocols": ISTIO_ALPN}
+    if validate:
+        common["validation_context_sds_secret_config"] = _sds(ROOTCA)
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": typed(
             "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            common_tls_context={
-                "validation_context_sds_secret_config": _sds(ROOTCA),
-                "alpn_protocols": ISTIO_ALPN,
-            },
+            common_tls_context=common,
         ),
     }
 
