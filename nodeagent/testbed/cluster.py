@@ -1031,12 +1031,11 @@ def _endpoint_problems(
     seen: set[str] = set()
     problems = []
     for name, endpoints in held.items():
-        base = name
-        seen.add(base)
-        if base in want and endpoints != want[base]:
+        seen.add(name)
+        if name in want and endpoints != want[name]:
             problems.append(name)
     if complete:
-        problems += sorted(base for base in want if base not in seen)
+        problems += sorted(name for name in want if name not in seen)
     return problems
 
 

@@ -39,22 +39,40 @@ TCP_ACCESS_LOG_FORMAT = (
 NETNS_FACTORY = "envoy.hashable_string"
 
 
-def stamp_netns(netns: str) -> dict[str, Any]:
-    """The filter that makes this connection's upstream sockets, and their pool, NETNS's."""
+ORIGINAL_DST_FILTER = {
+    "name": "envoy.filters.listener.original_dst",
+    "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
+}
+
+
+def state_value(key: str, value: str, shared: str, factory: str = "") -> dict[str, Any]:
+    """One set_filter_state entry: KEY = VALUE (a formatter string), SHARED with upstreams.
+    FACTORY makes the object; Envoy's well-known keys have their own (an address, a SAN
+    list), so only our keys name one."""
+    entry = {
+        "object_key": key,
+        "format_string": {"text_format_source": {"inline_string": value}},
+        "shared_with_upstream": shared,
+    }
+    if factory:
+        entry["factory_key"] = factory
+    return entry
+
+
+def set_filter_state(*values: dict[str, Any]) -> dict[str, Any]:
+    """The network filter that sets VALUES (``state_value``s) on each new connection."""
     return {
         "name": "envoy.filters.network.set_filter_state",
         "typed_config": typed(
             "envoy.extensions.filters.network.set_filter_state.v3.Config",
-            on_new_connection=[
-                {
-                    "object_key": NETNS_KEY,
-                    "factory_key": NETNS_FACTORY,
-                    "format_string": {"text_format_source": {"inline_string": netns}},
-                    "shared_with_upstream": "ONCE",
-                }
-            ],
+            on_new_connection=list(values),
         ),
     }
+
+
+def stamp_netns(netns: str) -> dict[str, Any]:
+    """The filter that makes this connection's upstream sockets, and their pool, NETNS's."""
+    return set_filter_state(state_value(NETNS_KEY, netns, "ONCE", NETNS_FACTORY))
 
 
 def access_log(direction: str, pod: str, tcp: bool = False) -> list[dict[str, Any]]:

@@ -34,7 +34,14 @@ from typing import Any
 
 from nodeagent.translate import tls
 from nodeagent.translate.envoy import Cluster, Listener, message, typed
-from nodeagent.translate.filters import NETNS_FACTORY, NETNS_KEY, tcp_proxy
+from nodeagent.translate.filters import (
+    NETNS_FACTORY,
+    NETNS_KEY,
+    ORIGINAL_DST_FILTER,
+    set_filter_state,
+    state_value,
+    tcp_proxy,
+)
 
 OUTBOUND_INTERNAL = "outbound-internal"  # listener and cluster: every service port's chain
 ORIGINATE = "originate"  # listener: mesh endpoints, with the caller's certificate
@@ -62,30 +69,6 @@ _FILTER_STATE_INPUT = "envoy.extensions.matching.common_inputs.transport_socket.
 _SOCKET_ACTION = (
     "envoy.extensions.matching.common_inputs.transport_socket.v3.TransportSocketNameAction"
 )
-
-
-def state_value(key: str, value: str, shared: str, factory: str = "") -> dict[str, Any]:
-    """One set_filter_state entry: KEY = VALUE (a formatter string), SHARED with upstreams.
-    FACTORY makes the object; Envoy's well-known keys have their own (an address, a SAN
-    list), so only our keys name one."""
-    entry = {
-        "object_key": key,
-        "format_string": {"text_format_source": {"inline_string": value}},
-        "shared_with_upstream": shared,
-    }
-    if factory:
-        entry["factory_key"] = factory
-    return entry
-
-
-def set_filter_state(*values: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.network.set_filter_state",
-        "typed_config": typed(
-            "envoy.extensions.filters.network.set_filter_state.v3.Config",
-            on_new_connection=list(values),
-        ),
-    }
 
 
 def internal_address(listener: str, endpoint_id: str = "") -> dict[str, Any]:
@@ -165,7 +148,7 @@ def originate_listener() -> Listener:
         {
             "name": ORIGINATE,
             "internal_listener": {},
-            "listener_filters": [_original_dst()],
+            "listener_filters": [ORIGINAL_DST_FILTER],
             "filter_chains": [
                 {
                     "name": ORIGINATE,
@@ -177,13 +160,6 @@ def originate_listener() -> Listener:
             ],
         },
     )
-
-
-def _original_dst() -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.listener.original_dst",
-        "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
-    }
 
 
 def _use(socket_name: str) -> dict[str, Any]:

@@ -27,7 +27,12 @@ from nodeagent.mesh.model import REGISTRY_ONLY, Pod
 from nodeagent.ports import INBOUND_PORT, OUTBOUND_PORT
 from nodeagent.translate import internal, tls
 from nodeagent.translate.envoy import FilterChain, Listener, message, typed
-from nodeagent.translate.filters import http_connection_manager, stamp_netns, tcp_proxy
+from nodeagent.translate.filters import (
+    ORIGINAL_DST_FILTER,
+    http_connection_manager,
+    stamp_netns,
+    tcp_proxy,
+)
 from nodeagent.translate.protocol import is_http
 from nodeagent.translate.services import (
     BLACKHOLE,
@@ -44,10 +49,6 @@ INBOUND_BLACKHOLE = "virtualInbound-blackhole"
 TLS_INSPECTOR = {
     "name": "envoy.filters.listener.tls_inspector",
     "typed_config": typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"),
-}
-ORIGINAL_DST_FILTER = {
-    "name": "envoy.filters.listener.original_dst",
-    "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
 }
 
 
