@@ -57,6 +57,7 @@ from nodeagent.translate.clusters import (
 from nodeagent.translate.endpoints import endpoint_pods, ip_slices, load_assignment
 from nodeagent.translate.listeners import (
     blackhole_chain,
+    fast_inbound_listener,
     has_vip,
     inbound_listener,
     outbound_chain,
@@ -155,6 +156,7 @@ class TranslationCache:
     _modes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # served services'
     _internal: _Memo | None = None  # the outbound-internal listener
     _originate: _Memo | None = None  # the originate-mtls cluster
+    _fast: frozenset[str] = frozenset()  # local pods on the same-node fast path (keys)
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
     def build(
@@ -176,6 +178,12 @@ class TranslationCache:
             sidecar,
         )
         excluded_now = frozenset(excluded)
+        fast = frozenset(
+            local.pod.key
+            for local in local_pods
+            if not sidecar and Origin(POD, local.pod.namespace, local.pod.name) not in excluded_now
+        )
+        fast_changed, self._fast = self._fast ^ fast, fast
         changes = store.changes_since(self._generation)
         previous = self._settings
         if (
@@ -189,6 +197,8 @@ class TranslationCache:
             self._settings = settings
             dirty = self._dirty_services(changes, settings)
             dirty |= {o.key for o in self._excluded ^ excluded_now if o.kind == SERVICE}
+            for pod in fast_changed:  # the services it is an endpoint of: fast path or not
+                dirty |= self._by_pod.get(pod, set())
             self._excluded = excluded_now
             if _namespaces(previous.identities) != _namespaces(settings.identities):
                 # A pod of a new namespace came, or a namespace's last pod left: every
@@ -381,8 +391,13 @@ class TranslationCache:
         settings = self._settings
         store = settings.store
         speaks_mtls = _mtls_speaker(store, settings.excluded_namespaces)
+        # A local caller that a DestinationRule makes send plaintext to this service must not
+        # reach its local endpoints with an identity: they keep the normal path (a STRICT one
+        # refuses it there, as Istio's sidecar would).
+        disabled = any("DISABLE" in modes.values() for modes in entry.modes.values())
+        fast = () if disabled else self._fast
         for target in entry.targets:
-            assignment = load_assignment(store, target, speaks_mtls, not settings.sidecar)
+            assignment = load_assignment(store, target, speaks_mtls, not settings.sidecar, fast)
             entry.endpoints.append((envoy.ENDPOINT, assignment))
             if settings.sidecar:
                 identity = settings.identities[0]
@@ -644,9 +659,13 @@ def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[A
 def _inbound_resources(
     local: LocalPod, ports: dict[int, tuple[str, str]], default_mode: str, me: str, sidecar: bool
 ) -> Made:
-    """A local pod's inbound listener, and the inbound clusters and routes of its HTTP ports."""
+    """A local pod's inbound listener, on the node its fast-path listener too, and the inbound
+    clusters and routes of its HTTP ports."""
     netns = "" if sidecar else local.netns
     made: Made = [(envoy.LISTENER, inbound_listener(local.pod, netns, ports, default_mode, me))]
+    if not sidecar:
+        fast = fast_inbound_listener(local.pod, netns, ports, default_mode, me)
+        made.append((envoy.LISTENER, fast))
     for port, (protocol, _) in ports.items():
         if is_http(protocol):
             cluster = original_dst_cluster(
@@ -654,6 +673,8 @@ def _inbound_resources(
             )
             made.append((envoy.CLUSTER, cluster))
             made.append((envoy.ROUTE, inbound_route(port)))
+            if not sidecar:
+                made.append((envoy.ROUTE, inbound_route(port, fast=True)))
     return made
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from nodeagent.mesh.model import EndpointSlice, Service, ServicePort
@@ -45,17 +45,21 @@ def load_assignment(
     target: ServiceTarget,
     speaks_mtls: Callable[[str, int], bool],
     via_originate: bool = True,
+    fast: Collection[str] = (),
 ) -> ClusterLoadAssignment:
-    """Every ready endpoint of the service, cluster-wide (nothing here is per local pod).
+    """Every ready endpoint of the service, cluster-wide.
 
     SPEAKS_MTLS(pod, port) tells which endpoints are mesh pods accepting mTLS on that port; they
     are marked ``tlsMode: istio`` (Istio's auto mTLS) and carry their pod's SPIFFE ID, the only
     server identity accepted there (secure naming). VIA_ORIGINATE (the node form): each endpoint
     is an internal address of ``originate`` with its own ``ip:port`` in the metadata the
     original_dst filter reads there; otherwise (the sidecar form) the endpoint's socket address.
+    FAST: keys of this node's pods whose mTLS endpoints take the same-node fast path instead
+    (their ``inboundInternal`` listener, internal.py).
     """
     trust_domain = store.mesh_config.trust_domain
     found: dict[tuple[str, int], str | None] = {}  # (ip, port) -> SPIFFE ID if it speaks mTLS
+    local: dict[tuple[str, int], str] = {}  # (ip, port) -> its fast-path listener
     for slice_ in ip_slices(store, target.service):
         port = _slice_port(slice_, target.port)
         if port is None:
@@ -68,6 +72,9 @@ def load_assignment(
             if pod is not None and speaks_mtls(endpoint.pod, port):
                 spiffe = tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
             found.update({(address, port): spiffe for address in endpoint.addresses})
+            if spiffe and pod is not None and endpoint.pod in fast:
+                listener = internal.fast_name(pod.namespace, pod.name)
+                local.update({(address, port): listener for address in endpoint.addresses})
     return message(
         ClusterLoadAssignment,
         {
@@ -75,7 +82,9 @@ def load_assignment(
             "endpoints": [
                 {
                     "lb_endpoints": [
-                        _lb_endpoint(ip, port, found[(ip, port)], via_originate)
+                        _lb_endpoint(
+                            ip, port, found[(ip, port)], via_originate, local.get((ip, port))
+                        )
                         for ip, port in sorted(found)
                     ]
                 }
@@ -86,12 +95,15 @@ def load_assignment(
     )
 
 
-def _lb_endpoint(ip: str, port: int, spiffe: str | None, via_originate: bool) -> dict[str, Any]:
+def _lb_endpoint(
+    ip: str, port: int, spiffe: str | None, via_originate: bool, fast: str | None
+) -> dict[str, Any]:
+    """FAST: the endpoint's fast-path listener, if it has one."""
     metadata: dict[str, Any] = {tls.TLS_MODE_KEY: {"tlsMode": "istio" if spiffe else "disabled"}}
     address: dict[str, Any] = {"socket_address": {"address": ip, "port_value": port}}
     if via_originate:
         where = f"{_host(ip)}:{port}"
-        address = internal.internal_address(internal.ORIGINATE, where)
+        address = internal.internal_address(fast or internal.ORIGINATE, where)
         metadata[internal.ORIGINAL_DST_META] = {"local": where}
         if spiffe:
             metadata[internal.ENDPOINT_META] = {"sans": spiffe}

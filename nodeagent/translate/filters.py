@@ -93,11 +93,18 @@ def access_log(direction: str, pod: str, tcp: bool = False) -> list[dict[str, An
 
 
 def http_connection_manager(
-    stat_prefix: str, route_config_name: str, direction: str, pod: str, mtls: bool = False
+    stat_prefix: str,
+    route_config_name: str,
+    direction: str,
+    pod: str,
+    mtls: bool = False,
+    fast: bool = False,
 ) -> dict[str, Any]:
     """MTLS: an inbound chain behind mTLS, which tells the app its caller's identity in
-    x-forwarded-client-cert (Istio's format); elsewhere a caller-supplied one is dropped."""
-    inbound = direction == "inbound"
+    x-forwarded-client-cert (Istio's format); elsewhere a caller-supplied one is dropped. FAST:
+    an inbound chain of the same-node fast path, whose route states the caller instead (its
+    downstream is an internal connection, with no address to forward)."""
+    inbound = direction == "inbound" and not fast
     xfcc: dict[str, Any] = {"forward_client_cert_details": "SANITIZE"}
     if inbound and mtls:
         xfcc = {

@@ -9,6 +9,13 @@ caller's certificate, chosen per connection by a matcher on the stamped identity
 its own listeners, an identity one TLS socket, a service port one chain, cluster and route:
 nothing grows with pods x services or identities x services (docs/o1-config.md).
 
+The same-node fast path: an endpoint that is a local pod is an internal address of that pod's
+``inboundInternal/<ns>/<pod>`` listener instead of ``originate``. Its chains do what the pod's
+inbound listener does after the mTLS handshake (PeerAuthentication per port, the caller's
+identity to the app in x-forwarded-client-cert, delivery from the pod's netns), with the caller's
+identity taken from the filter state its own outbound listener stamped: no TLS inside one Envoy.
+Only this Envoy's clusters can reach an internal listener, so that identity cannot be forged.
+
 Envoy features this relies on (Envoy 1.40):
 - internal listeners and ``envoy_internal_address`` endpoints (bootstrap extension
   ``envoy.bootstrap.internal_listener``; docs configuration/other_features/internal_listener);
@@ -46,6 +53,7 @@ from nodeagent.translate.filters import (
 OUTBOUND_INTERNAL = "outbound-internal"  # listener and cluster: every service port's chain
 ORIGINATE = "originate"  # listener: mesh endpoints, with the caller's certificate
 ORIGINATE_CLUSTER = "originate-mtls"
+FAST_PREFIX = "inboundInternal"  # a local pod's fast-path listener: inboundInternal/<ns>/<pod>
 CONNECT_TIMEOUT = "10s"
 
 # Filter state stamped by the pod's listener. Netns and caller are hashable: Envoy folds them
@@ -53,6 +61,8 @@ CONNECT_TIMEOUT = "10s"
 # request (see filters.NETNS_FACTORY). TRANSITIVE: they must reach originate, two hops away.
 CALLER_KEY = "io.nodeagent.caller"  # the calling pod's SPIFFE ID
 POD_KEY = "io.nodeagent.pod"  # namespace/name of the calling pod, for access logs
+SOURCE_KEY = "io.nodeagent.source"  # the calling pod's IP (x-forwarded-for on the fast path)
+CALLEE_KEY = "io.nodeagent.callee"  # set on the fast path: the called pod's SPIFFE ID
 TLS_KEY = "io.nodeagent.tls"  # set in originate: the endpoint's tlsMode (auto mTLS)
 SERVICE_KEY = "io.nodeagent.service"  # set in originate: the service port's cluster name
 POD_FORMAT = f"%FILTER_STATE({POD_KEY}:PLAIN)%"
@@ -116,15 +126,36 @@ def internal_cluster(listener: str) -> Cluster:
     )
 
 
-def stamp_caller(netns: str, spiffe: str, pod: str) -> dict[str, Any]:
-    """The pod listener's filter: who calls (kept across every internal hop), and where it was
-    going (for outbound-internal's original_dst, one hop)."""
-    return set_filter_state(
+def fast_name(namespace: str, name: str) -> str:
+    """The fast-path listener of the local pod NAMESPACE/NAME."""
+    return f"{FAST_PREFIX}/{namespace}/{name}"
+
+
+def stamp_caller(netns: str, spiffe: str, pod: str, source: str = "") -> dict[str, Any]:
+    """The pod listener's filter: who calls (kept across every internal hop: its netns, SPIFFE
+    ID, name and IP SOURCE), and where it was going (for outbound-internal's original_dst, one
+    hop)."""
+    who = [
         state_value(NETNS_KEY, netns, "TRANSITIVE", NETNS_FACTORY),
         state_value(CALLER_KEY, spiffe, "TRANSITIVE", NETNS_FACTORY),
         state_value(POD_KEY, pod, "TRANSITIVE", STRING),
+    ]
+    if source:
+        who.append(state_value(SOURCE_KEY, source, "TRANSITIVE", STRING))
+    return set_filter_state(
+        *who,
         state_value(f"{ORIGINAL_DST_META}.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE"),
         state_value(f"{ORIGINAL_DST_META}.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", "ONCE"),
+    )
+
+
+def stamp_callee(netns: str, spiffe: str) -> dict[str, Any]:
+    """A fast-path chain's filter: the delivery socket is made in the called pod's NETNS (this
+    overrides the caller's netns, inherited TRANSITIVE), and the app is told who it is
+    (SPIFFE, the By= of x-forwarded-client-cert). Neither goes further."""
+    return set_filter_state(
+        state_value(NETNS_KEY, netns, "ONCE", NETNS_FACTORY),
+        state_value(CALLEE_KEY, spiffe, "NONE", STRING),
     )
 
 

@@ -39,6 +39,7 @@ from nodeagent.translate.services import (
     INBOUND_PASSTHROUGH,
     PASSTHROUGH,
     ServiceTarget,
+    fast_route,
     inbound_cluster,
 )
 
@@ -133,8 +134,10 @@ def _fallback(outbound_policy: str, who: str) -> dict[str, Any]:
 
 def pod_outbound_listener(pod: Pod, netns: str, spiffe: str) -> Listener:
     """A pod's outbound listener on the node: the same few filters whatever the mesh holds. It
-    stamps the caller (netns, SPIFFE ID, name) and hands the connection to outbound-internal."""
+    stamps the caller (netns, SPIFFE ID, name, IP) and hands the connection to
+    outbound-internal."""
     who = pod.key
+    source = pod.pod_ips[0] if pod.pod_ips else ""
     return message(
         Listener,
         {
@@ -145,7 +148,7 @@ def pod_outbound_listener(pod: Pod, netns: str, spiffe: str) -> Listener:
             "default_filter_chain": {
                 "name": internal.OUTBOUND_INTERNAL,
                 "filters": [
-                    internal.stamp_caller(netns, spiffe, who),
+                    internal.stamp_caller(netns, spiffe, who, source),
                     tcp_proxy(
                         internal.OUTBOUND_INTERNAL, internal.OUTBOUND_INTERNAL, "outbound", who
                     ),
@@ -280,6 +283,60 @@ def inbound_listener(
             "name": inbound_name(pod),
             "address": _address("0.0.0.0", INBOUND_PORT, netns),
             "listener_filters": [ORIGINAL_DST_FILTER, TLS_INSPECTOR],
+            "filter_chains": chains,
+            "default_filter_chain": {"name": INBOUND_PASSTHROUGH, "filters": default},
+            "traffic_direction": "INBOUND",
+        },
+    )
+
+
+def fast_inbound_listener(
+    pod: Pod,
+    netns: str,
+    ports: dict[int, tuple[str, str]],
+    default_mode: str,
+    identity: str,
+) -> Listener:
+    """A local pod's same-node fast path: ``inboundInternal/<ns>/<pod>``, the internal listener
+    its endpoints are on the node's service clusters (endpoints.py). PORTS, DEFAULT_MODE and
+    IDENTITY as for ``inbound_listener``.
+
+    What the pod's inbound listener does once the mTLS handshake is done, without one: the caller
+    is a local pod whose identity its own outbound listener stamped, which every
+    PeerAuthentication mode but DISABLE accepts (a DISABLE port's endpoint is never put on the
+    fast path: callers send it plaintext, the normal way). HTTP ports tell the app who called in
+    x-forwarded-client-cert; delivery is from the pod's netns, as on the mTLS path.
+    """
+    who = pod.key
+    stamp = internal.stamp_callee(netns, identity)
+
+    def deliver(port: int | None, protocol: str) -> dict[str, Any]:
+        if port is not None and is_http(protocol):
+            route = fast_route(port)  # also its stats' prefix: the fast path's own requests
+            return http_connection_manager(route, route, "inbound", who, fast=True)
+        return tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who)
+
+    refused = [_blackhole(who)]
+    chains = [
+        {
+            "name": inbound_cluster(port),
+            "filter_chain_match": {"destination_port": port},
+            "filters": refused if mode == DISABLE else [stamp, deliver(port, protocol)],
+        }
+        for port, (protocol, mode) in sorted(ports.items())
+        if port != INBOUND_PORT
+    ]
+    chains.append(_loop_guard(INBOUND_BLACKHOLE, INBOUND_PORT, "inbound", who))
+    default = refused if default_mode == DISABLE else [stamp, deliver(None, "TCP")]
+    return message(
+        Listener,
+        {
+            "name": internal.fast_name(pod.namespace, pod.name),
+            # Stats of every pod's fast path together: none names a pod (its name would be
+            # the listener's address otherwise).
+            "stat_prefix": internal.FAST_PREFIX,
+            "internal_listener": {},
+            "listener_filters": [ORIGINAL_DST_FILTER],
             "filter_chains": chains,
             "default_filter_chain": {"name": INBOUND_PASSTHROUGH, "filters": default},
             "traffic_direction": "INBOUND",

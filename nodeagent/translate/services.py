@@ -46,6 +46,11 @@ def inbound_cluster(port: int) -> str:
     return f"inbound|{port}||"
 
 
+def fast_route(port: int) -> str:
+    """The route of an HTTP port on the same-node fast path (shared by the pods using it)."""
+    return f"inboundInternal|{port}||"
+
+
 def targets(store: MeshStore) -> Iterator[ServiceTarget]:
     """Every service's targets, services by key."""
     for svc in sorted(store.services.values(), key=lambda s: s.key):

@@ -26,6 +26,7 @@ from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import Pod, Service, ServicePort, Workload, loads_topology
 from tests.integration.helpers import (
     call,
+    envoy_admin,
     first_answer,
     node_cli,
     node_metrics,
@@ -178,6 +179,40 @@ def test_s1_1_every_hop_goes_through_the_node_envoys(mesh: Testbed) -> None:
     wait_for(logged, 5, "both Envoys to log the request", step=0.2)
     assert all(" 200 - via_upstream " in ln for n in logs for ln in logs[n])
     assert all_synced(mesh)
+
+
+def envoy_counters(tb: Testbed, node: str, *names: str) -> dict[str, int]:
+    """Counters of the node Envoy (0 for one it has not created)."""
+    text = envoy_admin(tb.name, node, "/stats?usedonly")
+    values = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    return {name: int(values.get(name, "0")) for name in names}
+
+
+def test_same_node_calls_take_the_fast_path_and_keep_the_callers_identity(mesh: Testbed) -> None:
+    """#14 part 3: echo has a replica on each node. sleep (n1) -> echo-1 (n1) is handed from the
+    caller's outbound side to the callee's inbound side inside n1's Envoy, with no TLS; the app
+    still learns its caller's SPIFFE ID and IP, as over mTLS. sleep -> echo-2 (n2) is mTLS."""
+    sleep = "istioinaction/sleep"
+    fast = "http.inboundInternal|8080||.downstream_rq_total"
+    handshakes = "listener.0.0.0.0_15006.ssl.handshake"  # every local pod's inbound listener
+    call(mesh, "istioinaction/sleep-2", "http://web-api:8080/")  # n2 -> n1: one mTLS at least
+    before = envoy_counters(mesh, "n1", fast, handshakes)
+    assert before[handshakes] > 0, "n1's inbound mTLS handshakes are not counted there"
+    answers = [call(mesh, sleep, "http://echo/") for _ in range(12)]
+    after = envoy_counters(mesh, "n1", fast, handshakes)
+    by_pod = Counter(_pod_of(mesh, a["pod_ip"]) for a in answers)
+    assert by_pod["echo-1"] and by_pod["echo-2"], by_pod  # round robin over both nodes
+    td = "spiffe://cluster.local/ns/istioinaction/sa"
+    for answer in answers:
+        headers = answer["headers"]
+        assert answer["code"] == 200 and headers["x-forwarded-for"] == mesh.pod_ip(sleep)
+        xfcc = headers["x-forwarded-client-cert"]
+        if _pod_of(mesh, answer["pod_ip"]) == "echo-1":  # no certificate: By= and URI= only
+            assert xfcc == f"By={td}/default;URI={td}/sleep", xfcc
+        else:  # mTLS: the certificate's hash too
+            assert xfcc.startswith(f"By={td}/default;Hash=") and f"URI={td}/sleep" in xfcc
+    assert after[fast] - before[fast] == by_pod["echo-1"]
+    assert after[handshakes] == before[handshakes]  # no TLS on n1's inbound side
 
 
 def test_pods_of_one_service_account_never_share_an_upstream_connection(mesh: Testbed) -> None:
@@ -358,10 +393,12 @@ def test_proxy_config_shows_what_the_node_envoy_holds_for_a_pod(mesh: Testbed) -
         mesh.name, "n1", "proxy-config", "listeners", "istioinaction/web-api", "-o", "json"
     )
     names = {listener["name"] for listener in json.loads(raw.stdout)}
-    # The pod's own two, and the node's listener of service chains its outbound one reaches.
+    # The pod's own three (its same-node fast path too), and the node's listener of service
+    # chains its outbound one reaches.
     assert names == {
         "virtualOutbound/istioinaction/web-api",
         "virtualInbound/istioinaction/web-api",
+        "inboundInternal/istioinaction/web-api",
         "outbound-internal",
     }
     missing = node_cli(mesh.name, "n1", "proxy-config", "listeners", "istioinaction/nope")

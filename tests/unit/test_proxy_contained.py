@@ -110,7 +110,11 @@ def test_a_captured_pod_missing_from_the_source_gets_no_identity(tmp_path: Path)
     secrets = set(resources(proxy, e.SECRET))
     assert secrets == {"spiffe://cluster.local/ns/shop/sa/web", "ROOTCA"}
     listeners = set(resources(proxy, e.LISTENER)) - SHARED_LISTENERS
-    assert listeners == {"virtualOutbound/shop/web-1", "virtualInbound/shop/web-1"}
+    assert listeners == {
+        "virtualOutbound/shop/web-1",
+        "virtualInbound/shop/web-1",
+        "inboundInternal/shop/web-1",
+    }
     table = proxy.status_table()
     assert table["identity_unknown"] == ["shop/ghost"]
     assert metrics.get_sample_value("nodeagent_pods_identity_unknown") == 1
@@ -210,6 +214,7 @@ def test_a_pod_whose_listener_envoy_rejects_fails_alone(tmp_path: Path) -> None:
     assert set(resources(proxy, e.LISTENER)) - SHARED_LISTENERS == {
         "virtualOutbound/shop/web-1",
         "virtualInbound/shop/web-1",
+        "inboundInternal/shop/web-1",
     }
     problem = synced(proxy, 5.0, "shop/web-2")
     assert "left out (LDS)" in problem and "virtualInbound/shop/web-2" in problem, problem
