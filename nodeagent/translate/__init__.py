@@ -32,6 +32,7 @@ from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate.cache import TranslationCache
+from nodeagent.translate.internal import fast_name
 from nodeagent.translate.listeners import inbound_name, outbound_name
 from nodeagent.translate.services import BLACKHOLE
 from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Resources, Translation
@@ -61,9 +62,10 @@ def build(
     )
 
 
-def pod_listener_names(namespace: str, name: str) -> tuple[str, str]:
+def pod_listener_names(namespace: str, name: str) -> tuple[str, str, str]:
+    """A local pod's listeners on the node: outbound, inbound, and its same-node fast path."""
     pod = Pod(namespace, name)
-    return outbound_name(pod), inbound_name(pod)
+    return outbound_name(pod), inbound_name(pod), fast_name(namespace, name)
 
 
 __all__ = [

@@ -78,12 +78,13 @@ def topology(cert: Path, key: Path) -> str:
     serve = json.dumps([PY, PROBE, "tls-serve", str(TLS_PORT), str(cert), str(key)])
     return f"""
 name: {NAME}
-nodes: [{{name: n1}}]
+nodes: [{{name: n1}}, {{name: n2}}]
 namespaces:
   - {{name: mesh, labels: {{nodeagent.io/mesh: enabled}}}}
   - {{name: legacy}}
 pods:
   - {{name: sleep, namespace: mesh, node: n1, serviceAccount: sleep, labels: {{app: sleep}}}}
+  - {{name: far, namespace: mesh, node: n2, serviceAccount: sleep, labels: {{app: far}}}}
   - {{name: orphan, namespace: mesh, node: n1, serviceAccount: orphan, labels: {{app: orphan}}}}
   - name: echo
     namespace: mesh
@@ -201,8 +202,9 @@ def test_an_app_speaking_tls_itself_keeps_its_own_tls(
     """#12 defect 7. PERMISSIVE: a client's own TLS (no Istio ALPN) reaches the app untouched
     (its own certificate, its echo), as Istio's sidecar passes it through (istio/istio
     pilot/pkg/networking/core/filterchain_options.go: mTLS chains match ``allIstioMtlsALPNs``,
-    other TLS goes to a TCP chain); mesh clients on the same port still come through mTLS;
-    STRICT refuses the non-mesh client and still serves the mesh one."""
+    other TLS goes to a TCP chain); a mesh client on another node still comes through mTLS on
+    the same port, one on the same node through the fast path (no TLS of the mesh's); STRICT
+    refuses the non-mesh client and still serves the mesh ones."""
     cert, _ = certs
     der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
     app_cert = hashlib.sha256(der).hexdigest()
@@ -211,14 +213,23 @@ def test_an_app_speaking_tls_itself_keeps_its_own_tls(
     direct = probe(tb, "legacy/client", "tls-call", app_ip, str(TLS_PORT), str(cert), "hello")
     assert direct == {"ok": True, "echo": "hello", "peer": app_cert}, direct
 
-    before = total(stats_samples(tb), "envoy_listener_ssl_handshake", "15006")
-    meshed = probe(tb, "mesh/sleep", "tls-call", "tlsapp", str(TLS_PORT), str(cert), "via mesh")
+    handshakes, accepted = "envoy_listener_ssl_handshake", "envoy_listener_downstream_cx_total"
+    fast = '"inboundInternal"'  # every local pod's fast-path listener (its stat_prefix)
+    before = stats_samples(tb)
+    meshed = probe(tb, "mesh/far", "tls-call", "tlsapp", str(TLS_PORT), str(cert), "via mesh")
     assert meshed == {"ok": True, "echo": "via mesh", "peer": app_cert}, meshed
-    # The mesh client's connection was mesh mTLS at the server's capture listener.
-    assert total(stats_samples(tb), "envoy_listener_ssl_handshake", "15006") > before
+    # The remote mesh client's connection was mesh mTLS at the server's capture listener.
+    after = stats_samples(tb)
+    assert total(after, handshakes, "15006") > total(before, handshakes, "15006")
+    near = probe(tb, "mesh/sleep", "tls-call", "tlsapp", str(TLS_PORT), str(cert), "same node")
+    assert near == {"ok": True, "echo": "same node", "peer": app_cert}, near
+    # The local one's was handed over inside the node Envoy, with no mesh handshake.
+    last = stats_samples(tb)
+    assert total(last, handshakes, "15006") == total(after, handshakes, "15006")
+    assert total(last, accepted, fast) == total(after, accepted, fast) + 1
 
     # HTTP clients offer Istio's ALPN too: the server side's mTLS chain names the caller.
-    answer = call(tb, "mesh/sleep", "http://echo/")
+    answer = call(tb, "mesh/far", "http://echo/")
     assert "spiffe://cluster.local/ns/mesh/sa/sleep" in answer["headers"].get(
         "x-forwarded-client-cert", ""
     ), answer["headers"]
@@ -236,8 +247,9 @@ def test_an_app_speaking_tls_itself_keeps_its_own_tls(
             return not probe(tb, "legacy/client", *args)["ok"]
 
         wait_for(refused, 10, "STRICT to refuse the non-mesh TLS client", step=0.2)
-        meshed = probe(tb, "mesh/sleep", "tls-call", "tlsapp", str(TLS_PORT), str(cert), "strict")
-        assert meshed == {"ok": True, "echo": "strict", "peer": app_cert}, meshed
+        for client in ("mesh/sleep", "mesh/far"):
+            meshed = probe(tb, client, "tls-call", "tlsapp", str(TLS_PORT), str(cert), "strict")
+            assert meshed == {"ok": True, "echo": "strict", "peer": app_cert}, (client, meshed)
     finally:
         policy.unlink(missing_ok=True)
 
