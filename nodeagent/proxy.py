@@ -45,7 +45,7 @@ from nodeagent.translate import (
     TranslationCache,
     pod_listener_names,
 )
-from nodeagent.translate.internal import OUTBOUND_INTERNAL
+from nodeagent.translate.internal import FAST_PREFIX, OUTBOUND_INTERNAL
 from nodeagent.translate.rejections import Bisection, culprits
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
@@ -498,7 +498,10 @@ class NodeProxy:
             return problem
         snapshot = self.cache.get(self.settings.node_id)
         wanted = snapshot.versions(types.LISTENER) if snapshot is not None else {}
-        if not all(name in wanted and acked.get(name) == wanted[name] for name in names):
+        # Its fast-path listener exists only when a service names one of its ports.
+        if not all(name in wanted for name in names if not name.startswith(FAST_PREFIX)):
+            return None
+        if not all(acked.get(name) == wanted[name] for name in names if name in wanted):
             return None
         # Ready only once Envoy holds the pod's certificate: before that its mTLS would fail.
         sid = self._pod_identity(key)

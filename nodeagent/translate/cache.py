@@ -58,6 +58,7 @@ from nodeagent.translate.endpoints import endpoint_pods, ip_slices, load_assignm
 from nodeagent.translate.listeners import (
     blackhole_chain,
     fast_inbound_listener,
+    fast_ports,
     has_vip,
     inbound_listener,
     outbound_chain,
@@ -156,7 +157,7 @@ class TranslationCache:
     _modes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # served services'
     _internal: _Memo | None = None  # the outbound-internal listener
     _originate: _Memo | None = None  # the originate-mtls cluster
-    _fast: frozenset[str] = frozenset()  # local pods on the same-node fast path (keys)
+    _fast: dict[str, frozenset[int]] = field(default_factory=dict)  # local pod -> fast ports
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
     def build(
@@ -178,12 +179,17 @@ class TranslationCache:
             sidecar,
         )
         excluded_now = frozenset(excluded)
-        fast = frozenset(
-            local.pod.key
-            for local in local_pods
-            if not sidecar and Origin(POD, local.pod.namespace, local.pod.name) not in excluded_now
-        )
-        fast_changed, self._fast = self._fast ^ fast, fast
+        inbound = {local.pod.key: _inbound_inputs(store, local, sidecar) for local in local_pods}
+        fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
+        for local in local_pods if not sidecar else ():
+            pod = local.pod
+            ports = fast_ports(inbound[pod.key][1])
+            if ports and Origin(POD, pod.namespace, pod.name) not in excluded_now:
+                fast[pod.key] = ports
+        fast_changed = {
+            k for k in fast.keys() | self._fast.keys() if fast.get(k) != self._fast.get(k)
+        }
+        self._fast = fast
         changes = store.changes_since(self._generation)
         previous = self._settings
         if (
@@ -197,8 +203,8 @@ class TranslationCache:
             self._settings = settings
             dirty = self._dirty_services(changes, settings)
             dirty |= {o.key for o in self._excluded ^ excluded_now if o.kind == SERVICE}
-            for pod in fast_changed:  # the services it is an endpoint of: fast path or not
-                dirty |= self._by_pod.get(pod, set())
+            for key in fast_changed:  # the services it is an endpoint of: fast path or not
+                dirty |= self._by_pod.get(key, set())
             self._excluded = excluded_now
             if _namespaces(previous.identities) != _namespaces(settings.identities):
                 # A pod of a new namespace came, or a namespace's last pod left: every
@@ -206,7 +212,7 @@ class TranslationCache:
                 self._update(set(self._services) - dirty, reuse=True)
             self._update(dirty)
         self._generation = store.generation
-        return self._assemble(local_pods, secrets, excluded_now)
+        return self._assemble(local_pods, secrets, excluded_now, inbound)
 
     # -- what changed -----------------------------------------------------------------------------
 
@@ -395,7 +401,7 @@ class TranslationCache:
         # reach its local endpoints with an identity: they keep the normal path (a STRICT one
         # refuses it there, as Istio's sidecar would).
         disabled = any("DISABLE" in modes.values() for modes in entry.modes.values())
-        fast = () if disabled else self._fast
+        fast = None if disabled else self._fast
         for target in entry.targets:
             assignment = load_assignment(store, target, speaks_mtls, not settings.sidecar, fast)
             entry.endpoints.append((envoy.ENDPOINT, assignment))
@@ -441,10 +447,11 @@ class TranslationCache:
         local_pods: Sequence[LocalPod],
         secrets: Sequence[Message],
         excluded: frozenset[Origin],
+        inbound_inputs: dict[str, tuple[Any, ...]],
     ) -> Translation:
+        """INBOUND_INPUTS: each local pod's ``_inbound_inputs``."""
         assert self._settings is not None
         settings = self._settings
-        store = settings.store
         # Copies (C speed): a translation handed out is never changed afterwards.
         out = {type_url: dict(by_name) for type_url, by_name in self._base.items()}
         result = Translation(
@@ -511,12 +518,9 @@ class TranslationCache:
                     (local, spiffe),
                     partial(_pod_outbound, local, spiffe),
                 )
-            inbound_inputs = _inbound_inputs(store, local, sidecar)
+            inputs = inbound_inputs[pod.key]
             inbound = self._pod_part(
-                self._inbound,
-                local,
-                inbound_inputs,
-                partial(_inbound_resources, *inbound_inputs),
+                self._inbound, local, inputs, partial(_inbound_resources, *inputs)
             )
             if outbound.made is None or inbound.made is None:
                 result.problems[origin] = outbound.problem or inbound.problem
@@ -663,8 +667,8 @@ def _inbound_resources(
     clusters and routes of its HTTP ports."""
     netns = "" if sidecar else local.netns
     made: Made = [(envoy.LISTENER, inbound_listener(local.pod, netns, ports, default_mode, me))]
-    if not sidecar:
-        fast = fast_inbound_listener(local.pod, netns, ports, default_mode, me)
+    fast = None if sidecar else fast_inbound_listener(local.pod, netns, ports, me)
+    if fast is not None:
         made.append((envoy.LISTENER, fast))
     for port, (protocol, _) in ports.items():
         if is_http(protocol):
@@ -673,7 +677,7 @@ def _inbound_resources(
             )
             made.append((envoy.CLUSTER, cluster))
             made.append((envoy.ROUTE, inbound_route(port)))
-            if not sidecar:
+            if fast is not None:
                 made.append((envoy.ROUTE, inbound_route(port, fast=True)))
     return made
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from nodeagent.mesh.model import EndpointSlice, Service, ServicePort
@@ -45,7 +45,7 @@ def load_assignment(
     target: ServiceTarget,
     speaks_mtls: Callable[[str, int], bool],
     via_originate: bool = True,
-    fast: Collection[str] = (),
+    fast: Mapping[str, Collection[int]] | None = None,
 ) -> ClusterLoadAssignment:
     """Every ready endpoint of the service, cluster-wide.
 
@@ -54,8 +54,8 @@ def load_assignment(
     server identity accepted there (secure naming). VIA_ORIGINATE (the node form): each endpoint
     is an internal address of ``originate`` with its own ``ip:port`` in the metadata the
     original_dst filter reads there; otherwise (the sidecar form) the endpoint's socket address.
-    FAST: keys of this node's pods whose mTLS endpoints take the same-node fast path instead
-    (their ``inboundInternal`` listener, internal.py).
+    FAST: this node's pods (keys) -> the ports of theirs that take the same-node fast path
+    instead (their ``inboundInternal`` listener, internal.py), when they speak mTLS.
     """
     trust_domain = store.mesh_config.trust_domain
     found: dict[tuple[str, int], str | None] = {}  # (ip, port) -> SPIFFE ID if it speaks mTLS
@@ -72,7 +72,7 @@ def load_assignment(
             if pod is not None and speaks_mtls(endpoint.pod, port):
                 spiffe = tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
             found.update({(address, port): spiffe for address in endpoint.addresses})
-            if spiffe and pod is not None and endpoint.pod in fast:
+            if spiffe and pod is not None and fast and port in fast.get(endpoint.pod, ()):
                 listener = internal.fast_name(pod.namespace, pod.name)
                 local.update({(address, port): listener for address in endpoint.addresses})
     return message(

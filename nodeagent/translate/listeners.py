@@ -290,44 +290,47 @@ def inbound_listener(
     )
 
 
+def fast_ports(ports: dict[int, tuple[str, str]]) -> frozenset[int]:
+    """The ports of PORTS (as for ``inbound_listener``) a local caller reaches over the fast path:
+    those a service names, whose PeerAuthentication accepts mTLS (DISABLE: callers send it
+    plaintext, the normal way). Others, and ports a service names by name, stay on the mTLS path."""
+    return frozenset(
+        port for port, (_, mode) in ports.items() if mode != DISABLE and port != INBOUND_PORT
+    )
+
+
 def fast_inbound_listener(
-    pod: Pod,
-    netns: str,
-    ports: dict[int, tuple[str, str]],
-    default_mode: str,
-    identity: str,
-) -> Listener:
+    pod: Pod, netns: str, ports: dict[int, tuple[str, str]], identity: str
+) -> Listener | None:
     """A local pod's same-node fast path: ``inboundInternal/<ns>/<pod>``, the internal listener
-    its endpoints are on the node's service clusters (endpoints.py). PORTS, DEFAULT_MODE and
-    IDENTITY as for ``inbound_listener``.
+    its endpoints on ``fast_ports`` are on the node's service clusters (endpoints.py); None when
+    it has none. PORTS and IDENTITY as for ``inbound_listener``.
 
     What the pod's inbound listener does once the mTLS handshake is done, without one: the caller
-    is a local pod whose identity its own outbound listener stamped, which every
-    PeerAuthentication mode but DISABLE accepts (a DISABLE port's endpoint is never put on the
-    fast path: callers send it plaintext, the normal way). HTTP ports tell the app who called in
-    x-forwarded-client-cert; delivery is from the pod's netns, as on the mTLS path.
+    is a local pod whose identity its own outbound listener stamped, which STRICT and PERMISSIVE
+    accept. HTTP ports tell the app who called in x-forwarded-client-cert; delivery is from the
+    pod's netns, as on the mTLS path. No loop guard and no default chain: only this Envoy's
+    clusters reach an internal listener, and only at the ports they were given.
     """
     who = pod.key
     stamp = internal.stamp_callee(netns, identity)
 
-    def deliver(port: int | None, protocol: str) -> dict[str, Any]:
-        if port is not None and is_http(protocol):
+    def deliver(port: int, protocol: str) -> dict[str, Any]:
+        if is_http(protocol):
             route = fast_route(port)  # also its stats' prefix: the fast path's own requests
             return http_connection_manager(route, route, "inbound", who, fast=True)
         return tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who)
 
-    refused = [_blackhole(who)]
     chains = [
         {
             "name": inbound_cluster(port),
             "filter_chain_match": {"destination_port": port},
-            "filters": refused if mode == DISABLE else [stamp, deliver(port, protocol)],
+            "filters": [stamp, deliver(port, ports[port][0])],
         }
-        for port, (protocol, mode) in sorted(ports.items())
-        if port != INBOUND_PORT
+        for port in sorted(fast_ports(ports))
     ]
-    chains.append(_loop_guard(INBOUND_BLACKHOLE, INBOUND_PORT, "inbound", who))
-    default = refused if default_mode == DISABLE else [stamp, deliver(None, "TCP")]
+    if not chains:
+        return None
     return message(
         Listener,
         {
@@ -338,7 +341,6 @@ def fast_inbound_listener(
             "internal_listener": {},
             "listener_filters": [ORIGINAL_DST_FILTER],
             "filter_chains": chains,
-            "default_filter_chain": {"name": INBOUND_PASSTHROUGH, "filters": default},
             "traffic_direction": "INBOUND",
         },
     )

@@ -116,8 +116,8 @@ def test_a_port_without_mtls_is_not_on_the_fast_path() -> None:
     assert reached(out, HTTP_EDS)["10.244.1.5:8080"] == "originate"
     assert reached(out, TCP_EDS)["10.244.1.5:5432"] == "inboundInternal/shop/web-1"
     fast = as_json(out[e.LISTENER]["inboundInternal/shop/web-1"])
-    (closed,) = [c for c in fast["filterChains"] if c["name"] == "inbound|8080||"]
-    assert closed["filters"][0]["typedConfig"]["cluster"] == "BlackHoleCluster"
+    assert [c["filterChainMatch"] for c in fast["filterChains"]] == [{"destinationPort": 5432}]
+    assert "defaultFilterChain" not in fast  # nothing else can be reached there
 
 
 def test_a_destination_rule_sending_plaintext_keeps_the_normal_path() -> None:
@@ -143,6 +143,7 @@ def test_the_fast_path_listener_enforces_and_tells_what_the_inbound_one_does() -
     assert "internalListener" in fast and fast["statPrefix"] == "inboundInternal"
     assert "address" not in fast  # reachable only from this Envoy's own clusters
     chains = {c["name"]: c for c in fast["filterChains"]}
+    assert set(chains) == {"inbound|8080||", "inbound|5432||"}
     http = chains["inbound|8080||"]
     assert http["filterChainMatch"] == {"destinationPort": 8080}
     stamp, hcm = http["filters"]
@@ -189,3 +190,12 @@ def test_a_pod_captured_or_released_changes_only_its_services_endpoints() -> Non
     assert reached(after, HTTP_EDS)["10.244.1.5:8080"] == "inboundInternal/shop/web-1"
     again = cache.build(s, [here(s, "front/f")]).resources
     assert reached(again, HTTP_EDS)["10.244.1.5:8080"] == "originate"
+
+
+def test_a_pod_no_service_names_has_no_fast_path_listener() -> None:
+    """A client-only pod (no service selects it) is nobody's endpoint: it gets no fast-path
+    listener, only its outbound and inbound ones."""
+    s = mesh()
+    out = translate(s, [here(s, "front/f"), here(s, "shop/web-1")])
+    assert "inboundInternal/front/f" not in out[e.LISTENER]
+    assert "virtualInbound/front/f" in out[e.LISTENER]

@@ -266,8 +266,9 @@ def test_inbound_parses_http_only_on_ports_of_services_selecting_the_pod() -> No
 
 
 def test_config_per_node_grows_with_local_pods_only_by_their_listeners() -> None:
-    """A pod adds its three listeners (outbound, inbound, fast path); a new identity one TLS
-    socket in originate-mtls; nothing is per pod x service or identity x service."""
+    """A pod adds its listeners (outbound and inbound; these pods serve no service, so no
+    fast-path one); a new identity one TLS socket in originate-mtls; nothing is per pod x
+    service or identity x service."""
     one = translate(store(), [local("a")])
     many = translate(store(), [local(f"p{i}", sa=f"sa{i % 5}") for i in range(10)])
     assert many[e.CLUSTER].keys() == one[e.CLUSTER].keys()
@@ -277,7 +278,7 @@ def test_config_per_node_grows_with_local_pods_only_by_their_listeners() -> None
         if name != "originate-mtls":  # its TLS sockets: one per identity
             assert many[e.CLUSTER][name] == one[e.CLUSTER][name], name
     shared = {"outbound-internal", "originate"}
-    assert len(many[e.LISTENER]) == 30 + len(shared)
+    assert len(many[e.LISTENER]) == 20 + len(shared)
     assert set(translate(store(), [])[e.LISTENER]) == shared  # remote pods get nothing here
     assert len(originate(many)["transportSocketMatches"]) == 5 + 2  # + plaintext, no-identity
 
