@@ -100,7 +100,7 @@ def _topology(name: str, mesh: bool) -> str:
     )
 
 
-def _pod(i: int) -> Pod:
+def fill_pod(i: int) -> Pod:
     """Pod I, with a service account of its own (a new identity on the node)."""
     return Pod(
         NAMESPACE,
@@ -116,7 +116,7 @@ def _pod(i: int) -> Pod:
 # -- what the node's processes hold ---------------------------------------------------------------
 
 
-def _rollup_kib(pid: int) -> dict[str, int]:
+def rollup_kib(pid: int) -> dict[str, int]:
     """Rss and Pss of PID in KiB (/proc/PID/smaps_rollup)."""
     out = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -126,7 +126,7 @@ def _rollup_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """utime + stime of PID so far, in seconds (/proc/PID/stat fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
@@ -144,7 +144,7 @@ def _admin(tb: Testbed, path: str) -> bytes:
     return proc.stdout
 
 
-def _wait_quiet(tb: Testbed, newer_than: str | None = None) -> float:
+def wait_settled(tb: Testbed, newer_than: str | None = None) -> float:
     """Until the agent's snapshot version (newer than NEWER_THAN, if given) held still for QUIET
     s with every type Envoy subscribed to ACKed. Seconds it took (bounded by WAIT_TIMEOUT)."""
     start = time.monotonic()
@@ -166,7 +166,7 @@ def _wait_quiet(tb: Testbed, newer_than: str | None = None) -> float:
 
 def measure(tb: Testbed, pods: int) -> dict[str, Any]:
     """What the node holds with PODS pods, once its Envoy has everything the agent sent."""
-    settle = _wait_quiet(tb)
+    settle = wait_settled(tb)
     (envoy,) = envoy_pids(layout.node_netns(tb.name, NODE))
     agent = tb.daemon(NODE, daemons.AGENT).pid
     assert agent is not None
@@ -174,7 +174,7 @@ def measure(tb: Testbed, pods: int) -> dict[str, Any]:
     for i in range(SAMPLES):
         if i:
             time.sleep(1.0)
-        e, a = _rollup_kib(envoy), _rollup_kib(agent)
+        e, a = rollup_kib(envoy), rollup_kib(agent)
         envoy_pss.append(e["pss"] / 1024)
         agent_pss.append(a["pss"] / 1024)
         agent_rss.append(a["rss"] / 1024)
@@ -195,8 +195,8 @@ def measure(tb: Testbed, pods: int) -> dict[str, Any]:
         "config_dump_bytes": dump,
         "envoy_active_clusters": int(clusters.split(":")[-1]),
         "envoy_active_listeners": int(listeners.split(":")[-1]),
-        "envoy_cpu_s": _cpu_s(envoy),
-        "agent_cpu_s": _cpu_s(agent),
+        "envoy_cpu_s": cpu_seconds(envoy),
+        "agent_cpu_s": cpu_seconds(agent),
     }
 
 
@@ -215,7 +215,7 @@ def fill(tb: Testbed, pods: int, budget: float, checkpoints: set[int]) -> dict[s
         if time.monotonic() > deadline:
             stopped = {"at_pod": i + 1, "why": f"time budget of {budget:.0f}s spent"}
             break
-        pod = _pod(i)
+        pod = fill_pod(i)
         try:
             record = tb.add_pod(pod, publish_lead=PUBLISH_LEAD)
         except TestbedError as e:  # the ADD failed (or the pod did not start); add_pod cleaned up
@@ -300,14 +300,14 @@ def derive(filled: dict[str, Any], bridge_adds: list[float]) -> dict[str, Any]:
     return out
 
 
-def _bring_up(name: str, mesh: bool) -> Testbed:
+def bring_up(name: str, mesh: bool) -> Testbed:
     down(name)  # a crashed earlier run's leftovers
     text = _topology(name, mesh)
     return Testbed.up(loads_topology(text, SCENARIO), text, SCENARIO)
 
 
 def _bridge_baseline(pods: int, smoke: bool, budget: float) -> dict[str, Any]:
-    tb = _bring_up("bfbridge-" + ("s" if smoke else "f"), mesh=False)
+    tb = bring_up("bfbridge-" + ("s" if smoke else "f"), mesh=False)
     try:
         return fill(tb, pods, budget, set())
     finally:
@@ -315,12 +315,12 @@ def _bridge_baseline(pods: int, smoke: bool, budget: float) -> dict[str, Any]:
 
 
 def _fill_size(services: int, pods: int, smoke: bool, budget: float) -> dict[str, Any]:
-    tb = _bring_up(f"bf{services}-" + ("s" if smoke else "f"), mesh=True)
+    tb = bring_up(f"bf{services}-" + ("s" if smoke else "f"), mesh=True)
     try:
         before = proxy_status(tb, NODE)["version"]
         started = time.monotonic()
         tb.publish_extra(SYNTHETIC, synthetic_objects(tb, services))
-        _wait_quiet(tb, newer_than=before)
+        wait_settled(tb, newer_than=before)
         load = time.monotonic() - started
         print(f"  {tb.name}: {services} services read by the agent in {load:.1f}s", flush=True)
         checkpoints = {c for c in CHECKPOINTS if c <= pods} | {pods}

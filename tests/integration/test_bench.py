@@ -117,6 +117,20 @@ def test_fill_smoke(tmp_path: Path) -> None:
     assert is_png(tmp_path / "fill.png")
 
 
+def test_churn_smoke(tmp_path: Path) -> None:
+    smoke(tmp_path, "churn", timeout=300)
+    doc = result(tmp_path, "churn")
+    res = doc["results"]
+    assert len(res["add_s"]) == len(res["del_s"]) == res["pods"] == 3
+    assert res["at_pods"]["config_dump_bytes"] > 0
+    # One endpoint of one service changed: the agent pushed EDS for it, and no listener.
+    assert res["endpoint_change"]["sent_bytes"].get("EDS", 0) > 0
+    assert "LDS" not in res["endpoint_change"]["sent_bytes"]
+    phases = {s["phase"] for s in res["samples"]}
+    assert {"create", "delete"} <= phases
+    assert is_png(tmp_path / "churn.png")
+
+
 def test_identity_smoke(tmp_path: Path) -> None:
     smoke(tmp_path, "identity")
     doc = result(tmp_path, "identity")
