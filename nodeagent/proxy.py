@@ -142,7 +142,7 @@ class NodeProxy:
         self._translator = TranslationCache()  # recomputes only what changed since last push
         self._bisection: Bisection | None = None
         # Per type: the objects of the config Envoy last ACKed (what it already holds).
-        self._accepted: dict[str, set[Origin]] = {}
+        self._accepted: dict[str, frozenset[Origin]] = {}
         self._resend: set[str] = set()  # types whose next push asks Envoy's verdict again
         self.xds.on_nack = self._on_nack
         self.xds.on_ack = self._on_ack
@@ -311,7 +311,7 @@ class NodeProxy:
             if bisection.answers(nack.version_sent):
                 self._bisect(accepted=False)
             return
-        found = culprits(nack, translation, self._accepted.get(nack.type_url, set()))
+        found = culprits(nack, translation, self._accepted.get(nack.type_url, frozenset()))
         if found:
             self.unattributed_nack = ""
             for origin, why in found.items():

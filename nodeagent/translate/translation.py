@@ -54,5 +54,11 @@ class Translation:
     # Objects whose translation raised, dropped from the resources: why.
     problems: dict[Origin, str] = field(default_factory=dict)
 
-    def objects(self) -> set[Origin]:
-        return set(self.origins.values()) | set(self.chains.values())
+    _objects: frozenset[Origin] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def objects(self) -> frozenset[Origin]:
+        """Every object something was made from. Computed once: a translation handed out is
+        never changed, and this is asked on each ACK (O(resources) at 5000 services)."""
+        if self._objects is None:
+            self._objects = frozenset(self.origins.values()) | frozenset(self.chains.values())
+        return self._objects
