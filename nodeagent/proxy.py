@@ -45,7 +45,7 @@ from nodeagent.translate import (
     TranslationCache,
     pod_listener_names,
 )
-from nodeagent.translate.internal import FAST_PREFIX, OUTBOUND_INTERNAL
+from nodeagent.translate.internal import OUTBOUND_INTERNAL, fast_name
 from nodeagent.translate.rejections import Bisection, culprits
 from nodeagent.xds import types
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
@@ -489,7 +489,9 @@ class NodeProxy:
     def _pod_synced(self, key: str) -> str | None:
         """ "" once Envoy holds what pod KEY should have, a reason it never will, or None."""
         captured = any(c.key == key and c.state == CAPTURED for c in self.registry.pods.values())
-        names = set(pod_listener_names(*key.split("/", 1)))
+        namespace, name = key.split("/", 1)
+        always = set(pod_listener_names(namespace, name))
+        names = always | {fast_name(namespace, name)}  # the fast path's when a service names it
         acked = self.xds.acked(self.settings.node_id, types.LISTENER)
         if not captured:
             return None if names & set(acked) else ""
@@ -498,10 +500,9 @@ class NodeProxy:
             return problem
         snapshot = self.cache.get(self.settings.node_id)
         wanted = snapshot.versions(types.LISTENER) if snapshot is not None else {}
-        # Its fast-path listener exists only when a service names one of its ports.
-        if not all(name in wanted for name in names if not name.startswith(FAST_PREFIX)):
+        if not always <= wanted.keys():
             return None
-        if not all(acked.get(name) == wanted[name] for name in names if name in wanted):
+        if not all(acked.get(n) == wanted[n] for n in names if n in wanted):
             return None
         # Ready only once Envoy holds the pod's certificate: before that its mTLS would fail.
         sid = self._pod_identity(key)

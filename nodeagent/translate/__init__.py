@@ -32,7 +32,6 @@ from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate.cache import TranslationCache
-from nodeagent.translate.internal import fast_name
 from nodeagent.translate.listeners import inbound_name, outbound_name
 from nodeagent.translate.services import BLACKHOLE
 from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Resources, Translation
@@ -62,10 +61,11 @@ def build(
     )
 
 
-def pod_listener_names(namespace: str, name: str) -> tuple[str, str, str]:
-    """A local pod's listeners on the node: outbound, inbound, and its same-node fast path."""
+def pod_listener_names(namespace: str, name: str) -> tuple[str, str]:
+    """The listeners every local pod has on the node: outbound and inbound. (Its fast-path
+    listener, ``internal.fast_name``, exists only when a service names one of its ports.)"""
     pod = Pod(namespace, name)
-    return outbound_name(pod), inbound_name(pod), fast_name(namespace, name)
+    return outbound_name(pod), inbound_name(pod)
 
 
 __all__ = [
