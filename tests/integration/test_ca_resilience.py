@@ -319,6 +319,14 @@ def test_a_ca_outage_longer_than_the_ttl_fails_closed_then_recovers(
         tb.start_ca()
         ca_ready = time.time() - restarted
         traffic.steady(3.0, RECOVERY_BOUND, "traffic to recover after the CA came back")
+        # The same-node caller's traffic needs no certificate, so recovered traffic does not
+        # mean its identity has one again: wait for the agents to say so.
+        wait_for(
+            lambda: all(identity_problem(tb, n) == "" for n in ("n1", "n2")),
+            RECOVERY_BOUND,
+            "every identity to have a certificate again",
+            step=0.5,
+        )
     finally:
         traffic.stop()
     app = reached_the_app(tb)
@@ -435,7 +443,8 @@ def test_root_rotation_across_two_nodes_with_no_failed_request(tb: Testbed, tmp_
         held = {n: envoy_secrets(tb, n) for n in nodes}
         return all(chains_to(held[node].get(sid, []), root) for sid, node in workloads)
 
-    assert trust(root_a) and signed_by(root_a), "before: the CA's own root A signs and is trusted"
+    # Before: the CA's own root A signs and is trusted (every workload holds its certificate).
+    wait_for(lambda: trust(root_a) and signed_by(root_a), RECOVERY_BOUND, "certificates from A")
     traffic = Traffic(tb, tmp_path, "rotation")
     times = {}
     try:
