@@ -191,8 +191,9 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 else:  # the stand-in's watch event came after the file write, and before the ACK
                     assert 0 < c["source_event_s"] < 30
                 if c["change"] == "add":
-                    # Requests reach the new endpoint only once Envoy has applied the update.
-                    assert c["traffic_s"] >= c["ack_s"] > 0
+                    # Requests reach the new endpoint only once Envoy has applied the update
+                    # (for the Kubernetes variant, ack_s may read a few µs below 0: see floor).
+                    assert c["traffic_s"] >= c["ack_s"] > floor
                 else:
                     # The removed endpoint stops answering by the time Envoy's update is seen.
                     assert 0 <= c["traffic_s"] <= c["ack_polled_s"] + 0.1
