@@ -9,6 +9,10 @@ assertions read the parsed cluster back."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +21,7 @@ from google.protobuf import json_format
 from istio_data import istio_data
 
 from nodeagent.mesh.model import Service, ServicePort
-from nodeagent.translate import clusters
+from nodeagent.translate import clusters, filters
 from nodeagent.translate import destination_rule as dr
 from nodeagent.translate.envoy import Cluster, RouteConfiguration, message
 from nodeagent.translate.protocol import HTTP, HTTP2, TCP
@@ -757,3 +761,117 @@ def test_durations_in_go_syntax(text: str, proto: str) -> None:
     """Istio's CRDs take Go durations; Envoy gets proto3 JSON seconds (equal after parsing)."""
     c = cluster({"connectionPool": {"tcp": {"connectTimeout": text}}})
     assert c["connect_timeout"] == proto
+
+
+# -- Envoy accepts it ----------------------------------------------------------------------------
+
+ENVOY = Path(sys.executable).parent / "envoy"
+EVERYTHING = {
+    "connectionPool": {
+        "tcp": {
+            "maxConnections": 3,
+            "connectTimeout": "250ms",
+            "tcpKeepalive": {"probes": 2, "time": "30s", "interval": "5s"},
+            "maxConnectionDuration": "1h",
+            "idleTimeout": "20s",
+        },
+        "http": {
+            "http1MaxPendingRequests": 4,
+            "http2MaxRequests": 5,
+            "maxRequestsPerConnection": 6,
+            "maxRetries": 7,
+            "idleTimeout": "10s",
+            "h2UpgradePolicy": "UPGRADE",
+            "maxConcurrentStreams": 8,
+        },
+    },
+    "outlierDetection": {
+        "consecutive5xxErrors": 1,
+        "consecutiveGatewayErrors": 2,
+        "consecutiveLocalOriginFailures": 3,
+        "splitExternalLocalOriginErrors": True,
+        "interval": "1s",
+        "baseEjectionTime": "3m",
+        "maxEjectionPercent": 100,
+        "minHealthPercent": 20,
+    },
+    "loadBalancer": {"simple": "ROUND_ROBIN", "warmup": {"duration": "10s", "aggression": 2}},
+}
+BALANCERS = [
+    {"simple": "LEAST_REQUEST", "warmupDurationSecs": "5s"},
+    {"simple": "RANDOM"},
+    {"simple": "PASSTHROUGH"},
+    {"consistentHash": {"httpHeaderName": "x", "ringHash": {"minimumRingSize": 64}}},
+    {"consistentHash": {"useSourceIp": True, "maglev": {"tableSize": 65537}}},
+    {"consistentHash": {"httpQueryParameterName": "q", "minimumRingSize": 128}},
+    {
+        "consistentHash": {
+            "httpCookie": {"name": "c", "path": "/", "ttl": "1h", "attributes": [{"name": "a"}]}
+        }
+    },
+]
+
+
+def test_real_envoy_accepts_every_translated_field(tmp_path: Path) -> None:
+    """The clusters, route hash policies and tcp_proxy fields, in a static bootstrap that the
+    venv's Envoy checks in validate mode (EDS swapped for a static endpoint: validate mode
+    has no ADS server)."""
+    policies = [
+        (EVERYTHING, HTTP),
+        (EVERYTHING, HTTP2),
+        ({"connectionPool": {"http": {"useClientProtocol": True}}}, HTTP),
+        *(({"loadBalancer": lb}, HTTP) for lb in BALANCERS),
+    ]
+    static_clusters = []
+    for i, (policy, protocol) in enumerate(policies):
+        fields = cluster(policy, protocol, port=8000 + i)
+        fields["name"] = f"c{i}"
+        if fields["type"] == "EDS":
+            del fields["eds_cluster_config"]
+            fields["type"] = "STATIC"
+            address = {"socket_address": {"address": "127.0.0.1", "port_value": 9}}
+            fields["load_assignment"] = {
+                "cluster_name": f"c{i}",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+            }
+        static_clusters.append(fields)
+    routes = [
+        {
+            "match": {"prefix": f"/{i}"},
+            "route": {"cluster": "c0", "hash_policy": dr.hash_policy({"loadBalancer": lb})},
+        }
+        for i, lb in enumerate(BALANCERS)
+    ]
+    http = filters.http_connection_manager("h", "r", "outbound", "p")
+    del http["typed_config"]["rds"]
+    http["typed_config"]["route_config"] = {
+        "name": "r",
+        "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": routes}],
+    }
+    tcp = filters.tcp_proxy("t", "c0", "outbound", "p")
+    tcp["typed_config"] |= dr.tcp_proxy_fields(
+        {"trafficPolicy": EVERYTHING | {"loadBalancer": BALANCERS[4]}}
+    )
+    listeners = [
+        {
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+            "filter_chains": [{"filters": [chain]}],
+        }
+        for name, chain in (("http", http), ("tcp", tcp))
+    ]
+    path = tmp_path / "envoy.json"
+    bootstrap = {"static_resources": {"clusters": static_clusters, "listeners": listeners}}
+    path.write_text(json.dumps(bootstrap))
+    assert tcp["typed_config"]["hash_policy"] == [{"source_ip": {}}]
+
+    proc = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"configuration '{path}' OK" in proc.stdout + proc.stderr
