@@ -38,9 +38,9 @@ _PARTS = ("connectionPool", "loadBalancer", "outlierDetection", "tls")
 # Taken from a subset only when it sets them; never from portLevelSettings (which lack them).
 _EXTRA_PARTS = ("tunnel", "proxyProtocol", "retryBudget")
 
-# Traffic policy fields this module does not translate (accepted, not enforced).
+# Traffic policy fields this module does not translate (paths inside a trafficPolicy or a
+# portLevelSettings entry). ``tls`` is not among them: mesh/policy.py applies its modes.
 NOT_TRANSLATED = (
-    "tls",
     "loadBalancer.localityLbSetting",
     "loadBalancer.zoneAwareLbSetting",
     "loadBalancer.backendUtilization",
@@ -405,7 +405,8 @@ def route_hash_policy(
     SUBSET, chosen as hashForHTTPDestination does, which differs from the cluster's merge:
     the first consistentHash found among the subset's port-level settings, the subset's
     policy, the rule's port-level settings, then the rule's policy (port-level settings count
-    only when the destination names a port)."""
+    only when the destination names a port). With no SUBSET this is also hashForService, the
+    default route's hash when no VirtualService routes the port."""
     top = _map(dr_spec.get("trafficPolicy"), "trafficPolicy")
     candidates: list[tuple[Mapping[str, Any], str]] = []
     for i, entry in enumerate(_list(dr_spec.get("subsets"), "subsets")):

@@ -20,6 +20,7 @@ import yaml
 from google.protobuf import json_format
 from istio_data import istio_data
 
+from nodeagent import mesh
 from nodeagent.mesh.model import Service, ServicePort
 from nodeagent.translate import clusters, filters
 from nodeagent.translate import destination_rule as dr
@@ -875,3 +876,43 @@ def test_real_envoy_accepts_every_translated_field(tmp_path: Path) -> None:
 
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"configuration '{path}' OK" in proc.stdout + proc.stderr
+
+
+def _trafficpolicy_schema() -> dict[str, Any]:
+    crds = Path(mesh.__file__).parent / "crds" / "crd-all.gen.yaml"
+    for doc in yaml.safe_load_all(crds.read_text()):
+        if doc and doc.get("spec", {}).get("names", {}).get("kind") == "DestinationRule":
+            spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            return dict(spec["properties"]["trafficPolicy"])
+    raise AssertionError("no DestinationRule CRD")
+
+
+def test_untranslated_fields_exist_and_leave_the_cluster_alone() -> None:
+    """NOT_TRANSLATED names real fields of Istio's CRD (so the README list stays honest), and
+    setting one changes nothing in the cluster."""
+    schema = _trafficpolicy_schema()
+    samples: dict[str, Any] = {
+        "loadBalancer.localityLbSetting": {"enabled": True},
+        "loadBalancer.zoneAwareLbSetting": {"enabled": True},
+        "loadBalancer.backendUtilization": {},
+        "connectionPool.http.http2KeepAlive": {"interval": "1s"},
+        "outlierDetection.outlierDetectionHttpErrorCodes": [500],
+        "outlierDetection.consecutiveErrors": 3,
+        "proxyProtocol": {"version": "V2"},
+        "tunnel": {"protocol": "CONNECT", "targetHost": "h", "targetPort": 80},
+        "retryBudget": {"percent": 10},
+    }
+    assert sorted(samples) == sorted(dr.NOT_TRANSLATED)
+    for path, value in samples.items():
+        node = schema
+        for key in path.split("."):
+            node = node["properties"][key]
+        policy: dict[str, Any] = {}
+        *parents, last = path.split(".")
+        at = policy
+        for key in parents:
+            at = at.setdefault(key, {})
+        at[last] = value
+        # An outlierDetection block turns outlier detection on by itself: compare with an empty one.
+        base = {"outlierDetection": {}} if parents == ["outlierDetection"] else {}
+        assert cluster(policy) == cluster(base), path
