@@ -4,8 +4,8 @@ Istio is the specification: the reference page
 https://istio.io/latest/docs/reference/config/networking/virtual-service/ for every field, and
 istio/istio pilot/pkg/networking/core/route/route.go (BuildHTTPRoutesForVirtualService,
 translateRoute, TranslateRouteMatch, applyHTTPRouteDestination, ApplyRedirect, TranslateFault,
-TranslateCORSPolicy), route/retry/retry.go (ConvertPolicy) and pilot/pkg/model/virtualservice.go
-(mergeVirtualServicesIfNeeded: delegates) for how a sidecar turns them into Envoy config.
+TranslateCORSPolicy) and route/retry/retry.go (ConvertPolicy) for how a sidecar turns them into
+Envoy config. Delegation (rules of another VirtualService) is translate/delegation.py.
 
 The node Envoy is shared by every local pod, so what Istio decides per proxy (a match's
 sourceLabels and sourceNamespace) is decided per request here: a ``RouteMatch.filter_state``
@@ -19,8 +19,7 @@ VirtualService (kind/namespace/name) and the field (http[2].match[0].uri).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -29,6 +28,7 @@ import re2
 from nodeagent.mesh.model import IstioResource
 from nodeagent.ports import RE2_MAX_PROGRAM_SIZE
 from nodeagent.translate import internal
+from nodeagent.translate.delegation import DelegateOf, Rule, rules
 from nodeagent.translate.duration import nanoseconds, proto_duration
 from nodeagent.translate.envoy import typed
 from nodeagent.translate.filters import CORS_FILTER, FAULT_FILTER
@@ -36,21 +36,12 @@ from nodeagent.translate.routes import default_retry_policy
 
 Destination = Callable[[Mapping[str, Any]], str]
 HashPolicyOf = Callable[[str], list[dict[str, Any]]]
-DelegateOf = Callable[[str, str], IstioResource | None]
 
 MESH_GATEWAY = "mesh"  # a match's gateways naming the sidecars (here: the node's pods)
 
 
 def _no_hash(cluster: str) -> list[dict[str, Any]]:
     return []
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """One http[] rule, after delegation; WHERE names it in errors."""
-
-    spec: Mapping[str, Any]
-    where: str
 
 
 def http_routes(
@@ -70,11 +61,11 @@ def http_routes(
     not generated (BuildHTTPRoutesForVirtualService).
     """
     out: list[dict[str, Any]] = []
-    for rule in _rules(vs, delegate_of):
+    for rule in rules(vs, delegate_of):
         matches = rule.spec.get("match") or [None]
         for j, match in enumerate(matches):
             where = f"{rule.where}.match[{j}]"
-            if match is not None and not _applies(match, port):
+            if match is not None and (not _applies(match, port) or _claims(match)):
                 continue
             route = _route(vs, rule, match, where, port, cluster_of, hash_policy_of)
             out.append(route)
@@ -83,136 +74,6 @@ def http_routes(
         if not rule.spec.get("match"):
             return out
     return out
-
-
-# --- delegation (pilot/pkg/model/virtualservice.go) ---
-
-
-def _rules(vs: IstioResource, delegate_of: DelegateOf | None) -> Iterator[_Rule]:
-    """VS's http[] with every ``delegate`` rule replaced by the delegate's rules, merged with
-    it as Istio does (mergeHTTPRoutes). A delegate that is missing (or not visible: DELEGATE_OF
-    says None), or that has hosts (so is not a delegate), drops the rule, as in Istio."""
-    for i, rule in enumerate(vs.spec.get("http") or []):
-        where = f"{vs.key} http[{i}]"
-        delegate = rule.get("delegate")
-        if not delegate:
-            yield _Rule(rule, where)
-            continue
-        if delegate_of is None:
-            continue
-        namespace = delegate.get("namespace") or vs.namespace
-        target = delegate_of(delegate["name"], namespace)
-        if target is None or target.spec.get("hosts"):
-            continue
-        for j, sub in enumerate(target.spec.get("http") or []):
-            if sub.get("delegate"):  # a delegate cannot delegate again (Istio validation)
-                continue
-            merged = _merge_rule(rule, sub)
-            if merged is not None:
-                yield _Rule(merged, f"{where} (delegate {target.key} http[{j}])")
-
-
-_INHERITED = (
-    "rewrite",
-    "timeout",
-    "retries",
-    "fault",
-    "mirror",
-    "mirrorPercent",
-    "mirrorPercentage",
-    "corsPolicy",
-    "headers",
-)
-
-
-def _merge_rule(root: Mapping[str, Any], sub: Mapping[str, Any]) -> dict[str, Any] | None:
-    """mergeHTTPRoute: the delegate's rule, its matches narrowed by the root's, and the root's
-    settings where the delegate has none. None: the matches conflict (the rule is dropped)."""
-    matches = _merge_matches(root.get("match") or [], sub.get("match") or [])
-    if matches is None:
-        return None
-    out = {k: v for k, v in sub.items() if k != "match"}
-    if matches:
-        out["match"] = matches
-    root_name, name = root.get("name", ""), sub.get("name", "")
-    if root_name or name:
-        out["name"] = f"{root_name}-{name}" if root_name and name else root_name or name
-    for key in _INHERITED:
-        if key not in out and key in root:
-            out[key] = root[key]
-    return out
-
-
-def _merge_matches(
-    root: list[Mapping[str, Any]], sub: list[Mapping[str, Any]]
-) -> list[dict[str, Any]] | None:
-    """mergeHTTPMatchRequests: every delegate match merged with each root match it does not
-    conflict with; None when one delegate match conflicts with every root match."""
-    if not root:
-        return [dict(m) for m in sub]
-    if not sub:
-        return [dict(m) for m in root]
-    out = []
-    for leaf in sub:
-        found = [_merge_match(r, leaf) for r in root if not _conflict(r, leaf)]
-        if not found:
-            return None
-        out += found
-    return out or None
-
-
-def _merge_match(root: Mapping[str, Any], leaf: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(leaf)
-    root_name, name = root.get("name", ""), leaf.get("name", "")
-    if root_name or name:
-        out["name"] = f"{root_name}-{name}" if root_name and name else root_name or name
-    for key in ("uri", "scheme", "method", "authority", "port", "sourceNamespace", "gateways"):
-        if not out.get(key) and root.get(key):
-            out[key] = root[key]
-    for key in ("headers", "withoutHeaders", "queryParams", "sourceLabels"):
-        merged = {**(root.get(key) or {}), **(leaf.get(key) or {})}
-        if merged:
-            out[key] = merged
-    return out
-
-
-def _conflict(root: Mapping[str, Any], leaf: Mapping[str, Any]) -> bool:
-    """hasConflict: LEAF is not within ROOT."""
-    for key in ("uri", "scheme", "method", "authority"):
-        if _string_conflict(root.get(key), leaf.get(key)):
-            return True
-    for key in ("headers", "withoutHeaders", "queryParams"):
-        mine = root.get(key) or {}
-        for name, value in (leaf.get(key) or {}).items():
-            if _string_conflict(mine.get(name), value):
-                return True
-    if bool(root.get("ignoreUriCase")) != bool(leaf.get("ignoreUriCase")):
-        return True
-    if root.get("port") and leaf.get("port") and root["port"] != leaf["port"]:
-        return True
-    if root.get("sourceNamespace") and leaf.get("sourceNamespace") != root["sourceNamespace"]:
-        return True
-    mine = root.get("sourceLabels") or {}
-    if any(k in mine and mine[k] != v for k, v in (leaf.get("sourceLabels") or {}).items()):
-        return True
-    gateways, leaf_gateways = root.get("gateways") or [], leaf.get("gateways") or []
-    return bool(gateways and leaf_gateways and not set(leaf_gateways) <= set(gateways))
-
-
-def _string_conflict(root: Mapping[str, Any] | None, leaf: Mapping[str, Any] | None) -> bool:
-    """stringMatchConflict: LEAF does not narrow ROOT (a regex only combines with nothing)."""
-    if root is None or leaf is None:
-        return False
-    if root.get("regex") or leaf.get("regex"):
-        return True
-    if root.get("exact"):
-        return bool(leaf.get("prefix")) or leaf.get("exact") != root["exact"]
-    if root.get("prefix"):
-        if leaf.get("prefix"):
-            return not str(leaf["prefix"]).startswith(root["prefix"])
-        if leaf.get("exact"):
-            return not str(leaf["exact"]).startswith(root["prefix"])
-    return True
 
 
 # --- matching ---
@@ -258,9 +119,20 @@ def _string_matcher(match: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {"safe_regex": _regex(match["regex"], f"{where}.regex")}
 
 
+# A header match on "@request.auth.claims..." is, in Istio, a matcher on the JWT filter's
+# dynamic metadata (TranslateRouteMatch, translateMetadataMatch). A sidecar's outbound side runs
+# no JWT filter ("claim based routing" is for ingress gateways: istio.io docs/tasks/security/
+# authentication/jwt-route), so there it never matches, and inverted (withoutHeaders) always
+# does: the same here, without a matcher.
+JWT_CLAIM = "@request.auth.claims"
+
+
+def _claims(match: Mapping[str, Any]) -> bool:
+    """MATCH needs a JWT claim, which the outbound side never has."""
+    return any(name.startswith(JWT_CLAIM) for name in match.get("headers") or {})
+
+
 def _header(name: str, match: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    if name.startswith("@request.auth.claims"):
-        raise ValueError(f"{where}: matching JWT claims ({name}) is not supported yet")
     if _present(match):
         return {"name": name, "present_match": True}
     assert match is not None
@@ -305,6 +177,8 @@ def route_match(match: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
         for name, m in (match.get("headers") or {}).items()
     ]
     for name, m in (match.get("withoutHeaders") or {}).items():
+        if name.startswith(JWT_CLAIM):
+            continue
         matcher = _header(name, m, f"{where}.withoutHeaders.{name}")
         matcher["invert_match"] = True
         if not _present(m):  # treat_missing_header_as_empty conflicts with present_match
@@ -358,7 +232,7 @@ def _catch_all(match: Mapping[str, Any]) -> bool:
 
 def _route(
     vs: IstioResource,
-    rule: _Rule,
+    rule: Rule,
     match: Mapping[str, Any] | None,
     where: str,
     port: int,

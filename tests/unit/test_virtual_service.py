@@ -166,6 +166,21 @@ def test_a_match_for_another_port_or_only_for_gateways_is_skipped() -> None:
     assert [r["name"] for r in routes(spec, port=8080)] == ["other-port"]
 
 
+def test_jwt_claims_never_match_on_the_outbound_side() -> None:
+    """Claim-based routing needs the JWT filter, which only gateways run:
+    https://istio.io/latest/docs/tasks/security/authentication/jwt-route/"""
+    claim = "@request.auth.claims.groups"
+    spec = {
+        "http": [
+            rule(name="needs-claim", match=[{"headers": {claim: {"exact": "admin"}}}]),
+            rule(name="lacks-claim", match=[{"withoutHeaders": {claim: {"exact": "admin"}}}]),
+        ]
+    }
+    (route,) = routes(spec)
+    assert route["name"] == "lacks-claim"
+    assert route["match"] == {"prefix": "/", "case_sensitive": True}
+
+
 def test_no_route_when_no_match_applies() -> None:
     assert routes({"http": [rule(match=[{"port": 1}])]}) == []
 
