@@ -331,6 +331,9 @@ def _redirect(redirect: Mapping[str, Any], port: int, where: str) -> dict[str, A
     out: dict[str, Any] = {}
     if redirect.get("uri"):
         out["path_redirect"] = redirect["uri"]
+    elif redirect.get("prefixRewrite"):
+        # The newer field (replace the matched prefix); Envoy holds one path rewrite, uri wins.
+        out["prefix_rewrite"] = redirect["prefixRewrite"]
     if redirect.get("authority"):
         out["host_redirect"] = redirect["authority"]
     scheme = redirect.get("scheme", "")
@@ -398,8 +401,9 @@ def _action(
     """applyHTTPRouteDestination: the RouteAction (OUT, the Route, gets a single destination's
     header operations)."""
     timeout = proto_duration(spec["timeout"], f"{where}.timeout") if "timeout" in spec else "0s"
-    # Istio sets the deprecated max_grpc_timeout (0: no limit on a grpc-timeout header) rather
-    # than max_stream_duration; grpc_timeout_header_max is its current equivalent.
+    # Istio's setTimeout: a gRPC request follows its grpc-timeout header, capped by the route's
+    # timeout (0: no cap). Istio writes Envoy's deprecated max_grpc_timeout for it; Envoy warns
+    # on every route that has it, so this uses its replacement, the same cap on the header.
     action: dict[str, Any] = {
         "timeout": timeout,
         "max_stream_duration": {"grpc_timeout_header_max": timeout},

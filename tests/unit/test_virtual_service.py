@@ -353,6 +353,14 @@ def test_redirect_port(redirect: dict[str, Any], port_redirect: int | None) -> N
     assert r["redirect"]["response_code"] == "MOVED_PERMANENTLY"
 
 
+def test_redirect_prefix_rewrite() -> None:
+    r = only(
+        {"http": [rule(match=[{"uri": {"prefix": "/old"}}], redirect={"prefixRewrite": "/new"})]}
+    )
+    assert r["redirect"]["prefix_rewrite"] == "/new"
+    assert "route" not in r
+
+
 def test_direct_response() -> None:
     r = only({"http": [{"directResponse": {"status": 503, "body": {"string": "unknown"}}}]})
     assert r["direct_response"] == {"status": 503, "body": {"inline_string": "unknown"}}
@@ -399,6 +407,11 @@ def test_timeout_defaults_to_none() -> None:
         == 1500
     )
     assert only({"http": [rule(timeout="100ms")]})["route"]["timeout"] == "0.1s"
+    # gRPC: the grpc-timeout header, capped by the route's timeout (0: uncapped), as Istio's
+    # setTimeout does with max_grpc_timeout.
+    assert only({"http": [rule(timeout="3s")]})["route"]["max_stream_duration"] == {
+        "grpc_timeout_header_max": "3s"
+    }
 
 
 def test_retries_default_and_off() -> None:
@@ -581,6 +594,13 @@ def test_cors_policy() -> None:
     assert cors["max_age"] == "86400"
     assert cors["allow_credentials"] is False
     assert cors["forward_not_matching_preflights"] is True
+    ignore = only({"http": [rule(corsPolicy={"unmatchedPreflights": "IGNORE"})]})
+    assert (
+        ignore["typed_per_filter_config"]["envoy.filters.http.cors"][
+            "forward_not_matching_preflights"
+        ]
+        is False
+    )
 
 
 def test_consistent_hash_of_the_destination() -> None:
