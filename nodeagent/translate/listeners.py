@@ -148,7 +148,7 @@ def pod_outbound_listener(pod: Pod, netns: str, spiffe: str) -> Listener:
             "default_filter_chain": {
                 "name": internal.OUTBOUND_INTERNAL,
                 "filters": [
-                    internal.stamp_caller(netns, spiffe, who, source),
+                    internal.stamp_caller(netns, spiffe, who, source, pod.labels),
                     tcp_proxy(
                         internal.OUTBOUND_INTERNAL, internal.OUTBOUND_INTERNAL, "outbound", who
                     ),
