@@ -166,13 +166,20 @@ def http_connection_manager(
     }
 
 
-def tcp_proxy(stat_prefix: str, cluster: str, direction: str, pod: str) -> dict[str, Any]:
+def tcp_proxy(
+    stat_prefix: str,
+    cluster: str,
+    direction: str,
+    pod: str,
+    route: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """ROUTE: tcp_proxy's ``cluster`` or ``weighted_clusters``, instead of CLUSTER."""
     return {
         "name": "envoy.filters.network.tcp_proxy",
         "typed_config": typed(
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
             stat_prefix=stat_prefix,
-            cluster=cluster,
+            **(route or {"cluster": cluster}),
             access_log=access_log(direction, pod, tcp=True),
         ),
     }

@@ -127,7 +127,9 @@ def test_service_clusters_follow_istio_names_and_name_no_identity() -> None:
     }
     web = as_json(clusters[f"outbound|80||{HOST}"])
     assert web["edsClusterConfig"]["serviceName"] == f"outbound|80||{HOST}"
-    assert web["type"] == "EDS" and web.get("lbPolicy", "ROUND_ROBIN") == "ROUND_ROBIN"
+    # Istio's default load balancing without a DestinationRule is LEAST_REQUEST (MeshConfig
+    # defaultLBAlgorithm, istio.io/latest/docs/reference/config/networking/destination-rule/).
+    assert web["type"] == "EDS" and web["lbPolicy"] == "LEAST_REQUEST"
     assert web["metadata"]["filterMetadata"]["nodeagent.service"] == {
         "name": f"outbound|80||{HOST}",
         "sni": f"outbound_.80_._.{HOST}",
