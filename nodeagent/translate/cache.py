@@ -46,7 +46,7 @@ from nodeagent.mesh.model import IstioResource, MeshConfig, Service
 from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, MeshStore
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
-from nodeagent.translate import envoy, internal, service_views, tls
+from nodeagent.translate import envoy, internal, mirror, service_views, tls
 from nodeagent.translate.clusters import (
     blackhole_cluster,
     original_dst_cluster,
@@ -265,6 +265,8 @@ class TranslationCache:
             self._shared += [
                 (envoy.CLUSTER, internal.internal_cluster(internal.OUTBOUND_INTERNAL)),
                 (envoy.LISTENER, internal.originate_listener()),
+                (envoy.CLUSTER, internal.internal_cluster(mirror.MIRROR)),
+                (envoy.LISTENER, mirror.mirror_listener()),
             ]
         self._order = []
         self._update(set(store.services))
@@ -447,7 +449,9 @@ class TranslationCache:
             tcp = None
             named: service_views.PortRoutes | service_views.PortTcpRoute
             if is_http(target.protocol):
-                named = service_views.port_routes(store, self._vs_index, target, client_namespaces)
+                named = service_views.port_routes(
+                    store, self._vs_index, target, client_namespaces, node=not settings.sidecar
+                )
                 entry.routes.append((envoy.ROUTE, named.table))
             else:
                 named = service_views.port_tcp_route(

@@ -34,7 +34,7 @@ from typing import Any
 from nodeagent.mesh import policy, traffic
 from nodeagent.mesh.model import IstioResource, Service
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import destination_rule, internal, virtual_service
+from nodeagent.translate import destination_rule, internal, mirror, virtual_service
 from nodeagent.translate.envoy import RouteConfiguration, message
 from nodeagent.translate.routes import default_retry_policy
 from nodeagent.translate.services import ServiceTarget, outbound_cluster
@@ -216,13 +216,24 @@ def _caller_in(namespaces: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _mirrored_via_listener(route: dict[str, Any]) -> dict[str, Any]:
+    action = route.get("route")
+    if not action or not action.get("request_mirror_policies"):
+        return route
+    policies = [mirror.via_mirror_listener(p) for p in action["request_mirror_policies"]]
+    return {**route, "route": {**action, "request_mirror_policies": policies}}
+
+
 def port_routes(
     store: MeshStore,
     index: traffic.VirtualServiceIndex,
     target: ServiceTarget,
     client_namespaces: Sequence[str],
+    node: bool = True,
 ) -> PortRoutes:
-    """The route table ``outbound|<port>||<host>`` every local caller of TARGET uses."""
+    """The route table ``outbound|<port>||<host>`` every local caller of TARGET uses. NODE:
+    the node Envoy's, whose mirror copies go through the ``mirror`` listener (mirror.py); the
+    sidecar form's Envoy sends them itself."""
     views: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
     used: set[str] = set()
     hosts: set[str] = set()
@@ -243,6 +254,8 @@ def port_routes(
                 match = dict(route["match"])
                 match["filter_state"] = [guard, *match.get("filter_state", [])]
                 routes.append({**route, "match": match})
+    if node:
+        routes = [_mirrored_via_listener(route) for route in routes]
     table = message(
         RouteConfiguration,
         {

@@ -402,12 +402,11 @@ def _action(
     header operations)."""
     timeout = proto_duration(spec["timeout"], f"{where}.timeout") if "timeout" in spec else "0s"
     # Istio's setTimeout: a gRPC request follows its grpc-timeout header, capped by the route's
-    # timeout (0: no cap). Istio writes Envoy's deprecated max_grpc_timeout for it; Envoy warns
-    # on every route that has it, so this uses its replacement, the same cap on the header.
-    action: dict[str, Any] = {
-        "timeout": timeout,
-        "max_stream_duration": {"grpc_timeout_header_max": timeout},
-    }
+    # timeout (0: no cap), with Envoy's deprecated max_grpc_timeout. Not its replacement
+    # max_stream_duration: a route that has one uses Envoy's "new timeouts", which ignore
+    # ``timeout`` for every request (router FilterUtility::finalTimeout, usingNewTimeouts), so
+    # no VirtualService timeout would fire (Istio: "MaxStreamDuration has some regressions").
+    action: dict[str, Any] = {"timeout": timeout, "max_grpc_timeout": timeout}
     rewrite = spec.get("rewrite") or {}
     if rewrite.get("uriRegexRewrite"):
         regex = rewrite["uriRegexRewrite"]

@@ -409,9 +409,9 @@ def test_timeout_defaults_to_none() -> None:
     assert only({"http": [rule(timeout="100ms")]})["route"]["timeout"] == "0.1s"
     # gRPC: the grpc-timeout header, capped by the route's timeout (0: uncapped), as Istio's
     # setTimeout does with max_grpc_timeout.
-    assert only({"http": [rule(timeout="3s")]})["route"]["max_stream_duration"] == {
-        "grpc_timeout_header_max": "3s"
-    }
+    assert only({"http": [rule(timeout="3s")]})["route"]["max_grpc_timeout"] == "3s"
+    # Not max_stream_duration: with it Envoy ignores the route timeout for every request.
+    assert "max_stream_duration" not in only({"http": [rule(timeout="3s")]})["route"]
 
 
 def test_retries_default_and_off() -> None:
