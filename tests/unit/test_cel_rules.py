@@ -9,10 +9,15 @@ Istio's (crd-all.gen.yaml). Kubernetes' CEL library: kubernetes.io/docs/referenc
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
+import celpy
 import pytest
 import yaml
+from celpy.evaluation import CELEvalError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nodeagent.mesh import cel
 from nodeagent.mesh.validation import DEFAULT_CRDS, IstioSchemas
@@ -647,3 +652,45 @@ def test_urls_are_read_as_parse_request_uri_reads_them(text: str, scheme: str, h
 def test_what_parse_request_uri_refuses_is_not_a_url(text: str) -> None:
     with pytest.raises(ValueError):
         cel.parse_request_uri(text)
+
+
+UNIQUE_PORTS = "self.all(l1, self.exists_one(l2, l1.number == l2.number))"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.fixed_dictionaries({"number": st.integers(1, 6)}),
+            st.fixed_dictionaries({"name": st.just("p")}),  # no number: every comparison fails
+        ),
+        max_size=6,
+    )
+)
+def test_the_unique_by_rule_means_what_the_interpreter_computes(items: list[Any]) -> None:
+    """The native O(n) form of Istio's duplicate-port rule against celpy's interpretation (on
+    integers: where types mix, celpy departs from cel-go's heterogeneous equality)."""
+    native = cel.compile_rule({"rule": UNIQUE_PORTS, "message": "dup"}, "test")
+    assert isinstance(native.program, cel.UniqueBy)
+    limit = sys.getrecursionlimit()  # celpy.Environment raises it for the process
+    env = celpy.Environment()
+    sys.setrecursionlimit(limit)
+    interpreted = env.program(env.compile(UNIQUE_PORTS))
+
+    def outcome(program: cel.Program) -> bool | str:
+        try:
+            return bool(program.evaluate({"self": celpy.json_to_cel(items)}))
+        except CELEvalError:
+            return "error"
+
+    assert outcome(native.program) == outcome(interpreted)
+
+
+def test_the_largest_service_entry_costs_linear_time(schemas: IstioSchemas) -> None:
+    se = _se("hosts: [a.example]")
+    se["spec"]["ports"] = [{"number": n, "name": f"p{n}"} for n in range(1, 257)]
+    assert schemas.validate(se) == []
+    se["spec"]["ports"][255]["number"] = 1
+    assert schemas.validate(se) == [
+        'spec.ports: Invalid value: "array": port number cannot be duplicated'
+    ]
