@@ -27,6 +27,7 @@ numbers) is evaluated natively in O(n), see UniqueBy; bench/validation.py measur
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -166,7 +167,7 @@ class RuleTree:
 def build(schema: Mapping[str, Any], where: str = "") -> RuleTree | None:
     """The compiled rules of SCHEMA's tree, None when it has none. Rules are compiled here, once."""
     rules = tuple(
-        compile_rule(raw, f"{where or '<root>'}: x-kubernetes-validations[{i}]")
+        _compile_at(schema, raw, f"{where or '<root>'}: x-kubernetes-validations[{i}]")
         for i, raw in enumerate(schema.get("x-kubernetes-validations") or ())
     )
     properties: dict[str, RuleTree] = {}
@@ -192,6 +193,12 @@ def build(schema: Mapping[str, Any], where: str = "") -> RuleTree | None:
         items=items,
         all_of=all_of,
     )
+
+
+def _compile_at(schema: Mapping[str, Any], raw: Any, where: str) -> Rule:
+    """RAW compiled, its fieldPath resolved against SCHEMA (the rule's location)."""
+    rule = compile_rule(raw, where)
+    return dataclasses.replace(rule, field_path=_field_path(schema, rule.field_path))
 
 
 def compile_rule(raw: Any, where: str) -> Rule:
@@ -338,14 +345,26 @@ def _field(path: str) -> str:
     return path or "<object>"
 
 
-def _join_field_path(path: str, field_path: str) -> str:
-    """The rule's location plus its fieldPath (".a.b", ".m['key']"), as field.Path prints it."""
-    if not field_path:
-        return path
-    out = path
-    for name, key in re.findall(r"\.([^.\[\]]+)|\['((?:[^'\\]|\\.)*)'\]", field_path):
-        out = f"{out}.{name}" if name and out else (name or f"{out}[{key}]")
+def _field_path(schema: Mapping[str, Any], field_path: str) -> str:
+    """A rule's fieldPath (".a", ".m['key']") as field.Path prints it below the rule's location:
+    a property is ".name", a map key "[key]" (apiextensions' ValidFieldPath)."""
+    out = ""
+    for dotted, quoted in re.findall(r"\.([^.\[\]]+)|\['((?:[^'\\]|\\.)*)'\]", field_path):
+        name = dotted or quoted.replace("\\'", "'")
+        properties = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        if name not in properties and isinstance(extra, Mapping):
+            out, schema = f"{out}[{name}]", extra
+        else:
+            out, schema = f"{out}.{name}", properties.get(name) or {}
     return out
+
+
+def _join_field_path(path: str, field_path: str) -> str:
+    """The rule's location plus its normalized fieldPath."""
+    if not path:
+        return field_path.removeprefix(".")
+    return path + field_path
 
 
 # -- the Kubernetes extension functions Istio's rules call ----------------------------------------

@@ -538,11 +538,15 @@ spec:
               message: min is immutable
             - rule: "self.name.lowerAscii() == self.name"
             - rule: "self.name != 'bad' || self.min < 0"
+            - rule: "!has(self.labels) || !('app' in self.labels) || self.labels.app != ''"
+              message: app label may not be empty
+              fieldPath: ".labels['app']"
             properties:
               min: {type: integer}
               max: {type: integer}
               legacy: {type: string}
               name: {type: string}
+              labels: {type: object, additionalProperties: {type: string}}
             allOf:
             - x-kubernetes-validations: [{rule: "self.max < 100", message: max below 100}]
 """)
@@ -570,7 +574,7 @@ def test_transition_and_unsupported_rules_are_skipped_and_counted(
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 2
     assert all(m.startswith("gadgets.yaml Gadget: CEL rule not evaluated: ") for m in logged)
-    assert gadgets.cel_rules("Gadget") == 6
+    assert gadgets.cel_rules("Gadget") == 7
     assert gadgets.cel_rules_skipped("Gadget") == 2
     skipped = gadgets.cel_skipped_rules("Gadget")
     assert any(s.startswith("self.min == oldSelf.min: transition rule") for s in skipped)
@@ -584,6 +588,9 @@ def test_message_expression_field_path_reason_and_default_message(gadgets: Istio
         'spec.min: Invalid value: "object": min 5 is above max 2'
     ]
     assert gadgets.validate(_gadget(legacy="x")) == ["spec: Forbidden: legacy is gone"]
+    assert gadgets.validate(_gadget(labels={"app": ""})) == [
+        'spec.labels[app]: Invalid value: "object": app label may not be empty'
+    ]
     assert gadgets.validate(_gadget(name="bad")) == [
         "spec: Invalid value: \"object\": failed rule: self.name != 'bad' || self.min < 0"
     ]
