@@ -28,3 +28,9 @@ PROBE_SOURCE = "169.254.7.127"  # node-originated traffic (kubelet probes) is SN
 PROXY_UID = 1337
 SIDECAR_INBOUND_EXCLUDED = (ENVOY_STATS_PORT, AGENT_READINESS_PORT, AGENT_METRICS_PORT)
 INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"
+
+# The largest RE2 program Envoy accepts in a safe_regex (runtime re2.max_program_size.error_level;
+# Envoy's default, 100, rejects ordinary VirtualService regexes). Istio's bootstrap sets 32768
+# (tools/packaging/common/envoy_bootstrap.json); translate/virtual_service.py checks regexes
+# against it, so a too-large one is an error naming the VirtualService, not a NACK.
+RE2_MAX_PROGRAM_SIZE = 32768

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nodeagent.ports import MESH_MARK
+from nodeagent.ports import MESH_MARK, RE2_MAX_PROGRAM_SIZE
 
 ADS_CLUSTER = "xds-grpc"  # Istio's name for the control-plane cluster
 STATS_CLUSTER = "prometheus_stats"  # the stats listener's way back into the admin endpoint
@@ -54,7 +54,10 @@ DELTA_ADS, SOTW_ADS = "DELTA_GRPC", "GRPC"
 # reaches its peer as a reset, which tcp_proxy passes on as an RST to the app: the app lost the
 # response it was reading (ECONNRESET). Internal connections close gracefully instead; real TCP
 # resets still propagate. Runtime key of Envoy 1.40 (source/common/runtime/runtime_features.cc).
-STATIC_RUNTIME = {"envoy.reloadable_features.enable_send_rst_on_user_space_socket": False}
+STATIC_RUNTIME = {
+    "envoy.reloadable_features.enable_send_rst_on_user_space_socket": False,
+    "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE,
+}
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _SOL_SOCKET = 1

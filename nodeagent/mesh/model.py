@@ -111,6 +111,9 @@ class IstioResource:
     spec: Mapping[str, Any] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # metadata.creationTimestamp (RFC 3339) as the API server set it, "" when the object has
+    # none: where Istio lets the oldest of two conflicting objects win, this decides.
+    created: str = ""
 
     @property
     def key(self) -> str:

@@ -8,8 +8,9 @@ the mesh's default DestinationRule exportTo is taken to be "*", DestinationRules
 ``workloadSelector`` are skipped (they need the client pod's labels), and destination rule
 inheritance (off by default in Istio) is not done.
 
-Where Istio lets the oldest object win, age comes from the annotation
-``nodeagent.io/creationTimestamp`` (RFC 3339); ties, and objects without it, fall back to name, then
+Where Istio lets the oldest object win, age comes from ``metadata.creationTimestamp`` (RFC 3339,
+set by the API server; a directory source's files may carry it), else from the annotation
+``nodeagent.io/creationTimestamp``; ties, and objects without either, fall back to name, then
 namespace. An object without a timestamp counts as created at the dawn of time, as Istio treats a
 zero creation timestamp.
 """
@@ -34,7 +35,8 @@ _DAWN = datetime.min.replace(tzinfo=UTC)
 def creation_order(res: IstioResource) -> tuple[datetime, str, str]:
     """Sort key, oldest first: creation time, then name, then namespace (as istiod sorts)."""
     try:
-        created = datetime.fromisoformat(res.annotations.get(CREATION_TIMESTAMP_ANNOTATION, ""))
+        stamp = res.created or res.annotations.get(CREATION_TIMESTAMP_ANNOTATION, "")
+        created = datetime.fromisoformat(stamp)
     except ValueError:
         created = _DAWN
     if created.tzinfo is None:

@@ -277,6 +277,7 @@ def _istio(doc: dict[str, Any], where: str, schemas: IstioSchemas) -> IstioResou
         spec=admitted.get("spec") or {},
         labels=dict(meta.get("labels") or {}),
         annotations=dict(meta.get("annotations") or {}),
+        created=str(meta.get("creationTimestamp") or ""),
     )
 
 

@@ -35,8 +35,9 @@ signed JWTs), no admission (objects are not validated: Istio objects the real se
 reach the agents, which validate them themselves; only a Secret's ``stringData`` is folded into
 ``data``), pages of a paged LIST are not one snapshot, no label selectors, field selectors only
 ``spec.nodeName`` and ``spec.serviceAccountName`` (``=`` only), and the whole history is kept in
-memory until ``expire``. Objects have no server-set fields beyond ``resourceVersion`` (no uid,
-no creationTimestamp: tests set what they need).
+memory until ``expire``. Objects have no server-set fields beyond ``resourceVersion`` and
+``creationTimestamp`` (set on create to the second, as the API server does, kept on updates;
+a test may give one to model an object created earlier); no uid.
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def resource_of(obj: Obj) -> str:
         if (k, a) == (kind, api):
             return path
     return f"{api.rpartition('/')[0]}/{plural(kind)}"
+
+
+def _now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _identity(obj: Obj) -> tuple[str, str]:
@@ -352,8 +357,12 @@ class APIServerStandIn:
         self.version += 1
         stored = copy.deepcopy(obj)
         _secret_data(stored)
-        stored.setdefault("metadata", {})["resourceVersion"] = str(self.version)
+        meta = stored.setdefault("metadata", {})
+        meta["resourceVersion"] = str(self.version)
         resource = resource_of(stored)
+        before = self.objects.get(resource, {}).get(_identity(stored))
+        created = (before or {}).get("metadata", {}).get("creationTimestamp")
+        meta["creationTimestamp"] = created or meta.get("creationTimestamp") or _now_rfc3339()
         self.objects.setdefault(resource, {})[_identity(stored)] = stored
         self._kinds[resource] = str(stored["kind"])
         self._publish(_Event(self.version, resource, type_, stored))

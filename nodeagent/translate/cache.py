@@ -40,13 +40,13 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from nodeagent.mesh import policy
+from nodeagent.mesh import policy, traffic
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
-from nodeagent.mesh.model import MeshConfig, Service
+from nodeagent.mesh.model import IstioResource, MeshConfig, Service
 from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, MeshStore
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
-from nodeagent.translate import envoy, internal, tls
+from nodeagent.translate import envoy, internal, service_views, tls
 from nodeagent.translate.clusters import (
     blackhole_cluster,
     original_dst_cluster,
@@ -54,6 +54,7 @@ from nodeagent.translate.clusters import (
     sidecar_service_cluster,
     upstream_bind,
 )
+from nodeagent.translate.destination_rule import cluster_fields
 from nodeagent.translate.endpoints import endpoint_pods, ip_slices, load_assignment
 from nodeagent.translate.listeners import (
     blackhole_chain,
@@ -67,7 +68,7 @@ from nodeagent.translate.listeners import (
     pod_outbound_listener,
 )
 from nodeagent.translate.protocol import HTTP2, is_http
-from nodeagent.translate.routes import inbound_route, outbound_route
+from nodeagent.translate.routes import inbound_route
 from nodeagent.translate.services import (
     INBOUND_PASSTHROUGH,
     PASSTHROUGH,
@@ -82,6 +83,7 @@ from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Tran
 log = logging.getLogger("nodeagent.translate")
 
 PEER_AUTHENTICATION, DESTINATION_RULE = "PeerAuthentication", "DestinationRule"
+VIRTUAL_SERVICE = traffic.VIRTUAL_SERVICE
 Made = list[tuple[str, Message]]
 TYPES = (envoy.CLUSTER, envoy.ENDPOINT, envoy.LISTENER, envoy.ROUTE, envoy.SECRET)
 
@@ -99,12 +101,19 @@ class _ServiceEntry:
     # target, clusters and routes, the outbound-internal filter chains (one per VIP:port).
     endpoints: Made = field(default_factory=list)
     clusters: Made = field(default_factory=list)
+    routes: Made = field(default_factory=list)
     chains: list[envoy.FilterChain] = field(default_factory=list)
     # DestinationRule tls modes binding local clients: namespace -> cluster -> mode.
     modes: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: frozenset[str] = frozenset()  # pods its endpoints name (namespace/name)
     # What the outbound listener(s) take from it: one filter chain per VIP:port.
-    chain_keys: tuple[tuple[str, int, str, bool], ...] = ()
+    chain_keys: tuple[tuple[str, int, str, bool, str], ...] = ()
+    # Its clusters per port (DestinationRule subsets and policies, per view), reused with the
+    # endpoints when only the local namespaces changed and these did not.
+    subsets: tuple[tuple[service_views.SubsetCluster, ...], ...] = ()
+    # What its routes read besides itself: VirtualService keys, and destination hostnames.
+    virtual_services: frozenset[str] = frozenset()
+    hosts: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -158,6 +167,9 @@ class TranslationCache:
     _internal: _Memo | None = None  # the outbound-internal listener
     _originate: _Memo | None = None  # the originate-mtls cluster
     _fast: dict[str, frozenset[int]] = field(default_factory=dict)  # local pod -> fast ports
+    _vs_index: traffic.VirtualServiceIndex | None = None
+    _by_vs: dict[str, set[str]] = field(default_factory=dict)  # VirtualService -> services
+    _by_host: dict[str, set[str]] = field(default_factory=dict)  # destination host -> services
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
     def build(
@@ -223,6 +235,9 @@ class TranslationCache:
         self._services.clear()
         self._by_pod.clear()
         self._by_namespace.clear()
+        self._by_vs.clear()
+        self._by_host.clear()
+        self._vs_index = traffic.virtual_service_index(settings.store)
         self._outbound.clear()
         self._inbound.clear()
         self._internal = self._originate = None
@@ -260,6 +275,7 @@ class TranslationCache:
         client_namespaces = {ns for ns, _ in settings.identities}
         dirty: set[str] = set()
         everything = False  # still walk every change: the slice index must follow them all
+        rebuild_index = False
         for kind, key in changes:
             if kind == SERVICE_KIND:
                 dirty.add(key)
@@ -282,9 +298,25 @@ class TranslationCache:
                 namespace = key.split("/")[1]
                 everything |= namespace == root or namespace in client_namespaces
                 dirty |= {svc.key for svc in store.services_in(namespace)}
+            elif kind == VIRTUAL_SERVICE:
+                rebuild_index = True
+                dirty |= self._by_vs.get(key, set())  # the services it bound or was named in
+                vs = store.istio.get(key)
+                if vs is not None:
+                    dirty |= _bound_services(store, vs)
             elif kind == MESH_CONFIG:  # the settings differ too: not reached
                 everything = True
-        return set(store.services) | set(self._services) if everything else dirty
+        if rebuild_index:
+            self._vs_index = traffic.virtual_service_index(store)
+        if everything:
+            return set(store.services) | set(self._services)
+        # Routes name other services' clusters (their ports, their DestinationRule's subsets
+        # and variants): a changed service changes the routes naming it.
+        domain = settings.mesh_config.cluster_domain
+        for key in list(dirty):
+            namespace, _, name = key.partition("/")
+            dirty |= self._by_host.get(f"{name}.{namespace}.svc.{domain}", set())
+        return dirty
 
     def _update(self, dirty: set[str], reuse: bool = False) -> None:
         """Rebuild the DIRTY services' entries (and forget deleted ones), and their part of the
@@ -306,6 +338,10 @@ class TranslationCache:
             for pod in entry.pods:
                 self._by_pod.setdefault(pod, set()).add(key)
                 self._by_namespace.setdefault(pod.split("/")[0], set()).add(key)
+            for vs in entry.virtual_services:
+                self._by_vs.setdefault(vs, set()).add(key)
+            for host in entry.hosts:
+                self._by_host.setdefault(host, set()).add(key)
         if added_or_removed or not self._order:
             self._order = sorted(self._services)
 
@@ -346,13 +382,16 @@ class TranslationCache:
             self._chains_changed = True
 
     def _unlink(self, key: str, entry: _ServiceEntry) -> None:
-        for pod in entry.pods:
-            for index, at in ((self._by_pod, pod), (self._by_namespace, pod.split("/")[0])):
-                keys = index.get(at)
-                if keys is not None:
-                    keys.discard(key)
-                    if not keys:
-                        del index[at]
+        links = [(self._by_pod, pod) for pod in entry.pods]
+        links += [(self._by_namespace, pod.split("/")[0]) for pod in entry.pods]
+        links += [(self._by_vs, vs) for vs in entry.virtual_services]
+        links += [(self._by_host, host) for host in entry.hosts]
+        for index, at in links:
+            keys = index.get(at)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del index[at]
 
     # -- builders ---------------------------------------------------------------------------------
 
@@ -369,30 +408,68 @@ class TranslationCache:
             for endpoint in slice_.endpoints
             if endpoint.pod
         )
-        entry.chain_keys = tuple(
-            (svc.cluster_ip, t.port.port, t.host, is_http(t.protocol))
-            for t in entry.targets
-            if has_vip(t)
-        )
         if origin in self._excluded:
             return entry
         try:
-            if not settings.sidecar:
-                entry.modes = _destination_modes(store, entry.targets, settings.identities)
-            if reuse is not None and reuse.made is not None and reuse.modes == entry.modes:
+            self._service_views(entry)
+            if (
+                reuse is not None
+                and reuse.made is not None
+                and (reuse.modes, reuse.subsets) == (entry.modes, entry.subsets)
+            ):
                 entry.endpoints, entry.clusters = reuse.endpoints, reuse.clusters
-                entry.chains = reuse.chains
             else:
                 self._service_parts(entry)
         except Exception as e:  # one bad Service must not take the node's config down
             entry.problem = _failed(origin, e)
             return entry
-        entry.made = [(t, _name(t, r), r) for t, r in [*entry.endpoints, *entry.clusters]]
+        made = [*entry.endpoints, *entry.clusters, *entry.routes]
+        entry.made = [(t, _name(t, r), r) for t, r in made]
         entry.chain_names = [t.cluster for t in entry.targets]
         return entry
 
+    def _service_views(self, entry: _ServiceEntry) -> None:
+        """What the service's callers see: DestinationRule modes and subsets, route tables
+        and the outbound chains (which carry its VirtualService's TCP routes)."""
+        assert self._settings is not None and self._vs_index is not None
+        settings = self._settings
+        store = settings.store
+        client_namespaces = sorted(_namespaces(settings.identities))
+        if not settings.sidecar:
+            entry.modes = _destination_modes(store, entry.targets, settings.identities)
+        entry.subsets = tuple(
+            tuple(service_views.port_clusters(store, t, client_namespaces)) for t in entry.targets
+        )
+        used: set[str] = set()
+        hosts: set[str] = set()
+        keys = []
+        for target in entry.targets:
+            tcp = None
+            named: service_views.PortRoutes | service_views.PortTcpRoute
+            if is_http(target.protocol):
+                named = service_views.port_routes(store, self._vs_index, target, client_namespaces)
+                entry.routes.append((envoy.ROUTE, named.table))
+            else:
+                named = service_views.port_tcp_route(
+                    store, self._vs_index, target, client_namespaces
+                )
+                tcp = named.route
+            used.update(named.virtual_services)
+            hosts |= named.hosts
+            if has_vip(target):
+                keys.append((target, tcp))
+                # The node's chain names the calling pod from filter state; the sidecar's
+                # listener makes its own (the same shape, its pod's name).
+                chain = outbound_chain(target, internal.POD_FORMAT, tcp)
+                entry.chains.append(envoy.message(envoy.FilterChain, chain))
+        entry.virtual_services, entry.hosts = frozenset(used), frozenset(hosts)
+        entry.chain_keys = tuple(
+            (t.service.cluster_ip, t.port.port, t.host, is_http(t.protocol), repr(tcp))
+            for t, tcp in keys
+        )
+
     def _service_parts(self, entry: _ServiceEntry) -> None:
-        """Per target: endpoints, cluster, HTTP route, outbound chain."""
+        """Per target: the endpoints and cluster of each of its subsets."""
         assert self._settings is not None
         settings = self._settings
         store = settings.store
@@ -402,25 +479,26 @@ class TranslationCache:
         # refuses it there, as Istio's sidecar would).
         disabled = any("DISABLE" in modes.values() for modes in entry.modes.values())
         fast = None if disabled else self._fast
-        for target in entry.targets:
-            assignment = load_assignment(store, target, speaks_mtls, not settings.sidecar, fast)
-            entry.endpoints.append((envoy.ENDPOINT, assignment))
-            if settings.sidecar:
-                identity = settings.identities[0]
-                cluster = _sidecar_cluster(store, target, identity)
-            else:
-                modes = {
-                    ns: m[target.cluster] for ns, m in entry.modes.items() if target.cluster in m
-                }
-                cluster = service_cluster(target, modes)
-            entry.clusters.append((envoy.CLUSTER, cluster))
-            if is_http(target.protocol):
-                entry.clusters.append((envoy.ROUTE, outbound_route(target)))
-            if has_vip(target):
-                # The node's chain names the calling pod from filter state; the sidecar's
-                # listener makes its own (the same shape, its pod's name).
-                chain = outbound_chain(target, internal.POD_FORMAT)
-                entry.chains.append(envoy.message(envoy.FilterChain, chain))
+        for target, subsets in zip(entry.targets, entry.subsets, strict=True):
+            modes = {ns: m[target.cluster] for ns, m in entry.modes.items() if target.cluster in m}
+            for subset in subsets:
+                assignment = load_assignment(
+                    store,
+                    target,
+                    speaks_mtls,
+                    not settings.sidecar,
+                    fast,
+                    cluster=subset.name,
+                    labels=subset.labels,
+                )
+                entry.endpoints.append((envoy.ENDPOINT, assignment))
+                policy_fields = _node_policy(subset, cluster_fields(subset.policy, target.protocol))
+                if settings.sidecar:
+                    identity = settings.identities[0]
+                    cluster = _sidecar_cluster(store, target, identity, subset.name, policy_fields)
+                else:
+                    cluster = service_cluster(target, modes, subset.name, policy_fields)
+                entry.clusters.append((envoy.CLUSTER, cluster))
 
     def _pod_part(
         self,
@@ -575,6 +653,33 @@ class TranslationCache:
         return [*self._internal.made, *self._originate.made]
 
 
+def _node_policy(subset: service_views.SubsetCluster, fields: dict[str, Any]) -> dict[str, Any]:
+    """A DestinationRule's cluster FIELDS as the node can apply them. PASSTHROUGH load
+    balancing (connect to the address the caller dialled, without EDS) would bypass
+    ``originate`` and so mTLS: not supported, the cluster keeps Istio's default balancing."""
+    if fields.get("lb_policy") != "CLUSTER_PROVIDED":
+        return fields
+    log.warning("%s: loadBalancer PASSTHROUGH is not supported; LEAST_REQUEST used", subset.name)
+    kept = {k: v for k, v in fields.items() if k not in ("type", "eds_cluster_config")}
+    return kept | {"lb_policy": "LEAST_REQUEST"}
+
+
+def _bound_services(store: MeshStore, vs: IstioResource) -> set[str]:
+    """Keys of the services whose hostname one of VS's hosts names (a wildcard: scanned)."""
+    domain = store.mesh_config.cluster_domain
+    found: set[str] = set()
+    for host in traffic.vs_hosts(vs, domain):
+        if host.startswith("*"):
+            found |= {
+                key
+                for key, svc in store.services.items()
+                if traffic.host_match(host, svc.hostname(domain))
+            }
+        elif (svc := service_views.service_of_host(store, host)) is not None:
+            found.add(svc.key)
+    return found
+
+
 def _namespaces(identities: Sequence[Identity]) -> set[str]:
     return {namespace for namespace, _ in identities}
 
@@ -620,7 +725,13 @@ def _mtls_speaker(
     return speaks_mtls
 
 
-def _sidecar_cluster(store: MeshStore, target: ServiceTarget, identity: Identity) -> envoy.Cluster:
+def _sidecar_cluster(
+    store: MeshStore,
+    target: ServiceTarget,
+    identity: Identity,
+    name: str = "",
+    policy_fields: dict[str, Any] | None = None,
+) -> envoy.Cluster:
     """The sidecar form's cluster: its pod presents its identity itself, to the SANs of the
     service's pods, in the TLS mode a DestinationRule in its namespace may set."""
     trust_domain = store.mesh_config.trust_domain
@@ -631,7 +742,7 @@ def _sidecar_cluster(store: MeshStore, target: ServiceTarget, identity: Identity
     )
     mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
     me = tls.spiffe_id(trust_domain, *identity)
-    return sidecar_service_cluster(target, me, sans, mode)
+    return sidecar_service_cluster(target, me, sans, mode, name, policy_fields)
 
 
 def _pod_outbound(local: LocalPod, spiffe: str) -> Made:

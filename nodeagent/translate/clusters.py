@@ -44,15 +44,16 @@ def _http2_options() -> dict[str, Any]:
     }
 
 
-def _eds_cluster(target: ServiceTarget) -> dict[str, Any]:
+def _eds_cluster(target: ServiceTarget, name: str = "") -> dict[str, Any]:
     """What every form's cluster of a service port has: its endpoints over EDS, round robin,
-    HTTP/2 upstream for gRPC/HTTP2 ports."""
+    HTTP/2 upstream for gRPC/HTTP2 ports. NAME: a subset's cluster (default: the port's)."""
+    name = name or target.cluster
     fields: dict[str, Any] = {
-        "name": target.cluster,
+        "name": name,
         "type": "EDS",
         "eds_cluster_config": {
             "eds_config": {"ads": {}, "resource_api_version": "V3"},
-            "service_name": target.cluster,
+            "service_name": name,
         },
         "connect_timeout": CONNECT_TIMEOUT,
         "lb_policy": "ROUND_ROBIN",
@@ -62,7 +63,18 @@ def _eds_cluster(target: ServiceTarget) -> dict[str, Any]:
     return fields
 
 
-def service_cluster(target: ServiceTarget, tls_modes: Mapping[str, str] | None = None) -> Cluster:
+def _with_policy(fields: dict[str, Any], policy: Mapping[str, Any] | None) -> dict[str, Any]:
+    """FIELDS with a DestinationRule's POLICY fields over them (None in POLICY: removed)."""
+    merged = fields | dict(policy or {})
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def service_cluster(
+    target: ServiceTarget,
+    tls_modes: Mapping[str, str] | None = None,
+    name: str = "",
+    policy: Mapping[str, Any] | None = None,
+) -> Cluster:
     """A service port's cluster on the node: the same for every local pod (no identity in it).
 
     Its endpoints are internal addresses of ``originate`` (EDS, see endpoints.py): the endpoint's
@@ -73,8 +85,12 @@ def service_cluster(target: ServiceTarget, tls_modes: Mapping[str, str] | None =
     TLS_MODES: client namespace -> the DestinationRule tls.mode that binds it here. They are
     applied in originate-mtls, but written here too: a change of them changes this cluster, so
     Envoy drains its pooled connections, made under the old mode, as it would for Istio's
-    per-sidecar cluster."""
-    fields = _eds_cluster(target)
+    per-sidecar cluster.
+
+    NAME: a DestinationRule subset's cluster of the port (its endpoints under the same name);
+    its TLS mode is the port's. POLICY: cluster fields a DestinationRule's traffic policy sets
+    (destination_rule.cluster_fields), over the defaults."""
+    fields = _with_policy(_eds_cluster(target, name), policy)
     fields |= {
         "metadata": {
             "filter_metadata": {
@@ -94,13 +110,19 @@ def service_cluster(target: ServiceTarget, tls_modes: Mapping[str, str] | None =
 
 
 def sidecar_service_cluster(
-    target: ServiceTarget, identity: str, server_sans: list[str], tls_mode: str | None
+    target: ServiceTarget,
+    identity: str,
+    server_sans: list[str],
+    tls_mode: str | None,
+    name: str = "",
+    policy: Mapping[str, Any] | None = None,
 ) -> Cluster:
     """The sidecar form's cluster for a service port: the pod's own Envoy presents its pod's
     IDENTITY itself. TLS_MODE is a DestinationRule's ``tls.mode`` when one applies: DISABLE is
-    plaintext, ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint."""
+    plaintext, ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint.
+    NAME and POLICY as for ``service_cluster``."""
     sni = tls.outbound_sni(target.port.port, target.host)
-    fields = _eds_cluster(target)
+    fields = _with_policy(_eds_cluster(target, name), policy)
     if tls_mode == "ISTIO_MUTUAL":
         fields["transport_socket"] = tls.upstream_mtls(identity, server_sans, sni)
     elif tls_mode != "DISABLE":

@@ -46,6 +46,8 @@ def load_assignment(
     speaks_mtls: Callable[[str, int], bool],
     via_originate: bool = True,
     fast: Mapping[str, Collection[int]] | None = None,
+    cluster: str = "",
+    labels: Mapping[str, str] | None = None,
 ) -> ClusterLoadAssignment:
     """Every ready endpoint of the service, cluster-wide.
 
@@ -56,6 +58,9 @@ def load_assignment(
     original_dst filter reads there; otherwise (the sidecar form) the endpoint's socket address.
     FAST: this node's pods (keys) -> the ports of theirs that take the same-node fast path
     instead (their ``inboundInternal`` listener, internal.py), when they speak mTLS.
+    CLUSTER: the assignment's name (default: the service port's cluster). LABELS: a
+    DestinationRule subset's, which only endpoints whose pod carries them all are in (an
+    endpoint naming no pod has no labels: it is in no subset, as in Istio).
     """
     trust_domain = store.mesh_config.trust_domain
     found: dict[tuple[str, int], str | None] = {}  # (ip, port) -> SPIFFE ID if it speaks mTLS
@@ -68,6 +73,10 @@ def load_assignment(
             if not endpoint.ready:
                 continue
             pod = store.pods.get(endpoint.pod) if endpoint.pod else None
+            if labels is not None and (
+                pod is None or any(pod.labels.get(k) != v for k, v in labels.items())
+            ):
+                continue
             spiffe = None
             if pod is not None and speaks_mtls(endpoint.pod, port):
                 spiffe = tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
@@ -78,7 +87,7 @@ def load_assignment(
     return message(
         ClusterLoadAssignment,
         {
-            "cluster_name": target.cluster,
+            "cluster_name": cluster or target.cluster,
             "endpoints": [
                 {
                     "lb_endpoints": [

@@ -12,8 +12,10 @@ from typing import Any, TypeVar
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
+from envoy.extensions.filters.http.cors.v3 import cors_pb2  # noqa: F401
+from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
@@ -33,6 +35,9 @@ from envoy.extensions.matching.common_inputs.transport_socket.v3 import (  # noq
 )
 from envoy.extensions.request_id.uuid.v3 import uuid_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401
+    previous_priorities_config_pb2,
+)
 from envoy.extensions.transport_sockets.internal_upstream.v3 import (  # noqa: F401
     internal_upstream_pb2,
 )
@@ -47,6 +52,7 @@ FilterChain = listener_components_pb2.FilterChain
 Cluster = cluster_pb2.Cluster
 ClusterLoadAssignment = endpoint_pb2.ClusterLoadAssignment
 RouteConfiguration = route_pb2.RouteConfiguration
+Route = route_components_pb2.Route
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"

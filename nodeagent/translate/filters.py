@@ -92,6 +92,24 @@ def access_log(direction: str, pod: str, tcp: bool = False) -> list[dict[str, An
     ]
 
 
+# HTTP filters a VirtualService's route configures per route (typed_per_filter_config, see
+# translate/virtual_service.py); empty here, so a route without fault or corsPolicy passes
+# through. In the order Istio's sidecar outbound HCM has them, before the router (fault, then
+# cors: pilot/pkg/networking/core/listener_builder.go, buildHTTPConnectionManager).
+FAULT_FILTER = "envoy.filters.http.fault"
+CORS_FILTER = "envoy.filters.http.cors"
+VIRTUAL_SERVICE_FILTERS = [
+    {
+        "name": FAULT_FILTER,
+        "typed_config": typed("envoy.extensions.filters.http.fault.v3.HTTPFault"),
+    },
+    {
+        "name": CORS_FILTER,
+        "typed_config": typed("envoy.extensions.filters.http.cors.v3.Cors"),
+    },
+]
+
+
 def http_connection_manager(
     stat_prefix: str,
     route_config_name: str,
@@ -121,10 +139,11 @@ def http_connection_manager(
                 "config_source": {"ads": {}, "resource_api_version": "V3"},
             },
             http_filters=[
+                *(VIRTUAL_SERVICE_FILTERS if direction == "outbound" else []),
                 {
                     "name": "envoy.filters.http.router",
                     "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
-                }
+                },
             ],
             access_log=access_log(direction, pod),
             # Inbound: the caller's pod address goes to the app in x-forwarded-for. Envoy then
@@ -147,13 +166,20 @@ def http_connection_manager(
     }
 
 
-def tcp_proxy(stat_prefix: str, cluster: str, direction: str, pod: str) -> dict[str, Any]:
+def tcp_proxy(
+    stat_prefix: str,
+    cluster: str,
+    direction: str,
+    pod: str,
+    route: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """ROUTE: tcp_proxy's ``cluster`` or ``weighted_clusters``, instead of CLUSTER."""
     return {
         "name": "envoy.filters.network.tcp_proxy",
         "typed_config": typed(
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
             stat_prefix=stat_prefix,
-            cluster=cluster,
+            **(route or {"cluster": cluster}),
             access_log=access_log(direction, pod, tcp=True),
         ),
     }

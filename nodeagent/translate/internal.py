@@ -65,6 +65,9 @@ SOURCE_KEY = "io.nodeagent.source"  # the calling pod's IP (x-forwarded-for on t
 CALLEE_KEY = "io.nodeagent.callee"  # set on the fast path: the called pod's SPIFFE ID
 TLS_KEY = "io.nodeagent.tls"  # set in originate: the endpoint's tlsMode (auto mTLS)
 SERVICE_KEY = "io.nodeagent.service"  # set in originate: the service port's cluster name
+# The calling pod's labels (``labels_value``): a VirtualService match's sourceLabels is a route
+# matcher on it (translate/virtual_service.py), as the caller's SPIFFE ID is for sourceNamespace.
+LABELS_KEY = "io.nodeagent.labels"
 POD_FORMAT = f"%FILTER_STATE({POD_KEY}:PLAIN)%"
 STRING = "envoy.string"  # factory of our own keys' values
 
@@ -131,14 +134,27 @@ def fast_name(namespace: str, name: str) -> str:
     return f"{FAST_PREFIX}/{namespace}/{name}"
 
 
-def stamp_caller(netns: str, spiffe: str, pod: str, source: str = "") -> dict[str, Any]:
+def labels_value(labels: Mapping[str, str]) -> str:
+    """LABELS as one string, ",k1=v1,k2=v2," with keys sorted: every pair sits between commas, so
+    one regex finds a selector's pairs in order (label keys and values hold no "," or "=")."""
+    return "," + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + ","
+
+
+def stamp_caller(
+    netns: str,
+    spiffe: str,
+    pod: str,
+    source: str = "",
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The pod listener's filter: who calls (kept across every internal hop: its netns, SPIFFE
-    ID, name and IP SOURCE), and where it was going (for outbound-internal's original_dst, one
-    hop)."""
+    ID, name, IP SOURCE and LABELS), and where it was going (for outbound-internal's
+    original_dst, one hop)."""
     who = [
         state_value(NETNS_KEY, netns, "TRANSITIVE", NETNS_FACTORY),
         state_value(CALLER_KEY, spiffe, "TRANSITIVE", NETNS_FACTORY),
         state_value(POD_KEY, pod, "TRANSITIVE", STRING),
+        state_value(LABELS_KEY, labels_value(labels or {}), "TRANSITIVE", STRING),
     ]
     if source:
         who.append(state_value(SOURCE_KEY, source, "TRANSITIVE", STRING))

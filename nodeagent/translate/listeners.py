@@ -99,14 +99,18 @@ def _stamped(netns: str, *filters: dict[str, Any]) -> list[dict[str, Any]]:
     return [stamp_netns(netns), *filters] if netns else list(filters)
 
 
-def outbound_chain(target: ServiceTarget, who: str) -> dict[str, Any]:
+def outbound_chain(
+    target: ServiceTarget, who: str, tcp_route: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The filter chain of one service port (its VIP:port). WHO names the calling pod in access
-    logs (a formatter in the shared outbound-internal listener)."""
+    logs (a formatter in the shared outbound-internal listener). TCP_ROUTE: where a
+    VirtualService's ``tcp`` rules send a TCP port's connections (tcp_proxy ``cluster`` or
+    ``weighted_clusters``), instead of the port's own cluster."""
     name = target.cluster
     if is_http(target.protocol):
         last = http_connection_manager(name, name, "outbound", who)
     else:
-        last = tcp_proxy(name, name, "outbound", who)
+        last = tcp_proxy(name, name, "outbound", who, tcp_route)
     return {
         "name": name,
         "filter_chain_match": {
@@ -148,7 +152,7 @@ def pod_outbound_listener(pod: Pod, netns: str, spiffe: str) -> Listener:
             "default_filter_chain": {
                 "name": internal.OUTBOUND_INTERNAL,
                 "filters": [
-                    internal.stamp_caller(netns, spiffe, who, source),
+                    internal.stamp_caller(netns, spiffe, who, source, pod.labels),
                     tcp_proxy(
                         internal.OUTBOUND_INTERNAL, internal.OUTBOUND_INTERNAL, "outbound", who
                     ),

@@ -1,5 +1,5 @@
-"""Routes: a service port's outbound route table, and a local port's inbound one (pure).
-VirtualService routing will build on these."""
+"""Routes: Istio's default retry policy, and a local port's inbound route table (pure). A service
+port's outbound table is service_views.py's (VirtualService routing)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from nodeagent.translate import internal
 from nodeagent.translate.envoy import RouteConfiguration, message, typed
-from nodeagent.translate.services import ServiceTarget, fast_route, inbound_cluster
+from nodeagent.translate.services import fast_route, inbound_cluster
 
 
 def default_retry_policy() -> dict[str, Any]:
@@ -27,35 +27,6 @@ def default_retry_policy() -> dict[str, Any]:
         ],
         "host_selection_retry_max_attempts": 5,
     }
-
-
-def outbound_route(target: ServiceTarget) -> RouteConfiguration:
-    """The service port's routes: every request to its cluster (VirtualService routing later)."""
-    cluster = target.cluster
-    return message(
-        RouteConfiguration,
-        {
-            "name": cluster,
-            "validate_clusters": False,
-            "virtual_hosts": [
-                {
-                    "name": f"{target.host}:{target.port.port}",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "name": "default",
-                            "match": {"prefix": "/"},
-                            "route": {
-                                "cluster": cluster,
-                                "timeout": "0s",
-                                "retry_policy": default_retry_policy(),
-                            },
-                        }
-                    ],
-                }
-            ],
-        },
-    )
 
 
 def _state(key: str) -> str:

@@ -39,6 +39,9 @@ KINDS = 5 + sum(group in ISTIO_GROUPS for group, _ in IstioSchemas.load().kinds(
 def _bookinfo(name: str) -> dict[str, Any]:
     doc = yaml.safe_load((BOOKINFO / name).read_text())
     doc["metadata"]["namespace"] = "shop"
+    # As the API server stamps it on create (the stand-in keeps one given), so the directory
+    # source reading the same file sees the same age.
+    doc["metadata"]["creationTimestamp"] = "2026-01-02T03:04:05Z"
     return dict(doc)
 
 
@@ -556,7 +559,7 @@ def test_a_cni_add_waits_for_the_pod_on_its_own_node() -> None:
 SERVICE_ENTRY = """
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: legacy, namespace: shop}
+metadata: {name: legacy, namespace: shop, creationTimestamp: "2026-01-02T03:04:05Z"}
 spec:
   hosts: [legacy.example.com]
   addresses: [1:20, 2001:db8::]

@@ -127,7 +127,9 @@ def test_service_clusters_follow_istio_names_and_name_no_identity() -> None:
     }
     web = as_json(clusters[f"outbound|80||{HOST}"])
     assert web["edsClusterConfig"]["serviceName"] == f"outbound|80||{HOST}"
-    assert web["type"] == "EDS" and web.get("lbPolicy", "ROUND_ROBIN") == "ROUND_ROBIN"
+    # Istio's default load balancing without a DestinationRule is LEAST_REQUEST (MeshConfig
+    # defaultLBAlgorithm, istio.io/latest/docs/reference/config/networking/destination-rule/).
+    assert web["type"] == "EDS" and web["lbPolicy"] == "LEAST_REQUEST"
     assert web["metadata"]["filterMetadata"]["nodeagent.service"] == {
         "name": f"outbound|80||{HOST}",
         "sni": f"outbound_.80_._.{HOST}",
@@ -170,7 +172,7 @@ def test_endpoints_are_every_ready_endpoint_cluster_wide() -> None:
 
 
 def test_a_pods_outbound_listener_names_no_service_and_stamps_who_calls() -> None:
-    out = translate(store(), [local("a")])
+    out = translate(store(), [local("a", labels={"version": "v1", "app": "web"})])
     listener = as_json(out[e.LISTENER]["virtualOutbound/shop/a"])
     address = listener["address"]["socketAddress"]
     assert (address["address"], address["portValue"]) == ("127.0.0.1", 15001)
@@ -184,12 +186,15 @@ def test_a_pods_outbound_listener_names_no_service_and_stamps_who_calls() -> Non
         NETNS_KEY: "/run/netns/a",
         "io.nodeagent.caller": ME,
         "io.nodeagent.pod": "shop/a",
+        # Its labels, for a VirtualService match's sourceLabels (keys sorted, between commas).
+        "io.nodeagent.labels": ",app=web,version=v1,",
         "envoy.filters.listener.original_dst.local_ip": "%DOWNSTREAM_LOCAL_ADDRESS%",
         "envoy.filters.listener.original_dst.remote_ip": "%DOWNSTREAM_REMOTE_ADDRESS%",
     }
     # Who calls must reach originate, two internal hops away; where to, only the next one.
     assert stamped[NETNS_KEY]["sharedWithUpstream"] == "TRANSITIVE"
     assert stamped["io.nodeagent.caller"]["sharedWithUpstream"] == "TRANSITIVE"
+    assert stamped["io.nodeagent.labels"]["sharedWithUpstream"] == "TRANSITIVE"
     assert stamped["envoy.filters.listener.original_dst.local_ip"]["sharedWithUpstream"] == "ONCE"
 
 

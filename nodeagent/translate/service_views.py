@@ -1,0 +1,302 @@
+"""A service port's clusters and routes as the node's local callers see them (pure).
+
+Istio gives each sidecar its own copy of the routes and clusters, as its namespace sees the
+VirtualServices and DestinationRules (exportTo, the client namespace's own rules first). The node
+Envoy shares one route table and one set of clusters per service port among all local pods, so:
+
+- **Routes.** The table is computed for each local client namespace; namespaces that get the same
+  routes form one *view*. One view: its routes as they are. Several: each view's routes carry a
+  ``filter_state`` match on the caller's SPIFFE ID (``io.nodeagent.caller``, stamped by the
+  caller's own outbound listener), so a caller only ever matches its view's routes and, where
+  none matches, gets Envoy's 404 ``NR`` as its sidecar would. Per-request source matches
+  (``sourceLabels``, ``sourceNamespace``) are filter-state matches too (virtual_service.py):
+  pods differ in routes without a table per pod.
+- **Clusters.** A DestinationRule's subsets and traffic policy make ``outbound|port|subset|host``
+  clusters, named as Istio names them, for the rule a namespace without rules of its own sees
+  (the *canonical* rule). A local namespace that sees another rule (its own, or one exported only
+  to it) gets its own copies, named ``...~<rule namespace>/<rule name>``, which only its view's
+  routes name. TLS modes stay per caller in originate-mtls (cache.py), as before.
+
+A view is computed only for namespaces with a local pod. A pod of a new namespace gets its view
+with the translation that adds its listeners; Envoy applies routes after listeners, so its very
+first request may race the route update when views differ (it then gets a 404).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from nodeagent.mesh import policy, traffic
+from nodeagent.mesh.model import IstioResource, Service
+from nodeagent.mesh.store import MeshStore
+from nodeagent.translate import destination_rule, internal, virtual_service
+from nodeagent.translate.envoy import RouteConfiguration, message
+from nodeagent.translate.routes import default_retry_policy
+from nodeagent.translate.services import ServiceTarget, outbound_cluster
+
+log = logging.getLogger("nodeagent.translate")
+
+CANONICAL = ""  # a client namespace that has no rule of its own
+
+
+def _same(a: IstioResource | None, b: IstioResource | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.key == b.key and a.spec == b.spec
+
+
+def rule_variant(
+    store: MeshStore, client_namespace: str, svc: Service
+) -> tuple[str, IstioResource | None]:
+    """The suffix of the clusters a client in CLIENT_NAMESPACE uses for SVC ("" for the
+    canonical ones), and the DestinationRule behind them."""
+    canonical = policy.destination_rule_for(store, CANONICAL, svc)
+    if client_namespace == CANONICAL:
+        return "", canonical
+    mine = policy.destination_rule_for(store, client_namespace, svc)
+    if _same(mine, canonical):
+        return "", canonical
+    return "~" + (f"{mine.namespace}/{mine.name}" if mine is not None else "none"), mine
+
+
+def service_of_host(store: MeshStore, hostname: str) -> Service | None:
+    """The Kubernetes Service whose hostname is HOSTNAME (<name>.<ns>.svc.<domain>)."""
+    suffix = ".svc." + store.mesh_config.cluster_domain
+    if not hostname.endswith(suffix):
+        return None
+    name, _, namespace = hostname[: -len(suffix)].partition(".")
+    if not name or not namespace or "." in namespace:
+        return None
+    return store.services.get(f"{namespace}/{name}")
+
+
+@dataclass(frozen=True)
+class SubsetCluster:
+    """One cluster of a service port: its name, the subset's labels (None: every endpoint)
+    and the merged traffic policy that applies to it."""
+
+    name: str
+    labels: Mapping[str, str] | None
+    policy: Mapping[str, Any]
+
+
+def port_clusters(
+    store: MeshStore, target: ServiceTarget, client_namespaces: Sequence[str]
+) -> list[SubsetCluster]:
+    """The clusters of a service port: the canonical rule's and each variant's, each with
+    its subsets (Istio makes a subset's cluster whether or not a route names it)."""
+    rules: dict[str, IstioResource | None] = {}
+    for namespace in (CANONICAL, *client_namespaces):
+        suffix, rule = rule_variant(store, namespace, target.service)
+        rules.setdefault(suffix, rule)
+    port = target.port.port
+    made: list[SubsetCluster] = []
+    for suffix, rule in sorted(rules.items()):
+        spec = rule.spec if rule is not None else {}
+        made.append(
+            SubsetCluster(
+                target.cluster + suffix, None, destination_rule.traffic_policy(spec, port)
+            )
+        )
+        for subset in spec.get("subsets") or []:
+            name = str(subset.get("name", ""))
+            labels = destination_rule.subset_labels(spec, name)
+            made.append(
+                SubsetCluster(
+                    outbound_cluster(port, target.host, name) + suffix,
+                    labels if labels is not None else {},
+                    destination_rule.traffic_policy(spec, port, name),
+                )
+            )
+    return made
+
+
+class _Resolver:
+    """Route destinations of one client namespace: cluster names, and the hash policy of the
+    DestinationRule behind each."""
+
+    def __init__(self, store: MeshStore, client_namespace: str, listener_port: int) -> None:
+        self.store, self.namespace, self.port = store, client_namespace, listener_port
+        self.hosts: set[str] = set()  # destination hosts named (dependencies)
+        self._hash: dict[str, list[dict[str, Any]]] = {}
+
+    def cluster(
+        self, destination: Mapping[str, Any], vs: IstioResource | None, host: str = ""
+    ) -> str:
+        """Istio's GetDestinationCluster: the destination's port, else the service's only
+        port, else the port called (pilot/pkg/networking/core/route/route.go)."""
+        domain = self.store.mesh_config.cluster_domain
+        if vs is not None:
+            host = traffic.destination_host(destination, vs, domain)
+        self.hosts.add(host)
+        svc = service_of_host(self.store, host)
+        number = (destination.get("port") or {}).get("number")
+        tcp_ports = [p.port for p in svc.ports if p.protocol.upper() == "TCP"] if svc else []
+        if number:
+            port = int(number)
+        elif len(tcp_ports) == 1:
+            port = tcp_ports[0]
+        else:
+            port = self.port
+        subset = str(destination.get("subset") or "")
+        name = outbound_cluster(port, host, subset)
+        if svc is not None:
+            suffix, rule = rule_variant(self.store, self.namespace, svc)
+            name += suffix
+            spec = rule.spec if rule is not None else {}
+            if subset and destination_rule.subset_labels(spec, subset) is None:
+                return name  # no such subset: the cluster does not exist (503 NC)
+            self._hash[name] = destination_rule.route_hash_policy(
+                spec, int(number) if number else None, subset
+            )
+        return name
+
+    def hash_policy(self, cluster: str) -> list[dict[str, Any]]:
+        return self._hash.get(cluster, [])
+
+
+def _default_route(resolver: _Resolver, target: ServiceTarget) -> dict[str, Any]:
+    """Every request to the service port's own cluster, with Istio's default retries."""
+    cluster = resolver.cluster({}, None, target.host)
+    action: dict[str, Any] = {
+        "cluster": cluster,
+        "timeout": "0s",
+        "retry_policy": default_retry_policy(),
+    }
+    if hashing := resolver.hash_policy(cluster):
+        action["hash_policy"] = hashing
+    return {"name": "default", "match": {"prefix": "/"}, "route": action}
+
+
+@dataclass(frozen=True)
+class PortRoutes:
+    """A service port's route table and what it was made from."""
+
+    table: RouteConfiguration
+    virtual_services: tuple[str, ...]  # keys of the VirtualServices in it
+    hosts: frozenset[str]  # destination hosts it names
+
+
+def _namespace_routes(
+    store: MeshStore,
+    index: traffic.VirtualServiceIndex,
+    target: ServiceTarget,
+    namespace: str,
+) -> tuple[list[dict[str, Any]], IstioResource | None, set[str]]:
+    resolver = _Resolver(store, namespace, target.port.port)
+    vs = index.binding(target.host, namespace)
+    if vs is None:
+        return [_default_route(resolver, target)], None, resolver.hosts
+
+    def delegate_of(name: str, ns: str) -> IstioResource | None:
+        found = index.delegate(name, ns)
+        return found if found is not None and traffic.visible(found, namespace) else None
+
+    routes = virtual_service.http_routes(
+        vs,
+        target.port.port,
+        lambda destination: resolver.cluster(destination, vs),
+        resolver.hash_policy,
+        delegate_of,
+    )
+    return routes, vs, resolver.hosts
+
+
+def _caller_in(namespaces: Sequence[str]) -> dict[str, Any]:
+    """A route match on the calling pod's namespace (from the SPIFFE ID its listener stamped)."""
+    alternatives = "|".join(sorted(namespaces))
+    return {
+        "key": internal.CALLER_KEY,
+        "string_match": {"safe_regex": {"regex": f"^spiffe://[^/]+/ns/({alternatives})/sa/[^/]+$"}},
+    }
+
+
+def port_routes(
+    store: MeshStore,
+    index: traffic.VirtualServiceIndex,
+    target: ServiceTarget,
+    client_namespaces: Sequence[str],
+) -> PortRoutes:
+    """The route table ``outbound|<port>||<host>`` every local caller of TARGET uses."""
+    views: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+    used: set[str] = set()
+    hosts: set[str] = set()
+    for namespace in client_namespaces or (CANONICAL,):
+        routes, vs, named = _namespace_routes(store, index, target, namespace)
+        hosts |= named
+        if vs is not None:
+            used.add(vs.key)
+        key = json.dumps(routes, sort_keys=True)
+        views.setdefault(key, (routes, []))[1].append(namespace)
+    if len(views) == 1:
+        routes = next(iter(views.values()))[0]
+    else:
+        routes = []
+        for view_routes, namespaces in sorted(views.values(), key=lambda v: v[1]):
+            guard = _caller_in(namespaces)
+            for route in view_routes:
+                match = dict(route["match"])
+                match["filter_state"] = [guard, *match.get("filter_state", [])]
+                routes.append({**route, "match": match})
+    table = message(
+        RouteConfiguration,
+        {
+            "name": target.cluster,
+            "validate_clusters": False,
+            "virtual_hosts": [
+                {"name": f"{target.host}:{target.port.port}", "domains": ["*"], "routes": routes}
+            ],
+        },
+    )
+    return PortRoutes(table, tuple(sorted(used)), frozenset(hosts))
+
+
+@dataclass(frozen=True)
+class PortTcpRoute:
+    """A TCP service port's destination by its VirtualService's ``tcp`` rules: tcp_proxy
+    fields (``cluster`` or ``weighted_clusters``), None for the port's own cluster."""
+
+    route: dict[str, Any] | None
+    virtual_services: tuple[str, ...]
+    hosts: frozenset[str]
+
+
+def port_tcp_route(
+    store: MeshStore,
+    index: traffic.VirtualServiceIndex,
+    target: ServiceTarget,
+    client_namespaces: Sequence[str],
+) -> PortTcpRoute:
+    """A shared tcp_proxy cannot choose per caller: if local namespaces disagree, the port's
+    own cluster is used and the conflict logged."""
+    found: dict[str, dict[str, Any] | None] = {}
+    hosts: set[str] = set()
+    used: set[str] = set()
+    for namespace in client_namespaces or (CANONICAL,):
+        vs = index.binding(target.host, namespace)
+        route = None
+        if vs is not None:
+            used.add(vs.key)
+            resolver = _Resolver(store, namespace, target.port.port)
+            route = virtual_service.tcp_route(
+                vs,
+                target.port.port,
+                partial(resolver.cluster, vs=vs),
+                vip=target.service.cluster_ip,
+            )
+            hosts |= resolver.hosts
+        found[json.dumps(route, sort_keys=True)] = route
+    chosen = next(iter(found.values()))
+    if len(found) > 1:
+        log.warning(
+            "%s: local namespaces see different TCP routes; the node's shared TCP chain "
+            "cannot tell callers apart, so it uses the service's own cluster",
+            target.cluster,
+        )
+        chosen = None
+    return PortTcpRoute(chosen, tuple(sorted(used)), frozenset(hosts))
