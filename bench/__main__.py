@@ -24,6 +24,7 @@ SCENARIOS = {
     "identity": "bench.identity",  # 6: certificates per second, SDS push on rotation
     "ca": "bench.ca",  # 7: CA service: CSR round trip, certificates per second, CPU per cert
     "reconcile": "bench.reconcile",  # agent restart: re-verifying N captured pods
+    "validation": "bench.validation",  # 8: CPU to validate one Istio object (CEL rules), in process
 }
 
 

@@ -8,8 +8,10 @@ Schema's: unknown fields are rejected (strict field validation) unless the schem
 (the status subresource drops it on create). ``oneOf``/``anyOf``/``allOf``/``not`` branches are
 value validations only: they never make a field unknown.
 
-Not evaluated: ``x-kubernetes-validations`` (CEL rules, e.g. Istio's duration and port-range
-checks). They are counted per kind (``cel_rules_skipped``) so the gap stays visible.
+``x-kubernetes-validations`` (CEL rules, e.g. Istio's duration and port-range checks) are compiled
+when the schemas load and evaluated after the schema checks, as the API server does (``cel.py``).
+The rules that cannot be evaluated (transition rules, functions not implemented) are counted per
+kind (``cel_rules_skipped``) so the gap stays visible.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import binascii
 import difflib
 import functools
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -28,12 +31,16 @@ from typing import Any
 
 import yaml
 
+from nodeagent.mesh import cel
+
 try:  # the C parser reads the 1 MB CRD file about ten times faster
     from yaml import CSafeLoader as _Loader
 except ImportError:  # pragma: no cover - PyYAML built without libyaml
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
 DEFAULT_CRDS = Path(__file__).parent / "crds" / "crd-all.gen.yaml"
+
+log = logging.getLogger(__name__)
 
 Schema = Mapping[str, Any]
 
@@ -78,7 +85,7 @@ class _Crd:
     group: str
     kind: str
     schemas: Mapping[str, Schema]  # served version -> openAPIV3Schema
-    cel_rules: Mapping[str, int]  # served version -> x-kubernetes-validations rules in it
+    cel_rules: Mapping[str, cel.RuleTree | None]  # served version -> its compiled CEL rules
 
 
 class IstioSchemas:
@@ -101,7 +108,11 @@ class IstioSchemas:
             crd = _read_crd(doc, f"{source}: document {index}")
             if crd.group.endswith(".istio.io"):
                 crds[(crd.group, crd.kind)] = crd
-        return cls(crds)
+        schemas = cls(crds)
+        for group, kind in sorted(crds):
+            for skipped in schemas.cel_skipped_rules(kind, group):
+                log.warning("%s %s: CEL rule not evaluated: %s", source, kind, skipped)
+        return schemas
 
     def kinds(self) -> set[tuple[str, str]]:
         """(group, kind) of every Istio kind."""
@@ -119,13 +130,29 @@ class IstioSchemas:
         return self._crds[(group, kind)].schemas[version]
 
     def cel_rules_skipped(self, kind: str, group: str | None = None) -> int:
-        """How many CEL rules validate() leaves out for KIND (the most of its served versions)."""
+        """How many CEL rules validate() leaves out for KIND (the most of its served versions):
+        transition rules (oldSelf) and rules calling functions not implemented here."""
+        return len(self.cel_skipped_rules(kind, group))
+
+    def cel_skipped_rules(self, kind: str, group: str | None = None) -> list[str]:
+        """Each CEL rule validate() leaves out for KIND, with why (its most-skipping version)."""
+        worst: list[str] = []
+        for crd in self._crds.values():
+            if crd.kind != kind or group not in (None, crd.group):
+                continue
+            for tree in crd.cel_rules.values():
+                skipped = [f"{r.text.strip()}: {r.skipped}" for r in cel.skipped_rules(tree)]
+                worst = max(worst, skipped, key=len)
+        return worst
+
+    def cel_rules(self, kind: str, group: str | None = None) -> int:
+        """How many CEL rules KIND's schemas hold (the most of its served versions)."""
         return max(
             (
-                count
+                cel.count_rules(tree)
                 for crd in self._crds.values()
                 if crd.kind == kind and group in (None, crd.group)
-                for count in crd.cel_rules.values()
+                for tree in crd.cel_rules.values()
             ),
             default=0,
         )
@@ -165,6 +192,15 @@ class IstioSchemas:
         out = {"apiVersion": api, "kind": kind, "metadata": obj.get("metadata")}
         if isinstance(admitted, Mapping):
             out.update(admitted)
+        # The API server runs the CEL rules on the object as it would store it, unless a type,
+        # required, enum or size error means it has not the shape the rules were written for
+        # (apiextensions-apiserver pkg/registry/customresource/strategy.go, hasBlockingErr).
+        rules = crd.cel_rules.get(version)
+        if rules is not None:
+            if check.blocking or _metadata_blocks(obj.get("metadata")):
+                errors.append(cel.BLOCKED)
+            else:
+                errors.extend(rules.check(out, ""))
         return out, errors
 
 
@@ -180,26 +216,24 @@ def _read_crd(doc: Mapping[str, Any], where: str) -> _Crd:
         spec = doc["spec"]
         group, kind = spec["group"], spec["names"]["kind"]
         schemas: dict[str, Schema] = {}
-        cel_rules: dict[str, int] = {}
+        cel_rules: dict[str, cel.RuleTree | None] = {}
         for version in spec["versions"]:
             if not version.get("served", False):
                 continue
             schema = version["schema"]["openAPIV3Schema"]
             schemas[version["name"]] = schema
-            cel_rules[version["name"]] = _prepare(schema)
+            _prepare(schema)
+            cel_rules[version["name"]] = cel.build(schema, f"{where}: {kind} {version['name']}")
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: not a CRD with a schema for every served version: {e}") from e
     return _Crd(group, kind, schemas, cel_rules)
 
 
-def _prepare(schema: Schema) -> int:
-    """Compiles every pattern (a bad one fails the load, not a validation); counts CEL rules."""
-    rules = 0
+def _prepare(schema: Schema) -> None:
+    """Compiles every pattern (a bad one fails the load, not a validation)."""
     for node in _nodes(schema):
-        rules += len(node.get("x-kubernetes-validations") or ())
         if "pattern" in node:
             _regex(node["pattern"])
-    return rules
 
 
 def _nodes(schema: Schema) -> Iterator[Schema]:
@@ -280,29 +314,39 @@ class _Check:
 
     def __init__(self) -> None:
         self.errors: list[str] = []
+        # A type, required, enum, maxLength, maxItems or maxProperties error: the API server
+        # then leaves the CEL rules out (the object lacks the shape they were written for).
+        self.blocking = False
 
-    def fail(self, path: str, problem: str) -> None:
+    def fail(self, path: str, problem: str, blocking: bool = False) -> None:
         self.errors.append(f"{path or '<object>'}: {problem}")
+        self.blocking = self.blocking or blocking
 
     def value(self, schema: Schema, value: Any, path: str, structural: bool) -> Any:
         if value is None:
             if schema.get("x-kubernetes-int-or-string") and not schema.get("nullable"):
-                self.fail(path, "must be an integer or a string, got null")
+                self.fail(path, "must be an integer or a string, got null", blocking=True)
             elif "type" in schema and not schema.get("nullable"):
-                self.fail(path, f"must be of type {schema['type']}, got null")
+                self.fail(path, f"must be of type {schema['type']}, got null", blocking=True)
             return value
         if schema.get("x-kubernetes-int-or-string"):
             if not (_is_integer(value) or isinstance(value, str)):
-                self.fail(path, f"must be an integer or a string, got {_show(value)}")
+                self.fail(
+                    path, f"must be an integer or a string, got {_show(value)}", blocking=True
+                )
                 return value
         elif "type" in schema and not _TYPES.get(schema["type"], lambda _: True)(value):
-            self.fail(path, f"must be of type {schema['type']}, got {_show(value)}")
+            self.fail(path, f"must be of type {schema['type']}, got {_show(value)}", blocking=True)
             return value
         if isinstance(value, float) and value.is_integer() and _wants_integer(schema):
             value = int(value)  # 80.0 is the integer 80 in JSON
         if "enum" in schema and not any(_same(value, e) for e in schema["enum"]):
             allowed = ", ".join(json.dumps(e) for e in schema["enum"])
-            self.fail(path, f"Unsupported value: {json.dumps(value)}: supported values: {allowed}")
+            self.fail(
+                path,
+                f"Unsupported value: {json.dumps(value)}: supported values: {allowed}",
+                blocking=True,
+            )
         if isinstance(value, Mapping):
             value = self._object(schema, value, path, structural)
         elif isinstance(value, list):
@@ -323,7 +367,7 @@ class _Check:
         out: dict[str, Any] = {}
         for key, child in obj.items():
             if not isinstance(key, str):
-                self.fail(path, f"field names must be strings, got {_show(key)}")
+                self.fail(path, f"field names must be strings, got {_show(key)}", blocking=True)
                 continue
             sub = properties.get(key)
             child_path = _join(path, key)
@@ -340,12 +384,12 @@ class _Check:
             out[key] = self.value(sub, child, child_path, structural)
         for name in schema.get("required") or ():
             if name not in out:
-                self.fail(_join(path, name), "Required value")
+                self.fail(_join(path, name), "Required value", blocking=True)
         size = len(out)
         if (n := schema.get("minProperties")) is not None and size < n:
             self.fail(path, f"must have at least {n} fields, got {size}")
         if (n := schema.get("maxProperties")) is not None and size > n:
-            self.fail(path, f"must have at most {n} fields, got {size}")
+            self.fail(path, f"must have at most {n} fields, got {size}", blocking=True)
         return out
 
     def _array(self, schema: Schema, items: list[Any], path: str, structural: bool) -> list[Any]:
@@ -359,7 +403,7 @@ class _Check:
         if (n := schema.get("minItems")) is not None and len(out) < n:
             self.fail(path, f"must have at least {n} items, got {len(out)}")
         if (n := schema.get("maxItems")) is not None and len(out) > n:
-            self.fail(path, f"must have at most {n} items, got {len(out)}")
+            self.fail(path, f"must have at most {n} items, got {len(out)}", blocking=True)
         list_type = schema.get("x-kubernetes-list-type")
         if list_type in ("set", "map"):
             keys = schema.get("x-kubernetes-list-map-keys") or ()
@@ -380,7 +424,9 @@ class _Check:
         if (n := schema.get("minLength")) is not None and len(value) < n:
             self.fail(path, f"must be at least {n} characters long, got {len(value)}")
         if (n := schema.get("maxLength")) is not None and len(value) > n:
-            self.fail(path, f"may not be longer than {n} characters, got {len(value)}")
+            self.fail(
+                path, f"may not be longer than {n} characters, got {len(value)}", blocking=True
+            )
         if "pattern" in schema and not _regex(schema["pattern"]).search(value):
             self.fail(path, f"Invalid value: {_show(value)}: must match {schema['pattern']!r}")
         fmt = schema.get("format")
@@ -473,6 +519,13 @@ def _unknown_field(path: str, key: str, known: Mapping[str, Any]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f' (did you mean "{close[0]}"?)' if close else ""
     return f'unknown field "{path}"{hint}'
+
+
+def _metadata_blocks(meta: Any) -> bool:
+    """Whether METADATA has an error that keeps the CEL rules from running (type, required)."""
+    return (
+        not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str) or not meta["name"]
+    )
 
 
 def _metadata_errors(meta: Any) -> list[str]:

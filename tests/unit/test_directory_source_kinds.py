@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from istio_data import istio_data
 
+from nodeagent.mesh import cel
 from nodeagent.mesh.model import (
     REGISTRY_ONLY,
     Endpoint,
@@ -178,7 +179,8 @@ def test_a_bad_istio_object_is_named_and_the_good_one_is_kept(tmp_path: Path) ->
     _write(path, VS.replace("weight: 100", "weight: all") + "---" + GOOD_DR)
     source.scan()
     assert source.errors[path] == [
-        f'{where}: spec.http[0].route[0].weight: must be of type integer, got string "all"'
+        f'{where}: spec.http[0].route[0].weight: must be of type integer, got string "all"',
+        f"{where}: {cel.BLOCKED}",  # as an API server: no CEL rule runs on a mistyped object
     ]
     _write(path, VS + "---" + GOOD_DR)
     source.scan()

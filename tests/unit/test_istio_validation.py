@@ -10,6 +10,7 @@ import pytest
 import yaml
 from istio_data import istio_files
 
+from nodeagent.mesh import cel
 from nodeagent.mesh.validation import DEFAULT_CRDS, IstioSchemas
 
 REFERENCE_FILES = istio_files("bookinfo/networking/*.yaml", "samples/*.yaml")
@@ -111,13 +112,16 @@ def test_schemas_are_loaded_once_per_process(schemas: IstioSchemas) -> None:
     assert IstioSchemas.load(DEFAULT_CRDS) is schemas
 
 
-def test_cel_rules_are_counted_not_evaluated(schemas: IstioSchemas) -> None:
-    assert schemas.cel_rules_skipped("ServiceEntry") > 0
+def test_cel_rules_are_evaluated_and_none_is_skipped(schemas: IstioSchemas) -> None:
+    """Every CEL rule of Istio's CRDs is evaluated (tests/unit/test_cel_rules.py has each)."""
+    assert schemas.cel_rules("ServiceEntry") > 0
+    assert all(schemas.cel_rules_skipped(kind) == 0 for _, kind in schemas.kinds())
     assert schemas.cel_rules_skipped("NoSuchKind") == 0
     assert ("networking.istio.io", "ServiceEntry") in schemas.kinds_with_cel_rules()
-    # "NONE mode cannot set endpoints" is a CEL rule: accepted here, would be refused by a server
     se = _with(SE, "spec.resolution", "NONE")
-    assert schemas.validate(_with(se, "spec.endpoints", [{"address": "10.0.0.1"}])) == []
+    assert schemas.validate(_with(se, "spec.endpoints", [{"address": "10.0.0.1"}])) == [
+        'spec: Invalid value: "object": NONE mode cannot set endpoints'
+    ]
 
 
 # -- valid objects -------------------------------------------------------------------------------
@@ -293,7 +297,9 @@ def test_every_problem_is_reported(schemas: IstioSchemas) -> None:
     obj = _with(VS, "spec.http.0.rout", [])
     obj = _with(obj, "spec.http.0.route.1.weight", "twenty")
     obj = _with(obj, "spec.http.0.match.0.uri.regex", ".*")
-    assert len(schemas.validate(obj)) == 3
+    problems = schemas.validate(obj)
+    assert len(problems) == 4
+    assert problems[-1] == cel.BLOCKED  # a type error: the CEL rules wait, as on a server
 
 
 # -- the structural-schema rules, on a small CRD ------------------------------------------------
@@ -362,7 +368,8 @@ def _widget(**spec: Any) -> dict[str, Any]:
 
 def test_structural_rules_accept_what_a_server_accepts(widget: IstioSchemas) -> None:
     assert widget.served_versions("example.istio.io", "Widget") == ["v1"]
-    assert widget.cel_rules_skipped("Widget") == 1
+    assert widget.cel_rules("Widget") == 1
+    assert widget.cel_rules_skipped("Widget") == 0
     ok = _widget(
         size="50%",
         when="2024-05-01T10:00:00Z",
@@ -399,6 +406,7 @@ def test_structural_rules_accept_what_a_server_accepts(widget: IstioSchemas) -> 
         ({"either": {"a": "1", "c": "2"}}, "spec.either: must not set c"),
         ({"either": {"a": "1", "d": "2"}}, 'unknown field "spec.either.d"'),
         ({"ratio": float("nan")}, "spec.ratio: must be a finite number"),
+        ({"rule": "x"}, "spec.rule: Invalid value: \"string\": failed rule: self != 'x'"),
     ],
 )
 def test_structural_rules_reject_what_a_server_rejects(
