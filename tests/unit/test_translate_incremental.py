@@ -112,18 +112,68 @@ peer_authentications = st.builds(
     names(["", "STRICT", "DISABLE"]),
 )
 destination_rules = st.builds(
-    lambda ns, name, host, mode: IstioResource(
+    lambda ns, name, host, mode, subsets, lb, export: IstioResource(
         "networking.istio.io",
         "v1",
         "DestinationRule",
         ns,
         name,
-        {"host": host, "trafficPolicy": {"tls": {"mode": mode}}},
+        {
+            "host": host,
+            "trafficPolicy": {"tls": {"mode": mode}, **({"loadBalancer": lb} if lb else {})},
+            **({"subsets": [{"name": a, "labels": {"app": a}} for a in subsets]}),
+            **({"exportTo": export} if export else {}),
+        },
     ),
     names(NAMESPACES),
     names(["dr0", "dr1"]),
     names(["s0", "s1.b.svc.cluster.local", "*.a.svc.cluster.local", "*"]),
     names(["DISABLE", "ISTIO_MUTUAL", "SIMPLE"]),
+    st.lists(names(APPS), max_size=2, unique=True),
+    names([None, {"simple": "RANDOM"}, {"consistentHash": {"httpHeaderName": "u"}}]),
+    names([None, ["."], ["b"]]),
+)
+# VirtualServices: hosts, exportTo, HTTP routes to subsets (by weight, by caller labels), TCP.
+destinations = st.builds(
+    lambda host, subset: {"host": host, **({"subset": subset} if subset else {})},
+    names(["s0", "s1.b.svc.cluster.local", "s2"]),
+    names(["", *APPS]),
+)
+virtual_services = st.builds(
+    lambda ns, name, hosts, export, first, second, source: IstioResource(
+        "networking.istio.io",
+        "v1",
+        "VirtualService",
+        ns,
+        name,
+        {
+            "hosts": hosts,
+            **({"exportTo": export} if export else {}),
+            "http": [
+                {
+                    **({"match": [{"sourceLabels": {"app": source}}]} if source else {}),
+                    "route": [
+                        {"destination": first, "weight": 70},
+                        {"destination": second, "weight": 30},
+                    ],
+                },
+                {"route": [{"destination": first}]},
+            ],
+            "tcp": [{"route": [{"destination": second}]}],
+        },
+    ),
+    names(["a", "b"]),
+    names(["vs0", "vs1"]),
+    st.lists(
+        names(["s0", "s1.b.svc.cluster.local", "*.a.svc.cluster.local"]),
+        min_size=1,
+        max_size=2,
+        unique=True,
+    ),
+    names([None, ["."], ["a"]]),
+    destinations,
+    destinations,
+    names(["", *APPS]),
 )
 mesh_configs = st.builds(
     MeshConfig,
@@ -143,13 +193,13 @@ changes = st.one_of(
     st.tuples(
         st.just("delete_slice"), st.tuples(names(["a", "b"]), names(SERVICES), names(["k0", "k1"]))
     ),
-    st.tuples(st.just("put_istio"), peer_authentications | destination_rules),
+    st.tuples(st.just("put_istio"), peer_authentications | destination_rules | virtual_services),
     st.tuples(
         st.just("delete_istio"),
         st.tuples(
-            names(["PeerAuthentication", "DestinationRule"]),
+            names(["PeerAuthentication", "DestinationRule", "VirtualService"]),
             names(NAMESPACES),
-            names(["pa0", "dr0", "pa1", "dr1"]),
+            names(["pa0", "dr0", "pa1", "dr1", "vs0", "vs1"]),
         ),
     ),
     st.tuples(
