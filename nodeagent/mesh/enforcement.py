@@ -6,11 +6,15 @@ metric ``nodeagent_istio_resources_not_enforced{kind}`` all ask ``not_enforced``
 support table says the same in words. A resource is accepted when it passes Istio's schema; it is
 *not enforced* when a field it sets has no effect yet. Update ENFORCED when an issue lands.
 
-Enforced today (see nodeagent.mesh.policy):
+Enforced today (see nodeagent.mesh.policy, nodeagent.translate.destination_rule,
+nodeagent.translate.virtual_service):
 - PeerAuthentication: every field (selector, mtls.mode, portLevelMtls).
-- DestinationRule: host, exportTo, and TLS mode DISABLE or ISTIO_MUTUAL, for the whole rule or a
-  port (portLevelSettings[].port.number and .tls.mode). A rule with a workloadSelector is not
-  used at all.
+- DestinationRule: host, exportTo, subsets, and traffic policies (connection pool, load
+  balancer but PASSTHROUGH and locality settings, outlier detection, TLS mode DISABLE or
+  ISTIO_MUTUAL) for the rule, a port or a subset. A rule with a workloadSelector is not used.
+- VirtualService: hosts, gateways (mesh), exportTo, every http field, tcp routes matched on port
+  and destination subnets. Not yet: tls[] routes, tcp matches on the caller (sourceLabels,
+  sourceNamespace).
 """
 
 from __future__ import annotations
@@ -28,6 +32,46 @@ METRIC = "nodeagent_istio_resources_not_enforced"
 ALL: Any = object()  # a field enforced with everything below it
 _TLS_MODES = frozenset({"DISABLE", "ISTIO_MUTUAL"})  # DestinationRule modes that are enforced
 
+_SIMPLE_LB = frozenset({"UNSPECIFIED", "LEAST_CONN", "LEAST_REQUEST", "ROUND_ROBIN", "RANDOM"})
+# A DestinationRule traffic policy (translate/destination_rule.py), at the top level, per port
+# and per subset.
+_POLICY_PARTS: Mapping[str, Any] = {
+    "connectionPool": {
+        "tcp": ALL,
+        "http": {
+            "http1MaxPendingRequests": ALL,
+            "http2MaxRequests": ALL,
+            "maxRequestsPerConnection": ALL,
+            "maxRetries": ALL,
+            "idleTimeout": ALL,
+            "h2UpgradePolicy": ALL,
+            "useClientProtocol": ALL,
+            "maxConcurrentStreams": ALL,
+        },
+    },
+    "loadBalancer": {
+        "simple": _SIMPLE_LB,
+        "consistentHash": ALL,
+        "warmupDurationSecs": ALL,
+        "warmup": ALL,
+    },
+    "outlierDetection": {
+        "consecutive5xxErrors": ALL,
+        "consecutiveGatewayErrors": ALL,
+        "consecutiveLocalOriginFailures": ALL,
+        "splitExternalLocalOriginErrors": ALL,
+        "interval": ALL,
+        "baseEjectionTime": ALL,
+        "maxEjectionPercent": ALL,
+        "minHealthPercent": ALL,
+    },
+    "tls": {"mode": _TLS_MODES},
+}
+_POLICY: Mapping[str, Any] = {
+    **_POLICY_PARTS,
+    "portLevelSettings": [{"port": {"number": ALL}, **_POLICY_PARTS}],
+}
+
 # Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
 # enforced values of a scalar field, and a one-element list applies its rule to every item.
 ENFORCED: Mapping[str, Mapping[str, Any]] = {
@@ -35,10 +79,21 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
     "DestinationRule": {
         "host": ALL,
         "exportTo": ALL,
-        "trafficPolicy": {
-            "tls": {"mode": _TLS_MODES},
-            "portLevelSettings": [{"port": {"number": ALL}, "tls": {"mode": _TLS_MODES}}],
-        },
+        "trafficPolicy": _POLICY,
+        "subsets": [{"name": ALL, "labels": ALL, "trafficPolicy": _POLICY}],
+    },
+    "VirtualService": {
+        "hosts": ALL,
+        "gateways": ALL,
+        "exportTo": ALL,
+        "http": ALL,
+        # A shared tcp_proxy cannot choose per caller (translate/virtual_service.py tcp_route).
+        "tcp": [
+            {
+                "match": [{"port": ALL, "destinationSubnets": ALL, "gateways": ALL}],
+                "route": ALL,
+            }
+        ],
     },
 }
 
@@ -55,7 +110,8 @@ PLANNED: Mapping[str, str] = {
     "RequestAuthentication": "#17 authorization",
     "Telemetry": "#19 observability",
 }
-NOT_PLANNED = "not planned"  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
+NOT_PLANNED = "not planned"
+GATEWAYS_PLANNED = "#16 mesh edges"  # a VirtualService bound to gateways only  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
 
 
 @dataclass(frozen=True)
@@ -101,6 +157,12 @@ def _unenforced(value: Any, rule: Any, path: str) -> list[str]:
     return fields
 
 
+def _for_mesh(vs: IstioResource) -> bool:
+    """A VirtualService applies to sidecars when its gateways are unset or name "mesh"."""
+    gateways = vs.spec.get("gateways") or []
+    return not gateways or "mesh" in gateways
+
+
 def not_enforced(resource: IstioResource) -> NotEnforced | None:
     """What RESOURCE sets that has no effect today; None when all of it is enforced."""
     rule = ENFORCED.get(resource.kind)
@@ -108,6 +170,15 @@ def not_enforced(resource: IstioResource) -> NotEnforced | None:
         fields = [str(key) for key in resource.spec] or ["spec"]
     elif resource.kind == "DestinationRule" and resource.spec.get("workloadSelector"):
         fields = ["workloadSelector (the rule is not used)"]
+    elif resource.kind == "VirtualService" and not _for_mesh(resource):
+        gateways = ",".join(map(str, resource.spec.get("gateways") or ()))
+        return NotEnforced(
+            resource.kind,
+            resource.namespace,
+            resource.name,
+            (f"gateways={gateways} (bound to gateways only)",),
+            GATEWAYS_PLANNED,
+        )
     else:
         fields = _unenforced(resource.spec, rule, "")
     if not fields:

@@ -35,6 +35,7 @@ kind: VirtualService
 metadata: {name: web, namespace: shop}
 spec:
   hosts: [web]
+  gateways: [edge]
   http: [{route: [{destination: {host: web, subset: v1}}]}]
 ---
 apiVersion: networking.istio.io/v1
@@ -42,7 +43,7 @@ kind: DestinationRule
 metadata: {name: web, namespace: shop}
 spec:
   host: web
-  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}, loadBalancer: {localityLbSetting: {enabled: true}}}
   subsets: [{name: v1, labels: {app: web}}]
 ---
 apiVersion: security.istio.io/v1
@@ -50,7 +51,9 @@ kind: PeerAuthentication
 metadata: {name: default, namespace: shop}
 spec: {mtls: {mode: STRICT}}
 """
-VS_WARNING = "VirtualService shop/web is accepted but not enforced: hosts, http"
+VS_WARNING = (
+    "VirtualService shop/web is accepted but not enforced: gateways=edge (bound to gateways only)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +81,24 @@ def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> N
             "kind": "DestinationRule",
             "namespace": "shop",
             "name": "web",
-            "fields": ["subsets"],  # ISTIO_MUTUAL is enforced; the PeerAuthentication entirely
+            # Subsets and ISTIO_MUTUAL are enforced; the PeerAuthentication entirely.
+            "fields": ["trafficPolicy.loadBalancer.localityLbSetting"],
             "planned": "#15 traffic management",
         },
         {
             "kind": "VirtualService",
             "namespace": "shop",
             "name": "web",
-            "fields": ["hosts", "http"],
-            "planned": "#15 traffic management",
+            "fields": ["gateways=edge (bound to gateways only)"],
+            "planned": "#16 mesh edges",
         },
     ]
     table = node_cli(tb.name, "n1", "proxy-status").stdout
     assert "accepted, not enforced (2 Istio resources):" in table
-    assert "  DestinationRule shop/web: subsets (#15 traffic management)" in table
+    assert (
+        "  DestinationRule shop/web: trafficPolicy.loadBalancer.localityLbSetting"
+        " (#15 traffic management)"
+    ) in table
     assert f"  {VS_WARNING.replace(' is accepted but not enforced:', ':')}" in table
 
     metrics = node_metrics(tb.name, "n1")

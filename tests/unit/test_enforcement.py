@@ -54,7 +54,7 @@ def test_ignored_destination_rule_fields_are_named() -> None:
         "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
         "trafficPolicy": {
             "tls": {"mode": "SIMPLE", "sni": "web.example"},
-            "loadBalancer": {"simple": "LEAST_REQUEST"},
+            "loadBalancer": {"simple": "LEAST_REQUEST", "localityLbSetting": {"enabled": True}},
             "portLevelSettings": [
                 {"port": {"number": 80}, "tls": {"mode": "MUTUAL"}, "outlierDetection": {}}
             ],
@@ -63,12 +63,10 @@ def test_ignored_destination_rule_fields_are_named() -> None:
     found = not_enforced(_dr(spec))
     assert found is not None and found.planned.startswith("#15")
     assert found.fields == (
-        "subsets",
         "trafficPolicy.tls.mode=SIMPLE",
         "trafficPolicy.tls.sni",
-        "trafficPolicy.loadBalancer",
+        "trafficPolicy.loadBalancer.localityLbSetting",
         "trafficPolicy.portLevelSettings[0].tls.mode=MUTUAL",
-        "trafficPolicy.portLevelSettings[0].outlierDetection",
     )
     selected = not_enforced(_dr({"host": "web", "workloadSelector": {"matchLabels": {"a": "b"}}}))
     assert selected is not None and selected.fields == ("workloadSelector (the rule is not used)",)
@@ -87,11 +85,15 @@ def test_istios_bookinfo_samples_are_reported_kind_by_kind(tmp_path: Path) -> No
         "Gateway",
         "ServiceEntry",
     }
-    assert items[("VirtualService", "reviews")].fields == ("hosts", "http")
-    # destination-rule-reviews.yaml (sorted last of the files defining it)
-    assert items[("DestinationRule", "reviews")].fields == ("trafficPolicy.loadBalancer", "subsets")
+    # Every VirtualService for the mesh and DestinationRule of Bookinfo is enforced (#15); the
+    # ingress one is bound to its gateway only.
+    assert ("VirtualService", "reviews") not in items
+    assert ("DestinationRule", "reviews") not in items
+    assert items[("VirtualService", "bookinfo")].fields == (
+        "gateways=bookinfo-gateway (bound to gateways only)",
+    )
+    assert items[("VirtualService", "bookinfo")].planned.startswith("#16")
     assert items[("DestinationRule", "originate-tls-for-googleapis")].fields == (
-        "trafficPolicy.loadBalancer",
         "trafficPolicy.portLevelSettings[0].tls.mode=SIMPLE",
     )
     assert items[("ServiceEntry", "googleapis")].planned.startswith("#16")
@@ -110,6 +112,7 @@ kind: VirtualService
 metadata: {name: web, namespace: shop}
 spec:
   hosts: [web]
+  gateways: [edge]
   http: [{route: [{destination: {host: web, subset: %s}}]}]
 """
 
@@ -134,7 +137,8 @@ def test_the_warning_comes_once_per_resource_and_change_and_the_metric_counts(
         )
         source.scan()
     assert warnings() == [
-        "VirtualService shop/web is accepted but not enforced: hosts, http (#15 traffic management)"
+        "VirtualService shop/web is accepted but not enforced:"
+        " gateways=edge (bound to gateways only) (#16 mesh edges)"
     ]
     text = generate_latest(registry).decode()
     assert f'{METRIC}{{kind="VirtualService"}} 1.0' in text
