@@ -36,6 +36,7 @@ from cryptography import x509
 
 from nodeagent.caservice.server import CAServer
 from nodeagent.identity.certs import verify_chain
+from tests.waiting import wait_for_async
 
 SECRETS, CONFIGMAPS = "/api/v1/secrets", "/api/v1/configmaps"
 
@@ -297,6 +298,12 @@ def test_a_refusal_says_why_is_logged_and_counted(
                 answer = await _ask(ca, api, token, identity, csr=csr)
                 assert (answer.code, answer.chain) == (code, [])
                 assert detail in answer.details
+                # The server counts after the client has its answer (the request's duration is
+                # observed when the handler returns): wait for it, briefly.
+                duration = "nodeagent_ca_request_duration_seconds_count"
+                await wait_for_async(
+                    lambda: _counter(ca, duration, outcome="refused") == 1, 5, "the duration"
+                )
                 assert _counter(ca, "nodeagent_ca_refusals_total", reason=reason) == 1
                 others = sum(
                     _counter(ca, "nodeagent_ca_refusals_total", reason=r)
@@ -310,8 +317,6 @@ def test_a_refusal_says_why_is_logged_and_counted(
                 )
                 assert others == 1
                 assert _counter(ca, "nodeagent_ca_certificates_issued_total") == 0
-                duration = "nodeagent_ca_request_duration_seconds_count"
-                assert _counter(ca, duration, outcome="refused") == 1
                 assert _counter(ca, duration, outcome="issued") == 0
         finally:
             await api.stop()
