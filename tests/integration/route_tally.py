@@ -4,7 +4,8 @@
 (CONCURRENCY threads, each on its own keep-alive connection; a new connection after an error or
 a ``Connection: close``), at most 60 s in all. Prints one JSON object: ``status`` (code ->
 count, 0 for a transport error), ``version`` (the fake service's ``version`` -> count), ``slowest``
-and ``fastest`` (seconds), ``sent``.
+and ``fastest`` (seconds), ``sent``; with ``--timeline``, also ``timeline``: ``[sent, version]``
+per request in the order answered (``sent``: wall clock, seconds since the epoch).
 
 Stdlib only: it runs inside a pod's network namespace with the test's interpreter.
 """
@@ -27,9 +28,12 @@ TIMEOUT = 15.0  # per request: the slowest tests inject a 7 s delay
 def main(argv: list[str]) -> None:
     headers: dict[str, str] = {}
     args: list[str] = []
+    timeline: list[tuple[float, str]] | None = None
     it = iter(argv)
     for arg in it:
-        if arg == "-H":
+        if arg == "--timeline":
+            timeline = []
+        elif arg == "-H":
             name, _, value = next(it).partition(":")
             headers[name.strip()] = value.strip()
         else:
@@ -56,6 +60,7 @@ def main(argv: list[str]) -> None:
             if conn is None:
                 conn = http.client.HTTPConnection(url.hostname or "", url.port or 80, TIMEOUT)
             started = time.monotonic()
+            sent = time.time()
             code, answered = 0, ""
             try:
                 conn.request("GET", path, headers=headers)
@@ -77,6 +82,8 @@ def main(argv: list[str]) -> None:
                 if answered:
                     version[answered] += 1
                 durations.append(took)
+                if timeline is not None:
+                    timeline.append((sent, answered or str(code)))
         if conn is not None:
             conn.close()
 
@@ -85,17 +92,16 @@ def main(argv: list[str]) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    print(
-        json.dumps(
-            {
-                "status": {str(k): v for k, v in sorted(status.items())},
-                "version": dict(sorted(version.items())),
-                "slowest": max(durations, default=0.0),
-                "fastest": min(durations, default=0.0),
-                "sent": len(durations),
-            }
-        )
-    )
+    summary: dict[str, object] = {
+        "status": {str(k): v for k, v in sorted(status.items())},
+        "version": dict(sorted(version.items())),
+        "slowest": max(durations, default=0.0),
+        "fastest": min(durations, default=0.0),
+        "sent": len(durations),
+    }
+    if timeline is not None:
+        summary["timeline"] = timeline
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
