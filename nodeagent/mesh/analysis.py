@@ -22,8 +22,8 @@ pkg/config/analysis/analyzers/:
 - no Istio code (Warning): a mesh VirtualService host that is no Service or ServiceEntry: no
   route on the node is built for it.
 
-Hosts are resolved as Istio resolves them (pilot/pkg/model ResolveShortnameToFQDN): a name
-without a dot is a Service of the resource's own namespace (``name.<ns>.svc.<domain>``); a name
+Hosts are resolved and VirtualServices picked as the node does it (``nodeagent.mesh.traffic``,
+after Istio's sidecar): a name without a dot is a Service of the resource's own namespace; a name
 with one is taken as it is; ``*.suffix`` and ``*`` are wildcards. Mesh membership is not
 considered: a STRICT PeerAuthentication against a DISABLE DestinationRule is a conflict even
 for pods outside the mesh today, as in Istio's analyzer.
@@ -37,15 +37,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nodeagent.mesh import policy
+from nodeagent.mesh import policy, traffic
 from nodeagent.mesh.model import IstioResource, Pod, Service
 from nodeagent.mesh.store import MeshStore
 
 ERROR, WARNING, INFO = "Error", "Warning", "Info"
 VIRTUAL_SERVICE, DESTINATION_RULE = "VirtualService", "DestinationRule"
 SERVICE_ENTRY = "ServiceEntry"
-MESH_GATEWAY = "mesh"
-ALL_NAMESPACES = "*"
 # TLS modes a client sends that a STRICT (Istio mTLS only) server refuses.
 _NOT_ISTIO_MTLS = ("DISABLE", "SIMPLE", "MUTUAL")
 
@@ -123,21 +121,8 @@ def analyze(store: MeshStore) -> list[Finding]:
 # -- hosts ----------------------------------------------------------------------------------------
 
 
-def qualify(host: str, namespace: str, domain: str) -> str:
-    """HOST as written in a resource of NAMESPACE, made a fully qualified name (Istio's
-    ResolveShortnameToFQDN: a name without a dot is a Service of that namespace)."""
-    if not host or host == "*" or "." in host:
-        return host
-    return f"{host}.{namespace}.svc.{domain}"
-
-
-def host_matches(pattern: str, hostname: str) -> bool:
-    """PATTERN (a name or a ``*.suffix``/``*`` wildcard) names HOSTNAME."""
-    return pattern == hostname or (pattern.startswith("*") and hostname.endswith(pattern[1:]))
-
-
 def _overlap(a: str, b: str) -> bool:
-    return host_matches(a, b) or host_matches(b, a)
+    return traffic.host_match(a, b) is not None or traffic.host_match(b, a) is not None
 
 
 class _Hosts:
@@ -151,13 +136,17 @@ class _Hosts:
         self.entry_hosts: set[str] = set()
         for entry in store.istio_of_kind(SERVICE_ENTRY):
             for host in _list(entry.spec.get("hosts")):
-                self.entry_hosts.add(qualify(str(host), entry.namespace, self.domain))
+                self.entry_hosts.add(traffic.qualify(str(host), entry.namespace, self.domain))
 
     def services_for(self, pattern: str) -> list[Service]:
         if not pattern.startswith("*"):
             svc = self.services.get(pattern)
             return [svc] if svc is not None else []
-        return [svc for name, svc in sorted(self.services.items()) if host_matches(pattern, name)]
+        return [
+            svc
+            for name, svc in sorted(self.services.items())
+            if traffic.host_match(pattern, name) is not None
+        ]
 
     def known(self, pattern: str) -> bool:
         """PATTERN names at least one Service or ServiceEntry host."""
@@ -207,7 +196,7 @@ def _virtual_service_references(store: MeshStore, hosts: _Hosts) -> Iterator[Fin
     for vs in store.istio_of_kind(VIRTUAL_SERVICE):
         for where, dest in destinations(vs):
             written = str(dest.get("host") or "")
-            host = qualify(written, vs.namespace, hosts.domain)
+            host = traffic.qualify(written, vs.namespace, hosts.domain)
             mirror = ".mirror" in where
             if not hosts.known(host):
                 what = "mirror host" if mirror else "host"
@@ -237,40 +226,23 @@ def _virtual_service_references(store: MeshStore, hosts: _Hosts) -> Iterator[Fin
 # -- VirtualService: two for one host -------------------------------------------------------------
 
 
-def _gateways(vs: IstioResource) -> list[str]:
-    return [str(g) for g in _list(vs.spec.get("gateways"))]
-
-
-def for_mesh(vs: IstioResource) -> bool:
-    """VS applies to sidecars (and this node): no ``gateways``, or ``mesh`` among them."""
-    gateways = _gateways(vs)
-    return not gateways or MESH_GATEWAY in gateways
-
-
-def visible_in(res: IstioResource) -> frozenset[str]:
-    """The namespaces RES is exported to ({"*"}: all), from ``exportTo`` (default: all)."""
-    export_to = [str(ns) for ns in _list(res.spec.get("exportTo"))]
-    if not export_to or ALL_NAMESPACES in export_to:
-        return frozenset({ALL_NAMESPACES})
-    return frozenset(res.namespace if ns == "." else ns for ns in export_to)
-
-
-def _common(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
-    if ALL_NAMESPACES in a:
-        return b
-    if ALL_NAMESPACES in b:
-        return a
-    return a & b
+def _client_namespaces(store: MeshStore) -> list[str]:
+    """Every namespace the input names: where a client may call from, or a resource is
+    exported to."""
+    named = set(store.namespaces) | {pod.namespace for pod in store.pods.values()}
+    for res in store.istio.values():
+        named.add(res.namespace)
+        named |= {str(ns) for ns in _list(res.spec.get("exportTo"))}
+    return sorted(named - {".", "*", "~"})
 
 
 def _conflicting_virtual_services(store: MeshStore, hosts: _Hosts) -> Iterator[Finding]:
-    by_host: defaultdict[str, list[IstioResource]] = defaultdict(list)
-    for vs in sorted(store.istio_of_kind(VIRTUAL_SERVICE), key=policy.creation_order):
-        if not for_mesh(vs):
+    index = traffic.virtual_service_index(store)
+    for vs in index.by_key.values():
+        if not traffic.for_mesh(vs):
             continue
         for written in dict.fromkeys(str(h) for h in _list(vs.spec.get("hosts"))):
-            host = qualify(written, vs.namespace, hosts.domain)
-            by_host[host].append(vs)
+            host = traffic.qualify(written, vs.namespace, hosts.domain)
             if not hosts.known(host):
                 yield _about(
                     vs,
@@ -278,47 +250,48 @@ def _conflicting_virtual_services(store: MeshStore, hosts: _Hosts) -> Iterator[F
                     f'host "{written}" (resolved as {host}) is no Service or ServiceEntry host:'
                     " no route is built for it",
                 )
+    by_host: defaultdict[str, list[IstioResource]] = defaultdict(list, index.exact)
+    for pattern, vs in index.wildcard:  # oldest first, as index.exact's lists
+        by_host[pattern].append(vs)
+    namespaces = _client_namespaces(store)
     for host, group in by_host.items():
-        for vs in group:
-            # Oldest first: the ones before VS that share a namespace with it win over it.
-            rivals = [
-                other
-                for other in group
-                if other is not vs and _common(visible_in(vs), visible_in(other))
-            ]
-            if not rivals:
-                continue
-            everyone = sorted([vs, *rivals], key=policy.creation_order)
-            names = ", ".join(f"{r.namespace}/{r.name}" for r in everyone)
-            winner = everyone[0]
-            used = (
-                "this one is used"
-                if winner is vs
-                else f"the oldest, {winner.namespace}/{winner.name}, is used and this one's"
-                " rules for the host are ignored"
-            )
-            yield _about(
-                vs,
-                CONFLICTING_MESH_GATEWAY_HOSTS,
-                f"VirtualServices {names} of the mesh gateway define the same host {host},"
-                f" visible in {_shown(_common_of(everyone))}: as with Istio's sidecars, {used}"
-                " (merge them into one)",
-            )
+        if len(group) > 1:
+            yield from _conflict(host, group, namespaces)
 
 
-def _common_of(group: Sequence[IstioResource]) -> frozenset[str]:
-    """The namespaces where at least two of GROUP are visible."""
-    shared: set[str] = set()
-    for i, a in enumerate(group):
-        for b in group[i + 1 :]:
-            shared |= _common(visible_in(a), visible_in(b))
-    return frozenset(shared)
+def _conflict(
+    host: str, group: Sequence[IstioResource], namespaces: Sequence[str]
+) -> Iterator[Finding]:
+    """IST0109 for each of GROUP (VirtualServices naming HOST, oldest first) that a client
+    namespace sees together with another: the oldest it sees is used there, as Istio's sidecar
+    keeps the first virtual host for a domain (traffic.VirtualServiceIndex.binding)."""
+    # vs key -> winner key -> the namespaces where that one is used over VS
+    contested: dict[str, dict[str, list[str]]] = {}
+    for ns in namespaces:
+        seen = [vs for vs in group if traffic.visible(vs, ns)]
+        if len(seen) > 1:
+            for vs in seen:
+                contested.setdefault(vs.key, {}).setdefault(seen[0].key, []).append(ns)
+    names = ", ".join(f"{vs.namespace}/{vs.name}" for vs in group)
+    for vs in group:
+        if vs.key not in contested:
+            continue
+        parts = [
+            f"clients in {_shown(where)} use "
+            + ("this one" if winner == vs.key else f"{winner.split('/', 1)[1]}, not this one")
+            for winner, where in contested[vs.key].items()
+        ]
+        yield _about(
+            vs,
+            CONFLICTING_MESH_GATEWAY_HOSTS,
+            f"VirtualServices {names} of the mesh gateway define the same host {host}:"
+            f" {'; '.join(parts)} (the oldest a client sees is used, as with Istio's sidecars;"
+            " merge them into one)",
+        )
 
 
-def _shown(namespaces: frozenset[str]) -> str:
-    if ALL_NAMESPACES in namespaces:
-        return "every namespace"
-    return "namespace " + ", ".join(sorted(namespaces))
+def _shown(namespaces: Sequence[str]) -> str:
+    return ("namespace " if len(namespaces) == 1 else "namespaces ") + ", ".join(namespaces)
 
 
 # -- DestinationRule: hosts and subsets -----------------------------------------------------------
@@ -339,7 +312,7 @@ def selected_pods(store: MeshStore, service: Service, labels: Mapping[str, str])
 def _destination_rule_subsets(store: MeshStore, hosts: _Hosts) -> Iterator[Finding]:
     for dr in store.istio_of_kind(DESTINATION_RULE):
         written = str(dr.spec.get("host") or "")
-        host = qualify(written, dr.namespace, hosts.domain)
+        host = traffic.qualify(written, dr.namespace, hosts.domain)
         if not hosts.known(host):
             yield _about(
                 dr,

@@ -28,8 +28,7 @@ from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import DirectorySource
 
 NETWORKING = "bookinfo/networking"
-OLDER = {"nodeagent.io/creationTimestamp": "2026-01-01T00:00:00Z"}
-NEWER = {"nodeagent.io/creationTimestamp": "2026-02-01T00:00:00Z"}
+OLDER, NEWER = "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"
 
 
 def bookinfo_pods(namespace: str = "default") -> list[dict[str, Any]]:
@@ -91,13 +90,14 @@ def virtual_service(
     http: list[dict[str, Any]],
     hosts: Sequence[str] = ("reviews",),
     namespace: str = "default",
-    annotations: dict[str, str] | None = None,
+    created: str = "",
     **spec: Any,
 ) -> dict[str, Any]:
+    meta = {"namespace": namespace, "name": name}
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
-        "metadata": {"namespace": namespace, "name": name, "annotations": annotations or {}},
+        "metadata": {**meta, "creationTimestamp": created} if created else meta,
         "spec": {"hosts": list(hosts), "http": http, **spec},
     }
 
@@ -332,8 +332,8 @@ def test_two_virtual_services_for_one_host_conflict_and_the_oldest_is_used(
         tmp_path,
         "destination-rule-reviews.yaml",
         extra=[
-            virtual_service("reviews-canary", [route("reviews", "v2")], annotations=NEWER),
-            virtual_service("reviews", [route("reviews", "v1")], annotations=OLDER),
+            virtual_service("reviews-canary", [route("reviews", "v2")], created=NEWER),
+            virtual_service("reviews", [route("reviews", "v1")], created=OLDER),
             # Bound to a gateway only: not the mesh's, no conflict.
             virtual_service("reviews-edge", [route("reviews", "v3")], gateways=["edge"]),
         ],
@@ -347,33 +347,44 @@ def test_two_virtual_services_for_one_host_conflict_and_the_oldest_is_used(
     ]
     oldest, newer = findings
     for finding in findings:
-        assert "VirtualServices default/reviews, default/reviews-canary" in finding.detail
-        assert "reviews.default.svc.cluster.local, visible in every namespace" in finding.detail
-    assert "this one is used" in oldest.detail
-    assert "the oldest, default/reviews, is used" in newer.detail
+        assert finding.detail.startswith(
+            "VirtualServices default/reviews, default/reviews-canary of the mesh gateway define"
+            " the same host reviews.default.svc.cluster.local: clients in namespace default use "
+        )
+    assert "clients in namespace default use this one (" in oldest.detail
+    assert "clients in namespace default use default/reviews, not this one" in newer.detail
 
 
-def test_virtual_services_visible_in_different_namespaces_do_not_conflict(
-    tmp_path: Path,
-) -> None:
+def test_virtual_services_conflict_only_where_a_client_sees_both(tmp_path: Path) -> None:
+    """exportTo decides which namespaces see a VirtualService (traffic.visible): two private
+    to different namespaces never meet; where two meet, the oldest there is used."""
     host = ["reviews.default.svc.cluster.local"]
     root = bookinfo(
         tmp_path,
         extra=[
-            virtual_service("a", [route(host[0])], hosts=host, exportTo=["."]),
+            virtual_service("a", [route(host[0])], hosts=host, exportTo=["."], created=OLDER),
             virtual_service("b", [route(host[0])], hosts=host, namespace="shop", exportTo=["."]),
             virtual_service("c", [route(host[0])], hosts=host, namespace="shop", exportTo=["x"]),
-            virtual_service("d", [route(host[0])], hosts=host, namespace="web", exportTo=["x"]),
+            virtual_service("d", [route(host[0])], hosts=host, namespace="web", created=NEWER),
         ],
     )
 
     findings = analyze(root)
 
     assert summary(findings) == [
+        ("IST0109", "VirtualService", "default/a"),
+        ("IST0109", "VirtualService", "shop/b"),
         ("IST0109", "VirtualService", "shop/c"),
         ("IST0109", "VirtualService", "web/d"),
     ]
-    assert "visible in namespace x" in findings[0].detail
+    detail = {f.name: f.detail.split(": ", 1)[1] for f in findings}
+    assert detail["a"].startswith("clients in namespace default use this one (")
+    assert detail["b"].startswith("clients in namespace shop use this one (")
+    assert detail["c"].startswith("clients in namespace x use this one (")
+    assert detail["d"].startswith(
+        "clients in namespace default use default/a, not this one; clients in namespace shop"
+        " use shop/b, not this one; clients in namespace x use shop/c, not this one ("
+    )
 
 
 # -- TLS against PeerAuthentication ---------------------------------------------------------------
