@@ -10,8 +10,6 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from nodeagent.translate import internal
-
 LISTENERS = "type.googleapis.com/envoy.admin.v3.ListenersConfigDump"
 CLUSTERS = "type.googleapis.com/envoy.admin.v3.ClustersConfigDump"
 ROUTES = "type.googleapis.com/envoy.admin.v3.RoutesConfigDump"
@@ -290,9 +288,10 @@ def _describe_header(header: dict[str, Any]) -> str:
     return name
 
 
-# Filter state the caller's outbound listener stamps (translate/internal.py): its SPIFFE ID and
-# its labels, matched by sourceNamespace and sourceLabels.
-CALLER_STATE, LABELS_STATE = internal.CALLER_KEY, "io.nodeagent.labels"
+# Filter state the caller's outbound listener stamps (translate/internal.py's CALLER_KEY and
+# LABELS_KEY, spelled out: importing translate would weigh on the testbed, which imports this):
+# its SPIFFE ID and its labels, matched by sourceNamespace and sourceLabels.
+CALLER_STATE, LABELS_STATE = "io.nodeagent.caller", "io.nodeagent.labels"
 _NAMESPACE_REGEX = re.compile(r"^spiffe://\[\^/\]\+/ns/(?P<ns>.+)/sa/\[\^/\]\+$")
 
 

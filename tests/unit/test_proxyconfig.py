@@ -104,6 +104,15 @@ def test_every_kind_of_match_and_destination() -> None:
     assert weighted[3:] == ("/*", "shop/web", f"{cluster('v1')}:90, {cluster('v2')}:10")
 
 
+def test_the_caller_state_keys_are_the_ones_translation_stamps() -> None:
+    from nodeagent.translate import internal
+
+    assert pc.CALLER_STATE == internal.CALLER_KEY
+    if not hasattr(internal, "LABELS_KEY"):
+        pytest.skip("LABELS_KEY arrives with VirtualService translation (fix/vsroutes)")
+    assert internal.LABELS_KEY == pc.LABELS_STATE
+
+
 def test_a_route_no_virtual_service_made_says_so() -> None:
     (_, inbound) = rows("inbound|9080||")
 
