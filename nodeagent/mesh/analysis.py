@@ -347,8 +347,19 @@ def _target_port(port: int, target: int | str) -> int:
     return target if isinstance(target, int) and target else port
 
 
+def _rule_views(store: MeshStore) -> list[str]:
+    """Client namespaces that, between them, see every DestinationRule a client can get
+    (policy.destination_rule_for): those holding rules, those rules' exportTo names, and one
+    namespace with neither (the empty name stands for all of those: they see the same)."""
+    views = {""}
+    for dr in store.istio_of_kind(DESTINATION_RULE):
+        views.add(dr.namespace)
+        views |= {str(ns) for ns in _list(dr.spec.get("exportTo"))}
+    return sorted(views - {".", "*", "~"})
+
+
 def _mtls_conflicts(store: MeshStore) -> Iterator[Finding]:
-    client_namespaces = sorted(set(store.namespaces) | {p.namespace for p in store.pods.values()})
+    views = _rule_views(store)
     for service in store.services.values():
         pods = selected_pods(store, service, {})
         if not pods:
@@ -360,7 +371,9 @@ def _mtls_conflicts(store: MeshStore) -> Iterator[Finding]:
                 pod.key: policy.effective_mtls(store, pod.namespace, pod.labels, target)
                 for pod in pods
             }
-            for ns in dict.fromkeys([service.namespace, *client_namespaces]):
+            if policy.PERMISSIVE in server.values() and len(set(server.values())) == 1:
+                continue  # PERMISSIVE accepts whatever a client sends
+            for ns in dict.fromkeys([service.namespace, *views]):
                 dr = policy.destination_rule_for(store, ns, service)
                 if dr is None:
                     continue

@@ -407,6 +407,21 @@ def test_a_destination_rule_without_istio_mtls_conflicts_with_strict(
     )
 
 
+def test_a_rule_in_the_clients_namespace_is_checked_too(tmp_path: Path) -> None:
+    """Clients in shop use shop's rule for reviews (istiod looks in the client's namespace
+    first), even with no pod in shop: it is the rule that conflicts."""
+    rule = destination_rule(
+        "reviews-plain",
+        "reviews.default.svc.cluster.local",
+        trafficPolicy={"tls": {"mode": "DISABLE"}},
+        exportTo=["."],
+    )
+    rule["metadata"]["namespace"] = "shop"
+    root = bookinfo(tmp_path, extra=[rule, peer_authentication("STRICT")])
+
+    assert summary(analyze(root)) == [("IST0113", "DestinationRule", "shop/reviews-plain")]
+
+
 def test_istio_mutual_conflicts_with_a_disabled_peer_authentication(tmp_path: Path) -> None:
     rule = destination_rule(
         "all", "*.default.svc.cluster.local", trafficPolicy={"tls": {"mode": "ISTIO_MUTUAL"}}
