@@ -203,7 +203,8 @@ def analyze(
 ) -> None:
     """What is wrong with the mesh's VirtualServices and DestinationRules, as istioctl analyze
     says it: from DIRECTORY (Kubernetes YAML, as the agent's --source-dir reads it) or from the
-    cluster of --kubeconfig. Exits 1 when anything is at warning or error level."""
+    cluster of --kubeconfig. Exits 1 when anything is at warning or error level, 2 when it
+    could not analyze (bad usage, an API server that does not answer)."""
     from nodeagent.mesh import analysis
 
     if (directory is None) == (kubeconfig is None):
@@ -261,7 +262,9 @@ def _analyze_cluster(kubeconfig: Path, mesh_config: Path | None) -> tuple[list[A
         try:
             missing = asyncio.run(source.list_once())
         except Exception as e:  # the client's errors have no common base
-            raise click.ClickException(f"cannot list the cluster of {kubeconfig}: {e}") from None
+            # Exit code 2, as for a usage error: 1 means "analyzed, and found problems".
+            click.echo(f"Error: cannot list the cluster of {kubeconfig}: {e}", err=True)
+            raise SystemExit(2) from None
     for kind in missing:
         click.echo(f"note: the API server serves no {kind} (its CRD is not installed)", err=True)
     findings = analysis.analyze(store)

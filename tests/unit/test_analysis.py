@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -599,3 +600,26 @@ def test_analyze_reads_a_cluster_through_its_kubeconfig(tmp_path: Path) -> None:
     assert len(lines) == 3
     for line in lines[1:]:
         assert line.startswith("Error [IST0106] (VirtualService shop/broken) ")
+
+
+def test_analyze_exits_2_when_the_cluster_cannot_be_listed(tmp_path: Path) -> None:
+    """1 means "analyzed, and found problems": a script must not take an unreachable API
+    server for that."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "c", "cluster": {"server": f"http://127.0.0.1:{sock.getsockname()[1]}"}}
+            ],
+            "users": [{"name": "u", "user": {}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "c",
+        }
+        (tmp_path / "kc").write_text(json.dumps(config))
+
+        result = CliRunner().invoke(cli, ["analyze", "--kubeconfig", str(tmp_path / "kc")])
+
+    assert result.exit_code == 2
+    assert f"Error: cannot list the cluster of {tmp_path / 'kc'}: " in result.output
