@@ -210,8 +210,9 @@ def describe_match(match: dict[str, Any]) -> str:
     """A RouteMatch in one line: the path (``/*``: everything; ``/api*``: a prefix; ``/old``:
     exactly; ``regex:...``), then each further condition: ``header=value`` (``*`` for prefix or
     suffix, ``~`` a regex, a bare name: present, ``!``: inverted), ``?param=value``, the caller
-    (``from ns <namespace>``, ``from {label=value,...}``, read from the filter-state matchers
-    translate/virtual_service.py writes), ``grpc``, ``N% of requests``."""
+    (``from ns <namespace>[,<namespace>...]``, ``from {label=value,...}``, read from the
+    filter-state matchers translate/virtual_service.py and service_views.py write), ``grpc``,
+    ``N% of requests``."""
     if "prefix" in match:
         prefix = str(match["prefix"])
         path = "/*" if prefix == "/" else f"{prefix}*"
@@ -292,7 +293,11 @@ def _describe_header(header: dict[str, Any]) -> str:
 # LABELS_KEY, spelled out: importing translate would weigh on the testbed, which imports this):
 # its SPIFFE ID and its labels, matched by sourceNamespace and sourceLabels.
 CALLER_STATE, LABELS_STATE = "io.nodeagent.caller", "io.nodeagent.labels"
-_NAMESPACE_REGEX = re.compile(r"^spiffe://\[\^/\]\+/ns/(?P<ns>.+)/sa/\[\^/\]\+$")
+# sourceNamespace (virtual_service.py): spiffe://[^/]+/ns/<ns>/sa/[^/]+; a view's guard
+# (service_views.py, several namespaces seeing different routes): ^spiffe://[^/]+/ns/(a|b)/sa/[^/]+$
+_NAMESPACE_REGEX = re.compile(
+    r"^\^?spiffe://\[\^/\]\+/ns/(?:\((?P<any>[^()]+)\)|(?P<ns>[^()]+))/sa/\[\^/\]\+\$?$"
+)
 
 
 def _unescape(text: str) -> str:
@@ -303,7 +308,8 @@ def _describe_state(matcher: dict[str, Any]) -> str:
     key = str(matcher.get("key", ""))
     regex = str(matcher.get("string_match", {}).get("safe_regex", {}).get("regex", ""))
     if key == CALLER_STATE and (found := _NAMESPACE_REGEX.match(regex)):
-        return f"from ns {_unescape(found['ns'])}"
+        namespaces = found["any"].split("|") if found["any"] else [found["ns"]]
+        return f"from ns {','.join(_unescape(ns) for ns in namespaces)}"
     if key == LABELS_STATE and regex.startswith(".*,") and regex.endswith(",.*"):
         pairs = regex[3:-3].split(",(.*,)?")
         return "from {" + ",".join(_unescape(p) for p in pairs) + "}"

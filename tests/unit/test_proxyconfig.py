@@ -135,6 +135,20 @@ def test_header_matchers_envoy_accepts_beyond_what_istio_writes(
     assert pc.describe_match({"prefix": "/", "headers": [header]}) == f"/*, {shown}"
 
 
+def test_a_views_caller_guard_names_its_namespaces() -> None:
+    """Where namespaces see different routes for one port, each view's routes are guarded by
+    the caller's namespace (translate/service_views.py), on top of any sourceNamespace."""
+    from nodeagent.translate.service_views import _caller_in
+
+    guard = _caller_in(["bar", "foo"])
+    match = {"prefix": "/", "filter_state": [guard]}
+
+    assert pc.describe_match(match) == "/*, from ns bar,foo"
+    assert pc.describe_match({**match, "filter_state": [_caller_in(["shop"])]}) == (
+        "/*, from ns shop"
+    )
+
+
 def test_domains_are_shortened_as_istioctl_does() -> None:
     config = {
         "name": "8080",
