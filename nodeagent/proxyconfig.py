@@ -6,6 +6,7 @@ the node's other pods). Tables follow ``istioctl proxy-config``'s columns.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,36 +164,247 @@ def cluster_rows(clusters: list[dict[str, Any]], identity: str = "") -> list[tup
     return rows
 
 
+ROUTE_COLUMNS = ("NAME", "VHOST NAME", "DOMAINS", "MATCH", "VIRTUAL SERVICE", "DESTINATIONS")
+
+
 def route_rows(routes: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = [("NAME", "VHOST NAME", "DOMAINS", "MATCH", "DESTINATION")]
-    for route in routes:
-        for vhost in route.get("virtual_hosts", []):
-            for r in vhost.get("routes", []):
-                match = r.get("match", {})
-                shown = (
-                    match.get("prefix")
-                    or match.get("path")
-                    or match.get("safe_regex", {}).get("regex", "*")
-                )
-                if match.get("headers"):
-                    shown += " (+headers)"
-                action = r.get("route", {})
-                dest = action.get("cluster") or ",".join(
-                    f"{w.get('name')}:{w.get('weight')}"
-                    for w in action.get("weighted_clusters", {}).get("clusters", [])
-                )
-                if "direct_response" in r:
-                    dest = f"direct {r['direct_response'].get('status')}"
+    """One row per route of the route configurations, in Envoy's order (first match wins), as
+    ``istioctl proxy-config routes`` lists them, plus what each route does with a request."""
+    rows: list[tuple[str, ...]] = [ROUTE_COLUMNS]
+    for config in routes:
+        for vhost in config.get("virtual_hosts", []):
+            for route in vhost.get("routes", []):
                 rows.append(
                     (
-                        str(route.get("name")),
-                        str(vhost.get("name")),
-                        ",".join(vhost.get("domains", [])),
-                        str(shown),
-                        str(dest),
+                        str(config.get("name", "")),
+                        str(vhost.get("name", "")),
+                        _domains(vhost.get("domains", [])),
+                        describe_match(route.get("match", {})),
+                        route_virtual_service(route),
+                        describe_action(route),
                     )
                 )
     return rows
+
+
+def _domains(domains: list[str]) -> str:
+    # istioctl shows two and counts the rest: a service's aliases make a long list.
+    shown = ", ".join(domains[:2])
+    return f"{shown} +{len(domains) - 2} more" if len(domains) > 2 else shown or "-"
+
+
+def route_virtual_service(route: dict[str, Any]) -> str:
+    """namespace/name of the VirtualService a route came from, from the metadata Istio (and
+    translate/virtual_service.py) puts on it: ``filter_metadata.istio.config`` =
+    ``/apis/networking.istio.io/<version>/namespaces/<ns>/virtual-service/<name>``."""
+    config = str(
+        route.get("metadata", {}).get("filter_metadata", {}).get("istio", {}).get("config", "")
+    )
+    parts = config.strip("/").split("/")
+    if len(parts) == 7 and parts[3] == "namespaces" and parts[5] == "virtual-service":
+        return f"{parts[4]}/{parts[6]}"
+    return "-"
+
+
+def describe_match(match: dict[str, Any]) -> str:
+    """A RouteMatch in one line: the path (``/*``: everything; ``/api*``: a prefix; ``/old``:
+    exactly; ``regex:...``), then each further condition: ``header=value`` (``*`` for prefix or
+    suffix, ``~`` a regex, a bare name: present, ``!``: inverted), ``?param=value``, the caller
+    (``from ns <namespace>[,<namespace>...]``, ``from {label=value,...}``, read from the
+    filter-state matchers translate/virtual_service.py and service_views.py write), ``grpc``,
+    ``N% of requests``."""
+    if "prefix" in match:
+        prefix = str(match["prefix"])
+        path = "/*" if prefix == "/" else f"{prefix}*"
+    elif "path" in match:
+        path = str(match["path"])
+    elif "safe_regex" in match:
+        path = f"regex:{match['safe_regex'].get('regex', '')}"
+    elif "path_separated_prefix" in match:
+        path = f"{match['path_separated_prefix']}[/*]"
+    elif "connect_matcher" in match:
+        path = "CONNECT"
+    elif "path_match_policy" in match:
+        path = "(path template)"
+    else:
+        path = "*"
+    if match.get("case_sensitive") is False:
+        path += " (any case)"
+    conditions = [path]
+    conditions += [_describe_header(h) for h in match.get("headers", [])]
+    for param in match.get("query_parameters", []):
+        name = f"?{param.get('name', '')}"
+        if param.get("present_match"):
+            conditions.append(name)
+        else:
+            conditions.append(name + _describe_string(param.get("string_match", {})))
+    conditions += [_describe_state(f) for f in match.get("filter_state", [])]
+    if "grpc" in match:
+        conditions.append("grpc")
+    if "runtime_fraction" in match:
+        conditions.append(f"{_percent(match['runtime_fraction'])} of requests")
+    return ", ".join(conditions)
+
+
+def _describe_string(matcher: dict[str, Any]) -> str:
+    """A StringMatcher after a name: ``=v``, ``=v*``, ``=*v``, ``=*v*``, ``~regex``."""
+    if "exact" in matcher:
+        out = f"={matcher['exact']}"
+    elif "prefix" in matcher:
+        out = f"={matcher['prefix']}*"
+    elif "suffix" in matcher:
+        out = f"=*{matcher['suffix']}"
+    elif "contains" in matcher:
+        out = f"=*{matcher['contains']}*"
+    elif "safe_regex" in matcher:
+        out = f"~{matcher['safe_regex'].get('regex', '')}"
+    else:
+        out = "=?"
+    return out + (" (any case)" if matcher.get("ignore_case") else "")
+
+
+# HeaderMatcher's older fields, still accepted by Envoy (a dump shows what was sent).
+_LEGACY_HEADER = {
+    "exact_match": "exact",
+    "prefix_match": "prefix",
+    "suffix_match": "suffix",
+    "contains_match": "contains",
+}
+
+
+def _describe_header(header: dict[str, Any]) -> str:
+    name = ("!" if header.get("invert_match") else "") + str(header.get("name", ""))
+    if header.get("present_match"):
+        return name
+    if "string_match" in header:
+        return name + _describe_string(header["string_match"])
+    for legacy, field in _LEGACY_HEADER.items():
+        if legacy in header:
+            return name + _describe_string({field: header[legacy]})
+    if "safe_regex_match" in header:
+        return name + _describe_string({"safe_regex": header["safe_regex_match"]})
+    if "range_match" in header:
+        bounds = header["range_match"]
+        return f"{name} in [{bounds.get('start')}, {bounds.get('end')})"
+    return name
+
+
+# Filter state the caller's outbound listener stamps (translate/internal.py's CALLER_KEY and
+# LABELS_KEY, spelled out: importing translate would weigh on the testbed, which imports this):
+# its SPIFFE ID and its labels, matched by sourceNamespace and sourceLabels.
+CALLER_STATE, LABELS_STATE = "io.nodeagent.caller", "io.nodeagent.labels"
+# sourceNamespace (virtual_service.py): spiffe://[^/]+/ns/<ns>/sa/[^/]+; a view's guard
+# (service_views.py, several namespaces seeing different routes): ^spiffe://[^/]+/ns/(a|b)/sa/[^/]+$
+_NAMESPACE_REGEX = re.compile(
+    r"^\^?spiffe://\[\^/\]\+/ns/(?:\((?P<any>[^()]+)\)|(?P<ns>[^()]+))/sa/\[\^/\]\+\$?$"
+)
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _describe_state(matcher: dict[str, Any]) -> str:
+    key = str(matcher.get("key", ""))
+    regex = str(matcher.get("string_match", {}).get("safe_regex", {}).get("regex", ""))
+    if key == CALLER_STATE and (found := _NAMESPACE_REGEX.match(regex)):
+        namespaces = found["any"].split("|") if found["any"] else [found["ns"]]
+        return f"from ns {','.join(_unescape(ns) for ns in namespaces)}"
+    if key == LABELS_STATE and regex.startswith(".*,") and regex.endswith(",.*"):
+        pairs = regex[3:-3].split(",(.*,)?")
+        return "from {" + ",".join(_unescape(p) for p in pairs) + "}"
+    return f"state {key}{_describe_string(matcher.get('string_match', {}))}"
+
+
+_DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10_000, "MILLION": 1_000_000}
+
+
+def _percent(fraction: dict[str, Any]) -> str:
+    """A RuntimeFractionalPercent's default as a percentage."""
+    return _fractional(fraction.get("default_value", {}))
+
+
+def _fractional(percent: dict[str, Any]) -> str:
+    """A FractionalPercent as a percentage (the default denominator is HUNDRED)."""
+    denominator = _DENOMINATORS.get(str(percent.get("denominator", "HUNDRED")), 100)
+    return f"{int(percent.get('numerator', 0)) * 100 / denominator:g}%"
+
+
+FAULT_FILTER = "envoy.filters.http.fault"
+
+
+def _faults(route: dict[str, Any]) -> list[str]:
+    """The route's fault injection (a VirtualService's ``fault``): ``fault delay 7s (100%)``,
+    ``fault abort 500 (10%)``. Without a percentage Envoy injects into every request."""
+    fault = route.get("typed_per_filter_config", {}).get(FAULT_FILTER)
+    if not isinstance(fault, dict):
+        return []
+    out = []
+    delay = fault.get("delay")
+    if isinstance(delay, dict):
+        share = _fractional(delay["percentage"]) if "percentage" in delay else "100%"
+        out.append(f"fault delay {delay.get('fixed_delay', '?')} ({share})")
+    abort = fault.get("abort")
+    if isinstance(abort, dict):
+        share = _fractional(abort["percentage"]) if "percentage" in abort else "100%"
+        status = abort.get("http_status") or (
+            f"grpc {abort['grpc_status']}" if "grpc_status" in abort else "from header"
+        )
+        out.append(f"fault abort {status} ({share})")
+    return out
+
+
+_REDIRECT_CODES = {
+    "MOVED_PERMANENTLY": 301,
+    "FOUND": 302,
+    "SEE_OTHER": 303,
+    "TEMPORARY_REDIRECT": 307,
+    "PERMANENT_REDIRECT": 308,
+}
+_REDIRECT_PARTS = (
+    ("scheme_redirect", "scheme"),
+    ("host_redirect", "host"),
+    ("port_redirect", "port"),
+    ("path_redirect", "path"),
+    ("prefix_rewrite", "prefix"),
+)
+
+
+def describe_action(route: dict[str, Any]) -> str:
+    """Where a route sends a request: its cluster, weighted clusters as ``name:weight``, the
+    mirrors (``mirror name (25%)``) and injected faults; or a redirect or a direct response."""
+    if "redirect" in route:
+        redirect = route["redirect"]
+        code = _REDIRECT_CODES.get(str(redirect.get("response_code", "MOVED_PERMANENTLY")), 301)
+        parts = [
+            f"{label}={redirect[field]}" for field, label in _REDIRECT_PARTS if field in redirect
+        ]
+        if redirect.get("https_redirect"):
+            parts.insert(0, "scheme=https")
+        return " ".join([f"redirect {code}", *parts])
+    if "direct_response" in route:
+        response = route["direct_response"]
+        body = response.get("body", {}).get("inline_string")
+        shown = f" {body!r}" if isinstance(body, str) and len(body) <= 40 else ""
+        return f"direct {response.get('status')}{shown}"
+    action = route.get("route")
+    if action is None:
+        return "-"
+    if "cluster" in action:
+        out = str(action["cluster"])
+    elif "weighted_clusters" in action:
+        out = ", ".join(
+            f"{w.get('name')}:{w.get('weight', 0)}"
+            for w in action["weighted_clusters"].get("clusters", [])
+        )
+    elif "cluster_header" in action:
+        out = f"cluster in header {action['cluster_header']}"
+    else:
+        out = "-"
+    for mirror in action.get("request_mirror_policies", []):
+        share = _percent(mirror["runtime_fraction"]) if "runtime_fraction" in mirror else "100%"
+        out += f", mirror {mirror.get('cluster')} ({share})"
+    return ", ".join([out, *_faults(route)])
 
 
 def host_address(address: dict[str, Any]) -> str:

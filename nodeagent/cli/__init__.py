@@ -26,6 +26,7 @@ for _command in (
     debug.pods,
     debug.proxy_status,
     debug.proxy_config,
+    debug.analyze,
     testbed.testbed,
     testbed.workload,
 ):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +177,119 @@ def proxy_config(kind: str, pod: str, admin_socket: Path, output: str) -> None:
         table(pc.secret_rows(secrets, identity))
     else:
         table(pc.endpoint_rows(statuses, {str(c.get("name")) for c in clusters}))
+
+
+@click.command()
+@click.argument(
+    "directory",
+    required=False,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Analyze the cluster this kubeconfig names (one LIST of each kind) instead.",
+)
+@click.option(
+    "--mesh-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="MeshConfig file (rootNamespace, clusterDomain, ...), as the agent's --mesh-config.",
+)
+@output_option
+def analyze(
+    directory: Path | None, kubeconfig: Path | None, mesh_config: Path | None, output: str
+) -> None:
+    """What is wrong with the mesh's VirtualServices and DestinationRules, as istioctl analyze
+    says it: from DIRECTORY (Kubernetes YAML, as the agent's --source-dir reads it) or from the
+    cluster of --kubeconfig. Exits 1 when anything is at warning or error level, 2 when it
+    could not analyze (bad usage, an API server that does not answer)."""
+    from nodeagent.mesh import analysis
+
+    if (directory is None) == (kubeconfig is None):
+        raise click.UsageError("give exactly one of DIRECTORY or --kubeconfig")
+    if directory is not None:
+        findings, analyzed = _analyze_directory(directory, mesh_config)
+    else:
+        assert kubeconfig is not None
+        findings, analyzed = _analyze_cluster(kubeconfig, mesh_config)
+    if output == "json":
+        click.echo(json.dumps([f.as_json() for f in findings], indent=2))
+    elif findings:
+        for finding in findings:
+            click.echo(finding.line())
+    else:
+        click.echo(f"No validation issues found ({analyzed} Istio resources analyzed).")
+    if analysis.fails(findings):
+        raise SystemExit(1)
+
+
+def _analyze_directory(directory: Path, mesh_config: Path | None) -> tuple[list[Any], int]:
+    """Findings about DIRECTORY's resources, each with the file it came from."""
+    from dataclasses import replace
+
+    from nodeagent.mesh import analysis
+    from nodeagent.mesh.store import MeshStore
+    from nodeagent.sources.directory import DirectorySource
+
+    store = MeshStore()
+    with _quiet_sources():
+        source = DirectorySource(directory, store, mesh_config_path=mesh_config)
+        source.scan()
+    findings = [
+        replace(f, file=_shown_path(source.file_of(f.kind, f"{f.kind}/{f.namespace}/{f.name}")))
+        for f in analysis.analyze(store)
+    ]
+    for path, problems in sorted(source.errors.items()):
+        findings += [analysis.refused(p, _shown_path(path), str(path)) for p in problems]
+    return findings, len(store.istio)
+
+
+def _analyze_cluster(kubeconfig: Path, mesh_config: Path | None) -> tuple[list[Any], int]:
+    import asyncio
+
+    from nodeagent.mesh import analysis
+    from nodeagent.mesh.store import MeshStore
+    from nodeagent.sources.directory import MeshConfigFile
+    from nodeagent.sources.kubernetes import KubernetesSource
+
+    store = MeshStore()
+    with _quiet_sources():
+        if mesh_config is not None:
+            MeshConfigFile(mesh_config, store).scan()
+        source = KubernetesSource(store, "", kubeconfig=kubeconfig)
+        try:
+            missing = asyncio.run(source.list_once())
+        except Exception as e:  # the client's errors have no common base
+            # Exit code 2, as for a usage error: 1 means "analyzed, and found problems".
+            click.echo(f"Error: cannot list the cluster of {kubeconfig}: {e}", err=True)
+            raise SystemExit(2) from None
+    for kind in missing:
+        click.echo(f"note: the API server serves no {kind} (its CRD is not installed)", err=True)
+    findings = analysis.analyze(store)
+    for problems in source.invalid.values():
+        findings += [analysis.refused(p, source="kubernetes") for p in problems]
+    return findings, len(store.istio)
+
+
+def _shown_path(path: Path | None) -> str:
+    """PATH relative to the working directory when it is below it, as a user typed it."""
+    if path is None:
+        return ""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+@contextlib.contextmanager
+def _quiet_sources() -> Iterator[None]:
+    """The sources log each refused document; analyze reports them itself, once."""
+    logger = logging.getLogger("nodeagent")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -655,6 +655,12 @@ class DirectorySource:
             bisect.insort(self._holders.setdefault(key, []), path)
         return {k for k in old.keys() | records.keys() if old.get(k) != records.get(k)}
 
+    def file_of(self, kind: str, key: str) -> Path | None:
+        """The file the store's record of KIND (a document's kind) and store KEY came from:
+        of the files holding it, the one that wins (None: no file holds it)."""
+        holders = self._holders.get((kind, key))
+        return holders[-1] if holders else None
+
     def _winner(self, key: Key) -> Record | None:
         holders = self._holders.get(key)
         return self._records[holders[-1]][key] if holders else None

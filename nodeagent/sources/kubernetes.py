@@ -95,7 +95,7 @@ class _Kind:
             return name, f"{self.kind}/{name}"
         ns = str(meta.get("namespace") or "default")
         full = f"{self.kind}/{ns}/{name}"
-        return (full if self._istio else f"{ns}/{name}"), full
+        return (full if self.istio else f"{ns}/{name}"), full
 
     @property
     def collection(self) -> str:
@@ -103,7 +103,7 @@ class _Kind:
         return changes.collection_of(self.kind)
 
     @property
-    def _istio(self) -> bool:
+    def istio(self) -> bool:
         return self.api_version.rpartition("/")[0] in ISTIO_GROUPS
 
 
@@ -196,6 +196,25 @@ class KubernetesSource:
 
     async def _api_client(self) -> Any:
         return await api_client(self.kubeconfig)
+
+    async def list_once(self) -> list[str]:
+        """LIST every kind once into the store, without watching (``nodeagent analyze``).
+        Returns the Istio kinds the API server does not serve (404: their CRD is not
+        installed), which hold nothing then."""
+        api = await self._api_client()
+        missing: list[str] = []
+        try:
+            for kind in self.kinds(api):
+                try:
+                    await self._list(kind)
+                except ApiException as e:
+                    if e.status != 404 or not kind.istio:
+                        raise
+                    missing.append(kind.kind)
+        finally:
+            await api.close()
+        self.store.synced.set()
+        return missing
 
     def kinds(self, api: Any) -> list[_Kind]:
         core = k8s.CoreV1Api(api)

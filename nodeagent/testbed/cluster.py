@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import nodeagent
 from nodeagent.cni import wire
 from nodeagent.identity.ca import create_plugin_cacerts
 from nodeagent.proxyconfig import host_address
@@ -907,6 +908,9 @@ class Testbed:
         if wl.type == "fake-service":
             argv = [sys.executable, "-m", "nodeagent", "workload"]
             env |= {
+                # This testbed's own nodeagent, also when it runs from a checkout other than
+                # the installed one (the env is otherwise a container's: nothing inherited).
+                "PYTHONPATH": str(Path(nodeagent.__file__).resolve().parents[1]),
                 "NAME": pod.labels.get("app", pod.name),
                 "VERSION": pod.labels.get("version", "v1"),
                 "LISTEN_ADDR": f"0.0.0.0:{wl.port}",

@@ -5,6 +5,10 @@ answered with JSON naming this service, and the answers of the upstream URIs it 
 embedded in it, so one ``curl`` shows the whole call chain the mesh routed.
 
 Configured through environment variables, like fake-service (see ``FakeServiceConfig.from_env``).
+Besides, a few paths answer as httpbin does (``/status/<codes>``, ``/delay/<seconds>``,
+``/headers``), and ``/requests`` tells how many requests this process served, per path, without
+counting itself (see ``FakeServiceHandler``).
+
 Stdlib only and no heavy imports: the testbed starts one process per pod and waits for it.
 
 Run with ``python -m nodeagent.testbed.workload``.
@@ -48,6 +52,13 @@ DEFAULT_PROPAGATE_HEADERS: tuple[str, ...] = (
 )
 
 HEALTH_PATH = "/health"
+REQUESTS_PATH = "/requests"
+STATUS_PREFIX, DELAY_PREFIX, HEADERS_PATH = "/status/", "/delay/", "/headers"
+# httpbin caps /delay at 10 s (httpbin/core.py, delay_response).
+MAX_DELAY = 10.0
+# Distinct paths /requests keeps apart; later ones are counted together under OTHER_PATHS.
+MAX_COUNTED_PATHS = 1000
+OTHER_PATHS = "<other>"
 FIB_TRIE_PATH = "/proc/net/fib_trie"
 
 # RFC 9110 token characters: anything else could smuggle a second header into upstream calls.
@@ -292,13 +303,22 @@ class FakeServiceServer(ThreadingHTTPServer):
         self.random = random.Random()
         self._count_lock = threading.Lock()
         self._request_count = 0
+        self._by_path: dict[str, int] = {}
         super().__init__((config.listen_host, config.listen_port), FakeServiceHandler)
 
-    def count_request(self) -> int:
-        """Count one served request; return the count including it."""
+    def count_request(self, path: str) -> int:
+        """Count one served request for PATH; return the count including it."""
         with self._count_lock:
             self._request_count += 1
+            if path not in self._by_path and len(self._by_path) >= MAX_COUNTED_PATHS:
+                path = OTHER_PATHS  # a client walking many paths must not grow this forever
+            self._by_path[path] = self._by_path.get(path, 0) + 1
             return self._request_count
+
+    def request_counts(self) -> dict[str, Any]:
+        """What /requests answers: the requests served so far, in total and per path."""
+        with self._count_lock:
+            return {"count": self._request_count, "by_path": dict(self._by_path)}
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up or idles out is routine in a mesh; a traceback is not.
@@ -318,8 +338,58 @@ def _log(line: str) -> None:
     sys.stderr.flush()
 
 
+def status_choice(spec: str, rng: random.Random) -> int:
+    """The status /status/SPEC answers, as httpbin picks it (httpbin/core.py, view_status):
+    one code, or a comma list of ``code`` or ``code:weight`` (weight 1 when absent) from which
+    one is drawn at random in proportion to the weights. ValueError when SPEC is not that, or
+    names a code outside 200-599 (an informational status cannot carry this answer)."""
+    codes: list[int] = []
+    weights: list[float] = []
+    for part in spec.split(","):
+        code_text, sep, weight_text = part.strip().partition(":")
+        try:
+            code = int(code_text)
+            weight = float(weight_text) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"invalid status code {part.strip()!r}") from None
+        if not 200 <= code <= 599:
+            raise ValueError(f"status code {code} is outside 200-599")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"invalid weight {weight_text!r} for status code {code}")
+        codes.append(code)
+        weights.append(weight)
+    if len(codes) == 1:
+        return codes[0]
+    if sum(weights) <= 0:
+        raise ValueError(f"the weights of {spec!r} add up to 0")
+    return rng.choices(codes, weights)[0]
+
+
+def delay_seconds(text: str) -> float:
+    """The seconds /delay/TEXT waits: a number, at most MAX_DELAY as in httpbin (a larger one
+    is cut to it); ValueError for anything else."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"invalid delay {text!r}: expected a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"invalid delay {text!r}: expected a number of seconds, 0 or more")
+    return min(seconds, MAX_DELAY)
+
+
 class FakeServiceHandler(BaseHTTPRequestHandler):
-    """Answers every path with the fake-service JSON; /health for readiness probes."""
+    """Answers every path with the fake-service JSON, except:
+
+    - ``/health`` (GET/HEAD): readiness probes, not counted.
+    - ``/requests`` (GET/HEAD): ``{"count": N, "by_path": {path: n}}``, the requests served so
+      far (everything but /health and /requests itself), so a test can tell how many calls
+      reached this pod (mirrored ones too) without adding one.
+    - httpbin's ``/status/<codes>`` (that status; a comma list picks one at random, weighted
+      as ``code:weight``), ``/delay/<seconds>`` (at most 10 s) and ``/headers`` (``{"headers":
+      {...}}``, the request headers as received). They answer only what they are asked:
+      without the configured DELAY, ERROR_RATE or upstream calls. /status and /delay answer
+      the fake-service JSON (so the answer still names the version), /headers httpbin's.
+    """
 
     server: FakeServiceServer
     # HTTP/1.1 keeps Envoy's upstream connections alive, as Go's fake-service does.
@@ -363,8 +433,10 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
             path = urllib.parse.urlsplit(self.path).path
             if path == HEALTH_PATH and self.command in ("GET", "HEAD"):
                 code, answer = 200, {"status": "ok"}
+            elif path == REQUESTS_PATH and self.command in ("GET", "HEAD"):
+                code, answer = 200, self.server.request_counts()
             else:
-                code, answer = self._serve(start_time, started)
+                code, answer = self._serve(path, start_time, started)
             # Logged before the first byte leaves, so the line precedes the client seeing it.
             self._log_request(code, started)
             self._send_json(code, answer)
@@ -379,9 +451,28 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
             f"{_duration(time.monotonic() - started)}"
         )
 
-    def _serve(self, start_time: str, started: float) -> tuple[int, dict[str, Any]]:
+    def _serve(self, path: str, start_time: str, started: float) -> tuple[int, dict[str, Any]]:
+        request_count = self.server.count_request(path)
+        try:
+            if path.startswith(STATUS_PREFIX):
+                code = status_choice(path[len(STATUS_PREFIX) :], self.server.random)
+                return code, self._fake_answer(code, start_time, started, request_count, {})
+            if path.startswith(DELAY_PREFIX):
+                seconds = delay_seconds(path[len(DELAY_PREFIX) :])
+                time.sleep(seconds)
+                answer = self._fake_answer(200, start_time, started, request_count, {})
+                return 200, {**answer, "delay": seconds}
+        except ValueError as exc:
+            return 400, {"code": 400, "error": f"{path}: {exc}"}
+        if path == HEADERS_PATH:
+            return 200, {"headers": self._received_headers()}
+        return self._serve_fake(start_time, started, request_count)
+
+    def _serve_fake(
+        self, start_time: str, started: float, request_count: int
+    ) -> tuple[int, dict[str, Any]]:
+        """The fake-service answer, with the configured delay, errors and upstream calls."""
         config = self.server.config
-        request_count = self.server.count_request()
         if config.delay:
             time.sleep(config.delay)
         upstream_calls: dict[str, Any] = {}
@@ -396,6 +487,20 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
                 )
                 if not ok:
                     code = 500
+        answer = self._fake_answer(code, start_time, started, request_count, upstream_calls)
+        if injected:
+            answer["error"] = f"error injected (ERROR_RATE={config.error_rate:g})"
+        return code, answer
+
+    def _fake_answer(
+        self,
+        code: int,
+        start_time: str,
+        started: float,
+        request_count: int,
+        upstream_calls: dict[str, Any],
+    ) -> dict[str, Any]:
+        config = self.server.config
         addresses = ip_addresses()
         answer: dict[str, Any] = {
             "name": config.name,
@@ -417,15 +522,20 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
             "code": code,
             "request_count": request_count,
         }
-        if injected:
-            answer["error"] = f"error injected (ERROR_RATE={config.error_rate:g})"
-        return code, answer
+        return answer
 
     def _lowercased_headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
         for key, value in self.headers.items():
             name = key.lower()
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return headers
+
+    def _received_headers(self) -> dict[str, str]:
+        """The request headers with their names as the client spelled them (repeats joined)."""
+        headers: dict[str, str] = {}
+        for key, value in self.headers.items():
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
         return headers
 
     def _propagated_headers(self) -> dict[str, str]:
@@ -483,10 +593,13 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
         return True
 
     def _send_json(self, code: int, answer: Mapping[str, Any]) -> None:
-        payload = (json.dumps(answer, indent=2) + "\n").encode()
+        # 204 and 304 carry no body (RFC 9110 15.3.5, 15.4.5), e.g. from /status/204.
+        payload = b"" if code in (204, 304) else (json.dumps(answer, indent=2) + "\n").encode()
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
+        if payload:
+            self.send_header("Content-Type", "application/json")
+        if code != 204:  # a 204 must not have Content-Length either (RFC 9110 8.6)
+            self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)

@@ -496,16 +496,33 @@ RATINGS_TO = REVIEWS_TO.replace("reviews", "ratings")
 
 
 @pytest.mark.parametrize(
-    ("vs", "url", "flag", "details"),
+    ("vs", "url", "flag", "details", "analyzed"),
     [
-        (REVIEWS_TO.format(subset="v9"), "http://reviews:9080/", "NC", "cluster_not_found"),
-        (RATINGS_TO.format(subset="v2-mysql"), "http://ratings:9080/", "UH", "no_healthy_upstream"),
+        (
+            REVIEWS_TO.format(subset="v9"),
+            "http://reviews:9080/",
+            "NC",
+            "cluster_not_found",
+            ("IST0101", "VirtualService", "reviews", '"reviews+v9"'),
+        ),
+        (
+            RATINGS_TO.format(subset="v2-mysql"),
+            "http://ratings:9080/",
+            "UH",
+            "no_healthy_upstream",
+            ("IST0173", "DestinationRule", "ratings", 'subset "v2-mysql"'),
+        ),
     ],
     ids=["undefined-subset-NC", "subset-without-pods-UH"],
 )
-def test_s2_diagnostics(clean: Testbed, vs: str, url: str, flag: str, details: str) -> None:
+def test_s2_diagnostics(
+    clean: Testbed, vs: str, url: str, flag: str, details: str, analyzed: tuple[str, ...]
+) -> None:
     """A route to a subset no DestinationRule defines: 503 NC (cluster_not_found); to a subset
-    that selects no pod: 503 UH (no_healthy_upstream)."""
+    that selects no pod: 503 UH (no_healthy_upstream). `nodeagent analyze` on the cluster's
+    objects names each cause: IST0101 (the VirtualService's host+subset) and IST0173 (the
+    DestinationRule's subset), as istioctl analyze does
+    (istio.io/latest/docs/reference/config/analysis/)."""
     tb = clean
     apply(tb, sample("destination-rule-all.yaml"), vs)
     wait_for(
@@ -536,6 +553,23 @@ def test_s2_diagnostics(clean: Testbed, vs: str, url: str, flag: str, details: s
 
     wait_for(lambda: bool(logged()), 5, "the access log line", step=0.2)
     assert f" 503 {flag} {details} " in logged(), logged()
+
+    report = subprocess.run(
+        [PY, "-m", "nodeagent", "analyze", str(layout.cluster_dir(tb.name)), "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert report.returncode == 1, report.stderr
+    code, kind, name, names = analyzed
+    found = [
+        f
+        for f in json.loads(report.stdout)
+        if (f["code"], f["kind"], f["namespace"], f["name"]) == (code, kind, "default", name)
+        and names in f["detail"]
+    ]
+    assert len(found) == 1, report.stdout
+    assert f"503 {flag}" in found[0]["detail"]
 
 
 # -- S3: resilience --------------------------------------------------------------------------------

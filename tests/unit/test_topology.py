@@ -11,6 +11,7 @@ from nodeagent.testbed.topology import (
     load_topology,
     loads_topology,
 )
+from nodeagent.testbed.workload import FakeServiceConfig
 
 MINIMAL = """
 name: t1
@@ -75,6 +76,31 @@ def test_defaults_follow_kubernetes() -> None:
     )
     assert topo.find_pod("shop/web").workload.port == 8080
     assert {n.name for n in topo.namespaces} == {"shop", "other", "default"}
+
+
+def test_a_pods_fake_service_misbehaves_as_its_workload_env_says() -> None:
+    """VERSION, ERROR_RATE, ERROR_CODE and DELAY go to the fake service through workload.env
+    (the testbed starts it with that env over its own NAME/VERSION from the labels); numbers
+    written as YAML numbers arrive as the strings the service reads."""
+    topo = loads_topology(
+        MINIMAL.replace(
+            "workload: {type: fake-service}",
+            "workload: {type: fake-service, env: {VERSION: v2, ERROR_RATE: 0.25,"
+            " ERROR_CODE: 503, DELAY: 1.5}}",
+        ),
+        "t.yaml",
+    )
+
+    env = topo.find_pod("shop/web").workload.env
+    config = FakeServiceConfig.from_env(env)
+
+    assert env == {"VERSION": "v2", "ERROR_RATE": "0.25", "ERROR_CODE": "503", "DELAY": "1.5"}
+    assert (config.version, config.error_rate, config.error_code, config.delay) == (
+        "v2",
+        0.25,
+        503,
+        1.5,
+    )
 
 
 def test_envoy_runs_as_its_own_node_daemon_only_when_asked() -> None:

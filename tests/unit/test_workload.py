@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -18,12 +19,16 @@ from typing import Any
 
 import pytest
 
+from nodeagent.testbed import workload
 from nodeagent.testbed.workload import (
     DEFAULT_PROPAGATE_HEADERS,
+    MAX_DELAY,
     FakeServiceConfig,
     build_server,
+    delay_seconds,
     main,
     parse_fib_trie,
+    status_choice,
 )
 from tests.waiting import wait_for
 
@@ -408,6 +413,165 @@ def test_health_neither_calls_upstreams_nor_counts(
 
     assert code == 500  # the upstream is still unreachable for ordinary requests
     assert answer["request_count"] == 1
+
+
+# --- httpbin's endpoints and the request counter ------------------------------------------------
+
+
+def test_status_answers_that_status_and_names_the_version(start_service: StartService) -> None:
+    url = start_service(NAME="httpbin", VERSION="v2")
+
+    code, answer = fetch(f"{url}/status/503")
+
+    assert code == 503
+    assert (answer["name"], answer["version"], answer["code"]) == ("httpbin", "v2", 503)
+    assert answer["uri"] == "/status/503"
+
+
+def test_status_list_with_zero_weights_always_picks_the_weighted_code(
+    start_service: StartService,
+) -> None:
+    url = start_service()
+
+    assert {fetch(f"{url}/status/200:0,418:1,500:0")[0] for _ in range(10)} == {418}
+
+
+def test_status_list_picks_codes_in_proportion_to_their_weights() -> None:
+    rng = random.Random(15)
+
+    draws = [status_choice("200:3, 503:1", rng) for _ in range(4000)]
+
+    assert set(draws) == {200, 503}
+    assert 0.72 <= draws.count(200) / len(draws) <= 0.78
+    unweighted = [status_choice("200,503", rng) for _ in range(4000)]
+    assert 0.47 <= unweighted.count(503) / len(unweighted) <= 0.53
+
+
+def test_status_204_has_no_body(start_service: StartService) -> None:
+    port = int(start_service().rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/status/204")
+        response = conn.getresponse()
+        assert response.status == 204
+        assert response.read() == b""
+        conn.request("GET", "/health")  # the connection is still usable
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/status/abc", "invalid status code 'abc'"),
+        ("/status/600", "status code 600 is outside 200-599"),
+        ("/status/100", "status code 100 is outside 200-599"),
+        ("/status/200:x,500", "invalid status code '200:x'"),
+        ("/status/200:0,500:0", "add up to 0"),
+        ("/delay/soon", "invalid delay 'soon'"),
+        ("/delay/-1", "invalid delay '-1'"),
+    ],
+)
+def test_bad_httpbin_paths_answer_400_saying_why(
+    start_service: StartService, path: str, problem: str
+) -> None:
+    code, answer = fetch(f"{start_service()}{path}")
+
+    assert code == 400
+    assert answer["error"].startswith(f"{path}: ")
+    assert problem in answer["error"]
+
+
+def test_delay_waits_that_long_and_says_so(start_service: StartService) -> None:
+    url = start_service(VERSION="v3")
+
+    started = time.monotonic()
+    code, answer = fetch(f"{url}/delay/0.3")
+
+    assert time.monotonic() - started >= 0.3
+    assert code == 200
+    assert (answer["version"], answer["delay"]) == ("v3", 0.3)
+
+
+def test_delay_is_capped_at_ten_seconds_as_in_httpbin() -> None:
+    assert MAX_DELAY == 10.0
+    assert delay_seconds("25") == 10.0
+    assert delay_seconds("1.5") == 1.5
+    assert delay_seconds("0") == 0.0
+
+
+def test_headers_echoes_the_request_headers_as_received(start_service: StartService) -> None:
+    port = int(start_service().rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.putrequest("GET", "/headers", skip_accept_encoding=True)
+        conn.putheader("x-MiXed", "Yes")
+        conn.putheader("end-user", "jason")
+        conn.putheader("X-Twice", "1")
+        conn.putheader("X-Twice", "2")
+        conn.endheaders()
+        response = conn.getresponse()
+        code, answer = response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+    assert code == 200
+    assert answer == {
+        "headers": {
+            "Host": f"127.0.0.1:{port}",
+            "x-MiXed": "Yes",
+            "end-user": "jason",
+            "X-Twice": "1, 2",
+        }
+    }
+
+
+def test_httpbin_endpoints_ignore_the_configured_faults_and_upstreams(
+    start_service: StartService, refused_url: str
+) -> None:
+    url = start_service(ERROR_RATE="1", ERROR_CODE="503", UPSTREAM_URIS=refused_url)
+
+    assert fetch(f"{url}/status/200")[0] == 200
+    assert fetch(f"{url}/headers")[0] == 200
+    code, answer = fetch(f"{url}/delay/0")
+    assert code == 200
+    assert answer["upstream_calls"] == {}
+    assert fetch(url)[0] == 503  # the ordinary answer still fails as configured
+
+
+def test_requests_counts_what_was_served_per_path_but_not_itself_or_health(
+    start_service: StartService,
+) -> None:
+    url = start_service()
+    assert fetch(f"{url}/requests") == (200, {"count": 0, "by_path": {}})
+
+    for path in ("/", "/a?x=1", "/a", "/status/503", "/health", "/requests", "/headers"):
+        fetch(f"{url}{path}")
+    fetch(f"{url}/a", method="POST")
+
+    code, counts = fetch(f"{url}/requests")
+    assert code == 200
+    assert counts == {
+        "count": 6,
+        "by_path": {"/": 1, "/a": 3, "/status/503": 1, "/headers": 1},
+    }
+    assert fetch(url)[1]["request_count"] == 7
+
+
+def test_requests_keeps_a_bounded_number_of_paths_apart(
+    start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workload, "MAX_COUNTED_PATHS", 2)
+    url = start_service()
+
+    for path in ("/one", "/two", "/three", "/four", "/one"):
+        fetch(f"{url}{path}")
+
+    assert fetch(f"{url}/requests")[1] == {
+        "count": 5,
+        "by_path": {"/one": 2, "/two": 1, "<other>": 2},
+    }
 
 
 # --- configuration ------------------------------------------------------------------------------
