@@ -110,8 +110,8 @@ PLANNED: Mapping[str, str] = {
     "RequestAuthentication": "#17 authorization",
     "Telemetry": "#19 observability",
 }
-NOT_PLANNED = "not planned"
-GATEWAYS_PLANNED = "#16 mesh edges"  # a VirtualService bound to gateways only  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
+NOT_PLANNED = "not planned"  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
+GATEWAYS_PLANNED = "#16 mesh edges"  # a VirtualService bound to gateways only
 
 
 @dataclass(frozen=True)
