@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nodeagent.mesh import policy, traffic
+from nodeagent.mesh.hosts import host_match, qualify
 from nodeagent.mesh.model import IstioResource, Pod, Service
 from nodeagent.mesh.store import MeshStore
 
@@ -122,7 +123,7 @@ def analyze(store: MeshStore) -> list[Finding]:
 
 
 def _overlap(a: str, b: str) -> bool:
-    return traffic.host_match(a, b) is not None or traffic.host_match(b, a) is not None
+    return host_match(a, b) is not None or host_match(b, a) is not None
 
 
 class _Hosts:
@@ -136,7 +137,7 @@ class _Hosts:
         self.entry_hosts: set[str] = set()
         for entry in store.istio_of_kind(SERVICE_ENTRY):
             for host in _list(entry.spec.get("hosts")):
-                self.entry_hosts.add(traffic.qualify(str(host), entry.namespace, self.domain))
+                self.entry_hosts.add(qualify(str(host), entry.namespace, self.domain))
 
     def services_for(self, pattern: str) -> list[Service]:
         if not pattern.startswith("*"):
@@ -145,7 +146,7 @@ class _Hosts:
         return [
             svc
             for name, svc in sorted(self.services.items())
-            if traffic.host_match(pattern, name) is not None
+            if host_match(pattern, name) is not None
         ]
 
     def known(self, pattern: str) -> bool:
@@ -196,7 +197,7 @@ def _virtual_service_references(store: MeshStore, hosts: _Hosts) -> Iterator[Fin
     for vs in store.istio_of_kind(VIRTUAL_SERVICE):
         for where, dest in destinations(vs):
             written = str(dest.get("host") or "")
-            host = traffic.qualify(written, vs.namespace, hosts.domain)
+            host = qualify(written, vs.namespace, hosts.domain)
             mirror = ".mirror" in where
             if not hosts.known(host):
                 what = "mirror host" if mirror else "host"
@@ -242,7 +243,7 @@ def _conflicting_virtual_services(store: MeshStore, hosts: _Hosts) -> Iterator[F
         if not traffic.for_mesh(vs):
             continue
         for written in dict.fromkeys(str(h) for h in _list(vs.spec.get("hosts"))):
-            host = traffic.qualify(written, vs.namespace, hosts.domain)
+            host = qualify(written, vs.namespace, hosts.domain)
             if not hosts.known(host):
                 yield _about(
                     vs,
@@ -312,7 +313,7 @@ def selected_pods(store: MeshStore, service: Service, labels: Mapping[str, str])
 def _destination_rule_subsets(store: MeshStore, hosts: _Hosts) -> Iterator[Finding]:
     for dr in store.istio_of_kind(DESTINATION_RULE):
         written = str(dr.spec.get("host") or "")
-        host = traffic.qualify(written, dr.namespace, hosts.domain)
+        host = qualify(written, dr.namespace, hosts.domain)
         if not hosts.known(host):
             yield _about(
                 dr,

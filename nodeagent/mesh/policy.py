@@ -17,12 +17,12 @@ zero creation timestamp.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from nodeagent.mesh.hosts import host_match, qualify
 from nodeagent.mesh.model import IstioResource, Service
 from nodeagent.mesh.store import MeshStore
 
@@ -142,25 +142,8 @@ def pod_default_mode(store: MeshStore, namespace: str, labels: Mapping[str, str]
 
 
 def _rule_host(dr: IstioResource, domain: str) -> str:
-    """The DR's host, a short name qualified with the DR's own namespace (names with a dot,
-    IPs and "*" are taken as they are)."""
-    host = str(dr.spec.get("host", ""))
-    if not host or host == "*" or "." in host:
-        return host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return f"{host}.{dr.namespace}.svc.{domain}"
-    return host
-
-
-def _specificity(pattern: str, hostname: str) -> tuple[int, int] | None:
-    """How closely PATTERN names HOSTNAME (greater wins: exact, then longer wildcard), or None."""
-    if pattern == hostname:
-        return (1, 0)
-    if pattern.startswith("*") and hostname.endswith(pattern[1:]):
-        return (0, len(pattern))
-    return None
+    """The DR's host, a short name qualified with the DR's own namespace."""
+    return qualify(str(dr.spec.get("host", "")), dr.namespace, domain)
 
 
 def _export_to(dr: IstioResource) -> frozenset[str]:
@@ -182,7 +165,7 @@ def _most_specific(
     rules: Sequence[IstioResource], hostname: str, domain: str
 ) -> list[IstioResource]:
     """The RULES (kept oldest first) whose host names HOSTNAME most specifically."""
-    scored = [(_specificity(_rule_host(dr, domain), hostname), dr) for dr in rules]
+    scored = [(host_match(_rule_host(dr, domain), hostname), dr) for dr in rules]
     matched = [(score, dr) for score, dr in scored if score is not None]
     if not matched:
         return []

@@ -22,12 +22,12 @@ A delegate VirtualService (no ``hosts``) binds nothing by itself.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodeagent.mesh.hosts import host_match, qualify
 from nodeagent.mesh.model import IstioResource, Service
 from nodeagent.mesh.policy import creation_order
 from nodeagent.mesh.store import MeshStore
@@ -36,26 +36,6 @@ log = logging.getLogger("nodeagent.mesh.traffic")
 
 VIRTUAL_SERVICE = "VirtualService"
 MESH_GATEWAY = "mesh"
-
-
-def qualify(host: str, namespace: str, domain: str) -> str:
-    """HOST as Istio resolves it in NAMESPACE: short names get ``.<ns>.svc.<domain>``."""
-    if not host or host == "*" or "." in host:
-        return host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return f"{host}.{namespace}.svc.{domain}"
-    return host
-
-
-def host_match(pattern: str, hostname: str) -> tuple[int, int] | None:
-    """How closely PATTERN names HOSTNAME (greater wins: exact, then longer wildcard), or None."""
-    if pattern == hostname:
-        return (1, 0)
-    if pattern.startswith("*") and hostname.endswith(pattern[1:]):
-        return (0, len(pattern))
-    return None
 
 
 def for_mesh(vs: IstioResource) -> bool:

@@ -41,6 +41,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from nodeagent.mesh import policy, traffic
+from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service
 from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, MeshStore
@@ -675,9 +676,7 @@ def _bound_services(store: MeshStore, vs: IstioResource) -> set[str]:
     for host in traffic.vs_hosts(vs, domain):
         if host.startswith("*"):
             found |= {
-                key
-                for key, svc in store.services.items()
-                if traffic.host_match(host, svc.hostname(domain))
+                key for key, svc in store.services.items() if host_match(host, svc.hostname(domain))
             }
         elif (svc := service_views.service_of_host(store, host)) is not None:
             found.add(svc.key)
