@@ -47,8 +47,25 @@ Each source runs on its own testbed, one after the other, with the same sizes an
   (``source_event_s``: the file write to that event, the stand-in's own share) and the spans
   start there.
 
-VirtualService weights are not measured: VirtualService routing is not implemented yet, so a
-weight change cannot change traffic.
+The second change is a VirtualService weight change (issue #15). Both backends ready, a
+DestinationRule ``web`` (subsets v1 and v2 by the pods' ``version`` label, its own file) and a
+VirtualService ``web`` (one http route, destinations subset v1 and v2, its own file) that starts
+at weights 100/0; each repeat rewrites the VirtualService to 0/100, then back to 100/0. Per change:
+
+- ``ack_s``: the source change (the VirtualService file written; kubernetes: the stand-in's watch
+  event for it) to the moment the client node's Envoy reloaded the route table (the highest
+  ``config_reload_time_ms`` of the RDS route tables that reloaded, 1 ms resolution).
+- ``traffic_s``: to the completion of the first request answered by the new version;
+  ``old_last_s``: to the completion of the last one the old version answered (after which only
+  the new version answered, for at least SETTLE s).
+- ``route_tables``: the RDS route tables Envoy reloaded (its ``config_reload`` counters): one,
+  web's; ``pushes`` and ``sent_bytes``: by xDS type, as for the endpoint change (RDS only).
+- ``snapshot_to_ack_s``: the agent's snapshot -> ACK of that RDS push.
+
+Istio: https://istio.io/latest/docs/reference/config/networking/virtual-service/#HTTPRouteDestination
+(weights, 0-100, summing to 100) and
+https://istio.io/latest/docs/reference/config/networking/destination-rule/#Subset; the change is
+Istio's "traffic shifting" task (https://istio.io/latest/docs/tasks/traffic-management/traffic-shifting/).
 """
 
 from __future__ import annotations
@@ -62,6 +79,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +107,9 @@ SETTLE = 0.5  # a removal has been followed once only the old endpoint answered 
 ACK_TIMEOUT = 180.0  # per change, source change -> ACK
 TRAFFIC_TIMEOUT = 30.0  # per change, counted from the ACK
 LOAD_TIMEOUT = 300.0  # loading N services, and any wait for the agents to go quiet
-VIRTUALSERVICE = "not measured: VirtualService routing not implemented"
+VERSIONS = {"v1": OLD, "v2": NEW}  # subset -> the pod its version label selects
+VS_FILE, DR_FILE = "bench-virtualservice", "bench-destinationrule"  # extra files, one object each
+GOAL = 1.5  # issue #10/#15: largest ÷ smallest cluster's convergence time, at most this
 
 # Runs inside the client pod's netns: one new connection per request, one line per answer.
 POLLER = r"""
@@ -119,13 +139,13 @@ while True:
 """
 
 
-# Runs in the client's node netns (where the agent's watch comes from): watches EndpointSlices
-# on the testbed's API server stand-in from its current resourceVersion, one line per event of
-# web's slice, stamped on arrival.
+# Runs in the client's node netns (where the agent's watch comes from): watches a collection
+# (PATH) on the testbed's API server stand-in from its current resourceVersion, one line per event
+# of the objects named NAME in NAMESPACE (with LABEL: whose LABEL is NAME), stamped on arrival.
 WATCHER = r"""
 import http.client, json, sys, time
-host, port, namespace, service = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-path = "/apis/discovery.k8s.io/v1/endpointslices"
+host, port, path, namespace, name = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+label = sys.argv[6] if len(sys.argv) > 6 else ""
 conn = http.client.HTTPConnection(host, port, timeout=30)
 conn.request("GET", path + "?limit=1")
 version = json.loads(conn.getresponse().read())["metadata"]["resourceVersion"]
@@ -138,7 +158,7 @@ for line in conn.getresponse():
     event = json.loads(line)
     meta = event.get("object", {}).get("metadata", {})
     labels = meta.get("labels") or {}
-    mine = labels.get("kubernetes.io/service-name") == service
+    mine = (labels.get(label) if label else meta.get("name")) == name
     if meta.get("namespace") == namespace and mine:
         print(f"{mono:.6f} {wall:.6f} {event['type']} {meta.get('resourceVersion')}", flush=True)
 """
@@ -362,17 +382,25 @@ class WatchEvent:
     version: str
 
 
-class SliceWatch:
-    """A watch on the API server stand-in, beside the client node's agent: when the stand-in
-    sent each event of web's EndpointSlice (source: kubernetes). The testbed's stand-in mirrors
-    the cluster directory (polls it every 0.1 s and diffs it); this tells that share apart."""
+SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
+VIRTUALSERVICES = "/apis/networking.istio.io/v1/virtualservices"
 
-    def __init__(self, tb: Testbed) -> None:
+
+class ObjectWatch:
+    """A watch on the API server stand-in, beside the client node's agent: when the stand-in
+    sent each event of one object (source: kubernetes): web's EndpointSlice (by its service-name
+    label) or the VirtualService web. The testbed's stand-in mirrors the cluster directory (polls
+    it every 0.1 s and diffs it); this tells that share apart."""
+
+    def __init__(self, tb: Testbed, collection: str, label: str = "") -> None:
         self.events: list[WatchEvent] = []
+        self.what = f"{collection.rpartition('/')[2]} of web"
         self._lock = threading.Lock()
         self._watching = threading.Event()
         host, _, port = tb.apiserver_address.rpartition(":")
-        argv = [sys.executable, "-c", WATCHER, host, port, "bench", "web"]
+        argv = [sys.executable, "-c", WATCHER, host, port, collection, "bench", "web"]
+        if label:
+            argv.append(label)
         self._proc = subprocess.Popen(
             netns.in_netns(layout.node_netns(tb.name, CLIENT_NODE), argv),
             stdout=subprocess.PIPE,
@@ -397,7 +425,7 @@ class SliceWatch:
                 self.events.append(WatchEvent(float(mono), float(wall), type_, version))
 
     def first_after(self, start: float, timeout: float) -> WatchEvent:
-        """The first event of web's slice that arrived after START (monotonic), waiting."""
+        """The first event of the object that arrived after START (monotonic), waiting."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -405,7 +433,7 @@ class SliceWatch:
             if found is not None:
                 return found
             if time.monotonic() > deadline or self._proc.poll() is not None:
-                raise TimeoutError(f"no watch event for web's EndpointSlice within {timeout:.0f}s")
+                raise TimeoutError(f"no watch event for the {self.what} within {timeout:.0f}s")
             time.sleep(POLL)
 
     def stop(self) -> None:
@@ -449,7 +477,7 @@ def envoy_eds_update(tb: Testbed) -> float:
 
 
 def measure_change(
-    tb: Testbed, poller: TrafficPoller, ready: bool, watch: SliceWatch | None = None
+    tb: Testbed, poller: TrafficPoller, ready: bool, watch: ObjectWatch | None = None
 ) -> dict[str, Any]:
     """Turn web-2 ready (READY) or not, and time the client node's ACK and the traffic.
 
@@ -537,6 +565,217 @@ def measure_change(
     }
 
 
+# -- one VirtualService weight change -------------------------------------------------------------
+
+
+def destination_rule() -> dict[str, Any]:
+    """web's subsets v1 and v2, by the pods' version label (Istio's traffic-shifting task)."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"namespace": "bench", "name": "web"},
+        "spec": {
+            "host": "web",
+            "subsets": [{"name": v, "labels": {"version": v}} for v in VERSIONS],
+        },
+    }
+
+
+def virtual_service(to: str) -> dict[str, Any]:
+    """web's one http route: weight 100 to subset TO, 0 to the other (weights 0-100, summing to
+    100: istio.io/latest/docs/reference/config/networking/virtual-service/#HTTPRouteDestination)."""
+    route = [
+        {"destination": {"host": "web", "subset": v}, "weight": 100 if v == to else 0}
+        for v in VERSIONS
+    ]
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"namespace": "bench", "name": "web"},
+        "spec": {"hosts": ["web"], "http": [{"route": route}]},
+    }
+
+
+# RDS statistics are rooted at http.<stat_prefix>.rds.<route_config_name>. (Envoy's
+# envoyproxy.io/docs/envoy/latest/configuration/http/http_conn_man/rds; ALL_RDS_STATS in
+# source/common/rds/rds_route_config_subscription.h): config_reload counts reloads that changed
+# the table, config_reload_time_ms is when the last one happened.
+_RDS_STAT = re.compile(
+    r"^http\..*?\.rds\.(.+)\.(config_reload|config_reload_time_ms): (\d+)$", re.M
+)
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    reloads: int
+    reloaded_at: float  # time.time() of the last reload (1 ms resolution)
+
+
+def envoy_route_tables(tb: Testbed) -> dict[str, RouteTable]:
+    """Every RDS route table of the client node's Envoy: name -> its reloads."""
+    pattern = "\\.rds\\..+\\.config_reload(_time_ms)?$"
+    text = _admin(tb, CLIENT_NODE, "/stats?filter=" + urllib.parse.quote(pattern))
+    found: dict[str, dict[str, int]] = {}
+    for name, stat, value in _RDS_STAT.findall(text):
+        found.setdefault(name, {})[stat] = int(value)
+    return {
+        name: RouteTable(s.get("config_reload", 0), s.get("config_reload_time_ms", 0) / 1000.0)
+        for name, s in found.items()
+    }
+
+
+def _only(answers: list[Answer], ip: str) -> bool:
+    """IP alone answered ANSWERS, at least 5 of them over at least SETTLE s."""
+    return (
+        len(answers) >= 5
+        and answers[-1].sent - answers[0].sent >= SETTLE
+        and all(a.pod_ip == ip for a in answers)
+    )
+
+
+def _wait_for(condition: Callable[[], object], what: str) -> None:
+    """Until CONDITION() is truthy, at most TRAFFIC_TIMEOUT s."""
+    deadline = time.monotonic() + TRAFFIC_TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the client's requests: no {what} within {TRAFFIC_TIMEOUT:.0f}s")
+        time.sleep(POLL)
+
+
+def _shifted(answers: list[Answer], new_ip: str, old_ip: str) -> tuple[Answer, Answer] | None:
+    """The first answer from the new version, and the last from the old one once only the new one
+    answered for SETTLE s (and 5 requests) after it (its sent time 0: none since the change)."""
+    first_new = next((a for a in answers if a.pod_ip == new_ip), None)
+    last_old = max((i for i, a in enumerate(answers) if a.pod_ip == old_ip), default=-1)
+    if first_new is None or not _only(answers[last_old + 1 :], new_ip):
+        return None
+    return first_new, answers[last_old] if last_old >= 0 else Answer(0.0, 0.0, 0, "")
+
+
+def measure_route_change(
+    tb: Testbed, poller: TrafficPoller, to: str, watch: ObjectWatch | None = None
+) -> dict[str, Any]:
+    """Rewrite web's VirtualService to send everything to subset TO, and time the client node's
+    route table reload and the traffic moving to that version.
+
+    Spans start at the source change: the VirtualService file written (directory source), or,
+    with WATCH (Kubernetes source), the API server's watch event for it."""
+    new_ip = tb.pod_ip(VERSIONS[to])
+    old_ip = next(tb.pod_ip(pod) for v, pod in VERSIONS.items() if v != to)
+    before = proxy_status(tb, CLIENT_NODE)
+    if not _synced(before) or "RDS" not in before["types"]:
+        raise RuntimeError(f"node {CLIENT_NODE} is not in sync before the change: {before}")
+    rds_before = before["types"]["RDS"]["version_acked"]
+    metrics_before = xds_metrics(tb, CLIENT_NODE)
+    tables_before = envoy_route_tables(tb)
+
+    start_wall = time.time()
+    start = time.monotonic()
+    tb.publish_extra(VS_FILE, [virtual_service(to)])
+
+    while True:
+        status = proxy_status(tb, CLIENT_NODE)
+        now = time.monotonic()
+        rds = status["types"].get("RDS", {})
+        if rds.get("state") == "NACKED":
+            raise RuntimeError(f"Envoy on {CLIENT_NODE} rejected RDS: {rds.get('last_nack')}")
+        if rds.get("version_acked") != rds_before and rds.get("state") == "SYNCED":
+            break
+        if now - start > ACK_TIMEOUT:
+            raise TimeoutError(f"no RDS ACK on {CLIENT_NODE} within {ACK_TIMEOUT:.0f}s: {status}")
+        time.sleep(STATUS_POLL)
+
+    origin, origin_wall = start, start_wall
+    if watch is not None:
+        event = watch.first_after(start, ACK_TIMEOUT)
+        origin, origin_wall = event.mono, event.wall
+    polled = now - origin
+
+    deadline = time.monotonic() + TRAFFIC_TIMEOUT
+    while (hit := _shifted(poller.since(start), new_ip, old_ip)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"requests did not move to {to} ({new_ip}) within {TRAFFIC_TIMEOUT:.0f}s of the ACK"
+            )
+        time.sleep(POLL)
+    first_new, last_old = hit
+
+    wait_quiet(tb)  # both nodes done with this change before the next one
+    metrics_after = xds_metrics(tb, CLIENT_NODE)
+    tables_after = envoy_route_tables(tb)
+    reloaded = sorted(
+        name
+        for name, table in tables_after.items()
+        if name not in tables_before or table.reloads != tables_before[name].reloads
+    )
+    if not reloaded:
+        raise RuntimeError(f"Envoy on {CLIENT_NODE} reloaded no route table after the change")
+
+    def grown(metric: str) -> dict[str, int]:
+        return {
+            t: int(v - metrics_before.get((m, t), 0.0))
+            for (m, t), v in metrics_after.items()
+            if m == metric and v > metrics_before.get((m, t), 0.0)
+        }
+
+    key = ("nodeagent_xds_push_seconds_sum", "RDS")
+    window = [a for a in poller.since(start) if a.sent <= first_new.sent + SETTLE]
+    return {
+        "change": f"to-{to}",
+        "source_event_s": origin - start,
+        "ack_s": max(tables_after[name].reloaded_at for name in reloaded) - origin_wall,
+        "ack_polled_s": polled,
+        "traffic_s": max(0.0, first_new.done - origin),
+        "old_last_s": max(0.0, last_old.done - origin),
+        "snapshot_to_ack_s": metrics_after.get(key, 0.0) - metrics_before.get(key, 0.0),
+        "snapshots": int(status["version"]) - int(before["version"]),
+        "route_tables": reloaded,
+        "route_tables_total": len(tables_after),
+        "pushes": grown("nodeagent_xds_pushes_total"),
+        "sent_bytes": grown("nodeagent_xds_sent_bytes_total"),
+        "requests": len(window),
+        "failed_requests": sum(1 for a in window if a.code != 200),
+    }
+
+
+def measure_route_changes(
+    tb: Testbed, poller: TrafficPoller, times: int, source: str, n: int
+) -> list[dict[str, Any]]:
+    """Both backends ready, web's DestinationRule and VirtualService (all to v1) in place; TIMES
+    repeats of: all to v2, all back to v1. Then back to the endpoint changes' start (no
+    VirtualService or DestinationRule, web-2 not ready)."""
+    # Each step waits for what the client sees: web-2 answering, then v1 alone answering.
+    started = time.monotonic()
+    tb.set_pod_ready(NEW, True)
+    _wait_for(lambda: _followed(poller.since(started), True, tb.pod_ip(NEW)), f"{NEW} answering")
+    tb.publish_extra(DR_FILE, [destination_rule()])
+    tb.publish_extra(VS_FILE, [virtual_service("v1")])
+    _wait_for(lambda: _only(poller.since(time.monotonic() - 2 * SETTLE), tb.pod_ip(OLD)), "v1 only")
+    wait_quiet(tb)
+    watch = ObjectWatch(tb, VIRTUALSERVICES) if source == "kubernetes" else None
+    changes = []
+    try:
+        for i in range(times):
+            for to in ("v2", "v1"):
+                change = measure_route_change(tb, poller, to, watch)
+                change["repeat"] = i
+                changes.append(change)
+                print(
+                    f"  {source}: {n} services, VirtualService {change['change']}: route table "
+                    f"reload {change['ack_s']:.3f}s, traffic {change['traffic_s']:.3f}s, "
+                    f"tables {len(change['route_tables'])}, pushes {change['pushes']}",
+                    flush=True,
+                )
+    finally:
+        if watch is not None:
+            watch.stop()
+    tb.publish_extra(VS_FILE, [])
+    tb.publish_extra(DR_FILE, [])
+    tb.set_pod_ready(NEW, False)
+    wait_quiet(tb)
+    return changes
+
+
 # -- offline translation cost ---------------------------------------------------------------------
 
 
@@ -574,19 +813,20 @@ def offline_cost(tb: Testbed) -> dict[str, Any]:
 
 
 SPANS = ("source_event_s", "ack_s", "ack_polled_s", "traffic_s", "snapshot_to_ack_s")
+ROUTE_SPANS = (*SPANS, "old_last_s")
 
 
 def _measure(tb: Testbed, repeats: dict[int, int], source: str) -> dict[str, Any]:
     vip = str(next(s.cluster_ip for s in tb.topology.services if s.name == "web"))
     old_ip = tb.pod_ip(OLD)
     poller = TrafficPoller(tb, vip)
-    watch: SliceWatch | None = None
+    watch: ObjectWatch | None = None
     try:
         tb.set_pod_ready(NEW, False)  # start from one endpoint
         wait_quiet(tb)
         _wait_traffic(poller, time.monotonic(), old_ip)
         if source == "kubernetes":
-            watch = SliceWatch(tb)
+            watch = ObjectWatch(tb, SLICES, "kubernetes.io/service-name")
         per_size = []
         for n, times in repeats.items():
             versions = {
@@ -629,6 +869,17 @@ def _measure(tb: Testbed, repeats: dict[int, int], source: str) -> dict[str, Any
                 entry[kind]["sent_bytes"] = {
                     t: summary(c["sent_bytes"].get(t, 0) for c in these) for t in sent_types
                 }
+            routes = measure_route_changes(tb, poller, times, source, n)
+            entry["virtualservice"] = {"changes": routes}
+            for kind in ("to-v2", "to-v1"):
+                these = [c for c in routes if c["change"] == kind]
+                summed: dict[str, Any] = {k: summary(c[k] for c in these) for k in ROUTE_SPANS}
+                summed["failed_requests"] = sum(c["failed_requests"] for c in these)
+                sent_types = sorted({t for c in these for t in c["sent_bytes"]})
+                summed["sent_bytes"] = {
+                    t: summary(c["sent_bytes"].get(t, 0) for c in these) for t in sent_types
+                }
+                entry["virtualservice"][kind] = summed
             per_size.append(entry)
         return {"sizes": per_size}
     finally:
@@ -637,16 +888,39 @@ def _measure(tb: Testbed, repeats: dict[int, int], source: str) -> dict[str, Any
         poller.stop()
 
 
+def scaling(results: dict[str, Any], small: int, large: int) -> dict[str, Any]:
+    """Per source and change: median at LARGE services ÷ median at SMALL, of the Envoy update
+    (ack_s) and of the traffic following (traffic_s), against the issues' goal (≤ GOAL)."""
+    out: dict[str, Any] = {"goal": GOAL, "services": [small, large], "sources": {}}
+    for source, measured in results["sources"].items():
+        by_size = {e["services"]: e for e in measured["sizes"]}
+        per: dict[str, Any] = {}
+        at_small = dict(_changes(by_size[small]))
+        for label, at_large in _changes(by_size[large]):
+            spans = {}
+            for span in ("ack_s", "traffic_s"):
+                big, little = at_large[span]["median"], at_small[label][span]["median"]
+                spans[span] = {
+                    "large_s": big,
+                    "small_s": little,
+                    # None: the small size read 0 (within Envoy's 1 ms resolution).
+                    "ratio": big / little if little > 0 else None,
+                }
+            met = all(v["ratio"] is not None and v["ratio"] <= GOAL for v in spans.values())
+            per[label] = {**spans, "met": met}
+        out["sources"][source] = per
+    return out
+
+
 def _testbed_name(source: str, smoke: bool) -> str:
     return ("bcv" if source == "directory" else "bcvk") + ("-smoke" if smoke else "-full")
 
 
 def run(run: Run) -> None:
     sizes: list[int] = run.pick([100, 1000, 5000], [20, 100])
-    # 5000 services cost about 20 s per change here (see the result): 3 repeats keep the full
-    # run within about 5 minutes per source.
+    # 3 repeats at 5000 services: loading them takes ≈ 16 s per source; the whole run ≈ 5 min.
     repeats: dict[int, int] = dict(zip(sizes, run.pick([5, 5, 3], [2, 2]), strict=True))
-    results: dict[str, Any] = {"sources": {}, "virtualservice": VIRTUALSERVICE}
+    results: dict[str, Any] = {"sources": {}}
     topologies = {}
     for source in SOURCES:
         name = _testbed_name(source, run.smoke)
@@ -660,11 +934,33 @@ def run(run: Run) -> None:
             problems = down(name)
             if problems:
                 print(f"testbed {name} teardown left: {'; '.join(problems)}", file=sys.stderr)
+    results["goal"] = scaling(results, sizes[0], sizes[-1])
     params = {
         "sizes": sizes,
         "sources": list(SOURCES),
         "repeats": {str(n): times for n, times in repeats.items()},
         "changes_per_repeat": ["add (web-2 ready)", "remove (web-2 not ready)"],
+        "route_changes_per_repeat": [
+            "to-v2 (web's VirtualService: weights v1/v2 100/0 -> 0/100)",
+            "to-v1 (0/100 -> 100/0)",
+        ],
+        "route_change": "after a size's endpoint changes: web-2 ready, DestinationRule web "
+        "(subsets v1, v2 by label version) and VirtualService web (weights 100/0) each in its "
+        "own file of the cluster directory, then the VirtualService file rewritten per change; "
+        "removed again before the next size",
+        "route_spans": {
+            "ack_s": "the VirtualService file written (kubernetes: the stand-in's watch event "
+            "for it) -> the client node's Envoy reloaded the route table (highest "
+            "config_reload_time_ms of the RDS tables whose config_reload grew)",
+            "traffic_s": "same start -> completion of the first request answered by the new "
+            "version",
+            "old_last_s": "same start -> completion of the last request answered by the old "
+            "version (only the new one answered for settle_s after it; 0 if none after the "
+            "change)",
+            "route_tables": "the RDS route tables whose config_reload counter grew",
+            "snapshot_to_ack_s": "the change's share of nodeagent_xds_push_seconds_sum, RDS",
+        },
+        "goal": f"largest ÷ smallest size, ratio of the medians, at most {GOAL} (issues #10, #15)",
         "topologies": topologies,
         "synthetic_services": (
             "namespace synth; each one HTTP port 8080 and two ready endpoints; VIPs from the "
@@ -719,17 +1015,27 @@ def _fmt(s: dict[str, Any]) -> str:
     return f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
 
 
+def _changes(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, summaries) of every kind of change measured at one size."""
+    routes = entry["virtualservice"]
+    return [
+        ("endpoint add", entry["add"]),
+        ("endpoint remove", entry["remove"]),
+        ("VirtualService to-v2", routes["to-v2"]),
+        ("VirtualService to-v1", routes["to-v1"]),
+    ]
+
+
 def _report(run: Run, results: dict[str, Any]) -> None:
     rows = []
     for source, measured in results["sources"].items():
         for entry in measured["sizes"]:
-            for kind in ("add", "remove"):
-                e = entry[kind]
+            for label, e in _changes(entry):
                 rows.append(
                     (
                         source,
                         entry["services"],
-                        f"endpoint {kind}",
+                        label,
                         _fmt(e["ack_s"]),
                         _fmt(e["traffic_s"]),
                         _fmt(e["ack_polled_s"]),
@@ -744,7 +1050,7 @@ def _report(run: Run, results: dict[str, Any]) -> None:
                 "source",
                 "services",
                 "change",
-                "Envoy EDS update s, median (min-max)",
+                "Envoy EDS/RDS update s, median (min-max)",
                 "traffic s",
                 "agent saw ACK s",
                 "snapshot->ACK s",
@@ -758,15 +1064,61 @@ def _report(run: Run, results: dict[str, Any]) -> None:
         (
             source,
             entry["services"],
-            f"endpoint {kind}",
-            ", ".join(f"{t} {b['median'] / 1e3:.1f}" for t, b in entry[kind]["sent_bytes"].items())
-            or "none",
+            label,
+            ", ".join(f"{t} {b['median'] / 1e3:.1f}" for t, b in e["sent_bytes"].items()) or "none",
         )
         for source, measured in results["sources"].items()
         for entry in measured["sizes"]
-        for kind in ("add", "remove")
+        for label, e in _changes(entry)
     ]
     print(table(("source", "services", "change", "xDS kB sent per change, median"), byte_rows))
+    route_rows = [
+        (
+            source,
+            entry["services"],
+            c["change"],
+            f"{len(c['route_tables'])} of {c['route_tables_total']}",
+            ", ".join(c["route_tables"]),
+            ", ".join(f"{t} {k}" for t, k in sorted(c["pushes"].items())),
+        )
+        for source, measured in results["sources"].items()
+        for entry in measured["sizes"]
+        for c in entry["virtualservice"]["changes"][:2]  # the same in every repeat
+    ]
+    print(
+        table(
+            ("source", "services", "change", "route tables reloaded", "which", "pushes"),
+            route_rows,
+        )
+    )
+    goal = results["goal"]
+    small, large = goal["services"]
+    goal_rows = [
+        (
+            source,
+            label,
+            *(
+                f"{r[span]['large_s']:.3f} / {r[span]['small_s']:.3f} = "
+                + ("n/a" if r[span]["ratio"] is None else f"{r[span]['ratio']:.1f}x")
+                for span in ("ack_s", "traffic_s")
+            ),
+            "yes" if r["met"] else "no",
+        )
+        for source, per in goal["sources"].items()
+        for label, r in per.items()
+    ]
+    print(
+        table(
+            (
+                "source",
+                "change",
+                f"Envoy update s, {large} / {small} services",
+                "traffic s",
+                f"<= {goal['goal']}x",
+            ),
+            goal_rows,
+        )
+    )
     cost_rows = []
     directory = results["sources"]["directory"]["sizes"]
     loads = {
@@ -807,19 +1159,24 @@ def _report(run: Run, results: dict[str, Any]) -> None:
         )
     )
     print(
-        "spans start at the source change: directory = EndpointSlice file written (includes its"
-        " 0.2 s poll); kubernetes = the stand-in's watch event.\ntraffic: added = first answer"
-        " from the new endpoint; removed = last answer from the removed one.\n"
+        "spans start at the source change: directory = EndpointSlice (VirtualService) file"
+        " written (includes its 0.2 s poll); kubernetes = the stand-in's watch event.\n"
+        "traffic: added = first answer from the new endpoint; removed = last answer from the"
+        " removed one.\n"
         "parse/translate/encode: n1's push redone offline; MB: one full SotW response per type"
         " (every EDS push carries all load assignments)."
     )
-    print(f"VirtualService weight change: {results['virtualservice']}")
+    print(
+        "VirtualService: the Envoy update is the route table's reload; traffic = first answer"
+        " from the new version. Ratios are of medians."
+    )
     _plot(run, results)
 
 
 def _plot(run: Run, results: dict[str, Any]) -> None:
     sources = results["sources"]
-    fig = new_figure("Config convergence on the client's node (one endpoint changed)", 11, 4.5)
+    title = "Config convergence on the client's node (one endpoint; one VirtualService)"
+    fig = new_figure(title, 11, 4.5)
     left, right = fig.subplots(1, 2)
     styles = {  # per source: endpoint added, removed, initial load
         "directory": ("o-", "^-", "o-"),
@@ -836,6 +1193,8 @@ def _plot(run: Run, results: dict[str, Any]) -> None:
             left.errorbar(
                 xs, med, yerr=[lo, hi], fmt=style, capsize=4, label=f"{source}: ACK, {what}"
             )
+        vs = [e["virtualservice"]["to-v2"]["ack_s"]["median"] for e in entries]
+        left.plot(xs, vs, "x:", label=f"{source}: VirtualService to v2, route reload")
         right.plot(xs, [e["load_s"] for e in entries], load, label=f"{source}: initial load s")
     directory = sources["directory"]["sizes"]
     xs = [e["services"] for e in directory]

@@ -156,14 +156,14 @@ def test_identity_smoke(tmp_path: Path) -> None:
 
 
 def test_convergence_smoke(tmp_path: Path) -> None:
-    smoke(tmp_path, "convergence", timeout=420)  # two testbeds: one per source
+    smoke(tmp_path, "convergence", timeout=480)  # two testbeds: one per source
     doc = result(tmp_path, "convergence")
     params, res = doc["params"], doc["results"]
     assert params["sizes"] == [20, 100] and params["repeats"] == {"20": 2, "100": 2}
     assert {"ack_s", "traffic_s", "snapshot_to_ack_s", "load_s", "source_event_s"} <= set(
         params["spans"]
     )
-    assert res["virtualservice"].startswith("not measured")
+    assert params["route_changes_per_repeat"][0].startswith("to-v2")
     assert list(res["sources"]) == params["sources"] == ["directory", "kubernetes"]
     for source, measured in res["sources"].items():
         assert [s["services"] for s in measured["sizes"]] == params["sizes"]
@@ -197,6 +197,33 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 else:
                     # The removed endpoint stops answering by the time Envoy's update is seen.
                     assert 0 <= c["traffic_s"] <= c["ack_polled_s"] + 0.1
+            routes = size["virtualservice"]["changes"]
+            assert [c["change"] for c in routes] == ["to-v2", "to-v1"] * 2
+            web = "outbound|8080||web.bench.svc.cluster.local"
+            for c in routes:
+                # A weight change reloads web's route table alone, out of one per service port,
+                # through one RDS push and nothing else.
+                assert c["route_tables"] == [web]
+                assert c["route_tables_total"] > size["services"]
+                assert c["pushes"] == {"RDS": 1}
+                assert set(c["sent_bytes"]) == {"RDS"} and c["sent_bytes"]["RDS"] > 0
+                assert floor < c["ack_s"] < 30 and 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"]
+                # The new version answers only once Envoy has the new routes, and the old one
+                # stops answering (it answered before the change: weight 100).
+                assert c["ack_s"] <= c["traffic_s"] < 30
+                assert 0 <= c["old_last_s"] <= c["ack_polled_s"] + 0.1
+                assert c["failed_requests"] == 0
+    goal = res["goal"]
+    assert goal["services"] == [20, 100] and goal["goal"] == 1.5
+    for per in goal["sources"].values():
+        assert set(per) == {
+            "endpoint add",
+            "endpoint remove",
+            "VirtualService to-v2",
+            "VirtualService to-v1",
+        }
+        for r in per.values():
+            assert r["ack_s"]["large_s"] > 0 and isinstance(r["met"], bool)
     assert is_png(tmp_path / "convergence.png")
 
 
