@@ -209,8 +209,10 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 assert set(c["sent_bytes"]) == {"RDS"} and c["sent_bytes"]["RDS"] > 0
                 assert floor < c["ack_s"] < 30 and 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"]
                 # The new version answers only once Envoy has the new routes, and the old one
-                # stops answering (it answered before the change: weight 100).
-                assert c["ack_s"] <= c["traffic_s"] < 30
+                # stops answering (it answered before the change: weight 100). Envoy stamps its
+                # reload time (1 ms resolution) after handing the routes to its workers, so a
+                # request may be routed a few ms before the stamp.
+                assert c["ack_s"] - 0.01 <= c["traffic_s"] < 30
                 assert 0 <= c["old_last_s"] <= c["ack_polled_s"] + 0.1
                 assert c["failed_requests"] == 0
     goal = res["goal"]
