@@ -181,7 +181,8 @@ def test_convergence_smoke(tmp_path: Path) -> None:
             floor = 0.0 if source == "directory" else -0.01
             for c in changes:
                 assert floor < c["ack_s"] < 30 and floor < c["ack_polled_s"] < 30
-                assert 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"]
+                # (the agent's own span can exceed a late start's, by the same few ms)
+                assert 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"] - floor
                 assert c["pushes"].get("EDS") == 1  # one endpoint: one EDS response, nothing else
                 # The bytes counted are those pushes': EDS only, at least one load assignment.
                 assert set(c["sent_bytes"]) == {"EDS"} and c["sent_bytes"]["EDS"] > 0
@@ -207,7 +208,8 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 assert c["route_tables_total"] > size["services"]
                 assert c["pushes"] == {"RDS": 1}
                 assert set(c["sent_bytes"]) == {"RDS"} and c["sent_bytes"]["RDS"] > 0
-                assert floor < c["ack_s"] < 30 and 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"]
+                assert floor < c["ack_s"] < 30
+                assert 0 < c["snapshot_to_ack_s"] <= c["ack_polled_s"] - floor
                 # The new version answers only once Envoy has the new routes, and the old one
                 # stops answering (it answered before the change: weight 100). Envoy stamps its
                 # reload time (1 ms resolution) after handing the routes to its workers, so a
