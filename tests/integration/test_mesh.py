@@ -202,7 +202,8 @@ def test_same_node_calls_take_the_fast_path_and_keep_the_callers_identity(mesh: 
     answers = [call(mesh, sleep, "http://echo/") for _ in range(12)]
     after = envoy_counters(mesh, "n1", fast, handshakes)
     by_pod = Counter(_pod_of(mesh, a["pod_ip"]) for a in answers)
-    assert by_pod["echo-1"] and by_pod["echo-2"], by_pod  # round robin over both nodes
+    # Both nodes' replicas (LEAST_REQUEST picks either idle one: all 12 on one has odds 2^-11).
+    assert by_pod["echo-1"] and by_pod["echo-2"], by_pod
     td = "spiffe://cluster.local/ns/istioinaction/sa"
     for answer in answers:
         headers = answer["headers"]
