@@ -574,7 +574,11 @@ def test_s2_diagnostics(
 
 # -- S3: resilience --------------------------------------------------------------------------------
 
-HTTPBIN = "httpbin.default.svc.cluster.local"
+
+def until_cluster_has(tb: Testbed, service: str, text: str, what: str) -> None:
+    """Wait until n1's Envoy holds SERVICE's cluster with TEXT in its config (the rule landed)."""
+    path = f"/config_dump?resource=dynamic_active_clusters&name_regex=.*{service}.*"
+    wait_for(lambda: text in envoy_admin(tb.name, "n1", path), 20, what, step=0.5)
 
 
 def test_s3_1_circuit_breaking(clean: Testbed) -> None:
@@ -592,17 +596,7 @@ spec:
 """
     apply(tb, dr)
     cluster = "outbound|8000||slow.default.svc.cluster.local"
-    wait_for(
-        lambda: (
-            'max_pending_requests": 1'
-            in envoy_admin(
-                tb.name, "n1", "/config_dump?resource=dynamic_active_clusters&name_regex=.*slow.*"
-            )
-        ),
-        20,
-        "the circuit breaker thresholds in n1's Envoy",
-        step=0.5,
-    )
+    until_cluster_has(tb, "slow", 'max_pending_requests": 1', "the circuit breaker thresholds")
     overflow = f"cluster.{cluster}.upstream_rq_pending_overflow"
     before = counter(tb, "n1", overflow)
     # One caller at a time: all 200 (the slow service answers in 2 s).
@@ -629,17 +623,7 @@ spec:
 """
     apply(tb, dr)
     cluster = "outbound|8000||flaky.default.svc.cluster.local"
-    wait_for(
-        lambda: (
-            "outlier_detection"
-            in envoy_admin(
-                tb.name, "n1", "/config_dump?resource=dynamic_active_clusters&name_regex=.*flaky.*"
-            )
-        ),
-        20,
-        "outlier detection in n1's Envoy",
-        step=0.5,
-    )
+    until_cluster_has(tb, "flaky", "outlier_detection", "outlier detection in n1's Envoy")
     first = tally(tb, "default/sleep", "http://flaky:8000/", 10)
     assert first["status"].get("500", 0) <= 2, first  # the bad one is ejected after its first 5xx
     assert counter(tb, "n1", f"cluster.{cluster}.outlier_detection.ejections_active") == 1
