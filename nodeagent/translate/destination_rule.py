@@ -10,7 +10,7 @@ reference page istio.io/latest/docs/reference/config/networking/destination-rule
 Not here: ``tls`` (DISABLE / ISTIO_MUTUAL are applied by the originate path, see tls.py and
 mesh/policy.py), ``loadBalancer.localityLbSetting`` / ``zoneAwareLbSetting`` /
 ``backendUtilization``, ``proxyProtocol``, ``tunnel``, ``retryBudget``,
-``connectionPool.http.http2KeepAlive``, ``outlierDetection.outlierDetectionHttpErrorCodes``: see
+``outlierDetection.outlierDetectionHttpErrorCodes``: see
 NOT_TRANSLATED. Mesh-wide settings are Istio's defaults (pkg/config/mesh/mesh.go
 DefaultMeshConfig: connectTimeout 10s, no tcpKeepalive, h2UpgradePolicy DO_NOT_UPGRADE).
 
@@ -44,7 +44,6 @@ NOT_TRANSLATED = (
     "loadBalancer.localityLbSetting",
     "loadBalancer.zoneAwareLbSetting",
     "loadBalancer.backendUtilization",
-    "connectionPool.http.http2KeepAlive",
     "outlierDetection.outlierDetectionHttpErrorCodes",
     "outlierDetection.consecutiveErrors",
     "proxyProtocol",
@@ -193,8 +192,11 @@ def _connection_pool(pool: Mapping[str, Any], protocol: str, at: str) -> dict[st
     streams = _count(http, "maxConcurrentStreams", f"{at}.http")
 
     options: dict[str, Any] = {}
+    ping = _http2_keepalive(http.get("http2KeepAlive"), f"{at}.http.http2KeepAlive")
     if protocol == HTTP2 or _h2_upgrade(http, protocol, f"{at}.http"):
         h2: dict[str, Any] = {"max_concurrent_streams": streams} if streams else {}
+        if ping:
+            h2["connection_keepalive"] = ping
         options["explicit_http_config"] = {"http2_protocol_options": h2}
     if common or streams:
         options["common_http_protocol_options"] = common
@@ -204,7 +206,7 @@ def _connection_pool(pool: Mapping[str, Any], protocol: str, at: str) -> dict[st
         options.pop("explicit_http_config", None)
         options["use_downstream_protocol_config"] = {
             "http_protocol_options": {},
-            "http2_protocol_options": {},
+            "http2_protocol_options": {"connection_keepalive": ping} if ping else {},
         }
     if options:
         fields["typed_extension_protocol_options"] = {HTTP_OPTIONS: typed(HTTP_OPTIONS, **options)}
@@ -221,6 +223,23 @@ def _h2_upgrade(http: Mapping[str, Any], protocol: str, at: str) -> bool:
     if policy not in ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"):
         raise ValueError(f"{at}.h2UpgradePolicy: unknown policy {policy!r}")
     return bool(policy == "UPGRADE")
+
+
+def _http2_keepalive(keepalive: Any, at: str) -> dict[str, Any] | None:
+    """HTTP/2 PING frames on upstream connections (the DestinationRule reference page,
+    ConnectionPoolSettings.HTTPSettings.http2KeepAlive): Envoy's KeepaliveSettings ``interval``
+    and ``timeout``, used only where the cluster speaks HTTP/2. Envoy requires the timeout."""
+    if keepalive is None:
+        return None
+    keepalive = _map(keepalive, at)
+    timeout = _duration(keepalive.get("timeout"), f"{at}.timeout")
+    if timeout is None:
+        raise ValueError(f"{at}.timeout: required (how long to wait for a PING's answer)")
+    out: dict[str, Any] = {"timeout": timeout}
+    interval = _duration(keepalive.get("interval"), f"{at}.interval")
+    if interval is not None:
+        out["interval"] = interval
+    return out
 
 
 def _tcp_keepalive(keepalive: Any, at: str) -> dict[str, Any] | None:

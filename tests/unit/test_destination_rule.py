@@ -383,6 +383,34 @@ def test_max_concurrent_streams_applies_to_http2_clusters_only() -> None:
     assert http_options(c)["explicit_http_config"] == {"http_protocol_options": {}}
 
 
+def test_http2_keepalive_pings_http2_connections_only() -> None:
+    """connectionPool.http.http2KeepAlive: HTTP/2 PING frames on upstream connections
+    (istio.io/latest/docs/reference/config/networking/destination-rule/#ConnectionPoolSettings-HTTPSettings),
+    Envoy's Http2ProtocolOptions.connection_keepalive; an HTTP/1 cluster has no PING to send."""
+    ping = {"http": {"http2KeepAlive": {"interval": "30s", "timeout": "0.5s"}}}
+    expected = {"interval": "30s", "timeout": "0.500s"}
+    c = cluster({"connectionPool": ping}, HTTP2)
+    assert http_options(c)["explicit_http_config"]["http2_protocol_options"] == {
+        "connection_keepalive": expected
+    }
+    upgraded = {"http": {**ping["http"], "h2UpgradePolicy": "UPGRADE"}}
+    c = cluster({"connectionPool": upgraded})
+    assert http_options(c)["explicit_http_config"]["http2_protocol_options"] == {
+        "connection_keepalive": expected
+    }
+    assert "typed_extension_protocol_options" not in cluster({"connectionPool": ping})
+    client = {"http": {**ping["http"], "useClientProtocol": True}}
+    c = cluster({"connectionPool": client}, HTTP2)
+    assert http_options(c)["use_downstream_protocol_config"]["http2_protocol_options"] == {
+        "connection_keepalive": expected
+    }
+
+
+def test_http2_keepalive_without_timeout_is_an_error_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"http2KeepAlive\.timeout"):
+        cluster({"connectionPool": {"http": {"http2KeepAlive": {"interval": "1s"}}}}, HTTP2)
+
+
 def test_use_client_protocol() -> None:
     c = cluster(
         {"connectionPool": {"http": {"useClientProtocol": True, "h2UpgradePolicy": "UPGRADE"}}},
@@ -884,7 +912,6 @@ def test_untranslated_fields_exist_and_leave_the_cluster_alone() -> None:
         "loadBalancer.localityLbSetting": {"enabled": True},
         "loadBalancer.zoneAwareLbSetting": {"enabled": True},
         "loadBalancer.backendUtilization": {},
-        "connectionPool.http.http2KeepAlive": {"interval": "1s"},
         "outlierDetection.outlierDetectionHttpErrorCodes": [500],
         "outlierDetection.consecutiveErrors": 3,
         "proxyProtocol": {"version": "V2"},
