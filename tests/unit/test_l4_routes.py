@@ -32,6 +32,7 @@ from nodeagent.mesh.model import (
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import LocalPod, TranslationCache, internal
 from nodeagent.translate import envoy as e
+from nodeagent.translate.protocol import HTTPS, TCP, TLS, is_tls, port_protocol
 from nodeagent.translate.virtual_service import SNI, Condition, L4Rule, tcp_rules, tls_rules
 from tests.unit.envoy_validate import assert_envoy_accepts
 from tests.unit.test_translate import as_json
@@ -377,3 +378,15 @@ def test_real_envoy_accepts_the_routes_listeners_and_the_hop(tmp_path: Path) -> 
     path = tmp_path / "envoy.json"
     path.write_text(json.dumps(config))
     assert_envoy_accepts(path)
+
+
+def test_https_and_tls_ports_are_tls_by_name_or_app_protocol() -> None:
+    """Istio's protocol selection: the port name's prefix, or appProtocol (IsTLS: HTTPS, TLS)."""
+    assert [port_protocol(n) for n in ("tls", "https-web", "tcp-db", "web")] == [
+        TLS,
+        HTTPS,
+        TCP,
+        TCP,
+    ]
+    assert port_protocol("db", app_protocol="tls") == TLS
+    assert is_tls(port_protocol("x", app_protocol="HTTPS")) and not is_tls(TCP)
