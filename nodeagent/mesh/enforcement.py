@@ -12,9 +12,7 @@ nodeagent.translate.virtual_service):
 - DestinationRule: host, exportTo, subsets, and traffic policies (connection pool, load
   balancer but PASSTHROUGH and locality settings, outlier detection, TLS mode DISABLE or
   ISTIO_MUTUAL) for the rule, a port or a subset. A rule with a workloadSelector is not used.
-- VirtualService: hosts, gateways (mesh), exportTo, every http field, tcp routes matched on port
-  and destination subnets. Not yet: tls[] routes, tcp matches on the caller (sourceLabels,
-  sourceNamespace).
+- VirtualService: hosts, gateways (mesh), exportTo, every http, tcp and tls field.
 """
 
 from __future__ import annotations
@@ -87,13 +85,9 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
         "gateways": ALL,
         "exportTo": ALL,
         "http": ALL,
-        # A shared tcp_proxy cannot choose per caller (translate/virtual_service.py tcp_route).
-        "tcp": [
-            {
-                "match": [{"port": ALL, "destinationSubnets": ALL, "gateways": ALL}],
-                "route": ALL,
-            }
-        ],
+        # The caller and the SNI decide per connection (translate/l4_routes.py).
+        "tcp": ALL,
+        "tls": ALL,
     },
 }
 

@@ -47,7 +47,7 @@ from nodeagent.mesh.model import IstioResource, MeshConfig, Service
 from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, MeshStore
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
-from nodeagent.translate import envoy, internal, mirror, service_views, tls
+from nodeagent.translate import envoy, internal, l4_routes, mirror, service_views, tls
 from nodeagent.translate.clusters import (
     blackhole_cluster,
     original_dst_cluster,
@@ -103,6 +103,8 @@ class _ServiceEntry:
     endpoints: Made = field(default_factory=list)
     clusters: Made = field(default_factory=list)
     routes: Made = field(default_factory=list)
+    # Routes listeners (and their clusters) of TCP/TLS ports the caller or the SNI routes.
+    listeners: Made = field(default_factory=list)
     chains: list[envoy.FilterChain] = field(default_factory=list)
     # DestinationRule tls modes binding local clients: namespace -> cluster -> mode.
     modes: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -426,7 +428,7 @@ class TranslationCache:
         except Exception as e:  # one bad Service must not take the node's config down
             entry.problem = _failed(origin, e)
             return entry
-        made = [*entry.endpoints, *entry.clusters, *entry.routes]
+        made = [*entry.endpoints, *entry.clusters, *entry.routes, *entry.listeners]
         entry.made = [(t, _name(t, r), r) for t, r in made]
         entry.chain_names = [t.cluster for t in entry.targets]
         return entry
@@ -462,10 +464,19 @@ class TranslationCache:
             used.update(named.virtual_services)
             hosts |= named.hosts
             if has_vip(target):
-                keys.append((target, tcp))
+                rules = named.rules if isinstance(named, service_views.PortTcpRoute) else ()
+                keys.append((target, (tcp, rules)))
                 # The node's chain names the calling pod from filter state; the sidecar's
                 # listener makes its own (the same shape, its pod's name).
-                chain = outbound_chain(target, internal.POD_FORMAT, tcp)
+                if rules and not settings.sidecar:
+                    # The caller or the SNI decides: the port's own routes listener does.
+                    chain = l4_routes.hop_chain(target)
+                    entry.listeners.append(
+                        (envoy.LISTENER, l4_routes.routes_listener(target, rules))
+                    )
+                    entry.listeners.append((envoy.CLUSTER, l4_routes.routes_cluster(target)))
+                else:
+                    chain = outbound_chain(target, internal.POD_FORMAT, tcp)
                 entry.chains.append(envoy.message(envoy.FilterChain, chain))
         entry.virtual_services, entry.hosts = frozenset(used), frozenset(hosts)
         entry.chain_keys = tuple(

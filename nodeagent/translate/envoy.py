@@ -33,6 +33,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa:
 from envoy.extensions.local_address_selectors.filter_state_override.v3 import (  # noqa: F401
     config_pb2,
 )
+from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2  # noqa: F401
 from envoy.extensions.matching.common_inputs.transport_socket.v3 import (  # noqa: F401
     transport_socket_inputs_pb2,
 )
@@ -47,7 +48,7 @@ from envoy.extensions.transport_sockets.internal_upstream.v3 import (  # noqa: F
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
-from google.protobuf import json_format
+from google.protobuf import json_format, wrappers_pb2  # noqa: F401  (StringValue actions)
 from google.protobuf.message import Message
 
 Listener = listener_pb2.Listener

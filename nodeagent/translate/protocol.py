@@ -2,12 +2,15 @@
 
 ``appProtocol`` wins; otherwise the port name's prefix before the first ``-`` (``http-web``,
 ``grpc``, ``tcp-db``). HTTP-family ports get an HTTP connection manager; everything else is proxied
-as TCP. Istio would sniff unnamed ports; nodeagent does not sniff, so they are TCP.
+as TCP. Istio would sniff unnamed ports; nodeagent does not sniff, so they are TCP. HTTPS and TLS
+ports are proxied as TCP too, but a VirtualService routes them by its ``tls`` rules (SNI), not
+its ``tcp`` ones, as Istio's ``Protocol.IsTLS`` decides (pilot/pkg/networking/core/tls.go).
 """
 
 from __future__ import annotations
 
 HTTP, HTTP2, TCP = "HTTP", "HTTP2", "TCP"
+HTTPS, TLS = "HTTPS", "TLS"
 
 _BY_NAME = {
     "http": HTTP,
@@ -15,6 +18,8 @@ _BY_NAME = {
     "grpc": HTTP2,
     "grpc-web": HTTP,
     "h2c": HTTP2,
+    "https": HTTPS,
+    "tls": TLS,
 }
 _BY_APP_PROTOCOL = {
     "http": HTTP,
@@ -22,6 +27,8 @@ _BY_APP_PROTOCOL = {
     "grpc": HTTP2,
     "grpc-web": HTTP,
     "kubernetes.io/h2c": HTTP2,
+    "https": HTTPS,
+    "tls": TLS,
 }
 
 
@@ -37,3 +44,8 @@ def port_protocol(name: str, app_protocol: str = "") -> str:
 
 def is_http(protocol: str) -> bool:
     return protocol in (HTTP, HTTP2)
+
+
+def is_tls(protocol: str) -> bool:
+    """Istio's IsTLS: the port carries TLS the proxy does not terminate (routed by SNI)."""
+    return protocol in (HTTPS, TLS)

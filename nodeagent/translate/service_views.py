@@ -11,6 +11,10 @@ Envoy shares one route table and one set of clusters per service port among all 
   none matches, gets Envoy's 404 ``NR`` as its sidecar would. Per-request source matches
   (``sourceLabels``, ``sourceNamespace``) are filter-state matches too (virtual_service.py):
   pods differ in routes without a table per pod.
+- **TCP and TLS ports.** A VirtualService's ``tcp``/``tls`` rules become, per view, an ordered
+  list of rules on the caller and the SNI (``port_tcp_route``); when that is not one route for
+  everyone, the port's own routes listener applies them per connection (l4_routes.py), views
+  told apart by the caller's SPIFFE ID as routes are.
 - **Clusters.** A DestinationRule's subsets and traffic policy make ``outbound|port|subset|host``
   clusters, named as Istio names them, for the rule a namespace without rules of its own sees
   (the *canonical* rule). A local namespace that sees another rule (its own, or one exported only
@@ -24,8 +28,8 @@ first request may race the route update when views differ (it then gets a 404).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,10 +40,9 @@ from nodeagent.mesh.model import IstioResource, Service
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import destination_rule, internal, mirror, virtual_service
 from nodeagent.translate.envoy import RouteConfiguration, message
+from nodeagent.translate.protocol import is_tls
 from nodeagent.translate.routes import default_retry_policy
 from nodeagent.translate.services import ServiceTarget, outbound_cluster
-
-log = logging.getLogger("nodeagent.translate")
 
 CANONICAL = ""  # a client namespace that has no rule of its own
 
@@ -271,12 +274,41 @@ def port_routes(
 
 @dataclass(frozen=True)
 class PortTcpRoute:
-    """A TCP service port's destination by its VirtualService's ``tcp`` rules: tcp_proxy
-    fields (``cluster`` or ``weighted_clusters``), None for the port's own cluster."""
+    """A TCP (or TLS) service port's destination by its VirtualService's ``tcp`` (``tls``)
+    rules. ROUTE: where every connection goes (tcp_proxy ``cluster`` or ``weighted_clusters``;
+    None: the port's own cluster). RULES, when the caller or the SNI decides: the port's routes
+    listener's rules (l4_routes.py), in order, the last one taking what is left."""
 
     route: dict[str, Any] | None
     virtual_services: tuple[str, ...]
     hosts: frozenset[str]
+    rules: tuple[virtual_service.L4Rule, ...] = ()
+
+
+def _tcp_view(rules: list[virtual_service.L4Rule], own: dict[str, Any]) -> list[Any]:
+    """Istio's TCP chains for one caller: the first rule that holds, else the port's cluster."""
+    if not rules or rules[-1].when:
+        rules = [*rules, virtual_service.L4Rule((), own)]
+    return rules
+
+
+def _tls_view(rules: list[virtual_service.L4Rule], own: dict[str, Any]) -> list[Any]:
+    """Istio's TLS chains for one caller (buildSidecarOutboundTLSFilterChainOpts): a caller
+    for which some tls[] match holds gets that rule's chains by SNI and no other chain, so a
+    connection with another SNI finds none and is closed; any other caller gets the port's own
+    cluster whatever the SNI."""
+    if not rules:
+        return [virtual_service.L4Rule((), own)]
+    sources = [alt[1:] for rule in rules for alt in rule.when]  # each alternative but its SNI
+    if any(not callers for callers in sources):
+        return [*rules, virtual_service.L4Rule((), None)]
+    return [*rules, virtual_service.L4Rule(tuple(sources), None), virtual_service.L4Rule((), own)]
+
+
+def _guarded(rule: virtual_service.L4Rule, guard: dict[str, Any]) -> virtual_service.L4Rule:
+    condition = virtual_service.Condition(guard["key"], (guard["string_match"],))
+    when = rule.when or ((),)
+    return virtual_service.L4Rule(tuple((condition, *alt) for alt in when), rule.route)
 
 
 def port_tcp_route(
@@ -285,31 +317,36 @@ def port_tcp_route(
     target: ServiceTarget,
     client_namespaces: Sequence[str],
 ) -> PortTcpRoute:
-    """A shared tcp_proxy cannot choose per caller: if local namespaces disagree, the port's
-    own cluster is used and the conflict logged."""
-    found: dict[str, dict[str, Any] | None] = {}
+    """TARGET's TCP routing as each local client namespace sees it. Namespaces that see the
+    same rules form a view; several views are told apart by the caller's SPIFFE ID (the last
+    view's rules need no guard: the views before it took their callers, and a caller of a
+    namespace without a view yet falls to it), as for HTTP routes (``port_routes``)."""
+    own = {"cluster": target.cluster}
+    views: dict[str, tuple[list[virtual_service.L4Rule], list[str]]] = {}
     hosts: set[str] = set()
     used: set[str] = set()
     for namespace in client_namespaces or (CANONICAL,):
         vs = index.binding(target.host, namespace)
-        route = None
+        rules = [virtual_service.L4Rule((), own)]
         if vs is not None:
             used.add(vs.key)
             resolver = _Resolver(store, namespace, target.port.port)
-            route = virtual_service.tcp_route(
-                vs,
-                target.port.port,
-                partial(resolver.cluster, vs=vs),
-                vip=target.service.cluster_ip,
-            )
+            cluster_of = partial(resolver.cluster, vs=vs)
+            port, vip = target.port.port, target.service.cluster_ip
+            if is_tls(target.protocol):
+                rules = _tls_view(virtual_service.tls_rules(vs, port, cluster_of, vip), own)
+            else:
+                rules = _tcp_view(virtual_service.tcp_rules(vs, port, cluster_of, vip), own)
             hosts |= resolver.hosts
-        found[json.dumps(route, sort_keys=True)] = route
-    chosen = next(iter(found.values()))
-    if len(found) > 1:
-        log.warning(
-            "%s: local namespaces see different TCP routes; the node's shared TCP chain "
-            "cannot tell callers apart, so it uses the service's own cluster",
-            target.cluster,
-        )
-        chosen = None
-    return PortTcpRoute(chosen, tuple(sorted(used)), frozenset(hosts))
+        key = json.dumps([dataclasses.asdict(rule) for rule in rules], sort_keys=True)
+        views.setdefault(key, (rules, []))[1].append(namespace)
+    ordered = sorted(views.values(), key=lambda view: view[1])
+    if len(ordered) == 1 and len(ordered[0][0]) == 1:
+        route = ordered[0][0][0].route
+        return PortTcpRoute(None if route == own else route, tuple(sorted(used)), frozenset(hosts))
+    combined: list[virtual_service.L4Rule] = []
+    for rules, namespaces in ordered[:-1]:
+        guard = _caller_in(namespaces)
+        combined += [_guarded(rule, guard) for rule in rules]
+    combined += ordered[-1][0]
+    return PortTcpRoute(None, tuple(sorted(used)), frozenset(hosts), tuple(combined))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -140,11 +141,17 @@ def _header(name: str, match: Mapping[str, Any] | None, where: str) -> dict[str,
 
 
 def _source_matchers(match: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
-    """sourceNamespace and sourceLabels, per request: filter-state matchers on the caller's
-    SPIFFE ID (spiffe://<td>/ns/<ns>/sa/<sa>) and on its labels (internal.labels_value, keys
-    sorted: one regex requires every selector pair in order)."""
-    if match.get("gateways"):  # Istio ignores the source when the match names gateways
+    """An HTTP match's sourceNamespace and sourceLabels (``_caller_matchers``); Istio ignores
+    them when the match names gateways (sourceMatchHTTP)."""
+    if match.get("gateways"):
         return []
+    return _caller_matchers(match, where)
+
+
+def _caller_matchers(match: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    """sourceNamespace and sourceLabels, per request or connection: filter-state matchers on
+    the caller's SPIFFE ID (spiffe://<td>/ns/<ns>/sa/<sa>) and on its labels
+    (internal.labels_value, keys sorted: one regex requires every selector pair in order)."""
     out = []
     namespace = match.get("sourceNamespace")
     if namespace:
@@ -615,50 +622,130 @@ def _cors(cors: Mapping[str, Any], where: str) -> dict[str, Any]:
     return typed("envoy.extensions.filters.http.cors.v3.CorsPolicy", **out)
 
 
-# --- tcp ---
+# --- tcp and tls ---
+#
+# Istio decides a tcp[] or tls[] match's port, gateways and source (sourceLabels,
+# sourceNamespace) per sidecar, and its destinationSubnets and sniHosts per connection
+# (pilot/pkg/networking/core/tls.go: matchTCP, matchTLS, buildSidecarOutboundTCPFilterChainOpts,
+# buildSidecarOutboundTLSFilterChainOpts). Here the port and the destination (the service's VIP)
+# are known when translating; the caller and the SNI are read per connection by the matcher of
+# the port's routes listener (translate/l4_routes.py). References:
+# istio.io/latest/docs/reference/config/networking/virtual-service/#TCPRoute, #TLSRoute,
+# #L4MatchAttributes, #TLSMatchAttributes.
+
+SNI = "sni"  # a Condition's input: the server name the client's TLS ClientHello asks for
 
 
-def tcp_route(
-    vs: IstioResource, port: int, cluster_of: Destination, vip: str = ""
-) -> dict[str, Any] | None:
-    """The tcp_proxy fields (``cluster`` or ``weighted_clusters``) of VS's first tcp[] rule
-    whose match applies to service port PORT at address VIP (match port, gateways including
-    "mesh", destinationSubnets holding VIP); None when no rule applies.
+@dataclass(frozen=True)
+class Condition:
+    """What one connection must show: INPUT (SNI, or a filter-state key the caller's listener
+    stamped) meeting any of MATCHERS (type.matcher.v3.StringMatcher dicts)."""
 
-    Not yet: a match with sourceLabels or sourceNamespace. Istio decides it per sidecar; the node
-    Envoy's tcp_proxy for a service port is shared by every caller and has no per-caller
-    choice, so such a match is skipped (and a rule whose matches are all skipped is too).
-    Reference: the TCPRoute and L4MatchAttributes sections of the VirtualService page, and
-    istio/istio pilot/pkg/networking/core/tcp_route.go.
-    """
+    input: str
+    matchers: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class L4Rule:
+    """One rule as a port's routes listener applies it: WHEN any of its alternatives (one per
+    match, each every one of its conditions) holds, or always when WHEN is (); ROUTE: the
+    tcp_proxy fields (``cluster`` or ``weighted_clusters``), None to close the connection."""
+
+    when: tuple[tuple[Condition, ...], ...]
+    route: dict[str, Any] | None
+
+
+def _l4_route(rule: Mapping[str, Any], where: str, cluster_of: Destination) -> dict[str, Any]:
+    """A tcp[] or tls[] rule's destinations as tcp_proxy fields (0-weight ones dropped)."""
+    destinations = rule.get("route") or []
+    if not destinations:
+        raise ValueError(f"{where}.route: needs a destination")
+    if len(destinations) == 1:
+        return {"cluster": cluster_of(destinations[0]["destination"])}
+    weighted = [
+        {"name": cluster_of(d["destination"]), "weight": int(d["weight"])}
+        for d in destinations
+        if d.get("weight")
+    ]
+    if not weighted:
+        raise ValueError(f"{where}.route: every destination has weight 0")
+    if len(weighted) == 1:
+        return {"cluster": weighted[0]["name"]}
+    return {"weighted_clusters": {"clusters": weighted}}
+
+
+def _caller_conditions(match: Mapping[str, Any], where: str) -> tuple[Condition, ...]:
+    """An L4 match's sourceNamespace and sourceLabels: unlike an HTTP match's, Istio checks them
+    even when the match names gateways (matchTCP, matchTLS)."""
+    return tuple(Condition(m["key"], (m["string_match"],)) for m in _caller_matchers(match, where))
+
+
+def tcp_rules(vs: IstioResource, port: int, cluster_of: Destination, vip: str = "") -> list[L4Rule]:
+    """VS's tcp[] rules for service port PORT at address VIP, in order, up to the first that
+    applies to every caller: a rule applies when one of its matches does (match port, gateways
+    including "mesh", destinationSubnets holding VIP; sourceLabels and sourceNamespace are
+    conditions on the caller). A rule without matches applies to everyone. Connections no rule
+    takes go to the port's own cluster (Istio's default chain)."""
+    out: list[L4Rule] = []
     for i, rule in enumerate(vs.spec.get("tcp") or []):
         where = f"{vs.key} tcp[{i}]"
         matches = rule.get("match") or []
-        if matches and not any(
-            _tcp_applies(m, port, vip, f"{where}.match[{j}]") for j, m in enumerate(matches)
-        ):
-            continue
-        destinations = rule.get("route") or []
-        if not destinations:
-            raise ValueError(f"{where}.route: needs a destination")
-        if len(destinations) == 1:
-            return {"cluster": cluster_of(destinations[0]["destination"])}
-        weighted = [
-            {"name": cluster_of(d["destination"]), "weight": int(d["weight"])}
-            for d in destinations
-            if d.get("weight")
+        alternatives = [
+            _caller_conditions(m, f"{where}.match[{j}]")
+            for j, m in enumerate(matches)
+            if _tcp_applies(m, port, vip, f"{where}.match[{j}]")
         ]
-        if not weighted:
-            raise ValueError(f"{where}.route: every destination has weight 0")
-        if len(weighted) == 1:
-            return {"cluster": weighted[0]["name"]}
-        return {"weighted_clusters": {"clusters": weighted}}
-    return None
+        if matches and not alternatives:
+            continue
+        always = not matches or any(not a for a in alternatives)
+        out.append(
+            L4Rule(() if always else tuple(alternatives), _l4_route(rule, where, cluster_of))
+        )
+        if always:
+            break
+    return out
+
+
+def _sni(hosts: list[str], where: str) -> Condition:
+    """sniHosts as one condition: exact names, and "*.example.com" for any name ending in
+    ".example.com" (the reference: "*.com will match foo.example.com as well as example.com";
+    Envoy's server_names wildcards alike), case-insensitive as DNS names are."""
+    if not hosts:
+        raise ValueError(f"{where}.sniHosts: needs at least one host")
+    matchers: list[dict[str, Any]] = []
+    for host in hosts:
+        if host == "*":
+            matchers.append({"safe_regex": {"regex": ".+"}})
+        elif host.startswith("*."):
+            matchers.append({"suffix": host[1:], "ignore_case": True})
+        else:
+            matchers.append({"exact": host, "ignore_case": True})
+    return Condition(SNI, tuple(matchers))
+
+
+def tls_rules(vs: IstioResource, port: int, cluster_of: Destination, vip: str = "") -> list[L4Rule]:
+    """VS's tls[] rules for TLS (or HTTPS) service port PORT at VIP, in order: each applies
+    when one of its matches that applies to the port (port, gateways, destinationSubnets as for
+    tcp) sees its sniHosts and, if it names them, its caller's labels and namespace. Empty when
+    none applies: then the port's connections go to its own cluster, whatever their SNI."""
+    out: list[L4Rule] = []
+    for i, rule in enumerate(vs.spec.get("tls") or []):
+        where = f"{vs.key} tls[{i}]"
+        alternatives = [
+            (
+                _sni(m.get("sniHosts") or [], f"{where}.match[{j}]"),
+                *_caller_conditions(m, f"{where}.match[{j}]"),
+            )
+            for j, m in enumerate(rule.get("match") or [])
+            if _tcp_applies(m, port, vip, f"{where}.match[{j}]")
+        ]
+        if alternatives:
+            out.append(L4Rule(tuple(alternatives), _l4_route(rule, where, cluster_of)))
+    return out
 
 
 def _tcp_applies(match: Mapping[str, Any], port: int, vip: str, where: str) -> bool:
-    if match.get("sourceLabels") or match.get("sourceNamespace"):
-        return False
+    """A match's parts known when translating: port, gateways, destinationSubnets (VIP)."""
     if not _applies(match, port):
         return False
     subnets = match.get("destinationSubnets") or []

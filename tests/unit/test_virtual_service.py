@@ -24,7 +24,7 @@ from nodeagent.translate import internal
 from nodeagent.translate.envoy import Route, message
 from nodeagent.translate.filters import http_connection_manager
 from nodeagent.translate.routes import default_retry_policy
-from nodeagent.translate.virtual_service import http_routes, tcp_route
+from nodeagent.translate.virtual_service import http_routes, tcp_rules
 from tests.unit.envoy_validate import assert_envoy_accepts
 from tests.unit.istio_data import istio_files
 
@@ -699,11 +699,11 @@ def test_bad_duration_and_all_zero_weights_are_errors() -> None:
 # --- tcp ---
 
 
-def test_tcp_route_first_rule_that_applies() -> None:
+def test_tcp_rules_first_rule_that_applies() -> None:
     spec = {
         "tcp": [
             {"match": [{"port": 3306}], "route": [to("mysql", "v1")]},
-            {"match": [{"sourceLabels": {"app": "x"}}], "route": [to("skipped")]},
+            {"match": [{"sourceLabels": {"app": "x"}}], "route": [to("by-caller")]},
             {
                 "match": [{"destinationSubnets": ["10.96.0.0/16"]}],
                 "route": [to("db", "a", weight=80), to("db", "b", weight=20)],
@@ -712,17 +712,28 @@ def test_tcp_route_first_rule_that_applies() -> None:
         ]
     }
     vs = virtual_service(spec)
-    assert tcp_route(vs, 3306, cluster_of) == {"cluster": "outbound||v1|mysql"}
-    assert tcp_route(vs, 27017, cluster_of, vip="10.96.1.2") == {
-        "weighted_clusters": {
-            "clusters": [
-                {"name": "outbound||a|db", "weight": 80},
-                {"name": "outbound||b|db", "weight": 20},
-            ]
-        }
-    }
-    assert tcp_route(vs, 27017, cluster_of, vip="10.97.0.1") == {"cluster": "outbound|||fallback"}
-    assert tcp_route(virtual_service({"http": [rule()]}), 80, cluster_of) is None
+
+    def routes(port: int, vip: str = "") -> list[Any]:
+        return [(bool(r.when), r.route) for r in tcp_rules(vs, port, cluster_of, vip=vip)]
+
+    by_caller = (True, {"cluster": "outbound|||by-caller"})
+    assert routes(3306) == [(False, {"cluster": "outbound||v1|mysql"})]
+    assert routes(27017, "10.96.1.2") == [
+        by_caller,
+        (
+            False,
+            {
+                "weighted_clusters": {
+                    "clusters": [
+                        {"name": "outbound||a|db", "weight": 80},
+                        {"name": "outbound||b|db", "weight": 20},
+                    ]
+                }
+            },
+        ),
+    ]
+    assert routes(27017, "10.97.0.1") == [by_caller, (False, {"cluster": "outbound|||fallback"})]
+    assert tcp_rules(virtual_service({"http": [rule()]}), 80, cluster_of) == []
 
 
 # --- the real Envoy accepts them ---

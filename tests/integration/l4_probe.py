@@ -1,0 +1,110 @@
+"""Pod workloads and clients for the TCP/TLS route tests (tests/integration/test_tcp_tls_routes.py).
+
+``serve-tcp PORT VERSION``: a server-first TCP app: on each connection it sends ``VERSION\\n``
+and closes (a client never speaks first, as with MySQL or SMTP).
+``serve-tls PORT CERT KEY VERSION``: a TLS app with its own certificate: after the handshake it
+sends ``VERSION\\n`` and closes.
+``call-tcp HOST PORT COUNT`` / ``call-tls HOST PORT SNI COUNT``: COUNT connections, one after
+the other (each at most 5 s, all at most 30 s); prints one JSON line: ``versions`` (answer ->
+count) and ``errors`` (the first few). The TLS client sends SNI and does not verify the app's
+certificate: the route, not the app's identity, is under test.
+
+Stdlib only: it runs inside a pod's network namespace with the test's interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections import Counter
+
+TIMEOUT = 5.0
+DEADLINE = 30.0
+
+
+def _listen(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.listen(64)
+    return sock
+
+
+def serve(port: int, version: str, context: ssl.SSLContext | None) -> None:
+    sock = _listen(port)
+
+    def answer(conn: socket.socket) -> None:
+        try:
+            conn.settimeout(TIMEOUT)
+            if context is None:
+                with conn:
+                    conn.sendall(version.encode() + b"\n")
+                return
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(version.encode() + b"\n")
+        except (OSError, ssl.SSLError):
+            pass  # a client that went away (or a probe): nothing to answer
+
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
+def _read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def call(host: str, port: int, count: int, sni: str | None) -> dict[str, object]:
+    versions: Counter[str] = Counter()
+    errors: list[str] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    start = time.monotonic()
+    for _ in range(min(count, 200)):
+        if time.monotonic() - start > DEADLINE:
+            errors.append("deadline")
+            break
+        try:
+            with socket.create_connection((host, port), timeout=TIMEOUT) as raw:
+                if sni is None:
+                    answer = _read_line(raw)
+                else:
+                    with context.wrap_socket(raw, server_hostname=sni) as tls:
+                        answer = _read_line(tls)
+            versions[answer or "<closed>"] += 1
+        except (OSError, ssl.SSLError) as e:
+            versions["<error>"] += 1
+            if len(errors) < 3:
+                errors.append(f"{type(e).__name__}: {e}")
+    return {"versions": dict(versions), "errors": errors}
+
+
+def main(argv: list[str]) -> None:
+    command, *args = argv
+    if command == "serve-tcp":
+        serve(int(args[0]), args[1], None)
+    elif command == "serve-tls":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args[1], args[2])
+        serve(int(args[0]), args[3], context)
+    elif command == "call-tcp":
+        print(json.dumps(call(args[0], int(args[1]), int(args[2]), None)))
+    elif command == "call-tls":
+        print(json.dumps(call(args[0], int(args[1]), int(args[3]), args[2])))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,171 @@
+"""VirtualService tcp[] matches on the caller and tls[] matches on the SNI, on a two-node testbed
+with the real Envoy (issue #15).
+
+Two pods on one node share its Envoy, yet a tcp[] ``sourceLabels`` rule sends one to v2 and the
+other to v1 of a server-first TCP app; a TLS client through the mesh reaches the version its
+tls[] ``sniHosts`` rule names, and a name no rule has is closed, as Istio's sidecar does. The
+apps answer with their version, so what the mesh did is what the client reads.
+
+Istio: istio.io/latest/docs/reference/config/networking/virtual-service/#TCPRoute, #TLSRoute,
+#L4MatchAttributes, #TLSMatchAttributes; istio/istio pilot/pkg/networking/core/tls.go.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from nodeagent.testbed import layout
+from nodeagent.testbed.cluster import Testbed, down
+from nodeagent.testbed.topology import loads_topology
+from tests.integration.helpers import wait_for
+from tests.integration.test_envoy_guards import self_signed
+
+pytestmark = pytest.mark.integration
+
+PY = sys.executable
+PROBE = str(Path(__file__).with_name("l4_probe.py"))
+NAME = "tbl4routes"
+DB_PORT, WEB_PORT = 5432, 8443
+
+
+def topology(cert: Path, key: Path) -> str:
+    def app(name: str, version: str, node: str, argv: list[str]) -> str:
+        port = WEB_PORT if name == "web" else DB_PORT
+        spec = {
+            "name": f"{name}-{version}",
+            "namespace": "shop",
+            "node": node,
+            "serviceAccount": name,
+            "labels": {"app": name, "version": version},
+            "workload": {"type": "command", "port": port, "command": [PY, PROBE, *argv]},
+        }
+        return "  - " + json.dumps(spec)
+
+    tls = [str(cert), str(key)]
+    return "\n".join(
+        [
+            f"name: {NAME}",
+            "source: kubernetes",
+            "nodes: [{name: n1}, {name: n2}]",
+            "namespaces:",
+            "  - {name: shop, labels: {nodeagent.io/mesh: enabled}}",
+            "pods:",
+            "  - {name: curl, namespace: shop, node: n1, serviceAccount: curl,"
+            " labels: {app: curl}}",
+            "  - {name: sleep, namespace: shop, node: n1, serviceAccount: sleep,"
+            " labels: {app: sleep}}",
+            app("db", "v1", "n1", ["serve-tcp", str(DB_PORT), "v1"]),
+            app("db", "v2", "n2", ["serve-tcp", str(DB_PORT), "v2"]),
+            app("web", "v1", "n1", ["serve-tls", str(WEB_PORT), *tls, "v1"]),
+            app("web", "v2", "n2", ["serve-tls", str(WEB_PORT), *tls, "v2"]),
+            "services:",
+            f"  - {{name: db, namespace: shop, selector: {{app: db}},"
+            f" ports: [{{name: tcp-db, port: {DB_PORT}}}]}}",
+            f"  - {{name: web, namespace: shop, selector: {{app: web}},"
+            f" ports: [{{name: tls, port: {WEB_PORT}}}]}}",
+        ]
+    )
+
+
+CONFIG = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: shop}
+spec:
+  host: db
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db]
+  tcp:
+  - match: [{sourceLabels: {app: curl}}]
+    route: [{destination: {host: db, subset: v2}}]
+  - route: [{destination: {host: db, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web, a.example, b.example]
+  tls:
+  - match: [{sniHosts: [a.example]}]
+    route: [{destination: {host: web, subset: v1}}]
+  - match: [{sniHosts: [b.example]}]
+    route: [{destination: {host: web, subset: v2}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def tb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
+    """One testbed for the module, with the rules applied (as kubectl apply would)."""
+    down(NAME)
+    text = topology(*self_signed(tmp_path_factory.mktemp("web")))
+    try:
+        testbed = Testbed.up(
+            loads_topology(text, "test_tcp_tls_routes"), text, "test_tcp_tls_routes"
+        )
+        docs = [d for d in yaml.safe_load_all(CONFIG) if d]
+        (layout.cluster_dir(NAME) / "l4routes.yaml").write_text(yaml.safe_dump_all(docs))
+        yield testbed
+    finally:
+        down(NAME)
+
+
+def calls(tb: Testbed, pod: str, *args: str, count: int = 10) -> dict[str, Any]:
+    """COUNT connections from POD (call-tcp or call-tls): which version answered how often."""
+    proc = tb.exec(pod, [PY, PROBE, *args, str(count)], timeout=45)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    print(pod, *args, "->", result)  # which version answered, in the test's output
+    return result
+
+
+def only(tb: Testbed, pod: str, *args: str, answer: str) -> None:
+    """Wait until 10 connections in a row get ANSWER only (the rules have landed)."""
+    wait_for(
+        lambda: calls(tb, pod, *args)["versions"] == {answer: 10},
+        30,
+        f"{pod} {' '.join(args)} answered by {answer} only",
+        step=0.3,
+    )
+
+
+def test_two_pods_on_one_node_reach_different_versions_by_tcp_source_labels(tb: Testbed) -> None:
+    """shop/curl and shop/sleep share n1's Envoy; the db port's rule sends curl to v2 (on n2)
+    and everyone else to v1 (on n1, the same-node path). db speaks first: nothing on the way may
+    wait for the client."""
+    dial = ("call-tcp", "db.shop", str(DB_PORT))
+    only(tb, "shop/curl", *dial, answer="v2")
+    assert calls(tb, "shop/curl", *dial, count=20)["versions"] == {"v2": 20}
+    assert calls(tb, "shop/sleep", *dial, count=20)["versions"] == {"v1": 20}
+
+
+def test_a_tls_client_reaches_the_version_its_sni_names(tb: Testbed) -> None:
+    """The TLS passes through the mesh untouched (the app's own certificate); Envoy reads its
+    SNI: a.example goes to v1, b.example to v2, and a name no tls[] rule has gets no answer (a
+    TLS port with a matching rule has no default route in Istio's sidecar)."""
+    only(tb, "shop/sleep", "call-tls", "web.shop", str(WEB_PORT), "b.example", answer="v2")
+    for pod in ("shop/curl", "shop/sleep"):
+        a = calls(tb, pod, "call-tls", "web.shop", str(WEB_PORT), "a.example", count=20)
+        assert a["versions"] == {"v1": 20}
+        b = calls(tb, pod, "call-tls", "web.shop", str(WEB_PORT), "b.example", count=20)
+        assert b["versions"] == {"v2": 20}
+    other = calls(tb, "shop/curl", "call-tls", "web.shop", str(WEB_PORT), "c.example", count=5)
+    assert set(other["versions"]) == {"<error>"}, other
