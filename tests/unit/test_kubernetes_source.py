@@ -32,8 +32,8 @@ from nodeagent.sources.kubernetes import ISTIO_GROUPS, KubernetesSource, plural,
 BOOKINFO = Path(__file__).resolve().parents[1] / "data/istio/bookinfo/networking"  # istio_data.py
 NODE = "node1"
 WAIT = 5.0
-# Namespace, Pod, Service, EndpointSlice, ServiceAccount and the Istio kinds: one watch each.
-KINDS = 5 + sum(group in ISTIO_GROUPS for group, _ in IstioSchemas.load().kinds())
+# Namespace, Node, Pod, Service, EndpointSlice, ServiceAccount and the Istio kinds: one watch each.
+KINDS = 6 + sum(group in ISTIO_GROUPS for group, _ in IstioSchemas.load().kinds())
 
 
 def _bookinfo(name: str) -> dict[str, Any]:
