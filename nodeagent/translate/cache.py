@@ -9,7 +9,8 @@ Resources are cached per origin:
   TLS modes that bind the local pods' namespaces for it (they go into ``originate-mtls``'s
   matcher). Inputs: the Service, its EndpointSlices, the pods its endpoints name (identity for
   the SANs; membership and PeerAuthentication for ``tlsMode``) and their namespaces, the
-  DestinationRules its clients in the local identities' namespaces see.
+  DestinationRules its clients in the local identities' namespaces see, the Nodes its
+  endpoints run on and this node (their localities rank the endpoints: locality.py).
 - a local pod: its two listeners and the inbound clusters and routes of its HTTP ports. Their
   inputs are cheap to gather (services selecting the pod through the store's selector index,
   its PeerAuthentication), so a pod's part is memoised on their values rather than on changes.
@@ -20,13 +21,14 @@ Resources are cached per origin:
 
 Which services a change touches comes from the store's change log (``changes_since``) and
 reverse indexes kept here (pod -> services whose endpoints name it, namespace -> services with
-an endpoint pod there, slice -> its service). A new set of local namespaces recomputes only
-the DestinationRule modes (the sidecar form, one pod, recomputes everything). A mesh config
-change (or other settings), or a change log that no longer reaches back, recomputes everything;
-a PeerAuthentication in the root namespace or a DestinationRule where local clients or the root
-namespace see it recompute every service (in doubt, all). Kinds translation does not read yet
-(ServiceAccount, VirtualService, AuthorizationPolicy, ...) recompute nothing: a builder that
-starts reading one must add its dependency in ``_dirty_services``.
+an endpoint pod there, node -> services with an endpoint there, slice -> its service). A change
+of this node's labels re-ranks every service (no full recompute). A new set of local namespaces
+recomputes only the DestinationRule modes (the sidecar form, one pod, recomputes everything). A
+mesh config change (or other settings), or a change log that no longer reaches back, recomputes
+everything; a PeerAuthentication in the root namespace or a DestinationRule where local clients
+or the root namespace see it recompute every service (in doubt, all). Kinds translation does
+not read yet (ServiceAccount, VirtualService, AuthorizationPolicy, ...) recompute nothing: a
+builder that starts reading one must add its dependency in ``_dirty_services``.
 """
 
 from __future__ import annotations
