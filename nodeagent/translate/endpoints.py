@@ -69,6 +69,9 @@ def load_assignment(
     as BALANCING says (translate/locality.py; None: no locality load balancing).
     """
     trust_domain = store.mesh_config.trust_domain
+    how = balancing or Balancing()
+    # Endpoint labels are compared only by failoverPriority: not gathered otherwise.
+    by_labels = bool(how.setting and how.setting.get("failoverPriority"))
     found: dict[tuple[str, int], str | None] = {}  # (ip, port) -> SPIFFE ID if it speaks mTLS
     local: dict[tuple[str, int], str] = {}  # (ip, port) -> its fast-path listener
     where: dict[tuple[str, int], tuple[Locality, Mapping[str, str]]] = {}  # and its labels
@@ -90,8 +93,11 @@ def load_assignment(
             found.update({(address, port): spiffe for address in endpoint.addresses})
             node = endpoint.node_name or (pod.node_name if pod is not None else "")
             locality = store.locality_of(node)
-            pod_labels = dict(pod.labels) if pod is not None else {}
-            placed = (locality, pod_labels | topology_labels(locality))
+            endpoint_labels: Mapping[str, str] = {}
+            if by_labels:
+                pod_labels = dict(pod.labels) if pod is not None else {}
+                endpoint_labels = pod_labels | topology_labels(locality)
+            placed = (locality, endpoint_labels)
             where.update({(address, port): placed for address in endpoint.addresses})
             if spiffe and pod is not None and fast and port in fast.get(endpoint.pod, ()):
                 listener = internal.fast_name(pod.namespace, pod.name)
@@ -104,7 +110,6 @@ def load_assignment(
             _lb_endpoint(ip, port, found[(ip, port)], via_originate, local.get((ip, port)))
         )
         group.labels.append(endpoint_labels)
-    how = balancing or Balancing()
     endpoints = locality_endpoints(
         list(groups.values()), how.proxy, how.proxy_labels, how.setting, how.enable_failover
     )
