@@ -10,8 +10,11 @@ Enforced today (see nodeagent.mesh.policy, nodeagent.translate.destination_rule,
 nodeagent.translate.virtual_service):
 - PeerAuthentication: every field (selector, mtls.mode, portLevelMtls).
 - DestinationRule: host, exportTo, subsets, and traffic policies (connection pool, load
-  balancer but PASSTHROUGH and locality settings, outlier detection, TLS mode DISABLE or
+  balancer but PASSTHROUGH, locality load balancing, outlier detection, TLS mode DISABLE or
   ISTIO_MUTUAL) for the rule, a port or a subset. A rule with a workloadSelector is not used.
+  localityLbSetting.failoverPriority compares the node's labels with the endpoints': a label
+  other than the node's topology labels (region, zone, subzone) without a "=value" would need
+  the calling pod's labels, which a shared endpoint assignment cannot have.
 - VirtualService: hosts, gateways (mesh), exportTo, every http, tcp and tls field.
 """
 
@@ -23,12 +26,22 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 
-from nodeagent.mesh.model import IstioResource
+from nodeagent.mesh import locality
+from nodeagent.mesh.model import LOCALITY_LABELS, IstioResource
 
 METRIC = "nodeagent_istio_resources_not_enforced"
 
 ALL: Any = object()  # a field enforced with everything below it
 _TLS_MODES = frozenset({"DISABLE", "ISTIO_MUTUAL"})  # DestinationRule modes that are enforced
+
+_NODE_LABELS = frozenset(LOCALITY_LABELS)
+
+
+def _node_priority_label(label: Any) -> bool:
+    """A failoverPriority entry the node can rank by: its own topology label, or any label
+    with its value given ("label=value")."""
+    return isinstance(label, str) and ("=" in label or label in _NODE_LABELS)
+
 
 _SIMPLE_LB = frozenset({"UNSPECIFIED", "LEAST_CONN", "LEAST_REQUEST", "ROUND_ROBIN", "RANDOM"})
 # A DestinationRule traffic policy (translate/destination_rule.py), at the top level, per port
@@ -52,6 +65,12 @@ _POLICY_PARTS: Mapping[str, Any] = {
         "consistentHash": ALL,
         "warmupDurationSecs": ALL,
         "warmup": ALL,
+        "localityLbSetting": {
+            "enabled": ALL,
+            "distribute": ALL,
+            "failover": ALL,
+            "failoverPriority": [_node_priority_label],
+        },
     },
     "outlierDetection": {
         "consecutive5xxErrors": ALL,
@@ -137,6 +156,8 @@ class NotEnforced:
 def _unenforced(value: Any, rule: Any, path: str) -> list[str]:
     if rule is ALL:
         return []
+    if callable(rule):  # a predicate over the value
+        return [] if rule(value) else [f"{path}={value}"]
     if isinstance(rule, frozenset):
         return [] if value in rule else [f"{path}={value}"]
     if isinstance(rule, list):
@@ -201,9 +222,38 @@ def counts(resources: Iterable[IstioResource]) -> dict[str, int]:
 
 
 def warning(resource: IstioResource) -> str:
-    """The log warning for RESOURCE ("" when all of it is enforced)."""
+    """The log warning for RESOURCE ("" when all of it is enforced and Istio would not warn
+    about it either)."""
     item = not_enforced(resource)
-    return item.describe() if item is not None else ""
+    notes = [item.describe()] if item is not None else []
+    if resource.kind == "DestinationRule":
+        notes += [
+            f"DestinationRule {resource.namespace}/{resource.name}: {at}: {note}"
+            for at, policy in _policies(resource.spec)
+            for note in locality.warnings(
+                locality.of_policy(policy), policy.get("outlierDetection")
+            )
+        ]
+    return "; ".join(notes)
+
+
+def _policies(spec: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Each traffic policy of a DestinationRule (top, per port, per subset) and its path."""
+    found: list[tuple[str, Mapping[str, Any]]] = []
+    levels = [("trafficPolicy", spec.get("trafficPolicy"))]
+    levels += [
+        (f"subsets[{i}].trafficPolicy", s.get("trafficPolicy"))
+        for i, s in enumerate(spec.get("subsets") or [])
+        if isinstance(s, Mapping)
+    ]
+    for at, policy in levels:
+        if not isinstance(policy, Mapping):
+            continue
+        found.append((at, policy))
+        for j, entry in enumerate(policy.get("portLevelSettings") or []):
+            if isinstance(entry, Mapping):
+                found.append((f"{at}.portLevelSettings[{j}]", entry))
+    return found
 
 
 class NotEnforcedCollector:

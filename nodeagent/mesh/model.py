@@ -5,6 +5,8 @@ Sources (directory, Kubernetes API) produce these; translation consumes them and
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,40 @@ ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
 class Namespace:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
+
+
+# A node's locality labels, in Istio's order (region/zone/subzone; pilot/pkg/serviceregistry/kube/
+# controller/controller.go getPodLocality reads them from the pod's node).
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SUBZONE_LABEL = "topology.istio.io/subzone"
+LOCALITY_LABELS = (REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL)
+
+
+@dataclass(frozen=True)
+class Locality:
+    """Where an endpoint or a proxy runs (Envoy's ``core.Locality``); all "" when unknown."""
+
+    region: str = ""
+    zone: str = ""
+    sub_zone: str = ""
+
+    @property
+    def label(self) -> str:
+        """Istio's "region/zone/subzone" form (trailing empty parts dropped)."""
+        return "/".join((self.region, self.zone, self.sub_zone)).rstrip("/")
+
+
+@dataclass(frozen=True)
+class Node:
+    """A Kubernetes Node; sources keep only its locality labels (nothing else is read)."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def locality(self) -> Locality:
+        return Locality(*(self.labels.get(label, "") for label in LOCALITY_LABELS))
 
 
 @dataclass(frozen=True, slots=True)  # slots: the store holds every node's pods
@@ -128,3 +164,16 @@ class MeshConfig:
     root_namespace: str = "istio-system"
     outbound_traffic_policy: str = ALLOW_ANY
     cluster_domain: str = "cluster.local"
+    # localityLbSetting as JSON text (kept hashable): Istio's default enables it with no
+    # distribute/failover (pkg/config/mesh/mesh.go DefaultMeshConfig).
+    locality_lb_setting: str = '{"enabled": true}'
+
+    @property
+    def locality_lb(self) -> Mapping[str, Any]:
+        return _json_object(self.locality_lb_setting)
+
+
+@functools.lru_cache(maxsize=16)
+def _json_object(text: str) -> Mapping[str, Any]:
+    loaded: Mapping[str, Any] = json.loads(text)
+    return loaded

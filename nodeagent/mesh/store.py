@@ -28,8 +28,10 @@ from nodeagent.mesh import enforcement
 from nodeagent.mesh.model import (
     EndpointSlice,
     IstioResource,
+    Locality,
     MeshConfig,
     Namespace,
+    Node,
     Pod,
     Service,
     ServiceAccount,
@@ -39,7 +41,7 @@ log = logging.getLogger("nodeagent.mesh.store")
 
 # Kinds in the change log (Istio resources are logged under their own kind).
 NAMESPACE, POD, SERVICE, ENDPOINT_SLICE = "Namespace", "Pod", "Service", "EndpointSlice"
-SERVICE_ACCOUNT, MESH_CONFIG = "ServiceAccount", "MeshConfig"
+SERVICE_ACCOUNT, MESH_CONFIG, NODE = "ServiceAccount", "MeshConfig", "Node"
 CHANGE_LOG_SIZE = 50_000  # changes remembered; a consumer further behind recomputes everything
 
 _K = TypeVar("_K")
@@ -50,6 +52,7 @@ class MeshStore:
     def __init__(self, node_name: str = "", log_size: int = CHANGE_LOG_SIZE) -> None:
         self.node_name = node_name  # this agent's node ("": not known, every pod counts as local)
         self.namespaces: dict[str, Namespace] = {}
+        self.nodes: dict[str, Node] = {}  # by name: their locality labels only
         self.pods: dict[str, Pod] = {}  # namespace/name
         self.services: dict[str, Service] = {}  # namespace/name
         self.endpoint_slices: dict[str, EndpointSlice] = {}  # namespace/name of the slice
@@ -168,6 +171,16 @@ class MeshStore:
         if self.namespaces.pop(name, None) is not None:
             self._bump(NAMESPACE, name)
 
+    def put_node(self, node: Node) -> None:
+        if self.nodes.get(node.name) == node:
+            return
+        self.nodes[node.name] = node
+        self._bump(NODE, node.name)
+
+    def delete_node(self, name: str) -> None:
+        if self.nodes.pop(name, None) is not None:
+            self._bump(NODE, name)
+
     def put_pod(self, pod: Pod) -> None:
         old = self.pods.get(pod.key)
         if old != pod:
@@ -256,6 +269,11 @@ class MeshStore:
             self._bump(MESH_CONFIG, "")
 
     # -- reads ------------------------------------------------------------------------------------
+
+    def locality_of(self, node_name: str) -> Locality:
+        """The locality of node NODE_NAME (empty when the node or its labels are unknown)."""
+        node = self.nodes.get(node_name)
+        return node.locality if node is not None else Locality()
 
     def slices_of(self, service: Service) -> list[EndpointSlice]:
         return list(self._slices_by_service.get((service.namespace, service.name), {}).values())

@@ -14,19 +14,21 @@ from nodeagent.mesh.model import (
     EndpointSlice,
     IstioResource,
     Namespace,
+    Node,
     Pod,
     Service,
     ServiceAccount,
 )
 from nodeagent.mesh.store import MeshStore
 
-Record = Namespace | Pod | Service | EndpointSlice | ServiceAccount | IstioResource
+Record = Namespace | Node | Pod | Service | EndpointSlice | ServiceAccount | IstioResource
 
 # Store collections in the order a batch of changes is applied: namespaces and identities before
 # what refers to them, pods last (a pod's arrival wakes a CNI ADD waiting for it).
-ORDER = ("namespaces", "service_accounts", "services", "endpoint_slices", "istio", "pods")
+ORDER = ("namespaces", "nodes", "service_accounts", "services", "endpoint_slices", "istio", "pods")
 _BY_KIND = {
     "Namespace": "namespaces",
+    "Node": "nodes",
     "ServiceAccount": "service_accounts",
     "Service": "services",
     "Endpoints": "endpoint_slices",
@@ -43,6 +45,7 @@ def collection_of(kind: str) -> str:
 def stored(store: MeshStore, collection: str) -> Mapping[str, Record]:
     collections: dict[str, Mapping[str, Record]] = {
         "namespaces": store.namespaces,
+        "nodes": store.nodes,
         "service_accounts": store.service_accounts,
         "services": store.services,
         "endpoint_slices": store.endpoint_slices,
@@ -54,7 +57,7 @@ def stored(store: MeshStore, collection: str) -> Mapping[str, Record]:
 
 def store_key(record: Record) -> str:
     """The key of RECORD in its store collection."""
-    if isinstance(record, Namespace):
+    if isinstance(record, Namespace | Node):
         return record.name
     if isinstance(record, ServiceAccount):
         return f"{record.namespace}/{record.name}"
@@ -64,6 +67,8 @@ def store_key(record: Record) -> str:
 def put(store: MeshStore, record: Record) -> None:
     if isinstance(record, Namespace):
         store.put_namespace(record)
+    elif isinstance(record, Node):
+        store.put_node(record)
     elif isinstance(record, Pod):
         store.put_pod(record)
     elif isinstance(record, Service):
@@ -79,6 +84,7 @@ def put(store: MeshStore, record: Record) -> None:
 def delete(store: MeshStore, collection: str, key: str) -> None:
     deletes = {
         "namespaces": store.delete_namespace,
+        "nodes": store.delete_node,
         "service_accounts": store.delete_service_account,
         "services": store.delete_service,
         "endpoint_slices": store.delete_endpoint_slice,

@@ -9,7 +9,8 @@ namespace/name and field; every other resource keeps working. A file that cannot
 at all (a syntax error, or caught mid-write) keeps its last good records until it is fixed.
 
 YAML is read as Kubernetes reads it (``nodeagent.kubeyaml``: YAML 1.2 syntax, so
-``[2001:db8::]`` is a list of one address). Kinds read: Namespace, Pod, Service, Endpoints
+``[2001:db8::]`` is a list of one address). Kinds read: Namespace, Node (its locality labels
+only), Pod, Service, Endpoints
 (converted to EndpointSlices), EndpointSlice, ServiceAccount, and every Istio kind, validated
 against Istio's CRD schemas. Other kinds (a cluster dump holds many) are skipped. The optional
 mesh config file (Istio MeshConfig field names) is polled the same way; a broken one keeps the
@@ -33,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import kubeyaml
+from nodeagent.mesh import locality
 from nodeagent.mesh.model import (
     ALLOW_ANY,
+    LOCALITY_LABELS,
     REGISTRY_ONLY,
     Endpoint,
     EndpointPort,
@@ -42,6 +45,7 @@ from nodeagent.mesh.model import (
     IstioResource,
     MeshConfig,
     Namespace,
+    Node,
     Pod,
     Service,
     ServiceAccount,
@@ -224,7 +228,7 @@ def _where(source: str, position: str, doc: Mapping[str, Any]) -> str:
     kind = doc.get("kind", "?")
     if meta.get("namespace"):
         name = f"{meta['namespace']}/{name}"
-    elif kind != "Namespace":  # namespaced kinds land in "default", as with kubectl apply
+    elif kind not in _CLUSTER_SCOPED:  # namespaced kinds land in "default", as with kubectl apply
         name = f"default/{name}"
     return f"{source}: {position}: {kind} {name}"
 
@@ -283,6 +287,13 @@ def _istio(doc: dict[str, Any], where: str, schemas: IstioSchemas) -> IstioResou
 
 def _namespace_record(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
     yield Namespace(_name(meta, "name"), _string_map(meta.get("labels"), "metadata.labels"))
+
+
+def _node(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
+    """Only the locality labels are kept: a change of any other label (or of the status,
+    heartbeats every few seconds) writes nothing to the store."""
+    labels = _string_map(meta.get("labels"), "metadata.labels")
+    yield Node(_name(meta, "name"), {k: labels[k] for k in LOCALITY_LABELS if k in labels})
 
 
 def _pod(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
@@ -443,6 +454,7 @@ def _service_account(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Reco
 
 _READERS: dict[tuple[str, str], Callable[[dict[str, Any], dict[str, Any]], Iterator[Record]]] = {
     ("v1", "Namespace"): _namespace_record,
+    ("v1", "Node"): _node,
     ("v1", "Pod"): _pod,
     ("v1", "Service"): _service,
     ("v1", "Endpoints"): _endpoints,
@@ -453,7 +465,13 @@ _READERS: dict[tuple[str, str], Callable[[dict[str, Any], dict[str, Any]], Itera
 
 # -- the mesh config file ------------------------------------------------------------------------
 
-MESH_CONFIG_FIELDS = ("trustDomain", "rootNamespace", "outboundTrafficPolicy", "clusterDomain")
+MESH_CONFIG_FIELDS = (
+    "trustDomain",
+    "rootNamespace",
+    "outboundTrafficPolicy",
+    "clusterDomain",
+    "localityLbSetting",
+)
 
 
 def parse_mesh_config(data: Any) -> MeshConfig:
@@ -495,6 +513,16 @@ def parse_mesh_config(data: Any) -> MeshConfig:
             )
     elif policy is not None:
         problems.append(f"outboundTrafficPolicy: expected a mapping, got {_show(policy)}")
+    balancing = data.get("localityLbSetting")
+    if balancing is not None:
+        if not isinstance(balancing, dict):
+            problems.append(f"localityLbSetting: expected a mapping, got {_show(balancing)}")
+        else:
+            try:
+                locality.check(balancing, "localityLbSetting")
+            except ValueError as e:
+                problems.append(str(e))
+            values["locality_lb_setting"] = json.dumps(_json_like(balancing), sort_keys=True)
     if problems:
         raise ResourceError(*problems)
     return MeshConfig(outbound_traffic_policy=str(mode), **values)
@@ -715,6 +743,7 @@ class DirectorySource:
 
 
 _SLICE_KINDS = ("EndpointSlice", "Endpoints")
+_CLUSTER_SCOPED = ("Namespace", "Node")
 
 
 def _slot_kind(kind: str) -> str:

@@ -7,9 +7,10 @@ status or an ERROR event) means the watch history we need was compacted away: LI
 replace that kind's records, deleting what vanished meanwhile. Connection errors back off
 (bounded exponential) and re-watch from the last resourceVersion seen.
 
-Kinds: Pods (of every node), Namespaces, Services, EndpointSlices, ServiceAccounts, and every
-Istio kind of networking.istio.io and security.istio.io at its preferred served version. Invalid
-Istio objects are logged, kept in ``invalid`` and skipped.
+Kinds: Pods (of every node), Namespaces, Nodes (their locality labels only), Services,
+EndpointSlices, ServiceAccounts, and every Istio kind of networking.istio.io and
+security.istio.io at its preferred served version. Invalid Istio objects are logged, kept in
+``invalid`` and skipped.
 
 Pods of every node, as istiod watches them: an endpoint on another node needs its pod's service
 account (the SAN clients verify) and mesh membership (``tlsMode: istio``, auto mTLS). To keep
@@ -222,6 +223,8 @@ class KubernetesSource:
         custom = k8s.CustomObjectsApi(api)
         kinds = [
             _Kind("Namespace", "v1", False, core.list_namespace),
+            # Their locality labels rank endpoints (localityLbSetting); other fields are dropped.
+            _Kind("Node", "v1", False, core.list_node),
             # Every node's pods (no field selector): remote endpoints need their identity.
             _Kind("Pod", "v1", True, core.list_pod_for_all_namespaces),
             _Kind("Service", "v1", True, core.list_service_for_all_namespaces),

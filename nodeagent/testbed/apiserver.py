@@ -65,6 +65,7 @@ log = logging.getLogger("nodeagent.testbed.apiserver")
 # path -> (kind, apiVersion) of the built-in resources; custom ones are generic.
 CORE = {
     "/api/v1/namespaces": ("Namespace", "v1"),
+    "/api/v1/nodes": ("Node", "v1"),
     "/api/v1/pods": ("Pod", "v1"),
     "/api/v1/services": ("Service", "v1"),
     "/api/v1/serviceaccounts": ("ServiceAccount", "v1"),
@@ -107,7 +108,7 @@ def _now_rfc3339() -> str:
 
 def _identity(obj: Obj) -> tuple[str, str]:
     meta = obj["metadata"]
-    namespaced = obj["kind"] != "Namespace"
+    namespaced = obj["kind"] not in ("Namespace", "Node")
     return (meta.get("namespace") or "default") if namespaced else "", meta["name"]
 
 

@@ -272,6 +272,7 @@ class Testbed:
         for node in self.topology.nodes:
             self._build_node(node)
         self._publish_namespaces()
+        self._publish_nodes()
         if self.topology.source == "kubernetes":
             # A cluster's API server runs before any mesh is installed on it (nodeagent: false,
             # then `testbed install`): start its stand-in with the cluster, not with the agents.
@@ -296,6 +297,24 @@ class Testbed:
             layout.cluster_dir(self.name) / "namespaces.yaml",
             [resources.namespace_object(ns) for ns in self.topology.namespaces],
         )
+
+    def _publish_nodes(self) -> None:
+        resources.write(
+            layout.cluster_dir(self.name) / "nodes.yaml",
+            [resources.node_object(node) for node in self.topology.nodes],
+        )
+
+    def set_node_labels(self, name: str, labels: dict[str, str]) -> None:
+        """Relabel node NAME (its labels replace the old ones), as ``kubectl label node``
+        would: a new locality for its pods' endpoints and for its agent."""
+        if name not in {node.name for node in self.topology.nodes}:
+            raise TestbedError(f"no node {name!r} in testbed {self.name!r}")
+        nodes = tuple(
+            replace(node, labels=dict(labels)) if node.name == name else node
+            for node in self.topology.nodes
+        )
+        self.topology = replace(self.topology, nodes=nodes)
+        self._publish_nodes()
 
     def set_namespace_labels(self, name: str, labels: dict[str, str]) -> None:
         """Relabel namespace NAME, as ``kubectl label namespace`` would (the labels replace its

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.testbed.services import Endpoint
-from nodeagent.testbed.topology import Namespace, Pod, Service
+from nodeagent.testbed.topology import Namespace, Node, Pod, Service
 
 
 def namespace_object(ns: Namespace) -> dict[str, Any]:
@@ -21,6 +21,14 @@ def namespace_object(ns: Namespace) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {"name": ns.name, "labels": dict(ns.labels)},
+    }
+
+
+def node_object(node: Node) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": dict(node.labels)},
     }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import kubeyaml
+from nodeagent.mesh.model import REGION_LABEL, ZONE_LABEL
 
 WORKLOAD_TYPES = ("fake-service", "sleep", "command")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -74,6 +75,10 @@ class Node:
     index: int
     pod_cidr: ipaddress.IPv4Network
     underlay_ip: ipaddress.IPv4Address
+    # The Node object's labels: its locality (topology.kubernetes.io/region, /zone,
+    # topology.istio.io/subzone) for locality load balancing. Default: region r1, zone z<i+1>
+    # (every node its own zone, as a cluster spread over zones has).
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -309,14 +314,19 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     nodes: list[Node] = []
     for i, raw in enumerate(r.sequence(top["nodes"], "nodes")):
         path = f"nodes[{i}]"
-        node_raw = r.mapping(raw, path, {"name"}, {"name"})
+        node_raw = r.mapping(raw, path, {"name", "labels"}, {"name"})
         node_name = r.string(node_raw["name"], f"{path}.name", DNS_LABEL)
         if any(n.name == node_name for n in nodes):
             raise r.fail(f"{path}.name", f"duplicate node {node_name!r}")
         # The underlay's last two hosts are the API server's and the control plane's.
         if i + 1 >= len(node_cidrs) or i >= len(underlay_hosts) - 2:
             raise r.fail(path, "more nodes than the cluster or underlay CIDR can address")
-        nodes.append(Node(node_name, i, node_cidrs[i + 1], underlay_hosts[i]))
+        labels = (
+            r.labels(node_raw["labels"], f"{path}.labels")
+            if "labels" in node_raw
+            else {REGION_LABEL: "r1", ZONE_LABEL: f"z{i + 1}"}
+        )
+        nodes.append(Node(node_name, i, node_cidrs[i + 1], underlay_hosts[i], labels))
     if not nodes:
         raise r.fail("nodes", "at least one node is required")
 

@@ -9,7 +9,8 @@ Resources are cached per origin:
   TLS modes that bind the local pods' namespaces for it (they go into ``originate-mtls``'s
   matcher). Inputs: the Service, its EndpointSlices, the pods its endpoints name (identity for
   the SANs; membership and PeerAuthentication for ``tlsMode``) and their namespaces, the
-  DestinationRules its clients in the local identities' namespaces see.
+  DestinationRules its clients in the local identities' namespaces see, the Nodes its
+  endpoints run on and this node (their localities rank the endpoints: locality.py).
 - a local pod: its two listeners and the inbound clusters and routes of its HTTP ports. Their
   inputs are cheap to gather (services selecting the pod through the store's selector index,
   its PeerAuthentication), so a pod's part is memoised on their values rather than on changes.
@@ -20,13 +21,14 @@ Resources are cached per origin:
 
 Which services a change touches comes from the store's change log (``changes_since``) and
 reverse indexes kept here (pod -> services whose endpoints name it, namespace -> services with
-an endpoint pod there, slice -> its service). A new set of local namespaces recomputes only
-the DestinationRule modes (the sidecar form, one pod, recomputes everything). A mesh config
-change (or other settings), or a change log that no longer reaches back, recomputes everything;
-a PeerAuthentication in the root namespace or a DestinationRule where local clients or the root
-namespace see it recompute every service (in doubt, all). Kinds translation does not read yet
-(ServiceAccount, VirtualService, AuthorizationPolicy, ...) recompute nothing: a builder that
-starts reading one must add its dependency in ``_dirty_services``.
+an endpoint pod there, node -> services with an endpoint there, slice -> its service). A change
+of this node's labels re-ranks every service (no full recompute). A new set of local namespaces
+recomputes only the DestinationRule modes (the sidecar form, one pod, recomputes everything). A
+mesh config change (or other settings), or a change log that no longer reaches back, recomputes
+everything; a PeerAuthentication in the root namespace or a DestinationRule where local clients
+or the root namespace see it recompute every service (in doubt, all). Kinds translation does
+not read yet (ServiceAccount, VirtualService, AuthorizationPolicy, ...) recompute nothing: a
+builder that starts reading one must add its dependency in ``_dirty_services``.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from nodeagent.mesh import policy, traffic
+from nodeagent.mesh import locality, policy, traffic
 from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service
-from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, MeshStore
+from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, NODE, MeshStore
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
 from nodeagent.translate import envoy, internal, l4_routes, mirror, service_views, tls
@@ -68,6 +70,7 @@ from nodeagent.translate.listeners import (
     outbound_listener,
     pod_outbound_listener,
 )
+from nodeagent.translate.locality import Balancing, topology_labels
 from nodeagent.translate.protocol import HTTP2, is_http
 from nodeagent.translate.routes import inbound_route
 from nodeagent.translate.services import (
@@ -109,6 +112,7 @@ class _ServiceEntry:
     # DestinationRule tls modes binding local clients: namespace -> cluster -> mode.
     modes: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: frozenset[str] = frozenset()  # pods its endpoints name (namespace/name)
+    nodes: frozenset[str] = frozenset()  # the nodes of its endpoints (their locality)
     # What the outbound listener(s) take from it: one filter chain per VIP:port.
     chain_keys: tuple[tuple[str, int, str, bool, str], ...] = ()
     # Its clusters per port (DestinationRule subsets and policies, per view), reused with the
@@ -148,6 +152,7 @@ class TranslationCache:
     _excluded: frozenset[Origin] = frozenset()
     _by_pod: dict[str, set[str]] = field(default_factory=dict)  # pod -> service keys
     _by_namespace: dict[str, set[str]] = field(default_factory=dict)  # pod namespace -> services
+    _by_node: dict[str, set[str]] = field(default_factory=dict)  # endpoint node -> services
     _slice_service: dict[str, str] = field(default_factory=dict)  # slice key -> service key
     _shared: Made = field(default_factory=list)
     _outbound: dict[str, _Memo] = field(default_factory=dict)  # pod key -> its outbound listener
@@ -238,6 +243,7 @@ class TranslationCache:
         self._services.clear()
         self._by_pod.clear()
         self._by_namespace.clear()
+        self._by_node.clear()
         self._by_vs.clear()
         self._by_host.clear()
         self._vs_index = traffic.virtual_service_index(settings.store)
@@ -295,6 +301,10 @@ class TranslationCache:
                 dirty |= self._by_pod.get(key, set())
             elif kind == NAMESPACE:
                 dirty |= self._by_namespace.get(key, set())
+            elif kind == NODE:
+                # This node's locality ranks every endpoint; another node's, its endpoints.
+                everything |= key == store.node_name
+                dirty |= self._by_node.get(key, set())
             elif kind == PEER_AUTHENTICATION:  # key: Kind/namespace/name
                 namespace = key.split("/")[1]
                 everything |= namespace == root
@@ -343,6 +353,8 @@ class TranslationCache:
             for pod in entry.pods:
                 self._by_pod.setdefault(pod, set()).add(key)
                 self._by_namespace.setdefault(pod.split("/")[0], set()).add(key)
+            for node in entry.nodes:
+                self._by_node.setdefault(node, set()).add(key)
             for vs in entry.virtual_services:
                 self._by_vs.setdefault(vs, set()).add(key)
             for host in entry.hosts:
@@ -389,6 +401,7 @@ class TranslationCache:
     def _unlink(self, key: str, entry: _ServiceEntry) -> None:
         links = [(self._by_pod, pod) for pod in entry.pods]
         links += [(self._by_namespace, pod.split("/")[0]) for pod in entry.pods]
+        links += [(self._by_node, node) for node in entry.nodes]
         links += [(self._by_vs, vs) for vs in entry.virtual_services]
         links += [(self._by_host, host) for host in entry.hosts]
         for index, at in links:
@@ -407,11 +420,12 @@ class TranslationCache:
         store = settings.store
         origin = Origin(SERVICE, svc.namespace, svc.name)
         entry = _ServiceEntry(origin, service_targets(svc, settings.mesh_config.cluster_domain))
-        entry.pods = frozenset(
-            endpoint.pod
-            for slice_ in ip_slices(store, svc)
-            for endpoint in slice_.endpoints
-            if endpoint.pod
+        endpoints = [endpoint for slice_ in ip_slices(store, svc) for endpoint in slice_.endpoints]
+        entry.pods = frozenset(endpoint.pod for endpoint in endpoints if endpoint.pod)
+        entry.nodes = frozenset(
+            node
+            for endpoint in endpoints
+            if (node := endpoint.node_name or _pod_node(store, endpoint.pod))
         )
         if origin in self._excluded:
             return entry
@@ -495,9 +509,16 @@ class TranslationCache:
         # refuses it there, as Istio's sidecar would).
         disabled = any("DISABLE" in modes.values() for modes in entry.modes.values())
         fast = None if disabled else self._fast
+        # The proxy is the node: its locality ranks the endpoints for every local pod.
+        proxy = store.locality_of(store.node_name)
+        proxy_labels = topology_labels(proxy)
+        mesh_locality = settings.mesh_config.locality_lb
         for target, subsets in zip(entry.targets, entry.subsets, strict=True):
             modes = {ns: m[target.cluster] for ns, m in entry.modes.items() if target.cluster in m}
             for subset in subsets:
+                outlier = subset.policy.get("outlierDetection") is not None
+                setting = locality.effective(mesh_locality, locality.of_policy(subset.policy))
+                balancing = Balancing(proxy, proxy_labels, setting, outlier)
                 assignment = load_assignment(
                     store,
                     target,
@@ -506,9 +527,13 @@ class TranslationCache:
                     fast,
                     cluster=subset.name,
                     labels=subset.labels,
+                    balancing=balancing,
                 )
                 entry.endpoints.append((envoy.ENDPOINT, assignment))
-                policy_fields = _node_policy(subset, cluster_fields(subset.policy, target.protocol))
+                policy_fields = _node_policy(
+                    subset,
+                    cluster_fields(subset.policy, target.protocol, mesh_locality=mesh_locality),
+                )
                 if settings.sidecar:
                     identity = settings.identities[0]
                     cluster = _sidecar_cluster(store, target, identity, subset.name, policy_fields)
@@ -692,6 +717,11 @@ def _bound_services(store: MeshStore, vs: IstioResource) -> set[str]:
         elif (svc := service_views.service_of_host(store, host)) is not None:
             found.add(svc.key)
     return found
+
+
+def _pod_node(store: MeshStore, pod_key: str) -> str:
+    pod = store.pods.get(pod_key) if pod_key else None
+    return pod.node_name if pod is not None else ""
 
 
 def _namespaces(identities: Sequence[Identity]) -> set[str]:

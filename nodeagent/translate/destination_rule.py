@@ -7,8 +7,11 @@ Follows what istiod builds for a sidecar's outbound cluster (istio/istio
 consistentHashToHashPolicy / hashForHTTPDestination, ``networkfilter.go`` for tcp_proxy) and the
 reference page istio.io/latest/docs/reference/config/networking/destination-rule/.
 
+``loadBalancer.localityLbSetting`` sets the cluster's ``locality_weighted_lb_config`` here
+(applyLocalityLoadBalancer); the priorities and weights it implies are EDS's (locality.py).
+
 Not here: ``tls`` (DISABLE / ISTIO_MUTUAL are applied by the originate path, see tls.py and
-mesh/policy.py), ``loadBalancer.localityLbSetting`` / ``zoneAwareLbSetting`` /
+mesh/policy.py), ``loadBalancer.zoneAwareLbSetting`` /
 ``backendUtilization``, ``proxyProtocol``, ``tunnel``, ``retryBudget``,
 ``outlierDetection.outlierDetectionHttpErrorCodes``: see
 NOT_TRANSLATED. Mesh-wide settings are Istio's defaults (pkg/config/mesh/mesh.go
@@ -25,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from fractions import Fraction
 from typing import Any
 
+from nodeagent.mesh import locality
 from nodeagent.translate.envoy import typed
 from nodeagent.translate.protocol import HTTP2
 
@@ -41,7 +45,6 @@ _EXTRA_PARTS = ("tunnel", "proxyProtocol", "retryBudget")
 # Traffic policy fields this module does not translate (paths inside a trafficPolicy or a
 # portLevelSettings entry). ``tls`` is not among them: mesh/policy.py applies its modes.
 NOT_TRANSLATED = (
-    "loadBalancer.localityLbSetting",
     "loadBalancer.zoneAwareLbSetting",
     "loadBalancer.backendUtilization",
     "outlierDetection.outlierDetectionHttpErrorCodes",
@@ -130,7 +133,10 @@ def _put(policy: dict[str, Any], part: str, value: Any) -> None:
 
 
 def cluster_fields(
-    policy: Mapping[str, Any], protocol: str, at: str = "trafficPolicy"
+    policy: Mapping[str, Any],
+    protocol: str,
+    at: str = "trafficPolicy",
+    mesh_locality: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Envoy Cluster fields (proto3 JSON) to merge over a service port's EDS cluster
     (clusters.py _eds_cluster) for the merged POLICY (traffic_policy) on a PROTOCOL port.
@@ -142,7 +148,8 @@ def cluster_fields(
     clears it): loadBalancer.simple PASSTHROUGH turns the cluster into Istio's ORIGINAL_DST /
     CLUSTER_PROVIDED one, which connects to the address the caller dialled, without EDS.
 
-    AT is the policy's path in the rule, for errors."""
+    AT is the policy's path in the rule, for errors. MESH_LOCALITY: the mesh config's
+    localityLbSetting, which applies when the policy sets none."""
     pool = _map(policy.get("connectionPool"), f"{at}.connectionPool")
     fields: dict[str, Any] = {}
     fields.update(_connection_pool(pool, protocol, f"{at}.connectionPool"))
@@ -153,7 +160,26 @@ def cluster_fields(
         )
     balancer = _map(policy.get("loadBalancer"), f"{at}.loadBalancer")
     fields.update(_load_balancer(balancer, f"{at}.loadBalancer"))
+    own = balancer.get("localityLbSetting")
+    if own is not None:
+        locality.check(
+            _map(own, f"{at}.loadBalancer.localityLbSetting"),
+            f"{at}.loadBalancer.localityLbSetting",
+        )
+    if locality_weighted(locality.effective(mesh_locality, own), outlier is not None):
+        common = dict(fields.get("common_lb_config") or {})
+        fields["common_lb_config"] = common | {"locality_weighted_lb_config": {}}
     return fields
+
+
+def locality_weighted(setting: Mapping[str, Any] | None, outlier: bool) -> bool:
+    """The cluster needs Envoy's locality weighted balancing (applyLocalityLoadBalancer): for
+    ``distribute``, or for failover with outlierDetection (OUTLIER). Istio leaves it off
+    otherwise: it would change how LEAST_REQUEST and the others pick among localities."""
+    if setting is None:
+        return False
+    failover = setting.get("failover") is not None or setting.get("failoverPriority") is not None
+    return bool(setting.get("distribute")) or (outlier and failover)
 
 
 def _connection_pool(pool: Mapping[str, Any], protocol: str, at: str) -> dict[str, Any]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from nodeagent.mesh.model import EndpointSlice, Service, ServicePort
+from nodeagent.mesh.model import EndpointSlice, Locality, Service, ServicePort
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import internal, tls
 from nodeagent.translate.envoy import ClusterLoadAssignment, message
+from nodeagent.translate.locality import Balancing, Group, locality_endpoints, topology_labels
 from nodeagent.translate.services import ServiceTarget
 
 
@@ -48,6 +49,7 @@ def load_assignment(
     fast: Mapping[str, Collection[int]] | None = None,
     cluster: str = "",
     labels: Mapping[str, str] | None = None,
+    balancing: Balancing | None = None,
 ) -> ClusterLoadAssignment:
     """Every ready endpoint of the service, cluster-wide.
 
@@ -61,10 +63,18 @@ def load_assignment(
     CLUSTER: the assignment's name (default: the service port's cluster). LABELS: a
     DestinationRule subset's, which only endpoints whose pod carries them all are in (an
     endpoint naming no pod has no labels: it is in no subset, as in Istio).
+
+    Endpoints are grouped by locality, their node's (the slice's ``nodeName``, else their
+    pod's; unknown: the empty locality), with priorities and weights relative to the proxy
+    as BALANCING says (translate/locality.py; None: no locality load balancing).
     """
     trust_domain = store.mesh_config.trust_domain
+    how = balancing or Balancing()
+    # Endpoint labels are compared only by failoverPriority: not gathered otherwise.
+    by_labels = bool(how.setting and how.setting.get("failoverPriority"))
     found: dict[tuple[str, int], str | None] = {}  # (ip, port) -> SPIFFE ID if it speaks mTLS
     local: dict[tuple[str, int], str] = {}  # (ip, port) -> its fast-path listener
+    where: dict[tuple[str, int], tuple[Locality, Mapping[str, str]]] = {}  # and its labels
     for slice_ in ip_slices(store, target.service):
         port = _slice_port(slice_, target.port)
         if port is None:
@@ -81,26 +91,31 @@ def load_assignment(
             if pod is not None and speaks_mtls(endpoint.pod, port):
                 spiffe = tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
             found.update({(address, port): spiffe for address in endpoint.addresses})
+            node = endpoint.node_name or (pod.node_name if pod is not None else "")
+            locality = store.locality_of(node)
+            endpoint_labels: Mapping[str, str] = {}
+            if by_labels:
+                pod_labels = dict(pod.labels) if pod is not None else {}
+                endpoint_labels = pod_labels | topology_labels(locality)
+            placed = (locality, endpoint_labels)
+            where.update({(address, port): placed for address in endpoint.addresses})
             if spiffe and pod is not None and fast and port in fast.get(endpoint.pod, ()):
                 listener = internal.fast_name(pod.namespace, pod.name)
                 local.update({(address, port): listener for address in endpoint.addresses})
+    groups: dict[Locality, Group] = {}
+    for ip, port in sorted(found):
+        locality, endpoint_labels = where[(ip, port)]
+        group = groups.setdefault(locality, Group(locality))
+        group.endpoints.append(
+            _lb_endpoint(ip, port, found[(ip, port)], via_originate, local.get((ip, port)))
+        )
+        group.labels.append(endpoint_labels)
+    endpoints = locality_endpoints(
+        list(groups.values()), how.proxy, how.proxy_labels, how.setting, how.enable_failover
+    )
     return message(
         ClusterLoadAssignment,
-        {
-            "cluster_name": cluster or target.cluster,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        _lb_endpoint(
-                            ip, port, found[(ip, port)], via_originate, local.get((ip, port))
-                        )
-                        for ip, port in sorted(found)
-                    ]
-                }
-            ]
-            if found
-            else [],
-        },
+        {"cluster_name": cluster or target.cluster, "endpoints": endpoints},
     )
 
 

@@ -101,7 +101,14 @@ def _topology() -> str:
         [
             f"name: {NAME}",
             "source: kubernetes",
-            "nodes: [{name: n1}, {name: n2}]",
+            # One zone for both nodes: with outlierDetection Istio's default locality failover
+            # would otherwise keep n1's callers on n1's endpoints (test_locality.py shows it).
+            "nodes:",
+            *[
+                f"  - {{name: {n}, labels: {{topology.kubernetes.io/region: r1,"
+                " topology.kubernetes.io/zone: z1}}"
+                for n in ("n1", "n2")
+            ],
             "namespaces:",
             "  - {name: default, labels: {nodeagent.io/mesh: enabled}}",
             "  - {name: istioinaction, labels: {nodeagent.io/mesh: enabled}}",

@@ -150,6 +150,7 @@ def test_cluster_role_is_read_only_but_for_patching_pods() -> None:
     expected = {
         ("", "pods"),
         ("", "namespaces"),
+        ("", "nodes"),  # locality labels (localityLbSetting)
         ("", "services"),
         ("", "serviceaccounts"),
         ("discovery.k8s.io", "endpointslices"),

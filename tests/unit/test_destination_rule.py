@@ -909,7 +909,6 @@ def test_untranslated_fields_exist_and_leave_the_cluster_alone() -> None:
     setting one changes nothing in the cluster."""
     schema = _trafficpolicy_schema()
     samples: dict[str, Any] = {
-        "loadBalancer.localityLbSetting": {"enabled": True},
         "loadBalancer.zoneAwareLbSetting": {"enabled": True},
         "loadBalancer.backendUtilization": {},
         "outlierDetection.outlierDetectionHttpErrorCodes": [500],

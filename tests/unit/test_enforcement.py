@@ -54,7 +54,11 @@ def test_ignored_destination_rule_fields_are_named() -> None:
         "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
         "trafficPolicy": {
             "tls": {"mode": "SIMPLE", "sni": "web.example"},
-            "loadBalancer": {"simple": "LEAST_REQUEST", "localityLbSetting": {"enabled": True}},
+            "loadBalancer": {
+                "simple": "LEAST_REQUEST",
+                # a caller pod's own label: the node's shared endpoints cannot rank by it
+                "localityLbSetting": {"failoverPriority": ["topology.kubernetes.io/zone", "app"]},
+            },
             "portLevelSettings": [
                 {"port": {"number": 80}, "tls": {"mode": "MUTUAL"}, "outlierDetection": {}}
             ],
@@ -65,7 +69,7 @@ def test_ignored_destination_rule_fields_are_named() -> None:
     assert found.fields == (
         "trafficPolicy.tls.mode=SIMPLE",
         "trafficPolicy.tls.sni",
-        "trafficPolicy.loadBalancer.localityLbSetting",
+        "trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[1]=app",
         "trafficPolicy.portLevelSettings[0].tls.mode=MUTUAL",
     )
     selected = not_enforced(_dr({"host": "web", "workloadSelector": {"matchLabels": {"a": "b"}}}))

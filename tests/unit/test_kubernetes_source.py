@@ -18,6 +18,7 @@ import yaml
 from apiserver_standin import APIServerStandIn
 from store_writes import Writes
 
+from nodeagent.mesh.model import Locality
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
 from nodeagent.podstatus import (
@@ -32,8 +33,8 @@ from nodeagent.sources.kubernetes import ISTIO_GROUPS, KubernetesSource, plural,
 BOOKINFO = Path(__file__).resolve().parents[1] / "data/istio/bookinfo/networking"  # istio_data.py
 NODE = "node1"
 WAIT = 5.0
-# Namespace, Pod, Service, EndpointSlice, ServiceAccount and the Istio kinds: one watch each.
-KINDS = 5 + sum(group in ISTIO_GROUPS for group, _ in IstioSchemas.load().kinds())
+# Namespace, Node, Pod, Service, EndpointSlice, ServiceAccount and the Istio kinds: one watch each.
+KINDS = 6 + sum(group in ISTIO_GROUPS for group, _ in IstioSchemas.load().kinds())
 
 
 def _bookinfo(name: str) -> dict[str, Any]:
@@ -49,6 +50,20 @@ NAMESPACE: dict[str, Any] = {
     "apiVersion": "v1",
     "kind": "Namespace",
     "metadata": {"name": "shop", "labels": {"nodeagent.io/mesh": "enabled"}},
+}
+
+
+NODE_OBJECT: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {
+        "name": "node2",
+        "labels": {
+            "topology.kubernetes.io/region": "r1",
+            "topology.kubernetes.io/zone": "z2",
+            "kubernetes.io/hostname": "node2",
+        },
+    },
 }
 
 
@@ -112,6 +127,7 @@ INVALID_VS: dict[str, Any] = {
 def _objects() -> list[dict[str, Any]]:
     return [
         NAMESPACE,
+        NODE_OBJECT,
         _pod("web-1", NODE, "10.244.1.7"),
         _pod("web-2", "node2", "10.244.2.9"),
         SERVICE,
@@ -127,6 +143,7 @@ def _view(store: MeshStore, node: str | None = None) -> dict[str, Any]:
     """The store's records; NODE: pods of other nodes as the Kubernetes source keeps them."""
     return {
         "namespaces": dict(store.namespaces),
+        "nodes": dict(store.nodes),
         "pods": {
             k: p if node is None or p.node_name == node else remote_pod(p)
             for k, p in store.pods.items()
@@ -243,6 +260,29 @@ def test_watch_events_are_applied_and_unchanged_records_do_not_bump(tmp_path: Pa
             server.modify({**INVALID_VS, "metadata": {**INVALID_VS["metadata"], "labels": {}}})
             server.delete(INVALID_VS)
             await _until(lambda: not run.source.invalid, "invalid object gone with its deletion")
+
+    _run(scenario())
+
+
+def test_a_nodes_locality_labels_are_followed_and_nothing_else(tmp_path: Path) -> None:
+    """Nodes are watched for their locality (DestinationRule localityLbSetting): a relabel
+    into another zone reaches the store; a change of any other label (a heartbeat's status
+    too, which the store never sees) writes nothing."""
+
+    async def scenario() -> None:
+        async with _running(tmp_path) as run:
+            server, store = run.server, run.store
+            assert store.locality_of("node2") == Locality("r1", "z2")
+            assert "kubernetes.io/hostname" not in store.nodes["node2"].labels
+            server.modify(_bump(NODE_OBJECT, **{"topology.kubernetes.io/zone": "z3"}))
+            await _until(lambda: store.locality_of("node2").zone == "z3", "node relabelled")
+            generation = store.generation
+            server.modify(_bump(NODE_OBJECT, **{"topology.kubernetes.io/zone": "z3", "x": "y"}))
+            version = str(server.version)
+            await _until(lambda: run.source.resource_versions["Node"] == version, "event seen")
+            assert store.generation == generation
+            server.delete(NODE_OBJECT)
+            await _until(lambda: "node2" not in store.nodes, "node deleted")
 
     _run(scenario())
 
@@ -475,7 +515,8 @@ def test_an_endpoint_on_another_node_gets_mtls_and_its_pods_identity(tmp_path: P
                     _find(lb, "tlsMode"),
                     _find(lb, "sans"),
                 )
-                for lb in cla["endpoints"][0]["lbEndpoints"]
+                for group in cla["endpoints"]  # one per locality: node2 has one
+                for lb in group["lbEndpoints"]
             }
             web = ["spiffe://cluster.local/ns/shop/sa/web"]
             assert endpoints == {

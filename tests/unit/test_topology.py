@@ -66,6 +66,23 @@ def test_a_larger_node_cidr_holds_a_thousand_pods() -> None:
     assert a.pod_cidr.num_addresses - 3 >= 1000  # less network, gateway, broadcast
 
 
+def test_nodes_carry_locality_labels_each_its_own_zone_by_default() -> None:
+    """Node labels give endpoints their locality (DestinationRule localityLbSetting)."""
+    topo = loads_topology(
+        "name: t\nnodes: [{name: a}, {name: b}, {name: c, labels: {topology.kubernetes.io/"
+        "region: eu}}]\n",
+        "t.yaml",
+    )
+    region, zone = "topology.kubernetes.io/region", "topology.kubernetes.io/zone"
+    assert [dict(n.labels) for n in topo.nodes] == [
+        {region: "r1", zone: "z1"},
+        {region: "r1", zone: "z2"},
+        {region: "eu"},
+    ]
+    with pytest.raises(TopologyError, match=r"nodes\[0\]\.labels"):
+        loads_topology("name: t\nnodes: [{name: a, labels: [x]}]\n", "t.yaml")
+
+
 def test_defaults_follow_kubernetes() -> None:
     topo = loads_topology(MINIMAL, "t.yaml")
     client = topo.find_pod("client")

@@ -4,6 +4,7 @@ while unchanged resources stay the same objects and cost nothing to push again."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -11,13 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodeagent.mesh.model import (
+    REGION_LABEL,
     REGISTRY_ONLY,
+    ZONE_LABEL,
     Endpoint,
     EndpointPort,
     EndpointSlice,
     IstioResource,
     MeshConfig,
     Namespace,
+    Node,
     Pod,
     Service,
     ServicePort,
@@ -70,10 +74,11 @@ pods = st.builds(
     names(["u1", "u2"]),
 )
 endpoints = st.builds(
-    lambda ns, name, ready: Endpoint(pod_ips(name), ready, NODE, f"{ns}/{name}"),
+    lambda ns, name, ready, node: Endpoint(pod_ips(name), ready, node, f"{ns}/{name}"),
     names(["a", "b"]),
     names(PODS),
     st.booleans(),
+    names([NODE, "n2", ""]),  # "": the pod's node
 )
 slices = st.builds(
     lambda ns, svc, k, eps, ports, fqdn: EndpointSlice(
@@ -130,8 +135,42 @@ destination_rules = st.builds(
     names(["s0", "s1.b.svc.cluster.local", "*.a.svc.cluster.local", "*"]),
     names(["DISABLE", "ISTIO_MUTUAL", "SIMPLE"]),
     st.lists(names(APPS), max_size=2, unique=True),
-    names([None, {"simple": "RANDOM"}, {"consistentHash": {"httpHeaderName": "u"}}]),
+    names(
+        [
+            None,
+            {"simple": "RANDOM"},
+            {"consistentHash": {"httpHeaderName": "u"}},
+            {
+                "localityLbSetting": {
+                    "distribute": [{"from": "r1/*", "to": {"r1/z1/*": 70, "r2/*": 30}}]
+                }
+            },
+            {"localityLbSetting": {"failover": [{"from": "r1", "to": "r2"}]}},
+        ]
+    ),
     names([None, ["."], ["b"]]),
+).map(
+    # failover takes effect only with outlierDetection: half of the rules have it
+    lambda rule: (
+        replace(
+            rule,
+            spec={
+                **rule.spec,
+                "trafficPolicy": {**rule.spec["trafficPolicy"], "outlierDetection": {}},
+            },
+        )
+        if rule.name == "dr1"
+        else rule
+    )
+)
+# Nodes: the localities of this node and of the other one.
+nodes = st.builds(
+    lambda name, region, zone: Node(
+        name, {REGION_LABEL: region, ZONE_LABEL: zone} if region else {}
+    ),
+    names([NODE, "n2"]),
+    names(["", "r1", "r2"]),
+    names(["z1", "z2"]),
 )
 # VirtualServices: hosts, exportTo, HTTP routes to subsets (by weight, by caller labels), TCP.
 destinations = st.builds(
@@ -206,6 +245,7 @@ changes = st.one_of(
         st.just("namespace"), st.tuples(names(["a", "b"]), names(["", "disabled", "enabled"]))
     ),
     st.tuples(st.just("mesh"), mesh_configs),
+    st.tuples(st.just("put_node"), nodes),
     st.tuples(st.just("capture"), st.tuples(names(["a", "b"]), names(PODS))),
     st.tuples(st.just("release"), st.tuples(names(["a", "b"]), names(PODS))),
     st.tuples(st.just("exclude"), origins),
@@ -216,7 +256,7 @@ changes = st.one_of(
 steps_ = st.lists(st.tuples(changes, names([True, True, False])), min_size=1, max_size=40)
 
 
-class Node:
+class View:
     """The view and what the proxy would hand translation: captured pods, excluded objects."""
 
     def __init__(self) -> None:
@@ -247,6 +287,8 @@ class Node:
             s.put_namespace(Namespace(name, {"istio-injection": injection} if injection else {}))
         elif what == "mesh":
             s.set_mesh_config(arg)
+        elif what == "put_node":
+            s.put_node(arg)
         elif what == "capture":
             self.captured.add("/".join(arg))
         elif what == "release":
@@ -277,10 +319,10 @@ def serialized(t: Translation) -> dict[str, Any]:
     }
 
 
-def seeded() -> Node:
+def seeded() -> View:
     """A view where changes meet something: local pods of two identities, services selecting
     them, endpoints naming pods on both nodes."""
-    node = Node()
+    node = View()
     node.store.put_namespace(Namespace("a", {"istio-injection": "enabled"}))
     for i, name in enumerate(PODS):
         ns, sa = ("a", "default") if i % 2 else ("b", "sa1")
@@ -392,10 +434,36 @@ CASES: dict[str, list[tuple[str, Any]]] = {
     "an identity's last local pod released": [("release", ("a", "p1"))],
     "a local pod released": [("release", ("b", "p2"))],
     "mesh config": [("mesh", MeshConfig("example.org", ROOT, REGISTRY_ONLY))],
+    "this node's locality": [("put_node", Node(NODE, {REGION_LABEL: "r1", ZONE_LABEL: "z1"}))],
+    "a mesh-wide distribute": [
+        ("put_node", Node(NODE, {REGION_LABEL: "r1", ZONE_LABEL: "z1"})),
+        ("push", None),
+        (
+            "mesh",
+            MeshConfig(
+                locality_lb_setting='{"distribute": [{"from": "r1/z1/*", "to": {"r1/z1/*": 100}}]}'
+            ),
+        ),
+    ],
+    "an endpoint pod moved to another node": [
+        (
+            "put_slice",
+            EndpointSlice(
+                "a",
+                "s1-k0",
+                "s1",
+                (Endpoint(pod_ips("p1"), True, "", "a/p1"),),
+                (EndpointPort(80, "http"),),
+            ),
+        ),
+        ("push", None),
+        ("put_pod", Pod("a", "p1", "u1", "n2", "default", {"app": "y"}, pod_ips=pod_ips("p1"))),
+        ("put_node", Node("n2", {REGION_LABEL: "r2"})),
+    ],
 }
 
 
-RECOMPUTE_ALL = {"mesh config"}
+RECOMPUTE_ALL = {"mesh config", "a mesh-wide distribute"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -416,8 +484,8 @@ def test_each_kind_of_change_reaches_what_it_affects(case: str) -> None:
     assert cache.full_recomputes == 1 + (case in RECOMPUTE_ALL)
 
 
-def bulk_view(n: int) -> Node:
-    node = Node()
+def bulk_view(n: int) -> View:
+    node = View()
     for i in range(n):
         node.store.put_service(
             Service("a", f"svc{i}", f"10.96.{i // 250}.{i % 250 + 1}", (PORTS[0],), {"app": "x"})
