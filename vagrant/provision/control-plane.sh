@@ -97,6 +97,9 @@ advertise-address: $NODE_IP
 tls-san:
   - $NODE_IP
 flannel-iface: $iface
+node-label:
+  - "topology.kubernetes.io/region=vagrant"
+  - "topology.kubernetes.io/zone=${NODE_ZONE:-zone-a}"
 token: "$K3S_TOKEN"
 disable:
   - traefik

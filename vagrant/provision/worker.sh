@@ -45,6 +45,9 @@ server: https://$SERVER_IP:6443
 token: "$K3S_TOKEN"
 node-ip: $NODE_IP
 flannel-iface: $iface
+node-label:
+  - "topology.kubernetes.io/region=vagrant"
+  - "topology.kubernetes.io/zone=${NODE_ZONE:-zone-a}"
 EOF
     echo "$changed"
 }
