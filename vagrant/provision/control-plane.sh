@@ -7,7 +7,7 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-require_env NODE_IP K3S_VERSION K3S_TOKEN
+require_env NODE_IP NODE_ZONE K3S_VERSION K3S_TOKEN
 
 # A checksum of everything the image is built from (what the Containerfile copies).
 image_sources_checksum() {
@@ -99,7 +99,7 @@ tls-san:
 flannel-iface: $iface
 node-label:
   - "topology.kubernetes.io/region=vagrant"
-  - "topology.kubernetes.io/zone=${NODE_ZONE:-zone-a}"
+  - "topology.kubernetes.io/zone=$NODE_ZONE"
 token: "$K3S_TOKEN"
 disable:
   - traefik

@@ -8,7 +8,7 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-require_env NODE_IP SERVER_IP K3S_VERSION K3S_TOKEN IMAGE_WAIT
+require_env NODE_IP NODE_ZONE SERVER_IP K3S_VERSION K3S_TOKEN IMAGE_WAIT
 
 # fetch_image: the control plane's tarball into K3S_IMAGES_DIR, unless the one there is current.
 fetch_image() {
@@ -47,7 +47,7 @@ node-ip: $NODE_IP
 flannel-iface: $iface
 node-label:
   - "topology.kubernetes.io/region=vagrant"
-  - "topology.kubernetes.io/zone=${NODE_ZONE:-zone-a}"
+  - "topology.kubernetes.io/zone=$NODE_ZONE"
 EOF
     echo "$changed"
 }
