@@ -10,9 +10,10 @@ Enforced today (see nodeagent.mesh.policy, nodeagent.translate.destination_rule,
 nodeagent.translate.virtual_service):
 - PeerAuthentication: every field (selector, mtls.mode, portLevelMtls).
 - DestinationRule: host, exportTo, subsets, and traffic policies (connection pool, load
-  balancer but PASSTHROUGH, locality load balancing, outlier detection, TLS mode DISABLE or
-  ISTIO_MUTUAL) for the rule, a port or a subset. A rule with a workloadSelector is not used.
-  localityLbSetting.failoverPriority compares the node's labels with the endpoints': a label
+  balancer but PASSTHROUGH, locality load balancing, outlier detection, TLS: DISABLE,
+  ISTIO_MUTUAL, SIMPLE and MUTUAL with files, sni, subjectAltNames, insecureSkipVerify) for the
+  rule, a port or a subset. Not yet: tls.credentialName; a rule with a workloadSelector is not
+  used. localityLbSetting.failoverPriority compares the node's labels with the endpoints': a label
   other than the node's topology labels (region, zone, subzone) without a "=value" would need
   the calling pod's labels, which a shared endpoint assignment cannot have.
 - VirtualService: hosts, gateways (mesh), exportTo, every http, tcp and tls field.
@@ -32,7 +33,8 @@ from nodeagent.mesh.model import LOCALITY_LABELS, IstioResource
 METRIC = "nodeagent_istio_resources_not_enforced"
 
 ALL: Any = object()  # a field enforced with everything below it
-_TLS_MODES = frozenset({"DISABLE", "ISTIO_MUTUAL"})  # DestinationRule modes that are enforced
+# DestinationRule tls modes that are enforced (SIMPLE/MUTUAL: translate/client_tls.py).
+_TLS_MODES = frozenset({"DISABLE", "ISTIO_MUTUAL", "SIMPLE", "MUTUAL"})
 
 _NODE_LABELS = frozenset(LOCALITY_LABELS)
 
@@ -82,7 +84,18 @@ _POLICY_PARTS: Mapping[str, Any] = {
         "maxEjectionPercent": ALL,
         "minHealthPercent": ALL,
     },
-    "tls": {"mode": _TLS_MODES},
+    # credentialName: Istio uses it at sidecars only in a rule with a workloadSelector, which
+    # this agent does not use yet.
+    "tls": {
+        "mode": _TLS_MODES,
+        "sni": ALL,
+        "subjectAltNames": ALL,
+        "caCertificates": ALL,
+        "caCrl": ALL,
+        "clientCertificate": ALL,
+        "privateKey": ALL,
+        "insecureSkipVerify": ALL,
+    },
 }
 _POLICY: Mapping[str, Any] = {
     **_POLICY_PARTS,

@@ -5,6 +5,11 @@ answered with JSON naming this service, and the answers of the upstream URIs it 
 embedded in it, so one ``curl`` shows the whole call chain the mesh routed.
 
 Configured through environment variables, like fake-service (see ``FakeServiceConfig.from_env``).
+With TLS_CERT and TLS_KEY (PEM files) it serves HTTPS itself, as an app that terminates TLS
+behind a DestinationRule ``tls.mode: SIMPLE`` does; TLS_CLIENT_CA (a PEM file) makes it require
+a client certificate from that CA (``MUTUAL``). Its answers then tell what the client sent in
+the handshake: ``tls: {sni, client_cert: {subject, sans}}``.
+
 Besides, a few paths answer as httpbin does (``/status/<codes>``, ``/delay/<seconds>``,
 ``/headers``), and ``/requests`` tells how many requests this process served, per path, without
 counting itself (see ``FakeServiceHandler``).
@@ -23,6 +28,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -88,10 +94,19 @@ class FakeServiceConfig:
     delay: float = 0.0
     # Empty means "the first address of this network namespace".
     pod_ip: str = ""
+    # PEM files: serve HTTPS with this certificate and key; require client certificates from
+    # this CA. Empty: plain HTTP (cert and key), no client certificate (CA).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     def __post_init__(self) -> None:
         if not self.message:
             object.__setattr__(self, "message", f"Hello from {self.name}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS_CERT and TLS_KEY: set both (HTTPS) or neither (HTTP)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("TLS_CLIENT_CA: needs TLS_CERT and TLS_KEY (HTTPS)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "FakeServiceConfig":
@@ -122,6 +137,9 @@ class FakeServiceConfig:
             error_code=_status_code(env, "ERROR_CODE", 500),
             delay=_number(env, "DELAY", 0.0, "a number of seconds, 0 or more", lambda s: s >= 0),
             pod_ip=_text(env, "POD_IP", ""),
+            tls_cert=_text(env, "TLS_CERT", ""),
+            tls_key=_text(env, "TLS_KEY", ""),
+            tls_client_ca=_text(env, "TLS_CLIENT_CA", ""),
         )
 
 
@@ -304,7 +322,19 @@ class FakeServiceServer(ThreadingHTTPServer):
         self._count_lock = threading.Lock()
         self._request_count = 0
         self._by_path: dict[str, int] = {}
+        self.tls_context = _tls_context(config) if config.tls_cert else None
         super().__init__((config.listen_host, config.listen_port), FakeServiceHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """The accepted connection, in TLS when configured. The handshake runs in the request's
+        own thread (FakeServiceHandler.setup), so one slow client cannot stall accepting."""
+        sock, address = super().get_request()
+        if self.tls_context is None:
+            return sock, address
+        wrapped = self.tls_context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        )
+        return wrapped, address
 
     def count_request(self, path: str) -> int:
         """Count one served request for PATH; return the count including it."""
@@ -323,10 +353,36 @@ class FakeServiceServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up or idles out is routine in a mesh; a traceback is not.
         exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError | TimeoutError):
+        if isinstance(exc, ConnectionError | TimeoutError | ssl.SSLError):
             _log(f"{self.config.name}: connection from {client_address[0]} ended: {exc!r}")
             return
         super().handle_error(request, client_address)
+
+
+def _tls_context(config: FakeServiceConfig) -> ssl.SSLContext:
+    """The server side of HTTPS; the SNI each client sends is kept on its socket."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+
+    def remember_sni(sock: Any, server_name: str | None, _: ssl.SSLContext) -> None:
+        sock.fake_service_sni = server_name or ""
+
+    context.sni_callback = remember_sni
+    return context
+
+
+def tls_of(sock: Any) -> dict[str, Any]:
+    """What the client sent in SOCK's handshake: its SNI, and its certificate's subject and SANs."""
+    answer: dict[str, Any] = {"sni": getattr(sock, "fake_service_sni", "")}
+    cert = sock.getpeercert()
+    if cert:
+        subject = ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+        sans = [f"{kind}:{value}" for kind, value in cert.get("subjectAltName", ())]
+        answer["client_cert"] = {"subject": subject, "sans": sans}
+    return answer
 
 
 class _IPv6FakeServiceServer(FakeServiceServer):
@@ -397,6 +453,11 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
     server_version = "fake-service"
     sys_version = ""
     timeout = _IDLE_CONNECTION_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()  # under the idle timeout set above
 
     def do_GET(self) -> None:
         self._answer()
@@ -522,6 +583,8 @@ class FakeServiceHandler(BaseHTTPRequestHandler):
             "code": code,
             "request_count": request_count,
         }
+        if isinstance(self.connection, ssl.SSLSocket):
+            answer["tls"] = tls_of(self.connection)
         return answer
 
     def _lowercased_headers(self) -> dict[str, str]:

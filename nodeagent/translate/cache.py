@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -49,7 +50,7 @@ from nodeagent.mesh.model import IstioResource, MeshConfig, Service
 from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, NODE, MeshStore
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
-from nodeagent.translate import envoy, internal, l4_routes, mirror, service_views, tls
+from nodeagent.translate import client_tls, envoy, internal, l4_routes, mirror, service_views, tls
 from nodeagent.translate.clusters import (
     blackhole_cluster,
     original_dst_cluster,
@@ -111,6 +112,8 @@ class _ServiceEntry:
     chains: list[envoy.FilterChain] = field(default_factory=list)
     # DestinationRule tls modes binding local clients: namespace -> cluster -> mode.
     modes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Transport sockets of originate-tls its clusters name (DestinationRule SIMPLE/MUTUAL).
+    tls_sockets: dict[str, dict[str, Any]] = field(default_factory=dict)
     pods: frozenset[str] = frozenset()  # pods its endpoints name (namespace/name)
     nodes: frozenset[str] = frozenset()  # the nodes of its endpoints (their locality)
     # What the outbound listener(s) take from it: one filter chain per VIP:port.
@@ -174,6 +177,7 @@ class TranslationCache:
     _modes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # served services'
     _internal: _Memo | None = None  # the outbound-internal listener
     _originate: _Memo | None = None  # the originate-mtls cluster
+    _originate_tls: _Memo | None = None  # the originate-tls cluster
     _fast: dict[str, frozenset[int]] = field(default_factory=dict)  # local pod -> fast ports
     _vs_index: traffic.VirtualServiceIndex | None = None
     _by_vs: dict[str, set[str]] = field(default_factory=dict)  # VirtualService -> services
@@ -249,7 +253,7 @@ class TranslationCache:
         self._vs_index = traffic.virtual_service_index(settings.store)
         self._outbound.clear()
         self._inbound.clear()
-        self._internal = self._originate = None
+        self._internal = self._originate = self._originate_tls = None
         self._modes.clear()
         self._base = {type_url: {} for type_url in TYPES}
         self._base_origins.clear()
@@ -274,6 +278,7 @@ class TranslationCache:
             self._shared += [
                 (envoy.CLUSTER, internal.internal_cluster(internal.OUTBOUND_INTERNAL)),
                 (envoy.LISTENER, internal.originate_listener()),
+                (envoy.LISTENER, internal.originate_tls_listener()),
                 (envoy.CLUSTER, internal.internal_cluster(mirror.MIRROR)),
                 (envoy.LISTENER, mirror.mirror_listener()),
             ]
@@ -437,6 +442,7 @@ class TranslationCache:
                 and (reuse.modes, reuse.subsets) == (entry.modes, entry.subsets)
             ):
                 entry.endpoints, entry.clusters = reuse.endpoints, reuse.clusters
+                entry.tls_sockets = reuse.tls_sockets
             else:
                 self._service_parts(entry)
         except Exception as e:  # one bad Service must not take the node's config down
@@ -519,15 +525,29 @@ class TranslationCache:
                 outlier = subset.policy.get("outlierDetection") is not None
                 setting = locality.effective(mesh_locality, locality.of_policy(subset.policy))
                 balancing = Balancing(proxy, proxy_labels, setting, outlier)
+                origination = client_tls.origination(
+                    subset.policy.get("tls"),
+                    target.host,
+                    target.protocol == HTTP2,
+                    f"DestinationRule of {subset.name}: tls",
+                )
+                if origination is not None and origination.socket is not None:
+                    origination = _with_files(origination, subset.name)
+                    if origination.socket != internal.NO_IDENTITY:
+                        entry.tls_sockets[str(origination.socket)] = client_tls.transport_socket(
+                            origination.setting
+                        )
+                # The app terminates TLS: no fast path (it would skip the TLS the rule asks).
                 assignment = load_assignment(
                     store,
                     target,
                     speaks_mtls,
                     not settings.sidecar,
-                    fast,
+                    None if origination is not None else fast,
                     cluster=subset.name,
                     labels=subset.labels,
                     balancing=balancing,
+                    originate=internal.ORIGINATE if origination is None else internal.ORIGINATE_TLS,
                 )
                 entry.endpoints.append((envoy.ENDPOINT, assignment))
                 policy_fields = _node_policy(
@@ -536,9 +556,13 @@ class TranslationCache:
                 )
                 if settings.sidecar:
                     identity = settings.identities[0]
-                    cluster = _sidecar_cluster(store, target, identity, subset.name, policy_fields)
+                    cluster = _sidecar_cluster(
+                        store, target, identity, subset.name, policy_fields, origination
+                    )
                 else:
-                    cluster = service_cluster(target, modes, subset.name, policy_fields)
+                    cluster = service_cluster(
+                        target, modes, subset.name, policy_fields, origination
+                    )
                 entry.clusters.append((envoy.CLUSTER, cluster))
 
     def _pod_part(
@@ -690,8 +714,19 @@ class TranslationCache:
                 sorted(overrides), overrides, trust_domain, upstream_bind()
             )
             self._originate = _Memo((frozen, trust_domain), [(envoy.CLUSTER, cluster)])
+        # Sockets are named by their content: the same names are the same cluster.
+        sockets = {
+            name: socket
+            for key in self._served
+            for name, socket in self._services[key].tls_sockets.items()
+        }
+        names = tuple(sorted(sockets))
+        if self._originate_tls is None or self._originate_tls.inputs != names:
+            made = internal.originate_tls_cluster(sockets, upstream_bind())
+            self._originate_tls = _Memo(names, [(envoy.CLUSTER, made)])
         assert self._internal.made is not None and self._originate.made is not None
-        return [*self._internal.made, *self._originate.made]
+        assert self._originate_tls.made is not None
+        return [*self._internal.made, *self._originate.made, *self._originate_tls.made]
 
 
 def _node_policy(subset: service_views.SubsetCluster, fields: dict[str, Any]) -> dict[str, Any]:
@@ -703,6 +738,26 @@ def _node_policy(subset: service_views.SubsetCluster, fields: dict[str, Any]) ->
     log.warning("%s: loadBalancer PASSTHROUGH is not supported; LEAST_REQUEST used", subset.name)
     kept = {k: v for k, v in fields.items() if k not in ("type", "eds_cluster_config")}
     return kept | {"lb_policy": "LEAST_REQUEST"}
+
+
+def _with_files(origination: client_tls.Origination, cluster: str) -> client_tls.Origination:
+    """ORIGINATION, or one that refuses every server when a file it names is not on this node.
+    Envoy would reject the whole shared originate-tls cluster for one missing file (Istio serves
+    them over SDS: only that cluster waits). The only file-system read of translation; a file
+    that appears later counts at the next change of the service or its rule."""
+    missing = {
+        field: path
+        for field, path in client_tls.files(origination.setting).items()
+        if not os.path.isfile(path)
+    }
+    if not missing:
+        return origination
+    log.error(
+        "%s: DestinationRule tls %s: no such file on this node; its calls fail until it exists",
+        cluster,
+        ", ".join(f"{field} {path}" for field, path in sorted(missing.items())),
+    )
+    return replace(origination, socket=internal.NO_IDENTITY)
 
 
 def _bound_services(store: MeshStore, vs: IstioResource) -> set[str]:
@@ -775,9 +830,11 @@ def _sidecar_cluster(
     identity: Identity,
     name: str = "",
     policy_fields: dict[str, Any] | None = None,
+    origination: client_tls.Origination | None = None,
 ) -> envoy.Cluster:
     """The sidecar form's cluster: its pod presents its identity itself, to the SANs of the
-    service's pods, in the TLS mode a DestinationRule in its namespace may set."""
+    service's pods, in the TLS mode a DestinationRule in its namespace may set (ORIGINATION:
+    SIMPLE/MUTUAL, see client_tls.py)."""
     trust_domain = store.mesh_config.trust_domain
     sans = sorted(
         tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
@@ -786,7 +843,7 @@ def _sidecar_cluster(
     )
     mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
     me = tls.spiffe_id(trust_domain, *identity)
-    return sidecar_service_cluster(target, me, sans, mode, name, policy_fields)
+    return sidecar_service_cluster(target, me, sans, mode, name, policy_fields, origination)
 
 
 def _pod_outbound(local: LocalPod, spiffe: str) -> Made:

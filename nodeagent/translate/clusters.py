@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from nodeagent.ports import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
-from nodeagent.translate import internal, tls
+from nodeagent.translate import client_tls, internal, tls
+from nodeagent.translate.client_tls import Origination
 from nodeagent.translate.envoy import Cluster, message, typed
 from nodeagent.translate.protocol import HTTP2
 from nodeagent.translate.services import BLACKHOLE, ServiceTarget
@@ -74,6 +75,7 @@ def service_cluster(
     tls_modes: Mapping[str, str] | None = None,
     name: str = "",
     policy: Mapping[str, Any] | None = None,
+    origination: Origination | None = None,
 ) -> Cluster:
     """A service port's cluster on the node: the same for every local pod (no identity in it).
 
@@ -89,18 +91,21 @@ def service_cluster(
 
     NAME: a DestinationRule subset's cluster of the port (its endpoints under the same name);
     its TLS mode is the port's. POLICY: cluster fields a DestinationRule's traffic policy sets
-    (destination_rule.cluster_fields), over the defaults."""
+    (destination_rule.cluster_fields), over the defaults. ORIGINATION: the policy's tls is
+    SIMPLE/MUTUAL (client_tls.py): its endpoints are ``originate-tls``'s, which reads the socket
+    name and the SNI from this cluster's metadata."""
     fields = _with_policy(_eds_cluster(target, name), policy)
+    meta: dict[str, Any] = {
+        "name": target.cluster,
+        "sni": tls.outbound_sni(target.port.port, target.host),
+        **({"tls_modes": dict(sorted(tls_modes.items()))} if tls_modes else {}),
+    }
+    if origination is not None:
+        meta["tls_socket"] = origination.socket or internal.PLAINTEXT
+        if origination.sni:
+            meta["tls_sni"] = origination.sni
     fields |= {
-        "metadata": {
-            "filter_metadata": {
-                internal.CLUSTER_META: {
-                    "name": target.cluster,
-                    "sni": tls.outbound_sni(target.port.port, target.host),
-                    **({"tls_modes": dict(sorted(tls_modes.items()))} if tls_modes else {}),
-                }
-            }
-        },
+        "metadata": {"filter_metadata": {internal.CLUSTER_META: meta}},
         "transport_socket": internal.internal_upstream(
             (internal.ORIGINAL_DST_META, internal.ENDPOINT_META, tls.TLS_MODE_KEY),
             (internal.CLUSTER_META,),
@@ -116,14 +121,23 @@ def sidecar_service_cluster(
     tls_mode: str | None,
     name: str = "",
     policy: Mapping[str, Any] | None = None,
+    origination: Origination | None = None,
 ) -> Cluster:
     """The sidecar form's cluster for a service port: the pod's own Envoy presents its pod's
     IDENTITY itself. TLS_MODE is a DestinationRule's ``tls.mode`` when one applies: DISABLE is
     plaintext, ISTIO_MUTUAL always mTLS; without one, Istio's auto mTLS picks per endpoint.
-    NAME and POLICY as for ``service_cluster``."""
+    NAME and POLICY as for ``service_cluster``; ORIGINATION: the policy's SIMPLE/MUTUAL."""
     sni = tls.outbound_sni(target.port.port, target.host)
     fields = _with_policy(_eds_cluster(target, name), policy)
-    if tls_mode == "ISTIO_MUTUAL":
+    if origination is not None:
+        if origination.socket is None:
+            fields["transport_socket"] = tls.plaintext()
+        elif origination.socket == internal.NO_IDENTITY:  # a file it names is missing
+            fields["transport_socket"] = tls.refuse_all()
+        else:
+            socket = client_tls.transport_socket(origination.setting, origination.sni)
+            fields["transport_socket"] = socket
+    elif tls_mode == "ISTIO_MUTUAL":
         fields["transport_socket"] = tls.upstream_mtls(identity, server_sans, sni)
     elif tls_mode != "DISABLE":
         fields["transport_socket_matches"] = tls.auto_mtls_matches(identity, server_sans, sni)

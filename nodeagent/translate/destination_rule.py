@@ -11,10 +11,10 @@ reference page istio.io/latest/docs/reference/config/networking/destination-rule
 (applyLocalityLoadBalancer); the priorities and weights it implies are EDS's (locality.py).
 
 Not here: ``tls`` (DISABLE / ISTIO_MUTUAL are applied by the originate path, see tls.py and
-mesh/policy.py), ``loadBalancer.zoneAwareLbSetting`` /
-``backendUtilization``, ``proxyProtocol``, ``tunnel``, ``retryBudget``,
-``outlierDetection.outlierDetectionHttpErrorCodes``: see
-NOT_TRANSLATED. Mesh-wide settings are Istio's defaults (pkg/config/mesh/mesh.go
+mesh/policy.py; SIMPLE / MUTUAL by originate-tls, see client_tls.py),
+``loadBalancer.zoneAwareLbSetting`` / ``backendUtilization``, ``proxyProtocol``, ``tunnel``,
+``retryBudget``, ``outlierDetection.outlierDetectionHttpErrorCodes``: see NOT_TRANSLATED.
+Mesh-wide settings are Istio's defaults (pkg/config/mesh/mesh.go
 DefaultMeshConfig: connectTimeout 10s, no tcpKeepalive, h2UpgradePolicy DO_NOT_UPGRADE).
 
 Inputs are DestinationRule specs that passed schema validation (camelCase, as written); outputs
@@ -29,6 +29,7 @@ from fractions import Fraction
 from typing import Any
 
 from nodeagent.mesh import locality
+from nodeagent.translate import client_tls
 from nodeagent.translate.envoy import typed
 from nodeagent.translate.protocol import HTTP2
 
@@ -524,6 +525,7 @@ def check(dr_spec: Mapping[str, Any]) -> None:
     for policy, at in policies:
         cluster_fields(policy, HTTP2, at)
         hash_policy(policy, at)
+        client_tls.resolved(policy.get("tls"), "host.invalid", False, f"{at}.tls")
     tcp_proxy_fields(dr_spec)
 
 

@@ -50,6 +50,7 @@ def load_assignment(
     cluster: str = "",
     labels: Mapping[str, str] | None = None,
     balancing: Balancing | None = None,
+    originate: str = internal.ORIGINATE,
 ) -> ClusterLoadAssignment:
     """Every ready endpoint of the service, cluster-wide.
 
@@ -66,7 +67,9 @@ def load_assignment(
 
     Endpoints are grouped by locality, their node's (the slice's ``nodeName``, else their
     pod's; unknown: the empty locality), with priorities and weights relative to the proxy
-    as BALANCING says (translate/locality.py; None: no locality load balancing).
+    as BALANCING says (translate/locality.py; None: no locality load balancing). ORIGINATE: the
+    internal listener the endpoints are addresses of (``originate-tls`` for a DestinationRule's
+    own TLS).
     """
     trust_domain = store.mesh_config.trust_domain
     how = balancing or Balancing()
@@ -107,7 +110,9 @@ def load_assignment(
         locality, endpoint_labels = where[(ip, port)]
         group = groups.setdefault(locality, Group(locality))
         group.endpoints.append(
-            _lb_endpoint(ip, port, found[(ip, port)], via_originate, local.get((ip, port)))
+            _lb_endpoint(
+                ip, port, found[(ip, port)], via_originate, local.get((ip, port)), originate
+            )
         )
         group.labels.append(endpoint_labels)
     endpoints = locality_endpoints(
@@ -120,14 +125,19 @@ def load_assignment(
 
 
 def _lb_endpoint(
-    ip: str, port: int, spiffe: str | None, via_originate: bool, fast: str | None
+    ip: str,
+    port: int,
+    spiffe: str | None,
+    via_originate: bool,
+    fast: str | None,
+    originate: str = internal.ORIGINATE,
 ) -> dict[str, Any]:
     """FAST: the endpoint's fast-path listener, if it has one."""
     metadata: dict[str, Any] = {tls.TLS_MODE_KEY: {"tlsMode": "istio" if spiffe else "disabled"}}
     address: dict[str, Any] = {"socket_address": {"address": ip, "port_value": port}}
     if via_originate:
         where = f"{_host(ip)}:{port}"
-        address = internal.internal_address(fast or internal.ORIGINATE, where)
+        address = internal.internal_address(fast or originate, where)
         metadata[internal.ORIGINAL_DST_META] = {"local": where}
         if spiffe:
             metadata[internal.ENDPOINT_META] = {"sans": spiffe}

@@ -53,6 +53,9 @@ from nodeagent.translate.filters import (
 OUTBOUND_INTERNAL = "outbound-internal"  # listener and cluster: every service port's chain
 ORIGINATE = "originate"  # listener: mesh endpoints, with the caller's certificate
 ORIGINATE_CLUSTER = "originate-mtls"
+# listener and cluster: endpoints of a cluster whose DestinationRule says tls SIMPLE or MUTUAL
+# (the app terminates TLS; client_tls.py), one transport socket per distinct setting.
+ORIGINATE_TLS = "originate-tls"
 FAST_PREFIX = "inboundInternal"  # a local pod's fast-path listener: inboundInternal/<ns>/<pod>
 CONNECT_TIMEOUT = "10s"
 
@@ -65,6 +68,7 @@ SOURCE_KEY = "io.nodeagent.source"  # the calling pod's IP (x-forwarded-for on t
 CALLEE_KEY = "io.nodeagent.callee"  # set on the fast path: the called pod's SPIFFE ID
 TLS_KEY = "io.nodeagent.tls"  # set in originate: the endpoint's tlsMode (auto mTLS)
 SERVICE_KEY = "io.nodeagent.service"  # set in originate: the service port's cluster name
+TLS_SOCKET_KEY = "io.nodeagent.tls_socket"  # set in originate-tls: the cluster's socket name
 # The calling pod's labels (``labels_value``): a VirtualService match's sourceLabels is a route
 # matcher on it (translate/virtual_service.py), as the caller's SPIFFE ID is for sourceNamespace.
 LABELS_KEY = "io.nodeagent.labels"
@@ -73,7 +77,7 @@ STRING = "envoy.string"  # factory of our own keys' values
 
 ORIGINAL_DST_META = "envoy.filters.listener.original_dst"  # endpoint metadata {local: ip:port}
 ENDPOINT_META = "nodeagent"  # endpoint metadata {sans: the endpoint's SPIFFE ID}
-CLUSTER_META = "nodeagent.service"  # cluster metadata {sni, name}
+CLUSTER_META = "nodeagent.service"  # cluster metadata {sni, name; tls_socket, tls_sni}
 
 # transport_socket_matches of originate-mtls besides one per identity (named by its SPIFFE ID;
 # stats with "spiffe://" in their name are never created, see envoy/bootstrap.py).
@@ -207,6 +211,66 @@ def originate_listener() -> Listener:
             ],
         },
     )
+
+
+def originate_tls_listener() -> Listener:
+    """Like originate, for endpoints the node reaches with a DestinationRule's own TLS
+    (SIMPLE/MUTUAL): the SNI and the socket come from the calling cluster's metadata; no mesh
+    SAN (the endpoint's SPIFFE ID is not what an app's own certificate carries)."""
+    stamp = set_filter_state(
+        state_value(
+            "envoy.network.upstream_server_name",
+            f"%DYNAMIC_METADATA({CLUSTER_META}:tls_sni)%",
+            "ONCE",
+        ),
+        state_value(
+            TLS_SOCKET_KEY, f"%DYNAMIC_METADATA({CLUSTER_META}:tls_socket)%", "ONCE", STRING
+        ),
+    )
+    return message(
+        Listener,
+        {
+            "name": ORIGINATE_TLS,
+            "internal_listener": {},
+            "listener_filters": [ORIGINAL_DST_FILTER],
+            "filter_chains": [
+                {
+                    "name": ORIGINATE_TLS,
+                    "filters": [
+                        stamp,
+                        tcp_proxy(ORIGINATE_TLS, ORIGINATE_TLS, "outbound", POD_FORMAT),
+                    ],
+                }
+            ],
+        },
+    )
+
+
+def originate_tls_cluster(
+    sockets: Mapping[str, dict[str, Any]], upstream_bind: dict[str, Any]
+) -> Cluster:
+    """Connects to the endpoint originate-tls restored, from the caller's netns, with the
+    transport socket SOCKETS[name] the calling cluster names (client_tls.transport_socket), or
+    PLAINTEXT (a rule whose TLS Istio drops at sidecars, see client_tls.origination).
+    A name it does not know (none should reach it) gets a socket no server passes."""
+    fields: dict[str, Any] = {
+        "name": ORIGINATE_TLS,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "upstream_bind_config": upstream_bind,
+    }
+    refuse = tls.refuse_all()
+    matches = [{"name": PLAINTEXT, "match": {}, "transport_socket": tls.plaintext()}]
+    matches += [
+        {"name": name, "match": {}, "transport_socket": socket}
+        for name, socket in sorted(sockets.items())
+    ]
+    matches.append({"name": NO_IDENTITY, "match": {}, "transport_socket": refuse})
+    table = {name: _use(name) for name in [PLAINTEXT, *sockets]}
+    fields["transport_socket_matches"] = matches
+    fields["transport_socket_matcher"] = _by(TLS_SOCKET_KEY, table, _use(NO_IDENTITY))["matcher"]
+    return message(Cluster, fields)
 
 
 def _use(socket_name: str) -> dict[str, Any]:

@@ -80,6 +80,18 @@ def no_identity(validate: bool = True) -> dict[str, Any]:
     }
 
 
+def refuse_all() -> dict[str, Any]:
+    """Client side that no server passes: its certificate must hash to all zeroes."""
+    validation = {"verify_certificate_hash": ["00" * 32]}
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            common_tls_context={"validation_context": validation},
+        ),
+    }
+
+
 def plaintext() -> dict[str, Any]:
     return {
         "name": "envoy.transport_sockets.raw_buffer",

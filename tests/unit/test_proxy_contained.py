@@ -92,7 +92,12 @@ def synced(proxy: NodeProxy, timeout: float, pod: str) -> str:
     return asyncio.run(wait())
 
 
-SHARED_LISTENERS = {"outbound-internal", "originate", "mirror"}  # the node's, no pod's
+SHARED_LISTENERS = {
+    "outbound-internal",
+    "originate",
+    "originate-tls",
+    "mirror",
+}  # the node's, no pod's
 
 
 def resources(proxy: NodeProxy, type_url: str) -> dict[str, object]:

@@ -139,7 +139,7 @@ def test_sidecar_form_is_the_node_forms_services_in_the_pods_own_envoy() -> None
     fast_route = "inboundInternal|8080||"  # the node's same-node fast path
     assert side[e.ROUTE] == {k: v for k, v in node[e.ROUTE].items() if k != fast_route}
     assert set(side[e.ENDPOINT]) == set(node[e.ENDPOINT])
-    internals = {"outbound-internal", "originate", "originate-mtls", "mirror"}
+    internals = {"outbound-internal", "originate", "originate-mtls", "originate-tls", "mirror"}
     assert set(side[e.CLUSTER]) == set(node[e.CLUSTER]) - internals
     fast = {"inboundInternal/shop/web-1"}  # the same-node fast path: sidecars have none
     assert set(side[e.LISTENER]) == set(node[e.LISTENER]) - internals - fast

@@ -282,7 +282,7 @@ def test_config_per_node_grows_with_local_pods_only_by_their_listeners() -> None
     for name in one[e.CLUSTER]:
         if name != "originate-mtls":  # its TLS sockets: one per identity
             assert many[e.CLUSTER][name] == one[e.CLUSTER][name], name
-    shared = {"outbound-internal", "originate", "mirror"}
+    shared = {"outbound-internal", "originate", "originate-tls", "mirror"}
     assert len(many[e.LISTENER]) == 20 + len(shared)
     assert set(translate(store(), [])[e.LISTENER]) == shared  # remote pods get nothing here
     assert len(originate(many)["transportSocketMatches"]) == 5 + 2  # + plaintext, no-identity

@@ -7,6 +7,7 @@ import queue
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +32,7 @@ from nodeagent.testbed.workload import (
     parse_fib_trie,
     status_choice,
 )
+from tests.tls_certs import write_app_pki
 from tests.waiting import wait_for
 
 TIMEOUT = 5.0
@@ -731,3 +734,51 @@ Local:
 def test_parse_fib_trie_lists_local_non_loopback_addresses_once() -> None:
     assert parse_fib_trie(FIB_TRIE) == ["10.244.1.7", "192.168.5.9"]
     assert parse_fib_trie("") == []
+
+
+# -- serving TLS itself (DestinationRule tls SIMPLE / MUTUAL tests) ------------------------------
+
+
+def _https_answer(url: str, sni: str, ca: str, cert: str = "", key: str = "") -> dict[str, Any]:
+    context = ssl.create_default_context(cafile=ca)
+    context.check_hostname = False  # the test CA's names are checked by the tests that use them
+    if cert:
+        context.load_cert_chain(cert, key)
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=TIMEOUT)
+    # server_hostname sets the SNI (http.client takes it from the host, so wrap ourselves).
+    connection.sock = context.wrap_socket(
+        socket.create_connection((host, int(port)), TIMEOUT), server_hostname=sni
+    )
+    connection.request("GET", "/")
+    response = connection.getresponse()
+    answer: dict[str, Any] = json.loads(response.read())
+    connection.close()
+    return answer
+
+
+def test_tls_mode_tells_the_sni_and_the_client_certificate(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    ca = str(write_app_pki(tmp_path, "app.example", "client.example"))
+    serve = {
+        "TLS_CERT": str(tmp_path / "app.example.pem"),
+        "TLS_KEY": str(tmp_path / "app.example.key"),
+    }
+    url = start_service(**serve)
+    assert _https_answer(url, "app.example", ca)["tls"] == {"sni": "app.example"}
+    mutual = start_service(**serve, TLS_CLIENT_CA=ca)
+    cert, key = str(tmp_path / "client.example.pem"), str(tmp_path / "client.example.key")
+    assert _https_answer(mutual, "other.example", ca, cert, key)["tls"] == {
+        "sni": "other.example",
+        "client_cert": {"subject": "commonName=client.example", "sans": ["DNS:client.example"]},
+    }
+    with pytest.raises(OSError):  # no client certificate: the handshake (or the read) fails
+        _https_answer(mutual, "app.example", ca)
+
+
+def test_tls_settings_come_in_pairs() -> None:
+    with pytest.raises(ValueError, match="TLS_CERT and TLS_KEY"):
+        FakeServiceConfig.from_env({"TLS_CERT": "/c.pem"})
+    with pytest.raises(ValueError, match="TLS_CLIENT_CA"):
+        FakeServiceConfig.from_env({"TLS_CLIENT_CA": "/ca.pem"})

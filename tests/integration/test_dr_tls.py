@@ -1,0 +1,250 @@
+"""DestinationRule ``tls`` SIMPLE and MUTUAL on a two-node testbed with the real Envoy (issue #15).
+
+A client pod calls plain HTTP; the service's pods (one on each node) terminate TLS themselves
+(the fake service with TLS_CERT/TLS_KEY, see nodeagent/testbed/workload.py) and answer with what
+the client sent in the handshake. The node Envoy originates that TLS as Istio's sidecar would
+(istio.io/latest/docs/reference/config/networking/destination-rule/#ClientTLSSettings;
+istio/istio pilot/pkg/networking/core/cluster_tls.go): the DestinationRule's sni, its
+subjectAltNames checked against the server certificate, its client certificate for MUTUAL.
+The certificate files are paths on the node (the node's Envoy reads them).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from nodeagent.testbed import layout
+from nodeagent.testbed.cluster import Testbed, down
+from nodeagent.testbed.topology import loads_topology
+from tests.integration.helpers import call, envoy_admin, http_status, wait_for
+from tests.tls_certs import write_app_pki
+
+pytestmark = pytest.mark.integration
+
+NAME = "tbdrtls"
+SERVER, CLIENT = "secure.example", "client.example"  # the DNS SAN of each certificate
+SECURE = "http://secure:8443/"
+MUTUAL = "http://secure-mutual:9443/"
+FQDN = "secure.default.svc.cluster.local"
+
+
+def _topology(pki: Path) -> str:
+    serve = {"TLS_CERT": str(pki / f"{SERVER}.pem"), "TLS_KEY": str(pki / f"{SERVER}.key")}
+    require = serve | {"TLS_CLIENT_CA": str(pki / "ca.pem")}
+    pods = [
+        {"name": "sleep", "node": "n1", "labels": {"app": "sleep"}},
+        # One TLS-serving replica per node: the local one must not take the fast path either.
+        *(
+            {
+                "name": f"secure-{i}",
+                "node": node,
+                "labels": {"app": "secure"},
+                "workload": {"type": "fake-service", "port": 8443, "env": serve},
+            }
+            for i, node in ((1, "n1"), (2, "n2"))
+        ),
+        {
+            "name": "secure-mutual-1",
+            "node": "n2",
+            "labels": {"app": "secure-mutual"},
+            "workload": {"type": "fake-service", "port": 9443, "env": require},
+        },
+    ]
+    for pod in pods:
+        pod |= {"namespace": "default", "serviceAccount": pod["labels"]["app"]}
+    services = [("secure", 8443), ("secure-mutual", 9443)]
+    return "\n".join(
+        [
+            f"name: {NAME}",
+            "source: kubernetes",
+            "nodes: [{name: n1}, {name: n2}]",
+            "namespaces:",
+            "  - {name: default, labels: {nodeagent.io/mesh: enabled}}",
+            "pods:",
+            *[f"  - {json.dumps(p)}" for p in pods],
+            "services:",
+            *[
+                f"  - {{name: {n}, namespace: default, selector: {{app: {n}}},"
+                f" ports: [{{name: http, port: {p}, targetPort: {p}}}]}}"
+                for n, p in services
+            ],
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("app-pki")
+    write_app_pki(directory, SERVER, CLIENT)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tb(pki: Path) -> Iterator[Testbed]:
+    down(NAME)
+    text = _topology(pki)
+    try:
+        yield Testbed.up(loads_topology(text, "test_dr_tls"), text, "test_dr_tls")
+    finally:
+        down(NAME)
+
+
+def apply(tb: Testbed, *rules: dict[str, Any]) -> None:
+    """Replace the test's DestinationRules with RULES (host -> tls), as kubectl apply would."""
+    path = layout.cluster_dir(tb.name) / "traffic.yaml"
+    docs = [
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": f"dr-{i}", "namespace": "default"},
+            "spec": rule,
+        }
+        for i, rule in enumerate(rules)
+    ]
+    if docs:
+        path.write_text(yaml.safe_dump_all(docs))
+    else:
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def clean(tb: Testbed) -> Iterator[Testbed]:
+    apply(tb)
+    yield tb
+    apply(tb)
+
+
+def tls_rule(host: str, **tls: Any) -> dict[str, Any]:
+    return {"host": host, "trafficPolicy": {"tls": tls}}
+
+
+def status(tb: Testbed, url: str) -> str:
+    return http_status(tb.exec, "default/sleep", url)
+
+
+def until_status(tb: Testbed, url: str, code: str) -> None:
+    """Until the rule has landed: URL answers CODE (each try is one bounded curl)."""
+    wait_for(lambda: status(tb, url) == code, 30, f"{url} answering {code}", step=0.3)
+
+
+def handshakes(tb: Testbed, url: str, replicas: int) -> dict[str, dict[str, Any]]:
+    """What each of REPLICAS pods saw of the client's TLS, calling URL until all answered
+    (at most 40 calls)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(40):
+        answer = call(tb, "default/sleep", url)
+        seen[answer["pod_ip"]] = answer["tls"]
+        if len(seen) == replicas:
+            break
+    assert len(seen) == replicas, f"only {sorted(seen)} answered {url}"
+    return seen
+
+
+def test_simple_originates_tls_with_the_rules_sni(clean: Testbed, pki: Path) -> None:
+    """SIMPLE: the app gets TLS with SNI = the rule's sni, the server is verified against
+    caCertificates and subjectAltNames; no client certificate is sent."""
+    tb = clean
+    # Without a rule the plain HTTP request reaches a TLS server: no HTTP answer from it.
+    assert status(tb, SECURE) != "200"
+    ca = str(pki / "ca.pem")
+    apply(
+        tb,
+        tls_rule("secure", mode="SIMPLE", sni=SERVER, caCertificates=ca, subjectAltNames=[SERVER]),
+    )
+    until_status(tb, SECURE, "200")
+    seen = handshakes(tb, SECURE, 2)
+    assert all(tls == {"sni": SERVER} for tls in seen.values()), seen
+
+
+def test_simple_without_sni_sends_the_service_host(clean: Testbed) -> None:
+    """sni unset: Istio's auto_sni sends the request's host; the node sends the service's
+    hostname (insecureSkipVerify: the test CA's certificate names secure.example only)."""
+    tb = clean
+    apply(tb, tls_rule("secure", mode="SIMPLE", insecureSkipVerify=True))
+    until_status(tb, SECURE, "200")
+    seen = handshakes(tb, SECURE, 2)
+    assert all(tls == {"sni": FQDN} for tls in seen.values()), seen
+
+
+def test_a_wrong_subject_alt_name_fails_the_call(clean: Testbed, pki: Path) -> None:
+    """subjectAltNames the server certificate does not carry: the handshake fails, the caller
+    gets 503 and the node's access log says why (an upstream failure flag)."""
+    tb = clean
+    ca = str(pki / "ca.pem")
+    good = tls_rule("secure", mode="SIMPLE", sni=SERVER, caCertificates=ca)
+    apply(tb, good)
+    until_status(tb, SECURE, "200")
+    apply(
+        tb,
+        tls_rule(
+            "secure",
+            mode="SIMPLE",
+            sni=SERVER,
+            caCertificates=ca,
+            subjectAltNames=["wrong.example"],
+        ),
+    )
+    until_status(tb, SECURE, "503")
+    request_id = str(uuid.uuid4())
+    proc = tb.exec(
+        "default/sleep",
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "-H",
+            f"x-request-id: {request_id}",
+            SECURE,
+        ],
+    )
+    assert proc.stdout == "503"
+    log = layout.logs_dir(tb.name) / "n1.envoy.log"
+    wait_for(lambda: request_id in log.read_text(), 10, "the failed call's access log line")
+    (line,) = [entry for entry in log.read_text().splitlines() if request_id in entry]
+    # Envoy's flag: the upstream (originate-tls, which does the handshake) reset the request.
+    assert " 503 UC upstream_reset_before_response_started" in line, line
+    assert '"envoy://originate-tls/' in line, line
+    # ... and why: the server certificate did not carry the SAN (Envoy's TLS stats).
+    assert san_failures(tb) > 0
+
+
+def san_failures(tb: Testbed) -> int:
+    stats = envoy_admin(tb.name, "n1", "/stats?filter=originate-tls.ssl.fail_verify_san")
+    return sum(int(line.rpartition(": ")[2]) for line in stats.splitlines() if line)
+
+
+def test_mutual_presents_the_rules_client_certificate(clean: Testbed, pki: Path) -> None:
+    """MUTUAL: the app requires a client certificate from its CA and sees the rule's
+    (clientCertificate/privateKey); SIMPLE, without one, is refused by that app."""
+    tb = clean
+    ca = str(pki / "ca.pem")
+    simple = tls_rule("secure-mutual", mode="SIMPLE", sni=SERVER, caCertificates=ca)
+    apply(tb, simple)
+    until_status(tb, MUTUAL, "503")
+    mutual = tls_rule(
+        "secure-mutual",
+        mode="MUTUAL",
+        sni=SERVER,
+        caCertificates=ca,
+        clientCertificate=str(pki / f"{CLIENT}.pem"),
+        privateKey=str(pki / f"{CLIENT}.key"),
+    )
+    apply(tb, mutual)
+    until_status(tb, MUTUAL, "200")
+    (tls,) = handshakes(tb, MUTUAL, 1).values()
+    assert tls == {
+        "sni": SERVER,
+        "client_cert": {"subject": f"commonName={CLIENT}", "sans": [f"DNS:{CLIENT}"]},
+    }

@@ -1,0 +1,258 @@
+"""DestinationRule ``tls`` SIMPLE / MUTUAL: the TLS the node Envoy originates to apps that
+terminate TLS themselves.
+
+Field by field as istio.io/latest/docs/reference/config/networking/destination-rule/
+#ClientTLSSettings documents them and istio/istio pilot/pkg/networking/core/cluster_tls.go
+(buildUpstreamClusterTLSContext, constructUpstreamTLS, setAutoSniAndAutoSanValidation) builds
+them; then on the node: one ``originate-tls`` cluster holding one socket per distinct setting,
+the service's clusters naming theirs, and Envoy itself accepting the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+
+from nodeagent.mesh.model import IstioResource, Pod
+from nodeagent.translate import LocalPod, client_tls, internal, translate
+from nodeagent.translate import envoy as e
+from nodeagent.translate.destination_rule import check
+from tests.tls_certs import write_app_pki
+from tests.unit.envoy_validate import assert_envoy_accepts
+from tests.unit.test_translate import HOST, as_json, local, store
+
+TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def setting(host: str = HOST, http2: bool = False, **tls: Any) -> dict[str, Any]:
+    made = client_tls.resolved(tls, host, http2, "trafficPolicy.tls")
+    assert made is not None
+    return made
+
+
+def context(**tls: Any) -> dict[str, Any]:
+    """The parsed UpstreamTlsContext the node builds for TLS."""
+    socket = client_tls.transport_socket(setting(**tls))
+    parsed = json_format.MessageToDict(
+        e.message(e.Cluster, {"name": "c", "transport_socket": socket}),
+        preserving_proto_field_name=True,
+    )
+    typed: dict[str, Any] = parsed["transport_socket"]["typed_config"]
+    assert typed.pop("@type") == TLS_CONTEXT
+    return typed
+
+
+def test_only_simple_and_mutual_are_originated_here() -> None:
+    """DISABLE (also a tls block without a mode: the proto's zero value) and ISTIO_MUTUAL stay
+    with the originate path (auto mTLS, per caller)."""
+    for tls in (None, {}, {"mode": "DISABLE"}, {"mode": "ISTIO_MUTUAL"}):
+        assert client_tls.origination(tls, HOST, False, "tls") is None
+
+
+def test_simple_verifies_the_server_against_ca_certificates_and_subject_alt_names() -> None:
+    """caCertificates: the CA file; subjectAltNames: any SAN of the server certificate must
+    equal one of them (Istio's StringToExactMatch: every SAN type)."""
+    ctx = context(mode="SIMPLE", caCertificates="/etc/app/ca.pem", subjectAltNames=["a.example"])
+    validation = ctx["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"] == {"filename": "/etc/app/ca.pem"}
+    matchers = validation["match_typed_subject_alt_names"]
+    assert {m["matcher"]["exact"] for m in matchers} == {"a.example"}
+    assert {m["san_type"] for m in matchers} == {"DNS", "URI", "IP_ADDRESS", "EMAIL"}
+    assert "tls_certificates" not in ctx["common_tls_context"]  # SIMPLE: no client certificate
+
+
+def test_without_ca_certificates_the_os_roots_verify() -> None:
+    """caCertificates unset: Istio verifies with the OS CA certificates ("system")."""
+    validation = context(mode="SIMPLE", sni="x.example")["common_tls_context"]["validation_context"]
+    assert validation == {"trusted_ca": {"filename": client_tls.SYSTEM_CA}}
+
+
+def test_sni_defaults_to_the_host_with_auto_san_validation() -> None:
+    """sni unset: Istio's auto_sni (the request's host) and, with no subjectAltNames either,
+    auto_san_validation: the node uses the service's hostname for both."""
+    made = client_tls.origination({"mode": "SIMPLE"}, HOST, False, "tls")
+    assert made is not None and made.sni == HOST
+    assert made.setting["sans"] == [HOST]
+    # An explicit sni is sent as is, and no SAN is then required (Istio sets neither auto_*).
+    given = client_tls.origination({"mode": "SIMPLE", "sni": "x.example"}, HOST, False, "tls")
+    assert given is not None and given.sni == "x.example" and given.setting["sans"] == []
+
+
+def test_insecure_skip_verify_checks_nothing() -> None:
+    """insecureSkipVerify: no validation at all (also no auto SAN validation)."""
+    ctx = context(mode="SIMPLE", insecureSkipVerify=True, caCertificates="/ca.pem")
+    assert "validation_context" not in ctx["common_tls_context"]
+    assert client_tls.files(setting(mode="SIMPLE", insecureSkipVerify=True)) == {}
+
+
+def test_ca_crl_is_checked() -> None:
+    ctx = context(mode="SIMPLE", caCertificates="/ca.pem", caCrl="/crl.pem")
+    assert ctx["common_tls_context"]["validation_context"]["crl"] == {"filename": "/crl.pem"}
+
+
+def test_mutual_presents_the_client_certificate() -> None:
+    ctx = context(mode="MUTUAL", clientCertificate="/c.pem", privateKey="/k.pem", sni="x")
+    (pair,) = ctx["common_tls_context"]["tls_certificates"]
+    assert pair == {
+        "certificate_chain": {"filename": "/c.pem"},
+        "private_key": {"filename": "/k.pem"},
+    }
+
+
+def test_mutual_without_a_client_certificate_is_an_error_naming_the_field() -> None:
+    """Istio: "client certificate and private key must not be empty" (no credentialName)."""
+    with pytest.raises(ValueError, match=r"subsets\[0\]\.trafficPolicy\.tls: mode MUTUAL needs"):
+        check(
+            {
+                "host": "web",
+                "subsets": [
+                    {
+                        "name": "v1",
+                        "trafficPolicy": {"tls": {"mode": "MUTUAL", "privateKey": "/k.pem"}},
+                    }
+                ],
+            }
+        )
+
+
+def test_http2_ports_offer_h2() -> None:
+    """Istio advertises ALPN h2 on HTTP/2 clusters (constructUpstreamTLS)."""
+    assert setting(http2=True, mode="SIMPLE")["alpn"] == ["h2"]
+    assert setting(mode="SIMPLE")["alpn"] == []
+
+
+def test_credential_name_without_workload_selector_originates_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Istio builds no TLS context at a sidecar for a credentialName in a rule without a
+    workloadSelector: the node sends plaintext, and says why."""
+    with caplog.at_level(logging.WARNING):
+        made = client_tls.origination(
+            {"mode": "SIMPLE", "credentialName": "app-ca"}, HOST, False, "trafficPolicy.tls"
+        )
+    assert made is not None and made.socket is None
+    assert "workloadSelector" in caplog.text
+
+
+def test_sockets_are_named_by_their_setting() -> None:
+    """Same setting, same socket (whatever the host, once sni is explicit); any change, another."""
+    a = setting("a.svc", mode="SIMPLE", sni="x", caCertificates="/ca.pem")
+    b = setting("b.svc", mode="SIMPLE", sni="x", caCertificates="/ca.pem")
+    c = setting("a.svc", mode="SIMPLE", sni="x", caCertificates="/other.pem")
+    assert client_tls.socket_name(a) == client_tls.socket_name(b) != client_tls.socket_name(c)
+    assert client_tls.socket_name(a).startswith(client_tls.SOCKET_PREFIX)
+
+
+# -- on the node ----------------------------------------------------------------------------------
+
+
+def rule(namespace: str, spec: dict[str, Any]) -> IstioResource:
+    return IstioResource(
+        "networking.istio.io", "v1", "DestinationRule", namespace, "web", spec, {}, {}
+    )
+
+
+def meta(out: dict[str, Any], cluster: str) -> dict[str, Any]:
+    found: dict[str, Any] = as_json(out[e.CLUSTER][cluster])["metadata"]["filterMetadata"]
+    return dict(found["nodeagent.service"])
+
+
+def test_a_rules_clusters_reach_their_endpoints_through_originate_tls(tmp_path: Path) -> None:
+    """The rule's setting applies per subset (a subset's tls replaces the rule's): each cluster
+    names its socket and SNI; its endpoints are originate-tls's (never the same-node fast
+    path, which would skip the app's TLS). One socket per setting, whatever the callers."""
+    ca = str(write_app_pki(tmp_path, "client.example"))
+    cert, key = str(tmp_path / "client.example.pem"), str(tmp_path / "client.example.key")
+    s = store()
+    spec = {
+        "host": HOST,
+        "trafficPolicy": {"tls": {"mode": "SIMPLE", "sni": "web.example", "caCertificates": ca}},
+        "subsets": [
+            {
+                "name": "v2",
+                "labels": {"version": "v2"},
+                "trafficPolicy": {
+                    "tls": {"mode": "MUTUAL", "sni": "v2.example", "caCertificates": ca}
+                    | {"clientCertificate": cert, "privateKey": key}
+                },
+            }
+        ],
+    }
+    s.put_istio(rule("shop", spec))
+    caller = LocalPod(Pod("front", "f", service_account="f"), "/run/netns/f")
+    out = translate(s, [local("a"), local("b", sa="other"), caller])
+    port = meta(out, f"outbound|80||{HOST}")
+    v2 = meta(out, f"outbound|80|v2|{HOST}")
+    assert (port["tls_sni"], v2["tls_sni"]) == ("web.example", "v2.example")
+    assert port["tls_socket"] != v2["tls_socket"]
+    originate = as_json(out[e.CLUSTER][internal.ORIGINATE_TLS])
+    names = [m["name"] for m in originate["transportSocketMatches"]]
+    assert names.count(port["tls_socket"]) == names.count(v2["tls_socket"]) == 1
+    tree = originate["transportSocketMatcher"]["matcherTree"]
+    assert tree["input"]["typedConfig"]["key"] == internal.TLS_SOCKET_KEY
+    cla = as_json(out[e.ENDPOINT][f"outbound|80||{HOST}"])
+    listeners = {
+        lb["endpoint"]["address"]["envoyInternalAddress"]["serverListenerName"]
+        for lb in cla["endpoints"][0]["lbEndpoints"]
+    }
+    assert listeners == {internal.ORIGINATE_TLS}
+    # Envoy itself accepts the cluster with these sockets, and the listener.
+    _validate(tmp_path, out)
+
+
+def test_a_rule_in_the_callers_namespace_binds_its_callers_only() -> None:
+    """Istio looks a rule up in the caller's namespace first: front's rule makes front's own
+    copy of the cluster originate TLS; shop's callers keep the plain one (auto mTLS)."""
+    s = store()
+    s.put_istio(rule("front", {"host": HOST, "trafficPolicy": {"tls": {"mode": "SIMPLE"}}}))
+    caller = LocalPod(Pod("front", "f", service_account="f"), "/run/netns/f")
+    out = translate(s, [local("a"), caller])
+    assert "tls_socket" not in meta(out, f"outbound|80||{HOST}")
+    assert meta(out, f"outbound|80||{HOST}~front/web")["tls_sni"] == HOST
+
+
+def test_a_missing_file_refuses_that_rules_calls_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caCertificates path that is not on the node: Envoy would reject the whole shared
+    cluster, so that rule's clusters get the socket no server passes, and the log names it."""
+    s = store()
+    tls = {"mode": "SIMPLE", "sni": "x", "caCertificates": str(tmp_path / "absent.pem")}
+    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": tls}}))
+    with caplog.at_level(logging.ERROR):
+        out = translate(s, [local("a")])
+    assert meta(out, f"outbound|80||{HOST}")["tls_socket"] == internal.NO_IDENTITY
+    assert "caCertificates" in caplog.text and "absent.pem" in caplog.text
+    names = [
+        m["name"] for m in as_json(out[e.CLUSTER][internal.ORIGINATE_TLS])["transportSocketMatches"]
+    ]
+    assert names == [internal.PLAINTEXT, internal.NO_IDENTITY]
+
+
+def _validate(tmp_path: Path, out: dict[str, Any]) -> None:
+    """originate-tls (cluster and listener) in a static bootstrap that Envoy validates."""
+    cluster = json_format.MessageToDict(
+        out[e.CLUSTER][internal.ORIGINATE_TLS], preserving_proto_field_name=True
+    )
+    listener = json_format.MessageToDict(
+        out[e.LISTENER][internal.ORIGINATE_TLS], preserving_proto_field_name=True
+    )
+    bootstrap = {
+        "static_resources": {"clusters": [cluster], "listeners": [listener]},
+        "bootstrap_extensions": [
+            {
+                "name": "envoy.bootstrap.internal_listener",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+                },
+            }
+        ],
+    }
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(bootstrap))
+    assert_envoy_accepts(path)
