@@ -256,3 +256,16 @@ def _validate(tmp_path: Path, out: dict[str, Any]) -> None:
     path = tmp_path / "envoy.json"
     path.write_text(json.dumps(bootstrap))
     assert_envoy_accepts(path)
+
+
+def test_the_sidecar_form_sets_the_socket_on_its_own_cluster() -> None:
+    """The sidecar model (bench's baseline) originates the same TLS from the pod's own Envoy:
+    the socket on the service's cluster, with the rule's SNI, as Istio's sidecar has it."""
+    s = store()
+    tls = {"mode": "SIMPLE", "sni": "web.example", "insecureSkipVerify": True}
+    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": tls}}))
+    out = translate(s, [local("a")], sidecar=True)
+    socket = as_json(out[e.CLUSTER][f"outbound|80||{HOST}"])["transportSocket"]
+    assert socket["typedConfig"]["@type"] == TLS_CONTEXT
+    assert socket["typedConfig"]["sni"] == "web.example"
+    assert "validationContext" not in socket["typedConfig"]["commonTlsContext"]
