@@ -269,3 +269,14 @@ def test_the_sidecar_form_sets_the_socket_on_its_own_cluster() -> None:
     assert socket["typedConfig"]["@type"] == TLS_CONTEXT
     assert socket["typedConfig"]["sni"] == "web.example"
     assert "validationContext" not in socket["typedConfig"]["commonTlsContext"]
+
+
+def test_port_level_settings_choose_per_port() -> None:
+    """A portLevelSettings entry's tls applies to its port only (the reference page: port-level
+    settings override the rule's for that port); the other port keeps auto mTLS."""
+    s = store()
+    level = {"port": {"number": 5432}, "tls": {"mode": "SIMPLE", "insecureSkipVerify": True}}
+    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"portLevelSettings": [level]}}))
+    out = translate(s, [local("a")])
+    assert "tls_socket" in meta(out, f"outbound|5432||{HOST}")
+    assert "tls_socket" not in meta(out, f"outbound|80||{HOST}")
