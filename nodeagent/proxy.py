@@ -3,9 +3,9 @@
 Owns the xDS server, the Envoy supervisor and the push loop: whenever the MeshStore or the set of
 captured pods changes, it translates and hands the node's snapshot to the xDS cache (what changes
 during a push is taken by the next one in one go). CNI ADD waits on ``synced`` so a pod starts
-only once Envoy holds its listeners; DEL waits the same way so a pod's listeners are gone before
-its network namespace is. Those waits wake on events (a push, Envoy's ACK or NACK), never on a
-timer.
+only once Envoy holds its listeners (and the route tables its namespace's joining changed); DEL
+waits the same way so a pod's listeners are gone before its network namespace is. Those waits
+wake on events (a push, Envoy's ACK or NACK), never on a timer.
 
 Fail closed, one object at a time: a captured pod missing from the source gets no certificate and
 no listeners (its traffic is refused) until its pod is known; an object Envoy rejects (NACK) or
@@ -503,6 +503,12 @@ class NodeProxy:
         if not always <= wanted.keys():
             return None
         if not all(acked.get(n) == wanted[n] for n in names if n in wanted):
+            return None
+        # The route tables its namespace's joining changed: Envoy applies RDS after LDS, so
+        # without them its first requests could still meet another view's routes (or 404).
+        translation = self._translations.get(snapshot.version) if snapshot is not None else None
+        guarded = translation.route_guards.get(namespace, ()) if translation is not None else ()
+        if guarded and not self.xds.holds(self.settings.node_id, types.ROUTE, guarded):
             return None
         # Ready only once Envoy holds the pod's certificate: before that its mTLS would fail.
         sid = self._pod_identity(key)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -171,6 +171,11 @@ class TranslationCache:
     _vs_index: traffic.VirtualServiceIndex | None = None
     _by_vs: dict[str, set[str]] = field(default_factory=dict)  # VirtualService -> services
     _by_host: dict[str, set[str]] = field(default_factory=dict)  # destination host -> services
+    # Route tables whose content this build changed, and the tables before a full recompute.
+    _routes_changed: set[str] = field(default_factory=set)
+    _prior_routes: dict[str, Message] = field(default_factory=dict)
+    # Local namespace -> the tables its joining changed (Translation.route_guards).
+    _guards: dict[str, frozenset[str]] = field(default_factory=dict)
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
     def build(
@@ -205,6 +210,7 @@ class TranslationCache:
         self._fast = fast
         changes = store.changes_since(self._generation)
         previous = self._settings
+        self._routes_changed = set()
         if (
             previous is None
             or changes is None
@@ -225,7 +231,19 @@ class TranslationCache:
                 self._update(set(self._services) - dirty, reuse=True)
             self._update(dirty)
         self._generation = store.generation
+        self._follow_guards(previous, settings)
         return self._assemble(local_pods, secrets, excluded_now, inbound)
+
+    def _follow_guards(self, previous: _Settings | None, settings: _Settings) -> None:
+        """A namespace that joined in this build depends on the tables the build changed (its
+        view was added to them; with other changes of the same build, in doubt, too)."""
+        now = _namespaces(settings.identities)
+        for gone in self._guards.keys() - now:
+            del self._guards[gone]
+        joined = now - (_namespaces(previous.identities) if previous is not None else set())
+        changed = frozenset(self._routes_changed)
+        for namespace in joined:
+            self._guards[namespace] = changed
 
     # -- what changed -----------------------------------------------------------------------------
 
@@ -243,6 +261,7 @@ class TranslationCache:
         self._inbound.clear()
         self._internal = self._originate = None
         self._modes.clear()
+        self._prior_routes = dict(self._base.get(envoy.ROUTE, {}))
         self._base = {type_url: {} for type_url in TYPES}
         self._base_origins.clear()
         self._base_chains.clear()
@@ -271,6 +290,7 @@ class TranslationCache:
             ]
         self._order = []
         self._update(set(store.services))
+        self._prior_routes = {}
 
     def _dirty_services(self, changes: set[tuple[str, str]], settings: _Settings) -> set[str]:
         store = settings.store
@@ -332,7 +352,10 @@ class TranslationCache:
             if old is not None:
                 self._unlink(key, old)
             svc = store.services.get(key)
-            entry = None if svc is None else self._service_entry(svc, old if reuse else None)
+            before = self._prior_routes if old is None else {_name(*r): r[1] for r in old.routes}
+            entry = (
+                None if svc is None else self._service_entry(svc, old if reuse else None, before)
+            )
             added_or_removed |= (old is None) != (entry is None)
             self._place(key, old, entry)
             if entry is None:
@@ -398,8 +421,14 @@ class TranslationCache:
 
     # -- builders ---------------------------------------------------------------------------------
 
-    def _service_entry(self, svc: Service, reuse: _ServiceEntry | None = None) -> _ServiceEntry:
-        """SVC's part. REUSE: only the local namespaces changed; keep all but the modes."""
+    def _service_entry(
+        self,
+        svc: Service,
+        reuse: _ServiceEntry | None = None,
+        before: Mapping[str, Message] | None = None,
+    ) -> _ServiceEntry:
+        """SVC's part. REUSE: only the local namespaces changed; keep all but the modes.
+        BEFORE: its route tables as they were (by name), kept where their content is equal."""
         assert self._settings is not None
         settings = self._settings
         store = settings.store
@@ -415,6 +444,7 @@ class TranslationCache:
             return entry
         try:
             self._service_views(entry)
+            self._keep_unchanged_routes(entry, before or {})
             if (
                 reuse is not None
                 and reuse.made is not None
@@ -472,6 +502,20 @@ class TranslationCache:
             (t.service.cluster_ip, t.port.port, t.host, is_http(t.protocol), repr(tcp))
             for t, tcp in keys
         )
+
+    def _keep_unchanged_routes(self, entry: _ServiceEntry, before: Mapping[str, Message]) -> None:
+        """A table equal to the one it replaces stays the very same message (its push is
+        skipped); one that differs is noted in ``_routes_changed``."""
+        kept: Made = []
+        for type_url, table in entry.routes:
+            name = _name(type_url, table)
+            prior = before.get(name)
+            if prior is not None and prior == table:
+                table = prior
+            elif prior is not None:
+                self._routes_changed.add(name)
+            kept.append((type_url, table))
+        entry.routes = kept
 
     def _service_parts(self, entry: _ServiceEntry) -> None:
         """Per target: the endpoints and cluster of each of its subsets."""
@@ -538,7 +582,11 @@ class TranslationCache:
         # Copies (C speed): a translation handed out is never changed afterwards.
         out = {type_url: dict(by_name) for type_url, by_name in self._base.items()}
         result = Translation(
-            out, dict(self._base_origins), dict(self._base_chains), dict(self._problems)
+            out,
+            dict(self._base_origins),
+            dict(self._base_chains),
+            dict(self._problems),
+            dict(self._guards),
         )
 
         def add(type_url: str, resource: Message, origin: Origin | None = None) -> None:

@@ -295,6 +295,30 @@ def test_initial_flow_acked_with_one_version(tmp_path: Path, delta: bool) -> Non
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_holds_tells_whether_envoy_acked_the_current_tables(tmp_path: Path, delta: bool) -> None:
+    """What a pod's readiness asks about route tables: Envoy ACKed the current snapshot's
+    version of each one it subscribes to (one it does not watch is not waited for)."""
+
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        assert not env.server.holds(NODE, RDS, ["r"])  # not connected yet
+        await initial_flow(envoy)
+        assert env.server.holds(NODE, RDS, ["r", "unwatched", "absent"])
+        routes = {"r": route("r", "b"), "unwatched": route("unwatched")}
+        env.cache.set_snapshot(NODE, snapshot("v2", routes=routes))
+        assert not env.server.holds(NODE, RDS, ["r"])  # r changed: not ACKed yet
+        assert env.server.holds(NODE, RDS, ["unwatched"])
+        response = await envoy.recv()
+        assert response.type_url == RDS
+        await envoy.ack(response, ["r"])
+        await wait_for_async(lambda: envoy.server_holds_ack(response), 2, "the RDS ACK")
+        assert env.server.holds(NODE, RDS, ["r", "unwatched"])
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_new_snapshot_pushes_cds_before_lds(tmp_path: Path, delta: bool) -> None:
     async def body(env: Env) -> None:
         env.cache.set_snapshot(NODE, snapshot("v1"))
