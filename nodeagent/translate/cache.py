@@ -79,7 +79,7 @@ from nodeagent.translate.services import (
     inbound_ports_of,
     service_targets,
 )
-from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Translation
+from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Resources, Translation
 
 log = logging.getLogger("nodeagent.translate")
 
@@ -176,6 +176,12 @@ class TranslationCache:
     _prior_routes: dict[str, Message] = field(default_factory=dict)
     # Local namespace -> the tables its joining changed (Translation.route_guards).
     _guards: dict[str, frozenset[str]] = field(default_factory=dict)
+    # What this build changed in _base (type URL -> names; None: everything was recomputed),
+    # and the last translation's resources with the names _assemble added on top of _base:
+    # what Translation.changed is told against.
+    _touched: dict[str, set[str]] | None = None
+    _last_out: Resources | None = None
+    _last_extra: set[tuple[str, str]] = field(default_factory=set)
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
     def build(
@@ -211,6 +217,7 @@ class TranslationCache:
         changes = store.changes_since(self._generation)
         previous = self._settings
         self._routes_changed = set()
+        self._touched = {}
         if (
             previous is None
             or changes is None
@@ -249,6 +256,7 @@ class TranslationCache:
 
     def _recompute_all(self, settings: _Settings, excluded: frozenset[Origin]) -> None:
         self.full_recomputes += 1
+        self._touched = None
         self._settings = settings
         self._excluded = excluded
         self._services.clear()
@@ -375,11 +383,14 @@ class TranslationCache:
         """Swap a service's part of the output: OLD's out, NEW's in (served or dropped)."""
         was_served = key in self._served
         self._modes.pop(key, None)
+        touched = self._touched
         if old is not None:
             if was_served:
                 self._served.discard(key)
                 assert old.made is not None
                 for type_url, name, _ in old.made:
+                    if touched is not None:
+                        touched.setdefault(type_url, set()).add(name)
                     self._base[type_url].pop(name, None)
                     self._base_origins.pop((type_url, name), None)
                 for chain in old.chain_names:
@@ -392,6 +403,8 @@ class TranslationCache:
             assert new.made is not None
             self._served.add(key)
             for type_url, name, resource in new.made:
+                if touched is not None:
+                    touched.setdefault(type_url, set()).add(name)
                 self._base[type_url][name] = resource
                 self._base_origins[(type_url, name)] = new.origin
             for chain in new.chain_names:
@@ -588,10 +601,12 @@ class TranslationCache:
             dict(self._problems),
             dict(self._guards),
         )
+        extra: set[tuple[str, str]] = set()  # what is added on top of _base, O(pods)
 
         def add(type_url: str, resource: Message, origin: Origin | None = None) -> None:
             name = _name(type_url, resource)
             out[type_url][name] = resource
+            extra.add((type_url, name))
             if origin is not None:
                 result.origins[(type_url, name)] = origin
 
@@ -669,7 +684,22 @@ class TranslationCache:
             if sidecar and name != tls.ROOTCA and name not in mine:
                 continue  # a sidecar holds its own pod's identity only
             add(envoy.SECRET, secret)
+        self._tell_changes(result, extra)
         return result
+
+    def _tell_changes(self, result: Translation, extra: set[tuple[str, str]]) -> None:
+        """RESULT's changes against the translation before: the names _place touched in
+        _base, and those added on top of it now or last time whose object differs."""
+        before, touched = self._last_out, self._touched
+        self._last_out, self._last_extra, last_extra = result.resources, extra, self._last_extra
+        if before is None or touched is None:
+            return
+        changed = {type_url: set(names) for type_url, names in touched.items()}
+        out = result.resources
+        for type_url, name in extra | last_extra:
+            if before.get(type_url, {}).get(name) is not out.get(type_url, {}).get(name):
+                changed.setdefault(type_url, set()).add(name)
+        result.base, result.changed = before, changed
 
     def _node_internals(self, local_pods: Sequence[LocalPod], outbound_policy: str) -> Made:
         """outbound-internal (every served chain, black holes for the closed VIP:ports) and
