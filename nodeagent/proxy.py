@@ -3,9 +3,9 @@
 Owns the xDS server, the Envoy supervisor and the push loop: whenever the MeshStore or the set of
 captured pods changes, it translates and hands the node's snapshot to the xDS cache (what changes
 during a push is taken by the next one in one go). CNI ADD waits on ``synced`` so a pod starts
-only once Envoy holds its listeners; DEL waits the same way so a pod's listeners are gone before
-its network namespace is. Those waits wake on events (a push, Envoy's ACK or NACK), never on a
-timer.
+only once Envoy holds its listeners (and the route tables its namespace's joining changed); DEL
+waits the same way so a pod's listeners are gone before its network namespace is. Those waits
+wake on events (a push, Envoy's ACK or NACK), never on a timer.
 
 Fail closed, one object at a time: a captured pod missing from the source gets no certificate and
 no listeners (its traffic is refused) until its pod is known; an object Envoy rejects (NACK) or
@@ -48,7 +48,7 @@ from nodeagent.translate import (
 from nodeagent.translate.internal import OUTBOUND_INTERNAL, fast_name
 from nodeagent.translate.rejections import Bisection, culprits
 from nodeagent.xds import types
-from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
+from nodeagent.xds.cache import Changes, InconsistentSnapshot, Snapshot, SnapshotCache
 from nodeagent.xds.server import Nack, XdsServer
 
 log = logging.getLogger("nodeagent.proxy")
@@ -141,8 +141,9 @@ class NodeProxy:
         self._translations: OrderedDict[str, Translation] = OrderedDict()
         self._translator = TranslationCache()  # recomputes only what changed since last push
         self._bisection: Bisection | None = None
-        # Per type: the objects of the config Envoy last ACKed (what it already holds).
-        self._accepted: dict[str, frozenset[Origin]] = {}
+        # Per type: the translation Envoy last ACKed (its objects: what Envoy already holds;
+        # worked out only when a NACK needs them, as that is O(resources)).
+        self._accepted: dict[str, Translation] = {}
         self._resend: set[str] = set()  # types whose next push asks Envoy's verdict again
         self.xds.on_nack = self._on_nack
         self.xds.on_ack = self._on_ack
@@ -266,7 +267,10 @@ class NodeProxy:
             for origin in failed.keys() - self.failed.keys():
                 self.rejections.labels(origin.kind, "translation").inc()
             self.failed = failed
-            snapshot = Snapshot(version, translation.resources)
+            changes = None
+            if translation.base is not None and translation.changed is not None:
+                changes = Changes(translation.base, translation.changed)
+            snapshot = Snapshot(version, translation.resources, changes)
             self.cache.set_snapshot(self.settings.node_id, snapshot)
             self._translations[version] = translation
             if self._bisection is not None and not self._bisection.version:
@@ -311,7 +315,9 @@ class NodeProxy:
             if bisection.answers(nack.version_sent):
                 self._bisect(accepted=False)
             return
-        found = culprits(nack, translation, self._accepted.get(nack.type_url, frozenset()))
+        accepted = self._accepted.get(nack.type_url)
+        held = accepted.objects() if accepted is not None else frozenset()
+        found = culprits(nack, translation, held)
         if found:
             self.unattributed_nack = ""
             for origin, why in found.items():
@@ -345,7 +351,7 @@ class NodeProxy:
             return
         translation = self._translations.get(version)
         if translation is not None:
-            self._accepted[type_url] = translation.objects()
+            self._accepted[type_url] = translation
         bisection = self._bisection
         if bisection is not None and type_url == bisection.type_url and bisection.answers(version):
             self._bisect(accepted=True)
@@ -503,6 +509,12 @@ class NodeProxy:
         if not always <= wanted.keys():
             return None
         if not all(acked.get(n) == wanted[n] for n in names if n in wanted):
+            return None
+        # The route tables its namespace's joining changed: Envoy applies RDS after LDS, so
+        # without them its first requests could still meet another view's routes (or 404).
+        translation = self._translations.get(snapshot.version) if snapshot is not None else None
+        guarded = translation.route_guards.get(namespace, ()) if translation is not None else ()
+        if guarded and not self.xds.holds(self.settings.node_id, types.ROUTE, guarded):
             return None
         # Ready only once Envoy holds the pod's certificate: before that its mTLS would fail.
         sid = self._pod_identity(key)

@@ -802,6 +802,18 @@ def _documents(path: Path) -> list[Obj]:
     return out
 
 
+def _as_stored(desired: Obj, stored: Obj) -> None:
+    """DESIRED (a private copy) as the server stores it over STORED: its creationTimestamp
+    kept, a Secret's stringData folded. Compared so: an object whose file did not change is
+    not MODIFIED again (a real API server sends no event for a write that changes nothing;
+    re-sending every object of the cluster at each sync made watchers' work grow with it)."""
+    _secret_data(desired)
+    created = stored.get("metadata", {}).get("creationTimestamp")
+    meta = desired.setdefault("metadata", {})
+    if created and not meta.get("creationTimestamp"):
+        meta["creationTimestamp"] = created
+
+
 def _without_version(obj: Obj) -> Obj:
     out = dict(obj)
     out["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
@@ -882,7 +894,9 @@ class ClusterMirror:
             stored = server.objects.get(resource, {}).get(key)
             if stored is None:
                 server.add(desired)
-            elif _without_version(stored) != _without_version(desired):
+                continue
+            _as_stored(desired, stored)
+            if _without_version(stored) != _without_version(desired):
                 server.modify(desired)
         self._mine = set(wanted)
 

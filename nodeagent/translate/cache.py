@@ -36,7 +36,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -83,7 +83,7 @@ from nodeagent.translate.services import (
     inbound_ports_of,
     service_targets,
 )
-from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Translation
+from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Resources, Translation
 
 log = logging.getLogger("nodeagent.translate")
 
@@ -182,6 +182,17 @@ class TranslationCache:
     _vs_index: traffic.VirtualServiceIndex | None = None
     _by_vs: dict[str, set[str]] = field(default_factory=dict)  # VirtualService -> services
     _by_host: dict[str, set[str]] = field(default_factory=dict)  # destination host -> services
+    # Route tables whose content this build changed, and the tables before a full recompute.
+    _routes_changed: set[str] = field(default_factory=set)
+    _prior_routes: dict[str, Message] = field(default_factory=dict)
+    # Local namespace -> the tables its joining changed (Translation.route_guards).
+    _guards: dict[str, frozenset[str]] = field(default_factory=dict)
+    # What this build changed in _base (type URL -> names; None: everything was recomputed),
+    # and the last translation's resources with the names _assemble added on top of _base:
+    # what Translation.changed is told against.
+    _touched: dict[str, set[str]] | None = None
+    _last_out: Resources | None = None
+    _last_extra: set[tuple[str, str]] = field(default_factory=set)
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
     def build(
@@ -216,6 +227,8 @@ class TranslationCache:
         self._fast = fast
         changes = store.changes_since(self._generation)
         previous = self._settings
+        self._routes_changed = set()
+        self._touched = {}
         if (
             previous is None
             or changes is None
@@ -236,12 +249,25 @@ class TranslationCache:
                 self._update(set(self._services) - dirty, reuse=True)
             self._update(dirty)
         self._generation = store.generation
+        self._follow_guards(previous, settings)
         return self._assemble(local_pods, secrets, excluded_now, inbound)
+
+    def _follow_guards(self, previous: _Settings | None, settings: _Settings) -> None:
+        """A namespace that joined in this build depends on the tables the build changed (its
+        view was added to them; with other changes of the same build, in doubt, too)."""
+        now = _namespaces(settings.identities)
+        for gone in self._guards.keys() - now:
+            del self._guards[gone]
+        joined = now - (_namespaces(previous.identities) if previous is not None else set())
+        changed = frozenset(self._routes_changed)
+        for namespace in joined:
+            self._guards[namespace] = changed
 
     # -- what changed -----------------------------------------------------------------------------
 
     def _recompute_all(self, settings: _Settings, excluded: frozenset[Origin]) -> None:
         self.full_recomputes += 1
+        self._touched = None
         self._settings = settings
         self._excluded = excluded
         self._services.clear()
@@ -255,6 +281,7 @@ class TranslationCache:
         self._inbound.clear()
         self._internal = self._originate = self._originate_tls = None
         self._modes.clear()
+        self._prior_routes = dict(self._base.get(envoy.ROUTE, {}))
         self._base = {type_url: {} for type_url in TYPES}
         self._base_origins.clear()
         self._base_chains.clear()
@@ -284,6 +311,7 @@ class TranslationCache:
             ]
         self._order = []
         self._update(set(store.services))
+        self._prior_routes = {}
 
     def _dirty_services(self, changes: set[tuple[str, str]], settings: _Settings) -> set[str]:
         store = settings.store
@@ -349,7 +377,10 @@ class TranslationCache:
             if old is not None:
                 self._unlink(key, old)
             svc = store.services.get(key)
-            entry = None if svc is None else self._service_entry(svc, old if reuse else None)
+            before = self._prior_routes if old is None else {_name(*r): r[1] for r in old.routes}
+            entry = (
+                None if svc is None else self._service_entry(svc, old if reuse else None, before)
+            )
             added_or_removed |= (old is None) != (entry is None)
             self._place(key, old, entry)
             if entry is None:
@@ -371,11 +402,14 @@ class TranslationCache:
         """Swap a service's part of the output: OLD's out, NEW's in (served or dropped)."""
         was_served = key in self._served
         self._modes.pop(key, None)
+        touched = self._touched
         if old is not None:
             if was_served:
                 self._served.discard(key)
                 assert old.made is not None
                 for type_url, name, _ in old.made:
+                    if touched is not None:
+                        touched.setdefault(type_url, set()).add(name)
                     self._base[type_url].pop(name, None)
                     self._base_origins.pop((type_url, name), None)
                 for chain in old.chain_names:
@@ -388,6 +422,8 @@ class TranslationCache:
             assert new.made is not None
             self._served.add(key)
             for type_url, name, resource in new.made:
+                if touched is not None:
+                    touched.setdefault(type_url, set()).add(name)
                 self._base[type_url][name] = resource
                 self._base_origins[(type_url, name)] = new.origin
             for chain in new.chain_names:
@@ -418,8 +454,14 @@ class TranslationCache:
 
     # -- builders ---------------------------------------------------------------------------------
 
-    def _service_entry(self, svc: Service, reuse: _ServiceEntry | None = None) -> _ServiceEntry:
-        """SVC's part. REUSE: only the local namespaces changed; keep all but the modes."""
+    def _service_entry(
+        self,
+        svc: Service,
+        reuse: _ServiceEntry | None = None,
+        before: Mapping[str, Message] | None = None,
+    ) -> _ServiceEntry:
+        """SVC's part. REUSE: only the local namespaces changed; keep all but the modes.
+        BEFORE: its route tables as they were (by name), kept where their content is equal."""
         assert self._settings is not None
         settings = self._settings
         store = settings.store
@@ -436,6 +478,7 @@ class TranslationCache:
             return entry
         try:
             self._service_views(entry)
+            self._keep_unchanged_routes(entry, before or {})
             if (
                 reuse is not None
                 and reuse.made is not None
@@ -503,6 +546,20 @@ class TranslationCache:
             (t.service.cluster_ip, t.port.port, t.host, is_http(t.protocol), repr(tcp))
             for t, tcp in keys
         )
+
+    def _keep_unchanged_routes(self, entry: _ServiceEntry, before: Mapping[str, Message]) -> None:
+        """A table equal to the one it replaces stays the very same message (its push is
+        skipped); one that differs is noted in ``_routes_changed``."""
+        kept: Made = []
+        for type_url, table in entry.routes:
+            name = _name(type_url, table)
+            prior = before.get(name)
+            if prior is not None and prior == table:
+                table = prior
+            elif prior is not None:
+                self._routes_changed.add(name)
+            kept.append((type_url, table))
+        entry.routes = kept
 
     def _service_parts(self, entry: _ServiceEntry) -> None:
         """Per target: the endpoints and cluster of each of its subsets."""
@@ -598,12 +655,18 @@ class TranslationCache:
         # Copies (C speed): a translation handed out is never changed afterwards.
         out = {type_url: dict(by_name) for type_url, by_name in self._base.items()}
         result = Translation(
-            out, dict(self._base_origins), dict(self._base_chains), dict(self._problems)
+            out,
+            dict(self._base_origins),
+            dict(self._base_chains),
+            dict(self._problems),
+            dict(self._guards),
         )
+        extra: set[tuple[str, str]] = set()  # what is added on top of _base, O(pods)
 
         def add(type_url: str, resource: Message, origin: Origin | None = None) -> None:
             name = _name(type_url, resource)
             out[type_url][name] = resource
+            extra.add((type_url, name))
             if origin is not None:
                 result.origins[(type_url, name)] = origin
 
@@ -681,7 +744,22 @@ class TranslationCache:
             if sidecar and name != tls.ROOTCA and name not in mine:
                 continue  # a sidecar holds its own pod's identity only
             add(envoy.SECRET, secret)
+        self._tell_changes(result, extra)
         return result
+
+    def _tell_changes(self, result: Translation, extra: set[tuple[str, str]]) -> None:
+        """RESULT's changes against the translation before: the names _place touched in
+        _base, and those added on top of it now or last time whose object differs."""
+        before, touched = self._last_out, self._touched
+        self._last_out, self._last_extra, last_extra = result.resources, extra, self._last_extra
+        if before is None or touched is None:
+            return
+        changed = {type_url: set(names) for type_url, names in touched.items()}
+        out = result.resources
+        for type_url, name in extra | last_extra:
+            if before.get(type_url, {}).get(name) is not out.get(type_url, {}).get(name):
+                changed.setdefault(type_url, set()).add(name)
+        result.base, result.changed = before, changed
 
     def _node_internals(self, local_pods: Sequence[LocalPod], outbound_policy: str) -> Made:
         """outbound-internal (every served chain, black holes for the closed VIP:ports) and

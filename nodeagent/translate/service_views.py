@@ -22,8 +22,9 @@ Envoy shares one route table and one set of clusters per service port among all 
   routes name. TLS modes stay per caller in originate-mtls (cache.py), as before.
 
 A view is computed only for namespaces with a local pod. A pod of a new namespace gets its view
-with the translation that adds its listeners; Envoy applies routes after listeners, so its very
-first request may race the route update when views differ (it then gets a 404).
+with the translation that adds its listeners; Envoy applies routes after listeners, so the
+translation names the tables its view changed (``Translation.route_guards``) and the pod's CNI
+ADD waits until Envoy holds them too (proxy.py).
 """
 
 from __future__ import annotations

@@ -53,6 +53,14 @@ class Translation:
     chains: dict[str, Origin] = field(default_factory=dict)
     # Objects whose translation raised, dropped from the resources: why.
     problems: dict[Origin, str] = field(default_factory=dict)
+    # Local client namespace -> the route tables whose content changed when it joined the
+    # node (its view was added to them). Its pods' first requests use those tables, and Envoy
+    # applies RDS after LDS: a pod is ready only once Envoy holds them (proxy.py).
+    route_guards: dict[str, frozenset[str]] = field(default_factory=dict)
+    # What differs from BASE (the resources of the translation before, from the same cache):
+    # per type URL, names whose message is not the very same object there. None: not known.
+    base: Resources | None = field(default=None, repr=False, compare=False)
+    changed: dict[str, set[str]] | None = field(default=None, repr=False, compare=False)
 
     _objects: frozenset[Origin] | None = field(default=None, init=False, repr=False, compare=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,24 @@ class XdsServer:
         if not streams:
             return {}
         return dict(streams[-1].states[type_url].acked)
+
+    def holds(self, node_id: str, type_url: str, names: Iterable[str]) -> bool:
+        """Whether NODE_ID's Envoy ACKed the current snapshot's version of each of NAMES it
+        subscribes to (a name it does not subscribe to, or the snapshot lacks, is not waited
+        for). O(len(NAMES))."""
+        streams = self._streams.get(node_id)
+        snapshot = self.cache.get(node_id)
+        if not streams or snapshot is None:
+            return False
+        state = streams[-1].states[type_url]
+        versions = snapshot.versions(type_url)
+        for name in names:
+            wanted = versions.get(name)
+            if wanted is None or not (state.wildcard or name in state.explicit):
+                continue
+            if state.acked.get(name) != wanted:
+                return False
+        return True
 
     def connected_nodes(self) -> list[str]:
         return sorted(self._streams)

@@ -672,6 +672,40 @@ def test_the_testbed_apiserver_serves_its_cluster_directory(tmp_path: Path) -> N
     _run(scenario())
 
 
+def test_the_testbed_apiserver_sends_no_event_for_an_object_whose_file_did_not_change(
+    tmp_path: Path,
+) -> None:
+    """As a real API server: another file's change MODIFIES only what it changed, so what a
+    watcher receives per change does not grow with the cluster's objects."""
+    from nodeagent.testbed.apiserver import ClusterMirror
+
+    files = tmp_path / "cluster"
+    files.mkdir()
+    objects = _objects()
+    (files / "rest.yaml").write_text(yaml.safe_dump_all([o for o in objects if o["kind"] != "Pod"]))
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s", "namespace": "shop"},
+        "stringData": {"k": "v"},
+    }
+    (files / "secret.yaml").write_text(yaml.safe_dump(secret))
+    server = APIServerStandIn()
+    mirror = ClusterMirror(files, server)
+    assert mirror.sync()
+    before = len(server.history)
+    (files / "pods.yaml").write_text(yaml.safe_dump_all([o for o in objects if o["kind"] == "Pod"]))
+    assert mirror.sync()
+    added = [(e.type, e.object["kind"]) for e in server.history[before:]]
+    assert added == [("ADDED", "Pod")] * sum(o["kind"] == "Pod" for o in objects)
+    secret["stringData"] = {"k": "w"}
+    (files / "secret.yaml").write_text(yaml.safe_dump(secret))
+    assert mirror.sync()
+    assert [(e.type, e.object["kind"]) for e in server.history[before + len(added) :]] == [
+        ("MODIFIED", "Secret")
+    ]
+
+
 def test_pods_are_listed_in_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A LIST of every node's pods comes in pages (limit/continue), so the agent never holds
     the whole cluster's pod JSON at once; the store ends the same."""

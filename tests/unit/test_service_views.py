@@ -223,3 +223,45 @@ def test_a_virtual_service_change_rebuilds_only_the_services_it_names() -> None:
     assert after[e.ROUTE][ROUTE] != before[e.ROUTE][ROUTE]
     (only,) = routes(after)
     assert only["route"]["cluster"] == V2
+
+
+def test_a_joining_namespace_names_the_tables_its_view_changed() -> None:
+    """A pod of a namespace new to the node adds its view to the tables where it differs: the
+    translation names those tables for that namespace (its pods are ready only once Envoy
+    holds them), and no table whose content stayed the same (that one is the very same
+    message, so its push is skipped)."""
+    vs = resource(
+        "VirtualService",
+        "shop",
+        "ph",
+        {"hosts": ["ph"], "exportTo": ["."], "http": [{"route": to("v2")}]},
+    )
+    s, local = shop(SUBSETS, vs, callers=0)  # only shop's own pod: one view, no guard
+    s.put_service(Service("shop", "other", "10.96.0.8", (ServicePort(80, "http"),), {"app": "o"}))
+    other = "outbound|80||other.shop.svc.cluster.local"
+    cache = TranslationCache()
+    before = cache.build(s, local)
+    assert before.route_guards == {"shop": frozenset()}  # the first build: every table new
+    newcomer = Pod("front", "c0", "u", "n1", "curl", {"app": "curl"}, pod_ips=("10.244.1.9",))
+    s.put_pod(newcomer)
+    joined = cache.build(s, [*local, LocalPod(newcomer, "/run/netns/c0")])
+    assert cache.full_recomputes == 1
+    assert joined.route_guards["front"] == {ROUTE}  # front's view differs from shop's there
+    assert joined.resources[e.ROUTE][other] is before.resources[e.ROUTE][other]
+    assert len(routes(joined.resources)) == 2  # now guarded: a block per view
+    # A later push keeps naming them while front has a pod here; once it left, nothing.
+    later = cache.build(s, [*local, LocalPod(newcomer, "/run/netns/c0")])
+    assert later.route_guards == joined.route_guards
+    assert "front" not in cache.build(s, local).route_guards
+
+
+def test_a_joining_namespace_that_sees_the_same_routes_waits_for_nothing() -> None:
+    vs = resource("VirtualService", "shop", "ph", {"hosts": ["ph"], "http": [{"route": to("v1")}]})
+    s, local = shop(SUBSETS, vs, callers=0)
+    cache = TranslationCache()
+    before = cache.build(s, local)
+    newcomer = Pod("front", "c0", "u", "n1", "curl", {"app": "curl"}, pod_ips=("10.244.1.9",))
+    s.put_pod(newcomer)
+    joined = cache.build(s, [*local, LocalPod(newcomer, "/run/netns/c0")])
+    assert joined.route_guards["front"] == frozenset()
+    assert joined.resources[e.ROUTE][ROUTE] is before.resources[e.ROUTE][ROUTE]

@@ -29,7 +29,7 @@ from nodeagent.mesh.model import (
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import POD, SERVICE, LocalPod, Origin, Translation, TranslationCache, build
 from nodeagent.translate import envoy as e
-from nodeagent.xds.cache import Snapshot, SnapshotCache
+from nodeagent.xds.cache import Changes, Snapshot, SnapshotCache, check_consistent
 
 NODE = "n1"
 ROOT = "istio-system"
@@ -360,7 +360,9 @@ def test_incremental_translation_equals_a_fresh_full_one(
 ) -> None:
     node = seeded()
     cache = TranslationCache()
-    cache.build(node.store, node.local_pods(), excluded=node.excluded)
+    xds = SnapshotCache()
+    before = cache.build(node.store, node.local_pods(), excluded=node.excluded)
+    pushed(xds, before)
     for (what, arg), push in [*steps, (("push", None), True)]:
         node.apply(what, arg)
         if not push and what != "push":
@@ -369,6 +371,29 @@ def test_incremental_translation_equals_a_fresh_full_one(
         incremental = cache.build(node.store, local, excluded=set(node.excluded))
         full = build(node.store, local, excluded=set(node.excluded))
         assert serialized(incremental) == serialized(full)
+        if incremental.changed is not None:  # it names every name whose object is not the same
+            assert incremental.base is before.resources
+            for type_url, now in incremental.resources.items():
+                then = before.resources.get(type_url, {})
+                differ = {n for n in then.keys() | now.keys() if then.get(n) is not now.get(n)}
+                assert differ <= incremental.changed.get(type_url, set()), type_url
+        pushed(xds, incremental)
+        before = incremental
+
+
+def pushed(xds: SnapshotCache, translation: Translation) -> None:
+    """Set TRANSLATION's snapshot as the agent does (with its changes, checked and encoded
+    incrementally); its versions are those a snapshot made from scratch has."""
+    changes = None
+    if translation.base is not None and translation.changed is not None:
+        changes = Changes(translation.base, translation.changed)
+    version = str(id(translation))
+    snapshot = Snapshot(version, translation.resources, changes)
+    xds.set_snapshot(NODE, snapshot)
+    fresh = Snapshot(version, translation.resources)
+    check_consistent(fresh)
+    for type_url in translation.resources:
+        assert snapshot.versions(type_url) == fresh.versions(type_url), type_url
 
 
 def pa(namespace: str, mode: str, app: str = "") -> IstioResource:

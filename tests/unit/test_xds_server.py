@@ -31,7 +31,7 @@ from google.rpc import status_pb2
 from prometheus_client import CollectorRegistry
 
 from nodeagent.xds import types
-from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
+from nodeagent.xds.cache import Changes, InconsistentSnapshot, Snapshot, SnapshotCache
 from nodeagent.xds.server import Nack, XdsServer
 from tests.waiting import wait_for_async
 
@@ -290,6 +290,30 @@ def test_initial_flow_acked_with_one_version(tmp_path: Path, delta: bool) -> Non
         if delta:
             versions = {r.name: r.version for r in got["CDS"].resources}
             assert versions["a"] == env.cache.get(NODE).versions(CDS)["a"]  # type: ignore[union-attr]
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_holds_tells_whether_envoy_acked_the_current_tables(tmp_path: Path, delta: bool) -> None:
+    """What a pod's readiness asks about route tables: Envoy ACKed the current snapshot's
+    version of each one it subscribes to (one it does not watch is not waited for)."""
+
+    async def body(env: Env) -> None:
+        env.cache.set_snapshot(NODE, snapshot("v1"))
+        envoy = env.envoy(delta)
+        assert not env.server.holds(NODE, RDS, ["r"])  # not connected yet
+        await initial_flow(envoy)
+        assert env.server.holds(NODE, RDS, ["r", "unwatched", "absent"])
+        routes = {"r": route("r", "b"), "unwatched": route("unwatched")}
+        env.cache.set_snapshot(NODE, snapshot("v2", routes=routes))
+        assert not env.server.holds(NODE, RDS, ["r"])  # r changed: not ACKed yet
+        assert env.server.holds(NODE, RDS, ["unwatched"])
+        response = await envoy.recv()
+        assert response.type_url == RDS
+        await envoy.ack(response, ["r"])
+        await wait_for_async(lambda: envoy.server_holds_ack(response), 2, "the RDS ACK")
+        assert env.server.holds(NODE, RDS, ["r", "unwatched"])
 
     run(tmp_path, body)
 
@@ -852,3 +876,55 @@ def test_dangling_rds_reference_is_rejected() -> None:
 def test_misfiled_resource_is_rejected() -> None:
     with pytest.raises(InconsistentSnapshot, match=r"filed as 'x' is named 'a'"):
         SnapshotCache().set_snapshot(NODE, snapshot("v1", clusters={"x": cluster("a")}))
+
+
+def changed(base: Snapshot, version: str, **parts: dict[str, Any]) -> Snapshot:
+    """SNAPSHOT("version", **PARTS) told as changes against BASE (the names that differ)."""
+    made = snapshot(version, **parts)
+    names = {
+        t: {
+            n
+            for n in base.of(t).keys() | made.of(t).keys()
+            if base.of(t).get(n) is not made.of(t).get(n)
+        }
+        for t in made.resources
+    }
+    return Snapshot(version, made.resources, Changes(base.resources, names))
+
+
+def test_a_snapshot_told_its_changes_is_checked_on_them() -> None:
+    """Only what changed is looked at, yet a dangling reference is still refused: a changed
+    listener naming a missing table, a table removed while an unchanged listener names it, a
+    changed cluster whose assignment is gone, a misfiled one; the versions are those a
+    snapshot encoded from scratch has."""
+    cache = SnapshotCache()
+    first = snapshot("v1", routes={"r": route("r"), "r2": route("r2")})
+    cache.set_snapshot(NODE, first)
+    first.versions(RDS)  # encoded: the next one reuses it
+    keep: dict[str, Any] = dict(first.resources)
+    with pytest.raises(InconsistentSnapshot, match=r"listener 'l'.*route_config_name 'other'"):
+        cache.set_snapshot(
+            NODE,
+            changed(first, "v2", listeners={"l": listener("l", "other")}, routes=dict(keep[RDS])),
+        )
+    with pytest.raises(InconsistentSnapshot, match=r"listener 'l'.*route_config_name 'r'"):
+        cache.set_snapshot(
+            NODE, changed(first, "v2", listeners=dict(keep[LDS]), routes={"r2": keep[RDS]["r2"]})
+        )
+    with pytest.raises(InconsistentSnapshot, match=r"cluster 'b' uses EDS service 'b'"):
+        cache.set_snapshot(NODE, changed(first, "v2", clusters={**keep[CDS], "b": cluster("b")}))
+    with pytest.raises(InconsistentSnapshot, match=r"filed as 'x' is named 'a'"):
+        cache.set_snapshot(NODE, changed(first, "v2", clusters={**keep[CDS], "x": cluster("a")}))
+    assert cache.get(NODE) is first
+    second = changed(
+        first,
+        "v2",
+        clusters=dict(keep[CDS]),
+        assignments=dict(keep[EDS]),
+        listeners=dict(keep[LDS]),
+        routes={"r": route("r", "b"), "r3": route("r3")},
+    )
+    cache.set_snapshot(NODE, second)
+    fresh = Snapshot("v2", second.resources)
+    assert second.versions(RDS) == fresh.versions(RDS) and set(second.versions(RDS)) == {"r", "r3"}
+    assert second.versions(CDS) == fresh.versions(CDS)
