@@ -97,7 +97,11 @@ PY
     fi
     mkdir -p "$(dirname "$target")"
     install -m 0755 "$tmp/kubectl" "$target"
-    "$target" version --client | grep -q "Client Version: $KUBECTL_VERSION\$" \
+    # Read the whole output first: `grep -q` stops at its match, and under pipefail kubectl's
+    # SIGPIPE on the next line would fail the pipeline (it did, once in a while).
+    local reported
+    reported=$("$target" version --client)
+    grep -q "Client Version: $KUBECTL_VERSION\$" <<<"$reported" \
         || { log "$target does not report $KUBECTL_VERSION"; exit 1; }
     rm -rf "$tmp"
     trap - EXIT
