@@ -30,8 +30,10 @@ from nodeagent.sources.directory import DirectorySource
 from nodeagent.sources.kubernetes import KubernetesSource
 from nodeagent.translate import TranslationCache, client_tls
 from nodeagent.translate import envoy as e
+from nodeagent.xds import types
 from tests.tls_certs import write_app_pki
 from tests.unit.envoy_validate import assert_envoy_accepts
+from tests.unit.test_proxy_contained import make_proxy, mesh_store, resources
 from tests.unit.test_translate import HOST, local, store
 
 NODE = "node1"
@@ -414,3 +416,32 @@ def test_the_kubernetes_source_watches_only_the_named_secrets(tmp_path: Path) ->
             await server.stop()
 
     asyncio.run(scenario())
+
+
+# -- the node proxy ------------------------------------------------------------------------------
+
+
+def test_the_node_serves_a_credential_while_a_rule_of_a_captured_pod_names_it(
+    tmp_path: Path,
+) -> None:
+    """What the agent pushes: the two SDS secrets appear with the selector rule and the Secret,
+    follow a rotation, and leave with the rule (nothing else of the snapshot moves with them)."""
+    s = mesh_store()  # pod shop/web-1, labels app=web
+    proxy, _ = make_proxy(tmp_path, s, "web-1")
+    proxy.push()
+    assert not [n for n in resources(proxy, types.SECRET) if n.startswith("kubernetes://")]
+    s.put_credential(Credential("shop", "client", b"C1", b"K1", b"CA"))
+    s.put_istio(_rule({"mode": "MUTUAL", "credentialName": "client"}, {"app": "web"}))
+    proxy.push()
+    served = resources(proxy, types.SECRET)
+    assert {"kubernetes://shop/client", "kubernetes://shop/client-cacert"} <= served.keys()
+    clusters = resources(proxy, types.CLUSTER)
+    s.put_credential(Credential("shop", "client", b"C2", b"K2", b"CA"))
+    proxy.push()
+    rotated = _by_name([resources(proxy, types.SECRET)["kubernetes://shop/client"]])
+    chain = rotated["kubernetes://shop/client"]["tls_certificate"]["certificate_chain"]
+    assert _inline(chain) == b"C2"
+    assert resources(proxy, types.CLUSTER) == clusters
+    s.delete_istio("DestinationRule/shop/web")
+    proxy.push()
+    assert not [n for n in resources(proxy, types.SECRET) if n.startswith("kubernetes://")]
