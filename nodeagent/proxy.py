@@ -32,7 +32,9 @@ from nodeagent.envoy.bootstrap import (
 )
 from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
 from nodeagent.identity.certs import spiffe_id
+from nodeagent.identity.credentials import CredentialSecrets
 from nodeagent.identity.manager import IdentityManager
+from nodeagent.mesh import credentials
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
 from nodeagent.supervise import TaskSupervisor
@@ -124,6 +126,7 @@ class NodeProxy:
         self.store = store
         self.registry = registry
         self.identities = identities
+        self.credential_secrets = CredentialSecrets()
         self.excluded_namespaces = excluded_namespaces
         self.cache = SnapshotCache()
         self.xds = XdsServer(self.cache, metrics)
@@ -253,6 +256,9 @@ class NodeProxy:
         self._retry_changed()
         # A certificate exists exactly while a pod of its identity runs on this node.
         secrets = self.identities.sds_secrets({lp.identity for lp in local})
+        # DestinationRule credentialName: the Secrets of selector rules of this node's pods.
+        wanted = credentials.referenced(self.store, [lp.pod for lp in local])
+        secrets += self.credential_secrets.sds_secrets(self.store, wanted)
         try:
             excluded = set(self.rejected)
             if self._bisection is not None:

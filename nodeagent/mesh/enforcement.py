@@ -12,8 +12,10 @@ nodeagent.translate.virtual_service):
 - DestinationRule: host, exportTo, subsets, and traffic policies (connection pool, load
   balancer but PASSTHROUGH, locality load balancing, outlier detection, TLS: DISABLE,
   ISTIO_MUTUAL, SIMPLE and MUTUAL with files, sni, subjectAltNames, insecureSkipVerify) for the
-  rule, a port or a subset. Not yet: tls.credentialName; a rule with a workloadSelector is not
-  used. localityLbSetting.failoverPriority compares the node's labels with the endpoints': a label
+  rule, a port or a subset. Not yet: a rule with a workloadSelector is not used, so neither is
+  tls.credentialName, which Istio reads only there (its Secret and SDS side is ready:
+  mesh/credentials.py, identity/credentials.py, client_tls.py).
+  localityLbSetting.failoverPriority compares the node's labels with the endpoints': a label
   other than the node's topology labels (region, zone, subzone) without a "=value" would need
   the calling pod's labels, which a shared endpoint assignment cannot have.
 - VirtualService: hosts, gateways (mesh), exportTo, every http, tcp and tls field.
@@ -85,7 +87,7 @@ _POLICY_PARTS: Mapping[str, Any] = {
         "minHealthPercent": ALL,
     },
     # credentialName: Istio uses it at sidecars only in a rule with a workloadSelector, which
-    # this agent does not use yet.
+    # this agent does not use yet (client_tls.origination(..., workload_selector=True) serves it).
     "tls": {
         "mode": _TLS_MODES,
         "sni": ALL,

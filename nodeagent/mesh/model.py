@@ -136,6 +136,23 @@ class ServiceAccount:
 
 
 @dataclass(frozen=True)
+class Credential:
+    """The TLS material of a Kubernetes Secret a DestinationRule's ``tls.credentialName`` may
+    name (mesh/credentials.py reads it), PEM bytes; nothing else of the Secret is kept."""
+
+    namespace: str
+    name: str
+    cert: bytes = b""  # certificate chain
+    key: bytes = field(default=b"", repr=False)  # private key: never in logs
+    cacert: bytes = b""  # trusted CA bundle
+    crl: bytes = b""  # certificate revocation list
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
 class IstioResource:
     """An Istio object that passed validation against Istio's CRD schema for its version."""
 

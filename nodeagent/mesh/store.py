@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from nodeagent.mesh import enforcement
 from nodeagent.mesh.model import (
+    Credential,
     EndpointSlice,
     IstioResource,
     Locality,
@@ -42,6 +43,7 @@ log = logging.getLogger("nodeagent.mesh.store")
 # Kinds in the change log (Istio resources are logged under their own kind).
 NAMESPACE, POD, SERVICE, ENDPOINT_SLICE = "Namespace", "Pod", "Service", "EndpointSlice"
 SERVICE_ACCOUNT, MESH_CONFIG, NODE = "ServiceAccount", "MeshConfig", "Node"
+SECRET = "Secret"  # a Credential: translation never reads it (only SDS does)
 CHANGE_LOG_SIZE = 50_000  # changes remembered; a consumer further behind recomputes everything
 
 _K = TypeVar("_K")
@@ -58,6 +60,7 @@ class MeshStore:
         self.endpoint_slices: dict[str, EndpointSlice] = {}  # namespace/name of the slice
         self.service_accounts: dict[str, ServiceAccount] = {}  # namespace/name
         self.istio: dict[str, IstioResource] = {}  # Kind/namespace/name
+        self.credentials: dict[str, Credential] = {}  # namespace/name: TLS Secrets referenced
         self.mesh_config = MeshConfig()
         self.generation = 0  # bumped on every change
         self.changed = asyncio.Event()  # set on every change; consumers clear it
@@ -243,6 +246,17 @@ class MeshStore:
     def delete_service_account(self, key: str) -> None:
         if self.service_accounts.pop(key, None) is not None:
             self._bump(SERVICE_ACCOUNT, key)
+
+    def put_credential(self, credential: Credential) -> None:
+        key = credential.key_name
+        if self.credentials.get(key) == credential:
+            return
+        self.credentials[key] = credential
+        self._bump(SECRET, key)
+
+    def delete_credential(self, key: str) -> None:
+        if self.credentials.pop(key, None) is not None:
+            self._bump(SECRET, key)
 
     def put_istio(self, res: IstioResource) -> None:
         old = self.istio.get(res.key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from nodeagent.mesh.model import (
+    Credential,
     EndpointSlice,
     IstioResource,
     Namespace,
@@ -21,11 +22,22 @@ from nodeagent.mesh.model import (
 )
 from nodeagent.mesh.store import MeshStore
 
-Record = Namespace | Node | Pod | Service | EndpointSlice | ServiceAccount | IstioResource
+Record = (
+    Namespace | Node | Pod | Service | EndpointSlice | ServiceAccount | IstioResource | Credential
+)
 
 # Store collections in the order a batch of changes is applied: namespaces and identities before
 # what refers to them, pods last (a pod's arrival wakes a CNI ADD waiting for it).
-ORDER = ("namespaces", "nodes", "service_accounts", "services", "endpoint_slices", "istio", "pods")
+ORDER = (
+    "namespaces",
+    "nodes",
+    "service_accounts",
+    "credentials",
+    "services",
+    "endpoint_slices",
+    "istio",
+    "pods",
+)
 _BY_KIND = {
     "Namespace": "namespaces",
     "Node": "nodes",
@@ -34,6 +46,7 @@ _BY_KIND = {
     "Endpoints": "endpoint_slices",
     "EndpointSlice": "endpoint_slices",
     "Pod": "pods",
+    "Secret": "credentials",
 }
 
 
@@ -51,6 +64,7 @@ def stored(store: MeshStore, collection: str) -> Mapping[str, Record]:
         "endpoint_slices": store.endpoint_slices,
         "istio": store.istio,
         "pods": store.pods,
+        "credentials": store.credentials,
     }
     return collections[collection]
 
@@ -61,6 +75,8 @@ def store_key(record: Record) -> str:
         return record.name
     if isinstance(record, ServiceAccount):
         return f"{record.namespace}/{record.name}"
+    if isinstance(record, Credential):
+        return record.key_name
     return record.key
 
 
@@ -77,6 +93,8 @@ def put(store: MeshStore, record: Record) -> None:
         store.put_endpoint_slice(record)
     elif isinstance(record, ServiceAccount):
         store.put_service_account(record)
+    elif isinstance(record, Credential):
+        store.put_credential(record)
     else:
         store.put_istio(record)
 
@@ -90,6 +108,7 @@ def delete(store: MeshStore, collection: str, key: str) -> None:
         "endpoint_slices": store.delete_endpoint_slice,
         "istio": store.delete_istio,
         "pods": store.delete_pod,
+        "credentials": store.delete_credential,
     }
     deletes[collection](key)
 

@@ -10,11 +10,11 @@ at all (a syntax error, or caught mid-write) keeps its last good records until i
 
 YAML is read as Kubernetes reads it (``nodeagent.kubeyaml``: YAML 1.2 syntax, so
 ``[2001:db8::]`` is a list of one address). Kinds read: Namespace, Node (its locality labels
-only), Pod, Service, Endpoints
-(converted to EndpointSlices), EndpointSlice, ServiceAccount, and every Istio kind, validated
-against Istio's CRD schemas. Other kinds (a cluster dump holds many) are skipped. The optional
-mesh config file (Istio MeshConfig field names) is polled the same way; a broken one keeps the
-last good config.
+only), Pod, Service, Endpoints (converted to EndpointSlices), EndpointSlice, ServiceAccount,
+Secret (its TLS material only, for DestinationRule credentialName), and every Istio kind,
+validated against Istio's CRD schemas. Other kinds (a cluster dump holds many) are skipped. The
+optional mesh config file (Istio MeshConfig field names) is polled the same way; a broken one
+keeps the last good config.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 
 from nodeagent import kubeyaml
 from nodeagent.mesh import locality
+from nodeagent.mesh.credentials import parse_secret
 from nodeagent.mesh.model import (
     ALLOW_ANY,
     LOCALITY_LABELS,
@@ -452,6 +453,18 @@ def _service_account(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Reco
     yield ServiceAccount(_namespace(meta), _name(meta, "name"))
 
 
+def _secret(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
+    """Only a Secret's TLS material is kept (mesh/credentials.py), and only when it has some."""
+    _name(meta, "name")
+    try:
+        credential = parse_secret(doc)
+    except ValueError as e:
+        field, _, problem = str(e).partition(": ")
+        raise _Invalid(field, problem) from None
+    if credential is not None:
+        yield credential
+
+
 _READERS: dict[tuple[str, str], Callable[[dict[str, Any], dict[str, Any]], Iterator[Record]]] = {
     ("v1", "Namespace"): _namespace_record,
     ("v1", "Node"): _node,
@@ -459,6 +472,7 @@ _READERS: dict[tuple[str, str], Callable[[dict[str, Any], dict[str, Any]], Itera
     ("v1", "Service"): _service,
     ("v1", "Endpoints"): _endpoints,
     ("v1", "ServiceAccount"): _service_account,
+    ("v1", "Secret"): _secret,
     ("discovery.k8s.io/v1", "EndpointSlice"): _endpoint_slice,
 }
 

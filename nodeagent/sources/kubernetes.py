@@ -9,8 +9,9 @@ replace that kind's records, deleting what vanished meanwhile. Connection errors
 
 Kinds: Pods (of every node), Namespaces, Nodes (their locality labels only), Services,
 EndpointSlices, ServiceAccounts, and every Istio kind of networking.istio.io and
-security.istio.io at its preferred served version. Invalid Istio objects are logged, kept in
-``invalid`` and skipped.
+security.istio.io at its preferred served version; and, one by one, the Secrets that this node's
+DestinationRules name in ``tls.credentialName`` (``_follow_credentials``). Invalid Istio
+objects are logged, kept in ``invalid`` and skipped.
 
 Pods of every node, as istiod watches them: an endpoint on another node needs its pod's service
 account (the SAN clients verify) and mesh membership (``tlsMode: istio``, auto mTLS). To keep
@@ -22,6 +23,7 @@ keys and values repeat across the replicas of a workload). This node's pods are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -35,6 +37,7 @@ from kubernetes_asyncio import client as _client
 from kubernetes_asyncio import config as _config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from nodeagent.mesh import credentials
 from nodeagent.mesh.membership import POD_ANNOTATIONS, SIDECAR_STATUS
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
@@ -62,6 +65,7 @@ WATCH_TIMEOUT = 300  # seconds the API server keeps a watch open before ending i
 LIST_TIMEOUT = 60.0
 LIST_PAGE = 500  # objects per LIST page (client-go's reflectors page by 500 too)
 CONNECT_TIMEOUT = 10.0
+CREDENTIAL_INTERVAL = 1.0  # seconds between looks at which Secrets the node's rules name
 
 Lister = Callable[..., Awaitable[Any]]
 
@@ -86,6 +90,19 @@ class _Kind:
     lister: Lister  # the client's list/watch function for the whole cluster
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # A watch of one object of the kind (Kind/namespace/name), beside others of that kind: its
+    # records, resourceVersion and invalid entry are its own.
+    watch_id: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.watch_id or self.kind
+
+    def scopes(self, invalid_key: str) -> bool:
+        """Whether INVALID_KEY (of KubernetesSource.invalid) is one of this watch's objects."""
+        if self.watch_id:
+            return invalid_key == self.watch_id
+        return invalid_key.startswith(f"{self.kind}/")
 
     def keys(self, obj: Mapping[str, Any]) -> tuple[str, str]:
         """(key of the record in the store, key in KubernetesSource.invalid) from metadata."""
@@ -186,6 +203,7 @@ class KubernetesSource:
         try:
             kinds = self.kinds(api)
             tasks = [asyncio.create_task(self._follow(kind, len(kinds))) for kind in kinds]
+            tasks.append(asyncio.create_task(self._follow_credentials(api, stop)))
             try:
                 await stop.wait()
             finally:
@@ -250,6 +268,54 @@ class KubernetesSource:
                 )
         return kinds
 
+    # -- Secrets named by DestinationRule credentialName -------------------------------------------
+
+    async def _follow_credentials(self, api: Any, stop: asyncio.Event) -> None:
+        """Watch exactly the Secrets this node's selector DestinationRules name (and their
+        ``-cacert`` companions, mesh/credentials.py), one watch each, field selector
+        ``metadata.name``, in the rule's namespace: no Secret the node does not need crosses the
+        wire or reaches memory, and a rotation arrives as a watch event (SDS pushes it). A
+        cluster-wide Secret informer (istiod's way) would hold every token and key of the
+        cluster on every node; GET on demand would have to poll for rotations. Which Secrets
+        are named is looked at when the store changed, at most every CREDENTIAL_INTERVAL."""
+        core = k8s.CoreV1Api(api)
+        watches: dict[tuple[str, str], asyncio.Task[None]] = {}
+        generation = -1
+        try:
+            while not stop.is_set():
+                if self.store.generation != generation:
+                    generation = self.store.generation
+                    pods = self.store.pods_on_node(self.node_name)
+                    wanted = credentials.with_companions(credentials.referenced(self.store, pods))
+                    for gone in sorted(watches.keys() - wanted):
+                        await self._unwatch_secret(gone, watches.pop(gone))
+                    for namespace, name in sorted(wanted - watches.keys()):
+                        kind = _Kind(
+                            "Secret",
+                            "v1",
+                            True,
+                            core.list_namespaced_secret,
+                            args=(namespace,),
+                            kwargs={"field_selector": f"metadata.name={name}"},
+                            watch_id=f"Secret/{namespace}/{name}",
+                        )
+                        watches[(namespace, name)] = asyncio.create_task(self._follow(kind, 0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), CREDENTIAL_INTERVAL)
+        finally:
+            for key, task in list(watches.items()):
+                await self._unwatch_secret(key, task)
+
+    async def _unwatch_secret(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        """Stop one Secret's watch and forget what it brought (no rule needs it any more)."""
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        watch_id = "Secret/{}/{}".format(*key)
+        self.resource_versions.pop(watch_id, None)
+        self.invalid.pop(watch_id, None)
+        for store_key in self._known.pop(watch_id, set()):
+            changes.converge(self.store, changes.collection_of("Secret"), store_key, None)
+
     # -- one kind: list, watch, recover ----------------------------------------------------------
 
     async def _follow(self, kind: _Kind, total: int) -> None:
@@ -260,25 +326,39 @@ class KubernetesSource:
                 if version is None:
                     version = await self._list(kind)
                     self._listed.add(kind.kind)
-                    if len(self._listed) == total:
+                    if total and len(self._listed) == total:
                         self.store.synced.set()
                 await self._watch(kind, version, backoff)
             except _Gone:
-                log.info("%s: resourceVersion %s expired (410 Gone); relisting", kind.kind, version)
-                self.relists[kind.kind] = self.relists.get(kind.kind, 0) + 1
+                log.info("%s: resourceVersion %s expired (410 Gone); relisting", kind.id, version)
+                self.relists[kind.id] = self.relists.get(kind.id, 0) + 1
                 version = None
                 continue
-            except (aiohttp.ClientError, OSError, TimeoutError, ApiException, ValueError) as e:
+            except ApiException as e:
+                if e.status == 403 and kind.watch_id:
+                    # Not granted by default (daemonset/credentials-clusterrole.yaml): say how.
+                    log.error(
+                        "%s: forbidden; grant ClusterRole nodeagent-credentials to the agent "
+                        "with a RoleBinding in namespace %s (its TLS fails until then)",
+                        kind.id,
+                        kind.args[0],
+                    )
+                    delay = BACKOFF_MAX * 6
+                else:
+                    delay = backoff.next()
+                    log.warning("%s: %s; retrying in %.1fs", kind.id, e or type(e).__name__, delay)
+                await asyncio.sleep(delay)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
                 delay = backoff.next()
-                log.warning("%s: %s; retrying in %.1fs", kind.kind, e or type(e).__name__, delay)
+                log.warning("%s: %s; retrying in %.1fs", kind.id, e or type(e).__name__, delay)
                 await asyncio.sleep(delay)
             except Exception:  # a bug or a surprising object must not stop this kind for good
                 delay = backoff.next()
-                log.exception("%s: unexpected error; retrying in %.1fs", kind.kind, delay)
+                log.exception("%s: unexpected error; retrying in %.1fs", kind.id, delay)
                 await asyncio.sleep(delay)
             if version is not None:
                 # Resume after the last event or bookmark seen (a failed LIST is simply redone).
-                version = self.resource_versions.get(kind.kind, version)
+                version = self.resource_versions.get(kind.id, version)
 
     async def _request(self, kind: _Kind, **params: Any) -> Any:
         """The raw aiohttp response of the client's list function (JSON, no model objects:
@@ -298,7 +378,7 @@ class KubernetesSource:
         JSON is in memory at a time, which bounds the agent's peak for 10 000s of pods. An
         expired continue token is a 410: the whole LIST starts over."""
         wanted: dict[str, Record] = {}
-        self.invalid = {k: v for k, v in self.invalid.items() if not k.startswith(f"{kind.kind}/")}
+        self.invalid = {k: v for k, v in self.invalid.items() if not kind.scopes(k)}
         token, version = "", ""
         while True:
             page = {"_continue": token} if token else {}
@@ -318,12 +398,12 @@ class KubernetesSource:
             if not token:
                 break
         # Only the differences: a relist after 410 Gone finds most objects unchanged.
-        for key in self._known.get(kind.kind, set()) - wanted.keys():
+        for key in self._known.get(kind.id, set()) - wanted.keys():
             changes.converge(self.store, kind.collection, key, None)
         for key, record in wanted.items():
             changes.converge(self.store, kind.collection, key, record)
-        self._known[kind.kind] = set(wanted)
-        self.resource_versions[kind.kind] = version
+        self._known[kind.id] = set(wanted)
+        self.resource_versions[kind.id] = version
         return version
 
     async def _watch(self, kind: _Kind, version: str, backoff: _Backoff) -> None:
@@ -341,7 +421,7 @@ class KubernetesSource:
                 backoff.reset()  # the connection works again
                 event = json.loads(line)
                 if new_version := self._event(kind, event):
-                    self.resource_versions[kind.kind] = new_version
+                    self.resource_versions[kind.id] = new_version
         finally:
             resp.release()
 
@@ -358,7 +438,7 @@ class KubernetesSource:
         version = meta.get("resourceVersion") if isinstance(meta, dict) else None
         if kind_of_event in ("ADDED", "MODIFIED"):
             key, record = self._convert(kind, obj)
-            known = self._known.setdefault(kind.kind, set())
+            known = self._known.setdefault(kind.id, set())
             if record is None:
                 if key in known:  # became invalid: drop the old record, as the directory does
                     known.discard(key)
@@ -369,11 +449,11 @@ class KubernetesSource:
         elif kind_of_event == "DELETED":
             key, invalid_key = kind.keys(obj)
             self.invalid.pop(invalid_key, None)
-            if key in self._known.get(kind.kind, set()):
-                self._known[kind.kind].discard(key)
+            if key in self._known.get(kind.id, set()):
+                self._known[kind.id].discard(key)
                 changes.converge(self.store, kind.collection, key, None)
         elif kind_of_event != "BOOKMARK":
-            log.debug("%s: ignoring watch event %s", kind.kind, kind_of_event)
+            log.debug("%s: ignoring watch event %s", kind.id, kind_of_event)
         return str(version) if version else None
 
     def _convert(self, kind: _Kind, obj: dict[str, Any]) -> tuple[str, Record | None]:

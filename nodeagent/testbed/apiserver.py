@@ -34,7 +34,8 @@ not checked; TokenReview only answers for the tokens it was given, which are opa
 signed JWTs), no admission (objects are not validated: Istio objects the real server would refuse
 reach the agents, which validate them themselves; only a Secret's ``stringData`` is folded into
 ``data``), pages of a paged LIST are not one snapshot, no label selectors, field selectors only
-``spec.nodeName`` and ``spec.serviceAccountName`` (``=`` only), and the whole history is kept in
+``spec.nodeName``, ``spec.serviceAccountName``, ``metadata.name`` and ``metadata.namespace``
+(``=`` only), and the whole history is kept in
 memory until ``expire``. Objects have no server-set fields beyond ``resourceVersion`` and
 ``creationTimestamp`` (set on create to the second, as the API server does, kept on updates;
 a test may give one to model an object created earlier); no uid.
@@ -79,6 +80,7 @@ TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 # Field selectors the stand-in answers (a real server has a few more per kind), with the value a
 # pod without the field has (the ServiceAccount admission plugin sets "default").
 POD_FIELDS = {"spec.nodeName": "", "spec.serviceAccountName": "default"}
+META_FIELDS = ("metadata.name", "metadata.namespace")  # every kind has them
 
 
 def plural(kind: str) -> str:
@@ -151,21 +153,27 @@ def _secret_data(obj: Obj) -> None:
 def _fields(query: dict[str, str]) -> dict[str, str]:
     """The ``fieldSelector`` terms (``a=b,c=d``); ValueError names one the stand-in lacks."""
     out: dict[str, str] = {}
+    supported = [*POD_FIELDS, *META_FIELDS]
     for term in filter(None, query.get("fieldSelector", "").split(",")):
         name, eq, value = term.partition("=")
         value = value.removeprefix("=")  # "==" is the same operator
-        if not eq or name not in POD_FIELDS:
-            raise ValueError(f'"{term}": field label not supported (only {", ".join(POD_FIELDS)})')
+        if not eq or name not in supported:
+            raise ValueError(f'"{term}": field label not supported (only {", ".join(supported)})')
         out[name] = value
     return out
 
 
 def _matches(obj: Obj, namespace: str | None, fields: dict[str, str]) -> bool:
-    if namespace is not None and (obj.get("metadata") or {}).get("namespace") != namespace:
+    meta = obj.get("metadata") or {}
+    if namespace is not None and meta.get("namespace") != namespace:
         return False
     spec = obj.get("spec") or {}
     for name, value in fields.items():
-        if str(spec.get(name.removeprefix("spec.")) or POD_FIELDS[name]) != value:
+        if name in META_FIELDS:
+            actual = str(meta.get(name.removeprefix("metadata.")) or "")
+        else:
+            actual = str(spec.get(name.removeprefix("spec.")) or POD_FIELDS[name])
+        if actual != value:
             return False
     return True
 

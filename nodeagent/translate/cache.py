@@ -43,7 +43,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from nodeagent.mesh import locality, policy, traffic
+from nodeagent.mesh import credentials, locality, policy, traffic
 from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service
@@ -741,8 +741,9 @@ class TranslationCache:
         mine = {tls.spiffe_id(trust_domain, *local.identity) for local in local_pods}
         for secret in secrets:
             name = str(getattr(secret, "name", ""))
-            if sidecar and name != tls.ROOTCA and name not in mine:
-                continue  # a sidecar holds its own pod's identity only
+            own = name == tls.ROOTCA or name in mine or name.startswith(credentials.SDS_PREFIX)
+            if sidecar and not own:
+                continue  # a sidecar holds its own pod's identity only (and credentials)
             add(envoy.SECRET, secret)
         self._tell_changes(result, extra)
         return result

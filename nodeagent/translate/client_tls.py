@@ -17,8 +17,13 @@ buildUpstreamClusterTLSContext / constructUpstreamTLS / setAutoSniAndAutoSanVali
   node originates TLS below HTTP, in one shared TCP cluster, so it stands in the service's
   hostname for the Host (what a caller of ``http://<svc>.<ns>.svc.<domain>`` sends).
 - ``credentialName`` at a sidecar counts only in a rule with a ``workloadSelector``; otherwise
-  Istio builds no TLS context at all (plaintext, "to avoid delayed startup of sidecars"). Rules
-  with a workloadSelector are not used by this agent yet, so such a setting means plaintext.
+  Istio builds no TLS context at all (plaintext, "to avoid delayed startup of sidecars"). In a
+  selector rule (the caller says so) it names a Secret of the rule's namespace, served over SDS
+  (identity/credentials.py): MUTUAL presents ``kubernetes://<ns>/<name>``, and the server is
+  verified against ``kubernetes://<ns>/<name>-cacert`` plus the SANs, unless
+  ``insecureSkipVerify`` (istio/istio pilot/pkg/security/model/authentication.go
+  ApplyCustomSDSToClientCommonTLSContext).
+  The files fields are then not used.
 
 Each distinct resolved setting is ONE transport socket of the ``originate-tls`` cluster, named
 by a digest of its content: every cluster and caller with the same setting shares it.
@@ -33,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodeagent.mesh.credentials import ca_name, certificate_name
 from nodeagent.translate.envoy import typed
 
 log = logging.getLogger("nodeagent.translate")
@@ -57,10 +63,18 @@ class Origination:
     setting: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
-def resolved(tls: Any, host: str, http2: bool, at: str) -> dict[str, Any] | None:
+def resolved(
+    tls: Any,
+    host: str,
+    http2: bool,
+    at: str,
+    workload_selector: bool = False,
+    namespace: str = "",
+) -> dict[str, Any] | None:
     """The setting a merged policy's TLS block (TLS) means for a cluster of HOST, with Istio's
     defaults filled in; None when it is no SIMPLE/MUTUAL (auto mTLS, DISABLE, ISTIO_MUTUAL are
-    the originate path's). ValueError naming the field path (AT is the tls block's)."""
+    the originate path's). ValueError naming the field path (AT is the tls block's).
+    WORKLOAD_SELECTOR: the rule has one, so a credentialName is the Secret NAMESPACE/name."""
     if tls is None:
         return None
     if not isinstance(tls, Mapping):
@@ -87,9 +101,16 @@ def resolved(tls: Any, host: str, http2: bool, at: str) -> dict[str, Any] | None
         insecure = insecure.get("value", False)
     if not isinstance(insecure, bool):
         raise ValueError(f"{at}.insecureSkipVerify: must be true or false, got {insecure!r}")
-    if strings["credentialName"]:
-        return {"plaintext": True, "credentialName": strings["credentialName"]}
-    if mode == MUTUAL and not (strings["clientCertificate"] and strings["privateKey"]):
+    credential = strings["credentialName"]
+    if credential and not workload_selector:
+        return {"plaintext": True, "credentialName": credential}
+    if credential and not namespace:
+        raise ValueError(f"{at}.credentialName: the rule's namespace is needed (caller bug)")
+    if (
+        mode == MUTUAL
+        and not credential
+        and not (strings["clientCertificate"] and strings["privateKey"])
+    ):
         raise ValueError(
             f"{at}: mode MUTUAL needs clientCertificate and privateKey (or credentialName)"
         )
@@ -104,7 +125,11 @@ def resolved(tls: Any, host: str, http2: bool, at: str) -> dict[str, Any] | None
         "insecure": insecure,
         "alpn": ["h2"] if http2 else [],
     }
-    if mode == MUTUAL:
+    if credential:
+        # Over SDS: no file is read, the Secret's own CA (and CRL) replaces caCertificates.
+        setting |= {"ca": "", "crl": "", "credential": f"{namespace}/{credential}"}
+        setting["mutual"] = mode == MUTUAL
+    elif mode == MUTUAL:
         setting |= {"cert": strings["clientCertificate"], "key": strings["privateKey"]}
     return setting
 
@@ -116,10 +141,17 @@ def socket_name(setting: Mapping[str, Any]) -> str:
     return SOCKET_PREFIX + digest[:16]
 
 
-def origination(tls: Any, host: str, http2: bool, at: str) -> Origination | None:
+def origination(
+    tls: Any,
+    host: str,
+    http2: bool,
+    at: str,
+    workload_selector: bool = False,
+    namespace: str = "",
+) -> Origination | None:
     """How a cluster of HOST whose merged policy has the TLS block TLS originates TLS (None:
-    it does not: see ``resolved``)."""
-    setting = resolved(tls, host, http2, at)
+    it does not: see ``resolved``; WORKLOAD_SELECTOR, NAMESPACE: the rule's, as there)."""
+    setting = resolved(tls, host, http2, at, workload_selector, namespace)
     if setting is None:
         return None
     if setting.get("plaintext"):
@@ -140,6 +172,9 @@ def transport_socket(setting: Mapping[str, Any], sni: str = "") -> dict[str, Any
     common: dict[str, Any] = {"tls_params": {"tls_minimum_protocol_version": "TLSv1_2"}}
     if setting.get("alpn"):
         common["alpn_protocols"] = list(setting["alpn"])
+    credential = str(setting.get("credential") or "")
+    if credential:
+        return _sds_socket(setting, credential, common, sni)
     if setting.get("cert"):
         common["tls_certificates"] = [
             {
@@ -157,6 +192,38 @@ def transport_socket(setting: Mapping[str, Any], sni: str = "") -> dict[str, Any
                 {"san_type": kind, "matcher": {"exact": san}} for san in sans for kind in _SAN_TYPES
             ]
         common["validation_context"] = validation
+    return _socket(common, sni)
+
+
+def _sds_socket(
+    setting: Mapping[str, Any], credential: str, common: dict[str, Any], sni: str
+) -> dict[str, Any]:
+    """A credentialName setting's socket: only SDS names, never key material (Istio's
+    ApplyCustomSDSToClientCommonTLSContext: the certificate for MUTUAL; the ``-cacert`` bundle
+    and the SANs in a combined validation context unless insecureSkipVerify)."""
+    namespace, _, name = credential.partition("/")
+    if setting.get("mutual"):
+        common["tls_certificate_sds_secret_configs"] = [_sds(certificate_name(namespace, name))]
+    if not setting.get("insecure"):
+        sans: Sequence[str] = setting.get("sans") or ()
+        common["combined_validation_context"] = {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [
+                    {"san_type": kind, "matcher": {"exact": san}}
+                    for san in sans
+                    for kind in _SAN_TYPES
+                ]
+            },
+            "validation_context_sds_secret_config": _sds(ca_name(namespace, name)),
+        }
+    return _socket(common, sni)
+
+
+def _sds(name: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
+
+
+def _socket(common: dict[str, Any], sni: str) -> dict[str, Any]:
     context: dict[str, Any] = {"common_tls_context": common}
     if sni:
         context["sni"] = sni
@@ -166,6 +233,15 @@ def transport_socket(setting: Mapping[str, Any], sni: str = "") -> dict[str, Any
             "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", **context
         ),
     }
+
+
+def credential(setting: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(namespace, credentialName) whose SDS secrets SETTING's socket names; None for files."""
+    value = str(setting.get("credential") or "")
+    if not value:
+        return None
+    namespace, _, name = value.partition("/")
+    return namespace, name
 
 
 def files(setting: Mapping[str, Any]) -> dict[str, str]:

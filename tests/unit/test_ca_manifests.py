@@ -158,6 +158,7 @@ def test_the_pinned_kubectl_renders_the_kustomization() -> None:
             ("ServiceAccount", "nodeagent-ca"),
             ("ClusterRole", "nodeagent"),
             ("ClusterRole", "nodeagent-ca"),
+            ("ClusterRole", "nodeagent-credentials"),  # bound per namespace by the operator
             ("ClusterRoleBinding", "nodeagent"),
             ("ClusterRoleBinding", "nodeagent-ca"),
             ("Role", "nodeagent-daemonset-reader"),

@@ -177,6 +177,20 @@ def test_cluster_role_is_read_only_but_for_patching_pods() -> None:
     assert all(granted[key] >= READ_VERBS for key in expected)
 
 
+def test_the_credentials_role_only_watches_secrets_and_nothing_binds_it() -> None:
+    """DestinationRule credentialName: the operator binds it per namespace (a RoleBinding);
+    shipped bound, it would let every node read every Secret (test_ca_manifests.py checks the
+    agent reads none by default)."""
+    role = _one("ClusterRole", "nodeagent-credentials")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}
+    ]
+    name = role["metadata"]["name"]
+    for _, doc in _documents():
+        if doc["kind"] in ("ClusterRoleBinding", "RoleBinding"):
+            assert doc["roleRef"]["name"] != name, doc["metadata"]["name"]
+
+
 def test_cluster_role_binding_names_the_daemonsets_service_account() -> None:
     binding = _one("ClusterRoleBinding")
     assert binding["roleRef"]["name"] == _one("ClusterRole")["metadata"]["name"]

@@ -1,0 +1,123 @@
+"""SDS secrets from the Kubernetes Secrets DestinationRules name in ``tls.credentialName``.
+
+Names as Istio's (pilot/pkg/model/credentials, security/pkg/nodeagent/sds): the certificate is
+``kubernetes://<namespace>/<name>``, the CA bundle ``kubernetes://<namespace>/<name>-cacert``
+(from the companion Secret ``<name>-cacert`` when it exists, else from the Secret itself). The
+namespace is always spelled out: one node Envoy serves every namespace's workloads.
+
+The TLS sockets only name these secrets (translate/client_tls.py), so a Secret's change is a new
+SDS resource and nothing else. A Secret that is missing (or lacks what is asked of it) must
+fail the handshake, as at Istio's sidecar, but must not hold back the shared originate-tls
+cluster while Envoy waits for an SDS answer that never comes: it is served as a PLACEHOLDER
+that no server passes (a CA whose key is thrown away, which signed nothing else), and logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
+
+from nodeagent.mesh.credentials import CA_SUFFIX, ca_name, certificate_name
+from nodeagent.mesh.model import Credential
+from nodeagent.mesh.store import MeshStore
+
+log = logging.getLogger("nodeagent.identity")
+
+
+@functools.cache
+def _placeholder() -> tuple[bytes, bytes]:
+    """A self-signed certificate and its key, made once per process; nothing chains to it, and
+    its name cannot be any server's (.invalid, RFC 6761)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "credential-missing.invalid")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _bytes(data: bytes) -> base_pb2.DataSource:
+    return base_pb2.DataSource(inline_bytes=data)
+
+
+def certificate_secret(name: str, cert: bytes, key: bytes) -> secret_pb2.Secret:
+    return secret_pb2.Secret(
+        name=name,
+        tls_certificate=common_pb2.TlsCertificate(
+            certificate_chain=_bytes(cert), private_key=_bytes(key)
+        ),
+    )
+
+
+def ca_secret(name: str, cacert: bytes, crl: bytes = b"") -> secret_pb2.Secret:
+    context = common_pb2.CertificateValidationContext(trusted_ca=_bytes(cacert))
+    if crl:
+        context.crl.CopyFrom(_bytes(crl))
+    return secret_pb2.Secret(name=name, validation_context=context)
+
+
+class CredentialSecrets:
+    """The SDS secrets of the credentials a node needs; logs each missing one once (until it
+    comes, or stops being needed)."""
+
+    def __init__(self) -> None:
+        self.missing: set[str] = set()  # SDS names served as placeholders
+
+    def sds_secrets(
+        self, store: MeshStore, wanted: Iterable[tuple[str, str]]
+    ) -> list[secret_pb2.Secret]:
+        """Two secrets per (namespace, credentialName) of WANTED: certificate and CA bundle."""
+        out: list[secret_pb2.Secret] = []
+        missing: dict[str, str] = {}
+        for namespace, name in sorted(set(wanted)):
+            own = store.credentials.get(f"{namespace}/{name}")
+            companion = store.credentials.get(f"{namespace}/{name}{CA_SUFFIX}")
+            cert_name, bundle_name = certificate_name(namespace, name), ca_name(namespace, name)
+            if own is not None and own.cert and own.key:
+                out.append(certificate_secret(cert_name, own.cert, own.key))
+            else:
+                out.append(certificate_secret(cert_name, *_placeholder()))
+                missing[cert_name] = f"Secret {namespace}/{name} with cert/key or tls.crt/tls.key"
+            bundle = _bundle(companion) or _bundle(own)
+            if bundle is not None:
+                out.append(ca_secret(bundle_name, bundle.cacert, bundle.crl))
+            else:
+                out.append(ca_secret(bundle_name, _placeholder()[0]))
+                missing[bundle_name] = (
+                    f"Secret {namespace}/{name}{CA_SUFFIX} or {namespace}/{name} "
+                    "with cacert or ca.crt"
+                )
+        for sds_name in sorted(missing.keys() - self.missing):
+            log.error(
+                "DestinationRule credentialName: no %s; TLS through %s fails until it exists",
+                missing[sds_name],
+                sds_name,
+            )
+        for sds_name in sorted(self.missing - missing.keys()):
+            log.info("DestinationRule credentialName: %s is no placeholder any more", sds_name)
+        self.missing = set(missing)
+        return out
+
+
+def _bundle(credential: Credential | None) -> Credential | None:
+    return credential if credential is not None and credential.cacert else None
