@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.mesh.credentials import ca_name, certificate_name
-from nodeagent.translate.envoy import typed
+from nodeagent.translate.tls import sds, upstream_tls
 
 log = logging.getLogger("nodeagent.translate")
 
@@ -192,7 +192,7 @@ def transport_socket(setting: Mapping[str, Any], sni: str = "") -> dict[str, Any
                 {"san_type": kind, "matcher": {"exact": san}} for san in sans for kind in _SAN_TYPES
             ]
         common["validation_context"] = validation
-    return _socket(common, sni)
+    return upstream_tls(common, sni)
 
 
 def _sds_socket(
@@ -203,7 +203,7 @@ def _sds_socket(
     and the SANs in a combined validation context unless insecureSkipVerify)."""
     namespace, _, name = credential.partition("/")
     if setting.get("mutual"):
-        common["tls_certificate_sds_secret_configs"] = [_sds(certificate_name(namespace, name))]
+        common["tls_certificate_sds_secret_configs"] = [sds(certificate_name(namespace, name))]
     if not setting.get("insecure"):
         sans: Sequence[str] = setting.get("sans") or ()
         common["combined_validation_context"] = {
@@ -214,25 +214,9 @@ def _sds_socket(
                     for kind in _SAN_TYPES
                 ]
             },
-            "validation_context_sds_secret_config": _sds(ca_name(namespace, name)),
+            "validation_context_sds_secret_config": sds(ca_name(namespace, name)),
         }
-    return _socket(common, sni)
-
-
-def _sds(name: str) -> dict[str, Any]:
-    return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
-
-
-def _socket(common: dict[str, Any], sni: str) -> dict[str, Any]:
-    context: dict[str, Any] = {"common_tls_context": common}
-    if sni:
-        context["sni"] = sni
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": typed(
-            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", **context
-        ),
-    }
+    return upstream_tls(common, sni)
 
 
 def credential(setting: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -26,7 +26,7 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
-def _sds(name: str) -> dict[str, Any]:
+def sds(name: str) -> dict[str, Any]:
     return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
 
 
@@ -35,10 +35,10 @@ def _common(identity: str, peer_sans: Iterable[str] = (), san_prefix: str = "") 
     if san_prefix:
         sans.append({"san_type": "URI", "matcher": {"prefix": san_prefix}})
     return {
-        "tls_certificate_sds_secret_configs": [_sds(identity)],
+        "tls_certificate_sds_secret_configs": [sds(identity)],
         "combined_validation_context": {
             "default_validation_context": {"match_typed_subject_alt_names": sans},
-            "validation_context_sds_secret_config": _sds(ROOTCA),
+            "validation_context_sds_secret_config": sds(ROOTCA),
         },
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
     }
@@ -53,6 +53,11 @@ def upstream_mtls(
     ``envoy.network.upstream_server_name``)."""
     common = _common(identity, server_sans, san_prefix)
     common["alpn_protocols"] = ISTIO_ALPN
+    return upstream_tls(common, sni)
+
+
+def upstream_tls(common: dict[str, Any], sni: str = "") -> dict[str, Any]:
+    """A client-side TLS transport socket with the CommonTlsContext COMMON, sending SNI."""
     context: dict[str, Any] = {"common_tls_context": common}
     if sni:
         context["sni"] = sni
@@ -70,26 +75,14 @@ def no_identity(validate: bool = True) -> dict[str, Any]:
     ROOTCA arrives, so the node's cluster for no caller at all leaves it out)."""
     common: dict[str, Any] = {"alpn_protocols": ISTIO_ALPN}
     if validate:
-        common["validation_context_sds_secret_config"] = _sds(ROOTCA)
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": typed(
-            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            common_tls_context=common,
-        ),
-    }
+        common["validation_context_sds_secret_config"] = sds(ROOTCA)
+    return upstream_tls(common)
 
 
 def refuse_all() -> dict[str, Any]:
     """Client side that no server passes: its certificate must hash to all zeroes."""
     validation = {"verify_certificate_hash": ["00" * 32]}
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": typed(
-            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            common_tls_context={"validation_context": validation},
-        ),
-    }
+    return upstream_tls({"validation_context": validation})
 
 
 def plaintext() -> dict[str, Any]:
