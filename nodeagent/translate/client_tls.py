@@ -17,8 +17,9 @@ buildUpstreamClusterTLSContext / constructUpstreamTLS / setAutoSniAndAutoSanVali
   node originates TLS below HTTP, in one shared TCP cluster, so it stands in the service's
   hostname for the Host (what a caller of ``http://<svc>.<ns>.svc.<domain>`` sends).
 - ``credentialName`` at a sidecar counts only in a rule with a ``workloadSelector``; otherwise
-  Istio builds no TLS context at all (plaintext, "to avoid delayed startup of sidecars"). Rules
-  with a workloadSelector are not used by this agent yet, so such a setting means plaintext.
+  Istio builds no TLS context at all (plaintext, "to avoid delayed startup of sidecars"). The
+  node does not read Kubernetes secrets yet: in a rule with a workloadSelector too, such a
+  setting means plaintext here (logged), where Istio would use the secret.
 
 Each distinct resolved setting is ONE transport socket of the ``originate-tls`` cluster, named
 by a digest of its content: every cluster and caller with the same setting shares it.
