@@ -170,3 +170,36 @@ def test_a_label_change_moves_a_pod_to_another_class_without_a_full_recompute() 
     ]
     # The same as a fresh translation of the new state.
     assert out[e.ROUTE][ROUTE] == TranslationCache().build(store, local).resources[e.ROUTE][ROUTE]
+
+
+def test_a_tcp_port_sends_each_class_to_its_own_rules_cluster() -> None:
+    """A TCP port without a VirtualService: the selected pods' connections go to the selector
+    rule's copy of the port's cluster, through the port's routes listener (guarded by namespace
+    and labels); front's other pods get no rule at all, since front's only rule for db selects
+    other pods (policy._pick, istio/istio#57719): their own copy, without the shop rule's
+    policy."""
+    from tests.unit.test_l4_routes import DB, DB_CHAIN, DB_ROUTES, chain_clusters, dr, mesh
+
+    rule = resource(
+        "DestinationRule",
+        "front",
+        "db-curl",
+        {
+            "host": DB,
+            "workloadSelector": {"matchLabels": {"app": "curl"}},
+            "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}},
+        },
+    )
+    out = TranslationCache().build(*mesh(dr("db"), rule)).resources
+    assert as_json(out[e.CLUSTER][f"{DB_CHAIN}~front/db-curl"])["lbPolicy"] == "RANDOM"
+    listener = as_json(out[e.LISTENER][DB_ROUTES])
+    assert chain_clusters(listener) == {
+        f"{DB_ROUTES}#0": f"{DB_CHAIN}~front/db-curl",
+        f"{DB_ROUTES}#1": f"{DB_CHAIN}~none",
+    }
+    (selected,) = listener["filterChainMatcher"]["matcherList"]["matchers"]
+    both = selected["predicate"]["andMatcher"]["predicate"]
+    assert [p["singlePredicate"]["valueMatch"]["safeRegex"]["regex"] for p in both] == [
+        "^spiffe://[^/]+/ns/(front)/sa/[^/]+$",
+        r".*,app\=curl,.*",
+    ]
