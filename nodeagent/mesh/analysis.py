@@ -359,42 +359,95 @@ def _rule_views(store: MeshStore) -> list[str]:
     return sorted(views - {".", "*", "~"})
 
 
+def _client_labels(store: MeshStore, namespace: str) -> list[dict[str, str]]:
+    """Labels standing for NAMESPACE's client pods: none, and each workloadSelector of its
+    DestinationRules (the pods it selects, policy.destination_rule_for)."""
+    found: list[dict[str, str]] = [{}]
+    for dr in policy.selector_rules(store, namespace) if namespace else []:
+        selector = _mapping(_mapping(dr.spec.get("workloadSelector")).get("matchLabels"))
+        found.append({str(k): str(v) for k, v in selector.items()})
+    return found
+
+
 def _mtls_conflicts(store: MeshStore) -> Iterator[Finding]:
+    """IST0113: a DestinationRule's tls.mode (the rule's, a port's or a subset's: its own
+    pods) that the PeerAuthentication of the pods it reaches refuses."""
     views = _rule_views(store)
+    seen: set[tuple[str, int, str, str]] = set()
     for service in store.services.values():
-        pods = selected_pods(store, service, {})
-        if not pods:
-            continue
-        host = service.hostname(store.mesh_config.cluster_domain)
         for port in service.ports:
             target = _target_port(port.port, port.target_port)
-            server = {
-                pod.key: policy.effective_mtls(store, pod.namespace, pod.labels, target)
-                for pod in pods
-            }
-            if policy.PERMISSIVE in server.values() and len(set(server.values())) == 1:
-                continue  # PERMISSIVE accepts whatever a client sends
             for ns in dict.fromkeys([service.namespace, *views]):
-                dr = policy.destination_rule_for(store, ns, service)
-                if dr is None:
-                    continue
-                mode = policy.destination_tls_mode(store, ns, service, port.port)
-                if mode in _NOT_ISTIO_MTLS:
-                    refused = [key for key, m in server.items() if m == policy.STRICT]
-                    accepts = "accept only Istio mTLS (PeerAuthentication STRICT)"
-                elif mode == "ISTIO_MUTUAL":
-                    refused = [key for key, m in server.items() if m == policy.DISABLE]
-                    accepts = "accept only plaintext (PeerAuthentication DISABLE)"
-                else:
-                    continue
-                if refused:
-                    yield _about(
-                        dr,
-                        MTLS_POLICY_CONFLICT,
-                        f"TLS mode {mode} for {host}:{port.port}, but its pods"
-                        f" ({', '.join(sorted(refused))}) {accepts} on port {target}:"
-                        " these calls fail",
-                    )
+                for labels in _client_labels(store, ns):
+                    dr = policy.destination_rule_for(store, ns, service, labels)
+                    if dr is None:
+                        continue
+                    subsets = [
+                        str(_mapping(entry).get("name", ""))
+                        for entry in _list(dr.spec.get("subsets"))
+                    ]
+                    for subset in ["", *subsets]:
+                        key = (dr.key, port.port, subset, service.key)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        finding = _mtls_conflict(
+                            store, service, (port.port, target), ns, labels, dr, subset
+                        )
+                        if finding is not None:
+                            yield finding
+
+
+def _mtls_conflict(
+    store: MeshStore,
+    service: Service,
+    ports: tuple[int, int],
+    ns: str,
+    labels: Mapping[str, str],
+    dr: IstioResource,
+    subset: str,
+) -> Finding | None:
+    """The IST0113 finding for calls from client pods of NS with LABELS to SERVICE's PORTS
+    (service port, target port) under DR (its SUBSET's pods only, if named), or None."""
+    port, target = ports
+    subset_labels: Mapping[str, str] = {}
+    if subset:
+        entry = next(
+            (
+                _mapping(e)
+                for e in _list(dr.spec.get("subsets"))
+                if _mapping(e).get("name") == subset
+            ),
+            {},
+        )
+        subset_labels = {str(k): str(v) for k, v in _mapping(entry.get("labels")).items()}
+    pods = selected_pods(store, service, subset_labels)
+    if not pods:
+        return None
+    server = {
+        pod.key: policy.effective_mtls(store, pod.namespace, pod.labels, target) for pod in pods
+    }
+    if policy.PERMISSIVE in server.values() and len(set(server.values())) == 1:
+        return None  # PERMISSIVE accepts whatever a client sends
+    mode = policy.destination_tls_mode(store, ns, service, port, subset, labels)
+    if mode in _NOT_ISTIO_MTLS:
+        refused = [key for key, m in server.items() if m == policy.STRICT]
+        accepts = "accept only Istio mTLS (PeerAuthentication STRICT)"
+    elif mode == "ISTIO_MUTUAL":
+        refused = [key for key, m in server.items() if m == policy.DISABLE]
+        accepts = "accept only plaintext (PeerAuthentication DISABLE)"
+    else:
+        return None
+    if not refused:
+        return None
+    host = service.hostname(store.mesh_config.cluster_domain)
+    what = f"{host}:{port}" + (f" subset {subset}" if subset else "")
+    return _about(
+        dr,
+        MTLS_POLICY_CONFLICT,
+        f"TLS mode {mode} for {what}, but its pods ({', '.join(sorted(refused))}) {accepts}"
+        f" on port {target}: these calls fail",
+    )
 
 
 def _about(res: IstioResource, message: Message, detail: str) -> Finding:

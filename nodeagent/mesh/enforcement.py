@@ -9,15 +9,14 @@ support table says the same in words. A resource is accepted when it passes Isti
 Enforced today (see nodeagent.mesh.policy, nodeagent.translate.destination_rule,
 nodeagent.translate.virtual_service):
 - PeerAuthentication: every field (selector, mtls.mode, portLevelMtls).
-- DestinationRule: host, exportTo, subsets, and traffic policies (connection pool, load
-  balancer but PASSTHROUGH, locality load balancing, outlier detection, TLS: DISABLE,
+- DestinationRule: host, exportTo, workloadSelector, subsets, and traffic policies (connection
+  pool, load balancer but PASSTHROUGH, locality load balancing, outlier detection, TLS: DISABLE,
   ISTIO_MUTUAL, SIMPLE and MUTUAL with files, sni, subjectAltNames, insecureSkipVerify) for the
-  rule, a port or a subset. Not yet: a rule with a workloadSelector is not used, so neither is
-  tls.credentialName, which Istio reads only there (its Secret and SDS side is ready:
-  mesh/credentials.py, identity/credentials.py, client_tls.py).
-  localityLbSetting.failoverPriority compares the node's labels with the endpoints': a label
-  other than the node's topology labels (region, zone, subzone) without a "=value" would need
-  the calling pod's labels, which a shared endpoint assignment cannot have.
+  rule, a port or a subset; tls.credentialName in a rule with a workloadSelector (Istio reads it
+  only there), over SDS. localityLbSetting.failoverPriority
+  compares the node's labels with the endpoints': a label other than the node's topology labels
+  (region, zone, subzone) without a "=value" would need the calling pod's labels, which a shared
+  endpoint assignment cannot have.
 - VirtualService: hosts, gateways (mesh), exportTo, every http, tcp and tls field.
 """
 
@@ -86,9 +85,10 @@ _POLICY_PARTS: Mapping[str, Any] = {
         "maxEjectionPercent": ALL,
         "minHealthPercent": ALL,
     },
-    # credentialName: Istio uses it at sidecars only in a rule with a workloadSelector, which
-    # this agent does not use yet (client_tls.origination(..., workload_selector=True) serves it).
+    # credentialName: Istio uses it at sidecars only in a rule with a workloadSelector (over SDS,
+    # client_tls.py); elsewhere it ignores it, as the node does (logged).
     "tls": {
+        "credentialName": ALL,
         "mode": _TLS_MODES,
         "sni": ALL,
         "subjectAltNames": ALL,
@@ -111,6 +111,7 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
     "DestinationRule": {
         "host": ALL,
         "exportTo": ALL,
+        "workloadSelector": ALL,
         "trafficPolicy": _POLICY,
         "subsets": [{"name": ALL, "labels": ALL, "trafficPolicy": _POLICY}],
     },
@@ -198,8 +199,6 @@ def not_enforced(resource: IstioResource) -> NotEnforced | None:
     rule = ENFORCED.get(resource.kind)
     if rule is None:  # a kind not enforced at all: name what it sets
         fields = [str(key) for key in resource.spec] or ["spec"]
-    elif resource.kind == "DestinationRule" and resource.spec.get("workloadSelector"):
-        fields = ["workloadSelector (the rule is not used)"]
     elif resource.kind == "VirtualService" and not _for_mesh(resource):
         gateways = ",".join(map(str, resource.spec.get("gateways") or ()))
         return NotEnforced(

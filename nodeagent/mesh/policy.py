@@ -4,9 +4,9 @@ Server side, PeerAuthentication says what a pod accepts on a container port: STR
 PERMISSIVE (mTLS or plaintext) or DISABLE (plaintext). Client side, a DestinationRule's
 ``trafficPolicy.tls`` says what a client sends; without one, auto mTLS decides. Both follow istiod
 (pilot's ComposePeerAuthentication and PushContext.destinationRule), with these simplifications:
-the mesh's default DestinationRule exportTo is taken to be "*", DestinationRules with a
-``workloadSelector`` are skipped (they need the client pod's labels), and destination rule
-inheritance (off by default in Istio) is not done.
+the mesh's default DestinationRule exportTo is taken to be "*", and destination rule inheritance
+(off by default in Istio) is not done. A DestinationRule with a ``workloadSelector`` applies to
+the client pods of its own namespace it selects (``selector_labels``).
 
 Where Istio lets the oldest object win, age comes from ``metadata.creationTimestamp`` (RFC 3339,
 set by the API server; a directory source's files may carry it), else from the annotation
@@ -201,34 +201,102 @@ def _merge(group: Sequence[IstioResource]) -> IstioResource:
     return replace(first, spec=spec)
 
 
-def destination_rule_for(
-    store: MeshStore, client_namespace: str, service: Service
+def _selects(dr: IstioResource, client_namespace: str, labels: Mapping[str, str]) -> bool:
+    selector = _selector(dr.spec, "workloadSelector")
+    return (
+        dr.namespace == client_namespace
+        and bool(selector)
+        and all(labels.get(key) == value for key, value in selector.items())
+    )
+
+
+def _pick(
+    group: Sequence[IstioResource], client_namespace: str, labels: Mapping[str, str]
 ) -> IstioResource | None:
-    """The DestinationRule a client in CLIENT_NAMESPACE uses for SERVICE, as istiod picks it:
-    the client's namespace, then the service's, then the root namespace; in each the most
-    specific host wins (exact, then the longest wildcard), and several rules for that host
-    merge into one."""
+    """Of the rules for one host (oldest first), the one a client pod uses, as Istio's
+    SidecarScope.DestinationRule picks it (pilot/pkg/model/sidecar.go): the oldest rule whose
+    workloadSelector selects the pod (merged with the rules of the same selector), else the
+    rules without one, else none. Istio does not look further when none applies: a client
+    namespace whose rules for the host all select other pods gives its other pods no rule at
+    all (istio/istio#57719, #52691)."""
+    for dr in group:
+        if _selects(dr, client_namespace, labels):
+            same = _selector(dr.spec, "workloadSelector")
+            return _merge(
+                [
+                    other
+                    for other in group
+                    if other.namespace == dr.namespace
+                    and _selector(other.spec, "workloadSelector") == same
+                ]
+            )
+    plain = [dr for dr in group if not _selector(dr.spec, "workloadSelector")]
+    return _merge(plain) if plain else None
+
+
+def selector_rules(store: MeshStore, namespace: str) -> list[IstioResource]:
+    """NAMESPACE's DestinationRules that have a workloadSelector (they apply only there)."""
+    return [
+        dr
+        for dr in store.istio_in("DestinationRule", namespace)
+        if _selector(dr.spec, "workloadSelector")
+    ]
+
+
+def selector_labels(
+    store: MeshStore, namespace: str, labels: Mapping[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """What of a pod's LABELS the DestinationRule workloadSelectors of its NAMESPACE read: the
+    union of the selectors that select it (sorted pairs). Pods with the same union are selected
+    by the same rules (any selector within the union selects them all), so they see the same
+    rules: ``destination_rule_for`` with these labels is theirs."""
+    pairs: dict[str, str] = {}
+    for dr in selector_rules(store, namespace):
+        if _selects(dr, namespace, labels):
+            pairs.update(
+                (str(k), str(v)) for k, v in _selector(dr.spec, "workloadSelector").items()
+            )
+    return tuple(sorted(pairs.items()))
+
+
+def destination_rule_for(
+    store: MeshStore,
+    client_namespace: str,
+    service: Service,
+    labels: Mapping[str, str] | None = None,
+) -> IstioResource | None:
+    """The DestinationRule a client pod in CLIENT_NAMESPACE with LABELS uses for SERVICE, as
+    istiod picks it (PushContext.destinationRule, then SidecarScope.DestinationRule): the
+    client's namespace, then the service's, then the root namespace; in each the most specific
+    host wins (exact, then the longest wildcard), and several rules for that host merge into
+    one. A rule with a workloadSelector stays in its namespace (never exported: istio/istio
+    pull 37174) and applies to the pods there it selects (``_pick``); the reference page,
+    istio.io/latest/docs/reference/config/networking/destination-rule/#DestinationRule:
+    "workload selectors do not apply across namespace boundaries"."""
     domain = store.mesh_config.cluster_domain
     root = store.mesh_config.root_namespace
     hostname = service.hostname(domain)
+    labels = labels or {}
     # Only the client's, the service's and the root namespace's rules can apply.
     candidates: dict[str, IstioResource] = {}
     for ns in (client_namespace, service.namespace, root):
         candidates.update((dr.key, dr) for dr in store.istio_in("DestinationRule", ns))
-    rules = [
-        dr
-        for dr in sorted(candidates.values(), key=creation_order)
-        if not _selector(dr.spec, "workloadSelector")
-    ]
+    rules = sorted(candidates.values(), key=creation_order)
     if client_namespace != root:
         local = [dr for dr in rules if dr.namespace == client_namespace and _visible_at_home(dr)]
     else:  # exported root rules are the last resort below; only private ones come first
-        local = [dr for dr in rules if dr.namespace == root and _private_only(dr)]
+        local = [
+            dr
+            for dr in rules
+            if dr.namespace == root
+            and (_private_only(dr) or _selector(dr.spec, "workloadSelector"))
+        ]
     group = _most_specific(local, hostname, domain)
     if group:
-        return _merge(group)
+        return _pick(group, client_namespace, labels)
+    exportable = [dr for dr in rules if not _selector(dr.spec, "workloadSelector")]
     for owner in (service.namespace, root):
-        exported = [dr for dr in rules if dr.namespace == owner and not _private_only(dr)]
+        exported = [dr for dr in exportable if dr.namespace == owner and not _private_only(dr)]
         group = _most_specific(exported, hostname, domain)
         # A best match hidden from the client ends this namespace's search (istiod does not
         # fall back to a less specific host there).
@@ -238,19 +306,42 @@ def destination_rule_for(
 
 
 def destination_tls_mode(
-    store: MeshStore, client_namespace: str, service: Service, port: int
+    store: MeshStore,
+    client_namespace: str,
+    service: Service,
+    port: int,
+    subset: str = "",
+    labels: Mapping[str, str] | None = None,
 ) -> str | None:
-    """DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL for calls to SERVICE:PORT (a service port), or
-    None when no DestinationRule sets TLS and auto mTLS decides."""
-    dr = destination_rule_for(store, client_namespace, service)
-    policy = _mapping(dr.spec.get("trafficPolicy")) if dr is not None else {}
-    tls = policy.get("tls")
+    """DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL for calls to SERVICE:PORT (a service port; SUBSET
+    of the rule, if named) from a client pod in CLIENT_NAMESPACE with LABELS, or None when no
+    DestinationRule sets TLS and auto mTLS decides."""
+    dr = destination_rule_for(store, client_namespace, service, labels)
+    return rule_tls_mode(dr.spec if dr is not None else {}, port, subset)
+
+
+def rule_tls_mode(spec: Mapping[str, Any], port: int, subset: str = "") -> str | None:
+    """The tls.mode a DestinationRule's SPEC sets for service port PORT (and SUBSET), None
+    when it sets none."""
+    tls = _tls_of(_mapping(spec.get("trafficPolicy")), port, None)
+    if subset:  # a subset's tls replaces the rule's (destination_rule.traffic_policy merges so)
+        for entry in spec.get("subsets") or []:
+            if _mapping(entry).get("name") == subset:
+                tls = _tls_of(_mapping(_mapping(entry).get("trafficPolicy")), port, tls)
+                break
+    if not isinstance(tls, Mapping):
+        return None
+    # DISABLE is the proto's zero value: a tls block without a mode turns TLS off.
+    return str(tls.get("mode") or DISABLE)
+
+
+def _tls_of(policy: Mapping[str, Any], port: int, otherwise: object) -> object:
+    """The tls block a traffic POLICY sets for PORT (its portLevelSettings entry first), else
+    OTHERWISE."""
+    tls = policy["tls"] if policy.get("tls") is not None else otherwise
     for setting in policy.get("portLevelSettings") or []:
         if _port_number(_mapping(_mapping(setting).get("port")).get("number")) == port:
             if _mapping(setting).get("tls") is not None:  # even {}: that means DISABLE
                 tls = _mapping(setting)["tls"]
             break  # the first entry for the port counts
-    if not isinstance(tls, Mapping):
-        return None
-    # DISABLE is the proto's zero value: a tls block without a mode turns TLS off.
-    return str(tls.get("mode") or DISABLE)
+    return tls

@@ -81,6 +81,7 @@ from nodeagent.translate.services import (
     ServiceTarget,
     inbound_cluster,
     inbound_ports_of,
+    outbound_cluster,
     service_targets,
 )
 from nodeagent.translate.translation import POD, SERVICE, LocalPod, Origin, Resources, Translation
@@ -142,6 +143,8 @@ class _Settings:
     identities: list[Identity]
     excluded_namespaces: tuple[str, ...]
     sidecar: bool
+    # The local pods' client classes (namespace, and what DestinationRule selectors read).
+    classes: list[service_views.ClientClass] = field(default_factory=list)
 
 
 @dataclass
@@ -212,6 +215,7 @@ class TranslationCache:
             sorted({local.identity for local in local_pods}),
             tuple(excluded_namespaces),
             sidecar,
+            _client_classes(store, local_pods),
         )
         excluded_now = frozenset(excluded)
         inbound = {local.pod.key: _inbound_inputs(store, local, sidecar) for local in local_pods}
@@ -232,8 +236,10 @@ class TranslationCache:
         if (
             previous is None
             or changes is None
-            or replace(previous, identities=settings.identities) != settings
+            or replace(previous, identities=settings.identities, classes=settings.classes)
+            != settings
             or (sidecar and previous.identities != settings.identities)
+            or (sidecar and previous.classes != settings.classes)
         ):
             self._recompute_all(settings, excluded_now)
         else:
@@ -243,9 +249,13 @@ class TranslationCache:
             for key in fast_changed:  # the services it is an endpoint of: fast path or not
                 dirty |= self._by_pod.get(key, set())
             self._excluded = excluded_now
-            if _namespaces(previous.identities) != _namespaces(settings.identities):
-                # A pod of a new namespace came, or a namespace's last pod left: every
-                # service's DestinationRule modes, nothing else.
+            if (
+                _namespaces(previous.identities) != _namespaces(settings.identities)
+                or previous.classes != settings.classes
+            ):
+                # A pod of a new namespace or client class came (a pod's labels may move it
+                # to another class), or the last one left: every service's views, reusing
+                # the endpoints and clusters where its DestinationRules did not change.
                 self._update(set(self._services) - dirty, reuse=True)
             self._update(dirty)
         self._generation = store.generation
@@ -502,11 +512,11 @@ class TranslationCache:
         assert self._settings is not None and self._vs_index is not None
         settings = self._settings
         store = settings.store
-        client_namespaces = sorted(_namespaces(settings.identities))
+        clients = settings.classes
         if not settings.sidecar:
-            entry.modes = _destination_modes(store, entry.targets, settings.identities)
+            entry.modes = _destination_modes(store, entry.targets, clients)
         entry.subsets = tuple(
-            tuple(service_views.port_clusters(store, t, client_namespaces)) for t in entry.targets
+            tuple(service_views.port_clusters(store, t, clients)) for t in entry.targets
         )
         used: set[str] = set()
         hosts: set[str] = set()
@@ -516,13 +526,11 @@ class TranslationCache:
             named: service_views.PortRoutes | service_views.PortTcpRoute
             if is_http(target.protocol):
                 named = service_views.port_routes(
-                    store, self._vs_index, target, client_namespaces, node=not settings.sidecar
+                    store, self._vs_index, target, clients, node=not settings.sidecar
                 )
                 entry.routes.append((envoy.ROUTE, named.table))
             else:
-                named = service_views.port_tcp_route(
-                    store, self._vs_index, target, client_namespaces
-                )
+                named = service_views.port_tcp_route(store, self._vs_index, target, clients)
                 tcp = named.route
             used.update(named.virtual_services)
             hosts |= named.hosts
@@ -577,8 +585,8 @@ class TranslationCache:
         proxy_labels = topology_labels(proxy)
         mesh_locality = settings.mesh_config.locality_lb
         for target, subsets in zip(entry.targets, entry.subsets, strict=True):
-            modes = {ns: m[target.cluster] for ns, m in entry.modes.items() if target.cluster in m}
             for subset in subsets:
+                modes = {ns: m[subset.name] for ns, m in entry.modes.items() if subset.name in m}
                 outlier = subset.policy.get("outlierDetection") is not None
                 setting = locality.effective(mesh_locality, locality.of_policy(subset.policy))
                 balancing = Balancing(proxy, proxy_labels, setting, outlier)
@@ -587,6 +595,8 @@ class TranslationCache:
                     target.host,
                     target.protocol == HTTP2,
                     f"DestinationRule of {subset.name}: tls",
+                    workload_selector=bool(subset.credentials_namespace),
+                    namespace=subset.credentials_namespace,
                 )
                 if origination is not None and origination.socket is not None:
                     origination = _with_files(origination, subset.name)
@@ -612,9 +622,14 @@ class TranslationCache:
                     cluster_fields(subset.policy, target.protocol, mesh_locality=mesh_locality),
                 )
                 if settings.sidecar:
-                    identity = settings.identities[0]
                     cluster = _sidecar_cluster(
-                        store, target, identity, subset.name, policy_fields, origination
+                        store,
+                        target,
+                        settings.classes[0],
+                        settings.identities[0],
+                        subset,
+                        policy_fields,
+                        origination,
                     )
                 else:
                     cluster = service_cluster(
@@ -862,17 +877,44 @@ def _namespaces(identities: Sequence[Identity]) -> set[str]:
     return {namespace for namespace, _ in identities}
 
 
+def _client_classes(
+    store: MeshStore, local_pods: Sequence[LocalPod]
+) -> list[service_views.ClientClass]:
+    """The local pods' client classes: groups, never one per pod (docs/o1-config.md)."""
+    return sorted(
+        {
+            service_views.ClientClass(
+                local.pod.namespace,
+                policy.selector_labels(store, local.pod.namespace, local.pod.labels),
+            )
+            for local in local_pods
+        }
+    )
+
+
 def _destination_modes(
-    store: MeshStore, targets: Sequence[ServiceTarget], identities: Sequence[Identity]
+    store: MeshStore,
+    targets: Sequence[ServiceTarget],
+    clients: Sequence[service_views.ClientClass],
 ) -> dict[str, dict[str, str]]:
-    """Local client namespace -> cluster -> the DestinationRule tls.mode that binds it there
-    (DISABLE or ISTIO_MUTUAL; nothing where Istio's auto mTLS decides)."""
+    """Local client namespace -> cluster (a subset's, a variant's) -> the DestinationRule
+    tls.mode that binds it there (DISABLE or ISTIO_MUTUAL; nothing where Istio's auto mTLS
+    decides). A cluster's name says its rule and subset, so one mode per name: the classes of
+    a namespace share its map, each naming only its own variant's clusters."""
     modes: dict[str, dict[str, str]] = {}
-    for namespace in sorted(_namespaces(identities)):
+    for client in clients:
         for target in targets:
-            mode = policy.destination_tls_mode(store, namespace, target.service, target.port.port)
-            if mode in ("DISABLE", "ISTIO_MUTUAL"):
-                modes.setdefault(namespace, {})[target.cluster] = mode
+            suffix, rule = service_views.rule_variant(store, client, target.service)
+            spec = rule.spec if rule is not None else {}
+            port = target.port.port
+            names = {"": target.cluster + suffix}
+            for subset in spec.get("subsets") or []:
+                name = str(subset.get("name", ""))
+                names[name] = outbound_cluster(port, target.host, name) + suffix
+            for subset, cluster in names.items():
+                mode = policy.rule_tls_mode(spec, port, subset)
+                if mode in ("DISABLE", "ISTIO_MUTUAL"):
+                    modes.setdefault(client.namespace, {})[cluster] = mode
     return modes
 
 
@@ -906,23 +948,31 @@ def _mtls_speaker(
 def _sidecar_cluster(
     store: MeshStore,
     target: ServiceTarget,
+    client: service_views.ClientClass,
     identity: Identity,
-    name: str = "",
+    subset: service_views.SubsetCluster,
     policy_fields: dict[str, Any] | None = None,
     origination: client_tls.Origination | None = None,
 ) -> envoy.Cluster:
     """The sidecar form's cluster: its pod presents its identity itself, to the SANs of the
-    service's pods, in the TLS mode a DestinationRule in its namespace may set (ORIGINATION:
-    SIMPLE/MUTUAL, see client_tls.py)."""
+    service's pods, in the TLS mode the DestinationRule its pod (CLIENT) sees may set for the
+    SUBSET (ORIGINATION: SIMPLE/MUTUAL, see client_tls.py)."""
     trust_domain = store.mesh_config.trust_domain
     sans = sorted(
         tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
         for key in endpoint_pods(store, target)
         if (pod := store.pods.get(key)) is not None
     )
-    mode = policy.destination_tls_mode(store, identity[0], target.service, target.port.port)
+    mode = policy.destination_tls_mode(
+        store,
+        client.namespace,
+        target.service,
+        target.port.port,
+        subset.subset,
+        dict(client.selected),
+    )
     me = tls.spiffe_id(trust_domain, *identity)
-    return sidecar_service_cluster(target, me, sans, mode, name, policy_fields, origination)
+    return sidecar_service_cluster(target, me, sans, mode, subset.name, policy_fields, origination)
 
 
 def _pod_outbound(local: LocalPod, spiffe: str) -> Made:

@@ -90,13 +90,15 @@ def service_cluster(
     per-sidecar cluster.
 
     NAME: a DestinationRule subset's cluster of the port (its endpoints under the same name);
-    its TLS mode is the port's. POLICY: cluster fields a DestinationRule's traffic policy sets
-    (destination_rule.cluster_fields), over the defaults. ORIGINATION: the policy's tls is
-    SIMPLE/MUTUAL (client_tls.py): its endpoints are ``originate-tls``'s, which reads the socket
-    name and the SNI from this cluster's metadata."""
+    its own TLS mode (the subset's tls, else the rule's). POLICY: cluster fields a
+    DestinationRule's traffic policy sets (destination_rule.cluster_fields), over the defaults.
+    ORIGINATION: the policy's tls is SIMPLE/MUTUAL (client_tls.py): its endpoints are
+    ``originate-tls``'s, which reads the socket name and the SNI from this cluster's metadata."""
     fields = _with_policy(_eds_cluster(target, name), policy)
     meta: dict[str, Any] = {
-        "name": target.cluster,
+        # What originate-mtls picks a DestinationRule's TLS mode by: a subset's (or a
+        # DestinationRule variant's) cluster may have its own.
+        "name": name or target.cluster,
         "sni": tls.outbound_sni(target.port.port, target.host),
         **({"tls_modes": dict(sorted(tls_modes.items()))} if tls_modes else {}),
     }

@@ -21,6 +21,14 @@ Envoy shares one route table and one set of clusters per service port among all 
   to it) gets its own copies, named ``...~<rule namespace>/<rule name>``, which only its view's
   routes name. TLS modes stay per caller in originate-mtls (cache.py), as before.
 
+- **workloadSelector.** A DestinationRule with a workloadSelector applies to the pods of its
+  namespace it selects. Local pods are grouped in *client classes*: a namespace and the labels its
+  selector rules read of the pod (policy.selector_labels), never one per pod. A class that sees
+  other routes than its namespace's other pods gets its own copy of them, guarded by the caller's
+  namespace and labels (``io.nodeagent.labels``), put before the namespace-wide ones (a class
+  with more selector labels first: a pod matches the guard of every class whose labels it
+  carries, and its own class has the most); its clusters are the selector rule's variant.
+
 A view is computed only for namespaces with a local pod. A pod of a new namespace gets its view
 with the translation that adds its listeners; Envoy applies routes after listeners, so the
 translation names the tables its view changed (``Translation.route_guards``) and the pod's CNI
@@ -48,6 +56,23 @@ from nodeagent.translate.services import ServiceTarget, outbound_cluster
 CANONICAL = ""  # a client namespace that has no rule of its own
 
 
+@dataclass(frozen=True, order=True)
+class ClientClass:
+    """Local client pods that see the same DestinationRules: their NAMESPACE, and SELECTED, the
+    labels of theirs that its rules' workloadSelectors read (policy.selector_labels; empty when
+    no selector selects them)."""
+
+    namespace: str
+    selected: tuple[tuple[str, str], ...] = ()
+
+
+Client = ClientClass | str  # a bare namespace: its pods no workloadSelector selects
+
+
+def client_class(client: Client) -> ClientClass:
+    return client if isinstance(client, ClientClass) else ClientClass(client)
+
+
 def _same(a: IstioResource | None, b: IstioResource | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -55,14 +80,15 @@ def _same(a: IstioResource | None, b: IstioResource | None) -> bool:
 
 
 def rule_variant(
-    store: MeshStore, client_namespace: str, svc: Service
+    store: MeshStore, client: Client, svc: Service
 ) -> tuple[str, IstioResource | None]:
-    """The suffix of the clusters a client in CLIENT_NAMESPACE uses for SVC ("" for the
+    """The suffix of the clusters a CLIENT (class or namespace) uses for SVC ("" for the
     canonical ones), and the DestinationRule behind them."""
+    who = client_class(client)
     canonical = policy.destination_rule_for(store, CANONICAL, svc)
-    if client_namespace == CANONICAL:
+    if who.namespace == CANONICAL:
         return "", canonical
-    mine = policy.destination_rule_for(store, client_namespace, svc)
+    mine = policy.destination_rule_for(store, who.namespace, svc, dict(who.selected))
     if _same(mine, canonical):
         return "", canonical
     return "~" + (f"{mine.namespace}/{mine.name}" if mine is not None else "none"), mine
@@ -87,24 +113,33 @@ class SubsetCluster:
     name: str
     labels: Mapping[str, str] | None
     policy: Mapping[str, Any]
+    subset: str = ""  # the DestinationRule subset's name ("": the port's own cluster)
+    # The rule's namespace when it has a workloadSelector: only there does a sidecar read
+    # tls.credentialName (a Secret of that namespace); "" otherwise.
+    credentials_namespace: str = ""
 
 
 def port_clusters(
-    store: MeshStore, target: ServiceTarget, client_namespaces: Sequence[str]
+    store: MeshStore, target: ServiceTarget, clients: Sequence[Client]
 ) -> list[SubsetCluster]:
-    """The clusters of a service port: the canonical rule's and each variant's, each with
-    its subsets (Istio makes a subset's cluster whether or not a route names it)."""
+    """The clusters of a service port: the canonical rule's and each variant's (one per rule
+    some local client class sees), each with its subsets (Istio makes a subset's cluster
+    whether or not a route names it)."""
     rules: dict[str, IstioResource | None] = {}
-    for namespace in (CANONICAL, *client_namespaces):
-        suffix, rule = rule_variant(store, namespace, target.service)
+    for client in (CANONICAL, *clients):
+        suffix, rule = rule_variant(store, client, target.service)
         rules.setdefault(suffix, rule)
     port = target.port.port
     made: list[SubsetCluster] = []
     for suffix, rule in sorted(rules.items()):
         spec = rule.spec if rule is not None else {}
+        secrets = rule.namespace if rule is not None and spec.get("workloadSelector") else ""
         made.append(
             SubsetCluster(
-                target.cluster + suffix, None, destination_rule.traffic_policy(spec, port)
+                target.cluster + suffix,
+                None,
+                destination_rule.traffic_policy(spec, port),
+                credentials_namespace=secrets,
             )
         )
         for subset in spec.get("subsets") or []:
@@ -115,17 +150,19 @@ def port_clusters(
                     outbound_cluster(port, target.host, name) + suffix,
                     labels if labels is not None else {},
                     destination_rule.traffic_policy(spec, port, name),
+                    name,
+                    secrets,
                 )
             )
     return made
 
 
 class _Resolver:
-    """Route destinations of one client namespace: cluster names, and the hash policy of the
+    """Route destinations of one client class: cluster names, and the hash policy of the
     DestinationRule behind each."""
 
-    def __init__(self, store: MeshStore, client_namespace: str, listener_port: int) -> None:
-        self.store, self.namespace, self.port = store, client_namespace, listener_port
+    def __init__(self, store: MeshStore, client: ClientClass, listener_port: int) -> None:
+        self.store, self.client, self.port = store, client, listener_port
         self.hosts: set[str] = set()  # destination hosts named (dependencies)
         self._hash: dict[str, list[dict[str, Any]]] = {}
 
@@ -150,7 +187,7 @@ class _Resolver:
         subset = str(destination.get("subset") or "")
         name = outbound_cluster(port, host, subset)
         if svc is not None:
-            suffix, rule = rule_variant(self.store, self.namespace, svc)
+            suffix, rule = rule_variant(self.store, self.client, svc)
             name += suffix
             spec = rule.spec if rule is not None else {}
             if subset and destination_rule.subset_labels(spec, subset) is None:
@@ -186,13 +223,14 @@ class PortRoutes:
     hosts: frozenset[str]  # destination hosts it names
 
 
-def _namespace_routes(
+def _client_routes(
     store: MeshStore,
     index: traffic.VirtualServiceIndex,
     target: ServiceTarget,
-    namespace: str,
+    client: ClientClass,
 ) -> tuple[list[dict[str, Any]], IstioResource | None, set[str]]:
-    resolver = _Resolver(store, namespace, target.port.port)
+    namespace = client.namespace
+    resolver = _Resolver(store, client, target.port.port)
     vs = index.binding(target.host, namespace)
     if vs is None:
         return [_default_route(resolver, target)], None, resolver.hosts
@@ -220,6 +258,39 @@ def _caller_in(namespaces: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _guards(
+    views: Sequence[tuple[Any, list[ClientClass]]],
+) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """VIEWS (what each group of client classes sees) in the order a caller tries them, each
+    with its filter-state guard: first a copy per class of a namespace whose classes do not all
+    see the same (namespace and labels guard, more labels first), then the namespace views
+    (``_caller_in``)."""
+    view_of: dict[str, set[int]] = {}
+    for i, (_, members) in enumerate(views):
+        for member in members:
+            view_of.setdefault(member.namespace, set()).add(i)
+    split = {ns for ns, seen in view_of.items() if len(seen) > 1}
+    by_class: list[tuple[ClientClass, Any]] = []
+    plain: list[tuple[Any, list[str]]] = []
+    for content, members in views:
+        namespaces = sorted(
+            {m.namespace for m in members if m.namespace not in split or not m.selected}
+        )
+        if namespaces:
+            plain.append((content, namespaces))
+        by_class += [(m, content) for m in members if m.namespace in split and m.selected]
+    out: list[tuple[Any, list[dict[str, Any]]]] = []
+    for member, content in sorted(by_class, key=lambda c: (-len(c[0].selected), c[0])):
+        where = f"workloadSelector of {member.namespace}"
+        labels = virtual_service.labels_matcher(dict(member.selected), where)
+        out.append((content, [_caller_in([member.namespace]), labels]))
+    out += [
+        (content, [_caller_in(namespaces)])
+        for content, namespaces in sorted(plain, key=lambda v: v[1])
+    ]
+    return out
+
+
 def _mirrored_via_listener(route: dict[str, Any]) -> dict[str, Any]:
     action = route.get("route")
     if not action or not action.get("request_mirror_policies"):
@@ -232,31 +303,30 @@ def port_routes(
     store: MeshStore,
     index: traffic.VirtualServiceIndex,
     target: ServiceTarget,
-    client_namespaces: Sequence[str],
+    clients: Sequence[Client],
     node: bool = True,
 ) -> PortRoutes:
-    """The route table ``outbound|<port>||<host>`` every local caller of TARGET uses. NODE:
-    the node Envoy's, whose mirror copies go through the ``mirror`` listener (mirror.py); the
-    sidecar form's Envoy sends them itself."""
-    views: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+    """The route table ``outbound|<port>||<host>`` every local caller of TARGET uses (CLIENTS:
+    the local client classes, or namespaces). NODE: the node Envoy's, whose mirror copies go
+    through the ``mirror`` listener (mirror.py); the sidecar form's Envoy sends them itself."""
+    views: dict[str, tuple[list[dict[str, Any]], list[ClientClass]]] = {}
     used: set[str] = set()
     hosts: set[str] = set()
-    for namespace in client_namespaces or (CANONICAL,):
-        routes, vs, named = _namespace_routes(store, index, target, namespace)
+    for client in sorted({client_class(c) for c in clients or (CANONICAL,)}):
+        routes, vs, named = _client_routes(store, index, target, client)
         hosts |= named
         if vs is not None:
             used.add(vs.key)
         key = json.dumps(routes, sort_keys=True)
-        views.setdefault(key, (routes, []))[1].append(namespace)
+        views.setdefault(key, (routes, []))[1].append(client)
     if len(views) == 1:
         routes = next(iter(views.values()))[0]
     else:
         routes = []
-        for view_routes, namespaces in sorted(views.values(), key=lambda v: v[1]):
-            guard = _caller_in(namespaces)
+        for view_routes, guards in _guards(list(views.values())):
             for route in view_routes:
                 match = dict(route["match"])
-                match["filter_state"] = [guard, *match.get("filter_state", [])]
+                match["filter_state"] = [*guards, *match.get("filter_state", [])]
                 routes.append({**route, "match": match})
     if node:
         routes = [_mirrored_via_listener(route) for route in routes]
@@ -306,48 +376,52 @@ def _tls_view(rules: list[virtual_service.L4Rule], own: dict[str, Any]) -> list[
     return [*rules, virtual_service.L4Rule(tuple(sources), None), virtual_service.L4Rule((), own)]
 
 
-def _guarded(rule: virtual_service.L4Rule, guard: dict[str, Any]) -> virtual_service.L4Rule:
-    condition = virtual_service.Condition(guard["key"], (guard["string_match"],))
+def _guarded(
+    rule: virtual_service.L4Rule, guards: Sequence[dict[str, Any]]
+) -> virtual_service.L4Rule:
+    conditions = [virtual_service.Condition(g["key"], (g["string_match"],)) for g in guards]
     when = rule.when or ((),)
-    return virtual_service.L4Rule(tuple((condition, *alt) for alt in when), rule.route)
+    return virtual_service.L4Rule(tuple((*conditions, *alt) for alt in when), rule.route)
 
 
 def port_tcp_route(
     store: MeshStore,
     index: traffic.VirtualServiceIndex,
     target: ServiceTarget,
-    client_namespaces: Sequence[str],
+    clients: Sequence[Client],
 ) -> PortTcpRoute:
-    """TARGET's TCP routing as each local client namespace sees it. Namespaces that see the
-    same rules form a view; several views are told apart by the caller's SPIFFE ID (the last
-    view's rules need no guard: the views before it took their callers, and a caller of a
+    """TARGET's TCP routing as each local client class sees it. Classes that see the same
+    rules form a view; several views are told apart by the caller's SPIFFE ID and labels (the
+    last view's rules need no guard: the views before it took their callers, and a caller of a
     namespace without a view yet falls to it), as for HTTP routes (``port_routes``)."""
-    own = {"cluster": target.cluster}
-    views: dict[str, tuple[list[virtual_service.L4Rule], list[str]]] = {}
+    views: dict[str, tuple[list[virtual_service.L4Rule], list[ClientClass]]] = {}
     hosts: set[str] = set()
     used: set[str] = set()
-    for namespace in client_namespaces or (CANONICAL,):
+    for client in sorted({client_class(c) for c in clients or (CANONICAL,)}):
+        namespace = client.namespace
+        resolver = _Resolver(store, client, target.port.port)
+        # The port's own cluster as this class sees it (a DestinationRule variant's).
+        own = {"cluster": resolver.cluster({}, None, target.host)}
         vs = index.binding(target.host, namespace)
         rules = [virtual_service.L4Rule((), own)]
         if vs is not None:
             used.add(vs.key)
-            resolver = _Resolver(store, namespace, target.port.port)
             cluster_of = partial(resolver.cluster, vs=vs)
             port, vip = target.port.port, target.service.cluster_ip
             if is_tls(target.protocol):
                 rules = _tls_view(virtual_service.tls_rules(vs, port, cluster_of, vip), own)
             else:
                 rules = _tcp_view(virtual_service.tcp_rules(vs, port, cluster_of, vip), own)
-            hosts |= resolver.hosts
+        hosts |= resolver.hosts
         key = json.dumps([dataclasses.asdict(rule) for rule in rules], sort_keys=True)
-        views.setdefault(key, (rules, []))[1].append(namespace)
-    ordered = sorted(views.values(), key=lambda view: view[1])
+        views.setdefault(key, (rules, []))[1].append(client)
+    ordered = _guards(list(views.values()))
     if len(ordered) == 1 and len(ordered[0][0]) == 1:
         route = ordered[0][0][0].route
-        return PortTcpRoute(None if route == own else route, tuple(sorted(used)), frozenset(hosts))
+        mine = route == {"cluster": target.cluster}
+        return PortTcpRoute(None if mine else route, tuple(sorted(used)), frozenset(hosts))
     combined: list[virtual_service.L4Rule] = []
-    for rules, namespaces in ordered[:-1]:
-        guard = _caller_in(namespaces)
-        combined += [_guarded(rule, guard) for rule in rules]
+    for rules, guards in ordered[:-1]:
+        combined += [_guarded(rule, guards) for rule in rules]
     combined += ordered[-1][0]
     return PortTcpRoute(None, tuple(sorted(used)), frozenset(hosts), tuple(combined))

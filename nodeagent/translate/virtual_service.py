@@ -148,6 +148,11 @@ def _source_matchers(match: Mapping[str, Any], where: str) -> list[dict[str, Any
     return _caller_matchers(match, where)
 
 
+def labels_matcher(labels: Mapping[str, str], where: str) -> dict[str, Any]:
+    """A filter-state matcher: the caller carries every pair of LABELS (``_caller_matchers``)."""
+    return _caller_matchers({"sourceLabels": labels}, where)[0]
+
+
 def _caller_matchers(match: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
     """sourceNamespace and sourceLabels, per request or connection: filter-state matchers on
     the caller's SPIFFE ID (spiffe://<td>/ns/<ns>/sa/<sa>) and on its labels

@@ -43,7 +43,7 @@ kind: DestinationRule
 metadata: {name: web, namespace: shop}
 spec:
   host: web
-  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}, loadBalancer: {localityLbSetting: {enabled: true}}}
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}, proxyProtocol: {version: V1}}
   subsets: [{name: v1, labels: {app: web}}]
 ---
 apiVersion: security.istio.io/v1
@@ -82,7 +82,7 @@ def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> N
             "namespace": "shop",
             "name": "web",
             # Subsets and ISTIO_MUTUAL are enforced; the PeerAuthentication entirely.
-            "fields": ["trafficPolicy.loadBalancer.localityLbSetting"],
+            "fields": ["trafficPolicy.proxyProtocol"],
             "planned": "#15 traffic management",
         },
         {
@@ -96,8 +96,7 @@ def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> N
     table = node_cli(tb.name, "n1", "proxy-status").stdout
     assert "accepted, not enforced (2 Istio resources):" in table
     assert (
-        "  DestinationRule shop/web: trafficPolicy.loadBalancer.localityLbSetting"
-        " (#15 traffic management)"
+        "  DestinationRule shop/web: trafficPolicy.proxyProtocol (#15 traffic management)"
     ) in table
     assert f"  {VS_WARNING.replace(' is accepted but not enforced:', ':')}" in table
 

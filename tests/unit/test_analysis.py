@@ -423,6 +423,36 @@ def test_a_rule_in_the_clients_namespace_is_checked_too(tmp_path: Path) -> None:
     assert summary(analyze(root)) == [("IST0113", "DestinationRule", "shop/reviews-plain")]
 
 
+def test_a_subsets_and_a_selector_rules_tls_are_checked_against_their_pods(
+    tmp_path: Path,
+) -> None:
+    """A subset's tls.mode binds the subset's pods only (destination-rule/#Subset); a rule with
+    a workloadSelector binds the pods it selects (destination-rule/#DestinationRule): both are
+    checked, against the pods they reach."""
+    subset = destination_rule("reviews", "reviews", {"v1": "v1", "v2": "v2"})
+    subset["spec"]["subsets"][1]["trafficPolicy"] = {"tls": {"mode": "DISABLE"}}
+    selector = destination_rule(
+        "reviews-selected",
+        "reviews.default.svc.cluster.local",
+        trafficPolicy={"tls": {"mode": "SIMPLE"}},
+        workloadSelector={"matchLabels": {"app": "curl"}},
+    )
+    selector["metadata"]["namespace"] = "shop"
+    root = bookinfo(tmp_path, extra=[subset, selector, peer_authentication("STRICT")])
+
+    findings = analyze(root)
+
+    assert summary(findings) == [
+        ("IST0113", "DestinationRule", "default/reviews"),
+        ("IST0113", "DestinationRule", "shop/reviews-selected"),
+    ]
+    assert (
+        "DISABLE for reviews.default.svc.cluster.local:9080 subset v2, but its pods"
+        " (default/reviews-v2-0) accept" in findings[0].detail
+    )
+    assert "SIMPLE for reviews.default.svc.cluster.local:9080, but" in findings[1].detail
+
+
 def test_istio_mutual_conflicts_with_a_disabled_peer_authentication(tmp_path: Path) -> None:
     rule = destination_rule(
         "all", "*.default.svc.cluster.local", trafficPolicy={"tls": {"mode": "ISTIO_MUTUAL"}}

@@ -28,7 +28,7 @@ from nodeagent.mesh.model import Credential, IstioResource, Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import DirectorySource
 from nodeagent.sources.kubernetes import KubernetesSource
-from nodeagent.translate import TranslationCache, client_tls
+from nodeagent.translate import TranslationCache, client_tls, internal
 from nodeagent.translate import envoy as e
 from nodeagent.xds import types
 from tests.tls_certs import write_app_pki
@@ -445,3 +445,34 @@ def test_the_node_serves_a_credential_while_a_rule_of_a_captured_pod_names_it(
     s.delete_istio("DestinationRule/shop/web")
     proxy.push()
     assert not [n for n in resources(proxy, types.SECRET) if n.startswith("kubernetes://")]
+
+
+def test_a_selector_rules_credential_is_the_selected_pods_socket_over_sds() -> None:
+    """A rule with a workloadSelector is where a sidecar reads tls.credentialName
+    (istio.io/latest/docs/reference/config/networking/destination-rule/#ClientTLSSettings):
+    the node's originate-tls cluster then holds a socket that names the Secret's SDS resources,
+    and the selected pod's cluster sends its connections there. A rule without a selector, for
+    the same host, originates nothing (plaintext, as Istio)."""
+    s = store()
+    s.put_istio(_rule({"mode": "MUTUAL", "credentialName": "client"}, {"app": "a"}))
+    s.put_credential(Credential("shop", "client", b"C1", b"K1", b"CA"))
+    pods = [local("a", {"app": "a"}), local("b", {"app": "b"})]
+    wanted = credentials.referenced(s, [p.pod for p in pods])
+    resources = TranslationCache().build(s, pods, CredentialSecrets().sds_secrets(s, wanted))
+    clusters = resources.resources[e.CLUSTER]
+    originate = json_format.MessageToDict(
+        clusters[internal.ORIGINATE_TLS], preserving_proto_field_name=True
+    )
+    contexts = [
+        m["transport_socket"]["typed_config"]
+        for m in originate["transport_socket_matches"]
+        if m["name"].startswith(client_tls.SOCKET_PREFIX)
+    ]
+    assert len(contexts) == 1
+    common = contexts[0]["common_tls_context"]
+    assert [c["name"] for c in common["tls_certificate_sds_secret_configs"]] == [
+        "kubernetes://shop/client"
+    ]
+    validation = common["combined_validation_context"]["validation_context_sds_secret_config"]
+    assert validation["name"] == "kubernetes://shop/client-cacert"
+    assert "tls_certificates" not in common  # named, never inlined

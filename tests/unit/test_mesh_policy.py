@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from nodeagent.mesh import policy
 from nodeagent.mesh.model import IstioResource, Service, ServicePort
 from nodeagent.mesh.policy import (
     CREATION_TIMESTAMP_ANNOTATION,
@@ -402,10 +403,98 @@ def test_rules_for_one_host_merge_oldest_first() -> None:
     assert destination_tls_mode(store_of(newest, newer, older), "sleep", REVIEWS, 9080) == "MUTUAL"
 
 
-def test_rules_with_a_workload_selector_are_skipped() -> None:
-    selected = dr("sleep", "r", "*", mode="DISABLE", workloadSelector={"matchLabels": {"a": "b"}})
+def test_a_workload_selector_rule_applies_to_the_pods_it_selects_in_its_namespace() -> None:
+    """istio.io/latest/docs/reference/config/networking/destination-rule/ (workloadSelector):
+    the rule applies to the selected pods of its own namespace only; Istio picks it before the
+    namespace's rule without a selector (SidecarScope.DestinationRule, pilot/pkg/model/sidecar.go)
+    and never exports it (istio/istio pull 37174)."""
+    selected = dr("sleep", "sel", "*", mode="DISABLE", workloadSelector={"matchLabels": {"a": "b"}})
+    plain = dr("sleep", "plain", "reviews.default.svc.cluster.local", mode="SIMPLE")
+    store = store_of(selected, plain, dr("default", "r", "reviews", mode="ISTIO_MUTUAL"))
+    # The exact host is more specific than "*": the selector rule is not in that group.
+    assert destination_tls_mode(store, "sleep", REVIEWS, 9080, labels={"a": "b"}) == "SIMPLE"
     store = store_of(selected, dr("default", "r", "reviews", mode="ISTIO_MUTUAL"))
+    assert destination_tls_mode(store, "sleep", REVIEWS, 9080, labels={"a": "b", "c": "d"}) == (
+        "DISABLE"
+    )
+    # Other namespaces never see it, whatever their labels.
+    assert destination_tls_mode(store, "other", REVIEWS, 9080, labels={"a": "b"}) == "ISTIO_MUTUAL"
+    assert policy.selector_labels(store, "sleep", {"a": "b", "c": "d"}) == (("a", "b"),)
+    assert policy.selector_labels(store, "sleep", {"a": "x"}) == ()
+
+
+def test_unselected_pods_get_no_rule_when_their_namespace_has_only_selector_rules() -> None:
+    """Istio looks no further than the client namespace when it has rules for the host, even
+    if all select other pods (istio/istio#57719, #52691): its other pods get no rule."""
+    selected = dr("sleep", "sel", "*", mode="DISABLE", workloadSelector={"matchLabels": {"a": "b"}})
+    store = store_of(selected, dr("default", "r", "reviews", mode="ISTIO_MUTUAL"))
+    assert destination_tls_mode(store, "sleep", REVIEWS, 9080) is None
+    assert destination_tls_mode(store, "sleep", REVIEWS, 9080, labels={"a": "c"}) is None
+
+
+def test_the_oldest_selecting_rule_wins_and_merges_with_rules_of_the_same_selector() -> None:
+    """SidecarScope.DestinationRule returns the first selecting rule; rules with equal
+    selectors merge (PushContext.mergeDestinationRule)."""
+    sel = {"matchLabels": {"a": "b"}}
+    older = dr(
+        "sleep",
+        "older",
+        "reviews.default.svc.cluster.local",
+        mode="DISABLE",
+        created="2024-01-01T00:00:00Z",
+        workloadSelector=sel,
+    )
+    same = dr(
+        "sleep",
+        "same",
+        "reviews.default.svc.cluster.local",
+        created="2024-02-01T00:00:00Z",
+        workloadSelector=sel,
+        subsets=[{"name": "v2", "labels": {"version": "v2"}}],
+    )
+    wider = dr(
+        "sleep",
+        "wider",
+        "reviews.default.svc.cluster.local",
+        mode="SIMPLE",
+        created="2024-03-01T00:00:00Z",
+        workloadSelector={"matchLabels": {"c": "d"}},
+    )
+    store = store_of(wider, same, older)
+    rule = destination_rule_for(store, "sleep", REVIEWS, {"a": "b", "c": "d"})
+    assert rule is not None and rule.name == "older"
+    assert [s["name"] for s in rule.spec["subsets"]] == ["v2"]
+    rule = destination_rule_for(store, "sleep", REVIEWS, {"c": "d"})
+    assert rule is not None and rule.name == "wider"
+
+
+def test_a_subsets_tls_mode_replaces_the_rules() -> None:
+    """A subset's trafficPolicy.tls replaces the rule's for that subset's cluster
+    (istio.io/latest/docs/reference/config/networking/destination-rule/#Subset; Istio's
+    MergeSubsetTrafficPolicy), port-level settings first."""
+    rule = dr(
+        "sleep",
+        "r",
+        "reviews.default.svc.cluster.local",
+        mode="ISTIO_MUTUAL",
+        subsets=[
+            {"name": "v1", "labels": {"v": "1"}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}},
+            {"name": "v2", "labels": {"v": "2"}},
+            {
+                "name": "v3",
+                "labels": {"v": "3"},
+                "trafficPolicy": {
+                    "tls": {"mode": "DISABLE"},
+                    "portLevelSettings": [{"port": {"number": 9080}, "tls": {"mode": "SIMPLE"}}],
+                },
+            },
+        ],
+    )
+    store = store_of(rule)
     assert destination_tls_mode(store, "sleep", REVIEWS, 9080) == "ISTIO_MUTUAL"
+    assert destination_tls_mode(store, "sleep", REVIEWS, 9080, "v1") == "DISABLE"
+    assert destination_tls_mode(store, "sleep", REVIEWS, 9080, "v2") == "ISTIO_MUTUAL"
+    assert destination_tls_mode(store, "sleep", REVIEWS, 9080, "v3") == "SIMPLE"
 
 
 def test_s4_destination_rule_against_a_strict_server() -> None:

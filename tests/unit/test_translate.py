@@ -359,12 +359,19 @@ def test_a_destination_rule_tls_mode_binds_its_namespace_callers_only() -> None:
     overrides = {
         svc: m["action"]["typedConfig"]["name"] for svc, m in front["exactMatchMap"]["map"].items()
     }
-    assert overrides == {f"outbound|80||{HOST}": "plaintext", f"outbound|5432||{HOST}": "plaintext"}
+    # front's own rule: its own copies of the clusters (service_views), the mode keyed by them.
+    assert overrides == {
+        f"outbound|80||{HOST}~front/web": "plaintext",
+        f"outbound|5432||{HOST}~front/web": "plaintext",
+    }
     shop = by_caller[ME]["matcher"]["matcherTree"]
     assert shop["input"]["typedConfig"]["key"] == "io.nodeagent.tls"  # auto mTLS
     # The service's cluster states the modes too: when they change, the cluster changes and
     # Envoy drains the connections it pooled under the old mode.
-    web = as_json(out[e.CLUSTER][f"outbound|80||{HOST}"])
+    web = as_json(out[e.CLUSTER][f"outbound|80||{HOST}~front/web"])
+    assert web["metadata"]["filterMetadata"]["nodeagent.service"]["name"] == (
+        f"outbound|80||{HOST}~front/web"
+    )
     assert web["metadata"]["filterMetadata"]["nodeagent.service"]["tls_modes"] == {
         "front": "DISABLE"
     }
