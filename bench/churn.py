@@ -61,7 +61,8 @@ MAX_SAMPLES = 20000  # a bound on the sampler, whatever happens
 
 
 class Sampler(threading.Thread):
-    """Samples the agent's and Envoy's CPU seconds and PSS until stopped (bounded)."""
+    """Samples the agent's and Envoy's CPU seconds and PSS until stopped (bounded), and once at
+    each phase's start, so a phase shorter than SAMPLE_EVERY still has its sample."""
 
     def __init__(self, tb: Testbed, start: float) -> None:
         super().__init__(daemon=True)
@@ -69,12 +70,21 @@ class Sampler(threading.Thread):
         self.samples: list[dict[str, Any]] = []
         self.phase = "services"
         self.stopped = threading.Event()
-
-    def run(self) -> None:
-        agent = self.tb.daemon(NODE, daemons.AGENT).pid
-        (envoy,) = envoy_pids(layout.node_netns(self.tb.name, NODE))
+        self._lock = threading.Lock()
+        agent = tb.daemon(NODE, daemons.AGENT).pid
+        (envoy,) = envoy_pids(layout.node_netns(tb.name, NODE))
         assert agent is not None
-        while not self.stopped.is_set() and len(self.samples) < MAX_SAMPLES:
+        self._pids = (agent, envoy)
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self.sample()
+
+    def sample(self) -> None:
+        agent, envoy = self._pids
+        with self._lock:
+            if len(self.samples) >= MAX_SAMPLES:
+                return
             a, e = rollup_kib(agent), rollup_kib(envoy)
             self.samples.append(
                 {
@@ -87,6 +97,10 @@ class Sampler(threading.Thread):
                     "envoy_pss_mib": e["pss"] / 1024,
                 }
             )
+
+    def run(self) -> None:
+        while not self.stopped.is_set() and len(self.samples) < MAX_SAMPLES:
+            self.sample()
             self.stopped.wait(SAMPLE_EVERY)
 
 
@@ -140,11 +154,11 @@ def churn(tb: Testbed, services: int, pods: int) -> dict[str, Any]:
         wait_settled(tb, newer_than=version)
         load = time.monotonic() - start
         print(f"  {tb.name}: {services} services read by the agent in {load:.1f}s", flush=True)
-        sampler.phase = "create"
+        sampler.enter("create")
         adds = []
         for i in range(pods):
             adds.append(tb.add_pod(fill_pod(i), publish_lead=PUBLISH_LEAD).cni_add_seconds)
-        sampler.phase = "hold"
+        sampler.enter("hold")
         held = measure(tb, pods)
         change = endpoint_change(tb)
         print(
@@ -154,7 +168,7 @@ def churn(tb: Testbed, services: int, pods: int) -> dict[str, Any]:
             f" {change['sent_bytes']} bytes in {change['pushes']} pushes",
             flush=True,
         )
-        sampler.phase = "delete"
+        sampler.enter("delete")
         dels = []
         for i in range(pods):
             began = time.monotonic()
@@ -162,7 +176,7 @@ def churn(tb: Testbed, services: int, pods: int) -> dict[str, Any]:
             dels.append(time.monotonic() - began)
             if problems:
                 raise RuntimeError(f"deleting {fill_pod(i).key}: {problems}")
-        sampler.phase = "settle"
+        sampler.enter("settle")
         wait_settled(tb)
         time.sleep(2 * SAMPLE_EVERY)  # a last sample or two with the node at rest
         after = measure(tb, 0)

@@ -11,6 +11,7 @@ The certificate files are paths on the node (the node's Envoy reads them).
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 NAME = "tbdrtls"
 SERVER, CLIENT = "secure.example", "client.example"  # the DNS SAN of each certificate
+ROTATED = "rotated.example"  # the client certificate a rotated Secret holds
 SECURE = "http://secure:8443/"
 MUTUAL = "http://secure-mutual:9443/"
 FQDN = "secure.default.svc.cluster.local"
@@ -82,7 +84,7 @@ def _topology(pki: Path) -> str:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("app-pki")
-    write_app_pki(directory, SERVER, CLIENT)
+    write_app_pki(directory, SERVER, CLIENT, ROTATED)
     return directory
 
 
@@ -116,7 +118,15 @@ def apply(tb: Testbed, *rules: dict[str, Any]) -> None:
 
 @pytest.fixture
 def clean(tb: Testbed) -> Iterator[Testbed]:
+    """Each test starts from no rule in effect (plain HTTP to the TLS apps gets no 200), so a
+    test's wait for its own rule cannot be met by the previous test's."""
     apply(tb)
+    wait_for(
+        lambda: status(tb, SECURE) != "200" and status(tb, MUTUAL) != "200",
+        30,
+        "no DestinationRule in effect",
+        step=0.3,
+    )
     yield tb
     apply(tb)
 
@@ -248,3 +258,60 @@ def test_mutual_presents_the_rules_client_certificate(clean: Testbed, pki: Path)
         "sni": SERVER,
         "client_cert": {"subject": f"commonName={CLIENT}", "sans": [f"DNS:{CLIENT}"]},
     }
+
+
+def put_secret(tb: Testbed, name: str, pki: Path, client: str) -> None:
+    """A kubernetes.io/tls Secret NAME in default with CLIENT's certificate and key and the
+    test CA (ca.crt), as kubectl apply would write it to the API server."""
+    files = {"tls.crt": f"{client}.pem", "tls.key": f"{client}.key", "ca.crt": "ca.pem"}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": "default"},
+        "data": {k: base64.b64encode((pki / f).read_bytes()).decode() for k, f in files.items()},
+    }
+    # Written aside and renamed: the API server stand-in never reads a half-written file.
+    path = layout.cluster_dir(tb.name) / f"secret-{name}.yaml"
+    aside = path.with_suffix(".tmp")
+    aside.write_text(yaml.safe_dump(secret))
+    aside.replace(path)
+
+
+def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
+    clean: Testbed, pki: Path
+) -> None:
+    """credentialName, read at sidecars in a rule with a workloadSelector
+    (istio.io/latest/docs/reference/config/networking/destination-rule/#ClientTLSSettings):
+    the node serves the Secret's certificate over SDS to the selected caller's TLS, and a
+    rotated Secret is presented on new connections without a restart."""
+    tb = clean
+    secret_file = layout.cluster_dir(tb.name) / "secret-client-cred.yaml"
+    try:
+        put_secret(tb, "client-cred", pki, CLIENT)
+        rule = tls_rule("secure-mutual", mode="MUTUAL", sni=SERVER, credentialName="client-cred")
+        rule["workloadSelector"] = {"matchLabels": {"app": "sleep"}}
+        apply(tb, rule)
+        until_status(tb, MUTUAL, "200")
+        (tls,) = handshakes(tb, MUTUAL, 1).values()
+        assert tls["client_cert"] == {
+            "subject": f"commonName={CLIENT}",
+            "sans": [f"DNS:{CLIENT}"],
+        }, tls
+        put_secret(tb, "client-cred", pki, ROTATED)
+        failed: list[str] = []
+
+        def presents_rotated() -> bool:
+            proc = tb.exec("default/sleep", ["curl", "-sS", "--max-time", "10", MUTUAL])
+            try:
+                answer = json.loads(proc.stdout)
+            except ValueError:
+                failed.append(proc.stdout or proc.stderr)
+                return False
+            return bool(answer["tls"].get("client_cert", {}).get("sans") == [f"DNS:{ROTATED}"])
+
+        wait_for(presents_rotated, 30, "the rotated client certificate presented", step=0.3)
+        # No call failed while the Secret rotated (the socket's SDS secret changed in place).
+        assert failed == [], failed
+    finally:
+        secret_file.unlink(missing_ok=True)
