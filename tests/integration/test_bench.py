@@ -219,7 +219,8 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 assert c["failed_requests"] == 0
     goal = res["goal"]
     assert goal["services"] == [20, 100] and goal["goal"] == 1.5
-    for per in goal["sources"].values():
+    for source, per in goal["sources"].items():
+        floor = 0.0 if source == "directory" else -0.01  # as above: a late start reads below 0
         assert set(per) == {
             "endpoint add",
             "endpoint remove",
@@ -227,7 +228,7 @@ def test_convergence_smoke(tmp_path: Path) -> None:
             "VirtualService to-v1",
         }
         for r in per.values():
-            assert r["ack_s"]["large_s"] > 0 and isinstance(r["met"], bool)
+            assert r["ack_s"]["large_s"] > floor and isinstance(r["met"], bool)
     assert is_png(tmp_path / "convergence.png")
 
 
