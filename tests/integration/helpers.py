@@ -169,3 +169,20 @@ def presented_chain(tb: Testbed, client: str, ip: str, port: int) -> list[Any]:
         r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", proc.stdout, re.DOTALL
     )
     return [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+
+
+def put_config(tb: Testbed, filename: str, docs: list[dict[str, Any]]) -> None:
+    """DOCS as the testbed's file FILENAME of cluster objects, as ``kubectl apply`` would (none:
+    the file removed, as ``kubectl delete``). Written aside and renamed, so the API server
+    stand-in and the directory source never read a half-written file."""
+    import yaml
+
+    from nodeagent.testbed import layout
+
+    path = layout.cluster_dir(tb.name) / filename
+    if not docs:
+        path.unlink(missing_ok=True)
+        return
+    aside = path.with_suffix(".tmp")
+    aside.write_text(yaml.safe_dump_all(docs))
+    aside.replace(path)

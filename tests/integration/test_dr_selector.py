@@ -16,12 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 
-from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import call, envoy_admin, wait_for
+from tests.integration.helpers import call, envoy_admin, put_config, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -75,11 +73,7 @@ def tb() -> Iterator[Testbed]:
 
 def apply(tb: Testbed, *docs: dict[str, Any]) -> None:
     """Replace the test's Istio config with DOCS, as kubectl apply would (none: remove it)."""
-    path = layout.cluster_dir(tb.name) / "traffic.yaml"
-    if docs:
-        path.write_text(yaml.safe_dump_all(list(docs)))
-    else:
-        path.unlink(missing_ok=True)
+    put_config(tb, "traffic.yaml", list(docs))
 
 
 @pytest.fixture

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import call, envoy_admin, http_status, wait_for
+from tests.integration.helpers import call, envoy_admin, http_status, put_config, wait_for
 from tests.tls_certs import write_app_pki
 
 pytestmark = pytest.mark.integration
@@ -100,7 +99,6 @@ def tb(pki: Path) -> Iterator[Testbed]:
 
 def apply(tb: Testbed, *rules: dict[str, Any]) -> None:
     """Replace the test's DestinationRules with RULES (host -> tls), as kubectl apply would."""
-    path = layout.cluster_dir(tb.name) / "traffic.yaml"
     docs = [
         {
             "apiVersion": "networking.istio.io/v1",
@@ -110,10 +108,7 @@ def apply(tb: Testbed, *rules: dict[str, Any]) -> None:
         }
         for i, rule in enumerate(rules)
     ]
-    if docs:
-        path.write_text(yaml.safe_dump_all(docs))
-    else:
-        path.unlink(missing_ok=True)
+    put_config(tb, "traffic.yaml", docs)
 
 
 @pytest.fixture
@@ -271,11 +266,7 @@ def put_secret(tb: Testbed, name: str, pki: Path, client: str) -> None:
         "metadata": {"name": name, "namespace": "default"},
         "data": {k: base64.b64encode((pki / f).read_bytes()).decode() for k, f in files.items()},
     }
-    # Written aside and renamed: the API server stand-in never reads a half-written file.
-    path = layout.cluster_dir(tb.name) / f"secret-{name}.yaml"
-    aside = path.with_suffix(".tmp")
-    aside.write_text(yaml.safe_dump(secret))
-    aside.replace(path)
+    put_config(tb, f"secret-{name}.yaml", [secret])
 
 
 def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(

@@ -22,10 +22,9 @@ import pytest
 import yaml
 
 from nodeagent.mesh.model import REGION_LABEL, ZONE_LABEL
-from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import envoy_admin, wait_for
+from tests.integration.helpers import envoy_admin, put_config, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -88,14 +87,10 @@ def tb() -> Iterator[Testbed]:
 
 def apply(tb: Testbed, *texts: str) -> None:
     """The test's DestinationRules (YAML, namespace default), as kubectl apply; none: remove."""
-    path = layout.cluster_dir(tb.name) / "locality.yaml"
     docs = [d for text in texts for d in yaml.safe_load_all(text) if d]
     for doc in docs:
         doc["metadata"].setdefault("namespace", "default")
-    if docs:
-        path.write_text(yaml.safe_dump_all(docs))
-    else:
-        path.unlink(missing_ok=True)
+    put_config(tb, "locality.yaml", docs)
 
 
 @pytest.fixture
