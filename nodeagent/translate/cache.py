@@ -178,6 +178,9 @@ class TranslationCache:
     _chains: tuple[Any, ...] = ()
     _chains_token: object = field(default_factory=object)  # changes when _chains does
     _modes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # served services'
+    # Served services' originate-tls transport sockets (only those with any): a change reads
+    # these few, not every service.
+    _tls_sockets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _internal: _Memo | None = None  # the outbound-internal listener
     _originate: _Memo | None = None  # the originate-mtls cluster
     _originate_tls: _Memo | None = None  # the originate-tls cluster
@@ -291,6 +294,7 @@ class TranslationCache:
         self._inbound.clear()
         self._internal = self._originate = self._originate_tls = None
         self._modes.clear()
+        self._tls_sockets.clear()
         self._prior_routes = dict(self._base.get(envoy.ROUTE, {}))
         self._base = {type_url: {} for type_url in TYPES}
         self._base_origins.clear()
@@ -412,6 +416,7 @@ class TranslationCache:
         """Swap a service's part of the output: OLD's out, NEW's in (served or dropped)."""
         was_served = key in self._served
         self._modes.pop(key, None)
+        self._tls_sockets.pop(key, None)
         touched = self._touched
         if old is not None:
             if was_served:
@@ -440,6 +445,8 @@ class TranslationCache:
                 self._base_chains[chain] = new.origin
             if new.modes:
                 self._modes[key] = new.modes
+            if new.tls_sockets:
+                self._tls_sockets[key] = new.tls_sockets
         elif new is not None:
             self._dropped[key] = new.targets
             self._chains_changed = True
@@ -811,8 +818,8 @@ class TranslationCache:
         # Sockets are named by their content: the same names are the same cluster.
         sockets = {
             name: socket
-            for key in self._served
-            for name, socket in self._services[key].tls_sockets.items()
+            for by_name in self._tls_sockets.values()
+            for name, socket in by_name.items()
         }
         names = tuple(sorted(sockets))
         if self._originate_tls is None or self._originate_tls.inputs != names:

@@ -29,6 +29,7 @@ class DeltaStream(AdsStream):
             state.subscribed = True
             state.respond = True  # even "nothing yet" ends Envoy's initial fetch wait
             # Resources Envoy kept from an earlier stream: not sent again unless changed.
+            state.lose_basis()
             for name, version in request.initial_resource_versions.items():
                 state.sent[name] = version
                 state.acked[name] = version
@@ -37,6 +38,9 @@ class DeltaStream(AdsStream):
             first = True
         else:
             first = False
+        if "*" in subscribe or "*" in unsubscribe:
+            state.lose_basis()
+        state.unsettle(n for n in (*subscribe, *unsubscribe) if n != "*")
         for name in subscribe:
             if name == "*":
                 state.wildcard = True

@@ -8,7 +8,7 @@ bytes", whatever the snapshot's version string says.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,6 +100,13 @@ class TypeState:
     # Once the stream takes this snapshot, send this type again (the resources of the latest
     # response too), even if unchanged: the proxy wants Envoy's verdict on it.
     resend_with: Snapshot | None = None
+    # Delta streams plan in O(changed): outside _unsettled, what Envoy was sent agrees with
+    # what _basis (a snapshot planned against) holds for this subscription, and every
+    # subscribed name it lacks was told absent. A snapshot that follows _basis adds the names
+    # it changed (Snapshot.changes); anything else loses the basis (one full plan rebuilds it).
+    _basis: Snapshot | None = None
+    _unsettled: set[str] = field(default_factory=set)
+    _acked_sent: bool = False  # acked is what sent was at the ACK, and sent has not moved
 
     @property
     def full_state(self) -> bool:
@@ -145,10 +152,76 @@ class TypeState:
         """
         if not self.subscribed:
             return None
-        current = self.interest(snapshot)
         if self.sotw:
-            return self._plan_sotw(current, removing)
-        return self._plan_delta(current, removing)
+            return self._plan_sotw(self.interest(snapshot), removing)
+        if snapshot is self._basis:
+            return self._plan_unsettled(snapshot, removing)
+        current = self.interest(snapshot)
+        plan = self._plan_delta(current, removing)
+        self._set_basis(snapshot, current)
+        return plan
+
+    def unsettle(self, names: Iterable[str]) -> None:
+        """The subscription or what Envoy holds changed for NAMES (a request, a forget)."""
+        self._unsettled.update(names)
+        self._acked_sent = False
+
+    def lose_basis(self) -> None:
+        """Plan in full next time (a wildcard change, a new stream's initial versions)."""
+        self._basis = None
+        self._acked_sent = False
+
+    def _set_basis(self, snapshot: Snapshot, current: Mapping[str, str]) -> None:
+        """After a full plan: SNAPSHOT is the basis, the names where Envoy differs from it
+        unsettled (O(resources), once per lost basis)."""
+        sent = self.sent
+        unsettled = {n for n, v in current.items() if sent.get(n) != v}
+        unsettled |= sent.keys() - current.keys()
+        unsettled |= self.explicit.difference(current.keys(), sent, self.told_absent)
+        self._basis, self._unsettled = snapshot, unsettled
+
+    def _covers(self, versions: Mapping[str, str], name: str) -> bool:
+        return name in versions and (self.wildcard or name in self.explicit)
+
+    def _settled(self, versions: Mapping[str, str], name: str) -> bool:
+        """Envoy was sent what the basis has of NAME (or its removal, or its absence)."""
+        if self._covers(versions, name):
+            return self.sent.get(name) == versions[name]
+        return name not in self.sent and (name not in self.explicit or name in self.told_absent)
+
+    def _plan_unsettled(self, snapshot: Snapshot, removing: bool) -> Plan | None:
+        """_plan_delta against the basis, looking only at the unsettled (and forced) names."""
+        versions = snapshot.versions(self.type_url)
+        self._unsettled = {n for n in self._unsettled if not self._settled(versions, n)}
+        sent = self.sent
+        if removing:
+            removals = sorted(
+                n for n in self._unsettled if n in sent and not self._covers(versions, n)
+            )
+            if not removals:
+                return None
+            after = dict(sent)
+            for name in removals:
+                del after[name]
+            return Plan(self.type_url, upserts={}, removals=removals, after=after)
+        upserts = {
+            n: versions[n]
+            for n in self._unsettled | self.force
+            if self._covers(versions, n) and (sent.get(n) != versions[n] or n in self.force)
+        }
+        absent = sorted(
+            n
+            for n in self._unsettled
+            if n in self.explicit
+            and n not in versions
+            and n not in sent
+            and n not in self.told_absent
+        )
+        if not (upserts or absent or self.respond):
+            return None
+        after = dict(sent)
+        after.update(upserts)
+        return Plan(self.type_url, upserts=upserts, removals=absent, after=after)
 
     def _plan_sotw(self, current: Mapping[str, str], removing: bool) -> Plan | None:
         target = dict(current)
@@ -212,6 +285,7 @@ class TypeState:
         self.push_start = push_start
         self.version_sent = snapshot.version
         self.nacked = False
+        self._acked_sent = False
 
     def take(self, snapshot: Snapshot) -> None:
         """The stream moves to SNAPSHOT: a resend asked for with it is armed now."""
@@ -219,10 +293,19 @@ class TypeState:
             self.resend_with = None
             self.respond = True
             self.force |= self.upserted
+        basis = self._basis
+        if basis is not None and basis is not snapshot:
+            if snapshot.follows(basis):
+                assert snapshot.changes is not None
+                self._unsettled.update(snapshot.changes.names.get(self.type_url, ()))
+                self._basis = snapshot
+            else:
+                self._basis = None
 
     def on_ack(self) -> None:
         self.answered = True
-        if self.pending_after == self.sent:  # C speed, the usual case
+        self._acked_sent = self.pending_after == self.sent  # C speed
+        if self._acked_sent:  # the usual case
             self.acked = dict(self.sent)
         else:
             self.acked = {n: v for n, v in self.pending_after.items() if self.sent.get(n) == v}
@@ -233,6 +316,7 @@ class TypeState:
         self.answered = True
         self.nacked = True
         self.last_nack = message
+        self._acked_sent = False
 
     def forget(self, name: str) -> None:
         """Envoy dropped a resource of its own accord (it unsubscribed)."""
@@ -240,6 +324,7 @@ class TypeState:
         self.sent_any.pop(name, None)
         self.acked.pop(name, None)
         self.told_absent.discard(name)
+        self.unsettle((name,))
 
     def status(self, snapshot: Snapshot | None, connected: bool) -> TypeStatus:
         return TypeStatus(
@@ -256,6 +341,14 @@ class TypeState:
             return "NACKED"
         if snapshot is None or not self.answered:
             return "STALE"
+        if not self.sotw and snapshot is self._basis and self._acked_sent:
+            # Outside the unsettled names, what Envoy ACKed (= sent) agrees with the basis.
+            versions = snapshot.versions(self.type_url)
+            for name in self._unsettled:
+                wanted = versions[name] if self._covers(versions, name) else None
+                if self.acked.get(name) != wanted:
+                    return "STALE"
+            return "SYNCED"
         desired = self.interest(snapshot)
         if desired == self.acked:  # C speed, the usual case
             return "SYNCED"

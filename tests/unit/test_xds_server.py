@@ -928,3 +928,66 @@ def test_a_snapshot_told_its_changes_is_checked_on_them() -> None:
     fresh = Snapshot("v2", second.resources)
     assert second.versions(RDS) == fresh.versions(RDS) and set(second.versions(RDS)) == {"r", "r3"}
     assert second.versions(CDS) == fresh.versions(CDS)
+
+
+@pytest.mark.parametrize("told", [False, True], ids=["full", "told-changes"])
+def test_delta_plans_on_told_changes_as_on_the_whole_snapshot(tmp_path: Path, told: bool) -> None:
+    """A delta stream whose snapshots name their changes plans on those names only (its cost
+    follows the change, not the config): it sends, tells absent, withdraws and reports status
+    exactly as when it compares whole snapshots."""
+
+    def following(base: Snapshot, version: str, **parts: dict[str, Any]) -> Snapshot:
+        made = changed(base, version, **parts)
+        return made if told else Snapshot(version, made.resources)
+
+    def seen(response: Any) -> tuple[str, list[str], list[str]]:
+        return (
+            types.short_name(response.type_url),
+            names_of(response),
+            sorted(response.removed_resources),
+        )
+
+    async def body(env: Env) -> None:
+        first = snapshot("v1")
+        env.cache.set_snapshot(NODE, first)
+        envoy = env.envoy(delta=True)
+        await initial_flow(envoy)
+        parts = {"clusters": CDS, "assignments": EDS, "listeners": LDS, "routes": RDS}
+        keep: dict[str, Any] = {part: dict(first.of(t)) for part, t in parts.items()}
+        await envoy.request(RDS, ["extra"])  # not in the config: told absent
+        absent = await envoy.recv()
+        assert seen(absent) == ("RDS", [], ["extra"])
+        await envoy.ack(absent)
+
+        # The table Envoy asked for appears, and r changes: both go out, nothing else.
+        routes = {"r": route("r", "b"), "extra": route("extra")}
+        second = following(first, "v2", **{**keep, "routes": routes})
+        env.cache.set_snapshot(NODE, second)
+        rds = await envoy.recv()
+        assert seen(rds) == ("RDS", ["extra", "r"], [])
+        await wait_for_state(env, "RDS", "STALE")
+        await envoy.ack(rds)
+        await wait_for_state(env, "RDS", "SYNCED")
+
+        # Only an assignment changes: one EDS response.
+        third = following(
+            second, "v3", **{**keep, "routes": routes, "assignments": {"a": cla("a", 5)}}
+        )
+        env.cache.set_snapshot(NODE, third)
+        eds = await envoy.recv()
+        assert seen(eds) == ("EDS", ["a"], [])
+        await envoy.ack(eds)
+        await wait_for_state(env, "EDS", "SYNCED")
+        assert await envoy.silent(0.2) == []
+
+        # extra is gone from the config: withdrawn (Envoy still subscribes to it).
+        fourth = {**keep, "assignments": dict(third.of(EDS)), "routes": {"r": routes["r"]}}
+        env.cache.set_snapshot(NODE, following(third, "v4", **fourth))
+        removal = await envoy.recv()
+        assert seen(removal) == ("RDS", [], ["extra"])
+        await envoy.ack(removal)
+        assert await envoy.silent(0.2) == []
+        await wait_for_state(env, "RDS", "SYNCED")
+        assert set(env.states().values()) == {"SYNCED"}
+
+    run(tmp_path, body)
