@@ -199,6 +199,14 @@ class TranslationCache:
     _touched: dict[str, set[str]] | None = None
     _last_out: Resources | None = None
     _last_extra: set[tuple[str, str]] = field(default_factory=set)
+    # The last translation's origins and chains, handed out again (not copied) while
+    # _base_origins and _base_chains did not change and neither did what is added on top.
+    _origins_moved: bool = True
+    _chains_moved: bool = True
+    _last_origins: dict[tuple[str, str], Origin] = field(default_factory=dict)
+    _last_extra_origins: dict[tuple[str, str], Origin] = field(default_factory=dict)
+    _last_added: dict[str, dict[str, Message]] = field(default_factory=dict)
+    _last_chains: dict[str, Origin] = field(default_factory=dict)
     full_recomputes: int = 0  # how often everything was recomputed (for tests and benchmarks)
 
     def build(
@@ -299,6 +307,7 @@ class TranslationCache:
         self._base = {type_url: {} for type_url in TYPES}
         self._base_origins.clear()
         self._base_chains.clear()
+        self._origins_moved = self._chains_moved = True
         self._served.clear()
         self._dropped.clear()
         self._problems.clear()
@@ -396,6 +405,8 @@ class TranslationCache:
                 None if svc is None else self._service_entry(svc, old if reuse else None, before)
             )
             added_or_removed |= (old is None) != (entry is None)
+            if old is not None and old.made is not None and entry is not None:
+                _keep_equal(entry, old.made)
             self._place(key, old, entry)
             if entry is None:
                 continue
@@ -413,36 +424,53 @@ class TranslationCache:
             self._order = sorted(self._services)
 
     def _place(self, key: str, old: _ServiceEntry | None, new: _ServiceEntry | None) -> None:
-        """Swap a service's part of the output: OLD's out, NEW's in (served or dropped)."""
+        """Swap a service's part of the output: OLD's out, NEW's in (served or dropped). Only
+        the names whose object differs are touched (a change costs what it changed)."""
         was_served = key in self._served
         self._modes.pop(key, None)
         self._tls_sockets.pop(key, None)
         touched = self._touched
+        served = new is not None and new.made is not None and new.origin not in self._excluded
+        before: dict[tuple[str, str], Message] = {}
+        chains_before: list[str] = []
         if old is not None:
             if was_served:
                 self._served.discard(key)
                 assert old.made is not None
-                for type_url, name, _ in old.made:
-                    if touched is not None:
-                        touched.setdefault(type_url, set()).add(name)
-                    self._base[type_url].pop(name, None)
-                    self._base_origins.pop((type_url, name), None)
-                for chain in old.chain_names:
-                    self._base_chains.pop(chain, None)
+                before = {(type_url, name): r for type_url, name, r in old.made}
+                chains_before = old.chain_names
             self._problems.pop(old.origin, None)
             if self._dropped.pop(key, None) is not None:
                 self._chains_changed = True
-        served = new is not None and new.made is not None and new.origin not in self._excluded
+        after: dict[tuple[str, str], Message] = {}
         if new is not None and served:
             assert new.made is not None
+            after = {(type_url, name): r for type_url, name, r in new.made}
+        for type_url, name in before.keys() - after.keys():
+            if touched is not None:
+                touched.setdefault(type_url, set()).add(name)
+            self._base[type_url].pop(name, None)
+            if self._base_origins.pop((type_url, name), None) is not None:
+                self._origins_moved = True
+        for chain in set(chains_before) - set(
+            new.chain_names if new is not None and served else ()
+        ):
+            self._base_chains.pop(chain, None)
+            self._chains_moved = True
+        if new is not None and served:
             self._served.add(key)
-            for type_url, name, resource in new.made:
-                if touched is not None:
-                    touched.setdefault(type_url, set()).add(name)
-                self._base[type_url][name] = resource
-                self._base_origins[(type_url, name)] = new.origin
+            for (type_url, name), resource in after.items():
+                if before.get((type_url, name)) is not resource:
+                    if touched is not None:
+                        touched.setdefault(type_url, set()).add(name)
+                    self._base[type_url][name] = resource
+                if self._base_origins.get((type_url, name)) != new.origin:
+                    self._base_origins[(type_url, name)] = new.origin
+                    self._origins_moved = True
             for chain in new.chain_names:
-                self._base_chains[chain] = new.origin
+                if self._base_chains.get(chain) != new.origin:
+                    self._base_chains[chain] = new.origin
+                    self._chains_moved = True
             if new.modes:
                 self._modes[key] = new.modes
             if new.tls_sockets:
@@ -452,8 +480,8 @@ class TranslationCache:
             self._chains_changed = True
             if new.origin not in self._excluded:
                 self._problems[new.origin] = new.problem
-        before = old.chain_keys if old is not None and was_served else None
-        if before != (new.chain_keys if new is not None and served else None):
+        was = old.chain_keys if old is not None and was_served else None
+        if was != (new.chain_keys if new is not None and served else None):
             self._chains_changed = True
 
     def _unlink(self, key: str, entry: _ServiceEntry) -> None:
@@ -674,23 +702,21 @@ class TranslationCache:
         """INBOUND_INPUTS: each local pod's ``_inbound_inputs``."""
         assert self._settings is not None
         settings = self._settings
-        # Copies (C speed): a translation handed out is never changed afterwards.
-        out = {type_url: dict(by_name) for type_url, by_name in self._base.items()}
-        result = Translation(
-            out,
-            dict(self._base_origins),
-            dict(self._base_chains),
-            dict(self._problems),
-            dict(self._guards),
-        )
-        extra: set[tuple[str, str]] = set()  # what is added on top of _base, O(pods)
+        base = self._base
+        # What is added on top of _base (O(pods)): collected first, so that a type whose
+        # base and additions did not change is handed out again as the very same map.
+        added: dict[str, dict[str, Message]] = {type_url: {} for type_url in base}
+        added_origins: dict[tuple[str, str], Origin] = {}
+        problems = dict(self._problems)
 
         def add(type_url: str, resource: Message, origin: Origin | None = None) -> None:
             name = _name(type_url, resource)
-            out[type_url][name] = resource
-            extra.add((type_url, name))
+            added[type_url][name] = resource
             if origin is not None:
-                result.origins[(type_url, name)] = origin
+                added_origins[(type_url, name)] = origin
+
+        def holds(type_url: str, name: str) -> bool:
+            return name in base[type_url] or name in added[type_url]
 
         for type_url, resource in self._shared:
             add(type_url, resource)
@@ -751,13 +777,13 @@ class TranslationCache:
                 self._inbound, local, inputs, partial(_inbound_resources, *inputs)
             )
             if outbound.made is None or inbound.made is None:
-                result.problems[origin] = outbound.problem or inbound.problem
+                problems[origin] = outbound.problem or inbound.problem
                 continue
             for type_url, resource in [*outbound.made, *inbound.made]:
                 name = str(getattr(resource, "name", ""))
                 if type_url == envoy.LISTENER:
                     add(type_url, resource, origin)
-                elif name not in out[type_url]:  # inbound|<port>||: shared by the pods using it
+                elif not holds(type_url, name):  # inbound|<port>||: shared by the pods using it
                     add(type_url, resource)
         trust_domain = settings.mesh_config.trust_domain
         mine = {tls.spiffe_id(trust_domain, *local.identity) for local in local_pods}
@@ -767,6 +793,46 @@ class TranslationCache:
             if sidecar and not own:
                 continue  # a sidecar holds its own pod's identity only (and credentials)
             add(envoy.SECRET, secret)
+        return self._hand_out(added, added_origins, problems)
+
+    def _hand_out(
+        self,
+        added: dict[str, dict[str, Message]],
+        added_origins: dict[tuple[str, str], Origin],
+        problems: dict[Origin, str],
+    ) -> Translation:
+        """The translation: _base with ADDED on top. A translation handed out is never changed
+        afterwards, so a type (or the origins, the chains) that did not change since the last
+        one is that one's very map; the others are copies (C speed) of the base."""
+        last, touched = self._last_out, self._touched
+        last_added = self._last_added
+        out: dict[str, dict[str, Message]] = {}
+        for type_url, by_name in self._base.items():
+            mine = added[type_url]
+            previous = last.get(type_url) if last is not None and touched is not None else None
+            if (
+                previous is not None
+                and not (touched or {}).get(type_url)
+                and mine.keys() == last_added.get(type_url, {}).keys()
+                and all(last_added[type_url][n] is r for n, r in mine.items())
+            ):
+                out[type_url] = previous
+            else:
+                out[type_url] = dict(by_name)
+                out[type_url].update(mine)
+        if self._origins_moved or added_origins != self._last_extra_origins:
+            self._last_origins = dict(self._base_origins)
+            self._last_origins.update(added_origins)
+            self._origins_moved = False
+        if self._chains_moved:
+            self._last_chains = dict(self._base_chains)
+            self._chains_moved = False
+        self._last_extra_origins = added_origins
+        result = Translation(
+            out, self._last_origins, self._last_chains, problems, dict(self._guards)
+        )
+        extra = {(type_url, name) for type_url, names in added.items() for name in names}
+        self._last_added = added
         self._tell_changes(result, extra)
         return result
 
@@ -828,6 +894,28 @@ class TranslationCache:
         assert self._internal.made is not None and self._originate.made is not None
         assert self._originate_tls.made is not None
         return [*self._internal.made, *self._originate.made, *self._originate_tls.made]
+
+
+def _keep_equal(entry: _ServiceEntry, before: list[tuple[str, str, Message]]) -> None:
+    """ENTRY's endpoints, clusters and listeners that equal what it replaces (BEFORE, by type
+    and name) stay the very same messages: a change of its routes alone (a VirtualService)
+    then changes nothing else, and the push, the snapshot and its check skip the rest."""
+    prior = {(type_url, name): resource for type_url, name, resource in before}
+    if not prior or entry.made is None:
+        return
+
+    def kept(parts: Made) -> Made:
+        out: Made = []
+        for type_url, resource in parts:
+            old = prior.get((type_url, _name(type_url, resource)))
+            out.append((type_url, old if old is not None and old == resource else resource))
+        return out
+
+    entry.endpoints = kept(entry.endpoints)
+    entry.clusters = kept(entry.clusters)
+    entry.listeners = kept(entry.listeners)
+    made = [*entry.endpoints, *entry.clusters, *entry.routes, *entry.listeners]
+    entry.made = [(t, _name(t, r), r) for t, r in made]
 
 
 def _node_policy(subset: service_views.SubsetCluster, fields: dict[str, Any]) -> dict[str, Any]:

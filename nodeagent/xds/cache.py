@@ -107,9 +107,12 @@ class Snapshot:
             raw_before, version_before = old_raw.get(type_url, {}), old_versions.get(type_url, {})
             if incremental and type_url in old_raw:
                 assert self.changes is not None
+                names: Iterable[str] = self.changes.names.get(type_url, ())
+                if not names:  # the very maps before: encodings are never changed once made
+                    encoded[type_url], versions[type_url] = raw_before, version_before
+                    continue
                 # Copies (C speed), then only the names that changed.
                 raws, hashes = dict(raw_before), dict(version_before)
-                names: Iterable[str] = self.changes.names.get(type_url, ())
             else:
                 raws, hashes, names = {}, {}, by_name
             encoded[type_url], versions[type_url] = raws, hashes
@@ -213,7 +216,9 @@ def _check_changes(
 ) -> None:
     """check_consistent for the names SNAPSHOT's changes name: O(changed) past two copies."""
     assert snapshot.changes is not None
-    references, uses = dict(known), dict(known_uses)  # copies (C speed)
+    references, uses = known, known_uses  # shared while no cluster or listener changed
+    if any(snapshot.changes.names.get(type_url) for type_url in _TARGET):
+        references, uses = dict(known), dict(known_uses)  # copies (C speed)
     referrers: list[tuple[str, str]] = []  # changed clusters and listeners now present
     for type_url, names in snapshot.changes.names.items():
         by_name, before = snapshot.of(type_url), previous.of(type_url)

@@ -106,7 +106,6 @@ class TypeState:
     # it changed (Snapshot.changes); anything else loses the basis (one full plan rebuilds it).
     _basis: Snapshot | None = None
     _unsettled: set[str] = field(default_factory=set)
-    _acked_sent: bool = False  # acked is what sent was at the ACK, and sent has not moved
 
     @property
     def full_state(self) -> bool:
@@ -162,14 +161,24 @@ class TypeState:
         return plan
 
     def unsettle(self, names: Iterable[str]) -> None:
-        """The subscription or what Envoy holds changed for NAMES (a request, a forget)."""
-        self._unsettled.update(names)
-        self._acked_sent = False
+        """The subscription or what Envoy holds changes for NAMES (a request, a forget)."""
+        names = set(names)
+        if names:
+            self._detach()
+            self._unsettled |= names
 
     def lose_basis(self) -> None:
         """Plan in full next time (a wildcard change, a new stream's initial versions)."""
+        self._detach()
         self._basis = None
-        self._acked_sent = False
+
+    def _detach(self) -> None:
+        """Before ``sent`` changes in place: ``acked`` and ``pending_after``, which share it
+        from the response's plan on (no copies per push), get their own."""
+        if self.acked is self.sent:
+            self.acked = dict(self.sent)
+        if self.pending_after is self.sent:
+            self.pending_after = dict(self.sent)
 
     def _set_basis(self, snapshot: Snapshot, current: Mapping[str, str]) -> None:
         """After a full plan: SNAPSHOT is the basis, the names where Envoy differs from it
@@ -266,7 +275,7 @@ class TypeState:
 
     def on_sent(self, plan: Plan, snapshot: Snapshot, nonce: str, push_start: float) -> None:
         self.upserted = set(plan.upserts)
-        self.sent = dict(plan.after)
+        self.sent = plan.after  # the plan's own map: shared with pending_after, then acked
         if self.full_state:
             self.sent_any = {
                 n: plan.kept[n] if n in plan.kept else snapshot.packed(self.type_url, n)
@@ -281,11 +290,10 @@ class TypeState:
         self.sent_at = time.monotonic()
         self.answered = False
         self.timed_out = False
-        self.pending_after = dict(plan.after)
+        self.pending_after = self.sent
         self.push_start = push_start
         self.version_sent = snapshot.version
         self.nacked = False
-        self._acked_sent = False
 
     def take(self, snapshot: Snapshot) -> None:
         """The stream moves to SNAPSHOT: a resend asked for with it is armed now."""
@@ -304,9 +312,8 @@ class TypeState:
 
     def on_ack(self) -> None:
         self.answered = True
-        self._acked_sent = self.pending_after == self.sent  # C speed
-        if self._acked_sent:  # the usual case
-            self.acked = dict(self.sent)
+        if self.pending_after is self.sent:  # the usual case: nothing moved since the push
+            self.acked = self.sent
         else:
             self.acked = {n: v for n, v in self.pending_after.items() if self.sent.get(n) == v}
         self.version_acked = self.version_sent
@@ -316,15 +323,14 @@ class TypeState:
         self.answered = True
         self.nacked = True
         self.last_nack = message
-        self._acked_sent = False
 
     def forget(self, name: str) -> None:
         """Envoy dropped a resource of its own accord (it unsubscribed)."""
+        self.unsettle((name,))
         self.sent.pop(name, None)
         self.sent_any.pop(name, None)
         self.acked.pop(name, None)
         self.told_absent.discard(name)
-        self.unsettle((name,))
 
     def status(self, snapshot: Snapshot | None, connected: bool) -> TypeStatus:
         return TypeStatus(
@@ -341,7 +347,7 @@ class TypeState:
             return "NACKED"
         if snapshot is None or not self.answered:
             return "STALE"
-        if not self.sotw and snapshot is self._basis and self._acked_sent:
+        if not self.sotw and snapshot is self._basis and self.acked is self.sent:
             # Outside the unsettled names, what Envoy ACKed (= sent) agrees with the basis.
             versions = snapshot.versions(self.type_url)
             for name in self._unsettled:
