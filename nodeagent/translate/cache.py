@@ -244,34 +244,40 @@ class TranslationCache:
         previous = self._settings
         self._routes_changed = set()
         self._touched = {}
-        if (
-            previous is None
-            or changes is None
-            or replace(previous, identities=settings.identities, classes=settings.classes)
-            != settings
-            or (sidecar and previous.identities != settings.identities)
-            or (sidecar and previous.classes != settings.classes)
-        ):
-            self._recompute_all(settings, excluded_now)
-        else:
-            self._settings = settings
-            dirty = self._dirty_services(changes, settings)
-            dirty |= {o.key for o in self._excluded ^ excluded_now if o.kind == SERVICE}
-            for key in fast_changed:  # the services it is an endpoint of: fast path or not
-                dirty |= self._by_pod.get(key, set())
-            self._excluded = excluded_now
+        try:
             if (
-                _namespaces(previous.identities) != _namespaces(settings.identities)
-                or previous.classes != settings.classes
+                previous is None
+                or changes is None
+                or replace(previous, identities=settings.identities, classes=settings.classes)
+                != settings
+                or (sidecar and previous.identities != settings.identities)
+                or (sidecar and previous.classes != settings.classes)
             ):
-                # A pod of a new namespace or client class came (a pod's labels may move it
-                # to another class), or the last one left: every service's views, reusing
-                # the endpoints and clusters where its DestinationRules did not change.
-                self._update(set(self._services) - dirty, reuse=True)
-            self._update(dirty)
-        self._generation = store.generation
-        self._follow_guards(previous, settings)
-        return self._assemble(local_pods, secrets, excluded_now, inbound)
+                self._recompute_all(settings, excluded_now)
+            else:
+                self._settings = settings
+                dirty = self._dirty_services(changes, settings)
+                dirty |= {o.key for o in self._excluded ^ excluded_now if o.kind == SERVICE}
+                for key in fast_changed:  # the services it is an endpoint of: fast path or not
+                    dirty |= self._by_pod.get(key, set())
+                self._excluded = excluded_now
+                if (
+                    _namespaces(previous.identities) != _namespaces(settings.identities)
+                    or previous.classes != settings.classes
+                ):
+                    # A pod of a new namespace or client class came (a pod's labels may move it
+                    # to another class), or the last one left: every service's views, reusing
+                    # the endpoints and clusters where its DestinationRules did not change.
+                    self._update(set(self._services) - dirty, reuse=True)
+                self._update(dirty)
+            self._generation = store.generation
+            self._follow_guards(previous, settings)
+            return self._assemble(local_pods, secrets, excluded_now, inbound)
+        except BaseException:
+            # Half an update: hand the next translation out whole (fresh maps, changes unknown).
+            self._last_out = None
+            self._origins_moved = self._chains_moved = True
+            raise
 
     def _follow_guards(self, previous: _Settings | None, settings: _Settings) -> None:
         """A namespace that joined in this build depends on the tables the build changed (its
