@@ -86,7 +86,8 @@ _POLICY_PARTS: Mapping[str, Any] = {
         "minHealthPercent": ALL,
     },
     # credentialName: Istio uses it at sidecars only in a rule with a workloadSelector (over SDS,
-    # client_tls.py); elsewhere it ignores it, as the node does (logged).
+    # client_tls.py); elsewhere it ignores it, as the node does (logged). The files fields are
+    # paths on the node, served over SDS and watched (identity/tls_files.py).
     "tls": {
         "credentialName": ALL,
         "mode": _TLS_MODES,

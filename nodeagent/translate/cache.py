@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -43,7 +42,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from nodeagent.mesh import credentials, locality, policy, traffic
+from nodeagent.mesh import credentials, locality, policy, tls_files, traffic
 from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service
@@ -599,11 +598,10 @@ class TranslationCache:
                     namespace=subset.credentials_namespace,
                 )
                 if origination is not None and origination.socket is not None:
-                    origination = _with_files(origination, subset.name)
-                    if origination.socket != internal.NO_IDENTITY:
-                        entry.tls_sockets[str(origination.socket)] = client_tls.transport_socket(
-                            origination.setting
-                        )
+                    # Its files or Secret come over SDS: a missing one fails only its calls.
+                    entry.tls_sockets[str(origination.socket)] = client_tls.transport_socket(
+                        origination.setting
+                    )
                 # The app terminates TLS: no fast path (it would skip the TLS the rule asks).
                 assignment = load_assignment(
                     store,
@@ -756,9 +754,14 @@ class TranslationCache:
         mine = {tls.spiffe_id(trust_domain, *local.identity) for local in local_pods}
         for secret in secrets:
             name = str(getattr(secret, "name", ""))
-            own = name == tls.ROOTCA or name in mine or name.startswith(credentials.SDS_PREFIX)
+            own = (
+                name == tls.ROOTCA
+                or name in mine
+                or name.startswith(credentials.SDS_PREFIX)
+                or tls_files.is_file_secret(name)
+            )
             if sidecar and not own:
-                continue  # a sidecar holds its own pod's identity only (and credentials)
+                continue  # a sidecar holds its own pod's identity only (and tls material)
             add(envoy.SECRET, secret)
         self._tell_changes(result, extra)
         return result
@@ -832,26 +835,6 @@ def _node_policy(subset: service_views.SubsetCluster, fields: dict[str, Any]) ->
     log.warning("%s: loadBalancer PASSTHROUGH is not supported; LEAST_REQUEST used", subset.name)
     kept = {k: v for k, v in fields.items() if k not in ("type", "eds_cluster_config")}
     return kept | {"lb_policy": "LEAST_REQUEST"}
-
-
-def _with_files(origination: client_tls.Origination, cluster: str) -> client_tls.Origination:
-    """ORIGINATION, or one that refuses every server when a file it names is not on this node.
-    Envoy would reject the whole shared originate-tls cluster for one missing file (Istio serves
-    them over SDS: only that cluster waits). The only file-system read of translation; a file
-    that appears later counts at the next change of the service or its rule."""
-    missing = {
-        field: path
-        for field, path in client_tls.files(origination.setting).items()
-        if not os.path.isfile(path)
-    }
-    if not missing:
-        return origination
-    log.error(
-        "%s: DestinationRule tls %s: no such file on this node; its calls fail until it exists",
-        cluster,
-        ", ".join(f"{field} {path}" for field, path in sorted(missing.items())),
-    )
-    return replace(origination, socket=internal.NO_IDENTITY)
 
 
 def _bound_services(store: MeshStore, vs: IstioResource) -> set[str]:

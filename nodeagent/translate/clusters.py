@@ -134,8 +134,6 @@ def sidecar_service_cluster(
     if origination is not None:
         if origination.socket is None:
             fields["transport_socket"] = tls.plaintext()
-        elif origination.socket == internal.NO_IDENTITY:  # a file it names is missing
-            fields["transport_socket"] = tls.refuse_all()
         else:
             socket = client_tls.transport_socket(origination.setting, origination.sni)
             fields["transport_socket"] = socket
