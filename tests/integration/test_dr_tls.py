@@ -320,7 +320,10 @@ def _place(directory: Path, source: Path) -> None:
 
 
 def _files_rule(ca: Path, directory: Path) -> dict[str, Any]:
-    return tls_rule(
+    """MUTUAL with the files in DIRECTORY; one request per connection, so that every call makes
+    a handshake with the secret Envoy holds then (a connection opened before a rotation keeps
+    its certificate, at Istio's sidecar too)."""
+    rule = tls_rule(
         "secure-mutual",
         mode="MUTUAL",
         sni=SERVER,
@@ -328,6 +331,8 @@ def _files_rule(ca: Path, directory: Path) -> dict[str, Any]:
         clientCertificate=str(directory / "client.pem"),
         privateKey=str(directory / "client.key"),
     )
+    rule["trafficPolicy"]["connectionPool"] = {"http": {"maxRequestsPerConnection": 1}}
+    return rule
 
 
 def _agent_log(tb: Testbed) -> str:
@@ -352,6 +357,7 @@ def test_mutual_files_rotate_on_the_node_without_a_rule_change(
     written = rule_file.read_bytes()
     _place(mounted, untrusted)
     until_status(tb, MUTUAL, "503")
+    assert [status(tb, MUTUAL) for _ in range(3)] == ["503"] * 3
     _place(mounted, pki)
     until_status(tb, MUTUAL, "200")
     (tls,) = handshakes(tb, MUTUAL, 1).values()
