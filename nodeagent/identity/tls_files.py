@@ -69,8 +69,9 @@ class FileSecrets:
     """The file secrets of the DestinationRules in the store, read when their files change."""
 
     def __init__(self) -> None:
-        # DestinationRule key -> (the rule, the file secrets it names): recomputed per change.
+        # DestinationRule key -> (the rule, the file secrets it names), for rules naming files.
         self._rules: dict[str, tuple[IstioResource, dict[str, tuple[str, ...]]]] = {}
+        self._store: MeshStore | None = None
         self._generation = -1
         self._wanted: dict[
             str, tuple[tuple[str, ...], tuple[str, ...]]
@@ -117,17 +118,27 @@ class FileSecrets:
                 on_change()
 
     def _update_wanted(self, store: MeshStore) -> None:
-        if store.generation == self._generation:
+        """Bring the file secrets wanted up to date with the DestinationRules that changed
+        since the last push (all of them when the store's change log does not reach back)."""
+        if store is self._store and store.generation == self._generation:
             return
-        self._generation = store.generation
-        rules = store.istio_of_kind(DESTINATION_RULE)
-        current = {rule.key for rule in rules}
-        for gone in self._rules.keys() - current:
-            del self._rules[gone]
-        for rule in rules:
-            known = self._rules.get(rule.key)
-            if known is None or known[0] is not rule:
-                self._rules[rule.key] = (rule, tls_files.referenced(rule))
+        changed = store.changes_since(self._generation) if store is self._store else None
+        self._store, self._generation = store, store.generation
+        if changed is None:
+            rules = store.istio_of_kind(DESTINATION_RULE)
+            self._rules = {r.key: (r, names) for r in rules if (names := tls_files.referenced(r))}
+        else:
+            keys = {key for kind, key in changed if kind == DESTINATION_RULE}
+            if not keys:
+                return
+            for key in keys:
+                rule = store.istio.get(key)
+                names = tls_files.referenced(rule) if rule is not None else {}
+                if rule is not None and names:
+                    self._rules[key] = (rule, names)
+                else:
+                    self._rules.pop(key, None)
+        # Only the rules that name files are kept: this is O(those), not O(every rule).
         by_name: dict[str, tuple[tuple[str, ...], set[str]]] = {}
         for rule, names in self._rules.values():
             for name, paths in names.items():

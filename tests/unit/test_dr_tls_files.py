@@ -24,6 +24,7 @@ from google.protobuf import json_format
 
 from nodeagent.identity.tls_files import FileSecrets
 from nodeagent.mesh import tls_files
+from nodeagent.mesh.model import Pod
 from nodeagent.translate import TranslationCache, client_tls
 from nodeagent.translate import envoy as e
 from tests.tls_certs import write_app_pki
@@ -266,6 +267,12 @@ def test_only_the_rules_files_are_read_and_a_deleted_rule_stops_its_watch(tmp_pa
     assert files.sds_secrets(s) == [] and files.watched() == 0
     s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": _mutual(tmp_path)}}))
     assert len(files.sds_secrets(s)) == 2 and files.watched() == 3
+    insecure = {"mode": "SIMPLE", "insecureSkipVerify": True}
+    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": insecure}}))
+    assert files.sds_secrets(s) == [] and files.watched() == 0  # the rule changed: no file
+    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": _mutual(tmp_path)}}))
+    s.put_pod(Pod("shop", "other"))  # another kind's change reads nothing again
+    assert len(files.sds_secrets(s)) == 2
     s.delete_istio(rule("shop", {}).key)
     assert files.sds_secrets(s) == [] and files.watched() == 0
     shutil.rmtree(tmp_path)
