@@ -6,10 +6,12 @@ the secret again). Names: mesh/tls_files.py.
 
 The files are checked before Envoy sees them (Envoy would NACK a secret it cannot load, and a
 NACK stalls every other secret of the push): PEM certificates, a private key that matches the
-certificate, a PEM CRL. A file that is missing, unreadable or invalid is served as a
-PLACEHOLDER (identity/credentials.py: a certificate no server trusts, a CA that signed nothing),
-so the shared originate-tls cluster never waits for it and the calls through it fail; it is
-logged once, naming the DestinationRule(s) and the path, and taken as soon as it is valid.
+certificate, a PEM CRL. A file that is missing, unreadable or invalid is logged once, naming
+the DestinationRule(s) and the path, and taken as soon as it is valid. Meanwhile the secret
+last read from valid files stays served, as at Istio's sidecar (a failed read pushes nothing,
+so Envoy keeps what it has: a half-written rotation does not break calls); a secret never read
+valid is a PLACEHOLDER (identity/credentials.py: a certificate no server trusts, a CA that
+signed nothing), so the shared originate-tls cluster never waits for it and its calls fail.
 
 Watching is polling (``stale``): one ``stat`` per watched file per period, comparing inode,
 mtime and size, so a kubelet Secret volume's symlink swap (new inode) and an in-place rewrite
@@ -53,8 +55,9 @@ class _Served:
 
     paths: tuple[str, ...]
     stamps: tuple[Stamp, ...]
-    secret: secret_pb2.Secret
+    secret: secret_pb2.Secret  # from valid files (the last ones), else a placeholder
     problem: str  # "" when the files were valid
+    valid: bool  # SECRET was read from valid files (now or before a problem)
 
 
 def stamp(path: str) -> Stamp:
@@ -158,6 +161,17 @@ class FileSecrets:
             problem = ""
         except FileProblem as exc:
             problem = str(exc)
+            if before is not None and before.valid:
+                kept = _Served(paths, stamps, before.secret, problem, valid=True)
+                if before.problem != problem:
+                    log.error(
+                        "DestinationRule %s: tls %s; the last valid files stay served "
+                        "(SDS secret %s)",
+                        ", ".join(rules),
+                        problem,
+                        name,
+                    )
+                return kept
             cert, key = placeholder()
             secret = (
                 certificate_secret(name, cert, key)
@@ -178,7 +192,7 @@ class FileSecrets:
             log.info("DestinationRule %s: tls files of %s changed: pushed", ", ".join(rules), name)
         if before is not None and not problem and before.secret == secret:
             secret = before.secret  # same content: the same object, nothing to push
-        return _Served(paths, stamps, secret, problem)
+        return _Served(paths, stamps, secret, problem, valid=not problem)
 
 
 def load(name: str, paths: tuple[str, ...]) -> secret_pb2.Secret:

@@ -2,8 +2,9 @@
 SDS and watched, as istio-agent serves a sidecar's (``file-cert:<cert>~<key>``,
 ``file-root:<ca>``: istio/istio pkg/security/security.go SdsCertificateConfig; the file watch in
 security/pkg/nodeagent/cache/secretcache.go): a rotated file is a new SDS secret, and no
-cluster changes; a missing or broken file is a placeholder no server passes, logged naming the
-rule and the path, until it is valid."""
+cluster changes; a missing or broken file is logged naming the rule and the path, and until
+it is valid the last valid secret stays served, or, if it never was valid, a placeholder no
+server passes."""
 
 from __future__ import annotations
 
@@ -243,6 +244,33 @@ def test_invalid_files_are_placeholders_naming_the_problem(
     with caplog.at_level(logging.ERROR, logger="nodeagent.identity"):
         files.sds_secrets(s)
     assert caplog.text == ""
+
+
+def test_a_broken_rotation_keeps_the_last_valid_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rotation that leaves a file broken (half written, or a key of another certificate
+    while its certificate is still on the way) keeps serving the last valid secret, as Istio's
+    sidecar does (a failed read pushes nothing; Envoy keeps its secret), logged naming the
+    rule and the path; the completed rotation is then served."""
+    pki, other = tmp_path / "pki", tmp_path / "other"
+    write_app_pki(pki, CLIENT)
+    write_app_pki(other, CLIENT)
+    s = store()
+    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": _mutual(pki)}}))
+    files = FileSecrets()
+    cert_name, _ = _names(pki)
+    first = _secrets(files, s)[cert_name]
+    _replace(pki / f"{CLIENT}.key", (other / f"{CLIENT}.key").read_bytes())
+    with caplog.at_level(logging.ERROR, logger="nodeagent.identity"):
+        during = _secrets(files, s)[cert_name]
+    assert during == first
+    assert f"privateKey {pki / f'{CLIENT}.key'}: does not match the certificate" in caplog.text
+    assert "the last valid files stay served" in caplog.text
+    _replace(pki / f"{CLIENT}.pem", (other / f"{CLIENT}.pem").read_bytes())
+    after = _secrets(files, s)[cert_name]["tls_certificate"]
+    assert _inline(after["certificate_chain"]) == (other / f"{CLIENT}.pem").read_bytes()
+    assert _inline(after["private_key"]) == (other / f"{CLIENT}.key").read_bytes()
 
 
 def test_an_unreadable_file_is_a_placeholder(
