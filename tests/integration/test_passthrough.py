@@ -116,14 +116,20 @@ def doc(api: str, kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def hosts(tb: Testbed, cluster: str) -> set[str]:
-    """The hosts n1's Envoy admin lists for CLUSTER (/clusters: ``name::host::stat::value``)."""
+    """The hosts n1's Envoy admin lists for CLUSTER (/clusters: ``name::host::stat::value``
+    lines; the cluster's own lines, ``name::default_priority::...``, name no address)."""
     dump = envoy_admin(tb.name, "n1", "/clusters")
-    return {line.split("::")[1] for line in dump.splitlines() if line.startswith(f"{cluster}::")}
+    fields = [line.split("::") for line in dump.splitlines() if line.startswith(f"{cluster}::")]
+    return {parts[1] for parts in fields if ":" in parts[1]}
 
 
 def passing_through(tb: Testbed) -> bool:
     """n1's cluster for web is the PASSTHROUGH one: its one host is originate itself."""
     return hosts(tb, CLUSTER) == {"envoy://originate/"}
+
+
+def on_n1(tb: Testbed) -> str:
+    return f"web's PASSTHROUGH cluster on n1 (its hosts there: {sorted(hosts(tb, CLUSTER))})"
 
 
 def answers(tb: Testbed, calls: int = 40) -> dict[str, str]:
@@ -151,7 +157,7 @@ def test_passthrough_connects_to_the_vip_and_the_service_proxy_picks(clean: Test
     before = answers(tb)
     assert len(before) == 2
     apply(tb, rule())
-    wait_for(lambda: passing_through(tb), 30, "web's PASSTHROUGH cluster on n1", step=0.3)
+    wait_for(lambda: passing_through(tb), 30, lambda: on_n1(tb), step=0.3)
     seen = answers(tb)
     assert seen == {ip: CALLER for ip in before}, seen
     assert f"{vip(tb)}:8080" in hosts(tb, "originate-mtls")
@@ -191,6 +197,6 @@ def test_strict_namespace_gets_mtls_without_a_tls_mode(clean: Testbed) -> None:
     pods), so the PASSTHROUGH call succeeds with the caller's identity."""
     tb = clean
     apply(tb, peer("default", "STRICT"), rule())
-    wait_for(lambda: passing_through(tb), 30, "web's PASSTHROUGH cluster on n1", step=0.3)
+    wait_for(lambda: passing_through(tb), 30, lambda: on_n1(tb), step=0.3)
     seen = answers(tb)
     assert len(seen) == 2 and set(seen.values()) == {CALLER}, seen
