@@ -34,6 +34,7 @@ from nodeagent.envoy.supervisor import MANAGED, EnvoySupervisor
 from nodeagent.identity.certs import spiffe_id
 from nodeagent.identity.credentials import CredentialSecrets
 from nodeagent.identity.manager import IdentityManager
+from nodeagent.identity.tls_files import FileSecrets
 from nodeagent.mesh import credentials
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
@@ -127,6 +128,7 @@ class NodeProxy:
         self.registry = registry
         self.identities = identities
         self.credential_secrets = CredentialSecrets()
+        self.tls_files = FileSecrets()  # DestinationRule tls files, watched
         self.excluded_namespaces = excluded_namespaces
         self.cache = SnapshotCache()
         self.xds = XdsServer(self.cache, metrics)
@@ -259,6 +261,8 @@ class NodeProxy:
         # DestinationRule credentialName: the Secrets of selector rules of this node's pods.
         wanted = credentials.referenced(self.store, [lp.pod for lp in local])
         secrets += self.credential_secrets.sds_secrets(self.store, wanted)
+        # DestinationRule tls files (paths on the node), read again when they change.
+        secrets += self.tls_files.sds_secrets(self.store)
         try:
             excluded = set(self.rejected)
             if self._bisection is not None:
@@ -399,12 +403,17 @@ class NodeProxy:
         return ""
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Push whenever the store, the captured pods or a certificate change."""
+        """Push whenever the store, the captured pods, a certificate or a DestinationRule's
+        tls file change."""
         rotation = self.tasks.spawn("cert-rotation", lambda: self.identities.run(stop), stop=stop)
+        files = self.tasks.spawn(
+            "tls-files", lambda: self.tls_files.watch(stop, self.changed.set), stop=stop
+        )
         try:
             await self._push_loop(stop)
         finally:
             rotation.cancel()
+            files.cancel()
 
     async def _push_loop(self, stop: asyncio.Event) -> None:
         """Push as soon as something changed; what changes while a push runs (or while Envoy

@@ -34,7 +34,7 @@ log = logging.getLogger("nodeagent.identity")
 
 
 @functools.cache
-def _placeholder() -> tuple[bytes, bytes]:
+def placeholder() -> tuple[bytes, bytes]:
     """A self-signed certificate and its key, made once per process; nothing chains to it, and
     its name cannot be any server's (.invalid, RFC 6761)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -96,13 +96,13 @@ class CredentialSecrets:
             if own is not None and own.cert and own.key:
                 out.append(certificate_secret(cert_name, own.cert, own.key))
             else:
-                out.append(certificate_secret(cert_name, *_placeholder()))
+                out.append(certificate_secret(cert_name, *placeholder()))
                 missing[cert_name] = f"Secret {namespace}/{name} with cert/key or tls.crt/tls.key"
             bundle = _bundle(companion) or _bundle(own)
             if bundle is not None:
                 out.append(ca_secret(bundle_name, bundle.cacert, bundle.crl))
             else:
-                out.append(ca_secret(bundle_name, _placeholder()[0]))
+                out.append(ca_secret(bundle_name, placeholder()[0]))
                 missing[bundle_name] = (
                     f"Secret {namespace}/{name}{CA_SUFFIX} or {namespace}/{name} "
                     "with cacert or ca.crt"

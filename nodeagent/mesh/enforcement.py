@@ -10,7 +10,7 @@ Enforced today (see nodeagent.mesh.policy, nodeagent.translate.destination_rule,
 nodeagent.translate.virtual_service):
 - PeerAuthentication: every field (selector, mtls.mode, portLevelMtls).
 - DestinationRule: host, exportTo, workloadSelector, subsets, and traffic policies (connection
-  pool, load balancer but PASSTHROUGH, locality load balancing, outlier detection, TLS: DISABLE,
+  pool, load balancer (PASSTHROUGH too), locality load balancing, outlier detection, TLS: DISABLE,
   ISTIO_MUTUAL, SIMPLE and MUTUAL with files, sni, subjectAltNames, insecureSkipVerify) for the
   rule, a port or a subset; tls.credentialName in a rule with a workloadSelector (Istio reads it
   only there), over SDS. localityLbSetting.failoverPriority
@@ -46,7 +46,10 @@ def _node_priority_label(label: Any) -> bool:
     return isinstance(label, str) and ("=" in label or label in _NODE_LABELS)
 
 
-_SIMPLE_LB = frozenset({"UNSPECIFIED", "LEAST_CONN", "LEAST_REQUEST", "ROUND_ROBIN", "RANDOM"})
+# PASSTHROUGH: the caller's dialled address, reached from its netns (translate/passthrough.py).
+_SIMPLE_LB = frozenset(
+    {"UNSPECIFIED", "LEAST_CONN", "LEAST_REQUEST", "ROUND_ROBIN", "RANDOM", "PASSTHROUGH"}
+)
 # A DestinationRule traffic policy (translate/destination_rule.py), at the top level, per port
 # and per subset.
 _POLICY_PARTS: Mapping[str, Any] = {
@@ -86,7 +89,8 @@ _POLICY_PARTS: Mapping[str, Any] = {
         "minHealthPercent": ALL,
     },
     # credentialName: Istio uses it at sidecars only in a rule with a workloadSelector (over SDS,
-    # client_tls.py); elsewhere it ignores it, as the node does (logged).
+    # client_tls.py); elsewhere it ignores it, as the node does (logged). The files fields are
+    # paths on the node, served over SDS and watched (identity/tls_files.py).
     "tls": {
         "credentialName": ALL,
         "mode": _TLS_MODES,

@@ -218,6 +218,7 @@ class SidecarProxies(NodeProxy):
         version = str(self.version)
         local = self.local_pods()
         secrets = self.identities.sds_secrets({lp.identity for lp in local})
+        secrets += self.tls_files.sds_secrets(self.store)
         errors = []
         wanted = set()
         for pod in local:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -43,14 +42,23 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from nodeagent.mesh import credentials, locality, policy, traffic
+from nodeagent.mesh import credentials, locality, policy, tls_files, traffic
 from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service
 from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, NODE, MeshStore
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
-from nodeagent.translate import client_tls, envoy, internal, l4_routes, mirror, service_views, tls
+from nodeagent.translate import (
+    client_tls,
+    envoy,
+    internal,
+    l4_routes,
+    mirror,
+    passthrough,
+    service_views,
+    tls,
+)
 from nodeagent.translate.clusters import (
     blackhole_cluster,
     original_dst_cluster,
@@ -58,8 +66,8 @@ from nodeagent.translate.clusters import (
     sidecar_service_cluster,
     upstream_bind,
 )
-from nodeagent.translate.destination_rule import cluster_fields
-from nodeagent.translate.endpoints import endpoint_pods, ip_slices, load_assignment
+from nodeagent.translate.destination_rule import cluster_fields, passthrough_fields
+from nodeagent.translate.endpoints import ip_slices, load_assignment
 from nodeagent.translate.listeners import (
     blackhole_chain,
     fast_inbound_listener,
@@ -616,6 +624,7 @@ class TranslationCache:
         settings = self._settings
         store = settings.store
         speaks_mtls = _mtls_speaker(store, settings.excluded_namespaces)
+        in_mesh = _mesh_member(store, settings.excluded_namespaces)
         # A local caller that a DestinationRule makes send plaintext to this service must not
         # reach its local endpoints with an identity: they keep the normal path (a STRICT one
         # refuses it there, as Istio's sidecar would).
@@ -640,11 +649,36 @@ class TranslationCache:
                     namespace=subset.credentials_namespace,
                 )
                 if origination is not None and origination.socket is not None:
-                    origination = _with_files(origination, subset.name)
-                    if origination.socket != internal.NO_IDENTITY:
-                        entry.tls_sockets[str(origination.socket)] = client_tls.transport_socket(
-                            origination.setting
+                    # Its files or Secret come over SDS: a missing one fails only its calls.
+                    entry.tls_sockets[str(origination.socket)] = client_tls.transport_socket(
+                        origination.setting
+                    )
+                originate = internal.ORIGINATE if origination is None else internal.ORIGINATE_TLS
+                policy_fields = cluster_fields(
+                    subset.policy, target.protocol, mesh_locality=mesh_locality
+                )
+                if subset.passthrough:  # no endpoints: where the caller dialled (passthrough.py)
+                    policy_fields = passthrough_fields(policy_fields)
+                    if settings.sidecar:
+                        cluster = _sidecar_cluster(
+                            store,
+                            target,
+                            settings.classes[0],
+                            settings.identities[0],
+                            subset,
+                            policy_fields,
+                            origination,
+                            passthrough.sends_mtls(store, target, subset, in_mesh),
                         )
+                    else:
+                        mtls = passthrough.sends_mtls(store, target, subset, in_mesh)
+                        sans = passthrough.server_sans(store, target)
+                        one = passthrough.node_assignment(subset.name, mtls, sans, originate)
+                        cluster = service_cluster(
+                            target, modes, subset.name, policy_fields, origination, one
+                        )
+                    entry.clusters.append((envoy.CLUSTER, cluster))
+                    continue
                 # The app terminates TLS: no fast path (it would skip the TLS the rule asks).
                 assignment = load_assignment(
                     store,
@@ -655,13 +689,9 @@ class TranslationCache:
                     cluster=subset.name,
                     labels=subset.labels,
                     balancing=balancing,
-                    originate=internal.ORIGINATE if origination is None else internal.ORIGINATE_TLS,
+                    originate=originate,
                 )
                 entry.endpoints.append((envoy.ENDPOINT, assignment))
-                policy_fields = _node_policy(
-                    subset,
-                    cluster_fields(subset.policy, target.protocol, mesh_locality=mesh_locality),
-                )
                 if settings.sidecar:
                     cluster = _sidecar_cluster(
                         store,
@@ -795,9 +825,14 @@ class TranslationCache:
         mine = {tls.spiffe_id(trust_domain, *local.identity) for local in local_pods}
         for secret in secrets:
             name = str(getattr(secret, "name", ""))
-            own = name == tls.ROOTCA or name in mine or name.startswith(credentials.SDS_PREFIX)
+            own = (
+                name == tls.ROOTCA
+                or name in mine
+                or name.startswith(credentials.SDS_PREFIX)
+                or tls_files.is_file_secret(name)
+            )
             if sidecar and not own:
-                continue  # a sidecar holds its own pod's identity only (and credentials)
+                continue  # a sidecar holds its own pod's identity only (and tls material)
             add(envoy.SECRET, secret)
         return self._hand_out(added, added_origins, problems)
 
@@ -924,37 +959,6 @@ def _keep_equal(entry: _ServiceEntry, before: list[tuple[str, str, Message]]) ->
     entry.made = [(t, _name(t, r), r) for t, r in made]
 
 
-def _node_policy(subset: service_views.SubsetCluster, fields: dict[str, Any]) -> dict[str, Any]:
-    """A DestinationRule's cluster FIELDS as the node can apply them. PASSTHROUGH load
-    balancing (connect to the address the caller dialled, without EDS) would bypass
-    ``originate`` and so mTLS: not supported, the cluster keeps Istio's default balancing."""
-    if fields.get("lb_policy") != "CLUSTER_PROVIDED":
-        return fields
-    log.warning("%s: loadBalancer PASSTHROUGH is not supported; LEAST_REQUEST used", subset.name)
-    kept = {k: v for k, v in fields.items() if k not in ("type", "eds_cluster_config")}
-    return kept | {"lb_policy": "LEAST_REQUEST"}
-
-
-def _with_files(origination: client_tls.Origination, cluster: str) -> client_tls.Origination:
-    """ORIGINATION, or one that refuses every server when a file it names is not on this node.
-    Envoy would reject the whole shared originate-tls cluster for one missing file (Istio serves
-    them over SDS: only that cluster waits). The only file-system read of translation; a file
-    that appears later counts at the next change of the service or its rule."""
-    missing = {
-        field: path
-        for field, path in client_tls.files(origination.setting).items()
-        if not os.path.isfile(path)
-    }
-    if not missing:
-        return origination
-    log.error(
-        "%s: DestinationRule tls %s: no such file on this node; its calls fail until it exists",
-        cluster,
-        ", ".join(f"{field} {path}" for field, path in sorted(missing.items())),
-    )
-    return replace(origination, socket=internal.NO_IDENTITY)
-
-
 def _bound_services(store: MeshStore, vs: IstioResource) -> set[str]:
     """Keys of the services whose hostname one of VS's hosts names (a wildcard: scanned)."""
     domain = store.mesh_config.cluster_domain
@@ -1030,6 +1034,18 @@ def _failed(origin: Origin, error: Exception) -> str:
     return why
 
 
+def _mesh_member(store: MeshStore, excluded_namespaces: Sequence[str]) -> Callable[[str], bool]:
+    def in_mesh(pod_key: str) -> bool:
+        """A pod of the mesh (Istio: one with a sidecar, labelled tlsMode istio)."""
+        pod = store.pods.get(pod_key)
+        if pod is None:
+            return False
+        namespace = store.namespaces.get(pod.namespace)
+        return decide(pod, namespace, excluded_namespaces).in_mesh
+
+    return in_mesh
+
+
 def _mtls_speaker(
     store: MeshStore, excluded_namespaces: Sequence[str]
 ) -> Callable[[str, int], bool]:
@@ -1054,16 +1070,14 @@ def _sidecar_cluster(
     subset: service_views.SubsetCluster,
     policy_fields: dict[str, Any] | None = None,
     origination: client_tls.Origination | None = None,
+    passthrough_mtls: bool | None = None,
 ) -> envoy.Cluster:
     """The sidecar form's cluster: its pod presents its identity itself, to the SANs of the
     service's pods, in the TLS mode the DestinationRule its pod (CLIENT) sees may set for the
-    SUBSET (ORIGINATION: SIMPLE/MUTUAL, see client_tls.py)."""
+    SUBSET (ORIGINATION: SIMPLE/MUTUAL, see client_tls.py). PASSTHROUGH_MTLS: a PASSTHROUGH
+    cluster's auto mTLS (passthrough.sends_mtls), all or nothing, when no rule sets a mode."""
     trust_domain = store.mesh_config.trust_domain
-    sans = sorted(
-        tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
-        for key in endpoint_pods(store, target)
-        if (pod := store.pods.get(key)) is not None
-    )
+    sans = passthrough.server_sans(store, target)
     mode = policy.destination_tls_mode(
         store,
         client.namespace,
@@ -1072,6 +1086,8 @@ def _sidecar_cluster(
         subset.subset,
         dict(client.selected),
     )
+    if mode is None and passthrough_mtls is not None:
+        mode = "ISTIO_MUTUAL" if passthrough_mtls else "DISABLE"
     me = tls.spiffe_id(trust_domain, *identity)
     return sidecar_service_cluster(target, me, sans, mode, subset.name, policy_fields, origination)
 

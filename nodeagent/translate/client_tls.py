@@ -8,9 +8,13 @@ buildUpstreamClusterTLSContext / constructUpstreamTLS / setAutoSniAndAutoSanVali
 - SIMPLE: TLS without a client certificate; MUTUAL: with ``clientCertificate`` + ``privateKey``
   (both required when there is no ``credentialName``).
 - The server is verified against ``caCertificates`` (a file; on the node agent a path on the
-  node, read by the node's Envoy), else the OS root certificates (Istio's "system" default:
-  here SYSTEM_CA, the Debian bundle; Envoy refuses SAN checks without a trusted CA file);
-  ``caCrl`` adds a revocation list; ``insecureSkipVerify`` turns verification off.
+  node), else the OS root certificates (Istio's "system" default: here SYSTEM_CA, the Debian
+  bundle; Envoy refuses SAN checks without a trusted CA); ``caCrl`` adds a revocation list;
+  ``insecureSkipVerify`` turns verification off.
+- The files are never named to Envoy: as istio-agent does, the node agent reads them and serves
+  them over SDS (``file-cert:<cert>~<key>``, ``file-root:<ca>[~<crl>]``, mesh/tls_files.py;
+  identity/tls_files.py reads and watches them), so a rotated file reaches Envoy without a
+  config change, and a missing or broken one fails only the calls through it.
 - ``subjectAltNames``: the server certificate must carry one of them (any SAN type).
 - ``sni``: the SNI sent. Unset, Istio sets Envoy's ``auto_sni`` (the request's Host) and, when
   no SANs are given either, ``auto_san_validation`` (the certificate must match that host). The
@@ -38,13 +42,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodeagent.mesh import tls_files
 from nodeagent.mesh.credentials import ca_name, certificate_name
+from nodeagent.mesh.tls_files import SYSTEM_CA
 from nodeagent.translate.tls import sds, upstream_tls
 
 log = logging.getLogger("nodeagent.translate")
 
 SIMPLE, MUTUAL = "SIMPLE", "MUTUAL"
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 ORIGINATED = (SIMPLE, MUTUAL)
 SOCKET_PREFIX = "dr-tls-"
 # Every SAN type: Istio's StringToExactMatch fills the legacy match_subject_alt_names, which
@@ -168,42 +173,23 @@ def origination(
 def transport_socket(setting: Mapping[str, Any], sni: str = "") -> dict[str, Any]:
     """The UpstreamTlsContext for a resolved SETTING. The node's shared one has no SNI (it comes
     per connection, from the filter state ``envoy.network.upstream_server_name``); a sidecar's
-    own cluster sets SNI."""
+    own cluster sets SNI. It names SDS secrets only, never a file or key material: Istio's
+    ApplyCustomSDSToClientCommonTLSContext for a credentialName, ApplyToCommonTLSContext with
+    an SdsCertificateConfig for files (pilot/pkg/security/model/authentication.go)."""
     common: dict[str, Any] = {"tls_params": {"tls_minimum_protocol_version": "TLSv1_2"}}
     if setting.get("alpn"):
         common["alpn_protocols"] = list(setting["alpn"])
     credential = str(setting.get("credential") or "")
     if credential:
-        return _sds_socket(setting, credential, common, sni)
-    if setting.get("cert"):
-        common["tls_certificates"] = [
-            {
-                "certificate_chain": {"filename": setting["cert"]},
-                "private_key": {"filename": setting["key"]},
-            }
-        ]
-    if not setting.get("insecure"):
-        validation: dict[str, Any] = {"trusted_ca": {"filename": setting["ca"]}}
-        if setting.get("crl"):
-            validation["crl"] = {"filename": setting["crl"]}
-        sans: Sequence[str] = setting.get("sans") or ()
-        if sans:
-            validation["match_typed_subject_alt_names"] = [
-                {"san_type": kind, "matcher": {"exact": san}} for san in sans for kind in _SAN_TYPES
-            ]
-        common["validation_context"] = validation
-    return upstream_tls(common, sni)
-
-
-def _sds_socket(
-    setting: Mapping[str, Any], credential: str, common: dict[str, Any], sni: str
-) -> dict[str, Any]:
-    """A credentialName setting's socket: only SDS names, never key material (Istio's
-    ApplyCustomSDSToClientCommonTLSContext: the certificate for MUTUAL; the ``-cacert`` bundle
-    and the SANs in a combined validation context unless insecureSkipVerify)."""
-    namespace, _, name = credential.partition("/")
-    if setting.get("mutual"):
-        common["tls_certificate_sds_secret_configs"] = [sds(certificate_name(namespace, name))]
+        namespace, _, name = credential.partition("/")
+        certificate = certificate_name(namespace, name) if setting.get("mutual") else ""
+        root = ca_name(namespace, name)
+    else:
+        cert, key = str(setting.get("cert") or ""), str(setting.get("key") or "")
+        certificate = tls_files.certificate_name(cert, key) if cert else ""
+        root = tls_files.root_name(str(setting["ca"]), str(setting.get("crl") or ""))
+    if certificate:
+        common["tls_certificate_sds_secret_configs"] = [sds(certificate)]
     if not setting.get("insecure"):
         sans: Sequence[str] = setting.get("sans") or ()
         common["combined_validation_context"] = {
@@ -214,7 +200,7 @@ def _sds_socket(
                     for kind in _SAN_TYPES
                 ]
             },
-            "validation_context_sds_secret_config": sds(ca_name(namespace, name)),
+            "validation_context_sds_secret_config": sds(root),
         }
     return upstream_tls(common, sni)
 
@@ -228,15 +214,17 @@ def credential(setting: Mapping[str, Any]) -> tuple[str, str] | None:
     return namespace, name
 
 
-def files(setting: Mapping[str, Any]) -> dict[str, str]:
-    """The files SETTING makes Envoy read: field name -> path."""
-    named = {
-        "caCertificates": "" if setting.get("insecure") else setting.get("ca", ""),
-        "caCrl": "" if setting.get("insecure") else setting.get("crl", ""),
-        "clientCertificate": setting.get("cert", ""),
-        "privateKey": setting.get("key", ""),
-    }
-    return {field: str(path) for field, path in named.items() if path}
+def file_secrets(setting: Mapping[str, Any]) -> set[str]:
+    """The ``file-cert:``/``file-root:`` SDS names SETTING's socket asks for (none for a
+    credentialName)."""
+    if setting.get("credential") or setting.get("plaintext"):
+        return set()
+    names = set()
+    if setting.get("cert"):
+        names.add(tls_files.certificate_name(str(setting["cert"]), str(setting["key"])))
+    if not setting.get("insecure"):
+        names.add(tls_files.root_name(str(setting["ca"]), str(setting.get("crl") or "")))
+    return names
 
 
 def _string(fields: Mapping[str, Any], name: str, at: str) -> str:

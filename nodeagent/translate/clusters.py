@@ -76,6 +76,7 @@ def service_cluster(
     name: str = "",
     policy: Mapping[str, Any] | None = None,
     origination: Origination | None = None,
+    assignment: Mapping[str, Any] | None = None,
 ) -> Cluster:
     """A service port's cluster on the node: the same for every local pod (no identity in it).
 
@@ -93,8 +94,13 @@ def service_cluster(
     its own TLS mode (the subset's tls, else the rule's). POLICY: cluster fields a
     DestinationRule's traffic policy sets (destination_rule.cluster_fields), over the defaults.
     ORIGINATION: the policy's tls is SIMPLE/MUTUAL (client_tls.py): its endpoints are
-    ``originate-tls``'s, which reads the socket name and the SNI from this cluster's metadata."""
+    ``originate-tls``'s, which reads the socket name and the SNI from this cluster's metadata.
+    ASSIGNMENT: a PASSTHROUGH cluster's one endpoint (passthrough.node_assignment) in place of
+    EDS: the cluster is STATIC; its one host needs no balancing (locality weights included)."""
     fields = _with_policy(_eds_cluster(target, name), policy)
+    if assignment is not None:
+        fields = {k: v for k, v in fields.items() if k != "common_lb_config"}
+        fields |= {"type": "STATIC", "lb_policy": "ROUND_ROBIN", "load_assignment": assignment}
     meta: dict[str, Any] = {
         # What originate-mtls picks a DestinationRule's TLS mode by: a subset's (or a
         # DestinationRule variant's) cluster may have its own.
@@ -134,8 +140,6 @@ def sidecar_service_cluster(
     if origination is not None:
         if origination.socket is None:
             fields["transport_socket"] = tls.plaintext()
-        elif origination.socket == internal.NO_IDENTITY:  # a file it names is missing
-            fields["transport_socket"] = tls.refuse_all()
         else:
             socket = client_tls.transport_socket(origination.setting, origination.sni)
             fields["transport_socket"] = socket

@@ -108,6 +108,37 @@ def traffic_policy(dr_spec: Mapping[str, Any], port: int, subset: str = "") -> M
     return merged
 
 
+def is_passthrough(dr_spec: Mapping[str, Any], port: int, subset: str = "") -> bool:
+    """Whether Istio makes the cluster of service port PORT (and SUBSET) an ORIGINAL_DST one:
+    its merged policy says ``loadBalancer.simple: PASSTHROUGH`` (applyLoadBalancer,
+    istio/istio pilot/pkg/networking/core/cluster_traffic_policy.go), or, for a subset, the
+    port's own cluster does: buildSubsetCluster (cluster_builder.go) starts a subset's cluster
+    from that type, and applyLoadBalancer keeps an ORIGINAL_DST cluster so whatever the
+    subset's own loadBalancer says."""
+    if _simple(traffic_policy(dr_spec, port)) == "PASSTHROUGH":
+        return True
+    return bool(subset) and _simple(traffic_policy(dr_spec, port, subset)) == "PASSTHROUGH"
+
+
+def checks_endpoints(dr_spec: Mapping[str, Any], subset: str = "") -> bool:
+    """Whether Istio looks at the service's endpoints to decide a PASSTHROUGH cluster's auto
+    mTLS: BestEffortInferServiceMTLSMode (pilot/pkg/model/push_context.go) does only when the
+    policy it is given says PASSTHROUGH at its top level: the rule's ``trafficPolicy`` for the
+    port's cluster (applyDestinationRule), the subset's own ``trafficPolicy`` for a subset's
+    (buildSubsetCluster); a portLevelSettings PASSTHROUGH is not looked at there."""
+    if subset:
+        for entry in _list(dr_spec.get("subsets"), "subsets"):
+            if entry.get("name") == subset:
+                return _simple(_map(entry.get("trafficPolicy"), "subsets")) == "PASSTHROUGH"
+        return False
+    return _simple(_map(dr_spec.get("trafficPolicy"), "trafficPolicy")) == "PASSTHROUGH"
+
+
+def _simple(policy: Mapping[str, Any]) -> str:
+    balancer = policy.get("loadBalancer")
+    return str(balancer.get("simple") or "") if isinstance(balancer, Mapping) else ""
+
+
 def _port_policy(
     policy: Mapping[str, Any] | None, port: int, at: str
 ) -> tuple[dict[str, Any] | None, bool]:
@@ -349,7 +380,7 @@ def _load_balancer(balancer: Mapping[str, Any], at: str) -> dict[str, Any]:
     policy = _SIMPLE[simple]
     fields: dict[str, Any] = {"lb_policy": policy}
     if simple == "PASSTHROUGH":
-        fields |= {"type": "ORIGINAL_DST", "eds_cluster_config": None}
+        return passthrough_fields(fields)
     slow_start = _slow_start(balancer, at)
     if slow_start is not None and policy in ("ROUND_ROBIN", "LEAST_REQUEST"):
         config = "round_robin_lb_config" if policy == "ROUND_ROBIN" else "least_request_lb_config"
@@ -381,6 +412,28 @@ def _load_balancer(balancer: Mapping[str, Any], at: str) -> dict[str, Any]:
         fields["lb_policy"] = "RING_HASH"
         fields["ring_hash_lb_config"] = {"minimum_ring_size": size}
     return fields
+
+
+def passthrough_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """FIELDS of an ORIGINAL_DST cluster: CLUSTER_PROVIDED, no EDS and no balancer settings
+    (applyLoadBalancer returns before any for such a cluster)."""
+    kept = {k: v for k, v in fields.items() if k not in _BALANCER_FIELDS}
+    return kept | {
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "eds_cluster_config": None,
+    }
+
+
+_BALANCER_FIELDS = frozenset(
+    {
+        "lb_policy",
+        "round_robin_lb_config",
+        "least_request_lb_config",
+        "maglev_lb_config",
+        "ring_hash_lb_config",
+    }
+)
 
 
 def _slow_start(balancer: Mapping[str, Any], at: str) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from nodeagent.translate.locality import Balancing, Group, locality_endpoints, t
 from nodeagent.translate.services import ServiceTarget
 
 
-def _slice_port(slice_: EndpointSlice, port: ServicePort) -> int | None:
+def slice_port(slice_: EndpointSlice, port: ServicePort) -> int | None:
     """The endpoint port a slice publishes for a service port (matched by name, as kube does)."""
     for ep_port in slice_.ports:
         if ep_port.name == port.name:
@@ -79,7 +79,7 @@ def load_assignment(
     local: dict[tuple[str, int], str] = {}  # (ip, port) -> its fast-path listener
     where: dict[tuple[str, int], tuple[Locality, Mapping[str, str]]] = {}  # and its labels
     for slice_ in ip_slices(store, target.service):
-        port = _slice_port(slice_, target.port)
+        port = slice_port(slice_, target.port)
         if port is None:
             continue
         for endpoint in slice_.endpoints:

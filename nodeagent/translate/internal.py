@@ -152,8 +152,10 @@ def stamp_caller(
     labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The pod listener's filter: who calls (kept across every internal hop: its netns, SPIFFE
-    ID, name, IP SOURCE and LABELS), and where it was going (for outbound-internal's
-    original_dst, one hop)."""
+    ID, name, IP SOURCE and LABELS), where it was going (for outbound-internal's original_dst;
+    kept across every hop too: a DestinationRule PASSTHROUGH cluster's endpoint, originate, has
+    no address of its own and restores this one, see passthrough.py; an endpoint's own metadata
+    wins over it everywhere else) and where from (one hop)."""
     who = [
         state_value(NETNS_KEY, netns, "TRANSITIVE", NETNS_FACTORY),
         state_value(CALLER_KEY, spiffe, "TRANSITIVE", NETNS_FACTORY),
@@ -164,7 +166,8 @@ def stamp_caller(
         who.append(state_value(SOURCE_KEY, source, "TRANSITIVE", STRING))
     return set_filter_state(
         *who,
-        state_value(f"{ORIGINAL_DST_META}.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE"),
+        # Hashable (Network::AddressObject): pooled connections stay apart per destination.
+        state_value(f"{ORIGINAL_DST_META}.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", "TRANSITIVE"),
         state_value(f"{ORIGINAL_DST_META}.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", "ONCE"),
     )
 

@@ -20,8 +20,9 @@ everyone keep their one chain, without the hop. Config stays O(1) per pod: one l
 port, whatever the number of callers (docs/o1-config.md).
 
 The hop restamps the original destination (``envoy.filters.listener.original_dst.local_ip``,
-ONCE: stamp_caller's was consumed by outbound-internal), so the routes listener's connection
-shows the service VIP:port, as outbound-internal's did (access logs, %DOWNSTREAM_LOCAL_ADDRESS%).
+TRANSITIVE as stamp_caller's), so the routes listener's connection shows the service VIP:port,
+as outbound-internal's did (access logs, %DOWNSTREAM_LOCAL_ADDRESS%), and a DestinationRule
+PASSTHROUGH cluster behind it still finds where the caller dialled (passthrough.py).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def hop_chain(target: ServiceTarget) -> dict[str, Any]:
     chain = outbound_chain(target, internal.POD_FORMAT)
     name = routes_name(target)
     restore = state_value(
-        f"{internal.ORIGINAL_DST_META}.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE"
+        f"{internal.ORIGINAL_DST_META}.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", "TRANSITIVE"
     )
     chain["filters"] = [
         set_filter_state(restore),

@@ -117,6 +117,11 @@ class SubsetCluster:
     # The rule's namespace when it has a workloadSelector: only there does a sidecar read
     # tls.credentialName (a Secret of that namespace); "" otherwise.
     credentials_namespace: str = ""
+    # loadBalancer PASSTHROUGH (destination_rule.is_passthrough): the cluster connects to the
+    # address the caller dialled, without EDS (translate/passthrough.py). CHECKS_ENDPOINTS:
+    # Istio's auto mTLS for it then looks at the service's endpoints (checks_endpoints).
+    passthrough: bool = False
+    checks_endpoints: bool = False
 
 
 def port_clusters(
@@ -140,6 +145,8 @@ def port_clusters(
                 None,
                 destination_rule.traffic_policy(spec, port),
                 credentials_namespace=secrets,
+                passthrough=destination_rule.is_passthrough(spec, port),
+                checks_endpoints=destination_rule.checks_endpoints(spec),
             )
         )
         for subset in spec.get("subsets") or []:
@@ -152,6 +159,8 @@ def port_clusters(
                     destination_rule.traffic_policy(spec, port, name),
                     name,
                     secrets,
+                    destination_rule.is_passthrough(spec, port, name),
+                    destination_rule.checks_endpoints(spec, name),
                 )
             )
     return made

@@ -6,13 +6,14 @@ the client sent in the handshake. The node Envoy originates that TLS as Istio's 
 (istio.io/latest/docs/reference/config/networking/destination-rule/#ClientTLSSettings;
 istio/istio pilot/pkg/networking/core/cluster_tls.go): the DestinationRule's sni, its
 subjectAltNames checked against the server certificate, its client certificate for MUTUAL.
-The certificate files are paths on the node (the node's Envoy reads them).
+The certificate files are paths on the node, which the agent serves over SDS and watches.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,3 +307,89 @@ def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
         assert failed == [], failed
     finally:
         secret_file.unlink(missing_ok=True)
+
+
+def _place(directory: Path, source: Path) -> None:
+    """The client certificate and key of SOURCE (a pki directory) at DIRECTORY/client.pem and
+    client.key, each replaced atomically as a mounted Secret's files are (a new inode)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for suffix in ("key", "pem"):
+        new = directory / f".client.{suffix}.new"
+        new.write_bytes((source / f"{CLIENT}.{suffix}").read_bytes())
+        os.replace(new, directory / f"client.{suffix}")
+
+
+def _files_rule(ca: Path, directory: Path) -> dict[str, Any]:
+    """MUTUAL with the files in DIRECTORY; one request per connection, so that every call makes
+    a handshake with the secret Envoy holds then (a connection opened before a rotation keeps
+    its certificate, at Istio's sidecar too)."""
+    rule = tls_rule(
+        "secure-mutual",
+        mode="MUTUAL",
+        sni=SERVER,
+        caCertificates=str(ca),
+        clientCertificate=str(directory / "client.pem"),
+        privateKey=str(directory / "client.key"),
+    )
+    rule["trafficPolicy"]["connectionPool"] = {"http": {"maxRequestsPerConnection": 1}}
+    return rule
+
+
+def _agent_log(tb: Testbed) -> str:
+    return (layout.logs_dir(tb.name) / "n1.agent.log").read_text(errors="replace")
+
+
+def test_mutual_files_rotate_on_the_node_without_a_rule_change(
+    clean: Testbed, pki: Path, tmp_path: Path
+) -> None:
+    """The files of a MUTUAL rule are watched, as istio-agent watches a sidecar's
+    (istio/istio security/pkg/nodeagent/cache/secretcache.go): a client certificate rotated
+    on the node to one the server does not trust fails the calls, and rotated back to a
+    trusted one they succeed, with the DestinationRule never touched."""
+    tb = clean
+    untrusted = tmp_path / "untrusted-pki"
+    write_app_pki(untrusted, CLIENT)  # another CA: the server refuses its certificates
+    mounted = tmp_path / "mounted"
+    _place(mounted, pki)
+    apply(tb, _files_rule(pki / "ca.pem", mounted))
+    until_status(tb, MUTUAL, "200")
+    rule_file = layout.cluster_dir(tb.name) / "traffic.yaml"
+    written = rule_file.read_bytes()
+    _place(mounted, untrusted)
+    until_status(tb, MUTUAL, "503")
+    assert [status(tb, MUTUAL) for _ in range(3)] == ["503"] * 3
+    _place(mounted, pki)
+    until_status(tb, MUTUAL, "200")
+    (tls,) = handshakes(tb, MUTUAL, 1).values()
+    assert tls["client_cert"] == {"subject": f"commonName={CLIENT}", "sans": [f"DNS:{CLIENT}"]}
+    assert rule_file.read_bytes() == written  # no config change did it
+
+
+def test_a_missing_file_that_appears_later_is_taken_without_a_rule_change(
+    clean: Testbed, pki: Path, tmp_path: Path
+) -> None:
+    """A client certificate file that is not on the node yet: the rule's calls fail (its SDS
+    secret is a placeholder; the agent names the rule and the path), and once the files are
+    written the calls succeed with them."""
+    tb = clean
+    mounted = tmp_path / "later"
+    apply(tb, _files_rule(pki / "ca.pem", mounted))
+    missing = f"clientCertificate {mounted / 'client.pem'}: no such file on this node"
+    wait_for(lambda: missing in _agent_log(tb), 30, "the agent naming the missing file")
+    assert "DestinationRule default/dr-0" in next(
+        line for line in _agent_log(tb).splitlines() if missing in line
+    )
+    # The rule is in effect (Envoy holds its secret), and its calls fail.
+    secret = f"file-cert:{mounted / 'client.pem'}~{mounted / 'client.key'}"
+    wait_for(
+        lambda: (
+            secret in envoy_admin(tb.name, "n1", "/config_dump?resource=dynamic_active_secrets")
+        ),
+        30,
+        "the rule's SDS secret in Envoy",
+    )
+    assert [status(tb, MUTUAL) for _ in range(3)] == ["503"] * 3
+    _place(mounted, pki)
+    until_status(tb, MUTUAL, "200")
+    (tls,) = handshakes(tb, MUTUAL, 1).values()
+    assert tls["client_cert"] == {"subject": f"commonName={CLIENT}", "sans": [f"DNS:{CLIENT}"]}

@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
+from nodeagent.identity.tls_files import FileSecrets
 from nodeagent.mesh.model import IstioResource, Pod
+from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import LocalPod, client_tls, internal, translate
 from nodeagent.translate import envoy as e
 from nodeagent.translate.destination_rule import check
 from tests.tls_certs import write_app_pki
-from tests.unit.envoy_validate import assert_envoy_accepts
+from tests.unit.envoy_validate import assert_envoy_accepts, static_sds
 from tests.unit.test_translate import HOST, as_json, local, store
 
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -53,22 +55,32 @@ def test_only_simple_and_mutual_are_originated_here() -> None:
         assert client_tls.origination(tls, HOST, False, "tls") is None
 
 
+def sds_names(ctx: dict[str, Any]) -> tuple[list[str], str]:
+    """The SDS names of a context: (client certificates, validation context or "")."""
+    common = ctx["common_tls_context"]
+    certs = [c["name"] for c in common.get("tls_certificate_sds_secret_configs", [])]
+    combined = common.get("combined_validation_context", {})
+    return certs, combined.get("validation_context_sds_secret_config", {}).get("name", "")
+
+
 def test_simple_verifies_the_server_against_ca_certificates_and_subject_alt_names() -> None:
-    """caCertificates: the CA file; subjectAltNames: any SAN of the server certificate must
-    equal one of them (Istio's StringToExactMatch: every SAN type)."""
+    """caCertificates: the CA file, served over SDS as istio-agent does (``file-root:<path>``);
+    subjectAltNames: any SAN of the server certificate must equal one of them (Istio's
+    StringToExactMatch: every SAN type)."""
     ctx = context(mode="SIMPLE", caCertificates="/etc/app/ca.pem", subjectAltNames=["a.example"])
-    validation = ctx["common_tls_context"]["validation_context"]
-    assert validation["trusted_ca"] == {"filename": "/etc/app/ca.pem"}
-    matchers = validation["match_typed_subject_alt_names"]
+    assert sds_names(ctx) == ([], "file-root:/etc/app/ca.pem")  # SIMPLE: no client certificate
+    combined = ctx["common_tls_context"]["combined_validation_context"]
+    matchers = combined["default_validation_context"]["match_typed_subject_alt_names"]
     assert {m["matcher"]["exact"] for m in matchers} == {"a.example"}
     assert {m["san_type"] for m in matchers} == {"DNS", "URI", "IP_ADDRESS", "EMAIL"}
-    assert "tls_certificates" not in ctx["common_tls_context"]  # SIMPLE: no client certificate
+    # Envoy is never given a path (it would read it once, and refuse the cluster without it).
+    assert "filename" not in json.dumps(ctx)
 
 
 def test_without_ca_certificates_the_os_roots_verify() -> None:
     """caCertificates unset: Istio verifies with the OS CA certificates ("system")."""
-    validation = context(mode="SIMPLE", sni="x.example")["common_tls_context"]["validation_context"]
-    assert validation == {"trusted_ca": {"filename": client_tls.SYSTEM_CA}}
+    ctx = context(mode="SIMPLE", sni="x.example")
+    assert sds_names(ctx) == ([], f"file-root:{client_tls.SYSTEM_CA}")
 
 
 def test_sni_defaults_to_the_host_with_auto_san_validation() -> None:
@@ -83,24 +95,23 @@ def test_sni_defaults_to_the_host_with_auto_san_validation() -> None:
 
 
 def test_insecure_skip_verify_checks_nothing() -> None:
-    """insecureSkipVerify: no validation at all (also no auto SAN validation)."""
+    """insecureSkipVerify: no validation at all (also no auto SAN validation), no CA read."""
     ctx = context(mode="SIMPLE", insecureSkipVerify=True, caCertificates="/ca.pem")
-    assert "validation_context" not in ctx["common_tls_context"]
-    assert client_tls.files(setting(mode="SIMPLE", insecureSkipVerify=True)) == {}
+    assert "combined_validation_context" not in ctx["common_tls_context"]
+    assert client_tls.file_secrets(setting(mode="SIMPLE", insecureSkipVerify=True)) == set()
 
 
 def test_ca_crl_is_checked() -> None:
+    """caCrl travels with its CA in one validation context secret."""
     ctx = context(mode="SIMPLE", caCertificates="/ca.pem", caCrl="/crl.pem")
-    assert ctx["common_tls_context"]["validation_context"]["crl"] == {"filename": "/crl.pem"}
+    assert sds_names(ctx) == ([], "file-root:/ca.pem~/crl.pem")
 
 
 def test_mutual_presents_the_client_certificate() -> None:
+    """Istio's ``file-cert:<cert>~<key>`` (pkg/security SdsCertificateConfig)."""
     ctx = context(mode="MUTUAL", clientCertificate="/c.pem", privateKey="/k.pem", sni="x")
-    (pair,) = ctx["common_tls_context"]["tls_certificates"]
-    assert pair == {
-        "certificate_chain": {"filename": "/c.pem"},
-        "private_key": {"filename": "/k.pem"},
-    }
+    assert sds_names(ctx) == (["file-cert:/c.pem~/k.pem"], f"file-root:{client_tls.SYSTEM_CA}")
+    assert "tls_certificates" not in ctx["common_tls_context"]
 
 
 def test_mutual_without_a_client_certificate_is_an_error_naming_the_field() -> None:
@@ -201,7 +212,7 @@ def test_a_rules_clusters_reach_their_endpoints_through_originate_tls(tmp_path: 
     }
     assert listeners == {internal.ORIGINATE_TLS}
     # Envoy itself accepts the cluster with these sockets, and the listener.
-    _validate(tmp_path, out)
+    _validate(tmp_path, out, s)
 
 
 def test_a_rule_in_the_callers_namespace_binds_its_callers_only() -> None:
@@ -215,34 +226,42 @@ def test_a_rule_in_the_callers_namespace_binds_its_callers_only() -> None:
     assert meta(out, f"outbound|80||{HOST}~front/web")["tls_sni"] == HOST
 
 
-def test_a_missing_file_refuses_that_rules_calls_only(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A caCertificates path that is not on the node: Envoy would reject the whole shared
-    cluster, so that rule's clusters get the socket no server passes, and the log names it."""
-    s = store()
-    tls = {"mode": "SIMPLE", "sni": "x", "caCertificates": str(tmp_path / "absent.pem")}
-    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": tls}}))
-    with caplog.at_level(logging.ERROR):
-        out = translate(s, [local("a")])
-    assert meta(out, f"outbound|80||{HOST}")["tls_socket"] == internal.NO_IDENTITY
-    assert "caCertificates" in caplog.text and "absent.pem" in caplog.text
-    names = [
-        m["name"] for m in as_json(out[e.CLUSTER][internal.ORIGINATE_TLS])["transportSocketMatches"]
-    ]
-    assert names == [internal.PLAINTEXT, internal.NO_IDENTITY]
+def test_a_rules_socket_does_not_depend_on_its_files(tmp_path: Path) -> None:
+    """The files come over SDS (identity/tls_files.py): translation reads no file, so a missing
+    one gives the same cluster and socket as a present one (its secret is then a placeholder
+    that fails only its calls), and a file appearing later changes no cluster."""
+    tls = {"mode": "SIMPLE", "sni": "x", "caCertificates": str(tmp_path / "ca.pem")}
+    outs = []
+    for _ in range(2):
+        s = store()
+        s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": tls}}))
+        outs.append(translate(s, [local("a")]))
+        write_app_pki(tmp_path)  # ca.pem exists from the second translation on
+    for name in (f"outbound|80||{HOST}", internal.ORIGINATE_TLS):
+        assert as_json(outs[0][e.CLUSTER][name]) == as_json(outs[1][e.CLUSTER][name])
+    socket = meta(outs[0], f"outbound|80||{HOST}")["tls_socket"]
+    assert socket.startswith(client_tls.SOCKET_PREFIX)
 
 
-def _validate(tmp_path: Path, out: dict[str, Any]) -> None:
-    """originate-tls (cluster and listener) in a static bootstrap that Envoy validates."""
+def _validate(tmp_path: Path, out: dict[str, Any], s: MeshStore) -> None:
+    """originate-tls (cluster and listener) in a static bootstrap that Envoy validates, with
+    the file secrets its sockets name (read by the agent) as static secrets."""
     cluster = json_format.MessageToDict(
         out[e.CLUSTER][internal.ORIGINATE_TLS], preserving_proto_field_name=True
     )
     listener = json_format.MessageToDict(
         out[e.LISTENER][internal.ORIGINATE_TLS], preserving_proto_field_name=True
     )
+    secrets = [
+        json_format.MessageToDict(x, preserving_proto_field_name=True)
+        for x in FileSecrets().sds_secrets(s)
+    ]
     bootstrap = {
-        "static_resources": {"clusters": [cluster], "listeners": [listener]},
+        "static_resources": {
+            "clusters": [static_sds(cluster)],
+            "listeners": [listener],
+            "secrets": secrets,
+        },
         "bootstrap_extensions": [
             {
                 "name": "envoy.bootstrap.internal_listener",

@@ -32,7 +32,7 @@ from nodeagent.translate import TranslationCache, client_tls, internal
 from nodeagent.translate import envoy as e
 from nodeagent.xds import types
 from tests.tls_certs import write_app_pki
-from tests.unit.envoy_validate import assert_envoy_accepts
+from tests.unit.envoy_validate import assert_envoy_accepts, static_sds
 from tests.unit.test_proxy_contained import make_proxy, mesh_store, resources
 from tests.unit.test_translate import HOST, local, store
 
@@ -268,17 +268,6 @@ def test_one_socket_per_credential_and_namespace() -> None:
     assert len({name("shop", "a"), name("shop", "b"), name("other", "a")}) == 3
 
 
-def _static(value: Any) -> Any:
-    """VALUE with every SdsSecretConfig's ``sds_config`` dropped: the name then means a static
-    secret of the bootstrap. (Envoy's validate mode crashes on an ADS-fetched secret, as it has
-    no ADS; ``{"ads": {}}`` is the same sds_config translate/tls.py gives every mesh socket.)"""
-    if isinstance(value, dict):
-        return {k: _static(v) for k, v in value.items() if k != "sds_config"}
-    if isinstance(value, list):
-        return [_static(v) for v in value]
-    return value
-
-
 def test_envoy_accepts_the_socket_and_the_sds_secrets(tmp_path: Path) -> None:
     """The socket in a cluster, and the SDS secrets it names (a real certificate, and a
     missing Secret's placeholders) as the bootstrap's secrets: Envoy's own verdict on both."""
@@ -313,7 +302,7 @@ def test_envoy_accepts_the_socket_and_the_sds_secrets(tmp_path: Path) -> None:
         )
     bootstrap = {
         "static_resources": {
-            "clusters": _static(clusters),
+            "clusters": static_sds(clusters),
             "secrets": [
                 json_format.MessageToDict(x, preserving_proto_field_name=True) for x in secrets
             ],

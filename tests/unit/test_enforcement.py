@@ -74,6 +74,17 @@ def test_ignored_destination_rule_fields_are_named() -> None:
     found = not_enforced(_dr(spec))
     assert found is not None and found.planned.startswith("#15")
     assert found.fields == ("trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[1]=app",)
+    # PASSTHROUGH, for the rule, a port or a subset: enforced (translate/passthrough.py).
+    passthrough = {"loadBalancer": {"simple": "PASSTHROUGH"}}
+    spec = {
+        "host": "web",
+        "trafficPolicy": {
+            **passthrough,
+            "portLevelSettings": [{"port": {"number": 80}, **passthrough}],
+        },
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}, "trafficPolicy": passthrough}],
+    }
+    assert not_enforced(_dr(spec)) is None
     # A rule with a workloadSelector applies to the pods it selects (mesh/policy.py).
     selected = {"host": "web", "workloadSelector": {"matchLabels": {"a": "b"}}}
     assert not_enforced(_dr(selected)) is None

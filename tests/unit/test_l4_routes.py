@@ -223,7 +223,8 @@ def test_tcp_source_labels_one_routes_listener_for_any_number_of_callers() -> No
     assert proxy["typedConfig"]["cluster"] == DB_ROUTES
     (entry,) = restamp["typedConfig"]["onNewConnection"]
     assert entry["objectKey"] == "envoy.filters.listener.original_dst.local_ip"
-    assert entry["sharedWithUpstream"] == "ONCE"
+    # TRANSITIVE: a DestinationRule PASSTHROUGH cluster behind the routes listener restores it.
+    assert entry["sharedWithUpstream"] == "TRANSITIVE"
     listener = as_json(out[e.LISTENER][DB_ROUTES])
     assert listener["internalListener"] == {}
     # A server-first protocol must not wait for a ClientHello: no TLS inspector on a TCP port.

@@ -191,11 +191,15 @@ def test_a_pods_outbound_listener_names_no_service_and_stamps_who_calls() -> Non
         "envoy.filters.listener.original_dst.local_ip": "%DOWNSTREAM_LOCAL_ADDRESS%",
         "envoy.filters.listener.original_dst.remote_ip": "%DOWNSTREAM_REMOTE_ADDRESS%",
     }
-    # Who calls must reach originate, two internal hops away; where to, only the next one.
+    # Who calls must reach originate, two internal hops away; where to as well (a
+    # DestinationRule PASSTHROUGH cluster connects there, translate/passthrough.py); where
+    # from, only the next hop.
     assert stamped[NETNS_KEY]["sharedWithUpstream"] == "TRANSITIVE"
     assert stamped["io.nodeagent.caller"]["sharedWithUpstream"] == "TRANSITIVE"
     assert stamped["io.nodeagent.labels"]["sharedWithUpstream"] == "TRANSITIVE"
-    assert stamped["envoy.filters.listener.original_dst.local_ip"]["sharedWithUpstream"] == "ONCE"
+    local_ip = stamped["envoy.filters.listener.original_dst.local_ip"]
+    assert local_ip["sharedWithUpstream"] == "TRANSITIVE"
+    assert stamped["envoy.filters.listener.original_dst.remote_ip"]["sharedWithUpstream"] == "ONCE"
 
 
 def test_outbound_internal_matches_each_vip_port_and_falls_back_to_passthrough() -> None:
