@@ -35,7 +35,7 @@ from nodeagent.identity.certs import spiffe_id
 from nodeagent.identity.credentials import CredentialSecrets
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.tls_files import FileSecrets
-from nodeagent.mesh import credentials
+from nodeagent.mesh import credentials, secret_access
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
 from nodeagent.supervise import TaskSupervisor
@@ -260,7 +260,11 @@ class NodeProxy:
         secrets = self.identities.sds_secrets({lp.identity for lp in local})
         # DestinationRule credentialName: the Secrets of selector rules of this node's pods.
         wanted = credentials.referenced(self.store, [lp.pod for lp in local])
-        secrets += self.credential_secrets.sds_secrets(self.store, wanted)
+        # Their certificates only where a local caller may have them (mesh/secret_access.py).
+        allowed = [lp.pod for lp in local if not secret_access.unauthorized(self.store, lp.pod)]
+        presented = credentials.referenced(self.store, allowed)
+        refused = len(allowed) < len(local)
+        secrets += self.credential_secrets.sds_secrets(self.store, wanted, presented, refused)
         # DestinationRule tls files (paths on the node), read again when they change.
         secrets += self.tls_files.sds_secrets(self.store)
         try:

@@ -42,7 +42,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from nodeagent.mesh import credentials, locality, policy, tls_files, traffic
+from nodeagent.mesh import credentials, locality, policy, secret_access, tls_files, traffic
 from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service
@@ -606,6 +606,7 @@ class TranslationCache:
                     f"DestinationRule of {subset.name}: tls",
                     workload_selector=bool(subset.credentials_namespace),
                     namespace=subset.credentials_namespace,
+                    denied=subset.credentials_denied,
                 )
                 if origination is not None and origination.socket is not None:
                     # Its files or Secret come over SDS: a missing one fails only its calls.
@@ -890,6 +891,7 @@ def _client_classes(
             service_views.ClientClass(
                 local.pod.namespace,
                 policy.selector_labels(store, local.pod.namespace, local.pod.labels),
+                secret_access.unauthorized(store, local.pod),
             )
             for local in local_pods
         }
