@@ -42,6 +42,8 @@ def _topology(pki: Path) -> str:
     require = serve | {"TLS_CLIENT_CA": str(pki / "ca.pem")}
     pods = [
         {"name": "sleep", "node": "n1", "labels": {"app": "sleep"}},
+        # The same labels, another service account (credentialName authorization is per account).
+        {"name": "sleep-other", "node": "n1", "labels": {"app": "sleep"}},
         # One TLS-serving replica per node: the local one must not take the fast path either.
         *(
             {
@@ -61,6 +63,8 @@ def _topology(pki: Path) -> str:
     ]
     for pod in pods:
         pod |= {"namespace": "default", "serviceAccount": pod["labels"]["app"]}
+        if pod["name"] == "sleep-other":
+            pod["serviceAccount"] = "sleep-other"
     services = [("secure", 8443), ("secure-mutual", 9443)]
     return "\n".join(
         [
@@ -270,6 +274,30 @@ def put_secret(tb: Testbed, name: str, pki: Path, client: str) -> None:
     put_config(tb, f"secret-{name}.yaml", [secret])
 
 
+def allow_secrets(tb: Testbed, *accounts: str) -> Path:
+    """A Role that may list Secrets in default, bound to ACCOUNTS (of default): what Istio asks
+    of a proxy's service account before it serves it a credentialName's certificate
+    (istio/istio pilot/pkg/credentials/kube/secrets.go Authorize). Returns the file to remove."""
+    group = "rbac.authorization.k8s.io"
+    role = {
+        "apiVersion": f"{group}/v1",
+        "kind": "Role",
+        "metadata": {"name": "secret-reader", "namespace": "default"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}],
+    }
+    binding = {
+        "apiVersion": f"{group}/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "secret-reader", "namespace": "default"},
+        "roleRef": {"apiGroup": group, "kind": "Role", "name": "secret-reader"},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": a, "namespace": "default"} for a in accounts
+        ],
+    }
+    put_config(tb, "rbac-secret-reader.yaml", [role, binding])
+    return layout.cluster_dir(tb.name) / "rbac-secret-reader.yaml"
+
+
 def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
     clean: Testbed, pki: Path
 ) -> None:
@@ -279,6 +307,7 @@ def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
     rotated Secret is presented on new connections without a restart."""
     tb = clean
     secret_file = layout.cluster_dir(tb.name) / "secret-client-cred.yaml"
+    rbac_file = allow_secrets(tb, "sleep")
     try:
         put_secret(tb, "client-cred", pki, CLIENT)
         rule = tls_rule("secure-mutual", mode="MUTUAL", sni=SERVER, credentialName="client-cred")
@@ -307,6 +336,39 @@ def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
         assert failed == [], failed
     finally:
         secret_file.unlink(missing_ok=True)
+        rbac_file.unlink(missing_ok=True)
+
+
+def test_credential_name_only_for_service_accounts_that_may_list_secrets(
+    clean: Testbed, pki: Path
+) -> None:
+    """istiod serves a credentialName's certificate to a proxy, sidecars included, only when
+    its service account may list Secrets in its namespace (istio/istio pilot/pkg/xds/sds.go
+    filterAuthorizedResources; a SubjectAccessReview). Two callers with the same labels, one
+    account bound to such a Role: it presents the certificate; the other's TLS fails."""
+    tb = clean
+    secret_file = layout.cluster_dir(tb.name) / "secret-client-cred.yaml"
+    rbac_file = allow_secrets(tb, "sleep")
+    try:
+        put_secret(tb, "client-cred", pki, CLIENT)
+        rule = tls_rule("secure-mutual", mode="MUTUAL", sni=SERVER, credentialName="client-cred")
+        rule["workloadSelector"] = {"matchLabels": {"app": "sleep"}}
+        apply(tb, rule)
+        until_status(tb, MUTUAL, "200")
+        (tls,) = handshakes(tb, MUTUAL, 1).values()
+        assert tls["client_cert"]["subject"] == f"commonName={CLIENT}", tls
+        # The refused account: its calls fail (503: the upstream TLS handshake fails), each
+        # time, while the allowed one's keep working.
+        for _ in range(3):
+            assert http_status(tb.exec, "default/sleep-other", MUTUAL) == "503"
+            assert status(tb, MUTUAL) == "200"
+        # Each answer came from the API server's review of the account (not a default).
+        log = (layout.logs_dir(tb.name) / "n1.agent.log").read_text(errors="replace")
+        assert "system:serviceaccount:default:sleep-other may not list secrets in default" in log
+        assert "system:serviceaccount:default:sleep may list secrets in default" in log
+    finally:
+        secret_file.unlink(missing_ok=True)
+        rbac_file.unlink(missing_ok=True)
 
 
 def _place(directory: Path, source: Path) -> None:
