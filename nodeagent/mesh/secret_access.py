@@ -62,7 +62,7 @@ def review_answer(review: Mapping[str, Any]) -> tuple[bool, str]:
 def presents_credential(rule: IstioResource | None) -> bool:
     """RULE (a selector rule, merged) presents a credentialName's certificate somewhere: a
     MUTUAL tls block with one."""
-    if rule is None or not isinstance(rule.spec.get("workloadSelector"), Mapping):
+    if rule is None or not rule.spec.get("workloadSelector"):  # as service_views.port_clusters
         return False
     return any(b.get("mode") == "MUTUAL" and credential_name(b) for b in tls_blocks(rule.spec))
 

@@ -34,7 +34,10 @@ from nodeagent.mesh.store import MeshStore
 log = logging.getLogger("nodeagent.sources.secret_access")
 
 RETRY = 10.0  # seconds before a failed review is asked again
-INTERVAL = 1.0  # seconds between looks at which service accounts need a review
+# Seconds between looks at which service accounts need a review (a look is skipped when the
+# store did not change and no answer is due). Short: until its first answer, a new account's
+# pods are refused.
+INTERVAL = 0.2
 
 Create = Callable[[dict[str, Any]], Awaitable[Mapping[str, Any]]]
 
@@ -61,6 +64,7 @@ class SecretAccessReviews:
     ) -> None:
         self.store, self.node_name, self.create, self.clock = store, node_name, create, clock
         self.due: dict[tuple[str, str], float] = {}  # (namespace, account) -> ask again at
+        self._looked_at = -1  # the store generation of the last look
         store.secret_access_enforced = True  # an API server has RBAC: its answers count
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -75,12 +79,15 @@ class SecretAccessReviews:
     async def review_due(self) -> None:
         """Review the accounts that need it and whose answer is missing or old; forget the
         answers of those that no longer need one."""
+        now = self.clock()
+        if self.store.generation == self._looked_at and all(t > now for t in self.due.values()):
+            return
+        self._looked_at = self.store.generation
         pods = self.store.pods_on_node(self.node_name)
         needed = secret_access.to_review(self.store, pods)
         for key in sorted(self.due.keys() - needed):
             del self.due[key]
             self.store.delete_secret_access("/".join(key))
-        now = self.clock()
         for key in sorted(needed):
             if self.due.get(key, 0.0) <= now:
                 await self._review(*key)
