@@ -366,6 +366,12 @@ class NodeProxy:
         translation = self._translations.get(version)
         if translation is not None:
             self._accepted[type_url] = translation
+            # Envoy's clusters are that translation's now: originate-tls may drop the sockets
+            # only older clusters named (make before break, see release_sockets).
+            if type_url == types.CLUSTER and self._translator.release_sockets(
+                translation.tls_sockets
+            ):
+                self.changed.set()
         bisection = self._bisection
         if bisection is not None and type_url == bisection.type_url and bisection.answers(version):
             self._bisect(accepted=True)

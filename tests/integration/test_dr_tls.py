@@ -12,8 +12,11 @@ The certificate files are paths on the node, which the agent serves over SDS and
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,8 @@ pytestmark = pytest.mark.integration
 
 NAME = "tbdrtls"
 SERVER, CLIENT = "secure.example", "client.example"  # the DNS SAN of each certificate
+PY = sys.executable
+STEADY = str(Path(__file__).with_name("steady_client.py"))
 ROTATED = "rotated.example"  # the client certificate a rotated Secret holds
 SECURE = "http://secure:8443/"
 MUTUAL = "http://secure-mutual:9443/"
@@ -455,3 +460,67 @@ def test_a_missing_file_that_appears_later_is_taken_without_a_rule_change(
     until_status(tb, MUTUAL, "200")
     (tls,) = handshakes(tb, MUTUAL, 1).values()
     assert tls["client_cert"] == {"subject": f"commonName={CLIENT}", "sans": [f"DNS:{CLIENT}"]}
+def _records(out: Path) -> list[dict[str, Any]]:
+    """The steady client's requests answered so far (steady_client.py: one JSON line each)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in out.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # the line being written
+                found.append(json.loads(line))
+    return found
+
+
+def test_no_call_fails_while_the_tls_setting_flips(
+    clean: Testbed, pki: Path, tmp_path: Path
+) -> None:
+    """Make before break: each change of the rule's setting moves the service's clusters to
+    another transport socket of the shared originate-tls cluster. A client calling all along
+    (a new connection per call, 50 a second) sees no failed call while the setting flips
+    FLIPS times, each flip waited for until the apps see its SNI (Istio's sidecar swaps a
+    cluster's TLS context whole, so a call meets the old setting or the new one)."""
+    tb = clean
+    verified = tls_rule(
+        "secure",
+        mode="SIMPLE",
+        sni=SERVER,
+        caCertificates=str(pki / "ca.pem"),
+        subjectAltNames=[SERVER],
+    )
+    unverified = tls_rule("secure", mode="SIMPLE", insecureSkipVerify=True)  # SNI: the FQDN
+    flips = [(unverified, FQDN), (verified, SERVER)] * 15
+    apply(tb, verified)
+    until_status(tb, SECURE, "200")
+    probes_failed: list[str] = []  # the waits' own calls count too
+
+    def seen_sni() -> str:
+        proc = tb.exec("default/sleep", ["curl", "-sS", "--max-time", "10", SECURE])
+        try:
+            return str(json.loads(proc.stdout)["tls"].get("sni"))
+        except (ValueError, KeyError):
+            probes_failed.append(proc.stdout or proc.stderr)
+            return ""
+
+    out, stop = tmp_path / "steady.jsonl", tmp_path / "stop"
+    argv = [PY, STEADY, "secure", "8443", "flip", "100", "300", str(out), str(stop)]
+    client = subprocess.Popen(
+        tb.exec_argv("default/sleep", argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: len(_records(out)) >= 10, 30, "the steady client's first calls")
+        for rule, sni in flips:
+            apply(tb, rule)
+            wait_for(lambda sni=sni: seen_sni() == sni, 30, f"the apps seeing SNI {sni}", step=0.1)
+        seen = len(_records(out))
+        wait_for(lambda: len(_records(out)) >= seen + 25, 30, "calls after the last flip")
+    finally:
+        stop.touch()
+        try:
+            client.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait(timeout=10)
+    records = _records(out)
+    failed = [r for r in records if not r["ok"]]
+    print(f"{len(records)} calls, {len(failed)} failed; probes failed: {probes_failed}")
+    assert failed == [], failed[:5]
+    assert probes_failed == []
