@@ -48,7 +48,7 @@ from nodeagent.translate import (
     TranslationCache,
     pod_listener_names,
 )
-from nodeagent.translate.internal import OUTBOUND_INTERNAL, fast_name
+from nodeagent.translate.internal import ORIGINATE_TLS, OUTBOUND_INTERNAL, fast_name
 from nodeagent.translate.rejections import Bisection, culprits
 from nodeagent.xds import types
 from nodeagent.xds.cache import Changes, InconsistentSnapshot, Snapshot, SnapshotCache
@@ -152,6 +152,9 @@ class NodeProxy:
         self._resend: set[str] = set()  # types whose next push asks Envoy's verdict again
         self.xds.on_nack = self._on_nack
         self.xds.on_ack = self._on_ack
+        # originate-tls first: Envoy activates a service cluster once its EDS arrives, before
+        # SDS could warm a new socket of originate-tls that the cluster names.
+        self.xds.leaders = {types.CLUSTER: frozenset({ORIGINATE_TLS})}
         self.rejections = Counter(
             "nodeagent_config_rejections",
             "Objects left out of the node's Envoy config, by kind and cause (NACK: Envoy"
