@@ -10,6 +10,8 @@ is silent for IDLE seconds): a client may hold the connection (``hold-tcp``).
 the other (each at most 5 s, all at most 30 s); prints one JSON line: ``versions`` (answer ->
 count) and ``errors`` (the first few). The TLS client sends SNI and does not verify the app's
 certificate: the route, not the app's identity, is under test.
+``call-tls-until HOST PORT SNI STOPFILE SECONDS``: as call-tls, until STOPFILE exists (at most
+SECONDS).
 ``hold-tcp HOST PORT STOPFILE SECONDS``: ONE connection, held: reads the version, says
 ``connected`` on stderr, then sends a numbered line every 0.1 s and reads its echo, until
 STOPFILE exists (or SECONDS passed, or the connection broke); prints one JSON line:
@@ -75,15 +77,19 @@ def _read_line(sock: socket.socket) -> str:
     return data.decode().strip()
 
 
-def call(host: str, port: int, count: int, sni: str | None) -> dict[str, object]:
+def call(
+    host: str, port: int, count: int, sni: str | None, stop: str = "", deadline: float = DEADLINE
+) -> dict[str, object]:
     versions: Counter[str] = Counter()
     errors: list[str] = []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     start = time.monotonic()
-    for _ in range(min(count, 200)):
-        if time.monotonic() - start > DEADLINE:
+    for _ in range(count):
+        if stop and os.path.exists(stop):
+            break
+        if time.monotonic() - start > deadline:
             errors.append("deadline")
             break
         try:
@@ -132,11 +138,13 @@ def main(argv: list[str]) -> None:
         context.load_cert_chain(args[1], args[2])
         serve(int(args[0]), args[3], context)
     elif command == "call-tcp":
-        print(json.dumps(call(args[0], int(args[1]), int(args[2]), None)))
+        print(json.dumps(call(args[0], int(args[1]), min(int(args[2]), 200), None)))
     elif command == "hold-tcp":
         print(json.dumps(hold(args[0], int(args[1]), args[2], float(args[3]))))
     elif command == "call-tls":
-        print(json.dumps(call(args[0], int(args[1]), int(args[3]), args[2])))
+        print(json.dumps(call(args[0], int(args[1]), min(int(args[3]), 200), args[2])))
+    elif command == "call-tls-until":
+        print(json.dumps(call(args[0], int(args[1]), 20000, args[2], args[3], float(args[4]))))
     else:
         raise SystemExit(f"unknown command {command!r}")
 

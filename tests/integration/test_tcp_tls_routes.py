@@ -203,6 +203,8 @@ def test_a_held_connection_survives_rule_changes_of_another_service(
     only(tb, "shop/curl", "call-tcp", "db.shop", str(DB_PORT), answer="v2")
     stop = tmp_path / "stop"
     holders = {}
+    caller: subprocess.Popen[str] | None = None
+    new: dict[str, Any] = {"versions": {}, "errors": ["not started"]}
     try:
         for pod in ("shop/sleep", "shop/curl"):
             argv = [PY, PROBE, "hold-tcp", "db.shop", str(DB_PORT), str(stop), "300"]
@@ -215,6 +217,11 @@ def test_a_held_connection_survives_rule_changes_of_another_service(
         for pod, holder in holders.items():
             assert holder.stderr is not None
             assert holder.stderr.readline() == "connected\n", pod  # at most TIMEOUT (5 s)
+        # New connections all along too: a.example reaches web (v1 by the rule, else either).
+        argv = [PY, PROBE, "call-tls-until", "web.shop", str(WEB_PORT), "a.example", str(stop)]
+        caller = subprocess.Popen(
+            tb.exec_argv("shop/curl", [*argv, "300"]), stdout=subprocess.PIPE, text=True
+        )
         most_draining = 0
         for _ in range(rounds):
             put_config(tb, "l4routes.yaml", without_web)  # c.example: web's default route
@@ -248,7 +255,15 @@ def test_a_held_connection_survives_rule_changes_of_another_service(
                 holder.kill()
                 out, _ = holder.communicate(timeout=10)
             results[pod] = json.loads(out) if out.strip() else {"error": "no summary"}
-    print(results)
+        if caller is not None:
+            try:
+                out, _ = caller.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                caller.kill()
+                out, _ = caller.communicate(timeout=10)
+            new = json.loads(out) if out.strip() else {"versions": {}, "errors": ["no summary"]}
+    print(results, "new connections to web:", new)
+    assert set(new["versions"]) <= {"v1", "v2"} and sum(new["versions"].values()) > 20, new
     assert results["shop/sleep"]["version"] == "v1" and results["shop/curl"]["version"] == "v2"
     for pod, result in results.items():
         assert result["error"] == "", (pod, result)
