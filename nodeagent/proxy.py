@@ -369,15 +369,25 @@ class NodeProxy:
         translation = self._translations.get(version)
         if translation is not None:
             self._accepted[type_url] = translation
-            # Envoy's clusters are that translation's now: originate-tls may drop the sockets
-            # only older clusters named (make before break, see release_sockets).
-            if type_url == types.CLUSTER and self._translator.release_sockets(
-                translation.tls_sockets
-            ):
-                self.changed.set()
+        if type_url == types.CLUSTER:
+            self._release_sockets()
         bisection = self._bisection
         if bisection is not None and type_url == bisection.type_url and bisection.answers(version):
             self._bisect(accepted=True)
+
+    def _release_sockets(self) -> None:
+        """Once Envoy holds every cluster of the current snapshot (CDS SYNCED: not just the
+        response it ACKed, which may be originate-tls alone, see XdsServer.leaders), the
+        originate-tls sockets only older clusters named can go (make before break, see
+        TranslationCache.release_sockets)."""
+        node = self.settings.node_id
+        snapshot = self.cache.get(node)
+        status = self.xds.status(node).get(types.CLUSTER)
+        if snapshot is None or status is None or status.state != "SYNCED":
+            return
+        current = self._translations.get(snapshot.version)
+        if current is not None and self._translator.release_sockets(current.tls_sockets):
+            self.changed.set()
 
     def _bisect(self, accepted: bool) -> None:
         bisection = self._bisection

@@ -819,10 +819,10 @@ class TranslationCache:
         result.base, result.changed = before, changed
 
     def release_sockets(self, held: Collection[str]) -> bool:
-        """Envoy ACKed a CDS response whose service clusters name the originate-tls sockets
-        HELD (that translation's ``tls_sockets``): a socket neither they nor the clusters of
-        the last build name is dropped from originate-tls at the next build. True when one is
-        (push again).
+        """Envoy holds every cluster of a translation whose service clusters name the
+        originate-tls sockets HELD (its ``tls_sockets``): a socket neither they nor the
+        clusters of the last build name is dropped from originate-tls at the next build. True
+        when one is (push again).
 
         Make before break: a DestinationRule's tls change renames a service cluster's socket.
         The new originate-tls, which needs no warming, is active at once, while Envoy keeps the

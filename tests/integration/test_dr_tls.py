@@ -539,6 +539,21 @@ def test_no_call_fails_while_the_tls_setting_flips(
     assert calls > 100
     assert failed == [], failed[:5]
     assert probes_failed == []
+    # ... and the old sockets do not pile up: once Envoy holds the last setting's clusters,
+    # originate-tls keeps that setting's socket only.
+    wait_for(lambda: len(tls_sockets(clean, "n1")) == 1, 30, "one socket in originate-tls")
+
+
+def tls_sockets(tb: Testbed, node: str) -> list[str]:
+    """The DestinationRule sockets of NODE's originate-tls cluster, as its Envoy holds it."""
+    dump = json.loads(envoy_admin(tb.name, node, "/config_dump?resource=dynamic_active_clusters"))
+    names = [
+        m["name"]
+        for c in dump["configs"]
+        if c["cluster"]["name"] == "originate-tls"
+        for m in c["cluster"].get("transport_socket_matches", [])
+    ]
+    return [n for n in names if n.startswith("dr-tls-")]
 
 
 def test_no_call_fails_while_a_selector_rule_flips_its_credential(
