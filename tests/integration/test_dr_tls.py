@@ -460,6 +460,8 @@ def test_a_missing_file_that_appears_later_is_taken_without_a_rule_change(
     until_status(tb, MUTUAL, "200")
     (tls,) = handshakes(tb, MUTUAL, 1).values()
     assert tls["client_cert"] == {"subject": f"commonName={CLIENT}", "sans": [f"DNS:{CLIENT}"]}
+
+
 def _records(out: Path) -> list[dict[str, Any]]:
     """The steady client's requests answered so far (steady_client.py: one JSON line each)."""
     found = []
