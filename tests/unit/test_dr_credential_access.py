@@ -414,10 +414,16 @@ def test_an_answer_that_changes_moves_the_pods_between_the_sockets() -> None:
     assert len(_sockets(cache.build(s, pods, []))) == 2
     s.put_secret_access("shop", "no", True)
     built = cache.build(s, pods, [])
+    # Make before break: the refused socket stays until Envoy holds the clusters without it.
+    assert len(_sockets(built)) == 2
+    assert cache.release_sockets(built.tls_sockets)
+    built = cache.build(s, pods, [])
     assert len(_sockets(built)) == 1
     assert not [n for n in built.resources[e.CLUSTER] if n.endswith("~unauthorized")]
     s.put_secret_access("shop", "ok", False)
     s.put_secret_access("shop", "no", False)
+    built = cache.build(s, pods, [])
+    assert cache.release_sockets(built.tls_sockets)  # Envoy holds the clusters: drop the old
     built = cache.build(s, pods, [])
     assert _routes(built)[0][1] == f"{CLUSTER}~shop/web~unauthorized"
     assert [c for c in _sockets(built) if "tls_certificate_sds_secret_configs" in c] == []
