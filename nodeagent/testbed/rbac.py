@@ -16,6 +16,10 @@ matching rule. RBAC only allows: nothing denies.
   ``*``; a subresource as ``resource/subresource``, or ``resource/*``) and its
   ``resourceNames`` are empty or hold the name.
 
+``grants`` lists every (subject, rule) the bindings make, ``allowing`` the ones that allow a
+request (the manifest tests, tests/unit/test_ca_manifests.py, read them too); ``authorize``
+answers with the first.
+
 Left out, as no test needs them: non-resource URLs, aggregated ClusterRoles (their rules are
 whatever the object holds), and the API server's other authorizers (Node, webhooks).
 """
@@ -98,25 +102,43 @@ def rule_allows(rule: Obj, request: Request) -> bool:
     return not names or request.name in names
 
 
-def _subject_matches(subject: Any, request: Request, binding_namespace: str) -> bool:
+@dataclass(frozen=True)
+class Grant:
+    """One rule of a role, as one binding grants it to one subject."""
+
+    subject_kind: str  # User, Group or ServiceAccount
+    subject: str  # the user or group name (a ServiceAccount's is system:serviceaccount:ns:name)
+    namespace: str  # the RoleBinding's; "" (a ClusterRoleBinding's): everywhere and cluster-wide
+    rule: Obj
+    source: str  # 'RoleBinding "b/ns" of Role "r"', as the authorizer's reason names it
+
+    def applies_to(self, request: Request) -> bool:
+        if self.subject_kind == "Group":
+            return self.subject in request.groups
+        return self.subject == request.user
+
+    def allows(self, request: Request) -> bool:
+        if self.namespace and self.namespace != request.namespace:
+            return False
+        return self.applies_to(request) and rule_allows(self.rule, request)
+
+
+def _subject(subject: Any, binding_namespace: str) -> tuple[str, str] | None:
+    """(kind, user or group name) of a binding's SUBJECT; None for one no request can be."""
     if not isinstance(subject, Mapping):
-        return False
+        return None
     kind, name = subject.get("kind"), str(subject.get("name") or "")
-    if kind == "User":
-        return name == request.user
-    if kind == "Group":
-        return name in request.groups
+    if kind in ("User", "Group"):
+        return kind, name
     if kind == "ServiceAccount":
         namespace = str(subject.get("namespace") or binding_namespace)
-        return request.user == f"{SA_PREFIX}{namespace}:{name}"
-    return False
+        return kind, f"{SA_PREFIX}{namespace}:{name}"
+    return None
 
 
 def _role(
-    ref: Any, namespace: str, roles: Sequence[Obj], cluster_roles: Sequence[Obj]
+    ref: Obj, namespace: str, roles: Sequence[Obj], cluster_roles: Sequence[Obj]
 ) -> Obj | None:
-    if not isinstance(ref, Mapping):
-        return None
     kind, name = ref.get("kind"), ref.get("name")
     if kind == "ClusterRole":
         return next((r for r in cluster_roles if _meta(r).get("name") == name), None)
@@ -133,6 +155,50 @@ def _role(
     return None
 
 
+def grants(
+    roles: Iterable[Obj],
+    role_bindings: Iterable[Obj],
+    cluster_roles: Iterable[Obj],
+    cluster_role_bindings: Iterable[Obj],
+) -> list[Grant]:
+    """Every (subject, rule) the bindings make: ClusterRoleBindings first. A binding to a role
+    that is not there grants nothing (as in the API server)."""
+    roles, cluster_roles = list(roles), list(cluster_roles)
+    candidates: list[tuple[Obj, str, str]] = [
+        (b, "", "ClusterRoleBinding") for b in cluster_role_bindings
+    ]
+    candidates += [
+        (b, str(_meta(b).get("namespace") or "default"), "RoleBinding") for b in role_bindings
+    ]
+    out: list[Grant] = []
+    for binding, namespace, kind in candidates:
+        ref = binding.get("roleRef")
+        if not isinstance(ref, Mapping):
+            continue
+        role = _role(ref, namespace, roles, cluster_roles)
+        if role is None:
+            continue
+        where = f"/{namespace}" if namespace else ""
+        source = (
+            f'{kind} "{_meta(binding).get("name")}{where}" of {ref.get("kind")} "{ref.get("name")}"'
+        )
+        for subject in binding.get("subjects") or []:
+            who = _subject(subject, namespace)
+            if who is None:
+                continue
+            out += [
+                Grant(who[0], who[1], namespace, rule, source)
+                for rule in role.get("rules") or []
+                if isinstance(rule, Mapping)
+            ]
+    return out
+
+
+def allowing(request: Request, all_grants: Iterable[Grant]) -> list[Grant]:
+    """The grants that allow REQUEST (empty: denied)."""
+    return [g for g in all_grants if g.allows(request)]
+
+
 def authorize(
     request: Request,
     roles: Iterable[Obj],
@@ -142,29 +208,7 @@ def authorize(
 ) -> tuple[bool, str]:
     """(allowed, reason) of REQUEST against the given RBAC objects; the reason names the
     binding and role that allowed it, as the API server's RBAC authorizer does."""
-    roles, cluster_roles = list(roles), list(cluster_roles)
-    candidates: list[tuple[Obj, str, str]] = [
-        (b, "", "ClusterRoleBinding") for b in cluster_role_bindings
-    ]
-    if request.namespace:
-        candidates += [
-            (b, request.namespace, "RoleBinding")
-            for b in role_bindings
-            if (_meta(b).get("namespace") or "default") == request.namespace
-        ]
-    for binding, namespace, kind in candidates:
-        subjects = binding.get("subjects") or []
-        if not any(_subject_matches(s, request, namespace) for s in subjects):
-            continue
-        role = _role(binding.get("roleRef"), namespace, roles, cluster_roles)
-        if role is None:
-            continue
-        for rule in role.get("rules") or []:
-            if isinstance(rule, Mapping) and rule_allows(rule, request):
-                where = f"/{namespace}" if namespace else ""
-                ref = binding["roleRef"]
-                return True, (
-                    f'RBAC: allowed by {kind} "{_meta(binding).get("name")}{where}" of '
-                    f'{ref.get("kind")} "{ref.get("name")}" to {request.user}'
-                )
-    return False, ""
+    found = allowing(request, grants(roles, role_bindings, cluster_roles, cluster_role_bindings))
+    if not found:
+        return False, ""
+    return True, f"RBAC: allowed by {found[0].source} to {request.user}"
