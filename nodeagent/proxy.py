@@ -35,7 +35,7 @@ from nodeagent.identity.certs import spiffe_id
 from nodeagent.identity.credentials import CredentialSecrets
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.tls_files import FileSecrets
-from nodeagent.mesh import credentials
+from nodeagent.mesh import credentials, secret_access
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
 from nodeagent.supervise import TaskSupervisor
@@ -48,7 +48,7 @@ from nodeagent.translate import (
     TranslationCache,
     pod_listener_names,
 )
-from nodeagent.translate.internal import OUTBOUND_INTERNAL, fast_name
+from nodeagent.translate.internal import ORIGINATE_TLS, OUTBOUND_INTERNAL, fast_name
 from nodeagent.translate.rejections import Bisection, culprits
 from nodeagent.xds import types
 from nodeagent.xds.cache import Changes, InconsistentSnapshot, Snapshot, SnapshotCache
@@ -152,6 +152,9 @@ class NodeProxy:
         self._resend: set[str] = set()  # types whose next push asks Envoy's verdict again
         self.xds.on_nack = self._on_nack
         self.xds.on_ack = self._on_ack
+        # originate-tls first: Envoy activates a service cluster once its EDS arrives, before
+        # SDS could warm a new socket of originate-tls that the cluster names.
+        self.xds.leaders = {types.CLUSTER: frozenset({ORIGINATE_TLS})}
         self.rejections = Counter(
             "nodeagent_config_rejections",
             "Objects left out of the node's Envoy config, by kind and cause (NACK: Envoy"
@@ -260,7 +263,11 @@ class NodeProxy:
         secrets = self.identities.sds_secrets({lp.identity for lp in local})
         # DestinationRule credentialName: the Secrets of selector rules of this node's pods.
         wanted = credentials.referenced(self.store, [lp.pod for lp in local])
-        secrets += self.credential_secrets.sds_secrets(self.store, wanted)
+        # Their certificates only where a local caller may have them (mesh/secret_access.py).
+        allowed = [lp.pod for lp in local if not secret_access.unauthorized(self.store, lp.pod)]
+        presented = credentials.referenced(self.store, allowed)
+        refused = len(allowed) < len(local)
+        secrets += self.credential_secrets.sds_secrets(self.store, wanted, presented, refused)
         # DestinationRule tls files (paths on the node), read again when they change.
         secrets += self.tls_files.sds_secrets(self.store)
         try:
@@ -362,9 +369,25 @@ class NodeProxy:
         translation = self._translations.get(version)
         if translation is not None:
             self._accepted[type_url] = translation
+        if type_url == types.CLUSTER:
+            self._release_sockets()
         bisection = self._bisection
         if bisection is not None and type_url == bisection.type_url and bisection.answers(version):
             self._bisect(accepted=True)
+
+    def _release_sockets(self) -> None:
+        """Once Envoy holds every cluster of the current snapshot (CDS SYNCED: not just the
+        response it ACKed, which may be originate-tls alone, see XdsServer.leaders), the
+        originate-tls sockets only older clusters named can go (make before break, see
+        TranslationCache.release_sockets)."""
+        node = self.settings.node_id
+        snapshot = self.cache.get(node)
+        status = self.xds.status(node).get(types.CLUSTER)
+        if snapshot is None or status is None or status.state != "SYNCED":
+            return
+        current = self._translations.get(snapshot.version)
+        if current is not None and self._translator.release_sockets(current.tls_sockets):
+            self.changed.set()
 
     def _bisect(self, accepted: bool) -> None:
         bisection = self._bisection

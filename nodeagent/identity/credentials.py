@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 
-from nodeagent.mesh.credentials import CA_SUFFIX, ca_name, certificate_name
+from nodeagent.mesh.credentials import CA_SUFFIX, UNAUTHORIZED_CA, ca_name, certificate_name
 from nodeagent.mesh.model import Credential
 from nodeagent.mesh.store import MeshStore
 
@@ -84,16 +84,29 @@ class CredentialSecrets:
         self.missing: set[str] = set()  # SDS names served as placeholders
 
     def sds_secrets(
-        self, store: MeshStore, wanted: Iterable[tuple[str, str]]
+        self,
+        store: MeshStore,
+        wanted: Iterable[tuple[str, str]],
+        presented: Iterable[tuple[str, str]] | None = None,
+        refused: bool = False,
     ) -> list[secret_pb2.Secret]:
-        """Two secrets per (namespace, credentialName) of WANTED: certificate and CA bundle."""
+        """Two secrets per (namespace, credentialName) of WANTED: certificate and CA bundle;
+        the certificate only for those of PRESENTED (None: all), the credentials some local
+        caller may have (mesh/secret_access.py: istiod sends a refused proxy no certificate,
+        only the public CA bundle). REFUSED: a local caller is refused one; its socket's CA."""
         out: list[secret_pb2.Secret] = []
         missing: dict[str, str] = {}
-        for namespace, name in sorted(set(wanted)):
+        wanted = set(wanted)
+        keyed = wanted if presented is None else wanted & set(presented)
+        if refused:
+            out.append(ca_secret(UNAUTHORIZED_CA, placeholder()[0]))
+        for namespace, name in sorted(wanted):
             own = store.credentials.get(f"{namespace}/{name}")
             companion = store.credentials.get(f"{namespace}/{name}{CA_SUFFIX}")
             cert_name, bundle_name = certificate_name(namespace, name), ca_name(namespace, name)
-            if own is not None and own.cert and own.key:
+            if (namespace, name) not in keyed:
+                pass  # no local caller may have it: the key stays out of the node's Envoy
+            elif own is not None and own.cert and own.key:
                 out.append(certificate_secret(cert_name, own.cert, own.key))
             else:
                 out.append(certificate_secret(cert_name, *placeholder()))

@@ -26,6 +26,9 @@ from nodeagent.mesh.store import MeshStore
 
 CA_SUFFIX = "-cacert"  # Istio's SdsCaSuffix: the companion Secret of a CA bundle
 SDS_PREFIX = "kubernetes://"
+# The CA bundle (the placeholder: it signed nothing) of the sockets of callers refused a
+# credential's certificate (mesh/secret_access.py); no Secret's name (those have a "/").
+UNAUTHORIZED_CA = SDS_PREFIX + "~unauthorized"
 ORIGINATED = ("SIMPLE", "MUTUAL")
 # (certificate, key) and the CA / CRL keys, generic first (Istio's order of preference).
 _CERT_KEYS = (("cert", "key"), ("tls.crt", "tls.key"))

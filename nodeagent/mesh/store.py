@@ -44,6 +44,7 @@ log = logging.getLogger("nodeagent.mesh.store")
 NAMESPACE, POD, SERVICE, ENDPOINT_SLICE = "Namespace", "Pod", "Service", "EndpointSlice"
 SERVICE_ACCOUNT, MESH_CONFIG, NODE = "ServiceAccount", "MeshConfig", "Node"
 SECRET = "Secret"  # a Credential: translation never reads it (only SDS does)
+SECRET_ACCESS = "SecretAccess"  # may a service account have its namespace's Secrets
 CHANGE_LOG_SIZE = 50_000  # changes remembered; a consumer further behind recomputes everything
 
 _K = TypeVar("_K")
@@ -61,6 +62,10 @@ class MeshStore:
         self.service_accounts: dict[str, ServiceAccount] = {}  # namespace/name
         self.istio: dict[str, IstioResource] = {}  # Kind/namespace/name
         self.credentials: dict[str, Credential] = {}  # namespace/name: TLS Secrets referenced
+        # namespace/serviceaccount -> may it list the namespace's Secrets (a SubjectAccessReview,
+        # mesh/secret_access.py). Not enforced (a source without RBAC): every one may.
+        self.secret_access: dict[str, bool] = {}
+        self.secret_access_enforced = False
         self.mesh_config = MeshConfig()
         self.generation = 0  # bumped on every change
         self.changed = asyncio.Event()  # set on every change; consumers clear it
@@ -257,6 +262,24 @@ class MeshStore:
     def delete_credential(self, key: str) -> None:
         if self.credentials.pop(key, None) is not None:
             self._bump(SECRET, key)
+
+    def may_read_secrets(self, namespace: str, service_account: str) -> bool:
+        """Istio's credentialName authorization of a service account (mesh/secret_access.py);
+        enforced and not answered yet: no (fail closed, as istiod on an error)."""
+        if not self.secret_access_enforced:
+            return True
+        return self.secret_access.get(f"{namespace}/{service_account}", False)
+
+    def put_secret_access(self, namespace: str, service_account: str, allowed: bool) -> None:
+        key = f"{namespace}/{service_account}"
+        if self.secret_access.get(key) == allowed:
+            return
+        self.secret_access[key] = allowed
+        self._bump(SECRET_ACCESS, key)
+
+    def delete_secret_access(self, key: str) -> None:
+        if self.secret_access.pop(key, None) is not None:
+            self._bump(SECRET_ACCESS, key)
 
     def put_istio(self, res: IstioResource) -> None:
         old = self.istio.get(res.key)

@@ -15,6 +15,10 @@ Secret (its TLS material only, for DestinationRule credentialName), and every Is
 validated against Istio's CRD schemas. Other kinds (a cluster dump holds many) are skipped. The
 optional mesh config file (Istio MeshConfig field names) is polled the same way; a broken one
 keeps the last good config.
+
+No RBAC here (a standalone node, or the testbed without an API server): every service account
+may have the certificate of a DestinationRule credentialName (``MeshStore.secret_access`` is
+not enforced; the Kubernetes source asks the API server, mesh/secret_access.py).
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from nodeagent.mesh.validation import IstioSchemas
 from nodeagent.sources import changes
 from nodeagent.sources.changes import Record
 from nodeagent.sources.directory import ResourceError, parse_document
+from nodeagent.sources.secret_access import Create, ReviewFailed, SecretAccessReviews
 
 log = logging.getLogger("nodeagent.sources.kubernetes")
 
@@ -204,6 +205,8 @@ class KubernetesSource:
             kinds = self.kinds(api)
             tasks = [asyncio.create_task(self._follow(kind, len(kinds))) for kind in kinds]
             tasks.append(asyncio.create_task(self._follow_credentials(api, stop)))
+            reviews = SecretAccessReviews(self.store, self.node_name, self._reviewer(api))
+            tasks.append(asyncio.create_task(reviews.run(stop)))
             try:
                 await stop.wait()
             finally:
@@ -305,6 +308,25 @@ class KubernetesSource:
         finally:
             for key, task in list(watches.items()):
                 await self._unwatch_secret(key, task)
+
+    @staticmethod
+    def _reviewer(api: Any) -> Create:
+        """POST a SubjectAccessReview (sources/secret_access.py), its answer as JSON."""
+        authorization = k8s.AuthorizationV1Api(api)
+
+        async def create(body: dict[str, Any]) -> Mapping[str, Any]:
+            try:
+                answer = await authorization.create_subject_access_review(
+                    body, _request_timeout=CONNECT_TIMEOUT
+                )
+            except ApiException as e:
+                raise ReviewFailed(f"{e.status} {e.reason}", e.status or 0) from None
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+                raise ReviewFailed(str(e) or type(e).__name__) from None
+            sanitized: Mapping[str, Any] = api.sanitize_for_serialization(answer)
+            return sanitized
+
+        return create
 
     async def _unwatch_secret(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
         """Stop one Secret's watch and forget what it brought (no rule needs it any more)."""

@@ -29,16 +29,19 @@ TokenRequest, standing in): unknown, expired or wrong-audience tokens are not au
 pod-bound ones carry the pod's name and uid in ``user.extra``. With ``configmap_dir``, every
 ConfigMap's keys are written there as files (the kubelet's configMap volume).
 
-What differs from a real API server: no authentication or authorization of its clients (RBAC is
-not checked; TokenReview only answers for the tokens it was given, which are opaque strings, not
-signed JWTs), no admission (objects are not validated: Istio objects the real server would refuse
-reach the agents, which validate them themselves; only a Secret's ``stringData`` is folded into
-``data``), pages of a paged LIST are not one snapshot, no label selectors, field selectors only
-``spec.nodeName``, ``spec.serviceAccountName``, ``metadata.name`` and ``metadata.namespace``
-(``=`` only), and the whole history is kept in
-memory until ``expire``. Objects have no server-set fields beyond ``resourceVersion`` and
-``creationTimestamp`` (set on create to the second, as the API server does, kept on updates;
-a test may give one to model an object created earlier); no uid.
+SubjectAccessReview (``/apis/authorization.k8s.io/v1/subjectaccessreviews``) is answered from the
+Roles, RoleBindings, ClusterRoles and ClusterRoleBindings it holds (rbac.py: a small RBAC
+authorizer), as the node agents ask it for Istio's credentialName authorization.
+
+What differs from a real API server: no authentication or authorization of its clients (RBAC is not
+checked for them; TokenReview only answers for the tokens it was given, which are opaque strings,
+not signed JWTs), no admission (objects are not validated: Istio objects the real server would
+refuse reach the agents, which validate them themselves; only a Secret's ``stringData`` is folded
+into ``data``), pages of a paged LIST are not one snapshot, no label selectors, field selectors
+only ``spec.nodeName``, ``spec.serviceAccountName``, ``metadata.name`` and ``metadata.namespace``
+(``=`` only), and the whole history is kept in memory until ``expire``. Objects have no server-set
+fields beyond ``resourceVersion`` and ``creationTimestamp`` (set on create to the second, as the
+API server does, kept on updates; a test may give one to model an object created earlier); no uid.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from nodeagent import kubeyaml
+from nodeagent.testbed import rbac
 
 log = logging.getLogger("nodeagent.testbed.apiserver")
 
@@ -77,6 +81,8 @@ CORE = {
 Obj = dict[str, Any]
 Route = tuple[str, str, str]  # resource, kind, apiVersion served
 TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+SUBJECT_ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+RBAC_GROUP = "rbac.authorization.k8s.io"
 # Field selectors the stand-in answers (a real server has a few more per kind), with the value a
 # pod without the field has (the ServiceAccount admission plugin sets "default").
 POD_FIELDS = {"spec.nodeName": "", "spec.serviceAccountName": "default"}
@@ -472,6 +478,8 @@ class APIServerStandIn:
             one = self._object(url.path)
             if method == "POST" and url.path == TOKENREVIEWS:
                 await self._token_review(writer, body)
+            elif method == "POST" and url.path == SUBJECT_ACCESS_REVIEWS:
+                await self._access_review(writer, body)
             elif method == "GET" and one is not None:
                 await self._get(writer, url.path, *one)
             elif method == "PATCH":
@@ -526,6 +534,40 @@ class APIServerStandIn:
             "metadata": {},
             "spec": spec or {},
             "status": self._review(spec),
+        }
+        await self._reply(writer, 201, review)
+
+    def access_review(self, spec: Any) -> Obj:
+        """SubjectAccessReview's status for SPEC from the Roles, RoleBindings, ClusterRoles
+        and ClusterRoleBindings held (rbac.py). ValueError naming the field of a bad SPEC."""
+        request = rbac.request_of(spec if isinstance(spec, dict) else {})
+        held = {
+            kind: list(self.objects.get(f"{RBAC_GROUP}/{kind}", {}).values())
+            for kind in ("roles", "rolebindings", "clusterroles", "clusterrolebindings")
+        }
+        allowed, reason = rbac.authorize(
+            request,
+            held["roles"],
+            held["rolebindings"],
+            held["clusterroles"],
+            held["clusterrolebindings"],
+        )
+        return {"allowed": allowed, "reason": reason} if reason else {"allowed": allowed}
+
+    async def _access_review(self, writer: asyncio.StreamWriter, body: Any) -> None:
+        self.requests.append(f"POST {SUBJECT_ACCESS_REVIEWS}")
+        spec = body.get("spec") if isinstance(body, dict) else None
+        try:
+            status = self.access_review(spec)
+        except ValueError as e:
+            await self._reply(writer, 400, _status(400, "BadRequest", str(e)))
+            return
+        review = {
+            "kind": "SubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {},
+            "spec": spec,
+            "status": status,
         }
         await self._reply(writer, 201, review)
 

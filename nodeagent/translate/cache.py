@@ -42,7 +42,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from nodeagent.mesh import credentials, locality, policy, tls_files, traffic
+from nodeagent.mesh import credentials, locality, policy, secret_access, tls_files, traffic
 from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service
@@ -192,6 +192,10 @@ class TranslationCache:
     _internal: _Memo | None = None  # the outbound-internal listener
     _originate: _Memo | None = None  # the originate-mtls cluster
     _originate_tls: _Memo | None = None  # the originate-tls cluster
+    # originate-tls's sockets: those the served clusters name now (_wanted_sockets) and those
+    # clusters Envoy may still hold name (make before break, see release_sockets).
+    _kept_sockets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _wanted_sockets: frozenset[str] = frozenset()
     _fast: dict[str, frozenset[int]] = field(default_factory=dict)  # local pod -> fast ports
     _vs_index: traffic.VirtualServiceIndex | None = None
     _by_vs: dict[str, set[str]] = field(default_factory=dict)  # VirtualService -> services
@@ -647,6 +651,7 @@ class TranslationCache:
                     f"DestinationRule of {subset.name}: tls",
                     workload_selector=bool(subset.credentials_namespace),
                     namespace=subset.credentials_namespace,
+                    denied=subset.credentials_denied,
                 )
                 if origination is not None and origination.socket is not None:
                     # Its files or Secret come over SDS: a missing one fails only its calls.
@@ -782,6 +787,7 @@ class TranslationCache:
         if not settings.sidecar:
             for type_url, resource in self._node_internals(local_pods, outbound_policy):
                 add(type_url, resource)
+            result.tls_sockets = self._wanted_sockets
 
         sidecar = settings.sidecar
         current = {local.pod.key for local in local_pods}
@@ -891,6 +897,21 @@ class TranslationCache:
                 changed.setdefault(type_url, set()).add(name)
         result.base, result.changed = before, changed
 
+    def release_sockets(self, held: Collection[str]) -> bool:
+        """Envoy holds every cluster of a translation whose service clusters name the
+        originate-tls sockets HELD (its ``tls_sockets``): a socket neither they nor the
+        clusters of the last build name is dropped from originate-tls at the next build. True
+        when one is (push again).
+
+        Make before break: a DestinationRule's tls change renames a service cluster's socket.
+        The new originate-tls, which needs no warming, is active at once, while Envoy keeps the
+        old service cluster (naming the old socket) until the new one has warmed (its EDS
+        response): without the old socket its calls would meet the refusing one."""
+        gone = self._kept_sockets.keys() - self._wanted_sockets - set(held)
+        for name in gone:
+            del self._kept_sockets[name]
+        return bool(gone)
+
     def _node_internals(self, local_pods: Sequence[LocalPod], outbound_policy: str) -> Made:
         """outbound-internal (every served chain, black holes for the closed VIP:ports) and
         originate-mtls (the local identities, and the DestinationRule modes binding them)."""
@@ -928,9 +949,11 @@ class TranslationCache:
             for by_name in self._tls_sockets.values()
             for name, socket in by_name.items()
         }
-        names = tuple(sorted(sockets))
+        self._wanted_sockets = frozenset(sockets)
+        self._kept_sockets.update(sockets)
+        names = tuple(sorted(self._kept_sockets))
         if self._originate_tls is None or self._originate_tls.inputs != names:
-            made = internal.originate_tls_cluster(sockets, upstream_bind())
+            made = internal.originate_tls_cluster(self._kept_sockets, upstream_bind())
             self._originate_tls = _Memo(names, [(envoy.CLUSTER, made)])
         assert self._internal.made is not None and self._originate.made is not None
         assert self._originate_tls.made is not None
@@ -991,6 +1014,7 @@ def _client_classes(
             service_views.ClientClass(
                 local.pod.namespace,
                 policy.selector_labels(store, local.pod.namespace, local.pod.labels),
+                secret_access.unauthorized(store, local.pod),
             )
             for local in local_pods
         }

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.mesh import tls_files
-from nodeagent.mesh.credentials import ca_name, certificate_name
+from nodeagent.mesh.credentials import UNAUTHORIZED_CA, ca_name, certificate_name
 from nodeagent.mesh.tls_files import SYSTEM_CA
 from nodeagent.translate.tls import sds, upstream_tls
 
@@ -75,11 +75,13 @@ def resolved(
     at: str,
     workload_selector: bool = False,
     namespace: str = "",
+    denied: bool = False,
 ) -> dict[str, Any] | None:
     """The setting a merged policy's TLS block (TLS) means for a cluster of HOST, with Istio's
     defaults filled in; None when it is no SIMPLE/MUTUAL (auto mTLS, DISABLE, ISTIO_MUTUAL are
     the originate path's). ValueError naming the field path (AT is the tls block's).
-    WORKLOAD_SELECTOR: the rule has one, so a credentialName is the Secret NAMESPACE/name."""
+    WORKLOAD_SELECTOR: the rule has one, so a credentialName is the Secret NAMESPACE/name.
+    DENIED: the callers may not have its certificate (mesh/secret_access.py)."""
     if tls is None:
         return None
     if not isinstance(tls, Mapping):
@@ -134,6 +136,10 @@ def resolved(
         # Over SDS: no file is read, the Secret's own CA (and CRL) replaces caCertificates.
         setting |= {"ca": "", "crl": "", "credential": f"{namespace}/{credential}"}
         setting["mutual"] = mode == MUTUAL
+        if denied and mode == MUTUAL:
+            # istiod never sends these callers the certificate: their TLS fails (Envoy's
+            # "Secret is not supplied by SDS"). A socket that trusts no server fails it too.
+            setting = {"sni": setting["sni"], "alpn": setting["alpn"], "denied": True}
     elif mode == MUTUAL:
         setting |= {"cert": strings["clientCertificate"], "key": strings["privateKey"]}
     return setting
@@ -153,10 +159,11 @@ def origination(
     at: str,
     workload_selector: bool = False,
     namespace: str = "",
+    denied: bool = False,
 ) -> Origination | None:
     """How a cluster of HOST whose merged policy has the TLS block TLS originates TLS (None:
     it does not: see ``resolved``; WORKLOAD_SELECTOR, NAMESPACE: the rule's, as there)."""
-    setting = resolved(tls, host, http2, at, workload_selector, namespace)
+    setting = resolved(tls, host, http2, at, workload_selector, namespace, denied)
     if setting is None:
         return None
     if setting.get("plaintext"):
@@ -179,6 +186,10 @@ def transport_socket(setting: Mapping[str, Any], sni: str = "") -> dict[str, Any
     common: dict[str, Any] = {"tls_params": {"tls_minimum_protocol_version": "TLSv1_2"}}
     if setting.get("alpn"):
         common["alpn_protocols"] = list(setting["alpn"])
+    if setting.get("denied"):
+        # No certificate, and only the placeholder CA trusted: every handshake fails.
+        common["validation_context_sds_secret_config"] = sds(UNAUTHORIZED_CA)
+        return upstream_tls(common, sni)
     credential = str(setting.get("credential") or "")
     if credential:
         namespace, _, name = credential.partition("/")

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from nodeagent.mesh import policy, traffic
+from nodeagent.mesh import policy, secret_access, traffic
 from nodeagent.mesh.model import IstioResource, Service
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import destination_rule, internal, mirror, virtual_service
@@ -54,16 +55,21 @@ from nodeagent.translate.routes import default_retry_policy
 from nodeagent.translate.services import ServiceTarget, outbound_cluster
 
 CANONICAL = ""  # a client namespace that has no rule of its own
+# The suffix of a selector rule's clusters for callers refused its credentialName's certificate.
+UNAUTHORIZED = "~unauthorized"
 
 
 @dataclass(frozen=True, order=True)
 class ClientClass:
     """Local client pods that see the same DestinationRules: their NAMESPACE, and SELECTED, the
     labels of theirs that its rules' workloadSelectors read (policy.selector_labels; empty when
-    no selector selects them)."""
+    no selector selects them). UNAUTHORIZED: their service account, when a selector rule
+    presents a credentialName's certificate for them and that account may not have it
+    (mesh/secret_access.py); "" otherwise. So a class is still a group, never one per pod."""
 
     namespace: str
     selected: tuple[tuple[str, str], ...] = ()
+    unauthorized: str = ""
 
 
 Client = ClientClass | str  # a bare namespace: its pods no workloadSelector selects
@@ -91,7 +97,10 @@ def rule_variant(
     mine = policy.destination_rule_for(store, who.namespace, svc, dict(who.selected))
     if _same(mine, canonical):
         return "", canonical
-    return "~" + (f"{mine.namespace}/{mine.name}" if mine is not None else "none"), mine
+    suffix = "~" + (f"{mine.namespace}/{mine.name}" if mine is not None else "none")
+    if who.unauthorized and secret_access.presents_credential(mine):
+        suffix += UNAUTHORIZED  # the rule's clusters without its certificate
+    return suffix, mine
 
 
 def service_of_host(store: MeshStore, hostname: str) -> Service | None:
@@ -122,6 +131,8 @@ class SubsetCluster:
     # Istio's auto mTLS for it then looks at the service's endpoints (checks_endpoints).
     passthrough: bool = False
     checks_endpoints: bool = False
+    # Its callers may not have the credentialName's certificate (mesh/secret_access.py).
+    credentials_denied: bool = False
 
 
 def port_clusters(
@@ -139,6 +150,7 @@ def port_clusters(
     for suffix, rule in sorted(rules.items()):
         spec = rule.spec if rule is not None else {}
         secrets = rule.namespace if rule is not None and spec.get("workloadSelector") else ""
+        denied = suffix.endswith(UNAUTHORIZED)
         made.append(
             SubsetCluster(
                 target.cluster + suffix,
@@ -147,6 +159,7 @@ def port_clusters(
                 credentials_namespace=secrets,
                 passthrough=destination_rule.is_passthrough(spec, port),
                 checks_endpoints=destination_rule.checks_endpoints(spec),
+                credentials_denied=denied,
             )
         )
         for subset in spec.get("subsets") or []:
@@ -161,6 +174,7 @@ def port_clusters(
                     secrets,
                     destination_rule.is_passthrough(spec, port, name),
                     destination_rule.checks_endpoints(spec, name),
+                    credentials_denied=denied,
                 )
             )
     return made
@@ -267,6 +281,15 @@ def _caller_in(namespaces: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _caller_is(namespace: str, service_account: str) -> dict[str, Any]:
+    """A route match on the calling pod's namespace and service account."""
+    account = re.escape(service_account)
+    return {
+        "key": internal.CALLER_KEY,
+        "string_match": {"safe_regex": {"regex": f"^spiffe://[^/]+/ns/{namespace}/sa/{account}$"}},
+    }
+
+
 def _guards(
     views: Sequence[tuple[Any, list[ClientClass]]],
 ) -> list[tuple[Any, list[dict[str, Any]]]]:
@@ -289,10 +312,18 @@ def _guards(
             plain.append((content, namespaces))
         by_class += [(m, content) for m in members if m.namespace in split and m.selected]
     out: list[tuple[Any, list[dict[str, Any]]]] = []
-    for member, content in sorted(by_class, key=lambda c: (-len(c[0].selected), c[0])):
+    # A class refused a credential is its service account's pods of those labels: before the
+    # class of the same labels, which its pods match too.
+    order = sorted(by_class, key=lambda c: (not c[0].unauthorized, -len(c[0].selected), c[0]))
+    for member, content in order:
         where = f"workloadSelector of {member.namespace}"
         labels = virtual_service.labels_matcher(dict(member.selected), where)
-        out.append((content, [_caller_in([member.namespace]), labels]))
+        caller = (
+            _caller_is(member.namespace, member.unauthorized)
+            if member.unauthorized
+            else _caller_in([member.namespace])
+        )
+        out.append((content, [caller, labels]))
     out += [
         (content, [_caller_in(namespaces)])
         for content, namespaces in sorted(plain, key=lambda v: v[1])

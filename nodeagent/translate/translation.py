@@ -57,6 +57,8 @@ class Translation:
     # node (its view was added to them). Its pods' first requests use those tables, and Envoy
     # applies RDS after LDS: a pod is ready only once Envoy holds them (proxy.py).
     route_guards: dict[str, frozenset[str]] = field(default_factory=dict)
+    # originate-tls sockets the service clusters name (TranslationCache.release_sockets).
+    tls_sockets: frozenset[str] = frozenset()
     # What differs from BASE (the resources of the translation before, from the same cache):
     # per type URL, names whose message is not the very same object there. None: not known.
     base: Resources | None = field(default=None, repr=False, compare=False)

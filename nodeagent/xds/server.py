@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class XdsServer:
         self.cache = cache
         self.metrics = XdsMetrics(registry)
         self.ack_timeout = ack_timeout
+        # Per type, names updated in a response of their own before the rest (delta streams;
+        # see TypeState.leaders). Set before Envoy connects.
+        self.leaders: Mapping[str, frozenset[str]] = {}
         self._streams: dict[str, list[AdsStream]] = {}
         self._last_status: dict[str, dict[str, TypeStatus]] = {}
         self._server: Any = None

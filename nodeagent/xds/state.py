@@ -71,6 +71,10 @@ class Plan:
 class TypeState:
     type_url: str
     sotw: bool
+    # Names whose update goes out alone, ahead of the rest of the type, once Envoy holds
+    # resources of it (delta only): what others name without Envoy knowing (e.g. a transport
+    # socket of a shared cluster), so it is active before what names it (make before break).
+    leaders: frozenset[str] = frozenset()
     subscribed: bool = False  # Envoy asked for this type on this stream
     wildcard: bool = False
     named_ever: bool = False  # once Envoy named a resource, an empty list is no wildcard any more
@@ -266,6 +270,10 @@ class TypeState:
             upserts = {n: current[n] for n in self.force if n in current}
         else:
             upserts = {n: v for n, v in current.items() if self.sent.get(n) != v or n in self.force}
+        if self.leaders and self.sent and len(upserts) > 1:
+            leading = {n: v for n, v in upserts.items() if n in self.leaders}
+            if leading and len(leading) < len(upserts):
+                upserts = leading  # the rest once Envoy ACKed them (warmed, see stream.py)
         absent = sorted(self.explicit.difference(current.keys(), self.sent, self.told_absent))
         if not (upserts or absent or self.respond):
             return None

@@ -4,7 +4,8 @@ Ordering rule, per snapshot: walk the types in ORDER and send the first one whos
 differ from what Envoy has; a later type waits while an earlier one's response is unanswered
 (bounded by the ACK timeout), and while Envoy is yet to subscribe to the EDS/RDS names of the
 clusters/listeners it was just sent. The exceptions are EDS and SDS behind an unanswered CDS (see
-_EXEMPT). Once no addition is left, withdrawals go out in
+_EXEMPT). Within a type, a changed leader (XdsServer.leaders) goes out alone first, the rest
+once Envoy ACKed it (delta). Once no addition is left, withdrawals go out in
 REMOVAL_ORDER under the same rule. A NACKed response is not sent again: a type is only sent
 when its resources differ from the last response, so after a NACK the next push of that type
 comes with a snapshot that changes it.
@@ -17,7 +18,7 @@ import itertools
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from nodeagent.xds import types
@@ -41,6 +42,7 @@ class StreamHost(Protocol):
     cache: SnapshotCache
     metrics: XdsMetrics
     ack_timeout: float
+    leaders: Mapping[str, frozenset[str]]  # type URL -> TypeState.leaders
 
     def attach(self, stream: AdsStream) -> None: ...
 
@@ -73,7 +75,10 @@ class AdsStream(ABC):
         self.node_id: str | None = None
         self.snapshot: Snapshot | None = None
         self.opened_at = time.monotonic()
-        self.states = {t: TypeState(t, sotw=self.sotw) for t in types.ORDER}
+        self.states = {
+            t: TypeState(t, sotw=self.sotw, leaders=host.leaders.get(t, frozenset()))
+            for t in types.ORDER
+        }
         self._nonces = itertools.count(1)
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._unknown_types: set[str] = set()

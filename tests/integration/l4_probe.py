@@ -4,10 +4,18 @@
 and closes (a client never speaks first, as with MySQL or SMTP).
 ``serve-tls PORT CERT KEY VERSION``: a TLS app with its own certificate: after the handshake it
 sends ``VERSION\\n`` and closes.
+After its version, the TCP app echoes each line the client sends, until the client closes (or
+is silent for IDLE seconds): a client may hold the connection (``hold-tcp``).
 ``call-tcp HOST PORT COUNT`` / ``call-tls HOST PORT SNI COUNT``: COUNT connections, one after
 the other (each at most 5 s, all at most 30 s); prints one JSON line: ``versions`` (answer ->
 count) and ``errors`` (the first few). The TLS client sends SNI and does not verify the app's
 certificate: the route, not the app's identity, is under test.
+``call-tls-until HOST PORT SNI STOPFILE SECONDS``: as call-tls, until STOPFILE exists (at most
+SECONDS).
+``hold-tcp HOST PORT STOPFILE SECONDS``: ONE connection, held: reads the version, says
+``connected`` on stderr, then sends a numbered line every 0.1 s and reads its echo, until
+STOPFILE exists (or SECONDS passed, or the connection broke); prints one JSON line:
+``version``, ``echoes`` (lines echoed back) and ``error`` (what broke it, "" if nothing).
 
 Stdlib only: it runs inside a pod's network namespace with the test's interpreter.
 """
@@ -15,6 +23,7 @@ Stdlib only: it runs inside a pod's network namespace with the test's interprete
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import sys
@@ -24,6 +33,7 @@ from collections import Counter
 
 TIMEOUT = 5.0
 DEADLINE = 30.0
+IDLE = 60.0  # a held connection's silence the TCP app waits out
 
 
 def _listen(port: int) -> socket.socket:
@@ -43,6 +53,9 @@ def serve(port: int, version: str, context: ssl.SSLContext | None) -> None:
             if context is None:
                 with conn:
                     conn.sendall(version.encode() + b"\n")
+                    conn.settimeout(IDLE)
+                    while data := conn.recv(4096):
+                        conn.sendall(data)
                 return
             with context.wrap_socket(conn, server_side=True) as tls:
                 tls.sendall(version.encode() + b"\n")
@@ -64,15 +77,19 @@ def _read_line(sock: socket.socket) -> str:
     return data.decode().strip()
 
 
-def call(host: str, port: int, count: int, sni: str | None) -> dict[str, object]:
+def call(
+    host: str, port: int, count: int, sni: str | None, stop: str = "", deadline: float = DEADLINE
+) -> dict[str, object]:
     versions: Counter[str] = Counter()
     errors: list[str] = []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     start = time.monotonic()
-    for _ in range(min(count, 200)):
-        if time.monotonic() - start > DEADLINE:
+    for _ in range(count):
+        if stop and os.path.exists(stop):
+            break
+        if time.monotonic() - start > deadline:
             errors.append("deadline")
             break
         try:
@@ -90,6 +107,28 @@ def call(host: str, port: int, count: int, sni: str | None) -> dict[str, object]
     return {"versions": dict(versions), "errors": errors}
 
 
+def hold(host: str, port: int, stop: str, seconds: float) -> dict[str, object]:
+    echoes, error, version = 0, "", ""
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+            reader = sock.makefile("rb")
+            version = reader.readline().decode().strip()
+            print("connected", file=sys.stderr, flush=True)
+            while not os.path.exists(stop) and time.monotonic() - start < seconds:
+                line = f"ping {echoes}\n".encode()
+                sock.sendall(line)
+                answer = reader.readline()
+                if answer != line:
+                    error = f"after {echoes} echoes: got {answer!r}"
+                    break
+                echoes += 1
+                time.sleep(0.1)
+    except OSError as e:
+        error = f"after {echoes} echoes: {type(e).__name__}: {e}"
+    return {"version": version, "echoes": echoes, "error": error}
+
+
 def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "serve-tcp":
@@ -99,9 +138,13 @@ def main(argv: list[str]) -> None:
         context.load_cert_chain(args[1], args[2])
         serve(int(args[0]), args[3], context)
     elif command == "call-tcp":
-        print(json.dumps(call(args[0], int(args[1]), int(args[2]), None)))
+        print(json.dumps(call(args[0], int(args[1]), min(int(args[2]), 200), None)))
+    elif command == "hold-tcp":
+        print(json.dumps(hold(args[0], int(args[1]), args[2], float(args[3]))))
     elif command == "call-tls":
-        print(json.dumps(call(args[0], int(args[1]), int(args[3]), args[2])))
+        print(json.dumps(call(args[0], int(args[1]), min(int(args[3]), 200), args[2])))
+    elif command == "call-tls-until":
+        print(json.dumps(call(args[0], int(args[1]), 20000, args[2], args[3], float(args[4]))))
     else:
         raise SystemExit(f"unknown command {command!r}")
 

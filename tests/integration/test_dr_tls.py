@@ -12,8 +12,11 @@ The certificate files are paths on the node, which the agent serves over SDS and
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,8 @@ pytestmark = pytest.mark.integration
 
 NAME = "tbdrtls"
 SERVER, CLIENT = "secure.example", "client.example"  # the DNS SAN of each certificate
+PY = sys.executable
+STEADY = str(Path(__file__).with_name("steady_client.py"))
 ROTATED = "rotated.example"  # the client certificate a rotated Secret holds
 SECURE = "http://secure:8443/"
 MUTUAL = "http://secure-mutual:9443/"
@@ -42,6 +47,8 @@ def _topology(pki: Path) -> str:
     require = serve | {"TLS_CLIENT_CA": str(pki / "ca.pem")}
     pods = [
         {"name": "sleep", "node": "n1", "labels": {"app": "sleep"}},
+        # The same labels, another service account (credentialName authorization is per account).
+        {"name": "sleep-other", "node": "n1", "labels": {"app": "sleep"}},
         # One TLS-serving replica per node: the local one must not take the fast path either.
         *(
             {
@@ -61,6 +68,8 @@ def _topology(pki: Path) -> str:
     ]
     for pod in pods:
         pod |= {"namespace": "default", "serviceAccount": pod["labels"]["app"]}
+        if pod["name"] == "sleep-other":
+            pod["serviceAccount"] = "sleep-other"
     services = [("secure", 8443), ("secure-mutual", 9443)]
     return "\n".join(
         [
@@ -270,6 +279,30 @@ def put_secret(tb: Testbed, name: str, pki: Path, client: str) -> None:
     put_config(tb, f"secret-{name}.yaml", [secret])
 
 
+def allow_secrets(tb: Testbed, *accounts: str) -> Path:
+    """A Role that may list Secrets in default, bound to ACCOUNTS (of default): what Istio asks
+    of a proxy's service account before it serves it a credentialName's certificate
+    (istio/istio pilot/pkg/credentials/kube/secrets.go Authorize). Returns the file to remove."""
+    group = "rbac.authorization.k8s.io"
+    role = {
+        "apiVersion": f"{group}/v1",
+        "kind": "Role",
+        "metadata": {"name": "secret-reader", "namespace": "default"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}],
+    }
+    binding = {
+        "apiVersion": f"{group}/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "secret-reader", "namespace": "default"},
+        "roleRef": {"apiGroup": group, "kind": "Role", "name": "secret-reader"},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": a, "namespace": "default"} for a in accounts
+        ],
+    }
+    put_config(tb, "rbac-secret-reader.yaml", [role, binding])
+    return layout.cluster_dir(tb.name) / "rbac-secret-reader.yaml"
+
+
 def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
     clean: Testbed, pki: Path
 ) -> None:
@@ -279,6 +312,7 @@ def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
     rotated Secret is presented on new connections without a restart."""
     tb = clean
     secret_file = layout.cluster_dir(tb.name) / "secret-client-cred.yaml"
+    rbac_file = allow_secrets(tb, "sleep")
     try:
         put_secret(tb, "client-cred", pki, CLIENT)
         rule = tls_rule("secure-mutual", mode="MUTUAL", sni=SERVER, credentialName="client-cred")
@@ -307,6 +341,39 @@ def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
         assert failed == [], failed
     finally:
         secret_file.unlink(missing_ok=True)
+        rbac_file.unlink(missing_ok=True)
+
+
+def test_credential_name_only_for_service_accounts_that_may_list_secrets(
+    clean: Testbed, pki: Path
+) -> None:
+    """istiod serves a credentialName's certificate to a proxy, sidecars included, only when
+    its service account may list Secrets in its namespace (istio/istio pilot/pkg/xds/sds.go
+    filterAuthorizedResources; a SubjectAccessReview). Two callers with the same labels, one
+    account bound to such a Role: it presents the certificate; the other's TLS fails."""
+    tb = clean
+    secret_file = layout.cluster_dir(tb.name) / "secret-client-cred.yaml"
+    rbac_file = allow_secrets(tb, "sleep")
+    try:
+        put_secret(tb, "client-cred", pki, CLIENT)
+        rule = tls_rule("secure-mutual", mode="MUTUAL", sni=SERVER, credentialName="client-cred")
+        rule["workloadSelector"] = {"matchLabels": {"app": "sleep"}}
+        apply(tb, rule)
+        until_status(tb, MUTUAL, "200")
+        (tls,) = handshakes(tb, MUTUAL, 1).values()
+        assert tls["client_cert"]["subject"] == f"commonName={CLIENT}", tls
+        # The refused account: its calls fail (503: the upstream TLS handshake fails), each
+        # time, while the allowed one's keep working.
+        for _ in range(3):
+            assert http_status(tb.exec, "default/sleep-other", MUTUAL) == "503"
+            assert status(tb, MUTUAL) == "200"
+        # Each answer came from the API server's review of the account (not a default).
+        log = (layout.logs_dir(tb.name) / "n1.agent.log").read_text(errors="replace")
+        assert "system:serviceaccount:default:sleep-other may not list secrets in default" in log
+        assert "system:serviceaccount:default:sleep may list secrets in default" in log
+    finally:
+        secret_file.unlink(missing_ok=True)
+        rbac_file.unlink(missing_ok=True)
 
 
 def _place(directory: Path, source: Path) -> None:
@@ -393,3 +460,158 @@ def test_a_missing_file_that_appears_later_is_taken_without_a_rule_change(
     until_status(tb, MUTUAL, "200")
     (tls,) = handshakes(tb, MUTUAL, 1).values()
     assert tls["client_cert"] == {"subject": f"commonName={CLIENT}", "sans": [f"DNS:{CLIENT}"]}
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    """The steady client's requests answered so far (steady_client.py: one JSON line each)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in out.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # the line being written
+                found.append(json.loads(line))
+    return found
+
+
+def flip_under_calls(
+    tb: Testbed, url: str, flips: list[tuple[list[dict[str, Any]], Any]], tmp_path: Path
+) -> tuple[int, list[dict[str, Any]], list[str]]:
+    """Apply each (rules, seen) of FLIPS in turn, each waited for until the app's answer to a
+    call of URL gives SEEN(answer's tls) true, while a steady client (a new connection per
+    call, 100 a second) calls URL all along: (calls, the failed ones, failed probe calls)."""
+    probes_failed: list[str] = []  # the waits' own calls count too
+
+    def landed(seen: Any) -> bool:
+        proc = tb.exec("default/sleep", ["curl", "-sS", "--max-time", "10", url])
+        try:
+            return bool(seen(json.loads(proc.stdout)["tls"]))
+        except (ValueError, KeyError):
+            probes_failed.append(proc.stdout or proc.stderr)
+            return False
+
+    host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+    out, stop = tmp_path / "steady.jsonl", tmp_path / "stop"
+    argv = [PY, STEADY, host, port, "flip", "100", "300", str(out), str(stop)]
+    client = subprocess.Popen(
+        tb.exec_argv("default/sleep", argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: len(_records(out)) >= 10, 30, "the steady client's first calls")
+        for rules, seen in flips:
+            apply(tb, *rules)
+            wait_for(lambda seen=seen: landed(seen), 30, "the flip landed", step=0.1)
+        count = len(_records(out))
+        wait_for(lambda: len(_records(out)) >= count + 25, 30, "calls after the last flip")
+    finally:
+        stop.touch()
+        try:
+            client.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait(timeout=10)
+    records = _records(out)
+    failed = [r for r in records if not r["ok"]]
+    print(f"{len(records)} calls, {len(failed)} failed; probes failed: {probes_failed}")
+    return len(records), failed, probes_failed
+
+
+def test_no_call_fails_while_the_tls_setting_flips(
+    clean: Testbed, pki: Path, tmp_path: Path
+) -> None:
+    """Make before break: each change of the rule's setting moves the service's clusters to
+    another transport socket of the shared originate-tls cluster. A client calling all along
+    sees no failed call while the setting flips 30 times, each flip waited for until the apps
+    see its SNI (Istio's sidecar swaps a cluster's TLS context whole, so a call meets the old
+    setting or the new one)."""
+    verified = tls_rule(
+        "secure",
+        mode="SIMPLE",
+        sni=SERVER,
+        caCertificates=str(pki / "ca.pem"),
+        subjectAltNames=[SERVER],
+    )
+    unverified = tls_rule("secure", mode="SIMPLE", insecureSkipVerify=True)  # SNI: the FQDN
+    apply(clean, verified)
+    until_status(clean, SECURE, "200")
+
+    def sni(name: str) -> Any:
+        return lambda tls: tls.get("sni") == name
+
+    flips = [([unverified], sni(FQDN)), ([verified], sni(SERVER))] * 15
+    calls, failed, probes_failed = flip_under_calls(clean, SECURE, flips, tmp_path)
+    assert calls > 100
+    assert failed == [], failed[:5]
+    assert probes_failed == []
+    # ... and the old sockets do not pile up: once Envoy holds the last setting's clusters,
+    # originate-tls keeps that setting's socket only.
+    wait_for(lambda: len(tls_sockets(clean, "n1")) == 1, 30, "one socket in originate-tls")
+
+
+def tls_sockets(tb: Testbed, node: str) -> list[str]:
+    """The DestinationRule sockets of NODE's originate-tls cluster, as its Envoy holds it."""
+    dump = json.loads(envoy_admin(tb.name, node, "/config_dump?resource=dynamic_active_clusters"))
+    names = [
+        m["name"]
+        for c in dump["configs"]
+        if c["cluster"]["name"] == "originate-tls"
+        for m in c["cluster"].get("transport_socket_matches", [])
+    ]
+    return [n for n in names if n.startswith("dr-tls-")]
+
+
+def test_no_call_fails_while_a_selector_rule_flips_its_credential(
+    clean: Testbed, pki: Path, tmp_path: Path
+) -> None:
+    """The same with credentialName (a selector rule): each flip names the other Secret, so
+    the new socket's certificate comes over SDS and originate-tls warms until it has it; the
+    service's cluster, which only waits for its endpoints, must not name that socket before
+    (originate-tls goes out first, see XdsServer.leaders). The app sees the flipped
+    certificate; no call fails. Both Secrets stay named all along, by a rule whose sockets
+    use neither (SIMPLE, insecureSkipVerify: Envoy asks for no SDS secret of theirs), so
+    the agent has read them while Envoy does not hold them: a Secret no rule named before is
+    read only once a rule names it, and until then that rule's calls fail (its socket has the
+    missing Secret's placeholder; a finding of issue #15, not under test here)."""
+    tb = clean
+    files = [layout.cluster_dir(tb.name) / f"secret-{n}.yaml" for n in ("cred-a", "cred-b")]
+    try:
+        put_secret(tb, "cred-a", pki, CLIENT)
+        put_secret(tb, "cred-b", pki, ROTATED)
+        rules = {}
+        for name in ("cred-a", "cred-b"):
+            rule = tls_rule("secure-mutual", mode="MUTUAL", sni=SERVER, credentialName=name)
+            rule["workloadSelector"] = {"matchLabels": {"app": "sleep"}}
+            rules[name] = rule
+        keeper = {
+            "host": "secure",
+            "workloadSelector": {"matchLabels": {"app": "sleep"}},
+            "subsets": [
+                {
+                    "name": name,
+                    "labels": {"app": "secure"},
+                    "trafficPolicy": {
+                        "tls": {
+                            "mode": "SIMPLE",
+                            "insecureSkipVerify": True,
+                            "credentialName": name,
+                        }
+                    },
+                }
+                for name in ("cred-a", "cred-b")
+            ],
+        }
+        apply(tb, rules["cred-a"], keeper)
+        until_status(tb, MUTUAL, "200")
+
+        def presents(san: str) -> Any:
+            return lambda tls: tls.get("client_cert", {}).get("sans") == [f"DNS:{san}"]
+
+        flips = [
+            ([rules["cred-b"], keeper], presents(ROTATED)),
+            ([rules["cred-a"], keeper], presents(CLIENT)),
+        ] * 8
+        calls, failed, probes_failed = flip_under_calls(tb, MUTUAL, flips, tmp_path)
+        assert calls > 50
+        assert failed == [], failed[:5]
+        assert probes_failed == []
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)

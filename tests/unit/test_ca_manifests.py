@@ -23,7 +23,6 @@ import click
 import pytest
 from apiserver_standin import APIServerStandIn
 from ca_client import create_certificate, make_csr
-from kube_rbac import Grant, Subject, allowed, grants
 from kube_render import MIN_VERSION, client_version, render
 from kube_schemas import K8S_VERSIONS, assert_valid
 
@@ -38,6 +37,8 @@ from nodeagent.cli.agent import _check_ca_options
 from nodeagent.identity.ca import ROOT_CERT, plugin_cacerts
 from nodeagent.identity.protocol import DEFAULT_PORT
 from nodeagent.identity.remote import RemoteCA
+from nodeagent.mesh.secret_access import username
+from nodeagent.testbed import rbac
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET_DIR = ROOT / "daemonset"
@@ -397,29 +398,107 @@ def test_replicas_follow_istiod_and_a_budget_comes_with_more() -> None:
 # -- RBAC ------------------------------------------------------------------------------------
 
 
-def _grants() -> list[Grant]:
-    return grants(_docs())
+RBAC_KINDS = ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 
 
-def _ca_account() -> Subject:
-    return Subject(NAMESPACE, _pod(_ca_deployment())["serviceAccountName"])
+def _refuse_what_cannot_be_told(docs: list[dict[str, Any]]) -> None:
+    """Fails on a binding whose grant these manifests alone do not tell: to a role they do not
+    define (cluster-admin, ...) or an aggregated ClusterRole (its rules are the cluster's), of a
+    subject other than a ServiceAccount (a User or Group is anyone's), or of nonResourceURLs."""
+    roles = {
+        (d["metadata"].get("namespace"), d["metadata"]["name"]): d
+        for d in docs
+        if d["kind"] == "Role"
+    }
+    cluster_roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+    for binding in docs:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        meta, ref = binding["metadata"], binding["roleRef"]
+        where = f"{binding['kind']} {meta.get('namespace', '')}/{meta['name']}".replace(" /", " ")
+        if ref["kind"] == "Role" and binding["kind"] == "RoleBinding":
+            role = roles.get((meta.get("namespace"), ref["name"]))
+        elif ref["kind"] == "ClusterRole":
+            role = cluster_roles.get(ref["name"])
+        else:
+            raise AssertionError(f"{where}: roleRef kind {ref['kind']!r} is not allowed here")
+        assert role is not None, (
+            f"{where} binds {ref['kind']} {ref['name']}, which these manifests do not define:"
+            " what it grants cannot be told"
+        )
+        assert not role.get("aggregationRule"), (
+            f"{where}: {ref['kind']} {ref['name']} is aggregated"
+        )
+        for subject in binding.get("subjects") or []:
+            assert subject["kind"] == "ServiceAccount", (
+                f"{where}: subject {subject} is not a ServiceAccount"
+            )
+        for rule in role.get("rules") or []:
+            assert not rule.get("nonResourceURLs"), (
+                f"{where}: nonResourceURLs {rule['nonResourceURLs']}"
+            )
 
 
-def _agent_account() -> Subject:
-    return Subject(NAMESPACE, _pod(_daemonset())["serviceAccountName"])
+def _grants() -> list[rbac.Grant]:
+    """Every (subject, rule) the manifests' bindings make, by the stand-in API server's RBAC."""
+    docs = _docs()
+    _refuse_what_cannot_be_told(docs)
+    objs = {kind: [d for d in docs if d["kind"] == kind] for kind in RBAC_KINDS}
+    return rbac.grants(*(objs[kind] for kind in RBAC_KINDS))
+
+
+def _ca_account() -> str:
+    return username(NAMESPACE, _pod(_ca_deployment())["serviceAccountName"])
+
+
+def _agent_account() -> str:
+    return username(NAMESPACE, _pod(_daemonset())["serviceAccountName"])
+
+
+def _request(
+    user: str, verb: str, group: str, resource: str, namespace: str | None, name: str | None
+) -> rbac.Request:
+    """The authorizer's attributes of a request (namespace None: cluster-wide): a subresource
+    after the "/"; no name for a create of a collection, which the API server does not know
+    then, so resourceNames never allow it (kubernetes.io/docs/reference/access-authn-authz/rbac/
+    "Referring to resources")."""
+    resource, _, subresource = resource.partition("/")
+    if verb == "create" and not subresource:
+        name = None
+    return rbac.Request(user, (), namespace or "", verb, group, resource, subresource, name or "")
+
+
+def _allowed(
+    all_grants: list[rbac.Grant],
+    user: str,
+    verb: str,
+    group: str,
+    resource: str,
+    namespace: str | None,
+    name: str | None = None,
+) -> list[str]:
+    """The bindings and rules that let USER do it (empty: denied), for messages."""
+    request = _request(user, verb, group, resource, namespace, name)
+    return [f"{g.source}: {g.rule}" for g in rbac.allowing(request, all_grants)]
+
+
+def _rule(grant: rbac.Grant, field: str) -> list[str]:
+    values: list[str] = grant.rule.get(field) or []
+    return values
 
 
 def _secret_readers(
-    all_grants: list[Grant],
-) -> set[tuple[Subject, str | None, str, frozenset[str]]]:
+    all_grants: list[rbac.Grant],
+) -> set[tuple[str, str | None, str, frozenset[str]]]:
     """(subject, namespace or None for every one, verb, names or {"*"}) of each grant that lets
     someone read Secrets."""
     out = set()
     for g in all_grants:
+        names = _rule(g, "resourceNames")
         for verb in READS:
-            probe = next(iter(g.names)) if g.names else None
-            if g.allows(verb, "", "secrets", g.namespace, probe):
-                out.add((g.subject, g.namespace, verb, g.names or frozenset({"*"})))
+            probe = names[0] if names else None
+            if g.allows(_request(g.subject, verb, "", "secrets", g.namespace, probe)):
+                out.add((g.subject, g.namespace or None, verb, frozenset(names or ["*"])))
     return out
 
 
@@ -454,13 +533,15 @@ def test_the_node_agent_cannot_read_secrets_mint_or_review_tokens(namespace: str
         ("bind", "rbac.authorization.k8s.io", "clusterroles", None),
     ]
     for verb, group, resource, name in denied:
-        granted = allowed(g, agent, verb, group, resource, namespace, name)
+        granted = _allowed(g, agent, verb, group, resource, namespace, name)
         assert not granted, f"{agent} may {verb} {group}/{resource} {name}: {granted}"
     # ...nor may anyone but the CA review tokens.
     reviewers = {
         x.subject
         for x in g
-        if x.allows("create", "authentication.k8s.io", "tokenreviews", None, None)
+        if x.allows(
+            _request(x.subject, "create", "authentication.k8s.io", "tokenreviews", None, None)
+        )
     }
     assert reviewers == {_ca_account()}
 
@@ -479,7 +560,8 @@ def test_the_ca_cannot_become_another_workload_or_widen_its_access() -> None:
         ("update", "", "configmaps", "shop", ROOT_CONFIGMAP),
         ("watch", "", "pods", None, None),
     ]:
-        assert not allowed(g, ca, verb, group, resource, namespace, name), (verb, resource, name)
+        granted = _allowed(g, ca, verb, group, resource, namespace, name)
+        assert not granted, (verb, resource, name, granted)
 
 
 # The CA, run against the stand-in API server, makes exactly the requests its RBAC allows, and its
@@ -590,14 +672,14 @@ def test_the_cas_rbac_allows_every_request_it_makes_and_no_other_kind(tmp_path: 
     assert {("create", "", "secrets"), ("update", "", "configmaps")} <= kinds
     assert ("create", "authentication.k8s.io", "tokenreviews") in kinds
     for request in observed:
-        assert allowed(g, ca, *request), f"the CA's RBAC denies a request it makes: {request}"
+        assert _allowed(g, ca, *request), f"the CA's RBAC denies a request it makes: {request}"
     granted = {
         (verb, group, resource)
         for x in g
         if x.subject == ca
-        for verb in x.verbs
-        for group in x.api_groups
-        for resource in x.resources
+        for verb in _rule(x, "verbs")
+        for group in _rule(x, "apiGroups")
+        for resource in _rule(x, "resources")
     }
     assert granted == kinds, f"granted but never used: {sorted(granted - kinds)}"
     # Names, where RBAC can restrict them, are exactly the ones the CA uses.
@@ -605,9 +687,9 @@ def test_the_cas_rbac_allows_every_request_it_makes_and_no_other_kind(tmp_path: 
     restricted = {
         (verb, resource, name)
         for x in g
-        if x.subject == ca and x.names
-        for verb in x.verbs
-        for resource in x.resources
-        for name in x.names
+        if x.subject == ca
+        for verb in _rule(x, "verbs")
+        for resource in _rule(x, "resources")
+        for name in _rule(x, "resourceNames")
     }
     assert restricted == named

@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from nodeagent.identity.tls_files import FileSecrets
 from nodeagent.mesh.model import IstioResource, Pod
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import LocalPod, client_tls, internal, translate
+from nodeagent.translate import LocalPod, TranslationCache, client_tls, internal, translate
 from nodeagent.translate import envoy as e
 from nodeagent.translate.destination_rule import check
 from tests.tls_certs import write_app_pki
@@ -241,6 +241,41 @@ def test_a_rules_socket_does_not_depend_on_its_files(tmp_path: Path) -> None:
         assert as_json(outs[0][e.CLUSTER][name]) == as_json(outs[1][e.CLUSTER][name])
     socket = meta(outs[0], f"outbound|80||{HOST}")["tls_socket"]
     assert socket.startswith(client_tls.SOCKET_PREFIX)
+
+
+def _socket_names(out: dict[str, Any]) -> set[str]:
+    originate = as_json(out[e.CLUSTER][internal.ORIGINATE_TLS])
+    return {m["name"] for m in originate["transportSocketMatches"]} - {
+        internal.PLAINTEXT,
+        internal.NO_IDENTITY,
+    }
+
+
+def test_a_changed_setting_keeps_the_old_socket_until_envoy_holds_the_new_clusters() -> None:
+    """Make before break: the rule's setting changes, so the service cluster names another
+    socket. Envoy keeps the old cluster (naming the old socket) until the new one has warmed,
+    while originate-tls needs no warming: originate-tls holds both sockets until Envoy ACKed
+    clusters that no longer name the old one; then the next build drops it."""
+    s = store()
+    first = {"mode": "SIMPLE", "sni": "a.example", "insecureSkipVerify": True}
+    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": first}}))
+    cache = TranslationCache()
+    before = cache.build(s, [local("a")])
+    old = meta(before.resources, f"outbound|80||{HOST}")["tls_socket"]
+    assert before.tls_sockets == {old} == _socket_names(before.resources)
+    second = {"mode": "SIMPLE", "sni": "b.example", "insecureSkipVerify": False}
+    s.put_istio(rule("shop", {"host": HOST, "trafficPolicy": {"tls": second}}))
+    after = cache.build(s, [local("a")])
+    new = meta(after.resources, f"outbound|80||{HOST}")["tls_socket"]
+    assert new != old and after.tls_sockets == {new}
+    assert _socket_names(after.resources) == {old, new}
+    # Envoy ACKed the clusters of the build before: they still name the old socket.
+    assert not cache.release_sockets(before.tls_sockets)
+    assert _socket_names(cache.build(s, [local("a")]).resources) == {old, new}
+    # ... then those of the new build: the old socket goes, the new one stays.
+    assert cache.release_sockets(after.tls_sockets)
+    assert _socket_names(cache.build(s, [local("a")]).resources) == {new}
+    assert not cache.release_sockets(after.tls_sockets)
 
 
 def _validate(tmp_path: Path, out: dict[str, Any], s: MeshStore) -> None:

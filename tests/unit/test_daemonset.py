@@ -129,8 +129,12 @@ def test_namespaced_objects_live_in_the_agent_namespace() -> None:
 
 # -- RBAC ------------------------------------------------------------------------------------
 
+REVIEWS = ("authorization.k8s.io", "subjectaccessreviews")
 
-def test_cluster_role_is_read_only_but_for_patching_pods() -> None:
+
+def test_cluster_role_is_read_only_but_for_patching_pods_and_reviewing_access() -> None:
+    """Writes: the capture annotation on pods; SubjectAccessReviews (credentialName: may a
+    workload's service account list its namespace's Secrets, as istiod asks)."""
     rules = _one("ClusterRole")["rules"]
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in rules:
@@ -145,6 +149,8 @@ def test_cluster_role_is_read_only_but_for_patching_pods() -> None:
         writes = verbs - READ_VERBS
         if (group, resource) == ("", "pods"):
             assert writes == {"patch"}
+        elif (group, resource) == REVIEWS:
+            assert verbs == {"create"}
         else:
             assert not writes, f"{group}/{resource} may {sorted(writes)}"
     expected = {
@@ -173,7 +179,7 @@ def test_cluster_role_is_read_only_but_for_patching_pods() -> None:
             for r in ("peerauthentications", "authorizationpolicies", "requestauthentications")
         },
     }
-    assert set(granted) == expected
+    assert set(granted) == expected | {REVIEWS}
     assert all(granted[key] >= READ_VERBS for key in expected)
 
 

@@ -548,6 +548,43 @@ def test_secrets_go_out_while_a_warming_cds_is_unanswered(tmp_path: Path, delta:
     run(tmp_path, body)
 
 
+def test_a_leader_cluster_goes_out_alone_before_the_clusters_naming_it(tmp_path: Path) -> None:
+    """Make before break: a leader (a shared cluster others name, e.g. by a transport socket)
+    that changes with other clusters is sent alone; the rest follows once Envoy ACKed it (that
+    is, once it warmed). Not on Envoy's first CDS response: nothing names it yet."""
+
+    async def body(env: Env) -> None:
+        env.server.leaders = {CDS: frozenset({"shared"})}
+        clusters = {"a": cluster("a"), "shared": cluster("shared")}
+        assignments = {"a": cla("a"), "shared": cla("shared")}
+        env.cache.set_snapshot(NODE, snapshot("v1", clusters, assignments))
+        envoy = env.envoy(delta=True)
+        await envoy.request(CDS)
+        first = await envoy.recv()
+        assert names_of(first) == ["a", "shared"]
+        await envoy.request(EDS, ["a", "shared"])
+        await envoy.ack(first)
+        await envoy.ack(await envoy.recv())
+        v2 = snapshot(
+            "v2",
+            {"a": cluster("a", 2), "shared": cluster("shared", 2)},
+            assignments,
+        )
+        env.cache.set_snapshot(NODE, v2)
+        leader = await envoy.recv()
+        assert (leader.type_url, names_of(leader)) == (CDS, ["shared"])
+        # The forced EDS of the warming leader goes out; the other cluster waits for its ACK.
+        eds = await envoy.recv()
+        assert (eds.type_url, names_of(eds)) == (EDS, ["shared"])
+        assert await envoy.silent(0.3) == []
+        await envoy.ack(eds)
+        await envoy.ack(leader)
+        rest = await envoy.recv()
+        assert (rest.type_url, names_of(rest)) == (CDS, ["a"])
+
+    run(tmp_path, body)
+
+
 def test_sotw_named_eds_subscription_gets_only_requested_names(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         env.cache.set_snapshot(
