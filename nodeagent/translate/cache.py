@@ -787,7 +787,6 @@ class TranslationCache:
         if not settings.sidecar:
             for type_url, resource in self._node_internals(local_pods, outbound_policy):
                 add(type_url, resource)
-            result.tls_sockets = self._wanted_sockets
 
         sidecar = settings.sidecar
         current = {local.pod.key for local in local_pods}
@@ -878,6 +877,8 @@ class TranslationCache:
         result = Translation(
             out, self._last_origins, self._last_chains, problems, dict(self._guards)
         )
+        if self._settings is not None and not self._settings.sidecar:
+            result.tls_sockets = self._wanted_sockets  # what originate-tls must keep for them
         extra = {(type_url, name) for type_url, names in added.items() for name in names}
         self._last_added = added
         self._tell_changes(result, extra)
