@@ -572,6 +572,7 @@ def test_no_call_fails_while_a_selector_rule_flips_its_credential(
     missing Secret's placeholder; a finding of issue #15, not under test here)."""
     tb = clean
     files = [layout.cluster_dir(tb.name) / f"secret-{n}.yaml" for n in ("cred-a", "cred-b")]
+    files.append(allow_secrets(tb, "sleep"))  # sleep may present a credentialName (Authorize)
     try:
         put_secret(tb, "cred-a", pki, CLIENT)
         put_secret(tb, "cred-b", pki, ROTATED)
