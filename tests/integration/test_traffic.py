@@ -456,7 +456,9 @@ def test_s2_ratings_delay_for_jason(clean: Testbed) -> None:
     )
     jason = tally(tb, "default/sleep", "http://ratings:9080/", 2, "end-user: jason")
     assert jason["status"] == {"200": 2}
-    assert jason["fastest"] >= 7.0 and jason["slowest"] < 8.5, jason  # observed and bounded
+    # Observed and bounded. Envoy arms the delay against its event loop's cached time, which
+    # may be a little older than the request's arrival: it can end a ms early (6.9994 s seen).
+    assert jason["fastest"] >= 7.0 - 0.01 and jason["slowest"] < 8.5, jason
     others = tally(tb, "default/sleep", "http://ratings:9080/", 10)
     assert others["status"] == {"200": 10} and others["slowest"] < 1.0, others
 
