@@ -202,6 +202,15 @@ class TypeState:
             return self.sent.get(name) == versions[name]
         return name not in self.sent and (name not in self.explicit or name in self.told_absent)
 
+    def _leading(self, upserts: dict[str, str]) -> dict[str, str]:
+        """UPSERTS, or only the changed leaders among them: the rest go once Envoy ACKed those
+        (warmed, see stream.py)."""
+        if self.leaders and self.sent and len(upserts) > 1:
+            leading = {n: v for n, v in upserts.items() if n in self.leaders}
+            if leading and len(leading) < len(upserts):
+                return leading
+        return upserts
+
     def _plan_unsettled(self, snapshot: Snapshot, removing: bool) -> Plan | None:
         """_plan_delta against the basis, looking only at the unsettled (and forced) names."""
         versions = snapshot.versions(self.type_url)
@@ -222,6 +231,7 @@ class TypeState:
             for n in self._unsettled | self.force
             if self._covers(versions, n) and (sent.get(n) != versions[n] or n in self.force)
         }
+        upserts = self._leading(upserts)
         absent = sorted(
             n
             for n in self._unsettled
@@ -270,10 +280,7 @@ class TypeState:
             upserts = {n: current[n] for n in self.force if n in current}
         else:
             upserts = {n: v for n, v in current.items() if self.sent.get(n) != v or n in self.force}
-        if self.leaders and self.sent and len(upserts) > 1:
-            leading = {n: v for n, v in upserts.items() if n in self.leaders}
-            if leading and len(leading) < len(upserts):
-                upserts = leading  # the rest once Envoy ACKed them (warmed, see stream.py)
+        upserts = self._leading(upserts)
         absent = sorted(self.explicit.difference(current.keys(), self.sent, self.told_absent))
         if not (upserts or absent or self.respond):
             return None

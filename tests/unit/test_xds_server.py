@@ -548,10 +548,14 @@ def test_secrets_go_out_while_a_warming_cds_is_unanswered(tmp_path: Path, delta:
     run(tmp_path, body)
 
 
-def test_a_leader_cluster_goes_out_alone_before_the_clusters_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("told", [False, True], ids=["whole", "told-changes"])
+def test_a_leader_cluster_goes_out_alone_before_the_clusters_naming_it(
+    tmp_path: Path, told: bool
+) -> None:
     """Make before break: a leader (a shared cluster others name, e.g. by a transport socket)
     that changes with other clusters is sent alone; the rest follows once Envoy ACKed it (that
-    is, once it warmed). Not on Envoy's first CDS response: nothing names it yet."""
+    is, once it warmed). Not on Envoy's first CDS response: nothing names it yet. The same
+    whether the snapshot is planned whole or on the changes it was told."""
 
     async def body(env: Env) -> None:
         env.server.leaders = {CDS: frozenset({"shared"})}
@@ -565,11 +569,13 @@ def test_a_leader_cluster_goes_out_alone_before_the_clusters_naming_it(tmp_path:
         await envoy.request(EDS, ["a", "shared"])
         await envoy.ack(first)
         await envoy.ack(await envoy.recv())
-        v2 = snapshot(
-            "v2",
-            {"a": cluster("a", 2), "shared": cluster("shared", 2)},
-            assignments,
-        )
+        v1 = env.cache.get(NODE)
+        assert v1 is not None
+        parts: dict[str, Any] = {
+            "clusters": {"a": cluster("a", 2), "shared": cluster("shared", 2)},
+            "assignments": assignments,
+        }
+        v2 = changed(v1, "v2", **parts) if told else snapshot("v2", **parts)
         env.cache.set_snapshot(NODE, v2)
         leader = await envoy.recv()
         assert (leader.type_url, names_of(leader)) == (CDS, ["shared"])
