@@ -57,10 +57,6 @@ from nodeagent.xds.server import Nack, XdsServer
 log = logging.getLogger("nodeagent.proxy")
 
 KEPT_VERSIONS = 64  # translations remembered to tell which object a late NACK is about
-# How long an originate-tls socket outlives Envoy's ACK of the clusters that stopped naming it.
-# A replaced service cluster stays warming (its old self serving, naming the old socket) until
-# it has its endpoints, which Envoy does not report to the server; a second bounds that.
-SOCKET_GRACE = 1.0
 IDENTITY_UNKNOWN = "identity unknown: pod not in the source (no certificate, no listeners)"
 
 
@@ -382,21 +378,15 @@ class NodeProxy:
     def _release_sockets(self) -> None:
         """Once Envoy holds every cluster of the current snapshot (CDS SYNCED: not just the
         response it ACKed, which may be originate-tls alone, see XdsServer.leaders), the
-        originate-tls sockets only older clusters named can go, SOCKET_GRACE later (make
-        before break, see TranslationCache.release_sockets)."""
+        originate-tls sockets only older clusters named can go (make before break, see
+        TranslationCache.release_sockets)."""
         node = self.settings.node_id
         snapshot = self.cache.get(node)
         status = self.xds.status(node).get(types.CLUSTER)
         if snapshot is None or status is None or status.state != "SYNCED":
             return
         current = self._translations.get(snapshot.version)
-        if current is None:
-            return
-        held = current.tls_sockets
-        asyncio.get_running_loop().call_later(SOCKET_GRACE, self._release_held, held)
-
-    def _release_held(self, held: frozenset[str]) -> None:
-        if self._translator.release_sockets(held):
+        if current is not None and self._translator.release_sockets(current.tls_sockets):
             self.changed.set()
 
     def _bisect(self, accepted: bool) -> None:
