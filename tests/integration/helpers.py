@@ -6,7 +6,8 @@ import json
 import select
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from tests.waiting import wait_for as wait_for  # re-exported: tests import their helpers here
@@ -186,3 +187,88 @@ def put_config(tb: Testbed, filename: str, docs: list[dict[str, Any]]) -> None:
     aside = path.with_suffix(".tmp")
     aside.write_text(yaml.safe_dump_all(docs))
     aside.replace(path)
+
+
+def put_yaml(tb: Testbed, filename: str, *texts: str, namespace: str = "default") -> None:
+    """TEXTS (YAML) as the testbed's file FILENAME, with put_config; objects without a namespace
+    go to NAMESPACE, as ``kubectl apply -n`` does. No object: the file removed."""
+    import yaml
+
+    docs = [d for text in texts for d in yaml.safe_load_all(text) if d]
+    for doc in docs:
+        doc["metadata"].setdefault("namespace", namespace)
+    put_config(tb, filename, docs)
+
+
+# -- a module's Kubernetes-source testbed ---------------------------------------------------------
+
+TWO_NODES: tuple[dict[str, Any], ...] = ({"name": "n1"}, {"name": "n2"})
+
+
+def pod(
+    name: str,
+    node: str,
+    labels: dict[str, str],
+    *,
+    namespace: str = "default",
+    account: str = "",
+    workload: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A topology pod; its service account is its app label unless ACCOUNT names one."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "node": node,
+        "serviceAccount": account or labels["app"],
+        "labels": labels,
+    }
+    if workload is not None:
+        spec["workload"] = workload
+    return spec
+
+
+def service(name: str, port: int, target: int, namespace: str = "default") -> dict[str, Any]:
+    """A topology service selecting app=NAME, one port named http."""
+    return {
+        "name": name,
+        "namespace": namespace,
+        "selector": {"app": name},
+        "ports": [{"name": "http", "port": port, "targetPort": target}],
+    }
+
+
+def topology_text(
+    name: str,
+    pods: Iterable[dict[str, Any]],
+    services: Iterable[dict[str, Any]],
+    *,
+    nodes: Sequence[dict[str, Any]] = TWO_NODES,
+    mesh: Sequence[str] = ("default",),
+    outside: Sequence[str] = (),
+) -> str:
+    """A testbed topology whose agents read the Kubernetes API stand-in (as the DaemonSet's do):
+    namespaces MESH in the mesh, OUTSIDE not; one JSON flow line per node, pod and service."""
+    namespaces = [
+        *({"name": ns, "labels": {"nodeagent.io/mesh": "enabled"}} for ns in mesh),
+        *({"name": ns} for ns in outside),
+    ]
+    sections = {"nodes": nodes, "namespaces": namespaces, "pods": pods, "services": services}
+    lines = [f"name: {name}", "source: kubernetes"]
+    for section, items in sections.items():
+        lines += [f"{section}:", *(f"  - {json.dumps(item)}" for item in items)]
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def running_testbed(text: str, source: str) -> Iterator[Testbed]:
+    """The testbed of topology TEXT (SOURCE names it in errors), up from a clean slate and
+    down again on leaving, also on failure (a module's ``tb`` fixture)."""
+    from nodeagent.testbed.cluster import Testbed, down
+    from nodeagent.testbed.topology import loads_topology
+
+    topology = loads_topology(text, source)
+    down(topology.name)
+    try:
+        yield Testbed.up(topology, text, source)
+    finally:
+        down(topology.name)

@@ -11,15 +11,22 @@ v2 in plaintext, sleep's to v1 with mTLS: one shared Envoy, told apart by the ca
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from nodeagent.testbed.cluster import Testbed, down
-from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import call, envoy_admin, put_config, wait_for
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import (
+    call,
+    envoy_admin,
+    pod,
+    put_config,
+    running_testbed,
+    service,
+    topology_text,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,46 +36,23 @@ SA = "spiffe://cluster.local/ns/default/sa/client"
 
 
 def _topology() -> str:
-    pods: list[dict[str, Any]] = [
-        {"name": "curl", "node": "n1", "labels": {"app": "curl"}},
-        {"name": "sleep", "node": "n1", "labels": {"app": "sleep"}},
+    ph = {"type": "fake-service", "port": 8080}
+    pods = [
+        # Both clients share one service account.
+        pod("curl", "n1", {"app": "curl"}, account="client"),
+        pod("sleep", "n1", {"app": "sleep"}, account="client"),
         *(
-            {
-                "name": f"ph-{version}",
-                "node": node,
-                "labels": {"app": "ph", "version": version},
-                "workload": {"type": "fake-service", "port": 8080},
-            }
+            pod(f"ph-{version}", node, {"app": "ph", "version": version}, workload=ph)
             for version, node in (("v1", "n1"), ("v2", "n2"))
         ),
     ]
-    for pod in pods:
-        client = pod["labels"]["app"] != "ph"  # both clients share one service account
-        pod |= {"namespace": "default", "serviceAccount": "client" if client else "ph"}
-    return "\n".join(
-        [
-            f"name: {NAME}",
-            "source: kubernetes",
-            "nodes: [{name: n1}, {name: n2}]",
-            "namespaces:",
-            "  - {name: default, labels: {nodeagent.io/mesh: enabled}}",
-            "pods:",
-            *[f"  - {json.dumps(p)}" for p in pods],
-            "services:",
-            "  - {name: ph, namespace: default, selector: {app: ph},"
-            " ports: [{name: http, port: 8080, targetPort: 8080}]}",
-        ]
-    )
+    return topology_text(NAME, pods, [service("ph", 8080, 8080)])
 
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[Testbed]:
-    down(NAME)
-    text = _topology()
-    try:
-        yield Testbed.up(loads_topology(text, "test_dr_selector"), text, "test_dr_selector")
-    finally:
-        down(NAME)
+    with running_testbed(_topology(), "test_dr_selector") as bed:
+        yield bed
 
 
 def apply(tb: Testbed, *docs: dict[str, Any]) -> None:

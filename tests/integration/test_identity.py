@@ -30,7 +30,17 @@ from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
 from tests.integration import helpers
-from tests.integration.helpers import envoy_admin, http_status, node_cli, node_metrics, wait_for
+from tests.integration.helpers import (
+    envoy_admin,
+    http_status,
+    node_cli,
+    node_metrics,
+    pod,
+    running_testbed,
+    service,
+    topology_text,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,40 +51,21 @@ NAMESPACES = ("foo", "bar", "legacy")
 
 
 def _topology() -> str:
-    lines = [
-        f"name: {NAME}",
-        "source: kubernetes",
-        "nodes: [{name: n1}, {name: n2}]",
-        "namespaces:",
-        "  - {name: foo, labels: {nodeagent.io/mesh: enabled}}",
-        "  - {name: bar, labels: {nodeagent.io/mesh: enabled}}",
-        "  - {name: legacy}",
-        "pods:",
-    ]
+    httpbin = {"type": "fake-service", "port": 80}
+    pods = []
     for i, ns in enumerate(NAMESPACES):
-        lines += [
-            f"  - {{name: httpbin, namespace: {ns}, node: n{1 + i % 2}, serviceAccount: httpbin,"
-            f" labels: {{app: httpbin}}, workload: {{type: fake-service, port: 80}}}}",
-            f"  - {{name: sleep, namespace: {ns}, node: n{2 - i % 2}, serviceAccount: sleep,"
-            " labels: {app: sleep}}",
+        pods += [
+            pod("httpbin", f"n{1 + i % 2}", {"app": "httpbin"}, namespace=ns, workload=httpbin),
+            pod("sleep", f"n{2 - i % 2}", {"app": "sleep"}, namespace=ns),
         ]
-    lines.append("services:")
-    for ns in NAMESPACES:
-        lines.append(
-            f"  - {{name: httpbin, namespace: {ns}, selector: {{app: httpbin}},"
-            " ports: [{name: http, port: 8000, targetPort: 80}]}"
-        )
-    return "\n".join(lines) + "\n"
+    services = [service("httpbin", 8000, 80, ns) for ns in NAMESPACES]
+    return topology_text(NAME, pods, services, mesh=("foo", "bar"), outside=("legacy",))
 
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[Testbed]:
-    down(NAME)
-    text = _topology()
-    try:
-        yield Testbed.up(loads_topology(text, "test_identity"), text, "test_identity")
-    finally:
-        down(NAME)
+    with running_testbed(_topology(), "test_identity") as bed:
+        yield bed
 
 
 def apply_policy(tb: Testbed, yaml_text: str) -> None:

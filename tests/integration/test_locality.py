@@ -19,12 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from nodeagent.mesh.model import REGION_LABEL, ZONE_LABEL
-from nodeagent.testbed.cluster import Testbed, down
-from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import envoy_admin, put_config, wait_for
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import (
+    envoy_admin,
+    pod,
+    put_yaml,
+    running_testbed,
+    service,
+    topology_text,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,60 +43,27 @@ FLAKY_CLUSTER = "outbound|8000||flaky.default.svc.cluster.local"
 N2_ZONE = {REGION_LABEL: "r1", ZONE_LABEL: "z2"}  # the testbed's default for n2
 
 
-def _pod(name: str, node: str, labels: dict[str, str], workload: dict[str, Any]) -> str:
-    spec = {
-        "name": name,
-        "namespace": "default",
-        "node": node,
-        "serviceAccount": labels["app"],
-        "labels": labels,
-        "workload": workload,
-    }
-    return "  - " + json.dumps(spec)
-
-
 def _topology() -> str:
     failing = {"ERROR_RATE": "1", "ERROR_CODE": "500"}
-    pods = [_pod("sleep", "n1", {"app": "sleep"}, {"type": "sleep"})]
+    pods = [pod("sleep", "n1", {"app": "sleep"}, workload={"type": "sleep"})]
     for app in ("hello", "flaky"):
         for node in ("n1", "n2"):
             env = failing if (app, node) == ("flaky", "n1") else {}
-            workload = {"type": "fake-service", "port": 80, "env": env}
-            pods.append(_pod(f"{app}-{node}", node, {"app": app, "version": node}, workload))
-    return "\n".join(
-        [
-            f"name: {NAME}",
-            "source: kubernetes",
-            "nodes: [{name: n1}, {name: n2}]",  # the default localities r1/z1 and r1/z2
-            "namespaces: [{name: default, labels: {nodeagent.io/mesh: enabled}}]",
-            "pods:",
-            *pods,
-            "services:",
-            *[
-                f"  - {{name: {app}, namespace: default, selector: {{app: {app}}},"
-                " ports: [{name: http, port: 8000, targetPort: 80}]}"
-                for app in ("hello", "flaky")
-            ],
-        ]
-    )
+            fake = {"type": "fake-service", "port": 80, "env": env}
+            pods.append(pod(f"{app}-{node}", node, {"app": app, "version": node}, workload=fake))
+    # The two nodes keep the default localities r1/z1 and r1/z2.
+    return topology_text(NAME, pods, [service(app, 8000, 80) for app in ("hello", "flaky")])
 
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[Testbed]:
-    down(NAME)
-    text = _topology()
-    try:
-        yield Testbed.up(loads_topology(text, "test_locality"), text, "test_locality")
-    finally:
-        down(NAME)
+    with running_testbed(_topology(), "test_locality") as bed:
+        yield bed
 
 
 def apply(tb: Testbed, *texts: str) -> None:
     """The test's DestinationRules (YAML, namespace default), as kubectl apply; none: remove."""
-    docs = [d for text in texts for d in yaml.safe_load_all(text) if d]
-    for doc in docs:
-        doc["metadata"].setdefault("namespace", "default")
-    put_config(tb, "locality.yaml", docs)
+    put_yaml(tb, "locality.yaml", *texts)
 
 
 @pytest.fixture

@@ -15,15 +15,23 @@ buildAutoMtlsSettings, cluster_tls.go applyUpstreamTLSSettings); tls ISTIO_MUTUA
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from nodeagent.testbed.cluster import Testbed, down
-from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import call, envoy_admin, http_status, put_config, wait_for
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import (
+    call,
+    envoy_admin,
+    http_status,
+    pod,
+    put_config,
+    running_testbed,
+    service,
+    topology_text,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -36,44 +44,18 @@ PASSTHROUGH = {"loadBalancer": {"simple": "PASSTHROUGH"}}
 
 
 def _topology() -> str:
-    pods: list[dict[str, Any]] = [
-        {"name": "sleep", "node": "n1", "labels": {"app": "sleep"}},
-        *(
-            {
-                "name": f"web-{i}",
-                "node": "n2",
-                "labels": {"app": "web"},
-                "workload": {"type": "fake-service", "port": 8080},
-            }
-            for i in (1, 2)
-        ),
+    web = {"type": "fake-service", "port": 8080}
+    pods = [
+        pod("sleep", "n1", {"app": "sleep"}),
+        *(pod(f"web-{i}", "n2", {"app": "web"}, workload=web) for i in (1, 2)),
     ]
-    for pod in pods:
-        pod |= {"namespace": "default", "serviceAccount": pod["labels"]["app"]}
-    return "\n".join(
-        [
-            f"name: {NAME}",
-            "source: kubernetes",
-            "nodes: [{name: n1}, {name: n2}]",
-            "namespaces:",
-            "  - {name: default, labels: {nodeagent.io/mesh: enabled}}",
-            "pods:",
-            *[f"  - {json.dumps(p)}" for p in pods],
-            "services:",
-            "  - {name: web, namespace: default, selector: {app: web},"
-            " ports: [{name: http, port: 8080, targetPort: 8080}]}",
-        ]
-    )
+    return topology_text(NAME, pods, [service("web", 8080, 8080)])
 
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[Testbed]:
-    down(NAME)
-    text = _topology()
-    try:
-        yield Testbed.up(loads_topology(text, "test_passthrough"), text, "test_passthrough")
-    finally:
-        down(NAME)
+    with running_testbed(_topology(), "test_passthrough") as bed:
+        yield bed
 
 
 def apply(tb: Testbed, *docs: dict[str, Any]) -> None:

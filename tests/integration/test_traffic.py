@@ -25,12 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from nodeagent.mesh.model import REGION_LABEL, ZONE_LABEL
 from nodeagent.testbed import layout
-from nodeagent.testbed.cluster import Testbed, down
-from nodeagent.testbed.topology import loads_topology
-from tests.integration.helpers import call, envoy_admin, wait_for
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import (
+    call,
+    envoy_admin,
+    pod,
+    put_yaml,
+    running_testbed,
+    service,
+    topology_text,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,19 +47,6 @@ TALLY = str(Path(__file__).with_name("route_tally.py"))
 KEEPALIVE = str(Path(__file__).with_name("keepalive_client.py"))
 BOOKINFO = Path(__file__).parents[1] / "data" / "istio" / "bookinfo" / "networking"
 NAME = "tbtraffic"
-
-
-def _pod(name: str, ns: str, node: str, labels: dict[str, str], **workload: Any) -> str:
-    spec: dict[str, Any] = {
-        "name": name,
-        "namespace": ns,
-        "node": node,
-        "serviceAccount": labels.get("app", name),
-        "labels": labels,
-    }
-    if workload:
-        spec["workload"] = {"type": "fake-service", **workload}
-    return "  - " + json.dumps(spec)
 
 
 def _topology() -> str:
@@ -90,69 +85,38 @@ def _topology() -> str:
         env = dict(misbehaves.get(name, {}))
         if upstream := calls.get(name) or calls.get(app):
             env["UPSTREAM_URIS"] = upstream
-        workload = {"port": port, "env": env} if port else {}
-        pods.append(_pod(name, ns, node, labels, **workload))
+        workload = {"type": "fake-service", "port": port, "env": env} if port else None
+        pods.append(pod(name, node, labels, namespace=ns, workload=workload))
     services = [
         ("purchase-history", "istioinaction", 8080, 8080),
         *[(app, "default", 9080, 9080) for app in ("productpage", "details", "reviews", "ratings")],
         *[(app, "default", 8000, 80) for app in ("httpbin", "flaky", "slow")],
     ]
-    return "\n".join(
-        [
-            f"name: {NAME}",
-            "source: kubernetes",
-            # One zone for both nodes: with outlierDetection Istio's default locality failover
-            # would otherwise keep n1's callers on n1's endpoints (test_locality.py shows it).
-            "nodes:",
-            *[
-                f"  - {{name: {n}, labels: {{topology.kubernetes.io/region: r1,"
-                " topology.kubernetes.io/zone: z1}}"
-                for n in ("n1", "n2")
-            ],
-            "namespaces:",
-            "  - {name: default, labels: {nodeagent.io/mesh: enabled}}",
-            "  - {name: istioinaction, labels: {nodeagent.io/mesh: enabled}}",
-            "pods:",
-            *pods,
-            "services:",
-            *[
-                f"  - {{name: {n}, namespace: {ns}, selector: {{app: {n}}},"
-                f" ports: [{{name: http, port: {p}, targetPort: {t}}}]}}"
-                for n, ns, p, t in services
-            ],
-        ]
+    # One zone for both nodes: with outlierDetection Istio's default locality failover
+    # would otherwise keep n1's callers on n1's endpoints (test_locality.py shows it).
+    one_zone = {REGION_LABEL: "r1", ZONE_LABEL: "z1"}
+    return topology_text(
+        NAME,
+        pods,
+        [service(n, p, t, ns) for n, ns, p, t in services],
+        nodes=[{"name": n, "labels": one_zone} for n in ("n1", "n2")],
+        mesh=("default", "istioinaction"),
     )
 
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[Testbed]:
-    down(NAME)
-    text = _topology()
-    try:
-        yield Testbed.up(loads_topology(text, "test_traffic"), text, "test_traffic")
-    finally:
-        down(NAME)
+    with running_testbed(_topology(), "test_traffic") as bed:
+        yield bed
 
 
 # -- applying Istio config, as kubectl apply would ------------------------------------------------
 
 
-def _docs(text: str, namespace: str) -> list[dict[str, Any]]:
-    docs = [d for d in yaml.safe_load_all(text) if d]
-    for doc in docs:
-        doc["metadata"].setdefault("namespace", namespace)
-    return docs
-
-
 def apply(tb: Testbed, *texts: str, namespace: str = "default") -> None:
     """Replace the test's Istio config with TEXTS (YAML; objects without a namespace go to
     NAMESPACE, as `kubectl apply -n` does). Nothing: remove it."""
-    path = layout.cluster_dir(tb.name) / "traffic.yaml"
-    docs = [d for text in texts for d in _docs(text, namespace)]
-    if docs:
-        path.write_text(yaml.safe_dump_all(docs))
-    else:
-        path.unlink(missing_ok=True)
+    put_yaml(tb, "traffic.yaml", *texts, namespace=namespace)
 
 
 def sample(name: str) -> str:
