@@ -189,6 +189,12 @@ def put_config(tb: Testbed, filename: str, docs: list[dict[str, Any]]) -> None:
     aside.replace(path)
 
 
+def apply_docs(tb: Testbed, *docs: dict[str, Any]) -> None:
+    """Replace the test's Istio config (traffic.yaml) with DOCS, as ``kubectl apply`` would
+    (none: remove it)."""
+    put_config(tb, "traffic.yaml", list(docs))
+
+
 def put_yaml(tb: Testbed, filename: str, *texts: str, namespace: str = "default") -> None:
     """TEXTS (YAML) as the testbed's file FILENAME, with put_config; objects without a namespace
     go to NAMESPACE, as ``kubectl apply -n`` does. No object: the file removed."""

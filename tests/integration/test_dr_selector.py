@@ -18,10 +18,10 @@ import pytest
 
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import (
+    apply_docs,
     call,
     envoy_admin,
     pod,
-    put_config,
     running_testbed,
     service,
     topology_text,
@@ -55,16 +55,11 @@ def tb() -> Iterator[Testbed]:
         yield bed
 
 
-def apply(tb: Testbed, *docs: dict[str, Any]) -> None:
-    """Replace the test's Istio config with DOCS, as kubectl apply would (none: remove it)."""
-    put_config(tb, "traffic.yaml", list(docs))
-
-
 @pytest.fixture
 def clean(tb: Testbed) -> Iterator[Testbed]:
-    apply(tb)
+    apply_docs(tb)
     yield tb
-    apply(tb)
+    apply_docs(tb)
 
 
 def doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +107,7 @@ def test_a_selected_pod_follows_the_selector_rule_its_neighbour_the_namespace_ru
     clean: Testbed,
 ) -> None:
     tb = clean
-    apply(tb, NAMESPACE_RULE, CURL_RULE, TO_CHOSEN)
+    apply_docs(tb, NAMESPACE_RULE, CURL_RULE, TO_CHOSEN)
     wait_for(lambda: seen(tb, "curl", 5) == {("v2", False)}, 30, "curl on v2, plaintext", step=0.3)
     assert seen(tb, "curl", 20) == {("v2", False)}
     assert seen(tb, "sleep", 20) == {("v1", True)}
@@ -124,5 +119,5 @@ def test_a_selected_pod_follows_the_selector_rule_its_neighbour_the_namespace_ru
         "outbound|8080|chosen|ph.default.svc.cluster.local~default/ph-curl",
     }
     # Without the selector rule, curl follows the namespace rule too.
-    apply(tb, NAMESPACE_RULE, TO_CHOSEN)
+    apply_docs(tb, NAMESPACE_RULE, TO_CHOSEN)
     wait_for(lambda: seen(tb, "curl", 5) == {("v1", True)}, 30, "curl back on v1", step=0.3)

@@ -22,11 +22,11 @@ import pytest
 
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import (
+    apply_docs,
     call,
     envoy_admin,
     http_status,
     pod,
-    put_config,
     running_testbed,
     service,
     topology_text,
@@ -58,18 +58,13 @@ def tb() -> Iterator[Testbed]:
         yield bed
 
 
-def apply(tb: Testbed, *docs: dict[str, Any]) -> None:
-    """Replace the test's Istio config with DOCS, as kubectl apply would (none: remove it)."""
-    put_config(tb, "traffic.yaml", list(docs))
-
-
 @pytest.fixture
 def clean(tb: Testbed) -> Iterator[Testbed]:
     """Each test starts from no rule: web's cluster load-balances over its two pods again."""
-    apply(tb)
+    apply_docs(tb)
     wait_for(lambda: not passing_through(tb), 30, "web's cluster back on EDS", step=0.3)
     yield tb
-    apply(tb)
+    apply_docs(tb)
 
 
 def rule(tls: str = "") -> dict[str, Any]:
@@ -138,7 +133,7 @@ def test_passthrough_connects_to_the_vip_and_the_service_proxy_picks(clean: Test
     tb = clean
     before = answers(tb)
     assert len(before) == 2
-    apply(tb, rule())
+    apply_docs(tb, rule())
     wait_for(lambda: passing_through(tb), 30, lambda: on_n1(tb), step=0.3)
     seen = answers(tb)
     assert seen == {ip: CALLER for ip in before}, seen
@@ -154,7 +149,7 @@ def test_strict_callee_refuses_the_plaintext_istio_would_send(clean: Testbed) ->
     tb = clean
     strict_web = peer("web-strict", "STRICT", {"app": "web"})
     namespace_off = peer("default", "DISABLE")
-    apply(tb, namespace_off, strict_web, rule())
+    apply_docs(tb, namespace_off, strict_web, rule())
     wait_for(
         lambda: http_status(tb.exec, "default/sleep", URL) == "503",
         30,
@@ -163,7 +158,7 @@ def test_strict_callee_refuses_the_plaintext_istio_would_send(clean: Testbed) ->
     )
     assert passing_through(tb)
     assert {http_status(tb.exec, "default/sleep", URL) for _ in range(6)} == {"503"}
-    apply(tb, namespace_off, strict_web, rule("ISTIO_MUTUAL"))
+    apply_docs(tb, namespace_off, strict_web, rule("ISTIO_MUTUAL"))
     wait_for(
         lambda: http_status(tb.exec, "default/sleep", URL) == "200",
         30,
@@ -178,7 +173,7 @@ def test_strict_namespace_gets_mtls_without_a_tls_mode(clean: Testbed) -> None:
     """A STRICT namespace and no tls in the rule: istiod infers mTLS (all endpoints are mesh
     pods), so the PASSTHROUGH call succeeds with the caller's identity."""
     tb = clean
-    apply(tb, peer("default", "STRICT"), rule())
+    apply_docs(tb, peer("default", "STRICT"), rule())
     wait_for(lambda: passing_through(tb), 30, lambda: on_n1(tb), step=0.3)
     seen = answers(tb)
     assert len(seen) == 2 and set(seen.values()) == {CALLER}, seen
