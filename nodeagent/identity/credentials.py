@@ -10,13 +10,22 @@ SDS resource and nothing else. A Secret that is missing (or lacks what is asked 
 fail the handshake, as at Istio's sidecar, but must not hold back the shared originate-tls
 cluster while Envoy waits for an SDS answer that never comes: it is served as a PLACEHOLDER
 that no server passes (a CA whose key is thrown away, which signed nothing else), and logged.
+
+A Secret that is named but not read yet (the source has not answered: a watch just started) is
+PENDING: none of its SDS secrets is served, so Envoy keeps the cluster naming it warming and the
+one it replaces serving, as at Istio's sidecar (Envoy docs, cluster warming: a cluster warms
+until its SDS secrets arrive; xds_protocol "eventual consistency"). The real secret goes out as
+soon as it is read. Pending is bounded (PENDING_LIMIT, below the 15 s default
+initial_fetch_timeout of the sockets' SDS configs, translate/tls.py sds()): then the placeholder,
+logged, so nothing warms for long on a Secret that never comes.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -31,6 +40,9 @@ from nodeagent.mesh.model import Credential
 from nodeagent.mesh.store import MeshStore
 
 log = logging.getLogger("nodeagent.identity")
+
+# Seconds a named Secret may stay unread before its placeholder is served.
+PENDING_LIMIT = 5.0
 
 
 @functools.cache
@@ -80,8 +92,41 @@ class CredentialSecrets:
     """The SDS secrets of the credentials a node needs; logs each missing one once (until it
     comes, or stops being needed)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, pending_limit: float = PENDING_LIMIT, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.missing: set[str] = set()  # SDS names served as placeholders
+        self.pending: set[str] = set()  # SDS names withheld: their Secret is not read yet
+        self.pending_limit = pending_limit
+        self.clock = clock
+        self._pending_since: dict[str, float] = {}  # namespace/name -> first seen pending
+        self._given_up: set[str] = set()  # namespace/name pending past the limit
+        self._next_since: dict[str, float] = {}  # the same two, being made by sds_secrets
+        self._next_given_up: set[str] = set()
+
+    def deadline(self) -> float | None:
+        """When (self.clock) the first pending Secret gives way to its placeholder."""
+        if not self._pending_since:
+            return None
+        return min(self._pending_since.values()) + self.pending_limit
+
+    def _waits(self, store: MeshStore, key: str, now: float) -> bool:
+        """Secret KEY is pending, for less than pending_limit (then it is given up: logged)."""
+        if not store.credential_pending(key):
+            return False
+        if key not in self._given_up:
+            since = self._pending_since.get(key, now)
+            if now - since < self.pending_limit:
+                self._next_since[key] = since
+                return True
+            log.error(
+                "DestinationRule credentialName: Secret %s not read within %.0fs; "
+                "its TLS fails until it is",
+                key,
+                self.pending_limit,
+            )
+        self._next_given_up.add(key)
+        return False
 
     def sds_secrets(
         self,
@@ -96,6 +141,9 @@ class CredentialSecrets:
         only the public CA bundle). REFUSED: a local caller is refused one; its socket's CA."""
         out: list[secret_pb2.Secret] = []
         missing: dict[str, str] = {}
+        withheld: set[str] = set()
+        now = self.clock()
+        self._next_since, self._next_given_up = {}, set()
         wanted = set(wanted)
         keyed = wanted if presented is None else wanted & set(presented)
         if refused:
@@ -104,15 +152,21 @@ class CredentialSecrets:
             own = store.credentials.get(f"{namespace}/{name}")
             companion = store.credentials.get(f"{namespace}/{name}{CA_SUFFIX}")
             cert_name, bundle_name = certificate_name(namespace, name), ca_name(namespace, name)
+            own_waits = self._waits(store, f"{namespace}/{name}", now)
+            companion_waits = self._waits(store, f"{namespace}/{name}{CA_SUFFIX}", now)
             if (namespace, name) not in keyed:
                 pass  # no local caller may have it: the key stays out of the node's Envoy
+            elif own_waits:
+                withheld.add(cert_name)
             elif own is not None and own.cert and own.key:
                 out.append(certificate_secret(cert_name, own.cert, own.key))
             else:
                 out.append(certificate_secret(cert_name, *placeholder()))
                 missing[cert_name] = f"Secret {namespace}/{name} with cert/key or tls.crt/tls.key"
             bundle = _bundle(companion) or _bundle(own)
-            if bundle is not None:
+            if companion_waits or (own_waits and bundle is None):
+                withheld.add(bundle_name)  # the companion, when it comes, is the one to use
+            elif bundle is not None:
                 out.append(ca_secret(bundle_name, bundle.cacert, bundle.crl))
             else:
                 out.append(ca_secret(bundle_name, placeholder()[0]))
@@ -129,6 +183,8 @@ class CredentialSecrets:
         for sds_name in sorted(self.missing - missing.keys()):
             log.info("DestinationRule credentialName: %s is no placeholder any more", sds_name)
         self.missing = set(missing)
+        self.pending = withheld
+        self._pending_since, self._given_up = self._next_since, self._next_given_up
         return out
 
 

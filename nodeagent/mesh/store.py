@@ -62,6 +62,11 @@ class MeshStore:
         self.service_accounts: dict[str, ServiceAccount] = {}  # namespace/name
         self.istio: dict[str, IstioResource] = {}  # Kind/namespace/name
         self.credentials: dict[str, Credential] = {}  # namespace/name: TLS Secrets referenced
+        # namespace/name of the Secrets the source has answered for (read, or said not to
+        # exist or to be forbidden): one named but not answered yet is PENDING (its SDS
+        # secrets wait, identity/credentials.py). None: the source holds every Secret it has
+        # at once (a directory), so none is ever pending.
+        self.credential_answers: set[str] | None = None
         # namespace/serviceaccount -> may it list the namespace's Secrets (a SubjectAccessReview,
         # mesh/secret_access.py). Not enforced (a source without RBAC): every one may.
         self.secret_access: dict[str, bool] = {}
@@ -262,6 +267,26 @@ class MeshStore:
     def delete_credential(self, key: str) -> None:
         if self.credentials.pop(key, None) is not None:
             self._bump(SECRET, key)
+
+    def answer_credential(self, key: str) -> None:
+        """The source has an answer for Secret KEY (namespace/name): found or not, it is no
+        longer pending."""
+        if self.credential_answers is not None and key not in self.credential_answers:
+            self.credential_answers.add(key)
+            self._bump(SECRET, key)
+
+    def forget_credential_answer(self, key: str) -> None:
+        """The source stopped following Secret KEY: named again, it is pending again."""
+        if self.credential_answers is not None:
+            self.credential_answers.discard(key)
+
+    def credential_pending(self, key: str) -> bool:
+        """Secret KEY is not in the store and the source has not answered for it yet."""
+        return (
+            self.credential_answers is not None
+            and key not in self.credential_answers
+            and key not in self.credentials
+        )
 
     def may_read_secrets(self, namespace: str, service_account: str) -> bool:
         """Istio's credentialName authorization of a service account (mesh/secret_access.py);

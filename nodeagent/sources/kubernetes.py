@@ -190,6 +190,8 @@ class KubernetesSource:
         schemas: IstioSchemas | None = None,
     ) -> None:
         self.store = store
+        # Secrets come one watch each, once named: pending until their LIST answers.
+        store.credential_answers = set()
         self.node_name = node_name
         self.kubeconfig = kubeconfig  # None: in-cluster service account
         self.schemas = schemas or IstioSchemas.load()
@@ -333,6 +335,7 @@ class KubernetesSource:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         watch_id = "Secret/{}/{}".format(*key)
+        self.store.forget_credential_answer("{}/{}".format(*key))
         self.resource_versions.pop(watch_id, None)
         self.invalid.pop(watch_id, None)
         for store_key in self._known.pop(watch_id, set()):
@@ -347,6 +350,7 @@ class KubernetesSource:
             try:
                 if version is None:
                     version = await self._list(kind)
+                    self._answered(kind)
                     self._listed.add(kind.kind)
                     if total and len(self._listed) == total:
                         self.store.synced.set()
@@ -357,6 +361,8 @@ class KubernetesSource:
                 version = None
                 continue
             except ApiException as e:
+                if e.status in (403, 404):
+                    self._answered(kind)  # no Secret to wait for: its TLS fails (logged)
                 if e.status == 403 and kind.watch_id:
                     # Not granted by default (daemonset/credentials-clusterrole.yaml): say how.
                     log.error(
@@ -381,6 +387,11 @@ class KubernetesSource:
             if version is not None:
                 # Resume after the last event or bookmark seen (a failed LIST is simply redone).
                 version = self.resource_versions.get(kind.id, version)
+
+    def _answered(self, kind: _Kind) -> None:
+        """A credential Secret's LIST answered (found, absent or refused): not pending."""
+        if kind.watch_id:
+            self.store.answer_credential(kind.watch_id.removeprefix("Secret/"))
 
     async def _request(self, kind: _Kind, **params: Any) -> Any:
         """The raw aiohttp response of the client's list function (JSON, no model objects:

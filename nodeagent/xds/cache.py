@@ -63,6 +63,11 @@ class Snapshot:
     version: str
     resources: Mapping[str, Mapping[str, Message]]
     changes: Changes | None = field(default=None, compare=False, repr=False)
+    # SDS names the snapshot lacks for now on purpose (a Secret not read yet): Envoy is not
+    # told they are absent, since a delta "removed" for an SDS name ends the warming of what
+    # names it (Envoy source/common/secret/sds_api.cc: "the owning resource (LDS/CDS) should
+    # still complete warming"); the cluster naming one keeps warming, the one it replaces serving.
+    awaited_secrets: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def of(self, type_url: str) -> Mapping[str, Message]:
         return self.resources.get(type_url, {})

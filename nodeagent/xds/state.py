@@ -160,7 +160,7 @@ class TypeState:
         if snapshot is self._basis:
             return self._plan_unsettled(snapshot, removing)
         current = self.interest(snapshot)
-        plan = self._plan_delta(current, removing)
+        plan = self._plan_delta(current, removing, self._awaited(snapshot))
         self._set_basis(snapshot, current)
         return plan
 
@@ -232,6 +232,7 @@ class TypeState:
             if self._covers(versions, n) and (sent.get(n) != versions[n] or n in self.force)
         }
         upserts = self._leading(upserts)
+        awaited = self._awaited(snapshot)
         absent = sorted(
             n
             for n in self._unsettled
@@ -239,6 +240,7 @@ class TypeState:
             and n not in versions
             and n not in sent
             and n not in self.told_absent
+            and n not in awaited
         )
         if not (upserts or absent or self.respond):
             return None
@@ -265,7 +267,13 @@ class TypeState:
             return None
         return Plan(self.type_url, upserts=target, removals=[], after=dict(target), kept=kept)
 
-    def _plan_delta(self, current: Mapping[str, str], removing: bool) -> Plan | None:
+    def _awaited(self, snapshot: Snapshot) -> frozenset[str]:
+        """Names of this type never told absent with SNAPSHOT (Snapshot.awaited_secrets)."""
+        return snapshot.awaited_secrets if self.type_url == types.SECRET else frozenset()
+
+    def _plan_delta(
+        self, current: Mapping[str, str], removing: bool, awaited: frozenset[str] = frozenset()
+    ) -> Plan | None:
         # Set operations and comparisons of whole maps run at C speed: a plan that finds
         # nothing to send (most of them) walks no resource in Python.
         if removing:
@@ -281,7 +289,9 @@ class TypeState:
         else:
             upserts = {n: v for n, v in current.items() if self.sent.get(n) != v or n in self.force}
         upserts = self._leading(upserts)
-        absent = sorted(self.explicit.difference(current.keys(), self.sent, self.told_absent))
+        absent = sorted(
+            self.explicit.difference(current.keys(), self.sent, self.told_absent, awaited)
+        )
         if not (upserts or absent or self.respond):
             return None
         after = dict(self.sent)

@@ -1034,3 +1034,59 @@ def test_delta_plans_on_told_changes_as_on_the_whole_snapshot(tmp_path: Path, to
         assert set(env.states().values()) == {"SYNCED"}
 
     run(tmp_path, body)
+
+
+def _with_secrets(
+    version: str, secrets: dict[str, Any], awaited: set[str], base: Snapshot | None
+) -> Snapshot:
+    """snapshot(VERSION) with SECRETS, AWAITED not told absent; told its changes from BASE."""
+    made = snapshot(version)
+    resources = {**made.resources, types.SECRET: secrets}
+    changes = None
+    if base is not None:
+        names = {
+            t: {
+                n
+                for n in base.of(t).keys() | resources[t].keys()
+                if base.of(t).get(n) is not resources[t].get(n)
+            }
+            for t in resources
+        }
+        changes = Changes(base.resources, names)
+    return Snapshot(version, resources, changes, awaited_secrets=frozenset(awaited))
+
+
+@pytest.mark.parametrize("told", [False, True], ids=["whole", "told-changes"])
+def test_an_awaited_secret_is_not_told_absent_and_goes_out_once_there(
+    tmp_path: Path, told: bool
+) -> None:
+    """A delta "removed" for an SDS name ends the warming of the cluster naming it (Envoy
+    source/common/secret/sds_api.cc), which would then serve without its certificate: a
+    Secret not read yet is awaited, never said absent; once in a snapshot it goes out."""
+
+    async def body(env: Env) -> None:
+        old = secret_pb2.Secret(name="old")
+        v1 = _with_secrets("v1", {"old": old}, set(), None)
+        env.cache.set_snapshot(NODE, v1)
+        envoy = env.envoy(delta=True)
+        await initial_flow(envoy)
+        await envoy.request(types.SECRET, ["old"])
+        sds = await envoy.recv()
+        assert names_of(sds) == ["old"]
+        await envoy.ack(sds)
+        v2 = _with_secrets("v2", {"old": old}, {"new"}, v1 if told else None)
+        env.cache.set_snapshot(NODE, v2)
+        await envoy.request(types.SECRET, ["new"])
+        assert await envoy.silent(0.3) == []  # no "removed": Envoy keeps waiting for it
+        new = secret_pb2.Secret(name="new")
+        v3 = _with_secrets("v3", {"old": old, "new": new}, set(), v2 if told else None)
+        env.cache.set_snapshot(NODE, v3)
+        sds = await envoy.recv()
+        assert (names_of(sds), list(sds.removed_resources)) == (["new"], [])
+        await envoy.ack(sds)
+        # Not awaited (a Secret that is no TLS credential of ours): told absent as before.
+        await envoy.request(types.SECRET, ["unknown"])
+        sds = await envoy.recv()
+        assert (names_of(sds), list(sds.removed_resources)) == ([], ["unknown"])
+
+    run(tmp_path, body)
