@@ -885,8 +885,8 @@ class ClusterMirror:
         self.root = root
         self.server = server
         self._stamps: dict[Path, tuple[int, int, int]] = {}
-        self._objects: dict[Path, list[Obj]] = {}
-        self._mine: set[Identity] = set()  # objects this mirror put on the server
+        self._objects: dict[Path, dict[Identity, Obj]] = {}  # per file: its objects, by identity
+        self._owners: dict[Identity, set[Path]] = {}  # the files holding each object
 
     def _files(self) -> Iterator[tuple[Path, tuple[int, int, int]]]:
         if not self.root.is_dir():
@@ -901,44 +901,71 @@ class ClusterMirror:
                     yield path, (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def sync(self) -> bool:
-        """Applies what changed in the directory since the last sync; True if anything did."""
+        """Applies what changed in the directory since the last sync; True if anything did.
+
+        Only the objects of added, changed and removed files are compared with the server's:
+        a real API server does no work for the objects nobody wrote, and comparing every object
+        of a 5000-service directory at each change cost ~0.2 s of CPU beside the agents."""
         files = dict(self._files())
+        touched: dict[Identity, None] = {}  # ordered: events go out in the files' order
         changed = False
-        for path in list(self._objects):
-            if path not in files:
-                del self._objects[path], self._stamps[path]
-                changed = True
+        for path in [p for p in self._objects if p not in files]:
+            touched.update(dict.fromkeys(self._forget(path)))
+            del self._stamps[path]
+            changed = True
         for path, stamp in files.items():
             if self._stamps.get(path) == stamp:
                 continue
             try:
-                self._objects[path] = _documents(path)
+                docs = _documents(path)
             except (OSError, ValueError, kubeyaml.YAMLError) as e:
                 log.warning("%s: not readable yet (%s); trying again", path, e)
                 continue
             self._stamps[path] = stamp
+            touched.update(dict.fromkeys(self._forget(path)))
+            objects = self._objects[path] = self._valid(path, docs)
+            for identity in objects:
+                self._owners.setdefault(identity, set()).add(path)
+            touched.update(dict.fromkeys(objects))
             changed = True
-        if changed:
-            self._apply()
+        if touched:
+            self._apply(touched)
         return changed
 
-    def _apply(self) -> None:
+    def _forget(self, path: Path) -> list[Identity]:
+        """Drops PATH's objects from the owner index; their identities."""
+        gone = list(self._objects.pop(path, {}))
+        for identity in gone:
+            owners = self._owners[identity]
+            owners.discard(path)
+            if not owners:
+                del self._owners[identity]
+        return gone
+
+    @staticmethod
+    def _valid(path: Path, docs: list[Obj]) -> dict[Identity, Obj]:
+        out: dict[Identity, Obj] = {}
+        for obj in docs:
+            meta = obj.get("metadata")
+            if not isinstance(meta, dict) or not meta.get("name") or not obj.get("kind"):
+                log.warning("%s: an object without kind or metadata.name, skipped", path)
+                continue
+            if not isinstance(obj.get("apiVersion"), str):
+                continue
+            out[(resource_of(obj), _identity(obj))] = obj  # a later document wins
+        return out
+
+    def _apply(self, touched: dict[Identity, None]) -> None:
+        """Brings the server's copy of each TOUCHED object to what its files now say: the last
+        file (in path order) holding it wins, as when every file is read in order."""
         server = self.server
-        wanted: dict[Identity, Obj] = {}
-        for path in sorted(self._objects):
-            for obj in self._objects[path]:
-                meta = obj.get("metadata")
-                if not isinstance(meta, dict) or not meta.get("name") or not obj.get("kind"):
-                    log.warning("%s: an object without kind or metadata.name, skipped", path)
-                    continue
-                if not isinstance(obj.get("apiVersion"), str):
-                    continue
-                wanted[(resource_of(obj), _identity(obj))] = obj
-        for resource, key in sorted(self._mine - wanted.keys()):
+        gone = sorted(i for i in touched if i not in self._owners)
+        for resource, key in gone:
             stored = server.objects.get(resource, {}).get(key)
             if stored is not None:
                 server.delete(stored)
-        for (resource, key), obj in wanted.items():
+        for resource, key in (i for i in touched if i in self._owners):
+            obj = self._objects[max(self._owners[(resource, key)])][(resource, key)]
             desired = copy.deepcopy(obj)
             _merge(desired, server.patches.get((resource, key), {}))
             stored = server.objects.get(resource, {}).get(key)
@@ -948,7 +975,6 @@ class ClusterMirror:
             _as_stored(desired, stored)
             if _without_version(stored) != _without_version(desired):
                 server.modify(desired)
-        self._mine = set(wanted)
 
 
 class TokensFile:

@@ -706,6 +706,83 @@ def test_the_testbed_apiserver_sends_no_event_for_an_object_whose_file_did_not_c
     ]
 
 
+def test_the_testbed_apiserver_keeps_the_last_file_of_an_object_defined_twice(
+    tmp_path: Path,
+) -> None:
+    """An object in two files is served as the later file (path order) says; removing that
+    file serves the earlier one's again; removing both deletes it."""
+    from nodeagent.testbed.apiserver import ClusterMirror
+
+    files = tmp_path / "cluster"
+    files.mkdir()
+
+    def service(port: int) -> dict[str, Any]:
+        out = copy.deepcopy(SERVICE)
+        out["spec"]["ports"][0]["port"] = port
+        return out
+
+    def served() -> int | None:
+        obj = server.objects.get("/api/v1/services", {}).get(("shop", "web"))
+        return None if obj is None else int(obj["spec"]["ports"][0]["port"])
+
+    server = APIServerStandIn()
+    mirror = ClusterMirror(files, server)
+    (files / "a.yaml").write_text(yaml.safe_dump(service(81)))
+    (files / "b.yaml").write_text(yaml.safe_dump(service(82)))
+    assert mirror.sync()
+    assert served() == 82
+    (files / "a.yaml").write_text(yaml.safe_dump(service(83)))  # the earlier file: no change
+    before = len(server.history)
+    assert mirror.sync()
+    assert served() == 82 and len(server.history) == before
+    (files / "b.yaml").unlink()
+    assert mirror.sync()
+    assert served() == 83
+    assert [e.type for e in server.history[before:]] == ["MODIFIED"]
+    (files / "a.yaml").unlink()
+    assert mirror.sync() and not mirror.sync()
+    assert served() is None
+    assert [e.type for e in server.history[before:]] == ["MODIFIED", "DELETED"]
+
+
+def test_the_testbed_apiserver_compares_only_the_objects_of_changed_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change of one file costs the stand-in that file's objects, not the whole directory's
+    (a real API server does no work for objects nobody wrote; the benchmarks' thousands of
+    services must not slow every change)."""
+    from nodeagent.testbed import apiserver
+
+    files = tmp_path / "cluster"
+    files.mkdir()
+    many = []
+    for i in range(50):
+        svc = copy.deepcopy(SERVICE)
+        svc["metadata"]["name"] = f"svc-{i}"
+        many.append(svc)
+    (files / "many.yaml").write_text(yaml.safe_dump_all(many))
+    (files / "one.yaml").write_text(yaml.safe_dump(_bookinfo("destination-rule-reviews.yaml")))
+    server = APIServerStandIn()
+    mirror = apiserver.ClusterMirror(files, server)
+    assert mirror.sync()
+    compared: list[str] = []
+    as_stored = apiserver._as_stored
+    monkeypatch.setattr(
+        apiserver,
+        "_as_stored",
+        lambda desired, stored: (compared.append(desired["kind"]), as_stored(desired, stored)),
+    )
+    rule = _bookinfo("destination-rule-reviews.yaml")
+    rule["spec"]["subsets"] = rule["spec"]["subsets"][:1]
+    (files / "one.yaml").write_text(yaml.safe_dump(rule))
+    before = len(server.history)
+    assert mirror.sync()
+    assert compared == ["DestinationRule"]
+    assert [(e.type, e.object["kind"]) for e in server.history[before:]] == [
+        ("MODIFIED", "DestinationRule")
+    ]
+
+
 def test_pods_are_listed_in_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A LIST of every node's pods comes in pages (limit/continue), so the agent never holds
     the whole cluster's pod JSON at once; the store ends the same."""
