@@ -44,6 +44,16 @@ INITIAL_FETCH_TIMEOUT = 5.0
 ADS_RETRY_BASE = 0.25
 ADS_RETRY_MAX = 3.0
 
+# Internal listeners (outbound-internal, originate: nodeagent/translate/internal.py) exist only
+# with this bootstrap extension (docs configuration/other_features/internal_listener).
+INTERNAL_LISTENERS: dict[str, Any] = {
+    "name": "envoy.bootstrap.internal_listener",
+    "typed_config": {
+        "@type": "type.googleapis.com/"
+        "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+    },
+}
+
 # ADS variants (config.core.v3.ApiConfigSource.ApiType): the node's Envoy uses delta (incremental)
 # xDS, so a change sends only the resources it touched and removals name what goes
 # (https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol#incremental-xds); the
@@ -121,17 +131,7 @@ def bootstrap(
             "listeners": [_stats_listener(stats_host, stats_port)],
         },
         "admin": {"address": admin},
-        # Internal listeners (outbound-internal, originate: nodeagent/translate/internal.py)
-        # exist only with this extension (docs configuration/other_features/internal_listener).
-        "bootstrap_extensions": [
-            {
-                "name": "envoy.bootstrap.internal_listener",
-                "typed_config": {
-                    "@type": "type.googleapis.com/"
-                    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
-                },
-            }
-        ],
+        "bootstrap_extensions": [INTERNAL_LISTENERS],
         "stats_config": {
             "stats_matcher": {"exclusion_list": {"patterns": list(PRIVATE_STAT_PATTERNS)}}
         },

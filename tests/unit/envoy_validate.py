@@ -4,10 +4,17 @@ built."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from nodeagent.envoy.bootstrap import INTERNAL_LISTENERS, STATIC_RUNTIME
 
 ENVOY = Path(sys.executable).parent / "envoy"
 
@@ -34,3 +41,35 @@ def static_sds(value: Any) -> Any:
     if isinstance(value, list):
         return [static_sds(v) for v in value]
     return value
+
+
+def assert_envoy_accepts_resources(
+    tmp_path: Path,
+    *,
+    clusters: Iterable[Message | dict[str, Any]] = (),
+    listeners: Iterable[Message | dict[str, Any]] = (),
+    secrets: Iterable[Message | dict[str, Any]] = (),
+    node_runtime: bool = False,
+) -> None:
+    """Envoy validates a static bootstrap holding these resources (messages or proto3 JSON),
+    with internal listeners enabled as in the node's bootstrap. The clusters' SDS names mean
+    the static SECRETS (``static_sds``); NODE_RUNTIME adds the node's static runtime layer."""
+
+    def plain(resource: Message | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(resource, Message):
+            return json_format.MessageToDict(resource, preserving_proto_field_name=True)
+        return resource
+
+    config: dict[str, Any] = {
+        "bootstrap_extensions": [INTERNAL_LISTENERS],
+        "static_resources": {
+            "clusters": [static_sds(plain(c)) for c in clusters],
+            "listeners": [plain(x) for x in listeners],
+            "secrets": [plain(x) for x in secrets],
+        },
+    }
+    if node_runtime:
+        config["layered_runtime"] = {"layers": [{"name": "static", "static_layer": STATIC_RUNTIME}]}
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(config))
+    assert_envoy_accepts(path)

@@ -24,7 +24,7 @@ from nodeagent.translate import LocalPod, TranslationCache, client_tls, internal
 from nodeagent.translate import envoy as e
 from nodeagent.translate.destination_rule import check
 from tests.tls_certs import write_app_pki
-from tests.unit.envoy_validate import assert_envoy_accepts, static_sds
+from tests.unit.envoy_validate import assert_envoy_accepts_resources
 from tests.unit.test_translate import HOST, as_json, local, store
 
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -281,35 +281,12 @@ def test_a_changed_setting_keeps_the_old_socket_until_envoy_holds_the_new_cluste
 def _validate(tmp_path: Path, out: dict[str, Any], s: MeshStore) -> None:
     """originate-tls (cluster and listener) in a static bootstrap that Envoy validates, with
     the file secrets its sockets name (read by the agent) as static secrets."""
-    cluster = json_format.MessageToDict(
-        out[e.CLUSTER][internal.ORIGINATE_TLS], preserving_proto_field_name=True
+    assert_envoy_accepts_resources(
+        tmp_path,
+        clusters=[out[e.CLUSTER][internal.ORIGINATE_TLS]],
+        listeners=[out[e.LISTENER][internal.ORIGINATE_TLS]],
+        secrets=FileSecrets().sds_secrets(s),
     )
-    listener = json_format.MessageToDict(
-        out[e.LISTENER][internal.ORIGINATE_TLS], preserving_proto_field_name=True
-    )
-    secrets = [
-        json_format.MessageToDict(x, preserving_proto_field_name=True)
-        for x in FileSecrets().sds_secrets(s)
-    ]
-    bootstrap = {
-        "static_resources": {
-            "clusters": [static_sds(cluster)],
-            "listeners": [listener],
-            "secrets": secrets,
-        },
-        "bootstrap_extensions": [
-            {
-                "name": "envoy.bootstrap.internal_listener",
-                "typed_config": {
-                    "@type": "type.googleapis.com/"
-                    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
-                },
-            }
-        ],
-    }
-    path = tmp_path / "envoy.json"
-    path.write_text(json.dumps(bootstrap))
-    assert_envoy_accepts(path)
 
 
 def test_the_sidecar_form_sets_the_socket_on_its_own_cluster() -> None:

@@ -32,7 +32,7 @@ from nodeagent.translate import TranslationCache, client_tls, internal
 from nodeagent.translate import envoy as e
 from nodeagent.xds import types
 from tests.tls_certs import write_app_pki
-from tests.unit.envoy_validate import assert_envoy_accepts, static_sds
+from tests.unit.envoy_validate import assert_envoy_accepts_resources
 from tests.unit.test_proxy_contained import make_proxy, mesh_store, resources
 from tests.unit.test_translate import HOST, local, store
 
@@ -295,22 +295,8 @@ def test_envoy_accepts_the_socket_and_the_sds_secrets(tmp_path: Path) -> None:
             "connect_timeout": "1s",
             "transport_socket": client_tls.transport_socket(setting, "web.example"),
         }
-        clusters.append(
-            json_format.MessageToDict(
-                e.message(e.Cluster, cluster), preserving_proto_field_name=True
-            )
-        )
-    bootstrap = {
-        "static_resources": {
-            "clusters": static_sds(clusters),
-            "secrets": [
-                json_format.MessageToDict(x, preserving_proto_field_name=True) for x in secrets
-            ],
-        },
-    }
-    path = tmp_path / "envoy.json"
-    path.write_text(json.dumps(bootstrap))
-    assert_envoy_accepts(path)
+        clusters.append(e.message(e.Cluster, cluster))
+    assert_envoy_accepts_resources(tmp_path, clusters=clusters, secrets=secrets)
 
 
 def test_a_secret_change_retranslates_no_cluster() -> None:

@@ -34,7 +34,7 @@ from nodeagent.testbed import rbac
 from nodeagent.translate import TranslationCache, client_tls, internal
 from nodeagent.translate import envoy as e
 from tests.tls_certs import write_app_pki
-from tests.unit.envoy_validate import assert_envoy_accepts, static_sds
+from tests.unit.envoy_validate import assert_envoy_accepts_resources
 from tests.unit.test_translate import HOST, local, store
 
 NODE = "node1"
@@ -456,23 +456,9 @@ def test_envoy_accepts_the_refused_socket(tmp_path: Path) -> None:
         "connect_timeout": "1s",
         "transport_socket": client_tls.transport_socket(setting, "web.example"),
     }
-    bootstrap = {
-        "static_resources": {
-            "clusters": static_sds(
-                [
-                    json_format.MessageToDict(
-                        e.message(e.Cluster, cluster), preserving_proto_field_name=True
-                    )
-                ]
-            ),
-            "secrets": [
-                json_format.MessageToDict(x, preserving_proto_field_name=True) for x in secrets
-            ],
-        },
-    }
-    path = tmp_path / "envoy.json"
-    path.write_text(json.dumps(bootstrap))
-    assert_envoy_accepts(path)
+    assert_envoy_accepts_resources(
+        tmp_path, clusters=[e.message(e.Cluster, cluster)], secrets=secrets
+    )
 
 
 def test_the_review_is_needed_only_where_a_selected_pod_of_the_account_is() -> None:

@@ -11,14 +11,12 @@ SNI is closed; a TLS port ignores tcp[] rules and a TCP port tls[] ones).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nodeagent.envoy.bootstrap import STATIC_RUNTIME
 from nodeagent.mesh.model import (
     Endpoint,
     EndpointPort,
@@ -34,7 +32,7 @@ from nodeagent.translate import LocalPod, TranslationCache, internal
 from nodeagent.translate import envoy as e
 from nodeagent.translate.protocol import HTTPS, TCP, TLS, is_tls, port_protocol
 from nodeagent.translate.virtual_service import SNI, Condition, L4Rule, tcp_rules, tls_rules
-from tests.unit.envoy_validate import assert_envoy_accepts
+from tests.unit.envoy_validate import assert_envoy_accepts_resources
 from tests.unit.test_translate import as_json
 
 DB = "db.shop.svc.cluster.local"
@@ -361,24 +359,12 @@ def test_real_envoy_accepts_the_routes_listeners_and_the_hop(tmp_path: Path) -> 
     )
     out = TranslationCache().build(*mesh(dr("db"), dr("web"), DB_BY_LABELS, mixed)).resources
     names = [internal.OUTBOUND_INTERNAL, DB_ROUTES, WEB_ROUTES]
-    listeners = [as_json(out[e.LISTENER][n]) for n in names]
-    clusters = [as_json(out[e.CLUSTER][n]) for n in (DB_ROUTES, WEB_ROUTES)]
-    config = {
-        "bootstrap_extensions": [
-            {
-                "name": "envoy.bootstrap.internal_listener",
-                "typed_config": {
-                    "@type": "type.googleapis.com/"
-                    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
-                },
-            }
-        ],
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": STATIC_RUNTIME}]},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }
-    path = tmp_path / "envoy.json"
-    path.write_text(json.dumps(config))
-    assert_envoy_accepts(path)
+    assert_envoy_accepts_resources(
+        tmp_path,
+        clusters=[out[e.CLUSTER][n] for n in (DB_ROUTES, WEB_ROUTES)],
+        listeners=[out[e.LISTENER][n] for n in names],
+        node_runtime=True,
+    )
 
 
 def test_https_and_tls_ports_are_tls_by_name_or_app_protocol() -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from nodeagent.envoy.bootstrap import STATIC_RUNTIME
 from nodeagent.mesh.model import (
     Endpoint,
     EndpointPort,
@@ -30,7 +29,7 @@ from nodeagent.mesh.model import (
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import envoy as e
 from nodeagent.translate import internal, translate
-from tests.unit.envoy_validate import assert_envoy_accepts
+from tests.unit.envoy_validate import assert_envoy_accepts_resources
 from tests.unit.test_translate import HOST, ME, as_json, local, store
 
 WEB = f"outbound|80||{HOST}"
@@ -234,22 +233,9 @@ def test_real_envoy_accepts_the_passthrough_clusters(tmp_path: Path) -> None:
     out = translated(mesh(), rule(spec))
     names = [WEB, f"outbound|5432|v1|{HOST}"]
     assert all(is_passthrough(out, n) for n in names)
-    config = {
-        "bootstrap_extensions": [
-            {
-                "name": "envoy.bootstrap.internal_listener",
-                "typed_config": {
-                    "@type": "type.googleapis.com/"
-                    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
-                },
-            }
-        ],
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": STATIC_RUNTIME}]},
-        "static_resources": {
-            "listeners": [as_json(out[e.LISTENER][internal.ORIGINATE])],
-            "clusters": [as_json(out[e.CLUSTER][n]) for n in names],
-        },
-    }
-    path = tmp_path / "envoy.json"
-    path.write_text(json.dumps(config))
-    assert_envoy_accepts(path)
+    assert_envoy_accepts_resources(
+        tmp_path,
+        clusters=[out[e.CLUSTER][n] for n in names],
+        listeners=[out[e.LISTENER][internal.ORIGINATE]],
+        node_runtime=True,
+    )
