@@ -662,41 +662,32 @@ class TranslationCache:
                 policy_fields = cluster_fields(
                     subset.policy, target.protocol, mesh_locality=mesh_locality
                 )
-                if subset.passthrough:  # no endpoints: where the caller dialled (passthrough.py)
+                # PASSTHROUGH: no endpoints, where the caller dialled (passthrough.py), with
+                # Istio's all-or-nothing auto mTLS; one inline endpoint on the node.
+                passthrough_mtls: bool | None = None
+                inline: dict[str, Any] | None = None
+                if subset.passthrough:
                     policy_fields = passthrough_fields(policy_fields)
-                    if settings.sidecar:
-                        cluster = _sidecar_cluster(
-                            store,
-                            target,
-                            settings.classes[0],
-                            settings.identities[0],
-                            subset,
-                            policy_fields,
-                            origination,
-                            passthrough.sends_mtls(store, target, subset, in_mesh),
-                        )
-                    else:
-                        mtls = passthrough.sends_mtls(store, target, subset, in_mesh)
+                    passthrough_mtls = passthrough.sends_mtls(store, target, subset, in_mesh)
+                    if not settings.sidecar:
                         sans = passthrough.server_sans(store, target)
-                        one = passthrough.node_assignment(subset.name, mtls, sans, originate)
-                        cluster = service_cluster(
-                            target, modes, subset.name, policy_fields, origination, one
+                        inline = passthrough.node_assignment(
+                            subset.name, passthrough_mtls, sans, originate
                         )
-                    entry.clusters.append((envoy.CLUSTER, cluster))
-                    continue
-                # The app terminates TLS: no fast path (it would skip the TLS the rule asks).
-                assignment = load_assignment(
-                    store,
-                    target,
-                    speaks_mtls,
-                    not settings.sidecar,
-                    None if origination is not None else fast,
-                    cluster=subset.name,
-                    labels=subset.labels,
-                    balancing=balancing,
-                    originate=originate,
-                )
-                entry.endpoints.append((envoy.ENDPOINT, assignment))
+                else:
+                    # The app terminates TLS: no fast path (it would skip the TLS the rule asks).
+                    assignment = load_assignment(
+                        store,
+                        target,
+                        speaks_mtls,
+                        not settings.sidecar,
+                        None if origination is not None else fast,
+                        cluster=subset.name,
+                        labels=subset.labels,
+                        balancing=balancing,
+                        originate=originate,
+                    )
+                    entry.endpoints.append((envoy.ENDPOINT, assignment))
                 if settings.sidecar:
                     cluster = _sidecar_cluster(
                         store,
@@ -706,10 +697,11 @@ class TranslationCache:
                         subset,
                         policy_fields,
                         origination,
+                        passthrough_mtls,
                     )
                 else:
                     cluster = service_cluster(
-                        target, modes, subset.name, policy_fields, origination
+                        target, modes, subset.name, policy_fields, origination, inline
                     )
                 entry.clusters.append((envoy.CLUSTER, cluster))
 
