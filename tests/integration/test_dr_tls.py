@@ -303,14 +303,11 @@ def allow_secrets(tb: Testbed, *accounts: str) -> Path:
     return layout.cluster_dir(tb.name) / "rbac-secret-reader.yaml"
 
 
-def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
-    clean: Testbed, pki: Path
-) -> None:
-    """credentialName, read at sidecars in a rule with a workloadSelector
-    (istio.io/latest/docs/reference/config/networking/destination-rule/#ClientTLSSettings):
-    the node serves the Secret's certificate over SDS to the selected caller's TLS, and a
-    rotated Secret is presented on new connections without a restart."""
-    tb = clean
+@contextlib.contextmanager
+def selector_credential(tb: Testbed, pki: Path) -> Iterator[None]:
+    """sleep (whose account may list Secrets) calls MUTUAL with the Secret client-cred (CLIENT's
+    certificate) named by a selector rule, and its calls succeed; the Secret and the RBAC
+    objects are removed afterwards, also on failure."""
     secret_file = layout.cluster_dir(tb.name) / "secret-client-cred.yaml"
     rbac_file = allow_secrets(tb, "sleep")
     try:
@@ -319,6 +316,21 @@ def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
         rule["workloadSelector"] = {"matchLabels": {"app": "sleep"}}
         apply(tb, rule)
         until_status(tb, MUTUAL, "200")
+        yield
+    finally:
+        secret_file.unlink(missing_ok=True)
+        rbac_file.unlink(missing_ok=True)
+
+
+def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
+    clean: Testbed, pki: Path
+) -> None:
+    """credentialName, read at sidecars in a rule with a workloadSelector
+    (istio.io/latest/docs/reference/config/networking/destination-rule/#ClientTLSSettings):
+    the node serves the Secret's certificate over SDS to the selected caller's TLS, and a
+    rotated Secret is presented on new connections without a restart."""
+    tb = clean
+    with selector_credential(tb, pki):
         (tls,) = handshakes(tb, MUTUAL, 1).values()
         assert tls["client_cert"] == {
             "subject": f"commonName={CLIENT}",
@@ -339,9 +351,6 @@ def test_credential_name_in_a_selector_rule_presents_the_secrets_certificate(
         wait_for(presents_rotated, 30, "the rotated client certificate presented", step=0.3)
         # No call failed while the Secret rotated (the socket's SDS secret changed in place).
         assert failed == [], failed
-    finally:
-        secret_file.unlink(missing_ok=True)
-        rbac_file.unlink(missing_ok=True)
 
 
 def test_credential_name_only_for_service_accounts_that_may_list_secrets(
@@ -352,14 +361,7 @@ def test_credential_name_only_for_service_accounts_that_may_list_secrets(
     filterAuthorizedResources; a SubjectAccessReview). Two callers with the same labels, one
     account bound to such a Role: it presents the certificate; the other's TLS fails."""
     tb = clean
-    secret_file = layout.cluster_dir(tb.name) / "secret-client-cred.yaml"
-    rbac_file = allow_secrets(tb, "sleep")
-    try:
-        put_secret(tb, "client-cred", pki, CLIENT)
-        rule = tls_rule("secure-mutual", mode="MUTUAL", sni=SERVER, credentialName="client-cred")
-        rule["workloadSelector"] = {"matchLabels": {"app": "sleep"}}
-        apply(tb, rule)
-        until_status(tb, MUTUAL, "200")
+    with selector_credential(tb, pki):
         (tls,) = handshakes(tb, MUTUAL, 1).values()
         assert tls["client_cert"]["subject"] == f"commonName={CLIENT}", tls
         # The refused account: its calls fail (503: the upstream TLS handshake fails), each
@@ -371,9 +373,6 @@ def test_credential_name_only_for_service_accounts_that_may_list_secrets(
         log = (layout.logs_dir(tb.name) / "n1.agent.log").read_text(errors="replace")
         assert "system:serviceaccount:default:sleep-other may not list secrets in default" in log
         assert "system:serviceaccount:default:sleep may list secrets in default" in log
-    finally:
-        secret_file.unlink(missing_ok=True)
-        rbac_file.unlink(missing_ok=True)
 
 
 def _place(directory: Path, source: Path) -> None:
