@@ -16,6 +16,13 @@ the pod.
 
     tb-<name>.underlay  br0 also holds the API server's address (the underlay's last host)
     tb-<name>.control-plane       ca: service: the CA service, on the underlay's host before it
+    tb-<name>.resolver            the testbed resolver (cluster DNS + the externals' names), on
+                                  the host before that; every pod's resolv.conf names it
+    tb-<name>.ext-<external>      each external server (topology ``externals``), below it
+
+The resolver's and externals' hosts sit on the underlay bridge like a node and route the pod
+CIDRs through the nodes, so pods (and the node Envoys) reach them; nothing routes them in the root
+namespace.
 """
 
 from __future__ import annotations
@@ -46,11 +53,13 @@ from nodeagent.testbed import (
     cgroups,
     control_plane,
     daemons,
+    externals,
     hosts,
     layout,
     netlink,
     netns,
     node_credentials,
+    resolver,
     resources,
     services,
 )
@@ -73,6 +82,7 @@ from nodeagent.testbed.state import (
 )
 from nodeagent.testbed.topology import (
     APISERVER_PORT,
+    External,
     Node,
     Pod,
     Service,
@@ -271,6 +281,7 @@ class Testbed:
         self._build_underlay()
         for node in self.topology.nodes:
             self._build_node(node)
+        edge = self._start_edge()
         self._publish_namespaces()
         self._publish_nodes()
         if self.topology.source == "kubernetes":
@@ -284,6 +295,11 @@ class Testbed:
         self._publish()
         for pod in self.topology.pods:
             self._start_workload(pod)
+        for record in edge:
+            try:
+                daemons.wait_ready(self.name, record)
+            except daemons.DaemonError as e:
+                raise TestbedError(str(e)) from None
         self._wait_ready(self.topology.pods)
         self._publish()  # now with every ready pod as an endpoint
         if self.topology.nodeagent and self.topology.proxy:
@@ -377,6 +393,52 @@ class Testbed:
         (conf_dir / "10-testbed.conflist").write_text(
             json.dumps(bridge_conflist(self.name, node), indent=2)
         )
+
+    # -- the outside: resolver and external servers ----------------------------------------------
+
+    def _build_edge_host(self, ns: str, port: str, address: ipaddress.IPv4Address) -> None:
+        """A host on the underlay bridge outside every node that reaches the pods through
+        their nodes (return routes to each node's pod CIDR)."""
+        prefix = self.topology.network.underlay_cidr.prefixlen
+        with self._creating_netns(ns):
+            self._plug_into_underlay(ns, port, f"{address}/{prefix}")
+            with netlink.session(ns) as nl:
+                for node in self.topology.nodes:
+                    nl.add_route(str(node.pod_cidr), str(node.underlay_ip))
+
+    def _start_edge(self) -> list[DaemonRecord]:
+        """The resolver's and the externals' hosts and processes (started, not waited for)."""
+        started = []
+        resolver.write_zone(layout.resolver_zone(self.name), self._zone())
+        self._build_edge_host(layout.resolver_netns(self.name), "ul-dns", self.resolver_ip)
+        started.append(daemons.start_resolver(self.name, str(self.resolver_ip)))
+        for i, ext in enumerate(self.topology.externals):
+            externals.write_pki(layout.external_dir(self.name, ext.name), ext)
+            self._build_edge_host(layout.external_netns(self.name, ext.name), f"ul-x{i}", ext.ip)
+            for kind in (externals.HTTP, externals.HTTPS):
+                started.append(daemons.start_external(self.name, ext, kind))
+        with self._lock:
+            self.state.daemons += started
+            self.state.save()
+        return started
+
+    def _zone(self) -> dict[str, list[str]]:
+        return resolver.zone_records(
+            self.services(), self.topology.externals, self.topology.network.cluster_domain
+        )
+
+    @property
+    def resolver_ip(self) -> ipaddress.IPv4Address:
+        """The testbed resolver's address (port 53, UDP and TCP): every pod's nameserver."""
+        return self.topology.network.resolver_ip
+
+    def external(self, name: str) -> External:
+        """External server NAME (its names, address and ports); KeyError naming the known."""
+        return self.topology.external(name)
+
+    def external_ca_pem(self, name: str) -> bytes:
+        """External NAME's own CA (PEM): what verifies its HTTPS server's certificate."""
+        return layout.external_ca_file(self.name, self.external(name).name).read_bytes()
 
     # -- node daemons -----------------------------------------------------------------------------
 
@@ -707,10 +769,11 @@ class Testbed:
                 self.state.etc_dirs.append(str(hosts.ETC_NETNS / ns))
                 self.state.save()
             resources.write(pod_file, [resources.pod_object(pod, record.uid, record.ip)])
-            content = hosts.render_hosts(
-                pod, record.ip, self.services(), self.topology.network.cluster_domain
+            domain = self.topology.network.cluster_domain
+            hosts.write_hosts(ns, hosts.render_hosts(pod, record.ip, self.services(), domain))
+            hosts.write_resolv_conf(
+                ns, resolver.resolv_conf(pod.namespace, str(self.resolver_ip), domain)
             )
-            hosts.write_hosts(ns, content)
 
     # -- services (the testbed is the cluster's endpoint controller and kube-proxy) --------------
 
@@ -901,6 +964,7 @@ class Testbed:
             eps = services.endpoints(svc, pods, serving)
             objects.append(resources.endpoint_slice_object(svc, eps, nodes))
         resources.write(layout.cluster_dir(self.name) / "services.yaml", objects)
+        resolver.write_zone(layout.resolver_zone(self.name), self._zone())
         for node in self.topology.nodes:
             ruleset = services.render_ruleset(svcs, pods, node, serving)
             services.apply(node_netns(self.name, node.name), ruleset)

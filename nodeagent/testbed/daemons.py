@@ -30,11 +30,15 @@ from pathlib import Path
 from nodeagent.cni import wire
 from nodeagent.cni.bundle import locate_bundle
 from nodeagent.cni.install import holds_entry
-from nodeagent.testbed import layout, netns
+from nodeagent.testbed import externals, layout, netns
 from nodeagent.testbed.control_plane import SERVER_NAME, ca_argv, monitoring_get
+from nodeagent.testbed.resolver import PORT as RESOLVER_PORT
 from nodeagent.testbed.state import DaemonRecord
+from nodeagent.testbed.topology import External
 
 AGENT, INSTALL_CNI, ENVOY, APISERVER, CA = "agent", "install-cni", "envoy", "apiserver", "ca"
+RESOLVER = "resolver"
+EXTERNAL = "external-"  # + <external>-http / -https: an external server's two processes
 READY_TIMEOUT = 30.0
 # The DaemonSet envoy container's capabilities (daemonset/daemonset.yaml): the envoy daemon runs
 # with exactly these, so the tests exercise what the manifest grants.
@@ -172,13 +176,49 @@ def start_ca(testbed: str, address: str) -> DaemonRecord:
     return DaemonRecord("", CA, pid, netns.process_start_time(pid), address)
 
 
-def _spawn(testbed: str, ns: str, argv: list[str], log_name: str) -> int:
+def start_resolver(testbed: str, address: str) -> DaemonRecord:
+    """The testbed resolver (nodeagent.testbed.resolver) on ADDRESS:53 in its netns, answering
+    from ``layout.resolver_zone``; output in ``logs/resolver.log``. Ready once it listens."""
+    argv = [
+        sys.executable,
+        "-m",
+        "nodeagent.testbed.resolver",
+        "--listen",
+        f"{address}:{RESOLVER_PORT}",
+        "--zone",
+        str(layout.resolver_zone(testbed)),
+    ]
+    pid = _spawn(testbed, layout.resolver_netns(testbed), argv, f"{RESOLVER}.log")
+    return DaemonRecord(
+        "", RESOLVER, pid, netns.process_start_time(pid), f"{address}:{RESOLVER_PORT}"
+    )
+
+
+def start_external(testbed: str, external: External, kind: str) -> DaemonRecord:
+    """One server (externals.HTTP or HTTPS) of an external, in its netns; output in
+    ``logs/external-<name>-<kind>.log``. Ready once it listens on its port."""
+    name = f"{EXTERNAL}{external.name}-{kind}"
+    port = external.http_port if kind == externals.HTTP else external.https_port
+    pid = _spawn(
+        testbed,
+        layout.external_netns(testbed, external.name),
+        externals.server_argv(),
+        f"{name}.log",
+        env=externals.server_env(testbed, external, kind),
+    )
+    return DaemonRecord("", name, pid, netns.process_start_time(pid), f"{external.ip}:{port}")
+
+
+def _spawn(
+    testbed: str, ns: str, argv: list[str], log_name: str, env: dict[str, str] | None = None
+) -> int:
     """Start ARGV in netns NS, in its own session, appending its output to logs/LOG_NAME."""
     logs = layout.logs_dir(testbed)
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / log_name, "ab") as log:
         proc = subprocess.Popen(
             netns.in_netns(ns, argv),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -223,6 +263,9 @@ def _not_ready(testbed: str, record: DaemonRecord) -> str:
     if record.name == APISERVER:
         kubeconfig = layout.apiserver_kubeconfig(testbed)
         return "" if kubeconfig.is_file() else f"no {kubeconfig} yet"
+    if record.name == RESOLVER or record.name.startswith(EXTERNAL):
+        port = int(record.address.rpartition(":")[2])
+        return "" if netns.listening(record.pid, port) else f"not listening on {record.address}"
     if record.name == CA:
         status, body = monitoring_get(testbed, record.address, "/ready", 1)
         return "" if status == 200 else f"CA /ready: {status or ''} {body.strip()}".strip()

@@ -3,6 +3,8 @@
 ``ip netns exec`` binds that file over /etc/hosts for everything run in the pod, so the pod resolves
 service names the way cluster DNS would answer them: ``name.namespace.svc.<domain>`` and
 ``name.namespace`` everywhere, the bare ``name`` only inside the service's own namespace.
+Its ``resolv.conf`` names the testbed resolver (nodeagent.testbed.resolver) for every other name;
+with nsswitch ``hosts: files dns`` this file wins for the names it holds.
 """
 
 from __future__ import annotations
@@ -37,4 +39,13 @@ def write_hosts(netns_name: str, content: str) -> Path:
     folder = ETC_NETNS / netns_name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "hosts").write_text(content)
+    return folder
+
+
+def write_resolv_conf(netns_name: str, content: str) -> Path:
+    """The pod's resolv.conf (``ip netns exec`` binds it over /etc/resolv.conf, as it does
+    hosts): the testbed resolver, see nodeagent.testbed.resolver.resolv_conf."""
+    folder = ETC_NETNS / netns_name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "resolv.conf").write_text(content)
     return folder

@@ -22,6 +22,16 @@ def control_plane_netns(name: str) -> str:
     return f"{netns_prefix(name)}control-plane"
 
 
+def resolver_netns(name: str) -> str:
+    """The testbed resolver's host (the cluster DNS, kube-dns' role; see testbed/resolver.py)."""
+    return f"{netns_prefix(name)}resolver"
+
+
+def external_netns(name: str, external: str) -> str:
+    """An external server's host: outside the mesh and every node (topology ``externals``)."""
+    return f"{netns_prefix(name)}ext-{external}"
+
+
 def node_netns(name: str, node: str) -> str:
     return f"{netns_prefix(name)}node-{node}"
 
@@ -37,6 +47,22 @@ def logs_dir(name: str) -> Path:
 def cluster_dir(name: str) -> Path:
     """Kubernetes YAML of the testbed's namespaces and pods, read by every node agent."""
     return TestbedState.directory(name) / "cluster"
+
+
+def resolver_zone(name: str) -> Path:
+    """The names the testbed resolver answers (JSON, rewritten as services change)."""
+    return TestbedState.directory(name) / "resolver" / "zone.json"
+
+
+def external_dir(name: str, external: str) -> Path:
+    """An external server's files: its own CA (``ca.pem``), its certificate and key."""
+    return TestbedState.directory(name) / "externals" / external
+
+
+def external_ca_file(name: str, external: str) -> Path:
+    """The PEM root of an external server's own CA: what a DestinationRule's caCertificates
+    names to verify it (readable by root only, as the testbed directory is)."""
+    return external_dir(name, external) / "ca.pem"
 
 
 def apiserver_kubeconfig(name: str) -> Path:

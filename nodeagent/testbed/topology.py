@@ -38,6 +38,13 @@ APISERVER_PORT = 6443
 # cacerts, --ca-dir: the standalone mode).
 CA_MODES = ("service", "plugin")
 DEFAULT_CA = "service"
+# The underlay's top hosts: API server, control plane, resolver (externals below them).
+RESERVED_UNDERLAY_HOSTS = 3
+DEFAULT_HTTP_PORT, DEFAULT_HTTPS_PORT = 80, 443
+# A DNS name an external server answers to (lower case, at least two labels).
+DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+)
 LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
@@ -67,6 +74,17 @@ class Network:
         """The control-plane host's address in the underlay (where the CA service runs with
         ``ca: service``): the host before the API server's, never a node's."""
         return self.underlay_cidr.broadcast_address - 2
+
+    @property
+    def resolver_ip(self) -> ipaddress.IPv4Address:
+        """The testbed resolver's address in the underlay (the cluster DNS every pod's
+        resolv.conf names): the host before the control plane's, never a node's."""
+        return self.underlay_cidr.broadcast_address - RESERVED_UNDERLAY_HOSTS
+
+    def external_ip(self, index: int) -> ipaddress.IPv4Address:
+        """External server INDEX's address in the underlay: below the resolver's, counting down
+        (nodes count up from the bottom; the parser checks they never meet)."""
+        return self.resolver_ip - 1 - index
 
 
 @dataclass(frozen=True)
@@ -146,6 +164,20 @@ class Service:
 
 
 @dataclass(frozen=True)
+class External:
+    """A server outside the mesh and outside every node (the "internet" of S1.7): a netns of its
+    own on the underlay, answering plain HTTP on HTTP_PORT and HTTPS on HTTPS_PORT with a
+    certificate from its own CA (not the mesh's) whose SANs are its NAMES; the testbed resolver
+    answers its NAMES with its address."""
+
+    name: str
+    names: tuple[str, ...]
+    ip: ipaddress.IPv4Address
+    http_port: int = DEFAULT_HTTP_PORT
+    https_port: int = DEFAULT_HTTPS_PORT
+
+
+@dataclass(frozen=True)
 class Topology:
     name: str
     network: Network
@@ -170,9 +202,17 @@ class Topology:
     source: str = DEFAULT_SOURCE
     # With nodeagent: who signs workload certificates (CA_MODES).
     ca: str = DEFAULT_CA
+    externals: tuple[External, ...] = ()
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
+
+    def external(self, name: str) -> External:
+        for ext in self.externals:
+            if ext.name == name:
+                return ext
+        known = ", ".join(e.name for e in self.externals) or "none"
+        raise KeyError(f"no external {name!r} in testbed {self.name!r} (externals: {known})")
 
     def find_pod(self, ref: str) -> Pod:
         """A pod by ``namespace/name``, or by bare name when exactly one pod has it."""
@@ -272,6 +312,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             "proxyModel",
             "source",
             "ca",
+            "externals",
         },
         {"name", "nodes"},
     )
@@ -318,8 +359,8 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         node_name = r.string(node_raw["name"], f"{path}.name", DNS_LABEL)
         if any(n.name == node_name for n in nodes):
             raise r.fail(f"{path}.name", f"duplicate node {node_name!r}")
-        # The underlay's last two hosts are the API server's and the control plane's.
-        if i + 1 >= len(node_cidrs) or i >= len(underlay_hosts) - 2:
+        # The underlay's top hosts are the API server's, the control plane's and the resolver's.
+        if i + 1 >= len(node_cidrs) or i >= len(underlay_hosts) - RESERVED_UNDERLAY_HOSTS:
             raise r.fail(path, "more nodes than the cluster or underlay CIDR can address")
         labels = (
             r.labels(node_raw["labels"], f"{path}.labels")
@@ -350,6 +391,8 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     for i, raw in enumerate(r.sequence(top.get("services"), "services")):
         services.append(_parse_service(r, raw, f"services[{i}]", network, services, vips))
         namespaces.setdefault(services[-1].namespace, Namespace(services[-1].namespace))
+
+    externals = _parse_externals(r, top.get("externals"), network, len(nodes))
 
     nodeagent = top.get("nodeagent", True)
     if not isinstance(nodeagent, bool):
@@ -397,7 +440,45 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         proxy_model,
         source,
         ca,
+        externals,
     )
+
+
+def _parse_externals(
+    r: _Reader, raw: Any, network: Network, node_count: int
+) -> tuple[External, ...]:
+    externals: list[External] = []
+    taken: dict[str, str] = {}  # DNS name -> the external that has it
+    for i, item in enumerate(r.sequence(raw, "externals")):
+        path = f"externals[{i}]"
+        ext_raw = r.mapping(item, path, {"name", "names", "httpPort", "httpsPort"}, {"name"})
+        name = r.string(ext_raw["name"], f"{path}.name", DNS_LABEL)
+        if any(e.name == name for e in externals):
+            raise r.fail(f"{path}.name", f"duplicate external {name!r}")
+        names_raw = r.sequence(ext_raw.get("names"), f"{path}.names")
+        if not names_raw:
+            raise r.fail(f"{path}.names", "at least one DNS name is required")
+        names: list[str] = []
+        for j, dns_name in enumerate(names_raw):
+            npath = f"{path}.names[{j}]"
+            dns_name = r.string(dns_name, npath, DNS_NAME)
+            if dns_name.endswith(f".{network.cluster_domain}"):
+                raise r.fail(npath, f"{dns_name!r} is inside the cluster domain")
+            if dns_name in taken:
+                raise r.fail(
+                    npath, f"{dns_name!r} is already a name of external {taken[dns_name]!r}"
+                )
+            taken[dns_name] = name
+            names.append(dns_name)
+        http = r.port(ext_raw.get("httpPort", DEFAULT_HTTP_PORT), f"{path}.httpPort")
+        https = r.port(ext_raw.get("httpsPort", DEFAULT_HTTPS_PORT), f"{path}.httpsPort")
+        if http == https:
+            raise r.fail(f"{path}.httpsPort", f"{https} is also the httpPort")
+        ip = network.external_ip(i)
+        if int(ip) - int(network.underlay_cidr.network_address) <= node_count:
+            raise r.fail(path, "more nodes and externals than the underlay CIDR can address")
+        externals.append(External(name, tuple(names), ip, http, https))
+    return tuple(externals)
 
 
 def _parse_pod(r: _Reader, raw: Any, path: str, nodes: list[Node], seen: list[Pod]) -> Pod:

@@ -238,10 +238,80 @@ def test_the_ca_service_signs_unless_told_plugin() -> None:
     assert (both.source, both.ca) == ("directory", "service")
     with pytest.raises(TopologyError, match=r"t.yaml: ca: expected one of service, plugin"):
         loads_topology(MINIMAL + "ca: vault\n", "t.yaml")
-    # A /29 has 6 hosts: the API server and control plane take two, 4 nodes fit, not 5.
-    nodes = "nodes: [{name: a}, {name: b}, {name: c}, {name: d}]\n"
-    four = "name: t1\nnetwork: {underlayCIDR: 10.9.0.0/29}\n" + nodes
-    assert len(loads_topology(four, "t.yaml").nodes) == 4
-    five = four.replace("{name: d}]", "{name: d}, {name: e}]")
-    with pytest.raises(TopologyError, match=r"nodes\[4\]: more nodes than"):
-        loads_topology(five, "t.yaml")
+    # A /29 has 6 hosts: the API server, control plane and resolver take three, 3 nodes fit.
+    nodes = "nodes: [{name: a}, {name: b}, {name: c}]\n"
+    three = "name: t1\nnetwork: {underlayCIDR: 10.9.0.0/29}\n" + nodes
+    assert len(loads_topology(three, "t.yaml").nodes) == 3
+    four = three.replace("{name: c}]", "{name: c}, {name: d}]")
+    with pytest.raises(TopologyError, match=r"nodes\[3\]: more nodes than"):
+        loads_topology(four, "t.yaml")
+
+
+EXTERNALS = """
+externals:
+  - {name: api, names: [api.external.test, www.external.test]}
+  - {name: legacy, names: [legacy.example.org], httpPort: 8080, httpsPort: 8443}
+"""
+
+
+def test_externals_live_below_the_resolver_outside_every_node() -> None:
+    topo = loads_topology(MINIMAL + EXTERNALS, "t.yaml")
+    net = topo.network
+    assert net.resolver_ip == ipaddress.IPv4Address("172.31.0.252")
+    api, legacy = topo.externals
+    assert api == topo.external("api")
+    assert api.names == ("api.external.test", "www.external.test")
+    assert (api.http_port, api.https_port) == (80, 443)  # a public web server's
+    assert (legacy.http_port, legacy.https_port) == (8080, 8443)
+    assert (api.ip, legacy.ip) == (
+        ipaddress.IPv4Address("172.31.0.251"),
+        ipaddress.IPv4Address("172.31.0.250"),
+    )
+    taken = {n.underlay_ip for n in topo.nodes}
+    taken |= {net.apiserver_ip, net.control_plane_ip, net.resolver_ip}
+    assert not taken & {api.ip, legacy.ip}
+    assert all(ext.ip in net.underlay_cidr for ext in topo.externals)
+    assert loads_topology(MINIMAL, "t.yaml").externals == ()
+    with pytest.raises(KeyError, match=r"no external 'nope' .*externals: api, legacy"):
+        topo.external("nope")
+
+
+@pytest.mark.parametrize(
+    ("externals", "where", "what"),
+    [
+        ("[{name: a}]", "externals[0].names", "at least one DNS name"),
+        ("[{names: [a.test]}]", "externals[0].name", "required field is missing"),
+        ("[{name: a, names: [a.test], port: 1}]", "externals[0].port", "unknown field"),
+        ("[{name: a, names: [Not_A_Name]}]", "externals[0].names[0]", "not a valid name"),
+        ("[{name: a, names: [localhost]}]", "externals[0].names[0]", "not a valid name"),
+        (
+            "[{name: a, names: [x.default.svc.cluster.local]}]",
+            "externals[0].names[0]",
+            "inside the cluster domain",
+        ),
+        (
+            "[{name: a, names: [a.test]}, {name: b, names: [a.test]}]",
+            "externals[1].names[0]",
+            "already a name of external 'a'",
+        ),
+        ("[{name: a, names: [a.test]}, {name: a, names: [b.test]}]", "externals[1].name", "dup"),
+        ("[{name: a, names: [a.test], httpPort: 0}]", "externals[0].httpPort", "1-65535"),
+        ("[{name: a, names: [a.test], httpsPort: 80}]", "externals[0].httpsPort", "httpPort"),
+        ("{name: a}", "externals", "expected a list"),
+    ],
+)
+def test_external_errors_name_the_field(externals: str, where: str, what: str) -> None:
+    with pytest.raises(TopologyError) as err:
+        loads_topology(f"name: t\nnodes: [{{name: a}}]\nexternals: {externals}\n", "x.yaml")
+    assert str(err.value).startswith(f"x.yaml: {where}: ")
+    assert what in str(err.value)
+
+
+def test_externals_and_nodes_share_the_underlay_without_meeting() -> None:
+    # A /29: 6 hosts, 3 reserved (API server, control plane, resolver); 2 nodes + 1 external fit.
+    base = "name: t\nnetwork: {underlayCIDR: 10.9.0.0/29}\nnodes: [{name: a}, {name: b}]\n"
+    one = base + "externals: [{name: x, names: [x.test]}]\n"
+    assert loads_topology(one, "t.yaml").externals[0].ip == ipaddress.IPv4Address("10.9.0.3")
+    two = base + "externals: [{name: x, names: [x.test]}, {name: z, names: [z.test]}]\n"
+    with pytest.raises(TopologyError, match=r"externals\[1\]: more nodes and externals"):
+        loads_topology(two, "t.yaml")
