@@ -219,7 +219,7 @@ def _print_status(tb: Testbed) -> None:
     click.echo(f"testbed {tb.name}: {tb.state.phase}")
     control = tb.control_plane_status()
     if control:
-        names = {"apiserver": "API server", "ca": "CA"}
+        names = {"apiserver": "API server", "ca": "CA", "resolver": "DNS"}
         table(
             [("CONTROL PLANE", "PID", "ADDRESS", "STATUS")]
             + [

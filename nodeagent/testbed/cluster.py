@@ -138,7 +138,7 @@ def bridge_conflist(name: str, node: Node) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ControlPlaneStatus:
-    component: str  # "apiserver", "ca"
+    component: str  # "apiserver", "ca", "resolver"
     pid: int | None  # None: not running
     address: str
     ready: str  # "" when ready, else why not
@@ -221,7 +221,8 @@ class Testbed:
         return out
 
     def control_plane_status(self) -> list[ControlPlaneStatus]:
-        """The stand-in API server and the CA service, when the topology runs them."""
+        """The stand-in API server and the CA service, when the topology runs them, and the
+        testbed resolver."""
         out = []
         with self._lock:
             records = {r.name: r for r in self.state.daemons if not r.node}
@@ -230,6 +231,7 @@ class Testbed:
             wanted.append((daemons.APISERVER, self.apiserver_address))
         if self.topology.nodeagent and self.topology.ca == "service":
             wanted.append((daemons.CA, self.ca_address))
+        wanted.append((daemons.RESOLVER, f"{self.resolver_ip}:{resolver.PORT}"))
         for component, address in wanted:
             record = records.get(component)
             alive = record is not None and netns.alive(record.pid, record.start_time)
@@ -238,6 +240,9 @@ class Testbed:
                 continue
             if component == daemons.CA:
                 why = self.ca_ready()
+            elif component == daemons.RESOLVER:
+                listening = netns.listening(record.pid, resolver.PORT)
+                why = "" if listening else "not listening yet"
             else:
                 kubeconfig = layout.apiserver_kubeconfig(self.name)
                 why = "" if kubeconfig.is_file() else "not listening yet"

@@ -99,11 +99,15 @@ def test_down_removes_everything_it_made(make_cluster: Any) -> None:
     links_before = root_netns_snapshot()["links"]
     cluster = make_cluster("tbdown", TWO_BY_THREE)
     made_netns = [n for n in list_netns() if n.startswith("tb-tbdown.")]
-    assert len(made_netns) == 1 + 1 + 2 + 6  # underlay, control plane, nodes, pods
-    # The control plane (the default ca: service): the API server and the CA, both ready.
+    # underlay, control plane, resolver, nodes, pods
+    assert len(made_netns) == 1 + 1 + 1 + 2 + 6
+    # The control plane (the default ca: service): the API server and the CA, both ready; the
+    # testbed resolver (cluster DNS) too.
     control = {c["component"]: c for c in cluster.status()["controlPlane"]}
     assert control["ca"]["ready"] and control["apiserver"]["ready"], control
     assert control["ca"]["pid"] in netns_pids("tb-tbdown.control-plane")
+    assert control["resolver"]["ready"], control
+    assert control["resolver"]["pid"] in netns_pids("tb-tbdown.resolver")
     table = nodeagent("testbed", "status", "--name", cluster.name).stdout
     ca_rows = [ln.split() for ln in table.splitlines() if ln.startswith("CA ")]
     assert "CONTROL PLANE" in table and ca_rows, table
@@ -111,7 +115,7 @@ def test_down_removes_everything_it_made(make_cluster: Any) -> None:
     pids = [pid for ns in made_netns for pid in netns_pids(ns)]
     assert len(pids) >= 6  # one workload per pod
     etc = [Path("/etc/netns") / n for n in made_netns if ".pod-" in n]
-    assert all((d / "hosts").exists() for d in etc)
+    assert all((d / "hosts").exists() and (d / "resolv.conf").exists() for d in etc)
 
     down = nodeagent("testbed", "down", "--name", cluster.name)
     assert down.returncode == 0, down.stderr
