@@ -20,6 +20,7 @@ from typing import Any
 from nodeagent import uninstall
 from nodeagent.cni import wire
 from nodeagent.cni.server import CniServer
+from nodeagent.dns.server import DnsProxy
 from nodeagent.health import serve_readiness
 from nodeagent.identity.ca import BuiltinCA, PluginCA
 from nodeagent.identity.issuer import Issuer, LocalIssuer
@@ -147,6 +148,9 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         )
     )
     identities.on_change = proxy.changed.set if proxy is not None else None
+    # Pods whose DNS is captured (ISTIO_META_DNS_CAPTURE) ask the agent; the sidecar model's
+    # capture (istio-init's rules) has no DNS capture here.
+    dns = None if sidecars else DnsProxy(store)
     manager = CaptureManager(
         store,
         NftablesBackend(SIDECAR_RULES if sidecars else NODE_RULES),
@@ -157,6 +161,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         proxy=proxy,
         find_netns=functools.partial(find_pod_netns, proc=config.host_proc),
         node_name=config.node_name,
+        dns=dns,
     )
     close_api = None
     if config.source_dir is None:  # on Kubernetes, each pod shows its capture state itself
@@ -222,6 +227,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         if proxy is not None:
             await proxy.stop()
         await tasks.cancel_all()
+        if dns is not None:
+            await dns.close()
         if close_api is not None:
             await close_api()
         if not stop.is_set():

@@ -12,6 +12,8 @@ from __future__ import annotations
 OUTBOUND_PORT = 15001  # outbound capture listener, 127.0.0.1 in the pod
 INBOUND_PORT = 15006  # inbound capture listener, 0.0.0.0 in the pod
 HBONE_PORT = 15008  # never redirected inbound (Istio's tunnel port)
+DNS_PORT = 15053  # the agent's DNS proxy, 127.0.0.1 in the pod (DNS capture redirects to it)
+DNS_CAPTURED_PORT = 53  # what DNS capture redirects: UDP and TCP to this port
 
 # Istio's agent and Envoy ports.
 ENVOY_ADMIN_PORT = 15000  # Envoy's admin, 127.0.0.1 in the pod (sidecar model; node: a socket)

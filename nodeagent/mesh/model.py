@@ -184,6 +184,13 @@ class MeshConfig:
     # localityLbSetting as JSON text (kept hashable): Istio's default enables it with no
     # distribute/failover (pkg/config/mesh/mesh.go DefaultMeshConfig).
     locality_lb_setting: str = '{"enabled": true}'
+    # defaultConfig.proxyMetadata (sorted pairs, kept hashable): every proxy's ISTIO_META_*
+    # settings unless a pod's proxy.istio.io/config says otherwise (mesh/proxy_metadata.py).
+    proxy_metadata: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def default_proxy_metadata(self) -> dict[str, str]:
+        return dict(self.proxy_metadata)
 
     @property
     def locality_lb(self) -> Mapping[str, Any]:

@@ -11,6 +11,8 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from nodeagent.mesh.proxy_metadata import DNS_CAPTURE, ProxyMetadataError, flag
+
 ANNOTATION_PREFIX = "traffic.sidecar.istio.io/"
 EXCLUDE_OUTBOUND_PORTS = ANNOTATION_PREFIX + "excludeOutboundPorts"
 EXCLUDE_INBOUND_PORTS = ANNOTATION_PREFIX + "excludeInboundPorts"
@@ -34,10 +36,21 @@ class CaptureSpec:
     include_inbound_ports: tuple[int, ...] | None = None
     exclude_outbound_ranges: tuple[Network, ...] = ()
     include_outbound_ranges: tuple[Network, ...] | None = None
+    # DNS capture (Istio's ISTIO_META_DNS_CAPTURE): UDP and TCP port 53 to the agent's DNS proxy
+    dns: bool = False
 
     @classmethod
-    def from_annotations(cls, annotations: Mapping[str, str]) -> CaptureSpec:
+    def from_annotations(
+        cls, annotations: Mapping[str, str], mesh_metadata: Mapping[str, str] | None = None
+    ) -> CaptureSpec:
+        """The pod's capture; MESH_METADATA is the mesh's defaultConfig.proxyMetadata, which
+        the pod's ``proxy.istio.io/config`` overrides (DNS capture)."""
+        try:
+            dns = flag(DNS_CAPTURE, mesh_metadata or {}, annotations)
+        except ProxyMetadataError as e:
+            raise CaptureSpecError(str(e)) from None
         return cls(
+            dns=dns,
             exclude_outbound_ports=_ports(annotations, EXCLUDE_OUTBOUND_PORTS),
             exclude_inbound_ports=_ports(annotations, EXCLUDE_INBOUND_PORTS),
             include_inbound_ports=_ports_or_all(annotations, INCLUDE_INBOUND_PORTS),
@@ -57,6 +70,7 @@ class CaptureSpec:
             "includeOutboundIPRanges": None
             if self.include_outbound_ranges is None
             else [str(n) for n in self.include_outbound_ranges],
+            "dnsCapture": self.dns,
         }
 
     @classmethod
@@ -81,6 +95,7 @@ class CaptureSpec:
             include_outbound_ranges=None
             if raw.get("includeOutboundIPRanges") is None
             else nets("includeOutboundIPRanges"),
+            dns=bool(raw.get("dnsCapture", False)),
         )
 
 

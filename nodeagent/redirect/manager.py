@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 from nodeagent.mesh.membership import decide
 from nodeagent.mesh.model import Pod
+from nodeagent.mesh.proxy_metadata import DNS_AUTO_ALLOCATE, flag
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
 from nodeagent.redirect import RedirectBackend
@@ -54,6 +55,14 @@ class ProbeSource(Protocol):
     def sync(self, pod_ips: Sequence[str], whole: bool = False) -> None: ...
 
     def remove(self) -> None: ...
+
+
+class DnsServer(Protocol):
+    """The agent's DNS proxy (nodeagent.dns): listens in a pod whose DNS is captured."""
+
+    async def serve(self, key: str, namespace: str, netns: Path, auto_allocate: bool) -> None: ...
+
+    async def stop(self, key: str) -> None: ...
 
 
 class Proxy(Protocol):
@@ -92,6 +101,7 @@ class CaptureManager:
         annotate: Annotate | None = None,
         node_name: str = "",
         netns_addresses: AddressReader = netns_addresses,
+        dns: DnsServer | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -105,6 +115,7 @@ class CaptureManager:
         self.annotate = annotate
         self.node_name = node_name
         self.netns_addresses = netns_addresses
+        self.dns = dns
         self._adding: set[str] = set()  # namespace/name of pods whose CNI ADD is under way
         self._deleted: set[tuple[str, str]] = set()  # (namespace/name, uid) the runtime DELeted
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -180,7 +191,7 @@ class CaptureManager:
             if problem:
                 return self._settle(capture, FAILED, problem)
             try:
-                spec = CaptureSpec.from_annotations(record.annotations)
+                spec = self._spec_of(record.annotations)
             except CaptureSpecError as e:
                 return self._settle(capture, FAILED, str(e))
             capture.spec = spec.to_json()
@@ -257,6 +268,7 @@ class CaptureManager:
                 problem = await self.proxy.synced(DEL_SYNC_TIMEOUT, pod=capture.key)
                 if problem:
                     log.warning("pod %s: %s", capture.key, problem)
+            await self._stop_dns(capture)  # its sockets would keep the netns alive
             if capture.state == CAPTURED and os.path.exists(capture.netns):
                 try:
                     await self._in_thread(self.backend.remove, Path(capture.netns))
@@ -364,6 +376,7 @@ class CaptureManager:
     async def _reconcile_one(self, capture: PodCapture) -> str:
         assert capture.spec is not None
         if not os.path.exists(capture.netns):
+            await self._stop_dns(capture)
             self._settle(capture, NETNS_MISSING, f"network namespace {capture.netns} is gone")
             return "netns_missing"
         spec = CaptureSpec.from_json(capture.spec)
@@ -374,6 +387,10 @@ class CaptureManager:
         else:
             check_ok, why = check.ok, check.reason
         if check_ok:
+            problem = await self._serve_dns(capture, spec)  # listening again after a restart
+            if problem:
+                self._settle(capture, FAILED, problem)
+                return "failed"
             self._settle(capture, CAPTURED, capture.reason if capture.state == CAPTURED else "")
             return "verified"
         log.warning("pod %s: capture %s; re-applying", capture.key, why)
@@ -459,7 +476,7 @@ class CaptureManager:
             )
             return "failed"
         try:
-            spec = CaptureSpec.from_annotations(annotations)
+            spec = self._spec_of(annotations)
         except CaptureSpecError as e:
             self._settle(capture, FAILED, str(e))
             return "failed"
@@ -573,7 +590,7 @@ class CaptureManager:
             problem = await self._netns_problem(capture)
             if not problem:
                 try:
-                    spec = CaptureSpec.from_annotations(pod.annotations)
+                    spec = self._spec_of(pod.annotations)
                 except CaptureSpecError as e:
                     problem = str(e)
                 else:
@@ -591,6 +608,7 @@ class CaptureManager:
         async with self._locks[capture.container_id]:
             if self.registry.pods.get(capture.container_id) is not capture:
                 return "failed"  # deleted or replaced meanwhile
+            await self._stop_dns(capture)
             if capture.netns and os.path.exists(capture.netns):  # a failed one may hold rules too
                 try:
                     await self._in_thread(self.backend.remove, Path(capture.netns))
@@ -609,6 +627,12 @@ class CaptureManager:
 
     # -- helpers ----------------------------------------------------------------------------------
 
+    def _spec_of(self, annotations: Mapping[str, str]) -> CaptureSpec:
+        """The pod's capture from its annotations and the mesh's proxyMetadata defaults."""
+        return CaptureSpec.from_annotations(
+            annotations, self.store.mesh_config.default_proxy_metadata
+        )
+
     async def _apply(self, capture: PodCapture, spec: CaptureSpec) -> str:
         """Apply and verify; returns a problem description, empty when captured."""
         netns = Path(capture.netns)
@@ -619,7 +643,28 @@ class CaptureManager:
             return f"{self.backend.name} capture failed in {capture.netns}: {e}"
         if not check.ok:
             return f"{self.backend.name} capture did not hold in {capture.netns}: {check.reason}"
+        return await self._serve_dns(capture, spec)
+
+    async def _serve_dns(self, capture: PodCapture, spec: CaptureSpec) -> str:
+        """The pod's DNS proxy, when its DNS is captured (a problem description, or "")."""
+        if self.dns is None or not spec.dns:
+            await self._stop_dns(capture)
+            return ""
+        pod = self.store.pods.get(capture.key)
+        try:
+            auto_allocate = flag(
+                DNS_AUTO_ALLOCATE,
+                self.store.mesh_config.default_proxy_metadata,
+                pod.annotations if pod is not None else {},
+            )
+            await self.dns.serve(capture.key, capture.namespace, Path(capture.netns), auto_allocate)
+        except Exception as e:
+            return f"DNS proxy for {capture.key} failed in {capture.netns}: {e}"
         return ""
+
+    async def _stop_dns(self, capture: PodCapture) -> None:
+        if self.dns is not None:
+            await self.dns.stop(capture.key)
 
     def _settle(self, capture: PodCapture, state: str, reason: str) -> dict[str, Any]:
         capture.state, capture.reason = state, reason
@@ -697,6 +742,7 @@ class CaptureManager:
         return summary
 
     async def _remove_one(self, capture: PodCapture) -> str:
+        await self._stop_dns(capture)
         if capture.state == NOT_IN_MESH:
             return "not_captured"
         if not capture.netns or not os.path.exists(capture.netns):

@@ -21,6 +21,8 @@ from typing import Any
 import nftables  # type: ignore[import-untyped]
 
 from nodeagent.ports import (
+    DNS_CAPTURED_PORT,
+    DNS_PORT,
     HBONE_PORT,
     INBOUND_PASSTHROUGH_SOURCE,
     INBOUND_PORT,
@@ -155,11 +157,29 @@ def _prerouting(spec: CaptureSpec) -> list[list[Json]]:
     return rules
 
 
+def _dns(spec: CaptureSpec) -> list[list[Json]]:
+    """DNS capture: UDP and TCP to port 53, to any resolver, go to the agent's DNS proxy in the
+    pod, but not its own upstream queries (marked, as Envoy's sockets). Istio's DNS redirect
+    (tools/istio-iptables: --redirect-dns, ambient's in-pod rules capture every resolver)."""
+    if not spec.dns:
+        return []
+    not_ours = _match({"&": [_meta("mark"), MARK_MASK]}, MESH_MARK, "!=")
+    return [
+        [not_ours, _match(_payload(protocol, "dport"), DNS_CAPTURED_PORT), _redirect(DNS_PORT)]
+        for protocol in ("udp", "tcp")
+    ]
+
+
+def _redirect(port: int) -> Json:
+    return {"redirect": {"port": port}}
+
+
 def _output(spec: CaptureSpec) -> list[list[Json]]:
     """Outbound: everything TCP the app sends goes to Envoy's outbound listener, but..."""
     if spec.include_outbound_ranges == ():
-        return []
+        return _dns(spec)
     rules = [
+        *_dns(spec),
         [_NOT_TCP, _RETURN],
         [_MESH_MARKED, _RETURN],  # Envoy's own upstream sockets
         # loopback, including the app dialling its own pod IP (routed via lo), as in Istio

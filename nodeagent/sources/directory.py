@@ -56,6 +56,7 @@ from nodeagent.mesh.model import (
     ServiceAccount,
     ServicePort,
 )
+from nodeagent.mesh.proxy_metadata import ProxyMetadataError, metadata_mapping
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
 from nodeagent.sources import changes
@@ -489,7 +490,9 @@ MESH_CONFIG_FIELDS = (
     "outboundTrafficPolicy",
     "clusterDomain",
     "localityLbSetting",
+    "defaultConfig",
 )
+DEFAULT_CONFIG_FIELDS = ("proxyMetadata",)  # of Istio's ProxyConfig, the ones read here
 
 
 def parse_mesh_config(data: Any) -> MeshConfig:
@@ -541,9 +544,27 @@ def parse_mesh_config(data: Any) -> MeshConfig:
             except ValueError as e:
                 problems.append(str(e))
             values["locality_lb_setting"] = json.dumps(_json_like(balancing), sort_keys=True)
+    metadata: tuple[tuple[str, str], ...] = ()
+    default_config = data.get("defaultConfig")
+    if isinstance(default_config, dict):
+        problems += [
+            f'unknown field "defaultConfig.{key}" (known: {", ".join(DEFAULT_CONFIG_FIELDS)})'
+            for key in default_config
+            if key not in DEFAULT_CONFIG_FIELDS
+        ]
+        try:
+            found = metadata_mapping(
+                default_config.get("proxyMetadata"), "defaultConfig.proxyMetadata"
+            )
+        except ProxyMetadataError as e:
+            problems.append(str(e))
+        else:
+            metadata = tuple(sorted(found.items()))
+    elif default_config is not None:
+        problems.append(f"defaultConfig: expected a mapping, got {_show(default_config)}")
     if problems:
         raise ResourceError(*problems)
-    return MeshConfig(outbound_traffic_policy=str(mode), **values)
+    return MeshConfig(outbound_traffic_policy=str(mode), proxy_metadata=metadata, **values)
 
 
 # -- the source ----------------------------------------------------------------------------------

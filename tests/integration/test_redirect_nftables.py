@@ -432,6 +432,8 @@ def verify_round_trip_specs(p: Pod) -> list[CaptureSpec]:
         ),
         CaptureSpec(include_outbound_ranges=ranges("fd00::/8", "fd00::1/128")),
         CaptureSpec(include_outbound_ranges=ranges(f"{p.peer_ip2}/32")),
+        CaptureSpec(dns=True),  # DNS capture (ISTIO_META_DNS_CAPTURE)
+        CaptureSpec(include_outbound_ranges=(), dns=True),
     ]
 
 

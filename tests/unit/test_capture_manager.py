@@ -633,3 +633,41 @@ def test_a_deleted_pod_is_not_adopted_again_while_the_source_still_lists_it(
         assert node.manager.status() == []
 
     run(scenario, tmp_path)
+
+
+class RecordingDns:
+    def __init__(self) -> None:
+        self.serving: dict[str, tuple[Path, bool]] = {}
+
+    async def serve(self, key: str, namespace: str, netns: Path, auto_allocate: bool) -> None:
+        self.serving[key] = (netns, auto_allocate)
+
+    async def stop(self, key: str) -> None:
+        self.serving.pop(key, None)
+
+
+def test_dns_capture_opts_in_per_mesh_default_and_pod_and_follows_the_pod(tmp_path: Path) -> None:
+    """ISTIO_META_DNS_CAPTURE from the mesh's defaultConfig.proxyMetadata or the pod's
+    proxy.istio.io/config: the pod's capture takes port 53 and the DNS proxy listens in it,
+    again after an agent restart (reconcile), and not after DEL."""
+
+    async def scenario(node: Node) -> None:
+        dns = RecordingDns()
+        node.manager.dns = dns
+        opt_in = {"proxy.istio.io/config": 'proxyMetadata: {ISTIO_META_DNS_CAPTURE: "true"}'}
+        node.store.put_pod(Pod("shop", "web", annotations=opt_in))
+        node.store.put_pod(Pod("shop", "plain"))
+        assert (await node.manager.add(node.cni_pod("web"), timeout=5))["ok"]
+        assert (await node.manager.add(node.cni_pod("plain", ip="10.244.1.8"), timeout=5))["ok"]
+        dns_of = {p.name: s.dns for p, s in node.backend.installed.items()}
+        assert dns_of == {"netns-web": True, "netns-plain": False}
+        assert list(dns.serving) == ["shop/web"]
+
+        node.manager.dns = restarted = RecordingDns()  # a new agent: nothing listens yet
+        assert (await node.manager.reconcile())["verified"] == 2
+        assert list(restarted.serving) == ["shop/web"]
+
+        await node.manager.delete({"containerId": "id-web", "namespace": "shop", "name": "web"})
+        assert restarted.serving == {}
+
+    run(scenario, tmp_path)

@@ -1,0 +1,387 @@
+"""The DNS proxy without privileges: its opt-in, its capture rules, the names it answers, the
+addresses it allocates, and real UDP/TCP exchanges on loopback with a stand-in upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from nodeagent.dns import answer
+from nodeagent.dns.names import NameTable, build
+from nodeagent.dns.resolvconf import ResolvConf, parse, path_for
+from nodeagent.dns.server import DnsProxy
+from nodeagent.mesh.autoallocate import RANGE, allocate
+from nodeagent.mesh.model import IstioResource, MeshConfig, Service, ServicePort
+from nodeagent.mesh.proxy_metadata import PROXY_CONFIG_ANNOTATION
+from nodeagent.mesh.store import MeshStore
+from nodeagent.redirect.capture import CaptureSpec, CaptureSpecError
+from nodeagent.redirect.nftables import describe, render
+from nodeagent.sources.directory import ResourceError, parse_mesh_config
+
+DNS_ON = {"ISTIO_META_DNS_CAPTURE": "true"}
+
+
+def entry(name: str, hosts: list[str], created: str = "", **spec: object) -> IstioResource:
+    return IstioResource(
+        "networking.istio.io",
+        "v1",
+        "ServiceEntry",
+        "default",
+        name,
+        {"hosts": hosts, "resolution": "DNS", **spec},
+        created=created,
+    )
+
+
+def annotated(metadata: str) -> dict[str, str]:
+    return {PROXY_CONFIG_ANNOTATION: f"proxyMetadata:\n  {metadata}\n"}
+
+
+# -- opt-in ---------------------------------------------------------------------------------------
+
+
+def test_dns_capture_is_off_by_default_and_on_by_mesh_default_or_pod_annotation() -> None:
+    assert not CaptureSpec.from_annotations({}).dns
+    assert CaptureSpec.from_annotations({}, DNS_ON).dns
+    on = annotated('ISTIO_META_DNS_CAPTURE: "true"')
+    off = annotated('ISTIO_META_DNS_CAPTURE: "false"')
+    assert CaptureSpec.from_annotations(on).dns
+    assert not CaptureSpec.from_annotations(off, DNS_ON).dns  # the pod overrides the mesh
+    spec = CaptureSpec.from_annotations(on)
+    assert CaptureSpec.from_json(spec.to_json()) == spec
+
+
+def test_bad_dns_capture_values_name_where_they_are() -> None:
+    with pytest.raises(CaptureSpecError, match=r"proxy\.istio\.io/config.*ISTIO_META_DNS_CAPTURE"):
+        CaptureSpec.from_annotations(annotated('ISTIO_META_DNS_CAPTURE: "yes please"'))
+    with pytest.raises(CaptureSpecError, match=r"proxy\.istio\.io/config: not YAML"):
+        CaptureSpec.from_annotations({PROXY_CONFIG_ANNOTATION: "proxyMetadata: [unclosed"})
+    with pytest.raises(CaptureSpecError, match="mesh config defaultConfig"):
+        CaptureSpec.from_annotations({}, {"ISTIO_META_DNS_CAPTURE": "maybe"})
+
+
+def test_mesh_config_reads_default_proxy_metadata() -> None:
+    config = parse_mesh_config({"defaultConfig": {"proxyMetadata": DNS_ON}})
+    assert config.default_proxy_metadata == DNS_ON
+    assert parse_mesh_config({}).default_proxy_metadata == {}
+    with pytest.raises(ResourceError, match=r'unknown field "defaultConfig\.concurrency"'):
+        parse_mesh_config({"defaultConfig": {"concurrency": 2}})
+    with pytest.raises(ResourceError, match=r"defaultConfig\.proxyMetadata: expected a mapping"):
+        parse_mesh_config({"defaultConfig": {"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": True}}})
+
+
+# -- capture rules --------------------------------------------------------------------------------
+
+
+def output_rules(spec: CaptureSpec) -> list[str]:
+    return [
+        describe(cmd["add"]["rule"]["expr"])
+        for cmd in render(spec)["nftables"]
+        if "rule" in cmd.get("add", {}) and cmd["add"]["rule"]["chain"] == "output"
+    ]
+
+
+def test_dns_capture_redirects_udp_and_tcp_53_first_and_only_when_on() -> None:
+    dns_rules = [
+        "meta mark & 0xfff != 0x539 udp dport 53 redirect to :15053",
+        "meta mark & 0xfff != 0x539 tcp dport 53 redirect to :15053",
+    ]
+    without = output_rules(CaptureSpec())
+    assert not any("53 " in rule for rule in without)
+    assert output_rules(CaptureSpec(dns=True)) == dns_rules + without
+    # no TCP capture asked (includeOutboundIPRanges ""): DNS capture stands alone
+    assert output_rules(CaptureSpec(include_outbound_ranges=(), dns=True)) == dns_rules
+
+
+# -- auto-allocation ------------------------------------------------------------------------------
+
+
+def test_allocation_gives_stable_addresses_in_istios_range_to_hosts_that_need_one() -> None:
+    first = [entry("a", ["api.example.com", "*.wild.example.com"], created="2026-01-01")]
+    given = allocate(first)
+    assert list(given) == ["api.example.com"]  # wildcard hosts get none
+    address = ipaddress.ip_address(given["api.example.com"])
+    assert address in RANGE and str(address).split(".")[3] not in ("0", "255")
+    later = [entry(f"n{i}", [f"h{i}.example.org"], created="2026-02-01") for i in range(300)]
+    more = [*first, *later]
+    assert allocate(more)["api.example.com"] == given["api.example.com"]  # older keeps its own
+    assert len(set(allocate(more).values())) == 301  # no two hosts share one
+    assert allocate([entry("s", ["static.example"], addresses=["10.9.9.9"])]) == {}
+    assert allocate([entry("n", ["none.example"], resolution="NONE")]) == {}
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+
+def table() -> NameTable:
+    services = [
+        Service("default", "web-api", "10.96.0.20", (ServicePort(80),)),
+        Service("other", "db", "10.96.0.30", (ServicePort(5432),)),
+        Service("default", "headless", "None"),
+    ]
+    entries = [
+        entry("ext", ["api.external.test"]),
+        entry("fixed", ["fixed.example"], addresses=["192.0.2.7", "2001:db8::7", "10.0.0.0/8"]),
+    ]
+    return build(services, entries, "cluster.local")
+
+
+SEARCH = ("default.svc.cluster.local", "svc.cluster.local", "cluster.local")
+
+
+def ask(name: str, qtype: str = "A", *, auto: bool = False) -> answer.Reply | answer.Forward:
+    query = dns.message.make_query(name, qtype)
+    return answer.handle(query.to_wire(), table(), "default", SEARCH, auto, False)
+
+
+def records(outcome: answer.Reply | answer.Forward) -> dict[str, list[str]]:
+    assert isinstance(outcome, answer.Reply) and outcome.wire is not None
+    message = dns.message.from_wire(outcome.wire)
+    assert message.rcode() == dns.rcode.NOERROR
+    return {
+        dns.rdatatype.to_text(rrset.rdtype): sorted(r.to_text() for r in rrset)
+        for rrset in message.answer
+    }
+
+
+def test_service_names_answer_as_kubernetes_search_domains_would() -> None:
+    assert records(ask("web-api.default.svc.cluster.local")) == {"A": ["10.96.0.20"]}
+    assert records(ask("web-api")) == {"A": ["10.96.0.20"]}
+    assert records(ask("db.other")) == {"A": ["10.96.0.30"]}
+    assert records(ask("DB.other.svc.")) == {"A": ["10.96.0.30"]}
+    assert isinstance(ask("db"), answer.Forward)  # another namespace's short name
+    assert isinstance(ask("headless"), answer.Forward)  # kube-dns answers with its pods
+    # what a resolver with ndots:5 asks first for "db.other": a CNAME saves the NXDOMAINs
+    assert records(ask("db.other.default.svc.cluster.local")) == {
+        "CNAME": ["db.other.svc.cluster.local."],
+        "A": ["10.96.0.30"],
+    }
+
+
+def test_service_entry_hosts_answer_with_their_addresses_or_an_allocated_one() -> None:
+    assert records(ask("fixed.example")) == {"A": ["192.0.2.7"]}  # the CIDR is no address
+    assert records(ask("fixed.example", "AAAA")) == {"AAAA": ["2001:db8::7"]}
+    assert isinstance(ask("api.external.test"), answer.Forward)  # no auto-allocation asked
+    allocated = records(ask("api.external.test", auto=True))["A"]
+    assert allocated == [allocate([entry("ext", ["api.external.test"])])["api.external.test"]]
+    assert records(ask("api.external.test", "AAAA", auto=True)) == {}  # known, no IPv6
+    assert isinstance(ask("web-api", "MX"), answer.Forward)
+    assert isinstance(ask("example.org"), answer.Forward)
+
+
+def test_malformed_queries_get_formerr_and_responses_are_dropped() -> None:
+    query = dns.message.make_query("web-api", "A").to_wire()
+    reply = answer.handle(query[:14], table(), "default", SEARCH, False, False)
+    assert isinstance(reply, answer.Reply) and reply.wire is not None
+    message = dns.message.from_wire(reply.wire)
+    assert message.rcode() == dns.rcode.FORMERR and message.id == int.from_bytes(query[:2])
+    response = dns.message.make_response(dns.message.from_wire(query)).to_wire()
+    assert answer.handle(response, table(), "default", SEARCH, False, False) == answer.Reply(None)
+    assert answer.handle(b"\x01", table(), "default", SEARCH, False, False) == answer.Reply(None)
+
+
+def test_an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp() -> None:
+    many = [f"192.0.2.{i}" for i in range(1, 101)]
+    big = build([], [entry("big", ["big.example"], addresses=many)], "cluster.local")
+    query = dns.message.make_query("big.example", "A", use_edns=False).to_wire()
+    udp = answer.handle(query, big, "default", SEARCH, False, False)
+    assert isinstance(udp, answer.Reply) and udp.wire is not None
+    truncated = dns.message.from_wire(udp.wire)
+    assert truncated.flags & dns.flags.TC and not truncated.answer and len(udp.wire) <= 512
+    tcp = answer.handle(query, big, "default", SEARCH, False, True)
+    assert len(records(tcp)["A"]) == 100
+
+
+def test_resolv_conf_gives_nameservers_and_the_last_search_line() -> None:
+    text = "search a.b c\nnameserver 10.0.0.10 # kube-dns\nnameserver not-an-ip\nsearch x.y z\n"
+    assert parse(text) == ResolvConf(("10.0.0.10",), ("x.y", "z"))
+
+
+def test_resolv_conf_of_a_named_netns_is_its_own(tmp_path: Path) -> None:
+    own = tmp_path / "netns" / "pod-a" / "resolv.conf"
+    own.parent.mkdir(parents=True)
+    own.write_text("nameserver 10.0.0.10\n")
+    assert path_for(Path("/run/netns/pod-a"), tmp_path) == own
+    assert path_for(Path("/run/netns/pod-b"), tmp_path) == tmp_path / "resolv.conf"
+    assert path_for(Path("/proc/42/ns/net"), tmp_path) == tmp_path / "resolv.conf"
+
+
+# -- the server, over loopback --------------------------------------------------------------------
+
+
+class Upstream:
+    """A stand-in resolver on loopback: UDP answers truncated, TCP answers whole."""
+
+    def __init__(self) -> None:
+        self.udp_queries = self.tcp_queries = 0
+
+    def reply(self, wire: bytes, tcp: bool) -> bytes:
+        query = dns.message.from_wire(wire)
+        response = dns.message.make_response(query)
+        if tcp:
+            name = query.question[0].name
+            response.answer.append(dns.rrset.from_text(name, 5, "IN", "A", "198.51.100.9"))
+        else:
+            response.flags |= dns.flags.TC
+        return response.to_wire()
+
+
+@pytest.fixture
+def loopback_proxy() -> Iterator[tuple[DnsProxy, Upstream, socket.socket, socket.socket]]:
+    upstream = Upstream()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    udp.bind(("127.0.0.1", 0))
+    tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+    tcp.listen(8)
+    store = MeshStore()
+    store.set_mesh_config(MeshConfig())
+    store.put_service(Service("default", "web-api", "10.96.0.20", (ServicePort(80),)))
+
+    def listening(_netns: Path, _port: int) -> tuple[socket.socket, socket.socket]:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        u.bind(("127.0.0.1", 0))
+        t.bind(("127.0.0.1", 0))
+        t.listen(8)
+        for s in (u, t):
+            s.setblocking(False)
+        return u, t
+
+    def upstream_socket(_netns: Path, family: int, kind: int) -> socket.socket:
+        s = socket.socket(family, kind)
+        s.setblocking(False)
+        return s
+
+    proxy = DnsProxy(
+        store,
+        read_resolv_conf=lambda _netns: ResolvConf(("127.0.0.1",), SEARCH),
+        upstream_port=udp.getsockname()[1],
+        listening_sockets=listening,
+        upstream_socket=upstream_socket,
+    )
+    yield proxy, upstream, udp, tcp
+    udp.close()
+    tcp.close()
+
+
+async def serve_upstream(upstream: Upstream, udp: socket.socket, tcp: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    udp.setblocking(False)
+    tcp.setblocking(False)
+
+    async def udp_loop() -> None:
+        while True:
+            data, peer = await loop.sock_recvfrom(udp, 65535)
+            upstream.udp_queries += 1
+            await loop.sock_sendto(udp, upstream.reply(data, False), peer)
+
+    async def tcp_loop() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(tcp)
+            with conn:
+                size = struct.unpack("!H", await loop.sock_recv(conn, 2))[0]
+                data = await loop.sock_recv(conn, size)
+                upstream.tcp_queries += 1
+                reply = upstream.reply(data, True)
+                await loop.sock_sendall(conn, struct.pack("!H", len(reply)) + reply)
+
+    await asyncio.gather(udp_loop(), tcp_loop())
+
+
+async def udp_ask(port: int, wire: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        await loop.sock_sendto(s, wire, ("127.0.0.1", port))
+        async with asyncio.timeout(5):
+            data, _ = await loop.sock_recvfrom(s, 65535)
+    return data
+
+
+async def udp_name(port: int, name: str) -> dns.message.Message:
+    return dns.message.from_wire(await udp_ask(port, dns.message.make_query(name, "A").to_wire()))
+
+
+async def tcp_ask(port: int, wire: bytes) -> bytes:
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(struct.pack("!H", len(wire)) + wire)
+        size = struct.unpack("!H", await reader.readexactly(2))[0]
+        data = await reader.readexactly(size)
+        writer.close()
+    return data
+
+
+def test_proxy_answers_forwards_and_keeps_truncation_over_real_sockets(
+    loopback_proxy: tuple[DnsProxy, Upstream, socket.socket, socket.socket],
+) -> None:
+    asyncio.run(_answers_forwards_truncation(*loopback_proxy))
+
+
+async def _answers_forwards_truncation(
+    proxy: DnsProxy, upstream: Upstream, udp: socket.socket, tcp: socket.socket
+) -> None:
+    server = asyncio.create_task(serve_upstream(upstream, udp, tcp))
+    try:
+        await proxy.serve("default/sleep", "default", Path("/run/netns/unused"), False)
+        pod = proxy.pods["default/sleep"]
+        assert pod.udp is not None and pod.tcp is not None
+        udp_port = pod.udp.get_extra_info("sockname")[1]
+        tcp_port = pod.tcp.sockets[0].getsockname()[1]
+
+        local = await udp_name(udp_port, "web-api")
+        assert [r.to_text() for r in local.answer[0]] == ["10.96.0.20"]
+        assert upstream.udp_queries == 0  # answered by the proxy itself
+
+        # garbage first: FORMERR, and the proxy keeps serving
+        garbage = dns.message.from_wire(await udp_ask(udp_port, b"\x12\x34\x01\x00\xff"))
+        assert garbage.rcode() == dns.rcode.FORMERR and garbage.id == 0x1234
+
+        outside = dns.message.make_query("www.example.org", "A")
+        truncated = dns.message.from_wire(await udp_ask(udp_port, outside.to_wire()))
+        assert truncated.flags & dns.flags.TC and truncated.id == outside.id
+        whole = dns.message.from_wire(await tcp_ask(tcp_port, outside.to_wire()))
+        assert [r.to_text() for r in whole.answer[0]] == ["198.51.100.9"]
+        assert (upstream.udp_queries, upstream.tcp_queries) == (1, 1)
+
+        # a new Service is answered at once (the table follows the store)
+        proxy.store.put_service(Service("default", "new", "10.96.0.99", (ServicePort(80),)))
+        fresh = await udp_name(udp_port, "new")
+        assert [r.to_text() for r in fresh.answer[0]] == ["10.96.0.99"]
+    finally:
+        server.cancel()
+        await proxy.close()
+    assert not proxy.pods
+
+
+def test_an_unreachable_upstream_is_servfail(
+    loopback_proxy: tuple[DnsProxy, Upstream, socket.socket, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("nodeagent.dns.server.UPSTREAM_TIMEOUT", 0.2)
+    # the stand-in upstream is not serving: nobody answers
+    asyncio.run(_servfail(loopback_proxy[0]))
+
+
+async def _servfail(proxy: DnsProxy) -> None:
+    await proxy.serve("default/sleep", "default", Path("/run/netns/unused"), False)
+    try:
+        pod = proxy.pods["default/sleep"]
+        assert pod.udp is not None
+        port = pod.udp.get_extra_info("sockname")[1]
+        reply = await udp_name(port, "x.example")
+        assert reply.rcode() == dns.rcode.SERVFAIL
+    finally:
+        await proxy.close()
