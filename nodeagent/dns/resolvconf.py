@@ -8,6 +8,7 @@ DaemonSet's ClusterFirstWithHostNet resolv.conf names kube-dns, which is what a 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,23 @@ def path_for(netns: Path, etc: Path = Path("/etc")) -> Path:
     return etc / "resolv.conf"
 
 
-def read_for(netns: Path, etc: Path = Path("/etc")) -> ResolvConf:
-    try:
-        return parse(path_for(netns, etc).read_text())
-    except OSError:
-        return ResolvConf()
+class PodResolvConf:
+    """A pod's resolv.conf, read again whenever it changes (the testbed, like some runtimes,
+    writes it after the pod's network is up; a file swapped in later is seen at once)."""
+
+    def __init__(self, netns: Path, locate: Callable[[Path], Path] = path_for) -> None:
+        self.netns = netns
+        self.locate = locate
+        self._stamp: tuple[Path, int, int, int] | None = None
+        self._conf = ResolvConf()
+
+    def current(self) -> ResolvConf:
+        path = self.locate(self.netns)
+        try:
+            st = path.stat()
+            stamp = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                self._conf, self._stamp = parse(path.read_text()), stamp
+        except OSError:
+            self._conf, self._stamp = ResolvConf(), None
+        return self._conf

@@ -26,7 +26,7 @@ from typing import Any
 
 from nodeagent.dns import answer
 from nodeagent.dns.names import NameTable, build
-from nodeagent.dns.resolvconf import ResolvConf, read_for
+from nodeagent.dns.resolvconf import PodResolvConf, path_for
 from nodeagent.mesh.model import Service
 from nodeagent.mesh.store import MESH_CONFIG, SERVICE, MeshStore
 from nodeagent.ports import DNS_CAPTURED_PORT, DNS_PORT, MESH_MARK
@@ -50,14 +50,15 @@ class PodDns:
     namespace: str
     netns: Path
     auto_allocate: bool
-    upstream: ResolvConf
+    resolv_conf: PodResolvConf
     udp: asyncio.DatagramTransport | None = None
     tcp: asyncio.Server | None = None
     clients: set[asyncio.Task[None]] = field(default_factory=set)
 
     def search(self, domain: str) -> tuple[str, ...]:
-        if self.upstream.search:
-            return self.upstream.search
+        own = self.resolv_conf.current().search
+        if own:
+            return own
         return tuple(s.format(ns=self.namespace, domain=domain) for s in KUBERNETES_SEARCH)
 
 
@@ -65,7 +66,7 @@ class DnsProxy:
     def __init__(
         self,
         store: MeshStore,
-        read_resolv_conf: Callable[[Path], ResolvConf] = read_for,
+        resolv_conf_path: Callable[[Path], Path] = path_for,
         listen_port: int = DNS_PORT,
         upstream_port: int = DNS_CAPTURED_PORT,
         listening_sockets: Callable[[Path, int], tuple[socket.socket, socket.socket]] | None = None,
@@ -76,7 +77,7 @@ class DnsProxy:
         self.store = store
         self._listening_sockets = listening_sockets or _listening_sockets
         self._upstream_socket = upstream_socket or _upstream_socket
-        self.read_resolv_conf = read_resolv_conf
+        self.resolv_conf_path = resolv_conf_path
         self.listen_port = listen_port
         self.upstream_port = upstream_port
         self.pods: dict[str, PodDns] = {}
@@ -97,11 +98,11 @@ class DnsProxy:
         if pod is not None:
             await self.stop(key)
         loop = asyncio.get_running_loop()
-        upstream = await loop.run_in_executor(self._executor, self.read_resolv_conf, netns)
         udp_sock, tcp_sock = await loop.run_in_executor(
             self._executor, self._listening_sockets, netns, self.listen_port
         )
-        pod = PodDns(key, namespace, netns, auto_allocate, upstream)
+        resolv_conf = PodResolvConf(netns, self.resolv_conf_path)
+        pod = PodDns(key, namespace, netns, auto_allocate, resolv_conf)
         try:
             pod.udp, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpProtocol(self, pod), sock=udp_sock
@@ -119,7 +120,7 @@ class DnsProxy:
             key,
             LISTEN_ADDRESS,
             self.listen_port,
-            ", ".join(upstream.nameservers) or "none",
+            ", ".join(resolv_conf.current().nameservers) or "none yet",
         )
 
     async def stop(self, key: str) -> None:
@@ -165,7 +166,7 @@ class DnsProxy:
         )
         if isinstance(outcome, answer.Reply):
             return outcome.wire
-        for nameserver in pod.upstream.nameservers:
+        for nameserver in pod.resolv_conf.current().nameservers:
             try:
                 async with asyncio.timeout(UPSTREAM_TIMEOUT):
                     reply = await self._forward(pod, nameserver, wire, tcp)

@@ -19,7 +19,7 @@ import pytest
 
 from nodeagent.dns import answer
 from nodeagent.dns.names import NameTable, build
-from nodeagent.dns.resolvconf import ResolvConf, parse, path_for
+from nodeagent.dns.resolvconf import PodResolvConf, ResolvConf, parse, path_for
 from nodeagent.dns.server import DnsProxy
 from nodeagent.mesh.autoallocate import RANGE, allocate
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service, ServicePort
@@ -217,6 +217,19 @@ def test_resolv_conf_of_a_named_netns_is_its_own(tmp_path: Path) -> None:
     assert path_for(Path("/proc/42/ns/net"), tmp_path) == tmp_path / "resolv.conf"
 
 
+def test_a_pods_resolv_conf_written_late_or_changed_is_read_again(tmp_path: Path) -> None:
+    watched = PodResolvConf(Path("/run/netns/pod-a"), lambda netns: path_for(netns, tmp_path))
+    assert watched.current() == ResolvConf()
+    (tmp_path / "resolv.conf").write_text("nameserver 10.0.0.1\n")
+    assert watched.current() == ResolvConf(("10.0.0.1",))
+    own = tmp_path / "netns" / "pod-a" / "resolv.conf"
+    own.parent.mkdir(parents=True)
+    own.write_text("nameserver 10.0.0.10\nsearch default.svc.cluster.local\n")
+    assert watched.current() == ResolvConf(("10.0.0.10",), ("default.svc.cluster.local",))
+    own.write_text("nameserver 10.0.0.111\n")
+    assert watched.current() == ResolvConf(("10.0.0.111",))
+
+
 # -- the server, over loopback --------------------------------------------------------------------
 
 
@@ -238,13 +251,17 @@ class Upstream:
 
 
 @pytest.fixture
-def loopback_proxy() -> Iterator[tuple[DnsProxy, Upstream, socket.socket, socket.socket]]:
+def loopback_proxy(
+    tmp_path: Path,
+) -> Iterator[tuple[DnsProxy, Upstream, socket.socket, socket.socket]]:
     upstream = Upstream()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     udp.bind(("127.0.0.1", 0))
     tcp.bind(("127.0.0.1", udp.getsockname()[1]))
     tcp.listen(8)
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("nameserver 127.0.0.1\nsearch " + " ".join(SEARCH) + "\n")
     store = MeshStore()
     store.set_mesh_config(MeshConfig())
     store.put_service(Service("default", "web-api", "10.96.0.20", (ServicePort(80),)))
@@ -266,7 +283,7 @@ def loopback_proxy() -> Iterator[tuple[DnsProxy, Upstream, socket.socket, socket
 
     proxy = DnsProxy(
         store,
-        read_resolv_conf=lambda _netns: ResolvConf(("127.0.0.1",), SEARCH),
+        resolv_conf_path=lambda _netns: resolv_conf,
         upstream_port=udp.getsockname()[1],
         listening_sockets=listening,
         upstream_socket=upstream_socket,

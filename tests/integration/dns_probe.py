@@ -1,0 +1,60 @@
+"""A pod's DNS client for tests/integration/test_dns_proxy.py, as an app's resolver library asks.
+
+``resolve NAME TYPE TRANSPORT``: NAME through the pod's /etc/resolv.conf (its nameserver, search
+list and ndots, which ``ip netns exec`` binds from /etc/netns/<pod netns>/), over ``udp`` or
+``tcp``; prints one JSON line: ``rcode`` (NOERROR, NXDOMAIN...), ``addresses`` of TYPE, ``ttl``
+(of the address records), ``name`` (the name that answered, after search expansion and CNAMEs).
+``garbage``: sends bytes no DNS parser accepts to the pod's nameserver over UDP; prints the
+rcode of the answer ("" when none came within 2 s).
+
+Runs inside the pod's network namespace with the test's interpreter (dnspython).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import dns.message
+import dns.rcode
+import dns.resolver
+
+
+def resolve(name: str, rdtype: str, transport: str) -> dict[str, object]:
+    resolver = dns.resolver.Resolver()  # /etc/resolv.conf
+    resolver.lifetime = 5.0
+    try:
+        answer = resolver.resolve(
+            name, rdtype, tcp=transport == "tcp", search=True, raise_on_no_answer=False
+        )
+    except dns.resolver.NXDOMAIN:
+        return {"rcode": "NXDOMAIN", "addresses": [], "ttl": None, "name": ""}
+    rrset = answer.rrset
+    return {
+        "rcode": dns.rcode.to_text(answer.response.rcode()),
+        "addresses": sorted(r.to_text() for r in rrset) if rrset is not None else [],
+        "ttl": rrset.ttl if rrset is not None else None,
+        "name": answer.canonical_name.to_text(omit_final_dot=True),
+    }
+
+
+def garbage() -> dict[str, object]:
+    nameserver = dns.resolver.Resolver().nameservers[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2.0)
+        sock.sendto(b"\x12\x34\x01\x00\xff", (str(nameserver), 53))
+        try:
+            data, _ = sock.recvfrom(65535)
+        except TimeoutError:
+            return {"rcode": ""}
+    return {"rcode": dns.rcode.to_text(dns.message.from_wire(data).rcode())}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "resolve":
+        print(json.dumps(resolve(*sys.argv[2:5])))
+    elif sys.argv[1] == "garbage":
+        print(json.dumps(garbage()))
+    else:
+        raise SystemExit(f"unknown command {sys.argv[1]!r}")

@@ -1,0 +1,142 @@
+"""DNS proxying (issue #16 part 2) on a one-node testbed with the real nftables and Envoy.
+
+default/dns opts in with Istio's pod annotation ``proxy.istio.io/config`` (``proxyMetadata``
+ISTIO_META_DNS_CAPTURE and ISTIO_META_DNS_AUTO_ALLOCATE, istio.io/latest/docs/ops/
+configuration/traffic-management/dns-proxy/); default/plain on the same node does not. Both
+resolve through their own /etc/resolv.conf (the testbed resolver, TTL 5 s), as an app's
+resolver library does (tests/integration/dns_probe.py). What the agent's proxy answers itself
+carries Istio's TTL, 30 s; what it forwards comes back with the resolver's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.mesh.autoallocate import RANGE
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import (
+    apply_docs,
+    pod,
+    ruleset,
+    running_testbed,
+    service,
+    topology_text,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+NAME = "tbdns"
+PROBE = str(Path(__file__).with_name("dns_probe.py"))
+PROXY_TTL, RESOLVER_TTL = 30, 5
+EXTERNAL, OTHER_NAME = "api.external.test", "www.external.test"
+DNS_ON = 'proxyMetadata: {ISTIO_META_DNS_CAPTURE: "true", ISTIO_META_DNS_AUTO_ALLOCATE: "true"}'
+
+
+def _topology() -> str:
+    dns_pod = pod("dns", "n1", {"app": "dns"})
+    dns_pod["annotations"] = {"proxy.istio.io/config": DNS_ON}
+    pods = [
+        dns_pod,
+        pod("plain", "n1", {"app": "plain"}),
+        pod("web", "n1", {"app": "web"}, workload={"type": "fake-service", "port": 8080}),
+    ]
+    text = topology_text(NAME, pods, [service("web", 8080, 8080)], nodes=({"name": "n1"},))
+    external = {"name": "api", "names": [EXTERNAL, OTHER_NAME], "httpPort": 80}
+    return text + f"externals:\n  - {json.dumps(external)}\n"
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    with running_testbed(_topology(), "test_dns_proxy") as bed:
+        yield bed
+
+
+@pytest.fixture
+def entry(tb: Testbed) -> Iterator[Testbed]:
+    """A ServiceEntry for the external's first name, without addresses (STATIC: its endpoint
+    is the external server), removed again after the test."""
+    spec = {
+        "hosts": [EXTERNAL],
+        "location": "MESH_EXTERNAL",
+        "ports": [{"number": 80, "name": "tcp", "protocol": "TCP"}],
+        "resolution": "STATIC",
+        "endpoints": [{"address": str(tb.topology.external("api").ip)}],
+    }
+    meta = {"name": "api", "namespace": "default"}
+    kind = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry"}
+    apply_docs(tb, {**kind, "metadata": meta, "spec": spec})
+    yield tb
+    apply_docs(tb)
+
+
+def resolve(tb: Testbed, who: str, name: str, rdtype: str = "A", tcp: bool = False) -> Any:
+    transport = "tcp" if tcp else "udp"
+    proc = tb.exec(f"default/{who}", [sys.executable, PROBE, "resolve", name, rdtype, transport])
+    assert proc.returncode == 0, f"{who} resolving {name}: {proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def web_vip(tb: Testbed) -> str:
+    return str(next(s.cluster_ip for s in tb.services() if s.name == "web"))
+
+
+def dns_rules(tb: Testbed, who: str) -> list[str]:
+    """The pod's nft rules that name port 53 (as ``nft -j`` lists them)."""
+    tables = ruleset(tb.pod_netns(f"default/{who}"))
+    assert tables, f"{who} holds no nftables table"
+    proc = tb.exec(f"default/{who}", ["nft", "list", "ruleset"])
+    return [line.strip() for line in proc.stdout.splitlines() if "dport 53 " in line]
+
+
+def test_only_the_opted_in_pod_captures_dns(tb: Testbed) -> None:
+    assert dns_rules(tb, "dns") == [
+        "meta mark & 0x00000fff != 0x00000539 udp dport 53 redirect to :15053",
+        "meta mark & 0x00000fff != 0x00000539 tcp dport 53 redirect to :15053",
+    ]
+    assert dns_rules(tb, "plain") == []
+
+
+def test_the_proxy_answers_service_names_with_the_pods_search_domains(tb: Testbed) -> None:
+    fqdn = "web.default.svc.cluster.local"
+    for tcp in (False, True):
+        got = resolve(tb, "dns", "web", tcp=tcp)
+        want = {"rcode": "NOERROR", "addresses": [web_vip(tb)], "ttl": PROXY_TTL, "name": fqdn}
+        assert got == want, tcp
+    # the same question from the pod without DNS capture reaches the testbed resolver
+    untouched = resolve(tb, "plain", "web")
+    assert (untouched["addresses"], untouched["ttl"]) == ([web_vip(tb)], RESOLVER_TTL)
+
+
+def test_other_names_go_to_the_pods_own_resolver(tb: Testbed) -> None:
+    external_ip = str(tb.topology.external("api").ip)
+    for tcp in (False, True):
+        got = resolve(tb, "dns", OTHER_NAME, tcp=tcp)
+        assert (got["addresses"], got["ttl"]) == ([external_ip], RESOLVER_TTL), tcp
+    assert resolve(tb, "dns", "nowhere.external.test")["rcode"] == "NXDOMAIN"
+    # a malformed query gets FORMERR from the proxy, which keeps answering
+    proc = tb.exec("default/dns", [sys.executable, PROBE, "garbage"])
+    assert json.loads(proc.stdout) == {"rcode": "FORMERR"}, proc.stderr
+    assert resolve(tb, "dns", "web")["ttl"] == PROXY_TTL
+
+
+def test_a_service_entry_host_without_addresses_gets_an_allocated_one(entry: Testbed) -> None:
+    tb = entry
+    external_ip = str(tb.topology.external("api").ip)
+
+    def allocated() -> list[str]:
+        return list(resolve(tb, "dns", EXTERNAL)["addresses"])
+
+    wait_for(lambda: allocated() != [external_ip], 30, f"the proxy answering {EXTERNAL}")
+    (address,) = allocated()
+    assert ipaddress.ip_address(address) in RANGE
+    assert resolve(tb, "dns", EXTERNAL, "AAAA")["addresses"] == []  # known host, no IPv6
+    # without DNS capture the pod still gets the external's own address from its resolver
+    assert resolve(tb, "plain", EXTERNAL)["addresses"] == [external_ip]
