@@ -5,7 +5,8 @@ Istio's name table (pkg/dns/server/name_table.go) and its lookup (pkg/dns/client
   ``svc.ns`` and ``svc.ns.svc`` from any namespace and to ``svc`` from its own namespace;
 - a ServiceEntry host answers with the entry's ``addresses`` (single IPs; CIDR ranges are
   skipped), or with its auto-allocated address for proxies with DNS_AUTO_ALLOCATE (see
-  mesh/autoallocate.py); wildcard hosts are left to the upstream resolver;
+  mesh/autoallocate.py), to the namespaces it is exported to (``exportTo``; the oldest
+  entry visible to the pod answers); wildcard hosts are left to the upstream resolver;
 - a name that is one of these plus one of the pod's search domains (what a resolver with
   ``ndots:5`` asks first) is answered with a CNAME to the host and its addresses, saving the
   round trips to the upstream resolver that would say NXDOMAIN.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 from nodeagent.mesh.autoallocate import SERVICE_ENTRY, allocate
 from nodeagent.mesh.model import IstioResource, Service
+from nodeagent.mesh.traffic import visible
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class HostAddresses:
     ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
     allocated: str = ""  # used only for pods whose proxy auto-allocates
+    entry: IstioResource | None = None  # the ServiceEntry (its exportTo); None: a Service
+
+    def visible_to(self, namespace: str) -> bool:
+        return self.entry is None or visible(self.entry, namespace)
 
     def for_pod(self, auto_allocate: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if self.ipv4 or self.ipv6 or not (auto_allocate and self.allocated):
@@ -48,7 +54,9 @@ class Answer:
 @dataclass
 class NameTable:
     domain: str = "cluster.local"
-    hosts: dict[str, HostAddresses] = field(default_factory=dict)  # FQDN -> addresses
+    # FQDN -> what it resolves to: a Service, or the ServiceEntries naming it, oldest first
+    # (the first one exported to the asking pod's namespace answers)
+    hosts: dict[str, list[HostAddresses]] = field(default_factory=dict)
     # service short names: "svc.ns" -> FQDN (any namespace); (ns, "svc") -> FQDN (own ns)
     qualified: dict[str, str] = field(default_factory=dict)
     short: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -64,27 +72,30 @@ class NameTable:
         one of its short names answers directly; a search-domain expansion answers with a
         CNAME to the host (Answer.cname)."""
         name = name.lower().rstrip(".")
-        host, cname = self._host(name, namespace), False
-        if host is None:
+        found, cname = self._host(name, namespace), False
+        if found is None:
             for suffix in search:
                 suffix = suffix.lower().strip(".")
                 if suffix and name.endswith("." + suffix):
-                    host, cname = self._host(name[: -len(suffix) - 1], namespace), True
-                    if host is not None:
+                    found, cname = self._host(name[: -len(suffix) - 1], namespace), True
+                    if found is not None:
                         break
-        if host is None:
+        if found is None:
             return None
-        ipv4, ipv6 = self.hosts[host].for_pod(auto_allocate)
+        host, addresses = found
+        ipv4, ipv6 = addresses.for_pod(auto_allocate)
         if not (ipv4 or ipv6):
             return None
         return Answer(host, ipv4, ipv6, cname)
 
-    def _host(self, name: str, namespace: str) -> str | None:
-        if name in self.hosts:
-            return name
-        if name.endswith(".svc"):
-            name = name[: -len(".svc")]
-        return self.qualified.get(name) or self.short.get((namespace, name))
+    def _host(self, name: str, namespace: str) -> tuple[str, HostAddresses] | None:
+        if name not in self.hosts:
+            bare = name[: -len(".svc")] if name.endswith(".svc") else name
+            name = self.qualified.get(bare) or self.short.get((namespace, bare)) or ""
+        for addresses in self.hosts.get(name, ()):
+            if addresses.visible_to(namespace):
+                return name, addresses
+        return None
 
 
 def build(services: Iterable[Service], entries: Iterable[IstioResource], domain: str) -> NameTable:
@@ -93,18 +104,23 @@ def build(services: Iterable[Service], entries: Iterable[IstioResource], domain:
         if not svc.cluster_ip or svc.cluster_ip == "None":
             continue  # headless: kube-dns answers with the pods
         fqdn = svc.hostname(domain)
-        table.hosts[fqdn] = _split([svc.cluster_ip])
+        table.hosts[fqdn] = [_split([svc.cluster_ip])]
         table.qualified[f"{svc.name}.{svc.namespace}"] = fqdn
         table.short[(svc.namespace, svc.name)] = fqdn
-    entries = [e for e in entries if e.kind == SERVICE_ENTRY]
+    entries = sorted(
+        (e for e in entries if e.kind == SERVICE_ENTRY),
+        key=lambda e: (e.created or "~", e.namespace, e.name),
+    )
     allocated = allocate(entries)
+    service_hosts = set(table.hosts)
     for entry in entries:
         given = _split(_single_addresses(entry.spec.get("addresses") or []))
         for raw in entry.spec.get("hosts") or []:
             host = str(raw).lower()
-            if host.startswith("*") or host in table.hosts:
+            if host.startswith("*") or host in service_hosts:
                 continue  # a Service's name wins over a ServiceEntry naming it (as Istio's)
-            table.hosts[host] = HostAddresses(given.ipv4, given.ipv6, allocated.get(host, ""))
+            addresses = HostAddresses(given.ipv4, given.ipv6, allocated.get(host, ""), entry)
+            table.hosts.setdefault(host, []).append(addresses)
     return table
 
 

@@ -132,6 +132,8 @@ def table() -> NameTable:
     ]
     entries = [
         entry("ext", ["api.external.test"]),
+        entry("own", ["private.example"], addresses=["192.0.2.8"], exportTo=["."]),
+        entry("theirs", ["private.example"], addresses=["192.0.2.9"], exportTo=["other"]),
         entry("fixed", ["fixed.example"], addresses=["192.0.2.7", "2001:db8::7", "10.0.0.0/8"]),
     ]
     return build(services, entries, "cluster.local")
@@ -140,9 +142,11 @@ def table() -> NameTable:
 SEARCH = ("default.svc.cluster.local", "svc.cluster.local", "cluster.local")
 
 
-def ask(name: str, qtype: str = "A", *, auto: bool = False) -> answer.Reply | answer.Forward:
+def ask(
+    name: str, qtype: str = "A", *, auto: bool = False, namespace: str = "default"
+) -> answer.Reply | answer.Forward:
     query = dns.message.make_query(name, qtype)
-    return answer.handle(query.to_wire(), table(), "default", SEARCH, auto, False)
+    return answer.handle(query.to_wire(), table(), namespace, SEARCH, auto, False)
 
 
 def records(outcome: answer.Reply | answer.Forward) -> dict[str, list[str]]:
@@ -176,6 +180,9 @@ def test_service_entry_hosts_answer_with_their_addresses_or_an_allocated_one() -
     allocated = records(ask("api.external.test", auto=True))["A"]
     assert allocated == [allocate([entry("ext", ["api.external.test"])])["api.external.test"]]
     assert records(ask("api.external.test", "AAAA", auto=True)) == {}  # known, no IPv6
+    assert records(ask("private.example")) == {"A": ["192.0.2.8"]}  # exported to "."
+    assert records(ask("private.example", namespace="other")) == {"A": ["192.0.2.9"]}
+    assert isinstance(ask("private.example", namespace="third"), answer.Forward)
     assert isinstance(ask("web-api", "MX"), answer.Forward)
     assert isinstance(ask("example.org"), answer.Forward)
 
