@@ -60,6 +60,11 @@ KEPT_VERSIONS = 64  # translations remembered to tell which object a late NACK i
 IDENTITY_UNKNOWN = "identity unknown: pod not in the source (no certificate, no listeners)"
 
 
+def _holds_chains(listener: str) -> bool:
+    """outbound-internal, or a Sidecar scope's copy of part of it (outbound-internal/...)."""
+    return listener == OUTBOUND_INTERNAL or listener.startswith(OUTBOUND_INTERNAL + "/")
+
+
 @dataclass(frozen=True)
 class Rejection:
     """An object left out of the node's config: Envoy rejected what it became, or it could not
@@ -365,8 +370,9 @@ class NodeProxy:
             return
         # Envoy's message names nothing of ours: bisect over what that response changed.
         origins = {translation.origins.get((nack.type_url, name)) for name in nack.changed}
-        if nack.type_url == types.LISTENER and OUTBOUND_INTERNAL in nack.changed:
-            # The node's one listener of every service's chains: any service may be it.
+        if nack.type_url == types.LISTENER and any(map(_holds_chains, nack.changed)):
+            # The node's listener of every service's chains (or a Sidecar scope's, of some):
+            # any service may be it.
             origins |= set(translation.chains.values())
         suspects = sorted({o for o in origins if o is not None and o not in self.rejected})
         first_line = nack.message.strip().splitlines()[0] if nack.message.strip() else ""

@@ -18,6 +18,8 @@ nodeagent.translate.virtual_service):
   (region, zone, subzone) without a "=value" would need the calling pod's labels, which a shared
   endpoint assignment cannot have.
 - VirtualService: hosts, gateways (mesh), exportTo, every http, tcp and tls field.
+- Sidecar: workloadSelector, egress hosts and port, outboundTrafficPolicy.mode
+  (nodeagent.mesh.sidecar_scope).
 """
 
 from __future__ import annotations
@@ -127,6 +129,16 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
         # The caller and the SNI decide per connection (translate/l4_routes.py).
         "tcp": ALL,
         "tls": ALL,
+    },
+    # Per client scope on the node (mesh/sidecar_scope.py). egress port trims what a listener
+    # imports to that port; not yet: bind and captureMode (the node captures every outbound
+    # connection into the pod's one listener; a bind address or no-capture listener would be
+    # a listener per pod in its netns), ingress[] and inboundConnectionPool (the inbound side
+    # is the pod's shared inbound listener), outboundTrafficPolicy.egressProxy.
+    "Sidecar": {
+        "workloadSelector": ALL,
+        "egress": [{"port": ALL, "hosts": ALL}],
+        "outboundTrafficPolicy": {"mode": ALL},
     },
 }
 

@@ -42,7 +42,15 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from nodeagent.mesh import credentials, locality, policy, secret_access, tls_files, traffic
+from nodeagent.mesh import (
+    credentials,
+    locality,
+    policy,
+    secret_access,
+    sidecar_scope,
+    tls_files,
+    traffic,
+)
 from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service
@@ -190,6 +198,8 @@ class TranslationCache:
     # these few, not every service.
     _tls_sockets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _internal: _Memo | None = None  # the outbound-internal listener
+    # Sidecar scopes' internal listeners (and clusters), by listener name.
+    _scoped: dict[str, _Memo] = field(default_factory=dict)
     _originate: _Memo | None = None  # the originate-mtls cluster
     _originate_tls: _Memo | None = None  # the originate-tls cluster
     # originate-tls's sockets: those the served clusters name now (_wanted_sockets) and those
@@ -241,6 +251,11 @@ class TranslationCache:
             _client_classes(store, local_pods),
         )
         excluded_now = frozenset(excluded)
+        scopes = sidecar_scope.Scopes(store)
+        scoped = {
+            local.pod.key: scopes.of_pod(local.pod.namespace, local.pod.labels)
+            for local in local_pods
+        }
         inbound = {local.pod.key: _inbound_inputs(store, local, sidecar) for local in local_pods}
         fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
         for local in local_pods if not sidecar else ():
@@ -284,7 +299,7 @@ class TranslationCache:
                 self._update(dirty)
             self._generation = store.generation
             self._follow_guards(previous, settings)
-            return self._assemble(local_pods, secrets, excluded_now, inbound)
+            return self._assemble(local_pods, secrets, excluded_now, inbound, scoped)
         except BaseException:
             # Half an update: hand the next translation out whole (fresh maps, changes unknown).
             self._last_out = None
@@ -319,6 +334,7 @@ class TranslationCache:
         self._outbound.clear()
         self._inbound.clear()
         self._internal = self._originate = self._originate_tls = None
+        self._scoped.clear()
         self._modes.clear()
         self._tls_sockets.clear()
         self._prior_routes = dict(self._base.get(envoy.ROUTE, {}))
@@ -344,7 +360,6 @@ class TranslationCache:
         ]
         if not settings.sidecar:
             self._shared += [
-                (envoy.CLUSTER, internal.internal_cluster(internal.OUTBOUND_INTERNAL)),
                 (envoy.LISTENER, internal.originate_listener()),
                 (envoy.LISTENER, internal.originate_tls_listener()),
                 (envoy.CLUSTER, internal.internal_cluster(mirror.MIRROR)),
@@ -731,8 +746,9 @@ class TranslationCache:
         secrets: Sequence[Message],
         excluded: frozenset[Origin],
         inbound_inputs: dict[str, tuple[Any, ...]],
+        scoped: Mapping[str, sidecar_scope.Scope | None],
     ) -> Translation:
-        """INBOUND_INPUTS: each local pod's ``_inbound_inputs``."""
+        """INBOUND_INPUTS: each local pod's ``_inbound_inputs``; SCOPED: its Sidecar scope."""
         assert self._settings is not None
         settings = self._settings
         base = self._base
@@ -777,7 +793,8 @@ class TranslationCache:
         served, closed_vips = self._served_targets, self._closed
         outbound_policy = settings.mesh_config.outbound_traffic_policy
         if not settings.sidecar:
-            for type_url, resource in self._node_internals(local_pods, outbound_policy):
+            made = self._node_internals(local_pods, outbound_policy, scoped)
+            for type_url, resource in made:
                 add(type_url, resource)
 
         sidecar = settings.sidecar
@@ -790,20 +807,23 @@ class TranslationCache:
             origin = Origin(POD, pod.namespace, pod.name)
             if origin in excluded:
                 continue
+            scope = scoped.get(pod.key)
             if sidecar:
+                policy_now = scope.policy(outbound_policy) if scope else outbound_policy
                 outbound = self._pod_part(
                     self._outbound,
                     local,
-                    (local, self._chains_token, outbound_policy),
-                    partial(_sidecar_outbound, local, served, closed_vips, outbound_policy),
+                    (local, self._chains_token, policy_now, scope),
+                    partial(_sidecar_outbound, local, served, closed_vips, policy_now, scope),
                 )
             else:
                 spiffe = tls.spiffe_id(settings.mesh_config.trust_domain, *local.identity)
+                to = scope.name if scope is not None else internal.OUTBOUND_INTERNAL
                 outbound = self._pod_part(
                     self._outbound,
                     local,
-                    (local, spiffe),
-                    partial(_pod_outbound, local, spiffe),
+                    (local, spiffe, to),
+                    partial(_pod_outbound, local, spiffe, to),
                 )
             inputs = inbound_inputs[pod.key]
             inbound = self._pod_part(
@@ -905,21 +925,75 @@ class TranslationCache:
             del self._kept_sockets[name]
         return bool(gone)
 
-    def _node_internals(self, local_pods: Sequence[LocalPod], outbound_policy: str) -> Made:
-        """outbound-internal (every served chain, black holes for the closed VIP:ports) and
+    def _black_holes(self) -> list[envoy.FilterChain]:
+        return [
+            envoy.message(envoy.FilterChain, blackhole_chain(ip, port, internal.POD_FORMAT))
+            for ip, port in self._closed
+        ]
+
+    def _scope_internals(
+        self, scopes: Collection[sidecar_scope.Scope], outbound_policy: str
+    ) -> Made:
+        """Each Sidecar scope's internal listener (the served chains it admits, black holes,
+        its own fallback) and the cluster pods' listeners reach it by: rebuilt only when the
+        served chains or the scope itself change."""
+        made: Made = []
+        wanted = {scope.name: scope for scope in scopes}
+        for gone in self._scoped.keys() - wanted.keys():
+            del self._scoped[gone]
+        for name, scope in sorted(wanted.items()):
+            policy_now = scope.policy(outbound_policy)
+            inputs: tuple[Any, ...] = (self._chains_token, scope, policy_now)
+            memo = self._scoped.get(name)
+            if memo is None or memo.inputs != inputs:
+                chains = [
+                    chain
+                    for key in self._order
+                    if key in self._served
+                    for target, chain in _target_chains(self._services[key])
+                    if _admits(scope, target)
+                ]
+                chains += self._black_holes()
+                listener = outbound_internal_listener(chains, policy_now, name)
+                # The cluster depends on the name alone: kept (not pushed again).
+                cluster = memo.made[1][1] if memo is not None and memo.made else None
+                if cluster is None:
+                    cluster = internal.internal_cluster(name)
+                memo = _Memo(inputs, [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster)])
+                self._scoped[name] = memo
+            assert memo.made is not None
+            made += memo.made
+        return made
+
+    def _node_internals(
+        self,
+        local_pods: Sequence[LocalPod],
+        outbound_policy: str,
+        scoped: Mapping[str, sidecar_scope.Scope | None],
+    ) -> Made:
+        """outbound-internal (every served chain, black holes for the closed VIP:ports), only
+        while a local pod (or none at all) is outside every Sidecar scope, the scopes' own, and
         originate-mtls (the local identities, and the DestinationRule modes binding them)."""
         assert self._settings is not None
-        inputs: tuple[Any, ...] = (self._chains_token, outbound_policy)
-        if self._internal is None or self._internal.inputs != inputs:
-            chains = [
-                c for key in self._order if key in self._served for c in self._services[key].chains
-            ]
-            chains += [
-                envoy.message(envoy.FilterChain, blackhole_chain(ip, port, internal.POD_FORMAT))
-                for ip, port in self._closed
-            ]
-            listener = outbound_internal_listener(chains, outbound_policy)
-            self._internal = _Memo(inputs, [(envoy.LISTENER, listener)])
+        made: Made = []
+        scopes = {scope for scope in scoped.values() if scope is not None}
+        if not local_pods or any(scoped.get(local.pod.key) is None for local in local_pods):
+            inputs: tuple[Any, ...] = (self._chains_token, outbound_policy)
+            if self._internal is None or self._internal.inputs != inputs:
+                chains = [
+                    c
+                    for key in self._order
+                    if key in self._served
+                    for c in self._services[key].chains
+                ]
+                listener = outbound_internal_listener(chains + self._black_holes(), outbound_policy)
+                cluster = internal.internal_cluster(internal.OUTBOUND_INTERNAL)
+                self._internal = _Memo(
+                    inputs, [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster)]
+                )
+            assert self._internal.made is not None
+            made += self._internal.made
+        made += self._scope_internals(scopes, outbound_policy)
         trust_domain = self._settings.mesh_config.trust_domain
         identities = sorted({local.identity for local in local_pods})
         overrides = {
@@ -946,11 +1020,10 @@ class TranslationCache:
         self._kept_sockets.update(sockets)
         names = tuple(sorted(self._kept_sockets))
         if self._originate_tls is None or self._originate_tls.inputs != names:
-            made = internal.originate_tls_cluster(self._kept_sockets, upstream_bind())
-            self._originate_tls = _Memo(names, [(envoy.CLUSTER, made)])
-        assert self._internal.made is not None and self._originate.made is not None
-        assert self._originate_tls.made is not None
-        return [*self._internal.made, *self._originate.made, *self._originate_tls.made]
+            tls_cluster = internal.originate_tls_cluster(self._kept_sockets, upstream_bind())
+            self._originate_tls = _Memo(names, [(envoy.CLUSTER, tls_cluster)])
+        assert self._originate.made is not None and self._originate_tls.made is not None
+        return [*made, *self._originate.made, *self._originate_tls.made]
 
 
 def _keep_equal(entry: _ServiceEntry, before: list[tuple[str, str, Message]]) -> None:
@@ -1109,8 +1182,17 @@ def _sidecar_cluster(
     return sidecar_service_cluster(target, me, sans, mode, subset.name, policy_fields, origination)
 
 
-def _pod_outbound(local: LocalPod, spiffe: str) -> Made:
-    return [(envoy.LISTENER, pod_outbound_listener(local.pod, local.netns, spiffe))]
+def _pod_outbound(local: LocalPod, spiffe: str, to: str) -> Made:
+    return [(envoy.LISTENER, pod_outbound_listener(local.pod, local.netns, spiffe, to))]
+
+
+def _admits(scope: sidecar_scope.Scope, target: ServiceTarget) -> bool:
+    return scope.admits(target.service.namespace, target.host, target.port.port)
+
+
+def _target_chains(entry: _ServiceEntry) -> list[tuple[ServiceTarget, envoy.FilterChain]]:
+    """ENTRY's outbound chains with the target each is for (one per target with a VIP)."""
+    return list(zip([t for t in entry.targets if has_vip(t)], entry.chains, strict=True))
 
 
 def _sidecar_outbound(
@@ -1118,10 +1200,14 @@ def _sidecar_outbound(
     served: Sequence[ServiceTarget],
     closed: Sequence[tuple[str, int]],
     outbound_policy: str,
+    scope: sidecar_scope.Scope | None = None,
 ) -> Made:
-    """The sidecar's outbound listener: a chain per served VIP:port, black holes for closed."""
+    """The sidecar's outbound listener: a chain per served VIP:port in its SCOPE, black holes
+    for closed."""
     pod = local.pod
     extra = [blackhole_chain(ip, port, pod.key) for ip, port in closed]
+    if scope is not None:
+        served = [target for target in served if _admits(scope, target)]
     return [(envoy.LISTENER, outbound_listener(pod, served, outbound_policy, extra))]
 
 

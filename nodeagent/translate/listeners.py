@@ -136,10 +136,12 @@ def _fallback(outbound_policy: str, who: str) -> dict[str, Any]:
     return {"name": fallback, "filters": [tcp_proxy(fallback, fallback, "outbound", who)]}
 
 
-def pod_outbound_listener(pod: Pod, netns: str, spiffe: str) -> Listener:
+def pod_outbound_listener(
+    pod: Pod, netns: str, spiffe: str, to: str = internal.OUTBOUND_INTERNAL
+) -> Listener:
     """A pod's outbound listener on the node: the same few filters whatever the mesh holds. It
-    stamps the caller (netns, SPIFFE ID, name, IP) and hands the connection to
-    outbound-internal."""
+    stamps the caller (netns, SPIFFE ID, name, IP) and hands the connection to the internal
+    listener TO: outbound-internal, or its Sidecar scope's (mesh/sidecar_scope.py)."""
     who = pod.key
     source = pod.pod_ips[0] if pod.pod_ips else ""
     return message(
@@ -150,12 +152,10 @@ def pod_outbound_listener(pod: Pod, netns: str, spiffe: str) -> Listener:
             "listener_filters": [ORIGINAL_DST_FILTER],
             "filter_chains": [_loop_guard(OUTBOUND_BLACKHOLE, OUTBOUND_PORT, "outbound", who)],
             "default_filter_chain": {
-                "name": internal.OUTBOUND_INTERNAL,
+                "name": to,
                 "filters": [
                     internal.stamp_caller(netns, spiffe, who, source, pod.labels),
-                    tcp_proxy(
-                        internal.OUTBOUND_INTERNAL, internal.OUTBOUND_INTERNAL, "outbound", who
-                    ),
+                    tcp_proxy(internal.OUTBOUND_INTERNAL, to, "outbound", who),
                 ],
             },
             "traffic_direction": "OUTBOUND",
@@ -163,13 +163,17 @@ def pod_outbound_listener(pod: Pod, netns: str, spiffe: str) -> Listener:
     )
 
 
-def outbound_internal_listener(chains: Sequence[FilterChain], outbound_policy: str) -> Listener:
-    """The one listener holding every service port's chain (CHAINS, made by ``outbound_chain``
-    with the calling pod's name from filter state), reached only from pods' outbound listeners."""
+def outbound_internal_listener(
+    chains: Sequence[FilterChain], outbound_policy: str, name: str = internal.OUTBOUND_INTERNAL
+) -> Listener:
+    """The listener holding every service port's chain (CHAINS, made by ``outbound_chain``
+    with the calling pod's name from filter state), reached only from pods' outbound listeners.
+    NAME: outbound-internal, or a Sidecar scope's, which holds only the chains in its scope and
+    its own fallback: an out-of-scope service is unknown to its pods, as to Istio's sidecar."""
     listener = message(
         Listener,
         {
-            "name": internal.OUTBOUND_INTERNAL,
+            "name": name,
             "internal_listener": {},
             "listener_filters": [ORIGINAL_DST_FILTER],
             "default_filter_chain": _fallback(outbound_policy, internal.POD_FORMAT),

@@ -214,6 +214,28 @@ virtual_services = st.builds(
     destinations,
     names(["", *APPS]),
 )
+# Sidecars: namespace-wide or by selector, in a client namespace or the root one, egress hosts
+# (with a port or not) and their own outboundTrafficPolicy.
+sidecars = st.builds(
+    lambda ns, name, app, hosts, port, mode: IstioResource(
+        "networking.istio.io",
+        "v1",
+        "Sidecar",
+        ns,
+        name,
+        {
+            **({"workloadSelector": {"labels": {"app": app}}} if app else {}),
+            "egress": [{"hosts": hosts, **({"port": {"number": port}} if port else {})}],
+            **({"outboundTrafficPolicy": {"mode": mode}} if mode else {}),
+        },
+    ),
+    names(NAMESPACES),
+    names(["sc0", "sc1"]),
+    names(["", *APPS]),
+    st.lists(names(["./*", "b/*", f"{ROOT}/*", "*/s1.b.svc.cluster.local", "~/*"]), max_size=2),
+    names([None, 80, 5432]),
+    names(["", "ALLOW_ANY", REGISTRY_ONLY]),
+)
 mesh_configs = st.builds(
     MeshConfig,
     names(["cluster.local", "example.org"]),
@@ -232,13 +254,16 @@ changes = st.one_of(
     st.tuples(
         st.just("delete_slice"), st.tuples(names(["a", "b"]), names(SERVICES), names(["k0", "k1"]))
     ),
-    st.tuples(st.just("put_istio"), peer_authentications | destination_rules | virtual_services),
+    st.tuples(
+        st.just("put_istio"),
+        peer_authentications | destination_rules | virtual_services | sidecars,
+    ),
     st.tuples(
         st.just("delete_istio"),
         st.tuples(
-            names(["PeerAuthentication", "DestinationRule", "VirtualService"]),
+            names(["PeerAuthentication", "DestinationRule", "VirtualService", "Sidecar"]),
             names(NAMESPACES),
-            names(["pa0", "dr0", "pa1", "dr1", "vs0", "vs1"]),
+            names(["pa0", "dr0", "pa1", "dr1", "vs0", "vs1", "sc0", "sc1"]),
         ),
     ),
     st.tuples(
