@@ -1,0 +1,115 @@
+"""Istio's Sidecar resource on a one-node testbed with the real Envoy (issue #16, part 3).
+
+Namespaces ``a`` and ``b``, all on n1: a/sleep and a/web, b/sleep and b/api. A namespace-local
+Sidecar in ``a`` (egress hosts ``./*`` and ``istio-system/*``, outboundTrafficPolicy
+REGISTRY_ONLY, the reference page's namespace isolation example: istio.io/latest/docs/
+reference/config/networking/sidecar/) scopes a/sleep: its calls to b's api meet the black hole,
+as an unknown host under REGISTRY_ONLY does at Istio's sidecar (pilot/pkg/model/sidecar.go
+selectServices: out-of-scope services are not in its config), while b/sleep, on the same node
+and its same Envoy, unscoped, reaches api; a/sleep still reaches web in its own namespace (over
+the same-node fast path, with its identity). With the Sidecar's own ALLOW_ANY, a/sleep's call to
+api leaves as plain passthrough (no mesh identity: the app sees no client certificate).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import (
+    apply_docs,
+    call,
+    envoy_admin,
+    http_status,
+    pod,
+    running_testbed,
+    service,
+    topology_text,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+NAME = "tbsidecar"
+API = "http://api.b:8080/"
+WEB = "http://web.a:8080/"
+SCOPE = "outbound-internal/a/a/default"
+
+
+def _topology() -> str:
+    app = {"type": "fake-service", "port": 8080}
+    pods = [
+        pod("sleep", "n1", {"app": "sleep"}, namespace="a"),
+        pod("web", "n1", {"app": "web"}, namespace="a", workload=app),
+        pod("sleep", "n1", {"app": "sleep"}, namespace="b"),
+        pod("api", "n1", {"app": "api"}, namespace="b", workload=app),
+    ]
+    services = [service("web", 8080, 8080, "a"), service("api", 8080, 8080, "b")]
+    return topology_text(NAME, pods, services, nodes=[{"name": "n1"}], mesh=("a", "b"))
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    with running_testbed(_topology(), "test_sidecar_scope") as bed:
+        yield bed
+
+
+def namespace_sidecar(mode: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Sidecar",
+        "metadata": {"name": "default", "namespace": "a"},
+        "spec": {
+            "egress": [{"hosts": ["./*", "istio-system/*"]}],
+            "outboundTrafficPolicy": {"mode": mode},
+        },
+    }
+
+
+def scope_fallback(tb: Testbed) -> str:
+    """The cluster n1's Envoy sends a/sleep's unknown destinations to ("" while it has no scope
+    listener for ``a``)."""
+    dump = json.loads(envoy_admin(tb.name, "n1", "/config_dump?resource=dynamic_listeners"))
+    for entry in dump.get("configs", []):
+        listener = (entry.get("active_state") or {}).get("listener") or {}
+        if listener.get("name") == SCOPE:
+            tcp = listener["default_filter_chain"]["filters"][-1]["typed_config"]
+            return str(tcp["cluster"])
+    return ""
+
+
+def status(tb: Testbed, caller: str, url: str) -> str:
+    return http_status(tb.exec, caller, url)
+
+
+def test_a_namespace_sidecar_scopes_its_pods_only(tb: Testbed) -> None:
+    """REGISTRY_ONLY in the Sidecar: a/sleep cannot reach b's api (the scope's black hole: no
+    HTTP answer), still reaches a's web with its identity; b/sleep on the same node reaches api.
+    Then the same Sidecar with ALLOW_ANY: a/sleep reaches api as passthrough, without mTLS."""
+    try:
+        apply_docs(tb, namespace_sidecar("REGISTRY_ONLY"))
+        wait_for(lambda: scope_fallback(tb) == "BlackHoleCluster", 30, "a's scope", step=0.3)
+        wait_for(lambda: status(tb, "a/sleep", API) == "000", 15, "api out of a's scope")
+        assert {status(tb, "a/sleep", API) for _ in range(3)} == {"000"}
+        own = call(tb, "a/sleep", WEB)
+        xfcc = own["headers"].get("x-forwarded-client-cert", "")
+        assert "URI=spiffe://cluster.local/ns/a/sa/sleep" in xfcc, own
+        other = call(tb, "b/sleep", API)
+        assert "URI=spiffe://cluster.local/ns/b/sa/sleep" in other["headers"].get(
+            "x-forwarded-client-cert", ""
+        ), other
+        apply_docs(tb, namespace_sidecar("ALLOW_ANY"))
+        wait_for(lambda: scope_fallback(tb) == "PassthroughCluster", 30, "ALLOW_ANY", step=0.3)
+        passed = call(tb, "a/sleep", API)
+        assert "x-forwarded-client-cert" not in passed["headers"], passed
+    finally:
+        apply_docs(tb)
+    wait_for(lambda: scope_fallback(tb) == "", 30, "a's scope gone", step=0.3)
+    back = call(tb, "a/sleep", API)  # unscoped again: the mesh path, with its identity
+    assert "URI=spiffe://cluster.local/ns/a/sa/sleep" in back["headers"].get(
+        "x-forwarded-client-cert", ""
+    ), back
