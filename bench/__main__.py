@@ -18,6 +18,7 @@ SCENARIOS = {
     "memory": "bench.memory",  # 3: node memory by pod count
     "podstart": "bench.podstart",  # 4: CNI ADD wall time
     "fill": "bench.fill",  # 4b: pods of distinct identities up to 110: ADD time, memory per pod
+    "scope": "bench.scope",  # 4d: memory per pod at 1000 services, with/without a Sidecar scope
     "churn": "bench.churn",  # 4c: 100 pods created and deleted at 5000 services, over time
     "convergence": "bench.convergence",  # 5: change -> Envoy ACK -> traffic
     "translation": "bench.translation",  # 5b: agent CPU per endpoint change, in process

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
@@ -19,6 +20,7 @@ from nodeagent.mesh.model import (
     Endpoint,
     EndpointPort,
     EndpointSlice,
+    IstioResource,
     Namespace,
     Pod,
     Service,
@@ -314,13 +316,20 @@ def test_a_nack_naming_nothing_is_traced_by_re_pushing_halves(tmp_path: Path) ->
     assert bad not in names and f"outbound|80||s3.{NS}.svc.cluster.local" in names
 
 
+@pytest.mark.parametrize("scoped", [False, True])
 def test_a_nack_of_the_shared_service_listener_naming_nothing_finds_the_service(
-    tmp_path: Path,
+    tmp_path: Path, scoped: bool
 ) -> None:
     """outbound-internal holds every service's chain: when Envoy rejects it without naming a
     chain, every service in it is a suspect, and halving finds the one (the others keep
-    serving, the culprit's VIP:port is black-holed)."""
+    serving, the culprit's VIP:port is black-holed). SCOPED: the pod is under a Sidecar, whose
+    scope's listener holds the chains instead (mesh/sidecar_scope.py): the same."""
     store = mesh_store()
+    shared = "outbound-internal"
+    if scoped:
+        spec = {"egress": [{"hosts": ["*/*"]}]}
+        store.put_istio(IstioResource("networking.istio.io", "v1", "Sidecar", NS, "default", spec))
+        shared = f"outbound-internal/{NS}/{NS}/default"
     for i in range(6):
         store.put_service(
             Service(NS, f"s{i}", f"10.96.1.{i}", (ServicePort(80, "tcp"),), {"app": f"s{i}"})
@@ -328,16 +337,16 @@ def test_a_nack_of_the_shared_service_listener_naming_nothing_finds_the_service(
     proxy, _ = make_proxy(tmp_path, store, "web-1")
     bad = f"outbound|80||s2.{NS}.svc.cluster.local"
     node = proxy.settings.node_id
-    message = "Error adding/updating listener(s) outbound-internal: something is wrong"
+    message = f"Error adding/updating listener(s) {shared}: something is wrong"
 
     def verdict() -> None:
         version = proxy.push()
         snapshot = proxy.cache.get(node)
         assert snapshot is not None
-        listener = json_format.MessageToDict(snapshot.of(types.LISTENER)["outbound-internal"])
+        listener = json_format.MessageToDict(snapshot.of(types.LISTENER)[shared])
         names = tuple(snapshot.of(types.LISTENER))
         if any(c["name"] == bad for c in listener["filterChains"]):
-            nack = Nack(types.LISTENER, message, names, version, "", ("outbound-internal",))
+            nack = Nack(types.LISTENER, message, names, version, "", (shared,))
             proxy.xds.nacked(node, nack)
         else:
             proxy.xds.ack_received(node, types.LISTENER, version)
@@ -351,7 +360,7 @@ def test_a_nack_of_the_shared_service_listener_naming_nothing_finds_the_service(
     rejected = proxy.status_table()["rejected"]
     assert [(r["kind"], r["name"]) for r in rejected] == [("Service", "s2")]  # type: ignore[union-attr]
     proxy.push()
-    listener = json_format.MessageToDict(resources(proxy, e.LISTENER)["outbound-internal"])  # type: ignore[arg-type]
+    listener = json_format.MessageToDict(resources(proxy, e.LISTENER)[shared])  # type: ignore[arg-type]
     chains = {c["name"] for c in listener["filterChains"]}
     assert bad not in chains and f"outbound|80||s3.{NS}.svc.cluster.local" in chains
     assert "BlackHoleCluster|10.96.1.2:80" in chains
