@@ -247,17 +247,35 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
 
 async def _issuer(config: AgentConfig, trust_domain: str, stop: asyncio.Event) -> Issuer:
     """The CA service (--ca-address), Istio's plug-in CA files (--ca-dir) or the built-in CA."""
-    if config.ca_dir:
-        return LocalIssuer(PluginCA.load(config.ca_dir), f"the plug-in CA in {config.ca_dir}")
-    if not config.ca_address:
+    if not config.ca_dir and not config.ca_address:
         return LocalIssuer(
             BuiltinCA.load_or_create(config.state_dir, trust_domain), "the built-in CA"
         )
-    if config.ca_root_file is None or config.ca_token_file is None:
-        raise ValueError("--ca-address needs --ca-root-file and --ca-token-file")
-    remote = RemoteCA(
-        config.ca_address, config.ca_root_file, config.ca_token_file, config.ca_server_name
+    return await mesh_issuer(
+        config.ca_dir,
+        config.ca_address,
+        config.ca_root_file,
+        config.ca_token_file,
+        config.ca_server_name,
+        stop,
     )
+
+
+async def mesh_issuer(
+    ca_dir: Path | None,
+    ca_address: str | None,
+    ca_root_file: Path | None,
+    ca_token_file: Path | None,
+    ca_server_name: str,
+    stop: asyncio.Event,
+) -> Issuer:
+    """Istio's plug-in CA files (CA_DIR) or the CA service (CA_ADDRESS, with its roots and the
+    caller's token): what the node agents and the gateways (nodeagent.gateway) both use."""
+    if ca_dir:
+        return LocalIssuer(PluginCA.load(ca_dir), f"the plug-in CA in {ca_dir}")
+    if not ca_address or ca_root_file is None or ca_token_file is None:
+        raise ValueError("--ca-address needs --ca-root-file and --ca-token-file")
+    remote = RemoteCA(ca_address, ca_root_file, ca_token_file, ca_server_name)
     # Without a trust bundle nothing can be issued or verified: wait for the mounted file.
     last = ""
     while not stop.is_set():

@@ -188,8 +188,15 @@ class KubernetesSource:
         node_name: str,
         kubeconfig: Path | None = None,
         schemas: IstioSchemas | None = None,
+        wanted_credentials: Callable[[MeshStore], set[tuple[str, str]]] | None = None,
+        secret_reviews: bool = True,
     ) -> None:
         self.store = store
+        # Which Secrets (namespace, name) to follow: by default those this node's selector
+        # DestinationRules name; a gateway (nodeagent.gateway) names its servers' credentials.
+        self.wanted_credentials = wanted_credentials
+        # SubjectAccessReviews of local service accounts (secret_access.py); a gateway has none.
+        self.secret_reviews = secret_reviews
         # Secrets come one watch each, once named: pending until their LIST answers.
         store.credential_answers = set()
         self.node_name = node_name
@@ -207,8 +214,9 @@ class KubernetesSource:
             kinds = self.kinds(api)
             tasks = [asyncio.create_task(self._follow(kind, len(kinds))) for kind in kinds]
             tasks.append(asyncio.create_task(self._follow_credentials(api, stop)))
-            reviews = SecretAccessReviews(self.store, self.node_name, self._reviewer(api))
-            tasks.append(asyncio.create_task(reviews.run(stop)))
+            if self.secret_reviews:
+                reviews = SecretAccessReviews(self.store, self.node_name, self._reviewer(api))
+                tasks.append(asyncio.create_task(reviews.run(stop)))
             try:
                 await stop.wait()
             finally:
@@ -290,8 +298,12 @@ class KubernetesSource:
             while not stop.is_set():
                 if self.store.generation != generation:
                     generation = self.store.generation
-                    pods = self.store.pods_on_node(self.node_name)
-                    wanted = credentials.with_companions(credentials.referenced(self.store, pods))
+                    if self.wanted_credentials is not None:
+                        named = self.wanted_credentials(self.store)
+                    else:
+                        pods = self.store.pods_on_node(self.node_name)
+                        named = credentials.referenced(self.store, pods)
+                    wanted = credentials.with_companions(named)
                     for gone in sorted(watches.keys() - wanted):
                         await self._unwatch_secret(gone, watches.pop(gone))
                     for namespace, name in sorted(wanted - watches.keys()):

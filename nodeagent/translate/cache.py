@@ -248,7 +248,7 @@ class TranslationCache:
             sorted({local.identity for local in local_pods}),
             tuple(excluded_namespaces),
             sidecar,
-            _client_classes(store, local_pods),
+            client_classes(store, local_pods),
         )
         excluded_now = frozenset(excluded)
         scopes = sidecar_scope.Scopes(store)
@@ -1071,7 +1071,7 @@ def _namespaces(identities: Sequence[Identity]) -> set[str]:
     return {namespace for namespace, _ in identities}
 
 
-def _client_classes(
+def client_classes(
     store: MeshStore, local_pods: Sequence[LocalPod]
 ) -> list[service_views.ClientClass]:
     """The local pods' client classes: groups, never one per pod (docs/o1-config.md)."""

@@ -224,6 +224,18 @@ class _Resolver:
         return self._hash.get(cluster, [])
 
 
+def destination_cluster(
+    store: MeshStore,
+    client: Client,
+    destination: Mapping[str, Any],
+    vs: IstioResource,
+    listener_port: int,
+) -> str:
+    """The cluster a route of VS sends CLIENT's requests to DESTINATION by (as in the mesh's
+    route tables): a gateway's routes name the same clusters its sidecar-form config has."""
+    return _Resolver(store, client_class(client), listener_port).cluster(destination, vs)
+
+
 def _default_route(resolver: _Resolver, target: ServiceTarget) -> dict[str, Any]:
     """Every request to the service port's own cluster, with Istio's default retries."""
     cluster = resolver.cluster({}, None, target.host)

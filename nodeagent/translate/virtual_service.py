@@ -19,7 +19,7 @@ VirtualService (kind/namespace/name) and the field (http[2].match[0].uri).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -51,10 +51,15 @@ def http_routes(
     cluster_of: Destination,
     hash_policy_of: HashPolicyOf = _no_hash,
     delegate_of: DelegateOf | None = None,
+    gateways: Collection[str] = (MESH_GATEWAY,),
 ) -> list[dict[str, Any]]:
     """The Envoy routes (proto3 JSON dicts of ``envoy.config.route.v3.Route``) of VS's http[]
     for a caller of service port PORT, in rule order (first match wins), one route per match[]
     entry; no catch-all is added (an unmatched request gets Envoy's 404 NR).
+
+    GATEWAYS: the names (as VS spells them) of the proxy the routes are for: "mesh" for the
+    node's pods; an ingress gateway's ``ns/name`` (and ``name`` in its own namespace), so a
+    match naming other gateways is left out (Istio's sourceMatchHTTP).
 
     CLUSTER_OF(destination) names a destination's cluster; HASH_POLICY_OF(cluster) is the
     route hash_policy its DestinationRule's consistentHash asks for; DELEGATE_OF(name,
@@ -66,7 +71,7 @@ def http_routes(
         matches = rule.spec.get("match") or [None]
         for j, match in enumerate(matches):
             where = f"{rule.where}.match[{j}]"
-            if match is not None and (not _applies(match, port) or _claims(match)):
+            if match is not None and (not _applies(match, port, gateways) or _claims(match)):
                 continue
             route = _route(vs, rule, match, where, port, cluster_of, hash_policy_of)
             out.append(route)
@@ -80,14 +85,15 @@ def http_routes(
 # --- matching ---
 
 
-def _applies(match: Mapping[str, Any], port: int) -> bool:
-    """What Istio decides per sidecar before translating a match (translateRoute,
-    sourceMatchHTTP): its port, and its gateways (a match naming gateways applies to sidecars
-    only if they include "mesh"; Istio then ignores its sourceLabels, and so does this)."""
+def _applies(match: Mapping[str, Any], port: int, proxy: Collection[str] = (MESH_GATEWAY,)) -> bool:
+    """What Istio decides per proxy before translating a match (translateRoute,
+    sourceMatchHTTP): its port, and its gateways (a match naming gateways applies only to the
+    PROXY they name: sidecars if they include "mesh", where Istio then ignores its
+    sourceLabels, and so does this)."""
     if match.get("port") and int(match["port"]) != port:
         return False
     gateways = match.get("gateways") or []
-    return not gateways or MESH_GATEWAY in gateways
+    return not gateways or any(g in proxy for g in gateways)
 
 
 def _regex(pattern: str, where: str) -> dict[str, Any]:

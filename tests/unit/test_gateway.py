@@ -1,0 +1,332 @@
+"""Istio Gateway -> the gateway Envoy's listeners and routes (translate/gateway.py), and the
+``nodeagent gateway`` selector.
+
+Istio's reference: istio.io/latest/docs/reference/config/networking/gateway/ (servers, hosts
+``ns/dnsName``, tls modes, httpsRedirect, credentialName); route table names and merging from
+istio/istio pilot/pkg/model/gateway.go and pilot/pkg/networking/core/gateway.go.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from google.protobuf import json_format
+
+from nodeagent.cli.gateway import parse_selector
+from nodeagent.identity.credentials import ca_secret, certificate_secret, placeholder
+from nodeagent.mesh.model import Pod
+from nodeagent.mesh.store import MeshStore
+from nodeagent.sources.changes import put
+from nodeagent.sources.directory import parse_document
+from nodeagent.translate import LocalPod, TranslationCache, gateway, service_views
+from nodeagent.translate.envoy import CLUSTER
+from tests.unit.envoy_validate import assert_envoy_accepts_resources, static_sds
+from tests.unit.istio_data import istio_data
+
+INGRESS = {"istio": "ingressgateway"}
+ME = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway"
+
+CLUSTER_YAML = """
+apiVersion: v1
+kind: Service
+metadata: {name: web-api, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web-api}
+  ports: [{name: http, port: 9090, targetPort: 9090}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: payments, namespace: shop}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: payments}
+  ports: [{name: http, port: 9091, targetPort: 9091}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.12
+  selector: {app: db}
+  ports: [{name: tcp, port: 5432, targetPort: 5432}]
+"""
+
+GATEWAYS_YAML = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: shop-gateway, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["shop/*.example.com"]
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: ["shop/shop.example.com"]
+    tls: {mode: SIMPLE, credentialName: shop-cert}
+  - port: {number: 8080, name: http-redirect, protocol: HTTP}
+    hosts: ["./secure.example.com"]
+    tls: {httpsRedirect: true}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: shop}
+spec:
+  hosts: [shop.example.com, secure.example.com]
+  gateways: [shop-gateway]
+  http:
+  - match: [{uri: {prefix: /pay}}]
+    route: [{destination: {host: payments}}]
+  - route: [{destination: {host: web-api, port: {number: 9090}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mesh-only, namespace: shop}
+spec:
+  hosts: [shop.example.com]
+  http:
+  - route: [{destination: {host: payments}}]
+"""
+
+
+def _store(*texts: str) -> MeshStore:
+    store = MeshStore()
+    for text in texts:
+        for i, doc in enumerate(yaml.safe_load_all(text)):
+            for parsed in parse_document(doc, "test", i):
+                put(store, parsed.record)
+    return store
+
+
+def _workload() -> gateway.Workload:
+    return gateway.Workload("istio-system", INGRESS, ME)
+
+
+def _cluster_of(store: MeshStore) -> gateway.ClusterOf:
+    def of(destination: Any, vs: Any, port: int) -> str:
+        return service_views.destination_cluster(store, "istio-system", destination, vs, port)
+
+    return of
+
+
+def _build(store: MeshStore) -> gateway.GatewayConfig:
+    return gateway.build(store, _workload(), _cluster_of(store))
+
+
+def _json(message: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return out
+
+
+def _routes(config: gateway.GatewayConfig) -> dict[str, dict[str, Any]]:
+    return {r.name: _json(r) for r in config.routes}
+
+
+def _vhost(table: dict[str, Any], host: str) -> dict[str, Any]:
+    return next(v for v in table["virtual_hosts"] if host in v["domains"])
+
+
+def test_http_servers_of_a_port_share_one_route_table_with_a_virtual_host_per_host() -> None:
+    config = _build(_store(CLUSTER_YAML, GATEWAYS_YAML))
+    assert [li.name for li in config.listeners] == ["0.0.0.0_8080", "0.0.0.0_8443"]
+    routes = _routes(config)
+    assert set(routes) == {"http.8080", "https.8443.https.shop-gateway.shop"}
+    plain = _vhost(routes["http.8080"], "shop.example.com")
+    assert plain["domains"] == ["shop.example.com", "shop.example.com:*"]
+    # Rule order: /pay to payments (its only port), everything else to web-api.
+    assert [r["route"]["cluster"] for r in plain["routes"]] == [
+        "outbound|9091||payments.shop.svc.cluster.local",
+        "outbound|9090||web-api.shop.svc.cluster.local",
+    ]
+    assert "require_tls" not in plain
+
+
+def test_https_redirect_server_makes_its_hosts_require_tls() -> None:
+    routes = _routes(_build(_store(CLUSTER_YAML, GATEWAYS_YAML)))
+    assert _vhost(routes["http.8080"], "secure.example.com")["require_tls"] == "ALL"
+
+
+def test_simple_tls_server_terminates_with_its_credential_from_the_gateway_namespace() -> None:
+    config = _build(_store(CLUSTER_YAML, GATEWAYS_YAML))
+    assert config.credentials == {("istio-system", "shop-cert")}
+    https = _json(config.listeners[1])
+    (chain,) = https["filter_chains"]
+    assert chain["filter_chain_match"]["server_names"] == ["shop.example.com"]
+    context = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    sds = context["tls_certificate_sds_secret_configs"][0]["name"]
+    assert sds == "kubernetes://istio-system/shop-cert"
+    hcm = chain["filters"][0]["typed_config"]
+    assert hcm["rds"]["route_config_name"] == "https.8443.https.shop-gateway.shop"
+    # The HTTPS server admits shop.example.com only: secure.example.com has no virtual host.
+    table = _routes(config)["https.8443.https.shop-gateway.shop"]
+    assert [v["domains"][0] for v in table["virtual_hosts"]] == ["shop.example.com"]
+
+
+def test_a_virtual_service_not_bound_to_the_gateway_gives_it_nothing() -> None:
+    text = GATEWAYS_YAML.replace("gateways: [shop-gateway]", "gateways: [other-gateway]")
+    config = _build(_store(CLUSTER_YAML, text))
+    assert all(not _json(r).get("virtual_hosts") for r in config.routes)
+
+
+def test_short_gateway_name_binds_only_in_the_virtual_service_namespace() -> None:
+    text = GATEWAYS_YAML.replace("name: shop, namespace: shop", "name: shop, namespace: other")
+    text = text.replace('"shop/', '"*/')  # let the server hosts admit namespace other
+    assert all(not _json(r).get("virtual_hosts") for r in _build(_store(text)).routes)
+    qualified = text.replace("gateways: [shop-gateway]", "gateways: [shop/shop-gateway]")
+    assert any(_json(r).get("virtual_hosts") for r in _build(_store(qualified)).routes)
+
+
+def test_server_host_namespace_filters_virtual_services() -> None:
+    text = GATEWAYS_YAML.replace('"shop/*.example.com"', '"elsewhere/*.example.com"')
+    routes = _routes(_build(_store(CLUSTER_YAML, text)))
+    assert [v["domains"][0] for v in routes["http.8080"]["virtual_hosts"]] == ["secure.example.com"]
+
+
+def test_match_naming_other_gateways_is_left_out() -> None:
+    text = GATEWAYS_YAML.replace(
+        "- match: [{uri: {prefix: /pay}}]", "- match: [{uri: {prefix: /pay}, gateways: [mesh]}]"
+    )
+    plain = _vhost(_routes(_build(_store(CLUSTER_YAML, text)))["http.8080"], "shop.example.com")
+    assert [r["match"] for r in plain["routes"]] == [{"prefix": "/"}]
+
+
+def test_gateway_selecting_other_labels_is_not_served() -> None:
+    text = GATEWAYS_YAML.replace("selector: {istio: ingressgateway}", "selector: {istio: egress}")
+    config = _build(_store(CLUSTER_YAML, text))
+    assert config.listeners == [] and config.routes == []
+
+
+PASSTHROUGH_YAML = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: ["*/db.example.com"]
+    tls: {mode: PASSTHROUGH}
+  - port: {number: 15443, name: tls-auto, protocol: TLS}
+    hosts: ["*"]
+    tls: {mode: AUTO_PASSTHROUGH}
+  - port: {number: 9443, name: mtls, protocol: HTTPS}
+    hosts: ["*/*"]
+    tls: {mode: ISTIO_MUTUAL}
+  - port: {number: 5432, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.example.com]
+  gateways: [istio-system/edge]
+  tls:
+  - match: [{sniHosts: [db.example.com], port: 443}]
+    route: [{destination: {host: web-api, port: {number: 9090}}}]
+  tcp:
+  - match: [{port: 5432}]
+    route: [{destination: {host: db}}]
+"""
+
+
+def test_passthrough_routes_by_sni_and_auto_passthrough_is_named_not_yet() -> None:
+    config = _build(_store(CLUSTER_YAML, PASSTHROUGH_YAML))
+    listeners = {li.name: _json(li) for li in config.listeners}
+    (chain,) = listeners["0.0.0.0_443"]["filter_chains"]
+    assert chain["filter_chain_match"]["server_names"] == ["db.example.com"]
+    assert "transport_socket" not in chain  # not terminated: the client's TLS goes through
+    proxy = chain["filters"][0]["typed_config"]
+    assert proxy["cluster"] == "outbound|9090||web-api.shop.svc.cluster.local"
+    assert "0.0.0.0_15443" not in listeners
+    (problem,) = config.problems["Gateway/istio-system/edge"]
+    assert "servers[1]" in problem and "AUTO_PASSTHROUGH" in problem
+    tcp = listeners["0.0.0.0_5432"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert tcp["cluster"] == "outbound|5432||db.shop.svc.cluster.local"
+
+
+def test_istio_mutual_server_presents_the_gateway_identity_and_requires_a_mesh_client() -> None:
+    config = _build(_store(CLUSTER_YAML, PASSTHROUGH_YAML))
+    listener = _json(next(li for li in config.listeners if li.name == "0.0.0.0_9443"))
+    tls = listener["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert tls["require_client_certificate"] is True
+    assert tls["common_tls_context"]["tls_certificate_sds_secret_configs"][0]["name"] == ME
+
+
+def test_credentials_named_follow_the_gateways_tls_servers() -> None:
+    store = _store(CLUSTER_YAML, GATEWAYS_YAML)
+    assert gateway.credentials_named(store, _workload()) == {("istio-system", "shop-cert")}
+
+
+def _inline_routes(listener: dict[str, Any], routes: dict[str, dict[str, Any]]) -> None:
+    """Envoy's validate mode has no ADS: the route tables go inline."""
+    for chain in listener["filter_chains"]:
+        for f in chain["filters"]:
+            config = f["typed_config"]
+            if "rds" in config:
+                config["route_config"] = routes[config.pop("rds")["route_config_name"]]
+
+
+def _sidecar_clusters(store: MeshStore) -> list[Any]:
+    pod = Pod("istio-system", "ingress", service_account="istio-ingressgateway")
+    made = TranslationCache().build(store, [LocalPod(pod, "")], [], ("kube-system",), True)
+    clusters = []
+    for cluster in made.resources[CLUSTER].values():
+        fields = _json(cluster)
+        if fields.get("type") == "EDS":  # validate mode has no ADS: endpoints inline
+            del fields["eds_cluster_config"]
+            fields |= {"type": "STATIC", "load_assignment": {"cluster_name": fields["name"]}}
+        clusters.append(fields)
+    return clusters
+
+
+def _assert_envoy_accepts(tmp_path: Path, store: MeshStore) -> None:
+    config = _build(store)
+    routes = _routes(config)
+    listeners = []
+    for li in config.listeners:
+        listener = static_sds(_json(li))
+        _inline_routes(listener, copy.deepcopy(routes))
+        listeners.append(listener)
+    cert, key = placeholder()  # a real certificate and key (Envoy parses them)
+    secrets = [
+        certificate_secret(name, cert, key) for name in ("kubernetes://istio-system/shop-cert", ME)
+    ]
+    secrets.append(ca_secret("ROOTCA", cert))
+    assert_envoy_accepts_resources(
+        tmp_path, clusters=_sidecar_clusters(store), listeners=listeners, secrets=secrets
+    )
+
+
+def test_envoy_accepts_the_gateway_config(tmp_path: Path) -> None:
+    _assert_envoy_accepts(tmp_path, _store(CLUSTER_YAML, GATEWAYS_YAML, PASSTHROUGH_YAML))
+
+
+@pytest.mark.parametrize("sample", ["bookinfo-gateway.yaml", "certmanager-gateway.yaml"])
+def test_istio_gateway_samples_are_served_and_envoy_accepts_them(
+    sample: str, tmp_path: Path
+) -> None:
+    """Istio's own samples: a Gateway on port 80 for the ingress gateway and its VirtualService
+    (bookinfo: /productpage and friends to productpage:9080)."""
+    bookinfo = istio_data("bookinfo/platform/bookinfo.yaml").read_text()
+    text = istio_data(f"bookinfo/networking/{sample}").read_text()
+    store = _store(bookinfo, text)
+    config = _build(store)
+    assert [li.name for li in config.listeners] == [
+        "0.0.0.0_8080" if "bookinfo" in sample else "0.0.0.0_80"
+    ]
+    (table,) = config.routes
+    routes = _json(table)["virtual_hosts"][0]["routes"]
+    assert routes, f"{sample}: no routes"
+    _assert_envoy_accepts(tmp_path, store)
+
+
+def test_parse_selector() -> None:
+    assert parse_selector("istio=ingressgateway") == INGRESS
+    assert parse_selector("istio=egressgateway, app=gw") == {"istio": "egressgateway", "app": "gw"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_selector("istio")
