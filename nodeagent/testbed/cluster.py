@@ -82,8 +82,10 @@ from nodeagent.testbed.state import (
 )
 from nodeagent.testbed.topology import (
     APISERVER_PORT,
+    OUTSIDE_CIDR,
     External,
     Node,
+    Outside,
     Pod,
     Service,
     ServicePort,
@@ -297,6 +299,8 @@ class Testbed:
             self._start_daemons()
         for pod in self.topology.pods:
             self._create_sandbox(pod)
+        if self.topology.outside is not None:
+            self._build_outside(self.topology.outside)
         self._publish()
         for pod in self.topology.pods:
             self._start_workload(pod)
@@ -374,6 +378,38 @@ class Testbed:
             nl.up("br0")
             # The stand-in API server's address (source: kubernetes), reached from every node.
             nl.add_address("br0", f"{network.apiserver_ip}/{network.underlay_cidr.prefixlen}")
+
+    def _build_outside(self, outside: Outside) -> None:
+        """The outside client: a netns wired to OUTSIDE.node by a veth pair, with a route to
+        each of its pods' addresses only (a load balancer's view of a gateway; nothing else
+        of the cluster is reachable, and nothing is routed in the root namespace)."""
+        ns = layout.outside_netns(self.name)
+        node_ns = node_netns(self.name, outside.node)
+        prefix = OUTSIDE_CIDR.prefixlen
+        with self._creating_netns(ns):
+            with netlink.session(node_ns) as node:
+                node.add_veth("outside0", peer="eth0", peer_netns=ns)
+                node.add_address("outside0", f"{outside.node_ip}/{prefix}")
+                node.up("outside0")
+            with netlink.session(ns) as client:
+                client.add_address("eth0", f"{outside.ip}/{prefix}")
+                client.up("eth0")
+                client.up("lo")
+                for ref in outside.pods:
+                    client.add_route(f"{self.state.pods[ref].ip}/32", str(outside.node_ip))
+
+    def outside_exec(
+        self, argv: list[str], timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ARGV in the outside client's netns (topology ``outside``)."""
+        if self.topology.outside is None:
+            raise TestbedError(f"testbed {self.name!r} has no outside client (topology outside)")
+        return subprocess.run(
+            netns.in_netns(layout.outside_netns(self.name), argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def _build_node(self, node: Node) -> None:
         ns = node_netns(self.name, node.name)
@@ -521,6 +557,11 @@ class Testbed:
         prefix = self.topology.network.underlay_cidr.prefixlen
         with self._creating_netns(ns):
             self._plug_into_underlay(ns, "ul-cp", f"{self.ca_ip}/{prefix}")
+            # Gateway pods ask the CA for their own certificate: its answers go back by
+            # their node (the agents, on the underlay themselves, need no route).
+            with netlink.session(ns) as nl:
+                for node in self.topology.nodes:
+                    nl.add_route(str(node.pod_cidr), str(node.underlay_ip))
 
     def ca_daemon(self) -> DaemonRecord | None:
         """The CA service's record while the testbed runs it (None: stopped, or ca: plugin)."""
@@ -1003,6 +1044,9 @@ class Testbed:
                 "VERSION": pod.labels.get("version", "v1"),
                 "LISTEN_ADDR": f"0.0.0.0:{wl.port}",
             }
+        elif wl.type == "gateway":
+            argv = [sys.executable, "-m", "nodeagent", "gateway", *self._gateway_args(pod)]
+            env["PYTHONPATH"] = str(Path(nodeagent.__file__).resolve().parents[1])
         elif wl.type == "sleep":
             argv = ["sleep", "infinity"]
         else:
@@ -1028,6 +1072,44 @@ class Testbed:
             record.start_time = netns.process_start_time(proc.pid)
             self.state.save()
             self._started[pod.key] = time.monotonic()
+
+    def _gateway_args(self, pod: Pod) -> list[str]:
+        """``nodeagent gateway``'s arguments for gateway pod POD, as its Deployment gives them:
+        its labels as the selector, the cluster as the agents read it (the directory: a pod
+        cannot reach the stand-in API server), its certificate from the mesh's CA."""
+        run_dir = layout.gateway_dir(self.name, pod)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        argv = [
+            "--selector",
+            ",".join(f"{k}={v}" for k, v in sorted(pod.labels.items())),
+            "--source-dir",
+            str(layout.cluster_dir(self.name)),
+            "--run-dir",
+            str(run_dir),
+            "--envoy-log",
+            str(layout.gateway_envoy_log(self.name, pod)),
+            "--cert-ttl",
+            str(self.topology.cert_ttl),
+        ]
+        if self.topology.ca != "service":
+            return [*argv, "--ca-dir", str(layout.cacerts_dir(self.name))]
+        # Its own projected token (audience istio-ca, bound to its pod): the CA gives any
+        # caller its own identity (caservice/authz.py).
+        record = self.state.pods[pod.key]
+        token = node_credentials.publish_workload_token(
+            self.name, pod.namespace, pod.name, pod.service_account, record.uid, run_dir
+        )
+        return [
+            *argv,
+            "--ca-address",
+            self.ca_address,
+            "--ca-root-file",
+            str(layout.ca_root_file(self.name)),
+            "--ca-token-file",
+            str(token),
+            "--ca-server-name",
+            control_plane.SERVER_NAME,
+        ]
 
     def _wait_ready(self, pods: tuple[Pod, ...] | list[Pod]) -> None:
         """Every workload with a port listens on it, every other one still runs."""

@@ -137,3 +137,19 @@ def sidecar_dir(name: str, node: str) -> Path:
     """The node agent's --sidecar-dir (proxyModel: sidecar): sidecars' xDS socket, bootstraps
     and pidfiles (``<namespace>.<pod>/envoy.pid``)."""
     return node_dir(name, node) / "sidecars"
+
+
+def outside_netns(name: str) -> str:
+    """The client outside the mesh and the nodes (topology ``outside``)."""
+    return f"{netns_prefix(name)}outside"
+
+
+def gateway_dir(name: str, pod: Pod) -> Path:
+    """A gateway pod's --run-dir (xDS socket, Envoy's bootstrap, admin socket, pidfile) and
+    its CA token (``ca: service``)."""
+    return TestbedState.directory(name) / "gateways" / f"{pod.namespace}.{pod.name}"
+
+
+def gateway_envoy_log(name: str, pod: Pod) -> Path:
+    """A gateway's Envoy output, its access log included."""
+    return logs_dir(name) / f"{pod.namespace}.{pod.name}.envoy.log"

@@ -113,6 +113,29 @@ def publish(testbed: str, nodes: Sequence[Node]) -> list[NodeCredential]:
     return credentials
 
 
+def publish_workload_token(
+    testbed: str, namespace: str, pod: str, service_account: str, pod_uid: str, folder: Path
+) -> Path:
+    """A projected token (audience istio-ca) for a workload pod that asks the CA itself (a
+    gateway): added to the stand-in's tokens file, written to FOLDER/ca-token (0600)."""
+    token = secrets.token_urlsafe(32)
+    path = layout.apiserver_tokens(testbed)
+    entries = [e for e in json.loads(path.read_bytes()) if e.get("podName") != pod]
+    entries.append(
+        {
+            "token": token,
+            "namespace": namespace,
+            "serviceAccount": service_account,
+            "podName": pod,
+            "podUid": pod_uid,
+            "audiences": [TOKEN_AUDIENCE],
+        }
+    )
+    _write_secret(folder / "ca-token", token.encode())
+    _write_secret(path, json.dumps(entries).encode())
+    return folder / "ca-token"
+
+
 def credentials_file(testbed: str) -> Path:
     """The cluster directory file holding the agents' namespace, service account and pods."""
     return layout.cluster_dir(testbed) / f"{layout.CA_NAMESPACE}.yaml"

@@ -20,7 +20,13 @@ from typing import Any
 from nodeagent import kubeyaml
 from nodeagent.mesh.model import REGION_LABEL, ZONE_LABEL
 
-WORKLOAD_TYPES = ("fake-service", "sleep", "command")
+WORKLOAD_TYPES = ("fake-service", "sleep", "command", "gateway")
+# A gateway pod (``nodeagent gateway`` with the pod's labels as its selector) is ready once its
+# Envoy's stats listener (Istio's :15090) listens in the pod.
+GATEWAY_READY_PORT = 15090
+# The "outside world" client's link to its node (RFC 2544's benchmarking range: never a real
+# network); the node's end .1, the client .2. It lives only inside the testbed's namespaces.
+OUTSIDE_CIDR = ipaddress.IPv4Network("198.18.0.0/30")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 TESTBED_NAME = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
 # Addresses only ever exist inside the testbed's own network namespaces.
@@ -134,6 +140,24 @@ class Pod:
 
 
 @dataclass(frozen=True)
+class Outside:
+    """A client outside the mesh and the nodes (a netns of its own, wired to one node): it
+    reaches only PODS (namespace/name, all on NODE), as a load balancer in front of a
+    gateway would be reached from the internet."""
+
+    pods: tuple[str, ...]
+    node: str
+
+    @property
+    def node_ip(self) -> ipaddress.IPv4Address:
+        return OUTSIDE_CIDR.network_address + 1
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address:
+        return OUTSIDE_CIDR.network_address + 2
+
+
+@dataclass(frozen=True)
 class ServicePort:
     name: str
     port: int
@@ -203,6 +227,8 @@ class Topology:
     # With nodeagent: who signs workload certificates (CA_MODES).
     ca: str = DEFAULT_CA
     externals: tuple[External, ...] = ()
+    # A client netns outside the mesh (topology key ``outside``), or None.
+    outside: Outside | None = None
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -313,6 +339,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             "source",
             "ca",
             "externals",
+            "outside",
         },
         {"name", "nodes"},
     )
@@ -423,6 +450,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     ca = top.get("ca", DEFAULT_CA)
     if ca not in CA_MODES:
         raise r.fail("ca", f"expected one of {', '.join(CA_MODES)}, got {ca!r}")
+    outside = _parse_outside(r, top["outside"], pods) if "outside" in top else None
     # ca: service with source: directory is allowed: the CA needs an API server (TokenReview,
     # its Secrets, the pods of each node) whatever the agents read the mesh from, so the testbed
     # starts its stand-in for the CA anyway (the agents keep reading the directory).
@@ -441,6 +469,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         source,
         ca,
         externals,
+        outside,
     )
 
 
@@ -481,6 +510,24 @@ def _parse_externals(
     return tuple(externals)
 
 
+def _parse_outside(r: _Reader, raw: Any, pods: list[Pod]) -> Outside:
+    """``outside: {pods: [namespace/name, ...]}``: the pods (on one node) it may reach."""
+    fields = r.mapping(raw, "outside", {"pods"}, {"pods"})
+    refs = r.sequence(fields["pods"], "outside.pods")
+    if not refs:
+        raise r.fail("outside.pods", "expected at least one pod (namespace/name)")
+    found: list[Pod] = []
+    for i, ref in enumerate(refs):
+        pod = next((p for p in pods if isinstance(ref, str) and p.key == ref), None)
+        if pod is None:
+            raise r.fail(f"outside.pods[{i}]", f"no pod {ref!r} (write namespace/name)")
+        found.append(pod)
+    nodes = sorted({p.node for p in found})
+    if len(nodes) > 1:
+        raise r.fail("outside.pods", f"its pods must be on one node, not on {', '.join(nodes)}")
+    return Outside(tuple(p.key for p in found), nodes[0])
+
+
 def _parse_pod(r: _Reader, raw: Any, path: str, nodes: list[Node], seen: list[Pod]) -> Pod:
     pod_raw = r.mapping(
         raw,
@@ -512,6 +559,12 @@ def _parse_pod(r: _Reader, raw: Any, path: str, nodes: list[Node], seen: list[Po
     port = r.port(wl_raw["port"], f"{path}.workload.port") if "port" in wl_raw else None
     if wl_type == "fake-service" and port is None:
         port = 8080
+    if wl_type == "gateway":
+        if port is not None:
+            raise r.fail(f"{path}.workload.port", "a gateway's ports come from its Gateways")
+        if not pod_raw.get("labels"):
+            raise r.fail(f"{path}.labels", "a gateway pod needs labels: its Gateways select them")
+        port = GATEWAY_READY_PORT
     command: tuple[str, ...] = ()
     if wl_type == "command":
         cmd_raw = r.sequence(wl_raw.get("command"), f"{path}.workload.command")

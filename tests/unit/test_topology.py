@@ -315,3 +315,44 @@ def test_externals_and_nodes_share_the_underlay_without_meeting() -> None:
     two = base + "externals: [{name: x, names: [x.test]}, {name: z, names: [z.test]}]\n"
     with pytest.raises(TopologyError, match=r"externals\[1\]: more nodes and externals"):
         loads_topology(two, "t.yaml")
+
+
+GATEWAY_TOPOLOGY = """
+name: t1
+nodes: [{name: a}, {name: b}]
+pods:
+  - {name: gw, namespace: istio-system, node: a, labels: {istio: ingressgateway},
+     workload: {type: gateway}}
+  - {name: web, node: a, labels: {app: web}, workload: {type: fake-service}}
+  - {name: far, node: b, labels: {app: far}}
+outside: {pods: [istio-system/gw]}
+"""
+
+
+def test_a_gateway_pod_and_the_outside_client_reaching_it() -> None:
+    topo = loads_topology(GATEWAY_TOPOLOGY, "t.yaml")
+    gateway = topo.find_pod("gw")
+    assert gateway.workload.type == "gateway"
+    assert gateway.workload.port == 15090  # ready once its Envoy's stats listener listens
+    assert topo.outside is not None
+    assert (topo.outside.pods, topo.outside.node) == (("istio-system/gw",), "a")
+    assert str(topo.outside.ip) == "198.18.0.2" and str(topo.outside.node_ip) == "198.18.0.1"
+    assert loads_topology(MINIMAL, "t.yaml").outside is None
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "what"),
+    [
+        (("istio-system/gw]", "gw]"), "outside.pods[0]", "no pod 'gw' (write namespace/name)"),
+        (("istio-system/gw]", "istio-system/gw, default/far]"), "outside.pods", "on one node"),
+        (("pods: [istio-system/gw]", "pods: []"), "outside.pods", "at least one pod"),
+        (("labels: {istio: ingressgateway},", ""), "pods[0].labels", "needs labels"),
+        (("{type: gateway}", "{type: gateway, port: 80}"), "pods[0].workload.port", "Gateways"),
+    ],
+)
+def test_gateway_and_outside_errors_name_the_field(
+    change: tuple[str, str], where: str, what: str
+) -> None:
+    with pytest.raises(TopologyError) as err:
+        loads_topology(GATEWAY_TOPOLOGY.replace(*change), "t.yaml")
+    assert f"t.yaml: {where}: " in str(err.value) and what in str(err.value)

@@ -1,0 +1,228 @@
+"""The ingress gateway (``nodeagent gateway``, issue #16) on a one-node testbed with real Envoys.
+
+istio-system/istio-ingressgateway is a gateway pod (outside the mesh's capture, as Istio's
+gateway pods run no istio-init) with Istio's labels; a client netns outside the mesh and the
+nodes reaches only its address, as a load balancer in front of it would be reached. As in
+Istio's tasks (istio.io/latest/docs/tasks/traffic-management/ingress/ingress-control/ and
+secure-ingress/): a Gateway selecting ``istio: ingressgateway``, a VirtualService bound to it
+with ``gateways``, HTTPS with ``credentialName`` (a kubernetes.io/tls Secret in the gateway's
+namespace), and rotating that Secret changes the served certificate without a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.testbed import layout
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import (
+    call,
+    pod,
+    put_yaml,
+    running_testbed,
+    service,
+    topology_text,
+    wait_for,
+)
+from tests.tls_certs import write_app_pki
+
+pytestmark = pytest.mark.integration
+
+NAME = "tbingress"
+GATEWAY_POD = "istio-system/istio-ingressgateway"
+GATEWAY_ID = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway"
+HOST = "shop.example.com"
+
+
+def _topology() -> str:
+    def app(name: str) -> dict[str, Any]:
+        return pod(name, "n1", {"app": name}, workload={"type": "fake-service", "port": 8080})
+
+    gateway = pod(
+        "istio-ingressgateway",
+        "n1",
+        {"istio": "ingressgateway", "app": "istio-ingressgateway"},
+        namespace="istio-system",
+        workload={"type": "gateway"},
+    )
+    text = topology_text(
+        NAME,
+        [app("web-api"), app("payments"), gateway],
+        [service("web-api", 8080, 8080), service("payments", 8080, 8080)],
+        nodes=({"name": "n1"},),
+        outside=("istio-system",),
+    )
+    return text + f'outside: {{"pods": ["{GATEWAY_POD}"]}}\n'
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    with running_testbed(_topology(), "test_ingress_gateway") as bed:
+        yield bed
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two certificates for HOST from two CAs: the Secret's first content and its rotation."""
+    base = tmp_path_factory.mktemp("ingress-pki")
+    first, second = base / "first", base / "second"
+    write_app_pki(first, HOST)
+    write_app_pki(second, HOST)
+    return first, second
+
+
+GATEWAY = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: shop-gateway, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: ["shop.example.com"]
+    tls: {mode: SIMPLE, credentialName: shop-cert}
+  - port: {number: 8080, name: http-redirect, protocol: HTTP}
+    hosts: ["secure.example.com"]
+    tls: {httpsRedirect: true}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/shop-gateway]
+  http:
+  - match: [{uri: {prefix: /pay}}]
+    route: [{destination: {host: payments}}]
+  - route: [{destination: {host: web-api}}]
+"""
+
+
+def _secret(pki: Path) -> str:
+    def b64(path: Path) -> str:
+        return base64.b64encode(path.read_bytes()).decode()
+
+    return f"""
+apiVersion: v1
+kind: Secret
+metadata: {{name: shop-cert, namespace: istio-system}}
+type: kubernetes.io/tls
+data:
+  tls.crt: {b64(pki / f"{HOST}.pem")}
+  tls.key: {b64(pki / f"{HOST}.key")}
+"""
+
+
+def _curl(tb: Testbed, url: str, *args: str) -> Any:
+    return tb.outside_exec(["curl", "-sS", "--max-time", "5", *args, url], timeout=15)
+
+
+def _answer(tb: Testbed, url: str, *args: str) -> dict[str, Any] | None:
+    """The fake service's JSON answer to the outside client's request, or None."""
+    import json
+
+    proc = _curl(tb, url, *args)
+    if proc.returncode != 0:
+        return None
+    try:
+        answer: dict[str, Any] = json.loads(proc.stdout)
+    except ValueError:
+        return None
+    return answer
+
+
+def _served_pem(tb: Testbed, ip: str) -> str:
+    """The certificate the gateway presents for HOST (SNI), read with openssl from outside."""
+    openssl = f"openssl s_client -servername {HOST} -connect {ip}:8443 </dev/null 2>/dev/null"
+    proc = tb.outside_exec(["sh", "-c", openssl], timeout=15)
+    found = re.search(
+        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", proc.stdout, re.DOTALL
+    )
+    return found.group(0) if found else ""
+
+
+def _envoy_pid(tb: Testbed) -> str:
+    gateway = tb.topology.find_pod(GATEWAY_POD)
+    return (layout.gateway_dir(tb.name, gateway) / "envoy.pid").read_text().split()[0]
+
+
+@pytest.fixture(scope="module")
+def routed(tb: Testbed, pki: tuple[Path, Path]) -> Testbed:
+    """The Gateway, its VirtualService and the first Secret applied (kubectl apply)."""
+    put_yaml(tb, "gateway.yaml", GATEWAY, _secret(pki[0]))
+    ip = tb.pod_ip(GATEWAY_POD)
+    wait_for(
+        lambda: (_answer(tb, f"http://{ip}:8080/") or {}).get("name") == "web-api",
+        30,
+        "web-api through the gateway",
+        step=0.2,
+    )
+    return tb
+
+
+def test_outside_client_reaches_web_api_over_http_with_the_gateway_identity(
+    routed: Testbed,
+) -> None:
+    ip = routed.pod_ip(GATEWAY_POD)
+    answer = _answer(routed, f"http://{ip}:8080/headers")
+    assert answer is not None
+    headers = {k.lower(): v for k, v in answer["headers"].items()}
+    # web-api's node Envoy took mTLS from the gateway, under its service account's identity.
+    assert f"URI={GATEWAY_ID}" in headers["x-forwarded-client-cert"]
+
+
+def test_virtual_service_on_the_gateway_routes_by_path(routed: Testbed) -> None:
+    ip = routed.pod_ip(GATEWAY_POD)
+    pay = _answer(routed, f"http://{ip}:8080/pay/now")
+    home = _answer(routed, f"http://{ip}:8080/home")
+    assert (pay or {}).get("name") == "payments"
+    assert (home or {}).get("name") == "web-api"
+    # A VirtualService bound to the gateway only leaves the mesh's own calls alone.
+    assert call(routed, "payments", "http://web-api:8080/pay")["name"] == "web-api"
+
+
+def test_https_redirect_server_answers_301_to_https(routed: Testbed) -> None:
+    ip = routed.pod_ip(GATEWAY_POD)
+    proc = _curl(
+        routed,
+        f"http://{ip}:8080/x",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "-H",
+        "Host: secure.example.com",
+    )
+    assert proc.stdout == "301 https://secure.example.com/x"
+
+
+def test_https_with_credential_name_and_rotation_without_restart(
+    routed: Testbed, pki: tuple[Path, Path]
+) -> None:
+    ip = routed.pod_ip(GATEWAY_POD)
+    url = f"https://{HOST}:8443/"
+    resolve = f"{HOST}:8443:{ip}"
+    first, second = pki
+
+    def via_https(ca: Path) -> bool:
+        answer = _answer(routed, url, "--resolve", resolve, "--cacert", str(ca / "ca.pem"))
+        return (answer or {}).get("name") == "web-api"
+
+    wait_for(lambda: via_https(first), 30, "web-api over HTTPS with the first Secret", step=0.2)
+    assert _served_pem(routed, ip) == (first / f"{HOST}.pem").read_text().strip()
+    envoy, process = _envoy_pid(routed), routed.state.pods[GATEWAY_POD].pid
+
+    put_yaml(routed, "gateway.yaml", GATEWAY, _secret(second))  # the Secret rotated
+    wanted = (second / f"{HOST}.pem").read_text().strip()
+    wait_for(lambda: _served_pem(routed, ip) == wanted, 30, "the rotated certificate", step=0.2)
+    assert via_https(second)
+    assert not via_https(first)  # the old CA does not vouch for the new certificate
+    assert (_envoy_pid(routed), routed.state.pods[GATEWAY_POD].pid) == (envoy, process)
