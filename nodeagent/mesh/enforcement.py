@@ -17,7 +17,13 @@ nodeagent.translate.virtual_service):
   compares the node's labels with the endpoints': a label other than the node's topology labels
   (region, zone, subzone) without a "=value" would need the calling pod's labels, which a shared
   endpoint assignment cannot have.
-- VirtualService: hosts, gateways (mesh), exportTo, every http, tcp and tls field.
+- VirtualService: hosts, gateways (mesh, and the gateways `nodeagent gateway` serves), exportTo,
+  every http, tcp and tls field.
+- Gateway (nodeagent.translate.gateway, served by `nodeagent gateway`): selector, servers with
+  port number/protocol/name, hosts (``ns/`` prefixes), tls modes SIMPLE, MUTUAL (credentialName),
+  PASSTHROUGH, ISTIO_MUTUAL, httpsRedirect, subjectAltNames, minProtocolVersion. Not yet:
+  AUTO_PASSTHROUGH and OPTIONAL_MUTUAL, certificates from files, bind, defaultEndpoint,
+  targetPort, maxProtocolVersion, cipherSuites.
 - Sidecar: workloadSelector, egress hosts and port, outboundTrafficPolicy.mode
   (nodeagent.mesh.sidecar_scope).
 """
@@ -110,6 +116,24 @@ _POLICY: Mapping[str, Any] = {
     "portLevelSettings": [{"port": {"number": ALL}, **_POLICY_PARTS}],
 }
 
+# A Gateway server (translate/gateway.py).
+_GATEWAY_SERVER: Mapping[str, Any] = {
+    "port": {
+        "number": ALL,
+        "name": ALL,
+        "protocol": frozenset({"HTTP", "HTTPS", "HTTP2", "GRPC", "TCP", "TLS"}),
+    },
+    "hosts": ALL,
+    "name": ALL,
+    "tls": {
+        "mode": frozenset({"SIMPLE", "MUTUAL", "PASSTHROUGH", "ISTIO_MUTUAL"}),
+        "httpsRedirect": ALL,
+        "credentialName": ALL,
+        "subjectAltNames": ALL,
+        "minProtocolVersion": ALL,
+    },
+}
+
 # Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
 # enforced values of a scalar field, and a one-element list applies its rule to every item.
 ENFORCED: Mapping[str, Mapping[str, Any]] = {
@@ -140,6 +164,7 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
         "egress": [{"port": ALL, "hosts": ALL}],
         "outboundTrafficPolicy": {"mode": ALL},
     },
+    "Gateway": {"selector": ALL, "servers": [_GATEWAY_SERVER]},
 }
 
 # The issue that will make each kind (or the rest of it) take effect.
@@ -156,7 +181,6 @@ PLANNED: Mapping[str, str] = {
     "Telemetry": "#19 observability",
 }
 NOT_PLANNED = "not planned"  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
-GATEWAYS_PLANNED = "#16 mesh edges"  # a VirtualService bound to gateways only
 
 
 @dataclass(frozen=True)
@@ -204,26 +228,11 @@ def _unenforced(value: Any, rule: Any, path: str) -> list[str]:
     return fields
 
 
-def _for_mesh(vs: IstioResource) -> bool:
-    """A VirtualService applies to sidecars when its gateways are unset or name "mesh"."""
-    gateways = vs.spec.get("gateways") or []
-    return not gateways or "mesh" in gateways
-
-
 def not_enforced(resource: IstioResource) -> NotEnforced | None:
     """What RESOURCE sets that has no effect today; None when all of it is enforced."""
     rule = ENFORCED.get(resource.kind)
     if rule is None:  # a kind not enforced at all: name what it sets
         fields = [str(key) for key in resource.spec] or ["spec"]
-    elif resource.kind == "VirtualService" and not _for_mesh(resource):
-        gateways = ",".join(map(str, resource.spec.get("gateways") or ()))
-        return NotEnforced(
-            resource.kind,
-            resource.namespace,
-            resource.name,
-            (f"gateways={gateways} (bound to gateways only)",),
-            GATEWAYS_PLANNED,
-        )
     else:
         fields = _unenforced(resource.spec, rule, "")
     if not fields:

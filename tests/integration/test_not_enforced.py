@@ -31,12 +31,14 @@ services:
 """
 ISTIO = """
 apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web, namespace: shop}
+kind: Gateway
+metadata: {name: edge, namespace: shop}
 spec:
-  hosts: [web]
-  gateways: [edge]
-  http: [{route: [{destination: {host: web, subset: v1}}]}]
+  selector: {istio: eastwestgateway}
+  servers:
+  - port: {number: 15443, name: tls, protocol: TLS}
+    hosts: ["*.local"]
+    tls: {mode: AUTO_PASSTHROUGH}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -51,8 +53,8 @@ kind: PeerAuthentication
 metadata: {name: default, namespace: shop}
 spec: {mtls: {mode: STRICT}}
 """
-VS_WARNING = (
-    "VirtualService shop/web is accepted but not enforced: gateways=edge (bound to gateways only)"
+GATEWAY_WARNING = (
+    "Gateway shop/edge is accepted but not enforced: servers[0].tls.mode=AUTO_PASSTHROUGH"
 )
 
 
@@ -86,10 +88,10 @@ def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> N
             "planned": "#15 traffic management",
         },
         {
-            "kind": "VirtualService",
+            "kind": "Gateway",
             "namespace": "shop",
-            "name": "web",
-            "fields": ["gateways=edge (bound to gateways only)"],
+            "name": "edge",
+            "fields": ["servers[0].tls.mode=AUTO_PASSTHROUGH"],
             "planned": "#16 mesh edges",
         },
     ]
@@ -98,10 +100,10 @@ def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> N
     assert (
         "  DestinationRule shop/web: trafficPolicy.proxyProtocol (#15 traffic management)"
     ) in table
-    assert f"  {VS_WARNING.replace(' is accepted but not enforced:', ':')}" in table
+    assert f"  {GATEWAY_WARNING.replace(' is accepted but not enforced:', ':')}" in table
 
     metrics = node_metrics(tb.name, "n1")
-    assert 'nodeagent_istio_resources_not_enforced{kind="VirtualService"} 1.0' in metrics
+    assert 'nodeagent_istio_resources_not_enforced{kind="Gateway"} 1.0' in metrics
     assert 'nodeagent_istio_resources_not_enforced{kind="DestinationRule"} 1.0' in metrics
 
     # More pushes (other resources change): the warning is not repeated.
@@ -116,4 +118,4 @@ def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> N
             f"a push after ServiceAccount sa{i}",
         )
     log = (layout.logs_dir(tb.name) / "n1.agent.log").read_text()
-    assert log.count(VS_WARNING) == 1
+    assert log.count(GATEWAY_WARNING) == 1

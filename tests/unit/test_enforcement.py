@@ -97,15 +97,13 @@ def test_istios_bookinfo_samples_are_reported_kind_by_kind(tmp_path: Path) -> No
     source.scan()
     assert source.errors == {}
     items = {(n.kind, n.name): n for n in report(store.istio.values())}
-    assert {kind for kind, _ in items} == {"VirtualService", "Gateway", "ServiceEntry"}
-    # Every VirtualService for the mesh and DestinationRule of Bookinfo is enforced (#15); the
-    # ingress one is bound to its gateway only.
+    assert {kind for kind, _ in items} == {"ServiceEntry"}
+    # Every VirtualService and DestinationRule of Bookinfo is enforced (#15), the ingress
+    # Gateway and the VirtualService bound to it too (nodeagent gateway, #16).
     assert ("VirtualService", "reviews") not in items
     assert ("DestinationRule", "reviews") not in items
-    assert items[("VirtualService", "bookinfo")].fields == (
-        "gateways=bookinfo-gateway (bound to gateways only)",
-    )
-    assert items[("VirtualService", "bookinfo")].planned.startswith("#16")
+    assert ("VirtualService", "bookinfo") not in items
+    assert ("Gateway", "bookinfo-gateway") not in items
     # Its TLS origination (SIMPLE) is enforced; its host is a ServiceEntry's, reported there.
     assert ("DestinationRule", "originate-tls-for-googleapis") not in items
     assert items[("ServiceEntry", "googleapis")].planned.startswith("#16")
@@ -118,14 +116,16 @@ def _write(path: Path, text: str) -> None:
         os.utime(path, ns=(old + 1_000_000, old + 1_000_000))
 
 
-VS = """
+GATEWAY = """
 apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web, namespace: shop}
+kind: Gateway
+metadata: {name: edge, namespace: shop}
 spec:
-  hosts: [web]
-  gateways: [edge]
-  http: [{route: [{destination: {host: web, subset: %s}}]}]
+  selector: {istio: eastwestgateway}
+  servers:
+  - port: {number: 15443, name: tls, protocol: TLS}
+    hosts: ["%s.local"]
+    tls: {mode: AUTO_PASSTHROUGH}
 """
 
 
@@ -141,7 +141,7 @@ def test_the_warning_comes_once_per_resource_and_change_and_the_metric_counts(
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if "not enforced" in r.getMessage()]
 
-    _write(tmp_path / "vs.yaml", VS % "v1")
+    _write(tmp_path / "gateway.yaml", GATEWAY % "*")
     source.scan()
     for i in range(3):  # other changes, each a push: no new warning
         _write(
@@ -149,16 +149,16 @@ def test_the_warning_comes_once_per_resource_and_change_and_the_metric_counts(
         )
         source.scan()
     assert warnings() == [
-        "VirtualService shop/web is accepted but not enforced:"
-        " gateways=edge (bound to gateways only) (#16 mesh edges)"
+        "Gateway shop/edge is accepted but not enforced:"
+        " servers[0].tls.mode=AUTO_PASSTHROUGH (#16 mesh edges)"
     ]
     text = generate_latest(registry).decode()
-    assert f'{METRIC}{{kind="VirtualService"}} 1.0' in text
+    assert f'{METRIC}{{kind="Gateway"}} 1.0' in text
     assert f'{METRIC}{{kind="AuthorizationPolicy"}} 0.0' in text
 
-    _write(tmp_path / "vs.yaml", VS % "v2")  # a changed resource is reported again
+    _write(tmp_path / "gateway.yaml", GATEWAY % "*.svc")  # a changed resource is reported again
     source.scan()
     assert len(warnings()) == 2
-    (tmp_path / "vs.yaml").unlink()
+    (tmp_path / "gateway.yaml").unlink()
     source.scan()
-    assert f'{METRIC}{{kind="VirtualService"}} 0.0' in generate_latest(registry).decode()
+    assert f'{METRIC}{{kind="Gateway"}} 0.0' in generate_latest(registry).decode()
