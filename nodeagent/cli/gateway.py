@@ -77,6 +77,14 @@ def _selector(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[
 @click.option("--ca-token-file", type=click.Path(path_type=Path), default=None)
 @click.option("--ca-server-name", default=DEFAULT_CA_SERVER_NAME, show_default=True)
 @click.option("--cert-ttl", type=float, default=24 * 3600.0, show_default=True)
+@click.option(
+    "--control-plane-namespace",
+    default="",
+    help="Read the mesh config and the CA's root bundle from this namespace's ConfigMaps"
+    " (nodeagent-mesh, nodeagent-ca-root) into <run-dir>/mesh.yaml and <run-dir>/root-cert.pem,"
+    " which --mesh-config and --ca-root-file then default to: a pod cannot mount another"
+    " namespace's ConfigMaps. Needs --kubeconfig or --in-cluster.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def gateway(
     labels: dict[str, str],
@@ -99,6 +107,7 @@ def gateway(
     ca_token_file: Path | None,
     ca_server_name: str,
     cert_ttl: float,
+    control_plane_namespace: str,
     log_level: str,
 ) -> None:
     """Run a gateway's Envoy, configured from the Gateways that select its labels."""
@@ -117,6 +126,19 @@ def gateway(
             "a gateway's certificate must chain to the mesh's root: give --ca-address (the CA"
             " service) or --ca-dir (the mesh's plug-in CA files)"
         )
+    if control_plane_namespace:
+        from nodeagent.gateway.mirror import MESH_KEY, ROOT_KEY
+
+        if source_dir is not None:
+            raise click.UsageError(
+                "--control-plane-namespace reads the API server, not a directory"
+            )
+        if mesh_config is not None or ca_root_file is not None:
+            raise click.UsageError(
+                "--control-plane-namespace mirrors the mesh config and the CA root itself: drop"
+                " --mesh-config and --ca-root-file"
+            )
+        mesh_config, ca_root_file = run_dir / MESH_KEY, run_dir / ROOT_KEY
     _check_ca_options(ca_dir, ca_address, ca_root_file, ca_token_file)
     logs.setup(log_level)
     settings = GatewaySettings(
@@ -143,5 +165,6 @@ def gateway(
         ca_token_file=ca_token_file,
         ca_server_name=ca_server_name,
         cert_ttl=cert_ttl,
+        control_plane_namespace=control_plane_namespace,
     )
     asyncio.run(run(config))

@@ -27,6 +27,7 @@ from nodeagent.sources.directory import DirectorySource, MeshConfigFile
 from nodeagent.supervise import TaskSupervisor
 from nodeagent.translate import gateway
 
+from .mirror import MESH_KEY, ROOT_KEY, ConfigMapMirror
 from .proxy import GatewayProxy, GatewaySettings
 
 log = logging.getLogger("nodeagent.gateway")
@@ -46,6 +47,9 @@ class GatewayConfig:
     ca_token_file: Path | None = None
     ca_server_name: str = DEFAULT_SERVER_NAME
     cert_ttl: float = 24 * 3600.0
+    # The control plane's namespace, whose mesh config and CA root ConfigMaps are mirrored into
+    # --mesh-config and --ca-root-file (mirror.py); "" when they are files already.
+    control_plane_namespace: str = ""
 
 
 def _start_source(
@@ -73,6 +77,21 @@ def _start_source(
     tasks.spawn("source", lambda: api.run(stop), stop=stop)
 
 
+async def _start_mirror(config: GatewayConfig, stop: asyncio.Event, tasks: TaskSupervisor) -> None:
+    """Mirror the control plane's ConfigMaps where --mesh-config and --ca-root-file point, and
+    wait for the first round (a ConfigMap missing then is waited for by what reads it)."""
+    paths = {config.mesh_config, config.ca_root_file}
+    folders = {p.parent for p in paths if p is not None}
+    if len(folders) != 1 or config.mesh_config is None or config.ca_root_file is None:
+        raise ValueError("the mirrored mesh config and CA root must be files of one folder")
+    if (config.mesh_config.name, config.ca_root_file.name) != (MESH_KEY, ROOT_KEY):
+        raise ValueError(f"the mirrored files are named {MESH_KEY} and {ROOT_KEY}")
+    first = asyncio.Event()
+    mirror = ConfigMapMirror(config.control_plane_namespace, folders.pop(), config.kubeconfig)
+    tasks.spawn("configmap-mirror", lambda: mirror.run(stop, first), stop=stop)
+    await first.wait()
+
+
 async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,6 +100,8 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     metrics = CollectorRegistry()
     tasks = TaskSupervisor(metrics)
     store = MeshStore(config.node_name)
+    if config.control_plane_namespace:
+        await _start_mirror(config, stop, tasks)
     _start_source(config, store, stop, tasks)
     await store.synced.wait()
     issuer = await mesh_issuer(

@@ -8,6 +8,7 @@ istio/istio pilot/pkg/model/gateway.go and pilot/pkg/networking/core/gateway.go.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from pathlib import Path
 from typing import Any
@@ -330,3 +331,41 @@ def test_parse_selector() -> None:
     assert parse_selector("istio=egressgateway, app=gw") == {"istio": "egressgateway", "app": "gw"}
     with pytest.raises(ValueError, match="key=value"):
         parse_selector("istio")
+
+
+def test_the_control_planes_config_maps_are_mirrored_into_files(tmp_path: Path) -> None:
+    """A gateway pod cannot mount another namespace's ConfigMaps: it reads the mesh config and
+    the CA's root by name into files; one missing is waited for (logged), a change rewritten."""
+    from apiserver_standin import APIServerStandIn
+    from kubernetes_asyncio import client
+
+    from nodeagent.gateway.mirror import ConfigMapMirror
+    from nodeagent.sources.kubernetes import api_client
+
+    def config_map(name: str, key: str, value: str) -> dict[str, Any]:
+        meta = {"name": name, "namespace": "nodeagent-system"}
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {key: value}}
+
+    async def main() -> None:
+        server = APIServerStandIn()
+        await server.start()
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        mirror = ConfigMapMirror("nodeagent-system", tmp_path / "run", kubeconfig)
+        api = await api_client(kubeconfig)
+        core = client.CoreV1Api(api)
+        try:
+            server.add(config_map("nodeagent-mesh", "mesh.yaml", "trustDomain: example.org\n"))
+            await mirror.once(core)
+            assert mirror.path("mesh.yaml").read_text() == "trustDomain: example.org\n"
+            assert not mirror.path("root-cert.pem").exists()  # not published yet
+            server.add(config_map("nodeagent-ca-root", "root-cert.pem", "PEM1"))
+            await mirror.once(core)
+            assert mirror.path("root-cert.pem").read_text() == "PEM1"
+            server.modify(config_map("nodeagent-ca-root", "root-cert.pem", "PEM2"))
+            await mirror.once(core)
+            assert mirror.path("root-cert.pem").read_text() == "PEM2"
+        finally:
+            await api.close()
+            await server.stop()
+
+    asyncio.run(main())
