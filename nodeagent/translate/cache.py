@@ -200,6 +200,11 @@ class TranslationCache:
     _internal: _Memo | None = None  # the outbound-internal listener
     # Sidecar scopes' internal listeners (and clusters), by listener name.
     _scoped: dict[str, _Memo] = field(default_factory=dict)
+    # Services no local pod's Sidecar scope reaches while every local pod has one: built, not
+    # served (Istio's Sidecar trims clusters too). _needs: what that set was computed from.
+    _unneeded: frozenset[str] = frozenset()
+    _needs: tuple[Any, ...] | None = None
+    _entries_moved: int = 0  # bumped when service entries are rebuilt
     _originate: _Memo | None = None  # the originate-mtls cluster
     _originate_tls: _Memo | None = None  # the originate-tls cluster
     # originate-tls's sockets: those the served clusters name now (_wanted_sockets) and those
@@ -298,6 +303,7 @@ class TranslationCache:
                     self._update(set(self._services) - dirty, reuse=True)
                 self._update(dirty)
             self._generation = store.generation
+            self._follow_scopes(scoped)
             self._follow_guards(previous, settings)
             return self._assemble(local_pods, secrets, excluded_now, inbound, scoped)
         except BaseException:
@@ -305,6 +311,41 @@ class TranslationCache:
             self._last_out = None
             self._origins_moved = self._chains_moved = True
             raise
+
+    def _follow_scopes(self, scoped: Mapping[str, sidecar_scope.Scope | None]) -> None:
+        """Serve only the services some local pod reaches while every local pod is under a
+        Sidecar (SCOPED: each pod's scope): those a scope admits and those their routes name (a
+        VirtualService destination: its cluster is needed, not its chain). Istio's Sidecar
+        trims a sidecar's clusters the same way (pilot/pkg/model/sidecar.go: only the scope's
+        services and the VirtualService destinations get clusters)."""
+        assert self._settings is not None
+        settings = self._settings
+        scopes = frozenset(scope for scope in scoped.values() if scope is not None)
+        if settings.sidecar or not scoped or len(scopes) == 0 or None in scoped.values():
+            self._needs = None
+            unneeded: frozenset[str] = frozenset()
+        else:
+            inputs = (scopes, self._entries_moved)
+            if inputs == self._needs:
+                return
+            self._needs = inputs
+            needed = {
+                key
+                for key, entry in self._services.items()
+                if any(_admits(scope, t) for scope in scopes for t in entry.targets)
+            }
+            store = settings.store
+            for key in list(needed):
+                for host in self._services[key].hosts:
+                    svc = service_views.service_of_host(store, host)
+                    if svc is not None and svc.key in self._services:
+                        needed.add(svc.key)
+            unneeded = frozenset(self._services.keys() - needed)
+        flipped = unneeded ^ self._unneeded
+        self._unneeded = unneeded
+        for key in flipped:
+            if (entry := self._services.get(key)) is not None:
+                self._place(key, entry, entry)
 
     def _follow_guards(self, previous: _Settings | None, settings: _Settings) -> None:
         """A namespace that joined in this build depends on the tables the build changed (its
@@ -428,6 +469,7 @@ class TranslationCache:
         assert self._settings is not None
         store = self._settings.store
         added_or_removed = False
+        self._entries_moved += bool(dirty)
         for key in dirty:
             old = self._services.pop(key, None)
             if old is not None:
@@ -463,7 +505,8 @@ class TranslationCache:
         self._modes.pop(key, None)
         self._tls_sockets.pop(key, None)
         touched = self._touched
-        served = new is not None and new.made is not None and new.origin not in self._excluded
+        built = new is not None and new.made is not None and new.origin not in self._excluded
+        served = built and key not in self._unneeded
         before: dict[tuple[str, str], Message] = {}
         chains_before: list[str] = []
         if old is not None:
@@ -508,7 +551,7 @@ class TranslationCache:
                 self._modes[key] = new.modes
             if new.tls_sockets:
                 self._tls_sockets[key] = new.tls_sockets
-        elif new is not None:
+        elif new is not None and not built:
             self._dropped[key] = new.targets
             self._chains_changed = True
             if new.origin not in self._excluded:

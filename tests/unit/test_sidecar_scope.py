@@ -244,6 +244,34 @@ def test_without_an_unscoped_local_pod_there_is_no_node_wide_listener() -> None:
     assert reach(out, f"{OUTBOUND_INTERNAL}/billing/{ROOT}/default")[0] == ports(BILLING[2])
 
 
+def test_services_no_scope_reaches_get_no_cluster_while_every_local_pod_is_scoped() -> None:
+    """As Istio's Sidecar trims a sidecar's clusters: with only scoped pods on the node, a
+    service no scope admits has no cluster, route or endpoints there, unless a route in scope
+    names it (a VirtualService destination); an unscoped pod brings everything back."""
+    s = mesh()
+    s.put_istio(sidecar("shop", hosts=["./*"]))
+    scoped = pod("shop", "a")
+    cache = TranslationCache()
+    out = cache.build(s, [scoped]).resources
+    hosts = {n.rpartition("|")[2] for n in out[e.CLUSTER] if n.startswith("outbound|")}
+    assert hosts == {"web.shop.svc.cluster.local"}
+    assert {n for n in out[e.ROUTE] if n.startswith("outbound|")} == {
+        "outbound|80||web.shop.svc.cluster.local"
+    }
+    vs = {
+        "hosts": ["web"],
+        "http": [{"route": [{"destination": {"host": "ledger.billing.svc.cluster.local"}}]}],
+    }
+    s.put_istio(IstioResource("networking.istio.io", "v1", "VirtualService", "shop", "vs", vs))
+    out = cache.build(s, [scoped]).resources
+    assert "outbound|80||ledger.billing.svc.cluster.local" in out[e.CLUSTER]
+    assert "outbound|80||ledger.billing.svc.cluster.local" in out[e.ENDPOINT]
+    assert not any("istiod" in n for n in out[e.CLUSTER])
+    out = cache.build(s, [scoped, pod("billing", "b")]).resources
+    assert "outbound|80||istiod.istio-system.svc.cluster.local" in out[e.CLUSTER]
+    assert out == build(s, [scoped, pod("billing", "b")]).resources
+
+
 def test_the_sidecar_form_keeps_only_its_scope() -> None:
     s = mesh()
     s.put_istio(sidecar("shop", hosts=["./*"], outboundTrafficPolicy={"mode": "REGISTRY_ONLY"}))
