@@ -1,6 +1,7 @@
 """Istio's Sidecar resource on a one-node testbed with the real Envoy (issue #16, part 3).
 
-Namespaces ``a`` and ``b``, all on n1: a/sleep and a/web, b/sleep and b/api. A namespace-local
+Namespaces ``a`` and ``b``, all on n1: a/sleep and a/web, b/sleep and b/api (and ``c``'s
+service db, without pods). A namespace-local
 Sidecar in ``a`` (egress hosts ``./*`` and ``istio-system/*``, outboundTrafficPolicy
 REGISTRY_ONLY, the reference page's namespace isolation example: istio.io/latest/docs/
 reference/config/networking/sidecar/) scopes a/sleep: its calls to b's api meet the black hole,
@@ -49,7 +50,8 @@ def _topology() -> str:
         pod("api", "n1", {"app": "api"}, namespace="b", workload=app),
     ]
     services = [service("web", 8080, 8080, "a"), service("api", 8080, 8080, "b")]
-    return topology_text(NAME, pods, services, nodes=[{"name": "n1"}], mesh=("a", "b"))
+    services.append(service("db", 8080, 8080, "c"))  # no local pod's namespace: no pod at all
+    return topology_text(NAME, pods, services, nodes=[{"name": "n1"}], mesh=("a", "b", "c"))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,39 @@ def namespace_sidecar(mode: str) -> dict[str, Any]:
             "outboundTrafficPolicy": {"mode": mode},
         },
     }
+
+
+def root_sidecar() -> dict[str, Any]:
+    """The mesh-wide default: the root namespace's Sidecar without a selector, ``./*`` meaning
+    each pod's own namespace (istiod copies it per namespace)."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Sidecar",
+        "metadata": {"name": "default", "namespace": "istio-system"},
+        "spec": {
+            "egress": [{"hosts": ["./*"]}],
+            "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"},
+        },
+    }
+
+
+def web_to_api() -> dict[str, Any]:
+    """a's VirtualService sending web's requests to b's api (out of a's scope)."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "web", "namespace": "a"},
+        "spec": {
+            "hosts": ["web"],
+            "http": [{"route": [{"destination": {"host": "api.b.svc.cluster.local"}}]}],
+        },
+    }
+
+
+def clusters(tb: Testbed) -> set[str]:
+    """The service clusters n1's Envoy holds."""
+    dump = envoy_admin(tb.name, "n1", "/clusters")
+    return {line.split("::")[0] for line in dump.splitlines() if line.startswith("outbound|")}
 
 
 def scope_fallback(tb: Testbed) -> str:
@@ -113,3 +148,32 @@ def test_a_namespace_sidecar_scopes_its_pods_only(tb: Testbed) -> None:
     assert "URI=spiffe://cluster.local/ns/a/sa/sleep" in back["headers"].get(
         "x-forwarded-client-cert", ""
     ), back
+
+
+def test_the_root_default_scopes_every_pod_and_trims_what_none_reaches(tb: Testbed) -> None:
+    """The root namespace's Sidecar (``./*``, REGISTRY_ONLY) applies to a and b: each pod
+    reaches its own namespace only, and with no unscoped pod left the node holds only the
+    clusters some scope reaches. a's VirtualService routing web to b's api brings api into a's
+    scope (istiod adds a VirtualService's destinations to it): a/sleep's call to web is
+    answered by api, with its identity."""
+    api = "outbound|8080||api.b.svc.cluster.local"
+    web = "outbound|8080||web.a.svc.cluster.local"
+    db = "outbound|8080||db.c.svc.cluster.local"
+    wait_for(lambda: clusters(tb) == {web, api, db}, 30, "every service's cluster")
+    try:
+        apply_docs(tb, root_sidecar())
+        wait_for(lambda: status(tb, "a/sleep", API) == "000", 30, "api out of a's scope")
+        assert status(tb, "b/sleep", WEB) == "000"
+        assert status(tb, "a/sleep", WEB) == "200" and status(tb, "b/sleep", API) == "200"
+        # db: no scope reaches it (removed with the same push as the listeners' change)
+        wait_for(lambda: clusters(tb) == {web, api}, 10, "db's cluster trimmed")
+        apply_docs(tb, root_sidecar(), web_to_api())
+        wait_for(lambda: call(tb, "a/sleep", WEB)["pod_ip"] == tb.pod_ip("b/api"), 30, "VS")
+        routed = call(tb, "a/sleep", WEB)
+        xfcc = routed["headers"].get("x-forwarded-client-cert", "")
+        assert "URI=spiffe://cluster.local/ns/a/sa/sleep" in xfcc, routed
+        assert status(tb, "a/sleep", API) == "200"  # api's own chain is in a's scope now
+    finally:
+        apply_docs(tb)
+    wait_for(lambda: status(tb, "b/sleep", WEB) == "200", 30, "unscoped again")
+    wait_for(lambda: db in clusters(tb), 30, "db's cluster back")
