@@ -87,7 +87,7 @@ class GatewayProxy:
             self.admin,
             tasks=self.tasks,
         )
-        self.credential_secrets = CredentialSecrets()
+        self.credential_secrets = CredentialSecrets(owner="Gateway")
         self.changed = asyncio.Event()
         self._translator = TranslationCache()
         self.version = 0

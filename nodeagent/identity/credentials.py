@@ -93,8 +93,12 @@ class CredentialSecrets:
     comes, or stops being needed)."""
 
     def __init__(
-        self, pending_limit: float = PENDING_LIMIT, clock: Callable[[], float] = time.monotonic
+        self,
+        pending_limit: float = PENDING_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+        owner: str = "DestinationRule",
     ) -> None:
+        self.owner = owner  # the kind whose credentialName the log lines name (a gateway's)
         self.missing: set[str] = set()  # SDS names served as placeholders
         self.pending: set[str] = set()  # SDS names withheld: their Secret is not read yet
         self.pending_limit = pending_limit
@@ -120,8 +124,8 @@ class CredentialSecrets:
                 self._next_since[key] = since
                 return True
             log.error(
-                "DestinationRule credentialName: Secret %s not read within %.0fs; "
-                "its TLS fails until it is",
+                "%s credentialName: Secret %s not read within %.0fs; its TLS fails until it is",
+                self.owner,
                 key,
                 self.pending_limit,
             )
@@ -176,12 +180,13 @@ class CredentialSecrets:
                 )
         for sds_name in sorted(missing.keys() - self.missing):
             log.error(
-                "DestinationRule credentialName: no %s; TLS through %s fails until it exists",
+                "%s credentialName: no %s; TLS through %s fails until it exists",
+                self.owner,
                 missing[sds_name],
                 sds_name,
             )
         for sds_name in sorted(self.missing - missing.keys()):
-            log.info("DestinationRule credentialName: %s is no placeholder any more", sds_name)
+            log.info("%s credentialName: %s is no placeholder any more", self.owner, sds_name)
         self.missing = set(missing)
         self.pending = withheld
         self._pending_since, self._given_up = self._next_since, self._next_given_up

@@ -42,7 +42,7 @@ from nodeagent.mesh import credentials, hosts
 from nodeagent.mesh.model import IstioResource
 from nodeagent.mesh.policy import creation_order
 from nodeagent.mesh.store import MeshStore
-from nodeagent.mesh.traffic import vs_hosts
+from nodeagent.mesh.traffic import visible, vs_hosts
 from nodeagent.translate import tls, virtual_service
 from nodeagent.translate.envoy import Listener, RouteConfiguration, message, typed
 from nodeagent.translate.filters import http_connection_manager, tcp_proxy
@@ -369,8 +369,14 @@ def build(
     """The gateway Envoy's listeners and route tables for WORKLOAD."""
     out = GatewayConfig()
     domain = store.mesh_config.cluster_domain
+    # Those exported to the gateway's namespace (istiod's VirtualServicesForGateway).
     virtual_services = sorted(
-        (r for r in store.istio.values() if r.kind == "VirtualService"), key=creation_order
+        (
+            r
+            for r in store.istio.values()
+            if r.kind == "VirtualService" and visible(r, workload.namespace)
+        ),
+        key=creation_order,
     )
     by_port: dict[int, list[Server]] = {}
     for gateway in selected(store, workload.labels):

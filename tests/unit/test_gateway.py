@@ -181,6 +181,16 @@ def test_short_gateway_name_binds_only_in_the_virtual_service_namespace() -> Non
     assert any(_json(r).get("virtual_hosts") for r in _build(_store(qualified)).routes)
 
 
+def test_a_virtual_service_not_exported_to_the_gateway_namespace_is_left_out() -> None:
+    """istiod gives a gateway the VirtualServices visible from its own namespace."""
+    text = GATEWAYS_YAML.replace(
+        "gateways: [shop-gateway]", "gateways: [shop-gateway]\n  exportTo: [.]"
+    )
+    assert all(not _json(r).get("virtual_hosts") for r in _build(_store(CLUSTER_YAML, text)).routes)
+    exported = text.replace("exportTo: [.]", "exportTo: [istio-system]")
+    assert any(_json(r).get("virtual_hosts") for r in _build(_store(CLUSTER_YAML, exported)).routes)
+
+
 def test_server_host_namespace_filters_virtual_services() -> None:
     text = GATEWAYS_YAML.replace('"shop/*.example.com"', '"elsewhere/*.example.com"')
     routes = _routes(_build(_store(CLUSTER_YAML, text)))
@@ -369,3 +379,60 @@ def test_the_control_planes_config_maps_are_mirrored_into_files(tmp_path: Path) 
             await server.stop()
 
     asyncio.run(main())
+
+
+SECRET_YAML = """
+apiVersion: v1
+kind: Secret
+metadata: {name: shop-cert, namespace: istio-system}
+type: kubernetes.io/tls
+stringData: {tls.crt: CERT, tls.key: KEY}
+"""
+
+
+def test_the_gateway_snapshot_holds_its_listeners_the_mesh_clusters_and_its_secrets(
+    tmp_path: Path,
+) -> None:
+    """What `nodeagent gateway` hands its Envoy (a consistent snapshot): the Gateways' listeners
+    and routes, the sidecar form's clusters and endpoints, its own certificate and the root,
+    the credentialName Secret of its namespace; none of a sidecar's capture listeners."""
+    from prometheus_client import CollectorRegistry
+
+    from nodeagent.gateway.proxy import GatewayProxy, GatewaySettings
+    from nodeagent.identity.ca import PluginCA, plugin_cacerts
+    from nodeagent.identity.issuer import LocalIssuer
+    from nodeagent.identity.manager import IdentityManager
+    from nodeagent.translate.envoy import ENDPOINT, LISTENER, ROUTE, SECRET
+
+    cacerts = tmp_path / "cacerts"
+    cacerts.mkdir()
+    for name, content in plugin_cacerts("cluster.local").items():
+        (cacerts / name).write_bytes(content)
+    identities = IdentityManager(LocalIssuer(PluginCA.load(cacerts), "test CA"), "cluster.local")
+    settings = GatewaySettings(
+        namespace="istio-system",
+        pod_name="ingress",
+        labels=INGRESS,
+        service_account="istio-ingressgateway",
+        run_dir=tmp_path / "run",
+        envoy_binary=tmp_path / "envoy",
+        envoy_log=tmp_path / "envoy.log",
+    )
+    store = _store(CLUSTER_YAML, GATEWAYS_YAML, SECRET_YAML)
+    proxy = GatewayProxy(settings, store, identities, CollectorRegistry())
+
+    async def issue() -> None:
+        proxy.push()  # names the identity: issued by the renewal loop, not the push
+        await identities.renew_due()
+
+    asyncio.run(issue())
+    proxy.push()
+    assert proxy.last_error == ""
+    snapshot = proxy.cache.get(settings.node_id)
+    assert snapshot is not None
+    assert sorted(snapshot.of(LISTENER)) == ["0.0.0.0_8080", "0.0.0.0_8443"]
+    assert sorted(snapshot.of(ROUTE)) == ["http.8080", "https.8443.https.shop-gateway.shop"]
+    assert "outbound|9090||web-api.shop.svc.cluster.local" in snapshot.of(CLUSTER)
+    assert "outbound|9090||web-api.shop.svc.cluster.local" in snapshot.of(ENDPOINT)
+    secrets = set(snapshot.of(SECRET))
+    assert {ME, "ROOTCA", "kubernetes://istio-system/shop-cert"} <= secrets
