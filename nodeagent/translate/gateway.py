@@ -73,6 +73,7 @@ class Workload:
     namespace: str
     labels: Mapping[str, str]
     identity: str
+    name: str = "gateway"  # its pod's, for the access log
 
 
 @dataclass(frozen=True)
@@ -393,7 +394,7 @@ def build(
                 )
                 continue
             group.append(server)
-    who = f"{workload.namespace}/gateway"
+    who = f"{workload.namespace}/{workload.name}"
     for port, group in sorted(by_port.items()):
         chains: list[dict[str, Any]] = []
         listener_filters: list[dict[str, Any]] = []
