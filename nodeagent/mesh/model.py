@@ -81,6 +81,40 @@ class ServicePort:
 
 
 @dataclass(frozen=True)
+class EntryEndpoint:
+    """One endpoint of a ServiceEntry (its ``endpoints``, or a pod or WorkloadEntry its
+    ``workloadSelector`` selects): ADDRESS is an IP, or for DNS resolution a name."""
+
+    address: str
+    ports: tuple[tuple[str, int], ...] = ()  # port name -> endpoint port
+    labels: tuple[tuple[str, str], ...] = ()
+    network: str = ""
+    locality: str = ""  # region/zone/subzone
+    weight: int = 0  # 0: unset
+    pod: str = ""  # namespace/name of a selected pod
+    workload: str = ""  # namespace/name of a selected WorkloadEntry
+
+
+@dataclass(frozen=True)
+class EntryPolicy:
+    """What a ServiceEntry says of each of its hosts beyond a Service's fields
+    (mesh/service_entries.py)."""
+
+    entry: str  # the ServiceEntry's key, ServiceEntry/<ns>/<name>
+    location: str = "MESH_EXTERNAL"
+    resolution: str = "NONE"
+    addresses: tuple[str, ...] = ()  # IPs or CIDRs the host is reached at
+    subject_alt_names: tuple[str, ...] = ()
+    export_to: tuple[str, ...] = ()
+    endpoints: tuple[EntryEndpoint, ...] = ()
+    created: str = ""  # its creationTimestamp: the oldest entry wins a contested host
+
+    @property
+    def external(self) -> bool:
+        return self.location != "MESH_INTERNAL"
+
+
+@dataclass(frozen=True)
 class Service:
     namespace: str
     name: str
@@ -88,13 +122,16 @@ class Service:
     ports: tuple[ServicePort, ...] = ()
     selector: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
+    # A ServiceEntry host (mesh/service_entries.py): its name, and what the entry adds.
+    host: str = ""
+    entry: EntryPolicy | None = None
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     def hostname(self, domain: str = "cluster.local") -> str:
-        return f"{self.name}.{self.namespace}.svc.{domain}"
+        return self.host or f"{self.name}.{self.namespace}.svc.{domain}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,10 @@ class Endpoint:
     ready: bool = True
     node_name: str = ""
     pod: str = ""  # namespace/name of the target pod, when the slice names one
+    # A ServiceEntry endpoint's own labels (DestinationRule subsets select by them when it
+    # names no pod) and weight (0: unset).
+    labels: Mapping[str, str] = field(default_factory=dict)
+    weight: int = 0
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ from collections import defaultdict, deque
 from collections.abc import Mapping
 from typing import TypeVar
 
-from nodeagent.mesh import enforcement
+from nodeagent.mesh import enforcement, service_entries
 from nodeagent.mesh.model import (
     Credential,
     EndpointSlice,
+    EntryEndpoint,
     IstioResource,
     Locality,
     MeshConfig,
@@ -95,6 +96,12 @@ class MeshStore:
         self._istio_by_kind_ns: defaultdict[tuple[str, str], dict[str, IstioResource]] = (
             defaultdict(dict)
         )
+        # ServiceEntry hosts as services (mesh/service_entries.py): per entry the keys of the
+        # services and slices derived from it; who holds each host (the first entry to claim
+        # it, a Kubernetes Service's hostname never); entries that lost a host to another.
+        self._derived: dict[str, tuple[list[str], list[str]]] = {}
+        self._host_owner: dict[str, str] = {}  # host -> derived service key
+        self._contested: set[str] = set()
 
     def _bump(self, kind: str, key: str) -> None:
         self.generation += 1
@@ -202,6 +209,7 @@ class MeshStore:
             self.pods[pod.key] = pod
             self._index_pod(pod, add=True)
             self._bump(POD, pod.key)
+            self._selected_changed(pod.namespace)
         if not self.on_this_node(pod):
             return
         for waiter in self._pod_waiters.pop(pod.key, []):
@@ -213,6 +221,7 @@ class MeshStore:
         if old is not None:
             self._index_pod(old, add=False)
             self._bump(POD, key)
+            self._selected_changed(old.namespace)
 
     def put_service(self, svc: Service) -> None:
         old = self.services.get(svc.key)
@@ -318,12 +327,79 @@ class MeshStore:
         self.istio[res.key] = res
         self._index_istio(res, add=True)
         self._bump(res.kind, res.key)
+        self._entries_changed(res)
 
     def delete_istio(self, key: str) -> None:
         old = self.istio.pop(key, None)
         if old is not None:
             self._index_istio(old, add=False)
             self._bump(old.kind, key)
+            self._entries_changed(old)
+
+    # -- ServiceEntry hosts as services (mesh/service_entries.py) ---------------------------------
+
+    def _entries_changed(self, res: IstioResource) -> None:
+        if res.kind == service_entries.SERVICE_ENTRY:
+            self._derive(res.key)
+            if res.key not in self.istio and self._contested:
+                for key in sorted(self._contested):  # a host it held may be free now
+                    self._derive(key)
+        elif res.kind == service_entries.WORKLOAD_ENTRY:
+            self._selected_changed(res.namespace)
+
+    def _selected_changed(self, namespace: str) -> None:
+        """Pods or WorkloadEntries of NAMESPACE changed: its selecting entries' endpoints."""
+        for entry in self.istio_in(service_entries.SERVICE_ENTRY, namespace):
+            if entry.spec.get("workloadSelector"):
+                self._derive(entry.key)
+
+    def _derive(self, key: str) -> None:
+        """Bring the services and slices derived from ServiceEntry KEY up to date (none once
+        it is gone). Unchanged ones are not written (no change is logged for them)."""
+        entry = self.istio.get(key)
+        services: list[Service] = []
+        slices: list[EndpointSlice] = []
+        if entry is not None:
+            selected: tuple[EntryEndpoint, ...] = ()
+            if entry.spec.get("workloadSelector"):
+                selected = service_entries.selected_endpoints(
+                    entry,
+                    self.pods_in(entry.namespace),
+                    self.istio_in(service_entries.WORKLOAD_ENTRY, entry.namespace),
+                )
+            services, slices = service_entries.derive(entry, selected)
+        old_services, old_slices = self._derived.pop(key, ([], []))
+        for svc_key in old_services:
+            svc = self.services.get(svc_key)
+            if svc is not None and self._host_owner.get(svc.host) == svc_key:
+                del self._host_owner[svc.host]
+        kept: list[Service] = []
+        self._contested.discard(key)
+        for svc in services:
+            owner = self._host_owner.get(svc.host)
+            if owner is not None and owner != svc.key:
+                self._contested.add(key)  # another entry holds the host: it keeps it
+                log.warning("%s: host %s is already %s's; ignored", key, svc.host, owner)
+                continue
+            self._host_owner[svc.host] = svc.key
+            kept.append(svc)
+        kept_names = {svc.name for svc in kept}
+        slices = [s for s in slices if s.service in kept_names]
+        for gone in set(old_slices) - {s.key for s in slices}:
+            self.delete_endpoint_slice(gone)
+        for gone in set(old_services) - {svc.key for svc in kept}:
+            self.delete_service(gone)
+        for svc in kept:
+            self.put_service(svc)
+        for slice_ in slices:
+            self.put_endpoint_slice(slice_)
+        if kept or slices:
+            self._derived[key] = ([svc.key for svc in kept], [s.key for s in slices])
+
+    def service_of_entry_host(self, host: str) -> Service | None:
+        """The service a ServiceEntry host became (None: no entry holds HOST)."""
+        key = self._host_owner.get(host)
+        return self.services.get(key) if key is not None else None
 
     def set_mesh_config(self, config: MeshConfig) -> None:
         if config != self.mesh_config:

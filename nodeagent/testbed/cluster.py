@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -428,6 +428,13 @@ class Testbed:
                 for other in self.topology.nodes:
                     if other.name != node.name:
                         nl.add_route(str(other.pod_cidr), str(other.underlay_ip))
+        # The node's own resolver (its host's /etc/resolv.conf): the testbed's, so that what
+        # runs on the node (the node Envoy's DNS clusters, ServiceEntry resolution DNS)
+        # resolves the externals' names as a node resolves public ones.
+        with self._lock:
+            self.state.etc_dirs.append(str(hosts.ETC_NETNS / ns))
+            self.state.save()
+        hosts.write_resolv_conf(ns, f"nameserver {self.resolver_ip}\n")
         conf_dir = layout.cni_conf_dir(self.name, node.name)
         conf_dir.mkdir(parents=True, exist_ok=True)
         layout.cni_bin_dir(self.name, node.name).mkdir(parents=True, exist_ok=True)
@@ -483,7 +490,19 @@ class Testbed:
 
     # -- node daemons -----------------------------------------------------------------------------
 
+    def set_mesh_config(self, fields: Mapping[str, Any]) -> None:
+        """Replace the mesh config every node agent reads (Istio MeshConfig fields, e.g.
+        ``{"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}}``; {} for every default), as
+        editing the istio ConfigMap would; the agents pick it up at their next poll."""
+        path = layout.mesh_config_file(self.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        aside = path.with_name(f".{path.name}.tmp")
+        aside.write_text(json.dumps(dict(fields)) + "\n")  # JSON is YAML
+        aside.replace(path)
+
     def _start_daemons(self) -> None:
+        if not layout.mesh_config_file(self.name).exists():
+            self.set_mesh_config({})
         if self.topology.proxy_model == "sidecar":
             # Sidecar Envoys run as uid 1337 and reach their socket and bootstrap in
             # nodes/<node>/sidecars: let them through the testbed directory (not list it).

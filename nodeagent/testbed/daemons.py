@@ -86,6 +86,8 @@ def start(
             str(layout.agent_socket(testbed, node).parent),
             "--envoy-log",
             str(layout.logs_dir(testbed) / f"{node}.envoy.log"),
+            "--mesh-config",
+            str(layout.mesh_config_file(testbed)),
         ]
         if ca_address is not None:
             # A client of the CA service, with what the DaemonSet mounts: the root ConfigMap

@@ -49,6 +49,12 @@ def cluster_dir(name: str) -> Path:
     return TestbedState.directory(name) / "cluster"
 
 
+def mesh_config_file(name: str) -> Path:
+    """The mesh config every node agent reads (``--mesh-config``; Istio's MeshConfig fields,
+    the istio ConfigMap's ``mesh`` key); ``{}`` (every default) until a test sets one."""
+    return TestbedState.directory(name) / "mesh-config.yaml"
+
+
 def resolver_zone(name: str) -> Path:
     """The names the testbed resolver answers (JSON, rewritten as services change)."""
     return TestbedState.directory(name) / "resolver" / "zone.json"

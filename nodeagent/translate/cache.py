@@ -47,13 +47,14 @@ from nodeagent.mesh import (
     locality,
     policy,
     secret_access,
+    service_entries,
     sidecar_scope,
     tls_files,
     traffic,
 )
 from nodeagent.mesh.hosts import host_match
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES, decide
-from nodeagent.mesh.model import IstioResource, MeshConfig, Service
+from nodeagent.mesh.model import EntryPolicy, IstioResource, MeshConfig, Service
 from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, NODE, MeshStore
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
@@ -69,6 +70,7 @@ from nodeagent.translate import (
 )
 from nodeagent.translate.clusters import (
     blackhole_cluster,
+    dns_cluster,
     original_dst_cluster,
     service_cluster,
     sidecar_service_cluster,
@@ -81,11 +83,14 @@ from nodeagent.translate.listeners import (
     fast_inbound_listener,
     fast_ports,
     has_vip,
+    host_routing_chain,
+    host_routing_table,
     inbound_listener,
     outbound_chain,
     outbound_internal_listener,
     outbound_listener,
     pod_outbound_listener,
+    port_only,
 )
 from nodeagent.translate.locality import Balancing, topology_labels
 from nodeagent.translate.protocol import HTTP2, is_http
@@ -107,6 +112,7 @@ log = logging.getLogger("nodeagent.translate")
 PEER_AUTHENTICATION, DESTINATION_RULE = "PeerAuthentication", "DestinationRule"
 VIRTUAL_SERVICE = traffic.VIRTUAL_SERVICE
 Made = list[tuple[str, Message]]
+HostRoute = tuple[int, str, envoy.RouteConfiguration]  # port, host, the host's own routes
 TYPES = (envoy.CLUSTER, envoy.ENDPOINT, envoy.LISTENER, envoy.ROUTE, envoy.SECRET)
 
 
@@ -141,6 +147,9 @@ class _ServiceEntry:
     # What its routes read besides itself: VirtualService keys, and destination hostnames.
     virtual_services: frozenset[str] = frozenset()
     hosts: frozenset[str] = frozenset()
+    # A ServiceEntry host without addresses, per HTTP port: (port, host, its route table),
+    # which the port's Host-routing table takes (listeners.host_routing_table).
+    host_routes: list[HostRoute] = field(default_factory=list)
 
 
 @dataclass
@@ -460,7 +469,8 @@ class TranslationCache:
         domain = settings.mesh_config.cluster_domain
         for key in list(dirty):
             namespace, _, name = key.partition("/")
-            dirty |= self._by_host.get(f"{name}.{namespace}.svc.{domain}", set())
+            host = service_entries.host_of(name) or f"{name}.{namespace}.svc.{domain}"
+            dirty |= self._by_host.get(host, set())
         return dirty
 
     def _update(self, dirty: set[str], reuse: bool = False) -> None:
@@ -597,9 +607,21 @@ class TranslationCache:
         )
         if origin in self._excluded:
             return entry
+        if svc.entry is not None and not self._exported(svc):
+            entry.targets, entry.made = [], []  # no local client sees it: nothing to serve
+            return entry
+        if svc.entry is not None and settings.sidecar:
+            entry.problem = f"{svc.entry.entry}: not yet translated for proxyModel sidecar"
+            return entry
         try:
             self._service_views(entry)
             self._keep_unchanged_routes(entry, before or {})
+            if entry.host_routes:  # the kept tables (an equal one is the same message)
+                kept = {_name(t, r): r for t, r in entry.routes}
+                entry.host_routes = [
+                    (port, host, kept[_name(envoy.ROUTE, table)])
+                    for port, host, table in entry.host_routes
+                ]
             if (
                 reuse is not None
                 and reuse.made is not None
@@ -616,6 +638,19 @@ class TranslationCache:
         entry.made = [(t, _name(t, r), r) for t, r in made]
         entry.chain_names = [t.cluster for t in entry.targets]
         return entry
+
+    def _exported(self, svc: Service) -> bool:
+        """A ServiceEntry host is served when its exportTo (default: every namespace, "."
+        its own) reaches a namespace with a local pod. The node's outbound chains are shared
+        by its pods: one exported to some of them reaches all of them (the Sidecar resource's
+        scopes may narrow it)."""
+        assert self._settings is not None and svc.entry is not None
+        export = set(svc.entry.export_to) or {"*"}
+        if "*" in export:
+            return True
+        if "." in export:
+            export.add(svc.namespace)
+        return bool(export & {ns for ns, _ in self._settings.identities})
 
     def _service_views(self, entry: _ServiceEntry) -> None:
         """What the service's callers see: DestinationRule modes and subsets, route tables
@@ -645,7 +680,13 @@ class TranslationCache:
                 tcp = named.route
             used.update(named.virtual_services)
             hosts |= named.hosts
-            if has_vip(target):
+            if port_only(target) and is_http(target.protocol):
+                # Reached by its Host header on the port's shared chain (_node_internals).
+                if not settings.sidecar:
+                    table = entry.routes[-1][1]
+                    entry.host_routes.append((target.port.port, target.host, table))
+                continue
+            if has_vip(target) or port_only(target):
                 rules = named.rules if isinstance(named, service_views.PortTcpRoute) else ()
                 keys.append((target, (tcp, rules)))
                 # The node's chain names the calling pod from filter state; the sidecar's
@@ -664,7 +705,7 @@ class TranslationCache:
         entry.chain_keys = tuple(
             (t.service.cluster_ip, t.port.port, t.host, is_http(t.protocol), repr(tcp))
             for t, tcp in keys
-        )
+        ) + tuple(("", port, host, True, "host") for port, host, _ in entry.host_routes)
 
     def _keep_unchanged_routes(self, entry: _ServiceEntry, before: Mapping[str, Message]) -> None:
         """A table equal to the one it replaces stays the very same message (its push is
@@ -697,13 +738,16 @@ class TranslationCache:
         proxy_labels = topology_labels(proxy)
         mesh_locality = settings.mesh_config.locality_lb
         for target, subsets in zip(entry.targets, entry.subsets, strict=True):
+            # A ServiceEntry host: MESH_EXTERNAL is never sent mTLS nor the fast path.
+            se = target.service.entry
+            external = se is not None and se.external
             for subset in subsets:
                 modes = {ns: m[subset.name] for ns, m in entry.modes.items() if subset.name in m}
                 outlier = subset.policy.get("outlierDetection") is not None
                 setting = locality.effective(mesh_locality, locality.of_policy(subset.policy))
                 balancing = Balancing(proxy, proxy_labels, setting, outlier)
                 origination = client_tls.origination(
-                    subset.policy.get("tls"),
+                    _entry_sans(subset.policy.get("tls"), se),
                     target.host,
                     target.protocol == HTTP2,
                     f"DestinationRule of {subset.name}: tls",
@@ -711,15 +755,32 @@ class TranslationCache:
                     namespace=subset.credentials_namespace,
                     denied=subset.credentials_denied,
                 )
+                policy_fields = cluster_fields(
+                    subset.policy, target.protocol, mesh_locality=mesh_locality
+                )
+                if se is not None and se.resolution in (
+                    service_entries.DNS,
+                    service_entries.DNS_ROUND_ROBIN,
+                ):
+                    # Envoy resolves the names: no EDS, its TLS socket its own (clusters.py).
+                    cluster = dns_cluster(target, subset.name, policy_fields, origination)
+                    entry.clusters.append((envoy.CLUSTER, cluster))
+                    continue
                 if origination is not None and origination.socket is not None:
                     # Its files or Secret come over SDS: a missing one fails only its calls.
                     entry.tls_sockets[str(origination.socket)] = client_tls.transport_socket(
                         origination.setting
                     )
                 originate = internal.ORIGINATE if origination is None else internal.ORIGINATE_TLS
-                policy_fields = cluster_fields(
-                    subset.policy, target.protocol, mesh_locality=mesh_locality
-                )
+                if se is not None and se.resolution == service_entries.NONE:
+                    # Where the caller dialled, as a PASSTHROUGH cluster (Istio: ORIGINAL_DST).
+                    policy_fields = passthrough_fields(policy_fields)
+                    dialled = passthrough.node_assignment(subset.name, False, [], originate)
+                    cluster = service_cluster(
+                        target, modes, subset.name, policy_fields, origination, dialled
+                    )
+                    entry.clusters.append((envoy.CLUSTER, cluster))
+                    continue
                 # PASSTHROUGH: no endpoints, where the caller dialled (passthrough.py), with
                 # Istio's all-or-nothing auto mTLS; one inline endpoint on the node.
                 passthrough_mtls: bool | None = None
@@ -737,9 +798,9 @@ class TranslationCache:
                     assignment = load_assignment(
                         store,
                         target,
-                        speaks_mtls,
+                        _never if external else speaks_mtls,
                         not settings.sidecar,
-                        None if origination is not None else fast,
+                        None if origination is not None or external else fast,
                         cluster=subset.name,
                         labels=subset.labels,
                         balancing=balancing,
@@ -968,6 +1029,17 @@ class TranslationCache:
             del self._kept_sockets[name]
         return bool(gone)
 
+    def _host_routes(self, scope: sidecar_scope.Scope | None) -> tuple[HostRoute, ...]:
+        """The served ServiceEntry hosts without addresses on HTTP ports (those SCOPE admits):
+        few, so their inputs are compared by value."""
+        return tuple(
+            route
+            for key in self._order
+            if key in self._served
+            for route in self._services[key].host_routes
+            if scope is None or scope.admits(key.partition("/")[0], route[1], route[0])
+        )
+
     def _black_holes(self) -> list[envoy.FilterChain]:
         return [
             envoy.message(envoy.FilterChain, blackhole_chain(ip, port, internal.POD_FORMAT))
@@ -986,7 +1058,8 @@ class TranslationCache:
             del self._scoped[gone]
         for name, scope in sorted(wanted.items()):
             policy_now = scope.policy(outbound_policy)
-            inputs: tuple[Any, ...] = (self._chains_token, scope, policy_now)
+            host_routes = self._host_routes(scope)
+            inputs: tuple[Any, ...] = (self._chains_token, scope, policy_now, host_routes)
             memo = self._scoped.get(name)
             if memo is None or memo.inputs != inputs:
                 chains = [
@@ -996,13 +1069,16 @@ class TranslationCache:
                     for target, chain in _target_chains(self._services[key])
                     if _admits(scope, target)
                 ]
-                chains += self._black_holes()
+                by_host, tables = _host_routing(host_routes, policy_now, name)
+                chains = _distinct(chains + by_host) + self._black_holes()
                 listener = outbound_internal_listener(chains, policy_now, name)
                 # The cluster depends on the name alone: kept (not pushed again).
                 cluster = memo.made[1][1] if memo is not None and memo.made else None
                 if cluster is None:
                     cluster = internal.internal_cluster(name)
-                memo = _Memo(inputs, [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster)])
+                memo = _Memo(
+                    inputs, [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster), *tables]
+                )
                 self._scoped[name] = memo
             assert memo.made is not None
             made += memo.made
@@ -1021,7 +1097,8 @@ class TranslationCache:
         made: Made = []
         scopes = {scope for scope in scoped.values() if scope is not None}
         if not local_pods or any(scoped.get(local.pod.key) is None for local in local_pods):
-            inputs: tuple[Any, ...] = (self._chains_token, outbound_policy)
+            host_routes = self._host_routes(None)
+            inputs: tuple[Any, ...] = (self._chains_token, outbound_policy, host_routes)
             if self._internal is None or self._internal.inputs != inputs:
                 chains = [
                     c
@@ -1029,10 +1106,13 @@ class TranslationCache:
                     if key in self._served
                     for c in self._services[key].chains
                 ]
-                listener = outbound_internal_listener(chains + self._black_holes(), outbound_policy)
+                by_host, tables = _host_routing(host_routes, outbound_policy, "")
+                listener = outbound_internal_listener(
+                    _distinct(chains + by_host) + self._black_holes(), outbound_policy
+                )
                 cluster = internal.internal_cluster(internal.OUTBOUND_INTERNAL)
                 self._internal = _Memo(
-                    inputs, [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster)]
+                    inputs, [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster), *tables]
                 )
             assert self._internal.made is not None
             made += self._internal.made
@@ -1167,6 +1247,40 @@ def _failed(origin: Origin, error: Exception) -> str:
     return why
 
 
+def _distinct(chains: list[envoy.FilterChain]) -> list[envoy.FilterChain]:
+    """CHAINS without those whose match an earlier one has (Envoy refuses a listener with two
+    equal matches): two ServiceEntry hosts without addresses on one TCP port, or an entry's
+    address that is another service's VIP. The first, in service key order, keeps it."""
+    seen: set[bytes] = set()
+    kept = []
+    for chain in chains:
+        match = chain.filter_chain_match.SerializeToString(deterministic=True)
+        if match not in seen:
+            seen.add(match)
+            kept.append(chain)
+    return kept
+
+
+def _never(pod_key: str, port: int) -> bool:
+    """A MESH_EXTERNAL ServiceEntry's endpoints speak no mTLS, whatever they are."""
+    return False
+
+
+def _entry_sans(tls_policy: Any, se: EntryPolicy | None) -> Any:
+    """A DestinationRule's SIMPLE/MUTUAL TLS to a ServiceEntry host checks the entry's
+    subjectAltNames when the rule names none ("the proxy will verify that the server
+    certificate's subject alternate name matches one of the specified values",
+    istio.io/latest/docs/reference/config/networking/service-entry/)."""
+    if (
+        se is None
+        or not se.subject_alt_names
+        or not isinstance(tls_policy, Mapping)
+        or tls_policy.get("subjectAltNames")
+    ):
+        return tls_policy
+    return {**tls_policy, "subjectAltNames": list(se.subject_alt_names)}
+
+
 def _mesh_member(store: MeshStore, excluded_namespaces: Sequence[str]) -> Callable[[str], bool]:
     def in_mesh(pod_key: str) -> bool:
         """A pod of the mesh (Istio: one with a sidecar, labelled tlsMode istio)."""
@@ -1234,8 +1348,34 @@ def _admits(scope: sidecar_scope.Scope, target: ServiceTarget) -> bool:
 
 
 def _target_chains(entry: _ServiceEntry) -> list[tuple[ServiceTarget, envoy.FilterChain]]:
-    """ENTRY's outbound chains with the target each is for (one per target with a VIP)."""
-    return list(zip([t for t in entry.targets if has_vip(t)], entry.chains, strict=True))
+    """ENTRY's outbound chains with the target each is for (one per target with a VIP, or a
+    ServiceEntry host's TCP port without addresses)."""
+    with_chain = [
+        t for t in entry.targets if has_vip(t) or (port_only(t) and not is_http(t.protocol))
+    ]
+    return list(zip(with_chain, entry.chains, strict=True))
+
+
+def _host_routing(
+    host_routes: Sequence[HostRoute], outbound_policy: str, scope: str
+) -> tuple[list[envoy.FilterChain], Made]:
+    """The Host-routing chain and route table of each port of HOST_ROUTES (listeners.py
+    host_routing_chain), named ``<port>`` (``<port>~<scope>`` for a Sidecar scope's)."""
+    by_port: dict[int, list[tuple[str, envoy.RouteConfiguration]]] = {}
+    for port, host, table in host_routes:
+        by_port.setdefault(port, []).append((host, table))
+    suffix = f"~{scope}" if scope else ""
+    chains = [
+        envoy.message(
+            envoy.FilterChain, host_routing_chain(port, internal.POD_FORMAT, f"{port}{suffix}")
+        )
+        for port in sorted(by_port)
+    ]
+    tables: Made = [
+        (envoy.ROUTE, host_routing_table(port, hosts, outbound_policy, f"{port}{suffix}"))
+        for port, hosts in sorted(by_port.items())
+    ]
+    return chains, tables
 
 
 def _sidecar_outbound(

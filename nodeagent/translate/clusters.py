@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nodeagent.mesh.model import EntryEndpoint
 from nodeagent.ports import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
 from nodeagent.translate import client_tls, internal, tls
 from nodeagent.translate.client_tls import Origination
@@ -175,3 +176,68 @@ def blackhole_cluster() -> Cluster:
     return message(
         Cluster, {"name": BLACKHOLE, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT}
     )
+
+
+def dns_cluster(
+    target: ServiceTarget,
+    name: str = "",
+    policy: Mapping[str, Any] | None = None,
+    origination: Origination | None = None,
+) -> Cluster:
+    """A ServiceEntry host with resolution DNS (STRICT_DNS: every address each name resolves to
+    is an endpoint) or DNS_ROUND_ROBIN (LOGICAL_DNS: the first address, re-resolved per new
+    connection), as istiod builds it (pilot/pkg/networking/core/cluster_builder.go
+    buildCluster; conversion.go): its endpoints' addresses, or the host itself when it lists
+    none, at each endpoint's port for this service port (its ``ports`` by port name, else the
+    port's targetPort, else its number); their locality and weight.
+
+    Envoy resolves the names itself (the node's resolver) and connects from the node, not from
+    the caller's netns: no original destination to restore, no mesh identity (a MESH_EXTERNAL
+    host is never sent mTLS). ORIGINATION: a DestinationRule's SIMPLE/MUTUAL, whose TLS socket
+    is this cluster's own (client_tls.py; its files and Secrets come over SDS as for
+    originate-tls)."""
+    entry = target.service.entry
+    assert entry is not None
+    name = name or target.cluster
+    logical = entry.resolution == "DNS_ROUND_ROBIN"
+    endpoints = entry.endpoints or (EntryEndpoint(address=target.host),)
+    if logical:
+        endpoints = endpoints[:1]  # LOGICAL_DNS takes exactly one (Istio: the first)
+    default_port = int(target.port.target_port or 0) or target.port.port
+    by_locality: dict[str, list[dict[str, Any]]] = {}
+    for endpoint in endpoints:
+        if endpoint.address.startswith("*"):
+            raise ValueError(f"{entry.entry}: host {target.host!r}: a wildcard cannot be resolved")
+        port = dict(endpoint.ports).get(target.port.name) or default_port
+        lb: dict[str, Any] = {
+            "endpoint": {
+                "address": {"socket_address": {"address": endpoint.address, "port_value": port}}
+            }
+        }
+        if endpoint.weight:
+            lb["load_balancing_weight"] = endpoint.weight
+        by_locality.setdefault(endpoint.locality, []).append(lb)
+    groups = []
+    for where, lbs in sorted(by_locality.items()):
+        group: dict[str, Any] = {"lb_endpoints": lbs}
+        if where:
+            region, zone, sub_zone = ([*where.split("/"), "", ""])[:3]
+            group["locality"] = {"region": region, "zone": zone, "sub_zone": sub_zone}
+        groups.append(group)
+    fields: dict[str, Any] = {
+        "name": name,
+        "type": "LOGICAL_DNS" if logical else "STRICT_DNS",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "lb_policy": "ROUND_ROBIN",
+        "dns_lookup_family": "V4_ONLY",
+        "load_assignment": {"cluster_name": name, "endpoints": groups},
+    }
+    if target.protocol == HTTP2:
+        fields["typed_extension_protocol_options"] = _http2_options()
+    fields = _with_policy(fields, policy)
+    fields.pop("eds_cluster_config", None)
+    if origination is not None and origination.socket is not None:
+        fields["transport_socket"] = client_tls.transport_socket(
+            origination.setting, origination.sni
+        )
+    return message(Cluster, fields)

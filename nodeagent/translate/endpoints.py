@@ -78,6 +78,7 @@ def load_assignment(
     found: dict[tuple[str, int], str | None] = {}  # (ip, port) -> SPIFFE ID if it speaks mTLS
     local: dict[tuple[str, int], str] = {}  # (ip, port) -> its fast-path listener
     where: dict[tuple[str, int], tuple[Locality, Mapping[str, str]]] = {}  # and its labels
+    weights: dict[tuple[str, int], int] = {}  # a ServiceEntry endpoint's weight, when set
     for slice_ in ip_slices(store, target.service):
         port = slice_port(slice_, target.port)
         if port is None:
@@ -86,8 +87,11 @@ def load_assignment(
             if not endpoint.ready:
                 continue
             pod = store.pods.get(endpoint.pod) if endpoint.pod else None
+            # A ServiceEntry endpoint naming no pod carries its own labels.
+            own = pod.labels if pod is not None else endpoint.labels
             if labels is not None and (
-                pod is None or any(pod.labels.get(k) != v for k, v in labels.items())
+                (pod is None and not endpoint.labels)
+                or any(own.get(k) != v for k, v in labels.items())
             ):
                 continue
             spiffe = None
@@ -97,8 +101,10 @@ def load_assignment(
             node = endpoint.node_name or (pod.node_name if pod is not None else "")
             locality = store.locality_of(node)
             endpoint_labels: Mapping[str, str] = {}
+            if endpoint.weight:
+                weights.update({(address, port): endpoint.weight for address in endpoint.addresses})
             if by_labels:
-                pod_labels = dict(pod.labels) if pod is not None else {}
+                pod_labels = dict(own)
                 endpoint_labels = pod_labels | topology_labels(locality)
             placed = (locality, endpoint_labels)
             where.update({(address, port): placed for address in endpoint.addresses})
@@ -109,11 +115,12 @@ def load_assignment(
     for ip, port in sorted(found):
         locality, endpoint_labels = where[(ip, port)]
         group = groups.setdefault(locality, Group(locality))
-        group.endpoints.append(
-            _lb_endpoint(
-                ip, port, found[(ip, port)], via_originate, local.get((ip, port)), originate
-            )
+        lb = _lb_endpoint(
+            ip, port, found[(ip, port)], via_originate, local.get((ip, port)), originate
         )
+        if (ip, port) in weights:
+            lb["load_balancing_weight"] = weights[(ip, port)]
+        group.endpoints.append(lb)
         group.labels.append(endpoint_labels)
     endpoints = locality_endpoints(
         list(groups.values()), how.proxy, how.proxy_labels, how.setting, how.enable_failover

@@ -57,6 +57,7 @@ Cluster = cluster_pb2.Cluster
 ClusterLoadAssignment = endpoint_pb2.ClusterLoadAssignment
 RouteConfiguration = route_pb2.RouteConfiguration
 Route = route_components_pb2.Route
+VirtualHost = route_components_pb2.VirtualHost
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"

@@ -26,7 +26,14 @@ from typing import Any
 from nodeagent.mesh.model import REGISTRY_ONLY, Pod
 from nodeagent.ports import INBOUND_PORT, OUTBOUND_PORT
 from nodeagent.translate import internal, tls
-from nodeagent.translate.envoy import FilterChain, Listener, message, typed
+from nodeagent.translate.envoy import (
+    FilterChain,
+    Listener,
+    RouteConfiguration,
+    VirtualHost,
+    message,
+    typed,
+)
 from nodeagent.translate.filters import (
     ORIGINAL_DST_FILTER,
     http_connection_manager,
@@ -75,14 +82,35 @@ def _address(ip: str, port: int, netns: str) -> dict[str, Any]:
 
 
 def has_vip(target: ServiceTarget) -> bool:
-    """A service with a virtual IP gets an outbound chain; callers of a headless one dial pod
-    IPs, which pass through."""
-    return target.service.cluster_ip not in ("", "None")
+    """A service with a virtual IP (a ServiceEntry host: addresses) gets an outbound chain;
+    callers of a headless one dial pod IPs, which pass through."""
+    entry = target.service.entry
+    return target.service.cluster_ip not in ("", "None") or bool(entry and entry.addresses)
+
+
+def port_only(target: ServiceTarget) -> bool:
+    """A ServiceEntry host without addresses: its traffic is told by the port alone (Istio's
+    0.0.0.0:<port> listener; HTTP by the Host header among the port's hosts, see
+    ``host_routing_chain``; TCP: the port is the host's, first come first served)."""
+    return target.service.entry is not None and not has_vip(target)
 
 
 def host_prefix(ip: str) -> dict[str, Any]:
-    """The filter chain prefix matching exactly IP: /32 for IPv4, /128 for IPv6."""
-    return {"address_prefix": ip, "prefix_len": ipaddress.ip_address(ip).max_prefixlen}
+    """The filter chain prefix matching exactly IP: /32 for IPv4, /128 for IPv6; a CIDR (a
+    ServiceEntry's addresses may be one) as the network it names."""
+    network = ipaddress.ip_network(ip, strict=False)
+    return {"address_prefix": str(network.network_address), "prefix_len": network.prefixlen}
+
+
+def target_prefixes(target: ServiceTarget) -> list[dict[str, Any]]:
+    """The destination prefixes of a target's chain: its VIP, or its ServiceEntry's addresses;
+    none for a port-only one."""
+    entry = target.service.entry
+    if entry is not None and entry.addresses:
+        return [host_prefix(address) for address in entry.addresses]
+    if target.service.cluster_ip in ("", "None"):
+        return []
+    return [host_prefix(target.service.cluster_ip)]
 
 
 def _loop_guard(name: str, port: int, direction: str, who: str) -> dict[str, Any]:
@@ -111,14 +139,61 @@ def outbound_chain(
         last = http_connection_manager(name, name, "outbound", who)
     else:
         last = tcp_proxy(name, name, "outbound", who, tcp_route)
+    match: dict[str, Any] = {"destination_port": target.port.port}
+    if prefixes := target_prefixes(target):
+        match["prefix_ranges"] = prefixes
+    return {"name": name, "filter_chain_match": match, "filters": [last]}
+
+
+PASSTHROUGH_ROUTE, BLACKHOLE_ROUTE = "allow_any", "block_all"
+
+
+def host_routing_chain(port: int, who: str, table: str = "") -> dict[str, Any]:
+    """The chain of an HTTP port that ServiceEntry hosts without addresses use: any destination
+    on PORT, routed by the Host header (route TABLE, default ``<port>``: ``host_routing_table``),
+    as Istio's 0.0.0.0_<port> listener (pilot/pkg/networking/core/listener.go)."""
+    name = table or str(port)
     return {
-        "name": name,
-        "filter_chain_match": {
-            "prefix_ranges": [host_prefix(target.service.cluster_ip)],
-            "destination_port": target.port.port,
-        },
-        "filters": [last],
+        "name": f"0.0.0.0_{port}",
+        "filter_chain_match": {"destination_port": port},
+        "filters": [http_connection_manager(f"0.0.0.0_{port}", name, "outbound", who)],
     }
+
+
+def host_routing_table(
+    port: int,
+    hosts: Sequence[tuple[str, RouteConfiguration]],
+    outbound_policy: str,
+    name: str = "",
+) -> RouteConfiguration:
+    """Route table ``<port>``: a virtual host per ServiceEntry host on PORT (HOSTS: host and its
+    own route table, whose routes it takes: VirtualServices apply), then Istio's catch-all
+    (pilot/pkg/networking/core/route/route.go BuildCatchAllVirtualHost): ``allow_any`` to
+    PassthroughCluster under ALLOW_ANY, ``block_all`` answering 502 under REGISTRY_ONLY."""
+    table = message(RouteConfiguration, {"name": name or str(port), "validate_clusters": False})
+    for host, own in hosts:
+        vhost = table.virtual_hosts.add()
+        vhost.CopyFrom(own.virtual_hosts[0])
+        vhost.name = f"{host}:{port}"
+        del vhost.domains[:]
+        vhost.domains.extend([host, f"{host}:{port}"])
+    if outbound_policy == REGISTRY_ONLY:
+        catch_all = {
+            "name": BLACKHOLE_ROUTE,
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 502},
+        }
+    else:
+        catch_all = {
+            "name": PASSTHROUGH_ROUTE,
+            "match": {"prefix": "/"},
+            "route": {"cluster": PASSTHROUGH, "timeout": "0s"},
+        }
+    fallback = BLACKHOLE_ROUTE if outbound_policy == REGISTRY_ONLY else PASSTHROUGH_ROUTE
+    table.virtual_hosts.append(
+        message(VirtualHost, {"name": fallback, "domains": ["*"], "routes": [catch_all]})
+    )
+    return table
 
 
 def blackhole_chain(ip: str, port: int, who: str) -> dict[str, Any]:

@@ -104,14 +104,15 @@ def rule_variant(
 
 
 def service_of_host(store: MeshStore, hostname: str) -> Service | None:
-    """The Kubernetes Service whose hostname is HOSTNAME (<name>.<ns>.svc.<domain>)."""
+    """The Kubernetes Service whose hostname is HOSTNAME (<name>.<ns>.svc.<domain>), else the
+    ServiceEntry host HOSTNAME (mesh/service_entries.py)."""
     suffix = ".svc." + store.mesh_config.cluster_domain
     if not hostname.endswith(suffix):
-        return None
+        return store.service_of_entry_host(hostname)
     name, _, namespace = hostname[: -len(suffix)].partition(".")
     if not name or not namespace or "." in namespace:
-        return None
-    return store.services.get(f"{namespace}/{name}")
+        return store.service_of_entry_host(hostname)
+    return store.services.get(f"{namespace}/{name}") or store.service_of_entry_host(hostname)
 
 
 @dataclass(frozen=True)

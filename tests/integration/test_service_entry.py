@@ -1,0 +1,183 @@
+"""ServiceEntry and outboundTrafficPolicy with the real Envoy: SCENARIOS S1.7 (issue #16).
+
+One node, a sleep pod in the mesh and the testbed's external server ``api`` (its own netns outside
+the mesh and the node, name ``api.external.test`` served by the testbed resolver, plain HTTP on 80
+and HTTPS on 443 with a certificate of its own CA: nodeagent/testbed/externals.py). The pod calls
+``http://api.external.test/``; what the node Envoy does with it, as Istio's sidecar would
+(istio.io/latest/docs/tasks/traffic-management/egress/egress-control/ and egress-tls-origination/):
+
+- ALLOW_ANY (Istio's default): passed through (PassthroughCluster in the access log);
+- REGISTRY_ONLY: refused (BlackHoleCluster), until a ServiceEntry names the host, with
+  resolution DNS or STATIC; another Host on the entry's HTTP port gets Istio's ``block_all`` 502;
+- a DestinationRule ``tls.mode: SIMPLE`` on the entry's port 80 (targetPort 443) originates TLS to
+  the external's HTTPS server, verified with its CA (caCertificates) and the subjectAltNames
+  (the rule's, else the entry's): a wrong one fails the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.testbed import layout
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import apply_docs, pod, running_testbed, topology_text, wait_for
+
+pytestmark = pytest.mark.integration
+
+NAME = "tbsentry"
+HOST = "api.external.test"
+URL = f"http://{HOST}/"
+REGISTRY_ONLY = {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}}
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    text = topology_text(
+        NAME, [pod("sleep", "n1", {"app": "sleep"})], [], nodes=[{"name": "n1"}]
+    ) + ("externals:\n  - {name: api, names: [api.external.test]}\n")
+    with running_testbed(text, "test_service_entry") as testbed:
+        yield testbed
+
+
+@pytest.fixture
+def clean(tb: Testbed) -> Iterator[Testbed]:
+    yield tb
+    apply_docs(tb)
+    tb.set_mesh_config({})
+
+
+def status(tb: Testbed, *args: str) -> str:
+    """The HTTP status the sleep pod's curl gets (000: no answer, connection refused or reset)."""
+    proc = tb.exec(
+        "sleep", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", *args]
+    )
+    return proc.stdout.strip() or "000"
+
+
+def answer(tb: Testbed) -> dict[str, Any]:
+    import json
+
+    proc = tb.exec("sleep", ["curl", "-sS", "--max-time", "5", URL])
+    assert proc.returncode == 0, proc.stderr
+    found: dict[str, Any] = json.loads(proc.stdout)
+    return found
+
+
+def log_path(tb: Testbed) -> Path:
+    return layout.logs_dir(tb.name) / "n1.envoy.log"
+
+
+def logged_after(tb: Testbed, offset: int, *words: str) -> None:
+    """The node Envoy's access log gets a line with every one of WORDS after OFFSET (bytes)."""
+
+    def found() -> bool:
+        with log_path(tb).open("rb") as log:
+            log.seek(offset)
+            lines = log.read().decode(errors="replace").splitlines()
+        return any(all(w in line for w in words) for line in lines)
+
+    wait_for(found, 10, f"an access log line with {words}", step=0.2)
+
+
+def entry(resolution: str, port: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "api", "namespace": "default"},
+        "spec": {"hosts": [HOST], "ports": [port], "resolution": resolution, **spec},
+    }
+
+
+HTTP_80 = {"number": 80, "name": "http", "protocol": "HTTP"}
+
+
+def test_allow_any_passes_unknown_hosts_through(clean: Testbed) -> None:
+    """Istio's default (ALLOW_ANY): a host no registry names is passed through."""
+    tb = clean
+    wait_for(lambda: status(tb, URL) == "200", 20, "api.external.test passed through")
+    offset = log_path(tb).stat().st_size
+    assert answer(tb)["name"] == "api"
+    logged_after(tb, offset, "default/sleep", "PassthroughCluster")
+
+
+def test_registry_only_blocks_until_a_service_entry_names_the_host(clean: Testbed) -> None:
+    """REGISTRY_ONLY: refused (BlackHoleCluster in the access log); a ServiceEntry with
+    resolution DNS, then STATIC (the external's address as its endpoint), admits it, and the
+    access log names its cluster, outbound|80||api.external.test."""
+    tb = clean
+    tb.set_mesh_config(REGISTRY_ONLY)
+    wait_for(lambda: status(tb, URL) == "000", 20, "REGISTRY_ONLY refusing the external host")
+    offset = log_path(tb).stat().st_size
+    assert status(tb, URL) == "000"
+    logged_after(tb, offset, "default/sleep", "BlackHoleCluster")
+
+    apply_docs(tb, entry("DNS", HTTP_80))
+    wait_for(lambda: status(tb, URL) == "200", 20, "the DNS ServiceEntry admitting its host")
+    offset = log_path(tb).stat().st_size
+    assert answer(tb)["name"] == "api"
+    logged_after(tb, offset, f"outbound|80||{HOST}", f'"{HOST}"')
+    # Another Host on the entry's port: Istio's block_all answers 502 (route/route.go).
+    ip = str(tb.external("api").ip)
+    offset = log_path(tb).stat().st_size
+    assert status(tb, "-H", "Host: other.example", f"http://{ip}/") == "502"
+    logged_after(tb, offset, "502", "block_all")
+
+    static = entry("STATIC", HTTP_80, endpoints=[{"address": ip}])
+    apply_docs(tb, static)
+    offset = log_path(tb).stat().st_size
+
+    def static_served() -> bool:
+        return status(tb, URL) == "200" and f'"{ip}:80"' in log_path(tb).read_text()[offset:]
+
+    wait_for(static_served, 20, "the STATIC ServiceEntry's endpoint serving")
+    logged_after(tb, offset, f"outbound|80||{HOST}", f'"{ip}:80"')
+
+
+def test_destination_rule_simple_originates_tls_to_the_external_server(clean: Testbed) -> None:
+    """The canonical egress TLS origination: the app sends plain HTTP to port 80; the entry
+    maps it to 443 and the DestinationRule originates TLS there, verified with the external's
+    own CA and the subjectAltNames; the external's HTTPS server answers (VERSION https) and saw
+    the SNI api.external.test. A wrong subjectAltNames (the rule's, then the entry's when the
+    rule names none) fails the call (503)."""
+    tb = clean
+    tb.set_mesh_config(REGISTRY_ONLY)
+    ca = str(layout.external_ca_file(tb.name, "api"))
+    port = HTTP_80 | {"targetPort": 443}
+
+    def rule(**tls: Any) -> dict[str, Any]:
+        setting = {"mode": "SIMPLE", "caCertificates": ca, **tls}
+        return {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": "api", "namespace": "default"},
+            "spec": {
+                "host": HOST,
+                "trafficPolicy": {"portLevelSettings": [{"port": {"number": 80}, "tls": setting}]},
+            },
+        }
+
+    apply_docs(tb, entry("DNS", port), rule(subjectAltNames=[HOST]))
+
+    def https_answers() -> bool:
+        return status(tb, URL) == "200" and answer(tb)["version"] == "https"
+
+    wait_for(https_answers, 20, "TLS originated to the external's HTTPS server")
+    assert answer(tb)["tls"]["sni"] == HOST
+
+    apply_docs(tb, entry("DNS", port), rule(subjectAltNames=["wrong.example"]))
+    wait_for(lambda: status(tb, URL) == "503", 20, "a wrong subjectAltNames refusing the server")
+    offset = log_path(tb).stat().st_size
+    assert status(tb, URL) == "503"
+    logged_after(tb, offset, f"outbound|80||{HOST}", "CERTIFICATE_VERIFY_FAILED")
+
+    apply_docs(tb, entry("DNS", port, subjectAltNames=[HOST]), rule())
+    wait_for(https_answers, 20, "the entry's subjectAltNames accepting the server")
+    apply_docs(tb, entry("DNS", port, subjectAltNames=["wrong.example"]), rule())
+    wait_for(lambda: status(tb, URL) == "503", 20, "the entry's wrong subjectAltNames refusing")
+    offset = log_path(tb).stat().st_size
+    assert status(tb, URL) == "503"
+    logged_after(tb, offset, f"outbound|80||{HOST}", "CERTIFICATE_VERIFY_FAILED")
