@@ -26,6 +26,11 @@ nodeagent.translate.virtual_service):
   targetPort, maxProtocolVersion, cipherSuites.
 - Sidecar: workloadSelector, egress hosts and port, outboundTrafficPolicy.mode
   (nodeagent.mesh.sidecar_scope).
+- ServiceEntry (mesh/service_entries.py): hosts, addresses, ports, location, resolution (NONE,
+  STATIC, DNS, DNS_ROUND_ROBIN), endpoints (address, ports, labels, weight; locality with DNS),
+  workloadSelector (pods and WorkloadEntries), subjectAltNames, exportTo (node-wide: served
+  when exported to a namespace with a local pod). WorkloadEntry: address, ports, labels,
+  weight, as a selecting ServiceEntry's endpoint.
 """
 
 from __future__ import annotations
@@ -134,6 +139,11 @@ _GATEWAY_SERVER: Mapping[str, Any] = {
     },
 }
 
+# A ServiceEntry endpoint, or a WorkloadEntry: not yet its network (no multi-network gateways
+# here), its serviceAccount (the identity of a VM proxy, which the testbed has none of), nor its
+# locality outside resolution DNS (STATIC endpoints rank by their node's).
+_ENTRY_ENDPOINT: Mapping[str, Any] = {"address": ALL, "ports": ALL, "labels": ALL, "weight": ALL}
+
 # Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
 # enforced values of a scalar field, and a one-element list applies its rule to every item.
 ENFORCED: Mapping[str, Mapping[str, Any]] = {
@@ -165,16 +175,31 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
         "outboundTrafficPolicy": {"mode": ALL},
     },
     "Gateway": {"selector": ALL, "servers": [_GATEWAY_SERVER]},
+    # Each host a registry service (mesh/service_entries.py, translate/cache.py).
+    "ServiceEntry": {
+        "hosts": ALL,
+        "addresses": ALL,
+        "ports": ALL,
+        "location": ALL,
+        "resolution": frozenset({"NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"}),
+        "endpoints": [_ENTRY_ENDPOINT],
+        "workloadSelector": ALL,
+        "subjectAltNames": ALL,
+        # Served when exported to a namespace with a pod on the node (see cache._exported).
+        "exportTo": ALL,
+    },
+    # As endpoints of the ServiceEntries whose workloadSelector selects them.
+    "WorkloadEntry": _ENTRY_ENDPOINT,
 }
 
 # The issue that will make each kind (or the rest of it) take effect.
 PLANNED: Mapping[str, str] = {
     "DestinationRule": "#15 traffic management",
     "VirtualService": "#15 traffic management",
-    "ServiceEntry": "#16 mesh edges",
+    "ServiceEntry": "not yet: endpoints' network, serviceAccount, and locality but with DNS",
     "Sidecar": "#16 mesh edges",
     "Gateway": "#16 mesh edges",
-    "WorkloadEntry": "#16 mesh edges",
+    "WorkloadEntry": "not yet: network, serviceAccount, locality (no VM proxy here)",
     "WorkloadGroup": "#16 mesh edges",
     "AuthorizationPolicy": "#17 authorization",
     "RequestAuthentication": "#17 authorization",

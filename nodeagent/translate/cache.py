@@ -616,12 +616,11 @@ class TranslationCache:
         try:
             self._service_views(entry)
             self._keep_unchanged_routes(entry, before or {})
-            if entry.host_routes:  # the kept tables (an equal one is the same message)
-                kept = {_name(t, r): r for t, r in entry.routes}
-                entry.host_routes = [
-                    (port, host, kept[_name(envoy.ROUTE, table)])
-                    for port, host, table in entry.host_routes
-                ]
+            if entry.host_routes:
+                # Their tables live on in the port's Host-routing table only: no listener
+                # names them, so Envoy would never ask for them.
+                own = {_name(envoy.ROUTE, table) for _, _, table in entry.host_routes}
+                entry.routes = [r for r in entry.routes if _name(*r) not in own]
             if (
                 reuse is not None
                 and reuse.made is not None

@@ -9,10 +9,11 @@ what the sample asks for must be in its config dump: every subset as a cluster, 
 destination (and weight) of a VirtualService bound to the mesh in the service's route table, and
 the faults of the fault-injection samples.
 
-Samples that bind only a gateway (bookinfo-gateway, certmanager-gateway) or that are
-ServiceEntries (egress-rule-google-apis) are issue #16: they must be ACKed, nothing more is
-asserted for them. VirtualService samples are also applied on top of Bookinfo's default
-destination rules (destination-rule-all.yaml), as Istio's tasks apply them first
+Samples that bind only a gateway (bookinfo-gateway, certmanager-gateway) are issue #16: they
+must be ACKed, nothing more is asserted for them; a ServiceEntry's hosts must be clusters Envoy
+holds (egress-rule-google-apis: resolution DNS, in a netns where nothing resolves).
+VirtualService samples are also applied on top of Bookinfo's default destination rules
+(destination-rule-all.yaml), as Istio's tasks apply them first
 (istio.io/latest/docs/examples/bookinfo/#define-the-service-versions): then every cluster their
 routes name must be a cluster Envoy holds.
 
@@ -45,10 +46,11 @@ from nodeagent.envoy.launch import NODE_ENVOY_ARGS, envoy_argv
 from nodeagent.identity.ca import BuiltinCA
 from nodeagent.identity.certs import issue, spiffe_id
 from nodeagent.identity.secrets import root_secret, workload_secret
+from nodeagent.identity.tls_files import FileSecrets
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import DirectorySource
-from nodeagent.testbed import netlink
-from nodeagent.testbed.netns import netns_path
+from nodeagent.testbed import hosts, netlink
+from nodeagent.testbed.netns import in_netns, netns_path
 from nodeagent.translate import LocalPod, TranslationCache
 from nodeagent.xds import types
 from nodeagent.xds.cache import Snapshot, SnapshotCache
@@ -67,6 +69,9 @@ SUFFIX = "default.svc.cluster.local"
 # Bookinfo's Deployments as pods: these three run on this node (distinct identities), the others
 # on n2. A netns of this test's own stands for each local pod's.
 LOCAL = ("productpage-v1", "reviews-v1", "ratings-v1")
+# Envoy runs in a netns of its own whose resolver is its loopback, where nothing answers: a
+# ServiceEntry's DNS cluster (egress-rule-google-apis) resolves nothing, and asks no real DNS.
+ENVOY_NETNS = "samples-envoy"
 SAMPLES = istio_files("bookinfo/networking/*.yaml")
 DEFAULT_RULES = "destination-rule-all.yaml"
 T = TypeVar("T")
@@ -196,7 +201,10 @@ class NodeEnvoy:
             if pod.node_name == NODE
         ]
         assert sorted(lp.pod.name for lp in local) == sorted(LOCAL)
-        translation = TranslationCache().build(store, local, self.secrets)
+        # The agent's secrets: the workloads', and the files DestinationRules name (its
+        # tls_files watcher's).
+        secrets = [*self.secrets, *FileSecrets().sds_secrets(store)]
+        translation = TranslationCache().build(store, local, secrets)
         assert translation.problems == {}, translation.problems
         self.pushes += 1
         snapshot = Snapshot(f"sample-{self.pushes}", translation.resources)
@@ -244,12 +252,12 @@ def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeEnvoy]:
     )
     node.server.on_nack = lambda _node, nack: node.nacks.append(nack)
     try:
-        for pod in LOCAL:
-            name = Path(node.netns(pod)).name
+        for name in (ENVOY_NETNS, *(Path(node.netns(pod)).name for pod in LOCAL)):
             with contextlib.suppress(Exception):
                 netlink.remove_netns(name)  # left over by an earlier run killed midway
             netlink.create_netns(name)
             made.append(name)
+        hosts.write_resolv_conf(ENVOY_NETNS, "nameserver 127.0.0.1\n")
         ca = BuiltinCA.load_or_create(run / "state", TRUST_DOMAIN)
         for sa in ("bookinfo-productpage", "bookinfo-reviews", "bookinfo-ratings"):
             sid = spiffe_id(TRUST_DOMAIN, "default", sa)
@@ -270,7 +278,9 @@ def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeEnvoy]:
         )
         with node.log.open("wb") as log:
             argv = envoy_argv(ENVOY, config, (*NODE_ENVOY_ARGS, "--concurrency", "1"))
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                in_netns(ENVOY_NETNS, argv), stdout=log, stderr=subprocess.STDOUT
+            )
         wait_for(node.admin.ready, 20, "the node Envoy to be LIVE")
         yield node
     finally:
@@ -288,6 +298,7 @@ def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeEnvoy]:
         loop.close()
         for name in made:
             netlink.remove_netns(name)
+        shutil.rmtree(hosts.ETC_NETNS / ENVOY_NETNS, ignore_errors=True)
 
 
 def cluster_dir(tmp_path: Path, *files: Path) -> Path:
@@ -355,6 +366,12 @@ def check_sample_in_envoy(node: NodeEnvoy, docs: list[dict[str, Any]]) -> None:
         for subset in rule["spec"].get("subsets", []):
             name = cluster_name({"host": host, "subset": subset["name"]})
             assert name in clusters, f"{rule['metadata']['name']}: no cluster {name}"
+    for entry in (d for d in docs if d["kind"] == "ServiceEntry"):
+        # Each host and port a cluster, as istiod names it (outbound|<port>||<host>).
+        for host in entry["spec"]["hosts"]:
+            for port in entry["spec"]["ports"]:
+                name = f"outbound|{port['number']}||{host}"
+                assert name in clusters, f"{entry['metadata']['name']}: no cluster {name}"
     for vs in mesh_virtual_services(docs):
         (host,) = vs["spec"]["hosts"]
         routes = routes_of(node, route_table(host))

@@ -97,16 +97,43 @@ def test_istios_bookinfo_samples_are_reported_kind_by_kind(tmp_path: Path) -> No
     source.scan()
     assert source.errors == {}
     items = {(n.kind, n.name): n for n in report(store.istio.values())}
-    assert {kind for kind, _ in items} == {"ServiceEntry"}
+    assert {kind for kind, _ in items} == set()
     # Every VirtualService and DestinationRule of Bookinfo is enforced (#15), the ingress
     # Gateway and the VirtualService bound to it too (nodeagent gateway, #16).
     assert ("VirtualService", "reviews") not in items
     assert ("DestinationRule", "reviews") not in items
     assert ("VirtualService", "bookinfo") not in items
     assert ("Gateway", "bookinfo-gateway") not in items
-    # Its TLS origination (SIMPLE) is enforced; its host is a ServiceEntry's, reported there.
+    # The egress sample is enforced whole: its ServiceEntry (#16) and its TLS origination.
     assert ("DestinationRule", "originate-tls-for-googleapis") not in items
-    assert items[("ServiceEntry", "googleapis")].planned.startswith("#16")
+    assert ("ServiceEntry", "googleapis") not in items
+
+
+def _entry(kind: str, spec: dict[str, object]) -> IstioResource:
+    return IstioResource("networking.istio.io", "v1", kind, "shop", "ext", spec)
+
+
+def test_service_entry_fields_enforced_and_not_yet() -> None:
+    """Every ServiceEntry field takes effect but an endpoint's network, serviceAccount and
+    locality (outside DNS resolution), which are named with the reason (not yet)."""
+    spec: dict[str, object] = {
+        "hosts": ["api.example.com"],
+        "addresses": ["240.0.0.1"],
+        "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 8080}],
+        "location": "MESH_EXTERNAL",
+        "resolution": "STATIC",
+        "endpoints": [{"address": "10.0.0.1", "ports": {"http": 8080}, "labels": {"v": "1"}}],
+        "subjectAltNames": ["api.example.com"],
+        "exportTo": ["."],
+    }
+    assert not_enforced(_entry("ServiceEntry", spec)) is None
+    multi = {**spec, "endpoints": [{"address": "10.0.0.1", "network": "n2", "weight": 3}]}
+    found = not_enforced(_entry("ServiceEntry", multi))
+    assert found is not None and found.fields == ("endpoints[0].network",)
+    assert found.planned.startswith("not yet")
+    vm = _entry("WorkloadEntry", {"address": "10.0.0.2", "serviceAccount": "vm"})
+    found = not_enforced(vm)
+    assert found is not None and found.fields == ("serviceAccount",)
 
 
 def _write(path: Path, text: str) -> None:

@@ -1,0 +1,281 @@
+"""ServiceEntry hosts as registry services, and what the node Envoy gets for them (issue #16).
+
+Istio: istio.io/latest/docs/reference/config/networking/service-entry/ and istio/istio
+pilot/pkg/serviceregistry/serviceentry/conversion.go (a service per host), pilot/pkg/networking/
+core/cluster_builder.go (STATIC: EDS, DNS: STRICT_DNS, DNS_ROUND_ROBIN: LOGICAL_DNS, NONE:
+ORIGINAL_DST), listener building for hosts without addresses (0.0.0.0:<port>, HTTP routed by Host
+among the port's hosts; route/route.go BuildCatchAllVirtualHost: allow_any / block_all 502).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from nodeagent.identity.tls_files import FileSecrets
+from nodeagent.mesh.model import IstioResource, MeshConfig, Pod
+from nodeagent.mesh.service_entries import derive, derived_name, host_of
+from nodeagent.mesh.store import MeshStore
+from nodeagent.translate import TranslationCache, translate
+from nodeagent.translate import envoy as e
+from nodeagent.translate.internal import ORIGINAL_DST_META, OUTBOUND_INTERNAL
+from nodeagent.translate.tls import TLS_MODE_KEY
+from tests.unit.envoy_validate import assert_envoy_accepts_resources
+from tests.unit.istio_data import istio_data
+from tests.unit.test_translate import as_json, local, store
+
+API = "api.example.com"
+HTTP_80 = {"number": 80, "name": "http", "protocol": "HTTP"}
+
+
+def entry(name: str = "api", namespace: str = "shop", **spec: Any) -> IstioResource:
+    body = {"hosts": [API], "ports": [HTTP_80], "resolution": "DNS"} | spec
+    return IstioResource("networking.istio.io", "v1", "ServiceEntry", namespace, name, body)
+
+
+def istio(kind: str, name: str, spec: dict[str, Any], namespace: str = "shop") -> IstioResource:
+    return IstioResource("networking.istio.io", "v1", kind, namespace, name, spec)
+
+
+def cluster(out: Any, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = json_format.MessageToDict(
+        out[e.CLUSTER][name], preserving_proto_field_name=True
+    )
+    return found
+
+
+def chains(out: Any) -> dict[str, dict[str, Any]]:
+    listener = as_json(out[e.LISTENER][OUTBOUND_INTERNAL])
+    return {c["name"]: c for c in listener.get("filterChains", [])}
+
+
+def test_each_host_is_a_service_with_its_static_endpoints() -> None:
+    se = entry(
+        hosts=[API, "www.example.com"],
+        ports=[HTTP_80, {"number": 5432, "name": "tcp-db", "protocol": "TCP", "targetPort": 6432}],
+        resolution="STATIC",
+        location="MESH_INTERNAL",
+        endpoints=[
+            {"address": "10.1.0.1", "labels": {"v": "1"}},
+            {"address": "10.1.0.2", "ports": {"http": 8080}, "weight": 3},
+            {"address": "not-an-ip"},  # STATIC needs IPs: left out
+        ],
+    )
+    services, slices = derive(se)
+    assert [s.hostname() for s in services] == [API, "www.example.com"]
+    assert services[0].key == f"shop/{derived_name('api', API)}"
+    assert host_of(services[0].name) == API and host_of("web") is None
+    assert services[0].entry is not None and not services[0].entry.external
+    assert services[0].cluster_ip == ""  # no addresses: reached by port
+    # One slice per port mapping: 80 (and 5432 -> its targetPort) by default, or the
+    # endpoint's own ports by port name.
+    mine = [s for s in slices if s.service == services[0].name]
+    assert sorted(tuple(p.port for p in s.ports) for s in mine) == [(80, 6432), (8080, 6432)]
+    first = next(s for s in mine if s.ports[0].port == 80).endpoints[0]
+    assert (first.addresses, dict(first.labels)) == (("10.1.0.1",), {"v": "1"})
+    assert next(s for s in mine if s.ports[0].port == 8080).endpoints[0].weight == 3
+    assert derive(entry())[1] == []  # DNS: Envoy resolves, no slices
+
+
+def test_the_store_keeps_entries_services_up_to_date() -> None:
+    s = store()
+    s.put_istio(entry())
+    svc = s.service_of_entry_host(API)
+    assert svc is not None and svc.key in s.services
+    # Another entry naming the same host: the first keeps it, until it goes.
+    s.put_istio(entry("other", ports=[{"number": 81, "name": "http"}]))
+    assert s.service_of_entry_host(API) == svc
+    s.delete_istio("ServiceEntry/shop/api")
+    moved = s.service_of_entry_host(API)
+    assert moved is not None and moved.name == derived_name("other", API)
+    assert svc.key not in s.services
+    s.delete_istio("ServiceEntry/shop/other")
+    assert s.service_of_entry_host(API) is None
+
+
+def test_a_workload_selector_selects_pods_and_workload_entries_of_its_namespace() -> None:
+    s = store()
+    selector = {"workloadSelector": {"labels": {"app": "vm"}}, "resolution": "STATIC"}
+    s.put_istio(entry(location="MESH_INTERNAL", **selector))
+    s.put_pod(Pod("shop", "vm-1", labels={"app": "vm"}, pod_ips=("10.244.1.9",)))
+    s.put_pod(Pod("other", "vm-2", labels={"app": "vm"}, pod_ips=("10.244.1.8",)))
+    s.put_istio(istio("WorkloadEntry", "vm-3", {"address": "10.9.0.3", "labels": {"app": "vm"}}))
+    svc = s.service_of_entry_host(API)
+    assert svc is not None
+    endpoints = [ep for slice_ in s.slices_of(svc) for ep in slice_.endpoints]
+    assert {(ep.addresses[0], ep.pod) for ep in endpoints} == {
+        ("10.244.1.9", "shop/vm-1"),
+        ("10.9.0.3", ""),
+    }
+    s.delete_pod("shop/vm-1")
+    endpoints = [ep for slice_ in s.slices_of(svc) for ep in slice_.endpoints]
+    assert [ep.addresses for ep in endpoints] == [("10.9.0.3",)]
+
+
+def _inline_routes(listener: dict[str, Any], out: Any) -> dict[str, Any]:
+    """LISTENER with each RDS reference replaced by the table itself (validate mode has no
+    ADS)."""
+    for chain in listener.get("filter_chains", []):
+        for f in chain["filters"]:
+            rds = f["typed_config"].pop("rds", None)
+            if rds is not None:
+                table = out[e.ROUTE][rds["route_config_name"]]
+                f["typed_config"]["route_config"] = json_format.MessageToDict(
+                    table, preserving_proto_field_name=True
+                )
+    listener.pop("default_filter_chain", None)
+    return listener
+
+
+def test_dns_host_without_addresses_is_routed_by_host_and_tls_originated(
+    tmp_path: Path,
+) -> None:
+    """The canonical egress TLS origination (istio.io/latest/docs/tasks/traffic-management/
+    egress/egress-tls-origination/): port 80 to targetPort 443, a DestinationRule SIMPLE. The
+    host's STRICT_DNS cluster resolves its name, at 443, with its own TLS socket (SNI the host,
+    the entry's subjectAltNames); port 80 of any destination is routed by Host among the port's
+    hosts, the rest passed through (ALLOW_ANY)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    s = store()
+    s.put_istio(entry(ports=[HTTP_80 | {"targetPort": 443}], subjectAltNames=[API]))
+    tls = {"mode": "SIMPLE", "caCertificates": str(ca)}
+    level = [{"port": {"number": 80}, "tls": tls}]
+    s.put_istio(
+        istio(
+            "DestinationRule", "api", {"host": API, "trafficPolicy": {"portLevelSettings": level}}
+        )
+    )
+    out = translate(s, [local("a")])
+    made = cluster(out, f"outbound|80||{API}")
+    assert made["type"] == "STRICT_DNS" and made["dns_lookup_family"] == "V4_ONLY"
+    (group,) = made["load_assignment"]["endpoints"]
+    address = group["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert (address["address"], address["port_value"]) == (API, 443)
+    context = made["transport_socket"]["typed_config"]
+    assert context["sni"] == API
+    sans = context["common_tls_context"]["combined_validation_context"]
+    assert API in str(sans["default_validation_context"])
+    port_chain = chains(out)["0.0.0.0_80"]
+    assert port_chain["filterChainMatch"] == {"destinationPort": 80}
+    table = as_json(out[e.ROUTE]["80"])
+    assert [v["name"] for v in table["virtualHosts"]] == [f"{API}:80", "allow_any"]
+    assert table["virtualHosts"][0]["domains"] == [API, f"{API}:80"]
+    route = table["virtualHosts"][0]["routes"][0]["route"]
+    assert route["cluster"] == f"outbound|80||{API}"
+    assert f"outbound|80||{API}" not in out[e.ROUTE]  # only inside table 80: nobody asks
+    listener = json_format.MessageToDict(
+        out[e.LISTENER][OUTBOUND_INTERNAL], preserving_proto_field_name=True
+    )
+    assert_envoy_accepts_resources(
+        tmp_path,
+        clusters=[out[e.CLUSTER][f"outbound|80||{API}"], out[e.CLUSTER]["PassthroughCluster"]],
+        listeners=[_inline_routes(listener, out)],
+        secrets=FileSecrets().sds_secrets(s),
+    )
+
+
+def test_registry_only_answers_other_hosts_with_block_all() -> None:
+    s = store(outbound_traffic_policy="REGISTRY_ONLY")
+    s.put_istio(entry())
+    table = as_json(translate(s, [local("a")])[e.ROUTE]["80"])
+    catch_all = table["virtualHosts"][-1]
+    assert catch_all["name"] == "block_all" and catch_all["domains"] == ["*"]
+    assert catch_all["routes"][0]["directResponse"] == {"status": 502}
+
+
+def test_addresses_are_the_chain_prefixes_and_external_endpoints_plain() -> None:
+    """STATIC with addresses (an IP and a CIDR): one chain matching both; EDS endpoints through
+    originate without mTLS (MESH_EXTERNAL), never the same-node fast path; a DestinationRule
+    subset selects endpoints by their own labels."""
+    s = store()
+    se = entry(
+        addresses=["240.0.0.1", "192.168.0.0/16"],
+        resolution="STATIC",
+        endpoints=[{"address": "10.1.0.1", "labels": {"v": "1"}}, {"address": "10.1.0.2"}],
+    )
+    s.put_istio(se)
+    subsets = [{"name": "v1", "labels": {"v": "1"}}]
+    s.put_istio(istio("DestinationRule", "api", {"host": API, "subsets": subsets}))
+    out = translate(s, [local("a")])
+    match = chains(out)[f"outbound|80||{API}"]["filterChainMatch"]
+    assert match["prefixRanges"] == [
+        {"addressPrefix": "240.0.0.1", "prefixLen": 32},
+        {"addressPrefix": "192.168.0.0", "prefixLen": 16},
+    ]
+    assert "80" not in out[e.ROUTE]  # reached by its addresses, not by Host on the port
+
+    def endpoints(name: str) -> list[dict[str, Any]]:
+        cla = as_json(out[e.ENDPOINT][name])
+        return [lb for group in cla["endpoints"] for lb in group["lbEndpoints"]]
+
+    every = endpoints(f"outbound|80||{API}")
+    assert len(every) == 2
+    modes = {lb["metadata"]["filterMetadata"][TLS_MODE_KEY]["tlsMode"] for lb in every}
+    assert modes == {"disabled"}
+    (v1,) = endpoints(f"outbound|80|v1|{API}")
+    assert v1["metadata"]["filterMetadata"][ORIGINAL_DST_META]["local"] == "10.1.0.1:80"
+
+
+def test_resolution_none_and_dns_round_robin_clusters() -> None:
+    """NONE: where the caller dialled (a TCP port without addresses is the host's port);
+    DNS_ROUND_ROBIN: LOGICAL_DNS with its first endpoint."""
+    s = store()
+    tcp = {"number": 9000, "name": "tcp", "protocol": "TCP"}
+    s.put_istio(entry("none", hosts=["db.example.com"], ports=[tcp], resolution="NONE"))
+    rr = [{"address": "a.example.com"}, {"address": "b.example.com"}]
+    s.put_istio(entry("rr", hosts=["rr.example.com"], resolution="DNS_ROUND_ROBIN", endpoints=rr))
+    out = translate(s, [local("a")])
+    none = cluster(out, "outbound|9000||db.example.com")
+    assert none["type"] == "STATIC" and "eds_cluster_config" not in none
+    tcp_chain = chains(out)["outbound|9000||db.example.com"]
+    assert tcp_chain["filterChainMatch"] == {"destinationPort": 9000}
+    proxy = tcp_chain["filters"][-1]["typedConfig"]
+    assert proxy["cluster"] == "outbound|9000||db.example.com"
+    logical = cluster(out, "outbound|80||rr.example.com")
+    assert logical["type"] == "LOGICAL_DNS"
+    (group,) = logical["load_assignment"]["endpoints"]
+    (only,) = group["lb_endpoints"]
+    assert only["endpoint"]["address"]["socket_address"]["address"] == "a.example.com"
+
+
+def test_export_to_dot_serves_only_its_own_namespace_pods() -> None:
+    s = store()
+    s.put_istio(entry(namespace="elsewhere", exportTo=["."]))
+    assert f"outbound|80||{API}" not in translate(s, [local("a")])[e.CLUSTER]
+    caller = local("a")
+    other = type(caller)(Pod("elsewhere", "b"), "/run/netns/b")
+    assert f"outbound|80||{API}" in translate(s, [caller, other])[e.CLUSTER]
+
+
+def test_an_entry_change_rebuilds_only_its_hosts() -> None:
+    s = store()
+    s.put_istio(entry())
+    cache = TranslationCache()
+    before = cache.build(s, [local("a")]).resources
+    s.put_istio(entry(ports=[HTTP_80 | {"targetPort": 8443}]))
+    after = cache.build(s, [local("a")]).resources
+    assert cache.full_recomputes == 1
+    web = "outbound|80||web.shop.svc.cluster.local"
+    assert after[e.CLUSTER][web] is before[e.CLUSTER][web]
+    assert after[e.CLUSTER][f"outbound|80||{API}"] != before[e.CLUSTER][f"outbound|80||{API}"]
+
+
+def test_istios_egress_sample_routes_port_80_to_443_with_tls() -> None:
+    """bookinfo/networking/egress-rule-google-apis.yaml: its VirtualService sends port 80 to the
+    443 cluster, which its DestinationRule originates TLS on."""
+    from nodeagent.sources.directory import DirectorySource
+
+    s = MeshStore()
+    s.set_mesh_config(MeshConfig())
+    root = istio_data("bookinfo/networking/egress-rule-google-apis.yaml").parent
+    source = DirectorySource(root, s)
+    source.scan()
+    out = translate(s, [local("a")])
+    host = "www.googleapis.com"
+    (vhost, _) = as_json(out[e.ROUTE]["80"])["virtualHosts"]
+    assert vhost["routes"][0]["route"]["cluster"] == f"outbound|443||{host}"
+    assert "transport_socket" in cluster(out, f"outbound|443||{host}")
+    assert chains(out)[f"outbound|443||{host}"]["filterChainMatch"] == {"destinationPort": 443}
