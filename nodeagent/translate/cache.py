@@ -1247,16 +1247,21 @@ def _failed(origin: Origin, error: Exception) -> str:
 
 
 def _distinct(chains: list[envoy.FilterChain]) -> list[envoy.FilterChain]:
-    """CHAINS without those whose match an earlier one has (Envoy refuses a listener with two
-    equal matches): two ServiceEntry hosts without addresses on one TCP port, or an entry's
-    address that is another service's VIP. The first, in service key order, keeps it."""
-    seen: set[bytes] = set()
+    """CHAINS without the port-only ones whose port an earlier one has (Envoy refuses a
+    listener with two equal matches): two ServiceEntry hosts without addresses on one TCP port,
+    which Istio says "must not be shared"; the first, in service key order, keeps it. Chains
+    with prefixes stay as they are: two services on one VIP:port is a clash Envoy rejects, and
+    the later service is left out and reported (proxy.py)."""
+    seen: set[int] = set()
     kept = []
     for chain in chains:
-        match = chain.filter_chain_match.SerializeToString(deterministic=True)
-        if match not in seen:
-            seen.add(match)
-            kept.append(chain)
+        match = chain.filter_chain_match
+        if not match.prefix_ranges:
+            port = match.destination_port.value
+            if port in seen:
+                continue
+            seen.add(port)
+        kept.append(chain)
     return kept
 
 

@@ -279,3 +279,18 @@ def test_istios_egress_sample_routes_port_80_to_443_with_tls() -> None:
     assert vhost["routes"][0]["route"]["cluster"] == f"outbound|443||{host}"
     assert "transport_socket" in cluster(out, f"outbound|443||{host}")
     assert chains(out)[f"outbound|443||{host}"]["filterChainMatch"] == {"destinationPort": 443}
+
+
+def test_two_hosts_without_addresses_on_one_tcp_port_the_first_keeps_it() -> None:
+    """Istio: a port of a host without addresses "must not be shared by any other service";
+    the first entry (by key) keeps the port, rather than Envoy refusing the listener."""
+    s = store()
+    tcp = {"number": 9000, "name": "tcp", "protocol": "TCP"}
+    s.put_istio(entry("a", hosts=["a.example.com"], ports=[tcp]))
+    s.put_istio(entry("b", hosts=["b.example.com"], ports=[tcp]))
+    out = translate(s, [local("a")])
+    on_port = [
+        c for c in chains(out).values() if c["filterChainMatch"] == {"destinationPort": 9000}
+    ]
+    assert [c["name"] for c in on_port] == ["outbound|9000||a.example.com"]
+    assert "outbound|9000||b.example.com" in out[e.CLUSTER]  # still a cluster (VS may name it)
