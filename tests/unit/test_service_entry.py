@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from nodeagent.identity.tls_files import FileSecrets
-from nodeagent.mesh.model import IstioResource, MeshConfig, Pod
+from nodeagent.mesh.model import IstioResource, MeshConfig, Namespace, Pod
 from nodeagent.mesh.service_entries import derive, derived_name, host_of
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import TranslationCache, translate
@@ -294,3 +294,19 @@ def test_two_hosts_without_addresses_on_one_tcp_port_the_first_keeps_it() -> Non
     ]
     assert [c["name"] for c in on_port] == ["outbound|9000||a.example.com"]
     assert "outbound|9000||b.example.com" in out[e.CLUSTER]  # still a cluster (VS may name it)
+
+
+def test_mesh_internal_selected_pods_get_mtls_and_mesh_external_never() -> None:
+    """location MESH_INTERNAL: a selected mesh pod is an mTLS endpoint (auto mTLS, its own
+    identity); the same pod behind a MESH_EXTERNAL entry is sent plaintext."""
+    for location, mode in (("MESH_INTERNAL", "istio"), ("MESH_EXTERNAL", "disabled")):
+        s = store()
+        s.put_namespace(Namespace("shop", {"nodeagent.io/mesh": "enabled"}))
+        s.put_pod(
+            Pod("shop", "vm-1", labels={"app": "vm"}, service_account="vm", pod_ips=("10.244.1.9",))
+        )
+        selector = {"labels": {"app": "vm"}}
+        s.put_istio(entry(location=location, resolution="STATIC", workloadSelector=selector))
+        cla = as_json(translate(s, [local("a")])[e.ENDPOINT][f"outbound|80||{API}"])
+        (lb,) = cla["endpoints"][0]["lbEndpoints"]
+        assert lb["metadata"]["filterMetadata"][TLS_MODE_KEY]["tlsMode"] == mode, location
