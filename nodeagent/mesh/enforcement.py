@@ -27,10 +27,10 @@ nodeagent.translate.virtual_service):
 - Sidecar: workloadSelector, egress hosts and port, outboundTrafficPolicy.mode
   (nodeagent.mesh.sidecar_scope).
 - ServiceEntry (mesh/service_entries.py): hosts, addresses, ports, location, resolution (NONE,
-  STATIC, DNS, DNS_ROUND_ROBIN), endpoints (address, ports, labels, weight; locality with DNS),
+  STATIC, DNS, DNS_ROUND_ROBIN), endpoints (address, ports, labels, weight, locality),
   workloadSelector (pods and WorkloadEntries), subjectAltNames, exportTo (node-wide: served
   when exported to a namespace with a local pod). WorkloadEntry: address, ports, labels,
-  weight, as a selecting ServiceEntry's endpoint.
+  weight, locality, as a selecting ServiceEntry's endpoint.
 """
 
 from __future__ import annotations
@@ -140,9 +140,14 @@ _GATEWAY_SERVER: Mapping[str, Any] = {
 }
 
 # A ServiceEntry endpoint, or a WorkloadEntry: not yet its network (no multi-network gateways
-# here), its serviceAccount (the identity of a VM proxy, which the testbed has none of), nor its
-# locality outside resolution DNS (STATIC endpoints rank by their node's).
-_ENTRY_ENDPOINT: Mapping[str, Any] = {"address": ALL, "ports": ALL, "labels": ALL, "weight": ALL}
+# here) nor its serviceAccount (the identity of a VM proxy, which the testbed has none of).
+_ENTRY_ENDPOINT: Mapping[str, Any] = {
+    "address": ALL,
+    "ports": ALL,
+    "labels": ALL,
+    "weight": ALL,
+    "locality": ALL,
+}
 
 # Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
 # enforced values of a scalar field, and a one-element list applies its rule to every item.
@@ -196,10 +201,10 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
 PLANNED: Mapping[str, str] = {
     "DestinationRule": "#15 traffic management",
     "VirtualService": "#15 traffic management",
-    "ServiceEntry": "not yet: endpoints' network, serviceAccount, and locality but with DNS",
+    "ServiceEntry": "not yet: endpoints' network and serviceAccount (no VM proxy here)",
     "Sidecar": "#16 mesh edges",
     "Gateway": "#16 mesh edges",
-    "WorkloadEntry": "not yet: network, serviceAccount, locality (no VM proxy here)",
+    "WorkloadEntry": "not yet: network, serviceAccount (no VM proxy here)",
     "WorkloadGroup": "#16 mesh edges",
     "AuthorizationPolicy": "#17 authorization",
     "RequestAuthentication": "#17 authorization",

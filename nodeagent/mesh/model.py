@@ -149,9 +149,10 @@ class Endpoint:
     node_name: str = ""
     pod: str = ""  # namespace/name of the target pod, when the slice names one
     # A ServiceEntry endpoint's own labels (DestinationRule subsets select by them when it
-    # names no pod) and weight (0: unset).
+    # names no pod), weight (0: unset) and locality.
     labels: Mapping[str, str] = field(default_factory=dict)
     weight: int = 0
+    locality: str = ""  # region/zone/subzone, over its node's
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,13 @@ def _slices(
             for p in ports
         )
         groups.setdefault(key, []).append(
-            Endpoint((ep.address,), pod=ep.pod, labels=dict(ep.labels), weight=ep.weight)
+            Endpoint(
+                (ep.address,),
+                pod=ep.pod,
+                labels=dict(ep.labels),
+                weight=ep.weight,
+                locality=ep.locality,
+            )
         )
     return [
         EndpointSlice(namespace, f"{service}{SEPARATOR}{i}", service, tuple(eps), key)

@@ -100,6 +100,8 @@ def load_assignment(
             found.update({(address, port): spiffe for address in endpoint.addresses})
             node = endpoint.node_name or (pod.node_name if pod is not None else "")
             locality = store.locality_of(node)
+            if endpoint.locality:  # a ServiceEntry endpoint's own (region/zone/subzone)
+                locality = Locality(*[*endpoint.locality.split("/"), "", ""][:3])
             endpoint_labels: Mapping[str, str] = {}
             if endpoint.weight:
                 weights.update({(address, port): endpoint.weight for address in endpoint.addresses})

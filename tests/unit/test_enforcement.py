@@ -114,8 +114,8 @@ def _entry(kind: str, spec: dict[str, object]) -> IstioResource:
 
 
 def test_service_entry_fields_enforced_and_not_yet() -> None:
-    """Every ServiceEntry field takes effect but an endpoint's network, serviceAccount and
-    locality (outside DNS resolution), which are named with the reason (not yet)."""
+    """Every ServiceEntry field takes effect but an endpoint's network and serviceAccount,
+    which are named with the reason (not yet)."""
     spec: dict[str, object] = {
         "hosts": ["api.example.com"],
         "addresses": ["240.0.0.1"],
@@ -127,7 +127,8 @@ def test_service_entry_fields_enforced_and_not_yet() -> None:
         "exportTo": ["."],
     }
     assert not_enforced(_entry("ServiceEntry", spec)) is None
-    multi = {**spec, "endpoints": [{"address": "10.0.0.1", "network": "n2", "weight": 3}]}
+    far = {"address": "10.0.0.1", "network": "n2", "weight": 3, "locality": "r2/z1"}
+    multi = {**spec, "endpoints": [far]}
     found = not_enforced(_entry("ServiceEntry", multi))
     assert found is not None and found.fields == ("endpoints[0].network",)
     assert found.planned.startswith("not yet")

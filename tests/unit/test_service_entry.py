@@ -310,3 +310,19 @@ def test_mesh_internal_selected_pods_get_mtls_and_mesh_external_never() -> None:
         cla = as_json(translate(s, [local("a")])[e.ENDPOINT][f"outbound|80||{API}"])
         (lb,) = cla["endpoints"][0]["lbEndpoints"]
         assert lb["metadata"]["filterMetadata"][TLS_MODE_KEY]["tlsMode"] == mode, location
+
+
+def test_static_endpoints_rank_by_their_own_locality() -> None:
+    """An entry endpoint's locality is its own (istio: endpoints[].locality), not a node's:
+    the group Envoy balances it in, for locality load balancing."""
+    s = store()
+    far = [{"address": "10.1.0.1", "locality": "r2/z9"}, {"address": "10.1.0.2"}]
+    s.put_istio(entry(resolution="STATIC", endpoints=far))
+    cla = as_json(translate(s, [local("a")])[e.ENDPOINT][f"outbound|80||{API}"])
+    where = {
+        lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]: group.get("locality", {})
+        for group in cla["endpoints"]
+        for lb in group["lbEndpoints"]
+    }
+    assert where["10.1.0.1:80"] == {"region": "r2", "zone": "z9"}
+    assert where["10.1.0.2:80"] == {}
