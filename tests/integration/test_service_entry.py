@@ -181,3 +181,29 @@ def test_destination_rule_simple_originates_tls_to_the_external_server(clean: Te
     offset = log_path(tb).stat().st_size
     assert status(tb, URL) == "503"
     logged_after(tb, offset, f"outbound|80||{HOST}", "CERTIFICATE_VERIFY_FAILED")
+
+
+def test_https_port_and_the_other_resolutions(clean: Testbed) -> None:
+    """Istio's egress-control task (istio.io/latest/docs/tasks/traffic-management/egress/
+    egress-control/): an entry's HTTPS port without addresses is the host's port, the app's own
+    TLS passes through to it (TCP, the access log names its cluster); resolution NONE (where the
+    caller dialled) and DNS_ROUND_ROBIN (LOGICAL_DNS) admit the host too."""
+    tb = clean
+    tb.set_mesh_config(REGISTRY_ONLY)
+    https = ["--cacert", str(layout.external_ca_file(tb.name, "api")), f"https://{HOST}/"]
+    wait_for(lambda: status(tb, *https) == "000", 20, "REGISTRY_ONLY refusing HTTPS")
+    ports = [HTTP_80, {"number": 443, "name": "https", "protocol": "HTTPS"}]
+    for resolution in ("DNS", "NONE", "DNS_ROUND_ROBIN"):
+        admitted = entry(resolution, HTTP_80)
+        admitted["spec"]["ports"] = ports
+        apply_docs(tb, admitted)
+        wait_for(
+            lambda: status(tb, *https) == "200" and status(tb, URL) == "200",
+            20,
+            f"resolution {resolution} admitting HTTP and HTTPS",
+        )
+        offset = log_path(tb).stat().st_size
+        assert status(tb, *https) == "200"
+        logged_after(tb, offset, "default/sleep", "TCP", f"outbound|443||{HOST}")
+        apply_docs(tb)
+        wait_for(lambda: status(tb, *https) == "000", 20, "the entry gone: refused again")
