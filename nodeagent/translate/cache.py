@@ -210,10 +210,15 @@ class TranslationCache:
     # Sidecar scopes' internal listeners (and clusters), by listener name.
     _scoped: dict[str, _Memo] = field(default_factory=dict)
     # Services no local pod's Sidecar scope reaches while every local pod has one: built, not
-    # served (Istio's Sidecar trims clusters too). _needs: what that set was computed from.
-    _unneeded: frozenset[str] = frozenset()
-    _needs: tuple[Any, ...] | None = None
-    _entries_moved: int = 0  # bumped when service entries are rebuilt
+    # served (Istio's Sidecar trims clusters too). Kept up to date service by service:
+    # _admitted: the services some scope admits -> the services their routes name; _needed:
+    # both together; _scopes_seen: the scopes they were computed for (None: nothing trimmed);
+    # _rebuilt: services whose entry was rebuilt (or dropped) since.
+    _unneeded: set[str] = field(default_factory=set)
+    _admitted: dict[str, frozenset[str]] = field(default_factory=dict)
+    _needed: set[str] = field(default_factory=set)
+    _scopes_seen: frozenset[sidecar_scope.Scope] | None = None
+    _rebuilt: set[str] = field(default_factory=set)
     _originate: _Memo | None = None  # the originate-mtls cluster
     _originate_tls: _Memo | None = None  # the originate-tls cluster
     # originate-tls's sockets: those the served clusters name now (_wanted_sockets) and those
@@ -326,31 +331,49 @@ class TranslationCache:
         Sidecar (SCOPED: each pod's scope): those a scope admits and those their routes name (a
         VirtualService destination: its cluster is needed, not its chain). Istio's Sidecar
         trims a sidecar's clusters the same way (pilot/pkg/model/sidecar.go: only the scope's
-        services and the VirtualService destinations get clusters)."""
+        services and the VirtualService destinations get clusters). Incremental: only rebuilt
+        services are looked at again, unless the scopes changed."""
         assert self._settings is not None
         settings = self._settings
         scopes = frozenset(scope for scope in scoped.values() if scope is not None)
-        if settings.sidecar or not scoped or len(scopes) == 0 or None in scoped.values():
-            self._needs = None
-            unneeded: frozenset[str] = frozenset()
+        rebuilt, self._rebuilt = self._rebuilt, set()
+        if settings.sidecar or not scopes or None in scoped.values():
+            self._scopes_seen = None
+            self._admitted.clear()
+            self._needed.clear()
+            self._reneed(set(self._unneeded), set())
+            return
+        full = scopes != self._scopes_seen
+        if full:
+            self._scopes_seen = scopes
+            self._admitted.clear()
+            rebuilt = set(self._services)
+        domain = settings.mesh_config.cluster_domain
+        moved = False
+        for key in rebuilt:
+            entry = self._services.get(key)
+            named: frozenset[str] | None = None
+            if entry is not None and any(
+                _admits(scope, t) for scope in scopes for t in entry.targets
+            ):
+                named = frozenset(k for h in entry.hosts if (k := _service_key(h, domain)))
+            if named is None:
+                moved |= self._admitted.pop(key, None) is not None
+            elif self._admitted.get(key) != named:
+                self._admitted[key] = named
+                moved = True
+        if moved or full:
+            self._needed = set(self._admitted).union(*self._admitted.values())
+            unneeded = self._services.keys() - self._needed
+            self._reneed(unneeded ^ self._unneeded, unneeded)
         else:
-            inputs = (scopes, self._entries_moved)
-            if inputs == self._needs:
-                return
-            self._needs = inputs
-            needed = {
-                key
-                for key, entry in self._services.items()
-                if any(_admits(scope, t) for scope in scopes for t in entry.targets)
-            }
-            store = settings.store
-            for key in list(needed):
-                for host in self._services[key].hosts:
-                    svc = service_views.service_of_host(store, host)
-                    if svc is not None and svc.key in self._services:
-                        needed.add(svc.key)
-            unneeded = frozenset(self._services.keys() - needed)
-        flipped = unneeded ^ self._unneeded
+            news = {k for k in rebuilt if k in self._services and k not in self._needed}
+            gone = {k for k in rebuilt & self._unneeded if k not in self._services}
+            self._reneed((news - self._unneeded) | gone, (self._unneeded | news) - gone)
+
+    def _reneed(self, flipped: Collection[str], unneeded: set[str]) -> None:
+        """UNNEEDED is the new set; FLIPPED, the services whose membership changed: placed
+        again (served or not)."""
         self._unneeded = unneeded
         for key in flipped:
             if (entry := self._services.get(key)) is not None:
@@ -385,6 +408,8 @@ class TranslationCache:
         self._inbound.clear()
         self._internal = self._originate = self._originate_tls = None
         self._scoped.clear()
+        self._scopes_seen = None  # every service is looked at again (_follow_scopes)
+        self._admitted.clear()
         self._modes.clear()
         self._tls_sockets.clear()
         self._prior_routes = dict(self._base.get(envoy.ROUTE, {}))
@@ -479,7 +504,7 @@ class TranslationCache:
         assert self._settings is not None
         store = self._settings.store
         added_or_removed = False
-        self._entries_moved += bool(dirty)
+        self._rebuilt |= dirty
         for key in dirty:
             old = self._services.pop(key, None)
             if old is not None:
@@ -1345,6 +1370,14 @@ def _sidecar_cluster(
 
 def _pod_outbound(local: LocalPod, spiffe: str, to: str) -> Made:
     return [(envoy.LISTENER, pod_outbound_listener(local.pod, local.netns, spiffe, to))]
+
+
+def _service_key(hostname: str, domain: str) -> str:
+    """The key (namespace/name) of the Kubernetes Service HOSTNAME names, "" for another."""
+    suffix = ".svc." + domain
+    name, dot, namespace = hostname.removesuffix(suffix).partition(".")
+    ok = hostname.endswith(suffix) and dot and name and namespace and "." not in namespace
+    return f"{namespace}/{name}" if ok else ""
 
 
 def _admits(scope: sidecar_scope.Scope, target: ServiceTarget) -> bool:

@@ -272,6 +272,48 @@ def test_services_no_scope_reaches_get_no_cluster_while_every_local_pod_is_scope
     assert out == build(s, [scoped, pod("billing", "b")]).resources
 
 
+def test_trimming_follows_changes_service_by_service() -> None:
+    """Each step of the incremental translation equals a fresh one: a new service out of every
+    scope is left out, a change of it pushes nothing, a route naming it brings it in."""
+    s = mesh()
+    s.put_istio(sidecar("shop", hosts=["./*"]))
+    pods = [pod("shop", "a")]
+    cache = TranslationCache()
+    cache.build(s, pods)
+    ports = (ServicePort(80, "http", 8080),)
+    steps = [
+        lambda: s.put_service(Service("billing", "audit", "10.96.1.20", ports, {"app": "audit"})),
+        lambda: s.put_service(Service("billing", "audit", "10.96.1.21", ports, {"app": "x"})),
+        lambda: s.put_istio(
+            IstioResource(
+                "networking.istio.io",
+                "v1",
+                "VirtualService",
+                "shop",
+                "vs",
+                {
+                    "hosts": ["web"],
+                    "http": [
+                        {"route": [{"destination": {"host": "audit.billing.svc.cluster.local"}}]}
+                    ],
+                },
+            )
+        ),
+        lambda: s.delete_istio("VirtualService/shop/vs"),
+        lambda: s.delete_service("billing/audit"),
+    ]
+    audit = "outbound|80||audit.billing.svc.cluster.local"
+    seen = []
+    for i, step in enumerate(steps):
+        step()
+        made = cache.build(s, pods)
+        assert made.resources == build(s, pods).resources, i
+        seen.append(audit in made.resources[e.CLUSTER])
+        if i == 1:  # audit changed, out of scope: nothing to push
+            assert made.changed is not None and not any(made.changed.values())
+    assert seen == [False, False, True, False, False]
+
+
 def test_the_sidecar_form_keeps_only_its_scope() -> None:
     s = mesh()
     s.put_istio(sidecar("shop", hosts=["./*"], outboundTrafficPolicy={"mode": "REGISTRY_ONLY"}))
