@@ -297,9 +297,12 @@ def _downstream_tls(server: Server, workload: Workload) -> dict[str, Any]:
     }
     context: dict[str, Any] = {}
     if server.mode == "MUTUAL":
+        # Istio matches a client's SAN of any type (its exact string matchers are untyped):
+        # the names a client certificate carries are DNS names or URIs (SPIFFE IDs).
         sans = [
-            {"san_type": "DNS", "matcher": {"exact": str(san)}}
+            {"san_type": kind, "matcher": {"exact": str(san)}}
             for san in server.tls.get("subjectAltNames") or ()
+            for kind in ("DNS", "URI")
         ]
         common["combined_validation_context"] = {
             "default_validation_context": {"match_typed_subject_alt_names": sans},

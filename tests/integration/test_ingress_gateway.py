@@ -38,27 +38,41 @@ NAME = "tbingress"
 GATEWAY_POD = "istio-system/istio-ingressgateway"
 GATEWAY_ID = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway"
 HOST = "shop.example.com"
+CLIENT = "client.example"
+EGRESS_POD = "istio-system/istio-egressgateway"
+EXTERNAL = "api.external.test"
 
 
 def _topology() -> str:
     def app(name: str) -> dict[str, Any]:
         return pod(name, "n1", {"app": name}, workload={"type": "fake-service", "port": 8080})
 
-    gateway = pod(
-        "istio-ingressgateway",
-        "n1",
-        {"istio": "ingressgateway", "app": "istio-ingressgateway"},
-        namespace="istio-system",
-        workload={"type": "gateway"},
-    )
+    def gateway(kind: str) -> dict[str, Any]:
+        labels = {"istio": f"{kind}gateway", "app": f"istio-{kind}gateway"}
+        return pod(
+            f"istio-{kind}gateway",
+            "n1",
+            labels,
+            namespace="istio-system",
+            workload={"type": "gateway"},
+        )
+
     text = topology_text(
         NAME,
-        [app("web-api"), app("payments"), gateway],
-        [service("web-api", 8080, 8080), service("payments", 8080, 8080)],
+        [app("web-api"), app("payments"), gateway("ingress"), gateway("egress")],
+        [
+            service("web-api", 8080, 8080),
+            service("payments", 8080, 8080),
+            service("istio-egressgateway", 80, 80, namespace="istio-system"),
+        ],
         nodes=({"name": "n1"},),
         outside=("istio-system",),
     )
-    return text + f'outside: {{"pods": ["{GATEWAY_POD}"]}}\n'
+    return (
+        text
+        + f'outside: {{"pods": ["{GATEWAY_POD}"]}}\n'
+        + f"externals:\n  - {{name: api, names: [{EXTERNAL}]}}\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +86,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two certificates for HOST from two CAs: the Secret's first content and its rotation."""
     base = tmp_path_factory.mktemp("ingress-pki")
     first, second = base / "first", base / "second"
-    write_app_pki(first, HOST)
+    write_app_pki(first, HOST, CLIENT)  # the first CA also signs the MUTUAL server's clients
     write_app_pki(second, HOST)
     return first, second
 
@@ -92,6 +106,9 @@ spec:
   - port: {number: 8080, name: http-redirect, protocol: HTTP}
     hosts: ["secure.example.com"]
     tls: {httpsRedirect: true}
+  - port: {number: 9443, name: https-mutual, protocol: HTTPS}
+    hosts: ["shop.example.com"]
+    tls: {mode: MUTUAL, credentialName: shop-mtls}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -106,19 +123,25 @@ spec:
 """
 
 
-def _secret(pki: Path) -> str:
+def _secret(pki: Path, name: str = "shop-cert", client_ca: bool = False) -> str:
     def b64(path: Path) -> str:
         return base64.b64encode(path.read_bytes()).decode()
 
+    ca = f"\n  ca.crt: {b64(pki / 'ca.pem')}" if client_ca else ""
     return f"""
 apiVersion: v1
 kind: Secret
-metadata: {{name: shop-cert, namespace: istio-system}}
+metadata: {{name: {name}, namespace: istio-system}}
 type: kubernetes.io/tls
 data:
   tls.crt: {b64(pki / f"{HOST}.pem")}
-  tls.key: {b64(pki / f"{HOST}.key")}
+  tls.key: {b64(pki / f"{HOST}.key")}{ca}
 """
+
+
+def _mutual_secret(pki: Path) -> str:
+    """The MUTUAL server's Secret: its certificate and the CA its clients must come from."""
+    return _secret(pki, "shop-mtls", client_ca=True)
 
 
 def _curl(tb: Testbed, url: str, *args: str) -> Any:
@@ -157,7 +180,7 @@ def _envoy_pid(tb: Testbed) -> str:
 @pytest.fixture(scope="module")
 def routed(tb: Testbed, pki: tuple[Path, Path]) -> Testbed:
     """The Gateway, its VirtualService and the first Secret applied (kubectl apply)."""
-    put_yaml(tb, "gateway.yaml", GATEWAY, _secret(pki[0]))
+    put_yaml(tb, "gateway.yaml", GATEWAY, _secret(pki[0]), _mutual_secret(pki[0]))
     ip = tb.pod_ip(GATEWAY_POD)
     wait_for(
         lambda: (_answer(tb, f"http://{ip}:8080/") or {}).get("name") == "web-api",
@@ -187,6 +210,23 @@ def test_virtual_service_on_the_gateway_routes_by_path(routed: Testbed) -> None:
     assert (home or {}).get("name") == "web-api"
     # A VirtualService bound to the gateway only leaves the mesh's own calls alone.
     assert call(routed, "payments", "http://web-api:8080/pay")["name"] == "web-api"
+
+
+def test_mutual_tls_server_requires_a_client_certificate_from_the_secrets_ca(
+    routed: Testbed, pki: tuple[Path, Path]
+) -> None:
+    ip = routed.pod_ip(GATEWAY_POD)
+    first = pki[0]
+    url = f"https://{HOST}:9443/"
+    base = ("--resolve", f"{HOST}:9443:{ip}", "--cacert", str(first / "ca.pem"))
+    client = ("--cert", str(first / f"{CLIENT}.pem"), "--key", str(first / f"{CLIENT}.key"))
+    wait_for(
+        lambda: (_answer(routed, url, *base, *client) or {}).get("name") == "web-api",
+        30,
+        "web-api over MUTUAL TLS with a client certificate",
+        step=0.2,
+    )
+    assert _curl(routed, url, *base).returncode != 0  # no client certificate: refused
 
 
 def test_https_redirect_server_answers_301_to_https(routed: Testbed) -> None:
@@ -220,7 +260,8 @@ def test_https_with_credential_name_and_rotation_without_restart(
     assert _served_pem(routed, ip) == (first / f"{HOST}.pem").read_text().strip()
     envoy, process = _envoy_pid(routed), routed.state.pods[GATEWAY_POD].pid
 
-    put_yaml(routed, "gateway.yaml", GATEWAY, _secret(second))  # the Secret rotated
+    # The Secret rotated (the MUTUAL server's stays).
+    put_yaml(routed, "gateway.yaml", GATEWAY, _secret(second), _mutual_secret(first))
     wanted = (second / f"{HOST}.pem").read_text().strip()
     wait_for(lambda: _served_pem(routed, ip) == wanted, 30, "the rotated certificate", step=0.2)
     assert via_https(second)

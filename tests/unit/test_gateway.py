@@ -436,3 +436,23 @@ def test_the_gateway_snapshot_holds_its_listeners_the_mesh_clusters_and_its_secr
     assert "outbound|9090||web-api.shop.svc.cluster.local" in snapshot.of(ENDPOINT)
     secrets = set(snapshot.of(SECRET))
     assert {ME, "ROOTCA", "kubernetes://istio-system/shop-cert"} <= secrets
+
+
+def test_mutual_server_requires_a_client_certificate_from_the_credentials_ca() -> None:
+    text = GATEWAYS_YAML.replace(
+        "tls: {mode: SIMPLE, credentialName: shop-cert}",
+        "tls: {mode: MUTUAL, credentialName: shop-cert, subjectAltNames: [client.example]}",
+    )
+    config = _build(_store(CLUSTER_YAML, text))
+    https = _json(next(li for li in config.listeners if li.name == "0.0.0.0_8443"))
+    tls = https["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert tls["require_client_certificate"] is True
+    validation = tls["common_tls_context"]["combined_validation_context"]
+    assert validation["validation_context_sds_secret_config"]["name"] == (
+        "kubernetes://istio-system/shop-cert-cacert"
+    )
+    sans = validation["default_validation_context"]["match_typed_subject_alt_names"]
+    assert {(s["san_type"], s["matcher"]["exact"]) for s in sans} == {
+        ("DNS", "client.example"),
+        ("URI", "client.example"),
+    }
