@@ -10,7 +10,9 @@ EndpointSlice of its endpoints (its ``endpoints``, or the pods and WorkloadEntri
 ``workloadSelector`` selects in its namespace). The store keeps them next to the Kubernetes
 Services (under keys no Kubernetes object can have: ``<namespace>/<entry>~<host>``), so
 VirtualServices and DestinationRules apply to them as to any service, and the translation's
-incremental machinery rebuilds only an entry's own hosts when it changes.
+incremental machinery rebuilds only an entry's own hosts when it changes. Which entry holds a
+host two name (the oldest) and that a Kubernetes Service's hostname is never an entry's is the
+store's to keep (MeshStore._derive).
 """
 
 from __future__ import annotations

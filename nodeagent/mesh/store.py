@@ -232,12 +232,21 @@ class MeshStore:
         self.services[svc.key] = svc
         self._index_service(svc, add=True)
         self._bump(SERVICE, svc.key)
+        if svc.entry is None and old is None:
+            # A Kubernetes Service's name wins over an entry's host naming it (Istio's).
+            owner = self._host_owner.get(svc.hostname(self.mesh_config.cluster_domain))
+            if owner is not None and (taken := self.services.get(owner)) is not None:
+                assert taken.entry is not None
+                self._derive(taken.entry.entry)
 
     def delete_service(self, key: str) -> None:
         old = self.services.pop(key, None)
         if old is not None:
             self._index_service(old, add=False)
             self._bump(SERVICE, key)
+            if old.entry is None and self._contested:
+                for entry in sorted(self._contested):  # a host it held may be free now
+                    self._derive(entry)
 
     def put_endpoint_slice(self, eps: EndpointSlice) -> None:
         old = self.endpoint_slices.get(eps.key)
@@ -374,12 +383,23 @@ class MeshStore:
             if svc is not None and self._host_owner.get(svc.host) == svc_key:
                 del self._host_owner[svc.host]
         kept: list[Service] = []
+        evicted: set[str] = set()
         self._contested.discard(key)
         for svc in services:
             owner = self._host_owner.get(svc.host)
-            if owner is not None and owner != svc.key:
-                self._contested.add(key)  # another entry holds the host: it keeps it
-                log.warning("%s: host %s is already %s's; ignored", key, svc.host, owner)
+            holder = self.services.get(owner) if owner is not None else None
+            if self._kubernetes_host(svc.host):
+                holder_key = "a Kubernetes Service"
+            elif holder is not None and holder.entry is not None and owner != svc.key:
+                holder_key = holder.entry.entry
+                if self._age(key) < self._age(holder_key):
+                    evicted.add(holder_key)  # the oldest entry holds a host (as Istio)
+                    holder_key = ""
+            else:
+                holder_key = ""
+            if holder_key:
+                self._contested.add(key)  # the host is another's: it keeps it
+                log.warning("%s: host %s is already %s's; ignored", key, svc.host, holder_key)
                 continue
             self._host_owner[svc.host] = svc.key
             kept.append(svc)
@@ -395,6 +415,22 @@ class MeshStore:
             self.put_endpoint_slice(slice_)
         if kept or slices:
             self._derived[key] = ([svc.key for svc in kept], [s.key for s in slices])
+        for younger in sorted(evicted):
+            self._derive(younger)
+
+    def _age(self, entry_key: str) -> tuple[str, str]:
+        """Older first: creationTimestamp (RFC 3339 sorts as text), then the key."""
+        entry = self.istio.get(entry_key)
+        return ((entry.created if entry is not None else "") or "~", entry_key)
+
+    def _kubernetes_host(self, host: str) -> bool:
+        """HOST is a Kubernetes Service's hostname (<name>.<ns>.svc.<domain>)."""
+        suffix = ".svc." + self.mesh_config.cluster_domain
+        if not host.endswith(suffix):
+            return False
+        name, _, namespace = host[: -len(suffix)].partition(".")
+        svc = self.services.get(f"{namespace}/{name}")
+        return svc is not None and svc.entry is None
 
     def service_of_entry_host(self, host: str) -> Service | None:
         """The service a ServiceEntry host became (None: no entry holds HOST)."""

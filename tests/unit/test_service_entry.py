@@ -15,7 +15,14 @@ from typing import Any
 from google.protobuf import json_format
 
 from nodeagent.identity.tls_files import FileSecrets
-from nodeagent.mesh.model import IstioResource, MeshConfig, Namespace, Pod
+from nodeagent.mesh.model import (
+    IstioResource,
+    MeshConfig,
+    Namespace,
+    Pod,
+    Service,
+    ServicePort,
+)
 from nodeagent.mesh.service_entries import derive, derived_name, host_of
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import TranslationCache, translate
@@ -326,3 +333,33 @@ def test_static_endpoints_rank_by_their_own_locality() -> None:
     }
     assert where["10.1.0.1:80"] == {"region": "r2", "zone": "z9"}
     assert where["10.1.0.2:80"] == {}
+
+
+def test_the_oldest_entry_holds_a_host_and_a_kubernetes_service_wins_over_both() -> None:
+    """Two entries naming one host: the older (creationTimestamp) holds it, whichever came
+    first; a Kubernetes Service of that hostname wins over any entry (as Istio's registry)."""
+    s = store()
+
+    def dated(name: str, created: str) -> IstioResource:
+        body = {"hosts": [API], "ports": [HTTP_80], "resolution": "DNS"}
+        return IstioResource(
+            "networking.istio.io", "v1", "ServiceEntry", "shop", name, body, created=created
+        )
+
+    s.put_istio(dated("young", "2026-02-01T00:00:00Z"))
+    s.put_istio(dated("old", "2026-01-01T00:00:00Z"))
+    holder = s.service_of_entry_host(API)
+    assert holder is not None and holder.name == derived_name("old", API)
+    assert derived_name("young", API) not in {svc.name for svc in s.services.values()}
+    s.delete_istio("ServiceEntry/shop/old")
+    holder = s.service_of_entry_host(API)
+    assert holder is not None and holder.name == derived_name("young", API)
+
+    kube = "web.shop.svc.cluster.local"  # store()'s Kubernetes Service
+    s.put_istio(entry("shadow", hosts=[kube, "db.shop.svc.cluster.local"]))
+    assert s.service_of_entry_host(kube) is None  # the Service keeps its name
+    assert s.service_of_entry_host("db.shop.svc.cluster.local") is not None
+    s.put_service(Service("shop", "db", "10.96.0.20", (ServicePort(80, "http"),)))
+    assert s.service_of_entry_host("db.shop.svc.cluster.local") is None  # a Service came
+    s.delete_service("shop/db")
+    assert s.service_of_entry_host("db.shop.svc.cluster.local") is not None
