@@ -33,6 +33,7 @@ builder that starts reading one must add its dependency in ``_dirty_services``.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -226,6 +227,8 @@ class TranslationCache:
     _kept_sockets: dict[str, dict[str, Any]] = field(default_factory=dict)
     _wanted_sockets: frozenset[str] = frozenset()
     _fast: dict[str, frozenset[int]] = field(default_factory=dict)  # local pod -> fast ports
+    # The served entries' Host-routed hosts (namespace, route), for the chains token they hold.
+    _host_routes_memo: tuple[object, tuple[tuple[str, HostRoute], ...]] = (None, ())
     _vs_index: traffic.VirtualServiceIndex | None = None
     _by_vs: dict[str, set[str]] = field(default_factory=dict)  # VirtualService -> services
     _by_host: dict[str, set[str]] = field(default_factory=dict)  # destination host -> services
@@ -729,7 +732,11 @@ class TranslationCache:
         entry.chain_keys = tuple(
             (t.service.cluster_ip, t.port.port, t.host, is_http(t.protocol), repr(tcp))
             for t, tcp in keys
-        ) + tuple(("", port, host, True, "host") for port, host, _ in entry.host_routes)
+        ) + tuple(
+            # The table's content too: a VirtualService change of it changes the port's table.
+            ("", port, host, True, _digest(table))
+            for port, host, table in entry.host_routes
+        )
 
     def _keep_unchanged_routes(self, entry: _ServiceEntry, before: Mapping[str, Message]) -> None:
         """A table equal to the one it replaces stays the very same message (its push is
@@ -1055,13 +1062,21 @@ class TranslationCache:
 
     def _host_routes(self, scope: sidecar_scope.Scope | None) -> tuple[HostRoute, ...]:
         """The served ServiceEntry hosts without addresses on HTTP ports (those SCOPE admits):
+        gathered again only when the served chains changed (their chain keys carry them), and
         few, so their inputs are compared by value."""
+        token, found = self._host_routes_memo
+        if token is not self._chains_token:
+            found = tuple(
+                (key.partition("/")[0], route)
+                for key in self._order
+                if key in self._served
+                for route in self._services[key].host_routes
+            )
+            self._host_routes_memo = (self._chains_token, found)
         return tuple(
             route
-            for key in self._order
-            if key in self._served
-            for route in self._services[key].host_routes
-            if scope is None or scope.admits(key.partition("/")[0], route[1], route[0])
+            for namespace, route in found
+            if scope is None or scope.admits(namespace, route[1], route[0])
         )
 
     def _black_holes(self) -> list[envoy.FilterChain]:
@@ -1269,6 +1284,10 @@ def _failed(origin: Origin, error: Exception) -> str:
     why = f"{type(error).__name__}: {error}"
     log.error("%s left out of the node's Envoy config: %s", origin, why)
     return why
+
+
+def _digest(table: Message) -> str:
+    return hashlib.sha256(table.SerializeToString(deterministic=True)).hexdigest()[:16]
 
 
 def _distinct(chains: list[envoy.FilterChain]) -> list[envoy.FilterChain]:

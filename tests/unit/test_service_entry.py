@@ -363,3 +363,23 @@ def test_the_oldest_entry_holds_a_host_and_a_kubernetes_service_wins_over_both()
     assert s.service_of_entry_host("db.shop.svc.cluster.local") is None  # a Service came
     s.delete_service("shop/db")
     assert s.service_of_entry_host("db.shop.svc.cluster.local") is not None
+
+
+def test_a_virtual_service_on_a_host_routed_entry_changes_its_ports_table() -> None:
+    """The port's Host-routing table carries the host's own routes: a VirtualService for the
+    host, applied later, is in it at the next build (and gone with it)."""
+    s = store()
+    s.put_istio(entry(ports=[HTTP_80, {"number": 8080, "name": "http-alt", "protocol": "HTTP"}]))
+    cache = TranslationCache()
+
+    def routed_to() -> str:
+        table = as_json(cache.build(s, [local("a")]).resources[e.ROUTE]["80"])
+        return str(table["virtualHosts"][0]["routes"][0]["route"]["cluster"])
+
+    assert routed_to() == f"outbound|80||{API}"
+    to_8080 = {"destination": {"host": API, "port": {"number": 8080}}}
+    s.put_istio(istio("VirtualService", "api", {"hosts": [API], "http": [{"route": [to_8080]}]}))
+    assert routed_to() == f"outbound|8080||{API}"
+    s.delete_istio("VirtualService/shop/api")
+    assert routed_to() == f"outbound|80||{API}"
+    assert cache.full_recomputes == 1
