@@ -173,6 +173,8 @@ def _require_root() -> None:
 
 
 def _status_dict(tb: Testbed) -> dict[str, object]:
+    from nodeagent.testbed import layout
+
     topo = tb.topology
     return {
         "name": tb.name,
@@ -200,6 +202,17 @@ def _status_dict(tb: Testbed) -> dict[str, object]:
                 "ports": [p.port for p in svc.ports],
             }
             for svc in topo.services
+        ],
+        "externals": [
+            {
+                "name": ext.name,
+                "names": list(ext.names),
+                "ip": str(ext.ip),
+                "httpPort": ext.http_port,
+                "httpsPort": ext.https_port,
+                "caFile": str(layout.external_ca_file(tb.name, ext.name)),
+            }
+            for ext in topo.externals
         ],
         "controlPlane": [
             {
@@ -256,3 +269,11 @@ def _print_status(tb: Testbed) -> None:
             for svc in topo.services
         ]
     )
+    if topo.externals:
+        table(
+            [("EXTERNAL", "NAMES", "IP", "HTTP", "HTTPS")]
+            + [
+                (e.name, ",".join(e.names), str(e.ip), str(e.http_port), str(e.https_port))
+                for e in topo.externals
+            ]
+        )

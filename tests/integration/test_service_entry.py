@@ -16,6 +16,7 @@ and HTTPS on 443 with a certificate of its own CA: nodeagent/testbed/externals.p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ import pytest
 
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed
-from tests.integration.helpers import apply_docs, pod, running_testbed, topology_text, wait_for
+from tests.integration.helpers import (
+    apply_docs,
+    nodeagent,
+    pod,
+    running_testbed,
+    topology_text,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +67,6 @@ def status(tb: Testbed, *args: str) -> str:
 
 
 def answer(tb: Testbed) -> dict[str, Any]:
-    import json
-
     proc = tb.exec("sleep", ["curl", "-sS", "--max-time", "5", URL])
     assert proc.returncode == 0, proc.stderr
     found: dict[str, Any] = json.loads(proc.stdout)
@@ -93,6 +99,25 @@ def entry(resolution: str, port: dict[str, Any], **spec: Any) -> dict[str, Any]:
 
 
 HTTP_80 = {"number": 80, "name": "http", "protocol": "HTTP"}
+
+
+def test_the_external_server_is_named_by_the_testbed(tb: Testbed) -> None:
+    """`nodeagent testbed status` names the external (its names, address, ports, CA file), and
+    the pod resolves its name through the testbed resolver (it is in no /etc/hosts)."""
+    status_json = json.loads(nodeagent("testbed", "status", "--name", NAME, "-o", "json").stdout)
+    (api,) = status_json["externals"]
+    ext = tb.external("api")
+    assert (api["names"], api["ip"], api["httpPort"], api["httpsPort"]) == (
+        [HOST],
+        str(ext.ip),
+        80,
+        443,
+    )
+    assert api["caFile"] == str(layout.external_ca_file(NAME, "api"))
+    assert "EXTERNAL" in nodeagent("testbed", "status", "--name", NAME).stdout
+    hosts = tb.exec("sleep", ["getent", "hosts", HOST])
+    assert hosts.stdout.split()[0] == str(ext.ip), hosts
+    assert tb.exec("sleep", ["grep", "-c", HOST, "/etc/hosts"]).stdout.strip() == "0"
 
 
 def test_allow_any_passes_unknown_hosts_through(clean: Testbed) -> None:
