@@ -163,7 +163,8 @@ def _slices(
             continue  # a STATIC endpoint must be an IP (Istio's validation says so too)
         mapping = dict(ep.ports)
         key = tuple(
-            EndpointPort(mapping.get(p.name) or (p.target_port or p.port), p.name)  # type: ignore[arg-type]
+            # An entry's targetPort is a number (_ports): 0 when unset.
+            EndpointPort(mapping.get(p.name) or int(p.target_port or 0) or p.port, p.name)
             for p in ports
         )
         groups.setdefault(key, []).append(
