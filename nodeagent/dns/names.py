@@ -5,8 +5,8 @@ Istio's name table (pkg/dns/server/name_table.go) and its lookup (pkg/dns/client
   ``svc.ns`` and ``svc.ns.svc`` from any namespace and to ``svc`` from its own namespace;
 - a ServiceEntry host answers with the entry's ``addresses`` (single IPs; CIDR ranges are
   skipped), or with its auto-allocated address for proxies with DNS_AUTO_ALLOCATE (see
-  mesh/autoallocate.py), to the namespaces it is exported to (``exportTo``; the oldest
-  entry visible to the pod answers); wildcard hosts are left to the upstream resolver;
+  mesh/autoallocate.py), to the namespaces it is exported to (``exportTo``); wildcard hosts
+  are left to the upstream resolver;
 - a name that is one of these plus one of the pod's search domains (what a resolver with
   ``ndots:5`` asks first) is answered with a CNAME to the host and its addresses, saving the
   round trips to the upstream resolver that would say NXDOMAIN.
@@ -18,9 +18,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nodeagent.mesh.autoallocate import SERVICE_ENTRY, allocate
-from nodeagent.mesh.model import IstioResource, Service
-from nodeagent.mesh.traffic import visible
+from nodeagent.mesh.model import Service
 
 
 @dataclass(frozen=True)
@@ -30,10 +28,18 @@ class HostAddresses:
     ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
     allocated: str = ""  # used only for pods whose proxy auto-allocates
-    entry: IstioResource | None = None  # the ServiceEntry (its exportTo); None: a Service
+    # A ServiceEntry host: the entry's namespace and exportTo (empty: everywhere)
+    namespace: str = ""
+    export_to: frozenset[str] = frozenset()
 
     def visible_to(self, namespace: str) -> bool:
-        return self.entry is None or visible(self.entry, namespace)
+        """Istio's exportTo: ``*`` everywhere, ``.`` the entry's own namespace, ``~`` none,
+        else the namespaces named (istio.io/latest/docs/reference/config/networking/
+        service-entry/#ServiceEntry-export_to)."""
+        to = self.export_to
+        if not to or "*" in to:
+            return True
+        return namespace in to or ("." in to and namespace == self.namespace)
 
     def for_pod(self, auto_allocate: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if self.ipv4 or self.ipv6 or not (auto_allocate and self.allocated):
@@ -54,8 +60,7 @@ class Answer:
 @dataclass
 class NameTable:
     domain: str = "cluster.local"
-    # FQDN -> what it resolves to: a Service, or the ServiceEntries naming it, oldest first
-    # (the first one exported to the asking pod's namespace answers)
+    # FQDN -> what it resolves to (a list: room for more than one registry entry per host)
     hosts: dict[str, list[HostAddresses]] = field(default_factory=dict)
     # service short names: "svc.ns" -> FQDN (any namespace); (ns, "svc") -> FQDN (own ns)
     qualified: dict[str, str] = field(default_factory=dict)
@@ -98,29 +103,37 @@ class NameTable:
         return None
 
 
-def build(services: Iterable[Service], entries: Iterable[IstioResource], domain: str) -> NameTable:
+def build(services: Iterable[Service], domain: str) -> NameTable:
+    """The table of the registry's services: Kubernetes Services, and the ServiceEntry hosts
+    the store derived from the entries (mesh/service_entries.py; the store gives a host to
+    one entry only, and its auto-allocated address)."""
     table = NameTable(domain=domain)
+    entry_hosts = []
     for svc in services:
+        if svc.entry is not None:
+            entry_hosts.append(svc)
+            continue
         if not svc.cluster_ip or svc.cluster_ip == "None":
             continue  # headless: kube-dns answers with the pods
         fqdn = svc.hostname(domain)
         table.hosts[fqdn] = [_split([svc.cluster_ip])]
         table.qualified[f"{svc.name}.{svc.namespace}"] = fqdn
         table.short[(svc.namespace, svc.name)] = fqdn
-    entries = sorted(
-        (e for e in entries if e.kind == SERVICE_ENTRY),
-        key=lambda e: (e.created or "~", e.namespace, e.name),
-    )
-    allocated = allocate(entries)
-    service_hosts = set(table.hosts)
-    for entry in entries:
-        given = _split(_single_addresses(entry.spec.get("addresses") or []))
-        for raw in entry.spec.get("hosts") or []:
-            host = str(raw).lower()
-            if host.startswith("*") or host in service_hosts:
-                continue  # a Service's name wins over a ServiceEntry naming it (as Istio's)
-            addresses = HostAddresses(given.ipv4, given.ipv6, allocated.get(host, ""), entry)
-            table.hosts.setdefault(host, []).append(addresses)
+    for svc in entry_hosts:
+        assert svc.entry is not None
+        host = svc.host.lower()
+        if host.startswith("*") or host in table.hosts:
+            continue  # a Service's name wins over a ServiceEntry naming it (as Istio's)
+        given = _split(_single_addresses(svc.entry.addresses))
+        table.hosts[host] = [
+            HostAddresses(
+                given.ipv4,
+                given.ipv6,
+                svc.allocated_ip,
+                svc.namespace,
+                frozenset(svc.entry.export_to),
+            )
+        ]
     return table
 
 

@@ -39,7 +39,6 @@ MAX_IN_FLIGHT = 256
 UPSTREAM_TIMEOUT = 2.0  # per upstream resolver tried
 TCP_IDLE = 10.0
 KUBERNETES_SEARCH = ("{ns}.svc.{domain}", "svc.{domain}", "{domain}")  # kubelet's default
-_SERVICE_ENTRY = "ServiceEntry"
 
 
 @dataclass
@@ -148,13 +147,11 @@ class DnsProxy:
         if self._table is not None and generation == self._table_generation:
             return self._table
         changed = self.store.changes_since(self._table_generation)
-        relevant = changed is None or any(
-            kind in (SERVICE, _SERVICE_ENTRY, MESH_CONFIG) for kind, _ in changed
-        )
+        # ServiceEntry hosts are services of the store too (mesh/service_entries.py)
+        relevant = changed is None or any(kind in (SERVICE, MESH_CONFIG) for kind, _ in changed)
         if self._table is None or relevant:
             services: list[Service] = list(self.store.services.values())
-            entries = self.store.istio_of_kind(_SERVICE_ENTRY)
-            self._table = build(services, entries, self.store.mesh_config.cluster_domain)
+            self._table = build(services, self.store.mesh_config.cluster_domain)
         self._table_generation = generation
         return self._table
 

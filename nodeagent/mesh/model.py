@@ -125,6 +125,9 @@ class Service:
     # A ServiceEntry host (mesh/service_entries.py): its name, and what the entry adds.
     host: str = ""
     entry: EntryPolicy | None = None
+    # Its auto-allocated address (mesh/autoallocate.py) when the entry has no addresses: what
+    # the DNS proxy answers (DNS_AUTO_ALLOCATE) and a chain of its own matches.
+    allocated_ip: str = ""
 
     @property
     def key(self) -> str:

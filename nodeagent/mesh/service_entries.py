@@ -18,7 +18,7 @@ store's to keep (MeshStore._derive).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from nodeagent.mesh.model import (
@@ -109,11 +109,14 @@ def selected_endpoints(
 
 
 def derive(
-    entry: IstioResource, selected: tuple[EntryEndpoint, ...] = ()
+    entry: IstioResource,
+    selected: tuple[EntryEndpoint, ...] = (),
+    allocated: Callable[[str], str] = lambda host: "",
 ) -> tuple[list[Service], list[EndpointSlice]]:
     """ENTRY's services (one per host) and, for STATIC resolution, their EndpointSlices.
     SELECTED: what its workloadSelector selects (``selected_endpoints``), in place of
-    ``endpoints`` when it has a selector."""
+    ``endpoints`` when it has a selector. ALLOCATED: a host's auto-allocated address ("" for
+    none; mesh/autoallocate.py)."""
     spec = entry.spec
     ports = _ports(spec)
     resolution = str(spec.get("resolution", NONE))
@@ -146,6 +149,7 @@ def derive(
                 ports=ports,
                 host=str(host),
                 entry=policy,
+                allocated_ip=allocated(str(host)),
             )
         )
         if resolution == STATIC:

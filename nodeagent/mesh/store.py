@@ -24,7 +24,7 @@ from collections import defaultdict, deque
 from collections.abc import Mapping
 from typing import TypeVar
 
-from nodeagent.mesh import enforcement, service_entries
+from nodeagent.mesh import autoallocate, enforcement, service_entries
 from nodeagent.mesh.model import (
     Credential,
     EndpointSlice,
@@ -102,6 +102,8 @@ class MeshStore:
         self._derived: dict[str, tuple[list[str], list[str]]] = {}
         self._host_owner: dict[str, str] = {}  # host -> derived service key
         self._contested: set[str] = set()
+        # Addresses of ServiceEntry hosts without addresses (mesh/autoallocate.py).
+        self.allocator = autoallocate.AddressAllocator()
 
     def _bump(self, kind: str, key: str) -> None:
         self.generation += 1
@@ -376,7 +378,10 @@ class MeshStore:
                     self.pods_in(entry.namespace),
                     self.istio_in(service_entries.WORKLOAD_ENTRY, entry.namespace),
                 )
-            services, slices = service_entries.derive(entry, selected)
+            self.allocator.update(key, autoallocate.wants_address(entry))
+            services, slices = service_entries.derive(entry, selected, self.allocator.address)
+        else:
+            self.allocator.update(key, [])
         old_services, old_slices = self._derived.pop(key, ([], []))
         for svc_key in old_services:
             svc = self.services.get(svc_key)

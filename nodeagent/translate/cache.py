@@ -80,6 +80,7 @@ from nodeagent.translate.clusters import (
 from nodeagent.translate.destination_rule import cluster_fields, passthrough_fields
 from nodeagent.translate.endpoints import ip_slices, load_assignment
 from nodeagent.translate.listeners import (
+    allocated_chain,
     blackhole_chain,
     fast_inbound_listener,
     fast_ports,
@@ -728,9 +729,18 @@ class TranslationCache:
                 else:
                     chain = outbound_chain(target, internal.POD_FORMAT, tcp)
                 entry.chains.append(envoy.message(envoy.FilterChain, chain))
+                if port_only(target) and target.service.allocated_ip:
+                    allocated = allocated_chain(chain, target.service.allocated_ip)
+                    entry.chains.append(envoy.message(envoy.FilterChain, allocated))
         entry.virtual_services, entry.hosts = frozenset(used), frozenset(hosts)
         entry.chain_keys = tuple(
-            (t.service.cluster_ip, t.port.port, t.host, is_http(t.protocol), repr(tcp))
+            (
+                t.service.cluster_ip or t.service.allocated_ip,
+                t.port.port,
+                t.host,
+                is_http(t.protocol),
+                repr(tcp),
+            )
             for t, tcp in keys
         ) + tuple(
             # The table's content too: a VirtualService change of it changes the port's table.

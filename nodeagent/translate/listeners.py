@@ -145,6 +145,16 @@ def outbound_chain(
     return {"name": name, "filter_chain_match": match, "filters": [last]}
 
 
+def allocated_chain(chain: dict[str, Any], address: str) -> dict[str, Any]:
+    """A port-only chain (a ServiceEntry host without addresses) again, for the host's
+    auto-allocated ADDRESS alone (mesh/autoallocate.py): pods whose DNS proxy answers with it
+    reach their host even where several such hosts share a TCP port, as Istio's listener on
+    the allocated address (istio.io/latest/docs/ops/configuration/traffic-management/
+    dns-proxy/#address-auto-allocation); the port-only chain stays for the others."""
+    match = {**chain["filter_chain_match"], "prefix_ranges": [host_prefix(address)]}
+    return {**chain, "name": f"{chain['name']}~{address}", "filter_chain_match": match}
+
+
 PASSTHROUGH_ROUTE, BLACKHOLE_ROUTE = "allow_any", "block_all"
 
 

@@ -5,7 +5,8 @@ ISTIO_META_DNS_CAPTURE and ISTIO_META_DNS_AUTO_ALLOCATE, istio.io/latest/docs/op
 configuration/traffic-management/dns-proxy/); default/plain on the same node does not. Both
 resolve through their own /etc/resolv.conf (the testbed resolver, TTL 5 s), as an app's
 resolver library does (tests/integration/dns_probe.py). What the agent's proxy answers itself
-carries Istio's TTL, 30 s; what it forwards comes back with the resolver's.
+carries Istio's TTL, 30 s; what it forwards comes back with the resolver's. ServiceEntry hosts
+without addresses get auto-allocated ones (240.240.0.0/16) that the node's Envoy routes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ NAME = "tbdns"
 PROBE = str(Path(__file__).with_name("dns_probe.py"))
 PROXY_TTL, RESOLVER_TTL = 30, 5
 EXTERNAL, OTHER_NAME = "api.external.test", "www.external.test"
+ALIAS = "web-alias.example"  # a ServiceEntry host no resolver knows
 DNS_ON = 'proxyMetadata: {ISTIO_META_DNS_CAPTURE: "true", ISTIO_META_DNS_AUTO_ALLOCATE: "true"}'
 
 
@@ -60,19 +62,26 @@ def tb() -> Iterator[Testbed]:
 
 
 @pytest.fixture
-def entry(tb: Testbed) -> Iterator[Testbed]:
-    """A ServiceEntry for the external's first name, without addresses (STATIC: its endpoint
-    is the external server), removed again after the test."""
-    spec = {
-        "hosts": [EXTERNAL],
-        "location": "MESH_EXTERNAL",
-        "ports": [{"number": 80, "name": "tcp", "protocol": "TCP"}],
-        "resolution": "STATIC",
-        "endpoints": [{"address": str(tb.topology.external("api").ip)}],
+def entries(tb: Testbed) -> Iterator[Testbed]:
+    """Two ServiceEntry hosts without addresses on one TCP port, 80 (STATIC): the external's
+    first name, and an alias whose endpoint is the web pod's port 8080. Only their allocated
+    addresses tell them apart. Removed again after the test."""
+    tcp = [{"number": 80, "name": "tcp", "protocol": "TCP"}]
+    web = {"address": tb.pod_ip("default/web"), "ports": {"tcp": 8080}}
+    specs = {
+        "api": ([EXTERNAL], [{"address": str(tb.topology.external("api").ip)}]),
+        "alias": ([ALIAS], [web]),
     }
-    meta = {"name": "api", "namespace": "default"}
     kind = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry"}
-    apply_docs(tb, {**kind, "metadata": meta, "spec": spec})
+    docs = [
+        {
+            **kind,
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"hosts": hosts, "ports": tcp, "resolution": "STATIC", "endpoints": eps},
+        }
+        for name, (hosts, eps) in specs.items()
+    ]
+    apply_docs(tb, *docs)
     yield tb
     apply_docs(tb)
 
@@ -127,16 +136,29 @@ def test_other_names_go_to_the_pods_own_resolver(tb: Testbed) -> None:
     assert resolve(tb, "dns", "web")["ttl"] == PROXY_TTL
 
 
-def test_a_service_entry_host_without_addresses_gets_an_allocated_one(entry: Testbed) -> None:
-    tb = entry
+def test_service_entry_hosts_without_addresses_get_one_each_and_are_reached_by_it(
+    entries: Testbed,
+) -> None:
+    tb = entries
     external_ip = str(tb.topology.external("api").ip)
 
-    def allocated() -> list[str]:
-        return list(resolve(tb, "dns", EXTERNAL)["addresses"])
+    def allocated(host: str) -> list[str]:
+        return list(resolve(tb, "dns", host)["addresses"])
 
-    wait_for(lambda: allocated() != [external_ip], 30, f"the proxy answering {EXTERNAL}")
-    (address,) = allocated()
-    assert ipaddress.ip_address(address) in RANGE
+    wait_for(
+        lambda: allocated(EXTERNAL) != [external_ip] and allocated(ALIAS),
+        30,
+        f"the proxy answering {EXTERNAL} and {ALIAS}",
+    )
+    (api,), (alias,) = allocated(EXTERNAL), allocated(ALIAS)
+    assert api != alias and {ipaddress.ip_address(a) in RANGE for a in (api, alias)} == {True}
     assert resolve(tb, "dns", EXTERNAL, "AAAA")["addresses"] == []  # known host, no IPv6
     # without DNS capture the pod still gets the external's own address from its resolver
     assert resolve(tb, "plain", EXTERNAL)["addresses"] == [external_ip]
+    assert resolve(tb, "plain", ALIAS)["rcode"] == "NXDOMAIN"
+    # TCP to each allocated address (same port): captured, through the node's Envoy by that
+    # address's own chain to its entry's endpoint: the external server, the web pod
+    for host, answerer in ((EXTERNAL, "api"), (ALIAS, "web")):
+        proc = tb.exec("default/dns", ["curl", "-sS", "--max-time", "5", f"http://{host}/"])
+        assert proc.returncode == 0, f"{host}: {proc.stderr}"
+        assert json.loads(proc.stdout)["name"] == answerer, host

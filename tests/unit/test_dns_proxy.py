@@ -16,18 +16,24 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from google.protobuf import json_format
 
 from nodeagent.dns import answer
 from nodeagent.dns.names import NameTable, build
 from nodeagent.dns.resolvconf import PodResolvConf, ResolvConf, parse, path_for
 from nodeagent.dns.server import DnsProxy
-from nodeagent.mesh.autoallocate import RANGE, allocate
+from nodeagent.mesh.autoallocate import RANGE, AddressAllocator, wants_address
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service, ServicePort
 from nodeagent.mesh.proxy_metadata import PROXY_CONFIG_ANNOTATION
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.capture import CaptureSpec, CaptureSpecError
 from nodeagent.redirect.nftables import describe, render
 from nodeagent.sources.directory import ResourceError, parse_mesh_config
+from nodeagent.translate import envoy as e
+from nodeagent.translate import translate
+from nodeagent.translate.internal import OUTBOUND_INTERNAL
+from tests.unit.envoy_validate import assert_envoy_accepts_resources
+from tests.unit.test_translate import as_json, local, store
 
 DNS_ON = {"ISTIO_META_DNS_CAPTURE": "true"}
 
@@ -108,35 +114,53 @@ def test_dns_capture_redirects_udp_and_tcp_53_first_and_only_when_on() -> None:
 
 
 def test_allocation_gives_stable_addresses_in_istios_range_to_hosts_that_need_one() -> None:
-    first = [entry("a", ["api.example.com", "*.wild.example.com"], created="2026-01-01")]
-    given = allocate(first)
-    assert list(given) == ["api.example.com"]  # wildcard hosts get none
-    address = ipaddress.ip_address(given["api.example.com"])
-    assert address in RANGE and str(address).split(".")[3] not in ("0", "255")
-    later = [entry(f"n{i}", [f"h{i}.example.org"], created="2026-02-01") for i in range(300)]
-    more = [*first, *later]
-    assert allocate(more)["api.example.com"] == given["api.example.com"]  # older keeps its own
-    assert len(set(allocate(more).values())) == 301  # no two hosts share one
-    assert allocate([entry("s", ["static.example"], addresses=["10.9.9.9"])]) == {}
-    assert allocate([entry("n", ["none.example"], resolution="NONE")]) == {}
+    first = entry("a", ["api.example.com", "*.wild.example.com"])
+    assert wants_address(first) == ["api.example.com"]  # wildcard hosts get none
+    assert wants_address(entry("s", ["static.example"], addresses=["10.9.9.9"])) == []
+    assert wants_address(entry("n", ["none.example"], resolution="NONE")) == []
+    allocator = AddressAllocator()
+    assert allocator.update(first.key, wants_address(first)) == {"api.example.com"}
+    address = allocator.address("api.example.com")
+    assert ipaddress.ip_address(address) in RANGE and address.split(".")[3] not in ("0", "255")
+    hosts = [f"h{i}.example.org" for i in range(300)]
+    for i, host in enumerate(hosts):
+        allocator.update(f"ServiceEntry/default/n{i}", [host])
+    assert allocator.address("api.example.com") == address  # others come, it keeps its own
+    addresses = {allocator.address(h) for h in [*hosts, "api.example.com"]}
+    assert len(addresses) == 301  # no two hosts share one
+    # a second entry naming the host: one address; it goes when no entry wants it any more
+    assert allocator.update("ServiceEntry/other/a", ["api.example.com"]) == set()
+    assert allocator.update(first.key, []) == set()
+    assert allocator.address("api.example.com") == address
+    assert allocator.update("ServiceEntry/other/a", []) == {"api.example.com"}
+    assert allocator.address("api.example.com") == ""
 
 
 # -- names ----------------------------------------------------------------------------------------
 
 
+def registry(*entries: IstioResource, services: tuple[Service, ...] = ()) -> MeshStore:
+    """A store holding SERVICES and ENTRIES (which it turns into services of its own)."""
+    store = MeshStore()
+    for svc in services:
+        store.put_service(svc)
+    for res in entries:
+        store.put_istio(res)
+    return store
+
+
 def table() -> NameTable:
-    services = [
-        Service("default", "web-api", "10.96.0.20", (ServicePort(80),)),
-        Service("other", "db", "10.96.0.30", (ServicePort(5432),)),
-        Service("default", "headless", "None"),
-    ]
-    entries = [
+    store = registry(
         entry("ext", ["api.external.test"]),
         entry("own", ["private.example"], addresses=["192.0.2.8"], exportTo=["."]),
-        entry("theirs", ["private.example"], addresses=["192.0.2.9"], exportTo=["other"]),
         entry("fixed", ["fixed.example"], addresses=["192.0.2.7", "2001:db8::7", "10.0.0.0/8"]),
-    ]
-    return build(services, entries, "cluster.local")
+        services=(
+            Service("default", "web-api", "10.96.0.20", (ServicePort(80),)),
+            Service("other", "db", "10.96.0.30", (ServicePort(5432),)),
+            Service("default", "headless", "None"),
+        ),
+    )
+    return build(store.services.values(), "cluster.local")
 
 
 SEARCH = ("default.svc.cluster.local", "svc.cluster.local", "cluster.local")
@@ -178,11 +202,12 @@ def test_service_entry_hosts_answer_with_their_addresses_or_an_allocated_one() -
     assert records(ask("fixed.example", "AAAA")) == {"AAAA": ["2001:db8::7"]}
     assert isinstance(ask("api.external.test"), answer.Forward)  # no auto-allocation asked
     allocated = records(ask("api.external.test", auto=True))["A"]
-    assert allocated == [allocate([entry("ext", ["api.external.test"])])["api.external.test"]]
+    assert allocated == [
+        registry(entry("ext", ["api.external.test"])).allocator.address("api.external.test")
+    ]
     assert records(ask("api.external.test", "AAAA", auto=True)) == {}  # known, no IPv6
     assert records(ask("private.example")) == {"A": ["192.0.2.8"]}  # exported to "."
-    assert records(ask("private.example", namespace="other")) == {"A": ["192.0.2.9"]}
-    assert isinstance(ask("private.example", namespace="third"), answer.Forward)
+    assert isinstance(ask("private.example", namespace="other"), answer.Forward)
     assert isinstance(ask("web-api", "MX"), answer.Forward)
     assert isinstance(ask("example.org"), answer.Forward)
 
@@ -200,7 +225,7 @@ def test_malformed_queries_get_formerr_and_responses_are_dropped() -> None:
 
 def test_an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp() -> None:
     many = [f"192.0.2.{i}" for i in range(1, 101)]
-    big = build([], [entry("big", ["big.example"], addresses=many)], "cluster.local")
+    big = build(registry(entry("big", ["big.example"], addresses=many)).services.values(), "")
     query = dns.message.make_query("big.example", "A", use_edns=False).to_wire()
     udp = answer.handle(query, big, "default", SEARCH, False, False)
     assert isinstance(udp, answer.Reply) and udp.wire is not None
@@ -409,3 +434,65 @@ async def _servfail(proxy: DnsProxy) -> None:
         assert reply.rcode() == dns.rcode.SERVFAIL
     finally:
         await proxy.close()
+
+
+# -- routing the allocated addresses --------------------------------------------------------------
+
+
+def test_allocated_addresses_get_chains_of_their_own_next_to_the_port_only_one(
+    tmp_path: Path,
+) -> None:
+    """Two TCP ServiceEntry hosts without addresses on one port: the port alone cannot tell
+    them apart, their allocated addresses can (Istio's listener on the allocated address,
+    istio.io/latest/docs/ops/configuration/traffic-management/dns-proxy/
+    #address-auto-allocation); the port-only chain stays for pods without the DNS proxy."""
+    s = store()
+    tcp = [{"number": 3306, "name": "tcp", "protocol": "TCP"}]
+    for name in ("db-a", "db-b"):
+        endpoints = [{"address": "192.0.2.10" if name == "db-a" else "192.0.2.11"}]
+        s.put_istio(
+            entry(name, [f"{name}.example"], ports=tcp, resolution="STATIC", endpoints=endpoints)
+        )
+    out = translate(s, [local("a")])
+    listener = as_json(out[e.LISTENER][OUTBOUND_INTERNAL])
+    found = {
+        c["name"]: (
+            c["filterChainMatch"],
+            c["filters"][-1]["typedConfig"]["cluster"],
+        )
+        for c in listener["filterChains"]
+        if c["filterChainMatch"].get("destinationPort") == 3306
+    }
+    for name in ("db-a", "db-b"):
+        host = f"{name}.example"
+        address = s.allocator.address(host)
+        assert ipaddress.ip_address(address) in RANGE
+        cluster = f"outbound|3306||{host}"
+        prefix = {"addressPrefix": address, "prefixLen": 32}
+        assert found[f"{cluster}~{address}"] == (
+            {"destinationPort": 3306, "prefixRanges": [prefix]},
+            cluster,
+        )
+    # the port-only chain: the first host's (as before), for pods that dial the real address
+    assert found["outbound|3306||db-a.example"] == (
+        {"destinationPort": 3306},
+        found["outbound|3306||db-a.example"][1],
+    )
+    assert len(found) == 3
+    # Envoy takes the three chains on one port in one listener (they differ by prefix)
+    shown = json_format.MessageToDict(
+        out[e.LISTENER][OUTBOUND_INTERNAL], preserving_proto_field_name=True
+    )
+    shown["filter_chains"] = [
+        c for c in shown["filter_chains"] if c["filter_chain_match"].get("destination_port") == 3306
+    ]
+    shown.pop("default_filter_chain", None)
+    assert_envoy_accepts_resources(tmp_path, listeners=[shown])
+    # an entry given addresses gives its allocated one back: its chain goes
+    s.put_istio(
+        entry("db-b", ["db-b.example"], ports=tcp, resolution="STATIC", addresses=["10.9.9.9"])
+    )
+    assert s.allocator.address("db-b.example") == ""
+    listener = as_json(translate(s, [local("a")])[e.LISTENER][OUTBOUND_INTERNAL])
+    names = {c["name"] for c in listener["filterChains"]}
+    assert not any(n.startswith("outbound|3306||db-b.example~") for n in names)
