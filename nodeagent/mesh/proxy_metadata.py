@@ -54,6 +54,15 @@ def metadata_mapping(value: object, where: str) -> dict[str, str]:
     return dict(value)
 
 
+def check_booleans(metadata: Mapping[str, str], where: str) -> list[str]:
+    """Problems with the boolean keys read here (DNS capture, auto-allocation) in METADATA."""
+    return [
+        f'{where}.{key}: "{metadata[key]}" is not a boolean (true or false)'
+        for key in (DNS_CAPTURE, DNS_AUTO_ALLOCATE)
+        if key in metadata and metadata[key] not in _TRUE + _FALSE
+    ]
+
+
 def flag(key: str, mesh_default: Mapping[str, str], annotations: Mapping[str, str]) -> bool:
     """KEY's boolean for a pod: its annotation's proxyMetadata, else the mesh default, else
     off. A value that is no Go boolean is an error naming the key."""

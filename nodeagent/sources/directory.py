@@ -56,7 +56,7 @@ from nodeagent.mesh.model import (
     ServiceAccount,
     ServicePort,
 )
-from nodeagent.mesh.proxy_metadata import ProxyMetadataError, metadata_mapping
+from nodeagent.mesh.proxy_metadata import ProxyMetadataError, check_booleans, metadata_mapping
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
 from nodeagent.sources import changes
@@ -559,6 +559,7 @@ def parse_mesh_config(data: Any) -> MeshConfig:
         except ProxyMetadataError as e:
             problems.append(str(e))
         else:
+            problems += check_booleans(found, "defaultConfig.proxyMetadata")
             metadata = tuple(sorted(found.items()))
     elif default_config is not None:
         problems.append(f"defaultConfig: expected a mapping, got {_show(default_config)}")

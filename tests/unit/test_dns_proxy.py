@@ -83,6 +83,8 @@ def test_mesh_config_reads_default_proxy_metadata() -> None:
     assert parse_mesh_config({}).default_proxy_metadata == {}
     with pytest.raises(ResourceError, match=r'unknown field "defaultConfig\.concurrency"'):
         parse_mesh_config({"defaultConfig": {"concurrency": 2}})
+    with pytest.raises(ResourceError, match=r"proxyMetadata\.ISTIO_META_DNS_CAPTURE: \"on\""):
+        parse_mesh_config({"defaultConfig": {"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "on"}}})
     with pytest.raises(ResourceError, match=r"defaultConfig\.proxyMetadata: expected a mapping"):
         parse_mesh_config({"defaultConfig": {"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": True}}})
 
