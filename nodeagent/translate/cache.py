@@ -233,6 +233,7 @@ class TranslationCache:
     _vs_index: traffic.VirtualServiceIndex | None = None
     _by_vs: dict[str, set[str]] = field(default_factory=dict)  # VirtualService -> services
     _by_host: dict[str, set[str]] = field(default_factory=dict)  # destination host -> services
+    _owners: dict[str, set[str]] = field(default_factory=dict)  # a target's host -> services
     # Route tables whose content this build changed, and the tables before a full recompute.
     _routes_changed: set[str] = field(default_factory=set)
     _prior_routes: dict[str, Message] = field(default_factory=dict)
@@ -352,7 +353,6 @@ class TranslationCache:
             self._scopes_seen = scopes
             self._admitted.clear()
             rebuilt = set(self._services)
-        domain = settings.mesh_config.cluster_domain
         moved = False
         for key in rebuilt:
             entry = self._services.get(key)
@@ -360,7 +360,8 @@ class TranslationCache:
             if entry is not None and any(
                 _admits(scope, t) for scope in scopes for t in entry.targets
             ):
-                named = frozenset(k for h in entry.hosts if (k := _service_key(h, domain)))
+                owners = self._owners
+                named = frozenset(k for h in entry.hosts for k in owners.get(h, ()))
             if named is None:
                 moved |= self._admitted.pop(key, None) is not None
             elif self._admitted.get(key) != named:
@@ -407,6 +408,7 @@ class TranslationCache:
         self._by_node.clear()
         self._by_vs.clear()
         self._by_host.clear()
+        self._owners.clear()
         self._vs_index = traffic.virtual_service_index(settings.store)
         self._outbound.clear()
         self._inbound.clear()
@@ -534,6 +536,8 @@ class TranslationCache:
                 self._by_vs.setdefault(vs, set()).add(key)
             for host in entry.hosts:
                 self._by_host.setdefault(host, set()).add(key)
+            for host in {t.host for t in entry.targets}:
+                self._owners.setdefault(host, set()).add(key)
         if added_or_removed or not self._order:
             self._order = sorted(self._services)
 
@@ -605,6 +609,7 @@ class TranslationCache:
         links += [(self._by_node, node) for node in entry.nodes]
         links += [(self._by_vs, vs) for vs in entry.virtual_services]
         links += [(self._by_host, host) for host in entry.hosts]
+        links += [(self._owners, host) for host in {t.host for t in entry.targets}]
         for index, at in links:
             keys = index.get(at)
             if keys is not None:
@@ -1399,14 +1404,6 @@ def _sidecar_cluster(
 
 def _pod_outbound(local: LocalPod, spiffe: str, to: str) -> Made:
     return [(envoy.LISTENER, pod_outbound_listener(local.pod, local.netns, spiffe, to))]
-
-
-def _service_key(hostname: str, domain: str) -> str:
-    """The key (namespace/name) of the Kubernetes Service HOSTNAME names, "" for another."""
-    suffix = ".svc." + domain
-    name, dot, namespace = hostname.removesuffix(suffix).partition(".")
-    ok = hostname.endswith(suffix) and dot and name and namespace and "." not in namespace
-    return f"{namespace}/{name}" if ok else ""
 
 
 def _admits(scope: sidecar_scope.Scope, target: ServiceTarget) -> bool:
