@@ -387,3 +387,30 @@ def test_what_is_not_enforced_yet_is_named() -> None:
     found = enforcement.not_enforced(sidecar("shop", **spec))
     assert found is not None
     assert set(found.fields) == {"ingress", "egress[0].bind", "egress[0].captureMode"}
+
+
+def test_service_entry_hosts_are_scoped_by_their_entrys_namespace_and_host() -> None:
+    """A ServiceEntry host is a registry service of its entry's namespace (mesh/
+    service_entries.py): a scope imports it by ``ns/host`` like any service. ``./*`` in shop
+    leaves out ext's api.example.com (no Host-routing entry for it, no cluster while every pod
+    is scoped); ``*/api.example.com`` brings both."""
+    api = "api.example.com"
+    s = mesh()
+    spec = {
+        "hosts": [api],
+        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+        "resolution": "DNS",
+    }
+    s.put_istio(IstioResource("networking.istio.io", "v1", "ServiceEntry", "ext", "api", spec))
+    s.put_istio(sidecar("shop", hosts=["./*"]))
+    pods = [pod("shop", "a")]
+    cache = TranslationCache()
+    out = cache.build(s, pods).resources
+    assert f"outbound|80||{api}" not in out[e.CLUSTER]
+    assert not any(api in str(as_json(t)) for n, t in out[e.ROUTE].items() if n.startswith("80"))
+    s.put_istio(sidecar("shop", hosts=["./*", f"*/{api}"]))
+    out = cache.build(s, pods).resources
+    assert f"outbound|80||{api}" in out[e.CLUSTER]
+    tables = [as_json(t) for n, t in out[e.ROUTE].items() if n.startswith("80")]
+    assert any(v["domains"][0] == api for t in tables for v in t["virtualHosts"])
+    assert out == build(s, pods).resources
