@@ -12,6 +12,10 @@ pkg/config/analysis/analyzers/:
 - IST0109 ConflictingMeshGatewayVirtualServiceHosts (Error): two VirtualServices of the mesh
   gateway for one host, visible in a common namespace (virtualservice/
   conflictingmeshgatewayhosts.go); says which one sidecars use: the oldest.
+- IST0110 ConflictingSidecarWorkloadSelectors (Error): two Sidecars of a namespace whose
+  workload selectors select one pod (sidecar/selector.go); says which one applies: the oldest.
+- IST0111 MultipleSidecarsWithoutWorkloadSelectors (Error): more than one Sidecar without a
+  selector in a namespace (sidecar/defaultselector.go); the oldest applies (mesh/sidecar_scope.py).
 - IST0113 MTLSPolicyConflict (Error): the DestinationRule a client uses sets TLS mode DISABLE,
   SIMPLE or MUTUAL for a service port whose pods a STRICT PeerAuthentication holds to Istio mTLS
   (or ISTIO_MUTUAL where PeerAuthentication says DISABLE).
@@ -37,7 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nodeagent.mesh import policy, traffic
+from nodeagent.mesh import policy, sidecar_scope, traffic
 from nodeagent.mesh.hosts import host_match, qualify
 from nodeagent.mesh.model import IstioResource, Pod, Service
 from nodeagent.mesh.store import MeshStore
@@ -63,6 +67,8 @@ SCHEMA_VALIDATION_ERROR = Message("IST0106", "SchemaValidationError", ERROR)
 CONFLICTING_MESH_GATEWAY_HOSTS = Message(
     "IST0109", "ConflictingMeshGatewayVirtualServiceHosts", ERROR
 )
+CONFLICTING_SIDECAR_SELECTORS = Message("IST0110", "ConflictingSidecarWorkloadSelectors", ERROR)
+MULTIPLE_DEFAULT_SIDECARS = Message("IST0111", "MultipleSidecarsWithoutWorkloadSelectors", ERROR)
 MTLS_POLICY_CONFLICT = Message("IST0113", "MTLSPolicyConflict", ERROR)
 SUBSET_SELECTS_NO_POD = Message("IST0173", "DestinationRuleSubsetNotSelectPods", ERROR)
 UNKNOWN_DESTINATION_RULE_HOST = Message("IST0174", "UnknownDestinationRuleHost", WARNING)
@@ -113,6 +119,7 @@ def analyze(store: MeshStore) -> list[Finding]:
         *_conflicting_virtual_services(store, hosts),
         *_destination_rule_subsets(store, hosts),
         *_mtls_conflicts(store),
+        *_sidecar_conflicts(store),
     ]
     return sorted(
         set(findings), key=lambda f: (f.kind, f.namespace, f.name, f.message.code, f.detail)
@@ -448,6 +455,44 @@ def _mtls_conflict(
         f"TLS mode {mode} for {what}, but its pods ({', '.join(sorted(refused))}) {accepts}"
         f" on port {target}: these calls fail",
     )
+
+
+# -- Sidecar ------------------------------------------------------------------------------------
+
+
+def _sidecar_conflicts(store: MeshStore) -> Iterator[Finding]:
+    """IST0111 for a namespace's Sidecars without a selector beyond one, IST0110 for selector
+    Sidecars selecting a common pod; each says which one applies (the oldest, as
+    sidecar_scope.sidecar_for picks)."""
+    by_namespace: defaultdict[str, list[IstioResource]] = defaultdict(list)
+    for sidecar in store.istio_of_kind(sidecar_scope.SIDECAR):
+        by_namespace[sidecar.namespace].append(sidecar)
+    for namespace, group in sorted(by_namespace.items()):
+        group.sort(key=policy.creation_order)
+        plain = [sc for sc in group if not sidecar_scope.selector(sc)]
+        if len(plain) > 1:
+            names = ", ".join(sc.name for sc in plain)
+            for sc in plain:
+                used = "this one" if sc is plain[0] else f"{plain[0].name}, not this one"
+                yield _about(
+                    sc,
+                    MULTIPLE_DEFAULT_SIDECARS,
+                    f"Sidecars {names} of namespace {namespace} have no workloadSelector:"
+                    f" its pods use {used} (the oldest)",
+                )
+        selecting = [sc for sc in group if sidecar_scope.selector(sc)]
+        for pod in sorted(store.pods_in(namespace), key=lambda p: p.name):
+            chosen = [sc for sc in selecting if sidecar_scope.selects(sc, pod.labels)]
+            if len(chosen) < 2:
+                continue
+            names = ", ".join(sc.name for sc in chosen)
+            for sc in chosen:
+                used = "this one" if sc is chosen[0] else f"{chosen[0].name}, not this one"
+                yield _about(
+                    sc,
+                    CONFLICTING_SIDECAR_SELECTORS,
+                    f"Sidecars {names} select pod {pod.name}: it uses {used} (the oldest)",
+                )
 
 
 def _about(res: IstioResource, message: Message, detail: str) -> Finding:

@@ -96,13 +96,14 @@ def _mapping(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _selector(sidecar: IstioResource) -> Mapping[str, Any]:
+def selector(sidecar: IstioResource) -> Mapping[str, Any]:
+    """SIDECAR's workloadSelector labels (empty: none, the namespace-wide kind)."""
     return _mapping(_mapping(sidecar.spec.get("workloadSelector")).get("labels"))
 
 
-def _selects(sidecar: IstioResource, labels: Mapping[str, str]) -> bool:
-    selector = _selector(sidecar)
-    return all(labels.get(str(k)) == str(v) for k, v in selector.items())
+def selects(sidecar: IstioResource, labels: Mapping[str, str]) -> bool:
+    """Whether SIDECAR's workloadSelector selects a pod with LABELS."""
+    return all(labels.get(str(k)) == str(v) for k, v in selector(sidecar).items())
 
 
 def sidecar_for(
@@ -111,15 +112,15 @@ def sidecar_for(
     """The Sidecar that applies to a pod of NAMESPACE with LABELS (see the module docstring)."""
     own = sorted(store.istio_in(SIDECAR, namespace), key=creation_order)
     for sidecar in own:
-        if _selector(sidecar) and _selects(sidecar, labels):
+        if selector(sidecar) and selects(sidecar, labels):
             return sidecar
     for sidecar in own:
-        if not _selector(sidecar):
+        if not selector(sidecar):
             return sidecar
     root = store.mesh_config.root_namespace
     if root != namespace:
         for sidecar in sorted(store.istio_in(SIDECAR, root), key=creation_order):
-            if not _selector(sidecar):
+            if not selector(sidecar):
                 return sidecar
     return None
 

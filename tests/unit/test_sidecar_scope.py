@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
-from nodeagent.mesh import enforcement, sidecar_scope
+from nodeagent.mesh import analysis, enforcement, sidecar_scope
 from nodeagent.mesh.model import (
     REGISTRY_ONLY,
     IstioResource,
@@ -414,3 +414,29 @@ def test_service_entry_hosts_are_scoped_by_their_entrys_namespace_and_host() -> 
     tables = [as_json(t) for n, t in out[e.ROUTE].items() if n.startswith("80")]
     assert any(v["domains"][0] == api for t in tables for v in t["virtualHosts"])
     assert out == build(s, pods).resources
+
+
+def test_analyze_reports_conflicting_sidecars_and_which_one_applies() -> None:
+    """istioctl analyze's IST0111 (two namespace-wide Sidecars) and IST0110 (two selectors on
+    one pod), each saying which Sidecar the pods use: the oldest, as sidecar_for picks."""
+    s = mesh()
+    s.put_pod(Pod("shop", "web-1", labels={"app": "web", "tier": "front"}))
+    s.put_pod(Pod("shop", "db-1", labels={"app": "db"}))
+    s.put_istio(sidecar("shop", "older", ["./*"], created="2026-01-01T00:00:00Z"))
+    s.put_istio(sidecar("shop", "newer", ["*/*"], created="2026-01-02T00:00:00Z"))
+    by_app = {"labels": {"app": "web"}}
+    by_tier = {"labels": {"tier": "front"}}
+    s.put_istio(sidecar("shop", "app", ["./*"], "2026-01-03T00:00:00Z", workloadSelector=by_app))
+    s.put_istio(sidecar("shop", "tier", ["./*"], "2026-01-04T00:00:00Z", workloadSelector=by_tier))
+    found = {(f.message.code, f.name): f.detail for f in analysis.analyze(s)}
+    assert found == {
+        ("IST0111", "older"): "Sidecars older, newer of namespace shop have no workloadSelector:"
+        " its pods use this one (the oldest)",
+        ("IST0111", "newer"): "Sidecars older, newer of namespace shop have no workloadSelector:"
+        " its pods use older, not this one (the oldest)",
+        ("IST0110", "app"): "Sidecars app, tier select pod web-1: it uses this one (the oldest)",
+        ("IST0110", "tier"): "Sidecars app, tier select pod web-1: it uses app, not this one"
+        " (the oldest)",
+    }
+    assert sidecar_scope.sidecar_for(s, "shop", {"app": "web", "tier": "front"}).name == "app"  # type: ignore[union-attr]
+    assert sidecar_scope.sidecar_for(s, "shop", {"app": "db"}).name == "older"  # type: ignore[union-attr]
