@@ -257,6 +257,37 @@ def test_export_to_dot_serves_only_its_own_namespace_pods() -> None:
     assert f"outbound|80||{API}" in translate(s, [caller, other])[e.CLUSTER]
 
 
+def test_host_routing_follows_entries_coming_and_going_incrementally() -> None:
+    """Port 80's Host routing table, built from the served entries' hosts without addresses,
+    is at each step what a fresh translation gives (entries added, changed, excluded, gone)."""
+    s = store()
+    cache = TranslationCache()
+    pods = [local("a")]
+    other = "other.example.com"
+    steps = [
+        lambda: s.put_istio(entry()),
+        lambda: s.put_istio(entry("other", hosts=[other])),
+        lambda: s.put_istio(entry(ports=[HTTP_80 | {"targetPort": 8080}])),
+        lambda: s.delete_istio("ServiceEntry/shop/api"),
+        lambda: s.delete_istio("ServiceEntry/shop/other"),
+    ]
+    seen = []
+    for step in steps:
+        step()
+        made = cache.build(s, pods).resources
+        assert made == translate(s, pods)
+        table = as_json(made[e.ROUTE]["80"]) if "80" in made[e.ROUTE] else {}
+        seen.append([v["name"] for v in table.get("virtualHosts", [])])
+    api, second = f"{API}:80", f"{other}:80"
+    assert seen == [
+        [api, "allow_any"],
+        [api, second, "allow_any"],
+        [api, second, "allow_any"],
+        [second, "allow_any"],
+        [],
+    ]
+
+
 def test_an_entry_change_rebuilds_only_its_hosts() -> None:
     s = store()
     s.put_istio(entry())
