@@ -209,13 +209,22 @@ def scope_of(store: MeshStore, sidecar: IstioResource, namespace: str) -> Scope:
     )
 
 
+# (client namespace, Sidecar key) -> (the token it was made under, the Sidecar, its scope)
+Memo = dict[tuple[str, str], tuple[object, IstioResource, Scope]]
+
+
 class Scopes:
     """The scopes of one translation's local pods, each computed once per (client namespace,
-    Sidecar), whatever the number of pods."""
+    Sidecar), whatever the number of pods. MEMO: scopes made before, reused when made under
+    the same TOKEN (an object that changes whenever a VirtualService does) from an equal
+    Sidecar."""
 
-    def __init__(self, store: MeshStore) -> None:
+    def __init__(self, store: MeshStore, memo: Memo | None = None, token: object = None) -> None:
         self.store = store
+        self.memo = memo if memo is not None else {}
+        self.token = token
         self._made: dict[tuple[str, str], Scope] = {}
+        self._sidecars: dict[tuple[str, str], IstioResource] = {}
 
     def of_pod(self, namespace: str, labels: Mapping[str, str]) -> Scope | None:
         sidecar = sidecar_for(self.store, namespace, labels)
@@ -224,5 +233,15 @@ class Scopes:
         key = (namespace, sidecar.key)
         scope = self._made.get(key)
         if scope is None:
-            scope = self._made[key] = scope_of(self.store, sidecar, namespace)
+            hit = self.memo.get(key)
+            reusable = hit is not None and self.token is not None and hit[0] is self.token
+            if hit is not None and reusable and hit[1] == sidecar:
+                scope = hit[2]
+            else:
+                scope = scope_of(self.store, sidecar, namespace)
+            self._made[key], self._sidecars[key] = scope, sidecar
         return scope
+
+    def memo_used(self) -> Memo:
+        """The scopes made or reused here, for the next translation's MEMO."""
+        return {k: (self.token, self._sidecars[k], scope) for k, scope in self._made.items()}

@@ -221,6 +221,7 @@ class TranslationCache:
     _needed: set[str] = field(default_factory=set)
     _scopes_seen: frozenset[sidecar_scope.Scope] | None = None
     _rebuilt: set[str] = field(default_factory=set)
+    _scope_memo: sidecar_scope.Memo = field(default_factory=dict)  # see _scopes_of
     _originate: _Memo | None = None  # the originate-mtls cluster
     _originate_tls: _Memo | None = None  # the originate-tls cluster
     # originate-tls's sockets: those the served clusters name now (_wanted_sockets) and those
@@ -275,11 +276,6 @@ class TranslationCache:
             client_classes(store, local_pods),
         )
         excluded_now = frozenset(excluded)
-        scopes = sidecar_scope.Scopes(store)
-        scoped = {
-            local.pod.key: scopes.of_pod(local.pod.namespace, local.pod.labels)
-            for local in local_pods
-        }
         inbound = {local.pod.key: _inbound_inputs(store, local, sidecar) for local in local_pods}
         fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
         for local in local_pods if not sidecar else ():
@@ -322,6 +318,7 @@ class TranslationCache:
                     self._update(set(self._services) - dirty, reuse=True)
                 self._update(dirty)
             self._generation = store.generation
+            scoped = self._scopes_of(store, local_pods)
             self._follow_scopes(scoped)
             self._follow_guards(previous, settings)
             return self._assemble(local_pods, secrets, excluded_now, inbound, scoped)
@@ -330,6 +327,20 @@ class TranslationCache:
             self._last_out = None
             self._origins_moved = self._chains_moved = True
             raise
+
+    def _scopes_of(
+        self, store: MeshStore, local_pods: Sequence[LocalPod]
+    ) -> dict[str, sidecar_scope.Scope | None]:
+        """Each local pod's Sidecar scope (None: none applies). A scope is computed once per
+        client namespace and Sidecar, and kept while the Sidecar and the VirtualServices (the
+        index, replaced on any VirtualService change) stay the same."""
+        scopes = sidecar_scope.Scopes(store, self._scope_memo, self._vs_index)
+        scoped = {
+            local.pod.key: scopes.of_pod(local.pod.namespace, local.pod.labels)
+            for local in local_pods
+        }
+        self._scope_memo = scopes.memo_used()
+        return scoped
 
     def _follow_scopes(self, scoped: Mapping[str, sidecar_scope.Scope | None]) -> None:
         """Serve only the services some local pod reaches while every local pod is under a
