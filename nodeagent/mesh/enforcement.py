@@ -27,10 +27,11 @@ nodeagent.translate.virtual_service):
 - Sidecar: workloadSelector, egress hosts and port, outboundTrafficPolicy.mode
   (nodeagent.mesh.sidecar_scope).
 - ServiceEntry (mesh/service_entries.py): hosts, addresses, ports, location, resolution (NONE,
-  STATIC, DNS, DNS_ROUND_ROBIN), endpoints (address, ports, labels, weight, locality),
-  workloadSelector (pods and WorkloadEntries), subjectAltNames, exportTo (node-wide: served
-  when exported to a namespace with a local pod). WorkloadEntry: address, ports, labels,
-  weight, locality, as a selecting ServiceEntry's endpoint.
+  STATIC, DNS, DNS_ROUND_ROBIN), endpoints (address, ports, labels, weight, locality,
+  network, serviceAccount), workloadSelector (pods and WorkloadEntries), subjectAltNames,
+  exportTo (node-wide: served when exported to a namespace with a local pod). WorkloadEntry:
+  address, ports, labels, weight, locality, network, serviceAccount, as a selecting
+  ServiceEntry's endpoint.
 """
 
 from __future__ import annotations
@@ -139,14 +140,18 @@ _GATEWAY_SERVER: Mapping[str, Any] = {
     },
 }
 
-# A ServiceEntry endpoint, or a WorkloadEntry: not yet its network (no multi-network gateways
-# here) nor its serviceAccount (the identity of a VM proxy, which the testbed has none of).
+# A ServiceEntry endpoint, or a WorkloadEntry (mesh/service_entries.py): network labels it
+# topology.istio.io/network (every network reached directly: no multi-network gateways, as
+# Istio without meshNetworks); serviceAccount is the identity a MESH_INTERNAL entry's endpoint
+# is sent mTLS to (with resolution STATIC; see _dns_accounts for DNS).
 _ENTRY_ENDPOINT: Mapping[str, Any] = {
     "address": ALL,
     "ports": ALL,
     "labels": ALL,
     "weight": ALL,
     "locality": ALL,
+    "network": ALL,
+    "serviceAccount": ALL,
 }
 
 # Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
@@ -197,15 +202,35 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
     "WorkloadEntry": _ENTRY_ENDPOINT,
 }
 
-# The issue that will make each kind (or the rest of it) take effect.
+# The issue that will make each kind (or the rest of it) take effect, or why not yet.
 PLANNED: Mapping[str, str] = {
     "DestinationRule": "#15 traffic management",
     "VirtualService": "#15 traffic management",
-    "ServiceEntry": "not yet: endpoints' network and serviceAccount (no VM proxy here)",
-    "Sidecar": "#16 mesh edges",
-    "Gateway": "#16 mesh edges",
-    "WorkloadEntry": "not yet: network, serviceAccount (no VM proxy here)",
-    "WorkloadGroup": "#16 mesh edges",
+    "ServiceEntry": (
+        "not yet: an endpoint's serviceAccount with resolution DNS or DNS_ROUND_ROBIN"
+        " (Envoy resolves those names and connects from the node, with no caller identity"
+        " to present)"
+    ),
+    "Sidecar": (
+        "not yet: egress bind and captureMode (the node captures every outbound connection"
+        " into the pod's one listener: a bind address or a listener without capture would be"
+        " a listener per pod in its netns), ingress[] and inboundConnectionPool (the pod's"
+        " inbound listener is not per Sidecar), outboundTrafficPolicy.egressProxy"
+    ),
+    "Gateway": (
+        "not yet: tls.mode AUTO_PASSTHROUGH (it needs the SNI-DNAT clusters of every service,"
+        " Istio's east-west gateway), OPTIONAL_MUTUAL (not built), certificates from files"
+        " (the gateway reads Secrets only: use credentialName), bind, defaultEndpoint,"
+        " port.targetPort, maxProtocolVersion, cipherSuites"
+    ),
+    "WorkloadEntry": (
+        "not yet: a WorkloadEntry is an endpoint of the ServiceEntries selecting it only, not"
+        " of Kubernetes Services selecting its labels"
+    ),
+    "WorkloadGroup": (
+        "not yet: WorkloadGroup (the template of auto-registered VM WorkloadEntries and their"
+        " health checks: the node serves no VM proxies and runs no registration endpoint)"
+    ),
     "AuthorizationPolicy": "#17 authorization",
     "RequestAuthentication": "#17 authorization",
     "Telemetry": "#19 observability",
@@ -265,6 +290,8 @@ def not_enforced(resource: IstioResource) -> NotEnforced | None:
         fields = [str(key) for key in resource.spec] or ["spec"]
     else:
         fields = _unenforced(resource.spec, rule, "")
+    if resource.kind == "ServiceEntry":
+        fields += _dns_accounts(resource.spec)
     if not fields:
         return None
     return NotEnforced(
@@ -274,6 +301,22 @@ def not_enforced(resource: IstioResource) -> NotEnforced | None:
         tuple(fields),
         PLANNED.get(resource.kind, NOT_PLANNED),
     )
+
+
+def _dns_accounts(spec: Mapping[str, Any]) -> list[str]:
+    """A MESH_INTERNAL entry's endpoint serviceAccounts that have no effect: with resolution DNS
+    or DNS_ROUND_ROBIN the node Envoy connects to the names itself (translate/clusters.py
+    dns_cluster), with no caller's certificate, where Istio's sidecar would send mTLS."""
+    if spec.get("location") != "MESH_INTERNAL" or spec.get("resolution") not in (
+        "DNS",
+        "DNS_ROUND_ROBIN",
+    ):
+        return []
+    return [
+        f"endpoints[{i}].serviceAccount"
+        for i, endpoint in enumerate(spec.get("endpoints") or [])
+        if isinstance(endpoint, Mapping) and endpoint.get("serviceAccount")
+    ]
 
 
 def report(resources: Iterable[IstioResource]) -> list[NotEnforced]:

@@ -93,6 +93,7 @@ class EntryEndpoint:
     weight: int = 0  # 0: unset
     pod: str = ""  # namespace/name of a selected pod
     workload: str = ""  # namespace/name of a selected WorkloadEntry
+    service_account: str = ""  # its workload's identity (a VM's proxy), in the entry's namespace
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,9 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=dict)
     weight: int = 0
     locality: str = ""  # region/zone/subzone, over its node's
+    # A MESH_INTERNAL ServiceEntry endpoint naming no pod: the service account (in the entry's
+    # namespace) it speaks mTLS as, verified as its SPIFFE ID; "": plaintext.
+    service_account: str = ""
 
 
 @dataclass(frozen=True)

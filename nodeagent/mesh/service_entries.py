@@ -37,6 +37,8 @@ SERVICE_ENTRY, WORKLOAD_ENTRY = "ServiceEntry", "WorkloadEntry"
 SEPARATOR = "~"  # never in a Kubernetes name: derived keys cannot meet a Service's
 MESH_EXTERNAL, MESH_INTERNAL = "MESH_EXTERNAL", "MESH_INTERNAL"
 NONE, STATIC, DNS, DNS_ROUND_ROBIN = "NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"
+NETWORK_LABEL = "topology.istio.io/network"
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
 
 
 def derived_name(entry: str, host: str) -> str:
@@ -76,6 +78,7 @@ def _endpoint(raw: Mapping[str, Any], namespace: str = "", name: str = "") -> En
         locality=str(raw.get("locality", "")),
         weight=int(raw.get("weight") or 0),
         workload=f"{namespace}/{name}" if name else "",
+        service_account=str(raw.get("serviceAccount", "")),
     )
 
 
@@ -153,14 +156,19 @@ def derive(
             )
         )
         if resolution == STATIC:
-            slices += _slices(entry.namespace, name, ports, endpoints)
+            slices += _slices(entry.namespace, name, ports, endpoints, policy.external)
     return services, slices
 
 
 def _slices(
-    namespace: str, service: str, ports: tuple[ServicePort, ...], endpoints: Iterable[EntryEndpoint]
+    namespace: str,
+    service: str,
+    ports: tuple[ServicePort, ...],
+    endpoints: Iterable[EntryEndpoint],
+    external: bool = True,
 ) -> list[EndpointSlice]:
-    """One slice per distinct port mapping (a slice's ports are all its endpoints')."""
+    """One slice per distinct port mapping (a slice's ports are all its endpoints').
+    EXTERNAL: the entry is MESH_EXTERNAL (its endpoints never speak mTLS)."""
     groups: dict[tuple[EndpointPort, ...], list[Endpoint]] = {}
     for ep in endpoints:
         if not _is_ip(ep.address):
@@ -175,15 +183,45 @@ def _slices(
             Endpoint(
                 (ep.address,),
                 pod=ep.pod,
-                labels=dict(ep.labels),
+                labels=endpoint_labels(ep),
                 weight=ep.weight,
                 locality=ep.locality,
+                service_account="" if external else mtls_account(ep),
             )
         )
     return [
         EndpointSlice(namespace, f"{service}{SEPARATOR}{i}", service, tuple(eps), key)
         for i, (key, eps) in enumerate(groups.items())
     ]
+
+
+def endpoint_labels(ep: EntryEndpoint) -> dict[str, str]:
+    """EP's labels as Istio augments them (pilot/pkg/serviceregistry/util/label/label.go
+    AugmentLabels, from serviceentry/conversion.go convertEndpoint): its ``network`` becomes
+    ``topology.istio.io/network`` unless its labels set that already, so a DestinationRule
+    subset or a failoverPriority can select by network. Its locality is added where endpoints
+    are ranked (translate/endpoints.py).
+
+    The network changes nothing else here: with no multi-network gateways configured (the node
+    takes no meshNetworks), Istio's EndpointsByNetworkFilter (pilot/pkg/xds/endpoints/
+    ep_filters.go) returns every endpoint, reached directly; so does the node."""
+    labels = dict(ep.labels)
+    if ep.network and not labels.get(NETWORK_LABEL):
+        labels[NETWORK_LABEL] = ep.network
+    return labels
+
+
+def mtls_account(ep: EntryEndpoint) -> str:
+    """The service account a MESH_INTERNAL entry's endpoint EP (no pod) speaks mTLS as, "" for
+    plaintext. Istio (conversion.go getTLSModeFromWorkloadEntry): the label
+    ``security.istio.io/tlsMode`` decides, else a ``serviceAccount`` means mTLS; the client
+    verifies the SPIFFE ID of that account in the service's namespace (convertEndpoint, and
+    cluster_tls.go buildIstioMutualTLS with the service's accounts). The node verifies each
+    endpoint's own identity, as for pods, so an endpoint needs its serviceAccount for mTLS: one
+    whose label alone says ``istio`` stays plaintext (not yet: nothing to verify it by)."""
+    if ep.pod or dict(ep.labels).get(TLS_MODE_LABEL, "istio") != "istio":
+        return ""
+    return ep.service_account
 
 
 def _is_ip(text: str) -> bool:

@@ -97,6 +97,9 @@ def load_assignment(
             spiffe = None
             if pod is not None and speaks_mtls(endpoint.pod, port):
                 spiffe = tls.spiffe_id(trust_domain, pod.namespace, pod.service_account)
+            elif pod is None and endpoint.service_account:
+                # envoy.network.upstream_subject_alt_names takes a comma-separated list.
+                spiffe = ",".join(entry_sans(trust_domain, target, endpoint.service_account))
             found.update({(address, port): spiffe for address in endpoint.addresses})
             node = endpoint.node_name or (pod.node_name if pod is not None else "")
             locality = store.locality_of(node)
@@ -131,6 +134,16 @@ def load_assignment(
         ClusterLoadAssignment,
         {"cluster_name": cluster or target.cluster, "endpoints": endpoints},
     )
+
+
+def entry_sans(trust_domain: str, target: ServiceTarget, service_account: str) -> tuple[str, ...]:
+    """The server identities a MESH_INTERNAL ServiceEntry endpoint (a VM's proxy) is verified
+    against: its service account's SPIFFE ID in the entry's namespace and the entry's
+    subjectAltNames, which Istio adds to the service's accounts (serviceentry/conversion.go
+    convertServices, ServiceAccounts)."""
+    own = tls.spiffe_id(trust_domain, target.service.namespace, service_account)
+    extra = target.service.entry.subject_alt_names if target.service.entry else ()
+    return tuple(dict.fromkeys((own, *extra)))
 
 
 def _lb_endpoint(

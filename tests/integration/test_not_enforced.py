@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from nodeagent.mesh.enforcement import PLANNED
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
@@ -92,7 +93,7 @@ def test_proxy_status_metrics_and_log_say_what_is_not_enforced(tb: Testbed) -> N
             "namespace": "shop",
             "name": "edge",
             "fields": ["servers[0].tls.mode=AUTO_PASSTHROUGH"],
-            "planned": "#16 mesh edges",
+            "planned": PLANNED["Gateway"],
         },
     ]
     table = node_cli(tb.name, "n1", "proxy-status").stdout

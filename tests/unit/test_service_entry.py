@@ -27,7 +27,7 @@ from nodeagent.mesh.service_entries import derive, derived_name, host_of
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import TranslationCache, translate
 from nodeagent.translate import envoy as e
-from nodeagent.translate.internal import ORIGINAL_DST_META, OUTBOUND_INTERNAL
+from nodeagent.translate.internal import ENDPOINT_META, ORIGINAL_DST_META, OUTBOUND_INTERNAL
 from nodeagent.translate.tls import TLS_MODE_KEY
 from tests.unit.envoy_validate import assert_envoy_accepts_resources
 from tests.unit.istio_data import istio_data
@@ -414,3 +414,92 @@ def test_a_virtual_service_on_a_host_routed_entry_changes_its_ports_table() -> N
     s.delete_istio("VirtualService/shop/api")
     assert routed_to() == f"outbound|80||{API}"
     assert cache.full_recomputes == 1
+
+
+def _lb_endpoints(out: Any, name: str) -> dict[str, dict[str, Any]]:
+    """NAME's endpoints by their address (ip:port, as originate restores it)."""
+    cla = as_json(out[e.ENDPOINT][name])
+    return {
+        lb["metadata"]["filterMetadata"][ORIGINAL_DST_META]["local"]: lb
+        for group in cla["endpoints"]
+        for lb in group["lbEndpoints"]
+    }
+
+
+def test_an_endpoints_network_is_a_label_subsets_select_and_every_network_is_reached() -> None:
+    """Endpoint ``network`` (istio: endpoints[].network, WorkloadEntry network): with no
+    multi-network gateways, Istio's EndpointsByNetworkFilter (pilot/pkg/xds/endpoints/
+    ep_filters.go) keeps every endpoint, reached directly, whatever its network; AugmentLabels
+    (pilot/pkg/serviceregistry/util/label/label.go) labels it topology.istio.io/network (its own
+    label of that name wins), which a DestinationRule subset selects by."""
+    s = store()
+    eps = [
+        {"address": "10.1.0.1", "network": "net-a"},
+        {"address": "10.1.0.2", "network": "net-b"},
+        {"address": "10.1.0.3", "network": "net-b", "labels": {"topology.istio.io/network": "x"}},
+        {"address": "10.1.0.4"},
+    ]
+    s.put_istio(entry(resolution="STATIC", endpoints=eps))
+    subsets = [
+        {"name": "b", "labels": {"topology.istio.io/network": "net-b"}},
+        {"name": "x", "labels": {"topology.istio.io/network": "x"}},
+    ]
+    s.put_istio(istio("DestinationRule", "api", {"host": API, "subsets": subsets}))
+    out = translate(s, [local("a")])
+    every = _lb_endpoints(out, f"outbound|80||{API}")
+    assert sorted(every) == ["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80", "10.1.0.4:80"]
+    assert sorted(_lb_endpoints(out, f"outbound|80|b|{API}")) == ["10.1.0.2:80"]
+    assert sorted(_lb_endpoints(out, f"outbound|80|x|{API}")) == ["10.1.0.3:80"]
+
+
+def _workload_entry(**spec: Any) -> IstioResource:
+    body = {"address": "10.1.0.9", "labels": {"app": "vm"}} | spec
+    return istio("WorkloadEntry", "vm-1", body)
+
+
+def test_a_mesh_internal_endpoints_service_account_is_the_identity_verified() -> None:
+    """WorkloadEntry / endpoint ``serviceAccount`` (istio: serviceentry/conversion.go
+    convertEndpoint and getTLSModeFromWorkloadEntry): behind a MESH_INTERNAL entry the endpoint
+    is sent mTLS (tlsMode istio) and verified as spiffe://<td>/ns/<entry ns>/sa/<account>, plus
+    the entry's subjectAltNames (the service's accounts, cluster_tls.go buildIstioMutualTLS);
+    its label security.istio.io/tlsMode: disabled turns mTLS off; without an account, or
+    behind a MESH_EXTERNAL entry, plaintext."""
+    vm = "spiffe://cluster.local/ns/shop/sa/vm"
+    extra = "spiffe://cluster.local/ns/shop/sa/legacy"
+    cases = [
+        ("MESH_INTERNAL", {"serviceAccount": "vm"}, [], "istio", vm),
+        ("MESH_INTERNAL", {"serviceAccount": "vm"}, [extra], "istio", f"{vm},{extra}"),
+        (
+            "MESH_INTERNAL",
+            {
+                "serviceAccount": "vm",
+                "labels": {"app": "vm", "security.istio.io/tlsMode": "disabled"},
+            },
+            [],
+            "disabled",
+            None,
+        ),
+        ("MESH_INTERNAL", {}, [], "disabled", None),
+        ("MESH_EXTERNAL", {"serviceAccount": "vm"}, [], "disabled", None),
+    ]
+    for location, we, sans, mode, verified in cases:
+        s = store()
+        s.put_istio(_workload_entry(**we))
+        s.put_istio(
+            entry(
+                location=location,
+                resolution="STATIC",
+                workloadSelector={"labels": {"app": "vm"}},
+                subjectAltNames=sans,
+            )
+        )
+        out = translate(s, [local("a")])
+        lb = _lb_endpoints(out, f"outbound|80||{API}")["10.1.0.9:80"]
+        meta = lb["metadata"]["filterMetadata"]
+        assert meta[TLS_MODE_KEY]["tlsMode"] == mode, (location, we)
+        assert meta.get(ENDPOINT_META, {}).get("sans") == verified, (location, we)
+        # Never the same-node fast path: a WorkloadEntry is no pod on this node.
+        assert "envoyInternalAddress" in lb["endpoint"]["address"]
+        assert lb["endpoint"]["address"]["envoyInternalAddress"]["serverListenerName"] == (
+            "originate"
+        )
