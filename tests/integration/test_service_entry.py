@@ -44,8 +44,12 @@ REGISTRY_ONLY = {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}}
 
 @pytest.fixture(scope="module")
 def tb() -> Iterator[Testbed]:
+    # vm: a mesh pod standing in for a VM's proxy (service account vm), which only a
+    # WorkloadEntry names (test_a_mesh_internal_workload_entry_...).
+    vm = pod("vm", "n1", {"app": "vm"}, workload={"type": "fake-service", "port": 8080})
+    vm["workload"]["env"] = {"NAME": "vm"}
     text = topology_text(
-        NAME, [pod("sleep", "n1", {"app": "sleep"})], [], nodes=[{"name": "n1"}]
+        NAME, [pod("sleep", "n1", {"app": "sleep"}), vm], [], nodes=[{"name": "n1"}]
     ) + ("externals:\n  - {name: api, names: [api.external.test]}\n")
     with running_testbed(text, "test_service_entry") as testbed:
         yield testbed
@@ -232,3 +236,71 @@ def test_https_port_and_the_other_resolutions(clean: Testbed) -> None:
         logged_after(tb, offset, "default/sleep", "TCP", f"outbound|443||{HOST}")
         apply_docs(tb)
         wait_for(lambda: status(tb, *https) == "000", 20, "the entry gone: refused again")
+
+
+def test_a_mesh_internal_workload_entrys_service_account_is_the_server_verified(
+    clean: Testbed,
+) -> None:
+    """WorkloadEntry ``serviceAccount`` (istio: serviceentry/conversion.go convertEndpoint):
+    a MESH_INTERNAL STATIC entry selecting a WorkloadEntry at the vm pod's address (a VM's
+    proxy, STRICT mTLS) reaches it with mTLS verified as spiffe://cluster.local/ns/default/sa/
+    <its account>: the right account answers; another account fails the handshake (503, the
+    access log names the cluster); no account is plaintext, which STRICT refuses (503)."""
+    tb = clean
+    tb.set_mesh_config(REGISTRY_ONLY)
+    vm_host = "vm.internal.test"
+    # curl dials the external's address with Host vm.internal.test: the entry has no
+    # addresses, so port 80 is routed by Host (the external itself would answer "api").
+    url = ["--resolve", f"{vm_host}:80:{tb.external('api').ip}", f"http://{vm_host}/"]
+    strict = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "vm", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "vm"}}, "mtls": {"mode": "STRICT"}},
+    }
+    internal = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "vm", "namespace": "default"},
+        "spec": {
+            "hosts": [vm_host],
+            "ports": [HTTP_80],
+            "location": "MESH_INTERNAL",
+            "resolution": "STATIC",
+            "workloadSelector": {"labels": {"role": "vm-proxy"}},
+        },
+    }
+
+    def workload_entry(**spec: Any) -> dict[str, Any]:
+        body = {"address": tb.pod_ip("vm"), "labels": {"role": "vm-proxy"}}
+        body |= {"ports": {"http": 8080}, **spec}
+        return {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "WorkloadEntry",
+            "metadata": {"name": "vm-1", "namespace": "default"},
+            "spec": body,
+        }
+
+    def vm_answers() -> bool:
+        proc = tb.exec("sleep", ["curl", "-sS", "--max-time", "5", *url])
+        try:
+            return proc.returncode == 0 and json.loads(proc.stdout)["name"] == "vm"
+        except (ValueError, KeyError):
+            return False
+
+    apply_docs(tb, strict, internal, workload_entry(serviceAccount="vm"))
+    wait_for(vm_answers, 20, "the WorkloadEntry reached with mTLS as its service account")
+    offset = log_path(tb).stat().st_size
+    assert vm_answers()
+    logged_after(tb, offset, "default/sleep", f"outbound|80||{vm_host}")
+
+    apply_docs(tb, strict, internal, workload_entry(serviceAccount="other"))
+    wait_for(lambda: status(tb, *url) == "503", 20, "another service account refused")
+    offset = log_path(tb).stat().st_size
+    assert status(tb, *url) == "503"
+    logged_after(tb, offset, f"outbound|80||{vm_host}", "503")
+
+    apply_docs(tb, strict, internal, workload_entry())
+    wait_for(lambda: status(tb, *url) == "503", 20, "no account: plaintext, refused by STRICT")
+    apply_docs(tb, strict, internal, workload_entry(serviceAccount="vm"))
+    wait_for(vm_answers, 20, "the right account again")
