@@ -1,5 +1,5 @@
-"""The agent's DNS proxy: a UDP and a TCP socket at 127.0.0.1:15053 inside each pod whose DNS
-is captured, all served by the agent's event loop.
+"""The agent's DNS proxy: a UDP and a TCP socket at 127.0.0.1:15053 (and [::1]:15053 when the
+pod has IPv6) inside each pod whose DNS is captured, all served by the agent's event loop.
 
 The sockets are made inside the pod's network namespace (as Envoy's listeners are), so the
 pod's own REDIRECT of port 53 reaches them and the pod is known by the socket it asked on.
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from nodeagent.dns import answer
 from nodeagent.dns.names import NameTable, build
@@ -35,6 +35,7 @@ from nodeagent.redirect.netns import entered
 log = logging.getLogger("nodeagent.dns")
 
 LISTEN_ADDRESS = "127.0.0.1"  # REDIRECT of a pod's own packets lands on its loopback
+LISTEN_ADDRESS6 = "::1"
 MAX_IN_FLIGHT = 256
 UPSTREAM_TIMEOUT = 2.0  # per upstream resolver tried
 TCP_IDLE = 10.0
@@ -50,8 +51,8 @@ class PodDns:
     netns: Path
     auto_allocate: bool
     resolv_conf: PodResolvConf
-    udp: asyncio.DatagramTransport | None = None
-    tcp: asyncio.Server | None = None
+    udp: list[asyncio.DatagramTransport] = field(default_factory=list)  # IPv4, IPv6 loopback
+    tcp: list[asyncio.Server] = field(default_factory=list)
     clients: set[asyncio.Task[None]] = field(default_factory=set)
 
     def search(self, domain: str) -> tuple[str, ...]:
@@ -68,7 +69,8 @@ class DnsProxy:
         resolv_conf_path: Callable[[Path], Path] = path_for,
         listen_port: int = DNS_PORT,
         upstream_port: int = DNS_CAPTURED_PORT,
-        listening_sockets: Callable[[Path, int], tuple[socket.socket, socket.socket]] | None = None,
+        listening_sockets: Callable[[Path, int], list[tuple[socket.socket, socket.socket]]]
+        | None = None,
         upstream_socket: Callable[[Path, int, int], socket.socket] | None = None,
     ) -> None:
         """LISTENING_SOCKETS and UPSTREAM_SOCKET make the sockets (default: inside the pod's
@@ -91,33 +93,37 @@ class DnsProxy:
     async def serve(self, key: str, namespace: str, netns: Path, auto_allocate: bool) -> None:
         """Listen in the pod's netns (again after a restart; a no-op when already listening)."""
         pod = self.pods.get(key)
-        if pod is not None and pod.netns == netns and pod.udp is not None:
+        if pod is not None and pod.netns == netns and pod.udp:
             pod.auto_allocate = auto_allocate
             return
         if pod is not None:
             await self.stop(key)
         loop = asyncio.get_running_loop()
-        udp_sock, tcp_sock = await loop.run_in_executor(
+        pairs = await loop.run_in_executor(
             self._executor, self._listening_sockets, netns, self.listen_port
         )
         resolv_conf = PodResolvConf(netns, self.resolv_conf_path)
         pod = PodDns(key, namespace, netns, auto_allocate, resolv_conf)
         try:
-            pod.udp, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self, pod), sock=udp_sock
-            )
-            pod.tcp = await asyncio.start_server(
-                lambda r, w: self._tcp_client(pod, r, w), sock=tcp_sock
-            )
+            for udp_sock, tcp_sock in pairs:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self, pod), sock=udp_sock
+                )
+                pod.udp.append(transport)
+                server = await asyncio.start_server(
+                    lambda r, w: self._tcp_client(pod, r, w), sock=tcp_sock
+                )
+                pod.tcp.append(server)
         except BaseException:
-            udp_sock.close()
-            tcp_sock.close()
+            for pair in pairs:
+                for sock in pair:
+                    sock.close()
             raise
         self.pods[key] = pod
         log.info(
-            "pod %s: DNS proxy on %s:%d (upstream %s)",
+            "pod %s: DNS proxy on %s port %d (upstream %s)",
             key,
-            LISTEN_ADDRESS,
+            ", ".join(sock.getsockname()[0] for sock, _ in pairs),
             self.listen_port,
             ", ".join(resolv_conf.current().nameservers) or "none yet",
         )
@@ -126,10 +132,10 @@ class DnsProxy:
         pod = self.pods.pop(key, None)
         if pod is None:
             return
-        if pod.udp is not None:
-            pod.udp.close()
-        if pod.tcp is not None:
-            pod.tcp.close()
+        for transport in pod.udp:
+            transport.close()
+        for server in pod.tcp:
+            server.close()
         for task in list(pod.clients):
             task.cancel()
         log.info("pod %s: DNS proxy stopped", key)
@@ -202,11 +208,17 @@ class DnsProxy:
         self._in_flight += 1
         return True
 
-    async def _udp_query(self, pod: PodDns, wire: bytes, client: tuple[str, int]) -> None:
+    async def _udp_query(
+        self,
+        pod: PodDns,
+        transport: asyncio.DatagramTransport,
+        wire: bytes,
+        client: tuple[str | Any, int],
+    ) -> None:
         try:
             reply = await self.respond(pod, wire, tcp=False)
-            if reply is not None and pod.udp is not None and not pod.udp.is_closing():
-                pod.udp.sendto(reply, client)
+            if reply is not None and not transport.is_closing():
+                transport.sendto(reply, client)
         except Exception:  # one bad query must never stop the proxy
             log.exception("pod %s: DNS query failed", pod.key)
         finally:
@@ -248,11 +260,16 @@ class DnsProxy:
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, proxy: DnsProxy, pod: PodDns) -> None:
         self.proxy, self.pod = proxy, pod
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)  # asyncio's is no subclass
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        if not self.proxy._admit():
+        if self.transport is None or not self.proxy._admit():
             return  # too many at once: dropped, the client's resolver retries
-        task = asyncio.ensure_future(self.proxy._udp_query(self.pod, data, addr))
+        query = self.proxy._udp_query(self.pod, self.transport, data, addr)
+        task = asyncio.ensure_future(query)
         self.pod.clients.add(task)
         task.add_done_callback(self.pod.clients.discard)
 
@@ -267,22 +284,31 @@ async def _receive(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: i
     return data
 
 
-def _listening_sockets(netns: Path, port: int) -> tuple[socket.socket, socket.socket]:
-    """UDP and TCP sockets bound to 127.0.0.1:PORT inside NETNS (blocking; a worker thread)."""
-    with entered(netns):
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT on restart
-        for sock in (udp, tcp):
-            sock.bind((LISTEN_ADDRESS, port))
-            sock.setblocking(False)
-        tcp.listen(64)
-    except BaseException:
-        udp.close()
-        tcp.close()
-        raise
-    return udp, tcp
+def _listening_sockets(netns: Path, port: int) -> list[tuple[socket.socket, socket.socket]]:
+    """UDP and TCP sockets bound to PORT on the loopback inside NETNS: 127.0.0.1, and ::1 when
+    the pod has IPv6 (capture's REDIRECT lands an IPv6 query there). Blocking: a worker thread."""
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    for family, address in ((socket.AF_INET, LISTEN_ADDRESS), (socket.AF_INET6, LISTEN_ADDRESS6)):
+        with entered(netns):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
+            for sock in (udp, tcp):
+                sock.bind((address, port))
+                sock.setblocking(False)
+            tcp.listen(64)
+        except BaseException as e:
+            udp.close()
+            tcp.close()
+            if family == socket.AF_INET6 and isinstance(e, OSError):
+                break  # no IPv6 in the pod: nothing can reach ::1 there either
+            for pair in pairs:
+                for sock in pair:
+                    sock.close()
+            raise
+        pairs.append((udp, tcp))
+    return pairs
 
 
 def _upstream_socket(netns: Path, family: int, kind: int) -> socket.socket:

@@ -4,6 +4,8 @@
 list and ndots, which ``ip netns exec`` binds from /etc/netns/<pod netns>/), over ``udp`` or
 ``tcp``; prints one JSON line: ``rcode`` (NOERROR, NXDOMAIN...), ``addresses`` of TYPE, ``ttl``
 (of the address records), ``name`` (the name that answered, after search expansion and CNAMEs).
+``ask SERVER NAME``: one A query for NAME (no search list) to SERVER port 53 over UDP, whatever
+the resolv.conf says; prints ``rcode``, ``addresses``, ``ttl``.
 ``garbage``: sends bytes no DNS parser accepts to the pod's nameserver over UDP; prints the
 rcode of the answer ("" when none came within 2 s).
 
@@ -18,6 +20,7 @@ import sys
 
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import dns.resolver
 
 
@@ -39,6 +42,18 @@ def resolve(name: str, rdtype: str, transport: str) -> dict[str, object]:
     }
 
 
+def ask(server: str, name: str) -> dict[str, object]:
+    import dns.query
+
+    reply = dns.query.udp(dns.message.make_query(name, "A"), server, timeout=5.0)
+    rrsets = [r for r in reply.answer if r.rdtype == dns.rdatatype.A]
+    return {
+        "rcode": dns.rcode.to_text(reply.rcode()),
+        "addresses": sorted(r.to_text() for rrset in rrsets for r in rrset),
+        "ttl": rrsets[0].ttl if rrsets else None,
+    }
+
+
 def garbage() -> dict[str, object]:
     nameserver = dns.resolver.Resolver().nameservers[0]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -54,6 +69,8 @@ def garbage() -> dict[str, object]:
 if __name__ == "__main__":
     if sys.argv[1] == "resolve":
         print(json.dumps(resolve(*sys.argv[2:5])))
+    elif sys.argv[1] == "ask":
+        print(json.dumps(ask(sys.argv[2], sys.argv[3])))
     elif sys.argv[1] == "garbage":
         print(json.dumps(garbage()))
     else:

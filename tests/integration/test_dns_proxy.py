@@ -124,6 +124,17 @@ def test_the_proxy_answers_service_names_with_the_pods_search_domains(tb: Testbe
     assert (untouched["addresses"], untouched["ttl"]) == ([web_vip(tb)], RESOLVER_TTL)
 
 
+def test_queries_to_any_resolver_over_ipv4_or_ipv6_reach_the_proxy(tb: Testbed) -> None:
+    """Capture takes port 53 whatever the resolver (as ambient's in-pod rules): a query to an
+    address no resolver has, or to the pod's IPv6 loopback, is answered by the proxy."""
+    fqdn = "web.default.svc.cluster.local"
+    for server in ("192.0.2.53", "::1"):
+        proc = tb.exec("default/dns", [sys.executable, PROBE, "ask", server, fqdn])
+        assert proc.returncode == 0, f"{server}: {proc.stderr}"
+        got = json.loads(proc.stdout)
+        assert (got["addresses"], got["ttl"]) == ([web_vip(tb)], PROXY_TTL), server
+
+
 def test_other_names_go_to_the_pods_own_resolver(tb: Testbed) -> None:
     external_ip = str(tb.topology.external("api").ip)
     for tcp in (False, True):

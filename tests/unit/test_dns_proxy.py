@@ -300,7 +300,7 @@ def loopback_proxy(
     store.set_mesh_config(MeshConfig())
     store.put_service(Service("default", "web-api", "10.96.0.20", (ServicePort(80),)))
 
-    def listening(_netns: Path, _port: int) -> tuple[socket.socket, socket.socket]:
+    def listening(_netns: Path, _port: int) -> list[tuple[socket.socket, socket.socket]]:
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         u.bind(("127.0.0.1", 0))
@@ -308,7 +308,7 @@ def loopback_proxy(
         t.listen(8)
         for s in (u, t):
             s.setblocking(False)
-        return u, t
+        return [(u, t)]
 
     def upstream_socket(_netns: Path, family: int, kind: int) -> socket.socket:
         s = socket.socket(family, kind)
@@ -388,9 +388,8 @@ async def _answers_forwards_truncation(
     try:
         await proxy.serve("default/sleep", "default", Path("/run/netns/unused"), False)
         pod = proxy.pods["default/sleep"]
-        assert pod.udp is not None and pod.tcp is not None
-        udp_port = pod.udp.get_extra_info("sockname")[1]
-        tcp_port = pod.tcp.sockets[0].getsockname()[1]
+        udp_port = pod.udp[0].get_extra_info("sockname")[1]
+        tcp_port = pod.tcp[0].sockets[0].getsockname()[1]
 
         local = await udp_name(udp_port, "web-api")
         assert [r.to_text() for r in local.answer[0]] == ["10.96.0.20"]
@@ -430,8 +429,7 @@ async def _servfail(proxy: DnsProxy) -> None:
     await proxy.serve("default/sleep", "default", Path("/run/netns/unused"), False)
     try:
         pod = proxy.pods["default/sleep"]
-        assert pod.udp is not None
-        port = pod.udp.get_extra_info("sockname")[1]
+        port = pod.udp[0].get_extra_info("sockname")[1]
         reply = await udp_name(port, "x.example")
         assert reply.rcode() == dns.rcode.SERVFAIL
     finally:
