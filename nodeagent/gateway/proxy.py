@@ -118,7 +118,7 @@ class GatewayProxy:
         secrets += self.credential_secrets.sds_secrets(self.store, made.credentials)
         self._wake_for_pending()
         upstream = self._translator.build(
-            self.store, [local], secrets, self.settings.excluded_namespaces, sidecar=True
+            self.store, [local], secrets, self.settings.excluded_namespaces, gateway=True
         )
         out: dict[str, dict[str, Message]] = {t: {} for t in (LISTENER, ROUTE, *UPSTREAM_TYPES)}
         for type_url in UPSTREAM_TYPES:

@@ -1107,6 +1107,9 @@ class Testbed:
             str(run_dir),
             "--envoy-log",
             str(layout.gateway_envoy_log(self.name, pod)),
+            # The mesh config the node agents read (trust domain, root namespace).
+            "--mesh-config",
+            str(layout.mesh_config_file(self.name)),
             "--cert-ttl",
             str(self.topology.cert_ttl),
         ]

@@ -172,6 +172,10 @@ class _Settings:
     sidecar: bool
     # The local pods' client classes (namespace, and what DestinationRule selectors read).
     classes: list[service_views.ClientClass] = field(default_factory=list)
+    # The sidecar form for a gateway (nodeagent.gateway), which keeps only the upstream side:
+    # ServiceEntry hosts get their clusters, and no Sidecar scope applies (Istio's Sidecar
+    # selects sidecars, never gateways).
+    gateway: bool = False
 
 
 @dataclass
@@ -264,7 +268,11 @@ class TranslationCache:
         excluded_namespaces: Sequence[str] = DEFAULT_EXCLUDED_NAMESPACES,
         sidecar: bool = False,
         excluded: Collection[Origin] = (),
+        gateway: bool = False,
     ) -> Translation:
+        """GATEWAY: the sidecar form of a gateway's pod, whose listeners the caller replaces
+        (its clusters, endpoints and secrets are the gateway's upstream side)."""
+        sidecar = sidecar or gateway
         if sidecar and len(local_pods) != 1:
             raise ValueError(f"the sidecar form is one pod's config, not {len(local_pods)} pods'")
         settings = _Settings(
@@ -274,6 +282,7 @@ class TranslationCache:
             tuple(excluded_namespaces),
             sidecar,
             client_classes(store, local_pods),
+            gateway,
         )
         excluded_now = frozenset(excluded)
         inbound = {local.pod.key: _inbound_inputs(store, local, sidecar) for local in local_pods}
@@ -318,7 +327,7 @@ class TranslationCache:
                     self._update(set(self._services) - dirty, reuse=True)
                 self._update(dirty)
             self._generation = store.generation
-            scoped = self._scopes_of(store, local_pods)
+            scoped = self._scopes_of(store, local_pods, settings.gateway)
             self._follow_scopes(scoped)
             self._follow_guards(previous, settings)
             return self._assemble(local_pods, secrets, excluded_now, inbound, scoped)
@@ -329,11 +338,14 @@ class TranslationCache:
             raise
 
     def _scopes_of(
-        self, store: MeshStore, local_pods: Sequence[LocalPod]
+        self, store: MeshStore, local_pods: Sequence[LocalPod], gateway: bool
     ) -> dict[str, sidecar_scope.Scope | None]:
-        """Each local pod's Sidecar scope (None: none applies). A scope is computed once per
-        client namespace and Sidecar, and kept while the Sidecar and the VirtualServices (the
-        index, replaced on any VirtualService change) stay the same."""
+        """Each local pod's Sidecar scope (None: none applies; never for a GATEWAY: Istio's
+        Sidecar selects sidecars only). A scope is computed once per client namespace and
+        Sidecar, and kept while the Sidecar and the VirtualServices (the index, replaced on any
+        VirtualService change) stay the same."""
+        if gateway:
+            return {local.pod.key: None for local in local_pods}
         scopes = sidecar_scope.Scopes(store, self._scope_memo, self._vs_index)
         scoped = {
             local.pod.key: scopes.of_pod(local.pod.namespace, local.pod.labels)
@@ -655,8 +667,16 @@ class TranslationCache:
         if svc.entry is not None and not self._exported(svc):
             entry.targets, entry.made = [], []  # no local client sees it: nothing to serve
             return entry
-        if svc.entry is not None and settings.sidecar:
+        if svc.entry is not None and settings.sidecar and not settings.gateway:
             entry.problem = f"{svc.entry.entry}: not yet translated for proxyModel sidecar"
+            return entry
+        if (
+            svc.entry is not None
+            and settings.gateway
+            and svc.entry.resolution == service_entries.NONE
+        ):
+            # A gateway's caller dialled the gateway: there is no original destination.
+            entry.problem = f"{svc.entry.entry}: resolution NONE is not served by gateways yet"
             return entry
         try:
             self._service_views(entry)

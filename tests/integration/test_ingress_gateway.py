@@ -6,7 +6,14 @@ nodes reaches only its address, as a load balancer in front of it would be reach
 Istio's tasks (istio.io/latest/docs/tasks/traffic-management/ingress/ingress-control/ and
 secure-ingress/): a Gateway selecting ``istio: ingressgateway``, a VirtualService bound to it
 with ``gateways``, HTTPS with ``credentialName`` (a kubernetes.io/tls Secret in the gateway's
-namespace), and rotating that Secret changes the served certificate without a restart.
+namespace), and rotating that Secret changes the served certificate without a restart; a
+MUTUAL server wants a client certificate from the Secret's CA.
+
+The egress gateway (istio-system/istio-egressgateway, the same command with Istio's egress
+labels), as in istio.io/latest/docs/tasks/traffic-management/egress/egress-gateway/: under
+REGISTRY_ONLY a ServiceEntry names the testbed's external server, one VirtualService sends the
+mesh's calls of it to the egress gateway and the gateway's out to it; dialling the external's
+address instead is refused.
 """
 
 from __future__ import annotations
@@ -267,3 +274,88 @@ def test_https_with_credential_name_and_rotation_without_restart(
     assert via_https(second)
     assert not via_https(first)  # the old CA does not vouch for the new certificate
     assert (_envoy_pid(routed), routed.state.pods[GATEWAY_POD].pid) == (envoy, process)
+
+
+# Istio's egress gateway task (istio.io/latest/docs/tasks/traffic-management/egress/
+# egress-gateway/), for the testbed's external server: the ServiceEntry, a Gateway for the
+# egress gateway, and one VirtualService for both the mesh (to the gateway) and the gateway (out).
+EGRESS = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [{EXTERNAL}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: istio-egressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: [{EXTERNAL}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: direct-api-through-egress-gateway, namespace: default}}
+spec:
+  hosts: [{EXTERNAL}]
+  gateways: [istio-system/istio-egressgateway, mesh]
+  http:
+  - match: [{{gateways: [mesh], port: 80}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-system.svc.cluster.local}}}}]
+  - match: [{{gateways: [istio-system/istio-egressgateway], port: 80}}]
+    route: [{{destination: {{host: {EXTERNAL}, port: {{number: 80}}}}}}]
+"""
+
+
+def _egress_log(tb: Testbed) -> Path:
+    return layout.gateway_envoy_log(tb.name, tb.topology.find_pod(EGRESS_POD))
+
+
+def _logged_after(path: Path, offset: int, *words: str) -> bool:
+    with path.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    return any(all(w in line for w in words) for line in lines)
+
+
+def _status(tb: Testbed, url: str) -> str:
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", url]
+    return tb.exec("web-api", argv).stdout.strip() or "000"
+
+
+def test_mesh_traffic_leaves_through_the_egress_gateway_and_cannot_bypass_it(
+    routed: Testbed,
+) -> None:
+    """REGISTRY_ONLY: web-api's call to the external host goes to the egress gateway (the mesh
+    route), which calls it (the gateway route; its access log names the external's cluster);
+    dialling the external's address itself, which no registry entry names: refused (502)."""
+    tb = routed
+    tb.set_mesh_config({"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}})
+    put_yaml(tb, "egress.yaml", EGRESS)
+    try:
+        log = _egress_log(tb)
+        url = f"http://{EXTERNAL}/"
+        offset = log.stat().st_size
+        cluster = f"outbound|80||{EXTERNAL}"
+
+        def through_the_gateway() -> bool:
+            """A call answered, and (Envoy flushes its log each second) one has been logged by
+            the egress gateway as sent to the external host's cluster."""
+            answered = _status(tb, url) == "200"
+            return answered and _logged_after(log, offset, EGRESS_POD, " 200 ", cluster)
+
+        wait_for(through_the_gateway, 30, "the external host through the egress gateway", 0.3)
+        assert call(tb, "web-api", url)["name"] == "api"
+        # The bypass: the external's address, which no registry entry names. On the entry's
+        # HTTP port the Host decides (Istio's block_all: 502 from the BlackHoleCluster).
+        bypass = f"http://{tb.topology.externals[0].ip}/"
+        wait_for(lambda: _status(tb, bypass) == "502", 20, "REGISTRY_ONLY refusing the bypass")
+        assert call(tb, "web-api", url)["name"] == "api"  # the gateway's way still works
+    finally:
+        put_yaml(tb, "egress.yaml")
+        tb.set_mesh_config({})

@@ -284,7 +284,7 @@ def _inline_routes(listener: dict[str, Any], routes: dict[str, dict[str, Any]]) 
 
 def _sidecar_clusters(store: MeshStore) -> list[Any]:
     pod = Pod("istio-system", "ingress", service_account="istio-ingressgateway")
-    made = TranslationCache().build(store, [LocalPod(pod, "")], [], ("kube-system",), True)
+    made = TranslationCache().build(store, [LocalPod(pod, "")], [], ("kube-system",), gateway=True)
     clusters = []
     for cluster in made.resources[CLUSTER].values():
         fields = _json(cluster)
@@ -456,3 +456,31 @@ def test_mutual_server_requires_a_client_certificate_from_the_credentials_ca() -
         ("DNS", "client.example"),
         ("URI", "client.example"),
     }
+
+
+ENTRY_YAML = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api.external.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: %s
+"""
+
+
+def test_a_gateway_reaches_service_entry_hosts_but_not_resolution_none() -> None:
+    """The egress gateway's upstream side: a ServiceEntry host's cluster (DNS: Envoy resolves
+    it); resolution NONE needs an original destination a gateway's caller never gave."""
+    pod = Pod("istio-system", "egress", service_account="istio-egressgateway")
+    dns = _store(ENTRY_YAML % "DNS")
+    made = TranslationCache().build(dns, [LocalPod(pod, "")], [], ("kube-system",), gateway=True)
+    cluster = _json(made.resources[CLUSTER]["outbound|80||api.external.test"])
+    assert cluster["type"] == "STRICT_DNS" and "transport_socket" not in cluster  # no mTLS
+    none = _store(ENTRY_YAML % "NONE")
+    made = TranslationCache().build(none, [LocalPod(pod, "")], [], ("kube-system",), gateway=True)
+    assert "outbound|80||api.external.test" not in made.resources[CLUSTER]
+    assert any("resolution NONE" in why for why in made.problems.values())
+    # The sidecar model's sidecars are not gateways: no ServiceEntry there yet.
+    made = TranslationCache().build(dns, [LocalPod(pod, "")], [], ("kube-system",), True)
+    assert "outbound|80||api.external.test" not in made.resources[CLUSTER]
