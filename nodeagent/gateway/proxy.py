@@ -106,7 +106,8 @@ class GatewayProxy:
     def workload(self, pod: Pod) -> gateway.Workload:
         trust_domain = self.store.mesh_config.trust_domain
         sid = spiffe_id(trust_domain, pod.namespace, pod.service_account)
-        return gateway.Workload(self.settings.namespace, self.settings.labels, sid, pod.name)
+        ports = gateway.listen_ports(self.store, pod.namespace, pod.labels or self.settings.labels)
+        return gateway.Workload(self.settings.namespace, self.settings.labels, sid, pod.name, ports)
 
     def resources(self) -> dict[str, dict[str, Message]]:
         """The gateway Envoy's config now."""

@@ -9,7 +9,8 @@ for what a gateway proxy gets:
 - The Gateways whose ``selector`` the gateway workload's labels satisfy (an empty selector
   selects every gateway workload), in any namespace (PILOT_SCOPE_GATEWAY_TO_NAMESPACE is off by
   default), oldest first.
-- One listener ``0.0.0.0_<port>`` per server port. Plain HTTP servers of a port share the
+- One listener ``0.0.0.0_<port>`` per server port, the port translated through the Services
+  selecting the gateway pod (``listen_ports``). Plain HTTP servers of a port share the
   route table ``http.<port>``; a TLS-terminating HTTPS server has a filter chain of its own,
   matched by SNI (its hosts), with the route table ``https.<port>.<portName>.<gw>.<ns>``.
 - A server host is ``[namespace/]dnsName``: the VirtualServices of that namespace (``*`` any,
@@ -34,7 +35,7 @@ credentialName is the way here).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -74,6 +75,9 @@ class Workload:
     labels: Mapping[str, str]
     identity: str
     name: str = "gateway"  # its pod's, for the access log
+    # Service port -> the port its pod listens on, of the Services selecting the gateway pod
+    # (``listen_ports``): a server's port is translated through them, as istiod's resolvePorts.
+    ports: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,11 @@ class Server:
     port_name: str
     hosts: tuple[str, ...]
     tls: Mapping[str, Any]
+    listen: int = 0  # the port the gateway pod listens on for it (0: PORT itself)
+
+    @property
+    def listen_port(self) -> int:
+        return self.listen or self.port
 
     @property
     def where(self) -> str:
@@ -104,7 +113,7 @@ class Server:
         if self.terminates and self.protocol == "HTTPS":
             gw = self.gateway
             return f"https.{self.port}.{self.port_name}.{gw.name}.{gw.namespace}"
-        return f"http.{self.port}"
+        return f"http.{self.listen_port}"
 
 
 @dataclass
@@ -116,6 +125,28 @@ class GatewayConfig:
     routes: list[RouteConfiguration] = field(default_factory=list)
     credentials: set[tuple[str, str]] = field(default_factory=set)
     problems: dict[str, list[str]] = field(default_factory=dict)
+
+
+# A Service label that opts out of the port translation (Istio's
+# DisableGatewayPortTranslationLabel).
+NO_PORT_TRANSLATION = "networking.istio.io/disable-gateway-port-translation"
+
+
+def listen_ports(store: MeshStore, namespace: str, labels: Mapping[str, str]) -> dict[int, int]:
+    """Service port -> target port, of the Services selecting the gateway pod (NAMESPACE,
+    LABELS), the first Service (by name) winning: istiod's resolvePorts for a Gateway that
+    selects by labels (pilot/pkg/model/gateway.go). A server on port 80 behind a Service mapping
+    80 to 8080 listens on 8080, so the gateway needs no privilege to bind it; a port no Service
+    names is listened on as it is. A named targetPort (a container port's name, which the
+    source does not keep) counts as the port itself."""
+    ports: dict[int, int] = {}
+    for svc in store.services_selecting(namespace, labels):
+        if NO_PORT_TRANSLATION in svc.labels:
+            continue
+        for port in svc.ports:
+            target = port.target_port if isinstance(port.target_port, int) else 0
+            ports.setdefault(port.port, target or port.port)
+    return ports
 
 
 def selects(gateway: IstioResource, labels: Mapping[str, str]) -> bool:
@@ -388,11 +419,12 @@ def build(
         if problems:
             out.problems[gateway.key] = problems
         for server in usable:
-            group = by_port.setdefault(server.port, [])
+            server = replace(server, listen=workload.ports.get(server.port, server.port))
+            group = by_port.setdefault(server.listen_port, [])
             plain = not server.terminates and server.protocol in HTTP_PROTOCOLS
             if group and plain != (not group[0].terminates and group[0].protocol in HTTP_PROTOCOLS):
                 out.problems.setdefault(gateway.key, []).append(
-                    f"{server.where}: port {server.port} is already served with another"
+                    f"{server.where}: port {server.listen_port} is already served with another"
                     f" protocol by {group[0].where}; left out"
                 )
                 continue

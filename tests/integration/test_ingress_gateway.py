@@ -13,7 +13,8 @@ The egress gateway (istio-system/istio-egressgateway, the same command with Isti
 labels), as in istio.io/latest/docs/tasks/traffic-management/egress/egress-gateway/: under
 REGISTRY_ONLY a ServiceEntry names the testbed's external server, one VirtualService sends the
 mesh's calls of it to the egress gateway and the gateway's out to it; dialling the external's
-address instead is refused.
+address instead is refused. As Istio's chart has it, the gateway's Service maps port 80 to the
+pod's 8080, where the gateway listens for the Gateway's port-80 server (istiod's resolvePorts).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _topology() -> str:
         [
             service("web-api", 8080, 8080),
             service("payments", 8080, 8080),
-            service("istio-egressgateway", 80, 80, namespace="istio-system"),
+            service("istio-egressgateway", 80, 8080, namespace="istio-system"),
         ],
         nodes=({"name": "n1"},),
         outside=("istio-system",),

@@ -146,6 +146,33 @@ def test_http_servers_of_a_port_share_one_route_table_with_a_virtual_host_per_ho
     assert "require_tls" not in plain
 
 
+GATEWAY_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: istio-ingressgateway, namespace: istio-system%s}
+spec:
+  clusterIP: 10.96.0.100
+  selector: {istio: ingressgateway}
+  ports: [{name: http2, port: 8080, targetPort: 18080}]
+"""
+
+
+def test_a_server_port_is_the_gateway_services_port_listened_on_at_its_target_port() -> None:
+    """istiod's resolvePorts: the Service selecting the gateway maps 8080 to 18080; the
+    Service's label networking.istio.io/disable-gateway-port-translation opts out."""
+    store = _store(CLUSTER_YAML, GATEWAYS_YAML, GATEWAY_SERVICE % "")
+    ports = gateway.listen_ports(store, "istio-system", INGRESS)
+    assert ports == {8080: 18080}
+    workload = gateway.Workload("istio-system", INGRESS, ME, ports=ports)
+    config = gateway.build(store, workload, _cluster_of(store))
+    assert [li.name for li in config.listeners] == ["0.0.0.0_8443", "0.0.0.0_18080"]
+    assert "http.18080" in _routes(config)
+    opted_out = (
+        GATEWAY_SERVICE % ", labels: {networking.istio.io/disable-gateway-port-translation: x}"
+    )
+    assert gateway.listen_ports(_store(opted_out), "istio-system", INGRESS) == {}
+
+
 def test_https_redirect_server_makes_its_hosts_require_tls() -> None:
     routes = _routes(_build(_store(CLUSTER_YAML, GATEWAYS_YAML)))
     assert _vhost(routes["http.8080"], "secure.example.com")["require_tls"] == "ALL"
