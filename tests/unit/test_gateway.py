@@ -9,6 +9,7 @@ istio/istio pilot/pkg/model/gateway.go and pilot/pkg/networking/core/gateway.go.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 from pathlib import Path
 from typing import Any
@@ -511,3 +512,64 @@ def test_a_gateway_reaches_service_entry_hosts_but_not_resolution_none() -> None
     # The sidecar model's sidecars are not gateways: no ServiceEntry there yet.
     made = TranslationCache().build(dns, [LocalPod(pod, "")], [], ("kube-system",), True)
     assert "outbound|80||api.external.test" not in made.resources[CLUSTER]
+
+
+def test_on_kubernetes_a_gateway_watches_only_its_servers_secrets_in_its_namespace(
+    tmp_path: Path,
+) -> None:
+    """`nodeagent gateway --in-cluster`'s source: the Secrets its Gateways' TLS servers name,
+    one watch each in the gateway's namespace (what its Role allows); a rotation arrives, and
+    no other Secret (another namespace's of that name, another name) is ever listed or kept."""
+    from apiserver_standin import APIServerStandIn
+
+    from nodeagent.sources.kubernetes import KubernetesSource
+
+    def secret(name: str, namespace: str, cert: bytes) -> dict[str, Any]:
+        meta = {"name": name, "namespace": namespace}
+        data = {"tls.crt": base64.b64encode(cert).decode(), "tls.key": "S0VZ"}
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": data}
+
+    gateway_docs = list(yaml.safe_load_all(GATEWAYS_YAML))
+
+    async def until(check: Any) -> None:
+        async with asyncio.timeout(10):
+            while not check():
+                await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        server = APIServerStandIn()
+        await server.start()
+        for obj in (
+            *gateway_docs,
+            secret("shop-cert", "istio-system", b"C1"),
+            secret("shop-cert", "shop", b"OTHER"),
+            secret("unnamed", "istio-system", b"X"),
+        ):
+            server.add(obj)
+        store = MeshStore("n1")
+        workload = _workload()
+        source = KubernetesSource(
+            store,
+            "n1",
+            kubeconfig=server.write_kubeconfig(tmp_path / "kc"),
+            wanted_credentials=lambda s: gateway.credentials_named(s, workload),
+            secret_reviews=False,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(source.run(stop))
+        try:
+            await until(lambda: "istio-system/shop-cert" in store.credentials)
+            assert store.credentials["istio-system/shop-cert"].cert == b"C1"
+            server.modify(secret("shop-cert", "istio-system", b"C2"))
+            await until(lambda: store.credentials["istio-system/shop-cert"].cert == b"C2")
+            assert set(store.credentials) == {"istio-system/shop-cert"}
+            lists = {r for r in server.requests if r.startswith("LIST") and "secrets" in r}
+            assert lists == {"LIST /api/v1/namespaces/istio-system/secrets"}
+            assert not any("subjectaccessreviews" in r for r in server.requests)
+        finally:
+            stop.set()
+            async with asyncio.timeout(10):
+                await task
+            await server.stop()
+
+    asyncio.run(scenario())
