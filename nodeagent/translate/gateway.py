@@ -274,9 +274,12 @@ def route_table(
     virtual_services: Sequence[IstioResource],
     cluster_of: ClusterOf,
     domain: str,
+    problems: dict[str, list[str]] | None = None,
 ) -> RouteConfiguration:
     """One route table for the servers of GROUP (sharing NAME): a virtual host per host, with
-    the routes of the VirtualServices bound to their Gateway, in creation order."""
+    the routes of the VirtualServices bound to their Gateway, in creation order. A
+    VirtualService that cannot be translated is left out, its error in PROBLEMS (by its key):
+    the others' routes stay served."""
     by_host: dict[str, list[dict[str, Any]]] = {}
     redirect: set[str] = set()
     for server in group:
@@ -284,13 +287,18 @@ def route_table(
             if not bound(vs, server.gateway):
                 continue
             names = _gateway_names(vs, server.gateway)
-            for host in _vs_hosts_for(server, vs, domain):
+            try:
                 routes = virtual_service.http_routes(
                     vs,
                     server.port,
                     partial(_destination, cluster_of, vs, server.port),
                     gateways=names,
                 )
+            except ValueError as e:
+                if problems is not None and str(e) not in problems.setdefault(vs.key, []):
+                    problems[vs.key].append(str(e))
+                continue
+            for host in _vs_hosts_for(server, vs, domain):
                 by_host.setdefault(host, []).extend(routes)
                 if server.tls.get("httpsRedirect"):
                     redirect.add(host)
@@ -436,7 +444,9 @@ def build(
         first = group[0]
         if not first.terminates and first.protocol in HTTP_PROTOCOLS:
             name = first.route_name
-            out.routes.append(route_table(name, group, virtual_services, cluster_of, domain))
+            out.routes.append(
+                route_table(name, group, virtual_services, cluster_of, domain, out.problems)
+            )
             chains.append({"filters": [_hcm(name, who)]})
         else:
             listener_filters = [TLS_INSPECTOR]
@@ -444,7 +454,9 @@ def build(
                 if server.terminates and server.protocol == "HTTPS":
                     name = server.route_name
                     out.routes.append(
-                        route_table(name, [server], virtual_services, cluster_of, domain)
+                        route_table(
+                            name, [server], virtual_services, cluster_of, domain, out.problems
+                        )
                     )
                     chain: dict[str, Any] = {
                         "filters": [_hcm(name, who)],

@@ -219,6 +219,25 @@ def test_a_virtual_service_not_exported_to_the_gateway_namespace_is_left_out() -
     assert any(_json(r).get("virtual_hosts") for r in _build(_store(CLUSTER_YAML, exported)).routes)
 
 
+def test_a_virtual_service_that_cannot_be_translated_leaves_the_others_served() -> None:
+    broken = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: broken, namespace: shop}
+spec:
+  hosts: [secure.example.com]
+  gateways: [shop-gateway]
+  http:
+  - match: [{uri: {regex: "(?<bad"}}]
+    route: [{destination: {host: web-api}}]
+"""
+    config = _build(_store(CLUSTER_YAML, GATEWAYS_YAML, broken))
+    (problem,) = config.problems["VirtualService/shop/broken"]
+    assert "http[0].match[0].uri" in problem
+    plain = _vhost(_routes(config)["http.8080"], "shop.example.com")
+    assert [r["route"]["cluster"] for r in plain["routes"]][-1].startswith("outbound|9090||web-api")
+
+
 def test_server_host_namespace_filters_virtual_services() -> None:
     text = GATEWAYS_YAML.replace('"shop/*.example.com"', '"elsewhere/*.example.com"')
     routes = _routes(_build(_store(CLUSTER_YAML, text)))
