@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from nodeagent.dns import answer
 from nodeagent.dns.names import NameTable, build
-from nodeagent.dns.resolvconf import PodResolvConf, path_for
+from nodeagent.dns.resolvconf import Locate, PodResolvConf, kubernetes_search, locate
 from nodeagent.mesh.model import Service
 from nodeagent.mesh.store import MESH_CONFIG, SERVICE, MeshStore
 from nodeagent.ports import DNS_CAPTURED_PORT, DNS_PORT, MESH_MARK
@@ -39,7 +39,6 @@ LISTEN_ADDRESS6 = "::1"
 MAX_IN_FLIGHT = 256
 UPSTREAM_TIMEOUT = 2.0  # per upstream resolver tried
 TCP_IDLE = 10.0
-KUBERNETES_SEARCH = ("{ns}.svc.{domain}", "svc.{domain}", "{domain}")  # kubelet's default
 
 
 @dataclass
@@ -56,17 +55,19 @@ class PodDns:
     clients: set[asyncio.Task[None]] = field(default_factory=set)
 
     def search(self, domain: str) -> tuple[str, ...]:
-        own = self.resolv_conf.current().search
-        if own:
-            return own
-        return tuple(s.format(ns=self.namespace, domain=domain) for s in KUBERNETES_SEARCH)
+        """The pod's own search list; kubelet's for its namespace when the file read is the
+        agent's (whose list is the agent's namespace's)."""
+        conf = self.resolv_conf.current()
+        if self.resolv_conf.own and conf.search:
+            return conf.search
+        return kubernetes_search(self.namespace, domain)
 
 
 class DnsProxy:
     def __init__(
         self,
         store: MeshStore,
-        resolv_conf_path: Callable[[Path], Path] = path_for,
+        find_resolv_conf: Locate = locate,
         listen_port: int = DNS_PORT,
         upstream_port: int = DNS_CAPTURED_PORT,
         listening_sockets: Callable[[Path, int], list[tuple[socket.socket, socket.socket]]]
@@ -78,7 +79,7 @@ class DnsProxy:
         self.store = store
         self._listening_sockets = listening_sockets or _listening_sockets
         self._upstream_socket = upstream_socket or _upstream_socket
-        self.resolv_conf_path = resolv_conf_path
+        self.find_resolv_conf = find_resolv_conf
         self.listen_port = listen_port
         self.upstream_port = upstream_port
         self.pods: dict[str, PodDns] = {}
@@ -90,8 +91,12 @@ class DnsProxy:
 
     # -- pods -------------------------------------------------------------------------------------
 
-    async def serve(self, key: str, namespace: str, netns: Path, auto_allocate: bool) -> None:
-        """Listen in the pod's netns (again after a restart; a no-op when already listening)."""
+    async def serve(
+        self, key: str, namespace: str, netns: Path, auto_allocate: bool, sandbox: str = ""
+    ) -> None:
+        """Listen in the pod's netns (again after a restart; a no-op when already listening).
+        SANDBOX: the pod sandbox's id (CNI_CONTAINERID), where the runtime keeps its
+        resolv.conf ("" when unknown: see dns/resolvconf.py)."""
         pod = self.pods.get(key)
         if pod is not None and pod.netns == netns and pod.udp:
             pod.auto_allocate = auto_allocate
@@ -102,7 +107,7 @@ class DnsProxy:
         pairs = await loop.run_in_executor(
             self._executor, self._listening_sockets, netns, self.listen_port
         )
-        resolv_conf = PodResolvConf(netns, self.resolv_conf_path)
+        resolv_conf = PodResolvConf(netns, sandbox, self.find_resolv_conf)
         pod = PodDns(key, namespace, netns, auto_allocate, resolv_conf)
         try:
             for udp_sock, tcp_sock in pairs:

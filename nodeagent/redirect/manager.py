@@ -60,7 +60,9 @@ class ProbeSource(Protocol):
 class DnsServer(Protocol):
     """The agent's DNS proxy (nodeagent.dns): listens in a pod whose DNS is captured."""
 
-    async def serve(self, key: str, namespace: str, netns: Path, auto_allocate: bool) -> None: ...
+    async def serve(
+        self, key: str, namespace: str, netns: Path, auto_allocate: bool, sandbox: str = ""
+    ) -> None: ...
 
     async def stop(self, key: str) -> None: ...
 
@@ -657,7 +659,13 @@ class CaptureManager:
                 self.store.mesh_config.default_proxy_metadata,
                 pod.annotations if pod is not None else {},
             )
-            await self.dns.serve(capture.key, capture.namespace, Path(capture.netns), auto_allocate)
+            await self.dns.serve(
+                capture.key,
+                capture.namespace,
+                Path(capture.netns),
+                auto_allocate,
+                "" if capture.discovered else capture.container_id,  # the sandbox's id
+            )
         except Exception as e:
             return f"DNS proxy for {capture.key} failed in {capture.netns}: {e}"
         return ""

@@ -638,8 +638,12 @@ def test_a_deleted_pod_is_not_adopted_again_while_the_source_still_lists_it(
 class RecordingDns:
     def __init__(self) -> None:
         self.serving: dict[str, tuple[Path, bool]] = {}
+        self.sandboxes: dict[str, str] = {}
 
-    async def serve(self, key: str, namespace: str, netns: Path, auto_allocate: bool) -> None:
+    async def serve(
+        self, key: str, namespace: str, netns: Path, auto_allocate: bool, sandbox: str = ""
+    ) -> None:
+        self.sandboxes[key] = sandbox
         self.serving[key] = (netns, auto_allocate)
 
     async def stop(self, key: str) -> None:
@@ -662,6 +666,7 @@ def test_dns_capture_opts_in_per_mesh_default_and_pod_and_follows_the_pod(tmp_pa
         dns_of = {p.name: s.dns for p, s in node.backend.installed.items()}
         assert dns_of == {"netns-web": True, "netns-plain": False}
         assert list(dns.serving) == ["shop/web"]
+        assert dns.sandboxes["shop/web"] == "id-web"  # where the runtime keeps its resolv.conf
 
         node.manager.dns = restarted = RecordingDns()  # a new agent: nothing listens yet
         assert (await node.manager.reconcile())["verified"] == 2

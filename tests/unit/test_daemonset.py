@@ -15,6 +15,7 @@ from kube_schemas import K8S_VERSIONS, assert_valid
 
 from nodeagent.cli import cli
 from nodeagent.cni.bundle import IMAGE_BUNDLE
+from nodeagent.dns.resolvconf import CONTAINERD_SANDBOXES, CRIO_CONTAINERS
 from nodeagent.envoy.bootstrap import READY_PATH, bootstrap, bootstrap_path
 from nodeagent.proxy import ProxySettings
 from nodeagent.sources.directory import parse_mesh_config
@@ -387,7 +388,18 @@ def test_agent_host_mounts() -> None:
         "/proc",
         "/var/run/nodeagent",
         "/var/lib/nodeagent",
+        # the pods' resolv.conf, as containerd and CRI-O keep it (the DNS proxy's upstreams)
+        CONTAINERD_SANDBOXES.as_posix(),
+        CRIO_CONTAINERS.as_posix(),
     }
+    for path in (CONTAINERD_SANDBOXES.as_posix(), CRIO_CONTAINERS.as_posix()):
+        # read where the code looks for them: the same path in the container, read-only
+        (mount,) = [
+            m
+            for m in _container("agent")["volumeMounts"]
+            if volumes[m["name"]].get("hostPath", {}).get("path") == path
+        ]
+        assert (mount["mountPath"], mount.get("readOnly")) == (path, True)
     for path in ("/var/run/nodeagent", "/var/lib/nodeagent"):
         assert host_paths[path]["hostPath"]["type"] == "DirectoryOrCreate"
     mounts = {m["name"]: m for m in _container("agent")["volumeMounts"]}

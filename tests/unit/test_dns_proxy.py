@@ -20,8 +20,15 @@ from google.protobuf import json_format
 
 from nodeagent.dns import answer
 from nodeagent.dns.names import NameTable, build
-from nodeagent.dns.resolvconf import PodResolvConf, ResolvConf, parse, path_for
-from nodeagent.dns.server import DnsProxy
+from nodeagent.dns.resolvconf import (
+    PodResolvConf,
+    ResolvConf,
+    kubernetes_search,
+    locate,
+    parse,
+    pod_files,
+)
+from nodeagent.dns.server import DnsProxy, PodDns
 from nodeagent.mesh.autoallocate import RANGE, AddressAllocator, wants_address
 from nodeagent.mesh.model import IstioResource, MeshConfig, Service, ServicePort
 from nodeagent.mesh.proxy_metadata import PROXY_CONFIG_ANNOTATION
@@ -242,26 +249,62 @@ def test_resolv_conf_gives_nameservers_and_the_last_search_line() -> None:
     assert parse(text) == ResolvConf(("10.0.0.10",), ("x.y", "z"))
 
 
-def test_resolv_conf_of_a_named_netns_is_its_own(tmp_path: Path) -> None:
-    own = tmp_path / "netns" / "pod-a" / "resolv.conf"
-    own.parent.mkdir(parents=True)
-    own.write_text("nameserver 10.0.0.10\n")
-    assert path_for(Path("/run/netns/pod-a"), tmp_path) == own
-    assert path_for(Path("/run/netns/pod-b"), tmp_path) == tmp_path / "resolv.conf"
-    assert path_for(Path("/proc/42/ns/net"), tmp_path) == tmp_path / "resolv.conf"
+def test_a_pods_own_resolv_conf_is_found_where_its_runtime_keeps_it(tmp_path: Path) -> None:
+    containerd, crio = tmp_path / "containerd", tmp_path / "crio"
+    sandbox = "4f" * 32
+
+    def find(netns: str, sandbox: str) -> tuple[Path, bool]:
+        for path in pod_files(Path(netns), sandbox, tmp_path, (containerd, crio)):
+            if path.is_file():
+                return path, True
+        return tmp_path / "resolv.conf", False
+
+    assert pod_files(Path("/run/netns/pod-a"), "", tmp_path, (containerd, crio)) == [
+        tmp_path / "netns" / "pod-a" / "resolv.conf"
+    ]
+    assert pod_files(Path("/proc/42/ns/net"), sandbox, tmp_path, (containerd, crio)) == [
+        containerd / sandbox / "resolv.conf",
+        crio / sandbox / "userdata" / "resolv.conf",
+    ]
+    for bad in ("../../etc", "a/b", ".."):  # a sandbox id is never a path
+        assert pod_files(Path("/proc/42/ns/net"), bad, tmp_path, (containerd, crio)) == []
+    assert find("/proc/42/ns/net", sandbox) == (tmp_path / "resolv.conf", False)
+    cri_o = crio / sandbox / "userdata" / "resolv.conf"
+    cri_o.parent.mkdir(parents=True)
+    cri_o.write_text("nameserver 10.96.0.10\n")
+    assert find("/proc/42/ns/net", sandbox) == (cri_o, True)
+    assert locate(Path("/proc/42/ns/net"), "", tmp_path) == (tmp_path / "resolv.conf", False)
 
 
 def test_a_pods_resolv_conf_written_late_or_changed_is_read_again(tmp_path: Path) -> None:
-    watched = PodResolvConf(Path("/run/netns/pod-a"), lambda netns: path_for(netns, tmp_path))
+    watched = PodResolvConf(
+        Path("/run/netns/pod-a"), "", lambda netns, sandbox: locate(netns, sandbox, tmp_path)
+    )
     assert watched.current() == ResolvConf()
-    (tmp_path / "resolv.conf").write_text("nameserver 10.0.0.1\n")
-    assert watched.current() == ResolvConf(("10.0.0.1",))
+    (tmp_path / "resolv.conf").write_text("nameserver 10.0.0.1\nsearch agents.svc.cluster.local\n")
+    assert watched.current() == ResolvConf(("10.0.0.1",), ("agents.svc.cluster.local",))
+    assert not watched.own  # the agent's file: its nameservers, not its search list (below)
     own = tmp_path / "netns" / "pod-a" / "resolv.conf"
     own.parent.mkdir(parents=True)
     own.write_text("nameserver 10.0.0.10\nsearch default.svc.cluster.local\n")
     assert watched.current() == ResolvConf(("10.0.0.10",), ("default.svc.cluster.local",))
+    assert watched.own
     own.write_text("nameserver 10.0.0.111\n")
     assert watched.current() == ResolvConf(("10.0.0.111",))
+
+
+def test_without_its_own_file_a_pod_searches_its_own_namespace(tmp_path: Path) -> None:
+    (tmp_path / "resolv.conf").write_text("nameserver 10.0.0.1\nsearch agents.svc.cluster.local\n")
+    conf = PodResolvConf(
+        Path("/proc/1/ns/net"), "", lambda netns, sandbox: locate(netns, sandbox, tmp_path)
+    )
+    pod = PodDns("shop/web", "shop", Path("/proc/1/ns/net"), False, conf)
+    assert pod.search("cluster.local") == kubernetes_search("shop", "cluster.local")
+    assert kubernetes_search("shop", "cluster.local") == (
+        "shop.svc.cluster.local",
+        "svc.cluster.local",
+        "cluster.local",
+    )
 
 
 # -- the server, over loopback --------------------------------------------------------------------
@@ -317,7 +360,7 @@ def loopback_proxy(
 
     proxy = DnsProxy(
         store,
-        resolv_conf_path=lambda _netns: resolv_conf,
+        find_resolv_conf=lambda _netns, _sandbox: (resolv_conf, True),
         upstream_port=udp.getsockname()[1],
         listening_sockets=listening,
         upstream_socket=upstream_socket,
