@@ -9,16 +9,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from nodeagent.cli.options import daemonset_option
+from nodeagent.cli.options import ca_options, check_ca_options, daemonset_option
 from nodeagent.cni.wire import DEFAULT_SOCKET
 from nodeagent.ports import AGENT_METRICS_PORT, AGENT_READINESS_PORT, ENVOY_STATS_PORT
 
 if TYPE_CHECKING:
     from nodeagent.uninstall import DaemonSetRef
-
-# The CA's TLS name by default (nodeagent.caservice.config.default_server_names; kept here so
-# that the CLI starts without importing gRPC).
-DEFAULT_CA_SERVER_NAME = "nodeagent-ca.nodeagent-system.svc"
 
 
 @click.command()
@@ -124,47 +120,7 @@ DEFAULT_CA_SERVER_NAME = "nodeagent-ca.nodeagent-system.svc"
     show_default=True,
     help="Sidecar model: each sidecar's output (access log) as <namespace>.<pod>.envoy.log.",
 )
-@click.option(
-    "--ca-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Istio plug-in CA files (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem);"
-    " default: a built-in CA kept in --state-dir.",
-)
-@click.option(
-    "--ca-address",
-    default=None,
-    metavar="HOST:PORT",
-    help="The CA service (`nodeagent ca`, gRPC over TLS) that issues the workload certificates"
-    " (Istio's certificate API); needs --ca-root-file and --ca-token-file.",
-)
-@click.option(
-    "--ca-root-file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="With --ca-address: PEM roots trusted for the CA and the mesh (the mounted ConfigMap"
-    " nodeagent-ca-root, key root-cert.pem); re-read when it changes.",
-)
-@click.option(
-    "--ca-token-file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="With --ca-address: the agent's projected service account token (audience istio-ca),"
-    " read for every request.",
-)
-@click.option(
-    "--ca-server-name",
-    default=DEFAULT_CA_SERVER_NAME,
-    show_default=True,
-    help="With --ca-address: the name the CA's TLS certificate must have.",
-)
-@click.option(
-    "--cert-ttl",
-    type=float,
-    default=24 * 3600.0,
-    show_default=True,
-    help="Workload certificate lifetime in seconds (rotated at half life).",
-)
+@ca_options
 @click.option(
     "--cert-key-type",
     type=click.Choice(["EC", "RSA"]),
@@ -234,7 +190,7 @@ def run(
         raise click.UsageError(
             "--proxy-model sidecar runs one Envoy per pod itself: drop --no-proxy/--envoy-mode"
         )
-    _check_ca_options(ca_dir, ca_address, ca_root_file, ca_token_file)
+    check_ca_options(ca_dir, ca_address, ca_root_file, ca_token_file)
     logs.setup(log_level)
     config = agent.AgentConfig(
         node_name=node_name,
@@ -270,31 +226,6 @@ def run(
         daemonset=daemonset,
     )
     asyncio.run(agent.run(config))
-
-
-def _check_ca_options(
-    ca_dir: Path | None,
-    ca_address: str | None,
-    ca_root_file: Path | None,
-    ca_token_file: Path | None,
-) -> None:
-    """Where certificates come from: the CA service, a plug-in CA, or the built-in CA."""
-    if ca_address is None:
-        for flag, value in (("--ca-root-file", ca_root_file), ("--ca-token-file", ca_token_file)):
-            if value is not None:
-                raise click.UsageError(f"{flag} is for the CA service: add --ca-address")
-        return
-    if ca_dir is not None:
-        raise click.UsageError(
-            "--ca-address and --ca-dir are exclusive: certificates come from the CA service or"
-            " from a local plug-in CA, not both"
-        )
-    host, sep, port = ca_address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise click.UsageError(f"--ca-address: expected HOST:PORT, got {ca_address!r}")
-    for flag, value in (("--ca-root-file", ca_root_file), ("--ca-token-file", ca_token_file)):
-        if value is None:
-            raise click.UsageError(f"--ca-address needs {flag}")
 
 
 @click.command()

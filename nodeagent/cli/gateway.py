@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from nodeagent.cli.agent import DEFAULT_CA_SERVER_NAME, _check_ca_options
+from nodeagent.cli.options import ca_options, check_ca_options
 from nodeagent.ports import ENVOY_STATS_PORT
 
 
@@ -71,12 +71,7 @@ def _selector(_ctx: click.Context, _param: click.Parameter, value: str) -> dict[
 )
 @click.option("--stats-host", default="0.0.0.0", show_default=True)
 @click.option("--stats-port", type=int, default=ENVOY_STATS_PORT, show_default=True)
-@click.option("--ca-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--ca-address", default=None, metavar="HOST:PORT")
-@click.option("--ca-root-file", type=click.Path(path_type=Path), default=None)
-@click.option("--ca-token-file", type=click.Path(path_type=Path), default=None)
-@click.option("--ca-server-name", default=DEFAULT_CA_SERVER_NAME, show_default=True)
-@click.option("--cert-ttl", type=float, default=24 * 3600.0, show_default=True)
+@ca_options
 @click.option(
     "--control-plane-namespace",
     default="",
@@ -139,7 +134,7 @@ def gateway(
                 " --mesh-config and --ca-root-file"
             )
         mesh_config, ca_root_file = run_dir / MESH_KEY, run_dir / ROOT_KEY
-    _check_ca_options(ca_dir, ca_address, ca_root_file, ca_token_file)
+    check_ca_options(ca_dir, ca_address, ca_root_file, ca_token_file)
     logs.setup(log_level)
     settings = GatewaySettings(
         namespace=namespace,

@@ -33,7 +33,7 @@ from nodeagent.caservice.keystore import PLUGIN_SECRET, SELF_SIGNED_SECRET
 from nodeagent.caservice.rootcert import ROOT_CONFIGMAP
 from nodeagent.caservice.server import CAServer
 from nodeagent.cli import cli
-from nodeagent.cli.agent import _check_ca_options
+from nodeagent.cli.options import check_ca_options
 from nodeagent.identity.ca import ROOT_CERT, plugin_cacerts
 from nodeagent.identity.protocol import DEFAULT_PORT
 from nodeagent.identity.remote import RemoteCA
@@ -241,7 +241,7 @@ def test_the_agent_so_configured_uses_the_ca_service_and_creates_no_ca(tmp_path:
     """The agent's own choice of issuer, from the DaemonSet's arguments, on a fresh node: the CA
     service; nothing written under the state dir (where the built-in CA would keep its key)."""
     params = _parse(_daemonset(), "agent", tmp_path).params
-    _check_ca_options(
+    check_ca_options(
         params["ca_dir"], params["ca_address"], params["ca_root_file"], params["ca_token_file"]
     )
     state_dir = tmp_path / "var/lib/nodeagent"

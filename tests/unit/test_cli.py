@@ -84,7 +84,7 @@ def test_ca_service_flags_usage_errors(tmp_path: Path, extra: list[str], message
 def test_ca_service_flags_reach_the_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nodeagent import agent
     from nodeagent.caservice.config import DEFAULT_NAMESPACE, default_server_names
-    from nodeagent.cli.agent import DEFAULT_CA_SERVER_NAME
+    from nodeagent.cli.options import DEFAULT_CA_SERVER_NAME
     from nodeagent.identity.remote import DEFAULT_SERVER_NAME
 
     seen: list[agent.AgentConfig] = []
