@@ -133,7 +133,6 @@ class NodeProxy:
         self.registry = registry
         self.identities = identities
         self.credential_secrets = CredentialSecrets()
-        self._pending_wake: asyncio.TimerHandle | None = None  # see _wake_for_pending
         self.tls_files = FileSecrets()  # DestinationRule tls files, watched
         self.excluded_namespaces = excluded_namespaces
         self.cache = SnapshotCache()
@@ -234,22 +233,6 @@ class NodeProxy:
         await self.supervisor.stop(kill_envoy=False)
         await self.xds.stop()
 
-    def _wake_for_pending(self) -> None:
-        """Push again when a pending credential Secret gives way to its placeholder (nothing
-        else may change by then)."""
-        if self._pending_wake is not None:
-            self._pending_wake.cancel()
-            self._pending_wake = None
-        deadline = self.credential_secrets.deadline()
-        if deadline is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # pushed outside the agent's loop (tests): no one to wake
-            return
-        delay = max(0.0, deadline - self.credential_secrets.clock()) + 0.01  # past it
-        self._pending_wake = loop.call_later(delay, self.changed.set)
-
     def local_pods(self) -> list[LocalPod]:
         """Captured pods with what the source says about them. A pod the source does not have
         is left out: its service account (its identity) is unknown, and inventing one ("default")
@@ -290,7 +273,7 @@ class NodeProxy:
         presented = credentials.referenced(self.store, allowed)
         refused = len(allowed) < len(local)
         secrets += self.credential_secrets.sds_secrets(self.store, wanted, presented, refused)
-        self._wake_for_pending()
+        self.credential_secrets.wake_at_deadline(self.changed.set)
         # DestinationRule tls files (paths on the node), read again when they change.
         secrets += self.tls_files.sds_secrets(self.store)
         try:

@@ -93,7 +93,6 @@ class GatewayProxy:
         self.version = 0
         self.problems: dict[str, list[str]] = {}  # Gateway key -> servers left out and why
         self.last_error = ""
-        self._wake: asyncio.TimerHandle | None = None
 
     def pod(self) -> Pod:
         """The gateway's pod as the source has it (its service account is its identity)."""
@@ -117,7 +116,7 @@ class GatewayProxy:
         workload = self.workload(pod)
         made = gateway.build(self.store, workload, self._cluster_of([local]))
         secrets += self.credential_secrets.sds_secrets(self.store, made.credentials)
-        self._wake_for_pending()
+        self.credential_secrets.wake_at_deadline(self.changed.set)
         upstream = self._translator.build(
             self.store, [local], secrets, self.settings.excluded_namespaces, gateway=True
         )
@@ -162,21 +161,6 @@ class GatewayProxy:
             self.last_error = f"snapshot {version} not pushed: {e}"
             log.error("%s", self.last_error)
         return version
-
-    def _wake_for_pending(self) -> None:
-        """Push again when a credential Secret not read yet gives way to its placeholder."""
-        if self._wake is not None:
-            self._wake.cancel()
-            self._wake = None
-        deadline = self.credential_secrets.deadline()
-        if deadline is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        delay = max(0.0, deadline - self.credential_secrets.clock()) + 0.01
-        self._wake = loop.call_later(delay, self.changed.set)
 
     def _on_nack(self, node_id: str, nack: Nack) -> None:
         log.error(

@@ -22,6 +22,7 @@ logged, so nothing warms for long on a Secret that never comes.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -107,12 +108,29 @@ class CredentialSecrets:
         self._given_up: set[str] = set()  # namespace/name pending past the limit
         self._next_since: dict[str, float] = {}  # the same two, being made by sds_secrets
         self._next_given_up: set[str] = set()
+        self._wake: asyncio.TimerHandle | None = None
 
     def deadline(self) -> float | None:
         """When (self.clock) the first pending Secret gives way to its placeholder."""
         if not self._pending_since:
             return None
         return min(self._pending_since.values()) + self.pending_limit
+
+    def wake_at_deadline(self, wake: Callable[[], None]) -> None:
+        """Call WAKE when the first pending Secret gives way to its placeholder (the proxy
+        pushes again though nothing else may change by then); replaces the wake set before.
+        Outside an event loop (tests pushing by hand) there is no one to wake."""
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        deadline = self.deadline()
+        if deadline is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._wake = loop.call_later(max(0.0, deadline - self.clock()) + 0.01, wake)  # past it
 
     def _waits(self, store: MeshStore, key: str, now: float) -> bool:
         """Secret KEY is pending, for less than pending_limit (then it is given up: logged)."""
