@@ -21,6 +21,14 @@ reference page istio.io/latest/docs/reference/config/networking/sidecar/):
   from virtual services").
 - ``outboundTrafficPolicy.mode`` overrides the mesh config's for the pods it applies to.
 
+A scope also leaves out the hosts not exported to its client namespace (``HIDDEN``: a
+ServiceEntry's ``exportTo``, istio.io/latest/docs/reference/config/networking/service-entry/
+#ServiceEntry-export_to; istiod's ``SidecarScope`` holds only services visible to the
+namespace, pilot/pkg/model/push_context.go ``servicesExportedToNamespace``). A namespace without
+a Sidecar that cannot see some host gets a scope of its own too (``visibility_scope``: every
+host, ``*/*``, but those), so pods of one namespace share it and namespaces seeing every host
+keep the node's ``outbound-internal``.
+
 Not enforced yet (mesh/enforcement.py says so): egress ``bind``, ``captureMode`` and
 ``port`` as a listener of its own (the node's capture already sends every destination to the
 pod's listener; the port only trims imported services), ``ingress[]``,
@@ -75,21 +83,60 @@ class Scope:
     egress: tuple[EgressListener, ...]
     routed_hosts: frozenset[str] = frozenset()
     outbound_policy: str = ""
+    # (namespace, hostname) of the services not exported to NAMESPACE: never in scope.
+    hidden: frozenset[tuple[str, str]] = frozenset()
 
     @property
     def name(self) -> str:
         """The scope's internal listener (and cluster): ``outbound-internal/<client ns>/<sidecar
-        ns>/<sidecar name>``."""
+        ns>/<sidecar name>``, or ``outbound-internal/<client ns>`` without a Sidecar."""
+        if not self.sidecar:
+            return f"outbound-internal/{self.namespace}"
         return f"outbound-internal/{self.namespace}/{self.sidecar}"
 
     def admits(self, namespace: str, hostname: str, port: int) -> bool:
         """Whether port PORT of the service HOSTNAME of NAMESPACE is in scope."""
+        if self.hidden and (namespace, hostname) in self.hidden:
+            return False
         if hostname in self.routed_hosts:
             return True
         return any(listener.imports(namespace, hostname, port) for listener in self.egress)
 
+    def admits_host(self, namespace: str, hostname: str, ports: Iterable[int]) -> bool:
+        """Whether some port of the service HOSTNAME of NAMESPACE (PORTS; none: any) is in
+        scope: istiod's scope holds the service then (what its DNS name table is built from)."""
+        if self.hidden and (namespace, hostname) in self.hidden:
+            return False
+        if hostname in self.routed_hosts:
+            return True
+        numbers = list(ports)
+        return any(
+            listener.imports(namespace, hostname, port)
+            for listener in self.egress
+            for port in (numbers or [listener.port or 0])
+        )
+
     def policy(self, mesh_policy: str) -> str:
         return self.outbound_policy or mesh_policy
+
+
+EVERY_HOST = (EgressListener(None, (("*", "*"),)),)
+
+
+def visibility_scope(namespace: str, hidden: frozenset[tuple[str, str]]) -> Scope:
+    """The scope of pods of NAMESPACE under no Sidecar that cannot see the HIDDEN services."""
+    return Scope("", namespace, EVERY_HOST, hidden=hidden)
+
+
+def exported_to(export_to: Iterable[str], own: str, client: str) -> bool:
+    """Whether a service of namespace OWN with EXPORT_TO (empty: everywhere) is visible to
+    CLIENT: ``*`` every namespace, ``.`` its own, ``~`` none, else those named (Istio's
+    exportTo, istio.io/latest/docs/reference/config/networking/service-entry/
+    #ServiceEntry-export_to)."""
+    to = set(export_to)
+    if not to or "*" in to:
+        return True
+    return client in to or ("." in to and client == own)
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -133,7 +180,7 @@ def egress_listeners(sidecar: IstioResource, namespace: str) -> tuple[EgressList
     raw = sidecar.spec.get("egress")
     entries = [e for e in raw if isinstance(e, Mapping)] if isinstance(raw, list) else []
     if not entries:
-        return (EgressListener(None, (("*", "*"),)),)
+        return EVERY_HOST
     out = []
     for i, entry in enumerate(entries):
         hosts = []

@@ -226,6 +226,9 @@ class TranslationCache:
     _scopes_seen: frozenset[sidecar_scope.Scope] | None = None
     _rebuilt: set[str] = field(default_factory=set)
     _scope_memo: sidecar_scope.Memo = field(default_factory=dict)  # see _scopes_of
+    # Served ServiceEntry hosts exported to some namespaces only: service key -> (namespace,
+    # host, exportTo). A local namespace they are not exported to gets a scope without them.
+    _restricted: dict[str, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
     _originate: _Memo | None = None  # the originate-mtls cluster
     _originate_tls: _Memo | None = None  # the originate-tls cluster
     # originate-tls's sockets: those the served clusters name now (_wanted_sockets) and those
@@ -343,16 +346,34 @@ class TranslationCache:
         """Each local pod's Sidecar scope (None: none applies; never for a GATEWAY: Istio's
         Sidecar selects sidecars only). A scope is computed once per client namespace and
         Sidecar, and kept while the Sidecar and the VirtualServices (the index, replaced on any
-        VirtualService change) stay the same."""
+        VirtualService change) stay the same. A scope leaves out the hosts not exported to its
+        namespace; a namespace without a Sidecar that cannot see some served host gets a scope
+        of its own for that (sidecar_scope.visibility_scope): O(namespaces that differ)."""
         if gateway:
             return {local.pod.key: None for local in local_pods}
         scopes = sidecar_scope.Scopes(store, self._scope_memo, self._vs_index)
-        scoped = {
-            local.pod.key: scopes.of_pod(local.pod.namespace, local.pod.labels)
-            for local in local_pods
-        }
+        hidden = {ns: self._hidden_from(ns) for ns in {lp.pod.namespace for lp in local_pods}}
+        scoped: dict[str, sidecar_scope.Scope | None] = {}
+        for local in local_pods:
+            namespace = local.pod.namespace
+            scope = scopes.of_pod(namespace, local.pod.labels)
+            if hidden[namespace]:
+                scope = (
+                    sidecar_scope.visibility_scope(namespace, hidden[namespace])
+                    if scope is None
+                    else replace(scope, hidden=hidden[namespace])
+                )
+            scoped[local.pod.key] = scope
         self._scope_memo = scopes.memo_used()
         return scoped
+
+    def _hidden_from(self, namespace: str) -> frozenset[tuple[str, str]]:
+        """The served hosts not exported to NAMESPACE, as (their namespace, host)."""
+        return frozenset(
+            (owner, host)
+            for owner, host, export in self._restricted.values()
+            if not sidecar_scope.exported_to(export, owner, namespace)
+        )
 
     def _follow_scopes(self, scoped: Mapping[str, sidecar_scope.Scope | None]) -> None:
         """Serve only the services some local pod reaches while every local pod is under a
@@ -437,6 +458,7 @@ class TranslationCache:
         self._inbound.clear()
         self._internal = self._originate = self._originate_tls = None
         self._scoped.clear()
+        self._restricted.clear()
         self._scopes_seen = None  # every service is looked at again (_follow_scopes)
         self._admitted.clear()
         self._modes.clear()
@@ -538,6 +560,7 @@ class TranslationCache:
             old = self._services.pop(key, None)
             if old is not None:
                 self._unlink(key, old)
+            self._restricted.pop(key, None)
             svc = store.services.get(key)
             before = self._prior_routes if old is None else {_name(*r): r[1] for r in old.routes}
             entry = (
@@ -549,6 +572,10 @@ class TranslationCache:
             self._place(key, old, entry)
             if entry is None:
                 continue
+            assert svc is not None
+            export = svc.entry.export_to if svc.entry is not None else ()
+            if entry.targets and export and "*" not in export:  # (none: everywhere)
+                self._restricted[key] = (svc.namespace, svc.host, export)
             self._services[key] = entry
             for pod in entry.pods:
                 self._by_pod.setdefault(pod, set()).add(key)
@@ -705,16 +732,14 @@ class TranslationCache:
 
     def _exported(self, svc: Service) -> bool:
         """A ServiceEntry host is served when its exportTo (default: every namespace, "."
-        its own) reaches a namespace with a local pod. The node's outbound chains are shared
-        by its pods: one exported to some of them reaches all of them (the Sidecar resource's
-        scopes may narrow it)."""
+        its own) reaches a namespace with a local pod. The local namespaces it is not exported
+        to get scopes without it (_scopes_of)."""
         assert self._settings is not None and svc.entry is not None
-        export = set(svc.entry.export_to) or {"*"}
-        if "*" in export:
-            return True
-        if "." in export:
-            export.add(svc.namespace)
-        return bool(export & {ns for ns, _ in self._settings.identities})
+        export = svc.entry.export_to
+        return any(
+            sidecar_scope.exported_to(export, svc.namespace, ns)
+            for ns in {ns for ns, _ in self._settings.identities}
+        ) or (not export or "*" in export)
 
     def _service_views(self, entry: _ServiceEntry) -> None:
         """What the service's callers see: DestinationRule modes and subsets, route tables

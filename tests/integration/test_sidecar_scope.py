@@ -10,6 +10,8 @@ selectServices: out-of-scope services are not in its config), while b/sleep, on 
 and its same Envoy, unscoped, reaches api; a/sleep still reaches web in its own namespace (over
 the same-node fast path, with its identity). With the Sidecar's own ALLOW_ANY, a/sleep's call to
 api leaves as plain passthrough (no mesh identity: the app sees no client certificate).
+A ServiceEntry of b exported to b only is reached by b/sleep and not by a/sleep (the same
+scope machinery: a's namespace gets an internal listener of its own without it).
 """
 
 from __future__ import annotations
@@ -105,13 +107,13 @@ def clusters(tb: Testbed) -> set[str]:
     return {line.split("::")[0] for line in dump.splitlines() if line.startswith("outbound|")}
 
 
-def scope_fallback(tb: Testbed) -> str:
+def scope_fallback(tb: Testbed, name: str = SCOPE) -> str:
     """The cluster n1's Envoy sends a/sleep's unknown destinations to ("" while it has no scope
-    listener for ``a``)."""
+    listener NAME for ``a``)."""
     dump = json.loads(envoy_admin(tb.name, "n1", "/config_dump?resource=dynamic_listeners"))
     for entry in dump.get("configs", []):
         listener = (entry.get("active_state") or {}).get("listener") or {}
-        if listener.get("name") == SCOPE:
+        if listener.get("name") == name:
             tcp = listener["default_filter_chain"]["filters"][-1]["typed_config"]
             return str(tcp["cluster"])
     return ""
@@ -177,3 +179,49 @@ def test_the_root_default_scopes_every_pod_and_trims_what_none_reaches(tb: Testb
         apply_docs(tb)
     wait_for(lambda: status(tb, "b/sleep", WEB) == "200", 30, "unscoped again")
     wait_for(lambda: db in clusters(tb), 30, "db's cluster back")
+
+
+PARTNER = "http://240.1.0.1:8080/"
+
+
+def partner_entry(tb: Testbed) -> dict[str, Any]:
+    """b's ServiceEntry exported to b only (``exportTo: ["."]``), its address 240.1.0.1 sending
+    to b/api's pod (STATIC, MESH_EXTERNAL: plain TCP)."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "partner", "namespace": "b"},
+        "spec": {
+            "hosts": ["partner.example.test"],
+            "addresses": ["240.1.0.1"],
+            "ports": [{"number": 8080, "name": "tcp", "protocol": "TCP"}],
+            "resolution": "STATIC",
+            "endpoints": [{"address": tb.pod_ip("b/api")}],
+            "exportTo": ["."],
+        },
+    }
+
+
+def test_a_service_entry_exported_to_its_namespace_is_reached_by_its_pods_only(
+    tb: Testbed,
+) -> None:
+    """ServiceEntry exportTo ``.`` under the mesh's REGISTRY_ONLY (istio.io/latest/docs/
+    reference/config/networking/service-entry/#ServiceEntry-export_to): b/sleep reaches the
+    entry's address, a/sleep on the same node and Envoy does not (a's own internal listener,
+    without the entry, black-holes it) yet still reaches b's api Service."""
+    try:
+        tb.set_mesh_config({"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}})
+        apply_docs(tb, partner_entry(tb))
+        wait_for(lambda: status(tb, "b/sleep", PARTNER) == "200", 30, "b reaching its entry")
+        wait_for(
+            lambda: scope_fallback(tb, "outbound-internal/a") == "BlackHoleCluster",
+            30,
+            "a's own listener under REGISTRY_ONLY",
+            step=0.3,
+        )
+        assert {status(tb, "a/sleep", PARTNER) for _ in range(3)} == {"000"}
+        assert status(tb, "a/sleep", API) == "200"
+    finally:
+        apply_docs(tb)
+        tb.set_mesh_config({})
+    wait_for(lambda: scope_fallback(tb, "outbound-internal/a") == "", 30, "a's listener gone")

@@ -440,3 +440,83 @@ def test_analyze_reports_conflicting_sidecars_and_which_one_applies() -> None:
     }
     assert sidecar_scope.sidecar_for(s, "shop", {"app": "web", "tier": "front"}).name == "app"  # type: ignore[union-attr]
     assert sidecar_scope.sidecar_for(s, "shop", {"app": "db"}).name == "older"  # type: ignore[union-attr]
+
+
+# -- exportTo: per client namespace -------------------------------------------------------------
+
+
+def _entry(namespace: str, host: str, vip: str, export_to: list[str]) -> IstioResource:
+    spec: dict[str, Any] = {
+        "hosts": [host],
+        "addresses": [vip],
+        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+        "resolution": "NONE",
+        "exportTo": export_to,
+    }
+    return IstioResource("networking.istio.io", "v1", "ServiceEntry", namespace, host, spec)
+
+
+def test_a_service_entry_exported_to_its_namespace_reaches_only_its_pods() -> None:
+    """ServiceEntry exportTo ``.`` (istio.io/latest/docs/reference/config/networking/
+    service-entry/#ServiceEntry-export_to): shop's pod reaches shop's entry through the node's
+    outbound-internal; billing's pod on the same node does not see it: its namespace's own
+    listener lacks the chain and falls back to the mesh's policy (REGISTRY_ONLY: BlackHole),
+    while still reaching every other service. One listener per namespace that differs, not
+    per pod; exported everywhere again, billing is back on outbound-internal."""
+    s = mesh(REGISTRY_ONLY)
+    s.put_istio(_entry("shop", "pay.example.com", "240.0.0.9", ["."]))
+    shop, billing, billing2 = pod("shop", "a"), pod("billing", "b"), pod("billing", "c")
+    cache = TranslationCache()
+    out = cache.build(s, [shop, billing, billing2]).resources
+    mine = f"{OUTBOUND_INTERNAL}/billing"
+    assert target_of(out, shop) == OUTBOUND_INTERNAL
+    assert target_of(out, billing) == target_of(out, billing2) == mine
+    everything = ports(SHOP_WEB[2]) | ports(ISTIOD[2]) | ports(BILLING[2])
+    assert reach(out, OUTBOUND_INTERNAL) == (everything | {("240.0.0.9", 443)}, "BlackHoleCluster")
+    assert reach(out, mine) == (everything, "BlackHoleCluster")
+    assert "outbound|443||pay.example.com" in out[e.CLUSTER]
+    assert {n for n in out[e.LISTENER] if n.startswith(OUTBOUND_INTERNAL)} == {
+        OUTBOUND_INTERNAL,
+        mine,
+    }
+    assert out == build(s, [shop, billing, billing2]).resources
+    s.set_mesh_config(MeshConfig(outbound_traffic_policy="ALLOW_ANY"))
+    out = cache.build(s, [shop, billing, billing2]).resources
+    assert reach(out, mine) == (everything, "PassthroughCluster")
+    s.put_istio(_entry("shop", "pay.example.com", "240.0.0.9", ["shop", "billing"]))
+    out = cache.build(s, [shop, billing, billing2]).resources
+    assert target_of(out, billing) == OUTBOUND_INTERNAL and mine not in out[e.LISTENER]
+    # Exported to billing only: shop's pod gets the namespace listener; no pod of billing here.
+    s.put_istio(_entry("shop", "pay.example.com", "240.0.0.9", ["billing"]))
+    out = cache.build(s, [shop, billing]).resources
+    assert target_of(out, shop) == f"{OUTBOUND_INTERNAL}/shop"
+    assert target_of(out, billing) == OUTBOUND_INTERNAL
+    assert out == build(s, [shop, billing]).resources
+
+
+def test_a_sidecar_scope_also_leaves_out_hosts_not_exported_to_its_namespace() -> None:
+    """A Sidecar importing ``*/*`` still does not bring in a host not exported to its namespace
+    (istiod's scope selects among the services exported to it: push_context.go
+    servicesExportedToNamespace); its listener keeps the Sidecar's name and policy."""
+    s = mesh()
+    s.put_istio(_entry("shop", "pay.example.com", "240.0.0.9", ["."]))
+    s.put_istio(sidecar("billing", hosts=["*/*"], outboundTrafficPolicy={"mode": "REGISTRY_ONLY"}))
+    shop, billing = pod("shop", "a"), pod("billing", "b")
+    out = build(s, [shop, billing]).resources
+    scope = f"{OUTBOUND_INTERNAL}/billing/billing/default"
+    assert target_of(out, billing) == scope
+    assert ("240.0.0.9", 443) not in reach(out, scope)[0]
+    assert reach(out, scope)[1] == "BlackHoleCluster"
+    assert ("240.0.0.9", 443) in reach(out, OUTBOUND_INTERNAL)[0]
+    # Under the Sidecar only, shop gone: nothing exported to billing, nothing built for it.
+    out = build(s, [billing]).resources
+    assert "outbound|443||pay.example.com" not in out[e.CLUSTER]
+
+
+def test_exported_to_follows_istios_export_to_values() -> None:
+    assert sidecar_scope.exported_to((), "shop", "billing")
+    assert sidecar_scope.exported_to(("*",), "shop", "billing")
+    assert sidecar_scope.exported_to((".",), "shop", "shop")
+    assert not sidecar_scope.exported_to((".",), "shop", "billing")
+    assert sidecar_scope.exported_to(("billing",), "shop", "billing")
+    assert not sidecar_scope.exported_to(("~",), "shop", "shop")
