@@ -22,7 +22,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from nodeagent.dns.names import NameTable
+from nodeagent.dns.names import Admits, NameTable
 
 TTL = 30
 UDP_DEFAULT_SIZE = 512
@@ -50,7 +50,9 @@ def handle(
     search: Iterable[str],
     auto_allocate: bool,
     tcp: bool,
+    admits: Admits | None = None,
 ) -> Reply | Forward:
+    """ADMITS: the asking pod's Sidecar scope (names.NameTable.lookup)."""
     try:
         query = dns.message.from_wire(wire)
     except Exception:  # any parse failure, dnspython raises several kinds
@@ -65,7 +67,7 @@ def handle(
         dns.rdatatype.AAAA,
     ):
         return Forward(query.id)
-    found = table.lookup(question.name.to_text(), namespace, search, auto_allocate)
+    found = table.lookup(question.name.to_text(), namespace, search, auto_allocate, admits)
     if found is None:
         return Forward(query.id)
     response = dns.message.make_response(query)

@@ -7,6 +7,9 @@ Istio's name table (pkg/dns/server/name_table.go) and its lookup (pkg/dns/client
   skipped), or with its auto-allocated address for proxies with DNS_AUTO_ALLOCATE (see
   mesh/autoallocate.py), to the namespaces it is exported to (``exportTo``); wildcard hosts
   are left to the upstream resolver;
+- only the hosts in the pod's Sidecar scope (``Admits``): istiod builds a proxy's table from
+  the services of its scope's egress listeners (pkg/dns/server/name_table.go
+  ``BuildNameTable``); names out of scope go to the upstream resolver;
 - a name that is one of these plus one of the pod's search domains (what a resolver with
   ``ndots:5`` asks first) is answered with a CNAME to the host and its addresses, saving the
   round trips to the upstream resolver that would say NXDOMAIN.
@@ -15,8 +18,8 @@ Istio's name table (pkg/dns/server/name_table.go) and its lookup (pkg/dns/client
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 from nodeagent.mesh.model import Service
 
@@ -28,9 +31,10 @@ class HostAddresses:
     ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
     allocated: str = ""  # used only for pods whose proxy auto-allocates
-    # A ServiceEntry host: the entry's namespace and exportTo (empty: everywhere)
+    # The service's namespace, and a ServiceEntry host's exportTo (empty: everywhere)
     namespace: str = ""
     export_to: frozenset[str] = frozenset()
+    ports: tuple[int, ...] = ()  # the service's ports (a Sidecar scope may import some only)
 
     def visible_to(self, namespace: str) -> bool:
         """Istio's exportTo: ``*`` everywhere, ``.`` the entry's own namespace, ``~`` none,
@@ -45,6 +49,10 @@ class HostAddresses:
         if self.ipv4 or self.ipv6 or not (auto_allocate and self.allocated):
             return self.ipv4, self.ipv6
         return (self.allocated,), ()
+
+
+# Whether the asking pod's scope holds a host: (its namespace, host, ports) -> yes or no.
+Admits = Callable[[str, str, tuple[int, ...]], bool]
 
 
 @dataclass(frozen=True)
@@ -72,17 +80,18 @@ class NameTable:
         namespace: str,
         search: Iterable[str] = (),
         auto_allocate: bool = False,
+        admits: Admits | None = None,
     ) -> Answer | None:
         """NAME (any case, trailing dot or not) as a pod of NAMESPACE asks for it: a host or
         one of its short names answers directly; a search-domain expansion answers with a
-        CNAME to the host (Answer.cname)."""
+        CNAME to the host (Answer.cname). ADMITS: the pod's Sidecar scope (None: every host)."""
         name = name.lower().rstrip(".")
-        found, cname = self._host(name, namespace), False
+        found, cname = self._host(name, namespace, admits), False
         if found is None:
             for suffix in search:
                 suffix = suffix.lower().strip(".")
                 if suffix and name.endswith("." + suffix):
-                    found, cname = self._host(name[: -len(suffix) - 1], namespace), True
+                    found, cname = self._host(name[: -len(suffix) - 1], namespace, admits), True
                     if found is not None:
                         break
         if found is None:
@@ -93,12 +102,16 @@ class NameTable:
             return None
         return Answer(host, ipv4, ipv6, cname)
 
-    def _host(self, name: str, namespace: str) -> tuple[str, HostAddresses] | None:
+    def _host(
+        self, name: str, namespace: str, admits: Admits | None = None
+    ) -> tuple[str, HostAddresses] | None:
         if name not in self.hosts:
             bare = name[: -len(".svc")] if name.endswith(".svc") else name
             name = self.qualified.get(bare) or self.short.get((namespace, bare)) or ""
         for addresses in self.hosts.get(name, ()):
-            if addresses.visible_to(namespace):
+            if addresses.visible_to(namespace) and (
+                admits is None or admits(addresses.namespace, name, addresses.ports)
+            ):
                 return name, addresses
         return None
 
@@ -116,7 +129,10 @@ def build(services: Iterable[Service], domain: str) -> NameTable:
         if not svc.cluster_ip or svc.cluster_ip == "None":
             continue  # headless: kube-dns answers with the pods
         fqdn = svc.hostname(domain)
-        table.hosts[fqdn] = [_split([svc.cluster_ip])]
+        ports = tuple(p.port for p in svc.ports)
+        table.hosts[fqdn] = [
+            replace(_split([svc.cluster_ip]), namespace=svc.namespace, ports=ports)
+        ]
         table.qualified[f"{svc.name}.{svc.namespace}"] = fqdn
         table.short[(svc.namespace, svc.name)] = fqdn
     for svc in entry_hosts:
@@ -132,6 +148,7 @@ def build(services: Iterable[Service], domain: str) -> NameTable:
                 svc.allocated_ip,
                 svc.namespace,
                 frozenset(svc.entry.export_to),
+                tuple(p.port for p in svc.ports),
             )
         ]
     return table

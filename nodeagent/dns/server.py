@@ -27,6 +27,7 @@ from typing import Any, cast
 from nodeagent.dns import answer
 from nodeagent.dns.names import NameTable, build
 from nodeagent.dns.resolvconf import Locate, PodResolvConf, kubernetes_search, locate
+from nodeagent.mesh import sidecar_scope
 from nodeagent.mesh.model import Service
 from nodeagent.mesh.store import MESH_CONFIG, SERVICE, MeshStore
 from nodeagent.ports import DNS_CAPTURED_PORT, DNS_PORT, MESH_MARK
@@ -86,6 +87,8 @@ class DnsProxy:
         self._in_flight = 0
         self._table: NameTable | None = None
         self._table_generation = -1
+        self._scopes = sidecar_scope.Scopes(store)  # pods' Sidecar scopes, per generation
+        self._scopes_generation = -1
         # Entering a pod's netns to make a socket: threads of its own, never the loop's.
         self._executor = ThreadPoolExecutor(2, thread_name_prefix="dns")
 
@@ -166,11 +169,28 @@ class DnsProxy:
         self._table_generation = generation
         return self._table
 
+    def scope(self, pod: PodDns) -> sidecar_scope.Scope | None:
+        """POD's Sidecar scope (None: every host), computed once per namespace and Sidecar
+        until the store changes."""
+        if self._scopes_generation != self.store.generation:
+            self._scopes = sidecar_scope.Scopes(self.store)
+            self._scopes_generation = self.store.generation
+        known = self.store.pods.get(pod.key)
+        return self._scopes.of_pod(pod.namespace, known.labels if known is not None else {})
+
     async def respond(self, pod: PodDns, wire: bytes, tcp: bool) -> bytes | None:
-        """The bytes to send back for one query (None: nothing)."""
+        """The bytes to send back for one query (None: nothing). Only hosts in the pod's
+        Sidecar scope are answered here (names.py)."""
         table = self.table()
+        scope = self.scope(pod)
         outcome = answer.handle(
-            wire, table, pod.namespace, pod.search(table.domain), pod.auto_allocate, tcp
+            wire,
+            table,
+            pod.namespace,
+            pod.search(table.domain),
+            pod.auto_allocate,
+            tcp,
+            scope.admits_host if scope is not None else None,
         )
         if isinstance(outcome, answer.Reply):
             return outcome.wire

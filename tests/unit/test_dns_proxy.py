@@ -30,7 +30,7 @@ from nodeagent.dns.resolvconf import (
 )
 from nodeagent.dns.server import DnsProxy, PodDns
 from nodeagent.mesh.autoallocate import RANGE, AddressAllocator, wants_address
-from nodeagent.mesh.model import IstioResource, MeshConfig, Service, ServicePort
+from nodeagent.mesh.model import IstioResource, MeshConfig, Pod, Service, ServicePort
 from nodeagent.mesh.proxy_metadata import PROXY_CONFIG_ANNOTATION
 from nodeagent.mesh.store import MeshStore
 from nodeagent.redirect.capture import CaptureSpec, CaptureSpecError
@@ -539,3 +539,52 @@ def test_allocated_addresses_get_chains_of_their_own_next_to_the_port_only_one(
     listener = as_json(translate(s, [local("a")])[e.LISTENER][OUTBOUND_INTERNAL])
     names = {c["name"] for c in listener["filterChains"]}
     assert not any(n.startswith("outbound|3306||db-b.example~") for n in names)
+
+
+def _sidecar(namespace: str, hosts: list[str], **selector: str) -> IstioResource:
+    spec: dict[str, object] = {"egress": [{"hosts": hosts}]}
+    if selector:
+        spec["workloadSelector"] = {"labels": selector}
+    return IstioResource("networking.istio.io", "v1", "Sidecar", namespace, "scope", spec)
+
+
+def test_only_names_in_the_pods_sidecar_scope_are_answered(tmp_path: Path) -> None:
+    """Istio's DNS proxy answers from a name table built out of the proxy's Sidecar scope
+    (pkg/dns/server/name_table.go BuildNameTable: the scope's egress listeners' services);
+    other names go upstream (here none: SERVFAIL). A pod under ``./*`` gets its namespace's
+    Service answered, another namespace's Service and a ServiceEntry host of another namespace
+    not; a pod the Sidecar does not select gets them all; dropping the Sidecar answers all."""
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("search " + " ".join(SEARCH) + "\n")  # no upstream at all
+    ext = {"hosts": ["api.external.test"], "addresses": ["192.0.2.9"], "resolution": "NONE"}
+    store = registry(
+        IstioResource("networking.istio.io", "v1", "ServiceEntry", "ext", "api", ext),
+        services=(
+            Service("default", "web-api", "10.96.0.20", (ServicePort(80),)),
+            Service("other", "db", "10.96.0.30", (ServicePort(5432),)),
+        ),
+    )
+    store.set_mesh_config(MeshConfig())
+    store.put_istio(_sidecar("default", ["./*"], app="sleep"))
+    for name, app in (("sleep", "sleep"), ("free", "free")):
+        store.put_pod(Pod("default", name, labels={"app": app}))
+    proxy = DnsProxy(store, find_resolv_conf=lambda _netns, _sandbox: (resolv_conf, True))
+
+    def answered(pod_name: str, name: str) -> list[str]:
+        resolv = PodResolvConf(Path("/run/netns/x"), "", proxy.find_resolv_conf)
+        pod = PodDns(f"default/{pod_name}", "default", Path("/run/netns/x"), False, resolv)
+        wire = dns.message.make_query(name, "A").to_wire()
+        reply = dns.message.from_wire(asyncio.run(proxy.respond(pod, wire, False)) or b"")
+        if reply.rcode() == dns.rcode.SERVFAIL:
+            return []
+        return [r.to_text() for rrset in reply.answer for r in rrset if rrset.rdtype == 1]
+
+    assert answered("sleep", "web-api") == ["10.96.0.20"]
+    assert answered("sleep", "db.other") == []
+    assert answered("sleep", "api.external.test") == []
+    assert answered("free", "db.other") == ["10.96.0.30"]
+    assert answered("free", "api.external.test") == ["192.0.2.9"]
+    store.put_istio(_sidecar("default", ["./*", "ext/api.external.test"], app="sleep"))
+    assert answered("sleep", "api.external.test") == ["192.0.2.9"]
+    store.delete_istio(_sidecar("default", []).key)
+    assert answered("sleep", "db.other") == ["10.96.0.30"]
