@@ -5,7 +5,8 @@ Istio's name table (pkg/dns/server/name_table.go) and its lookup (pkg/dns/client
   ``svc.ns`` and ``svc.ns.svc`` from any namespace and to ``svc`` from its own namespace;
 - a ServiceEntry host answers with the entry's ``addresses`` (single IPs; CIDR ranges are
   skipped), or with its auto-allocated address for proxies with DNS_AUTO_ALLOCATE (see
-  mesh/autoallocate.py), to the namespaces it is exported to (``exportTo``); wildcard hosts
+  mesh/autoallocate.py), to the namespaces it is exported to (``exportTo``, as a Service is by
+  its ``networking.istio.io/exportTo`` annotation); wildcard hosts
   are left to the upstream resolver;
 - only the hosts in the pod's Sidecar scope (``Admits``): istiod builds a proxy's table from
   the services of its scope's egress listeners (pkg/dns/server/name_table.go
@@ -31,7 +32,7 @@ class HostAddresses:
     ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
     allocated: str = ""  # used only for pods whose proxy auto-allocates
-    # The service's namespace, and a ServiceEntry host's exportTo (empty: everywhere)
+    # The service's namespace and exportTo (empty: everywhere)
     namespace: str = ""
     export_to: frozenset[str] = frozenset()
     ports: tuple[int, ...] = ()  # the service's ports (a Sidecar scope may import some only)
@@ -131,7 +132,12 @@ def build(services: Iterable[Service], domain: str) -> NameTable:
         fqdn = svc.hostname(domain)
         ports = tuple(p.port for p in svc.ports)
         table.hosts[fqdn] = [
-            replace(_split([svc.cluster_ip]), namespace=svc.namespace, ports=ports)
+            replace(
+                _split([svc.cluster_ip]),
+                namespace=svc.namespace,
+                export_to=frozenset(svc.export_to),
+                ports=ports,
+            )
         ]
         table.qualified[f"{svc.name}.{svc.namespace}"] = fqdn
         table.short[(svc.namespace, svc.name)] = fqdn

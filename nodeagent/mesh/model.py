@@ -129,6 +129,9 @@ class Service:
     # Its auto-allocated address (mesh/autoallocate.py) when the entry has no addresses: what
     # the DNS proxy answers (DNS_AUTO_ALLOCATE) and a chain of its own matches.
     allocated_ip: str = ""
+    # The namespaces it is visible to (empty: every one): a ServiceEntry's exportTo, or a
+    # Kubernetes Service's networking.istio.io/exportTo annotation.
+    export_to: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

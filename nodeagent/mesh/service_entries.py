@@ -153,6 +153,7 @@ def derive(
                 host=str(host),
                 entry=policy,
                 allocated_ip=allocated(str(host)),
+                export_to=policy.export_to,
             )
         )
         if resolution == STATIC:

@@ -347,7 +347,21 @@ def _service(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
         ports=tuple(ports),
         selector=_string_map(spec.get("selector"), "spec.selector"),
         labels=_string_map(meta.get("labels"), "metadata.labels"),
+        export_to=_export_to(meta),
     )
+
+
+EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"
+
+
+def _export_to(meta: dict[str, Any]) -> tuple[str, ...]:
+    """A Service's ``networking.istio.io/exportTo`` annotation: namespaces separated by commas
+    (``.``, ``*``, ``~`` as in an exportTo list; istio.io/latest/docs/reference/config/
+    annotations/#NetworkingExportTo, split and trimmed as istio/istio pilot/pkg/
+    serviceregistry/kube/conversion.go does)."""
+    annotations = _string_map(meta.get("annotations"), "metadata.annotations")
+    raw = annotations.get(EXPORT_TO_ANNOTATION, "")
+    return tuple(ns.strip() for ns in raw.split(",") if ns.strip())
 
 
 def _target_port(value: Any, field: str) -> int | str:

@@ -226,8 +226,9 @@ class TranslationCache:
     _scopes_seen: frozenset[sidecar_scope.Scope] | None = None
     _rebuilt: set[str] = field(default_factory=set)
     _scope_memo: sidecar_scope.Memo = field(default_factory=dict)  # see _scopes_of
-    # Served ServiceEntry hosts exported to some namespaces only: service key -> (namespace,
-    # host, exportTo). A local namespace they are not exported to gets a scope without them.
+    # Served services exported to some namespaces only (ServiceEntry hosts, Services with the
+    # exportTo annotation): service key -> (namespace, host, exportTo). A local namespace they
+    # are not exported to gets a scope without them (_scopes_of).
     _restricted: dict[str, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
     _originate: _Memo | None = None  # the originate-mtls cluster
     _originate_tls: _Memo | None = None  # the originate-tls cluster
@@ -573,9 +574,10 @@ class TranslationCache:
             if entry is None:
                 continue
             assert svc is not None
-            export = svc.entry.export_to if svc.entry is not None else ()
+            export = svc.export_to
             if entry.targets and export and "*" not in export:  # (none: everywhere)
-                self._restricted[key] = (svc.namespace, svc.host, export)
+                host = svc.hostname(self._settings.mesh_config.cluster_domain)
+                self._restricted[key] = (svc.namespace, host, export)
             self._services[key] = entry
             for pod in entry.pods:
                 self._by_pod.setdefault(pod, set()).add(key)
@@ -691,7 +693,7 @@ class TranslationCache:
         )
         if origin in self._excluded:
             return entry
-        if svc.entry is not None and not self._exported(svc):
+        if not self._exported(svc):
             entry.targets, entry.made = [], []  # no local client sees it: nothing to serve
             return entry
         if svc.entry is not None and settings.sidecar and not settings.gateway:
@@ -731,11 +733,12 @@ class TranslationCache:
         return entry
 
     def _exported(self, svc: Service) -> bool:
-        """A ServiceEntry host is served when its exportTo (default: every namespace, "."
-        its own) reaches a namespace with a local pod. The local namespaces it is not exported
-        to get scopes without it (_scopes_of)."""
-        assert self._settings is not None and svc.entry is not None
-        export = svc.entry.export_to
+        """A service (ServiceEntry host, or Service with the exportTo annotation) is served
+        when its exportTo (default: every namespace, "." its own) reaches a namespace with a
+        local pod. The local namespaces it is not exported to get scopes without it
+        (_scopes_of)."""
+        assert self._settings is not None
+        export = svc.export_to
         return any(
             sidecar_scope.exported_to(export, svc.namespace, ns)
             for ns in {ns for ns, _ in self._settings.identities}

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
+from nodeagent.dns import names
 from nodeagent.mesh import analysis, enforcement, sidecar_scope
 from nodeagent.mesh.model import (
     REGISTRY_ONLY,
@@ -22,6 +23,7 @@ from nodeagent.mesh.model import (
 )
 from nodeagent.mesh.store import MeshStore
 from nodeagent.mesh.validation import IstioSchemas
+from nodeagent.sources.directory import parse_document
 from nodeagent.translate import LocalPod, TranslationCache, build
 from nodeagent.translate import envoy as e
 from nodeagent.translate.internal import OUTBOUND_INTERNAL
@@ -520,3 +522,37 @@ def test_exported_to_follows_istios_export_to_values() -> None:
     assert not sidecar_scope.exported_to((".",), "shop", "billing")
     assert sidecar_scope.exported_to(("billing",), "shop", "billing")
     assert not sidecar_scope.exported_to(("~",), "shop", "shop")
+
+
+def test_a_services_export_to_annotation_hides_it_from_other_namespaces() -> None:
+    """A Kubernetes Service's ``networking.istio.io/exportTo`` annotation (istio.io/latest/docs/
+    reference/config/annotations/, comma-separated, as pilot/pkg/serviceregistry/kube/
+    conversion.go reads it) works as a ServiceEntry's exportTo: ``.`` keeps billing's ledger
+    from shop's pod (its namespace's own listener, no DNS answer) while billing's pod has it."""
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "ledger",
+            "namespace": "billing",
+            "annotations": {"networking.istio.io/exportTo": " ., istio-system "},
+        },
+        "spec": {"clusterIP": BILLING[2], "ports": [{"port": 80, "name": "http"}]},
+    }
+    (parsed,) = parse_document(doc, "test", 0)
+    assert isinstance(parsed.record, Service)
+    assert parsed.record.export_to == (".", "istio-system")
+    s = mesh()
+    s.put_service(parsed.record)
+    shop, billing = pod("shop", "a"), pod("billing", "b")
+    out = build(s, [shop, billing]).resources
+    assert target_of(out, shop) == f"{OUTBOUND_INTERNAL}/shop"
+    assert reach(out, f"{OUTBOUND_INTERNAL}/shop")[0] == ports(SHOP_WEB[2]) | ports(ISTIOD[2])
+    assert target_of(out, billing) == OUTBOUND_INTERNAL
+    assert (BILLING[2], 80) in reach(out, OUTBOUND_INTERNAL)[0]
+    table = names.build(s.services.values(), "cluster.local")
+    assert table.lookup("ledger.billing", "shop") is None
+    assert table.lookup("ledger.billing", "billing") is not None
+    # Exported to no namespace with a local pod: not built at all.
+    out = build(s, [shop]).resources
+    assert "outbound|80||ledger.billing.svc.cluster.local" not in out[e.CLUSTER]
