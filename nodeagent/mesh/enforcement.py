@@ -29,9 +29,9 @@ nodeagent.translate.virtual_service):
 - ServiceEntry (mesh/service_entries.py): hosts, addresses, ports, location, resolution (NONE,
   STATIC, DNS, DNS_ROUND_ROBIN), endpoints (address, ports, labels, weight, locality,
   network, serviceAccount), workloadSelector (pods and WorkloadEntries), subjectAltNames,
-  exportTo (node-wide: served when exported to a namespace with a local pod). WorkloadEntry:
-  address, ports, labels, weight, locality, network, serviceAccount, as a selecting
-  ServiceEntry's endpoint.
+  exportTo (per client namespace: a local namespace it is not exported to does not see it).
+  WorkloadEntry: address, ports, labels, weight, locality, network, serviceAccount, as a
+  selecting ServiceEntry's endpoint.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
         "endpoints": [_ENTRY_ENDPOINT],
         "workloadSelector": ALL,
         "subjectAltNames": ALL,
-        # Served when exported to a namespace with a pod on the node (see cache._exported).
+        # Per client namespace: a local namespace it is not exported to gets a scope without
+        # it (translate/cache.py _scopes_of, mesh/sidecar_scope.py).
         "exportTo": ALL,
     },
     # As endpoints of the ServiceEntries whose workloadSelector selects them.
