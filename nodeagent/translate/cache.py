@@ -739,10 +739,12 @@ class TranslationCache:
         (_scopes_of)."""
         assert self._settings is not None
         export = svc.export_to
+        if not export or "*" in export:
+            return True  # (most services: no set of namespaces gathered)
         return any(
             sidecar_scope.exported_to(export, svc.namespace, ns)
             for ns in {ns for ns, _ in self._settings.identities}
-        ) or (not export or "*" in export)
+        )
 
     def _service_views(self, entry: _ServiceEntry) -> None:
         """What the service's callers see: DestinationRule modes and subsets, route tables
