@@ -1,5 +1,5 @@
 """Every Istio networking sample (tests/data/istio/bookinfo/networking, unchanged) through the real
-node Envoy (issue #15, "Must show").
+node Envoy (issue #15, "Must show"), and the Gateway samples through a real gateway Envoy (#16).
 
 Each sample is applied as a user would: a directory holding Bookinfo's platform and the sample,
 read by the DirectorySource (so the real validation runs), translated by the TranslationCache for
@@ -9,9 +9,15 @@ what the sample asks for must be in its config dump: every subset as a cluster, 
 destination (and weight) of a VirtualService bound to the mesh in the service's route table, and
 the faults of the fault-injection samples.
 
-Samples that bind only a gateway (bookinfo-gateway, certmanager-gateway) are issue #16: they
-must be ACKed, nothing more is asserted for them; a ServiceEntry's hosts must be clusters Envoy
-holds (egress-rule-google-apis: resolution DNS, in a netns where nothing resolves).
+A ServiceEntry's hosts must be clusters Envoy holds (egress-rule-google-apis: resolution DNS,
+in a netns where nothing resolves). The Gateway samples (bookinfo-gateway, certmanager-gateway,
+issue #16) give the node Envoy nothing but must be ACKed by it; and they are pushed as the
+ingress gateway they select (``istio: ingressgateway``, a pod in istio-system) gets them, from
+``nodeagent gateway``'s GatewayProxy, over the same xDS server to a second Envoy with the
+gateway's bootstrap: every type ACKed, a listener on each server's port, the bound
+VirtualService's routes in its route table to Bookinfo's clusters, mTLS into the mesh under the
+gateway's own identity. Neither sample has a TLS server (certmanager-gateway serves the ACME
+HTTP-01 challenge on port 80), so no credentialName is exercised here (test_ingress_gateway.py).
 VirtualService samples are also applied on top of Bookinfo's default destination rules
 (destination-rule-all.yaml), as Istio's tasks apply them first
 (istio.io/latest/docs/examples/bookinfo/#define-the-service-versions): then every cluster their
@@ -26,11 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -43,8 +50,10 @@ from prometheus_client import CollectorRegistry
 from nodeagent.envoy.admin import EnvoyAdmin
 from nodeagent.envoy.bootstrap import bootstrap, write_bootstrap
 from nodeagent.envoy.launch import NODE_ENVOY_ARGS, envoy_argv
+from nodeagent.gateway.proxy import GatewayProxy, GatewaySettings
 from nodeagent.identity.ca import BuiltinCA
 from nodeagent.identity.certs import issue, spiffe_id
+from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.secrets import root_secret, workload_secret
 from nodeagent.identity.tls_files import FileSecrets
 from nodeagent.mesh.store import MeshStore
@@ -165,11 +174,22 @@ def route_table(host: str) -> str:
     return f"outbound|9080||{host}.{SUFFIX}"
 
 
-@dataclass
-class NodeEnvoy:
-    """The project's xDS server on an event loop of its own (a thread), and the node Envoy
-    connected to it with the agent's bootstrap; shared by every sample of this module."""
+def scan(root: Path) -> MeshStore:
+    """The cluster in ROOT as the agent's DirectorySource reads it (the real validation)."""
+    store = MeshStore(NODE)
+    source = DirectorySource(root, store)
+    source.scan()
+    assert source.errors == {}, source.errors
+    return store
 
+
+@dataclass
+class EnvoyOverXds:
+    """The project's xDS server on an event loop of its own (a thread), and a real Envoy
+    connected to it as NODE_ID: the node Envoy (the agent's bootstrap), shared by every sample of
+    this module, or the ingress gateway's (its bootstrap as ``nodeagent gateway`` writes it)."""
+
+    node_id: str
     loop: asyncio.AbstractEventLoop
     cache: SnapshotCache
     server: XdsServer
@@ -186,15 +206,15 @@ class NodeEnvoy:
         async def run() -> T:
             return fn()
 
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+        return self.wait(run())
+
+    def wait(self, coro: Coroutine[Any, Any, T]) -> T:
+        """CORO run to its end on the server's loop."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
 
     def push(self, root: Path) -> Snapshot:
-        """Read the cluster in ROOT, translate it for this node, hand it to Envoy and wait until
-        Envoy has ACKed every resource of it; a NACK fails at once with Envoy's reason."""
-        store = MeshStore(NODE)
-        source = DirectorySource(root, store)
-        source.scan()
-        assert source.errors == {}, source.errors
+        """Read the cluster in ROOT, translate it for this node and apply it."""
+        store = scan(root)
         local = [
             LocalPod(pod, self.netns(pod.name))
             for pod in store.pods.values()
@@ -206,16 +226,21 @@ class NodeEnvoy:
         secrets = [*self.secrets, *FileSecrets().sds_secrets(store)]
         translation = TranslationCache().build(store, local, secrets)
         assert translation.problems == {}, translation.problems
+        return self.apply(translation.resources)
+
+    def apply(self, resources: dict[str, dict[str, Any]]) -> Snapshot:
+        """Hand RESOURCES to Envoy and wait until it has ACKed every one of them; a NACK fails
+        at once with Envoy's reason."""
         self.pushes += 1
-        snapshot = Snapshot(f"sample-{self.pushes}", translation.resources)
+        snapshot = Snapshot(f"sample-{self.pushes}", resources)
         nacks_before = len(self.call(lambda: list(self.nacks)))
-        self.call(lambda: self.cache.set_snapshot(NODE_ID, snapshot))
+        self.call(lambda: self.cache.set_snapshot(self.node_id, snapshot))
 
         def applied() -> bool:
             nacks = self.call(lambda: list(self.nacks))
             assert len(nacks) == nacks_before, f"Envoy NACKed: {nacks[nacks_before:]}"
             acked = self.call(
-                lambda: {t: self.server.acked(NODE_ID, t) for t in snapshot.resources}
+                lambda: {t: self.server.acked(self.node_id, t) for t in snapshot.resources}
             )
             return all(acked[t] == dict(snapshot.versions(t)) for t in snapshot.resources)
 
@@ -223,7 +248,7 @@ class NodeEnvoy:
         return snapshot
 
     def status(self) -> dict[str, str]:
-        statuses = self.call(lambda: self.server.status(NODE_ID))
+        statuses = self.call(lambda: self.server.status(self.node_id))
         return {types.short_name(t): s.state for t, s in statuses.items()}
 
     def netns(self, pod: str) -> str:
@@ -234,55 +259,59 @@ class NodeEnvoy:
         return configs
 
 
-@pytest.fixture(scope="module")
-def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeEnvoy]:
-    run = tmp_path_factory.mktemp("node")
-    made: list[str] = []
+@contextlib.contextmanager
+def envoy_over_xds(
+    run: Path, node_id: str, cluster: str, netns: str, **options: Any
+) -> Iterator[EnvoyOverXds]:
+    """An Envoy as NODE_ID (bootstrap ``bootstrap(node_id, cluster, ..., **options)``) in a netns
+    of its own, NETNS, whose resolver is its loopback where nothing answers (a DNS cluster
+    resolves nothing and asks no real DNS), served by the xDS server on a UNIX socket in RUN."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="xds", daemon=True)
     thread.start()
     proc: subprocess.Popen[bytes] | None = None
     cache = SnapshotCache()
-    node = NodeEnvoy(
+    envoy = EnvoyOverXds(
+        node_id,
         loop,
         cache,
         XdsServer(cache, CollectorRegistry()),
         EnvoyAdmin(run / "admin.sock"),
         run / "envoy.log",
     )
-    node.server.on_nack = lambda _node, nack: node.nacks.append(nack)
+    envoy.server.on_nack = lambda _node, nack: envoy.nacks.append(nack)
+    made = False
     try:
-        for name in (ENVOY_NETNS, *(Path(node.netns(pod)).name for pod in LOCAL)):
-            with contextlib.suppress(Exception):
-                netlink.remove_netns(name)  # left over by an earlier run killed midway
-            netlink.create_netns(name)
-            made.append(name)
-        hosts.write_resolv_conf(ENVOY_NETNS, "nameserver 127.0.0.1\n")
-        ca = BuiltinCA.load_or_create(run / "state", TRUST_DOMAIN)
-        for sa in ("bookinfo-productpage", "bookinfo-reviews", "bookinfo-ratings"):
-            sid = spiffe_id(TRUST_DOMAIN, "default", sa)
-            node.secrets.append(workload_secret(issue(ca, sid, timedelta(hours=1))))
-        node.secrets.append(root_secret(ca.root_pem))
-        asyncio.run_coroutine_threadsafe(node.server.start(run / "xds.sock"), loop).result(10)
+        with contextlib.suppress(Exception):
+            netlink.remove_netns(netns)  # left over by an earlier run killed midway
+        netlink.create_netns(netns)
+        made = True
+        hosts.write_resolv_conf(netns, "nameserver 127.0.0.1\n")
+        envoy.wait(envoy.server.start(run / "xds.sock"))
         config = run / "bootstrap.json"
         write_bootstrap(
             config,
             bootstrap(
-                NODE_ID,
-                NODE,
+                node_id,
+                cluster,
                 run / "xds.sock",
                 admin_socket=run / "admin.sock",
                 stats_host="127.0.0.1",
                 stats_port=0,
+                **options,
             ),
         )
-        with node.log.open("wb") as log:
+        with envoy.log.open("wb") as log:
             argv = envoy_argv(ENVOY, config, (*NODE_ENVOY_ARGS, "--concurrency", "1"))
-            proc = subprocess.Popen(
-                in_netns(ENVOY_NETNS, argv), stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_for(node.admin.ready, 20, "the node Envoy to be LIVE")
-        yield node
+            proc = subprocess.Popen(in_netns(netns, argv), stdout=log, stderr=subprocess.STDOUT)
+        # Connected is enough: the first push is waited for until ACKed (LIVE would wait out
+        # the initial fetch timeouts of CDS then LDS, nothing being pushed yet).
+        wait_for(
+            lambda: node_id in envoy.call(envoy.server.connected_nodes),
+            20,
+            f"the Envoy of {node_id} to connect",
+        )
+        yield envoy
     finally:
         if proc is not None:
             proc.terminate()
@@ -292,13 +321,36 @@ def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeEnvoy]:
                 proc.kill()
                 proc.wait()
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(node.server.stop(), loop).result(10)
+            envoy.wait(envoy.server.stop())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+        if made:
+            netlink.remove_netns(netns)
+        shutil.rmtree(hosts.ETC_NETNS / netns, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyOverXds]:
+    run = tmp_path_factory.mktemp("node")
+    made: list[str] = []
+    try:
+        for pod in LOCAL:
+            name = f"samples-{pod}"
+            with contextlib.suppress(Exception):
+                netlink.remove_netns(name)  # left over by an earlier run killed midway
+            netlink.create_netns(name)
+            made.append(name)
+        with envoy_over_xds(run, NODE_ID, NODE, ENVOY_NETNS) as node:
+            ca = BuiltinCA.load_or_create(run / "state", TRUST_DOMAIN)
+            for sa in ("bookinfo-productpage", "bookinfo-reviews", "bookinfo-ratings"):
+                sid = spiffe_id(TRUST_DOMAIN, "default", sa)
+                node.secrets.append(workload_secret(issue(ca, sid, timedelta(hours=1))))
+            node.secrets.append(root_secret(ca.root_pem))
+            yield node
+    finally:
         for name in made:
             netlink.remove_netns(name)
-        shutil.rmtree(hosts.ETC_NETNS / ENVOY_NETNS, ignore_errors=True)
 
 
 def cluster_dir(tmp_path: Path, *files: Path) -> Path:
@@ -312,11 +364,11 @@ def cluster_dir(tmp_path: Path, *files: Path) -> Path:
     return root
 
 
-def active_clusters(node: NodeEnvoy) -> dict[str, dict[str, Any]]:
+def active_clusters(node: EnvoyOverXds) -> dict[str, dict[str, Any]]:
     return {c["cluster"]["name"]: c["cluster"] for c in node.dump("dynamic_active_clusters")}
 
 
-def routes_of(node: NodeEnvoy, table: str) -> list[dict[str, Any]]:
+def routes_of(node: EnvoyOverXds, table: str) -> list[dict[str, Any]]:
     for config in node.dump("dynamic_route_configs"):
         if config["route_config"]["name"] == table:
             (vhost,) = config["route_config"]["virtual_hosts"]
@@ -356,7 +408,7 @@ def reachable(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def check_sample_in_envoy(node: NodeEnvoy, docs: list[dict[str, Any]]) -> None:
+def check_sample_in_envoy(node: EnvoyOverXds, docs: list[dict[str, Any]]) -> None:
     """What the sample's objects ask for is what Envoy holds: each subset a cluster, each mesh
     VirtualService's rules (in order) the routes of its host's table, to the same destinations
     with the same weights, with the same faults."""
@@ -391,7 +443,9 @@ def check_sample_in_envoy(node: NodeEnvoy, docs: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s.name for s in SAMPLES])
-def test_sample_is_acked_by_the_node_envoy(envoy: NodeEnvoy, tmp_path: Path, sample: Path) -> None:
+def test_sample_is_acked_by_the_node_envoy(
+    envoy: EnvoyOverXds, tmp_path: Path, sample: Path
+) -> None:
     """The sample alone on Bookinfo: ACKed, and its subsets, routes and faults in Envoy."""
     try:
         envoy.push(cluster_dir(tmp_path / "alone", sample))
@@ -413,7 +467,7 @@ def test_sample_is_acked_by_the_node_envoy(envoy: NodeEnvoy, tmp_path: Path, sam
 
 
 def test_the_80_20_split_the_faults_and_the_load_balancer_are_as_istio_documents(
-    envoy: NodeEnvoy, tmp_path: Path
+    envoy: EnvoyOverXds, tmp_path: Path
 ) -> None:
     """Spelled out for four samples, beyond the generic check: reviews 80% v1 / 20% v2
     (istio.io/latest/docs/tasks/traffic-management/traffic-shifting/), jason's ratings delayed
@@ -445,3 +499,143 @@ def test_the_80_20_split_the_faults_and_the_load_balancer_are_as_istio_documents
         assert fault[want[0]] == want[1]
         assert fault["percentage"] == {"numerator": 1000000, "denominator": "MILLION"}
         assert fault_of(everyone) == {}
+
+
+# The ingress gateway the Gateway samples select (``istio: ingressgateway``), a Deployment's pod
+# in istio-system as Istio installs it; not captured, its own identity.
+INGRESS = {"istio": "ingressgateway"}
+GATEWAY_NETNS = "samples-gateway"
+GATEWAY_SAMPLES = [s for s in SAMPLES if any(d["kind"] == "Gateway" for d in sample_docs(s))]
+
+
+@dataclass
+class GatewayEnvoy:
+    """The gateway's Envoy over the project's xDS server, and what ``nodeagent gateway`` (its
+    GatewayProxy) would hand it for a cluster: the Gateways' listeners and route tables, the
+    sidecar form's clusters, its own certificate from the CA."""
+
+    envoy: EnvoyOverXds
+    settings: GatewaySettings
+    identities: IdentityManager
+
+    def push(self, root: Path) -> Snapshot:
+        proxy = GatewayProxy(self.settings, scan(root), self.identities, CollectorRegistry())
+        self.envoy.call(proxy.resources)  # names its identity: issued by the renewal loop
+        self.envoy.wait(self.identities.renew_due())
+        resources = self.envoy.call(proxy.resources)
+        assert proxy.problems == {}, proxy.problems
+        return self.envoy.apply(resources)
+
+
+@pytest.fixture(scope="module")
+def gateway_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayEnvoy]:
+    run = tmp_path_factory.mktemp("gateway")
+    settings = GatewaySettings(
+        namespace="istio-system",
+        pod_name="istio-ingressgateway-0",
+        labels=INGRESS,
+        service_account="istio-ingressgateway-service-account",
+        run_dir=run,
+        envoy_binary=ENVOY,
+        envoy_log=run / "envoy.log",
+    )
+    ca = BuiltinCA.load_or_create(run / "state", TRUST_DOMAIN)
+    cluster = f"{settings.pod_name}.{settings.namespace}"
+    # As GatewayProxy.start writes it: not captured, so its sockets are not marked.
+    with envoy_over_xds(run, settings.node_id, cluster, GATEWAY_NETNS, socket_mark=None) as gw:
+        yield GatewayEnvoy(gw, settings, IdentityManager(ca, TRUST_DOMAIN))
+
+
+def uri_match(match: dict[str, Any]) -> tuple[str, str]:
+    """An Envoy route match as the VirtualService's ``uri`` spells it."""
+    for envoy_key, istio_key in (("path", "exact"), ("prefix", "prefix")):
+        if envoy_key in match:
+            return istio_key, match[envoy_key]
+    raise AssertionError(f"not an exact or prefix path match: {match}")
+
+
+def check_gateway_in_envoy(gw: EnvoyOverXds, docs: list[dict[str, Any]]) -> None:
+    """What the sample's Gateways and their VirtualServices ask for is what the gateway Envoy
+    holds: a listener on each server's port (no Service of the gateway translates it here), its
+    route table ``http.<port>`` (Istio's pilot/pkg/model/gateway.go gatewayRDSRouteName) with a
+    route per ``match`` of each VirtualService bound to the Gateway, in order, to the cluster
+    ``outbound|<port>||<host>`` (the short host in the VirtualService's namespace). A cluster
+    is there when the host is a Service; a host that is none (cert-manager-resolver: no
+    Service in Bookinfo) is routed to all the same, as istiod does, and Envoy answers 503
+    (istio.io/latest/docs/ops/common-problems/network-issues/, "Requests are rejected")."""
+    listeners = {li["name"] for li in gw.dump("dynamic_listeners") if "active_state" in li}
+    clusters = active_clusters(gw)
+    services = {
+        f"{d['metadata']['name']}.{d['metadata'].get('namespace', 'default')}.svc.cluster.local"
+        for d in bookinfo_cluster()
+        if d["kind"] == "Service"
+    }
+    for gateway in (d for d in docs if d["kind"] == "Gateway"):
+        gw_ns = gateway["metadata"].get("namespace", "default")
+        names = {f"{gw_ns}/{gateway['metadata']['name']}"}
+        for server in gateway["spec"]["servers"]:
+            port = server["port"]["number"]
+            assert server["port"]["protocol"] == "HTTP", f"{server}: only HTTP is checked here"
+            assert f"0.0.0.0_{port}" in listeners, (port, listeners)
+            routes = routes_of(gw, f"http.{port}")
+            rules = []
+            for vs in (d for d in docs if d["kind"] == "VirtualService"):
+                ns = vs["metadata"].get("namespace", "default")
+                bound = {g if "/" in g else f"{ns}/{g}" for g in vs["spec"]["gateways"]}
+                if bound & names:
+                    rules += [(ns, rule) for rule in vs["spec"]["http"]]
+            want = [
+                (next(iter(m["uri"].items())), ns, rule["route"])
+                for ns, rule in rules
+                for m in rule["match"]
+            ]
+            assert len(routes) == len(want), routes
+            for route, (uri, ns, dests) in zip(routes, want, strict=True):
+                assert uri_match(route["match"]) == uri, route
+                (dest,) = (d["destination"] for d in dests)
+                host = f"{dest['host']}.{ns}.svc.cluster.local"
+                cluster = f"outbound|{dest['port']['number']}||{host}"
+                assert destinations(route) == [(cluster, 100)], route
+                assert (cluster in clusters) == (host in services), (cluster, sorted(clusters))
+
+
+@pytest.mark.parametrize("sample", GATEWAY_SAMPLES, ids=[s.name for s in GATEWAY_SAMPLES])
+def test_gateway_sample_is_acked_by_the_gateway_envoy(
+    gateway_envoy: GatewayEnvoy, tmp_path: Path, sample: Path
+) -> None:
+    """The Gateway sample on Bookinfo, as the ingress gateway gets it: every type ACKed, its
+    listeners and routes in the gateway Envoy."""
+    gw = gateway_envoy.envoy
+    try:
+        gateway_envoy.push(cluster_dir(tmp_path, sample))
+        check_gateway_in_envoy(gw, sample_docs(sample))
+    except AssertionError as e:
+        tail = gw.log.read_text(errors="replace")[-3000:]
+        raise AssertionError(f"{e}\n--- gateway envoy log (tail) ---\n{tail}") from e
+
+
+def test_bookinfo_gateway_routes_its_five_paths_to_productpage_over_mtls(
+    gateway_envoy: GatewayEnvoy, tmp_path: Path
+) -> None:
+    """Spelled out for bookinfo-gateway.yaml (istio.io/latest/docs/examples/bookinfo/
+    #determine-the-ingress-ip-and-port): port 8080 serves /productpage, /static*, /login,
+    /logout and /api/v1/products* from productpage:9080, whose cluster presents the gateway's
+    own identity to the mesh (ISTIO_MUTUAL, its service account's SPIFFE ID)."""
+    gw = gateway_envoy.envoy
+    gateway_envoy.push(
+        cluster_dir(tmp_path, istio_data("bookinfo/networking/bookinfo-gateway.yaml"))
+    )
+    productpage = f"outbound|9080||productpage.{SUFFIX}"
+    routes = routes_of(gw, "http.8080")
+    assert [(uri_match(r["match"]), destinations(r)) for r in routes] == [
+        (("exact", "/productpage"), [(productpage, 100)]),
+        (("prefix", "/static"), [(productpage, 100)]),
+        (("exact", "/login"), [(productpage, 100)]),
+        (("exact", "/logout"), [(productpage, 100)]),
+        (("prefix", "/api/v1/products"), [(productpage, 100)]),
+    ]
+    s = gateway_envoy.settings
+    identity = spiffe_id(TRUST_DOMAIN, s.namespace, s.service_account)
+    assert identity in json.dumps(active_clusters(gw)[productpage]["transport_socket_matches"])
+    secrets = {sec["name"] for sec in gw.dump("dynamic_active_secrets")}
+    assert {identity, "ROOTCA"} <= secrets
