@@ -251,7 +251,12 @@ def test_a_new_pod_gets_a_sidecar_and_deleting_it_stops_the_sidecar(side: Testbe
             )
         )
         assert reply.stdout == "200"
-        assert "outbound istioinaction/extra " in sidecar_log(side, pod.key)
+        # Envoy writes its access log once a second (--file-flush-interval-msec 1000).
+        wait_for(
+            lambda: "outbound istioinaction/extra " in sidecar_log(side, pod.key),
+            5,
+            "the new pod's sidecar logging its call",
+        )
     finally:
         problems = side.remove_pod(pod)
     assert problems == []
