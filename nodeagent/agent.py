@@ -28,6 +28,7 @@ from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.remote import DEFAULT_SERVER_NAME, RemoteCA, RootFileError
 from nodeagent.mesh import enforcement
 from nodeagent.mesh.enforcement import NotEnforcedCollector
+from nodeagent.mesh.jwks import JwksResolver
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
@@ -203,6 +204,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         else None
     )
 
+    # RequestAuthentication keys by URI, inlined into the pods' jwt_authn config.
+    tasks.spawn("jwks", lambda: JwksResolver(store).run(stop), stop=stop, critical=False)
     summary = await manager.reconcile()
     log.info("node %s: %d known pods reconciled: %s", config.node_name, len(registry.pods), summary)
     if proxy is not None:

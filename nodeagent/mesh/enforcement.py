@@ -9,6 +9,8 @@ support table says the same in words. A resource is accepted when it passes Isti
 Enforced today (see nodeagent.mesh.policy, nodeagent.translate.destination_rule,
 nodeagent.translate.virtual_service):
 - PeerAuthentication: every field (selector, mtls.mode, portLevelMtls).
+- RequestAuthentication (nodeagent.translate.jwt, keys by URI: nodeagent.mesh.jwks): selector,
+  targetRef(s) (ignored by captured pods, as Istio's sidecars do), jwtRules but ``timeout``.
 - DestinationRule: host, exportTo, workloadSelector, subsets, and traffic policies (connection
   pool, load balancer (PASSTHROUGH too), locality load balancing, outlier detection, TLS: DISABLE,
   ISTIO_MUTUAL, SIMPLE and MUTUAL with files, sni, subjectAltNames, insecureSkipVerify) for the
@@ -158,6 +160,27 @@ _ENTRY_ENDPOINT: Mapping[str, Any] = {
 # enforced values of a scalar field, and a one-element list applies its rule to every item.
 ENFORCED: Mapping[str, Mapping[str, Any]] = {
     "PeerAuthentication": {"selector": ALL, "mtls": ALL, "portLevelMtls": ALL},
+    # translate/jwt.py, mesh/jwks.py. targetRef(s) are Istio's too: a captured pod ignores them.
+    "RequestAuthentication": {
+        "selector": ALL,
+        "targetRef": ALL,
+        "targetRefs": ALL,
+        "jwtRules": [
+            {
+                "issuer": ALL,
+                "audiences": ALL,
+                "jwks": ALL,
+                "jwksUri": ALL,
+                "fromHeaders": ALL,
+                "fromParams": ALL,
+                "fromCookies": ALL,
+                "outputPayloadToHeader": ALL,
+                "outputClaimToHeaders": ALL,
+                "forwardOriginalToken": ALL,
+                "spaceDelimitedClaims": ALL,
+            }
+        ],
+    },
     "DestinationRule": {
         "host": ALL,
         "exportTo": ALL,
@@ -233,7 +256,9 @@ PLANNED: Mapping[str, str] = {
         " health checks: the node serves no VM proxies and runs no registration endpoint)"
     ),
     "AuthorizationPolicy": "#17 authorization",
-    "RequestAuthentication": "#17 authorization",
+    "RequestAuthentication": (
+        "not yet: jwtRules[].timeout (the agent fetches keys with a 5 s timeout)"
+    ),
     "Telemetry": "#19 observability",
 }
 NOT_PLANNED = "not planned"  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension

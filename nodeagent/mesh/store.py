@@ -46,6 +46,7 @@ NAMESPACE, POD, SERVICE, ENDPOINT_SLICE = "Namespace", "Pod", "Service", "Endpoi
 SERVICE_ACCOUNT, MESH_CONFIG, NODE = "ServiceAccount", "MeshConfig", "Node"
 SECRET = "Secret"  # a Credential: translation never reads it (only SDS does)
 SECRET_ACCESS = "SecretAccess"  # may a service account have its namespace's Secrets
+JWKS = "Jwks"  # the keys the agent fetched for a RequestAuthentication (mesh/jwks.py)
 CHANGE_LOG_SIZE = 50_000  # changes remembered; a consumer further behind recomputes everything
 
 _K = TypeVar("_K")
@@ -73,6 +74,9 @@ class MeshStore:
         self.secret_access: dict[str, bool] = {}
         self.secret_access_enforced = False
         self.mesh_config = MeshConfig()
+        # RequestAuthentication keys the agent fetched (mesh/jwks.py): source (a jwksUri, or
+        # "oidc:<issuer>") -> the JWKS text last fetched; kept while the source is unreachable.
+        self.jwks: dict[str, str] = {}
         self.generation = 0  # bumped on every change
         self.changed = asyncio.Event()  # set on every change; consumers clear it
         self.synced = asyncio.Event()  # set once the source delivered its first full view
@@ -339,6 +343,15 @@ class MeshStore:
         self._index_istio(res, add=True)
         self._bump(res.kind, res.key)
         self._entries_changed(res)
+
+    def put_jwks(self, source: str, text: str) -> None:
+        if self.jwks.get(source) != text:
+            self.jwks[source] = text
+            self._bump(JWKS, source)
+
+    def delete_jwks(self, source: str) -> None:
+        if self.jwks.pop(source, None) is not None:
+            self._bump(JWKS, source)
 
     def delete_istio(self, key: str) -> None:
         old = self.istio.pop(key, None)

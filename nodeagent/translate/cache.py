@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -63,6 +64,7 @@ from nodeagent.translate import (
     client_tls,
     envoy,
     internal,
+    jwt,
     l4_routes,
     mirror,
     passthrough,
@@ -1525,17 +1527,27 @@ def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[A
     peer = policy.peer_policy(store, pod.namespace, pod.labels)
     ports = {port: (protocols[port], peer.mode_for(port)) for port in protocols}
     me = tls.spiffe_id(store.mesh_config.trust_domain, *local.identity)
-    return (local, ports, peer.mode, me, sidecar)
+    # Compared, not hashed: JSON is the cheap exact form of the filters' config.
+    auth = json.dumps(jwt.inbound_filters(store, pod), sort_keys=True)
+    return (local, ports, peer.mode, me, sidecar, auth)
 
 
 def _inbound_resources(
-    local: LocalPod, ports: dict[int, tuple[str, str]], default_mode: str, me: str, sidecar: bool
+    local: LocalPod,
+    ports: dict[int, tuple[str, str]],
+    default_mode: str,
+    me: str,
+    sidecar: bool,
+    auth_json: str = "[]",
 ) -> Made:
     """A local pod's inbound listener, on the node its fast-path listener too, and the inbound
-    clusters and routes of its HTTP ports."""
+    clusters and routes of its HTTP ports. AUTH_JSON: its inbound HTTP filters (JSON list)."""
     netns = "" if sidecar else local.netns
-    made: Made = [(envoy.LISTENER, inbound_listener(local.pod, netns, ports, default_mode, me))]
-    fast = None if sidecar else fast_inbound_listener(local.pod, netns, ports, me)
+    auth = json.loads(auth_json)
+    made: Made = [
+        (envoy.LISTENER, inbound_listener(local.pod, netns, ports, default_mode, me, auth))
+    ]
+    fast = None if sidecar else fast_inbound_listener(local.pod, netns, ports, me, auth)
     if fast is not None:
         made.append((envoy.LISTENER, fast))
     for port, (protocol, _) in ports.items():

@@ -300,8 +300,11 @@ def inbound_listener(
     ports: dict[int, tuple[str, str]],
     default_mode: str,
     identity: str,
+    auth: Sequence[dict[str, Any]] = (),
 ) -> Listener:
     """PORTS: container port -> (protocol, PeerAuthentication mode); DEFAULT_MODE for the rest.
+    AUTH: the pod's authentication/authorization HTTP filters (jwt.inbound_filters) on every
+    HTTP chain.
 
     STRICT: mTLS only (anything else is refused); PERMISSIVE: mTLS, plaintext, and the client's
     own TLS passed through to the app untouched; DISABLE: no mTLS. IDENTITY is the SPIFFE ID
@@ -317,7 +320,7 @@ def inbound_listener(
     def terminal(port: int | None, protocol: str, mtls: bool) -> dict[str, Any]:
         if port is not None and is_http(protocol):
             name = inbound_cluster(port)
-            return http_connection_manager(name, name, "inbound", who, mtls=mtls)
+            return http_connection_manager(name, name, "inbound", who, mtls=mtls, auth=auth)
         return tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who)
 
     def mtls_match(mode: str, match: dict[str, Any]) -> dict[str, Any]:
@@ -393,11 +396,15 @@ def fast_ports(ports: dict[int, tuple[str, str]]) -> frozenset[int]:
 
 
 def fast_inbound_listener(
-    pod: Pod, netns: str, ports: dict[int, tuple[str, str]], identity: str
+    pod: Pod,
+    netns: str,
+    ports: dict[int, tuple[str, str]],
+    identity: str,
+    auth: Sequence[dict[str, Any]] = (),
 ) -> Listener | None:
     """A local pod's same-node fast path: ``inboundInternal/<ns>/<pod>``, the internal listener
     its endpoints on ``fast_ports`` are on the node's service clusters (endpoints.py); None when
-    it has none. PORTS and IDENTITY as for ``inbound_listener``.
+    it has none. PORTS, IDENTITY and AUTH as for ``inbound_listener``.
 
     What the pod's inbound listener does once the mTLS handshake is done, without one: the caller
     is a local pod whose identity its own outbound listener stamped, which STRICT and PERMISSIVE
@@ -411,7 +418,7 @@ def fast_inbound_listener(
     def deliver(port: int, protocol: str) -> dict[str, Any]:
         if is_http(protocol):
             route = fast_route(port)  # also its stats' prefix: the fast path's own requests
-            return http_connection_manager(route, route, "inbound", who, fast=True)
+            return http_connection_manager(route, route, "inbound", who, fast=True, auth=auth)
         return tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who)
 
     chains = [
