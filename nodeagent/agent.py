@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.remote import DEFAULT_SERVER_NAME, RemoteCA, RootFileError
 from nodeagent.mesh import enforcement
 from nodeagent.mesh.enforcement import NotEnforcedCollector
-from nodeagent.mesh.jwks import JwksResolver
+from nodeagent.mesh.jwks import JwksResolver, refresh_interval
 from nodeagent.mesh.membership import DEFAULT_EXCLUDED_NAMESPACES
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
@@ -205,7 +206,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     )
 
     # RequestAuthentication keys by URI, inlined into the pods' jwt_authn config.
-    tasks.spawn("jwks", lambda: JwksResolver(store).run(stop), stop=stop, critical=False)
+    resolver = JwksResolver(store, refresh=refresh_interval(os.environ))
+    tasks.spawn("jwks", lambda: resolver.run(stop), stop=stop, critical=False)
     summary = await manager.reconcile()
     log.info("node %s: %d known pods reconciled: %s", config.node_name, len(registry.pods), summary)
     if proxy is not None:

@@ -22,8 +22,19 @@ from typing import NoReturn
 log = logging.getLogger("nodeagent.envoy")
 
 # Access logs reach their file within a second (Envoy's default is 10 s). Removed listeners drain
-# 5 s, not 600: a departed pod's identity must not linger in Envoy.
-NODE_ENVOY_ARGS = ("--file-flush-interval-msec", "1000", "--drain-time-s", "5")
+# 5 s, not 600: a departed pod's identity must not linger in Envoy. Draining HTTP connections
+# are told to close at their next response (Connection: close, GOAWAY), not with a probability
+# growing over the drain time, as Istio starts its proxies (istio/istio pkg/envoy/proxy.go,
+# "--drain-strategy immediate"): a changed filter chain (a RequestAuthentication, say) is in
+# force for every pooled connection after at most one more response on it.
+NODE_ENVOY_ARGS = (
+    "--file-flush-interval-msec",
+    "1000",
+    "--drain-time-s",
+    "5",
+    "--drain-strategy",
+    "immediate",
+)
 
 CHECK_INTERVAL = 0.5  # how often the bootstrap is looked for
 WAIT_LOG_INTERVAL = 10.0  # a "still waiting" line this often

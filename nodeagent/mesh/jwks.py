@@ -5,7 +5,8 @@ inlines them into Envoy's jwt_authn config (translate/jwt.py).
 Istio's istiod does the same (istio/istio pilot/pkg/model/jwks_resolver.go, the default
 PILOT_JWT_ENABLE_REMOTE_JWKS=istiod): a rule's ``jwksUri`` (or, without one, the ``jwks_uri`` of
 its issuer's OpenID discovery document ``<issuer>/.well-known/openid-configuration``) is
-fetched, refreshed every ``REFRESH`` (PILOT_JWT_PUB_KEY_REFRESH_INTERVAL, 20 min), and on a
+fetched, refreshed every ``REFRESH`` (20 min; the agent's environment variable
+PILOT_JWT_PUB_KEY_REFRESH_INTERVAL, as istiod's, sets another), and on a
 failed refresh the cached keys stay in use (retried sooner, with backoff). Keys never fetched
 are left out of the store: translation then inlines a key that rejects every token (logged
 here, once per failure streak). Sources no policy names any more are forgotten.
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -31,6 +33,8 @@ REQUEST_AUTHENTICATION = "RequestAuthentication"
 OIDC_PREFIX = "oidc:"  # source of an issuer's discovered keys (a rule without jwks or jwksUri)
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 REFRESH = 20 * 60.0  # seconds between refreshes of keys fetched once
+# istiod's setting of the same (a Go duration, e.g. "20m"), read by the agent from its environment.
+REFRESH_ENV = "PILOT_JWT_PUB_KEY_REFRESH_INTERVAL"
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # backoff after a failed fetch
 TIMEOUT = 5.0  # per request (Istio's JWTRule.timeout default)
 MAX_BYTES = 1 << 20  # a JWKS larger than this is not one
@@ -93,6 +97,23 @@ def fetch(source: str, get: Callable[[str], str] = http_get) -> str:
     if not valid_jwks(text):
         raise ValueError(f"{url}: not a JSON Web Key Set")
     return text
+
+
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def refresh_interval(env: Mapping[str, str]) -> float:
+    """Seconds between refreshes: ENV's ``REFRESH_ENV``, else ``REFRESH``; ValueError naming
+    the variable when it is not a positive Go duration."""
+    raw = env.get(REFRESH_ENV, "")
+    if not raw:
+        return REFRESH
+    parts = _GO_DURATION.findall(raw)
+    seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in parts)
+    if "".join(n + u for n, u in parts) != raw or seconds <= 0:
+        raise ValueError(f"{REFRESH_ENV}: {raw!r} is not a positive duration")
+    return seconds
 
 
 @dataclass

@@ -77,6 +77,8 @@ def test_envoy_argv() -> None:
         "1000",
         "--drain-time-s",
         "5",
+        "--drain-strategy",
+        "immediate",
     ]
     assert envoy_argv(Path("/e"), Path("/b"), ())[-1] == "info"
 

@@ -271,3 +271,12 @@ def test_an_issuer_without_keys_is_resolved_by_openid_discovery() -> None:
     resolver, _ = _resolver(s, net)
     asyncio.run(resolver.sync_once())
     assert s.jwks == {f"oidc:{issuer}": JWKS}
+
+
+def test_the_refresh_interval_is_istiods_setting_from_the_environment() -> None:
+    assert jwks.refresh_interval({}) == 20 * 60  # PILOT_JWT_PUB_KEY_REFRESH_INTERVAL's default
+    assert jwks.refresh_interval({jwks.REFRESH_ENV: "1h30m"}) == 5400
+    assert jwks.refresh_interval({jwks.REFRESH_ENV: "2s"}) == 2
+    for bad in ("2x", "0s", "-1s", "20"):
+        with pytest.raises(ValueError, match=jwks.REFRESH_ENV):
+            jwks.refresh_interval({jwks.REFRESH_ENV: bad})
