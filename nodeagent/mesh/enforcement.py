@@ -26,6 +26,9 @@ nodeagent.translate.virtual_service):
   PASSTHROUGH, ISTIO_MUTUAL, httpsRedirect, subjectAltNames, minProtocolVersion. Not yet:
   AUTO_PASSTHROUGH and OPTIONAL_MUTUAL, certificates from files, bind, defaultEndpoint,
   targetPort, maxProtocolVersion, cipherSuites.
+- AuthorizationPolicy (nodeagent.translate.authz): selector, action ALLOW/DENY/AUDIT, rules
+  (from.source, to.operation, when on every documented key; request.auth.* and
+  requestPrincipals read RequestAuthentication's JWT payload), dry-run.
 - Sidecar: workloadSelector, egress hosts and port, outboundTrafficPolicy.mode
   (nodeagent.mesh.sidecar_scope).
 - ServiceEntry (mesh/service_entries.py): hosts, addresses, ports, location, resolution (NONE,
@@ -156,6 +159,43 @@ _ENTRY_ENDPOINT: Mapping[str, Any] = {
     "serviceAccount": ALL,
 }
 
+_AUTHZ_SOURCE = (
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+    "requestPrincipals",
+    "notRequestPrincipals",
+)
+# istio.io/latest/docs/reference/config/security/conditions/
+_AUTHZ_KEYS = frozenset(
+    {
+        "source.ip",
+        "remote.ip",
+        "source.namespace",
+        "source.principal",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "destination.ip",
+        "destination.port",
+        "connection.sni",
+    }
+)
+
+
+def _authz_key(key: Any) -> bool:
+    """A condition key the node judges: every one Istio documents."""
+    return isinstance(key, str) and (
+        key in _AUTHZ_KEYS
+        or (key.startswith(("request.headers[", "request.auth.claims[")) and key.endswith("]"))
+    )
+
+
 # Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
 # enforced values of a scalar field, and a one-element list applies its rule to every item.
 ENFORCED: Mapping[str, Mapping[str, Any]] = {
@@ -208,6 +248,18 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
         "outboundTrafficPolicy": {"mode": ALL},
     },
     "Gateway": {"selector": ALL, "servers": [_GATEWAY_SERVER]},
+    # RBAC filters on every inbound path of the pods a policy selects (translate/authz.py).
+    "AuthorizationPolicy": {
+        "selector": ALL,
+        "action": frozenset({"ALLOW", "DENY", "AUDIT"}),
+        "rules": [
+            {
+                "from": [{"source": {key: ALL for key in _AUTHZ_SOURCE}}],
+                "to": ALL,
+                "when": [{"key": _authz_key, "values": ALL, "notValues": ALL}],
+            }
+        ],
+    },
     # Each host a registry service (mesh/service_entries.py, translate/cache.py).
     "ServiceEntry": {
         "hosts": ALL,
@@ -255,7 +307,10 @@ PLANNED: Mapping[str, str] = {
         "not yet: WorkloadGroup (the template of auto-registered VM WorkloadEntries and their"
         " health checks: the node serves no VM proxies and runs no registration endpoint)"
     ),
-    "AuthorizationPolicy": "#17 authorization",
+    "AuthorizationPolicy": (
+        "not yet: action CUSTOM (ext_authz), targetRef(s) (Istio applies them to waypoints and"
+        " gateways only, never to a sidecar's workload)"
+    ),
     "RequestAuthentication": (
         "not yet: jwtRules[].timeout (the agent fetches keys with a 5 s timeout)"
     ),

@@ -61,6 +61,7 @@ from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, NODE, M
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
 from nodeagent.translate import (
+    authz,
     client_tls,
     envoy,
     internal,
@@ -1528,8 +1529,8 @@ def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[A
     ports = {port: (protocols[port], peer.mode_for(port)) for port in protocols}
     me = tls.spiffe_id(store.mesh_config.trust_domain, *local.identity)
     # Compared, not hashed: JSON is the cheap exact form of the filters' config.
-    auth = json.dumps(jwt.inbound_filters(store, pod), sort_keys=True)
-    return (local, ports, peer.mode, me, sidecar, auth)
+    authn = json.dumps(jwt.inbound_filters(store, pod), sort_keys=True)
+    return (local, ports, peer.mode, me, sidecar, authz.policies_for(store, pod), authn)
 
 
 def _inbound_resources(
@@ -1538,16 +1539,19 @@ def _inbound_resources(
     default_mode: str,
     me: str,
     sidecar: bool,
-    auth_json: str = "[]",
+    pod_authz: authz.PodAuthz,
+    authn_json: str = "[]",
 ) -> Made:
     """A local pod's inbound listener, on the node its fast-path listener too, and the inbound
-    clusters and routes of its HTTP ports. AUTH_JSON: its inbound HTTP filters (JSON list)."""
+    clusters and routes of its HTTP ports. POD_AUTHZ: its AuthorizationPolicies; AUTHN_JSON: its
+    RequestAuthentication HTTP filters (JSON list)."""
     netns = "" if sidecar else local.netns
-    auth = json.loads(auth_json)
+    pod = local.pod
+    authn = json.loads(authn_json)
     made: Made = [
-        (envoy.LISTENER, inbound_listener(local.pod, netns, ports, default_mode, me, auth))
+        (envoy.LISTENER, inbound_listener(pod, netns, ports, default_mode, me, pod_authz, authn))
     ]
-    fast = None if sidecar else fast_inbound_listener(local.pod, netns, ports, me, auth)
+    fast = None if sidecar else fast_inbound_listener(pod, netns, ports, me, pod_authz, authn)
     if fast is not None:
         made.append((envoy.LISTENER, fast))
     for port, (protocol, _) in ports.items():

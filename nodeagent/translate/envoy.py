@@ -17,6 +17,7 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.cors.v3 import cors_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_authn_pb2  # noqa: F401
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.http.set_filter_state.v3 import (  # noqa: F401
     set_filter_state_pb2 as http_set_filter_state_pb2,
@@ -38,6 +39,7 @@ from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb
 from envoy.extensions.matching.common_inputs.transport_socket.v3 import (  # noqa: F401
     transport_socket_inputs_pb2,
 )
+from envoy.extensions.path.match.uri_template.v3 import uri_template_match_pb2  # noqa: F401
 from envoy.extensions.request_id.uuid.v3 import uuid_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401

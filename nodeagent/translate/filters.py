@@ -118,13 +118,13 @@ def http_connection_manager(
     pod: str,
     mtls: bool = False,
     fast: bool = False,
-    auth: Sequence[dict[str, Any]] = (),
+    inbound_filters: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """MTLS: an inbound chain behind mTLS, which tells the app its caller's identity in
     x-forwarded-client-cert (Istio's format); elsewhere a caller-supplied one is dropped. FAST:
     an inbound chain of the same-node fast path, whose route states the caller instead (its
-    downstream is an internal connection, with no address to forward). AUTH: an inbound chain's
-    authentication and authorization HTTP filters (jwt_authn, RBAC), before the router."""
+    downstream is an internal connection, with no address to forward). INBOUND_FILTERS: HTTP
+    filters before the router (authentication, then authorization: translate/authz.py)."""
     inbound = direction == "inbound" and not fast
     xfcc: dict[str, Any] = {"forward_client_cert_details": "SANITIZE"}
     if inbound and mtls:
@@ -142,7 +142,8 @@ def http_connection_manager(
                 "config_source": {"ads": {}, "resource_api_version": "V3"},
             },
             http_filters=[
-                *(VIRTUAL_SERVICE_FILTERS if direction == "outbound" else auth),
+                *(VIRTUAL_SERVICE_FILTERS if direction == "outbound" else []),
+                *inbound_filters,
                 {
                     "name": "envoy.filters.http.router",
                     "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),

@@ -26,6 +26,7 @@ from typing import Any
 from nodeagent.mesh.model import REGISTRY_ONLY, Pod
 from nodeagent.ports import INBOUND_PORT, OUTBOUND_PORT
 from nodeagent.translate import internal, tls
+from nodeagent.translate.authz import PodAuthz, chain_filters
 from nodeagent.translate.envoy import (
     FilterChain,
     Listener,
@@ -300,11 +301,14 @@ def inbound_listener(
     ports: dict[int, tuple[str, str]],
     default_mode: str,
     identity: str,
-    auth: Sequence[dict[str, Any]] = (),
+    authz: PodAuthz | None = None,
+    authn: Sequence[dict[str, Any]] = (),
 ) -> Listener:
     """PORTS: container port -> (protocol, PeerAuthentication mode); DEFAULT_MODE for the rest.
-    AUTH: the pod's authentication/authorization HTTP filters (jwt.inbound_filters) on every
-    HTTP chain.
+    AUTHZ: the AuthorizationPolicies that apply to the pod, enforced on every chain that
+    delivers to it (HTTP RBAC in HTTP chains, network RBAC in the others: translate/authz.py).
+    AUTHN: its RequestAuthentication HTTP filters (jwt.inbound_filters), before RBAC, as Istio
+    orders them (authentication first: RBAC reads the verified JWT payload).
 
     STRICT: mTLS only (anything else is refused); PERMISSIVE: mTLS, plaintext, and the client's
     own TLS passed through to the app untouched; DISABLE: no mTLS. IDENTITY is the SPIFFE ID
@@ -317,11 +321,17 @@ def inbound_listener(
     who = pod.key
     chains: list[dict[str, Any]] = [_loop_guard(INBOUND_BLACKHOLE, INBOUND_PORT, "inbound", who)]
 
-    def terminal(port: int | None, protocol: str, mtls: bool) -> dict[str, Any]:
+    def terminal(port: int | None, protocol: str, mtls: bool) -> list[dict[str, Any]]:
         if port is not None and is_http(protocol):
             name = inbound_cluster(port)
-            return http_connection_manager(name, name, "inbound", who, mtls=mtls, auth=auth)
-        return tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who)
+            http = [*authn, *chain_filters(authz, tcp=False)]
+            return [
+                http_connection_manager(name, name, "inbound", who, mtls=mtls, inbound_filters=http)
+            ]
+        return [
+            *chain_filters(authz, tcp=True),
+            tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who),
+        ]
 
     def mtls_match(mode: str, match: dict[str, Any]) -> dict[str, Any]:
         match = {**match, "transport_protocol": "tls"}
@@ -341,7 +351,7 @@ def inbound_listener(
                     "name": f"{name}-mtls",
                     "filter_chain_match": mtls_match(mode, port_match),
                     "transport_socket": tls.downstream_mtls(identity),
-                    "filters": _stamped(netns, terminal(port, protocol, True)),
+                    "filters": _stamped(netns, *terminal(port, protocol, True)),
                 }
             )
         if mode != STRICT and is_http(protocol):
@@ -350,13 +360,13 @@ def inbound_listener(
                 {
                     "name": f"{name}-tls",
                     "filter_chain_match": {**port_match, "transport_protocol": "tls"},
-                    "filters": _stamped(netns, terminal(None, "TCP", False)),
+                    "filters": _stamped(netns, *terminal(None, "TCP", False)),
                 }
             )
         plain = (
             [tls.deny_all(f"{name}-strict"), _blackhole(who)]
             if mode == STRICT
-            else _stamped(netns, terminal(port, protocol, False))
+            else _stamped(netns, *terminal(port, protocol, False))
         )
         chains.append({"name": name, "filter_chain_match": port_match, "filters": plain})
     if default_mode != DISABLE:
@@ -365,13 +375,13 @@ def inbound_listener(
                 "name": f"{INBOUND_PASSTHROUGH}-mtls",
                 "filter_chain_match": mtls_match(default_mode, {}),
                 "transport_socket": tls.downstream_mtls(identity),
-                "filters": _stamped(netns, terminal(None, "TCP", True)),
+                "filters": _stamped(netns, *terminal(None, "TCP", True)),
             }
         )
     default = (
         [tls.deny_all("inbound-strict"), _blackhole(who)]
         if default_mode == STRICT
-        else _stamped(netns, terminal(None, "TCP", False))
+        else _stamped(netns, *terminal(None, "TCP", False))
     )
     return message(
         Listener,
@@ -400,7 +410,8 @@ def fast_inbound_listener(
     netns: str,
     ports: dict[int, tuple[str, str]],
     identity: str,
-    auth: Sequence[dict[str, Any]] = (),
+    authz: PodAuthz | None = None,
+    authn: Sequence[dict[str, Any]] = (),
 ) -> Listener | None:
     """A local pod's same-node fast path: ``inboundInternal/<ns>/<pod>``, the internal listener
     its endpoints on ``fast_ports`` are on the node's service clusters (endpoints.py); None when
@@ -415,17 +426,27 @@ def fast_inbound_listener(
     who = pod.key
     stamp = internal.stamp_callee(netns, identity)
 
-    def deliver(port: int, protocol: str) -> dict[str, Any]:
+    def deliver(port: int, protocol: str) -> list[dict[str, Any]]:
+        # The same AuthorizationPolicy filters as the mTLS path: their principal matchers
+        # read the caller the node stamped when there is no peer certificate (authz.py).
         if is_http(protocol):
             route = fast_route(port)  # also its stats' prefix: the fast path's own requests
-            return http_connection_manager(route, route, "inbound", who, fast=True, auth=auth)
-        return tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who)
+            http = [*authn, *chain_filters(authz, tcp=False)]
+            return [
+                http_connection_manager(
+                    route, route, "inbound", who, fast=True, inbound_filters=http
+                )
+            ]
+        return [
+            *chain_filters(authz, tcp=True),
+            tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who),
+        ]
 
     chains = [
         {
             "name": inbound_cluster(port),
             "filter_chain_match": {"destination_port": port},
-            "filters": [stamp, deliver(port, ports[port][0])],
+            "filters": [stamp, *deliver(port, ports[port][0])],
         }
         for port in sorted(fast_ports(ports))
     ]

@@ -132,7 +132,7 @@ def test_every_rule_field_reaches_envoy_and_envoy_accepts_it(tmp_path: Path) -> 
     # The inbound HTTP connection manager with these filters, its route inline (a static
     # validation has no xDS to fetch it from).
     http = filters.http_connection_manager(
-        "h", "r", "inbound", "p", auth=inbound_filters(s, s.pods[WEB])
+        "h", "r", "inbound", "p", inbound_filters=inbound_filters(s, s.pods[WEB])
     )
     del http["typed_config"]["rds"]
     http["typed_config"]["route_config"] = {
