@@ -28,10 +28,19 @@ The caller's principal: on the mTLS path it is the peer certificate's URI SAN
 SPIFFE ID into the filter state ``io.nodeagent.caller`` (translate/internal.py), which only this
 Envoy's own listeners can set. Every principal matcher is the OR of both, so one filter judges
 both paths the same. A plaintext caller matches neither, whatever headers it sends.
+
+The caller's address (``ipBlocks``/``source.ip``: Envoy ``direct_remote_ip``, the connection's
+peer; ``remoteIpBlocks``/``remote.ip``: ``remote_ip``, the client address the HCM derives, which
+with the inbound ``use_remote_address`` is the peer too: Istio's conditions page,
+istio.io/latest/docs/reference/config/security/conditions/) is not known on the fast path, whose
+downstream is an internal connection. So a pod whose policies read it (``reads_caller_ip``) gets
+no fast path: its same-node callers take ``originate`` and reach its inbound listener from their
+own netns, with their pod IP as the peer, as callers from other nodes do (listeners.fast_ports).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -58,7 +67,7 @@ class Policy:
     namespace: str
     name: str
     action: str
-    rules: tuple[Any, ...]  # JSON-encoded rules: hashable, compared to tell a change
+    rules: tuple[str, ...]  # JSON-encoded rules: hashable, compared to tell a change
     dry_run: bool
 
     def rule_list(self) -> list[Mapping[str, Any]]:
@@ -78,12 +87,34 @@ class PodAuthz:
     def network_filters(self) -> list[dict[str, Any]]:
         return [rbac_filter(self, action, tcp=True) for action in self._actions()]
 
+    def reads_caller_ip(self) -> bool:
+        """Some rule of any policy (any action, dry-run too: its shadow verdict would be wrong
+        as well) reads the caller's address: ipBlocks, remoteIpBlocks, their ``not*``, or a
+        ``when`` on source.ip or remote.ip."""
+        return any(_rules_read_ip(policy.rules) for policy in self.policies)
+
     def _actions(self) -> list[str]:
         present = {p.action for p in self.policies}
         return [action for action in ORDER if action in present]
 
 
 NO_POLICY = PodAuthz((), "")
+
+_IP_SOURCE_FIELDS = ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")
+_IP_KEYS = frozenset({"source.ip", "remote.ip"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _rules_read_ip(rules: tuple[str, ...]) -> bool:
+    """Asked for every local pod on every translation: decoded once per distinct rule set."""
+    return any(_rule_reads_ip(json.loads(rule)) for rule in rules)
+
+
+def _rule_reads_ip(rule: Mapping[str, Any]) -> bool:
+    sources = [f.get("source") or {} for f in rule.get("from") or []]
+    if any(source.get(field) for source in sources for field in _IP_SOURCE_FIELDS):
+        return True
+    return any(str(w.get("key", "")) in _IP_KEYS for w in rule.get("when") or [])
 
 
 def _selects(res: IstioResource, pod: Pod) -> bool:

@@ -296,7 +296,8 @@ class TranslationCache:
         fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
         for local in local_pods if not sidecar else ():
             pod = local.pod
-            ports = fast_ports(inbound[pod.key][1])
+            _, port_modes, _, _, _, pod_authz, _ = inbound[pod.key]
+            ports = fast_ports(port_modes, pod_authz)
             if ports and Origin(POD, pod.namespace, pod.name) not in excluded_now:
                 fast[pod.key] = ports
         fast_changed = {

@@ -396,10 +396,15 @@ def inbound_listener(
     )
 
 
-def fast_ports(ports: dict[int, tuple[str, str]]) -> frozenset[int]:
+def fast_ports(ports: dict[int, tuple[str, str]], authz: PodAuthz | None = None) -> frozenset[int]:
     """The ports of PORTS (as for ``inbound_listener``) a local caller reaches over the fast path:
     those a service names, whose PeerAuthentication accepts mTLS (DISABLE: callers send it
-    plaintext, the normal way). Others, and ports a service names by name, stay on the mTLS path."""
+    plaintext, the normal way). Others, and ports a service names by name, stay on the mTLS path.
+    None when AUTHZ, the pod's AuthorizationPolicies, reads the caller's address on any port
+    (authz.py): the fast path has none to give, so its same-node callers come over mTLS from
+    their own pod IP, which the inbound listener's RBAC filters see as any other caller's."""
+    if authz is not None and authz.reads_caller_ip():
+        return frozenset()
     return frozenset(
         port for port, (_, mode) in ports.items() if mode != DISABLE and port != INBOUND_PORT
     )
@@ -448,7 +453,7 @@ def fast_inbound_listener(
             "filter_chain_match": {"destination_port": port},
             "filters": [stamp, *deliver(port, ports[port][0])],
         }
-        for port in sorted(fast_ports(ports))
+        for port in sorted(fast_ports(ports, authz))
     ]
     if not chains:
         return None

@@ -379,3 +379,39 @@ def test_jwt_authn_comes_before_rbac_on_both_inbound_paths() -> None:
                 authz.HTTP_RBAC,
                 "envoy.filters.http.router",
             ]
+
+
+def test_which_policies_read_the_callers_address() -> None:
+    """ipBlocks, remoteIpBlocks, their not* (Source) and when source.ip / remote.ip (Istio's
+    conditions page) in any rule, any action, dry-run or not: the pod is kept off the same-node
+    fast path, which has no caller address (listeners.fast_ports). Other keys are not."""
+    reading: list[dict[str, Any]] = [
+        {"from": [{"source": {field: ["10.0.0.1"]}}]}
+        for field in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")
+    ]
+    reading += [
+        {"when": [{"key": k, "values": ["10.0.0.0/8"]}]} for k in ("source.ip", "remote.ip")
+    ]
+    reading.append({"when": [{"key": "source.ip", "notValues": ["10.0.0.0/8"]}]})
+    for rule in reading:
+        for action in ("ALLOW", "DENY", "AUDIT"):
+            for dry in ("true", "false"):
+                spec = {
+                    "action": action,
+                    "rules": [{"to": [{"operation": {"ports": ["1"]}}]}, rule],
+                }
+                pod_authz = authz.policies_for(
+                    with_policies(policy(spec, **{authz.DRY_RUN: dry})), WEB
+                )
+                assert pod_authz.reads_caller_ip(), (rule, action, dry)
+    others = [
+        {"from": [{"source": {"principals": ["*"], "namespaces": ["a"]}}]},
+        {"from": [{"source": {"requestPrincipals": ["*"]}}]},
+        {"when": [{"key": "destination.ip", "values": ["10.0.0.1"]}]},
+        {"when": [{"key": "request.headers[x-forwarded-for]", "values": ["10.0.0.1"]}]},
+        {},
+    ]
+    spec = {"action": "DENY", "rules": others}
+    assert not authz.policies_for(with_policies(policy(spec)), WEB).reads_caller_ip()
+    assert not authz.policies_for(with_policies(policy({})), WEB).reads_caller_ip()
+    assert not authz.NO_POLICY.reads_caller_ip()

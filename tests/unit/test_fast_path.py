@@ -199,3 +199,59 @@ def test_a_pod_no_service_names_has_no_fast_path_listener() -> None:
     out = translate(s, [here(s, "front/f"), here(s, "shop/web-1")])
     assert "inboundInternal/front/f" not in out[e.LISTENER]
     assert "virtualInbound/front/f" in out[e.LISTENER]
+
+
+def authz_policy(name: str, spec: dict[str, Any], **annotations: str) -> IstioResource:
+    return IstioResource(
+        "security.istio.io",
+        "v1",
+        "AuthorizationPolicy",
+        "shop",
+        name,
+        spec,
+        annotations=annotations,
+    )
+
+
+DENY_IP = {
+    "selector": {"matchLabels": {"app": "web"}},
+    "action": "DENY",
+    "rules": [{"from": [{"source": {"ipBlocks": ["10.244.1.9"]}}]}],
+}
+
+
+def test_a_pod_whose_policies_read_the_callers_ip_is_off_the_fast_path() -> None:
+    """An ipBlocks DENY on web: the fast path's downstream is an internal connection with no
+    caller address, so front's calls go through originate (mTLS from front's netns, its pod IP
+    the peer web-1's inbound RBAC judges), on every port; web-1 has no fast-path listener. A
+    policy without IP keys keeps it."""
+    s = mesh(authz_policy("deny-ip", DENY_IP))
+    out = translate(s, [here(s, "front/f"), here(s, "shop/web-1")])
+    for eds, port in ((HTTP_EDS, 8080), (TCP_EDS, 5432)):
+        assert reached(out, eds)[f"10.244.1.5:{port}"] == "originate"
+    assert "inboundInternal/shop/web-1" not in out[e.LISTENER]
+    principals = {"source": {"principals": ["cluster.local/ns/front/sa/f"]}}
+    by_name = {**DENY_IP, "rules": [{"from": [principals]}]}
+    s = mesh(authz_policy("deny-sa", by_name))
+    out = translate(s, [here(s, "front/f"), here(s, "shop/web-1")])
+    assert reached(out, HTTP_EDS)["10.244.1.5:8080"] == "inboundInternal/shop/web-1"
+
+
+def test_an_ip_policy_moves_only_its_pods_endpoints_and_back() -> None:
+    """Incremental: adding the policy re-sends the endpoints of web-1's services only (another
+    service of another local pod keeps its assignment); removing it restores the fast path."""
+    s = mesh()
+    s.put_service(Service("front", "other", "10.96.0.20", (ServicePort(80, "http"),), {"app": "f"}))
+    pods = [here(s, "front/f"), here(s, "shop/web-1")]
+    cache = TranslationCache()
+    before = cache.build(s, pods).resources
+    s.put_istio(authz_policy("deny-ip", DENY_IP))
+    after = cache.build(s, pods).resources
+    changed = {n for n, m in after[e.ENDPOINT].items() if before[e.ENDPOINT].get(n) is not m}
+    assert changed == {HTTP_EDS, TCP_EDS}
+    assert reached(after, HTTP_EDS)["10.244.1.5:8080"] == "originate"
+    assert "inboundInternal/shop/web-1" not in after[e.LISTENER]
+    s.delete_istio("AuthorizationPolicy/shop/deny-ip")
+    again = cache.build(s, pods).resources
+    assert reached(again, HTTP_EDS)["10.244.1.5:8080"] == "inboundInternal/shop/web-1"
+    assert "inboundInternal/shop/web-1" in again[e.LISTENER]
