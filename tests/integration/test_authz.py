@@ -286,6 +286,47 @@ def test_dry_run_lets_requests_through_and_counts_the_shadow_denial(tb: Testbed)
     )
 
 
+def test_ip_blocks_judge_same_node_callers_by_their_pod_ip(tb: Testbed) -> None:
+    """AP Source ``ipBlocks`` (the source IP), ``remoteIpBlocks``; COND ``source.ip``,
+    ``remote.ip``: a DENY naming the same-node caller's pod IP denies it (httpbin leaves the fast
+    path, which has no caller address: sleep comes over mTLS from its own IP), and lets it in
+    when it names another pod's IP; the same on TCP. Without such a policy the fast path is back."""
+    fast = "inboundInternal/foo/httpbin"
+    sleep_ip, sleep2_ip = tb.pod_ip(SLEEP), tb.pod_ip(SLEEP2)
+
+    def listeners() -> str:
+        return envoy_admin(tb.name, "n1", "/listeners")
+
+    def deny(name: str, selector: dict[str, Any], rule: dict[str, Any]) -> dict[str, Any]:
+        return ap(name, {"selector": selector, "action": "DENY", "rules": [rule]})
+
+    by_ip = {"from": [{"source": {"ipBlocks": [sleep_ip]}}]}
+    enforce(
+        tb,
+        [deny("deny-sleep-ip", HTTPBIN_SEL, by_ip)],
+        [
+            Case(SLEEP, HTTPBIN + "/", DENIED),  # same node, its pod IP
+            Case(OTHER, HTTPBIN + "/", "200"),  # same node, another IP
+            Case(SLEEP2, HTTPBIN + "/", "200"),  # other node: same account, another IP
+        ],
+    )
+    wait_for(lambda: fast not in listeners(), 10, f"{fast} removed")
+    other_ip = {"from": [{"source": {"remoteIpBlocks": [f"{sleep2_ip}/32"]}}]}
+    on_tcp = {"when": [{"key": "source.ip", "values": [sleep_ip]}]}
+    enforce(
+        tb,
+        [deny("deny-sleep2-ip", HTTPBIN_SEL, other_ip), deny("deny-tcp-ip", DB_SEL, on_tcp)],
+        [
+            Case(SLEEP, HTTPBIN + "/", "200"),
+            Case(SLEEP2, HTTPBIN + "/", DENIED),
+            Case(SLEEP, DB, CLOSED),
+            Case(OTHER, DB, "200"),
+        ],
+    )
+    enforce(tb, [], [Case(SLEEP, HTTPBIN + "/", "200"), Case(SLEEP, DB, "200")])
+    wait_for(lambda: fast in listeners(), 10, f"{fast} back")
+
+
 def test_table_of_fields_and_conditions(tb: Testbed) -> None:
     """(policy, request, decision) through the real Envoy, one group per field family."""
     # AP Operation: paths with suffix, notMethods; COND request.headers (DENY).
