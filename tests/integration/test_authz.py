@@ -148,15 +148,15 @@ def enforce(tb: Testbed, policies: list[dict[str, Any]], cases: list[Case]) -> N
         last[0] = codes(tb, cases)
         return last[0] == [c.expected for c in cases]
 
-    try:
-        wait_for(hold, 15, "every decision", step=0.3)
-    except AssertionError:
-        wrong = [
+    def wrong() -> str:
+        """The cases whose decision was not the expected one at the deadline."""
+        return "\n".join(
             f"{c.caller} {c.method} {c.url} {c.headers}: {got} (expected {c.expected})"
             for c, got in zip(cases, last[0], strict=True)
             if got != c.expected
-        ]
-        raise AssertionError("\n".join(wrong)) from None
+        )
+
+    wait_for(hold, 15, wrong, step=0.3)
 
 
 S6 = ap(
