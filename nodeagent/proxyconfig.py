@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from nodeagent.translate.internal import endpoint_where
+
 LISTENERS = "type.googleapis.com/envoy.admin.v3.ListenersConfigDump"
 CLUSTERS = "type.googleapis.com/envoy.admin.v3.ClustersConfigDump"
 ROUTES = "type.googleapis.com/envoy.admin.v3.RoutesConfigDump"
@@ -409,10 +411,11 @@ def describe_action(route: dict[str, Any]) -> str:
 
 def host_address(address: dict[str, Any]) -> str:
     """ "ip:port" of an endpoint in admin output: a socket address, or the destination an
-    internal address (``originate``) stands for, its endpoint_id."""
+    internal address (``originate``) stands for, its endpoint_id without the identity digest."""
     internal = address.get("envoy_internal_address")
     if internal is not None:
-        return str(internal.get("endpoint_id") or internal.get("server_listener_name", ""))
+        where = endpoint_where(str(internal.get("endpoint_id", "")))
+        return where or str(internal.get("server_listener_name", ""))
     sock = address.get("socket_address", {})
     return f"{sock.get('address')}:{sock.get('port_value')}"
 

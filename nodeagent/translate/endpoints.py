@@ -159,7 +159,7 @@ def _lb_endpoint(
     address: dict[str, Any] = {"socket_address": {"address": ip, "port_value": port}}
     if via_originate:
         where = f"{_host(ip)}:{port}"
-        address = internal.internal_address(fast or originate, where)
+        address = internal.internal_address(fast or originate, internal.endpoint_id(where, spiffe))
         metadata[internal.ORIGINAL_DST_META] = {"local": where}
         if spiffe:
             metadata[internal.ENDPOINT_META] = {"sans": spiffe}

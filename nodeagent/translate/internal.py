@@ -36,6 +36,7 @@ Envoy features this relies on (Envoy 1.40):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -89,12 +90,29 @@ _SOCKET_ACTION = (
 
 
 def internal_address(listener: str, endpoint_id: str = "") -> dict[str, Any]:
-    """An endpoint that is an internal listener. ENDPOINT_ID ("ip:port") keeps endpoints of one
+    """An endpoint that is an internal listener. ENDPOINT_ID (endpoint_id()) keeps endpoints of one
     listener apart in load balancing and connection pools."""
     address: dict[str, Any] = {"server_listener_name": listener}
     if endpoint_id:
         address["endpoint_id"] = endpoint_id
     return {"envoy_internal_address": address}
+
+
+def endpoint_id(where: str, spiffe: str | None) -> str:
+    """The internal endpoint's id: its "ip:port", and a digest of the identity it is verified
+    against. Envoy keys a host, and so its pooled connections, by address; the SANs are metadata,
+    which Envoy updates in place. Without the digest, connections verified (or plaintext) under
+    the endpoint's old identity would keep serving after its identity changed (a WorkloadEntry's
+    serviceAccount, a pod turning mTLS on); with it the changed endpoint is a new host and the
+    old one's pools drain, as a cluster's do at Istio when its SANs change."""
+    if not spiffe:
+        return where
+    return f"{where}#{hashlib.sha256(spiffe.encode()).hexdigest()[:8]}"
+
+
+def endpoint_where(endpoint_id: str) -> str:
+    """The "ip:port" an internal endpoint stands for (its id without the identity digest)."""
+    return endpoint_id.partition("#")[0]
 
 
 def internal_upstream(

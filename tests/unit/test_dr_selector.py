@@ -15,6 +15,7 @@ from typing import Any
 from nodeagent.mesh.model import IstioResource
 from nodeagent.translate import LocalPod, TranslationCache
 from nodeagent.translate import envoy as e
+from nodeagent.translate.internal import endpoint_where
 from tests.unit.test_service_views import (
     HOST,
     ROUTE,
@@ -69,7 +70,7 @@ def shop_with(*rules: IstioResource, callers: int = 2) -> Any:
 def endpoint_ids(out: dict[str, Any], cluster: str) -> list[str]:
     (group,) = as_json(out[e.ENDPOINT][cluster])["endpoints"]
     return [
-        lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]
+        endpoint_where(lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"])
         for lb in group["lbEndpoints"]
     ]
 

@@ -20,6 +20,7 @@ from nodeagent.mesh.model import (
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import LocalPod, TranslationCache, translate
 from nodeagent.translate import envoy as e
+from nodeagent.translate.internal import endpoint_where
 from tests.unit.test_translate import as_json, stamps
 
 HOST = "web.shop.svc.cluster.local"
@@ -65,9 +66,9 @@ def reached(out: dict[str, Any], eds: str) -> dict[str, str]:
     """endpoint ip:port -> the internal listener that reaches it."""
     cla = as_json(out[e.ENDPOINT][eds])
     return {
-        lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]: lb["endpoint"]["address"][
-            "envoyInternalAddress"
-        ]["serverListenerName"]
+        endpoint_where(lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]): lb[
+            "endpoint"
+        ]["address"]["envoyInternalAddress"]["serverListenerName"]
         for lb in cla["endpoints"][0]["lbEndpoints"]
     }
 

@@ -29,6 +29,7 @@ from nodeagent.podstatus import (
 )
 from nodeagent.sources.directory import DirectorySource
 from nodeagent.sources.kubernetes import ISTIO_GROUPS, KubernetesSource, plural, remote_pod
+from nodeagent.translate.internal import endpoint_where
 
 BOOKINFO = Path(__file__).resolve().parents[1] / "data/istio/bookinfo/networking"  # istio_data.py
 NODE = "node1"
@@ -511,7 +512,7 @@ def test_an_endpoint_on_another_node_gets_mtls_and_its_pods_identity(tmp_path: P
             host = "web.shop.svc.cluster.local"
             cla = json_format.MessageToDict(out[envoy.ENDPOINT][f"outbound|80||{host}"])
             endpoints = {
-                lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]: (
+                endpoint_where(lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]): (
                     _find(lb, "tlsMode"),
                     _find(lb, "sans"),
                 )

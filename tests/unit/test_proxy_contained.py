@@ -31,6 +31,7 @@ from nodeagent.proxy import NodeProxy, ProxySettings
 from nodeagent.redirect.registry import CAPTURED, PodCapture, PodRegistry
 from nodeagent.translate import envoy as e
 from nodeagent.translate import translate
+from nodeagent.translate.internal import endpoint_where
 from nodeagent.xds import types
 from nodeagent.xds.state import Nack
 
@@ -253,7 +254,7 @@ def test_fqdn_endpoint_slices_are_not_endpoints() -> None:
     )
     cla = json_format.MessageToDict(translate(store, [])[e.ENDPOINT][f"outbound|5432||{DB_HOST}"])
     addresses = [
-        lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]
+        endpoint_where(lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"])
         for lb in cla["endpoints"][0]["lbEndpoints"]
     ]
     assert addresses == ["10.244.1.9:5432"]

@@ -503,3 +503,34 @@ def test_a_mesh_internal_endpoints_service_account_is_the_identity_verified() ->
         assert lb["endpoint"]["address"]["envoyInternalAddress"]["serverListenerName"] == (
             "originate"
         )
+
+
+def test_a_changed_endpoint_identity_is_a_new_envoy_host() -> None:
+    """Envoy keeps a host (and its pooled, already verified connections) while its address
+    stays, updating only its metadata; Istio puts the SANs on the cluster, whose change drains
+    its pools. So the identity an endpoint is verified against is part of its endpoint_id: a
+    WorkloadEntry whose serviceAccount changes, or turns plaintext, is another host, and no
+    connection verified as the old account serves a request after the change."""
+
+    def endpoint_id(**we: Any) -> str:
+        s = store()
+        s.put_istio(_workload_entry(**we))
+        s.put_istio(
+            entry(
+                location="MESH_INTERNAL",
+                resolution="STATIC",
+                workloadSelector={"labels": {"app": "vm"}},
+            )
+        )
+        lb = _lb_endpoints(translate(s, [local("a")]), f"outbound|80||{API}")["10.1.0.9:80"]
+        return str(lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"])
+
+    vm, other, plain = (
+        endpoint_id(serviceAccount="vm"),
+        endpoint_id(serviceAccount="other"),
+        endpoint_id(),
+    )
+    assert plain == "10.1.0.9:80"
+    assert vm.startswith("10.1.0.9:80#") and other.startswith("10.1.0.9:80#")
+    assert len({vm, other, plain}) == 3
+    assert endpoint_id(serviceAccount="vm") == vm  # stable: an unchanged endpoint stays one host

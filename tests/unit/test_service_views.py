@@ -25,6 +25,7 @@ from nodeagent.mesh.model import (
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import LocalPod, TranslationCache
 from nodeagent.translate import envoy as e
+from nodeagent.translate.internal import endpoint_where
 from tests.unit.test_translate import as_json
 
 HOST = "ph.shop.svc.cluster.local"
@@ -181,7 +182,7 @@ def test_a_namespaces_own_destination_rule_gets_its_own_clusters() -> None:
     # front's v1 is the pods labelled version=v2.
     (group,) = as_json(out[e.ENDPOINT][variant])["endpoints"]
     assert [
-        lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]
+        endpoint_where(lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"])
         for lb in group["lbEndpoints"]
     ] == ["10.244.2.2:8080"]
     by_guard = {tuple(guards(r)): r["route"]["cluster"] for r in routes(out)}
@@ -197,7 +198,7 @@ def test_a_subset_selects_its_pods_and_an_undefined_one_has_no_cluster() -> None
     for cluster, ip in ((V1, "10.244.2.1"), (V2, "10.244.2.2")):
         (group,) = as_json(out[e.ENDPOINT][cluster])["endpoints"]
         ids = [
-            lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]
+            endpoint_where(lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"])
             for lb in group["lbEndpoints"]
         ]
         assert ids == [f"{ip}:8080"]

@@ -22,6 +22,7 @@ from nodeagent.mesh.model import (
 from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import LocalPod, translate
 from nodeagent.translate import envoy as e
+from nodeagent.translate.internal import endpoint_where
 from nodeagent.translate.protocol import HTTP, HTTP2, TCP, port_protocol
 
 HOST = "web.shop.svc.cluster.local"
@@ -400,9 +401,9 @@ def test_endpoints_of_mesh_pods_are_marked_for_auto_mtls() -> None:
     out = translate(s, [local("a")])
     cla = as_json(out[e.ENDPOINT][f"outbound|80||{HOST}"])
     metadata = {
-        lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]: lb["metadata"][
-            "filterMetadata"
-        ]
+        endpoint_where(lb["endpoint"]["address"]["envoyInternalAddress"]["endpointId"]): lb[
+            "metadata"
+        ]["filterMetadata"]
         for lb in cla["endpoints"][0]["lbEndpoints"]
     }
     modes = {ep: m["envoy.transport_socket_match"]["tlsMode"] for ep, m in metadata.items()}
