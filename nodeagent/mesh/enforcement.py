@@ -10,7 +10,7 @@ Enforced today (see nodeagent.mesh.policy, nodeagent.translate.destination_rule,
 nodeagent.translate.virtual_service):
 - PeerAuthentication: every field (selector, mtls.mode, portLevelMtls).
 - RequestAuthentication (nodeagent.translate.jwt, keys by URI: nodeagent.mesh.jwks): selector,
-  targetRef(s) (ignored by captured pods, as Istio's sidecars do), jwtRules but ``timeout``.
+  targetRef(s) (ignored by captured pods, as Istio's sidecars do), every jwtRules field.
 - DestinationRule: host, exportTo, workloadSelector, subsets, and traffic policies (connection
   pool, load balancer (PASSTHROUGH too), locality load balancing, outlier detection, TLS: DISABLE,
   ISTIO_MUTUAL, SIMPLE and MUTUAL with files, sni, subjectAltNames, insecureSkipVerify) for the
@@ -218,6 +218,7 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
                 "outputClaimToHeaders": ALL,
                 "forwardOriginalToken": ALL,
                 "spaceDelimitedClaims": ALL,
+                "timeout": ALL,  # bounds the agent's fetch of the keys (mesh/jwks.py)
             }
         ],
     },
@@ -310,9 +311,6 @@ PLANNED: Mapping[str, str] = {
     "AuthorizationPolicy": (
         "not yet: action CUSTOM (ext_authz), targetRef(s) (Istio applies them to waypoints and"
         " gateways only, never to a sidecar's workload)"
-    ),
-    "RequestAuthentication": (
-        "not yet: jwtRules[].timeout (the agent fetches keys with a 5 s timeout)"
     ),
     "Telemetry": "#19 observability",
 }

@@ -208,9 +208,11 @@ class _Net:
 
     def __init__(self, pages: dict[str, str]) -> None:
         self.pages, self.down, self.asked = pages, False, []
+        self.timeouts: list[float] = []
 
-    def get(self, url: str) -> str:
+    def get(self, url: str, timeout: float) -> str:
         self.asked.append(url)
+        self.timeouts.append(timeout)
         if self.down or url not in self.pages:
             raise OSError(f"connection refused: {url}")
         return self.pages[url]
@@ -280,3 +282,61 @@ def test_the_refresh_interval_is_istiods_setting_from_the_environment() -> None:
     for bad in ("2x", "0s", "-1s", "20"):
         with pytest.raises(ValueError, match=jwks.REFRESH_ENV):
             jwks.refresh_interval({jwks.REFRESH_ENV: bad})
+
+
+def test_a_rules_timeout_bounds_the_fetch_of_its_keys() -> None:
+    """JWTRule.timeout (request_authentication reference: "The maximum amount of time that the
+    resolver ... will spend waiting for the JWKS to be fetched. Default is 5s."): the fetch gets
+    it; unset, 5 s; two rules naming one source, the longer one."""
+    s = MeshStore()
+    other = "http://keys.example.com/other.json"
+    rules = [
+        {"issuer": ISSUER, "jwksUri": URI, "timeout": "1.5s"},
+        {"issuer": "second", "jwksUri": URI, "timeout": "250ms"},
+        {"issuer": "third", "jwksUri": other},
+    ]
+    s.put_istio(request_authentication({"jwtRules": rules}))
+    assert jwks.wanted_sources(s) == {URI: 1.5, other: 5.0}
+    net = _Net({URI: JWKS, other: JWKS})
+    resolver, _ = _resolver(s, net)
+    asyncio.run(resolver.sync_once())
+    given = dict(zip(net.asked, net.timeouts, strict=True))
+    assert given == {URI: pytest.approx(1.5, abs=0.1), other: pytest.approx(5.0, abs=0.1)}
+    assert jwks.rule_timeout({"timeout": "1m"}) == 60.0
+    assert jwks.rule_timeout({"timeout": "soon"}) == jwks.TIMEOUT  # schema-invalid: the default
+
+
+def test_a_discovery_and_its_keys_share_one_timeout() -> None:
+    """The timeout bounds the whole fetch: what the discovery document took is not given again
+    to the keys, and nothing left is a timeout (an OSError: the cached keys stay)."""
+    issuer = "https://issuer.example.com"
+    discovery = f"{issuer}/.well-known/openid-configuration"
+    now = [0.0]
+    given: dict[str, float] = {}
+
+    def slow_get(url: str, timeout: float) -> str:
+        given[url] = timeout
+        now[0] += 0.75  # each request takes 0.75 s
+        return json.dumps({"jwks_uri": URI}) if url == discovery else JWKS
+
+    assert jwks.fetch(f"oidc:{issuer}", slow_get, 2.0, clock=lambda: now[0]) == JWKS
+    assert given == {discovery: 2.0, URI: 1.25}
+    now[0] = 0.0
+    with pytest.raises(TimeoutError, match=r"timeout of 0\.5s"):
+        jwks.fetch(f"oidc:{issuer}", slow_get, 0.5, clock=lambda: now[0])
+    assert isinstance(TimeoutError(), OSError)  # the resolver's failure path takes it
+
+
+def test_http_get_gives_up_after_the_timeout() -> None:
+    """A server that accepts and never answers: the real fetch ends after the rule's timeout."""
+    import socket
+    import time
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/jwks.json"
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            jwks.http_get(url, 0.3)
+        assert time.monotonic() - started < 2.0
