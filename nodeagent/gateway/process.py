@@ -2,16 +2,18 @@
 
 Reads the cluster as the agents do (a directory of YAML, or the API server: every kind the
 mesh needs read-only, and only the Secrets its Gateways' TLS servers name, in its own
-namespace, one watch each). Its certificate is its own service account's, from the mesh's CA
-(the CA service with its own projected token: Istio's CA gives any caller its own identity, or
-the plug-in CA files of a standalone setup); there is no built-in CA here, as a gateway's
-certificate must chain to the mesh's root.
+namespace, one watch each). Like an agent, it fetches the keys RequestAuthentications name by
+URI (mesh/jwks.py) for its jwt_authn filters. Its certificate is its own service account's,
+from the mesh's CA (the CA service with its own projected token: Istio's CA gives any caller
+its own identity, or the plug-in CA files of a standalone setup); there is no built-in CA
+here, as a gateway's certificate must chain to the mesh's root.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from nodeagent.agent import mesh_issuer
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.remote import DEFAULT_SERVER_NAME
+from nodeagent.mesh.jwks import JwksResolver, refresh_interval
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import DirectorySource, MeshConfigFile
 from nodeagent.supervise import TaskSupervisor
@@ -120,6 +123,10 @@ async def run(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     )
     proxy = GatewayProxy(config.proxy, store, identities, metrics, tasks)
     identities.on_change = proxy.changed.set
+    # RequestAuthentication keys by URI, as the agents fetch them (a new key set is a store
+    # change: the next push inlines it).
+    resolver = JwksResolver(store, refresh=refresh_interval(os.environ))
+    tasks.spawn("jwks", lambda: resolver.run(stop), stop=stop, critical=False)
     await proxy.start()
     tasks.spawn("cert-rotation", lambda: identities.run(stop), stop=stop)
     tasks.spawn("push", lambda: proxy.run(stop), stop=stop)

@@ -1,5 +1,8 @@
 """The gateway's Envoy and what it is told: translate, hand the snapshot to xDS, run Envoy.
 
+Its listeners enforce the AuthorizationPolicies and RequestAuthentications of the gateway's pod
+(translate/gateway_policies.py), with the keys the process's JWKS resolver fetched.
+
 The upstream half is the sidecar form of the node's translation for the gateway pod (clusters
 ``outbound|port|subset|host`` presenting the gateway's identity to mesh endpoints, EDS, the
 root); its listeners and route tables are the Gateways' (translate/gateway.py), not a
@@ -28,7 +31,13 @@ from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.ports import ENVOY_STATS_PORT
 from nodeagent.supervise import TaskSupervisor
-from nodeagent.translate import LocalPod, TranslationCache, gateway, service_views
+from nodeagent.translate import (
+    LocalPod,
+    TranslationCache,
+    gateway,
+    gateway_policies,
+    service_views,
+)
 from nodeagent.translate.cache import client_classes
 from nodeagent.translate.envoy import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 from nodeagent.xds.cache import InconsistentSnapshot, Snapshot, SnapshotCache
@@ -106,7 +115,12 @@ class GatewayProxy:
         trust_domain = self.store.mesh_config.trust_domain
         sid = spiffe_id(trust_domain, pod.namespace, pod.service_account)
         ports = gateway.listen_ports(self.store, pod.namespace, pod.labels or self.settings.labels)
-        return gateway.Workload(self.settings.namespace, self.settings.labels, sid, pod.name, ports)
+        # Its AuthorizationPolicies and RequestAuthentications are chosen by the pod's own
+        # labels and namespace, as a sidecar's (translate/gateway_policies.py).
+        policies = gateway_policies.for_gateway(self.store, pod)
+        return gateway.Workload(
+            self.settings.namespace, self.settings.labels, sid, pod.name, ports, policies
+        )
 
     def resources(self) -> dict[str, dict[str, Message]]:
         """The gateway Envoy's config now."""

@@ -239,6 +239,9 @@ class MeshConfig:
     # defaultConfig.proxyMetadata (sorted pairs, kept hashable): every proxy's ISTIO_META_*
     # settings unless a pod's proxy.istio.io/config says otherwise (mesh/proxy_metadata.py).
     proxy_metadata: tuple[tuple[str, str], ...] = ()
+    # defaultConfig.gatewayTopology.numTrustedProxies: every gateway's, unless its pod's
+    # proxy.istio.io/config says otherwise (mesh/gateway_topology.py).
+    gateway_trusted_proxies: int = 0
 
     @property
     def default_proxy_metadata(self) -> dict[str, str]:

@@ -26,8 +26,9 @@ class ProxyMetadataError(ValueError):
     """A proxyMetadata value or ProxyConfig annotation that cannot be read; names which."""
 
 
-def pod_proxy_metadata(annotations: Mapping[str, str]) -> dict[str, str]:
-    """``proxyMetadata`` of the pod's ``proxy.istio.io/config`` annotation ({} without one)."""
+def pod_proxy_config(annotations: Mapping[str, str]) -> dict[str, object]:
+    """The pod's ``proxy.istio.io/config`` annotation, a ProxyConfig in YAML or JSON ({}
+    without one); ProxyMetadataError naming it when it is not a mapping."""
     text = annotations.get(PROXY_CONFIG_ANNOTATION)
     if text is None:
         return {}
@@ -40,6 +41,13 @@ def pod_proxy_metadata(annotations: Mapping[str, str]) -> dict[str, str]:
         return {}
     if not isinstance(config, dict):
         raise ProxyMetadataError(f"{where}: expected a ProxyConfig mapping, got {text!r}")
+    return config
+
+
+def pod_proxy_metadata(annotations: Mapping[str, str]) -> dict[str, str]:
+    """``proxyMetadata`` of the pod's ``proxy.istio.io/config`` annotation ({} without one)."""
+    config = pod_proxy_config(annotations)
+    where = f"annotation {PROXY_CONFIG_ANNOTATION}"
     return metadata_mapping(config.get("proxyMetadata"), f"{where}: proxyMetadata")
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import kubeyaml
-from nodeagent.mesh import locality
+from nodeagent.mesh import gateway_topology, locality
 from nodeagent.mesh.credentials import parse_secret
 from nodeagent.mesh.model import (
     ALLOW_ANY,
@@ -506,7 +506,8 @@ MESH_CONFIG_FIELDS = (
     "localityLbSetting",
     "defaultConfig",
 )
-DEFAULT_CONFIG_FIELDS = ("proxyMetadata",)  # of Istio's ProxyConfig, the ones read here
+# Of Istio's ProxyConfig, the ones read here.
+DEFAULT_CONFIG_FIELDS = ("proxyMetadata", gateway_topology.FIELD)
 
 
 def parse_mesh_config(data: Any) -> MeshConfig:
@@ -559,6 +560,7 @@ def parse_mesh_config(data: Any) -> MeshConfig:
                 problems.append(str(e))
             values["locality_lb_setting"] = json.dumps(_json_like(balancing), sort_keys=True)
     metadata: tuple[tuple[str, str], ...] = ()
+    trusted_proxies = 0
     default_config = data.get("defaultConfig")
     if isinstance(default_config, dict):
         problems += [
@@ -575,11 +577,24 @@ def parse_mesh_config(data: Any) -> MeshConfig:
         else:
             problems += check_booleans(found, "defaultConfig.proxyMetadata")
             metadata = tuple(sorted(found.items()))
+        try:
+            topology = default_config.get(gateway_topology.FIELD)
+            where = f"defaultConfig.{gateway_topology.FIELD}"
+            hops = gateway_topology.trusted_proxies(topology, where)
+        except ValueError as e:
+            problems.append(str(e))
+        else:
+            trusted_proxies = hops or 0
     elif default_config is not None:
         problems.append(f"defaultConfig: expected a mapping, got {_show(default_config)}")
     if problems:
         raise ResourceError(*problems)
-    return MeshConfig(outbound_traffic_policy=str(mode), proxy_metadata=metadata, **values)
+    return MeshConfig(
+        outbound_traffic_policy=str(mode),
+        proxy_metadata=metadata,
+        gateway_trusted_proxies=trusted_proxies,
+        **values,
+    )
 
 
 # -- the source ----------------------------------------------------------------------------------

@@ -124,7 +124,8 @@ def http_connection_manager(
     x-forwarded-client-cert (Istio's format); elsewhere a caller-supplied one is dropped. FAST:
     an inbound chain of the same-node fast path, whose route states the caller instead (its
     downstream is an internal connection, with no address to forward). INBOUND_FILTERS: HTTP
-    filters before the router (authentication, then authorization: translate/authz.py)."""
+    filters first (authentication, then authorization: translate/authz.py), before the
+    VirtualService filters of an outbound HCM (a gateway's: Istio's order) and the router."""
     inbound = direction == "inbound" and not fast
     xfcc: dict[str, Any] = {"forward_client_cert_details": "SANITIZE"}
     if inbound and mtls:
@@ -142,8 +143,8 @@ def http_connection_manager(
                 "config_source": {"ads": {}, "resource_api_version": "V3"},
             },
             http_filters=[
-                *(VIRTUAL_SERVICE_FILTERS if direction == "outbound" else []),
                 *inbound_filters,
+                *(VIRTUAL_SERVICE_FILTERS if direction == "outbound" else []),
                 {
                     "name": "envoy.filters.http.router",
                     "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),

@@ -47,6 +47,7 @@ from nodeagent.mesh.traffic import visible, vs_hosts
 from nodeagent.translate import tls, virtual_service
 from nodeagent.translate.envoy import Listener, RouteConfiguration, message, typed
 from nodeagent.translate.filters import http_connection_manager, tcp_proxy
+from nodeagent.translate.gateway_policies import NO_POLICIES, GatewayPolicies
 from nodeagent.translate.listeners import TLS_INSPECTOR
 from nodeagent.translate.services import BLACKHOLE
 
@@ -78,6 +79,9 @@ class Workload:
     # Service port -> the port its pod listens on, of the Services selecting the gateway pod
     # (``listen_ports``): a server's port is translated through them, as istiod's resolvePorts.
     ports: Mapping[int, int] = field(default_factory=dict)
+    # AuthorizationPolicy, RequestAuthentication and numTrustedProxies for this workload
+    # (translate/gateway_policies.py): on every chain of every listener.
+    policies: GatewayPolicies = NO_POLICIES
 
 
 @dataclass(frozen=True)
@@ -365,11 +369,17 @@ def _downstream_tls(server: Server, workload: Workload) -> dict[str, Any]:
     }
 
 
-def _hcm(route_name: str, who: str) -> dict[str, Any]:
+def _hcm(route_name: str, who: str, policies: GatewayPolicies) -> dict[str, Any]:
     """An edge HCM: the client's address is the remote address (Istio's gateways set
-    use_remote_address), the VirtualService filters (fault, CORS) before the router."""
-    hcm = http_connection_manager(route_name, route_name, "outbound", who)
+    use_remote_address), or the one that many trusted proxies in front of it put into
+    X-Forwarded-For (xff_num_trusted_hops); authentication and authorization first, then the
+    VirtualService filters (fault, CORS) before the router."""
+    hcm = http_connection_manager(
+        route_name, route_name, "outbound", who, inbound_filters=policies.http_filters
+    )
     hcm["typed_config"]["use_remote_address"] = True
+    if policies.trusted_proxies:
+        hcm["typed_config"]["xff_num_trusted_hops"] = policies.trusted_proxies
     return hcm
 
 
@@ -447,7 +457,7 @@ def build(
             out.routes.append(
                 route_table(name, group, virtual_services, cluster_of, domain, out.problems)
             )
-            chains.append({"filters": [_hcm(name, who)]})
+            chains.append({"filters": [_hcm(name, who, workload.policies)]})
         else:
             listener_filters = [TLS_INSPECTOR]
             for server in group:
@@ -459,7 +469,7 @@ def build(
                         )
                     )
                     chain: dict[str, Any] = {
-                        "filters": [_hcm(name, who)],
+                        "filters": [_hcm(name, who, workload.policies)],
                         "transport_socket": _downstream_tls(server, workload),
                     }
                     if server.mode in ("SIMPLE", "MUTUAL"):
@@ -472,7 +482,8 @@ def build(
                     cluster = _l4_cluster(server, virtual_services, cluster_of, domain, "tcp")
                     chain = {
                         "filters": [
-                            tcp_proxy(name_of(server), cluster or BLACKHOLE, "outbound", who)
+                            *workload.policies.network_filters,
+                            tcp_proxy(name_of(server), cluster or BLACKHOLE, "outbound", who),
                         ]
                     }
                     if server.terminates:
@@ -492,7 +503,10 @@ def build(
                         chains.append(
                             {
                                 "filter_chain_match": {"server_names": [name]},
-                                "filters": [tcp_proxy(f"{port}.{name}", cluster, "outbound", who)],
+                                "filters": [
+                                    *workload.policies.network_filters,
+                                    tcp_proxy(f"{port}.{name}", cluster, "outbound", who),
+                                ],
                             }
                         )
         chains = _unique_matches(chains)
