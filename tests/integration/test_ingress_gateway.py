@@ -9,6 +9,16 @@ with ``gateways``, HTTPS with ``credentialName`` (a kubernetes.io/tls Secret in 
 namespace), and rotating that Secret changes the served certificate without a restart; a
 MUTUAL server wants a client certificate from the Secret's CA.
 
+AuthorizationPolicy and RequestAuthentication on the ingress gateway, as in
+istio.io/latest/docs/tasks/security/authorization/authz-ingress/ and
+istio.io/latest/docs/tasks/security/authentication/authn-policy/#end-user-authentication:
+policies in istio-system selecting ``istio: ingressgateway``; a DENY on a path answers 403
+``RBAC: access denied``; a RequestAuthentication whose jwksUri the gateway fetches (from the
+testbed's external) answers 401 to a bad token, 200 to demo.jwt, and with an ALLOW on
+requestPrincipals ["*"] 403 to a request without one; ipBlocks judge the connection's peer,
+remoteIpBlocks the client X-Forwarded-For names once gatewayTopology.numTrustedProxies says a
+proxy in front of the gateway is trusted.
+
 The egress gateway (istio-system/istio-egressgateway, the same command with Istio's egress
 labels), as in istio.io/latest/docs/tasks/traffic-management/egress/egress-gateway/: under
 REGISTRY_ONLY a ServiceEntry names the testbed's external server, one VirtualService sends the
@@ -21,13 +31,16 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nodeagent.testbed import layout
+from nodeagent.testbed import layout, netns
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import (
     call,
@@ -39,6 +52,7 @@ from tests.integration.helpers import (
     wait_for,
 )
 from tests.tls_certs import write_app_pki
+from tests.unit.istio_data import istio_data
 
 pytestmark = pytest.mark.integration
 
@@ -360,3 +374,137 @@ def test_mesh_traffic_leaves_through_the_egress_gateway_and_cannot_bypass_it(
     finally:
         put_yaml(tb, "egress.yaml")
         tb.set_mesh_config({})
+
+
+# -- AuthorizationPolicy and RequestAuthentication on the ingress gateway ------------------------
+
+ISSUER = "testing@secure.istio.io"
+JWKS = istio_data("jwt/jwks.json").read_text()
+DEMO = istio_data("jwt/demo.jwt").read_text().strip()
+KEYS_PORT = 8081  # on the external ``api`` (its own servers use 80 and 443)
+SELECT_INGRESS = "selector: {matchLabels: {istio: ingressgateway}}"
+
+
+def _code(tb: Testbed, path: str, *headers: str) -> str:
+    """The HTTP status the outside client gets from the gateway for PATH (000: none)."""
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]
+    for header in headers:
+        argv += ["-H", header]
+    proc = tb.outside_exec([*argv, f"http://{tb.pod_ip(GATEWAY_POD)}:8080{path}"], timeout=15)
+    return proc.stdout.strip() or "000"
+
+
+def _settle(tb: Testbed, expected: dict[str, tuple[str, ...]]) -> None:
+    """Wait until each request (label -> (path, *headers)) gets its expected status, given as
+    the label's first word: twice in a row, so both of Envoy's workers have the new config."""
+    want = {label: label.split()[0] for label in expected}
+    seen: dict[str, str] = {}
+
+    def answers() -> dict[str, str]:
+        return {label: _code(tb, *request) for label, request in expected.items()}
+
+    def settled() -> bool:
+        seen.update(answers())
+        return seen == want and answers() == want
+
+    wait_for(settled, 30, lambda: f"answers {seen}, expected {want}", step=0.3)
+
+
+@pytest.fixture
+def keys_uri(routed: Testbed) -> Iterator[str]:
+    """Istio's sample JWKS served over HTTP by the external ``api``: the gateway fetches it."""
+    ip = str(routed.external("api").ip)
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "jwks.json").write_text(JWKS)
+        server = [sys.executable, "-m", "http.server", "-b", ip, "-d", folder, str(KEYS_PORT)]
+        proc = subprocess.Popen(
+            netns.in_netns(layout.external_netns(NAME, "api"), server),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            yield f"http://{ip}:{KEYS_PORT}/jwks.json"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.fixture
+def policies(routed: Testbed) -> Iterator[Testbed]:
+    """The test's security policies go to gateway-policies.yaml, removed on leaving."""
+    yield routed
+    put_yaml(routed, "gateway-policies.yaml")
+    routed.set_mesh_config({})
+
+
+def test_deny_on_a_path_at_the_gateway_answers_403(policies: Testbed) -> None:
+    deny = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-admin, namespace: istio-system}}
+spec:
+  {SELECT_INGRESS}
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: ["/admin*"]}}}}]}}]
+"""
+    put_yaml(policies, "gateway-policies.yaml", deny)
+    _settle(policies, {"403 admin": ("/admin/x",), "200 home": ("/home",)})
+    ip = policies.pod_ip(GATEWAY_POD)
+    assert _curl(policies, f"http://{ip}:8080/admin").stdout == "RBAC: access denied"
+
+
+def test_jwt_at_the_gateway_401_for_a_bad_token_and_an_allow_on_request_principals(
+    policies: Testbed, keys_uri: str
+) -> None:
+    authn = f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: istio-system}}
+spec:
+  {SELECT_INGRESS}
+  jwtRules: [{{issuer: "{ISSUER}", jwksUri: "{keys_uri}", timeout: 2s}}]
+"""
+    bad, good = f"Authorization: Bearer {DEMO[:-4]}xxxx", f"Authorization: Bearer {DEMO}"
+    put_yaml(policies, "gateway-policies.yaml", authn)
+    _settle(policies, {"401 bad": ("/", bad), "200 valid": ("/", good), "200 none": ("/",)})
+    allow = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: istio-system}}
+spec:
+  {SELECT_INGRESS}
+  rules: [{{from: [{{source: {{requestPrincipals: ["*"]}}}}]}}]
+"""
+    put_yaml(policies, "gateway-policies.yaml", authn, allow)
+    _settle(policies, {"403 none": ("/",), "200 valid": ("/", good), "401 bad": ("/", bad)})
+
+
+def test_ip_blocks_judge_the_peer_remote_ip_blocks_the_client_behind_trusted_proxies(
+    policies: Testbed,
+) -> None:
+    """authz-ingress: the outside client stands for a load balancer; with numTrustedProxies 1
+    (meshConfig.defaultConfig.gatewayTopology) the client it names in X-Forwarded-For is the
+    remote IP a remoteIpBlocks DENY judges; without it, the peer is, and XFF is not believed."""
+    outside = policies.topology.outside
+    assert outside is not None
+    deny = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-clients, namespace: istio-system}}
+spec:
+  {SELECT_INGRESS}
+  action: DENY
+  rules:
+  - from: [{{source: {{remoteIpBlocks: ["203.0.113.7"]}}}}]
+  - from: [{{source: {{ipBlocks: ["{outside.ip}/32"]}}}}]
+    to: [{{operation: {{paths: ["/peer-denied"]}}}}]
+"""
+    named, other = "X-Forwarded-For: 203.0.113.7", "X-Forwarded-For: 198.51.100.1"
+    put_yaml(policies, "gateway-policies.yaml", deny)
+    # No trusted proxy: the remote address is the peer; a forged XFF changes nothing.
+    _settle(policies, {"200 named": ("/", named), "403 peer": ("/peer-denied", other)})
+    policies.set_mesh_config({"defaultConfig": {"gatewayTopology": {"numTrustedProxies": 1}}})
+    _settle(
+        policies,
+        {"403 named": ("/", named), "200 other": ("/", other), "403 peer": ("/peer-denied", other)},
+    )
