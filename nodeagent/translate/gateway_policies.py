@@ -16,8 +16,9 @@ policy with ``targetRef``/``targetRefs``: those attach to Gateway API gateways a
 istio.io/latest/docs/reference/config/type/workload-selector/#PolicyTargetReference, "to
 target a Kubernetes Gateway"). translate/authz.py ``policies_for`` and translate/jwt.py
 ``inbound_filters`` choose exactly so for a pod; here the pod is the gateway's own.
-(Istio's development branch adds a targetRef naming a classic Gateway, in the policy's and the
-Gateway's namespace; no Istio release documents it yet, so it is not applied here.)
+Not yet: a targetRef naming a classic Gateway (group networking.istio.io, in the policy's and the
+Gateway's namespace), which Istio's newest source attaches to that Gateway's workloads
+(policyattachment.go, attachesToClassicGateway) and its reference pages do not document yet.
 
 The client's address: gateways run with ``use_remote_address`` and ``xff_num_trusted_hops`` =
 the gateway's ``gatewayTopology.numTrustedProxies`` (mesh/gateway_topology.py), so
