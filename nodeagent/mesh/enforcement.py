@@ -26,7 +26,8 @@ nodeagent.translate.virtual_service):
   PASSTHROUGH, ISTIO_MUTUAL, httpsRedirect, subjectAltNames, minProtocolVersion. Not yet:
   AUTO_PASSTHROUGH and OPTIONAL_MUTUAL, certificates from files, bind, defaultEndpoint,
   targetPort, maxProtocolVersion, cipherSuites.
-- AuthorizationPolicy (nodeagent.translate.authz): selector, action ALLOW/DENY/AUDIT, rules
+- AuthorizationPolicy (nodeagent.translate.authz): selector, action ALLOW/DENY/AUDIT and CUSTOM
+  with provider (ext_authz to a MeshConfig extensionProviders entry: translate/extauthz.py), rules
   (from.source, to.operation, when on every documented key; request.auth.* and
   requestPrincipals read RequestAuthentication's JWT payload), dry-run.
 - Sidecar: workloadSelector, egress hosts and port, outboundTrafficPolicy.mode
@@ -249,10 +250,12 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
         "outboundTrafficPolicy": {"mode": ALL},
     },
     "Gateway": {"selector": ALL, "servers": [_GATEWAY_SERVER]},
-    # RBAC filters on every inbound path of the pods a policy selects (translate/authz.py).
+    # RBAC filters on every inbound path of the pods a policy selects (translate/authz.py);
+    # CUSTOM: ext_authz after RBAC shadow rules (translate/extauthz.py).
     "AuthorizationPolicy": {
         "selector": ALL,
-        "action": frozenset({"ALLOW", "DENY", "AUDIT"}),
+        "action": frozenset({"ALLOW", "DENY", "AUDIT", "CUSTOM"}),
+        "provider": {"name": ALL},
         "rules": [
             {
                 "from": [{"source": {key: ALL for key in _AUTHZ_SOURCE}}],
@@ -309,8 +312,8 @@ PLANNED: Mapping[str, str] = {
         " health checks: the node serves no VM proxies and runs no registration endpoint)"
     ),
     "AuthorizationPolicy": (
-        "not yet: action CUSTOM (ext_authz), targetRef(s) (Istio applies them to waypoints and"
-        " gateways only, never to a sidecar's workload)"
+        "not yet: targetRef(s) (Istio applies them to waypoints and gateways only, never to a"
+        " sidecar's workload)"
     ),
     "Telemetry": "#19 observability",
 }

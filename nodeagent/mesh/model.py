@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodeagent.mesh.extension_providers import ExtensionProviders
+
 ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
 
 
@@ -242,6 +244,9 @@ class MeshConfig:
     # defaultConfig.gatewayTopology.numTrustedProxies: every gateway's, unless its pod's
     # proxy.istio.io/config says otherwise (mesh/gateway_topology.py).
     gateway_trusted_proxies: int = 0
+    # extensionProviders: the ext_authz ones AuthorizationPolicy CUSTOM names
+    # (mesh/extension_providers.py).
+    extension_providers: ExtensionProviders = field(default_factory=ExtensionProviders)
 
     @property
     def default_proxy_metadata(self) -> dict[str, str]:

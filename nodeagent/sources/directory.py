@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import kubeyaml
-from nodeagent.mesh import gateway_topology, locality
+from nodeagent.mesh import extension_providers, gateway_topology, locality
 from nodeagent.mesh.credentials import parse_secret
 from nodeagent.mesh.model import (
     ALLOW_ANY,
@@ -505,6 +505,7 @@ MESH_CONFIG_FIELDS = (
     "clusterDomain",
     "localityLbSetting",
     "defaultConfig",
+    "extensionProviders",
 )
 # Of Istio's ProxyConfig, the ones read here.
 DEFAULT_CONFIG_FIELDS = ("proxyMetadata", gateway_topology.FIELD)
@@ -587,12 +588,18 @@ def parse_mesh_config(data: Any) -> MeshConfig:
             trusted_proxies = hops or 0
     elif default_config is not None:
         problems.append(f"defaultConfig: expected a mapping, got {_show(default_config)}")
+    providers = extension_providers.ExtensionProviders()
+    try:
+        providers = extension_providers.parse(data.get("extensionProviders"))
+    except extension_providers.ProviderError as e:
+        problems += str(e).split("\n")
     if problems:
         raise ResourceError(*problems)
     return MeshConfig(
         outbound_traffic_policy=str(mode),
         proxy_metadata=metadata,
         gateway_trusted_proxies=trusted_proxies,
+        extension_providers=providers,
         **values,
     )
 

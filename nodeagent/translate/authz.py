@@ -10,8 +10,9 @@ model.go, permission.go, principal.go):
   selecting it. A policy with ``targetRef``/``targetRefs`` is for waypoints and gateways, never a
   sidecar's workload: istiod leaves it out of a sidecar's policies (pilot/pkg/model/
   authorization.go, ``ListAuthorizationPolicies`` with a workload selector), and so does the node.
-- One RBAC filter per action, in Istio's order: DENY, then ALLOW, then AUDIT (Envoy action LOG);
-  CUSTOM is not yet. No ALLOW policy: allowed; ALLOW policies of which none matches: denied.
+- One RBAC filter per action, in Istio's order: CUSTOM (ext_authz, translate/extauthz.py), DENY,
+  then ALLOW, then AUDIT (Envoy action LOG). No ALLOW policy: allowed; ALLOW policies of which
+  none matches: denied.
   ``spec: {}`` is an ALLOW without rules (denies everything), ``rules: [{}]`` allows everything.
 - A rule is one Envoy policy named ``ns[<ns>]-policy[<name>]-rule[<i>]`` (Istio's name, which
   Envoy reports in the denial's response code details, in the access log).
@@ -49,13 +50,14 @@ from typing import Any
 
 from nodeagent.mesh.model import IstioResource, Pod
 from nodeagent.mesh.store import MeshStore
+from nodeagent.translate import extauthz
 from nodeagent.translate.envoy import typed
 from nodeagent.translate.internal import CALLER_KEY
 
 KIND = "AuthorizationPolicy"
 DRY_RUN = "istio.io/dry-run"
 ALLOW, DENY, AUDIT, CUSTOM = "ALLOW", "DENY", "AUDIT", "CUSTOM"
-ORDER = (DENY, ALLOW, AUDIT)  # CUSTOM would come first (not yet)
+ORDER = (DENY, ALLOW, AUDIT)  # after CUSTOM's filters (custom_filters)
 _ENVOY_ACTION = {ALLOW: "ALLOW", DENY: "DENY", AUDIT: "LOG"}
 HTTP_RBAC = "envoy.filters.http.rbac"
 NETWORK_RBAC = "envoy.filters.network.rbac"
@@ -69,6 +71,7 @@ class Policy:
     action: str
     rules: tuple[str, ...]  # JSON-encoded rules: hashable, compared to tell a change
     dry_run: bool
+    provider: str = ""  # CUSTOM: the extension provider it names
 
     def rule_list(self) -> list[Mapping[str, Any]]:
         return [json.loads(rule) for rule in self.rules]
@@ -80,12 +83,15 @@ class PodAuthz:
 
     policies: tuple[Policy, ...]
     trust_domain: str
+    custom: extauthz.Custom | None = None  # its CUSTOM policies' provider, when it has some
 
     def http_filters(self) -> list[dict[str, Any]]:
-        return [rbac_filter(self, action, tcp=False) for action in self._actions()]
+        rbac = [rbac_filter(self, action, tcp=False) for action in self._actions()]
+        return [*custom_filters(self, tcp=False), *rbac]
 
     def network_filters(self) -> list[dict[str, Any]]:
-        return [rbac_filter(self, action, tcp=True) for action in self._actions()]
+        rbac = [rbac_filter(self, action, tcp=True) for action in self._actions()]
+        return [*custom_filters(self, tcp=True), *rbac]
 
     def reads_caller_ip(self) -> bool:
         """Some rule of any policy (any action, dry-run too: its shadow verdict would be wrong
@@ -127,8 +133,9 @@ def _has_target(res: IstioResource) -> bool:
     return bool(res.spec.get("targetRef") or res.spec.get("targetRefs"))
 
 
-def policies_for(store: MeshStore, pod: Pod) -> PodAuthz:
-    """The AuthorizationPolicies that apply to POD (see the module docstring)."""
+def policies_for(store: MeshStore, pod: Pod, sidecar: bool = False) -> PodAuthz:
+    """The AuthorizationPolicies that apply to POD (see the module docstring); SIDECAR: for the
+    sidecar form, whose ext_authz calls the provider's cluster directly (extauthz.py)."""
     root = store.mesh_config.root_namespace
     candidates = store.istio_in(KIND, root)
     if pod.namespace != root:
@@ -138,21 +145,26 @@ def policies_for(store: MeshStore, pod: Pod) -> PodAuthz:
         if _has_target(res) or not _selects(res, pod):
             continue
         action = res.spec.get("action") or ALLOW
-        if action == CUSTOM:
-            continue  # not yet (mesh/enforcement.py names it)
         rules = res.spec.get("rules") or []
+        dry_run = res.annotations.get(DRY_RUN, "").lower() == "true"
+        if action == CUSTOM and dry_run:
+            continue  # istiod builds only enforced CUSTOM policies (builder.go buildHTTP)
+        provider = str((res.spec.get("provider") or {}).get("name", "")) if action == CUSTOM else ""
         chosen.append(
             Policy(
                 res.namespace,
                 res.name,
                 action,
                 tuple(json.dumps(rule, sort_keys=True) for rule in rules),
-                res.annotations.get(DRY_RUN, "").lower() == "true",
+                dry_run,
+                provider,
             )
         )
     if not chosen:
         return NO_POLICY
-    return PodAuthz(tuple(chosen), store.mesh_config.trust_domain)
+    providers = [p.provider for p in chosen if p.action == CUSTOM]
+    custom = extauthz.resolve(store, pod, providers, sidecar) if providers else None
+    return PodAuthz(tuple(chosen), store.mesh_config.trust_domain, custom)
 
 
 def rule_name(namespace: str, name: str, index: int) -> str:
@@ -506,6 +518,71 @@ def _without_unsupported(rule: Mapping[str, Any], authz: PodAuthz, tcp: bool) ->
     return made
 
 
+# A CUSTOM policy without rules: a policy that never matches (builder.go rbacPolicyMatchNever).
+_NEVER = {"permissions": [{"not_rule": {"any": True}}], "principals": [{"not_id": {"any": True}}]}
+
+
+def _custom_policies(authz: PodAuthz, tcp: bool) -> dict[str, Any]:
+    """The CUSTOM rules as RBAC policies, built as DENY rules are (a TCP chain drops a rule's
+    HTTP-only parts: checked more, never less; builder.go builds CUSTOM with RBAC_DENY)."""
+    out: dict[str, Any] = {}
+    for policy in authz.policies:
+        if policy.action != CUSTOM:
+            continue
+        rules = policy.rule_list()
+        if not rules:
+            out[extauthz.rule_name(policy.namespace, policy.name, 0)] = _NEVER
+        for index, rule in enumerate(rules):
+            try:
+                made = envoy_policy(rule, authz.trust_domain, tcp, DENY)
+            except Unsupported:
+                made = _without_unsupported(rule, authz, tcp)
+            assert made is not None  # DENY rules always build
+            out[extauthz.rule_name(policy.namespace, policy.name, index)] = made
+    return out
+
+
+def _rbac(tcp: bool, stat_prefix: str, **fields: Any) -> dict[str, Any]:
+    if tcp:
+        return {
+            "name": NETWORK_RBAC,
+            "typed_config": typed(
+                "envoy.extensions.filters.network.rbac.v3.RBAC", stat_prefix=stat_prefix, **fields
+            ),
+        }
+    return {
+        "name": HTTP_RBAC,
+        "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", **fields),
+    }
+
+
+def custom_filters(authz: PodAuthz, tcp: bool) -> list[dict[str, Any]]:
+    """CUSTOM's filters (translate/extauthz.py): RBAC shadow rules naming what to check, then
+    ext_authz; for a provider in error an RBAC filter denying what the CUSTOM rules match."""
+    custom = authz.custom
+    if custom is None:
+        return []
+    policies = _custom_policies(authz, tcp)
+    if custom.provider is None:
+        denied = {name + extauthz.BAD_SUFFIX: rule for name, rule in policies.items()}
+        return [_rbac(tcp, "tcp.custom.", rules={"action": "DENY", "policies": denied})]
+    rbac_name = NETWORK_RBAC if tcp else HTTP_RBAC
+    check = (
+        extauthz.network_filter(custom, rbac_name)
+        if tcp
+        else extauthz.http_filter(custom, rbac_name)
+    )
+    if check is None:  # an HTTP provider on a TCP chain: CUSTOM does not apply (extauthz.py)
+        return []
+    shadow = {"action": "DENY", "policies": policies}
+    return [
+        _rbac(
+            tcp, "tcp.custom.", shadow_rules=shadow, shadow_rules_stat_prefix=extauthz.SHADOW_PREFIX
+        ),
+        check,
+    ]
+
+
 def rbac_filter(authz: PodAuthz, action: str, tcp: bool) -> dict[str, Any]:
     """The HTTP (or, TCP, network) RBAC filter of ACTION for a pod with AUTHZ."""
     envoy_action = _ENVOY_ACTION[action]
@@ -544,6 +621,7 @@ __all__: Sequence[str] = (
     "PodAuthz",
     "Policy",
     "chain_filters",
+    "custom_filters",
     "policies_for",
     "rbac_filter",
     "rule_name",

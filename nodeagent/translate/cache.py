@@ -64,6 +64,7 @@ from nodeagent.translate import (
     authz,
     client_tls,
     envoy,
+    extauthz,
     internal,
     jwt,
     l4_routes,
@@ -1531,7 +1532,8 @@ def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[A
     me = tls.spiffe_id(store.mesh_config.trust_domain, *local.identity)
     # Compared, not hashed: JSON is the cheap exact form of the filters' config.
     authn = json.dumps(jwt.inbound_filters(store, pod), sort_keys=True)
-    return (local, ports, peer.mode, me, sidecar, authz.policies_for(store, pod), authn)
+    pod_authz = authz.policies_for(store, pod, sidecar)
+    return (local, ports, peer.mode, me, sidecar, pod_authz, authn)
 
 
 def _inbound_resources(
@@ -1555,6 +1557,11 @@ def _inbound_resources(
     fast = None if sidecar else fast_inbound_listener(pod, netns, ports, me, pod_authz, authn)
     if fast is not None:
         made.append((envoy.LISTENER, fast))
+    custom = pod_authz.custom
+    if not sidecar and custom is not None and custom.provider is not None:
+        # The cluster its ext_authz filter calls, and the listener behind it (extauthz.py).
+        listener, cluster = extauthz.check_resources(pod, netns, me, pod.labels, custom)
+        made += [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster)]
     for port, (protocol, _) in ports.items():
         if is_http(protocol):
             cluster = original_dst_cluster(

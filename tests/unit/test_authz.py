@@ -58,7 +58,8 @@ S6 = {
 
 def test_which_policies_apply_root_namespace_selector_and_target_refs() -> None:
     """Root namespace (mesh-wide, or selected pods anywhere), namespace-wide, workload; a
-    targetRef policy is for waypoints/gateways, CUSTOM is not yet."""
+    targetRef policy is for waypoints/gateways; CUSTOM applies too (its provider resolved in
+    ``custom``: here none, so its rules deny, extauthz.py)."""
     s = with_policies(
         policy({}, "istio-system", "mesh"),
         policy({"selector": {"matchLabels": {"app": "web"}}}, "istio-system", "root-web"),
@@ -69,12 +70,15 @@ def test_which_policies_apply_root_namespace_selector_and_target_refs() -> None:
         policy({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}]}, "shop", "t"),
         policy({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]}, "shop", "c"),
     )
-    assert names(authz.policies_for(s, WEB)) == [
+    chosen = authz.policies_for(s, WEB)
+    assert names(chosen) == [
         "istio-system/mesh",
         "istio-system/root-web",
+        "shop/c",
         "shop/ns",
         "shop/web",
     ]
+    assert chosen.custom is not None and chosen.custom.provider is None
     assert authz.policies_for(with_policies(), WEB) is authz.NO_POLICY
 
 
@@ -326,7 +330,7 @@ def test_request_principal_and_claims_read_the_jwt_payload() -> None:
     }
 
 
-def test_enforcement_names_only_custom_and_target_refs() -> None:
+def test_enforcement_names_only_target_refs() -> None:
     from nodeagent.mesh.enforcement import not_enforced
 
     rule = {
@@ -339,8 +343,10 @@ def test_enforcement_names_only_custom_and_target_refs() -> None:
         ],
     }
     assert not_enforced(policy({"selector": {"matchLabels": {"a": "b"}}, "rules": [rule]})) is None
-    custom = not_enforced(policy({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]}))
-    assert custom is not None and "action=CUSTOM" in custom.fields
+    custom = policy({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]})
+    assert not_enforced(custom) is None
+    refs = not_enforced(policy({"targetRefs": [{"kind": "Service", "group": "", "name": "w"}]}))
+    assert refs is not None and refs.fields == ("targetRefs",)
     odd = not_enforced(policy({"rules": [{"when": [{"key": "request.size", "values": ["1"]}]}]}))
     assert odd is not None and odd.fields == ("rules[0].when[0].key=request.size",)
 
