@@ -1,9 +1,11 @@
 """AuthorizationPolicy through the real node Envoy (issue #17; SCENARIOS S6), one testbed.
 
-foo/httpbin (HTTP 8000) and foo/db (TCP 9000) on n1; callers default/sleep on n1 (the
-same-node fast path: no TLS, the caller's identity stamped by the node), default/sleep2 on n2
-(same service account, over mTLS), dev/dev on n2, default/other on n1 (another account) and
-legacy/legacy on n2, outside the mesh (plaintext; it also forges x-forwarded-client-cert).
+foo/httpbin (HTTP 8000) and foo/db (TCP 9000) on n1; foo/ext-authz on n2 (Istio's sample
+external authorizer, tests/integration/ext_authz_server.py: HTTP 8000, gRPC 9000); callers
+default/sleep on n1 (the same-node fast path: no TLS, the caller's identity stamped by the
+node), default/sleep2 on n2 (same service account, over mTLS), dev/dev on n2, default/other on
+n1 (another account) and legacy/legacy on n2, outside the mesh (plaintext; it also forges
+x-forwarded-client-cert).
 Each group of cases applies its policies, waits for a marker DENY of its own (``/gen-<k>``,
 so no decision is read off the previous group's config), then checks every (caller, request,
 decision) until they all hold. Expected decisions come from Istio's documentation, cited per
@@ -14,9 +16,12 @@ istio.io/latest/docs/concepts/security/#authorization (CONCEPT).
 
 from __future__ import annotations
 
+import json
 import shlex
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -46,6 +51,11 @@ SLEEP, SLEEP2, DEV, OTHER, LEGACY = (
 SLEEP_ID = "spiffe://cluster.local/ns/default/sa/sleep"
 DENIED = "403"
 CLOSED = "000"  # a TCP connection the network RBAC filter closed: no HTTP answer
+EXT_AUTHZ_APP = {
+    "type": "command",
+    "port": 8000,
+    "command": [sys.executable, str(Path(__file__).with_name("ext_authz_server.py"))],
+}
 
 
 def _topology() -> str:
@@ -59,6 +69,7 @@ def _topology() -> str:
         pod("other", "n1", {"app": "other"}),
         pod("dev", "n2", {"app": "dev"}, namespace="dev"),
         pod("legacy", "n2", {"app": "legacy"}, namespace="legacy"),
+        pod("ext-authz", "n2", {"app": "ext-authz"}, namespace="foo", workload=EXT_AUTHZ_APP),
     ]
     services = [
         {
@@ -72,6 +83,18 @@ def _topology() -> str:
             "namespace": "foo",
             "selector": {"app": "db"},
             "ports": [{"name": "tcp", "port": 9000, "targetPort": 9000}],
+        },
+        {
+            "name": "ext-authz",
+            "namespace": "foo",
+            "selector": {"app": "ext-authz"},
+            "ports": [
+                {"name": "http", "port": 8000, "targetPort": 8000},
+                {"name": "grpc", "port": 9000, "targetPort": 9000},
+                # Nothing listens behind these: a provider that is down.
+                {"name": "http-down", "port": 8001, "targetPort": 8999},
+                {"name": "grpc-down", "port": 9001, "targetPort": 9999},
+            ],
         },
     ]
     return topology_text(NAME, pods, services, mesh=("default", "foo", "dev"), outside=("legacy",))
@@ -551,3 +574,180 @@ def test_s5_jwt_request_principals_and_claims(tb: Testbed) -> None:
         ],
     )
     apply_docs(tb)
+
+
+# -- CUSTOM (ext_authz) ---------------------------------------------------------------------------
+# istio.io/latest/docs/tasks/security/authorization/authz-custom/ (TASK): its two providers, its
+# policy (CUSTOM on /headers), its allow header; MeshConfig extensionProviders fields from
+# istio.io/latest/docs/reference/config/istio.mesh.v1alpha1/ (MESH).
+
+EXT_AUTHZ_HOST = "ext-authz.foo.svc.cluster.local"
+ALLOW_HEADER = ("x-ext-authz: allow",)
+
+
+def _provider(name: str, kind: str, port: int, **fields: Any) -> dict[str, Any]:
+    return {"name": name, kind: {"service": EXT_AUTHZ_HOST, "port": port, **fields}}
+
+
+PROVIDERS = [
+    _provider("sample-ext-authz-grpc", "envoyExtAuthzGrpc", 9000),
+    _provider(
+        "sample-ext-authz-http",
+        "envoyExtAuthzHttp",
+        8000,
+        includeRequestHeadersInCheck=["x-ext-authz"],
+        headersToUpstreamOnAllow=["x-ext-authz-check-received"],
+        headersToDownstreamOnDeny=["x-ext-authz-check-result"],
+    ),
+    _provider("down-closed", "envoyExtAuthzHttp", 8001, timeout="2s"),
+    _provider("down-503", "envoyExtAuthzHttp", 8001, timeout="2s", statusOnError="503"),
+    _provider("down-open", "envoyExtAuthzGrpc", 9001, timeout="2s", failOpen=True),
+]
+
+
+def custom(provider: str, selector: dict[str, Any] = HTTPBIN_SEL) -> dict[str, Any]:
+    """TASK's policy: CUSTOM on /headers (for a TCP workload: every connection)."""
+    rules = [{"to": [{"operation": {"paths": ["/headers"]}}]}] if selector is HTTPBIN_SEL else [{}]
+    spec = {"selector": selector, "action": "CUSTOM", "provider": {"name": provider}}
+    return ap(f"ext-authz-{provider}", {**spec, "rules": rules})
+
+
+def _answer(tb: Testbed, caller: str, url: str, *headers: str) -> tuple[str, str]:
+    """(response headers, body) of one bounded request."""
+    argv = ["curl", "-s", "-i", "-m", "5", *[a for h in headers for a in ("-H", h)], url]
+    # exec reads text: curl's \r\n arrive as \n.
+    head, _, body = tb.exec(caller, argv, timeout=10).stdout.partition("\n\n")
+    return head.lower(), body
+
+
+HTTPBIN_ID = "spiffe://cluster.local/ns/foo/sa/httpbin"
+
+
+def _deny_header_and_check_caller(tb: Testbed, provider: str) -> None:
+    """PROVIDER's deny header reaches the client; its check came from httpbin's identity.
+    Bounded waits, not one request: a connection pooled under the previous config answers
+    once more under it (Envoy's drain, envoy/launch.py)."""
+    last: list[tuple[str, str]] = []
+
+    def answered(caller: str, *headers: str) -> tuple[str, str]:
+        last[:] = [_answer(tb, caller, HTTPBIN + "/headers", *headers)]
+        return last[0]
+
+    wait_for(
+        lambda: "x-ext-authz-check-result: denied" in answered(SLEEP2)[0],
+        10,
+        lambda: f"{provider}: the provider's deny header at the client: {last}",
+    )
+    wait_for(
+        lambda: _check_caller(answered(SLEEP, *ALLOW_HEADER)[1]) == HTTPBIN_ID,
+        10,
+        lambda: f"{provider}: the check's caller as the provider saw it: {last}",
+    )
+
+
+def _check_caller(body: str) -> str:
+    """The URI of the x-forwarded-client-cert the provider's check arrived with (the sample
+    server returns it as x-ext-authz-check-received; httpbin's /headers shows it)."""
+    try:
+        received = json.loads(body)["headers"].get("x-ext-authz-check-received", "")
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return next((p[4:] for p in received.split(";") if p.startswith("URI=")), "")
+
+
+def test_custom_ext_authz_http_and_grpc_providers(tb: Testbed) -> None:
+    """TASK with both providers, callers on httpbin's node (fast path) and on the other node
+    (mTLS): /headers allowed with ``x-ext-authz: allow``, denied without (403 and the
+    provider's ``x-ext-authz-check-result: denied`` reaching the client); /ip, not in the rule,
+    never checked (allowed without the header). The check reaches the provider (on n2) over
+    mTLS as httpbin itself: the x-forwarded-client-cert the provider saw names httpbin."""
+    tb.set_mesh_config({"extensionProviders": PROVIDERS})
+    try:
+        for provider in ("sample-ext-authz-http", "sample-ext-authz-grpc"):
+            enforce(
+                tb,
+                [custom(provider)],
+                [
+                    Case(SLEEP, HTTPBIN + "/headers", "200", headers=ALLOW_HEADER),
+                    Case(SLEEP2, HTTPBIN + "/headers", "200", headers=ALLOW_HEADER),
+                    Case(SLEEP, HTTPBIN + "/headers", DENIED),
+                    Case(SLEEP2, HTTPBIN + "/headers", DENIED),
+                    Case(SLEEP, HTTPBIN + "/ip", "200"),
+                    Case(SLEEP2, HTTPBIN + "/ip", "200"),
+                ],
+            )
+            _deny_header_and_check_caller(tb, provider)
+    finally:
+        apply_docs(tb)
+        tb.set_mesh_config({})
+
+
+def test_custom_provider_down_unknown_before_deny_and_on_tcp(tb: Testbed) -> None:
+    """MESH failOpen/statusOnError with the provider down (nothing listens behind its port):
+    failOpen false -> 403, statusOnError 503 -> 503, failOpen true -> allowed. An unknown
+    provider: istiod's config denies what the CUSTOM rules match. CUSTOM comes before DENY: the
+    provider's allow does not lift a DENY (AP: CUSTOM, DENY, ALLOW). A gRPC provider checks TCP
+    connections too (no header to allow: closed)."""
+    tb.set_mesh_config({"extensionProviders": PROVIDERS})
+    try:
+        for provider, expected in (
+            ("down-closed", DENIED),
+            ("down-503", "503"),
+            ("down-open", "200"),
+        ):
+            enforce(
+                tb,
+                [custom(provider)],
+                [
+                    Case(SLEEP, HTTPBIN + "/headers", expected, headers=ALLOW_HEADER),
+                    Case(SLEEP2, HTTPBIN + "/headers", expected, headers=ALLOW_HEADER),
+                    Case(SLEEP, HTTPBIN + "/ip", "200"),
+                ],
+            )
+        enforce(
+            tb,
+            [custom("no-such-provider")],
+            [
+                Case(SLEEP, HTTPBIN + "/headers", DENIED, headers=ALLOW_HEADER),
+                Case(SLEEP2, HTTPBIN + "/headers", DENIED, headers=ALLOW_HEADER),
+                Case(SLEEP, HTTPBIN + "/ip", "200"),
+            ],
+        )
+        deny_sleep = ap(
+            "deny-sleep",
+            {
+                "selector": HTTPBIN_SEL,
+                "action": "DENY",
+                "rules": [
+                    {"from": [{"source": {"principals": [SLEEP_ID.removeprefix("spiffe://")]}}]}
+                ],
+            },
+        )
+        enforce(
+            tb,
+            [custom("sample-ext-authz-grpc"), deny_sleep],
+            [
+                Case(SLEEP, HTTPBIN + "/headers", DENIED, headers=ALLOW_HEADER),
+                Case(SLEEP2, HTTPBIN + "/headers", DENIED, headers=ALLOW_HEADER),
+                Case(OTHER, HTTPBIN + "/headers", "200", headers=ALLOW_HEADER),
+            ],
+        )
+        # The DENY policy's answer, not the provider's (bounded: see the test above).
+        wait_for(
+            lambda: (
+                _answer(tb, SLEEP, HTTPBIN + "/headers", *ALLOW_HEADER)[1] == "RBAC: access denied"
+            ),
+            10,
+            "the DENY policy's 403 body",
+        )
+        enforce(
+            tb,
+            [custom("sample-ext-authz-grpc", DB_SEL)],
+            [Case(SLEEP, DB, CLOSED), Case(SLEEP2, DB, CLOSED), Case(SLEEP, HTTPBIN + "/", "200")],
+        )
+        enforce(
+            tb, [custom("down-open", DB_SEL)], [Case(SLEEP, DB, "200"), Case(SLEEP2, DB, "200")]
+        )
+    finally:
+        apply_docs(tb)
+        tb.set_mesh_config({})
