@@ -358,7 +358,8 @@ def test_a_broken_mesh_config_keeps_the_last_good_one(tmp_path: Path) -> None:
     assert store.mesh_config == good
     assert source.errors[mesh] == [
         f'{mesh}: unknown field "ouboundTrafficPolicy" (known: trustDomain, rootNamespace, '
-        "outboundTrafficPolicy, clusterDomain, localityLbSetting, defaultConfig)"
+        "outboundTrafficPolicy, clusterDomain, localityLbSetting, defaultConfig, "
+        "extensionProviders)"
     ]
     _write(mesh, "outboundTrafficPolicy: {mode: DENY}\nrootNamespace: Mesh_System\n")
     source.scan()
