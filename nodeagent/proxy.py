@@ -37,6 +37,7 @@ from nodeagent.identity.manager import IdentityManager
 from nodeagent.identity.tls_files import FileSecrets
 from nodeagent.mesh import credentials, secret_access
 from nodeagent.mesh.store import MeshStore
+from nodeagent.metrics import DenialCollector
 from nodeagent.redirect.registry import CAPTURED, PodRegistry
 from nodeagent.supervise import TaskSupervisor
 from nodeagent.translate import (
@@ -46,6 +47,7 @@ from nodeagent.translate import (
     Origin,
     Translation,
     TranslationCache,
+    denials,
     pod_listener_names,
 )
 from nodeagent.translate.internal import ORIGINATE_TLS, OUTBOUND_INTERNAL, fast_name
@@ -194,6 +196,16 @@ class NodeProxy:
             on_restart=self.envoy_restarts.inc,
             mode=settings.envoy_mode,
             tasks=self.tasks,
+        )
+        metrics.register(
+            DenialCollector(
+                lambda: self.admin.stats(denials.STATS_FILTER),
+                lambda: [
+                    (c.namespace, c.name)
+                    for c in list(self.registry.pods.values())
+                    if c.state == CAPTURED
+                ],
+            )
         )
         Gauge(
             "nodeagent_envoy_ready",

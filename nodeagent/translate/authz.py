@@ -50,7 +50,7 @@ from typing import Any
 
 from nodeagent.mesh.model import IstioResource, Pod
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import extauthz
+from nodeagent.translate import denials, extauthz
 from nodeagent.translate.envoy import typed
 from nodeagent.translate.internal import CALLER_KEY
 
@@ -85,12 +85,12 @@ class PodAuthz:
     trust_domain: str
     custom: extauthz.Custom | None = None  # its CUSTOM policies' provider, when it has some
 
-    def http_filters(self) -> list[dict[str, Any]]:
-        rbac = [rbac_filter(self, action, tcp=False) for action in self._actions()]
+    def http_filters(self, key: str = "") -> list[dict[str, Any]]:
+        rbac = [rbac_filter(self, action, tcp=False, key=key) for action in self._actions()]
         return [*custom_filters(self, tcp=False), *rbac]
 
-    def network_filters(self) -> list[dict[str, Any]]:
-        rbac = [rbac_filter(self, action, tcp=True) for action in self._actions()]
+    def network_filters(self, key: str = "") -> list[dict[str, Any]]:
+        rbac = [rbac_filter(self, action, tcp=True, key=key) for action in self._actions()]
         return [*custom_filters(self, tcp=True), *rbac]
 
     def reads_caller_ip(self) -> bool:
@@ -583,8 +583,10 @@ def custom_filters(authz: PodAuthz, tcp: bool) -> list[dict[str, Any]]:
     ]
 
 
-def rbac_filter(authz: PodAuthz, action: str, tcp: bool) -> dict[str, Any]:
-    """The HTTP (or, TCP, network) RBAC filter of ACTION for a pod with AUTHZ."""
+def rbac_filter(authz: PodAuthz, action: str, tcp: bool, key: str = "") -> dict[str, Any]:
+    """The HTTP (or, TCP, network) RBAC filter of ACTION for a pod with AUTHZ. KEY: the pod's
+    and path's key in the filter's stat names, whose denied counters the node's metrics read
+    (translate/denials.py)."""
     envoy_action = _ENVOY_ACTION[action]
     enforced = _policies(authz, action, tcp, dry_run=False)
     shadow = _policies(authz, action, tcp, dry_run=True)
@@ -600,20 +602,25 @@ def rbac_filter(authz: PodAuthz, action: str, tcp: bool) -> dict[str, Any]:
             "name": NETWORK_RBAC,
             "typed_config": typed(
                 "envoy.extensions.filters.network.rbac.v3.RBAC",
-                stat_prefix=f"tcp.{action.lower()}.",
+                stat_prefix=denials.network_stat_prefix(key, action)
+                if key
+                else f"tcp.{action.lower()}.",
                 **fields,
             ),
         }
+    if key and has_enforced:
+        fields["rules_stat_prefix"] = denials.stat_prefix(key, action)
     return {
         "name": HTTP_RBAC,
         "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", **fields),
     }
 
 
-def chain_filters(authz: PodAuthz | None, tcp: bool) -> list[dict[str, Any]]:
+def chain_filters(authz: PodAuthz | None, tcp: bool, key: str = "") -> list[dict[str, Any]]:
+    """KEY: as for ``rbac_filter``."""
     if authz is None or not authz.policies:
         return []
-    return authz.network_filters() if tcp else authz.http_filters()
+    return authz.network_filters(key) if tcp else authz.http_filters(key)
 
 
 __all__: Sequence[str] = (

@@ -76,8 +76,27 @@ def stamp_netns(netns: str) -> dict[str, Any]:
     return set_filter_state(state_value(NETNS_KEY, netns, "ONCE", NETNS_FACTORY))
 
 
+def dry_run_fields(tcp: bool) -> str:
+    """The dry-run (``istio.io/dry-run``) verdicts of an inbound request or connection, from the
+    dynamic metadata the RBAC filters leave under Istio's shadow prefixes (translate/authz.py):
+    ``dry_run_deny=<rule>`` names the dry-run DENY rule that matched (it would have been denied),
+    ``dry_run_allow=denied`` says no dry-run ALLOW rule matched; ``-`` where no such policy
+    applies or nothing matched. Istio reports the same two results (its dry-run task,
+    istio.io/latest/docs/tasks/security/authorization/authz-dry-run/: ``deny_policy.name``,
+    ``allow_policy.result``); Envoy's keys (RBAC filter docs, "Dynamic Metadata"): the shadow
+    rules' stat prefix, then ``shadow_effective_policy_id`` / ``shadow_engine_result``."""
+    rbac = "envoy.filters.network.rbac" if tcp else "envoy.filters.http.rbac"
+    deny = f"%DYNAMIC_METADATA({rbac}:istio_dry_run_deny_shadow_effective_policy_id)%"
+    allow = f"%DYNAMIC_METADATA({rbac}:istio_dry_run_allow_shadow_engine_result)%"
+    return f" dry_run_deny={deny} dry_run_allow={allow}"
+
+
 def access_log(direction: str, pod: str, tcp: bool = False) -> list[dict[str, Any]]:
+    """Istio's format; inbound lines end with the dry-run verdicts (``dry_run_fields``), after
+    every field other tools read by position."""
     fmt = TCP_ACCESS_LOG_FORMAT if tcp else ACCESS_LOG_FORMAT
+    if direction == "inbound":
+        fmt = fmt.rstrip("\n") + dry_run_fields(tcp) + "\n"
     return [
         {
             "name": "envoy.access_loggers.stdout",

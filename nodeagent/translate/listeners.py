@@ -25,7 +25,7 @@ from typing import Any
 
 from nodeagent.mesh.model import REGISTRY_ONLY, Pod
 from nodeagent.ports import INBOUND_PORT, OUTBOUND_PORT
-from nodeagent.translate import internal, tls
+from nodeagent.translate import denials, internal, tls
 from nodeagent.translate.authz import PodAuthz, chain_filters
 from nodeagent.translate.envoy import (
     FilterChain,
@@ -322,14 +322,17 @@ def inbound_listener(
     chains: list[dict[str, Any]] = [_loop_guard(INBOUND_BLACKHOLE, INBOUND_PORT, "inbound", who)]
 
     def terminal(port: int | None, protocol: str, mtls: bool) -> list[dict[str, Any]]:
+        # Denials counted per pod and path (translate/denials.py): a caller without mesh mTLS
+        # (outside the mesh, or its own TLS) is "plaintext".
+        key = denials.stat_key(pod.namespace, pod.name, denials.MTLS if mtls else denials.PLAINTEXT)
         if port is not None and is_http(protocol):
             name = inbound_cluster(port)
-            http = [*authn, *chain_filters(authz, tcp=False)]
+            http = [*authn, *chain_filters(authz, tcp=False, key=key)]
             return [
                 http_connection_manager(name, name, "inbound", who, mtls=mtls, inbound_filters=http)
             ]
         return [
-            *chain_filters(authz, tcp=True),
+            *chain_filters(authz, tcp=True, key=key),
             tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who),
         ]
 
@@ -430,20 +433,21 @@ def fast_inbound_listener(
     """
     who = pod.key
     stamp = internal.stamp_callee(netns, identity)
+    key = denials.stat_key(pod.namespace, pod.name, denials.FAST)
 
     def deliver(port: int, protocol: str) -> list[dict[str, Any]]:
         # The same AuthorizationPolicy filters as the mTLS path: their principal matchers
         # read the caller the node stamped when there is no peer certificate (authz.py).
         if is_http(protocol):
             route = fast_route(port)  # also its stats' prefix: the fast path's own requests
-            http = [*authn, *chain_filters(authz, tcp=False)]
+            http = [*authn, *chain_filters(authz, tcp=False, key=key)]
             return [
                 http_connection_manager(
                     route, route, "inbound", who, fast=True, inbound_filters=http
                 )
             ]
         return [
-            *chain_filters(authz, tcp=True),
+            *chain_filters(authz, tcp=True, key=key),
             tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who),
         ]
 
