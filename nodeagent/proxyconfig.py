@@ -470,3 +470,122 @@ def secret_rows(secrets: list[dict[str, str]], identity: str) -> list[tuple[str,
                 )
             )
     return rows
+
+
+# -- authz: the effective authorization chain of a pod's inbound side ----------------------------
+
+JWT_AUTHN = "envoy.filters.http.jwt_authn"
+RBAC_FILTERS = ("envoy.filters.http.rbac", "envoy.filters.network.rbac")
+EXT_AUTHZ_FILTERS = ("envoy.filters.http.ext_authz", "envoy.filters.network.ext_authz")
+# Envoy's RBAC actions as AuthorizationPolicy names them (AUDIT is Envoy's LOG).
+_POLICY_ACTION = {"ALLOW": "ALLOW", "DENY": "DENY", "LOG": "AUDIT"}
+# Shadow rules under these prefixes: dry-run policies (translate/authz.py); CUSTOM's, which
+# istiod puts in shadow mode to trigger ext_authz (builder.go), are enforced by ext_authz.
+DRY_RUN_PREFIX, EXT_AUTHZ_PREFIX = "istio_dry_run_", "istio_ext_authz_"
+BLACKHOLE = "BlackHoleCluster"  # translate/services.py's: loop guards, STRICT's refusals
+
+
+def authz_chains(listeners: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each inbound filter chain that delivers to the pod, with the authentication and
+    authorization steps it takes, in Envoy's order (the filters' order; Istio's CUSTOM, DENY,
+    ALLOW, AUDIT): ``path`` mtls (another node), plaintext (no mesh mTLS) or fast (this node's
+    pods, ``inboundInternal/<ns>/<pod>``); ``port`` (``ALL``: the default chain); ``steps``:
+    jwt_authn (its providers' issuers), then each RBAC filter's action with its rules, enforced
+    or dry-run. Chains that deliver nothing (loop guards, plaintext on a STRICT port) are left
+    out. Read from the listeners as the node Envoy holds them (its config dump)."""
+    out = []
+    for listener in listeners:
+        name = str(listener.get("name", ""))
+        fast = name.startswith("inboundInternal/")
+        if not (fast or name.startswith("virtualInbound/")):
+            continue
+        for chain in _chains(listener):
+            kind, target = _terminal(chain)
+            if not kind or target == BLACKHOLE:
+                continue
+            path = "fast" if fast else "mtls" if chain.get("transport_socket") else "plaintext"
+            port = chain.get("filter_chain_match", {}).get("destination_port")
+            hcm = [f for f in chain.get("filters", []) if f.get("name") == HCM]
+            filters = hcm[0]["typed_config"].get("http_filters", []) if hcm else chain["filters"]
+            out.append(
+                {
+                    "listener": name,
+                    "chain": chain.get("name", ""),
+                    "path": path,
+                    "port": str(port) if port else "ALL",
+                    "protocol": "http" if hcm else "tcp",
+                    "steps": _numbered(_authz_steps(f) for f in filters),
+                }
+            )
+    return out
+
+
+def _numbered(per_filter: Iterator[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The steps of each authn/authz filter, numbered by filter (Envoy runs one after the other;
+    one RBAC filter holds its action's enforced and dry-run rules)."""
+    out = []
+    number = 0
+    for steps in per_filter:
+        if steps:
+            number += 1
+            out += [{"step": number, **step} for step in steps]
+    return out
+
+
+def _authz_steps(f: dict[str, Any]) -> list[dict[str, Any]]:
+    name, config = f.get("name"), f.get("typed_config", {})
+    if name == JWT_AUTHN:
+        providers = config.get("providers", {})
+        issuers = sorted({str(p.get("issuer", "")) for p in providers.values()})
+        return [{"filter": "jwt_authn", "issuers": issuers}]
+    if name in EXT_AUTHZ_FILTERS:
+        service = config.get("grpc_service") or config.get("http_service", {}).get("server_uri", {})
+        cluster = service.get("envoy_grpc", {}).get("cluster_name") or service.get("cluster", "")
+        return [{"filter": "ext_authz", "action": "CUSTOM", "provider": cluster or "-"}]
+    if name not in RBAC_FILTERS:
+        return []
+    steps = []
+    if "rules" in config:
+        steps.append(_rbac_step(config["rules"], "enforced"))
+    if "shadow_rules" in config:
+        prefix = str(config.get("shadow_rules_stat_prefix", ""))
+        if prefix.startswith(EXT_AUTHZ_PREFIX):
+            step = _rbac_step(config["shadow_rules"], "enforced by ext_authz")
+            steps.append({**step, "action": "CUSTOM"})
+        else:
+            steps.append(_rbac_step(config["shadow_rules"], "dry-run"))
+    return steps
+
+
+def _rbac_step(rules: dict[str, Any], mode: str) -> dict[str, Any]:
+    action = _POLICY_ACTION.get(str(rules.get("action", "ALLOW")), str(rules.get("action")))
+    # Envoy keeps the policies in a sorted map: the first match (by name) is the one reported.
+    names = sorted(rules.get("policies", {}))
+    return {"filter": "rbac", "action": action, "mode": mode, "rules": names}
+
+
+AUTHZ_COLUMNS = ("PATH", "PORT", "PROTOCOL", "STEP", "ACTION", "NAME", "MODE")
+
+
+def authz_rows(chains: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One row per provider or rule, chain by chain, in evaluation order. An ALLOW step without
+    rules allows nothing; a chain without steps allows everything."""
+    rows: list[tuple[str, ...]] = [AUTHZ_COLUMNS]
+    for chain in chains:
+        where = (chain["path"], chain["port"], chain["protocol"])
+        if not chain["steps"]:
+            rows.append((*where, "-", "-", "no policy: allowed", "-"))
+        for step in chain["steps"]:
+            number = str(step["step"])
+            if step["filter"] == "jwt_authn":
+                for issuer in step["issuers"]:
+                    rows.append((*where, number, "JWT", f"issuer {issuer}", "enforced"))
+            elif step["filter"] == "ext_authz":
+                rows.append((*where, number, "CUSTOM", f"ext_authz {step['provider']}", "enforced"))
+            else:
+                names = step["rules"] or [
+                    "no rule: denies all" if step["action"] == "ALLOW" else "no rule"
+                ]
+                for rule in names:
+                    rows.append((*where, number, step["action"], rule, step["mode"]))
+    return rows

@@ -122,7 +122,8 @@ def proxy_status(cni_socket: str, output: str) -> None:
 
 @click.command("proxy-config")
 @click.argument(
-    "kind", type=click.Choice(["listeners", "routes", "clusters", "endpoints", "secrets"])
+    "kind",
+    type=click.Choice(["listeners", "routes", "clusters", "endpoints", "secrets", "authz"]),
 )
 @click.argument("pod")
 @click.option(
@@ -135,7 +136,10 @@ def proxy_status(cni_socket: str, output: str) -> None:
 )
 @output_option
 def proxy_config(kind: str, pod: str, admin_socket: Path, output: str) -> None:
-    """What the node's Envoy holds for POD (namespace/name), like istioctl proxy-config."""
+    """What the node's Envoy holds for POD (namespace/name), like istioctl proxy-config.
+    ``authz``: the pod's effective authentication and authorization chain, per inbound path and
+    port, in evaluation order (RequestAuthentication's JWT issuers, then the
+    AuthorizationPolicy rules by action, enforced or dry-run)."""
     from nodeagent import proxyconfig as pc
     from nodeagent.envoy.admin import EnvoyAdmin, EnvoyAdminError
     from nodeagent.identity.secrets import describe_secrets
@@ -162,6 +166,7 @@ def proxy_config(kind: str, pod: str, admin_socket: Path, output: str) -> None:
         "routes": routes,
         "clusters": clusters,
         "secrets": [s for s in secrets if s.get("name") in (identity, "ROOTCA")],
+        "authz": pc.authz_chains(listeners),
     }.get(kind)
     if output == "json":
         raw: object = chosen if chosen is not None else statuses
@@ -175,6 +180,8 @@ def proxy_config(kind: str, pod: str, admin_socket: Path, output: str) -> None:
         table(pc.cluster_rows(clusters, identity))
     elif kind == "secrets":
         table(pc.secret_rows(secrets, identity))
+    elif kind == "authz":
+        table(pc.authz_rows(pc.authz_chains(listeners)))
     else:
         table(pc.endpoint_rows(statuses, {str(c.get("name")) for c in clusters}))
 

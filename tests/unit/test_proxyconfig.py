@@ -198,3 +198,105 @@ def test_a_pod_uses_the_route_tables_its_listeners_reach() -> None:
     used = pc.pod_routes(dump, listeners)
 
     assert [r["name"] for r in used] == ["inbound|9080||", RATINGS, REVIEWS]
+
+
+def _authz_listeners(*istio: Any) -> list[dict[str, Any]]:
+    """web's listeners as the node's translation makes them for ISTIO resources, in the config
+    dump's JSON (proto field names, as Envoy's admin writes them)."""
+    from google.protobuf import json_format
+
+    from nodeagent.mesh.model import IstioResource
+    from nodeagent.translate import TranslationCache
+    from nodeagent.translate import envoy as e
+    from tests.unit.test_translate import local, store
+
+    s = store()
+    for group, kind, name, spec, notes in istio:
+        s.put_istio(IstioResource(group, "v1", kind, "shop", name, spec, annotations=notes))
+    out = TranslationCache().build(s, [local("web", {"app": "web"})]).resources
+    dump = {
+        "configs": [
+            {
+                "@type": pc.LISTENERS,
+                "dynamic_listeners": [
+                    {
+                        "active_state": {
+                            "listener": json_format.MessageToDict(
+                                listener, preserving_proto_field_name=True
+                            )
+                        }
+                    }
+                    for listener in out[e.LISTENER].values()
+                ],
+            }
+        ]
+    }
+    return pc.pod_listeners(dump, "shop", "web")
+
+
+SECURITY = "security.istio.io"
+
+
+def _ap(name: str, spec: dict[str, Any], dry_run: bool = False) -> tuple[Any, ...]:
+    annotations = {"istio.io/dry-run": "true"} if dry_run else {}
+    return (SECURITY, "AuthorizationPolicy", name, spec, annotations)
+
+
+def test_authz_shows_each_inbound_paths_chain_in_evaluation_order() -> None:
+    """`proxy-config authz`: RequestAuthentication's issuers first, then DENY (enforced and
+    dry-run), ALLOW, AUDIT (Istio's order: AP reference page, "evaluated in order"), rule names
+    as Envoy reports them; every path into the pod (mTLS, plaintext, fast); a TCP port has no
+    JWT step; a STRICT port's plaintext chain delivers nothing and is not shown."""
+    jwt = {"jwtRules": [{"issuer": "testing@secure.istio.io", "jwks": '{"keys": []}'}]}
+    strict = {
+        "portLevelMtls": {"5432": {"mode": "STRICT"}},
+        "selector": {"matchLabels": {"app": "web"}},
+    }
+    listeners = _authz_listeners(
+        (SECURITY, "RequestAuthentication", "jwt", jwt, {}),
+        (SECURITY, "PeerAuthentication", "db-strict", strict, {}),
+        _ap("deny-port", {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["1"]}}]}]}),
+        _ap("dry", {"action": "DENY", "rules": [{}]}, dry_run=True),
+        _ap("allow", {"rules": [{}, {"from": [{"source": {"namespaces": ["dev"]}}]}]}),
+        _ap("audit", {"action": "AUDIT", "rules": [{}]}),
+    )
+    rows = pc.authz_rows(pc.authz_chains(listeners))
+    assert rows[0] == ("PATH", "PORT", "PROTOCOL", "STEP", "ACTION", "NAME", "MODE")
+    mtls_http = [r[3:] for r in rows if r[:3] == ("mtls", "8080", "http")]
+    assert mtls_http == [
+        ("1", "JWT", "issuer testing@secure.istio.io", "enforced"),
+        ("2", "DENY", "ns[shop]-policy[deny-port]-rule[0]", "enforced"),
+        ("2", "DENY", "ns[shop]-policy[dry]-rule[0]", "dry-run"),
+        ("3", "ALLOW", "ns[shop]-policy[allow]-rule[0]", "enforced"),
+        ("3", "ALLOW", "ns[shop]-policy[allow]-rule[1]", "enforced"),
+        ("4", "AUDIT", "ns[shop]-policy[audit]-rule[0]", "enforced"),
+    ]
+    # The same chain on the fast path and for plaintext (PERMISSIVE) callers.
+    assert [r[3:] for r in rows if r[:3] == ("fast", "8080", "http")] == mtls_http
+    assert [r[3:] for r in rows if r[:3] == ("plaintext", "8080", "http")] == mtls_http
+    # TCP: no JWT; STRICT 5432 only over mTLS (and the fast path).
+    assert [r[3:5] for r in rows if r[:3] == ("mtls", "5432", "tcp")] == [
+        ("1", "DENY"),
+        ("1", "DENY"),
+        ("2", "ALLOW"),
+        ("2", "ALLOW"),
+        ("3", "AUDIT"),
+    ]
+    paths = {(r[0], r[1]) for r in rows[1:]}
+    assert ("plaintext", "5432") not in paths
+    assert {("fast", "5432"), ("mtls", "ALL"), ("plaintext", "ALL")} <= paths
+    chains = pc.authz_chains(listeners)
+    assert {c["listener"] for c in chains} == {
+        "virtualInbound/shop/web",
+        "inboundInternal/shop/web",
+    }
+
+
+def test_authz_without_policies_allows_and_an_empty_allow_denies_all() -> None:
+    """No policy: each chain says it allows; ``spec: {}`` (an ALLOW without rules) denies all
+    (AP reference page)."""
+    open_rows = pc.authz_rows(pc.authz_chains(_authz_listeners()))
+    assert open_rows[1][3:] == ("-", "-", "no policy: allowed", "-")
+    assert all(r[5] == "no policy: allowed" for r in open_rows[1:])
+    closed = pc.authz_rows(pc.authz_chains(_authz_listeners(_ap("deny-all", {}))))
+    assert {r[3:] for r in closed[1:]} == {("1", "ALLOW", "no rule: denies all", "enforced")}
