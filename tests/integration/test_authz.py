@@ -19,18 +19,22 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import (
     apply_docs,
     envoy_admin,
+    node_cli,
+    node_metrics,
     pod,
     running_testbed,
     topology_text,
@@ -227,8 +231,23 @@ def test_s6_authorization_by_identity_same_and_cross_node(tb: Testbed) -> None:
     assert proc.stdout == "RBAC: access denied"
 
 
+def denials(tb: Testbed) -> dict[tuple[str, str, str, str], float]:
+    """n1's ``nodeagent_authz_denials_total`` for namespace foo, by (pod, path, protocol,
+    action)."""
+    out = {}
+    for family in text_string_to_metric_families(node_metrics(tb.name, "n1")):
+        for s in family.samples:
+            if s.name == "nodeagent_authz_denials_total" and s.labels["namespace"] == "foo":
+                labels = (s.labels["pod"], s.labels["path"], s.labels["protocol"])
+                out[(*labels, s.labels["action"])] = s.value
+    return out
+
+
 def test_deny_all_then_allow_all(tb: Testbed) -> None:
-    """AP: ``spec: {}`` denies every request (HTTP and TCP); ``rules: [{}]`` allows all."""
+    """AP: ``spec: {}`` denies every request (HTTP and TCP); ``rules: [{}]`` allows all. Each
+    denial is counted in n1's metrics for its pod, the path it came by and the action (#17):
+    no ALLOW matched."""
+    before = denials(tb)
     deny_all = [ap("deny-all", {})]
     enforce(
         tb,
@@ -242,6 +261,16 @@ def test_deny_all_then_allow_all(tb: Testbed) -> None:
             Case(SLEEP2, DB, CLOSED),
         ],
     )
+    counted = [
+        ("httpbin", "fast", "http"),  # sleep, same node
+        ("httpbin", "mtls", "http"),  # sleep2 and dev, other node
+        ("httpbin", "plaintext", "http"),  # legacy, outside the mesh
+        ("db", "fast", "tcp"),
+        ("db", "mtls", "tcp"),
+    ]
+    after = denials(tb)
+    grown = [k for k in counted if after.get((*k, "allow"), 0) > before.get((*k, "allow"), 0)]
+    assert grown == counted, after
     enforce(
         tb,
         [ap("allow-all", {"rules": [{}]})],
@@ -289,7 +318,9 @@ def test_tcp_deny_by_port_and_allow_with_methods(tb: Testbed) -> None:
 
 def test_dry_run_lets_requests_through_and_counts_the_shadow_denial(tb: Testbed) -> None:
     """AP annotation ``istio.io/dry-run``: the policy is evaluated, not enforced (Envoy's
-    shadow rules; Istio's stat prefix istio_dry_run_deny_)."""
+    shadow rules; Istio's stat prefix istio_dry_run_deny_). The access log line names the rule
+    that would have denied (Istio's dry-run task: deny_policy.name); it is no denial in the
+    node's metrics; ``proxy-config authz`` shows the rule as dry-run, after the enforced one."""
 
     def shadow_denied() -> int:
         stats = envoy_admin(tb.name, "n1", "/stats?filter=istio_dry_run_deny_.shadow_denied")
@@ -301,12 +332,81 @@ def test_dry_run_lets_requests_through_and_counts_the_shadow_denial(tb: Testbed)
         {"selector": HTTPBIN_SEL, "action": "DENY", "rules": [{}]},
         **{"istio.io/dry-run": "true"},
     )
-    enforce(tb, [dry], [Case(SLEEP, HTTPBIN + "/", "200"), Case(SLEEP2, HTTPBIN + "/", "200")])
+    tcp_dry = ap(
+        "dry-db",
+        {"selector": DB_SEL, "action": "DENY", "rules": [{}]},
+        **{"istio.io/dry-run": "true"},
+    )
+    enforce(
+        tb,
+        [dry, tcp_dry],
+        [
+            Case(SLEEP, HTTPBIN + "/", "200"),
+            Case(SLEEP2, HTTPBIN + "/", "200"),
+            Case(SLEEP2, DB, "200"),
+        ],
+    )
     wait_for(
-        lambda: shadow_denied() >= before + 2,
+        lambda: shadow_denied() >= before + 3,
         10,
         lambda: envoy_admin(tb.name, "n1", "/stats?filter=rbac"),
     )
+    denied_before = denials(tb)
+    log = layout.logs_dir(tb.name) / "n1.envoy.log"
+
+    def logged(caller: str, url: str, wanted: str) -> bool:
+        """One request from CALLER, let through; True once n1 logs it with WANTED (HTTP: its
+        own inbound line; TCP, whose lines have no request id: a new line). A pooled connection
+        may still serve one request on the previous chain (Envoy drains it): False, ask again."""
+        before = log.read_text().count(wanted)
+        request_id = f"dry-{uuid.uuid4()}"
+        argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "3"]
+        answer = tb.exec(caller, [*argv, "-H", f"x-request-id: {request_id}", url])
+        assert answer.stdout == "200", (caller, url, answer.stdout)
+        for _ in range(20):  # Envoy writes its access log once a second
+            text = log.read_text()
+            if url == DB and text.count(wanted) > before:
+                return True
+            mine = [x for x in text.splitlines() if request_id in x and " inbound " in x]
+            if mine:
+                return wanted in mine[0]
+            time.sleep(0.1)
+        return False
+
+    dry_http = "dry_run_deny=ns[foo]-policy[dry]-rule[0] "
+    for caller in (SLEEP, SLEEP2, LEGACY):  # fast path, mTLS, plaintext
+        wait_for(lambda c=caller: logged(c, HTTPBIN + "/", dry_http), 15, f"{caller}: {dry_http}")
+    # TCP: the network RBAC filter's metadata names the rule that would have closed it.
+    dry_tcp = "dry_run_deny=ns[foo]-policy[dry-db]-rule[0] "
+    wait_for(lambda: logged(SLEEP2, DB, dry_tcp), 15, f"db's TCP line: {dry_tcp}")
+    # Dry-run denies nothing. (Counters of filters the new config dropped are gone: Envoy frees
+    # them, and a counter that comes back starts at 0, as Prometheus expects of a reset.)
+    grown = {k: v for k, v in denials(tb).items() if v > denied_before.get(k, 0)}
+    assert grown == {}, denied_before
+    # The effective chain as the node Envoy holds it, over the CLI.
+    shown = node_cli(tb.name, "n1", "proxy-config", "authz", "foo/httpbin")
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines()[1:]]
+    for path in ("fast", "mtls", "plaintext"):
+        mine = [r[3:] for r in rows if r[:3] == [path, "8000", "http"]]
+        marker = f"ns[foo]-policy[marker-{_generation[0]}]-rule[0]"
+        assert mine == [
+            ["1", "DENY", marker, "enforced"],
+            ["1", "DENY", "ns[foo]-policy[dry]-rule[0]", "dry-run"],
+        ], shown.stdout
+    as_json = node_cli(tb.name, "n1", "proxy-config", "authz", "foo/db", "-o", "json")
+    chains = json.loads(as_json.stdout)
+    assert {c["path"] for c in chains} == {"fast", "mtls", "plaintext"}, as_json.stdout
+    for chain in chains:
+        assert chain["steps"] == [
+            {
+                "step": 1,
+                "filter": "rbac",
+                "action": "DENY",
+                "mode": "dry-run",
+                "rules": ["ns[foo]-policy[dry-db]-rule[0]"],
+            }
+        ], chain
 
 
 def test_ip_blocks_judge_same_node_callers_by_their_pod_ip(tb: Testbed) -> None:
