@@ -5,7 +5,9 @@
   Envoy keeps serving, while ``nodeagent proxy-config``/``proxy-status`` still work (root, over
   the admin's UNIX socket and the agent's socket).
 - The unauthenticated ports, Envoy's :15090 (Prometheus stats) and the agent's :15020 (metrics),
-  name no SPIFFE identity, no ``~<ns>~<sa>`` and no pod.
+  name no SPIFFE identity, no ``~<ns>~<sa>`` and no pod; the one exception is :15020's
+  ``nodeagent_authz_denials_total``, per pod by design (#17, nodeagent/metrics.py), for pods
+  with AuthorizationPolicies (none here).
 
 Istio's node agents expose the same port numbers (15020 merged metrics, 15090 Envoy stats,
 15000 admin on loopback): https://istio.io/latest/docs/ops/deployment/application-requirements/
