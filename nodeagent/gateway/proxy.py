@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class GatewayProxy:
         self.version = 0
         self.problems: dict[str, list[str]] = {}  # Gateway key -> servers left out and why
         self.last_error = ""
+        self.custom_error = ""  # logged once when it changes
 
     def pod(self) -> Pod:
         """The gateway's pod as the source has it (its service account is its identity)."""
@@ -111,13 +113,18 @@ class GatewayProxy:
             return known
         return Pod(s.namespace, s.pod_name, service_account=s.service_account, labels=s.labels)
 
-    def workload(self, pod: Pod) -> gateway.Workload:
+    def workload(self, pod: Pod, clusters: Collection[str] | None = None) -> gateway.Workload:
+        """CLUSTERS: the gateway's upstream clusters (a CUSTOM provider's must be one)."""
         trust_domain = self.store.mesh_config.trust_domain
         sid = spiffe_id(trust_domain, pod.namespace, pod.service_account)
         ports = gateway.listen_ports(self.store, pod.namespace, pod.labels or self.settings.labels)
         # Its AuthorizationPolicies and RequestAuthentications are chosen by the pod's own
         # labels and namespace, as a sidecar's (translate/gateway_policies.py).
-        policies = gateway_policies.for_gateway(self.store, pod)
+        policies = gateway_policies.for_gateway(self.store, pod, clusters)
+        if policies.custom_error != self.custom_error:
+            if policies.custom_error:
+                log.error("CUSTOM policies deny what they match: %s", policies.custom_error)
+            self.custom_error = policies.custom_error
         return gateway.Workload(
             self.settings.namespace, self.settings.labels, sid, pod.name, ports, policies
         )
@@ -127,16 +134,18 @@ class GatewayProxy:
         pod = self.pod()
         local = LocalPod(pod, "")
         secrets: list[Message] = list(self.identities.sds_secrets({local.identity}))
-        workload = self.workload(pod)
-        made = gateway.build(self.store, workload, self._cluster_of([local]))
-        secrets += self.credential_secrets.sds_secrets(self.store, made.credentials)
-        self.credential_secrets.wake_at_deadline(self.changed.set)
         upstream = self._translator.build(
             self.store, [local], secrets, self.settings.excluded_namespaces, gateway=True
         )
+        # The listeners after the clusters: a CUSTOM provider's cluster must be among them.
+        workload = self.workload(pod, upstream.resources.get(CLUSTER, {}).keys())
+        made = gateway.build(self.store, workload, self._cluster_of([local]))
+        credentials = self.credential_secrets.sds_secrets(self.store, made.credentials)
+        self.credential_secrets.wake_at_deadline(self.changed.set)
         out: dict[str, dict[str, Message]] = {t: {} for t in (LISTENER, ROUTE, *UPSTREAM_TYPES)}
         for type_url in UPSTREAM_TYPES:
             out[type_url].update(upstream.resources.get(type_url, {}))
+        out[SECRET].update({s.name: s for s in credentials})
         out[LISTENER] = {str(li.name): li for li in made.listeners}
         out[ROUTE] = {str(r.name): r for r in made.routes}
         if made.problems != self.problems:

@@ -24,7 +24,7 @@ from nodeagent.mesh.gateway_topology import gateway_trusted_proxies
 from nodeagent.mesh.model import IstioResource, MeshConfig, Pod
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import ResourceError, parse_mesh_config
-from nodeagent.translate import gateway, gateway_policies
+from nodeagent.translate import extauthz, gateway, gateway_policies
 from nodeagent.translate.authz import HTTP_RBAC, NETWORK_RBAC
 from nodeagent.translate.jwt import JWT_FILTER
 from tests.unit.istio_data import istio_data
@@ -258,12 +258,8 @@ def test_envoy_accepts_a_gateway_with_jwt_rbac_and_trusted_proxies(tmp_path: Pat
     )
 
 
-def test_the_gateway_process_takes_its_pods_policies_and_refuses_a_bad_annotation(
-    tmp_path: Path,
-) -> None:
-    """GatewayProxy: the policies of the pod the source knows (its labels and annotations); a
-    proxy.istio.io/config it cannot read is an error naming it, and no snapshot is pushed with
-    the wrong trusted hops."""
+def _gateway_proxy(tmp_path: Path, store: MeshStore) -> Any:
+    """A GatewayProxy (nodeagent gateway's translation and xDS side) for GATEWAY_POD."""
     from prometheus_client import CollectorRegistry
 
     from nodeagent.gateway.proxy import GatewayProxy, GatewaySettings
@@ -285,8 +281,18 @@ def test_the_gateway_process_takes_its_pods_policies_and_refuses_a_bad_annotatio
         envoy_binary=tmp_path / "envoy",
         envoy_log=tmp_path / "envoy.log",
     )
+    return GatewayProxy(settings, store, identities, CollectorRegistry())
+
+
+def test_the_gateway_process_takes_its_pods_policies_and_refuses_a_bad_annotation(
+    tmp_path: Path,
+) -> None:
+    """GatewayProxy: the policies of the pod the source knows (its labels and annotations); a
+    proxy.istio.io/config it cannot read is an error naming it, and no snapshot is pushed with
+    the wrong trusted hops."""
     store = _with_policies(_deny_path("deny-admin", "/admin"))
-    proxy = GatewayProxy(settings, store, identities, CollectorRegistry())
+    proxy = _gateway_proxy(tmp_path, store)
+    identities = proxy.identities
     policies = proxy.workload(proxy.pod()).policies  # the source does not know the pod yet
     assert _rule_names(list(policies.http_filters)) == {
         "ns[istio-system]-policy[deny-admin]-rule[0]"
@@ -319,3 +325,184 @@ def test_the_gateway_process_takes_its_pods_policies_and_refuses_a_bad_annotatio
     proxy.push()
     assert "annotation proxy.istio.io/config" in proxy.last_error
     assert "not pushed" in proxy.last_error
+
+
+# -- CUSTOM (ext_authz) at the gateway: the authz-custom task's providers and policy, the policy
+# selecting the ingress gateway (istio.io/latest/docs/tasks/security/authorization/authz-custom/).
+
+EXT_AUTHZ_YAML = """
+apiVersion: v1
+kind: Service
+metadata: {name: ext-authz, namespace: foo}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: ext-authz}
+  ports: [{name: http, port: 8000, targetPort: 8000}, {name: grpc, port: 9000, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: hidden-authz
+  namespace: foo
+  annotations: {networking.istio.io/exportTo: "."}
+spec:
+  clusterIP: 10.96.0.21
+  selector: {app: hidden-authz}
+  ports: [{name: http, port: 8000, targetPort: 8000}]
+"""
+EXT_AUTHZ = "ext-authz.foo.svc.cluster.local"
+PROVIDERS = {
+    "extensionProviders": [
+        {"name": "grpc", "envoyExtAuthzGrpc": {"service": EXT_AUTHZ, "port": 9000}},
+        {
+            "name": "http",
+            "envoyExtAuthzHttp": {
+                "service": EXT_AUTHZ,
+                "port": 8000,
+                "includeRequestHeadersInCheck": ["x-ext-authz"],
+                "failOpen": True,
+            },
+        },
+        {
+            "name": "hidden",
+            "envoyExtAuthzHttp": {
+                "service": "hidden-authz.foo.svc.cluster.local",
+                "port": 8000,
+                "failOpen": True,
+            },
+        },
+    ]
+}
+
+
+def _custom_at_gateway(provider: str) -> MeshStore:
+    spec = {
+        "selector": {"matchLabels": {"istio": "ingressgateway"}},
+        "action": "CUSTOM",
+        "provider": {"name": provider},
+        "rules": [{"to": [{"operation": {"paths": ["/headers"]}}]}],
+    }
+    policy = _policy("AuthorizationPolicy", "ext-authz", spec)
+    store = _with_policies(policy, texts=(EXT_AUTHZ_YAML,))
+    store.set_mesh_config(parse_mesh_config(PROVIDERS))
+    return store
+
+
+def _clusters(store: MeshStore) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in _sidecar_clusters(store)}
+
+
+def _ext_authz(filters: list[dict[str, Any]]) -> dict[str, Any]:
+    (found,) = [f["typed_config"] for f in filters if f["name"] == extauthz.HTTP_FILTER]
+    return found
+
+
+def test_custom_at_the_gateway_calls_the_providers_cluster_with_the_gateway_identity() -> None:
+    """The gateway's Envoy is a proxy of its own: its ext_authz names the provider's service
+    cluster ``outbound|<port>||<host>`` (istiod's LookupCluster), which the gateway's CDS holds,
+    mTLS presenting the gateway's own certificate (the provider is in the mesh); never a
+    node's per-pod check cluster (``extAuthz/...``), which a gateway has not. Before this the
+    filter named ``extAuthz/istio-system/<pod>``: every check failed, and failOpen let all
+    through."""
+    for provider, port in (("http", 8000), ("grpc", 9000)):
+        store = _custom_at_gateway(provider)
+        clusters = _clusters(store)
+        target = f"outbound|{port}||{EXT_AUTHZ}"
+        config = _build_with_clusters(store, clusters)
+        chains = [*_http_filters(config, "0.0.0.0_8080"), *_http_filters(config, "0.0.0.0_8443")]
+        assert len(chains) == 2
+        for filters in chains:
+            names = [f["name"] for f in filters]
+            assert names[:2] == [HTTP_RBAC, extauthz.HTTP_FILTER], names
+            ext = _ext_authz(filters)
+            called = (
+                ext["http_service"]["server_uri"]["cluster"]
+                if provider == "http"
+                else ext["grpc_service"]["envoy_grpc"]["cluster_name"]
+            )
+            assert called == target
+            assert "extAuthz/" not in json.dumps(filters)
+        cluster = clusters[target]
+        tls = json.dumps(cluster["transport_socket_matches"])
+        assert ME in tls, "mTLS with the gateway's own certificate"
+        if provider == "grpc":  # the check is gRPC: HTTP/2 to the provider
+            assert "http2_protocol_options" in json.dumps(cluster)
+
+
+def _build_with_clusters(
+    store: MeshStore, clusters: dict[str, dict[str, Any]] | None
+) -> gateway.GatewayConfig:
+    policies = gateway_policies.for_gateway(store, GATEWAY_POD, clusters)
+    workload = gateway.Workload("istio-system", INGRESS, ME, policies=policies)
+    return gateway.build(store, workload, _cluster_of(store))
+
+
+def test_custom_whose_provider_cluster_the_gateway_lacks_denies_never_fails_open() -> None:
+    """A provider the gateway cannot reach (its Service exported to its own namespace only):
+    failOpen would let every request through a check that cannot be made. The CUSTOM rules
+    deny what they match instead, as for a provider in error (istiod's bad-custom-action)."""
+    store = _custom_at_gateway("hidden")
+    clusters = _clusters(store)
+    assert "outbound|8000||hidden-authz.foo.svc.cluster.local" not in clusters
+    policies = gateway_policies.for_gateway(store, GATEWAY_POD, clusters)
+    assert "has no cluster outbound|8000||hidden-authz" in policies.custom_error
+    for filters in _http_filters(_build_with_clusters(store, clusters), "0.0.0.0_8080"):
+        assert extauthz.HTTP_FILTER not in [f["name"] for f in filters]
+        rules = filters[0]["typed_config"]["rules"]
+        assert rules["action"] == "DENY"
+        assert list(rules["policies"]) == [
+            "istio-ext-authz-ns[istio-system]-policy[ext-authz]-rule[0]-bad-custom-action"
+        ]
+    # The same provider, reachable: checked (the test above), no error.
+    reachable = gateway_policies.for_gateway(_custom_at_gateway("http"), GATEWAY_POD, clusters)
+    assert reachable.custom_error == ""
+
+
+def test_envoy_accepts_the_gateway_with_custom_and_its_provider_clusters(tmp_path: Path) -> None:
+    from nodeagent.identity.credentials import ca_secret, certificate_secret, placeholder
+    from tests.unit.envoy_validate import assert_envoy_accepts_resources, static_sds
+
+    for provider in ("http", "grpc"):
+        store = _custom_at_gateway(provider)
+        clusters = _clusters(store)
+        config = _build_with_clusters(store, clusters)
+        routes = _routes(config)
+        listeners = []
+        for li in config.listeners:
+            listener = static_sds(_json(li))
+            _inline_routes(listener, copy.deepcopy(routes))
+            listeners.append(listener)
+        assert extauthz.HTTP_FILTER in json.dumps(listeners)
+        cert, key = placeholder()
+        secrets = [
+            certificate_secret(name, cert, key)
+            for name in ("kubernetes://istio-system/shop-cert", ME)
+        ]
+        secrets.append(ca_secret("ROOTCA", cert))
+        assert_envoy_accepts_resources(
+            tmp_path, clusters=clusters.values(), listeners=listeners, secrets=secrets
+        )
+
+
+def test_the_gateway_process_checks_custom_against_its_own_clusters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GatewayProxy.resources: the provider's cluster is in the gateway's CDS and its ext_authz
+    calls it; for a provider the gateway has no cluster for, the listeners deny instead (and the
+    gateway says why, once)."""
+    from nodeagent.translate.envoy import CLUSTER, LISTENER
+
+    store = _custom_at_gateway("http")
+    proxy = _gateway_proxy(tmp_path, store)
+    out = proxy.resources()
+    assert f"outbound|8000||{EXT_AUTHZ}" in out[CLUSTER]
+    listener = _json(out[LISTENER]["0.0.0.0_8080"])
+    assert f'"cluster": "outbound|8000||{EXT_AUTHZ}"' in json.dumps(listener)
+    hidden = _custom_at_gateway("hidden")
+    proxy.store = hidden
+    for _ in range(2):
+        listener = _json(proxy.resources()[LISTENER]["0.0.0.0_8080"])
+    assert extauthz.HTTP_FILTER not in json.dumps(listener)
+    assert "-bad-custom-action" in json.dumps(listener)
+    said = [r.message for r in caplog.records if "has no cluster" in r.message]
+    assert len(said) == 1, said
