@@ -34,8 +34,9 @@ class DenialCollector:
     chains denied, read from the node Envoy's own counters at each scrape (nothing is polled
     when nobody scrapes). Keys in the stat names tell pod and path (translate/denials.py):
     ``path`` is ``mtls`` (from another node), ``fast`` (a pod of this node) or ``plaintext``
-    (no mesh mTLS); ``action`` is ``deny`` (a DENY policy matched) or ``allow`` (no ALLOW policy
-    matched), ``custom`` once CUSTOM's ext_authz filters carry a key. Dry-run policies deny
+    (no mesh mTLS); ``action`` is ``deny`` (a DENY policy matched), ``allow`` (no ALLOW policy
+    matched) or ``custom`` (the CUSTOM provider denied the check, or its provider is in error
+    and the CUSTOM rules deny what they match). Dry-run policies deny
     nothing and are not counted. Only pods the agent holds now are reported: a deleted pod's
     series is gone at the next scrape, whatever Envoy still holds.
 
@@ -82,7 +83,8 @@ class DenialCollector:
             "Requests (HTTP 403) and connections (TCP) denied by a local pod's"
             " AuthorizationPolicies, by pod, the path the caller came by (mtls: another node;"
             " fast: this node; plaintext: no mesh mTLS), protocol and the action that denied"
-            " (deny: a DENY policy matched; allow: no ALLOW policy matched). Dry-run not counted.",
+            " (deny: a DENY policy matched; allow: no ALLOW policy matched; custom: the CUSTOM"
+            " provider denied, or its provider is in error). Dry-run not counted.",
             labels=_DENIAL_LABELS,
         )
 

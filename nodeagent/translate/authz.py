@@ -87,11 +87,11 @@ class PodAuthz:
 
     def http_filters(self, key: str = "") -> list[dict[str, Any]]:
         rbac = [rbac_filter(self, action, tcp=False, key=key) for action in self._actions()]
-        return [*custom_filters(self, tcp=False), *rbac]
+        return [*custom_filters(self, tcp=False, key=key), *rbac]
 
     def network_filters(self, key: str = "") -> list[dict[str, Any]]:
         rbac = [rbac_filter(self, action, tcp=True, key=key) for action in self._actions()]
-        return [*custom_filters(self, tcp=True), *rbac]
+        return [*custom_filters(self, tcp=True, key=key), *rbac]
 
     def reads_caller_ip(self) -> bool:
         """Some rule of any policy (any action, dry-run too: its shadow verdict would be wrong
@@ -556,21 +556,27 @@ def _rbac(tcp: bool, stat_prefix: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def custom_filters(authz: PodAuthz, tcp: bool) -> list[dict[str, Any]]:
+def custom_filters(authz: PodAuthz, tcp: bool, key: str = "") -> list[dict[str, Any]]:
     """CUSTOM's filters (translate/extauthz.py): RBAC shadow rules naming what to check, then
-    ext_authz; for a provider in error an RBAC filter denying what the CUSTOM rules match."""
+    ext_authz; for a provider in error an RBAC filter denying what the CUSTOM rules match. KEY:
+    as for ``rbac_filter``; the denying filter (ext_authz, or that RBAC) counts under it with
+    action ``custom``."""
     custom = authz.custom
     if custom is None:
         return []
     policies = _custom_policies(authz, tcp)
     if custom.provider is None:
         denied = {name + extauthz.BAD_SUFFIX: rule for name, rule in policies.items()}
-        return [_rbac(tcp, "tcp.custom.", rules={"action": "DENY", "policies": denied})]
+        fields: dict[str, Any] = {"rules": {"action": "DENY", "policies": denied}}
+        if key and not tcp:
+            fields["rules_stat_prefix"] = denials.stat_prefix(key, CUSTOM)
+        prefix = denials.network_stat_prefix(key, CUSTOM) if key else "tcp.custom."
+        return [_rbac(tcp, prefix, **fields)]
     rbac_name = NETWORK_RBAC if tcp else HTTP_RBAC
     check = (
-        extauthz.network_filter(custom, rbac_name)
+        extauthz.network_filter(custom, rbac_name, key and denials.network_ext_authz_prefix(key))
         if tcp
-        else extauthz.http_filter(custom, rbac_name)
+        else extauthz.http_filter(custom, rbac_name, key and denials.stat_prefix(key, CUSTOM))
     )
     if check is None:  # an HTTP provider on a TCP chain: CUSTOM does not apply (extauthz.py)
         return []

@@ -199,12 +199,15 @@ def _common(provider: ExtAuthzProvider) -> dict[str, Any]:
     return fields
 
 
-def http_filter(custom: Custom, rbac_filter: str) -> dict[str, Any]:
-    """The HTTP ext_authz filter of a resolved CUSTOM, after RBAC_FILTER's shadow rules."""
+def http_filter(custom: Custom, rbac_filter: str, stat_prefix: str = "") -> dict[str, Any]:
+    """The HTTP ext_authz filter of a resolved CUSTOM, after RBAC_FILTER's shadow rules;
+    STAT_PREFIX: its stats' (the pod's denial key, translate/denials.py)."""
     provider = custom.provider
     assert provider is not None
     fields = _common(provider)
     fields["filter_enabled_metadata"] = _enabled_by(rbac_filter)
+    if stat_prefix:
+        fields["stat_prefix"] = stat_prefix
     if provider.grpc:
         fields["grpc_service"] = _grpc_service(custom)
     else:
@@ -243,8 +246,11 @@ def http_filter(custom: Custom, rbac_filter: str) -> dict[str, Any]:
     }
 
 
-def network_filter(custom: Custom, rbac_filter: str) -> dict[str, Any] | None:
-    """The network ext_authz filter of a resolved CUSTOM; None for an HTTP provider."""
+def network_filter(
+    custom: Custom, rbac_filter: str, stat_prefix: str = ""
+) -> dict[str, Any] | None:
+    """The network ext_authz filter of a resolved CUSTOM; None for an HTTP provider.
+    STAT_PREFIX: its stats' (Envoy names them ``ext_authz.<stat_prefix>.``)."""
     provider = custom.provider
     assert provider is not None
     if not provider.grpc:
@@ -253,7 +259,7 @@ def network_filter(custom: Custom, rbac_filter: str) -> dict[str, Any] | None:
         "name": NETWORK_FILTER,
         "typed_config": typed(
             "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz",
-            stat_prefix="tcp.",
+            stat_prefix=stat_prefix or "custom",
             failure_mode_allow=provider.fail_open,
             transport_api_version="V3",
             grpc_service=_grpc_service(custom),

@@ -237,3 +237,115 @@ def test_inbound_log_lines_end_with_the_dry_run_verdicts() -> None:
         (f,) = pod_authz.http_filters()
         assert f["typed_config"]["shadow_rules_stat_prefix"] == prefix
         assert f["typed_config"]["@type"] == HTTP_RBAC_TYPE
+
+
+# -- CUSTOM (ext_authz) denials -------------------------------------------------------------------
+# Names as Envoy 1.40 prints them (admin /stats, checked against a running Envoy with the keyed
+# HTTP filter): the HTTP ext_authz filter counts under its connection manager,
+# http.<hcm>.ext_authz.<stat_prefix>.denied, and again under the route's cluster,
+# cluster.<cluster>.ext_authz.<stat_prefix>.denied (source/extensions/filters/http/ext_authz/
+# ext_authz.h generateStats, createPoolStatName); the network one as ext_authz.<stat_prefix>.denied
+# (source/extensions/filters/network/ext_authz/ext_authz.cc generateStats).
+
+
+def custom_translated(provider: str) -> dict[str, dict[str, Any]]:
+    """web's listeners (both inbound paths) under the authz-custom task's policy."""
+    from tests.unit.test_extauthz import TASK_PROVIDERS, mesh_store, task_policy
+
+    s = mesh_store(TASK_PROVIDERS, task_policy(provider))
+    out = TranslationCache().build(s, [local("web", {"app": "web"})]).resources
+    return {
+        name: as_json(out[e.LISTENER][name])
+        for name in ("virtualInbound/shop/web", "inboundInternal/shop/web")
+    }
+
+
+def chain_path(listener: str, chain: dict[str, Any]) -> str:
+    if listener.startswith("inboundInternal/"):
+        return denials.FAST
+    return denials.MTLS if "transportSocket" in chain else denials.PLAINTEXT
+
+
+def custom_configs(chain: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The configs of CHAIN's filters named NAMES: network ones, or those inside its HCM."""
+    out = []
+    for f in chain.get("filters", []):
+        config = f.get("typedConfig", {})
+        if f["name"] in names:
+            out.append(config)
+        out += [i["typedConfig"] for i in config.get("httpFilters", []) if i["name"] in names]
+    return out
+
+
+def test_custom_ext_authz_counts_under_its_pod_and_path() -> None:
+    """Every chain's ext_authz filter (HTTP, and a gRPC provider's network one) carries the
+    chain's key with action custom; the shadow RBAC before it (which denies nothing) does not."""
+    from nodeagent.translate import extauthz
+
+    seen: set[tuple[str, str]] = set()
+    for name, listener in custom_translated("sample-ext-authz-grpc").items():
+        for chain in listener["filterChains"]:
+            if chain["name"].endswith("-strict"):
+                continue
+            key = denials.stat_key("shop", "web", chain_path(name, chain))
+            for protocol, filter_name, want, stat in (
+                ("http", extauthz.HTTP_FILTER, f"{key}_custom_", "http.x.ext_authz.{}.denied"),
+                ("tcp", extauthz.NETWORK_FILTER, f"{key}_custom", "ext_authz.{}.denied"),
+            ):
+                for config in custom_configs(chain, (filter_name,)):
+                    assert config["statPrefix"] == want, chain["name"]
+                    parsed = denials.parse(stat.format(want))
+                    assert parsed is not None and parsed.action == denials.CUSTOM
+                    assert parsed.protocol == protocol
+                    seen.add((chain_path(name, chain), protocol))
+            for shadow in custom_configs(chain, (authz.HTTP_RBAC, authz.NETWORK_RBAC)):
+                assert "rulesStatPrefix" not in shadow and "rules" not in shadow
+    assert seen == {(p, proto) for p in denials.PATHS for proto in ("http", "tcp")}
+
+
+def test_a_provider_in_error_denies_under_the_key_with_action_custom() -> None:
+    """An unknown provider: the RBAC filter that denies what the CUSTOM rules match counts as
+    custom, HTTP (rules_stat_prefix) and TCP (stat_prefix)."""
+    seen: set[tuple[str, str]] = set()
+    for name, listener in custom_translated("no-such-provider").items():
+        for chain in listener["filterChains"]:
+            configs = rbac_configs(chain)
+            if not configs or chain["name"].endswith("-strict"):
+                continue
+            (config,) = configs
+            assert all(r.endswith("-bad-custom-action") for r in config["rules"]["policies"])
+            key = denials.stat_key("shop", "web", chain_path(name, chain))
+            if "httpFilters" in str(chain):
+                assert config["rulesStatPrefix"] == f"{key}_custom_"
+                stat = http_stat(key, "CUSTOM")
+            else:
+                assert config["statPrefix"] == f"tcp.{key}_custom."
+                stat = tcp_stat(key, "CUSTOM")
+            parsed = denials.parse(stat)
+            assert parsed is not None and parsed.action == denials.CUSTOM
+            seen.add((chain_path(name, chain), parsed.protocol))
+    assert seen == {(p, proto) for p in denials.PATHS for proto in ("http", "tcp")}
+
+
+def test_the_collector_counts_custom_denials_once() -> None:
+    """ext_authz's HTTP denial counted under the connection manager and again under the route's
+    cluster: read once; its ok/error/failure_mode_allowed counters are no denials."""
+    key = denials.stat_key("shop", POD, denials.MTLS)
+    fast = denials.stat_key("shop", POD, denials.FAST)
+    prefix = denials.stat_prefix(key, "CUSTOM")
+    stats = {
+        f"http.inbound|8080||.ext_authz.{prefix}.denied": 3,
+        f"cluster.inbound|8080||.ext_authz.{prefix}.denied": 3,
+        f"http.inbound|8080||.ext_authz.{prefix}.ok": 10,
+        f"http.inbound|8080||.ext_authz.{prefix}.error": 2,
+        f"http.inbound|8080||.ext_authz.{prefix}.failure_mode_allowed": 1,
+        f"ext_authz.{denials.network_ext_authz_prefix(fast)}.denied": 4,
+        f"ext_authz.{denials.network_ext_authz_prefix(fast)}.cx_closed": 9,
+        http_stat(fast, "CUSTOM"): 1,  # a provider in error, same node
+    }
+    collector = DenialCollector(lambda: stats, lambda: [("shop", POD)])
+    labels = 'action="custom",namespace="shop",path="{}",pod="' + POD + '",protocol="{}"'
+    assert sorted(scrape(collector)) == sorted(
+        f"nodeagent_authz_denials_total{{{labels.format(path, proto)}}} {value:.1f}"
+        for path, proto, value in (("mtls", "http", 3), ("fast", "tcp", 4), ("fast", "http", 1))
+    )

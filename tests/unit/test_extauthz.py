@@ -16,7 +16,7 @@ from nodeagent.mesh import extension_providers as ep
 from nodeagent.mesh.model import IstioResource, Service, ServicePort
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import ResourceError, parse_mesh_config
-from nodeagent.translate import TranslationCache, authz, extauthz
+from nodeagent.translate import TranslationCache, authz, denials, extauthz
 from nodeagent.translate import envoy as e
 from nodeagent.translate.internal import CALLER_KEY
 from tests.unit.envoy_validate import assert_envoy_accepts_resources
@@ -400,7 +400,8 @@ def test_dry_run_and_rule_less_custom_policies_never_check() -> None:
 
 def test_envoy_accepts_the_filters_and_the_check_path(tmp_path: Path) -> None:
     """Envoy validates both providers' HTTP filters, the network filter, the bad-provider RBAC
-    and a pod's check listener and cluster (the provider cluster a static stand-in)."""
+    (keyed stat prefixes) and a pod's check listener and cluster (the provider cluster a static
+    stand-in)."""
     full = {
         "name": "h",
         "envoyExtAuthzHttp": {
@@ -420,6 +421,7 @@ def test_envoy_accepts_the_filters_and_the_check_path(tmp_path: Path) -> None:
         },
     }
     pod = local("web", {"app": "web"})
+    key = denials.stat_key("shop", "web", denials.MTLS)
     http_filters: list[dict[str, Any]] = []
     network: list[dict[str, Any]] = []
     for providers, name in (
@@ -428,8 +430,9 @@ def test_envoy_accepts_the_filters_and_the_check_path(tmp_path: Path) -> None:
         (TASK_PROVIDERS, "missing"),
     ):
         pod_authz = authz.policies_for(mesh_store(providers, task_policy(name)), pod.pod)
-        http_filters += pod_authz.http_filters()
-        network += pod_authz.network_filters()
+        # Keyed, as on the node's chains: the denials counted per pod (translate/denials.py).
+        http_filters += pod_authz.http_filters(key)
+        network += pod_authz.network_filters(key)
     hcm = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": e.typed(
