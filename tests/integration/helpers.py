@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tests.waiting import wait_for as wait_for  # re-exported: tests import their helpers here
@@ -209,6 +210,13 @@ def put_yaml(tb: Testbed, filename: str, *texts: str, namespace: str = "default"
 # -- a module's Kubernetes-source testbed ---------------------------------------------------------
 
 TWO_NODES: tuple[dict[str, Any], ...] = ({"name": "n1"}, {"name": "n2"})
+# Istio's sample external authorizer (ext_authz_server.py: HTTP 8000, gRPC 9000) as a pod's
+# workload, for AuthorizationPolicy CUSTOM.
+EXT_AUTHZ_APP: dict[str, Any] = {
+    "type": "command",
+    "port": 8000,
+    "command": [sys.executable, str(Path(__file__).with_name("ext_authz_server.py"))],
+}
 
 
 def pod(

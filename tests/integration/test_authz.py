@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -31,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import (
+    EXT_AUTHZ_APP,
     apply_docs,
     envoy_admin,
     node_cli,
@@ -55,11 +54,6 @@ SLEEP, SLEEP2, DEV, OTHER, LEGACY = (
 SLEEP_ID = "spiffe://cluster.local/ns/default/sa/sleep"
 DENIED = "403"
 CLOSED = "000"  # a TCP connection the network RBAC filter closed: no HTTP answer
-EXT_AUTHZ_APP = {
-    "type": "command",
-    "port": 8000,
-    "command": [sys.executable, str(Path(__file__).with_name("ext_authz_server.py"))],
-}
 
 
 def _topology() -> str:
@@ -226,9 +220,15 @@ def test_s6_authorization_by_identity_same_and_cross_node(tb: Testbed) -> None:
             Case(SLEEP, DB, "200"),  # db is not selected
         ],
     )
-    # The denial says which policy: Envoy's RBAC 403 body, as Istio's sidecar answers.
-    proc = tb.exec(SLEEP, ["curl", "-s", "-m", "3", "-X", "POST", info])
-    assert proc.stdout == "RBAC: access denied"
+    # The denial says which policy: Envoy's RBAC 403 body, as Istio's sidecar answers (bounded:
+    # a connection pooled under the previous chain answers once more under it; inbound_line).
+    body: list[str] = []
+
+    def denied_body() -> bool:
+        body[:] = [tb.exec(SLEEP, ["curl", "-s", "-m", "3", "-X", "POST", info]).stdout]
+        return body[0] == "RBAC: access denied"
+
+    wait_for(denied_body, 10, lambda: f"RBAC's 403 body, got {body}")
 
 
 def denials(tb: Testbed) -> dict[tuple[str, str, str, str], float]:
@@ -450,6 +450,22 @@ def test_ip_blocks_judge_same_node_callers_by_their_pod_ip(tb: Testbed) -> None:
     wait_for(lambda: fast in listeners(), 10, f"{fast} back")
 
 
+def inbound_line(tb: Testbed, caller: str, url: str) -> str:
+    """n1's inbound access log line of one request from CALLER to URL ("" when none appeared
+    within 2 s: Envoy writes its log once a second). One request is not enough right after a
+    policy change: a connection pooled under the previous filter chain serves one more
+    request under it (Envoy drains it then): callers ask again, bounded."""
+    request_id = f"authz-{uuid.uuid4()}"
+    tb.exec(caller, ["curl", "-s", "-m", "3", "-H", f"x-request-id: {request_id}", url])
+    log = layout.logs_dir(tb.name) / "n1.envoy.log"
+    for _ in range(20):
+        mine = [x for x in log.read_text().splitlines() if request_id in x and " inbound " in x]
+        if mine:
+            return mine[0]
+        time.sleep(0.1)
+    return ""
+
+
 def test_table_of_fields_and_conditions(tb: Testbed) -> None:
     """(policy, request, decision) through the real Envoy, one group per field family."""
     # AP Operation: paths with suffix, notMethods; COND request.headers (DENY).
@@ -482,15 +498,14 @@ def test_table_of_fields_and_conditions(tb: Testbed) -> None:
         ],
     )
     # The access log names the DENY rule that matched (Envoy's response code details).
-    request_id = f"authz-{uuid.uuid4()}"
-    tb.exec(
-        SLEEP2,
-        ["curl", "-s", "-m", "3", "-H", f"x-request-id: {request_id}", HTTPBIN + "/a.secret"],
-    )
-    log = layout.logs_dir(tb.name) / "n1.envoy.log"
-    wait_for(lambda: request_id in log.read_text(), 10, "the denial's access log line")
-    (line,) = [entry for entry in log.read_text().splitlines() if request_id in entry]
-    assert " 403 " in line and "ns[foo]-policy[deny-fields]-rule[0]" in line, line
+    rule = "ns[foo]-policy[deny-fields]-rule[0]"
+    line = [""]
+
+    def logged_denial() -> bool:
+        line[0] = inbound_line(tb, SLEEP2, HTTPBIN + "/a.secret")
+        return " 403 " in line[0] and rule in line[0]
+
+    wait_for(logged_denial, 15, lambda: f"an inbound 403 line naming {rule}, last: {line[0]}")
     # AP Source: notNamespaces (an unauthenticated caller is in no namespace: denied too).
     enforce(
         tb,
@@ -755,15 +770,33 @@ def _check_caller(body: str) -> str:
     return next((p[4:] for p in received.split(";") if p.startswith("URI=")), "")
 
 
+HTTPBIN_PATHS = (("httpbin", "fast", "http"), ("httpbin", "mtls", "http"))
+
+
+def custom_denials_grew(tb: Testbed, before: dict[Any, float], *where: tuple[str, ...]) -> None:
+    """n1's ``nodeagent_authz_denials_total`` with action custom grew for each (pod, path,
+    protocol) of WHERE since BEFORE (denials(tb)), within a few seconds."""
+    wanted = [(*w, "custom") for w in where]
+    now: list[dict[Any, float]] = [{}]
+
+    def grown() -> bool:
+        now[0] = denials(tb)
+        return all(now[0].get(k, 0) > before.get(k, 0) for k in wanted)
+
+    wait_for(grown, 10, lambda: f"custom denials {wanted} grown: before {before}, now {now[0]}")
+
+
 def test_custom_ext_authz_http_and_grpc_providers(tb: Testbed) -> None:
     """TASK with both providers, callers on httpbin's node (fast path) and on the other node
     (mTLS): /headers allowed with ``x-ext-authz: allow``, denied without (403 and the
     provider's ``x-ext-authz-check-result: denied`` reaching the client); /ip, not in the rule,
     never checked (allowed without the header). The check reaches the provider (on n2) over
-    mTLS as httpbin itself: the x-forwarded-client-cert the provider saw names httpbin."""
+    mTLS as httpbin itself: the x-forwarded-client-cert the provider saw names httpbin. The
+    provider's denials are counted in n1's metrics for httpbin, per path, action custom."""
     tb.set_mesh_config({"extensionProviders": PROVIDERS})
     try:
         for provider in ("sample-ext-authz-http", "sample-ext-authz-grpc"):
+            before = denials(tb)
             enforce(
                 tb,
                 [custom(provider)],
@@ -776,6 +809,7 @@ def test_custom_ext_authz_http_and_grpc_providers(tb: Testbed) -> None:
                     Case(SLEEP2, HTTPBIN + "/ip", "200"),
                 ],
             )
+            custom_denials_grew(tb, before, *HTTPBIN_PATHS)
             _deny_header_and_check_caller(tb, provider)
     finally:
         apply_docs(tb)
@@ -787,7 +821,8 @@ def test_custom_provider_down_unknown_before_deny_and_on_tcp(tb: Testbed) -> Non
     failOpen false -> 403, statusOnError 503 -> 503, failOpen true -> allowed. An unknown
     provider: istiod's config denies what the CUSTOM rules match. CUSTOM comes before DENY: the
     provider's allow does not lift a DENY (AP: CUSTOM, DENY, ALLOW). A gRPC provider checks TCP
-    connections too (no header to allow: closed)."""
+    connections too (no header to allow: closed). The unknown provider's and the TCP denials
+    are counted per pod and path with action custom."""
     tb.set_mesh_config({"extensionProviders": PROVIDERS})
     try:
         for provider, expected in (
@@ -804,6 +839,7 @@ def test_custom_provider_down_unknown_before_deny_and_on_tcp(tb: Testbed) -> Non
                     Case(SLEEP, HTTPBIN + "/ip", "200"),
                 ],
             )
+        before = denials(tb)
         enforce(
             tb,
             [custom("no-such-provider")],
@@ -813,6 +849,8 @@ def test_custom_provider_down_unknown_before_deny_and_on_tcp(tb: Testbed) -> Non
                 Case(SLEEP, HTTPBIN + "/ip", "200"),
             ],
         )
+        # The provider in error: the RBAC filter denying what the CUSTOM rules match counts.
+        custom_denials_grew(tb, before, *HTTPBIN_PATHS)
         deny_sleep = ap(
             "deny-sleep",
             {
@@ -840,11 +878,13 @@ def test_custom_provider_down_unknown_before_deny_and_on_tcp(tb: Testbed) -> Non
             10,
             "the DENY policy's 403 body",
         )
+        before = denials(tb)
         enforce(
             tb,
             [custom("sample-ext-authz-grpc", DB_SEL)],
             [Case(SLEEP, DB, CLOSED), Case(SLEEP2, DB, CLOSED), Case(SLEEP, HTTPBIN + "/", "200")],
         )
+        custom_denials_grew(tb, before, ("db", "fast", "tcp"), ("db", "mtls", "tcp"))
         enforce(
             tb, [custom("down-open", DB_SEL)], [Case(SLEEP, DB, "200"), Case(SLEEP2, DB, "200")]
         )

@@ -43,6 +43,7 @@ import pytest
 from nodeagent.testbed import layout, netns
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import (
+    EXT_AUTHZ_APP,
     call,
     pod,
     put_yaml,
@@ -79,13 +80,24 @@ def _topology() -> str:
             workload={"type": "gateway"},
         )
 
+    # Istio's sample external authorizer as a mesh pod (HTTP 8000, gRPC 9000), for CUSTOM.
+    ext_authz = pod("ext-authz", "n1", {"app": "ext-authz"}, workload=EXT_AUTHZ_APP)
     text = topology_text(
         NAME,
-        [app("web-api"), app("payments"), gateway("ingress"), gateway("egress")],
+        [app("web-api"), app("payments"), gateway("ingress"), gateway("egress"), ext_authz],
         [
             service("web-api", 8080, 8080),
             service("payments", 8080, 8080),
             service("istio-egressgateway", 80, 8080, namespace="istio-system"),
+            {
+                "name": "ext-authz",
+                "namespace": "default",
+                "selector": {"app": "ext-authz"},
+                "ports": [
+                    {"name": "http", "port": 8000, "targetPort": 8000},
+                    {"name": "grpc", "port": 9000, "targetPort": 9000},
+                ],
+            },
         ],
         nodes=({"name": "n1"},),
         outside=("istio-system",),
@@ -450,7 +462,11 @@ spec:
     put_yaml(policies, "gateway-policies.yaml", deny)
     _settle(policies, {"403 admin": ("/admin/x",), "200 home": ("/home",)})
     ip = policies.pod_ip(GATEWAY_POD)
-    assert _curl(policies, f"http://{ip}:8080/admin").stdout == "RBAC: access denied"
+    wait_for(  # bounded, as _settle: each of Envoy's workers takes the new listener in turn
+        lambda: _curl(policies, f"http://{ip}:8080/admin").stdout == "RBAC: access denied",
+        10,
+        "RBAC's 403 body",
+    )
 
 
 def test_jwt_at_the_gateway_401_for_a_bad_token_and_an_allow_on_request_principals(
@@ -508,3 +524,56 @@ spec:
         policies,
         {"403 named": ("/", named), "200 other": ("/", other), "403 peer": ("/peer-denied", other)},
     )
+
+
+# istio.io/latest/docs/tasks/security/authorization/authz-custom/: its two providers (MeshConfig
+# extensionProviders) and its CUSTOM policy, here on the ingress gateway (Istio's common use:
+# ext-authz or oauth2-proxy at the edge).
+EXT_AUTHZ_HOST = "ext-authz.default.svc.cluster.local"
+EXT_AUTHZ_PROVIDERS = {
+    "extensionProviders": [
+        {"name": "grpc", "envoyExtAuthzGrpc": {"service": EXT_AUTHZ_HOST, "port": 9000}},
+        {
+            "name": "http",
+            "envoyExtAuthzHttp": {
+                "service": EXT_AUTHZ_HOST,
+                "port": 8000,
+                "includeRequestHeadersInCheck": ["x-ext-authz"],
+                "headersToUpstreamOnAllow": ["x-ext-authz-check-received"],
+                "headersToDownstreamOnDeny": ["x-ext-authz-check-result"],
+            },
+        },
+    ]
+}
+
+
+def test_custom_ext_authz_at_the_gateway_with_both_providers(policies: Testbed) -> None:
+    """The authz-custom task's policy on the ingress gateway (CUSTOM on /headers): allowed with
+    ``x-ext-authz: allow``, 403 without, the provider's ``x-ext-authz-check-result: denied``
+    reaching the client; / never checked. The gateway calls the provider (a mesh
+    pod) itself, over mTLS as its own identity: the x-forwarded-client-cert the check arrived
+    with, which the provider hands upstream, names the gateway."""
+    policies.set_mesh_config(EXT_AUTHZ_PROVIDERS)
+    ip = policies.pod_ip(GATEWAY_POD)
+    allow = "x-ext-authz: allow"
+    for provider in ("http", "grpc"):
+        custom = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ext-authz, namespace: istio-system}}
+spec:
+  {SELECT_INGRESS}
+  action: CUSTOM
+  provider: {{name: {provider}}}
+  rules: [{{to: [{{operation: {{paths: ["/headers"]}}}}]}}]
+"""
+        put_yaml(policies, "gateway-policies.yaml", custom)
+        _settle(
+            policies,
+            {"200 allowed": ("/headers", allow), "403 denied": ("/headers",), "200 home": ("/",)},
+        )
+        answer = _answer(policies, f"http://{ip}:8080/headers", "-H", allow) or {}
+        headers = {k.lower(): v for k, v in answer.get("headers", {}).items()}
+        assert f"URI={GATEWAY_ID}" in headers.get("x-ext-authz-check-received", ""), answer
+        denied = _curl(policies, f"http://{ip}:8080/headers", "-i").stdout.lower()
+        assert "x-ext-authz-check-result: denied" in denied, (provider, denied)
