@@ -45,7 +45,12 @@ the check, as none does at Istio (ext_authz names the cluster, not a route). The
 listener and one cluster per local pod with a CUSTOM policy (pods without one pay nothing). A
 provider cluster that is missing (a Sidecar that hides it) fails the check, and the request
 gets statusOnError (403) unless failOpen, as at Istio. The sidecar form (an Envoy in the pod's
-netns) calls the service's cluster directly, as Istio's sidecar does.
+netns) calls the service's cluster directly, as Istio's sidecar does; so does a gateway served by
+``nodeagent gateway``, a proxy of its own (translate/gateway_policies.py, which denies instead
+when the gateway has no cluster for the provider).
+
+Each ext_authz filter's stat prefix carries the chain's denial key (translate/denials.py): the
+node's metrics count the provider's denials per pod and path with action ``custom``.
 """
 
 from __future__ import annotations
