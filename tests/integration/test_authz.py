@@ -771,19 +771,32 @@ def _check_caller(body: str) -> str:
 
 
 HTTPBIN_PATHS = (("httpbin", "fast", "http"), ("httpbin", "mtls", "http"))
+HTTPBIN_DENIED = [Case(c, HTTPBIN + "/headers", DENIED) for c in (SLEEP, SLEEP2)]
 
 
-def custom_denials_grew(tb: Testbed, before: dict[Any, float], *where: tuple[str, ...]) -> None:
-    """n1's ``nodeagent_authz_denials_total`` with action custom grew for each (pod, path,
-    protocol) of WHERE since BEFORE (denials(tb)), within a few seconds."""
+def custom_denials_counted(tb: Testbed, denied: list[Case], *where: tuple[str, ...]) -> None:
+    """The DENIED requests, once the policy holds, are counted in n1's
+    ``nodeagent_authz_denials_total`` with action custom for each (pod, path, protocol) of
+    WHERE: between two reads with the requests in between, each grows. (Not from before the
+    policy change: a change that drops a filter even for one push frees its counter, which
+    comes back at 0, a reset as Prometheus knows them.) Bounded."""
     wanted = [(*w, "custom") for w in where]
-    now: list[dict[Any, float]] = [{}]
+    seen: list[Any] = []
 
-    def grown() -> bool:
-        now[0] = denials(tb)
-        return all(now[0].get(k, 0) > before.get(k, 0) for k in wanted)
+    def counted() -> bool:
+        before = denials(tb)
+        answers = codes(tb, denied)
+        after = denials(tb)
+        seen[:] = [answers, before, after]
+        if answers != [c.expected for c in denied]:  # a pooled connection's last old answer
+            return False
+        return all(after.get(k, 0) > before.get(k, 0) for k in wanted)
 
-    wait_for(grown, 10, lambda: f"custom denials {wanted} grown: before {before}, now {now[0]}")
+    def why() -> str:
+        stats = envoy_admin(tb.name, "n1", "/stats?filter=_custom")
+        return f"custom denials {wanted} counted: (answers, before, after) {seen}; n1:\n{stats}"
+
+    wait_for(counted, 10, why)
 
 
 def test_custom_ext_authz_http_and_grpc_providers(tb: Testbed) -> None:
@@ -796,7 +809,6 @@ def test_custom_ext_authz_http_and_grpc_providers(tb: Testbed) -> None:
     tb.set_mesh_config({"extensionProviders": PROVIDERS})
     try:
         for provider in ("sample-ext-authz-http", "sample-ext-authz-grpc"):
-            before = denials(tb)
             enforce(
                 tb,
                 [custom(provider)],
@@ -809,7 +821,7 @@ def test_custom_ext_authz_http_and_grpc_providers(tb: Testbed) -> None:
                     Case(SLEEP2, HTTPBIN + "/ip", "200"),
                 ],
             )
-            custom_denials_grew(tb, before, *HTTPBIN_PATHS)
+            custom_denials_counted(tb, HTTPBIN_DENIED, *HTTPBIN_PATHS)
             _deny_header_and_check_caller(tb, provider)
     finally:
         apply_docs(tb)
@@ -839,7 +851,6 @@ def test_custom_provider_down_unknown_before_deny_and_on_tcp(tb: Testbed) -> Non
                     Case(SLEEP, HTTPBIN + "/ip", "200"),
                 ],
             )
-        before = denials(tb)
         enforce(
             tb,
             [custom("no-such-provider")],
@@ -850,7 +861,8 @@ def test_custom_provider_down_unknown_before_deny_and_on_tcp(tb: Testbed) -> Non
             ],
         )
         # The provider in error: the RBAC filter denying what the CUSTOM rules match counts.
-        custom_denials_grew(tb, before, *HTTPBIN_PATHS)
+        denied = [Case(c.caller, c.url, DENIED, headers=ALLOW_HEADER) for c in HTTPBIN_DENIED]
+        custom_denials_counted(tb, denied, *HTTPBIN_PATHS)
         deny_sleep = ap(
             "deny-sleep",
             {
@@ -878,13 +890,13 @@ def test_custom_provider_down_unknown_before_deny_and_on_tcp(tb: Testbed) -> Non
             10,
             "the DENY policy's 403 body",
         )
-        before = denials(tb)
         enforce(
             tb,
             [custom("sample-ext-authz-grpc", DB_SEL)],
             [Case(SLEEP, DB, CLOSED), Case(SLEEP2, DB, CLOSED), Case(SLEEP, HTTPBIN + "/", "200")],
         )
-        custom_denials_grew(tb, before, ("db", "fast", "tcp"), ("db", "mtls", "tcp"))
+        closed = [Case(SLEEP, DB, CLOSED), Case(SLEEP2, DB, CLOSED)]
+        custom_denials_counted(tb, closed, ("db", "fast", "tcp"), ("db", "mtls", "tcp"))
         enforce(
             tb, [custom("down-open", DB_SEL)], [Case(SLEEP, DB, "200"), Case(SLEEP2, DB, "200")]
         )
