@@ -36,7 +36,9 @@ from nodeagent.metrics import AgentMetrics
 from nodeagent.podstatus import PodAnnotator, kubernetes_patcher
 from nodeagent.ports import AGENT_METRICS_PORT, AGENT_READINESS_PORT, ENVOY_STATS_PORT
 from nodeagent.proxy import NodeProxy, ProxySettings
+from nodeagent.redirect import RedirectBackend
 from nodeagent.redirect.discovery import find_pod_netns
+from nodeagent.redirect.ebpf import DEFAULT_PIN_DIR, EbpfBackend, EbpfError, remove_pins
 from nodeagent.redirect.host import ProbeSnat
 from nodeagent.redirect.manager import CaptureManager
 from nodeagent.redirect.nftables import NODE_RULES, SIDECAR_RULES, NftablesBackend
@@ -94,9 +96,32 @@ class AgentConfig:
     cert_ttl: float = 24 * 3600.0
     cert_key_type: str = "EC"  # ECDSA P-256; "RSA" for RSA 2048 (Istio's default)
     host_proc: Path = Path("/proc")  # where pods that ran before the agent are looked for
+    # How pods' traffic is captured: "nftables", "ebpf" (outbound TCP by cgroup hooks; inbound
+    # and DNS still by nftables: nodeagent.redirect.ebpf), or "auto" (eBPF where the kernel has
+    # what it needs, else nftables, logged). BPF_DIR: where eBPF capture pins its objects.
+    capture_mode: str = "nftables"
+    bpf_dir: Path = DEFAULT_PIN_DIR
     # The agent's own DaemonSet: on SIGTERM, if it is gone or being deleted, capture is removed
     # from every pod (nodeagent.uninstall). Asked with the source's credentials.
     daemonset: uninstall.DaemonSetRef | None = None
+
+
+async def _capture_backend(config: AgentConfig, sidecars: bool) -> RedirectBackend:
+    """The capture backend --capture-mode asks for; "ebpf" that cannot run stops the agent with
+    the reason (no pod is captured some other way than asked), "auto" falls back to nftables."""
+    if sidecars or config.capture_mode == "nftables":
+        log.info("capture mode: nftables")
+        return NftablesBackend(SIDECAR_RULES if sidecars else NODE_RULES)
+    backend = EbpfBackend(config.bpf_dir)
+    try:
+        loaded = await asyncio.to_thread(backend.start)
+    except (EbpfError, OSError) as e:
+        if config.capture_mode == "ebpf":
+            raise EbpfError(f"--capture-mode ebpf: {e}") from None
+        log.warning("capture mode auto: eBPF capture unavailable (%s); using nftables", e)
+        return NftablesBackend(NODE_RULES)
+    log.info("capture mode %s: eBPF (%s)", config.capture_mode, loaded)
+    return backend
 
 
 async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
@@ -153,9 +178,10 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # Pods whose DNS is captured (ISTIO_META_DNS_CAPTURE) ask the agent; the sidecar model's
     # capture (istio-init's rules) has no DNS capture here.
     dns = None if sidecars else DnsProxy(store)
+    backend = await _capture_backend(config, sidecars)
     manager = CaptureManager(
         store,
-        NftablesBackend(SIDECAR_RULES if sidecars else NODE_RULES),
+        backend,
         registry,
         metrics,
         config.excluded_namespaces,
@@ -210,6 +236,11 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     tasks.spawn("jwks", lambda: resolver.run(stop), stop=stop, critical=False)
     summary = await manager.reconcile()
     log.info("node %s: %d known pods reconciled: %s", config.node_name, len(registry.pods), summary)
+    if backend.name == "nftables" and config.bpf_dir.exists():
+        # The node ran eBPF capture before: the pods have their nftables rules again (the
+        # reconcile above), so the old hooks go.
+        await asyncio.to_thread(remove_pins, config.bpf_dir)
+        log.info("capture mode nftables: eBPF capture pins under %s removed", config.bpf_dir)
     if proxy is not None:
         await proxy.start()
         tasks.spawn("push", lambda: proxy.run(stop), stop=stop)

@@ -135,6 +135,22 @@ if TYPE_CHECKING:
     show_default=True,
     help="The host's /proc, where pods that ran before the agent are found (a DaemonSet mount).",
 )
+@click.option(
+    "--capture-mode",
+    type=click.Choice(["nftables", "ebpf", "auto"]),
+    default="nftables",
+    show_default=True,
+    help="How pods' traffic is captured. ebpf: outbound TCP by cgroup connect hooks, NAT-free"
+    " (inbound and DNS still by nftables); the agent does not start when the kernel lacks what"
+    " it needs. auto: ebpf where it can run, else nftables (logged). Node model only.",
+)
+@click.option(
+    "--bpf-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/sys/fs/bpf/nodeagent"),
+    show_default=True,
+    help="eBPF capture: where programs, maps and each pod's links are pinned (bpffs).",
+)
 @daemonset_option
 @click.option("--log-level", default="info", show_default=True)
 def run(
@@ -168,6 +184,8 @@ def run(
     cert_ttl: float,
     cert_key_type: str,
     host_proc: Path,
+    capture_mode: str,
+    bpf_dir: Path,
     daemonset: DaemonSetRef | None,
     log_level: str,
 ) -> None:
@@ -189,6 +207,10 @@ def run(
     if proxy_model == "sidecar" and (no_proxy or envoy_mode != "managed"):
         raise click.UsageError(
             "--proxy-model sidecar runs one Envoy per pod itself: drop --no-proxy/--envoy-mode"
+        )
+    if proxy_model == "sidecar" and capture_mode != "nftables":
+        raise click.UsageError(
+            "--proxy-model sidecar captures with istio-init's nftables rules: drop --capture-mode"
         )
     check_ca_options(ca_dir, ca_address, ca_root_file, ca_token_file)
     logs.setup(log_level)
@@ -223,6 +245,8 @@ def run(
         cert_ttl=cert_ttl,
         cert_key_type=cert_key_type,
         host_proc=host_proc,
+        capture_mode=capture_mode,
+        bpf_dir=bpf_dir,
         daemonset=daemonset,
     )
     asyncio.run(agent.run(config))

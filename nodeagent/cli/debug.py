@@ -32,9 +32,17 @@ def pods(cni_socket: str, output: str) -> None:
         click.echo(json.dumps(records, indent=2))
         return
     table(
-        [("NAMESPACE", "POD", "STATE", "IPS", "NETNS", "REASON")]
+        [("NAMESPACE", "POD", "STATE", "CAPTURE", "IPS", "NETNS", "REASON")]
         + [
-            (r["namespace"], r["name"], r["state"], ",".join(r["ips"]), r["netns"], r["reason"])
+            (
+                r["namespace"],
+                r["name"],
+                r["state"],
+                r.get("backend") or "-",  # nftables or ebpf: the node's --capture-mode
+                ",".join(r["ips"]),
+                r["netns"],
+                r["reason"],
+            )
             for r in records
         ]
     )

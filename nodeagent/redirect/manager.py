@@ -273,7 +273,7 @@ class CaptureManager:
             await self._stop_dns(capture)  # its sockets would keep the netns alive
             if capture.state == CAPTURED and os.path.exists(capture.netns):
                 try:
-                    await self._in_thread(self.backend.remove, Path(capture.netns))
+                    await self._in_thread(self.backend.remove, Path(capture.netns), capture.uid)
                 except Exception as e:  # the netns is on its way out anyway
                     log.warning("removing capture of %s failed: %s", capture.key, e)
         self._locks.pop(capture.container_id, None)
@@ -295,7 +295,10 @@ class CaptureManager:
         if capture.state != CAPTURED or capture.spec is None:
             return _fail(f"pod {capture.key} is {capture.state}: {capture.reason}")
         result = await self._in_thread(
-            self.backend.verify, Path(capture.netns), CaptureSpec.from_json(capture.spec)
+            self.backend.verify,
+            Path(capture.netns),
+            CaptureSpec.from_json(capture.spec),
+            capture.uid,
         )
         return {"ok": True, "state": CAPTURED} if result.ok else _fail(result.reason)
 
@@ -383,7 +386,9 @@ class CaptureManager:
             return "netns_missing"
         spec = CaptureSpec.from_json(capture.spec)
         try:
-            check = await self._in_thread(self.backend.verify, Path(capture.netns), spec)
+            check = await self._in_thread(
+                self.backend.verify, Path(capture.netns), spec, capture.uid
+            )
         except Exception as e:
             check_ok, why = False, f"verify failed: {e}"
         else:
@@ -613,7 +618,7 @@ class CaptureManager:
             await self._stop_dns(capture)
             if capture.netns and os.path.exists(capture.netns):  # a failed one may hold rules too
                 try:
-                    await self._in_thread(self.backend.remove, Path(capture.netns))
+                    await self._in_thread(self.backend.remove, Path(capture.netns), capture.uid)
                 except Exception as e:
                     self._settle(
                         capture,
@@ -639,8 +644,8 @@ class CaptureManager:
         """Apply and verify; returns a problem description, empty when captured."""
         netns = Path(capture.netns)
         try:
-            await self._in_thread(self.backend.apply, netns, spec)
-            check = await self._in_thread(self.backend.verify, netns, spec)
+            await self._in_thread(self.backend.apply, netns, spec, capture.uid)
+            check = await self._in_thread(self.backend.verify, netns, spec, capture.uid)
         except Exception as e:
             return f"{self.backend.name} capture failed in {capture.netns}: {e}"
         if not check.ok:
@@ -756,7 +761,7 @@ class CaptureManager:
         if not capture.netns or not os.path.exists(capture.netns):
             return "netns_missing"
         try:
-            await self._in_thread(self.backend.remove, Path(capture.netns))
+            await self._in_thread(self.backend.remove, Path(capture.netns), capture.uid)
         except Exception as e:
             log.error("pod %s: removing capture in %s failed: %s", capture.key, capture.netns, e)
             return "failed"

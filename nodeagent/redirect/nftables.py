@@ -44,7 +44,10 @@ DSTNAT = -100  # nft's "dstnat" priority; listed back as a number
 # The two rule sets: the per-node model's (Istio ambient's in-pod rules: Envoy's sockets are
 # skipped by mark) and the sidecar model's (istio-init's: Envoy runs in the pod as uid 1337).
 NODE_RULES, SIDECAR_RULES = "node", "sidecar"
-RULE_SETS = (NODE_RULES, SIDECAR_RULES)
+# eBPF capture's companion (ebpf.py): what eBPF does not capture yet, inbound and DNS, as in
+# NODE_RULES; outbound TCP is left to the cgroup connect hooks.
+EBPF_COMPANION_RULES = "ebpf-companion"
+RULE_SETS = (NODE_RULES, SIDECAR_RULES, EBPF_COMPANION_RULES)
 MARK_MASK = 0xFFF  # as Istio: only the low bits, so other users of the mark don't hide Envoy's
 
 # libnftables does not document thread safety; serialise our (millisecond) calls.
@@ -289,6 +292,8 @@ def ruleset(spec: CaptureSpec, rules: str = NODE_RULES) -> list[Json]:
     """
     if rules == NODE_RULES:
         chains = {"prerouting": _prerouting(spec), "output": _output(spec)}
+    elif rules == EBPF_COMPANION_RULES:
+        chains = {"prerouting": _prerouting(spec), "output": _dns(spec)}
     elif rules == SIDECAR_RULES:
         chains = _sidecar_chains(spec)
     else:
@@ -495,7 +500,8 @@ def _list_our_table(where: str) -> list[Json]:
 
 class NftablesBackend:
     """RedirectBackend on nftables: ``table inet nodeagent`` inside each pod's netns, holding
-    the rule set of the agent's proxy model (RULES: NODE_RULES or SIDECAR_RULES)."""
+    the rule set of the agent's proxy model (RULES: NODE_RULES or SIDECAR_RULES; eBPF capture's
+    companion: EBPF_COMPANION_RULES). UID is not needed here."""
 
     name = "nftables"
 
@@ -504,7 +510,7 @@ class NftablesBackend:
             raise ValueError(f"unknown capture rule set {rules!r} (expected one of {RULE_SETS})")
         self.rules = rules
 
-    def apply(self, netns: Path, spec: CaptureSpec) -> None:
+    def apply(self, netns: Path, spec: CaptureSpec, uid: str = "") -> None:
         with entered(netns):
             # A new pod has no table of ours: creating it costs 0.4 ms, where a transaction that
             # deletes a table costs 8-16 ms (measured on this project's VMs), most of a pod's
@@ -514,7 +520,7 @@ class NftablesBackend:
             except NftablesError:
                 run_nft(render(spec, self.rules), str(netns))
 
-    def verify(self, netns: Path, spec: CaptureSpec) -> CaptureCheck:
+    def verify(self, netns: Path, spec: CaptureSpec, uid: str = "") -> CaptureCheck:
         with entered(netns):
             listed = _list_our_table(str(netns))
         problems = differences(ruleset(spec, self.rules), listed)
@@ -523,6 +529,6 @@ class NftablesBackend:
             return CaptureCheck(False, "; ".join(shown))
         return CaptureCheck(True)
 
-    def remove(self, netns: Path) -> None:
+    def remove(self, netns: Path, uid: str = "") -> None:
         with entered(netns):
             run_nft({"nftables": _replace_table()[:2]}, str(netns))

@@ -203,8 +203,15 @@ class Testbed:
         return pod_netns(self.name, self.topology.find_pod(ref))
 
     def exec_argv(self, ref: str, argv: list[str]) -> list[str]:
-        """argv running a command inside a pod: its netns and its /etc/hosts."""
-        return netns.in_netns(self.pod_netns(ref), argv)
+        """argv running a command inside a pod as ``kubectl exec`` does: its netns and its
+        /etc/hosts, and its container's cgroup (where eBPF capture's hooks see it)."""
+        pod = self.topology.find_pod(ref)
+        inner = netns.in_netns(pod_netns(self.name, pod), argv)
+        record = self.state.pods.get(pod.key)
+        if record is None or not self.state.cgroup:
+            return inner
+        folder = cgroups.pod_dir(Path(self.state.cgroup), record.uid, record.container_id)
+        return cgroups.in_cgroup(folder, inner) if folder.is_dir() else inner
 
     def exec(
         self, ref: str, argv: list[str], timeout: float = 30.0
@@ -684,6 +691,7 @@ class Testbed:
             proxy_model=self.topology.proxy_model,
             source=self.topology.source,
             ca_address=self.ca_address if self.topology.ca == "service" else None,
+            capture_mode=self.topology.capture_mode,
         )
         with self._lock:
             self.state.daemons.append(record)
@@ -817,6 +825,11 @@ class Testbed:
         resources.write(pod_file, [resources.pod_object(pod, record.uid)])
         if publish_lead > 0:
             time.sleep(publish_lead)
+        if self.state.cgroup:
+            # kubelet makes the pod's cgroup before its sandbox: eBPF capture attaches there
+            cgroups.pod_dir(Path(self.state.cgroup), record.uid, "").mkdir(
+                parents=True, exist_ok=True
+            )
         with self._creating_netns(ns):
             sandbox = _sandbox(pod.key, record)
             runtime = node_runtime(self.name, pod.node)
@@ -1196,6 +1209,12 @@ def down(name: str) -> list[str]:
         # A state saved before up recorded its cgroup names none: never Path("") (the cwd).
         folder = state.cgroup if state and state.cgroup else cgroups.testbed_dir(name)
         problems += cgroups.remove(Path(folder))
+    # The agents' eBPF capture pins (their links hold programs on cgroups now gone).
+    bpf = layout.bpf_dir(name, "x").parent
+    if bpf.exists():
+        from nodeagent.redirect.ebpf import remove_pins
+
+        remove_pins(bpf)
 
     # 3. Namespaces (their links, bridges, addresses and routes go with them), then files.
     for ns in names:

@@ -59,6 +59,7 @@ def start(
     proxy_model: str = "node",
     source: str = "directory",
     ca_address: str | None = None,
+    capture_mode: str = "nftables",
 ) -> DaemonRecord:
     """Start one node daemon. Its output goes to ``logs/<node>.<daemon>.log``: for the envoy
     daemon that is ``<node>.envoy.log``, where the agent's own Envoy writes in managed mode."""
@@ -106,6 +107,7 @@ def start(
             # Every node agent signs with the same plug-in CA, as Istio's cacerts secret would.
             argv += ["--ca-dir", str(layout.cacerts_dir(testbed))]
         argv += ["--cert-ttl", str(cert_ttl)]
+        argv += ["--capture-mode", capture_mode, "--bpf-dir", str(layout.bpf_dir(testbed, node))]
         if not proxy:
             argv.append("--no-proxy")
         elif envoy_container:

@@ -139,6 +139,11 @@ def agent_state_dir(name: str, node: str) -> Path:
     return node_dir(name, node) / "agent"
 
 
+def bpf_dir(name: str, node: str) -> Path:
+    """Where the node's agent pins its eBPF capture (bpffs is one per machine: a folder each)."""
+    return Path("/sys/fs/bpf/nodeagent-testbed") / name / node
+
+
 def sidecar_dir(name: str, node: str) -> Path:
     """The node agent's --sidecar-dir (proxyModel: sidecar): sidecars' xDS socket, bootstraps
     and pidfiles (``<namespace>.<pod>/envoy.pid``)."""

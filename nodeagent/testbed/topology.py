@@ -36,6 +36,7 @@ DEFAULT_UNDERLAY_CIDR = ipaddress.IPv4Network("172.31.0.0/24")
 # Where the node agents read the cluster from: "kubernetes" (the testbed's stand-in API server,
 # list/watch as the DaemonSet's agents do on a real cluster) or "directory" (--source-dir).
 SOURCES = ("kubernetes", "directory")
+CAPTURE_MODES = ("nftables", "ebpf", "auto")
 DEFAULT_SOURCE = "kubernetes"
 APISERVER_PORT = 6443
 # Who signs the workload certificates: "service" (the CA service, `nodeagent ca`, run by the
@@ -229,6 +230,8 @@ class Topology:
     externals: tuple[External, ...] = ()
     # A client netns outside the mesh (topology key ``outside``), or None.
     outside: Outside | None = None
+    # With nodeagent: each agent's --capture-mode (CAPTURE_MODES).
+    capture_mode: str = "nftables"
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -441,6 +444,13 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             "sidecar needs nodeagent: true and proxy: true, and no envoyContainer (each pod"
             " runs its own Envoy)",
         )
+    capture_mode = top.get("captureMode", "nftables")
+    if capture_mode not in CAPTURE_MODES:
+        raise r.fail(
+            "captureMode", f"expected one of {', '.join(CAPTURE_MODES)}, got {capture_mode!r}"
+        )
+    if capture_mode != "nftables" and proxy_model == "sidecar":
+        raise r.fail("captureMode", "the sidecar model captures with nftables only")
     cert_ttl = top.get("certTTL", 24 * 3600)
     if isinstance(cert_ttl, bool) or not isinstance(cert_ttl, int) or cert_ttl < 10:
         raise r.fail("certTTL", f"expected whole seconds, at least 10, got {cert_ttl!r}")
@@ -470,6 +480,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         ca,
         externals,
         outside,
+        capture_mode,
     )
 
 

@@ -32,21 +32,23 @@ class RecordingBackend:
     def __init__(self) -> None:
         self.installed: dict[Path, CaptureSpec] = {}
         self.calls: list[tuple[str, Path]] = []
+        self.uids: dict[Path, str] = {}  # the pod UID each netns was applied with
         self.fail_apply = ""
 
-    def apply(self, netns: Path, spec: CaptureSpec) -> None:
+    def apply(self, netns: Path, spec: CaptureSpec, uid: str = "") -> None:
         self.calls.append(("apply", netns))
+        self.uids[netns] = uid
         if self.fail_apply:
             raise RuntimeError(self.fail_apply)
         self.installed[netns] = spec
 
-    def verify(self, netns: Path, spec: CaptureSpec) -> CaptureCheck:
+    def verify(self, netns: Path, spec: CaptureSpec, uid: str = "") -> CaptureCheck:
         self.calls.append(("verify", netns))
         if netns not in self.installed:
             return CaptureCheck(False, "table inet nodeagent is missing")
         return CaptureCheck(self.installed[netns] == spec, "rules differ")
 
-    def remove(self, netns: Path) -> None:
+    def remove(self, netns: Path, uid: str = "") -> None:
         self.calls.append(("remove", netns))
         self.installed.pop(netns, None)
 
@@ -300,6 +302,7 @@ def test_pods_running_before_the_agent_are_found_and_captured(tmp_path: Path) ->
         states = {p["name"]: p for p in node.manager.status()}
         assert states["web"]["state"] == "captured" and states["web"]["discovered"]
         assert node.backend.installed[Path(web_netns)] == CaptureSpec()
+        assert node.backend.uids[Path(web_netns)] == "uid-web"  # eBPF finds its cgroup by it
         assert states["lost"]["state"] == "failed"
         assert "no process" in states["lost"]["reason"] and "10.244.1.3" in states["lost"]["reason"]
         assert "outside" not in states and "elsewhere" not in states
@@ -320,6 +323,7 @@ def test_pods_running_before_the_agent_are_found_and_captured(tmp_path: Path) ->
         # A new sandbox of the lost pod replaces its failed record.
         lost = node.cni_pod("lost", ip="10.244.1.3") | {"uid": "uid-lost"}
         assert (await node.manager.add(lost, timeout=5))["state"] == "captured"
+        assert node.backend.uids[Path(lost["netns"])] == "uid-lost"
         assert [p["container_id"] for p in node.manager.status() if p["name"] == "lost"] == [
             "id-lost"
         ]

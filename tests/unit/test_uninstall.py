@@ -307,13 +307,13 @@ class RecordingBackend:
         self.removed: list[str] = []
         self.fail = fail or set()
 
-    def apply(self, netns: Path, spec: CaptureSpec) -> None:
+    def apply(self, netns: Path, spec: CaptureSpec, uid: str = "") -> None:
         raise AssertionError("nothing is applied during removal")
 
-    def verify(self, netns: Path, spec: CaptureSpec) -> CaptureCheck:
+    def verify(self, netns: Path, spec: CaptureSpec, uid: str = "") -> CaptureCheck:
         raise AssertionError("nothing is verified during removal")
 
-    def remove(self, netns: Path) -> None:
+    def remove(self, netns: Path, uid: str = "") -> None:
         if str(netns) in self.fail:
             raise RuntimeError("nft: Operation not permitted")
         self.removed.append(str(netns))

@@ -1,0 +1,126 @@
+/* Shared by the capture hooks: the maps and their key layout (nodeagent/redirect/ebpf_maps.py
+ * packs the same layout from Python; change both together).
+ *
+ * Keys are unique across pods: every pod netns has its own 127.0.0.1, so anything keyed by an
+ * address also carries the netns cookie (bpf_get_netns_cookie), unique on the node for the
+ * namespace's lifetime. Addresses are 16 bytes, IPv4 as ::ffff:a.b.c.d, in network order.
+ */
+#ifndef NODEAGENT_CAPTURE_H
+#define NODEAGENT_CAPTURE_H
+
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+
+#define OUTBOUND_PORT 15001 /* Envoy's outbound capture listener in the pod (nodeagent.ports) */
+#define MESH_MARK 0x539     /* SO_MARK of Envoy's own sockets */
+#define MARK_MASK 0xfff     /* as Istio and nftables.py: only the low bits */
+#define SO_ORIGINAL_DST 80  /* netfilter's, and IP6T_SO_ORIGINAL_DST: same number */
+#define AF_INET 2
+#define AF_INET6 10
+#define SOL_IP 0
+#define SOL_IPV6 41
+
+/* pods[netns cookie].flags */
+#define POD_CAPTURE_OUT 1  /* outbound TCP is captured (includeOutboundIPRanges is not "") */
+#define POD_INCLUDE_ALL4 2 /* every IPv4 destination is included (includeOutboundIPRanges "*") */
+#define POD_INCLUDE_ALL6 4
+
+struct pod_config {
+	__u32 flags;
+};
+
+struct port_key { /* an excluded outbound port of one pod */
+	__u64 netns;
+	__u32 port; /* host order */
+	__u32 pad;
+};
+
+struct range_key { /* LPM: prefixlen counts the 64 bits of netns, then address bits */
+	__u32 prefixlen;
+	__u32 netns[2];
+	__u32 addr[4];
+};
+
+struct origin { /* what the app dialled */
+	__u32 addr[4];
+	__u16 port; /* network order */
+	__u16 v4;
+};
+
+struct peer_key { /* the app's end of a redirected connection, as Envoy sees its peer */
+	__u64 netns;
+	__u32 addr[4];
+	__u32 port; /* host order */
+	__u32 pad;
+};
+
+BPF_TABLE_MAYBE_PINNED("hash", __u64, struct pod_config, pods, 65536, 0);
+BPF_TABLE_MAYBE_PINNED("hash", struct port_key, __u8, ports_out, 65536, 0);
+BPF_TABLE_MAYBE_PINNED("lpm_trie", struct range_key, __u8, ranges_ex, 65536, BPF_F_NO_PREALLOC);
+BPF_TABLE_MAYBE_PINNED("lpm_trie", struct range_key, __u8, ranges_in, 65536, BPF_F_NO_PREALLOC);
+/* connect -> sockops: by socket cookie until the source port is known */
+BPF_TABLE_MAYBE_PINNED("lru_hash", __u64, struct origin, origin_by_cookie, 65536, 0);
+/* sockops -> getsockopt: by the app's (netns, address, port), which Envoy sees as its peer */
+BPF_TABLE_MAYBE_PINNED("lru_hash", struct peer_key, struct origin, origin_by_peer, 262144, 0);
+
+static __always_inline void v4_mapped(__u32 addr[4], __u32 ip4)
+{
+	addr[0] = 0;
+	addr[1] = 0;
+	addr[2] = bpf_htonl(0xffff);
+	addr[3] = ip4;
+}
+
+static __always_inline int is_v4_mapped(const __u32 addr[4])
+{
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0xffff);
+}
+
+/* 1 when DST (port host order) is outside this pod's outbound capture, as nftables' output chain
+ * says: loopback and the pod's own addresses (in ranges_ex), excluded ranges, not included
+ * ranges, excluded ports. */
+static __always_inline int outside_capture(__u64 netns, const struct pod_config *pod,
+					   const __u32 dst[4], __u32 port)
+{
+	int v4 = is_v4_mapped(dst);
+	if (v4 ? (bpf_ntohl(dst[3]) >> 24) == 127
+	       : (dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == bpf_htonl(1)))
+		return 1;
+	struct range_key key;
+	__builtin_memset(&key, 0, sizeof(key));
+	key.prefixlen = 64 + 128;
+	__builtin_memcpy(key.netns, &netns, sizeof(netns));
+	key.addr[0] = dst[0];
+	key.addr[1] = dst[1];
+	key.addr[2] = dst[2];
+	key.addr[3] = dst[3];
+	if (ranges_ex.lookup(&key))
+		return 1;
+	if (!(pod->flags & (v4 ? POD_INCLUDE_ALL4 : POD_INCLUDE_ALL6)) && !ranges_in.lookup(&key))
+		return 1;
+	struct port_key pk;
+	__builtin_memset(&pk, 0, sizeof(pk));
+	pk.netns = netns;
+	pk.port = port;
+	if (ports_out.lookup(&pk))
+		return 1;
+	return 0;
+}
+
+/* The pod's outbound capture, or NULL: not a TCP socket of a captured pod, or Envoy's own. */
+static __always_inline struct pod_config *captured(struct bpf_sock_addr *ctx, __u64 *netns)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return NULL;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || (sk->mark & MARK_MASK) == MESH_MARK)
+		return NULL;
+	*netns = bpf_get_netns_cookie(ctx);
+	struct pod_config *pod = pods.lookup(netns);
+	if (!pod || !(pod->flags & POD_CAPTURE_OUT))
+		return NULL;
+	return pod;
+}
+
+#endif

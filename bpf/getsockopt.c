@@ -1,0 +1,56 @@
+/* cgroup/getsockopt, attached once per node to the cgroup v2 root (the node's Envoy runs outside
+ * every pod's cgroup, wherever its container puts it): answers SO_ORIGINAL_DST (SOL_IP) and
+ * IP6T_SO_ORIGINAL_DST (SOL_IPV6) on a connection the connect hooks redirected, with what the
+ * app dialled, so Envoy's original_dst listener filter works unchanged. Any other getsockopt,
+ * and connections we did not redirect (nftables-captured pods: conntrack answers), pass as the
+ * kernel answered them.
+ */
+#include "capture.h"
+
+int getsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct peer_key key;
+	__builtin_memset(&key, 0, sizeof(key));
+	key.netns = bpf_get_netns_cookie(ctx);
+	if (sk->family == AF_INET) {
+		v4_mapped(key.addr, sk->dst_ip4);
+	} else {
+		key.addr[0] = sk->dst_ip6[0];
+		key.addr[1] = sk->dst_ip6[1];
+		key.addr[2] = sk->dst_ip6[2];
+		key.addr[3] = sk->dst_ip6[3];
+	}
+	key.port = bpf_ntohs((__u16)sk->dst_port);
+	struct origin *dialled = origin_by_peer.lookup(&key);
+	if (!dialled)
+		return 1;
+	if (ctx->level == SOL_IP) {
+		struct sockaddr_in *sin = ctx->optval;
+		if (!dialled->v4 || (void *)(sin + 1) > ctx->optval_end)
+			return 1;
+		__builtin_memset(sin, 0, sizeof(*sin));
+		sin->sin_family = AF_INET;
+		sin->sin_port = dialled->port;
+		sin->sin_addr.s_addr = dialled->addr[3];
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct sockaddr_in6 *sin6 = ctx->optval;
+		if ((void *)(sin6 + 1) > ctx->optval_end)
+			return 1;
+		__builtin_memset(sin6, 0, sizeof(*sin6));
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = dialled->port;
+		sin6->sin6_addr.in6_u.u6_addr32[0] = dialled->addr[0];
+		sin6->sin6_addr.in6_u.u6_addr32[1] = dialled->addr[1];
+		sin6->sin6_addr.in6_u.u6_addr32[2] = dialled->addr[2];
+		sin6->sin6_addr.in6_u.u6_addr32[3] = dialled->addr[3];
+		ctx->optlen = sizeof(*sin6);
+	}
+	ctx->retval = 0;
+	return 1;
+}

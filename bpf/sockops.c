@@ -1,0 +1,32 @@
+/* sockops, attached to each captured pod's cgroup: when a redirected connect sends its SYN
+ * (TCP_CONNECT_CB: the source port is chosen by then, and Envoy cannot have accepted yet), the
+ * dialled address moves from the socket-cookie key to the app's (netns, address, port): the peer
+ * Envoy sees on the connection it accepts, which is all getsockopt has to go by.
+ */
+#include "capture.h"
+
+int sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct origin *dialled = origin_by_cookie.lookup(&cookie);
+	if (!dialled)
+		return 1;
+	struct origin copy = *dialled;
+	struct peer_key key;
+	__builtin_memset(&key, 0, sizeof(key));
+	key.netns = bpf_get_netns_cookie(skops);
+	if (skops->family == AF_INET) {
+		v4_mapped(key.addr, skops->local_ip4);
+	} else {
+		key.addr[0] = skops->local_ip6[0];
+		key.addr[1] = skops->local_ip6[1];
+		key.addr[2] = skops->local_ip6[2];
+		key.addr[3] = skops->local_ip6[3];
+	}
+	key.port = skops->local_port;
+	origin_by_peer.update(&key, &copy);
+	origin_by_cookie.delete(&cookie);
+	return 1;
+}

@@ -1,0 +1,171 @@
+"""The bpf(2) calls the eBPF capture backend makes, through ctypes: pinned objects, cgroup
+links, map elements, object info. No LLVM and no bcc here: programs are compiled and pinned by a
+short-lived loader process (ebpf_load), so the agent only handles file descriptors.
+
+Layouts are those of ``union bpf_attr`` and ``struct bpf_{prog,link}_info`` in linux/bpf.h.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# enum bpf_cmd
+MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
+OBJ_PIN, OBJ_GET, PROG_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD = 6, 7, 13, 15
+LINK_CREATE, LINK_UPDATE, LINK_DETACH = 28, 29, 34
+# enum bpf_attach_type
+CGROUP_SOCK_OPS, CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT, CGROUP_GETSOCKOPT = 3, 10, 11, 21
+LINK_TYPE_CGROUP = 3  # enum bpf_link_type
+
+
+class BpfError(OSError):
+    """A bpf(2) call failed; the message names the call and what it was about."""
+
+
+def _call(cmd: int, attr: bytes, what: str) -> int:
+    buf = ctypes.create_string_buffer(attr, max(len(attr), 64))
+    result = _libc.syscall(_SYS_BPF, cmd, buf, ctypes.sizeof(buf))
+    if result < 0:
+        code = ctypes.get_errno()
+        raise BpfError(code, f"{what}: {os.strerror(code)}")
+    return int(result)
+
+
+def _ptr(buf: ctypes.Array[ctypes.c_char]) -> int:
+    return ctypes.addressof(buf)
+
+
+def obj_get(path: str) -> int:
+    """A file descriptor of the object pinned at PATH (FileNotFoundError when there is none)."""
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    try:
+        return _call(OBJ_GET, struct.pack("=QII", _ptr(name), 0, 0), f"open pinned {path}")
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            raise FileNotFoundError(errno.ENOENT, f"nothing pinned at {path}") from None
+        raise
+
+
+def obj_pin(fd: int, path: str) -> None:
+    name = ctypes.create_string_buffer(os.fsencode(path))
+    _call(OBJ_PIN, struct.pack("=QII", _ptr(name), fd, 0), f"pin at {path}")
+
+
+@contextmanager
+def pinned(path: str) -> Iterator[int]:
+    fd = obj_get(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> int:
+    return _call(LINK_CREATE, struct.pack("=IIII", prog_fd, target_fd, attach_type, 0), what)
+
+
+def link_update(link_fd: int, prog_fd: int, what: str) -> None:
+    _call(LINK_UPDATE, struct.pack("=III", link_fd, prog_fd, 0), what)
+
+
+def link_detach(link_fd: int, what: str) -> None:
+    _call(LINK_DETACH, struct.pack("=I", link_fd), what)
+
+
+def _info(fd: int, what: str) -> bytes:
+    buf = ctypes.create_string_buffer(256)
+    _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 256, _ptr(buf)), what)
+    return buf.raw
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    tag: bytes  # the kernel's hash of the instructions (map references masked): same code
+
+
+def prog_info(fd: int) -> ProgInfo:
+    raw = _info(fd, "program info")
+    return ProgInfo(struct.unpack_from("=I", raw, 4)[0], raw[8:16])
+
+
+def prog_info_by_id(prog_id: int) -> ProgInfo:
+    fd = _call(PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), f"program {prog_id}")
+    try:
+        return prog_info(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class CgroupLink:
+    type: int
+    prog_id: int
+    cgroup_id: int  # 0 once the cgroup is gone (the link is then defunct)
+    attach_type: int
+
+
+def link_info(fd: int) -> CgroupLink:
+    raw = _info(fd, "link info")
+    kind, _id, prog_id = struct.unpack_from("=III", raw, 0)
+    cgroup_id, attach_type = struct.unpack_from("=QI", raw, 16)
+    return CgroupLink(kind, prog_id, cgroup_id, attach_type)
+
+
+def map_update(fd: int, key: bytes, value: bytes) -> None:
+    k, v = (
+        ctypes.create_string_buffer(key, len(key)),
+        ctypes.create_string_buffer(value, len(value)),
+    )
+    _call(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", fd, 0, _ptr(k), _ptr(v), 0), "map update")
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete KEY; False when it was not there."""
+    k = ctypes.create_string_buffer(key, len(key))
+    try:
+        _call(MAP_DELETE_ELEM, struct.pack("=IIQQQ", fd, 0, _ptr(k), 0, 0), "map delete")
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
+    try:
+        _call(MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", fd, 0, _ptr(k), _ptr(v), 0), "map lookup")
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of the map (get-next-key from none; hash and LPM maps alike)."""
+    keys: list[bytes] = []
+    current: ctypes.Array[ctypes.c_char] | None = None
+    while True:
+        nxt = ctypes.create_string_buffer(key_size)
+        attr = struct.pack("=IIQQQ", fd, 0, _ptr(current) if current else 0, _ptr(nxt), 0)
+        try:
+            _call(MAP_GET_NEXT_KEY, attr, "map keys")
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return keys
+            raise
+        keys.append(nxt.raw)
+        current = nxt

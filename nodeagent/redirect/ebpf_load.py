@@ -1,0 +1,78 @@
+"""Compile bpf/*.c with bcc and pin the programs (and, the first time, the maps): run as a
+short-lived process (``python -m nodeagent.redirect.ebpf_load BPF_DIR PIN_DIR``) so that LLVM,
+which bcc keeps mapped for the life of a process, never stays in the agent (ebpf.py).
+
+Maps already pinned under PIN_DIR/maps are reused (BPF_TABLE_PINNED), so pods captured before an
+agent restart keep their entries; programs are pinned anew under PIN_DIR/progs. Prints one JSON
+line: the programs' ids and this process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+# hook file -> (function, program type, expected attach type): bcc's numbers are the kernel's
+HOOKS = {
+    "connect4.c": ("connect4", 18, 10),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, INET4_CONNECT
+    "connect6.c": ("connect6", 18, 11),  # ..., INET6_CONNECT
+    "sockops.c": ("sockops", 13, 3),  # BPF_PROG_TYPE_SOCK_OPS, CGROUP_SOCK_OPS
+    "getsockopt.c": ("getsockopt", 25, 21),  # BPF_PROG_TYPE_CGROUP_SOCKOPT, GETSOCKOPT
+}
+MAP_NAMES = ("pods", "ports_out", "ranges_ex", "ranges_in", "origin_by_cookie", "origin_by_peer")
+
+_PINNED = (
+    "#define BPF_TABLE_MAYBE_PINNED(t, k, v, n, m, f)"
+    ' BPF_TABLE_PINNED(t, k, v, n, m, "{maps}/" #n)\n'
+)
+_FRESH = """#define BPF_TABLE_MAYBE_PINNED(t, k, v, n, m, f) BPF_F_TABLE(t, k, v, n, m, f)
+"""
+
+
+def source(bpf_dir: Path) -> str:
+    """capture.h, then each hook file without its include of it: one text, as bcc rewrites map
+    calls in the text it is given."""
+    parts = [(bpf_dir / "capture.h").read_text()]
+    for hook in HOOKS:
+        text = (bpf_dir / hook).read_text()
+        parts.append(text.replace('#include "capture.h"', ""))
+    return "\n".join(parts)
+
+
+def load(bpf_dir: Path, pin_dir: Path) -> dict[str, object]:
+    from bcc import BPF  # type: ignore[import-untyped]  # only in this process: LLVM
+
+    from nodeagent.redirect import bpf_sys
+
+    maps, progs = pin_dir / "maps", pin_dir / "progs"
+    reuse = all((maps / name).exists() for name in MAP_NAMES)
+    prelude = _PINNED.format(maps=maps) if reuse else _FRESH
+    bpf = BPF(text=prelude + source(bpf_dir))
+    maps.mkdir(parents=True, exist_ok=True)
+    progs.mkdir(parents=True, exist_ok=True)
+    if not reuse:
+        for name in MAP_NAMES:
+            (maps / name).unlink(missing_ok=True)  # a partial set from an interrupted start
+            bpf_sys.obj_pin(bpf[name.encode()].map_fd, str(maps / name))
+    ids = {}
+    for _file, (func, prog_type, attach_type) in HOOKS.items():
+        fn = bpf.load_func(func, prog_type, attach_type=attach_type)
+        staged = progs / f".{func}.new"
+        staged.unlink(missing_ok=True)
+        bpf_sys.obj_pin(fn.fd, str(staged))
+        os.replace(staged, progs / func)  # bpffs renames atomically: never a missing pin
+        ids[func] = bpf_sys.prog_info(fn.fd).id
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"programs": ids, "maps_reused": reuse, "loader_peak_rss_kb": peak_kb}
+
+
+if __name__ == "__main__":
+    try:
+        result = load(Path(sys.argv[1]), Path(sys.argv[2]))
+    except Exception as e:  # the agent shows this line as the reason
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        sys.exit(1)
+    print(json.dumps(result))
