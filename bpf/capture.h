@@ -64,6 +64,10 @@ BPF_TABLE_MAYBE_PINNED("lru_hash", __u64, struct origin, origin_by_cookie, 65536
 /* sockops -> getsockopt: by the app's (netns, address, port), which Envoy sees as its peer */
 BPF_TABLE_MAYBE_PINNED("lru_hash", struct peer_key, struct origin, origin_by_peer, 262144, 0);
 
+/* A context field read as written: the verifier refuses context pointer arithmetic, which clang
+ * emits when it merges the loads of two branches into one through a computed pointer. */
+#define CTX_READ(field) (*(volatile typeof(field) *)&(field))
+
 static __always_inline void v4_mapped(__u32 addr[4], __u32 ip4)
 {
 	addr[0] = 0;

@@ -17,15 +17,19 @@ int getsockopt(struct bpf_sockopt *ctx)
 	struct peer_key key;
 	__builtin_memset(&key, 0, sizeof(key));
 	key.netns = bpf_get_netns_cookie(ctx);
-	if (sk->family == AF_INET) {
-		v4_mapped(key.addr, sk->dst_ip4);
+	__u32 family = CTX_READ(sk->family), ip4 = CTX_READ(sk->dst_ip4);
+	__u32 port = CTX_READ(sk->dst_port);
+	__u32 ip6[4] = {CTX_READ(sk->dst_ip6[0]), CTX_READ(sk->dst_ip6[1]),
+			CTX_READ(sk->dst_ip6[2]), CTX_READ(sk->dst_ip6[3])};
+	if (family == AF_INET) {
+		v4_mapped(key.addr, ip4);
 	} else {
-		key.addr[0] = sk->dst_ip6[0];
-		key.addr[1] = sk->dst_ip6[1];
-		key.addr[2] = sk->dst_ip6[2];
-		key.addr[3] = sk->dst_ip6[3];
+		key.addr[0] = ip6[0];
+		key.addr[1] = ip6[1];
+		key.addr[2] = ip6[2];
+		key.addr[3] = ip6[3];
 	}
-	key.port = bpf_ntohs((__u16)sk->dst_port);
+	key.port = bpf_ntohs((__u16)port);
 	struct origin *dialled = origin_by_peer.lookup(&key);
 	if (!dialled)
 		return 1;

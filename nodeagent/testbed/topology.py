@@ -339,6 +339,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             "certTTL",
             "envoyContainer",
             "proxyModel",
+            "captureMode",
             "source",
             "ca",
             "externals",
