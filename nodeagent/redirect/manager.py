@@ -643,6 +643,7 @@ class CaptureManager:
     async def _apply(self, capture: PodCapture, spec: CaptureSpec) -> str:
         """Apply and verify; returns a problem description, empty when captured."""
         netns = Path(capture.netns)
+        capture.backend = self.backend.name  # a record from before a --capture-mode change
         try:
             await self._in_thread(self.backend.apply, netns, spec, capture.uid)
             check = await self._in_thread(self.backend.verify, netns, spec, capture.uid)

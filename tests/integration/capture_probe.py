@@ -4,6 +4,8 @@
 the listener's port, the peer, and the connection's original destination (SO_ORIGINAL_DST), so a
 client sees whether in-pod capture redirected it and what it had dialled.
 ``connect HOST PORT [--mark N]``: connects (optionally with SO_MARK) and prints that line.
+``burst HOST FIRST_PORT COUNT SOURCE_PORT``: COUNT connections at once, the i-th to
+FIRST_PORT+i from local port SOURCE_PORT+i; prints a JSON list of {dialled, answer or error}.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def serve_one(addr: str, port: int) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((addr, port))
-    sock.listen(64)
+    sock.listen(256)
     while True:
         conn, peer = sock.accept()
         with conn:
@@ -70,9 +72,42 @@ def connect(host: str, port: int, mark: int | None) -> None:
     sys.stdout.write(data.decode())
 
 
+def burst(host: str, first_port: int, count: int, source_port: int) -> None:
+    results: list[dict[str, object]] = [{} for _ in range(count)]
+    ready = threading.Barrier(count)
+
+    def one(i: int) -> None:
+        dialled = f"{host}:{first_port + i}"
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.settimeout(20)
+                sock.bind(("0.0.0.0", source_port + i))
+                ready.wait(20)  # every socket bound, then all connect together
+                sock.connect((host, first_port + i))
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            results[i] = {"dialled": dialled, "answer": json.loads(data)}
+        except (OSError, ValueError, threading.BrokenBarrierError) as e:
+            results[i] = {"dialled": dialled, "error": repr(e)}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    sys.stdout.write(json.dumps(results))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2:])
+    elif sys.argv[1] == "burst":
+        burst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         mark = int(sys.argv[5], 0) if len(sys.argv) > 5 and sys.argv[4] == "--mark" else None
         connect(sys.argv[2], int(sys.argv[3]), mark)

@@ -1,5 +1,6 @@
 """In-pod capture end to end: the real CNI chain (bridge + host-local + nodeagent-cni as installed
-by install-cni), the node agent and nftables, on a two-node testbed.
+by install-cni), the node agent and its capture, on a two-node testbed, once per capture mode:
+nftables, and eBPF (outbound TCP by cgroup connect hooks; inbound and DNS by nftables).
 
 Pods run capture_probe.py: whatever listener a connection lands on answers with its port and the
 connection's original destination, so a client sees exactly what capture did to it.
@@ -19,8 +20,10 @@ import pytest
 
 from nodeagent import ports
 from nodeagent.cni.install import holds_entry
+from nodeagent.redirect import bpf_sys
 from nodeagent.redirect.capture import CaptureSpec
-from nodeagent.redirect.nftables import NftablesBackend
+from nodeagent.redirect.ebpf import POD_HOOKS
+from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NODE_RULES, NftablesBackend
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, TestbedError, bridge_conflist, down
 from nodeagent.testbed.topology import Pod, Workload, loads_topology
@@ -64,14 +67,26 @@ pods:
 """
 
 
-@pytest.fixture(scope="module")
-def testbed() -> Iterator[Testbed]:
+@pytest.fixture(scope="module", params=["nftables", "ebpf"])
+def testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    text = TOPOLOGY + f"captureMode: {request.param}\n"
     down(NAME)
-    topology = loads_topology(TOPOLOGY, "test_capture")
+    topology = loads_topology(text, "test_capture")
     try:
-        yield Testbed.up(topology, TOPOLOGY, "test_capture")
+        yield Testbed.up(topology, text, "test_capture")
     finally:
         down(NAME)
+
+
+def ebpf(tb: Testbed) -> bool:
+    return tb.topology.capture_mode == "ebpf"
+
+
+def pod_pins(tb: Testbed, key: str, uid: str = "") -> list[str]:
+    """The eBPF links pinned for pod KEY (or UID) by n1's agent."""
+    uid = uid or tb.state.pods[key].uid
+    folder = layout.bpf_dir(tb.name, "n1") / "pods" / uid
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
 def landed(tb: Testbed, pod: str, host: str, port: int, *extra: str) -> dict[str, Any]:
@@ -85,11 +100,15 @@ def landed(tb: Testbed, pod: str, host: str, port: int, *extra: str) -> dict[str
 def test_a_mesh_pod_holds_exactly_our_table(testbed: Testbed) -> None:
     tables = ruleset(testbed.pod_netns("mesh/app"))
     assert [(t["family"], t["name"]) for t in tables] == [("inet", "nodeagent")]
-    check = NftablesBackend().verify(
+    # eBPF mode: the table holds only what eBPF does not capture yet (inbound, DNS)
+    rules = EBPF_COMPANION_RULES if ebpf(testbed) else NODE_RULES
+    check = NftablesBackend(rules).verify(
         Path("/run/netns") / testbed.pod_netns("mesh/app"), CaptureSpec()
     )
     assert check.ok, check.reason
-    assert agent_pods(testbed.name, "n1")["mesh/app"]["state"] == "captured"
+    record = agent_pods(testbed.name, "n1")["mesh/app"]
+    assert (record["state"], record["backend"]) == ("captured", testbed.topology.capture_mode)
+    assert pod_pins(testbed, "mesh/app") == (sorted(POD_HOOKS) if ebpf(testbed) else [])
 
 
 def test_outbound_lands_on_15001_with_the_dialled_destination(testbed: Testbed) -> None:
@@ -154,6 +173,7 @@ def test_istio_annotations_exclude_ports_and_ranges(testbed: Testbed) -> None:
 
 def test_an_opted_out_pod_gets_no_table(testbed: Testbed) -> None:
     assert ruleset(testbed.pod_netns("mesh/optout")) == []
+    assert pod_pins(testbed, "mesh/optout") == []
     record = agent_pods(testbed.name, "n1")["mesh/optout"]
     assert record["state"] == "not-in-mesh" and "opts out" in record["reason"]
     assert ruleset(testbed.pod_netns("plain/server")) == []
@@ -205,6 +225,7 @@ def test_twenty_pods_created_at_once_are_all_captured(testbed: Testbed) -> None:
     ]
     with ThreadPoolExecutor(20) as pool:
         list(pool.map(testbed.add_pod, pods))
+    uids = [testbed.state.pods[p.key].uid for p in pods if p.node == "n1"]
     try:
         for pod in pods:
             tables = ruleset(layout.pod_netns(testbed.name, pod))
@@ -216,17 +237,91 @@ def test_twenty_pods_created_at_once_are_all_captured(testbed: Testbed) -> None:
             list(pool.map(testbed.remove_pod, pods))
     records = {**agent_pods(testbed.name, "n1"), **agent_pods(testbed.name, "n2")}
     assert not [p.key for p in pods if p.key in records]
+    # eBPF: a deleted pod's links are detached and unpinned
+    assert uids and not [uid for uid in uids if pod_pins(testbed, "", uid)]
+
+
+def test_captured_pods_stay_captured_while_the_agent_is_down(testbed: Testbed) -> None:
+    """eBPF: the pinned links outlive the agent, as nftables' tables do."""
+    testbed.stop_agent("n1")
+    try:
+        answer = landed(testbed, "mesh/app", "10.96.0.99", 80)
+        assert answer["listener"] == ports.OUTBOUND_PORT
+        assert answer["original_dst"] == "10.96.0.99:80"
+    finally:
+        testbed.start_agent("n1")
+
+
+def test_two_pods_dialling_the_same_address_from_the_same_ports_each_get_theirs(
+    testbed: Testbed,
+) -> None:
+    """The key-collision case: two pods on one node, 100 connections each at once, both from
+    local ports 40000-40099 to the same address (every pod has its own 127.0.0.1, so eBPF's
+    keys carry the netns): each lands on its own pod with exactly what it dialled."""
+    procs = {
+        pod: subprocess.Popen(
+            testbed.exec_argv(pod, [PY, PROBE, "burst", "192.0.2.10", first, "100", "40000"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for pod, first in (("mesh/app", "1000"), ("mesh/excluded", "2000"))
+    }
+    misrouted = []
+    for pod, proc in procs.items():
+        out, _ = proc.communicate(timeout=90)
+        results = json.loads(out)
+        assert len(results) == 100
+        for r in results:
+            answer = r.get("answer") or {}
+            if (answer.get("pod"), answer.get("listener"), answer.get("original_dst")) != (
+                pod.split("/")[1],
+                ports.OUTBOUND_PORT,
+                r["dialled"],
+            ):
+                misrouted.append((pod, r))
+    assert misrouted == [], misrouted[:5]
+
+
+def _conntrack(tb: Testbed, pod: str) -> str:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", tb.pod_netns(pod), "cat", "/proc/net/nf_conntrack"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_ebpf_redirects_leave_no_conntrack_entry(testbed: Testbed) -> None:
+    """nftables' REDIRECT is NAT: conntrack keeps the dialled address; eBPF rewrites the
+    connect itself, so the pod's conntrack never sees it."""
+    assert landed(testbed, "mesh/app", "198.51.100.7", 8443)["listener"] == ports.OUTBOUND_PORT
+    entries = [
+        line for line in _conntrack(testbed, "mesh/app").splitlines() if "198.51.100.7" in line
+    ]
+    if ebpf(testbed):
+        assert entries == []
+    else:
+        assert entries and "dport=8443" in entries[0] and "sport=15001" in entries[0], entries
 
 
 def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed) -> None:
     app_netns = testbed.pod_netns("mesh/app")
-    subprocess.run(
-        ["ip", "netns", "exec", app_netns, "nft", "delete", "table", "inet", "nodeagent"],
-        check=True,
-    )
-    assert ruleset(app_netns) == []
+    if ebpf(testbed):  # a pod's connect4 link detached and unpinned
+        pin = layout.bpf_dir(testbed.name, "n1") / "pods" / testbed.state.pods["mesh/app"].uid
+        with bpf_sys.pinned(str(pin / "connect4")) as link:
+            bpf_sys.link_detach(link, "test")
+        (pin / "connect4").unlink()
+    else:
+        subprocess.run(
+            ["ip", "netns", "exec", app_netns, "nft", "delete", "table", "inet", "nodeagent"],
+            check=True,
+        )
+        assert ruleset(app_netns) == []
     testbed.restart_agent("n1")
     assert [t["name"] for t in ruleset(app_netns)] == ["nodeagent"]
+    assert pod_pins(testbed, "mesh/app") == (sorted(POD_HOOKS) if ebpf(testbed) else [])
     record = agent_pods(testbed.name, "n1")["mesh/app"]
     assert record["state"] == "captured" and "repaired" in record["reason"]
     assert "nodeagent_capture_repairs_total 1.0" in node_metrics(testbed.name, "n1")

@@ -1,0 +1,176 @@
+"""eBPF capture, the pure parts: the maps' key layout (bpf/capture.h), a CaptureSpec turned into
+one pod's entries with the exclusions nftables.py applies, the nftables companion rule set, the
+kernel requirement check and finding a pod's cgroup as kubelet lays it out."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from pathlib import Path
+
+import pytest
+
+from nodeagent.redirect import ebpf, ebpf_maps
+from nodeagent.redirect.capture import CaptureSpec
+from nodeagent.redirect.ebpf_maps import (
+    MAPS,
+    POD_CAPTURE_OUT,
+    POD_INCLUDE_ALL4,
+    POD_INCLUDE_ALL6,
+    pod_entries,
+)
+from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NODE_RULES, describe, ruleset
+from nodeagent.testbed.topology import TopologyError, loads_topology
+
+BPF = Path(__file__).resolve().parents[2] / "bpf"
+NETNS_A, NETNS_B = 4097, 8193
+
+
+def spec(**annotations: str) -> CaptureSpec:
+    return CaptureSpec.from_annotations(
+        {f"traffic.sidecar.istio.io/{k}": v for k, v in annotations.items()}
+    )
+
+
+def test_key_sizes_are_those_bpf_capture_h_declares() -> None:
+    header = (BPF / "capture.h").read_text()
+    # port_key {u64; u32; u32}, range_key {u32; u32[2]; u32[4]}, peer_key {u64; u32[4]; u32; u32}
+    assert "struct range_key {" in header and "__u32 netns[2];" in header  # no padding: 28
+    net = ipaddress.ip_network("10.0.0.0/8")
+    assert len(ebpf_maps.pod_key(1)) == MAPS["pods"][0]
+    assert len(ebpf_maps.port_key(1, 80)) == MAPS["ports_out"][0]
+    assert len(ebpf_maps.range_key(1, net)) == MAPS["ranges_ex"][0] == MAPS["ranges_in"][0]
+    assert len(ebpf_maps.peer_key(1, "127.0.0.1", 40000)) == MAPS["origin_by_peer"][0]
+    for name in MAPS:
+        assert f" {name}, " in header, name
+
+
+def test_range_keys_prefix_the_netns_cookie_and_map_ipv4_into_ipv6() -> None:
+    v4 = ebpf_maps.range_key(NETNS_A, ipaddress.ip_network("10.244.2.0/24"))
+    assert struct.unpack_from("=IQ", v4) == (64 + 96 + 24, NETNS_A)
+    assert v4[12:] == bytes(10) + b"\xff\xff" + bytes([10, 244, 2, 0])
+    v6 = ebpf_maps.range_key(NETNS_A, ipaddress.ip_network("fd00::/8"))
+    assert struct.unpack_from("=I", v6)[0] == 64 + 8
+    assert v6[12:] == ipaddress.IPv6Address("fd00::").packed
+    assert ebpf_maps.netns_of("ranges_ex", v4) == NETNS_A
+    assert ebpf_maps.netns_of("ports_out", ebpf_maps.port_key(NETNS_B, 7777)) == NETNS_B
+
+
+def test_two_pods_with_the_same_spec_and_address_never_share_a_key() -> None:
+    """Every pod netns has its own 127.0.0.1: keys carry the netns cookie."""
+    same = spec(
+        excludeOutboundPorts="7777",
+        excludeOutboundIPRanges="10.244.2.0/24",
+        includeOutboundIPRanges="10.96.0.0/12",
+    )
+    a = pod_entries(NETNS_A, same, ["10.244.1.5"])
+    b = pod_entries(NETNS_B, same, ["10.244.1.5"])
+    for name in ebpf_maps.POD_MAPS:
+        assert a.keys(name) and not a.keys(name) & b.keys(name), name
+    assert ebpf_maps.peer_key(NETNS_A, "127.0.0.1", 40000) != ebpf_maps.peer_key(
+        NETNS_B, "127.0.0.1", 40000
+    )
+
+
+def test_default_spec_captures_every_destination_but_the_pods_own_addresses() -> None:
+    entries = pod_entries(NETNS_A, CaptureSpec(), ["10.244.1.5", "fd00::5"])
+    flags = POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6
+    assert entries.maps["pods"] == {ebpf_maps.pod_key(NETNS_A): struct.pack("=I", flags)}
+    # nftables skips `oifname lo`: the pod dialling its own address stays uncaptured
+    assert entries.keys("ranges_ex") == {
+        ebpf_maps.range_key(NETNS_A, ipaddress.ip_network("10.244.1.5/32")),
+        ebpf_maps.range_key(NETNS_A, ipaddress.ip_network("fd00::5/128")),
+    }
+    assert not entries.keys("ranges_in") and not entries.keys("ports_out")
+
+
+def test_annotations_become_exclusions_and_inclusions() -> None:
+    entries = pod_entries(
+        NETNS_A,
+        spec(
+            excludeOutboundPorts="7777,15020",
+            excludeOutboundIPRanges="10.244.2.0/24",
+            includeOutboundIPRanges="10.96.0.0/12",
+        ),
+    )
+    # IPv4 ranges only: IPv6 destinations are captured nowhere (nftables: nfproto ipv6 return)
+    assert entries.maps["pods"][ebpf_maps.pod_key(NETNS_A)] == struct.pack("=I", POD_CAPTURE_OUT)
+    assert entries.keys("ports_out") == {
+        ebpf_maps.port_key(NETNS_A, 7777),
+        ebpf_maps.port_key(NETNS_A, 15020),
+    }
+    assert entries.keys("ranges_ex") == {
+        ebpf_maps.range_key(NETNS_A, ipaddress.ip_network("10.244.2.0/24"))
+    }
+    assert entries.keys("ranges_in") == {
+        ebpf_maps.range_key(NETNS_A, ipaddress.ip_network("10.96.0.0/12"))
+    }
+
+
+def test_an_empty_include_list_captures_no_outbound_tcp() -> None:
+    entries = pod_entries(NETNS_A, spec(includeOutboundIPRanges=""))
+    assert entries.maps["pods"][ebpf_maps.pod_key(NETNS_A)] == struct.pack("=I", 0)
+
+
+def test_origin_values_read_back_as_host_and_port() -> None:
+    v4 = bytes(10) + b"\xff\xff" + bytes([10, 96, 0, 99]) + struct.pack("!H", 80) + b"\x01\x00"
+    assert ebpf_maps.origin(v4) == "10.96.0.99:80"
+    v6 = ipaddress.IPv6Address("fd00::1").packed + struct.pack("!H", 443) + b"\x00\x00"
+    assert ebpf_maps.origin(v6) == "[fd00::1]:443"
+
+
+def test_the_nftables_companion_keeps_inbound_and_dns_but_no_outbound_redirect() -> None:
+    captured = CaptureSpec(dns=True, exclude_inbound_ports=(9090,))
+    node = {
+        o["rule"]["chain"] + ": " + describe(o["rule"]["expr"])
+        for o in ruleset(captured, NODE_RULES)
+        if "rule" in o
+    }
+    companion = [o["rule"] for o in ruleset(captured, EBPF_COMPANION_RULES) if "rule" in o]
+    rules = {r["chain"] + ": " + describe(r["expr"]) for r in companion}
+    assert {r for r in node if r.startswith("prerouting")} <= rules
+    assert any("redirect to :15053" in r for r in rules)  # DNS stays in nftables
+    assert not any("redirect to :15001" in r for r in rules)  # outbound TCP is eBPF's
+    assert any("redirect to :15001" in r for r in node)
+
+
+def test_missing_requirements_name_what_is_missing(tmp_path: Path) -> None:
+    mounts = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n"
+    assert ebpf.missing_requirements("6.18.44-fc", mounts) == []
+    old = ebpf.missing_requirements("5.4.0-100-generic", mounts)
+    assert len(old) == 1 and "5.4.0-100-generic is older than 5.15" in old[0]
+    no_v2 = ebpf.missing_requirements("6.1.0", "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n")
+    assert any("no cgroup v2 hierarchy" in p for p in no_v2)
+
+
+def test_the_pod_cgroup_is_found_by_uid_in_both_kubelet_layouts(tmp_path: Path) -> None:
+    uid = "0f6c3a52-1b2d-4e5f-8a9b-0c1d2e3f4a5b"
+    cgroupfs = tmp_path / "a" / "kubepods" / "besteffort" / f"pod{uid}"
+    (cgroupfs / "c0ffee").mkdir(parents=True)
+    assert ebpf.find_pod_cgroup(uid, tmp_path / "a") == cgroupfs
+    systemd = (
+        tmp_path
+        / "b"
+        / "kubepods.slice"
+        / "kubepods-burstable.slice"
+        / f"kubepods-burstable-pod{uid.replace('-', '_')}.slice"
+    )
+    systemd.mkdir(parents=True)
+    assert ebpf.find_pod_cgroup(uid, tmp_path / "b") == systemd
+    assert ebpf.find_pod_cgroup("1" + uid[1:], tmp_path) is None
+
+
+def test_ebpf_capture_without_the_pod_uid_is_an_error_naming_it() -> None:
+    backend = ebpf.EbpfBackend(cgroup_root=Path("/nonexistent"))
+    with pytest.raises(ebpf.EbpfError, match="K8S_POD_UID"):
+        backend.apply(Path("/run/netns/x"), CaptureSpec(), uid="")
+
+
+def test_topology_capture_mode() -> None:
+    base = "name: t\nnodes: [{name: a}]\n"
+    assert loads_topology(base, "t.yaml").capture_mode == "nftables"
+    assert loads_topology(base + "captureMode: ebpf\n", "t.yaml").capture_mode == "ebpf"
+    with pytest.raises(TopologyError, match="captureMode"):
+        loads_topology(base + "captureMode: bpf\n", "t.yaml")
+    with pytest.raises(TopologyError, match="nftables only"):
+        loads_topology(base + "captureMode: ebpf\nproxyModel: sidecar\n", "t.yaml")
