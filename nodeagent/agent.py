@@ -275,6 +275,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
             )
             if decision.remove:
                 await manager.remove_all()
+                if isinstance(backend, EbpfBackend):  # the node's getsockopt, maps, programs
+                    await asyncio.to_thread(remove_pins, config.bpf_dir)
                 if isinstance(proxy, SidecarProxies):
                     await proxy.remove_all()
         if health is not None:

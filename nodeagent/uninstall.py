@@ -212,11 +212,14 @@ def remove_cni(conf_dir: Path, bin_dir: Path) -> list[Path]:
     return written
 
 
-def remove_capture_offline(state_dir: Path, probe_snat: bool = True) -> dict[str, int]:
+def remove_capture_offline(
+    state_dir: Path, probe_snat: bool = True, bpf_dir: Path | None = None
+) -> dict[str, int]:
     """The agent's part without an agent (``nodeagent uninstall``), from its registry on disk.
 
     Runs in the calling process's network namespace, which holds the probe SNAT table: the
-    node's (host) network namespace.
+    node's (host) network namespace. Pods captured in eBPF mode lose their nftables companion
+    table here and their links with every other pin under BPF_DIR (the agent's --bpf-dir).
     """
     from nodeagent.mesh.store import MeshStore
     from nodeagent.metrics import AgentMetrics
@@ -235,4 +238,10 @@ def remove_capture_offline(state_dir: Path, probe_snat: bool = True) -> dict[str
         (),
         probe_snat=ProbeSnat() if probe_snat else None,
     )
-    return asyncio.run(manager.remove_all())
+    summary = asyncio.run(manager.remove_all())
+    from nodeagent.redirect.ebpf import DEFAULT_PIN_DIR, remove_pins
+
+    pins = bpf_dir or DEFAULT_PIN_DIR
+    if pins.exists():
+        remove_pins(pins)
+    return summary

@@ -118,10 +118,21 @@ def install_cni(
 @click.option("--cni-bin-dir", type=click.Path(path_type=Path), default=Path("/opt/cni/bin"))
 @click.option("--cni-conf-dir", type=click.Path(path_type=Path), default=Path("/etc/cni/net.d"))
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/nodeagent"))
+@click.option(
+    "--bpf-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/sys/fs/bpf/nodeagent"),
+    help="The agent's --bpf-dir: eBPF capture's pins, all removed.",
+)
 @cni_socket_option
 @click.option("--force", is_flag=True, help="Even while the node agent answers on --cni-socket.")
 def uninstall_node(
-    cni_bin_dir: Path, cni_conf_dir: Path, state_dir: Path, cni_socket: str, force: bool
+    cni_bin_dir: Path,
+    cni_conf_dir: Path,
+    state_dir: Path,
+    bpf_dir: Path,
+    cni_socket: str,
+    force: bool,
 ) -> None:
     """Remove nodeagent from this node: CNI entry and plugin, every pod's capture, probe SNAT.
 
@@ -153,7 +164,7 @@ def uninstall_node(
         click.echo(f"removed the nodeagent-cni entry from {path}")
     click.echo(f"removed the nodeagent-cni plugin from {cni_bin_dir} (if it was there)")
     try:
-        summary = remove_capture_offline(state_dir)
+        summary = remove_capture_offline(state_dir, bpf_dir=bpf_dir)
     except (OSError, ValueError, TypeError) as e:  # no registry access, or a corrupt one
         raise click.ClickException(f"removing capture (registry in {state_dir}): {e}") from None
     click.echo(
