@@ -101,6 +101,7 @@ class AgentConfig:
     # what it needs, else nftables, logged). BPF_DIR: where eBPF capture pins its objects.
     capture_mode: str = "nftables"
     bpf_dir: Path = DEFAULT_PIN_DIR
+    cgroup_root: Path | None = None  # the cgroup v2 mount pods' cgroups are under (default: found)
     # The agent's own DaemonSet: on SIGTERM, if it is gone or being deleted, capture is removed
     # from every pod (nodeagent.uninstall). Asked with the source's credentials.
     daemonset: uninstall.DaemonSetRef | None = None
@@ -112,7 +113,7 @@ async def _capture_backend(config: AgentConfig, sidecars: bool) -> RedirectBacke
     if sidecars or config.capture_mode == "nftables":
         log.info("capture mode: nftables")
         return NftablesBackend(SIDECAR_RULES if sidecars else NODE_RULES)
-    backend = EbpfBackend(config.bpf_dir)
+    backend = EbpfBackend(config.bpf_dir, config.cgroup_root)
     try:
         loaded = await asyncio.to_thread(backend.start)
     except (EbpfError, OSError) as e:

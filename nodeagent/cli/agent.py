@@ -151,6 +151,13 @@ if TYPE_CHECKING:
     show_default=True,
     help="eBPF capture: where programs, maps and each pod's links are pinned (bpffs).",
 )
+@click.option(
+    "--cgroup-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="eBPF capture: the host's cgroup v2 mount, where pods' cgroups are found and the node's"
+    " getsockopt hook is linked (default: the cgroup2 mount this process sees).",
+)
 @daemonset_option
 @click.option("--log-level", default="info", show_default=True)
 def run(
@@ -186,6 +193,7 @@ def run(
     host_proc: Path,
     capture_mode: str,
     bpf_dir: Path,
+    cgroup_root: Path | None,
     daemonset: DaemonSetRef | None,
     log_level: str,
 ) -> None:
@@ -247,6 +255,7 @@ def run(
         host_proc=host_proc,
         capture_mode=capture_mode,
         bpf_dir=bpf_dir,
+        cgroup_root=cgroup_root,
         daemonset=daemonset,
     )
     asyncio.run(agent.run(config))

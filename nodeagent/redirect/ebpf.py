@@ -78,7 +78,22 @@ def _is_bpffs(path: Path, mounts: str) -> bool:
     )
 
 
-def missing_requirements(release: str | None = None, mounts: str | None = None) -> list[str]:
+def filesystem_of(path: Path, mounts: str) -> str:
+    """The type of the filesystem PATH is on (its deepest mount point in MOUNTS)."""
+    best, kind = "", ""
+    for fields in (line.split() for line in mounts.splitlines()):
+        if len(fields) < 3:
+            continue
+        point = fields[1]
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def missing_requirements(
+    release: str | None = None, mounts: str | None = None, cgroup_root: Path | None = None
+) -> list[str]:
     """What this machine lacks for eBPF capture, each naming the missing piece (empty: none).
     The verifier has the last word: the loader's error names a helper or hook it refuses."""
     release = release or platform.release()
@@ -93,7 +108,10 @@ def missing_requirements(release: str | None = None, mounts: str | None = None) 
             f"kernel {release} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]} (needs cgroup"
             " connect4/connect6/sockops/getsockopt links and bpf_get_netns_cookie in sockops)"
         )
-    if cgroup2_root(mounts) is None:
+    if cgroup_root is not None:
+        if filesystem_of(cgroup_root, mounts) != "cgroup2":
+            problems.append(f"--cgroup-root {cgroup_root} is not a cgroup v2 mount")
+    elif cgroup2_root(mounts) is None:
         problems.append("no cgroup v2 hierarchy is mounted (the hooks attach to pods' cgroups)")
     if not _is_bpffs(BPFFS, mounts) and not BPFFS.is_dir():
         problems.append(f"{BPFFS} does not exist (bpffs, where programs and links are pinned)")
@@ -151,10 +169,14 @@ class EbpfBackend:
 
     def start(self) -> dict[str, object]:
         """Check the kernel, compile and pin (loader process), link getsockopt to the root."""
-        problems = missing_requirements()
+        problems = missing_requirements(cgroup_root=self.cgroup_root)
         if problems:
             raise EbpfError("eBPF capture cannot run here: " + "; ".join(problems))
-        _mount_bpffs()
+        mounts = Path("/proc/self/mounts").read_text()
+        if filesystem_of(self.pin_dir, mounts) != "bpf":
+            if not self.pin_dir.is_relative_to(BPFFS):
+                raise EbpfError(f"--bpf-dir {self.pin_dir} is not on a bpffs mount")
+            _mount_bpffs()
         root = self.cgroup_root or cgroup2_root()
         assert root is not None
         self.cgroup_root = root

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 from nodeagent.testbed import netns
@@ -38,6 +39,20 @@ def testbed_dir(name: str) -> Path:
 
 def pod_dir(testbed: Path, uid: str, container_id: str) -> Path:
     return testbed / "kubepods" / "besteffort" / f"pod{uid}" / container_id
+
+
+def host_mount(fstype: str, target: Path) -> None:
+    """Mount a FSTYPE filesystem (bpf, cgroup2) at TARGET unless one is there already."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == str(target) and fields[2] == fstype:
+            return
+    target.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", fstype, fstype, str(target)], capture_output=True, text=True, timeout=10
+    )
+    if proc.returncode != 0:
+        raise CgroupError(f"cannot mount {fstype} at {target}: {proc.stderr.strip()}")
 
 
 def in_cgroup(folder: Path, argv: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from nodeagent.cni import wire
 from nodeagent.cni.bundle import locate_bundle
 from nodeagent.cni.install import holds_entry
-from nodeagent.testbed import externals, layout, netns
+from nodeagent.testbed import cgroups, externals, layout, netns
 from nodeagent.testbed.control_plane import SERVER_NAME, ca_argv, monitoring_get
 from nodeagent.testbed.resolver import PORT as RESOLVER_PORT
 from nodeagent.testbed.state import DaemonRecord
@@ -108,6 +108,10 @@ def start(
             argv += ["--ca-dir", str(layout.cacerts_dir(testbed))]
         argv += ["--cert-ttl", str(cert_ttl)]
         argv += ["--capture-mode", capture_mode, "--bpf-dir", str(layout.bpf_dir(testbed, node))]
+        if capture_mode != "nftables":
+            cgroups.host_mount("bpf", layout.BPFFS_MOUNT)
+            cgroups.host_mount("cgroup2", layout.CGROUP2_MOUNT)
+            argv += ["--cgroup-root", str(layout.CGROUP2_MOUNT)]
         if not proxy:
             argv.append("--no-proxy")
         elif envoy_container:

@@ -139,9 +139,16 @@ def agent_state_dir(name: str, node: str) -> Path:
     return node_dir(name, node) / "agent"
 
 
+# Node daemons run under `ip netns exec`, which mounts a fresh /sys: the host's bpffs and cgroup v2
+# mounts are out of their sight there. The testbed mounts both here, outside /sys, where the
+# agents see them (as a DaemonSet mounts the host's /sys/fs/bpf and /sys/fs/cgroup).
+BPFFS_MOUNT = Path("/run/nodeagent-testbed-bpf")
+CGROUP2_MOUNT = Path("/run/nodeagent-testbed-cgroup2")
+
+
 def bpf_dir(name: str, node: str) -> Path:
-    """Where the node's agent pins its eBPF capture (bpffs is one per machine: a folder each)."""
-    return Path("/sys/fs/bpf/nodeagent-testbed") / name / node
+    """Where the node's agent pins its eBPF capture (one bpffs for the machine: a folder each)."""
+    return BPFFS_MOUNT / name / node
 
 
 def sidecar_dir(name: str, node: str) -> Path:

@@ -141,6 +141,15 @@ def test_missing_requirements_name_what_is_missing(tmp_path: Path) -> None:
     assert len(old) == 1 and "5.4.0-100-generic is older than 5.15" in old[0]
     no_v2 = ebpf.missing_requirements("6.1.0", "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n")
     assert any("no cgroup v2 hierarchy" in p for p in no_v2)
+    wrong_root = ebpf.missing_requirements("6.1.0", mounts, cgroup_root=Path("/run/x"))
+    assert wrong_root == ["--cgroup-root /run/x is not a cgroup v2 mount"]
+
+
+def test_the_filesystem_of_a_path_is_its_deepest_mount() -> None:
+    mounts = "sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\ntmpfs /run tmpfs rw 0 0\n"
+    assert ebpf.filesystem_of(Path("/sys/fs/bpf/nodeagent/pods"), mounts) == "bpf"
+    assert ebpf.filesystem_of(Path("/sys/fs/bpfx"), mounts) == "sysfs"
+    assert ebpf.filesystem_of(Path("/run/nodeagent-testbed-bpf/t/n1"), mounts) == "tmpfs"
 
 
 def test_the_pod_cgroup_is_found_by_uid_in_both_kubelet_layouts(tmp_path: Path) -> None:
