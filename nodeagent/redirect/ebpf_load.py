@@ -10,7 +10,6 @@ line: the programs' ids and this process's peak RSS.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from pathlib import Path
@@ -60,10 +59,9 @@ def load(bpf_dir: Path, pin_dir: Path) -> dict[str, object]:
     ids = {}
     for _file, (func, prog_type, attach_type) in HOOKS.items():
         fn = bpf.load_func(func, prog_type, attach_type=attach_type)
-        staged = progs / f".{func}.new"
-        staged.unlink(missing_ok=True)
-        bpf_sys.obj_pin(fn.fd, str(staged))
-        os.replace(staged, progs / func)  # bpffs renames atomically: never a missing pin
+        # bpffs refuses rename (EPERM): unpin, pin. Links hold their programs, not these pins.
+        (progs / func).unlink(missing_ok=True)
+        bpf_sys.obj_pin(fn.fd, str(progs / func))
         ids[func] = bpf_sys.prog_info(fn.fd).id
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"programs": ids, "maps_reused": reuse, "loader_peak_rss_kb": peak_kb}
