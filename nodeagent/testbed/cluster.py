@@ -691,7 +691,7 @@ class Testbed:
             proxy_model=self.topology.proxy_model,
             source=self.topology.source,
             ca_address=self.ca_address if self.topology.ca == "service" else None,
-            capture_mode=self.topology.capture_mode,
+            capture_mode=self.topology.capture_mode_of(node),
         )
         with self._lock:
             self.state.daemons.append(record)

@@ -104,6 +104,8 @@ class Node:
     # topology.istio.io/subzone) for locality load balancing. Default: region r1, zone z<i+1>
     # (every node its own zone, as a cluster spread over zones has).
     labels: Mapping[str, str] = field(default_factory=dict)
+    # This node's agent's --capture-mode; "" = the topology's captureMode.
+    capture_mode: str = ""
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -230,8 +232,11 @@ class Topology:
     externals: tuple[External, ...] = ()
     # A client netns outside the mesh (topology key ``outside``), or None.
     outside: Outside | None = None
-    # With nodeagent: each agent's --capture-mode (CAPTURE_MODES).
+    # With nodeagent: each agent's --capture-mode (CAPTURE_MODES), unless its node names one.
     capture_mode: str = "nftables"
+
+    def capture_mode_of(self, node: str) -> str:
+        return self.node(node).capture_mode or self.capture_mode
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -386,7 +391,13 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
     nodes: list[Node] = []
     for i, raw in enumerate(r.sequence(top["nodes"], "nodes")):
         path = f"nodes[{i}]"
-        node_raw = r.mapping(raw, path, {"name", "labels"}, {"name"})
+        node_raw = r.mapping(raw, path, {"name", "labels", "captureMode"}, {"name"})
+        node_mode = node_raw.get("captureMode", "")
+        if node_mode and node_mode not in CAPTURE_MODES:
+            raise r.fail(
+                f"{path}.captureMode",
+                f"expected one of {', '.join(CAPTURE_MODES)}, got {node_mode!r}",
+            )
         node_name = r.string(node_raw["name"], f"{path}.name", DNS_LABEL)
         if any(n.name == node_name for n in nodes):
             raise r.fail(f"{path}.name", f"duplicate node {node_name!r}")
@@ -398,7 +409,7 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
             if "labels" in node_raw
             else {REGION_LABEL: "r1", ZONE_LABEL: f"z{i + 1}"}
         )
-        nodes.append(Node(node_name, i, node_cidrs[i + 1], underlay_hosts[i], labels))
+        nodes.append(Node(node_name, i, node_cidrs[i + 1], underlay_hosts[i], labels, node_mode))
     if not nodes:
         raise r.fail("nodes", "at least one node is required")
 
@@ -450,7 +461,8 @@ def parse_topology(data: Any, source: str = "<topology>") -> Topology:
         raise r.fail(
             "captureMode", f"expected one of {', '.join(CAPTURE_MODES)}, got {capture_mode!r}"
         )
-    if capture_mode != "nftables" and proxy_model == "sidecar":
+    modes = {capture_mode, *(n.capture_mode for n in nodes if n.capture_mode)}
+    if modes != {"nftables"} and proxy_model == "sidecar":
         raise r.fail("captureMode", "the sidecar model captures with nftables only")
     cert_ttl = top.get("certTTL", 24 * 3600)
     if isinstance(cert_ttl, bool) or not isinstance(cert_ttl, int) or cert_ttl < 10:

@@ -1,6 +1,7 @@
 """The CA service on the testbed (issue #13): one trust root, no signing key on any node.
 
-One two-node testbed for the module (``source: kubernetes``, ``ca: service``, 60 s certificates):
+One two-node testbed for the module (``source: kubernetes``, ``ca: service``, 60 s certificates,
+n1 capturing with eBPF and n2 with nftables: #18's "S1.1 and S1.2 across the two modes"):
 the testbed runs ``nodeagent ca`` on its control-plane host against the stand-in API server, and
 every node agent is its client with its node's credentials (a pod-bound token, audience
 istio-ca, reviewed by TokenReview) and the root from the CA's ConfigMap. The issue's "Must show":
@@ -35,7 +36,7 @@ from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
 from tests.integration import keyscan
-from tests.integration.helpers import call, http_status, presented_chain, wait_for
+from tests.integration.helpers import agent_pods, call, http_status, presented_chain, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ name: {NAME}
 source: kubernetes
 ca: service
 certTTL: 60
-nodes: [{{name: n1}}, {{name: n2}}]
+nodes: [{{name: n1, captureMode: ebpf}}, {{name: n2}}]  # S1.1/S1.2 across capture modes (#18)
 namespaces:
   - {{name: istioinaction, labels: {{nodeagent.io/mesh: enabled}}}}
 pods:
@@ -173,7 +174,10 @@ def ask_ca(
 
 def test_s1_1_across_two_nodes_with_certificates_from_the_ca_service(tb: Testbed) -> None:
     """SCENARIOS S1.1: sleep -> web-api (n1) -> recommendation (n2) -> purchase-history (v1 on n1,
-    v2 on n2), every hop between mesh pods over mTLS with certificates the CA service signed."""
+    v2 on n2), every hop between mesh pods over mTLS with certificates the CA service signed.
+    n1 captures with eBPF, n2 with nftables (#18): web-api's call to n2 leaves through eBPF."""
+    assert agent_pods(tb.name, "n1")["istioinaction/web-api"]["backend"] == "ebpf"
+    assert agent_pods(tb.name, "n2")["istioinaction/recommendation"]["backend"] == "nftables"
     # No signing key on any node: no plug-in cacerts, each agent a client of the CA service.
     assert not layout.cacerts_dir(tb.name).exists()
     for node in ("n1", "n2"):

@@ -183,3 +183,7 @@ def test_topology_capture_mode() -> None:
         loads_topology(base + "captureMode: bpf\n", "t.yaml")
     with pytest.raises(TopologyError, match="nftables only"):
         loads_topology(base + "captureMode: ebpf\nproxyModel: sidecar\n", "t.yaml")
+    mixed = loads_topology("name: t\nnodes: [{name: a, captureMode: ebpf}, {name: b}]\n", "t")
+    assert (mixed.capture_mode_of("a"), mixed.capture_mode_of("b")) == ("ebpf", "nftables")
+    with pytest.raises(TopologyError, match=r"nodes\[0\]\.captureMode"):
+        loads_topology("name: t\nnodes: [{name: a, captureMode: tc}]\n", "t")
