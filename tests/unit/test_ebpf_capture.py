@@ -4,6 +4,7 @@ kernel requirement check and finding a pod's cgroup as kubelet lays it out."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 from pathlib import Path
@@ -187,3 +188,18 @@ def test_topology_capture_mode() -> None:
     assert (mixed.capture_mode_of("a"), mixed.capture_mode_of("b")) == ("ebpf", "nftables")
     with pytest.raises(TopologyError, match=r"nodes\[0\]\.captureMode"):
         loads_topology("name: t\nnodes: [{name: a, captureMode: tc}]\n", "t")
+
+
+def test_auto_falls_back_to_nftables_and_ebpf_mode_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nodeagent import agent
+
+    missing = ["kernel 5.4.0 is older than 5.15 (needs ...)"]
+    monkeypatch.setattr(ebpf, "missing_requirements", lambda **_: missing)
+    config = agent.AgentConfig(node_name="n1", capture_mode="auto")
+    assert asyncio.run(agent._capture_backend(config, False)).name == "nftables"
+    config.capture_mode = "ebpf"
+    with pytest.raises(ebpf.EbpfError, match=r"--capture-mode ebpf: .*kernel 5\.4\.0 is older"):
+        asyncio.run(agent._capture_backend(config, False))
+    assert asyncio.run(agent._capture_backend(config, True)).name == "nftables"  # sidecar model
