@@ -163,7 +163,10 @@ class EbpfBackend:
         self._tags: dict[str, bytes] = {}
         self._maps: dict[str, int] = {}
         self._cgroups: dict[str, Path] = {}
-        self._lock = threading.Lock()  # map writes of one pod at a time (stale-key deletion)
+        # One pod's apply/remove/sweep at a time: stale-key deletion and the sweep see whole pods.
+        self._lock = threading.RLock()
+        # Pods applied by this process (UID -> netns): the sweep keeps them, registered or not yet
+        self._applied: dict[str, Path] = {}
 
     # -- node -------------------------------------------------------------------------------------
 
@@ -294,15 +297,16 @@ class EbpfBackend:
         cgroup = self._pod_cgroup(uid)
         cookie, wanted = self._wanted(netns, spec)
         with self._lock:
+            self._applied[uid] = netns
             have = self._entries_of(cookie)
             for name, entries in wanted.maps.items():
                 for key, value in entries.items():
                     bpf_sys.map_update(self._maps[name], key, value)
                 for stale in have[name] - entries.keys():
                     bpf_sys.map_delete(self._maps[name], stale)
-        self.companion.apply(netns, spec)
-        for hook, attach_type in POD_HOOKS.items():
-            self._link(hook, attach_type, cgroup, self.pin_dir / "pods" / uid / hook)
+            self.companion.apply(netns, spec)
+            for hook, attach_type in POD_HOOKS.items():
+                self._link(hook, attach_type, cgroup, self.pin_dir / "pods" / uid / hook)
 
     def verify(self, netns: Path, spec: CaptureSpec, uid: str = "") -> CaptureCheck:
         problems = []
@@ -334,6 +338,21 @@ class EbpfBackend:
         return CaptureCheck(not problems, "; ".join(problems[:5]))
 
     def remove(self, netns: Path, uid: str = "") -> None:
+        with self._lock:
+            self._remove(netns, uid)
+
+    def _remove(self, netns: Path, uid: str) -> None:
+        if uid:
+            self._applied.pop(uid, None)
+            self._unpin_pod(uid)
+        if netns.exists():
+            cookie = netns_cookie(netns)
+            for name, keys in self._entries_of(cookie).items():
+                for key in keys:
+                    bpf_sys.map_delete(self._maps[name], key)
+            self.companion.remove(netns)
+
+    def _unpin_pod(self, uid: str) -> None:
         if uid:
             folder = self.pin_dir / "pods" / uid
             for hook in POD_HOOKS:
@@ -345,13 +364,27 @@ class EbpfBackend:
             with contextlib.suppress(FileNotFoundError):
                 folder.rmdir()
             self._cgroups.pop(uid, None)
-        if netns.exists():
-            cookie = netns_cookie(netns)
-            with self._lock:
-                for name, keys in self._entries_of(cookie).items():
-                    for key in keys:
-                        bpf_sys.map_delete(self._maps[name], key)
-            self.companion.remove(netns)
+
+    def sweep(self, keep: dict[str, Path]) -> list[str]:
+        """Unpin the links of every pod not in KEEP (UID -> netns; nor applied by this process
+        meanwhile) and delete map entries of every netns but theirs. Returns what went."""
+        with self._lock:
+            keep = {**self._applied, **keep}
+            folder = self.pin_dir / "pods"
+            pinned = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+            gone = sorted(uid for uid in pinned if uid not in keep)
+            for uid in gone:
+                self._unpin_pod(uid)
+            cookies = set()
+            for netns in keep.values():
+                with contextlib.suppress(OSError):  # a netns gone: its entries go too
+                    cookies.add(netns_cookie(netns))
+            stale = 0
+            for name in POD_MAPS:
+                for key in bpf_sys.map_keys(self._maps[name], MAPS[name][0]):
+                    if netns_of(name, key) not in cookies:
+                        stale += bpf_sys.map_delete(self._maps[name], key)
+        return [f"links of pod {uid}" for uid in gone] + ([f"{stale} map entries"] if stale else [])
 
 
 def _mount_bpffs() -> None:

@@ -356,6 +356,7 @@ class CaptureManager:
             if outcome:
                 summary[outcome] += 1
         await self._sync_probes(whole=True)
+        await self._sweep()
         level = logging.INFO
         if summary["repaired"] or summary["failed"] or summary["netns_missing"]:
             level = logging.WARNING
@@ -367,6 +368,25 @@ class CaptureManager:
             summary,
         )
         return summary
+
+    async def _sweep(self) -> None:
+        """Let a backend that keeps per-pod state outside the pods (eBPF's pins and map
+        entries) drop what belongs to no captured pod: a pod deleted while the agent was away."""
+        sweep = getattr(self.backend, "sweep", None)
+        if sweep is None:
+            return
+        keep = {
+            c.uid: Path(c.netns)
+            for c in self.registry.pods.values()
+            if c.state == CAPTURED and c.uid and c.netns
+        }
+        try:
+            dropped = await self._in_thread(sweep, keep)
+        except Exception as e:
+            log.error("sweeping %s capture state of gone pods failed: %s", self.backend.name, e)
+            return
+        if dropped:
+            log.info("%s capture of gone pods removed: %s", self.backend.name, dropped)
 
     async def _reconcile_locked(self, capture: PodCapture) -> str:
         """_reconcile_one under the pod's lock; "" for a pod with nothing to verify."""

@@ -22,7 +22,8 @@ from nodeagent import ports
 from nodeagent.cni.install import holds_entry
 from nodeagent.redirect import bpf_sys
 from nodeagent.redirect.capture import CaptureSpec
-from nodeagent.redirect.ebpf import POD_HOOKS
+from nodeagent.redirect.ebpf import POD_HOOKS, netns_cookie
+from nodeagent.redirect.ebpf_maps import pod_key
 from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NODE_RULES, NftablesBackend
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, TestbedError, bridge_conflist, down
@@ -304,6 +305,31 @@ def test_ebpf_redirects_leave_no_conntrack_entry(testbed: Testbed) -> None:
         assert entries == []
     else:
         assert entries and "dport=8443" in entries[0] and "sport=15001" in entries[0], entries
+
+
+def test_a_pod_deleted_while_the_agent_is_down_leaves_no_pins_nor_entries(
+    testbed: Testbed,
+) -> None:
+    """eBPF keeps per-pod state outside the pod (pins, map entries): the agent's reconcile at
+    start drops that of a pod whose DEL it never saw."""
+    if not ebpf(testbed):
+        pytest.skip("nftables keeps nothing outside the pod's netns")
+    gone = Pod("mesh", "gone", "n1", "default", {}, {}, Workload("sleep"))
+    testbed.add_pod(gone)
+    uid = testbed.state.pods[gone.key].uid
+    cookie = netns_cookie(Path("/run/netns") / layout.pod_netns(testbed.name, gone))
+    pods_map = str(layout.bpf_dir(testbed.name, "n1") / "maps" / "pods")
+    with bpf_sys.pinned(pods_map) as fd:
+        assert bpf_sys.map_lookup(fd, pod_key(cookie), 4) is not None
+    assert pod_pins(testbed, "", uid) == sorted(POD_HOOKS)
+    testbed.stop_agent("n1")
+    try:
+        testbed.remove_pod(gone)  # its DEL does not reach the agent (the plugin lets DEL pass)
+    finally:
+        testbed.start_agent("n1")
+    assert pod_pins(testbed, "", uid) == []
+    with bpf_sys.pinned(pods_map) as fd:
+        assert bpf_sys.map_lookup(fd, pod_key(cookie), 4) is None
 
 
 def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed) -> None:
