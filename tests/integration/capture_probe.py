@@ -3,7 +3,8 @@
 ``serve PORT[@ADDR] ...``: listens on each port and answers every connection with one JSON line:
 the listener's port, the peer, and the connection's original destination (SO_ORIGINAL_DST), so a
 client sees whether in-pod capture redirected it and what it had dialled.
-``connect HOST PORT [--mark N]``: connects (optionally with SO_MARK) and prints that line.
+``connect HOST PORT [--mark N]``: connects (optionally with SO_MARK; an IPv6 HOST from an
+AF_INET6 socket) and prints that line.
 ``burst HOST FIRST_PORT COUNT SOURCE_PORT``: COUNT connections at once, the i-th to
 FIRST_PORT+i from local port SOURCE_PORT+i; prints a JSON list of {dialled, answer or error}.
 """
@@ -58,7 +59,8 @@ def serve(specs: list[str]) -> None:
 
 
 def connect(host: str, port: int, mark: int | None) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # an IPv6 host (e.g. ::ffff:a.b.c.d, IPv4 on a dual-stack socket) gets an AF_INET6 socket
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(5)
     if mark is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
