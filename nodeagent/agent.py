@@ -180,6 +180,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # capture (istio-init's rules) has no DNS capture here.
     dns = None if sidecars else DnsProxy(store)
     backend = await _capture_backend(config, sidecars)
+    metrics.capture_mode.labels(backend.name).set(1)
     manager = CaptureManager(
         store,
         backend,

@@ -116,6 +116,13 @@ class AgentMetrics:
             ["change"],
             registry=self.registry,
         )
+        self.capture_mode = Gauge(
+            "nodeagent_capture_mode",
+            "1 for the way this node's agent captures pods' traffic (--capture-mode, auto"
+            " resolved): nftables or ebpf.",
+            ["mode"],
+            registry=self.registry,
+        )
         self._pod_states: dict[tuple[str, str], str] = {}
 
     def set_pod_state(self, namespace: str, pod: str, state: str) -> None:

@@ -193,6 +193,7 @@ def test_capture_state_is_exported_as_metrics(testbed: Testbed) -> None:
         count = sum(1 for r in pods.values() if r["state"] == state)
         assert count and f'nodeagent_pods{{state="{state}"}} {count}.0' in text, text
     assert "nodeagent_pod_capture_state" not in text
+    assert f'nodeagent_capture_mode{{mode="{testbed.topology.capture_mode}"}} 1.0' in text
     for key in pods:
         assert f'"{key.rpartition("/")[2]}"' not in text
 
