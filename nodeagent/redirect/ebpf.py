@@ -62,6 +62,7 @@ def bpf_dir() -> Path:
 
 
 def cgroup2_root(mounts: str | None = None) -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (on a hybrid host: its "unified" mount), if any."""
     if mounts is None:
         mounts = Path("/proc/self/mounts").read_text()
     for line in mounts.splitlines():

@@ -13,6 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from nodeagent.redirect.ebpf import cgroup2_root
 from nodeagent.testbed import netns
 
 TESTBEDS = "nodeagent-testbed"
@@ -24,13 +25,10 @@ class CgroupError(RuntimeError):
 
 def v2_root(mounts: str | None = None) -> Path:
     """Where the cgroup v2 hierarchy is mounted (on a hybrid host: its "unified" mount)."""
-    if mounts is None:
-        mounts = Path("/proc/self/mounts").read_text()
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    raise CgroupError("no cgroup v2 hierarchy is mounted (run `make setup`, which mounts one)")
+    root = cgroup2_root(mounts)
+    if root is None:
+        raise CgroupError("no cgroup v2 hierarchy is mounted (run `make setup`, which mounts one)")
+    return root
 
 
 def testbed_dir(name: str) -> Path:

@@ -369,7 +369,19 @@ def test_jwt_authn_comes_before_rbac_on_both_inbound_paths() -> None:
         )
     )
     s.put_istio(policy({"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]}))
+    for hcm in inbound_hcms(s):
+        assert [f["name"] for f in hcm["httpFilters"]] == [
+            "envoy.filters.http.jwt_authn",
+            authz.HTTP_RBAC,
+            "envoy.filters.http.router",
+        ]
+
+
+def inbound_hcms(s: MeshStore) -> list[dict[str, Any]]:
+    """The HTTP connection managers of the local pod shop/web (app=web) on both inbound paths
+    (its inbound listener and its same-node fast path), as JSON."""
     out = TranslationCache().build(s, [local("web", {"app": "web"})]).resources
+    found = []
     for name in ("virtualInbound/shop/web", "inboundInternal/shop/web"):
         listener = as_json(out[e.LISTENER][name])
         hcms = [
@@ -379,12 +391,8 @@ def test_jwt_authn_comes_before_rbac_on_both_inbound_paths() -> None:
             if f["name"].endswith("http_connection_manager")
         ]
         assert hcms, name
-        for hcm in hcms:
-            assert [f["name"] for f in hcm["httpFilters"]] == [
-                "envoy.filters.http.jwt_authn",
-                authz.HTTP_RBAC,
-                "envoy.filters.http.router",
-            ]
+        found += hcms
+    return found
 
 
 def test_which_policies_read_the_callers_address() -> None:

@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from nodeagent.envoy.admin import EnvoyAdminError
-from nodeagent.mesh.model import IstioResource
 from nodeagent.metrics import DenialCollector
 from nodeagent.translate import TranslationCache, authz, denials, filters
 from nodeagent.translate import envoy as e
 from tests.unit.envoy_validate import assert_envoy_accepts_resources
+from tests.unit.test_authz import policy as authz_policy
 from tests.unit.test_translate import as_json, local, store
 
 POD = "web.v1-7d9f"  # a pod name with dots: never parsed out of a dotted stat name
@@ -25,25 +25,15 @@ TCP_PROXY = "envoy.filters.network.tcp_proxy"
 HTTP_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 
 
-def policy(name: str, spec: dict[str, Any], **annotations: str) -> IstioResource:
-    return IstioResource(
-        "security.istio.io",
-        "v1",
-        "AuthorizationPolicy",
-        "shop",
-        name,
-        spec,
-        annotations=annotations,
-    )
-
-
 def translated() -> dict[str, dict[str, Any]]:
     """web's listeners for a DENY, an ALLOW and a dry-run DENY (Istio's dry-run task)."""
     s = store()
-    s.put_istio(policy("deny-admin", {"action": "DENY", "rules": [{"to": [{"operation": {}}]}]}))
-    s.put_istio(policy("allow-all", {"rules": [{}]}))
+    s.put_istio(
+        authz_policy({"action": "DENY", "rules": [{"to": [{"operation": {}}]}]}, name="deny-admin")
+    )
+    s.put_istio(authz_policy({"rules": [{}]}, name="allow-all"))
     dry = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/headers"]}}]}]}
-    s.put_istio(policy("deny-path-headers", dry, **{authz.DRY_RUN: "true"}))
+    s.put_istio(authz_policy(dry, name="deny-path-headers", **{authz.DRY_RUN: "true"}))
     out = TranslationCache().build(s, [local(POD, {"app": "web"})]).resources
     return {
         name: as_json(out[e.LISTENER][name])

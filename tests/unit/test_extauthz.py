@@ -20,6 +20,7 @@ from nodeagent.translate import TranslationCache, authz, denials, extauthz
 from nodeagent.translate import envoy as e
 from nodeagent.translate.internal import CALLER_KEY
 from tests.unit.envoy_validate import assert_envoy_accepts_resources
+from tests.unit.test_authz import inbound_hcms
 from tests.unit.test_translate import ME, NETNS_KEY, as_json, local, stamps, store
 
 # The authz-custom task's MeshConfig (its "Define the external authorizer" step).
@@ -261,27 +262,17 @@ def test_custom_comes_before_deny_and_allow_on_both_inbound_paths() -> None:
         "security.istio.io", "v1", "AuthorizationPolicy", "shop", "allow", {"rules": [{}]}
     )
     s = mesh_store(TASK_PROVIDERS, task_policy(), deny, allow)
-    out = TranslationCache().build(s, [local("web", {"app": "web"})]).resources
-    for name in ("virtualInbound/shop/web", "inboundInternal/shop/web"):
-        listener = as_json(out[e.LISTENER][name])
-        hcms = [
-            f["typedConfig"]
-            for chain in listener["filterChains"]
-            for f in chain["filters"]
-            if f["name"].endswith("http_connection_manager")
+    for hcm in inbound_hcms(s):
+        got = [f["name"] for f in hcm["httpFilters"]]
+        assert got == [
+            authz.HTTP_RBAC,  # CUSTOM's shadow rules
+            extauthz.HTTP_FILTER,
+            authz.HTTP_RBAC,  # DENY
+            authz.HTTP_RBAC,  # ALLOW
+            "envoy.filters.http.router",
         ]
-        assert hcms, name
-        for hcm in hcms:
-            got = [f["name"] for f in hcm["httpFilters"]]
-            assert got == [
-                authz.HTTP_RBAC,  # CUSTOM's shadow rules
-                extauthz.HTTP_FILTER,
-                authz.HTTP_RBAC,  # DENY
-                authz.HTTP_RBAC,  # ALLOW
-                "envoy.filters.http.router",
-            ]
-            assert "shadowRules" in hcm["httpFilters"][0]["typedConfig"]
-            assert hcm["httpFilters"][2]["typedConfig"]["rules"]["action"] == "DENY"
+        assert "shadowRules" in hcm["httpFilters"][0]["typedConfig"]
+        assert hcm["httpFilters"][2]["typedConfig"]["rules"]["action"] == "DENY"
 
 
 def test_the_check_goes_out_as_the_pod_itself() -> None:

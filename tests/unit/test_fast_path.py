@@ -21,6 +21,7 @@ from nodeagent.mesh.store import MeshStore
 from nodeagent.translate import LocalPod, TranslationCache, translate
 from nodeagent.translate import envoy as e
 from nodeagent.translate.internal import endpoint_where
+from tests.unit.test_authz import policy as authz_policy
 from tests.unit.test_translate import as_json, stamps
 
 HOST = "web.shop.svc.cluster.local"
@@ -202,18 +203,6 @@ def test_a_pod_no_service_names_has_no_fast_path_listener() -> None:
     assert "virtualInbound/front/f" in out[e.LISTENER]
 
 
-def authz_policy(name: str, spec: dict[str, Any], **annotations: str) -> IstioResource:
-    return IstioResource(
-        "security.istio.io",
-        "v1",
-        "AuthorizationPolicy",
-        "shop",
-        name,
-        spec,
-        annotations=annotations,
-    )
-
-
 DENY_IP = {
     "selector": {"matchLabels": {"app": "web"}},
     "action": "DENY",
@@ -226,14 +215,14 @@ def test_a_pod_whose_policies_read_the_callers_ip_is_off_the_fast_path() -> None
     caller address, so front's calls go through originate (mTLS from front's netns, its pod IP
     the peer web-1's inbound RBAC judges), on every port; web-1 has no fast-path listener. A
     policy without IP keys keeps it."""
-    s = mesh(authz_policy("deny-ip", DENY_IP))
+    s = mesh(authz_policy(DENY_IP, name="deny-ip"))
     out = translate(s, [here(s, "front/f"), here(s, "shop/web-1")])
     for eds, port in ((HTTP_EDS, 8080), (TCP_EDS, 5432)):
         assert reached(out, eds)[f"10.244.1.5:{port}"] == "originate"
     assert "inboundInternal/shop/web-1" not in out[e.LISTENER]
     principals = {"source": {"principals": ["cluster.local/ns/front/sa/f"]}}
     by_name = {**DENY_IP, "rules": [{"from": [principals]}]}
-    s = mesh(authz_policy("deny-sa", by_name))
+    s = mesh(authz_policy(by_name, name="deny-sa"))
     out = translate(s, [here(s, "front/f"), here(s, "shop/web-1")])
     assert reached(out, HTTP_EDS)["10.244.1.5:8080"] == "inboundInternal/shop/web-1"
 
@@ -246,7 +235,7 @@ def test_an_ip_policy_moves_only_its_pods_endpoints_and_back() -> None:
     pods = [here(s, "front/f"), here(s, "shop/web-1")]
     cache = TranslationCache()
     before = cache.build(s, pods).resources
-    s.put_istio(authz_policy("deny-ip", DENY_IP))
+    s.put_istio(authz_policy(DENY_IP, name="deny-ip"))
     after = cache.build(s, pods).resources
     changed = {n for n, m in after[e.ENDPOINT].items() if before[e.ENDPOINT].get(n) is not m}
     assert changed == {HTTP_EDS, TCP_EDS}
