@@ -16,14 +16,15 @@ demo: setup
 	@bash scripts/demo.sh
 
 # Lint and type checks, unit tests (no privileges), then integration tests (root, netns, real
-# CNI plugins). pytest exits non-zero when a stage fails or collects nothing. The integration
-# stage prints its 20 slowest steps: the whole target must stay under 25 minutes.
+# CNI plugins). pytest exits non-zero when a stage fails or collects nothing. Unit tests run on
+# every core (pytest-xdist); integration tests one at a time (they time real traffic). The
+# integration stage prints its 20 slowest steps: the whole target must stay under 25 minutes.
 test: setup test-tools lint
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -n auto tests/unit
 	$(BIN)/pytest -q -m integration --durations=20 tests/integration
 
 unit: setup test-tools
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -n auto tests/unit
 
 integration: setup
 	$(BIN)/pytest -q -m integration tests/integration

@@ -81,14 +81,19 @@ def log_path(tb: Testbed) -> Path:
     return layout.logs_dir(tb.name) / "n1.envoy.log"
 
 
+def log_since(tb: Testbed, offset: int) -> str:
+    """The node Envoy's log after OFFSET, a byte offset (a character slice of the decoded text
+    would land later wherever an earlier line holds a multi-byte character)."""
+    with log_path(tb).open("rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
 def logged_after(tb: Testbed, offset: int, *words: str) -> None:
     """The node Envoy's access log gets a line with every one of WORDS after OFFSET (bytes)."""
 
     def found() -> bool:
-        with log_path(tb).open("rb") as log:
-            log.seek(offset)
-            lines = log.read().decode(errors="replace").splitlines()
-        return any(all(w in line for w in words) for line in lines)
+        return any(all(w in line for w in words) for line in log_since(tb, offset).splitlines())
 
     wait_for(found, 10, f"an access log line with {words}", step=0.2)
 
@@ -160,7 +165,7 @@ def test_registry_only_blocks_until_a_service_entry_names_the_host(clean: Testbe
     offset = log_path(tb).stat().st_size
 
     def static_served() -> bool:
-        return status(tb, URL) == "200" and f'"{ip}:80"' in log_path(tb).read_text()[offset:]
+        return status(tb, URL) == "200" and f'"{ip}:80"' in log_since(tb, offset)
 
     wait_for(static_served, 20, "the STATIC ServiceEntry's endpoint serving")
     logged_after(tb, offset, f"outbound|80||{HOST}", f'"{ip}:80"')

@@ -11,6 +11,7 @@ import copy
 import logging
 import ssl
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -83,10 +84,25 @@ def test_two_replicas_creating_the_root_at_once_end_with_one(
                 pass  # warm-up: nothing; the race is below
             del api.objects[SECRETS][(NS, "nodeagent-ca")]
             api.requests.clear()
-            # Both start at once: both find no Secret, both create; one gets 409.
+            # Both start at once: both find no Secret, both create; one gets 409. Each replica's
+            # read of the Secret is answered only once both asked (on a loaded machine one could
+            # otherwise create it before the other reads, and there would be no race).
+            both_asked, asked = asyncio.Event(), []
+            get = api._get
+
+            async def get_once_both_asked(writer: Any, path: str, *args: Any) -> None:
+                if path.endswith("/secrets/nodeagent-ca") and len(asked) < 2:
+                    asked.append(path)
+                    if len(asked) == 2:
+                        both_asked.set()
+                    await asyncio.wait_for(both_asked.wait(), 10)
+                await get(writer, path, *args)
+
+            api._get = get_once_both_asked  # type: ignore[method-assign]
             cas = [_running(api, tmp_path), _running(api, tmp_path)]
             a, b = await asyncio.gather(*(c.__aenter__() for c in cas))
             try:
+                assert len(asked) == 2, api.requests
                 posts = [r for r in api.requests if r == f"POST /api/v1/namespaces/{NS}/secrets"]
                 assert len(posts) == 2, api.requests
                 assert a.signer is not None and b.signer is not None
