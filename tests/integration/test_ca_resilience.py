@@ -1,5 +1,5 @@
 """The CA service under stress (issue #13, "Must show", last two bullets), on a two-node testbed
-whose agents get their certificates from ``nodeagent ca`` (``ca: service``), certTTL 60 s.
+whose agents get their certificates from ``nodeagent ca`` (``ca: service``), certTTL 30 s.
 
 Steady traffic (20 req/s, a new connection per request to a TCP service port: every request is a
 new mTLS handshake between the node Envoys) from a client on n1 to a server on n2, and from a
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.integration
 PY = sys.executable
 HERE = Path(__file__).parent
 NAME = "tbcares"
-TTL = 60  # seconds: the workload certificates' lifetime
+TTL = 30  # seconds: the workload certificates' lifetime (short: the outage must outlast it)
 RATE = 20  # requests per second per caller
 TRUST_DOMAIN = "cluster.local"
 SELF_SIGNED_SECRET = "nodeagent-ca"  # the CA's own root (nodeagent.caservice.keystore)
