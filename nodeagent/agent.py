@@ -100,11 +100,15 @@ class AgentConfig:
     # and DNS still by nftables: nodeagent.redirect.ebpf), or "auto" (eBPF where the kernel has
     # what it needs, else nftables, logged). BPF_DIR: where eBPF capture pins its objects.
     capture_mode: str = "nftables"
-    bpf_dir: Path = DEFAULT_PIN_DIR
+    bpf_dir: Path | None = None  # (default: DEFAULT_PIN_DIR; see pin_dir)
     cgroup_root: Path | None = None  # the cgroup v2 mount pods' cgroups are under (default: found)
     # The agent's own DaemonSet: on SIGTERM, if it is gone or being deleted, capture is removed
     # from every pod (nodeagent.uninstall). Asked with the source's credentials.
     daemonset: uninstall.DaemonSetRef | None = None
+
+    @property
+    def pin_dir(self) -> Path:
+        return self.bpf_dir or DEFAULT_PIN_DIR
 
 
 async def _capture_backend(config: AgentConfig, sidecars: bool) -> RedirectBackend:
@@ -113,7 +117,7 @@ async def _capture_backend(config: AgentConfig, sidecars: bool) -> RedirectBacke
     if sidecars or config.capture_mode == "nftables":
         log.info("capture mode: nftables")
         return NftablesBackend(SIDECAR_RULES if sidecars else NODE_RULES)
-    backend = EbpfBackend(config.bpf_dir, config.cgroup_root)
+    backend = EbpfBackend(config.pin_dir, config.cgroup_root)
     try:
         loaded = await asyncio.to_thread(backend.start)
     except (EbpfError, OSError) as e:
@@ -238,11 +242,11 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     tasks.spawn("jwks", lambda: resolver.run(stop), stop=stop, critical=False)
     summary = await manager.reconcile()
     log.info("node %s: %d known pods reconciled: %s", config.node_name, len(registry.pods), summary)
-    if backend.name == "nftables" and config.bpf_dir.exists():
+    if backend.name == "nftables" and config.pin_dir.exists():
         # The node ran eBPF capture before: the pods have their nftables rules again (the
         # reconcile above), so the old hooks go.
-        await asyncio.to_thread(remove_pins, config.bpf_dir)
-        log.info("capture mode nftables: eBPF capture pins under %s removed", config.bpf_dir)
+        await asyncio.to_thread(remove_pins, config.pin_dir)
+        log.info("capture mode nftables: eBPF capture pins under %s removed", config.pin_dir)
     if proxy is not None:
         await proxy.start()
         tasks.spawn("push", lambda: proxy.run(stop), stop=stop)
@@ -278,7 +282,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
             if decision.remove:
                 await manager.remove_all()
                 if isinstance(backend, EbpfBackend):  # the node's getsockopt, maps, programs
-                    await asyncio.to_thread(remove_pins, config.bpf_dir)
+                    await asyncio.to_thread(remove_pins, config.pin_dir)
                 if isinstance(proxy, SidecarProxies):
                     await proxy.remove_all()
         if health is not None:

@@ -147,9 +147,9 @@ if TYPE_CHECKING:
 @click.option(
     "--bpf-dir",
     type=click.Path(path_type=Path),
-    default=Path("/sys/fs/bpf/nodeagent"),
-    show_default=True,
-    help="eBPF capture: where programs, maps and each pod's links are pinned (bpffs).",
+    default=None,
+    help="eBPF capture: where programs, maps and each pod's links are pinned (bpffs; default:"
+    " /sys/fs/bpf/nodeagent).",
 )
 @click.option(
     "--cgroup-root",
@@ -192,7 +192,7 @@ def run(
     cert_key_type: str,
     host_proc: Path,
     capture_mode: str,
-    bpf_dir: Path,
+    bpf_dir: Path | None,
     cgroup_root: Path | None,
     daemonset: DaemonSetRef | None,
     log_level: str,

@@ -11,6 +11,7 @@ from typing import Any
 import click
 import pytest
 import yaml
+from kube_render import render
 from kube_schemas import K8S_VERSIONS, assert_valid
 
 from nodeagent.cli import cli
@@ -500,3 +501,68 @@ def test_containerfile_bundle_path_is_where_the_cli_looks() -> None:
     assert "bash scripts/build-cni.sh" in text
     entrypoints = [line for line in lines if line.startswith("ENTRYPOINT")]
     assert entrypoints == ['ENTRYPOINT ["nodeagent"]']
+
+
+# -- daemonset-ebpf/: the same DaemonSet with eBPF capture (#18) ----------------------------------
+
+EBPF_DIR = ROOT / "daemonset-ebpf"
+
+
+def _rendered(directory: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in render(directory)}
+
+
+def _pod_spec(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = objects[("DaemonSet", "nodeagent")]["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_ebpf_variant_validates_strictly(version: str) -> None:
+    for (kind, name), doc in _rendered(EBPF_DIR).items():
+        assert_valid(f"daemonset-ebpf {kind} {name}", doc, version)
+
+
+def test_the_ebpf_variant_changes_only_the_agents_capture() -> None:
+    """`kubectl apply -k daemonset-ebpf/` is the base but for the agent container's capture
+    mode and the host paths that mode reads: no object, container or capability more."""
+    base, ebpf = _rendered(DAEMONSET_DIR), _rendered(EBPF_DIR)
+    assert base.keys() == ebpf.keys()
+    for key in base.keys() - {("DaemonSet", "nodeagent")}:
+        assert base[key] == ebpf[key], key
+    base_pod, ebpf_pod = _pod_spec(base), _pod_spec(ebpf)
+    base_agent, ebpf_agent = (
+        next(c for c in pod["containers"] if c["name"] == "agent") for pod in (base_pod, ebpf_pod)
+    )
+    others = [
+        [c for c in pod["containers"] if c["name"] != "agent"] for pod in (base_pod, ebpf_pod)
+    ]
+    assert others[0] == others[1]
+    assert ebpf_agent["securityContext"] == base_agent["securityContext"]
+    assert ebpf_agent["args"][: len(base_agent["args"])] == base_agent["args"]
+    params = _parse(ebpf_agent["args"]).params
+    assert params["capture_mode"] == "ebpf"
+    volumes = {v["name"]: v for v in ebpf_pod["volumes"]}
+    host = {
+        m["mountPath"]: (volumes[m["name"]]["hostPath"]["path"], m.get("readOnly", False))
+        for m in ebpf_agent["volumeMounts"]
+        if "hostPath" in volumes[m["name"]]
+    }
+    added = {
+        path: source
+        for path, source in host.items()
+        if path not in {m["mountPath"] for m in base_agent["volumeMounts"]}
+    }
+
+    def mount_of(path: Path) -> tuple[str, bool]:
+        (mount,) = [m for m in added if path.is_relative_to(m)]
+        return added[mount]
+
+    # Pins outlive the container in the host's bpffs (written); pods' cgroups and the root are
+    # the host's hierarchy (only opened); bcc reads the node's kernel headers.
+    assert mount_of(params["bpf_dir"]) == ("/sys/fs/bpf", False)
+    assert mount_of(params["cgroup_root"]) == ("/sys/fs/cgroup", True)
+    assert added[str(params["cgroup_root"])] == ("/sys/fs/cgroup", True)
+    assert mount_of(Path("/lib/modules")) == ("/lib/modules", True)
+    assert mount_of(Path("/usr/src")) == ("/usr/src", True)
+    assert len(added) == 4
