@@ -196,6 +196,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         find_netns=functools.partial(find_pod_netns, proc=config.host_proc),
         node_name=config.node_name,
         dns=dns,
+        # eBPF mode: a pod's nodeagent.io/capture-mode annotation may still ask for nftables
+        others=() if backend.name == "nftables" else (NftablesBackend(NODE_RULES),),
     )
     close_api = None
     if config.source_dir is None:  # on Kubernetes, each pod shows its capture state itself

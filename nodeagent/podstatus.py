@@ -1,9 +1,10 @@
 """Each pod's capture state, written on the pod itself so that `kubectl` shows it.
 
-``nodeagent.io/capture`` holds the state (captured, not-in-mesh, failed, netns-missing) and, for
-the two failures, ``nodeagent.io/capture-reason`` says why. Patches go out in the background: the
-capture path never waits on the API server, the latest state of a pod wins, a patch the pod
-already carries is not sent, and a failed one is retried with backoff.
+``nodeagent.io/capture`` holds the state (captured, not-in-mesh, failed, netns-missing), for a
+captured pod ``nodeagent.io/capture-backend`` the backend that captures it (nftables or ebpf),
+and, for the two failures, ``nodeagent.io/capture-reason`` says why. Patches go out in the
+background: the capture path never waits on the API server, the latest state of a pod wins, a
+patch the pod already carries is not sent, and a failed one is retried with backoff.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.mesh.store import MeshStore
-from nodeagent.redirect.registry import FAILED, NETNS_MISSING
+from nodeagent.redirect.registry import CAPTURED, FAILED, NETNS_MISSING
 
 log = logging.getLogger("nodeagent.podstatus")
 
 CAPTURE_ANNOTATION = "nodeagent.io/capture"
 REASON_ANNOTATION = "nodeagent.io/capture-reason"
+BACKEND_ANNOTATION = "nodeagent.io/capture-backend"
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 
 Annotations = Mapping[str, str | None]  # None removes the annotation (JSON merge patch)
@@ -28,9 +30,13 @@ Annotations = Mapping[str, str | None]  # None removes the annotation (JSON merg
 Patcher = Callable[[str, str, Annotations], Awaitable[None]]
 
 
-def capture_annotations(state: str, reason: str) -> dict[str, str | None]:
+def capture_annotations(state: str, reason: str, backend: str = "") -> dict[str, str | None]:
     failed = state in (FAILED, NETNS_MISSING)
-    return {CAPTURE_ANNOTATION: state, REASON_ANNOTATION: reason if failed else None}
+    return {
+        CAPTURE_ANNOTATION: state,
+        REASON_ANNOTATION: reason if failed else None,
+        BACKEND_ANNOTATION: backend if state == CAPTURED and backend else None,
+    }
 
 
 class PodAnnotator:
@@ -41,8 +47,8 @@ class PodAnnotator:
         self.patched = 0
         self._wake = asyncio.Event()
 
-    def record(self, namespace: str, name: str, state: str, reason: str) -> None:
-        self.pending[(namespace, name)] = capture_annotations(state, reason)
+    def record(self, namespace: str, name: str, state: str, reason: str, backend: str = "") -> None:
+        self.pending[(namespace, name)] = capture_annotations(state, reason, backend)
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:

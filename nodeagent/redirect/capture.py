@@ -19,6 +19,9 @@ EXCLUDE_INBOUND_PORTS = ANNOTATION_PREFIX + "excludeInboundPorts"
 INCLUDE_INBOUND_PORTS = ANNOTATION_PREFIX + "includeInboundPorts"
 EXCLUDE_OUTBOUND_RANGES = ANNOTATION_PREFIX + "excludeOutboundIPRanges"
 INCLUDE_OUTBOUND_RANGES = ANNOTATION_PREFIX + "includeOutboundIPRanges"
+# Ours, not Istio's: which capture backend a pod asks for over its node's --capture-mode.
+CAPTURE_MODE = "nodeagent.io/capture-mode"
+CAPTURE_MODES = ("nftables", "ebpf")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -38,6 +41,8 @@ class CaptureSpec:
     include_outbound_ranges: tuple[Network, ...] | None = None
     # DNS capture (Istio's ISTIO_META_DNS_CAPTURE): UDP and TCP port 53 to the agent's DNS proxy
     dns: bool = False
+    # The backend the pod asks for (CAPTURE_MODE); "": its node's --capture-mode
+    mode: str = ""
 
     @classmethod
     def from_annotations(
@@ -49,8 +54,14 @@ class CaptureSpec:
             dns = flag(DNS_CAPTURE, mesh_metadata or {}, annotations)
         except ProxyMetadataError as e:
             raise CaptureSpecError(str(e)) from None
+        mode = annotations.get(CAPTURE_MODE, "").strip()
+        if mode and mode not in CAPTURE_MODES:
+            raise CaptureSpecError(
+                f"annotation {CAPTURE_MODE}: {mode!r} is not one of {', '.join(CAPTURE_MODES)}"
+            )
         return cls(
             dns=dns,
+            mode=mode,
             exclude_outbound_ports=_ports(annotations, EXCLUDE_OUTBOUND_PORTS),
             exclude_inbound_ports=_ports(annotations, EXCLUDE_INBOUND_PORTS),
             include_inbound_ports=_ports_or_all(annotations, INCLUDE_INBOUND_PORTS),
@@ -71,6 +82,7 @@ class CaptureSpec:
             if self.include_outbound_ranges is None
             else [str(n) for n in self.include_outbound_ranges],
             "dnsCapture": self.dns,
+            "captureMode": self.mode,
         }
 
     @classmethod
@@ -96,6 +108,7 @@ class CaptureSpec:
             if raw.get("includeOutboundIPRanges") is None
             else nets("includeOutboundIPRanges"),
             dns=bool(raw.get("dnsCapture", False)),
+            mode=str(raw.get("captureMode", "")),
         )
 
 

@@ -29,7 +29,7 @@ from nodeagent.mesh.proxy_metadata import DNS_AUTO_ALLOCATE, flag
 from nodeagent.mesh.store import MeshStore
 from nodeagent.metrics import AgentMetrics
 from nodeagent.redirect import RedirectBackend
-from nodeagent.redirect.capture import CaptureSpec, CaptureSpecError
+from nodeagent.redirect.capture import CAPTURE_MODE, CaptureSpec, CaptureSpecError
 from nodeagent.redirect.discovery import PodNetns, find_pod_netns, netns_addresses
 from nodeagent.redirect.registry import (
     CAPTURED,
@@ -77,7 +77,7 @@ class Proxy(Protocol):
 NetnsFinder = Callable[[Mapping[str, Sequence[str]]], Mapping[str, PodNetns]]
 
 # (namespace, name, state, reason): show a pod's state on the pod (see podstatus); never blocks.
-Annotate = Callable[[str, str, str, str], None]
+Annotate = Callable[[str, str, str, str, str], None]  # namespace, name, state, reason, backend
 
 # The addresses a network namespace owns (see discovery.netns_addresses); blocking.
 AddressReader = Callable[[Path], set[str]]
@@ -104,9 +104,13 @@ class CaptureManager:
         node_name: str = "",
         netns_addresses: AddressReader = netns_addresses,
         dns: DnsServer | None = None,
+        others: Sequence[RedirectBackend] = (),
     ) -> None:
         self.store = store
-        self.backend = backend
+        self.backend = backend  # the node's --capture-mode
+        # By name, the node's and OTHERS: what a pod's capture-mode annotation may pick.
+        self.backends = {b.name: b for b in (*others, backend)}
+        self._mode_warned: set[str] = set()  # pods told their capture-mode is not run here
         self.registry = registry
         self.metrics = metrics
         self.excluded_namespaces = tuple(excluded_namespaces)
@@ -273,7 +277,9 @@ class CaptureManager:
             await self._stop_dns(capture)  # its sockets would keep the netns alive
             if capture.state == CAPTURED and os.path.exists(capture.netns):
                 try:
-                    await self._in_thread(self.backend.remove, Path(capture.netns), capture.uid)
+                    await self._in_thread(
+                        self._backend_of(capture).remove, Path(capture.netns), capture.uid
+                    )
                 except Exception as e:  # the netns is on its way out anyway
                     log.warning("removing capture of %s failed: %s", capture.key, e)
         self._locks.pop(capture.container_id, None)
@@ -295,7 +301,7 @@ class CaptureManager:
         if capture.state != CAPTURED or capture.spec is None:
             return _fail(f"pod {capture.key} is {capture.state}: {capture.reason}")
         result = await self._in_thread(
-            self.backend.verify,
+            self._backend_of(capture).verify,
             Path(capture.netns),
             CaptureSpec.from_json(capture.spec),
             capture.uid,
@@ -372,21 +378,22 @@ class CaptureManager:
     async def _sweep(self) -> None:
         """Let a backend that keeps per-pod state outside the pods (eBPF's pins and map
         entries) drop what belongs to no captured pod: a pod deleted while the agent was away."""
-        sweep = getattr(self.backend, "sweep", None)
-        if sweep is None:
-            return
-        keep = {
-            c.uid: Path(c.netns)
-            for c in self.registry.pods.values()
-            if c.state == CAPTURED and c.uid and c.netns
-        }
-        try:
-            dropped = await self._in_thread(sweep, keep)
-        except Exception as e:
-            log.error("sweeping %s capture state of gone pods failed: %s", self.backend.name, e)
-            return
-        if dropped:
-            log.info("%s capture of gone pods removed: %s", self.backend.name, dropped)
+        for backend in self.backends.values():
+            sweep = getattr(backend, "sweep", None)
+            if sweep is None:
+                continue
+            keep = {
+                c.uid: Path(c.netns)
+                for c in self.registry.pods.values()
+                if c.state == CAPTURED and c.uid and c.netns and c.backend == backend.name
+            }
+            try:
+                dropped = await self._in_thread(sweep, keep)
+            except Exception as e:
+                log.error("sweeping %s capture state of gone pods failed: %s", backend.name, e)
+                continue
+            if dropped:
+                log.info("%s capture of gone pods removed: %s", backend.name, dropped)
 
     async def _reconcile_locked(self, capture: PodCapture) -> str:
         """_reconcile_one under the pod's lock; "" for a pod with nothing to verify."""
@@ -405,14 +412,15 @@ class CaptureManager:
             self._settle(capture, NETNS_MISSING, f"network namespace {capture.netns} is gone")
             return "netns_missing"
         spec = CaptureSpec.from_json(capture.spec)
+        held, wanted = self._backend_of(capture), self._backend_for(capture, spec)
         try:
-            check = await self._in_thread(
-                self.backend.verify, Path(capture.netns), spec, capture.uid
-            )
+            check = await self._in_thread(held.verify, Path(capture.netns), spec, capture.uid)
         except Exception as e:
             check_ok, why = False, f"verify failed: {e}"
         else:
             check_ok, why = check.ok, check.reason
+        if check_ok and held is not wanted:  # the node's --capture-mode changed across a restart
+            check_ok, why = False, f"held by {held.name}, wanted in {wanted.name}"
         if check_ok:
             problem = await self._serve_dns(capture, spec)  # listening again after a restart
             if problem:
@@ -638,7 +646,9 @@ class CaptureManager:
             await self._stop_dns(capture)
             if capture.netns and os.path.exists(capture.netns):  # a failed one may hold rules too
                 try:
-                    await self._in_thread(self.backend.remove, Path(capture.netns), capture.uid)
+                    await self._in_thread(
+                        self._backend_of(capture).remove, Path(capture.netns), capture.uid
+                    )
                 except Exception as e:
                     self._settle(
                         capture,
@@ -660,17 +670,44 @@ class CaptureManager:
             annotations, self.store.mesh_config.default_proxy_metadata
         )
 
+    def _backend_of(self, capture: PodCapture) -> RedirectBackend:
+        """The backend holding a pod's capture (the node's for a record of one gone since)."""
+        return self.backends.get(capture.backend, self.backend)
+
+    def _backend_for(self, capture: PodCapture, spec: CaptureSpec) -> RedirectBackend:
+        """The backend a pod's capture is to use: its annotation's, where this node runs it."""
+        if not spec.mode or spec.mode == self.backend.name:
+            return self.backend
+        if spec.mode not in self.backends and capture.key not in self._mode_warned:
+            self._mode_warned.add(capture.key)
+            log.warning(
+                "pod %s asks for %s capture (%s); this node runs %s only: using it",
+                capture.key,
+                spec.mode,
+                CAPTURE_MODE,
+                self.backend.name,
+            )
+        return self.backends.get(spec.mode, self.backend)
+
     async def _apply(self, capture: PodCapture, spec: CaptureSpec) -> str:
         """Apply and verify; returns a problem description, empty when captured."""
         netns = Path(capture.netns)
-        capture.backend = self.backend.name  # a record from before a --capture-mode change
+        backend = self._backend_for(capture, spec)
+        held = self.backends.get(capture.backend)
+        if capture.state == CAPTURED and held is not None and held is not backend:
+            # Another backend held it (the node's --capture-mode changed across a restart).
+            try:
+                await self._in_thread(held.remove, netns, capture.uid)
+            except Exception as e:
+                log.warning("pod %s: removing its %s capture failed: %s", capture.key, held.name, e)
+        capture.backend = backend.name
         try:
-            await self._in_thread(self.backend.apply, netns, spec, capture.uid)
-            check = await self._in_thread(self.backend.verify, netns, spec, capture.uid)
+            await self._in_thread(backend.apply, netns, spec, capture.uid)
+            check = await self._in_thread(backend.verify, netns, spec, capture.uid)
         except Exception as e:
-            return f"{self.backend.name} capture failed in {capture.netns}: {e}"
+            return f"{backend.name} capture failed in {capture.netns}: {e}"
         if not check.ok:
-            return f"{self.backend.name} capture did not hold in {capture.netns}: {check.reason}"
+            return f"{backend.name} capture did not hold in {capture.netns}: {check.reason}"
         return await self._serve_dns(capture, spec)
 
     async def _serve_dns(self, capture: PodCapture, spec: CaptureSpec) -> str:
@@ -705,7 +742,7 @@ class CaptureManager:
         self.registry.put(capture)
         self.metrics.set_pod_state(capture.namespace, capture.name, state)
         if self.annotate is not None:
-            self.annotate(capture.namespace, capture.name, state, reason)
+            self.annotate(capture.namespace, capture.name, state, reason, capture.backend)
         level = logging.ERROR if state in (FAILED, NETNS_MISSING) else logging.INFO
         log.log(level, "pod %s: %s (%s)", capture.key, state, reason)
         if state == FAILED:
@@ -782,7 +819,9 @@ class CaptureManager:
         if not capture.netns or not os.path.exists(capture.netns):
             return "netns_missing"
         try:
-            await self._in_thread(self.backend.remove, Path(capture.netns), capture.uid)
+            await self._in_thread(
+                self._backend_of(capture).remove, Path(capture.netns), capture.uid
+            )
         except Exception as e:
             log.error("pod %s: removing capture in %s failed: %s", capture.key, capture.netns, e)
             return "failed"

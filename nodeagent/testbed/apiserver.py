@@ -133,7 +133,9 @@ def _merge(target: Obj, patch: Obj) -> None:
     for key, value in patch.items():
         if value is None:
             target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+        elif isinstance(value, dict):  # into a new object too: its nulls are no values
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
             _merge(target[key], value)
         else:
             target[key] = copy.deepcopy(value)

@@ -61,6 +61,11 @@ pods:
     node: n1
     annotations: {{nodeagent.io/mesh: disabled}}
     workload: {{type: command, command: {json.dumps(SERVE)}, port: 8080}}
+  - name: asks-nft
+    namespace: mesh
+    node: n1
+    annotations: {{nodeagent.io/capture-mode: nftables}}
+    workload: {{type: command, command: {json.dumps(SERVE)}, port: 8080}}
   - name: server
     namespace: plain
     node: n2
@@ -110,6 +115,20 @@ def test_a_mesh_pod_holds_exactly_our_table(testbed: Testbed) -> None:
     record = agent_pods(testbed.name, "n1")["mesh/app"]
     assert (record["state"], record["backend"]) == ("captured", testbed.topology.capture_mode)
     assert pod_pins(testbed, "mesh/app") == (sorted(POD_HOOKS) if ebpf(testbed) else [])
+
+
+def test_a_pod_asking_for_nftables_gets_it_in_either_mode(testbed: Testbed) -> None:
+    """nodeagent.io/capture-mode: nftables on a pod: its capture is the nftables backend's,
+    whatever its node's --capture-mode; `nodeagent pods` says so."""
+    netns = Path("/run/netns") / testbed.pod_netns("mesh/asks-nft")
+    check = NftablesBackend(NODE_RULES).verify(netns, CaptureSpec(mode="nftables"))
+    assert check.ok, check.reason
+    record = agent_pods(testbed.name, "n1")["mesh/asks-nft"]
+    assert (record["state"], record["backend"]) == ("captured", "nftables")
+    assert pod_pins(testbed, "mesh/asks-nft") == []
+    answer = landed(testbed, "mesh/asks-nft", "192.0.2.10", 443)
+    assert (answer["pod"], answer["listener"]) == ("asks-nft", ports.OUTBOUND_PORT), answer
+    assert answer["original_dst"] == "192.0.2.10:443"
 
 
 def test_outbound_lands_on_15001_with_the_dialled_destination(testbed: Testbed) -> None:

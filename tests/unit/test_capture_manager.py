@@ -680,3 +680,80 @@ def test_dns_capture_opts_in_per_mesh_default_and_pod_and_follows_the_pod(tmp_pa
         assert restarted.serving == {}
 
     run(scenario, tmp_path)
+
+
+class NamedBackend(RecordingBackend):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+
+def test_a_pods_capture_mode_annotation_picks_its_backend(tmp_path: Path) -> None:
+    """nodeagent.io/capture-mode: on an eBPF node a pod may ask for nftables; a mode the node
+    does not run gets the node's (logged); a value that is no mode fails the ADD, named. DEL,
+    check and reconcile go to the backend that holds the pod."""
+
+    async def scenario(node: Node) -> None:
+        ebpf, nft = NamedBackend("ebpf"), NamedBackend("nftables")
+        node.backend = ebpf
+        manager = node.new_manager()
+        manager.backends["nftables"] = nft  # as agent.py passes it (others=) in eBPF mode
+        annotations = {
+            "asks-nft": {"nodeagent.io/capture-mode": "nftables"},
+            "default": {},
+            "bad": {"nodeagent.io/capture-mode": "iptables"},
+        }
+        for name, wanted in annotations.items():
+            node.store.put_pod(Pod("shop", name, annotations=wanted))
+        pods = {name: node.cni_pod(name) for name in annotations}
+        assert (await manager.add(pods["asks-nft"], timeout=5))["state"] == "captured"
+        assert (await manager.add(pods["default"], timeout=5))["state"] == "captured"
+        bad = await manager.add(pods["bad"], timeout=5)
+        assert not bad["ok"] and "nodeagent.io/capture-mode: 'iptables'" in bad["reason"]
+        assert set(nft.installed) == {Path(pods["asks-nft"]["netns"])}
+        assert set(ebpf.installed) == {Path(pods["default"]["netns"])}
+        shown = {r["name"]: r["backend"] for r in manager.status() if r["state"] == "captured"}
+        assert shown == {"asks-nft": "nftables", "default": "ebpf"}
+        # Lost in nftables: reconcile repairs it there, never in eBPF.
+        nft.installed.clear()
+        assert (await manager.reconcile())["repaired"] == 1
+        assert set(nft.installed) == {Path(pods["asks-nft"]["netns"])}
+        assert set(ebpf.installed) == {Path(pods["default"]["netns"])}
+        assert (await manager.check(pods["asks-nft"]))["ok"]
+        await manager.delete(pods["asks-nft"])
+        assert nft.installed == {} and ("remove", Path(pods["asks-nft"]["netns"])) in nft.calls
+
+        # On an nftables-only node, a pod asking for eBPF is captured by nftables.
+        node.store.put_pod(
+            Pod("shop", "asks-ebpf", annotations={"nodeagent.io/capture-mode": "ebpf"})
+        )
+        node.backend = nft
+        only_nft = node.new_manager()
+        assert (await only_nft.add(node.cni_pod("asks-ebpf"), timeout=5))["state"] == "captured"
+        assert Path(node.netns("asks-ebpf")) in nft.installed
+
+    run(scenario, tmp_path)
+
+
+def test_a_node_whose_capture_mode_changed_moves_its_pods_at_the_first_reconcile(
+    tmp_path: Path,
+) -> None:
+    """nftables before a restart, eBPF after: each pod's nftables capture is removed and the
+    pod captured by eBPF (its record names the backend that holds it)."""
+
+    async def scenario(node: Node) -> None:
+        nft = NamedBackend("nftables")
+        node.backend = nft
+        node.store.put_pod(Pod("shop", "web"))
+        pod = node.cni_pod("web")
+        assert (await node.manager.add(pod, timeout=5))["state"] == "captured"
+        ebpf = NamedBackend("ebpf")
+        node.backend = ebpf
+        restarted = node.new_manager()  # the same registry on disk
+        restarted.backends["nftables"] = nft
+        assert (await restarted.reconcile())["repaired"] == 1
+        assert nft.installed == {} and set(ebpf.installed) == {Path(pod["netns"])}
+        assert [r["backend"] for r in restarted.status()] == ["ebpf"]
+        assert (await restarted.reconcile())["verified"] == 1
+
+    run(scenario, tmp_path)

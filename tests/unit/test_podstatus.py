@@ -7,7 +7,12 @@ from collections.abc import Mapping
 
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
-from nodeagent.podstatus import CAPTURE_ANNOTATION, REASON_ANNOTATION, PodAnnotator
+from nodeagent.podstatus import (
+    BACKEND_ANNOTATION,
+    CAPTURE_ANNOTATION,
+    REASON_ANNOTATION,
+    PodAnnotator,
+)
 from tests.waiting import wait_for_async
 
 
@@ -39,22 +44,27 @@ def test_latest_state_is_patched_once_and_not_again() -> None:
         api = FakeApi(store)
         annotator = PodAnnotator(store, api.patch)
         annotator.record("shop", "web", "failed", "listeners not ready")
-        annotator.record("shop", "web", "captured", "namespace label")  # the latest wins
+        # the latest wins; a captured pod shows its backend too
+        annotator.record("shop", "web", "captured", "namespace label", "ebpf")
         assert await annotator.flush()
-        assert api.patches == [
-            ("shop", "web", {CAPTURE_ANNOTATION: "captured", REASON_ANNOTATION: None})
-        ]
-        assert store.pods["shop/web"].annotations == {"team": "a", CAPTURE_ANNOTATION: "captured"}
+        captured = {CAPTURE_ANNOTATION: "captured", REASON_ANNOTATION: None}
+        assert api.patches == [("shop", "web", {**captured, BACKEND_ANNOTATION: "ebpf"})]
+        assert store.pods["shop/web"].annotations == {
+            "team": "a",
+            CAPTURE_ANNOTATION: "captured",
+            BACKEND_ANNOTATION: "ebpf",
+        }
         # Reconcile settles the same state every minute: the pod already shows it, no patch.
-        annotator.record("shop", "web", "captured", "verified")
+        annotator.record("shop", "web", "captured", "verified", "ebpf")
         assert await annotator.flush()
         assert len(api.patches) == 1
 
-        annotator.record("shop", "web", "netns-missing", "network namespace /x is gone")
+        annotator.record("shop", "web", "netns-missing", "network namespace /x is gone", "ebpf")
         assert await annotator.flush()
         assert store.pods["shop/web"].annotations[REASON_ANNOTATION] == (
             "network namespace /x is gone"
         )
+        assert BACKEND_ANNOTATION not in store.pods["shop/web"].annotations  # not captured now
         assert annotator.pending == {}
 
     asyncio.run(scenario())
