@@ -62,6 +62,15 @@ class Cluster:
         answer: dict[str, object] = json.loads(proc.stdout)
         return answer
 
+    def curls(self, pod: str, url: str, count: int) -> list[dict[str, object]]:
+        """COUNT calls of URL from POD, each its own curl (a new connection), in one exec."""
+        call = f"curl -sS --fail --max-time 10 '{url}' && echo"
+        proc = self.exec(pod, "sh", "-c", f"for i in $(seq {count}); do {call} || exit 1; done")
+        assert proc.returncode == 0, f"curl {url} from {pod}: {proc.stderr}"
+        answers: list[dict[str, object]] = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert len(answers) == count, proc.stdout
+        return answers
+
     def status(self) -> dict[str, object]:
         proc = nodeagent("testbed", "status", "--name", self.name, "-o", "json")
         assert proc.returncode == 0, proc.stderr

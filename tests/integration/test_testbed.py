@@ -69,13 +69,13 @@ def test_pods_talk_across_nodes_by_ip_and_service_name(make_cluster: Any) -> Non
     # Pod -> service name, from another namespace and node: both endpoints answer over time.
     served = Counter(
         # 16 calls: both endpoints are seen unless 16 fair picks all land on one (3e-5).
-        cluster.curl("other/client", "http://echo.shop:80/")["pod_ip"]
-        for _ in range(16)
+        answer["pod_ip"]
+        for answer in cluster.curls("other/client", "http://echo.shop:80/", 16)
     )
     assert set(served) == {pods["shop/echo-1"]["ip"], pods["shop/echo-2"]["ip"]}, served
 
     # Same-node service hop (client and echo-1 share n1's bridge) keeps working both ways.
-    same_node = Counter(cluster.curl("shop/client", "http://echo/")["pod_ip"] for _ in range(8))
+    same_node = Counter(a["pod_ip"] for a in cluster.curls("shop/client", "http://echo/", 8))
     assert pods["shop/echo-1"]["ip"] in same_node, same_node
 
     # A call chain across nodes: front (n1) -> back (n2), by short service name.
