@@ -27,6 +27,7 @@ from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import (
     apply_docs,
+    envoy_admin,
     nodeagent,
     pod,
     running_testbed,
@@ -164,10 +165,21 @@ def test_registry_only_blocks_until_a_service_entry_names_the_host(clean: Testbe
     apply_docs(tb, static)
     offset = log_path(tb).stat().st_size
 
-    def static_served() -> bool:
-        return status(tb, URL) == "200" and f'"{ip}:80"' in log_since(tb, offset)
+    seen: list[str] = []
 
-    wait_for(static_served, 20, "the STATIC ServiceEntry's endpoint serving")
+    def static_served() -> bool:
+        seen.append(status(tb, URL))
+        return seen[-1] == "200" and f'"{ip}:80"' in log_since(tb, offset)
+
+    def what() -> str:
+        lines = [line for line in log_since(tb, offset).splitlines() if "default/sleep" in line]
+        clusters = [c for c in envoy_admin(tb.name, "n1", "/clusters").splitlines() if HOST in c]
+        return (
+            f"the STATIC ServiceEntry's endpoint serving (statuses {seen[-5:]}, last access log"
+            f" lines {lines[-3:]}; n1's Envoy: {clusters[-6:]})"
+        )
+
+    wait_for(static_served, 20, what)
     logged_after(tb, offset, f"outbound|80||{HOST}", f'"{ip}:80"')
 
 
