@@ -49,6 +49,9 @@ def _testbeds() -> list[str]:
     return sorted(ours)
 
 
+ANSWER_END = "--- end of answer ---"
+
+
 @dataclass
 class Cluster:
     name: str
@@ -64,10 +67,11 @@ class Cluster:
 
     def curls(self, pod: str, url: str, count: int) -> list[dict[str, object]]:
         """COUNT calls of URL from POD, each its own curl (a new connection), in one exec."""
-        call = f"curl -sS --fail --max-time 10 '{url}' && echo"
+        call = f"curl -sS --fail --max-time 10 '{url}' && echo '{ANSWER_END}'"
         proc = self.exec(pod, "sh", "-c", f"for i in $(seq {count}); do {call} || exit 1; done")
         assert proc.returncode == 0, f"curl {url} from {pod}: {proc.stderr}"
-        answers: list[dict[str, object]] = [json.loads(line) for line in proc.stdout.splitlines()]
+        bodies = proc.stdout.split(ANSWER_END)[:-1]  # each answer is a (multi-line) JSON object
+        answers: list[dict[str, object]] = [json.loads(body) for body in bodies]
         assert len(answers) == count, proc.stdout
         return answers
 
