@@ -25,8 +25,10 @@ from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-# The three deployment models every comparison uses.
+# The deployment models every comparison uses; per-node captures with nftables (the default),
+# per-node-ebpf is the same node agent and Envoy with --capture-mode ebpf (#18).
 NO_MESH, SIDECAR, PER_NODE = "no-mesh", "sidecar", "per-node"
+PER_NODE_EBPF = "per-node-ebpf"
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,32 @@ def envoy_pids(netns_name: str) -> list[int]:
         except OSError:
             continue  # exited meanwhile
     return pids
+
+
+def agent_pods(testbed: str, node: str) -> dict[str, dict[str, Any]]:
+    """NODE's agent's pod records (``nodeagent pods -o json``), by namespace/name: what a
+    scenario asserts the capture backend of its pods with."""
+    from nodeagent.testbed import layout
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nodeagent",
+            "pods",
+            "-o",
+            "json",
+            "--cni-socket",
+            str(layout.agent_socket(testbed, node)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"nodeagent pods on {testbed}/{node}: {proc.stderr.strip()}")
+    return {f"{p['namespace']}/{p['name']}": p for p in json.loads(proc.stdout)}
 
 
 def pss_mib(pids: Iterable[int]) -> float:

@@ -1,10 +1,12 @@
 """Scenarios 1 and 2: latency the mesh adds, and what the proxies cost per 1000 rps.
 
 nginx in a pod answers 1 KB over HTTP/1.1 keep-alive; `hey` in a client pod sends fixed rates
-(4 connections) to its Service, from the same node and from the other node. The three models run
-side by side, each on a testbed of its own that stays up for the whole scenario, and every
-measurement round runs the models back to back, so that "added latency" and ratios are taken
-pair by pair within one round (run i of a model against run i of no mesh).
+(4 connections) to its Service, from the same node and from the other node. The four models run
+side by side on three testbeds that stay up for the whole scenario (no mesh; per-node, whose
+nftables nodes n1/n2 and eBPF nodes n3/n4 each host that model's own server and clients; sidecar),
+and every measurement round runs the models back to back, so that "added latency" and ratios are
+taken pair by pair within one round (run i of a model against run i of no mesh, and run i of
+per-node-ebpf against run i of per-node).
 
 Proxy cost: the CPU seconds (utime + stime from /proc) of every Envoy on the request's path over
 the run, as vCPU per 1000 rps, and their proportional memory (PSS) after it. On the path: per-node,
@@ -22,14 +24,17 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     NO_MESH,
     PER_NODE,
+    PER_NODE_EBPF,
     SIDECAR,
     Run,
+    agent_pods,
     envoy_pids,
     new_figure,
     percentile,
@@ -46,42 +51,73 @@ from nodeagent.testbed.topology import loads_topology
 
 PERCENTILES = (50, 90, 99)
 CONNECTIONS = 4
-PLACEMENTS = {"same-node": "bench/client-same", "cross-node": "bench/client-cross"}
-URL = "http://web.bench/"
+PLACEMENTS = ("same-node", "cross-node")
 BODY_BYTES = 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-TOPOLOGY = """
-name: {name}
-nodeagent: {nodeagent}
-{extra}
-nodes: [{{name: n1}}, {{name: n2}}]
-namespaces:
-  - name: bench
-    labels: {{nodeagent.io/mesh: enabled}}
-pods:
-  - name: web
+
+@dataclass(frozen=True)
+class Model:
+    """A deployment model: the testbed it runs on, and its own server, clients and Service.
+
+    per-node and per-node-ebpf share one testbed (one bring-up; their runs of a round against the
+    same control plane): per-node's pods on n1/n2, whose agents capture with nftables, and
+    per-node-ebpf's on n3/n4, whose agents run with --capture-mode ebpf.
+    """
+
+    name: str
+    bed: str  # the key of its testbed in BEDS
+    suffix: str  # its pods are web<suffix>, client-same<suffix>, client-cross<suffix>
+    nodes: tuple[str, str]  # (the server's and the same-node client's, the cross-node client's)
+
+    def client(self, placement: str) -> str:
+        return f"bench/client-{placement.removesuffix('-node')}{self.suffix}"
+
+    @property
+    def url(self) -> str:
+        return f"http://web{self.suffix}.bench/"
+
+
+MODELS = {
+    m.name: m
+    for m in (
+        Model(NO_MESH, NO_MESH, "", ("n1", "n2")),
+        Model(PER_NODE, PER_NODE, "", ("n1", "n2")),
+        Model(PER_NODE_EBPF, PER_NODE, "-ebpf", ("n3", "n4")),
+        Model(SIDECAR, SIDECAR, "", ("n1", "n2")),
+    )
+}
+# Testbed key -> its top-level topology settings.
+BEDS = {
+    NO_MESH: "nodeagent: false",
+    PER_NODE: "nodeagent: true",
+    SIDECAR: "nodeagent: true\nproxyModel: sidecar",
+}
+EBPF_NODES = frozenset({"n3", "n4"})
+
+MODEL_PODS = """
+  - name: web{s}
     namespace: bench
-    node: n1
+    node: {server}
     serviceAccount: web
-    labels: {{app: web}}
+    labels: {{app: web{s}}}
     workload: {{type: command, command: ["nginx", "-c", "{conf}", "-p", "{prefix}"], port: 8080}}
-  - name: client-same
+  - name: client-same{s}
     namespace: bench
-    node: n1
+    node: {server}
     serviceAccount: client
     workload: {{type: sleep}}
-  - name: client-cross
+  - name: client-cross{s}
     namespace: bench
-    node: n2
+    node: {cross}
     serviceAccount: client
-    workload: {{type: sleep}}
-services:
-  - name: web
+    workload: {{type: sleep}}"""
+
+MODEL_SERVICE = """
+  - name: web{s}
     namespace: bench
-    selector: {{app: web}}
-    ports: [{{name: http, port: 80, targetPort: 8080}}]
-"""
+    selector: {{app: web{s}}}
+    ports: [{{name: http, port: 80, targetPort: 8080}}]"""
 
 NGINX = """
 daemon off;
@@ -105,32 +141,61 @@ http {{
 """
 
 
-def models() -> dict[str, dict[str, str]]:
-    """Model -> its topology settings."""
-    out = {NO_MESH: {"nodeagent": "false", "extra": ""}}
-    out[PER_NODE] = {"nodeagent": "true", "extra": ""}
-    out[SIDECAR] = {"nodeagent": "true", "extra": "proxyModel: sidecar"}
-    return out
+def topology(name: str, bed: str, conf: Path, prefix: Path) -> str:
+    """The topology of testbed BED: the nodes, pods and Service of every model it hosts."""
+    models = [m for m in MODELS.values() if m.bed == bed]
+    nodes = sorted({n for m in models for n in m.nodes})
+    node_list = ", ".join(
+        f"{{name: {n}, captureMode: ebpf}}" if n in EBPF_NODES else f"{{name: {n}}}" for n in nodes
+    )
+    pods = "".join(
+        MODEL_PODS.format(s=m.suffix, server=m.nodes[0], cross=m.nodes[1], conf=conf, prefix=prefix)
+        for m in models
+    )
+    services = "".join(MODEL_SERVICE.format(s=m.suffix) for m in models)
+    return (
+        f"name: {name}\n{BEDS[bed]}\nnodes: [{node_list}]\n"
+        "namespaces:\n  - name: bench\n    labels: {nodeagent.io/mesh: enabled}\n"
+        f"pods:{pods}\nservices:{services}\n"
+    )
 
 
 @contextlib.contextmanager
 def testbeds(prefix: Path) -> Iterator[dict[str, Testbed]]:
+    """Bed key -> its testbed; all up for the whole scenario."""
     (prefix / "nginx.conf").write_text(NGINX.format(prefix=prefix, body="x" * BODY_BYTES))
     made: dict[str, Testbed] = {}
     try:
-        for i, (model, settings) in enumerate(models().items()):
+        for i, bed in enumerate(BEDS):
             name = f"blat-{i}"
             down(name)
-            text = TOPOLOGY.format(name=name, conf=prefix / "nginx.conf", prefix=prefix, **settings)
-            made[model] = Testbed.up(loads_topology(text, "bench/latency"), text, "bench/latency")
+            text = topology(name, bed, prefix / "nginx.conf", prefix)
+            made[bed] = Testbed.up(loads_topology(text, "bench/latency"), text, "bench/latency")
         yield made
     finally:
         for tb in made.values():
             down(tb.name)
 
 
-def hey(tb: Testbed, client: str, rate: int, seconds: float) -> list[tuple[float, int]]:
-    """(latency s, status) of every request of a fixed-rate run from CLIENT."""
+def capture_backends(beds: dict[str, Testbed]) -> dict[str, dict[str, str]]:
+    """Per-node model -> client pod -> "<state>/<backend>" as its node's agent reports it
+    (``nodeagent pods``): per-node-ebpf's figures are eBPF capture's, never a fallback's."""
+    out: dict[str, dict[str, str]] = {}
+    for model in MODELS.values():
+        if model.bed != PER_NODE:
+            continue
+        tb = beds[model.bed]
+        for placement in PLACEMENTS:
+            ref = model.client(placement)
+            record = agent_pods(tb.name, tb.topology.find_pod(ref).node)[ref]
+            out.setdefault(model.name, {})[ref] = f"{record['state']}/{record['backend']}"
+    return out
+
+
+def hey(
+    tb: Testbed, model: Model, client: str, rate: int, seconds: float
+) -> list[tuple[float, int]]:
+    """(latency s, status) of every request of a fixed-rate run from CLIENT to MODEL's server."""
     argv = [
         "hey",
         "-z",
@@ -141,7 +206,7 @@ def hey(tb: Testbed, client: str, rate: int, seconds: float) -> list[tuple[float
         str(rate / CONNECTIONS),
         "-o",
         "csv",
-        URL,
+        model.url,
     ]
     proc = subprocess.run(
         tb.exec_argv(client, argv), capture_output=True, text=True, timeout=seconds + 30
@@ -152,14 +217,14 @@ def hey(tb: Testbed, client: str, rate: int, seconds: float) -> list[tuple[float
     return [(float(r["response-time"]), int(r["status-code"])) for r in rows]
 
 
-def envoys_on_path(tb: Testbed, model: str, client: str) -> list[int]:
-    if model == NO_MESH:
+def envoys_on_path(tb: Testbed, model: Model, client: str) -> list[int]:
+    if model.name == NO_MESH:
         return []
-    if model == PER_NODE:
-        nodes = {"n1", tb.topology.find_pod(client).node}
+    if model.bed == PER_NODE:
+        nodes = {model.nodes[0], tb.topology.find_pod(client).node}
         spaces = [layout.node_netns(tb.name, n) for n in sorted(nodes)]
     else:
-        spaces = [tb.pod_netns("bench/web"), tb.pod_netns(client)]
+        spaces = [tb.pod_netns(f"bench/web{model.suffix}"), tb.pod_netns(client)]
     return [pid for ns in spaces for pid in envoy_pids(ns)]
 
 
@@ -171,18 +236,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def measure(tb: Testbed, model: str, client: str, rate: int, seconds: float) -> dict[str, Any]:
+def measure(tb: Testbed, model: Model, placement: str, rate: int, seconds: float) -> dict[str, Any]:
+    client = model.client(placement)
     pids = envoys_on_path(tb, model, client)
-    if model != NO_MESH and not pids:
-        raise RuntimeError(f"{model}: no Envoy found on the path of {client}")
+    if model.name != NO_MESH and not pids:
+        raise RuntimeError(f"{model.name}: no Envoy found on the path of {client}")
     cpu_before, started = cpu_seconds(pids), time.monotonic()
-    samples = hey(tb, client, rate, seconds)
+    samples = hey(tb, model, client, rate, seconds)
     elapsed = time.monotonic() - started
     cpu = cpu_seconds(pids) - cpu_before
     latencies = [s for s, status in samples if status == 200]
     errors = sum(1 for _, status in samples if status != 200)
     if not latencies:
-        raise RuntimeError(f"{model} {client} at {rate} rps: no successful request")
+        raise RuntimeError(f"{model.name} {client} at {rate} rps: no successful request")
     achieved = len(samples) / seconds
     return {
         **{f"p{p}_ms": percentile(latencies, p) * 1000 for p in PERCENTILES},
@@ -208,22 +274,37 @@ def run(run: Run) -> None:
         "response_bytes": BODY_BYTES,
         "client": "hey (fixed rate per connection, keep-alive)",
         "server": "nginx, 1 worker",
-        "placements": {"same-node": "client and nginx on n1", "cross-node": "client on n2"},
-        "models": list(models()),
+        "placements": {
+            "same-node": "client and nginx on one node",
+            "cross-node": "client on the other node",
+        },
+        "models": list(MODELS),
+        "nodes": {
+            m.name: {"server": m.nodes[0], "cross-node client": m.nodes[1]} for m in MODELS.values()
+        },
+        "testbeds": {m.name: f"blat-{list(BEDS).index(m.bed)}" for m in MODELS.values()},
+        "capture_mode": {
+            PER_NODE: "nftables (n1, n2)",
+            PER_NODE_EBPF: "ebpf (n3, n4): outbound by cgroup connect/sockops/getsockopt, "
+            "inbound by the companion nftables prerouting redirect (#18)",
+            SIDECAR: "nftables (istio-init's rule set)",
+        },
         "warmup_s": 1.0,
     }
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp, testbeds(Path(tmp)) as beds:
-        for tb in beds.values():
-            for client in PLACEMENTS.values():
-                hey(tb, client, rates[0], 1.0)  # warm up: connections, Envoy, caches
+        params["capture_backends"] = capture_backends(beds)
+        for model in MODELS.values():
+            for placement in PLACEMENTS:
+                # warm up: connections, Envoy, caches
+                hey(beds[model.bed], model, model.client(placement), rates[0], 1.0)
         for _ in range(repeats):
-            for placement, client in PLACEMENTS.items():
+            for placement in PLACEMENTS:
                 for rate in rates:
-                    for model, tb in beds.items():
-                        one = measure(tb, model, client, rate, seconds)
+                    for model in MODELS.values():
+                        one = measure(beds[model.bed], model, placement, rate, seconds)
                         raw.setdefault(placement, {}).setdefault(str(rate), {}).setdefault(
-                            model, []
+                            model.name, []
                         ).append(one)
     results = {"runs": raw, "latency": _latency(raw), "proxy_cost": _cost(raw)}
     write_result(run, "latency", params, {"latency": results["latency"], "runs": raw})
@@ -250,6 +331,15 @@ def _latency(raw: dict[str, Any]) -> dict[str, Any]:
                         entry[f"ratio_{key}"] = ratios(
                             [r[key] for r in runs], [b[key] for b in base]
                         )
+                    if model == PER_NODE_EBPF and PER_NODE in by_model:
+                        # eBPF against nftables capture: same testbed, same round
+                        nft = by_model[PER_NODE]
+                        entry[f"minus_per_node_{key}"] = summary(
+                            r[key] - n[key] for r, n in zip(runs, nft, strict=True)
+                        )
+                        entry[f"ratio_to_per_node_{key}"] = ratios(
+                            [r[key] for r in runs], [n[key] for n in nft]
+                        )
                 entry["errors"] = sum(r["errors"] for r in runs)
                 out.setdefault(placement, {}).setdefault(rate, {})[model] = entry
     return out
@@ -267,7 +357,7 @@ def _cost(raw: dict[str, Any]) -> dict[str, Any]:
                     "proxy_pss_mib": summary(r["proxy_pss_mib"] for r in runs),
                     "proxies": runs[0]["proxies"],
                 }
-                if model == SIDECAR and PER_NODE in by_model:
+                if model in (SIDECAR, PER_NODE_EBPF) and PER_NODE in by_model:
                     node = by_model[PER_NODE]
                     entry["cpu_ratio_to_per_node"] = ratios(
                         [r["vcpu_per_1000rps"] for r in runs],
@@ -327,6 +417,26 @@ def _print(results: dict[str, Any]) -> None:
                     ]
                 )
     print(table(["placement", "rps", "model", "proxies", "vCPU/1000rps", "PSS MiB"], rows))
+    rows = []
+    for placement, by_rate in results["latency"].items():
+        for rate, by_model in by_rate.items():
+            e = by_model.get(PER_NODE_EBPF)
+            cost = results["proxy_cost"][placement][rate].get(PER_NODE_EBPF)
+            if e is None or "minus_per_node_p50_ms" not in e or cost is None:
+                continue
+            rows.append(
+                [
+                    placement,
+                    rate,
+                    *(e[f"minus_per_node_p{p}_ms"]["median"] for p in PERCENTILES),
+                    cost["cpu_ratio_to_per_node"]["median"],
+                ]
+            )
+    print("eBPF against nftables capture (per-node-ebpf minus per-node, run by run):")
+    print(table(["placement", "rps", "dP50 ms", "dP90 ms", "dP99 ms", "vCPU ratio"], rows))
+
+
+COLORS = {PER_NODE: "C0", PER_NODE_EBPF: "C2", SIDECAR: "C1"}
 
 
 def _plot(run: Run, results: dict[str, Any]) -> None:
@@ -373,7 +483,7 @@ def _plot(run: Run, results: dict[str, Any]) -> None:
     for ax, values, unit in ((cpu_ax, cpu, "vCPU per 1000 rps"), (mem_ax, mem, "proxy PSS (MiB)")):
         xs = range(len(values))
         medians = [v["median"] for v in values]
-        ax.bar(xs, medians, color=["C1" if SIDECAR in n else "C0" for n in names])
+        ax.bar(xs, medians, color=[COLORS[n.split("\n")[0]] for n in names])
         ax.errorbar(
             xs,
             medians,

@@ -1,9 +1,12 @@
 """Scenario 4, pod start: the CNI ADD wall time as the container runtime sees it.
 
-One single-node testbed per deployment model, all up for the whole run:
+One testbed per deployment model, all up for the whole run:
 - **no-mesh**: the node's CNI chain is the bridge plugin (+ host-local IPAM) alone;
 - **per-node**: bridge + nodeagent-cni, which returns only once the node agent has installed the
-  pod's capture and the node Envoy has ACKed the pod's listeners;
+  pod's capture (nftables) and the node Envoy has ACKed the pod's listeners;
+- **per-node-ebpf**: the same on a second node of per-node's testbed, whose agent runs with
+  ``--capture-mode ebpf`` (#18): capture is linking the pod's cgroup to the pinned programs and
+  its map entries (plus the companion nftables table for inbound and DNS);
 - **sidecar**: only when the testbed offers that model (topology ``proxyModel: sidecar``).
 
 Pods are created through the testbed's runtime shim exactly as for any other pod (``add_pod``:
@@ -24,8 +27,10 @@ from typing import Any
 from bench.common import (
     NO_MESH,
     PER_NODE,
+    PER_NODE_EBPF,
     SIDECAR,
     Run,
+    agent_pods,
     new_figure,
     percentile,
     ratios,
@@ -41,8 +46,16 @@ from nodeagent.testbed.topology import Pod, Workload, loads_topology
 SCENARIO = "podstart"
 NAMESPACE = "bench"
 NODE = "n1"
-# Testbed names (bps- prefix: this scenario's, so a crashed run's leftovers are recognisable).
+# Model -> (testbed, node). Testbed names have the bps- prefix (this scenario's, so a crashed
+# run's leftovers are recognisable); per-node and per-node-ebpf share one testbed, a node each.
 TESTBEDS = {NO_MESH: "bps-nomesh", PER_NODE: "bps-node", SIDECAR: "bps-sidecar"}
+EBPF_NODE = "n2"  # bps-node's node in eBPF mode
+PLACES = {
+    NO_MESH: (NO_MESH, NODE),
+    PER_NODE: (PER_NODE, NODE),
+    PER_NODE_EBPF: (PER_NODE, EBPF_NODE),
+    SIDECAR: (SIDECAR, NODE),
+}
 # What a pod runs: a listener (so the testbed sees it ready at once; perl is in Debian's base).
 APP_PORT = 8080
 APP = (
@@ -60,15 +73,19 @@ PUBLISH_LEAD = 0.3
 MODES = ("sequential", "concurrent")
 
 
-def _topology(model: str) -> str:
+def _topology(bed: str) -> str:
+    """BED's topology (a key of TESTBEDS): per-node's also has the eBPF node."""
     extra = {
         NO_MESH: "nodeagent: false",
         PER_NODE: "nodeagent: true",
         SIDECAR: "nodeagent: true\nproxyModel: sidecar",
-    }[model]
+    }[bed]
+    nodes = f"{{name: {NODE}}}"
+    if bed == PER_NODE:
+        nodes += f", {{name: {EBPF_NODE}, captureMode: ebpf}}"
     return (
-        f"name: {TESTBEDS[model]}\n{extra}\n"
-        f"nodes: [{{name: {NODE}}}]\n"
+        f"name: {TESTBEDS[bed]}\n{extra}\n"
+        f"nodes: [{nodes}]\n"
         f"namespaces: [{{name: {NAMESPACE}, labels: {{nodeagent.io/mesh: enabled}}}}]\n"
     )
 
@@ -83,11 +100,11 @@ def contention() -> dict[str, Any]:
     }
 
 
-def _pod(name: str) -> Pod:
+def _pod(name: str, node: str) -> Pod:
     return Pod(
         NAMESPACE,
         name,
-        NODE,
+        node,
         "default",
         {"app": "bench"},
         {},
@@ -102,6 +119,18 @@ def _add_seconds(tb: Testbed, pod: Pod) -> float:
     return record.cni_add_seconds
 
 
+def _backend(tb: Testbed, node: str) -> str:
+    """The capture backend NODE's agent applies to a new pod (``nodeagent pods``), as
+    "<state>/<backend>": per-node-ebpf's figures are eBPF capture's, never a fallback's."""
+    pod = _pod(f"check-{node}", node)
+    tb.add_pod(pod, publish_lead=PUBLISH_LEAD)
+    try:
+        record = agent_pods(tb.name, node)[pod.key]
+        return f"{record['state']}/{record['backend']}"
+    finally:
+        _remove_all(tb, [pod])
+
+
 def _remove_all(tb: Testbed, pods: list[Pod]) -> None:
     with ThreadPoolExecutor(REMOVE_WORKERS) as pool:
         problems = [p for found in pool.map(tb.remove_pod, pods) for p in found]
@@ -109,9 +138,12 @@ def _remove_all(tb: Testbed, pods: list[Pod]) -> None:
         raise RuntimeError(f"testbed {tb.name}: removing pods left: {'; '.join(problems[:3])}")
 
 
-def _batch(tb: Testbed, mode: str, prefix: str, count: int, deadline: float) -> list[float]:
-    """CNI ADD seconds of COUNT new pods, one after another or all at once; then removes them."""
-    pods = [_pod(f"{prefix}-{i}") for i in range(count)]
+def _batch(
+    tb: Testbed, node: str, mode: str, prefix: str, count: int, deadline: float
+) -> list[float]:
+    """CNI ADD seconds of COUNT new pods on NODE, one after another or all at once; then removes
+    them."""
+    pods = [_pod(f"{prefix}-{i}", node) for i in range(count)]
     made: list[Pod] = []
     try:
         if mode == "sequential":
@@ -134,8 +166,8 @@ def run(run: Run) -> None:
     sequential = int(run.pick(50, 5))
     concurrent = int(run.pick(20, 3))
     repeats = int(run.pick(3, 1))
-    budget = float(run.pick(600, 120))  # seconds; a bound, not the expected time
-    models = [NO_MESH, PER_NODE, SIDECAR]
+    budget = float(run.pick(900, 150))  # seconds; a bound, not the expected time
+    models = [NO_MESH, PER_NODE, PER_NODE_EBPF, SIDECAR]
     sidecar_note = "included"
     counts = {"sequential": sequential, "concurrent": concurrent}
     # samples[model][mode][rep] = ADD seconds of every pod of that batch
@@ -144,27 +176,31 @@ def run(run: Run) -> None:
     }
     load_at_start = contention()
     deadline = time.monotonic() + budget
-    testbeds: dict[str, Testbed] = {}
+    testbeds: dict[str, Testbed] = {}  # bed -> its testbed
+    backends: dict[str, str] = {}
     try:
-        for model in list(models):
-            down(TESTBEDS[model])  # a crashed earlier run's leftovers
-            text = _topology(model)
+        for bed in TESTBEDS:
+            down(TESTBEDS[bed])  # a crashed earlier run's leftovers
+            text = _topology(bed)
             try:
-                testbeds[model] = Testbed.up(loads_topology(text, SCENARIO), text, SCENARIO)
+                testbeds[bed] = Testbed.up(loads_topology(text, SCENARIO), text, SCENARIO)
             except Exception as e:
-                if model != SIDECAR:
+                if bed != SIDECAR:
                     raise
-                models.remove(model)  # reported, never estimated
+                models.remove(bed)  # reported, never estimated
                 sidecar_note = f"failed to come up: {e}"
                 print(f"  sidecar model left out: {sidecar_note}", flush=True)
+        for model in (PER_NODE, PER_NODE_EBPF):
+            backends[model] = _backend(testbeds[PLACES[model][0]], PLACES[model][1])
         for rep in range(repeats):
             for model in list(models):
                 for mode in MODES:
                     if model not in models:
                         continue
                     prefix = f"{mode[0]}{rep}"
+                    bed, node = PLACES[model]
                     try:
-                        got = _batch(testbeds[model], mode, prefix, counts[mode], deadline)
+                        got = _batch(testbeds[bed], node, mode, prefix, counts[mode], deadline)
                     except Exception as e:
                         if model != SIDECAR:
                             raise
@@ -174,17 +210,17 @@ def run(run: Run) -> None:
                         continue
                     samples[model][mode].append(got)
                     print(
-                        f"  run {rep + 1}/{repeats} {model:<8} {mode:<10} {len(got)} pods: "
+                        f"  run {rep + 1}/{repeats} {model:<13} {mode:<10} {len(got)} pods: "
                         f"P50 {percentile(got, 50) * 1e3:.0f} ms, "
                         f"P99 {percentile(got, 99) * 1e3:.0f} ms",
                         flush=True,
                     )
     finally:
-        for model in TESTBEDS:
-            if model in testbeds or model in models:
-                down(TESTBEDS[model])
+        for bed in TESTBEDS:
+            if bed in testbeds or bed in models:
+                down(TESTBEDS[bed])
 
-    results: dict[str, Any] = {"models": {}, "ratios": {}, "added_ms": {}}
+    results: dict[str, Any] = {"models": {}, "ratios": {}, "added_ms": {}, "ebpf_vs_nftables": {}}
     rows = []
     for model in models:
         results["models"][model] = {}
@@ -219,6 +255,24 @@ def run(run: Run) -> None:
                 for q, p in (("p50", 50), ("p99", 99))
             }
     for mode in MODES:
+        # eBPF against nftables capture: the same testbed, batches of the same run
+        ebpf_runs, nft_runs = samples[PER_NODE_EBPF][mode], samples[PER_NODE][mode]
+        results["ebpf_vs_nftables"][mode] = {
+            **{
+                f"ratio_{q}": ratios(
+                    [percentile(r, p) for r in ebpf_runs], [percentile(r, p) for r in nft_runs]
+                )
+                for q, p in (("p50", 50), ("p99", 99))
+            },
+            **{
+                f"minus_ms_{q}": summary(
+                    (percentile(a, p) - percentile(b, p)) * 1e3
+                    for a, b in zip(ebpf_runs, nft_runs, strict=True)
+                )
+                for q, p in (("p50", 50), ("p99", 99))
+            },
+        }
+    for mode in MODES:
         for model in models:
             fig = results["models"][model][mode]
             ratio = results["ratios"].get(model, {}).get(mode)
@@ -247,13 +301,20 @@ def run(run: Run) -> None:
             rows,
         )
     )
+    for mode, vs in results["ebpf_vs_nftables"].items():
+        print(
+            f"  eBPF / nftables, {mode}: P50 {_fmt(vs['ratio_p50'], 'x', 2)} "
+            f"({_fmt(vs['minus_ms_p50'], ' ms', 1)}), P99 {_fmt(vs['ratio_p99'], 'x', 2)}"
+        )
     params = {
         "models": models,
+        "places": {m: f"{TESTBEDS[PLACES[m][0]]}/{PLACES[m][1]}" for m in models},
+        "capture_backends": backends,
         "sidecar": sidecar_note,
         "sequential_pods": sequential,
         "concurrent_pods": concurrent,
         "repeats": repeats,
-        "nodes": 1,
+        "nodes": "one per model (bps-node: n1 in nftables mode, n2 in eBPF mode)",
         "primary_cni": "bridge + host-local (containernetworking-plugins)",
         "measured": "the runtime shim's CNI ADD of the pod network (whole chain), wall time; "
         "plugins exec'd through `ip netns exec <node netns>` like every testbed plugin",
@@ -282,10 +343,11 @@ def _fmt(s: dict[str, float | int], unit: str = "", digits: int = 0) -> str:
     )
 
 
-COLORS = {NO_MESH: "#8c8c8c", PER_NODE: "#1f77b4", SIDECAR: "#ff7f0e"}
+COLORS = {NO_MESH: "#8c8c8c", PER_NODE: "#1f77b4", PER_NODE_EBPF: "#2ca02c", SIDECAR: "#ff7f0e"}
 LABELS = {
     NO_MESH: "no mesh (bridge alone)",
-    PER_NODE: "per-node (bridge + nodeagent-cni)",
+    PER_NODE: "per-node, nftables (bridge + nodeagent-cni)",
+    PER_NODE_EBPF: "per-node, eBPF capture",
     SIDECAR: "sidecar (an Envoy per pod)",
 }
 

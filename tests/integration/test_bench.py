@@ -42,17 +42,39 @@ def is_png(path: Path) -> bool:
 def test_latency_and_proxy_cost_smoke(tmp_path: Path) -> None:
     smoke(tmp_path, "latency")
     latency = result(tmp_path, "latency")
-    assert latency["params"]["rates_rps"] == [200]
+    params = latency["params"]
+    assert params["rates_rps"] == [200]
+    assert params["models"] == ["no-mesh", "per-node", "per-node-ebpf", "sidecar"]
+    # per-node-ebpf's clients were captured by eBPF (no nftables fallback), per-node's by nftables
+    assert params["capture_backends"] == {
+        "per-node": {
+            "bench/client-same": "captured/nftables",
+            "bench/client-cross": "captured/nftables",
+        },
+        "per-node-ebpf": {
+            "bench/client-same-ebpf": "captured/ebpf",
+            "bench/client-cross-ebpf": "captured/ebpf",
+        },
+    }
+    # ... on the per-node testbed, which hosts both (one bring-up)
+    assert params["testbeds"]["per-node-ebpf"] == params["testbeds"]["per-node"]
     for placement in ("same-node", "cross-node"):
         by_model = latency["results"]["latency"][placement]["200"]
-        assert by_model["no-mesh"]["errors"] == 0 and by_model["per-node"]["errors"] == 0
+        assert set(by_model) == set(params["models"])
+        for model in ("no-mesh", "per-node", "per-node-ebpf"):
+            assert by_model[model]["errors"] == 0, model
         for model in by_model:
             e = by_model[model]
             assert 0 < e["p50_ms"]["median"] <= e["p90_ms"]["median"] <= e["p99_ms"]["median"]
+        # eBPF against nftables, run by run
+        assert by_model["per-node-ebpf"]["ratio_to_per_node_p50_ms"]["median"] > 0
     cost = result(tmp_path, "proxy-cost")["results"]["proxy_cost"]
-    assert cost["same-node"]["200"]["per-node"]["proxies"] == 1
-    assert cost["cross-node"]["200"]["per-node"]["proxies"] == 2
-    assert cost["cross-node"]["200"]["per-node"]["vcpu_per_1000rps"]["median"] > 0
+    for model in ("per-node", "per-node-ebpf"):
+        # the request went through the node Envoys: one same-node, two cross-node, busy both
+        assert cost["same-node"]["200"][model]["proxies"] == 1
+        assert cost["cross-node"]["200"][model]["proxies"] == 2
+        assert cost["cross-node"]["200"][model]["vcpu_per_1000rps"]["median"] > 0
+    assert cost["same-node"]["200"]["per-node-ebpf"]["cpu_ratio_to_per_node"]["median"] > 0
     assert is_png(tmp_path / "latency.png") and is_png(tmp_path / "proxy-cost.png")
 
 
@@ -77,7 +99,14 @@ def test_podstart_smoke(tmp_path: Path) -> None:
     doc = result(tmp_path, "podstart")
     params, res = doc["params"], doc["results"]
     assert (params["sequential_pods"], params["concurrent_pods"], params["repeats"]) == (5, 3, 1)
-    assert {"no-mesh", "per-node"} <= set(params["models"])
+    assert {"no-mesh", "per-node", "per-node-ebpf"} <= set(params["models"])
+    # one node of the per-node testbed in each capture mode, each pod captured by its node's mode
+    assert params["places"]["per-node"] == "bps-node/n1"
+    assert params["places"]["per-node-ebpf"] == "bps-node/n2"
+    assert params["capture_backends"] == {
+        "per-node": "captured/nftables",
+        "per-node-ebpf": "captured/ebpf",
+    }
     if "sidecar" not in params["models"]:  # said why: not in the testbed, or failed there
         assert params["sidecar"].startswith(("not available", "failed"))
     for model in params["models"]:
@@ -88,7 +117,9 @@ def test_podstart_smoke(tmp_path: Path) -> None:
             assert 0 < fig["p50_ms"]["median"] <= fig["p99_ms"]["median"]
     # The per-node chain runs the bridge plus our plugin, which waits for Envoy: never faster.
     for mode in ("sequential", "concurrent"):
-        assert res["ratios"]["per-node"][mode]["p50"]["median"] > 1
+        for model in ("per-node", "per-node-ebpf"):
+            assert res["ratios"][model][mode]["p50"]["median"] > 1, model
+        assert res["ebpf_vs_nftables"][mode]["ratio_p50"]["median"] > 0
     assert is_png(tmp_path / "podstart.png")
 
 
