@@ -437,12 +437,13 @@ def _print(results: dict[str, Any]) -> None:
 
 
 COLORS = {PER_NODE: "C0", PER_NODE_EBPF: "C2", SIDECAR: "C1"}
+SHORT = {PER_NODE: "node\nnftables", PER_NODE_EBPF: "node\neBPF", SIDECAR: "sidecar"}
 
 
 def _plot(run: Run, results: dict[str, Any]) -> None:
     latency = results["latency"]
     placements = list(latency)
-    fig = new_figure("Latency added by the mesh (median of runs; bars: min-max)", 10, 4.5)
+    fig = new_figure("Latency added by the mesh (median of runs; bars: min-max)", 14, 5)
     axes = fig.subplots(1, len(placements), sharey=True, squeeze=False)[0]
     for ax, placement in zip(axes, placements, strict=True):
         labels, offset = [], 0.0
@@ -461,9 +462,9 @@ def _plot(run: Run, results: dict[str, Any]) -> None:
                         color="black",
                         capsize=3,
                     )
-                labels.append((offset + 1, f"{model}\n{rate} rps"))
+                labels.append((offset + 1, f"{SHORT[model]}\n{rate} rps"))
                 offset += len(PERCENTILES) + 1
-        ax.set_xticks([x for x, _ in labels], [t for _, t in labels], fontsize=8)
+        ax.set_xticks([x for x, _ in labels], [t for _, t in labels], fontsize=7)
         ax.set_title(placement)
         ax.axhline(0, color="grey", linewidth=0.5)
     axes[0].set_ylabel("added latency vs no mesh (ms)")
@@ -471,7 +472,7 @@ def _plot(run: Run, results: dict[str, Any]) -> None:
     save_figure(run, "latency", fig)
 
     cost = results["proxy_cost"]
-    fig = new_figure("Proxy cost during the latency runs (median; bars: min-max)", 10, 4.5)
+    fig = new_figure("Proxy cost during the latency runs (median; bars: min-max)", 14, 5)
     cpu_ax, mem_ax = fig.subplots(1, 2)
     names, cpu, mem = [], [], []
     for placement, by_rate in cost.items():
@@ -495,7 +496,7 @@ def _plot(run: Run, results: dict[str, Any]) -> None:
             color="black",
             capsize=3,
         )
-        ax.set_xticks(list(xs), names, fontsize=7)
+        ax.set_xticks(list(xs), names, fontsize=6, rotation=90)
         ax.set_ylabel(unit)
     save_figure(run, "proxy-cost", fig)
 
