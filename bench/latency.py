@@ -266,6 +266,7 @@ def run(run: Run) -> None:
     rates = run.pick([500, 1000], [200])
     seconds = run.pick(10.0, 2.0)
     repeats = run.pick(3, 1)
+    warmup = run.pick(1.0, 0.5)  # seconds per model and placement
     params = {
         "rates_rps": rates,
         "seconds_per_run": seconds,
@@ -289,7 +290,7 @@ def run(run: Run) -> None:
             "inbound by the companion nftables prerouting redirect (#18)",
             SIDECAR: "nftables (istio-init's rule set)",
         },
-        "warmup_s": 1.0,
+        "warmup_s": warmup,
     }
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp, testbeds(Path(tmp)) as beds:
@@ -297,7 +298,7 @@ def run(run: Run) -> None:
         for model in MODELS.values():
             for placement in PLACEMENTS:
                 # warm up: connections, Envoy, caches
-                hey(beds[model.bed], model, model.client(placement), rates[0], 1.0)
+                hey(beds[model.bed], model, model.client(placement), rates[0], warmup)
         for _ in range(repeats):
             for placement in PLACEMENTS:
                 for rate in rates:
