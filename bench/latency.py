@@ -264,7 +264,7 @@ def measure(tb: Testbed, model: Model, placement: str, rate: int, seconds: float
 
 def run(run: Run) -> None:
     rates = run.pick([500, 1000], [200])
-    seconds = run.pick(10.0, 2.0)
+    seconds = run.pick(10.0, 1.5)
     repeats = run.pick(3, 1)
     warmup = run.pick(1.0, 0.5)  # seconds per model and placement
     params = {

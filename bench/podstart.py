@@ -119,16 +119,13 @@ def _add_seconds(tb: Testbed, pod: Pod) -> float:
     return record.cni_add_seconds
 
 
-def _backend(tb: Testbed, node: str) -> str:
-    """The capture backend NODE's agent applies to a new pod (``nodeagent pods``), as
-    "<state>/<backend>": per-node-ebpf's figures are eBPF capture's, never a fallback's."""
-    pod = _pod(f"check-{node}", node)
-    tb.add_pod(pod, publish_lead=PUBLISH_LEAD)
-    try:
-        record = agent_pods(tb.name, node)[pod.key]
-        return f"{record['state']}/{record['backend']}"
-    finally:
-        _remove_all(tb, [pod])
+def _backends(tb: Testbed, node: str, pods: list[Pod]) -> str:
+    """The capture backends NODE's agent reports for PODS (``nodeagent pods``), as
+    "<state>/<backend>" (one value when all agree): per-node-ebpf's figures are eBPF capture's,
+    never a fallback's."""
+    records = agent_pods(tb.name, node)
+    seen = {f"{records[p.key]['state']}/{records[p.key]['backend']}" for p in pods}
+    return ", ".join(sorted(seen))
 
 
 def _remove_all(tb: Testbed, pods: list[Pod]) -> None:
@@ -139,10 +136,16 @@ def _remove_all(tb: Testbed, pods: list[Pod]) -> None:
 
 
 def _batch(
-    tb: Testbed, node: str, mode: str, prefix: str, count: int, deadline: float
+    tb: Testbed,
+    node: str,
+    mode: str,
+    prefix: str,
+    count: int,
+    deadline: float,
+    backends: dict[str, str] | None = None,
 ) -> list[float]:
     """CNI ADD seconds of COUNT new pods on NODE, one after another or all at once; then removes
-    them."""
+    them. BACKENDS: gets the pods' capture backends under key NODE (before their removal)."""
     pods = [_pod(f"{prefix}-{i}", node) for i in range(count)]
     made: list[Pod] = []
     try:
@@ -153,10 +156,13 @@ def _batch(
                     raise TimeoutError(f"{SCENARIO}: over its time budget ({tb.name}, {mode})")
                 made.append(pod)
                 times.append(_add_seconds(tb, pod))
-            return times
-        made = pods
-        with ThreadPoolExecutor(count) as pool:
-            return list(pool.map(lambda p: _add_seconds(tb, p), pods))
+        else:
+            made = pods
+            with ThreadPoolExecutor(count) as pool:
+                times = list(pool.map(lambda p: _add_seconds(tb, p), pods))
+        if backends is not None:
+            backends[node] = _backends(tb, node, pods)
+        return times
     finally:
         # add_pod removes a pod that failed; the others go here (also on failure).
         _remove_all(tb, [p for p in made if p.key in tb.state.pods])
@@ -177,7 +183,7 @@ def run(run: Run) -> None:
     load_at_start = contention()
     deadline = time.monotonic() + budget
     testbeds: dict[str, Testbed] = {}  # bed -> its testbed
-    backends: dict[str, str] = {}
+    backends: dict[str, dict[str, str]] = {}  # model -> mode -> its pods' capture
     try:
         for bed in TESTBEDS:
             down(TESTBEDS[bed])  # a crashed earlier run's leftovers
@@ -190,8 +196,6 @@ def run(run: Run) -> None:
                 models.remove(bed)  # reported, never estimated
                 sidecar_note = f"failed to come up: {e}"
                 print(f"  sidecar model left out: {sidecar_note}", flush=True)
-        for model in (PER_NODE, PER_NODE_EBPF):
-            backends[model] = _backend(testbeds[PLACES[model][0]], PLACES[model][1])
         for rep in range(repeats):
             for model in list(models):
                 for mode in MODES:
@@ -199,8 +203,13 @@ def run(run: Run) -> None:
                         continue
                     prefix = f"{mode[0]}{rep}"
                     bed, node = PLACES[model]
+                    check: dict[str, str] | None = (
+                        {} if model in (PER_NODE, PER_NODE_EBPF) and rep == 0 else None
+                    )
                     try:
-                        got = _batch(testbeds[bed], node, mode, prefix, counts[mode], deadline)
+                        got = _batch(
+                            testbeds[bed], node, mode, prefix, counts[mode], deadline, check
+                        )
                     except Exception as e:
                         if model != SIDECAR:
                             raise
@@ -209,6 +218,8 @@ def run(run: Run) -> None:
                         print(f"  sidecar model left out: {sidecar_note}", flush=True)
                         continue
                     samples[model][mode].append(got)
+                    if check:
+                        backends.setdefault(model, {})[mode] = check[node]
                     print(
                         f"  run {rep + 1}/{repeats} {model:<13} {mode:<10} {len(got)} pods: "
                         f"P50 {percentile(got, 50) * 1e3:.0f} ms, "

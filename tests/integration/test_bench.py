@@ -104,8 +104,8 @@ def test_podstart_smoke(tmp_path: Path) -> None:
     assert params["places"]["per-node"] == "bps-node/n1"
     assert params["places"]["per-node-ebpf"] == "bps-node/n2"
     assert params["capture_backends"] == {
-        "per-node": "captured/nftables",
-        "per-node-ebpf": "captured/ebpf",
+        "per-node": {"sequential": "captured/nftables", "concurrent": "captured/nftables"},
+        "per-node-ebpf": {"sequential": "captured/ebpf", "concurrent": "captured/ebpf"},
     }
     if "sidecar" not in params["models"]:  # said why: not in the testbed, or failed there
         assert params["sidecar"].startswith(("not available", "failed"))
