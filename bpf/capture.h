@@ -13,6 +13,9 @@
 #include <linux/in6.h>
 
 #define OUTBOUND_PORT 15001 /* Envoy's outbound capture listener in the pod (nodeagent.ports) */
+#define HBONE_PORT 15008    /* never steered inbound (Istio's tunnel port) */
+#define PROBE_SOURCE 0xa9fe077f /* 169.254.7.127: kubelet probes, SNATed by the node */
+#define LOOPBACK_IFINDEX 1  /* lo, in every netns */
 #define MESH_MARK 0x539     /* SO_MARK of Envoy's own sockets */
 #define MARK_MASK 0xfff     /* as Istio and nftables.py: only the low bits */
 #define SO_ORIGINAL_DST 80  /* netfilter's, and IP6T_SO_ORIGINAL_DST: same number */
@@ -25,6 +28,12 @@
 #define POD_CAPTURE_OUT 1  /* outbound TCP is captured (includeOutboundIPRanges is not "") */
 #define POD_INCLUDE_ALL4 2 /* every IPv4 destination is included (includeOutboundIPRanges "*") */
 #define POD_INCLUDE_ALL6 4
+#define POD_CAPTURE_IN 8   /* inbound TCP is captured (includeInboundPorts is not "") */
+#define POD_INBOUND_ALL 16 /* every inbound port but the excluded ones (includeInboundPorts "*") */
+
+/* ports_in values */
+#define PORT_IN_EXCLUDED 1
+#define PORT_IN_INCLUDED 2
 
 struct pod_config {
 	__u32 flags;
@@ -34,6 +43,10 @@ struct port_key { /* an excluded outbound port of one pod */
 	__u64 netns;
 	__u32 port; /* host order */
 	__u32 pad;
+};
+
+struct addr_key { /* one of a pod's own addresses */
+	__u32 addr[4];
 };
 
 struct range_key { /* LPM: prefixlen counts the 64 bits of netns, then address bits */
@@ -59,6 +72,13 @@ BPF_TABLE_MAYBE_PINNED("hash", __u64, struct pod_config, pods, 65536, 0);
 BPF_TABLE_MAYBE_PINNED("hash", struct port_key, __u8, ports_out, 65536, 0);
 BPF_TABLE_MAYBE_PINNED("lpm_trie", struct range_key, __u8, ranges_ex, 65536, BPF_F_NO_PREALLOC);
 BPF_TABLE_MAYBE_PINNED("lpm_trie", struct range_key, __u8, ranges_in, 65536, BPF_F_NO_PREALLOC);
+BPF_TABLE_MAYBE_PINNED("hash", struct port_key, __u8, ports_in, 65536, 0);
+/* sk_lookup cannot read its netns cookie (no bpf_get_netns_cookie there): it finds the pod by the
+ * address the connection is for; pod IPs are unique on a node. */
+BPF_TABLE_MAYBE_PINNED("hash", struct addr_key, __u64, pod_addrs, 65536, 0);
+/* netns cookie -> the pod's inbound listener (0.0.0.0:15006 in its netns), inserted by the agent
+ * from Envoy's file descriptor; the kernel drops the entry when the socket closes. */
+BPF_TABLE_MAYBE_PINNED("sockhash", __u64, __u64, listeners, 65536, 0);
 /* connect -> sockops: by socket cookie until the source port is known */
 BPF_TABLE_MAYBE_PINNED("lru_hash", __u64, struct origin, origin_by_cookie, 65536, 0);
 /* sockops -> getsockopt: by the app's (netns, address, port), which Envoy sees as its peer */

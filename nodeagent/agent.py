@@ -111,13 +111,20 @@ class AgentConfig:
         return self.bpf_dir or DEFAULT_PIN_DIR
 
 
-async def _capture_backend(config: AgentConfig, sidecars: bool) -> RedirectBackend:
+async def _capture_backend(
+    config: AgentConfig, sidecars: bool, proxy: object = None
+) -> RedirectBackend:
     """The capture backend --capture-mode asks for; "ebpf" that cannot run stops the agent with
     the reason (no pod is captured some other way than asked), "auto" falls back to nftables."""
     if sidecars or config.capture_mode == "nftables":
         log.info("capture mode: nftables")
         return NftablesBackend(SIDECAR_RULES if sidecars else NODE_RULES)
-    backend = EbpfBackend(config.pin_dir, config.cgroup_root)
+    supervisor = getattr(proxy, "supervisor", None)  # the node Envoy holds the inbound listeners
+    backend = EbpfBackend(
+        config.pin_dir,
+        config.cgroup_root,
+        listener_owners=lambda: [supervisor.pid] if supervisor and supervisor.pid else [],
+    )
     try:
         loaded = await asyncio.to_thread(backend.start)
     except (EbpfError, OSError) as e:
@@ -183,7 +190,7 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     # Pods whose DNS is captured (ISTIO_META_DNS_CAPTURE) ask the agent; the sidecar model's
     # capture (istio-init's rules) has no DNS capture here.
     dns = None if sidecars else DnsProxy(store)
-    backend = await _capture_backend(config, sidecars)
+    backend = await _capture_backend(config, sidecars, proxy)
     metrics.capture_mode.labels(backend.name).set(1)
     manager = CaptureManager(
         store,
@@ -263,6 +270,8 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     )
     # Labels change, pods appear without their ADD: membership follows the source.
     tasks.spawn("membership", lambda: manager.watch_membership(stop), stop=stop)
+    if isinstance(backend, EbpfBackend):  # Envoy's new sockets back in sk_lookup's map
+        tasks.spawn("inbound-listeners", lambda: manager.watch_listeners(stop), stop=stop)
     try:
         await stop.wait()
     finally:

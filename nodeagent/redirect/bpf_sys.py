@@ -1,6 +1,8 @@
-"""The bpf(2) calls the eBPF capture backend makes, through ctypes: pinned objects, cgroup
-links, map elements, object info. No LLVM and no bcc here: programs are compiled and pinned by a
-short-lived loader process (ebpf_load), so the agent only handles file descriptors.
+"""The bpf(2) calls the eBPF capture backend makes, through ctypes: pinned objects, cgroup and
+netns links, map elements, object info; and pidfd_getfd(2), which takes a copy of another
+process's socket (Envoy's listener) for a sockhash. No LLVM and no bcc here: programs are compiled
+and pinned by a short-lived loader process (ebpf_load), so the agent only handles file
+descriptors.
 
 Layouts are those of ``union bpf_attr`` and ``struct bpf_{prog,link}_info`` in linux/bpf.h.
 """
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture (asm-generic)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -26,7 +29,9 @@ OBJ_PIN, OBJ_GET, PROG_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD = 6, 7, 13, 15
 LINK_CREATE, LINK_UPDATE, LINK_DETACH = 28, 29, 34
 # enum bpf_attach_type
 CGROUP_SOCK_OPS, CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT, CGROUP_GETSOCKOPT = 3, 10, 11, 21
-LINK_TYPE_CGROUP = 3  # enum bpf_link_type
+SK_LOOKUP = 36
+LINK_TYPE_CGROUP, LINK_TYPE_NETNS = 3, 5  # enum bpf_link_type
+SO_COOKIE = 57
 
 
 class BpfError(OSError):
@@ -109,18 +114,26 @@ def prog_info_by_id(prog_id: int) -> ProgInfo:
 
 
 @dataclass(frozen=True)
-class CgroupLink:
+class Link:
     type: int
     prog_id: int
-    cgroup_id: int  # 0 once the cgroup is gone (the link is then defunct)
+    # what it is linked to: a cgroup's id (its directory's inode number), a netns's inode
+    # number; 0 once that is gone (the link is then defunct)
+    target: int
     attach_type: int
 
 
-def link_info(fd: int) -> CgroupLink:
+def link_info(fd: int) -> Link:
+    """A cgroup or netns link's program and target (other link types: target 0)."""
     raw = _info(fd, "link info")
     kind, _id, prog_id = struct.unpack_from("=III", raw, 0)
-    cgroup_id, attach_type = struct.unpack_from("=QI", raw, 16)
-    return CgroupLink(kind, prog_id, cgroup_id, attach_type)
+    if kind == LINK_TYPE_NETNS:
+        target, attach_type = struct.unpack_from("=II", raw, 16)
+    elif kind == LINK_TYPE_CGROUP:
+        target, attach_type = struct.unpack_from("=QI", raw, 16)
+    else:
+        target, attach_type = 0, -1
+    return Link(kind, prog_id, target, attach_type)
 
 
 def map_update(fd: int, key: bytes, value: bytes) -> None:
@@ -169,3 +182,23 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
             raise
         keys.append(nxt.raw)
         current = nxt
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """A file descriptor of ours for file descriptor FD of the process PIDFD names (root: the
+    ptrace access it needs). The file (a socket) is shared, as after SCM_RIGHTS."""
+    result = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"pidfd_getfd of fd {fd}: {os.strerror(code)}")
+    return int(result)
+
+
+def socket_cookie(fd: int) -> int:
+    """The kernel's cookie of the socket FD (SO_COOKIE): what a sockmap lookup answers."""
+    value = ctypes.c_uint64()
+    size = ctypes.c_uint32(8)
+    if _libc.getsockopt(fd, 1, SO_COOKIE, ctypes.byref(value), ctypes.byref(size)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"SO_COOKIE: {os.strerror(code)}")
+    return int(value.value)

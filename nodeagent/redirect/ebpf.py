@@ -1,15 +1,22 @@
-"""eBPF capture: cgroup connect hooks instead of NAT for a pod's outbound TCP (bpf/*.c).
+"""eBPF capture: cgroup connect hooks instead of NAT for a pod's outbound TCP, sk_lookup for its
+inbound TCP (bpf/*.c).
 
 Per node, once per agent start: bpf/ is compiled by a short-lived loader process (ebpf_load, so
 LLVM never stays in the agent), which pins the programs and maps under PIN_DIR (default
 /sys/fs/bpf/nodeagent); the getsockopt program is linked to the cgroup v2 root, where it answers
 SO_ORIGINAL_DST for Envoy wherever Envoy runs. Per pod: connect4, connect6 and sockops linked to
-the pod's cgroup (kubelet's ``.../pod<UID>``), the links pinned under PIN_DIR/pods/<UID>, and the
-pod's exclusions as entries keyed by its netns cookie (ebpf_maps). Pins outlive the agent: a
-restart or upgrade keeps every pod captured, and the next start updates the links in place.
+the pod's cgroup (kubelet's ``.../pod<UID>``), sklookup linked to the pod's netns, the links
+pinned under PIN_DIR/pods/<UID>, and the pod's exclusions as entries keyed by its netns cookie
+(ebpf_maps). Pins outlive the agent: a restart or upgrade keeps every pod captured, and the next
+start updates the links in place.
 
-Not in eBPF yet, so kept in nftables in this mode (a companion table holding only these):
-inbound capture (prerouting redirect to 15006) and DNS capture (UDP/TCP 53 to 15053).
+Inbound needs the pod's inbound listener (0.0.0.0:15006 in its netns, Envoy's) in the listeners
+sockhash: ``steer`` puts it there (inbound_listener takes a descriptor of Envoy's socket) once
+Envoy listens for the pod, and again whenever Envoy made a new one (a restart: the kernel drops
+a closed socket's entry); until then sk_lookup drops the pod's captured inbound (fail closed).
+
+Not in eBPF yet, so kept in nftables in this mode: DNS capture (UDP/TCP 53 to 15053), in a
+companion table that only a pod with DNS capture has.
 """
 
 from __future__ import annotations
@@ -25,13 +32,23 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import nodeagent
-from nodeagent.redirect import CaptureCheck, bpf_sys
+from nodeagent.ports import INBOUND_PORT
+from nodeagent.redirect import CaptureCheck, bpf_sys, inbound_listener
 from nodeagent.redirect.capture import CaptureSpec
 from nodeagent.redirect.discovery import netns_addresses
-from nodeagent.redirect.ebpf_maps import MAPS, POD_MAPS, PodEntries, netns_of, pod_entries
+from nodeagent.redirect.ebpf_maps import (
+    MAPS,
+    POD_MAPS,
+    PodEntries,
+    listener_key,
+    netns_of,
+    pod_entries,
+)
 from nodeagent.redirect.netns import entered
 from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NftablesBackend
 
@@ -41,13 +58,17 @@ DEFAULT_PIN_DIR = Path("/sys/fs/bpf/nodeagent")
 BPFFS = Path("/sys/fs/bpf")
 SO_NETNS_COOKIE = 71
 LOADER_TIMEOUT = 120.0
-MIN_KERNEL = (5, 15)  # bpf_get_netns_cookie in sockops (5.15); cgroup links (5.7)
-# hook -> attach type; the per-pod links, then the node's
+STEER_RETRY = 0.5  # s between looks for the inbound listener of a pod that has none yet
+# bpf_get_netns_cookie in sockops (5.15); cgroup links (5.7); sk_lookup's ingress_ifindex (5.17)
+MIN_KERNEL = (5, 17)
+# hook -> attach type; the per-pod links (to its cgroup, to its netns), then the node's
 POD_HOOKS = {
     "connect4": bpf_sys.CGROUP_INET4_CONNECT,
     "connect6": bpf_sys.CGROUP_INET6_CONNECT,
     "sockops": bpf_sys.CGROUP_SOCK_OPS,
 }
+NETNS_HOOK = ("sklookup", bpf_sys.SK_LOOKUP)
+POD_LINKS = sorted([*POD_HOOKS, NETNS_HOOK[0]])  # what PIN_DIR/pods/<UID> holds
 NODE_HOOK = ("getsockopt", bpf_sys.CGROUP_GETSOCKOPT)
 
 
@@ -107,7 +128,8 @@ def missing_requirements(
     if version < MIN_KERNEL:
         problems.append(
             f"kernel {release} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]} (needs cgroup"
-            " connect4/connect6/sockops/getsockopt links and bpf_get_netns_cookie in sockops)"
+            " connect4/connect6/sockops/getsockopt links, bpf_get_netns_cookie in sockops, and"
+            " sk_lookup netns links with ingress_ifindex)"
         )
     if cgroup_root is not None:
         if filesystem_of(cgroup_root, mounts) != "cgroup2":
@@ -156,9 +178,16 @@ class EbpfBackend:
 
     name = "ebpf"
 
-    def __init__(self, pin_dir: Path = DEFAULT_PIN_DIR, cgroup_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        pin_dir: Path = DEFAULT_PIN_DIR,
+        cgroup_root: Path | None = None,
+        listener_owners: Callable[[], Iterable[int]] = tuple,
+    ) -> None:
         self.pin_dir = pin_dir
         self.cgroup_root = cgroup_root
+        # pids likely to hold the pods' inbound listeners (the node Envoy's): searched first
+        self.listener_owners = listener_owners
         self.companion = NftablesBackend(EBPF_COMPANION_RULES)
         self.loaded: dict[str, object] = {}
         self._tags: dict[str, bytes] = {}
@@ -168,6 +197,8 @@ class EbpfBackend:
         self._lock = threading.RLock()
         # Pods applied by this process (UID -> netns): the sweep keeps them, registered or not yet
         self._applied: dict[str, Path] = {}
+        self._cookies: dict[tuple[int, int], int] = {}  # netns (dev, inode) -> its cookie
+        self._retry_at: dict[str, float] = {}  # pod UID -> when to look for its listener again
 
     # -- node -------------------------------------------------------------------------------------
 
@@ -205,7 +236,7 @@ class EbpfBackend:
         if proc.returncode != 0 or "error" in result:
             raise EbpfError(f"compiling/loading bpf/ failed: {result.get('error')}")
         self.loaded = dict(result)
-        for name in (*POD_HOOKS, NODE_HOOK[0]):
+        for name in (*POD_HOOKS, NETNS_HOOK[0], NODE_HOOK[0]):
             with bpf_sys.pinned(str(self.pin_dir / "progs" / name)) as fd:
                 self._tags[name] = bpf_sys.prog_info(fd).tag
         for name in MAPS:
@@ -219,24 +250,27 @@ class EbpfBackend:
             os.close(fd)
         self._maps.clear()
 
-    def _link(self, hook: str, attach_type: int, cgroup: Path, pin: Path) -> None:
-        """Link program HOOK to CGROUP, pinned at PIN; an existing link of ours there is
-        updated in place (atomically: the cgroup is never without the hook)."""
+    def _link(self, hook: str, attach_type: int, target: Path, pin: Path) -> None:
+        """Link program HOOK to TARGET (a cgroup directory, or a netns for sk_lookup), pinned
+        at PIN; an existing link of ours there is updated in place (atomically: the target is
+        never without the hook)."""
         pin.parent.mkdir(parents=True, exist_ok=True)
-        want = os.stat(cgroup).st_ino  # a cgroup v2 id is its directory's inode number
+        # a cgroup v2 id is its directory's inode number, a netns's id its nsfs inode number
+        want = os.stat(target).st_ino
         with bpf_sys.pinned(str(self.pin_dir / "progs" / hook)) as prog:
             if pin.exists():
                 with bpf_sys.pinned(str(pin)) as link:
                     info = bpf_sys.link_info(link)
-                    if (info.cgroup_id, info.attach_type) == (want, attach_type):
+                    if (info.target, info.attach_type) == (want, attach_type):
                         bpf_sys.link_update(link, prog, f"update {hook} link {pin}")
                         return
                     with contextlib.suppress(OSError):
                         bpf_sys.link_detach(link, f"detach {pin}")
                 pin.unlink()
-            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            flags = os.O_RDONLY | (os.O_DIRECTORY if target.is_dir() else 0)
+            fd = os.open(target, flags)
             try:
-                link = bpf_sys.link_create(prog, fd, attach_type, f"attach {hook} to {cgroup}")
+                link = bpf_sys.link_create(prog, fd, attach_type, f"attach {hook} to {target}")
             finally:
                 os.close(fd)
             try:
@@ -244,17 +278,18 @@ class EbpfBackend:
             finally:
                 os.close(link)
 
-    def _link_problem(self, hook: str, attach_type: int, cgroup: Path, pin: Path) -> str:
+    def _link_problem(self, hook: str, attach_type: int, target: Path, pin: Path) -> str:
         try:
             with bpf_sys.pinned(str(pin)) as link:
                 info = bpf_sys.link_info(link)
         except FileNotFoundError:
             return f"{hook}: no link pinned at {pin}"
-        want = os.stat(cgroup).st_ino
-        if info.type != bpf_sys.LINK_TYPE_CGROUP or info.attach_type != attach_type:
-            return f"{hook}: {pin} is not a {hook} cgroup link"
-        if info.cgroup_id != want:
-            return f"{hook}: linked to cgroup id {info.cgroup_id}, not {cgroup} ({want})"
+        want = os.stat(target).st_ino
+        kind = bpf_sys.LINK_TYPE_NETNS if hook == NETNS_HOOK[0] else bpf_sys.LINK_TYPE_CGROUP
+        if info.type != kind or info.attach_type != attach_type:
+            return f"{hook}: {pin} is not a {hook} link"
+        if info.target != want:
+            return f"{hook}: linked to {info.target}, not {target} ({want})"
         try:
             tag = bpf_sys.prog_info_by_id(info.prog_id).tag
         except OSError as e:
@@ -285,14 +320,21 @@ class EbpfBackend:
         return cookie, pod_entries(cookie, spec, sorted(netns_addresses(netns)))
 
     def _entries_of(self, cookie: int) -> dict[str, set[bytes]]:
-        return {
-            name: {
-                k
-                for k in bpf_sys.map_keys(self._maps[name], MAPS[name][0])
-                if netns_of(name, k) == cookie
-            }
-            for name in POD_MAPS
-        }
+        return {name: self._owned(name, {cookie}) for name in POD_MAPS}
+
+    def _owned(self, name: str, cookies: set[int], keep: bool = True) -> set[bytes]:
+        """Keys of per-pod map NAME whose netns cookie is in COOKIES (KEEP False: is not)."""
+        key_size, value_size = MAPS[name]
+        found = set()
+        for key in bpf_sys.map_keys(self._maps[name], key_size):
+            value = b""
+            if POD_MAPS[name] is None:  # the cookie is in the value
+                value = bpf_sys.map_lookup(self._maps[name], key, value_size) or b""
+                if not value:
+                    continue
+            if (netns_of(name, key, value) in cookies) == keep:
+                found.add(key)
+        return found
 
     def apply(self, netns: Path, spec: CaptureSpec, uid: str = "") -> None:
         cgroup = self._pod_cgroup(uid)
@@ -305,20 +347,33 @@ class EbpfBackend:
                     bpf_sys.map_update(self._maps[name], key, value)
                 for stale in have[name] - entries.keys():
                     bpf_sys.map_delete(self._maps[name], stale)
-            self.companion.apply(netns, spec)
             for hook, attach_type in POD_HOOKS.items():
                 self._link(hook, attach_type, cgroup, self.pin_dir / "pods" / uid / hook)
+            self._link(*NETNS_HOOK, netns, self.pin_dir / "pods" / uid / NETNS_HOOK[0])
+            # Envoy's listener, when it listens already (a repair); a new pod's comes later
+            self._steer(netns, cookie)
+            # Last: an older agent's inbound redirect goes only once sk_lookup has the pod
+            if spec.dns:
+                self.companion.apply(netns, spec)
+            elif self.companion.holds_table(netns):
+                self.companion.remove(netns)
 
     def verify(self, netns: Path, spec: CaptureSpec, uid: str = "") -> CaptureCheck:
         problems = []
-        check = self.companion.verify(netns, spec)
-        if not check.ok:
-            problems.append(f"nftables (inbound/DNS): {check.reason}")
+        if spec.dns:
+            check = self.companion.verify(netns, spec)
+            if not check.ok:
+                problems.append(f"nftables (DNS): {check.reason}")
+        elif self.companion.holds_table(netns):
+            problems.append("nftables: the pod has a table, but nothing of it is in nftables")
         cgroup = self._pod_cgroup(uid)
         for hook, attach_type in POD_HOOKS.items():
             problems.append(
                 self._link_problem(hook, attach_type, cgroup, self.pin_dir / "pods" / uid / hook)
             )
+        problems.append(
+            self._link_problem(*NETNS_HOOK, netns, self.pin_dir / "pods" / uid / NETNS_HOOK[0])
+        )
         assert self.cgroup_root is not None
         node_pin = self.pin_dir / "node" / NODE_HOOK[0]
         problems.append(self._link_problem(*NODE_HOOK, self.cgroup_root, node_pin))
@@ -335,8 +390,101 @@ class EbpfBackend:
             for key, value in want.items():
                 if bpf_sys.map_lookup(self._maps[name], key, MAPS[name][1]) != value:
                     problems.append(f"map {name}: an entry of netns {cookie} holds another value")
+        problems.append(self._listener_problem(netns, cookie))
         problems = [p for p in problems if p]
         return CaptureCheck(not problems, "; ".join(problems[:5]))
+
+    # -- the pod's inbound listener ---------------------------------------------------------------
+
+    def steer(self, netns: Path, uid: str = "") -> str:
+        """Put the pod's inbound listener (Envoy's 0.0.0.0:15006 in NETNS) in the listeners
+        sockhash, so sk_lookup hands the pod's inbound to it; "" when done or already there,
+        else why not (no such socket: Envoy does not listen for the pod)."""
+        with self._lock:
+            return self._steer(netns, netns_cookie(netns))
+
+    def steer_missing(self, pods: dict[str, Path]) -> list[str]:
+        """steer, for each of PODS (UID -> netns) whose listeners entry is missing (Envoy made
+        new sockets: the kernel dropped the entries of the closed ones). Returns the UIDs
+        steered. One map lookup per steered pod: cheap enough to run often."""
+        steered = []
+        now = time.monotonic()
+        for uid, netns in pods.items():
+            try:
+                cookie = self._cookie(netns)
+                present = bpf_sys.map_lookup(self._maps["listeners"], listener_key(cookie), 8)
+                if present is not None or self._retry_at.get(uid, 0.0) > now:
+                    continue
+                if self.steer(netns, uid):  # nothing listens yet: look again a bit later
+                    self._retry_at[uid] = now + STEER_RETRY
+                else:
+                    self._retry_at.pop(uid, None)
+                    steered.append(uid)
+            except OSError as e:  # the netns went meanwhile
+                log.debug("steering the inbound listener of pod %s: %s", uid, e)
+        for uid in self._retry_at.keys() - pods.keys():
+            del self._retry_at[uid]
+        if len(self._cookies) > 2 * len(pods) + 64:  # namespaces gone: remembered afresh
+            self._cookies.clear()
+        return steered
+
+    def _cookie(self, netns: Path) -> int:
+        """netns_cookie, remembered by the namespace's identity (it enters the netns)."""
+        st = os.stat(netns)
+        key = (st.st_dev, st.st_ino)
+        cookie = self._cookies.get(key)
+        if cookie is None:
+            cookie = self._cookies[key] = netns_cookie(netns)
+        return cookie
+
+    def _listener_fds(self, netns: Path) -> tuple[list[int], str]:
+        """Descriptors of ours for every socket listening on 0.0.0.0:15006 in NETNS (the caller
+        closes them), or why there are none."""
+        inodes = inbound_listener.netns_listeners(netns, INBOUND_PORT)
+        if not inodes:
+            return [], f"nothing listens on 0.0.0.0:{INBOUND_PORT} in {netns}"
+        fds = []
+        pids = inbound_listener.candidates(self.listener_owners(), netns)
+        for inode in inodes:
+            found = inbound_listener.owner_fd(pids, [inode])
+            if found is not None:
+                with contextlib.suppress(OSError):  # the process exited meanwhile
+                    fds.append(inbound_listener.take(*found))
+        if not fds:
+            return [], f"no process holds the socket listening on :{INBOUND_PORT} in {netns}"
+        return fds, ""
+
+    def _steer(self, netns: Path, cookie: int) -> str:
+        fds, why = self._listener_fds(netns)
+        try:
+            if fds:  # any one: sk_lookup hands connections to its reuseport group
+                bpf_sys.map_update(
+                    self._maps["listeners"], listener_key(cookie), struct.pack("=Q", fds[0])
+                )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return why
+
+    def _listener_problem(self, netns: Path, cookie: int) -> str:
+        """Empty when the listeners entry holds one of the netns's :15006 listening sockets,
+        or when there is none (Envoy does not listen for the pod: inbound is dropped)."""
+        fds, _ = self._listener_fds(netns)
+        try:
+            cookies = {bpf_sys.socket_cookie(fd) for fd in fds}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if not cookies:
+            return ""
+        held = bpf_sys.map_lookup(self._maps["listeners"], listener_key(cookie), 8)
+        if held is None:
+            return f"the inbound listener on :{INBOUND_PORT} is not in the listeners map"
+        if struct.unpack("=Q", held)[0] not in cookies:
+            return f"the listeners map holds another socket than the one on :{INBOUND_PORT}"
+        return ""
+
+    # -- removal ----------------------------------------------------------------------------------
 
     def remove(self, netns: Path, uid: str = "") -> None:
         with self._lock:
@@ -351,14 +499,16 @@ class EbpfBackend:
             for name, keys in self._entries_of(cookie).items():
                 for key in keys:
                     bpf_sys.map_delete(self._maps[name], key)
-            self.companion.remove(netns)
+            bpf_sys.map_delete(self._maps["listeners"], listener_key(cookie))
+            if self.companion.holds_table(netns):
+                self.companion.remove(netns)
 
     def _unpin_pod(self, uid: str) -> None:
         if uid:
             folder = self.pin_dir / "pods" / uid
-            for hook in POD_HOOKS:
+            for hook in POD_LINKS:
                 pin = folder / hook
-                # a link is defunct once its cgroup is gone: detaching it may fail, unpinning not
+                # a link is defunct once its target is gone: detaching it may fail, unpinning not
                 with contextlib.suppress(OSError), bpf_sys.pinned(str(pin)) as link:
                     bpf_sys.link_detach(link, f"detach {pin}")
                 pin.unlink(missing_ok=True)
@@ -382,9 +532,11 @@ class EbpfBackend:
                     cookies.add(netns_cookie(netns))
             stale = 0
             for name in POD_MAPS:
-                for key in bpf_sys.map_keys(self._maps[name], MAPS[name][0]):
-                    if netns_of(name, key) not in cookies:
-                        stale += bpf_sys.map_delete(self._maps[name], key)
+                for key in self._owned(name, cookies, keep=False):
+                    stale += bpf_sys.map_delete(self._maps[name], key)
+            for key in bpf_sys.map_keys(self._maps["listeners"], 8):
+                if struct.unpack("=Q", key)[0] not in cookies:
+                    stale += bpf_sys.map_delete(self._maps["listeners"], key)
         return [f"links of pod {uid}" for uid in gone] + ([f"{stale} map entries"] if stale else [])
 
 

@@ -5,6 +5,9 @@ Every key carries the pod's netns cookie, so pods never share an entry; addresse
 IPv4 as ::ffff:a.b.c.d. The exclusions follow nftables.py's output chain exactly: loopback is
 skipped by the programs themselves; the pod's own addresses (routed via lo, which nftables skips
 by ``oifname lo``) are excluded ranges here; includeOutboundIPRanges "" captures no outbound TCP.
+Inbound follows its prerouting chain: the pod's addresses (pod_addrs, the one map keyed by address:
+sk_lookup has no netns cookie to go by) lead to its cookie, its flags say whether inbound is
+captured and on every port, ports_in holds excludeInboundPorts and includeInboundPorts.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from nodeagent.redirect.capture import CaptureSpec, Network
 
 POD_CAPTURE_OUT, POD_INCLUDE_ALL4, POD_INCLUDE_ALL6 = 1, 2, 4
+POD_CAPTURE_IN, POD_INBOUND_ALL = 8, 16
+PORT_IN_EXCLUDED, PORT_IN_INCLUDED = b"\x01", b"\x02"
 NETNS_BITS = 64
 
 # map name -> (key size, value size), as bpf/capture.h declares them
@@ -25,11 +30,22 @@ MAPS = {
     "ports_out": (16, 1),
     "ranges_ex": (28, 1),
     "ranges_in": (28, 1),
+    "ports_in": (16, 1),
+    "pod_addrs": (16, 8),
+    "listeners": (8, 8),  # sockhash: a socket's fd in, its cookie out
     "origin_by_cookie": (8, 20),
     "origin_by_peer": (32, 20),
 }
-# The maps that hold per-pod configuration, and where their keys hold the netns cookie.
-POD_MAPS = {"pods": 0, "ports_out": 0, "ranges_ex": 4, "ranges_in": 4}
+# The maps that hold per-pod configuration, and where their keys hold the netns cookie (None: the
+# value is the cookie).
+POD_MAPS: dict[str, int | None] = {
+    "pods": 0,
+    "ports_out": 0,
+    "ranges_ex": 4,
+    "ranges_in": 4,
+    "ports_in": 0,
+    "pod_addrs": None,
+}
 _PRESENT = b"\x01"
 
 
@@ -69,11 +85,20 @@ def origin(value: bytes) -> str:
     return f"[{ipaddress.IPv6Address(raw)}]:{port}"
 
 
-def netns_of(name: str, key: bytes) -> int:
-    """The netns cookie in a key of per-pod map NAME."""
+def addr_key(address: str) -> bytes:
+    return address16(ipaddress.ip_address(address))
+
+
+def listener_key(netns: int) -> bytes:
+    return struct.pack("=Q", netns)
+
+
+def netns_of(name: str, key: bytes, value: bytes = b"") -> int:
+    """The netns cookie in an entry of per-pod map NAME (its key's, or for pod_addrs its
+    VALUE's)."""
     offset = POD_MAPS[name]
-    value: int = struct.unpack_from("=Q", key, offset)[0]
-    return value
+    cookie: int = struct.unpack_from("=Q", value if offset is None else key, offset or 0)[0]
+    return cookie
 
 
 @dataclass(frozen=True)
@@ -87,17 +112,31 @@ class PodEntries:
 
 
 def flags(spec: CaptureSpec) -> int:
+    inbound = 0
+    if spec.include_inbound_ports is None:
+        inbound = POD_CAPTURE_IN | POD_INBOUND_ALL
+    elif spec.include_inbound_ports:
+        inbound = POD_CAPTURE_IN
     if spec.include_outbound_ranges == ():
-        return 0
+        return inbound
     if spec.include_outbound_ranges is None:
-        return POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6
-    return POD_CAPTURE_OUT
+        return inbound | POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6
+    return inbound | POD_CAPTURE_OUT
+
+
+def inbound_ports(netns: int, spec: CaptureSpec) -> dict[bytes, bytes]:
+    """ports_in entries: nftables checks exclusions first, so an excluded port stays excluded
+    when includeInboundPorts also lists it."""
+    entries = {port_key(netns, p): PORT_IN_INCLUDED for p in spec.include_inbound_ports or ()}
+    entries |= {port_key(netns, p): PORT_IN_EXCLUDED for p in spec.exclude_inbound_ports}
+    return entries
 
 
 def pod_entries(netns: int, spec: CaptureSpec, own_addresses: Iterable[str] = ()) -> PodEntries:
     """The entries SPEC asks for, for the pod whose netns cookie is NETNS."""
     excluded: set[Network] = set(spec.exclude_outbound_ranges)
-    excluded |= {ipaddress.ip_network(a) for a in own_addresses}
+    own = tuple(own_addresses)
+    excluded |= {ipaddress.ip_network(a) for a in own}
     return PodEntries(
         {
             "pods": {pod_key(netns): struct.pack("=I", flags(spec))},
@@ -106,5 +145,7 @@ def pod_entries(netns: int, spec: CaptureSpec, own_addresses: Iterable[str] = ()
             "ranges_in": {
                 range_key(netns, n): _PRESENT for n in spec.include_outbound_ranges or ()
             },
+            "ports_in": inbound_ports(netns, spec),
+            "pod_addrs": {addr_key(a): pod_key(netns) for a in own},
         }
     )

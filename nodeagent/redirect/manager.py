@@ -212,6 +212,9 @@ class CaptureManager:
                     # The app must not start before the node's Envoy listens for it (fail closed).
                     left = timeout - (time.monotonic() - started) - 1.0
                     problem = await self.proxy.synced(max(1.0, left), pod=capture.key)
+                    if not problem:
+                        left = timeout - (time.monotonic() - started) - 1.0
+                        problem = await self._steer(capture, max(1.0, left))
                     if problem:
                         answer = self._settle(capture, FAILED, f"listeners not ready: {problem}")
             finally:
@@ -374,6 +377,43 @@ class CaptureManager:
             summary,
         )
         return summary
+
+    async def _steer(self, capture: PodCapture, wait: float) -> str:
+        """eBPF: hand the pod's inbound listener, which Envoy now has, to sk_lookup (its captured
+        inbound is dropped until then); "" when done or the backend needs nothing of the kind.
+        Envoy has ACKed the pod's listeners: a warming one listens within WAIT seconds."""
+        steer = getattr(self.backend, "steer", None)
+        if steer is None:
+            return ""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                problem: str = await self._in_thread(steer, Path(capture.netns), capture.uid)
+            except Exception as e:
+                return f"inbound listener not steered: {e}"
+            if not problem or time.monotonic() >= deadline:
+                return problem
+            await asyncio.sleep(0.05)
+
+    async def watch_listeners(self, stop: asyncio.Event, interval: float = 0.2) -> None:
+        """eBPF: steer again, within INTERVAL, the inbound listener of every captured pod whose
+        entry the kernel dropped (Envoy restarted or re-created the socket): until then the
+        pod's inbound is refused. Also steers pods whose app listens itself (no Envoy)."""
+        steer_missing = getattr(self.backend, "steer_missing", None)
+        if steer_missing is None:
+            return
+        while not stop.is_set():
+            pods = {
+                c.uid: Path(c.netns)
+                for c in self.registry.pods.values()
+                if c.state == CAPTURED and c.uid and c.netns and os.path.exists(c.netns)
+            }
+            if pods:
+                steered = await self._in_thread(steer_missing, pods)
+                if steered:
+                    log.info("inbound listener steered again for pods %s", steered)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
 
     async def _sweep(self) -> None:
         """Let a backend that keeps per-pod state outside the pods (eBPF's pins and map

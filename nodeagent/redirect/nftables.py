@@ -44,8 +44,9 @@ DSTNAT = -100  # nft's "dstnat" priority; listed back as a number
 # The two rule sets: the per-node model's (Istio ambient's in-pod rules: Envoy's sockets are
 # skipped by mark) and the sidecar model's (istio-init's: Envoy runs in the pod as uid 1337).
 NODE_RULES, SIDECAR_RULES = "node", "sidecar"
-# eBPF capture's companion (ebpf.py): what eBPF does not capture yet, inbound and DNS, as in
-# NODE_RULES; outbound TCP is left to the cgroup connect hooks.
+# eBPF capture's companion (ebpf.py): what eBPF does not capture yet, DNS, as in NODE_RULES;
+# outbound TCP is left to the cgroup connect hooks, inbound to sk_lookup. A pod without DNS
+# capture has no table at all.
 EBPF_COMPANION_RULES = "ebpf-companion"
 RULE_SETS = (NODE_RULES, SIDECAR_RULES, EBPF_COMPANION_RULES)
 MARK_MASK = 0xFFF  # as Istio: only the low bits, so other users of the mark don't hide Envoy's
@@ -293,7 +294,7 @@ def ruleset(spec: CaptureSpec, rules: str = NODE_RULES) -> list[Json]:
     if rules == NODE_RULES:
         chains = {"prerouting": _prerouting(spec), "output": _output(spec)}
     elif rules == EBPF_COMPANION_RULES:
-        chains = {"prerouting": _prerouting(spec), "output": _dns(spec)}
+        chains = {"output": _dns(spec)}
     elif rules == SIDECAR_RULES:
         chains = _sidecar_chains(spec)
     else:
@@ -532,3 +533,8 @@ class NftablesBackend:
     def remove(self, netns: Path, uid: str = "") -> None:
         with entered(netns):
             run_nft({"nftables": _replace_table()[:2]}, str(netns))
+
+    def holds_table(self, netns: Path) -> bool:
+        """Whether NETNS has our table (of any content)."""
+        with entered(netns):
+            return bool(_list_our_table(str(netns)))

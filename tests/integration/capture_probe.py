@@ -1,8 +1,9 @@
 """A pod workload and client that show where a TCP connection really landed.
 
 ``serve PORT[@ADDR] ...``: listens on each port and answers every connection with one JSON line:
-the listener's port, the peer, and the connection's original destination (SO_ORIGINAL_DST), so a
-client sees whether in-pod capture redirected it and what it had dialled.
+the listener's port, the peer, the connection's original destination (SO_ORIGINAL_DST) and its
+local address (what Envoy's original_dst keeps when there is no SO_ORIGINAL_DST: sk_lookup steers
+without NAT), so a client sees whether in-pod capture redirected it and what it had dialled.
 ``connect HOST PORT [--mark N]``: connects (optionally with SO_MARK; an IPv6 HOST from an
 AF_INET6 socket) and prints that line.
 ``burst HOST FIRST_PORT COUNT SOURCE_PORT``: COUNT connections at once, the i-th to
@@ -43,6 +44,7 @@ def serve_one(addr: str, port: int) -> None:
                 "listener": port,
                 "peer": f"{peer[0]}:{peer[1]}",
                 "original_dst": original_dst(conn),
+                "local": "{}:{}".format(*conn.getsockname()[:2]),
             }
             conn.sendall(json.dumps(line).encode() + b"\n")
 

@@ -1,9 +1,11 @@
 """In-pod capture end to end: the real CNI chain (bridge + host-local + nodeagent-cni as installed
 by install-cni), the node agent and its capture, on a two-node testbed, once per capture mode:
-nftables, and eBPF (outbound TCP by cgroup connect hooks; inbound and DNS by nftables).
+nftables, and eBPF (outbound TCP by cgroup connect hooks, inbound by sk_lookup; DNS by nftables).
 
 Pods run capture_probe.py: whatever listener a connection lands on answers with its port and the
-connection's original destination, so a client sees exactly what capture did to it.
+connection's original destination, so a client sees exactly what capture did to it. In eBPF mode
+the probe's own 0.0.0.0:15006 is the pod's inbound listener the agent steers inbound to, as it
+would Envoy's.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from nodeagent import ports
 from nodeagent.cni.install import holds_entry
 from nodeagent.redirect import bpf_sys
 from nodeagent.redirect.capture import CaptureSpec
-from nodeagent.redirect.ebpf import POD_HOOKS, netns_cookie
-from nodeagent.redirect.ebpf_maps import pod_key
+from nodeagent.redirect.ebpf import POD_LINKS, netns_cookie
+from nodeagent.redirect.ebpf_maps import addr_key, listener_key, pod_key
 from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NODE_RULES, NftablesBackend
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, TestbedError, bridge_conflist, down
@@ -79,13 +81,28 @@ def testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
     down(NAME)
     topology = loads_topology(text, "test_capture")
     try:
-        yield Testbed.up(topology, text, "test_capture")
+        tb = Testbed.up(topology, text, "test_capture")
+        if request.param == "ebpf":  # the probes listen after their ADD: steered within 0.2 s
+            for pod in ("mesh/app", "mesh/excluded"):
+                wait_for(lambda pod=pod: steered(tb, pod), 5, f"{pod}'s inbound listener")
+        yield tb
     finally:
         down(NAME)
 
 
 def ebpf(tb: Testbed) -> bool:
     return tb.topology.capture_mode == "ebpf"
+
+
+def bpf_map(tb: Testbed, name: str) -> str:
+    return str(layout.bpf_dir(tb.name, "n1") / "maps" / name)
+
+
+def steered(tb: Testbed, pod: str) -> bool:
+    """Whether POD's inbound listener is in n1's listeners sockhash."""
+    cookie = netns_cookie(Path("/run/netns") / tb.pod_netns(pod))
+    with bpf_sys.pinned(bpf_map(tb, "listeners")) as fd:
+        return bpf_sys.map_lookup(fd, listener_key(cookie), 8) is not None
 
 
 def pod_pins(tb: Testbed, key: str, uid: str = "") -> list[str]:
@@ -105,16 +122,20 @@ def landed(tb: Testbed, pod: str, host: str, port: int, *extra: str) -> dict[str
 
 def test_a_mesh_pod_holds_exactly_our_table(testbed: Testbed) -> None:
     tables = ruleset(testbed.pod_netns("mesh/app"))
-    assert [(t["family"], t["name"]) for t in tables] == [("inet", "nodeagent")]
-    # eBPF mode: the table holds only what eBPF does not capture yet (inbound, DNS)
-    rules = EBPF_COMPANION_RULES if ebpf(testbed) else NODE_RULES
-    check = NftablesBackend(rules).verify(
-        Path("/run/netns") / testbed.pod_netns("mesh/app"), CaptureSpec()
-    )
-    assert check.ok, check.reason
+    if ebpf(testbed):  # the table would hold only DNS capture, which this pod has not: none
+        assert tables == []
+        assert not NftablesBackend(EBPF_COMPANION_RULES).holds_table(
+            Path("/run/netns") / testbed.pod_netns("mesh/app")
+        )
+    else:
+        assert [(t["family"], t["name"]) for t in tables] == [("inet", "nodeagent")]
+        check = NftablesBackend(NODE_RULES).verify(
+            Path("/run/netns") / testbed.pod_netns("mesh/app"), CaptureSpec()
+        )
+        assert check.ok, check.reason
     record = agent_pods(testbed.name, "n1")["mesh/app"]
     assert (record["state"], record["backend"]) == ("captured", testbed.topology.capture_mode)
-    assert pod_pins(testbed, "mesh/app") == (sorted(POD_HOOKS) if ebpf(testbed) else [])
+    assert pod_pins(testbed, "mesh/app") == (POD_LINKS if ebpf(testbed) else [])
 
 
 def test_a_pod_asking_for_nftables_gets_it_in_either_mode(testbed: Testbed) -> None:
@@ -147,7 +168,11 @@ def test_inbound_lands_on_15006_with_the_original_port(testbed: Testbed) -> None
     app_ip = testbed.pod_ip("mesh/app")
     answer = landed(testbed, "plain/server", app_ip, 8080)
     assert (answer["pod"], answer["listener"]) == ("app", ports.INBOUND_PORT)
-    assert answer["original_dst"] == f"{app_ip}:8080"
+    if ebpf(testbed):  # sk_lookup rewrites nothing: the listener's socket has what was dialled
+        assert (answer["local"], answer["original_dst"]) == (f"{app_ip}:8080", "")
+    else:  # NAT: the socket is on 15006, conntrack keeps what was dialled
+        assert answer["original_dst"] == f"{app_ip}:8080"
+        assert answer["local"] == f"{app_ip}:{ports.INBOUND_PORT}"
 
 
 def test_envoy_marked_and_loopback_traffic_is_not_captured(testbed: Testbed) -> None:
@@ -239,7 +264,8 @@ def test_agent_down_fails_add_closed_and_agent_back_lets_it_succeed(testbed: Tes
     finally:
         testbed.start_agent("n1")
     testbed.add_pod(late)
-    assert [t["name"] for t in ruleset(layout.pod_netns(testbed.name, late))] == ["nodeagent"]
+    tables = [t["name"] for t in ruleset(layout.pod_netns(testbed.name, late))]
+    assert tables == ([] if ebpf(testbed) else ["nodeagent"])
     testbed.remove_pod(late)
 
 
@@ -253,8 +279,10 @@ def test_twenty_pods_created_at_once_are_all_captured(testbed: Testbed) -> None:
     uids = [testbed.state.pods[p.key].uid for p in pods if p.node == "n1"]
     try:
         for pod in pods:
-            tables = ruleset(layout.pod_netns(testbed.name, pod))
-            assert [t["name"] for t in tables] == ["nodeagent"], pod.key
+            tables = [t["name"] for t in ruleset(layout.pod_netns(testbed.name, pod))]
+            assert tables == ([] if ebpf(testbed) else ["nodeagent"]), pod.key
+            if ebpf(testbed) and pod.node == "n1":
+                assert pod_pins(testbed, pod.key) == POD_LINKS, pod.key
         records = {**agent_pods(testbed.name, "n1"), **agent_pods(testbed.name, "n2")}
         assert all(records[p.key]["state"] == "captured" for p in pods)
     finally:
@@ -273,8 +301,37 @@ def test_captured_pods_stay_captured_while_the_agent_is_down(testbed: Testbed) -
         answer = landed(testbed, "mesh/app", "10.96.0.99", 80)
         assert answer["listener"] == ports.OUTBOUND_PORT
         assert answer["original_dst"] == "10.96.0.99:80"
+        inbound = landed(testbed, "plain/server", testbed.pod_ip("mesh/app"), 8080)
+        assert (inbound["pod"], inbound["listener"]) == ("app", ports.INBOUND_PORT)
     finally:
         testbed.start_agent("n1")
+
+
+def test_inbound_without_a_listener_in_the_map_is_refused_never_the_app(
+    testbed: Testbed,
+) -> None:
+    """Fail closed: while the pod's inbound listener is not in sk_lookup's map (Envoy
+    restarting, not yet steered), a connection to a captured port is refused, never handed to
+    the app; the agent's start (its reconcile) puts the listener back."""
+    if not ebpf(testbed):
+        pytest.skip("nftables redirects to :15006 whatever listens there")
+    app_ip = testbed.pod_ip("mesh/app")
+    cookie = netns_cookie(Path("/run/netns") / testbed.pod_netns("mesh/app"))
+    testbed.stop_agent("n1")  # nothing steers the listener back meanwhile
+    try:
+        with bpf_sys.pinned(bpf_map(testbed, "listeners")) as fd:
+            assert bpf_sys.map_delete(fd, listener_key(cookie))
+        for port in (8080, 9090):
+            proc = testbed.exec("plain/server", [PY, PROBE, "connect", app_ip, str(port)])
+            assert proc.returncode != 0 and "Connection refused" in proc.stderr, proc
+        # not captured: the node's probes and the excluded pod's excluded port still pass
+        excluded = landed(testbed, "plain/server", testbed.pod_ip("mesh/excluded"), 9090)
+        assert excluded["listener"] == 9090
+    finally:
+        testbed.start_agent("n1")
+    wait_for(lambda: steered(testbed, "mesh/app"), 5, "the inbound listener back")
+    answer = landed(testbed, "plain/server", app_ip, 8080)
+    assert (answer["pod"], answer["listener"]) == ("app", ports.INBOUND_PORT)
 
 
 def test_two_pods_dialling_the_same_address_from_the_same_ports_each_get_theirs(
@@ -320,15 +377,21 @@ def _conntrack(tb: Testbed, pod: str) -> str:
 
 def test_ebpf_redirects_leave_no_conntrack_entry(testbed: Testbed) -> None:
     """nftables' REDIRECT is NAT: conntrack keeps the dialled address; eBPF rewrites the
-    connect itself, so the pod's conntrack never sees it."""
+    connect itself and steers inbound by socket lookup, so the pod's conntrack never sees
+    either."""
     assert landed(testbed, "mesh/app", "198.51.100.7", 8443)["listener"] == ports.OUTBOUND_PORT
-    entries = [
-        line for line in _conntrack(testbed, "mesh/app").splitlines() if "198.51.100.7" in line
+    app_ip, server_ip = testbed.pod_ip("mesh/app"), testbed.pod_ip("plain/server")
+    assert landed(testbed, "plain/server", app_ip, 7777)["listener"] == ports.INBOUND_PORT
+    table = _conntrack(testbed, "mesh/app").splitlines()
+    entries = [line for line in table if "198.51.100.7" in line]
+    inbound = [
+        line for line in table if f"src={server_ip} dst={app_ip}" in line and "=7777" in line
     ]
     if ebpf(testbed):
-        assert entries == []
+        assert entries == [] and inbound == [], (entries, inbound)
     else:
         assert entries and "dport=8443" in entries[0] and "sport=15001" in entries[0], entries
+        assert inbound and f"sport={ports.INBOUND_PORT}" in inbound[0], inbound
 
 
 def test_a_pod_deleted_while_the_agent_is_down_leaves_no_pins_nor_entries(
@@ -343,9 +406,12 @@ def test_a_pod_deleted_while_the_agent_is_down_leaves_no_pins_nor_entries(
     uid = testbed.state.pods[gone.key].uid
     cookie = netns_cookie(Path("/run/netns") / layout.pod_netns(testbed.name, gone))
     pods_map = str(layout.bpf_dir(testbed.name, "n1") / "maps" / "pods")
+    address = addr_key(testbed.state.pods[gone.key].ip)
     with bpf_sys.pinned(pods_map) as fd:
         assert bpf_sys.map_lookup(fd, pod_key(cookie), 4) is not None
-    assert pod_pins(testbed, "", uid) == sorted(POD_HOOKS)
+    with bpf_sys.pinned(bpf_map(testbed, "pod_addrs")) as fd:
+        assert bpf_sys.map_lookup(fd, address, 8) == pod_key(cookie)
+    assert pod_pins(testbed, "", uid) == POD_LINKS
     testbed.stop_agent("n1")
     try:
         testbed.remove_pod(gone)  # its DEL does not reach the agent (the plugin lets DEL pass)
@@ -354,6 +420,8 @@ def test_a_pod_deleted_while_the_agent_is_down_leaves_no_pins_nor_entries(
     assert pod_pins(testbed, "", uid) == []
     with bpf_sys.pinned(pods_map) as fd:
         assert bpf_sys.map_lookup(fd, pod_key(cookie), 4) is None
+    with bpf_sys.pinned(bpf_map(testbed, "pod_addrs")) as fd:
+        assert bpf_sys.map_lookup(fd, address, 8) is None
 
 
 def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed) -> None:
@@ -370,8 +438,9 @@ def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed)
         )
         assert ruleset(app_netns) == []
     testbed.restart_agent("n1")
-    assert [t["name"] for t in ruleset(app_netns)] == ["nodeagent"]
-    assert pod_pins(testbed, "mesh/app") == (sorted(POD_HOOKS) if ebpf(testbed) else [])
+    tables = [t["name"] for t in ruleset(app_netns)]
+    assert tables == ([] if ebpf(testbed) else ["nodeagent"])
+    assert pod_pins(testbed, "mesh/app") == (POD_LINKS if ebpf(testbed) else [])
     record = agent_pods(testbed.name, "n1")["mesh/app"]
     assert record["state"] == "captured" and "repaired" in record["reason"]
     assert "nodeagent_capture_repairs_total 1.0" in node_metrics(testbed.name, "n1")
@@ -379,6 +448,8 @@ def test_agent_restart_reverifies_and_restores_a_deleted_table(testbed: Testbed)
     assert agent_pods(testbed.name, "n1")["mesh/excluded"]["state"] == "captured"
     answer = landed(testbed, "mesh/app", "10.96.0.99", 80)
     assert answer["listener"] == ports.OUTBOUND_PORT
+    inbound = landed(testbed, "plain/server", testbed.pod_ip("mesh/app"), 8080)
+    assert inbound["listener"] == ports.INBOUND_PORT
 
 
 @pytest.mark.parametrize(

@@ -756,4 +756,79 @@ def test_a_node_whose_capture_mode_changed_moves_its_pods_at_the_first_reconcile
         assert [r["backend"] for r in restarted.status()] == ["ebpf"]
         assert (await restarted.reconcile())["verified"] == 1
 
+
+class SteeringBackend(RecordingBackend):
+    """eBPF's inbound: the pod's listener is steered once Envoy has it (ebpf.EbpfBackend)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listening: set[Path] = set()  # netns where "Envoy" listens on :15006
+        self.steered: list[Path] = []
+
+    def steer(self, netns: Path, uid: str = "") -> str:
+        if netns not in self.listening:
+            return f"nothing listens on 0.0.0.0:15006 in {netns}"
+        self.steered.append(netns)
+        return ""
+
+    def steer_missing(self, pods: dict[str, Path]) -> list[str]:
+        return [uid for uid, netns in pods.items() if not self.steer(netns, uid)]
+
+
+class SyncedProxy:
+    def __init__(self, backend: SteeringBackend, listens: bool = True) -> None:
+        self.backend = backend
+        self.listens = listens
+
+    async def synced(self, timeout: float, *, pod: str = "") -> str:
+        # Envoy took the pod's listeners: it listens in the pod's netns now (unless it failed to)
+        if self.listens:
+            self.backend.listening |= set(self.backend.installed)
+        return ""
+
+
+def test_add_steers_the_inbound_listener_once_envoy_has_it(tmp_path: Path) -> None:
+    """An ADD answers only once sk_lookup can hand the pod's inbound to Envoy (fail closed: a
+    pod whose listener cannot be steered fails its ADD, naming why)."""
+
+    async def scenario(node: Node) -> None:
+        backend = SteeringBackend()
+        node.backend = backend
+        node.manager = node.new_manager()
+        node.manager.proxy = SyncedProxy(backend)
+        node.store.put_pod(Pod("shop", "web"))
+        pod = {**node.cni_pod("web"), "uid": ""}
+        answer = await node.manager.add(pod, timeout=5)
+        assert answer["ok"] and answer["state"] == "captured", answer
+        assert backend.steered == [Path(pod["netns"])]
+        node.manager.proxy = None  # no Envoy: the listener never appears
+        node.store.put_pod(Pod("shop", "api"))
+        answer = await node.manager.add(node.cni_pod("api", ip="10.244.1.8"), timeout=5)
+        assert answer["ok"] and backend.steered == [Path(pod["netns"])]  # nothing to wait for
+        node.manager.proxy = SyncedProxy(backend, listens=False)
+        node.store.put_pod(Pod("shop", "db"))
+        answer = await node.manager.add(node.cni_pod("db", ip="10.244.1.9"), timeout=5)
+        assert not answer["ok"] and "listeners not ready: nothing listens" in answer["reason"]
+
+    run(scenario, tmp_path)
+
+
+def test_the_listener_watch_steers_pods_whose_entry_went(tmp_path: Path) -> None:
+    """Envoy restarted: the kernel dropped the entries of its closed sockets; the watch puts
+    the new ones back within its interval."""
+
+    async def scenario(node: Node) -> None:
+        backend = SteeringBackend()
+        node.backend = backend
+        node.manager = node.new_manager()
+        node.store.put_pod(Pod("shop", "web", uid="u-web"))
+        pod = {**node.cni_pod("web"), "uid": "u-web"}
+        assert (await node.manager.add(pod, timeout=5))["ok"]
+        backend.listening.add(Path(pod["netns"]))
+        stop = asyncio.Event()
+        watch = asyncio.create_task(node.manager.watch_listeners(stop, interval=0.01))
+        await until(lambda: Path(pod["netns"]) in backend.steered, "the listener steered")
+        stop.set()
+        await asyncio.wait_for(watch, 2)
+
     run(scenario, tmp_path)

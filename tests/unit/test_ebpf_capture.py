@@ -1,6 +1,7 @@
 """eBPF capture, the pure parts: the maps' key layout (bpf/capture.h), a CaptureSpec turned into
 one pod's entries with the exclusions nftables.py applies, the nftables companion rule set, the
-kernel requirement check and finding a pod's cgroup as kubelet lays it out."""
+kernel requirement check, finding a pod's cgroup as kubelet lays it out, and finding the process
+that holds a pod's inbound listener."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.redirect import ebpf, ebpf_maps
+from nodeagent import ports
+from nodeagent.redirect import ebpf, ebpf_load, ebpf_maps, inbound_listener
 from nodeagent.redirect.capture import CaptureSpec
 from nodeagent.redirect.ebpf_maps import (
     MAPS,
+    POD_CAPTURE_IN,
     POD_CAPTURE_OUT,
+    POD_INBOUND_ALL,
     POD_INCLUDE_ALL4,
     POD_INCLUDE_ALL6,
+    PORT_IN_EXCLUDED,
+    PORT_IN_INCLUDED,
     pod_entries,
 )
 from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NODE_RULES, describe, ruleset
@@ -42,6 +48,9 @@ def test_key_sizes_are_those_bpf_capture_h_declares() -> None:
     assert len(ebpf_maps.port_key(1, 80)) == MAPS["ports_out"][0]
     assert len(ebpf_maps.range_key(1, net)) == MAPS["ranges_ex"][0] == MAPS["ranges_in"][0]
     assert len(ebpf_maps.peer_key(1, "127.0.0.1", 40000)) == MAPS["origin_by_peer"][0]
+    assert len(ebpf_maps.addr_key("10.244.1.5")) == MAPS["pod_addrs"][0]
+    assert len(ebpf_maps.listener_key(1)) == MAPS["listeners"][0]
+    assert "struct addr_key {" in header
     for name in MAPS:
         assert f" {name}, " in header, name
 
@@ -63,11 +72,17 @@ def test_two_pods_with_the_same_spec_and_address_never_share_a_key() -> None:
         excludeOutboundPorts="7777",
         excludeOutboundIPRanges="10.244.2.0/24",
         includeOutboundIPRanges="10.96.0.0/12",
+        excludeInboundPorts="9090",
     )
     a = pod_entries(NETNS_A, same, ["10.244.1.5"])
     b = pod_entries(NETNS_B, same, ["10.244.1.5"])
     for name in ebpf_maps.POD_MAPS:
+        if name == "pod_addrs":  # keyed by address (pod IPs are unique on a node), owner inside
+            continue
         assert a.keys(name) and not a.keys(name) & b.keys(name), name
+    key = ebpf_maps.addr_key("10.244.1.5")
+    owners = [ebpf_maps.netns_of("pod_addrs", key, e.maps["pod_addrs"][key]) for e in (a, b)]
+    assert owners == [NETNS_A, NETNS_B]
     assert ebpf_maps.peer_key(NETNS_A, "127.0.0.1", 40000) != ebpf_maps.peer_key(
         NETNS_B, "127.0.0.1", 40000
     )
@@ -75,8 +90,15 @@ def test_two_pods_with_the_same_spec_and_address_never_share_a_key() -> None:
 
 def test_default_spec_captures_every_destination_but_the_pods_own_addresses() -> None:
     entries = pod_entries(NETNS_A, CaptureSpec(), ["10.244.1.5", "fd00::5"])
-    flags = POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6
+    flags = POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6 | POD_CAPTURE_IN | POD_INBOUND_ALL
     assert entries.maps["pods"] == {ebpf_maps.pod_key(NETNS_A): struct.pack("=I", flags)}
+    # inbound: every port, found by the pod's own addresses
+    assert entries.maps["pod_addrs"] == {
+        ebpf_maps.addr_key("10.244.1.5"): ebpf_maps.pod_key(NETNS_A),
+        ebpf_maps.addr_key("fd00::5"): ebpf_maps.pod_key(NETNS_A),
+    }
+    assert ebpf_maps.addr_key("10.244.1.5") == bytes(10) + b"\xff\xff" + bytes([10, 244, 1, 5])
+    assert not entries.keys("ports_in")
     # nftables skips `oifname lo`: the pod dialling its own address stays uncaptured
     assert entries.keys("ranges_ex") == {
         ebpf_maps.range_key(NETNS_A, ipaddress.ip_network("10.244.1.5/32")),
@@ -95,7 +117,8 @@ def test_annotations_become_exclusions_and_inclusions() -> None:
         ),
     )
     # IPv4 ranges only: IPv6 destinations are captured nowhere (nftables: nfproto ipv6 return)
-    assert entries.maps["pods"][ebpf_maps.pod_key(NETNS_A)] == struct.pack("=I", POD_CAPTURE_OUT)
+    flags = POD_CAPTURE_OUT | POD_CAPTURE_IN | POD_INBOUND_ALL
+    assert entries.maps["pods"][ebpf_maps.pod_key(NETNS_A)] == struct.pack("=I", flags)
     assert entries.keys("ports_out") == {
         ebpf_maps.port_key(NETNS_A, 7777),
         ebpf_maps.port_key(NETNS_A, 15020),
@@ -110,7 +133,34 @@ def test_annotations_become_exclusions_and_inclusions() -> None:
 
 def test_an_empty_include_list_captures_no_outbound_tcp() -> None:
     entries = pod_entries(NETNS_A, spec(includeOutboundIPRanges=""))
-    assert entries.maps["pods"][ebpf_maps.pod_key(NETNS_A)] == struct.pack("=I", 0)
+    inbound_only = POD_CAPTURE_IN | POD_INBOUND_ALL
+    assert entries.maps["pods"][ebpf_maps.pod_key(NETNS_A)] == struct.pack("=I", inbound_only)
+
+
+def test_inbound_port_annotations_as_nftables_prerouting_reads_them() -> None:
+    """Exclusions first (nftables returns on them before the include check), then inclusions;
+    includeInboundPorts "" captures no inbound TCP."""
+    listed = pod_entries(NETNS_A, spec(includeInboundPorts="8080,9090", excludeInboundPorts="9090"))
+    assert listed.maps["pods"][ebpf_maps.pod_key(NETNS_A)] == struct.pack(
+        "=I", POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6 | POD_CAPTURE_IN
+    )
+    assert listed.maps["ports_in"] == {
+        ebpf_maps.port_key(NETNS_A, 8080): PORT_IN_INCLUDED,
+        ebpf_maps.port_key(NETNS_A, 9090): PORT_IN_EXCLUDED,
+    }
+    none = pod_entries(NETNS_A, spec(includeInboundPorts=""))
+    flags = struct.unpack("=I", none.maps["pods"][ebpf_maps.pod_key(NETNS_A)])[0]
+    assert not flags & POD_CAPTURE_IN
+    header, program = (BPF / "capture.h").read_text(), (BPF / "sklookup.c").read_text()
+    assert f"PORT_IN_EXCLUDED {PORT_IN_EXCLUDED[0]}" in header
+    assert f"PORT_IN_INCLUDED {PORT_IN_INCLUDED[0]}" in header
+    assert f"POD_CAPTURE_IN {POD_CAPTURE_IN}" in header
+    assert f"POD_INBOUND_ALL {POD_INBOUND_ALL}" in header
+    # the exceptions nftables' prerouting makes, with nodeagent.ports' numbers
+    assert f"HBONE_PORT {ports.HBONE_PORT}" in header
+    probe = int(ipaddress.IPv4Address(ports.PROBE_SOURCE))
+    assert f"PROBE_SOURCE {probe:#x}" in header
+    assert "SK_DROP" in program and "bpf_sk_assign" in program
 
 
 def test_origin_values_read_back_as_host_and_port() -> None:
@@ -120,7 +170,7 @@ def test_origin_values_read_back_as_host_and_port() -> None:
     assert ebpf_maps.origin(v6) == "[fd00::1]:443"
 
 
-def test_the_nftables_companion_keeps_inbound_and_dns_but_no_outbound_redirect() -> None:
+def test_the_nftables_companion_keeps_only_dns() -> None:
     captured = CaptureSpec(dns=True, exclude_inbound_ports=(9090,))
     node = {
         o["rule"]["chain"] + ": " + describe(o["rule"]["expr"])
@@ -129,17 +179,21 @@ def test_the_nftables_companion_keeps_inbound_and_dns_but_no_outbound_redirect()
     }
     companion = [o["rule"] for o in ruleset(captured, EBPF_COMPANION_RULES) if "rule" in o]
     rules = {r["chain"] + ": " + describe(r["expr"]) for r in companion}
-    assert {r for r in node if r.startswith("prerouting")} <= rules
-    assert any("redirect to :15053" in r for r in rules)  # DNS stays in nftables
-    assert not any("redirect to :15001" in r for r in rules)  # outbound TCP is eBPF's
+    assert rules and all("redirect to :15053" in r for r in rules)  # DNS stays in nftables
+    assert {r for r in node if "15053" in r} == rules
+    # inbound is sk_lookup's, outbound TCP the connect hooks'
+    assert any("redirect to :15006" in r for r in node)
     assert any("redirect to :15001" in r for r in node)
+    chains = [o["chain"]["name"] for o in ruleset(captured, EBPF_COMPANION_RULES) if "chain" in o]
+    assert chains == ["output"]
 
 
 def test_missing_requirements_name_what_is_missing(tmp_path: Path) -> None:
     mounts = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n"
     assert ebpf.missing_requirements("6.18.44-fc", mounts) == []
     old = ebpf.missing_requirements("5.4.0-100-generic", mounts)
-    assert len(old) == 1 and "5.4.0-100-generic is older than 5.15" in old[0]
+    assert len(old) == 1 and "5.4.0-100-generic is older than 5.17" in old[0]
+    assert "sk_lookup" in old[0]
     no_v2 = ebpf.missing_requirements("6.1.0", "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n")
     assert any("no cgroup v2 hierarchy" in p for p in no_v2)
     wrong_root = ebpf.missing_requirements("6.1.0", mounts, cgroup_root=Path("/run/x"))
@@ -203,3 +257,48 @@ def test_auto_falls_back_to_nftables_and_ebpf_mode_refuses_to_start(
     with pytest.raises(ebpf.EbpfError, match=r"--capture-mode ebpf: .*kernel 5\.4\.0 is older"):
         asyncio.run(agent._capture_backend(config, False))
     assert asyncio.run(agent._capture_backend(config, True)).name == "nftables"  # sidecar model
+
+
+TCP = """  sl  local_address rem_address st tx_queue rx_queue tr tm->when retrnsmt uid timeout inode
+   0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4101 1
+   1: 00000000:3A9E 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4102 1
+   2: 00000000:3A9E 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4103 1
+   3: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4104 1
+   4: 0501F40A:3A9E 0601F40A:9C41 01 00000000:00000000 00:00000000 00000000     0        0 4105 1
+"""
+
+
+def test_the_inbound_listeners_are_the_sockets_listening_on_any_address_port_15006() -> None:
+    """Envoy with SO_REUSEPORT: one listening socket per worker, any of them will do."""
+    assert inbound_listener.listening_inodes(TCP, ports.INBOUND_PORT) == [4102, 4103]
+    assert inbound_listener.listening_inodes(TCP, 8080) == [4104]
+    assert inbound_listener.listening_inodes(TCP, 9090) == []
+
+
+def test_the_listener_is_taken_from_the_process_holding_it(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    netns = tmp_path / "netns-of-pod"
+    netns.write_text("")
+    for pid, links in {"10": ["pipe:[1]", "socket:[999]"], "20": ["socket:[4103]"]}.items():
+        (proc / pid / "fd").mkdir(parents=True)
+        for fd, link in enumerate(links):
+            (proc / pid / "fd" / str(fd)).symlink_to(link)
+    (proc / "self").mkdir()
+    assert inbound_listener.owner_fd([10, 20], [4102, 4103], proc) == (20, 0)
+    assert inbound_listener.owner_fd([10], [4102, 4103], proc) is None
+    assert inbound_listener.owner_fd([10, 20], [], proc) is None
+    # the hinted pid (the node's Envoy) first, then the others
+    (proc / "20" / "ns").mkdir()
+    (proc / "20" / "ns" / "net").symlink_to(netns)  # a process inside the pod's netns
+    assert inbound_listener.candidates([30], netns, proc) == [30, 20, 10]
+
+
+def test_the_loader_reuses_each_pinned_map_and_creates_the_missing_ones() -> None:
+    assert ebpf_load.HOOKS["sklookup.c"] == ("sklookup", 30, 36)  # SK_LOOKUP, BPF_SK_LOOKUP
+    assert set(ebpf_load.MAP_NAMES) == set(MAPS)
+    text = ebpf_load.prelude(Path("/sys/fs/bpf/x/maps"), {"pods"})
+    pinned = 'BPF_TABLE_PINNED(t, k, v, n, m, "/sys/fs/bpf/x/maps/pods")'
+    assert f"#define BPF_MAYBE_pods(t, k, v, n, m, f) {pinned}" in text
+    assert "#define BPF_MAYBE_listeners(t, k, v, n, m, f) BPF_F_TABLE(t, k, v, n, m, f)" in text
+    assert "sklookup" in ebpf_load.source(BPF)
+    assert ebpf.POD_LINKS == ["connect4", "connect6", "sklookup", "sockops"]
