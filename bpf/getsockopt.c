@@ -1,9 +1,12 @@
 /* cgroup/getsockopt, attached once per node to the cgroup v2 root (the node's Envoy runs outside
  * every pod's cgroup, wherever its container puts it): answers SO_ORIGINAL_DST (SOL_IP) and
  * IP6T_SO_ORIGINAL_DST (SOL_IPV6) on a connection the connect hooks redirected, with what the
- * app dialled, so Envoy's original_dst listener filter works unchanged. Any other getsockopt,
- * and connections we did not redirect (nftables-captured pods: conntrack answers), pass as the
- * kernel answered them.
+ * app dialled, so Envoy's original_dst listener filter works unchanged. Inbound that sk_lookup
+ * steered is not NATed: where the kernel has no answer (no conntrack entry) on a TCP socket of
+ * a pod whose inbound eBPF captures, the answer is the socket's own local address, which is
+ * what the peer dialled (Envoy's original_dst cluster needs the filter to have "restored" it).
+ * Any other getsockopt, and connections we did not redirect (nftables-captured pods: conntrack
+ * answers), pass as the kernel answered them.
  */
 #include "capture.h"
 
@@ -30,9 +33,27 @@ int getsockopt(struct bpf_sockopt *ctx)
 		key.addr[3] = ip6[3];
 	}
 	key.port = bpf_ntohs((__u16)port);
-	struct origin *dialled = origin_by_peer.lookup(&key);
-	if (!dialled)
-		return 1;
+	struct origin *found = origin_by_peer.lookup(&key), local;
+	struct origin *dialled = found;
+	if (!found) {
+		struct pod_config *pod = pods.lookup(&key.netns);
+		if (ctx->retval == 0 || !pod || !(pod->flags & POD_CAPTURE_IN) ||
+		    CTX_READ(sk->protocol) != IPPROTO_TCP)
+			return 1;
+		__builtin_memset(&local, 0, sizeof(local));
+		if (family == AF_INET) {
+			v4_mapped(local.addr, CTX_READ(sk->src_ip4));
+			local.v4 = 1;
+		} else {
+			local.addr[0] = CTX_READ(sk->src_ip6[0]);
+			local.addr[1] = CTX_READ(sk->src_ip6[1]);
+			local.addr[2] = CTX_READ(sk->src_ip6[2]);
+			local.addr[3] = CTX_READ(sk->src_ip6[3]);
+			local.v4 = is_v4_mapped(local.addr);
+		}
+		local.port = bpf_htons((__u16)CTX_READ(sk->src_port)); /* src_port: host order */
+		dialled = &local;
+	}
 	if (ctx->level == SOL_IP) {
 		struct sockaddr_in *sin = ctx->optval;
 		if (!dialled->v4 || (void *)(sin + 1) > ctx->optval_end)

@@ -169,7 +169,8 @@ def test_inbound_lands_on_15006_with_the_original_port(testbed: Testbed) -> None
     answer = landed(testbed, "plain/server", app_ip, 8080)
     assert (answer["pod"], answer["listener"]) == ("app", ports.INBOUND_PORT)
     if ebpf(testbed):  # sk_lookup rewrites nothing: the listener's socket has what was dialled
-        assert (answer["local"], answer["original_dst"]) == (f"{app_ip}:8080", "")
+        # (and getsockopt answers SO_ORIGINAL_DST with it, as Envoy's original_dst cluster needs)
+        assert answer["local"] == answer["original_dst"] == f"{app_ip}:8080", answer
     else:  # NAT: the socket is on 15006, conntrack keeps what was dialled
         assert answer["original_dst"] == f"{app_ip}:8080"
         assert answer["local"] == f"{app_ip}:{ports.INBOUND_PORT}"
@@ -181,6 +182,9 @@ def test_envoy_marked_and_loopback_traffic_is_not_captured(testbed: Testbed) -> 
     assert (marked["pod"], marked["listener"]) == ("server", 8080)
     local = landed(testbed, "mesh/app", "127.0.0.1", 8080)
     assert (local["pod"], local["listener"]) == ("app", 8080)
+    # the pod calling its own IP (as Envoy delivers inbound to the app, from inside the pod)
+    own = landed(testbed, "mesh/app", testbed.pod_ip("mesh/app"), 8080)
+    assert (own["pod"], own["listener"]) == ("app", 8080)
 
 
 def test_node_probes_reach_the_app_from_the_probe_source(testbed: Testbed) -> None:
