@@ -23,6 +23,8 @@ self-signed root kept only by the CA
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +34,9 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from nodeagent.redirect import bpf_sys
+from nodeagent.redirect.ebpf import netns_cookie
+from nodeagent.redirect.ebpf_maps import listener_key
 from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
@@ -356,3 +361,29 @@ def test_a_killed_ca_comes_back_with_the_same_root(tb: Testbed) -> None:
     assert answer["code"] == "OK"
     issued_root = x509.load_pem_x509_certificate(answer["chain"][-1].encode())
     assert issued_root == x509.load_pem_x509_certificate(root)
+
+
+def test_an_envoy_restart_on_the_ebpf_node_gets_its_new_listeners_steered(tb: Testbed) -> None:
+    """n1's Envoy killed: the kernel drops the sk_lookup entries of its closed listeners (the
+    pods' captured inbound is refused meanwhile: fail closed), and the agent puts the restarted
+    Envoy's new sockets in their place; n2 -> purchase-history-v1 (n1) answers again."""
+    pod = "istioinaction/purchase-history-v1"
+    cookie = netns_cookie(Path("/run/netns") / tb.pod_netns(pod))
+    listeners = str(layout.bpf_dir(tb.name, "n1") / "maps" / "listeners")
+
+    def steered() -> bytes | None:
+        with bpf_sys.pinned(listeners) as fd:
+            return bpf_sys.map_lookup(fd, listener_key(cookie), 8)
+
+    def status() -> str:
+        url = f"http://{tb.pod_ip(pod)}:8080/"
+        argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", url]
+        return tb.exec("istioinaction/recommendation", argv).stdout
+
+    before = steered()
+    assert before is not None and status() == "200"
+    pidfile = layout.agent_socket(tb.name, "n1").parent / "envoy.pid"
+    os.kill(json.loads(pidfile.read_text())["pid"], signal.SIGKILL)
+    wait_for(lambda: steered() != before, 10, "the killed Envoy's listener entry dropped")
+    wait_for(lambda: steered() not in (None, before), 30, "the new Envoy's listener steered")
+    wait_for(lambda: status() == "200", 30, "purchase-history-v1 answering again", step=0.2)
