@@ -382,7 +382,7 @@ class CaptureManager:
         """eBPF: hand the pod's inbound listener, which Envoy now has, to sk_lookup (its captured
         inbound is dropped until then); "" when done or the backend needs nothing of the kind.
         Envoy has ACKed the pod's listeners: a warming one listens within WAIT seconds."""
-        steer = getattr(self.backend, "steer", None)
+        steer = getattr(self._backend_of(capture), "steer", None)
         if steer is None:
             return ""
         deadline = time.monotonic() + wait
@@ -406,7 +406,11 @@ class CaptureManager:
             pods = {
                 c.uid: Path(c.netns)
                 for c in self.registry.pods.values()
-                if c.state == CAPTURED and c.uid and c.netns and os.path.exists(c.netns)
+                if c.state == CAPTURED
+                and c.backend == self.backend.name  # not an eBPF node's nftables pods
+                and c.uid
+                and c.netns
+                and os.path.exists(c.netns)
             }
             if pods:
                 steered = await self._in_thread(steer_missing, pods)

@@ -566,3 +566,6 @@ def test_the_ebpf_variant_changes_only_the_agents_capture() -> None:
     assert mount_of(Path("/lib/modules")) == ("/lib/modules", True)
     assert mount_of(Path("/usr/src")) == ("/usr/src", True)
     assert len(added) == 4
+    # Envoy's inbound sockets are taken from the envoy container's process (pidfd_getfd).
+    assert ebpf_pod["shareProcessNamespace"] is True and "shareProcessNamespace" not in base_pod
+    assert "SYS_PTRACE" in ebpf_agent["securityContext"]["capabilities"]["add"]
