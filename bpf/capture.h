@@ -101,6 +101,20 @@ static __always_inline int is_v4_mapped(const __u32 addr[4])
 	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0xffff);
 }
 
+/* A socket's address as the maps keep addresses: IPv4 (FAMILY AF_INET) as ::ffff:IP4, else IP6.
+ * IP4 and IP6 are context fields already read (CTX_READ). */
+static __always_inline void sock_addr(__u32 addr[4], __u32 family, __u32 ip4, const __u32 ip6[4])
+{
+	if (family == AF_INET) {
+		v4_mapped(addr, ip4);
+		return;
+	}
+	addr[0] = ip6[0];
+	addr[1] = ip6[1];
+	addr[2] = ip6[2];
+	addr[3] = ip6[3];
+}
+
 /* 1 when DST (port host order) is outside this pod's outbound capture, as nftables' output chain
  * says: loopback and the pod's own addresses (in ranges_ex), excluded ranges, not included
  * ranges, excluded ports. */
@@ -133,6 +147,18 @@ static __always_inline int outside_capture(__u64 netns, const struct pod_config 
 }
 
 /* The pod's outbound capture, or NULL: not a TCP socket of a captured pod, or Envoy's own. */
+/* Whether a connect hook redirects a connect to DIALLED: inside the pod's capture, DIALLED is
+ * remembered by the socket's cookie until sockops learns the source port. */
+static __always_inline int remembered(struct bpf_sock_addr *ctx, __u64 netns,
+				      const struct pod_config *pod, struct origin *dialled)
+{
+	if (outside_capture(netns, pod, dialled->addr, bpf_ntohs(dialled->port)))
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	origin_by_cookie.update(&cookie, dialled);
+	return 1;
+}
+
 static __always_inline struct pod_config *captured(struct bpf_sock_addr *ctx, __u64 *netns)
 {
 	if (ctx->protocol != IPPROTO_TCP)

@@ -18,10 +18,8 @@ int connect4(struct bpf_sock_addr *ctx)
 	v4_mapped(dialled.addr, ctx->user_ip4);
 	dialled.port = (__u16)ctx->user_port;
 	dialled.v4 = 1;
-	if (outside_capture(netns, pod, dialled.addr, bpf_ntohs(dialled.port)))
+	if (!remembered(ctx, netns, pod, &dialled))
 		return 1;
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	origin_by_cookie.update(&cookie, &dialled);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(OUTBOUND_PORT);
 	return 1;

@@ -19,10 +19,8 @@ int connect6(struct bpf_sock_addr *ctx)
 	dialled.addr[3] = ctx->user_ip6[3];
 	dialled.port = (__u16)ctx->user_port;
 	dialled.v4 = is_v4_mapped(dialled.addr);
-	if (outside_capture(netns, pod, dialled.addr, bpf_ntohs(dialled.port)))
+	if (!remembered(ctx, netns, pod, &dialled))
 		return 1;
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	origin_by_cookie.update(&cookie, &dialled);
 	if (dialled.v4) {
 		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
 	} else {

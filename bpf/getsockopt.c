@@ -24,14 +24,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 	__u32 port = CTX_READ(sk->dst_port);
 	__u32 ip6[4] = {CTX_READ(sk->dst_ip6[0]), CTX_READ(sk->dst_ip6[1]),
 			CTX_READ(sk->dst_ip6[2]), CTX_READ(sk->dst_ip6[3])};
-	if (family == AF_INET) {
-		v4_mapped(key.addr, ip4);
-	} else {
-		key.addr[0] = ip6[0];
-		key.addr[1] = ip6[1];
-		key.addr[2] = ip6[2];
-		key.addr[3] = ip6[3];
-	}
+	sock_addr(key.addr, family, ip4, ip6);
 	key.port = bpf_ntohs((__u16)port);
 	struct origin *found = origin_by_peer.lookup(&key), local;
 	struct origin *dialled = found;
@@ -41,16 +34,10 @@ int getsockopt(struct bpf_sockopt *ctx)
 		    CTX_READ(sk->protocol) != IPPROTO_TCP)
 			return 1;
 		__builtin_memset(&local, 0, sizeof(local));
-		if (family == AF_INET) {
-			v4_mapped(local.addr, CTX_READ(sk->src_ip4));
-			local.v4 = 1;
-		} else {
-			local.addr[0] = CTX_READ(sk->src_ip6[0]);
-			local.addr[1] = CTX_READ(sk->src_ip6[1]);
-			local.addr[2] = CTX_READ(sk->src_ip6[2]);
-			local.addr[3] = CTX_READ(sk->src_ip6[3]);
-			local.v4 = is_v4_mapped(local.addr);
-		}
+		__u32 src6[4] = {CTX_READ(sk->src_ip6[0]), CTX_READ(sk->src_ip6[1]),
+				 CTX_READ(sk->src_ip6[2]), CTX_READ(sk->src_ip6[3])};
+		sock_addr(local.addr, family, CTX_READ(sk->src_ip4), src6);
+		local.v4 = is_v4_mapped(local.addr);
 		local.port = bpf_htons((__u16)CTX_READ(sk->src_port)); /* src_port: host order */
 		dialled = &local;
 	}

@@ -17,17 +17,9 @@ int sockops(struct bpf_sock_ops *skops)
 	struct peer_key key;
 	__builtin_memset(&key, 0, sizeof(key));
 	key.netns = bpf_get_netns_cookie(skops);
-	__u32 family = CTX_READ(skops->family), ip4 = CTX_READ(skops->local_ip4);
 	__u32 ip6[4] = {CTX_READ(skops->local_ip6[0]), CTX_READ(skops->local_ip6[1]),
 			CTX_READ(skops->local_ip6[2]), CTX_READ(skops->local_ip6[3])};
-	if (family == AF_INET) {
-		v4_mapped(key.addr, ip4);
-	} else {
-		key.addr[0] = ip6[0];
-		key.addr[1] = ip6[1];
-		key.addr[2] = ip6[2];
-		key.addr[3] = ip6[3];
-	}
+	sock_addr(key.addr, CTX_READ(skops->family), CTX_READ(skops->local_ip4), ip6);
 	key.port = CTX_READ(skops->local_port);
 	origin_by_peer.update(&key, &copy);
 	origin_by_cookie.delete(&cookie);

@@ -415,7 +415,9 @@ class EbpfBackend:
                 present = bpf_sys.map_lookup(self._maps["listeners"], listener_key(cookie), 8)
                 if present is not None or self._retry_at.get(uid, 0.0) > now:
                     continue
-                if self.steer(netns, uid):  # nothing listens yet: look again a bit later
+                with self._lock:
+                    problem = self._steer(netns, cookie)
+                if problem:  # nothing listens yet: look again a bit later
                     self._retry_at[uid] = now + STEER_RETRY
                 else:
                     self._retry_at.pop(uid, None)

@@ -67,13 +67,18 @@ def connect(host: str, port: int, mark: int | None) -> None:
     if mark is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
     sock.connect((host, port))
+    sys.stdout.write(read_line(sock).decode())
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """What the peer sends up to its first newline (or until it closes)."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = sock.recv(4096)
         if not chunk:
             break
         data += chunk
-    sys.stdout.write(data.decode())
+    return data
 
 
 def burst(host: str, first_port: int, count: int, source_port: int) -> None:
@@ -89,12 +94,7 @@ def burst(host: str, first_port: int, count: int, source_port: int) -> None:
                 sock.bind(("0.0.0.0", source_port + i))
                 ready.wait(20)  # every socket bound, then all connect together
                 sock.connect((host, first_port + i))
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = read_line(sock)
             results[i] = {"dialled": dialled, "answer": json.loads(data)}
         except (OSError, ValueError, threading.BrokenBarrierError) as e:
             results[i] = {"dialled": dialled, "error": repr(e)}
