@@ -342,14 +342,19 @@ def _sidecar_clusters(store: MeshStore) -> list[Any]:
     return clusters
 
 
-def _assert_envoy_accepts(tmp_path: Path, store: MeshStore) -> None:
-    config = _build(store)
+def _static_listeners(config: Any) -> list[dict[str, Any]]:
+    """The gateway's listeners as a static bootstrap holds them: SDS and RDS inlined."""
     routes = _routes(config)
     listeners = []
     for li in config.listeners:
         listener = static_sds(_json(li))
         _inline_routes(listener, copy.deepcopy(routes))
         listeners.append(listener)
+    return listeners
+
+
+def _assert_envoy_accepts(tmp_path: Path, store: MeshStore) -> None:
+    listeners = _static_listeners(_build(store))
     cert, key = placeholder()  # a real certificate and key (Envoy parses them)
     secrets = [
         certificate_secret(name, cert, key) for name in ("kubernetes://istio-system/shop-cert", ME)

@@ -13,7 +13,6 @@ listener_builder.go (HTTP filter order: authn, authz, fault, CORS, router).
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,9 @@ from tests.unit.test_gateway import (
     ME,
     PASSTHROUGH_YAML,
     _cluster_of,
-    _inline_routes,
     _json,
-    _routes,
     _sidecar_clusters,
+    _static_listeners,
     _store,
 )
 
@@ -226,7 +224,7 @@ def test_the_mesh_config_reads_gateway_topology() -> None:
 
 def test_envoy_accepts_a_gateway_with_jwt_rbac_and_trusted_proxies(tmp_path: Path) -> None:
     from nodeagent.identity.credentials import ca_secret, certificate_secret, placeholder
-    from tests.unit.envoy_validate import assert_envoy_accepts_resources, static_sds
+    from tests.unit.envoy_validate import assert_envoy_accepts_resources
 
     remote = {"source": {"remoteIpBlocks": ["203.0.113.0/24"], "ipBlocks": ["10.0.0.0/8"]}}
     rules = [{"from": [remote]}, {"to": [{"operation": {"paths": ["/admin/{**}"]}}]}]
@@ -240,13 +238,7 @@ def test_envoy_accepts_a_gateway_with_jwt_rbac_and_trusted_proxies(tmp_path: Pat
         ),
     )
     store.set_mesh_config(MeshConfig(gateway_trusted_proxies=1))
-    config = _build(store)
-    routes = _routes(config)
-    listeners = []
-    for li in config.listeners:
-        listener = static_sds(_json(li))
-        _inline_routes(listener, copy.deepcopy(routes))
-        listeners.append(listener)
+    listeners = _static_listeners(_build(store))
     assert '"xff_num_trusted_hops": 1' in json.dumps(listeners)
     cert, key = placeholder()
     secrets = [
@@ -460,18 +452,12 @@ def test_custom_whose_provider_cluster_the_gateway_lacks_denies_never_fails_open
 
 def test_envoy_accepts_the_gateway_with_custom_and_its_provider_clusters(tmp_path: Path) -> None:
     from nodeagent.identity.credentials import ca_secret, certificate_secret, placeholder
-    from tests.unit.envoy_validate import assert_envoy_accepts_resources, static_sds
+    from tests.unit.envoy_validate import assert_envoy_accepts_resources
 
     for provider in ("http", "grpc"):
         store = _custom_at_gateway(provider)
         clusters = _clusters(store)
-        config = _build_with_clusters(store, clusters)
-        routes = _routes(config)
-        listeners = []
-        for li in config.listeners:
-            listener = static_sds(_json(li))
-            _inline_routes(listener, copy.deepcopy(routes))
-            listeners.append(listener)
+        listeners = _static_listeners(_build_with_clusters(store, clusters))
         assert extauthz.HTTP_FILTER in json.dumps(listeners)
         cert, key = placeholder()
         secrets = [
