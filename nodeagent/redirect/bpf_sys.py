@@ -4,7 +4,7 @@ process's socket (Envoy's listener) for a sockhash. No LLVM and no bcc here: pro
 and pinned by a short-lived loader process (ebpf_load), so the agent only handles file
 descriptors.
 
-Layouts are those of ``union bpf_attr`` and ``struct bpf_{prog,link}_info`` in linux/bpf.h.
+Layouts are those of ``union bpf_attr`` and ``struct bpf_{prog,map,link}_info`` in linux/bpf.h.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ LINK_CREATE, LINK_UPDATE, LINK_DETACH = 28, 29, 34
 CGROUP_SOCK_OPS, CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT, CGROUP_GETSOCKOPT = 3, 10, 11, 21
 SK_LOOKUP = 36
 LINK_TYPE_CGROUP, LINK_TYPE_NETNS = 3, 5  # enum bpf_link_type
+# enum bpf_map_type: the names bpf/capture.h declares its maps with (bcc's)
+MAP_TYPES = {1: "hash", 2: "array", 9: "lru_hash", 11: "lpm_trie", 15: "sockmap", 18: "sockhash"}
 SO_COOKIE = 57
 
 
@@ -88,21 +90,31 @@ def link_detach(link_fd: int, what: str) -> None:
     _call(LINK_DETACH, struct.pack("=I", link_fd), what)
 
 
-def _info(fd: int, what: str) -> bytes:
-    buf = ctypes.create_string_buffer(256)
+def _info(fd: int, what: str, asked: bytes = b"") -> bytes:
+    """The object's info struct; ASKED fills its start first (the counts and buffers of what
+    the kernel should copy out as well)."""
+    buf = ctypes.create_string_buffer(asked, 256)
     _call(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 256, _ptr(buf)), what)
     return buf.raw
+
+
+MAX_PROG_MAPS = 64  # map ids asked per program: more than any of ours uses
 
 
 @dataclass(frozen=True)
 class ProgInfo:
     id: int
     tag: bytes  # the kernel's hash of the instructions (map references masked): same code
+    map_ids: frozenset[int]  # the maps it uses (a program holds them while it lives)
 
 
 def prog_info(fd: int) -> ProgInfo:
-    raw = _info(fd, "program info")
-    return ProgInfo(struct.unpack_from("=I", raw, 4)[0], raw[8:16])
+    ids = (ctypes.c_uint32 * MAX_PROG_MAPS)()
+    # struct bpf_prog_info up to map_ids: nr_map_ids at 52, the ids' buffer at 56
+    asked = bytes(52) + struct.pack("=IQ", MAX_PROG_MAPS, ctypes.addressof(ids))
+    raw = _info(fd, "program info", asked)
+    count = min(struct.unpack_from("=I", raw, 52)[0], MAX_PROG_MAPS)
+    return ProgInfo(struct.unpack_from("=I", raw, 4)[0], raw[8:16], frozenset(ids[:count]))
 
 
 def prog_info_by_id(prog_id: int) -> ProgInfo:
@@ -111,6 +123,38 @@ def prog_info_by_id(prog_id: int) -> ProgInfo:
         return prog_info(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """What a map is made as, which a pinned map keeps for its life: another layout is another
+    map."""
+
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+
+    def __str__(self) -> str:
+        kind = MAP_TYPES.get(self.type, f"type {self.type}")
+        return (
+            f"{kind} key {self.key_size} value {self.value_size} max_entries {self.max_entries}"
+            f" flags {self.flags:#x}"
+        )
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    layout: MapLayout
+
+
+def map_info(fd: int) -> MapInfo:
+    """A map's id and layout (struct bpf_map_info: type, id, key_size, value_size, max_entries,
+    map_flags)."""
+    kind, map_id, key, value, entries, flags = struct.unpack_from("=6I", _info(fd, "map info"))
+    return MapInfo(map_id, MapLayout(kind, key, value, entries, flags))
 
 
 @dataclass(frozen=True)

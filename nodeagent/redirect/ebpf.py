@@ -8,7 +8,8 @@ SO_ORIGINAL_DST for Envoy wherever Envoy runs. Per pod: connect4, connect6 and s
 the pod's cgroup (kubelet's ``.../pod<UID>``), sklookup linked to the pod's netns, the links
 pinned under PIN_DIR/pods/<UID>, and the pod's exclusions as entries keyed by its netns cookie
 (ebpf_maps). Pins outlive the agent: a restart or upgrade keeps every pod captured, and the next
-start updates the links in place.
+start updates the links in place (an upgrade that changes a map's layout replaces the map:
+ebpf_load says how pods stay captured meanwhile).
 
 Inbound needs the pod's inbound listener (0.0.0.0:15006 in its netns, Envoy's) in the listeners
 sockhash: ``steer`` puts it there (inbound_listener takes a descriptor of Envoy's socket) once
@@ -190,7 +191,7 @@ class EbpfBackend:
         self.listener_owners = listener_owners
         self.companion = NftablesBackend(EBPF_COMPANION_RULES)
         self.loaded: dict[str, object] = {}
-        self._tags: dict[str, bytes] = {}
+        self._programs: dict[str, bpf_sys.ProgInfo] = {}  # hook -> this agent's program
         self._maps: dict[str, int] = {}
         self._cgroups: dict[str, Path] = {}
         # One pod's apply/remove/sweep at a time: stale-key deletion and the sweep see whole pods.
@@ -238,11 +239,17 @@ class EbpfBackend:
         self.loaded = dict(result)
         for name in (*POD_HOOKS, NETNS_HOOK[0], NODE_HOOK[0]):
             with bpf_sys.pinned(str(self.pin_dir / "progs" / name)) as fd:
-                self._tags[name] = bpf_sys.prog_info(fd).tag
+                self._programs[name] = bpf_sys.prog_info(fd)
         for name in MAPS:
             self._maps[name] = bpf_sys.obj_get(str(self.pin_dir / "maps" / name))
         self._link(NODE_HOOK[0], NODE_HOOK[1], root, self.pin_dir / "node" / NODE_HOOK[0])
         log.info("eBPF capture loaded: %s", result)
+        # An upgrade's bpf/ changed these maps' layout: the pods' older programs keep the older
+        # maps until each pod is re-applied (its verify sees them; ebpf_load says why)
+        for change in result.get("maps_replaced") or ():
+            log.warning("eBPF capture: pinned map replaced, its layout changed: %s", change)
+        for name in result.get("maps_removed") or ():
+            log.info("eBPF capture: pinned map %s removed (bpf/ no longer declares it)", name)
         return self.loaded
 
     def close(self) -> None:
@@ -291,11 +298,14 @@ class EbpfBackend:
         if info.target != want:
             return f"{hook}: linked to {info.target}, not {target} ({want})"
         try:
-            tag = bpf_sys.prog_info_by_id(info.prog_id).tag
+            running = bpf_sys.prog_info_by_id(info.prog_id)
         except OSError as e:
             return f"{hook}: its program {info.prog_id} cannot be read: {e}"
-        if tag != self._tags.get(hook):
+        ours = self._programs.get(hook)
+        if ours is None or running.tag != ours.tag:
             return f"{hook}: runs program {info.prog_id}, not this agent's bpf/{hook}.c"
+        if running.map_ids != ours.map_ids:  # the same code, on maps an upgrade replaced
+            return f"{hook}: runs program {info.prog_id} on other maps than this agent's"
         return ""
 
     # -- pods -------------------------------------------------------------------------------------
@@ -347,11 +357,14 @@ class EbpfBackend:
                     bpf_sys.map_update(self._maps[name], key, value)
                 for stale in have[name] - entries.keys():
                     bpf_sys.map_delete(self._maps[name], stale)
+            # Envoy's listener, when it listens already (a repair); a new pod's comes later
+            self._steer(netns, cookie)
+            # Entries first, then links: a link updated to this agent's program finds the pod
+            # in its maps (after an upgrade replaced a map, the older program kept the older
+            # map, and its entries, until now)
             for hook, attach_type in POD_HOOKS.items():
                 self._link(hook, attach_type, cgroup, self.pin_dir / "pods" / uid / hook)
             self._link(*NETNS_HOOK, netns, self.pin_dir / "pods" / uid / NETNS_HOOK[0])
-            # Envoy's listener, when it listens already (a repair); a new pod's comes later
-            self._steer(netns, cookie)
             # Last: an older agent's inbound redirect goes only once sk_lookup has the pod
             if spec.dns:
                 self.companion.apply(netns, spec)

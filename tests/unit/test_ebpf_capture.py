@@ -297,7 +297,7 @@ def test_the_loader_reuses_each_pinned_map_and_creates_the_missing_ones() -> Non
     assert ebpf_load.HOOKS["sklookup.c"] == ("sklookup", 30, 36)  # SK_LOOKUP, BPF_SK_LOOKUP
     assert set(ebpf_load.MAP_NAMES) == set(MAPS)
     text = ebpf_load.prelude(Path("/sys/fs/bpf/x/maps"), {"pods"})
-    pinned = 'BPF_TABLE_PINNED(t, k, v, n, m, "/sys/fs/bpf/x/maps/pods")'
+    pinned = 'BPF_TABLE_PINNED(t, k, v, n, m, "/sys/fs/bpf/x/maps/pods", f)'
     assert f"#define BPF_MAYBE_pods(t, k, v, n, m, f) {pinned}" in text
     assert "#define BPF_MAYBE_listeners(t, k, v, n, m, f) BPF_F_TABLE(t, k, v, n, m, f)" in text
     assert "sklookup" in ebpf_load.source(BPF)
