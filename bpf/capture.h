@@ -14,6 +14,9 @@
 
 #define OUTBOUND_PORT 15001 /* Envoy's outbound capture listener in the pod (nodeagent.ports) */
 #define HBONE_PORT 15008    /* never steered inbound (Istio's tunnel port) */
+#define DNS_PORT 53         /* what DNS capture takes, UDP and TCP (nodeagent.ports) */
+#define DNS_PROXY_PORT 15053 /* the agent's DNS proxy, 127.0.0.1 and ::1 in the pod */
+#define LOCALHOST4 0x7f000001
 #define PROBE_SOURCE 0xa9fe077f /* 169.254.7.127: kubelet probes, SNATed by the node */
 #define LOOPBACK_IFINDEX 1  /* lo, in every netns */
 #define MESH_MARK 0x539     /* SO_MARK of Envoy's own sockets */
@@ -30,6 +33,7 @@
 #define POD_INCLUDE_ALL6 4
 #define POD_CAPTURE_IN 8   /* inbound TCP is captured (includeInboundPorts is not "") */
 #define POD_INBOUND_ALL 16 /* every inbound port but the excluded ones (includeInboundPorts "*") */
+#define POD_CAPTURE_DNS 32 /* UDP and TCP to port 53 go to the DNS proxy (ISTIO_META_DNS_CAPTURE) */
 
 /* ports_in values */
 #define PORT_IN_EXCLUDED 1
@@ -79,7 +83,9 @@ BPF_TABLE_MAYBE_PINNED("hash", struct addr_key, __u64, pod_addrs, 65536, 0);
 /* netns cookie -> the pod's inbound listener (0.0.0.0:15006 in its netns), inserted by the agent
  * from Envoy's file descriptor; the kernel drops the entry when the socket closes. */
 BPF_TABLE_MAYBE_PINNED("sockhash", __u64, __u64, listeners, 65536, 0);
-/* connect -> sockops: by socket cookie until the source port is known */
+/* connect -> sockops: by socket cookie until the source port is known. A socket the DNS capture
+ * redirected keeps its resolver here (recvmsg, getpeername read it): the last one dialled on the
+ * socket wins, which is enough for resolver libraries (recvmsg4.c). */
 BPF_TABLE_MAYBE_PINNED("lru_hash", __u64, struct origin, origin_by_cookie, 65536, 0);
 /* sockops -> getsockopt: by the app's (netns, address, port), which Envoy sees as its peer */
 BPF_TABLE_MAYBE_PINNED("lru_hash", struct peer_key, struct origin, origin_by_peer, 262144, 0);
@@ -146,12 +152,61 @@ static __always_inline int outside_capture(__u64 netns, const struct pod_config 
 	return 0;
 }
 
-/* The pod's outbound capture, or NULL: not a TCP socket of a captured pod, or Envoy's own. */
-/* Whether a connect hook redirects a connect to DIALLED: inside the pod's capture, DIALLED is
- * remembered by the socket's cookie until sockops learns the source port. */
+/* Point an IPv6 socket address at PORT on the pod's loopback: ::ffff:127.0.0.1 for an IPv4
+ * destination dialled on a dual-stack socket (IPv4 traffic, where nftables would redirect its
+ * IPv4 packets), else ::1. */
+static __always_inline void to_loopback6(struct bpf_sock_addr *ctx, int v4, __u16 port)
+{
+	if (v4) {
+		ctx->user_ip6[3] = bpf_htonl(LOCALHOST4);
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = bpf_htons(port);
+}
+
+/* The pod of a socket connecting or sending to DIALLED, when capture may take it: TCP (outbound
+ * capture, DNS) or UDP to port 53 (DNS); never the mesh's own sockets (mark 0x539: Envoy's, the
+ * DNS proxy's upstream queries). NULL: not in a pod, or nothing to capture. */
+static __always_inline struct pod_config *pod_of(struct bpf_sock_addr *ctx,
+						 const struct origin *dialled, __u64 *netns)
+{
+	__u32 protocol = ctx->protocol;
+	if (protocol != IPPROTO_TCP &&
+	    !(protocol == IPPROTO_UDP && dialled->port == bpf_htons(DNS_PORT)))
+		return NULL;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || (sk->mark & MARK_MASK) == MESH_MARK)
+		return NULL;
+	*netns = bpf_get_netns_cookie(ctx);
+	return pods.lookup(netns);
+}
+
+/* Whether DNS capture sends DIALLED (TCP or UDP, pod_of) to the DNS proxy: port 53 in a pod
+ * capturing DNS, whatever the resolver. nftables' DNS rule comes before every exclusion, so a
+ * loopback resolver is captured too. DIALLED is remembered by the socket's cookie: the recvmsg
+ * hooks give the proxy's replies its address, getpeername reports it as the peer. */
+static __always_inline int to_dns_proxy(struct bpf_sock_addr *ctx, const struct pod_config *pod,
+					struct origin *dialled)
+{
+	if (dialled->port != bpf_htons(DNS_PORT) || !(pod->flags & POD_CAPTURE_DNS))
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	origin_by_cookie.update(&cookie, dialled);
+	return 1;
+}
+
+/* Whether outbound capture redirects a connect to DIALLED: a TCP socket of a pod capturing
+ * outbound, inside its capture; DIALLED is remembered by the socket's cookie until sockops learns
+ * the source port. */
 static __always_inline int remembered(struct bpf_sock_addr *ctx, __u64 netns,
 				      const struct pod_config *pod, struct origin *dialled)
 {
+	if (ctx->protocol != IPPROTO_TCP || !(pod->flags & POD_CAPTURE_OUT))
+		return 0;
 	if (outside_capture(netns, pod, dialled->addr, bpf_ntohs(dialled->port)))
 		return 0;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -159,18 +214,56 @@ static __always_inline int remembered(struct bpf_sock_addr *ctx, __u64 netns,
 	return 1;
 }
 
-static __always_inline struct pod_config *captured(struct bpf_sock_addr *ctx, __u64 *netns)
+/* The resolver a socket dialled when DNS capture sent it to the proxy, or NULL (recvmsg and
+ * getpeername call this only when the address they see is the proxy's). */
+static __always_inline struct origin *resolver_dialled(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP)
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct origin *resolver = origin_by_cookie.lookup(&cookie);
+	if (!resolver || resolver->port != bpf_htons(DNS_PORT))
 		return NULL;
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk || (sk->mark & MARK_MASK) == MESH_MARK)
-		return NULL;
-	*netns = bpf_get_netns_cookie(ctx);
-	struct pod_config *pod = pods.lookup(netns);
-	if (!pod || !(pod->flags & POD_CAPTURE_OUT))
-		return NULL;
-	return pod;
+	return resolver;
+}
+
+/* Whether an IPv6 socket address is the DNS proxy's: [::1]:15053, or [::ffff:127.0.0.1]:15053
+ * (an IPv4 reply or peer on a dual-stack socket). */
+static __always_inline int is_proxy6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_port != bpf_htons(DNS_PROXY_PORT))
+		return 0;
+	__u32 addr[4] = {CTX_READ(ctx->user_ip6[0]), CTX_READ(ctx->user_ip6[1]),
+			 CTX_READ(ctx->user_ip6[2]), CTX_READ(ctx->user_ip6[3])};
+	if (is_v4_mapped(addr))
+		return addr[3] == bpf_htonl(LOCALHOST4);
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == bpf_htonl(1);
+}
+
+/* The DNS proxy's address as an IPv4 socket address (a datagram's source, a socket's peer) reads
+ * as the resolver the socket dialled; any other is left alone. */
+static __always_inline void show_resolver4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_port != bpf_htons(DNS_PROXY_PORT) || ctx->user_ip4 != bpf_htonl(LOCALHOST4))
+		return;
+	struct origin *resolver = resolver_dialled(ctx);
+	if (!resolver || !resolver->v4)
+		return;
+	ctx->user_ip4 = resolver->addr[3];
+	ctx->user_port = resolver->port;
+}
+
+/* show_resolver4 for IPv6 socket addresses (an IPv4 resolver as ::ffff:a.b.c.d). */
+static __always_inline void show_resolver6(struct bpf_sock_addr *ctx)
+{
+	if (!is_proxy6(ctx))
+		return;
+	struct origin *resolver = resolver_dialled(ctx);
+	if (!resolver)
+		return;
+	ctx->user_ip6[0] = resolver->addr[0];
+	ctx->user_ip6[1] = resolver->addr[1];
+	ctx->user_ip6[2] = resolver->addr[2];
+	ctx->user_ip6[3] = resolver->addr[3];
+	ctx->user_port = resolver->port;
 }
 
 #endif

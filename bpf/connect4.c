@@ -4,23 +4,32 @@
  * The dialled address is remembered by socket cookie until sockops learns the source port.
  * Skipped as in nftables.py's output chain: non-TCP, Envoy's sockets (mark 0x539), loopback and
  * the pod's own addresses, the Istio annotations' excluded ranges and ports.
+ * DNS capture comes first, as nftables' DNS rule does: a TCP or UDP connect to port 53 (glibc
+ * connects its UDP socket to each nameserver) of a pod capturing DNS goes to the DNS proxy,
+ * 127.0.0.1:15053, whatever the resolver (loopback ones too); marked sockets (the proxy's own
+ * upstream queries) are left alone. recvmsg4/getpeername4 then show the resolver dialled.
  */
 #include "capture.h"
 
 int connect4(struct bpf_sock_addr *ctx)
 {
-	__u64 netns;
-	struct pod_config *pod = captured(ctx, &netns);
-	if (!pod)
-		return 1;
 	struct origin dialled;
 	__builtin_memset(&dialled, 0, sizeof(dialled));
 	v4_mapped(dialled.addr, ctx->user_ip4);
 	dialled.port = (__u16)ctx->user_port;
 	dialled.v4 = 1;
+	__u64 netns;
+	struct pod_config *pod = pod_of(ctx, &dialled, &netns);
+	if (!pod)
+		return 1;
+	if (to_dns_proxy(ctx, pod, &dialled)) {
+		ctx->user_ip4 = bpf_htonl(LOCALHOST4);
+		ctx->user_port = bpf_htons(DNS_PROXY_PORT);
+		return 1;
+	}
 	if (!remembered(ctx, netns, pod, &dialled))
 		return 1;
-	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_ip4 = bpf_htonl(LOCALHOST4);
 	ctx->user_port = bpf_htons(OUTBOUND_PORT);
 	return 1;
 }

@@ -1,7 +1,8 @@
 /* sockops, attached to each captured pod's cgroup: when a redirected connect sends its SYN
  * (TCP_CONNECT_CB: the source port is chosen by then, and Envoy cannot have accepted yet), the
  * dialled address moves from the socket-cookie key to the app's (netns, address, port): the peer
- * Envoy sees on the connection it accepts, which is all getsockopt has to go by.
+ * Envoy sees on the connection it accepts, which is all getsockopt has to go by. A TCP query
+ * DNS capture sent to the DNS proxy (:15053) keeps its cookie entry (getpeername reads it).
  */
 #include "capture.h"
 
@@ -11,7 +12,9 @@ int sockops(struct bpf_sock_ops *skops)
 		return 1;
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	struct origin *dialled = origin_by_cookie.lookup(&cookie);
-	if (!dialled)
+	/* a query DNS capture sent to the proxy: Envoy never sees it; the resolver stays by cookie
+	 * for getpeername. remote_port: network order in the upper half */
+	if (!dialled || skops->remote_port == bpf_htonl(DNS_PROXY_PORT))
 		return 1;
 	struct origin copy = *dialled;
 	struct peer_key key;

@@ -218,8 +218,9 @@ def remove_capture_offline(
     """The agent's part without an agent (``nodeagent uninstall``), from its registry on disk.
 
     Runs in the calling process's network namespace, which holds the probe SNAT table: the
-    node's (host) network namespace. Pods captured in eBPF mode lose their nftables companion
-    table here and their links with every other pin under BPF_DIR (the agent's --bpf-dir).
+    node's (host) network namespace. Pods captured in eBPF mode lose any nftables table an older
+    agent left them here (DNS capture was nftables' then) and their links with every other pin
+    under BPF_DIR (the agent's --bpf-dir).
     """
     from nodeagent.mesh.store import MeshStore
     from nodeagent.metrics import AgentMetrics

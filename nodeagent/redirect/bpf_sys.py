@@ -30,6 +30,8 @@ LINK_CREATE, LINK_UPDATE, LINK_DETACH = 28, 29, 34
 # enum bpf_attach_type
 CGROUP_SOCK_OPS, CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT, CGROUP_GETSOCKOPT = 3, 10, 11, 21
 SK_LOOKUP = 36
+CGROUP_UDP4_SENDMSG, CGROUP_UDP6_SENDMSG, CGROUP_UDP4_RECVMSG, CGROUP_UDP6_RECVMSG = 14, 15, 19, 20
+CGROUP_INET4_GETPEERNAME, CGROUP_INET6_GETPEERNAME = 29, 30
 LINK_TYPE_CGROUP, LINK_TYPE_NETNS = 3, 5  # enum bpf_link_type
 # enum bpf_map_type: the names bpf/capture.h declares its maps with (bcc's)
 MAP_TYPES = {1: "hash", 2: "array", 9: "lru_hash", 11: "lpm_trie", 15: "sockmap", 18: "sockhash"}

@@ -1,10 +1,11 @@
 """eBPF capture: cgroup connect hooks instead of NAT for a pod's outbound TCP, sk_lookup for its
-inbound TCP (bpf/*.c).
+inbound TCP, cgroup connect/sendmsg/recvmsg/getpeername hooks for its DNS (bpf/*.c). A pod in
+this mode has no nftables table at all.
 
 Per node, once per agent start: bpf/ is compiled by a short-lived loader process (ebpf_load, so
 LLVM never stays in the agent), which pins the programs and maps under PIN_DIR (default
 /sys/fs/bpf/nodeagent); the getsockopt program is linked to the cgroup v2 root, where it answers
-SO_ORIGINAL_DST for Envoy wherever Envoy runs. Per pod: connect4, connect6 and sockops linked to
+SO_ORIGINAL_DST for Envoy wherever Envoy runs. Per pod: the cgroup hooks (POD_HOOKS) linked to
 the pod's cgroup (kubelet's ``.../pod<UID>``), sklookup linked to the pod's netns, the links
 pinned under PIN_DIR/pods/<UID>, and the pod's exclusions as entries keyed by its netns cookie
 (ebpf_maps). Pins outlive the agent: a restart or upgrade keeps every pod captured, and the next
@@ -16,8 +17,11 @@ sockhash: ``steer`` puts it there (inbound_listener takes a descriptor of Envoy'
 Envoy listens for the pod, and again whenever Envoy made a new one (a restart: the kernel drops
 a closed socket's entry); until then sk_lookup drops the pod's captured inbound (fail closed).
 
-Not in eBPF yet, so kept in nftables in this mode: DNS capture (UDP/TCP 53 to 15053), in a
-companion table that only a pod with DNS capture has.
+DNS capture (the pod flag POD_CAPTURE_DNS): connect4/6 send TCP and connected UDP to port 53 to
+the DNS proxy (127.0.0.1:15053, [::1]:15053), sendmsg4/6 unconnected UDP; recvmsg4/6 give the
+proxy's replies the resolver's address, getpeername4/6 report it as a connected socket's peer.
+An older agent kept DNS capture in a companion nftables table in the pod: ``apply`` deletes a
+table it finds (an upgrade), ``verify`` reports one.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from nodeagent.redirect.ebpf_maps import (
     pod_entries,
 )
 from nodeagent.redirect.netns import entered
-from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NftablesBackend
+from nodeagent.redirect.nftables import NftablesBackend
 
 log = logging.getLogger("nodeagent.capture.ebpf")
 
@@ -60,13 +64,20 @@ BPFFS = Path("/sys/fs/bpf")
 SO_NETNS_COOKIE = 71
 LOADER_TIMEOUT = 120.0
 STEER_RETRY = 0.5  # s between looks for the inbound listener of a pod that has none yet
-# bpf_get_netns_cookie in sockops (5.15); cgroup links (5.7); sk_lookup's ingress_ifindex (5.17)
+# bpf_get_netns_cookie in sockops (5.15); cgroup links (5.7); sk_lookup's ingress_ifindex (5.17);
+# recvmsg hooks (5.2), getpeername hooks (5.8)
 MIN_KERNEL = (5, 17)
 # hook -> attach type; the per-pod links (to its cgroup, to its netns), then the node's
 POD_HOOKS = {
     "connect4": bpf_sys.CGROUP_INET4_CONNECT,
     "connect6": bpf_sys.CGROUP_INET6_CONNECT,
     "sockops": bpf_sys.CGROUP_SOCK_OPS,
+    "sendmsg4": bpf_sys.CGROUP_UDP4_SENDMSG,
+    "sendmsg6": bpf_sys.CGROUP_UDP6_SENDMSG,
+    "recvmsg4": bpf_sys.CGROUP_UDP4_RECVMSG,
+    "recvmsg6": bpf_sys.CGROUP_UDP6_RECVMSG,
+    "getpeername4": bpf_sys.CGROUP_INET4_GETPEERNAME,
+    "getpeername6": bpf_sys.CGROUP_INET6_GETPEERNAME,
 }
 NETNS_HOOK = ("sklookup", bpf_sys.SK_LOOKUP)
 POD_LINKS = sorted([*POD_HOOKS, NETNS_HOOK[0]])  # what PIN_DIR/pods/<UID> holds
@@ -189,7 +200,8 @@ class EbpfBackend:
         self.cgroup_root = cgroup_root
         # pids likely to hold the pods' inbound listeners (the node Envoy's): searched first
         self.listener_owners = listener_owners
-        self.companion = NftablesBackend(EBPF_COMPANION_RULES)
+        # an older agent's companion table (DNS capture in nftables): deleted, never made
+        self.leftover = NftablesBackend()
         self.loaded: dict[str, object] = {}
         self._programs: dict[str, bpf_sys.ProgInfo] = {}  # hook -> this agent's program
         self._maps: dict[str, int] = {}
@@ -365,19 +377,13 @@ class EbpfBackend:
             for hook, attach_type in POD_HOOKS.items():
                 self._link(hook, attach_type, cgroup, self.pin_dir / "pods" / uid / hook)
             self._link(*NETNS_HOOK, netns, self.pin_dir / "pods" / uid / NETNS_HOOK[0])
-            # Last: an older agent's inbound redirect goes only once sk_lookup has the pod
-            if spec.dns:
-                self.companion.apply(netns, spec)
-            elif self.companion.holds_table(netns):
-                self.companion.remove(netns)
+            # Last: an older agent's nftables table (inbound, DNS) goes once the hooks have the pod
+            if self.leftover.holds_table(netns):
+                self.leftover.remove(netns)
 
     def verify(self, netns: Path, spec: CaptureSpec, uid: str = "") -> CaptureCheck:
         problems = []
-        if spec.dns:
-            check = self.companion.verify(netns, spec)
-            if not check.ok:
-                problems.append(f"nftables (DNS): {check.reason}")
-        elif self.companion.holds_table(netns):
+        if self.leftover.holds_table(netns):
             problems.append("nftables: the pod has a table, but nothing of it is in nftables")
         cgroup = self._pod_cgroup(uid)
         for hook, attach_type in POD_HOOKS.items():
@@ -515,8 +521,8 @@ class EbpfBackend:
                 for key in keys:
                     bpf_sys.map_delete(self._maps[name], key)
             bpf_sys.map_delete(self._maps["listeners"], listener_key(cookie))
-            if self.companion.holds_table(netns):
-                self.companion.remove(netns)
+            if self.leftover.holds_table(netns):
+                self.leftover.remove(netns)
 
     def _unpin_pod(self, uid: str) -> None:
         if uid:

@@ -37,6 +37,12 @@ from nodeagent.redirect.bpf_sys import MapLayout
 HOOKS = {
     "connect4.c": ("connect4", 18, 10),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, INET4_CONNECT
     "connect6.c": ("connect6", 18, 11),  # ..., INET6_CONNECT
+    "sendmsg4.c": ("sendmsg4", 18, 14),  # ..., UDP4_SENDMSG
+    "sendmsg6.c": ("sendmsg6", 18, 15),  # ..., UDP6_SENDMSG
+    "recvmsg4.c": ("recvmsg4", 18, 19),  # ..., UDP4_RECVMSG
+    "recvmsg6.c": ("recvmsg6", 18, 20),  # ..., UDP6_RECVMSG
+    "getpeername4.c": ("getpeername4", 18, 29),  # ..., INET4_GETPEERNAME
+    "getpeername6.c": ("getpeername6", 18, 30),  # ..., INET6_GETPEERNAME
     "sockops.c": ("sockops", 13, 3),  # BPF_PROG_TYPE_SOCK_OPS, CGROUP_SOCK_OPS
     "getsockopt.c": ("getsockopt", 25, 21),  # BPF_PROG_TYPE_CGROUP_SOCKOPT, GETSOCKOPT
     "sklookup.c": ("sklookup", 30, 36),  # BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP

@@ -5,6 +5,7 @@ Every key carries the pod's netns cookie, so pods never share an entry; addresse
 IPv4 as ::ffff:a.b.c.d. The exclusions follow nftables.py's output chain exactly: loopback is
 skipped by the programs themselves; the pod's own addresses (routed via lo, which nftables skips
 by ``oifname lo``) are excluded ranges here; includeOutboundIPRanges "" captures no outbound TCP.
+DNS capture is a flag: its hooks take port 53 before any exclusion, as nftables' DNS rules do.
 Inbound follows its prerouting chain: the pod's addresses (pod_addrs, the one map keyed by address:
 sk_lookup has no netns cookie to go by) lead to its cookie, its flags say whether inbound is
 captured and on every port, ports_in holds excludeInboundPorts and includeInboundPorts.
@@ -21,6 +22,7 @@ from nodeagent.redirect.capture import CaptureSpec, Network
 
 POD_CAPTURE_OUT, POD_INCLUDE_ALL4, POD_INCLUDE_ALL6 = 1, 2, 4
 POD_CAPTURE_IN, POD_INBOUND_ALL = 8, 16
+POD_CAPTURE_DNS = 32
 PORT_IN_EXCLUDED, PORT_IN_INCLUDED = b"\x01", b"\x02"
 NETNS_BITS = 64
 
@@ -112,16 +114,19 @@ class PodEntries:
 
 
 def flags(spec: CaptureSpec) -> int:
-    inbound = 0
+    """pods' flags. DNS capture stands alone, as nftables' DNS rules come before (and without)
+    the outbound ones: a pod capturing no outbound TCP (includeOutboundIPRanges "") may still
+    capture DNS."""
+    captures = POD_CAPTURE_DNS if spec.dns else 0
     if spec.include_inbound_ports is None:
-        inbound = POD_CAPTURE_IN | POD_INBOUND_ALL
+        captures |= POD_CAPTURE_IN | POD_INBOUND_ALL
     elif spec.include_inbound_ports:
-        inbound = POD_CAPTURE_IN
+        captures |= POD_CAPTURE_IN
     if spec.include_outbound_ranges == ():
-        return inbound
+        return captures
     if spec.include_outbound_ranges is None:
-        return inbound | POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6
-    return inbound | POD_CAPTURE_OUT
+        return captures | POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6
+    return captures | POD_CAPTURE_OUT
 
 
 def inbound_ports(netns: int, spec: CaptureSpec) -> dict[bytes, bytes]:

@@ -44,11 +44,7 @@ DSTNAT = -100  # nft's "dstnat" priority; listed back as a number
 # The two rule sets: the per-node model's (Istio ambient's in-pod rules: Envoy's sockets are
 # skipped by mark) and the sidecar model's (istio-init's: Envoy runs in the pod as uid 1337).
 NODE_RULES, SIDECAR_RULES = "node", "sidecar"
-# eBPF capture's companion (ebpf.py): what eBPF does not capture yet, DNS, as in NODE_RULES;
-# outbound TCP is left to the cgroup connect hooks, inbound to sk_lookup. A pod without DNS
-# capture has no table at all.
-EBPF_COMPANION_RULES = "ebpf-companion"
-RULE_SETS = (NODE_RULES, SIDECAR_RULES, EBPF_COMPANION_RULES)
+RULE_SETS = (NODE_RULES, SIDECAR_RULES)
 MARK_MASK = 0xFFF  # as Istio: only the low bits, so other users of the mark don't hide Envoy's
 
 # libnftables does not document thread safety; serialise our (millisecond) calls.
@@ -293,8 +289,6 @@ def ruleset(spec: CaptureSpec, rules: str = NODE_RULES) -> list[Json]:
     """
     if rules == NODE_RULES:
         chains = {"prerouting": _prerouting(spec), "output": _output(spec)}
-    elif rules == EBPF_COMPANION_RULES:
-        chains = {"output": _dns(spec)}
     elif rules == SIDECAR_RULES:
         chains = _sidecar_chains(spec)
     else:
@@ -501,8 +495,8 @@ def _list_our_table(where: str) -> list[Json]:
 
 class NftablesBackend:
     """RedirectBackend on nftables: ``table inet nodeagent`` inside each pod's netns, holding
-    the rule set of the agent's proxy model (RULES: NODE_RULES or SIDECAR_RULES; eBPF capture's
-    companion: EBPF_COMPANION_RULES). UID is not needed here."""
+    the rule set of the agent's proxy model (RULES: NODE_RULES or SIDECAR_RULES). UID is not
+    needed here."""
 
     name = "nftables"
 

@@ -1,6 +1,6 @@
 """In-pod capture end to end: the real CNI chain (bridge + host-local + nodeagent-cni as installed
 by install-cni), the node agent and its capture, on a two-node testbed, once per capture mode:
-nftables, and eBPF (outbound TCP by cgroup connect hooks, inbound by sk_lookup; DNS by nftables).
+nftables, and eBPF (outbound TCP by cgroup connect hooks, inbound by sk_lookup; no nftables).
 
 Pods run capture_probe.py: whatever listener a connection lands on answers with its port and the
 connection's original destination, so a client sees exactly what capture did to it. In eBPF mode
@@ -26,7 +26,7 @@ from nodeagent.redirect import bpf_sys
 from nodeagent.redirect.capture import CaptureSpec
 from nodeagent.redirect.ebpf import POD_LINKS, netns_cookie
 from nodeagent.redirect.ebpf_maps import addr_key, listener_key, pod_key
-from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NODE_RULES, NftablesBackend
+from nodeagent.redirect.nftables import NODE_RULES, NftablesBackend
 from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, TestbedError, bridge_conflist, down
 from nodeagent.testbed.topology import Pod, Workload, loads_topology
@@ -122,11 +122,9 @@ def landed(tb: Testbed, pod: str, host: str, port: int, *extra: str) -> dict[str
 
 def test_a_mesh_pod_holds_exactly_our_table(testbed: Testbed) -> None:
     tables = ruleset(testbed.pod_netns("mesh/app"))
-    if ebpf(testbed):  # the table would hold only DNS capture, which this pod has not: none
+    if ebpf(testbed):  # eBPF mode keeps nothing in nftables (DNS: test_dns_proxy)
         assert tables == []
-        assert not NftablesBackend(EBPF_COMPANION_RULES).holds_table(
-            Path("/run/netns") / testbed.pod_netns("mesh/app")
-        )
+        assert not NftablesBackend().holds_table(Path("/run/netns") / testbed.pod_netns("mesh/app"))
     else:
         assert [(t["family"], t["name"]) for t in tables] == [("inet", "nodeagent")]
         check = NftablesBackend(NODE_RULES).verify(

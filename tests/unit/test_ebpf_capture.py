@@ -1,6 +1,6 @@
 """eBPF capture, the pure parts: the maps' key layout (bpf/capture.h), a CaptureSpec turned into
-one pod's entries with the exclusions nftables.py applies, the nftables companion rule set, the
-kernel requirement check, finding a pod's cgroup as kubelet lays it out, and finding the process
+one pod's entries with the exclusions nftables.py applies, the DNS capture flag and its hooks,
+the kernel requirement check, finding a pod's cgroup as kubelet lays it out, and finding the process
 that holds a pod's inbound listener."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from nodeagent.redirect import ebpf, ebpf_load, ebpf_maps, inbound_listener
 from nodeagent.redirect.capture import CaptureSpec
 from nodeagent.redirect.ebpf_maps import (
     MAPS,
+    POD_CAPTURE_DNS,
     POD_CAPTURE_IN,
     POD_CAPTURE_OUT,
     POD_INBOUND_ALL,
@@ -26,7 +27,7 @@ from nodeagent.redirect.ebpf_maps import (
     PORT_IN_INCLUDED,
     pod_entries,
 )
-from nodeagent.redirect.nftables import EBPF_COMPANION_RULES, NODE_RULES, describe, ruleset
+from nodeagent.redirect.nftables import NODE_RULES, RULE_SETS, describe, ruleset
 from nodeagent.testbed.topology import TopologyError, loads_topology
 
 BPF = Path(__file__).resolve().parents[2] / "bpf"
@@ -170,22 +171,50 @@ def test_origin_values_read_back_as_host_and_port() -> None:
     assert ebpf_maps.origin(v6) == "[fd00::1]:443"
 
 
-def test_the_nftables_companion_keeps_only_dns() -> None:
-    captured = CaptureSpec(dns=True, exclude_inbound_ports=(9090,))
-    node = {
-        o["rule"]["chain"] + ": " + describe(o["rule"]["expr"])
-        for o in ruleset(captured, NODE_RULES)
-        if "rule" in o
+def pod_flags(captured: CaptureSpec) -> int:
+    entry = pod_entries(NETNS_A, captured).maps["pods"][ebpf_maps.pod_key(NETNS_A)]
+    value: int = struct.unpack("=I", entry)[0]
+    return value
+
+
+def test_dns_capture_is_a_pod_flag_of_its_own() -> None:
+    """As nftables' DNS rules, which come before the outbound ones and stand without them: a
+    pod that captures no outbound TCP (includeOutboundIPRanges "") still captures DNS."""
+    everything = POD_CAPTURE_OUT | POD_INCLUDE_ALL4 | POD_INCLUDE_ALL6
+    inbound = POD_CAPTURE_IN | POD_INBOUND_ALL
+    assert pod_flags(CaptureSpec()) == everything | inbound
+    assert pod_flags(CaptureSpec(dns=True)) == everything | inbound | POD_CAPTURE_DNS
+    no_tcp = CaptureSpec(dns=True, include_outbound_ranges=(), include_inbound_ports=())
+    assert pod_flags(no_tcp) == POD_CAPTURE_DNS
+    node = {describe(o["rule"]["expr"]) for o in ruleset(no_tcp, NODE_RULES) if "rule" in o}
+    assert node and all("redirect to :15053" in r for r in node)  # nftables: DNS only, too
+    # excludeOutboundPorts does not exempt DNS (nftables' DNS rules come first)
+    excluded = CaptureSpec(dns=True, exclude_outbound_ports=(53,))
+    assert pod_flags(excluded) & POD_CAPTURE_DNS
+    header = (BPF / "capture.h").read_text()
+    assert f"POD_CAPTURE_DNS {POD_CAPTURE_DNS}" in header
+    assert f"DNS_PORT {ports.DNS_CAPTURED_PORT}" in header
+    assert f"DNS_PROXY_PORT {ports.DNS_PORT}" in header
+    assert "ebpf-companion" not in RULE_SETS  # DNS capture left nftables in eBPF mode
+
+
+def test_the_dns_hooks_are_loaded_and_linked_per_pod() -> None:
+    """sendmsg/recvmsg/getpeername (program type 18) with the kernel's attach types
+    (uapi bpf.h: UDP4_SENDMSG 14, UDP6_SENDMSG 15, UDP4_RECVMSG 19, UDP6_RECVMSG 20,
+    INET4_GETPEERNAME 29, INET6_GETPEERNAME 30), each linked to the pod's cgroup."""
+    want = {
+        "sendmsg4": 14,
+        "sendmsg6": 15,
+        "recvmsg4": 19,
+        "recvmsg6": 20,
+        "getpeername4": 29,
+        "getpeername6": 30,
     }
-    companion = [o["rule"] for o in ruleset(captured, EBPF_COMPANION_RULES) if "rule" in o]
-    rules = {r["chain"] + ": " + describe(r["expr"]) for r in companion}
-    assert rules and all("redirect to :15053" in r for r in rules)  # DNS stays in nftables
-    assert {r for r in node if "15053" in r} == rules
-    # inbound is sk_lookup's, outbound TCP the connect hooks'
-    assert any("redirect to :15006" in r for r in node)
-    assert any("redirect to :15001" in r for r in node)
-    chains = [o["chain"]["name"] for o in ruleset(captured, EBPF_COMPANION_RULES) if "chain" in o]
-    assert chains == ["output"]
+    for hook, attach_type in want.items():
+        assert ebpf_load.HOOKS[f"{hook}.c"] == (hook, 18, attach_type)
+        assert ebpf.POD_HOOKS[hook] == attach_type
+        assert (BPF / f"{hook}.c").read_text().startswith("/* cgroup/")
+        assert f"int {hook}(struct bpf_sock_addr *ctx)" in ebpf_load.source(BPF)
 
 
 def test_missing_requirements_name_what_is_missing(tmp_path: Path) -> None:
@@ -301,4 +330,15 @@ def test_the_loader_reuses_each_pinned_map_and_creates_the_missing_ones() -> Non
     assert f"#define BPF_MAYBE_pods(t, k, v, n, m, f) {pinned}" in text
     assert "#define BPF_MAYBE_listeners(t, k, v, n, m, f) BPF_F_TABLE(t, k, v, n, m, f)" in text
     assert "sklookup" in ebpf_load.source(BPF)
-    assert ebpf.POD_LINKS == ["connect4", "connect6", "sklookup", "sockops"]
+    assert ebpf.POD_LINKS == [
+        "connect4",
+        "connect6",
+        "getpeername4",
+        "getpeername6",
+        "recvmsg4",
+        "recvmsg6",
+        "sendmsg4",
+        "sendmsg6",
+        "sklookup",
+        "sockops",
+    ]
