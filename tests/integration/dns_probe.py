@@ -4,8 +4,12 @@
 list and ndots, which ``ip netns exec`` binds from /etc/netns/<pod netns>/), over ``udp`` or
 ``tcp``; prints one JSON line: ``rcode`` (NOERROR, NXDOMAIN...), ``addresses`` of TYPE, ``ttl``
 (of the address records), ``name`` (the name that answered, after search expansion and CNAMEs).
-``ask SERVER NAME``: one A query for NAME (no search list) to SERVER port 53 over UDP, whatever
-the resolv.conf says; prints ``rcode``, ``addresses``, ``ttl``.
+``ask SERVER NAME [HOW]``: one A query for NAME (no search list) to SERVER port 53, whatever the
+resolv.conf says, the way resolver libraries send it (HOW): ``sendto`` on an unconnected UDP
+socket (musl, dig, dnspython), ``connected`` UDP (glibc: connect, send, recvfrom), or ``tcp``;
+prints ``rcode``, ``addresses``, ``ttl``, the reply's ``source`` (recvfrom's address; TCP: the
+peer) and the socket's ``peer`` (getpeername, connected sockets only) as [host, port]. A SERVER
+with a colon is asked from an IPv6 socket (``::ffff:a.b.c.d``: IPv4 from a dual-stack one).
 ``garbage``: sends bytes no DNS parser accepts to the pod's nameserver over UDP; prints the
 rcode of the answer ("" when none came within 2 s).
 
@@ -42,15 +46,46 @@ def resolve(name: str, rdtype: str, transport: str) -> dict[str, object]:
     }
 
 
-def ask(server: str, name: str) -> dict[str, object]:
-    import dns.query
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the server closed the connection mid-reply")
+        data += chunk
+    return data
 
-    reply = dns.query.udp(dns.message.make_query(name, "A"), server, timeout=5.0)
+
+def ask(server: str, name: str, how: str = "sendto") -> dict[str, object]:
+    query = dns.message.make_query(name, "A")
+    wire = query.to_wire()
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    peer: list[object] | None = None
+    with socket.socket(family, socket.SOCK_STREAM if how == "tcp" else socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5.0)
+        if how == "sendto":
+            sock.sendto(wire, (server, 53))
+        else:
+            sock.connect((server, 53))
+            peer = list(sock.getpeername()[:2])
+        if how == "tcp":
+            sock.sendall(len(wire).to_bytes(2, "big") + wire)
+            data, source = _exactly(sock, int.from_bytes(_exactly(sock, 2), "big")), peer
+        else:
+            if how == "connected":
+                sock.send(wire)
+            data, address = sock.recvfrom(65535)
+            source = list(address[:2])
+    reply = dns.message.from_wire(data)
+    if reply.id != query.id:
+        raise SystemExit(f"reply id {reply.id}, query id {query.id}")
     rrsets = [r for r in reply.answer if r.rdtype == dns.rdatatype.A]
     return {
         "rcode": dns.rcode.to_text(reply.rcode()),
         "addresses": sorted(r.to_text() for rrset in rrsets for r in rrset),
         "ttl": rrsets[0].ttl if rrsets else None,
+        "source": source,
+        "peer": peer,
     }
 
 
@@ -70,7 +105,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "resolve":
         print(json.dumps(resolve(*sys.argv[2:5])))
     elif sys.argv[1] == "ask":
-        print(json.dumps(ask(sys.argv[2], sys.argv[3])))
+        print(json.dumps(ask(*sys.argv[2:5])))
     elif sys.argv[1] == "garbage":
         print(json.dumps(garbage()))
     else:

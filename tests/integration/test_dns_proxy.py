@@ -1,4 +1,6 @@
-"""DNS proxying (issue #16 part 2) on a one-node testbed with the real nftables and Envoy.
+"""DNS proxying (issue #16 part 2) on a one-node testbed with the real Envoy, once per capture
+mode: nftables (the DNS rules in the pod's table) and eBPF (#18: the cgroup connect, sendmsg,
+recvmsg and getpeername hooks; the pod holds no nftables table).
 
 default/dns opts in with Istio's pod annotation ``proxy.istio.io/config`` (``proxyMetadata``
 ISTIO_META_DNS_CAPTURE and ISTIO_META_DNS_AUTO_ALLOCATE, istio.io/latest/docs/ops/
@@ -21,8 +23,15 @@ from typing import Any
 import pytest
 
 from nodeagent.mesh.autoallocate import RANGE
+from nodeagent.redirect import bpf_sys
+from nodeagent.redirect.capture import CaptureSpec
+from nodeagent.redirect.ebpf import netns_cookie
+from nodeagent.redirect.ebpf_maps import POD_CAPTURE_DNS, pod_key
+from nodeagent.redirect.nftables import NftablesBackend
+from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import (
+    agent_pods,
     apply_docs,
     pod,
     ruleset,
@@ -55,10 +64,29 @@ def _topology() -> str:
     return text + f"externals:\n  - {json.dumps(external)}\n"
 
 
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
-    with running_testbed(_topology(), "test_dns_proxy") as bed:
+@pytest.fixture(scope="module", params=["nftables", "ebpf"])
+def tb(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    text = _topology() + f"captureMode: {request.param}\n"
+    with running_testbed(text, "test_dns_proxy") as bed:
         yield bed
+
+
+def ebpf(tb: Testbed) -> bool:
+    return tb.topology.capture_mode == "ebpf"
+
+
+def netns_path(tb: Testbed, who: str) -> Path:
+    return Path("/run/netns") / tb.pod_netns(f"default/{who}")
+
+
+def pod_flags(tb: Testbed, who: str) -> int:
+    """WHO's flags in n1's eBPF pods map."""
+    pods_map = str(layout.bpf_dir(tb.name, "n1") / "maps" / "pods")
+    with bpf_sys.pinned(pods_map) as fd:
+        value = bpf_sys.map_lookup(fd, pod_key(netns_cookie(netns_path(tb, who))), 4)
+    assert value is not None, f"{who} is not in the pods map"
+    flags: int = int.from_bytes(value, sys.byteorder)
+    return flags
 
 
 @pytest.fixture
@@ -106,6 +134,13 @@ def dns_rules(tb: Testbed, who: str) -> list[str]:
 
 
 def test_only_the_opted_in_pod_captures_dns(tb: Testbed) -> None:
+    if ebpf(tb):  # the hooks take DNS by the pod's flag: no nftables table at all
+        for who in ("dns", "plain"):
+            proc = tb.exec(f"default/{who}", ["nft", "list", "tables"])
+            assert (proc.returncode, proc.stdout) == (0, ""), (who, proc.stderr)
+        assert pod_flags(tb, "dns") & POD_CAPTURE_DNS
+        assert not pod_flags(tb, "plain") & POD_CAPTURE_DNS
+        return
     assert dns_rules(tb, "dns") == [
         "meta mark & 0x00000fff != 0x00000539 udp dport 53 redirect to :15053",
         "meta mark & 0x00000fff != 0x00000539 tcp dport 53 redirect to :15053",
@@ -126,13 +161,19 @@ def test_the_proxy_answers_service_names_with_the_pods_search_domains(tb: Testbe
 
 def test_queries_to_any_resolver_over_ipv4_or_ipv6_reach_the_proxy(tb: Testbed) -> None:
     """Capture takes port 53 whatever the resolver (as ambient's in-pod rules): a query to an
-    address no resolver has, or to the pod's IPv6 loopback, is answered by the proxy."""
+    address no resolver has, to the pod's IPv6 loopback, or to an IPv4 address from a dual-stack
+    socket, is answered by the proxy; sent as resolver libraries send it (unconnected UDP,
+    connected UDP, TCP), and the reply comes from the resolver dialled, which a connected socket
+    also reports as its peer (libraries drop replies from elsewhere)."""
     fqdn = "web.default.svc.cluster.local"
-    for server in ("192.0.2.53", "::1"):
-        proc = tb.exec("default/dns", [sys.executable, PROBE, "ask", server, fqdn])
-        assert proc.returncode == 0, f"{server}: {proc.stderr}"
-        got = json.loads(proc.stdout)
-        assert (got["addresses"], got["ttl"]) == ([web_vip(tb)], PROXY_TTL), server
+    for server in ("192.0.2.53", "::1", "::ffff:192.0.2.53"):
+        for how in ("sendto", "connected", "tcp"):
+            proc = tb.exec("default/dns", [sys.executable, PROBE, "ask", server, fqdn, how])
+            assert proc.returncode == 0, f"{server} {how}: {proc.stderr}"
+            got = json.loads(proc.stdout)
+            assert (got["addresses"], got["ttl"]) == ([web_vip(tb)], PROXY_TTL), (server, how)
+            assert got["source"] == [server, 53], (server, how)
+            assert got["peer"] == (None if how == "sendto" else [server, 53]), (server, how)
 
 
 def test_other_names_go_to_the_pods_own_resolver(tb: Testbed) -> None:
@@ -173,3 +214,21 @@ def test_service_entry_hosts_without_addresses_get_one_each_and_are_reached_by_i
         proc = tb.exec("default/dns", ["curl", "-sS", "--max-time", "5", f"http://{host}/"])
         assert proc.returncode == 0, f"{host}: {proc.stderr}"
         assert json.loads(proc.stdout)["name"] == answerer, host
+
+
+def test_an_older_agents_dns_table_goes_on_restart(tb: Testbed) -> None:
+    """eBPF mode: an agent before #18's DNS hooks kept DNS capture in a companion nftables table
+    (the node rule set's DNS rules alone). The upgraded agent's verify flags it and the repair
+    deletes it; DNS stays captured by the hooks."""
+    if not ebpf(tb):
+        pytest.skip("eBPF mode's upgrade")
+    netns = netns_path(tb, "dns")
+    older = CaptureSpec(dns=True, include_outbound_ranges=(), include_inbound_ports=())
+    NftablesBackend().apply(netns, older)
+    assert NftablesBackend().holds_table(netns)
+    tb.restart_agent("n1")
+    record = agent_pods(tb.name, "n1")["default/dns"]
+    assert record["state"] == "captured" and "repaired" in record["reason"], record
+    assert "nftables: the pod has a table" in record["reason"], record
+    assert not NftablesBackend().holds_table(netns)
+    assert resolve(tb, "dns", "web")["ttl"] == PROXY_TTL
