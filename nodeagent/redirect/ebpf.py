@@ -140,8 +140,8 @@ def missing_requirements(
     if version < MIN_KERNEL:
         problems.append(
             f"kernel {release} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]} (needs cgroup"
-            " connect4/connect6/sockops/getsockopt links, bpf_get_netns_cookie in sockops, and"
-            " sk_lookup netns links with ingress_ifindex)"
+            " connect/sendmsg/recvmsg/getpeername/sockops/getsockopt links,"
+            " bpf_get_netns_cookie in sockops, and sk_lookup netns links with ingress_ifindex)"
         )
     if cgroup_root is not None:
         if filesystem_of(cgroup_root, mounts) != "cgroup2":
