@@ -10,6 +10,9 @@ socket (musl, dig, dnspython), ``connected`` UDP (glibc: connect, send, recvfrom
 prints ``rcode``, ``addresses``, ``ttl``, the reply's ``source`` (recvfrom's address; TCP: the
 peer) and the socket's ``peer`` (getpeername, connected sockets only) as [host, port]. A SERVER
 with a colon is asked from an IPv6 socket (``::ffff:a.b.c.d``: IPv4 from a dual-stack one).
+``asks NAME SERVERS HOWS``: ``ask`` for each of the comma-separated SERVERS and HOWS, in one
+process (an interpreter start each would cost more than the queries); prints one JSON object,
+"SERVER HOW" -> ``ask``'s answer.
 ``garbage``: sends bytes no DNS parser accepts to the pod's nameserver over UDP; prints the
 rcode of the answer ("" when none came within 2 s).
 
@@ -106,6 +109,9 @@ if __name__ == "__main__":
         print(json.dumps(resolve(*sys.argv[2:5])))
     elif sys.argv[1] == "ask":
         print(json.dumps(ask(*sys.argv[2:5])))
+    elif sys.argv[1] == "asks":
+        servers, hows = sys.argv[3].split(","), sys.argv[4].split(",")
+        print(json.dumps({f"{s} {h}": ask(s, sys.argv[2], h) for s in servers for h in hows}))
     elif sys.argv[1] == "garbage":
         print(json.dumps(garbage()))
     else:

@@ -166,11 +166,14 @@ def test_queries_to_any_resolver_over_ipv4_or_ipv6_reach_the_proxy(tb: Testbed) 
     connected UDP, TCP), and the reply comes from the resolver dialled, which a connected socket
     also reports as its peer (libraries drop replies from elsewhere)."""
     fqdn = "web.default.svc.cluster.local"
-    for server in ("192.0.2.53", "::1", "::ffff:192.0.2.53"):
-        for how in ("sendto", "connected", "tcp"):
-            proc = tb.exec("default/dns", [sys.executable, PROBE, "ask", server, fqdn, how])
-            assert proc.returncode == 0, f"{server} {how}: {proc.stderr}"
-            got = json.loads(proc.stdout)
+    servers, hows = ("192.0.2.53", "::1", "::ffff:192.0.2.53"), ("sendto", "connected", "tcp")
+    argv = [sys.executable, PROBE, "asks", fqdn, ",".join(servers), ",".join(hows)]
+    proc = tb.exec("default/dns", argv)
+    assert proc.returncode == 0, proc.stderr
+    answers = json.loads(proc.stdout)
+    for server in servers:
+        for how in hows:
+            got = answers[f"{server} {how}"]
             assert (got["addresses"], got["ttl"]) == ([web_vip(tb)], PROXY_TTL), (server, how)
             assert got["source"] == [server, 53], (server, how)
             assert got["peer"] == (None if how == "sendto" else [server, 53]), (server, how)
