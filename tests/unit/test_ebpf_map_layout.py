@@ -130,10 +130,10 @@ def test_a_pods_entries_and_listener_go_in_before_its_links_move(
     monkeypatch.setattr(bpf_sys, "map_update", lambda fd, k, v: calls.append("entry"))
     monkeypatch.setattr(backend, "_steer", lambda netns, cookie: calls.append("listener") or "")
     monkeypatch.setattr(backend, "_link", lambda hook, *_: calls.append(f"link {hook}"))
-    monkeypatch.setattr(backend.companion, "holds_table", lambda netns: False)
+    monkeypatch.setattr(backend.leftover, "holds_table", lambda netns: False)
     backend._maps = dict.fromkeys(MAPS, 3)
     backend.apply(tmp_path, CaptureSpec(), "uid-1")
     links = [c for c in calls if c.startswith("link")]
-    assert links == ["link connect4", "link connect6", "link sockops", "link sklookup"]
+    assert links == [f"link {hook}" for hook in (*ebpf.POD_HOOKS, ebpf.NETNS_HOOK[0])]
     first_link = calls.index(links[0])
     assert calls[:first_link] == ["entry"] * sum(map(len, entries.maps.values())) + ["listener"]
