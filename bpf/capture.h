@@ -225,12 +225,42 @@ static __always_inline struct origin *resolver_dialled(struct bpf_sock_addr *ctx
 	return resolver;
 }
 
-/* Whether an IPv6 socket address is the DNS proxy's: [::1]:15053, or [::ffff:127.0.0.1]:15053
- * (an IPv4 reply or peer on a dual-stack socket). */
-static __always_inline int is_proxy6(struct bpf_sock_addr *ctx)
+/* What a TCP socket connect4/6 sent to Envoy's outbound listener had dialled, or NULL: sockops
+ * keyed it by the socket's own (netns, address, port), as getsockopt finds it from Envoy's side.
+ * (An entry outlives its connection until the LRU map evicts it or the port is reused: an app
+ * dialling 127.0.0.1:15001 itself from a port a redirected connection used could read an older
+ * destination; nothing but Envoy listens there.) */
+static __always_inline struct origin *outbound_dialled(struct bpf_sock_addr *ctx)
 {
-	if (ctx->user_port != bpf_htons(DNS_PROXY_PORT))
-		return 0;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || ctx->protocol != IPPROTO_TCP)
+		return NULL;
+	struct peer_key key;
+	__builtin_memset(&key, 0, sizeof(key));
+	key.netns = bpf_get_netns_cookie(ctx);
+	__u32 ip6[4] = {CTX_READ(sk->src_ip6[0]), CTX_READ(sk->src_ip6[1]), CTX_READ(sk->src_ip6[2]),
+			CTX_READ(sk->src_ip6[3])};
+	sock_addr(key.addr, CTX_READ(sk->family), CTX_READ(sk->src_ip4), ip6);
+	key.port = CTX_READ(sk->src_port);
+	return origin_by_peer.lookup(&key);
+}
+
+/* What a socket address that capture chose stands for: the DNS proxy (PORT 15053) stands for the
+ * resolver dialled, Envoy's outbound listener (15001) for the destination dialled. NULL: another
+ * address. */
+static __always_inline struct origin *dialled_instead(struct bpf_sock_addr *ctx, __u16 port)
+{
+	if (port == bpf_htons(DNS_PROXY_PORT))
+		return resolver_dialled(ctx);
+	if (port == bpf_htons(OUTBOUND_PORT))
+		return outbound_dialled(ctx);
+	return NULL;
+}
+
+/* Whether an IPv6 socket address is on the pod's loopback: ::1, or ::ffff:127.0.0.1 (IPv4 on a
+ * dual-stack socket). */
+static __always_inline int is_loopback6(struct bpf_sock_addr *ctx)
+{
 	__u32 addr[4] = {CTX_READ(ctx->user_ip6[0]), CTX_READ(ctx->user_ip6[1]),
 			 CTX_READ(ctx->user_ip6[2]), CTX_READ(ctx->user_ip6[3])};
 	if (is_v4_mapped(addr))
@@ -238,32 +268,32 @@ static __always_inline int is_proxy6(struct bpf_sock_addr *ctx)
 	return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == bpf_htonl(1);
 }
 
-/* The DNS proxy's address as an IPv4 socket address (a datagram's source, a socket's peer) reads
- * as the resolver the socket dialled; any other is left alone. */
-static __always_inline void show_resolver4(struct bpf_sock_addr *ctx)
+/* An IPv4 socket address that capture chose (a datagram's source, a socket's peer) reads as what
+ * the socket dialled, as a NATed one would (dialled_instead); any other is left alone. */
+static __always_inline void show_dialled4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->user_port != bpf_htons(DNS_PROXY_PORT) || ctx->user_ip4 != bpf_htonl(LOCALHOST4))
+	if (ctx->user_ip4 != bpf_htonl(LOCALHOST4))
 		return;
-	struct origin *resolver = resolver_dialled(ctx);
-	if (!resolver || !resolver->v4)
+	struct origin *dialled = dialled_instead(ctx, (__u16)ctx->user_port);
+	if (!dialled || !dialled->v4)
 		return;
-	ctx->user_ip4 = resolver->addr[3];
-	ctx->user_port = resolver->port;
+	ctx->user_ip4 = dialled->addr[3];
+	ctx->user_port = dialled->port;
 }
 
-/* show_resolver4 for IPv6 socket addresses (an IPv4 resolver as ::ffff:a.b.c.d). */
-static __always_inline void show_resolver6(struct bpf_sock_addr *ctx)
+/* show_dialled4 for IPv6 socket addresses (an IPv4 destination as ::ffff:a.b.c.d). */
+static __always_inline void show_dialled6(struct bpf_sock_addr *ctx)
 {
-	if (!is_proxy6(ctx))
+	if (!is_loopback6(ctx))
 		return;
-	struct origin *resolver = resolver_dialled(ctx);
-	if (!resolver)
+	struct origin *dialled = dialled_instead(ctx, (__u16)ctx->user_port);
+	if (!dialled)
 		return;
-	ctx->user_ip6[0] = resolver->addr[0];
-	ctx->user_ip6[1] = resolver->addr[1];
-	ctx->user_ip6[2] = resolver->addr[2];
-	ctx->user_ip6[3] = resolver->addr[3];
-	ctx->user_port = resolver->port;
+	ctx->user_ip6[0] = dialled->addr[0];
+	ctx->user_ip6[1] = dialled->addr[1];
+	ctx->user_ip6[2] = dialled->addr[2];
+	ctx->user_ip6[3] = dialled->addr[3];
+	ctx->user_port = dialled->port;
 }
 
 #endif

@@ -10,6 +10,6 @@
 
 int recvmsg4(struct bpf_sock_addr *ctx)
 {
-	show_resolver4(ctx);
+	show_dialled4(ctx);
 	return 1;
 }

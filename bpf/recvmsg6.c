@@ -6,6 +6,6 @@
 
 int recvmsg6(struct bpf_sock_addr *ctx)
 {
-	show_resolver6(ctx);
+	show_dialled6(ctx);
 	return 1;
 }

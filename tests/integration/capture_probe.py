@@ -5,7 +5,7 @@ the listener's port, the peer, the connection's original destination (SO_ORIGINA
 local address (what Envoy's original_dst keeps when there is no SO_ORIGINAL_DST: sk_lookup steers
 without NAT), so a client sees whether in-pod capture redirected it and what it had dialled.
 ``connect HOST PORT [--mark N]``: connects (optionally with SO_MARK; an IPv6 HOST from an
-AF_INET6 socket) and prints that line.
+AF_INET6 socket) and prints that line, with the peer the app's own socket reports (``app_peer``).
 ``burst HOST FIRST_PORT COUNT SOURCE_PORT``: COUNT connections at once, the i-th to
 FIRST_PORT+i from local port SOURCE_PORT+i; prints a JSON list of {dialled, answer or error}.
 """
@@ -67,7 +67,9 @@ def connect(host: str, port: int, mark: int | None) -> None:
     if mark is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
     sock.connect((host, port))
-    sys.stdout.write(read_line(sock).decode())
+    line = json.loads(read_line(sock))
+    line["app_peer"] = "{}:{}".format(*sock.getpeername()[:2])
+    sys.stdout.write(json.dumps(line) + "\n")
 
 
 def read_line(sock: socket.socket) -> bytes:

@@ -156,10 +156,13 @@ def test_outbound_lands_on_15001_with_the_dialled_destination(testbed: Testbed) 
         answer = landed(testbed, "mesh/app", host, port)
         assert (answer["pod"], answer["listener"]) == ("app", ports.OUTBOUND_PORT), answer
         assert answer["original_dst"] == f"{host}:{port}"
+        # the app's socket names what it dialled as its peer (eBPF: getpeername4)
+        assert answer["app_peer"] == f"{host}:{port}"
     # IPv4 dialled on a dual-stack socket is IPv4 traffic (eBPF: connect6 -> ::ffff:127.0.0.1)
     answer = landed(testbed, "mesh/app", "::ffff:192.0.2.11", 443)
     assert (answer["pod"], answer["listener"]) == ("app", ports.OUTBOUND_PORT), answer
     assert answer["original_dst"] == "192.0.2.11:443"
+    assert answer["app_peer"] == "::ffff:192.0.2.11:443"
 
 
 def test_inbound_lands_on_15006_with_the_original_port(testbed: Testbed) -> None:
