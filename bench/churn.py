@@ -42,6 +42,8 @@ from bench.common import (
 from bench.convergence import SYNTH_NAMESPACE, proxy_status, synthetic_objects, xds_metrics
 from bench.fill import (
     NODE,
+    PSS_EVERY,
+    SMOKE_PSS_EVERY,
     SYNTHETIC,
     bring_up,
     cpu_seconds,
@@ -144,7 +146,8 @@ def endpoint_change(tb: Testbed) -> dict[str, Any]:
     }
 
 
-def churn(tb: Testbed, services: int, pods: int) -> dict[str, Any]:
+def churn(tb: Testbed, services: int, pods: int, every: float) -> dict[str, Any]:
+    """EVERY: seconds between the PSS samples of fill's measure."""
     start = time.monotonic()
     sampler = Sampler(tb, start)
     sampler.start()
@@ -159,7 +162,7 @@ def churn(tb: Testbed, services: int, pods: int) -> dict[str, Any]:
         for i in range(pods):
             adds.append(tb.add_pod(fill_pod(i), publish_lead=PUBLISH_LEAD).cni_add_seconds)
         sampler.enter("hold")
-        held = measure(tb, pods)
+        held = measure(tb, pods, every)
         change = endpoint_change(tb)
         print(
             f"  {tb.name}: {pods} pods; Envoy PSS {held['envoy_pss_mib']['median']:.0f} MiB"
@@ -179,7 +182,7 @@ def churn(tb: Testbed, services: int, pods: int) -> dict[str, Any]:
         sampler.enter("settle")
         wait_settled(tb)
         time.sleep(2 * SAMPLE_EVERY)  # a last sample or two with the node at rest
-        after = measure(tb, 0)
+        after = measure(tb, 0, every)
     finally:
         sampler.stopped.set()
         sampler.join(timeout=10)
@@ -200,7 +203,7 @@ def run(run: Run) -> None:
     services, pods = run.pick(5000, 10), run.pick(100, 3)
     tb = bring_up("bchurn-" + ("s" if run.smoke else "f"), mesh=True)
     try:
-        results = churn(tb, services, pods)
+        results = churn(tb, services, pods, run.pick(PSS_EVERY, SMOKE_PSS_EVERY))
     finally:
         down(tb.name)
     params = {

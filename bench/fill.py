@@ -16,7 +16,7 @@ Per size (N = 10 and 1000 services), one single-node testbed:
   and the node Envoy ACKed its listeners);
 - at 1, 10, 50 and 110 pods (and at the last pod reached, if the fill stopped early), once the
   node's Envoy ACKed the agent's latest snapshot and no newer one came for QUIET s: the node
-  Envoy's PSS (/proc/PID/smaps_rollup, SAMPLES samples 1 s apart) and its own /memory
+  Envoy's PSS (/proc/PID/smaps_rollup, SAMPLES samples PSS_EVERY s apart) and its own /memory
   ``allocated`` and ``heap_size``, the bytes of its /config_dump (no endpoints) and its active
   clusters; the agent's RSS and PSS; both processes' CPU seconds so far.
 
@@ -66,7 +66,9 @@ NODE = "n1"
 MAX_PODS = 110  # kubelet's default maxPods
 CHECKPOINTS = (1, 10, 50, 110)
 ADD_LIMIT = 30.0  # seconds: an ADD slower than this ends the fill (the plugin's own timeout)
-SAMPLES = 3  # PSS samples per checkpoint, 1 s apart
+SAMPLES = 3  # PSS samples per checkpoint, PSS_EVERY s apart
+PSS_EVERY = 1.0  # seconds
+SMOKE_PSS_EVERY = 0.2  # the smoke variant's: it checks the figures' shape, not their size
 QUIET = 1.0  # seconds without a newer snapshot before a checkpoint is measured
 WAIT_TIMEOUT = 300.0  # services loaded, or the node's Envoy in sync before a checkpoint
 ADMIN_TIMEOUT = 120.0  # a config dump of tens of thousands of clusters takes a while
@@ -164,7 +166,7 @@ def wait_settled(tb: Testbed, newer_than: str | None = None) -> float:
         time.sleep(0.05)
 
 
-def measure(tb: Testbed, pods: int) -> dict[str, Any]:
+def measure(tb: Testbed, pods: int, every: float = PSS_EVERY) -> dict[str, Any]:
     """What the node holds with PODS pods, once its Envoy has everything the agent sent."""
     settle = wait_settled(tb)
     (envoy,) = envoy_pids(layout.node_netns(tb.name, NODE))
@@ -173,7 +175,7 @@ def measure(tb: Testbed, pods: int) -> dict[str, Any]:
     envoy_pss, agent_pss, agent_rss = [], [], []
     for i in range(SAMPLES):
         if i:
-            time.sleep(1.0)
+            time.sleep(every)
         e, a = rollup_kib(envoy), rollup_kib(agent)
         envoy_pss.append(e["pss"] / 1024)
         agent_pss.append(a["pss"] / 1024)
@@ -203,7 +205,9 @@ def measure(tb: Testbed, pods: int) -> dict[str, Any]:
 # -- one fill ------------------------------------------------------------------------------------
 
 
-def fill(tb: Testbed, pods: int, budget: float, checkpoints: set[int]) -> dict[str, Any]:
+def fill(
+    tb: Testbed, pods: int, budget: float, checkpoints: set[int], every: float = PSS_EVERY
+) -> dict[str, Any]:
     """Start PODS pods one by one on TB; per pod its ADD seconds, at CHECKPOINTS what the node
     holds. Stops at the first failed or too slow ADD, or when BUDGET seconds are spent."""
     deadline = time.monotonic() + budget
@@ -228,12 +232,12 @@ def fill(tb: Testbed, pods: int, budget: float, checkpoints: set[int]) -> dict[s
                 "why": f"ADD of {pod.key} took {record.cni_add_seconds:.1f}s (> {ADD_LIMIT:.0f}s)",
             }
         if mesh and (len(adds) in checkpoints or (stopped and adds)):
-            steps.append(measure(tb, len(adds)))
+            steps.append(measure(tb, len(adds), every))
             print(_progress(tb.name, adds, steps[-1]), flush=True)
         if stopped:
             break
     if mesh and stopped and adds and (not steps or steps[-1]["pods"] != len(adds)):
-        steps.append(measure(tb, len(adds)))  # the last pod reached, for the slope
+        steps.append(measure(tb, len(adds), every))  # the last pod reached, for the slope
         print(_progress(tb.name, adds, steps[-1]), flush=True)
     if stopped:
         print(f"  {tb.name}: stopped at pod {stopped['at_pod']}: {stopped['why']}", flush=True)
@@ -324,7 +328,8 @@ def _fill_size(services: int, pods: int, smoke: bool, budget: float) -> dict[str
         load = time.monotonic() - started
         print(f"  {tb.name}: {services} services read by the agent in {load:.1f}s", flush=True)
         checkpoints = {c for c in CHECKPOINTS if c <= pods} | {pods}
-        filled = fill(tb, pods, budget, checkpoints)
+        every = SMOKE_PSS_EVERY if smoke else PSS_EVERY
+        filled = fill(tb, pods, budget, checkpoints, every)
         filled["services"] = services
         filled["pods_planned"] = pods
         filled["load_s"] = load
@@ -363,6 +368,7 @@ def run(run: Run) -> None:
         "add_limit_s": ADD_LIMIT,
         "budget_s_per_fill": budget,
         "samples_per_checkpoint": SAMPLES,
+        "sample_every_s": run.pick(PSS_EVERY, SMOKE_PSS_EVERY),
         "quiet_s": QUIET,
         "config_dump": "bytes of the node Envoy's /config_dump (JSON, without endpoints)",
         "envoy_memory": "PSS from /proc/PID/smaps_rollup; allocated and heap_size from /memory",

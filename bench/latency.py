@@ -264,9 +264,9 @@ def measure(tb: Testbed, model: Model, placement: str, rate: int, seconds: float
 
 def run(run: Run) -> None:
     rates = run.pick([500, 1000], [200])
-    seconds = run.pick(10.0, 1.5)
+    seconds = run.pick(10.0, 1.0)
     repeats = run.pick(3, 1)
-    warmup = run.pick(1.0, 0.5)  # seconds per model and placement
+    warmup = run.pick(1.0, 0.25)  # seconds per model and placement
     params = {
         "rates_rps": rates,
         "seconds_per_run": seconds,

@@ -114,7 +114,7 @@ def admin(tb: Testbed, model: str, ns: str, path: str) -> bytes:
     return proc.stdout
 
 
-def measure(tb: Testbed, model: str, pods: int) -> dict[str, Any]:
+def measure(tb: Testbed, model: str, pods: int, every: float) -> dict[str, Any]:
     found = envoys(tb, model)
     expected = 1 if model == PER_NODE else pods
     if len(found) != expected:
@@ -123,7 +123,7 @@ def measure(tb: Testbed, model: str, pods: int) -> dict[str, Any]:
     totals, envoy_pss, agent_pss = [], [], []
     for i in range(SAMPLES):
         if i:
-            time.sleep(1.0)
+            time.sleep(every)
         e = pss_mib(pid for _, pid in found)
         a = pss_mib([agent])
         envoy_pss.append(e)
@@ -153,7 +153,9 @@ def measure(tb: Testbed, model: str, pods: int) -> dict[str, Any]:
     }
 
 
-def ramp(model: str, extra: str, steps: list[int]) -> list[dict[str, Any]]:
+def ramp(
+    model: str, extra: str, steps: list[int], settle: float, every: float
+) -> list[dict[str, Any]]:
     name = f"bmem-{0 if model == PER_NODE else 1}"
     down(name)
     text = topology_text(name, extra, steps[0])
@@ -166,8 +168,8 @@ def ramp(model: str, extra: str, steps: list[int]) -> list[dict[str, Any]]:
                 tb.add_pod(pod(i))
             have = step
             tb.wait_converged()
-            time.sleep(2.0)  # let Envoy settle after the last push (drained listeners, caches)
-            out.append(measure(tb, model, step))
+            time.sleep(settle)  # let Envoy settle after the last push (drained listeners, caches)
+            out.append(measure(tb, model, step, every))
             print(f"   {model}: {step} pods measured", flush=True)
     finally:
         down(tb.name)
@@ -176,16 +178,20 @@ def ramp(model: str, extra: str, steps: list[int]) -> list[dict[str, Any]]:
 
 def run(run: Run) -> None:
     steps = run.pick([10, 50, 100], [2, 5])
+    # Seconds of rest before a step's samples, and between them (the smoke checks shape, not size).
+    settle, every = run.pick((2.0, 1.0), (0.5, 0.2))
     params = {
         "pods": steps,
         "services": SERVICES,
         "samples_per_step": SAMPLES,
+        "settle_s": settle,
+        "sample_every_s": every,
         "workload": "sleep (no traffic)",
         "models": list(models()),
         "node_total": "agent PSS + every Envoy's PSS on the node",
         "config": "sum of Envoy /config_dump?include_eds JSON bytes",
     }
-    results = {model: ramp(model, extra, steps) for model, extra in models().items()}
+    results = {model: ramp(model, extra, steps, settle, every) for model, extra in models().items()}
     if SIDECAR in results:
         pairs = list(zip(results[SIDECAR], results[PER_NODE], strict=True))
         results["sidecar_to_per_node"] = [

@@ -169,7 +169,7 @@ def _batch(
 
 
 def run(run: Run) -> None:
-    sequential = int(run.pick(50, 5))
+    sequential = int(run.pick(50, 3))
     concurrent = int(run.pick(20, 3))
     repeats = int(run.pick(3, 1))
     budget = float(run.pick(900, 150))  # seconds; a bound, not the expected time

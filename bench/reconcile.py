@@ -84,7 +84,7 @@ def _restart(tb: Testbed) -> dict[str, Any]:
 
 
 def run(run: Run) -> None:
-    pods = int(run.pick(1000, 20))
+    pods = int(run.pick(1000, 5))
     repeats = int(run.pick(3, 1))
     down(TESTBED)  # a crashed earlier run's leftovers
     started = time.monotonic()
