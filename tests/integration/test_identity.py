@@ -14,6 +14,7 @@ nodes.
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import threading
@@ -398,10 +399,14 @@ def test_rotation_with_a_10s_ttl_under_a_steady_stream() -> None:
         down("tbrot")
 
 
-def ask_for_secret(tb: Testbed, node: str, names: list[str], wait: float = 8.0) -> set[str]:
-    """Ask the node agent's xDS server, as its Envoy would, for SDS secrets by name.
+def ask_for_secret(
+    tb: Testbed, node: str, names: list[str], quiet: float = 2.0, limit: float = 15.0
+) -> set[str]:
+    """Ask the node agent's xDS server, as its Envoy would, for SDS secrets by name: the names
+    it serves in its answer and in whatever it sends within QUIET seconds after (LIMIT in all).
 
-    The probe listens for WAIT seconds, longer than the server's 5 s ACK timeout.
+    Like Envoy, the probe keeps its stream open and ACKs each response, so the server never
+    holds a response back for an ACK (its 5 s ACK timeout): a secret it would serve comes at once.
     """
     import grpc
     from envoy.config.core.v3 import base_pb2
@@ -409,33 +414,59 @@ def ask_for_secret(tb: Testbed, node: str, names: list[str], wait: float = 8.0) 
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
     secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-    request = discovery_pb2.DiscoveryRequest(
-        node=base_pb2.Node(id=f"nodeagent~{node}", cluster=node),
-        type_url=secret_type,
-        resource_names=names,
-    )
+
+    def subscribe(version: str = "", nonce: str = "") -> discovery_pb2.DiscoveryRequest:
+        return discovery_pb2.DiscoveryRequest(
+            node=base_pb2.Node(id=f"nodeagent~{node}", cluster=node),
+            type_url=secret_type,
+            resource_names=names,
+            version_info=version,
+            response_nonce=nonce,
+        )
+
+    outbox: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
+    outbox.put(subscribe())
+    inbox: queue.Queue[discovery_pb2.DiscoveryResponse | grpc.RpcError] = queue.Queue()
+
+    def requests() -> Iterator[discovery_pb2.DiscoveryRequest]:
+        # Like Envoy, keep the stream open: a half-closed stream may end before an answer.
+        while (message := outbox.get()) is not None:
+            yield message
+
     sock = layout.agent_socket(tb.name, node).parent / "xds.sock"
     got: set[str] = set()
     with grpc.insecure_channel(f"unix:{sock}") as channel:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        done = threading.Event()
+        stream = stub.StreamAggregatedResources(requests(), timeout=limit)
 
-        def requests() -> Iterator[discovery_pb2.DiscoveryRequest]:
-            # Like Envoy, keep the stream open: a half-closed stream may end before an answer.
-            yield request
-            done.wait(wait)
+        def read() -> None:
+            try:
+                for response in stream:
+                    inbox.put(response)
+            except grpc.RpcError as e:
+                inbox.put(e)
 
-        stream = stub.StreamAggregatedResources(requests(), timeout=wait)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        answered = False
         try:
-            for response in stream:
-                for resource in response.resources:
+            while True:
+                try:  # the server answers every request (SotW), if only with no secret
+                    item = inbox.get(timeout=quiet if answered else limit)
+                except queue.Empty:
+                    assert answered, f"no answer from {node}'s xDS server within {limit}s"
+                    break  # nothing more within QUIET s of the last answer
+                assert not isinstance(item, grpc.RpcError), item
+                answered = True
+                for resource in item.resources:
                     secret = secret_pb2.Secret()
                     resource.Unpack(secret)
                     got.add(secret.name)
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+                outbox.put(subscribe(item.version_info, item.nonce))  # the ACK
         finally:
-            done.set()
+            outbox.put(None)
+            stream.cancel()
+            reader.join(timeout=5)
     return got
 
 
