@@ -77,8 +77,8 @@ def clean(tb: Testbed) -> Iterator[Testbed]:
     wait_for(lambda: localities(tb, HELLO_CLUSTER) == PLAIN, 20, "hello back to plain groups")
 
 
-def tally(tb: Testbed, url: str, count: int) -> dict[str, Any]:
-    proc = tb.exec("default/sleep", [PY, TALLY, url, str(count), "1"], timeout=90)
+def tally(tb: Testbed, url: str, count: int, threads: int = 1) -> dict[str, Any]:
+    proc = tb.exec("default/sleep", [PY, TALLY, url, str(count), str(threads)], timeout=90)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
@@ -196,7 +196,7 @@ spec:
     wait_for(lambda: localities(tb, HELLO_CLUSTER) == want, 20, "the 80/20 locality weights")
     path = "/config_dump?resource=dynamic_active_clusters&name_regex=.*hello.*"
     assert "locality_weighted_lb_config" in envoy_admin(tb.name, "n1", path)
-    result = tally(tb, HELLO, 500)
+    result = tally(tb, HELLO, 500, threads=4)  # each request picks its locality by weight
     assert result["status"] == {"200": 500}
     share = result["version"].get("n1", 0) / 500
     assert 0.75 <= share <= 0.85, result
