@@ -213,7 +213,7 @@ def test_s1_3_all_traffic_to_v1(clean: Testbed) -> None:
         namespace="istioinaction",
     )
     until_only(tb, "istioinaction/sleep", SHOP, {"v1"})
-    assert tally(tb, "istioinaction/sleep", SHOP, 100)["version"] == {"v1": 100}
+    assert tally(tb, "istioinaction/sleep", SHOP, 100, threads=4)["version"] == {"v1": 100}
 
 
 def test_s1_4_dark_launch_by_header(clean: Testbed) -> None:
@@ -356,7 +356,7 @@ def test_a_route_change_keeps_another_pods_long_lived_connection(clean: Testbed)
         moved = last_v1 - written
         assert moved < 1.0, f"v1 still answered {moved:.2f}s after the change"
         assert {v for t, v in after if t > last_v1} == {"v2"}  # every later request: v2
-        assert tally(tb, "istioinaction/sleep", SHOP, 50)["version"] == {"v2": 50}
+        assert tally(tb, "istioinaction/sleep", SHOP, 50, threads=4)["version"] == {"v2": 50}
         out, _ = keepalive.communicate(timeout=30)
     finally:
         keepalive.kill()
@@ -379,7 +379,8 @@ def test_s2_all_v1(clean: Testbed) -> None:
     apply(tb, sample("destination-rule-all.yaml"), sample("virtual-service-all-v1.yaml"))
     until_only(tb, "default/sleep", "http://reviews:9080/", {"v1"})
     assert {reviews_version(tb) for _ in range(10)} == {"v1"}
-    assert tally(tb, "default/sleep", "http://reviews:9080/", 100)["version"] == {"v1": 100}
+    result = tally(tb, "default/sleep", "http://reviews:9080/", 100, threads=4)
+    assert result["version"] == {"v1": 100}
 
 
 def test_s2_jason_gets_v2_others_v3(clean: Testbed) -> None:
