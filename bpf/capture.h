@@ -152,6 +152,34 @@ static __always_inline int outside_capture(__u64 netns, const struct pod_config 
 	return 0;
 }
 
+/* What a connect or sendmsg hook's socket address dialled (an IPv4 one; dialled6: an IPv6 one,
+ * IPv4 on a dual-stack socket as ::ffff:a.b.c.d). */
+static __always_inline void dialled4(struct bpf_sock_addr *ctx, struct origin *dialled)
+{
+	__builtin_memset(dialled, 0, sizeof(*dialled));
+	v4_mapped(dialled->addr, ctx->user_ip4);
+	dialled->port = (__u16)ctx->user_port;
+	dialled->v4 = 1;
+}
+
+static __always_inline void dialled6(struct bpf_sock_addr *ctx, struct origin *dialled)
+{
+	__builtin_memset(dialled, 0, sizeof(*dialled));
+	dialled->addr[0] = ctx->user_ip6[0];
+	dialled->addr[1] = ctx->user_ip6[1];
+	dialled->addr[2] = ctx->user_ip6[2];
+	dialled->addr[3] = ctx->user_ip6[3];
+	dialled->port = (__u16)ctx->user_port;
+	dialled->v4 = is_v4_mapped(dialled->addr);
+}
+
+/* Point an IPv4 socket address at PORT on the pod's loopback (127.0.0.1). */
+static __always_inline void to_loopback4(struct bpf_sock_addr *ctx, __u16 port)
+{
+	ctx->user_ip4 = bpf_htonl(LOCALHOST4);
+	ctx->user_port = bpf_htons(port);
+}
+
 /* Point an IPv6 socket address at PORT on the pod's loopback: ::ffff:127.0.0.1 for an IPv4
  * destination dialled on a dual-stack socket (IPv4 traffic, where nftables would redirect its
  * IPv4 packets), else ::1. */

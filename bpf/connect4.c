@@ -14,22 +14,14 @@
 int connect4(struct bpf_sock_addr *ctx)
 {
 	struct origin dialled;
-	__builtin_memset(&dialled, 0, sizeof(dialled));
-	v4_mapped(dialled.addr, ctx->user_ip4);
-	dialled.port = (__u16)ctx->user_port;
-	dialled.v4 = 1;
+	dialled4(ctx, &dialled);
 	__u64 netns;
 	struct pod_config *pod = pod_of(ctx, &dialled, &netns);
 	if (!pod)
 		return 1;
-	if (to_dns_proxy(ctx, pod, &dialled)) {
-		ctx->user_ip4 = bpf_htonl(LOCALHOST4);
-		ctx->user_port = bpf_htons(DNS_PROXY_PORT);
-		return 1;
-	}
-	if (!remembered(ctx, netns, pod, &dialled))
-		return 1;
-	ctx->user_ip4 = bpf_htonl(LOCALHOST4);
-	ctx->user_port = bpf_htons(OUTBOUND_PORT);
+	if (to_dns_proxy(ctx, pod, &dialled))
+		to_loopback4(ctx, DNS_PROXY_PORT);
+	else if (remembered(ctx, netns, pod, &dialled))
+		to_loopback4(ctx, OUTBOUND_PORT);
 	return 1;
 }

@@ -9,23 +9,14 @@
 int connect6(struct bpf_sock_addr *ctx)
 {
 	struct origin dialled;
-	__builtin_memset(&dialled, 0, sizeof(dialled));
-	dialled.addr[0] = ctx->user_ip6[0];
-	dialled.addr[1] = ctx->user_ip6[1];
-	dialled.addr[2] = ctx->user_ip6[2];
-	dialled.addr[3] = ctx->user_ip6[3];
-	dialled.port = (__u16)ctx->user_port;
-	dialled.v4 = is_v4_mapped(dialled.addr);
+	dialled6(ctx, &dialled);
 	__u64 netns;
 	struct pod_config *pod = pod_of(ctx, &dialled, &netns);
 	if (!pod)
 		return 1;
-	if (to_dns_proxy(ctx, pod, &dialled)) {
+	if (to_dns_proxy(ctx, pod, &dialled))
 		to_loopback6(ctx, dialled.v4, DNS_PROXY_PORT);
-		return 1;
-	}
-	if (!remembered(ctx, netns, pod, &dialled))
-		return 1;
-	to_loopback6(ctx, dialled.v4, OUTBOUND_PORT);
+	else if (remembered(ctx, netns, pod, &dialled))
+		to_loopback6(ctx, dialled.v4, OUTBOUND_PORT);
 	return 1;
 }

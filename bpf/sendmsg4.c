@@ -12,15 +12,10 @@ int sendmsg4(struct bpf_sock_addr *ctx)
 	if (ctx->user_port != bpf_htons(DNS_PORT)) /* first: every datagram of the pod comes here */
 		return 1;
 	struct origin dialled;
-	__builtin_memset(&dialled, 0, sizeof(dialled));
-	v4_mapped(dialled.addr, ctx->user_ip4);
-	dialled.port = (__u16)ctx->user_port;
-	dialled.v4 = 1;
+	dialled4(ctx, &dialled);
 	__u64 netns;
 	struct pod_config *pod = pod_of(ctx, &dialled, &netns);
-	if (!pod || !to_dns_proxy(ctx, pod, &dialled))
-		return 1;
-	ctx->user_ip4 = bpf_htonl(LOCALHOST4);
-	ctx->user_port = bpf_htons(DNS_PROXY_PORT);
+	if (pod && to_dns_proxy(ctx, pod, &dialled))
+		to_loopback4(ctx, DNS_PROXY_PORT);
 	return 1;
 }
