@@ -67,10 +67,16 @@ class Pod:
     annotations: Mapping[str, str] = field(default_factory=dict)
     host_network: bool = False
     pod_ips: tuple[str, ...] = ()
+    # The workload it belongs to, from its owner references (mesh/workload.py); "": itself.
+    workload: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def workload_name(self) -> str:
+        return self.workload or self.name
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import kubeyaml
-from nodeagent.mesh import extension_providers, gateway_topology, locality
+from nodeagent.mesh import extension_providers, gateway_topology, locality, workload
 from nodeagent.mesh.credentials import parse_secret
 from nodeagent.mesh.model import (
     ALLOW_ANY,
@@ -312,17 +312,37 @@ def _pod(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:
     ]
     if not ips and status.get("podIP"):
         ips = [str(status["podIP"])]
+    labels = _string_map(meta.get("labels"), "metadata.labels")
     yield Pod(
         namespace=_namespace(meta),
         name=_name(meta, "name"),
         uid=str(meta.get("uid") or ""),
         node_name=str(spec.get("nodeName") or ""),
         service_account=str(spec.get("serviceAccountName") or "default"),
-        labels=_string_map(meta.get("labels"), "metadata.labels"),
+        labels=labels,
         annotations=_string_map(meta.get("annotations"), "metadata.annotations"),
         host_network=bool(spec.get("hostNetwork", False)),
         pod_ips=tuple(ips),
+        workload=_workload(meta, labels),
     )
+
+
+def _workload(meta: dict[str, Any], labels: Mapping[str, str]) -> str:
+    """The pod's workload (mesh/workload.py), "" when that is the pod itself."""
+    owners = []
+    for i, item in enumerate(_list(meta.get("ownerReferences"), "metadata.ownerReferences")):
+        ref = _mapping(item, f"metadata.ownerReferences[{i}]")
+        owners.append(
+            workload.Owner(
+                kind=_str(ref.get("kind"), f"metadata.ownerReferences[{i}].kind"),
+                name=_str(ref.get("name"), f"metadata.ownerReferences[{i}].name"),
+                controller=ref.get("controller") is True,
+            )
+        )
+    name = _name(meta, "name")
+    generate_name = _str(meta.get("generateName"), "metadata.generateName")
+    derived = workload.workload_name(name, generate_name, labels, owners)
+    return "" if derived == name else derived
 
 
 def _service(doc: dict[str, Any], meta: dict[str, Any]) -> Iterator[Record]:

@@ -149,6 +149,7 @@ def remote_pod(pod: Pod) -> Pod:
         ),
         host_network=pod.host_network,
         pod_ips=pod.pod_ips,
+        workload=sys.intern(pod.workload),
     )
 
 

@@ -6,6 +6,7 @@ runs the CNI chain), and again with ``status.podIP`` once the chain assigned one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -48,6 +49,16 @@ def pod_object(pod: Pod, uid: str, ip: str = "") -> dict[str, Any]:
     }
     if ip:
         obj["status"] |= {"podIP": ip, "podIPs": [{"ip": ip}]}
+    if pod.deployment:
+        # As a Deployment's pod is: generated name, its ReplicaSet as controller, whose name
+        # ends in the pod-template-hash label.
+        digest = hashlib.sha256(pod.deployment.encode()).hexdigest()[:10]
+        replica_set = f"{pod.deployment}-{digest}"
+        obj["metadata"]["generateName"] = f"{replica_set}-"
+        obj["metadata"]["labels"]["pod-template-hash"] = digest
+        obj["metadata"]["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": replica_set, "controller": True}
+        ]
     return obj
 
 

@@ -136,6 +136,9 @@ class Pod:
     labels: Mapping[str, str]
     annotations: Mapping[str, str]
     workload: Workload
+    # The Deployment it stands for: its object then names a ReplicaSet of it as its controller,
+    # as kube's does (resources.pod_object), which the agents derive its workload from.
+    deployment: str = ""
 
     @property
     def key(self) -> str:
@@ -556,10 +559,22 @@ def _parse_pod(r: _Reader, raw: Any, path: str, nodes: list[Node], seen: list[Po
     pod_raw = r.mapping(
         raw,
         path,
-        {"name", "namespace", "node", "serviceAccount", "labels", "annotations", "workload"},
+        {
+            "name",
+            "namespace",
+            "node",
+            "serviceAccount",
+            "labels",
+            "annotations",
+            "workload",
+            "deployment",
+        },
         {"name", "node"},
     )
     name = r.string(pod_raw["name"], f"{path}.name", DNS_LABEL)
+    deployment = ""
+    if "deployment" in pod_raw:
+        deployment = r.string(pod_raw["deployment"], f"{path}.deployment", DNS_LABEL)
     namespace = r.string(pod_raw.get("namespace", "default"), f"{path}.namespace", DNS_LABEL)
     node = r.string(pod_raw["node"], f"{path}.node")
     if not any(n.name == node for n in nodes):
@@ -607,6 +622,7 @@ def _parse_pod(r: _Reader, raw: Any, path: str, nodes: list[Node], seen: list[Po
         labels=r.labels(pod_raw.get("labels"), f"{path}.labels"),
         annotations=r.labels(pod_raw.get("annotations"), f"{path}.annotations"),
         workload=Workload(wl_type, port, env, command),
+        deployment=deployment,
     )
 
 

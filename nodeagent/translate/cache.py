@@ -66,6 +66,7 @@ from nodeagent.translate import (
     envoy,
     extauthz,
     internal,
+    istio_stats,
     jwt,
     l4_routes,
     mirror,
@@ -108,6 +109,7 @@ from nodeagent.translate.services import (
     ServiceTarget,
     inbound_cluster,
     inbound_ports_of,
+    inbound_services_of,
     outbound_cluster,
     service_targets,
 )
@@ -297,7 +299,7 @@ class TranslationCache:
         fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
         for local in local_pods if not sidecar else ():
             pod = local.pod
-            _, port_modes, _, _, _, pod_authz, _ = inbound[pod.key]
+            _, port_modes, _, _, _, pod_authz, *_ = inbound[pod.key]
             ports = fast_ports(port_modes, pod_authz)
             if ports and Origin(POD, pod.namespace, pod.name) not in excluded_now:
                 fast[pod.key] = ports
@@ -1533,7 +1535,8 @@ def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[A
     # Compared, not hashed: JSON is the cheap exact form of the filters' config.
     authn = json.dumps(jwt.inbound_filters(store, pod), sort_keys=True)
     pod_authz = authz.policies_for(store, pod, sidecar)
-    return (local, ports, peer.mode, me, sidecar, pod_authz, authn)
+    services = tuple(sorted(inbound_services_of(store, dict(pod.labels), pod.namespace).items()))
+    return (local, ports, peer.mode, me, sidecar, pod_authz, authn, services)
 
 
 def _inbound_resources(
@@ -1544,17 +1547,29 @@ def _inbound_resources(
     sidecar: bool,
     pod_authz: authz.PodAuthz,
     authn_json: str = "[]",
+    services: tuple[tuple[int, tuple[str, str, str]], ...] = (),
 ) -> Made:
     """A local pod's inbound listener, on the node its fast-path listener too, and the inbound
     clusters and routes of its HTTP ports. POD_AUTHZ: its AuthorizationPolicies; AUTHN_JSON: its
-    RequestAuthentication HTTP filters (JSON list)."""
+    RequestAuthentication HTTP filters (JSON list); SERVICES: port -> the service Istio's metrics
+    name for it (services.inbound_services_of), none in the sidecar form."""
     netns = "" if sidecar else local.netns
     pod = local.pod
     authn = json.loads(authn_json)
+    named = (
+        None
+        if sidecar
+        else {port: istio_stats.cluster_metadata(*service) for port, service in services}
+    )
     made: Made = [
-        (envoy.LISTENER, inbound_listener(pod, netns, ports, default_mode, me, pod_authz, authn))
+        (
+            envoy.LISTENER,
+            inbound_listener(pod, netns, ports, default_mode, me, pod_authz, authn, named),
+        )
     ]
-    fast = None if sidecar else fast_inbound_listener(pod, netns, ports, me, pod_authz, authn)
+    fast = (
+        None if sidecar else fast_inbound_listener(pod, netns, ports, me, pod_authz, authn, named)
+    )
     if fast is not None:
         made.append((envoy.LISTENER, fast))
     custom = pod_authz.custom

@@ -8,7 +8,7 @@ from typing import Any
 
 from nodeagent.mesh.model import EntryEndpoint
 from nodeagent.ports import INBOUND_PASSTHROUGH_SOURCE, MESH_MARK
-from nodeagent.translate import client_tls, internal, tls
+from nodeagent.translate import client_tls, internal, istio_stats, tls
 from nodeagent.translate.client_tls import Origination
 from nodeagent.translate.envoy import Cluster, message, typed
 from nodeagent.translate.protocol import HTTP2
@@ -113,8 +113,10 @@ def service_cluster(
         meta["tls_socket"] = origination.socket or internal.PLAINTEXT
         if origination.sni:
             meta["tls_sni"] = origination.sni
+    service = target.service
+    stats = istio_stats.cluster_metadata(target.host, service.name, service.namespace)
     fields |= {
-        "metadata": {"filter_metadata": {internal.CLUSTER_META: meta}},
+        "metadata": {"filter_metadata": {internal.CLUSTER_META: meta, istio_stats.META: stats}},
         "transport_socket": internal.internal_upstream(
             (internal.ORIGINAL_DST_META, internal.ENDPOINT_META, tls.TLS_MODE_KEY),
             (internal.CLUSTER_META,),

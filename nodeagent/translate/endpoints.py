@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from nodeagent.mesh.model import EndpointSlice, Locality, Service, ServicePort
+from nodeagent.mesh.model import EndpointSlice, Locality, Pod, Service, ServicePort
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import internal, tls
+from nodeagent.translate import internal, istio_stats, tls
 from nodeagent.translate.envoy import ClusterLoadAssignment, message
 from nodeagent.translate.locality import Balancing, Group, locality_endpoints, topology_labels
 from nodeagent.translate.services import ServiceTarget
@@ -79,6 +79,7 @@ def load_assignment(
     local: dict[tuple[str, int], str] = {}  # (ip, port) -> its fast-path listener
     where: dict[tuple[str, int], tuple[Locality, Mapping[str, str]]] = {}  # and its labels
     weights: dict[tuple[str, int], int] = {}  # a ServiceEntry endpoint's weight, when set
+    pods: dict[tuple[str, int], Pod] = {}  # the pod an endpoint is, for Istio's metrics
     for slice_ in ip_slices(store, target.service):
         port = slice_port(slice_, target.port)
         if port is None:
@@ -101,6 +102,8 @@ def load_assignment(
                 # envoy.network.upstream_subject_alt_names takes a comma-separated list.
                 spiffe = ",".join(entry_sans(trust_domain, target, endpoint.service_account))
             found.update({(address, port): spiffe for address in endpoint.addresses})
+            if pod is not None:
+                pods.update({(address, port): pod for address in endpoint.addresses})
             node = endpoint.node_name or (pod.node_name if pod is not None else "")
             locality = store.locality_of(node)
             if endpoint.locality:  # a ServiceEntry endpoint's own (region/zone/subzone)
@@ -123,6 +126,10 @@ def load_assignment(
         lb = _lb_endpoint(
             ip, port, found[(ip, port)], via_originate, local.get((ip, port)), originate
         )
+        if via_originate and (pod := pods.get((ip, port))) is not None:
+            # The destination side of the source reporter's labels (istio_stats.py).
+            metadata = istio_stats.endpoint_metadata(pod, found[(ip, port)] or "")
+            lb["metadata"]["filter_metadata"][istio_stats.META] = metadata
         if (ip, port) in weights:
             lb["load_balancing_weight"] = weights[(ip, port)]
         group.endpoints.append(lb)

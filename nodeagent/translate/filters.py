@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from nodeagent.translate import istio_stats
 from nodeagent.translate.envoy import typed
 
 # Upstream sockets are created in the network namespace this connection's pod lives in: the
@@ -138,13 +139,15 @@ def http_connection_manager(
     mtls: bool = False,
     fast: bool = False,
     inbound_filters: Sequence[dict[str, Any]] = (),
+    stats: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """MTLS: an inbound chain behind mTLS, which tells the app its caller's identity in
     x-forwarded-client-cert (Istio's format); elsewhere a caller-supplied one is dropped. FAST:
     an inbound chain of the same-node fast path, whose route states the caller instead (its
     downstream is an internal connection, with no address to forward). INBOUND_FILTERS: HTTP
     filters first (authentication, then authorization: translate/authz.py), before the
-    VirtualService filters of an outbound HCM (a gateway's: Istio's order) and the router."""
+    VirtualService filters of an outbound HCM (a gateway's: Istio's order) and the router.
+    STATS: the loggers of Istio's standard metrics (translate/istio_stats.py)."""
     inbound = direction == "inbound" and not fast
     xfcc: dict[str, Any] = {"forward_client_cert_details": "SANITIZE"}
     if inbound and mtls:
@@ -169,7 +172,7 @@ def http_connection_manager(
                     "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
                 },
             ],
-            access_log=access_log(direction, pod),
+            access_log=[*access_log(direction, pod), *stats],
             # Inbound: the caller's pod address goes to the app in x-forwarded-for. Envoy then
             # sees every caller as external; keep its request id so a trace spans every hop.
             use_remote_address=inbound,
@@ -196,14 +199,23 @@ def tcp_proxy(
     direction: str,
     pod: str,
     route: dict[str, Any] | None = None,
+    stats: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """ROUTE: tcp_proxy's ``cluster`` or ``weighted_clusters``, instead of CLUSTER."""
+    """ROUTE: tcp_proxy's ``cluster`` or ``weighted_clusters``, instead of CLUSTER. STATS: the
+    loggers of Istio's TCP metrics (translate/istio_stats.py), which log when connected too."""
+    options: dict[str, Any] = {}
+    logs = access_log(direction, pod, tcp=True)
+    if stats:
+        options["access_log_options"] = istio_stats.TCP_LOG_OPTIONS
+        for log in logs:  # one line per connection still, at its end
+            log["filter"] = {"log_type_filter": {"types": ["TcpConnectionEnd"]}}
     return {
         "name": "envoy.filters.network.tcp_proxy",
         "typed_config": typed(
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
             stat_prefix=stat_prefix,
             **(route or {"cluster": cluster}),
-            access_log=access_log(direction, pod, tcp=True),
+            access_log=[*logs, *stats],
+            **options,
         ),
     }

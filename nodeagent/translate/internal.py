@@ -168,18 +168,21 @@ def stamp_caller(
     pod: str,
     source: str = "",
     labels: Mapping[str, str] | None = None,
+    peer: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The pod listener's filter: who calls (kept across every internal hop: its netns, SPIFFE
     ID, name, IP SOURCE and LABELS), where it was going (for outbound-internal's original_dst;
     kept across every hop too: a DestinationRule PASSTHROUGH cluster's endpoint, originate, has
     no address of its own and restores this one, see passthrough.py; an endpoint's own metadata
-    wins over it everywhere else) and where from (one hop)."""
+    wins over it everywhere else) and where from (one hop). PEER: the caller's side in Istio's
+    metrics (filter state key -> value, istio_stats.stamp), kept across every hop too."""
     who = [
         state_value(NETNS_KEY, netns, "TRANSITIVE", NETNS_FACTORY),
         state_value(CALLER_KEY, spiffe, "TRANSITIVE", NETNS_FACTORY),
         state_value(POD_KEY, pod, "TRANSITIVE", STRING),
         state_value(LABELS_KEY, labels_value(labels or {}), "TRANSITIVE", STRING),
     ]
+    who += [state_value(k, v, "TRANSITIVE", STRING) for k, v in (peer or {}).items()]
     if source:
         who.append(state_value(SOURCE_KEY, source, "TRANSITIVE", STRING))
     return set_filter_state(

@@ -20,12 +20,12 @@ and again; it goes to ``BlackHoleCluster`` instead.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nodeagent.mesh.model import REGISTRY_ONLY, Pod
 from nodeagent.ports import INBOUND_PORT, OUTBOUND_PORT
-from nodeagent.translate import denials, internal, tls
+from nodeagent.translate import denials, internal, istio_stats, tls
 from nodeagent.translate.authz import PodAuthz, chain_filters
 from nodeagent.translate.envoy import (
     FilterChain,
@@ -59,6 +59,14 @@ TLS_INSPECTOR = {
     "name": "envoy.filters.listener.tls_inspector",
     "typed_config": typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"),
 }
+
+
+def _source_stats(who: str, tcp: bool) -> list[dict[str, Any]]:
+    """Istio's source-reporter metrics of a chain in the node's shared outbound listener (WHO
+    is the stamped pod there); none in the sidecar form's (a bench baseline)."""
+    if who != internal.POD_FORMAT:
+        return []
+    return istio_stats.source_loggers(internal.CALLER_KEY, tcp)
 
 
 def _blackhole(who: str) -> dict[str, Any]:
@@ -137,9 +145,11 @@ def outbound_chain(
     ``weighted_clusters``), instead of the port's own cluster."""
     name = target.cluster
     if is_http(target.protocol):
-        last = http_connection_manager(name, name, "outbound", who)
+        last = http_connection_manager(
+            name, name, "outbound", who, stats=_source_stats(who, tcp=False)
+        )
     else:
-        last = tcp_proxy(name, name, "outbound", who, tcp_route)
+        last = tcp_proxy(name, name, "outbound", who, tcp_route, _source_stats(who, tcp=True))
     match: dict[str, Any] = {"destination_port": target.port.port}
     if prefixes := target_prefixes(target):
         match["prefix_ranges"] = prefixes
@@ -167,7 +177,11 @@ def host_routing_chain(port: int, who: str, table: str = "") -> dict[str, Any]:
     return {
         "name": f"0.0.0.0_{port}",
         "filter_chain_match": {"destination_port": port},
-        "filters": [http_connection_manager(f"0.0.0.0_{port}", name, "outbound", who)],
+        "filters": [
+            http_connection_manager(
+                f"0.0.0.0_{port}", name, "outbound", who, stats=_source_stats(who, tcp=False)
+            )
+        ],
     }
 
 
@@ -219,7 +233,11 @@ def blackhole_chain(ip: str, port: int, who: str) -> dict[str, Any]:
 def _fallback(outbound_policy: str, who: str) -> dict[str, Any]:
     """Destinations no chain matches: passed through (ALLOW_ANY) or refused (REGISTRY_ONLY)."""
     fallback = BLACKHOLE if outbound_policy == REGISTRY_ONLY else PASSTHROUGH
-    return {"name": fallback, "filters": [tcp_proxy(fallback, fallback, "outbound", who)]}
+    stats = _source_stats(who, tcp=True)
+    return {
+        "name": fallback,
+        "filters": [tcp_proxy(fallback, fallback, "outbound", who, stats=stats)],
+    }
 
 
 def pod_outbound_listener(
@@ -240,7 +258,9 @@ def pod_outbound_listener(
             "default_filter_chain": {
                 "name": to,
                 "filters": [
-                    internal.stamp_caller(netns, spiffe, who, source, pod.labels),
+                    internal.stamp_caller(
+                        netns, spiffe, who, source, pod.labels, istio_stats.stamp(pod)
+                    ),
                     tcp_proxy(internal.OUTBOUND_INTERNAL, to, "outbound", who),
                 ],
             },
@@ -264,6 +284,7 @@ def outbound_internal_listener(
             "listener_filters": [ORIGINAL_DST_FILTER],
             "default_filter_chain": _fallback(outbound_policy, internal.POD_FORMAT),
             "traffic_direction": "OUTBOUND",
+            "metadata": istio_stats.LISTENER_METADATA,
         },
     )
     listener.filter_chains.extend(chains)
@@ -303,6 +324,7 @@ def inbound_listener(
     identity: str,
     authz: PodAuthz | None = None,
     authn: Sequence[dict[str, Any]] = (),
+    services: Mapping[int, Mapping[str, str]] | None = None,
 ) -> Listener:
     """PORTS: container port -> (protocol, PeerAuthentication mode); DEFAULT_MODE for the rest.
     AUTHZ: the AuthorizationPolicies that apply to the pod, enforced on every chain that
@@ -312,7 +334,8 @@ def inbound_listener(
 
     STRICT: mTLS only (anything else is refused); PERMISSIVE: mTLS, plaintext, and the client's
     own TLS passed through to the app untouched; DISABLE: no mTLS. IDENTITY is the SPIFFE ID
-    this pod's server side presents.
+    this pod's server side presents. SERVICES: container port -> the service it is for in
+    Istio's metrics (istio_stats.cluster_metadata); None: no metrics (the sidecar form).
 
     Which TLS is mesh mTLS is told by ALPN, as Istio's inbound filter chain matches do
     (istio/istio pilot/pkg/networking/core/filterchain_options.go: PERMISSIVE matches mTLS on
@@ -320,20 +343,44 @@ def inbound_listener(
     """
     who = pod.key
     chains: list[dict[str, Any]] = [_loop_guard(INBOUND_BLACKHOLE, INBOUND_PORT, "inbound", who)]
+    me = istio_stats.pod_peer(pod, identity)
+
+    def stats(port: int | None, tcp: bool, caller: str) -> list[dict[str, Any]]:
+        if services is None:
+            return []
+        service = services.get(port) if port is not None else None
+        return istio_stats.destination_loggers(me, service, caller, tcp)
 
     def terminal(port: int | None, protocol: str, mtls: bool) -> list[dict[str, Any]]:
         # Denials counted per pod and path (translate/denials.py): a caller without mesh mTLS
         # (outside the mesh, or its own TLS) is "plaintext".
         key = denials.stat_key(pod.namespace, pod.name, denials.MTLS if mtls else denials.PLAINTEXT)
+        caller = "mtls" if mtls else "plaintext"
         if port is not None and is_http(protocol):
             name = inbound_cluster(port)
             http = [*authn, *chain_filters(authz, tcp=False, key=key)]
+            if mtls and services is not None:  # the caller's side, from its node's headers
+                http.insert(0, istio_stats.copy_peer_headers())
             return [
-                http_connection_manager(name, name, "inbound", who, mtls=mtls, inbound_filters=http)
+                http_connection_manager(
+                    name,
+                    name,
+                    "inbound",
+                    who,
+                    mtls=mtls,
+                    inbound_filters=http,
+                    stats=stats(port, False, caller),
+                )
             ]
         return [
             *chain_filters(authz, tcp=True, key=key),
-            tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who),
+            tcp_proxy(
+                INBOUND_PASSTHROUGH,
+                INBOUND_PASSTHROUGH,
+                "inbound",
+                who,
+                stats=stats(port, True, caller),
+            ),
         ]
 
     def mtls_match(mode: str, match: dict[str, Any]) -> dict[str, Any]:
@@ -363,7 +410,7 @@ def inbound_listener(
                 {
                     "name": f"{name}-tls",
                     "filter_chain_match": {**port_match, "transport_protocol": "tls"},
-                    "filters": _stamped(netns, *terminal(None, "TCP", False)),
+                    "filters": _stamped(netns, *terminal(port, "TCP", False)),
                 }
             )
         plain = (
@@ -395,6 +442,7 @@ def inbound_listener(
             "filter_chains": chains,
             "default_filter_chain": {"name": INBOUND_PASSTHROUGH, "filters": default},
             "traffic_direction": "INBOUND",
+            **({"metadata": istio_stats.LISTENER_METADATA} if services is not None else {}),
         },
     )
 
@@ -420,10 +468,11 @@ def fast_inbound_listener(
     identity: str,
     authz: PodAuthz | None = None,
     authn: Sequence[dict[str, Any]] = (),
+    services: Mapping[int, Mapping[str, str]] | None = None,
 ) -> Listener | None:
     """A local pod's same-node fast path: ``inboundInternal/<ns>/<pod>``, the internal listener
     its endpoints on ``fast_ports`` are on the node's service clusters (endpoints.py); None when
-    it has none. PORTS, IDENTITY and AUTH as for ``inbound_listener``.
+    it has none. PORTS, IDENTITY, AUTH and SERVICES as for ``inbound_listener``.
 
     What the pod's inbound listener does once the mTLS handshake is done, without one: the caller
     is a local pod whose identity its own outbound listener stamped, which STRICT and PERMISSIVE
@@ -434,6 +483,13 @@ def fast_inbound_listener(
     who = pod.key
     stamp = internal.stamp_callee(netns, identity)
     key = denials.stat_key(pod.namespace, pod.name, denials.FAST)
+    me = istio_stats.pod_peer(pod, identity)
+
+    def stats(port: int, tcp: bool) -> list[dict[str, Any]]:
+        if services is None:
+            return []
+        caller = internal.CALLER_KEY
+        return istio_stats.destination_loggers(me, services.get(port), "fast", tcp, caller)
 
     def deliver(port: int, protocol: str) -> list[dict[str, Any]]:
         # The same AuthorizationPolicy filters as the mTLS path: their principal matchers
@@ -443,12 +499,24 @@ def fast_inbound_listener(
             http = [*authn, *chain_filters(authz, tcp=False, key=key)]
             return [
                 http_connection_manager(
-                    route, route, "inbound", who, fast=True, inbound_filters=http
+                    route,
+                    route,
+                    "inbound",
+                    who,
+                    fast=True,
+                    inbound_filters=http,
+                    stats=stats(port, tcp=False),
                 )
             ]
         return [
             *chain_filters(authz, tcp=True, key=key),
-            tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH, "inbound", who),
+            tcp_proxy(
+                INBOUND_PASSTHROUGH,
+                INBOUND_PASSTHROUGH,
+                "inbound",
+                who,
+                stats=stats(port, tcp=True),
+            ),
         ]
 
     chains = [
@@ -472,5 +540,6 @@ def fast_inbound_listener(
             "listener_filters": [ORIGINAL_DST_FILTER],
             "filter_chains": chains,
             "traffic_direction": "INBOUND",
+            **({"metadata": istio_stats.LISTENER_METADATA} if services is not None else {}),
         },
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodeagent.translate import internal
+from nodeagent.translate import internal, istio_stats
 from nodeagent.translate.envoy import RouteConfiguration, message, typed
 from nodeagent.translate.services import fast_route, inbound_cluster
 
@@ -61,6 +61,8 @@ def inbound_route(port: int, fast: bool = False) -> RouteConfiguration:
             "name": fast_route(port) if fast else inbound_cluster(port),
             "validate_clusters": False,
             **extra,
+            # The caller's side for Istio's metrics, read before routing (istio_stats.py).
+            "request_headers_to_remove": istio_stats.peer_headers_to_remove(),
             "virtual_hosts": [
                 {
                     "name": "inbound|http|" + str(port),

@@ -48,7 +48,7 @@ from typing import Any
 from nodeagent.mesh import policy, secret_access, traffic
 from nodeagent.mesh.model import IstioResource, Service
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import destination_rule, internal, mirror, virtual_service
+from nodeagent.translate import destination_rule, internal, istio_stats, mirror, virtual_service
 from nodeagent.translate.envoy import RouteConfiguration, message
 from nodeagent.translate.protocol import is_tls
 from nodeagent.translate.routes import default_retry_policy
@@ -383,11 +383,19 @@ def port_routes(
                 routes.append({**route, "match": match})
     if node:
         routes = [_mirrored_via_listener(route) for route in routes]
+    extra: dict[str, Any] = {}
+    entry = target.service.entry
+    if entry is None or entry.location == "MESH_INTERNAL":
+        # The caller's side, for the destination node's metrics (istio_stats.py); not to hosts
+        # outside the mesh. (None in the sidecar form: nothing stamps it, and Envoy adds no
+        # header whose value is empty.)
+        extra["request_headers_to_add"] = istio_stats.peer_headers()
     table = message(
         RouteConfiguration,
         {
             "name": target.cluster,
             "validate_clusters": False,
+            **extra,
             "virtual_hosts": [
                 {"name": f"{target.host}:{target.port.port}", "domains": ["*"], "routes": routes}
             ],

@@ -80,3 +80,19 @@ def inbound_ports_of(store: MeshStore, labels: dict[str, str], namespace: str) -
             ):
                 ports[target_port] = target.protocol
     return ports
+
+
+def inbound_services_of(
+    store: MeshStore, labels: dict[str, str], namespace: str
+) -> dict[int, tuple[str, str, str]]:
+    """Target port -> (host, name, namespace) of the first service (by key) whose port targets
+    it: the ``destination_service`` a pod's inbound metrics name for that port, as Istio's
+    inbound cluster names its first service (translate/istio_stats.py)."""
+    found: dict[int, tuple[str, str, str]] = {}
+    domain = store.mesh_config.cluster_domain
+    for svc in store.services_selecting(namespace, labels):
+        for target in service_targets(svc, domain):
+            target_port = target.port.target_port or target.port.port
+            if isinstance(target_port, int):
+                found.setdefault(target_port, (target.host, svc.name, svc.namespace))
+    return found

@@ -8,7 +8,7 @@ from typing import Any
 
 from nodeagent.mesh.model import IstioResource, MeshConfig, Pod
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import TranslationCache, authz
+from nodeagent.translate import TranslationCache, authz, istio_stats
 from nodeagent.translate import envoy as e
 from nodeagent.translate.internal import CALLER_KEY
 from tests.unit.envoy_validate import assert_envoy_accepts_resources
@@ -167,12 +167,10 @@ def test_order_deny_then_allow_then_audit_on_both_inbound_paths() -> None:
             filters = chain["filters"]
             hcm = [f for f in filters if f["name"].endswith("http_connection_manager")]
             if hcm:
-                http = [f["name"] for f in hcm[0]["typedConfig"]["httpFilters"]]
+                filters = without_peer_filter(hcm[0]["typedConfig"]["httpFilters"])
+                http = [f["name"] for f in filters]
                 assert http[-4:] == [authz.HTTP_RBAC] * 3 + ["envoy.filters.http.router"]
-                actions = [
-                    f["typedConfig"]["rules"].get("action", "ALLOW")
-                    for f in hcm[0]["typedConfig"]["httpFilters"][:3]
-                ]
+                actions = [f["typedConfig"]["rules"].get("action", "ALLOW") for f in filters[:3]]
                 assert actions == ["DENY", "ALLOW", "LOG"]
             elif (
                 any(f["name"].endswith("tcp_proxy") for f in filters)
@@ -377,6 +375,11 @@ def test_jwt_authn_comes_before_rbac_on_both_inbound_paths() -> None:
         ]
 
 
+def without_peer_filter(filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FILTERS without the one an mTLS chain copies the caller's metrics labels with."""
+    return [f for f in filters if f["name"] != istio_stats.PEER_FILTER]
+
+
 def inbound_hcms(s: MeshStore) -> list[dict[str, Any]]:
     """The HTTP connection managers of the local pod shop/web (app=web) on both inbound paths
     (its inbound listener and its same-node fast path), as JSON."""
@@ -391,6 +394,8 @@ def inbound_hcms(s: MeshStore) -> list[dict[str, Any]]:
             if f["name"].endswith("http_connection_manager")
         ]
         assert hcms, name
+        for hcm in hcms:  # what authorization reads; the metrics' filter is istio_stats'
+            hcm["httpFilters"] = without_peer_filter(hcm["httpFilters"])
         found += hcms
     return found
 

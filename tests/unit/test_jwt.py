@@ -16,7 +16,7 @@ import pytest
 from nodeagent.mesh import jwks
 from nodeagent.mesh.model import IstioResource, MeshConfig
 from nodeagent.mesh.store import MeshStore
-from nodeagent.translate import TranslationCache, filters, translate
+from nodeagent.translate import TranslationCache, filters, istio_stats, translate
 from nodeagent.translate import envoy as e
 from nodeagent.translate.jwt import JWT_FILTER, REJECT_ALL_JWKS, inbound_filters
 from tests.unit.envoy_validate import assert_envoy_accepts_resources
@@ -47,7 +47,11 @@ def http_filters(listener: Any) -> dict[str, list[str]]:
     for chain in as_json(listener).get("filterChains", []):
         for f in chain["filters"]:
             if f["name"] == "envoy.filters.network.http_connection_manager":
-                names = [h["name"] for h in f["typedConfig"]["httpFilters"]]
+                names = [
+                    h["name"]
+                    for h in f["typedConfig"]["httpFilters"]
+                    if h["name"] != istio_stats.PEER_FILTER  # metrics, not authentication
+                ]
                 found[chain["name"]] = names
     return found
 

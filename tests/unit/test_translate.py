@@ -191,6 +191,14 @@ def test_a_pods_outbound_listener_names_no_service_and_stamps_who_calls() -> Non
         "io.nodeagent.labels": ",app=web,version=v1,",
         "envoy.filters.listener.original_dst.local_ip": "%DOWNSTREAM_LOCAL_ADDRESS%",
         "envoy.filters.listener.original_dst.remote_ip": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        # Its side of Istio's metrics (istio_stats.py): a bare pod is its own workload.
+        "io.nodeagent.peer.workload": "a",
+        "io.nodeagent.peer.namespace": "shop",
+        "io.nodeagent.peer.app": "web",
+        "io.nodeagent.peer.version": "v1",
+        "io.nodeagent.peer.canonical_service": "web",
+        "io.nodeagent.peer.canonical_revision": "v1",
+        "io.nodeagent.peer.cluster": "Kubernetes",
     }
     # Who calls must reach originate, two internal hops away; where to as well (a
     # DestinationRule PASSTHROUGH cluster connects there, translate/passthrough.py); where

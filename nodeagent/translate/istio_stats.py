@@ -1,0 +1,307 @@
+"""Istio's standard metrics from the node Envoy (pure).
+
+Istio's sidecars count every request and connection with its own stats filter, which upstream
+Envoy lacks (istio.io/latest/docs/reference/config/metrics/). Upstream Envoy 1.40 has the stats
+access logger (``envoy.access_loggers.stats``, api-v3/extensions/access_loggers/stats/v3): an
+access log that adds to counters and histograms whose tags are formatter strings. The node Envoy
+knows which local pod each listener and each stamped connection belongs to, so every label is a
+formatter on what the node already holds; no peer metadata exchange is needed on one node:
+
+- source side (``reporter="source"``, in the shared ``outbound-internal`` chains): the caller from
+  the filter state its pod listener stamped (``stamp``); the destination from the chosen
+  endpoint's metadata (``endpoint_metadata``) and the service from its cluster's
+  (``cluster_metadata``); ``unknown`` when there is none (no route, no healthy host, an address
+  outside the mesh), as Istio reports it.
+- destination side (``reporter="destination"``, in each local pod's inbound chains): the pod
+  itself, written into its chains; the caller from the same stamp on the same-node fast path
+  (inherited across the internal hops), from headers its node's source side added on the
+  mTLS path (HTTP only: ``peer_headers``, copied to filter state before the route drops them);
+  a caller outside the mesh (plaintext) is ``unknown``, as Istio reports one.
+
+Names: the logger's stat prefix ``istiocustom`` (Istio's own) makes Envoy print
+``envoy_istiocustom_istio_requests_total``; the agent's merged ``:15020/stats/prometheus`` drops
+``envoy_istiocustom_`` so users see Istio's names. Buckets: Istio sets none, so its histograms
+have Envoy's default buckets, as these do. Bytes: Istio's filter records the downstream wire
+bytes (headers and body). TCP bytes are counted when the connection closes: the logger has no
+per-interval delta (Istio reports every 15 s), so a long-lived connection's bytes show at its end.
+
+Labels never carry a pod IP or a path: their values are workloads, services, codes and flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nodeagent.mesh.model import Pod
+from nodeagent.mesh.workload import UNKNOWN, Peer, peer
+from nodeagent.translate.envoy import typed
+
+PREFIX = "istiocustom"  # Envoy prints envoy_istiocustom_<stat>; :15020 drops the prefix
+META = "istio"  # metadata namespace (listener, cluster, endpoint) the labels read
+CLUSTER_ID = "Kubernetes"  # Istio's default cluster ID (one cluster here)
+PEER_FIELDS = (
+    "workload",
+    "namespace",
+    "app",
+    "version",
+    "canonical_service",
+    "canonical_revision",
+    "cluster",
+)
+# The caller's fields, stamped by its pod listener (TRANSITIVE: they reach the fast path's
+# inbound chain); on the mTLS path copied from PEER_HEADERS. The principal is CALLER_KEY.
+PEER_KEY = {f: f"io.nodeagent.peer.{f}" for f in PEER_FIELDS}
+PEER_HEADERS = {f: f"x-nodeagent-peer-{f.replace('_', '-')}" for f in PEER_FIELDS}
+_UNKNOWN = f"%METADATA(LISTENER:{META}:unknown)%"  # every listener with loggers holds it
+LISTENER_METADATA = {"filter_metadata": {META: {"unknown": UNKNOWN}}}
+# The name of the HTTP filter that copies them (Envoy finds a filter by its config's type).
+PEER_FILTER = "nodeagent.peer_headers"
+
+# What Istio's labels are named for each field of a side (istio_requests_total's labels).
+_SIDE_LABELS = (
+    ("workload", "workload"),
+    ("canonical_service", "canonical_service"),
+    ("canonical_revision", "canonical_revision"),
+    ("workload_namespace", "namespace"),
+    ("principal", "principal"),
+    ("app", "app"),
+    ("version", "version"),
+    ("cluster", "cluster"),
+)
+_HTTP_PROTOCOL = (
+    "%CEL('content-type' in request.headers && "
+    "request.headers['content-type'].startsWith('application/grpc') ? 'grpc' : 'http')%"
+)
+
+
+def _or_unknown(formatter: str) -> str:
+    """FORMATTER's value, ``unknown`` when it has none (a stat tag renders a missing value as
+    "", and COALESCE takes formatter commands only, so the constant comes from metadata)."""
+    command, _, rest = formatter.strip("%").partition("(")
+    param = rest.rstrip(")")
+    return (
+        '%COALESCE({"operators":['
+        f'{{"command":"{command}","param":"{param}"}},'
+        f'{{"command":"METADATA","param":"LISTENER:{META}:unknown"}}]}})%'
+    )
+
+
+def _state(key: str) -> str:
+    return f"%FILTER_STATE({key}:PLAIN)%"
+
+
+def pod_peer(pod: Pod, principal: str) -> Peer:
+    return peer(pod.namespace, pod.workload_name, pod.labels, principal, CLUSTER_ID)
+
+
+def stamp(pod: Pod) -> dict[str, str]:
+    """The filter state a pod's outbound listener stamps: its side of every request (key ->
+    value). The principal is stamped already (internal.CALLER_KEY)."""
+    fields = pod_peer(pod, "").fields()
+    return {PEER_KEY[f]: fields[f] for f in PEER_FIELDS}
+
+
+def endpoint_metadata(pod: Pod, principal: str) -> dict[str, Any]:
+    """An endpoint's metadata under META: the destination side a source reporter reads."""
+    fields = pod_peer(pod, principal).fields()
+    fields.pop("principal")  # the endpoint's SANs say it (internal.ENDPOINT_META)
+    return fields
+
+
+def cluster_metadata(host: str, name: str, namespace: str) -> dict[str, Any]:
+    """A service cluster's metadata under META: destination_service{,_name,_namespace}."""
+    return {"service": host, "service_name": name, "service_namespace": namespace}
+
+
+def peer_headers() -> list[dict[str, Any]]:
+    """``request_headers_to_add`` of a mesh service's outbound route table: the caller's side,
+    for the destination node's reporter. Overwritten, never appended: an app cannot speak
+    for another workload (the destination trusts them on mTLS chains only)."""
+    return [
+        {
+            "header": {"key": PEER_HEADERS[f], "value": _state(PEER_KEY[f])},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+        for f in PEER_FIELDS
+    ]
+
+
+def peer_headers_to_remove() -> list[str]:
+    """Dropped by every inbound route: the app never sees them."""
+    return [PEER_HEADERS[f] for f in PEER_FIELDS]
+
+
+def copy_peer_headers() -> dict[str, Any]:
+    """The HTTP filter of an inbound mTLS chain that takes the caller's side from the headers
+    its node added (a route's removal would hide them from the access log)."""
+    return {
+        "name": PEER_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.set_filter_state.v3.Config",
+            on_request_headers=[
+                {
+                    "object_key": PEER_KEY[f],
+                    "factory_key": "envoy.string",
+                    "format_string": {
+                        "text_format_source": {"inline_string": f"%REQ({PEER_HEADERS[f]})%"}
+                    },
+                }
+                for f in PEER_FIELDS
+            ],
+        ),
+    }
+
+
+def _side(prefix: str, values: Mapping[str, str]) -> list[tuple[str, str]]:
+    return [(f"{prefix}_{label}", values[field]) for label, field in _SIDE_LABELS]
+
+
+def _stamped_source(principal: str) -> dict[str, str]:
+    """The caller from the stamp (or the copied headers), unknown where there is none."""
+    values = {f: _or_unknown(_state(PEER_KEY[f])) for f in PEER_FIELDS}
+    values["principal"] = principal
+    return values
+
+
+def _unknown_side() -> dict[str, str]:
+    return {f: UNKNOWN for f in (*PEER_FIELDS, "principal")}
+
+
+def source_tags(caller_key: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(source side, destination side) of a source reporter in ``outbound-internal``."""
+    source = _stamped_source(_state(caller_key))
+    destination = {f: _or_unknown(f"%METADATA(UPSTREAM_HOST:{META}:{f})%") for f in PEER_FIELDS}
+    destination["principal"] = _or_unknown("%METADATA(UPSTREAM_HOST:nodeagent:sans)%")
+    return _side("source", source), _side("destination", destination)
+
+
+def _service_tags(service: Mapping[str, str] | None, source: bool) -> list[tuple[str, str]]:
+    if source:
+        return [
+            (label, _or_unknown(f"%METADATA(CLUSTER:{META}:{key})%"))
+            for label, key in _SERVICE_LABELS
+        ]
+    service = service or {}
+    return [(label, service.get(key) or UNKNOWN) for label, key in _SERVICE_LABELS]
+
+
+_SERVICE_LABELS = (
+    ("destination_service", "service"),
+    ("destination_service_name", "service_name"),
+    ("destination_service_namespace", "service_namespace"),
+)
+
+
+def _tags(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"name": name, "value_format": value} for name, value in pairs]
+
+
+def _logger(counters: list[dict[str, Any]], histograms: list[dict[str, Any]]) -> dict[str, Any]:
+    fields: dict[str, Any] = {"stat_prefix": PREFIX, "counters": counters}
+    if histograms:
+        fields["histograms"] = histograms
+    return {
+        "name": "envoy.access_loggers.stats",
+        "typed_config": typed("envoy.extensions.access_loggers.stats.v3.Config", **fields),
+    }
+
+
+def _http_logger(labels: list[tuple[str, str]]) -> dict[str, Any]:
+    tags = _tags(labels)
+    return _logger(
+        [{"stat": {"name": "istio_requests_total", "tags": tags}, "value_fixed": 1}],
+        [
+            {
+                "stat": {"name": name, "tags": tags},
+                "unit": unit,
+                "value_format": value,
+            }
+            for name, unit, value in (
+                ("istio_request_duration_milliseconds", "Milliseconds", "%DURATION%"),
+                ("istio_request_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_RECEIVED%"),
+                ("istio_response_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_SENT%"),
+            )
+        ],
+    )
+
+
+# Connections are counted opened when the upstream connected (the access log tcp_proxy writes
+# then: TcpProxy.TcpAccessLogOptions.flush_access_log_on_connected), closed at their end.
+TCP_LOG_OPTIONS = {"flush_access_log_on_connected": True}
+
+
+def _tcp_loggers(labels: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    tags = _tags(labels)
+
+    def counter(name: str, **value: Any) -> dict[str, Any]:
+        return {"stat": {"name": name, "tags": tags}, **value}
+
+    opened = _logger([counter("istio_tcp_connections_opened_total", value_fixed=1)], [])
+    opened["filter"] = {"log_type_filter": {"types": ["TcpUpstreamConnected"]}}
+    closed = _logger(
+        [
+            counter("istio_tcp_connections_closed_total", value_fixed=1),
+            counter("istio_tcp_sent_bytes_total", value_format="%BYTES_SENT%"),
+            counter("istio_tcp_received_bytes_total", value_format="%BYTES_RECEIVED%"),
+        ],
+        [],
+    )
+    closed["filter"] = {"log_type_filter": {"types": ["TcpConnectionEnd"]}}
+    return [opened, closed]
+
+
+def _request_labels(tcp: bool) -> list[tuple[str, str]]:
+    if tcp:
+        return [("request_protocol", "tcp"), ("response_flags", "%RESPONSE_FLAGS%")]
+    return [
+        ("request_protocol", _HTTP_PROTOCOL),
+        ("response_code", "%RESPONSE_CODE%"),
+        ("grpc_response_status", "%GRPC_STATUS_NUMBER%"),
+        ("response_flags", "%RESPONSE_FLAGS%"),
+    ]
+
+
+def source_loggers(caller_key: str, tcp: bool) -> list[dict[str, Any]]:
+    """The source reporter of an outbound-internal chain (CALLER_KEY: the stamped SPIFFE ID)."""
+    source, destination = source_tags(caller_key)
+    labels = [
+        ("reporter", "source"),
+        *source,
+        *destination,
+        *_service_tags(None, source=True),
+        *_request_labels(tcp),
+        # Istio's client side reports no policy: it does not know what the server enforced.
+        ("connection_security_policy", UNKNOWN),
+    ]
+    return _tcp_loggers(labels) if tcp else [_http_logger(labels)]
+
+
+def destination_loggers(
+    me: Peer,
+    service: Mapping[str, str] | None,
+    caller: str,
+    tcp: bool,
+    caller_key: str = "",
+) -> list[dict[str, Any]]:
+    """The destination reporter of a local pod's inbound chain. ME: the pod. SERVICE: the
+    ``cluster_metadata`` of the service its port is for (None: unknown). CALLER: ``fast`` (a
+    pod of this node, stamped: CALLER_KEY), ``mtls`` (another node's pod: its certificate's
+    SAN, its side from the copied headers) or ``plaintext`` (outside the mesh: unknown)."""
+    if caller == "fast":
+        source = _stamped_source(_state(caller_key))
+    elif caller == "mtls":
+        source = _stamped_source(_or_unknown("%DOWNSTREAM_PEER_URI_SAN%"))
+        if tcp:  # no headers: the certificate tells only who
+            source = {**_unknown_side(), "principal": source["principal"]}
+    else:
+        source = _unknown_side()
+    labels = [
+        ("reporter", "destination"),
+        *_side("source", source),
+        *_side("destination", me.fields()),
+        *_service_tags(service, source=False),
+        *_request_labels(tcp),
+        ("connection_security_policy", "none" if caller == "plaintext" else "mutual_tls"),
+    ]
+    return _tcp_loggers(labels) if tcp else [_http_logger(labels)]
