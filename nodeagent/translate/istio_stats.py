@@ -143,9 +143,12 @@ def copy_peer_headers() -> dict[str, Any]:
                 {
                     "object_key": PEER_KEY[f],
                     "factory_key": "envoy.string",
+                    # No header (a caller's sidecar, not a node): no value, so "unknown".
                     "format_string": {
-                        "text_format_source": {"inline_string": f"%REQ({PEER_HEADERS[f]})%"}
+                        "text_format_source": {"inline_string": f"%REQ({PEER_HEADERS[f]})%"},
+                        "omit_empty_values": True,
                     },
+                    "skip_if_empty": True,
                 }
                 for f in PEER_FIELDS
             ],

@@ -1,0 +1,199 @@
+"""Istio's standard metrics from the node Envoys (issue #19; translate/istio_stats.py).
+
+Istio is the specification: istio.io/latest/docs/reference/config/metrics/ (names, types and
+labels: ``istio_requests_total`` with ``reporter``, ``source_workload``, ...; TCP's
+``istio_tcp_*``), and what Istio reports where it does not know a value: ``unknown``
+(e.g. the source of a caller outside the mesh). Workloads are named as Istio's injector names
+them from owner references (the testbed's pods stand for Deployments: a ReplicaSet owns them).
+
+One S1-like chain across both nodes: sleep (n1) -> web-api (n1, the same-node fast path) ->
+recommendation (n2, mTLS between nodes) -> purchase-history (n2); a caller outside the mesh
+(default namespace, plaintext); a TCP service; failures with their response flags.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from nodeagent.testbed.cluster import Testbed
+from tests.integration.helpers import envoy_stats, pod, running_testbed, topology_text
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+NAME = "tbmetrics"
+NS = "istioinaction"
+WEB_API = f"http://web-api.{NS}:8080/"
+
+
+def _topology() -> str:
+    def fake(port: int, upstream: str = "", **env: str) -> dict[str, object]:
+        if upstream:
+            env["UPSTREAM_URIS"] = upstream
+        return {"type": "fake-service", "port": port, "env": env}
+
+    pods = [
+        pod("sleep", "n1", {"app": "sleep"}, namespace=NS),
+        pod("web-api", "n1", {"app": "web-api", "version": "v1"}, namespace=NS,
+            workload=fake(8080, f"http://recommendation.{NS}:8080")),
+        pod("recommendation", "n2", {"app": "recommendation", "version": "v1"}, namespace=NS,
+            workload=fake(8080, f"http://purchase-history.{NS}:8080")),
+        pod("purchase-history-v1", "n2", {"app": "purchase-history", "version": "v1"},
+            namespace=NS, workload=fake(8080)),
+        pod("db", "n2", {"app": "db"}, namespace=NS, workload=fake(9000)),
+        pod("broken", "n1", {"app": "broken"}, namespace=NS,
+            workload=fake(8080, ERROR_RATE="1", ERROR_CODE="500")),
+        # Outside the mesh (namespace default is not in it): Istio's "unknown" source.
+        pod("outsider", "n1", {"app": "outsider"}),
+    ]  # fmt: skip
+    for p in pods:  # each stands for a Deployment named after its pod (workload = pod name)
+        p["deployment"] = p["name"]
+    services = [
+        {"name": name, "namespace": NS, "selector": {"app": name},
+         "ports": [{"name": "http", "port": 8080, "targetPort": 8080}]}
+        for name in ("web-api", "recommendation", "purchase-history", "broken", "nobody")
+    ]  # fmt: skip
+    services.append(
+        {"name": "db", "namespace": NS, "selector": {"app": "db"},
+         "ports": [{"name": "tcp", "port": 9000, "targetPort": 9000}]}
+    )  # fmt: skip
+    return topology_text(NAME, pods, services, mesh=(NS,))
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    with running_testbed(_topology(), "test_istio_metrics") as bed:
+        yield bed
+
+
+_SERIES = re.compile(r"^envoy_istiocustom_(\w+?)\{(.*)\} (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def series(tb: Testbed, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every series of Istio metric NAME both node Envoys export (labels, value)."""
+    found = []
+    for node in ("n1", "n2"):
+        for line in envoy_stats(tb.name, node).splitlines():
+            m = _SERIES.match(line)
+            if m and m.group(1) == name:
+                found.append((dict(_LABEL.findall(m.group(2))), float(m.group(3))))
+    return found
+
+
+def total(tb: Testbed, name: str, **labels: str) -> float:
+    return sum(v for got, v in series(tb, name) if all(got.get(k) == w for k, w in labels.items()))
+
+
+def curl(tb: Testbed, caller: str, url: str) -> str:
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", url]
+    return tb.exec(caller, argv).stdout
+
+
+def side(prefix: str, workload: str, app: str = "", version: str = "unknown") -> dict[str, str]:
+    """The labels Istio gives one side: a mesh workload of NS with its service account."""
+    return {
+        f"{prefix}_workload": workload,
+        f"{prefix}_workload_namespace": NS,
+        f"{prefix}_principal": f"spiffe://cluster.local/ns/{NS}/sa/{app or workload}",
+        f"{prefix}_app": app or workload,
+        f"{prefix}_version": version,
+        f"{prefix}_canonical_service": app or workload,
+        f"{prefix}_canonical_revision": version if version != "unknown" else "latest",
+        f"{prefix}_cluster": "Kubernetes",
+    }
+
+
+def service_labels(name: str) -> dict[str, str]:
+    return {
+        "destination_service": f"{name}.{NS}.svc.cluster.local",
+        "destination_service_name": name,
+        "destination_service_namespace": NS,
+    }
+
+
+def test_requests_along_the_chain_are_labelled_by_workload_on_both_reporters(tb: Testbed) -> None:
+    for _ in range(3):
+        assert curl(tb, f"{NS}/sleep", WEB_API) == "200"
+    sleep = side("source", "sleep")
+    web_api = side("destination", "web-api", version="v1")
+    web_api_src = side("source", "web-api", version="v1")
+    recommendation = side("destination", "recommendation", version="v1")
+    recommendation_src = side("source", "recommendation", version="v1")
+    history = side("destination", "purchase-history-v1", app="purchase-history", version="v1")
+    history["destination_principal"] = f"spiffe://cluster.local/ns/{NS}/sa/purchase-history"
+    ok = {"request_protocol": "http", "response_code": "200", "response_flags": "-"}
+    hops = [
+        # sleep -> web-api: same node (n1), the fast path
+        {**sleep, **web_api, **service_labels("web-api"), **ok},
+        # web-api (n1) -> recommendation (n2): across nodes, mTLS
+        {**web_api_src, **recommendation, **service_labels("recommendation"), **ok},
+        # recommendation -> purchase-history: same node (n2)
+        {**recommendation_src, **history, **service_labels("purchase-history"), **ok},
+    ]
+    for labels in hops:
+        # Istio's client side does not know the server's policy; the server saw mTLS.
+        for reporter, security in (("source", "unknown"), ("destination", "mutual_tls")):
+            want = {**labels, "reporter": reporter, "connection_security_policy": security}
+            wait_for(
+                lambda w=want: total(tb, "istio_requests_total", **w) >= 3,
+                10,
+                lambda w=want: f"{w}\n" + "\n".join(map(str, series(tb, "istio_requests_total"))),
+            )
+    # The duration and size histograms carry the same labels (Envoy flushes them every 5 s).
+    hop = {**hops[1][0], "reporter": "destination"}
+    for histogram in (
+        "istio_request_duration_milliseconds",
+        "istio_request_bytes",
+        "istio_response_bytes",
+    ):
+        wait_for(lambda h=histogram: total(tb, f"{h}_count", **hop) >= 3, 15, histogram)
+    assert total(tb, "istio_response_bytes_sum", **hop) > 0
+
+
+def test_a_caller_outside_the_mesh_is_an_unknown_source(tb: Testbed) -> None:
+    assert curl(tb, "default/outsider", WEB_API) == "200"
+    unknown = {
+        f"source_{k}": "unknown" for k in ("workload", "workload_namespace", "principal", "app")
+    }
+    want = {
+        "reporter": "destination",
+        **unknown,
+        "destination_workload": "web-api",
+        "connection_security_policy": "none",
+        "response_code": "200",
+    }
+    wait_for(lambda: total(tb, "istio_requests_total", **want) >= 1, 10, str(want))
+    # No pod IP and no path among any label's values.
+    for labels, _ in series(tb, "istio_requests_total"):
+        assert not any(re.fullmatch(r"[\d.]+(:\d+)?|/.*", v) for v in labels.values()), labels
+
+
+def test_tcp_metrics_and_failures_show_codes_and_flags(tb: Testbed) -> None:
+    caller = f"{NS}/sleep"
+    # TCP: the db service's port is TCP; curl speaks HTTP over it, the mesh sees bytes.
+    assert curl(tb, caller, f"http://db.{NS}:9000/") == "200"
+    tcp = {"request_protocol": "tcp", "destination_workload": "db", "source_workload": "sleep"}
+    for reporter in ("source", "destination"):
+        for name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
+            wait_for(lambda n=name, r=reporter: total(tb, n, reporter=r, **tcp) >= 1, 10, name)
+        assert total(tb, "istio_tcp_sent_bytes_total", reporter=reporter, **tcp) > 0
+        assert total(tb, "istio_tcp_received_bytes_total", reporter=reporter, **tcp) > 0
+    # 5xx from the app; UH: a service without endpoints.
+    assert curl(tb, caller, f"http://broken.{NS}:8080/") == "500"
+    assert curl(tb, caller, f"http://nobody.{NS}:8080/") == "503"
+    broken = {"destination_workload": "broken", "response_code": "500"}
+    wait_for(
+        lambda: total(tb, "istio_requests_total", reporter="destination", **broken) >= 1, 10, "500"
+    )
+    no_endpoint = {
+        "reporter": "source",
+        "destination_service_name": "nobody",
+        "destination_workload": "unknown",
+        "response_code": "503",
+        "response_flags": "UH",
+    }
+    wait_for(lambda: total(tb, "istio_requests_total", **no_endpoint) >= 1, 10, "UH")
