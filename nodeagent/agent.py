@@ -238,8 +238,14 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
         ]
         return "; ".join(p for p in problems if p)
 
-    if config.metrics_port:
-        metrics.serve(config.metrics_host, config.metrics_port)
+    # The node Envoy's stats join the agent's on :15020 (the sidecar model's Envoys are each
+    # scraped on their own, as Istio's sidecars are).
+    envoy_stats = None if proxy is None or sidecars else proxy.admin.prometheus
+    scrapes = (
+        metrics.serve(config.metrics_host, config.metrics_port, envoy_stats)
+        if config.metrics_port
+        else None
+    )
     health = (
         serve_readiness(config.metrics_host, config.readiness_port, readiness)
         if (config.readiness_port)
@@ -298,6 +304,9 @@ async def run(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
                     await proxy.remove_all()
         if health is not None:
             health.shutdown()
+        if scrapes is not None:
+            scrapes.shutdown()
+            scrapes.server_close()
 
 
 async def _issuer(config: AgentConfig, trust_domain: str, stop: asyncio.Event) -> Issuer:

@@ -7,15 +7,31 @@ names do appear in one family, the denials each pod's AuthorizationPolicies made
 no secret (Prometheus's Kubernetes discovery labels every scraped pod with it, and Istio's own
 sidecars export their denials per pod, each from its own Envoy), and a per-pod count is what
 tells which workload is refusing traffic (issue #17).
+
+``/stats/prometheus`` (and ``/metrics``) is the node's one scrape endpoint, as Istio's pilot-agent
+merges its own metrics with its Envoy's on :15020 (pilot/cmd/pilot-agent/status/server.go,
+handleStats): the agent's families, then the node Envoy's ``/stats/prometheus`` read over its
+root-only admin socket. Envoy's stats access logger emits Istio's standard metrics under the stat
+prefix ``istiocustom``, which Envoy prints as ``envoy_istiocustom_<name>``; they are served under
+Istio's own names (``istio_requests_total``, ...) so Istio's dashboards and alerts work unchanged.
+When Envoy does not answer the agent's families are still served, and
+``nodeagent_scrape_failures_total{type="envoy"}`` counts it (Istio's
+``istio_agent_scrape_failures_total``).
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import math
+import re
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 from nodeagent.envoy.admin import EnvoyAdminError
@@ -26,6 +42,21 @@ log = logging.getLogger(__name__)
 
 DENIALS = "nodeagent_authz_denials"
 _DENIAL_LABELS = ["namespace", "pod", "path", "protocol", "action"]
+
+# Both paths serve the merged text, as pilot-agent's do (/metrics is Prometheus's default path).
+SCRAPE_PATHS = ("/stats/prometheus", "/metrics")
+# The text exposition format, whatever the scraper prefers: Envoy's output is in it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ISTIO_STATS_PREFIX = "envoy_istiocustom_"  # Envoy's name for the stats logger's istiocustom scope
+ENVOY_SCRAPE_TIMEOUT = 5.0  # seconds, unless the scraper says how long it waits
+ENVOY, AGENT = "envoy", "agent"  # nodeagent_scrape_failures_total{type}
+# A family's first line, where the rename applies too: "# TYPE name type", "# HELP name text".
+_ISTIO_NAME = re.compile(r"^(# (?:TYPE|HELP) )?" + ISTIO_STATS_PREFIX, re.M)
+_TYPE_LINE = re.compile(r"^# TYPE (\S+)", re.M)
+
+# Envoy's /stats/prometheus for a query string (Envoy's own: usedonly, filter, ...) within a
+# timeout in seconds; raises EnvoyAdminError when Envoy does not answer.
+EnvoyScrape = Callable[[str, float], str]
 
 
 class DenialCollector:
@@ -123,7 +154,22 @@ class AgentMetrics:
             ["mode"],
             registry=self.registry,
         )
+        self.scrapes = Counter(
+            "nodeagent_scrapes",
+            "Scrapes of the merged metrics endpoint (:15020/stats/prometheus).",
+            registry=self.registry,
+        )
+        self.scrape_failures = Counter(
+            "nodeagent_scrape_failures",
+            "Scrapes of the merged endpoint that left a part out, by part (envoy: the node"
+            " Envoy's stats did not answer; agent: the agent's own could not be collected).",
+            ["type"],
+            registry=self.registry,
+        )
+        for part in (ENVOY, AGENT):
+            self.scrape_failures.labels(part)
         self._pod_states: dict[tuple[str, str], str] = {}
+        self._count()  # every state has a series from the start, 0 on a node without pods
 
     def set_pod_state(self, namespace: str, pod: str, state: str) -> None:
         self._pod_states[(namespace, pod)] = state
@@ -137,5 +183,120 @@ class AgentMetrics:
         for state in STATES:
             self.pods.labels(state).set(sum(1 for s in self._pod_states.values() if s == state))
 
-    def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, envoy: EnvoyScrape | None = None) -> ThreadingHTTPServer:
+        """:PORT on HOST: the merged scrape (ENVOY: the node Envoy's stats; None: the agent's
+        alone, e.g. --no-proxy or the sidecar model, whose Envoys are each scraped on their own)."""
+        return serve_merged(host, port, self.registry, envoy, self.scrapes, self.scrape_failures)
+
+
+def istio_names(text: str) -> str:
+    """Envoy's Prometheus TEXT with the families of the stats logger's ``istiocustom`` scope
+    under Istio's names: ``envoy_istiocustom_istio_requests_total{...}`` (and its ``# TYPE``
+    line) becomes ``istio_requests_total{...}``. Only names are touched, never label values."""
+    return _ISTIO_NAME.sub(r"\1", text)
+
+
+def merge(agent: str, envoy: str) -> str:
+    """The agent's exposition, then Envoy's (Istio's names restored). An Envoy family whose name
+    the agent already declares is left out: a second ``# TYPE`` for one name fails the whole
+    scrape in Prometheus, and the agent's is the one its dashboards mean."""
+    envoy = istio_names(envoy)
+    taken = set(_TYPE_LINE.findall(agent)) & set(_TYPE_LINE.findall(envoy))
+    if taken:
+        log.warning("Envoy families also named by the agent, left out: %s", sorted(taken))
+        envoy = _without_families(envoy, taken)
+    if agent and not agent.endswith("\n"):
+        agent += "\n"
+    return agent + envoy
+
+
+def _without_families(text: str, names: set[str]) -> str:
+    """TEXT without the families NAMES: from each one's ``# TYPE``/``# HELP`` line up to the
+    next family's (Envoy writes every family as one block headed by its ``# TYPE``)."""
+    kept = []
+    skipping = False
+    for line in text.splitlines(keepends=True):
+        if line.startswith(("# TYPE ", "# HELP ")):
+            skipping = line.split(None, 3)[2] in names
+        if not skipping:
+            kept.append(line)
+    return "".join(kept)
+
+
+def serve_merged(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    envoy: EnvoyScrape | None,
+    scrapes: Counter,
+    failures: Counter,
+) -> ThreadingHTTPServer:
+    """The node's scrape endpoint on HOST:PORT (SCRAPE_PATHS; anything else is 404), served
+    from a thread of its own. A scrape reads Envoy first, so this scrape's own failure is
+    already counted in the agent's families it returns."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            if url.path not in SCRAPE_PATHS:
+                self.send_error(404)
+                return
+            scrapes.inc()
+            waits = self.headers.get("X-Prometheus-Scrape-Timeout-Seconds", "")
+            body = scrape(registry, envoy, failures, url.query, _timeout(waits))
+            data = body.encode()
+            gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+            if gzipped:  # what Prometheus asks for: Envoy's part is large and compresses well
+                data = gzip.compress(data, compresslevel=1)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            if gzipped:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # a scrape every few seconds would drown the agent's log
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+def scrape(
+    registry: CollectorRegistry,
+    envoy: EnvoyScrape | None,
+    failures: Counter,
+    query: str = "",
+    timeout: float = ENVOY_SCRAPE_TIMEOUT,
+) -> str:
+    """One merged exposition. QUERY goes on to Envoy (re-encoded: it can only ever be a query
+    of /stats/prometheus); a part that fails is left out, logged and counted, never the whole."""
+    envoy_text = ""
+    if envoy is not None:
+        try:
+            envoy_text = envoy(urlencode(parse_qsl(query, keep_blank_values=True)), timeout)
+        except EnvoyAdminError as e:
+            log.debug("merged scrape without Envoy's stats: %s", e)
+            failures.labels(ENVOY).inc()
+    try:
+        agent_text = generate_latest(registry).decode()
+    except Exception:  # a collector's bug must not cost the scrape Envoy's part
+        log.exception("merged scrape without the agent's metrics")
+        failures.labels(AGENT).inc()
+        agent_text = ""
+    return merge(agent_text, envoy_text)
+
+
+def _timeout(scraper_waits: str) -> float:
+    """How long Envoy may take: a little less than the scraper waits (SCRAPER_WAITS: the
+    X-Prometheus-Scrape-Timeout-Seconds header Prometheus sends), else ENVOY_SCRAPE_TIMEOUT."""
+    try:
+        waits = float(scraper_waits)
+    except ValueError:
+        return ENVOY_SCRAPE_TIMEOUT
+    if not math.isfinite(waits):
+        return ENVOY_SCRAPE_TIMEOUT
+    return min(max(waits * 0.9, 0.1), 60.0)

@@ -111,8 +111,11 @@ class EnvoyAdmin:
         """``/clusters?format=json``: each cluster's endpoints and their health."""
         return self._json("/clusters", {"format": "json"})
 
-    def prometheus(self) -> str:
-        return self._checked("GET", "/stats/prometheus")
+    def prometheus(self, query: str = "", timeout: float | None = None) -> str:
+        """``/stats/prometheus`` (QUERY: Envoy's own, e.g. ``usedonly``), waiting up to TIMEOUT
+        seconds per read instead of this client's."""
+        path = f"/stats/prometheus?{query}" if query else "/stats/prometheus"
+        return self._checked("GET", path, timeout)
 
     def post(self, path: str) -> str:
         """A mutating endpoint (/quitquitquit, /drain_listeners, /healthcheck/fail...)."""
@@ -129,21 +132,22 @@ class EnvoyAdmin:
             raise EnvoyAdminError(f"Envoy admin {self.address}{full}: expected a JSON object")
         return answer
 
-    def _checked(self, method: str, path: str) -> str:
-        status, body = self._request(method, path)
+    def _checked(self, method: str, path: str, timeout: float | None = None) -> str:
+        status, body = self._request(method, path, timeout)
         if not 200 <= status < 300:
             raise EnvoyAdminError(
                 f"Envoy admin {self.address}{path}: {method} answered {status}: {body[:200]}"
             )
         return body
 
-    def _request(self, method: str, path: str) -> tuple[int, str]:
+    def _request(self, method: str, path: str, timeout: float | None = None) -> tuple[int, str]:
         if not path.startswith("/"):
             raise ValueError(f"admin path must start with '/': {path!r}")
+        wait = self.timeout if timeout is None else timeout
         conn = (
-            _UnixConnection(self.socket_path, self.timeout)
+            _UnixConnection(self.socket_path, wait)
             if self.socket_path is not None
-            else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            else http.client.HTTPConnection(self.host, self.port, timeout=wait)
         )
         try:
             conn.request(method, path)

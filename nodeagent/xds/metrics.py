@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from nodeagent.xds.types import SHORT_NAMES
+
 
 class XdsMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -27,6 +29,9 @@ class XdsMetrics:
             ["type"],
             registry=registry,
         )
+        # A series per type from the start: "no NACK yet" is 0, not an empty dashboard panel.
+        for name in SHORT_NAMES.values():
+            self.nacks.labels(name)
         self.push_seconds = Histogram(
             "nodeagent_xds_push_seconds",
             "Seconds from a snapshot being set (or the stream opening) to Envoy's ACK, by type.",
