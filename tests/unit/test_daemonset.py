@@ -268,7 +268,7 @@ def test_daemonset_pod_settings() -> None:
     assert spec["template"]["metadata"]["annotations"] == {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": metrics_port,
-        "prometheus.io/path": "/metrics",
+        "prometheus.io/path": "/stats/prometheus",
     }
 
 
