@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,11 +29,22 @@ READY_PATH = "/ready"
 BOOTSTRAP_FILE = "envoy-bootstrap.json"  # in the run dir, next to the xDS socket
 ADMIN_SOCKET = "envoy-admin.sock"  # in the run dir too: root only (0600 in a 0700 directory)
 ADMIN_SOCKET_MODE = 0o600
-# Stats whose names carry a workload identity or a pod are never created: :15090 answers anyone
-# on the node's network. Clusters and routes are named by service, never by identity; SDS secrets
-# and originate-mtls's transport sockets are named by SPIFFE ID, hence the patterns. What Envoy
-# holds per pod stays visible to root through the admin socket (proxy-config).
-PRIVATE_STAT_PATTERNS: tuple[dict[str, str], ...] = ({"contains": "~"}, {"contains": "spiffe://"})
+# Envoy's own stats whose names carry a workload identity or a pod are never created: :15090
+# answers anyone on the node's network. Clusters and routes are named by service, never by
+# identity; SDS secrets and originate-mtls's transport sockets are named by SPIFFE ID, hence the
+# patterns. What Envoy holds per pod stays visible to root through the admin socket
+# (proxy-config). Istio's standard metrics (the scope ``istiocustom``, translate/istio_stats.py)
+# are the exception, as at Istio, whose every sidecar exports them: their principal labels are
+# SPIFFE IDs. The matcher sees a stat's flat name (tag values included), and RE2 has no
+# lookahead, so "spiffe:// in a name not starting with istiocustom." is spelled out by prefix.
+_ISTIO_SCOPE = "istiocustom."
+_NOT_ISTIO = "|".join(
+    re.escape(_ISTIO_SCOPE[:i]) + f"[^{re.escape(c)}]" for i, c in enumerate(_ISTIO_SCOPE)
+)
+PRIVATE_STAT_PATTERNS: tuple[dict[str, Any], ...] = (
+    {"contains": "~"},
+    {"safe_regex": {"regex": f"^(?:{_NOT_ISTIO}).*spiffe://"}},
+)
 MAX_DOWNSTREAM_CONNECTIONS = 100_000  # generous: it only exists so Envoy does not warn
 
 # Without ADS, Envoy waits this long per xDS type (CDS, then LDS) before going LIVE with the
