@@ -14,12 +14,19 @@ recommendation (n2, mTLS between nodes) -> purchase-history (n2); a caller outsi
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from nodeagent.testbed.cluster import Testbed
 from tests.integration.helpers import envoy_stats, pod, running_testbed, topology_text
+from tests.integration.prometheus import (
+    Prometheus,
+    grafana_expr,
+    istio_dashboard_queries,
+    prometheus,
+)
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -203,3 +210,70 @@ def test_tcp_metrics_and_failures_show_codes_and_flags(tb: Testbed) -> None:
         "response_flags": "UH",
     }
     wait_for(lambda: total(tb, "istio_requests_total", **no_endpoint) >= 1, 10, "UH")
+
+
+@pytest.fixture(scope="module")
+def prom(tb: Testbed) -> Iterator[Prometheus]:
+    with prometheus(tb) as running:
+        running.wait_scraped()
+        yield running
+
+
+def drive(tb: Testbed, seconds: float) -> None:
+    """S1.1 traffic for SECONDS: the chain from sleep, a caller outside the mesh, a TCP call
+    (each curl bounded by its own timeout, the loop by time)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert curl(tb, f"{NS}/sleep", WEB_API) == "200"
+        assert curl(tb, "default/outsider", WEB_API) == "200"
+        assert curl(tb, f"{NS}/sleep", f"http://db.{NS}:9000/") == "200"
+        time.sleep(0.2)
+
+
+def _empty_at_istio(expr: str) -> bool:
+    """Istio's source reporter never says mutual_tls (its reference: "set to unknown when
+    report is from source"), so a panel asking for both is empty at Istio too."""
+    return 'reporter="source"' in expr and 'connection_security_policy="mutual_tls"' in expr
+
+
+def test_a_real_prometheus_answers_istios_dashboard_queries(tb: Testbed, prom: Prometheus) -> None:
+    """The issue's PromQL and the panels of Istio's service and workload dashboards
+    (tests/data/istio-dashboard-queries.yaml), unchanged, over both nodes' :15020 scrapes."""
+    drive(tb, 8)
+    by_code = prom.wait_until(
+        'sum(rate(istio_requests_total{reporter="destination"}[1m]))'
+        " by (destination_workload, response_code)"
+    )
+    rates = {
+        (s["metric"]["destination_workload"], s["metric"]["response_code"]): float(s["value"][1])
+        for s in by_code
+    }
+    for workload in ("web-api", "recommendation", "purchase-history-v1"):
+        assert rates.get((workload, "200"), 0) > 0, rates
+    p90 = prom.values(
+        "histogram_quantile(0.90, sum(rate(istio_request_duration_milliseconds_bucket"
+        '{reporter="destination"}[1m])) by (le, destination_workload))',
+        "destination_workload",
+    )
+    assert all(0 < p90[w] < 5000 for w in ("web-api", "recommendation")), p90
+    # Who called web-api, as its destination reporter tells it: sleep over the fast path (mTLS),
+    # the outsider as unknown and plaintext.
+    callers = prom.values(
+        'sum(rate(istio_requests_total{reporter="destination",destination_workload="web-api"}[1m]))'
+        " by (source_workload)",
+        "source_workload",
+    )
+    assert callers.get("sleep", 0) > 0 and callers.get("unknown", 0) > 0, callers
+    fqdn = f".{NS}.svc.cluster.local"
+    common = {"namespace": NS, "srcns": ".*", "srcwl": ".*", "dstsvc": ".*", "dstns": ".*",
+              "dstwl": ".*", "dstcluster": ".*", "srccluster": ".*"}  # fmt: skip
+    views = [
+        {**common, "qrep": reporter, "workload": workload, "service": name + fqdn}
+        for reporter in ("destination", "source")
+        for workload, name in (("web-api", "web-api"), ("db", "db"), ("sleep", "web-api"))
+    ]
+    empty = []
+    for q in istio_dashboard_queries():
+        if not any(prom.query(grafana_expr(q["expr"], view)) for view in views):
+            empty.append(q)
+    assert [q for q in empty if not _empty_at_istio(q["expr"])] == []
