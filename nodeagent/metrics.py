@@ -1,12 +1,15 @@
 """Prometheus metrics of the node agent, served on the node (Istio's agent port, :15020).
 
-:15020 answers anyone who reaches the node's address, so it names no identity (no SPIFFE ID, no
-service account) and says nothing of a pod's capture beyond counts by state (each pod's own state
+:15020 answers anyone who reaches the node's address, so the agent's own families name no
+identity (no SPIFFE ID, no service account) and say nothing of a pod's capture beyond counts by
+state (each pod's own state
 is `nodeagent pods`, over the root-only socket, and on the pod itself as an annotation). Pod
 names do appear in one family, the denials each pod's AuthorizationPolicies made: a pod's name is
 no secret (Prometheus's Kubernetes discovery labels every scraped pod with it, and Istio's own
 sidecars export their denials per pod, each from its own Envoy), and a per-pod count is what
-tells which workload is refusing traffic (issue #17).
+tells which workload is refusing traffic (issue #17). Istio's standard metrics, from the node
+Envoy, name workloads and their principals (SPIFFE IDs) by design, as every Istio sidecar's
+:15020 does (issue #19).
 
 ``/stats/prometheus`` (and ``/metrics``) is the node's one scrape endpoint, as Istio's pilot-agent
 merges its own metrics with its Envoy's on :15020 (pilot/cmd/pilot-agent/status/server.go,
@@ -53,6 +56,8 @@ ENVOY, AGENT = "envoy", "agent"  # nodeagent_scrape_failures_total{type}
 # A family's first line, where the rename applies too: "# TYPE name type", "# HELP name text".
 _ISTIO_NAME = re.compile(r"^(# (?:TYPE|HELP) )?" + ISTIO_STATS_PREFIX, re.M)
 _TYPE_LINE = re.compile(r"^# TYPE (\S+)", re.M)
+_ISTIO_SAMPLE = re.compile(r"^istio_\w*\{.*$", re.M)  # after the rename
+_EMPTY_SIDE = re.compile(r'([{,](?:source|destination)_\w+)=""')
 
 # Envoy's /stats/prometheus for a query string (Envoy's own: usedonly, filter, ...) within a
 # timeout in seconds; raises EnvoyAdminError when Envoy does not answer.
@@ -192,8 +197,12 @@ class AgentMetrics:
 def istio_names(text: str) -> str:
     """Envoy's Prometheus TEXT with the families of the stats logger's ``istiocustom`` scope
     under Istio's names: ``envoy_istiocustom_istio_requests_total{...}`` (and its ``# TYPE``
-    line) becomes ``istio_requests_total{...}``. Only names are touched, never label values."""
-    return _ISTIO_NAME.sub(r"\1", text)
+    line) becomes ``istio_requests_total{...}``; in them, a ``source_*`` or ``destination_*``
+    label without a value becomes Istio's ``unknown`` (translate/istio_stats.py leaves what a
+    formatter does not find empty; ``grpc_response_status`` stays empty for non-gRPC, as at
+    Istio). No other label value is touched."""
+    text = _ISTIO_NAME.sub(r"\1", text)
+    return _ISTIO_SAMPLE.sub(lambda m: _EMPTY_SIDE.sub(r'\1="unknown"', m.group(0)), text)
 
 
 def merge(agent: str, envoy: str) -> str:

@@ -10,13 +10,19 @@ formatter on what the node already holds; no peer metadata exchange is needed on
 - source side (``reporter="source"``, in the shared ``outbound-internal`` chains): the caller from
   the filter state its pod listener stamped (``stamp``); the destination from the chosen
   endpoint's metadata (``endpoint_metadata``) and the service from its cluster's
-  (``cluster_metadata``); ``unknown`` when there is none (no route, no healthy host, an address
-  outside the mesh), as Istio reports it.
+  (``cluster_metadata``); none when there is none (no route, no healthy host, an address
+  outside the mesh).
 - destination side (``reporter="destination"``, in each local pod's inbound chains): the pod
   itself, written into its chains; the caller from the same stamp on the same-node fast path
   (inherited across the internal hops), from headers its node's source side added on the
   mTLS path (HTTP only: ``peer_headers``, copied to filter state before the route drops them);
-  a caller outside the mesh (plaintext) is ``unknown``, as Istio reports one.
+  none for a caller outside the mesh (plaintext).
+
+A label a formatter finds no value for is empty here, and the agent's merged endpoint shows it
+as Istio does, ``unknown`` (metrics.py): a stat tag renders a missing value as "", and Envoy
+1.40's formatters have no default (COALESCE takes formatter commands only), so a default here
+would cost a long formatter per label in every chain's config, which grows with services. Where
+a chain knows no value at all, it says ``unknown`` itself (a tag's format cannot be empty).
 
 Names: the logger's stat prefix ``istiocustom`` (Istio's own) makes Envoy print
 ``envoy_istiocustom_istio_requests_total``; the agent's merged ``:15020/stats/prometheus`` drops
@@ -53,8 +59,6 @@ PEER_FIELDS = (
 # inbound chain); on the mTLS path copied from PEER_HEADERS. The principal is CALLER_KEY.
 PEER_KEY = {f: f"io.nodeagent.peer.{f}" for f in PEER_FIELDS}
 PEER_HEADERS = {f: f"x-nodeagent-peer-{f.replace('_', '-')}" for f in PEER_FIELDS}
-_UNKNOWN = f"%METADATA(LISTENER:{META}:unknown)%"  # every listener with loggers holds it
-LISTENER_METADATA = {"filter_metadata": {META: {"unknown": UNKNOWN}}}
 # The name of the HTTP filter that copies them (Envoy finds a filter by its config's type).
 PEER_FILTER = "nodeagent.peer_headers"
 
@@ -73,18 +77,6 @@ _HTTP_PROTOCOL = (
     "%CEL('content-type' in request.headers && "
     "request.headers['content-type'].startsWith('application/grpc') ? 'grpc' : 'http')%"
 )
-
-
-def _or_unknown(formatter: str) -> str:
-    """FORMATTER's value, ``unknown`` when it has none (a stat tag renders a missing value as
-    "", and COALESCE takes formatter commands only, so the constant comes from metadata)."""
-    command, _, rest = formatter.strip("%").partition("(")
-    param = rest.rstrip(")")
-    return (
-        '%COALESCE({"operators":['
-        f'{{"command":"{command}","param":"{param}"}},'
-        f'{{"command":"METADATA","param":"LISTENER:{META}:unknown"}}]}})%'
-    )
 
 
 def _state(key: str) -> str:
@@ -161,30 +153,28 @@ def _side(prefix: str, values: Mapping[str, str]) -> list[tuple[str, str]]:
 
 
 def _stamped_source(principal: str) -> dict[str, str]:
-    """The caller from the stamp (or the copied headers), unknown where there is none."""
-    values = {f: _or_unknown(_state(PEER_KEY[f])) for f in PEER_FIELDS}
+    """The caller from the stamp (or the copied headers)."""
+    values = {f: _state(PEER_KEY[f]) for f in PEER_FIELDS}
     values["principal"] = principal
     return values
 
 
 def _unknown_side() -> dict[str, str]:
+    """A caller no chain knows anything of (a stat tag cannot be empty)."""
     return {f: UNKNOWN for f in (*PEER_FIELDS, "principal")}
 
 
 def source_tags(caller_key: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(source side, destination side) of a source reporter in ``outbound-internal``."""
     source = _stamped_source(_state(caller_key))
-    destination = {f: _or_unknown(f"%METADATA(UPSTREAM_HOST:{META}:{f})%") for f in PEER_FIELDS}
-    destination["principal"] = _or_unknown("%METADATA(UPSTREAM_HOST:nodeagent:sans)%")
+    destination = {f: f"%METADATA(UPSTREAM_HOST:{META}:{f})%" for f in PEER_FIELDS}
+    destination["principal"] = "%METADATA(UPSTREAM_HOST:nodeagent:sans)%"
     return _side("source", source), _side("destination", destination)
 
 
 def _service_tags(service: Mapping[str, str] | None, source: bool) -> list[tuple[str, str]]:
     if source:
-        return [
-            (label, _or_unknown(f"%METADATA(CLUSTER:{META}:{key})%"))
-            for label, key in _SERVICE_LABELS
-        ]
+        return [(label, f"%METADATA(CLUSTER:{META}:{key})%") for label, key in _SERVICE_LABELS]
     service = service or {}
     return [(label, service.get(key) or UNKNOWN) for label, key in _SERVICE_LABELS]
 
@@ -294,7 +284,7 @@ def destination_loggers(
     if caller == "fast":
         source = _stamped_source(_state(caller_key))
     elif caller == "mtls":
-        source = _stamped_source(_or_unknown("%DOWNSTREAM_PEER_URI_SAN%"))
+        source = _stamped_source("%DOWNSTREAM_PEER_URI_SAN%")
         if tcp:  # no headers: the certificate tells only who
             source = {**_unknown_side(), "principal": source["principal"]}
     else:

@@ -284,7 +284,6 @@ def outbound_internal_listener(
             "listener_filters": [ORIGINAL_DST_FILTER],
             "default_filter_chain": _fallback(outbound_policy, internal.POD_FORMAT),
             "traffic_direction": "OUTBOUND",
-            "metadata": istio_stats.LISTENER_METADATA,
         },
     )
     listener.filter_chains.extend(chains)
@@ -442,7 +441,6 @@ def inbound_listener(
             "filter_chains": chains,
             "default_filter_chain": {"name": INBOUND_PASSTHROUGH, "filters": default},
             "traffic_direction": "INBOUND",
-            **({"metadata": istio_stats.LISTENER_METADATA} if services is not None else {}),
         },
     )
 
@@ -540,6 +538,5 @@ def fast_inbound_listener(
             "listener_filters": [ORIGINAL_DST_FILTER],
             "filter_chains": chains,
             "traffic_direction": "INBOUND",
-            **({"metadata": istio_stats.LISTENER_METADATA} if services is not None else {}),
         },
     )

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from nodeagent.testbed.cluster import Testbed
-from tests.integration.helpers import envoy_stats, pod, running_testbed, topology_text
+from tests.integration.helpers import node_get, pod, running_testbed, topology_text
 from tests.integration.prometheus import (
     Prometheus,
     grafana_expr,
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 NAME = "tbmetrics"
 NS = "istioinaction"
 WEB_API = f"http://web-api.{NS}:8080/"
+MERGED = "http://127.0.0.1:15020/stats/prometheus"
 
 
 def _topology() -> str:
@@ -76,15 +77,16 @@ def tb() -> Iterator[Testbed]:
         yield bed
 
 
-_SERIES = re.compile(r"^envoy_istiocustom_(\w+?)\{(.*)\} (\S+)$")
+_SERIES = re.compile(r"^(istio_\w+?)\{(.*)\} (\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def series(tb: Testbed, name: str) -> list[tuple[dict[str, str], float]]:
-    """Every series of Istio metric NAME both node Envoys export (labels, value)."""
+    """Every series of Istio metric NAME both nodes export on their merged :15020 endpoint
+    (labels, value)."""
     found = []
     for node in ("n1", "n2"):
-        for line in envoy_stats(tb.name, node).splitlines():
+        for line in node_get(tb.name, node, MERGED).splitlines():
             m = _SERIES.match(line)
             if m and m.group(1) == name:
                 found.append((dict(_LABEL.findall(m.group(2))), float(m.group(3))))

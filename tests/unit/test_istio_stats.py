@@ -96,7 +96,6 @@ def _loggers(filt: dict[str, Any]) -> list[dict[str, Any]]:
 def test_source_reporter_in_every_outbound_internal_chain() -> None:
     out = translate(store(), [local("a", labels={"app": "web", "version": "v1"})])
     listener = as_json(out[e.LISTENER]["outbound-internal"])
-    assert listener["metadata"]["filterMetadata"]["istio"] == {"unknown": "unknown"}
     chains = [*listener["filterChains"], listener["defaultFilterChain"]]
     for chain in chains:
         (last,) = [f for f in chain["filters"] if "typedConfig" in f][-1:]
@@ -104,9 +103,8 @@ def test_source_reporter_in_every_outbound_internal_chain() -> None:
         assert loggers, chain["name"]
         tags = _tags(loggers[0])
         assert tags["reporter"] == "source"
-        assert tags["source_workload"].startswith("%COALESCE(")
-        assert "io.nodeagent.peer.workload" in tags["source_workload"]
-        assert "UPSTREAM_HOST:istio:workload" in tags["destination_workload"]
+        assert tags["source_workload"] == "%FILTER_STATE(io.nodeagent.peer.workload:PLAIN)%"
+        assert tags["destination_workload"] == "%METADATA(UPSTREAM_HOST:istio:workload)%"
         assert tags["connection_security_policy"] == "unknown"
         # Bounded labels: nothing per request but codes and flags.
         assert not any("ADDRESS" in v or "PATH" in v for v in tags.values()), tags

@@ -55,6 +55,21 @@ def test_istio_families_get_istios_names_and_nothing_else_changes() -> None:
     assert istio_names(value) == value
 
 
+def test_a_side_the_reporter_does_not_know_is_unknown_as_at_istio() -> None:
+    """Istio's reference (istio.io/latest/docs/reference/config/metrics/) reports what a proxy
+    cannot tell as ``unknown``; the stats logger leaves it empty (translate/istio_stats.py)."""
+    envoy = (
+        'envoy_istiocustom_istio_requests_total{reporter="source",source_workload="sleep",'
+        'destination_workload="",destination_service_name="",request_protocol="http",'
+        'response_code="503",grpc_response_status="",response_flags="UH"} 1\n'
+        'envoy_cluster_upstream_rq_total{envoy_cluster_name="",destination_x=""} 1\n'
+    )
+    first, other = istio_names(envoy).splitlines()
+    assert 'destination_workload="unknown",destination_service_name="unknown"' in first
+    assert 'source_workload="sleep"' in first and 'grpc_response_status=""' in first
+    assert other == 'envoy_cluster_upstream_rq_total{envoy_cluster_name="",destination_x=""} 1'
+
+
 def test_merged_text_parses_with_one_type_line_per_family() -> None:
     agent = AgentMetrics()
     agent.set_pod_state("shop", "web-1", "captured")
