@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import kubeyaml
-from nodeagent.mesh import extension_providers, gateway_topology, locality, workload
+from nodeagent.mesh import extension_providers, gateway_topology, locality, telemetry, workload
 from nodeagent.mesh.credentials import parse_secret
 from nodeagent.mesh.model import (
     ALLOW_ANY,
@@ -526,6 +526,7 @@ MESH_CONFIG_FIELDS = (
     "localityLbSetting",
     "defaultConfig",
     "extensionProviders",
+    *telemetry.MESH_FIELDS,
 )
 # Of Istio's ProxyConfig, the ones read here.
 DEFAULT_CONFIG_FIELDS = ("proxyMetadata", gateway_topology.FIELD)
@@ -543,7 +544,7 @@ def parse_mesh_config(data: Any) -> MeshConfig:
         if key not in MESH_CONFIG_FIELDS
     ]
     defaults = MeshConfig()
-    values: dict[str, str] = {}
+    values: dict[str, Any] = {}
     checks = (
         ("trustDomain", "trust_domain", _TRUST_DOMAIN, 255, defaults.trust_domain),
         ("rootNamespace", "root_namespace", _DNS_LABEL, 63, defaults.root_namespace),
@@ -613,6 +614,9 @@ def parse_mesh_config(data: Any) -> MeshConfig:
         providers = extension_providers.parse(data.get("extensionProviders"))
     except extension_providers.ProviderError as e:
         problems += str(e).split("\n")
+    telemetry_values, telemetry_problems = telemetry.mesh_settings(data)
+    problems += telemetry_problems
+    values.update(telemetry_values)
     if problems:
         raise ResourceError(*problems)
     return MeshConfig(
