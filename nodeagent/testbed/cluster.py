@@ -95,6 +95,10 @@ from nodeagent.testbed.topology import (
 )
 
 READY_TIMEOUT = 20.0
+# The testbed's mesh config under whatever a test sets: access logs to Envoy's stdout (the
+# node's logs/<node>.envoy.log), as Istio's demo profile turns them on; Istio's default, and
+# the agent's, is none. Tests and the demo read requests' hops from those lines.
+MESH_DEFAULTS: Mapping[str, Any] = {"accessLogFile": "/dev/stdout"}
 # A workload without a port is ready once it has stayed up this long (it did not crash on start).
 SETTLE_TIME = 0.5
 
@@ -499,12 +503,14 @@ class Testbed:
 
     def set_mesh_config(self, fields: Mapping[str, Any]) -> None:
         """Replace the mesh config every node agent reads (Istio MeshConfig fields, e.g.
-        ``{"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}}``; {} for every default), as
-        editing the istio ConfigMap would; the agents pick it up at their next poll."""
+        ``{"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}}``; {} for every default but
+        the testbed's MESH_DEFAULTS, which FIELDS may override), as editing the istio ConfigMap
+        would; the agents pick it up at their next poll."""
         path = layout.mesh_config_file(self.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         aside = path.with_name(f".{path.name}.tmp")
-        aside.write_text(json.dumps(dict(fields)) + "\n")  # JSON is YAML
+        fields = {**MESH_DEFAULTS, **fields}
+        aside.write_text(json.dumps(fields) + "\n")  # JSON is YAML
         aside.replace(path)
 
     def _start_daemons(self) -> None:

@@ -61,6 +61,7 @@ from nodeagent.mesh.store import ENDPOINT_SLICE, MESH_CONFIG, NAMESPACE, NODE, M
 from nodeagent.mesh.store import POD as POD_KIND
 from nodeagent.mesh.store import SERVICE as SERVICE_KIND
 from nodeagent.translate import (
+    access_logs,
     authz,
     client_tls,
     envoy,
@@ -182,6 +183,9 @@ class _Settings:
     # ServiceEntry hosts get their clusters, and no Sidecar scope applies (Istio's Sidecar
     # selects sidecars, never gateways).
     gateway: bool = False
+    # The node-wide part of the access log plan (access_logs.py): a change rebuilds everything,
+    # as a MeshConfig change does.
+    logs: access_logs.NodeLogs = field(default_factory=access_logs.NodeLogs)
 
 
 @dataclass
@@ -285,6 +289,9 @@ class TranslationCache:
         sidecar = sidecar or gateway
         if sidecar and len(local_pods) != 1:
             raise ValueError(f"the sidecar form is one pod's config, not {len(local_pods)} pods'")
+        logs = access_logs.plan(
+            store, [(local.pod.key, local.pod.namespace, local.pod.labels) for local in local_pods]
+        )
         settings = _Settings(
             store,
             store.mesh_config,
@@ -293,7 +300,20 @@ class TranslationCache:
             sidecar,
             client_classes(store, local_pods),
             gateway,
+            logs.node,
         )
+        with access_logs.planned(logs):
+            return self._build(store, local_pods, secrets, sidecar, excluded, settings)
+
+    def _build(
+        self,
+        store: MeshStore,
+        local_pods: Sequence[LocalPod],
+        secrets: Sequence[Message],
+        sidecar: bool,
+        excluded: Collection[Origin],
+        settings: _Settings,
+    ) -> Translation:
         excluded_now = frozenset(excluded)
         inbound = {local.pod.key: _inbound_inputs(store, local, sidecar) for local in local_pods}
         fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
@@ -1031,7 +1051,7 @@ class TranslationCache:
                 outbound = self._pod_part(
                     self._outbound,
                     local,
-                    (local, self._chains_token, policy_now, scope),
+                    (local, self._chains_token, policy_now, scope, _logs_of(pod.key)),
                     partial(_sidecar_outbound, local, served, closed_vips, policy_now, scope),
                 )
             else:
@@ -1040,12 +1060,15 @@ class TranslationCache:
                 outbound = self._pod_part(
                     self._outbound,
                     local,
-                    (local, spiffe, to),
+                    (local, spiffe, to, _logs_of(pod.key)),
                     partial(_pod_outbound, local, spiffe, to),
                 )
             inputs = inbound_inputs[pod.key]
             inbound = self._pod_part(
-                self._inbound, local, inputs, partial(_inbound_resources, *inputs)
+                self._inbound,
+                local,
+                (*inputs, _logs_of(pod.key)),
+                partial(_inbound_resources, *inputs),
             )
             if outbound.made is None or inbound.made is None:
                 problems[origin] = outbound.problem or inbound.problem
@@ -1470,8 +1493,19 @@ def _sidecar_cluster(
     return sidecar_service_cluster(target, me, sans, mode, subset.name, policy_fields, origination)
 
 
+def _logs_of(pod_key: str) -> tuple[Any, ...]:
+    """What a local pod's own listeners log (access_logs.py): part of their memo's inputs."""
+    plan = access_logs.active()
+    if plan is None:
+        return ()
+    return (plan.pods.get(pod_key), plan.stamp(pod_key))
+
+
 def _pod_outbound(local: LocalPod, spiffe: str, to: str) -> Made:
-    return [(envoy.LISTENER, pod_outbound_listener(local.pod, local.netns, spiffe, to))]
+    plan = access_logs.active()
+    stamp = plan.stamp(local.pod.key) if plan is not None else ""
+    listener = pod_outbound_listener(local.pod, local.netns, spiffe, to, log_class=stamp)
+    return [(envoy.LISTENER, listener)]
 
 
 def _admits(scope: sidecar_scope.Scope, target: ServiceTarget) -> bool:

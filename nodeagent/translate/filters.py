@@ -94,10 +94,17 @@ def dry_run_fields(tcp: bool) -> str:
 
 def access_log(direction: str, pod: str, tcp: bool = False) -> list[dict[str, Any]]:
     """Istio's format; inbound lines end with the dry-run verdicts (``dry_run_fields``), after
-    every field other tools read by position."""
+    every field other tools read by position. Within a translation, what MeshConfig and the
+    Telemetry API say (access_logs.py); outside one, always to stdout."""
+    from nodeagent.translate import access_logs  # it builds on this module's formats
+
     fmt = TCP_ACCESS_LOG_FORMAT if tcp else ACCESS_LOG_FORMAT
-    if direction == "inbound":
-        fmt = fmt.rstrip("\n") + dry_run_fields(tcp) + "\n"
+    dry_run = dry_run_fields(tcp) if direction == "inbound" else ""
+    if (plan := access_logs.active()) is not None:
+        text = fmt.replace("{direction}", direction).replace("{pod}", pod)
+        return access_logs.loggers(plan, direction, pod, tcp, text, dry_run)
+    if dry_run:
+        fmt = fmt.rstrip("\n") + dry_run + "\n"
     return [
         {
             "name": "envoy.access_loggers.stdout",

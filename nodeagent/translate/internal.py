@@ -74,6 +74,7 @@ TLS_SOCKET_KEY = "io.nodeagent.tls_socket"  # set in originate-tls: the cluster'
 # matcher on it (translate/virtual_service.py), as the caller's SPIFFE ID is for sourceNamespace.
 LABELS_KEY = "io.nodeagent.labels"
 POD_FORMAT = f"%FILTER_STATE({POD_KEY}:PLAIN)%"
+LOG_CLASS_KEY = "io.nodeagent.log"  # the calling pod's access log class (access_logs.py)
 STRING = "envoy.string"  # factory of our own keys' values
 
 ORIGINAL_DST_META = "envoy.filters.listener.original_dst"  # endpoint metadata {local: ip:port}
@@ -169,6 +170,7 @@ def stamp_caller(
     source: str = "",
     labels: Mapping[str, str] | None = None,
     peer: Mapping[str, str] | None = None,
+    log_class: str = "",
 ) -> dict[str, Any]:
     """The pod listener's filter: who calls (kept across every internal hop: its netns, SPIFFE
     ID, name, IP SOURCE and LABELS), where it was going (for outbound-internal's original_dst;
@@ -185,6 +187,8 @@ def stamp_caller(
     who += [state_value(k, v, "TRANSITIVE", STRING) for k, v in (peer or {}).items()]
     if source:
         who.append(state_value(SOURCE_KEY, source, "TRANSITIVE", STRING))
+    if log_class:  # its access log class, which shared chains' loggers filter on (access_logs.py)
+        who.append(state_value(LOG_CLASS_KEY, log_class, "TRANSITIVE", STRING))
     return set_filter_state(
         *who,
         # Hashable (Network::AddressObject): pooled connections stay apart per destination.

@@ -241,11 +241,12 @@ def _fallback(outbound_policy: str, who: str) -> dict[str, Any]:
 
 
 def pod_outbound_listener(
-    pod: Pod, netns: str, spiffe: str, to: str = internal.OUTBOUND_INTERNAL
+    pod: Pod, netns: str, spiffe: str, to: str = internal.OUTBOUND_INTERNAL, log_class: str = ""
 ) -> Listener:
     """A pod's outbound listener on the node: the same few filters whatever the mesh holds. It
-    stamps the caller (netns, SPIFFE ID, name, IP) and hands the connection to the internal
-    listener TO: outbound-internal, or its Sidecar scope's (mesh/sidecar_scope.py)."""
+    stamps the caller (netns, SPIFFE ID, name, IP; LOG_CLASS: its access log class, see
+    access_logs.py) and hands the connection to the internal listener TO: outbound-internal,
+    or its Sidecar scope's (mesh/sidecar_scope.py)."""
     who = pod.key
     source = pod.pod_ips[0] if pod.pod_ips else ""
     return message(
@@ -259,7 +260,13 @@ def pod_outbound_listener(
                 "name": to,
                 "filters": [
                     internal.stamp_caller(
-                        netns, spiffe, who, source, pod.labels, istio_stats.stamp(pod)
+                        netns,
+                        spiffe,
+                        who,
+                        source,
+                        pod.labels,
+                        istio_stats.stamp(pod),
+                        log_class,
                     ),
                     tcp_proxy(internal.OUTBOUND_INTERNAL, to, "outbound", who),
                 ],
