@@ -35,6 +35,7 @@ from nodeagent.supervise import TaskSupervisor
 from nodeagent.translate import (
     LocalPod,
     TranslationCache,
+    access_logs,
     gateway,
     gateway_policies,
     service_views,
@@ -139,7 +140,12 @@ class GatewayProxy:
         )
         # The listeners after the clusters: a CUSTOM provider's cluster must be among them.
         workload = self.workload(pod, upstream.resources.get(CLUSTER, {}).keys())
-        made = gateway.build(self.store, workload, self._cluster_of([local]))
+        # A gateway logs as Istio's do: CLIENT mode of its pod's Telemetry, else the mesh
+        # config's access log (translate/access_logs.py).
+        labels = pod.labels or self.settings.labels
+        logs = access_logs.plan(self.store, [(pod.key, pod.namespace, labels)])
+        with access_logs.planned(logs):
+            made = gateway.build(self.store, workload, self._cluster_of([local]))
         credentials = self.credential_secrets.sds_secrets(self.store, made.credentials)
         self.credential_secrets.wake_at_deadline(self.changed.set)
         out: dict[str, dict[str, Message]] = {t: {} for t in (LISTENER, ROUTE, *UPSTREAM_TYPES)}

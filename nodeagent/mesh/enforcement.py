@@ -264,6 +264,15 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
             }
         ],
     },
+    # mesh/telemetry.py (which Telemetry applies, istiod's merge), translate/access_logs.py
+    # (envoyFileAccessLog providers; other access log provider kinds are not built). targetRef(s)
+    # attach to gateways and waypoints only: a captured pod ignores them, as Istio's sidecars.
+    "Telemetry": {
+        "selector": ALL,
+        "targetRef": ALL,
+        "targetRefs": ALL,
+        "accessLogging": [{"providers": ALL, "filter": ALL, "match": ALL, "disabled": ALL}],
+    },
     # Each host a registry service (mesh/service_entries.py, translate/cache.py).
     "ServiceEntry": {
         "hosts": ALL,
@@ -315,7 +324,7 @@ PLANNED: Mapping[str, str] = {
         "not yet: targetRef(s) (Istio applies them to waypoints and gateways only, never to a"
         " sidecar's workload)"
     ),
-    "Telemetry": "#19 observability",
+    "Telemetry": "#19 observability (tracing, metrics)",
 }
 NOT_PLANNED = "not planned"  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
 
