@@ -214,8 +214,10 @@ def tcp_proxy(
     logs = access_log(direction, pod, tcp=True)
     if stats:
         options["access_log_options"] = istio_stats.TCP_LOG_OPTIONS
+        at_end = {"log_type_filter": {"types": ["TcpConnectionEnd"]}}
         for log in logs:  # one line per connection still, at its end
-            log["filter"] = {"log_type_filter": {"types": ["TcpConnectionEnd"]}}
+            own = log.get("filter")  # a Telemetry's (access_logs.py): both must hold
+            log["filter"] = {"and_filter": {"filters": [own, at_end]}} if own else at_end
     return {
         "name": "envoy.filters.network.tcp_proxy",
         "typed_config": typed(

@@ -222,13 +222,14 @@ def prom(tb: Testbed) -> Iterator[Prometheus]:
 
 
 def drive(tb: Testbed, seconds: float) -> None:
-    """S1.1 traffic for SECONDS: the chain from sleep, a caller outside the mesh, a TCP call
-    (each curl bounded by its own timeout, the loop by time)."""
+    """S1.1 traffic for SECONDS: the chain from sleep, a caller outside the mesh, TCP calls
+    from both (each curl bounded by its own timeout, the loop by time)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert curl(tb, f"{NS}/sleep", WEB_API) == "200"
         assert curl(tb, "default/outsider", WEB_API) == "200"
-        assert curl(tb, f"{NS}/sleep", f"http://db.{NS}:9000/") == "200"
+        for caller in (f"{NS}/sleep", "default/outsider"):  # TCP over mTLS, and plaintext
+            assert curl(tb, caller, f"http://db.{NS}:9000/") == "200"
         time.sleep(0.2)
 
 

@@ -52,12 +52,13 @@ def build(s: MeshStore, cache: TranslationCache | None = None) -> dict[str, Any]
 
 
 def loggers(listener: dict[str, Any], chain: str) -> list[dict[str, Any]]:
-    """The access loggers of the terminal filter of LISTENER's chain CHAIN."""
+    """The access loggers of the terminal filter of LISTENER's chain CHAIN (not the loggers of
+    Istio's metrics, translate/istio_stats.py, which Envoy configures as access loggers too)."""
     chains = [*listener.get("filterChains", []), listener.get("defaultFilterChain", {})]
     found = next(c for c in chains if c.get("name") == chain)
     config = found["filters"][-1]["typedConfig"]
     logs: list[dict[str, Any]] = config.get("accessLog", [])
-    return logs
+    return [log for log in logs if log["name"] != "envoy.access_loggers.stats"]
 
 
 def fmt(logger: dict[str, Any]) -> Any:
