@@ -239,7 +239,9 @@ class DefaultProviders:
     (mesh/telemetry.py)."""
 
     tracing: tuple[str, ...] = ()
-    metrics: tuple[str, ...] = ()
+    # Istio's default mesh config names its built-in Prometheus provider (pkg/config/mesh
+    # DefaultMeshConfig): Istio's standard metrics are on unless a mesh config says otherwise.
+    metrics: tuple[str, ...] = ("prometheus",)
     access_logging: tuple[str, ...] = ()
 
 

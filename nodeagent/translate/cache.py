@@ -302,7 +302,8 @@ class TranslationCache:
             gateway,
             logs.node,
         )
-        with access_logs.planned(logs):
+        metrics = istio_stats.reporting(istio_stats.reported_in(store.mesh_config))
+        with access_logs.planned(logs), metrics:
             return self._build(store, local_pods, secrets, sidecar, excluded, settings)
 
     def _build(

@@ -36,10 +36,12 @@ Labels never carry a pod IP or a path: their values are workloads, services, cod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
-from nodeagent.mesh.model import Pod
+from nodeagent.mesh.model import MeshConfig, Pod
 from nodeagent.mesh.workload import UNKNOWN, Peer, peer
 from nodeagent.translate.envoy import typed
 
@@ -81,6 +83,31 @@ _HTTP_PROTOCOL = (
 
 def _state(key: str) -> str:
     return f"%FILTER_STATE({key}:PLAIN)%"
+
+
+# Whether the node reports them: MeshConfig ``defaultProviders.metrics`` names a Prometheus
+# provider (Istio's default mesh config says ``[prometheus]``; ``[]`` turns them off, as at
+# Istio: istio.io/latest/docs/reference/config/istio.mesh.v1alpha1/#MeshConfig-DefaultProviders).
+# Set for one build (cache.py), as a MeshConfig change rebuilds everything.
+_REPORTED: ContextVar[bool] = ContextVar("nodeagent_istio_metrics", default=True)
+
+
+def reported_in(mesh: MeshConfig) -> bool:
+    providers = mesh.extension_providers
+    return any(
+        (found := providers.settings(name)) is not None and found[1] == "prometheus"
+        for name in mesh.default_providers.metrics
+    )
+
+
+@contextlib.contextmanager
+def reporting(enabled: bool) -> Iterator[None]:
+    """Builders called within add the metrics' loggers only if ENABLED."""
+    token = _REPORTED.set(enabled)
+    try:
+        yield
+    finally:
+        _REPORTED.reset(token)
 
 
 def pod_peer(pod: Pod, principal: str) -> Peer:
@@ -257,6 +284,8 @@ def _request_labels(tcp: bool) -> list[tuple[str, str]]:
 
 def source_loggers(caller_key: str, tcp: bool) -> list[dict[str, Any]]:
     """The source reporter of an outbound-internal chain (CALLER_KEY: the stamped SPIFFE ID)."""
+    if not _REPORTED.get():
+        return []
     source, destination = source_tags(caller_key)
     labels = [
         ("reporter", "source"),
@@ -281,6 +310,8 @@ def destination_loggers(
     ``cluster_metadata`` of the service its port is for (None: unknown). CALLER: ``fast`` (a
     pod of this node, stamped: CALLER_KEY), ``mtls`` (another node's pod: its certificate's
     SAN, its side from the copied headers) or ``plaintext`` (outside the mesh: unknown)."""
+    if not _REPORTED.get():
+        return []
     if caller == "fast":
         source = _stamped_source(_state(caller_key))
     elif caller == "mtls":

@@ -9,13 +9,15 @@ pkg/kube/util.go GetDeployMetaFromPod); canonical service/revision labels
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
 import yaml
 
 from nodeagent.mesh.workload import Owner, canonical_revision, canonical_service, workload_name
-from nodeagent.sources.directory import parse_document
+from nodeagent.sources.directory import parse_document, parse_mesh_config
 from nodeagent.translate import envoy as e
 from nodeagent.translate import istio_stats, translate
 from tests.unit.test_translate import as_json, local, store
@@ -154,3 +156,24 @@ def test_mtls_chains_take_the_callers_side_from_its_nodes_headers_first() -> Non
     inbound_routes = [as_json(r) for name, r in routes.items() if name.startswith("inbound|")]
     for table in inbound_routes:
         assert set(istio_stats.PEER_HEADERS.values()) <= set(table["requestHeadersToRemove"])
+
+
+def _all_stats_loggers(out: dict[str, Any]) -> int:
+    text = json.dumps([as_json(r) for r in out[e.LISTENER].values()])
+    return text.count('"envoy.access_loggers.stats"')
+
+
+def test_default_providers_metrics_turns_them_on_and_off_as_istio() -> None:
+    """MeshConfig ``defaultProviders.metrics`` (istio.io/latest/docs/reference/config/
+    istio.mesh.v1alpha1/#MeshConfig-DefaultProviders): Istio's default mesh config names
+    ``prometheus``; ``[]`` reports nothing; setting another field keeps the default."""
+    pod = [local("web", labels={"app": "web"})]
+    assert _all_stats_loggers(translate(store(), pod)) > 0
+    off = parse_mesh_config({"defaultProviders": {"metrics": []}})
+    assert _all_stats_loggers(translate(store(**_fields(off)), pod)) == 0
+    kept = parse_mesh_config({"defaultProviders": {"accessLogging": ["envoy"]}})
+    assert kept.default_providers.metrics == ("prometheus",)
+
+
+def _fields(mesh: Any) -> dict[str, Any]:
+    return {f.name: getattr(mesh, f.name) for f in dataclasses.fields(mesh)}
