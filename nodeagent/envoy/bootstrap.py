@@ -43,7 +43,8 @@ _NOT_ISTIO = "|".join(
 )
 PRIVATE_STAT_PATTERNS: tuple[dict[str, Any], ...] = (
     {"contains": "~"},
-    {"safe_regex": {"regex": f"^(?:{_NOT_ISTIO}).*spiffe://"}},
+    # A StringMatcher's regex must match the whole name.
+    {"safe_regex": {"regex": f"(?:{_NOT_ISTIO}).*spiffe://.*"}},
 )
 MAX_DOWNSTREAM_CONNECTIONS = 100_000  # generous: it only exists so Envoy does not warn
 

@@ -251,14 +251,18 @@ def _http_logger(labels: list[tuple[str, str]]) -> dict[str, Any]:
 TCP_LOG_OPTIONS = {"flush_access_log_on_connected": True}
 
 
-def _tcp_loggers(labels: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def _tcp_loggers(
+    labels: list[tuple[str, str]], opened_at_end: bool = False
+) -> list[dict[str, Any]]:
+    """OPENED_AT_END: count the connection opened when it ends (see destination_loggers)."""
     tags = _tags(labels)
 
     def counter(name: str, **value: Any) -> dict[str, Any]:
         return {"stat": {"name": name, "tags": tags}, **value}
 
     opened = _logger([counter("istio_tcp_connections_opened_total", value_fixed=1)], [])
-    opened["filter"] = {"log_type_filter": {"types": ["TcpUpstreamConnected"]}}
+    when = "TcpConnectionEnd" if opened_at_end else "TcpUpstreamConnected"
+    opened["filter"] = {"log_type_filter": {"types": [when]}}
     closed = _logger(
         [
             counter("istio_tcp_connections_closed_total", value_fixed=1),
@@ -328,4 +332,9 @@ def destination_loggers(
         *_request_labels(tcp),
         ("connection_security_policy", "none" if caller == "plaintext" else "mutual_tls"),
     ]
-    return _tcp_loggers(labels) if tcp else [_http_logger(labels)]
+    # tcp_proxy connects upstream as the connection is accepted, before the TLS handshake ends,
+    # so on an mTLS chain the caller's certificate may be unknown then: its connections are
+    # counted opened when they end, with the caller they had.
+    if tcp:
+        return _tcp_loggers(labels, opened_at_end=caller == "mtls")
+    return [_http_logger(labels)]
