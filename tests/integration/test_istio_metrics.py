@@ -190,9 +190,9 @@ def test_tcp_metrics_and_failures_show_codes_and_flags(tb: Testbed) -> None:
     sleep = f"spiffe://cluster.local/ns/{NS}/sa/sleep"
     tcp = {"request_protocol": "tcp", "destination_workload": "db", "source_principal": sleep}
     # db is on n2: across nodes a TCP caller is known by its certificate only (no headers).
-    callers = {"source": "sleep", "destination": "unknown"}
-    for reporter, caller in callers.items():
-        want = {**tcp, "reporter": reporter, "source_workload": caller}
+    source_workloads = {"source": "sleep", "destination": "unknown"}
+    for reporter, workload in source_workloads.items():
+        want = {**tcp, "reporter": reporter, "source_workload": workload}
         for name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
             wait_for(lambda n=name, w=want: total(tb, n, **w) >= 1, 10, f"{name} {want}")
         assert total(tb, "istio_tcp_sent_bytes_total", **want) > 0
