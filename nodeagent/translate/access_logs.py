@@ -169,8 +169,12 @@ def plan(store: Any, pods: Sequence[tuple[str, str, Mapping[str, str]]]) -> Plan
         )
         for key, namespace, labels in pods
     }
-    classes = {log_class(client): client for client, _ in per_pod.values()}
-    node = NodeLogs(tuple(sorted(classes.items())), mesh_sinks(store.mesh_config))
+    fallback = mesh_sinks(store.mesh_config)
+    # No local pod yet: the mesh config's class, which the first pod most likely joins (a
+    # change of classes rebuilds every shared chain).
+    clients = [client for client, _ in per_pod.values()] or [fallback]
+    classes = {log_class(client): client for client in clients}
+    node = NodeLogs(tuple(sorted(classes.items())), fallback)
     return Plan(node, per_pod)
 
 

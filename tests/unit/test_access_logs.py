@@ -198,3 +198,13 @@ def test_a_telemetry_change_rebuilds_the_loggers() -> None:
     s.delete_istio("Telemetry/shop/off")
     assert len(loggers(build(s, cache)["virtualInbound/shop/web-1"], "inbound|8080||")) == 1
     assert json.dumps(build(s, cache)) == json.dumps(build(s))
+
+
+def test_pods_of_the_mesh_class_cost_no_full_recompute() -> None:
+    # The shared chains' loggers depend on the node's log classes: a pod that joins the class
+    # already there (no Telemetry: the mesh config's) is an incremental change.
+    s = store({"accessLogFile": "/dev/stdout"})
+    cache = TranslationCache()
+    cache.build(s, [])
+    build(s, cache)
+    assert cache.full_recomputes == 1
