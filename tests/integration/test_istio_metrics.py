@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from nodeagent.testbed.cluster import Testbed
-from tests.integration.helpers import node_get, pod, running_testbed, topology_text
+from tests.integration.helpers import apply_docs, node_get, pod, running_testbed, topology_text
 from tests.integration.prometheus import (
     Prometheus,
     grafana_expr,
@@ -54,6 +54,7 @@ def _topology() -> str:
         pod("db", "n2", {"app": "db"}, namespace=NS, workload=fake(9000)),
         pod("broken", "n1", {"app": "broken"}, namespace=NS,
             workload=fake(8080, ERROR_RATE="1", ERROR_CODE="500")),
+        pod("slow", "n1", {"app": "slow"}, namespace=NS, workload=fake(8080, DELAY="1")),
         # Outside the mesh (namespace default is not in it): Istio's "unknown" source.
         pod("outsider", "n1", {"app": "outsider"}),
     ]  # fmt: skip
@@ -62,7 +63,7 @@ def _topology() -> str:
     services = [
         {"name": name, "namespace": NS, "selector": {"app": name},
          "ports": [{"name": "http", "port": 8080, "targetPort": 8080}]}
-        for name in ("web-api", "recommendation", "purchase-history", "broken", "nobody")
+        for name in ("web-api", "recommendation", "purchase-history", "broken", "nobody", "slow")
     ]  # fmt: skip
     services.append(
         {"name": "db", "namespace": NS, "selector": {"app": "db"},
@@ -212,6 +213,39 @@ def test_tcp_metrics_and_failures_show_codes_and_flags(tb: Testbed) -> None:
         "response_flags": "UH",
     }
     wait_for(lambda: total(tb, "istio_requests_total", **no_endpoint) >= 1, 10, "UH")
+
+
+def test_no_route_and_overflow_show_their_flags(tb: Testbed) -> None:
+    """NR: a VirtualService routes only /only, so / has no route (404); UO: a DestinationRule's
+    connection pool (istio.io/latest/docs/reference/config/networking/destination-rule/
+    #ConnectionPoolSettings: one connection, one pending request) overflows under 6 concurrent
+    requests to a backend that answers in 1 s (503)."""
+    slow = f"slow.{NS}.svc.cluster.local"
+    meta = {"namespace": NS}
+    apply_docs(
+        tb,
+        {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+         "metadata": {"name": "slow", **meta},
+         "spec": {"hosts": [slow], "http": [{"match": [{"uri": {"prefix": "/only"}}],
+                                             "route": [{"destination": {"host": slow}}]}]}},
+        {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+         "metadata": {"name": "slow", **meta},
+         "spec": {"host": slow, "trafficPolicy": {"connectionPool": {
+             "tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}}}}},
+    )  # fmt: skip
+    caller = f"{NS}/sleep"
+    wait_for(lambda: curl(tb, caller, f"http://slow.{NS}:8080/") == "404", 15, "no route for /")
+    burst = (
+        f"for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\\n' -m 5"
+        f" http://slow.{NS}:8080/only & done; wait"
+    )
+    codes = tb.exec(caller, ["sh", "-c", burst], timeout=20).stdout.split()
+    assert "503" in codes and "200" in codes, codes
+    source = {"reporter": "source", "destination_service_name": "slow"}
+    for code, flag in (("404", "NR"), ("503", "UO")):
+        want = {**source, "response_code": code, "response_flags": flag}
+        wait_for(lambda w=want: total(tb, "istio_requests_total", **w) >= 1, 10, str(want))
+    apply_docs(tb)
 
 
 @pytest.fixture(scope="module")
