@@ -8,9 +8,10 @@ istiod's checks of them (istio/istio pkg/config/validation
 port in [1, 65535], statusOnError an Envoy HTTP status code, pathPrefix starting with "/", no
 single "*" in a header list).
 
-Only the two ext_authz kinds are parsed here (AuthorizationPolicy CUSTOM, translate/extauthz.py);
-the other kinds Istio knows (tracers, access loggers, Prometheus, ...) are Telemetry's and are
-kept by name only. A bad entry is an error naming its index, name and field: the whole mesh
+Only the two ext_authz kinds are parsed here (AuthorizationPolicy CUSTOM, translate/extauthz.py),
+and the tracers ``zipkin`` and ``opentelemetry`` in mesh/tracing.py (translate/tracing.py); the
+other kinds Istio knows (access loggers, Prometheus, ...) are Telemetry's and are kept by name
+only. A bad entry is an error naming its index, name and field: the whole mesh
 config is refused (the source keeps the last good one), as istiod's mesh watcher refuses a
 MeshConfig that fails validation.
 """
@@ -21,6 +22,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from nodeagent.mesh import tracing
 
 HTTP, GRPC = "envoyExtAuthzHttp", "envoyExtAuthzGrpc"
 # Istio's other provider kinds (MeshConfig.ExtensionProvider's oneof): accepted, used by
@@ -121,17 +124,24 @@ class ExtensionProviders:
 
     ext_authz: tuple[ExtAuthzProvider, ...] = ()
     other: tuple[str, ...] = ()
+    # zipkin and opentelemetry (mesh/tracing.py), kept by name in OTHER too.
+    tracers: tuple[tracing.TracerProvider, ...] = ()
 
     def find(self, name: str) -> ExtAuthzProvider | None:
         return next((p for p in self.ext_authz if p.name == name), None)
+
+    def tracer(self, name: str) -> tracing.TracerProvider | None:
+        return next((p for p in self.tracers if p.name == name), None)
 
     def names(self) -> list[str]:
         return sorted([p.name for p in self.ext_authz] + list(self.other))
 
 
-def parse(data: Any, where: str = "extensionProviders") -> ExtensionProviders:
+def parse(
+    data: Any, where: str = "extensionProviders", env: Mapping[str, str] | None = None
+) -> ExtensionProviders:
     """DATA, MeshConfig's ``extensionProviders`` list (None: none); ProviderError lists every
-    problem found."""
+    problem found. ENV: where a tracer header's ``envName`` is read (None: none)."""
     if data is None:
         return ExtensionProviders()
     if not isinstance(data, list):
@@ -140,6 +150,7 @@ def parse(data: Any, where: str = "extensionProviders") -> ExtensionProviders:
     seen: set[str] = set()
     ext_authz: list[ExtAuthzProvider] = []
     other: list[str] = []
+    tracers: list[tracing.TracerProvider] = []
     for index, entry in enumerate(data):
         at = f"{where}[{index}]"
         if not isinstance(entry, dict):
@@ -163,6 +174,14 @@ def parse(data: Any, where: str = "extensionProviders") -> ExtensionProviders:
                 ext_authz.append(_ext_authz(name, kind, entry[kind], f"{at}.{kind}"))
             except ProviderError as e:
                 problems.extend(str(e).split("\n"))
+        elif kind in (tracing.ZIPKIN, tracing.OPENTELEMETRY):
+            other.append(name)
+            try:
+                tracers.append(
+                    tracing.parse_provider(name, kind, entry[kind], f"{at}.{kind}", env or {})
+                )
+            except tracing.TracingError as e:
+                problems.extend(str(e).split("\n"))
         elif kind in OTHER_KINDS:
             other.append(name)
         else:
@@ -170,7 +189,7 @@ def parse(data: Any, where: str = "extensionProviders") -> ExtensionProviders:
             problems.append(f'{at}: unknown provider kind "{kind}" (known: {known})')
     if problems:
         raise ProviderError("\n".join(problems))
-    return ExtensionProviders(tuple(ext_authz), tuple(other))
+    return ExtensionProviders(tuple(ext_authz), tuple(other), tuple(tracers))
 
 
 def _ext_authz(name: str, kind: str, spec: Any, at: str) -> ExtAuthzProvider:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.mesh.extension_providers import ExtensionProviders
+from nodeagent.mesh.tracing import MeshTracing
 
 ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
 
@@ -247,6 +248,8 @@ class MeshConfig:
     # extensionProviders: the ext_authz ones AuthorizationPolicy CUSTOM names
     # (mesh/extension_providers.py).
     extension_providers: ExtensionProviders = field(default_factory=ExtensionProviders)
+    # enableTracing, defaultProviders.tracing, defaultConfig.tracing (mesh/tracing.py).
+    tracing: MeshTracing = field(default_factory=MeshTracing)
 
     @property
     def default_proxy_metadata(self) -> dict[str, str]:

@@ -72,6 +72,7 @@ from nodeagent.translate import (
     passthrough,
     service_views,
     tls,
+    tracing,
 )
 from nodeagent.translate.clusters import (
     blackhole_cluster,
@@ -217,6 +218,7 @@ class TranslationCache:
     # these few, not every service.
     _tls_sockets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _internal: _Memo | None = None  # the outbound-internal listener
+    _tracer: tracing.Tracer | None = None  # the node's, this build's
     # Sidecar scopes' internal listeners (and clusters), by listener name.
     _scoped: dict[str, _Memo] = field(default_factory=dict)
     # Services no local pod's Sidecar scope reaches while every local pod has one: built, not
@@ -293,11 +295,16 @@ class TranslationCache:
             gateway,
         )
         excluded_now = frozenset(excluded)
-        inbound = {local.pod.key: _inbound_inputs(store, local, sidecar) for local in local_pods}
+        # The node's tracer (translate/tracing.py); not in the sidecar form (no collector cluster).
+        tracer = None if sidecar else tracing.resolve(store)[0]
+        self._tracer = tracer
+        inbound = {
+            local.pod.key: _inbound_inputs(store, local, sidecar, tracer) for local in local_pods
+        }
         fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
         for local in local_pods if not sidecar else ():
             pod = local.pod
-            _, port_modes, _, _, _, pod_authz, _ = inbound[pod.key]
+            _, port_modes, _, _, _, pod_authz, *_ = inbound[pod.key]
             ports = fast_ports(port_modes, pod_authz)
             if ports and Origin(POD, pod.namespace, pod.name) not in excluded_now:
                 fast[pod.key] = ports
@@ -1035,11 +1042,12 @@ class TranslationCache:
             else:
                 spiffe = tls.spiffe_id(settings.mesh_config.trust_domain, *local.identity)
                 to = scope.name if scope is not None else internal.OUTBOUND_INTERNAL
+                traced = self._tracer is not None
                 outbound = self._pod_part(
                     self._outbound,
                     local,
-                    (local, spiffe, to),
-                    partial(_pod_outbound, local, spiffe, to),
+                    (local, spiffe, to, traced),
+                    partial(_pod_outbound, local, spiffe, to, traced),
                 )
             inputs = inbound_inputs[pod.key]
             inbound = self._pod_part(
@@ -1179,7 +1187,13 @@ class TranslationCache:
         for name, scope in sorted(wanted.items()):
             policy_now = scope.policy(outbound_policy)
             host_routes = self._host_routes(scope)
-            inputs: tuple[Any, ...] = (self._chains_token, scope, policy_now, host_routes)
+            inputs: tuple[Any, ...] = (
+                self._chains_token,
+                scope,
+                policy_now,
+                host_routes,
+                self._tracer,
+            )
             memo = self._scoped.get(name)
             if memo is None or memo.inputs != inputs:
                 chains = [
@@ -1192,6 +1206,8 @@ class TranslationCache:
                 by_host, tables = _host_routing(host_routes, policy_now, name)
                 chains = _distinct(chains + by_host) + self._black_holes()
                 listener = outbound_internal_listener(chains, policy_now, name)
+                if self._tracer is not None:
+                    tracing.trace_outbound(listener, self._tracer)
                 # The cluster depends on the name alone: kept (not pushed again).
                 cluster = memo.made[1][1] if memo is not None and memo.made else None
                 if cluster is None:
@@ -1218,7 +1234,12 @@ class TranslationCache:
         scopes = {scope for scope in scoped.values() if scope is not None}
         if not local_pods or any(scoped.get(local.pod.key) is None for local in local_pods):
             host_routes = self._host_routes(None)
-            inputs: tuple[Any, ...] = (self._chains_token, outbound_policy, host_routes)
+            inputs: tuple[Any, ...] = (
+                self._chains_token,
+                outbound_policy,
+                host_routes,
+                self._tracer,
+            )
             if self._internal is None or self._internal.inputs != inputs:
                 chains = [
                     c
@@ -1230,6 +1251,8 @@ class TranslationCache:
                 listener = outbound_internal_listener(
                     _distinct(chains + by_host) + self._black_holes(), outbound_policy
                 )
+                if self._tracer is not None:
+                    tracing.trace_outbound(listener, self._tracer)
                 cluster = internal.internal_cluster(internal.OUTBOUND_INTERNAL)
                 self._internal = _Memo(
                     inputs, [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster), *tables]
@@ -1237,6 +1260,10 @@ class TranslationCache:
             assert self._internal.made is not None
             made += self._internal.made
         made += self._scope_internals(scopes, outbound_policy)
+        if self._tracer is not None:
+            made.append(
+                (envoy.CLUSTER, tracing.collector_cluster(self._settings.store, self._tracer))
+            )
         trust_domain = self._settings.mesh_config.trust_domain
         identities = sorted({local.identity for local in local_pods})
         overrides = {
@@ -1468,8 +1495,10 @@ def _sidecar_cluster(
     return sidecar_service_cluster(target, me, sans, mode, subset.name, policy_fields, origination)
 
 
-def _pod_outbound(local: LocalPod, spiffe: str, to: str) -> Made:
-    return [(envoy.LISTENER, pod_outbound_listener(local.pod, local.netns, spiffe, to))]
+def _pod_outbound(local: LocalPod, spiffe: str, to: str, traced: bool = False) -> Made:
+    """TRACED: the pod's listener stamps its span tags too (translate/tracing.py)."""
+    stamp = tracing.stamp(local.pod) if traced else []
+    return [(envoy.LISTENER, pod_outbound_listener(local.pod, local.netns, spiffe, to, stamp))]
 
 
 def _admits(scope: sidecar_scope.Scope, target: ServiceTarget) -> bool:
@@ -1523,7 +1552,9 @@ def _sidecar_outbound(
     return [(envoy.LISTENER, outbound_listener(pod, served, outbound_policy, extra))]
 
 
-def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[Any, ...]:
+def _inbound_inputs(
+    store: MeshStore, local: LocalPod, sidecar: bool, tracer: tracing.Tracer | None = None
+) -> tuple[Any, ...]:
     """What a local pod's inbound side is made of (compared to tell whether to rebuild it)."""
     pod = local.pod
     protocols = inbound_ports_of(store, dict(pod.labels), pod.namespace)
@@ -1533,7 +1564,8 @@ def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[A
     # Compared, not hashed: JSON is the cheap exact form of the filters' config.
     authn = json.dumps(jwt.inbound_filters(store, pod), sort_keys=True)
     pod_authz = authz.policies_for(store, pod, sidecar)
-    return (local, ports, peer.mode, me, sidecar, pod_authz, authn)
+    hosts = tuple(sorted(tracing.inbound_hosts(store, pod).items())) if tracer else ()
+    return (local, ports, peer.mode, me, sidecar, pod_authz, authn, tracer, hosts)
 
 
 def _inbound_resources(
@@ -1544,6 +1576,8 @@ def _inbound_resources(
     sidecar: bool,
     pod_authz: authz.PodAuthz,
     authn_json: str = "[]",
+    tracer: tracing.Tracer | None = None,
+    hosts: tuple[tuple[int, str], ...] = (),
 ) -> Made:
     """A local pod's inbound listener, on the node its fast-path listener too, and the inbound
     clusters and routes of its HTTP ports. POD_AUTHZ: its AuthorizationPolicies; AUTHN_JSON: its
@@ -1551,10 +1585,13 @@ def _inbound_resources(
     netns = "" if sidecar else local.netns
     pod = local.pod
     authn = json.loads(authn_json)
-    made: Made = [
-        (envoy.LISTENER, inbound_listener(pod, netns, ports, default_mode, me, pod_authz, authn))
-    ]
+    inbound = inbound_listener(pod, netns, ports, default_mode, me, pod_authz, authn)
     fast = None if sidecar else fast_inbound_listener(pod, netns, ports, me, pod_authz, authn)
+    if tracer is not None:  # its spans, named and tagged as its own (translate/tracing.py)
+        for listener in (inbound, fast):
+            if listener is not None:
+                tracing.trace_inbound(listener, tracer, pod, dict(hosts))
+    made: Made = [(envoy.LISTENER, inbound)]
     if fast is not None:
         made.append((envoy.LISTENER, fast))
     custom = pod_authz.custom

@@ -168,12 +168,14 @@ def stamp_caller(
     pod: str,
     source: str = "",
     labels: Mapping[str, str] | None = None,
+    extra: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The pod listener's filter: who calls (kept across every internal hop: its netns, SPIFFE
     ID, name, IP SOURCE and LABELS), where it was going (for outbound-internal's original_dst;
     kept across every hop too: a DestinationRule PASSTHROUGH cluster's endpoint, originate, has
     no address of its own and restores this one, see passthrough.py; an endpoint's own metadata
-    wins over it everywhere else) and where from (one hop)."""
+    wins over it everywhere else) and where from (one hop). EXTRA: more entries (the pod's
+    span tags, translate/tracing.py)."""
     who = [
         state_value(NETNS_KEY, netns, "TRANSITIVE", NETNS_FACTORY),
         state_value(CALLER_KEY, spiffe, "TRANSITIVE", NETNS_FACTORY),
@@ -182,6 +184,7 @@ def stamp_caller(
     ]
     if source:
         who.append(state_value(SOURCE_KEY, source, "TRANSITIVE", STRING))
+    who += extra
     return set_filter_state(
         *who,
         # Hashable (Network::AddressObject): pooled connections stay apart per destination.

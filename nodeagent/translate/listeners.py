@@ -223,11 +223,16 @@ def _fallback(outbound_policy: str, who: str) -> dict[str, Any]:
 
 
 def pod_outbound_listener(
-    pod: Pod, netns: str, spiffe: str, to: str = internal.OUTBOUND_INTERNAL
+    pod: Pod,
+    netns: str,
+    spiffe: str,
+    to: str = internal.OUTBOUND_INTERNAL,
+    stamp: Sequence[dict[str, Any]] = (),
 ) -> Listener:
     """A pod's outbound listener on the node: the same few filters whatever the mesh holds. It
-    stamps the caller (netns, SPIFFE ID, name, IP) and hands the connection to the internal
-    listener TO: outbound-internal, or its Sidecar scope's (mesh/sidecar_scope.py)."""
+    stamps the caller (netns, SPIFFE ID, name, IP; STAMP: more, its span tags while the node
+    traces, translate/tracing.py) and hands the connection to the internal listener TO:
+    outbound-internal, or its Sidecar scope's (mesh/sidecar_scope.py)."""
     who = pod.key
     source = pod.pod_ips[0] if pod.pod_ips else ""
     return message(
@@ -240,7 +245,7 @@ def pod_outbound_listener(
             "default_filter_chain": {
                 "name": to,
                 "filters": [
-                    internal.stamp_caller(netns, spiffe, who, source, pod.labels),
+                    internal.stamp_caller(netns, spiffe, who, source, pod.labels, stamp),
                     tcp_proxy(internal.OUTBOUND_INTERNAL, to, "outbound", who),
                 ],
             },
