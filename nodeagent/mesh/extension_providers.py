@@ -9,15 +9,20 @@ port in [1, 65535], statusOnError an Envoy HTTP status code, pathPrefix starting
 single "*" in a header list).
 
 Only the two ext_authz kinds are parsed here (AuthorizationPolicy CUSTOM, translate/extauthz.py),
-and the tracers ``zipkin`` and ``opentelemetry`` in mesh/tracing.py (translate/tracing.py); the
-other kinds Istio knows (access loggers, Prometheus, ...) are Telemetry's and are kept by name
-only. A bad entry is an error naming its index, name and field: the whole mesh
-config is refused (the source keeps the last good one), as istiod's mesh watcher refuses a
-MeshConfig that fails validation.
+and the tracers ``zipkin`` and ``opentelemetry`` also in mesh/tracing.py (translate/tracing.py);
+the other kinds Istio knows (tracers, access loggers, Prometheus, ...) are Telemetry's: kept with
+their settings as given (``ExtensionProviders.settings``), read by mesh/telemetry.py and the
+translators of those kinds. Istio's built-in providers (``envoy``: a file access log on
+/dev/stdout; ``prometheus``; ``stackdriver``) exist unless an entry of the same name replaces
+them, as istiod adds them to every mesh config (pkg/config/mesh/mesh.go DefaultMeshConfig).
+A bad entry is an error naming its index, name and field: the whole mesh config is refused
+(the source keeps the last good one), as istiod's mesh watcher refuses a MeshConfig that fails
+validation.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +49,12 @@ OTHER_KINDS = frozenset(
         "envoyOtelAls",
         "sds",
     }
+)
+# Istio's built-in providers (pkg/config/mesh/mesh.go DefaultMeshConfig): name, kind, settings.
+BUILT_IN: tuple[tuple[str, str, str], ...] = (
+    ("prometheus", "prometheus", "{}"),
+    ("stackdriver", "stackdriver", "{}"),
+    ("envoy", "envoyFileAccessLog", '{"path": "/dev/stdout"}'),
 )
 _BODY_FIELDS = ("maxRequestBytes", "allowPartialMessage", "packAsBytes")
 _COMMON_FIELDS = (
@@ -120,15 +131,33 @@ class ExtAuthzProvider:
 
 @dataclass(frozen=True)
 class ExtensionProviders:
-    """The mesh's providers: ext_authz ones parsed, the other kinds' names only."""
+    """The mesh's providers: ext_authz ones parsed, the other kinds' names and settings."""
 
     ext_authz: tuple[ExtAuthzProvider, ...] = ()
     other: tuple[str, ...] = ()
+    # The other kinds' entries: (name, kind, settings as JSON text; kept hashable).
+    other_settings: tuple[tuple[str, str, str], ...] = ()
     # zipkin and opentelemetry (mesh/tracing.py), kept by name in OTHER too.
     tracers: tuple[tracing.TracerProvider, ...] = ()
 
     def find(self, name: str) -> ExtAuthzProvider | None:
         return next((p for p in self.ext_authz if p.name == name), None)
+
+    def settings(self, name: str) -> tuple[str, str, Mapping[str, Any]] | None:
+        """(its name as defined, kind, settings) of the provider NAME, a built-in one too;
+        None when the mesh has none. Names compare case-insensitively, as istiod's
+        ``fetchProvider`` does (pilot/pkg/model/telemetry.go, strings.EqualFold)."""
+        wanted = name.lower()
+        for p in self.ext_authz:
+            if p.name.lower() == wanted:
+                return p.name, HTTP if not p.grpc else GRPC, {}
+        defined = {n.lower() for n in self.other} | {p.name.lower() for p in self.ext_authz}
+        built_in = tuple(b for b in BUILT_IN if b[0] not in defined)
+        for entry_name, kind, text in (*self.other_settings, *built_in):
+            if entry_name.lower() == wanted:
+                loaded = json.loads(text)
+                return entry_name, kind, loaded if isinstance(loaded, dict) else {}
+        return None
 
     def tracer(self, name: str) -> tracing.TracerProvider | None:
         return next((p for p in self.tracers if p.name == name), None)
@@ -150,6 +179,7 @@ def parse(
     seen: set[str] = set()
     ext_authz: list[ExtAuthzProvider] = []
     other: list[str] = []
+    other_settings: list[tuple[str, str, str]] = []
     tracers: list[tracing.TracerProvider] = []
     for index, entry in enumerate(data):
         at = f"{where}[{index}]"
@@ -176,6 +206,8 @@ def parse(
                 problems.extend(str(e).split("\n"))
         elif kind in (tracing.ZIPKIN, tracing.OPENTELEMETRY):
             other.append(name)
+            settings = entry[kind] if isinstance(entry[kind], dict) else {}
+            other_settings.append((name, kind, json.dumps(settings, sort_keys=True)))
             try:
                 tracers.append(
                     tracing.parse_provider(name, kind, entry[kind], f"{at}.{kind}", env or {})
@@ -184,12 +216,16 @@ def parse(
                 problems.extend(str(e).split("\n"))
         elif kind in OTHER_KINDS:
             other.append(name)
+            settings = entry[kind] if isinstance(entry[kind], dict) else {}
+            other_settings.append((name, kind, json.dumps(settings, sort_keys=True)))
         else:
             known = ", ".join(sorted({HTTP, GRPC} | OTHER_KINDS))
             problems.append(f'{at}: unknown provider kind "{kind}" (known: {known})')
     if problems:
         raise ProviderError("\n".join(problems))
-    return ExtensionProviders(tuple(ext_authz), tuple(other), tuple(tracers))
+    return ExtensionProviders(
+        tuple(ext_authz), tuple(other), tuple(other_settings), tracers=tuple(tracers)
+    )
 
 
 def _ext_authz(name: str, kind: str, spec: Any, at: str) -> ExtAuthzProvider:

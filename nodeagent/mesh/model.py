@@ -229,6 +229,16 @@ class IstioResource:
 
 
 @dataclass(frozen=True)
+class DefaultProviders:
+    """MeshConfig ``defaultProviders``: the providers a Telemetry that names none uses
+    (mesh/telemetry.py)."""
+
+    tracing: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    access_logging: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     """Mesh-wide settings (a subset of Istio's MeshConfig, same field names in the file)."""
 
@@ -248,6 +258,13 @@ class MeshConfig:
     # extensionProviders: the ext_authz ones AuthorizationPolicy CUSTOM names
     # (mesh/extension_providers.py).
     extension_providers: ExtensionProviders = field(default_factory=ExtensionProviders)
+    default_providers: DefaultProviders = field(default_factory=DefaultProviders)
+    # accessLogFile ("": no access log, Istio's default), accessLogEncoding (TEXT or JSON),
+    # accessLogFormat ("": Istio's default format): where no Telemetry configures access
+    # logging (mesh/telemetry.py).
+    access_log_file: str = ""
+    access_log_encoding: str = "TEXT"
+    access_log_format: str = ""
     # enableTracing, defaultProviders.tracing, defaultConfig.tracing (mesh/tracing.py).
     tracing: MeshTracing = field(default_factory=MeshTracing)
 

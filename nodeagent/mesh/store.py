@@ -24,7 +24,7 @@ from collections import defaultdict, deque
 from collections.abc import Mapping
 from typing import TypeVar
 
-from nodeagent.mesh import autoallocate, enforcement, service_entries
+from nodeagent.mesh import autoallocate, enforcement, service_entries, telemetry
 from nodeagent.mesh.model import (
     Credential,
     EndpointSlice,
@@ -337,6 +337,9 @@ class MeshStore:
         # Once per resource and content (never per push): what of it has no effect yet.
         if warning := enforcement.warning(res):
             log.warning("%s", warning)
+        mesh = self.mesh_config
+        for problem in telemetry.problems(res, mesh.extension_providers, mesh.root_namespace):
+            log.warning("%s", problem)
         if old is not None:
             self._index_istio(old, add=False)
         self.istio[res.key] = res

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import kubeyaml
-from nodeagent.mesh import extension_providers, gateway_topology, locality, tracing
+from nodeagent.mesh import extension_providers, gateway_topology, locality, telemetry, tracing
 from nodeagent.mesh.credentials import parse_secret
 from nodeagent.mesh.model import (
     ALLOW_ANY,
@@ -506,8 +506,8 @@ MESH_CONFIG_FIELDS = (
     "localityLbSetting",
     "defaultConfig",
     "extensionProviders",
+    *telemetry.MESH_FIELDS,
     "enableTracing",
-    "defaultProviders",
 )
 # Of Istio's ProxyConfig, the ones read here.
 DEFAULT_CONFIG_FIELDS = ("proxyMetadata", gateway_topology.FIELD, "tracing")
@@ -525,7 +525,7 @@ def parse_mesh_config(data: Any) -> MeshConfig:
         if key not in MESH_CONFIG_FIELDS
     ]
     defaults = MeshConfig()
-    values: dict[str, str] = {}
+    values: dict[str, Any] = {}
     checks = (
         ("trustDomain", "trust_domain", _TRUST_DOMAIN, 255, defaults.trust_domain),
         ("rootNamespace", "root_namespace", _DNS_LABEL, 63, defaults.root_namespace),
@@ -600,6 +600,9 @@ def parse_mesh_config(data: Any) -> MeshConfig:
         mesh_tracing = tracing.parse_mesh(data, os.environ)
     except tracing.TracingError as e:
         problems += str(e).split("\n")
+    telemetry_values, telemetry_problems = telemetry.mesh_settings(data)
+    problems += telemetry_problems
+    values.update(telemetry_values)
     if problems:
         raise ResourceError(*problems)
     return MeshConfig(

@@ -59,7 +59,7 @@ REMOTE_ANNOTATION_PREFIXES = ("traffic.sidecar.istio.io/",)
 k8s: Any = _client
 kconfig: Any = _config
 
-ISTIO_GROUPS = ("networking.istio.io", "security.istio.io")
+ISTIO_GROUPS = ("networking.istio.io", "security.istio.io", "telemetry.istio.io")
 SOURCE = "kubernetes"
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 WATCH_TIMEOUT = 300  # seconds the API server keeps a watch open before ending it cleanly

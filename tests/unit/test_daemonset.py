@@ -180,6 +180,7 @@ def test_cluster_role_is_read_only_but_for_patching_pods_and_reviewing_access() 
             ("security.istio.io", r)
             for r in ("peerauthentications", "authorizationpolicies", "requestauthentications")
         },
+        ("telemetry.istio.io", "telemetries"),
     }
     assert set(granted) == expected | {REVIEWS}
     assert all(granted[key] >= READ_VERBS for key in expected)
