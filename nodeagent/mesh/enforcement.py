@@ -197,9 +197,33 @@ def _authz_key(key: Any) -> bool:
     )
 
 
+def _trace_tags(tags: Any) -> bool:
+    """Telemetry customTags of the kinds translate/tracing.py builds (not ``formatter``)."""
+    return isinstance(tags, Mapping) and all(
+        isinstance(t, Mapping)
+        and len(t) == 1
+        and next(iter(t)) in ("literal", "environment", "header")
+        for t in tags.values()
+    )
+
+
 # Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
 # enforced values of a scalar field, and a one-element list applies its rule to every item.
 ENFORCED: Mapping[str, Mapping[str, Any]] = {
+    # mesh/telemetry.py, translate/tracing.py (#19 tracing; accessLogging and metrics: others).
+    "Telemetry": {
+        "selector": ALL,
+        "tracing": [
+            {
+                "match": ALL,
+                "providers": ALL,
+                "randomSamplingPercentage": ALL,
+                "disableSpanReporting": ALL,
+                "customTags": _trace_tags,
+                "useRequestIdForTraceSampling": ALL,
+            }
+        ],
+    },
     "PeerAuthentication": {"selector": ALL, "mtls": ALL, "portLevelMtls": ALL},
     # translate/jwt.py, mesh/jwks.py. targetRef(s) are Istio's too: a captured pod ignores them.
     "RequestAuthentication": {
@@ -317,6 +341,7 @@ PLANNED: Mapping[str, str] = {
     ),
     "Telemetry": "#19 observability",
 }
+
 NOT_PLANNED = "not planned"  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
 
 

@@ -1,5 +1,6 @@
 """MeshConfig's tracing settings: the ``zipkin`` and ``opentelemetry`` extension providers,
-``enableTracing``, ``defaultProviders.tracing`` and ``defaultConfig.tracing`` (pure).
+``enableTracing`` and ``defaultConfig.tracing`` (pure). Which provider a workload uses
+(``defaultProviders.tracing``, Telemetry ``tracing``) is mesh/telemetry.py's.
 
 Istio is the specification: istio.io/latest/docs/reference/config/istio.mesh.v1alpha1/
 (``MeshConfig.ExtensionProvider.ZipkinTracingProvider``, ``OpenTelemetryTracingProvider``,
@@ -86,7 +87,6 @@ class MeshTracing:
     """The mesh-wide tracing settings."""
 
     enabled: bool = True  # enableTracing
-    default_providers: tuple[str, ...] = ()  # defaultProviders.tracing
     sampling: float = DEFAULT_SAMPLING  # defaultConfig.tracing.sampling, percent
     custom_tags: tuple[CustomTag, ...] = ()  # defaultConfig.tracing.customTags
     max_path_tag_length: int = 0
@@ -159,23 +159,13 @@ def parse_provider(
 
 
 def parse_mesh(data: Mapping[str, Any], env: Mapping[str, str]) -> MeshTracing:
-    """MeshConfig DATA's tracing fields (``enableTracing``, ``defaultProviders.tracing``,
-    ``defaultConfig.tracing``); TracingError lists every problem."""
+    """MeshConfig DATA's tracing fields (``enableTracing``, ``defaultConfig.tracing``;
+    ``defaultProviders`` is mesh/telemetry.py's); TracingError lists every problem."""
     problems: list[str] = []
     enabled = data.get("enableTracing", True)
     if not isinstance(enabled, bool):
         problems.append(f"enableTracing: expected true or false, got {enabled!r}")
         enabled = True
-    providers: tuple[str, ...] = ()
-    defaults = data.get("defaultProviders") or {}
-    if not isinstance(defaults, dict):
-        problems.append("defaultProviders: expected a mapping")
-    else:
-        names = defaults.get("tracing") or []
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            problems.append("defaultProviders.tracing: expected a list of provider names")
-        else:
-            providers = tuple(names)
     config = (
         (data.get("defaultConfig") or {}).get("tracing")
         if isinstance(data.get("defaultConfig"), dict)
@@ -199,7 +189,7 @@ def parse_mesh(data: Mapping[str, Any], env: Mapping[str, str]) -> MeshTracing:
             istio_tags = flag if isinstance(flag, bool) else True
     if problems:
         raise TracingError("\n".join(problems))
-    return MeshTracing(enabled, providers, sampling, tags, length, istio_tags)
+    return MeshTracing(enabled, sampling, tags, length, istio_tags)
 
 
 def custom_tags(data: Any, at: str, problems: list[str]) -> tuple[CustomTag, ...]:

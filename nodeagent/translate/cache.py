@@ -218,7 +218,9 @@ class TranslationCache:
     # these few, not every service.
     _tls_sockets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _internal: _Memo | None = None  # the outbound-internal listener
-    _tracer: tracing.Tracer | None = None  # the node's, this build's
+    _tracer: tracing.Tracer | None = None  # the shared outbound side's, this build's
+    _collectors: dict[str, tracing.Tracer] = field(default_factory=dict)  # by cluster name
+    _tracing_problem: str = ""
     # Sidecar scopes' internal listeners (and clusters), by listener name.
     _scoped: dict[str, _Memo] = field(default_factory=dict)
     # Services no local pod's Sidecar scope reaches while every local pod has one: built, not
@@ -295,12 +297,22 @@ class TranslationCache:
             gateway,
         )
         excluded_now = frozenset(excluded)
-        # The node's tracer (translate/tracing.py); not in the sidecar form (no collector cluster).
-        tracer = None if sidecar else tracing.resolve(store)[0]
-        self._tracer = tracer
+        # The tracers (translate/tracing.py): the shared outbound side's, each pod's inbound
+        # side's; none in the sidecar form (it has no collector cluster).
+        traced = not sidecar
+        tracer, why = tracing.client_tracer(store, [local.pod for local in local_pods])
+        self._tracer = tracer if traced else None
         inbound = {
-            local.pod.key: _inbound_inputs(store, local, sidecar, tracer) for local in local_pods
+            local.pod.key: _inbound_inputs(store, local, sidecar, traced) for local in local_pods
         }
+        self._collectors = {
+            t.cluster: t
+            for t in (self._tracer, *(inputs[7] for inputs in inbound.values()))
+            if t is not None
+        }
+        if traced and why and why != self._tracing_problem:
+            log.warning("%s: no tracing", why)
+        self._tracing_problem = why
         fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
         for local in local_pods if not sidecar else ():
             pod = local.pod
@@ -1260,10 +1272,9 @@ class TranslationCache:
             assert self._internal.made is not None
             made += self._internal.made
         made += self._scope_internals(scopes, outbound_policy)
-        if self._tracer is not None:
-            made.append(
-                (envoy.CLUSTER, tracing.collector_cluster(self._settings.store, self._tracer))
-            )
+        for name in sorted(self._collectors):
+            collector = tracing.collector_cluster(self._settings.store, self._collectors[name])
+            made.append((envoy.CLUSTER, collector))
         trust_domain = self._settings.mesh_config.trust_domain
         identities = sorted({local.identity for local in local_pods})
         overrides = {
@@ -1553,7 +1564,7 @@ def _sidecar_outbound(
 
 
 def _inbound_inputs(
-    store: MeshStore, local: LocalPod, sidecar: bool, tracer: tracing.Tracer | None = None
+    store: MeshStore, local: LocalPod, sidecar: bool, traced: bool = False
 ) -> tuple[Any, ...]:
     """What a local pod's inbound side is made of (compared to tell whether to rebuild it)."""
     pod = local.pod
@@ -1564,6 +1575,7 @@ def _inbound_inputs(
     # Compared, not hashed: JSON is the cheap exact form of the filters' config.
     authn = json.dumps(jwt.inbound_filters(store, pod), sort_keys=True)
     pod_authz = authz.policies_for(store, pod, sidecar)
+    tracer = tracing.server_tracer(store, pod)[0] if traced else None
     hosts = tuple(sorted(tracing.inbound_hosts(store, pod).items())) if tracer else ()
     return (local, ports, peer.mode, me, sidecar, pod_authz, authn, tracer, hosts)
 

@@ -51,15 +51,18 @@ from envoy.config.trace.v3 import opentelemetry_pb2, zipkin_pb2  # noqa: F401  (
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.request_id.uuid.v3 import uuid_pb2
 from envoy.extensions.tracers.opentelemetry.resource_detectors.v3 import (  # noqa: F401
     dynatrace_resource_detector_pb2,
     environment_resource_detector_pb2,
 )
 from google.protobuf import json_format
 
+from nodeagent.mesh import telemetry
 from nodeagent.mesh import tracing as mesh_tracing
 from nodeagent.mesh.model import Pod
 from nodeagent.mesh.store import MeshStore
+from nodeagent.mesh.telemetry import TracingSpec
 from nodeagent.mesh.tracing import CustomTag, TracerProvider
 from nodeagent.translate import envoy
 from nodeagent.translate.envoy import Cluster, message, typed
@@ -155,36 +158,58 @@ def span_service_name(pod: Pod) -> str:
     return f"{pod.labels.get('app') or 'istio-proxy'}.{pod.namespace}"
 
 
-def resolve(store: MeshStore) -> tuple[Tracer | None, str]:
-    """The mesh's tracer (None: no tracing) and why not when a provider is named but unusable
-    (istiod logs it and configures no tracing). The provider is the first of
-    ``defaultProviders.tracing`` (Istio uses one tracing provider per proxy)."""
-    mesh = store.mesh_config
-    settings = mesh.tracing
-    if not settings.default_providers:
+def from_spec(store: MeshStore, spec: TracingSpec | None) -> tuple[Tracer | None, str]:
+    """The tracer of a workload's TracingSpec (mesh/telemetry.py: its Telemetry ``tracing``
+    merged over ``defaultProviders.tracing``; None: neither configures tracing), and why none
+    when a provider is named but unusable (istiod logs it and configures no tracing)."""
+    if spec is None or spec.disabled:  # disableSpanReporting, or no provider known
         return None, ""
-    name = settings.default_providers[0]
-    provider = mesh.extension_providers.tracer(name)
+    mesh = store.mesh_config
+    provider = mesh.extension_providers.tracer(spec.provider)
     if provider is None:
-        return (
-            None,
-            f'tracing provider "{name}" is not a zipkin or opentelemetry extension provider',
+        return None, (
+            f'tracing provider "{spec.provider}" ({spec.provider_kind}): only zipkin and '
+            "opentelemetry providers are supported"
         )
     host, error = lookup(store, provider.service)
     if error:
-        return None, f'tracing provider "{name}": {error}'
+        return None, f'tracing provider "{spec.provider}": {error}'
+    settings = mesh.tracing
+    # Telemetry's customTags replace MeshConfig's (tracing.go configureCustomTags).
+    problems: list[str] = []
+    tags = mesh_tracing.custom_tags(dict(spec.tags), "customTags", problems)
+    # provider sampler > Telemetry randomSamplingPercentage > defaultConfig.tracing.sampling
+    sampling = spec.random_sampling_percentage
     return (
         Tracer(
             provider,
             host,
-            settings.sampling,
-            settings.custom_tags,
+            settings.sampling if sampling is None else sampling,
+            tags or settings.custom_tags,
             settings.enable_istio_tags,
             provider.max_tag_length or settings.max_path_tag_length,
             mesh.trust_domain,
+            spec.use_request_id_for_trace_sampling,
         ),
         "",
     )
+
+
+def server_tracer(store: MeshStore, pod: Pod) -> tuple[Tracer | None, str]:
+    """POD's inbound tracer (Telemetry mode SERVER)."""
+    return from_spec(store, telemetry.tracing(store, pod.namespace, pod.labels, telemetry.SERVER))
+
+
+def client_tracer(store: MeshStore, pods: Sequence[Pod]) -> tuple[Tracer | None, str]:
+    """The tracer of the node's shared outbound side (Telemetry mode CLIENT): the one every local
+    pod (PODS) gets when they all get the same, else the mesh's (the root namespace's Telemetry
+    and ``defaultProviders``). One connection manager serves every pod's calls to a service
+    port, and Envoy samples per connection manager, not per caller."""
+    specs = {telemetry.tracing(store, p.namespace, p.labels, telemetry.CLIENT) for p in pods}
+    if len(specs) != 1:
+        root = store.mesh_config.root_namespace
+        specs = {telemetry.tracing(store, root, {}, telemetry.CLIENT)}
+    return from_spec(store, specs.pop())
 
 
 def lookup(store: MeshStore, service: str) -> tuple[str, str]:
@@ -407,12 +432,17 @@ def _hcms(listener: envoy.Listener) -> Iterable[tuple[Any, Any]]:
                 yield chain, f
 
 
-def _set(f: Any, block: Mapping[str, Any]) -> None:
-    """F's HTTP connection manager with BLOCK as its ``tracing``."""
+def _set(f: Any, block: Mapping[str, Any], tracer: Tracer) -> None:
+    """F's HTTP connection manager with BLOCK as its ``tracing``, and the x-request-id's say in
+    sampling as TRACER's Telemetry wants it (``useRequestIdForTraceSampling``)."""
     hcm = hcm_pb2.HttpConnectionManager()
     f.typed_config.Unpack(hcm)
     hcm.ClearField("tracing")
     json_format.ParseDict(dict(block), hcm.tracing)
+    if not tracer.use_request_id:
+        uuid = uuid_pb2.UuidRequestIdConfig()
+        uuid.use_request_id_for_trace_sampling.value = False
+        hcm.request_id_extension.typed_config.Pack(uuid)
     f.typed_config.Pack(hcm, deterministic=True)
 
 
@@ -427,7 +457,7 @@ def trace_outbound(listener: envoy.Listener, tracer: Tracer) -> envoy.Listener:
             if len(parts) == 4 and parts[0] == "outbound" and parts[1].isdigit()
             else "%REQ(:AUTHORITY)%/*"
         )
-        _set(f, hcm_tracing(tracer, None, name))
+        _set(f, hcm_tracing(tracer, None, name), tracer)
     return listener
 
 
@@ -442,7 +472,7 @@ def trace_inbound(
         parts = chain.name.split("-")[0].split("|")
         port = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
         name = operation(hosts[port], port) if port in hosts else chain.name
-        _set(f, hcm_tracing(tracer, pod, name, service_name))
+        _set(f, hcm_tracing(tracer, pod, name, service_name), tracer)
     return listener
 
 
@@ -462,9 +492,11 @@ def inbound_hosts(store: MeshStore, pod: Pod) -> dict[int, str]:
 
 __all__: Sequence[str] = (
     "Tracer",
+    "client_tracer",
     "collector_cluster",
+    "from_spec",
     "hcm_tracing",
-    "resolve",
+    "server_tracer",
     "stamp",
     "trace_inbound",
     "trace_outbound",

@@ -9,13 +9,22 @@ pilot/pkg/networking/core/tracing.go: TRACING.GO).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nodeagent.mesh import tracing as mt
-from nodeagent.mesh.model import Endpoint, EndpointPort, EndpointSlice, Service, ServicePort
+from nodeagent.mesh.model import (
+    DefaultProviders,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    IstioResource,
+    Service,
+    ServicePort,
+)
 from nodeagent.mesh.store import MeshStore
 from nodeagent.sources.directory import ResourceError, parse_mesh_config
 from nodeagent.translate import envoy as e
@@ -280,8 +289,8 @@ def test_collector_cluster_lists_the_service_endpoints_plaintext() -> None:
     address = cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
     assert address["socketAddress"] == {"address": "10.1.2.3", "portValue": 9411}
     s.delete_service("tracing/zipkin")
-    assert tracing.resolve(s) == (None, 'tracing provider "zipkin": could not find service '
-                                  f"{ZIPKIN_HOST} in the service registry")  # fmt: skip
+    missing = f"could not find service {ZIPKIN_HOST} in the service registry"
+    assert tracing.client_tracer(s, [WEB.pod]) == (None, f'tracing provider "zipkin": {missing}')
 
 
 def test_envoy_accepts_every_block(tmp_path: Path) -> None:
@@ -332,3 +341,84 @@ def test_envoy_accepts_every_block(tmp_path: Path) -> None:
                 }
             )
     assert_envoy_accepts_resources(tmp_path, clusters=clusters, listeners=listeners)
+
+
+# -- the Telemetry API ---------------------------------------------------------------------------
+# istio.io/latest/docs/reference/config/telemetry/ (TELEMETRY): Tracing providers,
+# randomSamplingPercentage, customTags, disableSpanReporting, useRequestIdForTraceSampling,
+# match.mode; istio.io/latest/docs/tasks/observability/telemetry/ (scopes: root namespace,
+# namespace, workload selector).
+
+
+def telemetry(ns: str, name: str, tracing_: list[dict[str, Any]], **spec: Any) -> IstioResource:
+    return IstioResource(
+        "telemetry.istio.io", "v1", "Telemetry", ns, name, {"tracing": tracing_, **spec}
+    )
+
+
+def test_telemetry_sampling_tags_and_request_id() -> None:
+    """TELEMETRY: a mesh-wide Telemetry (root namespace) naming the provider sets the random
+    sampling (over defaultConfig's), its customTags replace MeshConfig's (tracing.go
+    configureCustomTags), useRequestIdForTraceSampling false reaches the x-request-id
+    extension; no defaultProviders needed."""
+    s = mesh_store(defaultConfig={"tracing": {"customTags": {"m": {"literal": {"value": "x"}}}}})
+    s.set_mesh_config(replace(s.mesh_config, default_providers=DefaultProviders()))
+    assert tracing.client_tracer(s, [WEB.pod]) == (None, "")
+    spec = {
+        "providers": [{"name": "otel"}],
+        "randomSamplingPercentage": 42.5,
+        "customTags": {"t": {"header": {"name": "user", "defaultValue": "-"}}},
+        "useRequestIdForTraceSampling": False,
+    }
+    s.put_istio(telemetry("istio-system", "mesh-default", [spec]))
+    out = translate(s, [WEB])
+    for listener, chain in (
+        ("outbound-internal", "outbound|80||web.shop.svc.cluster.local"),
+        ("virtualInbound/shop/web", "inbound|8080||"),
+    ):
+        block = hcm_tracing(out[e.LISTENER][listener], chain)
+        assert block["provider"]["name"] == "envoy.tracers.opentelemetry"
+        assert block["randomSampling"] == {"value": 42.5}
+        tags = tag_map(block)
+        assert tags["t"] == {"requestHeader": {"name": "user", "defaultValue": "-"}}
+        assert "m" not in tags
+        for c in as_json(out[e.LISTENER][listener])["filterChains"]:
+            for f in c["filters"]:
+                if "tracing" in f["typedConfig"]:
+                    extension = f["typedConfig"]["requestIdExtension"]["typedConfig"]
+                    assert extension["useRequestIdForTraceSampling"] is False
+
+
+def test_workload_telemetry_disables_one_pods_server_spans() -> None:
+    """TELEMETRY disableSpanReporting with match.mode SERVER on a workload selector: that pod's
+    inbound side reports no spans; another pod's does; the shared outbound side keeps the
+    mesh's (Envoy samples per connection manager: a per-workload CLIENT setting applies there
+    only when every local pod gets the same, translate/tracing.py client_tracer)."""
+    s = mesh_store()
+    s.put_istio(
+        telemetry(
+            "shop",
+            "quiet-web",
+            [{"match": {"mode": "SERVER"}, "disableSpanReporting": True}],
+            selector={"matchLabels": {"app": "web"}},
+        )
+    )
+    other = local("other", {"app": "other"})
+    out = translate(s, [WEB, other])
+    with pytest.raises(AssertionError, match="no traced HCM"):
+        hcm_tracing(out[e.LISTENER]["virtualInbound/shop/web"], "inbound|8080||")
+    assert hcm_tracing(
+        out[e.LISTENER]["outbound-internal"], "outbound|80||web.shop.svc.cluster.local"
+    )
+    s.put_istio(
+        telemetry(
+            "shop", "quiet-client", [{"match": {"mode": "CLIENT"}, "disableSpanReporting": True}]
+        )
+    )
+    assert tracing.client_tracer(s, [WEB.pod, other.pod])[0] is None  # both pods: the same
+    s.put_istio(
+        IstioResource("telemetry.istio.io", "v1", "Telemetry", "other", "x", {"tracing": [{}]})
+    )
+    elsewhere = local("elsewhere", {"app": "e"})
+    elsewhere = replace(elsewhere, pod=replace(elsewhere.pod, namespace="other"))
+    assert tracing.client_tracer(s, [WEB.pod, elsewhere.pod])[0] is not None  # the mesh's
