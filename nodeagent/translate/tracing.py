@@ -43,6 +43,7 @@ mTLS (STRICT) is not reached.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -212,11 +213,24 @@ def client_tracer(store: MeshStore, pods: Sequence[Pod]) -> tuple[Tracer | None,
     return from_spec(store, specs.pop())
 
 
+# store -> (its generation, {service: lookup's answer}): every local pod's tracer names the same
+# provider, and a lookup scans the services (once per store change, not once per pod).
+_looked_up: weakref.WeakKeyDictionary[MeshStore, tuple[int, dict[str, tuple[str, str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def lookup(store: MeshStore, service: str) -> tuple[str, str]:
     """(hostname, error) of a provider's SERVICE, as for ext_authz providers (LookupCluster)."""
     from nodeagent.translate.extauthz import _lookup
 
-    return _lookup(store, service)
+    generation, answers = _looked_up.get(store, (-1, {}))
+    if generation != store.generation:
+        answers = {}
+        _looked_up[store] = (store.generation, answers)
+    if service not in answers:
+        answers[service] = _lookup(store, service)
+    return answers[service]
 
 
 def collector_cluster(store: MeshStore, tracer: Tracer) -> Cluster:
