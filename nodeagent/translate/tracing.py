@@ -479,19 +479,20 @@ def trace_inbound(
     listener: envoy.Listener, tracer: Tracer, pod: Pod, hosts: Mapping[int, str]
 ) -> envoy.Listener:
     """POD's inbound or fast-path LISTENER with tracing in each HTTP connection manager: span
-    name ``<host>:<port>/*`` of the service that names the chain's port (HOSTS: container port
-    -> hostname), else ``inbound|<port>||``."""
+    name ``<host>:<port>/*`` of the service port that names the chain's port (HOSTS, from
+    ``inbound_hosts``: container port -> ``<host>:<service port>``), else the chain's name."""
     service_name = span_service_name(pod)
     for chain, f in _hcms(listener):
         parts = chain.name.split("-")[0].split("|")
         port = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-        name = operation(hosts[port], port) if port in hosts else chain.name
+        name = f"{hosts[port]}/*" if port in hosts else chain.name
         _set(f, hcm_tracing(tracer, pod, name, service_name), tracer)
     return listener
 
 
 def inbound_hosts(store: MeshStore, pod: Pod) -> dict[int, str]:
-    """Container port -> the hostname of the first service (by key) that names it for POD."""
+    """Container port -> ``<host>:<port>`` of the first service (by key) that names it for POD:
+    the service port, as the caller's span names it (istiod's inbound route operation)."""
     from nodeagent.translate.services import service_targets
 
     domain = store.mesh_config.cluster_domain
@@ -500,7 +501,7 @@ def inbound_hosts(store: MeshStore, pod: Pod) -> dict[int, str]:
         for target in service_targets(svc, domain):
             port = target.port.target_port or target.port.port
             if isinstance(port, int):
-                hosts.setdefault(port, target.host)
+                hosts.setdefault(port, f"{target.host}:{target.port.port}")
     return hosts
 
 

@@ -219,7 +219,8 @@ def test_outbound_tags_name_the_calling_pod_from_filter_state() -> None:
 def test_inbound_spans_are_the_pods_own() -> None:
     """The pod's inbound (mTLS and plaintext) and fast-path HCMs: literal tags with its own
     canonical service (label app, TRACING.GO via the injector's canonical-name) and revision
-    (label version), span name <service host>:<port>/*; custom tags after Istio's, sorted."""
+    (label version), span name <service host>:<service port>/* (the caller's span name, not the
+    container port); custom tags after Istio's, sorted."""
     tags_in = {"defaultConfig": {"tracing": {"customTags": {"a": {"literal": {"value": "x"}}}}}}
     out = translate(mesh_store(**tags_in), [WEB])
     for listener, chain in (
@@ -235,7 +236,7 @@ def test_inbound_spans_are_the_pods_own() -> None:
         assert tags["nodeagent.pod"] == {"literal": {"value": "shop/web"}}
         assert tags["a"] == {"literal": {"value": "x"}}
         assert [t["tag"] for t in block["customTags"]] == sorted(tags)
-        assert block["operation"] == "web.shop.svc.cluster.local:80/*".replace(":80", ":8080")
+        assert block["operation"] == "web.shop.svc.cluster.local:80/*"  # the service port
 
 
 def test_opentelemetry_grpc_and_http() -> None:
