@@ -197,6 +197,16 @@ def _authz_key(key: Any) -> bool:
     )
 
 
+def _trace_tags(tags: Any) -> bool:
+    """Telemetry customTags of the kinds translate/tracing.py builds (not ``formatter``)."""
+    return isinstance(tags, Mapping) and all(
+        isinstance(t, Mapping)
+        and len(t) == 1
+        and next(iter(t)) in ("literal", "environment", "header")
+        for t in tags.values()
+    )
+
+
 # Per kind, the fields that take effect: a nested mapping mirrors the spec, a frozenset lists the
 # enforced values of a scalar field, and a one-element list applies its rule to every item.
 ENFORCED: Mapping[str, Mapping[str, Any]] = {
@@ -265,13 +275,25 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
         ],
     },
     # mesh/telemetry.py (which Telemetry applies, istiod's merge), translate/access_logs.py
-    # (envoyFileAccessLog providers; other access log provider kinds are not built). targetRef(s)
-    # attach to gateways and waypoints only: a captured pod ignores them, as Istio's sidecars.
+    # (envoyFileAccessLog providers; other access log provider kinds are not built),
+    # translate/tracing.py. targetRef(s) attach to gateways and waypoints only: a captured pod
+    # ignores them, as Istio's sidecars. metrics: Istio's standard metrics are node-wide
+    # (MeshConfig defaultProviders.metrics, translate/istio_stats.py), not per Telemetry yet.
     "Telemetry": {
         "selector": ALL,
         "targetRef": ALL,
         "targetRefs": ALL,
         "accessLogging": [{"providers": ALL, "filter": ALL, "match": ALL, "disabled": ALL}],
+        "tracing": [
+            {
+                "match": ALL,
+                "providers": ALL,
+                "randomSamplingPercentage": ALL,
+                "disableSpanReporting": ALL,
+                "customTags": _trace_tags,
+                "useRequestIdForTraceSampling": ALL,
+            }
+        ],
     },
     # Each host a registry service (mesh/service_entries.py, translate/cache.py).
     "ServiceEntry": {
@@ -326,6 +348,7 @@ PLANNED: Mapping[str, str] = {
     ),
     "Telemetry": "#19 observability (tracing, metrics)",
 }
+
 NOT_PLANNED = "not planned"  # EnvoyFilter, ProxyConfig, WasmPlugin, TrafficExtension
 
 

@@ -8,7 +8,8 @@ istiod's checks of them (istio/istio pkg/config/validation
 port in [1, 65535], statusOnError an Envoy HTTP status code, pathPrefix starting with "/", no
 single "*" in a header list).
 
-Only the two ext_authz kinds are parsed here (AuthorizationPolicy CUSTOM, translate/extauthz.py);
+Only the two ext_authz kinds are parsed here (AuthorizationPolicy CUSTOM, translate/extauthz.py),
+and the tracers ``zipkin`` and ``opentelemetry`` also in mesh/tracing.py (translate/tracing.py);
 the other kinds Istio knows (tracers, access loggers, Prometheus, ...) are Telemetry's: kept with
 their settings as given (``ExtensionProviders.settings``), read by mesh/telemetry.py and the
 translators of those kinds. Istio's built-in providers (``envoy``: a file access log on
@@ -26,6 +27,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from nodeagent.mesh import tracing
 
 HTTP, GRPC = "envoyExtAuthzHttp", "envoyExtAuthzGrpc"
 # Istio's other provider kinds (MeshConfig.ExtensionProvider's oneof): accepted, used by
@@ -134,6 +137,8 @@ class ExtensionProviders:
     other: tuple[str, ...] = ()
     # The other kinds' entries: (name, kind, settings as JSON text; kept hashable).
     other_settings: tuple[tuple[str, str, str], ...] = ()
+    # zipkin and opentelemetry (mesh/tracing.py), kept by name in OTHER too.
+    tracers: tuple[tracing.TracerProvider, ...] = ()
 
     def find(self, name: str) -> ExtAuthzProvider | None:
         return next((p for p in self.ext_authz if p.name == name), None)
@@ -154,13 +159,18 @@ class ExtensionProviders:
                 return entry_name, kind, loaded if isinstance(loaded, dict) else {}
         return None
 
+    def tracer(self, name: str) -> tracing.TracerProvider | None:
+        return next((p for p in self.tracers if p.name == name), None)
+
     def names(self) -> list[str]:
         return sorted([p.name for p in self.ext_authz] + list(self.other))
 
 
-def parse(data: Any, where: str = "extensionProviders") -> ExtensionProviders:
+def parse(
+    data: Any, where: str = "extensionProviders", env: Mapping[str, str] | None = None
+) -> ExtensionProviders:
     """DATA, MeshConfig's ``extensionProviders`` list (None: none); ProviderError lists every
-    problem found."""
+    problem found. ENV: where a tracer header's ``envName`` is read (None: none)."""
     if data is None:
         return ExtensionProviders()
     if not isinstance(data, list):
@@ -170,6 +180,7 @@ def parse(data: Any, where: str = "extensionProviders") -> ExtensionProviders:
     ext_authz: list[ExtAuthzProvider] = []
     other: list[str] = []
     other_settings: list[tuple[str, str, str]] = []
+    tracers: list[tracing.TracerProvider] = []
     for index, entry in enumerate(data):
         at = f"{where}[{index}]"
         if not isinstance(entry, dict):
@@ -193,6 +204,16 @@ def parse(data: Any, where: str = "extensionProviders") -> ExtensionProviders:
                 ext_authz.append(_ext_authz(name, kind, entry[kind], f"{at}.{kind}"))
             except ProviderError as e:
                 problems.extend(str(e).split("\n"))
+        elif kind in (tracing.ZIPKIN, tracing.OPENTELEMETRY):
+            other.append(name)
+            settings = entry[kind] if isinstance(entry[kind], dict) else {}
+            other_settings.append((name, kind, json.dumps(settings, sort_keys=True)))
+            try:
+                tracers.append(
+                    tracing.parse_provider(name, kind, entry[kind], f"{at}.{kind}", env or {})
+                )
+            except tracing.TracingError as e:
+                problems.extend(str(e).split("\n"))
         elif kind in OTHER_KINDS:
             other.append(name)
             settings = entry[kind] if isinstance(entry[kind], dict) else {}
@@ -202,7 +223,9 @@ def parse(data: Any, where: str = "extensionProviders") -> ExtensionProviders:
             problems.append(f'{at}: unknown provider kind "{kind}" (known: {known})')
     if problems:
         raise ProviderError("\n".join(problems))
-    return ExtensionProviders(tuple(ext_authz), tuple(other), tuple(other_settings))
+    return ExtensionProviders(
+        tuple(ext_authz), tuple(other), tuple(other_settings), tracers=tuple(tracers)
+    )
 
 
 def _ext_authz(name: str, kind: str, spec: Any, at: str) -> ExtAuthzProvider:

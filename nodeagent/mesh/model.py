@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.mesh.extension_providers import ExtensionProviders
+from nodeagent.mesh.tracing import MeshTracing
 
 ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
 
@@ -272,6 +273,8 @@ class MeshConfig:
     access_log_file: str = ""
     access_log_encoding: str = "TEXT"
     access_log_format: str = ""
+    # enableTracing, defaultProviders.tracing, defaultConfig.tracing (mesh/tracing.py).
+    tracing: MeshTracing = field(default_factory=MeshTracing)
 
     @property
     def default_proxy_metadata(self) -> dict[str, str]:

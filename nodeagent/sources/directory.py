@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent import kubeyaml
-from nodeagent.mesh import extension_providers, gateway_topology, locality, telemetry, workload
+from nodeagent.mesh import (
+    extension_providers,
+    gateway_topology,
+    locality,
+    telemetry,
+    tracing,
+    workload,
+)
 from nodeagent.mesh.credentials import parse_secret
 from nodeagent.mesh.model import (
     ALLOW_ANY,
@@ -527,9 +534,10 @@ MESH_CONFIG_FIELDS = (
     "defaultConfig",
     "extensionProviders",
     *telemetry.MESH_FIELDS,
+    "enableTracing",
 )
 # Of Istio's ProxyConfig, the ones read here.
-DEFAULT_CONFIG_FIELDS = ("proxyMetadata", gateway_topology.FIELD)
+DEFAULT_CONFIG_FIELDS = ("proxyMetadata", gateway_topology.FIELD, "tracing")
 
 
 def parse_mesh_config(data: Any) -> MeshConfig:
@@ -611,8 +619,13 @@ def parse_mesh_config(data: Any) -> MeshConfig:
         problems.append(f"defaultConfig: expected a mapping, got {_show(default_config)}")
     providers = extension_providers.ExtensionProviders()
     try:
-        providers = extension_providers.parse(data.get("extensionProviders"))
+        providers = extension_providers.parse(data.get("extensionProviders"), env=os.environ)
     except extension_providers.ProviderError as e:
+        problems += str(e).split("\n")
+    mesh_tracing = tracing.MeshTracing()
+    try:
+        mesh_tracing = tracing.parse_mesh(data, os.environ)
+    except tracing.TracingError as e:
         problems += str(e).split("\n")
     telemetry_values, telemetry_problems = telemetry.mesh_settings(data)
     problems += telemetry_problems
@@ -624,6 +637,7 @@ def parse_mesh_config(data: Any) -> MeshConfig:
         proxy_metadata=metadata,
         gateway_trusted_proxies=trusted_proxies,
         extension_providers=providers,
+        tracing=mesh_tracing,
         **values,
     )
 

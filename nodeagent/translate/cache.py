@@ -74,6 +74,7 @@ from nodeagent.translate import (
     passthrough,
     service_views,
     tls,
+    tracing,
 )
 from nodeagent.translate.clusters import (
     blackhole_cluster,
@@ -223,6 +224,9 @@ class TranslationCache:
     # these few, not every service.
     _tls_sockets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _internal: _Memo | None = None  # the outbound-internal listener
+    _tracer: tracing.Tracer | None = None  # the shared outbound side's, this build's
+    _collectors: dict[str, tracing.Tracer] = field(default_factory=dict)  # by cluster name
+    _tracing_problem: str = ""
     # Sidecar scopes' internal listeners (and clusters), by listener name.
     _scoped: dict[str, _Memo] = field(default_factory=dict)
     # Services no local pod's Sidecar scope reaches while every local pod has one: built, not
@@ -316,7 +320,22 @@ class TranslationCache:
         settings: _Settings,
     ) -> Translation:
         excluded_now = frozenset(excluded)
-        inbound = {local.pod.key: _inbound_inputs(store, local, sidecar) for local in local_pods}
+        # The tracers (translate/tracing.py): the shared outbound side's, each pod's inbound
+        # side's; none in the sidecar form (it has no collector cluster).
+        traced = not sidecar
+        tracer, why = tracing.client_tracer(store, [local.pod for local in local_pods])
+        self._tracer = tracer if traced else None
+        inbound = {
+            local.pod.key: _inbound_inputs(store, local, sidecar, traced) for local in local_pods
+        }
+        self._collectors = {
+            t.cluster: t
+            for t in (self._tracer, *(inputs[8] for inputs in inbound.values()))
+            if t is not None
+        }
+        if traced and why and why != self._tracing_problem:
+            log.warning("%s: no tracing", why)
+        self._tracing_problem = why
         fast: dict[str, frozenset[int]] = {}  # the pods' ports on the same-node fast path
         for local in local_pods if not sidecar else ():
             pod = local.pod
@@ -1058,11 +1077,12 @@ class TranslationCache:
             else:
                 spiffe = tls.spiffe_id(settings.mesh_config.trust_domain, *local.identity)
                 to = scope.name if scope is not None else internal.OUTBOUND_INTERNAL
+                traced = self._tracer is not None
                 outbound = self._pod_part(
                     self._outbound,
                     local,
-                    (local, spiffe, to, _logs_of(pod.key)),
-                    partial(_pod_outbound, local, spiffe, to),
+                    (local, spiffe, to, _logs_of(pod.key), traced),
+                    partial(_pod_outbound, local, spiffe, to, traced),
                 )
             inputs = inbound_inputs[pod.key]
             inbound = self._pod_part(
@@ -1205,7 +1225,13 @@ class TranslationCache:
         for name, scope in sorted(wanted.items()):
             policy_now = scope.policy(outbound_policy)
             host_routes = self._host_routes(scope)
-            inputs: tuple[Any, ...] = (self._chains_token, scope, policy_now, host_routes)
+            inputs: tuple[Any, ...] = (
+                self._chains_token,
+                scope,
+                policy_now,
+                host_routes,
+                self._tracer,
+            )
             memo = self._scoped.get(name)
             if memo is None or memo.inputs != inputs:
                 chains = [
@@ -1218,6 +1244,8 @@ class TranslationCache:
                 by_host, tables = _host_routing(host_routes, policy_now, name)
                 chains = _distinct(chains + by_host) + self._black_holes()
                 listener = outbound_internal_listener(chains, policy_now, name)
+                if self._tracer is not None:
+                    tracing.trace_outbound(listener, self._tracer)
                 # The cluster depends on the name alone: kept (not pushed again).
                 cluster = memo.made[1][1] if memo is not None and memo.made else None
                 if cluster is None:
@@ -1244,7 +1272,12 @@ class TranslationCache:
         scopes = {scope for scope in scoped.values() if scope is not None}
         if not local_pods or any(scoped.get(local.pod.key) is None for local in local_pods):
             host_routes = self._host_routes(None)
-            inputs: tuple[Any, ...] = (self._chains_token, outbound_policy, host_routes)
+            inputs: tuple[Any, ...] = (
+                self._chains_token,
+                outbound_policy,
+                host_routes,
+                self._tracer,
+            )
             if self._internal is None or self._internal.inputs != inputs:
                 chains = [
                     c
@@ -1256,6 +1289,8 @@ class TranslationCache:
                 listener = outbound_internal_listener(
                     _distinct(chains + by_host) + self._black_holes(), outbound_policy
                 )
+                if self._tracer is not None:
+                    tracing.trace_outbound(listener, self._tracer)
                 cluster = internal.internal_cluster(internal.OUTBOUND_INTERNAL)
                 self._internal = _Memo(
                     inputs, [(envoy.LISTENER, listener), (envoy.CLUSTER, cluster), *tables]
@@ -1263,6 +1298,9 @@ class TranslationCache:
             assert self._internal.made is not None
             made += self._internal.made
         made += self._scope_internals(scopes, outbound_policy)
+        for name in sorted(self._collectors):
+            collector = tracing.collector_cluster(self._settings.store, self._collectors[name])
+            made.append((envoy.CLUSTER, collector))
         trust_domain = self._settings.mesh_config.trust_domain
         identities = sorted({local.identity for local in local_pods})
         overrides = {
@@ -1502,10 +1540,14 @@ def _logs_of(pod_key: str) -> tuple[Any, ...]:
     return (plan.pods.get(pod_key), plan.stamp(pod_key))
 
 
-def _pod_outbound(local: LocalPod, spiffe: str, to: str) -> Made:
+def _pod_outbound(local: LocalPod, spiffe: str, to: str, traced: bool = False) -> Made:
+    """TRACED: the pod's listener stamps its span tags too (translate/tracing.py)."""
     plan = access_logs.active()
-    stamp = plan.stamp(local.pod.key) if plan is not None else ""
-    listener = pod_outbound_listener(local.pod, local.netns, spiffe, to, log_class=stamp)
+    log_class = plan.stamp(local.pod.key) if plan is not None else ""
+    stamp = tracing.stamp(local.pod) if traced else []
+    listener = pod_outbound_listener(
+        local.pod, local.netns, spiffe, to, log_class=log_class, stamp=stamp
+    )
     return [(envoy.LISTENER, listener)]
 
 
@@ -1560,7 +1602,9 @@ def _sidecar_outbound(
     return [(envoy.LISTENER, outbound_listener(pod, served, outbound_policy, extra))]
 
 
-def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[Any, ...]:
+def _inbound_inputs(
+    store: MeshStore, local: LocalPod, sidecar: bool, traced: bool = False
+) -> tuple[Any, ...]:
     """What a local pod's inbound side is made of (compared to tell whether to rebuild it)."""
     pod = local.pod
     protocols = inbound_ports_of(store, dict(pod.labels), pod.namespace)
@@ -1571,7 +1615,9 @@ def _inbound_inputs(store: MeshStore, local: LocalPod, sidecar: bool) -> tuple[A
     authn = json.dumps(jwt.inbound_filters(store, pod), sort_keys=True)
     pod_authz = authz.policies_for(store, pod, sidecar)
     services = tuple(sorted(inbound_services_of(store, dict(pod.labels), pod.namespace).items()))
-    return (local, ports, peer.mode, me, sidecar, pod_authz, authn, services)
+    tracer = tracing.server_tracer(store, pod)[0] if traced else None
+    hosts = tuple(sorted(tracing.inbound_hosts(store, pod).items())) if tracer else ()
+    return (local, ports, peer.mode, me, sidecar, pod_authz, authn, services, tracer, hosts)
 
 
 def _inbound_resources(
@@ -1583,6 +1629,8 @@ def _inbound_resources(
     pod_authz: authz.PodAuthz,
     authn_json: str = "[]",
     services: tuple[tuple[int, tuple[str, str, str]], ...] = (),
+    tracer: tracing.Tracer | None = None,
+    hosts: tuple[tuple[int, str], ...] = (),
 ) -> Made:
     """A local pod's inbound listener, on the node its fast-path listener too, and the inbound
     clusters and routes of its HTTP ports. POD_AUTHZ: its AuthorizationPolicies; AUTHN_JSON: its
@@ -1596,15 +1644,15 @@ def _inbound_resources(
         if sidecar
         else {port: istio_stats.cluster_metadata(*service) for port, service in services}
     )
-    made: Made = [
-        (
-            envoy.LISTENER,
-            inbound_listener(pod, netns, ports, default_mode, me, pod_authz, authn, named),
-        )
-    ]
+    inbound = inbound_listener(pod, netns, ports, default_mode, me, pod_authz, authn, named)
     fast = (
         None if sidecar else fast_inbound_listener(pod, netns, ports, me, pod_authz, authn, named)
     )
+    if tracer is not None:  # its spans, named and tagged as its own (translate/tracing.py)
+        for listener in (inbound, fast):
+            if listener is not None:
+                tracing.trace_inbound(listener, tracer, pod, dict(hosts))
+    made: Made = [(envoy.LISTENER, inbound)]
     if fast is not None:
         made.append((envoy.LISTENER, fast))
     custom = pod_authz.custom

@@ -171,13 +171,16 @@ def stamp_caller(
     labels: Mapping[str, str] | None = None,
     peer: Mapping[str, str] | None = None,
     log_class: str = "",
+    extra: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The pod listener's filter: who calls (kept across every internal hop: its netns, SPIFFE
     ID, name, IP SOURCE and LABELS), where it was going (for outbound-internal's original_dst;
     kept across every hop too: a DestinationRule PASSTHROUGH cluster's endpoint, originate, has
     no address of its own and restores this one, see passthrough.py; an endpoint's own metadata
     wins over it everywhere else) and where from (one hop). PEER: the caller's side in Istio's
-    metrics (filter state key -> value, istio_stats.stamp), kept across every hop too."""
+    metrics (filter state key -> value, istio_stats.stamp), kept across every hop too; LOG_CLASS:
+    its access log class (access_logs.py); EXTRA: more entries (the pod's span tags,
+    translate/tracing.py)."""
     who = [
         state_value(NETNS_KEY, netns, "TRANSITIVE", NETNS_FACTORY),
         state_value(CALLER_KEY, spiffe, "TRANSITIVE", NETNS_FACTORY),
@@ -189,6 +192,7 @@ def stamp_caller(
         who.append(state_value(SOURCE_KEY, source, "TRANSITIVE", STRING))
     if log_class:  # its access log class, which shared chains' loggers filter on (access_logs.py)
         who.append(state_value(LOG_CLASS_KEY, log_class, "TRANSITIVE", STRING))
+    who += extra
     return set_filter_state(
         *who,
         # Hashable (Network::AddressObject): pooled connections stay apart per destination.

@@ -241,12 +241,18 @@ def _fallback(outbound_policy: str, who: str) -> dict[str, Any]:
 
 
 def pod_outbound_listener(
-    pod: Pod, netns: str, spiffe: str, to: str = internal.OUTBOUND_INTERNAL, log_class: str = ""
+    pod: Pod,
+    netns: str,
+    spiffe: str,
+    to: str = internal.OUTBOUND_INTERNAL,
+    log_class: str = "",
+    stamp: Sequence[dict[str, Any]] = (),
 ) -> Listener:
     """A pod's outbound listener on the node: the same few filters whatever the mesh holds. It
-    stamps the caller (netns, SPIFFE ID, name, IP; LOG_CLASS: its access log class, see
-    access_logs.py) and hands the connection to the internal listener TO: outbound-internal,
-    or its Sidecar scope's (mesh/sidecar_scope.py)."""
+    stamps the caller (netns, SPIFFE ID, name, IP, its side of Istio's metrics; LOG_CLASS: its
+    access log class, see access_logs.py; STAMP: more, its span tags while the node traces,
+    translate/tracing.py) and hands the connection to the internal listener TO:
+    outbound-internal, or its Sidecar scope's (mesh/sidecar_scope.py)."""
     who = pod.key
     source = pod.pod_ips[0] if pod.pod_ips else ""
     return message(
@@ -267,6 +273,7 @@ def pod_outbound_listener(
                         pod.labels,
                         istio_stats.stamp(pod),
                         log_class,
+                        stamp,
                     ),
                     tcp_proxy(internal.OUTBOUND_INTERNAL, to, "outbound", who),
                 ],

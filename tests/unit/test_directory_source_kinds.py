@@ -359,7 +359,8 @@ def test_a_broken_mesh_config_keeps_the_last_good_one(tmp_path: Path) -> None:
     assert source.errors[mesh] == [
         f'{mesh}: unknown field "ouboundTrafficPolicy" (known: trustDomain, rootNamespace, '
         "outboundTrafficPolicy, clusterDomain, localityLbSetting, defaultConfig, "
-        "extensionProviders, accessLogFile, accessLogEncoding, accessLogFormat, defaultProviders)"
+        "extensionProviders, accessLogFile, accessLogEncoding, accessLogFormat, defaultProviders, "
+        "enableTracing)"
     ]
     _write(mesh, "outboundTrafficPolicy: {mode: DENY}\nrootNamespace: Mesh_System\n")
     source.scan()
