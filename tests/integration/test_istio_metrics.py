@@ -241,9 +241,15 @@ def test_no_route_and_overflow_show_their_flags(tb: Testbed) -> None:
     )
     codes = tb.exec(caller, ["sh", "-c", burst], timeout=20).stdout.split()
     assert "503" in codes and "200" in codes, codes
-    source = {"reporter": "source", "destination_service_name": "slow"}
-    for code, flag in (("404", "NR"), ("503", "UO")):
-        want = {**source, "response_code": code, "response_flags": flag}
+    # No route: no cluster either, so the destination service is unknown (as the workload).
+    source = {"reporter": "source", "source_workload": "sleep"}
+    for code, flag, service in (("404", "NR", "unknown"), ("503", "UO", "slow")):
+        want = {
+            **source,
+            "destination_service_name": service,
+            "response_code": code,
+            "response_flags": flag,
+        }
         wait_for(lambda w=want: total(tb, "istio_requests_total", **w) >= 1, 10, str(want))
     apply_docs(tb)
 
