@@ -8,11 +8,15 @@ them from owner references (the testbed's pods stand for Deployments: a ReplicaS
 
 One S1-like chain across both nodes: sleep (n1) -> web-api (n1, the same-node fast path) ->
 recommendation (n2, mTLS between nodes) -> purchase-history (n2); a caller outside the mesh
-(default namespace, plaintext); a TCP service; failures with their response flags.
+(default namespace, plaintext); a TCP service; failures with their response flags. A real
+Prometheus (Debian's, tests/integration/prometheus.py) scrapes both nodes' merged :15020 endpoint
+as the README's scrape job does: the issue's PromQL, Istio's dashboard panels, the node
+dashboard (dashboards/nodeagent-node.json) and Envoy's own metrics answer from it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -20,9 +24,19 @@ from collections.abc import Iterator
 import pytest
 
 from nodeagent.testbed.cluster import Testbed
-from tests.integration.helpers import apply_docs, node_get, pod, running_testbed, topology_text
+from tests.integration.helpers import (
+    agent_pods,
+    apply_docs,
+    node_get,
+    pod,
+    running_testbed,
+    topology_text,
+)
 from tests.integration.prometheus import (
+    JOB,
+    NODE_DASHBOARD,
     Prometheus,
+    PromQLError,
     grafana_expr,
     istio_dashboard_queries,
     prometheus,
@@ -320,3 +334,62 @@ def test_a_real_prometheus_answers_istios_dashboard_queries(tb: Testbed, prom: P
         if not any(prom.query(grafana_expr(q["expr"], view)) for view in views):
             empty.append(q)
     assert [q for q in empty if not _empty_at_istio(q["expr"])] == []
+
+
+# -- the merged endpoint and the node dashboard, on the same Prometheus ---------------------------
+
+
+def test_both_nodes_merged_endpoints_are_scraped(prom: Prometheus) -> None:
+    assert prom.values(f'up{{job="{JOB}"}}', "node") == {"n1": 1.0, "n2": 1.0}
+    # The README's relabelling of the DaemonSet's pods: address, path and labels.
+    targets = {t["labels"]["node"]: t for t in prom.active_targets()}
+    for node, address in prom.targets.items():
+        assert targets[node]["scrapeUrl"] == f"http://{address}/stats/prometheus"
+        labels = targets[node]["labels"]
+        assert (labels["namespace"], labels["pod"]) == ("nodeagent-system", f"nodeagent-{node}")
+    # Each node's agent counts the scrapes it answered, and Envoy answered them all.
+    prom.wait_until(f'nodeagent_scrapes_total{{job="{JOB}"}} > 2')
+    failures = prom.values('nodeagent_scrape_failures_total{type="envoy"}', "node")
+    assert failures == {"n1": 0.0, "n2": 0.0}
+
+
+def test_captured_pods_by_node_answer_promql(tb: Testbed, prom: Prometheus) -> None:
+    captured = prom.values('sum by (node) (nodeagent_pods{state="captured"})', "node")
+    for node in ("n1", "n2"):
+        pods = agent_pods(tb.name, node)
+        assert captured[node] == sum(1 for r in pods.values() if r["state"] == "captured")
+    # n1: sleep, web-api, broken, slow (the outsider's namespace is not in the mesh);
+    # n2: recommendation, purchase-history-v1, db.
+    assert captured == {"n1": 4.0, "n2": 3.0}
+
+
+def test_envoys_own_metrics_are_in_the_merged_scrape(tb: Testbed, prom: Prometheus) -> None:
+    assert curl(tb, f"{NS}/sleep", WEB_API) == "200"
+    assert prom.values("envoy_server_live", "node") == {"n1": 1.0, "n2": 1.0}
+    # The requests went through each node's Envoy, to the services' clusters. Envoy's default
+    # cluster_name tag stops at the first dot of the service's name: the rest lands in the
+    # metric's name (envoy_cluster_istioinaction_svc_cluster_local_upstream_rq_total).
+    service = r'envoy_cluster_name=~"outbound\\|8080\\|\\|(web-api|purchase-history).*"'
+    name = r'__name__=~"envoy_cluster_(.+_)?upstream_rq_total"'
+    requests = prom.wait_until(f"sum by (node) ({{{name}, {service}}})")
+    assert {s["metric"]["node"] for s in requests} == {"n1", "n2"}, requests
+    # Istio's metrics reach Prometheus under Istio's names only.
+    assert prom.query('count({__name__=~"envoy_istiocustom_.*"})') == []
+
+
+def test_every_node_dashboard_query_returns_data(prom: Prometheus) -> None:
+    dashboard = json.loads(NODE_DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        for node in (".*", "n2"):  # "All", then one node
+            found = prom.wait_until(grafana_expr(expr, {"node": node}), timeout=15)
+            nodes = {s["metric"].get("node") for s in found}
+            if node == "n2" and nodes != {None}:  # aggregated by node: only n2's series
+                assert nodes == {"n2"}, (expr, nodes)
+
+
+def test_a_query_that_does_not_parse_is_refused(prom: Prometheus) -> None:
+    assert {q["dashboard"] for q in istio_dashboard_queries()} == {"service", "workload"}
+    with pytest.raises(PromQLError, match="bad_data"):
+        prom.query("sum(rate(istio_requests_total[1m])")

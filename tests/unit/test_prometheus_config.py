@@ -1,6 +1,6 @@
 """What a user copies for metrics (#19): the README's Prometheus scrape config, the node dashboard
 (dashboards/nodeagent-node.json) and the collected PromQL of Istio's dashboards. Offline, no root;
-the queries' results against a real Prometheus are tests/integration/test_prometheus.py's."""
+the queries' results against a real Prometheus are tests/integration/test_istio_metrics.py's."""
 
 from __future__ import annotations
 
