@@ -15,6 +15,7 @@ from bench.common import RESULTS, Run
 # Scenario name -> module under bench/ with run(Run) -> None.
 SCENARIOS = {
     "latency": "bench.latency",  # 1 and 2: added latency, proxy CPU and memory per 1000 rps
+    "telemetry": "bench.telemetry",  # 2b: Envoy CPU and memory of Istio metrics and access logs
     "memory": "bench.memory",  # 3: node memory by pod count
     "podstart": "bench.podstart",  # 4: CNI ADD wall time
     "fill": "bench.fill",  # 4b: pods of distinct identities up to 110: ADD time, memory per pod
