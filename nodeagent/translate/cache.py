@@ -330,7 +330,7 @@ class TranslationCache:
         }
         self._collectors = {
             t.cluster: t
-            for t in (self._tracer, *(inputs[8] for inputs in inbound.values()))
+            for t in (self._tracer, *(_server_tracer(inputs) for inputs in inbound.values()))
             if t is not None
         }
         if traced and why and why != self._tracing_problem:
@@ -1600,6 +1600,12 @@ def _sidecar_outbound(
     if scope is not None:
         served = [target for target in served if _admits(scope, target)]
     return [(envoy.LISTENER, outbound_listener(pod, served, outbound_policy, extra))]
+
+
+def _server_tracer(inputs: tuple[Any, ...]) -> tracing.Tracer | None:
+    """The tracer among a pod's ``_inbound_inputs`` (their last but one)."""
+    tracer: tracing.Tracer | None = inputs[-2]
+    return tracer
 
 
 def _inbound_inputs(

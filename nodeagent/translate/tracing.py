@@ -289,19 +289,22 @@ def _headers(provider: TracerProvider) -> list[dict[str, Any]]:
     ]
 
 
+def _http_service(tracer: Tracer, uri: str) -> dict[str, Any]:
+    """The collector at URI, over HTTP (Zipkin's collector_service, OTLP's http_service)."""
+    p = tracer.provider
+    service: dict[str, Any] = {
+        "http_uri": {"uri": uri, "cluster": tracer.cluster, "timeout": p.timeout or DEFAULT_TIMEOUT}
+    }
+    if p.headers:
+        service["request_headers_to_add"] = _headers(p)
+    return service
+
+
 def provider_config(tracer: Tracer, service_name: str) -> dict[str, Any]:
     """The HCM's ``tracing.provider``; SERVICE_NAME: OpenTelemetry's span service name."""
     p = tracer.provider
     if p.kind == mesh_tracing.ZIPKIN:
-        service: dict[str, Any] = {
-            "http_uri": {
-                "uri": f"http://{tracer.host}{p.path or ZIPKIN_PATH}",
-                "cluster": tracer.cluster,
-                "timeout": p.timeout or DEFAULT_TIMEOUT,
-            }
-        }
-        if p.headers:
-            service["request_headers_to_add"] = _headers(p)
+        service = _http_service(tracer, f"http://{tracer.host}{p.path or ZIPKIN_PATH}")
         config = typed(
             "envoy.config.trace.v3.ZipkinConfig",
             collector_endpoint_version="HTTP_JSON",
@@ -314,16 +317,7 @@ def provider_config(tracer: Tracer, service_name: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"service_name": service_name}
     if p.http:
         path = p.path if p.path.startswith("/") else f"/{p.path}"
-        http: dict[str, Any] = {
-            "http_uri": {
-                "uri": f"{tracer.host}{path}",
-                "cluster": tracer.cluster,
-                "timeout": p.timeout or DEFAULT_TIMEOUT,
-            }
-        }
-        if p.headers:
-            http["request_headers_to_add"] = _headers(p)
-        fields["http_service"] = http
+        fields["http_service"] = _http_service(tracer, f"{tracer.host}{path}")
     else:
         grpc: dict[str, Any] = {
             "envoy_grpc": {"cluster_name": tracer.cluster, "authority": tracer.host}

@@ -14,6 +14,7 @@ pilot/pkg/networking/core/tracing.go).
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -140,6 +141,23 @@ def _by_role(
     return {(s.get("kind", ""), s.get("tags", {}).get(pod_tag, "")): s for s in spans}
 
 
+def _linked_spans(spans: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """The four spans of one request (sleep's client span, web's server and client spans,
+    backend's server span), each the child of the one before: n2's the child of n1's."""
+    assert len(spans) == 4, spans
+    roles = _by_role(spans)
+    chain = (
+        roles[("CLIENT", "default/sleep")],
+        roles[("SERVER", "default/web")],
+        roles[("CLIENT", "default/web")],
+        roles[("SERVER", "default/backend")],
+    )
+    assert not chain[0].get("parentId")  # the root: curl sent no trace headers
+    for parent, child in itertools.pairwise(chain):
+        assert child["parentId"] == parent["id"], (parent, child)
+    return chain
+
+
 def test_zipkin_spans_of_one_chain_b3_and_w3c(tb: Testbed) -> None:
     """MeshConfig only (istio.io/latest/docs/reference/config/istio.mesh.v1alpha1/: a zipkin
     extension provider with traceContextOption USE_B3_WITH_W3C_PROPAGATION, defaultProviders
@@ -160,16 +178,7 @@ def test_zipkin_spans_of_one_chain_b3_and_w3c(tb: Testbed) -> None:
         tb.set_mesh_config({})
     trace_id = headers["x-b3-traceid"]
     assert len(trace_id) == 32  # 128-bit ids (Istio's default)
-    assert len(spans) == 4, spans
-    roles = _by_role(spans)
-    sleep_out = roles[("CLIENT", "default/sleep")]
-    web_in = roles[("SERVER", "default/web")]
-    web_out = roles[("CLIENT", "default/web")]
-    backend_in = roles[("SERVER", "default/backend")]
-    assert "parentId" not in sleep_out  # the root: curl sent no trace headers
-    assert web_in["parentId"] == sleep_out["id"]
-    assert web_out["parentId"] == web_in["id"]
-    assert backend_in["parentId"] == web_out["id"]  # n2's span, child of n1's
+    sleep_out, web_in, web_out, backend_in = _linked_spans(spans)
     assert [s["name"] for s in (sleep_out, web_in, web_out, backend_in)] == [WEB_OP] * 2 + [
         BACKEND_OP
     ] * 2
@@ -217,15 +226,6 @@ def test_opentelemetry_by_telemetry_names_each_pods_service(tb: Testbed) -> None
     finally:
         apply_docs(tb)
         tb.set_mesh_config({})
-    assert len(spans) == 4, spans
-    roles = _by_role(spans)
-    sleep_out = roles[("CLIENT", "default/sleep")]
-    web_in = roles[("SERVER", "default/web")]
-    web_out = roles[("CLIENT", "default/web")]
-    backend_in = roles[("SERVER", "default/backend")]
-    assert not sleep_out["parentId"]
-    assert web_in["parentId"] == sleep_out["id"]
-    assert web_out["parentId"] == web_in["id"]
-    assert backend_in["parentId"] == web_out["id"]
+    _, web_in, _, backend_in = _linked_spans(spans)
     assert (web_in["serviceName"], backend_in["serviceName"]) == ("web.default", "backend.default")
     assert headers["traceparent"].split("-")[2] == backend_in["id"]
