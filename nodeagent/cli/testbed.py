@@ -165,11 +165,17 @@ def node_exec(name: str | None, node: str, command: tuple[str, ...]) -> None:
 def doctor(name: str | None, node: str, args: tuple[str, ...]) -> None:
     """`nodeagent doctor` on NODE, given that node's paths and source as its agent has them;
     ARGS go to doctor (e.g. -o json)."""
-    from nodeagent.testbed import layout
-
     tb = _open(name)
     if node not in {n.name for n in tb.topology.nodes}:
         raise click.ClickException(f"no node {node!r} in testbed {tb.name!r}")
+    argv = doctor_argv(tb, node, *args)
+    os.execvp(argv[0], argv)
+
+
+def doctor_argv(tb: Testbed, node: str, *args: str) -> list[str]:
+    """`nodeagent doctor ARGS` in NODE's netns, with the options its agent runs with."""
+    from nodeagent.testbed import layout
+
     top = tb.topology
     source = (
         ["--kubeconfig", str(layout.apiserver_kubeconfig(tb.name))]
@@ -177,7 +183,7 @@ def doctor(name: str | None, node: str, args: tuple[str, ...]) -> None:
         else ["--source-dir", str(layout.cluster_dir(tb.name))]
     )
     ebpf = top.capture_mode_of(node) != "nftables"
-    argv = [
+    return [
         "ip", "netns", "exec", layout.node_netns(tb.name, node),
         sys.executable, "-m", "nodeagent", "doctor",
         "--cni-socket", str(layout.agent_socket(tb.name, node)),
@@ -192,7 +198,6 @@ def doctor(name: str | None, node: str, args: tuple[str, ...]) -> None:
         "--mesh-config", str(layout.mesh_config_file(tb.name)),
         *args,
     ]  # fmt: skip
-    os.execvp(argv[0], argv)
 
 
 def _open(name: str | None) -> Testbed:

@@ -271,18 +271,22 @@ def _envoy(
     return findings
 
 
-def _pidfile_note(pidfile: Path) -> str:
+def _pidfile_note(pidfile: Path, proc: Path = Path("/proc")) -> str:
     """What the Envoy pidfile (managed mode) says of the Envoy last started."""
     try:
-        pid = int(json.loads(pidfile.read_text())["pid"])
+        record = json.loads(pidfile.read_text())
+        pid, started = int(record["pid"]), record.get("start_time")
     except (OSError, ValueError, KeyError, TypeError):
         return ""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        # after the command's parentheses: state is the 1st field, start time the 20th
+        fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return f"; Envoy pid {pid} of {pidfile.name} is not running"
-    except PermissionError:
-        pass
+    if started is not None and fields[19] != str(started):
+        return f"; Envoy pid {pid} of {pidfile.name} is not running (the pid is another's now)"
+    if fields[0] == "Z":
+        return f"; Envoy pid {pid} of {pidfile.name} is not running (exited, not yet reaped)"
     return f"; Envoy pid {pid} of {pidfile.name} runs"
 
 

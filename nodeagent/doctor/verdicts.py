@@ -358,9 +358,12 @@ def xds(proxy: Mapping[str, Any] | None, no_proxy_reason: str = "") -> list[Find
     if proxy is None:
         return [Finding(SKIP, what, no_proxy_reason or "not known: the agent does not answer")]
     types: Mapping[str, Any] = proxy.get("types", {})
+    subscribed = [kind for kind in XDS_KINDS if kind in types]
     found = []
     for kind in XDS_KINDS:
         info = types.get(kind)
+        if info is None and kind in ("EDS", "RDS"):
+            continue  # Envoy asks for these only once a cluster or listener names some
         if info is None:
             found.append(
                 Finding(
@@ -414,7 +417,7 @@ def xds(proxy: Mapping[str, Any] | None, no_proxy_reason: str = "") -> list[Find
         )
     if not found:
         found.append(
-            Finding(OK, what, f"{', '.join(XDS_KINDS)} synced, version {proxy.get('version')}")
+            Finding(OK, what, f"{', '.join(subscribed)} synced, version {proxy.get('version')}")
         )
     return found
 

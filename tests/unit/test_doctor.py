@@ -196,6 +196,9 @@ def test_xds_verdicts() -> None:
     unsubscribed = synced()
     del unsubscribed["types"]["CDS"]
     assert statuses(verdicts.xds(unsubscribed)) == [(FAIL, "xDS CDS")]
+    no_routes = synced()  # no service on the node's view: Envoy asks for no EDS, no RDS
+    del no_routes["types"]["EDS"], no_routes["types"]["RDS"]
+    assert verdicts.xds(no_routes) == [Finding(OK, "xDS", "CDS, LDS synced, version 7")]
     assert statuses(verdicts.xds({**synced(), "error": "boom"})) == [(FAIL, "xDS push")]
     assert statuses(verdicts.xds(None)) == [(SKIP, "xDS")]
 
@@ -298,3 +301,21 @@ def test_doctor_usage_errors_exit_2() -> None:
     assert result.exit_code == 2 and "go together" in result.output
     both = CliRunner().invoke(cli, ["doctor", "--source-dir", "/a", "--kubeconfig", __file__])
     assert both.exit_code == 2
+
+
+def test_envoy_pidfile_says_whether_that_envoy_runs(tmp_path: Path) -> None:
+    pidfile, proc = tmp_path / "envoy.pid", tmp_path / "proc"
+    pidfile.write_text(json.dumps({"pid": 42, "start_time": 1000}))
+    stat = proc / "42" / "stat"
+    stat.parent.mkdir(parents=True)
+    rest = " ".join(["0"] * 18)
+
+    def state(letter: str, started: int) -> str:
+        stat.write_text(f"42 (envoy) {letter} {rest} {started} 0 0\n")
+        return node._pidfile_note(pidfile, proc)
+
+    assert state("S", 1000) == "; Envoy pid 42 of envoy.pid runs"
+    assert "not running (exited, not yet reaped)" in state("Z", 1000)
+    assert "another's now" in state("S", 2000)
+    stat.unlink()
+    assert "is not running" in node._pidfile_note(pidfile, proc)
