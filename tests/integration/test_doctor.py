@@ -164,7 +164,9 @@ def test_doctor_names_each_broken_state(tb: Testbed) -> None:
 
 
 def adopted(tb: Testbed) -> bool:
+    """The agent holds mesh/late captured, and a new Envoy of its answers LIVE."""
     from nodeagent.cni import wire
+    from nodeagent.envoy.admin import EnvoyAdmin
 
     try:
         answer: dict[str, Any] = wire.request(
@@ -174,4 +176,9 @@ def adopted(tb: Testbed) -> bool:
         return False
     states = {f"{p['namespace']}/{p['name']}": p["state"] for p in answer.get("pods", [])}
     proxy = answer.get("proxy") or {}
-    return states.get("mesh/late") == "captured" and proxy.get("envoy_state") == "LIVE"
+    admin = EnvoyAdmin(layout.envoy_admin_socket(NAME, "n1"))
+    return (
+        states.get("mesh/late") == "captured"
+        and proxy.get("envoy_restarts", 0) >= 1
+        and admin.ready()
+    )
