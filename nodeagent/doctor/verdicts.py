@@ -181,15 +181,20 @@ def pods(
         if problem.startswith(NETNS_GONE):
             found.append(_netns_gone(what, record.netns, "the agent still records it captured"))
         elif problem:
+            backend = record.backend or "nftables"
+            who = (
+                "something in the pod (CAP_NET_ADMIN) changes its table"
+                if backend == "nftables"
+                else "something on the node (CAP_BPF/CAP_SYS_ADMIN) removes its links or entries"
+            )
             found.append(
                 Finding(
                     FAIL,
                     what,
-                    f"recorded captured ({record.backend or 'nftables'}), but its network"
-                    f" namespace {record.netns} does not hold that capture: {problem}",
+                    f"recorded captured ({backend}) in {record.netns}, but that capture is not"
+                    f" in place: {problem}",
                     "restart the agent (it re-verifies and repairs every pod at start) or wait"
-                    " for its reconcile; if it recurs, something in the pod (CAP_NET_ADMIN)"
-                    " changes it",
+                    f" for its reconcile; if it recurs, {who}",
                 )
             )
         else:

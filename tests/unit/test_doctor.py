@@ -111,7 +111,7 @@ def test_a_flushed_capture_table_fails_that_pod() -> None:
         [record("a"), record("b")], {"sandbox-a": "table inet nodeagent is missing"}, None
     )
     assert statuses(found) == [(FAIL, "pod shop/a")]
-    assert "does not hold that capture: table inet nodeagent is missing" in found[0].detail
+    assert "but that capture is not in place: table inet nodeagent is missing" in found[0].detail
     assert "restart the agent" in found[0].action
 
 
