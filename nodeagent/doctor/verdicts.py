@@ -473,13 +473,14 @@ def certificates(
             )
         if soonest is None or end < soonest[0]:
             soonest = (end, name)
+    issuer = (identity or {}).get("issuer", "the issuer")
     for sid, state in ((identity or {}).get("identities") or {}).items():
         if state.get("error"):
             found.append(
                 Finding(
                     FAIL,
                     f"certificate {sid}",
-                    f"not issued by {identity.get('issuer') if identity else ''}: {state['error']}",
+                    f"not issued by {issuer}: {state['error']}",
                     "check the CA (its address, token, and that it runs)",
                 )
             )
