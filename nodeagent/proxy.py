@@ -608,6 +608,7 @@ class NodeProxy:
             "envoy_state": self.supervisor.state,
             "envoy_problem": self.supervisor.problem(),
             "envoy_restarts": self.supervisor.restarts,
+            "envoy_last_exit": self.supervisor.last_exit,
             "version": str(self.version),
             "error": self.last_error,
             "rejected": [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from nodeagent.cli import agent, ca, cni, debug, gateway, testbed
+from nodeagent.cli import agent, ca, cni, debug, doctor, gateway, testbed
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +27,7 @@ for _command in (
     debug.proxy_status,
     debug.proxy_config,
     debug.analyze,
+    doctor.doctor,
     gateway.gateway,
     testbed.testbed,
     testbed.workload,

@@ -158,6 +158,48 @@ def node_exec(name: str | None, node: str, command: tuple[str, ...]) -> None:
     os.execvpe(argv[0], argv, env)
 
 
+@testbed.command("doctor", context_settings={"ignore_unknown_options": True})
+@name_option
+@click.argument("node")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def doctor(name: str | None, node: str, args: tuple[str, ...]) -> None:
+    """`nodeagent doctor` on NODE, given that node's paths and source as its agent has them;
+    ARGS go to doctor (e.g. -o json)."""
+    tb = _open(name)
+    if node not in {n.name for n in tb.topology.nodes}:
+        raise click.ClickException(f"no node {node!r} in testbed {tb.name!r}")
+    argv = doctor_argv(tb, node, *args)
+    os.execvp(argv[0], argv)
+
+
+def doctor_argv(tb: Testbed, node: str, *args: str) -> list[str]:
+    """`nodeagent doctor ARGS` in NODE's netns, with the options its agent runs with."""
+    from nodeagent.testbed import layout
+
+    top = tb.topology
+    source = (
+        ["--kubeconfig", str(layout.apiserver_kubeconfig(tb.name))]
+        if top.source == "kubernetes"
+        else ["--source-dir", str(layout.cluster_dir(tb.name))]
+    )
+    ebpf = top.capture_mode_of(node) != "nftables"
+    return [
+        "ip", "netns", "exec", layout.node_netns(tb.name, node),
+        sys.executable, "-m", "nodeagent", "doctor",
+        "--cni-socket", str(layout.agent_socket(tb.name, node)),
+        "--state-dir", str(layout.agent_state_dir(tb.name, node)),
+        "--run-dir", str(layout.agent_socket(tb.name, node).parent),
+        "--cni-conf-dir", str(layout.cni_conf_dir(tb.name, node)),
+        "--cni-bin-dir", str(layout.cni_bin_dir(tb.name, node)),
+        "--bpf-dir", str(layout.bpf_dir(tb.name, node)),
+        *(["--cgroup-root", str(layout.CGROUP2_MOUNT)] if ebpf else []),
+        "--proxy-model", top.proxy_model,
+        "--node", node, *source,
+        "--mesh-config", str(layout.mesh_config_file(tb.name)),
+        *args,
+    ]  # fmt: skip
+
+
 def _open(name: str | None) -> Testbed:
     from nodeagent.testbed.cluster import Testbed, TestbedError
 

@@ -218,6 +218,13 @@ def primary_config(conf_dir: Path) -> Path | None:
     return None if found is None else found.path
 
 
+def plugin_chain(conf_dir: Path) -> tuple[Path, list[str]] | None:
+    """The primary config and the types of its plugins in order (None: no valid config);
+    read only, quiet (``nodeagent doctor``)."""
+    config = _load_primary(conf_dir, warn=False)
+    return None if config is None else (config.path, [str(p["type"]) for p in config.plugins])
+
+
 def holds_entry(conf_dir: Path) -> bool:
     """Whether the primary config exists and runs nodeagent-cni as its last plugin."""
     return _missing_entry(conf_dir, warn=True) is None

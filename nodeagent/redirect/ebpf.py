@@ -249,11 +249,7 @@ class EbpfBackend:
         if proc.returncode != 0 or "error" in result:
             raise EbpfError(f"compiling/loading bpf/ failed: {result.get('error')}")
         self.loaded = dict(result)
-        for name in (*POD_HOOKS, NETNS_HOOK[0], NODE_HOOK[0]):
-            with bpf_sys.pinned(str(self.pin_dir / "progs" / name)) as fd:
-                self._programs[name] = bpf_sys.prog_info(fd)
-        for name in MAPS:
-            self._maps[name] = bpf_sys.obj_get(str(self.pin_dir / "maps" / name))
+        self._open_pins()
         self._link(NODE_HOOK[0], NODE_HOOK[1], root, self.pin_dir / "node" / NODE_HOOK[0])
         log.info("eBPF capture loaded: %s", result)
         # An upgrade's bpf/ changed these maps' layout: the pods' older programs keep the older
@@ -263,6 +259,22 @@ class EbpfBackend:
         for name in result.get("maps_removed") or ():
             log.info("eBPF capture: pinned map %s removed (bpf/ no longer declares it)", name)
         return self.loaded
+
+    def open_pinned(self) -> None:
+        """Read what a running (or stopped) agent pinned, to ``verify`` pods without loading
+        anything (``nodeagent doctor``); raises FileNotFoundError naming a missing pin."""
+        root = self.cgroup_root or cgroup2_root()
+        if root is None:
+            raise EbpfError("no cgroup v2 hierarchy is mounted")
+        self.cgroup_root = root
+        self._open_pins()
+
+    def _open_pins(self) -> None:
+        for name in (*POD_HOOKS, NETNS_HOOK[0], NODE_HOOK[0]):
+            with bpf_sys.pinned(str(self.pin_dir / "progs" / name)) as fd:
+                self._programs[name] = bpf_sys.prog_info(fd)
+        for name in MAPS:
+            self._maps[name] = bpf_sys.obj_get(str(self.pin_dir / "maps" / name))
 
     def close(self) -> None:
         for fd in self._maps.values():

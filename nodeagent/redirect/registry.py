@@ -169,6 +169,15 @@ class PodRegistry:
         self._written[capture.container_id] = _content(capture)
 
 
+def read_records(directory: Path) -> list[PodCapture]:
+    """The records in DIRECTORY, read only (``nodeagent doctor``, beside a running agent: a
+    record being written aside is neither read nor removed)."""
+    if not directory.is_dir():
+        return []
+    found = [_read(p) for p in sorted(directory.iterdir()) if p.name.endswith(RECORD)]
+    return sorted((c for c in found if c is not None), key=lambda c: c.key)
+
+
 def _content(capture: PodCapture) -> str:
     """What a record says, its time of writing aside (a no-op change writes nothing)."""
     record = asdict(capture)
