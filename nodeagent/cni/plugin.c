@@ -39,6 +39,13 @@
 #define MAX_INPUT (8 << 20)   /* stdin: a GC lists every attachment of the node */
 #define MAX_ANSWER (1 << 20)  /* wire.MAX_MESSAGE */
 #define MAX_DEPTH 64          /* JSON nesting */
+/* What the runtime hands over, bounded (CNI spec, Kubernetes): longer is refused, field named. */
+#define MAX_CNI_ARGS 16384    /* kubelet's CNI_ARGS are a few hundred bytes */
+#define MAX_ID 256            /* CNI_CONTAINERID, K8S_POD_UID, network name: 64 hex digits, UUIDs */
+#define MAX_IFNAME 15         /* IFNAMSIZ - 1 */
+#define MAX_NAMESPACE 63      /* a DNS-1123 label */
+#define MAX_POD_NAME 253      /* a DNS-1123 subdomain */
+#define MAX_PATH 4095         /* PATH_MAX - 1 */
 static const char *const SUPPORTED[] = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"};
 #define N_SUPPORTED (sizeof SUPPORTED / sizeof *SUPPORTED)
 
@@ -490,6 +497,85 @@ static double seconds_setting(const struct jval *conf, const char *key, double f
     return v->num;
 }
 
+/* ---- what the runtime hands over: sizes and the netns path ------------------------------- */
+
+/* "FIELD is N bytes long, more than MAX" into MSG when VALUE is longer than MAX; 0 if it is not. */
+static int too_long(struct buf *msg, const char *field, const char *value, size_t max) {
+    size_t n = strlen(value);
+    if (n <= max) return 0;
+    printf_(msg, "%s is %zu bytes long, more than %zu", field, n, max);
+    return 1;
+}
+
+/* The CNI error code of the first oversized input of this call, described in MSG; 0 if none. */
+static int oversized_input(struct buf *msg, const struct jval *conf) {
+    if (too_long(msg, "CNI_ARGS", env_or("CNI_ARGS", ""), MAX_CNI_ARGS) ||
+        too_long(msg, "CNI_CONTAINERID", env_or("CNI_CONTAINERID", ""), MAX_ID) ||
+        too_long(msg, "CNI_IFNAME", env_or("CNI_IFNAME", ""), MAX_IFNAME) ||
+        too_long(msg, "CNI_NETNS", env_or("CNI_NETNS", ""), MAX_PATH) ||
+        too_long(msg, "K8S_POD_NAMESPACE in CNI_ARGS", cni_arg("K8S_POD_NAMESPACE"), MAX_NAMESPACE) ||
+        too_long(msg, "K8S_POD_NAME in CNI_ARGS", cni_arg("K8S_POD_NAME"), MAX_POD_NAME) ||
+        too_long(msg, "K8S_POD_UID in CNI_ARGS", cni_arg("K8S_POD_UID"), MAX_ID))
+        return INVALID_ENV;
+    if (too_long(msg, "field 'name'", text_of(get(conf, "name"), ""), MAX_ID)) return INVALID_CONFIG;
+    return 0;
+}
+
+/* The kernel's own link to a process's network namespace: /proc/<pid>[/task/<tid>]/ns/net. */
+static int is_proc_netns(const char *p) {
+    static const char digits[] = "0123456789";
+    if (strncmp(p, "/proc/", 6)) return 0;
+    p += 6;
+    size_t n = strspn(p, digits);
+    if (!n) return 0;
+    p += n;
+    if (!strncmp(p, "/task/", 6)) {
+        n = strspn(p + 6, digits);
+        if (!n) return 0;
+        p += 6 + n;
+    }
+    return !strcmp(p, "/ns/net");
+}
+
+/* CNI_NETNS as a runtime gives it: an absolute, canonical path to the namespace's own file (a
+ * bind mount such as /var/run/netns/cni-..., or /proc/<pid>/ns/net), never through a symbolic
+ * link, which could point at another pod's namespace or the node's. The one alias followed is
+ * /var/run itself (a link to /run on FHS systems, where containerd's paths go). Exits with a CNI
+ * error naming CNI_NETNS when it is not; a path that does not exist is CONTAINER_UNKNOWN. */
+static void check_netns(const char *path) {
+    struct buf msg = {0};
+    size_t n = strlen(path);
+    if (path[0] != '/') {
+        printf_(&msg, "CNI_NETNS %s is not an absolute path", path);
+        cni_fail(INVALID_ENV, msg.p, "the runtime passes the network namespace's full path");
+    }
+    if (strstr(path, "//") || strstr(path, "/./") || strstr(path, "/../") || path[n - 1] == '/' ||
+        (n >= 2 && !strcmp(path + n - 2, "/.")) || (n >= 3 && !strcmp(path + n - 3, "/.."))) {
+        printf_(&msg, "CNI_NETNS %s is not a canonical path ('.', '..' or empty components)", path);
+        cni_fail(INVALID_ENV, msg.p, "");
+    }
+    if (is_proc_netns(path)) return;
+    struct stat st;
+    if (lstat(path, &st) < 0) {
+        printf_(&msg, "network namespace %s does not exist", path);
+        cni_fail(CONTAINER_UNKNOWN, msg.p, "");
+    }
+    if (S_ISLNK(st.st_mode)) {
+        char target[MAX_PATH + 1];
+        ssize_t len = readlink(path, target, sizeof target - 1);
+        target[len < 0 ? 0 : len] = 0;
+        printf_(&msg, "CNI_NETNS %s is a symbolic link (to %s): refusing it", path, target);
+        cni_fail(INVALID_ENV, msg.p, "the runtime passes the network namespace's own file");
+    }
+    char *real = realpath(path, NULL), *var_run = realpath("/var/run", NULL);
+    struct buf alias = {0};
+    if (var_run && !strncmp(path, "/var/run/", 9)) printf_(&alias, "%s%s", var_run, path + 8);
+    if (real && strcmp(real, path) && !(alias.p && !strcmp(real, alias.p))) {
+        printf_(&msg, "CNI_NETNS %s goes through a symbolic link (it is %s): refusing it", path, real);
+        cni_fail(INVALID_ENV, msg.p, "the runtime passes the network namespace's own file");
+    }
+}
+
 /* stdin, whole; NULL with *too_big when it exceeds MAX_INPUT. */
 static char *read_stdin(size_t *len, int *too_big) {
     struct buf b = {0};
@@ -612,13 +698,11 @@ static void cmd_add(const struct jval *conf) {
         cni_fail(INVALID_CONFIG, "prevResult is missing: nodeagent-cni is a chained plugin",
                  "list it after the primary plugin (bridge, calico, ...) in the conflist");
     require_env((const char *const[]){"CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", NULL});
+    struct buf oversized = {0};
+    int code = oversized_input(&oversized, conf);
+    if (code) cni_fail(code, oversized.p, "");
     const char *netns = getenv("CNI_NETNS");
-    struct stat st;
-    if (stat(netns, &st) < 0) {
-        struct buf msg = {0};
-        printf_(&msg, "network namespace %s does not exist", netns);
-        cni_fail(CONTAINER_UNKNOWN, msg.p, "");
-    }
+    check_netns(netns);
     const char *ns = cni_arg("K8S_POD_NAMESPACE"), *name = cni_arg("K8S_POD_NAME");
     struct buf f = {0}, req = {0}, err = {0}, msg = {0};
     if (!*ns || !*name) {
@@ -692,7 +776,13 @@ static void cmd_add(const struct jval *conf) {
 }
 
 static void cmd_del(const struct jval *conf) {
-    struct buf pod = {0}, req = {0}, err = {0}, f = {0};
+    struct buf pod = {0}, req = {0}, err = {0}, f = {0}, oversized = {0};
+    if (oversized_input(&oversized, conf)) { /* its ADD failed on it: nothing to remove */
+        puts_(&f, ",\"error\":");
+        json_str(&f, oversized.p);
+        log_event("warning", "DEL with an oversized input: not told to the agent", f.p);
+        return;
+    }
     pod_members(&pod, cni_arg("K8S_POD_NAMESPACE"), cni_arg("K8S_POD_NAME"));
     puts_(&pod, ",\"uid\":"); /* finds a pod the agent adopted without its ADD */
     json_str(&pod, cni_arg("K8S_POD_UID"));
@@ -718,6 +808,9 @@ static void cmd_check(const struct jval *conf) {
     if (!prev || prev->type != J_OBJ)
         cni_fail(INVALID_CONFIG, "prevResult is missing: CHECK needs the ADD result", "");
     require_env((const char *const[]){"CNI_CONTAINERID", "CNI_NETNS", NULL});
+    struct buf oversized = {0};
+    int code = oversized_input(&oversized, conf);
+    if (code) cni_fail(code, oversized.p, "");
     const char *socket_path = text_setting(conf, "agentSocket", DEFAULT_SOCKET);
     struct buf req = {0}, err = {0};
     puts_(&req, "{\"command\":\"CHECK\",\"pod\":{");

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from nodeagent.cni import wire
+from nodeagent.cni import inputs, wire
 from nodeagent.metrics import AgentMetrics
 from nodeagent.redirect.manager import CaptureManager
 
@@ -88,6 +88,10 @@ class CniServer:
             timeout = request.get("timeout", 30.0)
             if not isinstance(timeout, int | float) or isinstance(timeout, bool):
                 raise ValueError("timeout must be a number")
+            problem = inputs.add_problem(pod)
+            if problem:
+                log.warning("ADD refused: %s", problem)
+                return {"ok": False, "reason": problem}
             return await self.manager.add(pod, float(timeout))
         if command == "DEL":
             return await self.manager.delete(pod)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 _THREAD_NETNS = "/proc/thread-self/ns/net"
+# The kernel's link to a process's namespace (also under a host /proc mounted elsewhere).
+_PROC_NETNS = re.compile(r"(?:/[^/]+)*/proc/[0-9]+(?:/task/[0-9]+)?/ns/net")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -66,10 +69,17 @@ def entered(netns: Path) -> Iterator[None]:
 
     Sockets (netlink ones too) created in the body belong to that namespace for their lifetime.
     """
+    # Never through a symbolic link made since the path was checked (a swap to another pod's
+    # namespace, or the node's), but the kernel's own /proc/<pid>/ns/net.
+    follow = 0 if _PROC_NETNS.fullmatch(str(netns)) else os.O_NOFOLLOW
     try:
-        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC | follow)
     except FileNotFoundError:
         raise NetnsNotFound(errno.ENOENT, f"network namespace {netns} does not exist") from None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise OSError(e.errno, f"{netns} is a symbolic link: refusing to enter it") from None
     with _closing(target), _closing(os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)) as home:
         _enter(target, netns)
         try:

@@ -34,6 +34,9 @@ TRY_AGAIN_LATER = 11
 PLUGIN_NOT_AVAILABLE = 50
 CAPTURE_FAILED = 100
 
+# This process's network namespace by the kernel's own path (/proc/self is a symlink: refused).
+OWN_NETNS = f"/proc/{os.getpid()}/ns/net"
+
 PREV = {
     "cniVersion": "1.0.0",
     "interfaces": [{"name": "eth0", "sandbox": "/run/netns/x"}],
@@ -103,7 +106,7 @@ def config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def invoke(
-    monkeypatch: pytest.MonkeyPatch, command: str, stdin: str, netns: str = "/proc/self/ns/net"
+    monkeypatch: pytest.MonkeyPatch, command: str, stdin: str, netns: str = OWN_NETNS
 ) -> tuple[int, dict[str, Any] | None]:
     monkeypatch.setenv("CNI_COMMAND", command)
     monkeypatch.setenv("CNI_CONTAINERID", "c0ffee")
@@ -140,7 +143,7 @@ def test_add_hands_the_pod_to_the_agent_and_passes_prev_result_through(
         "name": "web-1",
         "uid": "",
         "containerId": "c0ffee",
-        "netns": "/proc/self/ns/net",
+        "netns": OWN_NETNS,
         "ifname": "eth0",
         "ips": ["10.244.1.7"],
         "network": "k8s-pod-network",
@@ -225,7 +228,7 @@ def test_a_non_kubernetes_sandbox_passes_through(
     agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CNI_CONTAINERID", "c0ffee")
-    monkeypatch.setenv("CNI_NETNS", "/proc/self/ns/net")
+    monkeypatch.setenv("CNI_NETNS", OWN_NETNS)
     monkeypatch.setenv("CNI_IFNAME", "eth0")
     monkeypatch.setenv("CNI_ARGS", "IgnoreUnknown=1")
     assert run("ADD", json.dumps(config(tmp_path))) == (0, PREV)
@@ -378,7 +381,7 @@ def test_pod_fields_reach_the_agent_exactly(
     prev = {**PREV, "ips": [{"address": "10.244.1.7/24"}, {"gateway": "x"}, {"address": "fd00::7"}]}
     conf = config(tmp_path, name='net "é" \\ \t', prevResult=prev)
     monkeypatch.setenv("CNI_CONTAINERID", 'c"0\\ffee\u00e9')
-    monkeypatch.setenv("CNI_NETNS", "/proc/self/ns/net")
+    monkeypatch.setenv("CNI_NETNS", OWN_NETNS)
     monkeypatch.setenv("CNI_IFNAME", "eth0")
     monkeypatch.setenv("CNI_ARGS", ' K8S_POD_NAMESPACE = shop ;K8S_POD_NAME=wéb-1;K8S_POD_UID=u"1')
     assert run("ADD", json.dumps(conf)) == (0, prev)
@@ -482,3 +485,149 @@ def test_any_input_gets_a_cni_answer(
     code, out = invoke(monkeypatch, command, stdin)  # type: ignore[arg-type]
     if code == 1:
         assert out is not None and isinstance(out["code"], int) and isinstance(out["msg"], str)
+
+
+# -- what the runtime hands over: the netns path and sizes (issue #20, attack surface) ---------
+
+
+def _refused(out: dict[str, Any] | None, code: int, *words: str) -> None:
+    assert out is not None and out["code"] == code, out
+    for word in words:
+        assert word in out["msg"], out
+
+
+@pytest.mark.parametrize(
+    ("netns", "words"),
+    [
+        ("run/netns/pod", "not an absolute path"),
+        ("./pod", "not an absolute path"),
+        ("/run/netns/../netns/pod", "not a canonical path"),
+        ("/run//netns/pod", "not a canonical path"),
+        ("/run/netns/pod/", "not a canonical path"),
+        ("/run/netns/.", "not a canonical path"),
+        ("/proc/self/ns/net", "symbolic link"),  # /proc/self: the plugin's own, never a pod's
+    ],
+)
+def test_a_relative_or_unclean_netns_path_is_refused(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, netns: str, words: str
+) -> None:
+    rc, out = invoke(monkeypatch, "ADD", json.dumps(config(tmp_path)), netns=netns)
+    assert rc == 1
+    _refused(out, INVALID_ENV, "CNI_NETNS", words)
+    assert agent.requests == []
+
+
+def test_a_symlinked_netns_is_refused(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link to another namespace (here: to the node's, as a link to any process's ns/net) is
+    never handed to the agent, nor is a path through a linked directory."""
+    link = tmp_path / "pod-netns"
+    link.symlink_to("/proc/1/ns/net")
+    rc, out = invoke(monkeypatch, "ADD", json.dumps(config(tmp_path)), netns=str(link))
+    assert rc == 1
+    _refused(out, INVALID_ENV, "CNI_NETNS", "symbolic link", "/proc/1/ns/net")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "pod").touch()  # stands for a namespace's bind mount
+    (tmp_path / "linked").symlink_to(real)
+    through = str(tmp_path / "linked" / "pod")
+    rc, out = invoke(monkeypatch, "ADD", json.dumps(config(tmp_path)), netns=through)
+    assert rc == 1
+    _refused(out, INVALID_ENV, "CNI_NETNS", "goes through a symbolic link", str(real / "pod"))
+    assert agent.requests == []
+
+
+def test_a_namespace_file_and_the_kernels_proc_path_are_accepted(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bind_mount = tmp_path / "cni-1234"  # what containerd's /var/run/netns/cni-<id> is
+    bind_mount.touch()
+    for netns in (str(bind_mount), OWN_NETNS, f"/proc/{os.getpid()}/task/{os.getpid()}/ns/net"):
+        rc, _ = invoke(monkeypatch, "ADD", json.dumps(config(tmp_path)), netns=netns)
+        assert rc == 0
+        assert agent.requests[-1]["pod"]["netns"] == netns
+
+
+def test_var_run_is_the_one_link_followed(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """containerd names namespaces /var/run/netns/cni-<id>, and /var/run links to /run."""
+    if not Path("/var/run").is_symlink():
+        pytest.skip("/var/run is not a link here")
+    entries = sorted(os.listdir("/var/run"))
+    entry = next((e for e in entries if not Path("/var/run", e).is_symlink()), None)
+    if entry is None:
+        pytest.skip("nothing under /var/run")
+    rc, _ = invoke(monkeypatch, "ADD", json.dumps(config(tmp_path)), netns=f"/var/run/{entry}")
+    assert rc == 0
+    assert agent.requests[-1]["pod"]["netns"] == f"/var/run/{entry}"
+
+
+def _pod_args(**fields: str) -> str:
+    args = {"K8S_POD_NAMESPACE": "shop", "K8S_POD_NAME": "web-1", "K8S_POD_UID": "u-1", **fields}
+    return "IgnoreUnknown=1;" + ";".join(f"{k}={v}" for k, v in args.items())
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "code", "field"),
+    [
+        ("CNI_ARGS", _pod_args(PADDING="x" * 20000), INVALID_ENV, "CNI_ARGS is"),
+        ("CNI_ARGS", _pod_args(K8S_POD_NAMESPACE="n" * 64), INVALID_ENV, "K8S_POD_NAMESPACE"),
+        ("CNI_ARGS", _pod_args(K8S_POD_NAME="p" * 254), INVALID_ENV, "K8S_POD_NAME"),
+        ("CNI_ARGS", _pod_args(K8S_POD_UID="u" * 257), INVALID_ENV, "K8S_POD_UID"),
+        ("CNI_CONTAINERID", "c" * 257, INVALID_ENV, "CNI_CONTAINERID"),
+        ("CNI_IFNAME", "eth" * 6, INVALID_ENV, "CNI_IFNAME"),
+        ("CNI_NETNS", "/" + "n" * 5000, INVALID_ENV, "CNI_NETNS"),
+        ("name", "k" * 257, INVALID_CONFIG, "field 'name'"),
+    ],
+)
+@pytest.mark.parametrize("command", ["ADD", "CHECK"])
+def test_an_oversized_input_is_refused_with_its_field_named(
+    agent: FakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    variable: str,
+    value: str,
+    code: int,
+    field: str,
+) -> None:
+    conf = config(tmp_path, **({"name": value} if variable == "name" else {}))
+    monkeypatch.setenv("CNI_COMMAND", command)
+    monkeypatch.setenv("CNI_CONTAINERID", "c0ffee")
+    monkeypatch.setenv("CNI_NETNS", OWN_NETNS)
+    monkeypatch.setenv("CNI_IFNAME", "eth0")
+    monkeypatch.setenv("CNI_ARGS", _pod_args())
+    if variable != "name":
+        monkeypatch.setenv(variable, value)
+    rc, out = run(command, json.dumps(conf))
+    assert rc == 1
+    _refused(out, code, field, "more than")
+    assert agent.requests == []
+    # DEL still succeeds (the spec wants it to), and tells the agent nothing.
+    assert run("DEL", json.dumps(conf)) == (0, None)
+    assert agent.requests == []
+    assert "oversized" in (tmp_path / "cni.log").read_text()
+
+
+def test_inputs_at_their_bounds_are_accepted(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CNI_CONTAINERID", "c" * 256)
+    monkeypatch.setenv("CNI_NETNS", OWN_NETNS)
+    monkeypatch.setenv("CNI_IFNAME", "e" * 15)
+    monkeypatch.setenv("CNI_ARGS", _pod_args(K8S_POD_NAMESPACE="n" * 63, K8S_POD_NAME="p" * 253))
+    assert run("ADD", json.dumps(config(tmp_path, name="k" * 256))) == (0, PREV)
+    assert agent.requests[-1]["pod"]["name"] == "p" * 253
+
+
+def test_oversized_stdin_is_refused(
+    agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = json.dumps(config(tmp_path, padding="x" * (8 << 20)))
+    rc, out = invoke(monkeypatch, "ADD", conf)
+    assert rc == 1
+    _refused(out, DECODE_FAILURE, "failed to decode")
+    assert out is not None and out["details"] == f"more than {8 << 20} bytes on stdin"
+    assert agent.requests == []
