@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 SCALE = max(1, int(os.environ.get("NODEAGENT_FUZZ_SCALE", "1") or "1"))
 CAMPAIGN = SCALE > 1
@@ -26,6 +26,9 @@ def budget(examples: int) -> settings:
         max_examples=examples * SCALE,
         deadline=None,  # a subprocess or a gRPC round trip: its time varies with the load
         derandomize=not CAMPAIGN,
+        # No "explain" phase: it reruns a failing example hundreds of times (a minute per
+        # failure for a subprocess target); the shrunk example is what a fix needs.
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
         database=settings.default.database if CAMPAIGN else None,
         suppress_health_check=[
             HealthCheck.function_scoped_fixture,  # each example makes its own files and sockets
