@@ -115,6 +115,12 @@ async def _exchange(path: str, frame: bytes) -> bytes:
 # source's fuzzing) reached the capture manager as a pod name.
 @budget(200)
 @example(frames=[DEEP])
+@example(
+    frames=[
+        b'{"command": "ADD", "timeout": 1, "pod": {"namespace": "shop", "name": "web", '
+        b'"containerId": "c0ffee", "netns": "relative/netns", "ips": ["10.244.1.7"]}}\n'
+    ]
+)
 @example(frames=[b'{"command": "DEL", "pod": {}, "network": {"\\ud800\\udc00": null}}\n'])
 @example(frames=[b'{"command": "DEL", "pod": {"namespace": "shop", "name": "\\ud800"}}\n'])
 @given(frames=st.lists(FRAMES, min_size=1, max_size=3))
@@ -127,6 +133,8 @@ def test_any_frame_gets_an_answer_and_the_server_keeps_serving(
         node.store.put_pod(Pod("plain", "db"))
         netns = node.netns("web")
         node.addresses[Path(netns)] = {"10.244.1.7"}
+        # Were a relative path taken, it would name a namespace holding the pod's IP.
+        node.addresses[Path("relative/netns")] = {"10.244.1.7"}
         server = CniServer(tmp_path / "run" / "cni.sock", node.manager, node.metrics)
         await server.start()
         server.ready = True
@@ -138,6 +146,8 @@ def test_any_frame_gets_an_answer_and_the_server_keeps_serving(
                 assert answer.endswith(b"\n") and answer.count(b"\n") == 1, answer[:300]
                 decoded = wire.decode(answer)
                 assert isinstance(decoded.get("ok"), bool), decoded
+                if b'"netns": "relative/netns"' in frame and b'"command": "ADD"' in frame:
+                    assert decoded["ok"] is False, decoded  # resolved in the agent's cwd
                 if _half_pair(frame):  # half a surrogate pair names no pod
                     assert decoded["ok"] is False, decoded
                 if not decoded["ok"]:
