@@ -37,8 +37,9 @@
 #define DEFAULT_TIMEOUT 30.0 /* seconds an ADD waits for the agent; kubelet retries after a failure */
 #define DEL_TIMEOUT 5.0
 #define MAX_INPUT (8 << 20)   /* stdin: a GC lists every attachment of the node */
-#define MAX_ANSWER (1 << 20)  /* wire.MAX_MESSAGE */
+#define MAX_ANSWER (1 << 20)  /* wire.MAX_MESSAGE, each way */
 #define MAX_DEPTH 64          /* JSON nesting */
+#define MAX_MSG 1024          /* bytes of an error's msg and details: values are quoted, not copied */
 /* What the runtime hands over, bounded (CNI spec, Kubernetes): longer is refused, field named. */
 #define MAX_CNI_ARGS 16384    /* kubelet's CNI_ARGS are a few hundred bytes */
 #define MAX_ID 256            /* CNI_CONTAINERID, K8S_POD_UID, network name: 64 hex digits, UUIDs */
@@ -105,16 +106,40 @@ static void printf_(struct buf *b, const char *fmt, ...) {
     free(tmp);
 }
 
-/* A JSON string literal of S (UTF-8 passes through; quotes, backslashes, controls escaped). */
+/* The length of the well-formed UTF-8 character at S (N > 0 bytes left; no overlong forms, no
+ * surrogates), or 0 when there is none. */
+static size_t utf8_char(const unsigned char *s, size_t n) {
+    unsigned c = s[0], need, cp, min;
+    if (c < 0x80) return 1;
+    if ((c & 0xE0) == 0xC0) { need = 1; cp = c & 0x1F; min = 0x80; }
+    else if ((c & 0xF0) == 0xE0) { need = 2; cp = c & 0x0F; min = 0x800; }
+    else if ((c & 0xF8) == 0xF0) { need = 3; cp = c & 0x07; min = 0x10000; }
+    else return 0;
+    if (n <= need) return 0;
+    for (unsigned k = 1; k <= need; k++) {
+        if ((s[k] & 0xC0) != 0x80) return 0;
+        cp = cp << 6 | (s[k] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return need + 1;
+}
+
+/* A JSON string literal of S (UTF-8 passes through; quotes, backslashes, controls escaped). A
+ * byte that is not UTF-8 (an environment variable's, quoted in an error) becomes U+FFFD: what
+ * this program prints or sends is always JSON text. */
 static void json_str(struct buf *b, const char *s) {
+    size_t n = strlen(s);
     put(b, "\"", 1);
-    for (; *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\') { put(b, "\\", 1); put(b, s, 1); }
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)s[i];
+        size_t k = utf8_char((const unsigned char *)s + i, n - i);
+        if (!k) { puts_(b, "\\ufffd"); i++; continue; }
+        if (c == '"' || c == '\\') { put(b, "\\", 1); put(b, s + i, 1); }
         else if (c == '\n') puts_(b, "\\n");
         else if (c == '\t') puts_(b, "\\t");
         else if (c < 0x20) printf_(b, "\\u%04x", c);
-        else put(b, s, 1);
+        else put(b, s + i, k);
+        i += k;
     }
     put(b, "\"", 1);
 }
@@ -127,7 +152,7 @@ struct jval {
     const char *raw; size_t rawlen; /* the value's own text: passed through, quoted in errors */
     char *str;                      /* J_STR: decoded, NUL-terminated (\u0000 is refused) */
     double num;                     /* J_NUM */
-    size_t n;                       /* J_ARR, J_OBJ: members */
+    size_t n, cap;                  /* J_ARR, J_OBJ: members, and room for them */
     struct jval **items;
     char **keys;                    /* J_OBJ */
 };
@@ -260,8 +285,11 @@ static int parse_members(struct parser *p, struct jval *v, char close, int depth
         }
         struct jval *item = parse_value(p, depth + 1);
         if (!item) return -1;
-        v->items = grow(v->items, (v->n + 1) * sizeof *v->items);
-        v->keys = grow(v->keys, (v->n + 1) * sizeof *v->keys);
+        if (v->n == v->cap) { /* doubling: a list of 100k addresses is not copied 100k times */
+            v->cap = v->cap ? 2 * v->cap : 4;
+            v->items = grow(v->items, v->cap * sizeof *v->items);
+            v->keys = grow(v->keys, v->cap * sizeof *v->keys);
+        }
         v->items[v->n] = item;
         v->keys[v->n++] = key;
         skip_ws(p);
@@ -300,19 +328,9 @@ static struct jval *parse_value(struct parser *p, int depth) {
  * the valid prefix of S (N when all of it is valid). */
 static size_t valid_utf8(const unsigned char *s, size_t n) {
     for (size_t i = 0; i < n;) {
-        unsigned c = s[i], need, cp, min;
-        if (c < 0x80) { i++; continue; }
-        if ((c & 0xE0) == 0xC0) { need = 1; cp = c & 0x1F; min = 0x80; }
-        else if ((c & 0xF0) == 0xE0) { need = 2; cp = c & 0x0F; min = 0x800; }
-        else if ((c & 0xF8) == 0xF0) { need = 3; cp = c & 0x07; min = 0x10000; }
-        else return i;
-        if (n - i <= need) return i;
-        for (unsigned k = 1; k <= need; k++) {
-            if ((s[i + k] & 0xC0) != 0x80) return i;
-            cp = cp << 6 | (s[i + k] & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
-        i += need + 1;
+        size_t k = utf8_char(s + i, n - i);
+        if (!k) return i;
+        i += k;
     }
     return n;
 }
@@ -411,8 +429,22 @@ static void log_event(const char *level, const char *msg, const char *fields) {
     free(line.p);
 }
 
+/* S, or its first MAX_MSG bytes (cut before a character) and "...". */
+static const char *bounded(const char *s) {
+    size_t n = strlen(s);
+    if (n <= MAX_MSG) return s;
+    n = MAX_MSG;
+    while (n > 0 && (s[n] & 0xC0) == 0x80) n--;
+    struct buf b = {0};
+    put(&b, s, n);
+    puts_(&b, "...");
+    return b.p;
+}
+
 /* Prints the CNI error object, logs it, and exits 1. */
 static void __attribute__((noreturn)) cni_fail(int code, const char *msg, const char *details) {
+    msg = bounded(msg); /* a path or an agent's reason of a megabyte is quoted, not copied */
+    details = bounded(details);
     struct buf f = {0};
     puts_(&f, ",\"command\":");
     json_str(&f, command);
@@ -447,6 +479,20 @@ static void require_env(const char *const *names) {
         struct buf msg = {0};
         printf_(&msg, "missing environment variables: %s", missing.p);
         cni_fail(INVALID_ENV, msg.p, "");
+    }
+}
+
+/* The values NAMES (NULL-terminated) name pods by reach the agent exactly: UTF-8 only (JSON text
+ * has no other bytes; replacing them would name another container). */
+static void require_utf8_env(const char *const *names) {
+    for (; *names; names++) {
+        const char *v = env_or(*names, "");
+        size_t n = strlen(v), valid = valid_utf8((const unsigned char *)v, n);
+        if (valid < n) {
+            struct buf msg = {0};
+            printf_(&msg, "%s is not UTF-8 (byte %zu)", *names, valid);
+            cni_fail(INVALID_ENV, msg.p, "");
+        }
     }
 }
 
@@ -629,6 +675,11 @@ enum { SENT, UNREACHABLE, BROKEN };
 static int agent_request(const char *path, const struct buf *request, double timeout,
                          struct jval **answer, struct buf *err) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (request->len > MAX_ANSWER) { /* the agent reads no more: it would answer a broken pipe */
+        printf_(err, "the request (%zu bytes) exceeds the agent's limit of %d bytes", request->len,
+                MAX_ANSWER);
+        return BROKEN;
+    }
     if (strlen(path) >= sizeof addr.sun_path) {
         printf_(err, "nodeagent is unreachable at %s: AF_UNIX path too long", path);
         return UNREACHABLE;
@@ -701,6 +752,8 @@ static void cmd_add(const struct jval *conf) {
     struct buf oversized = {0};
     int code = oversized_input(&oversized, conf);
     if (code) cni_fail(code, oversized.p, "");
+    require_utf8_env(
+        (const char *const[]){"CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", NULL});
     const char *netns = getenv("CNI_NETNS");
     check_netns(netns);
     const char *ns = cni_arg("K8S_POD_NAMESPACE"), *name = cni_arg("K8S_POD_NAME");
@@ -811,6 +864,8 @@ static void cmd_check(const struct jval *conf) {
     struct buf oversized = {0};
     int code = oversized_input(&oversized, conf);
     if (code) cni_fail(code, oversized.p, "");
+    require_utf8_env((const char *const[]){"CNI_CONTAINERID", "CNI_NETNS", "CNI_ARGS", NULL});
+    check_netns(getenv("CNI_NETNS"));
     const char *socket_path = text_setting(conf, "agentSocket", DEFAULT_SOCKET);
     struct buf req = {0}, err = {0};
     puts_(&req, "{\"command\":\"CHECK\",\"pod\":{");

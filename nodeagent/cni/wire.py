@@ -32,8 +32,15 @@ def decode(line: bytes) -> dict[str, Any]:
         message = json.loads(line)
     except ValueError as e:
         raise ProtocolError(f"not JSON: {e}") from None
+    except RecursionError:  # "[[[[...": the parser's stack, not a message
+        raise ProtocolError("not JSON: nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("not a JSON object")
+    if b"\\u" in line:  # an escape may spell half a surrogate pair: no text, no pod name
+        try:
+            json.dumps(message, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ProtocolError("not JSON text: a string holds an unpaired surrogate") from None
     return message
 
 

@@ -234,13 +234,21 @@ class Parsed:
         return (self.kind, changes.store_key(self.record))
 
 
+def _brief(value: Any, absent: str) -> str:
+    """A kind, namespace or name as a message shows it: short, whatever the document holds."""
+    if value is None or value == "":
+        return absent
+    text = value if isinstance(value, str) else _show(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _where(source: str, position: str, doc: Mapping[str, Any]) -> str:
     meta = doc.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
-    name = str(meta.get("name") or "<unnamed>")
-    kind = doc.get("kind", "?")
+    name = _brief(meta.get("name"), "<unnamed>")
+    kind = _brief(doc.get("kind"), "<no kind>")
     if meta.get("namespace"):
-        name = f"{meta['namespace']}/{name}"
+        name = f"{_brief(meta['namespace'], '')}/{name}"
     elif kind not in _CLUSTER_SCOPED:  # namespaced kinds land in "default", as with kubectl apply
         name = f"default/{name}"
     return f"{source}: {position}: {kind} {name}"
@@ -260,8 +268,9 @@ def _parse(doc: Any, source: str, position: str, schemas: IstioSchemas) -> list[
         raise ResourceError(f"{source}: {position}: expected a mapping")
     where = _where(source, position, doc)
     kind, api = doc.get("kind"), doc.get("apiVersion")
-    if not isinstance(kind, str) or not isinstance(api, str):
-        raise ResourceError(f"{where}: apiVersion and kind are required")
+    if not (isinstance(api, str) and api and isinstance(kind, str) and kind):
+        field, value = ("kind", kind) if isinstance(api, str) and api else ("apiVersion", api)
+        raise ResourceError(f"{where}: {field}: expected a non-empty string, got {_show(value)}")
     if (api, kind) == ("v1", "List"):
         raise ResourceError(f"{where}: items: expected a list of objects")
     if api.rpartition("/")[0] in schemas.groups():

@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
+from google.protobuf.message import DecodeError
+
 from nodeagent.xds import types
 from nodeagent.xds.cache import Snapshot, SnapshotCache
 from nodeagent.xds.metrics import XdsMetrics
@@ -112,6 +114,8 @@ class AdsStream(ABC):
                 for event in events:
                     if event is _EOF:
                         return
+                    if isinstance(event, ProtocolError):
+                        raise event
                     if isinstance(event, Snapshot):
                         self.snapshot = event
                         for state in self.states.values():
@@ -142,9 +146,15 @@ class AdsStream(ABC):
         return node_id
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
+        count = 0
         try:
             async for request in requests:
+                count += 1
                 self._events.put_nowait(request)
+        except DecodeError as e:  # bytes that are no request: the client is told, not dropped
+            self._events.put_nowait(
+                ProtocolError(f"message {count + 1} of this {self.kind} stream: {e}")
+            )
         except Exception as e:  # the client went away mid-message: just end this stream
             log.debug("xDS stream read ended: %s", e)
         finally:

@@ -101,3 +101,80 @@ def test_a_waiter_gets_the_pod_when_the_source_delivers_it(tmp_path: Path) -> No
         return (pod.name if pod else None), (never.name if never else None)
 
     assert asyncio.run(scenario()) == ("web-1", None)
+
+
+BOMB = "".join(  # "billion laughs": 9^9 values from a few hundred bytes
+    f"{k}: &{k} [{', '.join([f'*{p}'] * 9 if p else ['x'] * 9)}]\n"
+    for p, k in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply to parse"),
+        ("a: " + "[" * 2000 + "]" * 2000, "nested too deeply to parse"),
+        ("&x [*x]\n", "document 0: nested deeper than 100 levels"),
+        ("a: b\n---\n&x {apiVersion: v1, kind: Pod, metadata: *x}\n", "document 1: nested deeper"),
+        (BOMB, "document 0: aliases expand the text to more than"),
+        ("kind: Service\nspec: {ports: [{port: " + "9" * 5000 + "}]}", "integer out of range"),
+        ('{"kind": "Namespace", "metadata": {"name": "\\ud800"}}', "unpaired surrogate"),
+        ('kind: Namespace\nmetadata: {name: "\\udc00x"}\n', "unpaired surrogate"),
+    ],
+    ids=[
+        "deep-json",
+        "deep-yaml",
+        "alias-loop",
+        "alias-loop-2",
+        "alias-bomb",
+        "huge-int",
+        "surrogate-json",
+        "surrogate-yaml",
+    ],
+)
+def test_a_file_beyond_the_reader_s_bounds_is_named_and_the_rest_keeps_working(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    """Found by fuzzing (test_fuzz_directory_source): each of these raised out of scan()
+    (RecursionError, ValueError) and stopped the source, took minutes (the alias bomb), or put a
+    string no UTF-8 encoder takes into the store (an unpaired surrogate)."""
+    (tmp_path / "bad.yaml").write_text(text)
+    (tmp_path / "good.yaml").write_text(PODS)
+    store = MeshStore()
+    source = DirectorySource(tmp_path, store)
+    source.scan()
+    assert "shop/web-1" in store.pods
+    (problem,) = source.errors[tmp_path / "bad.yaml"]
+    assert (
+        problem.startswith(f"{tmp_path / 'bad.yaml'}: cannot be read as YAML: ")
+        and words in problem
+    )
+    assert len(problem) < 1000
+
+
+@pytest.mark.parametrize(
+    ("document", "where"),
+    [
+        ("apiVersion: v1\nkind: ''\nmetadata: {name: a}", "<no kind> default/a: kind: expected a"),
+        ("apiVersion: v1\nkind: [x]\nmetadata: {name: a}", '["x"] default/a: kind: expected a'),
+        (
+            "kind: Pod\nmetadata: {name: a}",
+            "Pod default/a: apiVersion: expected a non-empty string",
+        ),
+        (
+            f"apiVersion: v1\nkind: Pod\nmetadata: {{name: [{'a' * 5000}], namespace: shop}}",
+            f'Pod shop/["{"a" * 55}...: metadata.name: ',
+        ),
+    ],
+    ids=["empty-kind", "list-kind", "no-api-version", "huge-name"],
+)
+def test_a_document_s_kind_and_name_are_named_briefly(
+    tmp_path: Path, document: str, where: str
+) -> None:
+    """Found by fuzzing: an empty kind left the object unnamed (": default/a:"), and a name that
+    is a long list was copied whole into the message (10 kB for a 10 kB name)."""
+    (tmp_path / "bad.yaml").write_text(document)
+    source = DirectorySource(tmp_path, MeshStore())
+    source.scan()
+    (problem,) = source.errors[tmp_path / "bad.yaml"]
+    assert problem.startswith(f"{tmp_path / 'bad.yaml'}: document 0: {where}"), problem
