@@ -276,9 +276,9 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
     },
     # mesh/telemetry.py (which Telemetry applies, istiod's merge), translate/access_logs.py
     # (envoyFileAccessLog providers; other access log provider kinds are not built),
-    # translate/tracing.py. targetRef(s) attach to gateways and waypoints only: a captured pod
-    # ignores them, as Istio's sidecars. metrics: Istio's standard metrics are node-wide
-    # (MeshConfig defaultProviders.metrics, translate/istio_stats.py), not per Telemetry yet.
+    # translate/tracing.py, translate/istio_stats.py (metrics: Prometheus providers, overrides
+    # per metric and mode; not custom metrics, not reportingInterval). targetRef(s) attach to
+    # gateways and waypoints only: a captured pod ignores them, as Istio's sidecars.
     "Telemetry": {
         "selector": ALL,
         "targetRef": ALL,
@@ -292,6 +292,18 @@ ENFORCED: Mapping[str, Mapping[str, Any]] = {
                 "disableSpanReporting": ALL,
                 "customTags": _trace_tags,
                 "useRequestIdForTraceSampling": ALL,
+            }
+        ],
+        "metrics": [
+            {
+                "providers": ALL,
+                "overrides": [
+                    {
+                        "match": {"metric": ALL, "mode": ALL},
+                        "disabled": ALL,
+                        "tagOverrides": ALL,
+                    }
+                ],
             }
         ],
     },

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nodeagent.mesh.extension_providers import ExtensionProviders
-from nodeagent.mesh.model import DefaultProviders, IstioResource
+from nodeagent.mesh.model import DefaultProviders, IstioResource, MeshConfig
 
 if TYPE_CHECKING:
     from nodeagent.mesh.store import MeshStore
@@ -279,6 +279,153 @@ def _provider(providers: ExtensionProviders, name: str) -> tuple[str, str] | Non
     return (found[0], found[1]) if found is not None else None
 
 
+# -- metrics --------------------------------------------------------------------------------------
+
+# Istio's standard metrics (Telemetry ``MetricSelector.IstioMetric``) as the node names them
+# (translate/istio_stats.py). The two gRPC message counters are not built: overrides of them
+# change nothing.
+ISTIO_METRICS: Mapping[str, str] = {
+    "REQUEST_COUNT": "istio_requests_total",
+    "REQUEST_DURATION": "istio_request_duration_milliseconds",
+    "REQUEST_SIZE": "istio_request_bytes",
+    "RESPONSE_SIZE": "istio_response_bytes",
+    "TCP_OPENED_CONNECTIONS": "istio_tcp_connections_opened_total",
+    "TCP_CLOSED_CONNECTIONS": "istio_tcp_connections_closed_total",
+    "TCP_SENT_BYTES": "istio_tcp_sent_bytes_total",
+    "TCP_RECEIVED_BYTES": "istio_tcp_received_bytes_total",
+    "GRPC_REQUEST_MESSAGES": "istio_request_messages_total",
+    "GRPC_RESPONSE_MESSAGES": "istio_response_messages_total",
+}
+PROMETHEUS = "prometheus"  # the provider kind the node reports to (its merged :15020)
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    """Istio's standard metrics one workload reports in one mode (istiod's ``metricsConfig``
+    for its Prometheus provider). REPORTED: any at all. DISABLED: stat names not reported.
+    TAGS: stat name -> ((label, CEL value; "" : removed), ...), sorted."""
+
+    reported: bool = True
+    disabled: frozenset[str] = frozenset()
+    tags: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+    def tags_of(self, stat: str) -> tuple[tuple[str, str], ...]:
+        return dict(self.tags).get(stat, ())
+
+
+REPORTED = MetricsSpec()  # every standard metric, Istio's labels (no Telemetry overrides)
+OFF = MetricsSpec(reported=False)
+
+
+def _metric_names(match: Mapping[str, Any]) -> list[str]:
+    """istiod's getMatches: the stats an override's selector names (none: all). A
+    ``customMetric`` names no standard metric: ``problems`` reports it."""
+    if "customMetric" in match:
+        return []
+    metric = match.get("metric", "ALL_METRICS")
+    if metric == "ALL_METRICS":
+        return list(ISTIO_METRICS.values())
+    return [ISTIO_METRICS[metric]] if metric in ISTIO_METRICS else []
+
+
+def _modes(match: Mapping[str, Any]) -> tuple[str, ...]:
+    mode = match.get("mode")
+    return (mode,) if mode in (CLIENT, SERVER) else (CLIENT, SERVER)
+
+
+def _tag_value(override: Any) -> str | None:
+    """A tagOverrides entry: "" removes the label, an expression upserts it; None: unusable
+    (``problems`` names it)."""
+    if not isinstance(override, Mapping):
+        return None
+    if override.get("operation", "UPSERT") == "REMOVE":
+        return ""
+    value = override.get("value")
+    if not isinstance(value, str) or not value or cel_error(value) or ")%" in value:
+        return None
+    return value
+
+
+def metrics(store: MeshStore, namespace: str, labels: Mapping[str, str], mode: str) -> MetricsSpec:
+    """What a workload in NAMESPACE with LABELS reports in MODE, as istiod's mergeMetrics
+    (pilot/pkg/model/telemetry.go) computes it: a level naming providers replaces its parent's
+    (a level naming none acts on its parent's); overrides apply in order, per metric and mode,
+    a later ``disabled`` or tag over an earlier one; ``ALL_METRICS`` disabled turns the mode off
+    until a later override of that mode (a namespace re-enabling what the root disabled)
+    (istio.io/latest/docs/reference/config/telemetry/#MetricsOverrides)."""
+    mesh = store.mesh_config
+    entries = [e for res in applicable(store, namespace, labels) for e in _entries(res, "metrics")]
+    defaults = list(mesh.default_providers.metrics)
+    in_scope = set(defaults)
+    for entry in entries:
+        if names := _names(entry):
+            in_scope = set(names)
+    # provider -> stat -> (disabled, {label: value; "" removes it}), for MODE only
+    merged: dict[str, dict[str, tuple[bool, dict[str, str]]]] = {}
+    mode_off: set[str] = set()
+    if not entries:
+        merged = {name: {} for name in defaults}
+    parent = defaults
+    for entry in entries:
+        names = _names(entry) or parent
+        parent = names
+        for name in names:
+            if name not in in_scope:  # a parent's provider a lower level replaced
+                continue
+            stats = merged.setdefault(name, {})
+            for override in _overrides(entry):
+                match = override.get("match")
+                match = match if isinstance(match, Mapping) else {}
+                if mode not in _modes(match):
+                    continue
+                disabled = override.get("disabled")
+                everything = "customMetric" not in match and (
+                    match.get("metric", "ALL_METRICS") == "ALL_METRICS"
+                )
+                if everything and disabled is True:
+                    mode_off.add(name)
+                    continue
+                mode_off.discard(name)
+                tags = override.get("tagOverrides")
+                tags = tags if isinstance(tags, Mapping) else {}
+                for stat in _metric_names(match):
+                    was_disabled, was_tags = stats.get(stat, (False, {}))
+                    if isinstance(disabled, bool):
+                        was_disabled = disabled
+                    for label, given in tags.items():
+                        if (value := _tag_value(given)) is not None:
+                            was_tags = {**was_tags, str(label): value}
+                    stats[stat] = (was_disabled, was_tags)
+    for name in sorted(set(merged) - mode_off):
+        found = mesh.extension_providers.settings(name)
+        if found is None or found[1] != PROMETHEUS:
+            continue  # istiod skips a provider it cannot fetch; other kinds are not built
+        stats = merged[name]
+        return MetricsSpec(
+            disabled=frozenset(s for s, (off, _) in stats.items() if off),
+            tags=tuple(sorted((s, tuple(sorted(t.items()))) for s, (_, t) in stats.items() if t)),
+        )
+    return OFF
+
+
+def mesh_metrics(mesh: MeshConfig) -> MetricsSpec:
+    """What a workload no Telemetry configures reports: all, if MeshConfig
+    ``defaultProviders.metrics`` names a Prometheus provider (Istio's default mesh config says
+    ``[prometheus]``; ``[]`` turns them off:
+    istio.io/latest/docs/reference/config/istio.mesh.v1alpha1/#MeshConfig-DefaultProviders)."""
+    providers = mesh.extension_providers
+    reported = any(
+        (found := providers.settings(name)) is not None and found[1] == PROMETHEUS
+        for name in mesh.default_providers.metrics
+    )
+    return REPORTED if reported else OFF
+
+
+def _overrides(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    given = entry.get("overrides")
+    return [o for o in given if isinstance(o, Mapping)] if isinstance(given, list) else []
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
@@ -316,7 +463,7 @@ def problems(res: IstioResource, providers: ExtensionProviders, root: str = "") 
             f"{where}: selector: a workload selector in the root namespace is ignored by Istio;"
             " this Telemetry applies to nothing (put it in the workload's namespace)"
         )
-    for field in ("accessLogging", "tracing"):
+    for field in ("accessLogging", "tracing", "metrics"):
         for index, entry in enumerate(_entries(res, field)):
             for p, name in enumerate(_names(entry)):
                 if providers.settings(name) is None:
@@ -329,6 +476,35 @@ def problems(res: IstioResource, providers: ExtensionProviders, root: str = "") 
                 found.append(
                     f"{where}: accessLogging[{index}].filter.expression: not a CEL expression"
                     f" ({why}); this entry is left out"
+                )
+    for index, entry in enumerate(_entries(res, "metrics")):
+        found += _metrics_problems(f"{where}: metrics[{index}]", entry)
+    return found
+
+
+def _metrics_problems(where: str, entry: Mapping[str, Any]) -> list[str]:
+    found = []
+    if entry.get("reportingInterval") is not None:
+        found.append(
+            f"{where}.reportingInterval: not supported (TCP metrics are reported when a"
+            " connection closes); ignored"
+        )
+    for o, override in enumerate(_overrides(entry)):
+        match = override.get("match")
+        if isinstance(match, Mapping) and "customMetric" in match:
+            found.append(
+                f"{where}.overrides[{o}].match.customMetric: custom metrics are not built;"
+                " this override changes nothing"
+            )
+        tags = override.get("tagOverrides")
+        for label, given in tags.items() if isinstance(tags, Mapping) else ():
+            if _tag_value(given) is None:
+                value = given.get("value") if isinstance(given, Mapping) else given
+                why = cel_error(value) if isinstance(value, str) and value else "no value"
+                found.append(
+                    f"{where}.overrides[{o}].tagOverrides.{label}: an UPSERT needs a CEL"
+                    f" expression as its value ({why or 'not usable in a format string'});"
+                    " left out"
                 )
     return found
 

@@ -131,20 +131,31 @@ def sinks(store: Any, namespace: str, labels: Mapping[str, str], mode: str) -> S
     return tuple(s for s in made if s is not None)
 
 
-def log_class(client: Sinks) -> str:
-    """The name of a CLIENT log class: a digest of its sinks (a pod's stamp and the shared
-    loggers' filter agree on it without a table)."""
+def log_class(client: Sinks, metrics: telemetry.MetricsSpec = telemetry.REPORTED) -> str:
+    """The name of a CLIENT class: a digest of its sinks and metrics (a pod's stamp and the
+    shared loggers' filter agree on it without a table)."""
     text = json.dumps([vars(s) for s in client], sort_keys=True)
+    if metrics != telemetry.REPORTED:
+        text += repr(metrics)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
 class NodeLogs:
     """The node-wide part: the distinct CLIENT sinks of the local pods (sorted by class
-    name), and what a pod the plan does not know logs (the mesh config's)."""
+    name), each class's CLIENT metrics (Istio's standard metrics, mesh/telemetry.metrics; in
+    the same order), and what a pod the plan does not know logs (the mesh config's)."""
 
     classes: tuple[tuple[str, Sinks], ...] = ()
     fallback: Sinks = ()
+    metrics: tuple[telemetry.MetricsSpec, ...] = ()
+
+    def metric_classes(self) -> list[tuple[telemetry.MetricsSpec, tuple[str, ...]]]:
+        """Each distinct CLIENT metrics config, with the classes that have it."""
+        grouped: dict[telemetry.MetricsSpec, list[str]] = {}
+        for (name, _), spec in zip(self.classes, self.metrics, strict=True):
+            grouped.setdefault(spec, []).append(name)
+        return [(spec, tuple(names)) for spec, names in grouped.items()]
 
 
 @dataclass(frozen=True)
@@ -152,12 +163,16 @@ class Plan:
     node: NodeLogs
     # pod key ("namespace/name") -> (CLIENT sinks, SERVER sinks)
     pods: Mapping[str, tuple[Sinks, Sinks]] = field(default_factory=dict)
+    # pod key -> (CLIENT metrics, SERVER metrics)
+    metrics: Mapping[str, tuple[telemetry.MetricsSpec, telemetry.MetricsSpec]] = field(
+        default_factory=dict
+    )
 
     def stamp(self, pod: str) -> str:
-        """The log class POD's outbound listener stamps ("" : none needed, one class)."""
+        """The class POD's outbound listener stamps ("" : none needed, one class)."""
         if len(self.node.classes) < 2 or pod not in self.pods:
             return ""
-        return log_class(self.pods[pod][0])
+        return log_class(self.pods[pod][0], self.metrics[pod][0])
 
 
 def plan(store: Any, pods: Sequence[tuple[str, str, Mapping[str, str]]]) -> Plan:
@@ -169,13 +184,27 @@ def plan(store: Any, pods: Sequence[tuple[str, str, Mapping[str, str]]]) -> Plan
         )
         for key, namespace, labels in pods
     }
+    metrics = {
+        key: (
+            telemetry.metrics(store, namespace, labels, telemetry.CLIENT),
+            telemetry.metrics(store, namespace, labels, telemetry.SERVER),
+        )
+        for key, namespace, labels in pods
+    }
     fallback = mesh_sinks(store.mesh_config)
     # No local pod yet: the mesh config's class, which the first pod most likely joins (a
     # change of classes rebuilds every shared chain).
-    clients = [client for client, _ in per_pod.values()] or [fallback]
-    classes = {log_class(client): client for client in clients}
-    node = NodeLogs(tuple(sorted(classes.items())), fallback)
-    return Plan(node, per_pod)
+    clients = [(per_pod[key][0], metrics[key][0]) for key in per_pod] or [
+        (fallback, telemetry.mesh_metrics(store.mesh_config))
+    ]
+    unique = {log_class(*client): client for client in clients}
+    classes = {name: unique[name] for name in sorted(unique)}
+    node = NodeLogs(
+        tuple((name, chosen) for name, (chosen, _) in classes.items()),
+        fallback,
+        tuple(spec for _, spec in classes.values()),
+    )
+    return Plan(node, per_pod, metrics)
 
 
 _PLAN: ContextVar[Plan | None] = ContextVar("nodeagent_access_log_plan", default=None)
@@ -271,7 +300,7 @@ def _logger(
         }
     expressions = []
     if log_class_name:
-        expressions.append(f"filter_state['{LOG_CLASS_KEY}'] == b'{log_class_name}'")
+        expressions.append(class_expression((log_class_name,)))
     if sink.filter:
         expressions.append(sink.filter)
     if len(expressions) == 1:
@@ -279,6 +308,18 @@ def _logger(
     elif expressions:
         logger["filter"] = {"and_filter": {"filters": [_cel(e) for e in expressions]}}
     return logger
+
+
+def class_expression(names: Sequence[str]) -> str:
+    """CEL: the caller's stamped class is one of NAMES."""
+    if len(names) == 1:
+        return f"filter_state['{LOG_CLASS_KEY}'] == b'{names[0]}'"
+    return f"filter_state['{LOG_CLASS_KEY}'] in [{', '.join(f'b{n!r}' for n in names)}]"
+
+
+def client_filter(names: Sequence[str]) -> dict[str, Any]:
+    """The access log filter that keeps the callers of the classes NAMES."""
+    return _cel(class_expression(names))
 
 
 def _cel(expression: str) -> dict[str, Any]:

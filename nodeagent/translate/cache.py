@@ -306,8 +306,7 @@ class TranslationCache:
             gateway,
             logs.node,
         )
-        metrics = istio_stats.reporting(istio_stats.reported_in(store.mesh_config))
-        with access_logs.planned(logs), metrics:
+        with access_logs.planned(logs):
             return self._build(store, local_pods, secrets, sidecar, excluded, settings)
 
     def _build(
@@ -1537,7 +1536,7 @@ def _logs_of(pod_key: str) -> tuple[Any, ...]:
     plan = access_logs.active()
     if plan is None:
         return ()
-    return (plan.pods.get(pod_key), plan.stamp(pod_key))
+    return (plan.pods.get(pod_key), plan.metrics.get(pod_key), plan.stamp(pod_key))
 
 
 def _pod_outbound(local: LocalPod, spiffe: str, to: str, traced: bool = False) -> Made:

@@ -36,12 +36,11 @@ Labels never carry a pod IP or a path: their values are workloads, services, cod
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
 from typing import Any
 
-from nodeagent.mesh.model import MeshConfig, Pod
+from nodeagent.mesh.model import Pod
+from nodeagent.mesh.telemetry import REPORTED, MetricsSpec
 from nodeagent.mesh.workload import UNKNOWN, Peer, peer
 from nodeagent.translate.envoy import typed
 
@@ -83,31 +82,6 @@ _HTTP_PROTOCOL = (
 
 def _state(key: str) -> str:
     return f"%FILTER_STATE({key}:PLAIN)%"
-
-
-# Whether the node reports them: MeshConfig ``defaultProviders.metrics`` names a Prometheus
-# provider (Istio's default mesh config says ``[prometheus]``; ``[]`` turns them off, as at
-# Istio: istio.io/latest/docs/reference/config/istio.mesh.v1alpha1/#MeshConfig-DefaultProviders).
-# Set for one build (cache.py), as a MeshConfig change rebuilds everything.
-_REPORTED: ContextVar[bool] = ContextVar("nodeagent_istio_metrics", default=True)
-
-
-def reported_in(mesh: MeshConfig) -> bool:
-    providers = mesh.extension_providers
-    return any(
-        (found := providers.settings(name)) is not None and found[1] == "prometheus"
-        for name in mesh.default_providers.metrics
-    )
-
-
-@contextlib.contextmanager
-def reporting(enabled: bool) -> Iterator[None]:
-    """Builders called within add the metrics' loggers only if ENABLED."""
-    token = _REPORTED.set(enabled)
-    try:
-        yield
-    finally:
-        _REPORTED.reset(token)
 
 
 def pod_peer(pod: Pod, principal: str) -> Peer:
@@ -213,36 +187,64 @@ _SERVICE_LABELS = (
 )
 
 
-def _tags(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
-    return [{"name": name, "value_format": value} for name, value in pairs]
+def _tags(pairs: list[tuple[str, str]], overrides: tuple[tuple[str, str], ...] = ()) -> list[Any]:
+    """A stat's tags: PAIRS (label, value format) with a Telemetry's tag OVERRIDES applied
+    (label, CEL expression; "" removes the label), as Istio's stats filter applies them."""
+    labels = dict(pairs)
+    for label, expression in overrides:
+        if expression:
+            labels[label] = f"%CEL({expression})%"
+        else:
+            labels.pop(label, None)
+    return [{"name": name, "value_format": value} for name, value in labels.items()]
 
 
-def _logger(counters: list[dict[str, Any]], histograms: list[dict[str, Any]]) -> dict[str, Any]:
-    fields: dict[str, Any] = {"stat_prefix": PREFIX, "counters": counters}
+def _logger(
+    counters: list[dict[str, Any]], histograms: list[dict[str, Any]], when: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One stats logger (none when a Telemetry disabled all its stats); WHEN: its filter."""
+    if not counters and not histograms:
+        return []
+    fields: dict[str, Any] = {"stat_prefix": PREFIX}
+    if counters:
+        fields["counters"] = counters
     if histograms:
         fields["histograms"] = histograms
-    return {
+    logger = {
         "name": "envoy.access_loggers.stats",
         "typed_config": typed("envoy.extensions.access_loggers.stats.v3.Config", **fields),
     }
+    if when:
+        logger["filter"] = when
+    return [logger]
 
 
-def _http_logger(labels: list[tuple[str, str]]) -> dict[str, Any]:
-    tags = _tags(labels)
+def _stats(
+    labels: list[tuple[str, str]], spec: MetricsSpec, made: list[tuple[str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """MADE: (stat name, the rest of its entry), without those SPEC disables."""
+    return [
+        {"stat": {"name": name, "tags": _tags(labels, spec.tags_of(name))}, **rest}
+        for name, rest in made
+        if name not in spec.disabled
+    ]
+
+
+def _http_logger(
+    labels: list[tuple[str, str]], spec: MetricsSpec, when: dict[str, Any]
+) -> list[dict[str, Any]]:
+    histograms = [
+        (name, {"unit": unit, "value_format": value})
+        for name, unit, value in (
+            ("istio_request_duration_milliseconds", "Milliseconds", "%DURATION%"),
+            ("istio_request_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_RECEIVED%"),
+            ("istio_response_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_SENT%"),
+        )
+    ]
     return _logger(
-        [{"stat": {"name": "istio_requests_total", "tags": tags}, "value_fixed": 1}],
-        [
-            {
-                "stat": {"name": name, "tags": tags},
-                "unit": unit,
-                "value_format": value,
-            }
-            for name, unit, value in (
-                ("istio_request_duration_milliseconds", "Milliseconds", "%DURATION%"),
-                ("istio_request_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_RECEIVED%"),
-                ("istio_response_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_SENT%"),
-            )
-        ],
+        _stats(labels, spec, [("istio_requests_total", {"value_fixed": 1})]),
+        _stats(labels, spec, histograms),
+        when,
     )
 
 
@@ -252,27 +254,31 @@ TCP_LOG_OPTIONS = {"flush_access_log_on_connected": True}
 
 
 def _tcp_loggers(
-    labels: list[tuple[str, str]], opened_at_end: bool = False
+    labels: list[tuple[str, str]],
+    spec: MetricsSpec,
+    when: dict[str, Any],
+    opened_at_end: bool = False,
 ) -> list[dict[str, Any]]:
     """OPENED_AT_END: count the connection opened when it ends (see destination_loggers)."""
-    tags = _tags(labels)
 
-    def counter(name: str, **value: Any) -> dict[str, Any]:
-        return {"stat": {"name": name, "tags": tags}, **value}
+    def at(log_type: str) -> dict[str, Any]:
+        only = {"log_type_filter": {"types": [log_type]}}
+        return {"and_filter": {"filters": [when, only]}} if when else only
 
-    opened = _logger([counter("istio_tcp_connections_opened_total", value_fixed=1)], [])
-    when = "TcpConnectionEnd" if opened_at_end else "TcpUpstreamConnected"
-    opened["filter"] = {"log_type_filter": {"types": [when]}}
-    closed = _logger(
+    opened = _stats(labels, spec, [("istio_tcp_connections_opened_total", {"value_fixed": 1})])
+    closed = _stats(
+        labels,
+        spec,
         [
-            counter("istio_tcp_connections_closed_total", value_fixed=1),
-            counter("istio_tcp_sent_bytes_total", value_format="%BYTES_SENT%"),
-            counter("istio_tcp_received_bytes_total", value_format="%BYTES_RECEIVED%"),
+            ("istio_tcp_connections_closed_total", {"value_fixed": 1}),
+            ("istio_tcp_sent_bytes_total", {"value_format": "%BYTES_SENT%"}),
+            ("istio_tcp_received_bytes_total", {"value_format": "%BYTES_RECEIVED%"}),
         ],
-        [],
     )
-    closed["filter"] = {"log_type_filter": {"types": ["TcpConnectionEnd"]}}
-    return [opened, closed]
+    return [
+        *_logger(opened, [], at("TcpConnectionEnd" if opened_at_end else "TcpUpstreamConnected")),
+        *_logger(closed, [], at("TcpConnectionEnd")),
+    ]
 
 
 def _request_labels(tcp: bool) -> list[tuple[str, str]]:
@@ -286,9 +292,12 @@ def _request_labels(tcp: bool) -> list[tuple[str, str]]:
     ]
 
 
-def source_loggers(caller_key: str, tcp: bool) -> list[dict[str, Any]]:
-    """The source reporter of an outbound-internal chain (CALLER_KEY: the stamped SPIFFE ID)."""
-    if not _REPORTED.get():
+def source_loggers(
+    caller_key: str, tcp: bool, spec: MetricsSpec = REPORTED, when: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The source reporter of an outbound-internal chain (CALLER_KEY: the stamped SPIFFE ID),
+    as SPEC says; WHEN: the access log filter that picks the callers SPEC is for (none: all)."""
+    if not spec.reported:
         return []
     source, destination = source_tags(caller_key)
     labels = [
@@ -300,7 +309,9 @@ def source_loggers(caller_key: str, tcp: bool) -> list[dict[str, Any]]:
         # Istio's client side reports no policy: it does not know what the server enforced.
         ("connection_security_policy", UNKNOWN),
     ]
-    return _tcp_loggers(labels) if tcp else [_http_logger(labels)]
+    if tcp:
+        return _tcp_loggers(labels, spec, when or {})
+    return _http_logger(labels, spec, when or {})
 
 
 def destination_loggers(
@@ -309,12 +320,14 @@ def destination_loggers(
     caller: str,
     tcp: bool,
     caller_key: str = "",
+    spec: MetricsSpec = REPORTED,
 ) -> list[dict[str, Any]]:
-    """The destination reporter of a local pod's inbound chain. ME: the pod. SERVICE: the
+    """The destination reporter of a local pod's inbound chain, as its SERVER SPEC says
+    (mesh/telemetry.metrics). ME: the pod. SERVICE: the
     ``cluster_metadata`` of the service its port is for (None: unknown). CALLER: ``fast`` (a
     pod of this node, stamped: CALLER_KEY), ``mtls`` (another node's pod: its certificate's
     SAN, its side from the copied headers) or ``plaintext`` (outside the mesh: unknown)."""
-    if not _REPORTED.get():
+    if not spec.reported:
         return []
     if caller == "fast":
         source = _stamped_source(_state(caller_key))
@@ -336,5 +349,5 @@ def destination_loggers(
     # so on an mTLS chain the caller's certificate may be unknown then: its connections are
     # counted opened when they end, with the caller they had.
     if tcp:
-        return _tcp_loggers(labels, opened_at_end=caller == "mtls")
-    return [_http_logger(labels)]
+        return _tcp_loggers(labels, spec, {}, opened_at_end=caller == "mtls")
+    return _http_logger(labels, spec, {})

@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nodeagent.mesh.model import REGISTRY_ONLY, Pod
+from nodeagent.mesh.telemetry import REPORTED, MetricsSpec
 from nodeagent.ports import INBOUND_PORT, OUTBOUND_PORT
-from nodeagent.translate import denials, internal, istio_stats, tls
+from nodeagent.translate import access_logs, denials, internal, istio_stats, tls
 from nodeagent.translate.authz import PodAuthz, chain_filters
 from nodeagent.translate.envoy import (
     FilterChain,
@@ -66,7 +67,28 @@ def _source_stats(who: str, tcp: bool) -> list[dict[str, Any]]:
     is the stamped pod there); none in the sidecar form's (a bench baseline)."""
     if who != internal.POD_FORMAT:
         return []
-    return istio_stats.source_loggers(internal.CALLER_KEY, tcp)
+    plan = access_logs.active()
+    if plan is None or not plan.node.metrics:
+        return istio_stats.source_loggers(internal.CALLER_KEY, tcp)
+    groups = plan.node.metric_classes()
+    if len(groups) == 1:  # the usual case: every local pod reports alike, no class filter
+        return istio_stats.source_loggers(internal.CALLER_KEY, tcp, groups[0][0])
+    # Local pods whose Telemetry differs: each config for the callers of its classes (their
+    # outbound listeners stamp the class, as for access logs).
+    return [
+        logger
+        for spec, names in groups
+        for logger in istio_stats.source_loggers(
+            internal.CALLER_KEY, tcp, spec, access_logs.client_filter(names)
+        )
+    ]
+
+
+def _served(pod: Pod) -> MetricsSpec:
+    """What POD reports of its inbound traffic (its SERVER metrics in the build's plan)."""
+    plan = access_logs.active()
+    known = plan.metrics.get(pod.key) if plan is not None else None
+    return known[1] if known is not None else REPORTED
 
 
 def _blackhole(who: str) -> dict[str, Any]:
@@ -362,7 +384,7 @@ def inbound_listener(
         if services is None:
             return []
         service = services.get(port) if port is not None else None
-        return istio_stats.destination_loggers(me, service, caller, tcp)
+        return istio_stats.destination_loggers(me, service, caller, tcp, spec=_served(pod))
 
     def terminal(port: int | None, protocol: str, mtls: bool) -> list[dict[str, Any]]:
         # Denials counted per pod and path (translate/denials.py): a caller without mesh mTLS
@@ -501,7 +523,8 @@ def fast_inbound_listener(
         if services is None:
             return []
         caller = internal.CALLER_KEY
-        return istio_stats.destination_loggers(me, services.get(port), "fast", tcp, caller)
+        spec = _served(pod)
+        return istio_stats.destination_loggers(me, services.get(port), "fast", tcp, caller, spec)
 
     def deliver(port: int, protocol: str) -> list[dict[str, Any]]:
         # The same AuthorizationPolicy filters as the mTLS path: their principal matchers

@@ -275,6 +275,64 @@ def test_no_route_and_overflow_show_their_flags(tb: Testbed) -> None:
     apply_docs(tb)
 
 
+def test_telemetry_overrides_shape_server_metrics_and_silence_one_client(tb: Testbed) -> None:
+    """Telemetry ``metrics`` (istio.io/latest/docs/reference/config/telemetry/#MetricsOverrides;
+    the task istio.io/latest/docs/tasks/observability/metrics/customize-metrics/): NS's server
+    side gets a ``request_method`` label (a CEL value) and loses ``grpc_response_status``;
+    sleep's client side is off (a workload Telemetry) while web-api's, on the same node and the
+    same shared chains, still reports."""
+    meta = {"namespace": NS}
+    server = {
+        "match": {"metric": "REQUEST_COUNT", "mode": "SERVER"},
+        "tagOverrides": {
+            "request_method": {"value": "request.method"},
+            "grpc_response_status": {"operation": "REMOVE"},
+        },
+    }
+    apply_docs(
+        tb,
+        {"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+         "metadata": {"name": "namespace-metrics", **meta},
+         "spec": {"metrics": [{"providers": [{"name": "prometheus"}], "overrides": [server]}]}},
+        {"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+         "metadata": {"name": "sleep-client-off", **meta},
+         "spec": {"selector": {"matchLabels": {"app": "sleep"}},
+                  "metrics": [{"overrides": [{"match": {"mode": "CLIENT"}, "disabled": True}]}]}},
+    )  # fmt: skip
+    caller = f"{NS}/sleep"
+    by_method = {"reporter": "destination", "destination_workload": "broken",
+                 "request_method": "GET", "response_code": "500"}  # fmt: skip
+
+    def method_count() -> float:
+        assert curl(tb, caller, f"http://broken.{NS}:8080/") == "500"
+        return total(tb, "istio_requests_total", **by_method)
+
+    wait_for(lambda: method_count() >= 1, 20, "a request_method label on broken's server side")
+    assert all(
+        "grpc_response_status" not in labels
+        for labels, _ in series(tb, "istio_requests_total")
+        if labels.get("request_method")
+    )
+    sleep_client = {"reporter": "source", "source_workload": "sleep"}
+    web_api_client = {"reporter": "source", "source_workload": "web-api"}
+    before = total(tb, "istio_requests_total", **sleep_client)
+    web_api_before = total(tb, "istio_requests_total", **web_api_client)
+    counted = total(tb, "istio_requests_total", **by_method)
+    for _ in range(3):
+        assert curl(tb, caller, f"http://broken.{NS}:8080/") == "500"
+    assert curl(tb, caller, WEB_API) == "200"  # web-api (n1) calls recommendation (n2)
+    wait_for(
+        lambda: (
+            total(tb, "istio_requests_total", **by_method) >= counted + 3
+            and total(tb, "istio_requests_total", **web_api_client) > web_api_before
+        ),
+        10,
+        "broken's server side and web-api's client side count the new requests",
+    )
+    assert total(tb, "istio_requests_total", **sleep_client) == before
+    apply_docs(tb)
+
+
 @pytest.fixture(scope="module")
 def prom(tb: Testbed) -> Iterator[Prometheus]:
     with prometheus(tb) as running:

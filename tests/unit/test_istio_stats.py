@@ -177,3 +177,141 @@ def test_default_providers_metrics_turns_them_on_and_off_as_istio() -> None:
 
 def _fields(mesh: Any) -> dict[str, Any]:
     return {f.name: getattr(mesh, f.name) for f in dataclasses.fields(mesh)}
+
+
+# -- Telemetry metrics overrides (istio.io/latest/docs/reference/config/telemetry/#MetricsOverrides,
+# istio.io/latest/docs/tasks/observability/metrics/customize-metrics/) ---------------------------
+
+
+def _stats_of(listener: dict[str, Any]) -> list[dict[str, Any]]:
+    chains = [*listener.get("filterChains", []), listener.get("defaultFilterChain", {})]
+    return [
+        logger
+        for chain in chains
+        for filt in chain.get("filters", [])
+        if "accessLog" in filt.get("typedConfig", {})
+        for logger in _loggers(filt)
+    ]
+
+
+def _stat_tags(logger: dict[str, Any]) -> dict[str, dict[str, str]]:
+    config = logger["typedConfig"]
+    return {
+        s["stat"]["name"]: {t["name"]: t["valueFormat"] for t in s["stat"]["tags"]}
+        for s in (*config.get("counters", []), *config.get("histograms", []))
+    }
+
+
+def test_a_workloads_server_overrides_shape_its_inbound_stats_only() -> None:
+    from tests.unit.test_access_logs import build, tel
+    from tests.unit.test_access_logs import store as log_store
+
+    override = {
+        "selector": {"matchLabels": {"app": "web"}},
+        "metrics": [
+            {
+                "providers": [{"name": "prometheus"}],
+                "overrides": [
+                    {
+                        "match": {"metric": "REQUEST_DURATION", "mode": "SERVER"},
+                        "disabled": True,
+                    },
+                    {
+                        "match": {"mode": "SERVER"},
+                        "tagOverrides": {
+                            "request_host": {"value": "request.host"},
+                            "grpc_response_status": {"operation": "REMOVE"},
+                        },
+                    },
+                ],
+            }
+        ],
+    }
+    listeners = build(log_store(None, tel("web-metrics", override)))
+    web = _stats_of(listeners["virtualInbound/shop/web-1"])
+    assert web
+    for logger in web:
+        for stat, tags in _stat_tags(logger).items():
+            assert stat != "istio_request_duration_milliseconds"
+            if not stat.startswith("istio_tcp"):
+                assert tags["request_host"] == "%CEL(request.host)%", stat
+                assert "grpc_response_status" not in tags
+    # Every caller's side (CLIENT) keeps Istio's defaults, web's own calls too.
+    client = [_stat_tags(logger) for logger in _stats_of(listeners["outbound-internal"])]
+    assert any("istio_request_duration_milliseconds" in tags for tags in client)
+    assert all("request_host" not in t for tags in client for t in tags.values())
+
+
+def test_callers_whose_client_metrics_differ_are_told_apart_by_their_class() -> None:
+    from tests.unit.test_access_logs import build, stamp_of, tel
+    from tests.unit.test_access_logs import store as log_store
+
+    quiet = {
+        "selector": {"matchLabels": {"app": "b"}},
+        "metrics": [{"overrides": [{"match": {"mode": "CLIENT"}, "disabled": True}]}],
+    }
+    listeners = build(log_store(None, tel("b-quiet", quiet)))
+    reporting, silent = stamp_of(listeners, "a"), stamp_of(listeners, "b")
+    assert reporting and silent and reporting != silent
+    assert stamp_of(listeners, "web-1") == reporting
+    shared = _stats_of(listeners["outbound-internal"])
+    assert shared
+    for logger in shared:
+        expression = json.dumps(logger["filter"])
+        assert f"b'{reporting}'" in expression and silent not in expression
+    # With one class again (no such Telemetry), the shared chains filter on nothing.
+    plain = _stats_of(build(log_store(None))["outbound-internal"])
+    assert all("filter" not in logger or "logTypeFilter" in logger["filter"] for logger in plain)
+
+
+def test_envoy_accepts_overridden_and_class_filtered_stats_loggers(tmp_path: Any) -> None:
+    """Envoy's own verdict on what an override builds: CEL tag values, removed tags, disabled
+    stats, and the class filter of shared chains (alone and with TCP's log type filter)."""
+    from nodeagent.mesh.telemetry import MetricsSpec
+    from nodeagent.translate import access_logs, internal
+    from tests.unit.envoy_validate import assert_envoy_accepts_resources
+
+    spec = MetricsSpec(
+        disabled=frozenset({"istio_request_bytes", "istio_tcp_sent_bytes_total"}),
+        tags=(
+            ("istio_requests_total", (("request_host", "request.host"), ("response_flags", ""))),
+            ("istio_tcp_connections_opened_total", (("x_port", "destination.port"),)),
+        ),
+    )
+    when = access_logs.client_filter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    me = istio_stats.peer("shop", "web", {"app": "web"}, "spiffe://cluster.local/ns/shop/sa/w", "K")
+    http = [
+        *istio_stats.source_loggers(internal.CALLER_KEY, False, spec, when),
+        *istio_stats.destination_loggers(me, None, "mtls", False, spec=spec),
+    ]
+    tcp = [
+        *istio_stats.source_loggers(internal.CALLER_KEY, True, spec, when),
+        *istio_stats.destination_loggers(me, None, "mtls", True, spec=spec),
+    ]
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": e.typed("envoy.extensions.filters.http.router.v3.Router"),
+    }
+    hcm = e.typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="s",
+        route_config={"name": "r", "virtual_hosts": [{"name": "v", "domains": ["*"]}]},
+        http_filters=[router],
+        access_log=http,
+    )
+    proxy = e.typed(
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        stat_prefix="t",
+        cluster="c",
+        access_log=tcp,
+    )
+    listeners = [
+        {
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": name, "typed_config": config}]}],
+        }
+        for name, port, config in (("h", 10081, hcm), ("t", 10082, proxy))
+    ]
+    cluster = {"name": "c", "type": "STATIC", "load_assignment": {"cluster_name": "c"}}
+    assert_envoy_accepts_resources(tmp_path, clusters=[cluster], listeners=listeners)

@@ -378,3 +378,134 @@ def test_provider_settings_are_kept_and_built_ins_can_be_replaced() -> None:
         {"path": "/dev/stdout"},
     )
     assert providers.settings("zipkin") is None
+
+
+# -- metrics (istio.io/latest/docs/reference/config/telemetry/#Metrics, #MetricsOverrides; the
+# task istio.io/latest/docs/tasks/observability/metrics/customize-metrics/; istiod's
+# mergeMetrics, pilot/pkg/model/telemetry.go) ----------------------------------------------------
+
+PROM = [{"name": "prometheus"}]
+REQUESTS = "istio_requests_total"
+
+
+def spec_of(store: MeshStore, mode: str, ns: str = "default", labels: Any = None) -> Any:
+    return telemetry.metrics(store, ns, labels or {}, mode)
+
+
+def test_metrics_default_to_the_mesh_default_providers() -> None:
+    for mode in (CLIENT, SERVER):
+        assert spec_of(store_of(), mode) == telemetry.REPORTED
+        off = store_of(mesh={"defaultProviders": {"metrics": []}})
+        assert spec_of(off, mode) == telemetry.OFF
+
+
+def test_disabling_all_metrics_for_a_workload() -> None:
+    # The reference's "disable all metrics for a workload": no match is every metric, both modes.
+    disable = {
+        "selector": {"matchLabels": DETAILS},
+        "metrics": [{"providers": PROM, "overrides": [{"disabled": True}]}],
+    }
+    store = store_of(tel("default", "no-metrics", disable))
+    assert spec_of(store, SERVER, labels=DETAILS) == telemetry.OFF
+    assert spec_of(store, CLIENT, labels=DETAILS) == telemetry.OFF
+    assert spec_of(store, SERVER, labels={"app": "reviews"}) == telemetry.REPORTED
+
+
+def test_one_metric_off_in_one_mode() -> None:
+    # The task's "disable REQUEST_COUNT for the client" (mode CLIENT only).
+    spec = {
+        "metrics": [
+            {
+                "providers": PROM,
+                "overrides": [
+                    {"match": {"metric": "REQUEST_COUNT", "mode": "CLIENT"}, "disabled": True}
+                ],
+            }
+        ]
+    }
+    store = store_of(tel(ROOT, "mesh-default", spec))
+    assert spec_of(store, CLIENT).disabled == {REQUESTS}
+    assert spec_of(store, SERVER) == telemetry.REPORTED
+
+
+def test_a_namespace_enables_what_the_root_disabled() -> None:
+    # istiod: "root namespace disables all, but then enables them by namespace scoped".
+    root = {"metrics": [{"providers": PROM, "overrides": [{"disabled": True}]}]}
+    again = {
+        "metrics": [
+            {"overrides": [{"match": {"metric": "ALL_METRICS"}, "disabled": False}]},
+        ]
+    }
+    store = store_of(tel(ROOT, "mesh-default", root), tel("bookinfo", "on", again))
+    assert spec_of(store, SERVER) == telemetry.OFF
+    assert spec_of(store, SERVER, ns="bookinfo").reported
+    assert spec_of(store, SERVER, ns="bookinfo").disabled == frozenset()
+
+
+def test_tag_overrides_merge_per_tag_later_levels_winning() -> None:
+    # The task's tagOverrides: UPSERT (the default operation) a CEL value, REMOVE a label.
+    root = {
+        "metrics": [
+            {
+                "providers": PROM,
+                "overrides": [
+                    {
+                        "match": {"metric": "REQUEST_COUNT"},
+                        "tagOverrides": {
+                            "request_host": {"value": "request.host"},
+                            "request_protocol": {"operation": "REMOVE"},
+                        },
+                    }
+                ],
+            }
+        ]
+    }
+    namespace = {
+        "metrics": [
+            {
+                "overrides": [
+                    {
+                        "match": {"metric": "REQUEST_COUNT", "mode": "SERVER"},
+                        "tagOverrides": {"request_host": {"value": "request.headers['host']"}},
+                    }
+                ]
+            }
+        ]
+    }
+    store = store_of(tel(ROOT, "mesh-default", root), tel("default", "ns", namespace))
+    assert spec_of(store, CLIENT).tags_of(REQUESTS) == (
+        ("request_host", "request.host"),
+        ("request_protocol", ""),
+    )
+    assert spec_of(store, SERVER).tags_of(REQUESTS) == (
+        ("request_host", "request.headers['host']"),
+        ("request_protocol", ""),
+    )
+    assert spec_of(store, SERVER).tags_of("istio_request_bytes") == ()
+
+
+def test_a_level_naming_another_provider_replaces_prometheus() -> None:
+    # A level's providers replace its parent's; the node reports to Prometheus providers only.
+    spec = {"metrics": [{"providers": [{"name": "stackdriver"}]}]}
+    store = store_of(tel("default", "sd", spec))
+    assert spec_of(store, SERVER) == telemetry.OFF
+    assert spec_of(store, SERVER, ns="other") == telemetry.REPORTED
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ({"match": {"customMetric": "my_metric"}}, "customMetric: custom metrics are not built"),
+        ({"tagOverrides": {"x": {"value": "request.host +"}}}, "tagOverrides.x: an UPSERT needs"),
+        ({"tagOverrides": {"x": {"operation": "UPSERT"}}}, "(no value)"),
+    ],
+)
+def test_metrics_overrides_the_node_cannot_build_are_named(
+    override: dict[str, Any], problem: str
+) -> None:
+    res = tel("default", "bad", {"metrics": [{"providers": PROM, "overrides": [override]}]})
+    found = telemetry.problems(res, extension_providers.ExtensionProviders())
+    where = "Telemetry default/bad: metrics[0].overrides[0]"
+    assert any(problem in p and where in p for p in found), found
+    # The rest still applies: what the override could not say changes nothing.
+    assert spec_of(store_of(res), SERVER) == telemetry.REPORTED

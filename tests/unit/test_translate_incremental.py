@@ -457,6 +457,15 @@ def dr(namespace: str, host: str, mode: str) -> IstioResource:
     return IstioResource("networking.istio.io", "v1", "DestinationRule", namespace, "dr", spec)
 
 
+def telemetry_metrics(namespace: str, app: str, mode: str) -> IstioResource:
+    """A workload's Telemetry turning its MODE metrics off (mesh/telemetry.metrics)."""
+    spec = {
+        "selector": {"matchLabels": {"app": app}},
+        "metrics": [{"overrides": [{"match": {"mode": mode}, "disabled": True}]}],
+    }
+    return IstioResource("telemetry.istio.io", "v1", "Telemetry", namespace, "t", spec)
+
+
 S2 = Origin(SERVICE, "b", "s2")
 CASES: dict[str, list[tuple[str, Any]]] = {
     "an endpoint pod's new service account": [
@@ -507,6 +516,12 @@ CASES: dict[str, list[tuple[str, Any]]] = {
     ],
     "an identity's last local pod released": [("release", ("a", "p1"))],
     "a local pod released": [("release", ("b", "p2"))],
+    "a workload's Telemetry on its server metrics": [
+        ("put_istio", telemetry_metrics("a", "y", "SERVER"))
+    ],
+    "a workload's Telemetry on its client metrics": [
+        ("put_istio", telemetry_metrics("b", "x", "CLIENT"))
+    ],
     "mesh config": [("mesh", MeshConfig("example.org", ROOT, REGISTRY_ONLY))],
     "this node's locality": [("put_node", Node(NODE, {REGION_LABEL: "r1", ZONE_LABEL: "z1"}))],
     "a mesh-wide distribute": [
@@ -537,7 +552,12 @@ CASES: dict[str, list[tuple[str, Any]]] = {
 }
 
 
-RECOMPUTE_ALL = {"mesh config", "a mesh-wide distribute"}
+# A new CLIENT class (access logs, metrics) changes what every shared chain logs.
+RECOMPUTE_ALL = {
+    "mesh config",
+    "a mesh-wide distribute",
+    "a workload's Telemetry on its client metrics",
+}
 
 
 @pytest.mark.parametrize("case", CASES)
