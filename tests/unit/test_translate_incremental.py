@@ -414,7 +414,7 @@ def converted_once() -> Iterator[None]:
         hit = _CONVERTED.get(key)
         if hit is None:
             convert(self, value, message, path)
-            if len(_CONVERTED) > 50_000:
+            if len(_CONVERTED) > 10_000:  # a run makes a few hundred
                 _CONVERTED.clear()
             hit = _CONVERTED[key] = (message.type_url, message.value)  # type: ignore[attr-defined]
         message.type_url, message.value = hit  # type: ignore[attr-defined]
