@@ -177,7 +177,7 @@ def ramp(
 
 
 def run(run: Run) -> None:
-    steps = run.pick([10, 50, 100], [1, 3])
+    steps = run.pick([10, 50, 100], [2, 5])
     # Seconds of rest before a step's samples, and between them (the smoke checks shape, not size).
     settle, every = run.pick((2.0, 1.0), (0.5, 0.2))
     params = {
