@@ -919,7 +919,7 @@ def _testbed_name(source: str, smoke: bool) -> str:
 
 
 def run(run: Run) -> None:
-    sizes: list[int] = run.pick([100, 1000, 5000], [20, 100])
+    sizes: list[int] = run.pick([100, 1000, 5000], [10, 50])
     # 3 repeats at 5000 services: loading them takes ≈ 16 s per source; the whole run ≈ 5 min.
     repeats: dict[int, int] = dict(zip(sizes, run.pick([5, 5, 3], [1, 1]), strict=True))
     # A VirtualService change costs no reload of services: more of them, at every size, as

@@ -5,7 +5,9 @@ the first pod arrives, forgotten (key dropped) when the last one leaves. Certifi
 at half their lifetime, a little earlier at random so that identities issued together do not all
 renew together (Istio's grace ratio with jitter). A failing CA is retried with backoff; the old
 certificate keeps serving meanwhile, until it expires: then it is dropped (fail closed, Envoy
-has no valid certificate for that identity and its mTLS fails).
+has no valid certificate for that identity and its mTLS fails). An identity without a valid
+certificate is retried at most RETRY_MAX_WITHOUT_CERT apart, so it recovers within seconds of
+the CA's return however long the outage was.
 
 Issuance never runs in the caller: ``set_local_identities``/``sds_secrets`` (called from the
 proxy's push) only schedule new identities and wake the renewal loop (``run``), which asks the
@@ -40,6 +42,13 @@ ROTATE_AT = 0.5  # of the lifetime
 ROTATE_JITTER = 0.1  # up to this share of the lifetime earlier
 RETRY_INITIAL = 1.0  # seconds
 RETRY_MAX = 60.0
+# The backoff's cap while an identity has no valid certificate (never issued, or dropped at
+# expiry): its workloads' mTLS fails until the CA answers, so it is asked every few seconds.
+# Istio's agent does the same: it asks the CA on every SDS request Envoy retries while it has
+# no certificate (security/pkg/nodeagent/sds/sdsservice.go generate: "we rely on the client to
+# retry (with backoff)"), each ask retried up to 5 times, 100 ms to 1.6 s apart
+# (security/pkg/nodeagent/caclient CARetryOptions).
+RETRY_MAX_WITHOUT_CERT = 5.0
 # The longest the loop sleeps without looking again (bounds the effect of clock jumps).
 MAX_SLEEP = 30.0
 CONCURRENCY = 4  # requests to the CA at once
@@ -381,7 +390,9 @@ class IdentityManager:
         result = self._count(exc)
         entry.failures += 1
         entry.last_error = f"{result}: {exc}" if isinstance(exc, IssueError) else f"{exc}"
-        delay = min(RETRY_INITIAL * 2 ** (entry.failures - 1), RETRY_MAX)
+        valid = entry.cert is not None and not self._expired(entry.cert)
+        cap = RETRY_MAX if valid else RETRY_MAX_WITHOUT_CERT
+        delay = min(RETRY_INITIAL * 2 ** (entry.failures - 1), cap)
         delay *= random.uniform(0.8, 1.2)  # spread the retries of many identities
         entry.due_at = self._clock() + delay
         self.metrics.failures.inc()

@@ -190,7 +190,7 @@ def test_convergence_smoke(tmp_path: Path) -> None:
     smoke(tmp_path, "convergence", timeout=480)  # two testbeds: one per source
     doc = result(tmp_path, "convergence")
     params, res = doc["params"], doc["results"]
-    assert params["sizes"] == [20, 100] and params["repeats"] == {"20": 1, "100": 1}
+    assert params["sizes"] == [10, 50] and params["repeats"] == {"10": 1, "50": 1}
     assert {"ack_s", "traffic_s", "snapshot_to_ack_s", "load_s", "source_event_s"} <= set(
         params["spans"]
     )
@@ -249,7 +249,7 @@ def test_convergence_smoke(tmp_path: Path) -> None:
                 assert 0 <= c["old_last_s"] <= c["ack_polled_s"] + 0.1
                 assert c["failed_requests"] == 0
     goal = res["goal"]
-    assert goal["services"] == [20, 100] and goal["goal"] == 1.5
+    assert goal["services"] == [10, 50] and goal["goal"] == 1.5
     for source, per in goal["sources"].items():
         floor = 0.0 if source == "directory" else -0.01  # as above: a late start reads below 0
         assert set(per) == {

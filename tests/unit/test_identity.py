@@ -344,6 +344,57 @@ def test_issuance_failures_are_retried_with_backoff(
     assert _metric(registry, "nodeagent_cert_rotations_total") == 0  # a first issue, not a renewal
 
 
+def test_after_an_outage_longer_than_the_ttl_the_identity_recovers_within_seconds(
+    plugin_ca: PluginCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long outage backs renewal off to RETRY_MAX; once the certificate expires and is
+    dropped, the identity is asked for at most RETRY_MAX_WITHOUT_CERT (+20 % jitter) apart,
+    so it has a certificate again within seconds of the CA's return."""
+    now = [time.time()]
+    # Expiry on the same fake clock as the retries (the manager reads the wall clock for it).
+    monkeypatch.setattr(
+        IdentityManager, "_expired", staticmethod(lambda c: c.not_after.timestamp() <= now[0])
+    )
+    registry = CollectorRegistry()
+    ca = FlakyCA(plugin_ca, failures=0)
+    ttl = 600.0
+    mgr = IdentityManager(
+        ca, TD, ttl=timedelta(seconds=ttl), clock=lambda: now[0], registry=registry
+    )
+    mgr.set_local_identities([("shop", "cart")])
+    assert _issue(mgr) == 1
+    expires = mgr.certs()[SA].not_after.timestamp()
+    entry = mgr._identities[SA]
+
+    ca.failures = 10**6  # the CA goes away for longer than the certificate lives
+    now[0] = entry.due_at
+    backoff = 0.0
+    while now[0] < expires:  # renewal fails from half-life on, backing off towards RETRY_MAX
+        asyncio.run(mgr.renew_due())
+        assert set(mgr.certs()) == {SA}  # the current certificate keeps serving meanwhile
+        backoff = entry.due_at - now[0]
+        now[0] = min(entry.due_at, expires)
+    assert backoff > 2 * manager_module.RETRY_MAX_WITHOUT_CERT  # backed off: no retry soon
+
+    bound = manager_module.RETRY_MAX_WITHOUT_CERT * 1.2
+    failures = _metric(registry, "nodeagent_cert_issuance_failures_total") or 0
+    for _ in range(5):  # expired: dropped at once (fail closed), then retried promptly
+        asyncio.run(mgr.renew_due())
+        assert mgr.certs() == {}
+        assert "CA unreachable" in mgr.identity_problem(SA)
+        assert _metric(registry, "nodeagent_cert_issuance_failures_total") == failures + 1
+        failures += 1
+        assert entry.due_at - now[0] <= bound
+        now[0] = entry.due_at
+    assert _metric(registry, "nodeagent_cert_expired_total") == 1
+
+    ca.failures = 0  # the CA is back: the next retry, at most `bound` later, issues
+    mgr.ttl = timedelta(hours=1)  # valid on the fake clock, which is ahead of the CA's
+    assert asyncio.run(mgr.renew_due()) == 1
+    assert set(mgr.certs()) == {SA}
+    assert mgr.identity_problem(SA) == ""
+
+
 def test_a_failing_ca_never_stops_the_loop(plugin_ca: PluginCA) -> None:
     mgr = IdentityManager(FlakyCA(plugin_ca, failures=10**6), TD)
 
