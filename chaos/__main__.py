@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ from bench.common import machine, versions
 from chaos.cases import CASES, NOT_YET, Outcome, Scale
 from chaos.load import apply_strict, topology
 from chaos.report import write_table
+from nodeagent.testbed import layout
 from nodeagent.testbed.cluster import Testbed, down
 from nodeagent.testbed.topology import loads_topology
 
@@ -79,6 +81,11 @@ def main() -> int:
                     (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
                     print(_line(doc), flush=True)
             finally:
+                if any(not outcomes[n]["ok"] for n in names if n in outcomes):
+                    # what the nodes logged, for reading a failed case (down removes it)
+                    shutil.copytree(
+                        layout.logs_dir(tb.name), out / f"logs-{tb.name}", dirs_exist_ok=True
+                    )
                 with contextlib.suppress(Exception):
                     down(tb.name)
     summary = {

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+from nodeagent.redirect.nftables import TABLE as NFT_TABLE
 from nodeagent.testbed import daemons, layout, netns
-from nodeagent.testbed.cluster import Testbed
+from nodeagent.testbed.cluster import Testbed, TestbedError
+from nodeagent.testbed.topology import Pod
 
 RECOVERY = 60.0  # bound on a node becoming whole again after any fault
 
@@ -129,3 +135,120 @@ def _listener_count(tb: Testbed, node: str) -> int:
         return len(json.loads(proc.stdout).get("listener_statuses", []))
     except ValueError:
         return 0
+
+
+@dataclass
+class Reboot:
+    """What a node reboot's race looked like: when the agent was back, each pod's sandbox
+    attempts (CNI ADDs refused while no agent could capture), and whether each pod was
+    captured when its workload started."""
+
+    agent_delay: float = 0.0
+    agent_ready: float = 0.0  # wall clock
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def started_uncaptured(self) -> list[str]:
+        return [key for key, p in self.pods.items() if p.get("captured") is False]
+
+    @property
+    def started_before_agent(self) -> list[str]:
+        return [key for key, p in self.pods.items() if p["first_add"] < self.agent_ready]
+
+
+def reboot_node(
+    tb: Testbed,
+    node: str,
+    rng: random.Random,
+    spread: float,
+    lost: Callable[[Pod], None],
+    started: Callable[[Pod], None],
+) -> tuple[Window, Reboot]:
+    """NODE "reboots": its agent, install-cni and Envoy SIGKILLed, every pod's processes
+    SIGKILLed and its sandbox lost (no CNI DEL), the CNI conflist with nodeagent-cni left in
+    place (istio/istio#55968's race). Then, as the node comes back, the runtime re-creates the
+    pods and kubelet starts the node's daemons, each after a random delay in [0, SPREAD] s: pods
+    may be created before the agent runs (their CNI ADD must fail, and the runtime retries). LOST
+    and STARTED are called with each pod as it goes and once its workload runs again."""
+    pods = [p for p in tb.topology.pods if p.node == node]
+    start = time.time()
+    envoy = envoy_pid(tb, node)
+    for name in (daemons.AGENT, daemons.INSTALL_CNI):
+        record = tb.daemon(node, name)
+        _sigkill(record.pid, record.start_time, f"{name} on {node}")
+        tb.stop_daemon(node, name)  # forgets the dead one
+    if envoy is not None:
+        _sigkill(*envoy, f"the node Envoy on {node}")
+    uids = {pod.key: tb.state.pods[pod.key].uid for pod in pods}  # the pods outlive a reboot
+    for pod in pods:
+        lost(pod)
+        tb.remove_pod(pod, node_lost=True)
+    report = Reboot(agent_delay=rng.uniform(0, spread))
+    delays = {pod.key: rng.uniform(0, spread) for pod in pods}
+    back = time.monotonic()
+    errors: list[BaseException] = []
+
+    def agent() -> None:
+        time.sleep(max(0.0, report.agent_delay - (time.monotonic() - back)))
+        tb.start_daemon(node, daemons.INSTALL_CNI)
+        tb.start_agent(node)
+        report.agent_ready = time.time()
+
+    def sandbox(pod: Pod) -> None:
+        time.sleep(max(0.0, delays[pod.key] - (time.monotonic() - back)))
+        seen: dict[str, Any] = {"delay": round(delays[pod.key], 2), "first_add": time.time()}
+        report.pods[pod.key] = seen
+        refused: list[str] = []
+        deadline = time.monotonic() + RECOVERY
+        while True:
+            try:
+                tb.add_pod(pod, uid=uids[pod.key])
+                break
+            except TestbedError as e:  # kubelet retries a failed sandbox
+                refused.append(str(e)[:160])
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        seen["running"] = time.time()
+        seen["captured"] = captured(tb, pod)
+        seen["refused_adds"] = len(refused)
+        seen["refusals"] = sorted(set(refused))[:3]
+        started(pod)
+
+    def guarded(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:
+                errors.append(e)
+
+        return run
+
+    threads = [threading.Thread(target=guarded(agent))]
+    threads += [threading.Thread(target=guarded(lambda p=p: sandbox(p))) for p in pods]  # type: ignore[misc]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(RECOVERY + 30)
+    if errors:
+        raise RuntimeError(f"node {node} did not come back: {errors[0]}") from errors[0]
+    if any(t.is_alive() for t in threads):
+        raise RuntimeError(f"node {node} did not come back within {RECOVERY + 30:.0f}s")
+    tb.wait_converged()
+    what = f"node {node} rebooted (agent back after {report.agent_delay:.1f}s)"
+    return Window(what, start, time.time()), report
+
+
+def captured(tb: Testbed, pod: Pod) -> bool:
+    """POD's netns holds nodeagent's capture table (looked at as soon as its workload runs)."""
+    import subprocess
+
+    proc = subprocess.run(
+        netns.in_netns(tb.pod_netns(pod.key), ["nft", "-j", "list", "tables"]),
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    tables = [e["table"] for e in json.loads(proc.stdout)["nftables"] if "table" in e]
+    return any(t["name"] == NFT_TABLE for t in tables)

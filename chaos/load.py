@@ -126,21 +126,29 @@ class Load:
         self.seconds = seconds + 2 * SETTLE  # the clients' own bound, past every wait
         self.log_offsets = {pod: _size(_pod_log(tb, pod)) for pod in SERVERS}
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.clients: dict[str, subprocess.Popen[bytes]] = {}
         self._start_capture()
         self._bypass_control()
-        for pod, (_, svc) in CLIENTS.items():
-            host = f"{svc}.{NAMESPACE}"
-            argv = [PY, str(HERE / "client.py"), host, str(HTTP_PORT), str(TCP_PORT), self.tag]
-            argv += [str(RATE), str(self.seconds), self.marker, str(self.out(pod))]
-            argv += [str(self.stop_file)]
-            with open(self.folder / f"{pod}.stderr", "wb") as err:
-                self.procs.append(
-                    subprocess.Popen(
-                        tb.exec_argv(f"{NAMESPACE}/{pod}", argv),
-                        stdout=subprocess.DEVNULL,
-                        stderr=err,
-                    )
-                )
+        for pod in CLIENTS:
+            self.start_client(pod)
+
+    def start_client(self, pod: str) -> None:
+        """POD's client (again, after its pod was re-created: its requests append to the same
+        file)."""
+        svc = CLIENTS[pod][1]
+        argv = [PY, str(HERE / "client.py"), f"{svc}.{NAMESPACE}", str(HTTP_PORT), str(TCP_PORT)]
+        argv += [self.tag, str(RATE), str(self.seconds), self.marker, str(self.out(pod))]
+        argv += [str(self.stop_file)]
+        with open(self.folder / f"{pod}.stderr", "ab") as err:
+            self.clients[pod] = subprocess.Popen(
+                self.tb.exec_argv(f"{NAMESPACE}/{pod}", argv), stdout=subprocess.DEVNULL, stderr=err
+            )
+
+    def lose_client(self, pod: str) -> None:
+        """POD's client dies with its pod (SIGKILL)."""
+        proc = self.clients.pop(pod)
+        proc.kill()
+        proc.wait(timeout=10)
 
     def _start_capture(self) -> None:
         out = self.folder / "wire.json"
@@ -181,6 +189,9 @@ class Load:
     def control_tag(self) -> str:
         return f"{self.tag}-control"
 
+    def _all(self) -> list[subprocess.Popen[bytes]]:
+        return [*self.procs, *self.clients.values()]
+
     def out(self, pod: str) -> Path:
         return self.folder / f"{pod}.jsonl"
 
@@ -205,7 +216,7 @@ class Load:
                 first = min(r["t"] for r in recent)
                 if now - first >= seconds:
                     return now
-            for proc in self.procs:
+            for proc in self._all():
                 if proc.poll() not in (None, 0):
                     raise RuntimeError(f"a load process ended early ({proc.args!r})")
             time.sleep(0.25)
@@ -220,7 +231,7 @@ class Load:
 
     def stop(self) -> Figures:
         self.stop_file.touch()
-        for proc in self.procs:
+        for proc in self._all():
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -254,7 +265,7 @@ class Load:
                     continue
                 fig.reached_server += 1
                 fig.bypassed += 0 if seen.get("via_mesh") else 1
-                peers[_peer_kind(str(seen.get("peer")), self.tb.pod_ip(f"{NAMESPACE}/{pod}"))] += 1
+                peers[_peer_kind(str(seen.get("peer")), str(seen.get("own")))] += 1
         fig.peers = dict(peers)
         wire = json.loads((self.folder / "wire.json").read_text())
         fig.wire_frames = wire["frames"]
@@ -265,7 +276,7 @@ class Load:
     def kill(self) -> None:
         """On the way out after a failure: every load process goes."""
         self.stop_file.touch()
-        for proc in self.procs:
+        for proc in self._all():
             if proc.poll() is None:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):

@@ -29,7 +29,7 @@ _out = threading.Lock()
 
 def record(proto: str, tag: str, seq: str, peer: str, xfcc: bool | None) -> None:
     via_mesh = peer == OWN and xfcc is not False
-    line = {"proto": proto, "tag": tag, "seq": seq, "peer": peer, "xfcc": xfcc}
+    line = {"proto": proto, "tag": tag, "seq": seq, "peer": peer, "own": OWN, "xfcc": xfcc}
     line["via_mesh"] = via_mesh
     with _out:
         sys.stdout.write(json.dumps(line) + "\n")

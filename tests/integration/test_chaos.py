@@ -1,10 +1,12 @@
 """`make chaos`'s smoke variant (issue #20 part 1): faults under load on the real testbed, short.
 
-The agent SIGKILLed and restarted, then stopped a few seconds; the node Envoy SIGKILLed. Under
+The agent SIGKILLed and restarted, then stopped a few seconds; the node Envoy SIGKILLed; a node
+"rebooted" (daemons and pods killed, sandboxes lost, pods re-created racing the agent). Under
 steady HTTP and TCP traffic across two nodes (STRICT mTLS), counted by the clients, the servers
 and a capture on the underlay: nothing bypasses the node Envoy, nothing crosses in clear, an
-agent restart fails no request, and an Envoy kill fails requests only while it is down (fail
-closed). Each witness's positive control must have been seen, or its 0 would prove nothing.
+agent restart fails no request, an Envoy kill or a reboot fails requests only while it lasts (fail
+closed), and no re-created pod starts uncaptured. Each witness's positive control must have been
+seen, or its 0 would prove nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = ("agent-restart", "envoy-kill")
+CASES = ("agent-restart", "envoy-kill", "node-reboot")
 
 
 def test_faults_under_load_smoke(tmp_path: Path) -> None:
@@ -50,3 +52,12 @@ def test_faults_under_load_smoke(tmp_path: Path) -> None:
     kill = json.loads((tmp_path / "envoy-kill.json").read_text())
     assert kill["node_envoy_replaced"]["n2"] is True
     assert kill["failed_outside_windows"] == 0
+    reboot = json.loads((tmp_path / "node-reboot.json").read_text())
+    assert reboot["started_uncaptured"] == 0 and reboot["failed_outside_windows"] == 0
+    for pods in (r["pods"] for r in reboot["reboots"]):
+        assert set(pods) == {"chaos/c2", "chaos/s2"}
+        for pod in pods.values():
+            # captured before its workload ran; never running before the agent was back
+            assert pod["captured_at_start"] is True and pod["running_after_agent_ready_s"] > 0
+            # an ADD before the agent was back was refused (the runtime retried), not let through
+            assert pod["refused_adds"] > 0 or not pod["added_before_agent_ready"], pod
