@@ -13,7 +13,7 @@ from typing import Any
 
 from chaos import faults
 from chaos.client import TIMEOUT
-from chaos.load import CLIENTS, RATE, Figures, Load
+from chaos.load import CLIENTS, NAMESPACE, RATE, Figures, Load
 from nodeagent.testbed.cluster import Testbed
 
 LOAD = (
@@ -289,17 +289,51 @@ def node_reboot(tb: Testbed, folder: Path, scale: Scale) -> Outcome:
     return outcome
 
 
+def netns_removed(tb: Testbed, folder: Path, scale: Scale) -> Outcome:
+    hold = float(scale.pick(10, 3))
+    victim = tb.topology.find_pod(f"{NAMESPACE}/c2")
+
+    def do(load: Load) -> list[faults.Window]:
+        window = faults.remove_netns_behind(
+            tb,
+            victim,
+            hold,
+            lambda pod: load.lose_client(pod.name),
+            lambda pod: load.start_client(pod.name),
+        )
+        return [load.recovered(window, scale.pick(3.0, 1.0))]
+
+    outcome = _run(
+        tb,
+        folder,
+        "netns-removed",
+        "a pod's netns removed behind the agent's back",
+        f"client pod c2's netns path on n2 removed (`ip netns delete`) while the node Envoy"
+        f" holds its listeners and c2 keeps sending; {hold:.0f} s later the pod deleted (CNI"
+        " DEL naming the vanished path) and re-created",
+        hold + 10,
+        "c2's own requests: its listeners accept them, but Envoy cannot open their upstream"
+        " sockets in a netns it can no longer name, so they fail; no other pod's request may",
+        do,
+        scale,
+    )
+    if outcome.figures.failed_by_client.get("c1"):
+        outcome.problems.append(f"c1 (not the victim) failed {outcome.figures.failed_by_client}")
+    if any(outcome.extra["node_envoy_replaced"].values()):
+        outcome.problems.append("a node Envoy was replaced (crashed?) when the netns vanished")
+    return outcome
+
+
 # name -> (function, needs the external-Envoy testbed)
 CASES: dict[str, tuple[Callable[[Testbed, Path, Scale], Outcome], bool]] = {
     "agent-restart": (agent_restarts, False),
     "envoy-kill": (envoy_kill, False),
     "node-reboot": (node_reboot, False),
+    "netns-removed": (netns_removed, False),
     "envoy-container": (envoy_container_restart, True),
 }
 # In the issue's order, those not built yet: listed as such in the table, never faked.
 NOT_YET = {
-    "netns-removed": "a pod's netns removed behind the agent's back while Envoy holds its"
-    " listeners",
     "conflist-rewrite": "the primary CNI's conflist rewritten while pods are created",
     "pod-churn": "200 pods created and deleted on one node as fast as the runtime can",
 }

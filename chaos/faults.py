@@ -252,3 +252,32 @@ def captured(tb: Testbed, pod: Pod) -> bool:
     )
     tables = [e["table"] for e in json.loads(proc.stdout)["nftables"] if "table" in e]
     return any(t["name"] == NFT_TABLE for t in tables)
+
+
+def remove_netns_behind(
+    tb: Testbed,
+    pod: Pod,
+    hold: float,
+    lost: Callable[[Pod], None],
+    started: Callable[[Pod], None],
+) -> Window:
+    """POD's netns path removed (``ip netns delete``: its bind mount detached) behind the
+    agent's back, while the node Envoy holds POD's listeners in it: the netns itself lives on
+    (its processes and Envoy's sockets hold it), but no new socket can be made there by path.
+    HOLD seconds later the pod is deleted as kubelet would (CNI DEL naming the vanished path)
+    and re-created; LOST and STARTED are called as it goes and once it runs again."""
+    import subprocess
+
+    ns = tb.pod_netns(pod.key)
+    uid = tb.state.pods[pod.key].uid
+    start = time.time()
+    subprocess.run(["ip", "netns", "delete", ns], check=True, timeout=10)
+    time.sleep(hold)
+    lost(pod)
+    problems = tb.remove_pod(pod)
+    if problems:
+        raise RuntimeError(f"deleting {pod.key} after its netns vanished: {problems}")
+    tb.add_pod(pod, uid=uid)
+    started(pod)
+    what = f"netns of {pod.key} removed for {hold:.0f}s, then the pod re-created"
+    return Window(what, start, time.time())

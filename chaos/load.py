@@ -91,6 +91,7 @@ class Figures:
     sent: int = 0
     failed: int = 0
     failed_by_proto: dict[str, int] = field(default_factory=dict)
+    failed_by_client: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # the failures' kinds
     reached_server: int = 0
     bypassed: int = 0
@@ -246,6 +247,7 @@ class Load:
         failed = [r for r in requests if not r["ok"]]
         fig.failed = len(failed)
         fig.failed_by_proto = dict(Counter(r["proto"] for r in failed))
+        fig.failed_by_client = dict(Counter(r["client"] for r in failed))
         fig.errors = dict(Counter(_kind(r["error"]) for r in failed))
         fig.failed_times = sorted(r["t"] for r in failed)
         if requests:
