@@ -11,13 +11,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from nodeagent.cni.install import PLUGIN_TYPE
 from nodeagent.redirect.nftables import TABLE as NFT_TABLE
 from nodeagent.testbed import daemons, layout, netns
 from nodeagent.testbed.cluster import Testbed, TestbedError
 from nodeagent.testbed.topology import Pod
 
+NAMESPACE = "chaos"  # the load's (in the mesh)
 RECOVERY = 60.0  # bound on a node becoming whole again after any fault
 
 
@@ -244,7 +247,7 @@ def captured(tb: Testbed, pod: Pod) -> bool:
     import subprocess
 
     proc = subprocess.run(
-        netns.in_netns(tb.pod_netns(pod.key), ["nft", "-j", "list", "tables"]),
+        netns.in_netns(layout.pod_netns(tb.name, pod), ["nft", "-j", "list", "tables"]),
         capture_output=True,
         text=True,
         timeout=10,
@@ -281,3 +284,113 @@ def remove_netns_behind(
     started(pod)
     what = f"netns of {pod.key} removed for {hold:.0f}s, then the pod re-created"
     return Window(what, start, time.time())
+
+
+def pod_churn(
+    tb: Testbed,
+    node: str,
+    pods: int,
+    workers: int,
+    prefix: str,
+    rewrites: int = 0,
+    interval: float = 1.0,
+) -> tuple[Window, dict[str, Any]]:
+    """PODS sleep pods created and deleted on NODE by WORKERS runtime threads, as fast as the
+    runtime goes; each pod's capture is looked at as soon as its workload runs (one found
+    uncaptured is looked at again 5 s later: repaired?). With REWRITES, meanwhile the primary
+    CNI rewrites its conflist that many times, every INTERVAL s (atomically, without
+    nodeagent-cni, as a primary CNI's installer does on upgrade): install-cni must chain the
+    plugin in again."""
+    from nodeagent.testbed.cluster import bridge_conflist
+    from nodeagent.testbed.topology import Workload
+
+    spec = next(n for n in tb.topology.nodes if n.name == node)
+    conflist = layout.cni_conf_dir(tb.name, node) / "10-testbed.conflist"
+    primary = json.dumps(bridge_conflist(tb.name, spec), indent=2)
+    start = time.time()
+    done = threading.Event()
+    rewritten: list[float] = []
+    lock = threading.Lock()
+    seen: dict[str, Any] = {"created": 0, "refused": 0, "uncaptured_at_start": [], "repaired": []}
+    seen["refusals"] = set()
+    todo = list(range(pods))
+    errors: list[BaseException] = []
+
+    def rewriter() -> None:
+        for _ in range(rewrites):
+            if done.wait(interval):
+                return
+            aside = conflist.with_name(".10-testbed.conflist.tmp")
+            aside.write_text(primary)
+            aside.replace(conflist)
+            rewritten.append(time.time())
+
+    def worker() -> None:
+        try:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop(0)
+                labels = {"app": prefix}
+                pod = Pod(NAMESPACE, f"{prefix}{i}", node, prefix, labels, {}, Workload("sleep"))
+                try:
+                    tb.add_pod(pod)
+                except TestbedError as e:
+                    with lock:  # an ADD refused (fail closed): a runtime would retry it
+                        seen["refused"] += 1
+                        seen["refusals"].add(str(e)[:160])
+                    continue
+                at_start = captured(tb, pod)
+                repaired = False
+                if not at_start:
+                    time.sleep(5)
+                    repaired = captured(tb, pod)
+                with lock:
+                    seen["created"] += 1
+                    if not at_start:
+                        seen["uncaptured_at_start"].append(pod.key)
+                        if repaired:
+                            seen["repaired"].append(pod.key)
+                tb.remove_pod(pod)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=rewriter)] if rewrites else []
+    threads += [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + RECOVERY + pods * 5
+    try:
+        for t in threads[1 if rewrites else 0 :]:
+            t.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        done.set()
+        todo.clear()
+        for t in threads:
+            t.join(30)
+    if errors:
+        raise RuntimeError(f"pod churn on {node}: {errors[0]}") from errors[0]
+    seen["refusals"] = sorted(seen["refusals"])[:5]
+    seen["seconds"] = round(time.time() - start, 1)
+    if rewrites:
+        seen["rewrites"] = len(rewritten)
+        seen["chained_again"] = holds_plugin(conflist)
+    what = f"{seen['created']} pods created and deleted on {node}"
+    if rewrites:
+        what += f", {len(rewritten)} conflist rewrites meanwhile"
+    return Window(what, start, time.time()), seen
+
+
+def holds_plugin(conflist: Path) -> bool:
+    """The node's conflist chains nodeagent-cni (install-cni put it back), within 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            plugins = json.loads(conflist.read_text())["plugins"]
+        except (OSError, ValueError, KeyError):
+            plugins = []
+        if any(p.get("type") == PLUGIN_TYPE for p in plugins):
+            return True
+        time.sleep(0.1)
+    return False
