@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test-tools demo test unit integration bench lint format clean
+.PHONY: setup test-tools demo test unit integration bench chaos lint format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -34,14 +34,19 @@ integration: setup
 bench: setup
 	$(BIN)/python -m bench
 
+# Faults under load (not part of `make test`, which runs its smoke variant, test_chaos.py): the
+# agent and the node Envoy killed under steady traffic; figures and the table in chaos/README.md.
+chaos: setup
+	$(BIN)/python -m chaos
+
 lint: setup
-	$(BIN)/ruff check nodeagent tests bench
-	$(BIN)/ruff format --check nodeagent tests bench
+	$(BIN)/ruff check nodeagent tests bench chaos
+	$(BIN)/ruff format --check nodeagent tests bench chaos
 	$(BIN)/mypy
 
 format: setup
-	$(BIN)/ruff format nodeagent tests bench
-	$(BIN)/ruff check --fix nodeagent tests bench
+	$(BIN)/ruff format nodeagent tests bench chaos
+	$(BIN)/ruff check --fix nodeagent tests bench chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

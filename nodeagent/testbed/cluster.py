@@ -755,7 +755,7 @@ class Testbed:
 
     # -- pods -------------------------------------------------------------------------------------
 
-    def add_pod(self, pod: Pod, *, publish_lead: float = 0.0) -> PodRecord:
+    def add_pod(self, pod: Pod, *, publish_lead: float = 0.0, uid: str | None = None) -> PodRecord:
         """Create one more pod on a running testbed, as kubelet would: sandbox, then workload.
 
         Services keep the endpoints they had at ``up``; the pod reaches them by name.
@@ -763,23 +763,34 @@ class Testbed:
         Kubernetes the node agent's watch has the pod before kubelet sets up its network; here
         the cluster directory is polled (by the API stand-in or the agents), so without a lead an
         ADD may wait for them).
+        UID: a new sandbox for a pod that exists (kubelet re-creating it after a node reboot,
+        ``remove_pod(node_lost=True)``): the pod keeps its UID, and its object stays published
+        when the sandbox fails.
         """
         with self._lock:
             if pod.key in self.state.pods:
                 raise TestbedError(f"pod {pod.key} already exists")
         try:
-            self._create_sandbox(pod, publish_lead)
+            self._create_sandbox(pod, publish_lead, uid)
             self._start_workload(pod)
             self._wait_ready([pod])
             self._publish()
         except BaseException:
             with contextlib.suppress(TestbedError):
-                self.remove_pod(pod)  # a pod that failed to start leaves nothing behind
+                # a pod that failed to start leaves nothing behind (but its object, if it had one)
+                self.remove_pod(pod, keep_object=uid is not None)
             raise
         return self.state.pods[pod.key]
 
-    def remove_pod(self, pod: Pod) -> list[str]:
-        """Delete a pod as kubelet would: stop it, CNI DEL, remove its netns. Returns problems."""
+    def remove_pod(
+        self, pod: Pod, *, node_lost: bool = False, keep_object: bool = False
+    ) -> list[str]:
+        """Delete a pod as kubelet would: stop it, CNI DEL, remove its netns. Returns problems.
+
+        NODE_LOST: as a node's reboot loses it instead: its processes SIGKILLed, its netns gone
+        without any CNI DEL, its pod object kept (the API server still has it; kubelet makes a
+        new sandbox with ``add_pod`` once the node is back). KEEP_OBJECT: the object stays
+        published (a sandbox failed; the pod still exists)."""
         with self._lock:
             record = self.state.pods.get(pod.key)
         if record is None:
@@ -791,20 +802,21 @@ class Testbed:
             self.state.save()
         self._publish()
         if record.pid:
-            netns.terminate([(record.pid, record.start_time)])
+            netns.terminate([(record.pid, record.start_time)], grace=0.0 if node_lost else 3.0)
         problems = cgroups.remove(
             cgroups.pod_dir(Path(self.state.cgroup), record.uid, record.container_id).parent
         )
-        problems += _cni_del(self.name, pod.key, record)
+        if not node_lost:
+            problems += _cni_del(self.name, pod.key, record)
         # Under the publish lock: a publish of another pod's change (a parallel remove_pod)
         # would otherwise write this pod's hosts file back while its folder goes.
         with self._publish_lock:
             netlink.remove_netns(record.netns)
             shutil.rmtree(hosts.ETC_NETNS / record.netns, ignore_errors=True)
             etc_dir = str(hosts.ETC_NETNS / record.netns)
-            (layout.cluster_dir(self.name) / "pods" / f"{pod.namespace}.{pod.name}.yaml").unlink(
-                missing_ok=True
-            )
+            if not (node_lost or keep_object):
+                pods_dir = layout.cluster_dir(self.name) / "pods"
+                (pods_dir / f"{pod.namespace}.{pod.name}.yaml").unlink(missing_ok=True)
             with self._lock:
                 del self.state.pods[pod.key]
                 if record.netns in self.state.netns:
@@ -815,13 +827,13 @@ class Testbed:
         self._publish()
         return problems
 
-    def _create_sandbox(self, pod: Pod, publish_lead: float = 0.0) -> None:
+    def _create_sandbox(self, pod: Pod, publish_lead: float = 0.0, uid: str | None = None) -> None:
         ns = pod_netns(self.name, pod)
         record = PodRecord(
             netns=ns,
             node=pod.node,
             container_id=secrets.token_hex(32),
-            uid=str(uuid.uuid4()),
+            uid=uid or str(uuid.uuid4()),
             labels=dict(pod.labels),
             service_account=pod.service_account,
         )
