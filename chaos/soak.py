@@ -10,13 +10,13 @@ one change, in turn:
 - config churn: a VirtualService and a DestinationRule for s2 applied, or removed again;
 - pod churn on n2: a pod created there, or deleted again.
 
-Every SAMPLE_EVERY seconds: memory (RSS and PSS) and open file descriptors of each node's agent
+Every SAMPLE_EVERY seconds: memory (RSS, PSS, USS) and open file descriptors of each node's agent
 and Envoy. n1's are restarted by the faults; n2's never are, and live through everything the run
 does (rotations, pushes, its pods coming and going, its peer's restarts): they are held to the
 bound. BOUND: the median of n2's last three minutes against the median of its minutes 2 to 5
-(after start-up and the first rotations): PSS at most +15 % and +16 MiB over it, file
-descriptors at most +16. Exit 1 when a bound is exceeded, a request bypassed the node Envoy or
-went in clear, or a failure falls outside a fault's window.
+(after start-up and the first rotations): USS (private memory) at most +15 % and +16 MiB
+over it, file descriptors at most +16. Exit 1 when a bound is exceeded, a request bypassed the
+node Envoy or went in clear, or a failure falls outside a fault's window.
 
 Writes ``<out>/soak.json`` and ``<out>/soak.png``; a full run into chaos/results also writes the
 soak section of chaos/README.md.
@@ -54,7 +54,7 @@ SAMPLE_EVERY = 10.0
 FAULT_EVERY = 60.0
 OBSERVED = "n2"  # never faulted: its processes carry the whole run
 BASELINE = (2.0, 5.0)  # minutes
-PSS_RATIO, PSS_MIB, FDS = 1.15, 16.0, 16
+USS_RATIO, USS_MIB, FDS = 1.15, 16.0, 16
 CHURN_FILE = "soak-churn.yaml"
 HOST = f"s2.{NAMESPACE}.svc.cluster.local"
 CHURN_DOCS = [
@@ -86,17 +86,25 @@ def _processes(tb: Testbed, node: str) -> dict[str, int | None]:
 
 
 def _usage(pid: int | None) -> dict[str, float] | None:
-    """PSS and RSS (MiB) and open file descriptors of PID; None when it is gone."""
+    """Memory (MiB: RSS, PSS, and USS, the pages only PID has) and open file descriptors of
+    PID; None when it is gone. USS is what the bound reads: PSS moves when another process
+    sharing Envoy's binary (n1's) dies or starts, USS only with what PID itself holds."""
     if pid is None:
         return None
     try:
-        fields = {}
+        kib = {}
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, rest = line.partition(":")
-            if key in ("Pss", "Rss"):
-                fields[key.lower()] = int(rest.split()[0]) / 1024
-        return {**fields, "fds": float(len(os.listdir(f"/proc/{pid}/fd")))}
-    except (OSError, ValueError):
+            if key in ("Pss", "Rss", "Private_Clean", "Private_Dirty"):
+                kib[key] = int(rest.split()[0])
+        fds = float(len(os.listdir(f"/proc/{pid}/fd")))
+        return {
+            "rss": kib["Rss"] / 1024,
+            "pss": kib["Pss"] / 1024,
+            "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024,
+            "fds": fds,
+        }
+    except (OSError, ValueError, KeyError):
         return None  # it exited between the two reads
 
 
@@ -171,17 +179,17 @@ def _median_between(points: list[tuple[float, float]], lo: float, hi: float) -> 
 
 def bounds(samples: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
     """The bound on each of OBSERVED's processes: baseline and end medians, and whether held."""
-    found = []
+    found: list[dict[str, Any]] = []
     for name in ("agent", "envoy"):
         key = f"{OBSERVED}/{name}"
-        for field, limit in (("pss", "pss"), ("fds", "fds")):
+        for field in ("uss", "fds"):
             points = _series(samples, key, field)
             base = _median_between(points, BASELINE[0] * 60, BASELINE[1] * 60)
             end = _median_between(points, seconds - 180, seconds + 60)
             if base is None or end is None:
                 found.append({"process": key, "what": field, "held": False, "why": "no samples"})
                 continue
-            allowed = base * PSS_RATIO + PSS_MIB if limit == "pss" else base + FDS
+            allowed = base * USS_RATIO + USS_MIB if field == "uss" else base + FDS
             found.append(
                 {
                     "process": key,
@@ -197,20 +205,20 @@ def bounds(samples: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]
 
 def plot(samples: list[dict[str, Any]], windows: list[faults.Window], t0: float, out: Path) -> None:
     fig = new_figure("Soak: memory and file descriptors of each node's agent and Envoy", 10, 6)
-    pss, fds = fig.subplots(2, 1, sharex=True)
+    uss, fds = fig.subplots(2, 1, sharex=True)
     for key in ("n1/agent", "n1/envoy", f"{OBSERVED}/agent", f"{OBSERVED}/envoy"):
         style = "-" if key.startswith(OBSERVED) else ":"
-        for axis, field in ((pss, "pss"), (fds, "fds")):
+        for axis, field in ((uss, "uss"), (fds, "fds")):
             points = _series(samples, key, field)
             if points:
                 axis.plot([t / 60 for t, _ in points], [v for _, v in points], style, label=key)
     for w in windows:
-        for axis in (pss, fds):
+        for axis in (uss, fds):
             axis.axvline((w.start - t0) / 60, color="grey", alpha=0.15, linewidth=1)
-    pss.set_ylabel("PSS (MiB)")
+    uss.set_ylabel("USS: private memory (MiB)")
     fds.set_ylabel("open file descriptors")
     fds.set_xlabel("minutes (grey: a fault or change; dotted: n1, restarted by the faults)")
-    pss.legend(loc="upper left", fontsize="small")
+    uss.legend(loc="upper left", fontsize="small")
     fig.savefig(out, dpi=110)
 
 
@@ -279,7 +287,7 @@ def main() -> int:
             "sample_every_seconds": SAMPLE_EVERY,
             "clients": sorted(CLIENTS),
             "bound": f"{OBSERVED}'s agent and Envoy: median of the last 3 minutes <= median of"
-            f" minutes {BASELINE[0]:g}-{BASELINE[1]:g} x {PSS_RATIO} + {PSS_MIB:g} MiB (PSS),"
+            f" minutes {BASELINE[0]:g}-{BASELINE[1]:g} x {USS_RATIO} + {USS_MIB:g} MiB (USS),"
             f" + {FDS} (file descriptors)",
         },
         "ok": ok,
