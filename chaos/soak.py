@@ -41,6 +41,7 @@ import yaml
 
 from bench.common import machine, new_figure, versions
 from chaos import faults
+from chaos.client import TIMEOUT
 from chaos.load import CLIENTS, NAMESPACE, Load, apply_strict, topology
 from nodeagent.testbed import daemons, layout
 from nodeagent.testbed.cluster import Testbed, down
@@ -259,13 +260,18 @@ def main() -> int:
                 sampler.join(timeout=SAMPLE_EVERY + 5)
             finally:
                 figures = load.stop()
+                failed = [r for r in load.requests() if not r["ok"]]
     finally:
         down(TESTBED)
-    grace = 6.0  # a request sent just before a window's end may still fail
+    # A failure belongs to a window from a request's timeout before it (one in flight when the
+    # fault came) until a few seconds after the load flowed again.
+    grace = 6.0
     outside = [
-        t
-        for t in figures.failed_times
-        if not any(w.start <= t <= max(w.end, w.traffic_end) + grace for w in windows)
+        {"t": round(r["t"] - t0, 2), **{k: r[k] for k in ("client", "proto", "error")}}
+        for r in failed
+        if not any(
+            w.start - TIMEOUT <= r["t"] <= max(w.end, w.traffic_end) + grace for w in windows
+        )
     ]
     held = bounds(sampler.samples, seconds)
     ok = (
@@ -293,9 +299,14 @@ def main() -> int:
         "ok": ok,
         "bounds": held,
         "figures": figures.as_json(),
-        "failed_outside_windows": len(outside),
+        "failed_outside_windows": outside,
         "windows": [
-            {"what": w.what, "start": round(w.start - t0, 1), "seconds": round(w.seconds, 1)}
+            {
+                "what": w.what,
+                "start": round(w.start - t0, 1),
+                "seconds": round(w.seconds, 1),
+                "outage_seconds": round(w.outage_seconds, 1),
+            }
             for w in windows
         ],
         "samples": sampler.samples,
