@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test-tools demo test unit integration bench chaos lint format clean
+.PHONY: setup test-tools demo test unit integration bench chaos soak lint format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,11 @@ bench: setup
 # agent and the node Envoy killed under steady traffic; figures and the table in chaos/README.md.
 chaos: setup
 	$(BIN)/python -m chaos
+
+# 30 minutes of load with certificate rotation, config and pod churn and a fault a minute: memory
+# and file descriptors of each node's agent and Envoy over time (chaos/results/soak.json, .png).
+soak: setup
+	$(BIN)/python -m chaos.soak
 
 lint: setup
 	$(BIN)/ruff check nodeagent tests bench chaos
