@@ -52,11 +52,15 @@ class Outcome:
 
     @property
     def failed_outside_windows(self) -> int:
-        grace = TIMEOUT + 1.0  # a request sent just before the end may still be failing
+        # A window's failures: from a request timeout before it (in flight when the fault
+        # came) until a request sent just before its end may still be failing.
+        grace = TIMEOUT + 1.0
         return sum(
             1
             for t in self.figures.failed_times
-            if not any(w.start <= t <= max(w.end, w.traffic_end) + grace for w in self.windows)
+            if not any(
+                w.start - TIMEOUT <= t <= max(w.end, w.traffic_end) + grace for w in self.windows
+            )
         )
 
     def judge(self) -> None:
