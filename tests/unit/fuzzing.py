@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
 
 SCALE = max(1, int(os.environ.get("NODEAGENT_FUZZ_SCALE", "1") or "1"))
 CAMPAIGN = SCALE > 1
@@ -36,4 +37,17 @@ def budget(examples: int) -> settings:
             HealthCheck.data_too_large,
             HealthCheck.large_base_example,
         ],
+    )
+
+
+def json_values(max_leaves: int) -> st.SearchStrategy[object]:
+    """Any JSON value (huge integers and non-finite floats too), nested up to MAX_LEAVES."""
+    return st.recursive(
+        st.none()
+        | st.booleans()
+        | st.floats()
+        | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=max_leaves,
     )

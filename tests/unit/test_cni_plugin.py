@@ -8,6 +8,7 @@ the plugin sent and answers what each test asks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -48,7 +49,8 @@ PREV = {
 class FakeAgent:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []  # decoded
+        self.raw_requests: list[bytes] = []  # as they arrived
         self.answer: dict[str, Any] = {"ok": True, "state": "captured"}
         self.raw_answer: bytes | None = None  # sent instead of ``answer`` when set
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -68,15 +70,19 @@ class FakeAgent:
             with conn:
                 conn.settimeout(5)
                 data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                self.requests.append(json.loads(data))
-                conn.sendall(
-                    wire.encode(self.answer) if self.raw_answer is None else self.raw_answer
-                )
+                with contextlib.suppress(OSError):
+                    while not data.endswith(b"\n") and len(data) <= wire.MAX_MESSAGE:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                self.raw_requests.append(data)  # what the fuzz target judges, decodable or not
+                with contextlib.suppress(ValueError):
+                    self.requests.append(json.loads(data))
+                with contextlib.suppress(OSError):
+                    conn.sendall(
+                        wire.encode(self.answer) if self.raw_answer is None else self.raw_answer
+                    )
 
     def close(self) -> None:
         self._stop.set()

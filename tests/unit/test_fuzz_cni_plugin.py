@@ -16,17 +16,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzzing import budget
+from fuzzing import budget, json_values
 from hypothesis import example, given
 from hypothesis import strategies as st
+from test_cni_plugin import FakeAgent
 
 from nodeagent.cni import wire
 
@@ -70,64 +69,16 @@ def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return binary
 
 
-class StandInAgent:
-    """The agent's socket: decodes each request as the agent does, answers ``answer``."""
-
-    def __init__(self, path: Path) -> None:
-        self.answer = wire.encode({"ok": True, "state": "captured"})
-        self.requests: list[bytes] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(str(path))
-        self._sock.listen(8)
-        self._sock.settimeout(0.1)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                data = b""
-                try:
-                    while not data.endswith(b"\n") and len(data) <= wire.MAX_MESSAGE:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                    self.requests.append(data)
-                    conn.sendall(self.answer)
-                except OSError:
-                    self.requests.append(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._sock.close()
-
-
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StandInAgent, Path]]:
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeAgent, Path]]:
     root = tmp_path_factory.mktemp("agent")
-    stand_in = StandInAgent(root / "cni.sock")
+    stand_in = FakeAgent(root / "cni.sock")
     (root / "netns-link").symlink_to("/proc/self/ns/net")
     yield stand_in, root
     stand_in.close()
 
 
-JSON_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.floats()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
-    max_leaves=12,
-)
+JSON_VALUES = json_values(max_leaves=12)
 NOT_NUL = st.binary(max_size=40).map(lambda b: b.replace(b"\0", b"")) | st.text(
     st.characters(exclude_categories=("Cs",), exclude_characters="\0"), max_size=40
 ).map(str.encode)
@@ -262,7 +213,7 @@ MANY_IPS = "many-ips"  # stands for data: 100k addresses, a request beyond the a
 @example(env=ADD_ENV, data=MANY_IPS)
 @given(env=environment(), data=st.data())
 def test_any_environment_and_input_get_a_cni_answer(
-    plugin: Path, agent: tuple[StandInAgent, Path], env: dict[bytes, bytes], data: Any
+    plugin: Path, agent: tuple[FakeAgent, Path], env: dict[bytes, bytes], data: Any
 ) -> None:
     stand_in, root = agent
     if env.get(b"CNI_NETNS") == b"LINK":
@@ -273,15 +224,15 @@ def test_any_environment_and_input_get_a_cni_answer(
         prev = {**PREV, "ips": [{"address": f"10.{i >> 8}.{i & 255}.1/8"} for i in range(count)]}
         conf = {"cniVersion": "1.0.0", "prevResult": prev, **own}
         raw = json.dumps(conf).encode()
-        stand_in.answer = wire.encode({"ok": True, "state": "captured"})
+        stand_in.raw_answer = wire.encode({"ok": True, "state": "captured"})
     else:
         raw, conf = data.draw(stdin(own))
-        stand_in.answer = data.draw(
+        stand_in.raw_answer = data.draw(
             st.sampled_from([wire.encode({"ok": True, "state": "captured"}), b"", b"[1]\n"])
             | st.builds(lambda r: wire.encode({"ok": False, "reason": r}), JSON_VALUES)
             | st.binary(max_size=50).map(lambda b: b + b"\n")
         )
-    stand_in.requests.clear()
+    stand_in.raw_requests.clear()
     proc = subprocess.run(
         [str(plugin)],
         input=raw,
@@ -300,7 +251,7 @@ def test_any_environment_and_input_get_a_cni_answer(
         assert len(out["msg"]) <= 2000, out["msg"][:2000]  # a value is quoted, not copied whole
     elif env.get(b"CNI_COMMAND") == b"ADD" and conf is not None:
         assert out == conf["prevResult"]  # passed through unchanged
-    for request in stand_in.requests:  # what reaches the agent is one JSON object on one line
+    for request in stand_in.raw_requests:  # what reaches the agent is one JSON object on one line
         assert len(request) <= wire.MAX_MESSAGE and request.endswith(b"\n"), request[:200]
         assert request.count(b"\n") == 1, request[:200]
         sent = wire.decode(request)

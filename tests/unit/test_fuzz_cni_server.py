@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fuzzing import budget
+from fuzzing import budget, json_values
 from hypothesis import example, given
 from hypothesis import strategies as st
 from test_capture_manager import Node
@@ -26,15 +26,7 @@ from nodeagent.cni import wire
 from nodeagent.cni.server import CniServer
 from nodeagent.mesh.model import Pod
 
-JSON_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.floats()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
-    max_leaves=10,
-)
+JSON_VALUES = json_values(max_leaves=10)
 COMMANDS = ["ADD", "DEL", "CHECK", "GC", "STATUS", "PROXY_STATUS"]
 
 
